@@ -1,0 +1,1 @@
+"""skipserve engine: scheduler, KV cache, model runner and the FFN-skip policies."""

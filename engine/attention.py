@@ -1,0 +1,97 @@
+"""Attention over the slot KV cache, and the per-step metadata that drives it.
+
+The cache holds one contiguous slot per running sequence (`engine/kv_cache.py`). A decode
+step writes each row's new K/V in place and attends over a strided *view* of the slots:
+no row's history is gathered or copied, so a step costs attention compute only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything a forward pass needs to know about where its tokens sit in the cache."""
+
+    positions: torch.Tensor  # [N] absolute position of each token
+    is_prefill: bool
+    # prefill: N tokens of one sequence, written at slot_id, positions start..start+N-1
+    slot_id: int = 0
+    start: int = 0
+    prefill_mask: torch.Tensor | None = None  # [N, start+N] bool, True = attend
+    # decode: one token per row
+    slot_ids: torch.Tensor | None = None  # [B] slot of each row
+    num_slots_view: int = 0  # S: rows of the slot view (max slot id + 1)
+    context_len: int = 0  # L: longest context in the batch, incl. the new token
+    decode_mask: torch.Tensor | None = None  # [S, 1, 1, L] additive (0 / -inf)
+    slots_are_rows: bool = False  # slot_ids == arange(B): no scatter of queries needed
+
+    @classmethod
+    def for_prefill(cls, slot_id: int, start: int, num_tokens: int, device) -> "AttentionMetadata":
+        positions = torch.arange(start, start + num_tokens, device=device)
+        keys = torch.arange(start + num_tokens, device=device)
+        mask = keys[None, :] <= positions[:, None]
+        return cls(positions=positions, is_prefill=True, slot_id=slot_id, start=start, prefill_mask=mask)
+
+    @classmethod
+    def for_decode(cls, slot_ids: list[int], positions: list[int], device, dtype) -> "AttentionMetadata":
+        num_slots = max(slot_ids) + 1
+        context_len = max(positions) + 1
+        lengths = torch.zeros(num_slots, dtype=torch.long)
+        lengths[slot_ids] = torch.tensor(positions) + 1
+        keys = torch.arange(context_len)
+        mask = torch.zeros(num_slots, 1, 1, context_len, dtype=dtype)
+        mask.masked_fill_(keys[None, None, None, :] >= lengths[:, None, None, None], float("-inf"))
+        return cls(
+            positions=torch.tensor(positions, device=device),
+            is_prefill=False,
+            slot_ids=torch.tensor(slot_ids, device=device),
+            num_slots_view=num_slots,
+            context_len=context_len,
+            decode_mask=mask.to(device),
+            slots_are_rows=slot_ids == list(range(len(slot_ids))),
+        )
+
+
+def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [N, H, D]; k, v: [N, KV, D]; caches: [slots, KV, max_len, D] of one layer -> [N, H*D]."""
+    if meta.is_prefill:
+        return _prefill(q, k, v, k_cache, v_cache, meta, scale)
+    return _decode(q, k, v, k_cache, v_cache, meta, scale)
+
+
+def _prefill(q, k, v, k_cache, v_cache, meta, scale):
+    n, num_heads, head_dim = q.shape
+    end = meta.start + n
+    k_cache[meta.slot_id, :, meta.start:end] = k.transpose(0, 1)
+    v_cache[meta.slot_id, :, meta.start:end] = v.transpose(0, 1)
+    keys = k_cache[meta.slot_id, :, :end].unsqueeze(0)
+    values = v_cache[meta.slot_id, :, :end].unsqueeze(0)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), keys, values,
+        attn_mask=meta.prefill_mask, scale=scale, enable_gqa=True,
+    )  # [1, H, N, D]
+    return out[0].transpose(0, 1).reshape(n, num_heads * head_dim)
+
+
+def _decode(q, k, v, k_cache, v_cache, meta, scale):
+    rows, num_heads, head_dim = q.shape
+    num_kv = k.shape[1]
+    group = num_heads // num_kv
+    k_cache[meta.slot_ids, :, meta.positions] = k
+    v_cache[meta.slot_ids, :, meta.positions] = v
+    slots, length = meta.num_slots_view, meta.context_len
+    keys = k_cache[:slots, :, :length]  # [S, KV, L, D] strided view, no copy
+    values = v_cache[:slots, :, :length]
+    q = q.view(rows, num_kv, group, head_dim)
+    if not meta.slots_are_rows or slots != rows:
+        q = q.new_zeros(slots, num_kv, group, head_dim).index_copy_(0, meta.slot_ids, q)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(meta.decode_mask)
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.matmul(probs, values)  # [S, KV, G, D]
+    if not meta.slots_are_rows or slots != rows:
+        out = out.index_select(0, meta.slot_ids)
+    return out.reshape(rows, num_heads * head_dim)

@@ -1,0 +1,96 @@
+"""Engine and model configuration: plain dataclasses, no tensors."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Llama-family decoder, read from a HF `config.json`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    eos_token_ids: list[int]
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
+        raw = json.loads((Path(path) / "config.json").read_text())
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        eos = raw.get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        gen_cfg = Path(path) / "generation_config.json"
+        if gen_cfg.exists():
+            geos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            for t in [geos] if isinstance(geos, int) else (geos or []):
+                if t not in eos_ids:
+                    eos_ids.append(t)
+        return cls(
+            model_type=raw["model_type"],
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=raw["num_attention_heads"],
+            num_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"],
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+            rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass
+class SkipConfig:
+    """Server-side FFN-skip defaults for one model (see DESIGN.md section 4).
+
+    `budget` is the fraction of a token's FFN blocks it may skip; `threshold` the cosine
+    similarity of the previous layer's pre- vs post-FFN residual that triggers a skip run.
+    """
+
+    policy: str = "ffn_skipllm"
+    cold_start: int = 4
+    cold_end: int = 4
+    threshold: float = 0.95
+    warmup_tokens: int = 16
+    interleave: int = 0  # every interleave-th generated token runs dense; 0 = never
+    default_budget: float = 0.0
+    max_budget: float = 0.5
+
+
+@dataclass
+class EngineConfig:
+    model: str = ""  # path to a GGUF file or a HF folder; "" = the embedded default
+    served_model_name: str = "smollm2-135m-instruct"
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
+    max_num_seqs: int = 16  # rows in a decode batch = KV slots
+    max_model_len: int = 2048  # tokens per KV slot (prompt + completion)
+    kv_capacity_tokens: int | None = None  # total KV tokens; sets the slot count when given
+    max_prefill_tokens: int = 512  # prefill chunk per engine step
+    cache_dir: str | None = None  # where converted GGUF weights are cached
+    seed: int = 0
+    threads: int | None = None
+    skip: SkipConfig = field(default_factory=SkipConfig)
+
+    @property
+    def num_slots(self) -> int:
+        if self.kv_capacity_tokens is None:
+            return self.max_num_seqs
+        return max(1, min(self.max_num_seqs, self.kv_capacity_tokens // self.max_model_len))

@@ -1,0 +1,192 @@
+"""The synchronous engine: add requests, step, get per-sequence output deltas.
+
+One `step()` = scheduler decides -> model runner computes and samples -> tokens appended,
+stop conditions checked, finished sequences leave the batch and free their KV slot.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from engine.config import EngineConfig, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.loader import ensure_hf_dir
+from engine.model_runner import ModelRunner
+from engine.outputs import SequenceOutput, StepStats, TokenLogprob
+from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.skip.base import TokenSkipPlan
+from engine.slot_manager import SlotManager
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger("skipserve.engine")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.hf_dir = ensure_hf_dir(config.model, config.cache_dir)
+        self.tokenizer = Tokenizer(self.hf_dir)
+        self.model_config = ModelConfig.from_hf_dir(self.hf_dir)
+        self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        config.max_model_len = self.max_model_len
+        self.runner = ModelRunner(config, self.model_config, self.hf_dir)
+        self.slots = SlotManager(config.num_slots, self.max_model_len)
+        self.scheduler = Scheduler(self.slots, config.max_prefill_tokens)
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._rng = random.Random(config.seed)
+        self._sequences: dict[str, Sequence] = {}
+        # engine-wide FFN accounting per layer, over generated tokens (read by /metrics)
+        self.layer_ffn_total = [0] * self.model_config.num_layers
+        self.layer_ffn_skipped = [0] * self.model_config.num_layers
+
+    # ---- requests -------------------------------------------------------------------------
+    def resolve_skip(self, skip: SkipParams | None) -> TokenSkipPlan:
+        cfg = self.config.skip
+        skip = skip or SkipParams()
+        budget = cfg.default_budget if skip.budget is None else skip.budget
+        if not 0.0 <= budget <= cfg.max_budget:
+            raise InvalidParamError(f"ffn_skip.budget must be in [0, {cfg.max_budget}]", "ffn_skip.budget")
+        threshold = cfg.threshold if skip.threshold is None else skip.threshold
+        if not -1.0 <= threshold <= 1.0:
+            raise InvalidParamError("ffn_skip.threshold must be in [-1, 1]", "ffn_skip.threshold")
+        warmup = cfg.warmup_tokens if skip.warmup_tokens is None else skip.warmup_tokens
+        if warmup < 0:
+            raise InvalidParamError("ffn_skip.warmup_tokens must be >= 0", "ffn_skip.warmup_tokens")
+        if self.config.skip.policy == "none":
+            budget = 0.0
+        return TokenSkipPlan(budget, threshold, warmup, cfg.interleave)
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> int:
+        """Validate lengths; return the effective max_tokens."""
+        if not prompt_ids:
+            raise InvalidParamError("the prompt is empty", param)
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise InvalidParamError(
+                f"this model's maximum context length is {self.max_model_len} tokens, "
+                f"but the prompt has {len(prompt_ids)} tokens", param)
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise InvalidParamError(
+                f"max_tokens ({params.max_tokens}) plus the prompt ({len(prompt_ids)} tokens) exceeds "
+                f"this model's maximum context length of {self.max_model_len} tokens", "max_tokens")
+        return params.max_tokens
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    skip: SkipParams | None = None, prompt_param: str = "prompt") -> list[Sequence]:
+        params.validate(self.model_config.vocab_size)
+        plan = self.resolve_skip(skip)
+        max_tokens = self.check_prompt(prompt_ids, params, prompt_param)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(
+                seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids),
+                params=params, skip_plan=plan, max_tokens=max_tokens,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
+                seed=base_seed + i,
+            )
+            self._sequences[seq.seq_id] = seq
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        return seqs
+
+    def abort(self, request_id: str) -> None:
+        for seq in self.scheduler.abort(request_id):
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.runner.release(seq.seq_id)
+        self._sequences.pop(seq.seq_id, None)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> tuple[list[SequenceOutput], StepStats]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        stats = StepStats(layer_ffn_skipped=[0] * self.model_config.num_layers)
+        if batch.empty:
+            return [], stats
+        result = self.runner.run(batch)
+        for chunk in batch.prefills:
+            self.scheduler.on_computed(chunk.seq, chunk.end)
+            stats.prompt_tokens += chunk.end - chunk.start
+        for seq in batch.decodes:
+            self.scheduler.on_computed(seq, seq.num_tokens)
+        outputs = []
+        now = time.monotonic()
+        for seq_id, sampled in result.samples.items():
+            seq = self._sequences[seq_id]
+            skipped = result.ffn_skipped.get(seq_id, 0)
+            seq.ffn_skipped += skipped
+            seq.ffn_total += self.model_config.num_layers
+            seq.output_ids.append(sampled.token_id)
+            seq.first_token_time = seq.first_token_time or now
+            stats.generated_tokens += 1
+            reason = self._stop_reason(seq, sampled.token_id)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                self._release(seq)
+            outputs.append(self._output(seq, sampled))
+        for layer, n in enumerate(result.layer_ffn_skipped):
+            self.layer_ffn_skipped[layer] += n
+            self.layer_ffn_total[layer] += stats.generated_tokens
+        stats.layer_ffn_skipped = result.layer_ffn_skipped
+        stats.step_seconds = time.perf_counter() - t0
+        return outputs, stats
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return "stop"
+        seq.detokenizer.add_token(token)
+        if seq.detokenizer.stopped:
+            return "stop"
+        if len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, sampled) -> SequenceOutput:
+        logprobs = None
+        if seq.params.logprobs is not None:
+            text = self.tokenizer.token_text
+            logprobs = [TokenLogprob(text(sampled.token_id), sampled.token_id, sampled.logprob,
+                                     [(text(t), t, lp) for t, lp in sampled.top_logprobs])]
+        return SequenceOutput(
+            request_id=seq.request_id, index=seq.index, text=seq.detokenizer.take(final=seq.is_finished),
+            token_ids=[sampled.token_id], logprobs=logprobs, finished=seq.is_finished,
+            finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids), ffn_skipped=seq.ffn_skipped, ffn_total=seq.ffn_total,
+        )
+
+    # ---- convenience for tests, benchmarks and offline use ----------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams, skip: SkipParams | None = None):
+        """Run prompts to completion (all submitted at once); -> list of (text, token_ids, output)."""
+        ids = [f"offline-{i}" for i in range(len(prompts))]
+        results = {rid: {"text": "", "ids": [], "last": None} for rid in ids}
+        for rid, prompt in zip(ids, prompts):
+            self.add_request(rid, prompt, params, skip)
+        while self.has_work:
+            for out in self.step()[0]:
+                r = results[out.request_id]
+                r["text"] += out.text
+                r["ids"] += out.token_ids
+                r["last"] = out
+        return [(results[r]["text"], results[r]["ids"], results[r]["last"]) for r in ids]

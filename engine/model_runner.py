@@ -1,0 +1,109 @@
+"""The one place that touches tensors: runs a scheduled batch through the model and samples.
+
+A step runs each prefill chunk (dense, one sequence at a time) and then one decode token for
+every decoding row (through the skip policy's gate), then one lm_head + sampler call for all
+sequences that produce a token this step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_cache import KVCache
+from engine.loader import load_state_dict
+from engine.models import build_model
+from engine.sampler import SampleRow, Sampled, sample
+from engine.scheduler import ScheduledBatch
+from engine.skip import DenseGate, build_policy
+
+log = logging.getLogger("skipserve.runner")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+@dataclass
+class StepResult:
+    samples: dict[str, Sampled]  # seq_id -> token produced this step
+    ffn_skipped: dict[str, int]  # seq_id -> FFN blocks skipped producing it
+    layer_ffn_skipped: list[int]  # per layer, over this step's decode rows
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, hf_dir):
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_config = model_config
+        t0 = time.perf_counter()
+        state = load_state_dict(hf_dir)
+        self.model = build_model(model_config, state, self.device, self.dtype)
+        del state
+        self.kv = KVCache(model_config.num_layers, config.num_slots, model_config.num_kv_heads,
+                          config.max_model_len, model_config.head_dim, self.device, self.dtype)
+        self.policy = build_policy(config.skip, model_config.num_layers)
+        self.num_layers = model_config.num_layers
+        self._generators: dict[str, torch.Generator] = {}
+        log.info("model on %s/%s in %.1f s; KV cache %d slots x %d tokens (%.0f MiB)", self.device,
+                 str(self.dtype).removeprefix("torch."), time.perf_counter() - t0, config.num_slots,
+                 config.max_model_len, self.kv.nbytes / 2**20)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        hiddens, producers = [], []
+        for chunk in batch.prefills:
+            seq = chunk.seq
+            meta = AttentionMetadata.for_prefill(seq.slot, chunk.start, chunk.end - chunk.start, self.device)
+            ids = torch.tensor(seq.prompt_ids[chunk.start:chunk.end], device=self.device)
+            hidden = self.model.forward(ids, meta, self.kv, DenseGate(self.num_layers))
+            if chunk.is_last:
+                hiddens.append(hidden[-1:])
+                producers.append(seq)
+        skipped = {}
+        layer_skipped = [0] * self.num_layers
+        if batch.decodes:
+            seqs = batch.decodes
+            meta = AttentionMetadata.for_decode([s.slot for s in seqs], [s.num_tokens - 1 for s in seqs],
+                                                self.device, self.dtype)
+            ids = torch.tensor([s.last_token for s in seqs], device=self.device)
+            gate = self.policy.make_gate([self.policy.row_skip(s.skip_plan, len(s.output_ids)) for s in seqs],
+                                         self.device)
+            hiddens.append(self.model.forward(ids, meta, self.kv, gate))
+            producers.extend(seqs)
+            per_row, layer_skipped = gate.skip_counts(len(seqs))
+            skipped = {s.seq_id: n for s, n in zip(seqs, per_row)}
+        if not producers:
+            return StepResult({}, {}, layer_skipped)
+        logits = self.model.logits(torch.cat(hiddens))
+        rows = [SampleRow(s.params, s.prompt_ids, s.output_ids, self._generator(s)) for s in producers]
+        samples = sample(logits, rows)
+        return StepResult({s.seq_id: t for s, t in zip(producers, samples)}, skipped, layer_skipped)
+
+    def _generator(self, seq) -> torch.Generator | None:
+        if seq.params.greedy:
+            return None
+        gen = self._generators.get(seq.seq_id)
+        if gen is None:
+            gen = self._generators[seq.seq_id] = torch.Generator(device=self.device)
+            gen.manual_seed(seq.seed)
+        return gen
+
+    def release(self, seq_id: str) -> None:
+        self._generators.pop(seq_id, None)

@@ -1,0 +1,94 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2), readable top to bottom.
+
+Per layer: h = x + Attn(norm(x)); out = h + FFN(norm2(h)). The second line goes through the
+step's FFN gate (`engine/skip/`), which decides per row whether the FFN runs at all.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, attend
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.models.rope import RotaryEmbedding, apply_rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class LlamaLayer:
+    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype):
+        def w(name):
+            return weights[prefix + name].to(device=device, dtype=dtype)
+
+        def maybe(name):
+            return w(name) if prefix + name in weights else None
+
+        self.cfg = cfg
+        self.input_norm = w("input_layernorm.weight")
+        self.post_attn_norm = w("post_attention_layernorm.weight")
+        # fused projections: one matmul for q|k|v and one for gate|up
+        self.qkv = torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
+                              w("self_attn.v_proj.weight")])
+        biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
+        self.qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        self.o_proj = w("self_attn.o_proj.weight")
+        self.gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])
+        self.down = w("mlp.down_proj.weight")
+
+    def attention(self, x, rope, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
+        cfg = self.cfg
+        n = x.shape[0]
+        qkv = F.linear(rms_norm(x, self.input_norm, cfg.rms_norm_eps), self.qkv, self.qkv_bias)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        cos, sin = rope
+        q = apply_rotary(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rotary(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+        out = attend(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5)
+        return F.linear(out, self.o_proj)
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """The FFN residual branch FFN(norm2(h)); the gate adds it to h (or skips it)."""
+        gate, up = F.linear(rms_norm(h, self.post_attn_norm, self.cfg.rms_norm_eps), self.gate_up).chunk(2, -1)
+        return F.linear(F.silu(gate) * up, self.down)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_len: int | None = None):
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.embed = weights["model.embed_tokens.weight"].to(device=device, dtype=dtype)
+        head = weights.get("lm_head.weight")
+        self.lm_head = self.embed if head is None or cfg.tie_word_embeddings else head.to(device=device, dtype=dtype)
+        self.norm = weights["model.norm.weight"].to(device=device, dtype=dtype)
+        self.layers = [LlamaLayer(cfg, weights, f"model.layers.{i}.", device, dtype) for i in range(cfg.num_layers)]
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                    max_len or cfg.max_position_embeddings, device, dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache, gate) -> torch.Tensor:
+        """input_ids: [N] -> final hidden states [N, hidden] (normed); `gate` runs or skips each FFN."""
+        x = self.embed[input_ids]
+        rope = self.rope(meta.positions)
+        for i, layer in enumerate(self.layers):
+            h = x + layer.attention(x, rope, meta, kv.k[i], kv.v[i])
+            x = gate(i, h, layer.ffn)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+    def weight_bytes(self) -> dict:
+        """Bytes of weights read per decoded token, split by part (for the bandwidth bound)."""
+        size = self.embed.element_size()
+        per_layer_ffn = self.layers[0].gate_up.numel() + self.layers[0].down.numel()
+        per_layer_attn = self.layers[0].qkv.numel() + self.layers[0].o_proj.numel()
+        n = len(self.layers)
+        return {"ffn": n * per_layer_ffn * size, "attention": n * per_layer_attn * size,
+                "lm_head": self.lm_head.numel() * size}

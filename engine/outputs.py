@@ -1,0 +1,37 @@
+"""What the engine hands back per step and sequence: deltas, ready to stream."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    token_id: int
+    logprob: float
+    top: list[tuple[str, int, float]]  # (text, id, logprob) alternatives, best first
+
+
+@dataclass
+class SequenceOutput:
+    request_id: str
+    index: int
+    text: str  # new final text since the last output
+    token_ids: list[int]  # new tokens since the last output
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    ffn_skipped: int
+    ffn_total: int
+
+
+@dataclass
+class StepStats:
+    """Counts of one engine step, for metrics."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    layer_ffn_skipped: list[int] = field(default_factory=list)  # summed over generated tokens
+    step_seconds: float = 0.0

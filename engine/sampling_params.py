@@ -1,0 +1,69 @@
+"""Per-request generation and FFN-skip parameters (validated here, used by the sampler/gate)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidParamError(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = None  # None = up to the context window
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    def validate(self, vocab_size: int) -> None:
+        def check(ok: bool, param: str, message: str):
+            if not ok:
+                raise InvalidParamError(message, param)
+
+        check(self.n >= 1, "n", "n must be at least 1")
+        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1")
+        check(0.0 <= self.temperature <= 2.0, "temperature", "temperature must be in [0, 2]")
+        check(0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
+        check(self.top_k >= 0 or self.top_k == -1, "top_k", "top_k must be -1, 0 or positive")
+        check(0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]")
+        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]")
+        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]")
+        check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "repetition_penalty must be in (0, 2]")
+        check(self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs", "top_logprobs must be in [0, 20]")
+        for token, bias in self.logit_bias.items():
+            check(0 <= token < vocab_size, "logit_bias", f"logit_bias token id {token} is outside the vocabulary")
+            check(-100.0 <= bias <= 100.0, "logit_bias", "logit_bias values must be in [-100, 100]")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
+        check(len(self.stop) <= 4, "stop", "at most 4 stop sequences")
+        if self.top_k == -1:
+            self.top_k = 0
+
+
+@dataclass
+class SkipParams:
+    """FFN-skip control of one request; None fields take the server's per-model defaults."""
+
+    budget: float | None = None
+    threshold: float | None = None
+    warmup_tokens: int | None = None

@@ -1,0 +1,29 @@
+"""FFN-skip policies. The model calls the step's gate once per layer; a policy builds that gate.
+
+- `none`: every FFN runs (exact dense).
+- `ffn_skipllm`: FFN-SkipLLM (Jaiswal et al., 2024), per row and per token, decided on the device.
+"""
+from __future__ import annotations
+
+from engine.config import SkipConfig
+from engine.skip.base import DenseGate, RowSkip, SkipPolicy, TokenSkipPlan
+from engine.skip.ffn_skipllm import FFNSkipLLMPolicy
+
+
+class NoSkipPolicy(SkipPolicy):
+    name = "none"
+
+    def make_gate(self, rows, device):
+        return DenseGate(self.num_layers)
+
+
+POLICIES = {"none": NoSkipPolicy, "ffn_skipllm": FFNSkipLLMPolicy}
+
+
+def build_policy(config: SkipConfig, num_layers: int) -> SkipPolicy:
+    if config.policy not in POLICIES:
+        raise ValueError(f"unknown skip policy {config.policy!r} (known: {sorted(POLICIES)})")
+    return POLICIES[config.policy](config, num_layers)
+
+
+__all__ = ["build_policy", "SkipPolicy", "RowSkip", "TokenSkipPlan", "DenseGate", "POLICIES"]
