@@ -38,11 +38,12 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self._rng = random.Random(config.seed)
         self._sequences: dict[str, Sequence] = {}
         # engine-wide FFN accounting per layer, over generated tokens (read by /metrics)
         self.layer_ffn_total = [0] * self.model_config.num_layers
         self.layer_ffn_skipped = [0] * self.model_config.num_layers
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
 
     # ---- requests -------------------------------------------------------------------------
     def resolve_skip(self, skip: SkipParams | None) -> TokenSkipPlan:
@@ -78,23 +79,35 @@ class LLMEngine:
                 f"this model's maximum context length of {self.max_model_len} tokens", "max_tokens")
         return params.max_tokens
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    skip: SkipParams | None = None, prompt_param: str = "prompt") -> list[Sequence]:
+    def prepare_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                        skip: SkipParams | None = None, prompt_param: str = "prompt") -> list[Sequence]:
+        """Validate a request and build its sequences (one per choice); nothing is scheduled yet.
+
+        Raises InvalidParamError. Reads only immutable state, so any thread may call it.
+        """
         params.validate(self.model_config.vocab_size)
         plan = self.resolve_skip(skip)
         max_tokens = self.check_prompt(prompt_ids, params, prompt_param)
-        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        seqs = []
-        for i in range(params.n):
-            seq = Sequence(
+        base_seed = params.seed if params.seed is not None else random.getrandbits(63)
+        return [
+            Sequence(
                 seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids),
                 params=params, skip_plan=plan, max_tokens=max_tokens,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
                 seed=base_seed + i,
             )
+            for i in range(params.n)
+        ]
+
+    def add_sequences(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
             self._sequences[seq.seq_id] = seq
             self.scheduler.add(seq)
-            seqs.append(seq)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    skip: SkipParams | None = None, prompt_param: str = "prompt") -> list[Sequence]:
+        seqs = self.prepare_request(request_id, prompt_ids, params, skip, prompt_param)
+        self.add_sequences(seqs)
         return seqs
 
     def abort(self, request_id: str) -> None:
@@ -149,6 +162,8 @@ class LLMEngine:
             self.layer_ffn_skipped[layer] += n
             self.layer_ffn_total[layer] += stats.generated_tokens
         stats.layer_ffn_skipped = result.layer_ffn_skipped
+        self.prompt_tokens_total += stats.prompt_tokens
+        self.generation_tokens_total += stats.generated_tokens
         stats.step_seconds = time.perf_counter() - t0
         return outputs, stats
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, attend
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
+from engine.models.linear import Linear
 from engine.models.rope import RotaryEmbedding, apply_rotary
 
 
@@ -32,18 +33,17 @@ class LlamaLayer:
         self.input_norm = w("input_layernorm.weight")
         self.post_attn_norm = w("post_attention_layernorm.weight")
         # fused projections: one matmul for q|k|v and one for gate|up
-        self.qkv = torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
-                              w("self_attn.v_proj.weight")])
         biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
-        self.qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
-        self.o_proj = w("self_attn.o_proj.weight")
-        self.gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])
-        self.down = w("mlp.down_proj.weight")
+        self.qkv = Linear(torch.cat([w(f"self_attn.{p}_proj.weight") for p in "qkv"]),
+                          torch.cat(biases) if all(b is not None for b in biases) else None)
+        self.o_proj = Linear(w("self_attn.o_proj.weight"))
+        self.gate_up = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
+        self.down = Linear(w("mlp.down_proj.weight"))
 
     def attention(self, x, rope, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
         cfg = self.cfg
         n = x.shape[0]
-        qkv = F.linear(rms_norm(x, self.input_norm, cfg.rms_norm_eps), self.qkv, self.qkv_bias)
+        qkv = self.qkv(rms_norm(x, self.input_norm, cfg.rms_norm_eps))
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         cos, sin = rope
@@ -51,12 +51,12 @@ class LlamaLayer:
         k = apply_rotary(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
         out = attend(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5)
-        return F.linear(out, self.o_proj)
+        return self.o_proj(out)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """The FFN residual branch FFN(norm2(h)); the gate adds it to h (or skips it)."""
-        gate, up = F.linear(rms_norm(h, self.post_attn_norm, self.cfg.rms_norm_eps), self.gate_up).chunk(2, -1)
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.gate_up(rms_norm(h, self.post_attn_norm, self.cfg.rms_norm_eps)).chunk(2, -1)
+        return self.down(F.silu(gate) * up)
 
 
 class LlamaModel:
@@ -64,7 +64,8 @@ class LlamaModel:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.embed = weights["model.embed_tokens.weight"].to(device=device, dtype=dtype)
         head = weights.get("lm_head.weight")
-        self.lm_head = self.embed if head is None or cfg.tie_word_embeddings else head.to(device=device, dtype=dtype)
+        tied = head is None or cfg.tie_word_embeddings
+        self.lm_head = Linear(self.embed if tied else head.to(device=device, dtype=dtype))
         self.norm = weights["model.norm.weight"].to(device=device, dtype=dtype)
         self.layers = [LlamaLayer(cfg, weights, f"model.layers.{i}.", device, dtype) for i in range(cfg.num_layers)]
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
@@ -82,7 +83,7 @@ class LlamaModel:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
 
     def weight_bytes(self) -> dict:
         """Bytes of weights read per decoded token, split by part (for the bandwidth bound)."""

@@ -1,0 +1,194 @@
+"""The engine as the HTTP server sees it: `async for out in engine.generate(...)`, `abort(id)`.
+
+The model steps in one dedicated thread, so the event loop never waits on tensor work. The
+loop thread validates and hands requests over through a command queue; the engine thread
+pushes each step's output deltas back into per-request asyncio queues.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+from engine.config import EngineConfig
+from engine.outputs import SequenceOutput, StepStats
+from engine.sampling_params import SamplingParams, SkipParams
+
+log = logging.getLogger("skipserve.async_engine")
+
+
+class EngineNotReadyError(RuntimeError):
+    pass
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, max_waiting: int = 64,
+                 on_step: Callable[[StepStats, list[SequenceOutput]], None] | None = None):
+        self.config = config
+        self.max_waiting = max_waiting
+        self.on_step = on_step
+        self.engine = None  # LLMEngine once loaded
+        self.load_error: BaseException | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    async def start(self) -> None:
+        """Load the model (in a worker thread) and start the step loop."""
+        from engine.llm_engine import LLMEngine
+
+        self._loop = asyncio.get_running_loop()
+        try:
+            self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        except BaseException as exc:  # surfaced by /health and the CLI
+            self.load_error = exc
+            raise
+        self._thread = threading.Thread(target=self._run, name="skipserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._commands.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- requests ----------------------------------------------------------------------------
+    @property
+    def num_requests(self) -> int:
+        return len(self._queues)
+
+    def tokenizer(self):
+        self._check_ready()
+        return self.engine.tokenizer
+
+    def _check_ready(self):
+        if self.engine is None or self._stopping:
+            raise EngineNotReadyError("the model is loading" if self.engine is None else "the server is shutting down")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    skip: SkipParams | None = None, prompt_param: str = "prompt") -> "RequestStream":
+        """Validate and enqueue a request; iterate the returned stream for its output deltas.
+
+        Raises InvalidParamError (bad input), QueueFullError or EngineNotReadyError before anything
+        is enqueued. The caller must `close()` the stream when it stops early: that aborts it.
+        """
+        self._check_ready()
+        if len(self._queues) >= self.config.num_slots + self.max_waiting:
+            raise QueueFullError(f"the server is at capacity ({len(self._queues)} requests); retry later")
+        if request_id in self._queues:
+            raise ValueError(f"duplicate request id {request_id}")
+        seqs = self.engine.prepare_request(request_id, prompt_ids, params, skip, prompt_param)
+        out_queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = out_queue
+        self._commands.put(("add", seqs))
+        return RequestStream(self, request_id, out_queue, len(seqs))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            try:  # idle: sleep until a command comes; busy: only drain what is there
+                cmd = self._commands.get(block=not engine.has_work)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                kind, arg = cmd
+                if kind == "stop":
+                    return
+                if kind == "add":
+                    engine.add_sequences(arg)
+                elif kind == "abort":
+                    engine.abort(arg)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if not engine.has_work:
+                continue
+            try:
+                outputs, stats = engine.step()
+            except Exception as exc:  # a bug, not bad input: fail the running requests, keep serving
+                log.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            self._loop.call_soon_threadsafe(self._dispatch, outputs, stats)
+
+    def _fail_all(self, exc: Exception) -> None:
+        engine = self.engine
+        ids = {s.request_id for s in [*engine.scheduler.running, *engine.scheduler.waiting]}
+        for rid in ids:
+            engine.abort(rid)
+        self._loop.call_soon_threadsafe(self._dispatch_error, ids, exc)
+
+    def _dispatch(self, outputs: list[SequenceOutput], stats: StepStats) -> None:
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+        if self.on_step is not None:
+            self.on_step(stats, outputs)
+
+    def _dispatch_error(self, request_ids, exc) -> None:
+        for rid in request_ids:
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(exc)
+
+    # ---- introspection (for /metrics and tests) --------------------------------------------------
+    def snapshot(self) -> dict:
+        engine = self.engine
+        if engine is None:
+            return {"running": 0, "waiting": 0, "kv_usage": 0.0, "time": time.time()}
+        return {"running": engine.num_running, "waiting": engine.num_waiting,
+                "kv_usage": engine.slots.usage(), "time": time.time()}
+
+
+class RequestStream:
+    """Output deltas of one request, all choices interleaved, until every choice has finished."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, out_queue: asyncio.Queue, num_choices: int):
+        self.engine, self.request_id, self._queue = engine, request_id, out_queue
+        self.pending = num_choices
+        self.closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> SequenceOutput:
+        if self.pending == 0:
+            self.close()
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if isinstance(out, BaseException):
+            self.pending = 0
+            self.close()
+            raise out
+        if out.finished:
+            self.pending -= 1
+        return out
+
+    def close(self) -> None:
+        """Stop listening; a request with unfinished choices is aborted and its KV freed."""
+        if self.closed:
+            return
+        self.closed = True
+        self.engine._queues.pop(self.request_id, None)
+        if self.pending:
+            self.engine.abort(self.request_id)

@@ -1,0 +1,130 @@
+"""The FastAPI application: lifespan (model load), auth and draining middleware, small routes."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from engine.async_engine import AsyncEngine, EngineNotReadyError
+from server import __version__, errors
+from server.completions import router as completions_router
+from server.errors import APIError, error_response
+from server.metrics import Metrics
+from server.protocol import TokenizeRequest
+
+log = logging.getLogger("skipserve.server")
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    metrics: Metrics
+    served_model_name: str
+    api_key: str | None = None
+    draining: bool = False
+    started: float = field(default_factory=time.time)
+
+    @property
+    def model_names(self) -> set[str]:
+        return {self.served_model_name}
+
+    @property
+    def fingerprint(self) -> str:
+        return f"skipserve-{__version__}-{self.engine.config.skip.policy}"
+
+
+def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
+    metrics = Metrics(engine)
+    engine.on_step = metrics.on_step
+    state = ServerState(engine, metrics, served_model_name, api_key)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        load = asyncio.create_task(engine.start())
+        load.add_done_callback(_log_load_result)
+        try:
+            yield
+        finally:
+            state.draining = True
+            if not load.done():
+                load.cancel()
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="skipserve", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible inference with adaptive FFN skipping (FFN-SkipLLM).")
+    app.state.skipserve = state
+    errors.install(app)
+    app.include_router(completions_router)
+
+    @app.middleware("http")
+    async def auth_and_drain(request: Request, call_next):
+        path = request.url.path
+        if path.startswith("/v1") or path == "/tokenize":
+            if state.api_key is not None and not _authorized(request, state.api_key):
+                return error_response(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                      code="invalid_api_key")
+            if state.draining:
+                return error_response(503, "the server is shutting down", code="shutting_down")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if state.draining:
+            return error_response(503, "shutting down", code="shutting_down")
+        if engine.load_error is not None:
+            return error_response(503, f"model failed to load: {engine.load_error}", code="load_failed")
+        if not engine.ready:
+            return error_response(503, "the model is loading", code="loading")
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": served_model_name, "object": "model", "created": int(state.started), "owned_by": "skipserve",
+            "max_model_len": engine.config.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        try:
+            tokenizer = engine.tokenizer()
+        except EngineNotReadyError as exc:
+            raise APIError(503, str(exc), code="not_ready")
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
+        if body.messages is not None:
+            ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        else:
+            ids = tokenizer.encode(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
+
+    return app
+
+
+def _authorized(request: Request, api_key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # constant-time comparison; the key itself is never logged
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def _log_load_result(task: asyncio.Task) -> None:
+    if task.cancelled():
+        return
+    if task.exception() is not None:
+        log.error("model failed to load: %s", task.exception())
+    else:
+        log.info("model loaded; ready")

@@ -1,0 +1,209 @@
+"""POST /v1/chat/completions and /v1/completions: JSON or SSE over the engine's output deltas."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from engine.async_engine import EngineNotReadyError, QueueFullError
+from server.errors import APIError, error_body
+from server.metrics import RequestTimer
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter()
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion: dict = field(default_factory=dict)  # choice index -> (tokens, skipped, total)
+
+    def update(self, out) -> None:
+        self.prompt_tokens = out.prompt_tokens
+        self.completion[out.index] = (out.completion_tokens, out.ffn_skipped, out.ffn_total)
+
+    def body(self) -> dict:
+        tokens = sum(c[0] for c in self.completion.values())
+        skipped = sum(c[1] for c in self.completion.values())
+        total = sum(c[2] for c in self.completion.values())
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
+                "total_tokens": self.prompt_tokens + tokens,
+                "ffn_skip": {"skipped": skipped, "total": total, "ratio": skipped / total if total else 0.0}}
+
+
+def chat_logprobs(entries) -> dict:
+    def item(text, lp):
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [dict(item(e.token, e.logprob), top_logprobs=[item(t, lp) for t, _, lp in e.top])
+                        for e in entries]}
+
+
+def completion_logprobs(entries, offset: int) -> dict:
+    text_offset = []
+    for e in entries:
+        text_offset.append(offset)
+        offset += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": text_offset}
+
+
+class CompletionCall:
+    """One request's life: validate, submit, then stream or collect the choices."""
+
+    def __init__(self, request: Request, body, chat: bool):
+        self.request, self.body, self.chat = request, body, chat
+        self.state = request.app.state.skipserve
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def submit(self):
+        state, body = self.state, self.body
+        if body.model not in state.model_names:
+            raise APIError(400, f"model '{body.model}' does not exist; this server serves "
+                           f"{sorted(state.model_names)}", "model", "model_not_found")
+        try:
+            tokenizer = state.engine.tokenizer()
+            if self.chat:
+                prompt_ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+                param = "messages"
+            else:
+                prompt = body.prompt
+                prompt_ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
+                param = "prompt"
+                if any(not 0 <= t < tokenizer.vocab_size for t in prompt_ids):
+                    raise APIError(400, "prompt token ids must be in the vocabulary", "prompt")
+            self.timer = RequestTimer(state.metrics)
+            return state.engine.add_request(self.id, prompt_ids, body.to_sampling(), body.skip(), param)
+        except EngineNotReadyError as exc:
+            raise APIError(503, str(exc), code="not_ready")
+        except QueueFullError as exc:
+            raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
+
+    def header(self) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.body.model,
+                "system_fingerprint": self.state.fingerprint}
+
+    # ---- non-streaming -----------------------------------------------------------------------
+    async def collect(self, stream) -> JSONResponse:
+        choices = {i: Choice() for i in range(self.body.n)}
+        usage = Usage()
+
+        async def consume():
+            async for out in stream:
+                c = choices[out.index]
+                c.text += out.text
+                c.token_ids += out.token_ids
+                if out.logprobs:
+                    c.logprobs += out.logprobs
+                self.timer.on_tokens(out.index)
+                usage.update(out)
+                if out.finished:
+                    c.finish_reason = out.finish_reason
+
+        task = asyncio.create_task(consume())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await self.request.is_disconnected():
+                    task.cancel()
+                    return JSONResponse(error_body(499, "client disconnected"), status_code=499)
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+            stream.close()
+        self._finish_metrics(choices, usage)
+        return JSONResponse(dict(self.header(), choices=[self._choice_body(i, c) for i, c in choices.items()],
+                                 usage=usage.body()))
+
+    def _choice_body(self, index: int, c: Choice) -> dict:
+        want = self.body.logprobs if self.chat else self.body.logprobs is not None
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c.logprobs) if want else None, "finish_reason": c.finish_reason}
+        return {"index": index, "text": c.text,
+                "logprobs": completion_logprobs(c.logprobs, 0) if want else None, "finish_reason": c.finish_reason}
+
+    def _finish_metrics(self, choices: dict, usage: Usage) -> None:
+        body = usage.body()
+        reasons = [c.finish_reason for c in choices.values()]
+        reason = "stop" if all(r == "stop" for r in reasons) else next((r for r in reasons if r != "stop"), "stop")
+        self.timer.finish(reason, body["prompt_tokens"], body["completion_tokens"],
+                          body["ffn_skip"]["skipped"], body["ffn_skip"]["total"])
+
+    # ---- streaming ---------------------------------------------------------------------------
+    async def events(self, stream):
+        choices = {i: Choice() for i in range(self.body.n)}
+        usage = Usage()
+        include_usage = self.body.include_usage
+        extra = {"usage": None} if include_usage else {}
+        try:
+            if self.chat:
+                for i in choices:
+                    yield self._chunk(i, {"role": "assistant", "content": ""}, None, None, extra)
+            async for out in stream:
+                c = choices[out.index]
+                self.timer.on_tokens(out.index)
+                usage.update(out)
+                logprobs = None
+                if out.logprobs and (self.body.logprobs if self.chat else self.body.logprobs is not None):
+                    logprobs = chat_logprobs(out.logprobs) if self.chat else completion_logprobs(out.logprobs, len(c.text))
+                if out.text or logprobs:
+                    yield self._chunk(out.index, {"content": out.text} if self.chat else out.text, logprobs, None, extra)
+                c.text += out.text
+                if out.finished:
+                    c.finish_reason = out.finish_reason
+                    yield self._chunk(out.index, {} if self.chat else "", None, out.finish_reason, extra)
+            self._finish_metrics(choices, usage)
+            if include_usage:
+                yield json.dumps(dict(self.header(), object=self.object + (".chunk" if self.chat else ""),
+                                      choices=[], usage=usage.body()))
+            yield "[DONE]"
+        except Exception as exc:  # mid-stream failure: tell the client in-band, then end
+            yield json.dumps(error_body(500, f"generation failed: {exc}"))
+        finally:
+            stream.close()
+
+    def _chunk(self, index, delta, logprobs, finish_reason, extra) -> str:
+        if self.chat:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            obj = "text_completion"
+        return json.dumps(dict(self.header(), object=obj, choices=[choice], **extra))
+
+
+async def _serve(request: Request, body, chat: bool):
+    call = CompletionCall(request, body, chat)
+    stream = call.submit()
+    if body.stream:
+        return EventSourceResponse(call.events(stream), ping=15, sep="\n")
+    return await call.collect(stream)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    return await _serve(request, body, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    return await _serve(request, body, chat=False)

@@ -1,0 +1,27 @@
+"""Presets and YAML config files -> EngineConfig (CLI flags override both)."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from engine.config import EngineConfig, SkipConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_path(name: str) -> Path | None:
+    path = CONFIG_DIR / f"{name}.yaml"
+    return path if path.exists() else None
+
+
+def load_config(path: str | Path) -> EngineConfig:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    skip_raw = raw.pop("skip", {}) or {}
+    engine_keys = {f.name for f in fields(EngineConfig)}
+    skip_keys = {f.name for f in fields(SkipConfig)}
+    unknown = (set(raw) - engine_keys) | {f"skip.{k}" for k in set(skip_raw) - skip_keys}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    return EngineConfig(**raw, skip=SkipConfig(**skip_raw))

@@ -1,0 +1,78 @@
+"""OpenAI error envelope: {"error": {"message", "type", "param", "code"}} for every failure."""
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.sampling_params import InvalidParamError
+
+log = logging.getLogger("skipserve.server")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_exceeded", 503: "service_unavailable", 500: "internal_server_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def _validation_message(err: dict) -> tuple[str, str | None]:
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # drop pydantic's union-branch markers such as 'str' or 'list[int]'
+    path = [p for p in loc if not (p in {"str", "int", "float"} or "[" in p or p.startswith("function-"))]
+    param = ".".join(path) or None
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return f"'{param}' is not supported by this server", param
+    if kind == "json_invalid":
+        return f"request body is not valid JSON: {err.get('msg')}", None
+    if kind == "missing":
+        return f"'{param}' is required", param
+    return f"invalid value for '{param}': {err.get('msg')}", param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(InvalidParamError)
+    async def _invalid_param(request: Request, exc: InvalidParamError):
+        return error_response(400, str(exc), exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = f"route {request.method} {request.url.path} not found"
+        return error_response(exc.status_code, message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal server error")

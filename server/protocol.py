@@ -1,0 +1,136 @@
+"""Request bodies of the OpenAI API (the subset we honour) and their mapping to engine params.
+
+Every model forbids unknown fields, so a parameter we do not implement is a 400 naming it,
+never silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from engine.sampling_params import SamplingParams, SkipParams
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FFNSkip(Strict):
+    budget: Optional[float] = None
+    threshold: Optional[float] = None
+    warmup_tokens: Optional[StrictInt] = None
+
+    def to_params(self) -> SkipParams:
+        return SkipParams(self.budget, self.threshold, self.warmup_tokens)
+
+
+class StreamOptions(Strict):
+    include_usage: StrictBool = False
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(Strict):
+    type: Literal["text"]
+
+
+class CommonRequest(Strict):
+    model: str
+    max_tokens: Optional[StrictInt] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[StrictInt] = None
+    min_p: Optional[float] = None
+    n: StrictInt = 1
+    stop: Union[str, list[str], None] = None
+    seed: Optional[StrictInt] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+    ignore_eos: StrictBool = False
+    ffn_skip: Optional[FFNSkip] = None
+
+    def sampling(self, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                from engine.sampling_params import InvalidParamError
+                raise InvalidParamError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        return SamplingParams(
+            n=self.n, max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0, min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=bias, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+        )
+
+    def skip(self) -> SkipParams | None:
+        return self.ffn_skip.to_params() if self.ffn_skip else None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(CommonRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[StrictInt] = None
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = None
+    response_format: Optional[ResponseFormat] = None
+
+    def to_sampling(self) -> SamplingParams:
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        if self.top_logprobs is not None and not self.logprobs:
+            from engine.sampling_params import InvalidParamError
+            raise InvalidParamError("top_logprobs requires logprobs: true", "top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self.sampling(logprobs, max_tokens)
+
+
+class CompletionRequest(CommonRequest):
+    prompt: Union[str, list[str], list[StrictInt]]
+    logprobs: Optional[StrictInt] = None
+    echo: Literal[False] = False
+    best_of: Optional[Literal[1]] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) != 1:
+                raise ValueError("batched prompts are not supported: send one prompt per request")
+            return value[0]
+        return value
+
+    def to_sampling(self) -> SamplingParams:
+        max_tokens = 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default here
+        return self.sampling(self.logprobs, max_tokens)
+
+
+class TokenizeRequest(Strict):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
