@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from dataclasses import replace
 
@@ -94,6 +95,8 @@ def serve(argv: list[str]) -> None:
         def handle_exit(self, sig, frame):
             app.state.skipserve.draining = True  # /health and new requests answer 503 from now on
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a graceful stop is a success: exit 0, don't re-raise it
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                    timeout_graceful_shutdown=args.grace_period))

@@ -17,7 +17,6 @@ from server.metrics import RequestTimer
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
-DISCONNECT_POLL_S = 0.2
 
 
 @dataclass
@@ -61,6 +60,12 @@ def completion_logprobs(entries, offset: int) -> dict:
         offset += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": text_offset}
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the request body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class CompletionCall:
@@ -118,16 +123,15 @@ class CompletionCall:
                     c.finish_reason = out.finish_reason
 
         task = asyncio.create_task(consume())
+        gone = asyncio.create_task(wait_for_disconnect(self.request))
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if not task.done() and await self.request.is_disconnected():
-                    task.cancel()
-                    return JSONResponse(error_body(499, "client disconnected"), status_code=499)
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # the client left first: stop generating for it at once
+                return JSONResponse(error_body(499, "client disconnected"), status_code=499)
             task.result()
         finally:
-            if not task.done():
-                task.cancel()
+            for t in (task, gone):
+                t.cancel()
             stream.close()
         self._finish_metrics(choices, usage)
         return JSONResponse(dict(self.header(), choices=[self._choice_body(i, c) for i, c in choices.items()],

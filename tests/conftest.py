@@ -1,0 +1,117 @@
+"""Shared fixtures: the real embedded model, loaded once per session, in-process and as a server."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m-instruct"
+STARTUP_TIMEOUT_S = 300  # the very first start converts the GGUF (~30 s); later ones take seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real `skipserve` process on loopback."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(ROOT / f".pytest_cache/server-{self.port}.log", "w") if (ROOT / ".pytest_cache").exists() \
+            else subprocess.DEVNULL
+        cmd = [sys.executable, "-m", "server.cli", "--port", str(self.port), "--log-level", "warning", *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_healthy()
+
+    def wait_healthy(self):
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("server did not become healthy")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        key = f"skipserve:{name}{labels}"
+        for line in text.splitlines():
+            if line.startswith(key + " "):
+                return float(line.split()[-1])
+        raise KeyError(key)
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server():
+    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
+    srv = ServerProcess("--skip-max-budget", "0.5")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from server.config_file import load_config, preset_path
+
+    config = load_config(preset_path(MODEL))
+    config.max_num_seqs = 8
+    config.max_model_len = 1024
+    return LLMEngine(config)
+
+
+@pytest.fixture(scope="session")
+def hf_model(engine):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(engine.hf_dir), dtype=torch.float32).eval()
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain gravity to a child in two sentences.",
+    "Translate 'good morning' into Spanish.",
+]
+
+
+@pytest.fixture(scope="session")
+def chat_prompts(engine):
+    return [engine.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]

@@ -1,0 +1,100 @@
+"""Continuous batching under real concurrent clients, and cancellation that frees KV at once."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+
+from tests.conftest import ServerProcess
+
+MODEL = "smollm2-135m-instruct"
+TOPICS = ["the moon", "a cat", "rain", "bread", "trains", "music", "winter", "the ocean", "a robot", "coffee",
+          "mountains", "a library", "bees", "chess", "a river", "snow", "a lighthouse", "tea", "autumn", "clocks"]
+
+
+def messages(topic):
+    return [{"role": "user", "content": f"Write one sentence about {topic}."}]
+
+
+def test_20_concurrent_streams_each_match_their_solo_greedy_text(server, client):
+    solo = {t: client.chat.completions.create(model=MODEL, messages=messages(t), max_tokens=24,
+                                              temperature=0).choices[0].message.content for t in TOPICS}
+
+    async def stream_one(aclient, topic):
+        stream = await aclient.chat.completions.create(model=MODEL, messages=messages(topic), max_tokens=24,
+                                                       temperature=0, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        try:
+            return await asyncio.gather(*[stream_one(aclient, t) for t in TOPICS])
+        finally:
+            await aclient.close()
+
+    streamed = asyncio.run(main())
+    mismatched = [t for t, text in zip(TOPICS, streamed) if text != solo[t]]
+    assert not mismatched, mismatched
+
+
+def wait_idle(server, within_s: float) -> float:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if server.metric("num_requests_running") == 0 and server.metric("kv_cache_usage_ratio") == 0:
+            return time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"engine still busy {within_s}s after the client left")
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_kv(server):
+    body = {"model": MODEL, "messages": messages("everything"), "max_tokens": 1000, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+        assert server.metric("num_requests_running") == 1
+    wait_idle(server, within_s=1.0)
+
+
+def test_client_disconnect_non_streaming_aborts(server):
+    body = {"model": MODEL, "messages": messages("everything"), "max_tokens": 1000, "ignore_eos": True}
+    try:
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.5)
+    except httpx.TimeoutException:
+        pass
+    wait_idle(server, within_s=1.0)
+
+
+def test_api_key_and_queue_full(tmp_path):
+    srv = ServerProcess("--api-key", "s3cret", "--max-batch", "1", "--max-waiting", "1", "--max-model-len", "512")
+    try:
+        body = {"model": MODEL, "messages": messages("tea"), "max_tokens": 2}
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        assert httpx.get(srv.url + "/health").status_code == 200  # open without a key
+        assert httpx.get(srv.url + "/metrics").status_code == 200
+        ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.chat.completions.create(model=MODEL, messages=messages("tea"), max_tokens=2).choices
+
+        async def flood():
+            headers = {"Authorization": "Bearer s3cret"}
+            long = {**body, "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+            async with httpx.AsyncClient(timeout=120, headers=headers) as c:
+                return await asyncio.gather(*[c.post(srv.url + "/v1/chat/completions", json=long)
+                                              for _ in range(5)])
+
+        results = asyncio.run(flood())
+        codes = sorted(r.status_code for r in results)
+        assert codes.count(200) >= 2 and 429 in codes and set(codes) <= {200, 429}
+        for r in results:
+            if r.status_code == 429:
+                assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_exceeded"
+            else:
+                assert r.json()["usage"]["completion_tokens"] == 40
+    finally:
+        assert srv.stop() == 0

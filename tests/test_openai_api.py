@@ -1,0 +1,119 @@
+"""The /v1 surface through the official openai SDK against a real server process."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+MODEL = "smollm2-135m-instruct"
+MSG = [{"role": "user", "content": "Name three colors of the rainbow."}]
+
+
+def chat(client, **kw):
+    return client.chat.completions.create(model=MODEL, messages=kw.pop("messages", MSG), **kw)
+
+
+def test_chat_completion_shape_and_usage(client):
+    r = chat(client, max_tokens=20, temperature=0)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == MODEL
+    assert r.system_fingerprint and r.created > 0
+    assert r.choices[0].index == 0 and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    u = r.usage
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert 0 < u.completion_tokens <= 20
+    skip = u.model_extra["ffn_skip"]
+    assert skip["total"] == 30 * u.completion_tokens and skip["skipped"] == 0
+
+
+def test_streamed_text_equals_non_streamed_text(client):
+    full = chat(client, max_tokens=40, temperature=0).choices[0].message.content
+    chunks = list(chat(client, max_tokens=40, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(c.usage is None for c in chunks)  # no usage unless asked for
+
+
+def test_stream_include_usage_sends_a_final_usage_chunk(client):
+    chunks = list(chat(client, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and 0 < last.usage.completion_tokens <= 8
+    assert last.usage.prompt_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_max_tokens_gives_finish_reason_length(client):
+    r = chat(client, max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    r = chat(client, max_completion_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
+
+
+def test_stop_string_is_not_emitted(client):
+    full = chat(client, max_tokens=30, temperature=0).choices[0].message.content
+    stop = full[6:10]
+    r = chat(client, max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == full[:full.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_n2_returns_two_choices(client):
+    r = chat(client, max_tokens=12, temperature=1.0, seed=3, n=2, logprobs=True)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.content != r.choices[1].message.content
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+
+
+def test_seed_reproducible_through_the_api(client):
+    a = chat(client, max_tokens=16, temperature=1.0, seed=99).choices[0].message.content
+    b = chat(client, max_tokens=16, temperature=1.0, seed=99).choices[0].message.content
+    c = chat(client, max_tokens=16, temperature=1.0, seed=100).choices[0].message.content
+    assert a == b and a != c
+
+
+def test_chat_logprobs_and_top_logprobs(client):
+    r = chat(client, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely token
+
+
+def test_completions_route_streaming_and_not(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+    lp = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=3, temperature=0, logprobs=2)
+    assert len(lp.choices[0].logprobs.tokens) == 3 and len(lp.choices[0].logprobs.top_logprobs[0]) == 2
+
+
+def test_async_client_concurrent_requests(server):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        rs = await asyncio.gather(*[client.chat.completions.create(
+            model=MODEL, messages=MSG, max_tokens=10, temperature=0) for _ in range(3)])
+        stream = await client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=10,
+                                                      temperature=0, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        await client.close()
+        return rs, text
+
+    rs, text = asyncio.run(main())
+    assert len({r.choices[0].message.content for r in rs}) == 1
+    assert text == rs[0].choices[0].message.content
+
+
+def test_models_health_version_tokenize(server):
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["data"][0]["id"] == MODEL
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/version").json()["version"]
+    tok = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}).json()
+    assert tok["count"] == len(tok["tokens"]) == 2
