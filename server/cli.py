@@ -106,7 +106,7 @@ def serve(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "calibrate":
-        from server.calibrate_cli import main as calibrate_main
+        from engine.calibrate import main as calibrate_main
 
         return calibrate_main(argv[1:])
     if argv and argv[0] == "serve":

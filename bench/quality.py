@@ -1,0 +1,178 @@
+"""Quality of FFN skipping on the embedded model, next to the realized skip ratio.
+
+For each budget: teacher-forced top-1 agreement with dense and NLL/perplexity delta on held-out
+text (positions after the warm-up), greedy-generation agreement with dense on chat prompts, and
+accuracy on a small factoid QA set. Writes a markdown table and a plot.
+
+    .venv/bin/python bench/quality.py --out bench/out
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.attention import AttentionMetadata  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.sampling_params import SamplingParams, SkipParams  # noqa: E402
+from engine.skip import DenseGate  # noqa: E402
+from server.config_file import load_config, preset_path  # noqa: E402
+
+DATA = ROOT / "bench" / "data"
+
+
+@torch.inference_mode()
+def teacher_forced(engine: LLMEngine, texts: list[list[int]], skip: SkipParams, prefix: int = 8):
+    """Feed each text token by token as decode steps (all texts in one batch) through the skip gate.
+
+    -> (argmax [steps, rows], nll [steps, rows], skipped FFN blocks, total FFN blocks), counted over
+    the positions after the warm-up."""
+    runner, policy = engine.runner, engine.runner.policy
+    plan = engine.resolve_skip(skip)
+    length = min(len(t) for t in texts)
+    ids = torch.tensor([t[:length] for t in texts], device=runner.device)
+    slots = [engine.slots.allocate(f"tf-{i}") for i in range(len(texts))]
+    try:
+        for row, slot in enumerate(slots):
+            meta = AttentionMetadata.for_prefill(slot, 0, prefix - 1, runner.device)
+            runner.model.forward(ids[row, :prefix - 1], meta, runner.kv, DenseGate(runner.num_layers))
+        argmax, nll, skipped, total = [], [], 0, 0
+        for step, pos in enumerate(range(prefix - 1, length - 1)):
+            meta = AttentionMetadata.for_decode(slots, [pos] * len(slots), runner.device, runner.dtype)
+            gate = policy.make_gate([policy.row_skip(plan, step)] * len(slots), runner.device)
+            logits = runner.model.logits(runner.model.forward(ids[:, pos], meta, runner.kv, gate))
+            if step < plan.warmup_tokens:
+                continue
+            per_row, _ = gate.skip_counts(len(slots))
+            skipped += sum(per_row)
+            total += runner.num_layers * len(slots)
+            argmax.append(logits.argmax(-1))
+            nll.append(-torch.log_softmax(logits, -1).gather(1, ids[:, pos + 1:pos + 2])[:, 0])
+        return torch.stack(argmax), torch.stack(nll), skipped, total
+    finally:
+        for i in range(len(texts)):
+            engine.slots.free(f"tf-{i}")
+
+
+def greedy(engine, prompts, skip, max_tokens):
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), skip)
+    return [ids for _, ids, _ in outs], [text for text, _, _ in outs], outs
+
+
+def evaluate(engine: LLMEngine, budgets: list[float], gen_tokens: int) -> list[dict]:
+    tok = engine.tokenizer
+    texts = [tok.encode(t) for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in json.loads((DATA / "prompts.json").read_text())]
+    qa = json.loads((DATA / "factoid_qa.json").read_text())
+    qa_prompts = [tok.encode_chat([{"role": "user", "content": f"Answer in one or two words. {x['q']}"}]) for x in qa]
+
+    dense_arg, dense_nll, _, _ = teacher_forced(engine, texts, SkipParams(budget=0.0))
+    dense_gen, _, _ = greedy(engine, prompts, SkipParams(budget=0.0), gen_tokens)
+    rows = []
+    for budget in budgets:
+        t0 = time.perf_counter()
+        skip = SkipParams(budget=budget)
+        arg, nll, skipped, total = teacher_forced(engine, texts, skip)
+        gen, _, outs = greedy(engine, prompts, skip, gen_tokens)
+        same = sum(a == b for g, d in zip(gen, dense_gen) for a, b in zip(g, d))
+        positions = sum(min(len(g), len(d)) for g, d in zip(gen, dense_gen))
+        prefix_match = sum(next((i for i, (a, b) in enumerate(zip(g, d)) if a != b), min(len(g), len(d)))
+                           for g, d in zip(gen, dense_gen)) / positions
+        _, answers, qa_outs = greedy(engine, qa_prompts, skip, 12)
+        correct = sum(any(a in ans.lower() for a in x["a"]) for x, ans in zip(qa, answers))
+        gen_skipped = sum(o.ffn_skipped for _, _, o in outs)
+        gen_total = sum(o.ffn_total for _, _, o in outs)
+        rows.append({
+            "budget": budget,
+            "tf_skip_ratio": skipped / total if total else 0.0,
+            "gen_skip_ratio": gen_skipped / gen_total if gen_total else 0.0,
+            "top1_agreement": float((arg == dense_arg).float().mean()),
+            "nll": float(nll.mean()), "nll_delta": float(nll.mean() - dense_nll.mean()),
+            "ppl": math.exp(float(nll.mean())),
+            "greedy_token_agreement": same / positions, "greedy_prefix_agreement": prefix_match,
+            "qa_accuracy": correct / len(qa), "seconds": time.perf_counter() - t0,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows, header: str) -> str:
+    lines = [header, "",
+             "| budget | realized skip (gen) | realized skip (TF) | top-1 agree (TF) | NLL delta | perplexity | "
+             "greedy token agree | greedy prefix agree | QA accuracy |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['budget']:.2f} | {r['gen_skip_ratio']:.3f} | {r['tf_skip_ratio']:.3f} | "
+                     f"{r['top1_agreement']:.3f} | {r['nll_delta']:+.3f} | {r['ppl']:.2f} | "
+                     f"{r['greedy_token_agreement']:.3f} | {r['greedy_prefix_agreement']:.3f} | {r['qa_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["gen_skip_ratio"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for key, label in [("top1_agreement", "teacher-forced top-1 agreement"),
+                       ("greedy_prefix_agreement", "greedy prefix agreement"), ("qa_accuracy", "factoid QA accuracy")]:
+        ax.plot(x, [r[key] for r in rows], marker="o", label=label)
+    for r in rows:
+        ax.annotate(f"budget {r['budget']:.2f}", (r["gen_skip_ratio"], r["top1_agreement"]),
+                    textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_xlabel("realized FFN skip ratio over generated tokens")
+    ax.set_ylabel("agreement / accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smollm2-135m-instruct")
+    p.add_argument("--budgets", default="0,0.1,0.25,0.4")
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--cold-start", type=int)
+    p.add_argument("--cold-end", type=int)
+    p.add_argument("--warmup-tokens", type=int)
+    p.add_argument("--gen-tokens", type=int, default=48)
+    p.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    args = p.parse_args()
+    config = load_config(preset_path(args.preset))
+    over = {k: v for k, v in [("threshold", args.threshold), ("cold_start", args.cold_start),
+                               ("cold_end", args.cold_end), ("warmup_tokens", args.warmup_tokens)] if v is not None}
+    config.skip = replace(config.skip, max_budget=1.0, **over)
+    config.max_num_seqs, config.max_model_len = 32, 512
+    engine = LLMEngine(config)
+    s = config.skip
+    header = (f"`{' '.join(sys.argv)}` — {args.preset}, {engine.runner.dtype}, {engine.runner.device}, "
+              f"threads={torch.get_num_threads()}; policy {s.policy}, threshold {s.threshold}, cold "
+              f"{s.cold_start}/{s.cold_end}, warm-up {s.warmup_tokens}")
+    rows = evaluate(engine, [float(b) for b in args.budgets.split(",")], args.gen_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(rows, header)
+    (out / "quality.md").write_text(md)
+    (out / "quality.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=1))
+    plot(rows, out / "quality.png", f"FFN skipping on {args.preset} (threshold {s.threshold}, "
+                                    f"cold {s.cold_start}/{s.cold_end})")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
