@@ -1,0 +1,146 @@
+"""Decode speed: engine vs HF `generate` at batch 1, aggregate tok/s at batch 1/4/16, and dense
+vs FFN-skip rows, all measured side by side in one run (alternating A B A B, medians).
+
+    .venv/bin/python bench/decode.py --out bench/out
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.sampling_params import SamplingParams, SkipParams  # noqa: E402
+from server.config_file import load_config, preset_path  # noqa: E402
+
+PROMPT = "Write a long story about a dragon who learns to bake bread."
+
+
+def memory_bandwidth_gbs(mib: int = 512, repeats: int = 8) -> float:
+    """Large tensor copy: (bytes read + bytes written) / time, best of `repeats`."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def engine_run(engine, prompt, batch, new_tokens, skip=None) -> tuple[float, float]:
+    """-> (aggregate generated tok/s, realized skip ratio)."""
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    t = time.perf_counter()
+    outs = engine.generate([prompt] * batch, params, skip)
+    dt = time.perf_counter() - t
+    tokens = sum(len(ids) for _, ids, _ in outs)
+    skipped = sum(o.ffn_skipped for _, _, o in outs)
+    total = sum(o.ffn_total for _, _, o in outs)
+    return tokens / dt, skipped / total
+
+
+def hf_run(hf, prompt, new_tokens) -> float:
+    ids = torch.tensor([prompt])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False)
+    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
+
+
+def alternate(fns: dict, rounds: int) -> dict:
+    results = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            results[k].append(fn())
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smollm2-135m-instruct")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--skip-budget", type=float, default=0.27, help="k = floor(budget * layers) FFNs per token")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    args = p.parse_args()
+
+    config = load_config(preset_path(args.preset))
+    config.max_num_seqs, config.max_model_len = 16, 512
+    config.skip.max_budget = 1.0
+    engine = LLMEngine(config)
+    model = engine.runner.model
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    wb = model.weight_bytes()
+    bytes_per_token = sum(wb.values())
+    bw = memory_bandwidth_gbs()
+    bound = bw * 1e9 / bytes_per_token
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"model {args.preset} dtype {engine.runner.dtype} device {engine.runner.device} "
+          f"threads {torch.get_num_threads()} prompt {len(prompt)} tokens, {args.new_tokens} new tokens")
+    print(f"weights read per token: {bytes_per_token / 1e6:.0f} MB (FFN {wb['ffn'] / 1e6:.0f}, attention "
+          f"{wb['attention'] / 1e6:.0f}, lm_head {wb['lm_head'] / 1e6:.0f}); copy bandwidth {bw:.1f} GB/s "
+          f"-> batch-1 bound {bound:.1f} tok/s")
+    n = args.new_tokens
+    engine_run(engine, prompt, 1, 16)  # warm-up
+    report = {"command": " ".join(sys.argv), "bandwidth_gbs": bw, "weight_bytes": wb, "bound_tok_s": bound,
+              "threads": torch.get_num_threads(), "dtype": str(engine.runner.dtype), "rows": []}
+
+    # 1. engine vs HF generate, batch 1, same weights and dtype
+    fns = {"engine": lambda: engine_run(engine, prompt, 1, n)[0]}
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(engine.hf_dir), dtype=engine.runner.dtype).eval()
+        hf_run(hf, prompt, 8)
+        fns["hf_generate"] = lambda: hf_run(hf, prompt, n)
+    res = alternate(fns, args.rounds)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print(f"\nbatch 1: engine {med['engine']:.1f} tok/s ({med['engine'] / bound:.0%} of the bandwidth bound)"
+          + (f", HF generate {med['hf_generate']:.1f} tok/s, ratio {med['engine'] / med['hf_generate']:.2f}x"
+             if "hf_generate" in med else ""))
+    report["batch1"] = med
+
+    # 2. aggregate throughput by batch size (dense)
+    agg = {}
+    for batch in (1, 4, 16):
+        agg[batch] = statistics.median(engine_run(engine, prompt, batch, n)[0] for _ in range(2))
+    print("aggregate: " + ", ".join(f"batch {b}: {v:.1f} tok/s ({v / agg[1]:.1f}x)" for b, v in agg.items()))
+    report["aggregate"] = agg
+
+    # 3. dense vs FFN skip, alternating
+    skip = SkipParams(budget=args.skip_budget, threshold=0.0, warmup_tokens=0)  # fire on every token
+    print(f"\n| batch | dense tok/s | skip tok/s | realized skip | speedup | skipped-bytes ceiling | "
+          f"speedup / ceiling | gain / ceiling gain |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in (1, 16):
+        ratios = []
+        res = alternate({"dense": lambda: engine_run(engine, prompt, batch, n)[0],
+                         "skip": lambda: (lambda r: (ratios.append(r[1]), r[0])[1])(
+                             engine_run(engine, prompt, batch, n, skip))}, args.rounds)
+        dense, skipped = statistics.median(res["dense"]), statistics.median(res["skip"])
+        realized = statistics.median(ratios)
+        ceiling = bytes_per_token / (bytes_per_token - realized * wb["ffn"])
+        speedup = skipped / dense
+        row = {"batch": batch, "dense": dense, "skip": skipped, "realized": realized, "speedup": speedup,
+               "ceiling": ceiling}
+        report["rows"].append(row)
+        print(f"| {batch} | {dense:.1f} | {skipped:.1f} | {realized:.3f} | {speedup:.3f}x | {ceiling:.3f}x | "
+              f"{speedup / ceiling:.2f} | {(speedup - 1) / (ceiling - 1):.2f} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

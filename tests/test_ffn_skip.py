@@ -1,0 +1,110 @@
+"""FFN-SkipLLM in the engine: exact accounting, cold layers, warm-up, prefill, batch isolation.
+
+Skipping is verified by counting the FFN rows the model really computed (each layer's `ffn`
+is wrapped with a row counter that then calls the real FFN), not by trusting the gate's report.
+"""
+from __future__ import annotations
+
+import pytest
+
+from engine.sampling_params import SamplingParams, SkipParams
+from engine.skip import POLICIES
+
+SKIPPY = SkipParams(budget=0.4, threshold=0.9, warmup_tokens=0)  # fires for nearly every token
+
+
+@pytest.fixture
+def ffn_rows(engine):
+    """Count rows each layer's FFN computes, split by prefill and decode."""
+    model = engine.runner.model
+    counts = {"prefill": [0] * len(model.layers), "decode": [0] * len(model.layers)}
+    originals = [layer.ffn for layer in model.layers]  # bound methods of the real layers
+    phase = {"now": "decode"}
+
+    def counting(i, real):
+        def ffn(h):
+            counts[phase["now"]][i] += h.shape[0]
+            return real(h)
+        return ffn
+
+    for i, layer in enumerate(model.layers):
+        layer.ffn = counting(i, originals[i])
+    real_forward = model.forward
+
+    def forward(input_ids, meta, kv, gate):
+        phase["now"] = "prefill" if meta.is_prefill else "decode"
+        return real_forward(input_ids, meta, kv, gate)
+
+    model.forward = forward
+    yield counts
+    for layer in model.layers:
+        del layer.ffn  # back to the class's method
+    del model.forward
+
+
+def run_one(engine, prompt, skip, max_tokens=24, request_id="r"):
+    engine.add_request(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), skip)
+    text, last, per_step = "", None, []
+    while engine.has_work:
+        for out in engine.step()[0]:
+            if out.request_id == request_id:
+                text += out.text
+                last = out
+                per_step.append(out.ffn_skipped)
+    return text, last, per_step
+
+
+def test_budget_zero_is_identical_to_skipping_disabled(engine, chat_prompts):
+    text_budget0, _, _ = run_one(engine, chat_prompts[3], SkipParams(budget=0.0, threshold=0.5, warmup_tokens=0))
+    policy = engine.runner.policy
+    engine.runner.policy = POLICIES["none"](engine.config.skip, engine.model_config.num_layers)
+    try:
+        text_off, last, _ = run_one(engine, chat_prompts[3], None)
+    finally:
+        engine.runner.policy = policy
+    assert text_budget0 == text_off and last.ffn_skipped == 0
+
+
+def test_budget_skips_and_usage_equals_what_ran(engine, chat_prompts, ffn_rows):
+    _, last, _ = run_one(engine, chat_prompts[2], SKIPPY, max_tokens=24)
+    layers = engine.model_config.num_layers
+    ratio = last.ffn_skipped / last.ffn_total
+    assert last.ffn_total == layers * last.completion_tokens
+    assert 0 < ratio <= SKIPPY.budget
+    # the first token comes from the (dense) prefill; every later token from one decode step
+    assert sum(ffn_rows["decode"]) == layers * (last.completion_tokens - 1) - last.ffn_skipped
+    assert ffn_rows["prefill"] == [len(chat_prompts[2])] * layers  # prefill never skipped
+
+
+def test_cold_layers_are_never_skipped(engine, chat_prompts):
+    before = list(engine.layer_ffn_skipped)
+    run_one(engine, chat_prompts[0], SkipParams(budget=0.5, threshold=0.0, warmup_tokens=0), max_tokens=16)
+    delta = [a - b for a, b in zip(engine.layer_ffn_skipped, before)]
+    cfg = engine.config.skip
+    layers = engine.model_config.num_layers
+    cold = list(range(cfg.cold_start)) + list(range(layers - cfg.cold_end, layers))
+    assert all(delta[i] == 0 for i in cold)
+    assert sum(delta) > 0
+
+
+def test_warmup_tokens_are_never_skipped(engine, chat_prompts):
+    _, last, per_step = run_one(engine, chat_prompts[1], SkipParams(budget=0.4, threshold=0.0, warmup_tokens=10),
+                                max_tokens=20)
+    assert per_step[:10] == [0] * 10  # cumulative skipped count stays 0 through the warm-up
+    assert last.ffn_skipped > 0
+
+
+def test_dense_request_in_a_skipping_batch_is_identical_to_alone(engine, chat_prompts):
+    alone, _, _ = run_one(engine, chat_prompts[4], SkipParams(budget=0.0), max_tokens=32, request_id="dense")
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"neighbour-{i}", chat_prompts[i], params, SKIPPY)
+    engine.add_request("dense", chat_prompts[4], params, SkipParams(budget=0.0))
+    texts, skipped = {}, {}
+    while engine.has_work:
+        for out in engine.step()[0]:
+            texts[out.request_id] = texts.get(out.request_id, "") + out.text
+            skipped[out.request_id] = out.ffn_skipped
+    assert all(skipped[f"neighbour-{i}"] > 0 for i in range(3))
+    assert skipped["dense"] == 0
+    assert texts["dense"] == alone
