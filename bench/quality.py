@@ -118,24 +118,27 @@ def markdown(rows, header: str) -> str:
 
 
 def plot(rows, path: Path, title: str) -> None:
+    """Agreement, accuracy and realized skip ratios against the requested budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["gen_skip_ratio"] for r in rows]
+    x = [r["budget"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for key, label in [("top1_agreement", "teacher-forced top-1 agreement"),
-                       ("greedy_prefix_agreement", "greedy prefix agreement"), ("qa_accuracy", "factoid QA accuracy")]:
+    for key, label in [("top1_agreement", "teacher-forced top-1 agreement with dense"),
+                       ("greedy_prefix_agreement", "greedy generation: share of tokens before divergence"),
+                       ("qa_accuracy", "factoid QA accuracy")]:
         ax.plot(x, [r[key] for r in rows], marker="o", label=label)
-    for r in rows:
-        ax.annotate(f"budget {r['budget']:.2f}", (r["gen_skip_ratio"], r["top1_agreement"]),
-                    textcoords="offset points", xytext=(4, 6), fontsize=8)
-    ax.set_xlabel("realized FFN skip ratio over generated tokens")
-    ax.set_ylabel("agreement / accuracy")
+    for key, label in [("tf_skip_ratio", "realized skip ratio, teacher-forced (after warm-up)"),
+                       ("gen_skip_ratio", "realized skip ratio, generation (incl. warm-up)")]:
+        ax.plot(x, [r[key] for r in rows], marker="s", linestyle="--", color="grey" if "tf" in key else "black",
+                label=label)
+    ax.set_xlabel("requested budget (ffn_skip.budget)")
+    ax.set_ylabel("agreement / accuracy / skip ratio")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
+    ax.legend(loc="center right", fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
@@ -152,7 +155,13 @@ def main():
     p.add_argument("--warmup-tokens", type=int)
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    p.add_argument("--replot", action="store_true", help="redraw quality.png from OUT/quality.json")
     args = p.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        saved = json.loads((out / "quality.json").read_text())
+        plot(saved["rows"], out / "quality.png", saved.get("title", f"FFN skipping on {args.preset}"))
+        return
     config = load_config(preset_path(args.preset))
     over = {k: v for k, v in [("threshold", args.threshold), ("cold_start", args.cold_start),
                                ("cold_end", args.cold_end), ("warmup_tokens", args.warmup_tokens)] if v is not None}
@@ -164,13 +173,12 @@ def main():
               f"threads={torch.get_num_threads()}; policy {s.policy}, threshold {s.threshold}, cold "
               f"{s.cold_start}/{s.cold_end}, warm-up {s.warmup_tokens}")
     rows = evaluate(engine, [float(b) for b in args.budgets.split(",")], args.gen_tokens)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, header)
+    title = f"FFN skipping on {args.preset} (threshold {s.threshold}, cold {s.cold_start}/{s.cold_end})"
     (out / "quality.md").write_text(md)
-    (out / "quality.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=1))
-    plot(rows, out / "quality.png", f"FFN skipping on {args.preset} (threshold {s.threshold}, "
-                                    f"cold {s.cold_start}/{s.cold_end})")
+    (out / "quality.json").write_text(json.dumps({"config": vars(args), "title": title, "rows": rows}, indent=1))
+    plot(rows, out / "quality.png", title)
     print(md)
 
 

@@ -108,3 +108,30 @@ def test_dense_request_in_a_skipping_batch_is_identical_to_alone(engine, chat_pr
     assert all(skipped[f"neighbour-{i}"] > 0 for i in range(3))
     assert skipped["dense"] == 0
     assert texts["dense"] == alone
+
+
+def test_host_and_device_gates_make_the_same_decisions(engine):
+    """The CPU gate (Python decisions, gathered rows) and the CUDA gate (tensor decisions, masked)
+    implement one rule: same outputs and counts on real FFNs, rows firing at different layers."""
+    import torch
+
+    from engine.skip.base import RowSkip
+    from engine.skip.ffn_skipllm import FFNSkipLLMGate, HostFFNSkipLLMGate
+
+    layers = engine.runner.model.layers
+    cfg = engine.config.skip
+    rows = [RowSkip(6, 0.0), RowSkip(6, 0.5), RowSkip(3, 0.9), RowSkip(6, 1.1), RowSkip(0, 0.0)]
+    torch.manual_seed(0)
+    start = torch.randn(len(rows), engine.model_config.hidden_size)
+    host = HostFFNSkipLLMGate(rows, len(layers), cfg.cold_start, cfg.cold_end)
+    device = FFNSkipLLMGate(rows, len(layers), cfg.cold_start, cfg.cold_end, torch.device("cpu"), gather=False)
+    with torch.inference_mode():
+        a = b = start
+        for i, layer in enumerate(layers):
+            a = host(i, a + 0.01 * i, layer.ffn)
+            b = device(i, b + 0.01 * i, layer.ffn)
+    assert host.skip_counts(len(rows)) == device.skip_counts(len(rows))
+    per_row, _ = host.skip_counts(len(rows))
+    assert per_row[0] == 6 and per_row[3] == 0 and per_row[4] == 0  # fires at once / never / may not
+    # equal up to fp32 rounding: the host gate multiplies gathered rows, the device gate all rows
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -3,9 +3,12 @@
 At each non-cold layer j a row looks at cos(h, out) of layer j-1 (the residual before and after
 that FFN). The first time it exceeds the row's threshold, the row skips its next `max_skips`
 FFNs contiguously (cold end layers always run). Decisions stay tensors: no `.item()` per layer.
-In `gather` mode (CPU) only the rows that run an FFN are gathered and computed, and a layer no
-row needs is not run at all; in `masked` mode (CUDA, no host sync) every row is computed and
-skipped rows keep `h`, which preserves the semantics but not the time.
+Two executions of the same rule:
+- `HostFFNSkipLLMGate` (CPU): a host sync costs nothing there, so decisions are plain Python over
+  the few cosines still needed (none once every row has fired); only the rows that run an FFN are
+  gathered and computed, and a layer no row needs is not run at all.
+- `FFNSkipLLMGate` (CUDA): decisions stay tensors on the device, no host sync per layer; every row
+  is computed and skipped rows keep `h` (`masked`), which keeps the semantics, not the time.
 """
 from __future__ import annotations
 
@@ -60,6 +63,59 @@ class FFNSkipLLMGate:
         return self.skipped.sum(0).tolist(), self.skipped.sum(1).tolist()
 
 
+class HostFFNSkipLLMGate:
+    def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int):
+        self.num_layers = num_layers
+        self.first_hot, self.last_hot = cold_start, num_layers - cold_end - 1
+        self.max_skips = [r.max_skips for r in rows]
+        self.threshold = [r.threshold for r in rows]
+        self.armed = [i for i, r in enumerate(rows) if r.max_skips > 0]  # may still fire
+        self.remaining = [0] * len(rows)
+        self.prev_cos: dict[int, float] = {}  # armed row -> cos of the previous layer
+        self.row_skipped = [0] * len(rows)
+        self.layer_skipped = [0] * num_layers
+
+    def __call__(self, layer, h, ffn):
+        if layer < self.first_hot or layer > self.last_hot:
+            out = h + ffn(h)
+            if layer == self.first_hot - 1:
+                self._record_cos(h, out)
+            return out
+        for row in [r for r in self.armed if self.prev_cos.get(r, -2.0) > self.threshold[r]]:
+            self.remaining[row] = self.max_skips[row]
+            self.armed.remove(row)
+        skip = [r for r, left in enumerate(self.remaining) if left > 0]
+        for row in skip:
+            self.remaining[row] -= 1
+            self.row_skipped[row] += 1
+        self.layer_skipped[layer] = len(skip)
+        if not skip:
+            out = h + ffn(h)
+        elif len(skip) == h.shape[0]:
+            return h  # no row needs this FFN: its weights are not even read
+        else:
+            skipping = set(skip)
+            run = torch.tensor([r for r in range(h.shape[0]) if r not in skipping])
+            rows = h.index_select(0, run)
+            out = h.index_copy(0, run, rows + ffn(rows))
+        if layer < self.last_hot:
+            self._record_cos(h, out)
+        return out
+
+    def _record_cos(self, h, out):
+        if not self.armed:
+            return  # every row has fired (or may not skip): no cosine is needed any more
+        if len(self.armed) == h.shape[0]:
+            cos = F.cosine_similarity(h, out, dim=-1).tolist()
+        else:
+            idx = torch.tensor(self.armed)
+            cos = F.cosine_similarity(h.index_select(0, idx), out.index_select(0, idx), dim=-1).tolist()
+        self.prev_cos = dict(zip(self.armed, cos))
+
+    def skip_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
+        return list(self.row_skipped), list(self.layer_skipped)
+
+
 class FFNSkipLLMPolicy(SkipPolicy):
     name = "ffn_skipllm"
 
@@ -67,5 +123,7 @@ class FFNSkipLLMPolicy(SkipPolicy):
         if all(r.max_skips == 0 for r in rows):
             return DenseGate(self.num_layers)  # warm-up and dense rows cost nothing extra
         device = torch.device(device)
-        return FFNSkipLLMGate(rows, self.num_layers, self.config.cold_start, self.config.cold_end,
-                              device, gather=device.type == "cpu")
+        cold_start, cold_end = self.config.cold_start, self.config.cold_end
+        if device.type == "cpu":
+            return HostFFNSkipLLMGate(rows, self.num_layers, cold_start, cold_end)
+        return FFNSkipLLMGate(rows, self.num_layers, cold_start, cold_end, device, gather=False)
