@@ -134,4 +134,5 @@ def test_host_and_device_gates_make_the_same_decisions(engine):
     per_row, _ = host.skip_counts(len(rows))
     assert per_row[0] == 6 and per_row[3] == 0 and per_row[4] == 0  # fires at once / never / may not
     # equal up to fp32 rounding: the host gate multiplies gathered rows, the device gate all rows
-    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    # (30 layers on random inputs amplify that rounding to ~1e-5 of the row norm)
+    assert ((a - b).norm(dim=-1) / a.norm(dim=-1)).max() < 1e-4
