@@ -49,7 +49,15 @@ def plot(summary: dict, cosines: torch.Tensor, path: Path, title: str) -> None:
     ax.set_xlabel("layer (grey: cold layers, FFN always runs)")
     ax.set_ylabel("cos(residual before FFN, after FFN)")
     ax.set_xticks(range(layers))
-    ax.set_ylim(max(0.0, float(cosines.quantile(0.02))) - 0.02, 1.001)
+    # zoom on the skippable range; layers far below it (typically the first and last) are labelled
+    hot = cosines[s["cold_start"]: layers - s["cold_end"]]
+    low = min(float(hot.quantile(0.02)), s["threshold"]) - 0.01
+    ax.set_ylim(low, 1.001)
+    for i in range(layers):
+        med = float(cosines[i].median())
+        if med < low:
+            ax.annotate(f"median\n{med:.2f}\n(off scale)", (i, low), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=7)
     share = ax.twinx()
     share.plot(range(layers), [l["share_above_threshold"] for l in summary["layers"]], color="#ff7f0e",
                marker="o", label="share of tokens above threshold")
@@ -57,10 +65,10 @@ def plot(summary: dict, cosines: torch.Tensor, path: Path, title: str) -> None:
     share.set_ylabel("share above threshold")
     lines = ax.get_legend_handles_labels()
     lines2 = share.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower center")
-    ax.set_title(f"{title}: how much each FFN changes the residual ({summary['tokens']} tokens); "
+    fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper center", ncol=2, bbox_to_anchor=(0.5, 0.94))
+    fig.suptitle(f"{title}: how much each FFN changes the residual ({summary['tokens']} tokens); "
                  "higher = more skippable")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
     fig.savefig(path)
     plt.close(fig)
 

@@ -7,6 +7,12 @@ VENV="${SKIPSERVE_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 TORCH_PIN="torch==2.13.0"
 
+# Prometheus (Debian package) for the monitoring tests: the real server and promtool.
+if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.skipserve-installed"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"

@@ -1,0 +1,124 @@
+"""Monitoring as deployed: the real Prometheus scraping a real server, and the Grafana dashboard's
+queries checked against what the server really exports."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import ROOT, free_port
+
+MODEL = "smollm2-135m-instruct"
+DASHBOARD = ROOT / "docker/grafana/dashboards/skipserve.json"
+DATASOURCE = ROOT / "docker/grafana/provisioning/datasources/prometheus.yml"
+
+
+def exported_names(server) -> set[str]:
+    text = httpx.get(server.url + "/metrics").text
+    return {re.split(r"[{ ]", line, 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+
+
+def test_every_dashboard_query_names_an_exported_metric(server, client):
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    names = exported_names(server)
+    used = {m for e in dashboard_exprs() for m in re.findall(r"skipserve:[a-zA-Z0-9_:]+", e)}
+    assert len(used) >= 10
+    assert sorted(used - names) == []
+
+
+def test_dashboard_is_grafana_json_wired_to_the_provisioned_datasource():
+    dash = json.loads(DASHBOARD.read_text())
+    uid = yaml.safe_load(DATASOURCE.read_text())["datasources"][0]["uid"]
+    assert dash["uid"] and dash["title"] and isinstance(dash["schemaVersion"], int)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        assert p["type"] in {"timeseries", "heatmap", "stat", "gauge", "bargauge"}
+        assert set(p["gridPos"]) == {"x", "y", "w", "h"} and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+        assert p["datasource"]["uid"] == uid and p["targets"]
+        assert all(t["datasource"]["uid"] == uid and t["expr"] for t in p["targets"])
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for needed in ("skip rate per layer", "skip ratio", "throughput", "first token", "inter-token", "kv cache"):
+        assert needed in titles
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool missing: scripts/setup.sh installs Debian's prometheus package"
+    return path
+
+
+def test_promtool_accepts_the_compose_prometheus_config():
+    r = subprocess.run([promtool(), "check", "config", str(ROOT / "docker/prometheus/prometheus.yml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture
+def prometheus(server, tmp_path):
+    promtool()
+    binary = shutil.which("prometheus")
+    port = free_port()
+    host_port = server.url.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "skipserve", "static_configs": [{"targets": [host_port]}]}]}))
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/-/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def query(prom: str, expr: str) -> float:
+    r = httpx.get(prom + "/api/v1/query", params={"query": expr}).json()
+    assert r["status"] == "success", r
+    result = r["data"]["result"]
+    return float(result[0]["value"][1]) if result else float("nan")
+
+
+def scraped_counts(prom: str, server) -> tuple[float, float]:
+    """Wait until Prometheus has scraped the server's current counters; -> (skipped, total) FFN blocks."""
+    want = server.metric("generation_tokens_total")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if query(prom, "sum(skipserve:generation_tokens_total)") == want:
+            return (query(prom, "sum(skipserve:ffn_blocks_skipped_total)"),
+                    query(prom, "sum(skipserve:ffn_blocks_total)"))
+        time.sleep(0.5)
+    raise AssertionError("Prometheus never scraped the latest counters")
+
+
+def test_prometheus_reads_zero_skip_for_dense_and_nonzero_for_skipping(prometheus, server, client):
+    msg = [{"role": "user", "content": "Describe a sunset."}]
+    before = scraped_counts(prometheus, server)
+    client.chat.completions.create(model=MODEL, messages=msg, max_tokens=12, temperature=0)
+    after_dense = scraped_counts(prometheus, server)
+    client.chat.completions.create(model=MODEL, messages=msg, max_tokens=12, temperature=0,
+                                   extra_body={"ffn_skip": {"budget": 0.3, "threshold": 0.9, "warmup_tokens": 0}})
+    after_skip = scraped_counts(prometheus, server)
+    dense_rate = (after_dense[0] - before[0]) / (after_dense[1] - before[1])
+    skip_rate = (after_skip[0] - after_dense[0]) / (after_skip[1] - after_dense[1])
+    assert dense_rate == 0.0
+    assert 0.0 < skip_rate <= 0.3
