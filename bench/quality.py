@@ -125,7 +125,7 @@ def plot(rows, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     x = [r["budget"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
     for key, label in [("top1_agreement", "teacher-forced top-1 agreement with dense"),
                        ("greedy_prefix_agreement", "greedy generation: share of tokens before divergence"),
                        ("qa_accuracy", "factoid QA accuracy")]:
@@ -138,7 +138,7 @@ def plot(rows, path: Path, title: str) -> None:
     ax.set_ylabel("agreement / accuracy / skip ratio")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(loc="center right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
