@@ -28,6 +28,10 @@ class QueueFullError(RuntimeError):
     pass
 
 
+class EngineShutdownError(RuntimeError):
+    """In-flight requests still running when the shutdown grace period ends."""
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, max_waiting: int = 64,
                  on_step: Callable[[StepStats, list[SequenceOutput]], None] | None = None):
@@ -99,6 +103,12 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    def fail_in_flight(self, message: str) -> None:
+        """End every open request with EngineShutdownError and abort it (call on the event loop)."""
+        for request_id, out_queue in list(self._queues.items()):
+            out_queue.put_nowait(EngineShutdownError(message))
+            self.abort(request_id)
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:

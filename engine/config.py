@@ -24,11 +24,21 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     eos_token_ids: list[int]
+    hidden_act: str = "silu"
+    # Gemma 3: per-layer attention kind, local window, query scale and the local layers' rope base
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    query_pre_attn_scalar: float | None = None
+    rope_local_theta: float | None = None
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
         raw = json.loads((Path(path) / "config.json").read_text())
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        local_theta = raw.get("rope_local_base_freq")
+        if "full_attention" in rope:  # per layer type (Gemma 3 in transformers 5)
+            local_theta = rope.get("sliding_attention", {}).get("rope_theta", local_theta)
+            rope = rope["full_attention"]
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         eos = raw.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -53,6 +63,11 @@ class ModelConfig:
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             eos_token_ids=eos_ids,
+            hidden_act=raw.get("hidden_activation") or raw.get("hidden_act") or "silu",
+            layer_types=raw.get("layer_types"),
+            sliding_window=raw.get("sliding_window"),
+            query_pre_attn_scalar=raw.get("query_pre_attn_scalar"),
+            rope_local_theta=local_theta,
         )
 
 

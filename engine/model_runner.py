@@ -54,7 +54,7 @@ class ModelRunner:
         self.model_config = model_config
         t0 = time.perf_counter()
         state = load_state_dict(hf_dir)
-        self.model = build_model(model_config, state, self.device, self.dtype)
+        self.model = build_model(model_config, state, self.device, self.dtype, config.max_model_len)
         del state
         self.kv = KVCache(model_config.num_layers, config.num_slots, model_config.num_kv_heads,
                           config.max_model_len, model_config.head_dim, self.device, self.dtype)

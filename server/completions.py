@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from engine.async_engine import EngineNotReadyError, QueueFullError
+from engine.async_engine import EngineNotReadyError, EngineShutdownError, QueueFullError
 from server.errors import APIError, error_body
 from server.metrics import RequestTimer
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -128,7 +128,10 @@ class CompletionCall:
             await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():  # the client left first: stop generating for it at once
                 return JSONResponse(error_body(499, "client disconnected"), status_code=499)
-            task.result()
+            try:
+                task.result()
+            except EngineShutdownError as exc:
+                raise APIError(503, str(exc), code="shutting_down")
         finally:
             for t in (task, gone):
                 t.cancel()
@@ -180,6 +183,8 @@ class CompletionCall:
                 yield json.dumps(dict(self.header(), object=self.object + (".chunk" if self.chat else ""),
                                       choices=[], usage=usage.body()))
             yield "[DONE]"
+        except EngineShutdownError as exc:  # grace period over: a clean, in-band error event
+            yield json.dumps(error_body(503, str(exc), code="shutting_down"))
         except Exception as exc:  # mid-stream failure: tell the client in-band, then end
             yield json.dumps(error_body(500, f"generation failed: {exc}"))
         finally:

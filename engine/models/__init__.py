@@ -4,11 +4,17 @@ from __future__ import annotations
 from engine.config import ModelConfig
 
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "smollm2"}
+GEMMA3 = {"gemma3_text", "gemma3"}
 
 
-def build_model(config: ModelConfig, state: dict, device, dtype):
+def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int):
     if config.model_type in LLAMA_FAMILY:
         from engine.models.llama import LlamaModel
 
-        return LlamaModel(config, state, device, dtype)
-    raise ValueError(f"unsupported architecture {config.model_type!r} (supported: {sorted(LLAMA_FAMILY)})")
+        return LlamaModel(config, state, device, dtype, max_len)
+    if config.model_type in GEMMA3:
+        from engine.models.gemma3 import Gemma3Model
+
+        return Gemma3Model(config, state, device, dtype, max_len)
+    raise ValueError(f"unsupported architecture {config.model_type!r} "
+                     f"(supported: {sorted(LLAMA_FAMILY | GEMMA3)})")

@@ -22,7 +22,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LlamaLayer:
-    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype):
+    rope_kind = "global"  # which of the model's rotary tables this layer uses
+    window: int | None = None  # sliding-window attention span (None = full)
+
+    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, index: int):
         def w(name):
             return weights[prefix + name].to(device=device, dtype=dtype)
 
@@ -50,7 +53,7 @@ class LlamaLayer:
         q = apply_rotary(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rotary(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
-        out = attend(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5)
+        out = attend(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5, self.window)
         return self.o_proj(out)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
@@ -60,26 +63,34 @@ class LlamaLayer:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_len: int | None = None):
+    layer_class = LlamaLayer
+
+    def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_len: int):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.embed = weights["model.embed_tokens.weight"].to(device=device, dtype=dtype)
         head = weights.get("lm_head.weight")
         tied = head is None or cfg.tie_word_embeddings
         self.lm_head = Linear(self.embed if tied else head.to(device=device, dtype=dtype))
         self.norm = weights["model.norm.weight"].to(device=device, dtype=dtype)
-        self.layers = [LlamaLayer(cfg, weights, f"model.layers.{i}.", device, dtype) for i in range(cfg.num_layers)]
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
-                                    max_len or cfg.max_position_embeddings, device, dtype)
+        self.layers = [self.layer_class(cfg, weights, f"model.layers.{i}.", device, dtype, i)
+                       for i in range(cfg.num_layers)]
+        self.ropes = {"global": RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len, device, dtype)}
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[input_ids]
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache, gate) -> torch.Tensor:
         """input_ids: [N] -> final hidden states [N, hidden] (normed); `gate` runs or skips each FFN."""
-        x = self.embed[input_ids]
-        rope = self.rope(meta.positions)
+        x = self.embed_tokens(input_ids)
+        ropes = {kind: rope(meta.positions) for kind, rope in self.ropes.items()}
         for i, layer in enumerate(self.layers):
-            h = x + layer.attention(x, rope, meta, kv.k[i], kv.v[i])
+            h = x + layer.attention(x, ropes[layer.rope_kind], meta, kv.k[i], kv.v[i])
             x = gate(i, h, layer.ffn)
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return self.final_norm(x)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,174 @@
+"""HTTP serving benchmark: streaming chat requests at a concurrency sweep, against skipserve (dense
+and with FFN-skip budgets) and any other OpenAI-compatible server (`--peer URL`), same prompts,
+targets alternated at each concurrency level. Metrics as vLLM's `bench serve` defines them:
+TTFT, TPOT = (e2e - TTFT) / (output tokens - 1), ITL between streamed chunks, e2e latency,
+aggregate output tok/s and requests/s.
+
+    .venv/bin/python bench/serve.py --url http://127.0.0.1:8000 --peer http://127.0.0.1:8081 \\
+        --concurrency 1,16 --budgets 0,0.25 --out bench/out
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how rain forms, step by step.",
+    "Describe your ideal weekend in detail.",
+    "Give advice to someone learning to cook.",
+    "Write a letter to a friend about a trip to the mountains.",
+    "Explain why exercise is good for health.",
+    "Describe a busy market in a big city.",
+    "Tell me about the history of bicycles.",
+]
+
+
+@dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    tokens: int = 0
+    itls: list = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    model: str
+    extra: dict
+
+
+async def one_request(client: httpx.AsyncClient, target: Target, prompt: str, max_tokens: int) -> Result:
+    payload = {"model": target.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+               "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+               **target.extra}
+    start = time.perf_counter()
+    first, last, chunks, usage_tokens = None, None, 0, None
+    itls = []
+    try:
+        async with client.stream("POST", target.url + "/v1/chat/completions", json=payload) as r:
+            if r.status_code != 200:
+                return Result(False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return Result(False, error=str(event["error"])[:200])
+                if event.get("usage"):
+                    usage_tokens = event["usage"].get("completion_tokens")
+                choices = event.get("choices") or []
+                if choices and (choices[0].get("delta") or {}).get("content"):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    else:
+                        itls.append(now - last)
+                    last = now
+                    chunks += 1
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        return Result(False, error=f"{type(exc).__name__}: {exc}"[:200])
+    end = time.perf_counter()
+    if first is None:
+        return Result(False, error="no content")
+    return Result(True, ttft=first - start, e2e=end - start, tokens=usage_tokens or chunks, itls=itls)
+
+
+async def run_level(target: Target, concurrency: int, num_requests: int, max_tokens: int, timeout: float) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(num_requests):
+        queue.put_nowait(PROMPTS[i % len(PROMPTS)])
+    results: list[Result] = []
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        async def worker():
+            while not queue.empty():
+                prompt = queue.get_nowait()
+                results.append(await one_request(client, target, prompt, max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        wall = time.perf_counter() - start
+    ok = [r for r in results if r.ok]
+
+    def pct(values, q):
+        if not values:
+            return float("nan")
+        values = sorted(values)
+        return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+    ttft = [r.ttft for r in ok]
+    e2e = [r.e2e for r in ok]
+    tpot = [(r.e2e - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1]
+    itl = [x for r in ok for x in r.itls]
+    tokens = sum(r.tokens for r in ok)
+    return {
+        "target": target.name, "concurrency": concurrency, "requests": num_requests, "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:3],
+        "output_tok_s": tokens / wall, "req_s": len(ok) / wall, "wall_s": wall,
+        "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "tpot_p50": pct(tpot, 0.5), "tpot_p99": pct(tpot, 0.99),
+        "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99), "e2e_p50": pct(e2e, 0.5), "e2e_p99": pct(e2e, 0.99),
+        "mean_output_tokens": statistics.mean([r.tokens for r in ok]) if ok else 0,
+    }
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| target | conc. | ok/total | out tok/s | req/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | "
+             "ITL p50 / p99 (ms) | e2e p50 / p99 (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['target']} | {r['concurrency']} | {r['requests'] - r['failed']}/{r['requests']} | "
+            f"{r['output_tok_s']:.1f} | {r['req_s']:.2f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
+            f"{r['tpot_p50'] * 1e3:.0f} / {r['tpot_p99'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | "
+            f"{r['e2e_p50']:.2f} / {r['e2e_p99']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="skipserve base URL")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--budgets", default="0,0.25", help="ffn_skip budgets to measure on skipserve")
+    p.add_argument("--peer", action="append", default=[], help="another OpenAI-compatible base URL (repeatable)")
+    p.add_argument("--peer-model", default=None, help="model name to send to peers (default: --model)")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--requests", type=int, default=0, help="requests per level (default: max(8, 2 x concurrency))")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--out", default="bench/out")
+    args = p.parse_args()
+
+    targets = [Target(f"skipserve budget {float(b):g}", args.url, args.model,
+                      {"ffn_skip": {"budget": float(b)}} if float(b) else {}) for b in args.budgets.split(",")]
+    targets += [Target(f"peer {u}", u, args.peer_model or args.model, {}) for u in args.peer]
+    rows = []
+    for c in [int(x) for x in args.concurrency.split(",")]:
+        n = args.requests or max(8, 2 * c)
+        for target in targets:  # alternate targets at each level: same load conditions
+            row = asyncio.run(run_level(target, c, n, args.max_tokens, args.timeout))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    header = (f"`{' '.join(sys.argv)}` — streaming chat, {args.max_tokens} output tokens (ignore_eos), "
+              f"greedy, prompts from bench/serve.py")
+    md = markdown(rows, header)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.md").write_text(md)
+    (out / "serve.json").write_text(json.dumps(rows, indent=1))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Faults: mass disconnects and timeouts, SIGTERM while streaming (within and past the grace
+period). Loopback only, bounded in count and time."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import httpx
+
+from tests.conftest import ServerProcess
+
+MODEL = "smollm2-135m-instruct"
+
+
+def body(content: str, **kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "temperature": 0, **kw}
+
+
+def test_200_disconnects_and_timeouts_leave_a_clean_engine(server, client):
+    reference = client.chat.completions.create(**body("Name a fruit.", max_tokens=16)).choices[0].message.content
+
+    async def leave_early(c: httpx.AsyncClient, i: int):
+        if i % 2:  # streaming: read a few events, then drop the connection
+            async with c.stream("POST", "/v1/chat/completions",
+                                json=body(f"Story number {i}", max_tokens=500, stream=True)) as r:
+                async for n, _ in _aenumerate(r.aiter_lines()):
+                    if n >= 3:
+                        break
+        else:  # non-streaming: give up after a short timeout
+            try:
+                await c.post("/v1/chat/completions", json=body(f"Essay number {i}", max_tokens=500), timeout=0.3)
+            except httpx.TimeoutException:
+                pass
+
+    async def main():
+        limits = httpx.Limits(max_connections=20)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as c:
+            sem = asyncio.Semaphore(20)
+
+            async def one(i):
+                async with sem:
+                    await leave_early(c, i)
+
+            await asyncio.wait_for(asyncio.gather(*[one(i) for i in range(200)]), timeout=240)
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while server.metric("num_requests_running") or server.metric("kv_cache_usage_ratio"):
+        assert time.monotonic() < deadline, "requests still running after every client left"
+        time.sleep(0.1)
+    t = time.monotonic()
+    assert httpx.get(server.url + "/health", timeout=2).status_code == 200
+    assert time.monotonic() - t < 0.5
+    assert server.metric("num_requests_waiting") == 0
+    again = client.chat.completions.create(**body("Name a fruit.", max_tokens=16)).choices[0].message.content
+    assert again == reference
+
+
+async def _aenumerate(aiter):
+    n = 0
+    async for item in aiter:
+        yield n, item
+        n += 1
+
+
+def stream_events(url: str, payload: dict, started: threading.Event, out: list):
+    events = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=payload, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                started.set()
+    out.append(events)
+
+
+def run_streams(srv, payload, n, then):
+    results, threads, starts = [], [], []
+    for _ in range(n):
+        started = threading.Event()
+        t = threading.Thread(target=stream_events, args=(srv.url, payload, started, results))
+        t.start()
+        threads.append(t)
+        starts.append(started)
+    for s in starts:
+        assert s.wait(60)
+    then()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_sigterm_lets_in_flight_streams_finish_then_exits_0():
+    srv = ServerProcess("--grace-period", "60", "--max-model-len", "512")
+    payload = body("Count to twenty.", max_tokens=30, ignore_eos=True, stream=True)
+    t0 = {}
+
+    def sigterm():
+        t0["t"] = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:  # no new work is accepted while draining
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body("hi", max_tokens=2), timeout=5)
+            assert r.status_code == 503
+        except httpx.TransportError:
+            pass  # or the listening socket is already closed
+
+    results = run_streams(srv, payload, 3, sigterm)
+    assert len(results) == 3
+    for events in results:
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for c in chunks if c["choices"][0]["delta"].get("content")) >= 25
+    assert srv.proc.wait(60) == 0
+
+
+def test_sigterm_past_the_grace_period_ends_streams_with_an_error_event():
+    srv = ServerProcess("--grace-period", "2", "--max-model-len", "2048")
+    payload = body("Write a very long story.", max_tokens=1900, ignore_eos=True, stream=True)
+    results = run_streams(srv, payload, 2, lambda: srv.proc.send_signal(signal.SIGTERM))
+    assert len(results) == 2
+    for events in results:
+        last = json.loads(events[-1])
+        assert last["error"]["code"] == "shutting_down" and last["error"]["type"] == "service_unavailable"
+    assert srv.proc.wait(30) == 0

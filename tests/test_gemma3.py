@@ -1,0 +1,34 @@
+"""Gemma 3 270M: the preset serves completions whose greedy tokens equal HF transformers'."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import ServerProcess
+from tests.helpers import hf_greedy
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def gemma_server():
+    srv = ServerProcess("--model", "gemma3-270m", "--max-batch", "4", "--max-model-len", "1024")
+    yield srv
+    srv.stop()
+
+
+def test_gemma3_preset_greedy_tokens_equal_hf(gemma_server):
+    import openai
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.loader import ensure_hf_dir
+
+    hf_dir = ensure_hf_dir("gemma3-270m")  # the server converted it already: this is a cache hit
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    client = openai.OpenAI(base_url=gemma_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    for prompt in PROMPTS:
+        r = client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=20, temperature=0, logprobs=0)
+        expected = hf_greedy(hf, tokenizer.encode(prompt), 20)
+        assert r.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+        assert r.usage.completion_tokens == len(expected)
