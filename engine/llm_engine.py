@@ -86,6 +86,8 @@ class LLMEngine:
         Raises InvalidParamError. Reads only immutable state, so any thread may call it.
         """
         params.validate(self.model_config.vocab_size)
+        if params.n > self.config.num_slots:
+            raise InvalidParamError(f"n must be at most {self.config.num_slots} (the server's max batch)", "n")
         plan = self.resolve_skip(skip)
         max_tokens = self.check_prompt(prompt_ids, params, prompt_param)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)

@@ -29,9 +29,10 @@ class ServerProcess:
     def __init__(self, *args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(ROOT / f".pytest_cache/server-{self.port}.log", "w") if (ROOT / ".pytest_cache").exists() \
-            else subprocess.DEVNULL
-        cmd = [sys.executable, "-m", "server.cli", "--port", str(self.port), "--log-level", "warning", *args]
+        (ROOT / ".pytest_cache").mkdir(exist_ok=True)
+        self.log_path = ROOT / f".pytest_cache/server-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "server.cli", "--port", str(self.port), "--log-level", "info", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_healthy()
@@ -70,7 +71,6 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def server():
-    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
     srv = ServerProcess("--skip-max-budget", "0.5")
     yield srv
     srv.stop()

@@ -98,3 +98,5 @@ def test_api_key_and_queue_full(tmp_path):
                 assert r.json()["usage"]["completion_tokens"] == 40
     finally:
         assert srv.stop() == 0
+    log = srv.log_path.read_text() if srv.log_path else ""
+    assert "s3cret" not in log  # the key is compared in constant time and never logged
