@@ -40,6 +40,8 @@ class Result:
     tokens: int = 0
     itls: list = field(default_factory=list)
     error: str = ""
+    ffn_skipped: int = 0
+    ffn_total: int = 0
 
 
 @dataclass
@@ -55,7 +57,7 @@ async def one_request(client: httpx.AsyncClient, target: Target, prompt: str, ma
                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
                **target.extra}
     start = time.perf_counter()
-    first, last, chunks, usage_tokens = None, None, 0, None
+    first, last, chunks, usage_tokens, skip = None, None, 0, None, {}
     itls = []
     try:
         async with client.stream("POST", target.url + "/v1/chat/completions", json=payload) as r:
@@ -69,6 +71,7 @@ async def one_request(client: httpx.AsyncClient, target: Target, prompt: str, ma
                     return Result(False, error=str(event["error"])[:200])
                 if event.get("usage"):
                     usage_tokens = event["usage"].get("completion_tokens")
+                    skip = event["usage"].get("ffn_skip") or {}
                 choices = event.get("choices") or []
                 if choices and (choices[0].get("delta") or {}).get("content"):
                     now = time.perf_counter()
@@ -83,7 +86,8 @@ async def one_request(client: httpx.AsyncClient, target: Target, prompt: str, ma
     end = time.perf_counter()
     if first is None:
         return Result(False, error="no content")
-    return Result(True, ttft=first - start, e2e=end - start, tokens=usage_tokens or chunks, itls=itls)
+    return Result(True, ttft=first - start, e2e=end - start, tokens=usage_tokens or chunks, itls=itls,
+                  ffn_skipped=skip.get("skipped", 0), ffn_total=skip.get("total", 0))
 
 
 async def run_level(target: Target, concurrency: int, num_requests: int, max_tokens: int, timeout: float) -> dict:
@@ -121,18 +125,21 @@ async def run_level(target: Target, concurrency: int, num_requests: int, max_tok
         "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "tpot_p50": pct(tpot, 0.5), "tpot_p99": pct(tpot, 0.99),
         "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99), "e2e_p50": pct(e2e, 0.5), "e2e_p99": pct(e2e, 0.99),
         "mean_output_tokens": statistics.mean([r.tokens for r in ok]) if ok else 0,
+        "ffn_skip_ratio": (sum(r.ffn_skipped for r in ok) / total_ffn
+                           if (total_ffn := sum(r.ffn_total for r in ok)) else None),
     }
 
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "", "| target | conc. | ok/total | out tok/s | req/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | "
-             "ITL p50 / p99 (ms) | e2e p50 / p99 (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ITL p50 / p99 (ms) | e2e p50 / p99 (s) | FFN skip |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['target']} | {r['concurrency']} | {r['requests'] - r['failed']}/{r['requests']} | "
             f"{r['output_tok_s']:.1f} | {r['req_s']:.2f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
             f"{r['tpot_p50'] * 1e3:.0f} / {r['tpot_p99'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | "
-            f"{r['e2e_p50']:.2f} / {r['e2e_p99']:.2f} |")
+            f"{r['e2e_p50']:.2f} / {r['e2e_p99']:.2f} | "
+            f"{'-' if r['ffn_skip_ratio'] is None else format(r['ffn_skip_ratio'], '.3f')} |")
     return "\n".join(lines) + "\n"
 
 

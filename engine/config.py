@@ -100,7 +100,6 @@ class EngineConfig:
     kv_capacity_tokens: int | None = None  # total KV tokens; sets the slot count when given
     max_prefill_tokens: int = 512  # prefill chunk per engine step
     cache_dir: str | None = None  # where converted GGUF weights are cached
-    seed: int = 0
     threads: int | None = None
     skip: SkipConfig = field(default_factory=SkipConfig)
 

@@ -15,6 +15,7 @@ class SlotManager:
         self._free = list(range(num_slots))
         self._owner: dict[str, int] = {}  # seq_id -> slot
         self._tokens: dict[str, int] = {}  # seq_id -> tokens held in the cache
+        self._used = 0  # sum of _tokens, kept as one int so other threads can read it safely
 
     @property
     def capacity_tokens(self) -> int:
@@ -22,7 +23,7 @@ class SlotManager:
 
     @property
     def used_tokens(self) -> int:
-        return sum(self._tokens.values())
+        return self._used
 
     @property
     def num_free_slots(self) -> int:
@@ -42,10 +43,11 @@ class SlotManager:
 
     def set_tokens(self, seq_id: str, num_tokens: int) -> None:
         assert num_tokens <= self.max_len, (seq_id, num_tokens)
+        self._used += num_tokens - self._tokens[seq_id]
         self._tokens[seq_id] = num_tokens
 
     def free(self, seq_id: str) -> None:
         slot = self._owner.pop(seq_id, None)
-        self._tokens.pop(seq_id, None)
+        self._used -= self._tokens.pop(seq_id, 0)
         if slot is not None:
             heapq.heappush(self._free, slot)

@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from engine.sampling_params import SamplingParams, SkipParams
+from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 
 
 class Strict(BaseModel):
@@ -74,7 +74,6 @@ class CommonRequest(Strict):
             try:
                 bias[int(key)] = value
             except ValueError:
-                from engine.sampling_params import InvalidParamError
                 raise InvalidParamError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
         return SamplingParams(
             n=self.n, max_tokens=max_tokens,
@@ -104,7 +103,6 @@ class ChatCompletionRequest(CommonRequest):
     def to_sampling(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         if self.top_logprobs is not None and not self.logprobs:
-            from engine.sampling_params import InvalidParamError
             raise InvalidParamError("top_logprobs requires logprobs: true", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self.sampling(logprobs, max_tokens)
