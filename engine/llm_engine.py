@@ -134,7 +134,6 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> tuple[list[SequenceOutput], StepStats]:
-        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         stats = StepStats(layer_ffn_skipped=[0] * self.model_config.num_layers)
         if batch.empty:
@@ -166,7 +165,6 @@ class LLMEngine:
         stats.layer_ffn_skipped = result.layer_ffn_skipped
         self.prompt_tokens_total += stats.prompt_tokens
         self.generation_tokens_total += stats.generated_tokens
-        stats.step_seconds = time.perf_counter() - t0
         return outputs, stats
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:

@@ -34,4 +34,3 @@ class StepStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     layer_ffn_skipped: list[int] = field(default_factory=list)  # summed over generated tokens
-    step_seconds: float = 0.0

@@ -22,7 +22,6 @@ router = APIRouter()
 @dataclass
 class Choice:
     text: str = ""
-    token_ids: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -114,7 +113,6 @@ class CompletionCall:
             async for out in stream:
                 c = choices[out.index]
                 c.text += out.text
-                c.token_ids += out.token_ids
                 if out.logprobs:
                     c.logprobs += out.logprobs
                 self.timer.on_tokens(out.index)
