@@ -28,12 +28,22 @@ class AttentionMetadata:
     slots_are_rows: bool = False  # slot_ids == arange(B): no scatter of queries needed
     slot_lengths: torch.Tensor | None = None  # [S] context length per slot of the view (0 = unused)
     dtype: torch.dtype = torch.float32
+    segments: list["AttentionMetadata"] | None = None  # prefill of several sequences in one forward
     _masks: dict = field(default_factory=dict)  # window -> mask, built once per step
 
     @classmethod
     def for_prefill(cls, slot_id: int, start: int, num_tokens: int, device) -> "AttentionMetadata":
         positions = torch.arange(start, start + num_tokens, device=device)
         return cls(positions=positions, is_prefill=True, slot_id=slot_id, start=start)
+
+    @classmethod
+    def for_prefills(cls, chunks: list[tuple[int, int, int]], device) -> "AttentionMetadata":
+        """Prefill chunks (slot, start, num_tokens) of several sequences, concatenated in one forward:
+        the projections and FFNs run on all their tokens at once, attention per sequence."""
+        if len(chunks) == 1:
+            return cls.for_prefill(*chunks[0], device)
+        segments = [cls.for_prefill(slot, start, n, device) for slot, start, n in chunks]
+        return cls(positions=torch.cat([m.positions for m in segments]), is_prefill=True, segments=segments)
 
     @classmethod
     def for_decode(cls, slot_ids: list[int], positions: list[int], device, dtype) -> "AttentionMetadata":
@@ -76,6 +86,10 @@ class AttentionMetadata:
 
 def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
     """q: [N, H, D]; k, v: [N, KV, D]; caches: [slots, KV, max_len, D] of one layer -> [N, H*D]."""
+    if meta.segments:
+        sizes = [len(m.positions) for m in meta.segments]
+        return torch.cat([_prefill(qs, ks, vs, k_cache, v_cache, m, scale, window) for m, qs, ks, vs
+                          in zip(meta.segments, q.split(sizes), k.split(sizes), v.split(sizes))])
     if meta.is_prefill:
         return _prefill(q, k, v, k_cache, v_cache, meta, scale, window)
     return _decode(q, k, v, k_cache, v_cache, meta, scale, window)

@@ -1,8 +1,8 @@
 """The one place that touches tensors: runs a scheduled batch through the model and samples.
 
-A step runs each prefill chunk (dense, one sequence at a time) and then one decode token for
-every decoding row (through the skip policy's gate), then one lm_head + sampler call for all
-sequences that produce a token this step.
+A step runs all prefill chunks in one dense forward (attention per sequence), then one decode
+token for every decoding row (through the skip policy's gate), then one lm_head + sampler call
+for all sequences that produce a token this step.
 """
 from __future__ import annotations
 
@@ -68,14 +68,18 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         hiddens, producers = [], []
-        for chunk in batch.prefills:
-            seq = chunk.seq
-            meta = AttentionMetadata.for_prefill(seq.slot, chunk.start, chunk.end - chunk.start, self.device)
-            ids = torch.tensor(seq.prompt_ids[chunk.start:chunk.end], device=self.device)
+        if batch.prefills:  # every prefill chunk of this step in one forward, always dense
+            chunks = batch.prefills
+            meta = AttentionMetadata.for_prefills([(c.seq.slot, c.start, c.end - c.start) for c in chunks],
+                                                  self.device)
+            ids = torch.tensor([t for c in chunks for t in c.seq.prompt_ids[c.start:c.end]], device=self.device)
             hidden = self.model.forward(ids, meta, self.kv, DenseGate(self.num_layers))
-            if chunk.is_last:
-                hiddens.append(hidden[-1:])
-                producers.append(seq)
+            end = 0
+            for chunk in chunks:
+                end += chunk.end - chunk.start
+                if chunk.is_last:
+                    hiddens.append(hidden[end - 1:end])
+                    producers.append(chunk.seq)
         skipped = {}
         layer_skipped = [0] * self.num_layers
         if batch.decodes:
