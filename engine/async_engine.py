@@ -1,4 +1,5 @@
-"""The engine as the HTTP server sees it: `async for out in engine.generate(...)`, `abort(id)`.
+"""The engine as the HTTP server sees it: `stream = engine.add_request(...)`, `async for out in stream`,
+`abort(id)`.
 
 The model steps in one dedicated thread, so the event loop never waits on tensor work. The
 loop thread validates and hands requests over through a command queue; the engine thread
@@ -71,10 +72,6 @@ class AsyncEngine:
             self._thread.join(timeout=10)
 
     # ---- requests ----------------------------------------------------------------------------
-    @property
-    def num_requests(self) -> int:
-        return len(self._queues)
-
     def tokenizer(self):
         self._check_ready()
         return self.engine.tokenizer
@@ -106,8 +103,9 @@ class AsyncEngine:
 
     def fail_in_flight(self, message: str) -> None:
         """End every open request with EngineShutdownError and abort it (call on the event loop)."""
-        for request_id, out_queue in list(self._queues.items()):
-            out_queue.put_nowait(EngineShutdownError(message))
+        request_ids = list(self._queues)
+        self._dispatch_error(request_ids, EngineShutdownError(message))
+        for request_id in request_ids:
             self.abort(request_id)
 
     # ---- the engine thread ---------------------------------------------------------------------

@@ -119,11 +119,11 @@ def _decode(q, k, v, k_cache, v_cache, meta, scale, window):
     keys = k_cache[:slots, :, :length]  # [S, KV, L, D] strided view, no copy
     values = v_cache[:slots, :, :length]
     q = q.view(rows, num_kv, group, head_dim)
-    if not meta.slots_are_rows or slots != rows:
+    if not meta.slots_are_rows:  # (slots_are_rows implies slots == rows)
         q = q.new_zeros(slots, num_kv, group, head_dim).index_copy_(0, meta.slot_ids, q)
     scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(meta.mask(window))
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
     out = torch.matmul(probs, values)  # [S, KV, G, D]
-    if not meta.slots_are_rows or slots != rows:
+    if not meta.slots_are_rows:
         out = out.index_select(0, meta.slot_ids)
     return out.reshape(rows, num_heads * head_dim)

@@ -100,6 +100,10 @@ class CompletionCall:
         except QueueFullError as exc:
             raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.body.logprobs if self.chat else self.body.logprobs is not None
+
     def header(self) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.body.model,
                 "system_fingerprint": self.state.fingerprint}
@@ -139,7 +143,7 @@ class CompletionCall:
                                  usage=usage.body()))
 
     def _choice_body(self, index: int, c: Choice) -> dict:
-        want = self.body.logprobs if self.chat else self.body.logprobs is not None
+        want = self.wants_logprobs
         if self.chat:
             return {"index": index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": chat_logprobs(c.logprobs) if want else None, "finish_reason": c.finish_reason}
@@ -168,7 +172,7 @@ class CompletionCall:
                 self.timer.on_tokens(out.index)
                 usage.update(out)
                 logprobs = None
-                if out.logprobs and (self.body.logprobs if self.chat else self.body.logprobs is not None):
+                if out.logprobs and self.wants_logprobs:
                     logprobs = chat_logprobs(out.logprobs) if self.chat else completion_logprobs(out.logprobs, len(c.text))
                 if out.text or logprobs:
                     yield self._chunk(out.index, {"content": out.text} if self.chat else out.text, logprobs, None, extra)

@@ -124,7 +124,7 @@ def test_host_and_device_gates_make_the_same_decisions(engine):
     torch.manual_seed(0)
     start = torch.randn(len(rows), engine.model_config.hidden_size)
     host = HostFFNSkipLLMGate(rows, len(layers), cfg.cold_start, cfg.cold_end)
-    device = FFNSkipLLMGate(rows, len(layers), cfg.cold_start, cfg.cold_end, torch.device("cpu"), gather=False)
+    device = FFNSkipLLMGate(rows, len(layers), cfg.cold_start, cfg.cold_end, torch.device("cpu"))
     with torch.inference_mode():
         a = b = start
         for i, layer in enumerate(layers):

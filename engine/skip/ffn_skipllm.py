@@ -19,8 +19,8 @@ from engine.skip.base import DenseGate, RowSkip, SkipPolicy
 
 
 class FFNSkipLLMGate:
-    def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int, device, gather: bool):
-        self.num_layers, self.gather = num_layers, gather
+    def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int, device):
+        self.num_layers = num_layers
         self.first_hot, self.last_hot = cold_start, num_layers - cold_end - 1
         self.max_skips = torch.tensor([r.max_skips for r in rows], device=device)
         self.threshold = torch.tensor([r.threshold for r in rows], device=device)
@@ -43,21 +43,11 @@ class FFNSkipLLMGate:
         skip = self.remaining > 0
         self.remaining -= skip.long()
         self.skipped[layer] = skip
-        out = self._run_rows(h, ffn, skip)
+        # every row is computed and skipped rows keep h: no host sync to learn which rows run
+        out = torch.where(skip[:, None], h, h + ffn(h))
         if layer < self.last_hot:
             self.prev_cos = F.cosine_similarity(h.float(), out.float(), dim=-1)
         return out
-
-    def _run_rows(self, h, ffn, skip):
-        if not self.gather:
-            return torch.where(skip[:, None], h, h + ffn(h))
-        run = (~skip).nonzero().squeeze(1)  # free on CPU; a host sync on CUDA
-        if run.numel() == h.shape[0]:
-            return h + ffn(h)
-        if run.numel() == 0:
-            return h  # no row needs this FFN: its weights are not even read
-        rows = h.index_select(0, run)
-        return h.index_copy(0, run, rows + ffn(rows))
 
     def skip_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
         return self.skipped.sum(0).tolist(), self.skipped.sum(1).tolist()
@@ -126,4 +116,4 @@ class FFNSkipLLMPolicy(SkipPolicy):
         cold_start, cold_end = self.config.cold_start, self.config.cold_end
         if device.type == "cpu":
             return HostFFNSkipLLMGate(rows, self.num_layers, cold_start, cold_end)
-        return FFNSkipLLMGate(rows, self.num_layers, cold_start, cold_end, device, gather=False)
+        return FFNSkipLLMGate(rows, self.num_layers, cold_start, cold_end, device)
