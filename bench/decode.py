@@ -71,12 +71,15 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-budget", type=float, default=0.27, help="k = floor(budget * layers) FFNs per token")
+    p.add_argument("--dtype", default=None, help="override the preset's dtype (float32, bfloat16)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = p.parse_args()
 
     config = load_config(preset_path(args.preset))
     config.max_num_seqs, config.max_model_len = 16, 512
+    if args.dtype:
+        config.dtype = args.dtype
     config.skip.max_budget = 1.0
     engine = LLMEngine(config)
     model = engine.runner.model

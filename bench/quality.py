@@ -47,7 +47,7 @@ def teacher_forced(engine: LLMEngine, texts: list[list[int]], skip: SkipParams, 
             runner.model.forward(ids[row, :prefix - 1], meta, runner.kv, DenseGate(runner.num_layers))
         argmax, nll, skipped, total = [], [], 0, 0
         for step, pos in enumerate(range(prefix - 1, length - 1)):
-            meta = AttentionMetadata.for_decode(slots, [pos] * len(slots), runner.device, runner.dtype)
+            meta = AttentionMetadata.for_decode(slots, [pos] * len(slots), runner.device, runner.act_dtype)
             gate = policy.make_gate([policy.row_skip(plan, step)] * len(slots), runner.device)
             logits = runner.model.logits(runner.model.forward(ids[:, pos], meta, runner.kv, gate))
             if step < plan.warmup_tokens:

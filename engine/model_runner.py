@@ -56,13 +56,15 @@ class ModelRunner:
         state = load_state_dict(hf_dir)
         self.model = build_model(model_config, state, self.device, self.dtype, config.max_model_len)
         del state
+        self.act_dtype = self.model.act_dtype  # activations and KV cache (fp32 on CPU)
         self.kv = KVCache(model_config.num_layers, config.num_slots, model_config.num_kv_heads,
-                          config.max_model_len, model_config.head_dim, self.device, self.dtype)
+                          config.max_model_len, model_config.head_dim, self.device, self.act_dtype)
         self.policy = build_policy(config.skip, model_config.num_layers)
         self.num_layers = model_config.num_layers
         self._generators: dict[str, torch.Generator] = {}
-        log.info("model on %s/%s in %.1f s; KV cache %d slots x %d tokens (%.0f MiB)", self.device,
-                 str(self.dtype).removeprefix("torch."), time.perf_counter() - t0, config.num_slots,
+        log.info("model on %s, %s weights, %s activations, in %.1f s; KV cache %d slots x %d tokens (%.0f MiB)",
+                 self.device, str(self.dtype).removeprefix("torch."), str(self.act_dtype).removeprefix("torch."),
+                 time.perf_counter() - t0, config.num_slots,
                  config.max_model_len, self.kv.nbytes / 2**20)
 
     @torch.inference_mode()
@@ -85,7 +87,7 @@ class ModelRunner:
         if batch.decodes:
             seqs = batch.decodes
             meta = AttentionMetadata.for_decode([s.slot for s in seqs], [s.num_tokens - 1 for s in seqs],
-                                                self.device, self.dtype)
+                                                self.device, self.act_dtype)
             ids = torch.tensor([s.last_token for s in seqs], device=self.device)
             gate = self.policy.make_gate([self.policy.row_skip(s.skip_plan, len(s.output_ids)) for s in seqs],
                                          self.device)

@@ -20,13 +20,11 @@ from engine.models.rope import RotaryEmbedding, apply_rotary
 
 
 def gemma_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (x32 * weight_plus_one).to(x.dtype)
+    return F.rms_norm(x.float(), weight_plus_one.shape, weight_plus_one, eps).to(x.dtype)
 
 
 class Gemma3Layer:
-    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, index: int):
+    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int):
         def w(name):
             return weights[prefix + name].to(device=device, dtype=dtype)
 
@@ -71,11 +69,12 @@ class Gemma3Model(LlamaModel):
     def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_len: int):
         super().__init__(cfg, weights, device, dtype, max_len)
         self.norm = weights["model.norm.weight"].to(device=device, dtype=torch.float32) + 1.0
-        self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype)
-        self.ropes["local"] = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta or 10000.0, None, max_len, device, dtype)
+        self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=self.act_dtype)
+        self.ropes["local"] = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta or 10000.0, None, max_len, device,
+                                              self.act_dtype)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed[input_ids] * self.embed_scale
+        return self.embed[input_ids].to(self.act_dtype) * self.embed_scale
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return gemma_norm(x, self.norm, self.cfg.rms_norm_eps)

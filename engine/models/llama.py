@@ -16,25 +16,24 @@ from engine.models.rope import RotaryEmbedding, apply_rotary
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    """One fused kernel (bit-identical to HF's fp32 formula on fp32 activations)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class LlamaLayer:
     rope_kind = "global"  # which of the model's rotary tables this layer uses
     window: int | None = None  # sliding-window attention span (None = full)
 
-    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, index: int):
-        def w(name):
+    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int):
+        def w(name, dtype=dtype):
             return weights[prefix + name].to(device=device, dtype=dtype)
 
         def maybe(name):
-            return w(name) if prefix + name in weights else None
+            return w(name, act_dtype) if prefix + name in weights else None
 
         self.cfg = cfg
-        self.input_norm = w("input_layernorm.weight")
-        self.post_attn_norm = w("post_attention_layernorm.weight")
+        self.input_norm = w("input_layernorm.weight", act_dtype)
+        self.post_attn_norm = w("post_attention_layernorm.weight", act_dtype)
         # fused projections: one matmul for q|k|v and one for gate|up
         biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
         self.qkv = Linear(torch.cat([w(f"self_attn.{p}_proj.weight") for p in "qkv"]),
@@ -48,10 +47,9 @@ class LlamaLayer:
         n = x.shape[0]
         qkv = self.qkv(rms_norm(x, self.input_norm, cfg.rms_norm_eps))
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        cos, sin = rope
-        q = apply_rotary(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rotary(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+        qk = apply_rotary(qk.view(n, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), *rope)  # q and k at once
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
         out = attend(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5, self.window)
         return self.o_proj(out)
@@ -62,22 +60,29 @@ class LlamaLayer:
         return self.down(F.silu(gate) * up)
 
 
+def activation_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """Activations, norms, attention and the KV cache: fp32 on CPU whatever the weights are (CPU
+    bf16 elementwise ops and bf16 attention are slower than fp32 there), the weight dtype on GPUs."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
 class LlamaModel:
     layer_class = LlamaLayer
 
     def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_len: int):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.act_dtype = act = activation_dtype(self.device, dtype)
         self.embed = weights["model.embed_tokens.weight"].to(device=device, dtype=dtype)
         head = weights.get("lm_head.weight")
         tied = head is None or cfg.tie_word_embeddings
         self.lm_head = Linear(self.embed if tied else head.to(device=device, dtype=dtype))
-        self.norm = weights["model.norm.weight"].to(device=device, dtype=dtype)
-        self.layers = [self.layer_class(cfg, weights, f"model.layers.{i}.", device, dtype, i)
+        self.norm = weights["model.norm.weight"].to(device=device, dtype=act)
+        self.layers = [self.layer_class(cfg, weights, f"model.layers.{i}.", device, dtype, act, i)
                        for i in range(cfg.num_layers)]
-        self.ropes = {"global": RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len, device, dtype)}
+        self.ropes = {"global": RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len, device, act)}
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed[input_ids]
+        return self.embed[input_ids].to(self.act_dtype)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
