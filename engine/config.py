@@ -99,6 +99,7 @@ class EngineConfig:
     max_model_len: int = 2048  # tokens per KV slot (prompt + completion)
     kv_capacity_tokens: int | None = None  # total KV tokens; sets the slot count when given
     max_prefill_tokens: int = 512  # prefill chunk per engine step
+    prefix_caching: bool = True  # a new prompt reuses the K/V of a freed slot that shares its prefix
     cache_dir: str | None = None  # where converted GGUF weights are cached
     threads: int | None = None
     skip: SkipConfig = field(default_factory=SkipConfig)

@@ -33,7 +33,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         config.max_model_len = self.max_model_len
         self.runner = ModelRunner(config, self.model_config, self.hf_dir)
-        self.slots = SlotManager(config.num_slots, self.max_model_len)
+        self.slots = SlotManager(config.num_slots, self.max_model_len, config.prefix_caching)
         self.scheduler = Scheduler(self.slots, config.max_prefill_tokens)
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -43,6 +43,7 @@ class LLMEngine:
         self.layer_ffn_total = [0] * self.model_config.num_layers
         self.layer_ffn_skipped = [0] * self.model_config.num_layers
         self.prompt_tokens_total = 0
+        self.prompt_tokens_cached_total = 0
         self.generation_tokens_total = 0
 
     # ---- requests -------------------------------------------------------------------------
@@ -142,8 +143,10 @@ class LLMEngine:
         for chunk in batch.prefills:
             self.scheduler.on_computed(chunk.seq, chunk.end)
             stats.prompt_tokens += chunk.end - chunk.start
+            if chunk.start == chunk.seq.cached_tokens:
+                self.prompt_tokens_cached_total += chunk.start
         for seq in batch.decodes:
-            self.scheduler.on_computed(seq, seq.num_tokens)
+            self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
         outputs = []
         now = time.monotonic()
         for seq_id, sampled in result.samples.items():
@@ -187,7 +190,7 @@ class LLMEngine:
         return SequenceOutput(
             request_id=seq.request_id, index=seq.index, text=seq.detokenizer.take(final=seq.is_finished),
             token_ids=[sampled.token_id], logprobs=logprobs, finished=seq.is_finished,
-            finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+            finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.cached_tokens,
             completion_tokens=len(seq.output_ids), ffn_skipped=seq.ffn_skipped, ffn_total=seq.ffn_total,
         )
 

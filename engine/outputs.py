@@ -22,6 +22,7 @@ class SequenceOutput:
     finished: bool
     finish_reason: str | None
     prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose K/V came from the prefix cache
     completion_tokens: int
     ffn_skipped: int
     ffn_total: int

@@ -51,7 +51,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         while self.waiting and self.slots.can_allocate():
             seq = self.waiting.popleft()
-            seq.slot = self.slots.allocate(seq.seq_id)
+            seq.slot, seq.num_computed = self.slots.allocate_for_prompt(seq.seq_id, seq.prompt_ids)
+            seq.cached_tokens = seq.dense_kv = seq.num_computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         batch = ScheduledBatch()
@@ -66,7 +67,10 @@ class Scheduler:
                 batch.decodes.append(seq)
         return batch
 
-    def on_computed(self, seq: Sequence, num_computed: int) -> None:
+    def on_computed(self, seq: Sequence, num_computed: int, dense: bool = True) -> None:
+        """`dense`: every FFN ran for these tokens, so their K/V may be reused by a later prompt."""
+        if dense and seq.dense_kv == seq.num_computed:
+            seq.dense_kv = num_computed
         seq.num_computed = num_computed
         self.slots.set_tokens(seq.seq_id, num_computed)
 
@@ -76,7 +80,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.slots.free(seq.seq_id)
+        self.slots.free(seq.seq_id, seq.kv_tokens())
 
     def abort(self, request_id: str) -> list[Sequence]:
         victims = [s for s in [*self.waiting, *self.running] if s.request_id == request_id]

@@ -29,6 +29,8 @@ class Sequence:
     seed: int
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
+    dense_kv: int = 0  # leading tokens whose K/V were computed with every FFN (reusable by other prompts)
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     slot: int | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
@@ -48,6 +50,10 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def kv_tokens(self) -> list[int]:
+        """Token ids whose K/V this sequence's slot holds and another prompt may reuse."""
+        return (self.prompt_ids + self.output_ids)[:self.dense_kv]
 
     @property
     def is_finished(self) -> bool:

@@ -39,6 +39,8 @@ def serve_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-capacity-tokens", type=int, default=None,
                    help="KV cache capacity in tokens (slots = capacity // max-model-len)")
     s.add_argument("--max-prefill-tokens", type=int, default=None, help="prefill chunk per engine step")
+    s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="always prefill whole prompts (by default a prompt reuses a freed slot's K/V of its prefix)")
     s.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429")
     k = p.add_argument_group("FFN skipping (defaults from the preset)")
     k.add_argument("--skip-policy", choices=["ffn_skipllm", "none"], default=None)
@@ -73,7 +75,7 @@ def build_config(args) -> EngineConfig:
         config.model = args.model
     overrides = {k: getattr(args, k) for k in ("served_model_name", "device", "dtype", "cache_dir", "threads",
                                                  "max_num_seqs", "max_model_len", "kv_capacity_tokens",
-                                                 "max_prefill_tokens") if getattr(args, k) is not None}
+                                                 "max_prefill_tokens", "prefix_caching") if getattr(args, k) is not None}
     config = replace(config, **overrides)
     skip = {k.removeprefix("skip_"): v for k, v in vars(args).items() if k.startswith("skip_") and v is not None}
     config.skip = replace(config.skip, **{("policy" if k == "policy" else k): v for k, v in skip.items()})

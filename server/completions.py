@@ -29,10 +29,12 @@ class Choice:
 @dataclass
 class Usage:
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion: dict = field(default_factory=dict)  # choice index -> (tokens, skipped, total)
 
     def update(self, out) -> None:
         self.prompt_tokens = out.prompt_tokens
+        self.cached_tokens = max(self.cached_tokens, out.cached_tokens)
         self.completion[out.index] = (out.completion_tokens, out.ffn_skipped, out.ffn_total)
 
     def body(self) -> dict:
@@ -41,6 +43,7 @@ class Usage:
         total = sum(c[2] for c in self.completion.values())
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
                 "total_tokens": self.prompt_tokens + tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
                 "ffn_skip": {"skipped": skipped, "total": total, "ratio": skipped / total if total else 0.0}}
 
 

@@ -49,16 +49,19 @@ class EngineCollector:
         yield GaugeMetricFamily(P + "generation_tokens_per_second",
                                 f"Decode throughput over the last {THROUGHPUT_WINDOW_S:.0f} s.", self.throughput())
         prompt = CounterMetricFamily(P + "prompt_tokens", "Prefilled prompt tokens.")
+        cached = CounterMetricFamily(P + "prefix_cache_hit_tokens",
+                                     "Prompt tokens not prefilled: their K/V came from the prefix cache.")
         gen = CounterMetricFamily(P + "generation_tokens", "Generated tokens.")
         total = CounterMetricFamily(P + "ffn_blocks", "FFN blocks of generated tokens, per layer.", labels=["layer"])
         skipped = CounterMetricFamily(P + "ffn_blocks_skipped", "FFN blocks skipped, per layer.", labels=["layer"])
         if engine is not None:
             prompt.add_metric([], engine.prompt_tokens_total)
+            cached.add_metric([], engine.prompt_tokens_cached_total)
             gen.add_metric([], engine.generation_tokens_total)
             for layer, (n, s) in enumerate(zip(list(engine.layer_ffn_total), list(engine.layer_ffn_skipped))):
                 total.add_metric([str(layer)], n)
                 skipped.add_metric([str(layer)], s)
-        yield from (prompt, gen, total, skipped)
+        yield from (prompt, cached, gen, total, skipped)
 
 
 class Metrics:

@@ -30,7 +30,7 @@ def test_one_forward_step_logits_match_hf(engine, hf_model, chat_prompts):
     """Prefill logits of every position agree with HF's to 1e-3 absolute.
 
     Both run fp32 on the same weights; they differ only in summation order (fused qkv and gate|up
-    matmuls, transposed weight layout, our attention). fp32 rounding over 30 layers gives ~1e-5
+    matmuls, oneDNN GEMMs on blocked weights, our attention). fp32 rounding over 30 layers gives ~1e-5
     relative on hidden states; logits here are O(10-30), so 1e-3 absolute is ~50x that noise and
     still 1000x below the gap that separates top tokens in practice.
     """

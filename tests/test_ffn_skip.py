@@ -73,7 +73,8 @@ def test_budget_skips_and_usage_equals_what_ran(engine, chat_prompts, ffn_rows):
     assert 0 < ratio <= SKIPPY.budget
     # the first token comes from the (dense) prefill; every later token from one decode step
     assert sum(ffn_rows["decode"]) == layers * (last.completion_tokens - 1) - last.ffn_skipped
-    assert ffn_rows["prefill"] == [len(chat_prompts[2])] * layers  # prefill never skipped
+    # prefill never skipped: every prompt token not served by the prefix cache ran every FFN
+    assert ffn_rows["prefill"] == [len(chat_prompts[2]) - last.cached_tokens] * layers
 
 
 def test_cold_layers_are_never_skipped(engine, chat_prompts):

@@ -117,3 +117,14 @@ def test_models_health_version_tokenize(server):
     assert httpx.get(server.url + "/version").json()["version"]
     tok = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}).json()
     assert tok["count"] == len(tok["tokens"]) == 2
+
+
+def test_repeated_prompt_reports_cached_prompt_tokens(server, client):
+    messages = [{"role": "user", "content": "Spell the word 'prefix' backwards."}]
+    first = chat(client, messages=messages, max_tokens=5, temperature=0)
+    second = chat(client, messages=messages, max_tokens=5, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == first.choices[0].message.content
+    metrics = httpx.get(server.url + "/metrics").text
+    hits = [line for line in metrics.splitlines() if line.startswith("skipserve:prefix_cache_hit_tokens_total ")]
+    assert hits and float(hits[0].split()[1]) >= second.usage.prompt_tokens - 1
