@@ -80,6 +80,7 @@ def main():
     config.max_num_seqs, config.max_model_len = 16, 512
     if args.dtype:
         config.dtype = args.dtype
+    config.prefix_caching = False  # every run prefills its prompt, as HF generate does
     config.skip.max_budget = 1.0
     engine = LLMEngine(config)
     model = engine.runner.model
@@ -117,7 +118,7 @@ def main():
     # 2. aggregate throughput by batch size (dense)
     agg = {}
     for batch in (1, 4, 16):
-        agg[batch] = statistics.median(engine_run(engine, prompt, batch, n)[0] for _ in range(2))
+        agg[batch] = statistics.median(engine_run(engine, prompt, batch, n)[0] for _ in range(args.rounds))
     print("aggregate: " + ", ".join(f"batch {b}: {v:.1f} tok/s ({v / agg[1]:.1f}x)" for b, v in agg.items()))
     report["aggregate"] = agg
 

@@ -145,7 +145,8 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="skipserve base URL")
+    p.add_argument("--url", action="append", default=[],
+                   help="skipserve base URL, optionally LABEL=URL (repeatable; default http://127.0.0.1:8000)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--budgets", default="0,0.25", help="ffn_skip budgets to measure on skipserve")
     p.add_argument("--peer", action="append", default=[], help="another OpenAI-compatible base URL (repeatable)")
@@ -157,8 +158,10 @@ def main():
     p.add_argument("--out", default="bench/out")
     args = p.parse_args()
 
-    targets = [Target(f"skipserve budget {float(b):g}", args.url, args.model,
-                      {"ffn_skip": {"budget": float(b)}} if float(b) else {}) for b in args.budgets.split(",")]
+    urls = [u.split("=", 1) if "=" in u else ["", u] for u in args.url or ["http://127.0.0.1:8000"]]
+    targets = [Target(f"skipserve{f' {label}' if label else ''} budget {float(b):g}", url, args.model,
+                      {"ffn_skip": {"budget": float(b)}} if float(b) else {})
+               for label, url in urls for b in args.budgets.split(",")]
     targets += [Target(f"peer {u}", u, args.peer_model or args.model, {}) for u in args.peer]
     rows = []
     for c in [int(x) for x in args.concurrency.split(",")]:

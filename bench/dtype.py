@@ -1,0 +1,83 @@
+"""fp32 vs bf16 weights on CPU (activations, norms, attention and KV stay fp32 in both): what bf16
+costs in quality against fp32 on the same checkpoint, and what it buys in decode speed, measured
+side by side in one run (speed alternating A B A B, medians).
+
+    .venv/bin/python bench/dtype.py --out bench/out
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.decode import PROMPT, engine_run  # noqa: E402
+from bench.quality import DATA, greedy, teacher_forced  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.sampling_params import SkipParams  # noqa: E402
+from server.config_file import load_config, preset_path  # noqa: E402
+
+
+def build(preset: str, dtype: str) -> LLMEngine:
+    config = load_config(preset_path(preset))
+    config.dtype, config.max_num_seqs, config.max_model_len = dtype, 32, 512
+    config.prefix_caching = False  # every run prefills its prompt: same work for both engines
+    return LLMEngine(config)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smollm2-135m-instruct")
+    p.add_argument("--gen-tokens", type=int, default=48)
+    p.add_argument("--new-tokens", type=int, default=128, help="decode length of the speed runs")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    args = p.parse_args()
+    engines = {dtype: build(args.preset, dtype) for dtype in ("float32", "bfloat16")}
+    tok = engines["float32"].tokenizer
+    texts = [tok.encode(t) for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in json.loads((DATA / "prompts.json").read_text())]
+    dense = SkipParams(budget=0.0)
+
+    tf = {d: teacher_forced(e, texts, dense) for d, e in engines.items()}
+    gen = {d: greedy(e, prompts, dense, args.gen_tokens)[0] for d, e in engines.items()}
+    a, b = gen["float32"], gen["bfloat16"]
+    prefix = sum(next((i for i, (x, y) in enumerate(zip(g, h)) if x != y), min(len(g), len(h))) for g, h in zip(a, b))
+    quality = {
+        "top1_agreement": float((tf["float32"][0] == tf["bfloat16"][0]).float().mean()),
+        "nll_fp32": float(tf["float32"][1].mean()), "nll_bf16": float(tf["bfloat16"][1].mean()),
+        "greedy_prefix_agreement": prefix / sum(min(len(g), len(h)) for g, h in zip(a, b)),
+    }
+
+    prompt = tok.encode_chat([{"role": "user", "content": PROMPT}])
+    speed = {}
+    for batch in (1, 4, 16):
+        runs = {d: [] for d in engines}
+        for _ in range(args.rounds):
+            for d, e in engines.items():
+                runs[d].append(engine_run(e, prompt, batch, args.new_tokens)[0])
+        speed[batch] = {d: statistics.median(v) for d, v in runs.items()}
+
+    lines = [f"command: {' '.join(sys.argv)}", f"model {args.preset}, threads {torch.get_num_threads()}, "
+             f"{len(texts)} held-out texts teacher-forced, {len(prompts)} prompts x {args.gen_tokens} greedy tokens", "",
+             f"bf16 vs fp32 weights: teacher-forced top-1 agreement {quality['top1_agreement']:.3f}, NLL "
+             f"{quality['nll_fp32']:.3f} -> {quality['nll_bf16']:.3f} ({quality['nll_bf16'] - quality['nll_fp32']:+.3f}), "
+             f"greedy tokens before divergence {quality['greedy_prefix_agreement']:.3f}", "",
+             "| batch | fp32 tok/s | bf16 tok/s | bf16 / fp32 |", "|---:|---:|---:|---:|"]
+    for batch, s in speed.items():
+        lines.append(f"| {batch} | {s['float32']:.1f} | {s['bfloat16']:.1f} | {s['bfloat16'] / s['float32']:.2f}x |")
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dtype.json").write_text(json.dumps({"command": " ".join(sys.argv), "quality": quality, "speed": speed}, indent=1))
+    (out / "dtype.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
