@@ -43,7 +43,6 @@ class LLMEngine:
         self.layer_ffn_total = [0] * self.model_config.num_layers
         self.layer_ffn_skipped = [0] * self.model_config.num_layers
         self.prompt_tokens_total = 0
-        self.prompt_tokens_cached_total = 0
         self.generation_tokens_total = 0
 
     # ---- requests -------------------------------------------------------------------------
@@ -126,6 +125,10 @@ class LLMEngine:
         return self.scheduler.has_work
 
     @property
+    def prompt_tokens_cached_total(self) -> int:
+        return self.scheduler.cached_tokens_total
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -143,8 +146,6 @@ class LLMEngine:
         for chunk in batch.prefills:
             self.scheduler.on_computed(chunk.seq, chunk.end)
             stats.prompt_tokens += chunk.end - chunk.start
-            if chunk.start == chunk.seq.cached_tokens:
-                self.prompt_tokens_cached_total += chunk.start
         for seq in batch.decodes:
             self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
         outputs = []

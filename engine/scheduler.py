@@ -40,6 +40,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.cached_tokens_total = 0  # prompt tokens admitted with their K/V already in a slot
 
     @property
     def has_work(self) -> bool:
@@ -53,6 +54,7 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.slot, seq.num_computed = self.slots.allocate_for_prompt(seq.seq_id, seq.prompt_ids)
             seq.cached_tokens = seq.dense_kv = seq.num_computed
+            self.cached_tokens_total += seq.cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         batch = ScheduledBatch()

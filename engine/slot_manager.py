@@ -62,9 +62,9 @@ class SlotManager:
         last token is always left to compute: its forward pass produces the first logits."""
         best, best_len = None, 0
         if self.prefix_caching:
-            for slot in self._free:
+            for slot in sorted(self._free):  # ties go to the lowest slot
                 n = common_prefix(self._cached.get(slot, ()), prompt_ids)
-                if n > best_len or (n == best_len and best is not None and n and slot < best):
+                if n > best_len:
                     best, best_len = slot, n
         if best is None:
             return self.allocate(seq_id), 0

@@ -78,7 +78,7 @@ def build_config(args) -> EngineConfig:
                                                  "max_prefill_tokens", "prefix_caching") if getattr(args, k) is not None}
     config = replace(config, **overrides)
     skip = {k.removeprefix("skip_"): v for k, v in vars(args).items() if k.startswith("skip_") and v is not None}
-    config.skip = replace(config.skip, **{("policy" if k == "policy" else k): v for k, v in skip.items()})
+    config.skip = replace(config.skip, **skip)
     return config
 
 

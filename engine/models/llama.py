@@ -29,7 +29,7 @@ class LlamaLayer:
             return weights[prefix + name].to(device=device, dtype=dtype)
 
         def maybe(name):
-            return w(name, act_dtype) if prefix + name in weights else None
+            return w(name) if prefix + name in weights else None
 
         self.cfg = cfg
         self.input_norm = w("input_layernorm.weight", act_dtype)
