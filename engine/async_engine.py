@@ -8,8 +8,9 @@ pushes each step's output deltas back into per-request asyncio queues.
 All tensor work, loading included, happens on that one thread. GNU OpenMP keeps a worker team per
 thread that enters a parallel region; once a second team exists the process has more OpenMP
 threads than cores and libgomp stops spinning between regions, so every GEMM pays a futex
-wake-up. Loading in a helper thread and stepping in another made decode 35-40% slower (measured:
-bf16 batch 1, 24 vs 39 tok/s; batch 16, 217 vs 329).
+wake-up. Loading in a helper thread and stepping in another made decode 35-40% slower; `bench/gemm.py`
+shows the effect on the GEMMs alone (bf16, 1 row: 21.9 ms a step from a second thread, 13.9 ms
+from the thread that owns the only team).
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
 On CPU the weight is reordered once, at load, into oneDNN's blocked layout for its matmul
 primitive (the same pre-packing torch's inductor does when it freezes a model), and every call
-runs that primitive directly. Measured on the 2-core AMD EPYC CI machines, 30 SmolLM2 layers
-(qkv, o, gate|up, down) with weights cold in DRAM: fp32 21 ms a step at 1 row and 27 ms at 16
-rows, vs 36 and 52 ms for `F.linear` (MKL) on the plain layout; bf16 12.5 vs 18 ms and 16 vs
-27 ms. Elsewhere (CUDA, or a torch without oneDNN) it is `F.linear`.
+runs that primitive directly. `bench/gemm.py` on the 2-core AMD EPYC CI machines, 30 SmolLM2
+layers (qkv, o, gate|up, down) with weights cold in DRAM: fp32 24 ms a step at 1 row and 42 ms
+at 16 rows, vs 36 and 112 ms for `F.linear` (MKL) on the plain layout; bf16 14 vs 25 ms and 15
+vs 39 ms. Elsewhere (CUDA, or a torch without oneDNN) it is `F.linear`.
 
 Weights may be held in a narrower dtype than the activations (bf16 weights with fp32
 activations on CPU): the input is cast to the weight dtype and the output back.
