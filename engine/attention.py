@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.native import ops as native_ops
+
 
 @dataclass
 class AttentionMetadata:
@@ -27,6 +29,7 @@ class AttentionMetadata:
     context_len: int = 0  # L: longest context in the batch, incl. the new token
     slots_are_rows: bool = False  # slot_ids == arange(B): no scatter of queries needed
     slot_lengths: torch.Tensor | None = None  # [S] context length per slot of the view (0 = unused)
+    row_lengths: torch.Tensor | None = None  # [B] context length per row, incl. the new token
     dtype: torch.dtype = torch.float32
     segments: list["AttentionMetadata"] | None = None  # prefill of several sequences in one forward
     _masks: dict = field(default_factory=dict)  # window -> mask, built once per step
@@ -49,7 +52,8 @@ class AttentionMetadata:
     def for_decode(cls, slot_ids: list[int], positions: list[int], device, dtype) -> "AttentionMetadata":
         num_slots = max(slot_ids) + 1
         lengths = torch.zeros(num_slots, dtype=torch.long)
-        lengths[slot_ids] = torch.tensor(positions) + 1
+        row_lengths = torch.tensor(positions) + 1
+        lengths[slot_ids] = row_lengths
         return cls(
             positions=torch.tensor(positions, device=device),
             is_prefill=False,
@@ -58,6 +62,7 @@ class AttentionMetadata:
             context_len=max(positions) + 1,
             slots_are_rows=slot_ids == list(range(len(slot_ids))),
             slot_lengths=lengths.to(device),
+            row_lengths=row_lengths.to(device),
             dtype=dtype,
         )
 
@@ -115,6 +120,8 @@ def _decode(q, k, v, k_cache, v_cache, meta, scale, window):
     group = num_heads // num_kv
     k_cache[meta.slot_ids, :, meta.positions] = k
     v_cache[meta.slot_ids, :, meta.positions] = v
+    if native_ops.decode_attention_supported(q, k_cache):
+        return native_ops.decode_attention(q, k_cache, v_cache, meta.slot_ids, meta.row_lengths, scale, window)
     slots, length = meta.num_slots_view, meta.context_len
     keys = k_cache[:slots, :, :length]  # [S, KV, L, D] strided view, no copy
     values = v_cache[:slots, :, :length]

@@ -14,6 +14,7 @@ import torch
 
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
+from engine import native
 from engine.kv_cache import KVCache
 from engine.loader import load_state_dict
 from engine.models import build_model
@@ -51,6 +52,8 @@ class ModelRunner:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            native.load(config.cache_dir)  # C++ kernels for decode attention (torch path without them)
         self.model_config = model_config
         t0 = time.perf_counter()
         state = load_state_dict(hf_dir)

@@ -1,0 +1,94 @@
+"""Compile, cache and open the C++ kernels (see `engine/native/__init__.py`)."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from engine.loader import cache_root
+
+log = logging.getLogger("skipserve.native")
+
+SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+_i64p, _f32p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
+_int, _float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {
+    # q, k_cache, v_cache, slot_ids, lengths, out, rows, heads, kv_heads, dim, max_len, window, scale, threads
+    "decode_attention_f32": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int, _int, _int, _float, _int],
+}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def kernels() -> ctypes.CDLL | None:
+    """The loaded library, or None (not loaded, unavailable or disabled)."""
+    return _lib
+
+
+def load(cache_dir: str | None = None) -> ctypes.CDLL | None:
+    """Build (first time on this machine) and open the kernels; None when they are unavailable."""
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("SKIPSERVE_NATIVE", "1") == "0":
+            log.info("native CPU kernels disabled (SKIPSERVE_NATIVE=0)")
+            return None
+        try:
+            path = _build(Path(cache_root(cache_dir)) / "native")
+            lib = ctypes.CDLL(str(path))
+            for name, args in SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = args, None
+            _lib = lib
+        except Exception as exc:  # no compiler, a failed build, an unloadable library: torch paths
+            log.warning("native CPU kernels unavailable (%s); using torch kernels", exc)
+        return _lib
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler (g++) found")
+    return cxx
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(root: Path) -> Path:
+    cxx = _compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256()
+    for part in [version, " ".join(FLAGS), _cpu_signature()] + [p.read_text() for p in SOURCES]:
+        digest.update(part.encode())
+    target = root / f"skipserve_native-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("compiling native CPU kernels -> %s", target)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"g++ failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(out, target)  # atomic: a concurrent start sees all of it or none
+    return target
