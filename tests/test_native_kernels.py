@@ -2,6 +2,7 @@
 models use: grouped queries, rows on scattered slots of different lengths, sliding windows."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine import native
 from engine.attention import AttentionMetadata, _decode
@@ -41,3 +42,27 @@ def test_decode_attention_matches_torch(kernels, monkeypatch, heads, kv_heads, d
         ref = torch_decode(monkeypatch, q, k, v, ref_kc, ref_vc, meta, dim ** -0.5, window)
         assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)  # the new K/V written the same way
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (16, 576), (960, 576), (32, 34)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("backend", ["native", "onednn"])
+def test_linear_matches_torch(kernels, dtype, out_features, in_features, with_bias, backend):
+    """Every row count the kernels tile differently (1-2 rows: single blocks; more: pairs of blocks
+    in tiles of 6 rows), an odd number of blocks, with and without bias; and the oneDNN backend
+    used where the kernels are not available. fp32 against F.linear;
+    bf16 against F.linear on the input rounded to bf16, summed in fp32."""
+    from engine.models.linear import Linear
+
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    weight = (torch.randn(out_features, in_features, generator=gen) * 0.05).to(dtype)
+    bias = torch.randn(out_features, generator=gen) if with_bias else None
+    layer = Linear(weight, bias, backend)
+    assert backend == "onednn" or Linear(weight, bias).backend == "native"  # chosen by default here
+    for rows in (1, 2, 3, 7, 13, 64):
+        x = torch.randn(rows, in_features, generator=gen)
+        ref = F.linear(x.to(dtype).float(), weight.float(), bias)
+        # oneDNN's bf16 matmul also hands back bf16: its output carries bf16 rounding
+        tol = 1e-2 if backend == "onednn" and dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(layer(x), ref, rtol=tol, atol=tol)

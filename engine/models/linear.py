@@ -1,43 +1,60 @@
-"""A dense linear layer whose weight is stored the way the device's GEMM wants it.
+"""A dense linear layer whose weight is stored the way the device's kernel wants it.
 
-On CPU the weight is reordered once, at load, into oneDNN's blocked layout for its matmul
-primitive (the same pre-packing torch's inductor does when it freezes a model), and every call
-runs that primitive directly. `bench/gemm.py` on the 2-core AMD EPYC CI machines, 30 SmolLM2
-layers (qkv, o, gate|up, down) with weights cold in DRAM: fp32 24 ms a step at 1 row and 42 ms
-at 16 rows, vs 36 and 112 ms for `F.linear` (MKL) on the plain layout; bf16 14 vs 25 ms and 15
-vs 39 ms. Elsewhere (CUDA, or a torch without oneDNN) it is `F.linear`.
-
-Weights may be held in a narrower dtype than the activations (bf16 weights with fp32
-activations on CPU): the input is cast to the weight dtype and the output back.
+On CPU, in order of preference:
+- `native`: skipserve's own C++ kernels (`engine/native/linear*.cpp`) on a 16-output blocked
+  layout, when they are built and vectorized for this CPU (AVX-512; AVX512-BF16 for bf16
+  weights). fp32 activations in and out, no casts; bf16 weights round the input to bf16 and sum in
+  fp32, as oneDNN does.
+- `onednn`: the weight reordered once into oneDNN's blocked layout and its matmul primitive
+  called directly (the pre-packing torch's inductor does when it freezes a model).
+- `plain`: `F.linear` (CUDA, or a torch without oneDNN).
+`bench/gemm.py` measures the three side by side. Weights may be narrower than the activations
+(bf16 weights, fp32 activations on CPU): the oneDNN and plain paths cast the input and the output.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from engine.native import ops as native_ops
+
 PACKABLE = (torch.float32, torch.bfloat16)
+BACKENDS = ("native", "onednn", "plain")
 
 
-def _can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in PACKABLE and torch.backends.mkldnn.is_available()
+def pick_backend(weight: torch.Tensor) -> str:
+    if native_ops.linear_supported(weight):
+        return "native"
+    if weight.device.type == "cpu" and weight.dtype in PACKABLE and torch.backends.mkldnn.is_available():
+        return "onednn"
+    return "plain"
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str | None = None):
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
-        self.bias = None if bias is None else bias.to(weight.dtype)
-        self.packed = _can_pack(weight)
-        # the batch-size hint only picks the blocking; measured equal speed from 1 to 16 rows
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if self.packed else weight
+        self.backend = backend or pick_backend(weight)
+        if self.backend == "native":
+            self.bias = None if bias is None else bias.float().contiguous()
+            self.weight = native_ops.block_weight(weight)
+        elif self.backend == "onednn":
+            self.bias = None if bias is None else bias.to(weight.dtype)
+            # the batch-size hint only picks the blocking; measured equal speed from 1 to 16 rows
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+        else:
+            self.bias = None if bias is None else bias.to(weight.dtype)
+            self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "native":
+            return native_ops.linear(x.float(), self.weight, self.bias).to(x.dtype)
         if x.dtype != self.dtype:
             return self._matmul(x.to(self.dtype)).to(x.dtype)
         return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
+        if self.backend == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

@@ -18,12 +18,17 @@ log = logging.getLogger("skipserve.native")
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-_i64p, _f32p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
 _int, _float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     # q, k_cache, v_cache, slot_ids, lengths, out, rows, heads, kv_heads, dim, max_len, window, scale, threads
     "decode_attention_f32": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int, _int, _int, _float, _int],
+    # x, w, bias (or None), y, rows, in, out, threads
+    "linear_f32": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
+    "linear_bf16": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
+    "linear_f32_vectorized": [],
+    "linear_bf16_vectorized": [],
 }
+RESTYPES = {"linear_f32_vectorized": ctypes.c_int, "linear_bf16_vectorized": ctypes.c_int}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -50,7 +55,7 @@ def load(cache_dir: str | None = None) -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(path))
             for name, args in SIGNATURES.items():
                 fn = getattr(lib, name)
-                fn.argtypes, fn.restype = args, None
+                fn.argtypes, fn.restype = args, RESTYPES.get(name)
             _lib = lib
         except Exception as exc:  # no compiler, a failed build, an unloadable library: torch paths
             log.warning("native CPU kernels unavailable (%s); using torch kernels", exc)

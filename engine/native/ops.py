@@ -23,3 +23,39 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.data_ptr(), rows, heads, k_cache.shape[1], dim, k_cache.shape[2], window or 0, scale,
         torch.get_num_threads())
     return out
+
+
+BLOCK = 16  # outputs per weight block (engine/native/linear.cpp)
+_LINEAR = {torch.float32: "linear_f32", torch.bfloat16: "linear_bf16"}
+
+
+def linear_supported(weight: torch.Tensor) -> bool:
+    """Only where the kernels are vectorized for this CPU (AVX-512; AVX512-BF16 for bf16): elsewhere
+    oneDNN is the faster choice."""
+    lib = kernels()
+    if lib is None or weight.device.type != "cpu" or weight.shape[0] % BLOCK:
+        return False
+    if weight.dtype == torch.float32:
+        return bool(lib.linear_f32_vectorized())
+    return weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and bool(lib.linear_bf16_vectorized())
+
+
+def block_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> fp32: [out / 16, in, 16]; bf16: [out / 16, in / 2, 16, 2] (the layouts the kernels
+    stream, see engine/native/linear*.cpp)."""
+    out, inp = weight.shape
+    if weight.dtype == torch.bfloat16:
+        return weight.view(out // BLOCK, BLOCK, inp // 2, 2).transpose(1, 2).contiguous()
+    return weight.view(out // BLOCK, BLOCK, inp).transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x: [rows, in] fp32; blocked: from `block_weight`; bias: [out] fp32 or None -> [rows, out] fp32."""
+    x = x.contiguous()
+    rows, inp = x.shape
+    out = blocked.shape[0] * BLOCK
+    y = torch.empty(rows, out, dtype=torch.float32)
+    getattr(kernels(), _LINEAR[blocked.dtype])(
+        x.data_ptr(), blocked.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+        rows, inp, out, torch.get_num_threads())
+    return y

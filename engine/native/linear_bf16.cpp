@@ -1,0 +1,142 @@
+// y = x W^T (+ b) on bf16 weights: x rounded to bf16 (round to nearest even, as torch's
+// .to(bfloat16)), products summed in fp32, as oneDNN's bf16 matmul does.
+//
+// Weight layout: [out / 16, in / 2, 16, 2]: block b holds outputs 16b..16b+15, and for each pair
+// of inputs (2k, 2k+1) the 16 outputs' two weights side by side, which is the operand
+// AVX512-BF16's dot-product instruction takes: one 64-byte load and one instruction give 16
+// outputs x 2 inputs of one row. Each thread streams its own run of blocks.
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int BLOCK = 16;
+
+inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) return static_cast<uint16_t>((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+    return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#if defined(__AVX512BF16__)
+// R rows against NB neighbouring blocks; xp holds each row's inputs as bf16 pairs (one 32-bit
+// word per pair). One or two rows: four accumulator chains per row hide the instruction latency.
+template <int R, int NB>
+void blocks_rows(const uint32_t* xp, int64_t x_stride, const uint16_t* w, int pairs, const float* bias, float* y,
+                 int64_t y_stride) {
+    constexpr int CHAINS = (R * NB >= 8) ? 1 : (R * NB >= 4 ? 2 : 4);
+    __m512 acc[CHAINS][NB][R];
+    for (int c = 0; c < CHAINS; ++c)
+        for (int n = 0; n < NB; ++n)
+            for (int r = 0; r < R; ++r) acc[c][n][r] = _mm512_setzero_ps();
+    const int64_t block_stride = static_cast<int64_t>(pairs) * 2 * BLOCK;
+    int k = 0;
+    for (; k + CHAINS <= pairs; k += CHAINS) {
+        for (int c = 0; c < CHAINS; ++c) {
+            __m512bh wv[NB];
+            for (int n = 0; n < NB; ++n)
+                wv[n] = (__m512bh)_mm512_loadu_si512(w + n * block_stride + static_cast<int64_t>(k + c) * 2 * BLOCK);
+            for (int r = 0; r < R; ++r) {
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[r * x_stride + k + c]));
+                for (int n = 0; n < NB; ++n) acc[c][n][r] = _mm512_dpbf16_ps(acc[c][n][r], wv[n], xv);
+            }
+        }
+    }
+    for (; k < pairs; ++k) {
+        for (int n = 0; n < NB; ++n) {
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + n * block_stride + static_cast<int64_t>(k) * 2 * BLOCK);
+            for (int r = 0; r < R; ++r)
+                acc[0][n][r] = _mm512_dpbf16_ps(acc[0][n][r], wv, (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[r * x_stride + k])));
+        }
+    }
+    for (int n = 0; n < NB; ++n) {
+        const __m512 b = bias ? _mm512_loadu_ps(bias + n * BLOCK) : _mm512_setzero_ps();
+        for (int r = 0; r < R; ++r) {
+            __m512 sum = acc[0][n][r];
+            for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, acc[c][n][r]);
+            _mm512_storeu_ps(y + r * y_stride + n * BLOCK, _mm512_add_ps(sum, b));
+        }
+    }
+}
+
+template <int NB>
+void tile_rows(const uint32_t* xp, int rows, int pairs, const uint16_t* w, const float* bias, float* y, int out) {
+    constexpr int TILE = 6;
+    for (int r = 0; r < rows; r += TILE) {
+        const uint32_t* xr = xp + static_cast<int64_t>(r) * pairs;
+        float* yr = y + static_cast<int64_t>(r) * out;
+        switch (rows - r < TILE ? rows - r : TILE) {
+            case 1: blocks_rows<1, NB>(xr, pairs, w, pairs, bias, yr, out); break;
+            case 2: blocks_rows<2, NB>(xr, pairs, w, pairs, bias, yr, out); break;
+            case 3: blocks_rows<3, NB>(xr, pairs, w, pairs, bias, yr, out); break;
+            case 4: blocks_rows<4, NB>(xr, pairs, w, pairs, bias, yr, out); break;
+            case 5: blocks_rows<5, NB>(xr, pairs, w, pairs, bias, yr, out); break;
+            case 6: blocks_rows<6, NB>(xr, pairs, w, pairs, bias, yr, out); break;
+        }
+    }
+}
+#endif
+
+}  // namespace
+
+// x [rows, in] fp32 (in even); w [out/16, in/2, 16, 2] bf16 bits; bias [out] fp32 or null; y [rows, out] fp32.
+extern "C" void linear_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int rows, int in,
+                            int out, int threads) {
+    const int blocks = out / BLOCK, pairs = in / 2;
+    std::vector<uint16_t> xh(static_cast<size_t>(rows) * in);
+    for (size_t i = 0; i < xh.size(); ++i) xh[i] = to_bf16(x[i]);
+#if defined(__AVX512BF16__)
+    const uint32_t* xp = reinterpret_cast<const uint32_t*>(xh.data());
+    const int nb = rows <= 2 ? 1 : 2;
+    const int tasks = (blocks + nb - 1) / nb;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < tasks; ++t) {
+        const int b = t * nb;
+        const uint16_t* wb = w + static_cast<int64_t>(b) * in * BLOCK;
+        const float* bb = bias ? bias + b * BLOCK : nullptr;
+        if (blocks - b >= 2 && nb == 2)
+            tile_rows<2>(xp, rows, pairs, wb, bb, y + b * BLOCK, out);
+        else
+            tile_rows<1>(xp, rows, pairs, wb, bb, y + b * BLOCK, out);
+    }
+#else
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int b = 0; b < blocks; ++b) {
+        const uint16_t* wb = w + static_cast<int64_t>(b) * in * BLOCK;
+        for (int r = 0; r < rows; ++r) {
+            float acc[BLOCK];
+            for (int j = 0; j < BLOCK; ++j) acc[j] = bias ? bias[b * BLOCK + j] : 0.0f;
+            const uint16_t* xr = xh.data() + static_cast<int64_t>(r) * in;
+            for (int i = 0; i < in; ++i) {
+                const float xi = from_bf16(xr[i]);
+                const uint16_t* wi = wb + static_cast<int64_t>(i / 2) * 2 * BLOCK + (i & 1);
+                for (int j = 0; j < BLOCK; ++j) acc[j] += xi * from_bf16(wi[2 * j]);
+            }
+            std::memcpy(y + static_cast<int64_t>(r) * out + b * BLOCK, acc, sizeof acc);
+        }
+    }
+#endif
+}
+
+// 1 when this build has the AVX512-BF16 kernels (else the scalar loops: callers prefer oneDNN then).
+extern "C" int linear_bf16_vectorized() {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
