@@ -118,10 +118,10 @@ def _decode(q, k, v, k_cache, v_cache, meta, scale, window):
     rows, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
+    if native_ops.decode_attention_supported(q, k_cache):  # writes k, v into the cache itself
+        return native_ops.decode_attention(q, k, v, k_cache, v_cache, meta.slot_ids, meta.row_lengths, scale, window)
     k_cache[meta.slot_ids, :, meta.positions] = k
     v_cache[meta.slot_ids, :, meta.positions] = v
-    if native_ops.decode_attention_supported(q, k_cache):
-        return native_ops.decode_attention(q, k_cache, v_cache, meta.slot_ids, meta.row_lengths, scale, window)
     slots, length = meta.num_slots_view, meta.context_len
     keys = k_cache[:slots, :, :length]  # [S, KV, L, D] strided view, no copy
     values = v_cache[:slots, :, :length]

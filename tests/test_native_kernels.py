@@ -40,7 +40,7 @@ def test_decode_attention_matches_torch(kernels, monkeypatch, heads, kv_heads, d
         ours = _decode(q, k, v, kc, vc, meta, dim ** -0.5, window)
         ref_kc, ref_vc = k_cache.clone(), v_cache.clone()
         ref = torch_decode(monkeypatch, q, k, v, ref_kc, ref_vc, meta, dim ** -0.5, window)
-        assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)  # the new K/V written the same way
+        assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)  # the kernel writes the new K/V itself
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -66,3 +66,25 @@ def test_linear_matches_torch(kernels, dtype, out_features, in_features, with_bi
         # oneDNN's bf16 matmul also hands back bf16: its output carries bf16 rounding
         tol = 1e-2 if backend == "onednn" and dtype == torch.bfloat16 else 1e-4
         torch.testing.assert_close(layer(x), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (16, 576), (3, 4, 256), (300, 640)])
+def test_rms_norm_matches_torch(kernels, shape):
+    from engine.models.llama import rms_norm
+
+    gen = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=gen) * 3
+    weight = torch.randn(shape[-1], generator=gen)
+    ours = rms_norm(x, weight, 1e-5)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight  # HF's formula
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 200])
+def test_silu_mul_matches_torch(kernels, rows):
+    from engine.models.llama import silu_mul
+
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * 1536, generator=gen) * 8  # tails well past exp's clamps
+    gate, up = gate_up.chunk(2, -1)
+    torch.testing.assert_close(silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from engine.attention import attend
 from engine.config import ModelConfig
 from engine.models.linear import Linear
-from engine.models.llama import LlamaModel
+from engine.models.llama import LlamaModel, rms_norm
 from engine.models.rope import RotaryEmbedding, apply_rotary
 
 
 def gemma_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x.float(), weight_plus_one.shape, weight_plus_one, eps).to(x.dtype)
+    return rms_norm(x.float(), weight_plus_one, eps).to(x.dtype)
 
 
 class Gemma3Layer:

@@ -12,12 +12,23 @@ from engine.attention import AttentionMetadata, attend
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.models.linear import Linear
+from engine.native import ops as native_ops
 from engine.models.rope import RotaryEmbedding, apply_rotary
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One fused kernel (bit-identical to HF's fp32 formula on fp32 activations)."""
+    """One pass: skipserve's C++ kernel on CPU fp32, else torch's (bit-identical to HF's fp32 formula)."""
+    if native_ops.elementwise_supported(x):
+        return native_ops.rms_norm(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[N, 2 * inter] (gate | up) -> silu(gate) * up."""
+    if native_ops.elementwise_supported(gate_up):
+        return native_ops.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
 
 
 class LlamaLayer:
@@ -56,8 +67,7 @@ class LlamaLayer:
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """The FFN residual branch FFN(norm2(h)); the gate adds it to h (or skips it)."""
-        gate, up = self.gate_up(rms_norm(h, self.post_attn_norm, self.cfg.rms_norm_eps)).chunk(2, -1)
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_mul(self.gate_up(rms_norm(h, self.post_attn_norm, self.cfg.rms_norm_eps))))
 
 
 def activation_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

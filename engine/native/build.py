@@ -17,14 +17,20 @@ from engine.loader import cache_root
 log = logging.getLogger("skipserve.native")
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 _int, _float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
-    # q, k_cache, v_cache, slot_ids, lengths, out, rows, heads, kv_heads, dim, max_len, window, scale, threads
-    "decode_attention_f32": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int, _int, _int, _float, _int],
+    # q, k_new, v_new, k_cache, v_cache, slot_ids, lengths, out, rows, heads, kv_heads, dim, max_len, window,
+    # scale, threads
+    "decode_attention_f32": [_ptr] * 8 + [_int] * 6 + [_float, _int],
     # x, w, bias (or None), y, rows, in, out, threads
     "linear_f32": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
     "linear_bf16": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
+    # x, weight, out, rows, dim, eps, threads
+    "rms_norm_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _float, _int],
+    # gate_up, out, rows, inter, threads
+    "silu_mul_f32": [_ptr, _ptr, ctypes.c_int64, _int, _int],
     "linear_f32_vectorized": [],
     "linear_bf16_vectorized": [],
 }
@@ -83,7 +89,7 @@ def _build(root: Path) -> Path:
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256()
-    for part in [version, " ".join(FLAGS), _cpu_signature()] + [p.read_text() for p in SOURCES]:
+    for part in [version, " ".join(FLAGS), _cpu_signature()] + [p.read_text() for p in SOURCES + HEADERS]:
         digest.update(part.encode())
     target = root / f"skipserve_native-{digest.hexdigest()[:16]}.so"
     if target.exists():

@@ -1,4 +1,5 @@
 // Decode attention on the CPU: one new query token per row against that row's KV slot.
+// Each row first writes its new key and value at position length - 1 of its slot.
 //
 // q [rows, heads, dim]; caches of one layer [slots, kv_heads, max_len, dim] (fp32, contiguous);
 // row r reads slot slot_ids[r], positions [start, length[r]) with start = length - window for
@@ -9,32 +10,13 @@
 #include <cstring>
 #include <vector>
 
+#include "fast_exp.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
-
-// exp for the softmax: Cody-Waite range reduction, degree-6 polynomial, 2^n by exponent bits.
-// Relative error ~2e-7 over the range softmax uses (x <= 0); vectorizable, unlike libm's expf.
-#pragma omp declare simd
-inline float fast_exp(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 // scores[g * span + t] = scale * <q[g], keys[t]> for the group's query heads and all keys.
 void dot_scores(const float* q, const float* keys, float* scores, int group, int64_t span, int dim, float scale) {
@@ -107,8 +89,8 @@ void weighted_sum(const float* p, const float* values, float* out, int64_t span,
 
 }  // namespace
 
-extern "C" void decode_attention_f32(const float* q, const float* k_cache, const float* v_cache,
-                                     const int64_t* slot_ids, const int64_t* lengths, float* out,
+extern "C" void decode_attention_f32(const float* q, const float* k_new, const float* v_new, float* k_cache,
+                                     float* v_cache, const int64_t* slot_ids, const int64_t* lengths, float* out,
                                      int rows, int heads, int kv_heads, int dim, int max_len,
                                      int window, float scale, int threads) {
     const int group = heads / kv_heads;
@@ -120,6 +102,9 @@ extern "C" void decode_attention_f32(const float* q, const float* k_cache, const
         const int64_t start = (window > 0 && length > window) ? length - window : 0;
         const int64_t span = length - start;
         const int64_t base = (slot_ids[row] * kv_heads + kv) * static_cast<int64_t>(max_len) * dim;
+        const int64_t fresh = (static_cast<int64_t>(row) * kv_heads + kv) * dim;
+        std::memcpy(k_cache + base + (length - 1) * dim, k_new + fresh, sizeof(float) * dim);
+        std::memcpy(v_cache + base + (length - 1) * dim, v_new + fresh, sizeof(float) * dim);
         const float* keys = k_cache + base + start * dim;
         const float* values = v_cache + base + start * dim;
         const float* qg = q + (static_cast<int64_t>(row) * heads + kv * group) * dim;

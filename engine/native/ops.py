@@ -11,15 +11,16 @@ def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and k_cache.dtype == torch.float32 and k_cache.is_contiguous())
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
-                     lengths: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
-    """q: [B, H, D] fp32; caches: [slots, KV, max_len, D] of one layer; slot_ids, lengths: [B] int64
-    (lengths include the new token, already written) -> [B, H*D]."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_ids: torch.Tensor, lengths: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """q: [B, H, D] fp32; k, v: [B, KV, D], the new token's, written at position lengths - 1 of each
+    row's slot; caches: [slots, KV, max_len, D] of one layer; slot_ids, lengths: [B] int64 -> [B, H*D]."""
     rows, heads, dim = q.shape
-    q = q.contiguous()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(rows, heads * dim, dtype=q.dtype)
     kernels().decode_attention_f32(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_ids.data_ptr(), lengths.data_ptr(),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_ids.data_ptr(),
+        lengths.data_ptr(),
         out.data_ptr(), rows, heads, k_cache.shape[1], dim, k_cache.shape[2], window or 0, scale,
         torch.get_num_threads())
     return out
@@ -59,3 +60,26 @@ def linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) ->
         x.data_ptr(), blocked.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
         rows, inp, out, torch.get_num_threads())
     return y
+
+
+def elementwise_supported(x: torch.Tensor) -> bool:
+    return kernels() is not None and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of an fp32 tensor of any shape (weight fp32 [dim])."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    kernels().rms_norm_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps,
+                           torch.get_num_threads())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2 * inter] (gate | up) -> [rows, inter] = silu(gate) * up."""
+    gate_up = gate_up.contiguous()
+    rows, width = gate_up.shape
+    out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+    kernels().silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+    return out

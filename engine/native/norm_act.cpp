@@ -1,0 +1,40 @@
+// The per-token elementwise ops of a decoder layer, one pass each instead of torch's 4-6 kernels:
+// RMSNorm and SiLU(gate) * up, fp32, rows split over the caller's OpenMP team when there are
+// enough of them (a decode step's few rows run on the calling thread: a parallel region would
+// cost more than the work).
+#include <cmath>
+#include <cstdint>
+
+#include "fast_exp.h"
+
+namespace {
+constexpr int64_t PARALLEL_MIN_ELEMENTS = 1 << 16;
+}
+
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, as HF's LlamaRMSNorm computes it in fp32.
+extern "C" void rms_norm_f32(const float* x, const float* weight, float* out, int64_t rows, int dim, float eps,
+                             int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * dim >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * dim;
+        float* o = out + r * dim;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int d = 0; d < dim; ++d) squares += xr[d] * xr[d];
+        const float inv = 1.0f / std::sqrt(squares / dim + eps);
+#pragma omp simd
+        for (int d = 0; d < dim; ++d) o[d] = (xr[d] * inv) * weight[d];
+    }
+}
+
+// gate_up [rows, 2 * inter] (gate | up) -> out [rows, inter] = silu(gate) * up.
+extern "C" void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * inter >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* g = gate_up + r * 2 * inter;
+        const float* u = g + inter;
+        float* o = out + r * inter;
+#pragma omp simd
+        for (int d = 0; d < inter; ++d) o[d] = g[d] / (1.0f + fast_exp(-g[d])) * u[d];
+    }
+}
