@@ -88,3 +88,20 @@ def test_silu_mul_matches_torch(kernels, rows):
     gate_up = torch.randn(rows, 2 * 1536, generator=gen) * 8  # tails well past exp's clamps
     gate, up = gate_up.chunk(2, -1)
     torch.testing.assert_close(silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads, dim", [(9 + 3, 64), (4, 256)])
+def test_rope_in_place_matches_torch(kernels, heads, dim):
+    """On a q|k view of a wider qkv row, as the models call it; positions anywhere in the table."""
+    from engine.models.rope import RotaryEmbedding, apply_rotary
+
+    gen = torch.Generator().manual_seed(dim)
+    rope = RotaryEmbedding(dim, 10000.0, None, 512, "cpu", torch.float32)
+    cos, sin = rope(torch.tensor([0, 5, 511, 77]))
+    qkv = torch.randn(4, (heads + 2) * dim, generator=gen)
+    x = qkv[:, :heads * dim].view(4, heads, dim)
+    half = dim // 2
+    ref = x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin  # HF's rotate_half
+    tail = qkv[:, heads * dim:].clone()
+    torch.testing.assert_close(apply_rotary(x, cos, sin), ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(qkv[:, heads * dim:], tail)  # v untouched

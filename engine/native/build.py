@@ -31,6 +31,8 @@ SIGNATURES = {
     "rms_norm_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _float, _int],
     # gate_up, out, rows, inter, threads
     "silu_mul_f32": [_ptr, _ptr, ctypes.c_int64, _int, _int],
+    # x, cos, sin, tokens, heads, dim, token_stride, head_stride, threads
+    "rope_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _int, ctypes.c_int64, ctypes.c_int64, _int],
     "linear_f32_vectorized": [],
     "linear_bf16_vectorized": [],
 }

@@ -1,5 +1,5 @@
 // The per-token elementwise ops of a decoder layer, one pass each instead of torch's 4-6 kernels:
-// RMSNorm and SiLU(gate) * up, fp32, rows split over the caller's OpenMP team when there are
+// RMSNorm, SiLU(gate) * up and rotary embedding, fp32, rows split over the caller's OpenMP team when there are
 // enough of them (a decode step's few rows run on the calling thread: a parallel region would
 // cost more than the work).
 #include <cmath>
@@ -36,5 +36,28 @@ extern "C" void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int
         float* o = out + r * inter;
 #pragma omp simd
         for (int d = 0; d < inter; ++d) o[d] = g[d] / (1.0f + fast_exp(-g[d])) * u[d];
+    }
+}
+
+// Rotary embedding in place (HF rotate_half layout): for each token n and head h of x,
+// x[:half], x[half:] <- x1 * cos[:half] - x2 * sin[:half], x2 * cos[half:] + x1 * sin[half:].
+// x is [tokens, heads, dim] with any token and head strides (a q|k view of the qkv output);
+// cos, sin are [tokens, dim] contiguous.
+extern "C" void rope_f32(float* x, const float* cos, const float* sin, int64_t tokens, int heads, int dim,
+                         int64_t token_stride, int64_t head_stride, int threads) {
+    const int half = dim / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (tokens * heads * dim >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t n = 0; n < tokens; ++n) {
+        const float* c = cos + n * dim;
+        const float* s = sin + n * dim;
+        for (int h = 0; h < heads; ++h) {
+            float* v = x + n * token_stride + h * head_stride;
+#pragma omp simd
+            for (int i = 0; i < half; ++i) {
+                const float x1 = v[i], x2 = v[i + half];
+                v[i] = x1 * c[i] - x2 * s[i];
+                v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+            }
+        }
     }
 }

@@ -83,3 +83,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
     kernels().silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
     return out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in place on x [N, H, D] (unit stride over D); cos, sin: [N, D] -> x."""
+    tokens, heads, dim = x.shape
+    assert x.stride(2) == 1
+    cos, sin = cos.contiguous(), sin.contiguous()
+    kernels().rope_f32(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, dim, x.stride(0), x.stride(1),
+                       torch.get_num_threads())
+    return x
