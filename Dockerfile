@@ -7,6 +7,9 @@ ARG TORCH_INDEX_URL=""
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SKIPSERVE_CACHE=/models/cache
 
+# g++ builds skipserve's CPU kernels (engine/native) on first start, for the CPU it runs on;
+# without it the server runs on torch's kernels only.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 skipserve
 WORKDIR /app
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC" \

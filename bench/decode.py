@@ -1,5 +1,7 @@
-"""Decode speed: engine vs HF `generate` at batch 1, aggregate tok/s at batch 1/4/16, and dense
-vs FFN-skip rows, all measured side by side in one run (alternating A B A B, medians).
+"""Decode speed: engine vs HF `generate` at batch 1 (and against the machine's read bandwidth),
+aggregate tok/s at batch 1/4/16, dense vs FFN-skip rows, and the engine with its C++ kernels vs
+the same engine on torch + oneDNN only; all measured side by side in one run (alternating A B A
+B, medians).
 
     .venv/bin/python bench/decode.py --out bench/out
 """
@@ -17,23 +19,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
+from engine import native  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams, SkipParams  # noqa: E402
 from server.config_file import load_config, preset_path  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."
-
-
-def memory_bandwidth_gbs(mib: int = 512, repeats: int = 8) -> float:
-    """Large tensor copy: (bytes read + bytes written) / time, best of `repeats`."""
-    src = torch.ones(mib * 2**20 // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() * 4 / best / 1e9
 
 
 def engine_run(engine, prompt, batch, new_tokens, skip=None) -> tuple[float, float]:
@@ -73,6 +65,7 @@ def main():
     p.add_argument("--skip-budget", type=float, default=0.27, help="k = floor(budget * layers) FFNs per token")
     p.add_argument("--dtype", default=None, help="override the preset's dtype (float32, bfloat16)")
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-native-ab", action="store_true", help="skip the native-kernels vs torch comparison")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = p.parse_args()
 
@@ -87,21 +80,19 @@ def main():
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     wb = model.weight_bytes()
     bytes_per_token = sum(wb.values())
-    bw = memory_bandwidth_gbs()
-    bound = bw * 1e9 / bytes_per_token
     print(f"command: {' '.join(sys.argv)}")
     print(f"model {args.preset} dtype {engine.runner.dtype} device {engine.runner.device} "
           f"threads {torch.get_num_threads()} prompt {len(prompt)} tokens, {args.new_tokens} new tokens")
     print(f"weights read per token: {bytes_per_token / 1e6:.0f} MB (FFN {wb['ffn'] / 1e6:.0f}, attention "
-          f"{wb['attention'] / 1e6:.0f}, lm_head {wb['lm_head'] / 1e6:.0f}); copy bandwidth {bw:.1f} GB/s "
-          f"-> batch-1 bound {bound:.1f} tok/s")
+          f"{wb['attention'] / 1e6:.0f}, lm_head {wb['lm_head'] / 1e6:.0f})")
     n = args.new_tokens
     engine_run(engine, prompt, 1, 16)  # warm-up
-    report = {"command": " ".join(sys.argv), "bandwidth_gbs": bw, "weight_bytes": wb, "bound_tok_s": bound,
-              "threads": torch.get_num_threads(), "dtype": str(engine.runner.dtype), "rows": []}
+    report = {"command": " ".join(sys.argv), "weight_bytes": wb, "threads": torch.get_num_threads(),
+              "dtype": str(engine.runner.dtype), "rows": []}
 
-    # 1. engine vs HF generate, batch 1, same weights and dtype
-    fns = {"engine": lambda: engine_run(engine, prompt, 1, n)[0]}
+    # 1. engine vs HF generate, batch 1, same weights and dtype; the read bandwidth is sampled in
+    # the same alternation (this machine's bandwidth drifts with its neighbours' load)
+    fns = {"engine": lambda: engine_run(engine, prompt, 1, n)[0], "bandwidth": read_bandwidth_gbs}
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
@@ -110,6 +101,10 @@ def main():
         fns["hf_generate"] = lambda: hf_run(hf, prompt, n)
     res = alternate(fns, args.rounds)
     med = {k: statistics.median(v) for k, v in res.items()}
+    bound = med["bandwidth"] * 1e9 / bytes_per_token
+    report.update(bandwidth_gbs=med["bandwidth"], bound_tok_s=bound)
+    print(f"read bandwidth {med['bandwidth']:.1f} GB/s (median of {args.rounds}, samples "
+          f"{', '.join(f'{b:.1f}' for b in res['bandwidth'])}) -> batch-1 bound {bound:.1f} tok/s")
     print(f"\nbatch 1: engine {med['engine']:.1f} tok/s ({med['engine'] / bound:.0%} of the bandwidth bound)"
           + (f", HF generate {med['hf_generate']:.1f} tok/s, ratio {med['engine'] / med['hf_generate']:.2f}x"
              if "hf_generate" in med else ""))
@@ -141,6 +136,24 @@ def main():
         report["rows"].append(row)
         print(f"| {batch} | {dense:.1f} | {skipped:.1f} | {realized:.3f} | {speedup:.3f}x | {ceiling:.3f}x | "
               f"{speedup / ceiling:.2f} | {(speedup - 1) / (ceiling - 1):.2f} |")
+
+    # 4. native kernels (engine/native) vs the same engine on torch + oneDNN only, alternating
+    if not args.no_native_ab:
+        with native.disabled():
+            torch_engine = LLMEngine(config)
+
+        def torch_run(batch):
+            with native.disabled():
+                return engine_run(torch_engine, prompt, batch, n)[0]
+
+        print("\n| batch | torch + oneDNN tok/s | native kernels tok/s | native / torch |")
+        print("|---:|---:|---:|---:|")
+        for batch in (1, 16):
+            res = alternate({"torch": lambda: torch_run(batch), "native": lambda: engine_run(engine, prompt, batch, n)[0]},
+                            args.rounds)
+            med = {k: statistics.median(v) for k, v in res.items()}
+            report.setdefault("native_ab", []).append({"batch": batch, **med})
+            print(f"| {batch} | {med['torch']:.1f} | {med['native']:.1f} | {med['native'] / med['torch']:.2f}x |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.json").write_text(json.dumps(report, indent=1, default=str))

@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
 from engine import native  # noqa: E402
 from engine.models.linear import Linear  # noqa: E402
 
@@ -40,13 +41,6 @@ def step_ms(fn, rounds: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
-
-
-def read_bandwidth_gbs(repeats: int = 8) -> float:
-    """Bytes of a 1 GiB fp32 tensor / the best time to sum it (a pure read stream)."""
-    src = torch.ones(2**28)
-    best = min(step_ms(src.sum, 1) for _ in range(repeats)) / 1e3
-    return src.numel() * 4 / best / 1e9
 
 
 def main():

@@ -9,6 +9,6 @@ callers use their torch path.
 """
 from __future__ import annotations
 
-from engine.native.build import kernels, load
+from engine.native.build import disabled, kernels, load
 
-__all__ = ["kernels", "load"]
+__all__ = ["disabled", "kernels", "load"]

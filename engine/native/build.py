@@ -1,6 +1,7 @@
 """Compile, cache and open the C++ kernels (see `engine/native/__init__.py`)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -41,11 +42,24 @@ RESTYPES = {"linear_f32_vectorized": ctypes.c_int, "linear_bf16_vectorized": cty
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_disabled = False
 
 
 def kernels() -> ctypes.CDLL | None:
     """The loaded library, or None (not loaded, unavailable or disabled)."""
-    return _lib
+    return None if _disabled else _lib
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside, `kernels()` is None: a model built and run there uses the torch paths only (for
+    side-by-side benchmarks in one process)."""
+    global _disabled
+    before, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = before
 
 
 def load(cache_dir: str | None = None) -> ctypes.CDLL | None:
