@@ -105,3 +105,19 @@ def test_rope_in_place_matches_torch(kernels, heads, dim):
     tail = qkv[:, heads * dim:].clone()
     torch.testing.assert_close(apply_rotary(x, cos, sin), ref, rtol=1e-6, atol=1e-6)
     assert torch.equal(qkv[:, heads * dim:], tail)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_is_batch_invariant(kernels, dtype):
+    """A row's output is bit-identical alone and in a batch of any size: the kernels sum every
+    output in the same order however the rows are tiled."""
+    from engine.models.linear import Linear
+
+    gen = torch.Generator().manual_seed(7)
+    layer = Linear((torch.randn(960, 576, generator=gen) * 0.05).to(dtype), torch.randn(960, generator=gen))
+    x = torch.randn(16, 576, generator=gen)
+    full = layer(x)
+    for rows in (1, 2, 3, 5, 6, 7, 12, 13):
+        assert torch.equal(layer(x[:rows]), full[:rows])
+    for i in range(16):
+        assert torch.equal(layer(x[i:i + 1]), full[i:i + 1])

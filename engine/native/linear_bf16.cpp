@@ -5,6 +5,9 @@
 // of inputs (2k, 2k+1) the 16 outputs' two weights side by side, which is the operand
 // AVX512-BF16's dot-product instruction takes: one 64-byte load and one instruction give 16
 // outputs x 2 inputs of one row. Each thread streams its own run of blocks.
+//
+// Batch invariant, as linear.cpp: two accumulator chains per output vector (even / odd input
+// pairs) for any number of rows, so a row's result does not depend on the rest of the batch.
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -34,11 +37,11 @@ inline float from_bf16(uint16_t h) {
 
 #if defined(__AVX512BF16__)
 // R rows against NB neighbouring blocks; xp holds each row's inputs as bf16 pairs (one 32-bit
-// word per pair). One or two rows: four accumulator chains per row hide the instruction latency.
+// word per pair).
 template <int R, int NB>
 void blocks_rows(const uint32_t* xp, int64_t x_stride, const uint16_t* w, int pairs, const float* bias, float* y,
                  int64_t y_stride) {
-    constexpr int CHAINS = (R * NB >= 8) ? 1 : (R * NB >= 4 ? 2 : 4);
+    constexpr int CHAINS = 2;
     __m512 acc[CHAINS][NB][R];
     for (int c = 0; c < CHAINS; ++c)
         for (int n = 0; n < NB; ++n)
