@@ -18,31 +18,54 @@
 
 namespace {
 
-// scores[g * span + t] = scale * <q[g], keys[t]> for the group's query heads and all keys.
-void dot_scores(const float* q, const float* keys, float* scores, int group, int64_t span, int dim, float scale) {
+constexpr int PREFETCH_AHEAD = 8;  // keys
+
+// Software prefetch of one key or value row (the hardware prefetcher ramps up too slowly on
+// these short streams: a row's history is tens of KB, read once per step from DRAM).
+inline void prefetch_row(const float* row, int dim) {
+    for (int d = 0; d < dim; d += 16) __builtin_prefetch(row + d);
+}
+
+// scores[g * span + t] = scale * <q[g], keys[t]> for the group's query heads and all keys; also
+// prefetches the value rows the weighted sum reads next.
 #if defined(__AVX512F__)
-    if (dim % 16 == 0 && dim <= 256 && group <= 16) {
-        const int chunks = dim / 16;
-        for (int64_t t = 0; t < span; ++t) {
-            const float* k = keys + t * dim;
-            for (int g = 0; g < group; ++g) {
-                const float* qh = q + g * dim;
-                __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(k));
-                __m512 a1 = _mm512_setzero_ps();
-                int c = 1;
-                for (; c + 1 < chunks; c += 2) {
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), _mm512_loadu_ps(k + 16 * c), a0);
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c + 16), _mm512_loadu_ps(k + 16 * c + 16), a1);
-                }
-                if (c < chunks) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), _mm512_loadu_ps(k + 16 * c), a0);
-                scores[g * span + t] = scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+template <int CHUNKS>
+void dot_scores_avx512(const float* q, const float* keys, const float* values, float* scores, int group,
+                       int64_t span, float scale) {
+    constexpr int dim = CHUNKS * 16;
+    for (int64_t t = 0; t < span; ++t) {
+        const float* k = keys + t * dim;
+        if (t + PREFETCH_AHEAD < span) prefetch_row(keys + (t + PREFETCH_AHEAD) * dim, dim);
+        prefetch_row(values + t * dim, dim);
+        __m512 kv[CHUNKS];
+        for (int c = 0; c < CHUNKS; ++c) kv[c] = _mm512_loadu_ps(k + 16 * c);
+        for (int g = 0; g < group; ++g) {
+            const float* qh = q + g * dim;
+            __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(qh), kv[0]);
+            __m512 a1 = CHUNKS > 1 ? _mm512_mul_ps(_mm512_loadu_ps(qh + 16), kv[1]) : _mm512_setzero_ps();
+            for (int c = 2; c < CHUNKS; c += 2) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], a0);
+                if (c + 1 < CHUNKS) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c + 16), kv[c + 1], a1);
             }
+            scores[g * span + t] = scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
         }
-        return;
+    }
+}
+#endif
+
+void dot_scores(const float* q, const float* keys, const float* values, float* scores, int group, int64_t span,
+                int dim, float scale) {
+#if defined(__AVX512F__)
+    switch (dim) {
+        case 64: return dot_scores_avx512<4>(q, keys, values, scores, group, span, scale);
+        case 128: return dot_scores_avx512<8>(q, keys, values, scores, group, span, scale);
+        case 256: return dot_scores_avx512<16>(q, keys, values, scores, group, span, scale);
     }
 #endif
     for (int64_t t = 0; t < span; ++t) {
         const float* k = keys + t * dim;
+        if (t + PREFETCH_AHEAD < span) prefetch_row(keys + (t + PREFETCH_AHEAD) * dim, dim);
+        prefetch_row(values + t * dim, dim);
         for (int g = 0; g < group; ++g) {
             const float* qh = q + g * dim;
             float acc = 0.0f;
@@ -51,6 +74,20 @@ void dot_scores(const float* q, const float* keys, float* scores, int group, int
             scores[g * span + t] = acc * scale;
         }
     }
+}
+
+// s <- exp(s - max s) in place; returns 1 / sum (the softmax's normalizer).
+float softmax_numerators(float* s, int64_t span) {
+    float peak = s[0];
+#pragma omp simd reduction(max : peak)
+    for (int64_t t = 0; t < span; ++t) peak = s[t] > peak ? s[t] : peak;
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < span; ++t) {
+        s[t] = fast_exp(s[t] - peak);
+        total += s[t];
+    }
+    return 1.0f / total;
 }
 
 // out = inv * sum_t p[t] * values[t]: accumulators stay in registers across keys.
@@ -111,18 +148,10 @@ extern "C" void decode_attention_f32(const float* q, const float* k_new, const f
         float* og = out + (static_cast<int64_t>(row) * heads + kv * group) * dim;
 
         std::vector<float> scores(static_cast<size_t>(group) * span);
-        dot_scores(qg, keys, scores.data(), group, span, dim, scale);
+        dot_scores(qg, keys, values, scores.data(), group, span, dim, scale);
         for (int g = 0; g < group; ++g) {
             float* s = scores.data() + g * span;
-            float peak = s[0];
-            for (int64_t t = 1; t < span; ++t) peak = s[t] > peak ? s[t] : peak;
-            float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-            for (int64_t t = 0; t < span; ++t) {
-                s[t] = fast_exp(s[t] - peak);
-                total += s[t];
-            }
-            weighted_sum(s, values, og + g * dim, span, dim, 1.0f / total);
+            weighted_sum(s, values, og + g * dim, span, dim, softmax_numerators(s, span));
         }
     }
 }
