@@ -53,7 +53,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
-            native.load(config.cache_dir)  # C++ kernels for decode attention (torch path without them)
+            native.load(config.cache_dir)  # C++ CPU kernels (engine/native); torch paths without them
         self.model_config = model_config
         t0 = time.perf_counter()
         state = load_state_dict(hf_dir)

@@ -79,6 +79,7 @@ def load(cache_dir: str | None = None) -> ctypes.CDLL | None:
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = args, RESTYPES.get(name)
             _lib = lib
+            log.info("native CPU kernels: %s", path)
         except Exception as exc:  # no compiler, a failed build, an unloadable library: torch paths
             log.warning("native CPU kernels unavailable (%s); using torch kernels", exc)
         return _lib
