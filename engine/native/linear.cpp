@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "row_tiles.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -58,22 +60,13 @@ void blocks_rows(const float* x, int64_t x_stride, const float* w, int in, const
     }
 }
 
-// All rows against NB blocks, in tiles of up to 6 rows (2 x 2 x 6 accumulators fit the registers).
+// All rows against NB blocks, in row tiles (engine/native/row_tiles.h).
 template <int NB>
 void tile_rows(const float* x, int rows, int in, const float* w, const float* bias, float* y, int out) {
-    constexpr int TILE = 6;
-    for (int r = 0; r < rows; r += TILE) {
-        const float* xr = x + static_cast<int64_t>(r) * in;
-        float* yr = y + static_cast<int64_t>(r) * out;
-        switch (rows - r < TILE ? rows - r : TILE) {
-            case 1: blocks_rows<1, NB>(xr, in, w, in, bias, yr, out); break;
-            case 2: blocks_rows<2, NB>(xr, in, w, in, bias, yr, out); break;
-            case 3: blocks_rows<3, NB>(xr, in, w, in, bias, yr, out); break;
-            case 4: blocks_rows<4, NB>(xr, in, w, in, bias, yr, out); break;
-            case 5: blocks_rows<5, NB>(xr, in, w, in, bias, yr, out); break;
-            case 6: blocks_rows<6, NB>(xr, in, w, in, bias, yr, out); break;
-        }
-    }
+    for_row_tiles(rows, [&](int r, auto tile) {
+        blocks_rows<decltype(tile)::value, NB>(x + static_cast<int64_t>(r) * in, in, w, in, bias,
+                                               y + static_cast<int64_t>(r) * out, out);
+    });
 }
 #endif
 

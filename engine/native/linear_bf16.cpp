@@ -12,6 +12,8 @@
 #include <cstring>
 #include <vector>
 
+#include "row_tiles.h"
+
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -76,21 +78,13 @@ void blocks_rows(const uint32_t* xp, int64_t x_stride, const uint16_t* w, int pa
     }
 }
 
+// All rows against NB blocks, in row tiles (engine/native/row_tiles.h).
 template <int NB>
 void tile_rows(const uint32_t* xp, int rows, int pairs, const uint16_t* w, const float* bias, float* y, int out) {
-    constexpr int TILE = 6;
-    for (int r = 0; r < rows; r += TILE) {
-        const uint32_t* xr = xp + static_cast<int64_t>(r) * pairs;
-        float* yr = y + static_cast<int64_t>(r) * out;
-        switch (rows - r < TILE ? rows - r : TILE) {
-            case 1: blocks_rows<1, NB>(xr, pairs, w, pairs, bias, yr, out); break;
-            case 2: blocks_rows<2, NB>(xr, pairs, w, pairs, bias, yr, out); break;
-            case 3: blocks_rows<3, NB>(xr, pairs, w, pairs, bias, yr, out); break;
-            case 4: blocks_rows<4, NB>(xr, pairs, w, pairs, bias, yr, out); break;
-            case 5: blocks_rows<5, NB>(xr, pairs, w, pairs, bias, yr, out); break;
-            case 6: blocks_rows<6, NB>(xr, pairs, w, pairs, bias, yr, out); break;
-        }
-    }
+    for_row_tiles(rows, [&](int r, auto tile) {
+        blocks_rows<decltype(tile)::value, NB>(xp + static_cast<int64_t>(r) * pairs, pairs, w, pairs, bias,
+                                               y + static_cast<int64_t>(r) * out, out);
+    });
 }
 #endif
 
