@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
 from engine import native  # noqa: E402
+from engine.native import ops as native_ops  # noqa: E402
 from engine.models.linear import Linear  # noqa: E402
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 heads + 2 x 3 KV heads of 64
@@ -49,7 +50,8 @@ def main():
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = p.parse_args()
-    native.load()
+    if native.load() is None:
+        sys.exit("the native kernels did not build here (see the log); nothing to compare")
     bandwidth = read_bandwidth_gbs()
     lines = [f"command: {' '.join(sys.argv)}", f"threads {torch.get_num_threads()}, {args.layers} layers of "
              f"{SHAPES} (out, in), ms per step, median of {args.rounds}; read bandwidth {bandwidth:.1f} GB/s", "",
@@ -58,6 +60,9 @@ def main():
     report = {"command": " ".join(sys.argv), "read_bandwidth_gbs": bandwidth, "layout": [], "threads": {}}
     for dtype in (torch.float32, torch.bfloat16):
         weights = [[(torch.randn(o, i) * 0.02).to(dtype) for o, i in SHAPES] for _ in range(args.layers)]
+        if not native_ops.linear_supported(weights[0][0]):
+            print(f"{dtype}: no vectorized native kernel on this CPU, skipped")
+            continue
         nbytes = sum(w.numel() * w.element_size() for ws in weights for w in ws)
         layers = {b: [[Linear(w, backend=b) for w in ws] for ws in weights] for b in ("plain", "onednn", "native")}
         del weights

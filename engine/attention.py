@@ -119,7 +119,8 @@ def _decode(q, k, v, k_cache, v_cache, meta, scale, window):
     num_kv = k.shape[1]
     group = num_heads // num_kv
     if native_ops.decode_attention_supported(q, k_cache):  # writes k, v into the cache itself
-        return native_ops.decode_attention(q, k, v, k_cache, v_cache, meta.slot_ids, meta.row_lengths, scale, window)
+        return native_ops.decode_attention(q, k, v, k_cache, v_cache, meta.slot_ids, meta.row_lengths,
+                                           meta.context_len, scale, window)
     k_cache[meta.slot_ids, :, meta.positions] = k
     v_cache[meta.slot_ids, :, meta.positions] = v
     slots, length = meta.num_slots_view, meta.context_len

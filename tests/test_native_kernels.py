@@ -22,7 +22,7 @@ def torch_decode(monkeypatch, *args):
         return _decode(*args)
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 1, 256), (8, 8, 32), (6, 2, 40)])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256), (8, 8, 32), (6, 2, 40)])
 @pytest.mark.parametrize("window", [None, 7])
 def test_decode_attention_matches_torch(kernels, monkeypatch, heads, kv_heads, dim, window):
     gen = torch.Generator().manual_seed(heads * dim)
@@ -45,7 +45,7 @@ def test_decode_attention_matches_torch(kernels, monkeypatch, heads, kv_heads, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("out_features, in_features", [(48, 64), (16, 576), (960, 576), (32, 34)])
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (16, 576), (960, 576), (32, 34), (48, 35)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("backend", ["native", "onednn"])
 def test_linear_matches_torch(kernels, dtype, out_features, in_features, with_bias, backend):
@@ -58,8 +58,16 @@ def test_linear_matches_torch(kernels, dtype, out_features, in_features, with_bi
     gen = torch.Generator().manual_seed(out_features + in_features)
     weight = (torch.randn(out_features, in_features, generator=gen) * 0.05).to(dtype)
     bias = torch.randn(out_features, generator=gen) if with_bias else None
-    layer = Linear(weight, bias, backend)
-    assert backend == "onednn" or Linear(weight, bias).backend == "native"  # chosen by default here
+    if backend == "native":
+        if not ops.linear_supported(torch.zeros(16, 16, dtype=dtype)):
+            pytest.skip("no vectorized kernel for this dtype on this CPU (AVX-512 / AVX512-BF16)")
+        layer = Linear(weight, bias)  # the default choice
+        # bf16 pairs need an even `in`: such a layer must fall back to oneDNN, and still be right
+        odd_bf16 = dtype == torch.bfloat16 and in_features % 2
+        backend = "onednn" if odd_bf16 else "native"
+        assert layer.backend == backend
+    else:
+        layer = Linear(weight, bias, backend)
     for rows in (1, 2, 3, 7, 13, 64):
         x = torch.randn(rows, in_features, generator=gen)
         ref = F.linear(x.to(dtype).float(), weight.float(), bias)
@@ -114,10 +122,20 @@ def test_linear_is_batch_invariant(kernels, dtype):
     from engine.models.linear import Linear
 
     gen = torch.Generator().manual_seed(7)
-    layer = Linear((torch.randn(960, 576, generator=gen) * 0.05).to(dtype), torch.randn(960, generator=gen))
+    weight = (torch.randn(960, 576, generator=gen) * 0.05).to(dtype)
+    if not ops.linear_supported(weight):
+        pytest.skip("no vectorized kernel for this dtype on this CPU")
+    layer = Linear(weight, torch.randn(960, generator=gen), backend="native")
     x = torch.randn(16, 576, generator=gen)
     full = layer(x)
     for rows in (1, 2, 3, 5, 6, 7, 12, 13):
         assert torch.equal(layer(x[:rows]), full[:rows])
     for i in range(16):
         assert torch.equal(layer(x[i:i + 1]), full[i:i + 1])
+
+
+def test_decode_attention_refuses_a_length_past_the_slot(kernels):
+    q, k = torch.zeros(1, 2, 16), torch.zeros(1, 1, 16)
+    cache = torch.zeros(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="exceeds the KV slot"):
+        ops.decode_attention(q, k, k, cache, cache.clone(), torch.tensor([0]), torch.tensor([9]), 9, 0.25, None)

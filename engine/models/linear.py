@@ -38,6 +38,7 @@ class Linear:
         if self.backend == "native":
             self.bias = None if bias is None else bias.float().contiguous()
             self.weight = native_ops.block_weight(weight)
+            self.kernel = native_ops.linear_kernel(weight.dtype)
         elif self.backend == "onednn":
             self.bias = None if bias is None else bias.to(weight.dtype)
             # the batch-size hint only picks the blocking; measured equal speed from 1 to 16 rows
@@ -48,7 +49,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
-            return native_ops.linear(x.float(), self.weight, self.bias).to(x.dtype)
+            return native_ops.linear(x.float(), self.weight, self.bias, self.kernel).to(x.dtype)
         if x.dtype != self.dtype:
             return self._matmul(x.to(self.dtype)).to(x.dtype)
         return self._matmul(x)

@@ -52,8 +52,9 @@ def kernels() -> ctypes.CDLL | None:
 
 @contextlib.contextmanager
 def disabled():
-    """Inside, `kernels()` is None: a model built and run there uses the torch paths only (for
-    side-by-side benchmarks in one process)."""
+    """Inside, `kernels()` is None, process-wide: a model built and run there uses the torch paths
+    only (for side-by-side benchmarks in one process). Layers keep the GEMM backend they were
+    built with; the other ops choose at each call."""
     global _disabled
     before, _disabled = _disabled, True
     try:
@@ -86,9 +87,11 @@ def load(cache_dir: str | None = None) -> ctypes.CDLL | None:
 
 
 def _compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    """g++ only: its -fopenmp links libgomp.so.1, which resolves to the copy torch has loaded; another
+    compiler's OpenMP runtime would start a second thread team (see engine/async_engine.py)."""
+    cxx = shutil.which("g++")
     if not cxx:
-        raise RuntimeError("no C++ compiler (g++) found")
+        raise RuntimeError("no g++ found")
     return cxx
 
 

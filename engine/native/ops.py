@@ -12,11 +12,15 @@ def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slot_ids: torch.Tensor, lengths: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+                     slot_ids: torch.Tensor, lengths: torch.Tensor, longest: int, scale: float,
+                     window: int | None) -> torch.Tensor:
     """q: [B, H, D] fp32; k, v: [B, KV, D], the new token's, written at position lengths - 1 of each
-    row's slot; caches: [slots, KV, max_len, D] of one layer; slot_ids, lengths: [B] int64 -> [B, H*D]."""
+    row's slot; caches: [slots, KV, max_len, D] of one layer; slot_ids, lengths: [B] int64, every
+    length >= 1 (position + 1); longest: max(lengths), checked against the slot size -> [B, H*D]."""
     rows, heads, dim = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if longest > k_cache.shape[2]:  # the kernel writes at length - 1 of the slot
+        raise ValueError(f"decode length {longest} exceeds the KV slot ({k_cache.shape[2]} tokens)")
     out = torch.empty(rows, heads * dim, dtype=q.dtype)
     kernels().decode_attention_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_ids.data_ptr(),
@@ -50,17 +54,21 @@ def block_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(out // BLOCK, BLOCK, inp).transpose(1, 2).contiguous()
 
 
-def linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x: [rows, in] fp32; blocked: from `block_weight`; bias: [out] fp32 or None -> [rows, out] fp32."""
+def linear_kernel(dtype: torch.dtype):
+    """The kernel for weights of `dtype`, bound once: a layer built on it keeps it (see `disabled()`)."""
+    return getattr(kernels(), _LINEAR[dtype])
+
+
+def linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, kernel) -> torch.Tensor:
+    """x: [rows, in] fp32; blocked: from `block_weight`; bias: [out] fp32 or None; kernel: from
+    `linear_kernel` -> [rows, out] fp32."""
     x = x.contiguous()
     rows, inp = x.shape
     out = blocked.shape[0] * BLOCK
     y = torch.empty(rows, out, dtype=torch.float32)
-    getattr(kernels(), _LINEAR[blocked.dtype])(
-        x.data_ptr(), blocked.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-        rows, inp, out, torch.get_num_threads())
+    kernel(x.data_ptr(), blocked.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+           rows, inp, out, torch.get_num_threads())
     return y
-
 
 def elementwise_supported(x: torch.Tensor) -> bool:
     return kernels() is not None and x.device.type == "cpu" and x.dtype == torch.float32
