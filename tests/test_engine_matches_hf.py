@@ -68,3 +68,37 @@ def test_torch_fallback_greedy_equals_hf(engine, hf_model, chat_prompts):
     assert ours == hf_greedy(hf_model, chat_prompts[0], MAX_NEW)
     for prompt, got in zip(chat_prompts[1:4], staggered):
         assert got == hf_greedy(hf_model, prompt, MAX_NEW)
+
+
+def test_one_call_native_decode_equals_per_op_path(engine, chat_prompts):
+    """A dense decode step goes through every layer in one native call (decode_layers.cpp); it
+    runs the per-op path's kernels in the same order, so logits and the K/V written are the same
+    bits. Three rows on different slots and lengths."""
+    class PerOpGate(DenseGate):  # same decisions, but not the DenseGate type: the per-op path
+        pass
+
+    runner, model = engine.runner, engine.runner.model
+    prompts = chat_prompts[:3]
+    names = [f"one-call-{i}" for i in range(len(prompts))]
+    slots = [engine.slots.allocate(name) for name in names]
+    try:
+        for slot, prompt in zip(slots, prompts):
+            meta = AttentionMetadata.for_prefill(slot, 0, len(prompt), runner.device)
+            model.forward(torch.tensor(prompt), meta, runner.kv, DenseGate(runner.num_layers))
+        k_before, v_before = runner.kv.k.clone(), runner.kv.v.clone()
+        ids = torch.tensor([p[-1] for p in prompts])
+        results = []
+        for gate in (DenseGate(runner.num_layers), PerOpGate(runner.num_layers)):
+            runner.kv.k.copy_(k_before)
+            runner.kv.v.copy_(v_before)
+            meta = AttentionMetadata.for_decode(slots, [len(p) for p in prompts], runner.device, runner.act_dtype)
+            logits = model.logits(model.forward(ids, meta, runner.kv, gate))
+            results.append((logits, runner.kv.k.clone(), runner.kv.v.clone()))
+        assert model._native_decode is not None  # the one-call path was taken for DenseGate
+    finally:
+        for name in names:
+            engine.slots.free(name)
+    (one_call, k1, v1), (per_op, k2, v2) = results
+    assert torch.equal(one_call, per_op)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert not torch.equal(k1, k_before)  # the step did write its K/V

@@ -12,8 +12,9 @@ from engine.attention import AttentionMetadata, attend
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.models.linear import Linear
-from engine.native import ops as native_ops
 from engine.models.rope import RotaryEmbedding, apply_rotary
+from engine.native import ops as native_ops
+from engine.skip import DenseGate
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,6 +91,8 @@ class LlamaModel:
         self.layers = [self.layer_class(cfg, weights, f"model.layers.{i}.", device, dtype, act, i)
                        for i in range(cfg.num_layers)]
         self.ropes = {"global": RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len, device, act)}
+        self._native_decode_fits: bool | None = None  # decided at the first forward
+        self._native_decode = None
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed[input_ids].to(self.act_dtype)
@@ -100,12 +103,29 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache, gate) -> torch.Tensor:
         """input_ids: [N] -> final hidden states [N, hidden] (normed); `gate` runs or skips each FFN."""
+        if type(gate) is DenseGate and not meta.is_prefill and self._native_layers(kv) is not None:
+            cos, sin = self.ropes["global"](meta.positions)
+            x = self._native_decode(self.embed_tokens(input_ids), cos[:, 0], sin[:, 0], meta.slot_ids,
+                                    meta.row_lengths, meta.context_len)
+            return self.final_norm(x)
         x = self.embed_tokens(input_ids)
         ropes = {kind: rope(meta.positions) for kind, rope in self.ropes.items()}
         for i, layer in enumerate(self.layers):
             h = x + layer.attention(x, ropes[layer.rope_kind], meta, kv.k[i], kv.v[i])
             x = gate(i, h, layer.ffn)
         return self.final_norm(x)
+
+    def _native_layers(self, kv: KVCache):
+        """The one-call dense decode step (engine/native/decode_layers.cpp) when it applies: this
+        class's layers (not a subclass's), every projection on the native GEMMs, kernels enabled."""
+        if self._native_decode_fits is None:
+            self._native_decode_fits = type(self) is LlamaModel and native_ops.DecodeLayers.fits(self.layers,
+                                                                                               self.act_dtype)
+        if not self._native_decode_fits or native_ops.kernels() is None:
+            return None
+        if self._native_decode is None or self._native_decode.kv is not kv:
+            self._native_decode = native_ops.DecodeLayers(self.cfg, self.layers, kv)
+        return self._native_decode
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ SIGNATURES = {
     "silu_mul_f32": [_ptr, _ptr, ctypes.c_int64, _int, _int],
     # x, cos, sin, tokens, heads, dim, token_stride, head_stride, threads
     "rope_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _int, ctypes.c_int64, ctypes.c_int64, _int],
+    # x, layer_ptrs, layers, weights_bf16, cos, sin, slot_ids, lengths, rows, hidden, heads, kv_heads,
+    # head_dim, inter, max_len, eps, scale, threads
+    "llama_decode_layers": [_ptr, _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 7 + [_float, _float, _int],
     "linear_f32_vectorized": [],
     "linear_bf16_vectorized": [],
 }

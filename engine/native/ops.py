@@ -101,3 +101,46 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     kernels().rope_f32(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, dim, x.stride(0), x.stride(1),
                        torch.get_num_threads())
     return x
+
+
+class DecodeLayers:
+    """Every decoder layer of a dense decode step in one call (engine/native/decode_layers.cpp), for
+    Llama-family models whose projections all run on the native GEMMs. Same kernels as the per-op
+    path, so the same bits; built per KV cache (the table holds its addresses)."""
+
+    COLUMNS = ("input_norm", "post_attn_norm", "qkv", "qkv_bias", "o_proj", "gate_up", "down", "k_cache", "v_cache")
+
+    def __init__(self, cfg, layers, kv):
+        self.cfg, self.kv = cfg, kv
+        self.bf16 = layers[0].qkv.dtype == torch.bfloat16
+        rows = []
+        for i, layer in enumerate(layers):
+            bias = layer.qkv.bias
+            rows.append([layer.input_norm.data_ptr(), layer.post_attn_norm.data_ptr(), layer.qkv.weight.data_ptr(),
+                         0 if bias is None else bias.data_ptr(), layer.o_proj.weight.data_ptr(),
+                         layer.gate_up.weight.data_ptr(), layer.down.weight.data_ptr(), kv.k[i].data_ptr(),
+                         kv.v[i].data_ptr()])
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.layers = layers  # the table points into their tensors
+
+    @staticmethod
+    def fits(layers, act_dtype) -> bool:
+        """fp32 activations, full attention, every projection on the native GEMMs in one dtype."""
+        linears = [lin for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        return (act_dtype == torch.float32 and all(layer.window is None for layer in layers)
+                and all(lin.backend == "native" and lin.dtype == linears[0].dtype for lin in linears))
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_ids: torch.Tensor,
+                 lengths: torch.Tensor, longest: int) -> torch.Tensor:
+        """x: [rows, hidden] fp32 (embeddings), updated in place through every layer and returned."""
+        cfg = self.cfg
+        if longest > self.kv.max_len:
+            raise ValueError(f"decode length {longest} exceeds the KV slot ({self.kv.max_len} tokens)")
+        x = x.contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        kernels().llama_decode_layers(
+            x.data_ptr(), self.table.data_ptr(), len(self.layers), int(self.bf16), cos.data_ptr(), sin.data_ptr(),
+            slot_ids.data_ptr(), lengths.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, cfg.intermediate_size, self.kv.max_len, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
+            torch.get_num_threads())
+        return x

@@ -1,0 +1,86 @@
+// A Llama-family decode step through every decoder layer in one call: the same kernels the
+// per-op path calls from Python (so the result is bit-identical), minus ~25 Python and torch
+// dispatches per layer. Dense steps only (every FFN runs); the skip gate keeps the per-op path.
+//
+// Per layer: h = x + o_proj(attn(rope(qkv(rms_norm(x))))); x = h + down(silu(gate) * up)(rms_norm(h)).
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+extern "C" {
+void decode_attention_f32(const float* q, const float* k_new, const float* v_new, float* k_cache, float* v_cache,
+                          const int64_t* slot_ids, const int64_t* lengths, float* out, int rows, int heads,
+                          int kv_heads, int dim, int max_len, int window, float scale, int threads);
+void linear_f32(const float* x, const float* w, const float* bias, float* y, int rows, int in, int out, int threads);
+void linear_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int rows, int in, int out,
+                 int threads);
+void rms_norm_f32(const float* x, const float* weight, float* out, int64_t rows, int dim, float eps, int threads);
+void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
+void rope_f32(float* x, const float* cos, const float* sin, int64_t tokens, int heads, int dim, int64_t token_stride,
+              int64_t head_stride, int threads);
+}
+
+namespace {
+
+// Column order of the per-layer pointer table (engine/native/ops.py: DecodeLayers).
+enum Column { INPUT_NORM, POST_NORM, QKV_W, QKV_B, O_W, GATE_UP_W, DOWN_W, K_CACHE, V_CACHE, COLUMNS };
+
+struct Linear {
+    bool bf16;
+    int threads;
+    void operator()(const float* x, int64_t w, int64_t b, float* y, int rows, int in, int out) const {
+        const float* bias = reinterpret_cast<const float*>(b);
+        if (bf16)
+            linear_bf16(x, reinterpret_cast<const uint16_t*>(w), bias, y, rows, in, out, threads);
+        else
+            linear_f32(x, reinterpret_cast<const float*>(w), bias, y, rows, in, out, threads);
+    }
+};
+
+// Rows of `width` columns starting at column `from` of a [rows, stride] matrix -> contiguous dst.
+void copy_columns(const float* src, int rows, int64_t stride, int from, int width, float* dst) {
+    for (int r = 0; r < rows; ++r) std::memcpy(dst + static_cast<int64_t>(r) * width, src + r * stride + from,
+                                               sizeof(float) * width);
+}
+
+void add_into(float* x, const float* y, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+}  // namespace
+
+// x [rows, hidden] fp32, the residual stream, updated in place; layer_ptrs [layers, COLUMNS]
+// (addresses; QKV_B may be 0); cos, sin [rows, head_dim]; slot_ids, lengths [rows] as in
+// decode_attention_f32.
+extern "C" void llama_decode_layers(float* x, const int64_t* layer_ptrs, int layers, int weights_bf16,
+                                    const float* cos, const float* sin, const int64_t* slot_ids,
+                                    const int64_t* lengths, int rows, int hidden, int heads, int kv_heads,
+                                    int head_dim, int inter, int max_len, float eps, float scale, int threads) {
+    const Linear linear{weights_bf16 != 0, threads};
+    const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
+    const int64_t n = static_cast<int64_t>(rows) * hidden;
+    std::vector<float> normed(n), qkv(static_cast<int64_t>(rows) * qkv_width), q(static_cast<int64_t>(rows) * q_width),
+        k(static_cast<int64_t>(rows) * kv_width), v(static_cast<int64_t>(rows) * kv_width),
+        attn(static_cast<int64_t>(rows) * q_width), delta(n), gate_up(static_cast<int64_t>(rows) * 2 * inter),
+        act(static_cast<int64_t>(rows) * inter);
+    for (int l = 0; l < layers; ++l) {
+        const int64_t* p = layer_ptrs + static_cast<int64_t>(l) * COLUMNS;
+        rms_norm_f32(x, reinterpret_cast<const float*>(p[INPUT_NORM]), normed.data(), rows, hidden, eps, threads);
+        linear(normed.data(), p[QKV_W], p[QKV_B], qkv.data(), rows, hidden, qkv_width);
+        rope_f32(qkv.data(), cos, sin, rows, heads + kv_heads, head_dim, qkv_width, head_dim, threads);
+        copy_columns(qkv.data(), rows, qkv_width, 0, q_width, q.data());
+        copy_columns(qkv.data(), rows, qkv_width, q_width, kv_width, k.data());
+        copy_columns(qkv.data(), rows, qkv_width, q_width + kv_width, kv_width, v.data());
+        decode_attention_f32(q.data(), k.data(), v.data(), reinterpret_cast<float*>(p[K_CACHE]),
+                             reinterpret_cast<float*>(p[V_CACHE]), slot_ids, lengths, attn.data(), rows, heads,
+                             kv_heads, head_dim, max_len, 0, scale, threads);
+        linear(attn.data(), p[O_W], 0, delta.data(), rows, q_width, hidden);
+        add_into(x, delta.data(), n);
+        rms_norm_f32(x, reinterpret_cast<const float*>(p[POST_NORM]), normed.data(), rows, hidden, eps, threads);
+        linear(normed.data(), p[GATE_UP_W], 0, gate_up.data(), rows, hidden, 2 * inter);
+        silu_mul_f32(gate_up.data(), act.data(), rows, inter, threads);
+        linear(act.data(), p[DOWN_W], 0, delta.data(), rows, inter, hidden);
+        add_into(x, delta.data(), n);
+    }
+}
