@@ -70,35 +70,47 @@ def test_torch_fallback_greedy_equals_hf(engine, hf_model, chat_prompts):
         assert got == hf_greedy(hf_model, prompt, MAX_NEW)
 
 
-def test_one_call_native_decode_equals_per_op_path(engine, chat_prompts):
-    """A dense decode step goes through every layer in one native call (decode_layers.cpp); it
-    runs the per-op path's kernels in the same order, so logits and the K/V written are the same
-    bits. Three rows on different slots and lengths."""
-    class PerOpGate(DenseGate):  # same decisions, but not the DenseGate type: the per-op path
-        pass
+def test_native_layer_calls_equal_the_per_op_path(engine, chat_prompts):
+    """Decode steps through the native layer calls (decode_layers.cpp) run the per-op path's
+    kernels in the same order: a dense step in one call, and a step whose gate skips FFNs (one call
+    per branch and layer), give the same logits, K/V and skip counts as the per-op path, to the
+    bit. Three rows on different slots and lengths."""
+    from engine.skip import RowSkip, build_policy
 
     runner, model = engine.runner, engine.runner.model
     prompts = chat_prompts[:3]
-    names = [f"one-call-{i}" for i in range(len(prompts))]
+    names = [f"native-layers-{i}" for i in range(len(prompts))]
     slots = [engine.slots.allocate(name) for name in names]
+    policy = build_policy(engine.config.skip, runner.num_layers)
     try:
         for slot, prompt in zip(slots, prompts):
             meta = AttentionMetadata.for_prefill(slot, 0, len(prompt), runner.device)
             model.forward(torch.tensor(prompt), meta, runner.kv, DenseGate(runner.num_layers))
         k_before, v_before = runner.kv.k.clone(), runner.kv.v.clone()
         ids = torch.tensor([p[-1] for p in prompts])
-        results = []
-        for gate in (DenseGate(runner.num_layers), PerOpGate(runner.num_layers)):
+
+        def step(gate, native: bool):
             runner.kv.k.copy_(k_before)
             runner.kv.v.copy_(v_before)
+            model._native_decode_fits = None if native else False  # False: the per-op path
             meta = AttentionMetadata.for_decode(slots, [len(p) for p in prompts], runner.device, runner.act_dtype)
             logits = model.logits(model.forward(ids, meta, runner.kv, gate))
-            results.append((logits, runner.kv.k.clone(), runner.kv.v.clone()))
-        assert model._native_decode is not None  # the one-call path was taken for DenseGate
+            return logits, runner.kv.k.clone(), runner.kv.v.clone(), gate.skip_counts(len(prompts))
+
+        def skipping_gate():  # rows 0 and 2 may skip 8 FFNs, firing at once; row 1 stays dense
+            return policy.make_gate([RowSkip(8, 0.0), RowSkip(0, 0.0), RowSkip(8, 0.0)], runner.device)
+
+        dense = [step(DenseGate(runner.num_layers), native) for native in (True, False)]
+        skipped = [step(skipping_gate(), native) for native in (True, False)]
+        assert model._native_decode is not None  # the native calls were taken
     finally:
+        model._native_decode_fits = None
         for name in names:
             engine.slots.free(name)
-    (one_call, k1, v1), (per_op, k2, v2) = results
-    assert torch.equal(one_call, per_op)
-    assert torch.equal(k1, k2) and torch.equal(v1, v2)
-    assert not torch.equal(k1, k_before)  # the step did write its K/V
+    for (logits1, k1, v1, counts1), (logits2, k2, v2, counts2) in (dense, skipped):
+        assert torch.equal(logits1, logits2)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        assert counts1 == counts2
+    assert not torch.equal(dense[0][1], k_before)  # the step did write its K/V
+    assert skipped[0][3][0] == [8, 0, 8]  # and the skipping step did skip
+    assert not torch.equal(skipped[0][0], dense[0][0])

@@ -103,16 +103,21 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache, gate) -> torch.Tensor:
         """input_ids: [N] -> final hidden states [N, hidden] (normed); `gate` runs or skips each FFN."""
-        if type(gate) is DenseGate and not meta.is_prefill and self._native_layers(kv) is not None:
-            cos, sin = self.ropes["global"](meta.positions)
-            x = self._native_decode(self.embed_tokens(input_ids), cos[:, 0], sin[:, 0], meta.slot_ids,
-                                    meta.row_lengths, meta.context_len)
+        native = self._native_layers(kv)
+        if native is not None and not meta.is_prefill:
+            cos, sin = (t[:, 0].contiguous() for t in self.ropes["global"](meta.positions))
+            x = self.embed_tokens(input_ids)
+            if type(gate) is DenseGate:  # every FFN runs: the whole step in one call
+                return self.final_norm(native(x, cos, sin, meta.slot_ids, meta.row_lengths, meta.context_len))
+            for i in range(len(self.layers)):  # the gate picks rows per layer: one call per branch
+                h = x + native.attention_branch(i, x, cos, sin, meta.slot_ids, meta.row_lengths, meta.context_len)
+                x = gate(i, h, native.ffns[i])
             return self.final_norm(x)
         x = self.embed_tokens(input_ids)
         ropes = {kind: rope(meta.positions) for kind, rope in self.ropes.items()}
         for i, layer in enumerate(self.layers):
             h = x + layer.attention(x, ropes[layer.rope_kind], meta, kv.k[i], kv.v[i])
-            x = gate(i, h, layer.ffn)
+            x = gate(i, h, layer.ffn if native is None else native.ffns[i])
         return self.final_norm(x)
 
     def _native_layers(self, kv: KVCache):

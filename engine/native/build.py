@@ -37,6 +37,11 @@ SIGNATURES = {
     # x, layer_ptrs, layers, weights_bf16, cos, sin, slot_ids, lengths, rows, hidden, heads, kv_heads,
     # head_dim, inter, max_len, eps, scale, threads
     "llama_decode_layers": [_ptr, _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 7 + [_float, _float, _int],
+    # x, layer_ptrs_row, weights_bf16, cos, sin, slot_ids, lengths, out, rows, hidden, heads, kv_heads,
+    # head_dim, max_len, eps, scale, threads
+    "llama_attention_branch": [_ptr] * 2 + [_int] + [_ptr] * 5 + [_int] * 6 + [_float, _float, _int],
+    # h, layer_ptrs_row, weights_bf16, out, rows, hidden, inter, eps, threads
+    "llama_ffn_branch": [_ptr, _ptr, _int, _ptr, _int, _int, _int, _float, _int],
     "linear_f32_vectorized": [],
     "linear_bf16_vectorized": [],
 }

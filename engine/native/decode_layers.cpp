@@ -1,6 +1,7 @@
-// A Llama-family decode step through every decoder layer in one call: the same kernels the
-// per-op path calls from Python (so the result is bit-identical), minus ~25 Python and torch
-// dispatches per layer. Dense steps only (every FFN runs); the skip gate keeps the per-op path.
+// A Llama-family decode step with one native call per layer branch (attention, FFN), or per
+// step for dense steps (every layer in one call): the same kernels the per-op path calls from
+// Python, in the same order (so the result is bit-identical), minus ~25 Python and torch
+// dispatches per layer. With FFN skipping, the gate (Python) calls the two branches per layer.
 //
 // Per layer: h = x + o_proj(attn(rope(qkv(rms_norm(x))))); x = h + down(silu(gate) * up)(rms_norm(h)).
 #include <cstdint>
@@ -50,6 +51,65 @@ void add_into(float* x, const float* y, int64_t n) {
 
 }  // namespace
 
+// attn_out [rows, hidden] = o_proj(attention(rope(qkv(rms_norm(x))))) for one layer's decode step;
+// writes the rows' new K/V into the layer's caches. Scratch buffers are the caller's business
+// (sizes in DecodeScratch).
+struct DecodeScratch {
+    std::vector<float> normed, qkv, q, k, v, attn, gate_up, act;
+    DecodeScratch(int rows, int hidden, int q_width, int kv_width, int inter)
+        : normed(static_cast<int64_t>(rows) * hidden),
+          qkv(static_cast<int64_t>(rows) * (q_width + 2 * kv_width)),
+          q(static_cast<int64_t>(rows) * q_width),
+          k(static_cast<int64_t>(rows) * kv_width),
+          v(static_cast<int64_t>(rows) * kv_width),
+          attn(static_cast<int64_t>(rows) * q_width),
+          gate_up(static_cast<int64_t>(rows) * 2 * inter),
+          act(static_cast<int64_t>(rows) * inter) {}
+};
+
+static void attention_branch(const float* x, const int64_t* p, const Linear& linear, DecodeScratch& s,
+                             const float* cos, const float* sin, const int64_t* slot_ids, const int64_t* lengths,
+                             float* out, int rows, int hidden, int heads, int kv_heads, int head_dim, int max_len,
+                             float eps, float scale, int threads) {
+    const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
+    rms_norm_f32(x, reinterpret_cast<const float*>(p[INPUT_NORM]), s.normed.data(), rows, hidden, eps, threads);
+    linear(s.normed.data(), p[QKV_W], p[QKV_B], s.qkv.data(), rows, hidden, qkv_width);
+    rope_f32(s.qkv.data(), cos, sin, rows, heads + kv_heads, head_dim, qkv_width, head_dim, threads);
+    copy_columns(s.qkv.data(), rows, qkv_width, 0, q_width, s.q.data());
+    copy_columns(s.qkv.data(), rows, qkv_width, q_width, kv_width, s.k.data());
+    copy_columns(s.qkv.data(), rows, qkv_width, q_width + kv_width, kv_width, s.v.data());
+    decode_attention_f32(s.q.data(), s.k.data(), s.v.data(), reinterpret_cast<float*>(p[K_CACHE]),
+                         reinterpret_cast<float*>(p[V_CACHE]), slot_ids, lengths, s.attn.data(), rows, heads,
+                         kv_heads, head_dim, max_len, 0, scale, threads);
+    linear(s.attn.data(), p[O_W], 0, out, rows, q_width, hidden);
+}
+
+// out [rows, hidden] = down(silu(gate) * up)(rms_norm(h)): the FFN branch the skip gate runs or skips.
+static void ffn_branch(const float* h, const int64_t* p, const Linear& linear, DecodeScratch& s, float* out,
+                       int rows, int hidden, int inter, float eps, int threads) {
+    rms_norm_f32(h, reinterpret_cast<const float*>(p[POST_NORM]), s.normed.data(), rows, hidden, eps, threads);
+    linear(s.normed.data(), p[GATE_UP_W], 0, s.gate_up.data(), rows, hidden, 2 * inter);
+    silu_mul_f32(s.gate_up.data(), s.act.data(), rows, inter, threads);
+    linear(s.act.data(), p[DOWN_W], 0, out, rows, inter, hidden);
+}
+
+// One layer's branches, for the per-layer path (the skip gate decides between them). `p` is one
+// row of the pointer table.
+extern "C" void llama_attention_branch(const float* x, const int64_t* p, int weights_bf16, const float* cos,
+                                       const float* sin, const int64_t* slot_ids, const int64_t* lengths, float* out,
+                                       int rows, int hidden, int heads, int kv_heads, int head_dim, int max_len,
+                                       float eps, float scale, int threads) {
+    DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, 0);
+    attention_branch(x, p, Linear{weights_bf16 != 0, threads}, s, cos, sin, slot_ids, lengths, out, rows, hidden,
+                     heads, kv_heads, head_dim, max_len, eps, scale, threads);
+}
+
+extern "C" void llama_ffn_branch(const float* h, const int64_t* p, int weights_bf16, float* out, int rows, int hidden,
+                                 int inter, float eps, int threads) {
+    DecodeScratch s(rows, hidden, 0, 0, inter);
+    ffn_branch(h, p, Linear{weights_bf16 != 0, threads}, s, out, rows, hidden, inter, eps, threads);
+}
+
 // x [rows, hidden] fp32, the residual stream, updated in place; layer_ptrs [layers, COLUMNS]
 // (addresses; QKV_B may be 0); cos, sin [rows, head_dim]; slot_ids, lengths [rows] as in
 // decode_attention_f32.
@@ -58,29 +118,15 @@ extern "C" void llama_decode_layers(float* x, const int64_t* layer_ptrs, int lay
                                     const int64_t* lengths, int rows, int hidden, int heads, int kv_heads,
                                     int head_dim, int inter, int max_len, float eps, float scale, int threads) {
     const Linear linear{weights_bf16 != 0, threads};
-    const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
     const int64_t n = static_cast<int64_t>(rows) * hidden;
-    std::vector<float> normed(n), qkv(static_cast<int64_t>(rows) * qkv_width), q(static_cast<int64_t>(rows) * q_width),
-        k(static_cast<int64_t>(rows) * kv_width), v(static_cast<int64_t>(rows) * kv_width),
-        attn(static_cast<int64_t>(rows) * q_width), delta(n), gate_up(static_cast<int64_t>(rows) * 2 * inter),
-        act(static_cast<int64_t>(rows) * inter);
+    DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, inter);
+    std::vector<float> delta(n);
     for (int l = 0; l < layers; ++l) {
         const int64_t* p = layer_ptrs + static_cast<int64_t>(l) * COLUMNS;
-        rms_norm_f32(x, reinterpret_cast<const float*>(p[INPUT_NORM]), normed.data(), rows, hidden, eps, threads);
-        linear(normed.data(), p[QKV_W], p[QKV_B], qkv.data(), rows, hidden, qkv_width);
-        rope_f32(qkv.data(), cos, sin, rows, heads + kv_heads, head_dim, qkv_width, head_dim, threads);
-        copy_columns(qkv.data(), rows, qkv_width, 0, q_width, q.data());
-        copy_columns(qkv.data(), rows, qkv_width, q_width, kv_width, k.data());
-        copy_columns(qkv.data(), rows, qkv_width, q_width + kv_width, kv_width, v.data());
-        decode_attention_f32(q.data(), k.data(), v.data(), reinterpret_cast<float*>(p[K_CACHE]),
-                             reinterpret_cast<float*>(p[V_CACHE]), slot_ids, lengths, attn.data(), rows, heads,
-                             kv_heads, head_dim, max_len, 0, scale, threads);
-        linear(attn.data(), p[O_W], 0, delta.data(), rows, q_width, hidden);
+        attention_branch(x, p, linear, s, cos, sin, slot_ids, lengths, delta.data(), rows, hidden, heads, kv_heads,
+                         head_dim, max_len, eps, scale, threads);
         add_into(x, delta.data(), n);
-        rms_norm_f32(x, reinterpret_cast<const float*>(p[POST_NORM]), normed.data(), rows, hidden, eps, threads);
-        linear(normed.data(), p[GATE_UP_W], 0, gate_up.data(), rows, hidden, 2 * inter);
-        silu_mul_f32(gate_up.data(), act.data(), rows, inter, threads);
-        linear(act.data(), p[DOWN_W], 0, delta.data(), rows, inter, hidden);
+        ffn_branch(x, p, linear, s, delta.data(), rows, hidden, inter, eps, threads);
         add_into(x, delta.data(), n);
     }
 }

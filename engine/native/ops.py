@@ -1,6 +1,8 @@
 """Torch-facing wrappers of the C++ kernels: check layouts, pass pointers, allocate outputs."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine.native.build import kernels
@@ -104,9 +106,11 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class DecodeLayers:
-    """Every decoder layer of a dense decode step in one call (engine/native/decode_layers.cpp), for
-    Llama-family models whose projections all run on the native GEMMs. Same kernels as the per-op
-    path, so the same bits; built per KV cache (the table holds its addresses)."""
+    """Llama-family decoder layers on native calls (engine/native/decode_layers.cpp), for models
+    whose projections all run on the native GEMMs: a dense decode step in one call (`__call__`), or
+    per layer the attention branch (decode) and the FFN branch (any rows) for the skip gate to
+    choose between. Same kernels as the per-op path, so the same bits; built per KV cache (the
+    pointer table holds its addresses)."""
 
     COLUMNS = ("input_norm", "post_attn_norm", "qkv", "qkv_bias", "o_proj", "gate_up", "down", "k_cache", "v_cache")
 
@@ -122,6 +126,33 @@ class DecodeLayers:
                          kv.v[i].data_ptr()])
         self.table = torch.tensor(rows, dtype=torch.int64)
         self.layers = layers  # the table points into their tensors
+        self.ffns = [functools.partial(self.ffn_branch, i) for i in range(len(layers))]
+
+    def _row(self, layer: int) -> int:
+        return self.table.data_ptr() + layer * self.table.shape[1] * self.table.element_size()
+
+    def attention_branch(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_ids,
+                         lengths, longest: int) -> torch.Tensor:
+        """o_proj(attention(...)) of one layer's decode step, writing the new K/V; x: [rows, hidden]."""
+        cfg = self.cfg
+        if longest > self.kv.max_len:
+            raise ValueError(f"decode length {longest} exceeds the KV slot ({self.kv.max_len} tokens)")
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        kernels().llama_attention_branch(
+            x.data_ptr(), self._row(layer), int(self.bf16), cos.data_ptr(), sin.data_ptr(), slot_ids.data_ptr(),
+            lengths.data_ptr(), out.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, self.kv.max_len, cfg.rms_norm_eps, cfg.head_dim ** -0.5, torch.get_num_threads())
+        return out
+
+    def ffn_branch(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate) * up)(rms_norm(h)) of one layer; h: [rows, hidden], any rows."""
+        cfg = self.cfg
+        h = h.contiguous()
+        out = torch.empty_like(h)
+        kernels().llama_ffn_branch(h.data_ptr(), self._row(layer), int(self.bf16), out.data_ptr(), h.shape[0],
+                                   cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps, torch.get_num_threads())
+        return out
 
     @staticmethod
     def fits(layers, act_dtype) -> bool:
