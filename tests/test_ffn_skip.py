@@ -1,7 +1,8 @@
 """FFN-SkipLLM in the engine: exact accounting, cold layers, warm-up, prefill, batch isolation.
 
-Skipping is verified by counting the FFN rows the model really computed (each layer's `ffn`
-is wrapped with a row counter that then calls the real FFN), not by trusting the gate's report.
+Skipping is verified by counting the FFN rows the model really computed (each layer's `ffn`, and
+on the native path each layer's FFN branch and the one-call dense step, is wrapped with a row
+counter that then calls the real code), not by trusting the gate's report.
 """
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def ffn_rows(engine):
 
     for i, layer in enumerate(model.layers):
         layer.ffn = counting(i, originals[i])
+    native = model._native_layers(engine.runner.kv)  # None where the native layer calls do not apply
+    if native is not None:
+        native_ffns, real_dense_step = list(native.ffns), native.dense_step
+        native.ffns = [counting(i, f) for i, f in enumerate(native_ffns)]
+
+        def dense_step(x, *args):  # every layer's FFN runs for every row
+            for i in range(len(model.layers)):
+                counts[phase["now"]][i] += x.shape[0]
+            return real_dense_step(x, *args)
+
+        native.dense_step = dense_step
     real_forward = model.forward
 
     def forward(input_ids, meta, kv, gate):
@@ -39,6 +51,9 @@ def ffn_rows(engine):
     yield counts
     for layer in model.layers:
         del layer.ffn  # back to the class's method
+    if native is not None:
+        native.ffns = native_ffns
+        del native.dense_step
     del model.forward
 
 

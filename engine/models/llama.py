@@ -108,7 +108,7 @@ class LlamaModel:
             cos, sin = (t[:, 0].contiguous() for t in self.ropes["global"](meta.positions))
             x = self.embed_tokens(input_ids)
             if type(gate) is DenseGate:  # every FFN runs: the whole step in one call
-                return self.final_norm(native(x, cos, sin, meta.slot_ids, meta.row_lengths, meta.context_len))
+                return self.final_norm(native.dense_step(x, cos, sin, meta.slot_ids, meta.row_lengths, meta.context_len))
             for i in range(len(self.layers)):  # the gate picks rows per layer: one call per branch
                 h = x + native.attention_branch(i, x, cos, sin, meta.slot_ids, meta.row_lengths, meta.context_len)
                 x = gate(i, h, native.ffns[i])

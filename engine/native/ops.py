@@ -107,7 +107,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 class DecodeLayers:
     """Llama-family decoder layers on native calls (engine/native/decode_layers.cpp), for models
-    whose projections all run on the native GEMMs: a dense decode step in one call (`__call__`), or
+    whose projections all run on the native GEMMs: a dense decode step in one call (`dense_step`), or
     per layer the attention branch (decode) and the FFN branch (any rows) for the skip gate to
     choose between. Same kernels as the per-op path, so the same bits; built per KV cache (the
     pointer table holds its addresses)."""
@@ -161,8 +161,8 @@ class DecodeLayers:
         return (act_dtype == torch.float32 and all(layer.window is None for layer in layers)
                 and all(lin.backend == "native" and lin.dtype == linears[0].dtype for lin in linears))
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_ids: torch.Tensor,
-                 lengths: torch.Tensor, longest: int) -> torch.Tensor:
+    def dense_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_ids: torch.Tensor,
+                   lengths: torch.Tensor, longest: int) -> torch.Tensor:
         """x: [rows, hidden] fp32 (embeddings), updated in place through every layer and returned."""
         cfg = self.cfg
         if longest > self.kv.max_len:
