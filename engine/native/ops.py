@@ -112,12 +112,10 @@ class DecodeLayers:
     choose between. Same kernels as the per-op path, so the same bits; built per KV cache (the
     pointer table holds its addresses)."""
 
-    COLUMNS = ("input_norm", "post_attn_norm", "qkv", "qkv_bias", "o_proj", "gate_up", "down", "k_cache", "v_cache")
-
     def __init__(self, cfg, layers, kv):
         self.cfg, self.kv = cfg, kv
         self.bf16 = layers[0].qkv.dtype == torch.bfloat16
-        rows = []
+        rows = []  # one row of addresses per layer, in decode_layers.cpp's `Column` order
         for i, layer in enumerate(layers):
             bias = layer.qkv.bias
             rows.append([layer.input_norm.data_ptr(), layer.post_attn_norm.data_ptr(), layer.qkv.weight.data_ptr(),
