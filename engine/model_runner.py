@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import native
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
-from engine import native
 from engine.kv_cache import KVCache
 from engine.loader import load_state_dict
 from engine.models import build_model

@@ -82,6 +82,7 @@ def test_native_layer_calls_equal_the_per_op_path(engine, chat_prompts):
     names = [f"native-layers-{i}" for i in range(len(prompts))]
     slots = [engine.slots.allocate(name) for name in names]
     policy = build_policy(engine.config.skip, runner.num_layers)
+    fits = model._native_decode_fits
     try:
         for slot, prompt in zip(slots, prompts):
             meta = AttentionMetadata.for_prefill(slot, 0, len(prompt), runner.device)
@@ -92,7 +93,7 @@ def test_native_layer_calls_equal_the_per_op_path(engine, chat_prompts):
         def step(gate, native: bool):
             runner.kv.k.copy_(k_before)
             runner.kv.v.copy_(v_before)
-            model._native_decode_fits = None if native else False  # False: the per-op path
+            model._native_decode_fits = fits if native else False  # False: the per-op path
             meta = AttentionMetadata.for_decode(slots, [len(p) for p in prompts], runner.device, runner.act_dtype)
             logits = model.logits(model.forward(ids, meta, runner.kv, gate))
             return logits, runner.kv.k.clone(), runner.kv.v.clone(), gate.skip_counts(len(prompts))
@@ -104,7 +105,7 @@ def test_native_layer_calls_equal_the_per_op_path(engine, chat_prompts):
         skipped = [step(skipping_gate(), native) for native in (True, False)]
         assert model._native_decode is not None  # the native calls were taken
     finally:
-        model._native_decode_fits = None
+        model._native_decode_fits = fits
         for name in names:
             engine.slots.free(name)
     for (logits1, k1, v1, counts1), (logits2, k2, v2, counts2) in (dense, skipped):

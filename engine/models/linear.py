@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from engine.native import ops as native_ops
 
 PACKABLE = (torch.float32, torch.bfloat16)
-BACKENDS = ("native", "onednn", "plain")
 
 
 def pick_backend(weight: torch.Tensor) -> str:

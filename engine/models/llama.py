@@ -91,8 +91,10 @@ class LlamaModel:
         self.layers = [self.layer_class(cfg, weights, f"model.layers.{i}.", device, dtype, act, i)
                        for i in range(cfg.num_layers)]
         self.ropes = {"global": RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len, device, act)}
-        self._native_decode_fits: bool | None = None  # decided at the first forward
-        self._native_decode = None
+        # decode through native layer calls (engine/native/decode_layers.cpp): this class's layers
+        # (not a subclass's), fp32 activations, every projection on the native GEMMs
+        self._native_decode_fits = type(self) is LlamaModel and native_ops.DecodeLayers.fits(self.layers, act)
+        self._native_decode = None  # built for the KV cache it is first called with
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed[input_ids].to(self.act_dtype)
@@ -104,16 +106,16 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache, gate) -> torch.Tensor:
         """input_ids: [N] -> final hidden states [N, hidden] (normed); `gate` runs or skips each FFN."""
         native = self._native_layers(kv)
+        x = self.embed_tokens(input_ids)
         if native is not None and not meta.is_prefill:
             cos, sin = (t[:, 0].contiguous() for t in self.ropes["global"](meta.positions))
-            x = self.embed_tokens(input_ids)
+            step = (cos, sin, meta.slot_ids, meta.row_lengths, meta.context_len)
             if type(gate) is DenseGate:  # every FFN runs: the whole step in one call
-                return self.final_norm(native.dense_step(x, cos, sin, meta.slot_ids, meta.row_lengths, meta.context_len))
+                return self.final_norm(native.dense_step(x, *step))
             for i in range(len(self.layers)):  # the gate picks rows per layer: one call per branch
-                h = x + native.attention_branch(i, x, cos, sin, meta.slot_ids, meta.row_lengths, meta.context_len)
+                h = x + native.attention_branch(i, x, *step)
                 x = gate(i, h, native.ffns[i])
             return self.final_norm(x)
-        x = self.embed_tokens(input_ids)
         ropes = {kind: rope(meta.positions) for kind, rope in self.ropes.items()}
         for i, layer in enumerate(self.layers):
             h = x + layer.attention(x, ropes[layer.rope_kind], meta, kv.k[i], kv.v[i])
@@ -121,11 +123,7 @@ class LlamaModel:
         return self.final_norm(x)
 
     def _native_layers(self, kv: KVCache):
-        """The one-call dense decode step (engine/native/decode_layers.cpp) when it applies: this
-        class's layers (not a subclass's), every projection on the native GEMMs, kernels enabled."""
-        if self._native_decode_fits is None:
-            self._native_decode_fits = type(self) is LlamaModel and native_ops.DecodeLayers.fits(self.layers,
-                                                                                               self.act_dtype)
+        """The native layer calls for `kv`, or None where they do not apply or the kernels are off."""
         if not self._native_decode_fits or native_ops.kernels() is None:
             return None
         if self._native_decode is None or self._native_decode.kv is not kv:

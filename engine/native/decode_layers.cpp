@@ -51,9 +51,7 @@ void add_into(float* x, const float* y, int64_t n) {
 
 }  // namespace
 
-// attn_out [rows, hidden] = o_proj(attention(rope(qkv(rms_norm(x))))) for one layer's decode step;
-// writes the rows' new K/V into the layer's caches. Scratch buffers are the caller's business
-// (sizes in DecodeScratch).
+// Intermediate buffers of one step, sized for its rows (a branch leaves unused ones empty).
 struct DecodeScratch {
     std::vector<float> normed, qkv, q, k, v, attn, gate_up, act;
     DecodeScratch(int rows, int hidden, int q_width, int kv_width, int inter)
@@ -67,6 +65,8 @@ struct DecodeScratch {
           act(static_cast<int64_t>(rows) * inter) {}
 };
 
+// out [rows, hidden] = o_proj(attention(rope(qkv(rms_norm(x))))) for one layer's decode step;
+// writes the rows' new K/V into the layer's caches.
 static void attention_branch(const float* x, const int64_t* p, const Linear& linear, DecodeScratch& s,
                              const float* cos, const float* sin, const int64_t* slot_ids, const int64_t* lengths,
                              float* out, int rows, int hidden, int heads, int kv_heads, int head_dim, int max_len,

@@ -11,15 +11,13 @@
 #include <cstdint>
 #include <cstring>
 
-#include "row_tiles.h"
+#include "tiling.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
-
-constexpr int BLOCK = 16;
 
 #if defined(__AVX512F__)
 // R rows against NB (1 or 2) neighbouring blocks; two accumulator chains (even / odd inputs) per
@@ -60,7 +58,7 @@ void blocks_rows(const float* x, int64_t x_stride, const float* w, int in, const
     }
 }
 
-// All rows against NB blocks, in row tiles (engine/native/row_tiles.h).
+// All rows against NB blocks, in row tiles (engine/native/tiling.h).
 template <int NB>
 void tile_rows(const float* x, int rows, int in, const float* w, const float* bias, float* y, int out) {
     for_row_tiles(rows, [&](int r, auto tile) {
@@ -77,20 +75,14 @@ extern "C" void linear_f32(const float* x, const float* w, const float* bias, fl
                            int threads) {
     const int blocks = out / BLOCK;
 #if defined(__AVX512F__)
-    // one or two rows: one block per task (memory-bound); more rows: pairs of blocks per task
-    // (compute-bound: each broadcast of x feeds two FMAs)
-    const int nb = rows <= 2 ? 1 : 2;
-    const int tasks = (blocks + nb - 1) / nb;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int t = 0; t < tasks; ++t) {
-        const int b = t * nb;
+    for_block_tasks(blocks, rows, threads, [&](int b, bool pair) {
         const float* wb = w + static_cast<int64_t>(b) * in * BLOCK;
         const float* bb = bias ? bias + b * BLOCK : nullptr;
-        if (nb == 2 && blocks - b >= 2)
+        if (pair)
             tile_rows<2>(x, rows, in, wb, bb, y + b * BLOCK, out);
         else
             tile_rows<1>(x, rows, in, wb, bb, y + b * BLOCK, out);
-    }
+    });
 #else
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int b = 0; b < blocks; ++b) {

@@ -12,15 +12,13 @@
 #include <cstring>
 #include <vector>
 
-#include "row_tiles.h"
+#include "tiling.h"
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
 namespace {
-
-constexpr int BLOCK = 16;
 
 inline uint16_t to_bf16(float f) {
     uint32_t bits;
@@ -78,7 +76,7 @@ void blocks_rows(const uint32_t* xp, int64_t x_stride, const uint16_t* w, int pa
     }
 }
 
-// All rows against NB blocks, in row tiles (engine/native/row_tiles.h).
+// All rows against NB blocks, in row tiles (engine/native/tiling.h).
 template <int NB>
 void tile_rows(const uint32_t* xp, int rows, int pairs, const uint16_t* w, const float* bias, float* y, int out) {
     for_row_tiles(rows, [&](int r, auto tile) {
@@ -98,18 +96,14 @@ extern "C" void linear_bf16(const float* x, const uint16_t* w, const float* bias
     for (size_t i = 0; i < xh.size(); ++i) xh[i] = to_bf16(x[i]);
 #if defined(__AVX512BF16__)
     const uint32_t* xp = reinterpret_cast<const uint32_t*>(xh.data());
-    const int nb = rows <= 2 ? 1 : 2;
-    const int tasks = (blocks + nb - 1) / nb;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int t = 0; t < tasks; ++t) {
-        const int b = t * nb;
+    for_block_tasks(blocks, rows, threads, [&](int b, bool pair) {
         const uint16_t* wb = w + static_cast<int64_t>(b) * in * BLOCK;
         const float* bb = bias ? bias + b * BLOCK : nullptr;
-        if (blocks - b >= 2 && nb == 2)
+        if (pair)
             tile_rows<2>(xp, rows, pairs, wb, bb, y + b * BLOCK, out);
         else
             tile_rows<1>(xp, rows, pairs, wb, bb, y + b * BLOCK, out);
-    }
+    });
 #else
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int b = 0; b < blocks; ++b) {

@@ -8,6 +8,12 @@ import torch
 from engine.native.build import kernels
 
 
+def check_decode_length(longest: int, max_len: int) -> None:
+    """The kernels write each row's new K/V at position length - 1 of its slot: refuse a length past it."""
+    if longest > max_len:
+        raise ValueError(f"decode length {longest} exceeds the KV slot ({max_len} tokens)")
+
+
 def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return (kernels() is not None and q.device.type == "cpu" and q.dtype == torch.float32
             and k_cache.dtype == torch.float32 and k_cache.is_contiguous())
@@ -20,19 +26,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     row's slot; caches: [slots, KV, max_len, D] of one layer; slot_ids, lengths: [B] int64, every
     length >= 1 (position + 1); longest: max(lengths), checked against the slot size -> [B, H*D]."""
     rows, heads, dim = q.shape
+    check_decode_length(longest, k_cache.shape[2])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if longest > k_cache.shape[2]:  # the kernel writes at length - 1 of the slot
-        raise ValueError(f"decode length {longest} exceeds the KV slot ({k_cache.shape[2]} tokens)")
     out = torch.empty(rows, heads * dim, dtype=q.dtype)
     kernels().decode_attention_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_ids.data_ptr(),
-        lengths.data_ptr(),
-        out.data_ptr(), rows, heads, k_cache.shape[1], dim, k_cache.shape[2], window or 0, scale,
+        lengths.data_ptr(), out.data_ptr(), rows, heads, k_cache.shape[1], dim, k_cache.shape[2], window or 0, scale,
         torch.get_num_threads())
     return out
 
 
-BLOCK = 16  # outputs per weight block (engine/native/linear.cpp)
+BLOCK = 16  # outputs per weight block (engine/native/tiling.h)
 _LINEAR = {torch.float32: "linear_f32", torch.bfloat16: "linear_bf16"}
 
 
@@ -71,6 +75,7 @@ def linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, ke
     kernel(x.data_ptr(), blocked.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
            rows, inp, out, torch.get_num_threads())
     return y
+
 
 def elementwise_supported(x: torch.Tensor) -> bool:
     return kernels() is not None and x.device.type == "cpu" and x.dtype == torch.float32
@@ -133,8 +138,7 @@ class DecodeLayers:
                          lengths, longest: int) -> torch.Tensor:
         """o_proj(attention(...)) of one layer's decode step, writing the new K/V; x: [rows, hidden]."""
         cfg = self.cfg
-        if longest > self.kv.max_len:
-            raise ValueError(f"decode length {longest} exceeds the KV slot ({self.kv.max_len} tokens)")
+        check_decode_length(longest, self.kv.max_len)
         x = x.contiguous()
         out = torch.empty_like(x)
         kernels().llama_attention_branch(
@@ -163,8 +167,7 @@ class DecodeLayers:
                    lengths: torch.Tensor, longest: int) -> torch.Tensor:
         """x: [rows, hidden] fp32 (embeddings), updated in place through every layer and returned."""
         cfg = self.cfg
-        if longest > self.kv.max_len:
-            raise ValueError(f"decode length {longest} exceeds the KV slot ({self.kv.max_len} tokens)")
+        check_decode_length(longest, self.kv.max_len)
         x = x.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
         kernels().llama_decode_layers(
