@@ -53,27 +53,66 @@ def test_linear_matches_torch(kernels, dtype, out_features, in_features, with_bi
     in tiles of 6 rows), an odd number of blocks, with and without bias; and the oneDNN backend
     used where the kernels are not available. fp32 against F.linear;
     bf16 against F.linear on the input rounded to bf16, summed in fp32."""
-    from engine.models.linear import Linear
+    from engine.models.linear import Linear, onednn_packs
 
     gen = torch.Generator().manual_seed(out_features + in_features)
     weight = (torch.randn(out_features, in_features, generator=gen) * 0.05).to(dtype)
     bias = torch.randn(out_features, generator=gen) if with_bias else None
     if backend == "native":
         if not ops.linear_supported(torch.zeros(16, 16, dtype=dtype)):
-            pytest.skip("no vectorized kernel for this dtype on this CPU (AVX-512 / AVX512-BF16)")
+            pytest.skip("no vectorized kernel for this dtype on this CPU (needs AVX-512 or AVX2 + FMA)")
         layer = Linear(weight, bias)  # the default choice
-        # bf16 pairs need an even `in`: such a layer must fall back to oneDNN, and still be right
+        # bf16 pairs need an even `in`: such a layer falls back to oneDNN (F.linear where oneDNN has
+        # no bf16 path), and is still right
         odd_bf16 = dtype == torch.bfloat16 and in_features % 2
-        backend = "onednn" if odd_bf16 else "native"
+        backend = ("onednn" if onednn_packs(dtype) else "plain") if odd_bf16 else "native"
         assert layer.backend == backend
     else:
+        if not onednn_packs(dtype):
+            pytest.skip(f"oneDNN has no {dtype} path on this CPU (bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
         layer = Linear(weight, bias, backend)
     for rows in (1, 2, 3, 7, 13, 64):
         x = torch.randn(rows, in_features, generator=gen)
         ref = F.linear(x.to(dtype).float(), weight.float(), bias)
-        # oneDNN's bf16 matmul also hands back bf16: its output carries bf16 rounding
-        tol = 1e-2 if backend == "onednn" and dtype == torch.bfloat16 else 1e-4
+        # oneDNN's (and F.linear's) bf16 matmul also hands back bf16: its output carries bf16 rounding
+        tol = 1e-2 if backend in ("onednn", "plain") and dtype == torch.bfloat16 else 1e-4
         torch.testing.assert_close(layer(x), ref, rtol=tol, atol=tol)
+
+
+@pytest.fixture(scope="module")
+def avx2_kernels(kernels, tmp_path_factory):
+    """The library an AVX2-only host builds (-march=x86-64-v3), beside this host's own."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the AVX2 build is for x86-64 hosts")
+    cpu = open("/proc/cpuinfo").read()
+    if not all(f" {flag}" in cpu for flag in ("avx2", "fma", "f16c")):
+        pytest.skip("this CPU cannot run the AVX2 + FMA build")
+    return native.build.open_library("avx2", str(tmp_path_factory.mktemp("avx2-cache")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (960, 576), (32, 34), (48, 35)])
+def test_avx2_linear_matches_torch(kernels, avx2_kernels, dtype, out_features, in_features):
+    """The AVX2 + FMA GEMMs, which an AVX2-only host picks, on every row tiling (tiles of 3 rows):
+    fp32 sums in the AVX-512 kernel's order, so where this host runs that kernel the bits agree;
+    bf16 products are exact in fp32, so only summation rounding separates it from the reference."""
+    if dtype == torch.bfloat16 and in_features % 2:
+        pytest.skip("bf16 pairs need an even number of inputs (such layers use another backend)")
+    assert avx2_kernels.linear_f32_vectorized() and avx2_kernels.linear_bf16_vectorized()
+    gen = torch.Generator().manual_seed(out_features * in_features)
+    weight = (torch.randn(out_features, in_features, generator=gen) * 0.05).to(dtype)
+    bias = torch.randn(out_features, generator=gen)
+    blocked = ops.block_weight(weight)
+    kernel = getattr(avx2_kernels, ops._LINEAR[dtype])
+    for rows in (1, 2, 3, 4, 7, 64):
+        x = torch.randn(rows, in_features, generator=gen)
+        ours = ops.linear(x, blocked, bias, kernel)
+        ref = F.linear(x.to(dtype).float(), weight.float(), bias)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+        if dtype == torch.float32 and kernels.linear_f32_vectorized():
+            assert torch.equal(ours, ops.linear(x, blocked, bias, kernels.linear_f32))
 
 
 @pytest.mark.parametrize("shape", [(1, 576), (16, 576), (3, 4, 256), (300, 640)])

@@ -2,11 +2,12 @@
 
 On CPU, in order of preference:
 - `native`: skipserve's own C++ kernels (`engine/native/linear*.cpp`) on a 16-output blocked
-  layout, when they are built and vectorized for this CPU (AVX-512; AVX512-BF16 for bf16
-  weights). fp32 activations in and out, no casts; bf16 weights round the input to bf16 and sum in
-  fp32, as oneDNN does.
+  layout, when they are built and vectorized for this CPU (AVX-512 or AVX2 + FMA; bf16 with
+  AVX512-BF16's dot products or widened in AVX2 registers). fp32 activations in and out, no casts;
+  bf16 weights round the input to bf16 and sum in fp32, as oneDNN does.
 - `onednn`: the weight reordered once into oneDNN's blocked layout and its matmul primitive
-  called directly (the pre-packing torch's inductor does when it freezes a model).
+  called directly (the pre-packing torch's inductor does when it freezes a model). oneDNN's bf16
+  path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: without them bf16 weights go `plain`.
 - `plain`: `F.linear` (CUDA, or a torch without oneDNN).
 `bench/gemm.py` measures the three side by side. Weights may be narrower than the activations
 (bf16 weights, fp32 activations on CPU): the oneDNN and plain paths cast the input and the output.
@@ -17,14 +18,25 @@ import torch
 import torch.nn.functional as F
 
 from engine.native import ops as native_ops
+from engine.native.build import emulated_isa
 
-PACKABLE = (torch.float32, torch.bfloat16)
+
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's pre-packed matmul runs `dtype` weights on this CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype != torch.bfloat16 or emulated_isa() is not None:  # an emulated AVX2 host has no bf16 path
+        return False
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported is not None and supported())
 
 
 def pick_backend(weight: torch.Tensor) -> str:
     if native_ops.linear_supported(weight):
         return "native"
-    if weight.device.type == "cpu" and weight.dtype in PACKABLE and torch.backends.mkldnn.is_available():
+    if weight.device.type == "cpu" and onednn_packs(weight.dtype):
         return "onednn"
     return "plain"
 

@@ -19,7 +19,13 @@ log = logging.getLogger("skipserve.native")
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+# Instruction sets a library is built for. "native" (the default) is whatever this CPU has: the
+# kernels choose their AVX-512 / AVX512-BF16 / AVX2 + FMA paths at compile time, on the machine that
+# runs them. "avx2" (x86-64-v3: AVX2, FMA, F16C, no AVX-512) builds what an AVX2-only host runs,
+# so that path is tested on any x86 host; SKIPSERVE_CPU_ISA=avx2 makes a whole process behave as
+# on such a host (see `emulated_isa`).
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=generic"]}
 _int, _float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     # q, k_new, v_new, k_cache, v_cache, slot_ids, lengths, out, rows, heads, kv_heads, dim, max_len, window,
@@ -51,6 +57,15 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _disabled = False
+_libraries: dict[str, ctypes.CDLL] = {}
+
+
+def emulated_isa() -> str | None:
+    """"avx2" when SKIPSERVE_CPU_ISA=avx2 asks this process to run as an AVX2-only host would."""
+    isa = os.environ.get("SKIPSERVE_CPU_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"SKIPSERVE_CPU_ISA={isa!r}: expected one of {sorted(ISA_FLAGS)}")
+    return None if isa == "native" else isa
 
 
 def kernels() -> ctypes.CDLL | None:
@@ -81,17 +96,26 @@ def load(cache_dir: str | None = None) -> ctypes.CDLL | None:
         if os.environ.get("SKIPSERVE_NATIVE", "1") == "0":
             log.info("native CPU kernels disabled (SKIPSERVE_NATIVE=0)")
             return None
+        isa = emulated_isa() or "native"
         try:
-            path = _build(Path(cache_root(cache_dir)) / "native")
-            lib = ctypes.CDLL(str(path))
-            for name, args in SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.argtypes, fn.restype = args, RESTYPES.get(name)
-            _lib = lib
-            log.info("native CPU kernels: %s", path)
+            _lib = open_library(isa, cache_dir)
         except Exception as exc:  # no compiler, a failed build, an unloadable library: torch paths
             log.warning("native CPU kernels unavailable (%s); using torch kernels", exc)
         return _lib
+
+
+def open_library(isa: str, cache_dir: str | None = None) -> ctypes.CDLL:
+    """The kernels built for `isa` (see ISA_FLAGS), compiled on first use; raises when they cannot be.
+    `load` opens the one a process runs on; tests open "avx2" beside it to check that path too."""
+    if isa not in _libraries:
+        path = _build(Path(cache_root(cache_dir)) / "native", ISA_FLAGS[isa])
+        lib = ctypes.CDLL(str(path))
+        for name, args in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, RESTYPES.get(name)
+        _libraries[isa] = lib
+        log.info("native CPU kernels (%s): %s", isa, path)
+    return _libraries[isa]
 
 
 def _compiler() -> str:
@@ -113,11 +137,12 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def _build(root: Path) -> Path:
+def _build(root: Path, isa_flags: list[str]) -> Path:
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    flags = FLAGS + isa_flags
     digest = hashlib.sha256()
-    for part in [version, " ".join(FLAGS), _cpu_signature()] + [p.read_text() for p in SOURCES + HEADERS]:
+    for part in [version, " ".join(flags), _cpu_signature()] + [p.read_text() for p in SOURCES + HEADERS]:
         digest.update(part.encode())
     target = root / f"skipserve_native-{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -126,7 +151,7 @@ def _build(root: Path) -> Path:
     log.info("compiling native CPU kernels -> %s", target)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"g++ failed: {proc.stderr.strip()[-2000:]}")
         os.replace(out, target)  # atomic: a concurrent start sees all of it or none

@@ -13,7 +13,7 @@
 
 #include "tiling.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -66,6 +66,45 @@ void tile_rows(const float* x, int rows, int in, const float* w, const float* bi
                                                y + static_cast<int64_t>(r) * out, out);
     });
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int AVX2_ROW_TILE = 3;  // 2 chains x 2 halves x 3 rows = 12 accumulators + 4 weights of 16 registers
+
+// R rows against one block as two 8-wide halves, with the AVX-512 kernel's summation order
+// (even inputs, odd inputs, then even + odd + bias per output), so both give the same bits.
+template <int R>
+void block_rows_avx2(const float* x, int64_t x_stride, const float* w, int in, const float* bias, float* y,
+                     int64_t y_stride) {
+    __m256 even[R][2], odd[R][2];
+    for (int r = 0; r < R; ++r) even[r][0] = even[r][1] = odd[r][0] = odd[r][1] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 1 < in; i += 2) {
+        const float* wi = w + static_cast<int64_t>(i) * BLOCK;
+        const __m256 w0a = _mm256_loadu_ps(wi), w0b = _mm256_loadu_ps(wi + 8);
+        const __m256 w1a = _mm256_loadu_ps(wi + BLOCK), w1b = _mm256_loadu_ps(wi + BLOCK + 8);
+        for (int r = 0; r < R; ++r) {
+            const __m256 x0 = _mm256_broadcast_ss(x + r * x_stride + i);
+            const __m256 x1 = _mm256_broadcast_ss(x + r * x_stride + i + 1);
+            even[r][0] = _mm256_fmadd_ps(x0, w0a, even[r][0]);
+            even[r][1] = _mm256_fmadd_ps(x0, w0b, even[r][1]);
+            odd[r][0] = _mm256_fmadd_ps(x1, w1a, odd[r][0]);
+            odd[r][1] = _mm256_fmadd_ps(x1, w1b, odd[r][1]);
+        }
+    }
+    if (i < in) {
+        const float* wi = w + static_cast<int64_t>(i) * BLOCK;
+        const __m256 w0a = _mm256_loadu_ps(wi), w0b = _mm256_loadu_ps(wi + 8);
+        for (int r = 0; r < R; ++r) {
+            const __m256 x0 = _mm256_broadcast_ss(x + r * x_stride + i);
+            even[r][0] = _mm256_fmadd_ps(x0, w0a, even[r][0]);
+            even[r][1] = _mm256_fmadd_ps(x0, w0b, even[r][1]);
+        }
+    }
+    for (int h = 0; h < 2; ++h) {
+        const __m256 b = bias ? _mm256_loadu_ps(bias + 8 * h) : _mm256_setzero_ps();
+        for (int r = 0; r < R; ++r)
+            _mm256_storeu_ps(y + r * y_stride + 8 * h, _mm256_add_ps(_mm256_add_ps(even[r][h], odd[r][h]), b));
+    }
+}
 #endif
 
 }  // namespace
@@ -83,6 +122,17 @@ extern "C" void linear_f32(const float* x, const float* w, const float* bias, fl
         else
             tile_rows<1>(x, rows, in, wb, bb, y + b * BLOCK, out);
     });
+#elif defined(__AVX2__) && defined(__FMA__)
+    for_block_tasks(blocks, rows, threads, [&](int first, bool pair) {
+        for (int b = first; b < first + (pair ? 2 : 1); ++b) {
+            const float* wb = w + static_cast<int64_t>(b) * in * BLOCK;
+            const float* bb = bias ? bias + b * BLOCK : nullptr;
+            for_row_tiles<AVX2_ROW_TILE>(rows, [&](int r, auto tile) {
+                block_rows_avx2<decltype(tile)::value>(x + static_cast<int64_t>(r) * in, in, wb, in, bb,
+                                                       y + static_cast<int64_t>(r) * out + b * BLOCK, out);
+            });
+        }
+    });
 #else
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int b = 0; b < blocks; ++b) {
@@ -99,9 +149,10 @@ extern "C" void linear_f32(const float* x, const float* w, const float* bias, fl
 #endif
 }
 
-// 1 when this build has the vector kernels (else the scalar loops: callers prefer oneDNN then).
+// 1 when this build has the vector kernels, AVX-512 or AVX2 + FMA (else the scalar loops: callers
+// prefer oneDNN then).
 extern "C" int linear_f32_vectorized() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     return 1;
 #else
     return 0;

@@ -4,7 +4,10 @@
 // Weight layout: [out / 16, in / 2, 16, 2]: block b holds outputs 16b..16b+15, and for each pair
 // of inputs (2k, 2k+1) the 16 outputs' two weights side by side, which is the operand
 // AVX512-BF16's dot-product instruction takes: one 64-byte load and one instruction give 16
-// outputs x 2 inputs of one row. Each thread streams its own run of blocks.
+// outputs x 2 inputs of one row. Each thread streams its own run of blocks. Without AVX512-BF16,
+// an AVX2 + FMA path widens each weight pair in registers (a 16-bit shift and a mask) and runs
+// fp32 FMAs: the same products of bf16 values, summed in fp32; only the rounding of the pair's
+// sum may differ from the dot-product instruction's.
 //
 // Batch invariant, as linear.cpp: two accumulator chains per output vector (even / odd input
 // pairs) for any number of rows, so a row's result does not depend on the rest of the batch.
@@ -14,7 +17,7 @@
 
 #include "tiling.h"
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -84,6 +87,47 @@ void tile_rows(const uint32_t* xp, int rows, int pairs, const uint16_t* w, const
                                                y + static_cast<int64_t>(r) * out, out);
     });
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int AVX2_ROW_TILE = 3;  // 2 chains x 2 halves x 3 rows = 12 accumulators of 16 registers
+
+// R rows against one block: each 32-bit word of the block holds one output's weights for the
+// inputs 2k (low half) and 2k+1 (high half); xh holds the rows' inputs rounded to bf16.
+template <int R>
+void block_rows_avx2(const uint16_t* xh, int64_t x_stride, const uint16_t* w, int pairs, const float* bias,
+                     float* y, int64_t y_stride) {
+    constexpr int CHAINS = 2;
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    __m256 acc[CHAINS][R][2];
+    for (int c = 0; c < CHAINS; ++c)
+        for (int r = 0; r < R; ++r) acc[c][r][0] = acc[c][r][1] = _mm256_setzero_ps();
+    auto pair = [&](int c, int k) {
+        const uint16_t* wk = w + static_cast<int64_t>(k) * 2 * BLOCK;
+        __m256 even[2], odd[2];
+        for (int h = 0; h < 2; ++h) {
+            const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 16 * h));
+            even[h] = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+            odd[h] = _mm256_castsi256_ps(_mm256_and_si256(words, high));
+        }
+        for (int r = 0; r < R; ++r) {
+            const __m256 x0 = _mm256_set1_ps(from_bf16(xh[r * x_stride + 2 * k]));
+            const __m256 x1 = _mm256_set1_ps(from_bf16(xh[r * x_stride + 2 * k + 1]));
+            for (int h = 0; h < 2; ++h)
+                acc[c][r][h] = _mm256_fmadd_ps(x1, odd[h], _mm256_fmadd_ps(x0, even[h], acc[c][r][h]));
+        }
+    };
+    int k = 0;
+    for (; k + CHAINS <= pairs; k += CHAINS)
+        for (int c = 0; c < CHAINS; ++c) pair(c, k + c);
+    for (; k < pairs; ++k) pair(0, k);
+    for (int h = 0; h < 2; ++h) {
+        const __m256 b = bias ? _mm256_loadu_ps(bias + 8 * h) : _mm256_setzero_ps();
+        for (int r = 0; r < R; ++r) {
+            __m256 sum = acc[0][r][h];
+            for (int c = 1; c < CHAINS; ++c) sum = _mm256_add_ps(sum, acc[c][r][h]);
+            _mm256_storeu_ps(y + r * y_stride + 8 * h, _mm256_add_ps(sum, b));
+        }
+    }
+}
 #endif
 
 }  // namespace
@@ -104,6 +148,17 @@ extern "C" void linear_bf16(const float* x, const uint16_t* w, const float* bias
         else
             tile_rows<1>(xp, rows, pairs, wb, bb, y + b * BLOCK, out);
     });
+#elif defined(__AVX2__) && defined(__FMA__)
+    for_block_tasks(blocks, rows, threads, [&](int first, bool pair) {
+        for (int b = first; b < first + (pair ? 2 : 1); ++b) {
+            const uint16_t* wb = w + static_cast<int64_t>(b) * in * BLOCK;
+            const float* bb = bias ? bias + b * BLOCK : nullptr;
+            for_row_tiles<AVX2_ROW_TILE>(rows, [&](int r, auto tile) {
+                block_rows_avx2<decltype(tile)::value>(xh.data() + static_cast<int64_t>(r) * in, in, wb, pairs, bb,
+                                                       y + static_cast<int64_t>(r) * out + b * BLOCK, out);
+            });
+        }
+    });
 #else
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int b = 0; b < blocks; ++b) {
@@ -123,9 +178,10 @@ extern "C" void linear_bf16(const float* x, const uint16_t* w, const float* bias
 #endif
 }
 
-// 1 when this build has the AVX512-BF16 kernels (else the scalar loops: callers prefer oneDNN then).
+// 1 when this build has vector kernels, AVX512-BF16 or AVX2 + FMA (else the scalar loops: callers
+// prefer oneDNN then).
 extern "C" int linear_bf16_vectorized() {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
     return 1;
 #else
     return 0;

@@ -41,7 +41,7 @@ _LINEAR = {torch.float32: "linear_f32", torch.bfloat16: "linear_bf16"}
 
 
 def linear_supported(weight: torch.Tensor) -> bool:
-    """Only where the kernels are vectorized for this CPU (AVX-512; AVX512-BF16 for bf16): elsewhere
+    """Only where the kernels are vectorized for this CPU (AVX-512 or AVX2 + FMA): elsewhere
     oneDNN is the faster choice."""
     lib = kernels()
     if lib is None or weight.device.type != "cpu" or weight.shape[0] % BLOCK:

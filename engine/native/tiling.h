@@ -21,11 +21,13 @@ inline void for_block_tasks(int blocks, int rows, int threads, Task&& task) {
     }
 }
 
-// Calls tile(first_row, std::integral_constant<int, R>{}) for rows [0, rows) in tiles of at most ROW_TILE.
-template <typename Tile>
+// Calls tile(first_row, std::integral_constant<int, R>{}) for rows [0, rows) in tiles of at most
+// MAX_TILE (ROW_TILE for AVX-512's 32 registers; AVX2 kernels pass a smaller one for their 16).
+template <int MAX_TILE = ROW_TILE, typename Tile>
 inline void for_row_tiles(int rows, Tile&& tile) {
-    for (int r = 0; r < rows; r += ROW_TILE) {
-        switch (rows - r < ROW_TILE ? rows - r : ROW_TILE) {
+    static_assert(MAX_TILE >= 1 && MAX_TILE <= 6, "tiles of 1 to 6 rows");
+    for (int r = 0; r < rows; r += MAX_TILE) {
+        switch (rows - r < MAX_TILE ? rows - r : MAX_TILE) {
             case 1: tile(r, std::integral_constant<int, 1>{}); break;
             case 2: tile(r, std::integral_constant<int, 2>{}); break;
             case 3: tile(r, std::integral_constant<int, 3>{}); break;
