@@ -8,8 +8,9 @@ PORT ?= 8000
 setup:
 	@bash scripts/setup.sh
 
+# HOST and PORT reach the server as its defaults, so `ARGS="--port 9000"` overrides them cleanly
 serve: setup
-	$(VENV)/bin/skipserve --host $(HOST) --port $(PORT) $(ARGS)
+	SKIPSERVE_HOST=$(HOST) SKIPSERVE_PORT=$(PORT) $(VENV)/bin/skipserve $(ARGS)
 
 test: setup
 	$(VENV)/bin/python -m pytest tests $(ARGS)

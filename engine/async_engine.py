@@ -40,6 +40,10 @@ class EngineShutdownError(RuntimeError):
     """In-flight requests still running when the shutdown grace period ends."""
 
 
+class GenerationError(RuntimeError):
+    """Generation failed for this request alone (the others in the batch go on)."""
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, max_waiting: int = 64,
                  on_step: Callable[[StepStats, list[SequenceOutput]], None] | None = None):
@@ -151,7 +155,7 @@ class AsyncEngine:
                 continue
             try:
                 outputs, stats = engine.step()
-            except Exception as exc:  # a bug, not bad input: fail the running requests, keep serving
+            except Exception as exc:  # outside any one sequence's work (the scheduler's): fail them all
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
@@ -168,7 +172,7 @@ class AsyncEngine:
         for out in outputs:
             q = self._queues.get(out.request_id)
             if q is not None:
-                q.put_nowait(out)
+                q.put_nowait(GenerationError(f"generation failed: {out.error}") if out.error else out)
         if self.on_step is not None:
             self.on_step(stats, outputs)
 

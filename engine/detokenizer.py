@@ -2,17 +2,19 @@
 
 Text is released only when it is final: never half a UTF-8 character (a trailing U+FFFD
 waits for the next token), and never a suffix that could still grow into a stop string.
-A stop string is cut out of the output with everything after it.
+A stop string is cut out of the output with everything after it. Matching is linear in the
+output (`engine/stop_strings.py`): each character is looked at once, on the engine thread.
 """
 from __future__ import annotations
 
+from engine.stop_strings import StopStringMatcher
 from engine.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str]):
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.stops = StopStringMatcher(stop)
         # Decode with a few prompt tokens of context so leading spaces come out right.
         self.ids = list(prompt_ids[-5:])
         self.prefix_offset = 0
@@ -29,26 +31,15 @@ class IncrementalDetokenizer:
             return  # an incomplete character (or nothing new yet): wait for more tokens
         new = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
         self.text += new
-        hits = [at for s in self.stop if (at := self.text.find(s, search_from)) != -1]
-        if hits:
-            self.text = self.text[:min(hits)]
+        hit = self.stops.feed(new)
+        if hit is not None:
+            self.text = self.text[:hit]
             self.stopped = True
 
     def take(self, final: bool) -> str:
         """Text not yet handed out that can no longer turn into a stop string."""
-        end = len(self.text) if final or self.stopped else len(self.text) - self._held_back()
+        end = len(self.text) if final or self.stopped else len(self.text) - self.stops.held_back
         out = self.text[self.emitted:end]
         self.emitted = max(self.emitted, end)
         return out
-
-    def _held_back(self) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:n]):
-                    best = n
-                    break
-        return best

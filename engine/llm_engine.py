@@ -12,10 +12,10 @@ import time
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import ensure_hf_dir
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepResult
 from engine.outputs import SequenceOutput, StepStats, TokenLogprob
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.skip.base import TokenSkipPlan
 from engine.slot_manager import SlotManager
@@ -91,12 +91,13 @@ class LLMEngine:
         plan = self.resolve_skip(skip)
         max_tokens = self.check_prompt(prompt_ids, params, prompt_param)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
+        # choice i samples with seed + i, as an unsigned 64-bit value (what torch's generators take)
         return [
             Sequence(
                 seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids),
                 params=params, skip_plan=plan, max_tokens=max_tokens,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
-                seed=base_seed + i,
+                seed=(base_seed + i) % 2**64,
             )
             for i in range(params.n)
         ]
@@ -142,27 +143,34 @@ class LLMEngine:
         stats = StepStats(layer_ffn_skipped=[0] * self.model_config.num_layers)
         if batch.empty:
             return [], stats
-        result = self.runner.run(batch)
+        result = self._run(batch)
+        failed = result.failed
         for chunk in batch.prefills:
-            self.scheduler.on_computed(chunk.seq, chunk.end)
-            stats.prompt_tokens += chunk.end - chunk.start
+            if chunk.seq.seq_id not in failed:
+                self.scheduler.on_computed(chunk.seq, chunk.end)
+                stats.prompt_tokens += chunk.end - chunk.start
         for seq in batch.decodes:
-            self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
+            if seq.seq_id not in failed:
+                self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
         outputs = []
         now = time.monotonic()
         for seq_id, sampled in result.samples.items():
             seq = self._sequences[seq_id]
-            skipped = result.ffn_skipped.get(seq_id, 0)
-            seq.ffn_skipped += skipped
-            seq.ffn_total += self.model_config.num_layers
-            seq.output_ids.append(sampled.token_id)
-            seq.first_token_time = seq.first_token_time or now
-            stats.generated_tokens += 1
-            reason = self._stop_reason(seq, sampled.token_id)
-            if reason:
-                self.scheduler.finish(seq, reason)
-                self._release(seq)
-            outputs.append(self._output(seq, sampled))
+            try:  # detokenizing and stop checks are the sequence's own: a failure there is its alone
+                skipped = result.ffn_skipped.get(seq_id, 0)
+                seq.ffn_skipped += skipped
+                seq.ffn_total += self.model_config.num_layers
+                seq.output_ids.append(sampled.token_id)
+                seq.first_token_time = seq.first_token_time or now
+                stats.generated_tokens += 1
+                reason = self._stop_reason(seq, sampled.token_id)
+                if reason:
+                    self.scheduler.finish(seq, reason)
+                    self._release(seq)
+                outputs.append(self._output(seq, sampled))
+            except Exception as exc:
+                failed[seq_id] = exc
+        outputs += self._fail(failed, {s.seq_id: s for s in [*(c.seq for c in batch.prefills), *batch.decodes]})
         for layer, n in enumerate(result.layer_ffn_skipped):
             self.layer_ffn_skipped[layer] += n
             self.layer_ffn_total[layer] += stats.generated_tokens
@@ -170,6 +178,39 @@ class LLMEngine:
         self.prompt_tokens_total += stats.prompt_tokens
         self.generation_tokens_total += stats.generated_tokens
         return outputs, stats
+
+    def _run(self, batch: ScheduledBatch) -> StepResult:
+        """The runner's step. When a batched forward fails, each sequence is run alone in the same
+        step (recomputing writes the same K/V), so a failure one sequence causes fails only it."""
+        try:
+            return self.runner.run(batch)
+        except Exception as exc:
+            parts = [ScheduledBatch(prefills=[c]) for c in batch.prefills] + \
+                    [ScheduledBatch(decodes=[s]) for s in batch.decodes]
+            if len(parts) == 1:
+                seq = (batch.prefills[0].seq if batch.prefills else batch.decodes[0])
+                log.exception("step failed for sequence %s", seq.seq_id)
+                return StepResult({}, {}, [0] * self.model_config.num_layers, {seq.seq_id: exc})
+            log.warning("batched step failed (%s); running its %d sequences one at a time", exc, len(parts))
+        result = StepResult({}, {}, [0] * self.model_config.num_layers)
+        for part in parts:
+            result.merge(self._run(part))
+        return result
+
+    def _fail(self, failed: dict[str, Exception], seqs: dict[str, Sequence]) -> list[SequenceOutput]:
+        """End each failed sequence's request (all its choices): an error output, KV freed at once."""
+        outputs = []
+        for seq_id, exc in failed.items():
+            seq = seqs[seq_id]
+            log.error("request %s failed: %s: %s", seq.request_id, type(exc).__name__, exc)
+            for victim in self.scheduler.abort(seq.request_id):
+                self._release(victim)
+            outputs.append(SequenceOutput(
+                request_id=seq.request_id, index=seq.index, text="", token_ids=[], logprobs=None, finished=True,
+                finish_reason="error", prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.cached_tokens,
+                completion_tokens=len(seq.output_ids), ffn_skipped=seq.ffn_skipped, ffn_total=seq.ffn_total,
+                error=f"{type(exc).__name__}: {exc}"))
+        return outputs
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +44,13 @@ class StepResult:
     samples: dict[str, Sampled]  # seq_id -> token produced this step
     ffn_skipped: dict[str, int]  # seq_id -> FFN blocks skipped producing it
     layer_ffn_skipped: list[int]  # per layer, over this step's decode rows
+    failed: dict[str, Exception] = field(default_factory=dict)  # seq_id -> why its token could not be made
+
+    def merge(self, other: "StepResult") -> None:
+        self.samples.update(other.samples)
+        self.ffn_skipped.update(other.ffn_skipped)
+        self.layer_ffn_skipped = [a + b for a, b in zip(self.layer_ffn_skipped, other.layer_ffn_skipped)]
+        self.failed.update(other.failed)
 
 
 class ModelRunner:
@@ -101,17 +108,31 @@ class ModelRunner:
         if not producers:
             return StepResult({}, {}, layer_skipped)
         logits = self.model.logits(torch.cat(hiddens))
-        rows = [SampleRow(s.params, s.prompt_ids, s.output_ids, self._generator(s)) for s in producers]
-        samples = sample(logits, rows)
-        return StepResult({s.seq_id: t for s, t in zip(producers, samples)}, skipped, layer_skipped)
+        failed, live, rows = {}, [], []
+        for i, seq in enumerate(producers):  # a row's own settings may fail it alone (e.g. its seed)
+            try:
+                rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids, self._generator(seq)))
+                live.append(i)
+            except Exception as exc:
+                failed[seq.seq_id] = exc
+        if len(live) < len(producers):
+            logits = logits[live]
+        samples = {}
+        for i, token in zip(live, sample(logits, rows)):
+            if isinstance(token, Exception):
+                failed[producers[i].seq_id] = token
+            else:
+                samples[producers[i].seq_id] = token
+        return StepResult(samples, skipped, layer_skipped, failed)
 
     def _generator(self, seq) -> torch.Generator | None:
         if seq.params.greedy:
             return None
         gen = self._generators.get(seq.seq_id)
         if gen is None:
-            gen = self._generators[seq.seq_id] = torch.Generator(device=self.device)
+            gen = torch.Generator(device=self.device)
             gen.manual_seed(seq.seed)
+            self._generators[seq.seq_id] = gen
         return gen
 
     def release(self, seq_id: str) -> None:

@@ -26,6 +26,7 @@ class SequenceOutput:
     completion_tokens: int
     ffn_skipped: int
     ffn_total: int
+    error: str | None = None  # set (with finished) when generation failed for this request alone
 
 
 @dataclass

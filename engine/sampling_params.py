@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_STOP_CHARS = 512  # per stop string: matching is linear in it, and the held-back tail is at most this
+
+
 class InvalidParamError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -55,7 +59,9 @@ class SamplingParams:
             check(0 <= token < vocab_size, "logit_bias", f"logit_bias token id {token} is outside the vocabulary")
             check(-100.0 <= bias <= 100.0, "logit_bias", "logit_bias values must be in [-100, 100]")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
-        check(len(self.stop) <= 4, "stop", "at most 4 stop sequences")
+        check(len(self.stop) <= MAX_STOP_SEQUENCES, "stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        check(all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+              f"stop strings must be at most {MAX_STOP_CHARS} characters")
         if self.top_k == -1:
             self.top_k = 0
 

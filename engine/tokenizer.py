@@ -23,8 +23,9 @@ class Tokenizer:
         return self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        # The template already placed any special tokens it wants.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        # A template places the special tokens it wants; plain text gets the tokenizer's own (BOS),
+        # as the same text sent to /v1/completions does (Gemma 3 answers nonsense without BOS).
+        return self.encode(self.render_chat(messages), add_special_tokens=not self.has_chat_template)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

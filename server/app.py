@@ -7,13 +7,15 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from engine.async_engine import AsyncEngine, EngineNotReadyError
 from server import __version__, errors
-from server.completions import router as completions_router
+from server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
+from server.completions import check_model, router as completions_router
 from server.errors import APIError, error_response
 from server.metrics import Metrics
 from server.protocol import TokenizeRequest
@@ -39,15 +41,31 @@ class ServerState:
         return f"skipserve-{__version__}-{self.engine.config.skip.policy}"
 
 
-def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               on_load_failed: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """`on_load_failed`: called when the model cannot load (the CLI exits non-zero then)."""
     metrics = Metrics(engine)
     engine.on_step = metrics.on_step
     state = ServerState(engine, metrics, served_model_name, api_key)
 
+    def load_done(task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is None:
+            log.info("model loaded; ready")
+            return
+        log.error("model failed to load: %s", task.exception())
+        if on_load_failed is not None:
+            on_load_failed(task.exception())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         load = asyncio.create_task(engine.start())
-        load.add_done_callback(_log_load_result)
+        load.add_done_callback(load_done)
         try:
             yield
         finally:
@@ -65,7 +83,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     @app.middleware("http")
     async def auth_and_drain(request: Request, call_next):
         path = request.url.path
-        if path.startswith("/v1") or path == "/tokenize":
+        if path.startswith("/v1") or path == "/tokenize" or path in DOCS_PATHS:
+            # with a key, the API's description is behind it too
             if state.api_key is not None and not _authorized(request, state.api_key):
                 return error_response(401, "missing or invalid API key (Authorization: Bearer <key>)",
                                       code="invalid_api_key")
@@ -105,12 +124,16 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
             raise APIError(503, str(exc), code="not_ready")
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
+        if body.model is not None:
+            check_model(state, body.model)
         if body.messages is not None:
-            ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            ids = await asyncio.to_thread(tokenizer.encode_chat, messages)  # off the event loop
         else:
-            ids = tokenizer.encode(body.prompt)
+            ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
 
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)  # added last: runs first
     return app
 
 
@@ -119,12 +142,3 @@ def _authorized(request: Request, api_key: str) -> bool:
     scheme, _, token = header.partition(" ")
     # constant-time comparison; the key itself is never logged
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
-
-
-def _log_load_result(task: asyncio.Task) -> None:
-    if task.cancelled():
-        return
-    if task.exception() is not None:
-        log.error("model failed to load: %s", task.exception())
-    else:
-        log.info("model loaded; ready")

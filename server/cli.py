@@ -15,50 +15,80 @@ DEFAULT_PRESET = "smollm2-135m-instruct"
 
 
 def serve_parser() -> argparse.ArgumentParser:
+    """Flags left unset (None) take the preset's or config file's value; the help shows the
+    embedded preset's values, so `--help` tells what a plain `skipserve` runs with."""
+    from server.body_limit import DEFAULT_MAX_REQUEST_BYTES
+    from server.config_file import load_config, preset_path
+
+    preset = load_config(preset_path(DEFAULT_PRESET))
+
+    def shown(value) -> str:
+        return f"(preset default: {value})"
+
     p = argparse.ArgumentParser(
         prog="skipserve",
         description="Serve a model with an OpenAI-compatible API and adaptive FFN skipping. "
-                    "`skipserve calibrate --help` for the calibration tool.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "`skipserve calibrate --help` for the calibration tool.")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
-                   help="preset name (configs/NAME.yaml), path to a .gguf file, or a local HF folder; "
-                        f"default: the embedded {DEFAULT_PRESET}")
+                   help="preset name (configs/NAME.yaml), path to a .gguf file, or a local HF folder "
+                        f"(default: the embedded {DEFAULT_PRESET})")
     m.add_argument("--config", default=None, help="YAML config file (configs/*.yaml); flags override it")
-    m.add_argument("--served-model-name", default=None, help="model name in the API (default: the preset's)")
-    m.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    m.add_argument("--served-model-name", default=None,
+                   help=f"model name in the API {shown(preset.served_model_name)}")
+    m.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help=shown(preset.device))
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
-                   help="auto = float32 on CPU, bfloat16 on CUDA")
-    m.add_argument("--cache-dir", default=None, help="where converted GGUF weights are cached "
-                   "(default: $SKIPSERVE_CACHE or ~/.cache/skipserve)")
-    m.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+                   help=f"weights; auto = float32 on CPU, bfloat16 on CUDA {shown(preset.dtype)}")
+    m.add_argument("--cache-dir", default=None, help="where converted GGUF weights and compiled kernels are "
+                   "cached (default: $SKIPSERVE_CACHE or ~/.cache/skipserve)")
+    m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     s = p.add_argument_group("scheduler and KV cache")
     s.add_argument("--max-batch", "--max-num-seqs", dest="max_num_seqs", type=int, default=None,
-                   help="maximum sequences in a decode batch (= KV slots)")
-    s.add_argument("--max-model-len", type=int, default=None, help="context window per sequence, in tokens")
+                   help=f"maximum sequences in a decode batch {shown(preset.max_num_seqs)}")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help=f"context window per sequence, in tokens {shown(preset.max_model_len)}")
     s.add_argument("--kv-capacity-tokens", type=int, default=None,
-                   help="KV cache capacity in tokens (slots = capacity // max-model-len)")
-    s.add_argument("--max-prefill-tokens", type=int, default=None, help="prefill chunk per engine step")
+                   help="KV cache capacity in tokens (default: max-batch x max-model-len)")
+    s.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help=f"prefill chunk per engine step {shown(preset.max_prefill_tokens)}")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
-                   help="always prefill whole prompts (by default a prompt reuses a freed slot's K/V of its prefix)")
-    s.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429")
-    k = p.add_argument_group("FFN skipping (defaults from the preset)")
-    k.add_argument("--skip-policy", choices=["ffn_skipllm", "none"], default=None)
-    k.add_argument("--skip-threshold", type=float, default=None, help="cosine trigger threshold")
-    k.add_argument("--skip-cold-start", type=int, default=None, help="first layers that always run their FFN")
-    k.add_argument("--skip-cold-end", type=int, default=None, help="last layers that always run their FFN")
-    k.add_argument("--skip-warmup-tokens", type=int, default=None, help="generated tokens that are always dense")
-    k.add_argument("--skip-interleave", type=int, default=None, help="every N-th token after warm-up is dense")
-    k.add_argument("--skip-default-budget", type=float, default=None, help="budget when a request sets none")
-    k.add_argument("--skip-max-budget", type=float, default=None, help="largest budget a request may ask")
+                   help="always prefill whole prompts (default: a prompt reuses cached K/V of its prefix)")
+    s.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429 "
+                   "(default: 64)")
+    k = p.add_argument_group("FFN skipping")
+    k.add_argument("--skip-policy", choices=["ffn_skipllm", "none"], default=None, help=shown(preset.skip.policy))
+    k.add_argument("--skip-threshold", type=float, default=None,
+                   help=f"cosine trigger threshold {shown(preset.skip.threshold)}")
+    k.add_argument("--skip-cold-start", type=int, default=None,
+                   help=f"first layers that always run their FFN {shown(preset.skip.cold_start)}")
+    k.add_argument("--skip-cold-end", type=int, default=None,
+                   help=f"last layers that always run their FFN {shown(preset.skip.cold_end)}")
+    k.add_argument("--skip-warmup-tokens", type=int, default=None,
+                   help=f"generated tokens that are always dense {shown(preset.skip.warmup_tokens)}")
+    k.add_argument("--skip-interleave", type=int, default=None,
+                   help=f"every N-th token after warm-up is dense; 0 = never {shown(preset.skip.interleave)}")
+    k.add_argument("--skip-default-budget", type=float, default=None,
+                   help=f"budget when a request sets none {shown(preset.skip.default_budget)}")
+    k.add_argument("--skip-max-budget", type=float, default=None,
+                   help=f"largest budget a request may ask {shown(preset.skip.max_budget)}")
     h = p.add_argument_group("HTTP")
-    h.add_argument("--host", default="127.0.0.1")
-    h.add_argument("--port", type=int, default=8000)
-    h.add_argument("--api-key", default=os.environ.get("SKIPSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (env SKIPSERVE_API_KEY)")
+    h.add_argument("--host", default=os.environ.get("SKIPSERVE_HOST", "127.0.0.1"),
+                   help="address to listen on (default: $SKIPSERVE_HOST or 127.0.0.1)")
+    h.add_argument("--port", type=int, default=int(os.environ.get("SKIPSERVE_PORT", "8000")),
+                   help="port (default: $SKIPSERVE_PORT or 8000)")
+    h.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1, /tokenize and the API docs "
+                        "(default: $SKIPSERVE_API_KEY if set; the key is never printed or logged)")
+    h.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"larger request bodies get 413 before they are parsed (default: {DEFAULT_MAX_REQUEST_BYTES})")
+    h.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers (default: 10)")
+    h.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default: 5)")
     h.add_argument("--grace-period", type=float, default=30.0,
-                   help="seconds to finish in-flight requests after SIGTERM")
-    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+                   help="seconds to finish in-flight requests after SIGTERM (default: 30)")
+    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="(default: info)")
     return p
 
 
@@ -86,13 +116,23 @@ def serve(argv: list[str]) -> None:
     import uvicorn
 
     from engine.async_engine import AsyncEngine
+    from server import access_log
     from server.app import create_app
+    from server.http_protocol import with_header_timeout
 
     args = serve_parser().parse_args(argv)
+    api_key = args.api_key or os.environ.get("SKIPSERVE_API_KEY") or None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access_log.install()
     config = build_config(args)
     engine = AsyncEngine(config, max_waiting=args.max_waiting)
-    app = create_app(engine, config.served_model_name, args.api_key)
+    server: uvicorn.Server | None = None
+
+    def load_failed(exc: BaseException) -> None:  # exit non-zero, as vLLM does, instead of serving 503s
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(engine, config.served_model_name, api_key, args.max_request_bytes, load_failed)
 
     grace = max(0.0, args.grace_period)
     # sse-starlette would cut every stream the moment SIGTERM arrives; we drain them ourselves:
@@ -114,8 +154,11 @@ def serve(argv: list[str]) -> None:
                 self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=grace))
+                                   timeout_graceful_shutdown=grace, http=with_header_timeout(args.header_timeout),
+                                   timeout_keep_alive=args.keep_alive_timeout))
     server.run()
+    if engine.load_error is not None:
+        sys.exit(f"skipserve: the model failed to load: {type(engine.load_error).__name__}: {engine.load_error}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from engine.async_engine import EngineNotReadyError, EngineShutdownError, QueueFullError
+from engine.async_engine import EngineNotReadyError, EngineShutdownError, GenerationError, QueueFullError
 from server.errors import APIError, error_body
 from server.metrics import RequestTimer
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -64,6 +64,13 @@ def completion_logprobs(entries, offset: int) -> dict:
             "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": text_offset}
 
 
+def check_model(state, model: str) -> None:
+    """404 `model_not_found` for a model this server does not serve, as OpenAI and vLLM answer."""
+    if model not in state.model_names:
+        raise APIError(404, f"the model '{model}' does not exist; this server serves {sorted(state.model_names)}",
+                       "model", "model_not_found")
+
+
 async def wait_for_disconnect(request: Request) -> None:
     """Returns when the client closes the connection (the request body is already read)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -80,19 +87,19 @@ class CompletionCall:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
 
-    def submit(self):
+    async def submit(self):
         state, body = self.state, self.body
-        if body.model not in state.model_names:
-            raise APIError(400, f"model '{body.model}' does not exist; this server serves "
-                           f"{sorted(state.model_names)}", "model", "model_not_found")
+        check_model(state, body.model)
         try:
             tokenizer = state.engine.tokenizer()
+            # templating and tokenizing a long prompt takes a while: off the event loop
             if self.chat:
-                prompt_ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+                prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
                 param = "messages"
             else:
                 prompt = body.prompt
-                prompt_ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
+                prompt_ids = list(prompt) if isinstance(prompt, list) else await asyncio.to_thread(tokenizer.encode, prompt)
                 param = "prompt"
                 if any(not 0 <= t < tokenizer.vocab_size for t in prompt_ids):
                     raise APIError(400, "prompt token ids must be in the vocabulary", "prompt")
@@ -137,6 +144,8 @@ class CompletionCall:
                 task.result()
             except EngineShutdownError as exc:
                 raise APIError(503, str(exc), code="shutting_down")
+            except GenerationError as exc:
+                raise APIError(500, str(exc), code="generation_failed")
         finally:
             for t in (task, gone):
                 t.cancel()
@@ -190,8 +199,10 @@ class CompletionCall:
             yield "[DONE]"
         except EngineShutdownError as exc:  # grace period over: a clean, in-band error event
             yield json.dumps(error_body(503, str(exc), code="shutting_down"))
-        except Exception as exc:  # mid-stream failure: tell the client in-band, then end
-            yield json.dumps(error_body(500, f"generation failed: {exc}"))
+        except GenerationError as exc:  # this request's generation failed: in-band, then end
+            yield json.dumps(error_body(500, str(exc), code="generation_failed"))
+        except Exception as exc:  # any other mid-stream failure: in-band too
+            yield json.dumps(error_body(500, f"generation failed: {exc}", code="generation_failed"))
         finally:
             stream.close()
 
@@ -207,7 +218,7 @@ class CompletionCall:
 
 async def _serve(request: Request, body, chat: bool):
     call = CompletionCall(request, body, chat)
-    stream = call.submit()
+    stream = await call.submit()
     if body.stream:
         return EventSourceResponse(call.events(stream), ping=15, sep="\n")
     return await call.collect(stream)

@@ -13,7 +13,7 @@ from engine.sampling_params import InvalidParamError
 
 log = logging.getLogger("skipserve.server")
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_exceeded", 503: "service_unavailable", 500: "internal_server_error"}
 
@@ -25,9 +25,14 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def _printable(text: str | None) -> str | None:
+    """Text that survives UTF-8 encoding: a message may quote client input, lone surrogates included."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {"error": {"message": _printable(message), "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": _printable(param), "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -41,6 +46,11 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
     path = [p for p in loc if not (p in {"str", "int", "float"} or "[" in p or p.startswith("function-"))]
     param = ".".join(path) or None
     kind = err.get("type", "")
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, InvalidParamError):  # raised by our own validators: its words and param
+        return str(cause), cause.param if cause.param is not None else param
+    if kind in ("model_attributes_type", "dict_type") and not path:
+        return "the request body must be a JSON object", None
     if kind == "extra_forbidden":
         return f"'{param}' is not supported by this server", param
     if kind == "json_invalid":

@@ -5,15 +5,57 @@ never silently ignored.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Seed = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+def is_text(value: str) -> bool:
+    """False for a string that is not valid Unicode text: a lone UTF-16 surrogate ("\\ud800") parses
+    from JSON but can be neither tokenized nor written back as UTF-8."""
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def find_non_text(value, path: str = "") -> str | None:
+    """Dotted path of the first string (or key) in a parsed JSON value that is not text; None if all are."""
+    if isinstance(value, str):
+        return None if is_text(value) else path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and not is_text(key):
+            return path or None
+        if (hit := find_non_text(item, where)) is not None:
+            return hit
+    return None
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class RequestBody(Strict):
+    """A whole request body: a JSON object whose strings are all valid Unicode text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        if not isinstance(data, dict):
+            raise InvalidParamError("the request body must be a JSON object")
+        where = find_non_text(data)
+        if where is not None or any(isinstance(k, str) and not is_text(k) for k in data):
+            raise InvalidParamError("strings must be valid Unicode text (found a lone UTF-16 surrogate)",
+                                    where)
+        return data
 
 
 class FFNSkip(Strict):
@@ -39,6 +81,17 @@ class ChatMessage(Strict):
     content: Union[str, list[TextPart]]
     name: Optional[str] = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value):
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind is not None and kind != "text":
+                    raise InvalidParamError(f"content parts of type '{kind}' are not supported: this model "
+                                            "takes text only")
+        return value
+
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
@@ -47,7 +100,7 @@ class ResponseFormat(Strict):
     type: Literal["text"]
 
 
-class CommonRequest(Strict):
+class CommonRequest(RequestBody):
     model: str
     max_tokens: Optional[StrictInt] = None
     temperature: Optional[float] = None
@@ -56,7 +109,7 @@ class CommonRequest(Strict):
     min_p: Optional[float] = None
     n: StrictInt = 1
     stop: Union[str, list[str], None] = None
-    seed: Optional[StrictInt] = None
+    seed: Optional[Seed] = None  # int64, as vLLM; torch's generators take it (choice i: seed + i)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = None
@@ -128,7 +181,7 @@ class CompletionRequest(CommonRequest):
         return self.sampling(self.logprobs, max_tokens)
 
 
-class TokenizeRequest(Strict):
+class TokenizeRequest(RequestBody):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None

@@ -71,7 +71,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def server():
-    srv = ServerProcess("--skip-max-budget", "0.5")
+    srv = ServerProcess("--skip-max-budget", "0.5", "--header-timeout", "3")
     yield srv
     srv.stop()
 

@@ -1,6 +1,8 @@
 """Bad input gets a 4xx in the OpenAI error envelope with `param` set; never a 500."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -24,7 +26,6 @@ def assert_error(r, status, param):
     ("top_p", 1.5, "top_p"),
     ("n", 0, "n"),
     ("temperature", "hot", "temperature"),
-    ("model", "no-such-model", "model"),
     ("messages", [], "messages"),
     ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
     ("response_format", {"type": "json_object"}, "response_format.type"),
@@ -54,3 +55,64 @@ def test_invalid_json_is_400(server):
 def test_unknown_route_is_404_envelope(server):
     r = httpx.get(server.url + "/v1/nothing-here")
     assert_error(r, 404, None)
+
+
+def test_unknown_model_is_404_model_not_found(server):
+    """As OpenAI and vLLM answer; /tokenize too."""
+    r = post(server, {**OK, "model": "no-such-model"})
+    assert_error(r, 404, "model")
+    assert r.json()["error"]["code"] == "model_not_found"
+    assert_error(post(server, {"model": "no-such-model", "prompt": "hi"}, "/tokenize"), 404, "model")
+
+
+@pytest.mark.parametrize("body", [[1, 2], "text", 3, None])
+def test_a_body_that_is_not_a_json_object_says_so(server, body):
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert_error(r, 400, None)
+    assert "JSON object" in r.json()["error"]["message"]
+
+
+def test_non_text_content_parts_say_the_model_takes_text_only(server):
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    r = post(server, {**OK, "messages": [{"role": "user", "content": [part]}]})
+    assert_error(r, 400, "messages.0.content")
+    assert "text only" in r.json()["error"]["message"]
+
+
+SURROGATE = "\\ud800"  # JSON text of a lone UTF-16 surrogate: valid JSON, not valid Unicode text
+
+
+@pytest.mark.parametrize("path, raw, param", [
+    ("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": "a%sb"}]}' % (MODEL, SURROGATE),
+     "messages.0.content"),
+    ("/v1/chat/completions", '{"model": "x%s", "messages": [{"role": "user", "content": "hi"}]}' % SURROGATE, "model"),
+    ("/v1/completions", '{"model": "%s", "prompt": "%s"}' % (MODEL, SURROGATE), "prompt"),
+    ("/v1/completions", '{"model": "%s", "prompt": "hi", "stop": ["%s"]}' % (MODEL, SURROGATE), "stop.0"),
+    ("/tokenize", '{"prompt": "%s"}' % SURROGATE, "prompt"),
+    ("/tokenize", '{"messages": [{"role": "user", "content": "%s"}]}' % SURROGATE, "messages.0.content"),
+])
+def test_lone_surrogates_are_400(server, path, raw, param):
+    r = httpx.post(server.url + path, content=raw.encode(), headers={"content-type": "application/json"}, timeout=30)
+    assert_error(r, 400, param)
+    assert "surrogate" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("seed, n", [(2**70, 1), (2**64 - 1, 2), (-(2**63) - 1, 1), (2**63, 1)])
+def test_seeds_outside_int64_are_400(server, seed, n):
+    assert_error(post(server, {**OK, "temperature": 1, "seed": seed, "n": n}), 400, "seed")
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
+def test_int64_edge_seeds_sample(server, seed):
+    """The extremes of int64 are valid seeds, also with n = 2 (choice i samples with seed + i)."""
+    r = post(server, {**OK, "temperature": 1, "seed": seed, "n": 2, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert [c["finish_reason"] for c in r.json()["choices"]] == ["length", "length"]
+
+
+def test_stop_strings_are_bounded(server):
+    from engine.sampling_params import MAX_STOP_CHARS
+
+    assert_error(post(server, {**OK, "stop": ["x" * (MAX_STOP_CHARS + 1)]}), 400, "stop")
+    assert post(server, {**OK, "stop": ["x" * MAX_STOP_CHARS]}).status_code == 200

@@ -78,6 +78,11 @@ def test_api_key_and_queue_full(tmp_path):
         assert r.status_code == 401
         assert httpx.get(srv.url + "/health").status_code == 200  # open without a key
         assert httpx.get(srv.url + "/metrics").status_code == 200
+        for path in ("/docs", "/redoc", "/openapi.json"):  # the API's description is behind the key
+            assert httpx.get(srv.url + path).status_code == 401
+            assert httpx.get(srv.url + path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # a key in the query string is not how to authenticate, and the access log never shows it
+        assert httpx.get(srv.url + "/v1/models?api_key=s3cret").status_code == 401
         ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
         assert ok.chat.completions.create(model=MODEL, messages=messages("tea"), max_tokens=2).choices
 

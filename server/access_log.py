@@ -1,0 +1,18 @@
+"""uvicorn's access log without query strings: a client may put a secret there (an API key sent
+as `?api_key=...`), and query strings mean nothing to these routes."""
+from __future__ import annotations
+
+import logging
+
+
+class DropQueryStrings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn.access: (client address, method, path with query, HTTP version, status)
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (args[0], args[1], args[2].split("?", 1)[0] + "?<redacted>", args[3], args[4])
+        return True
+
+
+def install() -> None:
+    logging.getLogger("uvicorn.access").addFilter(DropQueryStrings())

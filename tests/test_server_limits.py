@@ -1,0 +1,94 @@
+"""The server stays responsive under hostile connections: oversized bodies are refused before
+parsing, slow headers are cut, nothing prints a secret, and a model that cannot load ends the
+process with the reason."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, ServerProcess
+
+MODEL = "smollm2-135m-instruct"
+
+
+def health_latency(server) -> float:
+    t = time.monotonic()
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    return time.monotonic() - t
+
+
+def test_oversized_bodies_get_413_and_health_stays_fast(server):
+    from server.body_limit import DEFAULT_MAX_REQUEST_BYTES
+
+    big = b'{"model": "x", "prompt": "' + b"a" * (2 * DEFAULT_MAX_REQUEST_BYTES) + b'"}'
+    latencies = []
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            latencies.append(health_latency(server))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for _ in range(3):  # declared length
+            r = httpx.post(server.url + "/v1/completions", content=big, headers={"content-type": "application/json"},
+                           timeout=60)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: refused once the limit is passed
+            for i in range(0, len(big), 1 << 20):
+                yield big[i:i + (1 << 20)]
+
+        try:
+            r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), timeout=60,
+                           headers={"content-type": "application/json"})
+            assert r.status_code == 413
+        except httpx.WriteError:  # the server answered 413 and closed before the client finished
+            pass
+    finally:
+        stop.set()
+        poller.join()
+    # a body just under the limit is parsed and validated as usual: here a prompt too long for the context
+    near = {"model": MODEL, "prompt": "a " * ((DEFAULT_MAX_REQUEST_BYTES - 100) // 2)}
+    r = httpx.post(server.url + "/v1/completions", json=near, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert latencies and max(latencies) < 1.0, latencies  # generous: a blocked loop stalled it for seconds
+
+
+def test_connections_that_never_finish_their_headers_are_closed(server):
+    """The session server runs with --header-timeout 3."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        t = time.monotonic()
+        assert s.recv(1024) == b""  # closed by the server
+        assert 2 < time.monotonic() - t < 20
+    # a complete request on a kept-alive connection is unaffected
+    with httpx.Client() as c:
+        assert c.get(server.url + "/health").status_code == 200
+        assert c.get(server.url + "/v1/models").status_code == 200
+
+
+def test_help_never_prints_the_api_key_and_shows_real_defaults():
+    out = subprocess.run([sys.executable, "-m", "server.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "SKIPSERVE_API_KEY": "hunter2-secret"}, check=True).stdout
+    assert "hunter2" not in out
+    assert "default: None" not in out
+    assert "(preset default: 16)" in " ".join(out.split())  # --max-batch, from configs/smollm2-135m-instruct.yaml
+
+
+def test_a_model_that_cannot_load_exits_nonzero_with_the_reason(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        ServerProcess("--model", str(bad), "--cache-dir", str(tmp_path / "cache"))
+    log = (ROOT / ".pytest_cache").glob("server-*.log")
+    newest = max(log, key=lambda p: p.stat().st_mtime).read_text()
+    assert "the model failed to load" in newest
