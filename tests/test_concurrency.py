@@ -7,7 +7,7 @@ import time
 import httpx
 import openai
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, cpu_path_only
 
 MODEL = "smollm2-135m-instruct"
 TOPICS = ["the moon", "a cat", "rain", "bread", "trains", "music", "winter", "the ocean", "a robot", "coffee",
@@ -18,6 +18,7 @@ def messages(topic):
     return [{"role": "user", "content": f"Write one sentence about {topic}."}]
 
 
+@cpu_path_only
 def test_20_concurrent_streams_each_match_their_solo_greedy_text(server, client):
     solo = {t: client.chat.completions.create(model=MODEL, messages=messages(t), max_tokens=24,
                                               temperature=0).choices[0].message.content for t in TOPICS}

@@ -12,7 +12,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 @pytest.fixture(scope="module")
 def gemma_server():
-    srv = ServerProcess("--model", "gemma3-270m", "--max-batch", "4", "--max-model-len", "1024")
+    srv = ServerProcess("--model", "gemma3-270m", "--device", "cpu", "--max-batch", "4", "--max-model-len", "1024")
     yield srv
     srv.stop()
 
@@ -32,3 +32,23 @@ def test_gemma3_preset_greedy_tokens_equal_hf(gemma_server):
         expected = hf_greedy(hf, tokenizer.encode(prompt), 20)
         assert r.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
         assert r.usage.completion_tokens == len(expected)
+
+
+def test_gemma3_chat_without_a_template_keeps_bos(gemma_server):
+    """The GGUF carries no chat template: the server renders "role: content" lines and must tokenize
+    them as /v1/completions tokenizes text, BOS first (Gemma without BOS answers noise)."""
+    import httpx
+    import openai
+    from transformers import AutoTokenizer
+
+    from engine.loader import ensure_hf_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_hf_dir("gemma3-270m")))
+    messages = [{"role": "user", "content": "The capital of France is"}]
+    tokens = httpx.post(gemma_server.url + "/tokenize", json={"messages": messages}, timeout=30).json()["tokens"]
+    assert tokens[0] == tokenizer.bos_token_id
+    client = openai.OpenAI(base_url=gemma_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    chat = client.chat.completions.create(model="gemma3-270m", messages=messages, max_tokens=12, temperature=0)
+    text = client.completions.create(model="gemma3-270m", prompt="user: The capital of France is\nassistant:",
+                                     max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == text.choices[0].text
