@@ -92,6 +92,7 @@ def engine():
     config = load_config(preset_path(MODEL))
     config.max_num_seqs = 8
     config.max_model_len = 1024
+    config.dtype = "float32"  # the GGUF dequantized, as HF loads it (tests/test_quantized_model.py: as served)
     return LLMEngine(config)
 
 
