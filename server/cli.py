@@ -28,7 +28,8 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--served-model-name", default=None, help="model name in the API (default: the preset's)")
     m.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
-                   help="auto = float32 on CPU, bfloat16 on CUDA")
+                   help="auto = a GGUF's own quantization on CPU (other inputs: float32), bfloat16 "
+                        "on CUDA; float32 / bfloat16 dequantize a GGUF")
     m.add_argument("--cache-dir", default=None, help="where converted GGUF weights are cached "
                    "(default: $SKIPSERVE_CACHE or ~/.cache/skipserve)")
     m.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
