@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
 from bench.decode import PROMPT, alternate, engine_run  # noqa: E402
+from engine import native  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import resolve_model_path  # noqa: E402
 from engine.models.quant_linear import QuantLinear  # noqa: E402
@@ -96,6 +97,7 @@ def main():
                           "quantized": engine.runner.quantized}))
         return
 
+    native.load()
     flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
                 .split(":")[1].split())
     lines = [f"command: {' '.join(sys.argv)}",
