@@ -62,7 +62,8 @@ def make_linear(parts: list, bias: torch.Tensor | None, device, dtype):
     if any(isinstance(p, QuantWeight) for p in parts) and quant_ops.best_isa() is None:
         parts = [p.dequantize() if isinstance(p, QuantWeight) else p for p in parts]
     if not any(isinstance(p, QuantWeight) for p in parts):
-        return Linear(torch.cat([p.to(device=device, dtype=dtype) for p in parts]), bias)
+        dense = [p.to(device=device, dtype=dtype) for p in parts]
+        return Linear(dense[0] if len(dense) == 1 else torch.cat(dense), bias)  # one part: no copy (tied lm_head)
     if all(isinstance(p, QuantWeight) for p in parts) and len({p.layout for p in parts}) == 1:
         return QuantLinear(parts[0] if len(parts) == 1 else QuantWeight.cat(parts), bias)
     biases = [None] * len(parts) if bias is None else bias.split([p.shape[0] for p in parts])
