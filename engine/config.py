@@ -94,7 +94,7 @@ class EngineConfig:
     model: str = ""  # path to a GGUF file or a HF folder; "" = the embedded default
     served_model_name: str = "smollm2-135m-instruct"
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (CPU: a GGUF's own quantization, else fp32; CUDA: bf16) | float32 | bfloat16 | float16
     max_num_seqs: int = 16  # rows in a decode batch = KV slots
     max_model_len: int = 2048  # tokens per KV slot (prompt + completion)
     kv_capacity_tokens: int | None = None  # total KV tokens; sets the slot count when given

@@ -15,6 +15,7 @@ import torch
 from engine import native
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
+from engine.gguf_weights import load_weights, quantized_gguf
 from engine.kv_cache import KVCache
 from engine.loader import load_state_dict
 from engine.models import build_model
@@ -63,19 +64,26 @@ class ModelRunner:
             native.load(config.cache_dir)  # C++ CPU kernels (engine/native); torch paths without them
         self.model_config = model_config
         t0 = time.perf_counter()
-        state = load_state_dict(hf_dir)
+        gguf = quantized_gguf(config.model, config.cache_dir, config.dtype, self.device)
+        state = load_weights(gguf, hf_dir) if gguf else load_state_dict(hf_dir)
         self.model = build_model(model_config, state, self.device, self.dtype, config.max_model_len)
         del state
+        self.quantized = gguf is not None  # the GGUF's own quantization (else dense `self.dtype`)
         self.act_dtype = self.model.act_dtype  # activations and KV cache (fp32 on CPU)
         self.kv = KVCache(model_config.num_layers, config.num_slots, model_config.num_kv_heads,
                           config.max_model_len, model_config.head_dim, self.device, self.act_dtype)
         self.policy = build_policy(config.skip, model_config.num_layers)
         self.num_layers = model_config.num_layers
         self._generators: dict[str, torch.Generator] = {}
+        per_token = self.model.weight_bytes()
         log.info("model on %s, %s weights, %s activations, in %.1f s; KV cache %d slots x %d tokens (%.0f MiB)",
-                 self.device, str(self.dtype).removeprefix("torch."), str(self.act_dtype).removeprefix("torch."),
-                 time.perf_counter() - t0, config.num_slots,
+                 self.device, "GGUF-quantized" if gguf else str(self.dtype).removeprefix("torch."),
+                 str(self.act_dtype).removeprefix("torch."), time.perf_counter() - t0, config.num_slots,
                  config.max_model_len, self.kv.nbytes / 2**20)
+        log.info("weights read per decoded token: %.1f MB (FFN %.1f, attention %.1f, lm_head %.1f); kernels: %s",
+                 sum(per_token.values()) / 1e6, per_token["ffn"] / 1e6, per_token["attention"] / 1e6,
+                 per_token["lm_head"] / 1e6,
+                 ", ".join(f"{fmt} -> {path}" for fmt, path in self.model.weight_formats().items()))
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:

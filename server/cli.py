@@ -38,7 +38,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"model name in the API {shown(preset.served_model_name)}")
     m.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help=shown(preset.device))
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
-                   help=f"weights; auto = float32 on CPU, bfloat16 on CUDA {shown(preset.dtype)}")
+                   help="weights: auto = a GGUF's own quantization on CPU (other inputs: float32), bfloat16 "
+                        f"on CUDA; float32 / bfloat16 dequantize a GGUF {shown(preset.dtype)}")
     m.add_argument("--cache-dir", default=None, help="where converted GGUF weights and compiled kernels are "
                    "cached (default: $SKIPSERVE_CACHE or ~/.cache/skipserve)")
     m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")

@@ -107,6 +107,7 @@ def engine():
     config.device = "cpu"  # the CPU path, compared bit for bit with HF's fp32 model (CUDA: tests/test_cuda.py)
     config.max_num_seqs = 8
     config.max_model_len = 1024
+    config.dtype = "float32"  # the GGUF dequantized, as HF loads it (tests/test_quantized_model.py: as served)
     return LLMEngine(config)
 
 

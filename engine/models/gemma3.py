@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from engine.attention import attend
 from engine.config import ModelConfig
-from engine.models.linear import Linear
+from engine.models.quant_linear import make_linear
 from engine.models.llama import LlamaModel, rms_norm
 from engine.models.rope import RotaryEmbedding, apply_rotary
 
@@ -25,9 +25,6 @@ def gemma_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> to
 
 class Gemma3Layer:
     def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int):
-        def w(name):
-            return weights[prefix + name].to(device=device, dtype=dtype)
-
         def norm(name):  # (1 + w) once, in fp32, as Gemma computes it
             return weights[prefix + name].to(device=device, dtype=torch.float32) + 1.0
 
@@ -38,10 +35,14 @@ class Gemma3Layer:
         self.input_norm, self.post_attn_norm = norm("input_layernorm.weight"), norm("post_attention_layernorm.weight")
         self.pre_ffn_norm, self.post_ffn_norm = norm("pre_feedforward_layernorm.weight"), norm("post_feedforward_layernorm.weight")
         self.q_norm, self.k_norm = norm("self_attn.q_norm.weight"), norm("self_attn.k_norm.weight")
-        self.qkv = Linear(torch.cat([w(f"self_attn.{p}_proj.weight") for p in "qkv"]))
-        self.o_proj = Linear(w("self_attn.o_proj.weight"))
-        self.gate_up = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
-        self.down = Linear(w("mlp.down_proj.weight"))
+
+        def linear(*names):  # dense or quantized (engine/models/quant_linear.py)
+            return make_linear([weights[prefix + n] for n in names], None, device, dtype)
+
+        self.qkv = linear(*(f"self_attn.{p}_proj.weight" for p in "qkv"))
+        self.o_proj = linear("self_attn.o_proj.weight")
+        self.gate_up = linear("mlp.gate_proj.weight", "mlp.up_proj.weight")
+        self.down = linear("mlp.down_proj.weight")
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
     def attention(self, x, rope, meta, k_cache, v_cache) -> torch.Tensor:

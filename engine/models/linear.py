@@ -72,3 +72,10 @@ class Linear:
 
     def numel(self) -> int:
         return self.out_features * self.in_features
+
+    def nbytes(self) -> int:
+        return self.numel() * self.dtype.itemsize
+
+    @property
+    def format(self) -> str:
+        return str(self.dtype).removeprefix("torch.")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, attend
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.models.linear import Linear
+from engine.models.quant_linear import make_linear, to_device
 from engine.models.rope import RotaryEmbedding, apply_rotary
 from engine.native import ops as native_ops
 from engine.skip import DenseGate
@@ -43,16 +43,19 @@ class LlamaLayer:
         def maybe(name):
             return w(name) if prefix + name in weights else None
 
+        def linear(*names, bias=None):  # dense or quantized (engine/models/quant_linear.py)
+            return make_linear([weights[prefix + n] for n in names], bias, device, dtype)
+
         self.cfg = cfg
         self.input_norm = w("input_layernorm.weight", act_dtype)
         self.post_attn_norm = w("post_attention_layernorm.weight", act_dtype)
         # fused projections: one matmul for q|k|v and one for gate|up
         biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
-        self.qkv = Linear(torch.cat([w(f"self_attn.{p}_proj.weight") for p in "qkv"]),
-                          torch.cat(biases) if all(b is not None for b in biases) else None)
-        self.o_proj = Linear(w("self_attn.o_proj.weight"))
-        self.gate_up = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
-        self.down = Linear(w("mlp.down_proj.weight"))
+        self.qkv = linear(*(f"self_attn.{p}_proj.weight" for p in "qkv"),
+                          bias=torch.cat(biases) if all(b is not None for b in biases) else None)
+        self.o_proj = linear("self_attn.o_proj.weight")
+        self.gate_up = linear("mlp.gate_proj.weight", "mlp.up_proj.weight")
+        self.down = linear("mlp.down_proj.weight")
 
     def attention(self, x, rope, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
         cfg = self.cfg
@@ -83,10 +86,11 @@ class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_len: int):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.act_dtype = act = activation_dtype(self.device, dtype)
-        self.embed = weights["model.embed_tokens.weight"].to(device=device, dtype=dtype)
+        # a quantized embedding stays quantized: lookups dequantize their rows, a tied lm_head reads it
+        self.embed = to_device(weights["model.embed_tokens.weight"], device, dtype)
         head = weights.get("lm_head.weight")
         tied = head is None or cfg.tie_word_embeddings
-        self.lm_head = Linear(self.embed if tied else head.to(device=device, dtype=dtype))
+        self.lm_head = make_linear([self.embed if tied else head], None, device, dtype)
         self.norm = weights["model.norm.weight"].to(device=device, dtype=act)
         self.layers = [self.layer_class(cfg, weights, f"model.layers.{i}.", device, dtype, act, i)
                        for i in range(cfg.num_layers)]
@@ -136,9 +140,12 @@ class LlamaModel:
 
     def weight_bytes(self) -> dict:
         """Bytes of weights read per decoded token, split by part (for the bandwidth bound)."""
-        size = self.embed.element_size()
-        per_layer_ffn = self.layers[0].gate_up.numel() + self.layers[0].down.numel()
-        per_layer_attn = self.layers[0].qkv.numel() + self.layers[0].o_proj.numel()
-        n = len(self.layers)
-        return {"ffn": n * per_layer_ffn * size, "attention": n * per_layer_attn * size,
-                "lm_head": self.lm_head.numel() * size}
+        return {"ffn": sum(layer.gate_up.nbytes() + layer.down.nbytes() for layer in self.layers),
+                "attention": sum(layer.qkv.nbytes() + layer.o_proj.nbytes() for layer in self.layers),
+                "lm_head": self.lm_head.nbytes()}
+
+    def weight_formats(self) -> dict[str, str]:
+        """Weight format -> the kernel path that runs it (logged at load)."""
+        linears = [self.lm_head] + [lin for layer in self.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up,
+                                                                             layer.down)]
+        return {lin.format: lin.backend for lin in linears}
