@@ -34,13 +34,19 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     s = p.add_argument_group("scheduler and KV cache")
     s.add_argument("--max-batch", "--max-num-seqs", dest="max_num_seqs", type=int, default=None,
-                   help="maximum sequences in a decode batch (= KV slots)")
+                   help="maximum sequences in a decode batch")
     s.add_argument("--max-model-len", type=int, default=None, help="context window per sequence, in tokens")
+    s.add_argument("--block-size", type=int, default=None, help="tokens per KV cache block")
+    s.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="KV cache size in GiB (default: CPU: max-num-seqs x max-model-len tokens; CUDA: what "
+                        "--gpu-memory-utilization leaves beside the weights and workspace)")
+    s.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="CUDA: share of the GPU's memory for weights, workspace and KV cache (default 0.9)")
     s.add_argument("--kv-capacity-tokens", type=int, default=None,
-                   help="KV cache capacity in tokens (slots = capacity // max-model-len)")
+                   help="KV cache size in tokens (overrides --kv-cache-memory)")
     s.add_argument("--max-prefill-tokens", type=int, default=None, help="prefill chunk per engine step")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
-                   help="always prefill whole prompts (by default a prompt reuses a freed slot's K/V of its prefix)")
+                   help="always prefill whole prompts (by default a prompt reuses cached KV blocks of its prefix)")
     s.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429")
     k = p.add_argument_group("FFN skipping (defaults from the preset)")
     k.add_argument("--skip-policy", choices=["ffn_skipllm", "none"], default=None)
@@ -74,7 +80,8 @@ def build_config(args) -> EngineConfig:
     if args.model and not preset_path(args.model):
         config.model = args.model
     overrides = {k: getattr(args, k) for k in ("served_model_name", "device", "dtype", "cache_dir", "threads",
-                                                 "max_num_seqs", "max_model_len", "kv_capacity_tokens",
+                                                 "max_num_seqs", "max_model_len", "block_size",
+                                                 "kv_capacity_tokens", "kv_cache_memory", "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching") if getattr(args, k) is not None}
     config = replace(config, **overrides)
     skip = {k.removeprefix("skip_"): v for k, v in vars(args).items() if k.startswith("skip_") and v is not None}

@@ -96,6 +96,14 @@ def engine():
 
 
 @pytest.fixture(scope="session")
+def paged_engine(engine):
+    """6,144 KV tokens for sequences of up to 2,048: three sequences' worth at max_model_len."""
+    from tests.helpers import engine_like
+
+    return engine_like(engine, kv_capacity_tokens=6144, max_model_len=2048, max_num_seqs=32)
+
+
+@pytest.fixture(scope="session")
 def hf_model(engine):
     import torch
     from transformers import AutoModelForCausalLM
