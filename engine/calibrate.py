@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     plot(summary, cosines, out / "calibration.png", args.model or "smollm2-135m-instruct")
     s = summary["suggested"]
     print(f"{summary['tokens']} tokens, {cosines.shape[0]} layers")
-    print("suggested preset values (configs/*.yaml, skip:):")
+    print("suggested preset values (server/presets/*.yaml, skip:):")
     print(f"  cold_start: {s['cold_start']}\n  cold_end: {s['cold_end']}\n  threshold: {s['threshold']}")
     print(f"wrote {out / 'calibration.json'} and {out / 'calibration.png'}")
 

@@ -147,13 +147,14 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> tuple[list[SequenceOutput], StepStats]:
         batch = self.scheduler.schedule()
-        stats = StepStats(layer_ffn_skipped=[0] * self.model_config.num_layers)
+        stats = StepStats()
         if batch.empty:
             return [], stats
         result = self.runner.run(batch)
         for chunk in batch.prefills:
             self.scheduler.on_computed(chunk.seq, chunk.end)
-            stats.prompt_tokens += chunk.end - chunk.start
+            if not chunk.seq.num_preemptions:  # a preempted sequence's replay is not new prompt
+                self.prompt_tokens_total += chunk.end - chunk.start
         for seq in batch.decodes:
             self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
         outputs = []
@@ -172,8 +173,6 @@ class LLMEngine:
         for layer, n in enumerate(result.layer_ffn_skipped):
             self.layer_ffn_skipped[layer] += n
             self.layer_ffn_total[layer] += stats.generated_tokens
-        stats.layer_ffn_skipped = result.layer_ffn_skipped
-        self.prompt_tokens_total += stats.prompt_tokens
         self.generation_tokens_total += stats.generated_tokens
         return outputs, stats
 

@@ -22,9 +22,9 @@ def serve_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
-                   help="preset name (configs/NAME.yaml), path to a .gguf file, or a local HF folder; "
+                   help="preset name (server/presets/NAME.yaml), path to a .gguf file, or a local HF folder; "
                         f"default: the embedded {DEFAULT_PRESET}")
-    m.add_argument("--config", default=None, help="YAML config file (configs/*.yaml); flags override it")
+    m.add_argument("--config", default=None, help="YAML config file (as server/presets/*.yaml); flags override it")
     m.add_argument("--served-model-name", default=None, help="model name in the API (default: the preset's)")
     m.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
