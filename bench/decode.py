@@ -1,16 +1,21 @@
 """Decode speed: engine vs HF `generate` at batch 1 (and against the machine's read bandwidth),
-aggregate tok/s at batch 1/4/16, dense vs FFN-skip rows, and the engine with its C++ kernels vs
-the same engine on torch + oneDNN only; all measured side by side in one run (alternating A B A
-B, medians).
+aggregate tok/s at batch 1/4/16, dense vs FFN-skip rows, the engine with its C++ kernels vs
+the same engine on torch + oneDNN only, and this tree against another commit of the engine (by
+default the last one with contiguous KV slots, before the paged cache); all measured side by side
+in one run (alternating A B A B, medians).
 
     .venv/bin/python bench/decode.py --out bench/out
+    .venv/bin/python bench/decode.py --only-ab --ab-ref b2ac142   # paged blocks vs slots only
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +62,86 @@ def alternate(fns: dict, rounds: int) -> dict:
     return results
 
 
+# Runs inside either tree (only APIs both have): loads the engine, then per stdin line "batch
+# prompt_tokens new_tokens" decodes that batch and prints its decode tok/s (time from the step in
+# which the last row got its first token to the end: prefill excluded).
+AB_WORKER = r"""
+import json, sys, time
+import torch
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from server.config_file import load_config, preset_path
+config = load_config(preset_path(sys.argv[1]))
+config.max_num_seqs, config.max_model_len, config.prefix_caching = 16, 2048, False
+engine = LLMEngine(config)
+text = open(sys.argv[2]).read() * 4  # long enough for the long-context cases
+print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
+for n, line in enumerate(sys.stdin):
+    batch, prompt_tokens, new_tokens = map(int, line.split())
+    prompt = engine.tokenizer.encode(text)[:prompt_tokens]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"ab{n}-{i}", prompt, params)
+    counts, start, base = {}, None, 0
+    while engine.has_work:
+        for out in engine.step()[0]:
+            counts[out.request_id] = counts.get(out.request_id, 0) + len(out.token_ids)
+        if start is None and len(counts) == batch:
+            start, base = time.perf_counter(), sum(counts.values())
+    print(json.dumps({"tok_s": (sum(counts.values()) - base) / (time.perf_counter() - start)}), flush=True)
+"""
+
+
+class ABWorker:
+    """The engine of one source tree in a subprocess, idle between the requests it is sent."""
+
+    def __init__(self, tree: Path, preset: str, text: Path):
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        self.proc = subprocess.Popen([sys.executable, "-c", AB_WORKER, preset, str(text)], cwd=tree, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.threads = json.loads(self.proc.stdout.readline())["threads"]
+
+    def run(self, batch: int, prompt_tokens: int, new_tokens: int) -> float:
+        self.proc.stdin.write(f"{batch} {prompt_tokens} {new_tokens}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["tok_s"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def compare_trees(ref: str, preset: str, rounds: int, new_tokens: int, prompt_lengths: list[int]) -> list[dict]:
+    """This tree vs `ref` (a commit of this repository, unpacked with `git archive`), decode tok/s
+    at batch 1 and 16, short and long contexts, alternating the two engines."""
+    text = ROOT / "bench" / "data" / "heldout.txt"
+    cases = [(batch, n) for n in prompt_lengths for batch in (1, 16)]  # (batch, prompt tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        workers = {"this": ABWorker(ROOT, preset, text), ref: ABWorker(Path(tmp), preset, text)}
+        try:
+            rows = []
+            print(f"\n{ref} vs this tree, decode tok/s, dense (realized skip 0), {preset}, threads "
+                  f"{workers['this'].threads}, {new_tokens} new tokens, medians of {rounds} alternating rounds")
+            print(f"| batch | prompt tokens | {ref} tok/s | this tree tok/s | this / {ref} |")
+            print("|---:|---:|---:|---:|---:|")
+            for batch, prompt_tokens in cases:
+                for w in workers.values():  # warm-up: first calls, page faults of the cache
+                    w.run(batch, prompt_tokens, 8)
+                res = alternate({k: (lambda w=w: w.run(batch, prompt_tokens, new_tokens)) for k, w in workers.items()},
+                                rounds)
+                med = {k: statistics.median(v) for k, v in res.items()}
+                rows.append({"batch": batch, "prompt_tokens": prompt_tokens, "samples": res, **med,
+                             "ratio": med["this"] / med[ref]})
+                print(f"| {batch} | {prompt_tokens} | {med[ref]:.1f} | {med['this']:.1f} | "
+                      f"{med['this'] / med[ref]:.3f} |", flush=True)
+            return rows
+        finally:
+            for w in workers.values():
+                w.close()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smollm2-135m-instruct")
@@ -66,9 +151,21 @@ def main():
     p.add_argument("--dtype", default=None, help="override the preset's dtype (float32, bfloat16)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-native-ab", action="store_true", help="skip the native-kernels vs torch comparison")
+    p.add_argument("--ab-ref", default="b2ac142",
+                   help="commit to compare this tree with (default: the last with contiguous KV slots); '' = none")
+    p.add_argument("--only-ab", action="store_true", help="run only the comparison with --ab-ref")
+    p.add_argument("--ab-prompt-tokens", default="64,1024", help="prompt lengths of the comparison")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = p.parse_args()
 
+    ab_lengths = [int(n) for n in args.ab_prompt_tokens.split(",")]
+    if args.only_ab:
+        print(f"command: {' '.join(sys.argv)}")
+        rows = compare_trees(args.ab_ref, args.preset, args.rounds, args.new_tokens, ab_lengths)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode_ab.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+        return
     config = load_config(preset_path(args.preset))
     config.max_num_seqs, config.max_model_len = 16, 512
     if args.dtype:
@@ -154,6 +251,8 @@ def main():
             med = {k: statistics.median(v) for k, v in res.items()}
             report.setdefault("native_ab", []).append({"batch": batch, **med})
             print(f"| {batch} | {med['torch']:.1f} | {med['native']:.1f} | {med['native'] / med['torch']:.2f}x |")
+    if args.ab_ref:
+        report["ab"] = compare_trees(args.ab_ref, args.preset, args.rounds, args.new_tokens, ab_lengths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.json").write_text(json.dumps(report, indent=1, default=str))

@@ -152,9 +152,7 @@ class LLMEngine:
             return [], stats
         result = self.runner.run(batch)
         for chunk in batch.prefills:
-            self.scheduler.on_computed(chunk.seq, chunk.end)
-            if not chunk.seq.num_preemptions:  # a preempted sequence's replay is not new prompt
-                self.prompt_tokens_total += chunk.end - chunk.start
+            self.prompt_tokens_total += self.scheduler.on_computed(chunk.seq, chunk.end)
         for seq in batch.decodes:
             self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
         outputs = []

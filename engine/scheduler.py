@@ -99,7 +99,7 @@ class Scheduler:
         seq.block_table, cached = self.blocks.allocate(seq.seq_id, seq.token_ids(), seq.prefill_len)
         seq.num_computed = seq.dense_kv = cached
         if not seq.output_ids and not seq.num_preemptions:  # a request's first admission
-            seq.cached_tokens = cached
+            seq.cached_tokens = seq.prompt_computed = cached
             self.cached_tokens_total += cached
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
@@ -113,12 +113,16 @@ class Scheduler:
         self.num_preemptions_total += 1
         self.waiting.appendleft(seq)
 
-    def on_computed(self, seq: Sequence, num_computed: int, dense: bool = True) -> None:
-        """`dense`: every FFN ran for these tokens, so their K/V may be reused by a later prompt."""
+    def on_computed(self, seq: Sequence, num_computed: int, dense: bool = True) -> int:
+        """`dense`: every FFN ran for these tokens, so their K/V may be reused by a later prompt.
+        -> prompt tokens computed for the first time (a preempted sequence's replay is not new)."""
         if dense and seq.dense_kv == seq.num_computed:
             seq.dense_kv = num_computed
         seq.num_computed = num_computed
         self.blocks.publish(seq.seq_id, seq.block_table, seq.token_ids(), seq.dense_kv)
+        new = max(0, min(num_computed, len(seq.prompt_ids)) - seq.prompt_computed)
+        seq.prompt_computed += new
+        return new
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason

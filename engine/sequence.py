@@ -30,6 +30,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     dense_kv: int = 0  # leading tokens whose K/V were computed with every FFN (reusable by other prompts)
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    prompt_computed: int = 0  # leading prompt tokens computed (or cached) at least once
     block_table: list[int] = field(default_factory=list)  # KV blocks holding its tokens, in order
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING

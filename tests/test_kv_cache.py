@@ -70,3 +70,13 @@ def test_preemption_under_block_pressure_keeps_the_same_greedy_tokens(engine, ch
     assert [o.completion_tokens for _, _, o in pressed] == [64] * 5
     assert [o.cached_tokens for _, _, o in pressed] == [0] * 5  # first admissions found nothing cached
     assert_all_blocks_back(tight)
+
+
+def test_preempted_prompts_are_counted_once(engine, chat_prompts):
+    """Prefilled plus cached prompt tokens add up to the prompts, however often they are replayed."""
+    prompts = [p * 3 for p in chat_prompts[:4]]  # ~100-token prompts, prefilled in 32-token chunks
+    tight = engine_like(engine, kv_capacity_tokens=24 * engine.config.block_size, max_model_len=256,
+                        max_prefill_tokens=32)
+    tight.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))
+    assert tight.num_preemptions_total > 0
+    assert tight.prompt_tokens_total + tight.prompt_tokens_cached_total == sum(len(p) for p in prompts)

@@ -15,7 +15,7 @@ class KVCache:
         shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.block_size = block_size
 
     @property
     def nbytes(self) -> int:
