@@ -113,40 +113,50 @@ class ABWorker:
 
 def compare_trees(ref: str, preset: str, rounds: int, new_tokens: int, prompt_lengths: list[int]) -> list[dict]:
     """This tree vs `ref` (a commit of this repository, unpacked with `git archive`), decode tok/s
-    at batch 1 and 16, short and long contexts, alternating the two engines."""
+    at batch 1 and 16 for each prompt length. Each round starts both engines afresh and runs them
+    one after the other, in the opposite order from the round before: on this machine the engine
+    process started first ran 10-15% slower than the one started second, whatever the code (an
+    A/A run of one commit against itself read 0.80-0.86 with long-lived workers, 1.10-1.15 with the
+    start order swapped). The ratio is the geometric mean of the rounds' ratios over an even
+    number of rounds, so that order cancels."""
     text = ROOT / "bench" / "data" / "heldout.txt"
+    rounds += rounds % 2
     cases = [(batch, n) for n in prompt_lengths for batch in (1, 16)]  # (batch, prompt tokens)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        workers = {"this": ABWorker(ROOT, preset, text), ref: ABWorker(Path(tmp), preset, text)}
-        try:
-            rows = []
-            print(f"\n{ref} vs this tree, decode tok/s, dense (realized skip 0), {preset}, threads "
-                  f"{workers['this'].threads}, {new_tokens} new tokens, medians of {rounds} alternating rounds")
-            print(f"| batch | prompt tokens | {ref} tok/s | this tree tok/s | this / {ref} |")
-            print("|---:|---:|---:|---:|---:|")
-            for batch, prompt_tokens in cases:
-                for w in workers.values():  # warm-up: first calls, page faults of the cache
-                    w.run(batch, prompt_tokens, 8)
-                res = alternate({k: (lambda w=w: w.run(batch, prompt_tokens, new_tokens)) for k, w in workers.items()},
-                                rounds)
-                med = {k: statistics.median(v) for k, v in res.items()}
-                rows.append({"batch": batch, "prompt_tokens": prompt_tokens, "samples": res, **med,
-                             "ratio": med["this"] / med[ref]})
-                print(f"| {batch} | {prompt_tokens} | {med[ref]:.1f} | {med['this']:.1f} | "
-                      f"{med['this'] / med[ref]:.3f} |", flush=True)
-            return rows
-        finally:
-            for w in workers.values():
-                w.close()
+        trees = {"this": ROOT, ref: Path(tmp)}
+        print(f"\n{ref} vs this tree, decode tok/s, dense (realized skip 0), {preset}, threads "
+              f"{torch.get_num_threads()}, {new_tokens} new tokens, {rounds} rounds (engines restarted each "
+              f"round, order swapped)")
+        print(f"| batch | prompt tokens | {ref} tok/s (median) | this tree tok/s (median) | this / {ref} |")
+        print("|---:|---:|---:|---:|---:|")
+        for batch, prompt_tokens in cases:
+            res = {k: [] for k in trees}
+            for r in range(rounds):
+                order = list(trees) if r % 2 == 0 else list(trees)[::-1]
+                workers = {k: ABWorker(trees[k], preset, text) for k in order}
+                try:
+                    for k in order:
+                        workers[k].run(batch, prompt_tokens, 8)  # warm-up: first calls, page faults
+                    for k in order:
+                        res[k].append(workers[k].run(batch, prompt_tokens, new_tokens))
+                finally:
+                    for w in workers.values():
+                        w.close()
+            ratio = statistics.geometric_mean([a / b for a, b in zip(res["this"], res[ref])])
+            med = {k: statistics.median(v) for k, v in res.items()}
+            rows.append({"batch": batch, "prompt_tokens": prompt_tokens, "samples": res, **med, "ratio": ratio})
+            print(f"| {batch} | {prompt_tokens} | {med[ref]:.1f} | {med['this']:.1f} | {ratio:.3f} |", flush=True)
+    return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smollm2-135m-instruct")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--skip-budget", type=float, default=0.27, help="k = floor(budget * layers) FFNs per token")
     p.add_argument("--dtype", default=None, help="override the preset's dtype (float32, bfloat16)")
     p.add_argument("--no-hf", action="store_true")
