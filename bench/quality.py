@@ -23,10 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.attention import AttentionMetadata  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams, SkipParams  # noqa: E402
-from engine.skip import DenseGate  # noqa: E402
 from server.config_file import load_config, preset_path  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
@@ -41,28 +39,23 @@ def teacher_forced(engine: LLMEngine, texts: list[list[int]], skip: SkipParams, 
     runner, policy = engine.runner, engine.runner.policy
     plan = engine.resolve_skip(skip)
     length = min(len(t) for t in texts)
-    ids = torch.tensor([t[:length] for t in texts], device=runner.device)
-    slots = [engine.slots.allocate(f"tf-{i}") for i in range(len(texts))]
-    try:
-        for row, slot in enumerate(slots):
-            meta = AttentionMetadata.for_prefill(slot, 0, prefix - 1, runner.device)
-            runner.model.forward(ids[row, :prefix - 1], meta, runner.kv, DenseGate(runner.num_layers))
+    texts = [t[:length] for t in texts]
+    ids = torch.tensor(texts, device=runner.device)
+    rows = len(texts)
+    with engine.kv_blocks([length] * rows) as tables:
+        runner.prefill([(text[:prefix - 1], table, 0) for text, table in zip(texts, tables)])
         argmax, nll, skipped, total = [], [], 0, 0
         for step, pos in enumerate(range(prefix - 1, length - 1)):
-            meta = AttentionMetadata.for_decode(slots, [pos] * len(slots), runner.device, runner.act_dtype)
-            gate = policy.make_gate([policy.row_skip(plan, step)] * len(slots), runner.device)
-            logits = runner.model.logits(runner.model.forward(ids[:, pos], meta, runner.kv, gate))
+            gate = policy.make_gate([policy.row_skip(plan, step)] * rows, runner.device)
+            logits = runner.logits(runner.decode([t[pos] for t in texts], [pos] * rows, tables, gate))
             if step < plan.warmup_tokens:
                 continue
-            per_row, _ = gate.skip_counts(len(slots))
+            per_row, _ = gate.skip_counts(rows)
             skipped += sum(per_row)
-            total += runner.num_layers * len(slots)
+            total += runner.num_layers * rows
             argmax.append(logits.argmax(-1))
             nll.append(-torch.log_softmax(logits, -1).gather(1, ids[:, pos + 1:pos + 2])[:, 0])
         return torch.stack(argmax), torch.stack(nll), skipped, total
-    finally:
-        for i in range(len(texts)):
-            engine.slots.free(f"tf-{i}")
 
 
 def greedy(engine, prompts, skip, max_tokens):

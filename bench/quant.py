@@ -31,7 +31,7 @@ from bench.decode import PROMPT, alternate, engine_run  # noqa: E402
 from engine import native  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import resolve_model_path  # noqa: E402
-from engine.models.quant_linear import QuantLinear  # noqa: E402
+from engine.backends.cpu.quant_linear import QuantLinear  # noqa: E402
 from engine.native import quant_ops  # noqa: E402
 from engine.sampling_params import SkipParams  # noqa: E402
 from server.config_file import load_config, preset_path  # noqa: E402

@@ -45,7 +45,7 @@ def test_a_failing_request_fails_alone(engine, chat_prompts, poison):
         assert text[rid] == alone[rid] and last[rid].finish_reason == alone_last[rid].finish_reason
     for rid in sick:
         assert last[rid].finish_reason == "error" and last[rid].error
-    assert not engine.has_work and engine.slots.used_tokens == 0  # every failed row's KV was freed
+    assert not engine.has_work and engine.kv_usage() == 0  # every failed row's KV was freed
     again, _ = run_to_completion(engine, healthy)
     assert again == alone  # and the engine serves on unchanged
 

@@ -107,12 +107,12 @@ def test_stacked_weights_run_as_their_parts(kernels):
 def test_parts_of_different_layouts_run_side_by_side(kernels):
     """A fused projection whose parts differ (Q4_K_M files: 4-bit q/k, 8-bit v) runs each part
     with its own kernel and concatenates, bias split to match."""
-    from engine.models.quant_linear import ConcatLinear, make_linear
+    from engine.backends.cpu.quant_linear import ConcatLinear, make_linear
 
     parts = [to_weight("Q4_1", random_blocks("Q4_1", 40, 4, seed=7), 128),
              to_weight("Q8_0", random_blocks("Q8_0", 24, 4, seed=8), 128)]
     bias = torch.randn(64, generator=torch.Generator().manual_seed(9))
-    layer = make_linear(parts, bias, "cpu", torch.float32)
+    layer = make_linear(parts, bias)
     assert isinstance(layer, ConcatLinear) and layer.out_features == 64
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(10))
     dense = torch.cat([p.dequantize() for p in parts])

@@ -8,10 +8,9 @@ import copy
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata
 from engine.native import quant_ops
 from engine.sampling_params import SamplingParams
-from engine.skip import DenseGate, RowSkip, build_policy
+from engine.skip import RowSkip, build_policy
 from tests.helpers import run_staggered
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
@@ -32,13 +31,8 @@ def quantized(engine):
 
 def prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
     runner = engine.runner
-    slot = engine.slots.allocate("quant-logits")
-    try:
-        meta = AttentionMetadata.for_prefill(slot, 0, len(prompt), runner.device)
-        return runner.model.logits(runner.model.forward(torch.tensor(prompt), meta, runner.kv,
-                                                        DenseGate(runner.num_layers)))
-    finally:
-        engine.slots.free("quant-logits")
+    with engine.kv_blocks([len(prompt)]) as (table,):
+        return runner.logits(runner.prefill([(prompt, table, 0)]))
 
 
 def test_gguf_matrices_stay_quantized_and_equal_the_dense_conversion(quantized):
@@ -95,7 +89,7 @@ def test_avx2_build_serves_the_same_text(quantized, chat_prompts, monkeypatch):
 
 def test_a_skipped_ffn_reads_none_of_its_weights(quantized, chat_prompts, monkeypatch):
     """A decode step whose rows skip FFNs calls no FFN kernel for the layers every row skipped."""
-    from engine.models.quant_linear import QuantLinear
+    from engine.backends.cpu.quant_linear import QuantLinear
 
     runner, model = quantized.runner, quantized.runner.model
     downs = {id(layer.down): i for i, layer in enumerate(model.layers)}
@@ -108,20 +102,12 @@ def test_a_skipped_ffn_reads_none_of_its_weights(quantized, chat_prompts, monkey
         return original(self, x)
 
     prompts = chat_prompts[:2]
-    names = [f"quant-skip-{i}" for i in range(len(prompts))]
-    slots = [quantized.slots.allocate(name) for name in names]
-    try:
-        for slot, prompt in zip(slots, prompts):
-            meta = AttentionMetadata.for_prefill(slot, 0, len(prompt), runner.device)
-            model.forward(torch.tensor(prompt), meta, runner.kv, DenseGate(runner.num_layers))
+    with quantized.kv_blocks([len(p) + 1 for p in prompts]) as tables:
+        runner.prefill([(p, table, 0) for p, table in zip(prompts, tables)])
         policy = build_policy(quantized.config.skip, runner.num_layers)
         gate = policy.make_gate([RowSkip(8, 0.0), RowSkip(8, 0.0)], runner.device)  # both fire at once
-        meta = AttentionMetadata.for_decode(slots, [len(p) for p in prompts], runner.device, runner.act_dtype)
         monkeypatch.setattr(QuantLinear, "__call__", counting)
-        model.forward(torch.tensor([p[-1] for p in prompts]), meta, runner.kv, gate)
-    finally:
-        for name in names:
-            quantized.slots.free(name)
+        runner.decode([p[-1] for p in prompts], [len(p) for p in prompts], tables, gate)
     per_row, per_layer = gate.skip_counts(len(prompts))
     assert per_row == [8, 8]
     skipped_by_all = {i for i, n in enumerate(per_layer) if n == len(prompts)}

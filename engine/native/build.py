@@ -32,9 +32,9 @@ FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=generic"]}
 _int, _float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
-    # q, k_new, v_new, k_cache, v_cache, slot_ids, lengths, out, rows, heads, kv_heads, dim, max_len, window,
-    # scale, threads
-    "decode_attention_f32": [_ptr] * 8 + [_int] * 6 + [_float, _int],
+    # q, k_new, v_new, k_cache, v_cache, block_tables, lengths, out, rows, heads, kv_heads, dim, block_size,
+    # max_blocks, window, scale, threads
+    "decode_attention_f32": [_ptr] * 8 + [_int] * 7 + [_float, _int],
     # x, w, bias (or None), y, rows, in, out, threads
     "linear_f32": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
     "linear_bf16": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
@@ -44,12 +44,12 @@ SIGNATURES = {
     "silu_mul_f32": [_ptr, _ptr, ctypes.c_int64, _int, _int],
     # x, cos, sin, tokens, heads, dim, token_stride, head_stride, threads
     "rope_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _int, ctypes.c_int64, ctypes.c_int64, _int],
-    # x, layer_ptrs, layers, weights_bf16, cos, sin, slot_ids, lengths, rows, hidden, heads, kv_heads,
-    # head_dim, inter, max_len, eps, scale, threads
-    "llama_decode_layers": [_ptr, _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 7 + [_float, _float, _int],
-    # x, layer_ptrs_row, weights_bf16, cos, sin, slot_ids, lengths, out, rows, hidden, heads, kv_heads,
-    # head_dim, max_len, eps, scale, threads
-    "llama_attention_branch": [_ptr] * 2 + [_int] + [_ptr] * 5 + [_int] * 6 + [_float, _float, _int],
+    # x, layer_ptrs, layers, weights_bf16, cos, sin, block_tables, lengths, rows, hidden, heads, kv_heads,
+    # head_dim, inter, block_size, max_blocks, eps, scale, threads
+    "llama_decode_layers": [_ptr, _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 8 + [_float, _float, _int],
+    # x, layer_ptrs_row, weights_bf16, cos, sin, block_tables, lengths, out, rows, hidden, heads, kv_heads,
+    # head_dim, block_size, max_blocks, eps, scale, threads
+    "llama_attention_branch": [_ptr] * 2 + [_int] + [_ptr] * 5 + [_int] * 7 + [_float, _float, _int],
     # h, layer_ptrs_row, weights_bf16, out, rows, hidden, inter, eps, threads
     "llama_ffn_branch": [_ptr, _ptr, _int, _ptr, _int, _int, _int, _float, _int],
     "linear_f32_vectorized": [],

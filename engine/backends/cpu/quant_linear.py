@@ -1,8 +1,8 @@
 """Linear layers on quantized weights, and the one constructor the models call for any weight.
 
-`make_linear(parts, bias, device, dtype)` takes the row blocks of one fused projection (q|k|v,
-gate|up, or a single matrix), dense tensors or `QuantWeight`s:
-- all dense: one `Linear` (engine/models/linear.py) on the concatenated matrix, as before;
+`make_linear(parts, bias)` (the CPU backend's `linear`) takes the row blocks of one fused
+projection (q|k|v, gate|up, or a single matrix), dense tensors or `QuantWeight`s:
+- all dense: one `Linear` (engine/backends/cpu/linear.py) on the concatenated matrix;
 - all quantized in one layout: one `QuantLinear` on the stacked rows (one kernel call);
 - otherwise (Q4_K_M files mix 4-bit q/k with 8-bit v): a `ConcatLinear` of the parts.
 `QuantLinear` runs the native quantized kernel for the best instruction set this CPU has
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.models.linear import Linear
+from engine.backends.cpu.linear import Linear
 from engine.native import quant_ops
 from engine.quant import QuantWeight
 
@@ -57,19 +57,14 @@ class ConcatLinear:
         return sum(p.nbytes() for p in self.parts)
 
 
-def make_linear(parts: list, bias: torch.Tensor | None, device, dtype):
-    """One layer for the row blocks `parts` (dense tensors or QuantWeights) and an optional bias."""
+def make_linear(parts: list, bias: torch.Tensor | None = None):
+    """One layer for the row blocks `parts` (dense tensors on the CPU in the model's dtype, or
+    QuantWeights) and an optional bias."""
     if any(isinstance(p, QuantWeight) for p in parts) and quant_ops.best_isa() is None:
         parts = [p.dequantize() if isinstance(p, QuantWeight) else p for p in parts]
     if not any(isinstance(p, QuantWeight) for p in parts):
-        dense = [p.to(device=device, dtype=dtype) for p in parts]
-        return Linear(dense[0] if len(dense) == 1 else torch.cat(dense), bias)  # one part: no copy (tied lm_head)
+        return Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias)  # one part: no copy (tied lm_head)
     if all(isinstance(p, QuantWeight) for p in parts) and len({p.layout for p in parts}) == 1:
         return QuantLinear(parts[0] if len(parts) == 1 else QuantWeight.cat(parts), bias)
     biases = [None] * len(parts) if bias is None else bias.split([p.shape[0] for p in parts])
-    return ConcatLinear([make_linear([p], b, device, dtype) for p, b in zip(parts, biases)])
-
-
-def to_device(weight, device, dtype):
-    """A dense tensor moved and cast; a QuantWeight as it is (the CPU kernels read it in place)."""
-    return weight if isinstance(weight, QuantWeight) else weight.to(device=device, dtype=dtype)
+    return ConcatLinear([make_linear([p], b) for p, b in zip(parts, biases)])
