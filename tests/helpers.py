@@ -50,3 +50,10 @@ def assert_all_blocks_back(engine):
     """Every KV block unreferenced (cached ones stay cached, and count as free)."""
     assert engine.blocks.ref_counts == [0] * engine.blocks.num_blocks
     assert engine.kv_usage() == 0.0 and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+async def stream_chat(aclient, **request) -> tuple[str, str | None]:
+    """One streamed chat completion through the openai SDK -> (text, finish reason)."""
+    stream = await aclient.chat.completions.create(stream=True, **request)
+    chunks = [c async for c in stream if c.choices]
+    return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason

@@ -8,6 +8,7 @@ import httpx
 import openai
 
 from tests.conftest import ServerProcess, cpu_path_only
+from tests.helpers import stream_chat
 
 MODEL = "smollm2-135m-instruct"
 TOPICS = ["the moon", "a cat", "rain", "bread", "trains", "music", "winter", "the ocean", "a robot", "coffee",
@@ -23,19 +24,15 @@ def test_20_concurrent_streams_each_match_their_solo_greedy_text(server, client)
     solo = {t: client.chat.completions.create(model=MODEL, messages=messages(t), max_tokens=24,
                                               temperature=0).choices[0].message.content for t in TOPICS}
 
-    async def stream_one(aclient, topic):
-        stream = await aclient.chat.completions.create(model=MODEL, messages=messages(topic), max_tokens=24,
-                                                       temperature=0, stream=True)
-        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-
     async def main():
         aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)
         try:
-            return await asyncio.gather(*[stream_one(aclient, t) for t in TOPICS])
+            return await asyncio.gather(*[stream_chat(aclient, model=MODEL, messages=messages(t), max_tokens=24,
+                                                      temperature=0) for t in TOPICS])
         finally:
             await aclient.close()
 
-    streamed = asyncio.run(main())
+    streamed = [text for text, _ in asyncio.run(main())]
     mismatched = [t for t, text in zip(TOPICS, streamed) if text != solo[t]]
     assert not mismatched, mismatched
 
@@ -117,15 +114,10 @@ def test_preempted_streams_finish_with_their_unpressed_text_and_are_counted(clie
              for t in topics}
     srv = ServerProcess("--kv-capacity-tokens", "320", "--max-model-len", "256")
     try:
-        async def stream_one(aclient, topic):
-            stream = await aclient.chat.completions.create(messages=messages(topic), stream=True, **body)
-            chunks = [c async for c in stream if c.choices]
-            return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
-
         async def main():
             aclient = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=300)
             try:
-                return await asyncio.gather(*[stream_one(aclient, t) for t in topics])
+                return await asyncio.gather(*[stream_chat(aclient, messages=messages(t), **body) for t in topics])
             finally:
                 await aclient.close()
 

@@ -6,6 +6,7 @@ import pytest
 
 from engine.sampling_params import SamplingParams
 from tests.conftest import cpu_path_only
+from tests.helpers import stream_chat
 
 
 def run_to_completion(engine, requests: dict[str, tuple[list[int], SamplingParams]], poisoned: set[str] = frozenset(),
@@ -75,9 +76,7 @@ def test_hostile_requests_beside_streams_leave_them_unharmed(server, client):
                "[1, 2, 3]", "x" * (5 * 2**20)]
 
     async def stream(aclient, topic):
-        s = await aclient.chat.completions.create(model=model, messages=messages(topic), max_tokens=40,
-                                                  temperature=0, stream=True)
-        return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+        return (await stream_chat(aclient, model=model, messages=messages(topic), max_tokens=40, temperature=0))[0]
 
     async def main():
         aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)
