@@ -10,6 +10,12 @@ BLOCK = 1024
 
 
 @triton.jit
+def _sigmoid(z):
+    e = tl.exp(-tl.abs(z))  # never overflows, for any z
+    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def _gated_kernel(gate_up_ptr, out_ptr, stride_g, stride_o, inter, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -17,10 +23,9 @@ def _gated_kernel(gate_up_ptr, out_ptr, stride_g, stride_o, inter, GELU_TANH: tl
     gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_g + inter + cols, mask=mask, other=0.0).to(tl.float32)
     if GELU_TANH:  # 0.5 x (1 + tanh(y)) = x * sigmoid(2y), y = sqrt(2/pi) (x + 0.044715 x^3)
-        y = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = gate / (1.0 + tl.exp(-2.0 * y))
+        act = gate * _sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
     else:
-        act = gate / (1.0 + tl.exp(-gate))
+        act = gate * _sigmoid(gate)
     tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
