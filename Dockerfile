@@ -17,7 +17,6 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY server ./server
-COPY configs ./configs
 RUN pip install -e . \
  && mkdir -p /models/cache \
  && python -c "from engine.loader import ensure_hf_dir; ensure_hf_dir('')" \
@@ -28,4 +27,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"
 ENTRYPOINT ["skipserve"]
-CMD ["--config", "configs/smollm2-135m-instruct.yaml", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["--model", "smollm2-135m-instruct", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,16 +1,21 @@
 """Decode speed: engine vs HF `generate` at batch 1 (and against the machine's read bandwidth),
-aggregate tok/s at batch 1/4/16, dense vs FFN-skip rows, and the engine with its C++ kernels vs
-the same engine on torch + oneDNN only; all measured side by side in one run (alternating A B A
-B, medians).
+aggregate tok/s at batch 1/4/16, dense vs FFN-skip rows, the engine with its C++ kernels vs
+the same engine on torch + oneDNN only, and this tree against another commit of the engine (by
+default the last one with contiguous KV slots, before the paged cache); all measured side by side
+in one run (alternating A B A B, medians).
 
     .venv/bin/python bench/decode.py --out bench/out
+    .venv/bin/python bench/decode.py --only-ab --ab-ref b2ac142   # paged blocks vs slots only
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,18 +62,120 @@ def alternate(fns: dict, rounds: int) -> dict:
     return results
 
 
+# Runs inside either tree (only APIs both have): loads the engine, then per stdin line "batch
+# prompt_tokens new_tokens" decodes that batch and prints its decode tok/s (time from the step in
+# which the last row got its first token to the end: prefill excluded).
+AB_WORKER = r"""
+import json, sys, time
+import torch
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from server.config_file import load_config, preset_path
+config = load_config(preset_path(sys.argv[1]))
+config.max_num_seqs, config.max_model_len, config.prefix_caching = 16, 2048, False
+engine = LLMEngine(config)
+text = open(sys.argv[2]).read() * 4  # long enough for the long-context cases
+print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
+for n, line in enumerate(sys.stdin):
+    batch, prompt_tokens, new_tokens = map(int, line.split())
+    prompt = engine.tokenizer.encode(text)[:prompt_tokens]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"ab{n}-{i}", prompt, params)
+    counts, start, base = {}, None, 0
+    while engine.has_work:
+        for out in engine.step()[0]:
+            counts[out.request_id] = counts.get(out.request_id, 0) + len(out.token_ids)
+        if start is None and len(counts) == batch:
+            start, base = time.perf_counter(), sum(counts.values())
+    print(json.dumps({"tok_s": (sum(counts.values()) - base) / (time.perf_counter() - start)}), flush=True)
+"""
+
+
+class ABWorker:
+    """The engine of one source tree in a subprocess, idle between the requests it is sent."""
+
+    def __init__(self, tree: Path, preset: str, text: Path):
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        self.proc = subprocess.Popen([sys.executable, "-c", AB_WORKER, preset, str(text)], cwd=tree, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.threads = json.loads(self.proc.stdout.readline())["threads"]
+
+    def run(self, batch: int, prompt_tokens: int, new_tokens: int) -> float:
+        self.proc.stdin.write(f"{batch} {prompt_tokens} {new_tokens}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["tok_s"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def compare_trees(ref: str, preset: str, rounds: int, new_tokens: int, prompt_lengths: list[int]) -> list[dict]:
+    """This tree vs `ref` (a commit of this repository, unpacked with `git archive`), decode tok/s
+    at batch 1 and 16 for each prompt length. Each round starts both engines afresh and runs them
+    one after the other, in the opposite order from the round before: on this machine the engine
+    process started first ran 10-15% slower than the one started second, whatever the code (an
+    A/A run of one commit against itself read 0.80-0.86 with long-lived workers, 1.10-1.15 with the
+    start order swapped). The ratio is the geometric mean of the rounds' ratios over an even
+    number of rounds, so that order cancels."""
+    text = ROOT / "bench" / "data" / "heldout.txt"
+    rounds += rounds % 2
+    cases = [(batch, n) for n in prompt_lengths for batch in (1, 16)]  # (batch, prompt tokens)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        trees = {"this": ROOT, ref: Path(tmp)}
+        print(f"\n{ref} vs this tree, decode tok/s, dense (realized skip 0), {preset}, threads "
+              f"{torch.get_num_threads()}, {new_tokens} new tokens, {rounds} rounds (engines restarted each "
+              f"round, order swapped)")
+        print(f"| batch | prompt tokens | {ref} tok/s (median) | this tree tok/s (median) | this / {ref} |")
+        print("|---:|---:|---:|---:|---:|")
+        for batch, prompt_tokens in cases:
+            res = {k: [] for k in trees}
+            for r in range(rounds):
+                order = list(trees) if r % 2 == 0 else list(trees)[::-1]
+                workers = {k: ABWorker(trees[k], preset, text) for k in order}
+                try:
+                    for k in order:
+                        workers[k].run(batch, prompt_tokens, 8)  # warm-up: first calls, page faults
+                    for k in order:
+                        res[k].append(workers[k].run(batch, prompt_tokens, new_tokens))
+                finally:
+                    for w in workers.values():
+                        w.close()
+            ratio = statistics.geometric_mean([a / b for a, b in zip(res["this"], res[ref])])
+            med = {k: statistics.median(v) for k, v in res.items()}
+            rows.append({"batch": batch, "prompt_tokens": prompt_tokens, "samples": res, **med, "ratio": ratio})
+            print(f"| {batch} | {prompt_tokens} | {med[ref]:.1f} | {med['this']:.1f} | {ratio:.3f} |", flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smollm2-135m-instruct")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--skip-budget", type=float, default=0.27, help="k = floor(budget * layers) FFNs per token")
     p.add_argument("--dtype", default=None, help="override the preset's dtype (float32, bfloat16)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-native-ab", action="store_true", help="skip the native-kernels vs torch comparison")
+    p.add_argument("--ab-ref", default="b2ac142",
+                   help="commit to compare this tree with (default: the last with contiguous KV slots); '' = none")
+    p.add_argument("--only-ab", action="store_true", help="run only the comparison with --ab-ref")
+    p.add_argument("--ab-prompt-tokens", default="64,1024", help="prompt lengths of the comparison")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = p.parse_args()
 
+    ab_lengths = [int(n) for n in args.ab_prompt_tokens.split(",")]
+    if args.only_ab:
+        print(f"command: {' '.join(sys.argv)}")
+        rows = compare_trees(args.ab_ref, args.preset, args.rounds, args.new_tokens, ab_lengths)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode_ab.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+        return
     config = load_config(preset_path(args.preset))
     config.max_num_seqs, config.max_model_len = 16, 512
     if args.dtype:
@@ -119,8 +226,8 @@ def main():
 
     # 3. dense vs FFN skip, alternating
     skip = SkipParams(budget=args.skip_budget, threshold=0.0, warmup_tokens=0)  # fire on every token
-    print(f"\n| batch | dense tok/s | skip tok/s | realized skip | speedup | skipped-bytes ceiling | "
-          f"speedup / ceiling | gain / ceiling gain |")
+    print("\n| batch | dense tok/s | skip tok/s | realized skip | speedup | skipped-bytes ceiling | "
+          "speedup / ceiling | gain / ceiling gain |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in (1, 16):
         ratios = []
@@ -154,6 +261,8 @@ def main():
             med = {k: statistics.median(v) for k, v in res.items()}
             report.setdefault("native_ab", []).append({"batch": batch, **med})
             print(f"| {batch} | {med['torch']:.1f} | {med['native']:.1f} | {med['native'] / med['torch']:.2f}x |")
+    if args.ab_ref:
+        report["ab"] = compare_trees(args.ab_ref, args.preset, args.rounds, args.new_tokens, ab_lengths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.json").write_text(json.dumps(report, indent=1, default=str))

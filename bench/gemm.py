@@ -1,8 +1,8 @@
-"""The GEMM facts `engine/models/linear.py` and `engine/async_engine.py` rest on, measured side by side:
+"""The GEMM facts `engine/backends/cpu/linear.py` and `engine/async_engine.py` rest on, measured side by side:
 
 1. one decode step's projections (qkv, o, gate|up, down of every layer, each layer its own weights,
    so they come cold from DRAM as in the engine), fp32 activations in and out as in the engine,
-   through each backend of `engine.models.linear.Linear`: `F.linear` on the plain layout, oneDNN
+   through each backend of `engine.backends.cpu.linear.Linear`: `F.linear` on the plain layout, oneDNN
    on pre-packed weights, and skipserve's C++ kernels (`engine/native/`); fp32 and bf16 weights,
    1 to 64 rows; plus the read bandwidth of the machine measured in the same run (a 1 GiB sum);
 2. the oneDNN step run from the main thread vs from a second thread after the main thread has
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
 from engine import native  # noqa: E402
 from engine.native import ops as native_ops  # noqa: E402
-from engine.models.linear import Linear  # noqa: E402
+from engine.backends.cpu.linear import Linear  # noqa: E402
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 heads + 2 x 3 KV heads of 64
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]

@@ -2,7 +2,9 @@
 
 For each budget: teacher-forced top-1 agreement with dense and NLL/perplexity delta on held-out
 text (positions after the warm-up), greedy-generation agreement with dense on chat prompts, and
-accuracy on a small factoid QA set. Writes a markdown table and a plot.
+accuracy on a small factoid QA set. Writes a markdown table and a plot. When the preset serves a
+GGUF in its own quantization, first the same measures for that quantization (dense) against the
+same file dequantized to fp32.
 
     .venv/bin/python bench/quality.py --out bench/out
 """
@@ -21,10 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.attention import AttentionMetadata  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams, SkipParams  # noqa: E402
-from engine.skip import DenseGate  # noqa: E402
 from server.config_file import load_config, preset_path  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
@@ -39,28 +39,23 @@ def teacher_forced(engine: LLMEngine, texts: list[list[int]], skip: SkipParams, 
     runner, policy = engine.runner, engine.runner.policy
     plan = engine.resolve_skip(skip)
     length = min(len(t) for t in texts)
-    ids = torch.tensor([t[:length] for t in texts], device=runner.device)
-    slots = [engine.slots.allocate(f"tf-{i}") for i in range(len(texts))]
-    try:
-        for row, slot in enumerate(slots):
-            meta = AttentionMetadata.for_prefill(slot, 0, prefix - 1, runner.device)
-            runner.model.forward(ids[row, :prefix - 1], meta, runner.kv, DenseGate(runner.num_layers))
+    texts = [t[:length] for t in texts]
+    ids = torch.tensor(texts, device=runner.device)
+    rows = len(texts)
+    with engine.kv_blocks([length] * rows) as tables:
+        runner.prefill([(text[:prefix - 1], table, 0) for text, table in zip(texts, tables)])
         argmax, nll, skipped, total = [], [], 0, 0
         for step, pos in enumerate(range(prefix - 1, length - 1)):
-            meta = AttentionMetadata.for_decode(slots, [pos] * len(slots), runner.device, runner.act_dtype)
-            gate = policy.make_gate([policy.row_skip(plan, step)] * len(slots), runner.device)
-            logits = runner.model.logits(runner.model.forward(ids[:, pos], meta, runner.kv, gate))
+            gate = policy.make_gate([policy.row_skip(plan, step)] * rows, runner.device)
+            logits = runner.logits(runner.decode([t[pos] for t in texts], [pos] * rows, tables, gate))
             if step < plan.warmup_tokens:
                 continue
-            per_row, _ = gate.skip_counts(len(slots))
+            per_row, _ = gate.skip_counts(rows)
             skipped += sum(per_row)
-            total += runner.num_layers * len(slots)
+            total += runner.num_layers * rows
             argmax.append(logits.argmax(-1))
             nll.append(-torch.log_softmax(logits, -1).gather(1, ids[:, pos + 1:pos + 2])[:, 0])
         return torch.stack(argmax), torch.stack(nll), skipped, total
-    finally:
-        for i in range(len(texts)):
-            engine.slots.free(f"tf-{i}")
 
 
 def greedy(engine, prompts, skip, max_tokens):
@@ -103,6 +98,22 @@ def evaluate(engine: LLMEngine, budgets: list[float], gen_tokens: int) -> list[d
         })
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def quantization_vs_fp32(served: LLMEngine, fp32: LLMEngine, gen_tokens: int) -> dict:
+    """The served quantized weights against the same file dequantized to fp32, both dense."""
+    tok = served.tokenizer
+    texts = [tok.encode(t) for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in json.loads((DATA / "prompts.json").read_text())]
+    dense = SkipParams(budget=0.0)
+    (arg_q, nll_q, _, _), (arg_f, nll_f, _, _) = (teacher_forced(e, texts, dense) for e in (served, fp32))
+    gen_q, gen_f = (greedy(e, prompts, dense, gen_tokens)[0] for e in (served, fp32))
+    same = sum(a == b for g, d in zip(gen_q, gen_f) for a, b in zip(g, d))
+    return {"top1_agreement": float((arg_q == arg_f).float().mean()), "positions": arg_q.numel(),
+            "nll_fp32": float(nll_f.mean()), "nll_delta": float(nll_q.mean() - nll_f.mean()),
+            "greedy_token_agreement": same / sum(min(len(g), len(d)) for g, d in zip(gen_q, gen_f)),
+            "weight_mb_per_token": sum(served.runner.model.weight_bytes().values()) / 1e6,
+            "fp32_weight_mb_per_token": sum(fp32.runner.model.weight_bytes().values()) / 1e6}
 
 
 def markdown(rows, header: str) -> str:
@@ -169,15 +180,28 @@ def main():
     config.max_num_seqs, config.max_model_len = 32, 512
     engine = LLMEngine(config)
     s = config.skip
-    header = (f"`{' '.join(sys.argv)}` — {args.preset}, {engine.runner.dtype}, {engine.runner.device}, "
+    weights = "GGUF-quantized" if engine.runner.quantized else engine.runner.dtype
+    header = (f"`{' '.join(sys.argv)}` — {args.preset}, {weights} weights, {engine.runner.device}, "
               f"threads={torch.get_num_threads()}; policy {s.policy}, threshold {s.threshold}, cold "
               f"{s.cold_start}/{s.cold_end}, warm-up {s.warmup_tokens}")
+    quant = None
+    if engine.runner.quantized:
+        fp32_config = replace(config, dtype="float32")
+        quant = quantization_vs_fp32(engine, LLMEngine(fp32_config), args.gen_tokens)
+        print(json.dumps({"quantization_vs_fp32": quant}), flush=True)
     rows = evaluate(engine, [float(b) for b in args.budgets.split(",")], args.gen_tokens)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, header)
+    if quant:
+        md = (f"Served GGUF quantization ({', '.join(engine.runner.model.weight_formats())}) vs the same file "
+              f"dequantized to fp32, both dense: teacher-forced top-1 agreement {quant['top1_agreement']:.4f} over "
+              f"{quant['positions']} positions, NLL delta {quant['nll_delta']:+.4f} (fp32 NLL {quant['nll_fp32']:.3f}), "
+              f"greedy token agreement {quant['greedy_token_agreement']:.3f}; weights read per token "
+              f"{quant['weight_mb_per_token']:.0f} MB vs {quant['fp32_weight_mb_per_token']:.0f} MB.\n\n" + md)
     title = f"FFN skipping on {args.preset} (threshold {s.threshold}, cold {s.cold_start}/{s.cold_end})"
     (out / "quality.md").write_text(md)
-    (out / "quality.json").write_text(json.dumps({"config": vars(args), "title": title, "rows": rows}, indent=1))
+    (out / "quality.json").write_text(json.dumps({"config": vars(args), "title": title, "rows": rows,
+                                                        "quantization_vs_fp32": quant}, indent=1))
     plot(rows, out / "quality.png", title)
     print(md)
 

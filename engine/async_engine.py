@@ -111,7 +111,7 @@ class AsyncEngine:
         is enqueued. The caller must `close()` the stream when it stops early: that aborts it.
         """
         self._check_ready()
-        if len(self._queues) >= self.config.num_slots + self.max_waiting:
+        if len(self._queues) >= self.config.max_num_seqs + self.max_waiting:
             raise QueueFullError(f"the server is at capacity ({len(self._queues)} requests); retry later")
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id}")
@@ -188,7 +188,7 @@ class AsyncEngine:
         if engine is None:
             return {"running": 0, "waiting": 0, "kv_usage": 0.0, "time": time.time()}
         return {"running": engine.num_running, "waiting": engine.num_waiting,
-                "kv_usage": engine.slots.usage(), "time": time.time()}
+                "kv_usage": engine.kv_usage(), "time": time.time()}
 
 
 class RequestStream:

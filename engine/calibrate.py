@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import AttentionMetadata
 from engine.skip.calibration import RecordingGate, suggest
 
 TEXTS = Path(__file__).parent / "data" / "calibration.txt"
@@ -19,16 +18,12 @@ def record_cosines(engine, texts: list[str]) -> torch.Tensor:
     """Dense forward over each text; -> cos(h, h + FFN(h)) as [layers, tokens]."""
     runner = engine.runner
     chunks = []
-    for i, text in enumerate(texts):
+    for text in texts:
         ids = engine.tokenizer.encode(text)[: engine.max_model_len]
-        slot = engine.slots.allocate(f"calibrate-{i}")
-        try:
-            gate = RecordingGate(runner.num_layers)
-            meta = AttentionMetadata.for_prefill(slot, 0, len(ids), runner.device)
-            runner.model.forward(torch.tensor(ids, device=runner.device), meta, runner.kv, gate)
-            chunks.append(gate.matrix().cpu())
-        finally:
-            engine.slots.free(f"calibrate-{i}")
+        gate = RecordingGate(runner.num_layers)
+        with engine.kv_blocks([len(ids)]) as (table,):
+            runner.prefill([(ids, table, 0)], gate)
+        chunks.append(gate.matrix().cpu())
     return torch.cat(chunks, dim=1)
 
 
@@ -97,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     plot(summary, cosines, out / "calibration.png", args.model or "smollm2-135m-instruct")
     s = summary["suggested"]
     print(f"{summary['tokens']} tokens, {cosines.shape[0]} layers")
-    print("suggested preset values (configs/*.yaml, skip:):")
+    print("suggested preset values (server/presets/*.yaml, skip:):")
     print(f"  cold_start: {s['cold_start']}\n  cold_end: {s['cold_end']}\n  threshold: {s['threshold']}")
     print(f"wrote {out / 'calibration.json'} and {out / 'calibration.png'}")
 

@@ -24,7 +24,6 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     eos_token_ids: list[int]
-    hidden_act: str = "silu"
     # Gemma 3: per-layer attention kind, local window, query scale and the local layers' rope base
     layer_types: list[str] | None = None
     sliding_window: int | None = None
@@ -63,7 +62,6 @@ class ModelConfig:
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             eos_token_ids=eos_ids,
-            hidden_act=raw.get("hidden_activation") or raw.get("hidden_act") or "silu",
             layer_types=raw.get("layer_types"),
             sliding_window=raw.get("sliding_window"),
             query_pre_attn_scalar=raw.get("query_pre_attn_scalar"),
@@ -94,18 +92,15 @@ class EngineConfig:
     model: str = ""  # path to a GGUF file or a HF folder; "" = the embedded default
     served_model_name: str = "smollm2-135m-instruct"
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
-    max_num_seqs: int = 16  # rows in a decode batch = KV slots
-    max_model_len: int = 2048  # tokens per KV slot (prompt + completion)
-    kv_capacity_tokens: int | None = None  # total KV tokens; sets the slot count when given
+    dtype: str = "auto"  # auto (CPU: a GGUF's own quantization, else fp32; CUDA: bf16) | float32 | bfloat16 | float16
+    max_num_seqs: int = 16  # rows in a decode batch
+    max_model_len: int = 2048  # tokens per sequence (prompt + completion)
+    block_size: int = 16  # tokens per KV block
+    kv_capacity_tokens: int | None = None  # KV cache size in tokens (overrides the two below)
+    kv_cache_memory: float | None = None  # KV cache size in GiB
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the card for weights, workspace and KV cache
     max_prefill_tokens: int = 512  # prefill chunk per engine step
-    prefix_caching: bool = True  # a new prompt reuses the K/V of a freed slot that shares its prefix
+    prefix_caching: bool = True  # full blocks of dense K/V are kept, by hash, for prompts sharing them
     cache_dir: str | None = None  # where converted GGUF weights are cached
     threads: int | None = None
     skip: SkipConfig = field(default_factory=SkipConfig)
-
-    @property
-    def num_slots(self) -> int:
-        if self.kv_capacity_tokens is None:
-            return self.max_num_seqs
-        return max(1, min(self.max_num_seqs, self.kv_capacity_tokens // self.max_model_len))

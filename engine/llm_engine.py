@@ -1,16 +1,17 @@
 """The synchronous engine: add requests, step, get per-sequence output deltas.
 
 One `step()` = scheduler decides -> model runner computes and samples -> tokens appended,
-stop conditions checked, finished sequences leave the batch and free their KV slot.
+stop conditions checked, finished sequences leave the batch and free their KV blocks.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-import time
 
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.kv.block_manager import BlockManager, blocks_for
 from engine.loader import ensure_hf_dir
 from engine.model_runner import ModelRunner, StepResult
 from engine.outputs import SequenceOutput, StepStats, TokenLogprob
@@ -18,7 +19,7 @@ from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.skip.base import TokenSkipPlan
-from engine.slot_manager import SlotManager
+from engine.skip.settings import resolve_skip
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("skipserve.engine")
@@ -33,8 +34,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         config.max_model_len = self.max_model_len
         self.runner = ModelRunner(config, self.model_config, self.hf_dir)
-        self.slots = SlotManager(config.num_slots, self.max_model_len, config.prefix_caching)
-        self.scheduler = Scheduler(self.slots, config.max_prefill_tokens)
+        self.blocks = BlockManager(self.runner.capacity.num_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens)
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -47,20 +48,7 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def resolve_skip(self, skip: SkipParams | None) -> TokenSkipPlan:
-        cfg = self.config.skip
-        skip = skip or SkipParams()
-        budget = cfg.default_budget if skip.budget is None else skip.budget
-        if not 0.0 <= budget <= cfg.max_budget:
-            raise InvalidParamError(f"ffn_skip.budget must be in [0, {cfg.max_budget}]", "ffn_skip.budget")
-        threshold = cfg.threshold if skip.threshold is None else skip.threshold
-        if not -1.0 <= threshold <= 1.0:
-            raise InvalidParamError("ffn_skip.threshold must be in [-1, 1]", "ffn_skip.threshold")
-        warmup = cfg.warmup_tokens if skip.warmup_tokens is None else skip.warmup_tokens
-        if warmup < 0:
-            raise InvalidParamError("ffn_skip.warmup_tokens must be >= 0", "ffn_skip.warmup_tokens")
-        if self.config.skip.policy == "none":
-            budget = 0.0
-        return TokenSkipPlan(budget, threshold, warmup, cfg.interleave)
+        return resolve_skip(self.config.skip, skip)
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> int:
         """Validate lengths; return the effective max_tokens."""
@@ -86,8 +74,8 @@ class LLMEngine:
         Raises InvalidParamError. Reads only immutable state, so any thread may call it.
         """
         params.validate(self.model_config.vocab_size)
-        if params.n > self.config.num_slots:
-            raise InvalidParamError(f"n must be at most {self.config.num_slots} (the server's max batch)", "n")
+        if params.n > self.config.max_num_seqs:
+            raise InvalidParamError(f"n must be at most {self.config.max_num_seqs} (the server's max batch)", "n")
         plan = self.resolve_skip(skip)
         max_tokens = self.check_prompt(prompt_ids, params, prompt_param)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -130,6 +118,26 @@ class LLMEngine:
         return self.scheduler.cached_tokens_total
 
     @property
+    def num_preemptions_total(self) -> int:
+        return self.scheduler.num_preemptions_total
+
+    def kv_usage(self) -> float:
+        """Share of KV blocks held by sequences (cached blocks nobody holds count as free)."""
+        return self.blocks.usage()
+
+    @contextlib.contextmanager
+    def kv_blocks(self, lengths: list[int]):
+        """Block tables for rows of up to `lengths[i]` tokens, outside the scheduler (calibration,
+        the quality harness, tests drive `runner.prefill` / `runner.decode` with them); returned
+        to the pool on exit. Call between steps, never inside one."""
+        tables = [self.blocks.allocate_blocks(blocks_for(n, self.config.block_size)) for n in lengths]
+        try:
+            yield tables
+        finally:
+            for table in tables:
+                self.blocks.free_blocks(table)
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -140,20 +148,18 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> tuple[list[SequenceOutput], StepStats]:
         batch = self.scheduler.schedule()
-        stats = StepStats(layer_ffn_skipped=[0] * self.model_config.num_layers)
+        stats = StepStats()
         if batch.empty:
             return [], stats
         result = self._run(batch)
         failed = result.failed
         for chunk in batch.prefills:
             if chunk.seq.seq_id not in failed:
-                self.scheduler.on_computed(chunk.seq, chunk.end)
-                stats.prompt_tokens += chunk.end - chunk.start
+                self.prompt_tokens_total += self.scheduler.on_computed(chunk.seq, chunk.end)
         for seq in batch.decodes:
             if seq.seq_id not in failed:
                 self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
         outputs = []
-        now = time.monotonic()
         for seq_id, sampled in result.samples.items():
             seq = self._sequences[seq_id]
             try:  # detokenizing and stop checks are the sequence's own: a failure there is its alone
@@ -161,7 +167,6 @@ class LLMEngine:
                 seq.ffn_skipped += skipped
                 seq.ffn_total += self.model_config.num_layers
                 seq.output_ids.append(sampled.token_id)
-                seq.first_token_time = seq.first_token_time or now
                 stats.generated_tokens += 1
                 reason = self._stop_reason(seq, sampled.token_id)
                 if reason:
@@ -174,8 +179,6 @@ class LLMEngine:
         for layer, n in enumerate(result.layer_ffn_skipped):
             self.layer_ffn_skipped[layer] += n
             self.layer_ffn_total[layer] += stats.generated_tokens
-        stats.layer_ffn_skipped = result.layer_ffn_skipped
-        self.prompt_tokens_total += stats.prompt_tokens
         self.generation_tokens_total += stats.generated_tokens
         return outputs, stats
 

@@ -1,8 +1,13 @@
-"""The one place that touches tensors: runs a scheduled batch through the model and samples.
+"""The one place that touches tensors, and the only way into a forward pass.
 
-A step runs all prefill chunks in one dense forward (attention per sequence), then one decode
-token for every decoding row (through the skip policy's gate), then one lm_head + sampler call
-for all sequences that produce a token this step.
+`run(batch)`: a scheduled step runs all prefill chunks in one dense forward (attention per
+sequence), then one decode token for every decoding row (through the skip policy's gate), then
+one lm_head + sampler call for all sequences that produce a token this step. `prefill`, `decode`
+and `logits` are the same forwards for callers that hold KV blocks of their own (calibration, the
+quality harness, tests; see `LLMEngine.kv_blocks`).
+
+At start the runner picks the device backend (engine/backends), sizes the paged KV cache from
+memory (engine/kv/capacity.py) and logs its capacity.
 """
 from __future__ import annotations
 
@@ -13,9 +18,12 @@ from dataclasses import dataclass, field
 import torch
 
 from engine import native
-from engine.attention import AttentionMetadata
+from engine.backends import select_backend
 from engine.config import EngineConfig, ModelConfig
-from engine.kv_cache import KVCache
+from engine.gguf_weights import load_weights, quantized_gguf
+from engine.kv.cache import KVCache
+from engine.kv.capacity import DeviceMemory, plan_capacity
+from engine.kv.metadata import AttentionMetadata
 from engine.loader import load_state_dict
 from engine.models import build_model
 from engine.sampler import SampleRow, Sampled, sample
@@ -63,51 +71,85 @@ class ModelRunner:
             native.load(config.cache_dir)  # C++ CPU kernels (engine/native); torch paths without them
         self.model_config = model_config
         t0 = time.perf_counter()
-        state = load_state_dict(hf_dir)
-        self.model = build_model(model_config, state, self.device, self.dtype, config.max_model_len)
+        gguf = quantized_gguf(config.model, config.cache_dir, config.dtype, self.device)
+        state = load_weights(gguf, hf_dir) if gguf else load_state_dict(hf_dir)
+        self.backend = select_backend(self.device)
+        self.model = build_model(model_config, state, self.device, self.dtype, config.max_model_len, self.backend)
         del state
+        self.quantized = gguf is not None  # the GGUF's own quantization (else dense `self.dtype`)
         self.act_dtype = self.model.act_dtype  # activations and KV cache (fp32 on CPU)
-        self.kv = KVCache(model_config.num_layers, config.num_slots, model_config.num_kv_heads,
-                          config.max_model_len, model_config.head_dim, self.device, self.act_dtype)
+        log.info("model on %s (%s backend), %s weights, %s activations, in %.1f s", self.device, self.backend.name,
+                 "GGUF-quantized" if gguf else str(self.dtype).removeprefix("torch."),
+                 str(self.act_dtype).removeprefix("torch."), time.perf_counter() - t0)
+        element_size = torch.empty(0, dtype=self.act_dtype).element_size()
+        self.capacity = plan_capacity(config, model_config, element_size, self._device_memory())
+        log.info(self.capacity.describe(config.max_model_len))
+        self.block_size = config.block_size
+        self.kv = KVCache(model_config.num_layers, self.capacity.num_blocks, model_config.num_kv_heads,
+                          self.block_size, model_config.head_dim, self.device, self.act_dtype)
+        self.model.fused_decode = self.backend.fused_decode(self.model, self.kv)
         self.policy = build_policy(config.skip, model_config.num_layers)
         self.num_layers = model_config.num_layers
         self._generators: dict[str, torch.Generator] = {}
-        log.info("model on %s, %s weights, %s activations, in %.1f s; KV cache %d slots x %d tokens (%.0f MiB)",
-                 self.device, str(self.dtype).removeprefix("torch."), str(self.act_dtype).removeprefix("torch."),
-                 time.perf_counter() - t0, config.num_slots,
-                 config.max_model_len, self.kv.nbytes / 2**20)
+        per_token = self.model.weight_bytes()
+        log.info("weights read per decoded token: %.1f MB (FFN %.1f, attention %.1f, lm_head %.1f); kernels: %s",
+                 sum(per_token.values()) / 1e6, per_token["ffn"] / 1e6, per_token["attention"] / 1e6,
+                 per_token["lm_head"] / 1e6,
+                 ", ".join(f"{fmt} -> {path}" for fmt, path in self.model.weight_formats().items()))
+
+    def _device_memory(self) -> DeviceMemory | None:
+        if self.device.type != "cuda":
+            return None
+        free, total = torch.cuda.mem_get_info(self.device)
+        return DeviceMemory(total=total, in_use=total - free)
+
+    # ---- forwards -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, chunks: list[tuple[list[int], list[int], int]], gate=None) -> torch.Tensor:
+        """Chunks (token ids, block table, start position) of several sequences in one forward, dense
+        unless `gate` says otherwise -> hidden states [tokens, hidden] (normed)."""
+        meta = AttentionMetadata.for_prefill([(table, start, len(ids)) for ids, table, start in chunks],
+                                             self.block_size, self.device)
+        ids = torch.tensor([t for ids, _, _ in chunks for t in ids], device=self.device)
+        return self.model.forward(ids, meta, self.kv, gate or DenseGate(self.num_layers))
+
+    @torch.inference_mode()
+    def decode(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], gate=None):
+        """One token per row at `positions` -> hidden states [rows, hidden] (normed)."""
+        meta = AttentionMetadata.for_decode(block_tables, positions, self.block_size, self.device, self.act_dtype)
+        ids = torch.tensor(token_ids, device=self.device)
+        return self.model.forward(ids, meta, self.kv, gate or DenseGate(self.num_layers))
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         hiddens, producers = [], []
         if batch.prefills:  # every prefill chunk of this step in one forward, always dense
             chunks = batch.prefills
-            meta = AttentionMetadata.for_prefills([(c.seq.slot, c.start, c.end - c.start) for c in chunks],
-                                                  self.device)
-            ids = torch.tensor([t for c in chunks for t in c.seq.prompt_ids[c.start:c.end]], device=self.device)
-            hidden = self.model.forward(ids, meta, self.kv, DenseGate(self.num_layers))
+            hidden = self.prefill([(c.seq.token_ids()[c.start:c.end], c.seq.block_table, c.start) for c in chunks])
             end = 0
             for chunk in chunks:
                 end += chunk.end - chunk.start
-                if chunk.is_last:
+                if chunk.produces_token:
                     hiddens.append(hidden[end - 1:end])
                     producers.append(chunk.seq)
         skipped = {}
         layer_skipped = [0] * self.num_layers
         if batch.decodes:
             seqs = batch.decodes
-            meta = AttentionMetadata.for_decode([s.slot for s in seqs], [s.num_tokens - 1 for s in seqs],
-                                                self.device, self.act_dtype)
-            ids = torch.tensor([s.last_token for s in seqs], device=self.device)
             gate = self.policy.make_gate([self.policy.row_skip(s.skip_plan, len(s.output_ids)) for s in seqs],
                                          self.device)
-            hiddens.append(self.model.forward(ids, meta, self.kv, gate))
+            hiddens.append(self.decode([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs],
+                                       [s.block_table for s in seqs], gate))
             producers.extend(seqs)
             per_row, layer_skipped = gate.skip_counts(len(seqs))
             skipped = {s.seq_id: n for s, n in zip(seqs, per_row)}
         if not producers:
             return StepResult({}, {}, layer_skipped)
-        logits = self.model.logits(torch.cat(hiddens))
+        logits = self.logits(torch.cat(hiddens))
         failed, live, rows = {}, [], []
         for i, seq in enumerate(producers):  # a row's own settings may fail it alone (e.g. its seed)
             try:

@@ -1,7 +1,7 @@
 """What the engine hands back per step and sequence: deltas, ready to stream."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -33,6 +33,4 @@ class SequenceOutput:
 class StepStats:
     """Counts of one engine step, for metrics."""
 
-    prompt_tokens: int = 0
     generated_tokens: int = 0
-    layer_ffn_skipped: list[int] = field(default_factory=list)  # summed over generated tokens

@@ -1,16 +1,21 @@
 """Decides what each engine step computes. Integers and lists only: never a tensor.
 
-waiting -> running when a KV slot is free (FCFS, up to the slot count = max batch);
-running sequences prefill in chunks (a token budget per step) and then decode one token
-per step; finished or aborted sequences free their slot at once.
+Each step, oldest first, every decoding sequence gets room for the token it writes (a new KV
+block when its last one is full). When no block is free the newest running sequence is
+preempted: its blocks go back and it returns to the head of the queue, keeping what it has
+generated; readmitted, it prefills its prompt and generated tokens again (the prefix cache
+usually still holds most of them) and continues with the same tokens. Then waiting sequences
+are admitted in arrival order while the batch has rows (`max_num_seqs`) and blocks for their
+prefill plus one more. Prefill runs in chunks under a token budget per step; finished or
+aborted sequences give their blocks back at once.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.kv.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
-from engine.slot_manager import SlotManager
 
 
 @dataclass
@@ -20,8 +25,10 @@ class PrefillChunk:
     end: int
 
     @property
-    def is_last(self) -> bool:
-        return self.end == len(self.seq.prompt_ids)
+    def produces_token(self) -> bool:
+        """The chunk that ends a prompt samples the first token; a preempted sequence's replay
+        does not (its next token comes from the decode step, as it would have)."""
+        return self.end == self.seq.prefill_len and not self.seq.output_ids
 
 
 @dataclass
@@ -35,12 +42,14 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotManager, max_prefill_tokens: int):
-        self.slots = slots
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_prefill_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.cached_tokens_total = 0  # prompt tokens admitted with their K/V already in a slot
+        self.cached_tokens_total = 0  # prompt tokens admitted with their K/V already cached
+        self.num_preemptions_total = 0
 
     @property
     def has_work(self) -> bool:
@@ -50,31 +59,70 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledBatch:
-        while self.waiting and self.slots.can_allocate():
-            seq = self.waiting.popleft()
-            seq.slot, seq.num_computed = self.slots.allocate_for_prompt(seq.seq_id, seq.prompt_ids)
-            seq.cached_tokens = seq.dense_kv = seq.num_computed
-            self.cached_tokens_total += seq.cached_tokens
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+        preempted = self._grow_decodes()
+        while not preempted and self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=1):
+                break  # first come, first served: no overtaking
+            self.waiting.popleft()
+            self._admit(seq)
         batch = ScheduledBatch()
         budget = self.max_prefill_tokens
         for seq in self.running:
             if seq.is_prefilling:
                 if budget > 0:
-                    end = min(len(seq.prompt_ids), seq.num_computed + budget)
+                    end = min(seq.prefill_len, seq.num_computed + budget)
                     batch.prefills.append(PrefillChunk(seq, seq.num_computed, end))
                     budget -= end - seq.num_computed
             else:
                 batch.decodes.append(seq)
         return batch
 
-    def on_computed(self, seq: Sequence, num_computed: int, dense: bool = True) -> None:
-        """`dense`: every FFN ran for these tokens, so their K/V may be reused by a later prompt."""
+    def _grow_decodes(self) -> bool:
+        """A block for each decoding sequence's next token, preempting the newest when none is
+        free; -> whether anything was preempted."""
+        preempted = False
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or seq.is_prefilling:
+                continue
+            while not self.blocks.can_append(seq.block_table, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                self.blocks.append(seq.block_table, seq.num_tokens)
+        return preempted
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.block_table, cached = self.blocks.allocate(seq.seq_id, seq.token_ids(), seq.prefill_len)
+        seq.num_computed = seq.dense_kv = cached
+        if not seq.output_ids and not seq.num_preemptions:  # a request's first admission
+            seq.cached_tokens = seq.prompt_computed = cached
+            self.cached_tokens_total += cached
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id, seq.block_table)
+        seq.num_computed = seq.dense_kv = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(seq)
+
+    def on_computed(self, seq: Sequence, num_computed: int, dense: bool = True) -> int:
+        """`dense`: every FFN ran for these tokens, so their K/V may be reused by a later prompt.
+        -> prompt tokens computed for the first time (a preempted sequence's replay is not new)."""
         if dense and seq.dense_kv == seq.num_computed:
             seq.dense_kv = num_computed
         seq.num_computed = num_computed
-        self.slots.set_tokens(seq.seq_id, num_computed)
+        self.blocks.publish(seq.seq_id, seq.block_table, seq.token_ids(), seq.dense_kv)
+        new = max(0, min(num_computed, len(seq.prompt_ids)) - seq.prompt_computed)
+        seq.prompt_computed += new
+        return new
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
@@ -82,7 +130,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.slots.free(seq.seq_id, seq.kv_tokens())
+        self.blocks.free(seq.seq_id, seq.block_table)
 
     def abort(self, request_id: str) -> list[Sequence]:
         victims = [s for s in [*self.waiting, *self.running] if s.request_id == request_id]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
@@ -31,29 +30,34 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     dense_kv: int = 0  # leading tokens whose K/V were computed with every FFN (reusable by other prompts)
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
-    slot: int | None = None
+    prompt_computed: int = 0  # leading prompt tokens computed (or cached) at least once
+    block_table: list[int] = field(default_factory=list)  # KV blocks holding its tokens, in order
+    num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     ffn_skipped: int = 0
     ffn_total: int = 0
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def prefill_len(self) -> int:
+        """Tokens computed as prefill: the prompt, or after a preemption every token but the last
+        (whose K/V the next decode step writes, as it would have without the preemption)."""
+        return self.num_tokens - 1 if self.output_ids else len(self.prompt_ids)
+
+    @property
     def is_prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        return self.num_computed < self.prefill_len
+
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
-
-    def kv_tokens(self) -> list[int]:
-        """Token ids whose K/V this sequence's slot holds and another prompt may reuse."""
-        return (self.prompt_ids + self.output_ids)[:self.dense_kv]
 
     @property
     def is_finished(self) -> bool:

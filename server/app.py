@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from engine.async_engine import AsyncEngine, EngineNotReadyError
 from server import __version__, errors

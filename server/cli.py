@@ -31,14 +31,15 @@ def serve_parser() -> argparse.ArgumentParser:
                     "`skipserve calibrate --help` for the calibration tool.")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
-                   help="preset name (configs/NAME.yaml), path to a .gguf file, or a local HF folder "
+                   help="preset name (server/presets/NAME.yaml), path to a .gguf file, or a local HF folder "
                         f"(default: the embedded {DEFAULT_PRESET})")
-    m.add_argument("--config", default=None, help="YAML config file (configs/*.yaml); flags override it")
+    m.add_argument("--config", default=None, help="YAML config file (as server/presets/*.yaml); flags override it")
     m.add_argument("--served-model-name", default=None,
                    help=f"model name in the API {shown(preset.served_model_name)}")
     m.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help=shown(preset.device))
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
-                   help=f"weights; auto = float32 on CPU, bfloat16 on CUDA {shown(preset.dtype)}")
+                   help="weights: auto = a GGUF's own quantization on CPU (other inputs: float32), bfloat16 "
+                        f"on CUDA; float32 / bfloat16 dequantize a GGUF {shown(preset.dtype)}")
     m.add_argument("--cache-dir", default=None, help="where converted GGUF weights and compiled kernels are "
                    "cached (default: $SKIPSERVE_CACHE or ~/.cache/skipserve)")
     m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -47,12 +48,19 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"maximum sequences in a decode batch {shown(preset.max_num_seqs)}")
     s.add_argument("--max-model-len", type=int, default=None,
                    help=f"context window per sequence, in tokens {shown(preset.max_model_len)}")
+    s.add_argument("--block-size", type=int, default=None, help=f"tokens per KV cache block {shown(preset.block_size)}")
+    s.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="KV cache size in GiB (default: CPU: max-num-seqs x max-model-len tokens; CUDA: what "
+                        "--gpu-memory-utilization leaves beside the weights and workspace)")
+    s.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="CUDA: share of the GPU's memory for weights, workspace and KV cache "
+                        f"{shown(preset.gpu_memory_utilization)}")
     s.add_argument("--kv-capacity-tokens", type=int, default=None,
-                   help="KV cache capacity in tokens (default: max-batch x max-model-len)")
+                   help="KV cache size in tokens (overrides --kv-cache-memory)")
     s.add_argument("--max-prefill-tokens", type=int, default=None,
                    help=f"prefill chunk per engine step {shown(preset.max_prefill_tokens)}")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
-                   help="always prefill whole prompts (default: a prompt reuses cached K/V of its prefix)")
+                   help="always prefill whole prompts (default: a prompt reuses cached KV blocks of its prefix)")
     s.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429 "
                    "(default: 64)")
     k = p.add_argument_group("FFN skipping")
@@ -104,7 +112,8 @@ def build_config(args) -> EngineConfig:
     if args.model and not preset_path(args.model):
         config.model = args.model
     overrides = {k: getattr(args, k) for k in ("served_model_name", "device", "dtype", "cache_dir", "threads",
-                                                 "max_num_seqs", "max_model_len", "kv_capacity_tokens",
+                                                 "max_num_seqs", "max_model_len", "block_size",
+                                                 "kv_capacity_tokens", "kv_cache_memory", "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching") if getattr(args, k) is not None}
     config = replace(config, **overrides)
     skip = {k.removeprefix("skip_"): v for k, v in vars(args).items() if k.startswith("skip_") and v is not None}

@@ -8,11 +8,11 @@ import yaml
 
 from engine.config import EngineConfig, SkipConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = Path(__file__).resolve().parent / "presets"  # package data: installed with the server
 
 
 def preset_path(name: str) -> Path | None:
-    path = CONFIG_DIR / f"{name}.yaml"
+    path = PRESETS / f"{name}.yaml"
     return path if path.exists() else None
 
 

@@ -43,8 +43,9 @@ class EngineCollector:
         snap = self.async_engine.snapshot()
         engine = self.async_engine.engine
         yield GaugeMetricFamily(P + "num_requests_running", "Sequences in the running batch.", snap["running"])
-        yield GaugeMetricFamily(P + "num_requests_waiting", "Sequences waiting for a KV slot.", snap["waiting"])
-        yield GaugeMetricFamily(P + "kv_cache_usage_ratio", "Fraction of KV cache tokens in use (0-1).",
+        yield GaugeMetricFamily(P + "num_requests_waiting", "Sequences waiting for KV blocks or a batch row.",
+                                snap["waiting"])
+        yield GaugeMetricFamily(P + "kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0-1).",
                                 snap["kv_usage"])
         yield GaugeMetricFamily(P + "generation_tokens_per_second",
                                 f"Decode throughput over the last {THROUGHPUT_WINDOW_S:.0f} s.", self.throughput())
@@ -52,16 +53,19 @@ class EngineCollector:
         cached = CounterMetricFamily(P + "prefix_cache_hit_tokens",
                                      "Prompt tokens not prefilled: their K/V came from the prefix cache.")
         gen = CounterMetricFamily(P + "generation_tokens", "Generated tokens.")
+        preempted = CounterMetricFamily(P + "num_preemptions", "Sequences preempted (KV blocks ran out); each "
+                                        "resumes later by recomputing its K/V.")
         total = CounterMetricFamily(P + "ffn_blocks", "FFN blocks of generated tokens, per layer.", labels=["layer"])
         skipped = CounterMetricFamily(P + "ffn_blocks_skipped", "FFN blocks skipped, per layer.", labels=["layer"])
         if engine is not None:
             prompt.add_metric([], engine.prompt_tokens_total)
             cached.add_metric([], engine.prompt_tokens_cached_total)
             gen.add_metric([], engine.generation_tokens_total)
+            preempted.add_metric([], engine.num_preemptions_total)
             for layer, (n, s) in enumerate(zip(list(engine.layer_ffn_total), list(engine.layer_ffn_skipped))):
                 total.add_metric([str(layer)], n)
                 skipped.add_metric([str(layer)], s)
-        yield from (prompt, cached, gen, total, skipped)
+        yield from (prompt, cached, gen, preempted, total, skipped)
 
 
 class Metrics:

@@ -107,7 +107,6 @@ def client(server):
 
 @pytest.fixture(scope="session")
 def engine():
-    from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from server.config_file import load_config, preset_path
 
@@ -115,7 +114,16 @@ def engine():
     config.device = "cpu"  # the CPU path, compared bit for bit with HF's fp32 model (CUDA: tests/test_cuda.py)
     config.max_num_seqs = 8
     config.max_model_len = 1024
+    config.dtype = "float32"  # the GGUF dequantized, as HF loads it (tests/test_quantized_model.py: as served)
     return LLMEngine(config)
+
+
+@pytest.fixture(scope="session")
+def paged_engine(engine):
+    """6,144 KV tokens for sequences of up to 2,048: three sequences' worth at max_model_len."""
+    from tests.helpers import engine_like
+
+    return engine_like(engine, kv_capacity_tokens=6144, max_model_len=2048, max_num_seqs=32)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """Small helpers shared by the engine tests."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from engine.sampling_params import SamplingParams
@@ -32,3 +34,19 @@ def run_staggered(engine, prompts: list[list[int]], params: SamplingParams, join
             ids[out.request_id] += out.token_ids
         step += 1
     return [ids[f"stagger-{i}"] for i in range(len(prompts))]
+
+
+def engine_like(engine, **overrides):
+    """Another engine on the same weights, with some settings changed."""
+    from engine.llm_engine import LLMEngine
+
+    config = copy.deepcopy(engine.config)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return LLMEngine(config)
+
+
+def assert_all_blocks_back(engine):
+    """Every KV block unreferenced (cached ones stay cached, and count as free)."""
+    assert engine.blocks.ref_counts == [0] * engine.blocks.num_blocks
+    assert engine.kv_usage() == 0.0 and engine.blocks.num_free_blocks == engine.blocks.num_blocks

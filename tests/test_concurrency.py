@@ -106,3 +106,33 @@ def test_api_key_and_queue_full(tmp_path):
         assert srv.stop() == 0
     log = srv.log_path.read_text() if srv.log_path else ""
     assert "s3cret" not in log  # the key is compared in constant time and never logged
+
+
+def test_preempted_streams_finish_with_their_unpressed_text_and_are_counted(client):
+    """A server whose KV cache holds 20 blocks serves 6 concurrent streams that outgrow it: requests
+    are preempted and resumed, never failed, and each streams the text a roomy server gives."""
+    topics = TOPICS[:6]
+    body = {"model": MODEL, "max_tokens": 64, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    roomy = {t: client.chat.completions.create(messages=messages(t), **body).choices[0].message.content
+             for t in topics}
+    srv = ServerProcess("--kv-capacity-tokens", "320", "--max-model-len", "256")
+    try:
+        async def stream_one(aclient, topic):
+            stream = await aclient.chat.completions.create(messages=messages(topic), stream=True, **body)
+            chunks = [c async for c in stream if c.choices]
+            return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+
+        async def main():
+            aclient = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=300)
+            try:
+                return await asyncio.gather(*[stream_one(aclient, t) for t in topics])
+            finally:
+                await aclient.close()
+
+        pressed = asyncio.run(main())
+        assert srv.metric("num_preemptions_total") > 0
+        assert srv.metric("kv_cache_usage_ratio") == 0
+    finally:
+        srv.stop()
+    assert [reason for _, reason in pressed] == ["length"] * len(topics)
+    assert [text for text, _ in pressed] == [roomy[t] for t in topics]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from engine.attention import AttentionMetadata
 from engine.sampling_params import SamplingParams
 from engine.skip import DenseGate
 from tests.helpers import hf_greedy, run_staggered
@@ -38,13 +38,8 @@ def test_one_forward_step_logits_match_hf(engine, hf_model, chat_prompts):
     """
     prompt = chat_prompts[1]
     runner = engine.runner
-    slot = engine.slots.allocate("logits-test")
-    try:
-        meta = AttentionMetadata.for_prefill(slot, 0, len(prompt), runner.device)
-        hidden = runner.model.forward(torch.tensor(prompt), meta, runner.kv, DenseGate(runner.num_layers))
-        ours = runner.model.logits(hidden)
-    finally:
-        engine.slots.free("logits-test")
+    with engine.kv_blocks([len(prompt)]) as (table,):
+        ours = runner.logits(runner.prefill([(prompt, table, 0)]))
     with torch.inference_mode():
         theirs = hf_model(torch.tensor([prompt])).logits[0].float()
     assert ours.shape == theirs.shape
@@ -74,40 +69,34 @@ def test_native_layer_calls_equal_the_per_op_path(engine, chat_prompts):
     """Decode steps through the native layer calls (decode_layers.cpp) run the per-op path's
     kernels in the same order: a dense step in one call, and a step whose gate skips FFNs (one call
     per branch and layer), give the same logits, K/V and skip counts as the per-op path, to the
-    bit. Three rows on different slots and lengths."""
+    bit. Three rows of different lengths on their own blocks."""
     from engine.skip import RowSkip, build_policy
 
     runner, model = engine.runner, engine.runner.model
+    fused = model.fused_decode
+    if fused is None:
+        pytest.skip("the native layer calls do not apply here (no native GEMMs for these weights on this CPU)")
     prompts = chat_prompts[:3]
-    names = [f"native-layers-{i}" for i in range(len(prompts))]
-    slots = [engine.slots.allocate(name) for name in names]
     policy = build_policy(engine.config.skip, runner.num_layers)
-    fits = model._native_decode_fits
-    try:
-        for slot, prompt in zip(slots, prompts):
-            meta = AttentionMetadata.for_prefill(slot, 0, len(prompt), runner.device)
-            model.forward(torch.tensor(prompt), meta, runner.kv, DenseGate(runner.num_layers))
+    with engine.kv_blocks([len(p) + 1 for p in prompts]) as tables:
+        runner.prefill([(p, table, 0) for p, table in zip(prompts, tables)])
         k_before, v_before = runner.kv.k.clone(), runner.kv.v.clone()
-        ids = torch.tensor([p[-1] for p in prompts])
 
         def step(gate, native: bool):
             runner.kv.k.copy_(k_before)
             runner.kv.v.copy_(v_before)
-            model._native_decode_fits = fits if native else False  # False: the per-op path
-            meta = AttentionMetadata.for_decode(slots, [len(p) for p in prompts], runner.device, runner.act_dtype)
-            logits = model.logits(model.forward(ids, meta, runner.kv, gate))
-            return logits, runner.kv.k.clone(), runner.kv.v.clone(), gate.skip_counts(len(prompts))
+            model.fused_decode = fused if native else None  # None: the per-op path
+            try:
+                hidden = runner.decode([p[-1] for p in prompts], [len(p) for p in prompts], tables, gate)
+            finally:
+                model.fused_decode = fused
+            return runner.logits(hidden), runner.kv.k.clone(), runner.kv.v.clone(), gate.skip_counts(len(prompts))
 
         def skipping_gate():  # rows 0 and 2 may skip 8 FFNs, firing at once; row 1 stays dense
             return policy.make_gate([RowSkip(8, 0.0), RowSkip(0, 0.0), RowSkip(8, 0.0)], runner.device)
 
         dense = [step(DenseGate(runner.num_layers), native) for native in (True, False)]
         skipped = [step(skipping_gate(), native) for native in (True, False)]
-        assert model._native_decode is not None  # the native calls were taken
-    finally:
-        model._native_decode_fits = fits
-        for name in names:
-            engine.slots.free(name)
     for (logits1, k1, v1, counts1), (logits2, k2, v2, counts2) in (dense, skipped):
         assert torch.equal(logits1, logits2)
         assert torch.equal(k1, k2) and torch.equal(v1, v2)

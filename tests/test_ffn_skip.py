@@ -30,7 +30,7 @@ def ffn_rows(engine):
 
     for i, layer in enumerate(model.layers):
         layer.ffn = counting(i, originals[i])
-    native = model._native_layers(engine.runner.kv)  # None where the native layer calls do not apply
+    native = model.fused_decode  # None where the native layer calls do not apply
     if native is not None:
         native_ffns, real_dense_step = list(native.ffns), native.dense_step
         native.ffns = [counting(i, f) for i, f in enumerate(native_ffns)]

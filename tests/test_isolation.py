@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.sampling_params import SamplingParams
+from tests.conftest import cpu_path_only
 
 
 def run_to_completion(engine, requests: dict[str, tuple[list[int], SamplingParams]], poisoned: set[str] = frozenset(),
@@ -44,6 +45,56 @@ def test_a_failing_request_fails_alone(engine, chat_prompts, poison):
         assert text[rid] == alone[rid] and last[rid].finish_reason == alone_last[rid].finish_reason
     for rid in sick:
         assert last[rid].finish_reason == "error" and last[rid].error
-    assert not engine.has_work and engine.slots.used_tokens == 0  # every failed row's KV was freed
+    assert not engine.has_work and engine.kv_usage() == 0  # every failed row's KV was freed
     again, _ = run_to_completion(engine, healthy)
     assert again == alone  # and the engine serves on unchanged
+
+
+@cpu_path_only  # compares batched text with solo text bit for bit
+def test_hostile_requests_beside_streams_leave_them_unharmed(server, client):
+    """Streams in flight while hostile requests arrive (out-of-range seeds, lone surrogates, bodies
+    that are not objects, an oversized body) finish with the same text as alone."""
+    import asyncio
+    import json
+
+    import httpx
+    import openai
+
+    model = "smollm2-135m-instruct"
+    topics = ["the moon", "bread", "a river", "chess"]
+
+    def messages(topic):
+        return [{"role": "user", "content": f"Write two sentences about {topic}."}]
+
+    solo = {t: client.chat.completions.create(model=model, messages=messages(t), max_tokens=40, temperature=0)
+            .choices[0].message.content for t in topics}
+    hostile = [json.dumps({"model": model, "messages": messages("x"), "temperature": 1, "seed": 2**70}),
+               json.dumps({"model": model, "messages": messages("x"), "temperature": 1, "seed": 2**64 - 1, "n": 2}),
+               '{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}' % model,
+               '{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+               "[1, 2, 3]", "x" * (5 * 2**20)]
+
+    async def stream(aclient, topic):
+        s = await aclient.chat.completions.create(model=model, messages=messages(topic), max_tokens=40,
+                                                  temperature=0, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as raw:
+            streams = [asyncio.create_task(stream(aclient, t)) for t in topics]
+            await asyncio.sleep(0.3)  # the streams are decoding
+            codes = []
+            for body in hostile:
+                try:
+                    r = await raw.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+                    codes.append(r.status_code)
+                except httpx.TransportError:  # refused (413) and closed while the client still sent the body
+                    codes.append(413)
+            texts = await asyncio.gather(*streams)
+        await aclient.close()
+        return codes, texts
+
+    codes, texts = asyncio.run(main())
+    assert codes == [400, 400, 400, 400, 400, 413]
+    assert dict(zip(topics, texts)) == solo

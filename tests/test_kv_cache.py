@@ -1,37 +1,82 @@
-"""KV capacity: admission by free slots, and aborts that give capacity back at once."""
+"""The paged KV cache in the engine: admission by free blocks and batch rows, preemption under block
+pressure that changes no token, and every block returned by aborts and finishes."""
 from __future__ import annotations
 
 from engine.sampling_params import SamplingParams
+from tests.helpers import assert_all_blocks_back, engine_like
 
 
-def test_abort_frees_kv_capacity(engine, chat_prompts):
-    assert engine.slots.used_tokens == 0
-    free_before = engine.slots.num_free_slots
+def test_abort_frees_kv_blocks(engine, chat_prompts):
+    assert_all_blocks_back(engine)
     params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
     engine.add_request("to-abort", chat_prompts[0], params)
     engine.add_request("to-keep", chat_prompts[1], SamplingParams(temperature=0.0, max_tokens=4))
     for _ in range(4):
         engine.step()
-    assert engine.slots.used_tokens > 0 and engine.slots.num_free_slots == free_before - 1
+    (aborted,) = [s for s in engine.scheduler.running if s.request_id == "to-abort"]
+    held = list(aborted.block_table)
+    assert held and all(engine.blocks.ref_counts[b] >= 1 for b in held)
     engine.abort("to-abort")
     assert all(s.request_id != "to-abort" for s in [*engine.scheduler.running, *engine.scheduler.waiting])
-    assert engine.slots.num_free_slots == free_before  # given back at once, before any further step
+    keep = [b for s in engine.scheduler.running for b in s.block_table]
+    assert all(engine.blocks.ref_counts[b] == keep.count(b) for b in held)  # given back before any step
     while engine.has_work:
         engine.step()
-    assert engine.slots.used_tokens == 0
-    assert engine.slots.num_free_slots == free_before
-    assert engine.slots.usage() == 0.0
+    assert_all_blocks_back(engine)
 
 
-def test_requests_beyond_slots_wait_then_run(engine, chat_prompts):
-    slots = engine.slots.num_slots
+def test_requests_beyond_the_batch_rows_wait_then_run(engine, chat_prompts):
+    rows = engine.config.max_num_seqs
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-    for i in range(slots + 3):
+    for i in range(rows + 3):
         engine.add_request(f"many-{i}", chat_prompts[i % len(chat_prompts)], params)
     engine.step()
-    assert engine.num_running == slots and engine.num_waiting == 3
+    assert engine.num_running == rows and engine.num_waiting == 3
     done = set()
     while engine.has_work:
         done |= {o.request_id for o in engine.step()[0] if o.finished}
-    assert len(done) == slots + 3
-    assert engine.slots.used_tokens == 0
+    assert len(done) == rows + 3
+    assert_all_blocks_back(engine)
+
+
+def test_24_short_requests_run_together_in_6144_tokens_of_2048_token_sequences(paged_engine, chat_prompts):
+    """Slots of max_model_len would allow 3; blocks hold what the requests really use."""
+    eng = paged_engine
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for i in range(24):
+        eng.add_request(f"short-{i}", chat_prompts[i % len(chat_prompts)], params)
+    eng.step()
+    assert eng.num_running == 24 and eng.num_waiting == 0
+    most_decoding = 0
+    while eng.has_work:
+        most_decoding = max(most_decoding, sum(not s.is_prefilling for s in eng.scheduler.running))
+        eng.step()
+    assert most_decoding == 24  # every request in one decode batch
+    assert eng.num_preemptions_total == 0
+    assert_all_blocks_back(eng)
+
+
+def test_preemption_under_block_pressure_keeps_the_same_greedy_tokens(engine, chat_prompts):
+    """20 blocks for 5 sequences that grow to ~7 blocks each: the newest are preempted, go back to
+    the queue with their tokens, recompute their K/V later and finish with the tokens a run with
+    room to spare gives."""
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    prompts = chat_prompts[:5]
+    roomy = [ids for _, ids, _ in engine.generate(prompts, params)]
+    tight = engine_like(engine, kv_capacity_tokens=20 * engine.config.block_size, max_model_len=256)
+    pressed = tight.generate(prompts, params)
+    assert tight.num_preemptions_total > 0
+    assert [ids for _, ids, _ in pressed] == roomy
+    assert [o.completion_tokens for _, _, o in pressed] == [64] * 5
+    assert [o.cached_tokens for _, _, o in pressed] == [0] * 5  # first admissions found nothing cached
+    assert_all_blocks_back(tight)
+
+
+def test_preempted_prompts_are_counted_once(engine, chat_prompts):
+    """Prefilled plus cached prompt tokens add up to the prompts, however often they are replayed."""
+    prompts = [p * 3 for p in chat_prompts[:4]]  # ~100-token prompts, prefilled in 32-token chunks
+    tight = engine_like(engine, kv_capacity_tokens=24 * engine.config.block_size, max_model_len=256,
+                        max_prefill_tokens=32)
+    tight.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))
+    assert tight.num_preemptions_total > 0
+    assert tight.prompt_tokens_total + tight.prompt_tokens_cached_total == sum(len(p) for p in prompts)

@@ -1,11 +1,13 @@
-"""The C++ decode attention (engine/native) against the torch path it replaces, on the shapes the
-models use: grouped queries, rows on scattered slots of different lengths, sliding windows."""
+"""The C++ kernels (engine/native) against the torch paths they replace, on the shapes the models
+use: paged decode attention with grouped queries, rows on scattered blocks of different lengths and
+sliding windows; the GEMMs, norms, activation and rotary."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine import native
-from engine.attention import AttentionMetadata, _decode
+from engine.backends.torch_backend import TorchBackend
+from engine.kv.metadata import AttentionMetadata
 from engine.native import ops
 
 
@@ -16,32 +18,47 @@ def kernels(tmp_path_factory):
     return lib
 
 
-def torch_decode(monkeypatch, *args):
-    with monkeypatch.context() as m:
-        m.setattr(ops, "decode_attention_supported", lambda *a: False)
-        return _decode(*args)
+def reference_attention(q, k_cache, v_cache, table, length, scale, window):
+    """One row, written out: its keys and values read position by position through the table."""
+    block_size = k_cache.shape[2]
+    start = max(0, length - window) if window else 0
+    keys = torch.stack([k_cache[table[t // block_size], :, t % block_size] for t in range(start, length)], 1)
+    values = torch.stack([v_cache[table[t // block_size], :, t % block_size] for t in range(start, length)], 1)
+    group = q.shape[0] // keys.shape[0]
+    keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)  # [H, span, D]
+    probs = (torch.einsum("hd,htd->ht", q, keys) * scale).softmax(-1)
+    return torch.einsum("ht,htd->hd", probs, values).reshape(-1)
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256), (8, 8, 32), (6, 2, 40)])
+@pytest.mark.parametrize("block_size", [16, 5])
 @pytest.mark.parametrize("window", [None, 7])
-def test_decode_attention_matches_torch(kernels, monkeypatch, heads, kv_heads, dim, window):
-    gen = torch.Generator().manual_seed(heads * dim)
-    slots, max_len = 6, 64
-    k_cache = torch.randn(slots, kv_heads, max_len, dim, generator=gen)
-    v_cache = torch.randn(slots, kv_heads, max_len, dim, generator=gen)
-    for slot_ids, positions in [([0], [0]), ([4], [33]), ([3, 0, 5, 1], [12, 0, 63, 7])]:
-        rows = len(slot_ids)
-        q = torch.randn(rows, heads, dim, generator=gen)
-        k = torch.randn(rows, kv_heads, dim, generator=gen)
-        v = torch.randn(rows, kv_heads, dim, generator=gen)
-        meta = AttentionMetadata.for_decode(slot_ids, positions, "cpu", torch.float32)
+def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, block_size, window):
+    """Rows whose blocks are scattered through the cache, out of order, of lengths that end anywhere
+    in a block; the kernel writes each row's new K/V through its table, and so does the torch path."""
+    gen = torch.Generator().manual_seed(heads * dim + block_size)
+    num_blocks = 40
+    k_cache = torch.randn(num_blocks, kv_heads, block_size, dim, generator=gen)
+    v_cache = torch.randn(num_blocks, kv_heads, block_size, dim, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [order[0:1], order[1:9], order[9:12], order[12:20]]
+    for rows, positions in [([0], [0]), ([1], [33]), ([2, 0, 3, 1], [12, 0, 8 * block_size - 1, 7])]:
+        row_tables = [tables[r] for r in rows]
+        q = torch.randn(len(rows), heads, dim, generator=gen)
+        k = torch.randn(len(rows), kv_heads, dim, generator=gen)
+        v = torch.randn(len(rows), kv_heads, dim, generator=gen)
+        meta = AttentionMetadata.for_decode(row_tables, positions, block_size, "cpu", torch.float32)
         assert ops.decode_attention_supported(q, k_cache)
         kc, vc = k_cache.clone(), v_cache.clone()
-        ours = _decode(q, k, v, kc, vc, meta, dim ** -0.5, window)
+        ours = ops.decode_attention(q, k, v, kc, vc, meta.block_tables, meta.context_lens, meta.max_context_len,
+                                    dim ** -0.5, window)
         ref_kc, ref_vc = k_cache.clone(), v_cache.clone()
-        ref = torch_decode(monkeypatch, q, k, v, ref_kc, ref_vc, meta, dim ** -0.5, window)
+        ref = TorchBackend().attention(q, k, v, ref_kc, ref_vc, meta, dim ** -0.5, window)
         assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)  # the kernel writes the new K/V itself
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        for i, (table, pos) in enumerate(zip(row_tables, positions)):
+            expected = reference_attention(q[i], kc, vc, table, pos + 1, dim ** -0.5, window)
+            torch.testing.assert_close(ours[i], expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -53,7 +70,7 @@ def test_linear_matches_torch(kernels, dtype, out_features, in_features, with_bi
     in tiles of 6 rows), an odd number of blocks, with and without bias; and the oneDNN backend
     used where the kernels are not available. fp32 against F.linear;
     bf16 against F.linear on the input rounded to bf16, summed in fp32."""
-    from engine.models.linear import Linear, onednn_packs
+    from engine.backends.cpu.linear import Linear, onednn_packs
 
     gen = torch.Generator().manual_seed(out_features + in_features)
     weight = (torch.randn(out_features, in_features, generator=gen) * 0.05).to(dtype)
@@ -115,32 +132,37 @@ def test_avx2_linear_matches_torch(kernels, avx2_kernels, dtype, out_features, i
             assert torch.equal(ours, ops.linear(x, blocked, bias, kernels.linear_f32))
 
 
-@pytest.mark.parametrize("shape", [(1, 576), (16, 576), (3, 4, 256), (300, 640)])
-def test_rms_norm_matches_torch(kernels, shape):
-    from engine.models.llama import rms_norm
+@pytest.fixture(scope="module")
+def cpu_ops(kernels):
+    from engine.backends.cpu import CPUBackend
 
+    ops_ = CPUBackend()
+    assert ops_.native
+    return ops_
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (16, 576), (3, 4, 256), (300, 640)])
+def test_rms_norm_matches_torch(cpu_ops, shape):
     gen = torch.Generator().manual_seed(len(shape))
     x = torch.randn(*shape, generator=gen) * 3
     weight = torch.randn(shape[-1], generator=gen)
-    ours = rms_norm(x, weight, 1e-5)
+    ours = cpu_ops.rms_norm(x, weight, 1e-5)
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight  # HF's formula
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 16, 200])
-def test_silu_mul_matches_torch(kernels, rows):
-    from engine.models.llama import silu_mul
-
+def test_silu_mul_matches_torch(cpu_ops, rows):
     gen = torch.Generator().manual_seed(rows)
     gate_up = torch.randn(rows, 2 * 1536, generator=gen) * 8  # tails well past exp's clamps
     gate, up = gate_up.chunk(2, -1)
-    torch.testing.assert_close(silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_ops.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("heads, dim", [(9 + 3, 64), (4, 256)])
-def test_rope_in_place_matches_torch(kernels, heads, dim):
+def test_rope_in_place_matches_torch(cpu_ops, heads, dim):
     """On a q|k view of a wider qkv row, as the models call it; positions anywhere in the table."""
-    from engine.models.rope import RotaryEmbedding, apply_rotary
+    from engine.models.rope import RotaryEmbedding
 
     gen = torch.Generator().manual_seed(dim)
     rope = RotaryEmbedding(dim, 10000.0, None, 512, "cpu", torch.float32)
@@ -150,7 +172,7 @@ def test_rope_in_place_matches_torch(kernels, heads, dim):
     half = dim // 2
     ref = x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin  # HF's rotate_half
     tail = qkv[:, heads * dim:].clone()
-    torch.testing.assert_close(apply_rotary(x, cos, sin), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cpu_ops.rotary(x, cos, sin), ref, rtol=1e-6, atol=1e-6)
     assert torch.equal(qkv[:, heads * dim:], tail)  # v untouched
 
 
@@ -158,7 +180,7 @@ def test_rope_in_place_matches_torch(kernels, heads, dim):
 def test_linear_is_batch_invariant(kernels, dtype):
     """A row's output is bit-identical alone and in a batch of any size: the kernels sum every
     output in the same order however the rows are tiled."""
-    from engine.models.linear import Linear
+    from engine.backends.cpu.linear import Linear
 
     gen = torch.Generator().manual_seed(7)
     weight = (torch.randn(960, 576, generator=gen) * 0.05).to(dtype)
@@ -173,8 +195,10 @@ def test_linear_is_batch_invariant(kernels, dtype):
         assert torch.equal(layer(x[i:i + 1]), full[i:i + 1])
 
 
-def test_decode_attention_refuses_a_length_past_the_slot(kernels):
+def test_decode_attention_refuses_a_length_past_the_block_table(kernels):
     q, k = torch.zeros(1, 2, 16), torch.zeros(1, 1, 16)
-    cache = torch.zeros(1, 1, 8, 16)
-    with pytest.raises(ValueError, match="exceeds the KV slot"):
-        ops.decode_attention(q, k, k, cache, cache.clone(), torch.tensor([0]), torch.tensor([9]), 9, 0.25, None)
+    cache = torch.zeros(3, 1, 8, 16)
+    table = torch.tensor([[2]], dtype=torch.int32)  # one block of 8 tokens
+    with pytest.raises(ValueError, match="exceeds the block table"):
+        ops.decode_attention(q, k, k, cache, cache.clone(), table, torch.tensor([9], dtype=torch.int32), 9, 0.25,
+                             None)

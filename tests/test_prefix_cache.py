@@ -1,41 +1,31 @@
-"""Prefix caching: a prompt reuses the K/V a freed slot still holds for its prefix, and only K/V that
-was computed with every FFN (prefill, dense decode) is ever reused."""
+"""Prefix caching by block hash in the engine: a prompt reuses the cached K/V blocks of its prefix;
+only K/V computed with every FFN (prefill, dense decode) is ever reused; shared blocks are never
+written again; many different prefixes stay cached side by side."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from engine.sampling_params import SamplingParams, SkipParams
-from engine.slot_manager import SlotManager
-from tests.helpers import hf_greedy
+from tests.helpers import assert_all_blocks_back, hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+TEXTS = Path(__file__).resolve().parent.parent / "engine" / "data" / "calibration.txt"
 
 
-def test_slot_choice_takes_the_longest_shared_prefix():
-    slots = SlotManager(num_slots=3, max_len=64)
-    for name, tokens in (("a", [1, 2, 3, 4]), ("b", [1, 2, 9]), ("c", [])):
-        slots.allocate(name)
-    for name, tokens in (("a", [1, 2, 3, 4]), ("b", [1, 2, 9]), ("c", [])):
-        slots.free(name, tokens)
-    assert slots.allocate_for_prompt("x", [1, 2, 3, 7, 8]) == (0, 3)  # slot 0 shares [1, 2, 3]
-    assert slots.used_tokens == 3
-    assert slots.allocate_for_prompt("y", [1, 2, 9]) == (1, 2)  # whole prompt cached: last token recomputed
-    assert slots.allocate_for_prompt("z", [5]) == (2, 0)
-    slots.free("x", [1, 2, 3, 7, 8])
-    assert slots.allocate("raw") == 0  # a raw allocation drops what the slot cached
-    slots.free("raw")
-    assert slots.allocate_for_prompt("w", [1, 2, 3]) == (0, 0)
-    off = SlotManager(num_slots=1, max_len=64, prefix_caching=False)
-    off.allocate("a")
-    off.free("a", [1, 2, 3])
-    assert off.allocate_for_prompt("b", [1, 2, 3, 4]) == (0, 0)
+def full_blocks(engine, tokens: int) -> int:
+    """Tokens in the whole blocks among `tokens`: what a prefix hit can cover."""
+    return tokens // engine.config.block_size * engine.config.block_size
 
 
 def test_repeated_prompt_reuses_its_kv_and_still_equals_hf(engine, hf_model, chat_prompts):
     prompt = chat_prompts[2]
     (_, first, out1), = engine.generate([prompt], GREEDY)
     (_, second, out2), = engine.generate([prompt], GREEDY)
-    assert out2.cached_tokens == len(prompt) - 1
+    assert out2.cached_tokens == full_blocks(engine, len(prompt) - 1) > 0  # the last token is computed again
     assert second == first == hf_greedy(hf_model, prompt, GREEDY.max_tokens)
-    assert engine.slots.used_tokens == 0
+    assert_all_blocks_back(engine)
 
 
 def test_next_turn_of_a_conversation_reuses_the_previous_turn(engine, hf_model):
@@ -46,7 +36,7 @@ def test_next_turn_of_a_conversation_reuses_the_previous_turn(engine, hf_model):
     prompt = engine.tokenizer.encode_chat(messages)
     before = engine.prompt_tokens_cached_total
     (_, ids, out), = engine.generate([prompt], GREEDY)
-    assert out.cached_tokens >= len(first_prompt)
+    assert out.cached_tokens >= full_blocks(engine, len(first_prompt))
     assert engine.prompt_tokens_cached_total - before == out.cached_tokens
     assert ids == hf_greedy(hf_model, prompt, GREEDY.max_tokens)
 
@@ -59,4 +49,53 @@ def test_kv_of_tokens_decoded_with_skipped_ffns_is_not_reused(engine, chat_promp
     follow_up = prompt + generated + prompt[-3:]
     (_, _, out2), = engine.generate([follow_up], GREEDY)
     # prefill K/V (the prompt) and the first generated token's input position are dense; nothing after
-    assert out2.cached_tokens == len(prompt)
+    assert out2.cached_tokens == full_blocks(engine, len(prompt))
+
+
+def test_a_shared_prefix_is_never_written_by_the_sequences_sharing_it(engine, chat_prompts):
+    """Two prompts extending a cached one run together: both hold its full blocks (reference count
+    2), each writes only blocks of its own, and the shared K/V stay bit for bit what they were."""
+    tok = engine.tokenizer
+    base = tok.encode_chat([{"role": "user", "content": "Describe a lighthouse at dusk in detail."}])
+    engine.generate([base], SamplingParams(temperature=0.0, max_tokens=2))
+    shared = engine.blocks.cached_prefix(base, len(base))
+    assert len(shared) == len(base) // engine.config.block_size > 0
+    k_before, v_before = engine.runner.kv.k[:, shared].clone(), engine.runner.kv.v[:, shared].clone()
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    engine.add_request("ext-a", base + tok.encode(" And the sea?"), params)
+    engine.add_request("ext-b", base + tok.encode(" Then the night."), params)
+    cached = {}
+    while engine.has_work:
+        running = engine.scheduler.running
+        if len(running) == 2:
+            a, b = (s.block_table for s in running)
+            assert a[:len(shared)] == b[:len(shared)] == shared
+            assert all(engine.blocks.ref_counts[blk] == 2 for blk in shared)
+            assert not set(a[len(shared):]) & set(b[len(shared):])
+        for out in engine.step()[0]:
+            cached[out.request_id] = out.cached_tokens
+    assert cached == {"ext-a": len(shared) * engine.config.block_size, "ext-b": len(shared) * engine.config.block_size}
+    assert torch.equal(engine.runner.kv.k[:, shared], k_before) and torch.equal(engine.runner.kv.v[:, shared], v_before)
+    assert_all_blocks_back(engine)
+
+
+def test_eight_long_system_prompts_stay_cached_together(paged_engine):
+    """Eight different ~650-token system prompts, twice round: on the second pass each finds its whole
+    prompt cached but the last partial block (a slot per sequence kept only three)."""
+    eng = paged_engine
+    passages = [t for t in TEXTS.read_text().splitlines() if t.strip()]
+    prompts = []
+    for i in range(8):  # the passages in a different order each, until the prompt passes 640 tokens
+        system, j, prompt = f"Policy {i}.", 0, []
+        while len(prompt) <= 640:
+            system += " " + passages[(i + j) % len(passages)]
+            j += 1
+            prompt = eng.tokenizer.encode_chat([{"role": "system", "content": system},
+                                                {"role": "user", "content": "Summarize the policy."}])
+        prompts.append(prompt)
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    first = eng.generate(prompts, params)
+    second = eng.generate(prompts, params)
+    assert [o.cached_tokens for _, _, o in second] == [full_blocks(eng, len(p) - 1) for p in prompts]
+    assert [ids for _, ids, _ in second] == [ids for _, ids, _ in first]
+    assert_all_blocks_back(eng)

@@ -81,7 +81,7 @@ def test_help_never_prints_the_api_key_and_shows_real_defaults():
                          env={**os.environ, "SKIPSERVE_API_KEY": "hunter2-secret"}, check=True).stdout
     assert "hunter2" not in out
     assert "default: None" not in out
-    assert "(preset default: 16)" in " ".join(out.split())  # --max-batch, from configs/smollm2-135m-instruct.yaml
+    assert "(preset default: 16)" in " ".join(out.split())  # --max-batch, from server/presets/smollm2-135m-instruct.yaml
 
 
 def test_a_model_that_cannot_load_exits_nonzero_with_the_reason(tmp_path):

@@ -1,4 +1,5 @@
-"""Model implementations. Each takes a HF state dict and runs over the slot KV cache."""
+"""Model implementations. Each takes a HF state dict and the device backend whose ops it calls,
+and runs over the paged KV cache."""
 from __future__ import annotations
 
 from engine.config import ModelConfig
@@ -7,14 +8,14 @@ LLAMA_FAMILY = {"llama", "mistral", "qwen2", "smollm2"}
 GEMMA3 = {"gemma3_text", "gemma3"}
 
 
-def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int):
+def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, ops):
     if config.model_type in LLAMA_FAMILY:
         from engine.models.llama import LlamaModel
 
-        return LlamaModel(config, state, device, dtype, max_len)
+        return LlamaModel(config, state, device, dtype, max_len, ops)
     if config.model_type in GEMMA3:
         from engine.models.gemma3 import Gemma3Model
 
-        return Gemma3Model(config, state, device, dtype, max_len)
+        return Gemma3Model(config, state, device, dtype, max_len, ops)
     raise ValueError(f"unsupported architecture {config.model_type!r} "
                      f"(supported: {sorted(LLAMA_FAMILY | GEMMA3)})")

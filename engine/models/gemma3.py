@@ -12,62 +12,61 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.attention import attend
 from engine.config import ModelConfig
-from engine.models.linear import Linear
-from engine.models.llama import LlamaModel, rms_norm
-from engine.models.rope import RotaryEmbedding, apply_rotary
-
-
-def gemma_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torch.Tensor:
-    return rms_norm(x.float(), weight_plus_one, eps).to(x.dtype)
+from engine.models.llama import LlamaModel
+from engine.models.rope import RotaryEmbedding
+from engine.quant import to_device
 
 
 class Gemma3Layer:
-    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int):
-        def w(name):
-            return weights[prefix + name].to(device=device, dtype=dtype)
+    kind = "gemma3"
+
+    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int, ops):
+        def linear(*names):  # one fused projection from its row blocks, dense or quantized
+            return ops.linear([to_device(weights[prefix + n], device, dtype) for n in names])
 
         def norm(name):  # (1 + w) once, in fp32, as Gemma computes it
             return weights[prefix + name].to(device=device, dtype=torch.float32) + 1.0
 
-        self.cfg = cfg
+        self.cfg, self.ops = cfg, ops
         sliding = cfg.layer_types is not None and cfg.layer_types[index] == "sliding_attention"
         self.rope_kind = "local" if sliding else "global"
         self.window = cfg.sliding_window if sliding else None
         self.input_norm, self.post_attn_norm = norm("input_layernorm.weight"), norm("post_attention_layernorm.weight")
         self.pre_ffn_norm, self.post_ffn_norm = norm("pre_feedforward_layernorm.weight"), norm("post_feedforward_layernorm.weight")
         self.q_norm, self.k_norm = norm("self_attn.q_norm.weight"), norm("self_attn.k_norm.weight")
-        self.qkv = Linear(torch.cat([w(f"self_attn.{p}_proj.weight") for p in "qkv"]))
-        self.o_proj = Linear(w("self_attn.o_proj.weight"))
-        self.gate_up = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
-        self.down = Linear(w("mlp.down_proj.weight"))
+        self.qkv = linear(*(f"self_attn.{p}_proj.weight" for p in "qkv"))
+        self.o_proj = linear("self_attn.o_proj.weight")
+        self.gate_up = linear("mlp.gate_proj.weight", "mlp.up_proj.weight")
+        self.down = linear("mlp.down_proj.weight")
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
+    def norm(self, x: torch.Tensor, weight_plus_one: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x.float(), weight_plus_one, self.cfg.rms_norm_eps).to(x.dtype)
+
     def attention(self, x, rope, meta, k_cache, v_cache) -> torch.Tensor:
-        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        cfg, ops = self.cfg, self.ops
         n = x.shape[0]
-        qkv = self.qkv(gemma_norm(x, self.input_norm, eps))
+        qkv = self.qkv(self.norm(x, self.input_norm))
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         cos, sin = rope
-        q = apply_rotary(gemma_norm(q.view(n, cfg.num_heads, cfg.head_dim), self.q_norm, eps), cos, sin)
-        k = apply_rotary(gemma_norm(k.view(n, cfg.num_kv_heads, cfg.head_dim), self.k_norm, eps), cos, sin)
+        q = ops.rotary(self.norm(q.view(n, cfg.num_heads, cfg.head_dim), self.q_norm), cos, sin)
+        k = ops.rotary(self.norm(k.view(n, cfg.num_kv_heads, cfg.head_dim), self.k_norm), cos, sin)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
-        out = attend(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
-        return gemma_norm(self.o_proj(out), self.post_attn_norm, eps)
+        out = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
+        return self.norm(self.o_proj(out), self.post_attn_norm)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
-        eps = self.cfg.rms_norm_eps
-        gate, up = self.gate_up(gemma_norm(h, self.pre_ffn_norm, eps)).chunk(2, -1)
-        return gemma_norm(self.down(F.gelu(gate, approximate="tanh") * up), self.post_ffn_norm, eps)
+        gate, up = self.gate_up(self.norm(h, self.pre_ffn_norm)).chunk(2, -1)
+        return self.norm(self.down(F.gelu(gate, approximate="tanh") * up), self.post_ffn_norm)
 
 
 class Gemma3Model(LlamaModel):
     layer_class = Gemma3Layer
 
-    def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_len: int):
-        super().__init__(cfg, weights, device, dtype, max_len)
+    def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_len: int, ops):
+        super().__init__(cfg, weights, device, dtype, max_len, ops)
         self.norm = weights["model.norm.weight"].to(device=device, dtype=torch.float32) + 1.0
         self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=self.act_dtype)
         self.ropes["local"] = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta or 10000.0, None, max_len, device,
@@ -77,4 +76,4 @@ class Gemma3Model(LlamaModel):
         return self.embed[input_ids].to(self.act_dtype) * self.embed_scale
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return gemma_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return self.ops.rms_norm(x.float(), self.norm, self.cfg.rms_norm_eps).to(x.dtype)

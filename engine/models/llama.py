@@ -6,69 +6,56 @@ step's FFN gate (`engine/skip/`), which decides per row whether the FFN runs at 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, attend
 from engine.config import ModelConfig
-from engine.kv_cache import KVCache
-from engine.models.linear import Linear
-from engine.models.rope import RotaryEmbedding, apply_rotary
-from engine.native import ops as native_ops
-from engine.skip import DenseGate
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One pass: skipserve's C++ kernel on CPU fp32, else torch's (bit-identical to HF's fp32 formula)."""
-    if native_ops.elementwise_supported(x):
-        return native_ops.rms_norm(x, weight, eps)
-    return F.rms_norm(x, weight.shape, weight, eps)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[N, 2 * inter] (gate | up) -> silu(gate) * up."""
-    if native_ops.elementwise_supported(gate_up):
-        return native_ops.silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, -1)
-    return F.silu(gate) * up
+from engine.kv.cache import KVCache
+from engine.kv.metadata import AttentionMetadata
+from engine.models.rope import RotaryEmbedding
+from engine.quant import to_device
 
 
 class LlamaLayer:
+    kind = "llama"  # what a backend's fused decode path must implement to run this layer
     rope_kind = "global"  # which of the model's rotary tables this layer uses
     window: int | None = None  # sliding-window attention span (None = full)
 
-    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int):
+    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int, ops):
         def w(name, dtype=dtype):
             return weights[prefix + name].to(device=device, dtype=dtype)
 
         def maybe(name):
             return w(name) if prefix + name in weights else None
 
-        self.cfg = cfg
+        def linear(*names, bias=None):  # one fused projection from its row blocks, dense or quantized
+            return ops.linear([to_device(weights[prefix + n], device, dtype) for n in names], bias)
+
+        self.cfg, self.ops = cfg, ops
         self.input_norm = w("input_layernorm.weight", act_dtype)
         self.post_attn_norm = w("post_attention_layernorm.weight", act_dtype)
         # fused projections: one matmul for q|k|v and one for gate|up
         biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
-        self.qkv = Linear(torch.cat([w(f"self_attn.{p}_proj.weight") for p in "qkv"]),
-                          torch.cat(biases) if all(b is not None for b in biases) else None)
-        self.o_proj = Linear(w("self_attn.o_proj.weight"))
-        self.gate_up = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
-        self.down = Linear(w("mlp.down_proj.weight"))
+        self.qkv = linear(*(f"self_attn.{p}_proj.weight" for p in "qkv"),
+                          bias=torch.cat(biases) if all(b is not None for b in biases) else None)
+        self.o_proj = linear("self_attn.o_proj.weight")
+        self.gate_up = linear("mlp.gate_proj.weight", "mlp.up_proj.weight")
+        self.down = linear("mlp.down_proj.weight")
 
     def attention(self, x, rope, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
-        cfg = self.cfg
+        cfg, ops = self.cfg, self.ops
         n = x.shape[0]
-        qkv = self.qkv(rms_norm(x, self.input_norm, cfg.rms_norm_eps))
+        qkv = self.qkv(ops.rms_norm(x, self.input_norm, cfg.rms_norm_eps))
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
-        qk = apply_rotary(qk.view(n, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), *rope)  # q and k at once
+        qk = ops.rotary(qk.view(n, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), *rope)  # q and k at once
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
-        out = attend(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5, self.window)
+        out = ops.attention(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5, self.window)
         return self.o_proj(out)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """The FFN residual branch FFN(norm2(h)); the gate adds it to h (or skips it)."""
-        return self.down(silu_mul(self.gate_up(rms_norm(h, self.post_attn_norm, self.cfg.rms_norm_eps))))
+        ops = self.ops
+        return self.down(ops.silu_mul(self.gate_up(ops.rms_norm(h, self.post_attn_norm, self.cfg.rms_norm_eps))))
 
 
 def activation_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -80,55 +67,37 @@ def activation_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 class LlamaModel:
     layer_class = LlamaLayer
 
-    def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_len: int):
-        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+    def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_len: int, ops):
+        self.cfg, self.device, self.dtype, self.ops = cfg, torch.device(device), dtype, ops
         self.act_dtype = act = activation_dtype(self.device, dtype)
-        self.embed = weights["model.embed_tokens.weight"].to(device=device, dtype=dtype)
+        # a quantized embedding stays quantized: lookups dequantize their rows, a tied lm_head reads it
+        self.embed = to_device(weights["model.embed_tokens.weight"], device, dtype)
         head = weights.get("lm_head.weight")
         tied = head is None or cfg.tie_word_embeddings
-        self.lm_head = Linear(self.embed if tied else head.to(device=device, dtype=dtype))
+        self.lm_head = ops.linear([self.embed if tied else to_device(head, device, dtype)])
         self.norm = weights["model.norm.weight"].to(device=device, dtype=act)
-        self.layers = [self.layer_class(cfg, weights, f"model.layers.{i}.", device, dtype, act, i)
+        self.layers = [self.layer_class(cfg, weights, f"model.layers.{i}.", device, dtype, act, i, ops)
                        for i in range(cfg.num_layers)]
         self.ropes = {"global": RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len, device, act)}
-        # decode through native layer calls (engine/native/decode_layers.cpp): this class's layers
-        # (not a subclass's), fp32 activations, every projection on the native GEMMs
-        self._native_decode_fits = type(self) is LlamaModel and native_ops.DecodeLayers.fits(self.layers, act)
-        self._native_decode = None  # built for the KV cache it is first called with
+        self.fused_decode = None  # the backend's whole-step decode path, set by the runner where it has one
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed[input_ids].to(self.act_dtype)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache, gate) -> torch.Tensor:
         """input_ids: [N] -> final hidden states [N, hidden] (normed); `gate` runs or skips each FFN."""
-        native = self._native_layers(kv)
         x = self.embed_tokens(input_ids)
-        if native is not None and not meta.is_prefill:
-            cos, sin = (t[:, 0].contiguous() for t in self.ropes["global"](meta.positions))
-            step = (cos, sin, meta.slot_ids, meta.row_lengths, meta.context_len)
-            if type(gate) is DenseGate:  # every FFN runs: the whole step in one call
-                return self.final_norm(native.dense_step(x, *step))
-            for i in range(len(self.layers)):  # the gate picks rows per layer: one call per branch
-                h = x + native.attention_branch(i, x, *step)
-                x = gate(i, h, native.ffns[i])
-            return self.final_norm(x)
+        if self.fused_decode is not None and not meta.is_prefill:
+            return self.final_norm(self.fused_decode(x, meta, gate))
         ropes = {kind: rope(meta.positions) for kind, rope in self.ropes.items()}
         for i, layer in enumerate(self.layers):
             h = x + layer.attention(x, ropes[layer.rope_kind], meta, kv.k[i], kv.v[i])
-            x = gate(i, h, layer.ffn if native is None else native.ffns[i])
+            x = gate(i, h, layer.ffn)
         return self.final_norm(x)
-
-    def _native_layers(self, kv: KVCache):
-        """The native layer calls for `kv`, or None where they do not apply or the kernels are off."""
-        if not self._native_decode_fits or native_ops.kernels() is None:
-            return None
-        if self._native_decode is None or self._native_decode.kv is not kv:
-            self._native_decode = native_ops.DecodeLayers(self.cfg, self.layers, kv)
-        return self._native_decode
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -136,9 +105,12 @@ class LlamaModel:
 
     def weight_bytes(self) -> dict:
         """Bytes of weights read per decoded token, split by part (for the bandwidth bound)."""
-        size = self.embed.element_size()
-        per_layer_ffn = self.layers[0].gate_up.numel() + self.layers[0].down.numel()
-        per_layer_attn = self.layers[0].qkv.numel() + self.layers[0].o_proj.numel()
-        n = len(self.layers)
-        return {"ffn": n * per_layer_ffn * size, "attention": n * per_layer_attn * size,
-                "lm_head": self.lm_head.numel() * size}
+        return {"ffn": sum(layer.gate_up.nbytes() + layer.down.nbytes() for layer in self.layers),
+                "attention": sum(layer.qkv.nbytes() + layer.o_proj.nbytes() for layer in self.layers),
+                "lm_head": self.lm_head.nbytes()}
+
+    def weight_formats(self) -> dict[str, str]:
+        """Weight format -> the kernel path that runs it (logged at load)."""
+        linears = [self.lm_head] + [lin for layer in self.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up,
+                                                                             layer.down)]
+        return {lin.format: lin.backend for lin in linears}

@@ -5,8 +5,6 @@ import math
 
 import torch
 
-from engine.native import ops as native_ops
-
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -37,13 +35,3 @@ class RotaryEmbedding:
 
     def __call__(self, positions: torch.Tensor):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [N, 1, D]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, H, D]; cos, sin: [N, 1, D]. On CPU fp32 the C++ kernel rotates x in place (callers
-    pass a fresh projection output and use the returned tensor)."""
-    if native_ops.elementwise_supported(x) and x.stride(-1) == 1:
-        return native_ops.rope_(x, cos[:, 0], sin[:, 0])
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin

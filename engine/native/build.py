@@ -17,20 +17,24 @@ from engine.loader import cache_root
 
 log = logging.getLogger("skipserve.native")
 
-SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
-HEADERS = sorted(Path(__file__).parent.glob("*.h"))
+HERE = Path(__file__).parent
+# Sources compiled once per instruction set, each defining QUANT_ISA (its functions' suffix); the
+# caller picks at run time what the CPU runs, so every x86 host builds (and tests) both.
+ISA_VARIANTS = {"quant_linear.cpp": {"avx2": ["-march=x86-64-v3"], "avx512": ["-march=x86-64-v4"]}}
+SOURCES = sorted(p for p in HERE.glob("*.cpp") if p.name not in ISA_VARIANTS)
+HEADERS = sorted(HERE.glob("*.h"))
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-# Instruction sets a library is built for. "native" (the default) is whatever this CPU has: the
-# kernels choose their AVX-512 / AVX512-BF16 / AVX2 + FMA paths at compile time, on the machine that
-# runs them. "avx2" (x86-64-v3: AVX2, FMA, F16C, no AVX-512) builds what an AVX2-only host runs,
-# so that path is tested on any x86 host; SKIPSERVE_CPU_ISA=avx2 makes a whole process behave as
-# on such a host (see `emulated_isa`).
+# Instruction sets a whole library is built for. "native" (the default) is whatever this CPU has:
+# the kernels choose their AVX-512 / AVX512-BF16 / AVX2 + FMA paths at compile time, on the machine
+# that runs them. "avx2" (x86-64-v3: AVX2, FMA, F16C, no AVX-512) builds what an AVX2-only host
+# runs, so that path is tested on any x86 host; SKIPSERVE_CPU_ISA=avx2 makes a whole process behave
+# as on such a host (see `emulated_isa`).
 ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=generic"]}
 _int, _float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
-    # q, k_new, v_new, k_cache, v_cache, slot_ids, lengths, out, rows, heads, kv_heads, dim, max_len, window,
-    # scale, threads
-    "decode_attention_f32": [_ptr] * 8 + [_int] * 6 + [_float, _int],
+    # q, k_new, v_new, k_cache, v_cache, block_tables, lengths, out, rows, heads, kv_heads, dim, block_size,
+    # max_blocks, window, scale, threads
+    "decode_attention_f32": [_ptr] * 8 + [_int] * 7 + [_float, _int],
     # x, w, bias (or None), y, rows, in, out, threads
     "linear_f32": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
     "linear_bf16": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
@@ -40,18 +44,23 @@ SIGNATURES = {
     "silu_mul_f32": [_ptr, _ptr, ctypes.c_int64, _int, _int],
     # x, cos, sin, tokens, heads, dim, token_stride, head_stride, threads
     "rope_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _int, ctypes.c_int64, ctypes.c_int64, _int],
-    # x, layer_ptrs, layers, weights_bf16, cos, sin, slot_ids, lengths, rows, hidden, heads, kv_heads,
-    # head_dim, inter, max_len, eps, scale, threads
-    "llama_decode_layers": [_ptr, _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 7 + [_float, _float, _int],
-    # x, layer_ptrs_row, weights_bf16, cos, sin, slot_ids, lengths, out, rows, hidden, heads, kv_heads,
-    # head_dim, max_len, eps, scale, threads
-    "llama_attention_branch": [_ptr] * 2 + [_int] + [_ptr] * 5 + [_int] * 6 + [_float, _float, _int],
+    # x, layer_ptrs, layers, weights_bf16, cos, sin, block_tables, lengths, rows, hidden, heads, kv_heads,
+    # head_dim, inter, block_size, max_blocks, eps, scale, threads
+    "llama_decode_layers": [_ptr, _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 8 + [_float, _float, _int],
+    # x, layer_ptrs_row, weights_bf16, cos, sin, block_tables, lengths, out, rows, hidden, heads, kv_heads,
+    # head_dim, block_size, max_blocks, eps, scale, threads
+    "llama_attention_branch": [_ptr] * 2 + [_int] + [_ptr] * 5 + [_int] * 7 + [_float, _float, _int],
     # h, layer_ptrs_row, weights_bf16, out, rows, hidden, inter, eps, threads
     "llama_ffn_branch": [_ptr, _ptr, _int, _ptr, _int, _int, _int, _float, _int],
     "linear_f32_vectorized": [],
     "linear_bf16_vectorized": [],
+    "quant_cpu_isa": [],
 }
-RESTYPES = {"linear_f32_vectorized": ctypes.c_int, "linear_bf16_vectorized": ctypes.c_int}
+# per built instruction set (ISA_VARIANTS), with the suffix `_<isa>`:
+# x, q, scale, offset (or None), bias (or None), y, rows, in, out, bits, group, threads
+VARIANT_SIGNATURES = {"quant_linear": [_ptr] * 6 + [_int] * 6}
+RESTYPES = {"linear_f32_vectorized": ctypes.c_int, "linear_bf16_vectorized": ctypes.c_int, "quant_cpu_isa": ctypes.c_int,
+            "quant_linear": ctypes.c_int}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -113,6 +122,10 @@ def open_library(isa: str, cache_dir: str | None = None) -> ctypes.CDLL:
         for name, args in SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, RESTYPES.get(name)
+        for variant in sorted({v for variants in _isa_variants().values() for v in variants}):
+            for name, args in VARIANT_SIGNATURES.items():
+                fn = getattr(lib, f"{name}_{variant}")
+                fn.argtypes, fn.restype = args, RESTYPES.get(name)
         _libraries[isa] = lib
         log.info("native CPU kernels (%s): %s", isa, path)
     return _libraries[isa]
@@ -140,9 +153,10 @@ def _cpu_signature() -> str:
 def _build(root: Path, isa_flags: list[str]) -> Path:
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    flags = FLAGS + isa_flags
     digest = hashlib.sha256()
-    for part in [version, " ".join(flags), _cpu_signature()] + [p.read_text() for p in SOURCES + HEADERS]:
+    variants = [(HERE / name, isa, flags) for name, isas in _isa_variants().items() for isa, flags in isas.items()]
+    texts = [p.read_text() for p in SOURCES + HEADERS] + [f"{p.read_text()}{isa}{flags}" for p, isa, flags in variants]
+    for part in [version, " ".join(FLAGS + isa_flags), _cpu_signature()] + texts:
         digest.update(part.encode())
     target = root / f"skipserve_native-{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -151,8 +165,21 @@ def _build(root: Path, isa_flags: list[str]) -> Path:
     log.info("compiling native CPU kernels -> %s", target)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"g++ failed: {proc.stderr.strip()[-2000:]}")
+        objects = []
+        for source, isa, flags in variants:
+            objects.append(str(Path(tmp) / f"{source.stem}_{isa}.o"))
+            compile_flags = [f for f in FLAGS if f != "-shared"]
+            _run([cxx, *compile_flags, *flags, f"-DQUANT_ISA={isa}", "-c", str(source), "-o", objects[-1]])
+        _run([cxx, *FLAGS, *isa_flags, *map(str, SOURCES), *objects, "-o", str(out)])
         os.replace(out, target)  # atomic: a concurrent start sees all of it or none
     return target
+
+
+def _isa_variants() -> dict:
+    return ISA_VARIANTS if platform.machine() in ("x86_64", "AMD64") else {}
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"g++ failed: {proc.stderr.strip()[-2000:]}")

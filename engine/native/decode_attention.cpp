@@ -1,11 +1,15 @@
-// Decode attention on the CPU: one new query token per row against that row's KV slot.
-// Each row first writes its new key and value at position length - 1 of its slot.
+// Decode attention on the CPU: one new query token per row against that row's K/V in the paged
+// cache, read in place through the row's block table (no gather, no copy). Each row first writes
+// its new key and value at position length - 1.
 //
-// q [rows, heads, dim]; caches of one layer [slots, kv_heads, max_len, dim] (fp32, contiguous);
-// row r reads slot slot_ids[r], positions [start, length[r]) with start = length - window for
-// sliding-window layers. The G = heads / kv_heads query heads of a group share each key and value
-// load. Work items are (row, kv head) pairs, split over the caller's OpenMP team (torch's own
-// libgomp, so no second thread pool). Plain arithmetic only: the compiler vectorizes every loop.
+// q [rows, heads, dim]; caches of one layer [num_blocks, kv_heads, block_size, dim] (fp32,
+// contiguous); block_tables [rows, max_blocks] int32: token t of row r sits in block
+// block_tables[r][t / block_size] at offset t % block_size. Row r attends to positions
+// [start, length[r]) with start = length - window for sliding-window layers. The G = heads /
+// kv_heads query heads of a group share each key and value load. Work items are (row, kv head)
+// pairs, split over the caller's OpenMP team (torch's own libgomp, so no second thread pool).
+// Within a block a head's keys are one contiguous run, which the inner loops stream.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -26,12 +30,12 @@ inline void prefetch_row(const float* row, int dim) {
     for (int d = 0; d < dim; d += 16) __builtin_prefetch(row + d);
 }
 
-// scores[g * span + t] = scale * <q[g], keys[t]> for the group's query heads and all keys; also
-// prefetches the value rows the weighted sum reads next.
+// scores[g * stride + t] = scale * <q[g], keys[t]> for the group's query heads and a run of `span`
+// keys; also prefetches the value rows the weighted sum reads next.
 #if defined(__AVX512F__)
 template <int CHUNKS>
 void dot_scores_avx512(const float* q, const float* keys, const float* values, float* scores, int group,
-                       int64_t span, float scale) {
+                       int64_t span, int64_t stride, float scale) {
     constexpr int dim = CHUNKS * 16;
     for (int64_t t = 0; t < span; ++t) {
         const float* k = keys + t * dim;
@@ -47,19 +51,19 @@ void dot_scores_avx512(const float* q, const float* keys, const float* values, f
                 a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], a0);
                 if (c + 1 < CHUNKS) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c + 16), kv[c + 1], a1);
             }
-            scores[g * span + t] = scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+            scores[g * stride + t] = scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
         }
     }
 }
 #endif
 
 void dot_scores(const float* q, const float* keys, const float* values, float* scores, int group, int64_t span,
-                int dim, float scale) {
+                int64_t stride, int dim, float scale) {
 #if defined(__AVX512F__)
     switch (dim) {
-        case 64: return dot_scores_avx512<4>(q, keys, values, scores, group, span, scale);
-        case 128: return dot_scores_avx512<8>(q, keys, values, scores, group, span, scale);
-        case 256: return dot_scores_avx512<16>(q, keys, values, scores, group, span, scale);
+        case 64: return dot_scores_avx512<4>(q, keys, values, scores, group, span, stride, scale);
+        case 128: return dot_scores_avx512<8>(q, keys, values, scores, group, span, stride, scale);
+        case 256: return dot_scores_avx512<16>(q, keys, values, scores, group, span, stride, scale);
     }
 #endif
     for (int64_t t = 0; t < span; ++t) {
@@ -71,7 +75,7 @@ void dot_scores(const float* q, const float* keys, const float* values, float* s
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
             for (int d = 0; d < dim; ++d) acc += qh[d] * k[d];
-            scores[g * span + t] = acc * scale;
+            scores[g * stride + t] = acc * scale;
         }
     }
 }
@@ -90,68 +94,88 @@ float softmax_numerators(float* s, int64_t span) {
     return 1.0f / total;
 }
 
-// out = inv * sum_t p[t] * values[t]: accumulators stay in registers across keys.
+// acc += sum_t p[t] * values[t] over one block's run of values: accumulators stay in registers
+// across its keys.
 #if defined(__AVX512F__)
 template <int CHUNKS>
-void weighted_sum_avx512(const float* p, const float* values, float* out, int64_t span, float inv) {
-    __m512 acc[CHUNKS];
-    for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm512_setzero_ps();
+void weighted_sum_avx512(const float* p, const float* values, float* acc, int64_t span) {
+    __m512 a[CHUNKS];
+    for (int c = 0; c < CHUNKS; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
     for (int64_t t = 0; t < span; ++t) {
         const __m512 w = _mm512_set1_ps(p[t]);
         const float* v = values + t * CHUNKS * 16;
-        for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), acc[c]);
+        for (int c = 0; c < CHUNKS; ++c) a[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), a[c]);
     }
-    const __m512 scale = _mm512_set1_ps(inv);
-    for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], scale));
+    for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
 }
 #endif
 
-void weighted_sum(const float* p, const float* values, float* out, int64_t span, int dim, float inv) {
+void weighted_sum(const float* p, const float* values, float* acc, int64_t span, int dim) {
 #if defined(__AVX512F__)
     switch (dim) {
-        case 64: return weighted_sum_avx512<4>(p, values, out, span, inv);
-        case 128: return weighted_sum_avx512<8>(p, values, out, span, inv);
-        case 256: return weighted_sum_avx512<16>(p, values, out, span, inv);
+        case 64: return weighted_sum_avx512<4>(p, values, acc, span);
+        case 128: return weighted_sum_avx512<8>(p, values, acc, span);
+        case 256: return weighted_sum_avx512<16>(p, values, acc, span);
     }
 #endif
-    std::memset(out, 0, sizeof(float) * dim);
     for (int64_t t = 0; t < span; ++t) {
         const float w = p[t];
         const float* v = values + t * dim;
 #pragma omp simd
-        for (int d = 0; d < dim; ++d) out[d] += w * v[d];
+        for (int d = 0; d < dim; ++d) acc[d] += w * v[d];
     }
-    for (int d = 0; d < dim; ++d) out[d] *= inv;
 }
 
 }  // namespace
 
 extern "C" void decode_attention_f32(const float* q, const float* k_new, const float* v_new, float* k_cache,
-                                     float* v_cache, const int64_t* slot_ids, const int64_t* lengths, float* out,
-                                     int rows, int heads, int kv_heads, int dim, int max_len,
+                                     float* v_cache, const int32_t* block_tables, const int32_t* lengths, float* out,
+                                     int rows, int heads, int kv_heads, int dim, int block_size, int max_blocks,
                                      int window, float scale, int threads) {
     const int group = heads / kv_heads;
     const int items = rows * kv_heads;
+    const int64_t block_stride = static_cast<int64_t>(kv_heads) * block_size * dim;  // floats per block
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int item = 0; item < items; ++item) {
         const int row = item / kv_heads, kv = item % kv_heads;
+        const int32_t* table = block_tables + static_cast<int64_t>(row) * max_blocks;
         const int64_t length = lengths[row];
         const int64_t start = (window > 0 && length > window) ? length - window : 0;
         const int64_t span = length - start;
-        const int64_t base = (slot_ids[row] * kv_heads + kv) * static_cast<int64_t>(max_len) * dim;
+        // token t of this (row, head): its block's run for the head, then the offset within it
+        auto at = [&](float* cache, int64_t t) {
+            return cache + table[t / block_size] * block_stride + static_cast<int64_t>(kv) * block_size * dim +
+                   (t % block_size) * dim;
+        };
         const int64_t fresh = (static_cast<int64_t>(row) * kv_heads + kv) * dim;
-        std::memcpy(k_cache + base + (length - 1) * dim, k_new + fresh, sizeof(float) * dim);
-        std::memcpy(v_cache + base + (length - 1) * dim, v_new + fresh, sizeof(float) * dim);
-        const float* keys = k_cache + base + start * dim;
-        const float* values = v_cache + base + start * dim;
+        std::memcpy(at(k_cache, length - 1), k_new + fresh, sizeof(float) * dim);
+        std::memcpy(at(v_cache, length - 1), v_new + fresh, sizeof(float) * dim);
         const float* qg = q + (static_cast<int64_t>(row) * heads + kv * group) * dim;
         float* og = out + (static_cast<int64_t>(row) * heads + kv * group) * dim;
 
+        // scores of every key, one block's run at a time (the next block's first keys are fetched
+        // meanwhile); then per query head the softmax and the weighted sum of the values, again
+        // block by block
         std::vector<float> scores(static_cast<size_t>(group) * span);
-        dot_scores(qg, keys, values, scores.data(), group, span, dim, scale);
+        for (int64_t t = start; t < length;) {
+            const int64_t run = std::min<int64_t>(block_size - t % block_size, length - t);
+            if (t + run < length)
+                for (int64_t a = 0; a < std::min<int64_t>(PREFETCH_AHEAD, length - t - run); ++a)
+                    prefetch_row(at(k_cache, t + run + a), dim);
+            dot_scores(qg, at(k_cache, t), at(v_cache, t), scores.data() + (t - start), group, run, span, dim, scale);
+            t += run;
+        }
         for (int g = 0; g < group; ++g) {
             float* s = scores.data() + g * span;
-            weighted_sum(s, values, og + g * dim, span, dim, softmax_numerators(s, span));
+            const float inv = softmax_numerators(s, span);
+            float* o = og + g * dim;
+            std::memset(o, 0, sizeof(float) * dim);
+            for (int64_t t = start; t < length;) {
+                const int64_t run = std::min<int64_t>(block_size - t % block_size, length - t);
+                weighted_sum(s + (t - start), at(v_cache, t), o, run, dim);
+                t += run;
+            }
+            for (int d = 0; d < dim; ++d) o[d] *= inv;
         }
     }
 }

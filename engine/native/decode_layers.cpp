@@ -10,8 +10,9 @@
 
 extern "C" {
 void decode_attention_f32(const float* q, const float* k_new, const float* v_new, float* k_cache, float* v_cache,
-                          const int64_t* slot_ids, const int64_t* lengths, float* out, int rows, int heads,
-                          int kv_heads, int dim, int max_len, int window, float scale, int threads);
+                          const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int heads,
+                          int kv_heads, int dim, int block_size, int max_blocks, int window, float scale,
+                          int threads);
 void linear_f32(const float* x, const float* w, const float* bias, float* y, int rows, int in, int out, int threads);
 void linear_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int rows, int in, int out,
                  int threads);
@@ -23,7 +24,7 @@ void rope_f32(float* x, const float* cos, const float* sin, int64_t tokens, int 
 
 namespace {
 
-// Column order of the per-layer pointer table (engine/native/ops.py: DecodeLayers).
+// Column order of the per-layer pointer table (engine/backends/cpu/fused_decode.py).
 enum Column { INPUT_NORM, POST_NORM, QKV_W, QKV_B, O_W, GATE_UP_W, DOWN_W, K_CACHE, V_CACHE, COLUMNS };
 
 struct Linear {
@@ -68,9 +69,9 @@ struct DecodeScratch {
 // out [rows, hidden] = o_proj(attention(rope(qkv(rms_norm(x))))) for one layer's decode step;
 // writes the rows' new K/V into the layer's caches.
 static void attention_branch(const float* x, const int64_t* p, const Linear& linear, DecodeScratch& s,
-                             const float* cos, const float* sin, const int64_t* slot_ids, const int64_t* lengths,
-                             float* out, int rows, int hidden, int heads, int kv_heads, int head_dim, int max_len,
-                             float eps, float scale, int threads) {
+                             const float* cos, const float* sin, const int32_t* block_tables,
+                             const int32_t* lengths, float* out, int rows, int hidden, int heads, int kv_heads,
+                             int head_dim, int block_size, int max_blocks, float eps, float scale, int threads) {
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
     rms_norm_f32(x, reinterpret_cast<const float*>(p[INPUT_NORM]), s.normed.data(), rows, hidden, eps, threads);
     linear(s.normed.data(), p[QKV_W], p[QKV_B], s.qkv.data(), rows, hidden, qkv_width);
@@ -79,8 +80,8 @@ static void attention_branch(const float* x, const int64_t* p, const Linear& lin
     copy_columns(s.qkv.data(), rows, qkv_width, q_width, kv_width, s.k.data());
     copy_columns(s.qkv.data(), rows, qkv_width, q_width + kv_width, kv_width, s.v.data());
     decode_attention_f32(s.q.data(), s.k.data(), s.v.data(), reinterpret_cast<float*>(p[K_CACHE]),
-                         reinterpret_cast<float*>(p[V_CACHE]), slot_ids, lengths, s.attn.data(), rows, heads,
-                         kv_heads, head_dim, max_len, 0, scale, threads);
+                         reinterpret_cast<float*>(p[V_CACHE]), block_tables, lengths, s.attn.data(), rows, heads,
+                         kv_heads, head_dim, block_size, max_blocks, 0, scale, threads);
     linear(s.attn.data(), p[O_W], 0, out, rows, q_width, hidden);
 }
 
@@ -96,12 +97,12 @@ static void ffn_branch(const float* h, const int64_t* p, const Linear& linear, D
 // One layer's branches, for the per-layer path (the skip gate decides between them). `p` is one
 // row of the pointer table.
 extern "C" void llama_attention_branch(const float* x, const int64_t* p, int weights_bf16, const float* cos,
-                                       const float* sin, const int64_t* slot_ids, const int64_t* lengths, float* out,
-                                       int rows, int hidden, int heads, int kv_heads, int head_dim, int max_len,
-                                       float eps, float scale, int threads) {
+                                       const float* sin, const int32_t* block_tables, const int32_t* lengths,
+                                       float* out, int rows, int hidden, int heads, int kv_heads, int head_dim,
+                                       int block_size, int max_blocks, float eps, float scale, int threads) {
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, 0);
-    attention_branch(x, p, Linear{weights_bf16 != 0, threads}, s, cos, sin, slot_ids, lengths, out, rows, hidden,
-                     heads, kv_heads, head_dim, max_len, eps, scale, threads);
+    attention_branch(x, p, Linear{weights_bf16 != 0, threads}, s, cos, sin, block_tables, lengths, out, rows, hidden,
+                     heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, threads);
 }
 
 extern "C" void llama_ffn_branch(const float* h, const int64_t* p, int weights_bf16, float* out, int rows, int hidden,
@@ -111,20 +112,21 @@ extern "C" void llama_ffn_branch(const float* h, const int64_t* p, int weights_b
 }
 
 // x [rows, hidden] fp32, the residual stream, updated in place; layer_ptrs [layers, COLUMNS]
-// (addresses; QKV_B may be 0); cos, sin [rows, head_dim]; slot_ids, lengths [rows] as in
-// decode_attention_f32.
+// (addresses; QKV_B may be 0); cos, sin [rows, head_dim]; block_tables [rows, max_blocks] and
+// lengths [rows] as in decode_attention_f32.
 extern "C" void llama_decode_layers(float* x, const int64_t* layer_ptrs, int layers, int weights_bf16,
-                                    const float* cos, const float* sin, const int64_t* slot_ids,
-                                    const int64_t* lengths, int rows, int hidden, int heads, int kv_heads,
-                                    int head_dim, int inter, int max_len, float eps, float scale, int threads) {
+                                    const float* cos, const float* sin, const int32_t* block_tables,
+                                    const int32_t* lengths, int rows, int hidden, int heads, int kv_heads,
+                                    int head_dim, int inter, int block_size, int max_blocks, float eps, float scale,
+                                    int threads) {
     const Linear linear{weights_bf16 != 0, threads};
     const int64_t n = static_cast<int64_t>(rows) * hidden;
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, inter);
     std::vector<float> delta(n);
     for (int l = 0; l < layers; ++l) {
         const int64_t* p = layer_ptrs + static_cast<int64_t>(l) * COLUMNS;
-        attention_branch(x, p, linear, s, cos, sin, slot_ids, lengths, delta.data(), rows, hidden, heads, kv_heads,
-                         head_dim, max_len, eps, scale, threads);
+        attention_branch(x, p, linear, s, cos, sin, block_tables, lengths, delta.data(), rows, hidden, heads,
+                         kv_heads, head_dim, block_size, max_blocks, eps, scale, threads);
         add_into(x, delta.data(), n);
         ffn_branch(x, p, linear, s, delta.data(), rows, hidden, inter, eps, threads);
         add_into(x, delta.data(), n);

@@ -35,6 +35,10 @@ class RowSkip:
 class DenseGate:
     """Every FFN runs: used for prefill, for the `none` policy and for all-dense steps."""
 
+    # False: the gate only adds every FFN, so a backend may run all layers in one call without it.
+    # Gates that decide or record something per layer set True.
+    acts_per_layer = False
+
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
 

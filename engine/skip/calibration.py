@@ -16,6 +16,8 @@ from engine.skip.base import DenseGate
 
 
 class RecordingGate(DenseGate):
+    acts_per_layer = True
+
     def __init__(self, num_layers: int):
         super().__init__(num_layers)
         self.cosines: list[torch.Tensor] = [None] * num_layers  # [rows] per layer

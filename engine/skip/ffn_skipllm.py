@@ -19,6 +19,8 @@ from engine.skip.base import DenseGate, RowSkip, SkipPolicy
 
 
 class FFNSkipLLMGate:
+    acts_per_layer = True
+
     def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int, device):
         self.num_layers = num_layers
         self.first_hot, self.last_hot = cold_start, num_layers - cold_end - 1
@@ -54,6 +56,8 @@ class FFNSkipLLMGate:
 
 
 class HostFFNSkipLLMGate:
+    acts_per_layer = True
+
     def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int):
         self.num_layers = num_layers
         self.first_hot, self.last_hot = cold_start, num_layers - cold_end - 1

@@ -1,4 +1,4 @@
-"""A dense linear layer whose weight is stored the way the device's kernel wants it.
+"""A dense linear layer on the CPU, its weight stored the way the chosen kernel wants it.
 
 On CPU, in order of preference:
 - `native`: skipserve's own C++ kernels (`engine/native/linear*.cpp`) on a 16-output blocked
@@ -8,7 +8,7 @@ On CPU, in order of preference:
 - `onednn`: the weight reordered once into oneDNN's blocked layout and its matmul primitive
   called directly (the pre-packing torch's inductor does when it freezes a model). oneDNN's bf16
   path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: without them bf16 weights go `plain`.
-- `plain`: `F.linear` (CUDA, or a torch without oneDNN).
+- `plain`: `F.linear` (a torch without oneDNN, or bf16 where oneDNN has no path).
 `bench/gemm.py` measures the three side by side. Weights may be narrower than the activations
 (bf16 weights, fp32 activations on CPU): the oneDNN and plain paths cast the input and the output.
 """
@@ -72,3 +72,10 @@ class Linear:
 
     def numel(self) -> int:
         return self.out_features * self.in_features
+
+    def nbytes(self) -> int:
+        return self.numel() * self.dtype.itemsize
+
+    @property
+    def format(self) -> str:
+        return str(self.dtype).removeprefix("torch.")

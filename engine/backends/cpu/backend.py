@@ -1,0 +1,48 @@
+"""CPU ops: native kernels for norms, activation, rotary and paged decode attention when the
+library loaded (fp32 activations, as on every CPU path); the torch backend's ops otherwise."""
+from __future__ import annotations
+
+import torch
+
+from engine.backends.cpu.fused_decode import FusedDecode
+from engine.backends.cpu.quant_linear import make_linear
+from engine.backends.torch_backend import TorchBackend
+from engine.native import kernels
+from engine.native import ops as native_ops
+
+
+class CPUBackend(TorchBackend):
+    name = "cpu"
+
+    def __init__(self):
+        self.native = kernels() is not None
+
+    def linear(self, parts: list, bias: torch.Tensor | None = None):
+        """One projection from its row blocks: native / oneDNN dense GEMMs or the quantized kernel."""
+        return make_linear(parts, bias)
+
+    def rms_norm(self, x, weight, eps):
+        if self.native and x.dtype == torch.float32:
+            return native_ops.rms_norm(x, weight, eps)
+        return super().rms_norm(x, weight, eps)
+
+    def silu_mul(self, gate_up):
+        if self.native and gate_up.dtype == torch.float32:
+            return native_ops.silu_mul(gate_up)
+        return super().silu_mul(gate_up)
+
+    def rotary(self, x, cos, sin):
+        """In place on the native path: callers pass a fresh projection output and use the result."""
+        if self.native and x.dtype == torch.float32 and x.stride(-1) == 1:
+            return native_ops.rope_(x, cos[:, 0], sin[:, 0])
+        return super().rotary(x, cos, sin)
+
+    def fused_decode(self, model, kv):
+        return FusedDecode(model, kv) if self.native and FusedDecode.fits(model, kv) else None
+
+    def attention(self, q, k, v, k_cache, v_cache, meta, scale, window):
+        if meta.is_prefill or not (self.native and native_ops.decode_attention_supported(q, k_cache)):
+            return super().attention(q, k, v, k_cache, v_cache, meta, scale, window)
+        # the kernel writes the new K/V itself and reads every row's blocks in place
+        return native_ops.decode_attention(q, k, v, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                           meta.max_context_len, scale, window)

@@ -1,0 +1,92 @@
+"""Llama-family decode steps on native layer calls (engine/native/decode_layers.cpp).
+
+For models whose layers are plain Llama layers with every projection on the native GEMMs: a dense
+decode step in one call (`dense_step`), or per layer the attention branch (decode) and the FFN
+branch (any rows) for the skip gate to choose between. Same kernels as the per-op path, so the same
+bits. Built once per model and KV cache (the pointer table holds their addresses).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from engine.native import kernels
+from engine.native.ops import check_decode_lengths
+
+
+class FusedDecode:
+    def __init__(self, model, kv):
+        self.cfg, self.kv, self.rope = model.cfg, kv, model.ropes["global"]
+        layers = model.layers
+        self.bf16 = layers[0].qkv.dtype == torch.bfloat16
+        rows = []  # one row of addresses per layer, in decode_layers.cpp's `Column` order
+        for i, layer in enumerate(layers):
+            bias = layer.qkv.bias
+            rows.append([layer.input_norm.data_ptr(), layer.post_attn_norm.data_ptr(), layer.qkv.weight.data_ptr(),
+                         0 if bias is None else bias.data_ptr(), layer.o_proj.weight.data_ptr(),
+                         layer.gate_up.weight.data_ptr(), layer.down.weight.data_ptr(), kv.k[i].data_ptr(),
+                         kv.v[i].data_ptr()])
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.layers = layers  # the table points into their tensors
+        self.ffns = [functools.partial(self.ffn_branch, i) for i in range(len(layers))]
+
+    @staticmethod
+    def fits(model, kv) -> bool:
+        """Plain Llama layers (full attention), fp32 activations and cache, every projection on the
+        native GEMMs in one dtype."""
+        layers = model.layers
+        linears = [lin for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        return (model.act_dtype == torch.float32 and kv.k.dtype == torch.float32
+                and all(layer.kind == "llama" and layer.window is None for layer in layers)
+                and all(lin.backend == "native" and lin.dtype == linears[0].dtype for lin in linears))
+
+    def __call__(self, x: torch.Tensor, meta, gate) -> torch.Tensor:
+        """x: [rows, hidden] embeddings of a decode step -> the last layer's output (not normed)."""
+        cos, sin = (t[:, 0].contiguous() for t in self.rope(meta.positions))
+        step = (cos, sin, meta.block_tables, meta.context_lens, meta.max_context_len)
+        if not gate.acts_per_layer:
+            return self.dense_step(x, *step)
+        for i in range(len(self.layers)):  # the gate picks rows per layer: one call per branch
+            h = x + self.attention_branch(i, x, *step)
+            x = gate(i, h, self.ffns[i])
+        return x
+
+    def _row(self, layer: int) -> int:
+        return self.table.data_ptr() + layer * self.table.shape[1] * self.table.element_size()
+
+    def attention_branch(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         block_tables: torch.Tensor, lengths: torch.Tensor, longest: int) -> torch.Tensor:
+        """o_proj(attention(...)) of one layer's decode step, writing the new K/V; x: [rows, hidden]."""
+        cfg = self.cfg
+        check_decode_lengths(longest, block_tables, self.kv.block_size)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        kernels().llama_attention_branch(
+            x.data_ptr(), self._row(layer), int(self.bf16), cos.data_ptr(), sin.data_ptr(), block_tables.data_ptr(),
+            lengths.data_ptr(), out.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, cfg.head_dim ** -0.5,
+            torch.get_num_threads())
+        return out
+
+    def ffn_branch(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate) * up)(rms_norm(h)) of one layer; h: [rows, hidden], any rows."""
+        cfg = self.cfg
+        h = h.contiguous()
+        out = torch.empty_like(h)
+        kernels().llama_ffn_branch(h.data_ptr(), self._row(layer), int(self.bf16), out.data_ptr(), h.shape[0],
+                                   cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps, torch.get_num_threads())
+        return out
+
+    def dense_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor,
+                   lengths: torch.Tensor, longest: int) -> torch.Tensor:
+        """Every layer with every FFN in one call; x: [rows, hidden] fp32, updated in place and returned."""
+        cfg = self.cfg
+        check_decode_lengths(longest, block_tables, self.kv.block_size)
+        x = x.contiguous()
+        kernels().llama_decode_layers(
+            x.data_ptr(), self.table.data_ptr(), len(self.layers), int(self.bf16), cos.data_ptr(), sin.data_ptr(),
+            block_tables.data_ptr(), lengths.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads,
+            cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, self.kv.block_size, block_tables.shape[1],
+            cfg.rms_norm_eps, cfg.head_dim ** -0.5, torch.get_num_threads())
+        return x

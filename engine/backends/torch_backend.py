@@ -1,0 +1,113 @@
+"""The torch backend: every op in plain torch, on any device. It is the reference the native CPU
+kernels are tested against, the CPU's path where those kernels are unavailable, and for now the
+CUDA path (engine/backends/cuda).
+
+Paged attention here gathers each sequence's blocks into a contiguous copy before attending. That
+is correct on any device but costs a copy of the history per layer and step; the CPU backend's
+native kernel reads the blocks in place, and on CUDA a Triton kernel will (the CUDA fast path).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv.metadata import AttentionMetadata
+
+
+class PlainLinear:
+    """y = x W^T + b with F.linear, casting x to the weight's dtype and back where they differ."""
+
+    backend = "plain"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.dtype, self.weight = weight.dtype, weight
+        self.bias = None if bias is None else bias.to(weight.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            return F.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    @property
+    def format(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """cache [blocks, KV, bs, D], tables [..., M] -> [..., KV, M * bs, D] (a copy)."""
+    got = cache[tables]  # [..., M, KV, bs, D]
+    *lead, m, kv, bs, d = got.shape
+    return got.transpose(-3, -4).reshape(*lead, kv, m * bs, d)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def linear(self, parts: list, bias: torch.Tensor | None = None):
+        """One projection from its row blocks (q|k|v, gate|up, or one matrix), dense tensors (only the
+        CPU backend reads quantized blocks: the runner loads them for the CPU only)."""
+        return PlainLinear(parts[0] if len(parts) == 1 else torch.cat(parts), bias)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return F.rms_norm(x, weight.shape, weight, eps)  # bit-identical to HF's fp32 formula
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[N, 2 * inter] (gate | up) -> silu(gate) * up."""
+        gate, up = gate_up.chunk(2, -1)
+        return F.silu(gate) * up
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [N, H, D]; cos, sin: [N, 1, D] (HF's rotate_half layout)."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def fused_decode(self, model, kv):
+        """A whole-model decode step in fewer calls, where the backend has one (None: per op)."""
+        return None
+
+    def attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None):
+        """q: [N, H, D]; k, v: [N, KV, D] (written into the cache first); caches: [blocks, KV, bs, D]
+        of one layer -> [N, H*D]."""
+        write_kv(k, v, k_cache, v_cache, meta)
+        if meta.is_prefill:
+            return prefill_attention(q, k, v, k_cache, v_cache, meta, scale, window)
+        return self.decode_attention(q, k, v, k_cache, v_cache, meta, scale, window)
+
+    def decode_attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window):
+        rows, num_heads, head_dim = q.shape
+        num_kv = k.shape[1]
+        keys = gather_blocks(k_cache, meta.block_tables)  # [B, KV, L, D]
+        values = gather_blocks(v_cache, meta.block_tables)
+        q = q.view(rows, num_kv, num_heads // num_kv, head_dim)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(meta.decode_mask(window))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
+        return torch.matmul(probs, values).reshape(rows, num_heads * head_dim)  # [B, KV, G, D] -> [B, H*D]
+
+
+def write_kv(k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
+    k_cache[meta.write_blocks, :, meta.write_offsets] = k
+    v_cache[meta.write_blocks, :, meta.write_offsets] = v
+
+
+def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window):
+    """Attention per sequence: over its fresh K/V when it starts at 0, else over its blocks."""
+    sizes = [seg.num_tokens for seg in meta.segments]
+    outs = []
+    for i, (seg, qs, ks, vs) in enumerate(zip(meta.segments, q.split(sizes), k.split(sizes), v.split(sizes))):
+        if seg.start == 0:
+            keys, values = ks.transpose(0, 1), vs.transpose(0, 1)
+        else:  # a cached prefix or an earlier chunk sits in the blocks
+            keys = gather_blocks(k_cache, seg.block_table)[:, :seg.end]
+            values = gather_blocks(v_cache, seg.block_table)[:, :seg.end]
+        out = F.scaled_dot_product_attention(qs.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                             attn_mask=meta.prefill_mask(i, window), scale=scale, enable_gqa=True)
+        outs.append(out[0].transpose(0, 1).reshape(seg.num_tokens, -1))  # [1, H, n, D] -> [n, H*D]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]

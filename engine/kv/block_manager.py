@@ -1,0 +1,147 @@
+"""KV blocks for the scheduler: who holds which block, and which blocks hold a reusable prefix.
+
+Integers and lists only. The cache is `num_blocks` blocks of `block_size` tokens; a sequence's
+block table lists the blocks that hold its tokens in order (token t sits in block
+`table[t // block_size]` at offset `t % block_size`).
+
+Prefix caching: a full block whose K/V were all computed with every FFN gets a hash that chains
+its parent's hash with its token ids, so a hash names the whole prefix up to the block's end. A
+new sequence walks its prompt's full blocks through that index and shares every hit (a reference
+count per block); the first miss ends the walk. Shared blocks are full and are never written
+again: the reusing sequence always computes at least its last prompt token itself, into a block it
+owns. A block nobody references keeps its hash and K/V and waits in least-recently-freed order;
+it is evicted (its hash forgotten) only when a fresh block is needed and no never-hashed block is
+free.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+NO_HASH = None
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.prefix_caching = prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self._hash_of: list[int | None] = [NO_HASH] * num_blocks
+        self._tokens_of: list[tuple[int, ...]] = [()] * num_blocks  # a hashed block's token ids
+        self._by_hash: dict[int, int] = {}
+        self._empty = list(range(num_blocks - 1, -1, -1))  # free, nothing cached: popped from the end
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # free, hashed: oldest first
+        self._chains: dict[str, tuple[int, int | None]] = {}  # seq_id -> (blocks hashed, last hash)
+        self._used = 0  # blocks with a reference, one int so other threads can read it
+
+    # ---- capacity ------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._empty) + len(self._evictable)
+
+    def usage(self) -> float:
+        return self._used / self.num_blocks
+
+    # ---- prefix lookup ---------------------------------------------------------------------------
+    def cached_prefix(self, token_ids: list[int], limit: int) -> list[int]:
+        """Blocks holding the K/V of `token_ids`' leading full blocks, covering at most `limit` tokens."""
+        if not self.prefix_caching:
+            return []
+        hits, parent, size = [], None, self.block_size
+        for start in range(0, limit - size + 1, size):
+            tokens = tuple(token_ids[start:start + size])
+            block = self._by_hash.get(hash((parent, tokens)))
+            if block is None or self._tokens_of[block] != tokens:
+                break
+            hits.append(block)
+            parent = self._hash_of[block]
+        return hits
+
+    # ---- sequences ---------------------------------------------------------------------------------
+    def can_allocate(self, token_ids: list[int], num_tokens: int, spare: int = 0) -> bool:
+        """Room for a sequence whose first `num_tokens` of `token_ids` are to be computed, plus
+        `spare` more blocks."""
+        hits = self.cached_prefix(token_ids, num_tokens - 1)
+        waking = sum(1 for b in hits if self.ref_counts[b] == 0)  # free now, taken by the hits
+        fresh = blocks_for(num_tokens, self.block_size) - len(hits)
+        return self.num_free_blocks - waking >= fresh + spare
+
+    def allocate(self, seq_id: str, token_ids: list[int], num_tokens: int) -> tuple[list[int], int]:
+        """Blocks for the first `num_tokens` of `token_ids`, reusing its cached prefix.
+
+        -> (block table, tokens whose K/V the table already holds). At least the last of the
+        `num_tokens` is left to compute, so no shared block is ever written."""
+        hits = self.cached_prefix(token_ids, num_tokens - 1)
+        for block in hits:
+            self._ref(block)
+        table = hits + self.allocate_blocks(blocks_for(num_tokens, self.block_size) - len(hits))
+        self._chains[seq_id] = (len(hits), self._hash_of[hits[-1]] if hits else None)
+        return table, len(hits) * self.block_size
+
+    def can_append(self, table: list[int], num_tokens: int) -> bool:
+        return len(table) >= blocks_for(num_tokens, self.block_size) or self.num_free_blocks > 0
+
+    def append(self, table: list[int], num_tokens: int) -> None:
+        """Grow `table` (in place) to hold `num_tokens` tokens; check `can_append` first."""
+        missing = blocks_for(num_tokens, self.block_size) - len(table)
+        if missing > 0:
+            table.extend(self.allocate_blocks(missing))
+
+    def publish(self, seq_id: str, table: list[int], token_ids: list[int], num_dense: int) -> None:
+        """Offer for reuse the full blocks among the first `num_dense` tokens (K/V computed with
+        every FFN). A prefix another block already holds stays with that block."""
+        if not self.prefix_caching:
+            return
+        done, parent = self._chains.get(seq_id, (0, None))
+        size = self.block_size
+        while (done + 1) * size <= num_dense:
+            block, tokens = table[done], tuple(token_ids[done * size:(done + 1) * size])
+            key = hash((parent, tokens))
+            if self._hash_of[block] is NO_HASH and key not in self._by_hash:
+                self._hash_of[block], self._tokens_of[block] = key, tokens
+                self._by_hash[key] = block
+            done, parent = done + 1, key
+        self._chains[seq_id] = (done, parent)
+
+    def free(self, seq_id: str, table: list[int]) -> None:
+        """Drop a sequence's references. Its tail goes first in eviction order: a prefix's later
+        blocks are worth less than its head, which other prompts share more often."""
+        self._chains.pop(seq_id, None)
+        self.free_blocks(reversed(table))
+        table.clear()
+
+    # ---- raw blocks (the scheduler's allocations use these too) ----------------------------------
+    def allocate_blocks(self, count: int) -> list[int]:
+        if count > self.num_free_blocks:
+            raise RuntimeError(f"{count} KV blocks asked, {self.num_free_blocks} free")
+        blocks = []
+        for _ in range(count):
+            if self._empty:
+                block = self._empty.pop()
+            else:  # evict the least recently freed cached block
+                block, _ = self._evictable.popitem(last=False)
+                del self._by_hash[self._hash_of[block]]
+                self._hash_of[block], self._tokens_of[block] = NO_HASH, ()
+            self._ref(block)
+            blocks.append(block)
+        return blocks
+
+    def free_blocks(self, blocks) -> None:
+        for block in blocks:
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0, block
+            if self.ref_counts[block] == 0:
+                self._used -= 1
+                if self._hash_of[block] is NO_HASH:
+                    self._empty.append(block)
+                else:
+                    self._evictable[block] = None
+
+    def _ref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            self._used += 1
+            self._evictable.pop(block, None)
+        self.ref_counts[block] += 1

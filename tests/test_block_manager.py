@@ -1,0 +1,83 @@
+"""The block allocator and prefix cache on their own: integers in, integers out."""
+from __future__ import annotations
+
+from engine.kv.block_manager import BlockManager
+
+BS = 4
+
+
+def run_and_free(blocks: BlockManager, seq_id: str, tokens: list[int]) -> list[int]:
+    """Admit `tokens` as a prompt, compute them densely, finish: -> the table it had."""
+    table, _ = blocks.allocate(seq_id, tokens, len(tokens))
+    blocks.publish(seq_id, table, tokens, len(tokens))
+    held = list(table)
+    blocks.free(seq_id, table)
+    return held
+
+
+def test_prefix_hits_follow_the_hash_chain_and_leave_the_last_token_to_compute():
+    blocks = BlockManager(num_blocks=32, block_size=BS)
+    a = list(range(100, 140))  # 10 full blocks
+    first = run_and_free(blocks, "a", a)
+    table, cached = blocks.allocate("b", a[:8] + [7, 7, 7], 11)  # shares two blocks, then differs
+    assert cached == 8 and table[:2] == first[:2] and table[2] not in first
+    blocks.free("b", table)
+    table, cached = blocks.allocate("c", a, len(a))  # the whole prompt is cached...
+    assert cached == 36 and table[:9] == first[:9]  # ...but its last block is computed again, owned
+    assert blocks.ref_counts[table[9]] == 1
+    blocks.free("c", table)
+    shifted = [0, 0, 0, 0] + a[4:]  # same second block, other first block: the chain breaks
+    assert blocks.cached_prefix(shifted, len(shifted) - 1) == []
+
+
+def test_shared_blocks_are_reference_counted_and_every_block_comes_back():
+    blocks = BlockManager(num_blocks=16, block_size=BS)
+    prompt = list(range(12))
+    run_and_free(blocks, "a", prompt + [99])
+    tables = [blocks.allocate(name, prompt + [i], 13)[0] for i, name in enumerate("xyz")]
+    shared = tables[0][:3]
+    assert all(t[:3] == shared for t in tables)
+    assert [blocks.ref_counts[b] for b in shared] == [3, 3, 3]
+    assert len({t[3] for t in tables}) == 3  # each writes its own last block
+    assert blocks.usage() == 6 / 16
+    for name, table in zip("xyz", tables):
+        blocks.free(name, table)
+    assert blocks.ref_counts == [0] * 16 and blocks.usage() == 0.0 and blocks.num_free_blocks == 16
+
+
+def test_only_full_dense_blocks_are_offered_for_reuse():
+    blocks = BlockManager(num_blocks=16, block_size=BS)
+    tokens = list(range(20))
+    table, _ = blocks.allocate("a", tokens, 20)
+    blocks.publish("a", table, tokens, num_dense=10)  # e.g. decoded with skipped FFNs after token 10
+    held = list(table)
+    blocks.free("a", table)
+    assert blocks.cached_prefix(tokens, 19) == held[:2]  # blocks 0-1 are dense; block 2 is not whole
+
+
+def test_cached_blocks_are_evicted_only_when_needed_least_recently_freed_first():
+    blocks = BlockManager(num_blocks=6, block_size=BS)
+    old = run_and_free(blocks, "old", list(range(8)) + [1])  # caches 2 blocks (the third is partial)
+    new = run_and_free(blocks, "new", list(range(50, 58)) + [1])
+    assert blocks.num_free_blocks == 6
+    fresh = blocks.allocate_blocks(2)  # the two never-hashed blocks go first: both prefixes survive
+    assert not set(fresh) & set(old[:2] + new[:2])
+    assert blocks.cached_prefix(list(range(8)) + [1], 8) == old[:2]
+    blocks.allocate_blocks(1)  # now one cached block must go: the least recently freed one
+    assert blocks.cached_prefix(list(range(50, 58)) + [1], 8) == new[:2]
+    assert len(blocks.cached_prefix(list(range(8)) + [1], 8)) < 2
+
+
+def test_admission_counts_free_blocks_and_cached_hits():
+    blocks = BlockManager(num_blocks=4, block_size=BS)
+    prompt = list(range(12))
+    run_and_free(blocks, "a", prompt + [5])  # 4 blocks, 3 of them cached
+    assert blocks.can_allocate(prompt + [6], 13, spare=0)  # 3 hits + 1 fresh block = all 4
+    assert not blocks.can_allocate(prompt + [6], 13, spare=1)
+    assert not blocks.can_allocate(list(range(200, 217)), 17)  # 5 blocks never fit in 4
+
+
+def test_prefix_caching_off_never_hits():
+    blocks = BlockManager(num_blocks=8, block_size=BS, prefix_caching=False)
+    run_and_free(blocks, "a", list(range(9)))
+    assert blocks.allocate("b", list(range(9)), 9)[1] == 0

@@ -1,0 +1,119 @@
+"""The quantized weights and kernels against the `gguf` package's own dequantization.
+
+Random blocks of every supported GGUF format (random integers and scale bits, sane fp16 scales)
+are repacked into the kernels' layout (engine/quant/formats.py) and multiplied by both builds of
+the kernel (AVX-512 and AVX2, each where this CPU runs it: an AVX-512 host runs both), with odd
+row and output counts that exercise every tile shape, against `gguf.quants.dequantize` in fp64.
+"""
+import numpy as np
+import pytest
+import torch
+
+from engine import native
+from engine.native import quant_ops
+from engine.quant import QuantWeight
+from engine.quant.formats import BLOCK_BYTES, SUPPORTED, to_weight
+
+BLOCK_WEIGHTS = {kind: 256 if kind.endswith("_K") else 32 for kind in SUPPORTED}
+FP16_FIELDS = {  # byte offsets of each block's fp16 scale / min fields
+    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2],
+    "Q6_K": [208],
+}
+ROW_COUNTS = (1, 2, 3, 4, 5, 7, 16)  # 1-row GEMV, every partial row tile of both builds, a 16-row step
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    lib = native.load(str(tmp_path_factory.mktemp("cache")))
+    assert lib is not None, "g++ is on these machines: the kernels must build"
+    return lib
+
+
+def random_blocks(kind: str, rows: int, blocks: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, blocks, BLOCK_BYTES[kind]), dtype=np.uint8)
+    for at in FP16_FIELDS[kind]:  # fp16 fields from random bytes could be inf/nan: set them
+        scale = (rng.random((rows, blocks)) * 0.02 + 0.001).astype(np.float16)
+        raw[..., at:at + 2] = scale[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def reference(kind: str, raw: np.ndarray) -> torch.Tensor:
+    from gguf import GGMLQuantizationType, quants
+
+    return torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[kind]).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_repacked_weights_dequantize_as_gguf_does(kind):
+    """Lossless: the integers, scales and offsets reproduce gguf's fp32 values exactly (both apply
+    the same fp32 multiply and add per weight, and the repacking moves bits without rounding)."""
+    raw = random_blocks(kind, 9, 3, seed=len(kind))
+    weight = to_weight(kind, raw, 3 * BLOCK_WEIGHTS[kind])
+    assert torch.equal(weight.dequantize(), reference(kind, raw))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("kind", SUPPORTED)
+@pytest.mark.parametrize("out_features", [1, 37])
+def test_kernel_matches_gguf_dequantization(kernels, isa, kind, out_features):
+    """Per output, |ours - fp64 reference| <= n * eps32 * sum_i |x_i w_i| (n = inputs), the
+    worst-case bound of an n-term fp32 dot product; the kernel's one rounding per dequantized weight
+    (an FMA where gguf rounds twice) is within it. A wrong layout misses by O(|y|), far outside."""
+    if isa not in quant_ops.isas():
+        pytest.skip(f"this CPU does not run the {isa} build")
+    blocks = 2 if kind.endswith("_K") else 5
+    n = blocks * BLOCK_WEIGHTS[kind]
+    raw = random_blocks(kind, out_features, blocks, seed=out_features)
+    weight = to_weight(kind, raw, n)
+    ref_w = reference(kind, raw).double()
+    gen = torch.Generator().manual_seed(n)
+    for rows in ROW_COUNTS:
+        x = torch.randn(rows, n, generator=gen)
+        bias = torch.randn(out_features, generator=gen)
+        y = quant_ops.linear(x, weight, bias, quant_ops.kernel(isa))
+        ref = x.double() @ ref_w.T + bias.double()
+        bound = n * torch.finfo(torch.float32).eps * ((x.double().abs() @ ref_w.abs().T) + bias.double().abs())
+        assert ((y.double() - ref).abs() <= bound).all(), (kind, isa, rows)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K"])
+def test_kernel_is_batch_invariant(kernels, isa, kind):
+    """A row's outputs are the same bits whatever else is in the call (one row, or inside 16)."""
+    if isa not in quant_ops.isas():
+        pytest.skip(f"this CPU does not run the {isa} build")
+    n = 2 * 256
+    weight = to_weight(kind, random_blocks(kind, 45, n // BLOCK_WEIGHTS[kind], seed=3), n)
+    x = torch.randn(16, n, generator=torch.Generator().manual_seed(5))
+    kernel = quant_ops.kernel(isa)
+    together = quant_ops.linear(x, weight, None, kernel)
+    for r in range(16):
+        assert torch.equal(quant_ops.linear(x[r:r + 1], weight, None, kernel), together[r:r + 1])
+
+
+def test_stacked_weights_run_as_their_parts(kernels):
+    """q|k|v stacked into one weight (one call) gives each part's outputs; rows permute losslessly."""
+    isa = quant_ops.best_isa()
+    parts = [to_weight("Q4_1", random_blocks("Q4_1", rows, 4, seed=rows), 128) for rows in (64, 32, 32)]
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    kernel = quant_ops.kernel(isa)
+    stacked = quant_ops.linear(x, QuantWeight.cat(parts), None, kernel)
+    assert torch.equal(stacked, torch.cat([quant_ops.linear(x, p, None, kernel) for p in parts], dim=-1))
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(parts[0].permute_rows(order).dequantize(), parts[0].dequantize()[order])
+
+
+def test_parts_of_different_layouts_run_side_by_side(kernels):
+    """A fused projection whose parts differ (Q4_K_M files: 4-bit q/k, 8-bit v) runs each part
+    with its own kernel and concatenates, bias split to match."""
+    from engine.backends.cpu.quant_linear import ConcatLinear, make_linear
+
+    parts = [to_weight("Q4_1", random_blocks("Q4_1", 40, 4, seed=7), 128),
+             to_weight("Q8_0", random_blocks("Q8_0", 24, 4, seed=8), 128)]
+    bias = torch.randn(64, generator=torch.Generator().manual_seed(9))
+    layer = make_linear(parts, bias)
+    assert isinstance(layer, ConcatLinear) and layer.out_features == 64
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(10))
+    dense = torch.cat([p.dequantize() for p in parts])
+    torch.testing.assert_close(layer(x), x @ dense.T + bias, rtol=1e-5, atol=1e-5)

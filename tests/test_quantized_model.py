@@ -1,0 +1,115 @@
+"""The embedded SmolLM2 GGUF served in its own quantization (`--dtype auto` on the CPU) against the
+same file dequantized to fp32 (`--dtype float32`): same weights, same logits to rounding, same
+greedy text alone and in a batch, FFN skips that read no weights."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from engine.native import quant_ops
+from engine.sampling_params import SamplingParams
+from engine.skip import RowSkip, build_policy
+from tests.helpers import run_staggered
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def quantized(engine):
+    """The default preset as served: dtype auto on the CPU (the session `engine` is its fp32 twin)."""
+    from engine.llm_engine import LLMEngine
+
+    config = copy.deepcopy(engine.config)
+    config.dtype = "auto"
+    quantized = LLMEngine(config)
+    if not quantized.runner.quantized:
+        pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
+    return quantized
+
+
+def prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
+    runner = engine.runner
+    with engine.kv_blocks([len(prompt)]) as (table,):
+        return runner.logits(runner.prefill([(prompt, table, 0)]))
+
+
+def test_gguf_matrices_stay_quantized_and_equal_the_dense_conversion(quantized):
+    """Every projection and the tied embedding hold the GGUF's blocks, repacked without loss: they
+    dequantize to the dense conversion's tensors bit for bit (which also checks the names and the
+    undone q/k row permutation)."""
+    from engine.gguf_weights import load_quantized
+    from engine.loader import load_state_dict, resolve_model_path
+
+    model = quantized.runner.model
+    assert all(lin.backend.startswith("quant-") for layer in model.layers
+               for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+    assert model.lm_head.weight is model.embed  # tied: the lm_head reads the quantized embedding
+    weights = load_quantized(resolve_model_path(quantized.config.model))
+    dense = load_state_dict(quantized.hf_dir)
+    assert {w.source for w in weights.values()} == {"Q4_1", "Q8_0"}
+    for name, weight in weights.items():
+        assert torch.equal(weight.dequantize(), dense[name]), name
+    fp32_bytes = sum(t.numel() * 4 for name, t in dense.items() if name in weights)
+    assert sum(model.weight_bytes().values()) < fp32_bytes / 4
+
+
+def test_logits_match_the_dequantized_fp32_model(quantized, engine, chat_prompts):
+    """Prefill logits at every position within 1e-3 absolute of the fp32 model on the same file:
+    the kernels multiply the same fp32 weights (dequantized exactly) with the same activations and
+    differ only in summation order, the same fp32 noise (~1e-5 relative over 30 layers, logits of
+    O(10-30)) the HF comparison allows for; a wrong scale or layout moves logits by whole units."""
+    for prompt in chat_prompts[:3]:
+        ours, dense = prefill_logits(quantized, prompt), prefill_logits(engine, prompt)
+        assert (ours - dense).abs().max().item() < 1e-3
+        assert torch.equal(ours.argmax(-1), dense.argmax(-1))
+
+
+def test_greedy_text_equals_fp32_alone_and_in_a_staggered_batch(quantized, engine, chat_prompts):
+    alone = [quantized.generate([p], GREEDY)[0][1] for p in chat_prompts]
+    assert alone == [engine.generate([p], GREEDY)[0][1] for p in chat_prompts]
+    assert run_staggered(quantized, chat_prompts, GREEDY, join_every=3) == alone
+
+
+def test_avx2_build_serves_the_same_text(quantized, chat_prompts, monkeypatch):
+    """The AVX2 kernels (what an AVX2-only host runs) give the AVX-512 build's greedy text."""
+    from engine.llm_engine import LLMEngine
+
+    if "avx2" not in quant_ops.isas():
+        pytest.skip("this CPU does not run the AVX2 build")
+    monkeypatch.setattr(quant_ops, "best_isa", lambda: "avx2")
+    config = copy.deepcopy(quantized.config)
+    config.max_num_seqs = 2
+    avx2 = LLMEngine(config)
+    assert avx2.runner.model.layers[0].down.backend == "quant-avx2"
+    for prompt in chat_prompts[:2]:
+        assert avx2.generate([prompt], GREEDY)[0][1] == quantized.generate([prompt], GREEDY)[0][1]
+
+
+def test_a_skipped_ffn_reads_none_of_its_weights(quantized, chat_prompts, monkeypatch):
+    """A decode step whose rows skip FFNs calls no FFN kernel for the layers every row skipped."""
+    from engine.backends.cpu.quant_linear import QuantLinear
+
+    runner, model = quantized.runner, quantized.runner.model
+    downs = {id(layer.down): i for i, layer in enumerate(model.layers)}
+    called = []
+    original = QuantLinear.__call__
+
+    def counting(self, x):
+        if id(self) in downs:
+            called.append(downs[id(self)])
+        return original(self, x)
+
+    prompts = chat_prompts[:2]
+    with quantized.kv_blocks([len(p) + 1 for p in prompts]) as tables:
+        runner.prefill([(p, table, 0) for p, table in zip(prompts, tables)])
+        policy = build_policy(quantized.config.skip, runner.num_layers)
+        gate = policy.make_gate([RowSkip(8, 0.0), RowSkip(8, 0.0)], runner.device)  # both fire at once
+        monkeypatch.setattr(QuantLinear, "__call__", counting)
+        runner.decode([p[-1] for p in prompts], [len(p) for p in prompts], tables, gate)
+    per_row, per_layer = gate.skip_counts(len(prompts))
+    assert per_row == [8, 8]
+    skipped_by_all = {i for i, n in enumerate(per_layer) if n == len(prompts)}
+    assert len(skipped_by_all) == 8
+    assert set(called) == set(range(runner.num_layers)) - skipped_by_all
