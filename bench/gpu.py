@@ -189,8 +189,10 @@ def main():
 
 def run(args, hf_dir, batches):
     bandwidth = copy_bandwidth()
+    max_len = 256 + args.new_tokens
+    # KV for exactly the largest batch, so that HF's models fit on the card beside the engine
     config = EngineConfig(model=str(hf_dir), device="cuda", dtype="bfloat16", max_num_seqs=max(batches),
-                          max_model_len=256 + args.new_tokens, prefix_caching=False,
+                          max_model_len=max_len, kv_capacity_tokens=max(batches) * max_len, prefix_caching=False,
                           skip=SkipConfig(cold_start=4, cold_end=4, max_budget=1.0))
     engine = LLMEngine(config)
     cfg = engine.model_config

@@ -260,3 +260,26 @@ def test_masked_ffn_is_the_llama_ffn_for_running_rows_and_identity_for_skipped_o
     dense = h.float() + (F.silu(gate) * up) @ down.float().T
     torch.testing.assert_close(got[run.bool()].float(), dense[run.bool()], **TOLERANCE[torch.bfloat16])
     assert torch.equal(got[~run.bool()], h[~run.bool()])
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_write_then_attend_equals_the_torch_backend_on_the_engines_metadata(window):
+    """The decode attention the CUDA backend will swap in: same cache contents and same output as
+    engine/backends/torch_backend.py for metadata built by engine/kv/metadata.py."""
+    from engine.backends.torch_backend import TorchBackend
+    from engine.kv.metadata import AttentionMetadata
+
+    heads, kv_heads, head_dim, num_blocks = 6, 2, 64, 12
+    tables, positions = [[4, 9, 2], [7], [0, 11]], [40, 3, 16]
+    meta = AttentionMetadata.for_decode(tables, positions, BLOCK_SIZE, DEVICE, torch.float32)
+    k_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim)
+    v_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim)
+    q, k, v = randn(3, heads, head_dim), randn(3, kv_heads, head_dim), randn(3, kv_heads, head_dim)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    expect = TorchBackend().attention(q, k, v, k_ref, v_ref, meta, 0.125, window)
+
+    write_kv(k, v, k_cache, v_cache, meta.write_blocks * BLOCK_SIZE + meta.write_offsets)
+    got = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.125, window)
+
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    torch.testing.assert_close(got, expect, **TOLERANCE[torch.float32])
