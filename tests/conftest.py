@@ -11,6 +11,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+
+# Without CUDA the Triton kernels (engine/backends/cuda) are tested under Triton's interpreter on
+# the CPU. @triton.jit reads TRITON_INTERPRET when a kernel, or triton's own library, is defined,
+# so it is set here, before any test imports triton (importing transformers' models does).
+# CUDA hosts run those tests compiled, on the device (tests/kernel_device.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"

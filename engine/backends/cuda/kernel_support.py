@@ -1,0 +1,17 @@
+"""What the Triton kernel wrappers of this package share."""
+from __future__ import annotations
+
+import torch
+import triton
+
+
+def upcast_dots(tensor: torch.Tensor) -> bool:
+    """Whether `tl.dot` operands must be cast to fp32 first. CPU tensors only run under
+    TRITON_INTERPRET=1, whose numpy `dot` multiplies bf16 as raw uint16 bits (triton 3.9); on a
+    GPU bf16 operands go to the tensor cores as they are and accumulate in fp32."""
+    return tensor.device.type == "cpu"
+
+
+def dot_size(n: int) -> int:
+    """A `tl.dot` dimension covering n: a power of two, at least 16 (the tensor-core minimum)."""
+    return max(16, triton.next_power_of_2(n))

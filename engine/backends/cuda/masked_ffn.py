@@ -1,0 +1,26 @@
+"""The Llama-family FFN of a decode step whose rows may skip it, on the masked kernels:
+out = h + down(act(gate_up(rmsnorm(h)))) for rows that run, out = h for rows that skip, and not
+one weight byte read when no row runs (masked_linear.py)."""
+from __future__ import annotations
+
+import torch
+
+from engine.backends.cuda.gated_activation import gelu_tanh_mul, silu_mul
+from engine.backends.cuda.masked_linear import masked_linear
+from engine.backends.cuda.rms_norm import rms_norm
+
+ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
+
+
+class MaskedFFN:
+    def __init__(self, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
+                 down_weight: torch.Tensor, activation: str = "silu"):
+        """gate_up_weight: [2 * inter, hidden] (gate rows, then up rows); down_weight: [hidden, inter]."""
+        self.norm_weight, self.eps = norm_weight, eps
+        self.gate_up_weight, self.down_weight = gate_up_weight, down_weight
+        self.activation = ACTIVATIONS[activation]
+
+    def __call__(self, h: torch.Tensor, run: torch.Tensor | None = None) -> torch.Tensor:
+        """h: [rows, hidden]; run: [rows] device mask (None = every row runs) -> out [rows, hidden]."""
+        gate_up = masked_linear(rms_norm(h, self.norm_weight, self.eps), self.gate_up_weight, run)
+        return masked_linear(self.activation(gate_up), self.down_weight, run, residual=h)

@@ -1,0 +1,36 @@
+"""bench/gpu.py's parts that do not need a GPU: its 7B shape is Llama-2-7B's, its arithmetic, and a
+clear refusal where there is no CUDA device."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.gpu import LLAMA_7B_SHAPE, skip_ceiling  # noqa: E402
+
+
+def test_the_7b_shape_is_llama_2_7b():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, **LLAMA_7B_SHAPE))
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
+
+
+def test_skip_ceiling_is_bytes_over_bytes_left():
+    # PERF.md: SmolLM2's FFNs are 79.6 M of 134.5 M parameters; skipping 25% of them -> ~1.17x
+    assert skip_ceiling(134.5, 79.6, 0.25) == pytest.approx(134.5 / (134.5 - 19.9))
+    assert skip_ceiling(134.5, 79.6, 0.0) == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on hosts without CUDA")
+def test_refuses_with_a_message_without_cuda():
+    proc = subprocess.run([sys.executable, "bench/gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "needs a CUDA device" in proc.stderr

@@ -1,0 +1,285 @@
+"""The CUDA backend's Triton kernels against torch references: compiled on a CUDA device, else on
+the CPU under Triton's interpreter (tests/kernel_device.py). Random inputs, outputs poisoned with
+NaN before each run, odd sizes (head_dim 80, GQA groups 1/3/4/8, context lengths that are not
+multiples of the block size, odd row counts). Sizes stay small: the interpreter is slow."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_device import DEVICE, INTERPRETED, poisoned
+
+from engine.backends.cuda.decode_attention import paged_decode_attention  # noqa: E402
+from engine.backends.cuda.gated_activation import gelu_tanh_mul, silu_mul  # noqa: E402
+from engine.backends.cuda.masked_ffn import MaskedFFN  # noqa: E402
+from engine.backends.cuda.masked_linear import masked_linear  # noqa: E402
+from engine.backends.cuda.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from engine.backends.cuda.rotary import apply_rotary  # noqa: E402
+from engine.backends.cuda.write_kv import write_kv  # noqa: E402
+
+BLOCK_SIZE = 16
+# bf16 outputs are compared with an fp32 reference: a few bf16 ulps of the output's scale
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+
+
+def randn(*shape, dtype=torch.float32, generator=None):
+    return torch.randn(*shape, generator=generator).to(device=DEVICE, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def random_tables(rows: int, blocks_per_row: int, num_blocks: int) -> torch.Tensor:
+    """Distinct, shuffled blocks per row, as the allocator hands them out after some churn."""
+    perm = torch.randperm(num_blocks)[:rows * blocks_per_row]
+    return perm.view(rows, blocks_per_row).to(device=DEVICE, dtype=torch.int32)
+
+
+def gathered(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[blocks, KV, bs, D], [rows, M] -> [rows, KV, M * bs, D] in fp32 (the reference's copy)."""
+    got = cache[tables.long()].float()
+    rows, m, kv, bs, d = got.shape
+    return got.transpose(1, 2).reshape(rows, kv, m * bs, d)
+
+
+def reference_attention(q, k_cache, v_cache, tables, lens, scale, window):
+    rows, heads, dim = q.shape
+    num_kv = k_cache.shape[1]
+    keys, values = gathered(k_cache, tables), gathered(v_cache, tables)
+    scores = torch.matmul(q.float().view(rows, num_kv, heads // num_kv, dim), keys.transpose(-1, -2)) * scale
+    pos = torch.arange(keys.shape[2], device=q.device)[None, :]
+    lens = lens.long()[:, None]
+    blocked = pos >= lens
+    if window:
+        blocked |= pos < lens - window
+    probs = scores.masked_fill(blocked[:, None, None, :], float("-inf")).softmax(-1)
+    out = torch.matmul(probs, values).reshape(rows, heads * dim)
+    return torch.where(lens > 0, out, 0.0)  # a row with no context (padding) gives zeros
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lens,window,splits,dtype", [
+    (8, 8, 64, [1, 17, 40], None, None, torch.float32),  # group 1 (MHA), one split
+    (9, 3, 80, [33, 5, 0], 7, 3, torch.float32),  # group 3, head_dim 80, sliding window, padded row
+    (8, 2, 128, [70, 16], None, 4, torch.bfloat16),  # group 4, several splits and tiles per split
+    (8, 1, 64, [97, 50, 3], 40, 2, torch.bfloat16),  # group 8, window cutting through splits
+])
+def test_paged_decode_attention_matches_gathered_softmax(heads, kv_heads, head_dim, lens, window, splits, dtype):
+    rows, num_blocks = len(lens), 32
+    max_blocks = math.ceil(max(lens) / BLOCK_SIZE)
+    k_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, dtype=dtype)
+    v_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, dtype=dtype)
+    tables = random_tables(rows, max_blocks, num_blocks)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    # q as a strided view of a fused projection: [rows, heads + 2 * kv_heads, D] -> first `heads`
+    q = randn(rows, heads + 2 * kv_heads, head_dim, dtype=dtype)[:, :heads]
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = poisoned(rows, heads * head_dim, dtype=dtype)
+    scale = head_dim ** -0.5
+
+    got = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, window, splits, out=out)
+
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.float(), reference_attention(q, k_cache, v_cache, tables, context_lens, scale,
+                                                                window), **TOLERANCE[dtype])
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)  # it only reads the cache
+
+
+def test_paged_decode_attention_default_splits_cover_long_contexts():
+    """The default split count comes from the block tables' span (fixed under a CUDA graph); rows
+    much shorter than the span leave most splits empty, and still come out right."""
+    rows, heads, kv_heads, head_dim, num_blocks = 2, 4, 2, 64, 80
+    lens = [600, 20]
+    k_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim)
+    v_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim)
+    tables = random_tables(rows, math.ceil(max(lens) / BLOCK_SIZE), num_blocks)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = randn(rows, heads, head_dim)
+    got = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.125)
+    torch.testing.assert_close(got, reference_attention(q, k_cache, v_cache, tables, context_lens, 0.125, None),
+                               **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_write_kv_writes_each_slot_and_nothing_for_padded_rows(head_dim):
+    num_blocks, kv_heads, rows = 6, 2, 5
+    k_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, dtype=torch.bfloat16)
+    v_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, dtype=torch.bfloat16)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    kv = randn(rows, 3 * kv_heads, head_dim, dtype=torch.bfloat16)  # views of a fused projection
+    k, v = kv[:, kv_heads:2 * kv_heads], kv[:, 2 * kv_heads:]
+    tables = [[3, 1], [0], [5, 2], [4], [2]]
+    positions = [17, 0, 31, 15, 0]
+    slots = [t[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for t, p in zip(tables, positions)]
+    slots[4] = -1  # a padded row of a graph bucket
+
+    write_kv(k, v, k_cache, v_cache, torch.tensor(slots, device=DEVICE))
+
+    expect_k, expect_v = k_before.clone(), v_before.clone()
+    for row, slot in enumerate(slots[:4]):
+        expect_k[slot // BLOCK_SIZE, :, slot % BLOCK_SIZE] = k[row]
+        expect_v[slot // BLOCK_SIZE, :, slot % BLOCK_SIZE] = v[row]
+    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+
+
+@pytest.mark.parametrize("hidden,dtype", [(576, torch.float32), (80, torch.bfloat16)])
+def test_rms_norm_matches_torch(hidden, dtype):
+    x, weight = randn(3, hidden, dtype=dtype), randn(hidden, dtype=dtype)
+    got = rms_norm(x, weight, 1e-5, out=poisoned(3, hidden, dtype=dtype))
+    expect = F.rms_norm(x.float(), (hidden,), weight.float(), 1e-5)
+    torch.testing.assert_close(got.float(), expect, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_returns_the_norm_of_the_sum_and_updates_the_residual_in_place(dtype):
+    rows, hidden = 5, 200
+    x, residual, weight = randn(rows, hidden, dtype=dtype), randn(rows, hidden, dtype=dtype), randn(hidden)
+    summed_expect = x + residual  # rounded to the activations' dtype, as the unfused model does
+    normed_expect = F.rms_norm(summed_expect.float(), (hidden,), weight, 1e-6)
+
+    normed, summed = add_rms_norm(x, residual, weight, 1e-6, out=poisoned(rows, hidden, dtype=dtype), summed=residual)
+
+    assert summed.data_ptr() == residual.data_ptr()
+    # one rounding of the same fp32 sum; Triton's interpreter rounds to bf16 toward zero, a GPU
+    # to nearest: equal within one bf16 ulp
+    torch.testing.assert_close(summed.float(), summed_expect.float(), atol=0, rtol=2 ** -7)
+    torch.testing.assert_close(normed.float(), normed_expect, **TOLERANCE[dtype])
+
+
+def reference_rotary(x, cos, sin):
+    half = x.shape[-1] // 2
+    x = x.float()
+    return x * cos[:, None].float() + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None].float()
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (80, torch.float32)])
+def test_rotary_in_place_on_q_and_k_of_a_fused_projection(head_dim, dtype):
+    tokens, heads, kv_heads = 3, 9, 3
+    qkv = randn(tokens, heads + 2 * kv_heads, head_dim, dtype=dtype)
+    qk = qkv[:, :heads + kv_heads]  # strided view: q and k rotated in one call, v untouched
+    v_before, qk_before = qkv[:, heads + kv_heads:].clone(), qk.clone()
+    angles = torch.rand(tokens, head_dim // 2, device=DEVICE) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+
+    got = apply_rotary(qk, cos[:, None], sin[:, None], out=qk)
+
+    assert got.data_ptr() == qk.data_ptr()
+    torch.testing.assert_close(qk.float(), reference_rotary(qk_before, cos, sin), **TOLERANCE[dtype])
+    assert torch.equal(qkv[:, heads + kv_heads:], v_before)
+
+
+def test_rotary_out_of_place_leaves_the_input():
+    x = randn(2, 4, 64)
+    before = x.clone()
+    angles = torch.rand(2, 32, device=DEVICE)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    got = apply_rotary(x, cos, sin, out=poisoned(2, 4, 64, dtype=torch.float32))
+    torch.testing.assert_close(got, reference_rotary(before, cos, sin), **TOLERANCE[torch.float32])
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("inter,dtype", [(1536, torch.bfloat16), (100, torch.float32)])
+def test_silu_and_gelu_tanh_times_up(inter, dtype):
+    gate_up = randn(3, 2 * inter, dtype=dtype) * 3
+    gate, up = gate_up.float().chunk(2, -1)
+    got = silu_mul(gate_up, out=poisoned(3, inter, dtype=dtype))
+    torch.testing.assert_close(got.float(), F.silu(gate) * up, **TOLERANCE[dtype])
+    got = gelu_tanh_mul(gate_up, out=poisoned(3, inter, dtype=dtype))
+    torch.testing.assert_close(got.float(), F.gelu(gate, approximate="tanh") * up, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("rows,run,with_residual", [
+    (1, [1], False),
+    (5, [1, 0, 1, 1, 0], True),
+    (70, [i % 3 != 0 and i < 64 for i in range(70)], True),  # two row tiles; the second runs no row
+    (3, [0, 0, 0], True),  # nobody runs: out = residual
+])
+def test_masked_linear_computes_running_rows_and_passes_the_others(rows, run, with_residual):
+    n_out, k_in = 100, 70  # neither a multiple of the tiles
+    x, weight = randn(rows, k_in, dtype=torch.bfloat16), randn(n_out, k_in, dtype=torch.bfloat16)
+    residual = randn(rows, n_out, dtype=torch.bfloat16) if with_residual else None
+    run_mask = torch.tensor(run, dtype=torch.int32, device=DEVICE)
+
+    got = masked_linear(x, weight, run_mask, residual, out=poisoned(rows, n_out, dtype=torch.bfloat16))
+
+    skipped = residual.float() if with_residual else torch.zeros(rows, n_out, device=DEVICE)
+    computed = x.float() @ weight.float().T + (skipped if with_residual else 0)
+    expect = torch.where(run_mask.bool()[:, None], computed, skipped)
+    torch.testing.assert_close(got.float(), expect, **TOLERANCE[torch.bfloat16])
+
+
+def test_masked_linear_without_mask_is_a_linear_layer():
+    x, weight = randn(4, 96), randn(48, 96)
+    got = masked_linear(x, weight, out=poisoned(4, 48, dtype=torch.float32))
+    torch.testing.assert_close(got, x @ weight.T, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="counting memory reads needs Triton's interpreter")
+def test_masked_linear_reads_no_weight_when_no_row_runs(monkeypatch):
+    """The point of the kernel: a skipped FFN reads none of its weights. Every load the
+    interpreter performs is recorded; none may touch the weight when no row runs."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    addresses = []
+    original = builder.create_masked_load
+
+    def recording_load(ptrs, mask, other, cache_policy, is_volatile):
+        addresses.append(ptrs.data[mask.data].copy())
+        return original(ptrs, mask, other, cache_policy, is_volatile)
+
+    monkeypatch.setattr(builder, "create_masked_load", recording_load)
+    x, weight, residual = randn(3, 64), randn(200, 64), randn(3, 200)
+    start, end = weight.data_ptr(), weight.data_ptr() + weight.numel() * weight.element_size()
+
+    def weight_reads():
+        reads = sum(int(((a >= start) & (a < end)).sum()) for a in addresses)
+        addresses.clear()
+        return reads
+
+    out = masked_linear(x, weight, torch.zeros(3, dtype=torch.int32), residual)
+    assert weight_reads() == 0 and torch.equal(out, residual)
+    masked_linear(x, weight, torch.tensor([0, 1, 0], dtype=torch.int32), residual)
+    assert weight_reads() == weight.numel()  # one running row: every weight read once
+
+
+def test_masked_ffn_is_the_llama_ffn_for_running_rows_and_identity_for_skipped_ones():
+    rows, hidden, inter = 4, 64, 96
+    h = randn(rows, hidden, dtype=torch.bfloat16)
+    norm = randn(hidden, dtype=torch.bfloat16)
+    gate_up, down = randn(2 * inter, hidden, dtype=torch.bfloat16) / 8, randn(hidden, inter, dtype=torch.bfloat16) / 8
+    run = torch.tensor([1, 0, 1, 0], dtype=torch.int32, device=DEVICE)
+
+    got = MaskedFFN(norm, 1e-5, gate_up, down)(h, run)
+
+    gate, up = (F.rms_norm(h.float(), (hidden,), norm.float(), 1e-5) @ gate_up.float().T).chunk(2, -1)
+    dense = h.float() + (F.silu(gate) * up) @ down.float().T
+    torch.testing.assert_close(got[run.bool()].float(), dense[run.bool()], **TOLERANCE[torch.bfloat16])
+    assert torch.equal(got[~run.bool()], h[~run.bool()])
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_write_then_attend_equals_the_torch_backend_on_the_engines_metadata(window):
+    """The decode attention the CUDA backend will swap in: same cache contents and same output as
+    engine/backends/torch_backend.py for metadata built by engine/kv/metadata.py."""
+    from engine.backends.torch_backend import TorchBackend
+    from engine.kv.metadata import AttentionMetadata
+
+    heads, kv_heads, head_dim, num_blocks = 6, 2, 64, 12
+    tables, positions = [[4, 9, 2], [7], [0, 11]], [40, 3, 16]
+    meta = AttentionMetadata.for_decode(tables, positions, BLOCK_SIZE, DEVICE, torch.float32)
+    k_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim)
+    v_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim)
+    q, k, v = randn(3, heads, head_dim), randn(3, kv_heads, head_dim), randn(3, kv_heads, head_dim)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    expect = TorchBackend().attention(q, k, v, k_ref, v_ref, meta, 0.125, window)
+
+    write_kv(k, v, k_cache, v_cache, meta.write_blocks * BLOCK_SIZE + meta.write_offsets)
+    got = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.125, window)
+
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    torch.testing.assert_close(got, expect, **TOLERANCE[torch.float32])
