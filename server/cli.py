@@ -64,7 +64,9 @@ def serve_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429 "
                    "(default: 64)")
     k = p.add_argument_group("FFN skipping")
-    k.add_argument("--skip-policy", choices=["ffn_skipllm", "none"], default=None, help=shown(preset.skip.policy))
+    k.add_argument("--skip-policy", choices=["ffn_skipllm", "batch_aligned", "none"], default=None,
+                   help="ffn_skipllm: each row decides per layer; batch_aligned: the budgeted rows of a step "
+                        f"skip the same layers once half of them fire; none: dense {shown(preset.skip.policy)}")
     k.add_argument("--skip-threshold", type=float, default=None,
                    help=f"cosine trigger threshold {shown(preset.skip.threshold)}")
     k.add_argument("--skip-cold-start", type=int, default=None,

@@ -85,3 +85,30 @@ def test_policy_gives_a_dense_gate_when_no_row_may_skip_and_checks_the_quorum():
     assert isinstance(policy.make_gate([RowSkip(0, 0.9), RowSkip(2, 0.9)], "cpu"), BatchAlignedGate)
     with pytest.raises(ValueError):
         BatchAlignedPolicy(SkipConfig(), LAYERS, quorum=0.0)
+
+
+def test_the_engine_serves_the_batch_aligned_policy(engine, chat_prompts):
+    """Selected by name (`--skip-policy batch_aligned`), it drives a real decode batch: budgeted
+    rows skip, budget-0 rows beside them never do, and usage counts what was skipped."""
+    from dataclasses import replace
+
+    from engine.sampling_params import SamplingParams, SkipParams
+    from engine.skip import build_policy
+
+    runner = engine.runner
+    per_row = runner.policy
+    runner.policy = build_policy(replace(engine.config.skip, policy="batch_aligned"), runner.num_layers)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        budgets = [0.3, 0.0, 0.3, 0.0]
+        for i, (prompt, budget) in enumerate(zip(chat_prompts, budgets)):
+            engine.add_request(f"aligned-{i}", prompt, params, SkipParams(budget=budget, threshold=0.0))
+        last = {}
+        while engine.has_work:
+            for out in engine.step()[0]:
+                last[out.request_id] = out
+    finally:
+        runner.policy = per_row
+    skipped = [last[f"aligned-{i}"].ffn_skipped for i in range(len(budgets))]
+    assert skipped[1] == skipped[3] == 0
+    assert skipped[0] > 0 and skipped[2] > 0

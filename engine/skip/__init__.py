@@ -2,11 +2,14 @@
 
 - `none`: every FFN runs (exact dense).
 - `ffn_skipllm`: FFN-SkipLLM (Jaiswal et al., 2024), per row and per token, decided on the device.
+- `batch_aligned`: the same trigger, but the budgeted rows of a step skip the same layers once a
+  quorum of them fires (at batch > 1 a layer's weights are read if any row runs it).
 """
 from __future__ import annotations
 
 from engine.config import SkipConfig
 from engine.skip.base import DenseGate, RowSkip, SkipPolicy, TokenSkipPlan
+from engine.skip.batch_aligned import BatchAlignedPolicy
 from engine.skip.ffn_skipllm import FFNSkipLLMPolicy
 
 
@@ -17,7 +20,7 @@ class NoSkipPolicy(SkipPolicy):
         return DenseGate(self.num_layers)
 
 
-POLICIES = {"none": NoSkipPolicy, "ffn_skipllm": FFNSkipLLMPolicy}
+POLICIES = {"none": NoSkipPolicy, "ffn_skipllm": FFNSkipLLMPolicy, "batch_aligned": BatchAlignedPolicy}
 
 
 def build_policy(config: SkipConfig, num_layers: int) -> SkipPolicy:
