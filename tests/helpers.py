@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.skip import DenseGate, RowSkip, build_policy
 
 
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -57,3 +59,37 @@ async def stream_chat(aclient, **request) -> tuple[str, str | None]:
     stream = await aclient.chat.completions.create(stream=True, **request)
     chunks = [c async for c in stream if c.choices]
     return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]]):
+    """A dense decode step and one whose gate skips FFNs (rows 0 and 2 skip 8 layers, row 1 none)
+    through the native layer calls give the per-op path's logits, K/V and skip counts to the bit."""
+    runner, model = engine.runner, engine.runner.model
+    fused = model.fused_decode
+    if fused is None:
+        pytest.skip("the native layer calls do not apply here (no native GEMMs for these weights on this CPU)")
+    policy = build_policy(engine.config.skip, runner.num_layers)
+    with engine.kv_blocks([len(p) + 1 for p in prompts]) as tables:
+        runner.prefill([(p, table, 0) for p, table in zip(prompts, tables)])
+        k_before, v_before = runner.kv.k.clone(), runner.kv.v.clone()
+
+        def step(gate, native: bool):
+            runner.kv.k.copy_(k_before)
+            runner.kv.v.copy_(v_before)
+            model.fused_decode = fused if native else None  # None: the per-op path
+            try:
+                hidden = runner.decode([p[-1] for p in prompts], [len(p) for p in prompts], tables, gate)
+            finally:
+                model.fused_decode = fused
+            return runner.logits(hidden), runner.kv.k.clone(), runner.kv.v.clone(), gate.skip_counts(len(prompts))
+
+        def skipping_gate():  # rows 0 and 2 may skip 8 FFNs, firing at once; row 1 stays dense
+            return policy.make_gate([RowSkip(8, 0.0), RowSkip(0, 0.0), RowSkip(8, 0.0)], runner.device)
+
+        dense = [step(DenseGate(runner.num_layers), native) for native in (True, False)]
+        skipped = [step(skipping_gate(), native) for native in (True, False)]
+    for (logits1, k1, v1, counts1), (logits2, k2, v2, counts2) in (dense, skipped):
+        assert torch.equal(logits1, logits2)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        assert counts1 == counts2
+    assert not torch.equal(dense[0][1], k_before)  # the step did write its K/V
+    assert skipped[0][3][0] == [8, 0, 8]  # and the skipping step did skip
+    assert not torch.equal(skipped[0][0], dense[0][0])

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.skip import DenseGate
-from tests.helpers import hf_greedy, run_staggered
+from tests.helpers import assert_layer_calls_equal_the_per_op_path, hf_greedy, run_staggered
 
 MAX_NEW = 40
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
@@ -70,37 +69,4 @@ def test_native_layer_calls_equal_the_per_op_path(engine, chat_prompts):
     kernels in the same order: a dense step in one call, and a step whose gate skips FFNs (one call
     per branch and layer), give the same logits, K/V and skip counts as the per-op path, to the
     bit. Three rows of different lengths on their own blocks."""
-    from engine.skip import RowSkip, build_policy
-
-    runner, model = engine.runner, engine.runner.model
-    fused = model.fused_decode
-    if fused is None:
-        pytest.skip("the native layer calls do not apply here (no native GEMMs for these weights on this CPU)")
-    prompts = chat_prompts[:3]
-    policy = build_policy(engine.config.skip, runner.num_layers)
-    with engine.kv_blocks([len(p) + 1 for p in prompts]) as tables:
-        runner.prefill([(p, table, 0) for p, table in zip(prompts, tables)])
-        k_before, v_before = runner.kv.k.clone(), runner.kv.v.clone()
-
-        def step(gate, native: bool):
-            runner.kv.k.copy_(k_before)
-            runner.kv.v.copy_(v_before)
-            model.fused_decode = fused if native else None  # None: the per-op path
-            try:
-                hidden = runner.decode([p[-1] for p in prompts], [len(p) for p in prompts], tables, gate)
-            finally:
-                model.fused_decode = fused
-            return runner.logits(hidden), runner.kv.k.clone(), runner.kv.v.clone(), gate.skip_counts(len(prompts))
-
-        def skipping_gate():  # rows 0 and 2 may skip 8 FFNs, firing at once; row 1 stays dense
-            return policy.make_gate([RowSkip(8, 0.0), RowSkip(0, 0.0), RowSkip(8, 0.0)], runner.device)
-
-        dense = [step(DenseGate(runner.num_layers), native) for native in (True, False)]
-        skipped = [step(skipping_gate(), native) for native in (True, False)]
-    for (logits1, k1, v1, counts1), (logits2, k2, v2, counts2) in (dense, skipped):
-        assert torch.equal(logits1, logits2)
-        assert torch.equal(k1, k2) and torch.equal(v1, v2)
-        assert counts1 == counts2
-    assert not torch.equal(dense[0][1], k_before)  # the step did write its K/V
-    assert skipped[0][3][0] == [8, 0, 8]  # and the skipping step did skip
-    assert not torch.equal(skipped[0][0], dense[0][0])
+    assert_layer_calls_equal_the_per_op_path(engine, chat_prompts[:3])

@@ -1,6 +1,7 @@
 """The embedded SmolLM2 GGUF served in its own quantization (`--dtype auto` on the CPU) against the
 same file dequantized to fp32 (`--dtype float32`): same weights, same logits to rounding, same
-greedy text alone and in a batch, FFN skips that read no weights."""
+greedy text alone and in a batch, native layer calls equal to the per-op path, FFN skips that read
+no weights."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,7 @@ import torch
 from engine.native import quant_ops
 from engine.sampling_params import SamplingParams
 from engine.skip import RowSkip, build_policy
-from tests.helpers import run_staggered
+from tests.helpers import assert_layer_calls_equal_the_per_op_path, run_staggered
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
@@ -87,26 +88,49 @@ def test_avx2_build_serves_the_same_text(quantized, chat_prompts, monkeypatch):
         assert avx2.generate([prompt], GREEDY)[0][1] == quantized.generate([prompt], GREEDY)[0][1]
 
 
-def test_a_skipped_ffn_reads_none_of_its_weights(quantized, chat_prompts, monkeypatch):
-    """A decode step whose rows skip FFNs calls no FFN kernel for the layers every row skipped."""
+def test_native_layer_calls_equal_the_per_op_path(quantized, chat_prompts):
+    """The quantized projections inside decode_layers.cpp (through each weight's descriptor and the
+    kernel build chosen in Python) give the per-op path's bits, dense and skipping."""
+    assert quantized.runner.model.fused_decode is not None
+    assert_layer_calls_equal_the_per_op_path(quantized, chat_prompts[:3])
+
+
+@pytest.mark.parametrize("layer_calls", [True, False], ids=["native-layer-calls", "per-op"])
+def test_a_skipped_ffn_reads_none_of_its_weights(quantized, chat_prompts, monkeypatch, layer_calls):
+    """A decode step whose rows skip FFNs runs nothing that reads the FFN weights of the layers
+    every row skipped: no FFN branch call on the native layer calls, no down-projection kernel call
+    on the per-op path."""
     from engine.backends.cpu.quant_linear import QuantLinear
 
     runner, model = quantized.runner, quantized.runner.model
-    downs = {id(layer.down): i for i, layer in enumerate(model.layers)}
     called = []
-    original = QuantLinear.__call__
+    if layer_calls:
+        fused = model.fused_decode
 
-    def counting(self, x):
-        if id(self) in downs:
-            called.append(downs[id(self)])
-        return original(self, x)
+        def counting_branch(i, branch):
+            def ffn(h):
+                called.append(i)
+                return branch(h)
+            return ffn
 
+        monkeypatch.setattr(fused, "ffns", [counting_branch(i, f) for i, f in enumerate(fused.ffns)])
+    else:
+        monkeypatch.setattr(model, "fused_decode", None)
+        downs = {id(layer.down): i for i, layer in enumerate(model.layers)}
+        original = QuantLinear.__call__
+
+        def counting(self, x):
+            if id(self) in downs:
+                called.append(downs[id(self)])
+            return original(self, x)
+
+        monkeypatch.setattr(QuantLinear, "__call__", counting)
     prompts = chat_prompts[:2]
     with quantized.kv_blocks([len(p) + 1 for p in prompts]) as tables:
         runner.prefill([(p, table, 0) for p, table in zip(prompts, tables)])
+        called.clear()  # count the decode step only
         policy = build_policy(quantized.config.skip, runner.num_layers)
         gate = policy.make_gate([RowSkip(8, 0.0), RowSkip(8, 0.0)], runner.device)  # both fire at once
-        monkeypatch.setattr(QuantLinear, "__call__", counting)
         runner.decode([p[-1] for p in prompts], [len(p) for p in prompts], tables, gate)
     per_row, per_layer = gate.skip_counts(len(prompts))
     assert per_row == [8, 8]

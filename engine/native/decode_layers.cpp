@@ -4,6 +4,10 @@
 // dispatches per layer. With FFN skipping, the gate (Python) calls the two branches per layer.
 //
 // Per layer: h = x + o_proj(attn(rope(qkv(rms_norm(x))))); x = h + down(silu(gate) * up)(rms_norm(h)).
+//
+// Each projection comes as a `WeightRef` that names its kernel by address: the Python side picks
+// it (a dense GEMM, or the quantized GEMM's build for this CPU's instruction set, which this file
+// cannot name: engine/native/build.py compiles that source once per instruction set).
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -13,9 +17,6 @@ void decode_attention_f32(const float* q, const float* k_new, const float* v_new
                           const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int heads,
                           int kv_heads, int dim, int block_size, int max_blocks, int window, float scale,
                           int threads);
-void linear_f32(const float* x, const float* w, const float* bias, float* y, int rows, int in, int out, int threads);
-void linear_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int rows, int in, int out,
-                 int threads);
 void rms_norm_f32(const float* x, const float* weight, float* out, int64_t rows, int dim, float eps, int threads);
 void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
 void rope_f32(float* x, const float* cos, const float* sin, int64_t tokens, int heads, int dim, int64_t token_stride,
@@ -24,20 +25,44 @@ void rope_f32(float* x, const float* cos, const float* sin, int64_t tokens, int 
 
 namespace {
 
-// Column order of the per-layer pointer table (engine/backends/cpu/fused_decode.py).
-enum Column { INPUT_NORM, POST_NORM, QKV_W, QKV_B, O_W, GATE_UP_W, DOWN_W, K_CACHE, V_CACHE, COLUMNS };
+using DenseKernel = void (*)(const float* x, const void* w, const float* bias, float* y, int rows, int in, int out,
+                             int threads);
+using QuantKernel = int (*)(const float* x, const uint8_t* q, const float* scale, const float* offset,
+                            const float* bias, float* y, int rows, int in, int out, int bits, int group, int threads);
 
-struct Linear {
-    bool bf16;
-    int threads;
-    void operator()(const float* x, int64_t w, int64_t b, float* y, int rows, int in, int out) const {
-        const float* bias = reinterpret_cast<const float*>(b);
-        if (bf16)
-            linear_bf16(x, reinterpret_cast<const uint16_t*>(w), bias, y, rows, in, out, threads);
-        else
-            linear_f32(x, reinterpret_cast<const float*>(w), bias, y, rows, in, out, threads);
-    }
+// One projection, eight int64 columns of the layer table (engine/backends/cpu/fused_decode.py
+// `weight_ref` writes them): y [rows, out] = x [rows, in] W^T + bias.
+struct WeightRef {
+    enum Kind : int64_t { DENSE = 0, QUANTIZED = 1 };
+    int64_t kind;
+    int64_t kernel;         // DENSE: linear_f32 / linear_bf16; QUANTIZED: quant_linear_<isa>
+    int64_t weight;         // DENSE: the blocked matrix; QUANTIZED: the integers q
+    int64_t scale, offset;  // QUANTIZED: per-group fp32 scales and offsets (offset 0: none)
+    int64_t bias;           // fp32 [out], or 0
+    int64_t bits, group;    // QUANTIZED: the integers' width and the group size
 };
+static_assert(sizeof(WeightRef) == 8 * sizeof(int64_t), "WeightRef is eight table columns");
+
+// A row of the per-layer table: pointers, then one WeightRef per projection.
+struct LayerRow {
+    int64_t input_norm, post_norm, k_cache, v_cache;
+    WeightRef qkv, o_proj, gate_up, down;
+};
+static_assert(sizeof(LayerRow) == 36 * sizeof(int64_t), "fused_decode.py's table width");
+
+template <typename T>
+const T* ptr(int64_t address) { return reinterpret_cast<const T*>(address); }
+
+void linear(const WeightRef& w, const float* x, float* y, int rows, int in, int out, int threads) {
+    const float* bias = ptr<float>(w.bias);
+    if (w.kind == WeightRef::DENSE) {
+        reinterpret_cast<DenseKernel>(w.kernel)(x, ptr<void>(w.weight), bias, y, rows, in, out, threads);
+    } else {  // every QuantWeight layout (engine/quant/weight.py) is one the kernel takes
+        reinterpret_cast<QuantKernel>(w.kernel)(x, ptr<uint8_t>(w.weight), ptr<float>(w.scale), ptr<float>(w.offset),
+                                                bias, y, rows, in, out, static_cast<int>(w.bits),
+                                                static_cast<int>(w.group), threads);
+    }
+}
 
 // Rows of `width` columns starting at column `from` of a [rows, stride] matrix -> contiguous dst.
 void copy_columns(const float* src, int rows, int64_t stride, int from, int width, float* dst) {
@@ -68,67 +93,66 @@ struct DecodeScratch {
 
 // out [rows, hidden] = o_proj(attention(rope(qkv(rms_norm(x))))) for one layer's decode step;
 // writes the rows' new K/V into the layer's caches.
-static void attention_branch(const float* x, const int64_t* p, const Linear& linear, DecodeScratch& s,
-                             const float* cos, const float* sin, const int32_t* block_tables,
-                             const int32_t* lengths, float* out, int rows, int hidden, int heads, int kv_heads,
-                             int head_dim, int block_size, int max_blocks, float eps, float scale, int threads) {
+static void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const float* cos,
+                             const float* sin, const int32_t* block_tables, const int32_t* lengths, float* out,
+                             int rows, int hidden, int heads, int kv_heads, int head_dim, int block_size,
+                             int max_blocks, float eps, float scale, int threads) {
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
-    rms_norm_f32(x, reinterpret_cast<const float*>(p[INPUT_NORM]), s.normed.data(), rows, hidden, eps, threads);
-    linear(s.normed.data(), p[QKV_W], p[QKV_B], s.qkv.data(), rows, hidden, qkv_width);
+    rms_norm_f32(x, ptr<float>(p.input_norm), s.normed.data(), rows, hidden, eps, threads);
+    linear(p.qkv, s.normed.data(), s.qkv.data(), rows, hidden, qkv_width, threads);
     rope_f32(s.qkv.data(), cos, sin, rows, heads + kv_heads, head_dim, qkv_width, head_dim, threads);
     copy_columns(s.qkv.data(), rows, qkv_width, 0, q_width, s.q.data());
     copy_columns(s.qkv.data(), rows, qkv_width, q_width, kv_width, s.k.data());
     copy_columns(s.qkv.data(), rows, qkv_width, q_width + kv_width, kv_width, s.v.data());
-    decode_attention_f32(s.q.data(), s.k.data(), s.v.data(), reinterpret_cast<float*>(p[K_CACHE]),
-                         reinterpret_cast<float*>(p[V_CACHE]), block_tables, lengths, s.attn.data(), rows, heads,
+    decode_attention_f32(s.q.data(), s.k.data(), s.v.data(), reinterpret_cast<float*>(p.k_cache),
+                         reinterpret_cast<float*>(p.v_cache), block_tables, lengths, s.attn.data(), rows, heads,
                          kv_heads, head_dim, block_size, max_blocks, 0, scale, threads);
-    linear(s.attn.data(), p[O_W], 0, out, rows, q_width, hidden);
+    linear(p.o_proj, s.attn.data(), out, rows, q_width, hidden, threads);
 }
 
 // out [rows, hidden] = down(silu(gate) * up)(rms_norm(h)): the FFN branch the skip gate runs or skips.
-static void ffn_branch(const float* h, const int64_t* p, const Linear& linear, DecodeScratch& s, float* out,
-                       int rows, int hidden, int inter, float eps, int threads) {
-    rms_norm_f32(h, reinterpret_cast<const float*>(p[POST_NORM]), s.normed.data(), rows, hidden, eps, threads);
-    linear(s.normed.data(), p[GATE_UP_W], 0, s.gate_up.data(), rows, hidden, 2 * inter);
+static void ffn_branch(const float* h, const LayerRow& p, DecodeScratch& s, float* out, int rows, int hidden,
+                       int inter, float eps, int threads) {
+    rms_norm_f32(h, ptr<float>(p.post_norm), s.normed.data(), rows, hidden, eps, threads);
+    linear(p.gate_up, s.normed.data(), s.gate_up.data(), rows, hidden, 2 * inter, threads);
     silu_mul_f32(s.gate_up.data(), s.act.data(), rows, inter, threads);
-    linear(s.act.data(), p[DOWN_W], 0, out, rows, inter, hidden);
+    linear(p.down, s.act.data(), out, rows, inter, hidden, threads);
 }
 
-// One layer's branches, for the per-layer path (the skip gate decides between them). `p` is one
-// row of the pointer table.
-extern "C" void llama_attention_branch(const float* x, const int64_t* p, int weights_bf16, const float* cos,
+// One layer's branches, for the per-layer path (the skip gate decides between them). `row` is one
+// row of the layer table (a LayerRow).
+extern "C" void llama_attention_branch(const float* x, const int64_t* row, const float* cos,
                                        const float* sin, const int32_t* block_tables, const int32_t* lengths,
                                        float* out, int rows, int hidden, int heads, int kv_heads, int head_dim,
                                        int block_size, int max_blocks, float eps, float scale, int threads) {
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, 0);
-    attention_branch(x, p, Linear{weights_bf16 != 0, threads}, s, cos, sin, block_tables, lengths, out, rows, hidden,
-                     heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, threads);
+    attention_branch(x, *reinterpret_cast<const LayerRow*>(row), s, cos, sin, block_tables, lengths, out, rows,
+                     hidden, heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, threads);
 }
 
-extern "C" void llama_ffn_branch(const float* h, const int64_t* p, int weights_bf16, float* out, int rows, int hidden,
-                                 int inter, float eps, int threads) {
+extern "C" void llama_ffn_branch(const float* h, const int64_t* row, float* out, int rows, int hidden, int inter,
+                                 float eps, int threads) {
     DecodeScratch s(rows, hidden, 0, 0, inter);
-    ffn_branch(h, p, Linear{weights_bf16 != 0, threads}, s, out, rows, hidden, inter, eps, threads);
+    ffn_branch(h, *reinterpret_cast<const LayerRow*>(row), s, out, rows, hidden, inter, eps, threads);
 }
 
-// x [rows, hidden] fp32, the residual stream, updated in place; layer_ptrs [layers, COLUMNS]
-// (addresses; QKV_B may be 0); cos, sin [rows, head_dim]; block_tables [rows, max_blocks] and
-// lengths [rows] as in decode_attention_f32.
-extern "C" void llama_decode_layers(float* x, const int64_t* layer_ptrs, int layers, int weights_bf16,
-                                    const float* cos, const float* sin, const int32_t* block_tables,
-                                    const int32_t* lengths, int rows, int hidden, int heads, int kv_heads,
+// x [rows, hidden] fp32, the residual stream, updated in place; layer_rows [layers, 36] (LayerRow);
+// cos, sin [rows, head_dim]; block_tables [rows, max_blocks] and lengths [rows] as in decode_attention_f32.
+extern "C" void llama_decode_layers(float* x, const int64_t* layer_rows, int layers, const float* cos,
+                                    const float* sin, const int32_t* block_tables, const int32_t* lengths,
+                                    int rows, int hidden, int heads, int kv_heads,
                                     int head_dim, int inter, int block_size, int max_blocks, float eps, float scale,
                                     int threads) {
-    const Linear linear{weights_bf16 != 0, threads};
+    const LayerRow* rows_of_layers = reinterpret_cast<const LayerRow*>(layer_rows);
     const int64_t n = static_cast<int64_t>(rows) * hidden;
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, inter);
     std::vector<float> delta(n);
     for (int l = 0; l < layers; ++l) {
-        const int64_t* p = layer_ptrs + static_cast<int64_t>(l) * COLUMNS;
-        attention_branch(x, p, linear, s, cos, sin, block_tables, lengths, delta.data(), rows, hidden, heads,
+        const LayerRow& p = rows_of_layers[l];
+        attention_branch(x, p, s, cos, sin, block_tables, lengths, delta.data(), rows, hidden, heads,
                          kv_heads, head_dim, block_size, max_blocks, eps, scale, threads);
         add_into(x, delta.data(), n);
-        ffn_branch(x, p, linear, s, delta.data(), rows, hidden, inter, eps, threads);
+        ffn_branch(x, p, s, delta.data(), rows, hidden, inter, eps, threads);
         add_into(x, delta.data(), n);
     }
 }

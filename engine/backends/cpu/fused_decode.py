@@ -1,45 +1,65 @@
 """Llama-family decode steps on native layer calls (engine/native/decode_layers.cpp).
 
-For models whose layers are plain Llama layers with every projection on the native GEMMs: a dense
-decode step in one call (`dense_step`), or per layer the attention branch (decode) and the FFN
-branch (any rows) for the skip gate to choose between. Same kernels as the per-op path, so the same
-bits. Built once per model and KV cache (the pointer table holds their addresses).
+For models whose layers are plain Llama layers with every projection on a native kernel (the
+dense GEMMs or the quantized GEMM, one layer's projections may mix them): a dense decode step in
+one call (`dense_step`), or per layer the attention branch (decode) and the FFN branch (any rows)
+for the skip gate to choose between. Same kernels as the per-op path, so the same bits. Built once
+per model and KV cache (the layer table holds their addresses).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
 
+from engine.backends.cpu.linear import Linear
+from engine.backends.cpu.quant_linear import QuantLinear
 from engine.native import kernels
 from engine.native.ops import check_decode_lengths
+
+DENSE, QUANTIZED = 0, 1  # decode_layers.cpp's WeightRef kinds
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def weight_ref(linear) -> list[int] | None:
+    """decode_layers.cpp's WeightRef of a projection (kind, kernel, weight, scale, offset, bias,
+    bits, group), or None where its kernel has no native entry point (oneDNN, several parts)."""
+    if isinstance(linear, Linear) and linear.backend == "native":
+        return [DENSE, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(linear.weight), 0, 0,
+                _address(linear.bias), 0, 0]
+    if isinstance(linear, QuantLinear):
+        w = linear.weight
+        return [QUANTIZED, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(w.q), _address(w.scale),
+                _address(w.offset), _address(linear.bias), w.bits, w.group]
+    return None
 
 
 class FusedDecode:
     def __init__(self, model, kv):
         self.cfg, self.kv, self.rope = model.cfg, kv, model.ropes["global"]
         layers = model.layers
-        self.bf16 = layers[0].qkv.dtype == torch.bfloat16
-        rows = []  # one row of addresses per layer, in decode_layers.cpp's `Column` order
+        rows = []  # one LayerRow of decode_layers.cpp per layer: pointers, then the projections' WeightRefs
         for i, layer in enumerate(layers):
-            bias = layer.qkv.bias
-            rows.append([layer.input_norm.data_ptr(), layer.post_attn_norm.data_ptr(), layer.qkv.weight.data_ptr(),
-                         0 if bias is None else bias.data_ptr(), layer.o_proj.weight.data_ptr(),
-                         layer.gate_up.weight.data_ptr(), layer.down.weight.data_ptr(), kv.k[i].data_ptr(),
-                         kv.v[i].data_ptr()])
+            rows.append([layer.input_norm.data_ptr(), layer.post_attn_norm.data_ptr(), kv.k[i].data_ptr(),
+                         kv.v[i].data_ptr()]
+                        + [v for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) for v in weight_ref(lin)])
         self.table = torch.tensor(rows, dtype=torch.int64)
         self.layers = layers  # the table points into their tensors
         self.ffns = [functools.partial(self.ffn_branch, i) for i in range(len(layers))]
 
     @staticmethod
     def fits(model, kv) -> bool:
-        """Plain Llama layers (full attention), fp32 activations and cache, every projection on the
-        native GEMMs in one dtype."""
+        """Plain Llama layers (full attention), fp32 activations and cache, every projection on a
+        native kernel."""
         layers = model.layers
         linears = [lin for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         return (model.act_dtype == torch.float32 and kv.k.dtype == torch.float32
                 and all(layer.kind == "llama" and layer.window is None for layer in layers)
-                and all(lin.backend == "native" and lin.dtype == linears[0].dtype for lin in linears))
+                and all(weight_ref(lin) is not None for lin in linears))
 
     def __call__(self, x: torch.Tensor, meta, gate) -> torch.Tensor:
         """x: [rows, hidden] embeddings of a decode step -> the last layer's output (not normed)."""
@@ -63,7 +83,7 @@ class FusedDecode:
         x = x.contiguous()
         out = torch.empty_like(x)
         kernels().llama_attention_branch(
-            x.data_ptr(), self._row(layer), int(self.bf16), cos.data_ptr(), sin.data_ptr(), block_tables.data_ptr(),
+            x.data_ptr(), self._row(layer), cos.data_ptr(), sin.data_ptr(), block_tables.data_ptr(),
             lengths.data_ptr(), out.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
             cfg.head_dim, self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, cfg.head_dim ** -0.5,
             torch.get_num_threads())
@@ -74,8 +94,8 @@ class FusedDecode:
         cfg = self.cfg
         h = h.contiguous()
         out = torch.empty_like(h)
-        kernels().llama_ffn_branch(h.data_ptr(), self._row(layer), int(self.bf16), out.data_ptr(), h.shape[0],
-                                   cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps, torch.get_num_threads())
+        kernels().llama_ffn_branch(h.data_ptr(), self._row(layer), out.data_ptr(), h.shape[0], cfg.hidden_size,
+                                   cfg.intermediate_size, cfg.rms_norm_eps, torch.get_num_threads())
         return out
 
     def dense_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor,
@@ -85,7 +105,7 @@ class FusedDecode:
         check_decode_lengths(longest, block_tables, self.kv.block_size)
         x = x.contiguous()
         kernels().llama_decode_layers(
-            x.data_ptr(), self.table.data_ptr(), len(self.layers), int(self.bf16), cos.data_ptr(), sin.data_ptr(),
+            x.data_ptr(), self.table.data_ptr(), len(self.layers), cos.data_ptr(), sin.data_ptr(),
             block_tables.data_ptr(), lengths.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads,
             cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, self.kv.block_size, block_tables.shape[1],
             cfg.rms_norm_eps, cfg.head_dim ** -0.5, torch.get_num_threads())
