@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.decode import alternate  # noqa: E402
 from engine.config import EngineConfig, SkipConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import ensure_hf_dir  # noqa: E402
@@ -107,14 +108,6 @@ def hf_tok_s(model, prompt: list[int], batch: int, new_tokens: int) -> float:
                              min_new_tokens=new_tokens, do_sample=False)
     torch.cuda.synchronize()
     return (out.shape[1] - ids.shape[1]) * batch / (time.perf_counter() - t)
-
-
-def alternate(fns: dict, rounds: int) -> dict:
-    results = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            results[k].append(fn())
-    return results
 
 
 def kernel_table(model_config, batches: list[int], context: int = 1024) -> list[dict]:

@@ -26,14 +26,15 @@ def is_text(value: str) -> bool:
 
 
 def find_non_text(value, path: str = "") -> str | None:
-    """Dotted path of the first string (or key) in a parsed JSON value that is not text; None if all are."""
+    """Dotted path of the first string in a parsed JSON value that is not text (for a key: the path of
+    its object, "" at the top); None if all are text."""
     if isinstance(value, str):
         return None if is_text(value) else path
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         where = f"{path}.{key}" if path else str(key)
         if isinstance(key, str) and not is_text(key):
-            return path or None
+            return path
         if (hit := find_non_text(item, where)) is not None:
             return hit
     return None
@@ -52,9 +53,9 @@ class RequestBody(Strict):
         if not isinstance(data, dict):
             raise InvalidParamError("the request body must be a JSON object")
         where = find_non_text(data)
-        if where is not None or any(isinstance(k, str) and not is_text(k) for k in data):
+        if where is not None:
             raise InvalidParamError("strings must be valid Unicode text (found a lone UTF-16 surrogate)",
-                                    where)
+                                    where or None)
         return data
 
 

@@ -73,3 +73,14 @@ class SkipPolicy:
 
     def make_gate(self, rows: list[RowSkip], device):
         raise NotImplementedError
+
+
+def ffn_except(h: torch.Tensor, ffn: Callable[[torch.Tensor], torch.Tensor], skip: list[int]) -> torch.Tensor:
+    """h + ffn(h) for the rows not in `skip` (a proper subset), h for those in it: only the running
+    rows are gathered and computed (host gates, where knowing the rows costs no sync)."""
+    if not skip:
+        return h + ffn(h)
+    skipping = set(skip)
+    run = torch.tensor([r for r in range(h.shape[0]) if r not in skipping])
+    rows = h.index_select(0, run)
+    return h.index_copy(0, run, rows + ffn(rows))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.skip.base import DenseGate, RowSkip, SkipPolicy
+from engine.skip.base import DenseGate, RowSkip, SkipPolicy, ffn_except
 
 DEFAULT_QUORUM = 0.5
 
@@ -63,15 +63,9 @@ class BatchAlignedGate:
             self.remaining[r] -= 1
             self.row_skipped[r] += 1
         self.layer_skipped[layer] = len(skip)
-        if not skip:
-            out = h + ffn(h)
-        elif len(skip) == h.shape[0]:
+        if len(skip) == h.shape[0]:
             return h  # no row needs this FFN: its weights are not read
-        else:
-            skipping = set(skip)
-            run = torch.tensor([r for r in range(h.shape[0]) if r not in skipping])
-            rows = h.index_select(0, run)
-            out = h.index_copy(0, run, rows + ffn(rows))
+        out = ffn_except(h, ffn, skip)
         if layer < self.last_hot:
             self._record_cos(h, out)
         return out
