@@ -1,9 +1,10 @@
 """The quantized weights and kernels against the `gguf` package's own dequantization.
 
 Random blocks of every supported GGUF format (random integers and scale bits, sane fp16 scales)
-are repacked into the kernels' layout (engine/quant/formats.py) and multiplied by both builds of
-the kernel (AVX-512 and AVX2, each where this CPU runs it: an AVX-512 host runs both), with odd
-row and output counts that exercise every tile shape, against `gguf.quants.dequantize` in fp64.
+are repacked (engine/quant/formats.py), tiled for the kernel (engine/quant/tiled.py) and
+multiplied by both builds of the kernel (AVX-512 and AVX2, each where this CPU runs it: an AVX-512
+host runs both), with odd row and output counts that exercise every tile shape, against
+`gguf.quants.dequantize` in fp64.
 """
 import numpy as np
 import pytest
@@ -13,13 +14,15 @@ from engine import native
 from engine.native import quant_ops
 from engine.quant import QuantWeight
 from engine.quant.formats import BLOCK_BYTES, SUPPORTED, to_weight
+from engine.quant.tiled import TiledWeight
 
 BLOCK_WEIGHTS = {kind: 256 if kind.endswith("_K") else 32 for kind in SUPPORTED}
 FP16_FIELDS = {  # byte offsets of each block's fp16 scale / min fields
     "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2],
     "Q6_K": [208],
 }
-ROW_COUNTS = (1, 2, 3, 4, 5, 7, 16)  # 1-row GEMV, every partial row tile of both builds, a 16-row step
+ROW_COUNTS = (1, 2, 3, 4, 5, 7, 9, 16)  # 1-row GEMV, every partial row tile of both builds, a 16-row step
+INT16_MAX = 32767  # the kernel's activations: int16 per group, s = max|x| / 32767
 
 
 @pytest.fixture(scope="module")
@@ -51,29 +54,45 @@ def test_repacked_weights_dequantize_as_gguf_does(kind):
     raw = random_blocks(kind, 9, 3, seed=len(kind))
     weight = to_weight(kind, raw, 3 * BLOCK_WEIGHTS[kind])
     assert torch.equal(weight.dequantize(), reference(kind, raw))
+    tiled = TiledWeight.from_weight(weight)  # 9 outputs: one tile, 7 rows of padding
+    assert torch.equal(tiled.dequantize(), weight.dequantize())
+    ids = torch.tensor([[8, 0], [3, 3]])
+    assert torch.equal(tiled[ids], weight.dequantize()[ids])
+
+
+def activation_rounding_bound(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
+    """|y - x W^T| from rounding x to int16 steps of s = max|x| / 32767 per group: at most s / 2
+    per input (plus 1e-3 of it for s and 1 / s being fp32), times the weights it multiplies."""
+    rows, n = x.shape
+    s = x.abs().view(rows, n // group, group).amax(-1) / INT16_MAX  # [rows, groups]
+    w_sums = w.abs().view(w.shape[0], n // group, group).sum(-1)  # [out, groups]
+    return (s * 0.5 * (1 + 1e-3)) @ w_sums.T
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("kind", SUPPORTED)
 @pytest.mark.parametrize("out_features", [1, 37])
 def test_kernel_matches_gguf_dequantization(kernels, isa, kind, out_features):
-    """Per output, |ours - fp64 reference| <= n * eps32 * sum_i |x_i w_i| (n = inputs), the
-    worst-case bound of an n-term fp32 dot product; the kernel's one rounding per dequantized weight
-    (an FMA where gguf rounds twice) is within it. A wrong layout misses by O(|y|), far outside."""
+    """Per output, |ours - fp64 reference| <= the activations' int16 rounding (see
+    `activation_rounding_bound`, ~2^-16 of each group's largest input) + n * eps32 * sum_i |x_i w_i|
+    (n = inputs), the worst-case bound of the fp32 sums over groups. The integer products are exact.
+    A wrong layout or scale misses by O(|y|), far outside."""
     if isa not in quant_ops.isas():
         pytest.skip(f"this CPU does not run the {isa} build")
     blocks = 2 if kind.endswith("_K") else 5
     n = blocks * BLOCK_WEIGHTS[kind]
     raw = random_blocks(kind, out_features, blocks, seed=out_features)
-    weight = to_weight(kind, raw, n)
+    weight = TiledWeight.from_weight(to_weight(kind, raw, n))
     ref_w = reference(kind, raw).double()
     gen = torch.Generator().manual_seed(n)
     for rows in ROW_COUNTS:
         x = torch.randn(rows, n, generator=gen)
+        x[0, 3] = 40.0  # an outlier, as real activations have: its group's other inputs get coarser steps
         bias = torch.randn(out_features, generator=gen)
         y = quant_ops.linear(x, weight, bias, quant_ops.kernel(isa))
         ref = x.double() @ ref_w.T + bias.double()
-        bound = n * torch.finfo(torch.float32).eps * ((x.double().abs() @ ref_w.abs().T) + bias.double().abs())
+        bound = (activation_rounding_bound(x.double(), ref_w, weight.group)
+                 + n * torch.finfo(torch.float32).eps * ((x.double().abs() @ ref_w.abs().T) + bias.double().abs()))
         assert ((y.double() - ref).abs() <= bound).all(), (kind, isa, rows)
 
 
@@ -84,12 +103,25 @@ def test_kernel_is_batch_invariant(kernels, isa, kind):
     if isa not in quant_ops.isas():
         pytest.skip(f"this CPU does not run the {isa} build")
     n = 2 * 256
-    weight = to_weight(kind, random_blocks(kind, 45, n // BLOCK_WEIGHTS[kind], seed=3), n)
+    weight = TiledWeight.from_weight(to_weight(kind, random_blocks(kind, 45, n // BLOCK_WEIGHTS[kind], seed=3), n))
     x = torch.randn(16, n, generator=torch.Generator().manual_seed(5))
     kernel = quant_ops.kernel(isa)
     together = quant_ops.linear(x, weight, None, kernel)
     for r in range(16):
         assert torch.equal(quant_ops.linear(x[r:r + 1], weight, None, kernel), together[r:r + 1])
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q6_K"])
+def test_both_builds_give_the_same_bits(kernels, kind):
+    """The AVX2 and AVX-512 builds quantize activations alike, sum integers exactly and apply the
+    same fp32 operations per output, so an AVX2 host serves what an AVX-512 host does."""
+    if quant_ops.isas() != ["avx512", "avx2"]:
+        pytest.skip("needs a CPU that runs both builds (AVX-512 with VNNI)")
+    n = 4 * 256
+    weight = TiledWeight.from_weight(to_weight(kind, random_blocks(kind, 40, n // BLOCK_WEIGHTS[kind], seed=4), n))
+    x = torch.randn(7, n, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(quant_ops.linear(x, weight, None, quant_ops.kernel("avx512")),
+                       quant_ops.linear(x, weight, None, quant_ops.kernel("avx2")))
 
 
 def test_stacked_weights_run_as_their_parts(kernels):
@@ -98,8 +130,9 @@ def test_stacked_weights_run_as_their_parts(kernels):
     parts = [to_weight("Q4_1", random_blocks("Q4_1", rows, 4, seed=rows), 128) for rows in (64, 32, 32)]
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
     kernel = quant_ops.kernel(isa)
-    stacked = quant_ops.linear(x, QuantWeight.cat(parts), None, kernel)
-    assert torch.equal(stacked, torch.cat([quant_ops.linear(x, p, None, kernel) for p in parts], dim=-1))
+    stacked = quant_ops.linear(x, TiledWeight.from_weight(QuantWeight.cat(parts)), None, kernel)
+    assert torch.equal(stacked, torch.cat([quant_ops.linear(x, TiledWeight.from_weight(p), None, kernel)
+                                           for p in parts], dim=-1))
     order = torch.randperm(64, generator=torch.Generator().manual_seed(2))
     assert torch.equal(parts[0].permute_rows(order).dequantize(), parts[0].dequantize()[order])
 
@@ -115,5 +148,6 @@ def test_parts_of_different_layouts_run_side_by_side(kernels):
     layer = make_linear(parts, bias)
     assert isinstance(layer, ConcatLinear) and layer.out_features == 64
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(10))
-    dense = torch.cat([p.dequantize() for p in parts])
-    torch.testing.assert_close(layer(x), x @ dense.T + bias, rtol=1e-5, atol=1e-5)
+    dense = torch.cat([p.dequantize() for p in parts]).double()
+    err = (layer(x).double() - (x.double() @ dense.T + bias.double())).abs()
+    assert (err <= activation_rounding_bound(x.double(), dense, 32) + 1e-5).all()

@@ -1,7 +1,7 @@
 """The embedded SmolLM2 GGUF served in its own quantization (`--dtype auto` on the CPU) against the
-same file dequantized to fp32 (`--dtype float32`): same weights, same logits to rounding, same
-greedy text alone and in a batch, native layer calls equal to the per-op path, FFN skips that read
-no weights."""
+same file dequantized to fp32 (`--dtype float32`): same weights, logits within the activations'
+int16 rounding, same greedy text alone and in a batch, native layer calls equal to the per-op
+path, FFN skips that read no weights."""
 from __future__ import annotations
 
 import copy
@@ -57,24 +57,35 @@ def test_gguf_matrices_stay_quantized_and_equal_the_dense_conversion(quantized):
 
 
 def test_logits_match_the_dequantized_fp32_model(quantized, engine, chat_prompts):
-    """Prefill logits at every position within 1e-3 absolute of the fp32 model on the same file:
-    the kernels multiply the same fp32 weights (dequantized exactly) with the same activations and
-    differ only in summation order, the same fp32 noise (~1e-5 relative over 30 layers, logits of
-    O(10-30)) the HF comparison allows for; a wrong scale or layout moves logits by whole units."""
+    """Logits at every position of the prompts and of fp32's greedy answers to them within 0.1
+    absolute of the fp32 model on the same file (logits of O(10-30)): the kernels multiply the same
+    weights (dequantized exactly) with the activations rounded to int16 per group of 32 (2^-16 of
+    the group's largest input) in each of the 121 projections; this host measures ~0.02. A wrong
+    scale or layout moves logits by whole units. So greedy decoding picks fp32's token wherever
+    fp32's top two are further apart than the tolerance lets them swap (where they are closer, the
+    two models' texts could part)."""
+    tolerance = 0.1
     for prompt in chat_prompts[:3]:
-        ours, dense = prefill_logits(quantized, prompt), prefill_logits(engine, prompt)
-        assert (ours - dense).abs().max().item() < 1e-3
-        assert torch.equal(ours.argmax(-1), dense.argmax(-1))
+        text = prompt + engine.generate([prompt], GREEDY)[0][1]
+        ours, dense = prefill_logits(quantized, text), prefill_logits(engine, text)
+        assert (ours - dense).abs().max().item() < tolerance
+        top2 = dense.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * tolerance
+        assert clear.float().mean() > 0.8  # most positions are clear: the check below has teeth
+        assert torch.equal(ours.argmax(-1)[clear], dense.argmax(-1)[clear])
 
 
 def test_greedy_text_equals_fp32_alone_and_in_a_staggered_batch(quantized, engine, chat_prompts):
+    """No near-tie on these prompts: the text is fp32's (both builds give the same bits, and the
+    fp32 kernels agree across hosts too, so this holds on AVX2 and AVX-512 hosts alike)."""
     alone = [quantized.generate([p], GREEDY)[0][1] for p in chat_prompts]
     assert alone == [engine.generate([p], GREEDY)[0][1] for p in chat_prompts]
     assert run_staggered(quantized, chat_prompts, GREEDY, join_every=3) == alone
 
 
 def test_avx2_build_serves_the_same_text(quantized, chat_prompts, monkeypatch):
-    """The AVX2 kernels (what an AVX2-only host runs) give the AVX-512 build's greedy text."""
+    """The AVX2 kernels (what an AVX2-only host runs) give the AVX-512 build's greedy text (their
+    outputs are the same bits: tests/test_quant_kernels.py)."""
     from engine.llm_engine import LLMEngine
 
     if "avx2" not in quant_ops.isas():

@@ -75,6 +75,8 @@ class LlamaModel:
         head = weights.get("lm_head.weight")
         tied = head is None or cfg.tie_word_embeddings
         self.lm_head = ops.linear([self.embed if tied else to_device(head, device, dtype)])
+        if tied:  # a layer that keeps the matrix in a layout of its own serves the lookups from it too
+            self.embed = getattr(self.lm_head, "embedding", self.embed)
         self.norm = weights["model.norm.weight"].to(device=device, dtype=act)
         self.layers = [self.layer_class(cfg, weights, f"model.layers.{i}.", device, dtype, act, i, ops)
                        for i in range(cfg.num_layers)]

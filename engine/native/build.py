@@ -20,7 +20,7 @@ log = logging.getLogger("skipserve.native")
 HERE = Path(__file__).parent
 # Sources compiled once per instruction set, each defining QUANT_ISA (its functions' suffix); the
 # caller picks at run time what the CPU runs, so every x86 host builds (and tests) both.
-ISA_VARIANTS = {"quant_linear.cpp": {"avx2": ["-march=x86-64-v3"], "avx512": ["-march=x86-64-v4"]}}
+ISA_VARIANTS = {"quant_linear.cpp": {"avx2": ["-march=x86-64-v3"], "avx512": ["-march=x86-64-v4", "-mavx512vnni"]}}
 SOURCES = sorted(p for p in HERE.glob("*.cpp") if p.name not in ISA_VARIANTS)
 HEADERS = sorted(HERE.glob("*.h"))
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]

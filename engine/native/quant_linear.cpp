@@ -1,23 +1,30 @@
-// y = x W^T (+ bias) on quantized weights, fp32 activations in and out.
+// y = x W^T (+ bias) on quantized weights, fp32 activations in and out, integer dot products.
 //
-// Weight layout (engine/quant/weight.py builds it from a GGUF's blocks): row-major over outputs;
-// each row is `in / G` groups of G inputs stored as BITS-bit integers q, and every group has an
-// fp32 scale d and, for formats with one, an fp32 offset m, so that w = d * q + m:
-//   BITS 4, G 32: 16 bytes a group; byte j holds q_j (low nibble) and q_{j+16} (high nibble), 0..15
-//   BITS 8, G 32 or 16: G signed bytes a group
-// Each group is widened to fp32 (one FMA applies d and m) and multiplied with the fp32 activations,
-// so the result is the dequantized fp32 product up to summation order. A tile of outputs is
-// dequantized once per tile of rows, so a step of several rows reads the weights once.
+// Weight layout (engine/quant/tiled.py builds it): tiles of 16 outputs x one group of G inputs
+// (outputs padded to a multiple of 16 with zero rows), ordered [output tile][group]. The G / 2
+// vectors of a tile each hold, in 32-bit lane j, two consecutive weights of output j:
+//   BITS 4, G 32: 8 chunks of 32 bytes; byte 2j + e of chunk c holds weight 4c + e of output j
+//                 in its low nibble and weight 4c + 2 + e in its high nibble (q in 0..15);
+//   BITS 8, G 32 or 16: G / 2 chunks of 32 signed bytes; byte 2j + e of chunk c is weight 2c + e.
+// Every tile has 16 fp32 scales d and, for formats with one, 16 fp32 offsets m: w = d * q + m.
+//
+// Activations are quantized per row and group to int16 (s = max|x| / 32767, a = round(x / s)),
+// so a group's sum of q * a is exact in int32 (AVX-512 VNNI's vpdpwssd, or AVX2's vpmaddwd):
+//   y = sum over groups of d * s * (q . a) + m * s * sum(a).
+// The only rounding beyond fp32 sums is a's, at most s / 2 per input: 2^-16 of its group's
+// largest magnitude (tests/test_quant_kernels.py holds the kernel to that bound).
 //
 // This file is compiled twice (engine/native/build.py): with QUANT_ISA=avx2 under -march=x86-64-v3
-// and with QUANT_ISA=avx512 under -march=x86-64-v4, into `quant_linear_avx2` and
+// and with QUANT_ISA=avx512 under -march=x86-64-v4 -mavx512vnni, into `quant_linear_avx2` and
 // `quant_linear_avx512`; engine/native/quant_ops.py calls the one this CPU runs.
 //
-// Batch invariant: every output of every row is one accumulator fed group by group, vector by
-// vector, in the same order for any number of rows and any tiling, then reduced in a fixed order.
+// Batch invariant: a row's activations are quantized alone and each output's accumulator is fed
+// group by group in the same order for any number of rows.
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #if !defined(QUANT_ISA)
 #error "engine/native/build.py defines QUANT_ISA"
@@ -27,147 +34,205 @@
 
 namespace {
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr int TILE_OUT = 16;  // outputs a tile
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// One vector spans a whole tile: 16 lanes, one output each.
 struct Isa {
     using F = __m512;
-    static constexpr int W = 16;        // floats a vector
-    static constexpr int OUT_TILE = 4;  // 4 outputs x 4 rows = 16 accumulators of the 32 registers
-    static constexpr int ROW_TILE = 4;
+    using I = __m512i;
+    static constexpr int LANES = 16;
+    static constexpr int ROW_TILE = 8;  // rows sharing each unpacked weight vector
     static F zero() { return _mm512_setzero_ps(); }
+    static I izero() { return _mm512_setzero_si512(); }
     static F set1(float v) { return _mm512_set1_ps(v); }
     static F load(const float* p) { return _mm512_loadu_ps(p); }
-    static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-    static float sum(F v) { return _mm512_reduce_add_ps(v); }
-    // Vector `part` (of 16 / W) of 16 bytes widened to fp32.
-    template <bool SIGNED>
-    static F widen(__m128i bytes, int) {
-        return _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
+    static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+    static F max(F a, F b) { return _mm512_max_ps(a, b); }
+    static F abs(F v) { return _mm512_abs_ps(v); }
+    static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+    static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+    static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+    // 32 bytes (of lanes [0, LANES) of a chunk) as int16 words, unsigned or signed
+    static I widen_u8(const uint8_t* p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static I widen_s8(const uint8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static I low_nibbles(I w) { return _mm512_and_si512(w, _mm512_set1_epi16(0x0f)); }
+    static I high_nibbles(I w) { return _mm512_srli_epi16(w, 4); }
+    // acc + per lane: w.lo * a.lo + w.hi * a.hi (int16 pairs; a: one pair broadcast)
+    static I dot(I acc, I w, int32_t a) { return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(a)); }
+    static float max_abs(F v) { return _mm512_reduce_max_ps(v); }  // v: magnitudes
+    // round(v * inv) (to nearest even) -> LANES int16
+    static void narrow(F v, F inv, int16_t* a) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
     }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
+// One vector spans half a tile (8 lanes): a tile runs as two halves.
 struct Isa {
     using F = __m256;
-    static constexpr int W = 8;
-    static constexpr int OUT_TILE = 2;  // 16 registers: 4 accumulators, the groups' bytes, scales, offsets
-    static constexpr int ROW_TILE = 2;
+    using I = __m256i;
+    static constexpr int LANES = 8;
+    static constexpr int ROW_TILE = 4;
     static F zero() { return _mm256_setzero_ps(); }
+    static I izero() { return _mm256_setzero_si256(); }
     static F set1(float v) { return _mm256_set1_ps(v); }
     static F load(const float* p) { return _mm256_loadu_ps(p); }
-    static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-    static float sum(F v) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        return _mm_cvtss_f32(s);
+    static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+    static F max(F a, F b) { return _mm256_max_ps(a, b); }
+    static F abs(F v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+    static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+    static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+    static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+    static I widen_u8(const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static I widen_s8(const uint8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static I low_nibbles(I w) { return _mm256_and_si256(w, _mm256_set1_epi16(0x0f)); }
+    static I high_nibbles(I w) { return _mm256_srli_epi16(w, 4); }
+    // |q| <= 128 and |a| <= 32767: a pair sums to < 2^23, a group of 32 to < 2^27: no overflow
+    static I dot(I acc, I w, int32_t a) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi32(a))); }
+    static float max_abs(F v) {  // v: magnitudes
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        return _mm_cvtss_f32(m);
     }
-    template <bool SIGNED>
-    static F widen(__m128i bytes, int part) {
-        const __m128i half = part ? _mm_srli_si128(bytes, 8) : bytes;
-        return _mm256_cvtepi32_ps(SIGNED ? _mm256_cvtepi8_epi32(half) : _mm256_cvtepu8_epi32(half));
+    static void narrow(F v, F inv, int16_t* a) {
+        const __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a), _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
     }
 };
 #else
-#error "quant_linear.cpp needs AVX2 + FMA or AVX-512 (F, BW)"
+#error "quant_linear.cpp needs AVX2 + FMA, or AVX-512 (F, BW, VNNI)"
 #endif
 
 using F = Isa::F;
-constexpr int W = Isa::W;
+using I = Isa::I;
+constexpr int HALVES = TILE_OUT / Isa::LANES;
 
-// One group of G weights as G / 16 chunks of 16 integer bytes (4-bit: low nibbles, then high).
-template <int BITS, int G>
-struct Group {
-    static constexpr int CHUNKS = G / 16;
-    static constexpr int BYTES = G * BITS / 8;
-    static constexpr bool SIGNED = BITS == 8;
-    static void load(const uint8_t* q, __m128i* chunks) {
-        if constexpr (BITS == 4) {
-            const __m128i nibble = _mm_set1_epi8(0x0f);
-            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-            chunks[0] = _mm_and_si128(bytes, nibble);
-            chunks[1] = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-        } else {
-            for (int c = 0; c < CHUNKS; ++c) chunks[c] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c));
+// A row's activations, quantized: int16 a in pairs (one int32 a pair), and per group s and s * sum(a).
+struct QuantRow {
+    const int32_t* pairs;  // in / 2
+    const float* scale;    // in / G
+    const float* sum;      // in / G
+};
+
+// Per group of G: s = max|x| / 32767, a = round(x / s) (pairs of int16), and s * sum(a) for the
+// offset term. Exact integer sums and the same fp32 operations per lane make both builds agree bit
+// for bit.
+void quantize_rows(const float* x, int rows, int in, int group, std::vector<int16_t>& a, std::vector<float>& s,
+                   std::vector<float>& sums) {
+    const int groups = in / group;
+    a.resize(static_cast<size_t>(rows) * in);
+    s.resize(static_cast<size_t>(rows) * groups);
+    sums.resize(static_cast<size_t>(rows) * groups);
+    for (int r = 0; r < rows; ++r) {
+        for (int g = 0; g < groups; ++g) {
+            const float* xg = x + static_cast<int64_t>(r) * in + static_cast<int64_t>(g) * group;
+            int16_t* ag = a.data() + static_cast<int64_t>(r) * in + static_cast<int64_t>(g) * group;
+            F vmax = Isa::zero();
+            for (int j = 0; j < group; j += Isa::LANES) vmax = Isa::max(vmax, Isa::abs(Isa::load(xg + j)));
+            const float amax = Isa::max_abs(vmax);
+            const F inv = Isa::set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
+            for (int j = 0; j < group; j += Isa::LANES) Isa::narrow(Isa::load(xg + j), inv, ag + j);
+            int32_t total = 0;
+            for (int j = 0; j < group; ++j) total += ag[j];
+            const float step = amax / 32767.0f;
+            s[static_cast<size_t>(r) * groups + g] = step;
+            sums[static_cast<size_t>(r) * groups + g] = step * static_cast<float>(total);
         }
     }
-};
-static_assert(Group<4, 32>::CHUNKS == 2 && Group<8, 16>::CHUNKS == 1, "group shapes");
+}
 
-// NO outputs x R rows. x: R rows of `in`; q, scale, offset: NO outputs' rows; y: R rows of `out`.
-template <int BITS, int G, bool OFFSET, int NO, int R>
-void tile(const float* x, int in, const uint8_t* q, const float* scale, const float* offset, const float* bias,
-          float* y, int out) {
-    using Grp = Group<BITS, G>;
-    const int groups = in / G;
-    const int64_t row_bytes = static_cast<int64_t>(groups) * Grp::BYTES;
-    F acc[NO][R];
-    for (int o = 0; o < NO; ++o)
-        for (int r = 0; r < R; ++r) acc[o][r] = Isa::zero();
+// Weight vector v (of G / 2) of half `half` of a tile, as int16 pairs per lane.
+template <int BITS>
+I weights(const uint8_t* tile, int v, int half) {
+    const uint8_t* lanes = tile + half * 2 * Isa::LANES;
+    if constexpr (BITS == 4) {
+        const I w = Isa::widen_u8(lanes + (v / 2) * 32);
+        return v % 2 ? Isa::high_nibbles(w) : Isa::low_nibbles(w);
+    } else {
+        return Isa::widen_s8(lanes + v * 32);
+    }
+}
+
+// Outputs [lanes of one half] of a tile column for R rows, over all groups.
+template <int BITS, int G, bool OFFSET, int R>
+void tile_rows(const QuantRow* rows, const uint8_t* q, const float* scale, const float* offset, int groups, int half,
+               F* acc) {
+    constexpr int VECTORS = G / 2;
+    constexpr int TILE_BYTES = TILE_OUT * G * BITS / 8;
+    constexpr int CHAINS = R >= 4 ? 1 : 4 / R;  // independent integer sums per row: hide the dot latency
+    for (int r = 0; r < R; ++r) acc[r] = Isa::zero();
     for (int g = 0; g < groups; ++g) {
-        __m128i chunks[NO][Grp::CHUNKS];
-        F d[NO], m[NO];
-        for (int o = 0; o < NO; ++o) {
-            Grp::load(q + o * row_bytes + static_cast<int64_t>(g) * Grp::BYTES, chunks[o]);
-            d[o] = Isa::set1(scale[static_cast<int64_t>(o) * groups + g]);
-            m[o] = OFFSET ? Isa::set1(offset[static_cast<int64_t>(o) * groups + g]) : Isa::zero();
+        const uint8_t* tile = q + static_cast<int64_t>(g) * TILE_BYTES;
+        I dot[R][CHAINS];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < CHAINS; ++c) dot[r][c] = Isa::izero();
+        for (int v = 0; v < VECTORS; ++v) {
+            const I w = weights<BITS>(tile, v, half);
+            for (int r = 0; r < R; ++r)
+                dot[r][v % CHAINS] = Isa::dot(dot[r][v % CHAINS], w, rows[r].pairs[g * VECTORS + v]);
         }
-        for (int c = 0; c < Grp::CHUNKS; ++c) {
-            for (int part = 0; part < 16 / W; ++part) {
-                F w[NO];
-                for (int o = 0; o < NO; ++o) {
-                    const F qv = Isa::template widen<Grp::SIGNED>(chunks[o][c], part);
-                    w[o] = OFFSET ? Isa::fma(qv, d[o], m[o]) : Isa::mul(qv, d[o]);
-                }
-                const int col = g * G + c * 16 + part * W;
-                for (int r = 0; r < R; ++r) {
-                    const F xv = Isa::load(x + static_cast<int64_t>(r) * in + col);
-                    for (int o = 0; o < NO; ++o) acc[o][r] = Isa::fma(w[o], xv, acc[o][r]);
-                }
+        const int64_t at = static_cast<int64_t>(g) * TILE_OUT + half * Isa::LANES;
+        const F d = Isa::load(scale + at);
+        const F m = OFFSET ? Isa::load(offset + at) : Isa::zero();
+        for (int r = 0; r < R; ++r) {
+            I total = dot[r][0];
+            for (int c = 1; c < CHAINS; ++c) total = Isa::add(total, dot[r][c]);
+            acc[r] = Isa::fma(Isa::to_float(total), Isa::mul(d, Isa::set1(rows[r].scale[g])), acc[r]);
+            if (OFFSET) acc[r] = Isa::fma(m, Isa::set1(rows[r].sum[g]), acc[r]);
+        }
+    }
+}
+
+// One tile of 16 outputs (outputs o0 .. o0 + count) for all rows, in row tiles of at most ROW_TILE.
+template <int BITS, int G, bool OFFSET>
+void output_tile(const QuantRow* rows, int nrows, const uint8_t* q, const float* scale, const float* offset,
+                 int groups, const float* bias, float* y, int out, int o0, int count) {
+    F acc[Isa::ROW_TILE];
+    alignas(64) float lanes[Isa::LANES];
+    for (int r0 = 0; r0 < nrows; r0 += Isa::ROW_TILE) {
+        const int n = nrows - r0 < Isa::ROW_TILE ? nrows - r0 : Isa::ROW_TILE;
+        for (int half = 0; half < HALVES; ++half) {
+            switch (n) {
+#define QUANT_ROWS(k) \
+    case k: if constexpr (k <= Isa::ROW_TILE) tile_rows<BITS, G, OFFSET, k>(rows + r0, q, scale, offset, groups, half, acc); break;
+                QUANT_ROWS(1) QUANT_ROWS(2) QUANT_ROWS(3) QUANT_ROWS(4)
+                QUANT_ROWS(5) QUANT_ROWS(6) QUANT_ROWS(7) QUANT_ROWS(8)
+#undef QUANT_ROWS
+            }
+            const int first = half * Isa::LANES;
+            const int last = count < first + Isa::LANES ? count : first + Isa::LANES;
+            for (int r = 0; r < n; ++r) {
+                Isa::store(lanes, acc[r]);
+                float* yr = y + static_cast<int64_t>(r0 + r) * out + o0;
+                for (int j = first; j < last; ++j) yr[j] = lanes[j - first] + (bias ? bias[o0 + j] : 0.0f);
             }
         }
     }
-    for (int r = 0; r < R; ++r)
-        for (int o = 0; o < NO; ++o)
-            y[static_cast<int64_t>(r) * out + o] = Isa::sum(acc[o][r]) + (bias ? bias[o] : 0.0f);
 }
 
-// All rows against NO outputs, in row tiles of at most ROW_TILE.
-template <int BITS, int G, bool OFFSET, int NO>
-void outputs(const float* x, int rows, int in, const uint8_t* q, const float* scale, const float* offset,
-             const float* bias, float* y, int out) {
-    for (int r = 0; r < rows; r += Isa::ROW_TILE) {
-        const float* xr = x + static_cast<int64_t>(r) * in;
-        float* yr = y + static_cast<int64_t>(r) * out;
-        switch (rows - r < Isa::ROW_TILE ? rows - r : Isa::ROW_TILE) {
-            case 1: tile<BITS, G, OFFSET, NO, 1>(xr, in, q, scale, offset, bias, yr, out); break;
-            case 2: tile<BITS, G, OFFSET, NO, 2>(xr, in, q, scale, offset, bias, yr, out); break;
-            case 3: if constexpr (Isa::ROW_TILE >= 3) tile<BITS, G, OFFSET, NO, 3>(xr, in, q, scale, offset, bias, yr, out); break;
-            case 4: if constexpr (Isa::ROW_TILE >= 4) tile<BITS, G, OFFSET, NO, 4>(xr, in, q, scale, offset, bias, yr, out); break;
-        }
-    }
-}
-
-// Output tiles split statically over the OpenMP team; the last outputs one at a time.
 template <int BITS, int G, bool OFFSET>
 void linear(const float* x, const uint8_t* q, const float* scale, const float* offset, const float* bias, float* y,
-            int rows, int in, int out, int threads) {
-    constexpr int NO = Isa::OUT_TILE;
+            int nrows, int in, int out, int threads) {
     const int groups = in / G;
-    const int64_t row_bytes = static_cast<int64_t>(groups) * Group<BITS, G>::BYTES;
-    const int full = out / NO;
-    const int tasks = full + out % NO;
+    thread_local std::vector<int16_t> a;
+    thread_local std::vector<float> s, sums;
+    quantize_rows(x, nrows, in, G, a, s, sums);
+    std::vector<QuantRow> rows(nrows);
+    for (int r = 0; r < nrows; ++r)
+        rows[r] = {reinterpret_cast<const int32_t*>(a.data() + static_cast<int64_t>(r) * in), s.data() + r * groups,
+                   sums.data() + r * groups};
+    const int tiles = (out + TILE_OUT - 1) / TILE_OUT;
+    const int64_t tile_bytes = static_cast<int64_t>(groups) * TILE_OUT * G * BITS / 8;
+    const int64_t tile_floats = static_cast<int64_t>(groups) * TILE_OUT;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int t = 0; t < tasks; ++t) {
-        const int o = t < full ? t * NO : full * NO + (t - full);
-        const uint8_t* qo = q + o * row_bytes;
-        const float* so = scale + static_cast<int64_t>(o) * groups;
-        const float* mo = OFFSET ? offset + static_cast<int64_t>(o) * groups : nullptr;
-        const float* bo = bias ? bias + o : nullptr;
-        if (t < full)
-            outputs<BITS, G, OFFSET, NO>(x, rows, in, qo, so, mo, bo, y + o, out);
-        else
-            outputs<BITS, G, OFFSET, 1>(x, rows, in, qo, so, mo, bo, y + o, out);
+    for (int t = 0; t < tiles; ++t) {
+        const int o0 = t * TILE_OUT;
+        output_tile<BITS, G, OFFSET>(rows.data(), nrows, q + t * tile_bytes, scale + t * tile_floats,
+                                     OFFSET ? offset + t * tile_floats : nullptr, groups, bias, y, out, o0,
+                                     out - o0 < TILE_OUT ? out - o0 : TILE_OUT);
     }
 }
 
@@ -183,8 +248,9 @@ bool dispatch_offset(const float* x, const uint8_t* q, const float* scale, const
 
 }  // namespace
 
-// x [rows, in] fp32; q [out, in * bits / 8]; scale, offset (or null) [out, in / group] fp32; bias [out]
-// fp32 or null; y [rows, out] fp32. Returns 0 for a (bits, group) this kernel does not take.
+// x [rows, in] fp32; q, scale, offset (or null): the tiles of engine/quant/tiled.py for `out`
+// outputs; bias [out] fp32 or null; y [rows, out] fp32. Returns 0 for a (bits, group) this kernel
+// does not take.
 extern "C" int QUANT_JOIN(quant_linear, QUANT_ISA)(const float* x, const uint8_t* q, const float* scale,
                                                    const float* offset, const float* bias, float* y, int rows,
                                                    int in, int out, int bits, int group, int threads) {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from engine.native.build import emulated_isa, kernels
-from engine.quant import QuantWeight
+from engine.quant.tiled import TiledWeight
 
 ISA_LEVELS = {"avx512": 2, "avx2": 1}  # quant_cpu_isa() level each build needs, best first
 
@@ -33,7 +33,7 @@ def kernel(isa: str):
     return getattr(kernels(), f"quant_linear_{isa}")
 
 
-def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None, kernel) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: TiledWeight, bias: torch.Tensor | None, kernel) -> torch.Tensor:
     """x: [rows, in] fp32; bias: [out] fp32 or None; kernel: from `kernel()` -> [rows, out] fp32."""
     x = x.contiguous()
     rows, inp = x.shape

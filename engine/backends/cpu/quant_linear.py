@@ -5,8 +5,9 @@ projection (q|k|v, gate|up, or a single matrix), dense tensors or `QuantWeight`s
 - all dense: one `Linear` (engine/backends/cpu/linear.py) on the concatenated matrix;
 - all quantized in one layout: one `QuantLinear` on the stacked rows (one kernel call);
 - otherwise (Q4_K_M files mix 4-bit q/k with 8-bit v): a `ConcatLinear` of the parts.
-`QuantLinear` runs the native quantized kernel for the best instruction set this CPU has
-(engine/native/quant_ops.py); without the native library the weights are dequantized to dense.
+`QuantLinear` holds its weight in the kernel's tiles (engine/quant/tiled.py) and runs the native
+quantized kernel for the best instruction set this CPU has (engine/native/quant_ops.py); without
+the native library the weights are dequantized to dense.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import torch
 from engine.backends.cpu.linear import Linear
 from engine.native import quant_ops
 from engine.quant import QuantWeight
+from engine.quant.tiled import TiledWeight
 
 
 class QuantLinear:
-    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, isa: str | None = None):
-        self.weight = weight
+    def __init__(self, weight: QuantWeight | TiledWeight, bias: torch.Tensor | None = None, isa: str | None = None):
+        self.weight = weight if isinstance(weight, TiledWeight) else TiledWeight.from_weight(weight)
         self.out_features, self.in_features = weight.shape
         self.format = weight.source
         isa = isa or quant_ops.best_isa()
@@ -35,6 +37,11 @@ class QuantLinear:
 
     def nbytes(self) -> int:
         return self.weight.nbytes
+
+    @property
+    def embedding(self) -> TiledWeight:
+        """The matrix for a tied embedding's lookups (`weight[ids]`), so it is held once."""
+        return self.weight
 
 
 class ConcatLinear:

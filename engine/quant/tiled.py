@@ -1,0 +1,93 @@
+"""A `QuantWeight` rearranged into the tiles the CPU kernel reads (engine/native/quant_linear.cpp).
+
+Tiles of 16 outputs x one group of inputs, ordered [output tile][group] (outputs padded to a
+multiple of 16 with zero rows). Within a tile the integers are laid out as vectors of 32-bit lanes,
+lane j holding two consecutive weights of output j as the kernel widens them to int16 pairs:
+- 4 bits, groups of 32: 8 chunks of 32 bytes; byte 2j + e of chunk c holds weight 4c + e (low
+  nibble) and weight 4c + 2 + e (high nibble) of output j;
+- 8 bits, groups of 32 or 16: G / 2 chunks of 32 bytes; byte 2j + e of chunk c is weight 2c + e.
+Scales and offsets follow as [output tile][group][16]. The same integers, scales and offsets as
+the `QuantWeight`: moved, not rounded (`rows` undoes the tiling, tests check both ways).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.quant.weight import QuantWeight
+
+TILE = 16  # outputs a tile
+
+
+@dataclass(frozen=True)
+class TiledWeight:
+    q: torch.Tensor  # uint8 [tiles, groups, TILE * group * bits / 8]
+    scale: torch.Tensor  # fp32 [tiles, groups, TILE]
+    offset: torch.Tensor | None  # fp32 [tiles, groups, TILE], or None
+    out_features: int
+    bits: int
+    group: int
+    source: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.scale.shape[1] * self.group
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.offset) if t is not None)
+
+    @staticmethod
+    def from_weight(weight: QuantWeight) -> "TiledWeight":
+        out, _ = weight.shape
+        tiles = -(-out // TILE)
+        pad = tiles * TILE - out
+        q = _pad_rows(weight.integers(), pad)  # int32 [out, groups, G]
+        groups, g = q.shape[1], q.shape[2]
+        q = q.view(tiles, TILE, groups, g).transpose(1, 2)  # [tiles, groups, TILE, G]
+        if weight.bits == 4:  # weight 4c + 2h + e -> chunk c, nibble h, byte 2j + e
+            q = q.reshape(tiles, groups, TILE, g // 4, 2, 2)
+            q = (q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 1, 3, 2, 4)  # [tiles, groups, c, TILE, e]
+            packed = q.to(torch.uint8)
+        else:  # weight 2c + e -> chunk c, byte 2j + e
+            q = q.reshape(tiles, groups, TILE, g // 2, 2).permute(0, 1, 3, 2, 4)
+            packed = q.to(torch.int8).view(torch.uint8)
+        return TiledWeight(q=packed.reshape(tiles, groups, -1).contiguous(),
+                           scale=_tile_groups(weight.scale, pad, tiles),
+                           offset=None if weight.offset is None else _tile_groups(weight.offset, pad, tiles),
+                           out_features=out, bits=weight.bits, group=weight.group, source=weight.source)
+
+    def integers(self, rows: torch.Tensor) -> torch.Tensor:
+        """q of the selected rows as int32 [rows, groups, group] (the tiling undone)."""
+        tiles, lanes = rows // TILE, rows % TILE
+        q = self.q[tiles]  # [n, groups, bytes]
+        n, groups, g = q.shape[0], q.shape[1], self.group
+        if self.bits == 4:
+            q = q.view(n, groups, g // 4, TILE, 2)[torch.arange(n), :, :, lanes].to(torch.int32)  # [n, groups, c, e]
+            return torch.stack([q & 0x0F, q >> 4], dim=-2).reshape(n, groups, g)  # weight 4c + 2h + e
+        q = q.view(torch.int8).view(n, groups, g // 2, TILE, 2)[torch.arange(n), :, :, lanes]
+        return q.reshape(n, groups, g).to(torch.int32)
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 [rows, in] of the selected rows (all by default)."""
+        rows = torch.arange(self.out_features) if rows is None else rows
+        tiles, lanes = rows // TILE, rows % TILE
+        w = self.integers(rows).float() * self.scale[tiles, :, lanes].unsqueeze(-1)
+        if self.offset is not None:
+            w = w + self.offset[tiles, :, lanes].unsqueeze(-1)
+        return w.flatten(1)
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup: the dequantized fp32 rows `ids` (as `tensor[ids]` on a dense matrix)."""
+        return self.dequantize(ids.reshape(-1)).view(*ids.shape, self.shape[1])
+
+
+def _pad_rows(t: torch.Tensor, pad: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+
+
+def _tile_groups(t: torch.Tensor, pad: int, tiles: int) -> torch.Tensor:
+    """[out, groups] -> [tiles, groups, TILE]."""
+    t = _pad_rows(t, pad)
+    return t.view(tiles, TILE, t.shape[1]).transpose(1, 2).contiguous()
