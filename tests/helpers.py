@@ -1,13 +1,48 @@
 """Small helpers shared by the engine tests."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 
 import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
 from engine.skip import DenseGate, RowSkip, build_policy
+
+
+# decode_layers.cpp's LayerRow: 4 pointers, then a WeightRef of 8 columns per projection (qkv, o_proj,
+# gate_up, down), each (kind, kernel, weight, scale, offset, bias, bits, group)
+DOWN_REF = 4 + 3 * 8
+_ptr, _int = ctypes.c_void_p, ctypes.c_int
+KERNEL_TYPES = {  # by WeightRef kind: the C signatures decode_layers.cpp calls (and where `rows` is)
+    0: (ctypes.CFUNCTYPE(None, *[_ptr] * 4, *[_int] * 4), 4),  # dense: x, w, bias, y, rows, in, out, threads
+    1: (ctypes.CFUNCTYPE(_int, *[_ptr] * 6, *[_int] * 6), 6),  # quantized: x, q, scale, offset, bias, y, rows, ...
+}
+
+
+@contextlib.contextmanager
+def recording_down_kernels(fused, record):
+    """Swap each layer's down-projection kernel in the native decode step's table for one that calls
+    `record(layer, rows)` and then the real kernel: every FFN the C++ runs is seen, with its rows."""
+    table = fused.table
+    saved = table[:, DOWN_REF + 1].clone()
+    callbacks = []  # kept alive while the table points at them
+    for i in range(table.shape[0]):
+        signature, rows_at = KERNEL_TYPES[int(table[i, DOWN_REF])]
+        real = signature(int(saved[i]))
+
+        def call(*args, layer=i, real=real, rows_at=rows_at):
+            record(layer, args[rows_at])
+            return real(*args)
+
+        callbacks.append(signature(call))
+        table[i, DOWN_REF + 1] = ctypes.cast(callbacks[-1], ctypes.c_void_p).value
+    try:
+        yield
+    finally:
+        table[:, DOWN_REF + 1] = saved
 
 
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

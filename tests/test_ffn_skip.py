@@ -1,15 +1,19 @@
 """FFN-SkipLLM in the engine: exact accounting, cold layers, warm-up, prefill, batch isolation.
 
-Skipping is verified by counting the FFN rows the model really computed (each layer's `ffn`, and
-on the native path each layer's FFN branch and the one-call dense step, is wrapped with a row
-counter that then calls the real code), not by trusting the gate's report.
+Skipping is verified by counting the FFN rows the model really computed (each layer's `ffn` is
+wrapped with a row counter that then calls the real code, and on the native path every call the
+C++ step makes to a down-projection kernel is recorded with its rows), not by trusting the gate's
+report.
 """
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 
 from engine.sampling_params import SamplingParams, SkipParams
 from engine.skip import POLICIES
+from tests.helpers import recording_down_kernels
 
 SKIPPY = SkipParams(budget=0.4, threshold=0.9, warmup_tokens=0)  # fires for nearly every token
 
@@ -30,30 +34,21 @@ def ffn_rows(engine):
 
     for i, layer in enumerate(model.layers):
         layer.ffn = counting(i, originals[i])
-    native = model.fused_decode  # None where the native layer calls do not apply
-    if native is not None:
-        native_ffns, real_dense_step = list(native.ffns), native.dense_step
-        native.ffns = [counting(i, f) for i, f in enumerate(native_ffns)]
-
-        def dense_step(x, *args):  # every layer's FFN runs for every row
-            for i in range(len(model.layers)):
-                counts[phase["now"]][i] += x.shape[0]
-            return real_dense_step(x, *args)
-
-        native.dense_step = dense_step
     real_forward = model.forward
 
     def forward(input_ids, meta, kv, gate):
         phase["now"] = "prefill" if meta.is_prefill else "decode"
         return real_forward(input_ids, meta, kv, gate)
 
+    def record(layer, rows):  # the native decode step's FFNs (none where it does not apply)
+        counts[phase["now"]][layer] += rows
+
     model.forward = forward
-    yield counts
+    native = model.fused_decode
+    with recording_down_kernels(native, record) if native is not None else contextlib.nullcontext():
+        yield counts
     for layer in model.layers:
         del layer.ffn  # back to the class's method
-    if native is not None:
-        native.ffns = native_ffns
-        del native.dense_step
     del model.forward
 
 

@@ -5,6 +5,7 @@ path, FFN skips that read no weights."""
 from __future__ import annotations
 
 import copy
+import contextlib
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from engine.native import quant_ops
 from engine.sampling_params import SamplingParams
 from engine.skip import RowSkip, build_policy
-from tests.helpers import assert_layer_calls_equal_the_per_op_path, run_staggered
+from tests.helpers import assert_layer_calls_equal_the_per_op_path, recording_down_kernels, run_staggered
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
@@ -108,24 +109,17 @@ def test_native_layer_calls_equal_the_per_op_path(quantized, chat_prompts):
 
 @pytest.mark.parametrize("layer_calls", [True, False], ids=["native-layer-calls", "per-op"])
 def test_a_skipped_ffn_reads_none_of_its_weights(quantized, chat_prompts, monkeypatch, layer_calls):
-    """A decode step whose rows skip FFNs runs nothing that reads the FFN weights of the layers
-    every row skipped: no FFN branch call on the native layer calls, no down-projection kernel call
-    on the per-op path."""
+    """A decode step whose rows skip FFNs never calls the kernel on the down projection of a layer
+    every row skipped: in the native step (its table's kernel pointer swapped for a recording one,
+    so every call the C++ makes is seen) and on the per-op path."""
     from engine.backends.cpu.quant_linear import QuantLinear
 
     runner, model = quantized.runner, quantized.runner.model
     called = []
     if layer_calls:
-        fused = model.fused_decode
-
-        def counting_branch(i, branch):
-            def ffn(h):
-                called.append(i)
-                return branch(h)
-            return ffn
-
-        monkeypatch.setattr(fused, "ffns", [counting_branch(i, f) for i, f in enumerate(fused.ffns)])
+        recording = recording_down_kernels(model.fused_decode, lambda layer, rows: called.append(layer))
     else:
+        recording = contextlib.nullcontext()
         monkeypatch.setattr(model, "fused_decode", None)
         downs = {id(layer.down): i for i, layer in enumerate(model.layers)}
         original = QuantLinear.__call__
@@ -137,7 +131,7 @@ def test_a_skipped_ffn_reads_none_of_its_weights(quantized, chat_prompts, monkey
 
         monkeypatch.setattr(QuantLinear, "__call__", counting)
     prompts = chat_prompts[:2]
-    with quantized.kv_blocks([len(p) + 1 for p in prompts]) as tables:
+    with recording, quantized.kv_blocks([len(p) + 1 for p in prompts]) as tables:
         runner.prefill([(p, table, 0) for p, table in zip(prompts, tables)])
         called.clear()  # count the decode step only
         policy = build_policy(quantized.config.skip, runner.num_layers)

@@ -47,6 +47,9 @@ SIGNATURES = {
     # x, layer_rows, layers, cos, sin, block_tables, lengths, rows, hidden, heads, kv_heads, head_dim, inter,
     # block_size, max_blocks, eps, scale, threads
     "llama_decode_layers": [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 8 + [_float, _float, _int],
+    # the same, then max_skips, thresholds, first_hot, last_hot, skipped
+    "llama_decode_layers_skipping": [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 8 + [_float, _float, _int]
+    + [_ptr, _ptr, _int, _int, _ptr],
     # x, layer_row, cos, sin, block_tables, lengths, out, rows, hidden, heads, kv_heads, head_dim, block_size,
     # max_blocks, eps, scale, threads
     "llama_attention_branch": [_ptr] * 7 + [_int] * 7 + [_float, _float, _int],

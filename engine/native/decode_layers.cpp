@@ -1,13 +1,15 @@
-// A Llama-family decode step with one native call per layer branch (attention, FFN), or per
-// step for dense steps (every layer in one call): the same kernels the per-op path calls from
-// Python, in the same order (so the result is bit-identical), minus ~25 Python and torch
-// dispatches per layer. With FFN skipping, the gate (Python) calls the two branches per layer.
+// A Llama-family decode step in one native call: every layer dense (`llama_decode_layers`), or
+// with FFN-SkipLLM's rule deciding per row and layer inside the call (`llama_decode_layers_skipping`),
+// or one call per layer branch (attention, FFN) for gates whose rule lives in Python. The same
+// kernels the per-op path calls from Python, in the same order (so the same bits), minus ~25
+// Python and torch dispatches per layer.
 //
 // Per layer: h = x + o_proj(attn(rope(qkv(rms_norm(x))))); x = h + down(silu(gate) * up)(rms_norm(h)).
 //
 // Each projection comes as a `WeightRef` that names its kernel by address: the Python side picks
 // it (a dense GEMM, or the quantized GEMM's build for this CPU's instruction set, which this file
 // cannot name: engine/native/build.py compiles that source once per instruction set).
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -154,5 +156,82 @@ extern "C" void llama_decode_layers(float* x, const int64_t* layer_rows, int lay
         add_into(x, delta.data(), n);
         ffn_branch(x, p, s, delta.data(), rows, hidden, inter, eps, threads);
         add_into(x, delta.data(), n);
+    }
+}
+
+namespace {
+
+// cos(h, h + delta) of one row, in double (the rule compares it with a threshold).
+double residual_cosine(const float* h, const float* delta, int n) {
+    double dot = 0.0, hh = 0.0, oo = 0.0;
+    for (int i = 0; i < n; ++i) {
+        const double out = static_cast<double>(h[i] + delta[i]);
+        dot += h[i] * out;
+        hh += static_cast<double>(h[i]) * h[i];
+        oo += out * out;
+    }
+    const double eps = 1e-8;
+    return dot / (std::fmax(std::sqrt(hh), eps) * std::fmax(std::sqrt(oo), eps));
+}
+
+}  // namespace
+
+// llama_decode_layers with FFN-SkipLLM's rule per row (engine/skip/ffn_skipllm.py states it):
+// at hot layer l (first_hot <= l <= last_hot) a row that may still fire (max_skips > 0, not yet
+// fired) fires when cos(h, out) of layer l - 1 exceeds its threshold, then skips its next
+// max_skips FFNs. Only the rows that run an FFN are gathered and computed; a layer no row needs
+// reads none of its FFN weights. skipped [layers, rows] is set to 1 where a row skipped.
+extern "C" void llama_decode_layers_skipping(float* x, const int64_t* layer_rows, int layers, const float* cos,
+                                             const float* sin, const int32_t* block_tables, const int32_t* lengths,
+                                             int rows, int hidden, int heads, int kv_heads, int head_dim, int inter,
+                                             int block_size, int max_blocks, float eps, float scale, int threads,
+                                             const int32_t* max_skips, const float* thresholds, int first_hot,
+                                             int last_hot, uint8_t* skipped) {
+    const LayerRow* rows_of_layers = reinterpret_cast<const LayerRow*>(layer_rows);
+    const int64_t n = static_cast<int64_t>(rows) * hidden;
+    DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, inter);
+    std::vector<float> delta(n), gathered(n);
+    std::vector<int> armed(rows), remaining(rows, 0), run;
+    std::vector<double> prev_cos(rows, -2.0);
+    int still_armed = 0;
+    for (int r = 0; r < rows; ++r) still_armed += armed[r] = max_skips[r] > 0;
+    std::memset(skipped, 0, static_cast<size_t>(layers) * rows);
+    for (int l = 0; l < layers; ++l) {
+        const LayerRow& p = rows_of_layers[l];
+        attention_branch(x, p, s, cos, sin, block_tables, lengths, delta.data(), rows, hidden, heads,
+                         kv_heads, head_dim, block_size, max_blocks, eps, scale, threads);
+        add_into(x, delta.data(), n);  // x is h from here
+        const bool hot = l >= first_hot && l <= last_hot;
+        run.clear();
+        for (int r = 0; r < rows; ++r) {
+            if (hot && armed[r] && prev_cos[r] > thresholds[r]) {
+                remaining[r] = max_skips[r];
+                armed[r] = 0;
+                --still_armed;
+            }
+            if (hot && remaining[r] > 0) {
+                --remaining[r];
+                skipped[static_cast<int64_t>(l) * rows + r] = 1;
+            } else {
+                run.push_back(r);
+            }
+        }
+        if (run.empty()) continue;  // no row needs this FFN
+        const int m = static_cast<int>(run.size());
+        const float* h = x;
+        if (m < rows) {  // the running rows, gathered
+            for (int i = 0; i < m; ++i)
+                std::memcpy(gathered.data() + static_cast<int64_t>(i) * hidden, x + static_cast<int64_t>(run[i]) * hidden,
+                            sizeof(float) * hidden);
+            h = gathered.data();
+        }
+        ffn_branch(h, p, s, delta.data(), m, hidden, inter, eps, threads);
+        const bool record = still_armed > 0 && (hot ? l < last_hot : l == first_hot - 1);
+        for (int i = 0; i < m; ++i) {
+            float* xr = x + static_cast<int64_t>(run[i]) * hidden;
+            const float* dr = delta.data() + static_cast<int64_t>(i) * hidden;
+            if (record && armed[run[i]]) prev_cos[run[i]] = residual_cosine(xr, dr, hidden);
+            add_into(xr, dr, hidden);
+        }
     }
 }

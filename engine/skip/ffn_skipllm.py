@@ -6,7 +6,9 @@ FFNs contiguously (cold end layers always run). Decisions stay tensors: no `.ite
 Two executions of the same rule:
 - `HostFFNSkipLLMGate` (CPU): a host sync costs nothing there, so decisions are plain Python over
   the few cosines still needed (none once every row has fired); only the rows that run an FFN are
-  gathered and computed, and a layer no row needs is not run at all.
+  gathered and computed, and a layer no row needs is not run at all. It also hands its rule over
+  as data (`row_rule`) to a backend that runs a whole step natively (the CPU's native decode
+  layers apply the same rule inside the call and `record` what they skipped).
 - `FFNSkipLLMGate` (CUDA): decisions stay tensors on the device, no host sync per layer; every row
   is computed and skipped rows keep `h` (`masked`), which keeps the semantics, not the time.
 """
@@ -89,6 +91,16 @@ class HostFFNSkipLLMGate:
         if layer < self.last_hot:
             self._record_cos(h, out)
         return out
+
+    def row_rule(self) -> tuple[list[int], list[float], int, int]:
+        """(max skips per row, threshold per row, first hot layer, last hot layer): the rule above,
+        for a backend that applies it inside a fused step instead of calling this gate per layer."""
+        return self.max_skips, self.threshold, self.first_hot, self.last_hot
+
+    def record(self, skipped: torch.Tensor) -> None:
+        """What a fused step skipped: bool [layers, rows]."""
+        self.row_skipped = skipped.sum(0).tolist()
+        self.layer_skipped = skipped.sum(1).tolist()
 
     def _record_cos(self, h, out):
         if not self.armed:
