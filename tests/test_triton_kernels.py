@@ -192,14 +192,14 @@ def test_silu_and_gelu_tanh_times_up(inter, dtype):
     torch.testing.assert_close(got.float(), F.gelu(gate, approximate="tanh") * up, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("rows,run,with_residual", [
-    (1, [1], False),
-    (5, [1, 0, 1, 1, 0], True),
-    (70, [i % 3 != 0 and i < 64 for i in range(70)], True),  # two row tiles; the second runs no row
-    (3, [0, 0, 0], True),  # nobody runs: out = residual
+@pytest.mark.parametrize("rows,run,with_residual,n_out,k_in", [
+    (1, [1], False, 100, 70),  # neither size a multiple of the tiles
+    (5, [1, 0, 1, 1, 0], True, 100, 70),
+    (70, [i % 3 != 0 and i < 64 for i in range(70)], True, 100, 70),  # two row tiles; the second runs no row
+    (3, [0, 0, 0], True, 100, 70),  # nobody runs: out = residual
+    (2, [0, 1], True, 600, 300),  # several output tiles and K steps, also with the interpreter's wide tiles
 ])
-def test_masked_linear_computes_running_rows_and_passes_the_others(rows, run, with_residual):
-    n_out, k_in = 100, 70  # neither a multiple of the tiles
+def test_masked_linear_computes_running_rows_and_passes_the_others(rows, run, with_residual, n_out, k_in):
     x, weight = randn(rows, k_in, dtype=torch.bfloat16), randn(n_out, k_in, dtype=torch.bfloat16)
     residual = randn(rows, n_out, dtype=torch.bfloat16) if with_residual else None
     run_mask = torch.tensor(run, dtype=torch.int32, device=DEVICE)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.skip.base import DenseGate, RowSkip, SkipPolicy, ffn_except
+from engine.skip.base import DenseGate, RowSkip, RuleGate, SkipPolicy, ffn_except
 
 
-class FFNSkipLLMGate:
-    acts_per_layer = True
-
+class FFNSkipLLMGate(RuleGate):
     def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int, device):
+        super().__init__(rows)
         self.num_layers = num_layers
         self.first_hot, self.last_hot = cold_start, num_layers - cold_end - 1
         self.max_skips = torch.tensor([r.max_skips for r in rows], device=device)
@@ -51,14 +50,13 @@ class FFNSkipLLMGate:
             self.prev_cos = F.cosine_similarity(h.float(), out.float(), dim=-1)
         return out
 
-    def skip_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
+    def own_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
         return self.skipped.sum(0).tolist(), self.skipped.sum(1).tolist()
 
 
-class HostFFNSkipLLMGate:
-    acts_per_layer = True
-
+class HostFFNSkipLLMGate(RuleGate):
     def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int):
+        super().__init__(rows)
         self.num_layers = num_layers
         self.first_hot, self.last_hot = cold_start, num_layers - cold_end - 1
         self.max_skips = [r.max_skips for r in rows]
@@ -100,7 +98,7 @@ class HostFFNSkipLLMGate:
             cos = F.cosine_similarity(h.index_select(0, idx), out.index_select(0, idx), dim=-1).tolist()
         self.prev_cos = dict(zip(self.armed, cos))
 
-    def skip_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
+    def own_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
         return list(self.row_skipped), list(self.layer_skipped)
 
 
