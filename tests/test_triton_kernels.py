@@ -263,9 +263,11 @@ def test_masked_ffn_is_the_llama_ffn_for_running_rows_and_identity_for_skipped_o
 
 
 @pytest.mark.parametrize("window", [None, 20])
-def test_write_then_attend_equals_the_torch_backend_on_the_engines_metadata(window):
-    """The decode attention the CUDA backend will swap in: same cache contents and same output as
+def test_cuda_backends_decode_attention_equals_the_torch_backend_on_the_engines_metadata(window):
+    """The decode attention of the CUDA backend's per-op path (Gemma 3 on CUDA): the Triton K/V
+    write and paged attention give the same cache contents and output as
     engine/backends/torch_backend.py for metadata built by engine/kv/metadata.py."""
+    from engine.backends.cuda import CUDABackend
     from engine.backends.torch_backend import TorchBackend
     from engine.kv.metadata import AttentionMetadata
 
@@ -278,8 +280,7 @@ def test_write_then_attend_equals_the_torch_backend_on_the_engines_metadata(wind
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     expect = TorchBackend().attention(q, k, v, k_ref, v_ref, meta, 0.125, window)
 
-    write_kv(k, v, k_cache, v_cache, meta.write_blocks * BLOCK_SIZE + meta.write_offsets)
-    got = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.125, window)
+    got = CUDABackend().attention(q, k, v, k_cache, v_cache, meta, 0.125, window)
 
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
     torch.testing.assert_close(got, expect, **TOLERANCE[torch.float32])

@@ -7,8 +7,10 @@ Two executions of the same rule:
 - `HostFFNSkipLLMGate` (CPU): a host sync costs nothing there, so decisions are plain Python over
   the few cosines still needed (none once every row has fired); only the rows that run an FFN are
   gathered and computed, and a layer no row needs is not run at all.
-- `FFNSkipLLMGate` (CUDA): decisions stay tensors on the device, no host sync per layer; every row
-  is computed and skipped rows keep `h` (`masked`), which keeps the semantics, not the time.
+- `FFNSkipLLMGate` (CUDA, per-op path): decisions stay tensors on the device, no host sync per
+  layer; every row is computed and skipped rows keep `h` (`masked`), which keeps the semantics, not
+  the time. The CUDA Llama decode step runs the rule itself instead, in Triton kernels whose FFNs
+  read no weight for a layer no row runs (engine/backends/cuda/device_gate.py).
 """
 from __future__ import annotations
 
