@@ -23,16 +23,22 @@ from engine.skip.base import DenseGate, RowSkip, RuleGate, SkipPolicy, ffn_excep
 class FFNSkipLLMGate(RuleGate):
     def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int, device):
         super().__init__(rows)
-        self.num_layers = num_layers
+        self.num_layers, self.device = num_layers, device
         self.first_hot, self.last_hot = cold_start, num_layers - cold_end - 1
+        self.max_skips = None  # the device state, made at the first layer: a backend that runs the rule
+        self.prev_cos = None  # itself (engine/backends/cuda/decode_step.py) never needs it
+
+    def _start(self) -> None:
+        rows, device = self.rows, self.device
         self.max_skips = torch.tensor([r.max_skips for r in rows], device=device)
         self.threshold = torch.tensor([r.threshold for r in rows], device=device)
         self.fired = torch.zeros(len(rows), dtype=torch.bool, device=device)
         self.remaining = torch.zeros(len(rows), dtype=torch.long, device=device)
-        self.skipped = torch.zeros(num_layers, len(rows), dtype=torch.bool, device=device)
-        self.prev_cos = None
+        self.skipped = torch.zeros(self.num_layers, len(rows), dtype=torch.bool, device=device)
 
     def __call__(self, layer, h, ffn):
+        if self.max_skips is None:
+            self._start()
         if layer < self.first_hot or layer > self.last_hot:
             out = h + ffn(h)
             if layer == self.first_hot - 1:
