@@ -158,6 +158,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="HF eager only")
+    p.add_argument("--enforce-eager", action="store_true", help="the engine's decode step without CUDA graphs")
     p.add_argument("--out", default=None, help="folder for gpu.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -186,8 +187,12 @@ def run(args, hf_dir, batches):
     # KV for exactly the largest batch, so that HF's models fit on the card beside the engine
     config = EngineConfig(model=str(hf_dir), device="cuda", dtype="bfloat16", max_num_seqs=max(batches),
                           max_model_len=max_len, kv_capacity_tokens=max(batches) * max_len, prefix_caching=False,
-                          skip=SkipConfig(cold_start=4, cold_end=4, max_budget=1.0))
+                          skip=SkipConfig(cold_start=4, cold_end=4, max_budget=1.0), enforce_eager=args.enforce_eager)
     engine = LLMEngine(config)
+    step = engine.runner.decode_step
+    decode_path = ("torch per-op path" if step is None else
+                   f"Triton decode step, CUDA graphs for batches {sorted(step.graphs.graphs)}" if step.graphs.graphs
+                   else "Triton decode step, eager")
     cfg = engine.model_config
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Write a long story about a dragon."}])
     wb = engine.runner.model.weight_bytes()
@@ -199,7 +204,9 @@ def run(args, hf_dir, batches):
           f"{args.new_tokens} new tokens, rounds {args.rounds}")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights read per token {per_token / 1e9:.2f} GB "
           f"(FFN {wb['ffn'] / 1e9:.2f}) -> batch-1 bound {bound:.1f} tok/s")
+    print(f"engine decode: {decode_path}")
     report = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "bandwidth": bandwidth,
+              "decode_path": decode_path,
               "weight_bytes": wb, "bound_tok_s": bound, "throughput": [], "skip": [], "kernels": []}
     engine_tok_s(engine, prompt, 1, 16)  # warm-up
 

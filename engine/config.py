@@ -103,4 +103,5 @@ class EngineConfig:
     prefix_caching: bool = True  # full blocks of dense K/V are kept, by hash, for prompts sharing them
     cache_dir: str | None = None  # where converted GGUF weights are cached
     threads: int | None = None
+    enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs (Triton kernels, run eagerly)
     skip: SkipConfig = field(default_factory=SkipConfig)

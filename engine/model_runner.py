@@ -89,6 +89,7 @@ class ModelRunner:
                           self.block_size, model_config.head_dim, self.device, self.act_dtype)
         self.model.fused_decode = self.backend.fused_decode(self.model, self.kv)
         self.policy = build_policy(config.skip, model_config.num_layers)
+        self.decode_step = self.backend.decode_step(self.model, self.kv, config, self.policy)  # CUDA: Triton + graphs
         self.num_layers = model_config.num_layers
         self._generators: dict[str, torch.Generator] = {}
         per_token = self.model.weight_bytes()
@@ -115,10 +116,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], gate=None):
-        """One token per row at `positions` -> hidden states [rows, hidden] (normed)."""
+        """One token per row at `positions` -> hidden states [rows, hidden] (normed), through the
+        backend's decode step where it takes this one (valid until the next step), else the model."""
+        gate = gate or DenseGate(self.num_layers)
+        if self.decode_step is not None and self.decode_step.takes(len(token_ids), block_tables, gate):
+            return self.decode_step(token_ids, positions, block_tables, gate)
         meta = AttentionMetadata.for_decode(block_tables, positions, self.block_size, self.device, self.act_dtype)
         ids = torch.tensor(token_ids, device=self.device)
-        return self.model.forward(ids, meta, self.kv, gate or DenseGate(self.num_layers))
+        return self.model.forward(ids, meta, self.kv, gate)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,8 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-dir", default=None, help="where converted GGUF weights and compiled kernels are "
                    "cached (default: $SKIPSERVE_CACHE or ~/.cache/skipserve)")
     m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    m.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="CUDA: run decode steps eagerly, without capturing CUDA graphs")
     s = p.add_argument_group("scheduler and KV cache")
     s.add_argument("--max-batch", "--max-num-seqs", dest="max_num_seqs", type=int, default=None,
                    help=f"maximum sequences in a decode batch {shown(preset.max_num_seqs)}")
@@ -116,7 +118,8 @@ def build_config(args) -> EngineConfig:
     overrides = {k: getattr(args, k) for k in ("served_model_name", "device", "dtype", "cache_dir", "threads",
                                                  "max_num_seqs", "max_model_len", "block_size",
                                                  "kv_capacity_tokens", "kv_cache_memory", "gpu_memory_utilization",
-                                                 "max_prefill_tokens", "prefix_caching") if getattr(args, k) is not None}
+                                                 "max_prefill_tokens", "prefix_caching", "enforce_eager")
+                 if getattr(args, k) is not None}
     config = replace(config, **overrides)
     skip = {k.removeprefix("skip_"): v for k, v in vars(args).items() if k.startswith("skip_") and v is not None}
     config.skip = replace(config.skip, **skip)

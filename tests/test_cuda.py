@@ -1,4 +1,5 @@
-"""The CUDA path (bf16 weights, device-side skip gate), where CUDA is present.
+"""The CUDA path (bf16 weights; decode on the Triton decode step with the skip gate on the device,
+replayed as CUDA graphs), where CUDA is present.
 
 The CPU tests compare bit for bit with HF's fp32 model; here both sides run bf16 on the GPU with
 different kernels (our fused projections vs HF's separate ones), so logits differ by bf16 rounding
@@ -11,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.backends.cuda.graphs import batch_buckets
 from engine.sampling_params import SamplingParams, SkipParams
+from tests.helpers import engine_like
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -26,7 +29,13 @@ def cuda_engine():
 
     config = load_config(preset_path(MODEL))
     config.device, config.max_num_seqs, config.max_model_len = "cuda", 4, 1024
+    config.kv_capacity_tokens = 4 * 1024  # leaves the card to the eager engine beside it
     return LLMEngine(config)
+
+
+@pytest.fixture(scope="module")
+def eager_engine(cuda_engine):
+    return engine_like(cuda_engine, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +72,27 @@ def test_cuda_skipping_reports_exact_usage(cuda_engine):
     assert out.ffn_total == layers * len(ids)
     k = int(0.3 * layers)
     assert 0 < out.ffn_skipped <= k * (len(ids) - 16)
+
+
+def test_decode_runs_the_triton_step_in_a_cuda_graph_per_bucket(cuda_engine, eager_engine):
+    """Captured at start for every bucket up to the max batch: a capture fails on any host sync
+    inside the step, so captured graphs also mean the step never waits for the host."""
+    step = cuda_engine.runner.decode_step
+    assert step is not None and sorted(step.graphs.graphs) == batch_buckets(cuda_engine.config.max_num_seqs)
+    assert eager_engine.runner.decode_step is not None and not eager_engine.runner.decode_step.graphs.graphs
+
+
+def test_graphs_and_enforce_eager_give_the_same_greedy_text_and_skips(cuda_engine, eager_engine):
+    """Four rows fill bucket 4 exactly, so the replayed graphs run the very kernels and shapes of
+    the eager steps: the same tokens and skip counts, dense and with a forced skip."""
+    prompts = [cuda_engine.tokenizer.encode_chat([{"role": "user", "content": q}])
+               for q in ("What is the capital of France?", "Write a haiku about the sea.",
+                         "List three prime numbers.", "Tell me about the ocean.")]
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    forced = SkipParams(budget=0.25, threshold=-1.0, warmup_tokens=0)
+    for skip in (None, forced):
+        graphed = cuda_engine.generate(prompts, params, skip)
+        eager = eager_engine.generate(prompts, params, skip)
+        assert [ids for _, ids, _ in graphed] == [ids for _, ids, _ in eager]
+        assert [out.ffn_skipped for _, _, out in graphed] == [out.ffn_skipped for _, _, out in eager]
+    assert all(out.ffn_skipped > 0 for _, _, out in graphed)  # the forced run did skip

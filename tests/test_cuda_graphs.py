@@ -64,6 +64,13 @@ def test_without_captured_graphs_a_step_runs_eagerly_on_exactly_its_rows():
     assert seen == [3]
 
 
+def test_enforce_eager_is_off_by_default_and_the_flag_turns_it_on():
+    from server.cli import build_config, serve_parser
+
+    assert build_config(serve_parser().parse_args([])).enforce_eager is False
+    assert build_config(serve_parser().parse_args(["--enforce-eager"])).enforce_eager is True
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

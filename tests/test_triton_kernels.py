@@ -192,14 +192,14 @@ def test_silu_and_gelu_tanh_times_up(inter, dtype):
     torch.testing.assert_close(got.float(), F.gelu(gate, approximate="tanh") * up, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("rows,run,with_residual", [
-    (1, [1], False),
-    (5, [1, 0, 1, 1, 0], True),
-    (70, [i % 3 != 0 and i < 64 for i in range(70)], True),  # two row tiles; the second runs no row
-    (3, [0, 0, 0], True),  # nobody runs: out = residual
+@pytest.mark.parametrize("rows,run,with_residual,n_out,k_in", [
+    (1, [1], False, 100, 70),  # neither size a multiple of the tiles
+    (5, [1, 0, 1, 1, 0], True, 100, 70),
+    (70, [i % 3 != 0 and i < 64 for i in range(70)], True, 100, 70),  # two row tiles; the second runs no row
+    (3, [0, 0, 0], True, 100, 70),  # nobody runs: out = residual
+    (2, [0, 1], True, 600, 300),  # several output tiles and K steps, also with the interpreter's wide tiles
 ])
-def test_masked_linear_computes_running_rows_and_passes_the_others(rows, run, with_residual):
-    n_out, k_in = 100, 70  # neither a multiple of the tiles
+def test_masked_linear_computes_running_rows_and_passes_the_others(rows, run, with_residual, n_out, k_in):
     x, weight = randn(rows, k_in, dtype=torch.bfloat16), randn(n_out, k_in, dtype=torch.bfloat16)
     residual = randn(rows, n_out, dtype=torch.bfloat16) if with_residual else None
     run_mask = torch.tensor(run, dtype=torch.int32, device=DEVICE)
@@ -263,9 +263,11 @@ def test_masked_ffn_is_the_llama_ffn_for_running_rows_and_identity_for_skipped_o
 
 
 @pytest.mark.parametrize("window", [None, 20])
-def test_write_then_attend_equals_the_torch_backend_on_the_engines_metadata(window):
-    """The decode attention the CUDA backend will swap in: same cache contents and same output as
+def test_cuda_backends_decode_attention_equals_the_torch_backend_on_the_engines_metadata(window):
+    """The decode attention of the CUDA backend's per-op path (Gemma 3 on CUDA): the Triton K/V
+    write and paged attention give the same cache contents and output as
     engine/backends/torch_backend.py for metadata built by engine/kv/metadata.py."""
+    from engine.backends.cuda import CUDABackend
     from engine.backends.torch_backend import TorchBackend
     from engine.kv.metadata import AttentionMetadata
 
@@ -278,8 +280,7 @@ def test_write_then_attend_equals_the_torch_backend_on_the_engines_metadata(wind
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     expect = TorchBackend().attention(q, k, v, k_ref, v_ref, meta, 0.125, window)
 
-    write_kv(k, v, k_cache, v_cache, meta.write_blocks * BLOCK_SIZE + meta.write_offsets)
-    got = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.125, window)
+    got = CUDABackend().attention(q, k, v, k_cache, v_cache, meta, 0.125, window)
 
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
     torch.testing.assert_close(got, expect, **TOLERANCE[torch.float32])

@@ -3,7 +3,7 @@ fused decode paths, chosen once per device when the runner builds the model. Mod
 backend and never asks which device or kernel it runs on.
 
 - `cpu/`: skipserve's C++ kernels (engine/native) where they apply, torch + oneDNN elsewhere;
-- `cuda/`: torch for now (the CUDA fast path adds graphs and Triton kernels there);
+- `cuda/`: Llama-family decode steps on Triton kernels and CUDA graphs, torch elsewhere;
 - `torch_backend.py`: plain torch on any device, the reference the others are tested against.
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The torch backend: every op in plain torch, on any device. It is the reference the native CPU
-kernels are tested against, the CPU's path where those kernels are unavailable, and for now the
-CUDA path (engine/backends/cuda).
+kernels are tested against, the CPU's path where those kernels are unavailable, and on CUDA the
+prefill path and the decode path of models the CUDA decode step does not take (engine/backends/cuda).
 
 Paged attention here gathers each sequence's blocks into a contiguous copy before attending. That
 is correct on any device but costs a copy of the history per layer and step; the CPU backend's
-native kernel reads the blocks in place, and on CUDA a Triton kernel will (the CUDA fast path).
+native kernel reads the blocks in place, and so does the CUDA decode step's Triton kernel.
 """
 from __future__ import annotations
 
@@ -70,7 +70,14 @@ class TorchBackend:
         return x * cos + rotated * sin
 
     def fused_decode(self, model, kv):
-        """A whole-model decode step in fewer calls, where the backend has one (None: per op)."""
+        """A whole-model decode step in fewer calls, where the backend has one (None: per op). The
+        model calls it with the step's embeddings, metadata and gate."""
+        return None
+
+    def decode_step(self, model, kv, config, policy):
+        """A whole decode step from the host's inputs (token ids, positions, block tables, gate),
+        taken before the model's forward where the backend has one (None: the model's forward);
+        `config` (EngineConfig) sizes it, `policy` names the skip rule it runs."""
         return None
 
     def attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None):

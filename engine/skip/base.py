@@ -3,6 +3,7 @@
 Per step the runner asks the policy for a gate; the model calls `gate(layer, h, ffn)` in every
 decoder layer and gets back `h + ffn(h)` for rows whose FFN runs and `h` for rows that skip it.
 After the forward pass `gate.skip_counts()` reports exactly what was skipped (one host sync).
+A backend whose decode step decides on the device runs a `RuleGate`'s rule itself instead.
 """
 from __future__ import annotations
 
@@ -50,8 +51,35 @@ class DenseGate:
         return [0] * num_rows, [0] * self.num_layers
 
 
+class RuleGate:
+    """Base of the gates whose rule is plain data: each row's settings (`rows`) and `quorum` (None:
+    every row decides on its own, FFN-SkipLLM; else the batch-aligned rule's quorum). A backend
+    whose decode step makes the decisions on the device (engine/backends/cuda/decode_step.py) runs
+    such a rule itself instead of calling the gate per layer, and points the gate's counts at its
+    own (`count_with`); `skip_counts` then reads those, once, after the step."""
+
+    acts_per_layer = True
+    quorum: float | None = None
+
+    def __init__(self, rows: list[RowSkip]):
+        self.rows = rows
+        self._counter = None  # what ran the rule in the gate's place, if anything did
+
+    def count_with(self, counter) -> None:
+        """`counter.skip_counts(num_rows)` reports this step's skips from now on."""
+        self._counter = counter
+
+    def skip_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
+        """-> (FFNs skipped per row, rows skipped per layer)."""
+        return self._counter.skip_counts(num_rows) if self._counter is not None else self.own_counts(num_rows)
+
+    def own_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
+        raise NotImplementedError
+
+
 class SkipPolicy:
     name = "base"
+    quorum: float | None = None  # the rule of this policy's gates (RuleGate.quorum)
 
     def __init__(self, config: SkipConfig, num_layers: int):
         self.config, self.num_layers = config, num_layers

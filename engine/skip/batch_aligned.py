@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.skip.base import DenseGate, RowSkip, SkipPolicy, ffn_except
+from engine.skip.base import DenseGate, RowSkip, RuleGate, SkipPolicy, ffn_except
 
 DEFAULT_QUORUM = 0.5
 
@@ -29,10 +29,10 @@ def quorum_reached(votes: int, budgeted: int, quorum_per_mille: int) -> bool:
     return budgeted > 0 and votes * 1000 >= quorum_per_mille * budgeted
 
 
-class BatchAlignedGate:
-    acts_per_layer = True
-
+class BatchAlignedGate(RuleGate):
     def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int, quorum: float):
+        super().__init__(rows)
+        self.quorum = quorum
         self.num_layers = num_layers
         self.first_hot, self.last_hot = cold_start, num_layers - cold_end - 1
         self.quorum_per_mille = round(quorum * 1000)
@@ -77,7 +77,7 @@ class BatchAlignedGate:
         self.prev_cos = F.cosine_similarity(h.index_select(0, idx).float(), out.index_select(0, idx).float(),
                                             dim=-1).tolist()
 
-    def skip_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
+    def own_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
         return list(self.row_skipped), list(self.layer_skipped)
 
 

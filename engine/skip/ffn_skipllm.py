@@ -6,34 +6,40 @@ FFNs contiguously (cold end layers always run). Decisions stay tensors: no `.ite
 Two executions of the same rule:
 - `HostFFNSkipLLMGate` (CPU): a host sync costs nothing there, so decisions are plain Python over
   the few cosines still needed (none once every row has fired); only the rows that run an FFN are
-  gathered and computed, and a layer no row needs is not run at all. It also hands its rule over
-  as data (`row_rule`) to a backend that runs a whole step natively (the CPU's native decode
-  layers apply the same rule inside the call and `record` what they skipped).
-- `FFNSkipLLMGate` (CUDA): decisions stay tensors on the device, no host sync per layer; every row
-  is computed and skipped rows keep `h` (`masked`), which keeps the semantics, not the time.
+  gathered and computed, and a layer no row needs is not run at all. The CPU's native decode
+  layers run the same rule inside one call instead (engine/backends/cpu/fused_decode.py).
+- `FFNSkipLLMGate` (CUDA, per-op path): decisions stay tensors on the device, no host sync per
+  layer; every row is computed and skipped rows keep `h` (`masked`), which keeps the semantics, not
+  the time. The CUDA Llama decode step runs the rule itself instead, in Triton kernels whose FFNs
+  read no weight for a layer no row runs (engine/backends/cuda/device_gate.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from engine.skip.base import DenseGate, RowSkip, SkipPolicy, ffn_except
+from engine.skip.base import DenseGate, RowSkip, RuleGate, SkipPolicy, ffn_except
 
 
-class FFNSkipLLMGate:
-    acts_per_layer = True
-
+class FFNSkipLLMGate(RuleGate):
     def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int, device):
-        self.num_layers = num_layers
+        super().__init__(rows)
+        self.num_layers, self.device = num_layers, device
         self.first_hot, self.last_hot = cold_start, num_layers - cold_end - 1
+        self.max_skips = None  # the device state, made at the first layer: a backend that runs the rule
+        self.prev_cos = None  # itself (engine/backends/cuda/decode_step.py) never needs it
+
+    def _start(self) -> None:
+        rows, device = self.rows, self.device
         self.max_skips = torch.tensor([r.max_skips for r in rows], device=device)
         self.threshold = torch.tensor([r.threshold for r in rows], device=device)
         self.fired = torch.zeros(len(rows), dtype=torch.bool, device=device)
         self.remaining = torch.zeros(len(rows), dtype=torch.long, device=device)
-        self.skipped = torch.zeros(num_layers, len(rows), dtype=torch.bool, device=device)
-        self.prev_cos = None
+        self.skipped = torch.zeros(self.num_layers, len(rows), dtype=torch.bool, device=device)
 
     def __call__(self, layer, h, ffn):
+        if self.max_skips is None:
+            self._start()
         if layer < self.first_hot or layer > self.last_hot:
             out = h + ffn(h)
             if layer == self.first_hot - 1:
@@ -53,14 +59,13 @@ class FFNSkipLLMGate:
             self.prev_cos = F.cosine_similarity(h.float(), out.float(), dim=-1)
         return out
 
-    def skip_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
+    def own_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
         return self.skipped.sum(0).tolist(), self.skipped.sum(1).tolist()
 
 
-class HostFFNSkipLLMGate:
-    acts_per_layer = True
-
+class HostFFNSkipLLMGate(RuleGate):
     def __init__(self, rows: list[RowSkip], num_layers: int, cold_start: int, cold_end: int):
+        super().__init__(rows)
         self.num_layers = num_layers
         self.first_hot, self.last_hot = cold_start, num_layers - cold_end - 1
         self.max_skips = [r.max_skips for r in rows]
@@ -92,16 +97,6 @@ class HostFFNSkipLLMGate:
             self._record_cos(h, out)
         return out
 
-    def row_rule(self) -> tuple[list[int], list[float], int, int]:
-        """(max skips per row, threshold per row, first hot layer, last hot layer): the rule above,
-        for a backend that applies it inside a fused step instead of calling this gate per layer."""
-        return self.max_skips, self.threshold, self.first_hot, self.last_hot
-
-    def record(self, skipped: torch.Tensor) -> None:
-        """What a fused step skipped: bool [layers, rows]."""
-        self.row_skipped = skipped.sum(0).tolist()
-        self.layer_skipped = skipped.sum(1).tolist()
-
     def _record_cos(self, h, out):
         if not self.armed:
             return  # every row has fired (or may not skip): no cosine is needed any more
@@ -112,7 +107,7 @@ class HostFFNSkipLLMGate:
             cos = F.cosine_similarity(h.index_select(0, idx), out.index_select(0, idx), dim=-1).tolist()
         self.prev_cos = dict(zip(self.armed, cos))
 
-    def skip_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
+    def own_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
         return list(self.row_skipped), list(self.layer_skipped)
 
 

@@ -2,8 +2,8 @@
 
 For models whose layers are plain Llama layers with every projection on a native kernel (the
 dense GEMMs or the quantized GEMM, one layer's projections may mix them): a dense decode step in
-one call (`dense_step`); a skipping step in one call too when the gate hands over its rule as
-data (`skipping_step`, FFN-SkipLLM's per-row rule); otherwise per layer the attention branch
+one call (`dense_step`); a skipping step in one call too when the gate's rule is FFN-SkipLLM's
+per-row rule, given as data (`skipping_step`, engine/skip/base.py's RuleGate); otherwise per layer the attention branch
 (decode) and the FFN branch (any rows) for the skip gate to choose between. Same kernels as the
 per-op path, so the same bits. Built once per model and KV cache (the layer table holds their
 addresses).
@@ -19,6 +19,7 @@ from engine.backends.cpu.linear import Linear
 from engine.backends.cpu.quant_linear import QuantLinear
 from engine.native import kernels
 from engine.native.ops import check_decode_lengths
+from engine.skip.base import RuleGate
 
 DENSE, QUANTIZED = 0, 1  # decode_layers.cpp's WeightRef kinds
 
@@ -69,8 +70,7 @@ class FusedDecode:
         step = (cos, sin, meta.block_tables, meta.context_lens, meta.max_context_len)
         if not gate.acts_per_layer:
             return self.dense_step(x, *step)
-        rule = getattr(gate, "row_rule", None)
-        if rule is not None:  # the gate's decisions made inside the native step
+        if isinstance(gate, RuleGate) and gate.quorum is None:  # FFN-SkipLLM's rule, run inside the native step
             return self.skipping_step(x, *step, gate)
         for i in range(len(self.layers)):  # the gate picks rows per layer: one call per branch
             h = x + self.attention_branch(i, x, *step)
@@ -117,14 +117,14 @@ class FusedDecode:
         return x
 
     def skipping_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor,
-                      lengths: torch.Tensor, longest: int, gate) -> torch.Tensor:
-        """Every layer in one call, FFN-SkipLLM's rule (`gate.row_rule()`) deciding per row and layer
-        inside it; the decisions go back to the gate (`gate.record`). x is updated in place."""
+                      lengths: torch.Tensor, longest: int, gate: RuleGate) -> torch.Tensor:
+        """Every layer in one call, FFN-SkipLLM's rule (the gate's rows, first and last hot layer)
+        deciding per row and layer inside it; the gate then reports what it skipped. x is updated in
+        place."""
         cfg = self.cfg
         check_decode_lengths(longest, block_tables, self.kv.block_size)
-        max_skips, thresholds, first_hot, last_hot = gate.row_rule()
-        max_skips = torch.tensor(max_skips, dtype=torch.int32)
-        thresholds = torch.tensor(thresholds, dtype=torch.float32)
+        max_skips = torch.tensor([r.max_skips for r in gate.rows], dtype=torch.int32)
+        thresholds = torch.tensor([r.threshold for r in gate.rows], dtype=torch.float32)
         rows = x.shape[0]
         skipped = torch.empty(len(self.layers), rows, dtype=torch.uint8)
         x = x.contiguous()
@@ -133,6 +133,16 @@ class FusedDecode:
             block_tables.data_ptr(), lengths.data_ptr(), rows, cfg.hidden_size, cfg.num_heads,
             cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, self.kv.block_size, block_tables.shape[1],
             cfg.rms_norm_eps, cfg.head_dim ** -0.5, torch.get_num_threads(), max_skips.data_ptr(),
-            thresholds.data_ptr(), first_hot, last_hot, skipped.data_ptr())
-        gate.record(skipped.bool())
+            thresholds.data_ptr(), gate.first_hot, gate.last_hot, skipped.data_ptr())
+        gate.count_with(StepSkips(skipped.bool()))
         return x
+
+
+class StepSkips:
+    """What a native skipping step skipped, bool [layers, rows], reported through its gate."""
+
+    def __init__(self, skipped: torch.Tensor):
+        self.skipped = skipped
+
+    def skip_counts(self, num_rows: int) -> tuple[list[int], list[int]]:
+        return self.skipped.sum(0).tolist(), self.skipped.sum(1).tolist()

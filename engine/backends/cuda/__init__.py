@@ -1,11 +1,54 @@
-"""The CUDA backend. For now the torch backend's ops (cuBLAS GEMMs, SDPA prefill, a gathered
-decode attention); CUDA graphs and Triton kernels that read the block tables in place come with
-the CUDA fast path and replace ops here, one at a time, each tested against the torch reference."""
+"""The CUDA backend. Llama-family models decode through a step on Triton kernels with the FFN
+skip decided on the device, captured as CUDA graphs per batch bucket (decode_step.py, graphs.py).
+Prefill, and the decode of models that step does not take (Gemma 3), run the torch backend's ops
+(cuBLAS GEMMs, SDPA prefill) with the Triton paged decode attention, which reads K/V in place."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
 from engine.backends.torch_backend import TorchBackend
+from engine.kv.block_manager import blocks_for
+
+log = logging.getLogger("skipserve.cuda")
 
 
 class CUDABackend(TorchBackend):
     name = "cuda"
+
+    def __init__(self):
+        # torch's CUDA wheels bring triton; without it every op is the torch backend's
+        self.triton = importlib.util.find_spec("triton") is not None
+
+    def decode_step(self, model, kv, config, policy):
+        if not self.triton:
+            log.warning("triton is not installed: decode steps run on the torch path")
+            return None
+        from engine.backends.cuda.decode_step import LlamaDecodeStep
+
+        if not LlamaDecodeStep.fits(model, kv):
+            log.info("decode steps run on the torch path: the Triton decode step takes plain Llama layers "
+                     "with dense weights (this model: %s layers)", model.layers[0].kind)
+            return None
+        step = LlamaDecodeStep(model, kv, config.max_num_seqs, blocks_for(config.max_model_len, kv.block_size),
+                               config.skip, policy.quorum)
+        if config.enforce_eager:
+            log.info("decode steps run the Triton kernels eagerly (--enforce-eager: no CUDA graphs)")
+        else:
+            with torch.inference_mode():  # as every forward of the runner
+                step.graphs.capture()  # logs time and memory; on failure a warning, and eager steps
+        return step
+
+    def attention(self, q, k, v, k_cache, v_cache, meta, scale, window):
+        if meta.is_prefill or not self.triton:
+            return super().attention(q, k, v, k_cache, v_cache, meta, scale, window)
+        from engine.backends.cuda.decode_attention import paged_decode_attention
+        from engine.backends.cuda.write_kv import write_kv
+
+        write_kv(k, v, k_cache, v_cache, meta.write_blocks * meta.block_size + meta.write_offsets)
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window)
 
 
 __all__ = ["CUDABackend"]

@@ -20,7 +20,10 @@ class MaskedFFN:
         self.gate_up_weight, self.down_weight = gate_up_weight, down_weight
         self.activation = ACTIVATIONS[activation]
 
-    def __call__(self, h: torch.Tensor, run: torch.Tensor | None = None) -> torch.Tensor:
-        """h: [rows, hidden]; run: [rows] device mask (None = every row runs) -> out [rows, hidden]."""
-        gate_up = masked_linear(rms_norm(h, self.norm_weight, self.eps), self.gate_up_weight, run)
+    def __call__(self, h: torch.Tensor, run: torch.Tensor | None = None, normed: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """h: [rows, hidden]; run: [rows] device mask (None = every row runs); normed: rmsnorm(h)
+        where the caller has it already (fused with the residual add) -> out [rows, hidden]."""
+        normed = rms_norm(h, self.norm_weight, self.eps) if normed is None else normed
+        gate_up = masked_linear(normed, self.gate_up_weight, run)
         return masked_linear(self.activation(gate_up), self.down_weight, run, residual=h)

@@ -56,10 +56,13 @@ def _masked_linear_kernel(x_ptr, w_ptr, run_ptr, residual_ptr, out_ptr, rows, n_
     tl.store(out_ptrs, tl.where(run[:, None], acc, skipped).to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def tiles(rows: int) -> tuple[int, int, int]:
+def tiles(rows: int, interpreted: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for `rows` rows: all rows in one tile up to 64 (decode batches
-    read the weight once), narrow output tiles so a GEMV spreads over many programs."""
+    read the weight once), narrow output tiles so a GEMV spreads over many programs. Triton's
+    interpreter (CPU tensors) pays Python per program and per op, not per element: wide tiles."""
     block_m = min(64, dot_size(rows))
+    if interpreted:
+        return block_m, 256, 256
     return block_m, 32 if block_m <= 16 else 64, 128
 
 
@@ -72,7 +75,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, run: torch.Tensor | Non
     n_out = weight.shape[0]
     assert weight.shape[1] == k_in and weight.is_contiguous() and x.stride(-1) == 1
     out = x.new_empty(rows, n_out) if out is None else out
-    block_m, block_n, block_k = tiles(rows)
+    block_m, block_n, block_k = tiles(rows, interpreted=x.device.type == "cpu")
     _masked_linear_kernel[(triton.cdiv(n_out, block_n), triton.cdiv(rows, block_m))](
         x, weight, x if run is None else run, out if residual is None else residual, out,
         rows, n_out, k_in, x.stride(0), weight.stride(0),

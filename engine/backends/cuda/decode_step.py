@@ -1,0 +1,103 @@
+"""The Llama-family decode step of the CUDA backend: Triton kernels, the FFN skip decided on the
+device, replayed as a CUDA graph per batch bucket (graphs.py).
+
+Per layer, reading only the static buffers of graphs.py (so the step can be captured) and never
+synchronizing with the host:
+
+    rmsnorm -> q|k|v projection (cuBLAS) -> rotary on q and k in place -> write the new K/V
+    (padded rows write nothing) -> paged decode attention through the block tables -> o_proj
+    (cuBLAS) -> residual add fused with the FFN's rmsnorm -> the device skip gate, whose masked
+    FFN kernels read no weight for a layer that no row runs.
+
+The embedding lookup, the rotary rows and the final norm are in the step as well, so a replay is
+the whole decode forward. The skip rule is the step's gate's (a `RuleGate`: each row's RowSkip, and
+the quorum of the policy this step was built for); a dense gate is max_skips 0 for every row. The
+exact skips are read once, after the step, when the runner asks the gate for its counts.
+
+Prefill, and decode steps this one does not take (more rows than the buffers hold, a gate that
+decides in Python, e.g. calibration's recorder), run the model's torch path.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from engine.backends.cuda.decode_attention import paged_decode_attention
+from engine.backends.cuda.device_gate import DeviceSkipGate
+from engine.backends.cuda.graphs import DecodeBatch, DecodeGraphs, DecodeInputs, StaticDecodeBuffers
+from engine.backends.cuda.masked_ffn import MaskedFFN
+from engine.backends.cuda.rms_norm import add_rms_norm, rms_norm
+from engine.backends.cuda.rotary import apply_rotary
+from engine.backends.cuda.write_kv import write_kv
+from engine.backends.torch_backend import PlainLinear
+from engine.config import SkipConfig
+from engine.skip.base import RuleGate
+
+
+class LlamaDecodeStep:
+    def __init__(self, model, kv, max_batch: int, max_blocks: int, skip: SkipConfig, quorum: float | None):
+        """model: a LlamaModel that `fits`; kv: its KV cache; max_batch rows and max_blocks blocks a
+        row at most (the static buffers' size); skip: cold layers; quorum: the policy's rule."""
+        cfg = model.cfg
+        self.model, self.kv, self.cfg = model, kv, cfg
+        self.rope = model.ropes["global"]
+        self.ffns = [MaskedFFN(layer.post_attn_norm, cfg.rms_norm_eps, layer.gate_up.weight, layer.down.weight)
+                     for layer in model.layers]
+        self.buffers = StaticDecodeBuffers(max_batch, max_blocks, kv.block_size, kv.k.device)
+        self.gate = DeviceSkipGate(self.buffers.max_skips, self.buffers.thresholds, cfg.num_layers,
+                                   skip.cold_start, skip.cold_end, quorum)
+        self.quorum = quorum
+        self.graphs = DecodeGraphs(self.forward, self.buffers)  # eager until `graphs.capture()`
+
+    @staticmethod
+    def fits(model, kv) -> bool:
+        """Plain Llama layers (full attention) with dense weights in the activations' dtype, and a
+        KV cache in that dtype too."""
+        act = model.act_dtype
+        linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        return (isinstance(model.embed, torch.Tensor) and kv.k.dtype == act and model.cfg.head_dim % 2 == 0
+                and all(layer.kind == "llama" and layer.window is None for layer in model.layers)
+                and all(isinstance(lin, PlainLinear) and lin.dtype == act and lin.weight.is_contiguous()
+                        for lin in linears))
+
+    def takes(self, rows: int, block_tables: list[list[int]], gate) -> bool:
+        """Whether this step runs a decode of `rows` rows with `gate`: the buffers hold them, and
+        the gate is dense or a rule this step's device gate runs."""
+        dense = not gate.acts_per_layer
+        return (rows <= self.buffers.max_batch and max(map(len, block_tables)) <= self.buffers.max_blocks
+                and (dense or (isinstance(gate, RuleGate) and gate.quorum == self.quorum)))
+
+    def __call__(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], gate
+                 ) -> torch.Tensor:
+        """One token per row at `positions` -> final hidden states [rows, hidden] (normed), valid
+        until the next step. A rule gate's counts are this step's from then on."""
+        rows = len(token_ids)
+        settings = gate.rows if gate.acts_per_layer else None
+        max_skips = [r.max_skips for r in settings] if settings else [0] * rows
+        thresholds = [r.threshold for r in settings] if settings else [float("inf")] * rows
+        hidden = self.graphs.run(DecodeInputs(token_ids, positions, block_tables, max_skips, thresholds))
+        if settings:
+            gate.count_with(self.gate)
+        return hidden
+
+    def forward(self, batch: DecodeBatch) -> torch.Tensor:
+        """The step on the static buffers (captured as a graph, or run as it is)."""
+        model, cfg, kv = self.model, self.cfg, self.kv
+        eps, heads, kv_heads, head_dim = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        rows = batch.token_ids.shape[0]
+        self.gate.reset()
+        cos, sin = self.rope.cos[batch.positions], self.rope.sin[batch.positions]  # [rows, head_dim]
+        x = model.embed_tokens(batch.token_ids)
+        for i, layer in enumerate(model.layers):
+            qkv = F.linear(rms_norm(x, layer.input_norm, eps), layer.qkv.weight, layer.qkv.bias)
+            qkv = qkv.view(rows, heads + 2 * kv_heads, head_dim)
+            qk = qkv[:, :heads + kv_heads]
+            apply_rotary(qk, cos, sin, out=qk)
+            write_kv(qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:], kv.k[i], kv.v[i], batch.slots)
+            attn = paged_decode_attention(qkv[:, :heads], kv.k[i], kv.v[i], batch.block_tables, batch.context_lens,
+                                          head_dim ** -0.5)
+            normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight), x, layer.post_attn_norm, eps)
+            x = self.gate(i, h, functools.partial(self.ffns[i], normed=normed))
+        return rms_norm(x, model.norm, eps)

@@ -1,0 +1,117 @@
+"""The CUDA backend's decode step (engine/backends/cuda/decode_step.py) on the real embedded model,
+run on the CPU under Triton's interpreter with fp32 weights, against the torch backend's decode
+path on the same weights and cache: same hidden states, greedy tokens, K/V and exact skip counts.
+On a CUDA host the step runs compiled, in the engine (tests/test_cuda.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_device import INTERPRETED
+
+from engine.backends.cuda.decode_step import LlamaDecodeStep  # noqa: E402
+from engine.backends.torch_backend import TorchBackend  # noqa: E402
+from engine.config import SkipConfig  # noqa: E402
+from engine.kv.cache import KVCache  # noqa: E402
+from engine.kv.metadata import AttentionMetadata  # noqa: E402
+from engine.loader import load_state_dict  # noqa: E402
+from engine.models import build_model  # noqa: E402
+from engine.skip import DenseGate, RowSkip, build_policy  # noqa: E402
+from engine.skip.calibration import RecordingGate  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not INTERPRETED, reason="the step on CPU tensors needs Triton's interpreter; "
+                                "on CUDA it runs compiled in tests/test_cuda.py")
+
+BLOCK_SIZE, NUM_BLOCKS, MAX_LEN = 16, 8, 128
+# Three rows whose first decode positions sit at block edges: 15 (the last slot of block 5), 16
+# (the first slot of block 6) and 37 (in block 7); the second step moves each one on. The tables
+# are shuffled and block 4 belongs to no row.
+TABLES = [[5, 2], [1, 6], [3, 0, 7]]
+PROMPT_LENGTHS = [16, 17, 38]
+# Everything is fp32 on both sides; only the order of summation differs (Triton's blocked dot
+# products and online softmax vs torch's GEMMs and gathered softmax). Measured on these rows: at
+# most 2.1e-5 apart on hidden states up to 27 in magnitude (2e-6 of a row's norm). 1e-3 leaves ~50x
+# for other BLAS builds and still fails on any real fault: a wrong row, block, position or skipped
+# FFN moves the hidden states by O(1).
+TOLERANCE = dict(atol=1e-3, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def torch_model(engine):
+    """The embedded model in fp32 on the torch backend (dense PlainLinear projections, as CUDA
+    loads them), and a small KV cache of its own."""
+    cfg = engine.model_config
+    model = build_model(cfg, load_state_dict(engine.hf_dir), "cpu", torch.float32, MAX_LEN, TorchBackend())
+    kv = KVCache(cfg.num_layers, NUM_BLOCKS, cfg.num_kv_heads, BLOCK_SIZE, cfg.head_dim, "cpu", torch.float32)
+    return model, kv
+
+
+def decode_steps(decode, prompts, gates):
+    """Greedy decode steps from each prompt's last token, one per gate, through `decode(tokens,
+    positions, gate)` -> (hidden, tokens, skip counts) per step."""
+    tokens, positions, steps = [p[-1] for p in prompts], [len(p) - 1 for p in prompts], []
+    for make_gate in gates:
+        gate = make_gate()
+        hidden, logits = decode(tokens, positions, gate)
+        tokens = logits.argmax(-1).tolist()
+        positions = [p + 1 for p in positions]
+        steps.append((hidden, tokens, gate.skip_counts(len(prompts))))
+    return steps
+
+
+def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torch_model):
+    model, kv = torch_model
+    base = chat_prompts[0] * 3
+    prompts = [base[:n] for n in PROMPT_LENGTHS]
+    policy = build_policy(engine.config.skip, model.cfg.num_layers)
+    # row 0 is forced to skip 8 FFNs (it fires at the first hot layer); rows 1 and 2 have budget 0
+    skipping = [RowSkip(8, -1.0), RowSkip(0, -1.0), RowSkip(0, -1.0)]
+    gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
+    step = LlamaDecodeStep(model, kv, max_batch=4, max_blocks=4, skip=engine.config.skip, quorum=policy.quorum)
+    assert LlamaDecodeStep.fits(model, kv)
+
+    with torch.inference_mode():
+        kv.k.zero_()
+        kv.v.zero_()
+        meta = AttentionMetadata.for_prefill([(t, 0, len(p) - 1) for t, p in zip(TABLES, prompts)], BLOCK_SIZE, "cpu")
+        model.forward(torch.tensor([t for p in prompts for t in p[:-1]]), meta, kv, DenseGate(model.cfg.num_layers))
+        k_prefilled, v_prefilled = kv.k.clone(), kv.v.clone()
+
+        def torch_decode(tokens, positions, gate):
+            meta = AttentionMetadata.for_decode(TABLES, positions, BLOCK_SIZE, "cpu", torch.float32)
+            hidden = model.forward(torch.tensor(tokens), meta, kv, gate)
+            return hidden, model.logits(hidden)
+
+        def step_decode(tokens, positions, gate):
+            assert step.takes(len(tokens), TABLES, gate)
+            hidden = step(tokens, positions, TABLES, gate).clone()  # the step's buffer is reused
+            return hidden, model.logits(hidden)
+
+        expected = decode_steps(torch_decode, prompts, gates)
+        k_expected, v_expected = kv.k.clone(), kv.v.clone()
+        kv.k.copy_(k_prefilled)
+        kv.v.copy_(v_prefilled)
+        got = decode_steps(step_decode, prompts, gates)
+
+    for (hidden, tokens, counts), (hidden_ref, tokens_ref, counts_ref) in zip(got, expected):
+        torch.testing.assert_close(hidden, hidden_ref, **TOLERANCE)
+        assert tokens == tokens_ref
+        assert counts == counts_ref
+    assert expected[1][2][0] == [8, 0, 0]  # the second step did skip, in row 0 only
+    torch.testing.assert_close(kv.k, k_expected, **TOLERANCE)
+    torch.testing.assert_close(kv.v, v_expected, **TOLERANCE)
+    written = (kv.k != k_prefilled).flatten(2).any(-1).any(0)  # per block: did a step write into it
+    assert written.tolist() == [False, False, True, False, False, True, True, True]  # blocks 2, 5, 6, 7
+
+
+def test_the_step_takes_only_rows_its_buffers_hold_and_rules_its_gate_runs(engine, torch_model):
+    model, kv = torch_model
+    policy = build_policy(engine.config.skip, model.cfg.num_layers)
+    step = LlamaDecodeStep(model, kv, max_batch=2, max_blocks=4, skip=engine.config.skip, quorum=policy.quorum)
+    rule = policy.make_gate([RowSkip(4, 0.9)], "cpu")
+    assert step.takes(1, [[0, 1]], rule) and step.takes(2, [[0], [1]], DenseGate(model.cfg.num_layers))
+    assert not step.takes(3, [[0]] * 3, rule)  # more rows than its buffers hold
+    assert not step.takes(1, [[0] * 5], rule)  # a longer block table
+    assert not step.takes(1, [[0]], RecordingGate(model.cfg.num_layers))  # a gate that acts in Python
+    aligned = build_policy(SkipConfig(policy="batch_aligned"), model.cfg.num_layers)
+    assert not step.takes(1, [[0]], aligned.make_gate([RowSkip(4, 0.9)], "cpu"))  # another rule
