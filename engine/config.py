@@ -93,6 +93,7 @@ class EngineConfig:
     served_model_name: str = "smollm2-135m-instruct"
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (CPU: a GGUF's own quantization, else fp32; CUDA: bf16) | float32 | bfloat16 | float16
+    quantize: str | None = None  # CPU: "int8" rounds dense weights to int8 per group of 32 (weight-only)
     max_num_seqs: int = 16  # rows in a decode batch
     max_model_len: int = 2048  # tokens per sequence (prompt + completion)
     block_size: int = 16  # tokens per KV block

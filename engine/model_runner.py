@@ -26,6 +26,7 @@ from engine.kv.cache import KVCache
 from engine.kv.capacity import DeviceMemory, plan_capacity
 from engine.kv.metadata import AttentionMetadata
 from engine.loader import load_state_dict
+from engine.quant.int8 import quantize_state
 from engine.models import build_model
 from engine.sampler import SampleRow, Sampled, sample
 from engine.scheduler import ScheduledBatch
@@ -72,16 +73,21 @@ class ModelRunner:
             native.load(config.cache_dir)  # C++ CPU kernels (engine/native); torch paths without them
         self.model_config = model_config
         t0 = time.perf_counter()
-        gguf = quantized_gguf(config.model, config.cache_dir, config.dtype, self.device)
+        if config.quantize and self.device.type != "cpu":
+            raise ValueError(f"--quantize {config.quantize} runs on the CPU's quantized kernels, not on {self.device}")
+        # --quantize int8 rounds dense weights (a GGUF's dequantized ones too); else a GGUF may be served as it is
+        gguf = None if config.quantize else quantized_gguf(config.model, config.cache_dir, config.dtype, self.device)
         state = load_weights(gguf, hf_dir) if gguf else load_state_dict(hf_dir)
+        if config.quantize == "int8":
+            state = quantize_state(state)
         self.backend = select_backend(self.device)
         self.model = build_model(model_config, state, self.device, self.dtype, config.max_model_len, self.backend)
         del state
         release_free_memory()  # the load's temporaries (repacking, tiling) back to the OS
-        self.quantized = gguf is not None  # the GGUF's own quantization (else dense `self.dtype`)
+        self.quantized = gguf is not None or config.quantize == "int8"  # else dense `self.dtype` weights
         self.act_dtype = self.model.act_dtype  # activations and KV cache (fp32 on CPU)
         log.info("model on %s (%s backend), %s weights, %s activations, in %.1f s", self.device, self.backend.name,
-                 "GGUF-quantized" if gguf else str(self.dtype).removeprefix("torch."),
+                 "GGUF-quantized" if gguf else "int8" if config.quantize else str(self.dtype).removeprefix("torch."),
                  str(self.act_dtype).removeprefix("torch."), time.perf_counter() - t0)
         element_size = torch.empty(0, dtype=self.act_dtype).element_size()
         self.capacity = plan_capacity(config, model_config, element_size, self._device_memory())

@@ -40,6 +40,9 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
                    help="weights: auto = a GGUF's own quantization on CPU (other inputs: float32), bfloat16 "
                         f"on CUDA; float32 / bfloat16 dequantize a GGUF {shown(preset.dtype)}")
+    m.add_argument("--quantize", choices=["int8"], default=None,
+                   help="CPU: round dense weights (HF safetensors, or a GGUF with --dtype float32) to int8 per "
+                        "group of 32 inputs, weight-only, for the quantized kernels (default: off)")
     m.add_argument("--cache-dir", default=None, help="where converted GGUF weights and compiled kernels are "
                    "cached (default: $SKIPSERVE_CACHE or ~/.cache/skipserve)")
     m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -115,8 +118,8 @@ def build_config(args) -> EngineConfig:
         config = EngineConfig(model=args.model, served_model_name=os.path.basename(args.model.rstrip("/")))
     if args.model and not preset_path(args.model):
         config.model = args.model
-    overrides = {k: getattr(args, k) for k in ("served_model_name", "device", "dtype", "cache_dir", "threads",
-                                                 "max_num_seqs", "max_model_len", "block_size",
+    overrides = {k: getattr(args, k) for k in ("served_model_name", "device", "dtype", "quantize", "cache_dir",
+                                                 "threads", "max_num_seqs", "max_model_len", "block_size",
                                                  "kv_capacity_tokens", "kv_cache_memory", "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching", "enforce_eager")
                  if getattr(args, k) is not None}

@@ -55,8 +55,9 @@ struct Isa {
     static I add(I a, I b) { return _mm512_add_epi32(a, b); }
     static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
     // 32 bytes (of lanes [0, LANES) of a chunk) as int16 words, unsigned or signed
-    static I widen_u8(const uint8_t* p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-    static I widen_s8(const uint8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static __m256i bytes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    static I widen_u8(const uint8_t* p) { return _mm512_cvtepu8_epi16(bytes(p)); }
+    static I widen_s8(const uint8_t* p) { return _mm512_cvtepi8_epi16(bytes(p)); }
     static I low_nibbles(I w) { return _mm512_and_si512(w, _mm512_set1_epi16(0x0f)); }
     static I high_nibbles(I w) { return _mm512_srli_epi16(w, 4); }
     // acc + per lane: w.lo * a.lo + w.hi * a.hi (int16 pairs; a: one pair broadcast)
@@ -64,7 +65,8 @@ struct Isa {
     static float max_abs(F v) { return _mm512_reduce_max_ps(v); }  // v: magnitudes
     // round(v * inv) (to nearest even) -> LANES int16
     static void narrow(F v, F inv, int16_t* a) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
+        const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), _mm512_cvtsepi32_epi16(i));
     }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -85,8 +87,9 @@ struct Isa {
     static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
     static I add(I a, I b) { return _mm256_add_epi32(a, b); }
     static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-    static I widen_u8(const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-    static I widen_s8(const uint8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static __m128i bytes(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+    static I widen_u8(const uint8_t* p) { return _mm256_cvtepu8_epi16(bytes(p)); }
+    static I widen_s8(const uint8_t* p) { return _mm256_cvtepi8_epi16(bytes(p)); }
     static I low_nibbles(I w) { return _mm256_and_si256(w, _mm256_set1_epi16(0x0f)); }
     static I high_nibbles(I w) { return _mm256_srli_epi16(w, 4); }
     // |q| <= 128 and |a| <= 32767: a pair sums to < 2^23, a group of 32 to < 2^27: no overflow
@@ -99,7 +102,8 @@ struct Isa {
     }
     static void narrow(F v, F inv, int16_t* a) {
         const __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(a), _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
+        const __m128i packed = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a), packed);
     }
 };
 #else
