@@ -135,7 +135,9 @@ extern "C" void decode_attention_f32(const float* q, const float* k_new, const f
     const int group = heads / kv_heads;
     const int items = rows * kv_heads;
     const int64_t block_stride = static_cast<int64_t>(kv_heads) * block_size * dim;  // floats per block
-#pragma omp parallel for schedule(static) num_threads(threads)
+    // rows of a step differ in length: items go to whichever thread is free (each is a whole
+    // (row, KV head) attention, so the order does not change any result)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int item = 0; item < items; ++item) {
         const int row = item / kv_heads, kv = item % kv_heads;
         const int32_t* table = block_tables + static_cast<int64_t>(row) * max_blocks;
