@@ -121,30 +121,22 @@ struct QuantRow {
     const float* sum;      // in / G
 };
 
-// Per group of G: s = max|x| / 32767, a = round(x / s) (pairs of int16), and s * sum(a) for the
-// offset term. Exact integer sums and the same fp32 operations per lane make both builds agree bit
-// for bit.
-void quantize_rows(const float* x, int rows, int in, int group, std::vector<int16_t>& a, std::vector<float>& s,
-                   std::vector<float>& sums) {
-    const int groups = in / group;
-    a.resize(static_cast<size_t>(rows) * in);
-    s.resize(static_cast<size_t>(rows) * groups);
-    sums.resize(static_cast<size_t>(rows) * groups);
-    for (int r = 0; r < rows; ++r) {
-        for (int g = 0; g < groups; ++g) {
-            const float* xg = x + static_cast<int64_t>(r) * in + static_cast<int64_t>(g) * group;
-            int16_t* ag = a.data() + static_cast<int64_t>(r) * in + static_cast<int64_t>(g) * group;
-            F vmax = Isa::zero();
-            for (int j = 0; j < group; j += Isa::LANES) vmax = Isa::max(vmax, Isa::abs(Isa::load(xg + j)));
-            const float amax = Isa::max_abs(vmax);
-            const F inv = Isa::set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
-            for (int j = 0; j < group; j += Isa::LANES) Isa::narrow(Isa::load(xg + j), inv, ag + j);
-            int32_t total = 0;
-            for (int j = 0; j < group; ++j) total += ag[j];
-            const float step = amax / 32767.0f;
-            s[static_cast<size_t>(r) * groups + g] = step;
-            sums[static_cast<size_t>(r) * groups + g] = step * static_cast<float>(total);
-        }
+// Row r's groups of G: s = max|x| / 32767, a = round(x / s) (pairs of int16), and s * sum(a) for
+// the offset term. Exact integer sums and the same fp32 operations per lane make both builds agree
+// bit for bit.
+void quantize_row(const float* x, int in, int group, int16_t* a, float* s, float* sums) {
+    for (int g = 0; g < in / group; ++g) {
+        const float* xg = x + static_cast<int64_t>(g) * group;
+        int16_t* ag = a + static_cast<int64_t>(g) * group;
+        F vmax = Isa::zero();
+        for (int j = 0; j < group; j += Isa::LANES) vmax = Isa::max(vmax, Isa::abs(Isa::load(xg + j)));
+        const float amax = Isa::max_abs(vmax);
+        const F inv = Isa::set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
+        for (int j = 0; j < group; j += Isa::LANES) Isa::narrow(Isa::load(xg + j), inv, ag + j);
+        int32_t total = 0;
+        for (int j = 0; j < group; ++j) total += ag[j];
+        s[g] = amax / 32767.0f;
+        sums[g] = s[g] * static_cast<float>(total);
     }
 }
 
@@ -223,7 +215,9 @@ void linear(const float* x, const uint8_t* q, const float* scale, const float* o
     const int groups = in / G;
     thread_local std::vector<int16_t> a;
     thread_local std::vector<float> s, sums;
-    quantize_rows(x, nrows, in, G, a, s, sums);
+    a.resize(static_cast<size_t>(nrows) * in);
+    s.resize(static_cast<size_t>(nrows) * groups);
+    sums.resize(static_cast<size_t>(nrows) * groups);
     std::vector<QuantRow> rows(nrows);
     for (int r = 0; r < nrows; ++r)
         rows[r] = {reinterpret_cast<const int32_t*>(a.data() + static_cast<int64_t>(r) * in), s.data() + r * groups,
@@ -231,12 +225,21 @@ void linear(const float* x, const uint8_t* q, const float* scale, const float* o
     const int tiles = (out + TILE_OUT - 1) / TILE_OUT;
     const int64_t tile_bytes = static_cast<int64_t>(groups) * TILE_OUT * G * BITS / 8;
     const int64_t tile_floats = static_cast<int64_t>(groups) * TILE_OUT;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int t = 0; t < tiles; ++t) {
-        const int o0 = t * TILE_OUT;
-        output_tile<BITS, G, OFFSET>(rows.data(), nrows, q + t * tile_bytes, scale + t * tile_floats,
-                                     OFFSET ? offset + t * tile_floats : nullptr, groups, bias, y, out, o0,
-                                     out - o0 < TILE_OUT ? out - o0 : TILE_OUT);
+    int16_t* a_rows = a.data();  // thread_local: the team reaches the caller's buffers through these
+    float *s_rows = s.data(), *sum_rows = sums.data();
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < nrows; ++r)  // the rows' activations, quantized once, before any tile
+            quantize_row(x + static_cast<int64_t>(r) * in, in, G, a_rows + static_cast<int64_t>(r) * in,
+                         s_rows + static_cast<int64_t>(r) * groups, sum_rows + static_cast<int64_t>(r) * groups);
+#pragma omp for schedule(static)
+        for (int t = 0; t < tiles; ++t) {
+            const int o0 = t * TILE_OUT;
+            output_tile<BITS, G, OFFSET>(rows.data(), nrows, q + t * tile_bytes, scale + t * tile_floats,
+                                         OFFSET ? offset + t * tile_floats : nullptr, groups, bias, y, out, o0,
+                                         out - o0 < TILE_OUT ? out - o0 : TILE_OUT);
+        }
     }
 }
 
