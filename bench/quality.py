@@ -161,6 +161,8 @@ def main():
     p.add_argument("--preset", default="smollm2-135m-instruct")
     p.add_argument("--budgets", default="0,0.1,0.25,0.4")
     p.add_argument("--threshold", type=float)
+    p.add_argument("--policy", choices=["ffn_skipllm", "batch_aligned"],
+                   help="skip policy (default: the preset's); batch_aligned decides across the rows of a step")
     p.add_argument("--cold-start", type=int)
     p.add_argument("--cold-end", type=int)
     p.add_argument("--warmup-tokens", type=int)
@@ -174,8 +176,9 @@ def main():
         plot(saved["rows"], out / "quality.png", saved.get("title", f"FFN skipping on {args.preset}"))
         return
     config = load_config(preset_path(args.preset))
-    over = {k: v for k, v in [("threshold", args.threshold), ("cold_start", args.cold_start),
-                               ("cold_end", args.cold_end), ("warmup_tokens", args.warmup_tokens)] if v is not None}
+    over = {k: v for k, v in [("policy", args.policy), ("threshold", args.threshold),
+                               ("cold_start", args.cold_start), ("cold_end", args.cold_end),
+                               ("warmup_tokens", args.warmup_tokens)] if v is not None}
     config.skip = replace(config.skip, max_budget=1.0, **over)
     config.max_num_seqs, config.max_model_len = 32, 512
     engine = LLMEngine(config)
