@@ -1,26 +1,83 @@
-"""Tokenizer and chat template, read from the model's own folder (never from a hub)."""
+"""Tokenizer and chat template, read from the model's own folder (never from a hub).
+
+The folder's `tokenizer.json` runs on the `tokenizers` library, and its chat template
+(`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`) is rendered with jinja2
+the way transformers' `apply_chat_template` renders it (tests/test_tokenizer.py compares the two
+on both embedded models). Transformers itself is not imported (it converts a folder that has only
+a slow tokenizer's files): loading its tokenizer classes holds ~90 MB more in a serving process.
+"""
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from pathlib import Path
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def _token(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(folder: Path, config: dict) -> str | None:
+    file = folder / "chat_template.jinja"
+    if file.exists():
+        return file.read_text()
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def _compile(template: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 class Tokenizer:
     def __init__(self, hf_dir: str | Path):
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer as Backend
 
-        self._tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
-        self.eos_token_id = self._tok.eos_token_id
-        self.vocab_size = len(self._tok)
-        self.has_chat_template = bool(getattr(self._tok, "chat_template", None))
+        folder = Path(hf_dir)
+        if (folder / "tokenizer.json").exists():
+            self._tok = Backend.from_file(str(folder / "tokenizer.json"))
+        else:  # only a slow tokenizer's files: transformers converts them (the one case that imports it)
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True).backend_tokenizer
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        self._special = {name: _token(config.get(name)) for name in SPECIAL_TOKENS if config.get(name) is not None}
+        eos = self._special.get("eos_token")
+        self.eos_token_id = None if eos is None else self._tok.token_to_id(eos)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        template = _chat_template(folder, config)
+        self._template = _compile(template) if template else None
+        self.has_chat_template = self._template is not None
+        self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def render_chat(self, messages: list[dict]) -> str:
         if not self.has_chat_template:
             # No template: plain "role: content" lines, then the assistant's turn.
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._template.render(messages=messages, add_generation_prompt=True, tools=None, documents=None,
+                                     **self._special)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # A template places the special tokens it wants; plain text gets the tokenizer's own (BOS),
@@ -28,8 +85,17 @@ class Tokenizer:
         return self.encode(self.render_chat(messages), add_special_tokens=not self.has_chat_template)
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self._clean(self._tok.decode(ids, skip_special_tokens=True))
 
     def token_text(self, token_id: int) -> str:
         """Text of one token for logprobs (special tokens shown as themselves)."""
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        return self._clean(self._tok.decode([token_id], skip_special_tokens=False))
+
+    def _clean(self, text: str) -> str:
+        """transformers' clean_up_tokenization, where the tokenizer's config asks for it."""
+        if not self._clean_up_spaces:
+            return text
+        for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+            text = text.replace(before, after)
+        return text

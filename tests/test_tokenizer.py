@@ -1,0 +1,43 @@
+"""The serving tokenizer (`tokenizers` + jinja2, engine/tokenizer.py) against transformers'
+AutoTokenizer on the same folder: the same ids, text, chat prompts and special tokens, on both
+embedded models (SmolLM2 with a chat template, Gemma 3 without one)."""
+from __future__ import annotations
+
+import pytest
+
+from engine.tokenizer import Tokenizer
+
+TEXTS = ["Hello, world!", "The quick brown fox jumps over the lazy dog.", "  leading and trailing  ",
+         "naïve café — 日本語 🙂", "don't stop , ok ? 's", "<|im_start|>user\nhi<|im_end|>", "a\n\nb\tc", "",
+         "<bos>x<eos>", "1234567890 3.14159"]
+CHATS = [[{"role": "user", "content": "Explain why the sky is blue."}],
+         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye, ünïcode 🙂"}]]
+
+
+def folders(engine):
+    from engine.loader import ensure_hf_dir
+
+    return {"smollm2": engine.hf_dir, "gemma3": ensure_hf_dir("gemma3-270m")}
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_serving_tokenizer_equals_transformers(engine, model):
+    from transformers import AutoTokenizer
+
+    folder = folders(engine)[model]
+    ours, hf = Tokenizer(folder), AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert (ours.eos_token_id, ours.vocab_size) == (hf.eos_token_id, len(hf))
+    assert ours.has_chat_template == bool(getattr(hf, "chat_template", None))
+    assert ours.has_chat_template == (model == "smollm2")
+    for text in TEXTS:
+        for special in (True, False):
+            assert ours.encode(text, special) == hf.encode(text, add_special_tokens=special), (text, special)
+        ids = hf.encode(text)
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+        assert [ours.token_text(i) for i in ids] == [hf.decode([i], skip_special_tokens=False) for i in ids]
+    if ours.has_chat_template:
+        for chat in CHATS:
+            assert ours.render_chat(chat) == hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            assert ours.encode_chat(chat) == hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                                    return_dict=False)
