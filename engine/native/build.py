@@ -45,10 +45,9 @@ SIGNATURES = {
     # x, cos, sin, tokens, heads, dim, token_stride, head_stride, threads
     "rope_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _int, ctypes.c_int64, ctypes.c_int64, _int],
     # x, layer_rows, layers, cos, sin, block_tables, lengths, rows, hidden, heads, kv_heads, head_dim, inter,
-    # block_size, max_blocks, eps, scale, threads
-    "llama_decode_layers": [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 8 + [_float, _float, _int],
-    # the same, then max_skips, thresholds, first_hot, last_hot, skipped
-    "llama_decode_layers_skipping": [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 8 + [_float, _float, _int]
+    # block_size, max_blocks, eps, scale, threads, then the skip rule (or None): max_skips, thresholds,
+    # first_hot, last_hot, skipped
+    "llama_decode_layers": [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 8 + [_float, _float, _int]
     + [_ptr, _ptr, _int, _int, _ptr],
     # x, layer_row, cos, sin, block_tables, lengths, out, rows, hidden, heads, kv_heads, head_dim, block_size,
     # max_blocks, eps, scale, threads

@@ -1,7 +1,6 @@
-// A Llama-family decode step in one native call: every layer dense (`llama_decode_layers`), or
-// with FFN-SkipLLM's rule deciding per row and layer inside the call (`llama_decode_layers_skipping`),
-// or one call per layer branch (attention, FFN) for gates whose rule lives in Python. The same
-// kernels the per-op path calls from Python, in the same order (so the same bits), minus ~25
+// A Llama-family decode step in one native call (`llama_decode_layers`): every layer dense, or
+// with FFN-SkipLLM's rule deciding per row and layer inside the call; or one call per layer branch
+// (attention, FFN) for gates whose rule lives in Python. The same kernels the per-op path calls from Python, in the same order (so the same bits), minus ~25
 // Python and torch dispatches per layer.
 //
 // Per layer: h = x + o_proj(attn(rope(qkv(rms_norm(x))))); x = h + down(silu(gate) * up)(rms_norm(h)).
@@ -138,27 +137,6 @@ extern "C" void llama_ffn_branch(const float* h, const int64_t* row, float* out,
     ffn_branch(h, *reinterpret_cast<const LayerRow*>(row), s, out, rows, hidden, inter, eps, threads);
 }
 
-// x [rows, hidden] fp32, the residual stream, updated in place; layer_rows [layers, 36] (LayerRow);
-// cos, sin [rows, head_dim]; block_tables [rows, max_blocks] and lengths [rows] as in decode_attention_f32.
-extern "C" void llama_decode_layers(float* x, const int64_t* layer_rows, int layers, const float* cos,
-                                    const float* sin, const int32_t* block_tables, const int32_t* lengths,
-                                    int rows, int hidden, int heads, int kv_heads,
-                                    int head_dim, int inter, int block_size, int max_blocks, float eps, float scale,
-                                    int threads) {
-    const LayerRow* rows_of_layers = reinterpret_cast<const LayerRow*>(layer_rows);
-    const int64_t n = static_cast<int64_t>(rows) * hidden;
-    DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, inter);
-    std::vector<float> delta(n);
-    for (int l = 0; l < layers; ++l) {
-        const LayerRow& p = rows_of_layers[l];
-        attention_branch(x, p, s, cos, sin, block_tables, lengths, delta.data(), rows, hidden, heads,
-                         kv_heads, head_dim, block_size, max_blocks, eps, scale, threads);
-        add_into(x, delta.data(), n);
-        ffn_branch(x, p, s, delta.data(), rows, hidden, inter, eps, threads);
-        add_into(x, delta.data(), n);
-    }
-}
-
 namespace {
 
 // cos(h, h + delta) of one row, in double (the rule compares it with a threshold).
@@ -176,17 +154,20 @@ double residual_cosine(const float* h, const float* delta, int n) {
 
 }  // namespace
 
-// llama_decode_layers with FFN-SkipLLM's rule per row (engine/skip/ffn_skipllm.py states it):
-// at hot layer l (first_hot <= l <= last_hot) a row that may still fire (max_skips > 0, not yet
-// fired) fires when cos(h, out) of layer l - 1 exceeds its threshold, then skips its next
-// max_skips FFNs. Only the rows that run an FFN are gathered and computed; a layer no row needs
-// reads none of its FFN weights. skipped [layers, rows] is set to 1 where a row skipped.
-extern "C" void llama_decode_layers_skipping(float* x, const int64_t* layer_rows, int layers, const float* cos,
-                                             const float* sin, const int32_t* block_tables, const int32_t* lengths,
-                                             int rows, int hidden, int heads, int kv_heads, int head_dim, int inter,
-                                             int block_size, int max_blocks, float eps, float scale, int threads,
-                                             const int32_t* max_skips, const float* thresholds, int first_hot,
-                                             int last_hot, uint8_t* skipped) {
+// Every layer of a decode step. x [rows, hidden] fp32, the residual stream, updated in place;
+// layer_rows [layers, 36] (LayerRow); cos, sin [rows, head_dim]; block_tables [rows, max_blocks] and
+// lengths [rows] as in decode_attention_f32.
+// With max_skips null every FFN runs (skipped may be null too). Otherwise FFN-SkipLLM's rule
+// decides per row (engine/skip/ffn_skipllm.py states it): at hot layer l (first_hot <= l <=
+// last_hot) a row that may still fire (max_skips > 0, not yet fired) fires when cos(h, out) of
+// layer l - 1 exceeds its threshold, then skips its next max_skips FFNs. Only the rows that run an
+// FFN are gathered and computed; a layer no row needs reads none of its FFN weights. skipped
+// [layers, rows] is set to 1 where a row skipped.
+extern "C" void llama_decode_layers(float* x, const int64_t* layer_rows, int layers, const float* cos,
+                                    const float* sin, const int32_t* block_tables, const int32_t* lengths, int rows,
+                                    int hidden, int heads, int kv_heads, int head_dim, int inter, int block_size,
+                                    int max_blocks, float eps, float scale, int threads, const int32_t* max_skips,
+                                    const float* thresholds, int first_hot, int last_hot, uint8_t* skipped) {
     const LayerRow* rows_of_layers = reinterpret_cast<const LayerRow*>(layer_rows);
     const int64_t n = static_cast<int64_t>(rows) * hidden;
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, inter);
@@ -194,8 +175,8 @@ extern "C" void llama_decode_layers_skipping(float* x, const int64_t* layer_rows
     std::vector<int> armed(rows), remaining(rows, 0), run;
     std::vector<double> prev_cos(rows, -2.0);
     int still_armed = 0;
-    for (int r = 0; r < rows; ++r) still_armed += armed[r] = max_skips[r] > 0;
-    std::memset(skipped, 0, static_cast<size_t>(layers) * rows);
+    for (int r = 0; r < rows; ++r) still_armed += armed[r] = max_skips != nullptr && max_skips[r] > 0;
+    if (skipped) std::memset(skipped, 0, static_cast<size_t>(layers) * rows);
     for (int l = 0; l < layers; ++l) {
         const LayerRow& p = rows_of_layers[l];
         attention_branch(x, p, s, cos, sin, block_tables, lengths, delta.data(), rows, hidden, heads,

@@ -2,9 +2,9 @@
 
 For models whose layers are plain Llama layers with every projection on a native kernel (the
 dense GEMMs or the quantized GEMM, one layer's projections may mix them): a dense decode step in
-one call (`dense_step`); a skipping step in one call too when the gate's rule is FFN-SkipLLM's
-per-row rule, given as data (`skipping_step`, engine/skip/base.py's RuleGate); otherwise per layer the attention branch
-(decode) and the FFN branch (any rows) for the skip gate to choose between. Same kernels as the
+one call (`layers_step`), and a skipping step in one call too when the gate's rule is
+FFN-SkipLLM's per-row rule, given as data (engine/skip/base.py's RuleGate); otherwise per layer
+the attention branch (decode) and the FFN branch (any rows) for the skip gate to choose between. Same kernels as the
 per-op path, so the same bits. Built once per model and KV cache (the layer table holds their
 addresses).
 """
@@ -69,9 +69,9 @@ class FusedDecode:
         cos, sin = (t[:, 0].contiguous() for t in self.rope(meta.positions))
         step = (cos, sin, meta.block_tables, meta.context_lens, meta.max_context_len)
         if not gate.acts_per_layer:
-            return self.dense_step(x, *step)
+            return self.layers_step(x, *step)
         if isinstance(gate, RuleGate) and gate.quorum is None:  # FFN-SkipLLM's rule, run inside the native step
-            return self.skipping_step(x, *step, gate)
+            return self.layers_step(x, *step, gate)
         for i in range(len(self.layers)):  # the gate picks rows per layer: one call per branch
             h = x + self.attention_branch(i, x, *step)
             x = gate(i, h, self.ffns[i])
@@ -103,38 +103,31 @@ class FusedDecode:
                                    cfg.intermediate_size, cfg.rms_norm_eps, torch.get_num_threads())
         return out
 
-    def dense_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor,
-                   lengths: torch.Tensor, longest: int) -> torch.Tensor:
-        """Every layer with every FFN in one call; x: [rows, hidden] fp32, updated in place and returned."""
+    def layers_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor,
+                    lengths: torch.Tensor, longest: int, gate: RuleGate | None = None) -> torch.Tensor:
+        """Every layer in one call: every FFN (no gate), or FFN-SkipLLM's rule (the gate's rows, first
+        and last hot layer) deciding per row and layer inside it, the gate then reporting what it
+        skipped. x: [rows, hidden] fp32, updated in place and returned."""
         cfg = self.cfg
         check_decode_lengths(longest, block_tables, self.kv.block_size)
-        x = x.contiguous()
-        kernels().llama_decode_layers(
-            x.data_ptr(), self.table.data_ptr(), len(self.layers), cos.data_ptr(), sin.data_ptr(),
-            block_tables.data_ptr(), lengths.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads,
-            cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, self.kv.block_size, block_tables.shape[1],
-            cfg.rms_norm_eps, cfg.head_dim ** -0.5, torch.get_num_threads())
-        return x
-
-    def skipping_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor,
-                      lengths: torch.Tensor, longest: int, gate: RuleGate) -> torch.Tensor:
-        """Every layer in one call, FFN-SkipLLM's rule (the gate's rows, first and last hot layer)
-        deciding per row and layer inside it; the gate then reports what it skipped. x is updated in
-        place."""
-        cfg = self.cfg
-        check_decode_lengths(longest, block_tables, self.kv.block_size)
-        max_skips = torch.tensor([r.max_skips for r in gate.rows], dtype=torch.int32)
-        thresholds = torch.tensor([r.threshold for r in gate.rows], dtype=torch.float32)
         rows = x.shape[0]
-        skipped = torch.empty(len(self.layers), rows, dtype=torch.uint8)
         x = x.contiguous()
-        kernels().llama_decode_layers_skipping(
+        if gate is None:
+            max_skips = thresholds = skipped = None
+            first_hot, last_hot = 0, -1
+        else:
+            max_skips = torch.tensor([r.max_skips for r in gate.rows], dtype=torch.int32)
+            thresholds = torch.tensor([r.threshold for r in gate.rows], dtype=torch.float32)
+            skipped = torch.empty(len(self.layers), rows, dtype=torch.uint8)
+            first_hot, last_hot = gate.first_hot, gate.last_hot
+        kernels().llama_decode_layers(
             x.data_ptr(), self.table.data_ptr(), len(self.layers), cos.data_ptr(), sin.data_ptr(),
             block_tables.data_ptr(), lengths.data_ptr(), rows, cfg.hidden_size, cfg.num_heads,
             cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, self.kv.block_size, block_tables.shape[1],
-            cfg.rms_norm_eps, cfg.head_dim ** -0.5, torch.get_num_threads(), max_skips.data_ptr(),
-            thresholds.data_ptr(), gate.first_hot, gate.last_hot, skipped.data_ptr())
-        gate.count_with(StepSkips(skipped.bool()))
+            cfg.rms_norm_eps, cfg.head_dim ** -0.5, torch.get_num_threads(), _address(max_skips),
+            _address(thresholds), first_hot, last_hot, _address(skipped))
+        if gate is not None:
+            gate.count_with(StepSkips(skipped.bool()))
         return x
 
 
