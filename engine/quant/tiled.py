@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.quant.weight import QuantWeight
+from engine.quant.weight import QuantWeight, scaled
 
 TILE = 16  # outputs a tile
 
@@ -73,10 +73,8 @@ class TiledWeight:
         """fp32 [rows, in] of the selected rows (all by default)."""
         rows = torch.arange(self.out_features) if rows is None else rows
         tiles, lanes = rows // TILE, rows % TILE
-        w = self.integers(rows).float() * self.scale[tiles, :, lanes].unsqueeze(-1)
-        if self.offset is not None:
-            w = w + self.offset[tiles, :, lanes].unsqueeze(-1)
-        return w.flatten(1)
+        return scaled(self.integers(rows), self.scale[tiles, :, lanes],
+                      None if self.offset is None else self.offset[tiles, :, lanes])
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: the dequantized fp32 rows `ids` (as `tensor[ids]` on a dense matrix)."""

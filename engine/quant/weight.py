@@ -17,6 +17,14 @@ from dataclasses import dataclass, replace
 import torch
 
 
+def scaled(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """w = d * q + m: int32 q [rows, groups, group], d and m [rows, groups] -> fp32 [rows, in]."""
+    w = q.float() * scale.unsqueeze(-1)
+    if offset is not None:
+        w = w + offset.unsqueeze(-1)
+    return w.flatten(1)
+
+
 @dataclass(frozen=True)
 class QuantWeight:
     q: torch.Tensor  # uint8 [out, in * bits / 8]
@@ -49,10 +57,7 @@ class QuantWeight:
 
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         """fp32 [rows, in] of the selected rows (all by default)."""
-        w = self.integers(rows).float() * self.scale[rows].unsqueeze(-1)
-        if self.offset is not None:
-            w = w + self.offset[rows].unsqueeze(-1)
-        return w.flatten(1)
+        return scaled(self.integers(rows), self.scale[rows], None if self.offset is None else self.offset[rows])
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: the dequantized fp32 rows `ids` (as `tensor[ids]` on a dense matrix)."""
