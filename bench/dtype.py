@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.decode import PROMPT, engine_run  # noqa: E402
 from bench.quality import DATA, greedy, teacher_forced  # noqa: E402
+from bench.report import write_report  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SkipParams  # noqa: E402
 from server.config_file import load_config, preset_path  # noqa: E402
@@ -72,11 +73,7 @@ def main():
              "| batch | fp32 tok/s | bf16 tok/s | bf16 / fp32 |", "|---:|---:|---:|---:|"]
     for batch, s in speed.items():
         lines.append(f"| {batch} | {s['float32']:.1f} | {s['bfloat16']:.1f} | {s['bfloat16'] / s['float32']:.2f}x |")
-    print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dtype.json").write_text(json.dumps({"command": " ".join(sys.argv), "quality": quality, "speed": speed}, indent=1))
-    (out / "dtype.md").write_text("\n".join(lines) + "\n")
+    write_report(args.out, "dtype", lines, {"command": " ".join(sys.argv), "quality": quality, "speed": speed})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import threading
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
+from bench.report import write_report  # noqa: E402
 from engine import native  # noqa: E402
 from engine.native import ops as native_ops  # noqa: E402
 from engine.backends.cpu.linear import Linear  # noqa: E402
@@ -94,11 +94,7 @@ def main():
     report["threads"] = med
     lines += ["", f"bf16 oneDNN, 1 row: main thread {med['main']:.1f} ms, second thread {med['thread']:.1f} ms "
               f"({med['thread'] / med['main']:.2f}x slower)"]
-    print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gemm.json").write_text(json.dumps(report, indent=1))
-    (out / "gemm.md").write_text("\n".join(lines) + "\n")
+    write_report(args.out, "gemm", lines, report)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
+from bench.report import write_report  # noqa: E402
 from bench.decode import PROMPT, alternate, engine_run  # noqa: E402
 from engine import native  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
@@ -173,11 +174,7 @@ def main():
     lines += ["", f"forced FFN skip on the quantized weights, batch 1: dense {dense:.1f} tok/s, skip {skipped:.1f} "
               f"tok/s at realized ratio {realized:.3f}: {speedup:.3f}x vs a skipped-bytes ceiling of {ceiling:.3f}x "
               f"({(speedup - 1) / (ceiling - 1):.0%} of the gain)"]
-    print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quant.json").write_text(json.dumps(report, indent=1))
-    (out / "quant.md").write_text("\n".join(lines) + "\n")
+    write_report(args.out, "quant", lines, report)
 
 
 if __name__ == "__main__":
