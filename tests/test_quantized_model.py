@@ -61,7 +61,7 @@ def test_logits_match_the_dequantized_fp32_model(quantized, engine, chat_prompts
     """Logits at every position of the prompts and of fp32's greedy answers to them within 0.1
     absolute of the fp32 model on the same file (logits of O(10-30)): the kernels multiply the same
     weights (dequantized exactly) with the activations rounded to int16 per group of 32 (2^-16 of
-    the group's largest input) in each of the 121 projections; this host measures ~0.02. A wrong
+    the group's largest input) in each of the 121 projections; this host measures ~0.01. A wrong
     scale or layout moves logits by whole units. So greedy decoding picks fp32's token wherever
     fp32's top two are further apart than the tolerance lets them swap (where they are closer, the
     two models' texts could part)."""
