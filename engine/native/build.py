@@ -23,7 +23,10 @@ HERE = Path(__file__).parent
 ISA_VARIANTS = {"quant_linear.cpp": {"avx2": ["-march=x86-64-v3"], "avx512": ["-march=x86-64-v4", "-mavx512vnni"]}}
 SOURCES = sorted(p for p in HERE.glob("*.cpp") if p.name not in ISA_VARIANTS)
 HEADERS = sorted(HERE.glob("*.h"))
-FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+# -fno-trapping-math lets GCC if-convert and vectorize loops whose compares and float-to-int
+# conversions could trap (fast_exp.h's clamp and exponent, in the softmax); it changes no result,
+# only whether a trap could fire, and nothing here enables traps.
+FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fPIC", "-shared", "-std=c++17"]
 # Instruction sets a whole library is built for. "native" (the default) is whatever this CPU has:
 # the kernels choose their AVX-512 / AVX512-BF16 / AVX2 + FMA paths at compile time, on the machine
 # that runs them. "avx2" (x86-64-v3: AVX2, FMA, F16C, no AVX-512) builds what an AVX2-only host
