@@ -21,7 +21,7 @@ from engine import native
 from engine.backends import select_backend
 from engine.config import EngineConfig, ModelConfig
 from engine.gguf_weights import load_weights, quantized_gguf
-from engine.heap import release_free_memory
+from engine.heap import freeze_loaded_objects, release_free_memory
 from engine.kv.cache import KVCache
 from engine.kv.capacity import DeviceMemory, plan_capacity
 from engine.kv.metadata import AttentionMetadata
@@ -84,6 +84,7 @@ class ModelRunner:
         self.model = build_model(model_config, state, self.device, self.dtype, config.max_model_len, self.backend)
         del state
         release_free_memory()  # the load's temporaries (repacking, tiling) back to the OS
+        freeze_loaded_objects()
         self.quantized = gguf is not None or config.quantize == "int8"  # else dense `self.dtype` weights
         self.act_dtype = self.model.act_dtype  # activations and KV cache (fp32 on CPU)
         log.info("model on %s (%s backend), %s weights, %s activations, in %.1f s", self.device, self.backend.name,
