@@ -26,6 +26,8 @@
 #include <cstring>
 #include <vector>
 
+#include "work_chunks.h"
+
 #if !defined(QUANT_ISA)
 #error "engine/native/build.py defines QUANT_ISA"
 #endif
@@ -244,13 +246,14 @@ void linear(const float* x, const uint8_t* q, const float* scale, const float* o
     const int64_t tile_floats = static_cast<int64_t>(groups) * TILE_OUT;
     int16_t* a_rows = a.data();  // thread_local: the team reaches the caller's buffers through these
     float *s_rows = s.data(), *sum_rows = sums.data();
+    const int chunk = work_chunk(tiles, threads);
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int r = 0; r < nrows; ++r)  // the rows' activations, quantized once, before any tile
             quantize_row(x + static_cast<int64_t>(r) * in, in, G, a_rows + static_cast<int64_t>(r) * in,
                          s_rows + static_cast<int64_t>(r) * groups, sum_rows + static_cast<int64_t>(r) * groups);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk)
         for (int t = 0; t < tiles; ++t) {
             const int o0 = t * TILE_OUT;
             output_tile<BITS, G, OFFSET>(rows.data(), nrows, q + t * tile_bytes, scale + t * tile_floats,

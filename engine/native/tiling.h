@@ -4,17 +4,19 @@
 #pragma once
 #include <type_traits>
 
+#include "work_chunks.h"
+
 constexpr int BLOCK = 16;    // outputs per weight block (engine/native/ops.py: block_weight)
 constexpr int ROW_TILE = 6;  // 2 blocks x 2 chains x 6 rows = 24 accumulators of the 32 registers
 
-// Calls task(first_block, pair) for every task, split statically over `threads`: one block per
+// Calls task(first_block, pair) for every task, in chunks over `threads` (work_chunks.h): one block per
 // task for one or two rows (memory-bound), pairs of blocks for more (compute-bound: each
 // broadcast of x feeds two FMAs); `pair` is false for a task with a single block left.
 template <typename Task>
 inline void for_block_tasks(int blocks, int rows, int threads, Task&& task) {
     const int per_task = rows <= 2 ? 1 : 2;
     const int tasks = (blocks + per_task - 1) / per_task;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, work_chunk(tasks, threads)) num_threads(threads)
     for (int t = 0; t < tasks; ++t) {
         const int b = t * per_task;
         task(b, per_task == 2 && blocks - b >= 2);
