@@ -1,19 +1,19 @@
-"""The FastAPI application: lifespan (model load), auth and draining middleware, small routes."""
+"""The FastAPI application: lifespan (model load), middleware (server/access_gate.py, server/body_limit.py), small routes."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
 
 from engine.async_engine import AsyncEngine, EngineNotReadyError
 from server import __version__, errors
+from server.access_gate import AccessGate
 from server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from server.completions import check_model, router as completions_router
 from server.errors import APIError, error_response
@@ -39,9 +39,6 @@ class ServerState:
     @property
     def fingerprint(self) -> str:
         return f"skipserve-{__version__}-{self.engine.config.skip.policy}"
-
-
-DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 
 def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
@@ -79,18 +76,6 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     app.state.skipserve = state
     errors.install(app)
     app.include_router(completions_router)
-
-    @app.middleware("http")
-    async def auth_and_drain(request: Request, call_next):
-        path = request.url.path
-        if path.startswith("/v1") or path == "/tokenize" or path in DOCS_PATHS:
-            # with a key, the API's description is behind it too
-            if state.api_key is not None and not _authorized(request, state.api_key):
-                return error_response(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                                      code="invalid_api_key")
-            if state.draining:
-                return error_response(503, "the server is shutting down", code="shutting_down")
-        return await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -133,12 +118,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
 
+    app.add_middleware(AccessGate, state=state)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)  # added last: runs first
     return app
 
-
-def _authorized(request: Request, api_key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    # constant-time comparison; the key itself is never logged
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())

@@ -77,7 +77,7 @@ struct Isa {
     using F = __m256;
     using I = __m256i;
     static constexpr int LANES = 8;
-    static constexpr int ROW_TILE = 4;
+    static constexpr int ROW_TILE = 6;  // 6 dot sums + 6 accumulators + weights of the 16 registers
     static F zero() { return _mm256_setzero_ps(); }
     static I izero() { return _mm256_setzero_si256(); }
     static F set1(float v) { return _mm256_set1_ps(v); }
