@@ -16,7 +16,7 @@
 
 #include "fast_exp.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -57,6 +57,38 @@ void dot_scores_avx512(const float* q, const float* keys, const float* values, f
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// The AVX2 form of dot_scores_avx512: 8 lanes, two chains; the key is re-read from L1 per query
+// head (16 registers hold no 64-float key beside the accumulators).
+template <int CHUNKS>
+void dot_scores_avx2(const float* q, const float* keys, const float* values, float* scores, int group,
+                     int64_t span, int64_t stride, float scale) {
+    constexpr int dim = CHUNKS * 8;
+    for (int64_t t = 0; t < span; ++t) {
+        const float* k = keys + t * dim;
+        if (t + PREFETCH_AHEAD < span) prefetch_row(keys + (t + PREFETCH_AHEAD) * dim, dim);
+        prefetch_row(values + t * dim, dim);
+        for (int g = 0; g < group; ++g) {
+            const float* qh = q + g * dim;
+            __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k));
+            __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(qh + 8), _mm256_loadu_ps(k + 8));
+            for (int c = 2; c < CHUNKS; c += 2) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), _mm256_loadu_ps(k + 8 * c), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c + 8), _mm256_loadu_ps(k + 8 * c + 8), a1);
+            }
+            scores[g * stride + t] = scale * sum8(_mm256_add_ps(a0, a1));
+        }
+    }
+}
+#endif
+
 void dot_scores(const float* q, const float* keys, const float* values, float* scores, int group, int64_t span,
                 int64_t stride, int dim, float scale) {
 #if defined(__AVX512F__)
@@ -64,6 +96,12 @@ void dot_scores(const float* q, const float* keys, const float* values, float* s
         case 64: return dot_scores_avx512<4>(q, keys, values, scores, group, span, stride, scale);
         case 128: return dot_scores_avx512<8>(q, keys, values, scores, group, span, stride, scale);
         case 256: return dot_scores_avx512<16>(q, keys, values, scores, group, span, stride, scale);
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    switch (dim) {
+        case 64: return dot_scores_avx2<8>(q, keys, values, scores, group, span, stride, scale);
+        case 128: return dot_scores_avx2<16>(q, keys, values, scores, group, span, stride, scale);
+        case 256: return dot_scores_avx2<32>(q, keys, values, scores, group, span, stride, scale);
     }
 #endif
     for (int64_t t = 0; t < span; ++t) {
@@ -110,12 +148,36 @@ void weighted_sum_avx512(const float* p, const float* values, float* acc, int64_
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// The AVX2 form: 64 columns (8 registers of accumulators) at a time across the block's keys.
+template <int CHUNKS>
+void weighted_sum_avx2(const float* p, const float* values, float* acc, int64_t span) {
+    constexpr int dim = CHUNKS * 8, COLUMNS = 8;  // registers of accumulators a pass
+    for (int c0 = 0; c0 < CHUNKS; c0 += COLUMNS) {
+        __m256 a[COLUMNS];
+        for (int c = 0; c < COLUMNS; ++c) a[c] = _mm256_loadu_ps(acc + 8 * (c0 + c));
+        for (int64_t t = 0; t < span; ++t) {
+            const __m256 w = _mm256_set1_ps(p[t]);
+            const float* v = values + t * dim + 8 * c0;
+            for (int c = 0; c < COLUMNS; ++c) a[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), a[c]);
+        }
+        for (int c = 0; c < COLUMNS; ++c) _mm256_storeu_ps(acc + 8 * (c0 + c), a[c]);
+    }
+}
+#endif
+
 void weighted_sum(const float* p, const float* values, float* acc, int64_t span, int dim) {
 #if defined(__AVX512F__)
     switch (dim) {
         case 64: return weighted_sum_avx512<4>(p, values, acc, span);
         case 128: return weighted_sum_avx512<8>(p, values, acc, span);
         case 256: return weighted_sum_avx512<16>(p, values, acc, span);
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    switch (dim) {
+        case 64: return weighted_sum_avx2<8>(p, values, acc, span);
+        case 128: return weighted_sum_avx2<16>(p, values, acc, span);
+        case 256: return weighted_sum_avx2<32>(p, values, acc, span);
     }
 #endif
     for (int64_t t = 0; t < span; ++t) {
