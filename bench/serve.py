@@ -53,6 +53,16 @@ class Target:
 
 
 async def one_request(client: httpx.AsyncClient, target: Target, prompt: str, max_tokens: int) -> Result:
+    """One streamed request. A pooled keep-alive connection the server closed just before it was
+    reused (llama-server does, now and then, after a stream) is retried once on a new one, as
+    the `openai` client retries it; the retry's clock starts afresh."""
+    result = await _stream_request(client, target, prompt, max_tokens)
+    if not result.ok and result.error.startswith("RemoteProtocolError: Server disconnected without sending"):
+        result = await _stream_request(client, target, prompt, max_tokens)
+    return result
+
+
+async def _stream_request(client: httpx.AsyncClient, target: Target, prompt: str, max_tokens: int) -> Result:
     payload = {"model": target.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
                **target.extra}
