@@ -18,24 +18,30 @@ constexpr float P0 = 1.9875691500e-4f, P1 = 1.3981999507e-3f, P2 = 8.3334519073e
 constexpr float ROUND = 12582912.0f;  // 1.5 * 2^23: (t + ROUND) - ROUND rounds t to the nearest integer
 }  // namespace fast_exp_detail
 
+// e^x = 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2; the degree-6 polynomial for
+// e^r. T: float, or float8 below (the same operations lane by lane).
+template <typename T>
+inline T exp_of_reduced(T x, T n) {
+    using namespace fast_exp_detail;
+    T r = x - n * LN2_HI;
+    r = r + n * LN2_LO;
+    T p = r * P0 + P1;
+    p = p * r + P2;
+    p = p * r + P3;
+    p = p * r + P4;
+    p = p * r + P5;
+    return p * r * r + r + 1.0f;
+}
+
 #pragma omp declare simd
 inline float fast_exp(float x) {
     using namespace fast_exp_detail;
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     const float n = (x * LOG2E + ROUND) - ROUND;
-    float r = x - n * LN2_HI;
-    r = r + n * LN2_LO;
-    float p = P0;
-    p = p * r + P1;
-    p = p * r + P2;
-    p = p * r + P3;
-    p = p * r + P4;
-    p = p * r + P5;
-    p = p * r * r + r + 1.0f;
     const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return exp_of_reduced(x, n) * scale;
 }
 
 typedef float float8 __attribute__((vector_size(32)));
@@ -56,17 +62,8 @@ inline float8 fast_exp8(float8 x) {
     const float8 lo = splat8(-87.0f), hi = splat8(88.0f);
     x = x < lo ? lo : (x > hi ? hi : x);
     const float8 n = (x * LOG2E + ROUND) - ROUND;
-    float8 r = x - n * LN2_HI;
-    r = r + n * LN2_LO;
-    float8 p = splat8(P0);
-    p = p * r + P1;
-    p = p * r + P2;
-    p = p * r + P3;
-    p = p * r + P4;
-    p = p * r + P5;
-    p = p * r * r + r + 1.0f;
     const int8x32 bits = (__builtin_convertvector(n, int8x32) + 127) << 23;
     float8 scale;
     std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return exp_of_reduced(x, n) * scale;
 }
