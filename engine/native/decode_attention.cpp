@@ -30,60 +30,64 @@ inline void prefetch_row(const float* row, int dim) {
     for (int d = 0; d < dim; d += 16) __builtin_prefetch(row + d);
 }
 
-// scores[g * stride + t] = scale * <q[g], keys[t]> for the group's query heads and a run of `span`
-// keys; also prefetches the value rows the weighted sum reads next.
+// The vector unit of this build for the loops below: AVX-512 (16 lanes) or AVX2 + FMA (8 lanes);
+// other builds take the scalar loops.
 #if defined(__AVX512F__)
-template <int CHUNKS>
-void dot_scores_avx512(const float* q, const float* keys, const float* values, float* scores, int group,
-                       int64_t span, int64_t stride, float scale) {
-    constexpr int dim = CHUNKS * 16;
-    for (int64_t t = 0; t < span; ++t) {
-        const float* k = keys + t * dim;
-        if (t + PREFETCH_AHEAD < span) prefetch_row(keys + (t + PREFETCH_AHEAD) * dim, dim);
-        prefetch_row(values + t * dim, dim);
-        __m512 kv[CHUNKS];
-        for (int c = 0; c < CHUNKS; ++c) kv[c] = _mm512_loadu_ps(k + 16 * c);
-        for (int g = 0; g < group; ++g) {
-            const float* qh = q + g * dim;
-            __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(qh), kv[0]);
-            __m512 a1 = CHUNKS > 1 ? _mm512_mul_ps(_mm512_loadu_ps(qh + 16), kv[1]) : _mm512_setzero_ps();
-            for (int c = 2; c < CHUNKS; c += 2) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], a0);
-                if (c + 1 < CHUNKS) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c + 16), kv[c + 1], a1);
-            }
-            scores[g * stride + t] = scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-        }
+#define ATTENTION_SIMD 1
+struct Vec {
+    using F = __m512;
+    static constexpr int LANES = 16;
+    static constexpr int ACCUMULATORS = 16;  // registers weighted_sum holds at once (of 32)
+    static F load(const float* p) { return _mm512_loadu_ps(p); }
+    static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+    static F set1(float v) { return _mm512_set1_ps(v); }
+    static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+    static F add(F a, F b) { return _mm512_add_ps(a, b); }
+    static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static float sum(F v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ATTENTION_SIMD 1
+struct Vec {
+    using F = __m256;
+    static constexpr int LANES = 8;
+    static constexpr int ACCUMULATORS = 8;  // of 16
+    static F load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+    static F set1(float v) { return _mm256_set1_ps(v); }
+    static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+    static F add(F a, F b) { return _mm256_add_ps(a, b); }
+    static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static float sum(F v) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        return _mm_cvtss_f32(s);
     }
-}
+};
 #endif
 
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-// The AVX2 form of dot_scores_avx512: 8 lanes, two chains; the key is re-read from L1 per query
-// head (16 registers hold no 64-float key beside the accumulators).
-template <int CHUNKS>
-void dot_scores_avx2(const float* q, const float* keys, const float* values, float* scores, int group,
+// scores[g * stride + t] = scale * <q[g], keys[t]> for the group's query heads and a run of `span`
+// keys; also prefetches the value rows the weighted sum reads next.
+#if defined(ATTENTION_SIMD)
+template <int CHUNKS>  // vectors a head
+void dot_scores_simd(const float* q, const float* keys, const float* values, float* scores, int group,
                      int64_t span, int64_t stride, float scale) {
-    constexpr int dim = CHUNKS * 8;
+    static_assert(CHUNKS % 2 == 0, "two chains of products");
+    constexpr int L = Vec::LANES, dim = CHUNKS * L;
     for (int64_t t = 0; t < span; ++t) {
         const float* k = keys + t * dim;
         if (t + PREFETCH_AHEAD < span) prefetch_row(keys + (t + PREFETCH_AHEAD) * dim, dim);
         prefetch_row(values + t * dim, dim);
         for (int g = 0; g < group; ++g) {
             const float* qh = q + g * dim;
-            __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k));
-            __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(qh + 8), _mm256_loadu_ps(k + 8));
+            Vec::F a0 = Vec::mul(Vec::load(qh), Vec::load(k));
+            Vec::F a1 = Vec::mul(Vec::load(qh + L), Vec::load(k + L));
             for (int c = 2; c < CHUNKS; c += 2) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), _mm256_loadu_ps(k + 8 * c), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c + 8), _mm256_loadu_ps(k + 8 * c + 8), a1);
+                a0 = Vec::fma(Vec::load(qh + L * c), Vec::load(k + L * c), a0);
+                a1 = Vec::fma(Vec::load(qh + L * c + L), Vec::load(k + L * c + L), a1);
             }
-            scores[g * stride + t] = scale * sum8(_mm256_add_ps(a0, a1));
+            scores[g * stride + t] = scale * Vec::sum(Vec::add(a0, a1));
         }
     }
 }
@@ -91,17 +95,11 @@ void dot_scores_avx2(const float* q, const float* keys, const float* values, flo
 
 void dot_scores(const float* q, const float* keys, const float* values, float* scores, int group, int64_t span,
                 int64_t stride, int dim, float scale) {
-#if defined(__AVX512F__)
+#if defined(ATTENTION_SIMD)
     switch (dim) {
-        case 64: return dot_scores_avx512<4>(q, keys, values, scores, group, span, stride, scale);
-        case 128: return dot_scores_avx512<8>(q, keys, values, scores, group, span, stride, scale);
-        case 256: return dot_scores_avx512<16>(q, keys, values, scores, group, span, stride, scale);
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    switch (dim) {
-        case 64: return dot_scores_avx2<8>(q, keys, values, scores, group, span, stride, scale);
-        case 128: return dot_scores_avx2<16>(q, keys, values, scores, group, span, stride, scale);
-        case 256: return dot_scores_avx2<32>(q, keys, values, scores, group, span, stride, scale);
+        case 64: return dot_scores_simd<64 / Vec::LANES>(q, keys, values, scores, group, span, stride, scale);
+        case 128: return dot_scores_simd<128 / Vec::LANES>(q, keys, values, scores, group, span, stride, scale);
+        case 256: return dot_scores_simd<256 / Vec::LANES>(q, keys, values, scores, group, span, stride, scale);
     }
 #endif
     for (int64_t t = 0; t < span; ++t) {
@@ -133,51 +131,32 @@ float softmax_numerators(float* s, int64_t span) {
 }
 
 // acc += sum_t p[t] * values[t] over one block's run of values: accumulators stay in registers
-// across its keys.
-#if defined(__AVX512F__)
-template <int CHUNKS>
-void weighted_sum_avx512(const float* p, const float* values, float* acc, int64_t span) {
-    __m512 a[CHUNKS];
-    for (int c = 0; c < CHUNKS; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
-    for (int64_t t = 0; t < span; ++t) {
-        const __m512 w = _mm512_set1_ps(p[t]);
-        const float* v = values + t * CHUNKS * 16;
-        for (int c = 0; c < CHUNKS; ++c) a[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), a[c]);
-    }
-    for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
-}
-#endif
-
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-// The AVX2 form: 64 columns (8 registers of accumulators) at a time across the block's keys.
-template <int CHUNKS>
-void weighted_sum_avx2(const float* p, const float* values, float* acc, int64_t span) {
-    constexpr int dim = CHUNKS * 8, COLUMNS = 8;  // registers of accumulators a pass
+// across its keys, Vec::ACCUMULATORS of them a pass.
+#if defined(ATTENTION_SIMD)
+template <int CHUNKS>  // vectors a head
+void weighted_sum_simd(const float* p, const float* values, float* acc, int64_t span) {
+    constexpr int L = Vec::LANES, dim = CHUNKS * L;
+    constexpr int COLUMNS = CHUNKS < Vec::ACCUMULATORS ? CHUNKS : Vec::ACCUMULATORS;
+    static_assert(CHUNKS % COLUMNS == 0, "whole passes");
     for (int c0 = 0; c0 < CHUNKS; c0 += COLUMNS) {
-        __m256 a[COLUMNS];
-        for (int c = 0; c < COLUMNS; ++c) a[c] = _mm256_loadu_ps(acc + 8 * (c0 + c));
+        Vec::F a[COLUMNS];
+        for (int c = 0; c < COLUMNS; ++c) a[c] = Vec::load(acc + L * (c0 + c));
         for (int64_t t = 0; t < span; ++t) {
-            const __m256 w = _mm256_set1_ps(p[t]);
-            const float* v = values + t * dim + 8 * c0;
-            for (int c = 0; c < COLUMNS; ++c) a[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), a[c]);
+            const Vec::F w = Vec::set1(p[t]);
+            const float* v = values + t * dim + L * c0;
+            for (int c = 0; c < COLUMNS; ++c) a[c] = Vec::fma(w, Vec::load(v + L * c), a[c]);
         }
-        for (int c = 0; c < COLUMNS; ++c) _mm256_storeu_ps(acc + 8 * (c0 + c), a[c]);
+        for (int c = 0; c < COLUMNS; ++c) Vec::store(acc + L * (c0 + c), a[c]);
     }
 }
 #endif
 
 void weighted_sum(const float* p, const float* values, float* acc, int64_t span, int dim) {
-#if defined(__AVX512F__)
+#if defined(ATTENTION_SIMD)
     switch (dim) {
-        case 64: return weighted_sum_avx512<4>(p, values, acc, span);
-        case 128: return weighted_sum_avx512<8>(p, values, acc, span);
-        case 256: return weighted_sum_avx512<16>(p, values, acc, span);
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    switch (dim) {
-        case 64: return weighted_sum_avx2<8>(p, values, acc, span);
-        case 128: return weighted_sum_avx2<16>(p, values, acc, span);
-        case 256: return weighted_sum_avx2<32>(p, values, acc, span);
+        case 64: return weighted_sum_simd<64 / Vec::LANES>(p, values, acc, span);
+        case 128: return weighted_sum_simd<128 / Vec::LANES>(p, values, acc, span);
+        case 256: return weighted_sum_simd<256 / Vec::LANES>(p, values, acc, span);
     }
 #endif
     for (int64_t t = 0; t < span; ++t) {
