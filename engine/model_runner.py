@@ -26,8 +26,8 @@ from engine.kv.cache import KVCache
 from engine.kv.capacity import DeviceMemory, plan_capacity
 from engine.kv.metadata import AttentionMetadata
 from engine.loader import load_state_dict
-from engine.quant.int8 import quantize_state
 from engine.models import build_model
+from engine.quant.int8 import quantize_state
 from engine.sampler import SampleRow, Sampled, sample
 from engine.scheduler import ScheduledBatch
 from engine.skip import DenseGate, build_policy

@@ -1,4 +1,5 @@
-"""The FastAPI application: lifespan (model load), middleware (server/access_gate.py, server/body_limit.py), small routes."""
+"""The FastAPI application: lifespan (model load), middleware (server/access_gate.py,
+server/body_limit.py), small routes."""
 from __future__ import annotations
 
 import asyncio

@@ -1,7 +1,7 @@
 // A Llama-family decode step in one native call (`llama_decode_layers`): every layer dense, or
 // with FFN-SkipLLM's rule deciding per row and layer inside the call; or one call per layer branch
-// (attention, FFN) for gates whose rule lives in Python. The same kernels the per-op path calls from Python, in the same order (so the same bits), minus ~25
-// Python and torch dispatches per layer.
+// (attention, FFN) for gates whose rule lives in Python. The same kernels the per-op path calls
+// from Python, in the same order (so the same bits), minus ~25 Python and torch dispatches per layer.
 //
 // Per layer: h = x + o_proj(attn(rope(qkv(rms_norm(x))))); x = h + down(silu(gate) * up)(rms_norm(h)).
 //

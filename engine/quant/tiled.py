@@ -7,7 +7,7 @@ lane j holding two consecutive weights of output j as the kernel widens them to 
   nibble) and weight 4c + 2 + e (high nibble) of output j;
 - 8 bits, groups of 32 or 16: G / 2 chunks of 32 bytes; byte 2j + e of chunk c is weight 2c + e.
 Scales and offsets follow as [output tile][group][16]. The same integers, scales and offsets as
-the `QuantWeight`: moved, not rounded (`rows` undoes the tiling, tests check both ways).
+the `QuantWeight`: moved, not rounded (`integers` undoes the tiling, tests check both ways).
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ For models whose layers are plain Llama layers with every projection on a native
 dense GEMMs or the quantized GEMM, one layer's projections may mix them): a dense decode step in
 one call (`layers_step`), and a skipping step in one call too when the gate's rule is
 FFN-SkipLLM's per-row rule, given as data (engine/skip/base.py's RuleGate); otherwise per layer
-the attention branch (decode) and the FFN branch (any rows) for the skip gate to choose between. Same kernels as the
-per-op path, so the same bits. Built once per model and KV cache (the layer table holds their
-addresses).
+the attention branch (decode) and the FFN branch (any rows) for the skip gate to choose between.
+Same kernels as the per-op path, so the same bits. Built once per model and KV cache (the layer
+table holds their addresses).
 """
 from __future__ import annotations
 
