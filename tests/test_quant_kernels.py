@@ -21,7 +21,7 @@ FP16_FIELDS = {  # byte offsets of each block's fp16 scale / min fields
     "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2],
     "Q6_K": [208],
 }
-ROW_COUNTS = (1, 2, 3, 4, 5, 7, 9, 16)  # 1-row GEMV, every partial row tile of both builds, a 16-row step
+ROW_COUNTS = (1, 2, 3, 4, 5, 6, 7, 9, 16)  # 1-row GEMV, every partial tile of 8 rows (both builds), 16 rows
 INT16_MAX = 32767  # the kernel's activations: int16 per group, s = max|x| / 32767
 
 
