@@ -12,13 +12,13 @@ from engine.sampling_params import SamplingParams
 from engine.skip import DenseGate, RowSkip, build_policy
 
 
-# decode_layers.cpp's LayerRow: 4 pointers, then a WeightRef of 8 columns per projection (qkv, o_proj,
-# gate_up, down), each (kind, kernel, weight, scale, offset, bias, bits, group)
-DOWN_REF = 4 + 3 * 8
+# decode_layers.cpp's LayerRow: 4 pointers, then a WeightRef of 9 columns per projection (qkv, o_proj,
+# gate_up, down), each (kind, kernel, weight, scale, offset, bias, bits, group, scale_bits)
+DOWN_REF = 4 + 3 * 9
 _ptr, _int = ctypes.c_void_p, ctypes.c_int
 KERNEL_TYPES = {  # by WeightRef kind: the C signatures decode_layers.cpp calls (and where `rows` is)
     0: (ctypes.CFUNCTYPE(None, *[_ptr] * 4, *[_int] * 4), 4),  # dense: x, w, bias, y, rows, in, out, threads
-    1: (ctypes.CFUNCTYPE(_int, *[_ptr] * 6, *[_int] * 6), 6),  # quantized: x, q, scale, offset, bias, y, rows, ...
+    1: (ctypes.CFUNCTYPE(_int, *[_ptr] * 6, *[_int] * 7), 6),  # quantized: x, q, scale, offset, bias, y, rows, ...
 }
 
 

@@ -6,6 +6,8 @@ multiplied by both builds of the kernel (AVX-512 and AVX2, each where this CPU r
 host runs both), with odd row and output counts that exercise every tile shape, against
 `gguf.quants.dequantize` in fp64.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -122,6 +124,25 @@ def test_both_builds_give_the_same_bits(kernels, kind):
     x = torch.randn(7, n, generator=torch.Generator().manual_seed(6))
     assert torch.equal(quant_ops.linear(x, weight, None, quant_ops.kernel("avx512")),
                        quant_ops.linear(x, weight, None, quant_ops.kernel("avx2")))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_fp16_scales_where_the_format_has_them(kernels, isa):
+    """Q4_0, Q4_1 and Q8_0 (fp16 scales in the file) tile with fp16 scales and offsets, K-quants
+    (an fp16 scale times an integer) keep fp32; the same weight read either way gives the same bits."""
+    if isa not in quant_ops.isas():
+        pytest.skip(f"this CPU does not run the {isa} build")
+    n = 2 * 256
+    x = torch.randn(9, n, generator=torch.Generator().manual_seed(7))
+    kernel = quant_ops.kernel(isa)
+    for kind, bits in [("Q4_0", 16), ("Q4_1", 16), ("Q8_0", 16), ("Q4_K", 32), ("Q6_K", 32)]:
+        weight = TiledWeight.from_weight(to_weight(kind, random_blocks(kind, 21, n // BLOCK_WEIGHTS[kind], seed=8), n))
+        assert weight.scale_bits == bits, kind
+        if bits == 16:
+            wide = dataclasses.replace(weight, scale=weight.scale.float(),
+                                       offset=None if weight.offset is None else weight.offset.float())
+            assert wide.scale_bits == 32
+            assert torch.equal(quant_ops.linear(x, weight, None, kernel), quant_ops.linear(x, wide, None, kernel)), kind
 
 
 def test_stacked_weights_run_as_their_parts(kernels):

@@ -28,28 +28,30 @@ namespace {
 
 using DenseKernel = void (*)(const float* x, const void* w, const float* bias, float* y, int rows, int in, int out,
                              int threads);
-using QuantKernel = int (*)(const float* x, const uint8_t* q, const float* scale, const float* offset,
-                            const float* bias, float* y, int rows, int in, int out, int bits, int group, int threads);
+using QuantKernel = int (*)(const float* x, const uint8_t* q, const void* scale, const void* offset,
+                            const float* bias, float* y, int rows, int in, int out, int bits, int group, int scale_bits,
+                            int threads);
 
-// One projection, eight int64 columns of the layer table (engine/backends/cpu/fused_decode.py
+// One projection, nine int64 columns of the layer table (engine/backends/cpu/fused_decode.py
 // `weight_ref` writes them): y [rows, out] = x [rows, in] W^T + bias.
 struct WeightRef {
     enum Kind : int64_t { DENSE = 0, QUANTIZED = 1 };
     int64_t kind;
     int64_t kernel;         // DENSE: linear_f32 / linear_bf16; QUANTIZED: quant_linear_<isa>
     int64_t weight;         // DENSE: the blocked matrix; QUANTIZED: the integers q
-    int64_t scale, offset;  // QUANTIZED: per-group fp32 scales and offsets (offset 0: none)
+    int64_t scale, offset;  // QUANTIZED: per-group scales and offsets (offset 0: none)
     int64_t bias;           // fp32 [out], or 0
     int64_t bits, group;    // QUANTIZED: the integers' width and the group size
+    int64_t scale_bits;     // QUANTIZED: 16 (fp16 scales and offsets) or 32 (fp32)
 };
-static_assert(sizeof(WeightRef) == 8 * sizeof(int64_t), "WeightRef is eight table columns");
+static_assert(sizeof(WeightRef) == 9 * sizeof(int64_t), "WeightRef is nine table columns");
 
 // A row of the per-layer table: pointers, then one WeightRef per projection.
 struct LayerRow {
     int64_t input_norm, post_norm, k_cache, v_cache;
     WeightRef qkv, o_proj, gate_up, down;
 };
-static_assert(sizeof(LayerRow) == 36 * sizeof(int64_t), "fused_decode.py's table width");
+static_assert(sizeof(LayerRow) == 40 * sizeof(int64_t), "fused_decode.py's table width");
 
 template <typename T>
 const T* ptr(int64_t address) { return reinterpret_cast<const T*>(address); }
@@ -59,9 +61,9 @@ void linear(const WeightRef& w, const float* x, float* y, int rows, int in, int 
     if (w.kind == WeightRef::DENSE) {
         reinterpret_cast<DenseKernel>(w.kernel)(x, ptr<void>(w.weight), bias, y, rows, in, out, threads);
     } else {  // every QuantWeight layout (engine/quant/weight.py) is one the kernel takes
-        reinterpret_cast<QuantKernel>(w.kernel)(x, ptr<uint8_t>(w.weight), ptr<float>(w.scale), ptr<float>(w.offset),
+        reinterpret_cast<QuantKernel>(w.kernel)(x, ptr<uint8_t>(w.weight), ptr<void>(w.scale), ptr<void>(w.offset),
                                                 bias, y, rows, in, out, static_cast<int>(w.bits),
-                                                static_cast<int>(w.group), threads);
+                                                static_cast<int>(w.group), static_cast<int>(w.scale_bits), threads);
     }
 }
 

@@ -6,7 +6,8 @@
 //   BITS 4, G 32: 8 chunks of 32 bytes; byte 2j + e of chunk c holds weight 4c + e of output j
 //                 in its low nibble and weight 4c + 2 + e in its high nibble (q in 0..15);
 //   BITS 8, G 32 or 16: G / 2 chunks of 32 signed bytes; byte 2j + e of chunk c is weight 2c + e.
-// Every tile has 16 fp32 scales d and, for formats with one, 16 fp32 offsets m: w = d * q + m.
+// Every tile has 16 scales d and, for formats with one, 16 offsets m: w = d * q + m; fp16 where
+// the format's own are (Q4_0, Q4_1, Q8_0: 2 bytes a group fewer to read), fp32 otherwise.
 //
 // Activations are quantized per row and group to int16 (s = max|x| / 32767, a = round(x / s)),
 // so a group's sum of q * a is exact in int32 (AVX-512 VNNI's vpdpwssd, or AVX2's vpmaddwd):
@@ -48,6 +49,7 @@ struct Isa {
     static I izero() { return _mm512_setzero_si512(); }
     static F set1(float v) { return _mm512_set1_ps(v); }
     static F load(const float* p) { return _mm512_loadu_ps(p); }
+    static F load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
     static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
     static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
     static F max(F a, F b) { return _mm512_max_ps(a, b); }
@@ -83,6 +85,7 @@ struct Isa {
     static I izero() { return _mm256_setzero_si256(); }
     static F set1(float v) { return _mm256_set1_ps(v); }
     static F load(const float* p) { return _mm256_loadu_ps(p); }
+    static F load(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
     static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
     static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
     static F max(F a, F b) { return _mm256_max_ps(a, b); }
@@ -168,19 +171,19 @@ I weights(const uint8_t* tile, int v, int half) {
 // the end of the weights are only prefetches: they never fault.
 constexpr int PREFETCH_BYTES = 2048;
 
-template <int TILE_BYTES>
-inline void prefetch_ahead(const uint8_t* tile, const float* scale, const float* offset, int g) {
+template <int TILE_BYTES, typename S>
+inline void prefetch_ahead(const uint8_t* tile, const S* scale, const S* offset, int g) {
     for (int b = 0; b < TILE_BYTES; b += 64) __builtin_prefetch(tile + PREFETCH_BYTES + b);
     constexpr int AHEAD_GROUPS = PREFETCH_BYTES / TILE_BYTES > 0 ? PREFETCH_BYTES / TILE_BYTES : 1;
-    const int64_t at = static_cast<int64_t>(g + AHEAD_GROUPS) * TILE_OUT;  // 16 floats: one line
+    const int64_t at = static_cast<int64_t>(g + AHEAD_GROUPS) * TILE_OUT;  // 16 scales: within one line
     __builtin_prefetch(scale + at);
     if (offset) __builtin_prefetch(offset + at);
 }
 
-// Outputs [lanes of one half] of a tile column for R rows, over all groups.
-template <int BITS, int G, bool OFFSET, int R>
-void tile_rows(const QuantRow* rows, const uint8_t* q, const float* scale, const float* offset, int groups, int half,
-               F* acc) {
+// Outputs [lanes of one half] of a tile column for R rows, over all groups; S: the scales' type
+// (float, or uint16_t holding fp16).
+template <int BITS, int G, bool OFFSET, int R, typename S>
+void tile_rows(const QuantRow* rows, const uint8_t* q, const S* scale, const S* offset, int groups, int half, F* acc) {
     constexpr int VECTORS = G / 2;
     constexpr int TILE_BYTES = TILE_OUT * G * BITS / 8;
     constexpr int CHAINS = R >= 4 ? 1 : 4 / R;  // independent integer sums per row: hide the dot latency
@@ -210,9 +213,9 @@ void tile_rows(const QuantRow* rows, const uint8_t* q, const float* scale, const
 }
 
 // One tile of 16 outputs (outputs o0 .. o0 + count) for all rows, in row tiles of at most ROW_TILE.
-template <int BITS, int G, bool OFFSET>
-void output_tile(const QuantRow* rows, int nrows, const uint8_t* q, const float* scale, const float* offset,
-                 int groups, const float* bias, float* y, int out, int o0, int count) {
+template <int BITS, int G, bool OFFSET, typename S>
+void output_tile(const QuantRow* rows, int nrows, const uint8_t* q, const S* scale, const S* offset, int groups,
+                 const float* bias, float* y, int out, int o0, int count) {
     F acc[Isa::ROW_TILE];
     alignas(64) float lanes[Isa::LANES];
     for (int r0 = 0; r0 < nrows; r0 += Isa::ROW_TILE) {
@@ -220,7 +223,7 @@ void output_tile(const QuantRow* rows, int nrows, const uint8_t* q, const float*
         for (int half = 0; half < HALVES; ++half) {
             switch (n) {
 #define QUANT_ROWS(k) \
-    case k: if constexpr (k <= Isa::ROW_TILE) tile_rows<BITS, G, OFFSET, k>(rows + r0, q, scale, offset, groups, half, acc); break;
+    case k: if constexpr (k <= Isa::ROW_TILE) tile_rows<BITS, G, OFFSET, k, S>(rows + r0, q, scale, offset, groups, half, acc); break;
                 QUANT_ROWS(1) QUANT_ROWS(2) QUANT_ROWS(3) QUANT_ROWS(4)
                 QUANT_ROWS(5) QUANT_ROWS(6) QUANT_ROWS(7) QUANT_ROWS(8)
 #undef QUANT_ROWS
@@ -236,9 +239,9 @@ void output_tile(const QuantRow* rows, int nrows, const uint8_t* q, const float*
     }
 }
 
-template <int BITS, int G, bool OFFSET>
-void linear(const float* x, const uint8_t* q, const float* scale, const float* offset, const float* bias, float* y,
-            int nrows, int in, int out, int threads) {
+template <int BITS, int G, bool OFFSET, typename S>
+void linear(const float* x, const uint8_t* q, const S* scale, const S* offset, const float* bias, float* y, int nrows,
+            int in, int out, int threads) {
     const int groups = in / G;
     thread_local std::vector<int16_t> a;
     thread_local std::vector<float> s, sums;
@@ -251,7 +254,7 @@ void linear(const float* x, const uint8_t* q, const float* scale, const float* o
                    sums.data() + r * groups};
     const int tiles = (out + TILE_OUT - 1) / TILE_OUT;
     const int64_t tile_bytes = static_cast<int64_t>(groups) * TILE_OUT * G * BITS / 8;
-    const int64_t tile_floats = static_cast<int64_t>(groups) * TILE_OUT;
+    const int64_t tile_scales = static_cast<int64_t>(groups) * TILE_OUT;
     int16_t* a_rows = a.data();  // thread_local: the team reaches the caller's buffers through these
     float *s_rows = s.data(), *sum_rows = sums.data();
     const int chunk = work_chunk(tiles, threads);
@@ -264,33 +267,47 @@ void linear(const float* x, const uint8_t* q, const float* scale, const float* o
 #pragma omp for schedule(dynamic, chunk)
         for (int t = 0; t < tiles; ++t) {
             const int o0 = t * TILE_OUT;
-            output_tile<BITS, G, OFFSET>(rows.data(), nrows, q + t * tile_bytes, scale + t * tile_floats,
-                                         OFFSET ? offset + t * tile_floats : nullptr, groups, bias, y, out, o0,
-                                         out - o0 < TILE_OUT ? out - o0 : TILE_OUT);
+            output_tile<BITS, G, OFFSET, S>(rows.data(), nrows, q + t * tile_bytes, scale + t * tile_scales,
+                                            OFFSET ? offset + t * tile_scales : nullptr, groups, bias, y, out, o0,
+                                            out - o0 < TILE_OUT ? out - o0 : TILE_OUT);
         }
     }
 }
 
-template <int BITS, int G>
-bool dispatch_offset(const float* x, const uint8_t* q, const float* scale, const float* offset, const float* bias,
-                     float* y, int rows, int in, int out, int threads) {
-    if (offset)
-        linear<BITS, G, true>(x, q, scale, offset, bias, y, rows, in, out, threads);
+template <int BITS, int G, typename S>
+int dispatch_offset(const float* x, const uint8_t* q, const void* scale, const void* offset, const float* bias,
+                    float* y, int rows, int in, int out, int threads) {
+    const S* d = static_cast<const S*>(scale);
+    const S* m = static_cast<const S*>(offset);
+    if (m)
+        linear<BITS, G, true, S>(x, q, d, m, bias, y, rows, in, out, threads);
     else
-        linear<BITS, G, false>(x, q, scale, offset, bias, y, rows, in, out, threads);
-    return true;
+        linear<BITS, G, false, S>(x, q, d, m, bias, y, rows, in, out, threads);
+    return 1;
+}
+
+template <int BITS, int G>
+int dispatch_scales(const float* x, const uint8_t* q, const void* scale, const void* offset, const float* bias,
+                    float* y, int rows, int in, int out, int scale_bits, int threads) {
+    if (scale_bits == 16) return dispatch_offset<BITS, G, uint16_t>(x, q, scale, offset, bias, y, rows, in, out, threads);
+    if (scale_bits == 32) return dispatch_offset<BITS, G, float>(x, q, scale, offset, bias, y, rows, in, out, threads);
+    return 0;
 }
 
 }  // namespace
 
 // x [rows, in] fp32; q, scale, offset (or null): the tiles of engine/quant/tiled.py for `out`
-// outputs; bias [out] fp32 or null; y [rows, out] fp32. Returns 0 for a (bits, group) this kernel
-// does not take.
-extern "C" int QUANT_JOIN(quant_linear, QUANT_ISA)(const float* x, const uint8_t* q, const float* scale,
-                                                   const float* offset, const float* bias, float* y, int rows,
-                                                   int in, int out, int bits, int group, int threads) {
-    if (bits == 4 && group == 32) return dispatch_offset<4, 32>(x, q, scale, offset, bias, y, rows, in, out, threads);
-    if (bits == 8 && group == 32) return dispatch_offset<8, 32>(x, q, scale, offset, bias, y, rows, in, out, threads);
-    if (bits == 8 && group == 16) return dispatch_offset<8, 16>(x, q, scale, offset, bias, y, rows, in, out, threads);
+// outputs, scales and offsets of `scale_bits` 16 (fp16) or 32 (fp32); bias [out] fp32 or null;
+// y [rows, out] fp32. Returns 0 for a (bits, group, scale_bits) this kernel does not take.
+extern "C" int QUANT_JOIN(quant_linear, QUANT_ISA)(const float* x, const uint8_t* q, const void* scale,
+                                                   const void* offset, const float* bias, float* y, int rows,
+                                                   int in, int out, int bits, int group, int scale_bits,
+                                                   int threads) {
+    if (bits == 4 && group == 32)
+        return dispatch_scales<4, 32>(x, q, scale, offset, bias, y, rows, in, out, scale_bits, threads);
+    if (bits == 8 && group == 32)
+        return dispatch_scales<8, 32>(x, q, scale, offset, bias, y, rows, in, out, scale_bits, threads);
+    if (bits == 8 && group == 16)
+        return dispatch_scales<8, 16>(x, q, scale, offset, bias, y, rows, in, out, scale_bits, threads);
     return 0;
 }

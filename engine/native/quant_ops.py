@@ -43,7 +43,8 @@ def linear(x: torch.Tensor, weight: TiledWeight, bias: torch.Tensor | None, kern
     offset = weight.offset
     done = kernel(x.data_ptr(), weight.q.data_ptr(), weight.scale.data_ptr(),
                   None if offset is None else offset.data_ptr(), None if bias is None else bias.data_ptr(),
-                  y.data_ptr(), rows, inp, out, weight.bits, weight.group, torch.get_num_threads())
+                  y.data_ptr(), rows, inp, out, weight.bits, weight.group, weight.scale_bits, torch.get_num_threads())
     if not done:
-        raise ValueError(f"no quantized kernel for {weight.bits}-bit groups of {weight.group}")
+        raise ValueError(f"no quantized kernel for {weight.bits}-bit groups of {weight.group} "
+                         f"with {weight.scale_bits}-bit scales")
     return y

@@ -6,8 +6,10 @@ lane j holding two consecutive weights of output j as the kernel widens them to 
 - 4 bits, groups of 32: 8 chunks of 32 bytes; byte 2j + e of chunk c holds weight 4c + e (low
   nibble) and weight 4c + 2 + e (high nibble) of output j;
 - 8 bits, groups of 32 or 16: G / 2 chunks of 32 bytes; byte 2j + e of chunk c is weight 2c + e.
-Scales and offsets follow as [output tile][group][16]. The same integers, scales and offsets as
-the `QuantWeight`: moved, not rounded (`integers` undoes the tiling, tests check both ways).
+Scales and offsets follow as [output tile][group][16], in fp16 where every one of them is an fp16
+value (Q4_0, Q4_1 and Q8_0 store fp16 scales: 2 bytes a group less to read per token), fp32
+otherwise (K-quants multiply an fp16 scale by an integer). The same integers, scales and offsets
+as the `QuantWeight`: moved, not rounded (`integers` undoes the tiling, tests check both ways).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ TILE = 16  # outputs a tile
 @dataclass(frozen=True)
 class TiledWeight:
     q: torch.Tensor  # uint8 [tiles, groups, TILE * group * bits / 8]
-    scale: torch.Tensor  # fp32 [tiles, groups, TILE]
-    offset: torch.Tensor | None  # fp32 [tiles, groups, TILE], or None
+    scale: torch.Tensor  # fp16 or fp32 [tiles, groups, TILE]
+    offset: torch.Tensor | None  # as scale, or None
     out_features: int
     bits: int
     group: int
@@ -33,6 +35,10 @@ class TiledWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return self.out_features, self.scale.shape[1] * self.group
+
+    @property
+    def scale_bits(self) -> int:
+        return self.scale.element_size() * 8
 
     @property
     def nbytes(self) -> int:
@@ -53,9 +59,10 @@ class TiledWeight:
         else:  # weight 2c + e -> chunk c, byte 2j + e
             q = q.reshape(tiles, groups, TILE, g // 2, 2).permute(0, 1, 3, 2, 4)
             packed = q.to(torch.int8).view(torch.uint8)
+        scale, offset = _narrowest([weight.scale, weight.offset])
         return TiledWeight(q=packed.reshape(tiles, groups, -1).contiguous(),
-                           scale=_tile_groups(weight.scale, pad, tiles),
-                           offset=None if weight.offset is None else _tile_groups(weight.offset, pad, tiles),
+                           scale=_tile_groups(scale, pad, tiles),
+                           offset=None if offset is None else _tile_groups(offset, pad, tiles),
                            out_features=out, bits=weight.bits, group=weight.group, source=weight.source)
 
     def integers(self, rows: torch.Tensor) -> torch.Tensor:
@@ -73,12 +80,20 @@ class TiledWeight:
         """fp32 [rows, in] of the selected rows (all by default)."""
         rows = torch.arange(self.out_features) if rows is None else rows
         tiles, lanes = rows // TILE, rows % TILE
-        return scaled(self.integers(rows), self.scale[tiles, :, lanes],
-                      None if self.offset is None else self.offset[tiles, :, lanes])
+        return scaled(self.integers(rows), self.scale[tiles, :, lanes].float(),
+                      None if self.offset is None else self.offset[tiles, :, lanes].float())
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: the dequantized fp32 rows `ids` (as `tensor[ids]` on a dense matrix)."""
         return self.dequantize(ids.reshape(-1)).view(*ids.shape, self.shape[1])
+
+
+def _narrowest(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """fp32 tensors as fp16 when all of them survive the round trip exactly, else unchanged."""
+    halves = [None if t is None else t.half() for t in tensors]
+    if all(t is None or torch.equal(h.float(), t) for t, h in zip(tensors, halves)):
+        return halves
+    return tensors
 
 
 def _pad_rows(t: torch.Tensor, pad: int) -> torch.Tensor:

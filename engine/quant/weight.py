@@ -8,7 +8,7 @@ w = d * q + m.
 - 8 bits, groups of 32 or 16: one signed byte a weight.
 Every GGUF format in `engine/quant/formats.py` maps onto one of these without loss: its integers
 fit the width and its scales and offsets are exact in fp32 (fp16 values, or an fp16 value times a
-6- or 8-bit integer).
+6- or 8-bit integer). The kernel's tiles (engine/quant/tiled.py) keep them in fp16 where all are.
 """
 from __future__ import annotations
 

@@ -30,14 +30,14 @@ def _address(t: torch.Tensor | None) -> int:
 
 def weight_ref(linear) -> list[int] | None:
     """decode_layers.cpp's WeightRef of a projection (kind, kernel, weight, scale, offset, bias,
-    bits, group), or None where its kernel has no native entry point (oneDNN, several parts)."""
+    bits, group, scale_bits), or None where its kernel has no native entry point (oneDNN, several parts)."""
     if isinstance(linear, Linear) and linear.backend == "native":
         return [DENSE, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(linear.weight), 0, 0,
-                _address(linear.bias), 0, 0]
+                _address(linear.bias), 0, 0, 0]
     if isinstance(linear, QuantLinear):
         w = linear.weight
         return [QUANTIZED, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(w.q), _address(w.scale),
-                _address(w.offset), _address(linear.bias), w.bits, w.group]
+                _address(w.offset), _address(linear.bias), w.bits, w.group, w.scale_bits]
     return None
 
 
