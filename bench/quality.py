@@ -101,7 +101,8 @@ def evaluate(engine: LLMEngine, budgets: list[float], gen_tokens: int) -> list[d
 
 
 def quantization_vs_fp32(served: LLMEngine, fp32: LLMEngine, gen_tokens: int) -> dict:
-    """The served quantized weights against the same file dequantized to fp32, both dense."""
+    """The served quantized weights (and their KV cache dtype) against the same file dequantized to
+    fp32, both dense."""
     tok = served.tokenizer
     texts = [tok.encode(t) for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in json.loads((DATA / "prompts.json").read_text())]
@@ -112,6 +113,7 @@ def quantization_vs_fp32(served: LLMEngine, fp32: LLMEngine, gen_tokens: int) ->
     return {"top1_agreement": float((arg_q == arg_f).float().mean()), "positions": arg_q.numel(),
             "nll_fp32": float(nll_f.mean()), "nll_delta": float(nll_q.mean() - nll_f.mean()),
             "greedy_token_agreement": same / sum(min(len(g), len(d)) for g, d in zip(gen_q, gen_f)),
+            "kv_dtypes": [str(e.runner.kv_dtype).removeprefix("torch.") for e in (served, fp32)],
             "weight_mb_per_token": sum(served.runner.model.weight_bytes().values()) / 1e6,
             "fp32_weight_mb_per_token": sum(fp32.runner.model.weight_bytes().values()) / 1e6}
 
@@ -196,8 +198,9 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, header)
     if quant:
-        md = (f"Served GGUF quantization ({', '.join(engine.runner.model.weight_formats())}) vs the same file "
-              f"dequantized to fp32, both dense: teacher-forced top-1 agreement {quant['top1_agreement']:.4f} over "
+        md = (f"Served GGUF quantization ({', '.join(engine.runner.model.weight_formats())}, {quant['kv_dtypes'][0]} "
+              f"KV cache) vs the same file dequantized to fp32 ({quant['kv_dtypes'][1]} KV cache), both dense: "
+              f"teacher-forced top-1 agreement {quant['top1_agreement']:.4f} over "
               f"{quant['positions']} positions, NLL delta {quant['nll_delta']:+.4f} (fp32 NLL {quant['nll_fp32']:.3f}), "
               f"greedy token agreement {quant['greedy_token_agreement']:.3f}; weights read per token "
               f"{quant['weight_mb_per_token']:.0f} MB vs {quant['fp32_weight_mb_per_token']:.0f} MB.\n\n" + md)

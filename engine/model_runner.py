@@ -49,6 +49,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_kv_dtype(kv_cache_dtype: str, act_dtype: torch.dtype, device: torch.device, quantized: bool) -> torch.dtype:
+    """The KV cache's element type. auto: on the CPU, fp16 for quantized weights (as llama.cpp keeps
+    a GGUF's cache: half the memory and half the bytes decode attention reads; the native decode
+    attention widens as it loads, prefill attention reads fp32 copies) and the activations' fp32
+    for dense weights (the reference precision); on CUDA the activations' dtype (the only choice
+    there: `check_kv_dtype`)."""
+    if kv_cache_dtype == "auto":
+        return torch.float16 if device.type == "cpu" and quantized else act_dtype
+    return DTYPES[kv_cache_dtype]
+
+
+def check_kv_dtype(kv_cache_dtype: str, device: torch.device) -> None:
+    if kv_cache_dtype != "auto" and device.type != "cpu":
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} is a CPU option; on {device.type} the cache holds "
+                         "the activations' dtype (auto)")
+
+
 @dataclass
 class StepResult:
     samples: dict[str, Sampled]  # seq_id -> token produced this step
@@ -73,6 +90,7 @@ class ModelRunner:
             native.load(config.cache_dir)  # C++ CPU kernels (engine/native); torch paths without them
         self.model_config = model_config
         t0 = time.perf_counter()
+        check_kv_dtype(config.kv_cache_dtype, self.device)
         if config.quantize and self.device.type != "cpu":
             raise ValueError(f"--quantize {config.quantize} runs on the CPU's quantized kernels, not on {self.device}")
         # --quantize int8 rounds dense weights (a GGUF's dequantized ones too); else a GGUF may be served as it is
@@ -86,16 +104,17 @@ class ModelRunner:
         release_free_memory()  # the load's temporaries (repacking, tiling) back to the OS
         freeze_loaded_objects()
         self.quantized = gguf is not None or config.quantize == "int8"  # else dense `self.dtype` weights
-        self.act_dtype = self.model.act_dtype  # activations and KV cache (fp32 on CPU)
+        self.act_dtype = self.model.act_dtype  # activations (fp32 on CPU)
         log.info("model on %s (%s backend), %s weights, %s activations, in %.1f s", self.device, self.backend.name,
                  "GGUF-quantized" if gguf else "int8" if config.quantize else str(self.dtype).removeprefix("torch."),
                  str(self.act_dtype).removeprefix("torch."), time.perf_counter() - t0)
-        element_size = torch.empty(0, dtype=self.act_dtype).element_size()
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.act_dtype, self.device, self.quantized)
+        element_size = torch.empty(0, dtype=self.kv_dtype).element_size()
         self.capacity = plan_capacity(config, model_config, element_size, self._device_memory())
-        log.info(self.capacity.describe(config.max_model_len))
+        log.info("%s (%s)", self.capacity.describe(config.max_model_len), str(self.kv_dtype).removeprefix("torch."))
         self.block_size = config.block_size
         self.kv = KVCache(model_config.num_layers, self.capacity.num_blocks, model_config.num_kv_heads,
-                          self.block_size, model_config.head_dim, self.device, self.act_dtype)
+                          self.block_size, model_config.head_dim, self.device, self.kv_dtype)
         self.model.fused_decode = self.backend.fused_decode(self.model, self.kv)
         self.policy = build_policy(config.skip, model_config.num_layers)
         self.decode_step = self.backend.decode_step(self.model, self.kv, config, self.policy)  # CUDA: Triton + graphs

@@ -57,6 +57,10 @@ def serve_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-memory", type=float, default=None,
                    help="KV cache size in GiB (default: CPU: max-num-seqs x max-model-len tokens; CUDA: what "
                         "--gpu-memory-utilization leaves beside the weights and workspace)")
+    s.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16"], default=None,
+                   help="KV cache element type: auto = on CPU float16 for quantized weights (half the "
+                        "memory and attention reads of float32, as llama.cpp) and float32 for dense ones; "
+                        f"on CUDA bfloat16. float16 is a CPU option {shown(preset.kv_cache_dtype)}")
     s.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="CUDA: share of the GPU's memory for weights, workspace and KV cache "
                         f"{shown(preset.gpu_memory_utilization)}")
@@ -120,7 +124,8 @@ def build_config(args) -> EngineConfig:
         config.model = args.model
     overrides = {k: getattr(args, k) for k in ("served_model_name", "device", "dtype", "quantize", "cache_dir",
                                                  "threads", "max_num_seqs", "max_model_len", "block_size",
-                                                 "kv_capacity_tokens", "kv_cache_memory", "gpu_memory_utilization",
+                                                 "kv_capacity_tokens", "kv_cache_memory", "kv_cache_dtype",
+                                                 "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching", "enforce_eager")
                  if getattr(args, k) is not None}
     config = replace(config, **overrides)

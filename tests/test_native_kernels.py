@@ -33,13 +33,18 @@ def reference_attention(q, k_cache, v_cache, table, length, scale, window):
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256), (8, 8, 32), (6, 2, 40)])
 @pytest.mark.parametrize("block_size", [16, 5])
 @pytest.mark.parametrize("window", [None, 7])
-def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, block_size, window):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, block_size, window, cache_dtype):
     """Rows whose blocks are scattered through the cache, out of order, of lengths that end anywhere
-    in a block; the kernel writes each row's new K/V through its table, and so does the torch path."""
+    in a block; the kernel writes each row's new K/V through its table, and so does the torch path
+    (an fp16 cache: both round the new K/V to nearest even, and both attend over the same fp16
+    values, widened exactly to fp32)."""
+    if cache_dtype not in ops.cache_dtypes():
+        pytest.skip("this build reads fp16 caches only with F16C")
     gen = torch.Generator().manual_seed(heads * dim + block_size)
     num_blocks = 40
-    k_cache = torch.randn(num_blocks, kv_heads, block_size, dim, generator=gen)
-    v_cache = torch.randn(num_blocks, kv_heads, block_size, dim, generator=gen)
+    k_cache = torch.randn(num_blocks, kv_heads, block_size, dim, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, kv_heads, block_size, dim, generator=gen).to(cache_dtype)
     order = torch.randperm(num_blocks, generator=gen).tolist()
     tables = [order[0:1], order[1:9], order[9:12], order[12:20]]
     for rows, positions in [([0], [0]), ([1], [33]), ([2, 0, 3, 1], [12, 0, 8 * block_size - 1, 7])]:
@@ -57,7 +62,7 @@ def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, blo
         assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)  # the kernel writes the new K/V itself
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
         for i, (table, pos) in enumerate(zip(row_tables, positions)):
-            expected = reference_attention(q[i], kc, vc, table, pos + 1, dim ** -0.5, window)
+            expected = reference_attention(q[i], kc.float(), vc.float(), table, pos + 1, dim ** -0.5, window)
             torch.testing.assert_close(ours[i], expected, rtol=1e-5, atol=1e-5)
 
 

@@ -1,7 +1,8 @@
 """The embedded SmolLM2 GGUF served in its own quantization (`--dtype auto` on the CPU) against the
 same file dequantized to fp32 (`--dtype float32`): same weights, logits within the activations'
-int16 rounding, same greedy text alone and in a batch, native layer calls equal to the per-op
-path, FFN skips that read no weights."""
+int16 rounding, same greedy text alone and in a batch (on the fp16 KV cache quantized weights get
+by default, against fp32's fp32 cache), native layer calls equal to the per-op path, FFN skips that
+read no weights."""
 from __future__ import annotations
 
 import contextlib
@@ -76,9 +77,27 @@ def test_logits_match_the_dequantized_fp32_model(quantized, engine, chat_prompts
         assert torch.equal(ours.argmax(-1)[clear], dense.argmax(-1)[clear])
 
 
+def test_kv_cache_dtype_follows_the_weights(quantized, engine):
+    """auto: fp16 for quantized weights (half the cache's bytes), fp32 for dense ones; an explicit
+    choice wins; CUDA takes only auto."""
+    from engine.model_runner import check_kv_dtype, resolve_kv_dtype
+
+    assert quantized.runner.kv_dtype == torch.float16 and engine.runner.kv_dtype == torch.float32
+    assert quantized.runner.kv.k.dtype == torch.float16
+    blocks = quantized.runner.kv.k.shape[1]
+    assert quantized.runner.kv.nbytes / blocks == engine.runner.kv.nbytes / engine.runner.kv.k.shape[1] / 2
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_kv_dtype("float32", torch.float32, cpu, quantized=True) == torch.float32
+    assert resolve_kv_dtype("float16", torch.float32, cpu, quantized=False) == torch.float16
+    assert resolve_kv_dtype("auto", torch.bfloat16, cuda, quantized=False) == torch.bfloat16
+    with pytest.raises(ValueError, match="CPU option"):
+        check_kv_dtype("float16", cuda)
+
+
 def test_greedy_text_equals_fp32_alone_and_in_a_staggered_batch(quantized, engine, chat_prompts):
     """No near-tie on these prompts: the text is fp32's (both builds give the same bits, and the
     fp32 kernels agree across hosts too, so this holds on AVX2 and AVX-512 hosts alike)."""
+    assert quantized.runner.kv_dtype == torch.float16  # the cache as served
     alone = [quantized.generate([p], GREEDY)[0][1] for p in chat_prompts]
     assert alone == [engine.generate([p], GREEDY)[0][1] for p in chat_prompts]
     assert run_staggered(quantized, chat_prompts, GREEDY, join_every=3) == alone

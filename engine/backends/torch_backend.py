@@ -91,8 +91,8 @@ class TorchBackend:
     def decode_attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window):
         rows, num_heads, head_dim = q.shape
         num_kv = k.shape[1]
-        keys = gather_blocks(k_cache, meta.block_tables)  # [B, KV, L, D]
-        values = gather_blocks(v_cache, meta.block_tables)
+        keys = gather_blocks(k_cache, meta.block_tables).to(q.dtype)  # [B, KV, L, D]
+        values = gather_blocks(v_cache, meta.block_tables).to(q.dtype)
         q = q.view(rows, num_kv, num_heads // num_kv, head_dim)
         scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(meta.decode_mask(window))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
@@ -100,8 +100,9 @@ class TorchBackend:
 
 
 def write_kv(k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
-    k_cache[meta.write_blocks, :, meta.write_offsets] = k
-    v_cache[meta.write_blocks, :, meta.write_offsets] = v
+    """The new keys and values into their blocks, in the cache's dtype (fp16: rounded to nearest even)."""
+    k_cache[meta.write_blocks, :, meta.write_offsets] = k.to(k_cache.dtype)
+    v_cache[meta.write_blocks, :, meta.write_offsets] = v.to(v_cache.dtype)
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window):
@@ -112,8 +113,8 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale,
         if seg.start == 0:
             keys, values = ks.transpose(0, 1), vs.transpose(0, 1)
         else:  # a cached prefix or an earlier chunk sits in the blocks
-            keys = gather_blocks(k_cache, seg.block_table)[:, :seg.end]
-            values = gather_blocks(v_cache, seg.block_table)[:, :seg.end]
+            keys = gather_blocks(k_cache, seg.block_table)[:, :seg.end].to(q.dtype)
+            values = gather_blocks(v_cache, seg.block_table)[:, :seg.end].to(q.dtype)
         out = F.scaled_dot_product_attention(qs.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                                              attn_mask=meta.prefill_mask(i, window), scale=scale, enable_gqa=True)
         outs.append(out[0].transpose(0, 1).reshape(seg.num_tokens, -1))  # [1, H, n, D] -> [n, H*D]

@@ -36,8 +36,9 @@ ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=g
 _int, _float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     # q, k_new, v_new, k_cache, v_cache, block_tables, lengths, out, rows, heads, kv_heads, dim, block_size,
-    # max_blocks, window, scale, threads
-    "decode_attention_f32": [_ptr] * 8 + [_int] * 7 + [_float, _int],
+    # max_blocks, window, scale, cache_bits, threads
+    "decode_attention_f32": [_ptr] * 8 + [_int] * 7 + [_float, _int, _int],
+    "decode_attention_fp16_cache": [],
     # x, w, bias (or None), y, rows, in, out, threads
     "linear_f32": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
     "linear_bf16": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
@@ -48,13 +49,13 @@ SIGNATURES = {
     # x, cos, sin, tokens, heads, dim, token_stride, head_stride, threads
     "rope_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _int, ctypes.c_int64, ctypes.c_int64, _int],
     # x, layer_rows, layers, cos, sin, block_tables, lengths, rows, hidden, heads, kv_heads, head_dim, inter,
-    # block_size, max_blocks, eps, scale, threads, then the skip rule (or None): max_skips, thresholds,
-    # first_hot, last_hot, skipped
-    "llama_decode_layers": [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 8 + [_float, _float, _int]
+    # block_size, max_blocks, eps, scale, cache_bits, threads, then the skip rule (or None): max_skips,
+    # thresholds, first_hot, last_hot, skipped
+    "llama_decode_layers": [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 8 + [_float, _float, _int, _int]
     + [_ptr, _ptr, _int, _int, _ptr],
     # x, layer_row, cos, sin, block_tables, lengths, out, rows, hidden, heads, kv_heads, head_dim, block_size,
-    # max_blocks, eps, scale, threads
-    "llama_attention_branch": [_ptr] * 7 + [_int] * 7 + [_float, _float, _int],
+    # max_blocks, eps, scale, cache_bits, threads
+    "llama_attention_branch": [_ptr] * 7 + [_int] * 7 + [_float, _float, _int, _int],
     # h, layer_row, out, rows, hidden, inter, eps, threads
     "llama_ffn_branch": [_ptr, _ptr, _ptr, _int, _int, _int, _float, _int],
     "linear_f32_vectorized": [],
@@ -65,7 +66,7 @@ SIGNATURES = {
 # x, q, scale, offset (or None), bias (or None), y, rows, in, out, bits, group, threads
 VARIANT_SIGNATURES = {"quant_linear": [_ptr] * 6 + [_int] * 7}
 RESTYPES = {"linear_f32_vectorized": ctypes.c_int, "linear_bf16_vectorized": ctypes.c_int, "quant_cpu_isa": ctypes.c_int,
-            "quant_linear": ctypes.c_int}
+            "quant_linear": ctypes.c_int, "decode_attention_fp16_cache": ctypes.c_int}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

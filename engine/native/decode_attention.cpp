@@ -2,13 +2,17 @@
 // cache, read in place through the row's block table (no gather, no copy). Each row first writes
 // its new key and value at position length - 1.
 //
-// q [rows, heads, dim]; caches of one layer [num_blocks, kv_heads, block_size, dim] (fp32,
-// contiguous); block_tables [rows, max_blocks] int32: token t of row r sits in block
+// q [rows, heads, dim] fp32; caches of one layer [num_blocks, kv_heads, block_size, dim] (fp32,
+// or fp16 in builds with F16C: half the bytes to stream, converted as they are loaded; contiguous); block_tables [rows, max_blocks] int32: token t of row r sits in block
 // block_tables[r][t / block_size] at offset t % block_size. Row r attends to positions
 // [start, length[r]) with start = length - window for sliding-window layers. The G = heads /
 // kv_heads query heads of a group share each key and value load. Work items are (row, kv head)
 // pairs, split over the caller's OpenMP team (torch's own libgomp, so no second thread pool).
 // Within a block a head's keys are one contiguous run, which the inner loops stream.
+//
+// The loops are templates over the cache's element type T: float, or uint16_t holding an fp16
+// value (`half` below). A new key or value is rounded to fp16 to nearest even, as torch's
+// `.half()` rounds the keys a prefill writes.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -16,7 +20,7 @@
 
 #include "fast_exp.h"
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -24,11 +28,30 @@ namespace {
 
 constexpr int PREFETCH_AHEAD = 8;  // keys
 
+using half = uint16_t;  // an fp16 value's bits
+
+#if defined(__F16C__)
+#define ATTENTION_F16 1
+inline float to_float(half v) { return _cvtsh_ss(v); }
+inline half to_half(float v) { return static_cast<half>(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
+#endif
+inline float to_float(float v) { return v; }
+
 // Software prefetch of one key or value row (the hardware prefetcher ramps up too slowly on
 // these short streams: a row's history is tens of KB, read once per step from DRAM).
-inline void prefetch_row(const float* row, int dim) {
-    for (int d = 0; d < dim; d += 16) __builtin_prefetch(row + d);
+template <typename T>
+inline void prefetch_row(const T* row, int dim) {
+    const char* bytes = reinterpret_cast<const char*>(row);
+    for (int b = 0; b < dim * static_cast<int>(sizeof(T)); b += 64) __builtin_prefetch(bytes + b);
 }
+
+// A new key or value into its cache row.
+inline void store_row(float* dst, const float* src, int dim) { std::memcpy(dst, src, sizeof(float) * dim); }
+#if defined(ATTENTION_F16)
+inline void store_row(half* dst, const float* src, int dim) {
+    for (int d = 0; d < dim; ++d) dst[d] = to_half(src[d]);
+}
+#endif
 
 // The vector unit of this build for the loops below: AVX-512 (16 lanes) or AVX2 + FMA (8 lanes);
 // other builds take the scalar loops.
@@ -39,6 +62,9 @@ struct Vec {
     static constexpr int LANES = 16;
     static constexpr int ACCUMULATORS = 16;  // registers weighted_sum holds at once (of 32)
     static F load(const float* p) { return _mm512_loadu_ps(p); }
+#if defined(ATTENTION_F16)
+    static F load(const half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#endif
     static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
     static F set1(float v) { return _mm512_set1_ps(v); }
     static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -53,6 +79,9 @@ struct Vec {
     static constexpr int LANES = 8;
     static constexpr int ACCUMULATORS = 8;  // of 16
     static F load(const float* p) { return _mm256_loadu_ps(p); }
+#if defined(ATTENTION_F16)
+    static F load(const half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
     static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
     static F set1(float v) { return _mm256_set1_ps(v); }
     static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -70,13 +99,13 @@ struct Vec {
 // scores[g * stride + t] = scale * <q[g], keys[t]> for the group's query heads and a run of `span`
 // keys; also prefetches the value rows the weighted sum reads next.
 #if defined(ATTENTION_SIMD)
-template <int CHUNKS>  // vectors a head
-void dot_scores_simd(const float* q, const float* keys, const float* values, float* scores, int group,
-                     int64_t span, int64_t stride, float scale) {
+template <int CHUNKS, typename T>  // vectors a head, cache element
+void dot_scores_simd(const float* q, const T* keys, const T* values, float* scores, int group, int64_t span,
+                     int64_t stride, float scale) {
     static_assert(CHUNKS % 2 == 0, "two chains of products");
     constexpr int L = Vec::LANES, dim = CHUNKS * L;
     for (int64_t t = 0; t < span; ++t) {
-        const float* k = keys + t * dim;
+        const T* k = keys + t * dim;
         if (t + PREFETCH_AHEAD < span) prefetch_row(keys + (t + PREFETCH_AHEAD) * dim, dim);
         prefetch_row(values + t * dim, dim);
         for (int g = 0; g < group; ++g) {
@@ -93,7 +122,8 @@ void dot_scores_simd(const float* q, const float* keys, const float* values, flo
 }
 #endif
 
-void dot_scores(const float* q, const float* keys, const float* values, float* scores, int group, int64_t span,
+template <typename T>
+void dot_scores(const float* q, const T* keys, const T* values, float* scores, int group, int64_t span,
                 int64_t stride, int dim, float scale) {
 #if defined(ATTENTION_SIMD)
     switch (dim) {
@@ -103,14 +133,14 @@ void dot_scores(const float* q, const float* keys, const float* values, float* s
     }
 #endif
     for (int64_t t = 0; t < span; ++t) {
-        const float* k = keys + t * dim;
+        const T* k = keys + t * dim;
         if (t + PREFETCH_AHEAD < span) prefetch_row(keys + (t + PREFETCH_AHEAD) * dim, dim);
         prefetch_row(values + t * dim, dim);
         for (int g = 0; g < group; ++g) {
             const float* qh = q + g * dim;
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-            for (int d = 0; d < dim; ++d) acc += qh[d] * k[d];
+            for (int d = 0; d < dim; ++d) acc += qh[d] * to_float(k[d]);
             scores[g * stride + t] = acc * scale;
         }
     }
@@ -133,8 +163,8 @@ float softmax_numerators(float* s, int64_t span) {
 // acc += sum_t p[t] * values[t] over one block's run of values: accumulators stay in registers
 // across its keys, Vec::ACCUMULATORS of them a pass.
 #if defined(ATTENTION_SIMD)
-template <int CHUNKS>  // vectors a head
-void weighted_sum_simd(const float* p, const float* values, float* acc, int64_t span) {
+template <int CHUNKS, typename T>  // vectors a head, cache element
+void weighted_sum_simd(const float* p, const T* values, float* acc, int64_t span) {
     constexpr int L = Vec::LANES, dim = CHUNKS * L;
     constexpr int COLUMNS = CHUNKS < Vec::ACCUMULATORS ? CHUNKS : Vec::ACCUMULATORS;
     static_assert(CHUNKS % COLUMNS == 0, "whole passes");
@@ -143,7 +173,7 @@ void weighted_sum_simd(const float* p, const float* values, float* acc, int64_t 
         for (int c = 0; c < COLUMNS; ++c) a[c] = Vec::load(acc + L * (c0 + c));
         for (int64_t t = 0; t < span; ++t) {
             const Vec::F w = Vec::set1(p[t]);
-            const float* v = values + t * dim + L * c0;
+            const T* v = values + t * dim + L * c0;
             for (int c = 0; c < COLUMNS; ++c) a[c] = Vec::fma(w, Vec::load(v + L * c), a[c]);
         }
         for (int c = 0; c < COLUMNS; ++c) Vec::store(acc + L * (c0 + c), a[c]);
@@ -151,7 +181,8 @@ void weighted_sum_simd(const float* p, const float* values, float* acc, int64_t 
 }
 #endif
 
-void weighted_sum(const float* p, const float* values, float* acc, int64_t span, int dim) {
+template <typename T>
+void weighted_sum(const float* p, const T* values, float* acc, int64_t span, int dim) {
 #if defined(ATTENTION_SIMD)
     switch (dim) {
         case 64: return weighted_sum_simd<64 / Vec::LANES>(p, values, acc, span);
@@ -161,21 +192,19 @@ void weighted_sum(const float* p, const float* values, float* acc, int64_t span,
 #endif
     for (int64_t t = 0; t < span; ++t) {
         const float w = p[t];
-        const float* v = values + t * dim;
+        const T* v = values + t * dim;
 #pragma omp simd
-        for (int d = 0; d < dim; ++d) acc[d] += w * v[d];
+        for (int d = 0; d < dim; ++d) acc[d] += w * to_float(v[d]);
     }
 }
 
-}  // namespace
-
-extern "C" void decode_attention_f32(const float* q, const float* k_new, const float* v_new, float* k_cache,
-                                     float* v_cache, const int32_t* block_tables, const int32_t* lengths, float* out,
-                                     int rows, int heads, int kv_heads, int dim, int block_size, int max_blocks,
-                                     int window, float scale, int threads) {
+template <typename T>
+void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, T* v_cache,
+            const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int heads, int kv_heads,
+            int dim, int block_size, int max_blocks, int window, float scale, int threads) {
     const int group = heads / kv_heads;
     const int items = rows * kv_heads;
-    const int64_t block_stride = static_cast<int64_t>(kv_heads) * block_size * dim;  // floats per block
+    const int64_t block_stride = static_cast<int64_t>(kv_heads) * block_size * dim;  // elements per block
     // rows of a step differ in length: items go to whichever thread is free (each is a whole
     // (row, KV head) attention, so the order does not change any result)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -186,13 +215,13 @@ extern "C" void decode_attention_f32(const float* q, const float* k_new, const f
         const int64_t start = (window > 0 && length > window) ? length - window : 0;
         const int64_t span = length - start;
         // token t of this (row, head): its block's run for the head, then the offset within it
-        auto at = [&](float* cache, int64_t t) {
+        auto at = [&](T* cache, int64_t t) {
             return cache + table[t / block_size] * block_stride + static_cast<int64_t>(kv) * block_size * dim +
                    (t % block_size) * dim;
         };
         const int64_t fresh = (static_cast<int64_t>(row) * kv_heads + kv) * dim;
-        std::memcpy(at(k_cache, length - 1), k_new + fresh, sizeof(float) * dim);
-        std::memcpy(at(v_cache, length - 1), v_new + fresh, sizeof(float) * dim);
+        store_row(at(k_cache, length - 1), k_new + fresh, dim);
+        store_row(at(v_cache, length - 1), v_new + fresh, dim);
         const float* qg = q + (static_cast<int64_t>(row) * heads + kv * group) * dim;
         float* og = out + (static_cast<int64_t>(row) * heads + kv * group) * dim;
 
@@ -221,4 +250,31 @@ extern "C" void decode_attention_f32(const float* q, const float* k_new, const f
             for (int d = 0; d < dim; ++d) o[d] *= inv;
         }
     }
+}
+
+}  // namespace
+
+// 1 where this build reads fp16 caches (cache_bits 16 below), else 0.
+extern "C" int decode_attention_fp16_cache() {
+#if defined(ATTENTION_F16)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// cache_bits: 32 (fp32 caches) or 16 (fp16, where decode_attention_fp16_cache() says so).
+extern "C" void decode_attention_f32(const float* q, const float* k_new, const float* v_new, void* k_cache,
+                                     void* v_cache, const int32_t* block_tables, const int32_t* lengths, float* out,
+                                     int rows, int heads, int kv_heads, int dim, int block_size, int max_blocks,
+                                     int window, float scale, int cache_bits, int threads) {
+#if defined(ATTENTION_F16)
+    if (cache_bits == 16) {
+        attend(q, k_new, v_new, static_cast<half*>(k_cache), static_cast<half*>(v_cache), block_tables, lengths, out,
+               rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, threads);
+        return;
+    }
+#endif
+    attend(q, k_new, v_new, static_cast<float*>(k_cache), static_cast<float*>(v_cache), block_tables, lengths, out,
+           rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, threads);
 }

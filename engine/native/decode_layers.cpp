@@ -14,10 +14,10 @@
 #include <vector>
 
 extern "C" {
-void decode_attention_f32(const float* q, const float* k_new, const float* v_new, float* k_cache, float* v_cache,
+void decode_attention_f32(const float* q, const float* k_new, const float* v_new, void* k_cache, void* v_cache,
                           const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int heads,
                           int kv_heads, int dim, int block_size, int max_blocks, int window, float scale,
-                          int threads);
+                          int cache_bits, int threads);
 void rms_norm_f32(const float* x, const float* weight, float* out, int64_t rows, int dim, float eps, int threads);
 void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
 void rope_f32(float* x, const float* cos, const float* sin, int64_t tokens, int heads, int dim, int64_t token_stride,
@@ -95,11 +95,11 @@ struct DecodeScratch {
 };
 
 // out [rows, hidden] = o_proj(attention(rope(qkv(rms_norm(x))))) for one layer's decode step;
-// writes the rows' new K/V into the layer's caches.
+// writes the rows' new K/V into the layer's caches (of cache_bits 32 or 16, see decode_attention.cpp).
 static void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const float* cos,
                              const float* sin, const int32_t* block_tables, const int32_t* lengths, float* out,
                              int rows, int hidden, int heads, int kv_heads, int head_dim, int block_size,
-                             int max_blocks, float eps, float scale, int threads) {
+                             int max_blocks, float eps, float scale, int cache_bits, int threads) {
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
     rms_norm_f32(x, ptr<float>(p.input_norm), s.normed.data(), rows, hidden, eps, threads);
     linear(p.qkv, s.normed.data(), s.qkv.data(), rows, hidden, qkv_width, threads);
@@ -107,9 +107,9 @@ static void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s
     copy_columns(s.qkv.data(), rows, qkv_width, 0, q_width, s.q.data());
     copy_columns(s.qkv.data(), rows, qkv_width, q_width, kv_width, s.k.data());
     copy_columns(s.qkv.data(), rows, qkv_width, q_width + kv_width, kv_width, s.v.data());
-    decode_attention_f32(s.q.data(), s.k.data(), s.v.data(), reinterpret_cast<float*>(p.k_cache),
-                         reinterpret_cast<float*>(p.v_cache), block_tables, lengths, s.attn.data(), rows, heads,
-                         kv_heads, head_dim, block_size, max_blocks, 0, scale, threads);
+    decode_attention_f32(s.q.data(), s.k.data(), s.v.data(), reinterpret_cast<void*>(p.k_cache),
+                         reinterpret_cast<void*>(p.v_cache), block_tables, lengths, s.attn.data(), rows, heads,
+                         kv_heads, head_dim, block_size, max_blocks, 0, scale, cache_bits, threads);
     linear(p.o_proj, s.attn.data(), out, rows, q_width, hidden, threads);
 }
 
@@ -127,10 +127,11 @@ static void ffn_branch(const float* h, const LayerRow& p, DecodeScratch& s, floa
 extern "C" void llama_attention_branch(const float* x, const int64_t* row, const float* cos,
                                        const float* sin, const int32_t* block_tables, const int32_t* lengths,
                                        float* out, int rows, int hidden, int heads, int kv_heads, int head_dim,
-                                       int block_size, int max_blocks, float eps, float scale, int threads) {
+                                       int block_size, int max_blocks, float eps, float scale, int cache_bits,
+                                       int threads) {
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, 0);
     attention_branch(x, *reinterpret_cast<const LayerRow*>(row), s, cos, sin, block_tables, lengths, out, rows,
-                     hidden, heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, threads);
+                     hidden, heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, cache_bits, threads);
 }
 
 extern "C" void llama_ffn_branch(const float* h, const int64_t* row, float* out, int rows, int hidden, int inter,
@@ -157,8 +158,8 @@ double residual_cosine(const float* h, const float* delta, int n) {
 }  // namespace
 
 // Every layer of a decode step. x [rows, hidden] fp32, the residual stream, updated in place;
-// layer_rows [layers, 36] (LayerRow); cos, sin [rows, head_dim]; block_tables [rows, max_blocks] and
-// lengths [rows] as in decode_attention_f32.
+// layer_rows [layers, 40] (LayerRow); cos, sin [rows, head_dim]; block_tables [rows, max_blocks],
+// lengths [rows] and cache_bits as in decode_attention_f32.
 // With max_skips null every FFN runs (skipped may be null too). Otherwise FFN-SkipLLM's rule
 // decides per row (engine/skip/ffn_skipllm.py states it): at hot layer l (first_hot <= l <=
 // last_hot) a row that may still fire (max_skips > 0, not yet fired) fires when cos(h, out) of
@@ -168,7 +169,8 @@ double residual_cosine(const float* h, const float* delta, int n) {
 extern "C" void llama_decode_layers(float* x, const int64_t* layer_rows, int layers, const float* cos,
                                     const float* sin, const int32_t* block_tables, const int32_t* lengths, int rows,
                                     int hidden, int heads, int kv_heads, int head_dim, int inter, int block_size,
-                                    int max_blocks, float eps, float scale, int threads, const int32_t* max_skips,
+                                    int max_blocks, float eps, float scale, int cache_bits, int threads,
+                                    const int32_t* max_skips,
                                     const float* thresholds, int first_hot, int last_hot, uint8_t* skipped) {
     const LayerRow* rows_of_layers = reinterpret_cast<const LayerRow*>(layer_rows);
     const int64_t n = static_cast<int64_t>(rows) * hidden;
@@ -182,7 +184,7 @@ extern "C" void llama_decode_layers(float* x, const int64_t* layer_rows, int lay
     for (int l = 0; l < layers; ++l) {
         const LayerRow& p = rows_of_layers[l];
         attention_branch(x, p, s, cos, sin, block_tables, lengths, delta.data(), rows, hidden, heads,
-                         kv_heads, head_dim, block_size, max_blocks, eps, scale, threads);
+                         kv_heads, head_dim, block_size, max_blocks, eps, scale, cache_bits, threads);
         add_into(x, delta.data(), n);  // x is h from here
         const bool hot = l >= first_hot && l <= last_hot;
         run.clear();

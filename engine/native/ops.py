@@ -14,16 +14,28 @@ def check_decode_lengths(longest: int, block_tables: torch.Tensor, block_size: i
                          f"{block_size} tokens)")
 
 
+def cache_dtypes() -> tuple[torch.dtype, ...]:
+    """KV cache dtypes the native decode attention reads: fp32, and fp16 where the build has F16C."""
+    lib = kernels()
+    if lib is None:
+        return ()
+    return (torch.float32, torch.float16) if lib.decode_attention_fp16_cache() else (torch.float32,)
+
+
+def cache_bits(cache: torch.Tensor) -> int:
+    return cache.element_size() * 8
+
+
 def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return (kernels() is not None and q.device.type == "cpu" and q.dtype == torch.float32
-            and k_cache.dtype == torch.float32 and k_cache.is_contiguous())
+            and k_cache.dtype in cache_dtypes() and k_cache.is_contiguous())
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, lengths: torch.Tensor, longest: int, scale: float,
                      window: int | None) -> torch.Tensor:
     """q: [B, H, D] fp32; k, v: [B, KV, D], the new token's, written at position lengths - 1 of each
-    row; caches: [blocks, KV, block_size, D] of one layer; block_tables: [B, max blocks] int32;
+    row; caches: [blocks, KV, block_size, D] of one layer (fp32 or fp16); block_tables: [B, max blocks] int32;
     lengths: [B] int32, every length >= 1 (position + 1); longest: max(lengths), checked against the
     table -> [B, H*D]."""
     rows, heads, dim = q.shape
@@ -34,7 +46,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     kernels().decode_attention_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         lengths.data_ptr(), out.data_ptr(), rows, heads, k_cache.shape[1], dim, block_size, block_tables.shape[1],
-        window or 0, scale, torch.get_num_threads())
+        window or 0, scale, cache_bits(k_cache), torch.get_num_threads())
     return out
 
 

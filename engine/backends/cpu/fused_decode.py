@@ -18,7 +18,7 @@ import torch
 from engine.backends.cpu.linear import Linear
 from engine.backends.cpu.quant_linear import QuantLinear
 from engine.native import kernels
-from engine.native.ops import check_decode_lengths
+from engine.native.ops import cache_bits, cache_dtypes, check_decode_lengths
 from engine.skip.base import RuleGate
 
 DENSE, QUANTIZED = 0, 1  # decode_layers.cpp's WeightRef kinds
@@ -56,11 +56,11 @@ class FusedDecode:
 
     @staticmethod
     def fits(model, kv) -> bool:
-        """Plain Llama layers (full attention), fp32 activations and cache, every projection on a
-        native kernel."""
+        """Plain Llama layers (full attention), fp32 activations, a cache the native attention reads
+        (fp32, or fp16 where built), every projection on a native kernel."""
         layers = model.layers
         linears = [lin for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
-        return (model.act_dtype == torch.float32 and kv.k.dtype == torch.float32
+        return (model.act_dtype == torch.float32 and kv.k.dtype in cache_dtypes()
                 and all(layer.kind == "llama" and layer.window is None for layer in layers)
                 and all(weight_ref(lin) is not None for lin in linears))
 
@@ -91,7 +91,7 @@ class FusedDecode:
             x.data_ptr(), self._row(layer), cos.data_ptr(), sin.data_ptr(), block_tables.data_ptr(),
             lengths.data_ptr(), out.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
             cfg.head_dim, self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, cfg.head_dim ** -0.5,
-            torch.get_num_threads())
+            cache_bits(self.kv.k), torch.get_num_threads())
         return out
 
     def ffn_branch(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -124,8 +124,8 @@ class FusedDecode:
             x.data_ptr(), self.table.data_ptr(), len(self.layers), cos.data_ptr(), sin.data_ptr(),
             block_tables.data_ptr(), lengths.data_ptr(), rows, cfg.hidden_size, cfg.num_heads,
             cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, self.kv.block_size, block_tables.shape[1],
-            cfg.rms_norm_eps, cfg.head_dim ** -0.5, torch.get_num_threads(), _address(max_skips),
-            _address(thresholds), first_hot, last_hot, _address(skipped))
+            cfg.rms_norm_eps, cfg.head_dim ** -0.5, cache_bits(self.kv.k), torch.get_num_threads(),
+            _address(max_skips), _address(thresholds), first_hot, last_hot, _address(skipped))
         if gate is not None:
             gate.count_with(StepSkips(skipped.bool()))
         return x
