@@ -114,7 +114,7 @@ def main():
     lines += ["", f"RSS after load ({args.batch} KV slots x {args.max_len} tokens = {rss['auto']['kv_mb']:.0f} MiB of KV; "
               f"GGUF {gguf_mb:.0f} MiB): quantized {rss['auto']['rss_mb']:.0f} MiB "
               f"(GGUF + KV + {rss['auto']['rss_mb'] - gguf_mb - rss['auto']['kv_mb']:.0f} MiB), "
-              f"fp32 {rss['float32']['rss_mb']:.0f} MiB"]
+              f"fp32 {rss['float32']['rss_mb']:.0f} MiB (its KV cache: {rss['float32']['kv_mb']:.0f} MiB)"]
 
     engines = {"quantized": build(args.preset, "auto", args.batch, args.max_len),
                "fp32": build(args.preset, "float32", args.batch, args.max_len)}
