@@ -3,7 +3,8 @@
 // its new key and value at position length - 1.
 //
 // q [rows, heads, dim] fp32; caches of one layer [num_blocks, kv_heads, block_size, dim] (fp32,
-// or fp16 in builds with F16C: half the bytes to stream, converted as they are loaded; contiguous); block_tables [rows, max_blocks] int32: token t of row r sits in block
+// or fp16 in builds with F16C: half the bytes to stream, widened as they are loaded; contiguous);
+// block_tables [rows, max_blocks] int32: token t of row r sits in block
 // block_tables[r][t / block_size] at offset t % block_size. Row r attends to positions
 // [start, length[r]) with start = length - window for sliding-window layers. The G = heads /
 // kv_heads query heads of a group share each key and value load. Work items are (row, kv head)
@@ -263,7 +264,8 @@ extern "C" int decode_attention_fp16_cache() {
 #endif
 }
 
-// cache_bits: 32 (fp32 caches) or 16 (fp16, where decode_attention_fp16_cache() says so).
+// cache_bits: 32 (fp32 caches) or 16 (fp16; callers ask decode_attention_fp16_cache() first:
+// engine/native/ops.py `cache_dtypes`).
 extern "C" void decode_attention_f32(const float* q, const float* k_new, const float* v_new, void* k_cache,
                                      void* v_cache, const int32_t* block_tables, const int32_t* lengths, float* out,
                                      int rows, int heads, int kv_heads, int dim, int block_size, int max_blocks,

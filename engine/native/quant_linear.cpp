@@ -49,7 +49,9 @@ struct Isa {
     static I izero() { return _mm512_setzero_si512(); }
     static F set1(float v) { return _mm512_set1_ps(v); }
     static F load(const float* p) { return _mm512_loadu_ps(p); }
-    static F load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static F load(const uint16_t* p) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
     static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
     static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
     static F max(F a, F b) { return _mm512_max_ps(a, b); }
@@ -289,8 +291,10 @@ int dispatch_offset(const float* x, const uint8_t* q, const void* scale, const v
 template <int BITS, int G>
 int dispatch_scales(const float* x, const uint8_t* q, const void* scale, const void* offset, const float* bias,
                     float* y, int rows, int in, int out, int scale_bits, int threads) {
-    if (scale_bits == 16) return dispatch_offset<BITS, G, uint16_t>(x, q, scale, offset, bias, y, rows, in, out, threads);
-    if (scale_bits == 32) return dispatch_offset<BITS, G, float>(x, q, scale, offset, bias, y, rows, in, out, threads);
+    if (scale_bits == 16)
+        return dispatch_offset<BITS, G, uint16_t>(x, q, scale, offset, bias, y, rows, in, out, threads);
+    if (scale_bits == 32)
+        return dispatch_offset<BITS, G, float>(x, q, scale, offset, bias, y, rows, in, out, threads);
     return 0;
 }
 
