@@ -68,10 +68,12 @@ struct Isa {
     // acc + per lane: w.lo * a.lo + w.hi * a.hi (int16 pairs; a: one pair broadcast)
     static I dot(I acc, I w, int32_t a) { return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(a)); }
     static float max_abs(F v) { return _mm512_reduce_max_ps(v); }  // v: magnitudes
-    // round(v * inv) (to nearest even) -> LANES int16
-    static void narrow(F v, F inv, int16_t* a) {
+    static int32_t total(I v) { return _mm512_reduce_add_epi32(v); }
+    // round(v * inv) (to nearest even) -> LANES int16 at a; returns them as int32 lanes
+    static I narrow(F v, F inv, int16_t* a) {
         const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), _mm512_cvtsepi32_epi16(i));
+        return i;
     }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -114,10 +116,17 @@ struct Isa {
         m = _mm_max_ss(m, _mm_movehdup_ps(m));
         return _mm_cvtss_f32(m);
     }
-    static void narrow(F v, F inv, int16_t* a) {
+    static int32_t total(I v) {
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        t = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 1));
+        return _mm_cvtsi128_si32(t);
+    }
+    static I narrow(F v, F inv, int16_t* a) {
         const __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
         const __m128i packed = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(a), packed);
+        return i;
     }
 };
 #else
@@ -137,20 +146,21 @@ struct QuantRow {
 
 // Row r's groups of G: s = max|x| / 32767, a = round(x / s) (pairs of int16), and s * sum(a) for
 // the offset term. Exact integer sums and the same fp32 operations per lane make both builds agree
-// bit for bit.
-void quantize_row(const float* x, int in, int group, int16_t* a, float* s, float* sums) {
-    for (int g = 0; g < in / group; ++g) {
-        const float* xg = x + static_cast<int64_t>(g) * group;
-        int16_t* ag = a + static_cast<int64_t>(g) * group;
+// bit for bit. (|round(x / s)| <= 32767: the int16 packing never saturates, so the int32 lanes
+// summed are the int16 values stored.)
+template <int G>
+void quantize_row(const float* x, int in, int16_t* a, float* s, float* sums) {
+    for (int g = 0; g < in / G; ++g) {
+        const float* xg = x + static_cast<int64_t>(g) * G;
+        int16_t* ag = a + static_cast<int64_t>(g) * G;
         F vmax = Isa::zero();
-        for (int j = 0; j < group; j += Isa::LANES) vmax = Isa::max(vmax, Isa::abs(Isa::load(xg + j)));
+        for (int j = 0; j < G; j += Isa::LANES) vmax = Isa::max(vmax, Isa::abs(Isa::load(xg + j)));
         const float amax = Isa::max_abs(vmax);
         const F inv = Isa::set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
-        for (int j = 0; j < group; j += Isa::LANES) Isa::narrow(Isa::load(xg + j), inv, ag + j);
-        int32_t total = 0;
-        for (int j = 0; j < group; ++j) total += ag[j];
+        I total = Isa::izero();
+        for (int j = 0; j < G; j += Isa::LANES) total = Isa::add(total, Isa::narrow(Isa::load(xg + j), inv, ag + j));
         s[g] = amax / 32767.0f;
-        sums[g] = s[g] * static_cast<float>(total);
+        sums[g] = s[g] * static_cast<float>(Isa::total(total));
     }
 }
 
@@ -264,8 +274,8 @@ void linear(const float* x, const uint8_t* q, const S* scale, const S* offset, c
     {
 #pragma omp for schedule(dynamic, 1)
         for (int r = 0; r < nrows; ++r)  // the rows' activations, quantized once, before any tile
-            quantize_row(x + static_cast<int64_t>(r) * in, in, G, a_rows + static_cast<int64_t>(r) * in,
-                         s_rows + static_cast<int64_t>(r) * groups, sum_rows + static_cast<int64_t>(r) * groups);
+            quantize_row<G>(x + static_cast<int64_t>(r) * in, in, a_rows + static_cast<int64_t>(r) * in,
+                            s_rows + static_cast<int64_t>(r) * groups, sum_rows + static_cast<int64_t>(r) * groups);
 #pragma omp for schedule(dynamic, chunk)
         for (int t = 0; t < tiles; ++t) {
             const int o0 = t * TILE_OUT;
