@@ -1,4 +1,5 @@
-"""Prometheus metrics under the `skipserve:` prefix (seconds, never milliseconds).
+"""Prometheus metrics under the `skipserve:` prefix (seconds, never milliseconds), and the standard
+`process_*` ones (resident memory, CPU seconds) as every Prometheus client exports them.
 
 Engine-wide counters (tokens, FFN blocks per layer) and gauges are read from the engine at
 scrape time by a collector, so the step loop pays nothing for them; per-request histograms
@@ -9,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 P = "skipserve:"
@@ -49,6 +50,9 @@ class EngineCollector:
                                 snap["kv_usage"])
         yield GaugeMetricFamily(P + "generation_tokens_per_second",
                                 f"Decode throughput over the last {THROUGHPUT_WINDOW_S:.0f} s.", self.throughput())
+        if engine is not None:
+            yield GaugeMetricFamily(P + "kv_cache_bytes", "KV cache memory, allocated at start (bytes).",
+                                    engine.runner.kv.nbytes)
         prompt = CounterMetricFamily(P + "prompt_tokens", "Prefilled prompt tokens.")
         cached = CounterMetricFamily(P + "prefix_cache_hit_tokens",
                                      "Prompt tokens not prefilled: their K/V came from the prefix cache.")
@@ -74,6 +78,7 @@ class Metrics:
         self.engine_collector = EngineCollector(async_engine)
         self.registry.register(self.engine_collector)
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes & co. (Linux /proc)
         self.request_success = Counter(P + "request_success", "Finished requests by finish reason.",
                                        ["finished_reason"], registry=r)
         self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token.",

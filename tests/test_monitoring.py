@@ -36,6 +36,26 @@ def test_every_dashboard_query_names_an_exported_metric(server, client):
     assert sorted(used - names) == []
 
 
+def test_metrics_report_the_process_memory_and_the_kv_cache(server):
+    """The server's resident memory (`process_resident_memory_bytes`, read from /proc) holds the KV
+    cache it reports (allocated and zeroed at start, so resident), and the cache's size is the one
+    its layout implies (an fp16 cache for the preset's quantized weights, or fp32)."""
+    values = {}
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    rss, kv = float(values["process_resident_memory_bytes"]), float(values["skipserve:kv_cache_bytes"])
+    assert rss > kv
+    from engine.config import ModelConfig
+    from engine.loader import ensure_hf_dir
+    from server.config_file import load_config, preset_path
+
+    preset, model = load_config(preset_path(MODEL)), ModelConfig.from_hf_dir(ensure_hf_dir(MODEL))
+    tokens = preset.max_num_seqs * preset.max_model_len  # the CPU's default capacity (a whole number of blocks)
+    per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim  # K and V elements
+    assert kv in (tokens * per_token * 2, tokens * per_token * 4)  # fp16 (quantized weights) or fp32
+
+
 def test_dashboard_is_grafana_json_wired_to_the_provisioned_datasource():
     dash = json.loads(DASHBOARD.read_text())
     uid = yaml.safe_load(DATASOURCE.read_text())["datasources"][0]["uid"]
