@@ -186,9 +186,9 @@ class AsyncEngine:
     def snapshot(self) -> dict:
         engine = self.engine
         if engine is None:
-            return {"running": 0, "waiting": 0, "kv_usage": 0.0, "time": time.time()}
-        return {"running": engine.num_running, "waiting": engine.num_waiting,
-                "kv_usage": engine.kv_usage(), "time": time.time()}
+            return {"running": 0, "waiting": 0, "kv_usage": 0.0, "kv_cache_bytes": 0, "time": time.time()}
+        return {"running": engine.num_running, "waiting": engine.num_waiting, "kv_usage": engine.kv_usage(),
+                "kv_cache_bytes": engine.runner.kv.nbytes, "time": time.time()}
 
 
 class RequestStream:

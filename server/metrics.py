@@ -50,9 +50,8 @@ class EngineCollector:
                                 snap["kv_usage"])
         yield GaugeMetricFamily(P + "generation_tokens_per_second",
                                 f"Decode throughput over the last {THROUGHPUT_WINDOW_S:.0f} s.", self.throughput())
-        if engine is not None:
-            yield GaugeMetricFamily(P + "kv_cache_bytes", "KV cache memory, allocated at start (bytes).",
-                                    engine.runner.kv.nbytes)
+        yield GaugeMetricFamily(P + "kv_cache_bytes", "KV cache memory, allocated at load (bytes; 0 before).",
+                                snap["kv_cache_bytes"])
         prompt = CounterMetricFamily(P + "prompt_tokens", "Prefilled prompt tokens.")
         cached = CounterMetricFamily(P + "prefix_cache_hit_tokens",
                                      "Prompt tokens not prefilled: their K/V came from the prefix cache.")

@@ -170,8 +170,8 @@ extern "C" void llama_decode_layers(float* x, const int64_t* layer_rows, int lay
                                     const float* sin, const int32_t* block_tables, const int32_t* lengths, int rows,
                                     int hidden, int heads, int kv_heads, int head_dim, int inter, int block_size,
                                     int max_blocks, float eps, float scale, int cache_bits, int threads,
-                                    const int32_t* max_skips,
-                                    const float* thresholds, int first_hot, int last_hot, uint8_t* skipped) {
+                                    const int32_t* max_skips, const float* thresholds, int first_hot, int last_hot,
+                                    uint8_t* skipped) {
     const LayerRow* rows_of_layers = reinterpret_cast<const LayerRow*>(layer_rows);
     const int64_t n = static_cast<int64_t>(rows) * hidden;
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, inter);

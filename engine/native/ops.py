@@ -1,6 +1,8 @@
 """Torch-facing wrappers of the C++ kernels: check layouts, pass pointers, allocate outputs."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine.native.build import kernels
@@ -17,8 +19,11 @@ def check_decode_lengths(longest: int, block_tables: torch.Tensor, block_size: i
 def cache_dtypes() -> tuple[torch.dtype, ...]:
     """KV cache dtypes the native decode attention reads: fp32, and fp16 where the build has F16C."""
     lib = kernels()
-    if lib is None:
-        return ()
+    return () if lib is None else _cache_dtypes_of(lib)
+
+
+@functools.cache
+def _cache_dtypes_of(lib) -> tuple[torch.dtype, ...]:  # asked once per library, not per layer and step
     return (torch.float32, torch.float16) if lib.decode_attention_fp16_cache() else (torch.float32,)
 
 
