@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, cuda_available, free_port
 
 MODEL = "smollm2-135m-instruct"
 DASHBOARD = ROOT / "docker/grafana/dashboards/skipserve.json"
@@ -37,23 +37,26 @@ def test_every_dashboard_query_names_an_exported_metric(server, client):
 
 
 def test_metrics_report_the_process_memory_and_the_kv_cache(server):
-    """The server's resident memory (`process_resident_memory_bytes`, read from /proc) holds the KV
-    cache it reports (allocated and zeroed at start, so resident), and the cache's size is the one
-    its layout implies (an fp16 cache for the preset's quantized weights, or fp32)."""
-    values = {}
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        name, _, value = line.partition(" ")
-        values[name] = value
-    rss, kv = float(values["process_resident_memory_bytes"]), float(values["skipserve:kv_cache_bytes"])
-    assert rss > kv
+    """`skipserve:kv_cache_bytes` is the cache the server's layout implies: on the CPU the preset's
+    max_num_seqs x max_model_len tokens, fp16 for its quantized weights or fp32, held in the
+    process's resident memory (`process_resident_memory_bytes`: allocated and zeroed at load);
+    on CUDA (sized from the card's memory, bf16) a whole number of blocks, in GPU memory."""
     from engine.config import ModelConfig
     from engine.loader import ensure_hf_dir
     from server.config_file import load_config, preset_path
 
+    kv = server.metric("kv_cache_bytes")
     preset, model = load_config(preset_path(MODEL)), ModelConfig.from_hf_dir(ensure_hf_dir(MODEL))
-    tokens = preset.max_num_seqs * preset.max_model_len  # the CPU's default capacity (a whole number of blocks)
     per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim  # K and V elements
+    if cuda_available():  # the preset's device auto serves on the GPU
+        block = preset.block_size * per_token * 2
+        assert kv > 0 and kv % block == 0
+        return
+    tokens = preset.max_num_seqs * preset.max_model_len  # the CPU's default capacity (a whole number of blocks)
     assert kv in (tokens * per_token * 2, tokens * per_token * 4)  # fp16 (quantized weights) or fp32
+    rss = next(float(line.split()[-1]) for line in httpx.get(server.url + "/metrics").text.splitlines()
+               if line.startswith("process_resident_memory_bytes "))
+    assert rss > kv
 
 
 def test_dashboard_is_grafana_json_wired_to_the_provisioned_datasource():
