@@ -163,11 +163,11 @@ def memory(url: str) -> dict:
     return {"rss_bytes": values.get("process_resident_memory_bytes"), "kv_cache_bytes": values.get("skipserve:kv_cache_bytes")}
 
 
-def memory_line(label: str, m: dict) -> str:
+def memory_line(label: str, m: dict, when: str) -> str:
     if m["rss_bytes"] is None or m["kv_cache_bytes"] is None:
         return f"skipserve {label}: no memory figures in its /metrics"
     rss, kv = m["rss_bytes"] / 2**20, m["kv_cache_bytes"] / 2**20
-    return f"skipserve {label}: RSS {rss:.0f} MiB before the run, of which KV cache {kv:.0f} MiB; RSS - KV {rss - kv:.0f} MiB"
+    return f"skipserve {label}: RSS {rss:.0f} MiB {when}, of which KV cache {kv:.0f} MiB; RSS - KV {rss - kv:.0f} MiB"
 
 
 def main():
@@ -190,9 +190,9 @@ def main():
                       {"ffn_skip": {"budget": float(b)}} if float(b) else {})
                for label, url in urls for b in args.budgets.split(",")]
     targets += [Target(f"peer {u}", u, args.peer_model or args.model, {}) for u in args.peer]
-    memories = {label or url: memory(url) for label, url in urls}  # idle servers: their RSS after load
-    for label, m in memories.items():
-        print(memory_line(label, m), flush=True)
+    loaded = {label or url: memory(url) for label, url in urls}  # idle servers: their RSS after load
+    for label, m in loaded.items():
+        print(memory_line(label, m, "before the run"), flush=True)
     rows = []
     for c in [int(x) for x in args.concurrency.split(",")]:
         n = args.requests or max(8, 2 * c)
@@ -202,11 +202,14 @@ def main():
             print(json.dumps(row), flush=True)
     header = (f"`{' '.join(sys.argv)}` — streaming chat, {args.max_tokens} output tokens (ignore_eos), "
               f"greedy, prompts from bench/serve.py")
-    md = markdown(rows, header) + "\n" + "\n".join(memory_line(k, m) for k, m in memories.items()) + "\n"
+    served = {label or url: memory(url) for label, url in urls}  # and after every level's requests
+    md = markdown(rows, header) + "\n" + "\n".join(
+        [memory_line(k, m, "before the run") for k, m in loaded.items()]
+        + [memory_line(k, m, "after it") for k, m in served.items()]) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve.md").write_text(md)
-    (out / "serve.json").write_text(json.dumps({"rows": rows, "memory": memories}, indent=1))
+    (out / "serve.json").write_text(json.dumps({"rows": rows, "memory": {"before": loaded, "after": served}}, indent=1))
     print(md)
 
 
