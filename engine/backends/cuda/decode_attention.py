@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.backends.cuda.kernel_support import dot_size, upcast_dots
+from engine.backends.cuda.kernel_support import dot_precision, dot_size, upcast_dots
 
 MAX_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 256
@@ -31,7 +31,7 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, lens_ptr, part_ou
                   scale, window, block_size, head_dim, num_heads,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_PAD: tl.constexpr,
                   TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  UPCAST: tl.constexpr):
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -64,7 +64,7 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, lens_ptr, part_ou
         k = tl.load(k_cache_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, TILE], fp32
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, TILE], fp32
         scores = tl.where(pmask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
@@ -73,7 +73,7 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, lens_ptr, part_ou
         v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     seen = total > 0  # an empty split (short row, or context_len 0) leaves -inf and zeros
     out = acc / tl.where(seen, total, 1.0)[:, None]
@@ -135,7 +135,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale, window or 0, block_size, head_dim, num_heads,
         GROUP=group, GROUP_PAD=dot_size(group), HEAD_PAD=head_pad, TILE=TILE_TOKENS,
-        NUM_SPLITS=num_splits, HAS_WINDOW=bool(window), UPCAST=upcast_dots(q),
+        NUM_SPLITS=num_splits, HAS_WINDOW=bool(window), UPCAST=upcast_dots(q), PRECISION=dot_precision(q),
     )
     _reduce_kernel[(rows, num_heads)](
         part_out, part_lse, out3, out3.stride(0), out3.stride(1), head_dim,

@@ -122,22 +122,25 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.current_stream()
+        # one warm-up stream for every bucket: cuBLAS keeps a workspace (32 MiB on Hopper) per stream it ran on
+        side = torch.cuda.Stream()
         try:
             for rows in sorted(self.buckets, reverse=True):
                 self.buffers.fill(DecodeInputs([], [], [], [], []), rows)  # all rows padded: nothing is written
                 batch = self.buffers.view(rows)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
+                side.wait_stream(stream)
                 with torch.cuda.stream(side):  # compiles the kernels and sets up libraries outside the capture
                     for _ in range(warmup_steps):
                         self.forward(batch)
-                torch.cuda.current_stream().wait_stream(side)
+                stream.wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self.outputs[rows] = self.forward(batch)
                 self.graphs[rows] = graph
             torch.cuda.synchronize()
         except Exception as exc:  # any failure leaves a correct eager engine, never a broken one
+            torch.cuda.set_stream(stream)  # a capture that fails as it ends leaves its capture stream current
             log.warning("CUDA graph capture failed, decode runs eagerly: %r", exc)
             self.graphs, self.outputs = {}, {}
             return False

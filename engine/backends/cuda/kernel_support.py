@@ -12,6 +12,13 @@ def upcast_dots(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
+def dot_precision(tensor: torch.Tensor) -> str:
+    """`tl.dot`'s input precision for operands of `tensor`'s dtype: fp32 operands multiply in full
+    fp32 ("ieee"); Triton's default for them on a GPU is TF32, whose 10-bit mantissa puts fp32
+    results ~1e-3 off. bf16/fp16 operands go to the tensor cores whatever this says."""
+    return "ieee" if tensor.dtype == torch.float32 else "tf32"
+
+
 def dot_size(n: int) -> int:
     """A `tl.dot` dimension covering n: a power of two, at least 16 (the tensor-core minimum)."""
     return max(16, triton.next_power_of_2(n))

@@ -17,14 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.backends.cuda.kernel_support import dot_size, upcast_dots
+from engine.backends.cuda.kernel_support import dot_precision, dot_size, upcast_dots
 
 
 @triton.jit
 def _masked_linear_kernel(x_ptr, w_ptr, run_ptr, residual_ptr, out_ptr, rows, n_out, k_in,
                           stride_x, stride_w, stride_r, stride_o,
                           HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = m < rows
@@ -50,7 +50,7 @@ def _masked_linear_kernel(x_ptr, w_ptr, run_ptr, residual_ptr, out_ptr, rows, n_
             w = w.to(tl.float32)
         else:
             x = x.to(w.dtype)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if HAS_RESIDUAL:
         acc += skipped
     tl.store(out_ptrs, tl.where(run[:, None], acc, skipped).to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -81,6 +81,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, run: torch.Tensor | Non
         rows, n_out, k_in, x.stride(0), weight.stride(0),
         0 if residual is None else residual.stride(0), out.stride(0),
         HAS_MASK=run is not None, HAS_RESIDUAL=residual is not None, UPCAST=upcast_dots(x),
+        PRECISION=dot_precision(weight),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return out
