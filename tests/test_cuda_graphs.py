@@ -7,8 +7,7 @@ import logging
 import pytest
 import torch
 
-from engine.backends.cuda.graphs import (DecodeGraphs, DecodeInputs, StaticDecodeBuffers, batch_buckets, bucket_for,
-                                         padded_inputs)
+from engine.backends.cuda.graphs import DecodeGraphs, DecodeInputs, StaticDecodeBuffers, batch_buckets, bucket_for
 
 BLOCK_SIZE = 16
 
@@ -32,13 +31,19 @@ def step(rows: int) -> DecodeInputs:
 
 
 def test_padded_rows_write_nothing_attend_to_nothing_and_never_skip():
-    batch = padded_inputs(step(3), rows=4, max_blocks=5, block_size=BLOCK_SIZE)
+    buffers = StaticDecodeBuffers(max_batch=6, max_blocks=5, block_size=BLOCK_SIZE, device="cpu")
+    buffers.fill(step(5), 5)  # a longer step first: its rows 3 and 4 must not leak into the next one
+    batch = buffers.fill(step(3), 4)
     assert batch.token_ids.tolist() == [10, 11, 12, 0]
+    assert batch.positions.tolist() == [5, 21, 37, 0]
     assert batch.context_lens.tolist() == [6, 22, 38, 0]
     # slot = block holding the position * block size + offset; -1 for the padded row
     assert batch.slots.tolist() == [7 * 16 + 5, 9 * 16 + 5, 11 * 16 + 5, -1]
     assert batch.block_tables.tolist() == [[7, 0, 0, 0, 0], [8, 9, 0, 0, 0], [9, 10, 11, 0, 0], [0] * 5]
     assert batch.max_skips.tolist() == [0, 1, 2, 0]
+    assert batch.thresholds.tolist() == torch.tensor([0.9, 0.9, 0.9, float("inf")]).tolist()  # fp32
+    assert [t.dtype for t in vars(batch).values()] == [torch.int64, torch.int64, torch.int32, torch.int32, torch.int64,
+                                                       torch.int32, torch.float32]
 
 
 def test_static_buffers_keep_their_addresses_from_step_to_step():

@@ -3,7 +3,8 @@
 A decode step of a 7B model launches hundreds of small kernels; replaying them as a graph removes
 the launch overhead that dominates batch-1 decode. Graphs replay fixed addresses, so every input
 of a step lives in static buffers sized for the largest bucket (`StaticDecodeBuffers`); a step of
-n rows fills the first n rows, pads up to its bucket, and replays that bucket's graph.
+n rows fills the first n rows, pads up to its bucket, and replays that bucket's graph. The buffers
+go to the device in one copy a step.
 
 Padded rows are harmless: token 0 at position 0, context length 0 (attention writes zeros), write
 slot -1 (no K/V written into a block that a real row owns), max_skips 0 (never skip, never
@@ -66,46 +67,70 @@ class DecodeBatch:
     thresholds: torch.Tensor  # [rows] fp32
 
 
-def padded_inputs(inputs: DecodeInputs, rows: int, max_blocks: int, block_size: int) -> DecodeBatch:
-    """The step's inputs as CPU tensors of `rows` rows (the real ones first, then padding)."""
-    n = len(inputs.token_ids)
-    assert n <= rows, f"{n} rows do not fit a bucket of {rows}"
-    tables = torch.zeros(rows, max_blocks, dtype=torch.int32)
-    for i, table in enumerate(inputs.block_tables):
-        assert len(table) <= max_blocks, f"row {i} has {len(table)} blocks, the buffers hold {max_blocks}"
-        tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
-    pad = rows - n
-    slots = [t[p // block_size] * block_size + p % block_size for t, p in zip(inputs.block_tables, inputs.positions)]
-    return DecodeBatch(
-        token_ids=torch.tensor(inputs.token_ids + [0] * pad, dtype=torch.int64),
-        positions=torch.tensor(inputs.positions + [0] * pad, dtype=torch.int64),
-        block_tables=tables,
-        context_lens=torch.tensor([p + 1 for p in inputs.positions] + [0] * pad, dtype=torch.int32),
-        slots=torch.tensor(slots + [PAD_SLOT] * pad, dtype=torch.int64),
-        max_skips=torch.tensor(inputs.max_skips + [0] * pad, dtype=torch.int32),
-        thresholds=torch.tensor(inputs.thresholds + [float("inf")] * pad, dtype=torch.float32),
-    )
+_FIELDS = {  # DecodeBatch's fields: dtype, and whether a row holds max_blocks of them
+    "token_ids": (torch.int64, False), "positions": (torch.int64, False), "slots": (torch.int64, False),
+    "block_tables": (torch.int32, True), "context_lens": (torch.int32, False),
+    "max_skips": (torch.int32, False), "thresholds": (torch.float32, False),
+}
+_ALIGN = 256  # bytes: each field starts aligned in the packed buffers
 
 
 class StaticDecodeBuffers:
     """Every input of a decode step, allocated once for `max_batch` rows; a step of B rows (or a
-    bucket of B) uses views of the first B rows, whose addresses never change."""
+    bucket of B) uses views of the first B rows, whose addresses never change.
+
+    The fields are typed views of one packed byte buffer on the device and its twin on the host
+    (pinned where the device is CUDA): a step writes its rows on the host through numpy and goes
+    over in one asynchronous copy, not one small pageable copy per field. The host twin is not
+    written again before that copy has finished (an event)."""
 
     def __init__(self, max_batch: int, max_blocks: int, block_size: int, device):
         self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, block_size
-        empty = padded_inputs(DecodeInputs([], [], [], [], []), max_batch, max_blocks, block_size)
-        self.full = DecodeBatch(**{name: t.to(device) for name, t in vars(empty).items()})
+        device = torch.device(device)
+        layout, size = {}, 0
+        for name, (dtype, per_block) in _FIELDS.items():
+            shape = (max_batch, max_blocks) if per_block else (max_batch,)
+            nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+            layout[name], size = (size, nbytes, dtype, shape), size + -(-nbytes // _ALIGN) * _ALIGN
+        self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.device = torch.zeros(size, dtype=torch.uint8, device=device)
+        views = {name: (self.host[o:o + n].view(dt).view(shape), self.device[o:o + n].view(dt).view(shape))
+                 for name, (o, n, dt, shape) in layout.items()}
+        self.staged = {name: host.numpy() for name, (host, _) in views.items()}  # numpy writes: no per-call torch cost
+        self.full = DecodeBatch(**{name: dev for name, (_, dev) in views.items()})
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.fill(DecodeInputs([], [], [], [], []), max_batch)  # every row padded
         self.max_skips, self.thresholds = self.full.max_skips, self.full.thresholds  # the skip gate's inputs
 
     def view(self, rows: int) -> DecodeBatch:
         return DecodeBatch(**{name: t[:rows] for name, t in vars(self.full).items()})
 
     def fill(self, inputs: DecodeInputs, rows: int) -> DecodeBatch:
-        """Copies a step into the first `rows` rows (padding the rest of them) -> their views."""
-        batch = self.view(rows)
-        for name, host in vars(padded_inputs(inputs, rows, self.max_blocks, self.block_size)).items():
-            getattr(batch, name).copy_(host, non_blocking=True)
-        return batch
+        """Writes a step into the first `rows` rows, the real ones first, then padding: token 0 at
+        position 0, context 0, slot -1, never skipping. -> the views of those rows."""
+        n = len(inputs.token_ids)
+        assert n <= rows <= self.max_batch, f"{n} rows do not fit a bucket of {rows}"
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copy has read the host twin
+        st, bs = self.staged, self.block_size
+        st["token_ids"][:n], st["token_ids"][n:rows] = inputs.token_ids, 0
+        st["positions"][:n], st["positions"][n:rows] = inputs.positions, 0
+        st["context_lens"][:n] = inputs.positions
+        st["context_lens"][:n] += 1
+        st["context_lens"][n:rows] = 0
+        st["max_skips"][:n], st["max_skips"][n:rows] = inputs.max_skips, 0
+        st["thresholds"][:n], st["thresholds"][n:rows] = inputs.thresholds, float("inf")
+        tables = st["block_tables"]
+        tables[:rows] = 0
+        for i, (table, pos) in enumerate(zip(inputs.block_tables, inputs.positions)):
+            assert len(table) <= self.max_blocks, f"row {i} has {len(table)} blocks, the buffers hold {self.max_blocks}"
+            tables[i, :len(table)] = table
+            st["slots"][i] = table[pos // bs] * bs + pos % bs
+        st["slots"][n:rows] = PAD_SLOT
+        self.device.copy_(self.host, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        return self.view(rows)
 
 
 class DecodeGraphs:
@@ -127,8 +152,7 @@ class DecodeGraphs:
         side = torch.cuda.Stream()
         try:
             for rows in sorted(self.buckets, reverse=True):
-                self.buffers.fill(DecodeInputs([], [], [], [], []), rows)  # all rows padded: nothing is written
-                batch = self.buffers.view(rows)
+                batch = self.buffers.fill(DecodeInputs([], [], [], [], []), rows)  # all rows padded: nothing is written
                 side.wait_stream(stream)
                 with torch.cuda.stream(side):  # compiles the kernels and sets up libraries outside the capture
                     for _ in range(warmup_steps):
