@@ -180,8 +180,6 @@ class ModelRunner:
             hiddens.append(self.decode([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs],
                                        [s.block_table for s in seqs], gate))
             producers.extend(seqs)
-            per_row, layer_skipped = gate.skip_counts(len(seqs))
-            skipped = {s.seq_id: n for s, n in zip(seqs, per_row)}
         if not producers:
             return StepResult({}, {}, layer_skipped)
         logits = self.logits(torch.cat(hiddens))
@@ -200,6 +198,9 @@ class ModelRunner:
                 failed[producers[i].seq_id] = token
             else:
                 samples[producers[i].seq_id] = token
+        if batch.decodes:  # after sampling, which waits for the device anyway: no sync between step and lm_head
+            per_row, layer_skipped = gate.skip_counts(len(batch.decodes))
+            skipped = {s.seq_id: n for s, n in zip(batch.decodes, per_row)}
         return StepResult(samples, skipped, layer_skipped, failed)
 
     def _generator(self, seq) -> torch.Generator | None:
