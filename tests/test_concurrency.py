@@ -7,7 +7,7 @@ import time
 import httpx
 import openai
 
-from tests.conftest import ServerProcess, cpu_path_only
+from tests.conftest import ServerProcess, cpu_path_only, cuda_available
 from tests.helpers import stream_chat
 
 MODEL = "smollm2-135m-instruct"
@@ -107,11 +107,14 @@ def test_api_key_and_queue_full(tmp_path):
 
 def test_preempted_streams_finish_with_their_unpressed_text_and_are_counted(client):
     """A server whose KV cache holds 20 blocks serves 6 concurrent streams that outgrow it: requests
-    are preempted and resumed, never failed, and each streams the text a roomy server gives."""
+    are preempted and resumed, never failed, and each streams the text a roomy server gives where
+    that is promised: on the CPU path (bit for bit whatever a row's neighbours, and when its K/V are
+    recomputed), not on CUDA (bf16 GEMMs round a row by the batch's shape: conftest.cpu_path_only)."""
     topics = TOPICS[:6]
     body = {"model": MODEL, "max_tokens": 64, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    exact = not cuda_available()
     roomy = {t: client.chat.completions.create(messages=messages(t), **body).choices[0].message.content
-             for t in topics}
+             for t in topics} if exact else {}
     srv = ServerProcess("--kv-capacity-tokens", "320", "--max-model-len", "256")
     try:
         async def main():
@@ -127,4 +130,6 @@ def test_preempted_streams_finish_with_their_unpressed_text_and_are_counted(clie
     finally:
         srv.stop()
     assert [reason for _, reason in pressed] == ["length"] * len(topics)
-    assert [text for text, _ in pressed] == [roomy[t] for t in topics]
+    assert all(text for text, _ in pressed)
+    if exact:
+        assert [text for text, _ in pressed] == [roomy[t] for t in topics]

@@ -7,6 +7,7 @@ import httpx
 import openai
 
 from engine.config import EngineConfig
+from tests.conftest import cpu_path_only, cuda_available
 
 MODEL = "smollm2-135m-instruct"
 MSG = [{"role": "user", "content": "Name three colors of the rainbow."}]
@@ -82,7 +83,9 @@ def test_chat_logprobs_and_top_logprobs(client):
     assert len(content) == r.usage.completion_tokens
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
-        assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely token
+        # greedy picks a most likely token (on CUDA logits are bf16-rounded: two may tie, and topk
+        # may list the other one first)
+        assert entry.top_logprobs[0].logprob == entry.logprob
 
 
 def test_completions_route_streaming_and_not(client):
@@ -95,6 +98,7 @@ def test_completions_route_streaming_and_not(client):
     assert len(lp.choices[0].logprobs.tokens) == 3 and len(lp.choices[0].logprobs.top_logprobs[0]) == 2
 
 
+@cpu_path_only  # compares batched text with solo text bit for bit
 def test_async_client_concurrent_requests(server):
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
@@ -127,7 +131,9 @@ def test_repeated_prompt_reports_cached_prompt_tokens(server, client):
     block = EngineConfig().block_size  # the server runs with the default block size
     cached = (second.usage.prompt_tokens - 1) // block * block  # whole blocks, the last token left to compute
     assert second.usage.prompt_tokens_details.cached_tokens == cached > 0
-    assert second.choices[0].message.content == first.choices[0].message.content
+    if not cuda_available():  # the CPU path computes the uncached tail to the bit; bf16 GEMMs of its
+        # shape may round otherwise than the first request's longer prefill (conftest.cpu_path_only)
+        assert second.choices[0].message.content == first.choices[0].message.content
     metrics = httpx.get(server.url + "/metrics").text
     hits = [line for line in metrics.splitlines() if line.startswith("skipserve:prefix_cache_hit_tokens_total ")]
     assert hits and float(hits[0].split()[1]) >= cached

@@ -25,7 +25,9 @@ def cpu_flags() -> set[str]:
 @pytest.mark.skipif(platform.machine() != "x86_64" or not {"avx2", "fma", "f16c"} <= cpu_flags(),
                     reason="emulating an AVX2 host needs an x86-64 CPU with AVX2, FMA and F16C")
 def test_bf16_serves_on_an_avx2_host():
-    srv = ServerProcess("--dtype", "bfloat16", "--max-batch", "4", "--max-model-len", "512", env=AVX2_HOST)
+    # the CPU path: with device auto a CUDA host would serve on the GPU, where no native kernel loads
+    srv = ServerProcess("--device", "cpu", "--dtype", "bfloat16", "--max-batch", "4", "--max-model-len", "512",
+                        env=AVX2_HOST)
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
         r = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=12,

@@ -109,6 +109,6 @@ def ffn_except(h: torch.Tensor, ffn: Callable[[torch.Tensor], torch.Tensor], ski
     if not skip:
         return h + ffn(h)
     skipping = set(skip)
-    run = torch.tensor([r for r in range(h.shape[0]) if r not in skipping])
+    run = torch.tensor([r for r in range(h.shape[0]) if r not in skipping], device=h.device)
     rows = h.index_select(0, run)
     return h.index_copy(0, run, rows + ffn(rows))

@@ -12,7 +12,8 @@ A row may so skip a layer its own cosine did not ask for (or keep one it did): t
 quality trade-off, measured with bench/quality.py against the per-row rule at equal realized
 skip. With one budgeted row the rule is exactly the per-row rule. The CUDA backend runs the same
 rule on the device (engine/backends/cuda/device_gate.py with a quorum); this gate decides on the
-host, which costs nothing on the CPU, and computes only the rows that run.
+host, which costs nothing on the CPU, and computes only the rows that run (on CUDA it serves the
+per-op path, e.g. Gemma 3, at a host sync per layer).
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class BatchAlignedGate(RuleGate):
     def _record_cos(self, h, out):
         if self.fired:
             return  # the batch has fired (or cannot): no cosine is needed any more
-        idx = torch.tensor(self.budgeted)
+        idx = torch.tensor(self.budgeted, device=h.device)
         self.prev_cos = F.cosine_similarity(h.index_select(0, idx).float(), out.index_select(0, idx).float(),
                                             dim=-1).tolist()
 
