@@ -5,11 +5,18 @@ import torch
 import triton
 
 
-def upcast_dots(tensor: torch.Tensor) -> bool:
-    """Whether `tl.dot` operands must be cast to fp32 first. CPU tensors only run under
-    TRITON_INTERPRET=1, whose numpy `dot` multiplies bf16 as raw uint16 bits (triton 3.9); on a
-    GPU bf16 operands go to the tensor cores as they are and accumulate in fp32."""
+def interpreted(tensor: torch.Tensor) -> bool:
+    """Whether kernels on `tensor` run under Triton's interpreter (TRITON_INTERPRET=1): CPU
+    tensors only do. Wrappers that configure a kernel differently there ask this, so that
+    scripts/triton_compile_check.py can compile their GPU configuration on CPU tensors."""
     return tensor.device.type == "cpu"
+
+
+def upcast_dots(tensor: torch.Tensor) -> bool:
+    """Whether `tl.dot` operands must be cast to fp32 first: under the interpreter, whose numpy
+    `dot` multiplies bf16 as raw uint16 bits (triton 3.9); on a GPU bf16 operands go to the
+    tensor cores as they are and accumulate in fp32."""
+    return interpreted(tensor)
 
 
 def dot_precision(tensor: torch.Tensor) -> str:

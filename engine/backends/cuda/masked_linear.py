@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.backends.cuda import kernel_support
 from engine.backends.cuda.kernel_support import dot_precision, dot_size, upcast_dots
 
 
@@ -56,14 +57,16 @@ def _masked_linear_kernel(x_ptr, w_ptr, run_ptr, residual_ptr, out_ptr, rows, n_
     tl.store(out_ptrs, tl.where(run[:, None], acc, skipped).to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def tiles(rows: int, interpreted: bool = False) -> tuple[int, int, int]:
+def tiles(rows: int, element_size: int = 2, interpreted: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for `rows` rows: all rows in one tile up to 64 (decode batches
-    read the weight once), narrow output tiles so a GEMV spreads over many programs. Triton's
-    interpreter (CPU tensors) pays Python per program and per op, not per element: wide tiles."""
+    read the weight once), narrow output tiles so a GEMV spreads over many programs; fp32 operands
+    take half the depth, so that 64 rows' pipelined tiles stay within 99 KB of shared memory
+    (sm_86/89; scripts/triton_compile_check.py). Triton's interpreter (CPU tensors) pays Python
+    per program and per op, not per element: wide tiles."""
     block_m = min(64, dot_size(rows))
     if interpreted:
         return block_m, 256, 256
-    return block_m, 32 if block_m <= 16 else 64, 128
+    return block_m, 32 if block_m <= 16 else 64, 128 if element_size <= 2 else 64
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, run: torch.Tensor | None = None,
@@ -75,7 +78,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, run: torch.Tensor | Non
     n_out = weight.shape[0]
     assert weight.shape[1] == k_in and weight.is_contiguous() and x.stride(-1) == 1
     out = x.new_empty(rows, n_out) if out is None else out
-    block_m, block_n, block_k = tiles(rows, interpreted=x.device.type == "cpu")
+    block_m, block_n, block_k = tiles(rows, weight.element_size(), kernel_support.interpreted(x))
     _masked_linear_kernel[(triton.cdiv(n_out, block_n), triton.cdiv(rows, block_m))](
         x, weight, x if run is None else run, out if residual is None else residual, out,
         rows, n_out, k_in, x.stride(0), weight.stride(0),

@@ -1,0 +1,169 @@
+"""Compile the CUDA decode step's Triton kernels for a GPU on a machine without one.
+
+    python scripts/triton_compile_check.py                 # SmolLM2 and a 7B Llama shape, sm_90 and sm_80
+    python scripts/triton_compile_check.py --arch 90 --rows 1,64
+
+Triton's interpreter (the CPU tests) runs a kernel's Python, not its compiler: a kernel may pass
+every interpreted test and still fail to compile for a GPU, or ask for more shared memory than
+the GPU has and fail at launch. This runs the real decode step (engine/backends/cuda/decode_step.py)
+on CPU tensors of a model's shapes (two layers, zero weights) with launches replaced by
+compilations for the target (Triton's NVIDIA backend and its bundled ptxas, as the pip wheel ships
+them), as the step would on that GPU: tiles and dot operands as for CUDA tensors. It reports each
+kernel's specialisations with their shared memory against the architecture's per-block limit.
+Outputs of the uncompiled launches are whatever memory held: nothing here checks values (the
+interpreted tests do).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# per-block shared memory a kernel may opt into (CUDA programming guide, compute capabilities)
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         head_dim=64, vocab_size=49152),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                     head_dim=128, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=128, vocab_size=1024),  # the vocabulary only sizes the embedding: kept small
+}
+
+
+@contextlib.contextmanager
+def compiling_for(arch: int):
+    """Within: every Triton launch compiles for sm_`arch` (warp size 32) and launches nothing;
+    yields the list of (kernel name, compiled kernel) it fills. Kernel wrappers pick their
+    CUDA configuration (engine/backends/cuda/kernel_support.interpreted answers False)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton  # noqa: F401
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from engine.backends.cuda import kernel_support
+
+    class CompileOnlyDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+    compiled, run, interpreted = [], JITFunction.run, kernel_support.interpreted
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    driver.set_active(CompileOnlyDriver())
+    JITFunction.run, kernel_support.interpreted = compile_only, lambda tensor: False
+    try:
+        yield compiled
+    finally:
+        JITFunction.run, kernel_support.interpreted = run, interpreted
+        with contextlib.suppress(RuntimeError):  # no GPU driver to go back to
+            driver.reset_active()
+
+
+def two_layer_model(shape: dict, max_len: int, dtype):
+    """A Llama of `shape` with two layers of zero weights and activations in `dtype`, on the CPU."""
+    import torch
+
+    from engine.backends.torch_backend import TorchBackend
+    from engine.config import ModelConfig
+    from engine.models import build_model
+
+    config = dict(model_type="llama", num_hidden_layers=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, eos_token_id=2, **shape)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(config))
+        cfg = ModelConfig.from_hf_dir(folder)
+    h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    state = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,), "lm_head.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        state |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                  p + "self_attn.q_proj.weight": (cfg.num_heads * d, h), p + "self_attn.k_proj.weight": (cfg.num_kv_heads * d, h),
+                  p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h), p + "self_attn.o_proj.weight": (h, cfg.num_heads * d),
+                  p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                  p + "mlp.down_proj.weight": (h, inter)}
+    state = {name: torch.zeros(size, dtype=dtype) for name, size in state.items()}
+    # activations in the weights' dtype, as on a GPU (the CPU keeps them in fp32)
+    with mock.patch("engine.models.llama.activation_dtype", lambda device, dtype: dtype):
+        return build_model(cfg, state, "cpu", dtype, max_len, TorchBackend())
+
+
+def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "bfloat16", context: int = 4096,
+                        block_size: int = 16) -> list[dict]:
+    """The kernels one decode step of `shape` in `dtype` compiles to on sm_`arch`, for each batch in
+    `rows` at `context` tokens (long enough for the attention's splits), and the attention with a
+    sliding window (Gemma 3's local layers) -> one dict per specialisation."""
+    import torch
+
+    from engine.backends.cuda.decode_attention import paged_decode_attention
+    from engine.backends.cuda.decode_step import LlamaDecodeStep
+    from engine.backends.cuda.graphs import DecodeInputs
+    from engine.config import SkipConfig
+    from engine.kv.cache import KVCache
+
+    dtype = getattr(torch, dtype)
+    model = two_layer_model(shape, context, dtype)
+    cfg, blocks_per_row = model.cfg, -(-context // block_size)
+    kv = KVCache(cfg.num_layers, blocks_per_row, cfg.num_kv_heads, block_size, cfg.head_dim, "cpu", dtype)
+    # cold layers 0 and 0: both layers run the gate, and a rule that may skip them
+    step = LlamaDecodeStep(model, kv, max(rows), blocks_per_row, SkipConfig(cold_start=0, cold_end=0), None)
+    table, seen = list(range(blocks_per_row)), {}
+    with compiling_for(arch) as compiled, torch.inference_mode():
+        for n in rows:
+            inputs = DecodeInputs([1] * n, [context - 1] * n, [table] * n, [1] * n, [0.5] * n)
+            batch = step.buffers.fill(inputs, n)
+            step.forward(batch)
+            q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype)
+            paged_decode_attention(q, kv.k[0], kv.v[0], batch.block_tables, batch.context_lens, 0.1, window=512)
+    limit = SHARED_LIMIT.get(arch)
+    for name, kernel in compiled:
+        key = (name, kernel.hash)
+        if key not in seen:
+            meta = kernel.metadata
+            seen[key] = {"kernel": name, "arch": arch, "dtype": str(dtype).removeprefix("torch."), "shared": meta.shared, "num_warps": meta.num_warps,
+                         "num_stages": meta.num_stages, "limit": limit, "fits": limit is None or meta.shared <= limit}
+    return list(seen.values())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="smollm2-135m,llama-7b,llama3-8b", help=f"of {', '.join(SHAPES)}")
+    p.add_argument("--arch", default="90,80,89", help="compute capabilities: 90 (H100/H200), 80 (A100), 89 (L4, RTX 4090)")
+    p.add_argument("--rows", default="1,16,64", help="decode batch sizes")
+    p.add_argument("--dtype", default="bfloat16,float32", help="weights and activations (CUDA serves bf16 by default)")
+    args = p.parse_args()
+    failed = 0
+    print("| shape | dtype | kernel | sm | shared bytes | limit | warps | stages |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|")
+    for shape in args.shape.split(","):
+        for dtype in args.dtype.split(","):
+            for arch in map(int, args.arch.split(",")):
+                for r in compile_decode_step(SHAPES[shape], arch, [int(x) for x in args.rows.split(",")], dtype):
+                    failed += not r["fits"]
+                    print(f"| {shape} | {dtype} | {r['kernel']} | {arch} | {r['shared']} | {r['limit']} | "
+                          f"{r['num_warps']} | {r['num_stages']} |{'' if r['fits'] else ' **over the limit**'}",
+                          flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
