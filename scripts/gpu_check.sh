@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The checks a lent GPU is for, in one call, cheapest and most telling first, each under its own
+# time limit (the lease is short): the Triton kernels and graph buffers against torch, the engine
+# on CUDA against HF and graphs against eager, then bench/gpu.py on the embedded model and on a
+# 7B Llama shape (random weights), dense and with a forced skip. Run it from the repository root
+# on the GPU machine, after ../shared/gpu/README.md's staging:
+#     bash /root/stash/on-device.sh bash scripts/gpu_check.sh
+# Each step's whole log goes to $OUT (default /tmp/gpu_check); the last lines of each are printed.
+# A failed step does not stop the later ones. STEPS="kernels bench-7b" runs a subset.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+PY=${PY:-python3}
+STEPS=${STEPS:-"kernels cuda bench-smollm2 bench-7b"}
+mkdir -p "$OUT"
+
+step() {  # name, seconds, command...
+    local name=$1 limit=$2 rc
+    shift 2
+    case " $STEPS " in *" $name "*) ;; *) return ;; esac
+    echo "== $name (at most ${limit} s): $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    tail -n "${TAIL:-12}" "$OUT/$name.log"
+    echo "== $name: exit $rc$([ $rc = 124 ] && echo ' (time limit)')"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+step kernels 150 $PY -m pytest -q -x tests/test_triton_kernels.py tests/test_device_skip_gate.py tests/test_cuda_graphs.py
+step cuda 240 $PY -m pytest -q tests/test_cuda.py
+step bench-smollm2 150 $PY bench/gpu.py --model smollm2-135m-instruct --batches 1,16 --hf-batches 1,16 --no-compile \
+    --rounds 1 --out "$OUT/smollm2"
+step bench-7b 300 $PY bench/gpu.py --batches 1,16 --hf-batches 1 --skip-batches 1,16 --no-compile --rounds 1 \
+    --out "$OUT/7b"
