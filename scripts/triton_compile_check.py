@@ -9,7 +9,8 @@ the GPU has and fail at launch. This runs the real decode step (engine/backends/
 on CPU tensors of a model's shapes (two layers, zero weights) with launches replaced by
 compilations for the target (Triton's NVIDIA backend and its bundled ptxas, as the pip wheel ships
 them), as the step would on that GPU: tiles and dot operands as for CUDA tensors. It reports each
-kernel's specialisations with their shared memory against the architecture's per-block limit.
+kernel's specialisations with their shared memory against the architecture's per-block limit, and
+registers and spilled (local) bytes per thread.
 Outputs of the uncompiled launches are whatever memory held: nothing here checks values (the
 interpreted tests do).
 """
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -77,6 +79,22 @@ def compiling_for(arch: int):
         JITFunction.run, kernel_support.interpreted = run, interpreted
         with contextlib.suppress(RuntimeError):  # no GPU driver to go back to
             driver.reset_active()
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers and local memory (spills) per thread from `cuobjdump --dump-resource-usage`,
+    which triton's wheel ships beside ptxas; {} where it is missing."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = dict(item.split(":", 1) for line in report.splitlines() if "REG:" in line for item in line.split())
+    return {"registers": int(fields["REG"]), "local": int(fields["LOCAL"])} if fields else {}
 
 
 def two_layer_model(shape: dict, max_len: int, dtype):
@@ -140,7 +158,8 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
         if key not in seen:
             meta = kernel.metadata
             seen[key] = {"kernel": name, "arch": arch, "dtype": str(dtype).removeprefix("torch."), "shared": meta.shared, "num_warps": meta.num_warps,
-                         "num_stages": meta.num_stages, "limit": limit, "fits": limit is None or meta.shared <= limit}
+                         "num_stages": meta.num_stages, "limit": limit, "fits": limit is None or meta.shared <= limit,
+                         **resources(kernel.asm["cubin"])}
     return list(seen.values())
 
 
@@ -152,16 +171,16 @@ def main():
     p.add_argument("--dtype", default="bfloat16,float32", help="weights and activations (CUDA serves bf16 by default)")
     args = p.parse_args()
     failed = 0
-    print("| shape | dtype | kernel | sm | shared bytes | limit | warps | stages |\n"
-          "|---|---|---|---:|---:|---:|---:|---:|")
+    print("| shape | dtype | kernel | sm | shared bytes | limit | warps | stages | registers | spilled bytes |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for shape in args.shape.split(","):
         for dtype in args.dtype.split(","):
             for arch in map(int, args.arch.split(",")):
                 for r in compile_decode_step(SHAPES[shape], arch, [int(x) for x in args.rows.split(",")], dtype):
                     failed += not r["fits"]
                     print(f"| {shape} | {dtype} | {r['kernel']} | {arch} | {r['shared']} | {r['limit']} | "
-                          f"{r['num_warps']} | {r['num_stages']} |{'' if r['fits'] else ' **over the limit**'}",
-                          flush=True)
+                          f"{r['num_warps']} | {r['num_stages']} | {r.get('registers', '-')} | {r.get('local', '-')} |"
+                          f"{'' if r['fits'] else ' **over the limit**'}", flush=True)
     sys.exit(1 if failed else 0)
 
 
