@@ -3,7 +3,8 @@ long-lived objects out of the collector's way.
 
 Loading a quantized model builds temporaries (repacked blocks, tiles) several times the size of
 the weights; glibc keeps freed memory for reuse, so without this a served process would carry
-~100 MB of free heap for its whole life. No-op where the C library is not glibc.
+~100 MB of free heap for its whole life (`release_free_memory`: a no-op where the C library is
+not glibc).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import re
 import stat
 
 _MADV_DONTNEED = 4
+_OWN_PAGES = ("Anonymous", "Swap", "Private_Dirty")  # smaps fields of pages only this mapping holds
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+ *(.*)$")
 
 
@@ -30,15 +32,16 @@ def release_free_memory() -> None:
 
 
 def drop_unwritten_file_pages() -> int:
-    """Unmap the resident pages of read-only file mappings the process never wrote (libraries'
-    code and constants, ~80 MB of torch's alone after import, most of it run once by their
-    initialisers) -> bytes dropped. The pages stay in the page cache and come back on the next
-    touch, exactly as after the kernel's own reclaim of clean file pages: nothing is lost.
+    """Drop from the page tables the resident pages of read-only file mappings the process never
+    wrote (libraries' code and constants, ~80 MB of torch's alone after import, most of it run
+    once by their initialisers) -> bytes dropped. The mappings stay; their pages stay in the page
+    cache and come back on the next touch, exactly as after the kernel's own reclaim of clean file
+    pages: nothing is lost. Pages another thread touches meanwhile just fault back in.
 
-    Only private mappings of regular files with no write permission and no anonymous (copied on
-    write) pages qualify: a relocated segment made read-only afterwards holds such copies and is
-    left alone, as are devices (a GPU driver's mappings) and anything writable. Linux only; 0
-    elsewhere."""
+    Only private mappings of regular files with no write permission and no page of their own
+    (copied on write: none resident, swapped or dirty) qualify: a relocated segment made read-only
+    afterwards holds such copies and is left alone, as are devices (a GPU driver's mappings) and
+    anything writable. Linux only (/proc/self/smaps); 0 elsewhere."""
     try:
         smaps = open("/proc/self/smaps")
         madvise = ctypes.CDLL(None, use_errno=True).madvise
@@ -53,15 +56,18 @@ def drop_unwritten_file_pages() -> int:
                 start, end, perms, path = int(m[1], 16), int(m[2], 16), m[3], m[4]
                 current = None
                 if perms[1] == "-" and perms[3] == "p" and path.startswith("/") and _regular_file(path):
-                    current = {"start": start, "end": end, "rss": 0, "anon": 0}
+                    current = {"start": start, "end": end, "Rss": 0, "owned": 0}
                     candidates.append(current)
-            elif current is not None and line.startswith(("Rss:", "Anonymous:")):
-                key, kb = line.split()[:2]
-                current["rss" if key == "Rss:" else "anon"] = int(kb) * 1024
+            elif current is not None:
+                key, _, rest = line.partition(":")
+                if key == "Rss":
+                    current["Rss"] = int(rest.split()[0]) * 1024
+                elif key in _OWN_PAGES:
+                    current["owned"] += int(rest.split()[0])
     dropped = 0
     for c in candidates:
-        if c["rss"] and not c["anon"] and madvise(c["start"], c["end"] - c["start"], _MADV_DONTNEED) == 0:
-            dropped += c["rss"]
+        if c["Rss"] and not c["owned"] and madvise(c["start"], c["end"] - c["start"], _MADV_DONTNEED) == 0:
+            dropped += c["Rss"]
     return dropped
 
 

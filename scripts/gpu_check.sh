@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The checks a lent GPU is for, in one call, cheapest and most telling first, each under its own
-# time limit (the lease is short): the Triton kernels and graph buffers against torch, the engine
-# on CUDA against HF and graphs against eager, then bench/gpu.py on the embedded model and on a
-# 7B Llama shape (random weights), dense and with a forced skip. Run it from the repository root
-# on the GPU machine, after ../shared/gpu/README.md's staging:
-#     bash /root/stash/on-device.sh bash scripts/gpu_check.sh
+# What a CUDA machine with little time on it should check, in one call, cheapest and most telling
+# first, each step under its own time limit: the Triton kernels and graph buffers against torch,
+# the engine on CUDA against HF and graphs against eager, then bench/gpu.py on the embedded model
+# and on a 7B Llama shape (random weights), dense and with a forced skip. Run it from the
+# repository root with the server's dependencies installed: bash scripts/gpu_check.sh
 # Each step's whole log goes to $OUT (default /tmp/gpu_check); the last lines of each are printed.
 # A failed step does not stop the later ones. STEPS="kernels bench-7b" runs a subset.
 set -u

@@ -1,6 +1,6 @@
 """Compile the CUDA decode step's Triton kernels for a GPU on a machine without one.
 
-    python scripts/triton_compile_check.py                 # SmolLM2 and a 7B Llama shape, sm_90 and sm_80
+    python scripts/triton_compile_check.py                 # SmolLM2, Llama-2-7B, Llama-3-8B shapes; sm_90, 80, 89; bf16, fp32
     python scripts/triton_compile_check.py --arch 90 --rows 1,64
 
 Triton's interpreter (the CPU tests) runs a kernel's Python, not its compiler: a kernel may pass
@@ -28,6 +28,8 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# before anything defines a kernel: @triton.jit reads it then, and interpreted kernels compile nothing
+os.environ.pop("TRITON_INTERPRET", None)
 
 # per-block shared memory a kernel may opt into (CUDA programming guide, compute capabilities)
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -46,7 +48,7 @@ def compiling_for(arch: int):
     """Within: every Triton launch compiles for sm_`arch` (warp size 32) and launches nothing;
     yields the list of (kernel name, compiled kernel) it fills. Kernel wrappers pick their
     CUDA configuration (engine/backends/cuda/kernel_support.interpreted answers False)."""
-    os.environ.pop("TRITON_INTERPRET", None)
+    assert "TRITON_INTERPRET" not in os.environ, "kernels defined under the interpreter do not compile"
     import triton  # noqa: F401
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -152,6 +154,8 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
             step.forward(batch)
             q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype)
             paged_decode_attention(q, kv.k[0], kv.v[0], batch.block_tables, batch.context_lens, 0.1, window=512)
+    if not compiled:
+        raise RuntimeError("no kernel compiled: were they defined under TRITON_INTERPRET=1?")
     limit = SHARED_LIMIT.get(arch)
     for name, kernel in compiled:
         key = (name, kernel.hash)

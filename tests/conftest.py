@@ -42,9 +42,9 @@ class ServerProcess:
         self.log = open(self.log_path, "w")
         # On CUDA a server's KV cache takes what 90% of the card leaves, counting other processes'
         # memory as in use: beside the session's server every other one would get no blocks. Each
-        # test server on the GPU gets a fixed 1 GiB instead (a test's own sizing flags come later).
-        on_gpu = cuda_available() and "--device" not in args
-        sizing = ["--kv-cache-memory", "1"] if on_gpu else []
+        # test server on the GPU gets a fixed 1 GiB instead, unless the test sizes the cache itself.
+        own_sizing = {"--device", "--kv-capacity-tokens", "--kv-cache-memory", "--gpu-memory-utilization"} & set(args)
+        sizing = ["--kv-cache-memory", "1"] if cuda_available() and not own_sizing else []
         cmd = [sys.executable, "-m", "server.cli", "--port", str(self.port), "--log-level", "info", *sizing, *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
                                      stdout=self.log, stderr=subprocess.STDOUT)

@@ -7,7 +7,7 @@ import httpx
 import openai
 
 from engine.config import EngineConfig
-from tests.conftest import cpu_path_only, cuda_available
+from tests.conftest import cuda_available
 
 MODEL = "smollm2-135m-instruct"
 MSG = [{"role": "user", "content": "Name three colors of the rainbow."}]
@@ -98,7 +98,6 @@ def test_completions_route_streaming_and_not(client):
     assert len(lp.choices[0].logprobs.tokens) == 3 and len(lp.choices[0].logprobs.top_logprobs[0]) == 2
 
 
-@cpu_path_only  # compares batched text with solo text bit for bit
 def test_async_client_concurrent_requests(server):
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
@@ -111,8 +110,10 @@ def test_async_client_concurrent_requests(server):
         return rs, text
 
     rs, text = asyncio.run(main())
-    assert len({r.choices[0].message.content for r in rs}) == 1
-    assert text == rs[0].choices[0].message.content
+    assert all(0 < r.usage.completion_tokens <= 10 and r.choices[0].message.content for r in rs) and text
+    if not cuda_available():  # batched vs solo text bit for bit: what the CPU path promises (conftest.cpu_path_only)
+        assert len({r.choices[0].message.content for r in rs}) == 1
+        assert text == rs[0].choices[0].message.content
 
 
 def test_models_health_version_tokenize(server):

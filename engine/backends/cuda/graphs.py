@@ -67,10 +67,11 @@ class DecodeBatch:
     thresholds: torch.Tensor  # [rows] fp32
 
 
-_FIELDS = {  # DecodeBatch's fields: dtype, and whether a row holds max_blocks of them
+_FIELDS = {  # DecodeBatch's fields: dtype, and whether a row holds max_blocks of them (last: a step
+    # copies the buffer up to its own rows' tables, not every row's)
     "token_ids": (torch.int64, False), "positions": (torch.int64, False), "slots": (torch.int64, False),
-    "block_tables": (torch.int32, True), "context_lens": (torch.int32, False),
-    "max_skips": (torch.int32, False), "thresholds": (torch.float32, False),
+    "context_lens": (torch.int32, False), "max_skips": (torch.int32, False), "thresholds": (torch.float32, False),
+    "block_tables": (torch.int32, True),
 }
 _ALIGN = 256  # bytes: each field starts aligned in the packed buffers
 
@@ -81,8 +82,9 @@ class StaticDecodeBuffers:
 
     The fields are typed views of one packed byte buffer on the device and its twin on the host
     (pinned where the device is CUDA): a step writes its rows on the host through numpy and goes
-    over in one asynchronous copy, not one small pageable copy per field. The host twin is not
-    written again before that copy has finished (an event)."""
+    over in one asynchronous copy (up to the end of its rows' block tables), not one small
+    pageable copy per field. The host twin is not written again before that copy has finished
+    (an event on the device's stream)."""
 
     def __init__(self, max_batch: int, max_blocks: int, block_size: int, device):
         self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, block_size
@@ -92,10 +94,11 @@ class StaticDecodeBuffers:
             shape = (max_batch, max_blocks) if per_block else (max_batch,)
             nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
             layout[name], size = (size, nbytes, dtype, shape), size + -(-nbytes // _ALIGN) * _ALIGN
-        self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
-        self.device = torch.zeros(size, dtype=torch.uint8, device=device)
-        views = {name: (self.host[o:o + n].view(dt).view(shape), self.device[o:o + n].view(dt).view(shape))
+        self.host_bytes = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.device_bytes = torch.zeros(size, dtype=torch.uint8, device=device)
+        views = {name: (self.host_bytes[o:o + n].view(dt).view(shape), self.device_bytes[o:o + n].view(dt).view(shape))
                  for name, (o, n, dt, shape) in layout.items()}
+        self.tables_offset = layout["block_tables"][0]
         self.staged = {name: host.numpy() for name, (host, _) in views.items()}  # numpy writes: no per-call torch cost
         self.full = DecodeBatch(**{name: dev for name, (_, dev) in views.items()})
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -127,9 +130,10 @@ class StaticDecodeBuffers:
             tables[i, :len(table)] = table
             st["slots"][i] = table[pos // bs] * bs + pos % bs
         st["slots"][n:rows] = PAD_SLOT
-        self.device.copy_(self.host, non_blocking=True)
+        end = self.tables_offset + rows * self.max_blocks * tables.itemsize
+        self.device_bytes[:end].copy_(self.host_bytes[:end], non_blocking=True)
         if self.copied is not None:
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(self.device_bytes.device))
         return self.view(rows)
 
 
