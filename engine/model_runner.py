@@ -19,7 +19,7 @@ import torch
 
 from engine import native
 from engine.backends import select_backend
-from engine.config import EngineConfig, ModelConfig
+from engine.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
 from engine.gguf_weights import load_weights, quantized_gguf
 from engine.heap import drop_unwritten_file_pages, freeze_loaded_objects, release_free_memory
 from engine.kv.cache import KVCache
@@ -61,6 +61,8 @@ def resolve_kv_dtype(kv_cache_dtype: str, act_dtype: torch.dtype, device: torch.
 
 
 def check_kv_dtype(kv_cache_dtype: str, device: torch.device) -> None:
+    if kv_cache_dtype not in KV_CACHE_DTYPES:  # a config file's value (the CLI offers only these)
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: one of {', '.join(KV_CACHE_DTYPES)}")
     if kv_cache_dtype != "auto" and device.type != "cpu":
         raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} is a CPU option; on {device.type} the cache holds "
                          "the activations' dtype (auto)")
@@ -125,8 +127,9 @@ class ModelRunner:
                  sum(per_token.values()) / 1e6, per_token["ffn"] / 1e6, per_token["attention"] / 1e6,
                  per_token["lm_head"] / 1e6,
                  ", ".join(f"{fmt} -> {path}" for fmt, path in self.model.weight_formats().items()))
+        dropped = drop_unwritten_file_pages()
         log.info("start-up code out of the resident set: %.0f MiB of read-only library pages (reloaded when touched)",
-                 drop_unwritten_file_pages() / 2**20)
+                 dropped / 2**20)
 
     def _device_memory(self) -> DeviceMemory | None:
         if self.device.type != "cuda":

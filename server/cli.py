@@ -9,7 +9,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from engine.config import EngineConfig
+from engine.config import KV_CACHE_DTYPES, EngineConfig
 
 DEFAULT_PRESET = "smollm2-135m-instruct"
 
@@ -57,10 +57,11 @@ def serve_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-memory", type=float, default=None,
                    help="KV cache size in GiB (default: CPU: max-num-seqs x max-model-len tokens; CUDA: what "
                         "--gpu-memory-utilization leaves beside the weights and workspace)")
-    s.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16"], default=None,
+    s.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None,
                    help="KV cache element type: auto = on CPU float16 for quantized weights (half the "
                         "memory and attention reads of float32, as llama.cpp) and float32 for dense ones; "
-                        f"on CUDA bfloat16. float16 is a CPU option {shown(preset.kv_cache_dtype)}")
+                        f"on CUDA the activations' dtype (bfloat16 by default), the only choice there "
+                        f"{shown(preset.kv_cache_dtype)}")
     s.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="CUDA: share of the GPU's memory for weights, workspace and KV cache "
                         f"{shown(preset.gpu_memory_utilization)}")

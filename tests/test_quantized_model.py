@@ -92,6 +92,8 @@ def test_kv_cache_dtype_follows_the_weights(quantized, engine):
     assert resolve_kv_dtype("auto", torch.bfloat16, cuda, quantized=False) == torch.bfloat16
     with pytest.raises(ValueError, match="CPU option"):
         check_kv_dtype("float16", cuda)
+    with pytest.raises(ValueError, match="one of auto, float32, float16"):
+        check_kv_dtype("bf16", cpu)  # a config file's typo: named, not a KeyError
 
 
 def test_greedy_text_equals_fp32_alone_and_in_a_staggered_batch(quantized, engine, chat_prompts):

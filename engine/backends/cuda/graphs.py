@@ -21,6 +21,7 @@ Its returned tensor is overwritten by the next step: consume it (lm_head, sampli
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -92,7 +93,7 @@ class StaticDecodeBuffers:
         layout, size = {}, 0
         for name, (dtype, per_block) in _FIELDS.items():
             shape = (max_batch, max_blocks) if per_block else (max_batch,)
-            nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype.itemsize
             layout[name], size = (size, nbytes, dtype, shape), size + -(-nbytes // _ALIGN) * _ALIGN
         self.host_bytes = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self.device_bytes = torch.zeros(size, dtype=torch.uint8, device=device)
