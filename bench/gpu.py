@@ -191,7 +191,7 @@ def run(args, hf_dir, batches):
     engine = LLMEngine(config)
     step = engine.runner.decode_step
     decode_path = ("torch per-op path" if step is None else
-                   f"Triton decode step, CUDA graphs for batches {sorted(step.graphs.graphs)}" if step.graphs.graphs
+                   f"Triton decode step, CUDA graphs for batches {step.graphs.captured('dense')}" if step.graphs.graphs
                    else "Triton decode step, eager")
     cfg = engine.model_config
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Write a long story about a dragon."}])

@@ -151,7 +151,8 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
         for n in rows:
             inputs = DecodeInputs([1] * n, [context - 1] * n, [table] * n, [1] * n, [0.5] * n)
             batch = step.buffers.fill(inputs, n)
-            step.forward(batch)
+            for gated in (False, True):
+                step.forward(batch, gated)
             q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype)
             paged_decode_attention(q, kv.k[0], kv.v[0], batch.block_tables, batch.context_lens, 0.1, window=512)
     if not compiled:

@@ -79,10 +79,10 @@ def test_cuda_skipping_reports_exact_usage(cuda_engine):
 
 
 def test_decode_runs_the_triton_step_in_a_cuda_graph_per_bucket(cuda_engine, eager_engine):
-    """Captured at start for every bucket up to the max batch: a capture fails on any host sync
-    inside the step, so captured graphs also mean the step never waits for the host."""
-    step = cuda_engine.runner.decode_step
-    assert step is not None and sorted(step.graphs.graphs) == batch_buckets(cuda_engine.config.max_num_seqs)
+    """Captured at start for every bucket up to the max batch, dense and gated: a capture fails on
+    any host sync inside the step, so captured graphs also mean the step never waits for the host."""
+    step, buckets = cuda_engine.runner.decode_step, batch_buckets(cuda_engine.config.max_num_seqs)
+    assert step is not None and step.graphs.captured("dense") == step.graphs.captured("gated") == buckets
     assert eager_engine.runner.decode_step is not None and not eager_engine.runner.decode_step.graphs.graphs
 
 

@@ -64,8 +64,8 @@ def test_without_captured_graphs_a_step_runs_eagerly_on_exactly_its_rows():
         seen.append(batch.token_ids.shape[0])
         return batch.token_ids * 2
 
-    graphs = DecodeGraphs(forward, buffers)
-    assert graphs.run(step(3)).tolist() == [20, 22, 24]
+    graphs = DecodeGraphs({"step": forward}, buffers)
+    assert graphs.run(step(3), "step").tolist() == [20, 22, 24]
     assert seen == [3]
 
 
@@ -123,10 +123,10 @@ def test_replayed_graph_equals_the_eager_step_and_padded_rows_write_nothing():
     eager_counts = gate.skip_counts(3)
     eager_caches = [c.clone() for c in caches]
     assert not caches[0][0].any()  # block 0 belongs to no row of this step
-    graphs = DecodeGraphs(forward, buffers, buckets=[1, 4, 8])
+    graphs = DecodeGraphs({"step": forward}, buffers, buckets=[1, 4, 8])
 
-    assert graphs.capture()
-    replayed = graphs.run(inputs)  # bucket 4: one padded row
+    assert graphs.capture() and graphs.captured("step") == [1, 4, 8]
+    replayed = graphs.run(inputs, "step")  # bucket 4: one padded row
 
     torch.testing.assert_close(replayed, eager, atol=1e-2, rtol=1e-2)
     assert gate.skip_counts(3) == eager_counts and sum(eager_counts[0]) > 0
@@ -144,8 +144,8 @@ def test_a_failed_capture_leaves_every_step_eager(caplog):
             raise RuntimeError("this step cannot be captured")
         return batch.token_ids * 2
 
-    graphs = DecodeGraphs(forward, buffers)
+    graphs = DecodeGraphs({"step": forward}, buffers)
     with caplog.at_level(logging.WARNING):
         assert not graphs.capture()
-    assert "capture failed" in caplog.text
-    assert graphs.run(step(2)).tolist() == [20, 22]
+    assert "capture failed" in caplog.text and graphs.captured("step") == []
+    assert graphs.run(step(2), "step").tolist() == [20, 22]

@@ -6,13 +6,17 @@ synchronizing with the host:
 
     rmsnorm -> q|k|v projection (cuBLAS) -> rotary on q and k in place -> write the new K/V
     (padded rows write nothing) -> paged decode attention through the block tables -> o_proj
-    (cuBLAS) -> residual add fused with the FFN's rmsnorm -> the device skip gate, whose masked
-    FFN kernels read no weight for a layer that no row runs.
+    (cuBLAS) -> residual add fused with the FFN's rmsnorm -> the FFN
 
 The embedding lookup, the rotary rows and the final norm are in the step as well, so a replay is
-the whole decode forward. The skip rule is the step's gate's (a `RuleGate`: each row's RowSkip, and
-the quorum of the policy this step was built for); a dense gate is max_skips 0 for every row. The
-exact skips are read once, after the step, when the runner asks the gate for its counts.
+the whole decode forward. The FFN comes in two variants, each with its own graphs:
+- "gated", for steps where some row may skip: the device skip gate, whose masked FFN kernels
+  read no weight for a layer that no row runs. The skip rule is the step's gate's (a `RuleGate`:
+  each row's RowSkip, and the quorum of the policy this step was built for). The exact skips are
+  read once, after the step, when the runner asks the gate for its counts.
+- "dense", for steps where no row may (a `DenseGate`; what every request without a skip budget
+  gets): the FFNs on cuBLAS, the down projection adding into the residual (beta = 1), and none of
+  the gate's kernels.
 
 Prefill, and decode steps this one does not take (more rows than the buffers hold, a gate that
 decides in Python, e.g. calibration's recorder), run the model's torch path.
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from engine.backends.cuda.decode_attention import paged_decode_attention
 from engine.backends.cuda.device_gate import DeviceSkipGate
+from engine.backends.cuda.gated_activation import silu_mul
 from engine.backends.cuda.graphs import DecodeBatch, DecodeGraphs, DecodeInputs, StaticDecodeBuffers
 from engine.backends.cuda.masked_ffn import MaskedFFN
 from engine.backends.cuda.rms_norm import add_rms_norm, rms_norm
@@ -49,7 +54,9 @@ class LlamaDecodeStep:
         self.gate = DeviceSkipGate(self.buffers.max_skips, self.buffers.thresholds, cfg.num_layers,
                                    skip.cold_start, skip.cold_end, quorum)
         self.quorum = quorum
-        self.graphs = DecodeGraphs(self.forward, self.buffers)  # eager until `graphs.capture()`
+        forwards = {"dense": functools.partial(self.forward, gated=False),
+                    "gated": functools.partial(self.forward, gated=True)}
+        self.graphs = DecodeGraphs(forwards, self.buffers)  # eager until `graphs.capture()`
 
     @staticmethod
     def fits(model, kv) -> bool:
@@ -77,17 +84,20 @@ class LlamaDecodeStep:
         settings = gate.rows if gate.acts_per_layer else None
         max_skips = [r.max_skips for r in settings] if settings else [0] * rows
         thresholds = [r.threshold for r in settings] if settings else [float("inf")] * rows
-        hidden = self.graphs.run(DecodeInputs(token_ids, positions, block_tables, max_skips, thresholds))
+        hidden = self.graphs.run(DecodeInputs(token_ids, positions, block_tables, max_skips, thresholds),
+                                 "gated" if settings else "dense")
         if settings:
             gate.count_with(self.gate)
         return hidden
 
-    def forward(self, batch: DecodeBatch) -> torch.Tensor:
-        """The step on the static buffers (captured as a graph, or run as it is)."""
+    def forward(self, batch: DecodeBatch, gated: bool) -> torch.Tensor:
+        """The step on the static buffers (captured as a graph, or run as it is); `gated`: the FFNs
+        through the device skip gate, else all of them on cuBLAS."""
         model, cfg, kv = self.model, self.cfg, self.kv
         eps, heads, kv_heads, head_dim = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         rows = batch.token_ids.shape[0]
-        self.gate.reset()
+        if gated:
+            self.gate.reset()
         cos, sin = self.rope.cos[batch.positions], self.rope.sin[batch.positions]  # [rows, head_dim]
         x = model.embed_tokens(batch.token_ids)
         for i, layer in enumerate(model.layers):
@@ -99,5 +109,8 @@ class LlamaDecodeStep:
             attn = paged_decode_attention(qkv[:, :heads], kv.k[i], kv.v[i], batch.block_tables, batch.context_lens,
                                           head_dim ** -0.5)
             normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight), x, layer.post_attn_norm, eps)
-            x = self.gate(i, h, functools.partial(self.ffns[i], normed=normed))
+            if gated:
+                x = self.gate(i, h, functools.partial(self.ffns[i], normed=normed))
+            else:  # h + down(act(gate_up(normed))), the sum in cuBLAS's epilogue (h is this layer's own)
+                x = h.addmm_(silu_mul(F.linear(normed, layer.gate_up.weight)), layer.down.weight.t())
         return rms_norm(x, model.norm, eps)

@@ -13,10 +13,11 @@ and any step without a captured bucket run eagerly on the same buffers; a captur
 logs a warning and leaves every step eager (as does never calling `capture`, e.g. with
 --enforce-eager).
 
-The step itself is the caller's `forward(batch: DecodeBatch) -> Tensor`: it must read its inputs
-only from `batch` (and the skip gate bound to `buffers.max_skips` / `buffers.thresholds`), and must
-not synchronize with the host (no .item(), .tolist(), host-sized allocations from device values).
-Its returned tensor is overwritten by the next step: consume it (lm_head, sampling) first.
+The step itself is the caller's, one `forward(batch: DecodeBatch) -> Tensor` per variant (the
+Llama step has a dense one and one with the skip gate): it must read its inputs only from `batch`
+(and the skip gate bound to `buffers.max_skips` / `buffers.thresholds`), and must not synchronize
+with the host (no .item(), .tolist(), host-sized allocations from device values). Its returned
+tensor is overwritten by the next step: consume it (lm_head, sampling) first.
 """
 from __future__ import annotations
 
@@ -139,52 +140,60 @@ class StaticDecodeBuffers:
 
 
 class DecodeGraphs:
-    def __init__(self, forward: Callable[[DecodeBatch], torch.Tensor], buffers: StaticDecodeBuffers,
+    """The graphs of one or more variants of a decode step (e.g. dense and gated), each captured per
+    bucket into one memory pool: a step replays one variant's graph, never two at once."""
+
+    def __init__(self, forwards: dict[str, Callable[[DecodeBatch], torch.Tensor]], buffers: StaticDecodeBuffers,
                  buckets: list[int] | None = None):
-        self.forward, self.buffers = forward, buffers
+        self.forwards, self.buffers = forwards, buffers
         self.buckets = buckets or batch_buckets(buffers.max_batch)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+
+    def captured(self, variant: str) -> list[int]:
+        """The buckets of `variant` that replay a graph."""
+        return sorted(rows for v, rows in self.graphs if v == variant)
 
     def capture(self, warmup_steps: int = 2) -> bool:
-        """Captures every bucket, largest first so the smaller ones reuse its memory pool. On
-        failure: a warning, no graphs, every step eager. -> whether graphs are in use."""
+        """Captures every variant's buckets, largest first so the smaller ones reuse the memory
+        pool. On failure: a warning, no graphs, every step eager. -> whether graphs are in use."""
         t0 = time.perf_counter()
         free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.current_stream()
-        # one warm-up stream for every bucket: cuBLAS keeps a workspace (32 MiB on Hopper) per stream it ran on
+        # one warm-up stream for every graph: cuBLAS keeps a workspace (32 MiB on Hopper) per stream it ran on
         side = torch.cuda.Stream()
         try:
-            for rows in sorted(self.buckets, reverse=True):
-                batch = self.buffers.fill(DecodeInputs([], [], [], [], []), rows)  # all rows padded: nothing is written
-                side.wait_stream(stream)
-                with torch.cuda.stream(side):  # compiles the kernels and sets up libraries outside the capture
-                    for _ in range(warmup_steps):
-                        self.forward(batch)
-                stream.wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[rows] = self.forward(batch)
-                self.graphs[rows] = graph
+            for variant, forward in self.forwards.items():
+                for rows in sorted(self.buckets, reverse=True):
+                    batch = self.buffers.fill(DecodeInputs([], [], [], [], []), rows)  # all rows padded: nothing is written
+                    side.wait_stream(stream)
+                    with torch.cuda.stream(side):  # compiles (and tunes) the kernels, sets up libraries, outside the capture
+                        for _ in range(warmup_steps):
+                            forward(batch)
+                    stream.wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self.outputs[variant, rows] = forward(batch)
+                    self.graphs[variant, rows] = graph
             torch.cuda.synchronize()
         except Exception as exc:  # any failure leaves a correct eager engine, never a broken one
             torch.cuda.set_stream(stream)  # a capture that fails as it ends leaves its capture stream current
             log.warning("CUDA graph capture failed, decode runs eagerly: %r", exc)
             self.graphs, self.outputs = {}, {}
             return False
-        log.info("captured %d decode CUDA graphs (batch %s) in %.1f s, %.0f MiB", len(self.graphs),
-                 ",".join(map(str, sorted(self.graphs))), time.perf_counter() - t0,
-                 (free_before - torch.cuda.mem_get_info()[0]) / 2**20)
+        log.info("captured %d decode CUDA graphs (%s) in %.1f s, %.0f MiB", len(self.graphs),
+                 "; ".join(f"{v}: batch {','.join(map(str, self.captured(v)))}" for v in self.forwards),
+                 time.perf_counter() - t0, (free_before - torch.cuda.mem_get_info()[0]) / 2**20)
         return True
 
-    def run(self, inputs: DecodeInputs) -> torch.Tensor:
-        """One decode step -> the forward's output for the real rows (graph replay when a bucket
-        holds them, else eager on the same buffers)."""
+    def run(self, inputs: DecodeInputs, variant: str) -> torch.Tensor:
+        """One decode step of `variant` -> its forward's output for the real rows (graph replay when
+        a bucket holds them, else eager on the same buffers)."""
         rows = len(inputs.token_ids)
-        bucket = bucket_for(rows, sorted(self.graphs))
+        bucket = bucket_for(rows, self.captured(variant))
         if bucket is None:
-            return self.forward(self.buffers.fill(inputs, rows))
+            return self.forwards[variant](self.buffers.fill(inputs, rows))
         self.buffers.fill(inputs, bucket)
-        self.graphs[bucket].replay()
-        return self.outputs[bucket][:rows]
+        self.graphs[variant, bucket].replay()
+        return self.outputs[variant, bucket][:rows]
