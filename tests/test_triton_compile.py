@@ -21,17 +21,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA host the CUDA tests compile for the card itself")
-def test_decode_step_kernels_compile_for_h100_a100_and_l4_within_shared_memory():
+def compile_check(*args: str) -> list[str]:
+    """scripts/triton_compile_check.py's table rows (it must succeed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script compiles: no interpreter
-    out = subprocess.run([sys.executable, "scripts/triton_compile_check.py", "--shape", "smollm2-135m,llama-7b",
-                          "--arch", "90,80,89", "--rows", "1,64"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run([sys.executable, "scripts/triton_compile_check.py", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "| kernel |" not in line]
+    return [line for line in out.stdout.splitlines() if line.startswith("| ") and "| kernel |" not in line]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA host the CUDA tests compile for the card itself")
+def test_decode_step_kernels_compile_for_h100_a100_and_l4_within_shared_memory():
+    rows = compile_check("--shape", "smollm2-135m,llama-7b", "--arch", "90,80,89", "--rows", "1,64",
+                         "--no-tuning-candidates")
     kernels = {line.split("|")[3].strip() for line in rows}  # | shape | dtype | kernel | ...
     assert {line.split("|")[2].strip() for line in rows} == {"bfloat16", "float32"}
     # every kernel the step launches compiled: attention (split + merge), K/V write, norms, rotary,
     # the skip gate (cosine + decision) and the masked FFN (linear + activation)
     assert {"_split_kernel", "_reduce_kernel", "_write_kv_kernel", "_rms_norm_kernel", "_rotary_kernel",
             "_cosine_kernel", "_decide_kernel", "_masked_linear_kernel", "_gated_kernel"} <= kernels, kernels
+    assert not [line for line in rows if "over the limit" in line or "candidate" in line]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA host the tile tuning runs on the card itself")
+def test_every_masked_linear_tiling_an_h100_may_tune_to_compiles_and_fits():
+    """The tiles tile_tuning.py times at start (a tiling that does not launch is passed over there;
+    on an H100 all of them should launch)."""
+    from engine.backends.cuda.masked_linear import CANDIDATES
+
+    rows = compile_check("--shape", "llama-7b", "--arch", "90", "--rows", "1", "--dtype", "bfloat16")
+    candidates = {line.split("|")[3].strip() for line in rows if "candidate" in line}
+    # the step's own tiles (the defaults) are listed as the step's; every other candidate as one
+    assert len(candidates) >= len({(t.block_n, t.block_k) for t in CANDIDATES}) - 1, candidates
     assert not [line for line in rows if "over the limit" in line]

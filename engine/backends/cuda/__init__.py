@@ -34,6 +34,8 @@ class CUDABackend(TorchBackend):
             return None
         step = LlamaDecodeStep(model, kv, config.max_num_seqs, blocks_for(config.max_model_len, kv.block_size),
                                config.skip, policy.quorum)
+        with torch.inference_mode():
+            step.tune()  # the masked FFN kernels' tiles for this card, logged beside cuBLAS
         if config.enforce_eager:
             log.info("decode steps run the Triton kernels eagerly (--enforce-eager: no CUDA graphs)")
         else:

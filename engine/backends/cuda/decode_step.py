@@ -58,6 +58,14 @@ class LlamaDecodeStep:
                     "gated": functools.partial(self.forward, gated=True)}
         self.graphs = DecodeGraphs(forwards, self.buffers)  # eager until `graphs.capture()`
 
+    def tune(self) -> list[dict]:
+        """Measures the masked FFN kernels' tiles for this GPU and these weights at every bucket's
+        row count (tile_tuning.py): before any capture, as timing waits for the device."""
+        from engine.backends.cuda.tile_tuning import tune_masked_linear
+
+        ffn = self.ffns[0]  # every layer's weights have the same shapes
+        return tune_masked_linear([ffn.gate_up_weight, ffn.down_weight], self.graphs.buckets)
+
     @staticmethod
     def fits(model, kv) -> bool:
         """Plain Llama layers (full attention) with dense weights in the activations' dtype, and a

@@ -13,6 +13,8 @@ the gated activation as zeros). bf16 weights, fp32 accumulation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -57,34 +59,72 @@ def _masked_linear_kernel(x_ptr, w_ptr, run_ptr, residual_ptr, out_ptr, rows, n_
     tl.store(out_ptrs, tl.where(run[:, None], acc, skipped).to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def tiles(rows: int, element_size: int = 2, interpreted: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for `rows` rows: all rows in one tile up to 64 (decode batches
-    read the weight once), narrow output tiles so a GEMV spreads over many programs; fp32 operands
-    take half the depth, so that 64 rows' pipelined tiles stay within 99 KB of shared memory
-    (sm_86/89; scripts/triton_compile_check.py). Triton's interpreter (CPU tensors) pays Python
-    per program and per op, not per element: wide tiles."""
-    block_m = min(64, dot_size(rows))
-    if interpreted:
-        return block_m, 256, 256
-    return block_m, 32 if block_m <= 16 else 64, 128 if element_size <= 2 else 64
+@dataclass(frozen=True)
+class Tiles:
+    """How the kernel covers an output: BLOCK_N x BLOCK_K weight tiles (the rows' tile is
+    `block_rows`), with this many warps and pipeline stages."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# What a GPU tries (tile_tuning.py); the first two are the defaults of untuned shapes, and fit the
+# 99 KB of shared memory of sm_86/89 at 64 rows in bf16 (scripts/triton_compile_check.py).
+CANDIDATES = (Tiles(32, 128), Tiles(64, 128), Tiles(16, 128, 4, 4), Tiles(16, 256), Tiles(32, 64, 4, 4),
+              Tiles(32, 256), Tiles(64, 64, 4, 4), Tiles(64, 128, 8), Tiles(128, 64, 8))
+INTERPRETED = Tiles(256, 256)  # Triton's interpreter pays Python per program and per op, not per element
+_tuned: dict[tuple, Tiles] = {}  # (n_out, k_in, block_rows, dtype) -> the tiles measured fastest
+
+
+def block_rows(rows: int) -> int:
+    """The rows' tile: all rows in one up to 64 (a decode batch reads the weight once)."""
+    return min(64, dot_size(rows))
+
+
+def tuning_key(weight: torch.Tensor, rows: int) -> tuple:
+    return (*weight.shape, block_rows(rows), weight.dtype)
+
+
+def use_tiles(weight: torch.Tensor, rows: int, tiles: Tiles) -> None:
+    """From now on every product of `rows` rows (or any count with the same row tile) with a
+    weight of this shape and dtype runs on `tiles`."""
+    _tuned[tuning_key(weight, rows)] = tiles
+
+
+def tuned_tiles(weight: torch.Tensor, rows: int) -> Tiles | None:
+    return _tuned.get(tuning_key(weight, rows))
+
+
+def default_tiles(rows: int, element_size: int) -> Tiles:
+    """Untuned: narrow output tiles so a GEMV spreads over many programs; wider ones beside many
+    rows; fp32 operands half the depth (64 rows' pipelined tiles within 99 KB)."""
+    tiles = CANDIDATES[0] if block_rows(rows) <= 16 else CANDIDATES[1]
+    return tiles if element_size <= 2 else Tiles(tiles.block_n, tiles.block_k // 2)
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, run: torch.Tensor | None = None,
-                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  tiles: Tiles | None = None) -> torch.Tensor:
     """x: [rows, K] (last dim contiguous); weight: [N, K] contiguous; run: [rows] bool/int device
     mask (None = every row runs); residual: [rows, N] or None. -> out [rows, N] in x's dtype:
-    residual + x W^T for running rows; residual (or zeros) for the others. `out` may be `residual`."""
+    residual + x W^T for running rows; residual (or zeros) for the others. `out` may be `residual`.
+    tiles: these (tuning, the compile check), else the ones tuned for this shape, else defaults."""
     rows, k_in = x.shape
     n_out = weight.shape[0]
     assert weight.shape[1] == k_in and weight.is_contiguous() and x.stride(-1) == 1
     out = x.new_empty(rows, n_out) if out is None else out
-    block_m, block_n, block_k = tiles(rows, weight.element_size(), kernel_support.interpreted(x))
-    _masked_linear_kernel[(triton.cdiv(n_out, block_n), triton.cdiv(rows, block_m))](
+    if tiles is None:
+        tiles = (INTERPRETED if kernel_support.interpreted(x) else
+                 tuned_tiles(weight, rows) or default_tiles(rows, weight.element_size()))
+    block_m = block_rows(rows)
+    _masked_linear_kernel[(triton.cdiv(n_out, tiles.block_n), triton.cdiv(rows, block_m))](
         x, weight, x if run is None else run, out if residual is None else residual, out,
         rows, n_out, k_in, x.stride(0), weight.stride(0),
         0 if residual is None else residual.stride(0), out.stride(0),
         HAS_MASK=run is not None, HAS_RESIDUAL=residual is not None, UPCAST=upcast_dots(x),
-        PRECISION=dot_precision(weight),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=dot_precision(weight), BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

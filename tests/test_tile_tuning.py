@@ -1,0 +1,61 @@
+"""The masked linear's tiles (engine/backends/cuda/masked_linear.py, tile_tuning.py): every
+candidate a GPU may pick computes the same product, and tuning keeps the fastest that runs.
+Kernels run compiled on a CUDA device, else under Triton's interpreter (tests/kernel_device.py);
+the timings here are a stand-in measure, so which tiles win is known: a real GPU's are in its log."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_device import DEVICE, poisoned
+
+from engine.backends.cuda.masked_linear import (CANDIDATES, Tiles, block_rows, default_tiles,  # noqa: E402
+                                                masked_linear, tuned_tiles)
+from engine.backends.cuda.tile_tuning import tune_masked_linear  # noqa: E402
+
+
+def randn(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape).to(device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("tiles", CANDIDATES, ids=str)
+def test_every_candidate_tiling_computes_the_masked_product(tiles):
+    """Odd sizes: output and depth not multiples of any tile; one row skips."""
+    torch.manual_seed(0)
+    rows, n_out, k_in = 3, 150, 300
+    x, weight, residual = randn(rows, k_in), randn(n_out, k_in), randn(rows, n_out)
+    run = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEVICE)
+
+    got = masked_linear(x, weight, run, residual, out=poisoned(rows, n_out, dtype=torch.bfloat16), tiles=tiles)
+
+    expect = torch.where(run.bool()[:, None], x.float() @ weight.float().T + residual.float(), residual.float())
+    torch.testing.assert_close(got.float(), expect, atol=3e-2, rtol=2e-2)
+
+
+def test_tuning_keeps_the_fastest_tiles_that_run_per_shape_and_row_tile():
+    torch.manual_seed(0)
+    gate_up, down = randn(96, 40), randn(40, 48)
+    fastest = {16: Tiles(16, 256), 32: Tiles(64, 64, 4, 4)}  # by the row tile: the stand-in GPU's answer
+    refused = Tiles(32, 256)  # as a card without the shared memory for it
+    timed = []
+
+    def measure(x, weight, tiles):
+        if tiles == refused:
+            raise RuntimeError("out of resources: shared memory")
+        if tiles is not None:
+            masked_linear(x, weight, tiles=tiles)  # the candidate really runs
+        timed.append((tuple(weight.shape), x.shape[0], tiles))
+        return 5.0 if tiles is None else 1.0 if tiles == fastest[x.shape[0]] else 2.0
+
+    reports = tune_masked_linear([gate_up, down, down], [1, 3, 20], measure)
+
+    assert [(r["shape"], r["rows"]) for r in reports] == [((96, 40), 16), ((96, 40), 32), ((40, 48), 16), ((40, 48), 32)]
+    for r in reports:
+        assert r["tiles"] == fastest[r["rows"]] and r["ms"] == 1.0 and r["default_ms"] == 2.0 and r["cublas_ms"] == 5.0
+        weight = gate_up if r["shape"] == (96, 40) else down
+        assert tuned_tiles(weight, r["rows"]) == fastest[r["rows"]]
+    assert tuned_tiles(gate_up, 7) == fastest[16] and block_rows(7) == 16  # any count in the same row tile
+    # every candidate but the refused one, and cuBLAS, once per shape and row tile (the repeated weight is not retimed)
+    assert sorted(map(str, timed)) == sorted(str((shape, rows, tiles)) for shape in ((96, 40), (40, 48))
+                                             for rows in (16, 32) for tiles in CANDIDATES + (None,) if tiles != refused)
+    assert default_tiles(1, 2) in CANDIDATES and default_tiles(64, 2) in CANDIDATES
