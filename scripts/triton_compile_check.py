@@ -162,10 +162,10 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
         ffn = step.ffns[0]
         for n in rows if candidates else []:  # the tiles a GPU tunes among at start (tile_tuning.py), on the FFN's shapes
             x, run = torch.zeros(n, cfg.hidden_size, dtype=dtype), torch.ones(n, dtype=torch.int32)
-            act = torch.zeros(n, cfg.intermediate_size, dtype=dtype)
+            gate_up = torch.zeros(n, 2 * cfg.intermediate_size, dtype=dtype)
             for t in CANDIDATES:
                 masked_linear(x, ffn.gate_up_weight, run, tiles=t)
-                masked_linear(act, ffn.down_weight, run, residual=x, tiles=t)
+                masked_linear(gate_up, ffn.down_weight, run, residual=x, tiles=t, activation=ffn.activation)
                 labels += [f"{name} (tuning candidate {t.block_n}x{t.block_k})" for name, _ in compiled[len(labels):]]
     if not compiled:
         raise RuntimeError("no kernel compiled: were they defined under TRITON_INTERPRET=1?")

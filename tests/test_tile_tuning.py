@@ -39,23 +39,28 @@ def test_tuning_keeps_the_fastest_tiles_that_run_per_shape_and_row_tile():
     refused = Tiles(32, 256)  # as a card without the shared memory for it
     timed = []
 
-    def measure(x, weight, tiles):
+    def measure(x, weight, tiles, activation):
         if tiles == refused:
             raise RuntimeError("out of resources: shared memory")
         if tiles is not None:
-            masked_linear(x, weight, tiles=tiles)  # the candidate really runs
+            gated = weight is down  # the down projection's input is gate | up
+            assert activation == ("silu" if gated else None) and x.shape[1] == weight.shape[1] * (1 + gated)
+            masked_linear(x, weight, tiles=tiles, activation=activation)  # the candidate really runs
         timed.append((tuple(weight.shape), x.shape[0], tiles))
         return 5.0 if tiles is None else 1.0 if tiles == fastest[x.shape[0]] else 2.0
 
-    reports = tune_masked_linear([gate_up, down, down], [1, 3, 20], measure)
+    reports = tune_masked_linear([(gate_up, None), (down, "silu"), (down, "silu")], [1, 3, 20], measure)
 
     assert [(r["shape"], r["rows"]) for r in reports] == [((96, 40), 16), ((96, 40), 32), ((40, 48), 16), ((40, 48), 32)]
     for r in reports:
         assert r["tiles"] == fastest[r["rows"]] and r["ms"] == 1.0 and r["default_ms"] == 2.0 and r["cublas_ms"] == 5.0
-        weight = gate_up if r["shape"] == (96, 40) else down
-        assert tuned_tiles(weight, r["rows"]) == fastest[r["rows"]]
-    assert tuned_tiles(gate_up, 7) == fastest[16] and block_rows(7) == 16  # any count in the same row tile
-    # every candidate but the refused one, and cuBLAS, once per shape and row tile (the repeated weight is not retimed)
-    assert sorted(map(str, timed)) == sorted(str((shape, rows, tiles)) for shape in ((96, 40), (40, 48))
-                                             for rows in (16, 32) for tiles in CANDIDATES + (None,) if tiles != refused)
-    assert default_tiles(1, 2) in CANDIDATES and default_tiles(64, 2) in CANDIDATES
+        weight, activation = (gate_up, None) if r["shape"] == (96, 40) else (down, "silu")
+        assert tuned_tiles(weight, r["rows"], activation) == fastest[r["rows"]]
+    assert tuned_tiles(gate_up, 7, None) == fastest[16] and block_rows(7) == 16  # any count in the same row tile
+    assert tuned_tiles(down, 7, None) is None  # the product without the activation was not tuned
+    # every candidate but the refused one, the default tiles and cuBLAS, once per shape and row tile
+    # (the repeated product is not timed again)
+    expected = [(shape, rows, tiles) for shape, gated in (((96, 40), False), ((40, 48), True)) for rows in (16, 32)
+                for tiles in {*CANDIDATES, default_tiles(rows, 2, gated), None} if tiles != refused]
+    assert sorted(map(str, timed)) == sorted(map(str, expected))
+    assert default_tiles(1, 2, False) in CANDIDATES and default_tiles(64, 2, False) in CANDIDATES

@@ -212,6 +212,26 @@ def test_masked_linear_computes_running_rows_and_passes_the_others(rows, run, wi
     torch.testing.assert_close(got.float(), expect, **TOLERANCE[torch.bfloat16])
 
 
+@pytest.mark.parametrize("activation,reference", [("silu", F.silu), ("gelu_tanh", lambda g: F.gelu(g, approximate="tanh"))])
+def test_masked_linear_computes_the_gated_activation_of_its_input_as_it_loads_it(activation, reference):
+    """The down projection of a masked FFN: x is gate | up, the product's input act(gate) * up
+    (rounded to bf16, as the separate activation kernel stores it: a bf16 ulp of each input more
+    than the other bf16 products' tolerance); odd width, one row skipping."""
+    rows, inter, n_out = 3, 75, 40
+    gate_up, weight = randn(rows, 2 * inter, dtype=torch.bfloat16), randn(n_out, inter, dtype=torch.bfloat16)
+    residual = randn(rows, n_out, dtype=torch.bfloat16)
+    run = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEVICE)
+
+    got = masked_linear(gate_up, weight, run, residual, out=poisoned(rows, n_out, dtype=torch.bfloat16),
+                        activation=activation)
+
+    gate, up = gate_up.float().chunk(2, -1)
+    act = reference(gate) * up
+    expect = torch.where(run.bool()[:, None], act @ weight.float().T + residual.float(), residual.float())
+    torch.testing.assert_close(got.float(), expect, atol=5e-2, rtol=2e-2)
+    assert torch.equal(got[1], residual[1])
+
+
 def test_masked_linear_without_mask_is_a_linear_layer():
     x, weight = randn(4, 96), randn(48, 96)
     got = masked_linear(x, weight, out=poisoned(4, 48, dtype=torch.float32))

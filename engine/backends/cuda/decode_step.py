@@ -64,7 +64,7 @@ class LlamaDecodeStep:
         from engine.backends.cuda.tile_tuning import tune_masked_linear
 
         ffn = self.ffns[0]  # every layer's weights have the same shapes
-        return tune_masked_linear([ffn.gate_up_weight, ffn.down_weight], self.graphs.buckets)
+        return tune_masked_linear([(ffn.gate_up_weight, None), (ffn.down_weight, ffn.activation)], self.graphs.buckets)
 
     @staticmethod
     def fits(model, kv) -> bool:

@@ -16,17 +16,23 @@ def _sigmoid(z):
 
 
 @triton.jit
+def gated(gate, up, GELU_TANH: tl.constexpr):
+    """act(gate) * up on fp32 tiles (also fused into the masked linear's loads)."""
+    if GELU_TANH:  # 0.5 x (1 + tanh(y)) = x * sigmoid(2y), y = sqrt(2/pi) (x + 0.044715 x^3)
+        act = gate * _sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+    else:
+        act = gate * _sigmoid(gate)
+    return act * up
+
+
+@triton.jit
 def _gated_kernel(gate_up_ptr, out_ptr, stride_g, stride_o, inter, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_g + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    if GELU_TANH:  # 0.5 x (1 + tanh(y)) = x * sigmoid(2y), y = sqrt(2/pi) (x + 0.044715 x^3)
-        act = gate * _sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
-    else:
-        act = gate * _sigmoid(gate)
-    tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, gated(gate, up, GELU_TANH).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(gate_up, out, gelu_tanh):

@@ -20,14 +20,16 @@ import triton
 import triton.language as tl
 
 from engine.backends.cuda import kernel_support
+from engine.backends.cuda.gated_activation import gated
 from engine.backends.cuda.kernel_support import dot_precision, dot_size, upcast_dots
 
 
 @triton.jit
 def _masked_linear_kernel(x_ptr, w_ptr, run_ptr, residual_ptr, out_ptr, rows, n_out, k_in,
                           stride_x, stride_w, stride_r, stride_o,
-                          HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
-                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED_INPUT: tl.constexpr,
+                          GELU_TANH: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = m < rows
@@ -46,7 +48,11 @@ def _masked_linear_kernel(x_ptr, w_ptr, run_ptr, residual_ptr, out_ptr, rows, n_
     for k0 in range(0, k_in, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < k_in
-        x = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        xmask = mmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=xmask, other=0.0)
+        if GATED_INPUT:  # x is gate | up: act(gate) * up, rounded as the separate kernel rounds it
+            up = tl.load(x_ptr + m[:, None] * stride_x + k_in + k[None, :], mask=xmask, other=0.0)
+            x = gated(x.to(tl.float32), up.to(tl.float32), GELU_TANH).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=(n < n_out)[:, None] & kmask[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
@@ -83,47 +89,56 @@ def block_rows(rows: int) -> int:
     return min(64, dot_size(rows))
 
 
-def tuning_key(weight: torch.Tensor, rows: int) -> tuple:
-    return (*weight.shape, block_rows(rows), weight.dtype)
+def tuning_key(weight: torch.Tensor, rows: int, activation: str | None) -> tuple:
+    return (*weight.shape, block_rows(rows), weight.dtype, activation)
 
 
-def use_tiles(weight: torch.Tensor, rows: int, tiles: Tiles) -> None:
+def use_tiles(weight: torch.Tensor, rows: int, activation: str | None, tiles: Tiles) -> None:
     """From now on every product of `rows` rows (or any count with the same row tile) with a
-    weight of this shape and dtype runs on `tiles`."""
-    _tuned[tuning_key(weight, rows)] = tiles
+    weight of this shape and dtype, and this activation fused into its input, runs on `tiles`."""
+    _tuned[tuning_key(weight, rows, activation)] = tiles
 
 
-def tuned_tiles(weight: torch.Tensor, rows: int) -> Tiles | None:
-    return _tuned.get(tuning_key(weight, rows))
+def tuned_tiles(weight: torch.Tensor, rows: int, activation: str | None) -> Tiles | None:
+    return _tuned.get(tuning_key(weight, rows, activation))
 
 
-def default_tiles(rows: int, element_size: int) -> Tiles:
+def default_tiles(rows: int, element_size: int, gated_input: bool) -> Tiles:
     """Untuned: narrow output tiles so a GEMV spreads over many programs; wider ones beside many
-    rows; fp32 operands half the depth (64 rows' pipelined tiles within 99 KB)."""
+    rows. fp32 operands, and a gate|up input (two input tiles a step), half the depth each, so
+    that 64 rows' pipelined tiles stay within 99 KB (sm_86/89; scripts/triton_compile_check.py)."""
     tiles = CANDIDATES[0] if block_rows(rows) <= 16 else CANDIDATES[1]
-    return tiles if element_size <= 2 else Tiles(tiles.block_n, tiles.block_k // 2)
+    depth = tiles.block_k // (1 if element_size <= 2 else 2) // (2 if gated_input else 1)
+    return tiles if depth == tiles.block_k else Tiles(tiles.block_n, depth)
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, run: torch.Tensor | None = None,
                   residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                  tiles: Tiles | None = None) -> torch.Tensor:
+                  tiles: Tiles | None = None, activation: str | None = None) -> torch.Tensor:
     """x: [rows, K] (last dim contiguous); weight: [N, K] contiguous; run: [rows] bool/int device
     mask (None = every row runs); residual: [rows, N] or None. -> out [rows, N] in x's dtype:
     residual + x W^T for running rows; residual (or zeros) for the others. `out` may be `residual`.
+    activation "silu" / "gelu_tanh": x is a gate|up projection [rows, 2K] and the product's input
+    act(gate) * up, computed as it is loaded (gated_activation.py's math and rounding).
     tiles: these (tuning, the compile check), else the ones tuned for this shape, else defaults."""
     rows, k_in = x.shape
+    if activation is not None:
+        assert activation in ("silu", "gelu_tanh") and k_in % 2 == 0, activation
+        k_in //= 2
     n_out = weight.shape[0]
     assert weight.shape[1] == k_in and weight.is_contiguous() and x.stride(-1) == 1
     out = x.new_empty(rows, n_out) if out is None else out
     if tiles is None:
         tiles = (INTERPRETED if kernel_support.interpreted(x) else
-                 tuned_tiles(weight, rows) or default_tiles(rows, weight.element_size()))
+                 tuned_tiles(weight, rows, activation) or
+                 default_tiles(rows, weight.element_size(), activation is not None))
     block_m = block_rows(rows)
     _masked_linear_kernel[(triton.cdiv(n_out, tiles.block_n), triton.cdiv(rows, block_m))](
         x, weight, x if run is None else run, out if residual is None else residual, out,
         rows, n_out, k_in, x.stride(0), weight.stride(0),
         0 if residual is None else residual.stride(0), out.stride(0),
-        HAS_MASK=run is not None, HAS_RESIDUAL=residual is not None, UPCAST=upcast_dots(x),
+        HAS_MASK=run is not None, HAS_RESIDUAL=residual is not None, GATED_INPUT=activation is not None,
+        GELU_TANH=activation == "gelu_tanh", UPCAST=upcast_dots(x),
         PRECISION=dot_precision(weight), BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

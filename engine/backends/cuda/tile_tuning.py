@@ -23,44 +23,49 @@ from engine.backends.cuda.masked_linear import CANDIDATES, Tiles, block_rows, de
 log = logging.getLogger("skipserve.cuda")
 
 
-def median_ms(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None) -> float:
-    """x W^T on `tiles` (None: cuBLAS), median ms over ~25 ms of runs."""
+def median_ms(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None, activation: str | None) -> float:
+    """The masked linear on `tiles` (None: cuBLAS's x W^T, no activation), median ms over ~25 ms
+    of runs."""
     import triton.testing
 
-    fn = (lambda: F.linear(x, weight)) if tiles is None else (lambda: masked_linear(x, weight, tiles=tiles))
+    fn = ((lambda: F.linear(x[:, :weight.shape[1]], weight)) if tiles is None else
+          (lambda: masked_linear(x, weight, tiles=tiles, activation=activation)))
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def tune_masked_linear(weights: list[torch.Tensor], row_counts: list[int],
-                       measure: Callable[[torch.Tensor, torch.Tensor, Tiles | None], float] = median_ms
+def tune_masked_linear(products: list[tuple[torch.Tensor, str | None]], row_counts: list[int],
+                       measure: Callable[[torch.Tensor, torch.Tensor, Tiles | None, str | None], float] = median_ms
                        ) -> list[dict]:
-    """Picks and sets the tiles of every distinct (shape, dtype) among `weights` for the row tiles
-    of `row_counts` -> one report per choice: shape, rows, tiles, its time, the default tiles'
-    and cuBLAS's (ms). A candidate that does not launch (shared memory, registers) is passed over."""
+    """Picks and sets the tiles of every distinct weight shape and dtype among `products`
+    ((weight, the activation fused into its input or None)) for the row tiles of `row_counts`
+    -> one report per choice: shape, rows, tiles, its time, the default tiles' and cuBLAS's (ms).
+    A candidate that does not launch (shared memory, registers) is passed over."""
     t0 = time.perf_counter()
     reports, seen = [], set()
-    for weight in weights:
+    for weight, activation in products:
         for rows in sorted({block_rows(n) for n in row_counts}):
-            key = (*weight.shape, weight.dtype, rows)
+            key = (*weight.shape, weight.dtype, rows, activation)
             if key in seen:
                 continue
             seen.add(key)
-            x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            width = weight.shape[1] * (1 if activation is None else 2)
+            x = torch.randn(rows, width, device=weight.device, dtype=weight.dtype)
             times: dict[Tiles, float] = {}
-            for tiles in CANDIDATES + (default_tiles(rows, weight.element_size()),):
+            default = default_tiles(rows, weight.element_size(), activation is not None)
+            for tiles in CANDIDATES + (default,):
                 if tiles in times:
                     continue
                 try:
-                    times[tiles] = measure(x, weight, tiles)
+                    times[tiles] = measure(x, weight, tiles, activation)
                 except Exception as exc:  # out of shared memory or registers on this card: not a candidate
                     log.debug("masked linear tiles %s do not run on %s: %r", tiles, tuple(weight.shape), exc)
             if not times:
                 continue
             best = min(times, key=times.get)
-            use_tiles(weight, rows, best)
+            use_tiles(weight, rows, activation, best)
             reports.append(dict(shape=tuple(weight.shape), rows=rows, tiles=best, ms=times[best],
-                                default_ms=times.get(default_tiles(rows, weight.element_size())),
-                                cublas_ms=measure(x, weight, None)))
+                                default_ms=times.get(default),
+                                cublas_ms=measure(x, weight, None, None)))
     for r in reports:
         t = r["tiles"]
         log.info("masked linear %s x %d rows: tiles %dx%d, %d warps, %d stages: %.1f us (default tiles %s us, "
