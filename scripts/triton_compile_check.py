@@ -147,15 +147,18 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
     model = two_layer_model(shape, context, dtype)
     cfg, blocks_per_row = model.cfg, -(-context // block_size)
     kv = KVCache(cfg.num_layers, blocks_per_row, cfg.num_kv_heads, block_size, cfg.head_dim, "cpu", dtype)
-    # cold layers 0 and 0: both layers run the gate, and a rule that may skip them
-    step = LlamaDecodeStep(model, kv, max(rows), blocks_per_row, SkipConfig(cold_start=0, cold_end=0), None)
-    table, seen = list(range(blocks_per_row)), {}
+    # cold layers 0 and 0: both layers run the gate, and a rule that may skip them: per row, and
+    # batch-aligned (quorum 0.5)
+    steps = [LlamaDecodeStep(model, kv, max(rows), blocks_per_row, SkipConfig(cold_start=0, cold_end=0), quorum)
+             for quorum in (None, 0.5)]
+    step, table, seen = steps[0], list(range(blocks_per_row)), {}
     with compiling_for(arch) as compiled, torch.inference_mode():
         for n in rows:
             inputs = DecodeInputs([1] * n, [context - 1] * n, [table] * n, [1] * n, [0.5] * n)
             batch = step.buffers.fill(inputs, n)
-            for gated in (False, True):
-                step.forward(batch, gated)
+            step.forward(batch, gated=False)
+            for rule in steps:
+                rule.forward(rule.buffers.fill(inputs, n), gated=True)
             q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype)
             paged_decode_attention(q, kv.k[0], kv.v[0], batch.block_tables, batch.context_lens, 0.1, window=512)
         labels = [name for name, _ in compiled]

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from engine.backends.cuda.skip_decision import decide, row_cosine
+from engine.backends.cuda.skip_decision import decide_aligned, decide_rows, row_cosine
 
 MaskedFFNCall = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -52,9 +52,12 @@ class DeviceSkipGate:
                 self._prev = (h, out)
             return out
         rows = h.shape[0]
-        cos = None if self._prev is None else row_cosine(*self._prev)
-        decide(cos, self.max_skips[:rows], self.thresholds[:rows], self.fired, self.remaining,
-               self.skipped[layer], self.run, self.quorum_per_mille)
+        state = (self.max_skips[:rows], self.thresholds[:rows], self.fired[:rows], self.remaining[:rows],
+                 self.skipped[layer, :rows], self.run[:rows])
+        if self.quorum_per_mille is None:
+            decide_rows(self._prev, *state)
+        else:
+            decide_aligned(None if self._prev is None else row_cosine(*self._prev), *state, self.quorum_per_mille)
         out = ffn(h, self.run[:rows])
         self._prev = (h, out) if layer < self.last_hot else None
         return out
