@@ -132,7 +132,7 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
                         block_size: int = 16, candidates: bool = True) -> list[dict]:
     """The kernels one decode step of `shape` in `dtype` compiles to on sm_`arch`, for each batch in
     `rows` at `context` tokens (long enough for the attention's splits), and the attention with a
-    sliding window (Gemma 3's local layers); with `candidates`, every masked linear tiling the
+    sliding window and the K/V write of the eager path (Gemma 3's decode); with `candidates`, every masked linear tiling the
     GPU may tune to -> one dict per specialisation."""
     import torch
 
@@ -140,6 +140,7 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
     from engine.backends.cuda.decode_step import LlamaDecodeStep
     from engine.backends.cuda.graphs import DecodeInputs
     from engine.backends.cuda.masked_linear import CANDIDATES, masked_linear
+    from engine.backends.cuda.write_kv import write_kv
     from engine.config import SkipConfig
     from engine.kv.cache import KVCache
 
@@ -161,6 +162,8 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
                 rule.forward(rule.buffers.fill(inputs, n), gated=True)
             q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype)
             paged_decode_attention(q, kv.k[0], kv.v[0], batch.block_tables, batch.context_lens, 0.1, window=512)
+            k = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
+            write_kv(k, k, kv.k[0], kv.v[0], batch.slots)  # the eager path's K/V write (Gemma 3)
         labels = [name for name, _ in compiled]
         ffn = step.ffns[0]
         for n in rows if candidates else []:  # the tiles a GPU tunes among at start (tile_tuning.py), on the FFN's shapes

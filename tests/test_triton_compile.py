@@ -36,10 +36,10 @@ def test_decode_step_kernels_compile_for_h100_a100_and_l4_within_shared_memory()
                          "--no-tuning-candidates")
     kernels = {line.split("|")[3].strip() for line in rows}  # | shape | dtype | kernel | ...
     assert {line.split("|")[2].strip() for line in rows} == {"bfloat16", "float32"}
-    # every kernel the step launches compiled: attention (split + merge), K/V write, norms, rotary,
+    # every kernel the step launches compiled: attention (split + merge), rotary with the K/V write, norms,
     # the skip gate (per-row decision; cosine + batch-aligned decision), the masked FFN and the
-    # dense FFN's activation
-    assert {"_split_kernel", "_reduce_kernel", "_write_kv_kernel", "_rms_norm_kernel", "_rotary_kernel",
+    # dense FFN's activation; and the eager path's K/V write
+    assert {"_split_kernel", "_reduce_kernel", "_write_kv_kernel", "_rms_norm_kernel", "_rotary_kv_kernel",
             "_decide_rows_kernel", "_cosine_kernel", "_decide_aligned_kernel", "_masked_linear_kernel",
             "_gated_kernel"} <= kernels, kernels
     assert not [line for line in rows if "over the limit" in line or "candidate" in line]

@@ -17,7 +17,7 @@ from engine.backends.cuda.gated_activation import gelu_tanh_mul, silu_mul  # noq
 from engine.backends.cuda.masked_ffn import MaskedFFN  # noqa: E402
 from engine.backends.cuda.masked_linear import masked_linear  # noqa: E402
 from engine.backends.cuda.rms_norm import add_rms_norm, rms_norm  # noqa: E402
-from engine.backends.cuda.rotary import apply_rotary  # noqa: E402
+from engine.backends.cuda.rotary_kv import rotary_and_write_kv  # noqa: E402
 from engine.backends.cuda.write_kv import write_kv  # noqa: E402
 
 BLOCK_SIZE = 16
@@ -156,30 +156,34 @@ def reference_rotary(x, cos, sin):
     return x * cos[:, None].float() + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None].float()
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (80, torch.float32)])
-def test_rotary_in_place_on_q_and_k_of_a_fused_projection(head_dim, dtype):
-    tokens, heads, kv_heads = 3, 9, 3
+@pytest.mark.parametrize("head_dim,heads,kv_heads,dtype", [(64, 9, 3, torch.bfloat16), (80, 4, 4, torch.float32),
+                                                          (128, 32, 8, torch.bfloat16)])
+def test_rotary_and_kv_write_rotate_q_in_place_and_put_rotated_k_and_v_in_their_slots(head_dim, heads, kv_heads, dtype):
+    """One kernel: q rotated in the fused projection, k rotated and v copied into the paged cache
+    at each row's slot, nothing written for a padded row (slot -1), nothing else touched. More
+    q|k heads than one program's block (32 + 8 > 16) in the last case."""
+    tokens, num_blocks = 4, 5
     qkv = randn(tokens, heads + 2 * kv_heads, head_dim, dtype=dtype)
-    qk = qkv[:, :heads + kv_heads]  # strided view: q and k rotated in one call, v untouched
-    v_before, qk_before = qkv[:, heads + kv_heads:].clone(), qk.clone()
+    before = qkv.clone()
+    k_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, dtype=dtype)
+    v_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, dtype=dtype)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
     angles = torch.rand(tokens, head_dim // 2, device=DEVICE) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    slots = [3 * BLOCK_SIZE + 5, 0, -1, 4 * BLOCK_SIZE + BLOCK_SIZE - 1]
 
-    got = apply_rotary(qk, cos[:, None], sin[:, None], out=qk)
+    rotary_and_write_kv(qkv, cos, sin, k_cache, v_cache, torch.tensor(slots, device=DEVICE), heads, kv_heads)
 
-    assert got.data_ptr() == qk.data_ptr()
-    torch.testing.assert_close(qk.float(), reference_rotary(qk_before, cos, sin), **TOLERANCE[dtype])
-    assert torch.equal(qkv[:, heads + kv_heads:], v_before)
-
-
-def test_rotary_out_of_place_leaves_the_input():
-    x = randn(2, 4, 64)
-    before = x.clone()
-    angles = torch.rand(2, 32, device=DEVICE)
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    got = apply_rotary(x, cos, sin, out=poisoned(2, 4, 64, dtype=torch.float32))
-    torch.testing.assert_close(got, reference_rotary(before, cos, sin), **TOLERANCE[torch.float32])
-    assert torch.equal(x, before)
+    torch.testing.assert_close(qkv[:, :heads].float(), reference_rotary(before[:, :heads], cos, sin), **TOLERANCE[dtype])
+    assert torch.equal(qkv[:, heads:], before[:, heads:])  # k and v stay as projected
+    rotated_k = reference_rotary(before[:, heads:heads + kv_heads], cos, sin)
+    expect_k, expect_v = k_before.float(), v_before.float()
+    for row, slot in enumerate(slots):
+        if slot >= 0:
+            expect_k[slot // BLOCK_SIZE, :, slot % BLOCK_SIZE] = rotated_k[row]
+            expect_v[slot // BLOCK_SIZE, :, slot % BLOCK_SIZE] = before[row, heads + kv_heads:].float()
+    torch.testing.assert_close(k_cache.float(), expect_k, **TOLERANCE[dtype])
+    assert torch.equal(v_cache.float(), expect_v)
 
 
 @pytest.mark.parametrize("inter,dtype", [(1536, torch.bfloat16), (100, torch.float32)])

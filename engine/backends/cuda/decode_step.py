@@ -4,8 +4,8 @@ device, replayed as a CUDA graph per batch bucket (graphs.py).
 Per layer, reading only the static buffers of graphs.py (so the step can be captured) and never
 synchronizing with the host:
 
-    rmsnorm -> q|k|v projection (cuBLAS) -> rotary on q and k in place -> write the new K/V
-    (padded rows write nothing) -> paged decode attention through the block tables -> o_proj
+    rmsnorm -> q|k|v projection (cuBLAS) -> rotary on q in place, on k as it goes into the cache
+    with v (one kernel; padded rows write nothing) -> paged decode attention through the block tables -> o_proj
     (cuBLAS) -> residual add fused with the FFN's rmsnorm -> the FFN
 
 The embedding lookup, the rotary rows and the final norm are in the step as well, so a replay is
@@ -34,8 +34,7 @@ from engine.backends.cuda.gated_activation import silu_mul
 from engine.backends.cuda.graphs import DecodeBatch, DecodeGraphs, DecodeInputs, StaticDecodeBuffers
 from engine.backends.cuda.masked_ffn import MaskedFFN
 from engine.backends.cuda.rms_norm import add_rms_norm, rms_norm
-from engine.backends.cuda.rotary import apply_rotary
-from engine.backends.cuda.write_kv import write_kv
+from engine.backends.cuda.rotary_kv import rotary_and_write_kv
 from engine.backends.torch_backend import PlainLinear
 from engine.config import SkipConfig
 from engine.skip.base import RuleGate
@@ -111,9 +110,7 @@ class LlamaDecodeStep:
         for i, layer in enumerate(model.layers):
             qkv = F.linear(rms_norm(x, layer.input_norm, eps), layer.qkv.weight, layer.qkv.bias)
             qkv = qkv.view(rows, heads + 2 * kv_heads, head_dim)
-            qk = qkv[:, :heads + kv_heads]
-            apply_rotary(qk, cos, sin, out=qk)
-            write_kv(qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:], kv.k[i], kv.v[i], batch.slots)
+            rotary_and_write_kv(qkv, cos, sin, kv.k[i], kv.v[i], batch.slots, heads, kv_heads)
             attn = paged_decode_attention(qkv[:, :heads], kv.k[i], kv.v[i], batch.block_tables, batch.context_lens,
                                           head_dim ** -0.5)
             normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight), x, layer.post_attn_norm, eps)
