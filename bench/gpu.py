@@ -15,6 +15,7 @@ synchronize before the clock; medians over alternating rounds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -37,6 +38,7 @@ from engine.sampling_params import SamplingParams, SkipParams  # noqa: E402
 LLAMA_7B_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
 FORCED_SKIP = dict(budget=0.25, threshold=-1.0, warmup_tokens=0)  # fires at the first hot layer, every token
+NEVER_FIRES = dict(budget=0.25, threshold=2.0, warmup_tokens=0)  # the gated step, no cosine exceeds 2: nothing skipped
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -240,9 +242,12 @@ def run(args, hf_dir, batches):
     del hf_models
     torch.cuda.empty_cache()
 
-    skip = SkipParams(**FORCED_SKIP)
-    print("\n| batch | dense tok/s | forced skip tok/s | realized skip | speedup | ceiling | gain / ceiling gain |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    skip, idle = SkipParams(**FORCED_SKIP), SkipParams(**NEVER_FIRES)
+    print("\ndense: no row may skip (cuBLAS FFNs); gated, none fires: a budget whose rule never fires (the skip "
+          "gate and the masked FFN kernels, every FFN computed); forced skip: fires at the first hot layer")
+    print("| batch | dense tok/s | gated, none fires | forced skip tok/s | realized skip | speedup | ceiling | "
+          "gain / ceiling gain |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in (int(b) for b in args.skip_batches.split(",")):
         realized = []
 
@@ -252,15 +257,27 @@ def run(args, hf_dir, batches):
             return tok_s
 
         res = alternate({"dense": lambda b=batch: engine_tok_s(engine, prompt, b, args.new_tokens)[0],
+                         "gated": lambda b=batch: engine_tok_s(engine, prompt, b, args.new_tokens, idle)[0],
                          "skip": skipping}, args.rounds)
-        dense, skipped = statistics.median(res["dense"]), statistics.median(res["skip"])
+        dense, gated, skipped = (statistics.median(res[k]) for k in ("dense", "gated", "skip"))
         ratio = statistics.median(realized)
         ceiling = skip_ceiling(per_token, wb["ffn"], ratio)
         speedup = skipped / dense
-        report["skip"].append(dict(batch=batch, dense=dense, skip=skipped, realized=ratio, ceiling=ceiling))
-        print(f"| {batch} | {dense:.1f} | {skipped:.1f} | {ratio:.3f} | {speedup:.3f}x | {ceiling:.3f}x | "
-              f"{(speedup - 1) / (ceiling - 1):.2f} |")
+        report["skip"].append(dict(batch=batch, dense=dense, gated_none_fires=gated, skip=skipped, realized=ratio,
+                                   ceiling=ceiling))
+        print(f"| {batch} | {dense:.1f} | {gated:.1f} | {skipped:.1f} | {ratio:.3f} | {speedup:.3f}x | "
+              f"{ceiling:.3f}x | {(speedup - 1) / (ceiling - 1):.2f} |")
 
+    if step is not None and step.tuning:
+        print("\nmasked linear tiles measured at start (tile_tuning.py; us, Triton do_bench median, L2 flushed):")
+        print("| weight | row tile | tiles (N x K, warps, stages) | tuned | default tiles | cuBLAS |")
+        print("|---|---:|---|---:|---:|---:|")
+        for r in step.tuning:
+            t = r["tiles"]
+            default = "-" if r["default_ms"] is None else f"{r['default_ms'] * 1e3:.1f}"
+            print(f"| {'x'.join(map(str, r['shape']))} | {r['rows']} | {t.block_n}x{t.block_k}, {t.num_warps}, "
+                  f"{t.num_stages} | {r['ms'] * 1e3:.1f} | {default} | {r['cublas_ms'] * 1e3:.1f} |")
+        report["tiles"] = [dict(r, tiles=dataclasses.asdict(r["tiles"])) for r in step.tuning]
     print("\nkernels on this model's shapes (ms, CUDA events, median of 20; attention over 1,024 tokens):")
     print("| batch | gate_up cuBLAS | gate_up masked Triton | masked, no row runs | attention gather+SDPA | "
           "attention paged Triton |")

@@ -56,6 +56,7 @@ class LlamaDecodeStep:
         forwards = {"dense": functools.partial(self.forward, gated=False),
                     "gated": functools.partial(self.forward, gated=True)}
         self.graphs = DecodeGraphs(forwards, self.buffers)  # eager until `graphs.capture()`
+        self.tuning: list[dict] = []  # `tune()`'s choices and timings
 
     def tune(self) -> list[dict]:
         """Measures the masked FFN kernels' tiles for this GPU and these weights at every bucket's
@@ -63,7 +64,9 @@ class LlamaDecodeStep:
         from engine.backends.cuda.tile_tuning import tune_masked_linear
 
         ffn = self.ffns[0]  # every layer's weights have the same shapes
-        return tune_masked_linear([(ffn.gate_up_weight, None), (ffn.down_weight, ffn.activation)], self.graphs.buckets)
+        self.tuning = tune_masked_linear([(ffn.gate_up_weight, None), (ffn.down_weight, ffn.activation)],
+                                         self.graphs.buckets)
+        return self.tuning
 
     @staticmethod
     def fits(model, kv) -> bool:
