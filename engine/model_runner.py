@@ -112,7 +112,8 @@ class ModelRunner:
                  str(self.act_dtype).removeprefix("torch."), time.perf_counter() - t0)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.act_dtype, self.device, self.quantized)
         element_size = torch.empty(0, dtype=self.kv_dtype).element_size()
-        self.capacity = plan_capacity(config, model_config, element_size, self._device_memory())
+        self.capacity = plan_capacity(config, model_config, element_size, self._device_memory(),
+                                      self.backend.decode_reads_kv_in_place)
         log.info("%s (%s)", self.capacity.describe(config.max_model_len), str(self.kv_dtype).removeprefix("torch."))
         self.block_size = config.block_size
         self.kv = KVCache(model_config.num_layers, self.capacity.num_blocks, model_config.num_kv_heads,

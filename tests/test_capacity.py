@@ -36,6 +36,21 @@ def test_the_7b_cuda_preset_fits_an_80_gb_card_and_serves_64_requests():
     assert "maximum concurrency for 4096 tokens per request" in capacity.describe(config.max_model_len)
 
 
+def test_decode_reading_kv_in_place_reserves_no_gathered_batch():
+    """The Triton paged attention (CUDA with triton) reads blocks in place: the room a decode
+    batch's gathered K/V would take goes to the cache, one sequence's stays (a prefill over
+    cached blocks gathers them)."""
+    config = load_config(preset_path("llama-2-7b-chat-cuda"))
+    card, in_use = 80 * 10 ** 9, weight_bytes(LLAMA_2_7B, BF16) + GiB // 2
+    gathering = plan_capacity(config, LLAMA_2_7B, BF16, DeviceMemory(card, in_use))
+    in_place = plan_capacity(config, LLAMA_2_7B, BF16, DeviceMemory(card, in_use), decode_reads_kv_in_place=True)
+    one_sequence = config.max_model_len * bytes_per_token(LLAMA_2_7B, BF16) // LLAMA_2_7B.num_layers  # a layer at a time
+    freed = (config.max_num_seqs - 1) * one_sequence  # 63 x 64 MiB
+    assert in_place.nbytes - gathering.nbytes == pytest.approx(freed, abs=in_place.bytes_per_block)
+    used = in_use + workspace_bytes(LLAMA_2_7B, config, BF16, decode_reads_kv_in_place=True)
+    assert used + in_place.nbytes <= config.gpu_memory_utilization * card
+
+
 def test_kv_cache_memory_and_token_count_size_the_cache():
     config = EngineConfig(max_model_len=4096, kv_cache_memory=20.0)
     per_block = config.block_size * bytes_per_token(LLAMA_2_7B, BF16)

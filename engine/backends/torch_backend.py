@@ -49,6 +49,9 @@ def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 class TorchBackend:
     name = "torch"
+    # whether decode attention reads K/V through the block tables in place (else each decode row's
+    # blocks are gathered into a copy: KV capacity planning reserves room for a full batch of them)
+    decode_reads_kv_in_place = False
 
     def linear(self, parts: list, bias: torch.Tensor | None = None):
         """One projection from its row blocks (q|k|v, gate|up, or one matrix), dense tensors (only the

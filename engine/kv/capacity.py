@@ -22,16 +22,19 @@ def bytes_per_token(model: ModelConfig, element_size: int) -> int:
     return 2 * model.num_layers * model.num_kv_heads * model.head_dim * element_size
 
 
-def workspace_bytes(model: ModelConfig, config: EngineConfig, element_size: int) -> int:
-    """An upper estimate of the memory one step needs beyond weights and cache, on the torch path:
-    the largest prefill chunk's activations and attention scores, a full decode batch's gathered
-    K/V at max_model_len (until the paged Triton kernel reads blocks in place), the logits, and
-    256 MiB for library workspaces (cuBLAS)."""
+def workspace_bytes(model: ModelConfig, config: EngineConfig, element_size: int,
+                    decode_reads_kv_in_place: bool = False) -> int:
+    """An upper estimate of the memory one step needs beyond weights and cache: the largest
+    prefill chunk's activations and attention scores, gathered K/V at max_model_len (one
+    sequence's for a prefill over cached blocks; a full decode batch's where decode attention
+    gathers instead of reading the blocks in place), the logits, and 256 MiB for library
+    workspaces (cuBLAS) and the decode graphs."""
     chunk = max(config.max_prefill_tokens, config.max_num_seqs)
     width = (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
     activations = 4 * chunk * (3 * model.hidden_size + width + 3 * model.intermediate_size) * element_size
     scores = 2 * model.num_heads * chunk * config.max_model_len * 4  # fp32, with the mask beside them
-    gathered = 2 * config.max_num_seqs * config.max_model_len * model.num_kv_heads * model.head_dim * element_size
+    rows = 1 if decode_reads_kv_in_place else config.max_num_seqs
+    gathered = 2 * rows * config.max_model_len * model.num_kv_heads * model.head_dim * element_size
     logits = 2 * chunk * model.vocab_size * 4
     return activations + scores + gathered + logits + 256 * 2 ** 20
 
@@ -70,8 +73,9 @@ class DeviceMemory:
 
 
 def plan_capacity(config: EngineConfig, model: ModelConfig, element_size: int,
-                  device_memory: DeviceMemory | None = None) -> KVCapacity:
-    """`device_memory`: given on CUDA. Raises ValueError when not even one max_model_len sequence fits."""
+                  device_memory: DeviceMemory | None = None, decode_reads_kv_in_place: bool = False) -> KVCapacity:
+    """`device_memory`: given on CUDA; `decode_reads_kv_in_place`: the backend's (workspace_bytes).
+    Raises ValueError when not even one max_model_len sequence fits."""
     size = config.block_size
     per_block = size * bytes_per_token(model, element_size)
     if config.kv_capacity_tokens is not None:
@@ -80,7 +84,7 @@ def plan_capacity(config: EngineConfig, model: ModelConfig, element_size: int,
         blocks, source = int(config.kv_cache_memory * GiB) // per_block, f"--kv-cache-memory {config.kv_cache_memory:g} GiB"
     elif device_memory is not None:
         budget = (config.gpu_memory_utilization * device_memory.total - device_memory.in_use
-                  - workspace_bytes(model, config, element_size))
+                  - workspace_bytes(model, config, element_size, decode_reads_kv_in_place))
         blocks = max(0, int(budget) // per_block)
         source = (f"--gpu-memory-utilization {config.gpu_memory_utilization:g} of {device_memory.total / GiB:.1f} "
                   f"GiB, {device_memory.in_use / GiB:.1f} GiB in use after loading")

@@ -21,6 +21,7 @@ class CUDABackend(TorchBackend):
     def __init__(self):
         # torch's CUDA wheels bring triton; without it every op is the torch backend's
         self.triton = importlib.util.find_spec("triton") is not None
+        self.decode_reads_kv_in_place = self.triton  # the Triton paged decode attention, every model
 
     def decode_step(self, model, kv, config, policy):
         if not self.triton:
