@@ -25,15 +25,16 @@ def bytes_per_token(model: ModelConfig, element_size: int) -> int:
 def workspace_bytes(model: ModelConfig, config: EngineConfig, element_size: int,
                     decode_reads_kv_in_place: bool = False) -> int:
     """An upper estimate of the memory one step needs beyond weights and cache: the largest
-    prefill chunk's activations and attention scores, gathered K/V at max_model_len (one
-    sequence's for a prefill over cached blocks; a full decode batch's where decode attention
+    prefill chunk's activations and attention scores, gathered K/V at max_model_len (two
+    sequences' for a prefill over cached blocks; a full decode batch's where decode attention
     gathers instead of reading the blocks in place), the logits, and 256 MiB for library
     workspaces (cuBLAS) and the decode graphs."""
     chunk = max(config.max_prefill_tokens, config.max_num_seqs)
     width = (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
     activations = 4 * chunk * (3 * model.hidden_size + width + 3 * model.intermediate_size) * element_size
     scores = 2 * model.num_heads * chunk * config.max_model_len * 4  # fp32, with the mask beside them
-    rows = 1 if decode_reads_kv_in_place else config.max_num_seqs
+    # a prefill gathers one sequence's blocks at a time (two live while the next replaces the last)
+    rows = 2 if decode_reads_kv_in_place else config.max_num_seqs
     gathered = 2 * rows * config.max_model_len * model.num_kv_heads * model.head_dim * element_size
     logits = 2 * chunk * model.vocab_size * 4
     return activations + scores + gathered + logits + 256 * 2 ** 20
