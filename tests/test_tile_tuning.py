@@ -11,7 +11,7 @@ from kernel_device import DEVICE, poisoned
 
 from engine.backends.cuda.masked_linear import (CANDIDATES, Tiles, block_rows, default_tiles,  # noqa: E402
                                                 masked_linear, tuned_tiles)
-from engine.backends.cuda.tile_tuning import tune_masked_linear  # noqa: E402
+from engine.backends.cuda.tile_tuning import MaskedProduct, tune_masked_linear  # noqa: E402
 
 
 def randn(*shape, dtype=torch.bfloat16):
@@ -32,24 +32,25 @@ def test_every_candidate_tiling_computes_the_masked_product(tiles):
     torch.testing.assert_close(got.float(), expect, atol=3e-2, rtol=2e-2)
 
 
-def test_tuning_keeps_the_fastest_tiles_that_run_per_shape_and_row_tile():
+def test_tuning_keeps_the_fastest_tiles_that_run_per_product_and_row_tile():
+    from triton.runtime.errors import OutOfResources
+
     torch.manual_seed(0)
     gate_up, down = randn(96, 40), randn(40, 48)
+    products = [MaskedProduct(gate_up), MaskedProduct(down, "silu", residual=True)]
     fastest = {16: Tiles(16, 256), 32: Tiles(64, 64, 4, 4)}  # by the row tile: the stand-in GPU's answer
     refused = Tiles(32, 256)  # as a card without the shared memory for it
     timed = []
 
-    def measure(x, weight, tiles, activation):
+    def measure(launch, product, rows, tiles):
         if tiles == refused:
-            raise RuntimeError("out of resources: shared memory")
-        if tiles is not None:
-            gated = weight is down  # the down projection's input is gate | up
-            assert activation == ("silu" if gated else None) and x.shape[1] == weight.shape[1] * (1 + gated)
-            masked_linear(x, weight, tiles=tiles, activation=activation)  # the candidate really runs
-        timed.append((tuple(weight.shape), x.shape[0], tiles))
-        return 5.0 if tiles is None else 1.0 if tiles == fastest[x.shape[0]] else 2.0
+            raise OutOfResources(147456, 101376, "shared memory")
+        out = launch()  # the step's very product: its mask, residual and activation
+        assert out.shape == (rows, product.weight.shape[0])
+        timed.append((tuple(product.weight.shape), rows, tiles))
+        return 5.0 if tiles is None else 1.0 if tiles == fastest[rows] else 2.0
 
-    reports = tune_masked_linear([(gate_up, None), (down, "silu"), (down, "silu")], [1, 3, 20], measure)
+    reports = tune_masked_linear(products + products[1:], [1, 3, 20], measure)
 
     assert [(r["shape"], r["rows"]) for r in reports] == [((96, 40), 16), ((96, 40), 32), ((40, 48), 16), ((40, 48), 32)]
     for r in reports:
@@ -58,9 +59,19 @@ def test_tuning_keeps_the_fastest_tiles_that_run_per_shape_and_row_tile():
         assert tuned_tiles(weight, r["rows"], activation) == fastest[r["rows"]]
     assert tuned_tiles(gate_up, 7, None) == fastest[16] and block_rows(7) == 16  # any count in the same row tile
     assert tuned_tiles(down, 7, None) is None  # the product without the activation was not tuned
-    # every candidate but the refused one, the default tiles and cuBLAS, once per shape and row tile
-    # (the repeated product is not timed again)
+    # every candidate but the refused one, the default tiles and cuBLAS, once per product and row
+    # tile: the repeated product is not timed again, nor anything in a second tuning (another engine)
     expected = [(shape, rows, tiles) for shape, gated in (((96, 40), False), ((40, 48), True)) for rows in (16, 32)
                 for tiles in {*CANDIDATES, default_tiles(rows, 2, gated), None} if tiles != refused]
     assert sorted(map(str, timed)) == sorted(map(str, expected))
+    assert tune_masked_linear(products, [1, 20], measure) == [] and len(timed) == len(expected)
     assert default_tiles(1, 2, False) in CANDIDATES and default_tiles(64, 2, False) in CANDIDATES
+
+
+def test_tuning_lets_an_error_that_is_not_about_the_card_through():
+    """A candidate's launch failing for any other reason is a fault, not a tiling to pass over."""
+    def measure(launch, product, rows, tiles):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        tune_masked_linear([MaskedProduct(randn(24, 40))], [1], measure)

@@ -61,11 +61,11 @@ class LlamaDecodeStep:
     def tune(self) -> list[dict]:
         """Measures the masked FFN kernels' tiles for this GPU and these weights at every bucket's
         row count (tile_tuning.py): before any capture, as timing waits for the device."""
-        from engine.backends.cuda.tile_tuning import tune_masked_linear
+        from engine.backends.cuda.tile_tuning import MaskedProduct, tune_masked_linear
 
         ffn = self.ffns[0]  # every layer's weights have the same shapes
-        self.tuning = tune_masked_linear([(ffn.gate_up_weight, None), (ffn.down_weight, ffn.activation)],
-                                         self.graphs.buckets)
+        products = [MaskedProduct(ffn.gate_up_weight), MaskedProduct(ffn.down_weight, ffn.activation, residual=True)]
+        self.tuning = tune_masked_linear(products, self.graphs.buckets)
         return self.tuning
 
     @staticmethod

@@ -2,70 +2,85 @@
 fastest depends on the card (SM count, shared memory, memory system) and on the weight's shape,
 and a decode step's FFNs are two thirds of the bytes a Llama reads per token.
 
-For each FFN weight shape and each row tile the decode buckets use, every candidate of
-masked_linear.CANDIDATES that the GPU can launch is timed on that weight (all rows running, L2
-flushed between runs by Triton's `do_bench`, as a decode step meets its weights cold) and the
-fastest is kept for the process (`masked_linear.use_tiles`). cuBLAS on the same product is timed
-beside it for the log. Runs before the decode graphs are captured (timing synchronizes with the
-host) and compiles each candidate once (Triton's disk cache keeps them for the next start).
+For each FFN product of the step (its weight, row mask, residual and fused activation: the very
+kernel build the step launches) and each row tile the decode buckets use, every candidate of
+masked_linear.CANDIDATES that the GPU can launch is timed (all rows running, L2 flushed between
+runs by Triton's `do_bench`, as a decode step meets its weights cold) and the fastest is kept for
+the process (`masked_linear.use_tiles`; a second engine in the process reuses it). cuBLAS on the
+same x W^T is timed beside it for the log. Runs before the decode graphs are captured (timing
+synchronizes with the host) and compiles each candidate once (Triton's disk cache keeps them for
+the next start).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from engine.backends.cuda.masked_linear import CANDIDATES, Tiles, block_rows, default_tiles, masked_linear, use_tiles
+from engine.backends.cuda.masked_linear import (CANDIDATES, Tiles, block_rows, default_tiles, masked_linear,
+                                                tuned_tiles, use_tiles)
 
 log = logging.getLogger("skipserve.cuda")
 
 
-def median_ms(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None, activation: str | None) -> float:
-    """The masked linear on `tiles` (None: cuBLAS's x W^T, no activation), median ms over ~25 ms
-    of runs."""
+@dataclass
+class MaskedProduct:
+    """A masked linear as the decode step launches it (the same compiled kernel is timed)."""
+
+    weight: torch.Tensor
+    activation: str | None = None  # fused into a gate|up input
+    residual: bool = False
+
+
+def median_ms(launch: Callable[[], object], product: MaskedProduct, rows: int, tiles: Tiles | None) -> float:
+    """`launch`'s median time in ms over ~25 ms of runs (L2 flushed before each)."""
     import triton.testing
 
-    fn = ((lambda: F.linear(x[:, :weight.shape[1]], weight)) if tiles is None else
-          (lambda: masked_linear(x, weight, tiles=tiles, activation=activation)))
-    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+    return triton.testing.do_bench(launch, warmup=5, rep=25, return_mode="median")
 
 
-def tune_masked_linear(products: list[tuple[torch.Tensor, str | None]], row_counts: list[int],
-                       measure: Callable[[torch.Tensor, torch.Tensor, Tiles | None, str | None], float] = median_ms
+def tune_masked_linear(products: list[MaskedProduct], row_counts: list[int],
+                       measure: Callable[[Callable[[], object], MaskedProduct, int, Tiles | None], float] = median_ms
                        ) -> list[dict]:
-    """Picks and sets the tiles of every distinct weight shape and dtype among `products`
-    ((weight, the activation fused into its input or None)) for the row tiles of `row_counts`
-    -> one report per choice: shape, rows, tiles, its time, the default tiles' and cuBLAS's (ms).
-    A candidate that does not launch (shared memory, registers) is passed over."""
+    """Picks and sets the tiles of each product for the row tiles of `row_counts`, unless this
+    process has them already -> one report per choice: shape, rows, tiles, its time, the default
+    tiles' and cuBLAS's x W^T (ms). A candidate that does not launch (shared memory, registers)
+    is passed over."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
     t0 = time.perf_counter()
-    reports, seen = [], set()
-    for weight, activation in products:
+    reports = []
+    for p in products:
+        weight, (n_out, k_in) = p.weight, p.weight.shape
         for rows in sorted({block_rows(n) for n in row_counts}):
-            key = (*weight.shape, weight.dtype, rows, activation)
-            if key in seen:
+            if tuned_tiles(weight, rows, p.activation) is not None:
                 continue
-            seen.add(key)
-            width = weight.shape[1] * (1 if activation is None else 2)
-            x = torch.randn(rows, width, device=weight.device, dtype=weight.dtype)
+            x = torch.randn(rows, k_in * (1 if p.activation is None else 2), device=weight.device, dtype=weight.dtype)
+            run = torch.ones(rows, device=weight.device, dtype=torch.int32)  # every row computed
+            residual = torch.zeros(rows, n_out, device=weight.device, dtype=weight.dtype) if p.residual else None
             times: dict[Tiles, float] = {}
-            default = default_tiles(rows, weight.element_size(), activation is not None)
+            default = default_tiles(rows, weight.element_size(), p.activation is not None)
             for tiles in CANDIDATES + (default,):
                 if tiles in times:
                     continue
+                launch = functools.partial(masked_linear, x, weight, run, residual, tiles=tiles, activation=p.activation)
                 try:
-                    times[tiles] = measure(x, weight, tiles, activation)
-                except Exception as exc:  # out of shared memory or registers on this card: not a candidate
+                    times[tiles] = measure(launch, p, rows, tiles)
+                except (OutOfResources, PTXASError, CompilationError) as exc:  # not for this card
                     log.debug("masked linear tiles %s do not run on %s: %r", tiles, tuple(weight.shape), exc)
             if not times:
                 continue
             best = min(times, key=times.get)
-            use_tiles(weight, rows, activation, best)
-            reports.append(dict(shape=tuple(weight.shape), rows=rows, tiles=best, ms=times[best],
-                                default_ms=times.get(default),
-                                cublas_ms=measure(x, weight, None, None)))
+            use_tiles(weight, rows, p.activation, best)
+            cublas = measure(functools.partial(F.linear, x[:, :k_in], weight), p, rows, None)
+            reports.append(dict(shape=(n_out, k_in), rows=rows, tiles=best, ms=times[best],
+                                default_ms=times.get(default), cublas_ms=cublas))
     for r in reports:
         t = r["tiles"]
         log.info("masked linear %s x %d rows: tiles %dx%d, %d warps, %d stages: %.1f us (default tiles %s us, "
