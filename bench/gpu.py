@@ -243,8 +243,9 @@ def run(args, hf_dir, batches):
     torch.cuda.empty_cache()
 
     skip, idle = SkipParams(**FORCED_SKIP), SkipParams(**NEVER_FIRES)
-    print("\ndense: no row may skip (cuBLAS FFNs); gated, none fires: a budget whose rule never fires (the skip "
-          "gate and the masked FFN kernels, every FFN computed); forced skip: fires at the first hot layer")
+    print("\ndense: no row may skip (each FFN product on cuBLAS or the masked kernel, the faster at start); "
+          "gated, none fires: a budget whose rule never fires (the skip gate and the masked FFN kernels, every "
+          "FFN computed); forced skip: fires at the first hot layer")
     print("| batch | dense tok/s | gated, none fires | forced skip tok/s | realized skip | speedup | ceiling | "
           "gain / ceiling gain |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -270,13 +271,14 @@ def run(args, hf_dir, batches):
 
     if step is not None and step.tuning:
         print("\nmasked linear tiles measured at start (tile_tuning.py; us, Triton do_bench median, L2 flushed):")
-        print("| weight | row tile | tiles (N x K, warps, stages) | tuned | default tiles | cuBLAS |")
-        print("|---|---:|---|---:|---:|---:|")
+        print("| weight | row tile | tiles (N x K, warps, stages) | tuned | default tiles | cuBLAS | dense steps run |")
+        print("|---|---:|---|---:|---:|---:|---|")
         for r in step.tuning:
             t = r["tiles"]
             default = "-" if r["default_ms"] is None else f"{r['default_ms'] * 1e3:.1f}"
             print(f"| {'x'.join(map(str, r['shape']))} | {r['rows']} | {t.block_n}x{t.block_k}, {t.num_warps}, "
-                  f"{t.num_stages} | {r['ms'] * 1e3:.1f} | {default} | {r['cublas_ms'] * 1e3:.1f} |")
+                  f"{t.num_stages} | {r['ms'] * 1e3:.1f} | {default} | {r['cublas_ms'] * 1e3:.1f} | "
+                  f"{'cuBLAS' if r['cublas_ms'] <= r['ms'] else 'masked kernel'} |")
         report["tiles"] = [dict(r, tiles=dataclasses.asdict(r["tiles"])) for r in step.tuning]
     print("\nkernels on this model's shapes (ms, CUDA events, median of 20; attention over 1,024 tokens):")
     print("| batch | gate_up cuBLAS | gate_up masked Triton | masked, no row runs | attention gather+SDPA | "

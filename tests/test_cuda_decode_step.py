@@ -9,7 +9,9 @@ import torch
 
 from kernel_device import INTERPRETED
 
+from engine.backends.cuda import tile_tuning  # noqa: E402
 from engine.backends.cuda.decode_step import LlamaDecodeStep  # noqa: E402
+from engine.backends.cuda.masked_linear import tuning_key  # noqa: E402
 from engine.backends.torch_backend import TorchBackend  # noqa: E402
 from engine.config import SkipConfig  # noqa: E402
 from engine.kv.cache import KVCache  # noqa: E402
@@ -59,7 +61,11 @@ def decode_steps(decode, prompts, gates):
     return steps
 
 
-def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torch_model):
+@pytest.mark.parametrize("dense_products", ["cublas", "masked"])
+def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torch_model, dense_products,
+                                                      monkeypatch):
+    """Dense steps on torch's linear layers (cuBLAS on a GPU), or on the masked kernels as where
+    those ran the FFN's products faster at start."""
     model, kv = torch_model
     base = chat_prompts[0] * 3
     prompts = [base[:n] for n in PROMPT_LENGTHS]
@@ -69,6 +75,12 @@ def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torc
     gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
     step = LlamaDecodeStep(model, kv, max_batch=4, max_blocks=4, skip=engine.config.skip, quorum=policy.quorum)
     assert LlamaDecodeStep.fits(model, kv)
+    ffn = step.ffns[0]
+    if dense_products == "masked":
+        monkeypatch.setattr(tile_tuning, "_reports", {tuning_key(w, len(prompts), act): dict(ms=1.0, cublas_ms=2.0)
+                                                      for w, act in ((ffn.gate_up_weight, None),
+                                                                     (ffn.down_weight, ffn.activation))})
+    assert tile_tuning.prefer_masked(ffn.down_weight, len(prompts), ffn.activation) == (dense_products == "masked")
 
     with torch.inference_mode():
         kv.k.zero_()

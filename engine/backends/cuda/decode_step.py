@@ -15,8 +15,9 @@ the whole decode forward. The FFN comes in two variants, each with its own graph
   each row's RowSkip, and the quorum of the policy this step was built for). The exact skips are
   read once, after the step, when the runner asks the gate for its counts.
 - "dense", for steps where no row may (a `DenseGate`; what every request without a skip budget
-  gets): the FFNs on cuBLAS, the down projection adding into the residual (beta = 1), and none of
-  the gate's kernels.
+  gets): none of the gate's kernels, and each FFN product on cuBLAS (the down projection adding
+  into the residual, beta = 1) or on the masked kernel with every row running, whichever ran it
+  faster on this card at start (tile_tuning.py; cuBLAS until measured).
 
 Prefill, and decode steps this one does not take (more rows than the buffers hold, a gate that
 decides in Python, e.g. calibration's recorder), run the model's torch path.
@@ -30,11 +31,12 @@ import torch.nn.functional as F
 
 from engine.backends.cuda.decode_attention import paged_decode_attention
 from engine.backends.cuda.device_gate import DeviceSkipGate
-from engine.backends.cuda.gated_activation import silu_mul
 from engine.backends.cuda.graphs import DecodeBatch, DecodeGraphs, DecodeInputs, StaticDecodeBuffers
 from engine.backends.cuda.masked_ffn import MaskedFFN
+from engine.backends.cuda.masked_linear import masked_linear
 from engine.backends.cuda.rms_norm import add_rms_norm, rms_norm
 from engine.backends.cuda.rotary_kv import rotary_and_write_kv
+from engine.backends.cuda.tile_tuning import ACTIVATIONS, MaskedProduct, prefer_masked, tune_masked_linear
 from engine.backends.torch_backend import PlainLinear
 from engine.config import SkipConfig
 from engine.skip.base import RuleGate
@@ -61,8 +63,6 @@ class LlamaDecodeStep:
     def tune(self) -> list[dict]:
         """Measures the masked FFN kernels' tiles for this GPU and these weights at every bucket's
         row count (tile_tuning.py): before any capture, as timing waits for the device."""
-        from engine.backends.cuda.tile_tuning import MaskedProduct, tune_masked_linear
-
         ffn = self.ffns[0]  # every layer's weights have the same shapes
         products = [MaskedProduct(ffn.gate_up_weight), MaskedProduct(ffn.down_weight, ffn.activation, residual=True)]
         self.tuning = tune_masked_linear(products, self.graphs.buckets)
@@ -117,8 +117,17 @@ class LlamaDecodeStep:
             attn = paged_decode_attention(qkv[:, :heads], kv.k[i], kv.v[i], batch.block_tables, batch.context_lens,
                                           head_dim ** -0.5)
             normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight), x, layer.post_attn_norm, eps)
-            if gated:
-                x = self.gate(i, h, functools.partial(self.ffns[i], normed=normed))
-            else:  # h + down(act(gate_up(normed))), the sum in cuBLAS's epilogue (h is this layer's own)
-                x = h.addmm_(silu_mul(F.linear(normed, layer.gate_up.weight)), layer.down.weight.t())
+            x = self.gate(i, h, functools.partial(self.ffns[i], normed=normed)) if gated else \
+                self.dense_ffn(self.ffns[i], h, normed)
         return rms_norm(x, model.norm, eps)
+
+    @staticmethod
+    def dense_ffn(ffn: MaskedFFN, h: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        """h + down(act(gate_up(normed))) with every row running, in place in h (this layer's own):
+        each product on whichever ran it faster on this card at start (tile_tuning.py), cuBLAS
+        (the sum in its epilogue) or the masked kernel (the activation fused into its loads)."""
+        rows, (w_gu, w_down, act) = h.shape[0], (ffn.gate_up_weight, ffn.down_weight, ffn.activation)
+        gate_up = masked_linear(normed, w_gu) if prefer_masked(w_gu, rows, None) else F.linear(normed, w_gu)
+        if prefer_masked(w_down, rows, act):
+            return masked_linear(gate_up, w_down, residual=h, out=h, activation=act)
+        return h.addmm_(ACTIVATIONS[act](gate_up), w_down.t())
