@@ -102,7 +102,7 @@ class LlamaDecodeStep:
 
     def forward(self, batch: DecodeBatch, gated: bool) -> torch.Tensor:
         """The step on the static buffers (captured as a graph, or run as it is); `gated`: the FFNs
-        through the device skip gate, else all of them on cuBLAS."""
+        through the device skip gate, else every FFN run (`dense_ffn`)."""
         model, cfg, kv = self.model, self.cfg, self.kv
         eps, heads, kv_heads, head_dim = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         rows = batch.token_ids.shape[0]
