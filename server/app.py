@@ -19,7 +19,7 @@ from server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from server.completions import check_model, router as completions_router
 from server.errors import APIError, error_response
 from server.metrics import Metrics
-from server.protocol import TokenizeRequest
+from server.protocol import DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger("skipserve.server")
 
@@ -92,22 +92,32 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     async def version():
         return {"version": __version__}
 
+    def model_card() -> dict:
+        return {"id": served_model_name, "object": "model", "created": int(state.started), "owned_by": "skipserve",
+                "max_model_len": engine.config.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": served_model_name, "object": "model", "created": int(state.started), "owned_by": "skipserve",
-            "max_model_len": engine.config.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")  # a served name may hold a slash (org/model)
+    async def model(model: str):
+        check_model(state, model)
+        return model_card()
 
     @app.get("/metrics")
     async def metrics_route():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    def ready_tokenizer():
         try:
-            tokenizer = engine.tokenizer()
+            return engine.tokenizer()
         except EngineNotReadyError as exc:
             raise APIError(503, str(exc), code="not_ready")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        tokenizer = ready_tokenizer()
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
         if body.model is not None:
@@ -118,6 +128,16 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         else:
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        """Token ids -> text, as vLLM's /detokenize (special tokens left out, as in completions)."""
+        tokenizer = ready_tokenizer()
+        if body.model is not None:
+            check_model(state, body.model)
+        if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in the vocabulary (0 to {tokenizer.vocab_size - 1})", "tokens")
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
 
     app.add_middleware(AccessGate, state=state)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)  # added last: runs first

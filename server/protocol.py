@@ -186,3 +186,8 @@ class TokenizeRequest(RequestBody):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+
+
+class DetokenizeRequest(RequestBody):
+    model: Optional[str] = None
+    tokens: list[StrictInt]

@@ -63,6 +63,14 @@ def test_unknown_model_is_404_model_not_found(server):
     assert_error(r, 404, "model")
     assert r.json()["error"]["code"] == "model_not_found"
     assert_error(post(server, {"model": "no-such-model", "prompt": "hi"}, "/tokenize"), 404, "model")
+    assert_error(post(server, {"model": "no-such-model", "tokens": [1]}, "/detokenize"), 404, "model")
+    assert_error(httpx.get(server.url + "/v1/models/org/no-such-model"), 404, "model")
+
+
+@pytest.mark.parametrize("tokens,param", [([1, -1], "tokens"), ([10 ** 9], "tokens"), ([1.5], "tokens.0"),
+                                          (["1"], "tokens.0"), (None, "tokens")])
+def test_detokenize_takes_only_token_ids_of_the_vocabulary(server, tokens, param):
+    assert_error(post(server, {"tokens": tokens}, "/detokenize"), 400, param)
 
 
 @pytest.mark.parametrize("body", [[1, 2], "text", 3, None])

@@ -123,6 +123,18 @@ def test_models_health_version_tokenize(server):
     assert httpx.get(server.url + "/version").json()["version"]
     tok = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}).json()
     assert tok["count"] == len(tok["tokens"]) == 2
+    back = httpx.post(server.url + "/detokenize", json={"tokens": tok["tokens"], "model": MODEL})
+    assert back.status_code == 200 and back.json() == {"prompt": "hello world"}
+
+
+def test_the_sdk_retrieves_the_served_model_and_not_another(client):
+    model = client.models.retrieve(MODEL)
+    assert model.id == MODEL and model.object == "model"
+    try:
+        client.models.retrieve("no-such-model")
+        raise AssertionError("an unknown model was found")
+    except openai.NotFoundError as exc:
+        assert exc.body["code"] == "model_not_found" and exc.body["param"] == "model"
 
 
 def test_repeated_prompt_reports_cached_prompt_tokens(server, client):
