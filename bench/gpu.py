@@ -37,8 +37,9 @@ from engine.sampling_params import SamplingParams, SkipParams  # noqa: E402
 
 LLAMA_7B_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+BENCH_SKIP = SkipConfig(cold_start=4, cold_end=4, max_budget=1.0)  # the engine's skip settings here
 FORCED_SKIP = dict(budget=0.25, threshold=-1.0, warmup_tokens=0)  # fires at the first hot layer, every token
-NEVER_FIRES = dict(budget=0.25, threshold=2.0, warmup_tokens=0)  # the gated step, no cosine exceeds 2: nothing skipped
+NEVER_FIRES = dict(budget=0.25, threshold=1.0, warmup_tokens=0)  # the gated step; no cosine exceeds 1: nothing skipped
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -189,7 +190,7 @@ def run(args, hf_dir, batches):
     # KV for exactly the largest batch, so that HF's models fit on the card beside the engine
     config = EngineConfig(model=str(hf_dir), device="cuda", dtype="bfloat16", max_num_seqs=max(batches),
                           max_model_len=max_len, kv_capacity_tokens=max(batches) * max_len, prefix_caching=False,
-                          skip=SkipConfig(cold_start=4, cold_end=4, max_budget=1.0), enforce_eager=args.enforce_eager)
+                          skip=BENCH_SKIP, enforce_eager=args.enforce_eager)
     engine = LLMEngine(config)
     step = engine.runner.decode_step
     decode_path = ("torch per-op path" if step is None else

@@ -29,6 +29,18 @@ def test_skip_ceiling_is_bytes_over_bytes_left():
     assert skip_ceiling(134.5, 79.6, 0.0) == 1.0
 
 
+def test_its_skip_settings_are_ones_the_engine_takes():
+    """bench/gpu.py runs these on a GPU only: a setting the engine refuses would fail there alone."""
+    from bench.gpu import BENCH_SKIP, FORCED_SKIP, NEVER_FIRES
+    from engine.sampling_params import SkipParams
+    from engine.skip.settings import resolve_skip
+
+    forced = resolve_skip(BENCH_SKIP, SkipParams(**FORCED_SKIP))
+    idle = resolve_skip(BENCH_SKIP, SkipParams(**NEVER_FIRES))
+    assert forced.budget == idle.budget == 0.25 and forced.threshold == -1.0
+    assert idle.threshold >= 1.0  # a cosine never exceeds 1: the gated step runs, nothing is skipped
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on hosts without CUDA")
 def test_refuses_with_a_message_without_cuda():
     proc = subprocess.run([sys.executable, "bench/gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
