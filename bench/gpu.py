@@ -40,7 +40,8 @@ LLAMA_7B_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_laye
 BENCH_SKIP = SkipConfig(cold_start=4, cold_end=4, max_budget=1.0)  # the engine's skip settings here
 FORCED_SKIP = dict(budget=0.25, threshold=-1.0, warmup_tokens=0)  # fires at the first hot layer, every token
 NEVER_FIRES = dict(budget=0.25, threshold=1.0, warmup_tokens=0)  # the gated step; no cosine exceeds 1: nothing skipped
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")  # transformers 5 writes the chat template on its own
 
 
 def skip_ceiling(bytes_per_token: float, ffn_bytes: float, realized_skip: float) -> float:
