@@ -31,12 +31,13 @@ import torch.nn.functional as F
 
 from engine.backends.cuda.decode_attention import paged_decode_attention
 from engine.backends.cuda.device_gate import DeviceSkipGate
+from engine.backends.cuda.gated_activation import ACTIVATIONS
 from engine.backends.cuda.graphs import DecodeBatch, DecodeGraphs, DecodeInputs, StaticDecodeBuffers
 from engine.backends.cuda.masked_ffn import MaskedFFN
 from engine.backends.cuda.masked_linear import masked_linear
 from engine.backends.cuda.rms_norm import add_rms_norm, rms_norm
 from engine.backends.cuda.rotary_kv import rotary_and_write_kv
-from engine.backends.cuda.tile_tuning import ACTIVATIONS, MaskedProduct, prefer_masked, tune_masked_linear
+from engine.backends.cuda.tile_tuning import MaskedProduct, prefer_masked, tune_masked_linear
 from engine.backends.torch_backend import PlainLinear
 from engine.config import SkipConfig
 from engine.skip.base import RuleGate
@@ -108,6 +109,10 @@ class LlamaDecodeStep:
         rows = batch.token_ids.shape[0]
         if gated:
             self.gate.reset()
+        else:  # every layer's FFN has the same shapes: one choice for the whole step
+            ffn = self.ffns[0]
+            masked = (prefer_masked(ffn.gate_up_weight, rows, None),
+                      prefer_masked(ffn.down_weight, rows, ffn.activation))
         cos, sin = self.rope.cos[batch.positions], self.rope.sin[batch.positions]  # [rows, head_dim]
         x = model.embed_tokens(batch.token_ids)
         for i, layer in enumerate(model.layers):
@@ -118,16 +123,18 @@ class LlamaDecodeStep:
                                           head_dim ** -0.5)
             normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight), x, layer.post_attn_norm, eps)
             x = self.gate(i, h, functools.partial(self.ffns[i], normed=normed)) if gated else \
-                self.dense_ffn(self.ffns[i], h, normed)
+                self.dense_ffn(self.ffns[i], h, normed, *masked)
         return rms_norm(x, model.norm, eps)
 
     @staticmethod
-    def dense_ffn(ffn: MaskedFFN, h: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    def dense_ffn(ffn: MaskedFFN, h: torch.Tensor, normed: torch.Tensor, masked_gate_up: bool, masked_down: bool
+                  ) -> torch.Tensor:
         """h + down(act(gate_up(normed))) with every row running, in place in h (this layer's own):
-        each product on whichever ran it faster on this card at start (tile_tuning.py), cuBLAS
-        (the sum in its epilogue) or the masked kernel (the activation fused into its loads)."""
-        rows, (w_gu, w_down, act) = h.shape[0], (ffn.gate_up_weight, ffn.down_weight, ffn.activation)
-        gate_up = masked_linear(normed, w_gu) if prefer_masked(w_gu, rows, None) else F.linear(normed, w_gu)
-        if prefer_masked(w_down, rows, act):
+        each product on the masked kernel where it ran faster than cuBLAS on this card at start
+        (tile_tuning.prefer_masked: the activation fused into its loads), else on cuBLAS (the sum in
+        its epilogue)."""
+        w_gu, w_down, act = ffn.gate_up_weight, ffn.down_weight, ffn.activation
+        gate_up = masked_linear(normed, w_gu) if masked_gate_up else F.linear(normed, w_gu)
+        if masked_down:
             return masked_linear(gate_up, w_down, residual=h, out=h, activation=act)
         return h.addmm_(ACTIVATIONS[act](gate_up), w_down.t())

@@ -53,3 +53,6 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
 def gelu_tanh_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """[rows, 2 * inter] (gate | up) -> gelu_tanh(gate) * up [rows, inter] (Gemma's MLP)."""
     return _launch(gate_up, out, True)
+
+
+ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}  # by name (MaskedFFN, masked_linear's `activation`)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from engine.backends.cuda import kernel_support
-from engine.backends.cuda.gated_activation import gated
+from engine.backends.cuda.gated_activation import ACTIVATIONS, gated
 from engine.backends.cuda.kernel_support import dot_precision, dot_size, upcast_dots
 
 
@@ -123,7 +123,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, run: torch.Tensor | Non
     tiles: these (tuning, the compile check), else the ones tuned for this shape, else defaults."""
     rows, k_in = x.shape
     if activation is not None:
-        assert activation in ("silu", "gelu_tanh") and k_in % 2 == 0, activation
+        assert activation in ACTIVATIONS and k_in % 2 == 0, activation
         k_in //= 2
     n_out = weight.shape[0]
     assert weight.shape[1] == k_in and weight.is_contiguous() and x.stride(-1) == 1

@@ -25,12 +25,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.backends.cuda.gated_activation import gelu_tanh_mul, silu_mul
+from engine.backends.cuda.gated_activation import ACTIVATIONS
 from engine.backends.cuda.masked_linear import (CANDIDATES, Tiles, block_rows, default_tiles, masked_linear,
                                                 tuning_key, use_tiles)
 
 log = logging.getLogger("skipserve.cuda")
-ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
 _reports: dict[tuple, dict] = {}  # tuning_key -> what tune_masked_linear measured for it
 
 
