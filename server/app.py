@@ -16,7 +16,7 @@ from engine.async_engine import AsyncEngine, EngineNotReadyError
 from server import __version__, errors
 from server.access_gate import AccessGate
 from server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
-from server.completions import check_model, router as completions_router
+from server.completions import check_model, check_token_ids, router as completions_router
 from server.errors import APIError, error_response
 from server.metrics import Metrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
@@ -135,8 +135,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         tokenizer = ready_tokenizer()
         if body.model is not None:
             check_model(state, body.model)
-        if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
-            raise APIError(400, f"token ids must be in the vocabulary (0 to {tokenizer.vocab_size - 1})", "tokens")
+        check_token_ids(body.tokens, tokenizer, "tokens")
         return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
 
     app.add_middleware(AccessGate, state=state)

@@ -71,6 +71,12 @@ def check_model(state, model: str) -> None:
                        "model", "model_not_found")
 
 
+def check_token_ids(ids: list[int], tokenizer, param: str) -> None:
+    """400 on `param` for a token id outside the model's vocabulary."""
+    if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+        raise APIError(400, f"token ids must be in the vocabulary (0 to {tokenizer.vocab_size - 1})", param)
+
+
 async def wait_for_disconnect(request: Request) -> None:
     """Returns when the client closes the connection (the request body is already read)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -101,8 +107,7 @@ class CompletionCall:
                 prompt = body.prompt
                 prompt_ids = list(prompt) if isinstance(prompt, list) else await asyncio.to_thread(tokenizer.encode, prompt)
                 param = "prompt"
-                if any(not 0 <= t < tokenizer.vocab_size for t in prompt_ids):
-                    raise APIError(400, "prompt token ids must be in the vocabulary", "prompt")
+                check_token_ids(prompt_ids, tokenizer, "prompt")
             self.timer = RequestTimer(state.metrics)
             return state.engine.add_request(self.id, prompt_ids, body.to_sampling(), body.skip(), param)
         except EngineNotReadyError as exc:
