@@ -79,7 +79,7 @@ class LLMEngine:
         plan = self.resolve_skip(skip)
         max_tokens = self.check_prompt(prompt_ids, params, prompt_param)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
-        # choice i samples with seed + i, as an unsigned 64-bit value (what torch's generators take)
+        # choice i samples with seed + i, as an unsigned 64-bit value (what engine/seeded_uniform.py takes)
         return [
             Sequence(
                 seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids),
@@ -106,7 +106,6 @@ class LLMEngine:
             self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.runner.release(seq.seq_id)
         self._sequences.pop(seq.seq_id, None)
 
     @property

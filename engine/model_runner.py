@@ -30,6 +30,7 @@ from engine.models import build_model
 from engine.quant.int8 import quantize_state
 from engine.sampler import SampleRow, Sampled, sample
 from engine.scheduler import ScheduledBatch
+from engine.seeded_uniform import seeded_uniform
 from engine.skip import DenseGate, build_policy
 
 log = logging.getLogger("skipserve.runner")
@@ -122,7 +123,6 @@ class ModelRunner:
         self.policy = build_policy(config.skip, model_config.num_layers)
         self.decode_step = self.backend.decode_step(self.model, self.kv, config, self.policy)  # CUDA: Triton + graphs
         self.num_layers = model_config.num_layers
-        self._generators: dict[str, torch.Generator] = {}
         per_token = self.model.weight_bytes()
         log.info("weights read per decoded token: %.1f MB (FFN %.1f, attention %.1f, lm_head %.1f); kernels: %s",
                  sum(per_token.values()) / 1e6, per_token["ffn"] / 1e6, per_token["attention"] / 1e6,
@@ -190,32 +190,15 @@ class ModelRunner:
         failed, live, rows = {}, [], []
         for i, seq in enumerate(producers):  # a row's own settings may fail it alone (e.g. its seed)
             try:
-                rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids, self._generator(seq)))
+                uniform = None if seq.params.greedy else seeded_uniform(seq.seed, len(seq.output_ids))
+                rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids, uniform))
                 live.append(i)
             except Exception as exc:
                 failed[seq.seq_id] = exc
         if len(live) < len(producers):
             logits = logits[live]
-        samples = {}
-        for i, token in zip(live, sample(logits, rows)):
-            if isinstance(token, Exception):
-                failed[producers[i].seq_id] = token
-            else:
-                samples[producers[i].seq_id] = token
+        samples = {producers[i].seq_id: token for i, token in zip(live, sample(logits, rows))} if rows else {}
         if batch.decodes:  # after sampling, which waits for the device anyway: no sync between step and lm_head
             per_row, layer_skipped = gate.skip_counts(len(batch.decodes))
             skipped = {s.seq_id: n for s, n in zip(batch.decodes, per_row)}
         return StepResult(samples, skipped, layer_skipped, failed)
-
-    def _generator(self, seq) -> torch.Generator | None:
-        if seq.params.greedy:
-            return None
-        gen = self._generators.get(seq.seq_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(seq.seed)
-            self._generators[seq.seq_id] = gen
-        return gen
-
-    def release(self, seq_id: str) -> None:
-        self._generators.pop(seq_id, None)

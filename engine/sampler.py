@@ -1,10 +1,14 @@
-"""Turns a step's logits into tokens: penalties, logit bias, greedy or seeded sampling, logprobs."""
+"""Turns a step's logits into tokens: penalties, logit bias, greedy or seeded sampling, logprobs,
+for all rows at once; the host reads the step's tokens (and logprobs) back in one transfer each."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+from engine.categorical import draw
+from engine.rows import put_rows, take_rows
+from engine.penalties import apply_penalties
 from engine.sampling_params import SamplingParams
 
 
@@ -13,7 +17,7 @@ class SampleRow:
     params: SamplingParams
     prompt_ids: list[int]
     output_ids: list[int]
-    generator: torch.Generator | None
+    uniform: float | None  # the row's random draw in [0, 1) (None for greedy rows)
 
 
 @dataclass
@@ -23,81 +27,42 @@ class Sampled:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | Exception]:
-    """logits: [B, V] float32, one row per entry of `rows`. A row whose own sampling fails (its
-    settings, its generator) gets the exception in its place; the other rows are unaffected."""
-    want_logprobs = any(r.params.logprobs is not None for r in rows)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    errors: dict[int, Exception] = {}
-    logits = _apply_penalties_and_bias(logits, rows, errors)
-    tokens = logits.max(dim=-1).indices  # argmax's result (first maximum; NaN wins), 2-3x faster on the CPU
-    for i, row in enumerate(rows):
-        if not row.params.greedy and i not in errors:
-            try:
-                tokens[i] = _sample_row(logits[i], row.params, row.generator)
-            except Exception as exc:
-                errors[i] = exc
-    token_list = tokens.tolist()
-    out: list[Sampled | Exception] = []
-    for i, (row, token) in enumerate(zip(rows, token_list)):
-        k = row.params.logprobs
-        if i in errors:
-            out.append(errors[i])
-        elif k is None:
-            out.append(Sampled(token))
-        else:
-            top = raw_logprobs[i].topk(k) if k else None
-            out.append(Sampled(token, raw_logprobs[i, token].item(),
-                               list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
+    """logits: [B, V] float32, one row per entry of `rows`; the sampler works in them (the
+    caller's copy is spent)."""
+    params = [r.params for r in rows]
+    raw = logits.clone() if any(p.logprobs is not None for p in params) else None  # the model's own, for logprobs
+    apply_penalties(logits, params, [r.prompt_ids for r in rows], [r.output_ids for r in rows])
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if not drawn:
+        tokens = logits.max(dim=-1).indices  # argmax's result (first maximum; NaN wins), 2-3x faster on the CPU
+    else:
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        if greedy:
+            put_rows(tokens, greedy, take_rows(logits, greedy).max(dim=-1).indices)
+        put_rows(tokens, drawn, draw(take_rows(logits, drawn), [params[i].temperature for i in drawn],
+                                     [params[i].top_k for i in drawn], [params[i].top_p for i in drawn],
+                                     [params[i].min_p for i in drawn], [rows[i].uniform for i in drawn]))
+    out = [Sampled(token) for token in tokens.tolist()]
+    if raw is not None:
+        _add_logprobs(raw, tokens, params, out)
     return out
 
 
-def _apply_penalties_and_bias(logits: torch.Tensor, rows: list[SampleRow], errors: dict[int, Exception]) -> torch.Tensor:
-    touched = [i for i, r in enumerate(rows) if r.params.needs_penalties or r.params.logit_bias]
-    if not touched:
-        return logits
-    logits = logits.clone()
-    for i in touched:
-        try:
-            _penalize_row(logits[i], rows[i])
-        except Exception as exc:
-            errors[i] = exc
-    return logits
-
-
-def _penalize_row(row: torch.Tensor, sample_row: SampleRow) -> None:
-    """Penalties and logit bias of one row, in place."""
-    p, vocab = sample_row.params, row.shape[-1]
-    if p.needs_penalties and sample_row.output_ids:
-        out_counts = torch.bincount(torch.tensor(sample_row.output_ids, device=row.device), minlength=vocab)[:vocab]
-        if p.repetition_penalty != 1.0:
-            seen = out_counts > 0
-            seen[torch.tensor(sample_row.prompt_ids, device=row.device)] = True
-            # HF/vLLM semantics: divide positive logits, multiply negative ones
-            row[seen] = torch.where(row[seen] > 0, row[seen] / p.repetition_penalty, row[seen] * p.repetition_penalty)
-        row -= p.frequency_penalty * out_counts.to(row.dtype)
-        row -= p.presence_penalty * (out_counts > 0).to(row.dtype)
-    elif p.repetition_penalty != 1.0:
-        seen = torch.tensor(sample_row.prompt_ids, device=row.device)
-        row[seen] = torch.where(row[seen] > 0, row[seen] / p.repetition_penalty, row[seen] * p.repetition_penalty)
-    if p.logit_bias:
-        ids = torch.tensor(list(p.logit_bias.keys()), device=row.device)
-        row[ids] += torch.tensor(list(p.logit_bias.values()), device=row.device, dtype=row.dtype)
-
-
-def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    logits = logits / p.temperature
-    if p.top_k > 0:
-        kth = logits.topk(min(p.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        cumulative = sorted_probs.cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = cumulative - sorted_probs >= p.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def _add_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], out: list[Sampled]) -> None:
+    """The model's own logprobs (before penalties and temperature) of each asking row's token and
+    of its `logprobs` most likely alternatives."""
+    asking = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not asking:
+        return
+    index = torch.tensor(asking, device=logits.device)
+    logprobs = torch.log_softmax(logits[index], dim=-1)
+    chosen = logprobs.gather(1, tokens[index][:, None]).squeeze(1).tolist()
+    width = max(params[i].logprobs for i in asking)
+    top = logprobs.topk(width, dim=-1) if width else None
+    top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+    for row, i in enumerate(asking):
+        k = params[i].logprobs
+        out[i].logprob = chosen[row]
+        out[i].top_logprobs = list(zip(top_ids[row][:k], top_values[row][:k])) if k else []

@@ -110,7 +110,7 @@ class CommonRequest(RequestBody):
     min_p: Optional[float] = None
     n: StrictInt = 1
     stop: Union[str, list[str], None] = None
-    seed: Optional[Seed] = None  # int64, as vLLM; torch's generators take it (choice i: seed + i)
+    seed: Optional[Seed] = None  # int64, as vLLM; the sampler's stream for it (choice i: seed + i)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = None

@@ -114,7 +114,8 @@ def test_seeds_outside_int64_are_400(server, seed, n):
 @pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
 def test_int64_edge_seeds_sample(server, seed):
     """The extremes of int64 are valid seeds, also with n = 2 (choice i samples with seed + i). EOS is
-    ignored: which tokens a seed draws depends on the device's generator (CUDA's are not the CPU's)."""
+    ignored: a seed draws the same numbers on every device, but the logits it draws from differ
+    between the CPU and CUDA."""
     r = post(server, {**OK, "temperature": 1, "seed": seed, "n": 2, "max_tokens": 4, "ignore_eos": True})
     assert r.status_code == 200, r.text
     assert [c["finish_reason"] for c in r.json()["choices"]] == ["length", "length"]

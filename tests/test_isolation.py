@@ -12,8 +12,8 @@ from tests.helpers import stream_chat
 def run_to_completion(engine, requests: dict[str, tuple[list[int], SamplingParams]], poisoned: set[str] = frozenset(),
                       poison: str = "seed"):
     """Submit all at once -> (text, last output) by request. `poisoned` requests carry what no API
-    request can carry any more, for a real failure inside the step: a seed torch's generators refuse
-    (past uint64; fails in sampling), or a prompt token past the vocabulary (fails in the batched
+    request can carry any more, for a real failure inside the step: a seed the sampler refuses
+    (past uint64; fails as its row is sampled), or a prompt token past the vocabulary (fails in the batched
     forward, which then runs its sequences one at a time)."""
     for rid, (prompt, params) in requests.items():
         seqs = engine.prepare_request(rid, prompt, params)

@@ -1,0 +1,120 @@
+"""One token a row from its filtered distribution (temperature, top-k, min-p, top-p), for a whole
+batch in a few tensor operations, by inverse transform: each row brings one uniform number.
+
+The filters, in order: temperature scales the logits; top-k keeps the k most likely tokens (their
+softmax renormalised over them); min-p drops tokens below min_p times the most likely one; top-p
+keeps the smallest run of the most likely tokens whose mass (after min-p) reaches top_p.
+
+Rows with top-k or top-p need their tokens in order of probability. A full sort of the vocabulary
+costs milliseconds a row on a CPU, so they sort only their `CANDIDATES` most likely tokens (or
+top_k, when larger) and a row whose kept tokens may reach past those is drawn again over the whole
+vocabulary: the result is exact either way.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.rows import put_rows, take_rows
+
+CANDIDATES = 1024
+BLOCK = 256  # positions a block of the two-level inverse transform
+
+
+def draw(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
+         min_p: list[float], uniform: list[float]) -> torch.Tensor:
+    """logits [R, V] float32 and each row's settings (temperature > 0, top_k 0 = off) -> token
+    ids [R] (int64, on the logits' device). The logits are spent: drawing works in them."""
+    plain = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k == 0 and p >= 1.0]
+    ordered = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k != 0 or p < 1.0]
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    if ordered:  # first: `plain` may take the logits themselves and overwrite them
+        put_rows(tokens, ordered, _draw_ordered(take_rows(logits, ordered), *_pick(ordered, temperature, top_k, top_p,
+                                                                                   min_p, uniform), CANDIDATES))
+    if plain:
+        part_temperature, part_min_p, part_uniform = _pick(plain, temperature, min_p, uniform)
+        weights = _exp_scaled(take_rows(logits, plain), part_temperature)
+        put_rows(tokens, plain, _inverse_cdf(_min_p(weights, part_min_p), part_uniform))
+    return tokens
+
+
+def _draw_ordered(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
+                  min_p: list[float], uniform: list[float], candidates: int) -> torch.Tensor:
+    rows, vocab = logits.shape
+    dev = logits.device
+    width = min(vocab, max(candidates if k == 0 else k for k in top_k))
+    values, ids = logits.topk(width, dim=-1)  # descending; dividing by a temperature keeps the order
+    kept = torch.tensor([k or width for k in top_k], device=dev)
+    beyond_k = torch.arange(width, device=dev)[None, :] >= kept[:, None]
+    weights = _exp_scaled(values.masked_fill(beyond_k, float("-inf")), temperature)
+    # top-k renormalises over its k tokens; a row without top-k keeps the whole vocabulary's scale
+    scale = weights.sum(-1)
+    unbounded = [i for i, k in enumerate(top_k) if k == 0]
+    if unbounded and width < vocab:
+        part_temperature, = _pick(unbounded, temperature)
+        part = take_rows(logits, unbounded)  # a copy, or the logits themselves, which a redraw still needs
+        put_rows(scale, unbounded, _exp_scaled(part.clone() if part is logits else part, part_temperature).sum(-1))
+    weights = _min_p(weights / scale[:, None], min_p)
+    if any(p < 1.0 for p in top_p):
+        before = weights.cumsum(-1) - weights  # mass of the more likely kept tokens
+        weights = weights.masked_fill(before >= _column(top_p, weights), 0.0)
+    tokens = ids.gather(1, _inverse_cdf(weights, uniform)[:, None]).squeeze(1)
+    if unbounded and width < vocab:  # a row whose last candidate is still kept may go on past it
+        go_on = (weights[torch.tensor(unbounded, device=dev), -1] > 0).tolist()
+        again = [i for i, flag in zip(unbounded, go_on) if flag]
+        if again:
+            put_rows(tokens, again, _draw_ordered(take_rows(logits, again), *_pick(again, temperature, top_k, top_p,
+                                                                                   min_p, uniform), vocab))
+    return tokens
+
+
+def _exp_scaled(logits: torch.Tensor, temperature: list[float]) -> torch.Tensor:
+    """exp((logits - row max) / temperature), in place: the softmax's numerators (the most
+    likely token's is 1)."""
+    t = _column(temperature, logits)
+    return logits.div_(t).sub_(logits.amax(-1, keepdim=True)).exp_()
+
+
+def _min_p(weights: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    if not any(min_p):
+        return weights
+    floor = _column(min_p, weights) * weights.amax(-1, keepdim=True)
+    return weights.masked_fill(weights < floor, 0.0)
+
+
+def _inverse_cdf(weights: torch.Tensor, uniform: list[float]) -> torch.Tensor:
+    """Per row, the position whose share of the row's (unnormalised) weights the uniform number
+    falls in; a position of weight 0 is never drawn.
+
+    In two levels, so the weights are read once: the row's blocks of `BLOCK` positions are summed
+    and their running sums (float64) pick the block; then the running sum within that block picks
+    the position."""
+    rows, width = weights.shape
+    dev = weights.device
+    whole = width // BLOCK * BLOCK
+    sums = [weights[:, :whole].view(rows, -1, BLOCK).sum(-1)] if whole else []
+    if whole < width:
+        sums.append(weights[:, whole:].sum(-1, keepdim=True))
+    block_cdf = torch.cat(sums, dim=1).cumsum(-1, dtype=torch.float64)
+    target = torch.tensor(uniform, device=dev, dtype=torch.float64)[:, None] * block_cdf[:, -1:]
+    block = _first_past(block_cdf, target)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    columns = block * BLOCK + torch.arange(BLOCK, device=dev)[None, :]
+    inside = weights.gather(1, columns.clamp(max=width - 1)).masked_fill(columns >= width, 0.0)
+    inner_cdf = inside.cumsum(-1, dtype=torch.float64)
+    return (block * BLOCK + _first_past(inner_cdf, target - before)).squeeze(1)
+
+
+def _first_past(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[rows, 1]: the first position whose running sum passes the target, or, where rounding puts
+    the target at or past the total, the last position with weight."""
+    drawn = torch.searchsorted(cdf, target, right=True)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())  # the running sum reaches its total there
+    return torch.minimum(drawn, last)
+
+
+def _pick(rows: list[int], *settings: list) -> list[list]:
+    return [[values[i] for i in rows] for values in settings]
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=like.device, dtype=like.dtype)[:, None]

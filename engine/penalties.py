@@ -1,0 +1,54 @@
+"""Repetition, frequency and presence penalties and logit bias, for the rows of a step at once,
+in place, touching only the logits of the tokens concerned.
+
+Semantics as HF transformers and vLLM: the repetition penalty divides the positive logits and
+multiplies the negative ones of every token seen in the prompt or the output; the frequency
+penalty subtracts penalty x count of each output token, the presence penalty subtracts its value
+once per output token seen; the bias is added last.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                    outputs: list[list[int]]) -> None:
+    """logits [B, V], one row per entry of `params`; changed in place."""
+    repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if repeated:
+        # every token the row has seen, once; a row's list is padded with its own first token
+        index = _rows(logits, repeated), _padded([list(set(prompts[i]).union(outputs[i])) for i in repeated], logits)
+        seen = logits[index]
+        penalty = _column([params[i].repetition_penalty for i in repeated], logits)
+        logits[index] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    counted = [i for i, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
+    counts = [Counter(outputs[i]) for i in counted]
+    if any(counts):
+        ids = [list(c) for c in counts]
+        values = [[params[i].frequency_penalty * n + params[i].presence_penalty for n in c.values()]
+                  for i, c in zip(counted, counts)]
+        logits.index_put_((_rows(logits, counted), _padded(ids, logits, pad=0)),
+                          -_padded(values, logits, pad=0.0, dtype=logits.dtype), accumulate=True)
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            logits[i, torch.tensor(list(p.logit_bias), device=logits.device)] += \
+                torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+
+
+def _rows(like: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return torch.tensor(rows, device=like.device)[:, None]
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=like.device, dtype=like.dtype)[:, None]
+
+
+def _padded(rows: list[list], like: torch.Tensor, pad=None, dtype=torch.long) -> torch.Tensor:
+    """[len(rows), longest]: each row padded with `pad`, or with its own first entry (None)."""
+    width = max(1, max(len(row) for row in rows))
+    return torch.tensor([row + [row[0] if pad is None else pad] * (width - len(row)) for row in rows],
+                        device=like.device, dtype=dtype)

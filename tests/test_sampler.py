@@ -1,0 +1,159 @@
+"""The batched sampler against plain per-row references: the distribution each row draws from, its
+penalties, its logprobs, and that a row's token does not depend on the rows beside it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import categorical
+from engine.categorical import draw
+from engine.penalties import apply_penalties
+from engine.sampler import SampleRow, sample
+from engine.sampling_params import SamplingParams
+from engine.seeded_uniform import seeded_uniform
+
+VOCAB = 500
+GRID = 4000  # uniform numbers (j + 0.5) / GRID: each token is drawn for a run of them as long as its probability
+
+
+def reference_probs(logits, temperature, top_k, top_p, min_p):
+    """One row's filtered distribution, written out step by step with a full sort (float64)."""
+    x = logits.double() / temperature
+    if top_k:
+        x = x.masked_fill(x < x.topk(min(top_k, x.numel())).values[-1], float("-inf"))
+    probs = x.softmax(-1)
+    if min_p:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+    if top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, ordered)
+    return probs / probs.sum()
+
+
+SETTINGS = [  # temperature, top_k, top_p, min_p, logit scale (a flat row has a wide nucleus)
+    (0.7, 0, 1.0, 0.0, 3.0),
+    (1.0, 0, 1.0, 0.1, 3.0),
+    (1.0, 40, 1.0, 0.0, 3.0),
+    (0.8, 0, 0.9, 0.0, 3.0),
+    (1.0, 0, 0.95, 0.0, 0.3),  # nucleus past the candidates: drawn again over the whole vocabulary
+    (1.0, 50, 0.9, 0.05, 3.0),
+    (1.3, VOCAB + 7, 1.0, 0.0, 1.0),  # top_k past the vocabulary keeps it all
+    (2.0, 0, 0.5, 0.0, 0.01),
+    (0.5, 3, 0.99, 0.0, 2.0),
+]
+
+
+@pytest.fixture
+def few_candidates(monkeypatch):
+    monkeypatch.setattr(categorical, "CANDIDATES", 64)  # the redraw path at a small vocabulary
+
+
+def test_every_row_draws_from_its_filtered_distribution(few_candidates):
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(VOCAB, generator=gen) * scale for *_, scale in SETTINGS]
+    logits = torch.cat([row[None].expand(GRID, -1) for row in rows])  # every setting in one batch
+    settings = [s for s in SETTINGS for _ in range(GRID)]
+    uniform = [(j + 0.5) / GRID for j in range(GRID)] * len(SETTINGS)
+    tokens = draw(logits.clone(), *[[s[i] for s in settings] for i in range(4)], uniform)
+    for n, (row, (temperature, top_k, top_p, min_p, _)) in enumerate(zip(rows, SETTINGS)):
+        drawn = torch.bincount(tokens[n * GRID:(n + 1) * GRID], minlength=VOCAB).double() / GRID
+        expected = reference_probs(row, temperature, top_k, top_p, min_p)
+        assert drawn.numel() == VOCAB
+        assert (drawn[expected == 0] == 0).all(), SETTINGS[n]
+        assert (drawn - expected).abs().max() <= 1 / GRID + 1e-6, SETTINGS[n]
+
+
+def test_draw_writes_every_row():
+    logits = torch.randn(6, 50)
+    tokens = draw(logits, [1.0] * 6, [0, 5, 0, 0, 1, 0], [1.0, 1.0, 0.8, 1.0, 1.0, 0.3], [0.0, 0.0, 0.0, 0.2, 0.0, 0.0],
+                  [0.5] * 6)
+    assert tokens.dtype == torch.long and ((tokens >= 0) & (tokens < 50)).all()
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (4, 1.0), (0, 0.999)])
+def test_the_ends_of_the_unit_interval_draw_tokens_with_weight(top_k, top_p):
+    """u = 0 and the largest u below 1 draw the first and the last token a row may draw, never a
+    token of probability 0 beside them."""
+    inf = float("inf")
+    logits = torch.tensor([[-inf, -inf, 0.0, 1.0, -inf, 0.5, -inf]] * 2)
+    tokens = draw(logits, [1.0] * 2, [top_k] * 2, [top_p] * 2, [0.0] * 2, [0.0, 1.0 - 2.0**-53])
+    first, last = (3, 2) if top_k or top_p < 1 else (2, 5)  # in the order the path lays tokens out
+    assert tokens.tolist() == [first, last]
+
+
+def test_a_row_draws_the_same_token_alone_and_in_any_batch(few_candidates):
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(len(SETTINGS), VOCAB, generator=gen) * 2
+    columns = [[s[i] for s in SETTINGS] for i in range(4)]
+    uniform = [seeded_uniform(7, i) for i in range(len(SETTINGS))]
+    together = draw(logits.clone(), *columns, uniform)
+    for i in range(len(SETTINGS)):
+        alone = draw(logits[i:i + 1].clone(), *[[c[i]] for c in columns], [uniform[i]])
+        assert alone.item() == together[i].item()
+
+
+def reference_penalties(row, params, prompt, output):
+    """The penalties of one row over the whole vocabulary, as HF transformers / vLLM define them."""
+    row = row.clone()
+    counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=row.numel()).to(row.dtype)
+    seen = counts > 0
+    seen[torch.tensor(prompt)] = True
+    if params.repetition_penalty != 1.0:
+        r = params.repetition_penalty
+        row = torch.where(seen, torch.where(row > 0, row / r, row * r), row)
+    row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+    for token, bias in params.logit_bias.items():
+        row[token] += bias
+    return row
+
+
+def test_penalties_match_a_per_row_reference():
+    gen = torch.Generator().manual_seed(2)
+    params = [SamplingParams(), SamplingParams(repetition_penalty=1.3),
+              SamplingParams(frequency_penalty=0.5, presence_penalty=-0.7),
+              SamplingParams(repetition_penalty=0.8, frequency_penalty=-1.0, logit_bias={3: 5.0, 499: -100.0}),
+              SamplingParams(presence_penalty=2.0), SamplingParams(logit_bias={0: 1.5})]
+    prompts = [[1, 2, 2, 3], [4, 4, 9, 300], [7], [3, 5, 8, 13, 3], [11, 12], [0]]
+    outputs = [[5, 6], [9, 9, 9, 17, 450], [7, 7, 8, 8, 8, 200], [], [21, 21, 22], []]
+    logits = torch.randn(len(params), VOCAB, generator=gen) * 4
+    adjusted = logits.clone()
+    apply_penalties(adjusted, params, prompts, outputs)
+    for i, p in enumerate(params):
+        torch.testing.assert_close(adjusted[i], reference_penalties(logits[i], p, prompts[i], outputs[i]))
+
+
+def test_sample_greedy_and_drawn_rows_with_logprobs():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, VOCAB, generator=gen) * 3
+    rows = [SampleRow(SamplingParams(temperature=0.0, logprobs=2), [1], [], None),
+            SampleRow(SamplingParams(temperature=0.9, top_p=0.8, logprobs=0), [1], [], 0.3),
+            SampleRow(SamplingParams(temperature=0.0, repetition_penalty=2.0), [int(logits[2].argmax())], [], None),
+            SampleRow(SamplingParams(temperature=1.2, frequency_penalty=1.0, logprobs=5), [1], [4, 4], 0.9)]
+    out = sample(logits.clone(), rows)
+    assert out[0].token_id == int(logits[0].argmax())
+    penalized, best = logits[2].clone(), int(logits[2].argmax())
+    penalized[best] = penalized[best] / 2.0 if penalized[best] > 0 else penalized[best] * 2.0
+    assert out[2].token_id == int(penalized.argmax()) != best  # the penalty moved the greedy choice
+    assert out[2].logprob is None and out[2].top_logprobs is None
+    model = torch.log_softmax(logits, dim=-1)  # logprobs are the model's own: before penalties and temperature
+    for i, k in [(0, 2), (1, 0), (3, 5)]:
+        assert out[i].logprob == pytest.approx(model[i, out[i].token_id].item(), abs=1e-5)
+        top = model[i].topk(k) if k else None
+        assert [t for t, _ in out[i].top_logprobs] == (top.indices.tolist() if k else [])
+        values = [v for _, v in out[i].top_logprobs]
+        assert values == sorted(values, reverse=True)
+    allowed = reference_probs(logits[1], 0.9, 0, 0.8, 0.0) > 0
+    assert allowed[out[1].token_id]
+
+
+def test_seeded_uniform_is_a_stream_per_seed():
+    draws = [seeded_uniform(seed, i) for seed in (0, 1, 2**64 - 1) for i in range(3000)]
+    assert all(0.0 <= u < 1.0 for u in draws)
+    assert draws == [seeded_uniform(seed, i) for seed in (0, 1, 2**64 - 1) for i in range(3000)]
+    assert len(set(draws)) == len(draws)  # adjacent seeds and indices do not repeat each other
+    bins = torch.histc(torch.tensor(draws), bins=10, min=0.0, max=1.0)
+    assert ((bins - len(draws) / 10).abs() < 5 * (len(draws) / 10) ** 0.5).all()  # 5 sigma of a fair bin
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match="seed"):
+            seeded_uniform(seed, 0)
