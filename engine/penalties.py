@@ -12,6 +12,7 @@ from collections import Counter
 
 import torch
 
+from engine.rows import column, device_values
 from engine.sampling_params import SamplingParams
 
 
@@ -21,9 +22,10 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
     repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if repeated:
         # every token the row has seen, once; a row's list is padded with its own first token
-        index = _rows(logits, repeated), _padded([list(set(prompts[i]).union(outputs[i])) for i in repeated], logits)
+        seen_ids = [list(set(prompts[i]).union(outputs[i])) for i in repeated]
+        index = device_values(repeated, logits.device)[:, None], _padded(seen_ids, logits)
         seen = logits[index]
-        penalty = _column([params[i].repetition_penalty for i in repeated], logits)
+        penalty = column([params[i].repetition_penalty for i in repeated], logits)
         logits[index] = torch.where(seen > 0, seen / penalty, seen * penalty)
     counted = [i for i, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
     counts = [Counter(outputs[i]) for i in counted]
@@ -31,24 +33,16 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
         ids = [list(c) for c in counts]
         values = [[params[i].frequency_penalty * n + params[i].presence_penalty for n in c.values()]
                   for i, c in zip(counted, counts)]
-        logits.index_put_((_rows(logits, counted), _padded(ids, logits, pad=0)),
+        logits.index_put_((device_values(counted, logits.device)[:, None], _padded(ids, logits, pad=0)),
                           -_padded(values, logits, pad=0.0, dtype=logits.dtype), accumulate=True)
     for i, p in enumerate(params):
         if p.logit_bias:
-            logits[i, torch.tensor(list(p.logit_bias), device=logits.device)] += \
-                torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
-
-
-def _rows(like: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    return torch.tensor(rows, device=like.device)[:, None]
-
-
-def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, device=like.device, dtype=like.dtype)[:, None]
+            logits[i, device_values(list(p.logit_bias), logits.device)] += \
+                device_values(list(p.logit_bias.values()), logits.device, logits.dtype)
 
 
 def _padded(rows: list[list], like: torch.Tensor, pad=None, dtype=torch.long) -> torch.Tensor:
     """[len(rows), longest]: each row padded with `pad`, or with its own first entry (None)."""
     width = max(1, max(len(row) for row in rows))
-    return torch.tensor([row + [row[0] if pad is None else pad] * (width - len(row)) for row in rows],
-                        device=like.device, dtype=dtype)
+    return device_values([row + [row[0] if pad is None else pad] * (width - len(row)) for row in rows],
+                         like.device, dtype)

@@ -1,12 +1,26 @@
-"""A subset of a batch's rows, by position: read without a copy when the subset is every row."""
+"""Per-row values from the host, and subsets of a step's rows, for the sampler's batched tensors."""
 from __future__ import annotations
 
 import torch
 
 
+def device_values(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list as a tensor on `device`. To a GPU through pinned memory, without waiting: a
+    copy from pageable memory would first wait for every kernel queued before it."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """[len(values), 1] in `like`'s dtype and device: one value per row, to broadcast over its columns."""
+    return device_values(values, like.device, like.dtype)[:, None]
+
+
 def take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """t's rows at `rows` (ascending positions): t itself when they are all of its rows."""
-    return t if len(rows) == t.shape[0] else t[torch.tensor(rows, device=t.device)]
+    return t if len(rows) == t.shape[0] else t[device_values(rows, t.device)]
 
 
 def put_rows(t: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
@@ -14,4 +28,4 @@ def put_rows(t: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
     if len(rows) == t.shape[0]:
         t.copy_(values)
     else:
-        t[torch.tensor(rows, device=t.device)] = values
+        t[device_values(rows, t.device)] = values

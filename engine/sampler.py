@@ -56,9 +56,8 @@ def _add_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[Sampl
     asking = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not asking:
         return
-    index = torch.tensor(asking, device=logits.device)
-    logprobs = torch.log_softmax(logits[index], dim=-1)
-    chosen = logprobs.gather(1, tokens[index][:, None]).squeeze(1).tolist()
+    logprobs = torch.log_softmax(take_rows(logits, asking), dim=-1)
+    chosen = logprobs.gather(1, take_rows(tokens, asking)[:, None]).squeeze(1).tolist()
     width = max(params[i].logprobs for i in asking)
     top = logprobs.topk(width, dim=-1) if width else None
     top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])

@@ -35,8 +35,9 @@ SETTINGS = [  # temperature, top_k, top_p, min_p, logit scale (a flat row has a 
     (0.7, 0, 1.0, 0.0, 3.0),
     (1.0, 0, 1.0, 0.1, 3.0),
     (1.0, 40, 1.0, 0.0, 3.0),
-    (0.8, 0, 0.9, 0.0, 3.0),
-    (1.0, 0, 0.95, 0.0, 0.3),  # nucleus past the candidates: drawn again over the whole vocabulary
+    (0.4, 0, 0.9, 0.0, 3.0),  # a nucleus inside the first rung of candidates (16 here) ...
+    (1.0, 0, 0.9, 0.0, 3.0),  # ... inside the second (64) ...
+    (1.0, 0, 0.95, 0.0, 0.3),  # ... and past both: drawn again over the whole sorted vocabulary
     (1.0, 50, 0.9, 0.05, 3.0),
     (1.3, VOCAB + 7, 1.0, 0.0, 1.0),  # top_k past the vocabulary keeps it all
     (2.0, 0, 0.5, 0.0, 0.01),
@@ -46,7 +47,7 @@ SETTINGS = [  # temperature, top_k, top_p, min_p, logit scale (a flat row has a 
 
 @pytest.fixture
 def few_candidates(monkeypatch):
-    monkeypatch.setattr(categorical, "CANDIDATES", 64)  # the redraw path at a small vocabulary
+    monkeypatch.setattr(categorical, "CANDIDATES", (16, 64))  # both redraws at a small vocabulary
 
 
 def test_every_row_draws_from_its_filtered_distribution(few_candidates):
@@ -56,6 +57,8 @@ def test_every_row_draws_from_its_filtered_distribution(few_candidates):
     settings = [s for s in SETTINGS for _ in range(GRID)]
     uniform = [(j + 0.5) / GRID for j in range(GRID)] * len(SETTINGS)
     tokens = draw(logits.clone(), *[[s[i] for s in settings] for i in range(4)], uniform)
+    nuclei = [int((reference_probs(row, *s[:4]) > 0).sum()) for row, s in zip(rows, SETTINGS) if not s[1] and s[2] < 1]
+    assert min(nuclei) <= 16 and any(16 < n <= 64 for n in nuclei) and max(nuclei) > 64  # every rung is taken
     for n, (row, (temperature, top_k, top_p, min_p, _)) in enumerate(zip(rows, SETTINGS)):
         drawn = torch.bincount(tokens[n * GRID:(n + 1) * GRID], minlength=VOCAB).double() / GRID
         expected = reference_probs(row, temperature, top_k, top_p, min_p)
