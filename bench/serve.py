@@ -181,15 +181,17 @@ def main():
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--requests", type=int, default=0, help="requests per level (default: max(8, 2 x concurrency))")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--sampling", type=json.loads, default={},
+                   help='sampling fields every request carries, as JSON (default greedy), e.g. \'{"temperature": 0.8, "top_p": 0.95}\'')
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default="bench/out")
     args = p.parse_args()
 
     urls = [u.split("=", 1) if "=" in u else ["", u] for u in args.url or ["http://127.0.0.1:8000"]]
     targets = [Target(f"skipserve{f' {label}' if label else ''} budget {float(b):g}", url, args.model,
-                      {"ffn_skip": {"budget": float(b)}} if float(b) else {})
+                      {**args.sampling, **({"ffn_skip": {"budget": float(b)}} if float(b) else {})})
                for label, url in urls for b in args.budgets.split(",")]
-    targets += [Target(f"peer {u}", u, args.peer_model or args.model, {}) for u in args.peer]
+    targets += [Target(f"peer {u}", u, args.peer_model or args.model, dict(args.sampling)) for u in args.peer]
     loaded = {label or url: memory(url) for label, url in urls}  # idle servers: their RSS after load
     for label, m in loaded.items():
         print(memory_line(label, m, "before the run"), flush=True)
@@ -201,7 +203,7 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     header = (f"`{' '.join(sys.argv)}` — streaming chat, {args.max_tokens} output tokens (ignore_eos), "
-              f"greedy, prompts from bench/serve.py")
+              f"{json.dumps(args.sampling) if args.sampling else 'greedy'}, prompts from bench/serve.py")
     served = {label or url: memory(url) for label, url in urls}  # and after every level's requests
     md = markdown(rows, header) + "\n" + "\n".join(
         [memory_line(k, m, "before the run") for k, m in loaded.items()]
