@@ -45,18 +45,24 @@ SETTINGS = [  # temperature, top_k, top_p, min_p, logit scale (a flat row has a 
 ]
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the sampler's CUDA path runs on CUDA hosts"))])
+def device(request):
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def few_candidates(monkeypatch):
     monkeypatch.setattr(categorical, "CANDIDATES", (16, 64))  # both redraws at a small vocabulary
 
 
-def test_every_row_draws_from_its_filtered_distribution(few_candidates):
+def test_every_row_draws_from_its_filtered_distribution(few_candidates, device):
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randn(VOCAB, generator=gen) * scale for *_, scale in SETTINGS]
     logits = torch.cat([row[None].expand(GRID, -1) for row in rows])  # every setting in one batch
     settings = [s for s in SETTINGS for _ in range(GRID)]
     uniform = [(j + 0.5) / GRID for j in range(GRID)] * len(SETTINGS)
-    tokens = draw(logits.clone(), *[[s[i] for s in settings] for i in range(4)], uniform)
+    tokens = draw(logits.to(device, copy=True), *[[s[i] for s in settings] for i in range(4)], uniform).cpu()
     nuclei = [int((reference_probs(row, *s[:4]) > 0).sum()) for row, s in zip(rows, SETTINGS) if not s[1] and s[2] < 1]
     assert min(nuclei) <= 16 and any(16 < n <= 64 for n in nuclei) and max(nuclei) > 64  # every rung is taken
     for n, (row, (temperature, top_k, top_p, min_p, _)) in enumerate(zip(rows, SETTINGS)):
@@ -75,11 +81,11 @@ def test_draw_writes_every_row():
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (4, 1.0), (0, 0.999)])
-def test_the_ends_of_the_unit_interval_draw_tokens_with_weight(top_k, top_p):
+def test_the_ends_of_the_unit_interval_draw_tokens_with_weight(top_k, top_p, device):
     """u = 0 and the largest u below 1 draw the first and the last token a row may draw, never a
     token of probability 0 beside them."""
     inf = float("inf")
-    logits = torch.tensor([[-inf, -inf, 0.0, 1.0, -inf, 0.5, -inf]] * 2)
+    logits = torch.tensor([[-inf, -inf, 0.0, 1.0, -inf, 0.5, -inf]] * 2, device=device)
     tokens = draw(logits, [1.0] * 2, [top_k] * 2, [top_p] * 2, [0.0] * 2, [0.0, 1.0 - 2.0**-53])
     first, last = (3, 2) if top_k or top_p < 1 else (2, 5)  # in the order the path lays tokens out
     assert tokens.tolist() == [first, last]
@@ -111,7 +117,7 @@ def reference_penalties(row, params, prompt, output):
     return row
 
 
-def test_penalties_match_a_per_row_reference():
+def test_penalties_match_a_per_row_reference(device):
     gen = torch.Generator().manual_seed(2)
     params = [SamplingParams(), SamplingParams(repetition_penalty=1.3),
               SamplingParams(frequency_penalty=0.5, presence_penalty=-0.7),
@@ -120,20 +126,21 @@ def test_penalties_match_a_per_row_reference():
     prompts = [[1, 2, 2, 3], [4, 4, 9, 300], [7], [3, 5, 8, 13, 3], [11, 12], [0]]
     outputs = [[5, 6], [9, 9, 9, 17, 450], [7, 7, 8, 8, 8, 200], [], [21, 21, 22], []]
     logits = torch.randn(len(params), VOCAB, generator=gen) * 4
-    adjusted = logits.clone()
+    adjusted = logits.to(device, copy=True)
     apply_penalties(adjusted, params, prompts, outputs)
+    adjusted = adjusted.cpu()
     for i, p in enumerate(params):
         torch.testing.assert_close(adjusted[i], reference_penalties(logits[i], p, prompts[i], outputs[i]))
 
 
-def test_sample_greedy_and_drawn_rows_with_logprobs():
+def test_sample_greedy_and_drawn_rows_with_logprobs(device):
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(4, VOCAB, generator=gen) * 3
     rows = [SampleRow(SamplingParams(temperature=0.0, logprobs=2), [1], [], None),
             SampleRow(SamplingParams(temperature=0.9, top_p=0.8, logprobs=0), [1], [], 0.3),
             SampleRow(SamplingParams(temperature=0.0, repetition_penalty=2.0), [int(logits[2].argmax())], [], None),
             SampleRow(SamplingParams(temperature=1.2, frequency_penalty=1.0, logprobs=5), [1], [4, 4], 0.9)]
-    out = sample(logits.clone(), rows)
+    out = sample(logits.to(device, copy=True), rows)
     assert out[0].token_id == int(logits[0].argmax())
     penalized, best = logits[2].clone(), int(logits[2].argmax())
     penalized[best] = penalized[best] / 2.0 if penalized[best] > 0 else penalized[best] * 2.0
