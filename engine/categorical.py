@@ -103,7 +103,8 @@ def _inverse_cdf(weights: torch.Tensor, uniform: list[float]) -> torch.Tensor:
     columns = block * BLOCK + torch.arange(BLOCK, device=dev)[None, :]
     inside = weights.gather(1, columns.clamp(max=width - 1)).masked_fill(columns >= width, 0.0)
     inner_cdf = inside.cumsum(-1, dtype=torch.float64)
-    return (block * BLOCK + _first_past(inner_cdf, target - before)).squeeze(1)
+    position = block * BLOCK + _first_past(inner_cdf, target - before)
+    return position.squeeze(1).clamp(max=width - 1)  # in range even for weights that are not numbers (NaN logits)
 
 
 def _first_past(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

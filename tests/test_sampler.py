@@ -73,10 +73,14 @@ def test_every_row_draws_from_its_filtered_distribution(few_candidates, device):
         assert (drawn - expected).abs().max() <= 1 / GRID + 1e-6, SETTINGS[n]
 
 
-def test_draw_writes_every_row():
+@pytest.mark.parametrize("poison", [0.0, float("nan")])
+def test_draw_writes_every_row_with_a_token_of_the_vocabulary(poison):
+    """Every row gets a token id, also a row whose logits are not numbers (a model that overflowed):
+    an id past the vocabulary would fail the step, or on CUDA the device."""
     logits = torch.randn(6, 50)
+    logits[4] = poison
     tokens = draw(logits, [1.0] * 6, [0, 5, 0, 0, 1, 0], [1.0, 1.0, 0.8, 1.0, 1.0, 0.3], [0.0, 0.0, 0.0, 0.2, 0.0, 0.0],
-                  [0.5] * 6)
+                  [0.999] * 6)
     assert tokens.dtype == torch.long and ((tokens >= 0) & (tokens < 50)).all()
 
 
