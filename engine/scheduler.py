@@ -8,6 +8,11 @@ usually still holds most of them) and continues with the same tokens. Then waiti
 are admitted in arrival order while the batch has rows (`max_num_seqs`) and blocks for their
 prefill plus one more. Prefill runs in chunks under a token budget per step; finished or
 aborted sequences give their blocks back at once.
+
+The choices of one request (`n` > 1) share their prompt: with the prefix cache on, the first is
+admitted alone and the others wait (letting later requests by) until its prompt is computed, then
+take its blocks from the cache and compute only the prompt's last, partial block, as vLLM forks
+a request's sequences after its prefill. Without that, each choice would compute the prompt again.
 """
 from __future__ import annotations
 
@@ -60,12 +65,19 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         preempted = self._grow_decodes()
-        while not preempted and self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        held = self._prompts_in_progress()
+        position = 0
+        while not preempted and position < len(self.waiting) and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[position]
+            if seq.request_id in held and not seq.output_ids:
+                position += 1  # its prompt is being computed by a sibling: it takes that from the cache
+                continue
             if not self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=1):
                 break  # first come, first served: no overtaking
-            self.waiting.popleft()
+            del self.waiting[position]
             self._admit(seq)
+            if self.blocks.prefix_caching and seq.is_prefilling and not seq.output_ids:
+                held.add(seq.request_id)
         batch = ScheduledBatch()
         budget = self.max_prefill_tokens
         for seq in self.running:
@@ -77,6 +89,13 @@ class Scheduler:
             else:
                 batch.decodes.append(seq)
         return batch
+
+    def _prompts_in_progress(self) -> set[str]:
+        """Requests whose prompt a running sequence is computing for the first time, where its
+        siblings may take it from the prefix cache once computed."""
+        if not self.blocks.prefix_caching:
+            return set()
+        return {s.request_id for s in self.running if s.is_prefilling and not s.output_ids}
 
     def _grow_decodes(self) -> bool:
         """A block for each decoding sequence's next token, preempting the newest when none is

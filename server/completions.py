@@ -29,12 +29,14 @@ class Choice:
 @dataclass
 class Usage:
     prompt_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int | None = None  # the request's prompt tokens found cached: its first choice's
     completion: dict = field(default_factory=dict)  # choice index -> (tokens, skipped, total)
 
     def update(self, out) -> None:
         self.prompt_tokens = out.prompt_tokens
-        self.cached_tokens = max(self.cached_tokens, out.cached_tokens)
+        # later choices take the prompt from the cache the first one filled (engine/scheduler.py)
+        self.cached_tokens = out.cached_tokens if self.cached_tokens is None else min(self.cached_tokens,
+                                                                                       out.cached_tokens)
         self.completion[out.index] = (out.completion_tokens, out.ffn_skipped, out.ffn_total)
 
     def body(self) -> dict:
@@ -43,7 +45,7 @@ class Usage:
         total = sum(c[2] for c in self.completion.values())
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
                 "total_tokens": self.prompt_tokens + tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens or 0},
                 "ffn_skip": {"skipped": skipped, "total": total, "ratio": skipped / total if total else 0.0}}
 
 

@@ -137,6 +137,15 @@ def test_the_sdk_retrieves_the_served_model_and_not_another(client):
         assert exc.body["code"] == "model_not_found" and exc.body["param"] == "model"
 
 
+def test_a_request_with_choices_reports_the_cache_its_prompt_found(client):
+    """n = 3 on a new prompt: the choices after the first take the prompt from the cache the first
+    one filled, which is not a prefix the request found cached."""
+    messages = [{"role": "user", "content": "List three uses of a paperclip, one per line, with reasons."}]
+    reply = chat(client, messages=messages, max_tokens=4, temperature=1.0, seed=3, n=3)
+    assert len(reply.choices) == 3
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_repeated_prompt_reports_cached_prompt_tokens(server, client):
     messages = [{"role": "user", "content": "Spell the word 'prefix' backwards."}]
     first = chat(client, messages=messages, max_tokens=5, temperature=0)

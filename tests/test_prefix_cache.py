@@ -99,3 +99,27 @@ def test_eight_long_system_prompts_stay_cached_together(paged_engine):
     assert [o.cached_tokens for _, _, o in second] == [full_blocks(eng, len(p) - 1) for p in prompts]
     assert [ids for _, ids, _ in second] == [ids for _, ids, _ in first]
     assert_all_blocks_back(eng)
+
+
+def test_the_choices_of_a_request_compute_its_prompt_once(engine):
+    """n = 4 on a prompt nothing has cached: the first choice computes it, the other three take its
+    whole blocks from the cache and compute only the last, partial one; each choice samples what
+    a request of its own with seed + i samples."""
+    words = TEXTS.read_text().split()
+    prompt = engine.tokenizer.encode(" ".join(words[40:400]))
+    params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=6)
+    before, cached_before = engine.prompt_tokens_total, engine.prompt_tokens_cached_total
+    engine.add_request("n4", prompt, params)
+    texts, cached = {}, {}
+    while engine.has_work:
+        for out in engine.step()[0]:
+            texts[out.index] = texts.get(out.index, "") + out.text
+            cached[out.index] = out.cached_tokens
+    shared = full_blocks(engine, len(prompt) - 1)
+    assert cached == {0: 0, 1: shared, 2: shared, 3: shared}
+    assert engine.prompt_tokens_total - before == len(prompt) + 3 * (len(prompt) - shared)
+    assert engine.prompt_tokens_cached_total - cached_before == 3 * shared
+    for i in range(4):  # choice i samples as a request of its own with seed 11 + i
+        (alone, _, _), = engine.generate([prompt], SamplingParams(temperature=1.0, seed=11 + i, max_tokens=6))
+        assert alone == texts[i]
+    assert_all_blocks_back(engine)
