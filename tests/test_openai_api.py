@@ -139,11 +139,16 @@ def test_the_sdk_retrieves_the_served_model_and_not_another(client):
 
 def test_a_request_with_choices_reports_the_cache_its_prompt_found(client):
     """n = 3 on a new prompt: the choices after the first take the prompt from the cache the first
-    one filled, which is not a prefix the request found cached."""
-    messages = [{"role": "user", "content": "List three uses of a paperclip, one per line, with reasons."}]
+    one filled, which is not a prefix the request found cached. It finds what a single choice on a
+    new prompt of the same template finds (the chat template's opening, cached by earlier tests)."""
+    solo = chat(client, messages=[{"role": "user", "content": "Quasar zebra toast: invent a proverb with them."}],
+                max_tokens=4, temperature=1.0, seed=3)
+    messages = [{"role": "user", "content": "Paperclip walrus lantern: list three uses, one per line, with reasons."}]
     reply = chat(client, messages=messages, max_tokens=4, temperature=1.0, seed=3, n=3)
     assert len(reply.choices) == 3
-    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    block = EngineConfig().block_size
+    assert reply.usage.prompt_tokens > 2 * block  # the siblings found at least two blocks more than this
+    assert reply.usage.prompt_tokens_details.cached_tokens == solo.usage.prompt_tokens_details.cached_tokens
 
 
 def test_repeated_prompt_reports_cached_prompt_tokens(server, client):
