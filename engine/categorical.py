@@ -26,6 +26,7 @@ def draw(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p
          min_p: list[float], uniform: list[float]) -> torch.Tensor:
     """logits [R, V] float32 and each row's settings (temperature > 0, top_k 0 = off) -> token
     ids [R] (int64, on the logits' device). The logits are spent: drawing works in them."""
+    top_k = [0 if k >= logits.shape[1] else k for k in top_k]  # keeping the whole vocabulary is no top-k
     plain = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k == 0 and p >= 1.0]
     ordered = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k != 0 or p < 1.0]
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -58,7 +59,9 @@ def _draw_ordered(logits: torch.Tensor, temperature: list[float], top_k: list[in
     weights = _min_p(weights / scale[:, None], min_p)
     if any(p < 1.0 for p in top_p):
         before = weights.cumsum(-1) - weights  # mass of the more likely kept tokens
-        weights = weights.masked_fill(before >= column(top_p, weights), 0.0)
+        # rows without top-p keep every token (a float32 running sum may reach 1 before the tail)
+        limit = column([p if p < 1.0 else float("inf") for p in top_p], weights)
+        weights = weights.masked_fill(before >= limit, 0.0)
     tokens = ids.gather(1, _inverse_cdf(weights, uniform)[:, None]).squeeze(1)
     if unbounded and width < vocab:  # a row whose last candidate is still kept may go on past it
         go_on = (weights[device_values(unbounded, dev), -1] > 0).tolist()

@@ -10,9 +10,10 @@ prefill plus one more. Prefill runs in chunks under a token budget per step; fin
 aborted sequences give their blocks back at once.
 
 The choices of one request (`n` > 1) share their prompt: with the prefix cache on, the first is
-admitted alone and the others wait (letting later requests by) until its prompt is computed, then
-take its blocks from the cache and compute only the prompt's last, partial block, as vLLM forks
-a request's sequences after its prefill. Without that, each choice would compute the prompt again.
+admitted alone and the others wait (letting later requests by) while it computes the prompt's
+whole blocks, then are admitted together, take those blocks from the cache and compute only the
+prompt's last, partial block, as vLLM forks a request's sequences after its prefill. Without
+that, each choice would compute the prompt again.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ class Scheduler:
                 break  # first come, first served: no overtaking
             del self.waiting[position]
             self._admit(seq)
-            if self.blocks.prefix_caching and seq.is_prefilling and not seq.output_ids:
+            if self._computing_shared_prompt(seq):
                 held.add(seq.request_id)
         batch = ScheduledBatch()
         budget = self.max_prefill_tokens
@@ -91,11 +92,14 @@ class Scheduler:
         return batch
 
     def _prompts_in_progress(self) -> set[str]:
-        """Requests whose prompt a running sequence is computing for the first time, where its
-        siblings may take it from the prefix cache once computed."""
-        if not self.blocks.prefix_caching:
-            return set()
-        return {s.request_id for s in self.running if s.is_prefilling and not s.output_ids}
+        """Requests a running sequence is computing shareable prompt blocks of."""
+        return {s.request_id for s in self.running if self._computing_shared_prompt(s)}
+
+    def _computing_shared_prompt(self, seq: Sequence) -> bool:
+        """Whether `seq` has yet to compute whole blocks of its prompt that its siblings could take
+        from the prefix cache (the prompt's last token is always computed again)."""
+        shareable = (len(seq.prompt_ids) - 1) // self.blocks.block_size * self.blocks.block_size
+        return self.blocks.prefix_caching and not seq.output_ids and seq.num_computed < shareable
 
     def _grow_decodes(self) -> bool:
         """A block for each decoding sequence's next token, preempting the newest when none is

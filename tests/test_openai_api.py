@@ -140,7 +140,8 @@ def test_the_sdk_retrieves_the_served_model_and_not_another(client):
 def test_a_request_with_choices_reports_the_cache_its_prompt_found(client):
     """n = 3 on a new prompt: the choices after the first take the prompt from the cache the first
     one filled, which is not a prefix the request found cached. It finds what a single choice on a
-    new prompt of the same template finds (the chat template's opening, cached by earlier tests)."""
+    new prompt of the same template finds (the chat template's opening, cached by the first request)."""
+    chat(client, messages=[{"role": "user", "content": "Ochre kettle moss: a haiku."}], max_tokens=1, temperature=0)
     solo = chat(client, messages=[{"role": "user", "content": "Quasar zebra toast: invent a proverb with them."}],
                 max_tokens=4, temperature=1.0, seed=3)
     messages = [{"role": "user", "content": "Paperclip walrus lantern: list three uses, one per line, with reasons."}]

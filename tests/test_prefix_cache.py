@@ -102,20 +102,25 @@ def test_eight_long_system_prompts_stay_cached_together(paged_engine):
 
 
 def test_the_choices_of_a_request_compute_its_prompt_once(engine):
-    """n = 4 on a prompt nothing has cached: the first choice computes it, the other three take its
-    whole blocks from the cache and compute only the last, partial one; each choice samples what
-    a request of its own with seed + i samples."""
+    """n = 4 on a prompt nothing has cached: the first choice computes it, the other three (in one
+    step, the next) take its whole blocks from the cache and compute only the last, partial one;
+    each choice samples what a request of its own with seed + i samples."""
     words = TEXTS.read_text().split()
     prompt = engine.tokenizer.encode(" ".join(words[40:400]))
     params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=6)
     before, cached_before = engine.prompt_tokens_total, engine.prompt_tokens_cached_total
     engine.add_request("n4", prompt, params)
-    texts, cached = {}, {}
+    texts, cached, first_step = {}, {}, {}
+    step = 0
     while engine.has_work:
         for out in engine.step()[0]:
             texts[out.index] = texts.get(out.index, "") + out.text
             cached[out.index] = out.cached_tokens
+            first_step.setdefault(out.index, step)
+        step += 1
     shared = full_blocks(engine, len(prompt) - 1)
+    assert len(prompt) <= engine.config.max_prefill_tokens  # the first choice's prompt: one step
+    assert first_step == {0: 0, 1: 1, 2: 1, 3: 1}
     assert cached == {0: 0, 1: shared, 2: shared, 3: shared}
     assert engine.prompt_tokens_total - before == len(prompt) + 3 * (len(prompt) - shared)
     assert engine.prompt_tokens_cached_total - cached_before == 3 * shared

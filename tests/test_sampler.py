@@ -57,16 +57,18 @@ def few_candidates(monkeypatch):
 
 
 def test_every_row_draws_from_its_filtered_distribution(few_candidates, device):
+    """Each setting alone (a batch's candidates are as many as its widest row needs, so a row
+    beside a large top_k would never take the first rungs); rows of different settings side by
+    side: test_a_row_draws_the_same_token_alone_and_in_any_batch."""
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randn(VOCAB, generator=gen) * scale for *_, scale in SETTINGS]
-    logits = torch.cat([row[None].expand(GRID, -1) for row in rows])  # every setting in one batch
-    settings = [s for s in SETTINGS for _ in range(GRID)]
-    uniform = [(j + 0.5) / GRID for j in range(GRID)] * len(SETTINGS)
-    tokens = draw(logits.to(device, copy=True), *[[s[i] for s in settings] for i in range(4)], uniform).cpu()
+    uniform = [(j + 0.5) / GRID for j in range(GRID)]
     nuclei = [int((reference_probs(row, *s[:4]) > 0).sum()) for row, s in zip(rows, SETTINGS) if not s[1] and s[2] < 1]
     assert min(nuclei) <= 16 and any(16 < n <= 64 for n in nuclei) and max(nuclei) > 64  # every rung is taken
     for n, (row, (temperature, top_k, top_p, min_p, _)) in enumerate(zip(rows, SETTINGS)):
-        drawn = torch.bincount(tokens[n * GRID:(n + 1) * GRID], minlength=VOCAB).double() / GRID
+        logits = row[None].expand(GRID, -1).to(device, copy=True)
+        tokens = draw(logits, [temperature] * GRID, [top_k] * GRID, [top_p] * GRID, [min_p] * GRID, uniform).cpu()
+        drawn = torch.bincount(tokens, minlength=VOCAB).double() / GRID
         expected = reference_probs(row, temperature, top_k, top_p, min_p)
         assert drawn.numel() == VOCAB
         assert (drawn[expected == 0] == 0).all(), SETTINGS[n]
