@@ -197,7 +197,12 @@ class ModelRunner:
                 failed[seq.seq_id] = exc
         if len(live) < len(producers):
             logits = logits[live]
-        samples = {producers[i].seq_id: token for i, token in zip(live, sample(logits, rows))} if rows else {}
+        samples = {}
+        for i, token in zip(live, sample(logits, rows) if rows else []):
+            if isinstance(token, Exception):
+                failed[producers[i].seq_id] = token
+            else:
+                samples[producers[i].seq_id] = token
         if batch.decodes:  # after sampling, which waits for the device anyway: no sync between step and lm_head
             per_row, layer_skipped = gate.skip_counts(len(batch.decodes))
             skipped = {s.seq_id: n for s, n in zip(batch.decodes, per_row)}

@@ -27,11 +27,13 @@ class Sampled:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueError]:
     """logits: [B, V] float32, one row per entry of `rows`; the sampler works in them (the
-    caller's copy is spent)."""
+    caller's copy is spent). A row with a NaN or a +inf among its logits (a model that overflowed)
+    gets an error in its place: no token could be drawn from them."""
     params = [r.params for r in rows]
     raw = logits.clone() if any(p.logprobs is not None for p in params) else None  # the model's own, for logprobs
+    finite = torch.isfinite(logits.amax(dim=-1))  # the maximum is NaN where any logit is, +inf where one is
     apply_penalties(logits, params, [r.prompt_ids for r in rows], [r.output_ids for r in rows])
     greedy = [i for i, p in enumerate(params) if p.greedy]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
@@ -44,10 +46,12 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
         put_rows(tokens, drawn, draw(take_rows(logits, drawn), [params[i].temperature for i in drawn],
                                      [params[i].top_k for i in drawn], [params[i].top_p for i in drawn],
                                      [params[i].min_p for i in drawn], [rows[i].uniform for i in drawn]))
-    out = [Sampled(token) for token in tokens.tolist()]
+    token_ids, usable = torch.stack([tokens, finite.long()]).tolist()  # one transfer back
+    out = [Sampled(token) for token in token_ids]
     if raw is not None:
         _add_logprobs(raw, tokens, params, out)
-    return out
+    return [sampled if ok else ValueError("the model's logits for this sequence are not finite (NaN or infinity)")
+            for sampled, ok in zip(out, usable)]
 
 
 def _add_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], out: list[Sampled]) -> None:

@@ -173,3 +173,16 @@ def test_seeded_uniform_is_a_stream_per_seed():
     for seed in (-1, 2**64):
         with pytest.raises(ValueError, match="seed"):
             seeded_uniform(seed, 0)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_row_with_logits_that_are_not_finite_gets_an_error_and_the_others_their_tokens(greedy, device):
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, VOCAB, generator=gen) * 3
+    logits[1, 7], logits[2, 9] = float("nan"), float("inf")
+    params = SamplingParams(temperature=0.0 if greedy else 0.8, top_p=0.9, logprobs=1)
+    out = sample(logits.to(device, copy=True), [SampleRow(params, [1], [], None if greedy else 0.5)] * 4)
+    assert isinstance(out[1], ValueError) and isinstance(out[2], ValueError)
+    allowed = [reference_probs(logits[i], 0.8, 0, 0.9, 0.0) > 0 for i in (0, 3)]
+    for i, ok in zip((0, 3), allowed):
+        assert out[i].token_id == int(logits[i].argmax()) if greedy else ok[out[i].token_id]
