@@ -52,7 +52,8 @@ def _draw_ordered(logits: torch.Tensor, temperature: list[float], top_k: list[in
     # top-k renormalises over its k tokens; a row without top-k keeps the whole vocabulary's scale
     scale = weights.sum(-1)
     unbounded = [i for i, k in enumerate(top_k) if k == 0]
-    if unbounded and width < vocab:
+    may_reach_past = bool(unbounded) and width < vocab  # a row without top-k, candidates short of the vocabulary
+    if may_reach_past:
         part_temperature, = _pick(unbounded, temperature)
         part = take_rows(logits, unbounded)  # a copy, or the logits themselves, which a redraw still needs
         put_rows(scale, unbounded, _exp_scaled(part.clone() if part is logits else part, part_temperature).sum(-1))
@@ -63,7 +64,7 @@ def _draw_ordered(logits: torch.Tensor, temperature: list[float], top_k: list[in
         limit = column([p if p < 1.0 else float("inf") for p in top_p], weights)
         weights = weights.masked_fill(before >= limit, 0.0)
     tokens = ids.gather(1, _inverse_cdf(weights, uniform)[:, None]).squeeze(1)
-    if unbounded and width < vocab:  # a row whose last candidate is still kept may go on past it
+    if may_reach_past:  # a row whose last candidate is still kept goes on past it
         go_on = (weights[device_values(unbounded, dev), -1] > 0).tolist()
         again = [i for i, flag in zip(unbounded, go_on) if flag]
         if again:
