@@ -20,6 +20,7 @@ from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.skip.base import TokenSkipPlan
 from engine.skip.settings import resolve_skip
+from engine.structured import StructuredOutputs
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("skipserve.engine")
@@ -39,6 +40,7 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.structured = StructuredOutputs(self.tokenizer.token_bytes, self.model_config.vocab_size, self.eos_ids)
         self._sequences: dict[str, Sequence] = {}
         # engine-wide FFN accounting per layer, over generated tokens (read by /metrics)
         self.layer_ffn_total = [0] * self.model_config.num_layers
@@ -79,13 +81,15 @@ class LLMEngine:
         plan = self.resolve_skip(skip)
         max_tokens = self.check_prompt(prompt_ids, params, prompt_param)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
+        schema = params.response_schema
+        constraints = [None if schema is None else self.structured.constraint(schema) for _ in range(params.n)]
         # choice i samples with seed + i, as an unsigned 64-bit value (what engine/seeded_uniform.py takes)
         return [
             Sequence(
                 seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids),
                 params=params, skip_plan=plan, max_tokens=max_tokens,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
-                seed=(base_seed + i) % 2**64,
+                seed=(base_seed + i) % 2**64, constraint=constraints[i],
             )
             for i in range(params.n)
         ]
@@ -215,11 +219,14 @@ class LLMEngine:
         return outputs
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        params = seq.params
-        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        params, constraint = seq.params, seq.constraint
+        if constraint is not None:
+            constraint.advance(token)  # raises for a token its mask refused: the sequence fails alone
+        if token in self.eos_ids and (not params.ignore_eos or (constraint is not None and constraint.ended)) \
+                or token in params.stop_token_ids:
             return "stop"
         seq.detokenizer.add_token(token)
-        if seq.detokenizer.stopped:
+        if seq.detokenizer.stopped or (constraint is not None and constraint.done):  # nothing may follow the JSON
             return "stop"
         if len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"

@@ -188,10 +188,11 @@ class ModelRunner:
             return StepResult({}, {}, layer_skipped)
         logits = self.logits(torch.cat(hiddens))
         failed, live, rows = {}, [], []
-        for i, seq in enumerate(producers):  # a row's own settings may fail it alone (e.g. its seed)
+        for i, seq in enumerate(producers):  # a row's own settings may fail it alone (e.g. its seed, its schema)
             try:
                 uniform = None if seq.params.greedy else seeded_uniform(seq.seed, len(seq.output_ids))
-                rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids, uniform))
+                allowed = None if seq.constraint is None else seq.constraint.mask()
+                rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids, uniform, allowed))
                 live.append(i)
             except Exception as exc:
                 failed[seq.seq_id] = exc

@@ -18,6 +18,7 @@ class SampleRow:
     prompt_ids: list[int]
     output_ids: list[int]
     uniform: float | None  # the row's random draw in [0, 1) (None for greedy rows)
+    allowed: torch.Tensor | None = None  # [V] bool on the CPU: the only tokens it may take (structured outputs)
 
 
 @dataclass
@@ -34,6 +35,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     params = [r.params for r in rows]
     raw = logits.clone() if any(p.logprobs is not None for p in params) else None  # the model's own, for logprobs
     apply_penalties(logits, params, [r.prompt_ids for r in rows], [r.output_ids for r in rows])
+    _mask(logits, rows)
     best = logits.max(dim=-1)  # argmax's result (first maximum; NaN wins), 2-3x faster on the CPU
     # a row's maximum is NaN where any logit is and +inf where one is (penalties and bias keep both)
     finite = torch.isfinite(best.values)
@@ -49,6 +51,17 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
         _add_logprobs(raw, tokens, params, out)
     return [sampled if ok else ValueError("the model's logits for this sequence are not finite (NaN or infinity)")
             for sampled, ok in zip(out, usable)]
+
+
+def _mask(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    """-inf for the tokens a constrained row may not take (after penalties and bias, which might
+    otherwise lift one)."""
+    masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if masked:
+        allowed = torch.stack([rows[i].allowed for i in masked])
+        if logits.device.type == "cuda":
+            allowed = allowed.pin_memory().to(logits.device, non_blocking=True)
+        put_rows(logits, masked, take_rows(logits, masked).masked_fill_(~allowed, float("-inf")))
 
 
 def _add_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], out: list[Sampled]) -> None:

@@ -31,6 +31,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
+    response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
 
     @property
     def greedy(self) -> bool:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 from engine.skip.base import TokenSkipPlan
+from engine.structured import Constraint
 
 
 class SequenceStatus(enum.Enum):
@@ -37,6 +38,7 @@ class Sequence:
     finish_reason: str | None = None
     ffn_skipped: int = 0
     ffn_total: int = 0
+    constraint: Constraint | None = None  # where its answer is in its response_format's JSON
 
     @property
     def num_tokens(self) -> int:

@@ -99,3 +99,41 @@ class Tokenizer:
                               (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
             text = text.replace(before, after)
         return text
+
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each token id adds to decoded text (None for special tokens): what constrained
+        decoding (engine/structured) matches a grammar against, byte by byte."""
+        decoder = json.loads(self._tok.decoder.__getstate__()) if self._tok.decoder is not None else {}
+        steps = decoder.get("decoders", [decoder])
+        byte_level = any(s.get("type") == "ByteLevel" for s in steps)
+        spaces = [s["content"].encode() for s in steps if s.get("type") == "Replace"
+                  and s.get("pattern", {}).get("String") == "\u2581"] or \
+                 [b" " for s in steps if s.get("type") == "Metaspace"]
+        byte_fallback = any(s.get("type") == "ByteFallback" for s in steps)
+        to_byte = {c: b for b, c in _byte_level_chars().items()} if byte_level else None
+        added = self._tok.get_added_tokens_decoder()
+        out: list[bytes | None] = [None] * self.vocab_size
+        for text, token_id in self._tok.get_vocab(with_added_tokens=True).items():
+            if token_id in added:
+                out[token_id] = None if added[token_id].special else text.encode()
+            elif to_byte is not None:
+                out[token_id] = bytes(to_byte[c] for c in text)
+            elif byte_fallback and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                out[token_id] = bytes([int(text[3:5], 16)])
+            else:
+                out[token_id] = text.encode().replace("\u2581".encode(), spaces[0]) if spaces else text.encode()
+        return out
+
+
+def _byte_level_chars() -> dict[int, str]:
+    """Byte-level BPE's printable stand-in for each byte: printable Latin-1 bytes stand for
+    themselves, the others for code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars

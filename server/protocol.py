@@ -97,8 +97,29 @@ class ChatMessage(Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class JSONSchemaFormat(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # as OpenAI names it
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema")
+    strict: Optional[StrictBool] = None
+
+
 class ResponseFormat(Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    def answer_schema(self) -> dict | None:
+        """The JSON schema the answer must follow (None: free text); json_object is any object."""
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise InvalidParamError("response_format: json_schema is required with type json_schema, and only there",
+                                    "response_format")
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.json_schema.schema_ is None:
+            raise InvalidParamError("response_format: json_schema.schema is required", "response_format")
+        return self.json_schema.schema_
 
 
 class CommonRequest(RequestBody):
@@ -159,7 +180,9 @@ class ChatCompletionRequest(CommonRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParamError("top_logprobs requires logprobs: true", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling(logprobs, max_tokens)
+        params = self.sampling(logprobs, max_tokens)
+        params.response_schema = self.response_format.answer_schema() if self.response_format else None
+        return params
 
 
 class CompletionRequest(CommonRequest):

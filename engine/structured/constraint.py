@@ -1,0 +1,100 @@
+"""Structured outputs for an engine: compiled grammars and token masks, cached, and one
+`Constraint` per constrained sequence.
+
+Masks depend only on the grammar and the machine's state, and JSON documents revisit the same
+states (inside a string at one place of the schema, before the next key, ...), so they are cached
+across steps and requests, least recently used first out, within a byte budget. Grammars are cached
+by their schema's text, so requests with one schema share their masks.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+
+import torch
+
+from engine.sampling_params import InvalidParamError
+from engine.structured import json_machine
+from engine.structured.schema import Grammar, compile_schema
+from engine.structured.vocabulary import Vocabulary
+
+GRAMMARS = 64
+MASK_BYTES = 32 * 2**20
+
+
+class StructuredOutputs:
+    def __init__(self, token_bytes, width: int, eos_ids: set[int]):
+        """`token_bytes`: a callable returning each token's bytes (read at the first constrained
+        request: a server that never gets one never builds the vocabulary's index)."""
+        self._token_bytes, self._width, self._eos_ids = token_bytes, width, eos_ids
+        self._vocabulary: Vocabulary | None = None
+        self._grammars: OrderedDict[str, Grammar] = OrderedDict()
+        # (id(grammar), state) -> (grammar, mask): the entry holds its grammar, so the id stays its own
+        self._masks: OrderedDict[tuple, tuple[Grammar, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()  # requests compile on the server's thread, masks come on the engine's
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        with self._lock:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self._token_bytes(), self._width, self._eos_ids)
+            return self._vocabulary
+
+    def constraint(self, schema) -> "Constraint":
+        """A new sequence's constraint for a JSON schema; raises InvalidParamError."""
+        try:
+            key = json.dumps(schema, sort_keys=True)
+            with self._lock:
+                grammar = self._grammars.pop(key, None)
+            if grammar is None:
+                grammar = compile_schema(schema)
+        except RecursionError:
+            raise InvalidParamError("response_format: the schema is nested too deeply", "response_format") from None
+        with self._lock:
+            self._grammars[key] = grammar
+            while len(self._grammars) > GRAMMARS:
+                self._grammars.popitem(last=False)
+        return Constraint(self, grammar)
+
+    def mask(self, grammar: Grammar, state: tuple) -> torch.Tensor:
+        key = (id(grammar), state)
+        with self._lock:
+            if key in self._masks:
+                self._masks.move_to_end(key)
+                return self._masks[key][1]
+        mask = self.vocabulary.mask(grammar, state)
+        with self._lock:
+            self._masks[key] = (grammar, mask)
+            while len(self._masks) * self._width > MASK_BYTES and len(self._masks) > 1:
+                self._masks.popitem(last=False)
+        return mask
+
+
+class Constraint:
+    """One sequence's place in its grammar. `mask()` before a token is drawn, `advance(token)`
+    after; `done` once the document is whole (nothing may follow it)."""
+
+    def __init__(self, outputs: StructuredOutputs, grammar: Grammar):
+        self._outputs = outputs
+        self.grammar = grammar
+        self.state = json_machine.start(grammar)
+        self.ended = False
+
+    def mask(self) -> torch.Tensor:
+        return self._outputs.mask(self.grammar, self.state)
+
+    def advance(self, token_id: int) -> None:
+        """Raises ValueError for a token the mask did not allow."""
+        vocabulary = self._outputs.vocabulary
+        if token_id in vocabulary.eos_ids and json_machine.can_end(self.state):
+            self.ended = True
+            return
+        state = vocabulary.advance(self.grammar, self.state, token_id)
+        if state is None:
+            raise ValueError(f"token {token_id} does not continue the response_format's JSON")
+        self.state = state
+
+    @property
+    def done(self) -> bool:
+        return self.ended or self.state == ()

@@ -1,0 +1,220 @@
+"""A byte-at-a-time recognizer of the JSON documents a grammar (engine/structured/schema.py) allows.
+
+A state is a tuple of frames, the innermost last, each frame a plain tuple: states are hashable (the
+token masks are cached per state) and advancing builds a new top frame, never changes one. `()` is
+a finished document, after which nothing may follow.
+
+Each JSON value's kind is known from its first byte (`{`, `[`, `"`, a digit or `-`, or a literal's
+first byte), so the machine is deterministic; the grammar merges a union's branches so that each
+first byte leads to one of them. Whitespace is allowed wherever JSON allows it, up to `MAX_WS` bytes
+in a run: enough to lay out nested JSON, and a model that keeps emitting newlines cannot pad its
+answer until `max_tokens`.
+"""
+from __future__ import annotations
+
+from engine.structured.schema import Grammar
+
+MAX_WS = 24
+MAX_NUMBER = 24  # bytes of one number
+
+VALUE, OBJECT, ARRAY, STRING, NUMBER, LITERALS = range(6)
+# object phases: after "{", after ",", after a key (":" next), after a value ("," or "}" next)
+O_FIRST, O_KEY, O_COLON, O_NEXT = range(4)
+# array phases: after "[", after ",", after an item
+A_FIRST, A_ITEM, A_NEXT = range(3)
+# string phases: characters, after a backslash, inside \uXXXX
+S_CHARS, S_ESCAPE, S_HEX = range(3)
+# number phases, along JSON's number grammar: -? (0 | [1-9][0-9]*) (.[0-9]+)? ([eE][+-]?[0-9]+)?
+N_START, N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(9)
+N_ENDS = frozenset((N_ZERO, N_INT, N_FRAC, N_EXP))
+
+WHITESPACE = frozenset(b" \t\n\r")
+DIGITS = frozenset(b"0123456789")
+HEX = frozenset(b"0123456789abcdefABCDEF")
+ESCAPES = frozenset(b'"\\/bfnrt')
+POP = None  # a handler's frames when its value is complete
+
+
+def start(grammar: Grammar) -> tuple:
+    return ((VALUE, grammar.root, 0),)
+
+
+def in_string(state: tuple) -> bool:
+    """Inside a string's characters: every byte but `"`, `\\` and control bytes leaves the state as it is."""
+    return bool(state) and state[-1][0] == STRING and state[-1][1] == S_CHARS
+
+
+def can_end(state: tuple) -> bool:
+    """The bytes so far are a whole document (a number or literal at the top may still go on)."""
+    if not state:
+        return True
+    if len(state) > 1:
+        return False
+    frame = state[0]
+    if frame[0] == NUMBER:
+        return frame[2] in N_ENDS
+    if frame[0] == LITERALS:
+        return any(len(c) == frame[2] for c in frame[1])
+    return False
+
+
+def advance(grammar: Grammar, state: tuple, byte: int) -> tuple | None:
+    """The state after `byte`, or None where the grammar allows no such byte."""
+    nodes = grammar.nodes
+    while state:
+        frame = state[-1]
+        out = _HANDLERS[frame[0]](nodes, frame, byte)
+        if out is None:
+            return None
+        frames, consumed, result = out
+        if frames is not POP:
+            state = state[:-1] + frames
+        else:  # the top value is complete: its parent takes its result, and the byte if it is left
+            state = state[:-1]
+            if state:
+                state = state[:-1] + (_resume(nodes, state[-1], result),)
+        if consumed:
+            return state
+    return None
+
+
+def _resume(nodes, parent: tuple, result) -> tuple:
+    """The parent frame once its child value is complete: an object learns which property's key it
+    read (`result`, the property's index) and so which value comes next."""
+    if parent[0] == OBJECT and result is not None:
+        _, n, phase, _, _, ws = parent
+        return (OBJECT, n, phase, result + 1, nodes[n].object.properties[result].node, ws)
+    return parent
+
+
+def _whitespace(frame: tuple, byte: int):
+    """The frame with one more whitespace byte (its last field counts the run), or None."""
+    if byte in WHITESPACE and frame[-1] < MAX_WS:
+        return (frame[:-1] + (frame[-1] + 1,),), True, None
+    return None
+
+
+def _value(nodes, frame, byte):
+    _, n, _ = frame
+    node = nodes[n]
+    if byte in WHITESPACE:
+        return _whitespace(frame, byte)
+    if byte == 0x7B and node.object is not None:  # {
+        return ((OBJECT, n, O_FIRST, 0, -1, 0),), True, None
+    if byte == 0x5B and node.array is not None:  # [
+        return ((ARRAY, n, A_FIRST, 0, 0),), True, None
+    if byte == 0x22 and node.string:  # "
+        return ((STRING, S_CHARS, 0),), True, None
+    if node.number is not None and (byte == 0x2D or byte in DIGITS):
+        return ((NUMBER, node.number == "integer", N_START, 0),), False, None
+    if node.literals:
+        return ((LITERALS, node.literals, 0, (None,) * len(node.literals)),), False, None
+    return None
+
+
+def _object(nodes, frame, byte):
+    _, n, phase, next_prop, value_node, _ = frame
+    spec = nodes[n].object
+    if byte in WHITESPACE:
+        return _whitespace(frame, byte)
+    if phase in (O_FIRST, O_KEY) and byte == 0x22:  # a key
+        if spec.properties:
+            keys = spec.keys_from(next_prop)
+            if not keys:
+                return None
+            names, indexes = keys
+            return ((OBJECT, n, O_COLON, next_prop, -1, 0), (LITERALS, names, 0, indexes)), False, None
+        if spec.additional is None:
+            return None
+        return ((OBJECT, n, O_COLON, 0, spec.additional, 0), (STRING, S_CHARS, 0)), True, None
+    if phase == O_COLON and byte == 0x3A:  # :
+        return ((OBJECT, n, O_NEXT, next_prop, -1, 0), (VALUE, value_node, 0)), True, None
+    if phase in (O_FIRST, O_NEXT) and byte == 0x7D:  # }
+        return (POP, True, None) if not spec.required_from(next_prop) else None
+    if phase == O_NEXT and byte == 0x2C:  # ,
+        more = spec.keys_from(next_prop) if spec.properties else spec.additional is not None
+        return (((OBJECT, n, O_KEY, next_prop, -1, 0),), True, None) if more else None
+    return None
+
+
+def _array(nodes, frame, byte):
+    _, n, phase, count, _ = frame
+    spec = nodes[n].array
+    if byte in WHITESPACE:
+        return _whitespace(frame, byte)
+    if phase == A_NEXT:
+        if byte == 0x2C and (spec.max_items is None or count < spec.max_items):  # ,
+            return ((ARRAY, n, A_ITEM, count, 0),), True, None
+        if byte == 0x5D and count >= spec.min_items:  # ]
+            return POP, True, None
+        return None
+    if phase == A_FIRST and byte == 0x5D:
+        return (POP, True, None) if spec.min_items == 0 else None
+    if spec.max_items == 0:
+        return None
+    # an item begins with this byte: the item's value takes it
+    return ((ARRAY, n, A_NEXT, min(count + 1, spec.count_cap), 0), (VALUE, spec.items, 0)), False, None
+
+
+def _string(nodes, frame, byte):
+    _, phase, hex_left = frame
+    if phase == S_CHARS:
+        if byte == 0x22:
+            return POP, True, None
+        if byte == 0x5C:
+            return ((STRING, S_ESCAPE, 0),), True, None
+        return None if byte < 0x20 else ((frame,), True, None)
+    if phase == S_ESCAPE:
+        if byte in ESCAPES:
+            return ((STRING, S_CHARS, 0),), True, None
+        return (((STRING, S_HEX, 4),), True, None) if byte == 0x75 else None  # u
+    if byte not in HEX:
+        return None
+    return (((STRING, S_HEX, hex_left - 1) if hex_left > 1 else (STRING, S_CHARS, 0),), True, None)
+
+
+def _number_phase(phase: int, byte: int, integer: bool) -> int | None:
+    digit = byte in DIGITS
+    if phase in (N_START, N_MINUS):
+        if byte == 0x30:
+            return N_ZERO
+        if digit:
+            return N_INT
+        return N_MINUS if phase == N_START and byte == 0x2D else None
+    if phase in (N_INT, N_FRAC, N_EXP) and digit:
+        return phase
+    if phase in (N_ZERO, N_INT) and byte == 0x2E and not integer:  # .
+        return N_DOT
+    if phase in (N_ZERO, N_INT, N_FRAC) and byte in (0x65, 0x45) and not integer:  # e E
+        return N_E
+    if phase == N_DOT and digit:
+        return N_FRAC
+    if phase == N_E and byte in (0x2B, 0x2D):  # + -
+        return N_ESIGN
+    if phase in (N_E, N_ESIGN) and digit:
+        return N_EXP
+    return None
+
+
+def _number(nodes, frame, byte):
+    _, integer, phase, length = frame
+    after = _number_phase(phase, byte, integer)
+    if after is not None and length < MAX_NUMBER:
+        return ((NUMBER, integer, after, length + 1),), True, None
+    if phase in N_ENDS:  # the number ended before this byte, which its parent takes
+        return POP, False, None
+    return None
+
+
+def _literals(nodes, frame, byte):
+    _, candidates, pos, results = frame
+    keep = [i for i, c in enumerate(candidates) if len(c) > pos and c[pos] == byte]
+    if len(keep) == 1 and len(candidates[keep[0]]) == pos + 1:
+        return POP, True, results[keep[0]]
+    if keep:
+        return ((LITERALS, tuple(candidates[i] for i in keep), pos + 1, tuple(results[i] for i in keep)),), True, None
+    whole = [r for c, r in zip(candidates, results) if len(c) == pos]  # e.g. 1 of the literals 1 and 10
+    return (POP, False, whole[0]) if whole else None
+
+
+_HANDLERS = {VALUE: _value, OBJECT: _object, ARRAY: _array, STRING: _string, NUMBER: _number, LITERALS: _literals}

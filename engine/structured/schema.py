@@ -1,0 +1,270 @@
+"""A JSON schema compiled into the grammar the JSON machine (engine/structured/json_machine.py) runs.
+
+The grammar is a table of nodes, each the set of values allowed at one place: an object (its
+properties in the schema's order, required ones mandatory, or free keys whose values follow
+`additionalProperties`), an array, a string, a number or integer, and literal JSON texts (true,
+false, null, enum and const values). A union (`anyOf`, `oneOf`, a list of types) merges its branches
+into one node; a union the machine could not tell apart by a value's first byte (two object
+branches) is refused.
+
+Outputs always validate against the schema; some valid documents are never generated: properties
+come in the schema's order, and an object with `properties` gets no others. Keywords that constrain
+values in ways the grammar does not (`pattern`, `minLength`, `minimum`, `prefixItems`, ...) are
+refused with an error naming them, never ignored; `format` is an annotation, as JSON Schema
+(2019-09 on) defines it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from engine.sampling_params import InvalidParamError
+
+PARAM = "response_format"
+MAX_NODES = 2000
+ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
+                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions"))
+KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+                      "enum", "const", "anyOf", "oneOf", "allOf", "$ref")) | ANNOTATIONS
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+@dataclass(frozen=True)
+class Property:
+    key: bytes  # the key as JSON text, quotes included
+    node: int
+    required: bool
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    properties: tuple[Property, ...] = ()
+    additional: int | None = None  # node of free keys' values (used when there are no properties)
+
+    def keys_from(self, index: int) -> tuple[tuple[bytes, ...], tuple[int, ...]] | None:
+        """The keys that may come next, when the keys before `index` are done: each optional one up
+        to the first required one (which may not be passed over)."""
+        names, indexes = [], []
+        for i in range(index, len(self.properties)):
+            names.append(self.properties[i].key)
+            indexes.append(i)
+            if self.properties[i].required:
+                break
+        return (tuple(names), tuple(indexes)) if names else None
+
+    def required_from(self, index: int) -> bool:
+        return any(p.required for p in self.properties[index:])
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    items: int
+    min_items: int = 0
+    max_items: int | None = None
+
+    @property
+    def count_cap(self) -> int:
+        """Items counted up to this: past both bounds the count changes nothing."""
+        return max(self.min_items, self.max_items or 0)
+
+
+@dataclass
+class Node:
+    object: ObjectSpec | None = None
+    array: ArraySpec | None = None
+    string: bool = False
+    number: str | None = None  # "number" or "integer"
+    literals: tuple[bytes, ...] = ()
+
+
+@dataclass
+class Grammar:
+    nodes: list[Node] = field(default_factory=list)
+    root: int = 0
+
+
+def response_format_schema(response_format: dict) -> dict | None:
+    """OpenAI's response_format -> the JSON schema the answer must follow (None: free text)."""
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    return response_format["json_schema"]["schema"]
+
+
+def compile_schema(schema) -> Grammar:
+    """Raises InvalidParamError (param response_format) for what it cannot or will not compile."""
+    return _Compiler(schema).grammar
+
+
+def _fail(message: str):
+    raise InvalidParamError(f"response_format: {message}", PARAM)
+
+
+def _literal(value) -> bytes:
+    if isinstance(value, (dict, list)):
+        _fail("enum and const values must be strings, numbers, booleans or null")
+    return json.dumps(value, ensure_ascii=False).encode()
+
+
+class _Compiler:
+    def __init__(self, schema):
+        self.root_schema = schema
+        self.grammar = Grammar()
+        self.refs: dict[str, int] = {}
+        self.any: int | None = None
+        self.grammar.root = self.compile(schema)
+
+    def new(self, node: Node | None = None) -> int:
+        if len(self.grammar.nodes) >= MAX_NODES:
+            _fail(f"the schema is too large (more than {MAX_NODES} nodes)")
+        self.grammar.nodes.append(node)
+        return len(self.grammar.nodes) - 1
+
+    def any_value(self) -> int:
+        """Any JSON value (objects with any keys, arrays of anything)."""
+        if self.any is None:
+            self.any = self.new()
+            self.grammar.nodes[self.any] = Node(object=ObjectSpec(additional=self.any), array=ArraySpec(self.any),
+                                                string=True, number="number",
+                                                literals=(b"true", b"false", b"null"))
+        return self.any
+
+    def compile(self, schema) -> int:
+        if schema is True or schema == {}:
+            return self.any_value()
+        if not isinstance(schema, dict):
+            _fail(f"a schema must be an object or true, got {json.dumps(schema)[:80]}")
+        unknown = sorted(set(schema) - KEYWORDS)
+        if unknown:
+            _fail(f"schema keywords {', '.join(unknown)} are not supported")
+        if "$ref" in schema:
+            return self.ref(schema)
+        if "allOf" in schema:
+            return self.all_of(schema)
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                return self.union(schema, key)
+        return self.new(self.node(schema))
+
+    def constraints(self, schema: dict) -> set:
+        return set(schema) - ANNOTATIONS
+
+    def ref(self, schema: dict) -> int:
+        if self.constraints(schema) != {"$ref"}:
+            _fail("$ref beside other constraints is not supported")
+        ref = schema["$ref"]
+        if ref not in self.refs:
+            target = self.resolve(ref)
+            self.refs[ref] = node = self.new()  # before compiling: a recursive schema finds it
+            self.grammar.nodes[node] = self.node_of(self.compile(target))
+        return self.refs[ref]
+
+    def resolve(self, ref) -> dict:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            _fail(f"only local references (#/...) are supported, got {ref!r}")
+        target = self.root_schema
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                _fail(f"the reference {ref} points to nothing")
+            target = target[part]
+        return target
+
+    def all_of(self, schema: dict) -> int:
+        branches = schema["allOf"]
+        if self.constraints(schema) != {"allOf"} or not isinstance(branches, list) or len(branches) != 1:
+            _fail("allOf is supported with one schema only")
+        return self.compile(branches[0])
+
+    def union(self, schema: dict, key: str) -> int:
+        branches = schema[key]
+        if self.constraints(schema) != {key} or not isinstance(branches, list) or not branches:
+            _fail(f"{key} must be a non-empty list, beside no other constraints")
+        return self.new(self.merge([self.node_of(self.compile(b)) for b in branches]))
+
+    def node_of(self, index: int) -> Node:
+        node = self.grammar.nodes[index]
+        if node is None:
+            _fail("a schema may not be its own union branch or reference")
+        return node
+
+    def node(self, schema: dict) -> Node:
+        if "const" in schema:
+            return Node(literals=(_literal(schema["const"]),))
+        if "enum" in schema:
+            values = schema["enum"]
+            if not isinstance(values, list) or not values:
+                _fail("enum must be a non-empty list")
+            return self.merge([Node(literals=(_literal(v),)) for v in values])
+        types = schema.get("type")
+        if types is None:  # no type: what the keywords imply, else any value
+            types = ["object"] if "properties" in schema or "additionalProperties" in schema else \
+                ["array"] if "items" in schema else list(TYPES)
+        types = types if isinstance(types, list) else [types]
+        if not types or any(t not in TYPES for t in types):
+            _fail(f"type must be one or more of {', '.join(TYPES)}")
+        parts = []
+        for t in types:
+            if t == "object":
+                parts.append(Node(object=self.object(schema)))
+            elif t == "array":
+                parts.append(Node(array=self.array(schema)))
+            elif t == "string":
+                parts.append(Node(string=True))
+            elif t in ("number", "integer"):
+                parts.append(Node(number=t))
+            elif t == "boolean":
+                parts.append(Node(literals=(b"true", b"false")))
+            else:
+                parts.append(Node(literals=(b"null",)))
+        return self.merge(parts)
+
+    def object(self, schema: dict) -> ObjectSpec:
+        properties = schema.get("properties", {})
+        required = schema.get("required", [])
+        if not isinstance(properties, dict) or not isinstance(required, list):
+            _fail("properties must be an object and required a list")
+        missing = [r for r in required if r not in properties]
+        if missing:
+            _fail(f"required names properties the schema does not define: {', '.join(map(str, missing))}")
+        if properties:
+            return ObjectSpec(tuple(Property(json.dumps(name, ensure_ascii=False).encode(), self.compile(sub),
+                                             name in required) for name, sub in properties.items()))
+        additional = schema.get("additionalProperties", True)
+        return ObjectSpec(additional=None if additional is False else self.compile(additional))
+
+    def array(self, schema: dict) -> ArraySpec:
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        if not isinstance(low, int) or low < 0 or (high is not None and (not isinstance(high, int) or high < low)):
+            _fail("minItems and maxItems must be integers with 0 <= minItems <= maxItems")
+        return ArraySpec(self.compile(schema.get("items", True)), low, high)
+
+    def merge(self, parts: list[Node]) -> Node:
+        """One node for a union: each JSON kind from at most one branch, so that a value's first
+        byte picks its branch."""
+        out = Node()
+        literals: list[bytes] = []
+        for part in parts:
+            for kind in ("object", "array"):
+                if getattr(part, kind) is not None:
+                    if getattr(out, kind) is not None and getattr(out, kind) != getattr(part, kind):
+                        _fail(f"a union of two different {kind} schemas is not supported")
+                    setattr(out, kind, getattr(part, kind))
+            out.string = out.string or part.string
+            if part.number is not None:
+                out.number = "number" if "number" in (out.number, part.number) else "integer"
+            literals += [lit for lit in part.literals if lit not in literals]
+        kept = []
+        for lit in literals:  # literals another branch already allows go; the rest must not clash with one
+            first = lit[:1]
+            if first == b'"' and out.string:
+                continue
+            if first in b"-0123456789" and out.number is not None:
+                if out.number == "number" or lit.lstrip(b"-").isdigit():
+                    continue
+                _fail("an enum number that is not an integer beside an integer type is not supported")
+            kept.append(lit)
+        out.literals = tuple(kept)
+        return out
