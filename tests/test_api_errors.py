@@ -28,7 +28,7 @@ def assert_error(r, status, param):
     ("temperature", "hot", "temperature"),
     ("messages", [], "messages"),
     ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
-    ("response_format", {"type": "json_object"}, "response_format.type"),
+    ("response_format", {"type": "xml"}, "response_format.type"),
     ("ffn_skip", {"budget": 0.99}, "ffn_skip.budget"),
     ("logit_bias", {"999999": 1}, "logit_bias"),
 ])

@@ -1,0 +1,263 @@
+"""Structured outputs (`response_format` json_object / json_schema, engine/structured): the JSON
+machine against Python's own JSON parser, the schema compiler's documents and refusals, each token
+mask against every token's bytes run through the machine, and answers of the real model, in process
+and through the server with the `openai` SDK, checked by pydantic models the SDK turns into schemas."""
+from __future__ import annotations
+
+import json
+import random
+import threading
+from typing import Literal, Optional
+
+import httpx
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from conftest import cpu_path_only
+from engine.sampling_params import InvalidParamError, SamplingParams
+from engine.structured import json_machine
+from engine.structured.schema import compile_schema
+
+MODEL = "smollm2-135m-instruct"
+
+
+def accepts(schema, text: str) -> bool:
+    grammar = compile_schema(schema)
+    state = json_machine.start(grammar)
+    for byte in text.encode():
+        state = json_machine.advance(grammar, state, byte)
+        if state is None:
+            return False
+    return json_machine.can_end(state)
+
+
+def test_the_machine_accepts_exactly_the_documents_json_loads_accepts():
+    """Random strings over JSON's alphabet: any-value schema vs json.loads (no trailing whitespace:
+    the machine ends a document at its last byte)."""
+    rng = random.Random(0)
+    alphabet = list('{}[]":,0123456789-.eE+ \nturefalsn\\u')
+    valid = 0
+    for _ in range(60000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).rstrip()
+        if not text:
+            continue
+        try:
+            json.loads(text)
+            ok = True
+        except ValueError:
+            ok = False
+        valid += ok
+        assert accepts(True, text) == ok, text
+    assert valid > 1000  # the comparison saw many valid documents, not only refusals
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                   "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+                   "pet": {"anyOf": [{"$ref": "#/$defs/Pet"}, {"type": "null"}]},
+                   "score": {"type": ["number", "boolean"]}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+    "$defs": {"Pet": {"type": "object", "properties": {"kind": {"const": "cat"}}, "required": ["kind"]}},
+}
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"name": "x", "age": 3}', True),
+    ('{ "name" : "x\\"y\\u00e9" ,\n  "age": -30 }', True),
+    ('{"name": "x", "age": 3.5}', False),  # integer
+    ('{"age": 3, "name": "x"}', False),  # the schema's order
+    ('{"name": "x"}', False),  # a required property missing
+    ('{"name": "x", "age": 3, "other": 1}', False),  # additionalProperties false
+    ('{"name": "x", "age": 3, "tags": ["a", "b"]}', True),
+    ('{"name": "x", "age": 3, "tags": ["a", "b", "a"]}', False),  # maxItems
+    ('{"name": "x", "age": 3, "tags": ["c"]}', False),  # enum
+    ('{"name": "x", "age": 3, "pet": {"kind": "cat"}}', True),
+    ('{"name": "x", "age": 3, "pet": null, "score": true}', True),
+    ('{"name": "x", "age": 3, "pet": {"kind": "dog"}}', False),  # const
+    ('{"name": "x", "age": 3, "score": 1e-3}', True),
+    ('{"name": "x", "age": 3, "score": "1"}', False),
+    ('{"name": "x", "age": 3,}', False),
+    ('{"name": "x", "age": 3}' + " " * 1, False),  # nothing after the document
+    ('{"name": "x",' + " " * 25 + '"age": 3}', False),  # a whitespace run past MAX_WS
+])
+def test_schema_documents(text, ok):
+    assert accepts(PERSON, text) == ok
+
+
+def test_recursive_schemas_and_free_objects_compile():
+    tree = {"$ref": "#/$defs/Node", "$defs": {"Node": {"type": "object", "properties": {
+        "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}, "required": ["children"]}}}
+    assert accepts(tree, '{"children": [{"children": []}, {"children": [{"children": []}]}]}')
+    assert not accepts(tree, '{"children": [{}]}')
+    assert accepts({"type": "object"}, '{"a": [1, {"b": null}], "c": "d"}')
+    assert not accepts({"type": "object"}, '[1]')
+    assert accepts({"type": "object", "additionalProperties": {"type": "integer"}}, '{"a": 1, "b": 2}')
+    assert not accepts({"type": "object", "additionalProperties": {"type": "integer"}}, '{"a": "1"}')
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "string", "pattern": "^a+$"}, "pattern"),
+    ({"type": "object", "properties": {"a": {"type": "string", "minLength": 2}}}, "minLength"),
+    ({"type": "array", "prefixItems": [{"type": "string"}]}, "prefixItems"),
+    ({"anyOf": [{"type": "object", "properties": {"a": {}}}, {"type": "object", "properties": {"b": {}}}]},
+     "two different object"),
+    ({"$ref": "#/$defs/Missing"}, "points to nothing"),
+    ({"$ref": "https://example.com/schema.json"}, "local references"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
+    ({"type": "strings"}, "type must be"),
+    ({"enum": [{"a": 1}]}, "enum and const"),
+    ({"type": "object", "properties": {"a": 5}}, "must be an object"),
+])
+def test_what_the_grammar_cannot_hold_is_refused_by_name(schema, words):
+    with pytest.raises(InvalidParamError) as caught:
+        compile_schema(schema)
+    assert words in str(caught.value) and caught.value.param == "response_format"
+
+
+def _states_along(grammar, text: str) -> list[tuple]:
+    state, states = json_machine.start(grammar), []
+    for byte in text.encode():
+        states.append(state)
+        state = json_machine.advance(grammar, state, byte)
+        assert state is not None
+    return states + [state]
+
+
+@pytest.mark.parametrize("schema, text", [
+    ({"type": "object"}, '{"a": [1, -2.5e3, {"b": null}], "c d": "e \\"f\\" \\u00e9 ü 🎉"}'),
+    (PERSON, '{"name": "Jo", "age": 42, "tags": ["a"], "pet": {"kind": "cat"}, "score": false}'),
+])
+def test_each_mask_is_every_token_whose_bytes_the_state_accepts(engine, schema, text):
+    """The sorted-vocabulary walk (and the in-string shortcut) against a brute force over the whole
+    vocabulary, at every fourth state along a document; EOS only where the document may end."""
+    structured = engine.structured
+    vocabulary = structured.vocabulary
+    grammar = compile_schema(schema)
+    token_bytes = engine.tokenizer.token_bytes()
+    for state in _states_along(grammar, text)[::4] + [_states_along(grammar, text)[-1]]:
+        expected = torch.zeros(vocabulary.width, dtype=torch.bool)
+        for token_id, data in enumerate(token_bytes[:vocabulary.width]):
+            if data and vocabulary.advance(grammar, state, token_id) is not None:
+                expected[token_id] = True
+        if json_machine.can_end(state):
+            expected[vocabulary.eos_ids] = True
+        mask = vocabulary.mask(grammar, state)
+        assert torch.equal(mask, expected), [engine.tokenizer.token_text(t) for t in (mask ^ expected).nonzero()[:5, 0]]
+    assert 0 < int(vocabulary.mask(grammar, _states_along(grammar, text)[-3]).sum()) < vocabulary.width
+
+
+class Pet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["cat", "dog", "fish"]
+    name: str
+
+
+class Person(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    age: int
+    hobbies: list[str] = Field(max_length=3)
+    pet: Optional[Pet]
+
+
+class Capital(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    city: Literal["Paris", "London", "Berlin", "Madrid"]
+    population_millions: int
+
+
+def _strict_schema(model: type[BaseModel]) -> dict:
+    """The schema the openai SDK sends for a pydantic model (strict: every property required)."""
+    from openai.lib._pydantic import to_strict_json_schema
+
+    return to_strict_json_schema(model)
+
+
+PERSON_PROMPT = "Describe a fictional person as JSON: name, age, hobbies and pet."
+CAPITAL_PROMPT = "What is the capital of France, and about how many million people live there? Answer in JSON."
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_models_answers_follow_the_schema(engine, temperature):
+    schema = _strict_schema(Person)
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": PERSON_PROMPT}])
+    params = SamplingParams(n=3, max_tokens=300, temperature=temperature, seed=5, response_schema=schema)
+    engine.add_request(f"structured-{temperature}", prompt, params)
+    texts, reasons = ["", "", ""], [None] * 3
+    while engine.has_work:
+        for out in engine.step()[0]:
+            texts[out.index] += out.text
+            reasons[out.index] = out.finish_reason
+    for text, reason in zip(texts, reasons):
+        assert reason == "stop", text
+        Person.model_validate_json(text, strict=True)  # raises on anything the schema does not allow
+
+
+def _chat(server, **body):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={"model": MODEL, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_the_openai_sdks_parse_returns_the_pydantic_model(client):
+    completion = client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": CAPITAL_PROMPT}], response_format=Capital,
+        temperature=0, max_tokens=200)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert isinstance(choice.message.parsed, Capital)
+
+
+def test_json_object_answers_are_one_object_streamed_as_unstreamed(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": CAPITAL_PROMPT}], temperature=0,
+              max_tokens=300, response_format={"type": "json_object"})
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "stop"
+    assert isinstance(json.loads(whole.message.content), dict)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(stream=True, **kw)
+                       if chunk.choices)
+    assert streamed == whole.message.content
+
+
+@cpu_path_only
+def test_a_constrained_request_leaves_the_requests_beside_it_alone(server):
+    """Plain greedy answers are the same alone and beside constrained ones in the same batches."""
+    plain = dict(messages=[{"role": "user", "content": "Write a haiku about the sea."}], temperature=0, max_tokens=40)
+    alone = _chat(server, **plain)["choices"][0]["message"]["content"]
+    results = {}
+
+    def run(name, body):
+        results[name] = _chat(server, **body)
+
+    constrained = dict(messages=[{"role": "user", "content": PERSON_PROMPT}], temperature=1, seed=3, max_tokens=200,
+                       n=2, response_format={"type": "json_schema", "json_schema": {
+                           "name": "person", "schema": _strict_schema(Person), "strict": True}})
+    threads = [threading.Thread(target=run, args=(f"c{i}", constrained)) for i in range(2)]
+    threads.append(threading.Thread(target=run, args=("plain", plain)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["plain"]["choices"][0]["message"]["content"] == alone
+    for name in ("c0", "c1"):
+        for choice in results[name]["choices"]:
+            if choice["finish_reason"] == "stop":
+                Person.model_validate_json(choice["message"]["content"], strict=True)
+
+
+@pytest.mark.parametrize("response_format, words", [
+    ({"type": "json_schema"}, "json_schema is required"),
+    ({"type": "json_object", "json_schema": {"name": "x", "schema": {}}}, "json_schema is required"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "schema is required"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a"}}}, "pattern"),
+])
+def test_bad_response_formats_are_400_naming_response_format(server, response_format, words):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "response_format": response_format})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "response_format" and words in error["message"]
