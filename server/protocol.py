@@ -140,6 +140,7 @@ class CommonRequest(RequestBody):
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     ignore_eos: StrictBool = False
+    response_format: Optional[ResponseFormat] = None  # chat and, as vLLM and llama.cpp take it, completions
     ffn_skip: Optional[FFNSkip] = None
 
     def sampling(self, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
@@ -158,6 +159,7 @@ class CommonRequest(RequestBody):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=bias, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            response_schema=self.response_format.answer_schema() if self.response_format else None,
         )
 
     def skip(self) -> SkipParams | None:
@@ -173,16 +175,13 @@ class ChatCompletionRequest(CommonRequest):
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = None
-    response_format: Optional[ResponseFormat] = None
 
     def to_sampling(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParamError("top_logprobs requires logprobs: true", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        params = self.sampling(logprobs, max_tokens)
-        params.response_schema = self.response_format.answer_schema() if self.response_format else None
-        return params
+        return self.sampling(logprobs, max_tokens)
 
 
 class CompletionRequest(CommonRequest):

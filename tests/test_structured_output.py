@@ -222,6 +222,16 @@ def test_json_object_answers_are_one_object_streamed_as_unstreamed(client):
     assert streamed == whole.message.content
 
 
+def test_completions_take_a_response_format_too(client):
+    """As vLLM's and llama.cpp's /v1/completions do (OpenAI's legacy route has no such field)."""
+    done = client.completions.create(
+        model=MODEL, prompt="The capital of France, as JSON:", temperature=0, max_tokens=200,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {
+            "name": "capital", "schema": _strict_schema(Capital)}}}).choices[0]
+    assert done.finish_reason == "stop"
+    Capital.model_validate_json(done.text, strict=True)
+
+
 @cpu_path_only
 def test_a_constrained_request_leaves_the_requests_beside_it_alone(server):
     """Plain greedy answers are the same alone and beside constrained ones in the same batches."""

@@ -57,6 +57,10 @@ class StructuredOutputs:
                 self._grammars.popitem(last=False)
         return Constraint(self, grammar)
 
+    def clear_masks(self) -> None:
+        with self._lock:
+            self._masks.clear()
+
     def mask(self, grammar: Grammar, state: tuple) -> torch.Tensor:
         key = (id(grammar), state)
         with self._lock:
