@@ -36,7 +36,7 @@ def test_the_machine_accepts_exactly_the_documents_json_loads_accepts():
     """Random strings over JSON's alphabet: any-value schema vs json.loads (no trailing whitespace:
     the machine ends a document at its last byte)."""
     rng = random.Random(0)
-    alphabet = list('{}[]":,0123456789-.eE+ \nturefalsn\\u')
+    alphabet = list('{}[]":,0123456789-.eE+ \nturefalsn\\ué🎉')
     valid = 0
     for _ in range(60000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).rstrip()
@@ -50,6 +50,25 @@ def test_the_machine_accepts_exactly_the_documents_json_loads_accepts():
         valid += ok
         assert accepts(True, text) == ok, text
     assert valid > 1000  # the comparison saw many valid documents, not only refusals
+
+
+@pytest.mark.parametrize("data, whole", [
+    (b'"\xc3\xa9"', True), (b'"\xe4\xb8\xad"', True), (b'"\xf0\x9f\x8e\x89"', True),
+    (b'"\xff"', False), (b'"\x80"', False), (b'"\xc3"', False), (b'"\xc0\xaf"', False),  # stray, cut, overlong
+    (b'"\xed\xa0\x80"', False), (b'"\xf4\x90\x80\x80"', False),  # a surrogate, past U+10FFFF
+])
+def test_strings_hold_whole_utf8_characters(data, whole):
+    """As a strict decoder reads them: the answer's bytes are always text."""
+    grammar = compile_schema({"type": "string"})
+    state = json_machine.start(grammar)
+    for byte in data:
+        state = state and json_machine.advance(grammar, state, byte)
+    assert (state is not None and json_machine.can_end(state)) == whole
+    if whole:
+        data.decode("utf-8")
+    else:
+        with pytest.raises(UnicodeDecodeError):
+            data.decode("utf-8")
 
 
 PERSON = {
@@ -81,7 +100,8 @@ PERSON = {
     ('{"name": "x", "age": 3, "score": "1"}', False),
     ('{"name": "x", "age": 3,}', False),
     ('{"name": "x", "age": 3}' + " " * 1, False),  # nothing after the document
-    ('{"name": "x",' + " " * 25 + '"age": 3}', False),  # a whitespace run past MAX_WS
+    ('{"name": "x",' + " " * 40 + '"age": 3}', True),
+    ('{"name": "x",' + " " * 41 + '"age": 3}', False),  # a whitespace run past MAX_WS
 ])
 def test_schema_documents(text, ok):
     assert accepts(PERSON, text) == ok
@@ -98,6 +118,86 @@ def test_recursive_schemas_and_free_objects_compile():
     assert not accepts({"type": "object", "additionalProperties": {"type": "integer"}}, '{"a": "1"}')
 
 
+def test_recursion_through_an_optional_reference_compiles():
+    """What pydantic writes for a linked list (`next: Optional[Node]`): the union refers to the schema
+    it is part of, which is still being compiled when the union is met."""
+    linked = {"$ref": "#/$defs/Node", "$defs": {"Node": {"type": "object", "properties": {
+        "v": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]}},
+        "required": ["v", "next"]}}}
+    assert accepts(linked, '{"v": 1, "next": {"v": 2, "next": null}}')
+    assert not accepts(linked, '{"v": 1, "next": 3}')
+
+
+def test_enum_values_keep_to_the_type_beside_them():
+    assert accepts({"type": "string", "enum": ["a", 1]}, '"a"')
+    assert not accepts({"type": "string", "enum": ["a", 1]}, "1")
+    assert accepts({"type": "number", "enum": [1, 2.5, "x"]}, "2.5")
+
+
+def _allowed_bytes(grammar, state) -> list[int]:
+    return [b for b in range(256) if json_machine.advance(grammar, state, b) is not None]
+
+
+@pytest.mark.parametrize("schema", [
+    True, {"type": "object"}, PERSON, {"type": "number"}, {"enum": [1, 10, 100, "a", "ab", None]},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3},
+    {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "null"}}},  # all optional
+])
+def test_random_walks_never_reach_a_dead_end_and_end_in_json(schema):
+    """Random bytes the machine allows, from the start: every state allows some byte or may end (a
+    dead end would leave a row no token to take), and every document that ends parses."""
+    grammar, rng = compile_schema(schema), random.Random(1)
+    for _ in range(150):
+        state, text = json_machine.start(grammar), b""
+        while True:
+            allowed = _allowed_bytes(grammar, state)
+            ends = json_machine.can_end(state)
+            assert allowed or ends, text
+            if ends and (not allowed or rng.random() < 0.3 or len(text) > 200):
+                break
+            # bias towards closing: past 200 bytes prefer bytes that end values
+            closing = [b for b in allowed if b in b'}]"0123456789el'] if len(text) > 200 else []
+            byte = rng.choice(closing or allowed)
+            text += bytes([byte])
+            state = json_machine.advance(grammar, state, byte)
+            assert len(text) < 5000, text[:200]
+        json.loads(text.decode("utf-8"))  # strictly: strings hold whole UTF-8 characters
+
+
+def test_a_number_never_grows_past_its_length_without_a_way_to_end():
+    grammar = compile_schema({"type": "number"})
+    state = json_machine.start(grammar)
+    for byte in b"-" + b"1" * 22:  # 23 bytes: a "." or "e" here would need a 25th
+        state = json_machine.advance(grammar, state, byte)
+    assert json_machine.advance(grammar, state, ord(".")) is None
+    assert json_machine.can_end(json_machine.advance(grammar, state, ord("1")))
+
+
+def test_nesting_stops_at_max_depth_and_the_document_can_still_close():
+    grammar = compile_schema({"type": "object"})
+    state = json_machine.start(grammar)
+    for byte in b'{"a":':
+        state = json_machine.advance(grammar, state, byte)
+    depth = 0
+    while (deeper := json_machine.advance(grammar, state, ord("["))) is not None:
+        state, depth = deeper, depth + 1
+    assert len(state) == json_machine.MAX_DEPTH and depth > 60
+    assert json_machine.advance(grammar, state, ord("]")) is not None
+
+
+def test_schemas_differing_only_in_property_order_keep_their_own_order(engine):
+    first = {"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"}},
+             "required": ["reasoning", "answer"]}
+    second = {"type": "object", "properties": {"answer": {"type": "integer"}, "reasoning": {"type": "string"}},
+              "required": ["reasoning", "answer"]}
+    for schema, doc in ((first, '{"reasoning": "r", "answer": 1}'), (second, '{"answer": 1, "reasoning": "r"}')):
+        constraint = engine.structured.constraint(schema)
+        state = constraint.state
+        for byte in doc.encode():
+            state = json_machine.advance(constraint.grammar, state, byte)
+            assert state is not None, (schema, doc)
+
+
 @pytest.mark.parametrize("schema, words", [
     ({"type": "string", "pattern": "^a+$"}, "pattern"),
     ({"type": "object", "properties": {"a": {"type": "string", "minLength": 2}}}, "minLength"),
@@ -110,6 +210,14 @@ def test_recursive_schemas_and_free_objects_compile():
     ({"type": "strings"}, "type must be"),
     ({"enum": [{"a": 1}]}, "enum and const"),
     ({"type": "object", "properties": {"a": 5}}, "must be an object"),
+    ({"oneOf": [{"type": "number"}, {"type": "integer"}]}, "oneOf"),
+    ({"oneOf": [{"type": "string"}, {"enum": ["a"]}]}, "oneOf"),
+    ({"const": 5, "type": "string"}, "of the schema's type"),
+    ({"const": float("inf")}, "finite"),
+    ({"properties": {"a": {}}, "required": [["a"]]}, "list of names"),
+    ({"type": "array", "minItems": True}, "minItems"),
+    ({"enum": list(range(1001))}, "at most 1000"),
+    ({"$ref": "#/$defs/A", "$defs": {"A": {"anyOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}}}, "itself"),
 ])
 def test_what_the_grammar_cannot_hold_is_refused_by_name(schema, words):
     with pytest.raises(InvalidParamError) as caught:
@@ -127,7 +235,7 @@ def _states_along(grammar, text: str) -> list[tuple]:
 
 
 @pytest.mark.parametrize("schema, text", [
-    ({"type": "object"}, '{"a": [1, -2.5e3, {"b": null}], "c d": "e \\"f\\" \\u00e9 ü 🎉"}'),
+    ({"type": "object"}, '{"a": [1, -2.5e3, {"b": null}], "c d": "e \\"f\\" \\u00e9 ü 🎉 中文"}'),
     (PERSON, '{"name": "Jo", "age": 42, "tags": ["a"], "pet": {"kind": "cat"}, "score": false}'),
 ])
 def test_each_mask_is_every_token_whose_bytes_the_state_accepts(engine, schema, text):

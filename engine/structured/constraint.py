@@ -33,10 +33,11 @@ class StructuredOutputs:
         # (id(grammar), state) -> (grammar, mask): the entry holds its grammar, so the id stays its own
         self._masks: OrderedDict[tuple, tuple[Grammar, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()  # requests compile on the server's thread, masks come on the engine's
+        self._building = threading.Lock()
 
     @property
     def vocabulary(self) -> Vocabulary:
-        with self._lock:
+        with self._building:
             if self._vocabulary is None:
                 self._vocabulary = Vocabulary(self._token_bytes(), self._width, self._eos_ids)
             return self._vocabulary
@@ -44,7 +45,7 @@ class StructuredOutputs:
     def constraint(self, schema) -> "Constraint":
         """A new sequence's constraint for a JSON schema; raises InvalidParamError."""
         try:
-            key = json.dumps(schema, sort_keys=True)
+            key = json.dumps(schema)  # the keys' order is the properties' order
             with self._lock:
                 grammar = self._grammars.pop(key, None)
             if grammar is None:

@@ -8,22 +8,25 @@ Each JSON value's kind is known from its first byte (`{`, `[`, `"`, a digit or `
 first byte), so the machine is deterministic; the grammar merges a union's branches so that each
 first byte leads to one of them. Whitespace is allowed wherever JSON allows it, up to `MAX_WS` bytes
 in a run: enough to lay out nested JSON, and a model that keeps emitting newlines cannot pad its
-answer until `max_tokens`.
+answer until `max_tokens`. Nesting is bounded too (`MAX_DEPTH`), and so is a number's length.
 """
 from __future__ import annotations
 
 from engine.structured.schema import Grammar
 
-MAX_WS = 24
+MAX_WS = 40
 MAX_NUMBER = 24  # bytes of one number
+MAX_DEPTH = 128  # frames: values nested about 64 deep (json.loads itself stops near 1,000)
 
 VALUE, OBJECT, ARRAY, STRING, NUMBER, LITERALS = range(6)
 # object phases: after "{", after ",", after a key (":" next), after a value ("," or "}" next)
 O_FIRST, O_KEY, O_COLON, O_NEXT = range(4)
 # array phases: after "[", after ",", after an item
 A_FIRST, A_ITEM, A_NEXT = range(3)
-# string phases: characters, after a backslash, inside \uXXXX
-S_CHARS, S_ESCAPE, S_HEX = range(3)
+# string phases: characters, inside a multi-byte UTF-8 character, after a backslash, inside \uXXXX;
+# a string frame is (STRING, phase, bytes left, lowest and highest next byte)
+S_CHARS, S_UTF8, S_ESCAPE, S_HEX = range(4)
+CHARS = (STRING, S_CHARS, 0, 0, 0)
 # number phases, along JSON's number grammar: -? (0 | [1-9][0-9]*) (.[0-9]+)? ([eE][+-]?[0-9]+)?
 N_START, N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(9)
 N_ENDS = frozenset((N_ZERO, N_INT, N_FRAC, N_EXP))
@@ -40,8 +43,9 @@ def start(grammar: Grammar) -> tuple:
 
 
 def in_string(state: tuple) -> bool:
-    """Inside a string's characters: every byte but `"`, `\\` and control bytes leaves the state as it is."""
-    return bool(state) and state[-1][0] == STRING and state[-1][1] == S_CHARS
+    """Between a string's characters: whole UTF-8 characters other than `"`, `\\` and control
+    characters leave the state as it is."""
+    return bool(state) and state[-1] == CHARS
 
 
 def can_end(state: tuple) -> bool:
@@ -69,6 +73,8 @@ def advance(grammar: Grammar, state: tuple, byte: int) -> tuple | None:
         frames, consumed, result = out
         if frames is not POP:
             state = state[:-1] + frames
+            if len(state) > MAX_DEPTH:
+                return None
         else:  # the top value is complete: its parent takes its result, and the byte if it is left
             state = state[:-1]
             if state:
@@ -104,7 +110,7 @@ def _value(nodes, frame, byte):
     if byte == 0x5B and node.array is not None:  # [
         return ((ARRAY, n, A_FIRST, 0, 0),), True, None
     if byte == 0x22 and node.string:  # "
-        return ((STRING, S_CHARS, 0),), True, None
+        return (CHARS,), True, None
     if node.number is not None and (byte == 0x2D or byte in DIGITS):
         return ((NUMBER, node.number == "integer", N_START, 0),), False, None
     if node.literals:
@@ -126,7 +132,7 @@ def _object(nodes, frame, byte):
             return ((OBJECT, n, O_COLON, next_prop, -1, 0), (LITERALS, names, 0, indexes)), False, None
         if spec.additional is None:
             return None
-        return ((OBJECT, n, O_COLON, 0, spec.additional, 0), (STRING, S_CHARS, 0)), True, None
+        return ((OBJECT, n, O_COLON, 0, spec.additional, 0), CHARS), True, None
     if phase == O_COLON and byte == 0x3A:  # :
         return ((OBJECT, n, O_NEXT, next_prop, -1, 0), (VALUE, value_node, 0)), True, None
     if phase in (O_FIRST, O_NEXT) and byte == 0x7D:  # }
@@ -156,21 +162,41 @@ def _array(nodes, frame, byte):
     return ((ARRAY, n, A_NEXT, min(count + 1, spec.count_cap), 0), (VALUE, spec.items, 0)), False, None
 
 
+def _utf8_lead(byte: int) -> tuple | None:
+    """The frame after the first byte of a multi-byte UTF-8 character: the bytes still to come and
+    the range of the next one (which rules out overlong forms, surrogates and code points past
+    U+10FFFF, as a strict decoder does)."""
+    if 0xC2 <= byte <= 0xDF:
+        return STRING, S_UTF8, 1, 0x80, 0xBF
+    if 0xE0 <= byte <= 0xEF:
+        return STRING, S_UTF8, 2, 0xA0 if byte == 0xE0 else 0x80, 0x9F if byte == 0xED else 0xBF
+    if 0xF0 <= byte <= 0xF4:
+        return STRING, S_UTF8, 3, 0x90 if byte == 0xF0 else 0x80, 0x8F if byte == 0xF4 else 0xBF
+    return None
+
+
 def _string(nodes, frame, byte):
-    _, phase, hex_left = frame
+    _, phase, left, low, high = frame
     if phase == S_CHARS:
         if byte == 0x22:
             return POP, True, None
         if byte == 0x5C:
-            return ((STRING, S_ESCAPE, 0),), True, None
-        return None if byte < 0x20 else ((frame,), True, None)
+            return ((STRING, S_ESCAPE, 0, 0, 0),), True, None
+        if byte < 0x80:
+            return None if byte < 0x20 else ((frame,), True, None)
+        lead = _utf8_lead(byte)
+        return None if lead is None else ((lead,), True, None)
+    if phase == S_UTF8:
+        if not low <= byte <= high:
+            return None
+        return (((STRING, S_UTF8, left - 1, 0x80, 0xBF) if left > 1 else CHARS,), True, None)
     if phase == S_ESCAPE:
         if byte in ESCAPES:
-            return ((STRING, S_CHARS, 0),), True, None
-        return (((STRING, S_HEX, 4),), True, None) if byte == 0x75 else None  # u
+            return (CHARS,), True, None
+        return (((STRING, S_HEX, 4, 0, 0),), True, None) if byte == 0x75 else None  # u
     if byte not in HEX:
         return None
-    return (((STRING, S_HEX, hex_left - 1) if hex_left > 1 else (STRING, S_CHARS, 0),), True, None)
+    return (((STRING, S_HEX, left - 1, 0, 0) if left > 1 else CHARS,), True, None)
 
 
 def _number_phase(phase: int, byte: int, integer: bool) -> int | None:
@@ -199,7 +225,8 @@ def _number_phase(phase: int, byte: int, integer: bool) -> int | None:
 def _number(nodes, frame, byte):
     _, integer, phase, length = frame
     after = _number_phase(phase, byte, integer)
-    if after is not None and length < MAX_NUMBER:
+    # within the length, with room left for a digit where the number cannot end yet
+    if after is not None and length + (1 if after in N_ENDS else 2) <= MAX_NUMBER:
         return ((NUMBER, integer, after, length + 1),), True, None
     if phase in N_ENDS:  # the number ended before this byte, which its parent takes
         return POP, False, None

@@ -5,7 +5,7 @@ properties in the schema's order, required ones mandatory, or free keys whose va
 `additionalProperties`), an array, a string, a number or integer, and literal JSON texts (true,
 false, null, enum and const values). A union (`anyOf`, `oneOf`, a list of types) merges its branches
 into one node; a union the machine could not tell apart by a value's first byte (two object
-branches) is refused.
+branches) is refused, and so is a `oneOf` whose branches could both match one value.
 
 Outputs always validate against the schema; some valid documents are never generated: properties
 come in the schema's order, and an object with `properties` gets no others. Keywords that constrain
@@ -16,12 +16,14 @@ refused with an error naming them, never ignored; `format` is an annotation, as 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from engine.sampling_params import InvalidParamError
 
 PARAM = "response_format"
 MAX_NODES = 2000
+MAX_LITERALS = 1000  # enum and const values in one schema (OpenAI's strict mode allows 1,000 enum values)
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
                          "deprecated", "readOnly", "writeOnly", "$defs", "definitions"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
@@ -75,22 +77,21 @@ class Node:
     string: bool = False
     number: str | None = None  # "number" or "integer"
     literals: tuple[bytes, ...] = ()
+    # while compiling only: a union's branches (merged once every reference is compiled)
+    branches: tuple[int, ...] = ()
+    exclusive: bool = False  # oneOf: no value may match two branches
+
+    def kinds(self) -> set[str]:
+        """The kinds of JSON values it takes whole ("integer" for integral numbers)."""
+        kinds = {k for k, spec in (("object", self.object), ("array", self.array)) if spec is not None}
+        kinds |= {"string"} if self.string else set()
+        return kinds | ({"integer", "number"} if self.number == "number" else {"integer"} if self.number else set())
 
 
 @dataclass
 class Grammar:
     nodes: list[Node] = field(default_factory=list)
     root: int = 0
-
-
-def response_format_schema(response_format: dict) -> dict | None:
-    """OpenAI's response_format -> the JSON schema the answer must follow (None: free text)."""
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"type": "object"}
-    return response_format["json_schema"]["schema"]
 
 
 def compile_schema(schema) -> Grammar:
@@ -103,9 +104,24 @@ def _fail(message: str):
 
 
 def _literal(value) -> bytes:
-    if isinstance(value, (dict, list)):
-        _fail("enum and const values must be strings, numbers, booleans or null")
+    if isinstance(value, (dict, list)) or isinstance(value, float) and not math.isfinite(value):
+        _fail("enum and const values must be strings, finite numbers, booleans or null")
     return json.dumps(value, ensure_ascii=False).encode()
+
+
+def _kind(literal: bytes) -> str:
+    if literal[:1] == b'"':
+        return "string"
+    if literal in (b"true", b"false"):
+        return "boolean"
+    if literal == b"null":
+        return "null"
+    return "integer" if literal.lstrip(b"-").isdigit() else "number"
+
+
+def _of_types(literal: bytes, types: list[str]) -> bool:
+    kind = _kind(literal)
+    return kind in types or kind == "integer" and "number" in types
 
 
 class _Compiler:
@@ -114,7 +130,9 @@ class _Compiler:
         self.grammar = Grammar()
         self.refs: dict[str, int] = {}
         self.any: int | None = None
+        self.literal_count = 0
         self.grammar.root = self.compile(schema)
+        self.merge_unions()
 
     def new(self, node: Node | None = None) -> int:
         if len(self.grammar.nodes) >= MAX_NODES:
@@ -182,22 +200,37 @@ class _Compiler:
         branches = schema[key]
         if self.constraints(schema) != {key} or not isinstance(branches, list) or not branches:
             _fail(f"{key} must be a non-empty list, beside no other constraints")
-        return self.new(self.merge([self.node_of(self.compile(b)) for b in branches]))
+        # merged at the end: a branch may refer to a schema still being compiled (a tree's Optional[Node])
+        return self.new(Node(branches=tuple(self.compile(b) for b in branches), exclusive=key == "oneOf"))
 
     def node_of(self, index: int) -> Node:
         node = self.grammar.nodes[index]
         if node is None:
-            _fail("a schema may not be its own union branch or reference")
+            _fail("a reference may not lead only to itself")
         return node
 
+    def merge_unions(self) -> None:
+        nodes, merged = self.grammar.nodes, {}
+
+        def resolve(index: int, inside: frozenset) -> Node:
+            node = self.node_of(index)
+            if not node.branches:
+                return node
+            if index in inside:
+                _fail("a union may not contain itself")
+            if index not in merged:
+                parts = [resolve(b, inside | {index}) for b in node.branches]
+                if node.exclusive:
+                    _exclusive(parts)
+                merged[index] = self.merge(parts)
+            return merged[index]
+
+        for i in range(len(nodes)):
+            nodes[i] = resolve(i, frozenset())
+
     def node(self, schema: dict) -> Node:
-        if "const" in schema:
-            return Node(literals=(_literal(schema["const"]),))
-        if "enum" in schema:
-            values = schema["enum"]
-            if not isinstance(values, list) or not values:
-                _fail("enum must be a non-empty list")
-            return self.merge([Node(literals=(_literal(v),)) for v in values])
+        if "const" in schema or "enum" in schema:
+            return self.literals(schema)
         types = schema.get("type")
         if types is None:  # no type: what the keywords imply, else any value
             types = ["object"] if "properties" in schema or "additionalProperties" in schema else \
@@ -221,11 +254,27 @@ class _Compiler:
                 parts.append(Node(literals=(b"null",)))
         return self.merge(parts)
 
+    def literals(self, schema: dict) -> Node:
+        values = [schema["const"]] if "const" in schema else schema["enum"]
+        if not isinstance(values, list) or not values:
+            _fail("enum must be a non-empty list")
+        self.literal_count += len(values)
+        if self.literal_count > MAX_LITERALS:
+            _fail(f"at most {MAX_LITERALS} enum and const values in a schema")
+        literals = list(dict.fromkeys(_literal(v) for v in values))
+        if "type" in schema:  # only the values of the given types
+            types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+            literals = [lit for lit in literals if _of_types(lit, types)]
+            if not literals:
+                _fail("no enum or const value is of the schema's type")
+        return self.merge([Node(literals=(lit,)) for lit in literals])
+
     def object(self, schema: dict) -> ObjectSpec:
         properties = schema.get("properties", {})
         required = schema.get("required", [])
-        if not isinstance(properties, dict) or not isinstance(required, list):
-            _fail("properties must be an object and required a list")
+        if not isinstance(properties, dict) or not isinstance(required, list) or \
+                not all(isinstance(r, str) for r in required):
+            _fail("properties must be an object and required a list of names")
         missing = [r for r in required if r not in properties]
         if missing:
             _fail(f"required names properties the schema does not define: {', '.join(map(str, missing))}")
@@ -237,7 +286,7 @@ class _Compiler:
 
     def array(self, schema: dict) -> ArraySpec:
         low, high = schema.get("minItems", 0), schema.get("maxItems")
-        if not isinstance(low, int) or low < 0 or (high is not None and (not isinstance(high, int) or high < low)):
+        if type(low) is not int or low < 0 or (high is not None and (type(high) is not int or high < low)):
             _fail("minItems and maxItems must be integers with 0 <= minItems <= maxItems")
         return ArraySpec(self.compile(schema.get("items", True)), low, high)
 
@@ -245,7 +294,7 @@ class _Compiler:
         """One node for a union: each JSON kind from at most one branch, so that a value's first
         byte picks its branch."""
         out = Node()
-        literals: list[bytes] = []
+        literals: dict[bytes, None] = {}
         for part in parts:
             for kind in ("object", "array"):
                 if getattr(part, kind) is not None:
@@ -255,7 +304,7 @@ class _Compiler:
             out.string = out.string or part.string
             if part.number is not None:
                 out.number = "number" if "number" in (out.number, part.number) else "integer"
-            literals += [lit for lit in part.literals if lit not in literals]
+            literals.update(dict.fromkeys(part.literals))
         kept = []
         for lit in literals:  # literals another branch already allows go; the rest must not clash with one
             first = lit[:1]
@@ -268,3 +317,17 @@ class _Compiler:
             kept.append(lit)
         out.literals = tuple(kept)
         return out
+
+
+def _exclusive(branches: list[Node]) -> None:
+    """oneOf: refused where one value could match two branches (it would then match none)."""
+    seen: set[str] = set()
+    literals: set[bytes] = set()
+    for branch in branches:
+        kinds = branch.kinds()
+        own = {lit for lit in branch.literals if _kind(lit) not in kinds}
+        if kinds & seen or own & literals or any(_kind(lit) in seen for lit in own) or \
+                any(_kind(lit) in kinds for lit in literals):
+            _fail("oneOf branches that one value could match both are not supported (anyOf takes them)")
+        seen |= kinds
+        literals |= own

@@ -2,9 +2,10 @@
 
 The tokens' byte strings are kept sorted, so tokens that share a prefix sit side by side: the walk
 reuses the machine's state for the shared prefix, and when a byte is refused it jumps past every
-token that starts with the refused prefix at once (one binary search). Inside a string, the tokens
-with no quote, backslash or control byte (most of a vocabulary) leave the state as it is; they are
-allowed there as one precomputed mask, and only the others are walked.
+token that starts with the refused prefix at once (one binary search). Between a string's
+characters, the tokens of whole UTF-8 characters with no quote, backslash or control character
+(most of a vocabulary) leave the state as it is; they are allowed there as one precomputed mask,
+and only the others are walked.
 """
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ from engine.structured.schema import Grammar
 
 
 def _plain(text: bytes) -> bool:
-    """A token that string characters may hold whole: no quote, backslash or control byte."""
+    """A token that string characters may hold whole: whole UTF-8 characters, none of them a quote,
+    backslash or control character."""
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
     return all(b >= 0x20 and b not in (0x22, 0x5C) for b in text)
 
 
