@@ -52,3 +52,25 @@ def test_gemma3_chat_without_a_template_keeps_bos(gemma_server):
     text = client.completions.create(model="gemma3-270m", prompt="user: The capital of France is\nassistant:",
                                      max_tokens=12, temperature=0)
     assert chat.choices[0].message.content == text.choices[0].text
+
+
+def test_gemma3_answers_hold_to_a_json_schema(gemma_server):
+    """Gemma's tokens are SentencePiece pieces with byte fallback, not byte-level BPE: the masks
+    read their bytes another way (engine/tokenizer.py `token_bytes`). A schema whose documents are
+    bounded (an enum, an integer) must end within max_tokens, in JSON the schema allows."""
+    import json
+
+    import openai
+
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Madrid"]},
+                                               "founded": {"type": "integer"}},
+              "required": ["city", "founded"], "additionalProperties": False}
+    client = openai.OpenAI(base_url=gemma_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    for temperature in (0.0, 1.0):
+        r = client.completions.create(model="gemma3-270m", prompt="The capital of France, as JSON:", max_tokens=200,
+                                      temperature=temperature, seed=2, extra_body={"response_format": {
+                                          "type": "json_schema", "json_schema": {"name": "city", "schema": schema}}})
+        assert r.choices[0].finish_reason == "stop"
+        answer = json.loads(r.choices[0].text)
+        assert set(answer) == {"city", "founded"} and answer["city"] in ("Paris", "Rome", "Madrid")
+        assert isinstance(answer["founded"], int)

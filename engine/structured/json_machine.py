@@ -85,11 +85,17 @@ def advance(grammar: Grammar, state: tuple, byte: int) -> tuple | None:
 
 
 def _resume(nodes, parent: tuple, result) -> tuple:
-    """The parent frame once its child value is complete: an object learns which property's key it
-    read (`result`, the property's index) and so which value comes next."""
-    if parent[0] == OBJECT and result is not None:
-        _, n, phase, _, _, ws = parent
-        return (OBJECT, n, phase, result + 1, nodes[n].object.properties[result].node, ws)
+    """The parent frame once its child value is complete, given the child's `result` (which of its
+    literals it matched): an object learns which property's key it read, and so which value comes
+    next; a tagged union's object learns its tag, and so which branch its other properties follow."""
+    if parent[0] != OBJECT or result is None:
+        return parent
+    _, n, phase, next_prop, _, ws = parent
+    spec = nodes[n].object
+    if phase == O_COLON:
+        return (OBJECT, n, phase, result + 1, spec.properties[result].node, ws)
+    if spec.variants:  # the tag's value
+        return (OBJECT, spec.variants[result], phase, next_prop, -1, ws)
     return parent
 
 
@@ -113,8 +119,8 @@ def _value(nodes, frame, byte):
         return (CHARS,), True, None
     if node.number is not None and (byte == 0x2D or byte in DIGITS):
         return ((NUMBER, node.number == "integer", N_START, 0),), False, None
-    if node.literals:
-        return ((LITERALS, node.literals, 0, (None,) * len(node.literals)),), False, None
+    if node.literals:  # which literal it is reaches the parent (a tagged union's tag picks its branch)
+        return ((LITERALS, node.literals, 0, tuple(range(len(node.literals)))),), False, None
     return None
 
 

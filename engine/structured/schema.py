@@ -4,8 +4,10 @@ The grammar is a table of nodes, each the set of values allowed at one place: an
 properties in the schema's order, required ones mandatory, or free keys whose values follow
 `additionalProperties`), an array, a string, a number or integer, and literal JSON texts (true,
 false, null, enum and const values). A union (`anyOf`, `oneOf`, a list of types) merges its branches
-into one node; a union the machine could not tell apart by a value's first byte (two object
-branches) is refused, and so is a `oneOf` whose branches could both match one value.
+into one node. Object branches are told apart by a tag: the same required first property in each,
+with constant values (a pydantic union of models with a Literal field); other unions the machine
+could not tell apart by a value's first byte are refused, and so is a `oneOf` whose branches could
+both match one value.
 
 Outputs always validate against the schema; some valid documents are never generated: properties
 come in the schema's order, and an object with `properties` gets no others. Keywords that constrain
@@ -25,7 +27,7 @@ PARAM = "response_format"
 MAX_NODES = 2000
 MAX_LITERALS = 1000  # enum and const values in one schema (OpenAI's strict mode allows 1,000 enum values)
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
-                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions"))
+                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "discriminator"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
                       "enum", "const", "anyOf", "oneOf", "allOf", "$ref")) | ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -42,6 +44,9 @@ class Property:
 class ObjectSpec:
     properties: tuple[Property, ...] = ()
     additional: int | None = None  # node of free keys' values (used when there are no properties)
+    # a tagged union: its one property is the tag; the node whose object the rest follows, by the tag's
+    # literal (in the order of the tag node's literals)
+    variants: tuple[int, ...] = ()
 
     def keys_from(self, index: int) -> tuple[tuple[bytes, ...], tuple[int, ...]] | None:
         """The keys that may come next, when the keys before `index` are done: each optional one up
@@ -210,23 +215,26 @@ class _Compiler:
         return node
 
     def merge_unions(self) -> None:
-        nodes, merged = self.grammar.nodes, {}
+        self.merged: dict[int, Node] = {}
+        self.merging: set[int] = set()
+        for i in range(len(self.grammar.nodes)):  # merging may add nodes (a tagged union's variants)
+            self.grammar.nodes[i] = self.resolved(i)
 
-        def resolve(index: int, inside: frozenset) -> Node:
-            node = self.node_of(index)
-            if not node.branches:
-                return node
-            if index in inside:
+    def resolved(self, index: int) -> Node:
+        """The node at `index`, a union's branches merged."""
+        node = self.node_of(index)
+        if not node.branches:
+            return node
+        if index not in self.merged:
+            if index in self.merging:
                 _fail("a union may not contain itself")
-            if index not in merged:
-                parts = [resolve(b, inside | {index}) for b in node.branches]
-                if node.exclusive:
-                    _exclusive(parts)
-                merged[index] = self.merge(parts)
-            return merged[index]
-
-        for i in range(len(nodes)):
-            nodes[i] = resolve(i, frozenset())
+            self.merging.add(index)
+            parts = [self.resolved(b) for b in node.branches]
+            if node.exclusive:
+                _exclusive(parts)
+            self.merged[index] = self.merge(parts)
+            self.merging.discard(index)
+        return self.merged[index]
 
     def node(self, schema: dict) -> Node:
         if "const" in schema or "enum" in schema:
@@ -295,12 +303,13 @@ class _Compiler:
         byte picks its branch."""
         out = Node()
         literals: dict[bytes, None] = {}
+        objects = list(dict.fromkeys(part.object for part in parts if part.object is not None))
+        out.object = objects[0] if len(objects) == 1 else self.tagged(objects) if objects else None
         for part in parts:
-            for kind in ("object", "array"):
-                if getattr(part, kind) is not None:
-                    if getattr(out, kind) is not None and getattr(out, kind) != getattr(part, kind):
-                        _fail(f"a union of two different {kind} schemas is not supported")
-                    setattr(out, kind, getattr(part, kind))
+            if part.array is not None:
+                if out.array is not None and out.array != part.array:
+                    _fail("a union of two different array schemas is not supported")
+                out.array = part.array
             out.string = out.string or part.string
             if part.number is not None:
                 out.number = "number" if "number" in (out.number, part.number) else "integer"
@@ -319,12 +328,37 @@ class _Compiler:
         return out
 
 
+    def tagged(self, objects: list[ObjectSpec]) -> ObjectSpec:
+        """A union of object schemas told apart by their first property: the same required key in
+        each, whose values are constants no two of them share (what pydantic writes for a union of
+        models with a Literal tag). The document's tag picks the branch the rest follows."""
+        first = [o.properties[0] if o.properties else None for o in objects]
+        if any(p is None or not p.required or p.key != first[0].key for p in first):
+            _fail("a union of object schemas needs the same required first property in each, with a constant "
+                  "value (a tag) that tells them apart")
+        tags: dict[bytes, int] = {}
+        for spec, prop in zip(objects, first):
+            values = self.resolved(prop.node)
+            if not values.literals or values.kinds():
+                _fail(f"the tag {prop.key.decode()} of a union of object schemas must be a constant or enum")
+            variant = self.new(Node(object=spec))
+            for value in values.literals:
+                if value in tags:
+                    _fail(f"two object schemas of a union share the tag {prop.key.decode()}: {value.decode()}")
+                tags[value] = variant
+        tag = self.new(Node(literals=tuple(tags)))
+        return ObjectSpec((Property(first[0].key, tag, True),), variants=tuple(tags.values()))
+
+
 def _exclusive(branches: list[Node]) -> None:
     """oneOf: refused where one value could match two branches (it would then match none)."""
     seen: set[str] = set()
     literals: set[bytes] = set()
+    objects = [b.object for b in branches if b.object is not None]
+    if len(set(objects)) < len(objects):
+        _fail("oneOf branches that one value could match both are not supported (anyOf takes them)")
     for branch in branches:
-        kinds = branch.kinds()
+        kinds = branch.kinds() - {"object"}  # object branches are one, or told apart by their tags
         own = {lit for lit in branch.literals if _kind(lit) not in kinds}
         if kinds & seen or own & literals or any(_kind(lit) in seen for lit in own) or \
                 any(_kind(lit) in kinds for lit in literals):
