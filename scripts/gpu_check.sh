@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step kernels 200 $PY -m pytest -q -x tests/test_triton_kernels.py tests/test_tile_tuning.py tests/test_device_skip_gate.py \
     tests/test_cuda_graphs.py
-step cuda 240 $PY -m pytest -q tests/test_cuda.py tests/test_sampler.py
+step cuda 300 $PY -m pytest -q tests/test_cuda.py tests/test_sampler.py tests/test_structured_output.py
 step bench-smollm2 150 $PY bench/gpu.py --model smollm2-135m-instruct --batches 1,16 --hf-batches 1,16 --no-compile \
     --rounds 1 --out "$OUT/smollm2"
 # the served goal: budget 0.25 (the preset's threshold) never slower than dense at any concurrency
