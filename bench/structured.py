@@ -12,7 +12,6 @@ step times across settings.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ def main():
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
+    from bench.report import write_report
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
     from engine.structured.constraint import Constraint
@@ -111,12 +111,10 @@ def main():
                 continue
             step, masks, rows = (statistics.median(x[i] for x in runs) for i in range(3))
             lines.append(f"| {b} | {name} | {step:.2f} | {masks:.2f} | {masks / step:.0%} | {rows:.1f} |")
-    report = "\n".join(lines)
-    print(report)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "structured.md").write_text(report + "\n")
-        (args.out / "structured.json").write_text(json.dumps(results, indent=1))
+        write_report(args.out, "structured", lines, results)
+    else:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

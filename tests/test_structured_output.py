@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import random
 import threading
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import httpx
 import pytest
@@ -146,6 +146,18 @@ class Household(BaseModel):
     favourite: Union[Cat, Dog] = Field(discriminator="kind")
 
 
+class Fish(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["fish"]
+    fins: int
+
+
+class Aquarium(BaseModel):
+    """A tagged union inside another union (pydantic writes anyOf [anyOf [Cat, Dog], Fish])."""
+    model_config = ConfigDict(extra="forbid")
+    pet: Union[Annotated[Union[Cat, Dog], Field(discriminator="kind")], Fish]
+
+
 def test_a_union_of_models_is_told_apart_by_their_tag():
     """anyOf / oneOf of object schemas whose first property is a constant tag: the tag picks the
     branch the rest of the object follows."""
@@ -154,6 +166,10 @@ def test_a_union_of_models_is_told_apart_by_their_tag():
                            '"favourite": {"kind": "dog", "barks": false}}')
     assert not accepts(schema, '{"pets": [{"kind": "cat", "barks": true}], "favourite": {"kind": "cat", "meows": 1}}')
     assert not accepts(schema, '{"pets": [], "favourite": {"kind": "cow", "meows": 1}}')
+    nested = _strict_schema(Aquarium)
+    assert accepts(nested, '{"pet": {"kind": "cat", "meows": 9}}')
+    assert not accepts(nested, '{"pet": {"kind": "cat"}}')  # the inner union's branch still holds
+    assert accepts(nested, '{"pet": {"kind": "fish", "fins": 2}}')
 
 
 def test_enum_values_keep_to_the_type_beside_them():
@@ -171,12 +187,13 @@ def _allowed_bytes(grammar, state) -> list[int]:
     {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3},
     {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "null"}}},  # all optional
     "household",  # a tagged union of models
+    "aquarium",  # a tagged union in a union
 ])
 def test_random_walks_never_reach_a_dead_end_and_end_in_json(schema):
     """Random bytes the machine allows, from the start: every state allows some byte or may end (a
     dead end would leave a row no token to take), and every document that ends parses."""
-    model = Household if schema == "household" else None
-    grammar, rng = compile_schema(_strict_schema(Household) if model else schema), random.Random(1)
+    model = {"household": Household, "aquarium": Aquarium}.get(schema) if isinstance(schema, str) else None
+    grammar, rng = compile_schema(_strict_schema(model) if model else schema), random.Random(1)
     for _ in range(150):
         state, text = json_machine.start(grammar), b""
         while True:
@@ -255,6 +272,9 @@ def test_schemas_differing_only_in_property_order_keep_their_own_order(engine):
     ({"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
                 {"type": "object", "properties": {"a": {"const": "x"}}, "required": ["a"]}]}, "constant or enum"),
     ({"oneOf": [{"type": "object"}, {"type": "object"}]}, "oneOf"),
+    ({"anyOf": [{"type": "object", "properties": {"t": {"const": 1}}, "required": ["t"]},
+                {"type": "object", "properties": {"t": {"const": 1.0}}, "required": ["t"]}]}, "share the tag"),
+    ({"oneOf": [{"const": 1}, {"const": 1.0}]}, "oneOf"),
 ])
 def test_what_the_grammar_cannot_hold_is_refused_by_name(schema, words):
     with pytest.raises(InvalidParamError) as caught:

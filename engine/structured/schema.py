@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from engine.sampling_params import InvalidParamError
 
@@ -124,6 +125,11 @@ def _kind(literal: bytes) -> str:
     return "integer" if literal.lstrip(b"-").isdigit() else "number"
 
 
+def _value(literal: bytes):
+    """A literal as the JSON value it stands for: numbers by value (1 and 1.0 are one number)."""
+    return Decimal(literal.decode()).normalize() if _kind(literal) in ("integer", "number") else literal
+
+
 def _of_types(literal: bytes, types: list[str]) -> bool:
     kind = _kind(literal)
     return kind in types or kind == "integer" and "number" in types
@@ -136,6 +142,8 @@ class _Compiler:
         self.refs: dict[str, int] = {}
         self.any: int | None = None
         self.literal_count = 0
+        self.merged: dict[int, tuple[Node, Node]] = {}  # id(union node) -> (it, merged): a $ref's copy is the same
+        self.merging: set[int] = set()
         self.grammar.root = self.compile(schema)
         self.merge_unions()
 
@@ -215,8 +223,6 @@ class _Compiler:
         return node
 
     def merge_unions(self) -> None:
-        self.merged: dict[int, Node] = {}
-        self.merging: set[int] = set()
         for i in range(len(self.grammar.nodes)):  # merging may add nodes (a tagged union's variants)
             self.grammar.nodes[i] = self.resolved(i)
 
@@ -225,16 +231,17 @@ class _Compiler:
         node = self.node_of(index)
         if not node.branches:
             return node
-        if index not in self.merged:
-            if index in self.merging:
+        key = id(node)
+        if key not in self.merged:
+            if key in self.merging:
                 _fail("a union may not contain itself")
-            self.merging.add(index)
+            self.merging.add(key)
             parts = [self.resolved(b) for b in node.branches]
             if node.exclusive:
                 _exclusive(parts)
-            self.merged[index] = self.merge(parts)
-            self.merging.discard(index)
-        return self.merged[index]
+            self.merged[key] = (node, self.merge(parts))
+            self.merging.discard(key)
+        return self.merged[key][1]
 
     def node(self, schema: dict) -> Node:
         if "const" in schema or "enum" in schema:
@@ -243,7 +250,7 @@ class _Compiler:
         if types is None:  # no type: what the keywords imply, else any value
             types = ["object"] if "properties" in schema or "additionalProperties" in schema else \
                 ["array"] if "items" in schema else list(TYPES)
-        types = types if isinstance(types, list) else [types]
+        types = list(dict.fromkeys(types)) if isinstance(types, list) else [types]
         if not types or any(t not in TYPES for t in types):
             _fail(f"type must be one or more of {', '.join(TYPES)}")
         parts = []
@@ -337,15 +344,18 @@ class _Compiler:
             _fail("a union of object schemas needs the same required first property in each, with a constant "
                   "value (a tag) that tells them apart")
         tags: dict[bytes, int] = {}
+        values: set = set()
         for spec, prop in zip(objects, first):
-            values = self.resolved(prop.node)
-            if not values.literals or values.kinds():
+            literals = self.resolved(prop.node)
+            if not literals.literals or literals.kinds():
                 _fail(f"the tag {prop.key.decode()} of a union of object schemas must be a constant or enum")
-            variant = self.new(Node(object=spec))
-            for value in values.literals:
-                if value in tags:
-                    _fail(f"two object schemas of a union share the tag {prop.key.decode()}: {value.decode()}")
-                tags[value] = variant
+            # a branch that is itself a tagged union brings its own branches, each with its tags
+            variants = spec.variants or (self.new(Node(object=spec)),) * len(literals.literals)
+            for literal, variant in zip(literals.literals, variants):
+                if _value(literal) in values:
+                    _fail(f"two object schemas of a union share the tag {prop.key.decode()}: {literal.decode()}")
+                values.add(_value(literal))
+                tags[literal] = variant
         tag = self.new(Node(literals=tuple(tags)))
         return ObjectSpec((Property(first[0].key, tag, True),), variants=tuple(tags.values()))
 
@@ -360,8 +370,8 @@ def _exclusive(branches: list[Node]) -> None:
     for branch in branches:
         kinds = branch.kinds() - {"object"}  # object branches are one, or told apart by their tags
         own = {lit for lit in branch.literals if _kind(lit) not in kinds}
-        if kinds & seen or own & literals or any(_kind(lit) in seen for lit in own) or \
-                any(_kind(lit) in kinds for lit in literals):
+        if kinds & seen or {_value(lit) for lit in own} & {_value(lit) for lit in literals} or \
+                any(_kind(lit) in seen for lit in own) or any(_kind(lit) in kinds for lit in literals):
             _fail("oneOf branches that one value could match both are not supported (anyOf takes them)")
         seen |= kinds
         literals |= own
