@@ -1,6 +1,7 @@
-"""Cost of structured outputs inside real decode steps: the embedded model (as served) decodes
-batches of rows that sample freely, then rows held to `response_format` json_object and to a JSON
-schema, rounds alternating; per step, the whole step's time and the time spent making token masks.
+"""Cost of structured outputs inside real decode steps: the embedded model (as served; `--model`
+for another preset) decodes batches of rows that sample freely, then rows held to `response_format`
+json_object and to a JSON schema, rounds alternating; per step, the whole step's time and the time
+spent making token masks.
 A round with a schema starts with an empty mask cache ("cold": every state's mask is walked over
 the vocabulary when first met) unless `--warm`; the later steps of a round reuse masks of states met
 before. The vocabulary's index, built at the first constrained request, is timed apart. Constrained
@@ -38,6 +39,7 @@ SETTINGS = {"free text": None, "json_object": {"type": "object"}, "json_schema":
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a preset (server/presets)")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3, help="rounds per setting, alternating; medians")
@@ -52,7 +54,7 @@ def main():
     from server.config_file import load_config, preset_path
 
     batches = [int(b) for b in args.batches.split(",")]
-    config = load_config(preset_path("smollm2-135m-instruct"))
+    config = load_config(preset_path(args.model))
     config.max_num_seqs, config.max_model_len = max(batches), 1024
     engine = LLMEngine(config)
     t = time.perf_counter()
@@ -98,7 +100,7 @@ def main():
         for r in range(args.rounds):
             for name, schema in SETTINGS.items():
                 results[b][name].append(run(b, schema, 100 * r))
-    lines = [f"command: bench/structured.py {' '.join(sys.argv[1:])}",
+    lines = [f"command: bench/structured.py {' '.join(sys.argv[1:])}", f"model {args.model}",
              f"vocabulary index for {engine.tokenizer.vocab_size} tokens built in {index_s:.2f} s (once, at the "
              f"first constrained request); mask cache {'kept across rounds' if args.warm else 'empty at each round'}",
              "", "| batch | setting | step ms (median) | masks ms / step (mean) | masks / step | rows a step (mean) |",

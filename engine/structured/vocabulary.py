@@ -17,14 +17,19 @@ from engine.structured import json_machine
 from engine.structured.schema import Grammar
 
 
+_STRING_BYTES = bytes(b for b in range(0x20, 0x100) if b not in (0x22, 0x5C))
+
+
 def _plain(text: bytes) -> bool:
     """A token that string characters may hold whole: whole UTF-8 characters, none of them a quote,
     backslash or control character."""
+    if text.translate(None, _STRING_BYTES):  # a byte left over is one a string may not hold
+        return False
     try:
         text.decode("utf-8")
     except UnicodeDecodeError:
         return False
-    return all(b >= 0x20 and b not in (0x22, 0x5C) for b in text)
+    return True
 
 
 class _SortedTokens:
@@ -47,15 +52,17 @@ class Vocabulary:
         `width`: the logits' width (ids past the tokenizer's are never allowed)."""
         every: dict[bytes, list[int]] = {}
         other: dict[bytes, list[int]] = {}
-        self.plain = torch.zeros(width, dtype=torch.bool)  # the tokens a string may hold whole
+        plain: list[int] = []
         for token_id, text in enumerate(token_bytes[:width]):
             if not text:
                 continue
             every.setdefault(text, []).append(token_id)
             if _plain(text):
-                self.plain[token_id] = True
+                plain.append(token_id)
             else:
                 other.setdefault(text, []).append(token_id)
+        self.plain = torch.zeros(width, dtype=torch.bool)  # the tokens a string may hold whole
+        self.plain[torch.tensor(plain, dtype=torch.long)] = True
         self.width = width
         self.token_bytes = token_bytes
         self.eos_ids = sorted(i for i in eos_ids if i < width)
