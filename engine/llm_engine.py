@@ -82,7 +82,8 @@ class LLMEngine:
         max_tokens = self.check_prompt(prompt_ids, params, prompt_param)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
         schema = params.response_schema
-        constraints = [None if schema is None else self.structured.constraint(schema) for _ in range(params.n)]
+        constraints = [None if schema is None else self.structured.constraint(schema, params.schema_param)
+                       for _ in range(params.n)]
         # choice i samples with seed + i, as an unsigned 64-bit value (what engine/seeded_uniform.py takes)
         return [
             Sequence(

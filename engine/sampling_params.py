@@ -32,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
+    schema_param: str = "response_format"  # the request field it came from, for its errors
 
     @property
     def greedy(self) -> bool:

@@ -20,6 +20,7 @@ from server.completions import check_model, check_token_ids, router as completio
 from server.errors import APIError, error_response
 from server.metrics import Metrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
+from server.tool_calls import render_messages
 
 log = logging.getLogger("skipserve.server")
 
@@ -123,7 +124,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         if body.model is not None:
             check_model(state, body.model)
         if body.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = render_messages([m.as_dict() for m in body.messages], None)
             ids = await asyncio.to_thread(tokenizer.encode_chat, messages)  # off the event loop
         else:
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt)

@@ -15,6 +15,7 @@ from engine.async_engine import EngineNotReadyError, EngineShutdownError, Genera
 from server.errors import APIError, error_body
 from server.metrics import RequestTimer
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.tool_calls import parse_calls, render_messages
 
 router = APIRouter()
 
@@ -24,6 +25,7 @@ class Choice:
     text: str = ""
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
+    streamed: int = 0  # characters of text sent as content so far (streaming)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class CompletionCall:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        self.tools, self.tool_mode = [], "none"  # server/tool_calls.py
 
     async def submit(self):
         state, body = self.state, self.body
@@ -102,7 +105,9 @@ class CompletionCall:
             tokenizer = state.engine.tokenizer()
             # templating and tokenizing a long prompt takes a while: off the event loop
             if self.chat:
-                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+                tools, self.tool_mode = body.tool_mode()
+                self.tools = tools
+                messages = render_messages([m.as_dict() for m in body.messages], tools)
                 prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
                 param = "messages"
             else:
@@ -161,11 +166,20 @@ class CompletionCall:
         return JSONResponse(dict(self.header(), choices=[self._choice_body(i, c) for i, c in choices.items()],
                                  usage=usage.body()))
 
+    def _tool_calls(self, c: Choice) -> list[dict] | None:
+        """A finished answer's tool calls, where the request allows them and the answer is one."""
+        if self.tool_mode == "none" or c.finish_reason != "stop":
+            return None
+        return parse_calls(c.text, self.tools)
+
     def _choice_body(self, index: int, c: Choice) -> dict:
         want = self.wants_logprobs
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c.logprobs) if want else None, "finish_reason": c.finish_reason}
+            calls = self._tool_calls(c)
+            message = {"role": "assistant", "content": c.text} if calls is None else \
+                {"role": "assistant", "content": None, "tool_calls": calls}
+            return {"index": index, "message": message, "logprobs": chat_logprobs(c.logprobs) if want else None,
+                    "finish_reason": "tool_calls" if calls else c.finish_reason}
         return {"index": index, "text": c.text,
                 "logprobs": completion_logprobs(c.logprobs, 0) if want else None, "finish_reason": c.finish_reason}
 
@@ -190,6 +204,14 @@ class CompletionCall:
                 c = choices[out.index]
                 self.timer.on_tokens(out.index)
                 usage.update(out)
+                if self.tool_mode != "none":  # an answer that may be a call is held until it shows it is not
+                    c.text += out.text
+                    c.logprobs += out.logprobs or []
+                    if out.finished:
+                        c.finish_reason = out.finish_reason
+                    for chunk in self._tool_chunks(out.index, c, extra):
+                        yield chunk
+                    continue
                 logprobs = None
                 if out.logprobs and self.wants_logprobs:
                     logprobs = chat_logprobs(out.logprobs) if self.chat else completion_logprobs(out.logprobs, len(c.text))
@@ -212,6 +234,27 @@ class CompletionCall:
             yield json.dumps(error_body(500, f"generation failed: {exc}", code="generation_failed"))
         finally:
             stream.close()
+
+    def _tool_chunks(self, index: int, c: Choice, extra: dict):
+        """Streaming with tools: content is sent once the answer cannot be a call (it starts with
+        neither `{` nor `[`, unless a call is forced), else held to the end, then sent as tool_calls
+        or as content."""
+        start = c.text.lstrip()[:1]
+        holding = self.tool_mode == "forced" or start in ("", "{", "[")
+        if not holding and len(c.text) > c.streamed:
+            logprobs = chat_logprobs(c.logprobs) if self.wants_logprobs and c.logprobs else None
+            yield self._chunk(index, {"content": c.text[c.streamed:]}, logprobs, None, extra)
+            c.streamed, c.logprobs = len(c.text), []
+        if c.finish_reason is None:
+            return
+        calls = self._tool_calls(c)
+        if calls:
+            delta = {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}
+            yield self._chunk(index, delta, None, None, extra)
+        elif len(c.text) > c.streamed:
+            logprobs = chat_logprobs(c.logprobs) if self.wants_logprobs and c.logprobs else None
+            yield self._chunk(index, {"content": c.text[c.streamed:]}, logprobs, None, extra)
+        yield self._chunk(index, {}, None, "tool_calls" if calls else c.finish_reason, extra)
 
     def _chunk(self, index, delta, logprobs, finish_reason, extra) -> str:
         if self.chat:

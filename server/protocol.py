@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
+from server.tool_calls import calls_schema
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Seed = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
@@ -77,10 +78,33 @@ class TextPart(Strict):
     text: str
 
 
+class CalledFunction(Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None  # None only beside an assistant's tool_calls
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # a tool result's call
+
+    @model_validator(mode="after")
+    def _tool_fields_in_their_roles(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise InvalidParamError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise InvalidParamError("tool messages, and only they, carry a tool_call_id")
+        if self.content is None and not self.tool_calls:
+            raise InvalidParamError(f"a {self.role} message needs content")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -93,8 +117,19 @@ class ChatMessage(Strict):
                                             "takes text only")
         return value
 
-    def text(self) -> str:
+    def text(self) -> str | None:
+        if self.content is None:
+            return None
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict:
+        """role and text, and the tool fields where given (what server/tool_calls.py renders)."""
+        out = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class JSONSchemaFormat(Strict):
@@ -170,18 +205,73 @@ class CommonRequest(RequestBody):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class Function(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # as OpenAI names them
+    description: Optional[str] = None
+    parameters: Optional[dict] = None  # a JSON schema of the arguments object
+    strict: Optional[StrictBool] = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: Function
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+
+    def tool_mode(self) -> tuple[list[dict], str]:
+        """The tools the model is shown, and how it may call them: "none" (no tools shown), "auto"
+        (it may answer with a call) or "forced" (its answer is a call of one of the tools shown)."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                raise InvalidParamError("tool_choice needs tools", "tool_choice")
+            return [], "none"
+        tools = [t.function.model_dump(exclude_none=True) for t in self.tools]
+        names = [t["name"] for t in tools]
+        if len(set(names)) < len(names):
+            raise InvalidParamError("tool names must be distinct", "tools")
+        if choice == "none":
+            return [], "none"
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                raise InvalidParamError(f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                                        "tool_choice")
+            return [t for t in tools if t["name"] == choice.function.name], "forced"
+        return tools, "forced" if choice == "required" else "auto"
 
     def to_sampling(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParamError("top_logprobs requires logprobs: true", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling(logprobs, max_tokens)
+        params = self.sampling(logprobs, max_tokens)
+        tools, mode = self.tool_mode()
+        if mode == "forced":
+            if params.response_schema is not None:
+                raise InvalidParamError("response_format cannot be combined with a tool_choice that forces a call",
+                                        "response_format")
+            # a named function is called once; "required" may call several unless parallel_tool_calls is false
+            parallel = self.parallel_tool_calls is not False and not isinstance(self.tool_choice, NamedToolChoice)
+            params.response_schema = calls_schema(tools, parallel)
+            params.schema_param = "tools"
+        return params
 
 
 class CompletionRequest(CommonRequest):

@@ -27,7 +27,7 @@ def assert_error(r, status, param):
     ("n", 0, "n"),
     ("temperature", "hot", "temperature"),
     ("messages", [], "messages"),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+    ("functions", [{"name": "f"}], "functions"),  # the legacy field: tools replace it
     ("response_format", {"type": "xml"}, "response_format.type"),
     ("ffn_skip", {"budget": 0.99}, "ffn_skip.budget"),
     ("logit_bias", {"999999": 1}, "logit_bias"),

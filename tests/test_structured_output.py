@@ -240,7 +240,7 @@ def test_schemas_differing_only_in_property_order_keep_their_own_order(engine):
     second = {"type": "object", "properties": {"answer": {"type": "integer"}, "reasoning": {"type": "string"}},
               "required": ["reasoning", "answer"]}
     for schema, doc in ((first, '{"reasoning": "r", "answer": 1}'), (second, '{"answer": 1, "reasoning": "r"}')):
-        constraint = engine.structured.constraint(schema)
+        constraint = engine.structured.constraint(schema, "response_format")
         state = constraint.state
         for byte in doc.encode():
             state = json_machine.advance(constraint.grammar, state, byte)

@@ -42,16 +42,17 @@ class StructuredOutputs:
                 self._vocabulary = Vocabulary(self._token_bytes(), self._width, self._eos_ids)
             return self._vocabulary
 
-    def constraint(self, schema) -> "Constraint":
-        """A new sequence's constraint for a JSON schema; raises InvalidParamError."""
+    def constraint(self, schema, param: str) -> "Constraint":
+        """A new sequence's constraint for a JSON schema from the request's field `param`; raises
+        InvalidParamError naming it."""
         try:
             key = json.dumps(schema)  # the keys' order is the properties' order
-            with self._lock:
-                grammar = self._grammars.pop(key, None)
-            if grammar is None:
-                grammar = compile_schema(schema)
         except RecursionError:
-            raise InvalidParamError("response_format: the schema is nested too deeply", "response_format") from None
+            raise InvalidParamError(f"{param}: the schema is nested too deeply", param) from None
+        with self._lock:
+            grammar = self._grammars.pop(key, None)
+        if grammar is None:
+            grammar = compile_schema(schema, param)
         with self._lock:
             self._grammars[key] = grammar
             while len(self._grammars) > GRAMMARS:

@@ -100,13 +100,23 @@ class Grammar:
     root: int = 0
 
 
-def compile_schema(schema) -> Grammar:
-    """Raises InvalidParamError (param response_format) for what it cannot or will not compile."""
-    return _Compiler(schema).grammar
+class SchemaError(ValueError):
+    """What a schema asks that the grammar cannot or will not hold."""
+
+
+def compile_schema(schema, param: str = PARAM) -> Grammar:
+    """Raises InvalidParamError naming `param` (the request field the schema came from) for what it
+    cannot or will not compile."""
+    try:
+        return _Compiler(schema).grammar
+    except SchemaError as exc:
+        raise InvalidParamError(f"{param}: {exc}", param) from None
+    except RecursionError:
+        raise InvalidParamError(f"{param}: the schema is nested too deeply", param) from None
 
 
 def _fail(message: str):
-    raise InvalidParamError(f"response_format: {message}", PARAM)
+    raise SchemaError(message)
 
 
 def _literal(value) -> bytes:

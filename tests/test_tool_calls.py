@@ -1,0 +1,133 @@
+"""Tool calls (server/tool_calls.py) through the real server and the `openai` SDK: forced calls are
+well-formed calls of a listed tool whose arguments follow its parameters (pydantic checks them),
+streamed as the SDK accumulates them; "auto" answers that are not calls stream as content; earlier
+calls and their results reach the prompt; bad tool requests are 400s naming their field."""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import httpx
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+MODEL = "smollm2-135m-instruct"
+
+
+class WeatherArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    city: str
+    unit: Literal["celsius", "fahrenheit"]
+
+
+class TimeArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    timezone: str
+
+
+ARGS = {"get_weather": WeatherArgs, "get_time": TimeArgs}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": WeatherArgs.model_json_schema()}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone",
+                                      "parameters": TimeArgs.model_json_schema()}},
+]
+ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+def _check_calls(calls, names=tuple(ARGS)):
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        ARGS[call.function.name].model_validate_json(call.function.arguments, strict=True)
+
+
+@pytest.mark.parametrize("tool_choice, names", [
+    ("required", ("get_weather", "get_time")),
+    ({"type": "function", "function": {"name": "get_time"}}, ("get_time",)),
+])
+def test_a_forced_call_is_a_listed_tool_with_arguments_that_follow_its_parameters(client, tool_choice, names):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice,
+                                       temperature=0, max_tokens=150)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    _check_calls(choice.message.tool_calls, names)
+    if isinstance(tool_choice, dict):
+        assert len(choice.message.tool_calls) == 1  # a named function is called once
+
+
+def test_sampled_forced_calls_stay_well_formed(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", n=3, seed=4,
+                                       temperature=1, max_tokens=200, parallel_tool_calls=False)
+    for choice in r.choices:
+        if choice.finish_reason != "length":
+            assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+            _check_calls(choice.message.tool_calls)
+
+
+def test_streamed_calls_are_the_unstreamed_ones(client):
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=150)
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls
+    deltas, reasons = [], []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if chunk.choices:
+            assert not chunk.choices[0].delta.content  # a forced call never streams content
+            deltas += chunk.choices[0].delta.tool_calls or []
+            reasons.append(chunk.choices[0].finish_reason)
+    assert reasons[-1] == "tool_calls"
+    assert [(d.function.name, d.function.arguments) for d in deltas] == \
+        [(c.function.name, c.function.arguments) for c in whole]
+
+
+def test_an_auto_answer_that_is_no_call_streams_as_content(client):
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=40)  # tool_choice auto
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.message.tool_calls is None and whole.message.content
+    chunks = [c.choices[0] for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks) == whole.message.content
+    assert sum(bool(c.delta.content) for c in chunks) > 2  # streamed as it came, not held to the end
+    assert chunks[-1].finish_reason == whole.finish_reason
+
+
+def test_tool_none_shows_no_tools(server):
+    def prompt_tokens(**extra):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={"model": MODEL, "messages": ASK, "max_tokens": 1, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    plain = prompt_tokens()
+    assert prompt_tokens(tools=TOOLS, tool_choice="none") == plain
+    assert prompt_tokens(tools=TOOLS) > plain + 50  # the tools' descriptions
+
+
+def test_earlier_calls_and_their_results_reach_the_prompt(server, client):
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_7", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}}]},
+        {"role": "tool", "tool_call_id": "call_7", "content": "18 degrees and sunny"}]
+    r = httpx.post(server.url + "/tokenize", json={"messages": history}, timeout=30)
+    text = httpx.post(server.url + "/detokenize", json={"tokens": r.json()["tokens"]}, timeout=30).json()["prompt"]
+    assert '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in text
+    assert "Result of get_weather (call call_7):\n18 degrees and sunny" in text
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0, max_tokens=30)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": TOOLS + TOOLS[:1]}, "tools"),  # a name twice
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}}}], "tool_choice": "required"}, "tools"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),  # no tool_call_id
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages.0"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0"),
+])
+def test_bad_tool_requests_are_400_naming_their_field(server, body, param):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": ASK, "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
