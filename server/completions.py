@@ -96,7 +96,11 @@ class CompletionCall:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
-        self.tools, self.tool_mode = [], "none"  # server/tool_calls.py
+        self.tools = None  # a chat request's ToolUse (server/tool_calls.py)
+
+    @property
+    def tool_mode(self) -> str:
+        return self.tools.mode if self.tools else "none"
 
     async def submit(self):
         state, body = self.state, self.body
@@ -105,9 +109,9 @@ class CompletionCall:
             tokenizer = state.engine.tokenizer()
             # templating and tokenizing a long prompt takes a while: off the event loop
             if self.chat:
-                tools, self.tool_mode = body.tool_mode()
-                self.tools = tools
-                messages = render_messages([m.as_dict() for m in body.messages], tools)
+                self.tools = body.tool_use()
+                messages = render_messages([m.as_dict() for m in body.messages], self.tools.tools,
+                                           self.tools.parallel)
                 prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
                 param = "messages"
             else:
@@ -170,7 +174,7 @@ class CompletionCall:
         """A finished answer's tool calls, where the request allows them and the answer is one."""
         if self.tool_mode == "none" or c.finish_reason != "stop":
             return None
-        return parse_calls(c.text, self.tools)
+        return parse_calls(c.text, self.tools.tools, self.tools.parallel)
 
     def _choice_body(self, index: int, c: Choice) -> dict:
         want = self.wants_logprobs
@@ -197,9 +201,10 @@ class CompletionCall:
         include_usage = self.body.include_usage
         extra = {"usage": None} if include_usage else {}
         try:
-            if self.chat:
+            if self.chat:  # an answer that must be a call has no content (as OpenAI streams calls)
+                content = None if self.tool_mode == "forced" else ""
                 for i in choices:
-                    yield self._chunk(i, {"role": "assistant", "content": ""}, None, None, extra)
+                    yield self._chunk(i, {"role": "assistant", "content": content}, None, None, extra)
             async for out in stream:
                 c = choices[out.index]
                 self.timer.on_tokens(out.index)

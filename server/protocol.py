@@ -5,7 +5,7 @@ never silently ignored.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
@@ -81,12 +81,14 @@ class TextPart(Strict):
 class CalledFunction(Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
+    parsed_arguments: Any = None  # the SDK's stream helper adds it to a message sent back: ignored
 
 
 class ToolCall(Strict):
     id: str
     type: Literal["function"]
     function: CalledFunction
+    index: Optional[StrictInt] = None  # a streamed call's, when the SDK's accumulated message is sent back
 
 
 class ChatMessage(Strict):
@@ -95,6 +97,12 @@ class ChatMessage(Strict):
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls
     tool_call_id: Optional[str] = None  # a tool result's call
+    # what the SDK's response message carries when it is appended to the history as it is: ignored
+    refusal: Any = None
+    annotations: Any = None
+    audio: Any = None
+    function_call: Any = None
+    parsed: Any = None
 
     @model_validator(mode="after")
     def _tool_fields_in_their_roles(self):
@@ -226,6 +234,38 @@ class NamedToolChoice(Strict):
     function: FunctionName
 
 
+class ToolUse:
+    """The tools a chat request shows the model and how it may call them (server/tool_calls.py):
+    `mode` "none" (no tools shown), "auto" (it may answer with a call) or "forced" (its answer is a
+    call of one of `tools`); `parallel`: whether it may call several at once."""
+
+    def __init__(self, tools: list[Tool] | None, choice, parallel: bool | None):
+        self.tools, self.mode, self.parallel = [], "none", parallel is not False
+        if not tools:
+            for name, value in (("tool_choice", choice), ("parallel_tool_calls", parallel)):
+                if value not in (None, "none"):
+                    raise InvalidParamError(f"{name} needs tools", name)
+            return
+        functions = [t.function.model_dump(exclude_none=True) for t in tools]
+        names = [f["name"] for f in functions]
+        if len(set(names)) < len(names):
+            raise InvalidParamError("tool names must be distinct", "tools")
+        for i, f in enumerate(functions):
+            if f.get("parameters", {}).get("type", "object") != "object":
+                raise InvalidParamError("a function's parameters must be an object schema (type object)",
+                                        f"tools.{i}.function.parameters")
+        if choice == "none":
+            return
+        self.tools, self.mode = functions, "forced" if choice == "required" else "auto"
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                raise InvalidParamError(f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                                        "tool_choice")
+            # a named function is called once
+            self.tools, self.mode, self.parallel = [f for f in functions if f["name"] == choice.function.name], \
+                "forced", False
+
+
 class ChatCompletionRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = None
@@ -235,43 +275,26 @@ class ChatCompletionRequest(CommonRequest):
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[StrictBool] = None
 
-    def tool_mode(self) -> tuple[list[dict], str]:
-        """The tools the model is shown, and how it may call them: "none" (no tools shown), "auto"
-        (it may answer with a call) or "forced" (its answer is a call of one of the tools shown)."""
-        choice = self.tool_choice
-        if not self.tools:
-            if choice not in (None, "none"):
-                raise InvalidParamError("tool_choice needs tools", "tool_choice")
-            return [], "none"
-        tools = [t.function.model_dump(exclude_none=True) for t in self.tools]
-        names = [t["name"] for t in tools]
-        if len(set(names)) < len(names):
-            raise InvalidParamError("tool names must be distinct", "tools")
-        if choice == "none":
-            return [], "none"
-        if isinstance(choice, NamedToolChoice):
-            if choice.function.name not in names:
-                raise InvalidParamError(f"tool_choice names {choice.function.name!r}, which is not among the tools",
-                                        "tool_choice")
-            return [t for t in tools if t["name"] == choice.function.name], "forced"
-        return tools, "forced" if choice == "required" else "auto"
-
     def to_sampling(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParamError("top_logprobs requires logprobs: true", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         params = self.sampling(logprobs, max_tokens)
-        tools, mode = self.tool_mode()
-        if mode == "forced":
+        use = self.tool_use()
+        if use.mode == "forced":
             if params.response_schema is not None:
                 raise InvalidParamError("response_format cannot be combined with a tool_choice that forces a call",
                                         "response_format")
-            # a named function is called once; "required" may call several unless parallel_tool_calls is false
-            parallel = self.parallel_tool_calls is not False and not isinstance(self.tool_choice, NamedToolChoice)
-            params.response_schema = calls_schema(tools, parallel)
+            try:
+                params.response_schema = calls_schema(use.tools, use.parallel)
+            except RecursionError:
+                raise InvalidParamError("a function's parameters are nested too deeply", "tools") from None
             params.schema_param = "tools"
         return params
+
+    def tool_use(self) -> ToolUse:
+        return ToolUse(self.tools, self.tool_choice, self.parallel_tool_calls)
 
 
 class CompletionRequest(CommonRequest):
@@ -298,6 +321,12 @@ class TokenizeRequest(RequestBody):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[Tool]] = None  # rendered as a chat request renders them
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+
+    def tool_use(self) -> ToolUse:
+        return ToolUse(self.tools, self.tool_choice, self.parallel_tool_calls)
 
 
 class DetokenizeRequest(RequestBody):

@@ -4,6 +4,7 @@ streamed as the SDK accumulates them; "auto" answers that are not calls stream a
 calls and their results reach the prompt; bad tool requests are 400s naming their field."""
 from __future__ import annotations
 
+import enum
 import json
 from typing import Literal
 
@@ -56,6 +57,65 @@ def test_a_forced_call_is_a_listed_tool_with_arguments_that_follow_its_parameter
         assert len(choice.message.tool_calls) == 1  # a named function is called once
 
 
+class Unit(str, enum.Enum):
+    celsius = "celsius"
+    fahrenheit = "fahrenheit"
+
+
+class Forecast(BaseModel):
+    """Its schema keeps Unit in `$defs`, which the calls' schema must still find."""
+    model_config = ConfigDict(extra="forbid")
+    city: str
+    days: int
+    unit: Unit
+
+
+def test_tools_from_pydantic_models_with_definitions_are_called_with_valid_arguments(client):
+    import openai
+
+    tool = openai.pydantic_function_tool(Forecast, name="forecast")
+    assert "$defs" in tool["function"]["parameters"]
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Forecast for Oslo?"}],
+                                       tools=[tool], tool_choice="required", temperature=0, max_tokens=150)
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "forecast"
+    Forecast.model_validate_json(call.function.arguments)
+
+
+def test_the_sdks_accumulated_stream_message_can_be_sent_back(client):
+    """The stream helper's final message carries fields a request never sends (parsed_arguments, a
+    call's index, refusal, ...); appended to the history as the SDK's docs show, it is taken."""
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=150)
+    with client.chat.completions.stream(**kw) as stream:
+        message = stream.get_final_completion().choices[0].message
+    assert message.content is None and message.tool_calls
+    call = message.tool_calls[0]
+    history = ASK + [message, {"role": "tool", "tool_call_id": call.id, "content": "18 degrees"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0, max_tokens=10)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+@pytest.mark.parametrize("answer", [
+    '{"name": ["get_time"], "arguments": {}}', '{"name": "get_time", "arguments": {"t": NaN}}', "[" * 5000,
+    '{"name": "nope", "arguments": {}}', '{"name": "get_time", "arguments": "x"}', "[]", "{not json",
+])
+def test_answers_that_are_not_calls_stay_content(answer):
+    from server.tool_calls import parse_calls
+
+    assert parse_calls(answer, [t["function"] for t in TOOLS]) is None
+
+
+def test_a_list_of_calls_only_where_parallel_calls_are_allowed():
+    from server.tool_calls import MAX_PARALLEL_CALLS, parse_calls
+
+    one = {"name": "get_time", "arguments": {"timezone": "UTC"}}
+    tools = [t["function"] for t in TOOLS]
+    assert len(parse_calls(json.dumps([one, one]), tools)) == 2
+    assert parse_calls(json.dumps([one, one]), tools, parallel=False) is None
+    assert len(parse_calls(json.dumps(one), tools, parallel=False)) == 1
+    assert parse_calls(json.dumps([one] * (MAX_PARALLEL_CALLS + 1)), tools) is None
+
+
 def test_sampled_forced_calls_stay_well_formed(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", n=3, seed=4,
                                        temperature=1, max_tokens=200, parallel_tool_calls=False)
@@ -89,16 +149,19 @@ def test_an_auto_answer_that_is_no_call_streams_as_content(client):
     assert chunks[-1].finish_reason == whole.finish_reason
 
 
-def test_tool_none_shows_no_tools(server):
+def test_tool_none_shows_no_tools_and_tokenize_renders_what_chat_does(server):
     def prompt_tokens(**extra):
         r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
                        json={"model": MODEL, "messages": ASK, "max_tokens": 1, **extra})
         assert r.status_code == 200, r.text
-        return r.json()["usage"]["prompt_tokens"]
+        tokenized = httpx.post(server.url + "/tokenize", timeout=30, json={"messages": ASK, **extra}).json()
+        assert tokenized["count"] == r.json()["usage"]["prompt_tokens"]
+        return tokenized["count"]
 
     plain = prompt_tokens()
     assert prompt_tokens(tools=TOOLS, tool_choice="none") == plain
     assert prompt_tokens(tools=TOOLS) > plain + 50  # the tools' descriptions
+    assert prompt_tokens(tools=TOOLS, parallel_tool_calls=False) < prompt_tokens(tools=TOOLS)  # no word of lists
 
 
 def test_earlier_calls_and_their_results_reach_the_prompt(server, client):
@@ -125,6 +188,9 @@ def test_earlier_calls_and_their_results_reach_the_prompt(server, client):
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),  # no tool_call_id
     ({"messages": [{"role": "assistant", "content": None}]}, "messages.0"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0"),
+    ({"tools": [{"type": "function", "function": {"name": "s", "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters"),  # arguments are an object
+    ({"parallel_tool_calls": False}, "parallel_tool_calls"),  # no tools
 ])
 def test_bad_tool_requests_are_400_naming_their_field(server, body, param):
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
