@@ -22,6 +22,11 @@ from engine.structured.schema import compile_schema
 MODEL = "smollm2-135m-instruct"
 
 
+class Closed(BaseModel):
+    """A model that validates no keys beyond its own (what additionalProperties false promises)."""
+    model_config = ConfigDict(extra="forbid")
+
+
 def accepts(schema, text: str) -> bool:
     grammar = compile_schema(schema)
     state = json_machine.start(grammar)
@@ -128,33 +133,28 @@ def test_recursion_through_an_optional_reference_compiles():
     assert not accepts(linked, '{"v": 1, "next": 3}')
 
 
-class Cat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Cat(Closed):
     kind: Literal["cat"]
     meows: int
 
 
-class Dog(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Dog(Closed):
     kind: Literal["dog", "puppy"]
     barks: bool
 
 
-class Household(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Household(Closed):
     pets: list[Union[Cat, Dog]]
     favourite: Union[Cat, Dog] = Field(discriminator="kind")
 
 
-class Fish(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Fish(Closed):
     kind: Literal["fish"]
     fins: int
 
 
-class Aquarium(BaseModel):
+class Aquarium(Closed):
     """A tagged union inside another union (pydantic writes anyOf [anyOf [Cat, Dog], Fish])."""
-    model_config = ConfigDict(extra="forbid")
     pet: Union[Annotated[Union[Cat, Dog], Field(discriminator="kind")], Fish]
 
 
@@ -334,22 +334,19 @@ def test_token_bytes_are_what_decoding_each_token_gives(model):
     assert b"".join(token_bytes[i] for i in tokenizer.encode(text, add_special_tokens=False)) == text.encode()
 
 
-class Pet(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Pet(Closed):
     kind: Literal["cat", "dog", "fish"]
     name: str
 
 
-class Person(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Person(Closed):
     name: str
     age: int
     hobbies: list[str] = Field(max_length=3)
     pet: Optional[Pet]
 
 
-class Capital(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Capital(Closed):
     city: Literal["Paris", "London", "Berlin", "Madrid"]
     population_millions: int
 

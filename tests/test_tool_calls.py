@@ -15,14 +15,16 @@ from pydantic import BaseModel, ConfigDict
 MODEL = "smollm2-135m-instruct"
 
 
-class WeatherArgs(BaseModel):
+class Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class WeatherArgs(Closed):
     city: str
     unit: Literal["celsius", "fahrenheit"]
 
 
-class TimeArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TimeArgs(Closed):
     timezone: str
 
 
@@ -62,9 +64,8 @@ class Unit(str, enum.Enum):
     fahrenheit = "fahrenheit"
 
 
-class Forecast(BaseModel):
+class Forecast(Closed):
     """Its schema keeps Unit in `$defs`, which the calls' schema must still find."""
-    model_config = ConfigDict(extra="forbid")
     city: str
     days: int
     unit: Unit
