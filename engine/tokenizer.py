@@ -12,6 +12,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from engine.sampling_params import InvalidParamError
+
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -73,11 +75,18 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def render_chat(self, messages: list[dict]) -> str:
+        """Raises InvalidParamError (param messages) where the model's template refuses the messages
+        (some raise on roles they do not know, or on turns that do not alternate)."""
+        from jinja2 import TemplateError
+
         if not self.has_chat_template:
             # No template: plain "role: content" lines, then the assistant's turn.
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self._template.render(messages=messages, add_generation_prompt=True, tools=None, documents=None,
-                                     **self._special)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=True, tools=None, documents=None,
+                                         **self._special)
+        except TemplateError as exc:
+            raise InvalidParamError(f"the model's chat template refused these messages: {exc}", "messages") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # A template places the special tokens it wants; plain text gets the tokenizer's own (BOS),

@@ -41,3 +41,22 @@ def test_serving_tokenizer_equals_transformers(engine, model):
             assert ours.render_chat(chat) == hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
             assert ours.encode_chat(chat) == hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
                                                                     return_dict=False)
+
+
+def test_a_template_that_refuses_the_messages_is_a_bad_request_not_a_failure(engine, tmp_path):
+    """Some templates raise on roles they do not know or on turns that do not alternate: that is the
+    request's messages at fault (a 400 naming them), not the server."""
+    import json
+    import shutil
+
+    from engine.sampling_params import InvalidParamError
+
+    shutil.copy(engine.hf_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                "{{ raise_exception('only user and assistant turns') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tokenizer = Tokenizer(tmp_path)
+    assert tokenizer.render_chat([{"role": "user", "content": "hi"}]) == "hi"
+    with pytest.raises(InvalidParamError) as caught:
+        tokenizer.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert caught.value.param == "messages" and "only user and assistant turns" in str(caught.value)
