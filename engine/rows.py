@@ -4,13 +4,17 @@ from __future__ import annotations
 import torch
 
 
-def device_values(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A host list as a tensor on `device`. To a GPU through pinned memory, without waiting: a
-    copy from pageable memory would first wait for every kernel queued before it."""
-    t = torch.tensor(values, dtype=dtype)
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory, without waiting: a copy from
+    pageable memory would first wait for every kernel queued before it."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def device_values(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list as a tensor on `device` (`to_device`)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def column(values: list[float], like: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from engine.categorical import draw
 from engine.penalties import apply_penalties
-from engine.rows import put_rows, take_rows
+from engine.rows import put_rows, take_rows, to_device
 from engine.sampling_params import SamplingParams
 
 
@@ -58,9 +58,7 @@ def _mask(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     otherwise lift one)."""
     masked = [i for i, r in enumerate(rows) if r.allowed is not None]
     if masked:
-        allowed = torch.stack([rows[i].allowed for i in masked])
-        if logits.device.type == "cuda":
-            allowed = allowed.pin_memory().to(logits.device, non_blocking=True)
+        allowed = to_device(torch.stack([rows[i].allowed for i in masked]), logits.device)
         put_rows(logits, masked, take_rows(logits, masked).masked_fill_(~allowed, float("-inf")))
 
 
