@@ -331,19 +331,11 @@ class _Compiler:
             if part.number is not None:
                 out.number = "number" if "number" in (out.number, part.number) else "integer"
             literals.update(dict.fromkeys(part.literals))
-        kept = []
-        for lit in literals:  # literals another branch already allows go; the rest must not clash with one
-            first = lit[:1]
-            if first == b'"' and out.string:
-                continue
-            if first in b"-0123456789" and out.number is not None:
-                if out.number == "number" or lit.lstrip(b"-").isdigit():
-                    continue
-                _fail("an enum number that is not an integer beside an integer type is not supported")
-            kept.append(lit)
-        out.literals = tuple(kept)
+        covered = out.kinds()  # literals another branch already allows go; the rest must not clash with one
+        if any(_kind(lit) == "number" and out.number == "integer" for lit in literals):
+            _fail("an enum number that is not an integer beside an integer type is not supported")
+        out.literals = tuple(lit for lit in literals if _kind(lit) not in covered)
         return out
-
 
     def tagged(self, objects: list[ObjectSpec]) -> ObjectSpec:
         """A union of object schemas told apart by their first property: the same required key in
