@@ -20,7 +20,7 @@ from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.skip.base import TokenSkipPlan
 from engine.skip.settings import resolve_skip
-from engine.structured import StructuredOutputs
+from engine.structured import Constraint, StructuredOutputs
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("skipserve.engine")
@@ -81,16 +81,16 @@ class LLMEngine:
         plan = self.resolve_skip(skip)
         max_tokens = self.check_prompt(prompt_ids, params, prompt_param)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
-        schema = params.response_schema
-        constraints = [None if schema is None else self.structured.constraint(schema, params.schema_param)
-                       for _ in range(params.n)]
+        grammar = None if params.response_schema is None else \
+            self.structured.grammar(params.response_schema, params.schema_param)
         # choice i samples with seed + i, as an unsigned 64-bit value (what engine/seeded_uniform.py takes)
         return [
             Sequence(
                 seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids),
                 params=params, skip_plan=plan, max_tokens=max_tokens,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
-                seed=(base_seed + i) % 2**64, constraint=constraints[i],
+                seed=(base_seed + i) % 2**64,
+                constraint=None if grammar is None else Constraint(self.structured, grammar),
             )
             for i in range(params.n)
         ]

@@ -42,9 +42,9 @@ class StructuredOutputs:
                 self._vocabulary = Vocabulary(self._token_bytes(), self._width, self._eos_ids)
             return self._vocabulary
 
-    def constraint(self, schema, param: str) -> "Constraint":
-        """A new sequence's constraint for a JSON schema from the request's field `param`; raises
-        InvalidParamError naming it."""
+    def grammar(self, schema, param: str) -> Grammar:
+        """The grammar of a JSON schema from the request's field `param` (each of the request's
+        sequences gets a `Constraint` on it); raises InvalidParamError naming the field."""
         try:
             key = json.dumps(schema)  # the keys' order is the properties' order
         except RecursionError:
@@ -57,7 +57,7 @@ class StructuredOutputs:
             self._grammars[key] = grammar
             while len(self._grammars) > GRAMMARS:
                 self._grammars.popitem(last=False)
-        return Constraint(self, grammar)
+        return grammar
 
     def clear_masks(self) -> None:
         with self._lock:
