@@ -124,7 +124,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         if body.model is not None:
             check_model(state, body.model)
         if body.messages is not None:
-            use = body.tool_use()
+            use = body.tool_use
             messages = render_messages([m.as_dict() for m in body.messages], use.tools, use.parallel)
             ids = await asyncio.to_thread(tokenizer.encode_chat, messages)  # off the event loop
         else:

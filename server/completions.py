@@ -109,7 +109,7 @@ class CompletionCall:
             tokenizer = state.engine.tokenizer()
             # templating and tokenizing a long prompt takes a while: off the event loop
             if self.chat:
-                self.tools = body.tool_use()
+                self.tools = body.tool_use
                 messages = render_messages([m.as_dict() for m in body.messages], self.tools.tools,
                                            self.tools.parallel)
                 prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
@@ -244,22 +244,17 @@ class CompletionCall:
         """Streaming with tools: content is sent once the answer cannot be a call (it starts with
         neither `{` nor `[`, unless a call is forced), else held to the end, then sent as tool_calls
         or as content."""
-        start = c.text.lstrip()[:1]
-        holding = self.tool_mode == "forced" or start in ("", "{", "[")
-        if not holding and len(c.text) > c.streamed:
+        holding = self.tool_mode == "forced" or c.text.lstrip()[:1] in ("", "{", "[")
+        calls = None if c.finish_reason is None else self._tool_calls(c)
+        if (not holding or c.finish_reason is not None and not calls) and len(c.text) > c.streamed:
             logprobs = chat_logprobs(c.logprobs) if self.wants_logprobs and c.logprobs else None
             yield self._chunk(index, {"content": c.text[c.streamed:]}, logprobs, None, extra)
             c.streamed, c.logprobs = len(c.text), []
-        if c.finish_reason is None:
-            return
-        calls = self._tool_calls(c)
         if calls:
-            delta = {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}
-            yield self._chunk(index, delta, None, None, extra)
-        elif len(c.text) > c.streamed:
-            logprobs = chat_logprobs(c.logprobs) if self.wants_logprobs and c.logprobs else None
-            yield self._chunk(index, {"content": c.text[c.streamed:]}, logprobs, None, extra)
-        yield self._chunk(index, {}, None, "tool_calls" if calls else c.finish_reason, extra)
+            yield self._chunk(index, {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}, None,
+                              None, extra)
+        if c.finish_reason is not None:
+            yield self._chunk(index, {}, None, "tool_calls" if calls else c.finish_reason, extra)
 
     def _chunk(self, index, delta, logprobs, finish_reason, extra) -> str:
         if self.chat:

@@ -5,6 +5,7 @@ never silently ignored.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
@@ -281,7 +282,7 @@ class ChatCompletionRequest(CommonRequest):
             raise InvalidParamError("top_logprobs requires logprobs: true", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         params = self.sampling(logprobs, max_tokens)
-        use = self.tool_use()
+        use = self.tool_use
         if use.mode == "forced":
             if params.response_schema is not None:
                 raise InvalidParamError("response_format cannot be combined with a tool_choice that forces a call",
@@ -293,7 +294,9 @@ class ChatCompletionRequest(CommonRequest):
             params.schema_param = "tools"
         return params
 
+    @cached_property
     def tool_use(self) -> ToolUse:
+        """Checked once, read by the prompt's rendering and by the sampling params."""
         return ToolUse(self.tools, self.tool_choice, self.parallel_tool_calls)
 
 
@@ -325,7 +328,9 @@ class TokenizeRequest(RequestBody):
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[StrictBool] = None
 
+    @cached_property
     def tool_use(self) -> ToolUse:
+        """Checked once, read by the prompt's rendering and by the sampling params."""
         return ToolUse(self.tools, self.tool_choice, self.parallel_tool_calls)
 
 
