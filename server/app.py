@@ -12,15 +12,17 @@ from typing import Callable
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from engine.async_engine import AsyncEngine, EngineNotReadyError
+from engine.async_engine import AsyncEngine
 from server import __version__, errors
 from server.access_gate import AccessGate
 from server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
-from server.completions import check_model, check_token_ids, router as completions_router
+from server.completions import router as completions_router
 from server.errors import APIError, error_response
+from server.generation import check_model, check_token_ids, encode_chat, ready_tokenizer
 from server.metrics import Metrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
-from server.tool_calls import render_messages
+from server.response_store import ResponseStore
+from server.responses import router as responses_router
 
 log = logging.getLogger("skipserve.server")
 
@@ -31,6 +33,7 @@ class ServerState:
     metrics: Metrics
     served_model_name: str
     api_key: str | None = None
+    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
     draining: bool = False
     started: float = field(default_factory=time.time)
 
@@ -78,6 +81,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     app.state.skipserve = state
     errors.install(app)
     app.include_router(completions_router)
+    app.include_router(responses_router)
 
     @app.get("/health")
     async def health():
@@ -110,23 +114,15 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     async def metrics_route():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def ready_tokenizer():
-        try:
-            return engine.tokenizer()
-        except EngineNotReadyError as exc:
-            raise APIError(503, str(exc), code="not_ready")
-
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        tokenizer = ready_tokenizer()
+        tokenizer = ready_tokenizer(state)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
         if body.model is not None:
             check_model(state, body.model)
         if body.messages is not None:
-            use = body.tool_use
-            messages = render_messages([m.as_dict() for m in body.messages], use.tools, use.parallel)
-            ids = await asyncio.to_thread(tokenizer.encode_chat, messages)  # off the event loop
+            ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use)
         else:
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
@@ -134,7 +130,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         """Token ids -> text, as vLLM's /detokenize (special tokens left out, as in completions)."""
-        tokenizer = ready_tokenizer()
+        tokenizer = ready_tokenizer(state)
         if body.model is not None:
             check_model(state, body.model)
         check_token_ids(body.tokens, tokenizer, "tokens")

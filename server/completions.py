@@ -11,11 +11,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from engine.async_engine import EngineNotReadyError, EngineShutdownError, GenerationError, QueueFullError
-from server.errors import APIError, error_body
-from server.metrics import RequestTimer
+from engine.async_engine import EngineShutdownError, GenerationError
+from server.errors import error_body
+from server.generation import (Usage, check_model, check_token_ids, consume, encode_chat, overall_finish,
+                               ready_tokenizer, submit)
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.tool_calls import parse_calls, render_messages
+from server.tool_calls import parse_calls
 
 router = APIRouter()
 
@@ -26,29 +27,6 @@ class Choice:
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     streamed: int = 0  # characters of text sent as content so far (streaming)
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    cached_tokens: int | None = None  # the request's prompt tokens found cached: its first choice's
-    completion: dict = field(default_factory=dict)  # choice index -> (tokens, skipped, total)
-
-    def update(self, out) -> None:
-        self.prompt_tokens = out.prompt_tokens
-        # later choices take the prompt from the cache the first one filled (engine/scheduler.py)
-        self.cached_tokens = out.cached_tokens if self.cached_tokens is None else min(self.cached_tokens,
-                                                                                       out.cached_tokens)
-        self.completion[out.index] = (out.completion_tokens, out.ffn_skipped, out.ffn_total)
-
-    def body(self) -> dict:
-        tokens = sum(c[0] for c in self.completion.values())
-        skipped = sum(c[1] for c in self.completion.values())
-        total = sum(c[2] for c in self.completion.values())
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
-                "total_tokens": self.prompt_tokens + tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens or 0},
-                "ffn_skip": {"skipped": skipped, "total": total, "ratio": skipped / total if total else 0.0}}
 
 
 def chat_logprobs(entries) -> dict:
@@ -66,25 +44,6 @@ def completion_logprobs(entries, offset: int) -> dict:
         offset += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": text_offset}
-
-
-def check_model(state, model: str) -> None:
-    """404 `model_not_found` for a model this server does not serve, as OpenAI and vLLM answer."""
-    if model not in state.model_names:
-        raise APIError(404, f"the model '{model}' does not exist; this server serves {sorted(state.model_names)}",
-                       "model", "model_not_found")
-
-
-def check_token_ids(ids: list[int], tokenizer, param: str) -> None:
-    """400 on `param` for a token id outside the model's vocabulary."""
-    if any(not 0 <= t < tokenizer.vocab_size for t in ids):
-        raise APIError(400, f"token ids must be in the vocabulary (0 to {tokenizer.vocab_size - 1})", param)
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    """Returns when the client closes the connection (the request body is already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 class CompletionCall:
@@ -105,26 +64,18 @@ class CompletionCall:
     async def submit(self):
         state, body = self.state, self.body
         check_model(state, body.model)
-        try:
-            tokenizer = state.engine.tokenizer()
-            # templating and tokenizing a long prompt takes a while: off the event loop
-            if self.chat:
-                self.tools = body.tool_use
-                messages = render_messages([m.as_dict() for m in body.messages], self.tools.tools,
-                                           self.tools.parallel)
-                prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
-                param = "messages"
-            else:
-                prompt = body.prompt
-                prompt_ids = list(prompt) if isinstance(prompt, list) else await asyncio.to_thread(tokenizer.encode, prompt)
-                param = "prompt"
-                check_token_ids(prompt_ids, tokenizer, "prompt")
-            self.timer = RequestTimer(state.metrics)
-            return state.engine.add_request(self.id, prompt_ids, body.to_sampling(), body.skip(), param)
-        except EngineNotReadyError as exc:
-            raise APIError(503, str(exc), code="not_ready")
-        except QueueFullError as exc:
-            raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
+        if self.chat:
+            self.tools = body.tool_use
+            prompt_ids = await encode_chat(state, [m.as_dict() for m in body.messages], self.tools)
+            param = "messages"
+        else:
+            prompt = body.prompt
+            prompt_ids = list(prompt) if isinstance(prompt, list) else \
+                await asyncio.to_thread(ready_tokenizer(state).encode, prompt)
+            param = "prompt"
+            check_token_ids(prompt_ids, ready_tokenizer(state), "prompt")
+        stream, self.timer = submit(state, self.id, prompt_ids, body.to_sampling(), body.skip(), param)
+        return stream
 
     @property
     def wants_logprobs(self) -> bool:
@@ -139,34 +90,20 @@ class CompletionCall:
         choices = {i: Choice() for i in range(self.body.n)}
         usage = Usage()
 
-        async def consume():
-            async for out in stream:
-                c = choices[out.index]
-                c.text += out.text
-                if out.logprobs:
-                    c.logprobs += out.logprobs
-                self.timer.on_tokens(out.index)
-                usage.update(out)
-                if out.finished:
-                    c.finish_reason = out.finish_reason
+        def on_output(out):
+            c = choices[out.index]
+            c.text += out.text
+            if out.logprobs:
+                c.logprobs += out.logprobs
+            self.timer.on_tokens(out.index)
+            usage.update(out)
+            if out.finished:
+                c.finish_reason = out.finish_reason
 
-        task = asyncio.create_task(consume())
-        gone = asyncio.create_task(wait_for_disconnect(self.request))
-        try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():  # the client left first: stop generating for it at once
-                return JSONResponse(error_body(499, "client disconnected"), status_code=499)
-            try:
-                task.result()
-            except EngineShutdownError as exc:
-                raise APIError(503, str(exc), code="shutting_down")
-            except GenerationError as exc:
-                raise APIError(500, str(exc), code="generation_failed")
-        finally:
-            for t in (task, gone):
-                t.cancel()
-            stream.close()
-        self._finish_metrics(choices, usage)
+        left = await consume(self.request, stream, on_output)
+        if left is not None:
+            return left
+        usage.finish_metrics(self.timer, overall_finish(c.finish_reason for c in choices.values()))
         return JSONResponse(dict(self.header(), choices=[self._choice_body(i, c) for i, c in choices.items()],
                                  usage=usage.body()))
 
@@ -186,13 +123,6 @@ class CompletionCall:
                     "finish_reason": "tool_calls" if calls else c.finish_reason}
         return {"index": index, "text": c.text,
                 "logprobs": completion_logprobs(c.logprobs, 0) if want else None, "finish_reason": c.finish_reason}
-
-    def _finish_metrics(self, choices: dict, usage: Usage) -> None:
-        body = usage.body()
-        reasons = [c.finish_reason for c in choices.values()]
-        reason = "stop" if all(r == "stop" for r in reasons) else next((r for r in reasons if r != "stop"), "stop")
-        self.timer.finish(reason, body["prompt_tokens"], body["completion_tokens"],
-                          body["ffn_skip"]["skipped"], body["ffn_skip"]["total"])
 
     # ---- streaming ---------------------------------------------------------------------------
     async def events(self, stream):
@@ -226,7 +156,7 @@ class CompletionCall:
                 if out.finished:
                     c.finish_reason = out.finish_reason
                     yield self._chunk(out.index, {} if self.chat else "", None, out.finish_reason, extra)
-            self._finish_metrics(choices, usage)
+            usage.finish_metrics(self.timer, overall_finish(c.finish_reason for c in choices.values()))
             if include_usage:
                 yield json.dumps(dict(self.header(), object=self.object + (".chunk" if self.chat else ""),
                                       choices=[], usage=usage.body()))

@@ -40,7 +40,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def _validation_message(err: dict) -> tuple[str, str | None]:
+def validation_message(err: dict) -> tuple[str, str | None]:
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     # drop pydantic's union-branch markers such as 'str' or 'list[int]'
     path = [p for p in loc if not (p in {"str", "int", "float"} or "[" in p or p.startswith("function-"))]
@@ -72,7 +72,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
+        message, param = validation_message(errors[0]) if errors else ("invalid request", None)
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)

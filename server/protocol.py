@@ -166,28 +166,27 @@ class ResponseFormat(Strict):
         return self.json_schema.schema_
 
 
-class CommonRequest(RequestBody):
+class SamplingRequest(RequestBody):
+    """The sampling knobs every generating route takes (OpenAI's, and vLLM's extensions)."""
     model: str
-    max_tokens: Optional[StrictInt] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     top_k: Optional[StrictInt] = None
     min_p: Optional[float] = None
-    n: StrictInt = 1
     stop: Union[str, list[str], None] = None
     seed: Optional[Seed] = None  # int64, as vLLM; the sampler's stream for it (choice i: seed + i)
     stream: StrictBool = False
-    stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     ignore_eos: StrictBool = False
-    response_format: Optional[ResponseFormat] = None  # chat and, as vLLM and llama.cpp take it, completions
     ffn_skip: Optional[FFNSkip] = None
 
-    def sampling(self, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+    def sampling(self, logprobs: int | None, max_tokens: int | None, schema: dict | None,
+                 n: int = 1) -> SamplingParams:
+        """`schema`: the JSON schema the answer must follow (None: free text)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = {}
         for key, value in (self.logit_bias or {}).items():
@@ -196,18 +195,30 @@ class CommonRequest(RequestBody):
             except ValueError:
                 raise InvalidParamError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
         return SamplingParams(
-            n=self.n, max_tokens=max_tokens,
+            n=n, max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0, min_p=self.min_p or 0.0,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=bias, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            response_schema=self.response_format.answer_schema() if self.response_format else None,
+            response_schema=schema,
         )
 
     def skip(self) -> SkipParams | None:
         return self.ffn_skip.to_params() if self.ffn_skip else None
+
+
+class CommonRequest(SamplingRequest):
+    """What /v1/chat/completions and /v1/completions share beyond the sampling knobs."""
+    max_tokens: Optional[StrictInt] = None
+    n: StrictInt = 1
+    stream_options: Optional[StreamOptions] = None
+    response_format: Optional[ResponseFormat] = None  # chat and, as vLLM and llama.cpp take it, completions
+
+    def choices_sampling(self, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+        schema = self.response_format.answer_schema() if self.response_format else None
+        return self.sampling(logprobs, max_tokens, schema, self.n)
 
     @property
     def include_usage(self) -> bool:
@@ -236,68 +247,80 @@ class NamedToolChoice(Strict):
 
 
 class ToolUse:
-    """The tools a chat request shows the model and how it may call them (server/tool_calls.py):
-    `mode` "none" (no tools shown), "auto" (it may answer with a call) or "forced" (its answer is a
-    call of one of `tools`); `parallel`: whether it may call several at once."""
+    """The tools a request shows the model and how it may call them (server/tool_calls.py): `mode`
+    "none" (no tools shown), "auto" (it may answer with a call) or "forced" (its answer is a call of
+    one of `tools`); `parallel`: whether it may call several at once.
 
-    def __init__(self, tools: list[Tool] | None, choice, parallel: bool | None):
+    `functions`: the tools' functions as dicts (name, description, parameters); `choice`: "none",
+    "auto", "required" or None; `named`: the function a request forces by name; `where`: the
+    request's path to tool i's function (chat nests it, the Responses API does not)."""
+
+    def __init__(self, functions: list[dict], choice: str | None, named: str | None, parallel: bool | None,
+                 where: str = "tools.{}.function"):
         self.tools, self.mode, self.parallel = [], "none", parallel is not False
-        if not tools:
-            for name, value in (("tool_choice", choice), ("parallel_tool_calls", parallel)):
+        if not functions:
+            for name, value in (("tool_choice", named or choice), ("parallel_tool_calls", parallel)):
                 if value not in (None, "none"):
                     raise InvalidParamError(f"{name} needs tools", name)
             return
-        functions = [t.function.model_dump(exclude_none=True) for t in tools]
         names = [f["name"] for f in functions]
         if len(set(names)) < len(names):
             raise InvalidParamError("tool names must be distinct", "tools")
         for i, f in enumerate(functions):
             if f.get("parameters", {}).get("type", "object") != "object":
                 raise InvalidParamError("a function's parameters must be an object schema (type object)",
-                                        f"tools.{i}.function.parameters")
+                                        where.format(i) + ".parameters")
         if choice == "none":
             return
         self.tools, self.mode = functions, "forced" if choice == "required" else "auto"
-        if isinstance(choice, NamedToolChoice):
-            if choice.function.name not in names:
-                raise InvalidParamError(f"tool_choice names {choice.function.name!r}, which is not among the tools",
-                                        "tool_choice")
+        if named is not None:
+            if named not in names:
+                raise InvalidParamError(f"tool_choice names {named!r}, which is not among the tools", "tool_choice")
             # a named function is called once
-            self.tools, self.mode, self.parallel = [f for f in functions if f["name"] == choice.function.name], \
-                "forced", False
+            self.tools, self.mode, self.parallel = [f for f in functions if f["name"] == named], "forced", False
+
+    def constrain(self, params: SamplingParams, format_param: str) -> SamplingParams:
+        """A forced call holds the answer to the calls' JSON schema; a response format (the request's
+        `format_param`) cannot be combined with it."""
+        if self.mode != "forced":
+            return params
+        if params.response_schema is not None:
+            raise InvalidParamError(f"{format_param} cannot be combined with a tool_choice that forces a call",
+                                    format_param)
+        try:
+            params.response_schema = calls_schema(self.tools, self.parallel)
+        except RecursionError:
+            raise InvalidParamError("a function's parameters are nested too deeply", "tools") from None
+        params.schema_param = "tools"
+        return params
 
 
-class ChatCompletionRequest(CommonRequest):
+class ChatTools(Strict):
+    """A chat request's tools (and /tokenize's, which renders a chat prompt as chat does)."""
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+
+    @cached_property
+    def tool_use(self) -> ToolUse:
+        """Checked once, read by the prompt's rendering and by the sampling params."""
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        return ToolUse([t.function.model_dump(exclude_none=True) for t in self.tools or []],
+                       None if named else self.tool_choice, named, self.parallel_tool_calls)
+
+
+class ChatCompletionRequest(CommonRequest, ChatTools):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = None
-    tools: Optional[list[Tool]] = None
-    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
-    parallel_tool_calls: Optional[StrictBool] = None
 
     def to_sampling(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParamError("top_logprobs requires logprobs: true", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        params = self.sampling(logprobs, max_tokens)
-        use = self.tool_use
-        if use.mode == "forced":
-            if params.response_schema is not None:
-                raise InvalidParamError("response_format cannot be combined with a tool_choice that forces a call",
-                                        "response_format")
-            try:
-                params.response_schema = calls_schema(use.tools, use.parallel)
-            except RecursionError:
-                raise InvalidParamError("a function's parameters are nested too deeply", "tools") from None
-            params.schema_param = "tools"
-        return params
-
-    @cached_property
-    def tool_use(self) -> ToolUse:
-        """Checked once, read by the prompt's rendering and by the sampling params."""
-        return ToolUse(self.tools, self.tool_choice, self.parallel_tool_calls)
+        return self.tool_use.constrain(self.choices_sampling(logprobs, max_tokens), "response_format")
 
 
 class CompletionRequest(CommonRequest):
@@ -317,21 +340,13 @@ class CompletionRequest(CommonRequest):
 
     def to_sampling(self) -> SamplingParams:
         max_tokens = 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default here
-        return self.sampling(self.logprobs, max_tokens)
+        return self.choices_sampling(self.logprobs, max_tokens)
 
 
-class TokenizeRequest(RequestBody):
+class TokenizeRequest(RequestBody, ChatTools):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
-    tools: Optional[list[Tool]] = None  # rendered as a chat request renders them
-    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
-    parallel_tool_calls: Optional[StrictBool] = None
-
-    @cached_property
-    def tool_use(self) -> ToolUse:
-        """Checked once, read by the prompt's rendering and by the sampling params."""
-        return ToolUse(self.tools, self.tool_choice, self.parallel_tool_calls)
 
 
 class DetokenizeRequest(RequestBody):

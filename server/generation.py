@@ -1,0 +1,135 @@
+"""What every generating route does with the engine: check the model, tokenize a prompt off the
+event loop, submit it (a full queue or an engine not ready is an OpenAI-style error), and read its
+outputs while watching for the client to leave."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from engine.async_engine import EngineNotReadyError, EngineShutdownError, GenerationError, QueueFullError
+from server.errors import APIError, error_body
+from server.metrics import RequestTimer
+from server.protocol import ToolUse
+from server.tool_calls import render_messages
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None  # the request's prompt tokens found cached: its first choice's
+    completion: dict = field(default_factory=dict)  # choice index -> (tokens, skipped, total)
+
+    def update(self, out) -> None:
+        self.prompt_tokens = out.prompt_tokens
+        # later choices take the prompt from the cache the first one filled (engine/scheduler.py)
+        self.cached_tokens = out.cached_tokens if self.cached_tokens is None else min(self.cached_tokens,
+                                                                                       out.cached_tokens)
+        self.completion[out.index] = (out.completion_tokens, out.ffn_skipped, out.ffn_total)
+
+    def totals(self) -> tuple[int, int, int]:
+        """Generated tokens, skipped FFN blocks and FFN blocks, over all answers."""
+        return tuple(sum(c[i] for c in self.completion.values()) for i in range(3))
+
+    def ffn_skip(self) -> dict:
+        _, skipped, total = self.totals()
+        return {"skipped": skipped, "total": total, "ratio": skipped / total if total else 0.0}
+
+    def body(self) -> dict:
+        """As chat and completions report it."""
+        tokens = self.totals()[0]
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
+                "total_tokens": self.prompt_tokens + tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens or 0}, "ffn_skip": self.ffn_skip()}
+
+    def response_body(self) -> dict:
+        """As the Responses API reports it."""
+        tokens = self.totals()[0]
+        return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens or 0},
+                "output_tokens": tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.prompt_tokens + tokens, "ffn_skip": self.ffn_skip()}
+
+    def finish_metrics(self, timer, reason: str) -> None:
+        tokens, skipped, total = self.totals()
+        timer.finish(reason, self.prompt_tokens, tokens, skipped, total)
+
+
+def check_model(state, model: str) -> None:
+    """404 `model_not_found` for a model this server does not serve, as OpenAI and vLLM answer."""
+    if model not in state.model_names:
+        raise APIError(404, f"the model '{model}' does not exist; this server serves {sorted(state.model_names)}",
+                       "model", "model_not_found")
+
+
+def check_token_ids(ids: list[int], tokenizer, param: str) -> None:
+    """400 on `param` for a token id outside the model's vocabulary."""
+    if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+        raise APIError(400, f"token ids must be in the vocabulary (0 to {tokenizer.vocab_size - 1})", param)
+
+
+def ready_tokenizer(state):
+    try:
+        return state.engine.tokenizer()
+    except EngineNotReadyError as exc:
+        raise APIError(503, str(exc), code="not_ready")
+
+
+async def encode_chat(state, messages: list[dict], use: ToolUse) -> list[int]:
+    """A chat's prompt ids: its messages (role, content, tool fields) with the tools `use` shows, through
+    the model's template. Templating and tokenizing a long prompt takes a while: off the event loop."""
+    rendered = render_messages(messages, use.tools, use.parallel)
+    return await asyncio.to_thread(ready_tokenizer(state).encode_chat, rendered)
+
+
+def submit(state, request_id: str, prompt_ids: list[int], sampling, skip, param: str):
+    """The engine's output stream for one request, and its timer (for the request metrics)."""
+    try:
+        stream = state.engine.add_request(request_id, prompt_ids, sampling, skip, param)
+    except EngineNotReadyError as exc:
+        raise APIError(503, str(exc), code="not_ready")
+    except QueueFullError as exc:
+        raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
+    return stream, RequestTimer(state.metrics)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the request body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def consume(request: Request, stream, on_output: Callable[[object], None]) -> JSONResponse | None:
+    """Feeds each of the stream's outputs to `on_output` until the request ends. Returns a 499 response
+    if the client left first (generation stops for it at once), None when it ended; an engine that shut
+    down or a generation that failed is an APIError."""
+    async def read():
+        async for out in stream:
+            on_output(out)
+
+    task = asyncio.create_task(read())
+    gone = asyncio.create_task(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            return JSONResponse(error_body(499, "client disconnected"), status_code=499)
+        try:
+            task.result()
+        except EngineShutdownError as exc:
+            raise APIError(503, str(exc), code="shutting_down")
+        except GenerationError as exc:
+            raise APIError(500, str(exc), code="generation_failed")
+    finally:
+        for t in (task, gone):
+            t.cancel()
+        stream.close()
+    return None
+
+
+def overall_finish(reasons) -> str:
+    """One finish reason for the metrics of a request with several answers: "stop" if all stopped, else
+    the first other."""
+    reasons = list(reasons)
+    return "stop" if all(r == "stop" for r in reasons) else next((r for r in reasons if r != "stop"), "stop")

@@ -1,0 +1,232 @@
+"""The Responses API: POST /v1/responses (JSON, or SSE events as OpenAI streams them), and
+GET / DELETE /v1/responses/{id} for stored responses (server/response_store.py).
+
+A request is a chat under another shape: `instructions` and the input items (after the stored
+conversation a `previous_response_id` names) become chat messages, rendered and sampled as
+/v1/chat/completions does, with its tools (server/tool_calls.py) and structured outputs
+(`text.format`). The answer is one `message` output item, or one `function_call` item per call.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from engine.async_engine import EngineShutdownError, GenerationError
+from server.completions import chat_logprobs
+from server.errors import APIError
+from server.generation import Usage, check_model, consume, encode_chat, submit
+from server.responses_protocol import ResponsesRequest
+from server.tool_calls import parse_calls
+
+router = APIRouter()
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+class Answer:
+    """What the engine produced for a response so far."""
+
+    def __init__(self):
+        self.text, self.logprobs, self.finish_reason, self.usage = "", [], None, Usage()
+
+    def add(self, out) -> None:
+        self.text += out.text
+        self.logprobs += out.logprobs or []
+        self.usage.update(out)
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+
+class ResponseCall:
+    """One response's life: check, submit, then collect or stream its answer; stored at the end."""
+
+    def __init__(self, request: Request, body: ResponsesRequest):
+        self.request, self.body = request, body
+        self.state = request.app.state.skipserve
+        self.id = _new_id("resp_")
+        self.message_id = _new_id("msg_")
+        self.created_at = int(time.time())
+        self.earlier: list[dict] = []  # the stored conversation `previous_response_id` continues
+
+    async def submit(self):
+        state, body = self.state, self.body
+        check_model(state, body.model)
+        if body.previous_response_id is not None:
+            entry = state.responses.get(body.previous_response_id)
+            if entry is None:
+                raise APIError(400, f"previous response with id '{body.previous_response_id}' not found",
+                               "previous_response_id", "previous_response_not_found")
+            self.earlier = entry.messages
+        sampling = body.to_sampling()
+        instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        prompt_ids = await encode_chat(state, instructions + self.earlier + body.messages(), body.tool_use)
+        stream, self.timer = submit(state, self.id, prompt_ids, sampling, body.skip(), "input")
+        return stream
+
+    # ---- the response object -----------------------------------------------------------------
+    def calls(self, answer: Answer) -> list[dict] | None:
+        """A finished answer's tool calls (chat-shaped), where the request allows them and it is one."""
+        use = self.body.tool_use
+        if use.mode == "none" or answer.finish_reason != "stop":
+            return None
+        return parse_calls(answer.text, use.tools, use.parallel)
+
+    def status(self, answer: Answer) -> str:
+        return "completed" if answer.finish_reason == "stop" else "incomplete"
+
+    def text_part(self, text: str, logprobs: list) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [],
+                "logprobs": chat_logprobs(logprobs)["content"] if self.body.wants_logprobs else []}
+
+    def message_item(self, status: str, content: list[dict]) -> dict:
+        return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def call_item(call: dict, status: str, arguments: str) -> dict:
+        return {"id": "fc_" + call["id"].removeprefix("call_"), "type": "function_call", "status": status,
+                "call_id": call["id"], "name": call["function"]["name"], "arguments": arguments}
+
+    def output(self, answer: Answer, calls: list[dict] | None) -> list[dict]:
+        if calls:
+            return [self.call_item(c, "completed", c["function"]["arguments"]) for c in calls]
+        return [self.message_item(self.status(answer), [self.text_part(answer.text, answer.logprobs)])]
+
+    def response(self, status: str, output: list[dict], usage: dict | None = None, error: dict | None = None) -> dict:
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        return {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+                "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
+                "error": error, "incomplete_details": incomplete, "model": self.body.model, "output": output,
+                "usage": usage, **self.body.echo()}
+
+    def finish(self, answer: Answer) -> dict:
+        """The final response object; stored where the request asks; the request's metrics."""
+        calls = self.calls(answer)
+        body = self.response(self.status(answer), self.output(answer, calls), answer.usage.response_body())
+        answer.usage.finish_metrics(self.timer, answer.finish_reason)
+        if self.body.store:
+            said = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
+                {"role": "assistant", "content": answer.text}
+            self.state.responses.put(body, self.earlier, self.body.messages() + [said])
+        return body
+
+    # ---- non-streaming -----------------------------------------------------------------------
+    async def collect(self, stream) -> JSONResponse:
+        answer = Answer()
+
+        def on_output(out):
+            self.timer.on_tokens(out.index)
+            answer.add(out)
+
+        left = await consume(self.request, stream, on_output)
+        return left if left is not None else JSONResponse(self.finish(answer))
+
+    # ---- streaming ---------------------------------------------------------------------------
+    def holding(self, answer: Answer) -> bool:
+        """Whether an answer is held back: one that may still turn out to be a tool call."""
+        mode = self.body.tool_use.mode
+        return mode == "forced" or mode == "auto" and answer.text.lstrip()[:1] in ("", "{", "[")
+
+    async def events(self, stream):
+        sequence = itertools.count()
+
+        def event(kind: str, **fields) -> dict:
+            return {"event": kind, "data": json.dumps({"type": kind, "sequence_number": next(sequence), **fields})}
+
+        answer, opened, sent_text, sent_logprobs = Answer(), False, 0, 0
+        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+
+        def open_message():
+            yield event("response.output_item.added", output_index=0, item=self.message_item("in_progress", []))
+            yield event("response.content_part.added", **where, part=self.text_part("", []))
+
+        def delta():
+            nonlocal sent_text, sent_logprobs
+            text, logprobs = answer.text[sent_text:], answer.logprobs[sent_logprobs:]
+            sent_text, sent_logprobs = len(answer.text), len(answer.logprobs)
+            if text or logprobs and self.body.wants_logprobs:
+                yield event("response.output_text.delta", **where, delta=text,
+                            logprobs=self.text_part("", logprobs)["logprobs"])
+
+        try:
+            yield event("response.created", response=self.response("in_progress", []))
+            yield event("response.in_progress", response=self.response("in_progress", []))
+            async for out in stream:
+                self.timer.on_tokens(out.index)
+                answer.add(out)
+                if answer.finish_reason is None and not self.holding(answer):
+                    if not opened:
+                        opened = True
+                        for e in open_message():
+                            yield e
+                    for e in delta():
+                        yield e
+            final = self.finish(answer)
+            calls = self.calls(answer)
+            if calls:
+                for i, call in enumerate(calls):
+                    item = self.call_item(call, "completed", call["function"]["arguments"])
+                    yield event("response.output_item.added", output_index=i,
+                                item=self.call_item(call, "in_progress", ""))
+                    yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                                delta=item["arguments"])
+                    yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                                name=item["name"], arguments=item["arguments"])
+                    yield event("response.output_item.done", output_index=i, item=item)
+            else:
+                if not opened:
+                    for e in open_message():
+                        yield e
+                for e in delta():
+                    yield e
+                item = final["output"][0]
+                part = item["content"][0]
+                yield event("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
+                yield event("response.content_part.done", **where, part=part)
+                yield event("response.output_item.done", output_index=0, item=item)
+            yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
+                        response=final)
+        except (EngineShutdownError, GenerationError) as exc:  # in-band, as OpenAI ends a failed stream
+            yield event("response.failed", response=self.response("failed", [], error={
+                "code": "server_error", "message": str(exc)}))
+        except Exception as exc:
+            yield event("response.failed", response=self.response("failed", [], error={
+                "code": "server_error", "message": f"generation failed: {exc}"}))
+        finally:
+            stream.close()
+
+
+@router.post("/v1/responses")
+async def create_response(body: ResponsesRequest, request: Request):
+    call = ResponseCall(request, body)
+    stream = await call.submit()
+    if body.stream:
+        return EventSourceResponse(call.events(stream), ping=15, sep="\n")
+    return await call.collect(stream)
+
+
+def _stored(request: Request, response_id: str):
+    entry = request.app.state.skipserve.responses.get(response_id)
+    if entry is None:
+        raise APIError(404, f"no response with id '{response_id}' is stored (it was not stored, or was deleted "
+                            "or dropped for room)", "response_id", "response_not_found")
+    return entry
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request):
+    return _stored(request, response_id).body
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, request: Request):
+    _stored(request, response_id)
+    request.app.state.skipserve.responses.delete(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}

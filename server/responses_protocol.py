@@ -1,0 +1,259 @@
+"""Request bodies of the Responses API (`POST /v1/responses`, the subset we honour) and their mapping to
+chat messages and engine params.
+
+`input` is a string (one user message) or a list of items: messages (`role`, `content` as text or
+text parts), `function_call` items (the model's earlier calls: an output item sent back as it came)
+and `function_call_output` items (their results). Items become the chat messages
+server/tool_calls.py renders: a call joins the assistant message before it, a result is a `tool`
+message. Images, files, audio and the hosted tools (web search, file search, ...) are 400s naming
+their field, as every field this server does not implement is.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import (Discriminator, Field, StrictBool, StrictInt, Tag, TypeAdapter, ValidationError,
+                      field_validator)
+
+from engine.sampling_params import InvalidParamError, SamplingParams
+from server.errors import validation_message
+from server.protocol import SamplingRequest, Strict, ToolUse
+
+LOGPROBS = "message.output_text.logprobs"  # the one `include` value this server produces
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
+
+
+class InputText(Strict):
+    type: Literal["input_text", "output_text"]  # output_text: an assistant output item sent back
+    text: str
+    annotations: Optional[list] = None  # an output item's, sent back: ignored
+    logprobs: Optional[list] = None
+
+
+class InputMessage(Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Union[str, list[InputText]]
+    id: Optional[str] = None  # an output message sent back carries its id and status
+    status: Optional[str] = None
+    phase: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value):
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in (None, "input_text", "output_text"):
+                    raise InvalidParamError(f"content parts of type '{kind}' are not supported: this model "
+                                            "takes text only")
+        return value
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(Strict):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str  # JSON text
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
+class FunctionCallOutputItem(Strict):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Union[str, list[InputText]]
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
+
+
+ITEM_KINDS = ("message", "function_call", "function_call_output")
+
+
+def _item_kind(value) -> str:
+    return value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
+
+
+InputItem = Annotated[Union[Annotated[InputMessage, Tag("message")],
+                            Annotated[FunctionCallItem, Tag("function_call")],
+                            Annotated[FunctionCallOutputItem, Tag("function_call_output")]],
+                      Discriminator(_item_kind)]
+_ITEM = TypeAdapter(InputItem)
+
+
+def input_messages(items: list) -> list[dict]:
+    """Input items as chat messages (role, content, and tool_calls / tool_call_id where given)."""
+    messages = []
+    for item in items:
+        if isinstance(item, InputMessage):
+            messages.append({"role": item.role, "content": item.text()})
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":  # calls join the answer they came with
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        else:
+            messages.append({"role": "tool", "content": item.text(), "tool_call_id": item.call_id})
+    return messages
+
+
+class TextFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: Optional[str] = Field(None, pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema")
+    strict: Optional[StrictBool] = None
+
+    def answer_schema(self) -> dict | None:
+        """The JSON schema the answer must follow (None: free text); json_object is any object."""
+        if self.type == "json_schema":
+            if self.name is None or self.schema_ is None:
+                raise InvalidParamError("text.format: name and schema are required with type json_schema",
+                                        "text.format")
+            return self.schema_
+        if any(v is not None for v in (self.name, self.description, self.schema_, self.strict)):
+            raise InvalidParamError("text.format: name, description, schema and strict go with type json_schema only",
+                                    "text.format")
+        return {"type": "object"} if self.type == "json_object" else None
+
+
+class TextConfig(Strict):
+    format: Optional[TextFormat] = None
+
+
+class FunctionTool(Strict):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+    strict: Optional[StrictBool] = None
+
+
+class FunctionChoice(Strict):
+    type: Literal["function"]
+    name: str
+
+
+class StreamOptions(Strict):
+    include_obfuscation: Optional[StrictBool] = None  # nothing is obfuscated: accepted, no effect
+
+
+class ResponsesRequest(SamplingRequest):
+    input: Union[str, list[InputItem]]
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[StrictInt] = None
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    include: Optional[list[str]] = None
+    text: Optional[TextConfig] = None
+    tools: Optional[list[FunctionTool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], FunctionChoice, None] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+    previous_response_id: Optional[str] = None
+    store: StrictBool = True
+    metadata: Optional[dict[str, str]] = None
+    truncation: Optional[Literal["disabled"]] = None
+    background: Optional[Literal[False]] = None
+    stream_options: Optional[StreamOptions] = None
+    # identifiers OpenAI takes for abuse detection and cache routing: accepted, no effect here
+    safety_identifier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _items(cls, value):
+        """Each item checked on its own, so that a bad one is a 400 naming it and its field (not a
+        union's list of misses); an item of a kind this server does not take is one too."""
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise InvalidParamError("input must hold at least one item", "input")
+        items = []
+        for i, item in enumerate(value):
+            kind = _item_kind(item)
+            if kind not in ITEM_KINDS:
+                raise InvalidParamError(f"input items of type '{kind}' are not supported", f"input.{i}")
+            try:
+                items.append(_ITEM.validate_python(item))
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                raise InvalidParamError(*validation_message(dict(error, loc=("input", i, *error["loc"][1:])))) from None
+        return items
+
+    @field_validator("include")
+    @classmethod
+    def _known_includes(cls, value):
+        for name in value or []:
+            if name != LOGPROBS:
+                raise InvalidParamError(f"include: '{name}' is not supported (only '{LOGPROBS}')", "include")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value):
+        if value is not None and (len(value) > MAX_METADATA_KEYS or any(
+                len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE for k, v in value.items())):
+            raise InvalidParamError(f"metadata holds at most {MAX_METADATA_KEYS} pairs, keys of at most "
+                                    f"{MAX_METADATA_KEY} characters and values of at most {MAX_METADATA_VALUE}",
+                                    "metadata")
+        return value
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools_only(cls, value):
+        if isinstance(value, list):
+            for i, tool in enumerate(value):
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                if kind is not None and kind != "function":
+                    raise InvalidParamError(f"tools of type '{kind}' are not supported: only function tools",
+                                            f"tools.{i}")
+        return value
+
+    def messages(self) -> list[dict]:
+        """This request's own messages: its input, without the instructions (they are not carried
+        over to a response that follows this one, as OpenAI does)."""
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        return input_messages(self.input)
+
+    @cached_property
+    def tool_use(self) -> ToolUse:
+        named = self.tool_choice.name if isinstance(self.tool_choice, FunctionChoice) else None
+        functions = [t.model_dump(exclude_none=True, exclude={"type"}) for t in self.tools or []]
+        return ToolUse(functions, None if named else self.tool_choice, named, self.parallel_tool_calls, "tools.{}")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS in (self.include or [])
+
+    def to_sampling(self) -> SamplingParams:
+        schema = self.text.format.answer_schema() if self.text and self.text.format else None
+        logprobs = (self.top_logprobs or 0) if self.wants_logprobs else None
+        params = self.sampling(logprobs, self.max_output_tokens, schema)
+        return self.tool_use.constrain(params, "text.format")
+
+    def echo(self) -> dict[str, Any]:
+        """The request's settings a response object repeats."""
+        return {
+            "instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
+            "metadata": self.metadata or {}, "parallel_tool_calls": self.parallel_tool_calls is not False,
+            "previous_response_id": self.previous_response_id, "store": self.store,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p, "top_logprobs": self.top_logprobs or 0,
+            "text": {"format": self.text.format.model_dump(by_alias=True, exclude_none=True)
+                     if self.text and self.text.format else {"type": "text"}},
+            "tool_choice": self.tool_choice.model_dump() if isinstance(self.tool_choice, FunctionChoice)
+            else self.tool_choice or ("auto" if self.tools else "none"),
+            "tools": [t.model_dump(exclude_none=True) for t in self.tools or []],
+            "truncation": "disabled", "user": self.user, "background": False,
+            "reasoning": {"effort": None, "summary": None}, "safety_identifier": self.safety_identifier,
+            "prompt_cache_key": self.prompt_cache_key, "service_tier": "default",
+        }
