@@ -65,8 +65,8 @@ class LLMEngine:
             return room
         if params.max_tokens > room:
             raise InvalidParamError(
-                f"max_tokens ({params.max_tokens}) plus the prompt ({len(prompt_ids)} tokens) exceeds "
-                f"this model's maximum context length of {self.max_model_len} tokens", "max_tokens")
+                f"{params.max_tokens_param} ({params.max_tokens}) plus the prompt ({len(prompt_ids)} tokens) "
+                f"exceeds this model's maximum context length of {self.max_model_len} tokens", params.max_tokens_param)
         return params.max_tokens
 
     def prepare_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

@@ -33,6 +33,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
     schema_param: str = "response_format"  # the request field it came from, for its errors
+    max_tokens_param: str = "max_tokens"  # the request field max_tokens came from, for its errors
 
     @property
     def greedy(self) -> bool:
@@ -48,7 +49,8 @@ class SamplingParams:
                 raise InvalidParamError(message, param)
 
         check(self.n >= 1, "n", "n must be at least 1")
-        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1")
+        check(self.max_tokens is None or self.max_tokens >= 1, self.max_tokens_param,
+              f"{self.max_tokens_param} must be at least 1")
         check(0.0 <= self.temperature <= 2.0, "temperature", "temperature must be in [0, 2]")
         check(0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
         check(self.top_k >= 0 or self.top_k == -1, "top_k", "top_k must be -1, 0 or positive")

@@ -184,9 +184,10 @@ class SamplingRequest(RequestBody):
     ignore_eos: StrictBool = False
     ffn_skip: Optional[FFNSkip] = None
 
-    def sampling(self, logprobs: int | None, max_tokens: int | None, schema: dict | None,
-                 n: int = 1) -> SamplingParams:
-        """`schema`: the JSON schema the answer must follow (None: free text)."""
+    def sampling(self, logprobs: int | None, max_tokens: int | None, schema: dict | None, n: int = 1,
+                 max_tokens_param: str = "max_tokens") -> SamplingParams:
+        """`schema`: the JSON schema the answer must follow (None: free text); `max_tokens_param`: the
+        field `max_tokens` came from, for its errors."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = {}
         for key, value in (self.logit_bias or {}).items():
@@ -202,7 +203,7 @@ class SamplingRequest(RequestBody):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=bias, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            response_schema=schema,
+            response_schema=schema, max_tokens_param=max_tokens_param,
         )
 
     def skip(self) -> SkipParams | None:
@@ -216,9 +217,10 @@ class CommonRequest(SamplingRequest):
     stream_options: Optional[StreamOptions] = None
     response_format: Optional[ResponseFormat] = None  # chat and, as vLLM and llama.cpp take it, completions
 
-    def choices_sampling(self, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+    def choices_sampling(self, logprobs: int | None, max_tokens: int | None,
+                         max_tokens_param: str = "max_tokens") -> SamplingParams:
         schema = self.response_format.answer_schema() if self.response_format else None
-        return self.sampling(logprobs, max_tokens, schema, self.n)
+        return self.sampling(logprobs, max_tokens, schema, self.n, max_tokens_param)
 
     @property
     def include_usage(self) -> bool:
@@ -319,8 +321,11 @@ class ChatCompletionRequest(CommonRequest, ChatTools):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParamError("top_logprobs requires logprobs: true", "top_logprobs")
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.tool_use.constrain(self.choices_sampling(logprobs, max_tokens), "response_format")
+        if self.max_completion_tokens is not None:
+            params = self.choices_sampling(logprobs, self.max_completion_tokens, "max_completion_tokens")
+        else:
+            params = self.choices_sampling(logprobs, self.max_tokens)
+        return self.tool_use.constrain(params, "response_format")
 
 
 class CompletionRequest(CommonRequest):

@@ -237,7 +237,7 @@ class ResponsesRequest(SamplingRequest):
     def to_sampling(self) -> SamplingParams:
         schema = self.text.format.answer_schema() if self.text and self.text.format else None
         logprobs = (self.top_logprobs or 0) if self.wants_logprobs else None
-        params = self.sampling(logprobs, self.max_output_tokens, schema)
+        params = self.sampling(logprobs, self.max_output_tokens, schema, max_tokens_param="max_output_tokens")
         return self.tool_use.constrain(params, "text.format")
 
     def echo(self) -> dict[str, Any]:

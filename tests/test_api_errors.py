@@ -23,6 +23,7 @@ def assert_error(r, status, param):
 
 @pytest.mark.parametrize("field, value, param", [
     ("max_tokens", -1, "max_tokens"),
+    ("max_completion_tokens", 0, "max_completion_tokens"),
     ("top_p", 1.5, "top_p"),
     ("n", 0, "n"),
     ("temperature", "hot", "temperature"),
@@ -42,8 +43,9 @@ def test_prompt_longer_than_context_is_400(server):
     assert_error(post(server, {"model": MODEL, "prompt": long, "max_tokens": 2}, "/v1/completions"), 400, "prompt")
 
 
-def test_max_tokens_past_the_context_window_is_400(server):
+def test_max_tokens_past_the_context_window_is_400_naming_the_field_given(server):
     assert_error(post(server, {**OK, "max_tokens": 10**6}), 400, "max_tokens")
+    assert_error(post(server, {**OK, "max_completion_tokens": 10**6}), 400, "max_completion_tokens")
 
 
 def test_invalid_json_is_400(server):

@@ -1,0 +1,256 @@
+"""The Responses API (server/responses.py) through the real server and the `openai` SDK: answers are the
+chat route's answers to the same messages; streams follow OpenAI's event order (the SDK's stream
+helper checks it) and carry what the JSON answer carries; `previous_response_id` continues the
+stored conversation; tools, `text.format` and logprobs work as on chat; bad requests are 400s
+naming their field."""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from server.response_store import ResponseStore
+from tests.conftest import cuda_available
+
+MODEL = "smollm2-135m-instruct"
+ASK = "What is the capital of France?"
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeatherArgs(Closed):
+    city: str
+    unit: Literal["celsius", "fahrenheit"]
+
+
+TOOLS = [{"type": "function", "name": "get_weather", "description": "Current weather in a city",
+          "parameters": WeatherArgs.model_json_schema()}]
+
+
+def _count(server, messages, **extra) -> int:
+    r = httpx.post(server.url + "/tokenize", json={"messages": messages, **extra}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["count"]
+
+
+def _post(server, **body):
+    return httpx.post(server.url + "/v1/responses", json={"model": MODEL, **body}, timeout=120)
+
+
+def test_a_response_answers_what_chat_answers_to_the_same_messages(client, server):
+    r = client.responses.create(model=MODEL, input=ASK, instructions="Answer in one sentence.",
+                                max_output_tokens=40, temperature=0)
+    messages = [{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": ASK}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == MODEL
+    assert r.status == "completed" and r.incomplete_details is None and r.error is None
+    [item] = r.output
+    assert item.type == "message" and item.role == "assistant" and item.status == "completed"
+    assert item.id.startswith("msg_") and item.content[0].type == "output_text"
+    assert r.output_text == item.content[0].text and r.output_text.strip()
+    assert r.usage.input_tokens == chat.usage.prompt_tokens == _count(server, messages)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r.instructions == "Answer in one sentence." and r.max_output_tokens == 40 and r.temperature == 0
+    if not cuda_available():  # the same prompt, greedy: the same text on the CPU path
+        assert r.output_text == chat.choices[0].message.content
+        assert r.usage.output_tokens == chat.usage.completion_tokens
+
+
+def test_previous_response_id_continues_the_stored_conversation_without_its_instructions(client, server):
+    first = client.responses.create(model=MODEL, input=ASK, instructions="Be brief.", max_output_tokens=30,
+                                    temperature=0)
+    second = client.responses.create(model=MODEL, input="And of Germany?", previous_response_id=first.id,
+                                     max_output_tokens=30, temperature=0)
+    history = [{"role": "user", "content": ASK}, {"role": "assistant", "content": first.output_text},
+               {"role": "user", "content": "And of Germany?"}]
+    assert second.previous_response_id == first.id and second.status == "completed"
+    assert second.usage.input_tokens == _count(server, history)  # OpenAI drops earlier instructions too
+    third = client.responses.create(model=MODEL, input="Thanks.", previous_response_id=second.id,
+                                    instructions="Reply warmly.", max_output_tokens=10, temperature=0)
+    history += [{"role": "assistant", "content": second.output_text}, {"role": "user", "content": "Thanks."}]
+    assert third.usage.input_tokens == _count(server, [{"role": "system", "content": "Reply warmly."}] + history)
+
+
+def test_stored_responses_are_retrieved_and_deleted_and_unstored_ones_are_not_kept(client):
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=5, temperature=0,
+                                metadata={"ticket": "42"})
+    got = client.responses.retrieve(r.id)
+    assert got.model_dump() == r.model_dump() and got.metadata == {"ticket": "42"}
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.responses.retrieve(r.id)
+    assert gone.value.body["code"] == "response_not_found"
+    with pytest.raises(openai.BadRequestError) as missing:
+        client.responses.create(model=MODEL, input="More", previous_response_id=r.id)
+    assert missing.value.body["param"] == "previous_response_id"
+    assert missing.value.body["code"] == "previous_response_not_found"
+    unstored = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_the_stream_follows_openais_events_and_ends_as_the_json_answer_does(client):
+    with client.responses.stream(model=MODEL, input=ASK, max_output_tokens=40, temperature=0) as stream:
+        events = list(stream)
+        final = stream.get_final_response()  # the SDK checks the events' order and ids as it goes
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == final.output_text
+    assert {e.item_id for e in events if e.type == "response.output_text.delta"} == {final.output[0].id}
+    assert events[0].response.id == final.id and events[0].response.status == "in_progress"
+    plain = client.responses.create(model=MODEL, input=ASK, max_output_tokens=40, temperature=0)
+    assert final.usage.input_tokens == plain.usage.input_tokens
+    if not cuda_available():
+        assert final.output_text == plain.output_text
+
+
+def test_max_output_tokens_ends_a_response_incomplete_streamed_or_not(client, server):
+    r = client.responses.create(model=MODEL, input="Tell me a long story.", max_output_tokens=5,
+                                extra_body={"ignore_eos": True})
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output[0].status == "incomplete" and r.usage.output_tokens == 5
+    with httpx.stream("POST", server.url + "/v1/responses", timeout=60, json={
+            "model": MODEL, "input": "Tell me a long story.", "max_output_tokens": 5, "stream": True,
+            "ignore_eos": True}) as s:
+        kinds = [line.removeprefix("event: ") for line in s.iter_lines() if line.startswith("event: ")]
+    assert kinds[-2:] == ["response.output_item.done", "response.incomplete"]
+
+
+class Capital(Closed):
+    country: Literal["France", "Germany", "Italy"]
+    city: str
+    population_millions: int
+
+
+def test_text_format_holds_the_answer_to_a_schema_streamed_or_not(client):
+    r = client.responses.parse(model=MODEL, input="Describe the capital of France as JSON.", text_format=Capital,
+                               max_output_tokens=80, temperature=0)
+    assert r.status == "completed" and isinstance(r.output_parsed, Capital)
+    with client.responses.stream(model=MODEL, input="Describe the capital of Italy as JSON.", text_format=Capital,
+                                 max_output_tokens=80, temperature=0.7, extra_body={"seed": 3}) as stream:
+        final = stream.get_final_response()
+    Capital.model_validate_json(final.output_text, strict=True)
+    obj = client.responses.create(model=MODEL, input="Give me a JSON object about cats.", max_output_tokens=80,
+                                  text={"format": {"type": "json_object"}}, temperature=0)
+    if obj.status == "completed":  # a free string may run to max_output_tokens; a finished one parses
+        assert isinstance(json.loads(obj.output_text), dict)
+
+
+def test_forced_tool_calls_are_function_call_items_and_their_results_render_as_chat_does(client, server):
+    r = client.responses.create(model=MODEL, input="What's the weather in Paris?", tools=TOOLS,
+                                tool_choice="required", max_output_tokens=80, temperature=0)
+    assert r.status == "completed" and r.output
+    for item in r.output:
+        assert item.type == "function_call" and item.name == "get_weather" and item.status == "completed"
+        assert item.call_id.startswith("call_") and item.id.startswith("fc_")
+        WeatherArgs.model_validate_json(item.arguments, strict=True)
+    with client.responses.stream(model=MODEL, input="What's the weather in Paris?", tools=TOOLS,
+                                 tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=80,
+                                 temperature=0) as stream:
+        kinds = [e.type for e in stream]
+        streamed = stream.get_final_response()
+    assert kinds.count("response.function_call_arguments.done") == len(streamed.output) == 1
+    WeatherArgs.model_validate_json(streamed.output[0].arguments, strict=True)
+    if not cuda_available():
+        assert streamed.output[0].arguments == r.output[0].arguments
+    # the output items go back as input with the call's result: the prompt chat would render for it
+    call = r.output[0]
+    given = [{"role": "user", "content": "What's the weather in Paris?"}, *r.output,
+             {"type": "function_call_output", "call_id": call.call_id, "output": "22 C, sunny"}]
+    after = client.responses.create(model=MODEL, input=given, tools=TOOLS, max_output_tokens=20, temperature=0)
+    chat = [{"role": "user", "content": "What's the weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in r.output]},
+            {"role": "tool", "tool_call_id": call.call_id, "content": "22 C, sunny"}]
+    chat_tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in TOOLS]
+    assert after.usage.input_tokens == _count(server, chat, tools=chat_tools)
+    # the same through previous_response_id: only the result is new input
+    chained = client.responses.create(model=MODEL, previous_response_id=r.id, tools=TOOLS, max_output_tokens=20,
+                                      input=[{"type": "function_call_output", "call_id": call.call_id,
+                                              "output": "22 C, sunny"}], temperature=0)
+    if len(r.output) == 1:
+        assert chained.usage.input_tokens == after.usage.input_tokens
+
+
+def test_logprobs_are_given_per_token_when_included(client):
+    r = client.responses.create(model=MODEL, input="Hi", include=["message.output_text.logprobs"], top_logprobs=3,
+                                max_output_tokens=6, temperature=0)
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == r.usage.output_tokens
+    assert "".join(lp.token for lp in part.logprobs) == part.text
+    for lp in part.logprobs:
+        assert len(lp.top_logprobs) == 3 and lp.logprob <= 0
+        assert lp.top_logprobs[0].logprob >= lp.logprob - 1e-6  # greedy: the chosen token is the likeliest
+    plain = client.responses.create(model=MODEL, input="Hi", max_output_tokens=6, temperature=0)
+    assert plain.output[0].content[0].logprobs == []
+
+
+def test_ffn_skip_budget_applies_and_is_reported(client):
+    r = client.responses.create(model=MODEL, input="Tell me a short story about a fox.", max_output_tokens=24,
+                                temperature=0, extra_body={"ignore_eos": True, "ffn_skip": {
+                                    "budget": 0.3, "threshold": 0.9, "warmup_tokens": 0}})
+    skip = r.usage.model_extra["ffn_skip"]
+    assert 0 < skip["skipped"] <= 0.3 * skip["total"] and skip["ratio"] == skip["skipped"] / skip["total"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
+     "input.0.content"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input.0"),
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input.0.call_id"),
+    ({"input": []}, "input"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
+     "tools.0.parameters"),
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}},
+      "tools": TOOLS, "tool_choice": "required"}, "text.format"),
+    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
+    ({"input": "x", "n": 2}, "n"),
+    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),
+    ({"input": "word " * 5000}, "input"),
+    ({"input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+])
+def test_requests_this_server_cannot_honour_are_400s_naming_their_field(server, body, param):
+    r = _post(server, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_unknown_model_is_a_404(server):
+    r = _post(server, model="gpt-9", input="x")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_the_store_drops_least_recently_used_entries_past_its_bounds_and_shares_history():
+    store = ResponseStore(max_entries=3, max_chars=100)
+    turn = [{"role": "user", "content": "a" * 10}, {"role": "assistant", "content": "b" * 10}]
+    store.put({"id": "r1"}, [], turn)
+    store.put({"id": "r2"}, store.get("r1").messages, turn)
+    assert store.get("r2").messages[0] is store.get("r1").messages[0]  # history shared, not copied
+    assert store.chars == 40
+    store.get("r1")  # r1 is now the most recently used
+    store.put({"id": "r3"}, [], turn)
+    store.put({"id": "r4"}, [], turn)  # four entries: the least recently used one (r2) goes
+    assert set(store.entries) == {"r1", "r3", "r4"}
+    store.put({"id": "r5"}, [], [{"role": "user", "content": "c" * 70}])  # 130 chars: r1, then r3 go
+    assert set(store.entries) == {"r4", "r5"} and store.chars == 90
+    assert store.delete("r4") and not store.delete("r4") and store.chars == 70
