@@ -41,7 +41,8 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def validation_message(err: dict) -> tuple[str, str | None]:
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ())]
+    loc = loc[1:] if loc[:1] in (["body"], ["query"], ["path"]) else loc  # where the field was sent
     # drop pydantic's union-branch markers such as 'str' or 'list[int]'
     path = [p for p in loc if not (p in {"str", "int", "float"} or "[" in p or p.startswith("function-"))]
     param = ".".join(path) or None

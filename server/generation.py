@@ -86,13 +86,14 @@ async def encode_chat(state, messages: list[dict], use: ToolUse) -> list[int]:
 
 def submit(state, request_id: str, prompt_ids: list[int], sampling, skip, param: str):
     """The engine's output stream for one request, and its timer (for the request metrics)."""
+    timer = RequestTimer(state.metrics)  # from before add_request, which compiles a schema's grammar
     try:
         stream = state.engine.add_request(request_id, prompt_ids, sampling, skip, param)
     except EngineNotReadyError as exc:
         raise APIError(503, str(exc), code="not_ready")
     except QueueFullError as exc:
         raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
-    return stream, RequestTimer(state.metrics)
+    return stream, timer
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -311,7 +311,7 @@ class ChatTools(Strict):
                        None if named else self.tool_choice, named, self.parallel_tool_calls)
 
 
-class ChatCompletionRequest(CommonRequest, ChatTools):
+class ChatCompletionRequest(ChatTools, CommonRequest):  # in this order, `model` is the first field checked
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
@@ -348,7 +348,7 @@ class CompletionRequest(CommonRequest):
         return self.choices_sampling(self.logprobs, max_tokens)
 
 
-class TokenizeRequest(RequestBody, ChatTools):
+class TokenizeRequest(ChatTools, RequestBody):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None

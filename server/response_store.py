@@ -1,12 +1,14 @@
-"""Stored responses of the Responses API (`store`, the default): what `GET /v1/responses/{id}` returns
-and what `previous_response_id` continues.
+"""Stored responses of the Responses API (`store`, the default): what `GET /v1/responses/{id}` and
+`/input_items` return and what `previous_response_id` continues.
 
-Each entry keeps the response object and the conversation it ends: the messages of every earlier
-turn (their instructions left out, as OpenAI leaves them out), this turn's input and its answer.
-The message dicts are shared with the entry before, so a turn costs its own text and one list of
+Each entry keeps the response object and its input items as JSON text (a fraction of the memory of
+the same objects in Python), and the conversation it ends as chat messages: every earlier turn's
+(their instructions left out, as OpenAI leaves them out), this turn's input and its answer. The
+message dicts are shared with the entry before, so a turn adds its own text and one list of
 references. Memory is bounded: the least recently used entries go first, past `max_entries` or
-once the entries' own text passes `max_chars`. A later turn keeps its whole history, so dropping
-an earlier one breaks nothing but that id.
+once the entries' sizes pass `max_size` characters. An entry's size counts its JSON and its whole
+conversation (shared or not), so the bound holds whatever was dropped before it. A later turn keeps
+its whole history, so dropping an earlier one breaks nothing but that id.
 """
 from __future__ import annotations
 
@@ -14,14 +16,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 DEFAULT_MAX_ENTRIES = 1024
-DEFAULT_MAX_CHARS = 64 << 20
+DEFAULT_MAX_SIZE = 64 << 20
 
 
 @dataclass
 class StoredResponse:
-    body: dict  # the response object as returned
+    body: str  # the response object as returned (JSON)
+    input_items: str  # its input items, each with an id (a JSON list)
     messages: list[dict]  # the conversation through this response's answer (chat messages)
-    chars: int  # the text this entry added
+    size: int
 
 
 def _text_size(messages: list[dict]) -> int:
@@ -34,10 +37,10 @@ def _text_size(messages: list[dict]) -> int:
 
 
 class ResponseStore:
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, max_chars: int = DEFAULT_MAX_CHARS):
-        self.max_entries, self.max_chars = max_entries, max_chars
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, max_size: int = DEFAULT_MAX_SIZE):
+        self.max_entries, self.max_size = max_entries, max_size
         self.entries: OrderedDict[str, StoredResponse] = OrderedDict()
-        self.chars = 0
+        self.size = 0
 
     def get(self, response_id: str) -> StoredResponse | None:
         entry = self.entries.get(response_id)
@@ -45,20 +48,21 @@ class ResponseStore:
             self.entries.move_to_end(response_id)
         return entry
 
-    def put(self, body: dict, earlier: list[dict], added: list[dict]) -> None:
+    def put(self, response_id: str, body: str, input_items: str, earlier: list[dict], added: list[dict]) -> None:
         """Stores a finished response: `earlier`, the messages of the turns before (shared, not
         copied); `added`, this turn's input and answer."""
-        entry = StoredResponse(body, earlier + added, _text_size(added))
-        self.delete(body["id"])
-        self.entries[body["id"]] = entry
-        self.chars += entry.chars
-        while len(self.entries) > self.max_entries or self.chars > self.max_chars and len(self.entries) > 1:
+        messages = earlier + added
+        entry = StoredResponse(body, input_items, messages, len(body) + len(input_items) + _text_size(messages))
+        self.delete(response_id)
+        self.entries[response_id] = entry
+        self.size += entry.size
+        while len(self.entries) > self.max_entries or self.size > self.max_size and len(self.entries) > 1:
             _, dropped = self.entries.popitem(last=False)
-            self.chars -= dropped.chars
+            self.size -= dropped.size
 
     def delete(self, response_id: str) -> bool:
         entry = self.entries.pop(response_id, None)
         if entry is None:
             return False
-        self.chars -= entry.chars
+        self.size -= entry.size
         return True

@@ -12,9 +12,10 @@ import itertools
 import json
 import time
 import uuid
+from typing import Literal, Optional
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
@@ -29,6 +30,11 @@ router = APIRouter()
 
 def _new_id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex
+
+
+def _second_turn(messages: list[dict]) -> int | None:
+    """Where the conversation's second turn starts (its next user message), None with one turn left."""
+    return next((i for i, m in enumerate(messages) if i > 0 and m["role"] == "user"), None)
 
 
 class Answer:
@@ -67,7 +73,13 @@ class ResponseCall:
             self.earlier = entry.messages
         sampling = body.to_sampling()
         instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
-        prompt_ids = await encode_chat(state, instructions + self.earlier + body.messages(), body.tool_use)
+        messages = self.earlier + body.messages()
+        prompt_ids = await encode_chat(state, instructions + messages, body.tool_use)
+        if body.truncation == "auto":  # drop the oldest turns until the prompt leaves room for the answer
+            limit = state.engine.config.max_model_len - (body.max_output_tokens or 1)
+            while len(prompt_ids) > limit and (turn := _second_turn(messages)) is not None:
+                messages = messages[turn:]
+                prompt_ids = await encode_chat(state, instructions + messages, body.tool_use)
         stream, self.timer = submit(state, self.id, prompt_ids, sampling, body.skip(), "input")
         return stream
 
@@ -90,13 +102,14 @@ class ResponseCall:
         return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     @staticmethod
-    def call_item(call: dict, status: str, arguments: str) -> dict:
-        return {"id": "fc_" + call["id"].removeprefix("call_"), "type": "function_call", "status": status,
-                "call_id": call["id"], "name": call["function"]["name"], "arguments": arguments}
+    def call_item(call: dict) -> dict:
+        """A chat-shaped tool call as a function_call output item."""
+        return {"id": "fc_" + call["id"].removeprefix("call_"), "type": "function_call", "status": "completed",
+                "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
 
     def output(self, answer: Answer, calls: list[dict] | None) -> list[dict]:
         if calls:
-            return [self.call_item(c, "completed", c["function"]["arguments"]) for c in calls]
+            return [self.call_item(c) for c in calls]
         return [self.message_item(self.status(answer), [self.text_part(answer.text, answer.logprobs)])]
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, error: dict | None = None) -> dict:
@@ -106,19 +119,21 @@ class ResponseCall:
                 "error": error, "incomplete_details": incomplete, "model": self.body.model, "output": output,
                 "usage": usage, **self.body.echo()}
 
-    def finish(self, answer: Answer) -> dict:
-        """The final response object; stored where the request asks; the request's metrics."""
+    def finish(self, answer: Answer) -> tuple[dict, str]:
+        """The final response object and its JSON; stored where the request asks; the request's metrics."""
         calls = self.calls(answer)
         body = self.response(self.status(answer), self.output(answer, calls), answer.usage.response_body())
+        text = json.dumps(body)
         answer.usage.finish_metrics(self.timer, answer.finish_reason)
         if self.body.store:
             said = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
                 {"role": "assistant", "content": answer.text}
-            self.state.responses.put(body, self.earlier, self.body.messages() + [said])
-        return body
+            self.state.responses.put(self.id, text, json.dumps(self.body.input_items()), self.earlier,
+                                     self.body.messages() + [said])
+        return body, text
 
     # ---- non-streaming -----------------------------------------------------------------------
-    async def collect(self, stream) -> JSONResponse:
+    async def collect(self, stream) -> Response:
         answer = Answer()
 
         def on_output(out):
@@ -126,7 +141,7 @@ class ResponseCall:
             answer.add(out)
 
         left = await consume(self.request, stream, on_output)
-        return left if left is not None else JSONResponse(self.finish(answer))
+        return left if left is not None else Response(self.finish(answer)[1], media_type="application/json")
 
     # ---- streaming ---------------------------------------------------------------------------
     def holding(self, answer: Answer) -> bool:
@@ -168,13 +183,11 @@ class ResponseCall:
                             yield e
                     for e in delta():
                         yield e
-            final = self.finish(answer)
-            calls = self.calls(answer)
-            if calls:
-                for i, call in enumerate(calls):
-                    item = self.call_item(call, "completed", call["function"]["arguments"])
+            final, _ = self.finish(answer)
+            if final["output"][0]["type"] == "function_call":  # the calls, with the ids stored
+                for i, item in enumerate(final["output"]):
                     yield event("response.output_item.added", output_index=i,
-                                item=self.call_item(call, "in_progress", ""))
+                                item=dict(item, status="in_progress", arguments=""))
                     yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
                                 delta=item["arguments"])
                     yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
@@ -221,8 +234,28 @@ def _stored(request: Request, response_id: str):
 
 
 @router.get("/v1/responses/{response_id}")
-async def get_response(response_id: str, request: Request):
-    return _stored(request, response_id).body
+async def get_response(response_id: str, request: Request, stream: bool = False):
+    if stream:
+        raise APIError(400, "a stored response is returned whole: streaming it again is not supported", "stream")
+    return Response(_stored(request, response_id).body, media_type="application/json")
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def get_input_items(response_id: str, request: Request, limit: int = Query(20, ge=1, le=100),
+                          order: Literal["asc", "desc"] = "desc", after: Optional[str] = None):
+    """The response's own input items (not those of the responses before it), newest first by default."""
+    items = json.loads(_stored(request, response_id).input_items)
+    if order == "desc":
+        items.reverse()
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise APIError(400, f"no input item with id '{after}' in this response", "after")
+        start = ids.index(after) + 1
+    page = items[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
 
 
 @router.delete("/v1/responses/{response_id}")
@@ -230,3 +263,10 @@ async def delete_response(response_id: str, request: Request):
     _stored(request, response_id)
     request.app.state.skipserve.responses.delete(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, request: Request):
+    _stored(request, response_id)
+    raise APIError(400, "only background responses can be cancelled, and this server runs none in the background",
+                   "response_id")

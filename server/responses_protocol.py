@@ -10,6 +10,7 @@ their field, as every field this server does not implement is.
 """
 from __future__ import annotations
 
+import uuid
 from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -31,6 +32,27 @@ class InputText(Strict):
     logprobs: Optional[list] = None
 
 
+_PART = TypeAdapter(InputText)
+
+
+def text_parts(value):
+    """A content list's parts checked one by one, so that a bad part is a 400 saying which and why
+    (not a union's "should be a valid string"); parts other than text are refused by their type."""
+    if not isinstance(value, list):
+        return value
+    parts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in (None, "input_text", "output_text"):
+            raise InvalidParamError(f"content parts of type '{kind}' are not supported: this model takes text only")
+        try:
+            parts.append(_PART.validate_python(part))
+        except ValidationError as exc:
+            message, _ = validation_message(dict(exc.errors()[0], loc=("content", j, *exc.errors()[0]["loc"])))
+            raise InvalidParamError(message) from None
+    return parts
+
+
 class InputMessage(Strict):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
@@ -41,14 +63,8 @@ class InputMessage(Strict):
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_parts_only(cls, value):
-        if isinstance(value, list):
-            for part in value:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind not in (None, "input_text", "output_text"):
-                    raise InvalidParamError(f"content parts of type '{kind}' are not supported: this model "
-                                            "takes text only")
-        return value
+    def _text_parts(cls, value):
+        return text_parts(value)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -69,6 +85,11 @@ class FunctionCallOutputItem(Strict):
     output: Union[str, list[InputText]]
     id: Optional[str] = None
     status: Optional[str] = None
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _text_parts(cls, value):
+        return text_parts(value)
 
     def text(self) -> str:
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
@@ -128,6 +149,7 @@ class TextFormat(Strict):
 
 class TextConfig(Strict):
     format: Optional[TextFormat] = None
+    verbosity: Optional[Literal["medium"]] = None  # the default, as some clients send it; no other
 
 
 class FunctionTool(Strict):
@@ -147,6 +169,14 @@ class StreamOptions(Strict):
     include_obfuscation: Optional[StrictBool] = None  # nothing is obfuscated: accepted, no effect
 
 
+def _new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def _message_item(item_id: str | None, role: str, parts: list[dict]) -> dict:
+    return {"id": item_id or _new_id("msg_"), "type": "message", "role": role, "status": "completed", "content": parts}
+
+
 class ResponsesRequest(SamplingRequest):
     input: Union[str, list[InputItem]]
     instructions: Optional[str] = None
@@ -160,8 +190,10 @@ class ResponsesRequest(SamplingRequest):
     previous_response_id: Optional[str] = None
     store: StrictBool = True
     metadata: Optional[dict[str, str]] = None
-    truncation: Optional[Literal["disabled"]] = None
+    truncation: Literal["disabled", "auto"] = "disabled"  # auto: the oldest turns dropped to fit the context
     background: Optional[Literal[False]] = None
+    reasoning: None = None  # sent as null by some clients; this model does not reason apart
+    service_tier: Optional[Literal["auto", "default"]] = None  # one tier here
     stream_options: Optional[StreamOptions] = None
     # identifiers OpenAI takes for abuse detection and cache routing: accepted, no effect here
     safety_identifier: Optional[str] = None
@@ -224,6 +256,23 @@ class ResponsesRequest(SamplingRequest):
             return [{"role": "user", "content": self.input}]
         return input_messages(self.input)
 
+    def input_items(self) -> list[dict]:
+        """The input as OpenAI lists a response's input items: each with an id (its own, or a new one)."""
+        if isinstance(self.input, str):
+            return [_message_item(None, "user", [{"type": "input_text", "text": self.input}])]
+        items = []
+        for item in self.input:
+            if isinstance(item, InputMessage):
+                kind = "output_text" if item.role == "assistant" else "input_text"
+                parts = [{"type": kind, "text": item.content}] if isinstance(item.content, str) else \
+                    [p.model_dump(exclude_none=True) for p in item.content]
+                items.append(_message_item(item.id, item.role, parts))
+            else:
+                prefix = "fc_" if isinstance(item, FunctionCallItem) else "fco_"
+                dumped = item.model_dump(exclude_none=True)
+                items.append(dict(dumped, id=item.id or _new_id(prefix), status="completed"))
+        return items
+
     @cached_property
     def tool_use(self) -> ToolUse:
         named = self.tool_choice.name if isinstance(self.tool_choice, FunctionChoice) else None
@@ -238,6 +287,7 @@ class ResponsesRequest(SamplingRequest):
         schema = self.text.format.answer_schema() if self.text and self.text.format else None
         logprobs = (self.top_logprobs or 0) if self.wants_logprobs else None
         params = self.sampling(logprobs, self.max_output_tokens, schema, max_tokens_param="max_output_tokens")
+        params.schema_param = "text.format"
         return self.tool_use.constrain(params, "text.format")
 
     def echo(self) -> dict[str, Any]:
@@ -253,7 +303,7 @@ class ResponsesRequest(SamplingRequest):
             "tool_choice": self.tool_choice.model_dump() if isinstance(self.tool_choice, FunctionChoice)
             else self.tool_choice or ("auto" if self.tools else "none"),
             "tools": [t.model_dump(exclude_none=True) for t in self.tools or []],
-            "truncation": "disabled", "user": self.user, "background": False,
+            "truncation": self.truncation, "user": self.user, "background": False,
             "reasoning": {"effort": None, "summary": None}, "safety_identifier": self.safety_identifier,
             "prompt_cache_key": self.prompt_cache_key, "service_tier": "default",
         }

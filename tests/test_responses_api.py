@@ -159,10 +159,16 @@ def test_forced_tool_calls_are_function_call_items_and_their_results_render_as_c
     with client.responses.stream(model=MODEL, input="What's the weather in Paris?", tools=TOOLS,
                                  tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=80,
                                  temperature=0) as stream:
-        kinds = [e.type for e in stream]
+        events = list(stream)
         streamed = stream.get_final_response()
+    kinds = [e.type for e in events]
+    stream_items = [e.item for e in events if e.type == "response.output_item.done"]
     assert kinds.count("response.function_call_arguments.done") == len(streamed.output) == 1
     WeatherArgs.model_validate_json(streamed.output[0].arguments, strict=True)
+    # the streamed item is the one stored: an agent may send its call_id back with previous_response_id
+    fields = ("id", "call_id", "name", "arguments", "status")
+    assert [getattr(stream_items[0], f) for f in fields] == [getattr(streamed.output[0], f) for f in fields] \
+        == [getattr(client.responses.retrieve(streamed.id).output[0], f) for f in fields]
     if not cuda_available():
         assert streamed.output[0].arguments == r.output[0].arguments
     # the output items go back as input with the call's result: the prompt chat would render for it
@@ -220,13 +226,17 @@ def test_ffn_skip_budget_applies_and_is_reported(client):
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}},
       "tools": TOOLS, "tool_choice": "required"}, "text.format"),
-    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
     ({"input": "x", "n": 2}, "n"),
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),
     ({"input": "word " * 5000}, "input"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "nope"}}}},
+     "text.format"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input.0.content"),
+    ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity"),
+    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
     ({"input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
 ])
 def test_requests_this_server_cannot_honour_are_400s_naming_their_field(server, body, param):
@@ -241,16 +251,63 @@ def test_an_unknown_model_is_a_404(server):
 
 
 def test_the_store_drops_least_recently_used_entries_past_its_bounds_and_shares_history():
-    store = ResponseStore(max_entries=3, max_chars=100)
+    store = ResponseStore(max_entries=3, max_size=150)
     turn = [{"role": "user", "content": "a" * 10}, {"role": "assistant", "content": "b" * 10}]
-    store.put({"id": "r1"}, [], turn)
-    store.put({"id": "r2"}, store.get("r1").messages, turn)
+    store.put("r1", "{}", "[]", [], turn)  # size: 2 + 2 characters of JSON and 20 of text
+    store.put("r2", "{}", "[]", store.get("r1").messages, turn)  # 4 + its whole conversation's 40
     assert store.get("r2").messages[0] is store.get("r1").messages[0]  # history shared, not copied
-    assert store.chars == 40
+    assert store.size == 24 + 44
     store.get("r1")  # r1 is now the most recently used
-    store.put({"id": "r3"}, [], turn)
-    store.put({"id": "r4"}, [], turn)  # four entries: the least recently used one (r2) goes
-    assert set(store.entries) == {"r1", "r3", "r4"}
-    store.put({"id": "r5"}, [], [{"role": "user", "content": "c" * 70}])  # 130 chars: r1, then r3 go
-    assert set(store.entries) == {"r4", "r5"} and store.chars == 90
-    assert store.delete("r4") and not store.delete("r4") and store.chars == 70
+    store.put("r3", "{}", "[]", [], turn)
+    store.put("r4", "{}", "[]", [], turn)  # four entries: the least recently used one (r2) goes
+    assert set(store.entries) == {"r1", "r3", "r4"} and store.size == 3 * 24
+    store.put("r5", '{"id": "r5"}', "[]", [], [{"role": "user", "content": "c" * 70}])  # 84: r1 goes
+    assert set(store.entries) == {"r3", "r4", "r5"} and store.size == 2 * 24 + 84
+    assert store.delete("r4") and not store.delete("r4") and store.size == 24 + 84
+
+
+def test_input_items_are_listed_with_ids_newest_first_and_paged(client):
+    given = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "Hello."}]},
+             {"role": "user", "content": "Bye"}]
+    r = client.responses.create(model=MODEL, input=given, max_output_tokens=3)
+    listed = client.responses.input_items.list(r.id)
+    assert [(i.role, i.content[0].text) for i in listed.data] == [
+        ("user", "Bye"), ("assistant", "Hello."), ("user", "Hi"), ("system", "Be terse.")]
+    assert len({i.id for i in listed.data}) == 4 and not listed.has_more
+    first = client.responses.input_items.list(r.id, order="asc", limit=3)
+    assert [i.id for i in first.data] == [i.id for i in reversed(listed.data)][:3] and first.has_more
+    rest = client.responses.input_items.list(r.id, order="asc", after=first.data[-1].id)
+    assert [i.id for i in rest.data] == [listed.data[0].id] and not rest.has_more
+    assert list(client.responses.input_items.list(r.id, limit=1)) == listed.data  # the SDK pages through
+
+
+def test_a_stored_response_is_not_streamed_again_nor_cancelled(server, client):
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3)
+    again = httpx.get(f"{server.url}/v1/responses/{r.id}?stream=true", timeout=30)
+    assert again.status_code == 400 and again.json()["error"]["param"] == "stream"
+    cancel = httpx.post(f"{server.url}/v1/responses/{r.id}/cancel", timeout=30)
+    assert cancel.status_code == 400
+
+
+def test_truncation_auto_drops_the_oldest_turns_to_fit_the_context(client, server):
+    turns = []
+    for i in range(12):  # ~3,000 tokens: more than the 2,048 the test server's model takes
+        turns += [{"role": "user", "content": f"Question {i}: " + "tell me about the sea " * 25},
+                  {"role": "assistant", "content": "The sea is large and deep. " * 6}]
+    turns.append({"role": "user", "content": "Thanks."})
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=MODEL, input=turns, max_output_tokens=8)
+    assert refused.value.body["param"] == "input"
+    r = client.responses.create(model=MODEL, input=turns, max_output_tokens=8, truncation="auto",
+                                instructions="Be brief.")
+    assert r.truncation == "auto" and r.usage.input_tokens <= 2048 - 8
+    kept = next(k for k in range(2, len(turns), 2)
+                if _count(server, [{"role": "system", "content": "Be brief."}] + turns[k:]) <= 2048 - 8)
+    assert r.usage.input_tokens == _count(server, [{"role": "system", "content": "Be brief."}] + turns[kept:])
+
+
+def test_fields_clients_send_with_their_defaults_are_taken(client):
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, reasoning=None, service_tier="auto",
+                                text={"verbosity": "medium"}, truncation="disabled")
+    assert r.status in ("completed", "incomplete")
