@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
-from server.errors import error_body
+from server.errors import APIError, error_body
 from server.generation import (Usage, check_model, check_token_ids, consume, encode_chat, overall_finish,
                                ready_tokenizer, submit)
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -66,16 +66,34 @@ class CompletionCall:
         check_model(state, body.model)
         if self.chat:
             self.tools = body.tool_use
-            prompt_ids = await encode_chat(state, [m.as_dict() for m in body.messages], self.tools)
+            prompts = [await encode_chat(state, [m.as_dict() for m in body.messages], self.tools)]
             param = "messages"
         else:
-            prompt = body.prompt
-            prompt_ids = list(prompt) if isinstance(prompt, list) else \
-                await asyncio.to_thread(ready_tokenizer(state).encode, prompt)
+            prompts = await self._completion_prompts()
             param = "prompt"
-            check_token_ids(prompt_ids, ready_tokenizer(state), "prompt")
-        stream, self.timer = submit(state, self.id, prompt_ids, body.to_sampling(), body.skip(), param)
+        self.num_choices = len(prompts) * body.n
+        stream, self.timer = submit(state, self.id, prompts, body.to_sampling(), body.skip(), param)
         return stream
+
+    async def _completion_prompts(self) -> list[list[int]]:
+        """The batch's prompts as token ids (and as text, for `echo`)."""
+        state, given = self.state, self.body.prompts()
+        tokenizer = ready_tokenizer(state)
+        limit = state.engine.config.max_num_seqs + state.engine.max_waiting
+        if len(given) > limit:
+            raise APIError(400, f"at most {limit} prompts a request on this server", "prompt")
+        prompts = []
+        for i, prompt in enumerate(given):  # tokenizing long prompts takes a while: off the event loop
+            ids = list(prompt) if isinstance(prompt, list) else await asyncio.to_thread(tokenizer.encode, prompt)
+            check_token_ids(ids, tokenizer, "prompt" if len(given) == 1 else f"prompt.{i}")
+            prompts.append(ids)
+        if self.body.echo:
+            self.echoed = [p if isinstance(p, str) else await asyncio.to_thread(tokenizer.decode, p) for p in given]
+        return prompts
+
+    def echo(self, index: int) -> str:
+        """The prompt text choice `index` starts with (`echo`), else ""."""
+        return self.echoed[index // self.body.n] if not self.chat and self.body.echo else ""
 
     @property
     def wants_logprobs(self) -> bool:
@@ -87,7 +105,7 @@ class CompletionCall:
 
     # ---- non-streaming -----------------------------------------------------------------------
     async def collect(self, stream) -> JSONResponse:
-        choices = {i: Choice() for i in range(self.body.n)}
+        choices = {i: Choice() for i in range(self.num_choices)}
         usage = Usage()
 
         def on_output(out):
@@ -121,12 +139,12 @@ class CompletionCall:
                 {"role": "assistant", "content": None, "tool_calls": calls}
             return {"index": index, "message": message, "logprobs": chat_logprobs(c.logprobs) if want else None,
                     "finish_reason": "tool_calls" if calls else c.finish_reason}
-        return {"index": index, "text": c.text,
+        return {"index": index, "text": self.echo(index) + c.text,
                 "logprobs": completion_logprobs(c.logprobs, 0) if want else None, "finish_reason": c.finish_reason}
 
     # ---- streaming ---------------------------------------------------------------------------
     async def events(self, stream):
-        choices = {i: Choice() for i in range(self.body.n)}
+        choices = {i: Choice() for i in range(self.num_choices)}
         usage = Usage()
         include_usage = self.body.include_usage
         extra = {"usage": None} if include_usage else {}
@@ -135,6 +153,9 @@ class CompletionCall:
                 content = None if self.tool_mode == "forced" else ""
                 for i in choices:
                     yield self._chunk(i, {"role": "assistant", "content": content}, None, None, extra)
+            elif self.body.echo:
+                for i in choices:
+                    yield self._chunk(i, self.echo(i), None, None, extra)
             async for out in stream:
                 c = choices[out.index]
                 self.timer.on_tokens(out.index)

@@ -4,6 +4,7 @@ outputs while watching for the client to leave."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,16 +20,24 @@ from server.tool_calls import render_messages
 
 @dataclass
 class Usage:
-    prompt_tokens: int = 0
-    cached_tokens: int | None = None  # the request's prompt tokens found cached: its first choice's
+    prompts: dict = field(default_factory=dict)  # engine request id -> (prompt tokens, cached prompt tokens)
     completion: dict = field(default_factory=dict)  # choice index -> (tokens, skipped, total)
 
     def update(self, out) -> None:
-        self.prompt_tokens = out.prompt_tokens
-        # later choices take the prompt from the cache the first one filled (engine/scheduler.py)
-        self.cached_tokens = out.cached_tokens if self.cached_tokens is None else min(self.cached_tokens,
-                                                                                       out.cached_tokens)
+        # a prompt's later choices take it from the cache its first one filled (engine/scheduler.py):
+        # what the prompt found cached is its first choice's
+        earlier = self.prompts.get(out.request_id)
+        cached = out.cached_tokens if earlier is None else min(earlier[1], out.cached_tokens)
+        self.prompts[out.request_id] = (out.prompt_tokens, cached)
         self.completion[out.index] = (out.completion_tokens, out.ffn_skipped, out.ffn_total)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(p[0] for p in self.prompts.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(p[1] for p in self.prompts.values())
 
     def totals(self) -> tuple[int, int, int]:
         """Generated tokens, skipped FFN blocks and FFN blocks, over all answers."""
@@ -43,12 +52,12 @@ class Usage:
         tokens = self.totals()[0]
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
                 "total_tokens": self.prompt_tokens + tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens or 0}, "ffn_skip": self.ffn_skip()}
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}, "ffn_skip": self.ffn_skip()}
 
     def response_body(self) -> dict:
         """As the Responses API reports it."""
         tokens = self.totals()[0]
-        return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens or 0},
+        return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
                 "output_tokens": tokens, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.prompt_tokens + tokens, "ffn_skip": self.ffn_skip()}
 
@@ -84,16 +93,66 @@ async def encode_chat(state, messages: list[dict], use: ToolUse) -> list[int]:
     return await asyncio.to_thread(ready_tokenizer(state).encode_chat, rendered)
 
 
-def submit(state, request_id: str, prompt_ids: list[int], sampling, skip, param: str):
-    """The engine's output stream for one request, and its timer (for the request metrics)."""
+def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, param: str):
+    """One engine request per prompt (a batch's prompt i named `param.i` in its errors), read as one
+    stream (MergedStream), and the request's timer (for its metrics)."""
     timer = RequestTimer(state.metrics)  # from before add_request, which compiles a schema's grammar
+    streams = []
     try:
-        stream = state.engine.add_request(request_id, prompt_ids, sampling, skip, param)
-    except EngineNotReadyError as exc:
-        raise APIError(503, str(exc), code="not_ready")
-    except QueueFullError as exc:
-        raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
-    return stream, timer
+        for i, prompt_ids in enumerate(prompts):
+            one = len(prompts) == 1
+            streams.append(state.engine.add_request(request_id if one else f"{request_id}-{i}", prompt_ids,
+                                                    sampling, skip, param if one else f"{param}.{i}"))
+    except BaseException as exc:
+        for stream in streams:  # a batch is taken whole or not at all
+            stream.close()
+        if isinstance(exc, EngineNotReadyError):
+            raise APIError(503, str(exc), code="not_ready")
+        if isinstance(exc, QueueFullError):
+            raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
+        raise
+    return MergedStream(streams, sampling.n), timer
+
+
+class MergedStream:
+    """The outputs of several engine requests (one a prompt, each with `n` choices) as one stream, in
+    the order they come: prompt i's choice j is choice `i * n + j`. Closing it closes them all."""
+
+    def __init__(self, streams: list, n: int):
+        self.streams, self.n = streams, n
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pumps = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(streams)]
+        self.running = len(streams)
+
+    async def _pump(self, i: int, stream) -> None:
+        try:
+            async for out in stream:
+                self.queue.put_nowait(dataclasses.replace(out, index=i * self.n + out.index))
+            self.queue.put_nowait(None)
+        except BaseException as exc:  # an engine error ends the whole request, as it ends one prompt's
+            self.queue.put_nowait(exc)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        while self.running:
+            item = await self.queue.get()
+            if item is None:
+                self.running -= 1
+            elif isinstance(item, BaseException):
+                self.close()
+                raise item
+            else:
+                return item
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        self.running = 0
+        for pump in self.pumps:
+            pump.cancel()
+        for stream in self.streams:
+            stream.close()
 
 
 async def wait_for_disconnect(request: Request) -> None:

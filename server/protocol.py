@@ -329,21 +329,35 @@ class ChatCompletionRequest(ChatTools, CommonRequest):  # in this order, `model`
 
 
 class CompletionRequest(CommonRequest):
-    prompt: Union[str, list[str], list[StrictInt]]
+    # one prompt (text or token ids) or a batch of them, each answered with `n` choices
+    prompt: Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
     logprobs: Optional[StrictInt] = None
-    echo: Literal[False] = False
+    echo: StrictBool = False
     best_of: Optional[Literal[1]] = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError("batched prompts are not supported: send one prompt per request")
-            return value[0]
+    def _one_shape(cls, value):
+        """An empty or mixed batch is a 400 saying so (not a union's "should be a valid string")."""
+        if isinstance(value, list):
+            if not value or any(isinstance(p, list) and not p for p in value):
+                raise InvalidParamError("prompt must not be empty", "prompt")
+            kinds = {type(p) for p in value}
+            if len(kinds) > 1 or kinds - {int, str, list}:
+                raise InvalidParamError("prompt must be a string, a list of token ids, a list of strings or a "
+                                        "list of token id lists", "prompt")
         return value
 
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each prompt as text or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
     def to_sampling(self) -> SamplingParams:
+        if self.echo and self.logprobs is not None:
+            raise InvalidParamError("echo with logprobs needs the prompt's logprobs, which this server does not "
+                                    "compute", "echo")
         max_tokens = 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default here
         return self.choices_sampling(self.logprobs, max_tokens)
 

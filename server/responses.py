@@ -80,7 +80,7 @@ class ResponseCall:
             while len(prompt_ids) > limit and (turn := _second_turn(messages)) is not None:
                 messages = messages[turn:]
                 prompt_ids = await encode_chat(state, instructions + messages, body.tool_use)
-        stream, self.timer = submit(state, self.id, prompt_ids, sampling, body.skip(), "input")
+        stream, self.timer = submit(state, self.id, [prompt_ids], sampling, body.skip(), "input")
         return stream
 
     # ---- the response object -----------------------------------------------------------------

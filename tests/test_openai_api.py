@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
+import pytest
 
 from engine.config import EngineConfig
 from tests.conftest import cuda_available
@@ -165,3 +167,59 @@ def test_repeated_prompt_reports_cached_prompt_tokens(server, client):
     metrics = httpx.get(server.url + "/metrics").text
     hits = [line for line in metrics.splitlines() if line.startswith("skipserve:prefix_cache_hit_tokens_total ")]
     assert hits and float(hits[0].split()[1]) >= cached
+
+
+PROMPTS = ["The capital of France is", "One, two, three,", "def fibonacci(n):"]
+
+
+def test_a_batch_of_prompts_answers_each_with_n_choices_as_alone(client):
+    batch = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=8, temperature=0, n=2)
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0) for p in PROMPTS]
+    assert sorted(c.index for c in batch.choices) == list(range(6))  # prompt i's choice j is i * n + j
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == 6 * 8
+    streamed = {}
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=8, temperature=0, n=2,
+                                           stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert sorted(streamed) == list(range(6))
+    if not cuda_available():  # greedy: each prompt's text is its text alone (what the CPU path promises)
+        by_index = {c.index: c.text for c in batch.choices}
+        assert by_index == streamed
+        assert [by_index[2 * i] for i in range(3)] == [by_index[2 * i + 1] for i in range(3)] \
+            == [a.choices[0].text for a in alone]
+
+
+def test_token_id_prompts_batch_too_and_echo_gives_the_prompt_first(client, server):
+    ids = [httpx.post(server.url + "/tokenize", json={"prompt": p}, timeout=30).json()["tokens"] for p in PROMPTS[:2]]
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0, echo=True)
+    decoded = [httpx.post(server.url + "/detokenize", json={"tokens": t}, timeout=30).json()["prompt"] for t in ids]
+    for c in r.choices:
+        assert c.text.startswith(decoded[c.index]) and len(c.text) > len(decoded[c.index])
+    text = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0, echo=True)
+    assert text.choices[0].text.startswith("Hello there")
+    first = next(iter(client.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, echo=True,
+                                                stream=True)))
+    assert first.choices[0].text == "Hello there"  # the echo is the stream's first chunk
+
+
+@pytest.mark.parametrize("prompt, extra, param", [
+    ([], {}, "prompt"),
+    ([[1, 2], []], {}, "prompt"),
+    (["a", [1, 2]], {}, "prompt"),
+    (["a"] * 1000, {}, "prompt"),
+    ([[1, 2], [10**9]], {}, "prompt.1"),
+    (["hi", "word " * 5000], {}, "prompt.1"),
+    ("hi", {"echo": True, "logprobs": 1}, "echo"),
+])
+def test_bad_batches_are_400s_naming_the_prompt_and_leave_nothing_running(server, prompt, extra, param):
+    r = httpx.post(server.url + "/v1/completions", timeout=60,
+                   json={"model": MODEL, "prompt": prompt, "max_tokens": 1000, "ignore_eos": True, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    for _ in range(10):  # a batch is taken whole or not at all: a first prompt's request is aborted at once
+        if server.metric("num_requests_running") == server.metric("num_requests_waiting") == 0:
+            break
+        time.sleep(0.1)
+    assert server.metric("num_requests_running") == 0
