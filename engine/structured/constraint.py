@@ -25,8 +25,8 @@ MASK_BYTES = 32 * 2**20
 
 class StructuredOutputs:
     def __init__(self, token_bytes, width: int, eos_ids: set[int]):
-        """`token_bytes`: a callable returning each token's bytes (read at the first constrained
-        request: a server that never gets one never builds the vocabulary's index)."""
+        """`token_bytes`: a callable returning each token's bytes (read when the vocabulary's index
+        is first asked for: the server builds it beside its step loop once loaded)."""
         self._token_bytes, self._width, self._eos_ids = token_bytes, width, eos_ids
         self._vocabulary: Vocabulary | None = None
         self._grammars: OrderedDict[str, Grammar] = OrderedDict()
