@@ -91,6 +91,7 @@ class LLMEngine:
                 detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
                 seed=(base_seed + i) % 2**64,
                 constraint=None if grammar is None else Constraint(self.structured, grammar),
+                prompt_logprobs=None if params.prompt_logprobs is None else [],
             )
             for i in range(params.n)
         ]
@@ -157,9 +158,12 @@ class LLMEngine:
             return [], stats
         result = self._run(batch)
         failed = result.failed
+        text = self.tokenizer.token_text
         for chunk in batch.prefills:
             if chunk.seq.seq_id not in failed:
                 self.prompt_tokens_total += self.scheduler.on_computed(chunk.seq, chunk.end)
+                for t, lp, top in result.prompt_scores.get(chunk.seq.seq_id, ()):  # it asked for them
+                    chunk.seq.prompt_logprobs.append(TokenLogprob(text(t), t, lp, [(text(a), a, alp) for a, alp in top]))
         for seq in batch.decodes:
             if seq.seq_id not in failed:
                 self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
@@ -234,14 +238,17 @@ class LLMEngine:
         return None
 
     def _output(self, seq: Sequence, sampled) -> SequenceOutput:
-        logprobs = None
+        logprobs = prompt_logprobs = None
+        text = self.tokenizer.token_text
         if seq.params.logprobs is not None:
-            text = self.tokenizer.token_text
             logprobs = [TokenLogprob(text(sampled.token_id), sampled.token_id, sampled.logprob,
                                      [(text(t), t, lp) for t, lp in sampled.top_logprobs])]
+        if seq.prompt_logprobs is not None and len(seq.output_ids) == 1:  # with the first output, once
+            first = seq.prompt_ids[0]
+            prompt_logprobs = [TokenLogprob(text(first), first, None, [])] + seq.prompt_logprobs
         return SequenceOutput(
             request_id=seq.request_id, index=seq.index, text=seq.detokenizer.take(final=seq.is_finished),
-            token_ids=[sampled.token_id], logprobs=logprobs, finished=seq.is_finished,
+            token_ids=[sampled.token_id], logprobs=logprobs, prompt_logprobs=prompt_logprobs, finished=seq.is_finished,
             finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.cached_tokens,
             completion_tokens=len(seq.output_ids), ffn_skipped=seq.ffn_skipped, ffn_total=seq.ffn_total,
         )

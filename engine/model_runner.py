@@ -28,7 +28,7 @@ from engine.kv.metadata import AttentionMetadata
 from engine.loader import load_state_dict
 from engine.models import build_model
 from engine.quant.int8 import quantize_state
-from engine.sampler import SampleRow, Sampled, sample
+from engine.sampler import SampleRow, Sampled, sample, token_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.seeded_uniform import seeded_uniform
 from engine.skip import DenseGate, build_policy
@@ -75,12 +75,15 @@ class StepResult:
     ffn_skipped: dict[str, int]  # seq_id -> FFN blocks skipped producing it
     layer_ffn_skipped: list[int]  # per layer, over this step's decode rows
     failed: dict[str, Exception] = field(default_factory=dict)  # seq_id -> why its token could not be made
+    # seq_id -> (token id, logprob, [(alternative id, logprob)]) of the prompt tokens scored this step
+    prompt_scores: dict[str, list] = field(default_factory=dict)
 
     def merge(self, other: "StepResult") -> None:
         self.samples.update(other.samples)
         self.ffn_skipped.update(other.ffn_skipped)
         self.layer_ffn_skipped = [a + b for a, b in zip(self.layer_ffn_skipped, other.layer_ffn_skipped)]
         self.failed.update(other.failed)
+        self.prompt_scores.update(other.prompt_scores)
 
 
 class ModelRunner:
@@ -165,13 +168,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
-        hiddens, producers = [], []
+        hiddens, producers, prompt_scores = [], [], {}
         if batch.prefills:  # every prefill chunk of this step in one forward, always dense
             chunks = batch.prefills
             hidden = self.prefill([(c.seq.token_ids()[c.start:c.end], c.seq.block_table, c.start) for c in chunks])
             end = 0
             for chunk in chunks:
-                end += chunk.end - chunk.start
+                begin, end = end, end + chunk.end - chunk.start
+                if chunk.seq.wants_prompt_logprobs:
+                    prompt_scores[chunk.seq.seq_id] = self._score_prompt(chunk.seq, hidden[begin:end], chunk.start)
                 if chunk.produces_token:
                     hiddens.append(hidden[end - 1:end])
                     producers.append(chunk.seq)
@@ -185,7 +190,7 @@ class ModelRunner:
                                        [s.block_table for s in seqs], gate))
             producers.extend(seqs)
         if not producers:
-            return StepResult({}, {}, layer_skipped)
+            return StepResult({}, {}, layer_skipped, prompt_scores=prompt_scores)
         logits = self.logits(torch.cat(hiddens))
         failed, live, rows = {}, [], []
         for i, seq in enumerate(producers):  # a row's own settings may fail it alone (e.g. its seed, its schema)
@@ -207,4 +212,23 @@ class ModelRunner:
         if batch.decodes:  # after sampling, which waits for the device anyway: no sync between step and lm_head
             per_row, layer_skipped = gate.skip_counts(len(batch.decodes))
             skipped = {s.seq_id: n for s, n in zip(batch.decodes, per_row)}
-        return StepResult(samples, skipped, layer_skipped, failed)
+        return StepResult(samples, skipped, layer_skipped, failed, prompt_scores)
+
+    SCORE_ROWS = 256  # prompt positions scored per lm_head call: [256, vocab] fp32 logits at a time
+
+    def _score_prompt(self, seq, hidden: torch.Tensor, start: int) -> list:
+        """The logprob of each prompt token after position `start`.. of this chunk's `hidden` rows
+        (the ones not scored before: a preempted sequence computes its prompt again), with its
+        `prompt_logprobs` most likely alternatives: [(token id, logprob, [(id, logprob)])]."""
+        prompt = seq.prompt_ids
+        first = max(start, len(seq.prompt_logprobs))  # position p scores token p + 1
+        last = min(start + hidden.shape[0], len(prompt) - 1)
+        scores = []
+        for p in range(first, last, self.SCORE_ROWS):
+            q = min(p + self.SCORE_ROWS, last)
+            targets = torch.tensor(prompt[p + 1:q + 1], device=hidden.device)
+            chosen, top_ids, top_values = token_logprobs(self.logits(hidden[p - start:q - start]), targets,
+                                                         seq.params.prompt_logprobs)
+            scores += [(t, lp, list(zip(ids, values)))
+                       for t, lp, ids, values in zip(prompt[p + 1:q + 1], chosen, top_ids, top_values)]
+        return scores

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 class TokenLogprob:
     token: str
     token_id: int
-    logprob: float
+    logprob: float | None  # None for a prompt's first token, which nothing predicts
     top: list[tuple[str, int, float]]  # (text, id, logprob) alternatives, best first
 
 
@@ -27,6 +27,8 @@ class SequenceOutput:
     ffn_skipped: int
     ffn_total: int
     error: str | None = None  # set (with finished) when generation failed for this request alone
+    # with SamplingParams.prompt_logprobs, on a sequence's first output: one entry per prompt token
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass

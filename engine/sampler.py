@@ -62,17 +62,25 @@ def _mask(logits: torch.Tensor, rows: list[SampleRow]) -> None:
         put_rows(logits, masked, take_rows(logits, masked).masked_fill_(~allowed, float("-inf")))
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, width: int):
+    """Each row's logprob of its token and its `width` most likely alternatives, as host lists:
+    (chosen [rows], top ids [rows][width], top logprobs [rows][width])."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    if not width:
+        return chosen, [[]] * len(chosen), [[]] * len(chosen)
+    top = logprobs.topk(width, dim=-1)
+    return chosen, top.indices.tolist(), top.values.tolist()
+
+
 def _add_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], out: list[Sampled]) -> None:
     """The model's own logprobs (before penalties and temperature) of each asking row's token and
     of its `logprobs` most likely alternatives."""
     asking = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not asking:
         return
-    logprobs = torch.log_softmax(take_rows(logits, asking), dim=-1)
-    chosen = logprobs.gather(1, take_rows(tokens, asking)[:, None]).squeeze(1).tolist()
-    width = max(params[i].logprobs for i in asking)
-    top = logprobs.topk(width, dim=-1) if width else None
-    top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+    chosen, top_ids, top_values = token_logprobs(take_rows(logits, asking), take_rows(tokens, asking),
+                                                 max(params[i].logprobs for i in asking))
     for row, i in enumerate(asking):
         k = params[i].logprobs
         out[i].logprob = chosen[row]

@@ -31,9 +31,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
+    prompt_logprobs: int | None = None  # None = off; k >= 0 = each prompt token's logprob + k alternatives
     response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
     schema_param: str = "response_format"  # the request field it came from, for its errors
     max_tokens_param: str = "max_tokens"  # the request field max_tokens came from, for its errors
+    logprobs_param: str = "top_logprobs"  # the request field the logprobs counts came from
 
     @property
     def greedy(self) -> bool:
@@ -58,7 +60,8 @@ class SamplingParams:
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]")
         check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "repetition_penalty must be in (0, 2]")
-        check(self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs", "top_logprobs must be in [0, 20]")
+        for count in (self.logprobs, self.prompt_logprobs):
+            check(count is None or 0 <= count <= 20, self.logprobs_param, f"{self.logprobs_param} must be in [0, 20]")
         for token, bias in self.logit_bias.items():
             check(0 <= token < vocab_size, "logit_bias", f"logit_bias token id {token} is outside the vocabulary")
             check(-100.0 <= bias <= 100.0, "logit_bias", "logit_bias values must be in [-100, 100]")

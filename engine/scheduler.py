@@ -70,10 +70,11 @@ class Scheduler:
         position = 0
         while not preempted and position < len(self.waiting) and len(self.running) < self.max_num_seqs:
             seq = self.waiting[position]
-            if seq.request_id in held and not seq.output_ids:
+            if seq.request_id in held and not seq.output_ids and not seq.wants_prompt_logprobs:
                 position += 1  # its prompt is being computed by a sibling: it takes that from the cache
                 continue
-            if not self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=1):
+            if not self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=1,
+                                            reuse=not seq.wants_prompt_logprobs):
                 break  # first come, first served: no overtaking
             del self.waiting[position]
             self._admit(seq)
@@ -119,7 +120,8 @@ class Scheduler:
         return preempted
 
     def _admit(self, seq: Sequence) -> None:
-        seq.block_table, cached = self.blocks.allocate(seq.seq_id, seq.token_ids(), seq.prefill_len)
+        seq.block_table, cached = self.blocks.allocate(seq.seq_id, seq.token_ids(), seq.prefill_len,
+                                                       reuse=not seq.wants_prompt_logprobs)
         seq.num_computed = seq.dense_kv = cached
         if not seq.output_ids and not seq.num_preemptions:  # a request's first admission
             seq.cached_tokens = seq.prompt_computed = cached

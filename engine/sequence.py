@@ -39,6 +39,15 @@ class Sequence:
     ffn_skipped: int = 0
     ffn_total: int = 0
     constraint: Constraint | None = None  # where its answer is in its response_format's JSON
+    # with params.prompt_logprobs: the logprob entries (engine/outputs.TokenLogprob) of prompt tokens
+    # 1.. computed so far; handed out with the sequence's first output
+    prompt_logprobs: list | None = None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt positions still to score: their hidden states are needed, so none may come from
+        the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
     @property
     def num_tokens(self) -> int:

@@ -43,7 +43,9 @@ def completion_logprobs(entries, offset: int) -> dict:
         text_offset.append(offset)
         offset += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": text_offset}
+            # a prompt's first token (echo) has no logprob, and no alternatives either
+            "top_logprobs": [None if e.logprob is None else {t: lp for t, _, lp in e.top} for e in entries],
+            "text_offset": text_offset}
 
 
 class CompletionCall:
@@ -105,14 +107,13 @@ class CompletionCall:
 
     # ---- non-streaming -----------------------------------------------------------------------
     async def collect(self, stream) -> JSONResponse:
-        choices = {i: Choice() for i in range(self.num_choices)}
+        choices = {i: Choice(self.echo(i)) for i in range(self.num_choices)}
         usage = Usage()
 
         def on_output(out):
             c = choices[out.index]
             c.text += out.text
-            if out.logprobs:
-                c.logprobs += out.logprobs
+            c.logprobs += (out.prompt_logprobs or []) + (out.logprobs or [])  # prompt_logprobs: echo
             self.timer.on_tokens(out.index)
             usage.update(out)
             if out.finished:
@@ -139,12 +140,12 @@ class CompletionCall:
                 {"role": "assistant", "content": None, "tool_calls": calls}
             return {"index": index, "message": message, "logprobs": chat_logprobs(c.logprobs) if want else None,
                     "finish_reason": "tool_calls" if calls else c.finish_reason}
-        return {"index": index, "text": self.echo(index) + c.text,
+        return {"index": index, "text": c.text,
                 "logprobs": completion_logprobs(c.logprobs, 0) if want else None, "finish_reason": c.finish_reason}
 
     # ---- streaming ---------------------------------------------------------------------------
     async def events(self, stream):
-        choices = {i: Choice() for i in range(self.num_choices)}
+        choices = {i: Choice(self.echo(i)) for i in range(self.num_choices)}
         usage = Usage()
         include_usage = self.body.include_usage
         extra = {"usage": None} if include_usage else {}
@@ -153,13 +154,16 @@ class CompletionCall:
                 content = None if self.tool_mode == "forced" else ""
                 for i in choices:
                     yield self._chunk(i, {"role": "assistant", "content": content}, None, None, extra)
-            elif self.body.echo:
-                for i in choices:
-                    yield self._chunk(i, self.echo(i), None, None, extra)
+            elif self.body.echo and not self.wants_logprobs:  # with logprobs: once the prompt's have come
+                for i, c in choices.items():
+                    yield self._chunk(i, c.text, None, None, extra)
             async for out in stream:
                 c = choices[out.index]
                 self.timer.on_tokens(out.index)
                 usage.update(out)
+                if out.prompt_logprobs and self.wants_logprobs:
+                    yield self._chunk(out.index, self.echo(out.index), completion_logprobs(out.prompt_logprobs, 0),
+                                      None, extra)
                 if self.tool_mode != "none":  # an answer that may be a call is held until it shows it is not
                     c.text += out.text
                     c.logprobs += out.logprobs or []

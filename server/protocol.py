@@ -355,11 +355,12 @@ class CompletionRequest(CommonRequest):
         return list(self.prompt)
 
     def to_sampling(self) -> SamplingParams:
-        if self.echo and self.logprobs is not None:
-            raise InvalidParamError("echo with logprobs needs the prompt's logprobs, which this server does not "
-                                    "compute", "echo")
         max_tokens = 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default here
-        return self.choices_sampling(self.logprobs, max_tokens)
+        params = self.choices_sampling(self.logprobs, max_tokens)
+        params.logprobs_param = "logprobs"
+        if self.echo:  # the echoed prompt's tokens come with their logprobs too
+            params.prompt_logprobs = self.logprobs
+        return params
 
 
 class TokenizeRequest(ChatTools, RequestBody):

@@ -211,7 +211,7 @@ def test_token_id_prompts_batch_too_and_echo_gives_the_prompt_first(client, serv
     (["a"] * 1000, {}, "prompt"),
     ([[1, 2], [10**9]], {}, "prompt.1"),
     (["hi", "word " * 5000], {}, "prompt.1"),
-    ("hi", {"echo": True, "logprobs": 1}, "echo"),
+    ("hi", {"echo": True, "logprobs": 21}, "logprobs"),
 ])
 def test_bad_batches_are_400s_naming_the_prompt_and_leave_nothing_running(server, prompt, extra, param):
     r = httpx.post(server.url + "/v1/completions", timeout=60,

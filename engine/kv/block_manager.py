@@ -61,20 +61,21 @@ class BlockManager:
         return hits
 
     # ---- sequences ---------------------------------------------------------------------------------
-    def can_allocate(self, token_ids: list[int], num_tokens: int, spare: int = 0) -> bool:
+    def can_allocate(self, token_ids: list[int], num_tokens: int, spare: int = 0, reuse: bool = True) -> bool:
         """Room for a sequence whose first `num_tokens` of `token_ids` are to be computed, plus
-        `spare` more blocks."""
-        hits = self.cached_prefix(token_ids, num_tokens - 1)
+        `spare` more blocks (`reuse`: whether it may take its cached prefix)."""
+        hits = self.cached_prefix(token_ids, num_tokens - 1 if reuse else 0)
         waking = sum(1 for b in hits if self.ref_counts[b] == 0)  # free now, taken by the hits
         fresh = blocks_for(num_tokens, self.block_size) - len(hits)
         return self.num_free_blocks - waking >= fresh + spare
 
-    def allocate(self, seq_id: str, token_ids: list[int], num_tokens: int) -> tuple[list[int], int]:
-        """Blocks for the first `num_tokens` of `token_ids`, reusing its cached prefix.
+    def allocate(self, seq_id: str, token_ids: list[int], num_tokens: int, reuse: bool = True) -> tuple[list[int], int]:
+        """Blocks for the first `num_tokens` of `token_ids`, reusing its cached prefix (unless not
+        `reuse`: every token computed again, its blocks its own).
 
         -> (block table, tokens whose K/V the table already holds). At least the last of the
         `num_tokens` is left to compute, so no shared block is ever written."""
-        hits = self.cached_prefix(token_ids, num_tokens - 1)
+        hits = self.cached_prefix(token_ids, num_tokens - 1 if reuse else 0)
         for block in hits:
             self._ref(block)
         table = hits + self.allocate_blocks(blocks_for(num_tokens, self.block_size) - len(hits))

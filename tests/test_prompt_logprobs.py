@@ -1,0 +1,89 @@
+"""Prompt logprobs (SamplingParams.prompt_logprobs; `echo` with `logprobs` on /v1/completions, as
+lm-evaluation-harness scores a continuation): each prompt token's logprob given the tokens before
+it equals HF transformers' on the same fp32 weights, whether the prompt is computed in one chunk
+or several, alone or beside other rows, and when the prefix cache holds it (it is computed again:
+a cached block keeps K/V, not the hidden states a score needs)."""
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+import torch
+
+from engine.sampling_params import SamplingParams
+from tests.conftest import cuda_available
+from tests.helpers import engine_like
+
+MODEL = "smollm2-135m-instruct"
+TEXT = "The quick brown fox jumps over the lazy dog. It was a bright cold day in April, and the clocks " \
+       "were striking thirteen. " * 2
+
+
+def _first_outputs(engine, requests):
+    """Run (request id, prompt, params) to completion -> {(request id, choice): first output}."""
+    for request_id, prompt, params in requests:
+        engine.add_request(request_id, prompt, params)
+    firsts = {}
+    while engine.has_work:
+        for out in engine.step()[0]:
+            firsts.setdefault((out.request_id, out.index), out)
+    return firsts
+
+
+@pytest.fixture(scope="module")
+def reference(engine, hf_model):
+    prompt = engine.tokenizer.encode(TEXT)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    return prompt, logprobs
+
+
+def _check(entries, prompt, logprobs, k):
+    assert [e.token_id for e in entries] == prompt
+    assert entries[0].logprob is None and entries[0].top == []  # nothing predicts the first token
+    for p, e in enumerate(entries[1:]):
+        assert math.isclose(e.logprob, logprobs[p, prompt[p + 1]].item(), abs_tol=1e-4)
+        top = logprobs[p].topk(k)
+        assert [t for _, t, _ in e.top] == top.indices.tolist()
+        assert all(math.isclose(lp, ref, abs_tol=1e-4) for (_, _, lp), ref in zip(e.top, top.values.tolist()))
+
+
+def test_prompt_logprobs_equal_hf_in_one_chunk_or_many_and_when_cached(engine, reference):
+    prompt, logprobs = reference
+    chunked = engine_like(engine, max_prefill_tokens=16)  # the prompt in 4+ chunks, scored chunk by chunk
+    for eng in (engine, chunked):
+        params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3, n=2)
+        other = SamplingParams(max_tokens=4, temperature=0)
+        # twice: the second time the prefix cache holds the prompt's blocks, and it is computed again
+        for round_ in range(2):
+            firsts = _first_outputs(eng, [(f"scored{round_}", prompt, params),
+                                          (f"plain{round_}", prompt[:40], other)])
+            for choice in range(2):  # every choice gets them on its first output
+                _check(firsts[(f"scored{round_}", choice)].prompt_logprobs, prompt, logprobs, 3)
+            assert firsts[(f"plain{round_}", 0)].prompt_logprobs is None
+            if round_ == 1:
+                assert firsts[("plain1", 0)].cached_tokens > 0  # a plain prompt still takes the cache
+
+
+def test_echo_with_logprobs_scores_the_prompt_and_the_answer_over_http(server, client, engine, reference):
+    prompt, logprobs = reference
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(prompt) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert r.choices[0].text.startswith(httpx.post(server.url + "/detokenize", json={"tokens": prompt},
+                                                   timeout=30).json()["prompt"])
+    if not cuda_available():  # the served model's quantized weights: its own scores, close to fp32's
+        scored = lp.token_logprobs[1:len(prompt)]
+        reference_scores = [logprobs[p, prompt[p + 1]].item() for p in range(len(prompt) - 1)]
+        assert sum(abs(a - b) for a, b in zip(scored, reference_scores)) / len(scored) < 0.05
+    # the answer's token is scored as without echo
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1)
+    assert lp.tokens[-1] == plain.choices[0].logprobs.tokens[0]
+    assert math.isclose(lp.token_logprobs[-1], plain.choices[0].logprobs.token_logprobs[0], abs_tol=1e-3)
+    offsets = lp.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                              logprobs=1, stream=True))
+    first = streamed[0].choices[0]
+    assert first.logprobs.tokens == lp.tokens[:len(prompt)] and first.text == r.choices[0].text[:len(first.text)]
