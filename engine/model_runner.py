@@ -214,7 +214,7 @@ class ModelRunner:
             skipped = {s.seq_id: n for s, n in zip(batch.decodes, per_row)}
         return StepResult(samples, skipped, layer_skipped, failed, prompt_scores)
 
-    SCORE_ROWS = 256  # prompt positions scored per lm_head call: [256, vocab] fp32 logits at a time
+    SCORE_ROWS = 64  # prompt positions scored per lm_head call: [64, vocab] fp32 logits at a time (67 MB for Gemma 3)
 
     def _score_prompt(self, seq, hidden: torch.Tensor, start: int) -> list:
         """The logprob of each prompt token after position `start`.. of this chunk's `hidden` rows
