@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -93,6 +94,14 @@ class CompletionCall:
             self.echoed = [p if isinstance(p, str) else await asyncio.to_thread(tokenizer.decode, p) for p in given]
         return prompts
 
+    def shown(self, out):
+        """An output as the answer shows it: with `echo` and `max_tokens: 0` the one token the engine
+        made is left out (text, logprobs and counts), and the answer ends at its length."""
+        if self.chat or not self.body.prompt_only:
+            return out
+        return dataclasses.replace(out, text="", token_ids=[], logprobs=None, completion_tokens=0, ffn_skipped=0,
+                                   ffn_total=0, finish_reason="length" if out.finished else None)
+
     def echo(self, index: int) -> str:
         """The prompt text choice `index` starts with (`echo`), else ""."""
         return self.echoed[index // self.body.n] if not self.chat and self.body.echo else ""
@@ -111,6 +120,7 @@ class CompletionCall:
         usage = Usage()
 
         def on_output(out):
+            out = self.shown(out)
             c = choices[out.index]
             c.text += out.text
             c.logprobs += (out.prompt_logprobs or []) + (out.logprobs or [])  # prompt_logprobs: echo
@@ -158,6 +168,7 @@ class CompletionCall:
                 for i, c in choices.items():
                     yield self._chunk(i, c.text, None, None, extra)
             async for out in stream:
+                out = self.shown(out)
                 c = choices[out.index]
                 self.timer.on_tokens(out.index)
                 usage.update(out)

@@ -332,7 +332,7 @@ class CompletionRequest(CommonRequest):
     # one prompt (text or token ids) or a batch of them, each answered with `n` choices
     prompt: Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
     logprobs: Optional[StrictInt] = None
-    echo: StrictBool = False
+    echo: Optional[StrictBool] = None
     best_of: Optional[Literal[1]] = None
 
     @field_validator("prompt", mode="before")
@@ -343,7 +343,8 @@ class CompletionRequest(CommonRequest):
             if not value or any(isinstance(p, list) and not p for p in value):
                 raise InvalidParamError("prompt must not be empty", "prompt")
             kinds = {type(p) for p in value}
-            if len(kinds) > 1 or kinds - {int, str, list}:
+            inner = {type(t) for p in value if isinstance(p, list) for t in p}
+            if len(kinds) > 1 or kinds - {int, str, list} or inner - {int}:
                 raise InvalidParamError("prompt must be a string, a list of token ids, a list of strings or a "
                                         "list of token id lists", "prompt")
         return value
@@ -354,8 +355,14 @@ class CompletionRequest(CommonRequest):
             return [self.prompt]
         return list(self.prompt)
 
+    @property
+    def prompt_only(self) -> bool:
+        """`echo` with `max_tokens: 0`: the prompt (and its logprobs) alone, as scorers ask for it. The
+        engine makes one token anyway, which the answer leaves out."""
+        return bool(self.echo) and self.max_tokens == 0
+
     def to_sampling(self) -> SamplingParams:
-        max_tokens = 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default here
+        max_tokens = 16 if self.max_tokens is None else 1 if self.prompt_only else self.max_tokens
         params = self.choices_sampling(self.logprobs, max_tokens)
         params.logprobs_param = "logprobs"
         if self.echo:  # the echoed prompt's tokens come with their logprobs too

@@ -173,14 +173,16 @@ PROMPTS = ["The capital of France is", "One, two, three,", "def fibonacci(n):"]
 
 
 def test_a_batch_of_prompts_answers_each_with_n_choices_as_alone(client):
-    batch = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=8, temperature=0, n=2)
-    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0) for p in PROMPTS]
+    batch = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=8, temperature=0, n=2,
+                                      extra_body={"ignore_eos": True})
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True}) for p in PROMPTS]
     assert sorted(c.index for c in batch.choices) == list(range(6))  # prompt i's choice j is i * n + j
     assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
     assert batch.usage.completion_tokens == 6 * 8
     streamed = {}
     for chunk in client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=8, temperature=0, n=2,
-                                           stream=True):
+                                           stream=True, extra_body={"ignore_eos": True}):
         for c in chunk.choices:
             streamed[c.index] = streamed.get(c.index, "") + c.text
     assert sorted(streamed) == list(range(6))
@@ -208,6 +210,7 @@ def test_token_id_prompts_batch_too_and_echo_gives_the_prompt_first(client, serv
     ([], {}, "prompt"),
     ([[1, 2], []], {}, "prompt"),
     (["a", [1, 2]], {}, "prompt"),
+    ([[[1]]], {}, "prompt"),
     (["a"] * 1000, {}, "prompt"),
     ([[1, 2], [10**9]], {}, "prompt.1"),
     (["hi", "word " * 5000], {}, "prompt.1"),
@@ -215,10 +218,28 @@ def test_token_id_prompts_batch_too_and_echo_gives_the_prompt_first(client, serv
 ])
 def test_bad_batches_are_400s_naming_the_prompt_and_leave_nothing_running(server, prompt, extra, param):
     r = httpx.post(server.url + "/v1/completions", timeout=60,
-                   json={"model": MODEL, "prompt": prompt, "max_tokens": 1000, "ignore_eos": True, **extra})
+                   json={"model": MODEL, "prompt": prompt, "max_tokens": 1900, "ignore_eos": True, **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
-    for _ in range(10):  # a batch is taken whole or not at all: a first prompt's request is aborted at once
+    # a batch is taken whole or not at all: a first prompt's request is aborted (not left to make its
+    # 1,900 tokens, which takes far longer than this wait)
+    for _ in range(50):
+        if server.metric("num_requests_running") == server.metric("num_requests_waiting") == 0:
+            break
+        time.sleep(0.1)
+    assert server.metric("num_requests_running") == 0
+
+
+def test_a_client_leaving_a_streamed_batch_aborts_every_prompt(server, client):
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=1900, stream=True,
+                                       extra_body={"ignore_eos": True})
+    seen = set()
+    for chunk in stream:
+        seen |= {c.index for c in chunk.choices}
+        if len(seen) == len(PROMPTS):
+            break
+    stream.close()
+    for _ in range(50):
         if server.metric("num_requests_running") == server.metric("num_requests_waiting") == 0:
             break
         time.sleep(0.1)

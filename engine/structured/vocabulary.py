@@ -61,8 +61,12 @@ class Vocabulary:
                 plain.append(token_id)
             else:
                 other.setdefault(text, []).append(token_id)
-        self.plain = torch.zeros(width, dtype=torch.bool)  # the tokens a string may hold whole
-        self.plain[torch.tensor(plain, dtype=torch.long)] = True
+        # the tokens a string may hold whole; built from bytes, not torch ops: the server builds the
+        # vocabulary beside its step loop, and a torch op there would start a second OpenMP team
+        flags = bytearray(width)
+        for token_id in plain:
+            flags[token_id] = 1
+        self.plain = torch.frombuffer(flags, dtype=torch.bool)
         self.width = width
         self.token_bytes = token_bytes
         self.eos_ids = sorted(i for i in eos_ids if i < width)
