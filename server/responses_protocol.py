@@ -14,7 +14,7 @@ import uuid
 from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (Discriminator, Field, StrictBool, StrictInt, Tag, TypeAdapter, ValidationError,
+from pydantic import (BeforeValidator, Discriminator, Field, StrictBool, StrictInt, Tag, TypeAdapter, ValidationError,
                       field_validator)
 
 from engine.sampling_params import InvalidParamError, SamplingParams
@@ -53,21 +53,25 @@ def text_parts(value):
     return parts
 
 
+# a message's content or a call result's output: text, or text parts (each checked by text_parts)
+TextContent = Annotated[Union[str, list[InputText]], BeforeValidator(text_parts)]
+
+
+def joined(value) -> str:
+    """A content field's text: the string, or its parts' texts joined."""
+    return value if isinstance(value, str) else "".join(p.text for p in value)
+
+
 class InputMessage(Strict):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: Union[str, list[InputText]]
+    content: TextContent
     id: Optional[str] = None  # an output message sent back carries its id and status
     status: Optional[str] = None
     phase: Optional[str] = None
 
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts(cls, value):
-        return text_parts(value)
-
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return joined(self.content)
 
 
 class FunctionCallItem(Strict):
@@ -82,17 +86,12 @@ class FunctionCallItem(Strict):
 class FunctionCallOutputItem(Strict):
     type: Literal["function_call_output"]
     call_id: str
-    output: Union[str, list[InputText]]
+    output: TextContent
     id: Optional[str] = None
     status: Optional[str] = None
 
-    @field_validator("output", mode="before")
-    @classmethod
-    def _text_parts(cls, value):
-        return text_parts(value)
-
     def text(self) -> str:
-        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
+        return joined(self.output)
 
 
 ITEM_KINDS = ("message", "function_call", "function_call_output")

@@ -1,12 +1,14 @@
-"""Small helpers shared by the engine tests."""
+"""Small helpers shared by the tests."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import ctypes
+from typing import Literal
 
 import pytest
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from engine.sampling_params import SamplingParams
 from engine.skip import DenseGate, RowSkip, build_policy
@@ -128,3 +130,14 @@ def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]]):
     assert not torch.equal(dense[0][1], k_before)  # the step did write its K/V
     assert skipped[0][3][0] == [8, 0, 8]  # and the skipping step did skip
     assert not torch.equal(skipped[0][0], dense[0][0])
+
+
+class Closed(BaseModel):
+    """A pydantic model that refuses extra fields: what a schema-held answer must validate against."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeatherArgs(Closed):
+    """The arguments of the tool the tool-call tests offer."""
+    city: str
+    unit: Literal["celsius", "fahrenheit"]

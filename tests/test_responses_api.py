@@ -11,22 +11,13 @@ from typing import Literal
 import httpx
 import openai
 import pytest
-from pydantic import BaseModel, ConfigDict
 
 from server.response_store import ResponseStore
 from tests.conftest import cuda_available
+from tests.helpers import Closed, WeatherArgs
 
 MODEL = "smollm2-135m-instruct"
 ASK = "What is the capital of France?"
-
-
-class Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class WeatherArgs(Closed):
-    city: str
-    unit: Literal["celsius", "fahrenheit"]
 
 
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Current weather in a city",

@@ -6,24 +6,14 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Literal
 
 import httpx
 import pytest
-from pydantic import BaseModel, ConfigDict
 
 from tests.conftest import cuda_available
+from tests.helpers import Closed, WeatherArgs
 
 MODEL = "smollm2-135m-instruct"
-
-
-class Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class WeatherArgs(Closed):
-    city: str
-    unit: Literal["celsius", "fahrenheit"]
 
 
 class TimeArgs(Closed):
