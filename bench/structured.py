@@ -4,7 +4,7 @@ json_object and to a JSON schema, rounds alternating; per step, the whole step's
 spent making token masks.
 A round with a schema starts with an empty mask cache ("cold": every state's mask is walked over
 the vocabulary when first met) unless `--warm`; the later steps of a round reuse masks of states met
-before. The vocabulary's index, built at the first constrained request, is timed apart. Constrained
+before. The vocabulary's index (built once; the server builds it beside its step loop at load) is timed apart. Constrained
 rows stop when their JSON ends, so their batches thin out: compare the masks' share of a step, not
 step times across settings.
 
@@ -101,8 +101,8 @@ def main():
             for name, schema in SETTINGS.items():
                 results[b][name].append(run(b, schema, 100 * r))
     lines = [f"command: bench/structured.py {' '.join(sys.argv[1:])}", f"model {args.model}",
-             f"vocabulary index for {engine.tokenizer.vocab_size} tokens built in {index_s:.2f} s (once, at the "
-             f"first constrained request); mask cache {'kept across rounds' if args.warm else 'empty at each round'}",
+             f"vocabulary index for {engine.tokenizer.vocab_size} tokens built in {index_s:.2f} s (once; the server "
+             f"builds it beside its step loop at load); mask cache {'kept across rounds' if args.warm else 'empty at each round'}",
              "", "| batch | setting | step ms (median) | masks ms / step (mean) | masks / step | rows a step (mean) |",
              "|---:|---|---:|---:|---:|---:|"]
     for b in batches:
