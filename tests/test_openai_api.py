@@ -244,3 +244,14 @@ def test_a_client_leaving_a_streamed_batch_aborts_every_prompt(server, client):
             break
         time.sleep(0.1)
     assert server.metric("num_requests_running") == 0
+
+
+def test_a_batch_reports_the_cache_each_of_its_prompts_found(client, server):
+    prompts = [f"Story {i}: " + "the river runs past the old mill and under the stone bridge. " * 6 for i in range(2)]
+    lengths = [httpx.post(server.url + "/tokenize", json={"prompt": p}, timeout=30).json()["count"] for p in prompts]
+    first = client.completions.create(model=MODEL, prompt=prompts, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompts, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens == sum(lengths)
+    # each prompt's whole blocks come from the cache, all but the block holding its last token
+    block = EngineConfig().block_size
+    assert again.usage.prompt_tokens_details.cached_tokens == sum((n - 1) // block * block for n in lengths) > 0
