@@ -97,10 +97,9 @@ def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, par
     """One engine request per prompt (a batch's prompt i named `param.i` in its errors), read as one
     stream (MergedStream), and the request's timer (for its metrics)."""
     timer = RequestTimer(state.metrics)  # from before add_request, which compiles a schema's grammar
-    streams = []
+    streams, one = [], len(prompts) == 1
     try:
         for i, prompt_ids in enumerate(prompts):
-            one = len(prompts) == 1
             streams.append(state.engine.add_request(request_id if one else f"{request_id}-{i}", prompt_ids,
                                                     sampling, skip, param if one else f"{param}.{i}"))
     except BaseException as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-import uuid
 from typing import Literal, Optional
 
 from fastapi import APIRouter, Query, Request
@@ -22,14 +21,10 @@ from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
 from server.generation import Usage, check_model, consume, encode_chat, submit
-from server.responses_protocol import ResponsesRequest
+from server.responses_protocol import ResponsesRequest, new_id
 from server.tool_calls import parse_calls
 
 router = APIRouter()
-
-
-def _new_id(prefix: str) -> str:
-    return prefix + uuid.uuid4().hex
 
 
 def _second_turn(messages: list[dict]) -> int | None:
@@ -57,10 +52,11 @@ class ResponseCall:
     def __init__(self, request: Request, body: ResponsesRequest):
         self.request, self.body = request, body
         self.state = request.app.state.skipserve
-        self.id = _new_id("resp_")
-        self.message_id = _new_id("msg_")
+        self.id = new_id("resp_")
+        self.message_id = new_id("msg_")
         self.created_at = int(time.time())
         self.earlier: list[dict] = []  # the stored conversation `previous_response_id` continues
+        self.given: list[dict] = []  # this request's input, as chat messages
 
     async def submit(self):
         state, body = self.state, self.body
@@ -73,7 +69,8 @@ class ResponseCall:
             self.earlier = entry.messages
         sampling = body.to_sampling()
         instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
-        messages = self.earlier + body.messages()
+        self.given = body.messages()
+        messages = self.earlier + self.given
         prompt_ids = await encode_chat(state, instructions + messages, body.tool_use)
         if body.truncation == "auto":  # drop the oldest turns until the prompt leaves room for the answer
             limit = state.engine.config.max_model_len - (body.max_output_tokens or 1)
@@ -129,7 +126,7 @@ class ResponseCall:
             said = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
                 {"role": "assistant", "content": answer.text}
             self.state.responses.put(self.id, text, json.dumps(self.body.input_items()), self.earlier,
-                                     self.body.messages() + [said])
+                                     self.given + [said])
         return body, text
 
     # ---- non-streaming -----------------------------------------------------------------------

@@ -168,12 +168,13 @@ class StreamOptions(Strict):
     include_obfuscation: Optional[StrictBool] = None  # nothing is obfuscated: accepted, no effect
 
 
-def _new_id(prefix: str) -> str:
+def new_id(prefix: str) -> str:
+    """An item's or a response's id: `prefix` and 32 hex digits, as OpenAI's look."""
     return prefix + uuid.uuid4().hex
 
 
 def _message_item(item_id: str | None, role: str, parts: list[dict]) -> dict:
-    return {"id": item_id or _new_id("msg_"), "type": "message", "role": role, "status": "completed", "content": parts}
+    return {"id": item_id or new_id("msg_"), "type": "message", "role": role, "status": "completed", "content": parts}
 
 
 class ResponsesRequest(SamplingRequest):
@@ -269,7 +270,7 @@ class ResponsesRequest(SamplingRequest):
             else:
                 prefix = "fc_" if isinstance(item, FunctionCallItem) else "fco_"
                 dumped = item.model_dump(exclude_none=True)
-                items.append(dict(dumped, id=item.id or _new_id(prefix), status="completed"))
+                items.append(dict(dumped, id=item.id or new_id(prefix), status="completed"))
         return items
 
     @cached_property

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import time
 from typing import Literal
 
 import pytest
@@ -141,3 +142,15 @@ class WeatherArgs(Closed):
     """The arguments of the tool the tool-call tests offer."""
     city: str
     unit: Literal["celsius", "fahrenheit"]
+
+
+def wait_idle(server, within_s: float) -> None:
+    """Wait until the server runs and queues nothing and holds no KV block (every request that ended,
+    or was aborted, has left the engine); fail if that takes longer than `within_s`."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if server.metric("num_requests_running") == server.metric("num_requests_waiting") == 0 \
+                and server.metric("kv_cache_usage_ratio") == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"engine still busy {within_s}s after the client left")

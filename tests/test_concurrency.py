@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
 
 from tests.conftest import ServerProcess, cpu_path_only, cuda_available
-from tests.helpers import stream_chat
+from tests.helpers import stream_chat, wait_idle
 
 MODEL = "smollm2-135m-instruct"
 TOPICS = ["the moon", "a cat", "rain", "bread", "trains", "music", "winter", "the ocean", "a robot", "coffee",
@@ -35,15 +34,6 @@ def test_20_concurrent_streams_each_match_their_solo_greedy_text(server, client)
     streamed = [text for text, _ in asyncio.run(main())]
     mismatched = [t for t, text in zip(TOPICS, streamed) if text != solo[t]]
     assert not mismatched, mismatched
-
-
-def wait_idle(server, within_s: float) -> float:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if server.metric("num_requests_running") == 0 and server.metric("kv_cache_usage_ratio") == 0:
-            return time.monotonic()
-        time.sleep(0.05)
-    raise AssertionError(f"engine still busy {within_s}s after the client left")
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_kv(server):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
@@ -10,6 +9,7 @@ import pytest
 
 from engine.config import EngineConfig
 from tests.conftest import cuda_available
+from tests.helpers import wait_idle
 
 MODEL = "smollm2-135m-instruct"
 MSG = [{"role": "user", "content": "Name three colors of the rainbow."}]
@@ -223,11 +223,7 @@ def test_bad_batches_are_400s_naming_the_prompt_and_leave_nothing_running(server
     assert r.json()["error"]["param"] == param
     # a batch is taken whole or not at all: a first prompt's request is aborted (not left to make its
     # 1,900 tokens, which takes far longer than this wait)
-    for _ in range(50):
-        if server.metric("num_requests_running") == server.metric("num_requests_waiting") == 0:
-            break
-        time.sleep(0.1)
-    assert server.metric("num_requests_running") == 0
+    wait_idle(server, within_s=5)
 
 
 def test_a_client_leaving_a_streamed_batch_aborts_every_prompt(server, client):
@@ -239,11 +235,7 @@ def test_a_client_leaving_a_streamed_batch_aborts_every_prompt(server, client):
         if len(seen) == len(PROMPTS):
             break
     stream.close()
-    for _ in range(50):
-        if server.metric("num_requests_running") == server.metric("num_requests_waiting") == 0:
-            break
-        time.sleep(0.1)
-    assert server.metric("num_requests_running") == 0
+    wait_idle(server, within_s=5)
 
 
 def test_a_batch_reports_the_cache_each_of_its_prompts_found(client, server):
