@@ -108,5 +108,6 @@ class EngineConfig:
     prefix_caching: bool = True  # full blocks of dense K/V are kept, by hash, for prompts sharing them
     cache_dir: str | None = None  # where converted GGUF weights are cached
     threads: int | None = None
+    chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the model's
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs (Triton kernels, run eagerly)
     skip: SkipConfig = field(default_factory=SkipConfig)

@@ -30,7 +30,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.hf_dir = ensure_hf_dir(config.model, config.cache_dir)
-        self.tokenizer = Tokenizer(self.hf_dir)
+        self.tokenizer = Tokenizer(self.hf_dir, config.chat_template)
         self.model_config = ModelConfig.from_hf_dir(self.hf_dir)
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         config.max_model_len = self.max_model_len

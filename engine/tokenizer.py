@@ -1,7 +1,8 @@
 """Tokenizer and chat template, read from the model's own folder (never from a hub).
 
 The folder's `tokenizer.json` runs on the `tokenizers` library, and its chat template
-(`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`) is rendered with jinja2
+(`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`; or the one a user gives
+instead, `--chat-template`) is rendered with jinja2
 the way transformers' `apply_chat_template` renders it (tests/test_tokenizer.py compares the two
 on both embedded models). Transformers itself is not imported (it converts a folder that has only
 a slow tokenizer's files): loading its tokenizer classes holds ~90 MB more in a serving process.
@@ -32,8 +33,18 @@ def _chat_template(folder: Path, config: dict) -> str | None:
     return template
 
 
+def read_chat_template(value: str) -> str:
+    """`--chat-template`: the template itself (it holds Jinja tags) or a file that holds it."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"chat template {value!r}: no such file, and not a Jinja template")
+    return path.read_text()
+
+
 def _compile(template: str):
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -46,11 +57,15 @@ def _compile(template: str):
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
+    try:
+        return env.from_string(template)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"the chat template does not parse: line {exc.lineno}: {exc.message}") from None
 
 
 class Tokenizer:
-    def __init__(self, hf_dir: str | Path):
+    def __init__(self, hf_dir: str | Path, chat_template: str | None = None):
+        """`chat_template`: the user's template (or a file holding it) instead of the model's."""
         from tokenizers import Tokenizer as Backend
 
         folder = Path(hf_dir)
@@ -66,7 +81,7 @@ class Tokenizer:
         eos = self._special.get("eos_token")
         self.eos_token_id = None if eos is None else self._tok.token_to_id(eos)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        template = _chat_template(folder, config)
+        template = read_chat_template(chat_template) if chat_template else _chat_template(folder, config)
         self._template = _compile(template) if template else None
         self.has_chat_template = self._template is not None
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))

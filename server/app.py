@@ -1,5 +1,5 @@
 """The FastAPI application: lifespan (model load), middleware (server/access_gate.py,
-server/body_limit.py), small routes."""
+server/body_limit.py, CORS for browser clients), small routes."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +11,7 @@ from typing import Callable
 
 from fastapi import FastAPI
 from fastapi.responses import Response
+from starlette.middleware.cors import CORSMiddleware
 
 from engine.async_engine import AsyncEngine
 from server import __version__, errors
@@ -25,6 +26,8 @@ from server.response_store import ResponseStore
 from server.responses import router as responses_router
 
 log = logging.getLogger("skipserve.server")
+
+CORS_METHODS = ["GET", "POST", "DELETE"]
 
 
 @dataclass
@@ -48,8 +51,11 @@ class ServerState:
 
 def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               on_load_failed: Callable[[BaseException], None] | None = None) -> FastAPI:
-    """`on_load_failed`: called when the model cannot load (the CLI exits non-zero then)."""
+               on_load_failed: Callable[[BaseException], None] | None = None,
+               allowed_origins: tuple[str, ...] = ()) -> FastAPI:
+    """`on_load_failed`: called when the model cannot load (the CLI exits non-zero then).
+    `allowed_origins`: web origins whose pages may call the API from a browser ("*": any); none by
+    default, so a page on another origin can send nothing the browser would not send anyway."""
     metrics = Metrics(engine)
     engine.on_step = metrics.on_step
     state = ServerState(engine, metrics, served_model_name, api_key)
@@ -137,6 +143,9 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
 
     app.add_middleware(AccessGate, state=state)
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)  # added last: runs first
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    if allowed_origins:  # outermost: preflights need no key, and refusals (401, 413, 429) carry the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=CORS_METHODS,
+                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
     return app
 

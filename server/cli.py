@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import replace
@@ -12,6 +13,17 @@ from dataclasses import replace
 from engine.config import KV_CACHE_DTYPES, EngineConfig
 
 DEFAULT_PRESET = "smollm2-135m-instruct"
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # what a browser sends as Origin: scheme://host[:port]
+
+
+def allowed_origins(value: str) -> tuple[str, ...]:
+    """`--allowed-origins`: comma-separated origins, or `*` for any."""
+    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not ORIGIN.fullmatch(origin.lower()):
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin (scheme://host[:port], e.g. "
+                                             "http://localhost:3000) or *")
+    return origins
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -45,6 +57,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         "group of 32 inputs, weight-only, for the quantized kernels (default: off)")
     m.add_argument("--cache-dir", default=None, help="where converted GGUF weights and compiled kernels are "
                    "cached (default: $SKIPSERVE_CACHE or ~/.cache/skipserve)")
+    m.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template, or a file holding one, to use instead of the model's own "
+                        "(as transformers' apply_chat_template renders it) (default: the model's)")
     m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     m.add_argument("--enforce-eager", action="store_true", default=None,
                    help="CUDA: run decode steps eagerly, without capturing CUDA graphs")
@@ -97,8 +112,12 @@ def serve_parser() -> argparse.ArgumentParser:
     h.add_argument("--port", type=int, default=int(os.environ.get("SKIPSERVE_PORT", "8000")),
                    help="port (default: $SKIPSERVE_PORT or 8000)")
     h.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1, /tokenize and the API docs "
+                   help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and the API docs "
                         "(default: $SKIPSERVE_API_KEY if set; the key is never printed or logged)")
+    h.add_argument("--allowed-origins", type=allowed_origins,
+                   default=os.environ.get("SKIPSERVE_ALLOWED_ORIGINS", ""),
+                   help="web origins whose pages may call the API from a browser (CORS), comma-separated, or * "
+                        "for any (default: $SKIPSERVE_ALLOWED_ORIGINS, else none)")
     h.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"larger request bodies get 413 before they are parsed (default: {DEFAULT_MAX_REQUEST_BYTES})")
     h.add_argument("--header-timeout", type=float, default=10.0,
@@ -124,7 +143,7 @@ def build_config(args) -> EngineConfig:
     if args.model and not preset_path(args.model):
         config.model = args.model
     overrides = {k: getattr(args, k) for k in ("served_model_name", "device", "dtype", "quantize", "cache_dir",
-                                                 "threads", "max_num_seqs", "max_model_len", "block_size",
+                                                 "threads", "chat_template", "max_num_seqs", "max_model_len", "block_size",
                                                  "kv_capacity_tokens", "kv_cache_memory", "kv_cache_dtype",
                                                  "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching", "enforce_eager")
@@ -155,7 +174,8 @@ def serve(argv: list[str]) -> None:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(engine, config.served_model_name, api_key, args.max_request_bytes, load_failed)
+    app = create_app(engine, config.served_model_name, api_key, args.max_request_bytes, load_failed,
+                     args.allowed_origins)
 
     grace = max(0.0, args.grace_period)
     # sse-starlette would cut every stream the moment SIGTERM arrives; we drain them ourselves:

@@ -45,8 +45,16 @@ def completion_logprobs(entries, offset: int) -> dict:
         offset += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
             # a prompt's first token (echo) has no logprob, and no alternatives either
-            "top_logprobs": [None if e.logprob is None else {t: lp for t, _, lp in e.top} for e in entries],
+            "top_logprobs": [None if e.logprob is None else top_with_chosen(e) for e in entries],
             "text_offset": text_offset}
+
+
+def top_with_chosen(entry) -> dict[str, float]:
+    """The likeliest tokens and the chosen one besides where it is not among them: up to
+    `logprobs` + 1 entries, as OpenAI's completions give them."""
+    top = {t: lp for t, _, lp in entry.top}
+    top.setdefault(entry.token, entry.logprob)
+    return top
 
 
 class CompletionCall:

@@ -100,6 +100,16 @@ def test_completions_route_streaming_and_not(client):
     assert len(lp.choices[0].logprobs.tokens) == 3 and len(lp.choices[0].logprobs.top_logprobs[0]) == 2
 
 
+def test_completions_top_logprobs_hold_the_chosen_token_besides_the_likeliest(client):
+    """As OpenAI's completions: up to `logprobs` + 1 entries, the sampled token always among them."""
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=2.0, seed=7,
+                                  logprobs=1)
+    lp = r.choices[0].logprobs
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == logprob and len(top) in (1, 2)
+    assert any(len(top) == 2 for top in lp.top_logprobs)  # at temperature 2 some token is not the likeliest
+
+
 def test_async_client_concurrent_requests(server):
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)

@@ -82,6 +82,9 @@ def test_echo_with_logprobs_scores_the_prompt_and_the_answer_over_http(server, c
         plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1)
         assert lp.tokens[-1] == plain.choices[0].logprobs.tokens[0]
         assert math.isclose(lp.token_logprobs[-1], plain.choices[0].logprobs.token_logprobs[0], abs_tol=1e-3)
+    for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert top[token] == logprob and len(top) in (1, 2)  # the likeliest and, where another, the prompt's
+    assert any(len(top) == 2 for top in lp.top_logprobs[1:])
     offsets = lp.text_offset
     assert offsets == sorted(offsets) and offsets[0] == 0
     streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True,

@@ -1,0 +1,95 @@
+"""Serving options a deployment sets at start: CORS for browser clients (`--allowed-origins`) and a
+chat template of the user's own (`--chat-template`), on one real server behind an API key."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ROOT, ServerProcess
+
+MODEL = "smollm2-135m-instruct"
+KEY = "s3cret"
+UI = "http://ui.example:3000"
+# SmolLM2's turn markers around each message, its content upper-cased: a prompt its own template
+# (tokenizer_config.json) never renders, so the rendered text tells whose template ran.
+SHOUTING = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PREFLIGHT = {"Origin": UI, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    template = tmp_path_factory.mktemp("template") / "shouting.jinja"
+    template.write_text(SHOUTING)
+    s = ServerProcess("--api-key", KEY, "--allowed-origins", f"{UI}/,https://other.example",
+                      "--chat-template", str(template), "--max-model-len", "512", "--max-batch", "4")
+    yield s
+    s.stop()
+
+
+def chat(url, headers, **extra):
+    return httpx.post(url + "/v1/chat/completions", headers=headers, timeout=60,
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
+                            **extra})
+
+
+def test_a_preflight_from_an_allowed_origin_is_answered_without_the_key(srv):
+    r = httpx.options(srv.url + "/v1/chat/completions", headers=PREFLIGHT)
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == UI  # the trailing slash of the flag's value dropped
+    allowed = {h.strip() for h in r.headers["access-control-allow-headers"].lower().split(",")}
+    assert {"authorization", "content-type", "x-stainless-os"} <= allowed
+    assert "POST" in r.headers["access-control-allow-methods"]
+
+
+def test_answers_and_refusals_to_an_allowed_origin_carry_its_header(srv):
+    ok = chat(srv.url, {"Origin": UI, "Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+    assert ok.headers["access-control-allow-origin"] == UI
+    refused = chat(srv.url, {"Origin": UI})  # a page must be able to read why it was refused
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert refused.headers["access-control-allow-origin"] == UI
+
+
+def test_other_origins_get_no_cors_headers(srv):
+    r = httpx.options(srv.url + "/v1/chat/completions", headers={**PREFLIGHT, "Origin": "https://evil.example"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    r = chat(srv.url, {"Origin": "https://evil.example", "Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_without_the_flag_a_server_sends_no_cors_headers(server):
+    r = httpx.options(server.url + "/v1/chat/completions", headers=PREFLIGHT)
+    assert "access-control-allow-origin" not in r.headers
+    r = chat(server.url, {"Origin": UI})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_tokenize_and_detokenize_are_behind_the_key(srv):
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]})):
+        assert httpx.post(srv.url + path, json=body).status_code == 401
+        assert httpx.post(srv.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_the_users_chat_template_renders_chat_prompts(srv):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    tokens = httpx.post(srv.url + "/tokenize", json={"messages": messages}, headers=auth).json()["tokens"]
+    text = httpx.post(srv.url + "/detokenize", json={"tokens": tokens}, headers=auth).json()["prompt"]
+    assert text == "system\nBE BRIEF.\nuser\nNAME A COLOUR.\nassistant\n"  # markers are special: left out
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert r.usage.prompt_tokens == len(tokens) and r.choices[0].message.content
+
+
+@pytest.mark.parametrize("value, message", [
+    ("/no/such/template.jinja", "no such file, and not a Jinja template"),
+    ("{% for m in messages %}{{ m['content'] }}", "the chat template does not parse: line 1"),
+])
+def test_a_chat_template_that_cannot_be_used_stops_the_server_with_the_reason(value, message):
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        ServerProcess("--chat-template", value)
+    logs = (ROOT / ".pytest_cache").glob("server-*.log")
+    assert message in max(logs, key=lambda p: p.stat().st_mtime).read_text()
