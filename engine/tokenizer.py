@@ -10,12 +10,37 @@ a slow tokenizer's files): loading its tokenizer classes holds ~90 MB more in a 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from engine.sampling_params import InvalidParamError
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+# what the renderer passes to a template itself; a request's own variables may not replace them
+TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "tools", "documents", "raise_exception",
+                            "strftime_now", *SPECIAL_TOKENS})
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a chat's messages become a prompt: open a new assistant turn after them
+    (`add_generation_prompt`), or leave the final message open for the model to continue it
+    (`continue_final_message`: its text ends the prompt, no end-of-turn after it); `variables`:
+    more names the template may read (e.g. a flag some templates take)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    variables: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidParamError("continue_final_message continues the final message and add_generation_prompt "
+                                    "starts a new one: set at most one", "continue_final_message")
+        taken = sorted(TEMPLATE_NAMES & set(self.variables))
+        if taken:
+            raise InvalidParamError(f"chat_template_kwargs may not set {', '.join(taken)}: the server passes "
+                                    "them to the template itself", "chat_template_kwargs")
 
 
 def _token(value) -> str | None:
@@ -89,24 +114,28 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], options: ChatOptions = ChatOptions()) -> str:
         """Raises InvalidParamError (param messages) where the model's template refuses the messages
         (some raise on roles they do not know, or on turns that do not alternate)."""
         from jinja2 import TemplateError
 
+        add = options.add_generation_prompt
         if not self.has_chat_template:
             # No template: plain "role: content" lines, then the assistant's turn.
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=True, tools=None, documents=None,
-                                         **self._special)
-        except TemplateError as exc:
-            raise InvalidParamError(f"the model's chat template refused these messages: {exc}", "messages") from None
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add else "")
+        else:
+            try:
+                text = self._template.render(**options.variables, messages=messages, add_generation_prompt=add,
+                                             tools=None, documents=None, **self._special)
+            except TemplateError as exc:
+                raise InvalidParamError(f"the model's chat template refused these messages: {exc}",
+                                        "messages") from None
+        return _open_final_message(text, messages[-1]["content"]) if options.continue_final_message else text
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], options: ChatOptions = ChatOptions()) -> list[int]:
         # A template places the special tokens it wants; plain text gets the tokenizer's own (BOS),
         # as the same text sent to /v1/completions does (Gemma 3 answers nonsense without BOS).
-        return self.encode(self.render_chat(messages), add_special_tokens=not self.has_chat_template)
+        return self.encode(self.render_chat(messages, options), add_special_tokens=not self.has_chat_template)
 
     def decode(self, ids: list[int]) -> str:
         return self._clean(self._tok.decode(ids, skip_special_tokens=True))
@@ -147,6 +176,19 @@ class Tokenizer:
             else:
                 out[token_id] = text.encode().replace("\u2581".encode(), spaces[0]) if spaces else text.encode()
         return out
+
+
+def _open_final_message(text: str, final: str | None) -> str:
+    """The rendered chat cut right after the final message's text (its trailing whitespace left
+    out, which tokenizes badly before a continuation): what follows it (an end-of-turn, a new
+    turn) is the template's, and the model writes on from there instead."""
+    final = (final or "").strip()
+    end = text.rfind(final) if final else -1
+    if end < 0:
+        raise InvalidParamError("continue_final_message needs a final message whose text the chat template "
+                                "renders as it is" if final else "continue_final_message needs a final message "
+                                "with text to continue", "messages")
+    return text[:end + len(final)]
 
 
 def _byte_level_chars() -> dict[int, str]:

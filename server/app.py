@@ -128,7 +128,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         if body.model is not None:
             check_model(state, body.model)
         if body.messages is not None:
-            ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use)
+            ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use, body.chat_options)
         else:
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}

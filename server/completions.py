@@ -77,7 +77,7 @@ class CompletionCall:
         check_model(state, body.model)
         if self.chat:
             self.tools = body.tool_use
-            prompts = [await encode_chat(state, [m.as_dict() for m in body.messages], self.tools)]
+            prompts = [await encode_chat(state, [m.as_dict() for m in body.messages], self.tools, body.chat_options)]
             param = "messages"
         else:
             prompts = await self._completion_prompts()

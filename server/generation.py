@@ -12,6 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from engine.async_engine import EngineNotReadyError, EngineShutdownError, GenerationError, QueueFullError
+from engine.tokenizer import ChatOptions
 from server.errors import APIError, error_body
 from server.metrics import RequestTimer
 from server.protocol import ToolUse
@@ -86,11 +87,12 @@ def ready_tokenizer(state):
         raise APIError(503, str(exc), code="not_ready")
 
 
-async def encode_chat(state, messages: list[dict], use: ToolUse) -> list[int]:
+async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOptions = ChatOptions()) -> list[int]:
     """A chat's prompt ids: its messages (role, content, tool fields) with the tools `use` shows, through
-    the model's template. Templating and tokenizing a long prompt takes a while: off the event loop."""
+    the model's template as `options` ask. Templating and tokenizing a long prompt takes a while: off
+    the event loop."""
     rendered = render_messages(messages, use.tools, use.parallel)
-    return await asyncio.to_thread(ready_tokenizer(state).encode_chat, rendered)
+    return await asyncio.to_thread(ready_tokenizer(state).encode_chat, rendered, options)
 
 
 def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, param: str):

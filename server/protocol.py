@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
+from engine.tokenizer import ChatOptions
 from server.tool_calls import calls_schema
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -311,7 +312,23 @@ class ChatTools(Strict):
                        None if named else self.tool_choice, named, self.parallel_tool_calls)
 
 
-class ChatCompletionRequest(ChatTools, CommonRequest):  # in this order, `model` is the first field checked
+class ChatTemplating(Strict):
+    """How a chat request's messages become its prompt, as vLLM takes it: `add_generation_prompt`
+    (default true: a new assistant turn), `continue_final_message` (default false: true leaves the
+    final message open and the model continues it; add_generation_prompt then defaults to false),
+    `chat_template_kwargs` (more variables for the template)."""
+    add_generation_prompt: Optional[StrictBool] = None
+    continue_final_message: Optional[StrictBool] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    @cached_property
+    def chat_options(self) -> ChatOptions:
+        continue_final = bool(self.continue_final_message)
+        add = not continue_final if self.add_generation_prompt is None else self.add_generation_prompt
+        return ChatOptions(add, continue_final, self.chat_template_kwargs or {})
+
+
+class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest):  # in this order, `model` is the first field checked
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
@@ -370,7 +387,7 @@ class CompletionRequest(CommonRequest):
         return params
 
 
-class TokenizeRequest(ChatTools, RequestBody):
+class TokenizeRequest(ChatTemplating, ChatTools, RequestBody):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None

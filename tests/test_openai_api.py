@@ -128,6 +128,43 @@ def test_async_client_concurrent_requests(server):
         assert text == rs[0].choices[0].message.content
 
 
+def tokenize_chat(server, messages, **options):
+    return httpx.post(server.url + "/tokenize", json={"messages": messages, **options}, timeout=30).json()["tokens"]
+
+
+def test_continue_final_message_leaves_the_assistants_turn_open_for_the_model(server, client):
+    """vLLM's chat extras: the prompt ends with the final message's own text (no end of turn, no
+    new turn) and the answer continues it; the same prompt as token ids on /v1/completions gives the
+    same greedy continuation."""
+    started = [*MSG, {"role": "assistant", "content": "The first color is "}]
+    tokens = tokenize_chat(server, started, continue_final_message=True)
+    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens}, timeout=30).json()["prompt"]
+    assert text.endswith("Name three colors of the rainbow.\nassistant\nThe first color is")  # its trailing space cut
+    r = client.chat.completions.create(model=MODEL, messages=started, max_tokens=6, temperature=0,
+                                       extra_body={"continue_final_message": True})
+    assert r.usage.prompt_tokens == len(tokens) and r.choices[0].message.content
+    if not cuda_available():  # a cached prompt's bf16 tail may pick another near-tie token on CUDA
+        plain = client.completions.create(model=MODEL, prompt=tokens, max_tokens=6, temperature=0)
+        assert r.choices[0].message.content == plain.choices[0].text
+
+
+def test_add_generation_prompt_false_ends_the_prompt_after_the_messages(server):
+    opened, closed = tokenize_chat(server, MSG), tokenize_chat(server, MSG, add_generation_prompt=False)
+    assert len(closed) < len(opened) and opened[:len(closed)] == closed
+
+
+@pytest.mark.parametrize("options, messages, param", [
+    ({"continue_final_message": True, "add_generation_prompt": True}, MSG, "continue_final_message"),
+    ({"continue_final_message": True}, [*MSG, {"role": "assistant", "content": "  "}], "messages"),
+    ({"chat_template_kwargs": {"messages": [], "eos_token": "x"}}, MSG, "chat_template_kwargs"),
+    ({"chat_template_kwargs": ["not", "an", "object"]}, MSG, "chat_template_kwargs"),
+])
+def test_chat_templating_options_that_cannot_hold_are_400s(server, options, messages, param):
+    for path, body in (("/v1/chat/completions", {"model": MODEL, "max_tokens": 2}), ("/tokenize", {})):
+        r = httpx.post(server.url + path, json={**body, "messages": messages, **options}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_models_health_version_tokenize(server):
     models = httpx.get(server.url + "/v1/models").json()
     assert models["data"][0]["id"] == MODEL

@@ -11,9 +11,10 @@ from tests.conftest import ROOT, ServerProcess
 MODEL = "smollm2-135m-instruct"
 KEY = "s3cret"
 UI = "http://ui.example:3000"
-# SmolLM2's turn markers around each message, its content upper-cased: a prompt its own template
-# (tokenizer_config.json) never renders, so the rendered text tells whose template ran.
-SHOUTING = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}"
+# SmolLM2's turn markers around each message, its content upper-cased, after a preface where a
+# request gives one: a prompt its own template (tokenizer_config.json) never renders, so the
+# rendered text tells whose template ran.
+SHOUTING = ("{% if preface %}{{ preface }}\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PREFLIGHT = {"Origin": UI, "Access-Control-Request-Method": "POST",
              "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
@@ -79,6 +80,10 @@ def test_the_users_chat_template_renders_chat_prompts(srv):
     tokens = httpx.post(srv.url + "/tokenize", json={"messages": messages}, headers=auth).json()["tokens"]
     text = httpx.post(srv.url + "/detokenize", json={"tokens": tokens}, headers=auth).json()["prompt"]
     assert text == "system\nBE BRIEF.\nuser\nNAME A COLOUR.\nassistant\n"  # markers are special: left out
+    prefaced = httpx.post(srv.url + "/tokenize", headers=auth, json={
+        "messages": messages, "chat_template_kwargs": {"preface": "Logged chat."}}).json()["tokens"]
+    assert httpx.post(srv.url + "/detokenize", json={"tokens": prefaced}, headers=auth).json()["prompt"] == \
+        "Logged chat.\n" + text  # a request's chat_template_kwargs reach the template
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
     assert r.usage.prompt_tokens == len(tokens) and r.choices[0].message.content
