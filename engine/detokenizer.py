@@ -2,8 +2,10 @@
 
 Text is released only when it is final: never half a UTF-8 character (a trailing U+FFFD
 waits for the next token), and never a suffix that could still grow into a stop string.
-A stop string is cut out of the output with everything after it. Matching is linear in the
-output (`engine/stop_strings.py`): each character is looked at once, on the engine thread.
+A stop string is cut out of the output with everything after it (or kept, and only what follows
+it cut, with `include_stop`); one that ends before the sequence may stop (min_tokens) is passed
+over. Matching is linear in the output (`engine/stop_strings.py`): each character is looked at
+once, on the engine thread.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from engine.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str]):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], include_stop: bool = False):
         self.tokenizer = tokenizer
         self.stops = StopStringMatcher(stop)
+        self.include_stop = include_stop
         # Decode with a few prompt tokens of context so leading spaces come out right.
         self.ids = list(prompt_ids[-5:])
         self.prefix_offset = 0
@@ -23,7 +26,8 @@ class IncrementalDetokenizer:
         self.emitted = 0  # chars of self.text already handed out
         self.stopped = False
 
-    def add_token(self, token_id: int) -> None:
+    def add_token(self, token_id: int, may_stop: bool = True) -> None:
+        """`may_stop`: whether a stop string completed by this token's text ends the output."""
         self.ids.append(token_id)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset:])
@@ -32,10 +36,15 @@ class IncrementalDetokenizer:
         new = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self.text += new
-        hit = self.stops.feed(new)
-        if hit is not None:
-            self.text = self.text[:hit]
-            self.stopped = True
+        fed = 0
+        while fed < len(new):
+            before = self.stops.consumed
+            hit = self.stops.feed(new[fed:])  # stops at the character completing a stop string
+            fed += self.stops.consumed - before
+            if hit is not None and may_stop:
+                self.text = self.text[:self.stops.consumed if self.include_stop else hit]
+                self.stopped = True
+                return
 
     def take(self, final: bool) -> str:
         """Text not yet handed out that can no longer turn into a stop string."""

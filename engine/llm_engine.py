@@ -83,15 +83,18 @@ class LLMEngine:
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
         grammar = None if params.response_schema is None else \
             self.structured.grammar(params.response_schema, params.schema_param)
+        ending = tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)))
         # choice i samples with seed + i, as an unsigned 64-bit value (what engine/seeded_uniform.py takes)
         return [
             Sequence(
                 seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids),
                 params=params, skip_plan=plan, max_tokens=max_tokens,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop,
+                                                   params.include_stop_str_in_output),
                 seed=(base_seed + i) % 2**64,
                 constraint=None if grammar is None else Constraint(self.structured, grammar),
                 prompt_logprobs=None if params.prompt_logprobs is None else [],
+                ending_tokens=ending,
             )
             for i in range(params.n)
         ]
@@ -230,7 +233,7 @@ class LLMEngine:
         if token in self.eos_ids and (not params.ignore_eos or (constraint is not None and constraint.ended)) \
                 or token in params.stop_token_ids:
             return "stop"
-        seq.detokenizer.add_token(token)
+        seq.detokenizer.add_token(token, may_stop=len(seq.output_ids) >= params.min_tokens)
         if seq.detokenizer.stopped or (constraint is not None and constraint.done):  # nothing may follow the JSON
             return "stop"
         if len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:

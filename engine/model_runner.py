@@ -197,7 +197,8 @@ class ModelRunner:
             try:
                 uniform = None if seq.params.greedy else seeded_uniform(seq.seed, len(seq.output_ids))
                 allowed = None if seq.constraint is None else seq.constraint.mask()
-                rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids, uniform, allowed))
+                rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids, uniform, allowed,
+                                      seq.refused_tokens))
                 live.append(i)
             except Exception as exc:
                 failed[seq.seq_id] = exc

@@ -8,7 +8,7 @@ import torch
 
 from engine.categorical import draw
 from engine.penalties import apply_penalties
-from engine.rows import put_rows, take_rows, to_device
+from engine.rows import device_values, put_rows, take_rows, to_device
 from engine.sampling_params import SamplingParams
 
 
@@ -19,6 +19,7 @@ class SampleRow:
     output_ids: list[int]
     uniform: float | None  # the row's random draw in [0, 1) (None for greedy rows)
     allowed: torch.Tensor | None = None  # [V] bool on the CPU: the only tokens it may take (structured outputs)
+    refused: tuple[int, ...] | None = None  # tokens it may not take (the ending ones before min_tokens)
 
 
 @dataclass
@@ -54,12 +55,18 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
 
 
 def _mask(logits: torch.Tensor, rows: list[SampleRow]) -> None:
-    """-inf for the tokens a constrained row may not take (after penalties and bias, which might
-    otherwise lift one)."""
+    """-inf for the tokens a row may not take: outside a constrained row's allowed set, and its
+    refused ones (after penalties and bias, which might otherwise lift one)."""
     masked = [i for i, r in enumerate(rows) if r.allowed is not None]
     if masked:
         allowed = to_device(torch.stack([rows[i].allowed for i in masked]), logits.device)
         put_rows(logits, masked, take_rows(logits, masked).masked_fill_(~allowed, float("-inf")))
+    refusing = [i for i, r in enumerate(rows) if r.refused]
+    if refusing:
+        ids = [list(rows[i].refused) for i in refusing]
+        width = max(map(len, ids))  # a row's list padded with its own first id: the same -inf again
+        logits[device_values(refusing, logits.device)[:, None],
+               device_values([row + row[:1] * (width - len(row)) for row in ids], logits.device)] = float("-inf")
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, width: int):

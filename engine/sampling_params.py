@@ -29,7 +29,9 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it
     ignore_eos: bool = False
+    min_tokens: int = 0  # tokens made before EOS, a stop token or a stop string may end the answer
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     prompt_logprobs: int | None = None  # None = off; k >= 0 = each prompt token's logprob + k alternatives
     response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
@@ -60,6 +62,11 @@ class SamplingParams:
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]")
         check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "repetition_penalty must be in (0, 2]")
+        check(self.min_tokens >= 0, "min_tokens", "min_tokens must be at least 0")
+        check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+              f"min_tokens must be at most {self.max_tokens_param}")
+        check(all(0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
+              "stop_token_ids must be token ids of the vocabulary")
         for count in (self.logprobs, self.prompt_logprobs):
             check(count is None or 0 <= count <= 20, self.logprobs_param, f"{self.logprobs_param} must be in [0, 20]")
         for token, bias in self.logit_bias.items():

@@ -39,6 +39,9 @@ class Sequence:
     ffn_skipped: int = 0
     ffn_total: int = 0
     constraint: Constraint | None = None  # where its answer is in its response_format's JSON
+    # the tokens that would end it (EOS unless ignored, stop_token_ids), refused while it has made
+    # fewer than params.min_tokens
+    ending_tokens: tuple[int, ...] = ()
     # with params.prompt_logprobs: the logprob entries (engine/outputs.TokenLogprob) of prompt tokens
     # 1.. computed so far; handed out with the sequence's first output
     prompt_logprobs: list | None = None
@@ -48,6 +51,13 @@ class Sequence:
         """Prompt positions still to score: their hidden states are needed, so none may come from
         the prefix cache."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
+
+    @property
+    def refused_tokens(self) -> tuple[int, ...] | None:
+        """What the sampler may not pick for its next token: the ending tokens before min_tokens
+        (not for a schema-held answer, which ends where its document does)."""
+        early = len(self.output_ids) < self.params.min_tokens and self.constraint is None
+        return self.ending_tokens if early and self.ending_tokens else None
 
     @property
     def num_tokens(self) -> int:

@@ -183,6 +183,10 @@ class SamplingRequest(RequestBody):
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     ignore_eos: StrictBool = False
+    # vLLM's: tokens made before the answer may end; token ids that end it; a stop string kept in the text
+    min_tokens: Optional[StrictInt] = None
+    stop_token_ids: Optional[list[StrictInt]] = None
+    include_stop_str_in_output: StrictBool = False
     ffn_skip: Optional[FFNSkip] = None
 
     def sampling(self, logprobs: int | None, max_tokens: int | None, schema: dict | None, n: int = 1,
@@ -204,7 +208,8 @@ class SamplingRequest(RequestBody):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=bias, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            response_schema=schema, max_tokens_param=max_tokens_param,
+            response_schema=schema, max_tokens_param=max_tokens_param, min_tokens=self.min_tokens or 0,
+            stop_token_ids=list(self.stop_token_ids or []), include_stop_str_in_output=self.include_stop_str_in_output,
         )
 
     def skip(self) -> SkipParams | None:

@@ -28,3 +28,26 @@ def test_text_that_may_become_a_stop_string_is_held_back(engine):
         assert "two" not in out  # "two" could start the stop string, so it waits
     out += detok.take(final=True)
     assert out == "one " and detok.stopped
+
+
+def feed(detok, ids, may_stop=lambda i: True) -> str:
+    out = ""
+    for i, t in enumerate(ids):
+        detok.add_token(t, may_stop=may_stop(i))
+        out += detok.take(final=False)
+        if detok.stopped:
+            break
+    return out + detok.take(final=True)
+
+
+def test_a_kept_stop_string_ends_the_text_and_nothing_after_it_comes_out(engine):
+    ids = engine.tokenizer.encode("one, two, three", add_special_tokens=False)
+    assert feed(IncrementalDetokenizer(engine.tokenizer, [], stop=[", t"], include_stop=True), ids) == "one, t"
+    assert feed(IncrementalDetokenizer(engine.tokenizer, [], stop=[", t"]), ids) == "one"
+
+
+def test_a_stop_string_before_the_sequence_may_stop_is_passed_over(engine):
+    ids = engine.tokenizer.encode("one, two, three, four", add_special_tokens=False)
+    first_comma = next(i for i in range(len(ids)) if "," in engine.tokenizer.decode(ids[:i + 1]))
+    detok = IncrementalDetokenizer(engine.tokenizer, [], stop=[","])
+    assert feed(detok, ids, may_stop=lambda i: i > first_comma) == "one, two" and detok.stopped

@@ -128,6 +128,49 @@ def test_async_client_concurrent_requests(server):
         assert text == rs[0].choices[0].message.content
 
 
+COUNTING = "1, 2, 3, 4,"  # greedy goes on " 5, 6, 7, ..."
+
+
+def count_on(client, **extra):
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=12, temperature=0, extra_body=extra)
+    return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+
+
+def test_stop_token_ids_stop_strings_kept_and_min_tokens_as_vllm_takes_them(server, client):
+    text, _, _ = count_on(client)
+    assert text.startswith(" 5, 6, 7")
+    comma = httpx.post(server.url + "/tokenize", json={"prompt": ","}, timeout=30).json()["tokens"]
+    assert len(comma) == 1
+    assert count_on(client, stop_token_ids=comma)[:2] == (" 5", "stop")
+    assert client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=12, temperature=0, stop=[","],
+                                     extra_body={"include_stop_str_in_output": True}).choices[0].text == " 5,"
+    # min_tokens: a stop token may not be drawn before the answer's 4th token (vLLM masks it), and a
+    # stop string completed before then is passed over
+    text, _, tokens = count_on(client, stop_token_ids=comma, min_tokens=4)
+    assert tokens >= 4 and not text.startswith(" 5,")
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=12, temperature=0, stop=[","],
+                                  extra_body={"min_tokens": 4})
+    assert r.choices[0].text == " 5, 6"  # " ", "5", "," (3 tokens: passed over), " ", "6", ","
+
+
+def test_min_tokens_holds_off_the_end_of_turn(client):
+    short = chat(client, messages=[{"role": "user", "content": "Answer with one word: is the sky blue?"}],
+                 max_tokens=48, temperature=0)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 24
+    longer = chat(client, messages=[{"role": "user", "content": "Answer with one word: is the sky blue?"}],
+                  max_tokens=48, temperature=0, extra_body={"min_tokens": 24})
+    assert longer.usage.completion_tokens >= 24
+
+
+@pytest.mark.parametrize("extra, param", [({"min_tokens": 9, "max_tokens": 8}, "min_tokens"),
+                                          ({"min_tokens": -1}, "min_tokens"),
+                                          ({"stop_token_ids": [10 ** 9]}, "stop_token_ids"),
+                                          ({"stop_token_ids": ["1"]}, "stop_token_ids.0")])
+def test_vllm_stop_fields_out_of_range_are_400s(server, extra, param):
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", **extra}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def tokenize_chat(server, messages, **options):
     return httpx.post(server.url + "/tokenize", json={"messages": messages, **options}, timeout=30).json()["tokens"]
 

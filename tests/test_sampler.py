@@ -163,6 +163,21 @@ def test_sample_greedy_and_drawn_rows_with_logprobs(device):
     assert allowed[out[1].token_id]
 
 
+def test_refused_tokens_are_never_picked_and_other_rows_keep_theirs(device):
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, VOCAB, generator=gen) * 3
+    best = logits.argmax(-1).tolist()
+    refused = [(best[0],), (best[1], 3, 4), None]
+    rows = [SampleRow(SamplingParams(temperature=0.0), [1], [], None, refused=refused[0]),
+            SampleRow(SamplingParams(temperature=1.5), [1], [], 0.5, refused=refused[1]),
+            SampleRow(SamplingParams(temperature=0.0), [1], [], None)]
+    out = sample(logits.to(device, copy=True), rows)
+    second = logits[0].clone()
+    second[best[0]] = float("-inf")
+    assert out[0].token_id == int(second.argmax())  # the next likeliest
+    assert out[1].token_id not in refused[1] and out[2].token_id == best[2]
+
+
 def test_seeded_uniform_is_a_stream_per_seed():
     draws = [seeded_uniform(seed, i) for seed in (0, 1, 2**64 - 1) for i in range(3000)]
     assert all(0.0 <= u < 1.0 for u in draws)
