@@ -34,7 +34,7 @@ CORS_METHODS = ["GET", "POST", "DELETE"]
 class ServerState:
     engine: AsyncEngine
     metrics: Metrics
-    served_model_name: str
+    served_names: tuple[str, ...]  # the model's names in the API, the first its own
     api_key: str | None = None
     responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
     draining: bool = False
@@ -42,14 +42,14 @@ class ServerState:
 
     @property
     def model_names(self) -> set[str]:
-        return {self.served_model_name}
+        return set(self.served_names)
 
     @property
     def fingerprint(self) -> str:
         return f"skipserve-{__version__}-{self.engine.config.skip.policy}"
 
 
-def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
+def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                on_load_failed: Callable[[BaseException], None] | None = None,
                allowed_origins: tuple[str, ...] = ()) -> FastAPI:
@@ -58,7 +58,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     default, so a page on another origin can send nothing the browser would not send anyway."""
     metrics = Metrics(engine)
     engine.on_step = metrics.on_step
-    state = ServerState(engine, metrics, served_model_name, api_key)
+    state = ServerState(engine, metrics, tuple(dict.fromkeys(served_names)), api_key)
 
     def load_done(task: asyncio.Task) -> None:
         if task.cancelled():
@@ -103,18 +103,18 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     async def version():
         return {"version": __version__}
 
-    def model_card() -> dict:
-        return {"id": served_model_name, "object": "model", "created": int(state.started), "owned_by": "skipserve",
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": int(state.started), "owned_by": "skipserve",
                 "max_model_len": engine.config.max_model_len}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in state.served_names]}
 
     @app.get("/v1/models/{model:path}")  # a served name may hold a slash (org/model)
     async def model(model: str):
         check_model(state, model)
-        return model_card()
+        return model_card(model)
 
     @app.get("/metrics")
     async def metrics_route():

@@ -46,8 +46,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="preset name (server/presets/NAME.yaml), path to a .gguf file, or a local HF folder "
                         f"(default: the embedded {DEFAULT_PRESET})")
     m.add_argument("--config", default=None, help="YAML config file (as server/presets/*.yaml); flags override it")
-    m.add_argument("--served-model-name", default=None,
-                   help=f"model name in the API {shown(preset.served_model_name)}")
+    m.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model's name in the API; with more names, requests may use any of them, and "
+                        f"/v1/models lists each {shown(preset.served_model_name)}")
     m.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help=shown(preset.device))
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
                    help="weights: auto = a GGUF's own quantization on CPU (other inputs: float32), bfloat16 "
@@ -142,12 +143,14 @@ def build_config(args) -> EngineConfig:
         config = EngineConfig(model=args.model, served_model_name=os.path.basename(args.model.rstrip("/")))
     if args.model and not preset_path(args.model):
         config.model = args.model
-    overrides = {k: getattr(args, k) for k in ("served_model_name", "device", "dtype", "quantize", "cache_dir",
+    overrides = {k: getattr(args, k) for k in ("device", "dtype", "quantize", "cache_dir",
                                                  "threads", "chat_template", "max_num_seqs", "max_model_len", "block_size",
                                                  "kv_capacity_tokens", "kv_cache_memory", "kv_cache_dtype",
                                                  "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching", "enforce_eager")
                  if getattr(args, k) is not None}
+    if args.served_model_name:
+        overrides["served_model_name"] = args.served_model_name[0]
     config = replace(config, **overrides)
     skip = {k.removeprefix("skip_"): v for k, v in vars(args).items() if k.startswith("skip_") and v is not None}
     config.skip = replace(config.skip, **skip)
@@ -174,7 +177,8 @@ def serve(argv: list[str]) -> None:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(engine, config.served_model_name, api_key, args.max_request_bytes, load_failed,
+    names = (config.served_model_name, *(args.served_model_name or [])[1:])
+    app = create_app(engine, names, api_key, args.max_request_bytes, load_failed,
                      args.allowed_origins)
 
     grace = max(0.0, args.grace_period)

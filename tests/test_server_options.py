@@ -1,5 +1,6 @@
-"""Serving options a deployment sets at start: CORS for browser clients (`--allowed-origins`) and a
-chat template of the user's own (`--chat-template`), on one real server behind an API key."""
+"""Serving options a deployment sets at start: CORS for browser clients (`--allowed-origins`), a
+chat template of the user's own (`--chat-template`) and more names for the model
+(`--served-model-name`), on one real server behind an API key."""
 from __future__ import annotations
 
 import httpx
@@ -9,6 +10,7 @@ import pytest
 from tests.conftest import ROOT, ServerProcess
 
 MODEL = "smollm2-135m-instruct"
+ALIAS = "gpt-4o-mini"  # a name a client was written for
 KEY = "s3cret"
 UI = "http://ui.example:3000"
 # SmolLM2's turn markers around each message, its content upper-cased, after a preface where a
@@ -25,7 +27,8 @@ def srv(tmp_path_factory):
     template = tmp_path_factory.mktemp("template") / "shouting.jinja"
     template.write_text(SHOUTING)
     s = ServerProcess("--api-key", KEY, "--allowed-origins", f"{UI}/,https://other.example",
-                      "--chat-template", str(template), "--max-model-len", "512", "--max-batch", "4")
+                      "--chat-template", str(template), "--served-model-name", MODEL, ALIAS, MODEL,
+                      "--max-model-len", "512", "--max-batch", "4")
     yield s
     s.stop()
 
@@ -98,3 +101,13 @@ def test_a_chat_template_that_cannot_be_used_stops_the_server_with_the_reason(va
         ServerProcess("--chat-template", value)
     logs = (ROOT / ".pytest_cache").glob("server-*.log")
     assert message in max(logs, key=lambda p: p.stat().st_mtime).read_text()
+
+
+def test_every_served_name_is_listed_and_answers_as_itself(srv):
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL, ALIAS]  # the repeated name listed once
+    assert client.models.retrieve(ALIAS).id == ALIAS
+    r = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert r.model == ALIAS and r.choices[0].message.content is not None
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
