@@ -230,10 +230,13 @@ class LLMEngine:
         params, constraint = seq.params, seq.constraint
         if constraint is not None:
             constraint.advance(token)  # raises for a token its mask refused: the sequence fails alone
-        if token in self.eos_ids and (not params.ignore_eos or (constraint is not None and constraint.ended)) \
-                or token in params.stop_token_ids:
+        eos = token in self.eos_ids and (not params.ignore_eos or (constraint is not None and constraint.ended))
+        if eos or token in params.stop_token_ids:
+            if not eos and params.include_stop_str_in_output:  # a stop token's text stays, as vLLM keeps it
+                seq.detokenizer.add_token(token, may_stop=False)
             return "stop"
-        seq.detokenizer.add_token(token, may_stop=len(seq.output_ids) >= params.min_tokens)
+        # as EOS (refused before it), a stop string ends the answer from the token after the min_tokens-th on
+        seq.detokenizer.add_token(token, may_stop=len(seq.output_ids) > params.min_tokens)
         if seq.detokenizer.stopped or (constraint is not None and constraint.done):  # nothing may follow the JSON
             return "stop"
         if len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:

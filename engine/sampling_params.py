@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 512  # per stop string: matching is linear in it, and the held-back tail is at most this
+MAX_STOP_TOKEN_IDS = 64  # looked up per generated token, and masked per step before min_tokens
 
 
 class InvalidParamError(ValueError):
@@ -67,6 +68,8 @@ class SamplingParams:
               f"min_tokens must be at most {self.max_tokens_param}")
         check(all(0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
               "stop_token_ids must be token ids of the vocabulary")
+        check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+              f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
         for count in (self.logprobs, self.prompt_logprobs):
             check(count is None or 0 <= count <= 20, self.logprobs_param, f"{self.logprobs_param} must be in [0, 20]")
         for token, bias in self.logit_bias.items():

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from jinja2.defaults import DEFAULT_NAMESPACE
+
 from engine.sampling_params import InvalidParamError
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 # what the renderer passes to a template itself; a request's own variables may not replace them
+# (and jinja's own globals: range, namespace, ...)
 TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "tools", "documents", "raise_exception",
-                            "strftime_now", *SPECIAL_TOKENS})
+                            "strftime_now", *SPECIAL_TOKENS, *DEFAULT_NAMESPACE})
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,9 @@ class Tokenizer:
         from jinja2 import TemplateError
 
         add = options.add_generation_prompt
+        if options.variables and not self.has_chat_template:
+            raise InvalidParamError("this model has no chat template to pass chat_template_kwargs to",
+                                    "chat_template_kwargs")
         if not self.has_chat_template:
             # No template: plain "role: content" lines, then the assistant's turn.
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add else "")
@@ -130,6 +136,9 @@ class Tokenizer:
             except TemplateError as exc:
                 raise InvalidParamError(f"the model's chat template refused these messages: {exc}",
                                         "messages") from None
+            except Exception as exc:  # e.g. a variable of the wrong type for what the template does with it
+                raise InvalidParamError(f"the chat template failed on this request: {type(exc).__name__}: {exc}",
+                                        "chat_template_kwargs" if options.variables else "messages") from None
         return _open_final_message(text, messages[-1]["content"]) if options.continue_final_message else text
 
     def encode_chat(self, messages: list[dict], options: ChatOptions = ChatOptions()) -> list[int]:

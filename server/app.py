@@ -28,6 +28,9 @@ from server.responses import router as responses_router
 log = logging.getLogger("skipserve.server")
 
 CORS_METHODS = ["GET", "POST", "DELETE"]
+# /tokenize fields that shape a chat prompt: refused beside a plain `prompt`, never silently ignored
+CHAT_ONLY_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "add_generation_prompt", "continue_final_message",
+                    "chat_template_kwargs")
 
 
 @dataclass
@@ -125,6 +128,9 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         tokenizer = ready_tokenizer(state)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
+        chat_only = [f for f in CHAT_ONLY_FIELDS if body.prompt is not None and getattr(body, f) is not None]
+        if chat_only:
+            raise APIError(400, f"{chat_only[0]} applies to 'messages', not to 'prompt'", chat_only[0])
         if body.model is not None:
             check_model(state, body.model)
         if body.messages is not None:

@@ -18,9 +18,10 @@ ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # what a browser sends as
 
 def allowed_origins(value: str) -> tuple[str, ...]:
     """`--allowed-origins`: comma-separated origins, or `*` for any."""
-    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    # as browsers send them: scheme and host in lower case, no trailing slash
+    origins = tuple(o.strip().rstrip("/").lower() for o in value.split(",") if o.strip())
     for origin in origins:
-        if origin != "*" and not ORIGIN.fullmatch(origin.lower()):
+        if origin != "*" and not ORIGIN.fullmatch(origin):
             raise argparse.ArgumentTypeError(f"{origin!r} is not an origin (scheme://host[:port], e.g. "
                                              "http://localhost:3000) or *")
     return origins
@@ -143,8 +144,8 @@ def build_config(args) -> EngineConfig:
         config = EngineConfig(model=args.model, served_model_name=os.path.basename(args.model.rstrip("/")))
     if args.model and not preset_path(args.model):
         config.model = args.model
-    overrides = {k: getattr(args, k) for k in ("device", "dtype", "quantize", "cache_dir",
-                                                 "threads", "chat_template", "max_num_seqs", "max_model_len", "block_size",
+    overrides = {k: getattr(args, k) for k in ("device", "dtype", "quantize", "cache_dir", "threads",
+                                                 "chat_template", "max_num_seqs", "max_model_len", "block_size",
                                                  "kv_capacity_tokens", "kv_cache_memory", "kv_cache_dtype",
                                                  "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching", "enforce_eager")

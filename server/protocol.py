@@ -333,7 +333,8 @@ class ChatTemplating(Strict):
         return ChatOptions(add, continue_final, self.chat_template_kwargs or {})
 
 
-class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest):  # in this order, `model` is the first field checked
+# in this order of bases, `model` is the first field checked
+class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False

@@ -142,6 +142,7 @@ def test_stop_token_ids_stop_strings_kept_and_min_tokens_as_vllm_takes_them(serv
     comma = httpx.post(server.url + "/tokenize", json={"prompt": ","}, timeout=30).json()["tokens"]
     assert len(comma) == 1
     assert count_on(client, stop_token_ids=comma)[:2] == (" 5", "stop")
+    assert count_on(client, stop_token_ids=comma, include_stop_str_in_output=True)[:2] == (" 5,", "stop")
     assert client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=12, temperature=0, stop=[","],
                                      extra_body={"include_stop_str_in_output": True}).choices[0].text == " 5,"
     # min_tokens: a stop token may not be drawn before the answer's 4th token (vLLM masks it), and a
@@ -154,17 +155,18 @@ def test_stop_token_ids_stop_strings_kept_and_min_tokens_as_vllm_takes_them(serv
 
 
 def test_min_tokens_holds_off_the_end_of_turn(client):
-    short = chat(client, messages=[{"role": "user", "content": "Answer with one word: is the sky blue?"}],
-                 max_tokens=48, temperature=0)
-    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 24
-    longer = chat(client, messages=[{"role": "user", "content": "Answer with one word: is the sky blue?"}],
-                  max_tokens=48, temperature=0, extra_body={"min_tokens": 24})
-    assert longer.usage.completion_tokens >= 24
+    question = [{"role": "user", "content": "Answer with one word: is the sky blue?"}]
+    short = chat(client, messages=question, max_tokens=64, temperature=0)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 48
+    at_least = short.usage.completion_tokens + 16
+    longer = chat(client, messages=question, max_tokens=64, temperature=0, extra_body={"min_tokens": at_least})
+    assert longer.usage.completion_tokens >= at_least
 
 
 @pytest.mark.parametrize("extra, param", [({"min_tokens": 9, "max_tokens": 8}, "min_tokens"),
                                           ({"min_tokens": -1}, "min_tokens"),
                                           ({"stop_token_ids": [10 ** 9]}, "stop_token_ids"),
+                                          ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
                                           ({"stop_token_ids": ["1"]}, "stop_token_ids.0")])
 def test_vllm_stop_fields_out_of_range_are_400s(server, extra, param):
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", **extra}, timeout=30)
@@ -194,6 +196,8 @@ def test_continue_final_message_leaves_the_assistants_turn_open_for_the_model(se
 def test_add_generation_prompt_false_ends_the_prompt_after_the_messages(server):
     opened, closed = tokenize_chat(server, MSG), tokenize_chat(server, MSG, add_generation_prompt=False)
     assert len(closed) < len(opened) and opened[:len(closed)] == closed
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "hi", "add_generation_prompt": False}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "add_generation_prompt"  # a chat field
 
 
 @pytest.mark.parametrize("options, messages, param", [
@@ -201,6 +205,7 @@ def test_add_generation_prompt_false_ends_the_prompt_after_the_messages(server):
     ({"continue_final_message": True}, [*MSG, {"role": "assistant", "content": "  "}], "messages"),
     ({"chat_template_kwargs": {"messages": [], "eos_token": "x"}}, MSG, "chat_template_kwargs"),
     ({"chat_template_kwargs": ["not", "an", "object"]}, MSG, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"range": 3, "namespace": 1}}, MSG, "chat_template_kwargs"),  # jinja's own globals
 ])
 def test_chat_templating_options_that_cannot_hold_are_400s(server, options, messages, param):
     for path, body in (("/v1/chat/completions", {"model": MODEL, "max_tokens": 2}), ("/tokenize", {})):

@@ -60,3 +60,17 @@ def test_a_template_that_refuses_the_messages_is_a_bad_request_not_a_failure(eng
     with pytest.raises(InvalidParamError) as caught:
         tokenizer.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
     assert caught.value.param == "messages" and "only user and assistant turns" in str(caught.value)
+
+
+def test_without_a_template_chats_render_plain_and_template_variables_are_refused(engine):
+    from engine.sampling_params import InvalidParamError
+    from engine.tokenizer import ChatOptions
+
+    gemma = Tokenizer(folders(engine)["gemma3"])
+    assert not gemma.has_chat_template
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is "}]
+    assert gemma.render_chat(chat, ChatOptions(add_generation_prompt=False, continue_final_message=True)) == \
+        "user: hi\nassistant: The answer is"
+    with pytest.raises(InvalidParamError) as caught:
+        gemma.render_chat(chat, ChatOptions(variables={"enable_thinking": False}))
+    assert caught.value.param == "chat_template_kwargs"
