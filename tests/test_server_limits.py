@@ -11,7 +11,6 @@ import threading
 import time
 
 import httpx
-import pytest
 
 from tests.conftest import ROOT, STARTUP_TIMEOUT_S, free_port
 
