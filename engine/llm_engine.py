@@ -14,6 +14,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.kv.block_manager import BlockManager, blocks_for
 from engine.loader import ensure_hf_dir
 from engine.model_runner import ModelRunner, StepResult
+from engine.ngram_drafter import NgramDrafter
 from engine.outputs import SequenceOutput, StepStats, TokenLogprob
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -36,7 +37,11 @@ class LLMEngine:
         config.max_model_len = self.max_model_len
         self.runner = ModelRunner(config, self.model_config, self.hf_dir)
         self.blocks = BlockManager(self.runner.capacity.num_blocks, config.block_size, config.prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens)
+        # speculative decoding where the backend checks drafts (engine/ngram_drafter.py)
+        self.speculative_tokens = config.speculative_tokens if self.runner.checks_drafts else 0
+        if config.speculative_tokens and not self.speculative_tokens:
+            log.warning("--speculative-tokens: this model and device have no decode step that checks drafts; off")
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, self.speculative_tokens)
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -95,6 +100,9 @@ class LLMEngine:
                 constraint=None if grammar is None else Constraint(self.structured, grammar),
                 prompt_logprobs=None if params.prompt_logprobs is None else [],
                 ending_tokens=ending,
+                # drafts for dense answers free of a schema (a skipping row's gate or a grammar's
+                # mask would have to follow each draft token)
+                drafter=NgramDrafter() if self.speculative_tokens and grammar is None and plan.budget <= 0 else None,
             )
             for i in range(params.n)
         ]
@@ -171,19 +179,26 @@ class LLMEngine:
             if seq.seq_id not in failed:
                 self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
         outputs = []
+        stats.draft_tokens = sum(map(len, batch.drafts.values()))
         for seq_id, sampled in result.samples.items():
             seq = self._sequences[seq_id]
+            accepted = result.accepted.get(seq_id, [])
             try:  # detokenizing and stop checks are the sequence's own: a failure there is its alone
-                skipped = result.ffn_skipped.get(seq_id, 0)
-                seq.ffn_skipped += skipped
-                seq.ffn_total += self.model_config.num_layers
-                seq.output_ids.append(sampled.token_id)
-                stats.generated_tokens += 1
-                reason = self._stop_reason(seq, sampled.token_id)
-                if reason:
-                    self.scheduler.finish(seq, reason)
-                    self._release(seq)
-                outputs.append(self._output(seq, sampled))
+                seq.ffn_skipped += result.ffn_skipped.get(seq_id, 0)  # (a sequence with drafts runs every FFN)
+                for made in [*accepted, sampled]:
+                    seq.ffn_total += self.model_config.num_layers
+                    seq.output_ids.append(made.token_id)
+                    stats.generated_tokens += 1
+                    if made is not sampled:  # an accepted draft token: its K/V came with the step
+                        stats.accepted_draft_tokens += 1
+                        self.scheduler.on_computed(seq, seq.num_tokens)
+                    reason = self._stop_reason(seq, made.token_id)
+                    if reason:
+                        self.scheduler.finish(seq, reason)
+                        self._release(seq)
+                    outputs.append(self._output(seq, made))
+                    if reason:
+                        break
             except Exception as exc:
                 failed[seq_id] = exc
         outputs += self._fail(failed, {s.seq_id: s for s in [*(c.seq for c in batch.prefills), *batch.decodes]})

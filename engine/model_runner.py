@@ -71,15 +71,18 @@ def check_kv_dtype(kv_cache_dtype: str, device: torch.device) -> None:
 
 @dataclass
 class StepResult:
-    samples: dict[str, Sampled]  # seq_id -> token produced this step
+    samples: dict[str, Sampled]  # seq_id -> token produced this step (after its accepted drafts)
     ffn_skipped: dict[str, int]  # seq_id -> FFN blocks skipped producing it
     layer_ffn_skipped: list[int]  # per layer, over this step's decode rows
     failed: dict[str, Exception] = field(default_factory=dict)  # seq_id -> why its token could not be made
     # seq_id -> (token id, logprob, [(alternative id, logprob)]) of the prompt tokens scored this step
     prompt_scores: dict[str, list] = field(default_factory=dict)
+    # seq_id -> its draft tokens the model produced too, in order: they come before its sample
+    accepted: dict[str, list[Sampled]] = field(default_factory=dict)
 
     def merge(self, other: "StepResult") -> None:
         self.samples.update(other.samples)
+        self.accepted.update(other.accepted)
         self.ffn_skipped.update(other.ffn_skipped)
         self.layer_ffn_skipped = [a + b for a, b in zip(self.layer_ffn_skipped, other.layer_ffn_skipped)]
         self.failed.update(other.failed)
@@ -125,6 +128,9 @@ class ModelRunner:
         self.model.fused_decode = self.backend.fused_decode(self.model, self.kv)
         self.policy = build_policy(config.skip, model_config.num_layers)
         self.decode_step = self.backend.decode_step(self.model, self.kv, config, self.policy)  # CUDA: Triton + graphs
+        # drafts are checked as decode rows of their sequence, which must see the K/V of the rows
+        # before them in the same step: the native CPU step writes every row's K/V before attending
+        self.checks_drafts = self.model.fused_decode is not None
         self.num_layers = model_config.num_layers
         per_token = self.model.weight_bytes()
         log.info("weights read per decoded token: %.1f MB (FFN %.1f, attention %.1f, lm_head %.1f); kernels: %s",
@@ -180,40 +186,55 @@ class ModelRunner:
                 if chunk.produces_token:
                     hiddens.append(hidden[end - 1:end])
                     producers.append(chunk.seq)
+        producers = [(seq, []) for seq in producers]  # each row's sequence and the draft tokens before it
         skipped = {}
         layer_skipped = [0] * self.num_layers
         if batch.decodes:
-            seqs = batch.decodes
-            gate = self.policy.make_gate([self.policy.row_skip(s.skip_plan, len(s.output_ids)) for s in seqs],
-                                         self.device)
-            hiddens.append(self.decode([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs],
-                                       [s.block_table for s in seqs], gate))
-            producers.extend(seqs)
+            # a sequence's row, then one row per draft token: the draft's token at its position
+            decoding = [(s, batch.drafts.get(s.seq_id, [])[:j]) for s in batch.decodes
+                        for j in range(len(batch.drafts.get(s.seq_id, ())) + 1)]
+            gate = self.policy.make_gate([self.policy.row_skip(s.skip_plan, len(s.output_ids) + len(before))
+                                          for s, before in decoding], self.device)
+            hiddens.append(self.decode([before[-1] if before else s.last_token for s, before in decoding],
+                                       [s.num_tokens - 1 + len(before) for s, before in decoding],
+                                       [s.block_table for s, _ in decoding], gate))
+            producers.extend(decoding)
         if not producers:
             return StepResult({}, {}, layer_skipped, prompt_scores=prompt_scores)
         logits = self.logits(torch.cat(hiddens))
         failed, live, rows = {}, [], []
-        for i, seq in enumerate(producers):  # a row's own settings may fail it alone (e.g. its seed, its schema)
+        for i, (seq, before) in enumerate(producers):  # a row's own settings may fail it alone (its seed, its schema)
             try:
-                uniform = None if seq.params.greedy else seeded_uniform(seq.seed, len(seq.output_ids))
-                allowed = None if seq.constraint is None else seq.constraint.mask()
-                rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids, uniform, allowed,
-                                      seq.refused_tokens))
+                made = len(seq.output_ids) + len(before)
+                uniform = None if seq.params.greedy else seeded_uniform(seq.seed, made)
+                allowed = None if seq.constraint is None else seq.constraint.mask()  # (such rows have no drafts)
+                rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids + before, uniform, allowed,
+                                      seq.refused_tokens(made)))
                 live.append(i)
             except Exception as exc:
                 failed[seq.seq_id] = exc
-        if len(live) < len(producers):
-            logits = logits[live]
-        samples = {}
-        for i, token in zip(live, sample(logits, rows) if rows else []):
+        tokens: dict[str, list[Sampled]] = {}
+        for i, token in zip(live, sample(logits[live] if len(live) < len(producers) else logits, rows) if rows else []):
+            seq_id = producers[i][0].seq_id
             if isinstance(token, Exception):
-                failed[producers[i].seq_id] = token
+                failed[seq_id] = token
             else:
-                samples[producers[i].seq_id] = token
+                tokens.setdefault(seq_id, []).append(token)
+        samples, accepted = {}, {}
+        for seq_id, made in tokens.items():
+            if seq_id in failed:
+                continue
+            # the draft's tokens the model produced itself, up to the first it did not: that token is its sample
+            draft, taken = batch.drafts.get(seq_id, []), 0
+            while taken < len(draft) and made[taken].token_id == draft[taken]:
+                taken += 1
+            samples[seq_id] = made[taken]
+            if taken:
+                accepted[seq_id] = made[:taken]
         if batch.decodes:  # after sampling, which waits for the device anyway: no sync between step and lm_head
-            per_row, layer_skipped = gate.skip_counts(len(batch.decodes))
-            skipped = {s.seq_id: n for s, n in zip(batch.decodes, per_row)}
-        return StepResult(samples, skipped, layer_skipped, failed, prompt_scores)
+            per_row, layer_skipped = gate.skip_counts(len(decoding))
+            skipped = {s.seq_id: n for (s, before), n in zip(decoding, per_row) if not before}
+        return StepResult(samples, skipped, layer_skipped, failed, prompt_scores, accepted)
 
     SCORE_ROWS = 64  # prompt positions scored per lm_head call: [64, vocab] fp32 logits at a time (67 MB for Gemma 3)
 

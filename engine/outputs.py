@@ -36,3 +36,5 @@ class StepStats:
     """Counts of one engine step, for metrics."""
 
     generated_tokens: int = 0
+    draft_tokens: int = 0  # speculative draft tokens checked
+    accepted_draft_tokens: int = 0  # of them, the ones the model produced too (in generated_tokens)

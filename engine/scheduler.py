@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.kv.block_manager import BlockManager
+from engine.kv.block_manager import BlockManager, blocks_for
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -41,6 +41,7 @@ class PrefillChunk:
 class ScheduledBatch:
     prefills: list[PrefillChunk] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # seq_id -> tokens guessed to follow its last
 
     @property
     def empty(self) -> bool:
@@ -48,10 +49,16 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_prefill_tokens: int):
+    # decode rows a step may hold counting drafts: each draft token is one more row to compute, and
+    # beyond a few rows a CPU step costs about a row's share more per row (README: speculation)
+    MAX_ROWS_WITH_DRAFTS = 8
+
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
+                 speculative_tokens: int = 0):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
+        self.speculative_tokens = speculative_tokens  # most draft tokens per sequence and step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.cached_tokens_total = 0  # prompt tokens admitted with their K/V already cached
@@ -90,7 +97,27 @@ class Scheduler:
                     budget -= end - seq.num_computed
             else:
                 batch.decodes.append(seq)
+        if self.speculative_tokens:
+            batch.drafts = self._drafts(batch.decodes)
         return batch
+
+    def _drafts(self, decodes: list[Sequence]) -> dict[str, list[int]]:
+        """Draft tokens for decoding sequences that take them (oldest first, while the step has
+        rows to spare), each with KV blocks for its draft's positions; a draft never preempts."""
+        drafts, room = {}, self.MAX_ROWS_WITH_DRAFTS - len(decodes)
+        for seq in decodes:
+            k = min(self.speculative_tokens, room, seq.max_tokens - len(seq.output_ids) - 1)
+            if seq.drafter is None or k <= 0:
+                continue
+            draft = seq.drafter.draft(seq.token_ids(), k)
+            while draft and blocks_for(seq.num_tokens + len(draft), self.blocks.block_size) - len(seq.block_table) \
+                    > self.blocks.num_free_blocks:
+                draft.pop()
+            if draft:
+                self.blocks.append(seq.block_table, seq.num_tokens + len(draft))
+                drafts[seq.seq_id] = draft
+                room -= len(draft)
+        return drafts
 
     def _prompts_in_progress(self) -> set[str]:
         """Requests a running sequence is computing shareable prompt blocks of."""

@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.ngram_drafter import NgramDrafter
 from engine.sampling_params import SamplingParams
 from engine.skip.base import TokenSkipPlan
 from engine.structured import Constraint
@@ -42,6 +43,7 @@ class Sequence:
     # the tokens that would end it (EOS unless ignored, stop_token_ids), refused while it has made
     # fewer than params.min_tokens
     ending_tokens: tuple[int, ...] = ()
+    drafter: NgramDrafter | None = None  # where speculative decoding is on and may apply to it
     # with params.prompt_logprobs: the logprob entries (engine/outputs.TokenLogprob) of prompt tokens
     # 1.. computed so far; handed out with the sequence's first output
     prompt_logprobs: list | None = None
@@ -52,11 +54,10 @@ class Sequence:
         the prefix cache."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
-    @property
-    def refused_tokens(self) -> tuple[int, ...] | None:
-        """What the sampler may not pick for its next token: the ending tokens before min_tokens
-        (not for a schema-held answer, which ends where its document does)."""
-        early = len(self.output_ids) < self.params.min_tokens and self.constraint is None
+    def refused_tokens(self, made: int) -> tuple[int, ...] | None:
+        """What the sampler may not pick once the sequence has made `made` tokens: the ending tokens
+        before min_tokens (not for a schema-held answer, which ends where its document does)."""
+        early = made < self.params.min_tokens and self.constraint is None
         return self.ending_tokens if early and self.ending_tokens else None
 
     @property

@@ -206,23 +206,30 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
     const int group = heads / kv_heads;
     const int items = rows * kv_heads;
     const int64_t block_stride = static_cast<int64_t>(kv_heads) * block_size * dim;  // elements per block
+    // token t of (row, KV head kv): its block's run for the head, then the offset within it
+    auto slot = [&](T* cache, int row, int kv, int64_t t) {
+        const int32_t* table = block_tables + static_cast<int64_t>(row) * max_blocks;
+        return cache + table[t / block_size] * block_stride + static_cast<int64_t>(kv) * block_size * dim +
+               (t % block_size) * dim;
+    };
+    // every row's new K/V first: rows of one sequence at consecutive positions (speculative drafts
+    // checked in one step) then each see the ones before them, as token-by-token decoding would
+#pragma omp parallel for num_threads(threads)
+    for (int item = 0; item < items; ++item) {
+        const int row = item / kv_heads, kv = item % kv_heads;
+        const int64_t fresh = (static_cast<int64_t>(row) * kv_heads + kv) * dim;
+        store_row(slot(k_cache, row, kv, lengths[row] - 1), k_new + fresh, dim);
+        store_row(slot(v_cache, row, kv, lengths[row] - 1), v_new + fresh, dim);
+    }
     // rows of a step differ in length: items go to whichever thread is free (each is a whole
     // (row, KV head) attention, so the order does not change any result)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int item = 0; item < items; ++item) {
         const int row = item / kv_heads, kv = item % kv_heads;
-        const int32_t* table = block_tables + static_cast<int64_t>(row) * max_blocks;
         const int64_t length = lengths[row];
         const int64_t start = (window > 0 && length > window) ? length - window : 0;
         const int64_t span = length - start;
-        // token t of this (row, head): its block's run for the head, then the offset within it
-        auto at = [&](T* cache, int64_t t) {
-            return cache + table[t / block_size] * block_stride + static_cast<int64_t>(kv) * block_size * dim +
-                   (t % block_size) * dim;
-        };
-        const int64_t fresh = (static_cast<int64_t>(row) * kv_heads + kv) * dim;
-        store_row(at(k_cache, length - 1), k_new + fresh, dim);
-        store_row(at(v_cache, length - 1), v_new + fresh, dim);
+        auto at = [&](T* cache, int64_t t) { return slot(cache, row, kv, t); };
         const float* qg = q + (static_cast<int64_t>(row) * heads + kv * group) * dim;
         float* og = out + (static_cast<int64_t>(row) * heads + kv * group) * dim;
 
