@@ -38,6 +38,9 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, self.hf_dir)
         self.blocks = BlockManager(self.runner.capacity.num_blocks, config.block_size, config.prefix_caching)
         # speculative decoding where the backend checks drafts (engine/ngram_drafter.py)
+        if not 0 <= config.speculative_tokens < Scheduler.MAX_ROWS_WITH_DRAFTS:
+            raise ValueError(f"speculative_tokens {config.speculative_tokens}: from 0 (off) to "
+                             f"{Scheduler.MAX_ROWS_WITH_DRAFTS - 1}")
         self.speculative_tokens = config.speculative_tokens if self.runner.checks_drafts else 0
         if config.speculative_tokens and not self.speculative_tokens:
             log.warning("--speculative-tokens: this model and device have no decode step that checks drafts; off")
@@ -52,6 +55,8 @@ class LLMEngine:
         self.layer_ffn_skipped = [0] * self.model_config.num_layers
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.draft_tokens_total = 0  # speculative draft tokens checked, and accepted (read by /metrics)
+        self.accepted_draft_tokens_total = 0
 
     # ---- requests -------------------------------------------------------------------------
     def resolve_skip(self, skip: SkipParams | None) -> TokenSkipPlan:
@@ -102,7 +107,8 @@ class LLMEngine:
                 ending_tokens=ending,
                 # drafts for dense answers free of a schema (a skipping row's gate or a grammar's
                 # mask would have to follow each draft token)
-                drafter=NgramDrafter() if self.speculative_tokens and grammar is None and plan.budget <= 0 else None,
+                drafter=NgramDrafter(self.speculative_tokens)
+                if self.speculative_tokens and grammar is None and plan.budget <= 0 else None,
             )
             for i in range(params.n)
         ]
@@ -183,6 +189,8 @@ class LLMEngine:
         for seq_id, sampled in result.samples.items():
             seq = self._sequences[seq_id]
             accepted = result.accepted.get(seq_id, [])
+            if seq_id in batch.drafts:
+                seq.drafter.taken(len(batch.drafts[seq_id]), len(accepted))
             try:  # detokenizing and stop checks are the sequence's own: a failure there is its alone
                 seq.ffn_skipped += result.ffn_skipped.get(seq_id, 0)  # (a sequence with drafts runs every FFN)
                 for made in [*accepted, sampled]:
@@ -206,6 +214,8 @@ class LLMEngine:
             self.layer_ffn_skipped[layer] += n
             self.layer_ffn_total[layer] += stats.generated_tokens
         self.generation_tokens_total += stats.generated_tokens
+        self.draft_tokens_total += stats.draft_tokens
+        self.accepted_draft_tokens_total += stats.accepted_draft_tokens
         return outputs, stats
 
     def _run(self, batch: ScheduledBatch) -> StepResult:

@@ -7,7 +7,9 @@ generated; readmitted, it prefills its prompt and generated tokens again (the pr
 usually still holds most of them) and continues with the same tokens. Then waiting sequences
 are admitted in arrival order while the batch has rows (`max_num_seqs`) and blocks for their
 prefill plus one more. Prefill runs in chunks under a token budget per step; finished or
-aborted sequences give their blocks back at once.
+aborted sequences give their blocks back at once. With speculative decoding on, decoding
+sequences that take drafts get them (engine/ngram_drafter.py) while the step has decode rows to
+spare, with KV blocks for the draft's positions (free ones only: a draft never preempts).
 
 The choices of one request (`n` > 1) share their prompt: with the prefix cache on, the first is
 admitted alone and the others wait (letting later requests by) while it computes the prompt's

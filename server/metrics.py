@@ -58,6 +58,9 @@ class EngineCollector:
         gen = CounterMetricFamily(P + "generation_tokens", "Generated tokens.")
         preempted = CounterMetricFamily(P + "num_preemptions", "Sequences preempted (KV blocks ran out); each "
                                         "resumes later by recomputing its K/V.")
+        drafts = CounterMetricFamily(P + "spec_draft_tokens", "Speculative draft tokens checked (--speculative-tokens).")
+        accepted = CounterMetricFamily(P + "spec_accepted_tokens", "Draft tokens the model produced too: "
+                                       "generated without a step of their own.")
         total = CounterMetricFamily(P + "ffn_blocks", "FFN blocks of generated tokens, per layer.", labels=["layer"])
         skipped = CounterMetricFamily(P + "ffn_blocks_skipped", "FFN blocks skipped, per layer.", labels=["layer"])
         if engine is not None:
@@ -65,10 +68,12 @@ class EngineCollector:
             cached.add_metric([], engine.prompt_tokens_cached_total)
             gen.add_metric([], engine.generation_tokens_total)
             preempted.add_metric([], engine.num_preemptions_total)
+            drafts.add_metric([], engine.draft_tokens_total)
+            accepted.add_metric([], engine.accepted_draft_tokens_total)
             for layer, (n, s) in enumerate(zip(list(engine.layer_ffn_total), list(engine.layer_ffn_skipped))):
                 total.add_metric([str(layer)], n)
                 skipped.add_metric([str(layer)], s)
-        yield from (prompt, cached, gen, preempted, total, skipped)
+        yield from (prompt, cached, gen, preempted, drafts, accepted, total, skipped)
 
 
 class Metrics:
