@@ -108,7 +108,8 @@ class LLMEngine:
                 # drafts for dense answers free of a schema (a skipping row's gate or a grammar's
                 # mask would have to follow each draft token)
                 drafter=NgramDrafter(self.speculative_tokens)
-                if self.speculative_tokens and grammar is None and plan.budget <= 0 else None,
+                if self.speculative_tokens and grammar is None and (plan.budget <= 0 or self.config.skip.policy == "none")
+                else None,
             )
             for i in range(params.n)
         ]
@@ -193,9 +194,11 @@ class LLMEngine:
                 seq.drafter.taken(len(batch.drafts[seq_id]), len(accepted))
             try:  # detokenizing and stop checks are the sequence's own: a failure there is its alone
                 seq.ffn_skipped += result.ffn_skipped.get(seq_id, 0)  # (a sequence with drafts runs every FFN)
+                kept = []  # this step's tokens, up to the one that ends the sequence
                 for made in [*accepted, sampled]:
                     seq.ffn_total += self.model_config.num_layers
                     seq.output_ids.append(made.token_id)
+                    kept.append(made)
                     stats.generated_tokens += 1
                     if made is not sampled:  # an accepted draft token: its K/V came with the step
                         stats.accepted_draft_tokens += 1
@@ -204,9 +207,10 @@ class LLMEngine:
                     if reason:
                         self.scheduler.finish(seq, reason)
                         self._release(seq)
-                    outputs.append(self._output(seq, made))
-                    if reason:
                         break
+                if seq_id in batch.drafts:
+                    self.scheduler.trim(seq)
+                outputs.append(self._output(seq, kept))  # one output a step, whatever it made
             except Exception as exc:
                 failed[seq_id] = exc
         outputs += self._fail(failed, {s.seq_id: s for s in [*(c.seq for c in batch.prefills), *batch.decodes]})
@@ -225,7 +229,8 @@ class LLMEngine:
             return self.runner.run(batch)
         except Exception as exc:
             parts = [ScheduledBatch(prefills=[c]) for c in batch.prefills] + \
-                    [ScheduledBatch(decodes=[s]) for s in batch.decodes]
+                    [ScheduledBatch(decodes=[s], drafts={k: v for k, v in batch.drafts.items() if k == s.seq_id})
+                     for s in batch.decodes]
             if len(parts) == 1:
                 seq = (batch.prefills[0].seq if batch.prefills else batch.decodes[0])
                 log.exception("step failed for sequence %s", seq.seq_id)
@@ -268,18 +273,19 @@ class LLMEngine:
             return "length"
         return None
 
-    def _output(self, seq: Sequence, sampled) -> SequenceOutput:
+    def _output(self, seq: Sequence, made: list) -> SequenceOutput:
+        """The sequence's output for this step's tokens `made` (Sampled, in order)."""
         logprobs = prompt_logprobs = None
         text = self.tokenizer.token_text
         if seq.params.logprobs is not None:
-            logprobs = [TokenLogprob(text(sampled.token_id), sampled.token_id, sampled.logprob,
-                                     [(text(t), t, lp) for t, lp in sampled.top_logprobs])]
-        if seq.prompt_logprobs is not None and len(seq.output_ids) == 1:  # with the first output, once
+            logprobs = [TokenLogprob(text(s.token_id), s.token_id, s.logprob, [(text(t), t, lp) for t, lp in s.top_logprobs])
+                        for s in made]
+        if seq.prompt_logprobs is not None and len(seq.output_ids) == len(made):  # with the first output, once
             first = seq.prompt_ids[0]
             prompt_logprobs = [TokenLogprob(text(first), first, None, [])] + seq.prompt_logprobs
         return SequenceOutput(
             request_id=seq.request_id, index=seq.index, text=seq.detokenizer.take(final=seq.is_finished),
-            token_ids=[sampled.token_id], logprobs=logprobs, prompt_logprobs=prompt_logprobs, finished=seq.is_finished,
+            token_ids=[s.token_id for s in made], logprobs=logprobs, prompt_logprobs=prompt_logprobs, finished=seq.is_finished,
             finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.cached_tokens,
             completion_tokens=len(seq.output_ids), ffn_skipped=seq.ffn_skipped, ffn_total=seq.ffn_total,
         )

@@ -213,21 +213,21 @@ class ModelRunner:
                 live.append(i)
             except Exception as exc:
                 failed[seq.seq_id] = exc
-        tokens: dict[str, list[Sampled]] = {}
+        tokens: dict[str, list[Sampled | Exception]] = {}  # per sequence, its rows' tokens in order
         for i, token in zip(live, sample(logits[live] if len(live) < len(producers) else logits, rows) if rows else []):
-            seq_id = producers[i][0].seq_id
-            if isinstance(token, Exception):
-                failed[seq_id] = token
-            else:
-                tokens.setdefault(seq_id, []).append(token)
+            tokens.setdefault(producers[i][0].seq_id, []).append(token)
         samples, accepted = {}, {}
         for seq_id, made in tokens.items():
             if seq_id in failed:
                 continue
-            # the draft's tokens the model produced itself, up to the first it did not: that token is its sample
+            # the draft's tokens the model produced itself, up to the first it did not: that token is its
+            # sample (a row failing past it would not have run without drafts: it fails nothing)
             draft, taken = batch.drafts.get(seq_id, []), 0
-            while taken < len(draft) and made[taken].token_id == draft[taken]:
+            while taken < len(draft) and not isinstance(made[taken], Exception) and made[taken].token_id == draft[taken]:
                 taken += 1
+            if isinstance(made[taken], Exception):
+                failed[seq_id] = made[taken]
+                continue
             samples[seq_id] = made[taken]
             if taken:
                 accepted[seq_id] = made[:taken]

@@ -105,7 +105,8 @@ class Scheduler:
 
     def _drafts(self, decodes: list[Sequence]) -> dict[str, list[int]]:
         """Draft tokens for decoding sequences that take them (oldest first, while the step has
-        rows to spare), each with KV blocks for its draft's positions; a draft never preempts."""
+        rows to spare), each with KV blocks for its draft's positions: empty ones only, so a draft
+        neither preempts nor evicts a cached prefix (`trim` gives back what the step did not use)."""
         drafts, room = {}, self.MAX_ROWS_WITH_DRAFTS - len(decodes)
         for seq in decodes:
             k = min(self.speculative_tokens, room, seq.max_tokens - len(seq.output_ids) - 1)
@@ -113,7 +114,7 @@ class Scheduler:
                 continue
             draft = seq.drafter.draft(seq.token_ids(), k)
             while draft and blocks_for(seq.num_tokens + len(draft), self.blocks.block_size) - len(seq.block_table) \
-                    > self.blocks.num_free_blocks:
+                    > self.blocks.num_empty_blocks:
                 draft.pop()
             if draft:
                 self.blocks.append(seq.block_table, seq.num_tokens + len(draft))
@@ -147,6 +148,13 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 self.blocks.append(seq.block_table, seq.num_tokens)
         return preempted
+
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past a running sequence's tokens (a draft's rejected positions)."""
+        keep = blocks_for(seq.num_tokens, self.blocks.block_size)
+        if seq.status is SequenceStatus.RUNNING and len(seq.block_table) > keep:
+            self.blocks.free_blocks(seq.block_table[keep:])
+            del seq.block_table[keep:]
 
     def _admit(self, seq: Sequence) -> None:
         seq.block_table, cached = self.blocks.allocate(seq.seq_id, seq.token_ids(), seq.prefill_len,

@@ -115,6 +115,11 @@ class BlockManager:
         table.clear()
 
     # ---- raw blocks (the scheduler's allocations use these too) ----------------------------------
+    @property
+    def num_empty_blocks(self) -> int:
+        """Free blocks that hold no cached prefix: taking one evicts nothing."""
+        return len(self._empty)
+
     def allocate_blocks(self, count: int) -> list[int]:
         if count > self.num_free_blocks:
             raise RuntimeError(f"{count} KV blocks asked, {self.num_free_blocks} free")

@@ -212,9 +212,9 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
         return cache + table[t / block_size] * block_stride + static_cast<int64_t>(kv) * block_size * dim +
                (t % block_size) * dim;
     };
-    // every row's new K/V first: rows of one sequence at consecutive positions (speculative drafts
-    // checked in one step) then each see the ones before them, as token-by-token decoding would
-#pragma omp parallel for num_threads(threads)
+    // every row's new K/V first (a few KB: one thread): rows of one sequence at consecutive
+    // positions (speculative drafts checked in one step) then each see the ones before them, as
+    // token-by-token decoding would
     for (int item = 0; item < items; ++item) {
         const int row = item / kv_heads, kv = item % kv_heads;
         const int64_t fresh = (static_cast<int64_t>(row) * kv_heads + kv) * dim;
