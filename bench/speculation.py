@@ -1,7 +1,9 @@
 """Speculative decoding (n-gram lookup, `--speculative-tokens`) against decoding without drafts:
-the served engine twice on the same weights, the same requests alternated A B A B, medians of
-generated tok/s per task and concurrency, draft tokens accepted, and a check that both give the
-same tokens (they must: drafts change speed, never the text).
+one served engine, its drafts switched off for the runs without them (two engine instances in
+one process read 11-18% apart by instance alone on this host), the same requests alternated
+A B, B A, ... (each goes first in half the rounds); medians of generated tok/s per task and
+concurrency, draft tokens accepted, and a check that both give the same tokens (they must:
+drafts change speed, never the text).
 
     .venv/bin/python bench/speculation.py --out bench/out
 """
@@ -17,7 +19,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import alternate  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -44,8 +45,19 @@ TASKS = {  # what an answer copies from its prompt: much (copy, edit), some (sum
 }
 
 
-def run(engine, prompts, params) -> tuple[float, list[list[int]], int, int]:
-    """All prompts at once -> (generated tok/s, each answer's tokens, draft tokens, accepted)."""
+def alternate(fns: dict, rounds: int) -> dict:
+    """Each function once a round, the order reversed every other round: A B, B A, A B, ..."""
+    results = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            results[k].append(fns[k]())
+    return results
+
+
+def run(engine, prompts, params, k: int) -> tuple[float, list[list[int]], int, int]:
+    """All prompts at once, with up to `k` draft tokens a step (0: none) -> (generated tok/s, each
+    answer's tokens, draft tokens, accepted)."""
+    engine.scheduler.speculative_tokens = k
     drafts, accepted = engine.draft_tokens_total, engine.accepted_draft_tokens_total
     t = time.perf_counter()
     outs = engine.generate(prompts, params)
@@ -60,37 +72,36 @@ def main():
     ap.add_argument("--k", type=int, default=4, help="draft tokens per answer and step")
     ap.add_argument("--concurrency", default="1,4")
     ap.add_argument("--max-tokens", type=int, default=160)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
     config = load_config(preset_path(args.preset))
     config.prefix_caching = False  # each run computes its prompts: the same work for both
-    plain = LLMEngine(config)
-    drafting = LLMEngine(replace(config, speculative_tokens=args.k))
-    if not drafting.speculative_tokens:
+    engine = LLMEngine(replace(config, speculative_tokens=args.k))
+    if not engine.speculative_tokens:
         sys.exit("speculation is off here: it needs the native CPU decode step")
     lines = [f"command: {' '.join(sys.argv)}", f"preset {args.preset}, {args.max_tokens} new tokens, greedy and "
-             f"sampled (temperature 0.8, seed), k = {args.k}, medians of {args.rounds} alternated rounds", "",
+             f"sampled (temperature 0.8, seed), k = {args.k}, medians of {args.rounds} rounds (A B, B A, ...)", "",
              "| task | sampling | concurrency | without drafts tok/s | with drafts tok/s | speedup | accepted / drafted | same tokens |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     rows = []
     for task, text in TASKS.items():
-        prompt = plain.tokenizer.encode_chat([{"role": "user", "content": text}])
+        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
         for sampling, params in (("greedy", SamplingParams(max_tokens=args.max_tokens, temperature=0)),
                                  ("t=0.8", SamplingParams(max_tokens=args.max_tokens, temperature=0.8, seed=7))):
             for conc in (int(c) for c in args.concurrency.split(",")):
                 prompts = [prompt] * conc
                 got = {}
 
-                def measure(name, engine):
+                def measure(name, k):
                     def fn():
-                        tok_s, ids, drafted, accepted = run(engine, prompts, params)
+                        tok_s, ids, drafted, accepted = run(engine, prompts, params, k)
                         got[name] = (ids, drafted, accepted)
                         return tok_s
                     return fn
 
                 med = {k: statistics.median(v) for k, v in alternate(
-                    {"plain": measure("plain", plain), "drafting": measure("drafting", drafting)}, args.rounds).items()}
+                    {"plain": measure("plain", 0), "drafting": measure("drafting", args.k)}, args.rounds).items()}
                 _, drafted, accepted = got["drafting"]
                 same = got["plain"][0] == got["drafting"][0]
                 rows.append(dict(task=task, sampling=sampling, concurrency=conc, **med, drafted=drafted,

@@ -54,6 +54,11 @@ class Scheduler:
     # decode rows a step may hold counting drafts: each draft token is one more row to compute, and
     # beyond a few rows a CPU step costs about a row's share more per row (README: speculation)
     MAX_ROWS_WITH_DRAFTS = 8
+    # a CPU decode step's cost beside one more row's: SmolLM2's Q4_1 step is ~3.5 ms plus ~0.8 ms a
+    # row on AVX-512 (4.4), ~4.4 plus ~1.6 on AVX2 (2.75). With r sequences decoding, drafts whose
+    # tokens are taken at a share p make (r + p d) tokens in a + b (r + d) instead of r in a + b r:
+    # they pay when p > r / (r + a / b)
+    STEP_TO_ROW_COST = 3.0
 
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
                  speculative_tokens: int = 0):
@@ -108,11 +113,12 @@ class Scheduler:
         rows to spare), each with KV blocks for its draft's positions: empty ones only, so a draft
         neither preempts nor evicts a cached prefix (`trim` gives back what the step did not use)."""
         drafts, room = {}, self.MAX_ROWS_WITH_DRAFTS - len(decodes)
+        needed = len(decodes) / (len(decodes) + self.STEP_TO_ROW_COST)
         for seq in decodes:
             k = min(self.speculative_tokens, room, seq.max_tokens - len(seq.output_ids) - 1)
             if seq.drafter is None or k <= 0:
                 continue
-            draft = seq.drafter.draft(seq.token_ids(), k)
+            draft = seq.drafter.draft(seq.token_ids(), k, needed)
             while draft and blocks_for(seq.num_tokens + len(draft), self.blocks.block_size) - len(seq.block_table) \
                     > self.blocks.num_empty_blocks:
                 draft.pop()

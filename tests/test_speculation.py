@@ -52,6 +52,17 @@ def test_the_next_draft_is_one_longer_than_what_was_taken_and_misses_wait():
     assert drafter.draft(tokens, 8) == [3, 4]
 
 
+def test_a_drafter_whose_drafts_are_seldom_taken_waits_until_drafting_pays():
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]
+    drafter = NgramDrafter(4)
+    drafter.taken(4, 1)  # a quarter taken: acceptance (1 + 0.25) / 2
+    assert drafter.acceptance == 0.625
+    assert drafter.draft(tokens, 8, needed=0.7) == []  # below what a draft must reach in this step
+    assert drafter.draft(tokens, 8, needed=0.7) == []
+    assert drafter.draft(tokens, 8, needed=0.7) == [3, 4]  # regained a little each step: it tries again
+    assert drafter.draft(tokens, 8, needed=0.2) == [3, 4]
+
+
 @pytest.fixture(scope="module")
 def speculative(engine):
     spec = engine_like(engine, speculative_tokens=4)
