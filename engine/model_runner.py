@@ -1,8 +1,10 @@
 """The one place that touches tensors, and the only way into a forward pass.
 
 `run(batch)`: a scheduled step runs all prefill chunks in one dense forward (attention per
-sequence), then one decode token for every decoding row (through the skip policy's gate), then
-one lm_head + sampler call for all sequences that produce a token this step. `prefill`, `decode`
+sequence), then one decode token for every decoding row (through the skip policy's gate), a
+sequence's draft tokens as more rows of it at the next positions (speculative decoding), then
+one lm_head + sampler call for all of those rows; a sequence keeps its drafted tokens the
+model produced too, up to the first it did not, and that row's token. `prefill`, `decode`
 and `logits` are the same forwards for callers that hold KV blocks of their own (calibration, the
 quality harness, tests; see `LLMEngine.kv_blocks`).
 
