@@ -40,6 +40,17 @@ log = logging.getLogger("skipserve.runner")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _accepted_length(draft: list[int], made: list) -> int:
+    """How many of the draft's tokens the model produced itself (`made`: its rows' tokens, or an
+    error where a row's could not be drawn), up to the first it did not: the row after them gives
+    the sequence's sample. A row failing past that point would not have run without drafts, so it
+    fails nothing."""
+    taken = 0
+    while taken < len(draft) and not isinstance(made[taken], Exception) and made[taken].token_id == draft[taken]:
+        taken += 1
+    return taken
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,19 +231,14 @@ class ModelRunner:
             tokens.setdefault(producers[i][0].seq_id, []).append(token)
         samples, accepted = {}, {}
         for seq_id, made in tokens.items():
-            if seq_id in failed:
-                continue
-            # the draft's tokens the model produced itself, up to the first it did not: that token is its
-            # sample (a row failing past it would not have run without drafts: it fails nothing)
-            draft, taken = batch.drafts.get(seq_id, []), 0
-            while taken < len(draft) and not isinstance(made[taken], Exception) and made[taken].token_id == draft[taken]:
-                taken += 1
-            if isinstance(made[taken], Exception):
-                failed[seq_id] = made[taken]
-                continue
-            samples[seq_id] = made[taken]
-            if taken:
-                accepted[seq_id] = made[:taken]
+            if seq_id not in failed:
+                taken = _accepted_length(batch.drafts.get(seq_id, []), made)
+                if isinstance(made[taken], Exception):
+                    failed[seq_id] = made[taken]
+                    continue
+                samples[seq_id] = made[taken]
+                if taken:
+                    accepted[seq_id] = made[:taken]
         if batch.decodes:  # after sampling, which waits for the device anyway: no sync between step and lm_head
             per_row, layer_skipped = gate.skip_counts(len(decoding))
             skipped = {s.seq_id: n for (s, before), n in zip(decoding, per_row) if not before}
