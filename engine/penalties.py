@@ -12,7 +12,7 @@ from collections import Counter
 
 import torch
 
-from engine.rows import column, device_values
+from engine.rows import column, device_values, padded
 from engine.sampling_params import SamplingParams
 
 
@@ -23,7 +23,7 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
     if repeated:
         # every token the row has seen, once; a row's list is padded with its own first token
         seen_ids = [list(set(prompts[i]).union(outputs[i])) for i in repeated]
-        index = device_values(repeated, logits.device)[:, None], _padded(seen_ids, logits)
+        index = device_values(repeated, logits.device)[:, None], padded(seen_ids, logits)
         seen = logits[index]
         penalty = column([params[i].repetition_penalty for i in repeated], logits)
         logits[index] = torch.where(seen > 0, seen / penalty, seen * penalty)
@@ -33,16 +33,9 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
         ids = [list(c) for c in counts]
         values = [[params[i].frequency_penalty * n + params[i].presence_penalty for n in c.values()]
                   for i, c in zip(counted, counts)]
-        logits.index_put_((device_values(counted, logits.device)[:, None], _padded(ids, logits, pad=0)),
-                          -_padded(values, logits, pad=0.0, dtype=logits.dtype), accumulate=True)
+        logits.index_put_((device_values(counted, logits.device)[:, None], padded(ids, logits, pad=0)),
+                          -padded(values, logits, pad=0.0, dtype=logits.dtype), accumulate=True)
     for i, p in enumerate(params):
         if p.logit_bias:
             logits[i, device_values(list(p.logit_bias), logits.device)] += \
                 device_values(list(p.logit_bias.values()), logits.device, logits.dtype)
-
-
-def _padded(rows: list[list], like: torch.Tensor, pad=None, dtype=torch.long) -> torch.Tensor:
-    """[len(rows), longest]: each row padded with `pad`, or with its own first entry (None)."""
-    width = max(1, max(len(row) for row in rows))
-    return device_values([row + [row[0] if pad is None else pad] * (width - len(row)) for row in rows],
-                         like.device, dtype)

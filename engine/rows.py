@@ -22,6 +22,14 @@ def column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return device_values(values, like.device, like.dtype)[:, None]
 
 
+def padded(rows: list[list], like: torch.Tensor, pad=None, dtype=torch.long) -> torch.Tensor:
+    """[len(rows), longest] on `like`'s device: each row padded with `pad`, or with its own first
+    entry (None: an index that repeats one the row already has)."""
+    width = max(1, max(len(row) for row in rows))
+    return device_values([row + [row[0] if pad is None else pad] * (width - len(row)) for row in rows],
+                         like.device, dtype)
+
+
 def take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """t's rows at `rows` (ascending positions): t itself when they are all of its rows."""
     return t if len(rows) == t.shape[0] else t[device_values(rows, t.device)]

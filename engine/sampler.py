@@ -8,7 +8,7 @@ import torch
 
 from engine.categorical import draw
 from engine.penalties import apply_penalties
-from engine.rows import device_values, put_rows, take_rows, to_device
+from engine.rows import device_values, padded, put_rows, take_rows, to_device
 from engine.sampling_params import SamplingParams
 
 
@@ -63,10 +63,8 @@ def _mask(logits: torch.Tensor, rows: list[SampleRow]) -> None:
         put_rows(logits, masked, take_rows(logits, masked).masked_fill_(~allowed, float("-inf")))
     refusing = [i for i, r in enumerate(rows) if r.refused]
     if refusing:
-        ids = [list(rows[i].refused) for i in refusing]
-        width = max(map(len, ids))  # a row's list padded with its own first id: the same -inf again
         logits[device_values(refusing, logits.device)[:, None],
-               device_values([row + row[:1] * (width - len(row)) for row in ids], logits.device)] = float("-inf")
+               padded([list(rows[i].refused) for i in refusing], logits)] = float("-inf")
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, width: int):
