@@ -229,8 +229,8 @@ class LLMEngine:
             return self.runner.run(batch)
         except Exception as exc:
             parts = [ScheduledBatch(prefills=[c]) for c in batch.prefills] + \
-                    [ScheduledBatch(decodes=[s], drafts={k: v for k, v in batch.drafts.items() if k == s.seq_id})
-                     for s in batch.decodes]
+                    [ScheduledBatch(decodes=[s], drafts={s.seq_id: batch.drafts[s.seq_id]} if s.seq_id in batch.drafts
+                                    else {}) for s in batch.decodes]
             if len(parts) == 1:
                 seq = (batch.prefills[0].seq if batch.prefills else batch.decodes[0])
                 log.exception("step failed for sequence %s", seq.seq_id)

@@ -123,10 +123,10 @@ class Tokenizer:
         from jinja2 import TemplateError
 
         add = options.add_generation_prompt
-        if options.variables and not self.has_chat_template:
-            raise InvalidParamError("this model has no chat template to pass chat_template_kwargs to",
-                                    "chat_template_kwargs")
         if not self.has_chat_template:
+            if options.variables:
+                raise InvalidParamError("this model has no chat template to pass chat_template_kwargs to",
+                                        "chat_template_kwargs")
             # No template: plain "role: content" lines, then the assistant's turn.
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add else "")
         else:
@@ -192,11 +192,12 @@ def _open_final_message(text: str, final: str | None) -> str:
     out, which tokenizes badly before a continuation): what follows it (an end-of-turn, a new
     turn) is the template's, and the model writes on from there instead."""
     final = (final or "").strip()
-    end = text.rfind(final) if final else -1
+    if not final:
+        raise InvalidParamError("continue_final_message needs a final message with text to continue", "messages")
+    end = text.rfind(final)
     if end < 0:
         raise InvalidParamError("continue_final_message needs a final message whose text the chat template "
-                                "renders as it is" if final else "continue_final_message needs a final message "
-                                "with text to continue", "messages")
+                                "renders as it is", "messages")
     return text[:end + len(final)]
 
 

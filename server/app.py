@@ -128,7 +128,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         tokenizer = ready_tokenizer(state)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
-        chat_only = [f for f in CHAT_ONLY_FIELDS if body.prompt is not None and getattr(body, f) is not None]
+        chat_only = [f for f in CHAT_ONLY_FIELDS if getattr(body, f) is not None] if body.prompt is not None else []
         if chat_only:
             raise APIError(400, f"{chat_only[0]} applies to 'messages', not to 'prompt'", chat_only[0])
         if body.model is not None:
