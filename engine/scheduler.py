@@ -54,10 +54,11 @@ class Scheduler:
     # decode rows a step may hold counting drafts: each draft token is one more row to compute, and
     # beyond a few rows a CPU step costs about a row's share more per row (README: speculation)
     MAX_ROWS_WITH_DRAFTS = 8
-    # a CPU decode step's cost beside one more row's: SmolLM2's Q4_1 step is ~3.5 ms plus ~0.8 ms a
-    # row on AVX-512 (4.4), ~4.4 plus ~1.6 on AVX2 (2.75). With r sequences decoding, drafts whose
-    # tokens are taken at a share p make (r + p d) tokens in a + b (r + d) instead of r in a + b r:
-    # they pay when p > r / (r + a / b)
+    # a CPU decode step's fixed cost a beside one more row's b: SmolLM2's Q4_1 engine step took 5.0 ms
+    # at 1 row and 19.9 at 16 on AVX-512 (a ~4.0, b ~1.0), and the README's AVX2 serving TPOT reads
+    # 6 and 30 ms (a ~4.4, b ~1.6): a / b from 4 to 2.75, taken as 3. With r sequences decoding,
+    # drafts whose tokens are taken at a share p make (r + p d) tokens in a + b (r + d) instead of
+    # r in a + b r: they pay when p > r / (r + a / b)
     STEP_TO_ROW_COST = 3.0
 
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
