@@ -103,6 +103,10 @@ class AsyncEngine:
         self._check_ready()
         return self.engine.tokenizer
 
+    def model_config(self):
+        self._check_ready()
+        return self.engine.model_config
+
     def _check_ready(self):
         if self.engine is None or self._stopping:
             raise EngineNotReadyError("the model is loading" if self.engine is None else "the server is shutting down")
@@ -114,12 +118,23 @@ class AsyncEngine:
         Raises InvalidParamError (bad input), QueueFullError or EngineNotReadyError before anything
         is enqueued. The caller must `close()` the stream when it stops early: that aborts it.
         """
+        self._check_room(request_id)
+        return self._enqueue(request_id, self.engine.prepare_request(request_id, prompt_ids, params, skip, prompt_param))
+
+    def add_embeddings(self, request_id: str, inputs: list[list[int]], param: str = "input") -> "RequestStream":
+        """As `add_request`, for an embeddings request: one output per input (its index), holding its
+        vector."""
+        self._check_room(request_id)
+        return self._enqueue(request_id, self.engine.prepare_embeddings(request_id, inputs, param))
+
+    def _check_room(self, request_id: str) -> None:
         self._check_ready()
         if len(self._queues) >= self.config.max_num_seqs + self.max_waiting:
             raise QueueFullError(f"the server is at capacity ({len(self._queues)} requests); retry later")
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id}")
-        seqs = self.engine.prepare_request(request_id, prompt_ids, params, skip, prompt_param)
+
+    def _enqueue(self, request_id: str, seqs: list) -> "RequestStream":
         out_queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = out_queue
         self._commands.put(("add", seqs))

@@ -110,5 +110,6 @@ class EngineConfig:
     threads: int | None = None
     chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the model's
     speculative_tokens: int = 0  # draft tokens (n-gram lookup) checked per sequence and step; 0 = off
+    pooling: str = "mean"  # engine/pooling.py: how /v1/embeddings pools an input's hidden states (mean | last)
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs (Triton kernels, run eagerly)
     skip: SkipConfig = field(default_factory=SkipConfig)

@@ -2,6 +2,8 @@
 
 One `step()` = scheduler decides -> model runner computes and samples -> tokens appended,
 stop conditions checked, finished sequences leave the batch and free their KV blocks.
+An embeddings request's inputs are prefilled in the same steps, pooled as their chunks are
+computed (engine/pooling.py), and end with their prefill: one output each, holding the vector.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from engine.kv.block_manager import BlockManager, blocks_for
 from engine.loader import ensure_hf_dir
 from engine.model_runner import ModelRunner, StepResult
 from engine.ngram_drafter import NgramDrafter
+from engine.pooling import Pooling
 from engine.outputs import SequenceOutput, StepStats, TokenLogprob
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -38,6 +41,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, self.hf_dir)
         self.blocks = BlockManager(self.runner.capacity.num_blocks, config.block_size, config.prefix_caching)
         # speculative decoding where the backend checks drafts (engine/ngram_drafter.py)
+        Pooling(config.pooling)  # a config file's unknown method stops the start, as the CLI's choices would
         if not 0 <= config.speculative_tokens < Scheduler.MAX_ROWS_WITH_DRAFTS:
             raise ValueError(f"speculative_tokens {config.speculative_tokens}: from 0 (off) to "
                              f"{Scheduler.MAX_ROWS_WITH_DRAFTS - 1}")
@@ -114,6 +118,23 @@ class LLMEngine:
             for i in range(params.n)
         ]
 
+    def prepare_embeddings(self, request_id: str, inputs: list[list[int]], param: str = "input") -> list[Sequence]:
+        """An embeddings request's sequences, one per input (input i is sequence i, named `param.i`
+        in its errors where there are several); nothing is scheduled yet. Any thread may call it."""
+        for i, ids in enumerate(inputs):
+            where = param if len(inputs) == 1 else f"{param}.{i}"
+            if not ids:
+                raise InvalidParamError("the input is empty", where)
+            if len(ids) > self.max_model_len:
+                raise InvalidParamError(f"this model's maximum context length is {self.max_model_len} tokens, "
+                                        f"but the input has {len(ids)} tokens", where)
+        plan = self.resolve_skip(SkipParams(budget=0.0))  # computed as prefill: every FFN runs anyway
+        return [Sequence(seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(ids),
+                         params=SamplingParams(), skip_plan=plan, max_tokens=0,
+                         detokenizer=IncrementalDetokenizer(self.tokenizer, [], []), seed=0,
+                         pooling=Pooling(self.config.pooling))
+                for i, ids in enumerate(inputs)]
+
     def add_sequences(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             self._sequences[seq.seq_id] = seq
@@ -177,15 +198,19 @@ class LLMEngine:
         result = self._run(batch)
         failed = result.failed
         text = self.tokenizer.token_text
+        outputs = []
         for chunk in batch.prefills:
             if chunk.seq.seq_id not in failed:
                 self.prompt_tokens_total += self.scheduler.on_computed(chunk.seq, chunk.end)
                 for t, lp, top in result.prompt_scores.get(chunk.seq.seq_id, ()):  # it asked for them
                     chunk.seq.prompt_logprobs.append(TokenLogprob(text(t), t, lp, [(text(a), a, alp) for a, alp in top]))
+                if chunk.seq.pooling is not None:
+                    chunk.seq.pooling.add(*result.pooled[chunk.seq.seq_id])
+                    if chunk.ends_input:
+                        outputs.append(self._embedding_output(chunk.seq))
         for seq in batch.decodes:
             if seq.seq_id not in failed:
                 self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
-        outputs = []
         stats.draft_tokens = sum(map(len, batch.drafts.values()))
         for seq_id, sampled in result.samples.items():
             seq = self._sequences[seq_id]
@@ -290,7 +315,28 @@ class LLMEngine:
             completion_tokens=len(seq.output_ids), ffn_skipped=seq.ffn_skipped, ffn_total=seq.ffn_total,
         )
 
+    def _embedding_output(self, seq: Sequence) -> SequenceOutput:
+        """An embeddings input, computed: it leaves the batch (its K/V stay in the prefix cache for
+        later prompts), and its one output holds the vector."""
+        self.scheduler.finish(seq, "stop")
+        self._release(seq)
+        return SequenceOutput(
+            request_id=seq.request_id, index=seq.index, text="", token_ids=[], logprobs=None, finished=True,
+            finish_reason="stop", prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.cached_tokens,
+            completion_tokens=0, ffn_skipped=0, ffn_total=0, embedding=seq.pooling.vector())
+
     # ---- convenience for tests, benchmarks and offline use ----------------------------------
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Each input's embedding (all submitted as one request)."""
+        self.add_sequences(self.prepare_embeddings("offline-embed", inputs))
+        vectors = {}
+        while self.has_work:
+            for out in self.step()[0]:
+                if out.error:
+                    raise RuntimeError(out.error)
+                vectors[out.index] = out.embedding
+        return [vectors[i] for i in range(len(inputs))]
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, skip: SkipParams | None = None):
         """Run prompts to completion (all submitted at once); -> list of (text, token_ids, output)."""
         ids = [f"offline-{i}" for i in range(len(prompts))]

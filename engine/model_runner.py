@@ -4,7 +4,8 @@
 sequence), then one decode token for every decoding row (through the skip policy's gate), a
 sequence's draft tokens as more rows of it at the next positions (speculative decoding), then
 one lm_head + sampler call for all of those rows; a sequence keeps its drafted tokens the
-model produced too, up to the first it did not, and that row's token. `prefill`, `decode`
+model produced too, up to the first it did not, and that row's token. An embeddings input's
+chunks are pooled from the prefill's hidden states and reach no lm_head. `prefill`, `decode`
 and `logits` are the same forwards for callers that hold KV blocks of their own (calibration, the
 quality harness, tests; see `LLMEngine.kv_blocks`).
 
@@ -92,6 +93,8 @@ class StepResult:
     prompt_scores: dict[str, list] = field(default_factory=dict)
     # seq_id -> its draft tokens the model produced too, in order: they come before its sample
     accepted: dict[str, list[Sampled]] = field(default_factory=dict)
+    # seq_id -> (positions, the sum of their hidden states) of an embeddings input pooled this step
+    pooled: dict[str, tuple[range, list[float]]] = field(default_factory=dict)
 
     def merge(self, other: "StepResult") -> None:
         self.samples.update(other.samples)
@@ -100,6 +103,7 @@ class StepResult:
         self.layer_ffn_skipped = [a + b for a, b in zip(self.layer_ffn_skipped, other.layer_ffn_skipped)]
         self.failed.update(other.failed)
         self.prompt_scores.update(other.prompt_scores)
+        self.pooled.update(other.pooled)
 
 
 class ModelRunner:
@@ -187,7 +191,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
-        hiddens, producers, prompt_scores = [], [], {}
+        hiddens, producers, prompt_scores, pooled = [], [], {}, {}
         if batch.prefills:  # every prefill chunk of this step in one forward, always dense
             chunks = batch.prefills
             hidden = self.prefill([(c.seq.token_ids()[c.start:c.end], c.seq.block_table, c.start) for c in chunks])
@@ -196,6 +200,8 @@ class ModelRunner:
                 begin, end = end, end + chunk.end - chunk.start
                 if chunk.seq.wants_prompt_logprobs:
                     prompt_scores[chunk.seq.seq_id] = self._score_prompt(chunk.seq, hidden[begin:end], chunk.start)
+                if chunk.seq.pooling is not None:
+                    pooled[chunk.seq.seq_id] = self._pool(chunk, hidden[begin:end])
                 if chunk.produces_token:
                     hiddens.append(hidden[end - 1:end])
                     producers.append(chunk.seq)
@@ -213,7 +219,7 @@ class ModelRunner:
                                        [s.block_table for s, _ in decoding], gate))
             producers.extend(decoding)
         if not producers:
-            return StepResult({}, {}, layer_skipped, prompt_scores=prompt_scores)
+            return StepResult({}, {}, layer_skipped, prompt_scores=prompt_scores, pooled=pooled)
         logits = self.logits(torch.cat(hiddens))
         failed, live, rows = {}, [], []
         for i, (seq, before) in enumerate(producers):  # a row's own settings may fail it alone (its seed, its schema)
@@ -242,7 +248,18 @@ class ModelRunner:
         if batch.decodes:  # after sampling, which waits for the device anyway: no sync between step and lm_head
             per_row, layer_skipped = gate.skip_counts(len(decoding))
             skipped = {s.seq_id: n for (s, before), n in zip(decoding, per_row) if not before}
-        return StepResult(samples, skipped, layer_skipped, failed, prompt_scores, accepted)
+        return StepResult(samples, skipped, layer_skipped, failed, prompt_scores, accepted, pooled)
+
+    @staticmethod
+    def _pool(chunk, hidden: torch.Tensor) -> tuple[range, list[float]]:
+        """An embeddings input's share of a prefill chunk: the positions it pools from the chunk's
+        `hidden` rows and their sum, in float64 (a mean over thousands of positions)."""
+        seq = chunk.seq
+        positions = seq.pooling.positions(chunk.start, chunk.end, len(seq.prompt_ids))
+        if not positions:
+            return positions, []
+        rows = hidden[positions.start - chunk.start:positions.stop - chunk.start]
+        return positions, rows.sum(dim=0, dtype=torch.float64).tolist()
 
     SCORE_ROWS = 64  # prompt positions scored per lm_head call: [64, vocab] fp32 logits at a time (67 MB for Gemma 3)
 

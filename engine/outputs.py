@@ -29,6 +29,7 @@ class SequenceOutput:
     error: str | None = None  # set (with finished) when generation failed for this request alone
     # with SamplingParams.prompt_logprobs, on a sequence's first output: one entry per prompt token
     prompt_logprobs: list[TokenLogprob] | None = None
+    embedding: list[float] | None = None  # an embeddings request's input: its vector, with its one output
 
 
 @dataclass

@@ -10,6 +10,8 @@ prefill plus one more. Prefill runs in chunks under a token budget per step; fin
 aborted sequences give their blocks back at once. With speculative decoding on, decoding
 sequences that take drafts get them (engine/ngram_drafter.py) while the step has decode rows to
 spare, with KV blocks for the draft's positions (free ones only: a draft never preempts).
+An embeddings request's inputs are sequences that prefill and end (no block for a next token),
+admitted and chunked like any prompt.
 
 The choices of one request (`n` > 1) share their prompt: with the prefix cache on, the first is
 admitted alone and the others wait (letting later requests by) while it computes the prompt's
@@ -36,7 +38,12 @@ class PrefillChunk:
     def produces_token(self) -> bool:
         """The chunk that ends a prompt samples the first token; a preempted sequence's replay
         does not (its next token comes from the decode step, as it would have)."""
-        return self.end == self.seq.prefill_len and not self.seq.output_ids
+        return self.end == self.seq.prefill_len and not self.seq.output_ids and self.seq.makes_tokens
+
+    @property
+    def ends_input(self) -> bool:
+        """The chunk that completes an embeddings request's input (which is then done)."""
+        return self.end == self.seq.prefill_len and not self.seq.makes_tokens
 
 
 @dataclass
@@ -85,11 +92,11 @@ class Scheduler:
         position = 0
         while not preempted and position < len(self.waiting) and len(self.running) < self.max_num_seqs:
             seq = self.waiting[position]
-            if seq.request_id in held and not seq.output_ids and not seq.wants_prompt_logprobs:
+            if seq.request_id in held and not seq.output_ids and not seq.computes_whole_prompt:
                 position += 1  # its prompt is being computed by a sibling: it takes that from the cache
                 continue
-            if not self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=1,
-                                            reuse=not seq.wants_prompt_logprobs):
+            if not self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=int(seq.makes_tokens),
+                                            reuse=not seq.computes_whole_prompt):
                 break  # first come, first served: no overtaking
             del self.waiting[position]
             self._admit(seq)
@@ -135,7 +142,10 @@ class Scheduler:
 
     def _computing_shared_prompt(self, seq: Sequence) -> bool:
         """Whether `seq` has yet to compute whole blocks of its prompt that its siblings could take
-        from the prefix cache (the prompt's last token is always computed again)."""
+        from the prefix cache (the prompt's last token is always computed again). The inputs of an
+        embeddings request are different texts: nothing to share."""
+        if not seq.makes_tokens:
+            return False
         shareable = (len(seq.prompt_ids) - 1) // self.blocks.block_size * self.blocks.block_size
         return self.blocks.prefix_caching and not seq.output_ids and seq.num_computed < shareable
 
@@ -165,7 +175,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> None:
         seq.block_table, cached = self.blocks.allocate(seq.seq_id, seq.token_ids(), seq.prefill_len,
-                                                       reuse=not seq.wants_prompt_logprobs)
+                                                       reuse=not seq.computes_whole_prompt)
         seq.num_computed = seq.dense_kv = cached
         if not seq.output_ids and not seq.num_preemptions:  # a request's first admission
             seq.cached_tokens = seq.prompt_computed = cached

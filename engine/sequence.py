@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.ngram_drafter import NgramDrafter
+from engine.pooling import Pooling
 from engine.sampling_params import SamplingParams
 from engine.skip.base import TokenSkipPlan
 from engine.structured import Constraint
@@ -47,12 +48,25 @@ class Sequence:
     # with params.prompt_logprobs: the logprob entries (engine/outputs.TokenLogprob) of prompt tokens
     # 1.. computed so far; handed out with the sequence's first output
     prompt_logprobs: list | None = None
+    # an embeddings request's input: pooled as it is computed, and done then (it makes no tokens)
+    pooling: Pooling | None = None
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        """Prompt positions still to score: their hidden states are needed, so none may come from
-        the prefix cache."""
+        """Prompt positions still to score."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
+
+    @property
+    def computes_whole_prompt(self) -> bool:
+        """Prompt positions whose hidden states are still needed (to score or to pool), so none
+        may come from the prefix cache."""
+        pools = self.pooling is not None and self.pooling.needs_every_position
+        return self.wants_prompt_logprobs or (pools and self.pooling.rows < len(self.prompt_ids))
+
+    @property
+    def makes_tokens(self) -> bool:
+        """False for an embeddings request's input, which ends with its prefill."""
+        return self.pooling is None
 
     def refused_tokens(self, made: int) -> tuple[int, ...] | None:
         """What the sampler may not pick once the sequence has made `made` tokens: the ending tokens

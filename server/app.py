@@ -18,6 +18,7 @@ from server import __version__, errors
 from server.access_gate import AccessGate
 from server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from server.completions import router as completions_router
+from server.embeddings import router as embeddings_router
 from server.errors import APIError, error_response
 from server.generation import check_model, check_token_ids, encode_chat, ready_tokenizer
 from server.metrics import Metrics
@@ -91,6 +92,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     errors.install(app)
     app.include_router(completions_router)
     app.include_router(responses_router)
+    app.include_router(embeddings_router)
 
     @app.get("/health")
     async def health():

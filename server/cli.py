@@ -90,6 +90,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="speculative decoding: up to K draft tokens a step for each answer, looked up in its own "
                         "earlier tokens (n-gram), checked in one step; the text stays the same, repetitive "
                         "answers come faster. CPU, dense answers, at most 8 rows a step (default: 0, off)")
+    s.add_argument("--pooling", choices=["mean", "last"], default=None,
+                   help="/v1/embeddings: an input's vector is the mean of the model's final hidden states over "
+                        "its tokens, or the state at its last token (for models trained as embedders that way) "
+                        "(default: mean)")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="always prefill whole prompts (default: a prompt reuses cached KV blocks of its prefix)")
     s.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429 "
@@ -153,7 +157,7 @@ def build_config(args) -> EngineConfig:
                                                  "kv_capacity_tokens", "kv_cache_memory", "kv_cache_dtype",
                                                  "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching", "enforce_eager",
-                                                 "speculative_tokens")
+                                                 "speculative_tokens", "pooling")
                  if getattr(args, k) is not None}
     if args.served_model_name:
         overrides["served_model_name"] = args.served_model_name[0]

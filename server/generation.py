@@ -107,12 +107,18 @@ def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, par
     except BaseException as exc:
         for stream in streams:  # a batch is taken whole or not at all
             stream.close()
-        if isinstance(exc, EngineNotReadyError):
-            raise APIError(503, str(exc), code="not_ready")
-        if isinstance(exc, QueueFullError):
-            raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
-        raise
+        raise refusal(exc) or exc
     return MergedStream(streams, sampling.n), timer
+
+
+def refusal(exc: BaseException) -> APIError | None:
+    """The answer to an engine that could not take a request: loading or shutting down (503), or
+    full (429, retry in a second); None for anything else."""
+    if isinstance(exc, EngineNotReadyError):
+        return APIError(503, str(exc), code="not_ready")
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
+    return None
 
 
 class MergedStream:

@@ -97,6 +97,7 @@ class Metrics:
                                     buckets=TOKEN_BUCKETS, registry=r)
         self.prompt_tokens = Histogram(P + "request_prompt_tokens", "Prompt tokens per request.",
                                        buckets=TOKEN_BUCKETS, registry=r)
+        self.embedding_inputs = Counter(P + "embedding_inputs", "Inputs embedded (/v1/embeddings).", registry=r)
 
     def on_step(self, stats, outputs) -> None:
         self.engine_collector.record_step(stats.generated_tokens)
@@ -130,3 +131,12 @@ class RequestTimer:
         m.gen_tokens.observe(completion_tokens)
         m.prompt_tokens.observe(prompt_tokens)
         m.skip_ratio.observe(skipped / total if total else 0.0)
+
+    def finish_embeddings(self, inputs: int, prompt_tokens: int) -> None:
+        """An embeddings request, done: counted and timed as a request, but not in the per-request
+        generation and skip histograms (it generates nothing, and prefill skips no FFN)."""
+        m = self.metrics
+        m.request_success.labels(finished_reason="stop").inc()
+        m.e2e.observe(time.monotonic() - self.start)
+        m.prompt_tokens.observe(prompt_tokens)
+        m.embedding_inputs.inc(inputs)

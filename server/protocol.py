@@ -351,9 +351,33 @@ class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest):
         return self.tool_use.constrain(params, "response_format")
 
 
+# one text (or token ids) or a batch of them: completions' `prompt`, embeddings' `input`
+Texts = Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
+
+
+def check_texts_shape(value, param: str):
+    """An empty or mixed batch is a 400 saying so (not a union's "should be a valid string")."""
+    if isinstance(value, list):
+        if not value or any(isinstance(p, list) and not p for p in value):
+            raise InvalidParamError(f"{param} must not be empty", param)
+        kinds = {type(p) for p in value}
+        inner = {type(t) for p in value if isinstance(p, list) for t in p}
+        if len(kinds) > 1 or kinds - {int, str, list} or inner - {int}:
+            raise InvalidParamError(f"{param} must be a string, a list of token ids, a list of strings or a "
+                                    "list of token id lists", param)
+    return value
+
+
+def as_batch(texts) -> list[str | list[int]]:
+    """A `Texts` value as its batch: each item text or token ids."""
+    if isinstance(texts, str) or isinstance(texts[0], int):
+        return [texts]
+    return list(texts)
+
+
 class CompletionRequest(CommonRequest):
     # one prompt (text or token ids) or a batch of them, each answered with `n` choices
-    prompt: Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
+    prompt: Texts
     logprobs: Optional[StrictInt] = None
     echo: Optional[StrictBool] = None
     best_of: Optional[Literal[1]] = None
@@ -361,22 +385,11 @@ class CompletionRequest(CommonRequest):
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_shape(cls, value):
-        """An empty or mixed batch is a 400 saying so (not a union's "should be a valid string")."""
-        if isinstance(value, list):
-            if not value or any(isinstance(p, list) and not p for p in value):
-                raise InvalidParamError("prompt must not be empty", "prompt")
-            kinds = {type(p) for p in value}
-            inner = {type(t) for p in value if isinstance(p, list) for t in p}
-            if len(kinds) > 1 or kinds - {int, str, list} or inner - {int}:
-                raise InvalidParamError("prompt must be a string, a list of token ids, a list of strings or a "
-                                        "list of token id lists", "prompt")
-        return value
+        return check_texts_shape(value, "prompt")
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: each prompt as text or token ids."""
-        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
-            return [self.prompt]
-        return list(self.prompt)
+        return as_batch(self.prompt)
 
     @property
     def prompt_only(self) -> bool:
@@ -391,6 +404,22 @@ class CompletionRequest(CommonRequest):
         if self.echo:  # the echoed prompt's tokens come with their logprobs too
             params.prompt_logprobs = self.logprobs
         return params
+
+
+class EmbeddingRequest(RequestBody):
+    model: str
+    input: Texts  # one text (or token ids) or a batch of them, each embedded alone
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32s
+    dimensions: Optional[StrictInt] = None  # only the model's own: its vectors are not made to be cut
+    user: Optional[str] = None  # accepted and ignored, as in chat and completions
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_shape(cls, value):
+        return check_texts_shape(value, "input")
+
+    def inputs(self) -> list[str | list[int]]:
+        return as_batch(self.input)
 
 
 class TokenizeRequest(ChatTemplating, ChatTools, RequestBody):
