@@ -24,4 +24,8 @@ def load_config(path: str | Path) -> EngineConfig:
     unknown = (set(raw) - engine_keys) | {f"skip.{k}" for k in set(skip_raw) - skip_keys}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    template = raw.get("chat_template")
+    if isinstance(template, str) and "{{" not in template and "{%" not in template:
+        # a template file named in a config file is found beside it, as the file's other paths would be
+        raw["chat_template"] = str(Path(path).resolve().parent / Path(template).expanduser())
     return EngineConfig(**raw, skip=SkipConfig(**skip_raw))

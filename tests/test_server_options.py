@@ -124,3 +124,14 @@ def test_every_served_name_is_listed_and_answers_as_itself(srv):
     assert r.model == ALIAS and r.choices[0].message.content is not None
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+
+
+def test_a_config_files_chat_template_path_is_read_beside_it(tmp_path, monkeypatch):
+    from server.config_file import load_config
+
+    (tmp_path / "chat.jinja").write_text("{{ messages[0]['content'] }}")
+    (tmp_path / "served.yaml").write_text("chat_template: chat.jinja\n")
+    (tmp_path / "inline.yaml").write_text("chat_template: \"{{ messages }}\"\n")
+    monkeypatch.chdir("/")  # not the config file's folder
+    assert load_config(tmp_path / "served.yaml").chat_template == str(tmp_path / "chat.jinja")
+    assert load_config(tmp_path / "inline.yaml").chat_template == "{{ messages }}"  # a template stays itself
