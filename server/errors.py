@@ -61,6 +61,33 @@ def validation_message(err: dict) -> tuple[str, str | None]:
     return f"invalid value for '{param}': {err.get('msg')}", param
 
 
+class UnexpectedErrors:
+    """An ASGI middleware that answers an exception no handler took with the envelope's 500 from
+    inside the middleware stack, so that the middlewares around it (CORS, when on) still dress the
+    answer; Starlette's own catch-all (below) answers from outside all of them."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            if started:  # too late for an answer of its own: the connection ends, as it would have
+                raise
+            log.exception("unhandled error on %s", scope.get("path"))
+            await error_response(500, "internal server error")(scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):

@@ -135,3 +135,24 @@ def test_a_config_files_chat_template_path_is_read_beside_it(tmp_path, monkeypat
     monkeypatch.chdir("/")  # not the config file's folder
     assert load_config(tmp_path / "served.yaml").chat_template == str(tmp_path / "chat.jinja")
     assert load_config(tmp_path / "inline.yaml").chat_template == "{{ messages }}"  # a template stays itself
+
+
+def test_an_unexpected_error_is_a_500_envelope_that_carries_the_cors_header():
+    """No route of the server fails on purpose, so a route that does is added to the real app (its
+    middleware stack and handlers; the model is never loaded: the lifespan does not run)."""
+    from starlette.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+    from server.app import create_app
+
+    app = create_app(AsyncEngine(EngineConfig()), (MODEL,), allowed_origins=(UI,))
+
+    async def fails():
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/v1/fails", fails, methods=["POST"])
+    r = TestClient(app, raise_server_exceptions=False).post("/v1/fails", headers={"Origin": UI})
+    assert r.status_code == 500 and r.json()["error"] == {"message": "internal server error",
+                                                          "type": "internal_server_error", "param": None, "code": None}
+    assert r.headers["access-control-allow-origin"] == UI
