@@ -89,6 +89,25 @@ def test_api_key_and_queue_full(tmp_path):
                 assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_exceeded"
             else:
                 assert r.json()["usage"]["completion_tokens"] == 40
+
+        async def batch_beside_a_stream():
+            """A batch whose second prompt finds the queue full: taken whole or not at all."""
+            headers = {"Authorization": "Bearer s3cret"}
+            batch = {"model": MODEL, "prompt": ["Tea is", "Coffee is"], "max_tokens": 2}
+            async with httpx.AsyncClient(timeout=120, headers=headers) as c:
+                stream = {**body, "max_tokens": 40, "ignore_eos": True, "stream": True}
+                async with c.stream("POST", srv.url + "/v1/chat/completions", json=stream) as running:
+                    lines = running.aiter_lines()
+                    await lines.__anext__()  # it holds the one row; the queue has room for one more
+                    refused = await c.post(srv.url + "/v1/completions", json=batch)
+                    async for _ in lines:
+                        pass
+                return refused, await c.post(srv.url + "/v1/completions", json=batch)
+
+        refused, taken = asyncio.run(batch_beside_a_stream())
+        assert refused.status_code == 429 and refused.headers["retry-after"], refused.text
+        assert taken.status_code == 200 and len(taken.json()["choices"]) == 2  # the refused batch left nothing queued
+        assert srv.metric("num_requests_waiting") == srv.metric("num_requests_running") == 0
     finally:
         assert srv.stop() == 0
     log = srv.log_path.read_text() if srv.log_path else ""
