@@ -9,7 +9,8 @@ mean cosine of pairs against non-pairs, each sentence sent alone), and how far a
 when its text comes in a batch of 24 rather than alone; and between targets, the cosine of their two vectors
 for the same text (the same weights and pooling should give ~1).
 
-    .venv/bin/python bench/embeddings.py --url http://127.0.0.1:8000 --peer http://127.0.0.1:8081 --out bench/out
+    .venv/bin/python bench/embeddings.py --url http://127.0.0.1:8000 --peer llama.cpp=http://127.0.0.1:8081 \\
+        --out bench/out
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ async def retrieval(url: str, model: str) -> tuple[dict, list]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", action="append", default=[], help="skipserve, NAME=URL or URL (repeatable)")
-    ap.add_argument("--peer", action="append", default=[], help="another OpenAI-compatible server (repeatable)")
+    ap.add_argument("--peer", action="append", default=[],
+                    help="another OpenAI-compatible server, NAME=URL or URL (repeatable)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--docs", type=int, default=64, help="texts per round and target")
     ap.add_argument("--words", default="24,96,384", help="text lengths (words), cycled over the texts")
@@ -111,7 +113,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     targets = [tuple(u.split("=", 1)) if "=" in u else ("skipserve", u) for u in args.url or ["http://127.0.0.1:8000"]]
-    targets += [(f"peer {u}", u) for u in args.peer]
+    targets += [tuple(u.split("=", 1)) if "=" in u else (f"peer {u}", u) for u in args.peer]
     words = [int(w) for w in args.words.split(",")]
     results = {name: {} for name, _ in targets}
     for batch in [int(b) for b in args.batch.split(",")]:

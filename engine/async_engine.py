@@ -103,10 +103,6 @@ class AsyncEngine:
         self._check_ready()
         return self.engine.tokenizer
 
-    def model_config(self):
-        self._check_ready()
-        return self.engine.model_config
-
     def _check_ready(self):
         if self.engine is None or self._stopping:
             raise EngineNotReadyError("the model is loading" if self.engine is None else "the server is shutting down")

@@ -33,6 +33,7 @@ log = logging.getLogger("skipserve.engine")
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        Pooling(config.pooling)  # a config file's unknown method stops the start before the load, as the CLI's would
         self.hf_dir = ensure_hf_dir(config.model, config.cache_dir)
         self.tokenizer = Tokenizer(self.hf_dir, config.chat_template)
         self.model_config = ModelConfig.from_hf_dir(self.hf_dir)
@@ -41,7 +42,6 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, self.hf_dir)
         self.blocks = BlockManager(self.runner.capacity.num_blocks, config.block_size, config.prefix_caching)
         # speculative decoding where the backend checks drafts (engine/ngram_drafter.py)
-        Pooling(config.pooling)  # a config file's unknown method stops the start, as the CLI's choices would
         if not 0 <= config.speculative_tokens < Scheduler.MAX_ROWS_WITH_DRAFTS:
             raise ValueError(f"speculative_tokens {config.speculative_tokens}: from 0 (off) to "
                              f"{Scheduler.MAX_ROWS_WITH_DRAFTS - 1}")
@@ -68,13 +68,7 @@ class LLMEngine:
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> int:
         """Validate lengths; return the effective max_tokens."""
-        if not prompt_ids:
-            raise InvalidParamError("the prompt is empty", param)
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise InvalidParamError(
-                f"this model's maximum context length is {self.max_model_len} tokens, "
-                f"but the prompt has {len(prompt_ids)} tokens", param)
+        room = self.max_model_len - self._check_length(prompt_ids, param, "prompt", reserve=1)
         if params.max_tokens is None:
             return room
         if params.max_tokens > room:
@@ -82,6 +76,15 @@ class LLMEngine:
                 f"{params.max_tokens_param} ({params.max_tokens}) plus the prompt ({len(prompt_ids)} tokens) "
                 f"exceeds this model's maximum context length of {self.max_model_len} tokens", params.max_tokens_param)
         return params.max_tokens
+
+    def _check_length(self, ids: list[int], param: str, what: str, reserve: int) -> int:
+        """A prompt or input of 1 to max_model_len - `reserve` tokens (room for as many more) -> its length."""
+        if not ids:
+            raise InvalidParamError(f"the {what} is empty", param)
+        if len(ids) > self.max_model_len - reserve:
+            raise InvalidParamError(f"this model's maximum context length is {self.max_model_len} tokens, "
+                                    f"but the {what} has {len(ids)} tokens", param)
+        return len(ids)
 
     def prepare_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                         skip: SkipParams | None = None, prompt_param: str = "prompt") -> list[Sequence]:
@@ -122,12 +125,7 @@ class LLMEngine:
         """An embeddings request's sequences, one per input (input i is sequence i, named `param.i`
         in its errors where there are several); nothing is scheduled yet. Any thread may call it."""
         for i, ids in enumerate(inputs):
-            where = param if len(inputs) == 1 else f"{param}.{i}"
-            if not ids:
-                raise InvalidParamError("the input is empty", where)
-            if len(ids) > self.max_model_len:
-                raise InvalidParamError(f"this model's maximum context length is {self.max_model_len} tokens, "
-                                        f"but the input has {len(ids)} tokens", where)
+            self._check_length(ids, param if len(inputs) == 1 else f"{param}.{i}", "input", reserve=0)
         plan = self.resolve_skip(SkipParams(budget=0.0))  # computed as prefill: every FFN runs anyway
         return [Sequence(seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(ids),
                          params=SamplingParams(), skip_plan=plan, max_tokens=0,
@@ -205,9 +203,12 @@ class LLMEngine:
                 for t, lp, top in result.prompt_scores.get(chunk.seq.seq_id, ()):  # it asked for them
                     chunk.seq.prompt_logprobs.append(TokenLogprob(text(t), t, lp, [(text(a), a, alp) for a, alp in top]))
                 if chunk.seq.pooling is not None:
-                    chunk.seq.pooling.add(*result.pooled[chunk.seq.seq_id])
-                    if chunk.ends_input:
-                        outputs.append(self._embedding_output(chunk.seq))
+                    try:  # a vector that cannot be made (non-finite states) fails its request alone
+                        chunk.seq.pooling.add(*result.pooled[chunk.seq.seq_id])
+                        if chunk.ends_input:
+                            outputs.append(self._embedding_output(chunk.seq))
+                    except Exception as exc:
+                        failed[chunk.seq.seq_id] = exc
         for seq in batch.decodes:
             if seq.seq_id not in failed:
                 self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
@@ -318,12 +319,13 @@ class LLMEngine:
     def _embedding_output(self, seq: Sequence) -> SequenceOutput:
         """An embeddings input, computed: it leaves the batch (its K/V stay in the prefix cache for
         later prompts), and its one output holds the vector."""
+        vector = seq.pooling.vector()
         self.scheduler.finish(seq, "stop")
         self._release(seq)
         return SequenceOutput(
             request_id=seq.request_id, index=seq.index, text="", token_ids=[], logprobs=None, finished=True,
             finish_reason="stop", prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.cached_tokens,
-            completion_tokens=0, ffn_skipped=0, ffn_total=0, embedding=seq.pooling.vector())
+            completion_tokens=0, ffn_skipped=0, ffn_total=0, embedding=vector)
 
     # ---- convenience for tests, benchmarks and offline use ----------------------------------
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:

@@ -52,6 +52,11 @@ def _accepted_length(draft: list[int], made: list) -> int:
     return taken
 
 
+def _to_host(pooled: dict) -> dict[str, tuple[range, list[float]]]:
+    """The step's pooled sums as lists, read once the step's work is queued (no sync between launches)."""
+    return {seq_id: (positions, [] if summed is None else summed.tolist()) for seq_id, (positions, summed) in pooled.items()}
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,7 +224,7 @@ class ModelRunner:
                                        [s.block_table for s, _ in decoding], gate))
             producers.extend(decoding)
         if not producers:
-            return StepResult({}, {}, layer_skipped, prompt_scores=prompt_scores, pooled=pooled)
+            return StepResult({}, {}, layer_skipped, prompt_scores=prompt_scores, pooled=_to_host(pooled))
         logits = self.logits(torch.cat(hiddens))
         failed, live, rows = {}, [], []
         for i, (seq, before) in enumerate(producers):  # a row's own settings may fail it alone (its seed, its schema)
@@ -248,18 +253,19 @@ class ModelRunner:
         if batch.decodes:  # after sampling, which waits for the device anyway: no sync between step and lm_head
             per_row, layer_skipped = gate.skip_counts(len(decoding))
             skipped = {s.seq_id: n for (s, before), n in zip(decoding, per_row) if not before}
-        return StepResult(samples, skipped, layer_skipped, failed, prompt_scores, accepted, pooled)
+        return StepResult(samples, skipped, layer_skipped, failed, prompt_scores, accepted, _to_host(pooled))
 
     @staticmethod
-    def _pool(chunk, hidden: torch.Tensor) -> tuple[range, list[float]]:
+    def _pool(chunk, hidden: torch.Tensor) -> tuple[range, torch.Tensor | None]:
         """An embeddings input's share of a prefill chunk: the positions it pools from the chunk's
-        `hidden` rows and their sum, in float64 (a mean over thousands of positions)."""
+        `hidden` rows and their sum, in float64 (a mean over thousands of positions), on the device
+        (`_to_host` reads it after the step's last launch)."""
         seq = chunk.seq
         positions = seq.pooling.positions(chunk.start, chunk.end, len(seq.prompt_ids))
         if not positions:
-            return positions, []
+            return positions, None
         rows = hidden[positions.start - chunk.start:positions.stop - chunk.start]
-        return positions, rows.sum(dim=0, dtype=torch.float64).tolist()
+        return positions, rows.sum(dim=0, dtype=torch.float64)
 
     SCORE_ROWS = 64  # prompt positions scored per lm_head call: [64, vocab] fp32 logits at a time (67 MB for Gemma 3)
 

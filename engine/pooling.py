@@ -45,6 +45,8 @@ class Pooling:
 
     def vector(self) -> list[float]:
         """The embedding: the pooled state at unit length (a mean's count cancels out; a zero state
-        stays zero)."""
+        stays zero). Raises ValueError for a state that is not finite (a model that overflowed)."""
         norm = math.sqrt(math.fsum(x * x for x in self.total))
+        if not math.isfinite(norm):
+            raise ValueError("the model's hidden states are not finite: no embedding can be made of them")
         return [x / norm for x in self.total] if norm > 0 else [0.0] * len(self.total)

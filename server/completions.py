@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
-from server.errors import APIError, error_body
-from server.generation import (Usage, check_model, check_token_ids, consume, encode_chat, overall_finish,
-                               ready_tokenizer, submit)
+from server.errors import error_body
+from server.generation import (Usage, check_model, consume, encode_chat, overall_finish, ready_tokenizer, submit,
+                               tokenize_batch)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.tool_calls import parse_calls
 
@@ -89,16 +89,9 @@ class CompletionCall:
     async def _completion_prompts(self) -> list[list[int]]:
         """The batch's prompts as token ids (and as text, for `echo`)."""
         state, given = self.state, self.body.prompts()
-        tokenizer = ready_tokenizer(state)
-        limit = state.engine.config.max_num_seqs + state.engine.max_waiting
-        if len(given) > limit:
-            raise APIError(400, f"at most {limit} prompts a request on this server", "prompt")
-        prompts = []
-        for i, prompt in enumerate(given):  # tokenizing long prompts takes a while: off the event loop
-            ids = list(prompt) if isinstance(prompt, list) else await asyncio.to_thread(tokenizer.encode, prompt)
-            check_token_ids(ids, tokenizer, "prompt" if len(given) == 1 else f"prompt.{i}")
-            prompts.append(ids)
+        prompts = await tokenize_batch(state, given, "prompt")
         if self.body.echo:
+            tokenizer = ready_tokenizer(state)
             self.echoed = [p if isinstance(p, str) else await asyncio.to_thread(tokenizer.decode, p) for p in given]
         return prompts
 

@@ -95,20 +95,48 @@ async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOp
     return await asyncio.to_thread(ready_tokenizer(state).encode_chat, rendered, options)
 
 
-def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, param: str):
-    """One engine request per prompt (a batch's prompt i named `param.i` in its errors), read as one
-    stream (MergedStream), and the request's timer (for its metrics)."""
-    timer = RequestTimer(state.metrics)  # from before add_request, which compiles a schema's grammar
-    streams, one = [], len(prompts) == 1
+async def tokenize_batch(state, given: list, param: str) -> list[list[int]]:
+    """A batch's texts (or token ids) as token ids, each checked against the vocabulary (item i named
+    `param.i` where there are several). A batch takes a queue place per item, so it may hold as many
+    as the queue does (`--max-num-seqs` + `--max-waiting`)."""
+    tokenizer = ready_tokenizer(state)
+    limit = state.engine.config.max_num_seqs + state.engine.max_waiting
+    if len(given) > limit:
+        raise APIError(400, f"at most {limit} {param}s a request on this server (--max-num-seqs + --max-waiting)",
+                       param)
+    batch = []
+    for i, item in enumerate(given):  # tokenizing long texts takes a while: off the event loop
+        ids = list(item) if isinstance(item, list) else await asyncio.to_thread(tokenizer.encode, item)
+        check_token_ids(ids, tokenizer, item_param(param, i, len(given)))
+        batch.append(ids)
+    return batch
+
+
+def item_param(param: str, index: int, count: int) -> str:
+    """How errors name item `index` of a batch of `count` sent as `param`."""
+    return param if count == 1 else f"{param}.{index}"
+
+
+def take_whole(request_id: str, count: int, add, choices: int = 1) -> "MergedStream":
+    """`count` engine requests, `add(engine request id, i)` submitting the i-th, read as one stream
+    (MergedStream): a batch is taken whole or not at all (a refusal closes the ones taken)."""
+    streams = []
     try:
-        for i, prompt_ids in enumerate(prompts):
-            streams.append(state.engine.add_request(request_id if one else f"{request_id}-{i}", prompt_ids,
-                                                    sampling, skip, param if one else f"{param}.{i}"))
+        for i in range(count):
+            streams.append(add(request_id if count == 1 else f"{request_id}-{i}", i))
     except BaseException as exc:
-        for stream in streams:  # a batch is taken whole or not at all
+        for stream in streams:
             stream.close()
         raise refusal(exc) or exc
-    return MergedStream(streams, sampling.n), timer
+    return MergedStream(streams, choices)
+
+
+def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, param: str):
+    """One engine request per prompt, read as one stream, and the request's timer (for its metrics)."""
+    timer = RequestTimer(state.metrics)  # from before add_request, which compiles a schema's grammar
+    stream = take_whole(request_id, len(prompts), lambda rid, i: state.engine.add_request(
+        rid, prompts[i], sampling, skip, item_param(param, i, len(prompts))), sampling.n)
+    return stream, timer
 
 
 def refusal(exc: BaseException) -> APIError | None:

@@ -416,6 +416,12 @@ class EmbeddingRequest(RequestBody):
     @field_validator("input", mode="before")
     @classmethod
     def _one_shape(cls, value):
+        """An empty text is refused before it is tokenized (a tokenizer that adds BOS would make it
+        one token), as OpenAI refuses it."""
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if item == "":
+                raise InvalidParamError("input must not be empty", "input" if len(items) == 1 else f"input.{i}")
         return check_texts_shape(value, "input")
 
     def inputs(self) -> list[str | list[int]]:

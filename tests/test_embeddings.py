@@ -38,16 +38,18 @@ def close(ours: list[float], theirs: torch.Tensor, tol: float = 2e-5) -> bool:
     return (torch.tensor(ours, dtype=torch.float64) - theirs).abs().max().item() < tol
 
 
-def _outputs(engine, inputs: list[list[int]], request_id: str = "embed") -> dict:
-    """One embeddings request run to completion beside whatever the engine holds -> {index: output}."""
-    engine.add_sequences(engine.prepare_embeddings(request_id, inputs))
+def _outputs(engine, inputs: list[list[int]], request_id: str = "embed") -> tuple[dict, list]:
+    """One embeddings request run to completion beside whatever the engine holds -> ({index: output},
+    its sequences)."""
+    seqs = engine.prepare_embeddings(request_id, inputs)
+    engine.add_sequences(seqs)
     outs = {}
     while engine.has_work:
         for out in engine.step()[0]:
             if out.request_id == request_id:
                 assert out.finished and out.error is None and out.index not in outs
                 outs[out.index] = out
-    return outs
+    return outs, seqs
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +57,14 @@ def inputs(engine):
     return [engine.tokenizer.encode(t) for t in TEXTS]
 
 
+@pytest.fixture(scope="module")
+def chunked(engine):
+    return engine_like(engine, max_prefill_tokens=48)  # the long input in 4 chunks, others beside it
+
+
 @pytest.mark.parametrize("method", ["mean", "last"])
-def test_vectors_equal_hf_in_one_chunk_or_many_alone_or_batched(engine, hf_model, inputs, method, monkeypatch):
-    chunked = engine_like(engine, max_prefill_tokens=48)  # the long input in 4 chunks, others beside it
+def test_vectors_equal_hf_in_one_chunk_or_many_alone_or_batched(engine, chunked, hf_model, inputs, method,
+                                                                 monkeypatch):
     for eng in (engine, chunked):
         monkeypatch.setattr(eng.config, "pooling", method)
         batched = eng.embed(inputs)
@@ -78,7 +85,7 @@ def test_the_prefix_cache_serves_last_pooling_and_never_mean(engine, hf_model, i
     engine.generate([long + [28]], SamplingParams(max_tokens=1, temperature=0))  # the prefix cache holds it
     for method, cached in (("mean", False), ("last", True)):
         monkeypatch.setattr(engine.config, "pooling", method)
-        out = _outputs(engine, [long], f"cached-{method}")[0]
+        out = _outputs(engine, [long], f"cached-{method}")[0][0]
         assert (out.cached_tokens > 0) == cached
         assert out.prompt_tokens == len(long) and out.completion_tokens == 0 and out.token_ids == []
         assert close(out.embedding, hf_embedding(hf_model, long, method))
@@ -92,10 +99,19 @@ def test_an_input_preempted_halfway_pools_each_position_once(engine, hf_model, i
     text = small.tokenizer.encode("The quick brown fox jumps over the lazy dog, and then it runs away. " * 3)[:50]
     other = small.tokenizer.encode("Count the stars in the sky tonight, one by one, slowly. " * 8)[:47]
     small.add_request("other", other, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
-    out = _outputs(small, [text])[0]
-    assert small.num_preemptions_total > 0
-    assert close(out.embedding, hf_embedding(hf_model, text, "mean"))
+    outs, (seq,) = _outputs(small, [text])
+    assert seq.num_preemptions > 0
+    assert close(outs[0].embedding, hf_embedding(hf_model, text, "mean"))
     assert_all_blocks_back(small)
+
+
+def test_an_aborted_request_leaves_no_output_and_gives_its_blocks_back(chunked, inputs):
+    chunked.add_sequences(chunked.prepare_embeddings("gone", inputs))
+    outputs, _ = chunked.step()  # the first 48 tokens: the long input is still being computed
+    assert [o.index for o in outputs] == [0]
+    chunked.abort("gone")
+    assert not chunked.has_work and not chunked.step()[0]
+    assert_all_blocks_back(chunked)
 
 
 def test_pooling_counts_each_position_once_when_chunks_repeat():
@@ -108,6 +124,10 @@ def test_pooling_counts_each_position_once_when_chunks_repeat():
     assert not last.positions(0, 4, 5) and last.positions(4, 5, 5) == range(4, 5)
     with pytest.raises(ValueError):
         Pooling("cls")
+    overflowed = Pooling("mean")
+    overflowed.add(range(0, 1), [math.inf, 0.0])
+    with pytest.raises(ValueError, match="not finite"):
+        overflowed.vector()
 
 
 # ---- over HTTP -----------------------------------------------------------------------------------
@@ -148,7 +168,7 @@ def test_one_text_token_ids_and_raw_base64_agree(server, client):
     ({"input": [1, 99999999]}, 400, "input"),
     ({"input": [[5], [-1]]}, 400, "input.1"),
     ({"input": [7] * 2049}, 400, "input"),  # longer than the server's 2,048-token context
-    ({"input": ["x"] * 2049}, 400, "input"),  # more inputs than OpenAI takes
+    ({"input": ["x"] * 81}, 400, "input"),  # more than the queue holds (16 rows + 64 waiting)
     ({"input": "text", "dimensions": 64}, 400, "dimensions"),
     ({"input": "text", "encoding_format": "int8"}, 400, "encoding_format"),
     ({"input": "text", "pooling": "cls"}, 400, "pooling"),
@@ -169,16 +189,18 @@ def test_the_sdk_raises_a_bad_request_for_an_empty_input(client):
 
 @cpu_path_only
 def test_embeddings_beside_a_chat_leave_its_answer_and_are_counted(server, client):
-    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Name three colours."}], max_tokens=24,
-                temperature=0)
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Name three colours."}], max_tokens=96,
+                temperature=0, extra_body={"ignore_eos": True})  # long enough to decode beside the embeddings
     alone = client.chat.completions.create(**chat).choices[0].message.content
     before = server.metric("embedding_inputs_total")
     long_texts = ["A long passage to embed while the chat decodes. " * 30] * 3
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    stream = client.chat.completions.create(stream=True, **chat)
+    chunks = [next(stream)]  # its prompt is computed: the embeddings' chunks come beside its decode steps
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         embeds = [pool.submit(client.embeddings.create, model=MODEL, input=long_texts) for _ in range(2)]
-        answer = pool.submit(lambda: client.chat.completions.create(**chat).choices[0].message.content)
+        chunks += list(stream)
         vectors = [f.result().data for f in embeds]
-        assert answer.result() == alone
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == alone
     # one text, three vectors: the same up to the last bits where the chunks' bounds fall elsewhere in it
     # (a chunk attends to its own K/V in fp32 and to earlier chunks' from the fp16 cache)
     same = [vectors[0][0].embedding, vectors[0][2].embedding, vectors[1][1].embedding]
