@@ -34,7 +34,7 @@ from engine.quant.int8 import quantize_state
 from engine.sampler import SampleRow, Sampled, sample, token_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.seeded_uniform import seeded_uniform
-from engine.skip import DenseGate, build_policy
+from engine.skip import DenseGate, RowSkip, build_policy
 
 log = logging.getLogger("skipserve.runner")
 
@@ -197,31 +197,34 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         hiddens, producers, prompt_scores, pooled = [], [], {}, {}
-        if batch.prefills:  # every prefill chunk of this step in one forward, always dense
-            chunks = batch.prefills
+        # short prefill chunks go as decode rows (below); the others in one forward, always dense
+        as_rows = [c for c in batch.prefills if self._computes_as_rows(c)]
+        chunks = [c for c in batch.prefills if not any(c is r for r in as_rows)]
+        chunk_hidden = {}  # id(chunk) -> its rows' hidden states
+        if chunks:
             hidden = self.prefill([(c.seq.token_ids()[c.start:c.end], c.seq.block_table, c.start) for c in chunks])
-            end = 0
-            for chunk in chunks:
-                begin, end = end, end + chunk.end - chunk.start
-                if chunk.seq.wants_prompt_logprobs:
-                    prompt_scores[chunk.seq.seq_id] = self._score_prompt(chunk.seq, hidden[begin:end], chunk.start)
-                if chunk.seq.pooling is not None:
-                    pooled[chunk.seq.seq_id] = self._pool(chunk, hidden[begin:end])
-                if chunk.produces_token:
-                    hiddens.append(hidden[end - 1:end])
-                    producers.append(chunk.seq)
+            chunk_hidden.update(zip(map(id, chunks), hidden.split([c.end - c.start for c in chunks])))
+        # a sequence's row, then one row per draft token: the draft's token at its position
+        decoding = [(s, batch.drafts.get(s.seq_id, [])[:j]) for s in batch.decodes
+                    for j in range(len(batch.drafts.get(s.seq_id, ())) + 1)]
+        gate = rows_hidden = None
+        if decoding or as_rows:
+            gate, chunk_rows, rows_hidden = self._decode_rows(as_rows, decoding)
+            chunk_hidden.update(zip(map(id, as_rows), chunk_rows))
+        for chunk in batch.prefills:
+            hidden = chunk_hidden[id(chunk)]
+            if chunk.seq.wants_prompt_logprobs:
+                prompt_scores[chunk.seq.seq_id] = self._score_prompt(chunk.seq, hidden, chunk.start)
+            if chunk.seq.pooling is not None:
+                pooled[chunk.seq.seq_id] = self._pool(chunk, hidden)
+            if chunk.produces_token:
+                hiddens.append(hidden[-1:])
+                producers.append(chunk.seq)
         producers = [(seq, []) for seq in producers]  # each row's sequence and the draft tokens before it
         skipped = {}
         layer_skipped = [0] * self.num_layers
-        if batch.decodes:
-            # a sequence's row, then one row per draft token: the draft's token at its position
-            decoding = [(s, batch.drafts.get(s.seq_id, [])[:j]) for s in batch.decodes
-                        for j in range(len(batch.drafts.get(s.seq_id, ())) + 1)]
-            gate = self.policy.make_gate([self.policy.row_skip(s.skip_plan, len(s.output_ids) + len(before))
-                                          for s, before in decoding], self.device)
-            hiddens.append(self.decode([before[-1] if before else s.last_token for s, before in decoding],
-                                       [s.num_tokens - 1 + len(before) for s, before in decoding],
-                                       [s.block_table for s, _ in decoding], gate))
+        if decoding:
+            hiddens.append(rows_hidden)
             producers.extend(decoding)
         if not producers:
             return StepResult({}, {}, layer_skipped, prompt_scores=prompt_scores, pooled=_to_host(pooled))
@@ -250,9 +253,10 @@ class ModelRunner:
                 samples[seq_id] = made[taken]
                 if taken:
                     accepted[seq_id] = made[:taken]
-        if batch.decodes:  # after sampling, which waits for the device anyway: no sync between step and lm_head
-            per_row, layer_skipped = gate.skip_counts(len(decoding))
-            skipped = {s.seq_id: n for (s, before), n in zip(decoding, per_row) if not before}
+        if gate is not None:  # after sampling, which waits for the device anyway: no sync between step and lm_head
+            chunk_rows = sum(c.end - c.start for c in as_rows)
+            per_row, layer_skipped = gate.skip_counts(chunk_rows + len(decoding))
+            skipped = {s.seq_id: n for (s, before), n in zip(decoding, per_row[chunk_rows:]) if not before}
         return StepResult(samples, skipped, layer_skipped, failed, prompt_scores, accepted, _to_host(pooled))
 
     @staticmethod
@@ -266,6 +270,31 @@ class ModelRunner:
             return positions, None
         rows = hidden[positions.start - chunk.start:positions.stop - chunk.start]
         return positions, rows.sum(dim=0, dtype=torch.float64)
+
+    # prefill chunks of up to this many tokens are computed as decode rows of their sequence, where
+    # the decode step writes every row's K/V before any row attends (the native CPU step). A prefill
+    # forward's fixed cost is ~10-20 ms more than a decode step's, and a row costs about what a
+    # prefilled token does: as rows, 1 to 64 new tokens after 192 cached came 1.15-1.9x sooner on
+    # AVX-512 and 1.09-1.5x on AVX2 (README: "Short prompt chunks as decode rows"); more was not measured
+    ROWS_PER_SHORT_CHUNK = 64
+    PREFILL_ROW = RowSkip(max_skips=0, threshold=1.0)  # prefill never skips
+
+    def _computes_as_rows(self, chunk) -> bool:
+        return self.checks_drafts and chunk.end - chunk.start <= self.ROWS_PER_SHORT_CHUNK
+
+    def _decode_rows(self, as_rows: list, decoding: list):
+        """Short prefill chunks' tokens (dense rows at their positions), then the decoding rows with
+        their drafts, in one decode call -> (its gate, each chunk's hidden rows, the decoding rows')."""
+        tokens = [t for c in as_rows for t in c.seq.token_ids()[c.start:c.end]]
+        gate = self.policy.make_gate([self.PREFILL_ROW] * len(tokens) +
+                                     [self.policy.row_skip(s.skip_plan, len(s.output_ids) + len(before))
+                                      for s, before in decoding], self.device)
+        hidden = self.decode(tokens + [before[-1] if before else s.last_token for s, before in decoding],
+                             [p for c in as_rows for p in range(c.start, c.end)] +
+                             [s.num_tokens - 1 + len(before) for s, before in decoding],
+                             [c.seq.block_table for c in as_rows for _ in range(c.start, c.end)] +
+                             [s.block_table for s, _ in decoding], gate)
+        return gate, hidden[:len(tokens)].split([c.end - c.start for c in as_rows]), hidden[len(tokens):]
 
     SCORE_ROWS = 64  # prompt positions scored per lm_head call: [64, vocab] fp32 logits at a time (67 MB for Gemma 3)
 

@@ -1,0 +1,86 @@
+"""Short prefill chunks (`ModelRunner.ROWS_PER_SHORT_CHUNK` tokens or fewer) are computed as decode
+rows of their sequence where the decode step writes every row's K/V before any row attends (the
+native CPU step): a short prompt, the new tokens after a cached prefix, a long prompt's short last
+chunk. They make the tokens the prefill forward makes (and HF's), with logprobs within fp32 noise;
+beside rows that skip FFNs their rows never skip."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.sampling_params import SamplingParams, SkipParams
+from tests.helpers import hf_greedy, run_staggered
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, logprobs=1)
+
+
+def _run(engine, prompt, params=GREEDY):
+    (_, ids, out), = engine.generate([prompt], params)
+    return ids, out
+
+
+@pytest.fixture
+def forwards(engine, monkeypatch):
+    """Counts the prefill forwards the runner makes (one per step that has a chunk to prefill)."""
+    calls = []
+    prefill = engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda chunks, gate=None: calls.append(chunks) or prefill(chunks, gate))
+    return calls
+
+
+@pytest.fixture
+def rows_limit(engine, monkeypatch):
+    def set_limit(limit: int):
+        monkeypatch.setattr(engine.runner, "ROWS_PER_SHORT_CHUNK", limit)
+    return set_limit
+
+
+def _same(a, b):
+    (ids_a, out_a), (ids_b, out_b) = a, b
+    assert ids_a == ids_b
+    assert all(math.isclose(x.logprob, y.logprob, abs_tol=1e-4) for x, y in zip(out_a.logprobs, out_b.logprobs))
+
+
+def test_a_short_prompt_is_computed_as_rows_and_makes_the_forwards_tokens(engine, hf_model, chat_prompts, forwards,
+                                                                           rows_limit):
+    assert engine.runner.checks_drafts  # the native CPU step: the rows see each other's K/V
+    prompt = chat_prompts[0]
+    assert len(prompt) <= engine.runner.ROWS_PER_SHORT_CHUNK
+    as_rows = _run(engine, prompt)
+    assert not forwards
+    assert as_rows[0] == hf_greedy(hf_model, prompt, 24)
+    rows_limit(0)
+    _same(as_rows, _run(engine, prompt))
+    assert forwards
+
+
+def test_new_tokens_after_a_cached_prefix_and_a_long_prompts_last_chunk(engine, hf_model, forwards, rows_limit):
+    text = engine.tokenizer.encode("The history of the bicycle begins in the early nineteenth century, when "
+                                   "inventors built machines that riders pushed along with their feet. " * 8)
+    head, tail = text[:128], text[128:140]
+    _run(engine, head + [13])  # the prefix cache holds head's blocks
+    forwards.clear()
+    after_cache = _run(engine, head + tail)
+    assert after_cache[1].cached_tokens == 128 and not forwards  # 12 new tokens, as rows
+    assert after_cache[0] == hf_greedy(hf_model, head + tail, 24)
+    rows_limit(0)
+    _same(after_cache, _run(engine, head + tail))
+    rows_limit(64)
+    other = engine.tokenizer.encode("Rivers carry water from the hills down to the sea, shaping valleys. " * 50)
+    long = other[:512 + 20]  # chunks of 512 (a forward) and 20 (rows), nothing of it cached
+    forwards.clear()
+    ids, out = _run(engine, long, SamplingParams(temperature=0.0, max_tokens=8))
+    assert len(long) == 532 and len(forwards) == 1 and out.cached_tokens == 0
+    assert ids == hf_greedy(hf_model, long, 8)
+
+
+def test_short_prompts_beside_skipping_rows_never_skip_and_change_nothing(engine, chat_prompts):
+    """Rows of prompts join steps whose decoding rows skip FFNs (budget 0.5): each answer equals
+    its own alone, and only generated tokens count skips."""
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    skip = SkipParams(budget=0.5, warmup_tokens=0)
+    alone = [engine.generate([p], params, skip)[0] for p in chat_prompts[:3]]
+    together = run_staggered(engine, chat_prompts[:3], params, join_every=5, skip=skip)
+    assert together == [ids for _, ids, _ in alone]
+    assert all(0 < out.ffn_skipped < out.ffn_total == 32 * engine.model_config.num_layers for _, _, out in alone)
