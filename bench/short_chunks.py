@@ -1,4 +1,4 @@
-"""Short prefill chunks as decode rows (engine/model_runner.py ROWS_PER_SHORT_CHUNK) against the
+"""Short prefill chunks as decode rows (`ModelRunner.short_chunk_rows`, from the backend) against the
 prefill forward, side by side in one engine: the time to a request's first token (one request
 at a time, `max_tokens` 1, greedy) for n new prompt tokens after a cached 192-token prefix (a
 conversation's next turn), and for fresh n-token prompts. Every prompt's new tokens are drawn
@@ -40,7 +40,7 @@ def main():
     runner = engine.runner
     if not runner.checks_drafts:
         sys.exit("this engine has no decode step whose rows see each other's K/V: short chunks stay prefill forwards")
-    limit = runner.ROWS_PER_SHORT_CHUNK
+    limit = runner.short_chunk_rows
     sizes = [int(s) for s in args.sizes.split(",")]
     prefix = engine.tokenizer.encode(PREFIX)[:200]
     params = SamplingParams(max_tokens=1, temperature=0)
@@ -52,16 +52,16 @@ def main():
         for n in sizes:
             for r in range(args.rounds):
                 for name in (list(settings) if r % 2 == 0 else list(settings)[::-1]):
-                    runner.ROWS_PER_SHORT_CHUNK = settings[name]
+                    runner.short_chunk_rows = settings[name]
                     new = [rng.randrange(100, engine.model_config.vocab_size - 100) for _ in range(n)]
                     t0 = time.perf_counter()
                     (_, _, out), = engine.generate([(prefix if cached else []) + new], params)
                     times.setdefault((cached, n, name), []).append(time.perf_counter() - t0)
                     assert out.cached_tokens == (192 if cached else 0), out.cached_tokens
-    runner.ROWS_PER_SHORT_CHUNK = limit
+    runner.short_chunk_rows = limit
     lines = [f"command: bench/short_chunks.py {' '.join(sys.argv[1:])}",
              f"model {args.model}, {config.dtype} weights, threads {config.threads or 'default'}; "
-             f"the engine computes chunks of up to {limit} tokens as rows; medians of {args.rounds} alternated", "",
+             f"this host's engine computes chunks of up to {limit} tokens as rows; medians of {args.rounds} alternated", "",
              "| prompt | new tokens | prefill forward (ms) | decode rows (ms) | forward / rows |",
              "|---|---:|---:|---:|---:|"]
     data = []

@@ -153,6 +153,8 @@ class ModelRunner:
         # drafts are checked as decode rows of their sequence, which must see the K/V of the rows
         # before them in the same step: the native CPU step writes every row's K/V before attending
         self.checks_drafts = self.model.fused_decode is not None
+        # for the same reason, short prefill chunks may go as decode rows of their sequence
+        self.short_chunk_rows = self.backend.short_chunk_rows() if self.checks_drafts else 0
         self.num_layers = model_config.num_layers
         per_token = self.model.weight_bytes()
         log.info("weights read per decoded token: %.1f MB (FFN %.1f, attention %.1f, lm_head %.1f); kernels: %s",
@@ -271,16 +273,10 @@ class ModelRunner:
         rows = hidden[positions.start - chunk.start:positions.stop - chunk.start]
         return positions, rows.sum(dim=0, dtype=torch.float64)
 
-    # prefill chunks of up to this many tokens are computed as decode rows of their sequence, where
-    # the decode step writes every row's K/V before any row attends (the native CPU step). A prefill
-    # forward's fixed cost is ~10-20 ms more than a decode step's, and a row costs about what a
-    # prefilled token does: as rows, 1 to 64 new tokens after 192 cached came 1.15-1.9x sooner on
-    # AVX-512 and 1.09-1.5x on AVX2 (README: "Short prompt chunks as decode rows"); more was not measured
-    ROWS_PER_SHORT_CHUNK = 64
     PREFILL_ROW = RowSkip(max_skips=0, threshold=1.0)  # prefill never skips
 
     def _computes_as_rows(self, chunk) -> bool:
-        return self.checks_drafts and chunk.end - chunk.start <= self.ROWS_PER_SHORT_CHUNK
+        return chunk.end - chunk.start <= self.short_chunk_rows
 
     def _decode_rows(self, as_rows: list, decoding: list):
         """Short prefill chunks' tokens (dense rows at their positions), then the decoding rows with

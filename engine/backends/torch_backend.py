@@ -77,6 +77,12 @@ class TorchBackend:
         model calls it with the step's embeddings, metadata and gate."""
         return None
 
+    def short_chunk_rows(self) -> int:
+        """Prefill chunks of up to this many tokens are computed as decode rows of their sequence
+        where the backend's fused decode step writes every row's K/V before any row attends (0:
+        every chunk takes the prefill forward)."""
+        return 0
+
     def decode_step(self, model, kv, config, policy):
         """A whole decode step from the host's inputs (token ids, positions, block tables, gate),
         taken before the model's forward where the backend has one (None: the model's forward);
