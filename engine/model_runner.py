@@ -1,8 +1,10 @@
 """The one place that touches tensors, and the only way into a forward pass.
 
-`run(batch)`: a scheduled step runs all prefill chunks in one dense forward (attention per
-sequence), then one decode token for every decoding row (through the skip policy's gate), a
-sequence's draft tokens as more rows of it at the next positions (speculative decoding), then
+`run(batch)`: a scheduled step runs its prefill chunks in one dense forward (attention per
+sequence), except short ones, which go as dense decode rows of their sequence where the decode
+step lets rows of one sequence see each other (`short_chunk_rows`); then one decode token for
+every decoding row (through the skip policy's gate), a sequence's draft tokens as more rows of
+it at the next positions (speculative decoding), all rows in one decode call, then
 one lm_head + sampler call for all of those rows; a sequence keeps its drafted tokens the
 model produced too, up to the first it did not, and that row's token. An embeddings input's
 chunks are pooled from the prefill's hidden states and reach no lm_head. `prefill`, `decode`
@@ -201,7 +203,7 @@ class ModelRunner:
         hiddens, producers, prompt_scores, pooled = [], [], {}, {}
         # short prefill chunks go as decode rows (below); the others in one forward, always dense
         as_rows = [c for c in batch.prefills if self._computes_as_rows(c)]
-        chunks = [c for c in batch.prefills if not any(c is r for r in as_rows)]
+        chunks = [c for c in batch.prefills if not self._computes_as_rows(c)]
         chunk_hidden = {}  # id(chunk) -> its rows' hidden states
         if chunks:
             hidden = self.prefill([(c.seq.token_ids()[c.start:c.end], c.seq.block_table, c.start) for c in chunks])
@@ -211,8 +213,8 @@ class ModelRunner:
                     for j in range(len(batch.drafts.get(s.seq_id, ())) + 1)]
         gate = rows_hidden = None
         if decoding or as_rows:
-            gate, chunk_rows, rows_hidden = self._decode_rows(as_rows, decoding)
-            chunk_hidden.update(zip(map(id, as_rows), chunk_rows))
+            gate, per_chunk, rows_hidden = self._decode_rows(as_rows, decoding)
+            chunk_hidden.update(zip(map(id, as_rows), per_chunk))
         for chunk in batch.prefills:
             hidden = chunk_hidden[id(chunk)]
             if chunk.seq.wants_prompt_logprobs:

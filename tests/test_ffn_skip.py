@@ -75,16 +75,22 @@ def test_budget_zero_is_identical_to_skipping_disabled(engine, chat_prompts):
     assert text_budget0 == text_off and last.ffn_skipped == 0
 
 
-def test_budget_skips_and_usage_equals_what_ran(engine, chat_prompts, ffn_rows):
-    _, last, _ = run_one(engine, chat_prompts[2], SKIPPY, max_tokens=24)
+@pytest.mark.parametrize("short_chunk_rows", [0, 64])  # the prompt as a prefill forward, or as decode rows
+def test_budget_skips_and_usage_equals_what_ran(engine, chat_prompts, ffn_rows, short_chunk_rows, monkeypatch):
+    monkeypatch.setattr(engine.runner, "short_chunk_rows", short_chunk_rows)
+    _, last, _ = run_one(engine, chat_prompts[2], SKIPPY, max_tokens=24, request_id=f"rows-{short_chunk_rows}")
     layers = engine.model_config.num_layers
     ratio = last.ffn_skipped / last.ffn_total
     assert last.ffn_total == layers * last.completion_tokens
     assert 0 < ratio <= SKIPPY.budget
-    # the first token comes from the (dense) prefill; every later token from one decode step
-    assert sum(ffn_rows["decode"]) == layers * (last.completion_tokens - 1) - last.ffn_skipped
+    # the first token comes from the (dense) prefill; every later token from one decode step. A short
+    # prompt (or its part not served by the prefix cache) is computed as decode rows of its own
+    # (engine/model_runner.py short_chunk_rows), which run every FFN too
+    prompt_rows = len(chat_prompts[2]) - last.cached_tokens
+    as_rows = prompt_rows <= engine.runner.short_chunk_rows
+    assert sum(ffn_rows["decode"]) == layers * (last.completion_tokens - 1 + as_rows * prompt_rows) - last.ffn_skipped
     # prefill never skipped: every prompt token not served by the prefix cache ran every FFN
-    assert ffn_rows["prefill"] == [len(chat_prompts[2]) - last.cached_tokens] * layers
+    assert ffn_rows["prefill"] == [0 if as_rows else prompt_rows] * layers
 
 
 def test_cold_layers_are_never_skipped(engine, chat_prompts):

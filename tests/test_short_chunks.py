@@ -10,7 +10,7 @@ import math
 import pytest
 
 from engine.sampling_params import SamplingParams, SkipParams
-from tests.helpers import hf_greedy, run_staggered
+from tests.helpers import hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, logprobs=1)
 
@@ -43,17 +43,22 @@ def _same(a, b):
     assert all(math.isclose(x.logprob, y.logprob, abs_tol=1e-4) for x, y in zip(out_a.logprobs, out_b.logprobs))
 
 
-def test_a_short_prompt_is_computed_as_rows_and_makes_the_forwards_tokens(engine, hf_model, chat_prompts, forwards,
-                                                                           rows_limit):
+def test_a_short_prompt_is_computed_as_rows_and_makes_the_forwards_tokens(engine, hf_model, forwards, rows_limit):
     assert engine.runner.checks_drafts  # the native CPU step: the rows see each other's K/V
-    prompt = chat_prompts[0]
-    assert len(prompt) <= engine.runner.short_chunk_rows
-    as_rows = _run(engine, prompt)
-    assert not forwards
+    # a prompt no other test sends, and nothing of it cached when it runs either way
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Which ocean lies west of Portugal?"}])
+    assert 16 < len(prompt) <= engine.runner.short_chunk_rows
+    engine.blocks.prefix_caching, caching = False, engine.blocks.prefix_caching
+    try:
+        as_rows = _run(engine, prompt)
+        assert not forwards and as_rows[1].cached_tokens == 0
+        rows_limit(0)
+        by_forward = _run(engine, prompt)
+        assert forwards and by_forward[1].cached_tokens == 0
+    finally:
+        engine.blocks.prefix_caching = caching
     assert as_rows[0] == hf_greedy(hf_model, prompt, 24)
-    rows_limit(0)
-    _same(as_rows, _run(engine, prompt))
-    assert forwards
+    _same(as_rows, by_forward)
 
 
 def test_new_tokens_after_a_cached_prefix_and_a_long_prompts_last_chunk(engine, hf_model, forwards, rows_limit):
@@ -77,11 +82,21 @@ def test_new_tokens_after_a_cached_prefix_and_a_long_prompts_last_chunk(engine, 
 
 
 def test_short_prompts_beside_skipping_rows_never_skip_and_change_nothing(engine, chat_prompts, rows_limit):
-    """Rows of prompts join steps whose decoding rows skip FFNs (budget 0.5): each answer equals
-    its own alone, and only generated tokens count skips."""
+    """Rows of prompts join steps whose decoding rows skip FFNs (budget 0.5): each answer and its
+    skip count equal its own alone (the per-row rule: a row's skips are its own)."""
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     skip = SkipParams(budget=0.5, warmup_tokens=0)
     alone = [engine.generate([p], params, skip)[0] for p in chat_prompts[:3]]
-    together = run_staggered(engine, chat_prompts[:3], params, join_every=5, skip=skip)
-    assert together == [ids for _, ids, _ in alone]
-    assert all(0 < out.ffn_skipped < out.ffn_total == 32 * engine.model_config.num_layers for _, _, out in alone)
+    last, ids = {}, {}
+    for i, prompt in enumerate(chat_prompts[:3]):  # each joins 5 steps after the one before
+        engine.add_request(f"joins-{i}", prompt, params, skip)
+        for _ in range(5 if i < 2 else 10**6):
+            for out in engine.step()[0]:
+                last[out.request_id] = out
+                ids.setdefault(out.request_id, []).extend(out.token_ids)
+            if i == 2 and not engine.has_work:
+                break
+    for i, (_, solo_ids, solo) in enumerate(alone):
+        together = last[f"joins-{i}"]
+        assert together.finished and ids[f"joins-{i}"] == solo_ids
+        assert together.ffn_skipped == solo.ffn_skipped > 0 and together.ffn_total == solo.ffn_total
