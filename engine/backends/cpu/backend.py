@@ -9,7 +9,6 @@ from engine.backends.cpu.quant_linear import make_linear
 from engine.backends.torch_backend import TorchBackend
 from engine.native import kernels
 from engine.native import ops as native_ops
-from engine.native import quant_ops
 
 
 class CPUBackend(TorchBackend):
@@ -41,13 +40,14 @@ class CPUBackend(TorchBackend):
     def fused_decode(self, model, kv):
         return FusedDecode(model, kv) if self.native and FusedDecode.fits(model, kv) else None
 
-    def short_chunk_rows(self) -> int:
+    def short_chunk_limits(self) -> tuple[int, int]:
         """A prefill forward's fixed cost is ~10-20 ms more than a decode step's, and a row costs
-        about what a prefilled token does where rows are cheap: `bench/short_chunks.py` (README:
-        "Short prompt chunks as decode rows") measured 1 to 64 new tokens after a cached prefix
-        1.09-2.2x sooner as rows on AVX-512, and on AVX2, where a row's int16 products take twice
-        the instructions, 1.16-1.42x up to 16 tokens and 0.93-1.00x at 32 and 64."""
-        return 64 if quant_ops.best_isa() == "avx512" else 16
+        about what a prefilled token does, but each row attends to its whole history on its own
+        where the forward does one product per sequence. `bench/short_chunks.py` (README: "Short
+        prompt chunks as decode rows"), AVX-512 and AVX2 alike: rows came first up to 64 tokens
+        while n x (cached + n) stayed under ~32k keys (1.03-4.1x), and broke even around it
+        (0.98-1.01x at 448 + 64, 960 + 32, 1,920 + 16), and lost beyond (0.75-0.93x)."""
+        return 64, 32768
 
     def attention(self, q, k, v, k_cache, v_cache, meta, scale, window):
         if meta.is_prefill or not (self.native and native_ops.decode_attention_supported(q, k_cache)):
