@@ -151,10 +151,7 @@ def main():
     for name, _ in targets[1:]:
         agree = [cosine(a, b) for a, b in zip(vectors[first], vectors[name])]
         lines.append(f"\n{first} vs {name}, same text: cosine min {min(agree):.4f}, mean {statistics.mean(agree):.4f}")
-    if args.out:
-        write_report(args.out, "embeddings", lines, {"throughput": results, "retrieval": checks})
-    else:
-        print("\n".join(lines))
+    write_report(args.out, "embeddings", lines, {"throughput": results, "retrieval": checks})
 
 
 if __name__ == "__main__":

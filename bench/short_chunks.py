@@ -76,10 +76,7 @@ def main():
             a, b = (statistics.median(times[(c, n, name)]) * 1e3 for name in settings)
             lines.append(f"| {c} | {n} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
             data.append({"cached": c, "new_tokens": n, "forward_ms": a, "rows_ms": b})
-    if args.out:
-        write_report(args.out, "short_chunks", lines, data)
-    else:
-        print("\n".join(lines))
+    write_report(args.out, "short_chunks", lines, data)
 
 
 if __name__ == "__main__":

@@ -113,10 +113,7 @@ def main():
                 continue
             step, masks, rows = (statistics.median(x[i] for x in runs) for i in range(3))
             lines.append(f"| {b} | {name} | {step:.2f} | {masks:.2f} | {masks / step:.0%} | {rows:.1f} |")
-    if args.out:
-        write_report(args.out, "structured", lines, results)
-    else:
-        print("\n".join(lines))
+    write_report(args.out, "structured", lines, results)
 
 
 if __name__ == "__main__":
