@@ -61,9 +61,14 @@ def _chat_template(folder: Path, config: dict) -> str | None:
     return template
 
 
+def is_inline_template(value: str) -> bool:
+    """Whether a `--chat-template` value is the template itself (it holds Jinja tags), not a file name."""
+    return "{{" in value or "{%" in value
+
+
 def read_chat_template(value: str) -> str:
-    """`--chat-template`: the template itself (it holds Jinja tags) or a file that holds it."""
-    if "{{" in value or "{%" in value:
+    """`--chat-template`: the template itself or a file that holds it."""
+    if is_inline_template(value):
         return value
     path = Path(value).expanduser()
     if not path.is_file():

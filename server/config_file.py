@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from engine.config import EngineConfig, SkipConfig
+from engine.tokenizer import is_inline_template
 
 PRESETS = Path(__file__).resolve().parent / "presets"  # package data: installed with the server
 
@@ -25,7 +26,7 @@ def load_config(path: str | Path) -> EngineConfig:
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     template = raw.get("chat_template")
-    if isinstance(template, str) and "{{" not in template and "{%" not in template:
+    if isinstance(template, str) and not is_inline_template(template):
         # a template file named in a config file is found beside it, as the file's other paths would be
         raw["chat_template"] = str(Path(path).resolve().parent / Path(template).expanduser())
     return EngineConfig(**raw, skip=SkipConfig(**skip_raw))
