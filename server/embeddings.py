@@ -1,7 +1,10 @@
 """POST /v1/embeddings: each input's vector, pooled from the model's final hidden states
 (engine/pooling.py), computed as prefill in the running batch beside generation. An input is an
-engine request of its own, as a completions prompt is: it takes a queue place, and a batch is
-taken whole or refused whole."""
+engine request of its own, as a completions prompt is. A batch may hold as many inputs as OpenAI
+takes (2,048), more than the queue does: it is fed to the engine a window at a time (two batches'
+worth, `--max-num-seqs` x 2), each finished input's queue place going to the next, so requests that
+come meanwhile wait behind one window, not the whole batch. The first window is taken whole or
+refused whole (429)."""
 from __future__ import annotations
 
 import base64
@@ -17,6 +20,8 @@ from server.protocol import EmbeddingRequest
 
 router = APIRouter()
 
+MAX_INPUTS = 2048  # OpenAI's limit on an embeddings request's inputs
+
 
 def encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:
     """As OpenAI sends an embedding: floats, or base64 of its little-endian float32 bytes (what the
@@ -30,14 +35,17 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = request.app.state.skipserve
     check_model(state, body.model)
-    inputs = await tokenize_batch(state, body.inputs(), "input")
+    inputs = await tokenize_batch(state, body.inputs(), "input", MAX_INPUTS)
     size = state.engine.engine.model_config.hidden_size  # loaded: tokenize_batch found its tokenizer
     if body.dimensions is not None and body.dimensions != size:
         raise APIError(400, f"this model's embeddings have {size} dimensions; they cannot be shortened (the "
                        "model was not trained for it)", "dimensions")
     timer = RequestTimer(state.metrics)
+    config = state.engine.config
+    # two batches' worth, so the engine always holds a next batch while finished inputs' places refill
+    window = min(2 * config.max_num_seqs, config.max_num_seqs + state.engine.max_waiting)
     stream = take_whole("embd-" + uuid.uuid4().hex, len(inputs), lambda rid, i: state.engine.add_embeddings(
-        rid, [inputs[i]], item_param("input", i, len(inputs))))
+        rid, [inputs[i]], item_param("input", i, len(inputs))), window=window)
     vectors, prompt_tokens = {}, 0
 
     def on_output(out) -> None:

@@ -95,15 +95,17 @@ async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOp
     return await asyncio.to_thread(ready_tokenizer(state).encode_chat, rendered, options)
 
 
-async def tokenize_batch(state, given: list, param: str) -> list[list[int]]:
+async def tokenize_batch(state, given: list, param: str, limit: int | None = None) -> list[list[int]]:
     """A batch's texts (or token ids) as token ids, each checked against the vocabulary (item i named
-    `param.i` where there are several). A batch takes a queue place per item, so it may hold as many
-    as the queue does (`--max-num-seqs` + `--max-waiting`)."""
+    `param.i` where there are several). At most `limit` items; by default as many as the queue holds
+    (`--max-num-seqs` + `--max-waiting`), since a batch taken whole takes a queue place per item."""
     tokenizer = ready_tokenizer(state)
-    limit = state.engine.config.max_num_seqs + state.engine.max_waiting
+    if limit is None:
+        limit, why = state.engine.config.max_num_seqs + state.engine.max_waiting, " on this server (--max-num-seqs + --max-waiting)"
+    else:
+        why = ""
     if len(given) > limit:
-        raise APIError(400, f"at most {limit} {param}s a request on this server (--max-num-seqs + --max-waiting)",
-                       param)
+        raise APIError(400, f"at most {limit} {param}s a request{why}", param)
     batch = []
     for i, item in enumerate(given):  # tokenizing long texts takes a while: off the event loop
         ids = list(item) if isinstance(item, list) else await asyncio.to_thread(tokenizer.encode, item)
@@ -117,18 +119,12 @@ def item_param(param: str, index: int, count: int) -> str:
     return param if count == 1 else f"{param}.{index}"
 
 
-def take_whole(request_id: str, count: int, add, choices: int = 1) -> "MergedStream":
+def take_whole(request_id: str, count: int, add, choices: int = 1, window: int | None = None) -> "MergedStream":
     """`count` engine requests, `add(engine request id, i)` submitting the i-th, read as one stream
-    (MergedStream): a batch is taken whole or not at all (a refusal closes the ones taken)."""
-    streams = []
-    try:
-        for i in range(count):
-            streams.append(add(request_id if count == 1 else f"{request_id}-{i}", i))
-    except BaseException as exc:
-        for stream in streams:
-            stream.close()
-        raise refusal(exc) or exc
-    return MergedStream(streams, choices)
+    (MergedStream). At most `window` of them (all by default) are in the engine at once: the first
+    `window` are taken whole or not at all (a refusal closes the ones taken), and each later one takes
+    the queue place of one that finished."""
+    return MergedStream(request_id, count, add, choices, count if window is None else window)
 
 
 def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, param: str):
@@ -151,21 +147,41 @@ def refusal(exc: BaseException) -> APIError | None:
 
 class MergedStream:
     """The outputs of several engine requests (one a prompt, each with `n` choices) as one stream, in
-    the order they come: prompt i's choice j is choice `i * n + j`. Closing it closes them all."""
+    the order they come: prompt i's choice j is choice `i * n + j`. Closing it closes them all.
 
-    def __init__(self, streams: list, n: int):
-        self.streams, self.n = streams, n
+    Only `window` are submitted at once; when one finishes, the next is submitted in the same turn
+    of the event loop, into the queue place it left, so no other request takes that place meanwhile
+    and a later request queues behind at most `window` of these, not behind all of them."""
+
+    def __init__(self, request_id: str, count: int, add, n: int, window: int):
+        self.request_id, self.count, self.add, self.n = request_id, count, add, n
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.pumps = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(streams)]
-        self.running = len(streams)
+        self.live: dict[int, tuple] = {}  # item -> (its engine stream, the task relaying it)
+        self.submitted = 0
+        self.running = count
+        try:
+            for _ in range(min(window, count)):
+                self._submit()
+        except BaseException as exc:
+            self.close()
+            raise refusal(exc) or exc
+
+    def _submit(self) -> None:
+        i = self.submitted
+        stream = self.add(self.request_id if self.count == 1 else f"{self.request_id}-{i}", i)
+        self.submitted += 1
+        self.live[i] = (stream, asyncio.ensure_future(self._pump(i, stream)))
 
     async def _pump(self, i: int, stream) -> None:
         try:
             async for out in stream:
                 self.queue.put_nowait(dataclasses.replace(out, index=i * self.n + out.index))
+            self.live.pop(i, None)
+            if self.submitted < self.count:
+                self._submit()
             self.queue.put_nowait(None)
         except BaseException as exc:  # an engine error ends the whole request, as it ends one prompt's
-            self.queue.put_nowait(exc)
+            self.queue.put_nowait(refusal(exc) or exc)
 
     def __aiter__(self):
         return self
@@ -184,10 +200,11 @@ class MergedStream:
 
     def close(self) -> None:
         self.running = 0
-        for pump in self.pumps:
+        self.submitted = self.count  # nothing more goes in
+        for stream, pump in self.live.values():
             pump.cancel()
-        for stream in self.streams:
             stream.close()
+        self.live.clear()
 
 
 async def wait_for_disconnect(request: Request) -> None:

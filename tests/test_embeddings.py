@@ -5,6 +5,7 @@ warm, and when the sequence is preempted halfway; over HTTP, through the `openai
 generation that it leaves unchanged."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import math
@@ -18,7 +19,7 @@ import torch
 from engine.pooling import Pooling
 from engine.sampling_params import SamplingParams
 from tests.conftest import cpu_path_only
-from tests.helpers import assert_all_blocks_back, engine_like
+from tests.helpers import assert_all_blocks_back, engine_like, wait_idle
 
 MODEL = "smollm2-135m-instruct"
 TEXTS = ["The cat sat on the mat.",
@@ -168,7 +169,7 @@ def test_one_text_token_ids_and_raw_base64_agree(server, client):
     ({"input": [1, 99999999]}, 400, "input"),
     ({"input": [[5], [-1]]}, 400, "input.1"),
     ({"input": [7] * 2049}, 400, "input"),  # longer than the server's 2,048-token context
-    ({"input": ["x"] * 81}, 400, "input"),  # more than the queue holds (16 rows + 64 waiting)
+    ({"input": ["x"] * 2049}, 400, "input"),  # more than OpenAI takes
     ({"input": "text", "dimensions": 64}, 400, "dimensions"),
     ({"input": "text", "encoding_format": "int8"}, 400, "encoding_format"),
     ({"input": "text", "pooling": "cls"}, 400, "pooling"),
@@ -206,3 +207,39 @@ def test_embeddings_beside_a_chat_leave_its_answer_and_are_counted(server, clien
     same = [vectors[0][0].embedding, vectors[0][2].embedding, vectors[1][1].embedding]
     assert all(max(abs(a - b) for a, b in zip(same[0], v)) < 1e-3 for v in same[1:])
     assert server.metric("embedding_inputs_total") == before + 6
+
+
+def test_a_batch_larger_than_the_queue_is_fed_a_window_at_a_time(server, client):
+    texts = [f"Note {i}: the {['red', 'blue', 'green'][i % 3]} box holds {i * 7} marbles." for i in range(200)]
+    before = server.metric("embedding_inputs_total")
+    r = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")  # the queue holds 80
+    assert [d.index for d in r.data] == list(range(200))
+    counts = [httpx.post(server.url + "/tokenize", json={"prompt": t}, timeout=30).json()["count"] for t in texts]
+    assert r.usage.prompt_tokens == sum(counts)
+    for i in (0, 117, 199):  # each input's own vector, where it fell in the windows
+        alone = client.embeddings.create(model=MODEL, input=texts[i], encoding_format="float").data[0].embedding
+        assert max(abs(a - b) for a, b in zip(alone, r.data[i].embedding)) < 1e-5
+    assert server.metric("embedding_inputs_total") == before + 203
+
+
+def test_a_chat_during_a_long_batch_waits_behind_one_window_and_a_client_that_leaves_stops_the_rest(server):
+    texts = [f"Passage {i}. " + "A sentence of filler that makes each input some forty tokens long. " * 3
+             for i in range(2048)]  # ~80k tokens: ~160 engine steps of 512 prefill tokens
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
+            batch = asyncio.create_task(http.post("/v1/embeddings", json={"model": MODEL, "input": texts}))
+            while not await asyncio.to_thread(server.metric, "num_requests_running"):
+                assert not batch.done(), batch.result().text
+                await asyncio.sleep(0.02)
+            chat = await http.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
+            assert chat.status_code == 200, chat.text
+            # taken whole, all 2,048 inputs would have been queued ahead of the chat
+            assert not batch.done()
+            batch.cancel()  # the client leaves
+            with pytest.raises(asyncio.CancelledError):
+                await batch
+
+    asyncio.run(main())
+    wait_idle(server, within_s=5.0)  # the inputs in the engine aborted, and no more submitted
