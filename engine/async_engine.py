@@ -54,6 +54,7 @@ class AsyncEngine:
         self.load_error: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
+        self._places: dict[str, int] = {}  # request id -> its sequences (each choice, each input): queue places
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -114,25 +115,41 @@ class AsyncEngine:
         Raises InvalidParamError (bad input), QueueFullError or EngineNotReadyError before anything
         is enqueued. The caller must `close()` the stream when it stops early: that aborts it.
         """
-        self._check_room(request_id)
+        self._check_room(request_id, params.n)
         return self._enqueue(request_id, self.engine.prepare_request(request_id, prompt_ids, params, skip, prompt_param))
+
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """A response schema's grammar, compiled in a worker thread into the cache that `add_request`
+        reads, so that a large schema does not hold up the event loop (every stream) while it
+        compiles. Raises InvalidParamError for a schema it cannot compile."""
+        if params.response_schema is not None:
+            self._check_ready()
+            await asyncio.to_thread(self.engine.structured.grammar, params.response_schema, params.schema_param)
 
     def add_embeddings(self, request_id: str, inputs: list[list[int]], param: str = "input") -> "RequestStream":
         """As `add_request`, for an embeddings request: one output per input (its index), holding its
         vector."""
-        self._check_room(request_id)
+        self._check_room(request_id, len(inputs))
         return self._enqueue(request_id, self.engine.prepare_embeddings(request_id, inputs, param))
 
-    def _check_room(self, request_id: str) -> None:
+    @property
+    def capacity(self) -> int:
+        """Sequences (a request's choices, an embeddings request's inputs) running and waiting, at most."""
+        return self.config.max_num_seqs + self.max_waiting
+
+    def _check_room(self, request_id: str, places: int) -> None:
         self._check_ready()
-        if len(self._queues) >= self.config.max_num_seqs + self.max_waiting:
-            raise QueueFullError(f"the server is at capacity ({len(self._queues)} requests); retry later")
+        held = sum(self._places.values())
+        if held + places > self.capacity:
+            raise QueueFullError(f"the server is at capacity ({held} of {self.capacity} sequences running or "
+                                 "waiting); retry later")
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id}")
 
     def _enqueue(self, request_id: str, seqs: list) -> "RequestStream":
         out_queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = out_queue
+        self._places[request_id] = len(seqs)
         self._commands.put(("add", seqs))
         return RequestStream(self, request_id, out_queue, len(seqs))
 
@@ -236,5 +253,6 @@ class RequestStream:
             return
         self.closed = True
         self.engine._queues.pop(self.request_id, None)
+        self.engine._places.pop(self.request_id, None)
         if self.pending:
             self.engine.abort(self.request_id)

@@ -15,6 +15,10 @@ class InvalidParamError(ValueError):
         self.param = param
 
 
+SAMPLING_EPS = 1e-5  # a temperature below it samples greedily
+MIN_REPETITION_PENALTY = 0.01
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -42,7 +46,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below SAMPLING_EPS (as vLLM's) the distribution is greedy's, and dividing by it would overflow
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     @property
     def needs_penalties(self) -> bool:
@@ -62,7 +67,9 @@ class SamplingParams:
         check(0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]")
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]")
-        check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "repetition_penalty must be in (0, 2]")
+        # from 0.01 up: a smaller one divides logits past float32's range (1e-46 is 0 in float32)
+        check(MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2.0, "repetition_penalty",
+              f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 2]")
         check(self.min_tokens >= 0, "min_tokens", "min_tokens must be at least 0")
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
               f"min_tokens must be at most {self.max_tokens_param}")

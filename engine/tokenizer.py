@@ -10,6 +10,7 @@ a slow tokenizer's files): loading its tokenizer classes holds ~90 MB more in a 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -118,6 +119,8 @@ class Tokenizer:
         self._template = _compile(template) if template else None
         self.has_chat_template = self._template is not None
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self._bytes: list[bytes | None] | None = None
+        self._bytes_lock = threading.Lock()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -169,7 +172,21 @@ class Tokenizer:
 
     def token_bytes(self) -> list[bytes | None]:
         """The bytes each token id adds to decoded text (None for special tokens): what constrained
-        decoding (engine/structured) matches a grammar against, byte by byte."""
+        decoding (engine/structured) matches a grammar against, byte by byte. Built once (the server
+        builds it at start, beside its step loop), then shared."""
+        with self._bytes_lock:
+            if self._bytes is None:
+                self._bytes = self._build_token_bytes()
+            return self._bytes
+
+    def piece_bytes(self, token_id: int) -> bytes:
+        """What token `token_id` adds to decoded text, as bytes (a part of a UTF-8 character where it
+        holds one; a special token's own text): logprobs' `bytes`."""
+        table = self.token_bytes()
+        piece = table[token_id] if token_id < len(table) else None  # a model may have more rows than tokens
+        return self.token_text(token_id).encode() if piece is None else piece
+
+    def _build_token_bytes(self) -> list[bytes | None]:
         decoder = json.loads(self._tok.decoder.__getstate__()) if self._tok.decoder is not None else {}
         steps = decoder.get("decoders", [decoder])
         byte_level = any(s.get("type") == "ByteLevel" for s in steps)

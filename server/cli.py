@@ -96,8 +96,8 @@ def serve_parser() -> argparse.ArgumentParser:
                         "(default: mean)")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="always prefill whole prompts (default: a prompt reuses cached KV blocks of its prefix)")
-    s.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429 "
-                   "(default: 64)")
+    s.add_argument("--max-waiting", type=int, default=64, help="sequences queued beyond the batch before 429 "
+                   "(each choice of `n` and each embeddings input counts; default: 64)")
     k = p.add_argument_group("FFN skipping")
     k.add_argument("--skip-policy", choices=["ffn_skipllm", "batch_aligned", "none"], default=None,
                    help="ffn_skipllm: each row decides per layer; batch_aligned: the budgeted rows of a step "

@@ -30,11 +30,13 @@ class Choice:
     streamed: int = 0  # characters of text sent as content so far (streaming)
 
 
-def chat_logprobs(entries) -> dict:
-    def item(text, lp):
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+def chat_logprobs(entries, tokenizer) -> dict:
+    """Chat's logprobs; each token's `bytes` are its own (`tokenizer.piece_bytes`), so a character
+    split over tokens can be put back together from them (its text alone shows U+FFFD)."""
+    def item(text, token_id, lp):
+        return {"token": text, "logprob": lp, "bytes": list(tokenizer.piece_bytes(token_id))}
 
-    return {"content": [dict(item(e.token, e.logprob), top_logprobs=[item(t, lp) for t, _, lp in e.top])
+    return {"content": [dict(item(e.token, e.token_id, e.logprob), top_logprobs=[item(*t) for t in e.top])
                         for e in entries]}
 
 
@@ -75,6 +77,7 @@ class CompletionCall:
     async def submit(self):
         state, body = self.state, self.body
         check_model(state, body.model)
+        self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
         if self.chat:
             self.tools = body.tool_use
             prompts = [await encode_chat(state, [m.as_dict() for m in body.messages], self.tools, body.chat_options)]
@@ -83,13 +86,13 @@ class CompletionCall:
             prompts = await self._completion_prompts()
             param = "prompt"
         self.num_choices = len(prompts) * body.n
-        stream, self.timer = submit(state, self.id, prompts, body.to_sampling(), body.skip(), param)
+        stream, self.timer = await submit(state, self.id, prompts, body.to_sampling(), body.skip(), param)
         return stream
 
     async def _completion_prompts(self) -> list[list[int]]:
         """The batch's prompts as token ids (and as text, for `echo`)."""
         state, given = self.state, self.body.prompts()
-        prompts = await tokenize_batch(state, given, "prompt")
+        prompts = await tokenize_batch(state, given, "prompt", choices=self.body.n)
         if self.body.echo:
             tokenizer = ready_tokenizer(state)
             self.echoed = [p if isinstance(p, str) else await asyncio.to_thread(tokenizer.decode, p) for p in given]
@@ -149,7 +152,7 @@ class CompletionCall:
             calls = self._tool_calls(c)
             message = {"role": "assistant", "content": c.text} if calls is None else \
                 {"role": "assistant", "content": None, "tool_calls": calls}
-            return {"index": index, "message": message, "logprobs": chat_logprobs(c.logprobs) if want else None,
+            return {"index": index, "message": message, "logprobs": chat_logprobs(c.logprobs, self.tokenizer) if want else None,
                     "finish_reason": "tool_calls" if calls else c.finish_reason}
         return {"index": index, "text": c.text,
                 "logprobs": completion_logprobs(c.logprobs, 0) if want else None, "finish_reason": c.finish_reason}
@@ -186,7 +189,7 @@ class CompletionCall:
                     continue
                 logprobs = None
                 if out.logprobs and self.wants_logprobs:
-                    logprobs = chat_logprobs(out.logprobs) if self.chat else completion_logprobs(out.logprobs, len(c.text))
+                    logprobs = chat_logprobs(out.logprobs, self.tokenizer) if self.chat else completion_logprobs(out.logprobs, len(c.text))
                 if out.text or logprobs:
                     yield self._chunk(out.index, {"content": out.text} if self.chat else out.text, logprobs, None, extra)
                 c.text += out.text
@@ -214,7 +217,7 @@ class CompletionCall:
         holding = self.tool_mode == "forced" or c.text.lstrip()[:1] in ("", "{", "[")
         calls = None if c.finish_reason is None else self._tool_calls(c)
         if (not holding or c.finish_reason is not None and not calls) and len(c.text) > c.streamed:
-            logprobs = chat_logprobs(c.logprobs) if self.wants_logprobs and c.logprobs else None
+            logprobs = chat_logprobs(c.logprobs, self.tokenizer) if self.wants_logprobs and c.logprobs else None
             yield self._chunk(index, {"content": c.text[c.streamed:]}, logprobs, None, extra)
             c.streamed, c.logprobs = len(c.text), []
         if calls:

@@ -95,17 +95,20 @@ async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOp
     return await asyncio.to_thread(ready_tokenizer(state).encode_chat, rendered, options)
 
 
-async def tokenize_batch(state, given: list, param: str, limit: int | None = None) -> list[list[int]]:
+async def tokenize_batch(state, given: list, param: str, limit: int | None = None, choices: int = 1) -> list[list[int]]:
     """A batch's texts (or token ids) as token ids, each checked against the vocabulary (item i named
     `param.i` where there are several). At most `limit` items; by default as many as the queue holds
-    (`--max-num-seqs` + `--max-waiting`), since a batch taken whole takes a queue place per item."""
+    (`--max-num-seqs` + `--max-waiting` sequences), `choices` sequences each, since a batch taken
+    whole takes a queue place per sequence."""
     tokenizer = ready_tokenizer(state)
-    if limit is None:
-        limit, why = state.engine.config.max_num_seqs + state.engine.max_waiting, " on this server (--max-num-seqs + --max-waiting)"
-    else:
-        why = ""
-    if len(given) > limit:
-        raise APIError(400, f"at most {limit} {param}s a request{why}", param)
+    if not 1 <= choices <= state.engine.config.max_num_seqs:
+        choices = 1  # a bad `n` is the engine's to name
+    if limit is None and len(given) * choices > state.engine.capacity:
+        each = f" with n = {choices}" if choices > 1 else ""
+        raise APIError(400, f"at most {state.engine.capacity // choices} {param}s a request{each} on this server "
+                       f"(--max-num-seqs + --max-waiting = {state.engine.capacity} sequences)", param)
+    if limit is not None and len(given) > limit:
+        raise APIError(400, f"at most {limit} {param}s a request", param)
     batch = []
     for i, item in enumerate(given):  # tokenizing long texts takes a while: off the event loop
         ids = list(item) if isinstance(item, list) else await asyncio.to_thread(tokenizer.encode, item)
@@ -127,9 +130,13 @@ def take_whole(request_id: str, count: int, add, choices: int = 1, window: int |
     return MergedStream(request_id, count, add, choices, count if window is None else window)
 
 
-def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, param: str):
+async def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, param: str):
     """One engine request per prompt, read as one stream, and the request's timer (for its metrics)."""
-    timer = RequestTimer(state.metrics)  # from before add_request, which compiles a schema's grammar
+    timer = RequestTimer(state.metrics)  # from before the schema's grammar is compiled
+    try:
+        await state.engine.compile_grammar(sampling)
+    except EngineNotReadyError as exc:
+        raise refusal(exc)
     stream = take_whole(request_id, len(prompts), lambda rid, i: state.engine.add_request(
         rid, prompts[i], sampling, skip, item_param(param, i, len(prompts))), sampling.n)
     return stream, timer

@@ -28,18 +28,33 @@ def is_text(value: str) -> bool:
         return False
 
 
+MAX_DEPTH = 100  # of a request body's nesting (a JSON schema written out in full is far shallower)
+
+
+class TooDeep(ValueError):
+    pass
+
+
 def find_non_text(value, path: str = "") -> str | None:
     """Dotted path of the first string in a parsed JSON value that is not text (for a key: the path of
-    its object, "" at the top); None if all are text."""
-    if isinstance(value, str):
-        return None if is_text(value) else path
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        where = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and not is_text(key):
-            return path
-        if (hit := find_non_text(item, where)) is not None:
-            return hit
+    its object, "" at the top); None if all are text. Walked with a stack of its own, not Python's, and
+    raises TooDeep for a value nested more than MAX_DEPTH deep (later checks recurse into it)."""
+    stack = [(value, path, 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if not is_text(value):
+                return path
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        if items and depth >= MAX_DEPTH:
+            raise TooDeep(f"the request body is nested more than {MAX_DEPTH} levels deep")
+        children = []
+        for key, item in items:
+            if isinstance(key, str) and not is_text(key):
+                return path
+            children.append((item, f"{path}.{key}" if path else str(key), depth + 1))
+        stack.extend(reversed(children))  # depth first, in document order
     return None
 
 
@@ -55,7 +70,10 @@ class RequestBody(Strict):
     def _text_only(cls, data):
         if not isinstance(data, dict):
             raise InvalidParamError("the request body must be a JSON object")
-        where = find_non_text(data)
+        try:
+            where = find_non_text(data)
+        except TooDeep as exc:
+            raise InvalidParamError(str(exc))
         if where is not None:
             raise InvalidParamError("strings must be valid Unicode text (found a lone UTF-16 surrogate)",
                                     where or None)

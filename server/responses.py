@@ -20,7 +20,7 @@ from sse_starlette.sse import EventSourceResponse
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
-from server.generation import Usage, check_model, consume, encode_chat, submit
+from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, submit
 from server.responses_protocol import ResponsesRequest, new_id
 from server.tool_calls import parse_calls
 
@@ -61,6 +61,7 @@ class ResponseCall:
     async def submit(self):
         state, body = self.state, self.body
         check_model(state, body.model)
+        self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
         if body.previous_response_id is not None:
             entry = state.responses.get(body.previous_response_id)
             if entry is None:
@@ -77,7 +78,7 @@ class ResponseCall:
             while len(prompt_ids) > limit and (turn := _second_turn(messages)) is not None:
                 messages = messages[turn:]
                 prompt_ids = await encode_chat(state, instructions + messages, body.tool_use)
-        stream, self.timer = submit(state, self.id, [prompt_ids], sampling, body.skip(), "input")
+        stream, self.timer = await submit(state, self.id, [prompt_ids], sampling, body.skip(), "input")
         return stream
 
     # ---- the response object -----------------------------------------------------------------
@@ -93,7 +94,7 @@ class ResponseCall:
 
     def text_part(self, text: str, logprobs: list) -> dict:
         return {"type": "output_text", "text": text, "annotations": [],
-                "logprobs": chat_logprobs(logprobs)["content"] if self.body.wants_logprobs else []}
+                "logprobs": chat_logprobs(logprobs, self.tokenizer)["content"] if self.body.wants_logprobs else []}
 
     def message_item(self, status: str, content: list[dict]) -> dict:
         return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}

@@ -32,9 +32,34 @@ def assert_error(r, status, param):
     ("response_format", {"type": "xml"}, "response_format.type"),
     ("ffn_skip", {"budget": 0.99}, "ffn_skip.budget"),
     ("logit_bias", {"999999": 1}, "logit_bias"),
+    ("repetition_penalty", 1e-46, "repetition_penalty"),  # 0 in float32: logits divided by it were inf, a 500
 ])
 def test_bad_values_are_400_with_param(server, field, value, param):
     assert_error(post(server, {**OK, field: value}), 400, param)
+
+
+def test_a_body_nested_too_deeply_is_400(server):
+    """Nesting Python's recursion could not walk (the body's text check once recursed: a 500)."""
+    deep = "[" * 1500 + "]" * 1500
+    raw = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "metadata": %s}' % (MODEL, deep)
+    r = httpx.post(server.url + "/v1/chat/completions", content=raw.encode(),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert_error(r, 400, None)
+
+
+def test_a_temperature_too_small_to_divide_by_samples_greedily(server):
+    greedy = post(server, {**OK, "temperature": 0, "max_tokens": 8})
+    tiny = post(server, {**OK, "temperature": 1e-40, "max_tokens": 8})  # 0 in float32: NaN weights once
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+
+
+def test_a_batch_of_prompts_counts_each_choice_against_the_queue(server):
+    """80 prompts x n = 16 would be 1,280 sequences in a queue of 80 (16 rows + 64 waiting)."""
+    body = {"model": MODEL, "prompt": ["hi"] * 80, "n": 16, "max_tokens": 1}
+    r = post(server, body, "/v1/completions")
+    assert_error(r, 400, "prompt")
+    assert "at most 5 prompts a request with n = 16" in r.json()["error"]["message"]
 
 
 def test_prompt_longer_than_context_is_400(server):

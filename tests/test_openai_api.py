@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from engine.config import EngineConfig
-from tests.conftest import cuda_available
+from tests.conftest import cpu_path_only, cuda_available
 from tests.helpers import wait_idle
 
 MODEL = "smollm2-135m-instruct"
@@ -88,6 +88,20 @@ def test_chat_logprobs_and_top_logprobs(client):
         # greedy picks a most likely token (on CUDA logits are bf16-rounded: two may tie, and topk
         # may list the other one first)
         assert entry.top_logprobs[0].logprob == entry.logprob
+
+
+@cpu_path_only  # the greedy answer is a row of emoji on the CPU path
+def test_logprobs_bytes_put_characters_split_over_tokens_back_together(client):
+    """Each token's own bytes (an emoji is 4 tokens of one byte each here), as OpenAI documents them;
+    the tokens' texts alone are each U+FFFD."""
+    r = chat(client, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2,
+             messages=[{"role": "user", "content": "Write three emoji."}])
+    text, content = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert any(ord(ch) > 0x7F for ch in text)
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="ignore") == text
+    for entry in content:
+        assert all(bytes(t.bytes).decode("utf-8", errors="replace") == t.token or t.token == "\ufffd"
+                   for t in entry.top_logprobs)
 
 
 def test_completions_route_streaming_and_not(client):

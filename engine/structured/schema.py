@@ -26,6 +26,8 @@ from engine.sampling_params import InvalidParamError
 
 PARAM = "response_format"
 MAX_NODES = 2000
+MAX_BRANCHES = 2000  # of unions, all told (a branch that is a $ref adds no node, but is merged all the same)
+MAX_MERGED_LITERALS = 20 * 1000  # literal copies unions may merge (a $ref'd enum is copied into each union)
 MAX_LITERALS = 1000  # enum and const values in one schema (OpenAI's strict mode allows 1,000 enum values)
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
                          "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "discriminator"))
@@ -115,6 +117,13 @@ def compile_schema(schema, param: str = PARAM) -> Grammar:
         raise InvalidParamError(f"{param}: the schema is nested too deeply", param) from None
 
 
+def _hashable(value, what: str):
+    """A keyword's value that must be a string (a `$ref`, a `type`), checked before it is looked up."""
+    if not isinstance(value, str):
+        _fail(f"{what} must be a string, got {json.dumps(value)[:80]}")
+    return value
+
+
 def _fail(message: str):
     raise SchemaError(message)
 
@@ -152,6 +161,8 @@ class _Compiler:
         self.refs: dict[str, int] = {}
         self.any: int | None = None
         self.literal_count = 0
+        self.branch_count = 0
+        self.merged_literals = 0
         self.merged: dict[int, tuple[Node, Node]] = {}  # id(union node) -> (it, merged): a $ref's copy is the same
         self.merging: set[int] = set()
         self.grammar.root = self.compile(schema)
@@ -195,7 +206,7 @@ class _Compiler:
     def ref(self, schema: dict) -> int:
         if self.constraints(schema) != {"$ref"}:
             _fail("$ref beside other constraints is not supported")
-        ref = schema["$ref"]
+        ref = _hashable(schema["$ref"], "$ref")
         if ref not in self.refs:
             target = self.resolve(ref)
             self.refs[ref] = node = self.new()  # before compiling: a recursive schema finds it
@@ -223,6 +234,9 @@ class _Compiler:
         branches = schema[key]
         if self.constraints(schema) != {key} or not isinstance(branches, list) or not branches:
             _fail(f"{key} must be a non-empty list, beside no other constraints")
+        self.branch_count += len(branches)
+        if self.branch_count > MAX_BRANCHES:
+            _fail(f"the schema is too large (more than {MAX_BRANCHES} union branches)")
         # merged at the end: a branch may refer to a schema still being compiled (a tree's Optional[Node])
         return self.new(Node(branches=tuple(self.compile(b) for b in branches), exclusive=key == "oneOf"))
 
@@ -260,7 +274,8 @@ class _Compiler:
         if types is None:  # no type: what the keywords imply, else any value
             types = ["object"] if "properties" in schema or "additionalProperties" in schema else \
                 ["array"] if "items" in schema else list(TYPES)
-        types = list(dict.fromkeys(types)) if isinstance(types, list) else [types]
+        types = list(dict.fromkeys(_hashable(t, "type") for t in types)) if isinstance(types, list) else \
+            [_hashable(types, "type")]
         if not types or any(t not in TYPES for t in types):
             _fail(f"type must be one or more of {', '.join(TYPES)}")
         parts = []
@@ -289,6 +304,7 @@ class _Compiler:
         literals = list(dict.fromkeys(_literal(v) for v in values))
         if "type" in schema:  # only the values of the given types
             types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+            types = [_hashable(t, "type") for t in types]
             literals = [lit for lit in literals if _of_types(lit, types)]
             if not literals:
                 _fail("no enum or const value is of the schema's type")
@@ -320,6 +336,9 @@ class _Compiler:
         byte picks its branch."""
         out = Node()
         literals: dict[bytes, None] = {}
+        self.merged_literals += sum(len(part.literals) for part in parts)
+        if self.merged_literals > MAX_MERGED_LITERALS:
+            _fail(f"the schema is too large (its unions merge more than {MAX_MERGED_LITERALS} enum and const values)")
         objects = list(dict.fromkeys(part.object for part in parts if part.object is not None))
         out.object = objects[0] if len(objects) == 1 else self.tagged(objects) if objects else None
         for part in parts:
@@ -365,15 +384,18 @@ class _Compiler:
 def _exclusive(branches: list[Node]) -> None:
     """oneOf: refused where one value could match two branches (it would then match none)."""
     seen: set[str] = set()
-    literals: set[bytes] = set()
+    values: set = set()  # earlier branches' own literals, by value
+    literal_kinds: set[str] = set()  # and their kinds
     objects = [b.object for b in branches if b.object is not None]
     if len(set(objects)) < len(objects):
         _fail("oneOf branches that one value could match both are not supported (anyOf takes them)")
     for branch in branches:
         kinds = branch.kinds() - {"object"}  # object branches are one, or told apart by their tags
         own = {lit for lit in branch.literals if _kind(lit) not in kinds}
-        if kinds & seen or {_value(lit) for lit in own} & {_value(lit) for lit in literals} or \
-                any(_kind(lit) in seen for lit in own) or any(_kind(lit) in kinds for lit in literals):
+        own_values = {_value(lit) for lit in own}
+        if kinds & seen or own_values & values or any(_kind(lit) in seen for lit in own) or \
+                kinds & literal_kinds:
             _fail("oneOf branches that one value could match both are not supported (anyOf takes them)")
         seen |= kinds
-        literals |= own
+        values |= own_values
+        literal_kinds |= {_kind(lit) for lit in own}
