@@ -1,7 +1,10 @@
 """Incremental detokenization with stop strings.
 
-Text is released only when it is final: never half a UTF-8 character (a trailing U+FFFD
-waits for the next token), and never a suffix that could still grow into a stop string.
+Text is released only when it is final: never half a UTF-8 character (while the tokens not yet
+released end partway through one, their text's trailing U+FFFD waits for the next token; a U+FFFD
+the model wrote itself, or bytes that are no UTF-8, go out at once), and never a suffix that could
+still grow into a stop string. Half a character left at the end (`max_tokens` cut it) is dropped,
+as vLLM drops it.
 A stop string is cut out of the output with everything after it (or kept, and only what follows
 it cut, with `include_stop`); one that ends before the sequence may stop (min_tokens) is passed
 over. Matching is linear in the output (`engine/stop_strings.py`): each character is looked at
@@ -31,7 +34,7 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
+        if full.endswith("\ufffd") and self._ends_partway() or len(full) <= len(prefix):
             return  # an incomplete character (or nothing new yet): wait for more tokens
         new = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -45,6 +48,15 @@ class IncrementalDetokenizer:
                 self.text = self.text[:self.stops.consumed if self.include_stop else hit]
                 self.stopped = True
                 return
+
+    def _ends_partway(self) -> bool:
+        """Whether the bytes of the tokens not yet released end partway through a UTF-8 character."""
+        pending = b"".join(self.tokenizer.piece_bytes(t) for t in self.ids[self.read_offset:])
+        try:
+            pending.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return exc.reason == "unexpected end of data"
+        return False
 
     def take(self, final: bool) -> str:
         """Text not yet handed out that can no longer turn into a stop string."""

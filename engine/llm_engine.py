@@ -192,7 +192,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         stats = StepStats()
         if batch.empty:
-            return [], stats
+            stuck = self.scheduler.unadmittable()
+            if stuck is None:
+                return [], stats
+            return self._fail({stuck.seq_id: MemoryError("the sequence needs more KV cache than the server has")},
+                              {stuck.seq_id: stuck}), stats
         result = self._run(batch)
         failed = result.failed
         text = self.tokenizer.token_text

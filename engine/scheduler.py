@@ -95,7 +95,7 @@ class Scheduler:
             if seq.request_id in held and not seq.output_ids and not seq.computes_whole_prompt:
                 position += 1  # its prompt is being computed by a sibling: it takes that from the cache
                 continue
-            if not self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=int(seq.makes_tokens),
+            if not self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=self._first_decode_blocks(seq),
                                             reuse=not seq.computes_whole_prompt):
                 break  # first come, first served: no overtaking
             del self.waiting[position]
@@ -115,6 +115,26 @@ class Scheduler:
         if self.speculative_tokens:
             batch.drafts = self._drafts(batch.decodes)
         return batch
+
+    def unadmittable(self) -> Sequence | None:
+        """The sequence at the head of the queue, when nothing runs and even so there is no room for
+        it: it never will be admitted (and holds up everything behind it). None otherwise."""
+        if self.running or not self.waiting:
+            return None
+        seq = self.waiting[0]
+        fits = self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=self._first_decode_blocks(seq),
+                                        reuse=not seq.computes_whole_prompt)
+        return None if fits else seq
+
+    def _first_decode_blocks(self, seq: Sequence) -> int:
+        """Blocks its first decode step adds after its prefill (its K/V at position `prefill_len`): one
+        where the prefill ends a block, else none. Admitted with them, it is not preempted at once;
+        asking one more than that, a prompt that fits the context but ends within the cache's last
+        block could never be admitted, and would hold up every request behind it."""
+        if not seq.makes_tokens:
+            return 0
+        size = self.blocks.block_size
+        return blocks_for(seq.prefill_len + 1, size) - blocks_for(seq.prefill_len, size)
 
     def _drafts(self, decodes: list[Sequence]) -> dict[str, list[int]]:
         """Draft tokens for decoding sequences that take them (oldest first, while the step has

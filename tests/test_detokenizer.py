@@ -18,6 +18,29 @@ def test_multibyte_characters_are_never_split(engine):
     assert "".join(pieces) == text
 
 
+def test_a_replacement_character_the_model_writes_is_released_at_once(engine):
+    """U+FFFD is a character like others: its tokens (its three bytes, EF BF BD) release it, whole,
+    however the text goes on; it once waited for a token after it, and at the end was dropped."""
+    ids = engine.tokenizer.encode("a\ufffd", add_special_tokens=False)
+    detok = IncrementalDetokenizer(engine.tokenizer, [], stop=[])
+    pieces = []
+    for t in ids:
+        detok.add_token(t)
+        pieces.append(detok.take(final=False))
+    assert "".join(pieces) == "a\ufffd"
+    assert detok.take(final=True) == ""
+
+
+def test_half_a_character_at_the_end_is_dropped(engine):
+    ids = engine.tokenizer.encode("ok 🙂", add_special_tokens=False)
+    detok = IncrementalDetokenizer(engine.tokenizer, [], stop=[])
+    text = ""
+    for t in ids[:-1]:  # the emoji's last byte never comes
+        detok.add_token(t)
+        text += detok.take(final=False)
+    assert text + detok.take(final=True) == engine.tokenizer.decode(ids[:-1]).rstrip("\ufffd")
+
+
 def test_text_that_may_become_a_stop_string_is_held_back(engine):
     ids = engine.tokenizer.encode("one two three", add_special_tokens=False)
     detok = IncrementalDetokenizer(engine.tokenizer, [], stop=["two thr"])

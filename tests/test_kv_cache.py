@@ -80,3 +80,28 @@ def test_preempted_prompts_are_counted_once(engine, chat_prompts):
     tight.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))
     assert tight.num_preemptions_total > 0
     assert tight.prompt_tokens_total + tight.prompt_tokens_cached_total == sum(len(p) for p in prompts)
+
+
+def test_a_prompt_that_ends_inside_the_caches_last_block_is_admitted(engine, chat_prompts):
+    """A cache of exactly one context (8 blocks, 128 tokens): a 120-token prompt needs 8 blocks with
+    its first generated token's K/V. Admission once asked for a whole spare block besides (9), so
+    it waited forever, and every request behind it with it."""
+    small = engine_like(engine, kv_capacity_tokens=128, max_model_len=128)
+    prompt = (chat_prompts[0] * 8)[:120]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    (_, ids, out), (_, after, _) = small.generate([prompt, chat_prompts[1]], params)
+    assert len(ids) == 8 and out.finish_reason == "length" and len(after) == 8
+    assert_all_blocks_back(small)
+
+
+
+def test_a_sequence_no_empty_cache_could_hold_fails_its_request_alone(engine, chat_prompts, monkeypatch):
+    """Should admission ever ask more than the whole cache has (here it is made to, for the first
+    request), the request at the head of the queue fails, and those behind it run."""
+    small = engine_like(engine, kv_capacity_tokens=128, max_model_len=128)
+    monkeypatch.setattr(small.scheduler, "_first_decode_blocks", lambda seq: 9 if seq.request_id == "offline-0" else 0)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    (_, ids, out), (_, after, _) = small.generate(chat_prompts[:2], params)
+    assert out.finish_reason == "error" and "KV cache" in out.error and ids == []
+    assert len(after) == 4
+    assert_all_blocks_back(small)

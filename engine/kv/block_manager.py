@@ -5,7 +5,10 @@ block table lists the blocks that hold its tokens in order (token t sits in bloc
 `table[t // block_size]` at offset `t % block_size`).
 
 Prefix caching: a full block whose K/V were all computed with every FFN gets a hash that chains
-its parent's hash with its token ids, so a hash names the whole prefix up to the block's end. A
+its parent's hash with its token ids, so a hash names the whole prefix up to the block's end. The
+hash is SHA-256, not Python's `hash`: that one is 61 bits, the same in every process and easy to
+invert, so a client could make its own prefix collide with another's system prompt and have the
+next request read K/V computed for other text (vLLM's CVE-2025-25183 is this attack). A
 new sequence walks its prompt's full blocks through that index and shares every hit (a reference
 count per block); the first miss ends the walk. Shared blocks are full and are never written
 again: the reusing sequence always computes at least its last prompt token itself, into a block it
@@ -15,9 +18,16 @@ free.
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 NO_HASH = None
+
+
+def chain_hash(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """The hash of a block holding `tokens` after the prefix whose last block's hash is `parent`."""
+    return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -29,9 +39,9 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.prefix_caching = prefix_caching
         self.ref_counts = [0] * num_blocks
-        self._hash_of: list[int | None] = [NO_HASH] * num_blocks
+        self._hash_of: list[bytes | None] = [NO_HASH] * num_blocks
         self._tokens_of: list[tuple[int, ...]] = [()] * num_blocks  # a hashed block's token ids
-        self._by_hash: dict[int, int] = {}
+        self._by_hash: dict[bytes, int] = {}
         self._empty = list(range(num_blocks - 1, -1, -1))  # free, nothing cached: popped from the end
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free, hashed: oldest first
         self._chains: dict[str, tuple[int, int | None]] = {}  # seq_id -> (blocks hashed, last hash)
@@ -53,7 +63,7 @@ class BlockManager:
         hits, parent, size = [], None, self.block_size
         for start in range(0, limit - size + 1, size):
             tokens = tuple(token_ids[start:start + size])
-            block = self._by_hash.get(hash((parent, tokens)))
+            block = self._by_hash.get(chain_hash(parent, tokens))
             if block is None or self._tokens_of[block] != tokens:
                 break
             hits.append(block)
@@ -100,7 +110,7 @@ class BlockManager:
         size = self.block_size
         while (done + 1) * size <= num_dense:
             block, tokens = table[done], tuple(token_ids[done * size:(done + 1) * size])
-            key = hash((parent, tokens))
+            key = chain_hash(parent, tokens)
             if self._hash_of[block] is NO_HASH and key not in self._by_hash:
                 self._hash_of[block], self._tokens_of[block] = key, tokens
                 self._by_hash[key] = block
