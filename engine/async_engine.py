@@ -112,11 +112,13 @@ class AsyncEngine:
                     skip: SkipParams | None = None, prompt_param: str = "prompt") -> "RequestStream":
         """Validate and enqueue a request; iterate the returned stream for its output deltas.
 
-        Raises InvalidParamError (bad input), QueueFullError or EngineNotReadyError before anything
-        is enqueued. The caller must `close()` the stream when it stops early: that aborts it.
+        Raises InvalidParamError (bad input, checked first), QueueFullError or EngineNotReadyError
+        before anything is enqueued. The caller must `close()` the stream when it stops early: that aborts it.
         """
-        self._check_room(request_id, params.n)
-        return self._enqueue(request_id, self.engine.prepare_request(request_id, prompt_ids, params, skip, prompt_param))
+        self._check_ready()
+        seqs = self.engine.prepare_request(request_id, prompt_ids, params, skip, prompt_param)
+        self._check_room(request_id, len(seqs))
+        return self._enqueue(request_id, seqs)
 
     async def compile_grammar(self, params: SamplingParams) -> None:
         """A response schema's grammar, compiled in a worker thread into the cache that `add_request`
@@ -129,8 +131,10 @@ class AsyncEngine:
     def add_embeddings(self, request_id: str, inputs: list[list[int]], param: str = "input") -> "RequestStream":
         """As `add_request`, for an embeddings request: one output per input (its index), holding its
         vector."""
-        self._check_room(request_id, len(inputs))
-        return self._enqueue(request_id, self.engine.prepare_embeddings(request_id, inputs, param))
+        self._check_ready()
+        seqs = self.engine.prepare_embeddings(request_id, inputs, param)
+        self._check_room(request_id, len(seqs))
+        return self._enqueue(request_id, seqs)
 
     @property
     def capacity(self) -> int:
