@@ -128,6 +128,12 @@ class AsyncEngine:
             self._check_ready()
             await asyncio.to_thread(self.engine.structured.grammar, params.response_schema, params.schema_param)
 
+    def check_inputs(self, inputs: list[list[int]], param: str = "input") -> None:
+        """Every input of a batch checked at once, before any is added (a batch goes in a window at a
+        time, and a bad input late in it must not fail the batch after the rest were computed)."""
+        self._check_ready()
+        self.engine.check_inputs(inputs, param)
+
     def add_embeddings(self, request_id: str, inputs: list[list[int]], param: str = "input") -> "RequestStream":
         """As `add_request`, for an embeddings request: one output per input (its index), holding its
         vector."""

@@ -12,6 +12,8 @@ once, on the engine thread.
 """
 from __future__ import annotations
 
+import codecs
+
 from engine.stop_strings import StopStringMatcher
 from engine.tokenizer import Tokenizer
 
@@ -51,12 +53,9 @@ class IncrementalDetokenizer:
 
     def _ends_partway(self) -> bool:
         """Whether the bytes of the tokens not yet released end partway through a UTF-8 character."""
-        pending = b"".join(self.tokenizer.piece_bytes(t) for t in self.ids[self.read_offset:])
-        try:
-            pending.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return exc.reason == "unexpected end of data"
-        return False
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(b"".join(self.tokenizer.piece_bytes(t) for t in self.ids[self.read_offset:]))
+        return bool(decoder.getstate()[0])  # the bytes it holds back: a character's start, its end to come
 
     def take(self, final: bool) -> str:
         """Text not yet handed out that can no longer turn into a stop string."""

@@ -124,14 +124,19 @@ class LLMEngine:
     def prepare_embeddings(self, request_id: str, inputs: list[list[int]], param: str = "input") -> list[Sequence]:
         """An embeddings request's sequences, one per input (input i is sequence i, named `param.i`
         in its errors where there are several); nothing is scheduled yet. Any thread may call it."""
-        for i, ids in enumerate(inputs):
-            self._check_length(ids, param if len(inputs) == 1 else f"{param}.{i}", "input", reserve=0)
+        self.check_inputs(inputs, param)
         plan = self.resolve_skip(SkipParams(budget=0.0))  # computed as prefill: every FFN runs anyway
         return [Sequence(seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(ids),
                          params=SamplingParams(), skip_plan=plan, max_tokens=0,
                          detokenizer=IncrementalDetokenizer(self.tokenizer, [], []), seed=0,
                          pooling=Pooling(self.config.pooling))
                 for i, ids in enumerate(inputs)]
+
+    def check_inputs(self, inputs: list[list[int]], param: str = "input") -> None:
+        """Embeddings inputs of 1 to max_model_len tokens each (input i named `param.i` where there
+        are several); raises InvalidParamError."""
+        for i, ids in enumerate(inputs):
+            self._check_length(ids, param if len(inputs) == 1 else f"{param}.{i}", "input", reserve=0)
 
     def add_sequences(self, seqs: list[Sequence]) -> None:
         for seq in seqs:

@@ -1,10 +1,10 @@
 """POST /v1/embeddings: each input's vector, pooled from the model's final hidden states
 (engine/pooling.py), computed as prefill in the running batch beside generation. An input is an
 engine request of its own, as a completions prompt is. A batch may hold as many inputs as OpenAI
-takes (2,048), more than the queue does: it is fed to the engine a window at a time (two batches'
-worth, `--max-num-seqs` x 2), each finished input's queue place going to the next, so requests that
-come meanwhile wait behind one window, not the whole batch. The first window is taken whole or
-refused whole (429)."""
+takes (2,048), more than the queue does: every input is checked first, then the batch is fed to
+the engine a window at a time (two batches' worth, `--max-num-seqs` x 2, and at most half the
+queue), each finished input's queue place going to the next, so requests that come meanwhile wait
+behind one window, not the whole batch. The first window is taken whole or refused whole (429)."""
 from __future__ import annotations
 
 import base64
@@ -14,7 +14,8 @@ import uuid
 from fastapi import APIRouter, Request
 
 from server.errors import APIError
-from server.generation import check_model, consume, item_param, take_whole, tokenize_batch
+from engine.async_engine import EngineNotReadyError
+from server.generation import check_model, consume, item_param, refusal, take_whole, tokenize_batch
 from server.metrics import RequestTimer
 from server.protocol import EmbeddingRequest
 
@@ -41,9 +42,13 @@ async def embeddings(body: EmbeddingRequest, request: Request):
         raise APIError(400, f"this model's embeddings have {size} dimensions; they cannot be shortened (the "
                        "model was not trained for it)", "dimensions")
     timer = RequestTimer(state.metrics)
-    config = state.engine.config
-    # two batches' worth, so the engine always holds a next batch while finished inputs' places refill
-    window = min(2 * config.max_num_seqs, config.max_num_seqs + state.engine.max_waiting)
+    try:
+        state.engine.check_inputs(inputs)
+    except EngineNotReadyError as exc:
+        raise refusal(exc)
+    # two batches' worth, so the engine always holds a next batch while finished inputs' places refill;
+    # at most half the queue, so that other requests find room while a long batch runs
+    window = max(1, min(2 * state.engine.config.max_num_seqs, state.engine.capacity // 2))
     stream = take_whole("embd-" + uuid.uuid4().hex, len(inputs), lambda rid, i: state.engine.add_embeddings(
         rid, [inputs[i]], item_param("input", i, len(inputs))), window=window)
     vectors, prompt_tokens = {}, 0

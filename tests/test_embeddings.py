@@ -170,6 +170,7 @@ def test_one_text_token_ids_and_raw_base64_agree(server, client):
     ({"input": [[5], [-1]]}, 400, "input.1"),
     ({"input": [7] * 2049}, 400, "input"),  # longer than the server's 2,048-token context
     ({"input": ["x"] * 2049}, 400, "input"),  # more than OpenAI takes
+    ({"input": [[5]] * 90 + [[7] * 2049]}, 400, "input.90"),  # checked before the first window goes in
     ({"input": "text", "dimensions": 64}, 400, "dimensions"),
     ({"input": "text", "encoding_format": "int8"}, 400, "encoding_format"),
     ({"input": "text", "pooling": "cls"}, 400, "pooling"),
