@@ -150,7 +150,7 @@ def build_config(args) -> EngineConfig:
         config = load_config(preset_path(args.model or DEFAULT_PRESET))
     else:
         config = EngineConfig(model=args.model, served_model_name=os.path.basename(args.model.rstrip("/")))
-    if args.model and not preset_path(args.model):
+    if args.model and (args.config or not preset_path(args.model)):  # flags override a config file's model too
         config.model = args.model
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "quantize", "cache_dir", "threads",
                                                  "chat_template", "max_num_seqs", "max_model_len", "block_size",
@@ -169,17 +169,22 @@ def build_config(args) -> EngineConfig:
 
 def serve(argv: list[str]) -> None:
     import uvicorn
+    import yaml
 
     from engine.async_engine import AsyncEngine
     from server import access_log
     from server.app import create_app
     from server.http_protocol import with_header_timeout
 
-    args = serve_parser().parse_args(argv)
+    parser = serve_parser()
+    args = parser.parse_args(argv)
     api_key = args.api_key or os.environ.get("SKIPSERVE_API_KEY") or None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     access_log.install()
-    config = build_config(args)
+    try:
+        config = build_config(args)
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # a config file missing or wrong: a usage error, no traceback
+        parser.error(str(exc))
     engine = AsyncEngine(config, max_waiting=args.max_waiting)
     server: uvicorn.Server | None = None
 

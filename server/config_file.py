@@ -1,6 +1,7 @@
 """Presets and YAML config files -> EngineConfig (CLI flags override both)."""
 from __future__ import annotations
 
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -25,8 +26,34 @@ def load_config(path: str | Path) -> EngineConfig:
     unknown = (set(raw) - engine_keys) | {f"skip.{k}" for k in set(skip_raw) - skip_keys}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    for cls, values, prefix in ((EngineConfig, raw, ""), (SkipConfig, skip_raw, "skip.")):
+        _check_types(cls, values, f"{path}: {prefix}")
     template = raw.get("chat_template")
     if isinstance(template, str) and not is_inline_template(template):
         # a template file named in a config file is found beside it, as the file's other paths would be
         raw["chat_template"] = str(Path(path).resolve().parent / Path(template).expanduser())
     return EngineConfig(**raw, skip=SkipConfig(**skip_raw))
+
+
+SIMPLE = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _check_types(cls, values: dict, where: str) -> None:
+    """Each value of the file of the type its field takes (a list where a string goes failed later,
+    far from the file), None where the field allows it."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        if value is None and type(None) in allowed or any(_is(value, t) for t in allowed):
+            continue
+        kinds = [SIMPLE[t] for t in allowed if t in SIMPLE]
+        if kinds:
+            raise ValueError(f"{where}{key} must be {' or '.join(kinds)}, got {value!r}")
+
+
+def _is(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True

@@ -137,6 +137,29 @@ def test_a_config_files_chat_template_path_is_read_beside_it(tmp_path, monkeypat
     assert load_config(tmp_path / "inline.yaml").chat_template == "{{ messages }}"  # a template stays itself
 
 
+def test_the_model_flag_overrides_a_config_files_model_even_with_a_preset_name(tmp_path):
+    from server.cli import build_config, serve_parser
+
+    (tmp_path / "mine.yaml").write_text("model: /models/mine.gguf\nmax_num_seqs: 4\n")
+    args = serve_parser().parse_args(["--config", str(tmp_path / "mine.yaml"), "--model", "gemma3-270m"])
+    config = build_config(args)
+    assert config.model == "gemma3-270m" and config.max_num_seqs == 4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("served_model_name: [a, b]\n", "served_model_name must be a string, got ['a', 'b']"),
+    ("max_num_seqs: 4.5\n", "max_num_seqs must be an integer"),
+    ("skip:\n  threshold: high\n", "skip.threshold must be a number"),
+    ("prefix_caching: 1\n", "prefix_caching must be true or false"),
+    ("nonsense: 1\n", "unknown keys ['nonsense']"),
+])
+def test_a_config_file_with_a_wrong_value_is_a_usage_error_naming_it(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    out = subprocess.run([sys.executable, "-m", "server.cli", "--config", str(tmp_path / "bad.yaml")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
 def test_an_unexpected_error_is_a_500_envelope_that_carries_the_cors_header():
     """No route of the server fails on purpose, so a route that does is added to the real app (its
     middleware stack and handlers; the model is never loaded: the lifespan does not run)."""
