@@ -40,6 +40,11 @@ class EngineShutdownError(RuntimeError):
     """In-flight requests still running when the shutdown grace period ends."""
 
 
+class EngineDeadError(EngineShutdownError):
+    """The engine thread stopped on an error outside any one request: every open request ends with
+    it, and the server exits (non-zero) so that whatever supervises it starts a new one."""
+
+
 class GenerationError(RuntimeError):
     """Generation failed for this request alone (the others in the batch go on)."""
 
@@ -52,6 +57,8 @@ class AsyncEngine:
         self.on_step = on_step
         self.engine = None  # LLMEngine once loaded
         self.load_error: BaseException | None = None
+        self.dead: BaseException | None = None  # what stopped the engine thread after loading
+        self.on_dead: Callable[[BaseException], None] | None = None  # called on the event loop then
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._places: dict[str, int] = {}  # request id -> its sequences (each choice, each input): queue places
@@ -91,7 +98,17 @@ class AsyncEngine:
         # loop while the first requests come, not in it at the first constrained one (a pause for all)
         threading.Thread(target=lambda: engine.structured.vocabulary, name="skipserve-vocabulary",
                          daemon=True).start()
-        self._run()
+        try:
+            self._run()
+        except BaseException as exc:  # a bug outside any one request's work: nothing would step again
+            log.exception("the engine thread stopped")
+            self.dead = exc
+            self._loop.call_soon_threadsafe(self._fail_dead, exc)
+
+    def _fail_dead(self, exc: BaseException) -> None:
+        self._dispatch_error(list(self._queues), EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
+        if self.on_dead is not None:
+            self.on_dead(exc)
 
     def stop(self) -> None:
         self._stopping = True
@@ -105,6 +122,8 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     def _check_ready(self):
+        if self.dead is not None:
+            raise EngineNotReadyError(f"the engine stopped: {type(self.dead).__name__}: {self.dead}")
         if self.engine is None or self._stopping:
             raise EngineNotReadyError("the model is loading" if self.engine is None else "the server is shutting down")
 

@@ -55,13 +55,15 @@ class ServerState:
 
 def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               on_load_failed: Callable[[BaseException], None] | None = None,
+               on_engine_failed: Callable[[BaseException], None] | None = None,
                allowed_origins: tuple[str, ...] = ()) -> FastAPI:
-    """`on_load_failed`: called when the model cannot load (the CLI exits non-zero then).
+    """`on_engine_failed`: called when the model cannot load, or when the engine thread stops on an
+    error (the CLI exits non-zero then).
     `allowed_origins`: web origins whose pages may call the API from a browser ("*": any); none by
     default, so a page on another origin can send nothing the browser would not send anyway."""
     metrics = Metrics(engine)
     engine.on_step = metrics.on_step
+    engine.on_dead = on_engine_failed
     state = ServerState(engine, metrics, tuple(dict.fromkeys(served_names)), api_key)
 
     def load_done(task: asyncio.Task) -> None:
@@ -71,8 +73,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
             log.info("model loaded; ready")
             return
         log.error("model failed to load: %s", task.exception())
-        if on_load_failed is not None:
-            on_load_failed(task.exception())
+        if on_engine_failed is not None:
+            on_engine_failed(task.exception())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -100,6 +102,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
             return error_response(503, "shutting down", code="shutting_down")
         if engine.load_error is not None:
             return error_response(503, f"model failed to load: {engine.load_error}", code="load_failed")
+        if engine.dead is not None:
+            return error_response(503, f"the engine stopped: {engine.dead}", code="engine_dead")
         if not engine.ready:
             return error_response(503, "the model is loading", code="loading")
         return {"status": "ok"}

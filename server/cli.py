@@ -188,12 +188,12 @@ def serve(argv: list[str]) -> None:
     engine = AsyncEngine(config, max_waiting=args.max_waiting)
     server: uvicorn.Server | None = None
 
-    def load_failed(exc: BaseException) -> None:  # exit non-zero, as vLLM does, instead of serving 503s
+    def engine_failed(exc: BaseException) -> None:  # exit non-zero, as vLLM does, instead of serving 503s
         if server is not None:
             server.should_exit = True
 
     names = (config.served_model_name, *(args.served_model_name or [])[1:])
-    app = create_app(engine, names, api_key, args.max_request_bytes, load_failed,
+    app = create_app(engine, names, api_key, args.max_request_bytes, engine_failed,
                      args.allowed_origins)
 
     grace = max(0.0, args.grace_period)
@@ -221,6 +221,8 @@ def serve(argv: list[str]) -> None:
     server.run()
     if engine.load_error is not None:
         sys.exit(f"skipserve: the model failed to load: {type(engine.load_error).__name__}: {engine.load_error}")
+    if engine.dead is not None:
+        sys.exit(f"skipserve: the engine stopped: {type(engine.dead).__name__}: {engine.dead}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.conftest import ServerProcess
 from tests.helpers import wait_idle
@@ -129,3 +130,40 @@ def test_sigterm_past_the_grace_period_ends_streams_with_an_error_event():
         last = json.loads(events[-1])
         assert last["error"]["code"] == "shutting_down" and last["error"]["type"] == "service_unavailable"
     assert srv.proc.wait(30) == 0
+
+
+def test_an_engine_thread_that_stops_fails_every_open_request_and_refuses_new_ones():
+    """A bug outside any one request's work (here: taking a new request in raises) stops the engine
+    thread. Nothing would step again, so every open request ends with EngineDeadError at once (a 503
+    over HTTP), new ones are refused, and `on_dead` tells the server to exit (the CLI exits non-zero)."""
+    from engine.async_engine import AsyncEngine, EngineDeadError, EngineNotReadyError
+    from engine.sampling_params import SamplingParams
+    from server.config_file import load_config, preset_path
+
+    config = load_config(preset_path(MODEL))
+    config.device, config.max_model_len = "cpu", 256
+    params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
+
+    async def main():
+        engine = AsyncEngine(config)
+        await engine.start()
+        died = asyncio.Event()
+        engine.on_dead = lambda exc: died.set()
+        ids = engine.tokenizer().encode("Tell me a long story.")
+        running = engine.add_request("running", ids, params)
+        await running.__anext__()  # it decodes
+
+        def broken(seqs):
+            raise RuntimeError("a bug in taking a request in")
+
+        engine.engine.add_sequences = broken
+        engine.add_request("trigger", ids, params)
+        with pytest.raises(EngineDeadError, match="a bug in taking a request in"):
+            async for _ in running:
+                pass
+        await asyncio.wait_for(died.wait(), 10)
+        with pytest.raises(EngineNotReadyError, match="the engine stopped"):
+            engine.add_request("after", ids, params)
+        engine.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))  # a thread that died unnoticed left the stream waiting forever
