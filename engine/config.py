@@ -33,6 +33,11 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     rope_local_theta: float | None = None
 
+    def __post_init__(self):
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"the model's {self.num_heads} attention heads are not a multiple of its "
+                             f"{self.num_kv_heads} key/value heads")
+
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
         raw = json.loads((Path(path) / "config.json").read_text())

@@ -46,6 +46,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     rows, heads, dim = q.shape
     block_size = k_cache.shape[2]
     check_decode_lengths(longest, block_tables, block_size)
+    # the kernel reads and writes through raw pointers: what it takes, checked, not assumed
+    if not (block_tables.dtype == lengths.dtype == torch.int32 and block_tables.is_contiguous()
+            and lengths.is_contiguous() and v_cache.dtype == k_cache.dtype and v_cache.is_contiguous()
+            and k.dtype == v.dtype == torch.float32 and heads % k_cache.shape[1] == 0):
+        raise ValueError("decode attention takes contiguous int32 block tables and lengths, caches of one dtype, "
+                         "fp32 keys and values, and query heads a multiple of the KV heads")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(rows, heads * dim, dtype=q.dtype)
     kernels().decode_attention_f32(
@@ -90,6 +96,9 @@ def linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, ke
     x = x.contiguous()
     rows, inp = x.shape
     out = blocked.shape[0] * BLOCK
+    if inp != blocked.shape[1] * (2 if blocked.dim() == 4 else 1) or bias is not None and bias.numel() != out:
+        raise ValueError(f"linear: input of width {inp} or bias of {bias.numel() if bias is not None else 0} "
+                         f"for a weight of shape {tuple(blocked.shape)}")
     y = torch.empty(rows, out, dtype=torch.float32)
     kernel(x.data_ptr(), blocked.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
            rows, inp, out, torch.get_num_threads())
