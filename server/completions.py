@@ -133,7 +133,7 @@ class CompletionCall:
             if out.finished:
                 c.finish_reason = out.finish_reason
 
-        left = await consume(self.request, stream, on_output)
+        left = await consume(self.request, stream, on_output, self.timer)
         if left is not None:
             return left
         usage.finish_metrics(self.timer, overall_finish(c.finish_reason for c in choices.values()))
@@ -202,12 +202,16 @@ class CompletionCall:
                                       choices=[], usage=usage.body()))
             yield "[DONE]"
         except EngineShutdownError as exc:  # grace period over: a clean, in-band error event
+            self.timer.end("abort")
             yield json.dumps(error_body(503, str(exc), code="shutting_down"))
         except GenerationError as exc:  # this request's generation failed: in-band, then end
+            self.timer.end("error")
             yield json.dumps(error_body(500, str(exc), code="generation_failed"))
         except Exception as exc:  # any other mid-stream failure: in-band too
+            self.timer.end("error")
             yield json.dumps(error_body(500, f"generation failed: {exc}", code="generation_failed"))
         finally:
+            self.timer.end("abort")  # the client left mid-stream (nothing if it ended above)
             stream.close()
 
     def _tool_chunks(self, index: int, c: Choice, extra: dict):

@@ -62,7 +62,7 @@ async def embeddings(body: EmbeddingRequest, request: Request):
         vectors[out.index] = out.embedding
         prompt_tokens += out.prompt_tokens
 
-    gone = await consume(request, stream, on_output)
+    gone = await consume(request, stream, on_output, timer)
     if gone is not None:
         return gone
     timer.finish_embeddings(len(inputs), prompt_tokens)

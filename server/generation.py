@@ -220,10 +220,12 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def consume(request: Request, stream, on_output: Callable[[object], None]) -> JSONResponse | None:
+async def consume(request: Request, stream, on_output: Callable[[object], None],
+                  timer: RequestTimer) -> JSONResponse | None:
     """Feeds each of the stream's outputs to `on_output` until the request ends. Returns a 499 response
     if the client left first (generation stops for it at once), None when it ended; an engine that shut
-    down or a generation that failed is an APIError."""
+    down or a generation that failed is an APIError. A request that ends unfinished is counted
+    (`timer.end`)."""
     async def read():
         async for out in stream:
             on_output(out)
@@ -233,13 +235,19 @@ async def consume(request: Request, stream, on_output: Callable[[object], None])
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
+            timer.end("abort")
             return JSONResponse(error_body(499, "client disconnected"), status_code=499)
         try:
             task.result()
         except EngineShutdownError as exc:
+            timer.end("abort")
             raise APIError(503, str(exc), code="shutting_down")
         except GenerationError as exc:
+            timer.end("error")
             raise APIError(500, str(exc), code="generation_failed")
+        except BaseException:
+            timer.end("error")
+            raise
     finally:
         for t in (task, gone):
             t.cancel()

@@ -114,6 +114,7 @@ class RequestTimer:
         self.start = time.monotonic()
         self.first: float | None = None
         self.last: dict[int, float] = {}
+        self.done = False
 
     def on_tokens(self, index: int) -> None:
         now = time.monotonic()
@@ -125,6 +126,7 @@ class RequestTimer:
         self.last[index] = now
 
     def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, skipped: int, total: int) -> None:
+        self.done = True
         m = self.metrics
         m.request_success.labels(finished_reason=reason).inc()
         m.e2e.observe(time.monotonic() - self.start)
@@ -132,9 +134,18 @@ class RequestTimer:
         m.prompt_tokens.observe(prompt_tokens)
         m.skip_ratio.observe(skipped / total if total else 0.0)
 
+    def end(self, reason: str) -> None:
+        """A request that ends without finishing: "abort" (its client left, or the server stopped it)
+        or "error" (its generation failed). Counted once, in request_success by that reason (as vLLM
+        counts aborts), and in no latency histogram; nothing if it had finished."""
+        if not self.done:
+            self.done = True
+            self.metrics.request_success.labels(finished_reason=reason).inc()
+
     def finish_embeddings(self, inputs: int, prompt_tokens: int) -> None:
         """An embeddings request, done: counted and timed as a request, but not in the per-request
         generation and skip histograms (it generates nothing, and prefill skips no FFN)."""
+        self.done = True
         m = self.metrics
         m.request_success.labels(finished_reason="stop").inc()
         m.e2e.observe(time.monotonic() - self.start)

@@ -138,7 +138,7 @@ class ResponseCall:
             self.timer.on_tokens(out.index)
             answer.add(out)
 
-        left = await consume(self.request, stream, on_output)
+        left = await consume(self.request, stream, on_output, self.timer)
         return left if left is not None else Response(self.finish(answer)[1], media_type="application/json")
 
     # ---- streaming ---------------------------------------------------------------------------
@@ -205,12 +205,15 @@ class ResponseCall:
             yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
                         response=final)
         except (EngineShutdownError, GenerationError) as exc:  # in-band, as OpenAI ends a failed stream
+            self.timer.end("abort" if isinstance(exc, EngineShutdownError) else "error")
             yield event("response.failed", response=self.response("failed", [], error={
                 "code": "server_error", "message": str(exc)}))
         except Exception as exc:
+            self.timer.end("error")
             yield event("response.failed", response=self.response("failed", [], error={
                 "code": "server_error", "message": f"generation failed: {exc}"}))
         finally:
+            self.timer.end("abort")  # the client left mid-stream (nothing if it ended above)
             stream.close()
 
 

@@ -36,6 +36,13 @@ def test_20_concurrent_streams_each_match_their_solo_greedy_text(server, client)
     assert not mismatched, mismatched
 
 
+def ended(server, reason: str) -> float:
+    try:
+        return server.metric("request_success_total", f'{{finished_reason="{reason}"}}')
+    except KeyError:  # no request has ended so yet
+        return 0.0
+
+
 def test_client_disconnect_mid_stream_aborts_and_frees_kv(server):
     body = {"model": MODEL, "messages": messages("everything"), "max_tokens": 1000, "ignore_eos": True,
             "temperature": 0, "stream": True}
@@ -43,17 +50,21 @@ def test_client_disconnect_mid_stream_aborts_and_frees_kv(server):
         for i, _ in enumerate(r.iter_lines()):
             if i == 6:  # still reading: the request is running
                 assert server.metric("num_requests_running") == 1
+                before = ended(server, "abort")
                 break  # leaving the iterator closes the connection
     wait_idle(server, within_s=1.0)
+    assert ended(server, "abort") == before + 1  # counted as vLLM counts aborts
 
 
 def test_client_disconnect_non_streaming_aborts(server):
     body = {"model": MODEL, "messages": messages("everything"), "max_tokens": 1000, "ignore_eos": True}
+    before = ended(server, "abort")
     try:
         httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.5)
     except httpx.TimeoutException:
         pass
     wait_idle(server, within_s=1.0)
+    assert ended(server, "abort") == before + 1
 
 
 def test_api_key_and_queue_full(tmp_path):
