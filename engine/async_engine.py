@@ -186,7 +186,9 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
 
     def fail_in_flight(self, message: str) -> None:
-        """End every open request with EngineShutdownError and abort it (call on the event loop)."""
+        """End every open request with EngineShutdownError and abort it (call on the event loop); from
+        then on no request is taken (one still being tokenized would otherwise start after this)."""
+        self._stopping = True
         request_ids = list(self._queues)
         self._dispatch_error(request_ids, EngineShutdownError(message))
         for request_id in request_ids:

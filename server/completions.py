@@ -204,12 +204,15 @@ class CompletionCall:
         except EngineShutdownError as exc:  # grace period over: a clean, in-band error event
             self.timer.end("abort")
             yield json.dumps(error_body(503, str(exc), code="shutting_down"))
+            yield "[DONE]"  # after the error, as vLLM ends a failed stream: clients that wait for it stop
         except GenerationError as exc:  # this request's generation failed: in-band, then end
             self.timer.end("error")
             yield json.dumps(error_body(500, str(exc), code="generation_failed"))
+            yield "[DONE]"
         except Exception as exc:  # any other mid-stream failure: in-band too
             self.timer.end("error")
             yield json.dumps(error_body(500, f"generation failed: {exc}", code="generation_failed"))
+            yield "[DONE]"
         finally:
             self.timer.end("abort")  # the client left mid-stream (nothing if it ended above)
             stream.close()
