@@ -155,8 +155,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
 
     app.add_middleware(errors.UnexpectedErrors)  # innermost of ours: its 500s pass through the others
-    app.add_middleware(AccessGate, state=state)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    app.add_middleware(AccessGate, state=state)  # before the body is read: no key (or draining), no body taken
     if allowed_origins:  # outermost: preflights need no key, and refusals (401, 413, 429, 500) carry the headers too
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=CORS_METHODS,
                            allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)

@@ -76,6 +76,10 @@ def test_api_key_and_queue_full(tmp_path):
         r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
         assert httpx.get(srv.url + "/health").status_code == 200  # open without a key
+        # without the key a body is not even read: 401, not the 413 its size would get
+        big = httpx.post(srv.url + "/v1/chat/completions", content=b"x" * (5 * 2**20),
+                         headers={"content-type": "application/json"})
+        assert big.status_code == 401
         assert httpx.get(srv.url + "/metrics").status_code == 200
         for path in ("/docs", "/redoc", "/openapi.json"):  # the API's description is behind the key
             assert httpx.get(srv.url + path).status_code == 401
