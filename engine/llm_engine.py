@@ -24,7 +24,7 @@ from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.skip.base import TokenSkipPlan
 from engine.skip.settings import resolve_skip
-from engine.structured import Constraint, StructuredOutputs
+from engine.structured.constraint import Constraint, StructuredOutputs
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("skipserve.engine")

@@ -9,7 +9,7 @@ from engine.ngram_drafter import NgramDrafter
 from engine.pooling import Pooling
 from engine.sampling_params import SamplingParams
 from engine.skip.base import TokenSkipPlan
-from engine.structured import Constraint
+from engine.structured.constraint import Constraint
 
 
 class SequenceStatus(enum.Enum):

@@ -17,7 +17,6 @@ from server.errors import error_body
 from server.generation import (Usage, check_model, consume, encode_chat, overall_finish, ready_tokenizer, submit,
                                tokenize_batch)
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.tool_calls import parse_calls
 
 router = APIRouter()
 
@@ -144,7 +143,7 @@ class CompletionCall:
         """A finished answer's tool calls, where the request allows them and the answer is one."""
         if self.tool_mode == "none" or c.finish_reason != "stop":
             return None
-        return parse_calls(c.text, self.tools.tools, self.tools.parallel)
+        return self.tools.parse(c.text)
 
     def _choice_body(self, index: int, c: Choice) -> dict:
         want = self.wants_logprobs

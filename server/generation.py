@@ -91,7 +91,7 @@ async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOp
     """A chat's prompt ids: its messages (role, content, tool fields) with the tools `use` shows, through
     the model's template as `options` ask. Templating and tokenizing a long prompt takes a while: off
     the event loop."""
-    rendered = render_messages(messages, use.tools, use.parallel)
+    rendered = render_messages(messages, use.tools, use.parallel, use.listed)
     return await asyncio.to_thread(ready_tokenizer(state).encode_chat, rendered, options)
 
 

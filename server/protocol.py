@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from engine.tokenizer import ChatOptions
-from server.tool_calls import calls_schema
+from server.tool_calls import calls_schema, parse_calls
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Seed = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
@@ -275,18 +275,23 @@ class NamedToolChoice(Strict):
 class ToolUse:
     """The tools a request shows the model and how it may call them (server/tool_calls.py): `mode`
     "none" (no tools shown), "auto" (it may answer with a call) or "forced" (its answer is a call of
-    one of `tools`); `parallel`: whether it may call several at once.
+    one of `tools`); `parallel`: whether it may call several at once; `listed`: "auto" beside a
+    response format, where calls come as a JSON list and the format's object as the answer.
 
     `functions`: the tools' functions as dicts (name, description, parameters); `choice`: "none",
-    "auto", "required" or None; `named`: the function a request forces by name; `where`: the
-    request's path to tool i's function (chat nests it, the Responses API does not)."""
+    "auto", "required" or None; `named`: the function a request forces by name; `parallel`:
+    `parallel_tool_calls`; `where`: the request's path to tool i's function (chat nests it, the
+    Responses API does not); `answer`: the response format's schema, if any, from the request's
+    field `format_param`; `empty_ok`: settings that need tools are taken without them (the
+    Responses API: the Agents SDK sends `parallel_tool_calls` with no tools)."""
 
     def __init__(self, functions: list[dict], choice: str | None, named: str | None, parallel: bool | None,
-                 where: str = "tools.{}.function"):
-        self.tools, self.mode, self.parallel = [], "none", parallel is not False
+                 where: str = "tools.{}.function", answer: dict | None = None, format_param: str = "response_format",
+                 empty_ok: bool = False):
+        self.tools, self.mode, self.parallel, self.listed = [], "none", parallel is not False, False
         if not functions:
             for name, value in (("tool_choice", named or choice), ("parallel_tool_calls", parallel)):
-                if value not in (None, "none"):
+                if value not in (None, "none") and not (empty_ok and value in ("auto", True, False)):
                     raise InvalidParamError(f"{name} needs tools", name)
             return
         names = [f["name"] for f in functions]
@@ -304,21 +309,29 @@ class ToolUse:
                 raise InvalidParamError(f"tool_choice names {named!r}, which is not among the tools", "tool_choice")
             # a named function is called once
             self.tools, self.mode, self.parallel = [f for f in functions if f["name"] == named], "forced", False
+        if self.mode == "auto" and answer is not None:
+            if answer.get("type") != "object":
+                raise InvalidParamError(f"{format_param} beside tools the model may call must be an object schema "
+                                        "(type object): calls come as a JSON list", format_param)
+            self.listed = True
 
     def constrain(self, params: SamplingParams, format_param: str) -> SamplingParams:
-        """A forced call holds the answer to the calls' JSON schema; a response format (the request's
-        `format_param`) cannot be combined with it."""
-        if self.mode != "forced":
+        """A forced call holds the answer to the calls' JSON schema (a response format applies to an
+        answer, and this one is a call: OpenAI too answers a forced call whatever the format); with
+        a format in auto mode, to "a list of calls, or the format"."""
+        if self.mode == "none" or self.mode == "auto" and not self.listed:
             return params
-        if params.response_schema is not None:
-            raise InvalidParamError(f"{format_param} cannot be combined with a tool_choice that forces a call",
-                                    format_param)
         try:
-            params.response_schema = calls_schema(self.tools, self.parallel)
+            params.response_schema = calls_schema(self.tools, self.parallel,
+                                                  params.response_schema if self.listed else None)
         except RecursionError:
             raise InvalidParamError("a function's parameters are nested too deeply", "tools") from None
-        params.schema_param = "tools"
+        params.schema_param = format_param if self.listed else "tools"
         return params
+
+    def parse(self, text: str) -> list[dict] | None:
+        """An answer's tool calls in OpenAI's shape, None where it is not calls (server/tool_calls.py)."""
+        return parse_calls(text, self.tools, self.parallel, self.listed)
 
 
 class ChatTools(Strict):
@@ -331,8 +344,10 @@ class ChatTools(Strict):
     def tool_use(self) -> ToolUse:
         """Checked once, read by the prompt's rendering and by the sampling params."""
         named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        answer_format = getattr(self, "response_format", None)  # chat's (/tokenize has none)
         return ToolUse([t.function.model_dump(exclude_none=True) for t in self.tools or []],
-                       None if named else self.tool_choice, named, self.parallel_tool_calls)
+                       None if named else self.tool_choice, named, self.parallel_tool_calls,
+                       answer=answer_format.answer_schema() if answer_format else None)
 
 
 class ChatTemplating(Strict):

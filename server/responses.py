@@ -22,7 +22,6 @@ from server.completions import chat_logprobs
 from server.errors import APIError
 from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, submit
 from server.responses_protocol import ResponsesRequest, new_id
-from server.tool_calls import parse_calls
 
 router = APIRouter()
 
@@ -87,7 +86,7 @@ class ResponseCall:
         use = self.body.tool_use
         if use.mode == "none" or answer.finish_reason != "stop":
             return None
-        return parse_calls(answer.text, use.tools, use.parallel)
+        return use.parse(answer.text)
 
     def status(self, answer: Answer) -> str:
         return "completed" if answer.finish_reason == "stop" else "incomplete"

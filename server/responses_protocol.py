@@ -277,7 +277,9 @@ class ResponsesRequest(SamplingRequest):
     def tool_use(self) -> ToolUse:
         named = self.tool_choice.name if isinstance(self.tool_choice, FunctionChoice) else None
         functions = [t.model_dump(exclude_none=True, exclude={"type"}) for t in self.tools or []]
-        return ToolUse(functions, None if named else self.tool_choice, named, self.parallel_tool_calls, "tools.{}")
+        answer = self.text.format.answer_schema() if self.text and self.text.format else None
+        return ToolUse(functions, None if named else self.tool_choice, named, self.parallel_tool_calls, "tools.{}",
+                       answer, "text.format", empty_ok=True)
 
     @property
     def wants_logprobs(self) -> bool:
@@ -301,7 +303,7 @@ class ResponsesRequest(SamplingRequest):
             "text": {"format": self.text.format.model_dump(by_alias=True, exclude_none=True)
                      if self.text and self.text.format else {"type": "text"}},
             "tool_choice": self.tool_choice.model_dump() if isinstance(self.tool_choice, FunctionChoice)
-            else self.tool_choice or ("auto" if self.tools else "none"),
+            else self.tool_choice or "auto",  # OpenAI's default, tools or not
             "tools": [t.model_dump(exclude_none=True) for t in self.tools or []],
             "truncation": self.truncation, "user": self.user, "background": False,
             "reasoning": {"effort": None, "summary": None}, "safety_identifier": self.safety_identifier,

@@ -11,7 +11,13 @@ are shown to the model in that format, and tool results as user messages naming 
   named function, and for "required" one or a list of up to `MAX_PARALLEL_CALLS` (one only with
   `parallel_tool_calls: false`).
 - "auto" (the default with tools): the model answers freely; an answer that is a call in this
-  format (and nothing else) comes back as `tool_calls`, any other as content.
+  format (and nothing else) comes back as `tool_calls`, any other as content. With a response
+  format too (an object schema: what agent frameworks send for a typed final answer), the answer
+  is held to "a list of calls, or the format": calls come as a JSON list (`[`), the format's object
+  (`{`) as content.
+- A tool without `strict: true` has the keywords the grammar cannot hold (`minimum`, `pattern`,
+  `maxLength`, ...) read as annotations where its call is held to the schema, as OpenAI's
+  non-strict tools take any schema; with `strict: true` they are refused by name.
 - "none": no tools are shown and none is called.
 """
 from __future__ import annotations
@@ -19,17 +25,22 @@ from __future__ import annotations
 import json
 import uuid
 
+from engine.structured.schema import KEYWORDS as SCHEMA_KEYWORDS
+
 CALL = ("You can call these tools. To call one, answer with a JSON object and nothing else: "
         '{"name": <the tool\'s name>, "arguments": <an object of its parameters>}.')
 SEVERAL = " To call several, answer with a JSON list of such objects."
 OTHERWISE = " To answer without a tool, write your answer as usual."
+LISTED = ("You can call these tools. To call them, answer with a JSON list of calls and nothing else: "
+          '[{"name": <the tool\'s name>, "arguments": <an object of its parameters>}]. '
+          "To answer without a tool, answer in the JSON format asked.")
 
 
 MAX_PARALLEL_CALLS = 8  # a small model asked for a list may repeat calls until max_tokens
 
 
-def tools_message(tools: list[dict], parallel: bool) -> str:
-    lines = [CALL + (SEVERAL if parallel else "") + OTHERWISE, "", "Tools:"]
+def tools_message(tools: list[dict], parallel: bool, listed: bool = False) -> str:
+    lines = [LISTED if listed else CALL + (SEVERAL if parallel else "") + OTHERWISE, "", "Tools:"]
     for tool in tools:
         line = f"- {tool['name']}"
         if tool.get("description"):
@@ -39,10 +50,13 @@ def tools_message(tools: list[dict], parallel: bool) -> str:
     return "\n".join(lines)
 
 
-def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bool = True) -> list[dict]:
+def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bool = True,
+                    listed: bool = False) -> list[dict]:
     """Chat messages with tool calls and results, as plain roles and text any template takes.
     `messages`: role, content (text or None), and tool_calls / tool_call_id where given; `tools`:
-    the functions shown to the model (`parallel`: whether it may call several at once)."""
+    the functions shown to the model (`parallel`: whether it may call several at once; `listed`:
+    calls come as a list, beside a response format). The results of one turn's calls make one user
+    message (templates that insist on alternating roles refuse two user turns in a row)."""
     names = {}  # call id -> tool name, for the results
     out = []
     for m in messages:
@@ -54,14 +68,20 @@ def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bo
             out.append({"role": "assistant", "content": ((m["content"] or "") + "\n" + text).strip()})
         elif m["role"] == "tool":
             name = names.get(m.get("tool_call_id"), "a tool")
-            out.append({"role": "user", "content": f"Result of {name} (call {m.get('tool_call_id')}):\n{m['content']}"})
+            result = f"Result of {name} (call {m.get('tool_call_id')}):\n{m['content']}"
+            if out and out[-1].get("results"):
+                out[-1]["content"] += "\n\n" + result
+            else:
+                out.append({"role": "user", "content": result, "results": True})
         else:
             out.append({"role": m["role"], "content": m["content"] or ""})
+    out = [{"role": m["role"], "content": m["content"]} for m in out]
     if tools:
+        listing = tools_message(tools, parallel, listed)
         if out and out[0]["role"] in ("system", "developer"):
-            out[0] = {"role": out[0]["role"], "content": out[0]["content"] + "\n\n" + tools_message(tools, parallel)}
+            out[0] = {"role": out[0]["role"], "content": out[0]["content"] + "\n\n" + listing}
         else:
-            out.insert(0, {"role": "system", "content": tools_message(tools, parallel)})
+            out.insert(0, {"role": "system", "content": listing})
     return out
 
 
@@ -72,17 +92,46 @@ def _arguments(text: str):
         return text
 
 
-def calls_schema(tools: list[dict], parallel: bool) -> dict:
+def calls_schema(tools: list[dict], parallel: bool, answer: dict | None = None) -> dict:
     """The JSON schema of an answer that calls the given tools: one call, or with `parallel` a list
-    of one or more. Each tool's parameters move under the root's `$defs` (their own references
-    rewritten to follow them), so a pydantic schema's `#/$defs/...` still finds its definitions."""
-    defs = {f"tool{i}": _moved(t.get("parameters") or {"type": "object"}, f"#/$defs/tool{i}")
-            for i, t in enumerate(tools)}
+    of one or more; with an `answer` schema (an object's: a response format beside tools in auto
+    mode), a list of calls (one at most without `parallel`) or that answer. Each tool's parameters
+    (and the answer) move under the root's `$defs` (their own references rewritten to follow
+    them), so a pydantic schema's `#/$defs/...` still finds its definitions."""
+    defs = {f"tool{i}": _moved(_parameters(t), f"#/$defs/tool{i}") for i, t in enumerate(tools)}
     branches = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": {"$ref": f"#/$defs/tool{i}"}},
                  "required": ["name", "arguments"], "additionalProperties": False} for i, t in enumerate(tools)]
     call = branches[0] if len(branches) == 1 else {"anyOf": branches}
-    many = {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}
+    many = {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel else 1}
+    if answer is not None:
+        return {"anyOf": [many, {"$ref": "#/$defs/answer"}], "$defs": {**defs, "answer": _moved(answer, "#/$defs/answer")}}
     return {**({"anyOf": [call, many]} if parallel else call), "$defs": defs}
+
+
+def _parameters(tool: dict) -> dict:
+    """A tool's parameters schema; without `strict: true`, what the grammar cannot hold left out."""
+    schema = tool.get("parameters") or {"type": "object"}
+    return schema if tool.get("strict") is True else _loosened(schema)
+
+
+def _loosened(schema):
+    """`schema` with the keywords engine/structured refuses (value constraints: `minimum`, `pattern`,
+    ...) dropped, at every level: a wider schema, whose every document still has the shape asked."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
+    if "prefixItems" in schema:  # a tuple: any items (its own `items` may close it after the prefix)
+        out["items"] = True
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _loosened(sub) for name, sub in out[key].items()}
+    for key in ("items", "additionalProperties"):
+        if key in out:
+            out[key] = _loosened(out[key])
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(out.get(key), list):
+            out[key] = [_loosened(sub) for sub in out[key]]
+    return out
 
 
 def _moved(schema, root: str):
@@ -99,12 +148,15 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_calls(text: str, tools: list[dict], parallel: bool = True) -> list[dict] | None:
+def parse_calls(text: str, tools: list[dict], parallel: bool = True, listed: bool = False) -> list[dict] | None:
     """The answer's tool calls in OpenAI's shape, or None when it is not a call in the format above
-    (a list only with `parallel`, and of at most MAX_PARALLEL_CALLS)."""
+    (a list only with `parallel` or `listed`, of at most MAX_PARALLEL_CALLS, one without `parallel`;
+    with `listed` only a list: an object is the response format's answer)."""
     try:
         value = json.loads(text, parse_constant=_no_constant)  # NaN and Infinity are no JSON
     except (ValueError, RecursionError):
+        return None
+    if listed and not isinstance(value, list) or isinstance(value, list) and not (parallel or listed):
         return None
     calls = value if isinstance(value, list) else [value]
     names = {t["name"] for t in tools}

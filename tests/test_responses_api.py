@@ -139,6 +139,14 @@ def test_text_format_holds_the_answer_to_a_schema_streamed_or_not(client):
         assert isinstance(json.loads(obj.output_text), dict)
 
 
+def test_tool_settings_without_tools_are_taken_and_tool_choice_reads_auto(client):
+    """The Agents SDK sends `parallel_tool_calls` (and `tool_choice` "auto") with an empty tool list."""
+    r = client.responses.create(model=MODEL, input="Hi", tools=[], tool_choice="auto", parallel_tool_calls=False,
+                                max_output_tokens=4, temperature=0)
+    assert r.status in ("completed", "incomplete") and r.tool_choice == "auto" and r.parallel_tool_calls is False
+    assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=4).tool_choice == "auto"
+
+
 def test_forced_tool_calls_are_function_call_items_and_their_results_render_as_chat_does(client, server):
     r = client.responses.create(model=MODEL, input="What's the weather in Paris?", tools=TOOLS,
                                 tool_choice="required", max_output_tokens=80, temperature=0)
@@ -215,8 +223,8 @@ def test_ffn_skip_budget_applies_and_is_reported(client):
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
     ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format"),
-    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}},
-      "tools": TOOLS, "tool_choice": "required"}, "text.format"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "array"}}},
+      "tools": TOOLS}, "text.format"),  # beside tools in auto mode: calls are the list
     ({"input": "x", "n": 2}, "n"),
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "top_logprobs": 21}, "top_logprobs"),

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from conftest import cpu_path_only, cuda_available
 from engine.sampling_params import InvalidParamError, SamplingParams
-from engine.structured import Constraint, json_machine
+from engine.structured import json_machine
+from engine.structured.constraint import Constraint
 from engine.structured.schema import compile_schema
 
 MODEL = "smollm2-135m-instruct"

@@ -9,6 +9,7 @@ import json
 
 import httpx
 import pytest
+from pydantic import Field
 
 from tests.conftest import cuda_available
 from tests.helpers import Closed, WeatherArgs
@@ -177,9 +178,10 @@ def test_earlier_calls_and_their_results_reach_the_prompt(server, client):
     ({"tool_choice": "required"}, "tool_choice"),  # no tools
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": TOOLS + TOOLS[:1]}, "tools"),  # a name twice
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
         "type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}}}], "tool_choice": "required"}, "tools"),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": TOOLS, "response_format": {"type": "json_schema", "json_schema": {"name": "l", "schema": {
+        "type": "array"}}}}, "response_format"),  # beside tools in auto mode: calls are the list
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),  # no tool_call_id
     ({"messages": [{"role": "assistant", "content": None}]}, "messages.0"),
@@ -193,3 +195,69 @@ def test_bad_tool_requests_are_400_naming_their_field(server, body, param):
                    json={"model": MODEL, "messages": ASK, "max_tokens": 2, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+class Bounded(Closed):
+    """Keywords the grammar cannot hold (bounds, a pattern, a length): a non-strict tool reads them
+    as annotations, as OpenAI's non-strict tools take any schema."""
+    query: str = Field(max_length=40, pattern=r"^[a-z ]+$")
+    limit: int = Field(ge=1, le=50)
+
+
+def test_a_forced_call_of_a_non_strict_tool_with_bounds_and_patterns_is_made(client):
+    tool = {"type": "function", "function": {"name": "search", "parameters": Bounded.model_json_schema()}}
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[tool], tool_choice="required",
+                                       temperature=0, max_tokens=80)
+    call = r.choices[0].message.tool_calls[0]
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "search" and set(arguments) == {"query", "limit"}  # the shape holds
+    assert isinstance(arguments["query"], str) and isinstance(arguments["limit"], int)
+
+
+def test_a_forced_call_is_made_whatever_the_response_format(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                       response_format={"type": "json_object"}, temperature=0, max_tokens=150)
+    assert r.choices[0].finish_reason == "tool_calls"
+    _check_calls(r.choices[0].message.tool_calls)
+
+
+def test_tools_in_auto_mode_beside_a_response_format_answer_in_calls_or_in_the_format():
+    """The grammar takes a list of calls or the format's object, and nothing else; a single call
+    object is the format's answer only where the format takes it."""
+    from engine.structured import json_machine
+    from engine.structured.schema import compile_schema
+    from server.protocol import ToolUse
+    from engine.sampling_params import SamplingParams
+
+    answer = {"type": "object", "properties": {"city": {"type": "string"}, "temp": {"type": "number"}},
+              "required": ["city", "temp"], "additionalProperties": False}
+    use = ToolUse([t["function"] for t in TOOLS], None, None, None, answer=answer)
+    assert use.mode == "auto" and use.listed
+    grammar = compile_schema(use.constrain(SamplingParams(response_schema=answer), "response_format").response_schema)
+
+    def accepts(text: str) -> bool:
+        state = json_machine.start(grammar)
+        for byte in text.encode():
+            state = json_machine.advance(grammar, state, byte)
+            if state is None:
+                return False
+        return json_machine.can_end(state)
+
+    call = '{"name": "get_time", "arguments": {"timezone": "UTC"}}'
+    assert accepts("[" + call + "]") and accepts('{"city": "Paris", "temp": 18.5}')
+    assert not accepts(call) and not accepts('"text"')
+    assert use.parse("[" + call + "]")[0]["function"]["name"] == "get_time"
+    assert use.parse('{"city": "Paris", "temp": 18.5}') is None and use.parse(call) is None
+
+
+def test_the_results_of_one_turns_calls_make_one_user_message():
+    """Templates that insist on alternating roles refuse two user turns in a row."""
+    from server.tool_calls import render_messages
+
+    calls = [{"id": f"call_{i}", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+             for i in range(2)]
+    rendered = render_messages([ASK[0], {"role": "assistant", "content": None, "tool_calls": calls},
+                                {"role": "tool", "tool_call_id": "call_0", "content": "12:00"},
+                                {"role": "tool", "tool_call_id": "call_1", "content": "13:00"}], None)
+    assert [m["role"] for m in rendered] == ["user", "assistant", "user"]
+    assert "call_0" in rendered[2]["content"] and "13:00" in rendered[2]["content"]
