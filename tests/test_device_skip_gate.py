@@ -86,3 +86,34 @@ def test_row_cosine_matches_torch():
     a, b = torch.randn(3, 2500, device=DEVICE), torch.randn(3, 2500, device=DEVICE)
     b[1] = a[1] * 2  # parallel: exactly 1
     torch.testing.assert_close(row_cosine(a, b), torch.nn.functional.cosine_similarity(a, b, dim=-1))
+
+
+@pytest.mark.parametrize("quorum", [None, 0.5])
+def test_padded_rows_run_no_hot_ffn_so_a_layer_every_real_row_skips_reads_nothing(quorum):
+    """A graph bucket of 4 holding 3 real rows: the padded row (max_skips -1, graphs.PAD_MAX_SKIPS)
+    neither fires nor runs a hot layer's FFN, so once the real rows skip a layer no row runs it
+    (the masked FFN then reads none of its weights). It once ran every layer: only batches of a
+    bucket's own size saved anything."""
+    from engine.backends.cuda.graphs import PAD_MAX_SKIPS
+
+    rows, layers = 4, 6
+    max_skips = torch.tensor([3, 3, 3, PAD_MAX_SKIPS], dtype=torch.int32, device=DEVICE)
+    thresholds = torch.tensor([-1.0, -1.0, -1.0, float("inf")], device=DEVICE)  # real rows fire at once
+    gate = DeviceSkipGate(max_skips, thresholds, layers, 1, 1, quorum)
+    gate.reset()
+    runs = {}
+
+    def ffn_of(layer):
+        def ffn(h, run):
+            runs[layer] = None if run is None else run.cpu().tolist()
+            return h + 1
+        return ffn
+
+    h = torch.randn(rows, 16, device=DEVICE)
+    for layer in range(layers):
+        h = gate(layer, h, ffn_of(layer))
+    assert runs[0] is None and runs[layers - 1] is None  # cold layers run for every row
+    assert runs[1] == runs[2] == runs[3] == [0, 0, 0, 0]  # fired at the first hot layer: 3 skips
+    assert runs[4] == [1, 1, 1, 0]  # skips spent: the real rows run, the padded one does not
+    per_row, per_layer = gate.skip_counts(rows)
+    assert per_row == [3, 3, 3, 0] and per_layer == [0, 3, 3, 3, 0, 0]

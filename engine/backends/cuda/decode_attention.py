@@ -104,8 +104,11 @@ def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_on, stride_oh, he
 
 def default_num_splits(max_context_len: int) -> int:
     """Splits per row for contexts up to `max_context_len` (a graph passes its block tables' span,
-    so the grid is fixed): one per MIN_TOKENS_PER_SPLIT tokens, at most MAX_SPLITS."""
-    return max(1, min(MAX_SPLITS, triton.cdiv(max_context_len, MIN_TOKENS_PER_SPLIT)))
+    so the grid is fixed): one per MIN_TOKENS_PER_SPLIT tokens, rounded up to a power of two, at
+    most MAX_SPLITS. The split count is a compile-time constant of the kernels, and an eager step's
+    table width changes as contexts grow: a count per width compiled up to 16 kernel pairs, each a
+    pause of the engine thread; powers of two compile 5 (a split past a row's context ends at once)."""
+    return min(MAX_SPLITS, triton.next_power_of_2(max(1, triton.cdiv(max_context_len, MIN_TOKENS_PER_SPLIT))))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

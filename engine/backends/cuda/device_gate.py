@@ -3,7 +3,7 @@ in buffers allocated once (a CUDA graph replays fixed addresses).
 
 The decode step (decode_step.py) owns the inputs `max_skips` (int32) and `thresholds` (fp32), one
 entry per row of the largest batch, in its static buffers (graphs.py), and fills them before each
-step from the step's rule gate (rows past the batch: max_skips 0, never skip).
+step from the step's rule gate (rows past the batch: max_skips -1, never skip and never run a hot FFN).
 Per step: `reset()` (captured inside a graph), then the model calls `gate(layer, h, ffn)` in every
 layer with a masked FFN, `ffn(h, run) -> out` (out = h + FFN(h) for rows whose run flag is set,
 h for the others: engine/backends/cuda/masked_ffn.py), and after the step `skip_counts(n)` reads

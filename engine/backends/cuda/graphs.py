@@ -7,8 +7,8 @@ n rows fills the first n rows, pads up to its bucket, and replays that bucket's 
 go to the device in one copy a step.
 
 Padded rows are harmless: token 0 at position 0, context length 0 (attention writes zeros), write
-slot -1 (no K/V written into a block that a real row owns), max_skips 0 (never skip, never
-counted). Buckets (as nano-vllm): 1, 2, 4, 8, then steps of 16 up to the largest batch. Prefill
+slot -1 (no K/V written into a block that a real row owns), max_skips -1 (never skip, never
+counted, and never run a hot layer's FFN, so it keeps no weight read that the real rows skip). Buckets (as nano-vllm): 1, 2, 4, 8, then steps of 16 up to the largest batch. Prefill
 and any step without a captured bucket run eagerly on the same buffers; a capture that fails
 logs a warning and leaves every step eager (as does never calling `capture`, e.g. with
 --enforce-eager).
@@ -32,6 +32,10 @@ import torch
 log = logging.getLogger("skipserve.cuda_graphs")
 
 PAD_SLOT = -1  # write_kv writes nothing for a slot < 0
+# a padded row's max_skips: it never fires, and never runs a hot layer's FFN (engine/backends/cuda/
+# skip_decision.py), so a layer that every real row skips reads none of its weights at any batch
+# size, not only at the buckets' own sizes (a padded row that ran kept every weight read)
+PAD_MAX_SKIPS = -1
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -112,7 +116,8 @@ class StaticDecodeBuffers:
 
     def fill(self, inputs: DecodeInputs, rows: int) -> DecodeBatch:
         """Writes a step into the first `rows` rows, the real ones first, then padding: token 0 at
-        position 0, context 0, slot -1, never skipping. -> the views of those rows."""
+        position 0, context 0, slot -1, max_skips -1 (never fires, never runs a hot FFN). -> the
+        views of those rows."""
         n = len(inputs.token_ids)
         assert n <= rows <= self.max_batch, f"{n} rows do not fit a bucket of {rows}"
         if self.copied is not None:
@@ -123,7 +128,7 @@ class StaticDecodeBuffers:
         st["context_lens"][:n] = inputs.positions
         st["context_lens"][:n] += 1
         st["context_lens"][n:rows] = 0
-        st["max_skips"][:n], st["max_skips"][n:rows] = inputs.max_skips, 0
+        st["max_skips"][:n], st["max_skips"][n:rows] = inputs.max_skips, PAD_MAX_SKIPS
         st["thresholds"][:n], st["thresholds"][n:rows] = inputs.thresholds, float("inf")
         tables = st["block_tables"]
         tables[:rows] = 0

@@ -38,14 +38,15 @@ def _cosine(a_ptr, b_ptr, row, stride_a, stride_b, hidden, eps_sq, BLOCK: tl.con
 
 @triton.jit
 def _apply(r, rmask, fire, max_skips, fired, remaining, fired_ptr, remaining_ptr, skipped_ptr, run_ptr):
-    """Rows that fire skip their next max_skips FFNs, this layer's included."""
+    """Rows that fire skip their next max_skips FFNs, this layer's included. A padded row
+    (max_skips < 0, graphs.PAD_MAX_SKIPS) runs no FFN and counts no skip."""
     remaining = tl.where(fire, max_skips, remaining)
     skip = remaining > 0
     remaining -= skip.to(tl.int32)
     tl.store(fired_ptr + r, tl.where(fire, 1, fired), mask=rmask)
     tl.store(remaining_ptr + r, remaining, mask=rmask)
     tl.store(skipped_ptr + r, skip.to(tl.int32), mask=rmask)
-    tl.store(run_ptr + r, (skip == 0).to(tl.int32), mask=rmask)
+    tl.store(run_ptr + r, ((skip == 0) & (max_skips >= 0)).to(tl.int32), mask=rmask)
 
 
 @triton.jit
