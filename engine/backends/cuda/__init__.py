@@ -36,10 +36,7 @@ class CUDABackend(TorchBackend):
         step = LlamaDecodeStep(model, kv, config.max_num_seqs, blocks_for(config.max_model_len, kv.block_size),
                                config.skip, policy.quorum)
         with torch.inference_mode():
-            try:
-                step.tune()  # the masked FFN kernels' tiles for this card, logged beside cuBLAS
-            except Exception as exc:  # tuning is an optimization: the default tiles serve without it
-                log.warning("tile tuning failed (%r): the masked FFN kernels keep their default tiles", exc)
+            step.tune()  # the masked FFN kernels' tiles for this card, logged beside cuBLAS
         if config.enforce_eager:
             log.info("decode steps run the Triton kernels eagerly (--enforce-eager: no CUDA graphs)")
         else:
