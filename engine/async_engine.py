@@ -166,12 +166,17 @@ class AsyncEngine:
         """Sequences (a request's choices, an embeddings request's inputs) running and waiting, at most."""
         return self.config.max_num_seqs + self.max_waiting
 
-    def _check_room(self, request_id: str, places: int) -> None:
-        self._check_ready()
+    def check_room(self, places: int) -> None:
+        """QueueFullError where `places` more sequences would not fit now (a request checks before
+        work it would do for nothing, such as compiling its schema; `add_request` checks again)."""
         held = sum(self._places.values())
         if held + places > self.capacity:
             raise QueueFullError(f"the server is at capacity ({held} of {self.capacity} sequences running or "
                                  "waiting); retry later")
+
+    def _check_room(self, request_id: str, places: int) -> None:
+        self._check_ready()
+        self.check_room(places)
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id}")
 

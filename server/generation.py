@@ -134,8 +134,10 @@ async def submit(state, request_id: str, prompts: list[list[int]], sampling, ski
     """One engine request per prompt, read as one stream, and the request's timer (for its metrics)."""
     timer = RequestTimer(state.metrics)  # from before the schema's grammar is compiled
     try:
+        if sampling.response_schema is not None:  # a full server refuses before compiling for nothing
+            state.engine.check_room(len(prompts))
         await state.engine.compile_grammar(sampling)
-    except EngineNotReadyError as exc:
+    except (EngineNotReadyError, QueueFullError) as exc:
         raise refusal(exc)
     stream = take_whole(request_id, len(prompts), lambda rid, i: state.engine.add_request(
         rid, prompts[i], sampling, skip, item_param(param, i, len(prompts))), sampling.n)

@@ -9,9 +9,13 @@ references. Memory is bounded: the least recently used entries go first, past `m
 once the entries' sizes pass `max_size` characters. An entry's size counts its JSON and its whole
 conversation (shared or not), so the bound holds whatever was dropped before it. A later turn keeps
 its whole history, so dropping an earlier one breaks nothing but that id.
+
+Each stored response's output and input items can be named by id (`item_reference` input items,
+which clients that store their responses send instead of the items themselves): `item(id)`.
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -25,6 +29,10 @@ class StoredResponse:
     input_items: str  # its input items, each with an id (a JSON list)
     messages: list[dict]  # the conversation through this response's answer (chat messages)
     size: int
+
+    def items(self) -> list[dict]:
+        """Its output items, then its input items."""
+        return json.loads(self.body)["output"] + json.loads(self.input_items)
 
 
 def _text_size(messages: list[dict]) -> int:
@@ -41,6 +49,7 @@ class ResponseStore:
         self.max_entries, self.max_size = max_entries, max_size
         self.entries: OrderedDict[str, StoredResponse] = OrderedDict()
         self.size = 0
+        self.item_owners: dict[str, str] = {}  # item id -> the stored response that holds it
 
     def get(self, response_id: str) -> StoredResponse | None:
         entry = self.entries.get(response_id)
@@ -56,13 +65,23 @@ class ResponseStore:
         self.delete(response_id)
         self.entries[response_id] = entry
         self.size += entry.size
+        for item in entry.items():
+            if item.get("id"):
+                self.item_owners[item["id"]] = response_id
         while len(self.entries) > self.max_entries or self.size > self.max_size and len(self.entries) > 1:
-            _, dropped = self.entries.popitem(last=False)
-            self.size -= dropped.size
+            self.delete(next(iter(self.entries)))
+
+    def item(self, item_id: str) -> dict | None:
+        """A stored response's output or input item, by its id (None where none is stored)."""
+        entry = self.entries.get(self.item_owners.get(item_id, ""))
+        return None if entry is None else next((i for i in entry.items() if i.get("id") == item_id), None)
 
     def delete(self, response_id: str) -> bool:
         entry = self.entries.pop(response_id, None)
         if entry is None:
             return False
         self.size -= entry.size
+        for item in entry.items():
+            if self.item_owners.get(item.get("id")) == response_id:
+                del self.item_owners[item["id"]]
         return True

@@ -68,6 +68,7 @@ class ResponseCall:
                                "previous_response_id", "previous_response_not_found")
             self.earlier = entry.messages
         sampling = body.to_sampling()
+        body.resolve_references(state.responses.item)
         instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
         self.given = body.messages()
         messages = self.earlier + self.given

@@ -94,7 +94,14 @@ class FunctionCallOutputItem(Strict):
         return joined(self.output)
 
 
-ITEM_KINDS = ("message", "function_call", "function_call_output")
+class ItemReference(Strict):
+    """An earlier item named by id, as clients that store their responses send it (the Vercel AI SDK,
+    Codex): replaced by the stored item (`ResponsesRequest.resolve_references`) before anything reads it."""
+    type: Literal["item_reference"]
+    id: str
+
+
+ITEM_KINDS = ("message", "function_call", "function_call_output", "item_reference")
 
 
 def _item_kind(value) -> str:
@@ -103,7 +110,8 @@ def _item_kind(value) -> str:
 
 InputItem = Annotated[Union[Annotated[InputMessage, Tag("message")],
                             Annotated[FunctionCallItem, Tag("function_call")],
-                            Annotated[FunctionCallOutputItem, Tag("function_call_output")]],
+                            Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+                            Annotated[ItemReference, Tag("item_reference")]],
                       Discriminator(_item_kind)]
 _ITEM = TypeAdapter(InputItem)
 
@@ -248,6 +256,19 @@ class ResponsesRequest(SamplingRequest):
                     raise InvalidParamError(f"tools of type '{kind}' are not supported: only function tools",
                                             f"tools.{i}")
         return value
+
+    def resolve_references(self, lookup) -> None:
+        """Each `item_reference` replaced by the item `lookup(id)` finds (a stored response's), or a
+        400 naming it where none is stored."""
+        if isinstance(self.input, str):
+            return
+        for i, item in enumerate(self.input):
+            if isinstance(item, ItemReference):
+                found = lookup(item.id)
+                if found is None:
+                    raise InvalidParamError(f"no stored item has the id '{item.id}' (it was not stored, or was "
+                                            "deleted or dropped for room)", f"input.{i}")
+                self.input[i] = _ITEM.validate_python(found)
 
     def messages(self) -> list[dict]:
         """This request's own messages: its input, without the instructions (they are not carried

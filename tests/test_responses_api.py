@@ -188,6 +188,15 @@ def test_forced_tool_calls_are_function_call_items_and_their_results_render_as_c
                                               "output": "22 C, sunny"}], temperature=0)
     if len(r.output) == 1:
         assert chained.usage.input_tokens == after.usage.input_tokens
+    # the same with the stored call items named by id, as clients that store responses send them
+    referenced = client.responses.create(model=MODEL, tools=TOOLS, max_output_tokens=20, temperature=0, input=[
+        {"role": "user", "content": "What's the weather in Paris?"},
+        *[{"type": "item_reference", "id": c.id} for c in r.output],
+        {"type": "function_call_output", "call_id": call.call_id, "output": "22 C, sunny"}])
+    assert referenced.usage.input_tokens == after.usage.input_tokens
+    listed = client.responses.input_items.list(referenced.id, order="asc").data
+    assert [i.type for i in listed][1:1 + len(r.output)] == ["function_call"] * len(r.output)
+    assert listed[1].id == r.output[0].id and listed[1].arguments == r.output[0].arguments
 
 
 def test_logprobs_are_given_per_token_when_included(client):
@@ -217,6 +226,7 @@ def test_ffn_skip_budget_applies_and_is_reported(client):
     ({"input": [{"type": "reasoning", "summary": []}]}, "input.0"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input.0.call_id"),
     ({"input": []}, "input"),
+    ({"input": [{"type": "item_reference", "id": "fc_nothing"}]}, "input.0"),  # nothing stored under it
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0"),
     ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
      "tools.0.parameters"),
