@@ -117,3 +117,17 @@ def test_padded_rows_run_no_hot_ffn_so_a_layer_every_real_row_skips_reads_nothin
     assert runs[4] == [1, 1, 1, 0]  # skips spent: the real rows run, the padded one does not
     per_row, per_layer = gate.skip_counts(rows)
     assert per_row == [3, 3, 3, 0] and per_layer == [0, 3, 3, 3, 0, 0]
+
+
+def test_with_no_cold_layer_no_gate_fires_at_the_first_layer_whatever_the_threshold():
+    """No layer before the first hot one: no cosine to read (base.NO_COSINE), so even a negative
+    threshold fires nothing there: the C++ rule, the Python gates and the device gate alike (the
+    last two once read a cosine of 0 there, and a threshold below 0 fired)."""
+    rows = [RowSkip(2, -0.5), RowSkip(2, -0.5)]
+    table = [[0.9, 0.9] for _ in range(LAYERS)]
+    reference = FFNSkipLLMGate(rows, LAYERS, 0, 2, DEVICE)
+    run(reference, 2, table, masked_ffn=False)
+    gate = device_gate(rows, 0, 2, None)
+    run(gate, 2, table, masked_ffn=True)
+    for counts in (reference.skip_counts(2), gate.skip_counts(2)):
+        assert counts[1][0] == 0 and counts[1][1] == 2  # fired at layer 1, on layer 0's cosine

@@ -14,6 +14,10 @@ import torch
 
 from engine.config import SkipConfig
 
+# the cosine a gate reads at a hot layer with no layer before it (cold_start 0): below any threshold
+# (thresholds are in [-1, 1]), so no row fires there, in every gate (Python, C++ and Triton alike)
+NO_COSINE = -2.0
+
 
 @dataclass(frozen=True)
 class TokenSkipPlan:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.skip.base import DenseGate, RowSkip, RuleGate, SkipPolicy, ffn_except
+from engine.skip.base import NO_COSINE, DenseGate, RowSkip, RuleGate, SkipPolicy, ffn_except
 
 DEFAULT_QUORUM = 0.5
 
@@ -53,7 +53,7 @@ class BatchAlignedGate(RuleGate):
                 self._record_cos(h, out)
             return out
         if not self.fired:
-            cos = self.prev_cos or [0.0] * len(self.budgeted)  # no earlier layer: cos 0, as per row
+            cos = self.prev_cos or [NO_COSINE] * len(self.budgeted)  # no earlier layer: nothing fires, as per row
             votes = sum(c > self.threshold[r] for r, c in zip(self.budgeted, cos))
             if quorum_reached(votes, len(self.budgeted), self.quorum_per_mille):
                 self.fired = True

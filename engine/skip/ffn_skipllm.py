@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.skip.base import DenseGate, RowSkip, RuleGate, SkipPolicy, ffn_except
+from engine.skip.base import NO_COSINE, DenseGate, RowSkip, RuleGate, SkipPolicy, ffn_except
 
 
 class FFNSkipLLMGate(RuleGate):
@@ -45,8 +45,8 @@ class FFNSkipLLMGate(RuleGate):
             if layer == self.first_hot - 1:
                 self.prev_cos = F.cosine_similarity(h.float(), out.float(), dim=-1)
             return out
-        if self.prev_cos is None:  # no cold start layers: nothing to compare with yet
-            self.prev_cos = torch.zeros_like(self.threshold)
+        if self.prev_cos is None:  # no cold start layers: nothing to compare with yet, so nothing fires
+            self.prev_cos = torch.full_like(self.threshold, NO_COSINE)
         fire = ~self.fired & (self.max_skips > 0) & (self.prev_cos > self.threshold)
         self.remaining = torch.where(fire, self.max_skips, self.remaining)
         self.fired |= fire
@@ -82,7 +82,7 @@ class HostFFNSkipLLMGate(RuleGate):
             if layer == self.first_hot - 1:
                 self._record_cos(h, out)
             return out
-        for row in [r for r in self.armed if self.prev_cos.get(r, -2.0) > self.threshold[r]]:
+        for row in [r for r in self.armed if self.prev_cos.get(r, NO_COSINE) > self.threshold[r]]:
             self.remaining[row] = self.max_skips[row]
             self.armed.remove(row)
         skip = [r for r, left in enumerate(self.remaining) if left > 0]
@@ -100,11 +100,14 @@ class HostFFNSkipLLMGate(RuleGate):
     def _record_cos(self, h, out):
         if not self.armed:
             return  # every row has fired (or may not skip): no cosine is needed any more
+        # in fp32 as the other gates: in bf16 a cosine near 1 moves in steps of 2^-8, so a threshold
+        # of 0.985 would act as 0.988
         if len(self.armed) == h.shape[0]:
-            cos = F.cosine_similarity(h, out, dim=-1).tolist()
+            cos = F.cosine_similarity(h.float(), out.float(), dim=-1).tolist()
         else:
-            idx = torch.tensor(self.armed)
-            cos = F.cosine_similarity(h.index_select(0, idx), out.index_select(0, idx), dim=-1).tolist()
+            idx = torch.tensor(self.armed, device=h.device)
+            cos = F.cosine_similarity(h.index_select(0, idx).float(), out.index_select(0, idx).float(),
+                                      dim=-1).tolist()
         self.prev_cos = dict(zip(self.armed, cos))
 
     def own_counts(self, num_rows: int) -> tuple[list[int], list[int]]:

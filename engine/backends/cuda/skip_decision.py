@@ -61,7 +61,7 @@ def _decide_rows_kernel(a_ptr, b_ptr, max_skips_ptr, threshold_ptr, fired_ptr, r
     row = tl.program_id(0)
     r = row + tl.arange(0, 1)
     rmask = r >= 0
-    cos = 0.0  # no layer before the first hot one: cos 0, as the reference
+    cos = -2.0  # no layer before the first hot one (cold_start 0): no cosine, nothing fires (engine/skip/base.NO_COSINE)
     if HAS_COS:
         cos = _cosine(a_ptr, b_ptr, row, stride_a, stride_b, hidden, eps_sq, BLOCK)
     max_skips = tl.load(max_skips_ptr + r)
@@ -75,7 +75,7 @@ def _decide_aligned_kernel(cos_ptr, max_skips_ptr, threshold_ptr, fired_ptr, rem
                            rows, quorum_per_mille, HAS_COS: tl.constexpr, BLOCK_R: tl.constexpr):
     r = tl.arange(0, BLOCK_R)
     rmask = r < rows
-    cos = tl.zeros((BLOCK_R,), tl.float32)  # no layer before the first hot one: cos 0, as the reference
+    cos = tl.full((BLOCK_R,), -2.0, tl.float32)  # no layer before the first hot one: nothing fires (base.NO_COSINE)
     if HAS_COS:
         cos = tl.load(cos_ptr + r, mask=rmask, other=0.0)
     max_skips = tl.load(max_skips_ptr + r, mask=rmask, other=0)
