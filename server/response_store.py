@@ -32,7 +32,7 @@ class StoredResponse:
 
     def items(self) -> list[dict]:
         """Its output items, then its input items."""
-        return json.loads(self.body)["output"] + json.loads(self.input_items)
+        return json.loads(self.body).get("output", []) + json.loads(self.input_items)
 
 
 def _text_size(messages: list[dict]) -> int:
