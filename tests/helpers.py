@@ -154,3 +154,15 @@ def wait_idle(server, within_s: float) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"engine still busy {within_s}s after the client left")
+
+
+def grammar_accepts(grammar, text: str) -> bool:
+    """Whether a compiled schema (engine/structured) takes `text` as a whole document."""
+    from engine.structured import json_machine
+
+    state = json_machine.start(grammar)
+    for byte in text.encode():
+        state = json_machine.advance(grammar, state, byte)
+        if state is None:
+            return False
+    return json_machine.can_end(state)

@@ -29,13 +29,7 @@ class Closed(BaseModel):
 
 
 def accepts(schema, text: str) -> bool:
-    grammar = compile_schema(schema)
-    state = json_machine.start(grammar)
-    for byte in text.encode():
-        state = json_machine.advance(grammar, state, byte)
-        if state is None:
-            return False
-    return json_machine.can_end(state)
+    return grammar_accepts(compile_schema(schema), text)
 
 
 def test_the_machine_accepts_exactly_the_documents_json_loads_accepts():
@@ -410,7 +404,7 @@ def test_the_models_answers_to_a_tagged_union_follow_it(engine):
 def test_preempted_constrained_rows_resume_where_their_json_was(engine, chat_prompts):
     """Under block pressure the newest rows give their KV back and recompute it later; their place in
     the grammar goes with their tokens, so they end with the answers a roomy engine gives."""
-    from tests.helpers import engine_like
+    from tests.helpers import engine_like, grammar_accepts
 
     params = SamplingParams(temperature=0.0, max_tokens=100, response_schema=_strict_schema(Person))
     roomy = engine.generate(chat_prompts, params)

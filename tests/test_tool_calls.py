@@ -12,7 +12,7 @@ import pytest
 from pydantic import Field
 
 from tests.conftest import cuda_available
-from tests.helpers import Closed, WeatherArgs
+from tests.helpers import Closed, WeatherArgs, grammar_accepts
 
 MODEL = "smollm2-135m-instruct"
 
@@ -224,7 +224,6 @@ def test_a_forced_call_is_made_whatever_the_response_format(client):
 def test_tools_in_auto_mode_beside_a_response_format_answer_in_calls_or_in_the_format():
     """The grammar takes a list of calls or the format's object, and nothing else; a single call
     object is the format's answer only where the format takes it."""
-    from engine.structured import json_machine
     from engine.structured.schema import compile_schema
     from server.protocol import ToolUse
     from engine.sampling_params import SamplingParams
@@ -236,12 +235,7 @@ def test_tools_in_auto_mode_beside_a_response_format_answer_in_calls_or_in_the_f
     grammar = compile_schema(use.constrain(SamplingParams(response_schema=answer), "response_format").response_schema)
 
     def accepts(text: str) -> bool:
-        state = json_machine.start(grammar)
-        for byte in text.encode():
-            state = json_machine.advance(grammar, state, byte)
-            if state is None:
-                return False
-        return json_machine.can_end(state)
+        return grammar_accepts(grammar, text)
 
     call = '{"name": "get_time", "arguments": {"timezone": "UTC"}}'
     assert accepts("[" + call + "]") and accepts('{"city": "Paris", "temp": 18.5}')
