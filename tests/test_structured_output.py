@@ -19,6 +19,7 @@ from engine.sampling_params import InvalidParamError, SamplingParams
 from engine.structured import json_machine
 from engine.structured.constraint import Constraint
 from engine.structured.schema import compile_schema
+from tests.helpers import grammar_accepts
 
 MODEL = "smollm2-135m-instruct"
 
@@ -404,7 +405,7 @@ def test_the_models_answers_to_a_tagged_union_follow_it(engine):
 def test_preempted_constrained_rows_resume_where_their_json_was(engine, chat_prompts):
     """Under block pressure the newest rows give their KV back and recompute it later; their place in
     the grammar goes with their tokens, so they end with the answers a roomy engine gives."""
-    from tests.helpers import engine_like, grammar_accepts
+    from tests.helpers import engine_like
 
     params = SamplingParams(temperature=0.0, max_tokens=100, response_schema=_strict_schema(Person))
     roomy = engine.generate(chat_prompts, params)
