@@ -150,7 +150,9 @@ def build_config(args) -> EngineConfig:
         config = load_config(preset_path(args.model or DEFAULT_PRESET))
     else:
         config = EngineConfig(model=args.model, served_model_name=os.path.basename(args.model.rstrip("/")))
-    if args.model and (args.config or not preset_path(args.model)):  # flags override a config file's model too
+    if args.model and args.config and preset_path(args.model):  # a preset named beside a file: its model
+        config.model = load_config(preset_path(args.model)).model
+    elif args.model and not preset_path(args.model):  # flags override a config file's model too
         config.model = args.model
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "quantize", "cache_dir", "threads",
                                                  "chat_template", "max_num_seqs", "max_model_len", "block_size",

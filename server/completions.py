@@ -14,8 +14,8 @@ from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.errors import error_body
-from server.generation import (Usage, check_model, consume, encode_chat, overall_finish, ready_tokenizer, submit,
-                               tokenize_batch)
+from server.generation import (Usage, check_model, consume, encode_chat, overall_finish, ready_tokenizer, stopped,
+                               submit, tokenize_batch)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
@@ -200,9 +200,10 @@ class CompletionCall:
                 yield json.dumps(dict(self.header(), object=self.object + (".chunk" if self.chat else ""),
                                       choices=[], usage=usage.body()))
             yield "[DONE]"
-        except EngineShutdownError as exc:  # grace period over: a clean, in-band error event
-            self.timer.end("abort")
-            yield json.dumps(error_body(503, str(exc), code="shutting_down"))
+        except EngineShutdownError as exc:  # grace period over (or the engine died): a clean, in-band error event
+            code, reason = stopped(exc)
+            self.timer.end(reason)
+            yield json.dumps(error_body(503, str(exc), code=code))
             yield "[DONE]"  # after the error, as vLLM ends a failed stream: clients that wait for it stop
         except GenerationError as exc:  # this request's generation failed: in-band, then end
             self.timer.end("error")

@@ -11,7 +11,8 @@ from typing import Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from engine.async_engine import EngineNotReadyError, EngineShutdownError, GenerationError, QueueFullError
+from engine.async_engine import (EngineDeadError, EngineNotReadyError, EngineShutdownError, GenerationError,
+                                 QueueFullError)
 from engine.tokenizer import ChatOptions
 from server.errors import APIError, error_body
 from server.metrics import RequestTimer
@@ -135,7 +136,8 @@ async def submit(state, request_id: str, prompts: list[list[int]], sampling, ski
     timer = RequestTimer(state.metrics)  # from before the schema's grammar is compiled
     try:
         if sampling.response_schema is not None:  # a full server refuses before compiling for nothing
-            state.engine.check_room(len(prompts))
+            state.engine.check_room(len(prompts) * (sampling.n if 1 <= sampling.n <= state.engine.config.max_num_seqs
+                                                    else 1))
         await state.engine.compile_grammar(sampling)
     except (EngineNotReadyError, QueueFullError) as exc:
         raise refusal(exc)
@@ -242,8 +244,9 @@ async def consume(request: Request, stream, on_output: Callable[[object], None],
         try:
             task.result()
         except EngineShutdownError as exc:
-            timer.end("abort")
-            raise APIError(503, str(exc), code="shutting_down")
+            code, reason = stopped(exc)
+            timer.end(reason)
+            raise APIError(503, str(exc), code=code)
         except GenerationError as exc:
             timer.end("error")
             raise APIError(500, str(exc), code="generation_failed")
@@ -255,6 +258,12 @@ async def consume(request: Request, stream, on_output: Callable[[object], None],
             t.cancel()
         stream.close()
     return None
+
+
+def stopped(exc: EngineShutdownError) -> tuple[str, str]:
+    """An engine that stopped under a request -> (its error code, how the request is counted): the
+    server shutting down aborts it; an engine that died is an error."""
+    return ("engine_dead", "error") if isinstance(exc, EngineDeadError) else ("shutting_down", "abort")
 
 
 def overall_finish(reasons) -> str:

@@ -310,7 +310,7 @@ class ToolUse:
             # a named function is called once
             self.tools, self.mode, self.parallel = [f for f in functions if f["name"] == named], "forced", False
         if self.mode == "auto" and answer is not None:
-            if answer.get("type") != "object":
+            if answer.get("type", "object" if "properties" in answer or "$ref" in answer else None) != "object":
                 raise InvalidParamError(f"{format_param} beside tools the model may call must be an object schema "
                                         "(type object): calls come as a JSON list", format_param)
             self.listed = True

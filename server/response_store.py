@@ -49,7 +49,8 @@ class ResponseStore:
         self.max_entries, self.max_size = max_entries, max_size
         self.entries: OrderedDict[str, StoredResponse] = OrderedDict()
         self.size = 0
-        self.item_owners: dict[str, str] = {}  # item id -> the stored response that holds it
+        self.item_owners: dict[str, set[str]] = {}  # item id -> the stored responses that hold it (a
+        # referenced item is in the referencing response's input too)
 
     def get(self, response_id: str) -> StoredResponse | None:
         entry = self.entries.get(response_id)
@@ -67,14 +68,15 @@ class ResponseStore:
         self.size += entry.size
         for item in entry.items():
             if item.get("id"):
-                self.item_owners[item["id"]] = response_id
+                self.item_owners.setdefault(item["id"], set()).add(response_id)
         while len(self.entries) > self.max_entries or self.size > self.max_size and len(self.entries) > 1:
             self.delete(next(iter(self.entries)))
 
     def item(self, item_id: str) -> dict | None:
         """A stored response's output or input item, by its id (None where none is stored)."""
-        entry = self.entries.get(self.item_owners.get(item_id, ""))
-        return None if entry is None else next((i for i in entry.items() if i.get("id") == item_id), None)
+        for owner in self.item_owners.get(item_id, ()):
+            return next((i for i in self.entries[owner].items() if i.get("id") == item_id), None)
+        return None
 
     def delete(self, response_id: str) -> bool:
         entry = self.entries.pop(response_id, None)
@@ -82,6 +84,9 @@ class ResponseStore:
             return False
         self.size -= entry.size
         for item in entry.items():
-            if self.item_owners.get(item.get("id")) == response_id:
-                del self.item_owners[item["id"]]
+            owners = self.item_owners.get(item.get("id"))
+            if owners is not None:
+                owners.discard(response_id)
+                if not owners:
+                    del self.item_owners[item["id"]]
         return True

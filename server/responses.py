@@ -20,7 +20,7 @@ from sse_starlette.sse import EventSourceResponse
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
-from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, submit
+from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, stopped, submit
 from server.responses_protocol import ResponsesRequest, new_id
 
 router = APIRouter()
@@ -205,7 +205,7 @@ class ResponseCall:
             yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
                         response=final)
         except (EngineShutdownError, GenerationError) as exc:  # in-band, as OpenAI ends a failed stream
-            self.timer.end("abort" if isinstance(exc, EngineShutdownError) else "error")
+            self.timer.end(stopped(exc)[1] if isinstance(exc, EngineShutdownError) else "error")
             yield event("response.failed", response=self.response("failed", [], error={
                 "code": "server_error", "message": str(exc)}))
         except Exception as exc:

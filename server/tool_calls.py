@@ -64,7 +64,7 @@ def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bo
             calls = [{"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])}
                      for c in m["tool_calls"]]
             names.update({c["id"]: c["function"]["name"] for c in m["tool_calls"]})
-            text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+            text = json.dumps(calls[0] if len(calls) == 1 and not listed else calls, ensure_ascii=False)
             out.append({"role": "assistant", "content": ((m["content"] or "") + "\n" + text).strip()})
         elif m["role"] == "tool":
             name = names.get(m.get("tool_call_id"), "a tool")
@@ -120,6 +120,8 @@ def _loosened(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
+    if "patternProperties" in schema and out.get("additionalProperties") is False:
+        del out["additionalProperties"]  # the keys the patterns allowed stay allowed
     if "prefixItems" in schema:  # a tuple: any items (its own `items` may close it after the prefix)
         out["items"] = True
     for key in ("properties", "$defs", "definitions"):

@@ -275,6 +275,16 @@ def test_the_store_drops_least_recently_used_entries_past_its_bounds_and_shares_
     assert store.delete("r4") and not store.delete("r4") and store.size == 24 + 84
 
 
+def test_an_item_stays_found_while_any_stored_response_holds_it():
+    """A referenced item is in the referencing response's input too: deleting that one leaves the
+    first one's item found."""
+    store = ResponseStore()
+    store.put("a", '{"output": [{"id": "msg_a", "type": "message"}]}', "[]", [], [])
+    store.put("b", '{"output": []}', '[{"id": "msg_a", "type": "message"}]', [], [])
+    assert store.delete("b") and store.item("msg_a") == {"id": "msg_a", "type": "message"}
+    assert store.delete("a") and store.item("msg_a") is None
+
+
 def test_input_items_are_listed_with_ids_newest_first_and_paged(client):
     given = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": [{"type": "output_text", "text": "Hello."}]},

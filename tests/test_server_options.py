@@ -144,6 +144,8 @@ def test_the_model_flag_overrides_a_config_files_model_even_with_a_preset_name(t
     args = serve_parser().parse_args(["--config", str(tmp_path / "mine.yaml"), "--model", "gemma3-270m"])
     config = build_config(args)
     assert config.model == "gemma3-270m" and config.max_num_seqs == 4
+    args = serve_parser().parse_args(["--config", str(tmp_path / "mine.yaml"), "--model", "llama-2-7b-chat-cuda"])
+    assert build_config(args).model == "/models/user/llama-2-7b-chat"  # the preset's model, not its name
 
 
 @pytest.mark.parametrize("text, message", [

@@ -255,3 +255,20 @@ def test_the_results_of_one_turns_calls_make_one_user_message():
                                 {"role": "tool", "tool_call_id": "call_1", "content": "13:00"}], None)
     assert [m["role"] for m in rendered] == ["user", "assistant", "user"]
     assert "call_0" in rendered[2]["content"] and "13:00" in rendered[2]["content"]
+
+
+def test_with_a_format_beside_tools_past_calls_show_as_a_list_and_a_typeless_object_format_is_taken():
+    """Calls are a list in that mode (an object is the format's answer), in the history too; a
+    format written as `properties` (or a root `$ref`) with no `type` is an object schema all the same."""
+    from server.protocol import ToolUse
+    from server.tool_calls import _loosened, render_messages
+
+    call = [{"id": "call_0", "type": "function", "function": {"name": "get_time", "arguments": '{"timezone": "UTC"}'}}]
+    history = [ASK[0], {"role": "assistant", "content": None, "tool_calls": call}]
+    assert render_messages(history, None, listed=True)[1]["content"].startswith("[{")
+    assert render_messages(history, None)[1]["content"].startswith("{")
+    answer = {"properties": {"city": {"type": "string"}}, "required": ["city"]}
+    assert ToolUse([t["function"] for t in TOOLS], None, None, None, answer=answer).listed
+    # a non-strict tool's patternProperties go, and with them a closing additionalProperties
+    loose = _loosened({"type": "object", "patternProperties": {"^x": {}}, "additionalProperties": False})
+    assert loose == {"type": "object"}
