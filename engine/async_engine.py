@@ -175,7 +175,6 @@ class AsyncEngine:
                                  "waiting); retry later")
 
     def _check_room(self, request_id: str, places: int) -> None:
-        self._check_ready()
         self.check_room(places)
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id}")

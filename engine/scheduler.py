@@ -95,8 +95,7 @@ class Scheduler:
             if seq.request_id in held and not seq.output_ids and not seq.computes_whole_prompt:
                 position += 1  # its prompt is being computed by a sibling: it takes that from the cache
                 continue
-            if not self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=self._first_decode_blocks(seq),
-                                            reuse=not seq.computes_whole_prompt):
+            if not self._fits(seq):
                 break  # first come, first served: no overtaking
             del self.waiting[position]
             self._admit(seq)
@@ -121,10 +120,12 @@ class Scheduler:
         it: it never will be admitted (and holds up everything behind it). None otherwise."""
         if self.running or not self.waiting:
             return None
-        seq = self.waiting[0]
-        fits = self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=self._first_decode_blocks(seq),
+        return None if self._fits(self.waiting[0]) else self.waiting[0]
+
+    def _fits(self, seq: Sequence) -> bool:
+        """Room now for a waiting sequence's prefill and its first decode step."""
+        return self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=self._first_decode_blocks(seq),
                                         reuse=not seq.computes_whole_prompt)
-        return None if fits else seq
 
     def _first_decode_blocks(self, seq: Sequence) -> int:
         """Blocks its first decode step adds after its prefill (its K/V at position `prefill_len`): one

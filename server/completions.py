@@ -151,7 +151,8 @@ class CompletionCall:
             calls = self._tool_calls(c)
             message = {"role": "assistant", "content": c.text} if calls is None else \
                 {"role": "assistant", "content": None, "tool_calls": calls}
-            return {"index": index, "message": message, "logprobs": chat_logprobs(c.logprobs, self.tokenizer) if want else None,
+            return {"index": index, "message": message,
+                    "logprobs": chat_logprobs(c.logprobs, self.tokenizer) if want else None,
                     "finish_reason": "tool_calls" if calls else c.finish_reason}
         return {"index": index, "text": c.text,
                 "logprobs": completion_logprobs(c.logprobs, 0) if want else None, "finish_reason": c.finish_reason}
@@ -188,7 +189,8 @@ class CompletionCall:
                     continue
                 logprobs = None
                 if out.logprobs and self.wants_logprobs:
-                    logprobs = chat_logprobs(out.logprobs, self.tokenizer) if self.chat else completion_logprobs(out.logprobs, len(c.text))
+                    logprobs = chat_logprobs(out.logprobs, self.tokenizer) if self.chat else \
+                        completion_logprobs(out.logprobs, len(c.text))
                 if out.text or logprobs:
                     yield self._chunk(out.index, {"content": out.text} if self.chat else out.text, logprobs, None, extra)
                 c.text += out.text

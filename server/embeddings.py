@@ -16,8 +16,8 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.errors import APIError
 from engine.async_engine import EngineNotReadyError
+from server.errors import APIError
 from server.generation import check_model, consume, item_param, refusal, take_whole, tokenize_batch
 from server.metrics import RequestTimer
 from server.protocol import EmbeddingRequest

@@ -102,8 +102,7 @@ async def tokenize_batch(state, given: list, param: str, limit: int | None = Non
     (`--max-num-seqs` + `--max-waiting` sequences), `choices` sequences each, since a batch taken
     whole takes a queue place per sequence."""
     tokenizer = ready_tokenizer(state)
-    if not 1 <= choices <= state.engine.config.max_num_seqs:
-        choices = 1  # a bad `n` is the engine's to name
+    choices = queued_choices(state, choices)
     if limit is None and len(given) * choices > state.engine.capacity:
         each = f" with n = {choices}" if choices > 1 else ""
         raise APIError(400, f"at most {state.engine.capacity // choices} {param}s a request{each} on this server "
@@ -116,6 +115,11 @@ async def tokenize_batch(state, given: list, param: str, limit: int | None = Non
         check_token_ids(ids, tokenizer, item_param(param, i, len(given)))
         batch.append(ids)
     return batch
+
+
+def queued_choices(state, n: int) -> int:
+    """The queue places a prompt with `n` choices takes: `n`, or 1 for a bad `n` (the engine names it)."""
+    return n if 1 <= n <= state.engine.config.max_num_seqs else 1
 
 
 def item_param(param: str, index: int, count: int) -> str:
@@ -136,8 +140,7 @@ async def submit(state, request_id: str, prompts: list[list[int]], sampling, ski
     timer = RequestTimer(state.metrics)  # from before the schema's grammar is compiled
     try:
         if sampling.response_schema is not None:  # a full server refuses before compiling for nothing
-            state.engine.check_room(len(prompts) * (sampling.n if 1 <= sampling.n <= state.engine.config.max_num_seqs
-                                                    else 1))
+            state.engine.check_room(len(prompts) * queued_choices(state, sampling.n))
         await state.engine.compile_grammar(sampling)
     except (EngineNotReadyError, QueueFullError) as exc:
         raise refusal(exc)

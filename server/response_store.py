@@ -74,9 +74,10 @@ class ResponseStore:
 
     def item(self, item_id: str) -> dict | None:
         """A stored response's output or input item, by its id (None where none is stored)."""
-        for owner in self.item_owners.get(item_id, ()):
-            return next((i for i in self.entries[owner].items() if i.get("id") == item_id), None)
-        return None
+        owners = self.item_owners.get(item_id)
+        if not owners:
+            return None
+        return next((i for i in self.entries[next(iter(owners))].items() if i.get("id") == item_id), None)
 
     def delete(self, response_id: str) -> bool:
         entry = self.entries.pop(response_id, None)

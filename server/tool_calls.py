@@ -59,6 +59,7 @@ def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bo
     message (templates that insist on alternating roles refuse two user turns in a row)."""
     names = {}  # call id -> tool name, for the results
     out = []
+    results_at = None  # where the user message holding the latest run of results is
     for m in messages:
         if m["role"] == "assistant" and m.get("tool_calls"):
             calls = [{"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])}
@@ -69,13 +70,13 @@ def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bo
         elif m["role"] == "tool":
             name = names.get(m.get("tool_call_id"), "a tool")
             result = f"Result of {name} (call {m.get('tool_call_id')}):\n{m['content']}"
-            if out and out[-1].get("results"):
+            if results_at == len(out) - 1:
                 out[-1]["content"] += "\n\n" + result
             else:
-                out.append({"role": "user", "content": result, "results": True})
+                out.append({"role": "user", "content": result})
+                results_at = len(out) - 1
         else:
             out.append({"role": m["role"], "content": m["content"] or ""})
-    out = [{"role": m["role"], "content": m["content"]} for m in out]
     if tools:
         listing = tools_message(tools, parallel, listed)
         if out and out[0]["role"] in ("system", "developer"):
@@ -104,7 +105,8 @@ def calls_schema(tools: list[dict], parallel: bool, answer: dict | None = None) 
     call = branches[0] if len(branches) == 1 else {"anyOf": branches}
     many = {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel else 1}
     if answer is not None:
-        return {"anyOf": [many, {"$ref": "#/$defs/answer"}], "$defs": {**defs, "answer": _moved(answer, "#/$defs/answer")}}
+        defs["answer"] = _moved(answer, "#/$defs/answer")
+        return {"anyOf": [many, {"$ref": "#/$defs/answer"}], "$defs": defs}
     return {**({"anyOf": [call, many]} if parallel else call), "$defs": defs}
 
 

@@ -44,7 +44,7 @@ class BlockManager:
         self._by_hash: dict[bytes, int] = {}
         self._empty = list(range(num_blocks - 1, -1, -1))  # free, nothing cached: popped from the end
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free, hashed: oldest first
-        self._chains: dict[str, tuple[int, int | None]] = {}  # seq_id -> (blocks hashed, last hash)
+        self._chains: dict[str, tuple[int, bytes | None]] = {}  # seq_id -> (blocks hashed, last hash)
         self._used = 0  # blocks with a reference, one int so other threads can read it
 
     # ---- capacity ------------------------------------------------------------------------------

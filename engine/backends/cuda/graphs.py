@@ -8,7 +8,8 @@ go to the device in one copy a step.
 
 Padded rows are harmless: token 0 at position 0, context length 0 (attention writes zeros), write
 slot -1 (no K/V written into a block that a real row owns), max_skips -1 (never skip, never
-counted, and never run a hot layer's FFN, so it keeps no weight read that the real rows skip). Buckets (as nano-vllm): 1, 2, 4, 8, then steps of 16 up to the largest batch. Prefill
+counted, and never run a hot layer's FFN, so it keeps no weight read that the real rows skip).
+Buckets (as nano-vllm): 1, 2, 4, 8, then steps of 16 up to the largest batch. Prefill
 and any step without a captured bucket run eagerly on the same buffers; a capture that fails
 logs a warning and leaves every step eager (as does never calling `capture`, e.g. with
 --enforce-eager).

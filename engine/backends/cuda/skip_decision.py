@@ -61,7 +61,7 @@ def _decide_rows_kernel(a_ptr, b_ptr, max_skips_ptr, threshold_ptr, fired_ptr, r
     row = tl.program_id(0)
     r = row + tl.arange(0, 1)
     rmask = r >= 0
-    cos = -2.0  # no layer before the first hot one (cold_start 0): no cosine, nothing fires (engine/skip/base.NO_COSINE)
+    cos = -2.0  # no layer before the first hot one (cold_start 0): nothing fires (engine/skip/base.NO_COSINE)
     if HAS_COS:
         cos = _cosine(a_ptr, b_ptr, row, stride_a, stride_b, hidden, eps_sq, BLOCK)
     max_skips = tl.load(max_skips_ptr + r)
