@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import time
 from typing import Literal
 
@@ -11,13 +12,14 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from engine.backends.cpu.fused_decode import LAYER_COLUMNS
 from engine.sampling_params import SamplingParams
 from engine.skip import DenseGate, RowSkip, build_policy
 
 
-# decode_layers.cpp's LayerRow: 4 pointers, then a WeightRef of 9 columns per projection (qkv, o_proj,
-# gate_up, down), each (kind, kernel, weight, scale, offset, bias, bits, group, scale_bits)
-DOWN_REF = 4 + 3 * 9
+# decode_layers.cpp's LayerRow: the layer's columns, then a WeightRef of 9 columns per projection (qkv,
+# o_proj, gate_up, down), each (kind, kernel, weight, scale, offset, bias, bits, group, scale_bits)
+DOWN_REF = LAYER_COLUMNS + 3 * 9
 _ptr, _int = ctypes.c_void_p, ctypes.c_int
 KERNEL_TYPES = {  # by WeightRef kind: the C signatures decode_layers.cpp calls (and where `rows` is)
     0: (ctypes.CFUNCTYPE(None, *[_ptr] * 4, *[_int] * 4), 4),  # dense: x, w, bias, y, rows, in, out, threads
@@ -98,13 +100,16 @@ async def stream_chat(aclient, **request) -> tuple[str, str | None]:
     chunks = [c async for c in stream if c.choices]
     return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
 def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]]):
-    """A dense decode step and one whose gate skips FFNs (rows 0 and 2 skip 8 layers, row 1 none)
-    through the native layer calls give the per-op path's logits, K/V and skip counts to the bit."""
+    """A dense decode step and steps whose gate skips FFNs (rows 0 and 2 skip 8 layers, row 1 none)
+    through the native layer calls give the per-op path's logits, K/V and skip counts to the bit:
+    FFN-SkipLLM's rule inside the one-call step, and the batch-aligned rule through the per-layer
+    branch calls."""
     runner, model = engine.runner, engine.runner.model
     fused = model.fused_decode
     if fused is None:
         pytest.skip("the native layer calls do not apply here (no native GEMMs for these weights on this CPU)")
-    policy = build_policy(engine.config.skip, runner.num_layers)
+    policies = [build_policy(dataclasses.replace(engine.config.skip, policy=name), runner.num_layers)
+                for name in ("ffn_skipllm", "batch_aligned")]
     with engine.kv_blocks([len(p) + 1 for p in prompts]) as tables:
         runner.prefill([(p, table, 0) for p, table in zip(prompts, tables)])
         k_before, v_before = runner.kv.k.clone(), runner.kv.v.clone()
@@ -119,18 +124,19 @@ def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]]):
                 model.fused_decode = fused
             return runner.logits(hidden), runner.kv.k.clone(), runner.kv.v.clone(), gate.skip_counts(len(prompts))
 
-        def skipping_gate():  # rows 0 and 2 may skip 8 FFNs, firing at once; row 1 stays dense
+        def skipping_gate(policy):  # rows 0 and 2 may skip 8 FFNs, firing at once; row 1 stays dense
             return policy.make_gate([RowSkip(8, 0.0), RowSkip(0, 0.0), RowSkip(8, 0.0)], runner.device)
 
         dense = [step(DenseGate(runner.num_layers), native) for native in (True, False)]
-        skipped = [step(skipping_gate(), native) for native in (True, False)]
-    for (logits1, k1, v1, counts1), (logits2, k2, v2, counts2) in (dense, skipped):
+        skipped = [[step(skipping_gate(policy), native) for native in (True, False)] for policy in policies]
+    for (logits1, k1, v1, counts1), (logits2, k2, v2, counts2) in (dense, *skipped):
         assert torch.equal(logits1, logits2)
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
         assert counts1 == counts2
     assert not torch.equal(dense[0][1], k_before)  # the step did write its K/V
-    assert skipped[0][3][0] == [8, 0, 8]  # and the skipping step did skip
-    assert not torch.equal(skipped[0][0], dense[0][0])
+    for by_policy in skipped:
+        assert by_policy[0][3][0] == [8, 0, 8]  # and the skipping steps did skip
+        assert not torch.equal(by_policy[0][0], dense[0][0])
 
 
 class Closed(BaseModel):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import ServerProcess
-from tests.helpers import hf_greedy
+from tests.helpers import assert_layer_calls_equal_the_per_op_path, hf_greedy
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
@@ -96,3 +96,27 @@ def test_gemma3_embeddings_are_hf_states_mean_pooled(gemma_server):
         ours = torch.tensor(item["embedding"], dtype=torch.float64)
         cosine = (ours @ ref / ref.norm()).item()
         assert cosine > 0.999  # (1.0000000 to 7 digits here; these prompts' vectors are -0.20 to 0.80 apart)
+
+
+@pytest.fixture(scope="module")
+def gemma_engine():
+    from engine.llm_engine import LLMEngine
+    from server.config_file import load_config, preset_path
+
+    config = load_config(preset_path("gemma3-270m"))  # as served: the GGUF's quantized weights
+    config.device, config.max_num_seqs, config.max_model_len = "cpu", 4, 1024
+    return LLMEngine(config)
+
+
+def test_gemma3_native_decode_step_is_the_per_op_path_to_the_bit(gemma_engine):
+    """Gemma's layers in decode_layers.cpp (four norms, per-head q/k norms, GELU-tanh, two rotary
+    tables): logits, K/V and skips equal the per-op path's, dense and skipping. Two rows' contexts
+    (600 and 530 tokens) reach past the 512-token sliding window, one is short."""
+    if gemma_engine.runner.model.fused_decode is None:
+        pytest.skip("no native GEMMs for these weights on this CPU")
+    assert gemma_engine.runner.model.cfg.sliding_window == 512
+    tokenizer = gemma_engine.tokenizer
+    long = tokenizer.encode(" ".join(f"item {i} is {i * 7 % 13}." for i in range(200)))
+    prompts = [long[:600], tokenizer.encode(PROMPTS[0]), long[:530]]
+    assert len(prompts[0]) == 600 and len(prompts[2]) == 530
+    assert_layer_calls_equal_the_per_op_path(gemma_engine, prompts)

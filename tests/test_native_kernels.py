@@ -164,6 +164,19 @@ def test_silu_mul_matches_torch(cpu_ops, rows):
     torch.testing.assert_close(cpu_ops.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows, inter", [(1, 2048), (16, 2048), (3, 1029)])
+def test_gelu_tanh_mul_matches_torch(cpu_ops, rows, inter):
+    """Gemma's activation, as x / (1 + exp(-2u)): tails past the exp's clamps and a width that is
+    not a multiple of the 8 lanes."""
+    gen = torch.Generator().manual_seed(rows + inter)
+    gate_up = torch.randn(rows, 2 * inter, generator=gen) * 8
+    gate_up[0, :6] = torch.tensor([-1e4, -60.0, -9.5, 0.0, 9.5, 1e4])
+    gate, up = gate_up.chunk(2, -1)
+    ours = cpu_ops.gelu_tanh_mul(gate_up)
+    torch.testing.assert_close(ours, F.gelu(gate, approximate="tanh") * up, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(ours).all()
+
+
 @pytest.mark.parametrize("heads, dim", [(9 + 3, 64), (4, 256)])
 def test_rope_in_place_matches_torch(cpu_ops, heads, dim):
     """On a q|k view of a wider qkv row, as the models call it; positions anywhere in the table."""

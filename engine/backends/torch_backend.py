@@ -66,6 +66,11 @@ class TorchBackend:
         gate, up = gate_up.chunk(2, -1)
         return F.silu(gate) * up
 
+    def gelu_tanh_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[N, 2 * inter] (gate | up) -> gelu_tanh(gate) * up (Gemma's MLP)."""
+        gate, up = gate_up.chunk(2, -1)
+        return F.gelu(gate, approximate="tanh") * up
+
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [N, H, D]; cos, sin: [N, 1, D] (HF's rotate_half layout)."""
         half = x.shape[-1] // 2

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from engine.models.llama import LlamaModel
@@ -58,8 +57,8 @@ class Gemma3Layer:
         return self.norm(self.o_proj(out), self.post_attn_norm)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(self.norm(h, self.pre_ffn_norm)).chunk(2, -1)
-        return self.norm(self.down(F.gelu(gate, approximate="tanh") * up), self.post_ffn_norm)
+        return self.norm(self.down(self.ops.gelu_tanh_mul(self.gate_up(self.norm(h, self.pre_ffn_norm)))),
+                         self.post_ffn_norm)
 
 
 class Gemma3Model(LlamaModel):

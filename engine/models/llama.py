@@ -30,6 +30,7 @@ class LlamaLayer:
             return ops.linear([to_device(weights[prefix + n], device, dtype) for n in names], bias)
 
         self.cfg, self.ops = cfg, ops
+        self.scale = cfg.head_dim ** -0.5  # attention's
         self.input_norm = w("input_layernorm.weight", act_dtype)
         self.post_attn_norm = w("post_attention_layernorm.weight", act_dtype)
         # fused projections: one matmul for q|k|v and one for gate|up
@@ -49,7 +50,7 @@ class LlamaLayer:
         qk = ops.rotary(qk.view(n, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), *rope)  # q and k at once
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
-        out = ops.attention(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5, self.window)
+        out = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
         return self.o_proj(out)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:

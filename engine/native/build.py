@@ -46,18 +46,19 @@ SIGNATURES = {
     "rms_norm_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _float, _int],
     # gate_up, out, rows, inter, threads
     "silu_mul_f32": [_ptr, _ptr, ctypes.c_int64, _int, _int],
+    "gelu_tanh_mul_f32": [_ptr, _ptr, ctypes.c_int64, _int, _int],
     # x, cos, sin, tokens, heads, dim, token_stride, head_stride, threads
     "rope_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _int, ctypes.c_int64, ctypes.c_int64, _int],
-    # x, layer_rows, layers, cos, sin, block_tables, lengths, rows, hidden, heads, kv_heads, head_dim, inter,
-    # block_size, max_blocks, eps, scale, cache_bits, threads, then the skip rule (or None): max_skips,
-    # thresholds, first_hot, last_hot, skipped
-    "llama_decode_layers": [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _ptr] + [_int] * 8 + [_float, _float, _int, _int]
+    # x, layer_rows, layers, cos, sin, cos_local, sin_local, block_tables, lengths, rows, hidden, heads,
+    # kv_heads, head_dim, inter, block_size, max_blocks, eps, scale, cache_bits, threads, then the skip rule
+    # (or None): max_skips, thresholds, first_hot, last_hot, skipped
+    "decode_layers": [_ptr, _ptr, _int] + [_ptr] * 6 + [_int] * 8 + [_float, _float, _int, _int]
     + [_ptr, _ptr, _int, _int, _ptr],
-    # x, layer_row, cos, sin, block_tables, lengths, out, rows, hidden, heads, kv_heads, head_dim, block_size,
-    # max_blocks, eps, scale, cache_bits, threads
-    "llama_attention_branch": [_ptr] * 7 + [_int] * 7 + [_float, _float, _int, _int],
+    # x, layer_row, cos, sin, cos_local, sin_local, block_tables, lengths, out, rows, hidden, heads, kv_heads,
+    # head_dim, block_size, max_blocks, eps, scale, cache_bits, threads
+    "layer_attention_branch": [_ptr] * 9 + [_int] * 7 + [_float, _float, _int, _int],
     # h, layer_row, out, rows, hidden, inter, eps, threads
-    "llama_ffn_branch": [_ptr, _ptr, _ptr, _int, _int, _int, _float, _int],
+    "layer_ffn_branch": [_ptr, _ptr, _ptr, _int, _int, _int, _float, _int],
     "linear_f32_vectorized": [],
     "linear_bf16_vectorized": [],
     "quant_cpu_isa": [],

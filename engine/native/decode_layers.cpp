@@ -1,9 +1,14 @@
-// A Llama-family decode step in one native call (`llama_decode_layers`): every layer dense, or
-// with FFN-SkipLLM's rule deciding per row and layer inside the call; or one call per layer branch
-// (attention, FFN) for gates whose rule lives in Python. The same kernels the per-op path calls
-// from Python, in the same order (so the same bits), minus ~25 Python and torch dispatches per layer.
+// A decode step of Llama-family and Gemma 3 layers in one native call (`decode_layers`): every
+// layer dense, or with FFN-SkipLLM's rule deciding per row and layer inside the call; or one call
+// per layer branch (attention, FFN) for gates whose rule lives in Python. The same kernels the
+// per-op path calls from Python, in the same order (so the same bits), minus ~25 Python and torch
+// dispatches per layer.
 //
-// Per layer: h = x + o_proj(attn(rope(qkv(rms_norm(x))))); x = h + down(silu(gate) * up)(rms_norm(h)).
+// Per layer: h = x + attn_branch(x); x = h + ffn_branch(h), with
+//   attn_branch(x) = out_norm(o_proj(attn(rope(qk_norm(qkv(rms_norm(x)))))))
+//   ffn_branch(h) = out_norm(down(act(gate) * up)(rms_norm(h)))
+// where Llama has no q/k or output norms and SiLU, and Gemma 3 has all four norms per layer,
+// per-head q/k norms, GELU-tanh, and sliding-window layers with their own rotary table.
 //
 // Each projection comes as a `WeightRef` that names its kernel by address: the Python side picks
 // it (a dense GEMM, or the quantized GEMM's build for this CPU's instruction set, which this file
@@ -20,6 +25,7 @@ void decode_attention_f32(const float* q, const float* k_new, const float* v_new
                           int cache_bits, int threads);
 void rms_norm_f32(const float* x, const float* weight, float* out, int64_t rows, int dim, float eps, int threads);
 void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
+void gelu_tanh_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
 void rope_f32(float* x, const float* cos, const float* sin, int64_t tokens, int heads, int dim, int64_t token_stride,
               int64_t head_stride, int threads);
 }
@@ -46,12 +52,25 @@ struct WeightRef {
 };
 static_assert(sizeof(WeightRef) == 9 * sizeof(int64_t), "WeightRef is nine table columns");
 
-// A row of the per-layer table: pointers, then one WeightRef per projection.
+// A row of the per-layer table: the layer's shape, pointers (0: the layer has none), then one
+// WeightRef per projection.
 struct LayerRow {
-    int64_t input_norm, post_norm, k_cache, v_cache;
+    enum Activation : int64_t { SILU = 0, GELU_TANH = 1 };
+    int64_t activation;
+    int64_t window;  // sliding-window span; 0: full attention
+    int64_t rope;    // which rotary table: 0 global, 1 local
+    int64_t attn_norm, attn_out_norm, ffn_norm, ffn_out_norm, q_norm, k_norm;  // fp32 [hidden] / [head_dim]
+    int64_t k_cache, v_cache;
     WeightRef qkv, o_proj, gate_up, down;
 };
-static_assert(sizeof(LayerRow) == 40 * sizeof(int64_t), "fused_decode.py's table width");
+static_assert(sizeof(LayerRow) == 47 * sizeof(int64_t), "fused_decode.py's table width");
+
+// The step's rotary tables, [rows, head_dim] each: global, and local (sliding-window layers; the
+// global one again for models with one table).
+struct Rope {
+    const float* cos[2];
+    const float* sin[2];
+};
 
 template <typename T>
 const T* ptr(int64_t address) { return reinterpret_cast<const T*>(address); }
@@ -78,8 +97,6 @@ void add_into(float* x, const float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-}  // namespace
-
 // Intermediate buffers of one step, sized for its rows (a branch leaves unused ones empty).
 struct DecodeScratch {
     std::vector<float> normed, qkv, q, k, v, attn, gate_up, act;
@@ -94,47 +111,73 @@ struct DecodeScratch {
           act(static_cast<int64_t>(rows) * inter) {}
 };
 
-// out [rows, hidden] = o_proj(attention(rope(qkv(rms_norm(x))))) for one layer's decode step;
-// writes the rows' new K/V into the layer's caches (of cache_bits 32 or 16, see decode_attention.cpp).
-static void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const float* cos,
-                             const float* sin, const int32_t* block_tables, const int32_t* lengths, float* out,
-                             int rows, int hidden, int heads, int kv_heads, int head_dim, int block_size,
-                             int max_blocks, float eps, float scale, int cache_bits, int threads) {
+// RMSNorm in place over rows of `dim`, where the layer has the norm (weight 0: none).
+void norm_in_place(float* x, int64_t weight, int64_t rows, int dim, float eps, int threads) {
+    if (weight) rms_norm_f32(x, ptr<float>(weight), x, rows, dim, eps, threads);
+}
+
+// out [rows, hidden] = the attention branch of one layer's decode step; writes the rows' new K/V
+// into the layer's caches (of cache_bits 32 or 16, see decode_attention.cpp).
+void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const Rope& rope,
+                      const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int hidden,
+                      int heads, int kv_heads, int head_dim, int block_size, int max_blocks, float eps, float scale,
+                      int cache_bits, int threads) {
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
-    rms_norm_f32(x, ptr<float>(p.input_norm), s.normed.data(), rows, hidden, eps, threads);
+    const float* cos = rope.cos[p.rope];
+    const float* sin = rope.sin[p.rope];
+    rms_norm_f32(x, ptr<float>(p.attn_norm), s.normed.data(), rows, hidden, eps, threads);
     linear(p.qkv, s.normed.data(), s.qkv.data(), rows, hidden, qkv_width, threads);
-    rope_f32(s.qkv.data(), cos, sin, rows, heads + kv_heads, head_dim, qkv_width, head_dim, threads);
-    copy_columns(s.qkv.data(), rows, qkv_width, 0, q_width, s.q.data());
-    copy_columns(s.qkv.data(), rows, qkv_width, q_width, kv_width, s.k.data());
+    if (p.q_norm) {  // per-head norms before the rotation: q and k apart
+        copy_columns(s.qkv.data(), rows, qkv_width, 0, q_width, s.q.data());
+        copy_columns(s.qkv.data(), rows, qkv_width, q_width, kv_width, s.k.data());
+        norm_in_place(s.q.data(), p.q_norm, static_cast<int64_t>(rows) * heads, head_dim, eps, threads);
+        norm_in_place(s.k.data(), p.k_norm, static_cast<int64_t>(rows) * kv_heads, head_dim, eps, threads);
+        rope_f32(s.q.data(), cos, sin, rows, heads, head_dim, q_width, head_dim, threads);
+        rope_f32(s.k.data(), cos, sin, rows, kv_heads, head_dim, kv_width, head_dim, threads);
+    } else {  // q and k rotated in one pass over the qkv output
+        rope_f32(s.qkv.data(), cos, sin, rows, heads + kv_heads, head_dim, qkv_width, head_dim, threads);
+        copy_columns(s.qkv.data(), rows, qkv_width, 0, q_width, s.q.data());
+        copy_columns(s.qkv.data(), rows, qkv_width, q_width, kv_width, s.k.data());
+    }
     copy_columns(s.qkv.data(), rows, qkv_width, q_width + kv_width, kv_width, s.v.data());
     decode_attention_f32(s.q.data(), s.k.data(), s.v.data(), reinterpret_cast<void*>(p.k_cache),
                          reinterpret_cast<void*>(p.v_cache), block_tables, lengths, s.attn.data(), rows, heads,
-                         kv_heads, head_dim, block_size, max_blocks, 0, scale, cache_bits, threads);
+                         kv_heads, head_dim, block_size, max_blocks, static_cast<int>(p.window), scale, cache_bits,
+                         threads);
     linear(p.o_proj, s.attn.data(), out, rows, q_width, hidden, threads);
+    norm_in_place(out, p.attn_out_norm, rows, hidden, eps, threads);
 }
 
-// out [rows, hidden] = down(silu(gate) * up)(rms_norm(h)): the FFN branch the skip gate runs or skips.
-static void ffn_branch(const float* h, const LayerRow& p, DecodeScratch& s, float* out, int rows, int hidden,
-                       int inter, float eps, int threads) {
-    rms_norm_f32(h, ptr<float>(p.post_norm), s.normed.data(), rows, hidden, eps, threads);
+// out [rows, hidden] = the FFN branch of one layer: the branch the skip gate runs or skips.
+void ffn_branch(const float* h, const LayerRow& p, DecodeScratch& s, float* out, int rows, int hidden, int inter,
+                float eps, int threads) {
+    rms_norm_f32(h, ptr<float>(p.ffn_norm), s.normed.data(), rows, hidden, eps, threads);
     linear(p.gate_up, s.normed.data(), s.gate_up.data(), rows, hidden, 2 * inter, threads);
-    silu_mul_f32(s.gate_up.data(), s.act.data(), rows, inter, threads);
+    if (p.activation == LayerRow::GELU_TANH) {
+        gelu_tanh_mul_f32(s.gate_up.data(), s.act.data(), rows, inter, threads);
+    } else {
+        silu_mul_f32(s.gate_up.data(), s.act.data(), rows, inter, threads);
+    }
     linear(p.down, s.act.data(), out, rows, inter, hidden, threads);
+    norm_in_place(out, p.ffn_out_norm, rows, hidden, eps, threads);
 }
+
+}  // namespace
 
 // One layer's branches, for the per-layer path (the skip gate decides between them). `row` is one
 // row of the layer table (a LayerRow).
-extern "C" void llama_attention_branch(const float* x, const int64_t* row, const float* cos,
-                                       const float* sin, const int32_t* block_tables, const int32_t* lengths,
-                                       float* out, int rows, int hidden, int heads, int kv_heads, int head_dim,
-                                       int block_size, int max_blocks, float eps, float scale, int cache_bits,
-                                       int threads) {
+extern "C" void layer_attention_branch(const float* x, const int64_t* row, const float* cos, const float* sin,
+                                       const float* cos_local, const float* sin_local, const int32_t* block_tables,
+                                       const int32_t* lengths, float* out, int rows, int hidden, int heads,
+                                       int kv_heads, int head_dim, int block_size, int max_blocks, float eps,
+                                       float scale, int cache_bits, int threads) {
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, 0);
-    attention_branch(x, *reinterpret_cast<const LayerRow*>(row), s, cos, sin, block_tables, lengths, out, rows,
-                     hidden, heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, cache_bits, threads);
+    const Rope rope{{cos, cos_local}, {sin, sin_local}};
+    attention_branch(x, *reinterpret_cast<const LayerRow*>(row), s, rope, block_tables, lengths, out, rows, hidden,
+                     heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, cache_bits, threads);
 }
 
-extern "C" void llama_ffn_branch(const float* h, const int64_t* row, float* out, int rows, int hidden, int inter,
+extern "C" void layer_ffn_branch(const float* h, const int64_t* row, float* out, int rows, int hidden, int inter,
                                  float eps, int threads) {
     DecodeScratch s(rows, hidden, 0, 0, inter);
     ffn_branch(h, *reinterpret_cast<const LayerRow*>(row), s, out, rows, hidden, inter, eps, threads);
@@ -158,7 +201,8 @@ double residual_cosine(const float* h, const float* delta, int n) {
 }  // namespace
 
 // Every layer of a decode step. x [rows, hidden] fp32, the residual stream, updated in place;
-// layer_rows [layers, 40] (LayerRow); cos, sin [rows, head_dim]; block_tables [rows, max_blocks],
+// layer_rows [layers, 47] (LayerRow); cos, sin [rows, head_dim] and the local table's (the global
+// one again where the model has one); block_tables [rows, max_blocks],
 // lengths [rows] and cache_bits as in decode_attention_f32.
 // With max_skips null every FFN runs (skipped may be null too). Otherwise FFN-SkipLLM's rule
 // decides per row (engine/skip/ffn_skipllm.py states it): at hot layer l (first_hot <= l <=
@@ -166,13 +210,14 @@ double residual_cosine(const float* h, const float* delta, int n) {
 // layer l - 1 exceeds its threshold, then skips its next max_skips FFNs. Only the rows that run an
 // FFN are gathered and computed; a layer no row needs reads none of its FFN weights. skipped
 // [layers, rows] is set to 1 where a row skipped.
-extern "C" void llama_decode_layers(float* x, const int64_t* layer_rows, int layers, const float* cos,
-                                    const float* sin, const int32_t* block_tables, const int32_t* lengths, int rows,
-                                    int hidden, int heads, int kv_heads, int head_dim, int inter, int block_size,
-                                    int max_blocks, float eps, float scale, int cache_bits, int threads,
-                                    const int32_t* max_skips, const float* thresholds, int first_hot, int last_hot,
-                                    uint8_t* skipped) {
+extern "C" void decode_layers(float* x, const int64_t* layer_rows, int layers, const float* cos, const float* sin,
+                              const float* cos_local, const float* sin_local, const int32_t* block_tables,
+                              const int32_t* lengths, int rows, int hidden, int heads, int kv_heads, int head_dim,
+                              int inter, int block_size, int max_blocks, float eps, float scale, int cache_bits,
+                              int threads, const int32_t* max_skips, const float* thresholds, int first_hot,
+                              int last_hot, uint8_t* skipped) {
     const LayerRow* rows_of_layers = reinterpret_cast<const LayerRow*>(layer_rows);
+    const Rope rope{{cos, cos_local}, {sin, sin_local}};
     const int64_t n = static_cast<int64_t>(rows) * hidden;
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, inter);
     std::vector<float> delta(n), gathered(n);
@@ -183,7 +228,7 @@ extern "C" void llama_decode_layers(float* x, const int64_t* layer_rows, int lay
     if (skipped) std::memset(skipped, 0, static_cast<size_t>(layers) * rows);
     for (int l = 0; l < layers; ++l) {
         const LayerRow& p = rows_of_layers[l];
-        attention_branch(x, p, s, cos, sin, block_tables, lengths, delta.data(), rows, hidden, heads,
+        attention_branch(x, p, s, rope, block_tables, lengths, delta.data(), rows, hidden, heads,
                          kv_heads, head_dim, block_size, max_blocks, eps, scale, cache_bits, threads);
         add_into(x, delta.data(), n);  // x is h from here
         const bool hot = l >= first_hot && l <= last_hot;

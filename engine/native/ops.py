@@ -115,13 +115,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[rows, 2 * inter] (gate | up) -> [rows, inter] = silu(gate) * up."""
+def _gated(kernel: str, gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     rows, width = gate_up.shape
     out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
-    kernels().silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+    getattr(kernels(), kernel)(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
     return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2 * inter] (gate | up) -> [rows, inter] = silu(gate) * up."""
+    return _gated("silu_mul_f32", gate_up)
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2 * inter] (gate | up) -> [rows, inter] = gelu_tanh(gate) * up."""
+    return _gated("gelu_tanh_mul_f32", gate_up)
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""CPU ops: native kernels for norms, activation, rotary and paged decode attention when the
+"""CPU ops: native kernels for norms, activations, rotary and paged decode attention when the
 library loaded (fp32 activations, as on every CPU path); the torch backend's ops otherwise."""
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ class CPUBackend(TorchBackend):
         if self.native and gate_up.dtype == torch.float32:
             return native_ops.silu_mul(gate_up)
         return super().silu_mul(gate_up)
+
+    def gelu_tanh_mul(self, gate_up):
+        if self.native and gate_up.dtype == torch.float32:
+            return native_ops.gelu_tanh_mul(gate_up)
+        return super().gelu_tanh_mul(gate_up)
 
     def rotary(self, x, cos, sin):
         """In place on the native path: callers pass a fresh projection output and use the result."""

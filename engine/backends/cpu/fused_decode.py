@@ -1,7 +1,8 @@
-"""Llama-family decode steps on native layer calls (engine/native/decode_layers.cpp).
+"""Decode steps on native layer calls (engine/native/decode_layers.cpp), for Llama-family and
+Gemma 3 layers.
 
-For models whose layers are plain Llama layers with every projection on a native kernel (the
-dense GEMMs or the quantized GEMM, one layer's projections may mix them): a dense decode step in
+For models whose layers are of a kind the native step knows (`LAYER_KINDS`) with every projection
+on a native kernel (the dense GEMMs or the quantized GEMM, one layer's projections may mix them): a dense decode step in
 one call (`layers_step`), and a skipping step in one call too when the gate's rule is
 FFN-SkipLLM's per-row rule, given as data (engine/skip/base.py's RuleGate); otherwise per layer
 the attention branch (decode) and the FFN branch (any rows) for the skip gate to choose between.
@@ -22,10 +23,29 @@ from engine.native.ops import cache_bits, cache_dtypes, check_decode_lengths
 from engine.skip.base import RuleGate
 
 DENSE, QUANTIZED = 0, 1  # decode_layers.cpp's WeightRef kinds
+LAYER_COLUMNS = 11  # a LayerRow's columns before its WeightRefs
+SILU, GELU_TANH = 0, 1  # its LayerRow activations
+# per layer kind: the activation, and the layer's norms by their role in a LayerRow (attention
+# input, attention output, FFN input, FFN output, per-head q and k); None: the kind has no such norm
+LAYER_KINDS = {
+    "llama": (SILU, ("input_norm", None, "post_attn_norm", None, None, None)),
+    "gemma3": (GELU_TANH, ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "q_norm", "k_norm")),
+}
 
 
 def _address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
+
+
+def layer_row(layer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> list[int]:
+    """decode_layers.cpp's LayerRow of a layer: activation, window, rotary table, the six norms,
+    the caches, then the projections' WeightRefs."""
+    activation, norms = LAYER_KINDS[layer.kind]
+    head = ([activation, layer.window or 0, int(layer.rope_kind == "local")]
+            + [_address(getattr(layer, name) if name else None) for name in norms]
+            + [k_cache.data_ptr(), v_cache.data_ptr()])
+    assert len(head) == LAYER_COLUMNS
+    return head + [v for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) for v in weight_ref(lin)]
 
 
 def weight_ref(linear) -> list[int] | None:
@@ -43,31 +63,30 @@ def weight_ref(linear) -> list[int] | None:
 
 class FusedDecode:
     def __init__(self, model, kv):
-        self.cfg, self.kv, self.rope = model.cfg, kv, model.ropes["global"]
+        self.cfg, self.kv = model.cfg, kv
+        self.ropes = [model.ropes["global"], model.ropes.get("local", model.ropes["global"])]
         layers = model.layers
-        rows = []  # one LayerRow of decode_layers.cpp per layer: pointers, then the projections' WeightRefs
-        for i, layer in enumerate(layers):
-            rows.append([layer.input_norm.data_ptr(), layer.post_attn_norm.data_ptr(), kv.k[i].data_ptr(),
-                         kv.v[i].data_ptr()]
-                        + [v for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) for v in weight_ref(lin)])
-        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.scale = layers[0].scale
+        self.table = torch.tensor([layer_row(layer, kv.k[i], kv.v[i]) for i, layer in enumerate(layers)],
+                                  dtype=torch.int64)
         self.layers = layers  # the table points into their tensors
         self.ffns = [functools.partial(self.ffn_branch, i) for i in range(len(layers))]
 
     @staticmethod
     def fits(model, kv) -> bool:
-        """Plain Llama layers (full attention), fp32 activations, a cache the native attention reads
-        (fp32, or fp16 where built), every projection on a native kernel."""
+        """Layers of the kinds the native step knows, one attention scale, fp32 activations, a cache
+        the native attention reads (fp32, or fp16 where built), every projection on a native kernel."""
         layers = model.layers
         linears = [lin for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         return (model.act_dtype == torch.float32 and kv.k.dtype in cache_dtypes()
-                and all(layer.kind == "llama" and layer.window is None for layer in layers)
+                and all(layer.kind in LAYER_KINDS for layer in layers)
+                and len({layer.scale for layer in layers}) == 1
                 and all(weight_ref(lin) is not None for lin in linears))
 
     def __call__(self, x: torch.Tensor, meta, gate) -> torch.Tensor:
         """x: [rows, hidden] embeddings of a decode step -> the last layer's output (not normed)."""
-        cos, sin = (t[:, 0].contiguous() for t in self.rope(meta.positions))
-        step = (cos, sin, meta.block_tables, meta.context_lens, meta.max_context_len)
+        tables = [t[:, 0].contiguous() for rope in self.ropes for t in rope(meta.positions)]  # cos, sin of each
+        step = (*tables, meta.block_tables, meta.context_lens, meta.max_context_len)
         if not gate.acts_per_layer:
             return self.layers_step(x, *step)
         if isinstance(gate, RuleGate) and gate.quorum is None:  # FFN-SkipLLM's rule, run inside the native step
@@ -81,30 +100,33 @@ class FusedDecode:
         return self.table.data_ptr() + layer * self.table.shape[1] * self.table.element_size()
 
     def attention_branch(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         block_tables: torch.Tensor, lengths: torch.Tensor, longest: int) -> torch.Tensor:
-        """o_proj(attention(...)) of one layer's decode step, writing the new K/V; x: [rows, hidden]."""
+                         cos_local: torch.Tensor, sin_local: torch.Tensor, block_tables: torch.Tensor,
+                         lengths: torch.Tensor, longest: int) -> torch.Tensor:
+        """The attention branch of one layer's decode step (the layer's `attention`), writing the new
+        K/V; x: [rows, hidden]."""
         cfg = self.cfg
         check_decode_lengths(longest, block_tables, self.kv.block_size)
         x = x.contiguous()
         out = torch.empty_like(x)
-        kernels().llama_attention_branch(
-            x.data_ptr(), self._row(layer), cos.data_ptr(), sin.data_ptr(), block_tables.data_ptr(),
-            lengths.data_ptr(), out.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-            cfg.head_dim, self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, cfg.head_dim ** -0.5,
+        kernels().layer_attention_branch(
+            x.data_ptr(), self._row(layer), cos.data_ptr(), sin.data_ptr(), cos_local.data_ptr(), sin_local.data_ptr(),
+            block_tables.data_ptr(), lengths.data_ptr(), out.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads,
+            cfg.num_kv_heads, cfg.head_dim, self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, self.scale,
             cache_bits(self.kv.k), torch.get_num_threads())
         return out
 
     def ffn_branch(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """down(silu(gate) * up)(rms_norm(h)) of one layer; h: [rows, hidden], any rows."""
+        """The FFN branch of one layer (the layer's `ffn`); h: [rows, hidden], any rows."""
         cfg = self.cfg
         h = h.contiguous()
         out = torch.empty_like(h)
-        kernels().llama_ffn_branch(h.data_ptr(), self._row(layer), out.data_ptr(), h.shape[0], cfg.hidden_size,
+        kernels().layer_ffn_branch(h.data_ptr(), self._row(layer), out.data_ptr(), h.shape[0], cfg.hidden_size,
                                    cfg.intermediate_size, cfg.rms_norm_eps, torch.get_num_threads())
         return out
 
-    def layers_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor,
-                    lengths: torch.Tensor, longest: int, gate: RuleGate | None = None) -> torch.Tensor:
+    def layers_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cos_local: torch.Tensor,
+                    sin_local: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor, longest: int,
+                    gate: RuleGate | None = None) -> torch.Tensor:
         """Every layer in one call: every FFN (no gate), or FFN-SkipLLM's rule (the gate's rows, first
         and last hot layer) deciding per row and layer inside it, the gate then reporting what it
         skipped. x: [rows, hidden] fp32, updated in place and returned."""
@@ -120,11 +142,12 @@ class FusedDecode:
             thresholds = torch.tensor([r.threshold for r in gate.rows], dtype=torch.float32)
             skipped = torch.empty(len(self.layers), rows, dtype=torch.uint8)
             first_hot, last_hot = gate.first_hot, gate.last_hot
-        kernels().llama_decode_layers(
+        kernels().decode_layers(
             x.data_ptr(), self.table.data_ptr(), len(self.layers), cos.data_ptr(), sin.data_ptr(),
-            block_tables.data_ptr(), lengths.data_ptr(), rows, cfg.hidden_size, cfg.num_heads,
-            cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, self.kv.block_size, block_tables.shape[1],
-            cfg.rms_norm_eps, cfg.head_dim ** -0.5, cache_bits(self.kv.k), torch.get_num_threads(),
+            cos_local.data_ptr(), sin_local.data_ptr(), block_tables.data_ptr(), lengths.data_ptr(), rows,
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, self.scale, cache_bits(self.kv.k),
+            torch.get_num_threads(),
             _address(max_skips), _address(thresholds), first_hot, last_hot, _address(skipped))
         if gate is not None:
             gate.count_with(StepSkips(skipped.bool()))
