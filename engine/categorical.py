@@ -48,16 +48,18 @@ def _draw_ordered(logits: torch.Tensor, temperature: list[float], top_k: list[in
     values, ids = logits.topk(width, dim=-1)  # descending; dividing by a temperature keeps the order
     kept = device_values([k or width for k in top_k], dev)
     beyond_k = torch.arange(width, device=dev)[None, :] >= kept[:, None]
-    weights = _exp_scaled(values.masked_fill(beyond_k, float("-inf")), temperature)
-    # top-k renormalises over its k tokens; a row without top-k keeps the whole vocabulary's scale
+    weights = _min_p(_exp_scaled(values.masked_fill(beyond_k, float("-inf")), temperature), min_p)
+    # top-p's mass is that of the tokens top-k and min-p kept: top-k renormalises over its k tokens
+    # (those min-p kept), a row without top-k over the whole vocabulary's tokens min-p kept
     scale = weights.sum(-1)
     unbounded = [i for i, k in enumerate(top_k) if k == 0]
     may_reach_past = bool(unbounded) and width < vocab  # a row without top-k, candidates short of the vocabulary
     if may_reach_past:
-        part_temperature, = _pick(unbounded, temperature)
+        part_temperature, part_min_p = _pick(unbounded, temperature, min_p)
         part = take_rows(logits, unbounded)  # a copy, or the logits themselves, which a redraw still needs
-        put_rows(scale, unbounded, _exp_scaled(part.clone() if part is logits else part, part_temperature).sum(-1))
-    weights = _min_p(weights / scale[:, None], min_p)
+        put_rows(scale, unbounded,
+                 _min_p(_exp_scaled(part.clone() if part is logits else part, part_temperature), part_min_p).sum(-1))
+    weights = weights / scale[:, None]
     if any(p < 1.0 for p in top_p):
         before = weights.cumsum(-1) - weights  # mass of the more likely kept tokens
         # rows without top-p keep every token (a float32 running sum may reach 1 before the tail)

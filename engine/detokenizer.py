@@ -1,8 +1,8 @@
 """Incremental detokenization with stop strings.
 
-Text is released only when it is final: never half a UTF-8 character (while the tokens not yet
-released end partway through one, their text's trailing U+FFFD waits for the next token; a U+FFFD
-the model wrote itself, or bytes that are no UTF-8, go out at once), and never a suffix that could
+Text is released only when it is final: never half a UTF-8 character (the last tokens, where
+they hold a character's start whose end is still to come, wait for the next token; a U+FFFD the
+model wrote itself, or bytes that are no UTF-8, go out at once), and never a suffix that could
 still grow into a stop string. Half a character left at the end (`max_tokens` cut it) is dropped,
 as vLLM drops it.
 A stop string is cut out of the output with everything after it (or kept, and only what follows
@@ -34,12 +34,15 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int, may_stop: bool = True) -> None:
         """`may_stop`: whether a stop string completed by this token's text ends the output."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        if full.endswith("\ufffd") and self._ends_partway() or len(full) <= len(prefix):
-            return  # an incomplete character (or nothing new yet): wait for more tokens
+        end = len(self.ids) - self._held_tokens()
+        if end <= self.read_offset:
+            return  # only the start of a character so far: wait for more tokens
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], clean=False)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:end], clean=False)
+        if len(full) <= len(prefix):
+            return  # nothing new yet
         new = full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.prefix_offset, self.read_offset = self.read_offset, end
         self.text += new
         fed = 0
         while fed < len(new):
@@ -51,11 +54,19 @@ class IncrementalDetokenizer:
                 self.stopped = True
                 return
 
-    def _ends_partway(self) -> bool:
-        """Whether the bytes of the tokens not yet released end partway through a UTF-8 character."""
+    def _held_tokens(self) -> int:
+        """How many of the last tokens wait: those holding the start of a UTF-8 character whose end
+        has not come yet (at most 3 bytes; the tokens before them, bytes that are no UTF-8 included,
+        go out). Special tokens' text is whole."""
+        pieces = [self.tokenizer.piece_bytes(t) for t in self.ids[self.read_offset:]]
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder.decode(b"".join(self.tokenizer.piece_bytes(t) for t in self.ids[self.read_offset:]))
-        return bool(decoder.getstate()[0])  # the bytes it holds back: a character's start, its end to come
+        decoder.decode(b"".join(pieces))
+        pending = len(decoder.getstate()[0])  # the bytes it holds back: a character's start
+        held = 0
+        while pending > 0:
+            pending -= len(pieces[-1 - held])
+            held += 1
+        return held
 
     def take(self, final: bool) -> str:
         """Text not yet handed out that can no longer turn into a stop string."""

@@ -37,5 +37,16 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
                           -padded(values, logits, pad=0.0, dtype=logits.dtype), accumulate=True)
     for i, p in enumerate(params):
         if p.logit_bias:
-            logits[i, device_values(list(p.logit_bias), logits.device)] += \
-                device_values(list(p.logit_bias.values()), logits.device, logits.dtype)
+            ids, values = bias_tensors(p, logits)
+            logits[i, ids] += values
+
+
+def bias_tensors(params: SamplingParams, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's logit_bias as (ids, values) on the logits' device and in their dtype: made once, at
+    its first step (a bias may name every token of the vocabulary)."""
+    made = params.logit_bias_tensors
+    if made is None or made[0].device != logits.device or made[1].dtype != logits.dtype:
+        made = params.logit_bias_tensors = (device_values(list(params.logit_bias), logits.device),
+                                            device_values(list(params.logit_bias.values()), logits.device,
+                                                          logits.dtype))
+    return made

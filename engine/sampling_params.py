@@ -31,6 +31,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # the bias as tensors, built once by the sampler (engine/penalties.py), not per step
+    logit_bias_tensors: object = field(default=None, repr=False, compare=False)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)

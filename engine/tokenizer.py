@@ -154,8 +154,12 @@ class Tokenizer:
         # as the same text sent to /v1/completions does (Gemma 3 answers nonsense without BOS).
         return self.encode(self.render_chat(messages, options), add_special_tokens=not self.has_chat_template)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._clean(self._tok.decode(ids, skip_special_tokens=True))
+    def decode(self, ids: list[int], clean: bool = True) -> str:
+        """`clean`: with the config's clean-up of spaces (as transformers' decode); the incremental
+        detokenizer reads the text without it, as vLLM streams it (the clean-up joins text across
+        token boundaries, so text already streamed could not take it)."""
+        text = self._tok.decode(ids, skip_special_tokens=True)
+        return self._clean(text) if clean else text
 
     def token_text(self, token_id: int) -> str:
         """Text of one token for logprobs (special tokens shown as themselves)."""

@@ -41,6 +41,7 @@ class ServerState:
     served_names: tuple[str, ...]  # the model's names in the API, the first its own
     api_key: str | None = None
     responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a body's limit, and that of what its references bring
     draining: bool = False
     started: float = field(default_factory=time.time)
 
@@ -64,7 +65,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     metrics = Metrics(engine)
     engine.on_step = metrics.on_step
     engine.on_dead = on_engine_failed
-    state = ServerState(engine, metrics, tuple(dict.fromkeys(served_names)), api_key)
+    state = ServerState(engine, metrics, tuple(dict.fromkeys(served_names)), api_key,
+                        max_request_bytes=max_request_bytes)
 
     def load_done(task: asyncio.Task) -> None:
         if task.cancelled():

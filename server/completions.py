@@ -136,8 +136,12 @@ class CompletionCall:
         if left is not None:
             return left
         usage.finish_metrics(self.timer, overall_finish(c.finish_reason for c in choices.values()))
-        return JSONResponse(dict(self.header(), choices=[self._choice_body(i, c) for i, c in choices.items()],
-                                 usage=usage.body()))
+
+        def answer() -> JSONResponse:  # on a worker thread: n choices of thousands of tokens with logprobs
+            return JSONResponse(dict(self.header(), choices=[self._choice_body(i, c) for i, c in choices.items()],
+                                     usage=usage.body()))  # take the event loop for seconds to build and encode
+
+        return await asyncio.to_thread(answer)
 
     def _tool_calls(self, c: Choice) -> list[dict] | None:
         """A finished answer's tool calls, where the request allows them and the answer is one."""

@@ -61,6 +61,17 @@ def find_non_text(value, path: str = "") -> str | None:
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """An explicit null for a field with a default means that default, as OpenAI's schema types
+        those fields "... or null" (`"n": null`, `"stream": null`)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].is_required() or fields[k].default is None}
+
 
 class RequestBody(Strict):
     """A whole request body: a JSON object whose strings are all valid Unicode text."""

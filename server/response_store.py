@@ -74,10 +74,25 @@ class ResponseStore:
 
     def item(self, item_id: str) -> dict | None:
         """A stored response's output or input item, by its id (None where none is stored)."""
-        owners = self.item_owners.get(item_id)
-        if not owners:
-            return None
-        return next((i for i in self.entries[next(iter(owners))].items() if i.get("id") == item_id), None)
+        return self.finder()(item_id)
+
+    def finder(self):
+        """item(id) for many ids (one request's references): each stored response they name is
+        parsed once, however many of its items are asked for."""
+        parsed: dict[str, dict] = {}  # response id -> its items by id
+
+        def find(item_id: str) -> dict | None:
+            owners = self.item_owners.get(item_id)
+            if not owners:
+                return None
+            owner = next(iter(owners))
+            if owner not in parsed:
+                by_id = parsed[owner] = {}
+                for item in self.entries[owner].items():
+                    by_id.setdefault(item.get("id"), item)
+            return parsed[owner].get(item_id)
+
+        return find
 
     def delete(self, response_id: str) -> bool:
         entry = self.entries.pop(response_id, None)

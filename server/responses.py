@@ -8,6 +8,7 @@ conversation a `previous_response_id` names) become chat messages, rendered and 
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -24,11 +25,6 @@ from server.generation import Usage, check_model, consume, encode_chat, ready_to
 from server.responses_protocol import ResponsesRequest, new_id
 
 router = APIRouter()
-
-
-def _second_turn(messages: list[dict]) -> int | None:
-    """Where the conversation's second turn starts (its next user message), None with one turn left."""
-    return next((i for i, m in enumerate(messages) if i > 0 and m["role"] == "user"), None)
 
 
 class Answer:
@@ -68,18 +64,34 @@ class ResponseCall:
                                "previous_response_id", "previous_response_not_found")
             self.earlier = entry.messages
         sampling = body.to_sampling()
-        body.resolve_references(state.responses.item)
+        body.resolve_references(state.responses.finder(), state.max_request_bytes)
         instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
         self.given = body.messages()
         messages = self.earlier + self.given
         prompt_ids = await encode_chat(state, instructions + messages, body.tool_use)
-        if body.truncation == "auto":  # drop the oldest turns until the prompt leaves room for the answer
-            limit = state.engine.config.max_model_len - (body.max_output_tokens or 1)
-            while len(prompt_ids) > limit and (turn := _second_turn(messages)) is not None:
-                messages = messages[turn:]
-                prompt_ids = await encode_chat(state, instructions + messages, body.tool_use)
+        limit = state.engine.config.max_model_len - (body.max_output_tokens or 1)
+        if body.truncation == "auto" and len(prompt_ids) > limit:
+            prompt_ids = await self.latest_turns(instructions, messages, limit)
         stream, self.timer = await submit(state, self.id, [prompt_ids], sampling, body.skip(), "input")
         return stream
+
+    async def latest_turns(self, instructions: list[dict], messages: list[dict], limit: int) -> list[int]:
+        """truncation "auto": the prompt of the most turns, latest first, that fits in `limit` tokens
+        (the oldest turns dropped; each turn starts at a user message), found by bisection over the
+        turns' starts; the last turn alone where none fits (too long: refused as such)."""
+        starts = [i for i, m in enumerate(messages) if i > 0 and m["role"] == "user"]
+        low, high, fitting = 0, len(starts) - 1, None
+        while low <= high:
+            mid = (low + high) // 2
+            ids = await encode_chat(self.state, instructions + messages[starts[mid]:], self.body.tool_use)
+            if len(ids) <= limit:
+                fitting, high = ids, mid - 1
+            else:
+                low = mid + 1
+        if fitting is None:  # the last turn alone (the whole, with one turn): refused as too long
+            fitting = await encode_chat(self.state, instructions + messages[starts[-1] if starts else 0:],
+                                        self.body.tool_use)
+        return fitting
 
     # ---- the response object -----------------------------------------------------------------
     def calls(self, answer: Answer) -> list[dict] | None:
@@ -117,11 +129,17 @@ class ResponseCall:
                 "error": error, "incomplete_details": incomplete, "model": self.body.model, "output": output,
                 "usage": usage, **self.body.echo()}
 
-    def finish(self, answer: Answer) -> tuple[dict, str]:
-        """The final response object and its JSON; stored where the request asks; the request's metrics."""
+    def render(self, answer: Answer) -> tuple[list[dict] | None, dict, str]:
+        """The answer's tool calls, the final response object and its JSON."""
         calls = self.calls(answer)
         body = self.response(self.status(answer), self.output(answer, calls), answer.usage.response_body())
-        text = json.dumps(body)
+        return calls, body, json.dumps(body)
+
+    async def finish(self, answer: Answer) -> tuple[dict, str]:
+        """The final response object and its JSON (made on a worker thread: thousands of tokens with
+        logprobs take the event loop for a good part of a second); stored where the request asks;
+        the request's metrics."""
+        calls, body, text = await asyncio.to_thread(self.render, answer)
         answer.usage.finish_metrics(self.timer, answer.finish_reason)
         if self.body.store:
             said = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
@@ -139,7 +157,7 @@ class ResponseCall:
             answer.add(out)
 
         left = await consume(self.request, stream, on_output, self.timer)
-        return left if left is not None else Response(self.finish(answer)[1], media_type="application/json")
+        return left if left is not None else Response((await self.finish(answer))[1], media_type="application/json")
 
     # ---- streaming ---------------------------------------------------------------------------
     def holding(self, answer: Answer) -> bool:
@@ -181,7 +199,7 @@ class ResponseCall:
                             yield e
                     for e in delta():
                         yield e
-            final, _ = self.finish(answer)
+            final, _ = await self.finish(answer)
             if final["output"][0]["type"] == "function_call":  # the calls, with the ids stored
                 for i, item in enumerate(final["output"]):
                     yield event("response.output_item.added", output_index=i,

@@ -10,6 +10,7 @@ their field, as every field this server does not implement is.
 """
 from __future__ import annotations
 
+import json
 import uuid
 from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
@@ -257,18 +258,30 @@ class ResponsesRequest(SamplingRequest):
                                             f"tools.{i}")
         return value
 
-    def resolve_references(self, lookup) -> None:
+    def resolve_references(self, lookup, max_bytes: int) -> None:
         """Each `item_reference` replaced by the item `lookup(id)` finds (a stored response's), or a
-        400 naming it where none is stored."""
+        400 naming it where none is stored. Each id is looked up once; what the references bring
+        counts against `max_bytes` (the body's own limit): a short body cannot repeat a large item
+        into a prompt of gigabytes."""
         if isinstance(self.input, str):
             return
+        found: dict[str, tuple] = {}  # id -> (item, its JSON's size)
+        brought = 0
         for i, item in enumerate(self.input):
-            if isinstance(item, ItemReference):
-                found = lookup(item.id)
-                if found is None:
+            if not isinstance(item, ItemReference):
+                continue
+            if item.id not in found:
+                stored = lookup(item.id)
+                if stored is None:
                     raise InvalidParamError(f"no stored item has the id '{item.id}' (it was not stored, or was "
                                             "deleted or dropped for room)", f"input.{i}")
-                self.input[i] = _ITEM.validate_python(found)
+                found[item.id] = (_ITEM.validate_python(stored), len(json.dumps(stored)))
+            resolved, size = found[item.id]
+            brought += size
+            if brought > max_bytes:
+                raise InvalidParamError(f"the items the input references come to more than {max_bytes} bytes, the "
+                                        "limit of a request body", f"input.{i}")
+            self.input[i] = resolved
 
     def messages(self) -> list[dict]:
         """This request's own messages: its input, without the instructions (they are not carried

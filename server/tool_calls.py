@@ -59,7 +59,7 @@ def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bo
     message (templates that insist on alternating roles refuse two user turns in a row)."""
     names = {}  # call id -> tool name, for the results
     out = []
-    results_at = None  # where the user message holding the latest run of results is
+    results_at, results = None, []  # where the user message holding the latest run of results is, its parts
     for m in messages:
         if m["role"] == "assistant" and m.get("tool_calls"):
             calls = [{"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])}
@@ -70,13 +70,16 @@ def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bo
         elif m["role"] == "tool":
             name = names.get(m.get("tool_call_id"), "a tool")
             result = f"Result of {name} (call {m.get('tool_call_id')}):\n{m['content']}"
-            if results_at == len(out) - 1:
-                out[-1]["content"] += "\n\n" + result
-            else:
-                out.append({"role": "user", "content": result})
-                results_at = len(out) - 1
+            if results_at != len(out) - 1:
+                out.append({"role": "user", "content": None})  # joined below: linear in the results
+                results_at, results = len(out) - 1, []
+            results.append(result)
+            out[results_at]["content"] = results
         else:
             out.append({"role": m["role"], "content": m["content"] or ""})
+    for m in out:
+        if isinstance(m["content"], list):
+            m["content"] = "\n\n".join(m["content"])
     if tools:
         listing = tools_message(tools, parallel, listed)
         if out and out[0]["role"] in ("system", "developer"):

@@ -1,6 +1,8 @@
 """Streaming text is UTF-8 safe: a multi-byte character split over tokens is never cut."""
 from __future__ import annotations
 
+import copy
+
 from engine.detokenizer import IncrementalDetokenizer
 
 
@@ -29,6 +31,39 @@ def test_a_replacement_character_the_model_writes_is_released_at_once(engine):
         pieces.append(detok.take(final=False))
     assert "".join(pieces) == "a\ufffd"
     assert detok.take(final=True) == ""
+
+
+def test_lone_character_starts_go_out_as_replacement_characters(engine):
+    """Tokens that each start a two-byte character and never end it (C3 C3 C3 ...): each start is
+    no UTF-8 once the next one comes, and goes out as U+FFFD then; only the last one waits, and
+    an end for it makes a character. (Every
+    start once waited, for the whole output, and the output ended empty.)"""
+    lead = engine.tokenizer.token_bytes().index(b"\xc3")
+    detok = IncrementalDetokenizer(engine.tokenizer, [], stop=[])
+    pieces = []
+    for _ in range(50):
+        detok.add_token(lead)
+        pieces.append(detok.take(final=False))
+    assert pieces[0] == "" and all(p == "\ufffd" for p in pieces[1:])
+    assert detok.read_offset == len(detok.ids) - 1  # one token waits, not the whole output
+    detok.add_token(engine.tokenizer.token_bytes().index(b"\xa9"))  # the last start's end: C3 A9 is é
+    assert detok.take(final=True) == "\u00e9"
+
+
+def test_streamed_text_is_the_raw_decode_where_the_config_cleans_up_spaces(engine):
+    """With `clean_up_tokenization_spaces` (GPT-2-style configs) the clean-up joins text across
+    tokens (" 's" -> "'s"): streamed text is the raw decode, as vLLM streams it. It was the cleaned
+    decode, diffed token by token, and lost characters ("it 's good" streamed as "it ' good")."""
+    tokenizer = copy.copy(engine.tokenizer)
+    tokenizer._clean_up_spaces = True
+    ids = tokenizer.encode("it 's good . And x ! Or y , they 're here", add_special_tokens=False)
+    assert tokenizer.decode(ids) != tokenizer.decode(ids, clean=False)  # the clean-up applies here
+    detok = IncrementalDetokenizer(tokenizer, [], stop=[])
+    out = ""
+    for t in ids:
+        detok.add_token(t)
+        out += detok.take(final=False)
+    assert out + detok.take(final=True) == tokenizer.decode(ids, clean=False)
 
 
 def test_half_a_character_at_the_end_is_dropped(engine):

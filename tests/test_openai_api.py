@@ -227,6 +227,21 @@ def test_chat_templating_options_that_cannot_hold_are_400s(server, options, mess
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+def test_null_for_a_field_with_a_default_takes_the_default(server):
+    """OpenAI's schema types these fields "... or null", and clients send null for "unset"."""
+    chat = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": None, "stream": None,
+        "logprobs": None, "ignore_eos": None, "stream_options": {"include_usage": None}})
+    assert chat.status_code == 200, chat.text
+    assert len(chat.json()["choices"]) == 1 and chat.json()["choices"][0].get("logprobs") is None
+    response = httpx.post(server.url + "/v1/responses", timeout=60, json={
+        "model": MODEL, "input": "hi", "max_output_tokens": 3, "store": None, "truncation": None})
+    assert response.status_code == 200, response.text
+    assert response.json()["truncation"] == "disabled"
+    missing = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={"model": MODEL, "messages": None})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"  # a required field stays so
+
+
 def test_models_health_version_tokenize(server):
     models = httpx.get(server.url + "/v1/models").json()
     assert models["data"][0]["id"] == MODEL

@@ -24,6 +24,7 @@ def reference_probs(logits, temperature, top_k, top_p, min_p):
     probs = x.softmax(-1)
     if min_p:
         probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()  # top-p measures the mass min-p kept (as vLLM)
     if top_p < 1.0:
         ordered, order = probs.sort(descending=True)
         ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered >= top_p, 0.0)
@@ -39,6 +40,7 @@ SETTINGS = [  # temperature, top_k, top_p, min_p, logit scale (a flat row has a 
     (1.0, 0, 0.9, 0.0, 3.0),  # ... inside the second (64) ...
     (1.0, 0, 0.95, 0.0, 0.3),  # ... and past both: drawn again over the whole sorted vocabulary
     (1.0, 50, 0.9, 0.05, 3.0),
+    (1.0, 0, 0.8, 0.05, 3.0),  # min-p and top-p without top-k: top-p's mass is what min-p kept of the vocabulary
     (1.3, VOCAB + 7, 1.0, 0.0, 1.0),  # top_k past the vocabulary keeps it all
     (2.0, 0, 0.5, 0.0, 0.01),
     (0.5, 3, 0.99, 0.0, 2.0),
