@@ -118,6 +118,10 @@ class ModelRunner:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Triton launches and graph captures go to the thread's current device: this thread's,
+            # which builds the model and runs every step
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
             native.load(config.cache_dir)  # C++ CPU kernels (engine/native); torch paths without them

@@ -41,6 +41,10 @@ SHAPES = {
                      head_dim=128, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                       head_dim=128, vocab_size=1024),  # the vocabulary only sizes the embedding: kept small
+    # Gemma 3 1B's attention shape (head_dim 256) on Llama layers: its decode attention and K/V
+    # write (the eager path Gemma 3 takes) at the widest head any served model has
+    "gemma3-1b": dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
+                      head_dim=256, vocab_size=1024),
 }
 
 

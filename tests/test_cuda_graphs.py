@@ -115,6 +115,17 @@ def toy_decode_step(buffers, num_layers=6, hidden=128, heads=4, kv_heads=2, head
 
 
 @cuda
+def test_the_backend_finds_its_triton_kernels_launch_here():
+    """A host where Triton's launcher cannot be built (no C compiler, no Python headers) falls back to
+    the torch path at start; this CUDA host must not."""
+    pytest.importorskip("triton")
+    from engine.backends.cuda import CUDABackend
+
+    backend = CUDABackend()
+    assert backend.triton and backend.decode_reads_kv_in_place
+
+
+@cuda
 def test_replayed_graph_equals_the_eager_step_and_padded_rows_write_nothing():
     buffers = StaticDecodeBuffers(max_batch=8, max_blocks=4, block_size=BLOCK_SIZE, device="cuda")
     forward, gate, caches = toy_decode_step(buffers)

@@ -19,8 +19,9 @@ class CUDABackend(TorchBackend):
     name = "cuda"
 
     def __init__(self):
-        # torch's CUDA wheels bring triton; without it every op is the torch backend's
-        self.triton = importlib.util.find_spec("triton") is not None
+        # torch's CUDA wheels bring triton; without it, or where its kernels cannot launch, every op
+        # is the torch backend's
+        self.triton = importlib.util.find_spec("triton") is not None and _triton_launches()
         self.decode_reads_kv_in_place = self.triton  # the Triton paged decode attention, every model
 
     def decode_step(self, model, kv, config, policy):
@@ -52,6 +53,24 @@ class CUDABackend(TorchBackend):
 
         write_kv(k, v, k_cache, v_cache, meta.write_blocks * meta.block_size + meta.write_offsets)
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window)
+
+
+def _triton_launches() -> bool:
+    """Whether a Triton kernel compiles and runs on the current device: its first launch builds
+    Triton's C launcher, which needs a C compiler and Python's headers on the host (an image
+    without them fails there, at the first step)."""
+    try:
+        from engine.backends.cuda.write_kv import write_kv
+
+        k = torch.ones(1, 1, 16, device="cuda")
+        k_cache, v_cache = torch.zeros(2, 1, 1, 1, 16, device="cuda")
+        write_kv(k, k, k_cache, v_cache, torch.zeros(1, dtype=torch.int32, device="cuda"))
+        if not torch.equal(k_cache.view(-1), k.view(-1)):
+            raise RuntimeError("a test write of K/V read back wrong")
+    except Exception as exc:
+        log.warning("Triton kernels do not run here (%s: %s): every op runs on the torch path", type(exc).__name__, exc)
+        return False
+    return True
 
 
 __all__ = ["CUDABackend"]
