@@ -120,3 +120,34 @@ def test_gemma3_native_decode_step_is_the_per_op_path_to_the_bit(gemma_engine):
     prompts = [long[:600], tokenizer.encode(PROMPTS[0]), long[:530]]
     assert len(prompts[0]) == 600 and len(prompts[2]) == 530
     assert_layer_calls_equal_the_per_op_path(gemma_engine, prompts)
+
+
+def test_gemma3_speculation_and_short_chunks_give_the_tokens_of_plain_decoding(gemma_engine):
+    """With the native step, Gemma's drafts are checked as decode rows of their sequence, and short
+    prompt chunks after a cached prefix go as rows too: the greedy tokens stay plain decoding's, past
+    the sliding window as well (a 600-token prompt that repeats itself, so drafts are taken)."""
+    from engine.sampling_params import SamplingParams
+    from tests.helpers import assert_all_blocks_back, engine_like
+
+    speculative = engine_like(gemma_engine, speculative_tokens=4)
+    if not speculative.speculative_tokens:
+        pytest.skip("speculation needs the native CPU decode step (no native GEMMs here)")
+    tokenizer = gemma_engine.tokenizer
+    text = " ".join(f"Station {i} reports {i * 7 % 13} boats." for i in range(60))
+    prompt = tokenizer.encode(text + "\n\nAgain, word for word:\n" + text[:300])
+    follow = prompt + tokenizer.encode(" Then", add_special_tokens=False)  # a short chunk after the cached prompt
+    assert len(prompt) > 512
+    params = SamplingParams(max_tokens=48, temperature=0)
+
+    def greedy(engine, ids):
+        engine.add_request("r", ids, params)
+        out = []
+        while engine.has_work:
+            out += [t for o in engine.step()[0] for t in o.token_ids]
+        return out
+
+    plain = [greedy(gemma_engine, p) for p in (prompt, follow)]
+    accepted = speculative.accepted_draft_tokens_total
+    assert [greedy(speculative, p) for p in (prompt, follow)] == plain
+    assert speculative.accepted_draft_tokens_total > accepted  # the copy's drafts were taken
+    assert_all_blocks_back(speculative)
