@@ -70,11 +70,20 @@ class ModelConfig:
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             eos_token_ids=eos_ids,
-            layer_types=raw.get("layer_types"),
+            layer_types=raw.get("layer_types") or _pattern_layer_types(raw),
             sliding_window=raw.get("sliding_window"),
             query_pre_attn_scalar=raw.get("query_pre_attn_scalar"),
             rope_local_theta=local_theta,
         )
+
+
+def _pattern_layer_types(raw: dict) -> list[str] | None:
+    """Layer types from `sliding_window_pattern` (configs written before `layer_types`, as
+    transformers reads them): every pattern-th layer full attention, the others sliding."""
+    pattern = raw.get("sliding_window_pattern")
+    if not pattern or not raw.get("sliding_window"):
+        return None
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(raw["num_hidden_layers"])]
 
 
 @dataclass

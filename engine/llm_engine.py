@@ -177,8 +177,10 @@ class LLMEngine:
         """Block tables for rows of up to `lengths[i]` tokens, outside the scheduler (calibration,
         the quality harness, tests drive `runner.prefill` / `runner.decode` with them); returned
         to the pool on exit. Call between steps, never inside one."""
-        tables = [self.blocks.allocate_blocks(blocks_for(n, self.config.block_size)) for n in lengths]
-        try:
+        tables = []
+        try:  # a table that cannot be had gives back those already taken
+            for n in lengths:
+                tables.append(self.blocks.allocate_blocks(blocks_for(n, self.config.block_size)))
             yield tables
         finally:
             for table in tables:

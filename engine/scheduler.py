@@ -219,7 +219,8 @@ class Scheduler:
         if dense and seq.dense_kv == seq.num_computed:
             seq.dense_kv = num_computed
         seq.num_computed = num_computed
-        self.blocks.publish(seq.seq_id, seq.block_table, seq.token_ids(), seq.dense_kv)
+        if self.blocks.publishes(seq.seq_id, seq.dense_kv):  # once a block: the token list is a copy
+            self.blocks.publish(seq.seq_id, seq.block_table, seq.token_ids(), seq.dense_kv)
         new = max(0, min(num_computed, len(seq.prompt_ids)) - seq.prompt_computed)
         seq.prompt_computed += new
         return new

@@ -155,15 +155,16 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, options), add_special_tokens=not self.has_chat_template)
 
     def decode(self, ids: list[int], clean: bool = True) -> str:
-        """`clean`: with the config's clean-up of spaces (as transformers' decode); the incremental
-        detokenizer reads the text without it, as vLLM streams it (the clean-up joins text across
-        token boundaries, so text already streamed could not take it)."""
+        """`clean`: with the config's clean-up of spaces (as transformers' decode: /detokenize).
+        Generated text goes without it, as vLLM streams it (the clean-up joins text across token
+        boundaries, so text already streamed could not take it), and so do echoed prompts and
+        logprobs' tokens, which sum to that text."""
         text = self._tok.decode(ids, skip_special_tokens=True)
         return self._clean(text) if clean else text
 
     def token_text(self, token_id: int) -> str:
         """Text of one token for logprobs (special tokens shown as themselves)."""
-        return self._clean(self._tok.decode([token_id], skip_special_tokens=False))
+        return self._tok.decode([token_id], skip_special_tokens=False)
 
     def _clean(self, text: str) -> str:
         """transformers' clean_up_tokenization, where the tokenizer's config asks for it."""

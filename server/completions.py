@@ -94,7 +94,8 @@ class CompletionCall:
         prompts = await tokenize_batch(state, given, "prompt", choices=self.body.n)
         if self.body.echo:
             tokenizer = ready_tokenizer(state)
-            self.echoed = [p if isinstance(p, str) else await asyncio.to_thread(tokenizer.decode, p) for p in given]
+            self.echoed = [p if isinstance(p, str) else await asyncio.to_thread(tokenizer.decode, p, False)
+                           for p in given]  # raw, as the generated text goes on from it
         return prompts
 
     def shown(self, out):

@@ -136,11 +136,14 @@ class ResponseCall:
         return calls, body, json.dumps(body)
 
     async def finish(self, answer: Answer) -> tuple[dict, str]:
-        """The final response object and its JSON (made on a worker thread: thousands of tokens with
-        logprobs take the event loop for a good part of a second); stored where the request asks;
-        the request's metrics."""
-        calls, body, text = await asyncio.to_thread(self.render, answer)
+        """The request's metrics (its generation ended); the final response object and its JSON, made
+        on a worker thread (thousands of tokens with logprobs take the event loop for a good part
+        of a second), and stored where the request asks, even if the client leaves meanwhile."""
         answer.usage.finish_metrics(self.timer, answer.finish_reason)
+        return await asyncio.shield(asyncio.ensure_future(self._render_and_store(answer)))
+
+    async def _render_and_store(self, answer: Answer) -> tuple[dict, str]:
+        calls, body, text = await asyncio.to_thread(self.render, answer)
         if self.body.store:
             said = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
                 {"role": "assistant", "content": answer.text}

@@ -105,8 +105,18 @@ class ItemReference(Strict):
 ITEM_KINDS = ("message", "function_call", "function_call_output", "item_reference")
 
 
+def _prompt_bytes(item: dict) -> int:
+    """What a stored item brings to a prompt, in UTF-8 bytes of its JSON, its output text's
+    logprobs left out (a prompt never reads them)."""
+    if isinstance(item.get("content"), list):
+        item = dict(item, content=[{k: v for k, v in part.items() if k != "logprobs"} if isinstance(part, dict)
+                                   else part for part in item["content"]])
+    return len(json.dumps(item, ensure_ascii=False).encode())
+
+
 def _item_kind(value) -> str:
-    return value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind or "message"  # absent or null: a message
 
 
 InputItem = Annotated[Union[Annotated[InputMessage, Tag("message")],
@@ -275,7 +285,7 @@ class ResponsesRequest(SamplingRequest):
                 if stored is None:
                     raise InvalidParamError(f"no stored item has the id '{item.id}' (it was not stored, or was "
                                             "deleted or dropped for room)", f"input.{i}")
-                found[item.id] = (_ITEM.validate_python(stored), len(json.dumps(stored)))
+                found[item.id] = (_ITEM.validate_python(stored), _prompt_bytes(stored))
             resolved, size = found[item.id]
             brought += size
             if brought > max_bytes:

@@ -81,3 +81,16 @@ def test_prefix_caching_off_never_hits():
     blocks = BlockManager(num_blocks=8, block_size=BS, prefix_caching=False)
     run_and_free(blocks, "a", list(range(9)))
     assert blocks.allocate("b", list(range(9)), 9)[1] == 0
+
+
+def test_a_block_is_due_for_publishing_once_it_is_full_and_dense():
+    """The scheduler asks `publishes` each step before it builds the token list `publish` reads."""
+    blocks = BlockManager(num_blocks=8, block_size=BS)
+    tokens = list(range(10))
+    table, _ = blocks.allocate("a", tokens, 10)
+    assert [blocks.publishes("a", n) for n in (0, 3, 4, 7, 8)] == [False, False, True, True, True]
+    blocks.publish("a", table, tokens, 7)  # one full block offered
+    assert [blocks.publishes("a", n) for n in (7, 8)] == [False, True]
+    blocks.publish("a", table, tokens, 8)
+    assert not blocks.publishes("a", 9)
+    assert not BlockManager(num_blocks=8, block_size=BS, prefix_caching=False).publishes("a", 8)

@@ -151,3 +151,19 @@ def test_gemma3_speculation_and_short_chunks_give_the_tokens_of_plain_decoding(g
     assert [greedy(speculative, p) for p in (prompt, follow)] == plain
     assert speculative.accepted_draft_tokens_total > accepted  # the copy's drafts were taken
     assert_all_blocks_back(speculative)
+
+
+def test_a_config_with_only_sliding_window_pattern_gets_its_layer_types(tmp_path):
+    """Configs written before `layer_types` name the pattern only: the embedded model's layer types
+    come back from `sliding_window_pattern` 6 (every sixth layer full attention)."""
+    import json
+
+    from engine.config import ModelConfig
+    from engine.loader import ensure_hf_dir
+
+    raw = json.loads((ensure_hf_dir("gemma3-270m") / "config.json").read_text())
+    given = ModelConfig.from_hf_dir(ensure_hf_dir("gemma3-270m")).layer_types
+    assert given.count("full_attention") == 3 and len(given) == 18
+    older = {k: v for k, v in raw.items() if k != "layer_types"} | {"sliding_window_pattern": 6}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    assert ModelConfig.from_hf_dir(tmp_path).layer_types == given

@@ -2,6 +2,8 @@
 pressure that changes no token, and every block returned by aborts and finishes."""
 from __future__ import annotations
 
+import pytest
+
 from engine.sampling_params import SamplingParams
 from tests.helpers import assert_all_blocks_back, engine_like
 
@@ -105,3 +107,13 @@ def test_a_sequence_no_empty_cache_could_hold_fails_its_request_alone(engine, ch
     assert out.finish_reason == "error" and "KV cache" in out.error and ids == []
     assert len(after) == 4
     assert_all_blocks_back(small)
+
+
+def test_kv_blocks_that_cannot_all_be_had_give_back_those_taken(engine):
+    """Tables outside the scheduler (calibration, the quality harness): the first taken, the second
+    too large for the pool; the first goes back (it stayed referenced)."""
+    too_many = (engine.blocks.num_blocks + 1) * engine.config.block_size
+    with pytest.raises(RuntimeError, match="KV blocks asked"):
+        with engine.kv_blocks([32, too_many]):
+            pass
+    assert_all_blocks_back(engine)

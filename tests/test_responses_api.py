@@ -330,3 +330,21 @@ def test_fields_clients_send_with_their_defaults_are_taken(client):
     r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, reasoning=None, service_tier="auto",
                                 text={"verbosity": "medium"}, truncation="disabled")
     assert r.status in ("completed", "incomplete")
+
+
+def test_references_that_repeat_a_stored_item_past_the_body_limit_are_a_400(client, server):
+    """A short body cannot repeat a stored item into a prompt of gigabytes: what its references
+    bring counts against the request body's limit (4 MiB by default)."""
+    r = client.responses.create(model=MODEL, input="Say something long.", max_output_tokens=40, temperature=0)
+    message = r.output[0]
+    assert message.type == "message" and len(message.content[0].text) >= 60  # the references' body stays < 4 MiB
+    times = 4 * 2**20 // len(message.content[0].text.encode()) + 1  # past the limit by the text alone
+    refs = [{"type": "item_reference", "id": message.id}] * times
+    answer = httpx.post(server.url + "/v1/responses", timeout=120, json={
+        "model": MODEL, "input": [{"type": None, "role": "user", "content": "hi"}, *refs], "max_output_tokens": 2})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"].startswith("input.") and "limit of a request body" in error["message"]
+    few = httpx.post(server.url + "/v1/responses", timeout=120, json={  # a null type is a message, as absent
+        "model": MODEL, "input": [{"type": None, "role": "user", "content": "hi"}, *refs[:3]], "max_output_tokens": 2})
+    assert few.status_code == 200, few.text

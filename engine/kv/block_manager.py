@@ -101,6 +101,11 @@ class BlockManager:
         if missing > 0:
             table.extend(self.allocate_blocks(missing))
 
+    def publishes(self, seq_id: str, num_dense: int) -> bool:
+        """Whether `publish` would offer a block (a full dense block not yet offered): asked before
+        the caller builds the token list `publish` reads."""
+        return self.prefix_caching and (self._chains.get(seq_id, (0, None))[0] + 1) * self.block_size <= num_dense
+
     def publish(self, seq_id: str, table: list[int], token_ids: list[int], num_dense: int) -> None:
         """Offer for reuse the full blocks among the first `num_dense` tokens (K/V computed with
         every FFN). A prefix another block already holds stays with that block."""
