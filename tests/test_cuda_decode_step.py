@@ -127,3 +127,17 @@ def test_the_step_takes_only_rows_its_buffers_hold_and_rules_its_gate_runs(engin
     assert not step.takes(1, [[0]], RecordingGate(model.cfg.num_layers))  # a gate that acts in Python
     aligned = build_policy(SkipConfig(policy="batch_aligned"), model.cfg.num_layers)
     assert not step.takes(1, [[0]], aligned.make_gate([RowSkip(4, 0.9)], "cpu"))  # another rule
+
+
+@pytest.mark.parametrize("skip", [SkipConfig(policy="none"), SkipConfig(max_budget=0.0),
+                                  SkipConfig(cold_start=16, cold_end=16)], ids=["none", "no-budget", "all-cold"])
+def test_a_policy_that_never_skips_gets_no_gated_step(engine, torch_model, skip):
+    """No gated variant is built (nor captured as graphs on a GPU) where no row may ever skip."""
+    model, kv = torch_model
+    policy = build_policy(skip, model.cfg.num_layers)
+    assert not policy.may_skip and build_policy(engine.config.skip, model.cfg.num_layers).may_skip
+    step = LlamaDecodeStep(model, kv, max_batch=2, max_blocks=4, skip=skip, quorum=policy.quorum,
+                           may_skip=policy.may_skip)
+    assert list(step.graphs.forwards) == ["dense"]
+    rule = build_policy(engine.config.skip, model.cfg.num_layers).make_gate([RowSkip(4, 0.9)], "cpu")
+    assert step.takes(1, [[0]], DenseGate(model.cfg.num_layers)) and not step.takes(1, [[0]], rule)

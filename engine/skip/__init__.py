@@ -15,6 +15,7 @@ from engine.skip.ffn_skipllm import FFNSkipLLMPolicy
 
 class NoSkipPolicy(SkipPolicy):
     name = "none"
+    may_skip = False
 
     def make_gate(self, rows, device):
         return DenseGate(self.num_layers)

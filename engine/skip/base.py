@@ -89,6 +89,12 @@ class SkipPolicy:
         self.config, self.num_layers = config, num_layers
         self.max_skippable = max(0, num_layers - config.cold_start - config.cold_end)
 
+    @property
+    def may_skip(self) -> bool:
+        """Whether any token may skip an FFN under this policy and its settings (the largest budget
+        allows one, and a hot layer exists): where not, every step is dense."""
+        return min(self.max_skippable, int(self.config.max_budget * self.num_layers + 1e-9)) > 0
+
     def row_skip(self, plan: TokenSkipPlan, generated_index: int) -> RowSkip:
         """Skips allowed for the token produced at `generated_index` (0 = first generated token).
 

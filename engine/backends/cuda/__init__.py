@@ -35,7 +35,7 @@ class CUDABackend(TorchBackend):
                      "with dense weights (this model: %s layers)", model.layers[0].kind)
             return None
         step = LlamaDecodeStep(model, kv, config.max_num_seqs, blocks_for(config.max_model_len, kv.block_size),
-                               config.skip, policy.quorum)
+                               config.skip, policy.quorum, policy.may_skip)
         with torch.inference_mode():
             step.tune()  # the masked FFN kernels' tiles for this card, logged beside cuBLAS
         if config.enforce_eager:

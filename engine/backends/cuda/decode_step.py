@@ -44,9 +44,11 @@ from engine.skip.base import RuleGate
 
 
 class LlamaDecodeStep:
-    def __init__(self, model, kv, max_batch: int, max_blocks: int, skip: SkipConfig, quorum: float | None):
+    def __init__(self, model, kv, max_batch: int, max_blocks: int, skip: SkipConfig, quorum: float | None,
+                 may_skip: bool = True):
         """model: a LlamaModel that `fits`; kv: its KV cache; max_batch rows and max_blocks blocks a
-        row at most (the static buffers' size); skip: cold layers; quorum: the policy's rule."""
+        row at most (the static buffers' size); skip: cold layers; quorum: the policy's rule;
+        may_skip: whether any row may ever skip (where not, no gated variant is built or captured)."""
         cfg = model.cfg
         self.model, self.kv, self.cfg = model, kv, cfg
         self.rope = model.ropes["global"]
@@ -55,9 +57,10 @@ class LlamaDecodeStep:
         self.buffers = StaticDecodeBuffers(max_batch, max_blocks, kv.block_size, kv.k.device)
         self.gate = DeviceSkipGate(self.buffers.max_skips, self.buffers.thresholds, cfg.num_layers,
                                    skip.cold_start, skip.cold_end, quorum)
-        self.quorum = quorum
-        forwards = {"dense": functools.partial(self.forward, gated=False),
-                    "gated": functools.partial(self.forward, gated=True)}
+        self.quorum, self.may_skip = quorum, may_skip
+        forwards = {"dense": functools.partial(self.forward, gated=False)}
+        if may_skip:
+            forwards["gated"] = functools.partial(self.forward, gated=True)
         self.graphs = DecodeGraphs(forwards, self.buffers)  # eager until `graphs.capture()`
         self.tuning: list[dict] = []  # `tune()`'s choices and timings
 
@@ -85,7 +88,7 @@ class LlamaDecodeStep:
         the gate is dense or a rule this step's device gate runs."""
         dense = not gate.acts_per_layer
         return (rows <= self.buffers.max_batch and max(map(len, block_tables)) <= self.buffers.max_blocks
-                and (dense or (isinstance(gate, RuleGate) and gate.quorum == self.quorum)))
+                and (dense or (self.may_skip and isinstance(gate, RuleGate) and gate.quorum == self.quorum)))
 
     def __call__(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], gate
                  ) -> torch.Tensor:
