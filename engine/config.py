@@ -86,6 +86,16 @@ def _pattern_layer_types(raw: dict) -> list[str] | None:
     return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(raw["num_hidden_layers"])]
 
 
+SKIP_POLICIES = ("none", "ffn_skipllm", "batch_aligned")  # engine/skip's POLICIES
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+POOLINGS = ("mean", "last")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclass
 class SkipConfig:
     """Server-side FFN-skip defaults for one model (see DESIGN.md section 4).
@@ -102,6 +112,16 @@ class SkipConfig:
     interleave: int = 0  # every interleave-th generated token runs dense; 0 = never
     default_budget: float = 0.0
     max_budget: float = 0.5
+
+    def check(self) -> None:
+        """The settings a request's `ffn_skip` is checked against: checked at start, as a wrong one
+        would fail every request that asks no budget (a server setting blamed on the client)."""
+        _require(self.policy in SKIP_POLICIES, f"skip.policy must be one of {list(SKIP_POLICIES)}, got {self.policy!r}")
+        _require(0.0 <= self.default_budget <= self.max_budget <= 1.0, "the skip budgets need 0 <= default_budget "
+                 f"<= max_budget <= 1, got {self.default_budget} and {self.max_budget}")
+        _require(-1.0 <= self.threshold <= 1.0, f"skip.threshold is a cosine, in [-1, 1], got {self.threshold}")
+        for name in ("cold_start", "cold_end", "warmup_tokens", "interleave"):
+            _require(getattr(self, name) >= 0, f"skip.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -127,3 +147,24 @@ class EngineConfig:
     pooling: str = "mean"  # engine/pooling.py: how /v1/embeddings pools an input's hidden states (mean | last)
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs (Triton kernels, run eagerly)
     skip: SkipConfig = field(default_factory=SkipConfig)
+
+    def check(self) -> None:
+        """Ranges and names, at start: a wrong value fails here, named, before the model loads and
+        the port is bound (config files included, which the CLI's choices do not see)."""
+        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                 f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _require(self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        _require(self.quantize in (None, "int8"), f"quantize must be int8 or unset, got {self.quantize!r}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        _require(self.pooling in POOLINGS, f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        for name in ("max_num_seqs", "max_model_len", "block_size", "max_prefill_tokens"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.speculative_tokens >= 0, f"speculative_tokens must be >= 0, got {self.speculative_tokens}")
+        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0,
+                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("kv_capacity_tokens", "kv_cache_memory"):
+            _require(getattr(self, name) is None or getattr(self, name) > 0, f"{name} must be > 0, got "
+                     f"{getattr(self, name)}")
+        self.skip.check()

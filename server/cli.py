@@ -27,6 +27,13 @@ def allowed_origins(value: str) -> tuple[str, ...]:
     return origins
 
 
+def port(value: str) -> int:
+    """`--port` (and $SKIPSERVE_PORT, its default): a TCP port number."""
+    if not value.strip().isdigit() or not 0 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0 to 65535)")
+    return int(value)
+
+
 def serve_parser() -> argparse.ArgumentParser:
     """Flags left unset (None) take the preset's or config file's value; the help shows the
     embedded preset's values, so `--help` tells what a plain `skipserve` runs with."""
@@ -119,7 +126,7 @@ def serve_parser() -> argparse.ArgumentParser:
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default=os.environ.get("SKIPSERVE_HOST", "127.0.0.1"),
                    help="address to listen on (default: $SKIPSERVE_HOST or 127.0.0.1)")
-    h.add_argument("--port", type=int, default=int(os.environ.get("SKIPSERVE_PORT", "8000")),
+    h.add_argument("--port", type=port, default=os.environ.get("SKIPSERVE_PORT", "8000"),
                    help="port (default: $SKIPSERVE_PORT or 8000)")
     h.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and the API docs "
@@ -166,6 +173,7 @@ def build_config(args) -> EngineConfig:
     config = replace(config, **overrides)
     skip = {k.removeprefix("skip_"): v for k, v in vars(args).items() if k.startswith("skip_") and v is not None}
     config.skip = replace(config.skip, **skip)
+    config.check()
     return config
 
 
@@ -220,7 +228,10 @@ def serve(argv: list[str]) -> None:
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                    timeout_graceful_shutdown=grace, http=with_header_timeout(args.header_timeout),
                                    timeout_keep_alive=args.keep_alive_timeout))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises a Ctrl-C once it has shut down: a stop, not a crash
+        pass
     if engine.load_error is not None:
         sys.exit(f"skipserve: the model failed to load: {type(engine.load_error).__name__}: {engine.load_error}")
     if engine.dead is not None:

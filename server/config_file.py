@@ -20,6 +20,8 @@ def preset_path(name: str) -> Path | None:
 
 def load_config(path: str | Path) -> EngineConfig:
     raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("skip") or {}, dict):
+        raise ValueError(f"{path}: a config file is a mapping of settings (key: value), skip: one too")
     skip_raw = raw.pop("skip", {}) or {}
     engine_keys = {f.name for f in fields(EngineConfig)}
     skip_keys = {f.name for f in fields(SkipConfig)}

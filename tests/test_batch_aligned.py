@@ -112,3 +112,10 @@ def test_the_engine_serves_the_batch_aligned_policy(engine, chat_prompts):
     skipped = [last[f"aligned-{i}"].ffn_skipped for i in range(len(budgets))]
     assert skipped[1] == skipped[3] == 0
     assert skipped[0] > 0 and skipped[2] > 0
+
+
+def test_the_configs_policy_names_are_the_policies_there_are():
+    from engine.config import SKIP_POLICIES
+    from engine.skip import POLICIES
+
+    assert sorted(SKIP_POLICIES) == sorted(POLICIES)

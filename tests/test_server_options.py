@@ -3,6 +3,7 @@ chat template of the user's own (`--chat-template`) and more names for the model
 (`--served-model-name`), on one real server behind an API key."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -154,11 +155,29 @@ def test_the_model_flag_overrides_a_config_files_model_even_with_a_preset_name(t
     ("skip:\n  threshold: high\n", "skip.threshold must be a number"),
     ("prefix_caching: 1\n", "prefix_caching must be true or false"),
     ("nonsense: 1\n", "unknown keys ['nonsense']"),
+    ("- a list\n", "a config file is a mapping of settings"),
+    ("device: gpu\n", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("skip:\n  policy: foo\n", "skip.policy must be one of"),
 ])
 def test_a_config_file_with_a_wrong_value_is_a_usage_error_naming_it(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
     out = subprocess.run([sys.executable, "-m", "server.cli", "--config", str(tmp_path / "bad.yaml")],
                          cwd=ROOT, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flags, env, message", [
+    (["--skip-default-budget", "0.6"], {}, "0 <= default_budget <= max_budget <= 1, got 0.6 and 0.5"),
+    (["--skip-threshold", "1.5"], {}, "skip.threshold is a cosine, in [-1, 1], got 1.5"),
+    (["--block-size", "0"], {}, "block_size must be >= 1"),
+    (["--port", "70000"], {}, "'70000' is not a port"),
+    ([], {"SKIPSERVE_PORT": "abc"}, "'abc' is not a port"),
+])
+def test_server_settings_out_of_range_are_usage_errors_before_the_model_loads(flags, env, message):
+    """A default budget over the largest one would have failed every request that asks none, with a
+    400 blaming the client; a port past 65535 or a port variable that is no number, a traceback."""
+    out = subprocess.run([sys.executable, "-m", "server.cli", *flags], cwd=ROOT, capture_output=True, text=True,
+                         timeout=STARTUP_TIMEOUT_S, env={**os.environ, **env})
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
