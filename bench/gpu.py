@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.decode import alternate  # noqa: E402
 from engine.config import EngineConfig, SkipConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.loader import ensure_hf_dir  # noqa: E402
+from engine.loader import cache_root, ensure_hf_dir  # noqa: E402
 from engine.sampling_params import SamplingParams, SkipParams  # noqa: E402
 
 LLAMA_7B_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -76,19 +76,31 @@ def copy_bandwidth(gib: float = 2.0) -> float:
 
 
 def random_llama_dir(tokenizer_dir: Path, vocab_size: int) -> Path:
-    """A HF folder with a Llama-2-7B-shaped model of random bf16 weights and `tokenizer_dir`'s tokenizer."""
+    """A HF folder with a Llama-2-7B-shaped model of random bf16 weights and `tokenizer_dir`'s
+    tokenizer: made once per machine (13.5 GB written, about a minute) under the cache folder, and
+    found there by a later run on the same machine (a warm lent GPU keeps its files a while)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    target = Path(tempfile.mkdtemp(prefix="skipserve-7b-"))
-    config = LlamaConfig(vocab_size=vocab_size, **LLAMA_7B_SHAPE)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
-    model.save_pretrained(target, safe_serialization=True)
-    del model
-    torch.cuda.empty_cache()
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, target / name)
+    target = cache_root() / f"random-llama-7b-vocab{vocab_size}"
+    if (target / "complete").exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix="skipserve-7b-", dir=target.parent))
+    try:
+        config = LlamaConfig(vocab_size=vocab_size, **LLAMA_7B_SHAPE)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(partial, safe_serialization=True)
+        del model
+        torch.cuda.empty_cache()
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).exists():
+                shutil.copy(tokenizer_dir / name, partial / name)
+        (partial / "complete").touch()
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # a run stopped halfway leaves no 13.5 GB behind
     return target
 
 
@@ -171,18 +183,13 @@ def main():
 
     batches = [int(b) for b in args.batches.split(",")]
     embedded = ensure_hf_dir("")
-    made_dir = None
     if args.model:
         hf_dir = ensure_hf_dir(args.model)
     else:
         from transformers import AutoTokenizer
 
-        made_dir = hf_dir = random_llama_dir(embedded, len(AutoTokenizer.from_pretrained(str(embedded))))
-    try:
-        run(args, hf_dir, batches)
-    finally:
-        if made_dir is not None:
-            shutil.rmtree(made_dir, ignore_errors=True)
+        hf_dir = random_llama_dir(embedded, len(AutoTokenizer.from_pretrained(str(embedded))))
+    run(args, hf_dir, batches)
 
 
 def run(args, hf_dir, batches):
@@ -212,6 +219,12 @@ def run(args, hf_dir, batches):
     report = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "bandwidth": bandwidth,
               "decode_path": decode_path,
               "weight_bytes": wb, "bound_tok_s": bound, "throughput": [], "skip": [], "kernels": []}
+
+    def save():  # after each table: a run stopped by its time limit keeps what it measured
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "gpu.json").write_text(json.dumps(report, indent=2, default=str))
+
     engine_tok_s(engine, prompt, 1, 16)  # warm-up
 
     hf_models = {}
@@ -229,11 +242,14 @@ def run(args, hf_dir, batches):
     print("\n| batch | engine tok/s | of bound (x batch) | " + " | ".join(hf_models) + " | engine / best HF |")
     print("|---:|---:|---:|" + "---:|" * len(hf_models) + "---:|")
     for batch in batches:
+        engine_tok_s(engine, prompt, batch, 16)  # warm-up at this batch size
         fns = {"engine": lambda b=batch: engine_tok_s(engine, prompt, b, args.new_tokens)[0]}
         if batch in hf_batches:
             for name, model in hf_models.items():
-                hf_tok_s(model, prompt, batch, 8)  # warm-up (compiles for this batch size)
-                hf_tok_s(model, prompt, batch, 8)
+                # warm-up: compiles for this batch size (and, static cache, for the timed length)
+                warm = args.new_tokens if name == "hf_static_compile" else 8
+                hf_tok_s(model, prompt, batch, warm)
+                hf_tok_s(model, prompt, batch, warm)
                 fns[name] = lambda m=model, b=batch: hf_tok_s(m, prompt, b, args.new_tokens)
         med = {k: statistics.median(v) for k, v in alternate(fns, args.rounds).items()}
         best_hf = max((v for k, v in med.items() if k != "engine"), default=None)
@@ -243,6 +259,7 @@ def run(args, hf_dir, batches):
               + (f"{med['engine'] / best_hf:.2f}x |" if best_hf else "- |"))
     del hf_models
     torch.cuda.empty_cache()
+    save()
 
     skip, idle = SkipParams(**FORCED_SKIP), SkipParams(**NEVER_FIRES)
     print("\ndense: no row may skip (each FFN product on cuBLAS or the masked kernel, the faster at start); "
@@ -259,6 +276,8 @@ def run(args, hf_dir, batches):
             realized.append(ratio)
             return tok_s
 
+        for variant in (None, idle, skip):  # warm-up: each variant's kernels at this batch size
+            engine_tok_s(engine, prompt, batch, 16, variant)
         res = alternate({"dense": lambda b=batch: engine_tok_s(engine, prompt, b, args.new_tokens)[0],
                          "gated": lambda b=batch: engine_tok_s(engine, prompt, b, args.new_tokens, idle)[0],
                          "skip": skipping}, args.rounds)
@@ -268,8 +287,10 @@ def run(args, hf_dir, batches):
         speedup = skipped / dense
         report["skip"].append(dict(batch=batch, dense=dense, gated_none_fires=gated, skip=skipped, realized=ratio,
                                    ceiling=ceiling))
+        share = f"{(speedup - 1) / (ceiling - 1):.2f}" if ceiling > 1 else "- (nothing skipped)"
         print(f"| {batch} | {dense:.1f} | {gated:.1f} | {skipped:.1f} | {ratio:.3f} | {speedup:.3f}x | "
-              f"{ceiling:.3f}x | {(speedup - 1) / (ceiling - 1):.2f} |")
+              f"{ceiling:.3f}x | {share} |")
+        save()
 
     if step is not None and step.tuning:
         print("\nmasked linear tiles measured at start (tile_tuning.py; us, Triton do_bench median, L2 flushed):")
@@ -287,9 +308,7 @@ def run(args, hf_dir, batches):
           "attention paged Triton |")
     print("|---:|---:|---:|---:|---:|---:|")
     report["kernels"] = kernel_table(cfg, batches)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "gpu.json").write_text(json.dumps(report, indent=2, default=str))
+    save()
 
 
 if __name__ == "__main__":
