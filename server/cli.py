@@ -40,7 +40,7 @@ def serve_parser() -> argparse.ArgumentParser:
     from server.body_limit import DEFAULT_MAX_REQUEST_BYTES
     from server.config_file import load_config, preset_path
 
-    preset = load_config(preset_path(DEFAULT_PRESET))
+    preset, plain = load_config(preset_path(DEFAULT_PRESET)), EngineConfig()
 
     def shown(value) -> str:
         return f"(preset default: {value})"
@@ -48,7 +48,11 @@ def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="skipserve",
         description="Serve a model with an OpenAI-compatible API and adaptive FFN skipping. "
-                    "`skipserve calibrate --help` for the calibration tool.")
+                    "`skipserve calibrate --help` for the calibration tool.",
+        epilog=f"'preset default' values are the {DEFAULT_PRESET} preset's, what a plain `skipserve` runs with; "
+               "a preset name or --config FILE takes that file's values, and a model path without --config "
+               f"starts from the engine's own defaults (engine/config.py: threshold {plain.skip.threshold}, cold "
+               f"layers {plain.skip.cold_start} and {plain.skip.cold_end}, max_model_len {plain.max_model_len}).")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
                    help="preset name (server/presets/NAME.yaml), path to a .gguf file, or a local HF folder "

@@ -132,6 +132,14 @@ def scraped_counts(prom: str, server) -> tuple[float, float]:
     raise AssertionError("Prometheus never scraped the latest counters")
 
 
+def test_every_dashboard_query_runs_on_prometheus(prometheus):
+    """Each panel's PromQL parses and evaluates on the real Prometheus (a ratio over no traffic is
+    no data, a gap, rather than a 0% clamped out of a zero denominator)."""
+    for expr in dashboard_exprs():
+        r = httpx.get(prometheus + "/api/v1/query", params={"query": expr}).json()
+        assert r["status"] == "success", (expr, r)
+
+
 def test_prometheus_reads_zero_skip_for_dense_and_nonzero_for_skipping(prometheus, server, client):
     msg = [{"role": "user", "content": "Describe a sunset."}]
     before = scraped_counts(prometheus, server)
