@@ -172,5 +172,15 @@ def parse_calls(text: str, tools: list[dict], parallel: bool = True, listed: boo
                     and c["name"] in names and isinstance(c["arguments"], dict) for c in calls):
         return None
     return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-            for c in calls]
+             "function": {"name": c["name"], "arguments": _arguments_text(c["arguments"])}} for c in calls]
+
+
+def _arguments_text(arguments: dict) -> str:
+    """The arguments as JSON text, in UTF-8 where they are text; a lone surrogate (an escape a
+    free-text answer may hold: JSON, but no text) stays escaped rather than fail the response."""
+    text = json.dumps(arguments, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(arguments)
+    return text

@@ -72,6 +72,23 @@ def test_strings_hold_whole_utf8_characters(data, whole):
             data.decode("utf-8")
 
 
+@pytest.mark.parametrize("text, whole", [
+    (r'"\ud83d\ude00"', True), (r'"\uD83D\uDE00"', True), (r'"\udbff\udfff"', True), (r'"\u00e9"', True),
+    (r'"\ud7ff\ue000"', True),
+    (r'"\ud800"', False), (r'"\udc00"', False), (r'"\ud83d\u0041"', False), (r'"\ud83dx"', False),
+    (r'"\ude00\ud83d"', False),  # a lone high or low surrogate, or a pair in the wrong order
+])
+def test_escaped_surrogates_come_in_pairs(text, whole):
+    """A \\u escape of a lone surrogate is JSON to json.loads but no text: the client's parser
+    (pydantic's, under the openai SDK's `parse`) refuses it, and re-encoding it as UTF-8 fails."""
+    assert accepts({"type": "string"}, text) == whole
+    if whole:
+        json.loads(text).encode("utf-8")
+    else:
+        with pytest.raises((UnicodeEncodeError, ValueError)):
+            json.loads(text).encode("utf-8")
+
+
 PERSON = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
@@ -127,6 +144,40 @@ def test_recursion_through_an_optional_reference_compiles():
         "required": ["v", "next"]}}}
     assert accepts(linked, '{"v": 1, "next": {"v": 2, "next": null}}')
     assert not accepts(linked, '{"v": 1, "next": 3}')
+
+
+def test_a_recursive_schema_never_opens_a_value_it_cannot_close_within_the_depth():
+    """The linked list nests until the machine's depth allows no further object; from there its
+    `next` can only be null, and every state on the way leaves some byte (a required property that
+    led 64 objects down had left none: an all-False mask, and a failed request)."""
+    linked = {"$ref": "#/$defs/Node", "$defs": {"Node": {"type": "object", "properties": {
+        "v": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]}},
+        "required": ["v", "next"]}}}
+    grammar = compile_schema(linked)
+    state, levels = json_machine.start(grammar), 0
+    while (deeper := _fed(grammar, state, '{"v":1,"next":')) is not None:
+        state, levels = deeper, levels + 1
+        assert any(json_machine.advance(grammar, state, b) is not None for b in range(256))
+    assert levels == json_machine.MAX_DEPTH - 1
+    closed = _fed(grammar, state, "null" + "}" * levels)
+    assert closed is not None and json_machine.can_end(closed)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+    {"type": "array", "items": {"$ref": "#"}, "minItems": 1},
+])
+def test_a_schema_with_no_finite_document_is_refused(schema):
+    with pytest.raises(InvalidParamError, match="no finite JSON document"):
+        compile_schema(schema)
+
+
+def _fed(grammar, state, text: str):
+    for byte in text.encode():
+        state = json_machine.advance(grammar, state, byte)
+        if state is None:
+            return None
+    return state
 
 
 class Cat(Closed):
@@ -497,3 +548,12 @@ def test_bad_response_formats_are_400_naming_response_format(server, response_fo
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "response_format" and words in error["message"]
+
+
+def test_const_beside_enum_holds_both():
+    """A const the enum allows is that one value; one it does not is a schema no value satisfies
+    (the const alone was taken, and the enum set aside)."""
+    assert accepts({"const": "a", "enum": ["a", "b"]}, '"a"')
+    assert not accepts({"const": "a", "enum": ["a", "b"]}, '"b"')
+    with pytest.raises(InvalidParamError, match="no value satisfies both"):
+        compile_schema({"const": "a", "enum": ["b"]})

@@ -272,3 +272,16 @@ def test_with_a_format_beside_tools_past_calls_show_as_a_list_and_a_typeless_obj
     # a non-strict tool's patternProperties go, and with them a closing additionalProperties
     loose = _loosened({"type": "object", "patternProperties": {"^x": {}}, "additionalProperties": False})
     assert loose == {"type": "object"}
+
+
+def test_a_call_whose_arguments_hold_a_lone_surrogate_keeps_it_escaped():
+    """Free text may escape a lone surrogate (JSON, but no text): the call's arguments keep it as an
+    escape, so the response still encodes as UTF-8 (it raised there: a 500)."""
+    from server.tool_calls import parse_calls
+
+    calls = parse_calls('{"name": "f", "arguments": {"a": "\\ud800", "b": "é"}}', [{"name": "f"}], False)
+    arguments = calls[0]["function"]["arguments"]
+    arguments.encode("utf-8")
+    assert json.loads(arguments) == {"a": "\ud800", "b": "é"}
+    plain = parse_calls('{"name": "f", "arguments": {"b": "é"}}', [{"name": "f"}], False)
+    assert plain[0]["function"]["arguments"] == '{"b": "é"}'  # text stays UTF-8 where it can

@@ -23,9 +23,12 @@ VALUE, OBJECT, ARRAY, STRING, NUMBER, LITERALS = range(6)
 O_FIRST, O_KEY, O_COLON, O_NEXT = range(4)
 # array phases: after "[", after ",", after an item
 A_FIRST, A_ITEM, A_NEXT = range(3)
-# string phases: characters, inside a multi-byte UTF-8 character, after a backslash, inside \uXXXX;
-# a string frame is (STRING, phase, bytes left, lowest and highest next byte)
-S_CHARS, S_UTF8, S_ESCAPE, S_HEX = range(4)
+# string phases: characters, inside a multi-byte UTF-8 character, after a backslash, inside \uXXXX,
+# and after a high surrogate's \uXXXX (its low surrogate's escape must follow); a string frame is
+# (STRING, phase, bytes left, then the lowest and highest next byte (S_UTF8) or what the escape's
+# digits so far say (S_HEX: U_ANY, U_D after a first digit d, U_HIGH a high surrogate), 0)
+S_CHARS, S_UTF8, S_ESCAPE, S_HEX, S_LOW = range(5)
+U_ANY, U_D, U_HIGH = range(3)
 CHARS = (STRING, S_CHARS, 0, 0, 0)
 # number phases, along JSON's number grammar: -? (0 | [1-9][0-9]*) (.[0-9]+)? ([eE][+-]?[0-9]+)?
 N_START, N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(9)
@@ -34,6 +37,9 @@ N_ENDS = frozenset((N_ZERO, N_INT, N_FRAC, N_EXP))
 WHITESPACE = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
+HIGH_SECOND, LOW_SECOND = frozenset(b"89abAB"), frozenset(b"cdefCDEF")  # \uD8.. - \uDB.., \uDC.. - \uDF..
+# S_LOW's bytes by how many are left: \, u, d, the low surrogate's second digit, two hex digits
+LOW_ESCAPE = {6: frozenset(b"\\"), 5: frozenset(b"u"), 4: frozenset(b"dD"), 3: LOW_SECOND, 2: HEX, 1: HEX}
 ESCAPES = frozenset(b'"\\/bfnrt')
 POP = None  # a handler's frames when its value is complete
 
@@ -67,7 +73,7 @@ def advance(grammar: Grammar, state: tuple, byte: int) -> tuple | None:
     nodes = grammar.nodes
     while state:
         frame = state[-1]
-        out = _HANDLERS[frame[0]](nodes, frame, byte)
+        out = _value(grammar, frame, byte, len(state)) if frame[0] == VALUE else _HANDLERS[frame[0]](nodes, frame, byte)
         if out is None:
             return None
         frames, consumed, result = out
@@ -106,14 +112,17 @@ def _whitespace(frame: tuple, byte: int):
     return None
 
 
-def _value(nodes, frame, byte):
+def _value(grammar, frame, byte, depth: int):
+    """`depth`: frames with this one: an object or array is opened only where it can be closed
+    within MAX_DEPTH (a recursive schema's required property would otherwise lead, 64 objects
+    down, to a state that no byte continues)."""
     _, n, _ = frame
-    node = nodes[n]
+    node = grammar.nodes[n]
     if byte in WHITESPACE:
         return _whitespace(frame, byte)
-    if byte == 0x7B and node.object is not None:  # {
+    if byte == 0x7B and node.object is not None and depth - 1 + grammar.object_height[n] <= MAX_DEPTH:  # {
         return ((OBJECT, n, O_FIRST, 0, -1, 0),), True, None
-    if byte == 0x5B and node.array is not None:  # [
+    if byte == 0x5B and node.array is not None and depth - 1 + grammar.array_height[n] <= MAX_DEPTH:  # [
         return ((ARRAY, n, A_FIRST, 0, 0),), True, None
     if byte == 0x22 and node.string:  # "
         return (CHARS,), True, None
@@ -199,10 +208,25 @@ def _string(nodes, frame, byte):
     if phase == S_ESCAPE:
         if byte in ESCAPES:
             return (CHARS,), True, None
-        return (((STRING, S_HEX, 4, 0, 0),), True, None) if byte == 0x75 else None  # u
+        return (((STRING, S_HEX, 4, U_ANY, 0),), True, None) if byte == 0x75 else None  # u
+    if phase == S_LOW:  # the low surrogate a high one needs, escaped: \uDC00 - \uDFFF
+        if byte not in LOW_ESCAPE[left]:
+            return None
+        return (((STRING, S_LOW, left - 1, 0, 0) if left > 1 else CHARS,), True, None)
+    # S_HEX: a surrogate is a pair (a high one, then a low one's escape) or it is no text (a
+    # decoder, and the client's JSON parser, refuse a lone one)
     if byte not in HEX:
         return None
-    return (((STRING, S_HEX, left - 1, 0, 0) if left > 1 else CHARS,), True, None)
+    mode = low
+    if left == 4:
+        mode = U_D if byte in b"dD" else U_ANY
+    elif left == 3 and mode == U_D:
+        if byte in LOW_SECOND:
+            return None
+        mode = U_HIGH if byte in HIGH_SECOND else U_ANY
+    if left > 1:
+        return ((STRING, S_HEX, left - 1, mode, 0),), True, None
+    return (((STRING, S_LOW, 6, 0, 0) if mode == U_HIGH else CHARS),), True, None
 
 
 def _number_phase(phase: int, byte: int, integer: bool) -> int | None:
@@ -250,4 +274,4 @@ def _literals(nodes, frame, byte):
     return (POP, False, whole[0]) if whole else None
 
 
-_HANDLERS = {VALUE: _value, OBJECT: _object, ARRAY: _array, STRING: _string, NUMBER: _number, LITERALS: _literals}
+_HANDLERS = {OBJECT: _object, ARRAY: _array, STRING: _string, NUMBER: _number, LITERALS: _literals}

@@ -101,6 +101,41 @@ class Node:
 class Grammar:
     nodes: list[Node] = field(default_factory=list)
     root: int = 0
+    # per node, the fewest frames of the JSON machine (engine/structured/json_machine.py) an object
+    # or an array of it needs to be completed, its own frame included (NO_END: it cannot be; no
+    # entry: the node takes no object or array): a value is opened only where it can also be closed
+    object_height: list[int] = field(default_factory=list)
+    array_height: list[int] = field(default_factory=list)
+
+
+NO_END = 1 << 30  # no finite document completes it
+
+
+def _heights(nodes: list[Node]) -> tuple[list[int], list[int]]:
+    """Grammar.object_height and .array_height, as a fixpoint: the cheapest completion of each node
+    (a scalar: its one frame; an object: its key, and each required property's cheapest value one
+    frame down; an array: nothing with no minItems, else one item one frame down)."""
+    height = [NO_END] * len(nodes)
+    objects, arrays = [NO_END] * len(nodes), [NO_END] * len(nodes)
+
+    def object_height(spec: ObjectSpec) -> int:
+        if spec.variants:
+            return min(object_height(nodes[v].object) for v in spec.variants)
+        required = [height[p.node] for p in spec.properties if p.required]
+        return max(2, 1 + max(required)) if required else 1
+
+    changed = True
+    while changed:
+        changed = False
+        for n, node in enumerate(nodes):
+            if node.object is not None:
+                objects[n] = min(NO_END, object_height(node.object))
+            if node.array is not None:
+                arrays[n] = 1 if node.array.min_items == 0 else min(NO_END, 1 + height[node.array.items])
+            best = min(objects[n], arrays[n], 1 if node.string or node.number or node.literals else NO_END)
+            if best < height[n]:
+                height[n], changed = best, True
+    return objects, arrays
 
 
 class SchemaError(ValueError):
@@ -167,6 +202,13 @@ class _Compiler:
         self.merging: set[int] = set()
         self.grammar.root = self.compile(schema)
         self.merge_unions()
+        self.grammar.object_height, self.grammar.array_height = _heights(self.grammar.nodes)
+        root = self.grammar.nodes[self.grammar.root]
+        scalar = root.string or root.number or root.literals
+        if not scalar and min(self.grammar.object_height[self.grammar.root],
+                              self.grammar.array_height[self.grammar.root]) >= NO_END:
+            _fail("no finite JSON document satisfies the schema (a required property or item leads back to "
+                  "itself without end)")
 
     def new(self, node: Node | None = None) -> int:
         if len(self.grammar.nodes) >= MAX_NODES:
@@ -302,6 +344,9 @@ class _Compiler:
         if self.literal_count > MAX_LITERALS:
             _fail(f"at most {MAX_LITERALS} enum and const values in a schema")
         literals = list(dict.fromkeys(_literal(v) for v in values))
+        if "const" in schema and "enum" in schema:  # both hold: the const, where the enum has it
+            if not isinstance(schema["enum"], list) or literals[0] not in {_literal(v) for v in schema["enum"]}:
+                _fail("const is not one of the enum's values: no value satisfies both")
         if "type" in schema:  # only the values of the given types
             types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
             types = [_hashable(t, "type") for t in types]
