@@ -163,8 +163,14 @@ class Tokenizer:
         return self._clean(text) if clean else text
 
     def token_text(self, token_id: int) -> str:
-        """Text of one token for logprobs (special tokens shown as themselves)."""
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        """Text of one token for logprobs (special tokens shown as themselves): the text it adds to
+        the decoded text (a part of a character as U+FFFD). Not the token decoded alone: decoders
+        that strip a text's leading space (Llama 2's SentencePiece) would take every word's."""
+        table = self.token_bytes()
+        piece = table[token_id] if token_id < len(table) else None
+        if piece is None:
+            return self._tok.decode([token_id], skip_special_tokens=False)
+        return piece.decode("utf-8", "replace")
 
     def _clean(self, text: str) -> str:
         """transformers' clean_up_tokenization, where the tokenizer's config asks for it."""
@@ -189,7 +195,7 @@ class Tokenizer:
         holds one; a special token's own text): logprobs' `bytes`."""
         table = self.token_bytes()
         piece = table[token_id] if token_id < len(table) else None  # a model may have more rows than tokens
-        return self.token_text(token_id).encode() if piece is None else piece
+        return self._tok.decode([token_id], skip_special_tokens=False).encode() if piece is None else piece
 
     def _build_token_bytes(self) -> list[bytes | None]:
         decoder = json.loads(self._tok.decoder.__getstate__()) if self._tok.decoder is not None else {}

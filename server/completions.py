@@ -27,6 +27,7 @@ class Choice:
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     streamed: int = 0  # characters of text sent as content so far (streaming)
+    offset: int = 0  # text_offset of the next token with logprobs (streaming)
 
 
 def chat_logprobs(entries, tokenizer) -> dict:
@@ -39,22 +40,30 @@ def chat_logprobs(entries, tokenizer) -> dict:
                         for e in entries]}
 
 
-def completion_logprobs(entries, offset: int) -> dict:
+def completion_logprobs(entries, offset: int, tokenizer) -> tuple[dict, int]:
+    """Completions' logprobs, each token's `text_offset` counted from `offset` (where the text they
+    follow ends) over the tokens' texts; a special token (an echoed prompt's BOS) adds nothing to
+    the text, so nothing to the offset. -> (logprobs, the offset after them)."""
     text_offset = []
+    special = tokenizer.token_bytes()
     for e in entries:
         text_offset.append(offset)
-        offset += len(e.token)
+        if e.token_id < len(special) and special[e.token_id] is not None:
+            offset += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
             # a prompt's first token (echo) has no logprob, and no alternatives either
             "top_logprobs": [None if e.logprob is None else top_with_chosen(e) for e in entries],
-            "text_offset": text_offset}
+            "text_offset": text_offset}, offset
 
 
 def top_with_chosen(entry) -> dict[str, float]:
     """The likeliest tokens and the chosen one besides where it is not among them: up to
-    `logprobs` + 1 entries, as OpenAI's completions give them."""
-    top = {t: lp for t, _, lp in entry.top}
-    top.setdefault(entry.token, entry.logprob)
+    `logprobs` + 1 entries, as OpenAI's completions give them (tokens of one text, as byte pieces
+    of a character, keep the likeliest's logprob; the chosen token's own is its)."""
+    top = {}
+    for text, _, lp in entry.top:
+        top.setdefault(text, lp)
+    top[entry.token] = entry.logprob
     return top
 
 
@@ -160,7 +169,8 @@ class CompletionCall:
                     "logprobs": chat_logprobs(c.logprobs, self.tokenizer) if want else None,
                     "finish_reason": "tool_calls" if calls else c.finish_reason}
         return {"index": index, "text": c.text,
-                "logprobs": completion_logprobs(c.logprobs, 0) if want else None, "finish_reason": c.finish_reason}
+                "logprobs": completion_logprobs(c.logprobs, 0, self.tokenizer)[0] if want else None,
+                "finish_reason": c.finish_reason}
 
     # ---- streaming ---------------------------------------------------------------------------
     async def events(self, stream):
@@ -182,8 +192,8 @@ class CompletionCall:
                 self.timer.on_tokens(out.index)
                 usage.update(out)
                 if out.prompt_logprobs and self.wants_logprobs:
-                    yield self._chunk(out.index, self.echo(out.index), completion_logprobs(out.prompt_logprobs, 0),
-                                      None, extra)
+                    prompt_logprobs, c.offset = completion_logprobs(out.prompt_logprobs, 0, self.tokenizer)
+                    yield self._chunk(out.index, self.echo(out.index), prompt_logprobs, None, extra)
                 if self.tool_mode != "none":  # an answer that may be a call is held until it shows it is not
                     c.text += out.text
                     c.logprobs += out.logprobs or []
@@ -194,8 +204,10 @@ class CompletionCall:
                     continue
                 logprobs = None
                 if out.logprobs and self.wants_logprobs:
-                    logprobs = chat_logprobs(out.logprobs, self.tokenizer) if self.chat else \
-                        completion_logprobs(out.logprobs, len(c.text))
+                    if self.chat:
+                        logprobs = chat_logprobs(out.logprobs, self.tokenizer)
+                    else:  # offsets over the tokens' texts: text held back for a stop string is counted
+                        logprobs, c.offset = completion_logprobs(out.logprobs, c.offset, self.tokenizer)
                 if out.text or logprobs:
                     yield self._chunk(out.index, {"content": out.text} if self.chat else out.text, logprobs, None, extra)
                 c.text += out.text

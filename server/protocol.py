@@ -254,6 +254,8 @@ class CommonRequest(SamplingRequest):
 
     def choices_sampling(self, logprobs: int | None, max_tokens: int | None,
                          max_tokens_param: str = "max_tokens") -> SamplingParams:
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer it
+            raise InvalidParamError("stream_options is only allowed when stream is true", "stream_options")
         schema = self.response_format.answer_schema() if self.response_format else None
         return self.sampling(logprobs, max_tokens, schema, self.n, max_tokens_param)
 

@@ -33,6 +33,7 @@ def assert_error(r, status, param):
     ("ffn_skip", {"budget": 0.99}, "ffn_skip.budget"),
     ("logit_bias", {"999999": 1}, "logit_bias"),
     ("repetition_penalty", 1e-46, "repetition_penalty"),  # 0 in float32: logits divided by it were inf, a 500
+    ("stream_options", {"include_usage": True}, "stream_options"),  # without stream: true (as OpenAI, vLLM)
 ])
 def test_bad_values_are_400_with_param(server, field, value, param):
     assert_error(post(server, {**OK, field: value}), 400, param)

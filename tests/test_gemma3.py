@@ -167,3 +167,30 @@ def test_a_config_with_only_sliding_window_pattern_gets_its_layer_types(tmp_path
     older = {k: v for k, v in raw.items() if k != "layer_types"} | {"sliding_window_pattern": 6}
     (tmp_path / "config.json").write_text(json.dumps(older))
     assert ModelConfig.from_hf_dir(tmp_path).layer_types == given
+
+
+def test_gemma3_echo_text_offsets_index_the_text_streamed_or_not(gemma_server):
+    """Gemma adds BOS, which an echoed prompt's text leaves out: its offset is 0 and it moves the
+    next token's by nothing, so each offset indexes that token's text in `text`; streamed offsets
+    (prompt first, then each output chunk's) are the same."""
+    import json
+
+    import httpx
+
+    body = {"model": "gemma3-270m", "prompt": "Hello world", "echo": True, "logprobs": 1, "max_tokens": 6,
+            "temperature": 0}
+    whole = httpx.post(gemma_server.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]
+    logprobs = whole["logprobs"]
+    assert logprobs["tokens"][0] == "<bos>" and logprobs["text_offset"][:2] == [0, 0]
+    assert whole["text"].startswith("Hello world")
+    for token, offset in zip(logprobs["tokens"][1:], logprobs["text_offset"][1:]):
+        if "\ufffd" not in token:
+            assert whole["text"][offset:offset + len(token)] == token
+    streamed = []
+    with httpx.stream("POST", gemma_server.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                for choice in chunk["choices"]:
+                    streamed += (choice.get("logprobs") or {}).get("text_offset", [])
+    assert streamed == logprobs["text_offset"]

@@ -120,3 +120,15 @@ def test_a_sequence_preempted_while_scoring_its_prompt_scores_each_token_once(en
                                                                      ignore_eos=True))])
     assert small.num_preemptions_total > 0
     _check(firsts[("scored", 0)].prompt_logprobs, prompt, logprobs, 2)
+
+
+def test_completions_top_logprobs_keep_the_likeliest_of_tokens_with_one_text_and_the_chosen_ones_own():
+    """Byte pieces of characters (Gemma's byte fallback) share a text, U+FFFD: the dict keeps the
+    likeliest's logprob, and the chosen token's own (it kept the lowest-ranked one's)."""
+    from engine.outputs import TokenLogprob
+    from server.completions import top_with_chosen
+
+    chosen = TokenLogprob("\ufffd", 7, -0.1, [("\ufffd", 7, -0.1), ("a", 8, -1.0), ("\ufffd", 9, -3.0)])
+    assert top_with_chosen(chosen) == {"\ufffd": -0.1, "a": -1.0}
+    unlisted = TokenLogprob("\ufffd", 9, -3.0, [("\ufffd", 7, -0.1), ("a", 8, -1.0)])
+    assert top_with_chosen(unlisted)["\ufffd"] == -3.0  # the chosen token's own, as token_logprobs says

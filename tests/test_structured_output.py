@@ -385,7 +385,7 @@ def test_token_bytes_are_what_decoding_each_token_gives(model):
     token_bytes = tokenizer.token_bytes()
     checked = 0
     for token_id in range(0, len(token_bytes), 37):
-        text = tokenizer.token_text(token_id)  # what logprobs show: the token decoded alone
+        text = tokenizer._tok.decode([token_id], skip_special_tokens=False)  # the token decoded alone
         if token_bytes[token_id] is not None and "\ufffd" not in text:
             assert token_bytes[token_id] == text.encode(), token_id
             checked += 1

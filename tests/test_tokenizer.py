@@ -74,3 +74,28 @@ def test_without_a_template_chats_render_plain_and_template_variables_are_refuse
     with pytest.raises(InvalidParamError) as caught:
         gemma.render_chat(chat, ChatOptions(variables={"enable_thinking": False}))
     assert caught.value.param == "chat_template_kwargs"
+
+
+def test_logprob_tokens_keep_their_leading_space_under_a_decoder_that_strips_one(tmp_path):
+    """Llama 2's SentencePiece decoder strips the text's first space (`Strip`): a token decoded alone
+    lost it ("world" for "▁world"), so logprobs' tokens did not add up to the text. Gemma's
+    tokenizer with that decoder step added stands in for it."""
+    import json
+    import shutil
+
+    from engine.loader import ensure_hf_dir
+
+    source = ensure_hf_dir("gemma3-270m")
+    spec = json.loads((source / "tokenizer.json").read_text())
+    decoder = spec["decoder"]
+    steps = decoder["decoders"] if decoder.get("type") == "Sequence" else [decoder]
+    spec["decoder"] = {"type": "Sequence", "decoders": [*steps, {"type": "Strip", "content": " ", "start": 1,
+                                                                   "stop": 0}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    shutil.copy(source / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
+    tokenizer = Tokenizer(tmp_path)
+    ids = tokenizer.encode("Hello world, naïve 🙂", add_special_tokens=False)
+    assert tokenizer._tok.decode(ids[1:2]) == "world"  # the token alone, as the decoder gives it
+    texts = [tokenizer.token_text(i) for i in ids]
+    assert texts[1] == " world"
+    assert "".join(texts) == tokenizer.decode(ids, clean=False) == "Hello world, naïve 🙂"
