@@ -163,6 +163,51 @@ def test_a_recursive_schema_never_opens_a_value_it_cannot_close_within_the_depth
     assert closed is not None and json_machine.can_end(closed)
 
 
+DEEP_OPTIONAL = {"$defs": {"N": {"type": "object", "properties": {"v": {"type": "integer"}, "child": {
+    "$ref": "#/$defs/N"}}, "required": ["v"], "additionalProperties": False}}, "$ref": "#/$defs/N"}
+DEEP_FREE_KEYS = {"$defs": {"N": {"type": "object", "additionalProperties": {"$ref": "#/$defs/M"}},
+                            "M": {"type": "object", "properties": {"k": {"$ref": "#/$defs/N"}}, "required": ["k"],
+                                  "additionalProperties": False}}, "$ref": "#/$defs/N"}
+NEVER_ENDING_OPTION = {"type": "object", "properties": {"x": {"$ref": "#/$defs/I"}, "y": {"type": "integer"}},
+                       "$defs": {"I": {"type": "object", "properties": {"i": {"$ref": "#/$defs/I"}}, "required": ["i"]}}}
+DEEP_VARIANT = {"$defs": {
+    "A": {"type": "object", "properties": {"k": {"const": "a"}, "r": {"$ref": "#/$defs/C"}}, "required": ["k", "r"],
+          "additionalProperties": False},
+    "B": {"type": "object", "properties": {"k": {"const": "b"}, "n": {"anyOf": [
+        {"$ref": "#/$defs/A"}, {"$ref": "#/$defs/B"}, {"type": "null"}]}}, "required": ["k", "n"],
+        "additionalProperties": False},
+    "C": {"type": "object", "properties": {"c": {"type": "object", "properties": {"d": {
+        "type": "object", "properties": {"e": {"type": "integer"}}, "required": ["e"]}}, "required": ["d"]}},
+        "required": ["c"]}}, "$ref": "#/$defs/B"}
+
+
+@pytest.mark.parametrize("schema, step, last, close, closer", [
+    (DEEP_OPTIONAL, '{"v":1,"child":', None, '{"v":1}', "}"),  # an optional property's object, level by level
+    (DEEP_FREE_KEYS, '{"k":{"k":', None, "{}", "}}"),  # free keys whose values must hold a key
+    (DEEP_VARIANT, '{"k":"b","n":', '{"k":"a","r":', "null", "}"),  # a tag picking the costlier variant
+    (NEVER_ENDING_OPTION, None, '{"x":', '{"y":1}', ""),  # an optional property no finite value satisfies
+])
+def test_no_key_or_tag_leads_to_a_state_no_byte_continues(schema, step, last, close, closer):
+    """A key is offered, and a union's object begun, only where the value it leads to can be
+    completed within the machine's depth: nested as deep as it goes, every state on the way leaves
+    some byte, and the document closes from there."""
+    grammar = compile_schema(schema)
+    state, levels = json_machine.start(grammar), 0
+    while step is not None and (deeper := _fed(grammar, state, step)) is not None:
+        state, levels = deeper, levels + 1
+        assert _continues(grammar, state)
+    assert step is None or levels > 30
+    if last is not None:
+        tried = state
+        for byte in last.encode():  # as far as it goes: no state along it is left without a byte
+            tried = json_machine.advance(grammar, tried, byte)
+            if tried is None:
+                break
+            assert _continues(grammar, tried)
+    ends = _fed(grammar, state, close + closer * levels)
+    assert ends is not None and json_machine.can_end(ends)
+
+
 @pytest.mark.parametrize("schema", [
     {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
     {"type": "array", "items": {"$ref": "#"}, "minItems": 1},
@@ -170,6 +215,11 @@ def test_a_recursive_schema_never_opens_a_value_it_cannot_close_within_the_depth
 def test_a_schema_with_no_finite_document_is_refused(schema):
     with pytest.raises(InvalidParamError, match="no finite JSON document"):
         compile_schema(schema)
+
+
+def _continues(grammar, state) -> bool:
+    """Some byte other than whitespace continues the state (whitespace runs are bounded)."""
+    return any(json_machine.advance(grammar, state, b) is not None for b in range(256) if b not in b" \t\n\r")
 
 
 def _fed(grammar, state, text: str):

@@ -73,7 +73,9 @@ def advance(grammar: Grammar, state: tuple, byte: int) -> tuple | None:
     nodes = grammar.nodes
     while state:
         frame = state[-1]
-        out = _value(grammar, frame, byte, len(state)) if frame[0] == VALUE else _HANDLERS[frame[0]](nodes, frame, byte)
+        kind = frame[0]
+        out = _DEEP_HANDLERS[kind](grammar, frame, byte, len(state)) if kind in _DEEP_HANDLERS \
+            else _HANDLERS[kind](nodes, frame, byte)
         if out is None:
             return None
         frames, consumed, result = out
@@ -133,19 +135,35 @@ def _value(grammar, frame, byte, depth: int):
     return None
 
 
-def _object(nodes, frame, byte):
+def _keys(grammar, spec, index: int, depth: int) -> tuple[tuple[bytes, ...], tuple[int, ...]] | None:
+    """The keys that may come next whose values can be completed from an object at `depth` (an
+    optional property whose value cannot is passed over; a required one always can: its object was
+    begun only where it could be completed)."""
+    keys = spec.keys_from(index)
+    if keys is None:
+        return None
+    kept = [(name, i) for name, i in zip(*keys) if depth + grammar.height[spec.properties[i].node] <= MAX_DEPTH]
+    return (tuple(name for name, _ in kept), tuple(i for _, i in kept)) if kept else None
+
+
+def _free_keys(grammar, spec, depth: int) -> bool:
+    """Whether a free key may come next: its value can be completed from an object at `depth`."""
+    return spec.additional is not None and depth + grammar.height[spec.additional] <= MAX_DEPTH
+
+
+def _object(grammar, frame, byte, depth: int):
     _, n, phase, next_prop, value_node, _ = frame
-    spec = nodes[n].object
+    spec = grammar.nodes[n].object
     if byte in WHITESPACE:
         return _whitespace(frame, byte)
     if phase in (O_FIRST, O_KEY) and byte == 0x22:  # a key
         if spec.properties:
-            keys = spec.keys_from(next_prop)
+            keys = _keys(grammar, spec, next_prop, depth)
             if not keys:
                 return None
             names, indexes = keys
             return ((OBJECT, n, O_COLON, next_prop, -1, 0), (LITERALS, names, 0, indexes)), False, None
-        if spec.additional is None:
+        if not _free_keys(grammar, spec, depth):
             return None
         return ((OBJECT, n, O_COLON, 0, spec.additional, 0), CHARS), True, None
     if phase == O_COLON and byte == 0x3A:  # :
@@ -153,7 +171,7 @@ def _object(nodes, frame, byte):
     if phase in (O_FIRST, O_NEXT) and byte == 0x7D:  # }
         return (POP, True, None) if not spec.required_from(next_prop) else None
     if phase == O_NEXT and byte == 0x2C:  # ,
-        more = spec.keys_from(next_prop) if spec.properties else spec.additional is not None
+        more = _keys(grammar, spec, next_prop, depth) if spec.properties else _free_keys(grammar, spec, depth)
         return (((OBJECT, n, O_KEY, next_prop, -1, 0),), True, None) if more else None
     return None
 
@@ -274,4 +292,5 @@ def _literals(nodes, frame, byte):
     return (POP, False, whole[0]) if whole else None
 
 
-_HANDLERS = {OBJECT: _object, ARRAY: _array, STRING: _string, NUMBER: _number, LITERALS: _literals}
+_DEEP_HANDLERS = {VALUE: _value, OBJECT: _object}  # these take the grammar and the state's depth
+_HANDLERS = {ARRAY: _array, STRING: _string, NUMBER: _number, LITERALS: _literals}

@@ -101,26 +101,30 @@ class Node:
 class Grammar:
     nodes: list[Node] = field(default_factory=list)
     root: int = 0
-    # per node, the fewest frames of the JSON machine (engine/structured/json_machine.py) an object
-    # or an array of it needs to be completed, its own frame included (NO_END: it cannot be; no
-    # entry: the node takes no object or array): a value is opened only where it can also be closed
+    # per node, the fewest frames of the JSON machine (engine/structured/json_machine.py) a value of
+    # it needs to be completed, its own frame included (NO_END: it cannot be), as an object, as an
+    # array, and as whichever kind is cheapest: a value, or a key's value, is begun only where it
+    # can also be completed within the machine's depth
     object_height: list[int] = field(default_factory=list)
     array_height: list[int] = field(default_factory=list)
+    height: list[int] = field(default_factory=list)
 
 
 NO_END = 1 << 30  # no finite document completes it
 
 
-def _heights(nodes: list[Node]) -> tuple[list[int], list[int]]:
-    """Grammar.object_height and .array_height, as a fixpoint: the cheapest completion of each node
-    (a scalar: its one frame; an object: its key, and each required property's cheapest value one
-    frame down; an array: nothing with no minItems, else one item one frame down)."""
+def _heights(nodes: list[Node]) -> tuple[list[int], list[int], list[int]]:
+    """Grammar.object_height, .array_height and .height, as a fixpoint: the cheapest completion of
+    each node (a scalar: its one frame; an object: its key, and each required property's cheapest
+    value one frame down; an array: nothing with no minItems, else one item one frame down). A
+    tagged union's object counts its costliest variant: the tag, read after the object is begun,
+    may pick any of them."""
     height = [NO_END] * len(nodes)
     objects, arrays = [NO_END] * len(nodes), [NO_END] * len(nodes)
 
     def object_height(spec: ObjectSpec) -> int:
-        if spec.variants:
-            return min(object_height(nodes[v].object) for v in spec.variants)
+        if spec.variants:  # variant nodes are plain objects (no variants of their own)
+            return max(object_height(nodes[v].object) for v in spec.variants)
         required = [height[p.node] for p in spec.properties if p.required]
         return max(2, 1 + max(required)) if required else 1
 
@@ -135,7 +139,7 @@ def _heights(nodes: list[Node]) -> tuple[list[int], list[int]]:
             best = min(objects[n], arrays[n], 1 if node.string or node.number or node.literals else NO_END)
             if best < height[n]:
                 height[n], changed = best, True
-    return objects, arrays
+    return objects, arrays, height
 
 
 class SchemaError(ValueError):
@@ -202,7 +206,7 @@ class _Compiler:
         self.merging: set[int] = set()
         self.grammar.root = self.compile(schema)
         self.merge_unions()
-        self.grammar.object_height, self.grammar.array_height = _heights(self.grammar.nodes)
+        self.grammar.object_height, self.grammar.array_height, self.grammar.height = _heights(self.grammar.nodes)
         root = self.grammar.nodes[self.grammar.root]
         scalar = root.string or root.number or root.literals
         if not scalar and min(self.grammar.object_height[self.grammar.root],
