@@ -1,7 +1,7 @@
 // The per-token elementwise ops of a decoder layer, one pass each instead of torch's 4-6 kernels:
-// RMSNorm, SiLU(gate) * up, GELU-tanh(gate) * up and rotary embedding, fp32, rows split over the caller's OpenMP team when there are
-// enough of them (a decode step's few rows run on the calling thread: a parallel region would
-// cost more than the work).
+// RMSNorm, SiLU(gate) * up, GELU-tanh(gate) * up and rotary embedding, fp32, rows split over the
+// caller's OpenMP team when there are enough of them (a decode step's few rows run on the calling
+// thread: a parallel region would cost more than the work).
 #include <cmath>
 #include <cstdint>
 
@@ -27,8 +27,12 @@ extern "C" void rms_norm_f32(const float* x, const float* weight, float* out, in
     }
 }
 
-// gate_up [rows, 2 * inter] (gate | up) -> out [rows, inter] = silu(gate) * up.
-extern "C" void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads) {
+namespace {
+
+// gate_up [rows, 2 * inter] (gate | up) -> out [rows, inter] = act(gate) * up, for activations of the
+// form act(x) = x / (1 + exp(-a(x))): `A::arg` is a(x), on 8 lanes and on one.
+template <typename A>
+void sigmoid_gated(const float* gate_up, float* out, int64_t rows, int inter, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * inter >= PARALLEL_MIN_ELEMENTS)
     for (int64_t r = 0; r < rows; ++r) {
         const float* g = gate_up + r * 2 * inter;
@@ -37,32 +41,34 @@ extern "C" void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int
         int d = 0;
         for (; d + 8 <= inter; d += 8) {
             const float8 x = load8(g + d);
-            store8(o + d, x / (1.0f + fast_exp8(-x)) * load8(u + d));
+            store8(o + d, x / (1.0f + fast_exp8(-A::arg(x))) * load8(u + d));
         }
-        for (; d < inter; ++d) o[d] = g[d] / (1.0f + fast_exp(-g[d])) * u[d];
+        for (; d < inter; ++d) o[d] = g[d] / (1.0f + fast_exp(-A::arg(g[d]))) * u[d];
     }
 }
 
-// gate_up [rows, 2 * inter] (gate | up) -> out [rows, inter] = gelu_tanh(gate) * up (Gemma's MLP).
-// gelu_tanh(x) = x / 2 * (1 + tanh(u)), u = sqrt(2 / pi) * (x + 0.044715 x^3), computed as the equal
-// x / (1 + exp(-2u)): one exp, as SiLU takes, and no tanh (libm's is not vectorizable).
+struct Silu {  // silu(x) = x * sigmoid(x)
+    template <typename T>
+    static T arg(T x) { return x; }
+};
+
+// gelu_tanh(x) = x / 2 * (1 + tanh(u)), u = sqrt(2 / pi) * (x + 0.044715 x^3), is the same function
+// as x / (1 + exp(-2u)): one exp, as SiLU takes, and no tanh (libm's is not vectorizable).
+struct GeluTanh {
+    template <typename T>
+    static T arg(T x) { return 2.0f * 0.7978845608028654f * (x + 0.044715f * x * x * x); }
+};
+
+}  // namespace
+
+// gate_up [rows, 2 * inter] (gate | up) -> out [rows, inter] = silu(gate) * up.
+extern "C" void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads) {
+    sigmoid_gated<Silu>(gate_up, out, rows, inter, threads);
+}
+
+// The same with gelu_tanh(gate) (Gemma's MLP).
 extern "C" void gelu_tanh_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads) {
-    constexpr float TWO_K = 2.0f * 0.7978845608028654f, K3 = 0.044715f;
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * inter >= PARALLEL_MIN_ELEMENTS)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float* g = gate_up + r * 2 * inter;
-        const float* u = g + inter;
-        float* o = out + r * inter;
-        int d = 0;
-        for (; d + 8 <= inter; d += 8) {
-            const float8 x = load8(g + d);
-            store8(o + d, x / (1.0f + fast_exp8(-TWO_K * (x + K3 * x * x * x))) * load8(u + d));
-        }
-        for (; d < inter; ++d) {
-            const float x = g[d];
-            o[d] = x / (1.0f + fast_exp(-TWO_K * (x + K3 * x * x * x))) * u[d];
-        }
-    }
+    sigmoid_gated<GeluTanh>(gate_up, out, rows, inter, threads);
 }
 
 // Rotary embedding in place (HF rotate_half layout): for each token n and head h of x,
