@@ -1,6 +1,7 @@
 """Cost of structured outputs inside real decode steps: the embedded model (as served; `--model`
 for another preset) decodes batches of rows that sample freely, then rows held to `response_format`
-json_object and to a JSON schema, rounds alternating; per step, the whole step's time and the time
+json_object, to a JSON schema, and to that schema with its strings and numbers held to patterns,
+formats, lengths and bounds ("held values"), rounds alternating; per step, the whole step's time and the time
 spent making token masks.
 A round with a schema starts with an empty mask cache ("cold": every state's mask is walked over
 the vocabulary when first met) unless `--warm`; the later steps of a round reuse masks of states met
@@ -34,7 +35,24 @@ PERSON = {
     },
     "required": ["people"], "additionalProperties": False,
 }
-SETTINGS = {"free text": None, "json_object": {"type": "object"}, "json_schema": PERSON}
+# the same people, their strings and numbers held to patterns, formats, lengths and bounds (each
+# character of such a string is a state of its own: its masks are walked over the whole vocabulary)
+HELD = {
+    "type": "object",
+    "properties": {
+        "people": {"type": "array", "maxItems": 3, "items": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "pattern": "^[A-Z][a-z]+( [A-Z][a-z]+)?$", "maxLength": 24},
+                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                           "born": {"type": "string", "format": "date"},
+                           "hobbies": {"type": "array", "maxItems": 3,
+                                       "items": {"type": "string", "minLength": 3, "maxLength": 30}},
+                           "pet": {"anyOf": [{"enum": ["cat", "dog", "fish"]}, {"type": "null"}]}},
+            "required": ["name", "age", "born", "hobbies", "pet"], "additionalProperties": False}},
+    },
+    "required": ["people"], "additionalProperties": False,
+}
+SETTINGS = {"free text": None, "json_object": {"type": "object"}, "json_schema": PERSON, "held values": HELD}
 
 
 def main():

@@ -15,9 +15,9 @@ are shown to the model in that format, and tool results as user messages naming 
   format too (an object schema: what agent frameworks send for a typed final answer), the answer
   is held to "a list of calls, or the format": calls come as a JSON list (`[`), the format's object
   (`{`) as content.
-- A tool without `strict: true` has the keywords the grammar cannot hold (`minimum`, `pattern`,
-  `maxLength`, ...) read as annotations where its call is held to the schema, as OpenAI's
-  non-strict tools take any schema; with `strict: true` they are refused by name.
+- A tool without `strict: true` has the keywords the grammar cannot hold (`multipleOf`,
+  `prefixItems`, a `pattern` with lookahead, ...) read as annotations where its call is held to the
+  schema, as OpenAI's non-strict tools take any schema; with `strict: true` they are refused by name.
 - "none": no tools are shown and none is called.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import json
 import uuid
 
 from engine.structured.schema import KEYWORDS as SCHEMA_KEYWORDS
+from engine.structured.schema import VALUE_KEYWORDS, value_keywords_hold
 
 CALL = ("You can call these tools. To call one, answer with a JSON object and nothing else: "
         '{"name": <the tool\'s name>, "arguments": <an object of its parameters>}.')
@@ -120,11 +121,13 @@ def _parameters(tool: dict) -> dict:
 
 
 def _loosened(schema):
-    """`schema` with the keywords engine/structured refuses (value constraints: `minimum`, `pattern`,
-    ...) dropped, at every level: a wider schema, whose every document still has the shape asked."""
+    """`schema` with the keywords engine/structured refuses (`multipleOf`, `prefixItems`, a string's
+    or number's keywords that do not compile, ...) dropped, at every level: a wider schema, whose
+    every document still has the shape asked."""
     if not isinstance(schema, dict):
         return schema
-    out = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
+    values = not VALUE_KEYWORDS.isdisjoint(schema) and value_keywords_hold(schema)
+    out = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS and (values or k not in VALUE_KEYWORDS)}
     if "patternProperties" in schema and out.get("additionalProperties") is False:
         del out["additionalProperties"]  # the keys the patterns allowed stay allowed
     if "prefixItems" in schema:  # a tuple: any items (its own `items` may close it after the prefix)

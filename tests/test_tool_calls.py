@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 
 import httpx
 import pytest
@@ -179,7 +180,7 @@ def test_earlier_calls_and_their_results_reach_the_prompt(server, client):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": TOOLS + TOOLS[:1]}, "tools"),  # a name twice
     ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
-        "type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}}}], "tool_choice": "required"}, "tools"),
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)"}}}}}], "tool_choice": "required"}, "tools"),
     ({"tools": TOOLS, "response_format": {"type": "json_schema", "json_schema": {"name": "l", "schema": {
         "type": "array"}}}}, "response_format"),  # beside tools in auto mode: calls are the list
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
@@ -198,13 +199,13 @@ def test_bad_tool_requests_are_400_naming_their_field(server, body, param):
 
 
 class Bounded(Closed):
-    """Keywords the grammar cannot hold (bounds, a pattern, a length): a non-strict tool reads them
-    as annotations, as OpenAI's non-strict tools take any schema."""
+    """Keywords the grammar cannot hold (`multipleOf`): a non-strict tool reads them as
+    annotations, as OpenAI's non-strict tools take any schema; the others still hold."""
     query: str = Field(max_length=40, pattern=r"^[a-z ]+$")
-    limit: int = Field(ge=1, le=50)
+    limit: int = Field(ge=1, le=50, multiple_of=5)
 
 
-def test_a_forced_call_of_a_non_strict_tool_with_bounds_and_patterns_is_made(client):
+def test_a_forced_call_of_a_non_strict_tool_with_keywords_it_cannot_hold_is_made(client):
     tool = {"type": "function", "function": {"name": "search", "parameters": Bounded.model_json_schema()}}
     r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[tool], tool_choice="required",
                                        temperature=0, max_tokens=80)
@@ -212,6 +213,7 @@ def test_a_forced_call_of_a_non_strict_tool_with_bounds_and_patterns_is_made(cli
     arguments = json.loads(call.function.arguments)
     assert call.function.name == "search" and set(arguments) == {"query", "limit"}  # the shape holds
     assert isinstance(arguments["query"], str) and isinstance(arguments["limit"], int)
+    assert len(arguments["query"]) <= 40 and re.fullmatch("[a-z ]+", arguments["query"]) and 1 <= arguments["limit"] <= 50
 
 
 def test_a_forced_call_is_made_whatever_the_response_format(client):

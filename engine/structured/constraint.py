@@ -60,8 +60,11 @@ class StructuredOutputs:
         return grammar
 
     def clear_masks(self) -> None:
+        """Forget every mask (and each pattern state's walk of the vocabulary)."""
         with self._lock:
             self._masks.clear()
+        if self._vocabulary is not None:
+            self._vocabulary.clear()
 
     def mask(self, grammar: Grammar, state: tuple) -> torch.Tensor:
         key = (id(grammar), state)

@@ -9,16 +9,23 @@ first byte), so the machine is deterministic; the grammar merges a union's branc
 first byte leads to one of them. Whitespace is allowed wherever JSON allows it, up to `MAX_WS` bytes
 in a run: enough to lay out nested JSON, and a model that keeps emitting newlines cannot pad its
 answer until `max_tokens`. Nesting is bounded too (`MAX_DEPTH`), and so is a number's length.
+
+A string held to a pattern or a length (a TEXT frame) runs its characters, decoded from UTF-8 or
+from an escape, through the pattern's automaton (engine/structured/regex.py); a byte is taken only
+where the string can still be completed, so a part of a character is refused where no character it
+can begin leads on. Such strings take the short escapes (`\\n`, `\\"`, ...), not `\\uXXXX`. A bounded
+number keeps its text so far and takes a byte only where a number in its bounds can still follow
+(engine/structured/number_range.py); it has no exponent.
 """
 from __future__ import annotations
 
-from engine.structured.schema import Grammar
+from engine.structured.schema import NUMBER_BYTES, Grammar
 
 MAX_WS = 40
-MAX_NUMBER = 24  # bytes of one number
+MAX_NUMBER = NUMBER_BYTES  # bytes of one number
 MAX_DEPTH = 128  # frames: values nested about 64 deep (json.loads itself stops near 1,000)
 
-VALUE, OBJECT, ARRAY, STRING, NUMBER, LITERALS = range(6)
+VALUE, OBJECT, ARRAY, STRING, NUMBER, LITERALS, TEXT = range(7)
 # object phases: after "{", after ",", after a key (":" next), after a value ("," or "}" next)
 O_FIRST, O_KEY, O_COLON, O_NEXT = range(4)
 # array phases: after "[", after ",", after an item
@@ -33,6 +40,11 @@ CHARS = (STRING, S_CHARS, 0, 0, 0)
 # number phases, along JSON's number grammar: -? (0 | [1-9][0-9]*) (.[0-9]+)? ([eE][+-]?[0-9]+)?
 N_START, N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(9)
 N_ENDS = frozenset((N_ZERO, N_INT, N_FRAC, N_EXP))
+# a TEXT frame: (TEXT, node, automaton state, characters so far, phase, then in T_UTF8 the bytes left,
+# the code point's bits so far, and the lowest and highest next byte); phases: between characters,
+# inside a multi-byte UTF-8 character, after a backslash
+T_CHARS, T_UTF8, T_ESCAPE = range(3)
+SHORT_ESCAPES = {0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09}
 
 WHITESPACE = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
@@ -48,10 +60,33 @@ def start(grammar: Grammar) -> tuple:
     return ((VALUE, grammar.root, 0),)
 
 
-def in_string(state: tuple) -> bool:
-    """Between a string's characters: whole UTF-8 characters other than `"`, `\\` and control
-    characters leave the state as it is."""
-    return bool(state) and state[-1] == CHARS
+def plain_room(grammar: Grammar, state: tuple) -> int | None:
+    """Between a string's characters where any character may come: how many more it may take
+    (tokens of whole UTF-8 characters other than `"`, `\\` and control characters then leave the
+    state as it is, or, in a string with a length, only add to its count); None elsewhere."""
+    if not state:
+        return None
+    frame = state[-1]
+    if frame == CHARS:
+        return MAX_ROOM
+    if frame[0] != TEXT or frame[4] != T_CHARS:
+        return None
+    pattern = grammar.nodes[frame[1]].text
+    if not pattern.free:
+        return None
+    return MAX_ROOM if pattern.max_length is None else pattern.max_length - frame[3]
+
+
+MAX_ROOM = 1 << 30
+
+
+def held_text(grammar: Grammar, state: tuple) -> tuple | None:
+    """Between the characters of a string held to a pattern: (the pattern, its automaton's state,
+    the characters so far); None elsewhere."""
+    frame = state[-1] if state else None
+    if frame is None or frame[0] != TEXT or frame[4] != T_CHARS or grammar.nodes[frame[1]].text.free:
+        return None
+    return grammar.nodes[frame[1]].text, frame[2], frame[3]
 
 
 def can_end(state: tuple) -> bool:
@@ -62,7 +97,7 @@ def can_end(state: tuple) -> bool:
         return False
     frame = state[0]
     if frame[0] == NUMBER:
-        return frame[2] in N_ENDS
+        return frame[5]
     if frame[0] == LITERALS:
         return any(len(c) == frame[2] for c in frame[1])
     return False
@@ -127,9 +162,11 @@ def _value(grammar, frame, byte, depth: int):
     if byte == 0x5B and node.array is not None and depth - 1 + grammar.array_height[n] <= MAX_DEPTH:  # [
         return ((ARRAY, n, A_FIRST, 0, 0),), True, None
     if byte == 0x22 and node.string:  # "
-        return (CHARS,), True, None
+        if node.text is None:
+            return (CHARS,), True, None
+        return ((TEXT, n, node.text.start, 0, T_CHARS, 0, 0, 0, 0),), True, None
     if node.number is not None and (byte == 0x2D or byte in DIGITS):
-        return ((NUMBER, node.number == "integer", N_START, 0),), False, None
+        return ((NUMBER, n, N_START, 0, b"", False),), False, None
     if node.literals:  # which literal it is reaches the parent (a tagged union's tag picks its branch)
         return ((LITERALS, node.literals, 0, tuple(range(len(node.literals)))),), False, None
     return None
@@ -247,7 +284,49 @@ def _string(nodes, frame, byte):
     return (((STRING, S_LOW, 6, 0, 0) if mode == U_HIGH else CHARS),), True, None
 
 
-def _number_phase(phase: int, byte: int, integer: bool) -> int | None:
+def _text(nodes, frame, byte):
+    _, n, automaton, count, phase, left, bits, low, high = frame
+    pattern = nodes[n].text
+    if phase == T_CHARS:
+        if byte == 0x22:
+            return (POP, True, None) if count >= pattern.min_length and pattern.accepting(automaton) else None
+        if byte == 0x5C:
+            if not any(pattern.any_live(automaton, count, c, c) for c in SHORT_ESCAPES.values()):
+                return None
+            return ((TEXT, n, automaton, count, T_ESCAPE, 0, 0, 0, 0),), True, None
+        if byte < 0x80:
+            return None if byte < 0x20 else _character(pattern, frame, byte)
+        lead = _utf8_lead(byte)
+        if lead is None:
+            return None
+        left, low, high = lead[2:]
+        bits = byte & (0x7F >> (left + 1))
+    elif phase == T_UTF8:
+        if not low <= byte <= high:
+            return None
+        bits, left, low, high = bits << 6 | byte & 0x3F, left - 1, 0x80, 0xBF
+        if not left:
+            return _character(pattern, frame, bits)
+    else:  # T_ESCAPE
+        return _character(pattern, frame, SHORT_ESCAPES[byte]) if byte in SHORT_ESCAPES else None
+    # inside a character: taken where some character it can still become leads on
+    shift = 6 * (left - 1)
+    first = bits << 6 * left | (low & 0x3F) << shift
+    last = bits << 6 * left | (high & 0x3F) << shift | (1 << shift) - 1
+    if not pattern.any_live(automaton, count, first, last):
+        return None
+    return ((TEXT, n, automaton, count, T_UTF8, left, bits, low, high),), True, None
+
+
+def _character(pattern, frame, code_point: int):
+    _, n, automaton, count = frame[:4]
+    automaton = pattern.step(automaton, code_point)
+    if automaton < 0 or not pattern.live(automaton, count + 1):
+        return None
+    return ((TEXT, n, automaton, pattern.after(count + 1), T_CHARS, 0, 0, 0, 0),), True, None
+
+
+def _number_phase(phase: int, byte: int, integer: bool, exponent: bool = True) -> int | None:
     digit = byte in DIGITS
     if phase in (N_START, N_MINUS):
         if byte == 0x30:
@@ -259,7 +338,7 @@ def _number_phase(phase: int, byte: int, integer: bool) -> int | None:
         return phase
     if phase in (N_ZERO, N_INT) and byte == 0x2E and not integer:  # .
         return N_DOT
-    if phase in (N_ZERO, N_INT, N_FRAC) and byte in (0x65, 0x45) and not integer:  # e E
+    if phase in (N_ZERO, N_INT, N_FRAC) and byte in (0x65, 0x45) and not integer and exponent:  # e E
         return N_E
     if phase == N_DOT and digit:
         return N_FRAC
@@ -271,12 +350,21 @@ def _number_phase(phase: int, byte: int, integer: bool) -> int | None:
 
 
 def _number(nodes, frame, byte):
-    _, integer, phase, length = frame
-    after = _number_phase(phase, byte, integer)
-    # within the length, with room left for a digit where the number cannot end yet
-    if after is not None and length + (1 if after in N_ENDS else 2) <= MAX_NUMBER:
-        return ((NUMBER, integer, after, length + 1),), True, None
-    if phase in N_ENDS:  # the number ended before this byte, which its parent takes
+    """A frame (NUMBER, node, phase, length, then a bounded number's text so far, and whether the
+    number may end here)."""
+    _, n, phase, length, text, whole = frame
+    node = nodes[n]
+    integer, bounds = node.number == "integer", node.bounds
+    after = _number_phase(phase, byte, integer, exponent=bounds is None)
+    if after is not None:
+        if bounds is None:  # within the length, with room left for a digit where it cannot end yet
+            if length + (1 if after in N_ENDS else 2) <= MAX_NUMBER:
+                return ((NUMBER, n, after, length + 1, b"", after in N_ENDS),), True, None
+        else:
+            text += bytes((byte,))
+            if bounds.reachable(text, integer, MAX_NUMBER - len(text)):
+                return ((NUMBER, n, after, length + 1, text, after in N_ENDS and bounds.holds(text)),), True, None
+    if whole:  # the number ended before this byte, which its parent takes
         return POP, False, None
     return None
 
@@ -293,4 +381,4 @@ def _literals(nodes, frame, byte):
 
 
 _DEEP_HANDLERS = {VALUE: _value, OBJECT: _object}  # these take the grammar and the state's depth
-_HANDLERS = {ARRAY: _array, STRING: _string, NUMBER: _number, LITERALS: _literals}
+_HANDLERS = {ARRAY: _array, STRING: _string, NUMBER: _number, LITERALS: _literals, TEXT: _text}

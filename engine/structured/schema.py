@@ -9,11 +9,15 @@ with constant values (a pydantic union of models with a Literal field); other un
 could not tell apart by a value's first byte are refused, and so is a `oneOf` whose branches could
 both match one value.
 
+Strings may be held to a `pattern`, a known `format` (engine/structured/formats.py) and a length
+(`minLength`, `maxLength`), run as an automaton over their characters (engine/structured/regex.py);
+numbers to bounds (`minimum`, `maximum` and the exclusive ones, engine/structured/number_range.py).
+
 Outputs always validate against the schema; some valid documents are never generated: properties
 come in the schema's order, and an object with `properties` gets no others. Keywords that constrain
-values in ways the grammar does not (`pattern`, `minLength`, `minimum`, `prefixItems`, ...) are
-refused with an error naming them, never ignored; `format` is an annotation, as JSON Schema
-(2019-09 on) defines it.
+values in ways the grammar does not (`multipleOf`, `prefixItems`, `patternProperties`, ...) are
+refused with an error naming them, never ignored; a `format` not known here is an annotation, as
+JSON Schema (2019-09 on) defines it.
 """
 from __future__ import annotations
 
@@ -23,17 +27,24 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from engine.sampling_params import InvalidParamError
+from engine.structured.formats import PATTERNS
+from engine.structured.number_range import Range
+from engine.structured.regex import Pattern, PatternError
 
 PARAM = "response_format"
 MAX_NODES = 2000
 # of unions, all told: a branch that is a $ref adds no node but is merged all the same, copying up to
 # MAX_LITERALS values (at most 2,000 x 1,000 copies: 0.12 s measured, in a worker thread)
 MAX_BRANCHES = 2000
+NUMBER_BYTES = 24  # of one number
 MAX_LITERALS = 1000  # enum and const values in one schema (OpenAI's strict mode allows 1,000 enum values)
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
                          "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "discriminator"))
+# what strings and numbers are held to, beside their type
+VALUE_KEYWORDS = frozenset(("pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
+                            "exclusiveMaximum"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "enum", "const", "anyOf", "oneOf", "allOf", "$ref")) | ANNOTATIONS
+                      "enum", "const", "anyOf", "oneOf", "allOf", "$ref")) | VALUE_KEYWORDS | ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 
@@ -84,7 +95,9 @@ class Node:
     object: ObjectSpec | None = None
     array: ArraySpec | None = None
     string: bool = False
+    text: Pattern | None = None  # what a string's characters must match (None: any)
     number: str | None = None  # "number" or "integer"
+    bounds: Range | None = None  # of a number
     literals: tuple[bytes, ...] = ()
     # while compiling only: a union's branches (merged once every reference is compiled)
     branches: tuple[int, ...] = ()
@@ -157,6 +170,17 @@ def compile_schema(schema, param: str = PARAM) -> Grammar:
         raise InvalidParamError(f"{param}: the schema is nested too deeply", param) from None
 
 
+def value_keywords_hold(schema: dict) -> bool:
+    """Whether a schema's string and number keywords (with its type, enum, const and format) compile:
+    a loose schema (a tool's without `strict`) leaves them out where they do not."""
+    kept = {k: v for k, v in schema.items() if k in VALUE_KEYWORDS | {"type", "enum", "const", "format"}}
+    try:
+        _Compiler(kept)
+    except (SchemaError, RecursionError):
+        return False
+    return True
+
+
 def _hashable(value, what: str):
     """A keyword's value that must be a string (a `$ref`, a `type`), checked before it is looked up."""
     if not isinstance(value, str):
@@ -189,6 +213,11 @@ def _value(literal: bytes):
     return Decimal(literal.decode()).normalize() if _kind(literal) in ("integer", "number") else literal
 
 
+def _plain_number(literal: bytes) -> bytes:
+    """A number literal's text without an exponent (1e+20 as 100000000000000000000)."""
+    return format(Decimal(literal.decode()), "f").encode()
+
+
 def _of_types(literal: bytes, types: list[str]) -> bool:
     kind = _kind(literal)
     return kind in types or kind == "integer" and "number" in types
@@ -204,6 +233,7 @@ class _Compiler:
         self.branch_count = 0
         self.merged: dict[int, tuple[Node, Node]] = {}  # id(union node) -> (it, merged): a $ref's copy is the same
         self.merging: set[int] = set()
+        self.patterns: dict[tuple, Pattern] = {}  # by (source, minLength, maxLength): equal ones are one
         self.grammar.root = self.compile(schema)
         self.merge_unions()
         self.grammar.object_height, self.grammar.array_height, self.grammar.height = _heights(self.grammar.nodes)
@@ -331,9 +361,9 @@ class _Compiler:
             elif t == "array":
                 parts.append(Node(array=self.array(schema)))
             elif t == "string":
-                parts.append(Node(string=True))
+                parts.append(Node(string=True, text=self.text(schema)))
             elif t in ("number", "integer"):
-                parts.append(Node(number=t))
+                parts.append(Node(number=t, bounds=self.bounds(schema, t)))
             elif t == "boolean":
                 parts.append(Node(literals=(b"true", b"false")))
             else:
@@ -357,7 +387,47 @@ class _Compiler:
             literals = [lit for lit in literals if _of_types(lit, types)]
             if not literals:
                 _fail("no enum or const value is of the schema's type")
+        text, bounds = self.text(schema), self.bounds(schema, "number")
+        if text is not None or bounds is not None:  # only the values the string or number keywords take
+            literals = [lit for lit in literals if _kind(lit) not in ("string", "integer", "number") or
+                        (text is None or _kind(lit) != "string" or text.matches(json.loads(lit))) and
+                        (bounds is None or _kind(lit) == "string" or bounds.holds(_plain_number(lit)))]
+            if not literals:
+                _fail("no enum or const value satisfies the schema's string or number keywords")
         return self.merge([Node(literals=(lit,)) for lit in literals])
+
+    def text(self, schema: dict) -> Pattern | None:
+        """What `pattern`, a known `format`, `minLength` and `maxLength` hold a string to (None: nothing)."""
+        pattern, form = schema.get("pattern"), schema.get("format")
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        if type(low) is not int or low < 0 or (high is not None and (type(high) is not int or high < low)):
+            _fail("minLength and maxLength must be integers with 0 <= minLength <= maxLength")
+        if pattern is not None and not isinstance(pattern, str):
+            _fail("pattern must be a string")
+        if form is not None and not isinstance(form, str):
+            _fail("format must be a string")
+        if pattern is not None and form in PATTERNS:
+            _fail(f"pattern beside format {form!r} is not supported")
+        source = pattern if pattern is not None else PATTERNS.get(form, "")
+        if not source and low == 0 and high is None:
+            return None
+        key = (source, low, high)
+        if key not in self.patterns:
+            try:
+                self.patterns[key] = Pattern(source, low, high)
+            except PatternError as exc:
+                _fail(f"pattern {source[:80]!r}: {exc}")
+        return self.patterns[key]
+
+    def bounds(self, schema: dict, kind: str) -> Range | None:
+        """What `minimum`, `maximum` and the exclusive ones hold a number to (None: nothing)."""
+        try:
+            bounds = Range.from_schema(schema)
+        except ValueError as exc:
+            _fail(str(exc))
+        if bounds is not None and bounds.empty(kind == "integer", NUMBER_BYTES):
+            _fail(f"no {kind} of at most {NUMBER_BYTES} characters lies within the schema's minimum and maximum")
+        return bounds
 
     def object(self, schema: dict) -> ObjectSpec:
         properties = schema.get("properties", {})
@@ -392,10 +462,23 @@ class _Compiler:
                 if out.array is not None and out.array != part.array:
                     _fail("a union of two different array schemas is not supported")
                 out.array = part.array
-            out.string = out.string or part.string
-            if part.number is not None:
-                out.number = "number" if "number" in (out.number, part.number) else "integer"
             literals.update(dict.fromkeys(part.literals))
+        strings = [part for part in parts if part.string]
+        if strings:  # a string that any characters make takes every other branch's strings
+            texts = {part.text for part in strings}
+            if None not in texts and len(texts) > 1:
+                _fail("a union of two different constrained string schemas is not supported")
+            out.string, out.text = True, None if None in texts else strings[0].text
+        numbers = [part for part in parts if part.number is not None]
+        if numbers:
+            out.number = "number" if any(part.number == "number" for part in numbers) else "integer"
+            bounded = {(part.number, part.bounds) for part in numbers}
+            if (out.number, None) in bounded:  # an unbounded branch takes every other one's numbers
+                out.bounds = None
+            elif len(bounded) > 1:
+                _fail("a union of two different bounded number schemas is not supported")
+            else:
+                out.bounds = numbers[0].bounds
         covered = out.kinds()  # literals another branch already allows go; the rest must not clash with one
         if any(_kind(lit) == "number" and out.number == "integer" for lit in literals):
             _fail("an enum number that is not an integer beside an integer type is not supported")

@@ -5,16 +5,26 @@ reuses the machine's state for the shared prefix, and when a byte is refused it 
 token that starts with the refused prefix at once (one binary search). Between a string's
 characters, the tokens of whole UTF-8 characters with no quote, backslash or control character
 (most of a vocabulary) leave the state as it is; they are allowed there as one precomputed mask,
-and only the others are walked.
+and only the others are walked. In a string with only a length, they are allowed by their number
+of characters (one comparison), and again only the others are walked. In a string held to a
+pattern, each such token's characters are run through the pattern's automaton once per automaton
+state (over the tokens sorted as text, sharing prefixes), and the token is allowed where the state
+it ends in is live with its characters counted.
 """
 from __future__ import annotations
 
 import bisect
+import threading
+from array import array
+from collections import OrderedDict
 
 import torch
 
 from engine.structured import json_machine
+from engine.structured.regex import Pattern
 from engine.structured.schema import Grammar
+
+ENDS_BYTES = 32 * 2**20  # kept of automaton states' plain token ends (4 bytes a token each)
 
 
 _STRING_BYTES = bytes(b for b in range(0x20, 0x100) if b not in (0x22, 0x5C))
@@ -37,13 +47,17 @@ class _SortedTokens:
         self.texts = sorted(groups)
         self.ids = [groups[t] for t in self.texts]
 
-    def past(self, prefix: bytes, lo: int) -> int:
-        """The first index from `lo` on whose token does not start with `prefix`."""
-        while prefix and prefix[-1] == 0xFF:
+    def past(self, prefix: bytes | str, lo: int) -> int:
+        """The first index from `lo` on whose token does not start with `prefix` (tokens as bytes,
+        or as text)."""
+        top = 0xFF if isinstance(prefix, bytes) else 0x10FFFF
+        while prefix and (prefix[-1] if isinstance(prefix, bytes) else ord(prefix[-1])) == top:
             prefix = prefix[:-1]
         if not prefix:
             return len(self.texts)
-        return bisect.bisect_left(self.texts, prefix[:-1] + bytes([prefix[-1] + 1]), lo)
+        last = prefix[-1:]
+        after = bytes([last[0] + 1]) if isinstance(prefix, bytes) else chr(ord(last) + 1)
+        return bisect.bisect_left(self.texts, prefix[:-1] + after, lo)
 
 
 class Vocabulary:
@@ -64,9 +78,20 @@ class Vocabulary:
         # the tokens a string may hold whole; built from bytes, not torch ops: the server builds the
         # vocabulary beside its step loop, and a torch op there would start a second OpenMP team
         flags = bytearray(width)
+        chars = array("i", bytes(4 * width))  # a plain token's characters (0 for the others)
         for token_id in plain:
             flags[token_id] = 1
+            chars[token_id] = len(token_bytes[token_id].decode("utf-8"))
         self.plain = torch.frombuffer(flags, dtype=torch.bool)
+        self.plain_chars = torch.frombuffer(chars, dtype=torch.int32)
+        self.longest_plain = max(chars, default=0)
+        texts: dict[str, list[int]] = {}
+        for token_id in plain:
+            texts.setdefault(token_bytes[token_id].decode("utf-8"), []).append(token_id)
+        self._plain_texts = _SortedTokens(texts)
+        # (id(pattern), automaton state) -> (pattern, the (end state, characters) pairs, each token's pair)
+        self._ends: OrderedDict[tuple, tuple] = OrderedDict()
+        self._ends_lock = threading.Lock()
         self.width = width
         self.token_bytes = token_bytes
         self.eos_ids = sorted(i for i in eos_ids if i < width)
@@ -75,14 +100,74 @@ class Vocabulary:
 
     def mask(self, grammar: Grammar, state: tuple) -> torch.Tensor:
         """[width] bool: the tokens whose bytes the state accepts (EOS where the document may end)."""
-        in_string = json_machine.in_string(state)
-        allowed = _walk(grammar, state, self._other if in_string else self._every)
-        mask = self.plain.clone() if in_string else torch.zeros(self.width, dtype=torch.bool)
+        room = json_machine.plain_room(grammar, state)
+        held = json_machine.held_text(grammar, state) if room is None else None
+        allowed = _walk(grammar, state, self._every if room is None and held is None else self._other)
+        if held is not None:
+            mask = self._held_mask(*held)
+        elif room is None:
+            mask = torch.zeros(self.width, dtype=torch.bool)
+        elif room >= self.longest_plain:
+            mask = self.plain.clone()
+        else:
+            mask = self.plain & (self.plain_chars <= room)
         if allowed:
             mask[torch.tensor(allowed)] = True
         if json_machine.can_end(state) and self.eos_ids:
             mask[torch.tensor(self.eos_ids)] = True
         return mask
+
+    def clear(self) -> None:
+        with self._ends_lock:
+            self._ends.clear()
+
+    def _held_mask(self, pattern: Pattern, automaton: int, count: int) -> torch.Tensor:
+        """The plain tokens a string held to `pattern` may take next: the state each ends in is live
+        with its characters added to `count` (then every state on its way was too)."""
+        pairs, index = self._plain_ends(pattern, automaton)
+        flags = bytearray(pattern.live(end, count + chars) for end, chars in pairs) + b"\0"  # the last: refused
+        return torch.index_select(torch.frombuffer(flags, dtype=torch.bool), 0, index)
+
+    def _plain_ends(self, pattern: Pattern, automaton: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """Where each plain token's characters lead from `automaton`: the distinct (end state,
+        characters) pairs, and per token the index of its pair (past them: refused, or not plain)."""
+        key = (id(pattern), automaton)
+        with self._ends_lock:
+            if key in self._ends:
+                self._ends.move_to_end(key)
+                return self._ends[key][1:]
+        pairs: dict[tuple[int, int], int] = {}
+        index = array("i", [-1]) * self.width
+        tokens, path, states = self._plain_texts, "", [automaton]
+        texts, i = tokens.texts, 0
+        while i < len(texts):
+            text = texts[i]
+            shared, most = 0, min(len(text), len(path))
+            while shared < most and text[shared] == path[shared]:
+                shared += 1
+            del states[shared + 1:]
+            current, depth = states[shared], shared
+            while depth < len(text):
+                current = pattern.step(current, ord(text[depth]))
+                if current < 0:
+                    break
+                depth += 1
+                states.append(current)
+            path = text[:depth]
+            if depth == len(text):
+                pair = pairs.setdefault((current, len(text)), len(pairs))
+                for token_id in tokens.ids[i]:
+                    index[token_id] = pair
+                i += 1
+            else:  # every token that starts with the refused prefix is refused with it
+                i = tokens.past(text[:depth + 1], i + 1)
+        index = torch.frombuffer(index, dtype=torch.int32)
+        entry = (pattern, list(pairs), torch.where(index < 0, len(pairs), index))
+        with self._ends_lock:
+            self._ends[key] = entry
+            while len(self._ends) * 4 * self.width > ENDS_BYTES and len(self._ends) > 1:
+                self._ends.popitem(last=False)
+        return entry[1:]
 
     def advance(self, grammar: Grammar, state: tuple, token_id: int) -> tuple | None:
         text = self.token_bytes[token_id] if token_id < len(self.token_bytes) else None

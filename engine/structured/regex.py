@@ -1,0 +1,478 @@
+"""JSON Schema `pattern`s (ECMA-262 regular expressions) as automata over a string's characters.
+
+A pattern is parsed into a Thompson NFA over code points, and run as a DFA built lazily: a DFA
+state is the set of NFA states a prefix can reach, interned as an int, and each step on a code
+point is remembered. NFA states from which the end cannot be reached are dropped from every set,
+so a set that is not empty can always still be completed.
+
+JSON Schema patterns search: `"b"` matches "abc". A pattern is matched whole where it begins with
+`^` and ends with `$` (per top-level alternative); elsewhere any text may come before or after.
+What is supported: literals, `.`, classes (`[a-z]`, `[^"]`, `\\d \\w \\s` and their negations),
+groups (`(...)`, `(?:...)`, `(?<name>...)`), alternation, and the quantifiers `* + ? {n} {n,}
+{n,m}` (lazy forms too: they match the same strings). Anchors elsewhere than at a top-level
+alternative's start or end, backreferences, lookaround and `\\b` are refused, as are Unicode
+property classes.
+
+Lengths: `live(state, count)` answers whether the string can still be completed with a total
+of at least `min_length` and at most `max_length` characters, `count` of them written so far.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+MAX_CODE_POINT = 0x10FFFF
+SURROGATES = (0xD800, 0xDFFF)
+MAX_STATES = 5000  # of the NFA: counted repetitions are unrolled
+MAX_REPEAT = 1000
+
+Ranges = tuple  # of (low, high) code point pairs, inclusive, sorted, disjoint, surrogates left out
+
+
+def _normalise(ranges) -> Ranges:
+    """Sorted, merged, and without surrogates (a JSON string's characters are never lone ones)."""
+    out: list[list[int]] = []
+    for low, high in sorted(ranges):
+        if out and low <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], high)
+        else:
+            out.append([low, high])
+    kept = []
+    for low, high in out:
+        if high < SURROGATES[0] or low > SURROGATES[1]:
+            kept.append((low, high))
+            continue
+        if low < SURROGATES[0]:
+            kept.append((low, SURROGATES[0] - 1))
+        if high > SURROGATES[1]:
+            kept.append((SURROGATES[1] + 1, high))
+    return tuple(kept)
+
+
+def _negate(ranges: Ranges) -> Ranges:
+    out, start = [], 0
+    for low, high in ranges:
+        if low > start:
+            out.append((start, low - 1))
+        start = high + 1
+    if start <= MAX_CODE_POINT:
+        out.append((start, MAX_CODE_POINT))
+    return _normalise(out)
+
+
+ANY = _normalise([(0, MAX_CODE_POINT)])
+DOT = _negate(_normalise([(0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)]))  # all but line terminators
+DIGIT = ((0x30, 0x39),)
+WORD = _normalise([(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)])
+SPACE = _normalise([(0x09, 0x0D), (0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+                    (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF)])
+CLASS_ESCAPES = {"d": DIGIT, "D": _negate(DIGIT), "w": WORD, "W": _negate(WORD), "s": SPACE, "S": _negate(SPACE)}
+CHAR_ESCAPES = {"t": 0x09, "n": 0x0A, "v": 0x0B, "f": 0x0C, "r": 0x0D, "0": 0x00}
+
+
+class PatternError(ValueError):
+    """What a pattern asks that is not supported, or is not a regular expression."""
+
+
+# the parsed pattern: ("chars", ranges) | ("seq", [nodes]) | ("alt", [nodes]) |
+# ("repeat", node, low, high or None) | ("start",) | ("end",)
+
+
+class _Parser:
+    def __init__(self, pattern: str):
+        self.text, self.pos = pattern, 0
+
+    def fail(self, message: str):
+        raise PatternError(f"{message} (at offset {self.pos} of the pattern)")
+
+    def peek(self) -> str | None:
+        return self.text[self.pos] if self.pos < len(self.text) else None
+
+    def take(self) -> str:
+        char = self.peek()
+        if char is None:
+            self.fail("the pattern ends too early")
+        self.pos += 1
+        return char
+
+    def parse(self):
+        node = self.alternation()
+        if self.peek() is not None:
+            self.fail(f"unexpected {self.peek()!r}")
+        return node
+
+    def alternation(self):
+        branches = [self.sequence()]
+        while self.peek() == "|":
+            self.pos += 1
+            branches.append(self.sequence())
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def sequence(self):
+        items = []
+        while self.peek() not in (None, "|", ")"):
+            atom = self.atom()
+            items.append(self.quantified(atom))
+        return ("seq", items)
+
+    def quantified(self, atom):
+        char = self.peek()
+        bounds = None
+        if char in ("*", "+", "?"):
+            self.pos += 1
+            bounds = {"*": (0, None), "+": (1, None), "?": (0, 1)}[char]
+        elif char == "{":
+            bounds = self.counted()
+        if bounds is None:
+            return atom
+        if atom[0] in ("start", "end"):
+            self.fail("a quantifier after an anchor")
+        if self.peek() == "?":  # lazy: the same strings match
+            self.pos += 1
+        if self.peek() in ("*", "+", "?", "{") and (self.peek() != "{" or self.counted(look=True)):
+            self.fail("a quantifier after a quantifier")
+        return ("repeat", atom, *bounds)
+
+    def counted(self, look: bool = False):
+        """`{n}`, `{n,}` or `{n,m}` at the position (None where the brace is a literal, as ECMA-262
+        reads a `{` that begins no quantifier)."""
+        end = self.text.find("}", self.pos)
+        body = self.text[self.pos + 1:end] if end > 0 else ""
+        low, comma, high = body.partition(",")
+        if not low.isdigit() or (high and not high.isdigit()) or not (low.isascii() and high.isascii()):
+            return None
+        if look:
+            return True
+        low_n, high_n = int(low), (int(high) if high else None) if comma else int(low)
+        if max(low_n, high_n or 0) > MAX_REPEAT:
+            self.fail(f"a repetition count above {MAX_REPEAT}")
+        if high_n is not None and high_n < low_n:
+            self.fail("a repetition's bounds are out of order")
+        self.pos = end + 1
+        return low_n, high_n
+
+    def atom(self):
+        char = self.take()
+        if char == "(":
+            if self.peek() == "?":
+                self.pos += 1
+                kind = self.take()
+                if kind == "<" and self.peek() not in ("=", "!"):  # a named group
+                    while self.take() != ">":
+                        pass
+                elif kind != ":":
+                    self.fail("lookaround and other (?...) groups are not supported")
+            node = self.alternation()
+            if self.take() != ")":
+                self.fail("an unclosed group")
+            return node
+        if char == ")":
+            self.fail("an unmatched ')'")
+        if char == "[":
+            return ("chars", self.char_class())
+        if char == ".":
+            return ("chars", DOT)
+        if char == "^":
+            return ("start",)
+        if char == "$":
+            return ("end",)
+        if char in "*+?":
+            self.fail(f"nothing to repeat before {char!r}")
+        if char == "\\":
+            escaped = self.escape(in_class=False)
+            return ("chars", escaped if isinstance(escaped, tuple) else _normalise([(escaped, escaped)]))
+        return ("chars", _normalise([(ord(char), ord(char))]))
+
+    def escape(self, in_class: bool):
+        """After a backslash: a class (ranges) or one code point."""
+        char = self.take()
+        if char in CLASS_ESCAPES:
+            return CLASS_ESCAPES[char]
+        if char in CHAR_ESCAPES and not (char == "0" and self.peek() is not None and self.peek().isdigit()):
+            return CHAR_ESCAPES[char]
+        if char == "b" and in_class:
+            return 0x08
+        if char in ("x", "u"):
+            if char == "u" and self.peek() == "{":
+                end = self.text.find("}", self.pos)
+                digits, after = self.text[self.pos + 1:end], end + 1
+            else:
+                width = 2 if char == "x" else 4
+                digits, after = self.text[self.pos:self.pos + width], self.pos + width
+            try:
+                value = int(digits, 16) if digits and all(c in "0123456789abcdefABCDEF" for c in digits) else -1
+            except ValueError:
+                value = -1
+            if not 0 <= value <= MAX_CODE_POINT:
+                self.fail(f"a malformed \\{char} escape")
+            self.pos = after
+            return value
+        if char.isalnum():  # \b, \B, \1, \p{...}, \k<...>, \cX: not supported
+            self.fail(f"the escape \\{char} is not supported")
+        return ord(char)  # an escaped punctuation character stands for itself
+
+    def char_class(self) -> Ranges:
+        negated = self.peek() == "^"
+        if negated:
+            self.pos += 1
+        ranges = []
+        while True:
+            char = self.take()
+            if char == "]":
+                break
+            low = self.escape(in_class=True) if char == "\\" else ord(char)
+            if isinstance(low, tuple):
+                ranges.extend(low)
+                continue
+            if self.peek() == "-" and self.pos + 1 < len(self.text) and self.text[self.pos + 1] != "]":
+                self.pos += 1
+                char = self.take()
+                high = self.escape(in_class=True) if char == "\\" else ord(char)
+                if isinstance(high, tuple):
+                    self.fail("a class escape cannot end a range")
+                if high < low:
+                    self.fail("a class range out of order")
+                ranges.append((low, high))
+            else:
+                ranges.append((low, low))
+        ranges = _normalise(ranges)
+        return _negate(ranges) if negated else ranges
+
+
+@dataclass
+class _Nfa:
+    epsilon: list[list[int]] = field(default_factory=list)
+    edges: list[list[tuple[Ranges, int]]] = field(default_factory=list)
+
+    def state(self) -> int:
+        if len(self.epsilon) >= MAX_STATES:
+            raise PatternError(f"the pattern is too large (more than {MAX_STATES} states)")
+        self.epsilon.append([])
+        self.edges.append([])
+        return len(self.epsilon) - 1
+
+    def build(self, node) -> tuple[int, int]:
+        """A fragment for `node`: its entry and exit states."""
+        kind = node[0]
+        entry = self.state()
+        if kind == "chars":
+            exit_ = self.state()
+            if node[1]:
+                self.edges[entry].append((node[1], exit_))
+            return entry, exit_
+        if kind == "seq":
+            current = entry
+            for item in node[1]:
+                if item[0] in ("start", "end"):
+                    raise PatternError("^ and $ are supported only at the start and end of the pattern "
+                                       "(or of its top-level alternatives)")
+                first, last = self.build(item)
+                self.epsilon[current].append(first)
+                current = last
+            return entry, current
+        if kind == "alt":
+            exit_ = self.state()
+            for branch in node[1]:
+                first, last = self.build(branch)
+                self.epsilon[entry].append(first)
+                self.epsilon[last].append(exit_)
+            return entry, exit_
+        _, inner, low, high = node  # repeat
+        current = entry
+        for _ in range(low):
+            first, last = self.build(inner)
+            self.epsilon[current].append(first)
+            current = last
+        if high is None:  # a loop: the inner fragment again and again
+            first, last = self.build(inner)
+            self.epsilon[current].append(first)
+            self.epsilon[last].append(current)
+            return entry, current
+        exit_ = self.state()
+        self.epsilon[current].append(exit_)
+        for _ in range(high - low):
+            first, last = self.build(inner)
+            self.epsilon[current].append(first)
+            self.epsilon[last].append(exit_)
+            current = last
+        return entry, exit_
+
+
+def _anchored(branch) -> tuple[bool, bool, tuple]:
+    """A top-level alternative without its leading `^` and trailing `$`, and whether it had them."""
+    items = list(branch[1])
+    start = bool(items) and items[0] == ("start",)
+    items = items[1:] if start else items
+    end = bool(items) and items[-1] == ("end",)
+    items = items[:-1] if end else items
+    return start, end, ("seq", items)
+
+
+class Pattern:
+    """A pattern's automaton: `start`, `step(state, code_point)` (-1: no string with this prefix
+    matches), `accepting(state)`, and `live(state, count)` under the string's length bounds."""
+
+    def __init__(self, source: str, min_length: int = 0, max_length: int | None = None):
+        self.source, self.min_length, self.max_length = source, min_length, max_length
+        tree = _Parser(source).parse() if source else ("seq", [])
+        nfa = _Nfa()
+        entry, self._accept = nfa.state(), nfa.state()
+        for branch in tree[1] if tree[0] == "alt" else [tree]:
+            if branch[0] != "seq":
+                branch = ("seq", [branch])
+            start, end, body = _anchored(branch)
+            first, last = nfa.build(body)
+            head = entry
+            if not start:  # any text before
+                head = nfa.state()
+                nfa.epsilon[entry].append(head)
+                nfa.edges[head].append((ANY, head))
+            nfa.epsilon[head].append(first)
+            if not end:  # any text after
+                tail = nfa.state()
+                nfa.epsilon[last].append(tail)
+                nfa.edges[tail].append((ANY, tail))
+                last = tail
+            nfa.epsilon[last].append(self._accept)
+        self._nfa = nfa
+        self._useful = self._coreachable()
+        self._sets: list[frozenset[int]] = []
+        self._ids: dict[frozenset[int], int] = {}
+        self._moves: dict[tuple[int, int], int] = {}
+        self._live: dict[tuple[int, int], bool] = {}
+        self._successors: dict[int, list[tuple[int, int, int]]] = {}
+        self._lock = threading.Lock()  # requests' masks may be built on more than one thread
+        self.start = self._intern(self._closure([entry]))
+        if self.start < 0 or not self.live(self.start, 0):
+            raise PatternError("no string satisfies the pattern within the length bounds")
+
+    def _coreachable(self) -> set[int]:
+        """NFA states from which the accepting state can be reached."""
+        back: list[list[int]] = [[] for _ in self._nfa.epsilon]
+        for source, targets in enumerate(self._nfa.epsilon):
+            for target in targets:
+                back[target].append(source)
+        for source, edges in enumerate(self._nfa.edges):
+            for _, target in edges:
+                back[target].append(source)
+        seen, todo = {self._accept}, [self._accept]
+        while todo:
+            for source in back[todo.pop()]:
+                if source not in seen:
+                    seen.add(source)
+                    todo.append(source)
+        return seen
+
+    def _closure(self, states) -> frozenset[int]:
+        seen, todo = set(states), list(states)
+        while todo:
+            for target in self._nfa.epsilon[todo.pop()]:
+                if target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+        return frozenset(s for s in seen if s in self._useful)
+
+    def _intern(self, states: frozenset[int]) -> int:
+        if not states:
+            return -1
+        with self._lock:
+            state = self._ids.get(states)
+            if state is None:
+                state = self._ids[states] = len(self._sets)
+                self._sets.append(states)
+        return state
+
+    def accepting(self, state: int) -> bool:
+        return self._accept in self._sets[state]
+
+    def step(self, state: int, code_point: int) -> int:
+        key = (state, code_point)
+        target = self._moves.get(key)
+        if target is None:
+            reached = [t for s in self._sets[state] for ranges, t in self._nfa.edges[s]
+                       if _contains(ranges, code_point)]
+            target = self._moves[key] = self._intern(self._closure(reached))
+        return target
+
+    def successors(self, state: int) -> list[tuple[int, int, int]]:
+        """(low, high, next state) for each run of code points that leads anywhere from `state`."""
+        if state not in self._successors:
+            cuts = sorted({b for s in self._sets[state] for ranges, _ in self._nfa.edges[s]
+                           for low, high in ranges for b in (low, high + 1)})
+            runs = []
+            for low, high in zip(cuts, cuts[1:]):
+                target = self.step(state, low)
+                if target >= 0:
+                    runs.append((low, high - 1, target))
+            self._successors[state] = runs
+        return self._successors[state]
+
+    @property
+    def key(self) -> tuple:
+        """Equal for automata that take the same strings by construction."""
+        return self.source, self.min_length, self.max_length
+
+    @property
+    def free(self) -> bool:
+        """Any characters, only their number bounded."""
+        return not self.source
+
+    def after(self, count: int) -> int:
+        """The count to keep after `count` characters: counts past every bound behave alike."""
+        return self._cap(count)
+
+    def _cap(self, count: int) -> int:
+        """Counts past every bound behave alike."""
+        return min(count, self.max_length if self.max_length is not None else self.min_length)
+
+    def live(self, state: int, count: int) -> bool:
+        """Some completion of a string now in `state` with `count` characters matches, within the
+        length bounds."""
+        if self.max_length is not None and count > self.max_length:
+            return False
+        key = (state, self._cap(count))
+        if key not in self._live:
+            self._live[key] = self._search(*key)
+        return self._live[key]
+
+    def _search(self, state: int, count: int) -> bool:
+        """Breadth first over (state, characters so far) to an accepting state with enough."""
+        if self.max_length is None and self.min_length == 0:
+            return True  # every state left in a set can reach the end
+        seen, todo = {(state, count)}, deque([(state, count)])
+        while todo:
+            current, written = todo.popleft()
+            if written >= self.min_length and self.accepting(current):
+                return True
+            if self.max_length is not None and written >= self.max_length:
+                continue
+            following = self._cap(written + 1)
+            for _, _, target in self.successors(current):
+                if (target, following) not in seen:
+                    seen.add((target, following))
+                    todo.append((target, following))
+        return False
+
+    def matches(self, text: str) -> bool:
+        """The whole string `text` satisfies the pattern and the length bounds."""
+        state = self.start
+        for char in text:
+            state = self.step(state, ord(char))
+            if state < 0:
+                return False
+        return self.accepting(state) and self.min_length <= len(text) <= (self.max_length or len(text))
+
+    def any_live(self, state: int, count: int, low: int, high: int) -> bool:
+        """Some code point in [low, high] leads, as the next character, to a live state."""
+        return any(run_low <= high and low <= run_high and self.live(target, count + 1)
+                   for run_low, run_high, target in self.successors(state))
+
+
+def _contains(ranges: Ranges, code_point: int) -> bool:
+    for low, high in ranges:
+        if code_point < low:
+            return False
+        if code_point <= high:
+            return True
+    return False

@@ -1,0 +1,303 @@
+"""Structured outputs' strings and numbers held to more than their type: `pattern`s against Python's
+`re`, `format`s against the parsers clients use (pydantic's `datetime`, `UUID`, ...), lengths
+(`minLength`, `maxLength`) and numeric bounds, byte by byte through the JSON machine, each token
+mask against a brute force over the vocabulary, and the real model's answers through the `openai`
+SDK's `parse`."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import random
+import re
+import uuid
+from decimal import Decimal
+
+import pytest
+from pydantic import BaseModel, Field, TypeAdapter
+
+from engine.sampling_params import InvalidParamError
+from engine.structured import json_machine
+from engine.structured.regex import Pattern, PatternError
+from engine.structured.schema import compile_schema
+from tests.helpers import grammar_accepts
+
+MODEL = "smollm2-135m-instruct"
+
+
+def _full(pattern: Pattern, text: str) -> bool:
+    state = pattern.start
+    for char in text:
+        state = pattern.step(state, ord(char))
+        if state < 0:
+            return False
+    return pattern.accepting(state)
+
+
+@pytest.mark.parametrize("source, example", [
+    ("^a+$", "aa"), ("b", "abc"), ("^(foo|bar)baz$", "barbaz"), ("^[a-c]{2,3}$", "cab"), ("a|^b$", "b"),
+    (r"^\d{4}-\d{2}$", "2024-05"), ("[^ab]c", "xc"), ("^x?y*z+$", "yyz"), ("^(ab|a)(c|bcd)(d*)$", "abcdd"),
+    ("^.{3}$", "a.b"), (r"^[\w.]+@[a-z]+\.(com|org)$", "a.b@x.org"), ("^(a{2}){1,2}$", "aaaa"), ("^$", ""),
+    ("", "x"), ("^[-a]$", "-"), ("^[a-]$", "-"), (r"^\.$", "."), (r"^\s*\S+$", " \tab"), ("^(?:a|b)+?$", "ab"),
+    ("^(?<x>ab)*$", "abab"), (r"^[\d-]{2}$", "1-"), (r"^\x41\u0042$", "AB"),
+])
+def test_patterns_match_what_a_regex_search_matches(source, example):
+    """JSON Schema patterns search (unanchored unless `^`/`$`); ECMA's `$` is Python's `\\Z`.
+    Random strings over an alphabet of the pattern's own characters and others, and an example."""
+    pattern, expected = Pattern(source), re.compile(source.replace("$", r"\Z").replace("(?<x>", "(?P<x>"))
+    assert _full(pattern, example) and expected.search(example)
+    rng, alphabet = random.Random(0), "abcdfoxyzAB019.-@ \n\t" + example
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        assert _full(pattern, text) == bool(expected.search(text)), (source, text)
+
+
+@pytest.mark.parametrize("source, words", [
+    ("(?=a)", "lookaround"), (r"a\b", r"\b"), (r"(a)\1", r"\1"), (r"\p{L}", r"\p"), ("(a", "ends too early"),
+    ("a)", "unexpected"), ("*a", "nothing to repeat"), ("^a^b", "^ and $"), ("[z-a]", "out of order"),
+    ("a{3,2}", "out of order"), ("a{2000}", "above 1000"),
+])
+def test_patterns_the_automaton_cannot_hold_are_refused_by_name(source, words):
+    with pytest.raises(InvalidParamError) as caught:
+        compile_schema({"type": "string", "pattern": source})
+    assert words in str(caught.value) and "pattern" in str(caught.value) and caught.value.param == "response_format"
+
+
+def test_a_brace_that_begins_no_quantifier_is_a_literal():
+    assert _full(Pattern("^a{,2}$"), "a{,2}") and not _full(Pattern("^a{,2}$"), "aa")
+
+
+def _allowed_bytes(grammar, state) -> list[int]:
+    return [b for b in range(256) if json_machine.advance(grammar, state, b) is not None]
+
+
+def _random_documents(schema, count: int, seed: int = 0, prefer: bytes = b"") -> list[str]:
+    """Documents made of random bytes the machine allows, from the start; every state on the way
+    allows some byte or may end (a dead end would leave a row no token to take). `prefer`: bytes
+    taken where allowed, half the time (else the walks would rarely reach some states)."""
+    grammar, rng = compile_schema(schema), random.Random(seed)
+    documents = []
+    for _ in range(count):
+        state, text = json_machine.start(grammar), b""
+        while True:
+            allowed = _allowed_bytes(grammar, state)
+            ends = json_machine.can_end(state)
+            assert allowed or ends, text
+            if ends and (not allowed or rng.random() < 0.2):
+                break
+            liked = [b for b in allowed if b in prefer]
+            byte = rng.choice(liked if liked and rng.random() < 0.5 else allowed)
+            text += bytes([byte])
+            state = json_machine.advance(grammar, state, byte)
+            assert len(text) < 2000, text[:200]
+        documents.append(json.loads(text.decode("utf-8")))
+    return documents
+
+
+@pytest.mark.parametrize("form, check", [
+    ("date", datetime.date.fromisoformat),
+    ("time", TypeAdapter(datetime.time).validate_python),
+    ("date-time", TypeAdapter(datetime.datetime).validate_python),
+    ("duration", TypeAdapter(datetime.timedelta).validate_python),
+    ("uuid", uuid.UUID),
+    ("ipv4", ipaddress.IPv4Address),
+    ("email", lambda s: re.fullmatch(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,63}", s) or pytest.fail(s)),
+    ("hostname", lambda s: all(0 < len(p) <= 63 and not p.startswith("-") for p in s.split(".")) or pytest.fail(s)),
+])
+def test_formats_give_strings_their_parsers_take(form, check):
+    values = _random_documents({"type": "string", "format": form}, 60, prefer=b'"')
+    for value in values:
+        check(value)
+    assert len(set(values)) > 30
+
+
+def test_dates_have_their_months_days():
+    grammar = compile_schema({"type": "string", "format": "date"})
+    for year in (1900, 2000, 2023, 2024):
+        for month in range(1, 13):
+            for day in range(1, 33):
+                try:
+                    datetime.date(year, month, day)
+                    valid = True
+                except ValueError:
+                    valid = False
+                assert grammar_accepts(grammar, f'"{year:04d}-{month:02d}-{day:02d}"') == valid
+
+
+def test_an_unknown_format_is_an_annotation():
+    assert grammar_accepts(compile_schema({"type": "string", "format": "color"}), '"anything"')
+    assert grammar_accepts(compile_schema({"type": "integer", "format": "date"}), "12")
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "minLength": 2, "maxLength": 5},
+    {"type": "string", "minLength": 3},
+    {"type": "string", "maxLength": 1},
+    {"type": "string", "pattern": "^[a-zé🎉]+$", "maxLength": 4},
+    {"type": "string", "pattern": "(ab|abcdef)", "minLength": 5, "maxLength": 7},
+])
+def test_lengths_count_characters_and_never_lead_to_a_dead_end(schema):
+    """Characters, not bytes: é, 🎉 and an escape (\\n) count one each."""
+    pattern = re.compile(schema.get("pattern", ""))
+    values = _random_documents(schema, 150, prefer=b'"\\n\xc3\xa9\xf0\x9f\x8e\x89ab')
+    for value in values:
+        assert schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 10**9), value
+        assert pattern.search(value), value
+    assert any(len(v.encode()) > len(v) for v in values) or "pattern" in schema
+
+
+@pytest.mark.parametrize("schema, text, whole", [
+    ({"type": "string", "maxLength": 2}, r'"\n\""', True),
+    ({"type": "string", "maxLength": 2}, r'"\n\"x"', False),
+    ({"type": "string", "minLength": 2}, '"🎉"', False),
+    ({"type": "string", "pattern": "^[a-z]+$"}, '"é"', False),
+    ({"type": "string", "pattern": '^"a"$'}, r'"\"a\""', True),
+    ({"type": "string", "pattern": "^a$"}, r'"\u0061"', False),  # \u escapes are not taken in held strings
+])
+def test_held_strings_read_characters_whole(schema, text, whole):
+    assert grammar_accepts(compile_schema(schema), text) == whole
+
+
+def test_a_character_that_no_continuation_can_complete_is_refused_at_its_first_byte():
+    """Else a token that ends inside it (byte fallback) would leave the row nothing to take."""
+    grammar = compile_schema({"type": "string", "pattern": "^[a-z]+$"})
+    state = json_machine.advance(grammar, json_machine.start(grammar), ord('"'))
+    assert json_machine.advance(grammar, state, 0xC3) is None
+    grammar = compile_schema({"type": "string", "pattern": "^é$"})
+    state = json_machine.advance(grammar, json_machine.start(grammar), ord('"'))
+    assert json_machine.advance(grammar, state, 0xC3) is not None and json_machine.advance(grammar, state, 0xC4) is None
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "integer", "minimum": 1, "maximum": 5},
+    {"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 120},
+    {"type": "number", "minimum": 0, "maximum": 1},
+    {"type": "number", "exclusiveMinimum": 0.5, "maximum": 2.25},
+    {"type": "number", "minimum": -1e-3},
+])
+def test_bounded_numbers_stay_within_their_bounds(schema):
+    values = _random_documents(schema, 200, prefer=b"0123456789")
+    low, high = schema.get("minimum", schema.get("exclusiveMinimum")), schema.get("maximum", schema.get("exclusiveMaximum"))
+    for value in values:
+        number = Decimal(str(value))
+        assert low is None or (number > Decimal(str(low)) if "exclusiveMinimum" in schema else number >= Decimal(str(low)))
+        assert high is None or (number < Decimal(str(high)) if "exclusiveMaximum" in schema else number <= Decimal(str(high)))
+        assert schema["type"] == "number" or isinstance(value, int)
+    assert len(set(values)) >= 5
+
+
+def test_a_bounded_number_has_no_exponent_and_an_unbounded_one_does():
+    assert not grammar_accepts(compile_schema({"type": "number", "maximum": 10}), "1e1")
+    assert grammar_accepts(compile_schema({"type": "number"}), "1e1")
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "integer", "minimum": 5, "maximum": 3}, "minimum and maximum"),
+    ({"type": "integer", "exclusiveMinimum": 1, "exclusiveMaximum": 2}, "minimum and maximum"),
+    ({"type": "integer", "minimum": "1"}, "minimum"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength"),
+    ({"type": "string", "pattern": "^abc$", "maxLength": 2}, "length bounds"),
+    ({"type": "string", "pattern": "a", "format": "date"}, "pattern beside format"),
+    ({"enum": ["a", "b"], "pattern": "^c$"}, "no enum or const value satisfies"),
+    ({"anyOf": [{"type": "string", "maxLength": 2}, {"type": "string", "pattern": "a"}]}, "constrained string"),
+    ({"anyOf": [{"type": "integer", "minimum": 2}, {"type": "number", "maximum": 1}]}, "bounded number"),
+    ({"type": "number", "multipleOf": 2}, "multipleOf"),
+])
+def test_string_and_number_keywords_that_cannot_hold_are_refused_by_name(schema, words):
+    with pytest.raises(InvalidParamError) as caught:
+        compile_schema(schema)
+    assert words in str(caught.value) and caught.value.param == "response_format"
+
+
+def test_enum_values_keep_to_the_string_and_number_keywords_beside_them():
+    grammar = compile_schema({"enum": ["ab", "abc", 3, 30], "maxLength": 2, "maximum": 10})
+    assert [grammar_accepts(grammar, t) for t in ('"ab"', '"abc"', "3", "30")] == [True, False, True, False]
+
+
+def test_a_union_with_an_unconstrained_branch_takes_what_either_does():
+    grammar = compile_schema({"anyOf": [{"type": "string", "maxLength": 1}, {"type": "string"}]})
+    assert grammar_accepts(grammar, '"long"')
+    grammar = compile_schema({"anyOf": [{"type": "integer", "maximum": 1}, {"type": "number"}]})
+    assert grammar_accepts(grammar, "2.5")
+    grammar = compile_schema({"anyOf": [{"type": "integer", "maximum": 1}, {"type": "null"}]})
+    assert grammar_accepts(grammar, "null") and grammar_accepts(grammar, "1") and not grammar_accepts(grammar, "2")
+
+
+def _states_along(grammar, text: str) -> list[tuple]:
+    state, states = json_machine.start(grammar), []
+    for byte in text.encode():
+        states.append(state)
+        state = json_machine.advance(grammar, state, byte)
+        assert state is not None, text
+    return states + [state]
+
+
+def test_masks_in_held_strings_and_numbers_are_every_token_the_state_accepts(engine):
+    """The walk and the length shortcut (plain tokens by their number of characters) against a
+    brute force over the whole vocabulary, at states inside held strings and numbers."""
+    import torch
+
+    vocabulary = engine.structured.vocabulary
+    schema = {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]+$"}, "name": {"type": "string", "maxLength": 6},
+        "when": {"type": "string", "format": "date"}, "score": {"type": "integer", "minimum": 10, "maximum": 250},
+        "ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}, "required": ["code", "name", "when"]}
+    text = '{"code": "AB12", "name": "Jo \\n é", "when": "2024-02-29", "score": 125, "ratio": 0.25}'
+    grammar = compile_schema(schema)
+    token_bytes = engine.tokenizer.token_bytes()
+    states = _states_along(grammar, text)
+    picked = [states[i] for i in range(len(states)) if text[max(0, i - 1):i + 1].strip('{}":, ')][::3]
+    assert len(picked) > 8
+    for state in picked:
+        expected = torch.zeros(vocabulary.width, dtype=torch.bool)
+        for token_id, data in enumerate(token_bytes[:vocabulary.width]):
+            if data and vocabulary.advance(grammar, state, token_id) is not None:
+                expected[token_id] = True
+        if json_machine.can_end(state):
+            expected[vocabulary.eos_ids] = True
+        mask = vocabulary.mask(grammar, state)
+        assert torch.equal(mask, expected), (state, [engine.tokenizer.token_text(t) for t in (mask ^ expected).nonzero()[:5, 0]])
+        assert mask.any()
+
+
+class Booking(BaseModel):
+    code: str = Field(pattern=r"^[A-Z]{3}$")
+    guest: str = Field(min_length=2, max_length=12)
+    when: datetime.datetime
+    reference: uuid.UUID
+    nights: int = Field(ge=1, le=14)
+    rating: float = Field(gt=0, le=5)
+
+
+def test_the_openai_sdks_parse_takes_patterns_formats_lengths_and_bounds(client):
+    """pydantic's own validation of the answer: every field's keyword held."""
+    r = client.chat.completions.parse(
+        model=MODEL, response_format=Booking, temperature=0, max_tokens=200,
+        messages=[{"role": "user", "content": "Book a room for Ann for three nights from 5 May 2025. JSON."}])
+    booking = r.choices[0].message.parsed
+    assert isinstance(booking, Booking) and r.choices[0].finish_reason == "stop"
+    assert 1 <= booking.nights <= 14 and 2 <= len(booking.guest) <= 12
+
+
+class Search(BaseModel):
+    query: str = Field(max_length=40, pattern=r"^[a-z ]+$")
+    limit: int = Field(ge=1, le=50)
+
+
+def test_a_forced_call_holds_its_arguments_to_their_patterns_and_bounds(client):
+    tool = {"type": "function", "function": {"name": "search", "parameters": Search.model_json_schema()}}
+    r = client.chat.completions.create(model=MODEL, tools=[tool], tool_choice="required", temperature=0,
+                                       max_tokens=80, messages=[{"role": "user", "content": "Find hotels in Paris."}])
+    Search.model_validate_json(r.choices[0].message.tool_calls[0].function.arguments)
+
+
+def test_a_non_strict_tool_reads_a_pattern_it_cannot_hold_as_an_annotation(client):
+    parameters = {"type": "object", "properties": {"q": {"type": "string", "pattern": "^(?!x)"}}, "required": ["q"]}
+    tool = {"type": "function", "function": {"name": "search", "parameters": parameters}}
+    r = client.chat.completions.create(model=MODEL, tools=[tool], tool_choice="required", temperature=0,
+                                       max_tokens=40, messages=[{"role": "user", "content": "Find hotels."}])
+    assert r.choices[0].message.tool_calls[0].function.name == "search"
+    with pytest.raises(Exception, match="lookaround"):
+        client.chat.completions.create(model=MODEL, tools=[{"type": "function", "function": {
+            "name": "search", "strict": True, "parameters": parameters}}], tool_choice="required",
+            max_tokens=4, messages=[{"role": "user", "content": "Find hotels."}])
