@@ -18,6 +18,7 @@ of at least `min_length` and at most `max_length` characters, `count` of them wr
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -336,6 +337,9 @@ class Pattern:
                 last = tail
             nfa.epsilon[last].append(self._accept)
         self._nfa = nfa
+        # code points between two of these are one class: every NFA state treats them alike
+        self._cuts = sorted({b for edges in nfa.edges for ranges, _ in edges for low, high in ranges
+                             for b in (low, high + 1)})
         self._useful = self._coreachable()
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
@@ -382,6 +386,14 @@ class Pattern:
                 state = self._ids[states] = len(self._sets)
                 self._sets.append(states)
         return state
+
+    def character_class(self, code_point: int) -> int:
+        """Code points of one class lead every state to the same state."""
+        return bisect.bisect_right(self._cuts, code_point)
+
+    def representative(self, character_class: int) -> int:
+        """A code point of the class."""
+        return self._cuts[character_class - 1] if character_class else 0
 
     def accepting(self, state: int) -> bool:
         return self._accept in self._sets[state]

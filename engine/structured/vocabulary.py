@@ -7,9 +7,10 @@ characters, the tokens of whole UTF-8 characters with no quote, backslash or con
 (most of a vocabulary) leave the state as it is; they are allowed there as one precomputed mask,
 and only the others are walked. In a string with only a length, they are allowed by their number
 of characters (one comparison), and again only the others are walked. In a string held to a
-pattern, each such token's characters are run through the pattern's automaton once per automaton
-state (over the tokens sorted as text, sharing prefixes), and the token is allowed where the state
-it ends in is live with its characters counted.
+pattern, such tokens are read as the pattern's character classes (tokens of one sequence of
+classes lead anywhere alike), each sequence is run through the pattern's automaton once per
+automaton state (sorted, sharing prefixes), and a token is allowed where the state it ends in is
+live with its characters counted.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from engine.structured.regex import Pattern
 from engine.structured.schema import Grammar
 
 ENDS_BYTES = 32 * 2**20  # kept of automaton states' plain token ends (4 bytes a token each)
+PATTERNS_KEPT = 16  # patterns whose plain tokens' class sequences are kept
 
 
 _STRING_BYTES = bytes(b for b in range(0x20, 0x100) if b not in (0x22, 0x5C))
@@ -47,17 +49,16 @@ class _SortedTokens:
         self.texts = sorted(groups)
         self.ids = [groups[t] for t in self.texts]
 
-    def past(self, prefix: bytes | str, lo: int) -> int:
+    def past(self, prefix: bytes | tuple, lo: int) -> int:
         """The first index from `lo` on whose token does not start with `prefix` (tokens as bytes,
-        or as text)."""
-        top = 0xFF if isinstance(prefix, bytes) else 0x10FFFF
-        while prefix and (prefix[-1] if isinstance(prefix, bytes) else ord(prefix[-1])) == top:
+        or as tuples of ints)."""
+        if isinstance(prefix, tuple):
+            return bisect.bisect_left(self.texts, prefix[:-1] + (prefix[-1] + 1,), lo)
+        while prefix and prefix[-1] == 0xFF:
             prefix = prefix[:-1]
         if not prefix:
             return len(self.texts)
-        last = prefix[-1:]
-        after = bytes([last[0] + 1]) if isinstance(prefix, bytes) else chr(ord(last) + 1)
-        return bisect.bisect_left(self.texts, prefix[:-1] + after, lo)
+        return bisect.bisect_left(self.texts, prefix[:-1] + bytes([prefix[-1] + 1]), lo)
 
 
 class Vocabulary:
@@ -85,10 +86,10 @@ class Vocabulary:
         self.plain = torch.frombuffer(flags, dtype=torch.bool)
         self.plain_chars = torch.frombuffer(chars, dtype=torch.int32)
         self.longest_plain = max(chars, default=0)
-        texts: dict[str, list[int]] = {}
-        for token_id in plain:
-            texts.setdefault(token_bytes[token_id].decode("utf-8"), []).append(token_id)
-        self._plain_texts = _SortedTokens(texts)
+        self._plain_texts = [(token_bytes[token_id].decode("utf-8"), token_id) for token_id in plain]
+        self._plain_characters = sorted({c for text, _ in self._plain_texts for c in text})
+        # id(pattern) -> (pattern, its plain tokens' class sequences, sorted, and each token's sequence)
+        self._sequences: OrderedDict[int, tuple] = OrderedDict()
         # (id(pattern), automaton state) -> (pattern, the (end state, characters) pairs, each token's pair)
         self._ends: OrderedDict[tuple, tuple] = OrderedDict()
         self._ends_lock = threading.Lock()
@@ -120,6 +121,7 @@ class Vocabulary:
     def clear(self) -> None:
         with self._ends_lock:
             self._ends.clear()
+            self._sequences.clear()
 
     def _held_mask(self, pattern: Pattern, automaton: int, count: int) -> torch.Tensor:
         """The plain tokens a string held to `pattern` may take next: the state each ends in is live
@@ -136,10 +138,12 @@ class Vocabulary:
             if key in self._ends:
                 self._ends.move_to_end(key)
                 return self._ends[key][1:]
+        sequences, sequence_of = self._class_sequences(pattern)
         pairs: dict[tuple[int, int], int] = {}
-        index = array("i", [-1]) * self.width
-        tokens, path, states = self._plain_texts, "", [automaton]
-        texts, i = tokens.texts, 0
+        ends = array("i", [-1]) * (len(sequences.texts) + 1)  # the last: tokens that are not plain
+        representative = pattern.representative
+        path, states = (), [automaton]
+        texts, i = sequences.texts, 0
         while i < len(texts):
             text = texts[i]
             shared, most = 0, min(len(text), len(path))
@@ -148,25 +152,47 @@ class Vocabulary:
             del states[shared + 1:]
             current, depth = states[shared], shared
             while depth < len(text):
-                current = pattern.step(current, ord(text[depth]))
+                current = pattern.step(current, representative(text[depth]))
                 if current < 0:
                     break
                 depth += 1
                 states.append(current)
             path = text[:depth]
             if depth == len(text):
-                pair = pairs.setdefault((current, len(text)), len(pairs))
-                for token_id in tokens.ids[i]:
-                    index[token_id] = pair
+                ends[i] = pairs.setdefault((current, len(text)), len(pairs))
                 i += 1
-            else:  # every token that starts with the refused prefix is refused with it
-                i = tokens.past(text[:depth + 1], i + 1)
-        index = torch.frombuffer(index, dtype=torch.int32)
-        entry = (pattern, list(pairs), torch.where(index < 0, len(pairs), index))
+            else:  # every sequence that starts with the refused prefix is refused with it
+                i = sequences.past(text[:depth + 1], i + 1)
+        ends = torch.frombuffer(ends, dtype=torch.int32)
+        ends = torch.where(ends < 0, len(pairs), ends)
+        entry = (pattern, list(pairs), torch.index_select(ends, 0, sequence_of))
         with self._ends_lock:
             self._ends[key] = entry
             while len(self._ends) * 4 * self.width > ENDS_BYTES and len(self._ends) > 1:
                 self._ends.popitem(last=False)
+        return entry[1:]
+
+    def _class_sequences(self, pattern: Pattern) -> tuple[_SortedTokens, torch.Tensor]:
+        """The plain tokens as sequences of the pattern's character classes, sorted (each with its
+        index), and per token the index of its sequence (past them: not plain)."""
+        with self._ends_lock:
+            if id(pattern) in self._sequences:
+                self._sequences.move_to_end(id(pattern))
+                return self._sequences[id(pattern)][1:]
+        classes = {c: pattern.character_class(ord(c)) for c in self._plain_characters}
+        groups: dict[tuple, list[int]] = {}
+        for text, token_id in self._plain_texts:
+            groups.setdefault(tuple(map(classes.__getitem__, text)), []).append(token_id)
+        sequences = _SortedTokens(groups)
+        sequence_of = array("i", [len(sequences.texts)]) * self.width
+        for i, ids in enumerate(sequences.ids):
+            for token_id in ids:
+                sequence_of[token_id] = i
+        entry = (pattern, sequences, torch.frombuffer(sequence_of, dtype=torch.int32))
+        with self._ends_lock:
+            self._sequences[id(pattern)] = entry
+            while len(self._sequences) > PATTERNS_KEPT:
+                self._sequences.popitem(last=False)
         return entry[1:]
 
     def advance(self, grammar: Grammar, state: tuple, token_id: int) -> tuple | None:
