@@ -26,7 +26,7 @@ import json
 import uuid
 
 from engine.structured.schema import KEYWORDS as SCHEMA_KEYWORDS
-from engine.structured.schema import VALUE_KEYWORDS, value_keywords_hold
+from engine.structured.schema import LOOSE, VALUE_KEYWORDS
 
 CALL = ("You can call these tools. To call one, answer with a JSON object and nothing else: "
         '{"name": <the tool\'s name>, "arguments": <an object of its parameters>}.')
@@ -121,13 +121,15 @@ def _parameters(tool: dict) -> dict:
 
 
 def _loosened(schema):
-    """`schema` with the keywords engine/structured refuses (`multipleOf`, `prefixItems`, a string's
-    or number's keywords that do not compile, ...) dropped, at every level: a wider schema, whose
-    every document still has the shape asked."""
+    """`schema` with the keywords engine/structured refuses (`multipleOf`, `prefixItems`, ...)
+    dropped, at every level, and marked loose (a string's or number's keywords that do not compile
+    are dropped where it is compiled, off the event loop): a wider schema, whose every document
+    still has the shape asked."""
     if not isinstance(schema, dict):
         return schema
-    values = not VALUE_KEYWORDS.isdisjoint(schema) and value_keywords_hold(schema)
-    out = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS and (values or k not in VALUE_KEYWORDS)}
+    out = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
+    if not (VALUE_KEYWORDS | {"format"}).isdisjoint(out):
+        out[LOOSE] = True
     if "patternProperties" in schema and out.get("additionalProperties") is False:
         del out["additionalProperties"]  # the keys the patterns allowed stay allowed
     if "prefixItems" in schema:  # a tuple: any items (its own `items` may close it after the prefix)

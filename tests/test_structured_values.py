@@ -301,3 +301,94 @@ def test_a_non_strict_tool_reads_a_pattern_it_cannot_hold_as_an_annotation(clien
         client.chat.completions.create(model=MODEL, tools=[{"type": "function", "function": {
             "name": "search", "strict": True, "parameters": parameters}}], tool_choice="required",
             max_tokens=4, messages=[{"role": "user", "content": "Find hotels."}])
+
+
+@pytest.mark.parametrize("source", [r"^\x01$", r"^\v$", r"^\0$", r"^a\x0bb$"])
+def test_a_pattern_that_needs_a_character_no_held_string_writes_is_refused(source):
+    """Control characters other than \\b \\t \\n \\f \\r have no short escape: no string could be
+    written (the row would have had nothing to take)."""
+    with pytest.raises(InvalidParamError, match="no string satisfies"):
+        compile_schema({"type": "string", "pattern": source})
+
+
+@pytest.mark.parametrize("source, text", [
+    (r"^\D$", "١"), (r"^\W$", "é"), (r"^[^\d]$", "١"), (r"^[^\w]$", "é"), (r"^\S$", "\x85"), (r"^\s$", "\ufeff"),
+])
+def test_classes_take_only_what_every_client_dialect_takes(source, text):
+    """ECMA-262 would take these; Python's `re` and pydantic's Rust regex do not."""
+    assert not re.search(source.replace("$", r"\Z"), text)
+    assert not _full(Pattern(source), text)
+
+
+def test_negated_classes_of_negated_escapes_keep_to_ascii():
+    assert _full(Pattern(r"^[^\D]$"), "7") and not _full(Pattern(r"^[^\D]$"), "١")
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "string", "pattern": "^[a-z]+$", "minLength": 5000}, "at most 1024"),
+    ({"type": "string", "pattern": "^[ab]*a[ab]{14}$", "maxLength": 64}, "too large"),
+    ({"type": "string", "pattern": r"^\x4"}, "malformed"),
+    ({"type": "string", "pattern": r"^\u{41}$"}, "malformed"),
+    ({"type": "integer", "minimum": 10**400}, "minimum and maximum"),
+    ({"type": "string", "format": "date", "maxLength": 5}, "format 'date'"),
+    ({"anyOf": [{"type": "string"}, {"type": "null"}], "format": "date"}, "beside no other constraints"),
+    ({"anyOf": [{"type": "integer", "minimum": 0}, {"const": -1}]}, "number constant outside"),
+    ({"anyOf": [{"type": "string", "maxLength": 3}, {"const": "unknown"}]}, "string constants"),
+])
+def test_more_schemas_refused_by_name(schema, words):
+    with pytest.raises(InvalidParamError) as caught:
+        compile_schema(schema)
+    assert words in str(caught.value), caught.value
+
+
+def test_a_free_string_takes_any_length_bound_at_once():
+    import time
+
+    start = time.perf_counter()
+    grammar = compile_schema({"type": "string", "minLength": 10**9, "maxLength": 10**9 + 5})
+    assert time.perf_counter() - start < 1 and not grammar_accepts(grammar, '"ab"')
+
+
+def test_exclusive_bounds_hold_as_clients_read_numbers():
+    """Clients parse numbers as doubles: 0.99999999999999999999 reads as 1.0, which `< 1` refuses."""
+    grammar = compile_schema({"type": "number", "exclusiveMaximum": 1, "exclusiveMinimum": 0.1})
+    assert not grammar_accepts(grammar, "0.99999999999999999999")
+    assert not grammar_accepts(grammar, "0.10000000000000000001")
+    assert grammar_accepts(grammar, "0.5")
+    for value in _random_documents({"type": "number", "exclusiveMaximum": 1, "exclusiveMinimum": 0.1}, 100,
+                                   prefer=b"9"):
+        assert 0.1 < float(value) < 1
+
+
+def test_max_length_zero_is_a_length():
+    with pytest.raises(InvalidParamError, match="no enum or const value"):
+        compile_schema({"type": "string", "enum": ["abc"], "maxLength": 0})
+
+
+def test_a_union_of_a_format_and_constants_takes_both():
+    """pydantic's `Union[date, Literal["unknown"]]`."""
+    grammar = compile_schema({"anyOf": [{"type": "string", "format": "date"}, {"enum": ["unknown", "n/a"]}]})
+    assert [grammar_accepts(grammar, t) for t in ('"2024-01-31"', '"unknown"', '"n/a"', '"other"')] == \
+        [True, True, True, False]
+
+
+def test_bounds_without_a_type_hold_every_number():
+    grammar = compile_schema({"minimum": 0, "maximum": 2})
+    assert [grammar_accepts(grammar, t) for t in ("1.5", "2", "3", '"x"')] == [True, True, False, True]
+
+
+@pytest.mark.parametrize("parameter", [
+    {"anyOf": [{"type": "string"}, {"type": "null"}], "maxLength": 10},
+    {"$ref": "#/$defs/S", "minLength": 1},
+    {"type": "string", "format": 5},
+    {"type": "string", "format": "date", "enum": ["today"]},
+    {"type": "string", "pattern": "(?=x)"},
+])
+def test_a_non_strict_tools_keywords_that_do_not_compile_are_dropped(parameter):
+    from server.tool_calls import calls_schema
+
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {"a": parameter}, "required": ["a"],
+                                        "$defs": {"S": {"type": "string"}}}}
+    compile_schema(calls_schema([tool], parallel=False))
+    with pytest.raises(InvalidParamError):
+        compile_schema(calls_schema([{**tool, "strict": True}], parallel=False))

@@ -20,7 +20,8 @@ def _number(schema: dict, key: str) -> Decimal | None:
     value = schema.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{key} must be a number")
     return Decimal(value) if isinstance(value, int) else Decimal(repr(value))
 

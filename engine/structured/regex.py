@@ -13,8 +13,17 @@ groups (`(...)`, `(?:...)`, `(?<name>...)`), alternation, and the quantifiers `*
 alternative's start or end, backreferences, lookaround and `\\b` are refused, as are Unicode
 property classes.
 
+Characters a JSON string cannot hold as written here (control characters other than `\\b \\t
+\\n \\f \\r`, which are written as their short escapes) are in no class, nor are lone surrogates.
+Classes keep to what ECMA-262, Python's `re` and pydantic's Rust regex all take: `\\d` and `\\w`
+are ASCII, `\\D \\W \\S` and negated classes leave out every character any of them counts as a
+digit, word character or space (so "١" matches no `\\D`), `\\s` leaves out U+FEFF, and `.` is
+ECMA-262's (no line terminators).
+
 Lengths: `live(state, count)` answers whether the string can still be completed with a total
 of at least `min_length` and at most `max_length` characters, `count` of them written so far.
+With a pattern, that is read from the automaton, explored whole when the pattern is compiled: for
+each state, the remaining lengths that reach its end (up to the bounds).
 """
 from __future__ import annotations
 
@@ -27,33 +36,38 @@ MAX_CODE_POINT = 0x10FFFF
 SURROGATES = (0xD800, 0xDFFF)
 MAX_STATES = 5000  # of the NFA: counted repetitions are unrolled
 MAX_REPEAT = 1000
+MAX_DFA_STATES = 1000  # of a pattern with a length, explored when compiled
+MAX_LENGTH = 1024  # minLength and maxLength beside a pattern
+# what a held string can write: no lone surrogates, and of the control characters only those with
+# a short escape (\b \t \n \f \r)
+WRITABLE = ((0x08, 0x0A), (0x0C, 0x0D), (0x20, SURROGATES[0] - 1), (SURROGATES[1] + 1, MAX_CODE_POINT))
 
 Ranges = tuple  # of (low, high) code point pairs, inclusive, sorted, disjoint, surrogates left out
 
 
-def _normalise(ranges) -> Ranges:
-    """Sorted, merged, and without surrogates (a JSON string's characters are never lone ones)."""
+def _merged(ranges) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for low, high in sorted(ranges):
         if out and low <= out[-1][1] + 1:
             out[-1][1] = max(out[-1][1], high)
         else:
             out.append([low, high])
+    return [(low, high) for low, high in out]
+
+
+def _normalise(ranges) -> Ranges:
+    """Sorted, merged, and only what a held string can write (WRITABLE)."""
     kept = []
-    for low, high in out:
-        if high < SURROGATES[0] or low > SURROGATES[1]:
-            kept.append((low, high))
-            continue
-        if low < SURROGATES[0]:
-            kept.append((low, SURROGATES[0] - 1))
-        if high > SURROGATES[1]:
-            kept.append((SURROGATES[1] + 1, high))
+    for low, high in _merged(ranges):
+        for w_low, w_high in WRITABLE:
+            if low <= w_high and w_low <= high:
+                kept.append((max(low, w_low), min(high, w_high)))
     return tuple(kept)
 
 
-def _negate(ranges: Ranges) -> Ranges:
+def _negate(ranges) -> Ranges:
     out, start = [], 0
-    for low, high in ranges:
+    for low, high in _merged(ranges):
         if low > start:
             out.append((start, low - 1))
         start = high + 1
@@ -62,13 +76,56 @@ def _negate(ranges: Ranges) -> Ranges:
     return _normalise(out)
 
 
+def _runs_of(test) -> list[tuple[int, int]]:
+    """The code points `test` takes, as runs."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    for code_point in range(MAX_CODE_POINT + 2):
+        inside = code_point <= MAX_CODE_POINT and not SURROGATES[0] <= code_point <= SURROGATES[1] and \
+            test(chr(code_point))
+        if inside and start is None:
+            start = code_point
+        elif not inside and start is not None:
+            runs.append((start, code_point - 1))
+            start = None
+    return runs
+
+
+_WIDE: dict[str, list[tuple[int, int]]] = {}
+
+
+def _wide(name: str) -> list[tuple[int, int]]:
+    """Every character some regex dialect a client may check with (ECMA-262, Python's `re`, Rust's
+    regex) counts as a digit, word character or space: what `\\D \\W \\S` and negated classes leave
+    out. Built when first asked for (a scan over the code points, about a second)."""
+    if name not in _WIDE:
+        import unicodedata
+
+        tests = {
+            "d": lambda c: c.isdecimal() or c.isdigit(),
+            "w": lambda c: c.isalnum() or c == "_" or unicodedata.category(c)[0] == "M" or
+            unicodedata.category(c) == "Pc" or c in "\u200c\u200d",
+            "s": lambda c: c.isspace() or c in "\ufeff\x85",
+        }
+        _WIDE[name] = _runs_of(tests[name])
+    return _WIDE[name]
+
+
 ANY = _normalise([(0, MAX_CODE_POINT)])
-DOT = _negate(_normalise([(0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)]))  # all but line terminators
+DOT = _negate([(0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)])  # all but line terminators
 DIGIT = ((0x30, 0x39),)
 WORD = _normalise([(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)])
+# ECMA-262's spaces less U+FEFF (which Python's and Rust's \s do not take)
 SPACE = _normalise([(0x09, 0x0D), (0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
-                    (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF)])
-CLASS_ESCAPES = {"d": DIGIT, "D": _negate(DIGIT), "w": WORD, "W": _negate(WORD), "s": SPACE, "S": _negate(SPACE)}
+                    (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000)])
+# a class escape: what it takes in a class, and what it contributes to a negated class before the
+# negation (\d: every digit, so that [^\d] leaves them all out; \D: every non-ASCII-digit, so
+# that [^\D] is the ASCII digits)
+CLASS_ESCAPES = {
+    "d": (lambda: DIGIT, lambda: _wide("d")), "D": (lambda: _negate(_wide("d")), lambda: _negate(DIGIT)),
+    "w": (lambda: WORD, lambda: _wide("w")), "W": (lambda: _negate(_wide("w")), lambda: _negate(WORD)),
+    "s": (lambda: SPACE, lambda: _wide("s")), "S": (lambda: _negate(_wide("s")), lambda: _negate(SPACE)),
+}
 CHAR_ESCAPES = {"t": 0x09, "n": 0x0A, "v": 0x0B, "f": 0x0C, "r": 0x0D, "0": 0x00}
 
 
@@ -185,30 +242,22 @@ class _Parser:
             return ("chars", escaped if isinstance(escaped, tuple) else _normalise([(escaped, escaped)]))
         return ("chars", _normalise([(ord(char), ord(char))]))
 
-    def escape(self, in_class: bool):
-        """After a backslash: a class (ranges) or one code point."""
+    def escape(self, in_class: bool, negated: bool = False):
+        """After a backslash: a class (ranges) or one code point. `negated`: in a negated class."""
         char = self.take()
         if char in CLASS_ESCAPES:
-            return CLASS_ESCAPES[char]
+            return tuple(CLASS_ESCAPES[char][1 if negated else 0]())
         if char in CHAR_ESCAPES and not (char == "0" and self.peek() is not None and self.peek().isdigit()):
             return CHAR_ESCAPES[char]
         if char == "b" and in_class:
             return 0x08
         if char in ("x", "u"):
-            if char == "u" and self.peek() == "{":
-                end = self.text.find("}", self.pos)
-                digits, after = self.text[self.pos + 1:end], end + 1
-            else:
-                width = 2 if char == "x" else 4
-                digits, after = self.text[self.pos:self.pos + width], self.pos + width
-            try:
-                value = int(digits, 16) if digits and all(c in "0123456789abcdefABCDEF" for c in digits) else -1
-            except ValueError:
-                value = -1
-            if not 0 <= value <= MAX_CODE_POINT:
-                self.fail(f"a malformed \\{char} escape")
-            self.pos = after
-            return value
+            width = 2 if char == "x" else 4  # \u{...} is the u flag's, which patterns do not set
+            digits = self.text[self.pos:self.pos + width]
+            if len(digits) != width or not all(c in "0123456789abcdefABCDEF" for c in digits):
+                self.fail(f"a malformed \\{char} escape (\\x takes two hex digits, \\u four)")
+            self.pos += width
+            return int(digits, 16)
         if char.isalnum():  # \b, \B, \1, \p{...}, \k<...>, \cX: not supported
             self.fail(f"the escape \\{char} is not supported")
         return ord(char)  # an escaped punctuation character stands for itself
@@ -222,7 +271,7 @@ class _Parser:
             char = self.take()
             if char == "]":
                 break
-            low = self.escape(in_class=True) if char == "\\" else ord(char)
+            low = self.escape(in_class=True, negated=negated) if char == "\\" else ord(char)
             if isinstance(low, tuple):
                 ranges.extend(low)
                 continue
@@ -237,8 +286,7 @@ class _Parser:
                 ranges.append((low, high))
             else:
                 ranges.append((low, low))
-        ranges = _normalise(ranges)
-        return _negate(ranges) if negated else ranges
+        return _negate(ranges) if negated else _normalise(ranges)
 
 
 @dataclass
@@ -338,16 +386,21 @@ class Pattern:
             nfa.epsilon[last].append(self._accept)
         self._nfa = nfa
         # code points between two of these are one class: every NFA state treats them alike
-        self._cuts = sorted({b for edges in nfa.edges for ranges, _ in edges for low, high in ranges
-                             for b in (low, high + 1)})
+        self.cuts = tuple(sorted({b for edges in nfa.edges for ranges, _ in edges for low, high in ranges
+                                  for b in (low, high + 1)}))
         self._useful = self._coreachable()
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
         self._moves: dict[tuple[int, int], int] = {}
-        self._live: dict[tuple[int, int], bool] = {}
         self._successors: dict[int, list[tuple[int, int, int]]] = {}
         self._lock = threading.Lock()  # requests' masks may be built on more than one thread
         self.start = self._intern(self._closure([entry]))
+        # with a pattern and a length: per state, the remaining lengths that reach the end
+        self._lengths: list[int] | None = None
+        if source and (min_length or max_length is not None):
+            if max(min_length, max_length or 0) > MAX_LENGTH:
+                raise PatternError(f"minLength and maxLength beside a pattern are at most {MAX_LENGTH}")
+            self._lengths = self._remaining_lengths()
         if self.start < 0 or not self.live(self.start, 0):
             raise PatternError("no string satisfies the pattern within the length bounds")
 
@@ -389,11 +442,11 @@ class Pattern:
 
     def character_class(self, code_point: int) -> int:
         """Code points of one class lead every state to the same state."""
-        return bisect.bisect_right(self._cuts, code_point)
+        return bisect.bisect_right(self.cuts, code_point)
 
     def representative(self, character_class: int) -> int:
         """A code point of the class."""
-        return self._cuts[character_class - 1] if character_class else 0
+        return self.cuts[character_class - 1] if character_class else 0
 
     def accepting(self, state: int) -> bool:
         return self._accept in self._sets[state]
@@ -438,33 +491,54 @@ class Pattern:
         """Counts past every bound behave alike."""
         return min(count, self.max_length if self.max_length is not None else self.min_length)
 
+    def _remaining_lengths(self) -> list[int]:
+        """Per state (all of them, explored from the start), a bit set of the lengths k (up to the
+        bounds) of the strings that lead it to the end; with no maxLength, bit minLength stands for
+        every k >= minLength."""
+        states, todo = {self.start}, [self.start]
+        while todo:
+            for _, _, target in self.successors(todo.pop()):
+                if target not in states:
+                    if len(self._sets) > MAX_DFA_STATES:
+                        raise PatternError(f"the pattern's automaton is too large beside a length (more than "
+                                           f"{MAX_DFA_STATES} states)")
+                    states.add(target)
+                    todo.append(target)
+        before: dict[int, set[int]] = {s: set() for s in states}
+        for state in states:
+            for _, _, target in self.successors(state):
+                before[target].add(state)
+
+        def back(layer: set[int]) -> set[int]:  # the states one character before `layer`
+            return {s for t in layer for s in before[t]}
+
+        cap = self.max_length if self.max_length is not None else self.min_length
+        bits = [0] * len(self._sets)
+        layer = {s for s in states if self.accepting(s)}  # the states k characters from the end
+        for k in range(cap + (self.max_length is not None)):
+            for state in layer:
+                bits[state] |= 1 << k
+            layer = back(layer)
+        if self.max_length is None:  # bit cap: some string of cap characters or more leads to the end
+            layer = set(states)
+            for _ in range(cap):
+                layer = back(layer)
+            for state in layer:
+                bits[state] |= 1 << cap
+        return bits
+
     def live(self, state: int, count: int) -> bool:
         """Some completion of a string now in `state` with `count` characters matches, within the
         length bounds."""
         if self.max_length is not None and count > self.max_length:
             return False
-        key = (state, self._cap(count))
-        if key not in self._live:
-            self._live[key] = self._search(*key)
-        return self._live[key]
-
-    def _search(self, state: int, count: int) -> bool:
-        """Breadth first over (state, characters so far) to an accepting state with enough."""
-        if self.max_length is None and self.min_length == 0:
-            return True  # every state left in a set can reach the end
-        seen, todo = {(state, count)}, deque([(state, count)])
-        while todo:
-            current, written = todo.popleft()
-            if written >= self.min_length and self.accepting(current):
-                return True
-            if self.max_length is not None and written >= self.max_length:
-                continue
-            following = self._cap(written + 1)
-            for _, _, target in self.successors(current):
-                if (target, following) not in seen:
-                    seen.add((target, following))
-                    todo.append((target, following))
-        return False
+        if self._lengths is None:  # no length, or no pattern: every state left in a set can reach the end
+            return True
+        count = self._cap(count)
+        low = max(0, self.min_length - count)  # the fewest characters still to come
+        if self.max_length is None:
+            return self._lengths[state] >> low != 0
+        return self._lengths[state] >> low & (1 << self.max_length - count - low + 1) - 1 != 0
 
     def matches(self, text: str) -> bool:
         """The whole string `text` satisfies the pattern and the length bounds."""
@@ -473,7 +547,8 @@ class Pattern:
             state = self.step(state, ord(char))
             if state < 0:
                 return False
-        return self.accepting(state) and self.min_length <= len(text) <= (self.max_length or len(text))
+        return self.accepting(state) and self.min_length <= len(text) and \
+            (self.max_length is None or len(text) <= self.max_length)
 
     def any_live(self, state: int, count: int, low: int, high: int) -> bool:
         """Some code point in [low, high] leads, as the next character, to a live state."""

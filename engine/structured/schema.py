@@ -38,8 +38,11 @@ MAX_NODES = 2000
 MAX_BRANCHES = 2000
 NUMBER_BYTES = 24  # of one number
 MAX_LITERALS = 1000  # enum and const values in one schema (OpenAI's strict mode allows 1,000 enum values)
+# set by server/tool_calls.py on a non-strict tool's schemas: string and number keywords that do
+# not compile are dropped there (in the thread that compiles), not refused
+LOOSE = "x-skipserve-loose"
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
-                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "discriminator"))
+                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "discriminator", LOOSE))
 # what strings and numbers are held to, beside their type
 VALUE_KEYWORDS = frozenset(("pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
                             "exclusiveMaximum"))
@@ -170,17 +173,6 @@ def compile_schema(schema, param: str = PARAM) -> Grammar:
         raise InvalidParamError(f"{param}: the schema is nested too deeply", param) from None
 
 
-def value_keywords_hold(schema: dict) -> bool:
-    """Whether a schema's string and number keywords (with its type, enum, const and format) compile:
-    a loose schema (a tool's without `strict`) leaves them out where they do not."""
-    kept = {k: v for k, v in schema.items() if k in VALUE_KEYWORDS | {"type", "enum", "const", "format"}}
-    try:
-        _Compiler(kept)
-    except (SchemaError, RecursionError):
-        return False
-    return True
-
-
 def _hashable(value, what: str):
     """A keyword's value that must be a string (a `$ref`, a `type`), checked before it is looked up."""
     if not isinstance(value, str):
@@ -267,6 +259,8 @@ class _Compiler:
         unknown = sorted(set(schema) - KEYWORDS)
         if unknown:
             _fail(f"schema keywords {', '.join(unknown)} are not supported")
+        if schema.get(LOOSE) is True:
+            schema = _held_or_dropped(schema)
         if "$ref" in schema:
             return self.ref(schema)
         if "allOf" in schema:
@@ -277,7 +271,8 @@ class _Compiler:
         return self.new(self.node(schema))
 
     def constraints(self, schema: dict) -> set:
-        return set(schema) - ANNOTATIONS
+        """Its keywords that constrain (a known format does)."""
+        return set(schema) - ANNOTATIONS | ({"format"} if schema.get("format") in PATTERNS else set())
 
     def ref(self, schema: dict) -> int:
         if self.constraints(schema) != {"$ref"}:
@@ -411,20 +406,26 @@ class _Compiler:
         source = pattern if pattern is not None else PATTERNS.get(form, "")
         if not source and low == 0 and high is None:
             return None
+        what = f"pattern {source[:80]!r}" if pattern is not None else f"format {form!r}" if source else "the string"
+        return self.pattern(source, low, high, what)
+
+    def pattern(self, source: str, low: int = 0, high: int | None = None, what: str = "") -> Pattern:
         key = (source, low, high)
         if key not in self.patterns:
             try:
                 self.patterns[key] = Pattern(source, low, high)
             except PatternError as exc:
-                _fail(f"pattern {source[:80]!r}: {exc}")
+                _fail(f"{what or 'pattern ' + repr(source[:80])}: {exc}")
         return self.patterns[key]
 
     def bounds(self, schema: dict, kind: str) -> Range | None:
         """What `minimum`, `maximum` and the exclusive ones hold a number to (None: nothing)."""
         try:
             bounds = Range.from_schema(schema)
-        except ValueError as exc:
-            _fail(str(exc))
+        except (ValueError, OverflowError) as exc:
+            _fail(str(exc) if isinstance(exc, ValueError) else "minimum and maximum must be finite numbers")
+        if bounds is not None and kind == "number":
+            bounds = _as_read(bounds)
         if bounds is not None and bounds.empty(kind == "integer", NUMBER_BYTES):
             _fail(f"no {kind} of at most {NUMBER_BYTES} characters lies within the schema's minimum and maximum")
         return bounds
@@ -469,21 +470,35 @@ class _Compiler:
             if None not in texts and len(texts) > 1:
                 _fail("a union of two different constrained string schemas is not supported")
             out.string, out.text = True, None if None in texts else strings[0].text
+            out.text = self.with_constants(out.text, [lit for lit in literals if _kind(lit) == "string"])
         numbers = [part for part in parts if part.number is not None]
         if numbers:
             out.number = "number" if any(part.number == "number" for part in numbers) else "integer"
-            bounded = {(part.number, part.bounds) for part in numbers}
-            if (out.number, None) in bounded:  # an unbounded branch takes every other one's numbers
-                out.bounds = None
-            elif len(bounded) > 1:
-                _fail("a union of two different bounded number schemas is not supported")
+            bounds = {part.bounds for part in numbers}
+            if len(bounds) == 1:
+                out.bounds = bounds.pop()
+            elif any(part.bounds is None and part.number == out.number for part in numbers):
+                out.bounds = None  # an unbounded branch takes every other one's numbers
             else:
-                out.bounds = numbers[0].bounds
+                _fail("a union of two different bounded number schemas is not supported")
+            if out.bounds is not None and any(_kind(lit) in ("integer", "number") and
+                                              not out.bounds.holds(_plain_number(lit)) for lit in literals):
+                _fail("a union of a bounded number and a number constant outside its bounds is not supported")
         covered = out.kinds()  # literals another branch already allows go; the rest must not clash with one
         if any(_kind(lit) == "number" and out.number == "integer" for lit in literals):
             _fail("an enum number that is not an integer beside an integer type is not supported")
         out.literals = tuple(lit for lit in literals if _kind(lit) not in covered)
         return out
+
+    def with_constants(self, text: Pattern | None, constants: list[bytes]) -> Pattern | None:
+        """A union's held string that also takes the string constants of its other branches."""
+        missing = [c for c in constants if text is not None and not text.matches(json.loads(c))]
+        if not missing:
+            return text
+        if text.min_length or text.max_length is not None:
+            _fail("a union of a string with a length and string constants it does not take is not supported")
+        alternatives = "|".join(f"^{_escaped(json.loads(c))}$" for c in missing)
+        return self.pattern(f"{text.source}|{alternatives}")
 
     def tagged(self, objects: list[ObjectSpec]) -> ObjectSpec:
         """A union of object schemas told apart by their first property: the same required key in
@@ -508,6 +523,40 @@ class _Compiler:
                 tags[literal] = variant
         tag = self.new(Node(literals=tuple(tags)))
         return ObjectSpec((Property(first[0].key, tag, True),), variants=tuple(tags.values()))
+
+
+def _escaped(text: str) -> str:
+    """`text` as a pattern that matches it literally."""
+    return "".join(c if c.isalnum() and c.isascii() else f"\\u{ord(c):04x}" if ord(c) < 0x20 else
+                   "\\" + c if c.isascii() else c for c in text)
+
+
+def _as_read(bounds: Range) -> Range:
+    """A number's exclusive bounds as clients check them: they parse numbers as doubles, and
+    0.99999999999999999999 (below 1) reads as 1.0, which `< 1` refuses. An exclusive bound becomes
+    an inclusive one at the next double inward (rounding is monotonic: what is at or inside it reads
+    inside the bound)."""
+    low, high = bounds.low, bounds.high
+    if bounds.low_open and low is not None and abs(low) < Decimal("1e300"):
+        low = Decimal(repr(math.nextafter(float(low), math.inf)))
+    if bounds.high_open and high is not None and abs(high) < Decimal("1e300"):
+        high = Decimal(repr(math.nextafter(float(high), -math.inf)))
+    return Range(low, bounds.low_open and low == bounds.low, high, bounds.high_open and high == bounds.high)
+
+
+def _held_or_dropped(schema: dict) -> dict:
+    """A loose schema's string and number keywords (and format) where they compile beside its type,
+    enum and const, and with no `$ref` or union beside them; else the schema without them."""
+    values = set(schema) & (VALUE_KEYWORDS | {"format"})
+    if not values:
+        return schema
+    if not {"$ref", "anyOf", "oneOf", "allOf"} & set(schema):
+        try:
+            _Compiler({k: v for k, v in schema.items() if k in values | {"type", "enum", "const"}})
+            return schema
+        except (SchemaError, RecursionError):
+            pass
+    return {k: v for k, v in schema.items() if k not in values}
 
 
 def _exclusive(branches: list[Node]) -> None:

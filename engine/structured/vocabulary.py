@@ -25,8 +25,8 @@ from engine.structured import json_machine
 from engine.structured.regex import Pattern
 from engine.structured.schema import Grammar
 
-ENDS_BYTES = 32 * 2**20  # kept of automaton states' plain token ends (4 bytes a token each)
-PATTERNS_KEPT = 16  # patterns whose plain tokens' class sequences are kept
+ENDS_KEPT = 4096  # automaton states whose class sequences' ends are kept (4 bytes a sequence each)
+PATTERNS_KEPT = 32  # cuts of the code points whose plain tokens' class sequences are kept (4 bytes a token each)
 
 
 _STRING_BYTES = bytes(b for b in range(0x20, 0x100) if b not in (0x22, 0x5C))
@@ -88,7 +88,7 @@ class Vocabulary:
         self.longest_plain = max(chars, default=0)
         self._plain_texts = [(token_bytes[token_id].decode("utf-8"), token_id) for token_id in plain]
         self._plain_characters = sorted({c for text, _ in self._plain_texts for c in text})
-        # id(pattern) -> (pattern, its plain tokens' class sequences, sorted, and each token's sequence)
+        # a pattern's cuts -> its plain tokens' class sequences, sorted, and each token's sequence
         self._sequences: OrderedDict[int, tuple] = OrderedDict()
         # (id(pattern), automaton state) -> (pattern, the (end state, characters) pairs, each token's pair)
         self._ends: OrderedDict[tuple, tuple] = OrderedDict()
@@ -126,59 +126,48 @@ class Vocabulary:
     def _held_mask(self, pattern: Pattern, automaton: int, count: int) -> torch.Tensor:
         """The plain tokens a string held to `pattern` may take next: the state each ends in is live
         with its characters added to `count` (then every state on its way was too)."""
-        pairs, index = self._plain_ends(pattern, automaton)
+        sequence_of = self._class_sequences(pattern)[1]
+        pairs, pair_of = self._plain_ends(pattern, automaton)
         flags = bytearray(pattern.live(end, count + chars) for end, chars in pairs) + b"\0"  # the last: refused
-        return torch.index_select(torch.frombuffer(flags, dtype=torch.bool), 0, index)
+        allowed = torch.index_select(torch.frombuffer(flags, dtype=torch.bool), 0, pair_of)
+        return torch.index_select(allowed, 0, sequence_of)
 
     def _plain_ends(self, pattern: Pattern, automaton: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
-        """Where each plain token's characters lead from `automaton`: the distinct (end state,
-        characters) pairs, and per token the index of its pair (past them: refused, or not plain)."""
+        """Where the plain tokens' class sequences lead from `automaton`: the distinct (end state,
+        characters) pairs, and per sequence the index of its pair (past them: refused; one more
+        entry, refused, for the tokens that are not plain)."""
         key = (id(pattern), automaton)
         with self._ends_lock:
             if key in self._ends:
                 self._ends.move_to_end(key)
                 return self._ends[key][1:]
-        sequences, sequence_of = self._class_sequences(pattern)
+        sequences = self._class_sequences(pattern)[0]
         pairs: dict[tuple[int, int], int] = {}
-        ends = array("i", [-1]) * (len(sequences.texts) + 1)  # the last: tokens that are not plain
-        representative = pattern.representative
-        path, states = (), [automaton]
-        texts, i = sequences.texts, 0
-        while i < len(texts):
-            text = texts[i]
-            shared, most = 0, min(len(text), len(path))
-            while shared < most and text[shared] == path[shared]:
-                shared += 1
-            del states[shared + 1:]
-            current, depth = states[shared], shared
-            while depth < len(text):
-                current = pattern.step(current, representative(text[depth]))
-                if current < 0:
-                    break
-                depth += 1
-                states.append(current)
-            path = text[:depth]
-            if depth == len(text):
-                ends[i] = pairs.setdefault((current, len(text)), len(pairs))
-                i += 1
-            else:  # every sequence that starts with the refused prefix is refused with it
-                i = sequences.past(text[:depth + 1], i + 1)
+        ends = array("i", [-1]) * (len(sequences.texts) + 1)
+
+        def step(current: int, character_class: int) -> int | None:
+            target = pattern.step(current, pattern.representative(character_class))
+            return target if target >= 0 else None
+
+        for i, end in _accepted(sequences, automaton, step):
+            ends[i] = pairs.setdefault((end, len(sequences.texts[i])), len(pairs))
         ends = torch.frombuffer(ends, dtype=torch.int32)
-        ends = torch.where(ends < 0, len(pairs), ends)
-        entry = (pattern, list(pairs), torch.index_select(ends, 0, sequence_of))
+        entry = (pattern, list(pairs), torch.where(ends < 0, len(pairs), ends))
         with self._ends_lock:
             self._ends[key] = entry
-            while len(self._ends) * 4 * self.width > ENDS_BYTES and len(self._ends) > 1:
+            while len(self._ends) > ENDS_KEPT:
                 self._ends.popitem(last=False)
         return entry[1:]
 
     def _class_sequences(self, pattern: Pattern) -> tuple[_SortedTokens, torch.Tensor]:
         """The plain tokens as sequences of the pattern's character classes, sorted (each with its
-        index), and per token the index of its sequence (past them: not plain)."""
+        index), and per token the index of its sequence (past them: not plain). Patterns that cut
+        the code points alike (one format in many fields, a pattern with other lengths) share them."""
+        key = pattern.cuts
         with self._ends_lock:
-            if id(pattern) in self._sequences:
-                self._sequences.move_to_end(id(pattern))
-                return self._sequences[id(pattern)][1:]
+            if key in self._sequences:
+                self._sequences.move_to_end(key)
+                return self._sequences[key]
         classes = {c: pattern.character_class(ord(c)) for c in self._plain_characters}
         groups: dict[tuple, list[int]] = {}
         for text, token_id in self._plain_texts:
@@ -188,12 +177,12 @@ class Vocabulary:
         for i, ids in enumerate(sequences.ids):
             for token_id in ids:
                 sequence_of[token_id] = i
-        entry = (pattern, sequences, torch.frombuffer(sequence_of, dtype=torch.int32))
+        entry = (sequences, torch.frombuffer(sequence_of, dtype=torch.int32))
         with self._ends_lock:
-            self._sequences[id(pattern)] = entry
+            self._sequences[key] = entry
             while len(self._sequences) > PATTERNS_KEPT:
                 self._sequences.popitem(last=False)
-        return entry[1:]
+        return entry
 
     def advance(self, grammar: Grammar, state: tuple, token_id: int) -> tuple | None:
         text = self.token_bytes[token_id] if token_id < len(self.token_bytes) else None
@@ -208,8 +197,17 @@ class Vocabulary:
 
 def _walk(grammar: Grammar, state: tuple, tokens: _SortedTokens) -> list[int]:
     allowed: list[int] = []
-    texts, advance = tokens.texts, json_machine.advance
-    path, states = b"", [state]  # states[d]: the state after path[:d]
+    for i, _ in _accepted(tokens, state, lambda current, byte: json_machine.advance(grammar, current, byte)):
+        allowed += tokens.ids[i]
+    return allowed
+
+
+def _accepted(tokens: _SortedTokens, state, step):
+    """(index, end state) of each sorted token that `step` (state, symbol -> state, or None where
+    refused) takes whole from `state`. A prefix's states are reused by the
+    tokens that share it, and every token that starts with a refused prefix is passed over at once."""
+    texts = tokens.texts
+    path, states = texts[0][:0] if texts else b"", [state]  # states[d]: the state after path[:d]
     i = 0
     while i < len(texts):
         text = texts[i]
@@ -219,15 +217,14 @@ def _walk(grammar: Grammar, state: tuple, tokens: _SortedTokens) -> list[int]:
         del states[shared + 1:]
         current, depth = states[shared], shared
         while depth < len(text):
-            current = advance(grammar, current, text[depth])
+            current = step(current, text[depth])
             if current is None:
                 break
             depth += 1
             states.append(current)
         path = text[:depth]
         if depth == len(text):
-            allowed += tokens.ids[i]
+            yield i, current
             i += 1
-        else:  # every token that starts with the refused prefix is refused with it
+        else:
             i = tokens.past(text[:depth + 1], i + 1)
-    return allowed
