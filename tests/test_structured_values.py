@@ -392,3 +392,43 @@ def test_a_non_strict_tools_keywords_that_do_not_compile_are_dropped(parameter):
     compile_schema(calls_schema([tool], parallel=False))
     with pytest.raises(InvalidParamError):
         compile_schema(calls_schema([{**tool, "strict": True}], parallel=False))
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "string", "pattern": "^[]$", "minLength": 1}, "no string satisfies"),
+    ({"type": "string", "pattern": "^\\x01$", "maxLength": 3}, "no string satisfies"),
+    ({"type": "string", "pattern": "a{" + "9" * 5000 + "}"}, "above 1000"),
+    ({"type": "string", "pattern": "a.{800}$"}, "too large"),
+])
+def test_patterns_too_large_or_unwritable_are_refused_by_name(schema, words):
+    with pytest.raises(InvalidParamError, match=words):
+        compile_schema(schema)
+
+
+def test_a_union_of_formats_takes_each():
+    """pydantic's `Union[datetime, date]`: the patterns' alternatives."""
+    grammar = compile_schema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "format": "date"}]})
+    assert [grammar_accepts(grammar, t) for t in ('"2024-01-31"', '"2024-01-31T10:00:00Z"', '"x"')] == [True, True, False]
+
+
+@pytest.mark.parametrize("schema", [{"exclusiveMinimum": 0}, {"type": ["integer", "number"], "exclusiveMaximum": 10}])
+def test_exclusive_bounds_without_one_type_compile(schema):
+    grammar = compile_schema(schema)
+    assert grammar_accepts(grammar, "5") and not grammar_accepts(grammar, "-1" if "exclusiveMinimum" in schema else "10")
+
+
+@pytest.mark.parametrize("parameter", [
+    {"anyOf": [{"type": "string", "pattern": "^a", "maxLength": 3}, {"type": "string", "format": "date"}]},
+    {"anyOf": [{"type": "number", "minimum": 0}, {"type": "integer", "maximum": 10}]},
+    {"anyOf": [{"type": "string", "minLength": 2}, {"enum": ["x"]}]},
+    {"anyOf": [{"type": "number", "maximum": 5}, {"const": 7}]},
+])
+def test_a_non_strict_tools_unions_of_held_values_give_way(parameter):
+    """Each branch compiles alone, but their union does not: a non-strict tool's union takes the
+    values plainly (as before these keywords held)."""
+    from server.tool_calls import calls_schema
+
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {"a": parameter}, "required": ["a"]}}
+    compile_schema(calls_schema([tool], parallel=False))
+    with pytest.raises(InvalidParamError):
+        compile_schema(calls_schema([{**tool, "strict": True}], parallel=False))

@@ -1,9 +1,10 @@
 """JSON Schema `pattern`s (ECMA-262 regular expressions) as automata over a string's characters.
 
-A pattern is parsed into a Thompson NFA over code points, and run as a DFA built lazily: a DFA
-state is the set of NFA states a prefix can reach, interned as an int, and each step on a code
-point is remembered. NFA states from which the end cannot be reached are dropped from every set,
-so a set that is not empty can always still be completed.
+A pattern is parsed into a Thompson NFA over code points, and run as a DFA built whole when the
+pattern is compiled (at most MAX_DFA_STATES states): a DFA state is the set of NFA states a prefix
+can reach, interned as an int, with its runs of code points and the state each leads to. NFA
+states from which the end cannot be reached are dropped from every set, so a set that is not
+empty can always still be completed.
 
 JSON Schema patterns search: `"b"` matches "abc". A pattern is matched whole where it begins with
 `^` and ends with `$` (per top-level alternative); elsewhere any text may come before or after.
@@ -22,21 +23,19 @@ ECMA-262's (no line terminators).
 
 Lengths: `live(state, count)` answers whether the string can still be completed with a total
 of at least `min_length` and at most `max_length` characters, `count` of them written so far.
-With a pattern, that is read from the automaton, explored whole when the pattern is compiled: for
-each state, the remaining lengths that reach its end (up to the bounds).
+With a pattern, that is read from the automaton: for each state, the remaining lengths that reach
+its end (up to the bounds).
 """
 from __future__ import annotations
 
 import bisect
-import threading
-from collections import deque
 from dataclasses import dataclass, field
 
 MAX_CODE_POINT = 0x10FFFF
 SURROGATES = (0xD800, 0xDFFF)
 MAX_STATES = 5000  # of the NFA: counted repetitions are unrolled
 MAX_REPEAT = 1000
-MAX_DFA_STATES = 1000  # of a pattern with a length, explored when compiled
+MAX_DFA_STATES = 1000  # explored when the pattern is compiled
 MAX_LENGTH = 1024  # minLength and maxLength beside a pattern
 # what a held string can write: no lone surrogates, and of the control characters only those with
 # a short escape (\b \t \n \f \r)
@@ -202,6 +201,8 @@ class _Parser:
             return None
         if look:
             return True
+        if max(len(low), len(high)) > len(str(MAX_REPEAT)):
+            self.fail(f"a repetition count above {MAX_REPEAT}")
         low_n, high_n = int(low), (int(high) if high else None) if comma else int(low)
         if max(low_n, high_n or 0) > MAX_REPEAT:
             self.fail(f"a repetition count above {MAX_REPEAT}")
@@ -391,17 +392,19 @@ class Pattern:
         self._useful = self._coreachable()
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
-        self._moves: dict[tuple[int, int], int] = {}
-        self._successors: dict[int, list[tuple[int, int, int]]] = {}
-        self._lock = threading.Lock()  # requests' masks may be built on more than one thread
+        self._successors: list[list[tuple[int, int, int]]] = []  # per state, its runs (low, high, target)
+        self._run_starts: list[list[int]] = []
         self.start = self._intern(self._closure([entry]))
+        if self.start < 0:
+            raise PatternError("no string satisfies the pattern (of the characters a held string can write)")
+        self._explore()
         # with a pattern and a length: per state, the remaining lengths that reach the end
         self._lengths: list[int] | None = None
         if source and (min_length or max_length is not None):
             if max(min_length, max_length or 0) > MAX_LENGTH:
                 raise PatternError(f"minLength and maxLength beside a pattern are at most {MAX_LENGTH}")
             self._lengths = self._remaining_lengths()
-        if self.start < 0 or not self.live(self.start, 0):
+        if not self.live(self.start, 0):
             raise PatternError("no string satisfies the pattern within the length bounds")
 
     def _coreachable(self) -> set[int]:
@@ -433,12 +436,59 @@ class Pattern:
     def _intern(self, states: frozenset[int]) -> int:
         if not states:
             return -1
-        with self._lock:
-            state = self._ids.get(states)
-            if state is None:
-                state = self._ids[states] = len(self._sets)
-                self._sets.append(states)
+        state = self._ids.get(states)
+        if state is None:
+            if len(self._sets) >= MAX_DFA_STATES:
+                raise PatternError(f"the pattern's automaton is too large (more than {MAX_DFA_STATES} states)")
+            state = self._ids[states] = len(self._sets)
+            self._sets.append(states)
         return state
+
+    def _explore(self) -> None:
+        """Every state from the start, with its runs: built whole here, so that nothing is added
+        while masks are made (on other threads) and a pattern's size is known when it compiles."""
+        while len(self._successors) < len(self._sets):
+            runs = self._runs(self._sets[len(self._successors)])
+            self._successors.append(runs)
+            self._run_starts.append([low for low, _, _ in runs])
+
+    def _runs(self, members: frozenset[int]) -> list[tuple[int, int, int]]:
+        """(low, high, next state) for each run of code points that leads anywhere from the NFA
+        states `members`: a sweep over the edges' ranges, edges with the same ranges taken as one
+        (`\\W{0,20}` repeats one class of about 800 ranges twenty times)."""
+        groups: dict[tuple, set[int]] = {}
+        for member in members:
+            for ranges, target in self._nfa.edges[member]:
+                groups.setdefault(ranges, set()).add(target)
+        events: dict[int, list[tuple[int, int]]] = {}
+        for group, ranges in enumerate(groups):
+            for low, high in ranges:
+                events.setdefault(low, []).append((group, 1))
+                events.setdefault(high + 1, []).append((group, -1))
+        targets = list(groups.values())
+        reached: dict[frozenset[int], int] = {}
+        active: set[int] = set()
+        runs: list[tuple[int, int, int]] = []
+        points = sorted(events)
+        for point, following in zip(points, points[1:] + [MAX_CODE_POINT + 1]):
+            for group, change in events[point]:
+                if change > 0:
+                    active.add(group)
+                else:
+                    active.discard(group)
+            if not active or point > MAX_CODE_POINT:
+                continue
+            key = frozenset(active)
+            if key not in reached:
+                reached[key] = self._intern(self._closure({t for g in key for t in targets[g]}))
+            target = reached[key]
+            if target < 0:
+                continue
+            if runs and runs[-1][2] == target and runs[-1][1] == point - 1:
+                runs[-1] = (runs[-1][0], following - 1, target)
+            else:
+                runs.append((point, following - 1, target))
+        return runs
 
     def character_class(self, code_point: int) -> int:
         """Code points of one class lead every state to the same state."""
@@ -452,25 +502,15 @@ class Pattern:
         return self._accept in self._sets[state]
 
     def step(self, state: int, code_point: int) -> int:
-        key = (state, code_point)
-        target = self._moves.get(key)
-        if target is None:
-            reached = [t for s in self._sets[state] for ranges, t in self._nfa.edges[s]
-                       if _contains(ranges, code_point)]
-            target = self._moves[key] = self._intern(self._closure(reached))
-        return target
+        """The state after `code_point` (-1: no match can follow)."""
+        i = bisect.bisect_right(self._run_starts[state], code_point) - 1
+        if i < 0:
+            return -1
+        low, high, target = self._successors[state][i]
+        return target if code_point <= high else -1
 
     def successors(self, state: int) -> list[tuple[int, int, int]]:
         """(low, high, next state) for each run of code points that leads anywhere from `state`."""
-        if state not in self._successors:
-            cuts = sorted({b for s in self._sets[state] for ranges, _ in self._nfa.edges[s]
-                           for low, high in ranges for b in (low, high + 1)})
-            runs = []
-            for low, high in zip(cuts, cuts[1:]):
-                target = self.step(state, low)
-                if target >= 0:
-                    runs.append((low, high - 1, target))
-            self._successors[state] = runs
         return self._successors[state]
 
     @property
@@ -492,18 +532,9 @@ class Pattern:
         return min(count, self.max_length if self.max_length is not None else self.min_length)
 
     def _remaining_lengths(self) -> list[int]:
-        """Per state (all of them, explored from the start), a bit set of the lengths k (up to the
-        bounds) of the strings that lead it to the end; with no maxLength, bit minLength stands for
-        every k >= minLength."""
-        states, todo = {self.start}, [self.start]
-        while todo:
-            for _, _, target in self.successors(todo.pop()):
-                if target not in states:
-                    if len(self._sets) > MAX_DFA_STATES:
-                        raise PatternError(f"the pattern's automaton is too large beside a length (more than "
-                                           f"{MAX_DFA_STATES} states)")
-                    states.add(target)
-                    todo.append(target)
+        """Per state, a bit set of the lengths k (up to the bounds) of the strings that lead it to
+        the end; with no maxLength, bit minLength stands for every k >= minLength."""
+        states = range(len(self._sets))
         before: dict[int, set[int]] = {s: set() for s in states}
         for state in states:
             for _, _, target in self.successors(state):
@@ -554,12 +585,3 @@ class Pattern:
         """Some code point in [low, high] leads, as the next character, to a live state."""
         return any(run_low <= high and low <= run_high and self.live(target, count + 1)
                    for run_low, run_high, target in self.successors(state))
-
-
-def _contains(ranges: Ranges, code_point: int) -> bool:
-    for low, high in ranges:
-        if code_point < low:
-            return False
-        if code_point <= high:
-            return True
-    return False

@@ -105,6 +105,7 @@ class Node:
     # while compiling only: a union's branches (merged once every reference is compiled)
     branches: tuple[int, ...] = ()
     exclusive: bool = False  # oneOf: no value may match two branches
+    loose: bool = False  # from a non-strict tool's schema: held strings and numbers give way in a union
 
     def kinds(self) -> set[str]:
         """The kinds of JSON values it takes whole ("integer" for integral numbers)."""
@@ -363,7 +364,9 @@ class _Compiler:
                 parts.append(Node(literals=(b"true", b"false")))
             else:
                 parts.append(Node(literals=(b"null",)))
-        return self.merge(parts)
+        merged = self.merge(parts)
+        merged.loose = schema.get(LOOSE) is True
+        return merged
 
     def literals(self, schema: dict) -> Node:
         values = [schema["const"]] if "const" in schema else schema["enum"]
@@ -424,7 +427,7 @@ class _Compiler:
             bounds = Range.from_schema(schema)
         except (ValueError, OverflowError) as exc:
             _fail(str(exc) if isinstance(exc, ValueError) else "minimum and maximum must be finite numbers")
-        if bounds is not None and kind == "number":
+        if bounds is not None:  # integers too: JavaScript clients read them as doubles
             bounds = _as_read(bounds)
         if bounds is not None and bounds.empty(kind == "integer", NUMBER_BYTES):
             _fail(f"no {kind} of at most {NUMBER_BYTES} characters lies within the schema's minimum and maximum")
@@ -464,40 +467,54 @@ class _Compiler:
                     _fail("a union of two different array schemas is not supported")
                 out.array = part.array
             literals.update(dict.fromkeys(part.literals))
+        loose = out.loose = any(part.loose for part in parts)
         strings = [part for part in parts if part.string]
         if strings:  # a string that any characters make takes every other branch's strings
-            texts = {part.text for part in strings}
-            if None not in texts and len(texts) > 1:
-                _fail("a union of two different constrained string schemas is not supported")
-            out.string, out.text = True, None if None in texts else strings[0].text
-            out.text = self.with_constants(out.text, [lit for lit in literals if _kind(lit) == "string"])
+            texts = list(dict.fromkeys(part.text for part in strings))
+            out.string = True
+            out.text = None if None in texts else texts[0] if len(texts) == 1 else self.either(texts, loose)
+            out.text = self.with_constants(out.text, [lit for lit in literals if _kind(lit) == "string"], loose)
         numbers = [part for part in parts if part.number is not None]
         if numbers:
             out.number = "number" if any(part.number == "number" for part in numbers) else "integer"
             bounds = {part.bounds for part in numbers}
             if len(bounds) == 1:
                 out.bounds = bounds.pop()
-            elif any(part.bounds is None and part.number == out.number for part in numbers):
+            elif any(part.bounds is None and part.number == out.number for part in numbers) or loose:
                 out.bounds = None  # an unbounded branch takes every other one's numbers
             else:
                 _fail("a union of two different bounded number schemas is not supported")
             if out.bounds is not None and any(_kind(lit) in ("integer", "number") and
                                               not out.bounds.holds(_plain_number(lit)) for lit in literals):
-                _fail("a union of a bounded number and a number constant outside its bounds is not supported")
+                if not loose:
+                    _fail("a union of a bounded number and a number constant outside its bounds is not supported")
+                out.bounds = None
         covered = out.kinds()  # literals another branch already allows go; the rest must not clash with one
         if any(_kind(lit) == "number" and out.number == "integer" for lit in literals):
             _fail("an enum number that is not an integer beside an integer type is not supported")
         out.literals = tuple(lit for lit in literals if _kind(lit) not in covered)
         return out
 
-    def with_constants(self, text: Pattern | None, constants: list[bytes]) -> Pattern | None:
+    def either(self, texts: list[Pattern], loose: bool) -> Pattern | None:
+        """A union of held strings: their patterns' alternatives (anchors hold per alternative), where
+        none has a length (pydantic's `Union[datetime, date]`)."""
+        if any(t.min_length or t.max_length is not None for t in texts):
+            if loose:
+                return None
+            _fail("a union of two different constrained string schemas with lengths is not supported")
+        return self.pattern("|".join(t.source for t in texts))
+
+    def with_constants(self, text: Pattern | None, constants: list[bytes], loose: bool) -> Pattern | None:
         """A union's held string that also takes the string constants of its other branches."""
-        missing = [c for c in constants if text is not None and not text.matches(json.loads(c))]
+        missing = [json.loads(c) for c in constants if text is not None and not text.matches(json.loads(c))]
         if not missing:
             return text
-        if text.min_length or text.max_length is not None:
-            _fail("a union of a string with a length and string constants it does not take is not supported")
-        alternatives = "|".join(f"^{_escaped(json.loads(c))}$" for c in missing)
+        if text.min_length or text.max_length is not None or not all(map(_writable, missing)):
+            if loose:
+                return None
+            _fail("a union of a held string (with a length, or beside a constant with a control character) "
+                  "and string constants it does not take is not supported")
+        alternatives = "|".join(f"^{_escaped(c)}$" for c in missing)
         return self.pattern(f"{text.source}|{alternatives}")
 
     def tagged(self, objects: list[ObjectSpec]) -> ObjectSpec:
@@ -523,6 +540,11 @@ class _Compiler:
                 tags[literal] = variant
         tag = self.new(Node(literals=tuple(tags)))
         return ObjectSpec((Property(first[0].key, tag, True),), variants=tuple(tags.values()))
+
+
+def _writable(text: str) -> bool:
+    """A held string can write it (control characters only with a short escape)."""
+    return all(ord(c) >= 0x20 or c in "\b\t\n\f\r" for c in text)
 
 
 def _escaped(text: str) -> str:
@@ -554,7 +576,7 @@ def _held_or_dropped(schema: dict) -> dict:
         try:
             _Compiler({k: v for k, v in schema.items() if k in values | {"type", "enum", "const"}})
             return schema
-        except (SchemaError, RecursionError):
+        except (SchemaError, RecursionError, ValueError):
             pass
     return {k: v for k, v in schema.items() if k not in values}
 

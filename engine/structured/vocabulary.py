@@ -25,7 +25,7 @@ from engine.structured import json_machine
 from engine.structured.regex import Pattern
 from engine.structured.schema import Grammar
 
-ENDS_KEPT = 4096  # automaton states whose class sequences' ends are kept (4 bytes a sequence each)
+ENDS_BYTES = 32 * 2**20  # kept of automaton states' class sequences' ends (4 bytes a sequence each)
 PATTERNS_KEPT = 32  # cuts of the code points whose plain tokens' class sequences are kept (4 bytes a token each)
 
 
@@ -92,6 +92,7 @@ class Vocabulary:
         self._sequences: OrderedDict[int, tuple] = OrderedDict()
         # (id(pattern), automaton state) -> (pattern, the (end state, characters) pairs, each token's pair)
         self._ends: OrderedDict[tuple, tuple] = OrderedDict()
+        self._ends_bytes = 0
         self._ends_lock = threading.Lock()
         self.width = width
         self.token_bytes = token_bytes
@@ -121,6 +122,7 @@ class Vocabulary:
     def clear(self) -> None:
         with self._ends_lock:
             self._ends.clear()
+            self._ends_bytes = 0
             self._sequences.clear()
 
     def _held_mask(self, pattern: Pattern, automaton: int, count: int) -> torch.Tensor:
@@ -155,8 +157,9 @@ class Vocabulary:
         entry = (pattern, list(pairs), torch.where(ends < 0, len(pairs), ends))
         with self._ends_lock:
             self._ends[key] = entry
-            while len(self._ends) > ENDS_KEPT:
-                self._ends.popitem(last=False)
+            self._ends_bytes += 4 * len(ends)
+            while self._ends_bytes > ENDS_BYTES and len(self._ends) > 1:
+                self._ends_bytes -= 4 * len(self._ends.popitem(last=False)[1][2])
         return entry[1:]
 
     def _class_sequences(self, pattern: Pattern) -> tuple[_SortedTokens, torch.Tensor]:
