@@ -172,3 +172,20 @@ def grammar_accepts(grammar, text: str) -> bool:
         if state is None:
             return False
     return json_machine.can_end(state)
+
+
+def brute_force_mask(engine, grammar, state):
+    """Every token whose bytes the JSON machine takes from `state`, each run through it alone (and
+    EOS where the document may end): what a structured-outputs mask must equal."""
+    import torch
+
+    from engine.structured import json_machine
+
+    vocabulary = engine.structured.vocabulary
+    expected = torch.zeros(vocabulary.width, dtype=torch.bool)
+    for token_id, data in enumerate(engine.tokenizer.token_bytes()[:vocabulary.width]):
+        if data and vocabulary.advance(grammar, state, token_id) is not None:
+            expected[token_id] = True
+    if json_machine.can_end(state):
+        expected[vocabulary.eos_ids] = True
+    return expected

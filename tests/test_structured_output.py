@@ -19,7 +19,7 @@ from engine.sampling_params import InvalidParamError, SamplingParams
 from engine.structured import json_machine
 from engine.structured.constraint import Constraint
 from engine.structured.schema import compile_schema
-from tests.helpers import grammar_accepts
+from tests.helpers import brute_force_mask, grammar_accepts
 
 MODEL = "smollm2-135m-instruct"
 
@@ -411,14 +411,8 @@ def test_each_mask_is_every_token_whose_bytes_the_state_accepts(engine, schema, 
     structured = engine.structured
     vocabulary = structured.vocabulary
     grammar = compile_schema(schema)
-    token_bytes = engine.tokenizer.token_bytes()
     for state in _states_along(grammar, text)[::4] + [_states_along(grammar, text)[-1]]:
-        expected = torch.zeros(vocabulary.width, dtype=torch.bool)
-        for token_id, data in enumerate(token_bytes[:vocabulary.width]):
-            if data and vocabulary.advance(grammar, state, token_id) is not None:
-                expected[token_id] = True
-        if json_machine.can_end(state):
-            expected[vocabulary.eos_ids] = True
+        expected = brute_force_mask(engine, grammar, state)
         mask = vocabulary.mask(grammar, state)
         assert torch.equal(mask, expected), [engine.tokenizer.token_text(t) for t in (mask ^ expected).nonzero()[:5, 0]]
     assert 0 < int(vocabulary.mask(grammar, _states_along(grammar, text)[-3]).sum()) < vocabulary.width
