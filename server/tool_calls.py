@@ -26,7 +26,7 @@ import json
 import uuid
 
 from engine.structured.schema import KEYWORDS as SCHEMA_KEYWORDS
-from engine.structured.schema import LOOSE, VALUE_KEYWORDS
+from engine.structured.schema import LOOSE, LOOSE_MARK, VALUE_KEYWORDS
 
 CALL = ("You can call these tools. To call one, answer with a JSON object and nothing else: "
         '{"name": <the tool\'s name>, "arguments": <an object of its parameters>}.')
@@ -129,7 +129,7 @@ def _loosened(schema):
         return schema
     out = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
     if not (VALUE_KEYWORDS | {"format"}).isdisjoint(out):
-        out[LOOSE] = True
+        out[LOOSE] = LOOSE_MARK
     if "patternProperties" in schema and out.get("additionalProperties") is False:
         del out["additionalProperties"]  # the keys the patterns allowed stay allowed
     if "prefixItems" in schema:  # a tuple: any items (its own `items` may close it after the prefix)

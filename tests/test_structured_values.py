@@ -426,3 +426,39 @@ def test_a_non_strict_tools_unions_of_held_values_give_way(parameter):
     compile_schema(calls_schema([tool], parallel=False))
     with pytest.raises(InvalidParamError):
         compile_schema(calls_schema([{**tool, "strict": True}], parallel=False))
+
+
+@pytest.mark.parametrize("source", [r"\W{1000}", r"(\W\D){30}", r"^\W{998}$"])
+def test_patterns_too_costly_to_build_are_refused_at_once(source):
+    """States of large classes (\\W has about 800 ranges) are refused within a work budget (this
+    took 10 s and more before the budget)."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(InvalidParamError, match="too costly"):
+        compile_schema({"type": "string", "pattern": source})
+    assert time.perf_counter() - start < 5
+
+
+def test_a_long_counted_repetition_compiles():
+    assert grammar_accepts(compile_schema({"type": "string", "pattern": "^.{1,1000}$"}), '"' + "a" * 1000 + '"')
+
+
+def test_a_non_strict_tools_union_whose_pattern_does_not_compile_gives_way():
+    from server.tool_calls import calls_schema
+
+    parameter = {"anyOf": [{"type": "string", "pattern": "a.{12}"}, {"type": "string", "pattern": "b.{12}"}]}
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {"a": parameter}, "required": ["a"]}}
+    compile_schema(calls_schema([tool], parallel=False))
+    with pytest.raises(InvalidParamError, match="too large"):
+        compile_schema(calls_schema([{**tool, "strict": True}], parallel=False))
+
+
+def test_a_clients_own_loose_marker_is_an_annotation():
+    with pytest.raises(InvalidParamError, match="lookaround"):
+        compile_schema({"type": "string", "pattern": "(?=a)", "x-skipserve-loose": True})
+
+
+def test_a_lone_surrogate_constant_is_a_400():
+    with pytest.raises(InvalidParamError, match="lone surrogate"):
+        compile_schema({"anyOf": [{"const": "\ud800"}, {"type": "null"}]})

@@ -35,7 +35,10 @@ MAX_CODE_POINT = 0x10FFFF
 SURROGATES = (0xD800, 0xDFFF)
 MAX_STATES = 5000  # of the NFA: counted repetitions are unrolled
 MAX_REPEAT = 1000
-MAX_DFA_STATES = 1000  # explored when the pattern is compiled
+MAX_DFA_STATES = 2048  # explored when the pattern is compiled
+# runs of code points looked at while the automaton is built (about 2 us each): a state's cost
+# grows with its classes' ranges (\W has about 800), so `\W{1000}` is refused early, not built
+MAX_WORK = 300_000
 MAX_LENGTH = 1024  # minLength and maxLength beside a pattern
 # what a held string can write: no lone surrogates, and of the control characters only those with
 # a short escape (\b \t \n \f \r)
@@ -386,9 +389,24 @@ class Pattern:
                 last = tail
             nfa.epsilon[last].append(self._accept)
         self._nfa = nfa
+        # each distinct set of ranges on an edge, by number (hashed once: \W{20} repeats one of 800)
+        self._classes: list[Ranges] = []
+        numbers: dict[int, int] = {}
+        by_value: dict[Ranges, int] = {}
+        self._edges: list[list[tuple[int, int]]] = []
+        for edges in nfa.edges:
+            numbered = []
+            for ranges, target in edges:
+                if id(ranges) not in numbers:
+                    numbers[id(ranges)] = by_value.setdefault(ranges, len(by_value))
+                    if numbers[id(ranges)] == len(self._classes):
+                        self._classes.append(ranges)
+                numbered.append((numbers[id(ranges)], target))
+            self._edges.append(numbered)
+        self._partitions: dict[frozenset[int], list[tuple[int, int, frozenset[int]]]] = {}
+        self._work = 0
         # code points between two of these are one class: every NFA state treats them alike
-        self.cuts = tuple(sorted({b for edges in nfa.edges for ranges, _ in edges for low, high in ranges
-                                  for b in (low, high + 1)}))
+        self.cuts = tuple(sorted({b for ranges in self._classes for low, high in ranges for b in (low, high + 1)}))
         self._useful = self._coreachable()
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
@@ -454,41 +472,51 @@ class Pattern:
 
     def _runs(self, members: frozenset[int]) -> list[tuple[int, int, int]]:
         """(low, high, next state) for each run of code points that leads anywhere from the NFA
-        states `members`: a sweep over the edges' ranges, edges with the same ranges taken as one
-        (`\\W{0,20}` repeats one class of about 800 ranges twenty times)."""
-        groups: dict[tuple, set[int]] = {}
+        states `members`: the runs where the same edge classes hold (a sweep, shared by states
+        with the same classes), each run's targets closed over."""
+        targets: dict[int, set[int]] = {}
         for member in members:
-            for ranges, target in self._nfa.edges[member]:
-                groups.setdefault(ranges, set()).add(target)
-        events: dict[int, list[tuple[int, int]]] = {}
-        for group, ranges in enumerate(groups):
-            for low, high in ranges:
-                events.setdefault(low, []).append((group, 1))
-                events.setdefault(high + 1, []).append((group, -1))
-        targets = list(groups.values())
+            for number, target in self._edges[member]:
+                targets.setdefault(number, set()).add(target)
+        segments = self._partition(frozenset(targets))
+        self._work += len(segments)
+        if self._work > MAX_WORK:
+            raise PatternError("the pattern is too costly to build (too many states of large classes)")
         reached: dict[frozenset[int], int] = {}
-        active: set[int] = set()
         runs: list[tuple[int, int, int]] = []
-        points = sorted(events)
-        for point, following in zip(points, points[1:] + [MAX_CODE_POINT + 1]):
-            for group, change in events[point]:
-                if change > 0:
-                    active.add(group)
-                else:
-                    active.discard(group)
-            if not active or point > MAX_CODE_POINT:
-                continue
-            key = frozenset(active)
-            if key not in reached:
-                reached[key] = self._intern(self._closure({t for g in key for t in targets[g]}))
-            target = reached[key]
+        for low, high, active in segments:
+            if active not in reached:
+                reached[active] = self._intern(self._closure({t for n in active for t in targets[n]}))
+            target = reached[active]
             if target < 0:
                 continue
-            if runs and runs[-1][2] == target and runs[-1][1] == point - 1:
-                runs[-1] = (runs[-1][0], following - 1, target)
+            if runs and runs[-1][2] == target and runs[-1][1] == low - 1:
+                runs[-1] = (runs[-1][0], high, target)
             else:
-                runs.append((point, following - 1, target))
+                runs.append((low, high, target))
         return runs
+
+    def _partition(self, numbers: frozenset[int]) -> list[tuple[int, int, frozenset[int]]]:
+        """(low, high, the classes that hold) for each run of code points some of these classes hold."""
+        if numbers not in self._partitions:
+            events: dict[int, list[tuple[int, int]]] = {}
+            for number in numbers:
+                for low, high in self._classes[number]:
+                    events.setdefault(low, []).append((number, 1))
+                    events.setdefault(high + 1, []).append((number, -1))
+            active: set[int] = set()
+            segments = []
+            points = sorted(events)
+            for point, following in zip(points, points[1:] + [MAX_CODE_POINT + 1]):
+                for number, change in events[point]:
+                    if change > 0:
+                        active.add(number)
+                    else:
+                        active.discard(number)
+                if active and point <= MAX_CODE_POINT:
+                    segments.append((point, following - 1, frozenset(active)))
+            self._partitions[numbers] = segments
+        return self._partitions[numbers]
 
     def character_class(self, code_point: int) -> int:
         """Code points of one class lead every state to the same state."""

@@ -39,8 +39,10 @@ MAX_BRANCHES = 2000
 NUMBER_BYTES = 24  # of one number
 MAX_LITERALS = 1000  # enum and const values in one schema (OpenAI's strict mode allows 1,000 enum values)
 # set by server/tool_calls.py on a non-strict tool's schemas: string and number keywords that do
-# not compile are dropped there (in the thread that compiles), not refused
+# not compile are dropped there (in the thread that compiles), not refused. Its value is a tuple,
+# which no JSON a client sends parses to: a client's own "x-skipserve-loose" is an annotation.
 LOOSE = "x-skipserve-loose"
+LOOSE_MARK = ("non-strict tool",)
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
                          "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "discriminator", LOOSE))
 # what strings and numbers are held to, beside their type
@@ -188,7 +190,10 @@ def _fail(message: str):
 def _literal(value) -> bytes:
     if isinstance(value, (dict, list)) or isinstance(value, float) and not math.isfinite(value):
         _fail("enum and const values must be strings, finite numbers, booleans or null")
-    return json.dumps(value, ensure_ascii=False).encode()
+    try:
+        return json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        _fail("enum and const strings must be text (a lone surrogate is not)")
 
 
 def _kind(literal: bytes) -> str:
@@ -260,7 +265,7 @@ class _Compiler:
         unknown = sorted(set(schema) - KEYWORDS)
         if unknown:
             _fail(f"schema keywords {', '.join(unknown)} are not supported")
-        if schema.get(LOOSE) is True:
+        if schema.get(LOOSE) == LOOSE_MARK:
             schema = _held_or_dropped(schema)
         if "$ref" in schema:
             return self.ref(schema)
@@ -365,7 +370,7 @@ class _Compiler:
             else:
                 parts.append(Node(literals=(b"null",)))
         merged = self.merge(parts)
-        merged.loose = schema.get(LOOSE) is True
+        merged.loose = schema.get(LOOSE) == LOOSE_MARK
         return merged
 
     def literals(self, schema: dict) -> Node:
@@ -502,7 +507,7 @@ class _Compiler:
             if loose:
                 return None
             _fail("a union of two different constrained string schemas with lengths is not supported")
-        return self.pattern("|".join(t.source for t in texts))
+        return self.given_way(loose, "|".join(t.source for t in texts))
 
     def with_constants(self, text: Pattern | None, constants: list[bytes], loose: bool) -> Pattern | None:
         """A union's held string that also takes the string constants of its other branches."""
@@ -515,7 +520,16 @@ class _Compiler:
             _fail("a union of a held string (with a length, or beside a constant with a control character) "
                   "and string constants it does not take is not supported")
         alternatives = "|".join(f"^{_escaped(c)}$" for c in missing)
-        return self.pattern(f"{text.source}|{alternatives}")
+        return self.given_way(loose, f"{text.source}|{alternatives}")
+
+    def given_way(self, loose: bool, source: str) -> Pattern | None:
+        """A union's pattern; where it does not compile, a loose union takes any string instead."""
+        try:
+            return self.pattern(source)
+        except SchemaError:
+            if loose:
+                return None
+            raise
 
     def tagged(self, objects: list[ObjectSpec]) -> ObjectSpec:
         """A union of object schemas told apart by their first property: the same required key in
