@@ -459,6 +459,19 @@ def test_a_clients_own_loose_marker_is_an_annotation():
         compile_schema({"type": "string", "pattern": "(?=a)", "x-skipserve-loose": True})
 
 
-def test_a_lone_surrogate_constant_is_a_400():
+@pytest.mark.parametrize("schema", [{"anyOf": [{"const": "\ud800"}, {"type": "null"}]},
+                                    {"type": "object", "properties": {"\ud800": {}}}])
+def test_a_lone_surrogate_in_a_schema_is_a_400(schema):
     with pytest.raises(InvalidParamError, match="lone surrogate"):
-        compile_schema({"anyOf": [{"const": "\ud800"}, {"type": "null"}]})
+        compile_schema(schema)
+
+
+def test_a_loose_schema_and_a_clients_look_alike_have_their_own_grammars():
+    from engine.structured.schema import LOOSE, LOOSE_MARK, schema_key
+
+    loose = {"type": "string", "pattern": "(?=x)", LOOSE: LOOSE_MARK}
+    client = {**loose, LOOSE: ["non-strict tool"]}  # what the mark's JSON once was
+    assert schema_key(client) != schema_key(loose)
+    compile_schema(loose)
+    with pytest.raises(InvalidParamError, match="lookaround"):
+        compile_schema(client)

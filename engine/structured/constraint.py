@@ -8,7 +8,6 @@ by their schema's text, so requests with one schema share their masks.
 """
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 
@@ -16,7 +15,7 @@ import torch
 
 from engine.sampling_params import InvalidParamError
 from engine.structured import json_machine
-from engine.structured.schema import Grammar, compile_schema
+from engine.structured.schema import Grammar, compile_schema, schema_key
 from engine.structured.vocabulary import Vocabulary
 
 GRAMMARS = 64
@@ -46,7 +45,7 @@ class StructuredOutputs:
         """The grammar of a JSON schema from the request's field `param` (each of the request's
         sequences gets a `Constraint` on it); raises InvalidParamError naming the field."""
         try:
-            key = json.dumps(schema)  # the keys' order is the properties' order
+            key = schema_key(schema)
         except RecursionError:
             raise InvalidParamError(f"{param}: the schema is nested too deeply", param) from None
         with self._lock:

@@ -416,6 +416,7 @@ class Pattern:
         if self.start < 0:
             raise PatternError("no string satisfies the pattern (of the characters a held string can write)")
         self._explore()
+        self._partitions = self._edges = None  # the build's tables: a cached grammar keeps only its runs
         # with a pattern and a length: per state, the remaining lengths that reach the end
         self._lengths: list[int] | None = None
         if source and (min_length or max_length is not None):

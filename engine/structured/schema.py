@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -39,10 +40,26 @@ MAX_BRANCHES = 2000
 NUMBER_BYTES = 24  # of one number
 MAX_LITERALS = 1000  # enum and const values in one schema (OpenAI's strict mode allows 1,000 enum values)
 # set by server/tool_calls.py on a non-strict tool's schemas: string and number keywords that do
-# not compile are dropped there (in the thread that compiles), not refused. Its value is a tuple,
-# which no JSON a client sends parses to: a client's own "x-skipserve-loose" is an annotation.
+# not compile are dropped there (in the thread that compiles), not refused. Its value is an object
+# no JSON parses to (a client's own "x-skipserve-loose" is an annotation), written into the grammar
+# cache's key as a text no client can guess.
+
+
+class _LooseMark:
+    text = f"non-strict tool {secrets.token_hex(16)}"
+
+
 LOOSE = "x-skipserve-loose"
-LOOSE_MARK = ("non-strict tool",)
+LOOSE_MARK = _LooseMark()
+
+
+def schema_key(schema) -> str:
+    """A schema's text, the loose mark included (the keys' order is the properties' order)."""
+    def mark(value):
+        if value is LOOSE_MARK:
+            return LOOSE_MARK.text
+        raise TypeError(f"{type(value).__name__} is not JSON")
+    return json.dumps(schema, default=mark)
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
                          "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "discriminator", LOOSE))
 # what strings and numbers are held to, beside their type
@@ -174,6 +191,9 @@ def compile_schema(schema, param: str = PARAM) -> Grammar:
         raise InvalidParamError(f"{param}: {exc}", param) from None
     except RecursionError:
         raise InvalidParamError(f"{param}: the schema is nested too deeply", param) from None
+    except UnicodeEncodeError:
+        raise InvalidParamError(f"{param}: the schema's strings must be text (a lone surrogate is not)",
+                                param) from None
 
 
 def _hashable(value, what: str):
@@ -265,7 +285,7 @@ class _Compiler:
         unknown = sorted(set(schema) - KEYWORDS)
         if unknown:
             _fail(f"schema keywords {', '.join(unknown)} are not supported")
-        if schema.get(LOOSE) == LOOSE_MARK:
+        if schema.get(LOOSE) is LOOSE_MARK:
             schema = _held_or_dropped(schema)
         if "$ref" in schema:
             return self.ref(schema)
@@ -370,7 +390,7 @@ class _Compiler:
             else:
                 parts.append(Node(literals=(b"null",)))
         merged = self.merge(parts)
-        merged.loose = schema.get(LOOSE) == LOOSE_MARK
+        merged.loose = schema.get(LOOSE) is LOOSE_MARK
         return merged
 
     def literals(self, schema: dict) -> Node:
