@@ -335,12 +335,10 @@ def test_more_schemas_refused_by_name(schema, words):
     assert words in str(caught.value), caught.value
 
 
-def test_a_free_string_takes_any_length_bound_at_once():
-    import time
-
-    start = time.perf_counter()
+def test_a_free_string_takes_any_length_bound():
+    """No pattern: the bounds are a count, not an automaton's table (1e9 once searched for minutes)."""
     grammar = compile_schema({"type": "string", "minLength": 10**9, "maxLength": 10**9 + 5})
-    assert time.perf_counter() - start < 1 and not grammar_accepts(grammar, '"ab"')
+    assert not grammar_accepts(grammar, '"ab"')
 
 
 def test_exclusive_bounds_hold_as_clients_read_numbers():
@@ -430,14 +428,10 @@ def test_a_non_strict_tools_unions_of_held_values_give_way(parameter):
 
 @pytest.mark.parametrize("source", [r"\W{1000}", r"(\W\D){30}", r"^\W{998}$"])
 def test_patterns_too_costly_to_build_are_refused_at_once(source):
-    """States of large classes (\\W has about 800 ranges) are refused within a work budget (this
-    took 10 s and more before the budget)."""
-    import time
-
-    start = time.perf_counter()
+    """States of large classes (\\W has about 800 ranges) are refused by the work budget (these
+    took 10 s and more before it)."""
     with pytest.raises(InvalidParamError, match="too costly"):
         compile_schema({"type": "string", "pattern": source})
-    assert time.perf_counter() - start < 5
 
 
 def test_a_long_counted_repetition_compiles():

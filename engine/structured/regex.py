@@ -543,21 +543,12 @@ class Pattern:
         return self._successors[state]
 
     @property
-    def key(self) -> tuple:
-        """Equal for automata that take the same strings by construction."""
-        return self.source, self.min_length, self.max_length
-
-    @property
     def free(self) -> bool:
         """Any characters, only their number bounded."""
         return not self.source
 
     def after(self, count: int) -> int:
         """The count to keep after `count` characters: counts past every bound behave alike."""
-        return self._cap(count)
-
-    def _cap(self, count: int) -> int:
-        """Counts past every bound behave alike."""
         return min(count, self.max_length if self.max_length is not None else self.min_length)
 
     def _remaining_lengths(self) -> list[int]:
@@ -594,7 +585,7 @@ class Pattern:
             return False
         if self._lengths is None:  # no length, or no pattern: every state left in a set can reach the end
             return True
-        count = self._cap(count)
+        count = self.after(count)
         low = max(0, self.min_length - count)  # the fewest characters still to come
         if self.max_length is None:
             return self._lengths[state] >> low != 0

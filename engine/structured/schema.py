@@ -210,10 +210,7 @@ def _fail(message: str):
 def _literal(value) -> bytes:
     if isinstance(value, (dict, list)) or isinstance(value, float) and not math.isfinite(value):
         _fail("enum and const values must be strings, finite numbers, booleans or null")
-    try:
-        return json.dumps(value, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        _fail("enum and const strings must be text (a lone surrogate is not)")
+    return json.dumps(value, ensure_ascii=False).encode()  # a lone surrogate: compile_schema's 400
 
 
 def _kind(literal: bytes) -> str:
@@ -242,7 +239,8 @@ def _of_types(literal: bytes, types: list[str]) -> bool:
 
 
 class _Compiler:
-    def __init__(self, schema):
+    def __init__(self, schema, patterns: dict | None = None):
+        """`patterns`: compiled patterns to share (a loose schema's keywords are tried apart first)."""
         self.root_schema = schema
         self.grammar = Grammar()
         self.refs: dict[str, int] = {}
@@ -251,7 +249,8 @@ class _Compiler:
         self.branch_count = 0
         self.merged: dict[int, tuple[Node, Node]] = {}  # id(union node) -> (it, merged): a $ref's copy is the same
         self.merging: set[int] = set()
-        self.patterns: dict[tuple, Pattern] = {}  # by (source, minLength, maxLength): equal ones are one
+        # by (source, minLength, maxLength): equal ones are one
+        self.patterns: dict[tuple, Pattern] = {} if patterns is None else patterns
         self.grammar.root = self.compile(schema)
         self.merge_unions()
         self.grammar.object_height, self.grammar.array_height, self.grammar.height = _heights(self.grammar.nodes)
@@ -286,7 +285,7 @@ class _Compiler:
         if unknown:
             _fail(f"schema keywords {', '.join(unknown)} are not supported")
         if schema.get(LOOSE) is LOOSE_MARK:
-            schema = _held_or_dropped(schema)
+            schema = self.held_or_dropped(schema)
         if "$ref" in schema:
             return self.ref(schema)
         if "allOf" in schema:
@@ -531,7 +530,7 @@ class _Compiler:
 
     def with_constants(self, text: Pattern | None, constants: list[bytes], loose: bool) -> Pattern | None:
         """A union's held string that also takes the string constants of its other branches."""
-        missing = [json.loads(c) for c in constants if text is not None and not text.matches(json.loads(c))]
+        missing = [c for c in map(json.loads, constants) if text is not None and not text.matches(c)]
         if not missing:
             return text
         if text.min_length or text.max_length is not None or not all(map(_writable, missing)):
@@ -550,6 +549,21 @@ class _Compiler:
             if loose:
                 return None
             raise
+
+    def held_or_dropped(self, schema: dict) -> dict:
+        """A loose schema's string and number keywords (and format) where they compile beside its
+        type, enum and const, and with no `$ref` or union beside them; else the schema without
+        them. Tried in a compiler of their own that shares this one's patterns (compiled once)."""
+        values = set(schema) & (VALUE_KEYWORDS | {"format"})
+        if not values:
+            return schema
+        if not {"$ref", "anyOf", "oneOf", "allOf"} & set(schema):
+            try:
+                _Compiler({k: v for k, v in schema.items() if k in values | {"type", "enum", "const"}}, self.patterns)
+                return schema
+            except (SchemaError, RecursionError, ValueError):
+                pass
+        return {k: v for k, v in schema.items() if k not in values}
 
     def tagged(self, objects: list[ObjectSpec]) -> ObjectSpec:
         """A union of object schemas told apart by their first property: the same required key in
@@ -598,21 +612,6 @@ def _as_read(bounds: Range) -> Range:
     if bounds.high_open and high is not None and abs(high) < Decimal("1e300"):
         high = Decimal(repr(math.nextafter(float(high), -math.inf)))
     return Range(low, bounds.low_open and low == bounds.low, high, bounds.high_open and high == bounds.high)
-
-
-def _held_or_dropped(schema: dict) -> dict:
-    """A loose schema's string and number keywords (and format) where they compile beside its type,
-    enum and const, and with no `$ref` or union beside them; else the schema without them."""
-    values = set(schema) & (VALUE_KEYWORDS | {"format"})
-    if not values:
-        return schema
-    if not {"$ref", "anyOf", "oneOf", "allOf"} & set(schema):
-        try:
-            _Compiler({k: v for k, v in schema.items() if k in values | {"type", "enum", "const"}})
-            return schema
-        except (SchemaError, RecursionError, ValueError):
-            pass
-    return {k: v for k, v in schema.items() if k not in values}
 
 
 def _exclusive(branches: list[Node]) -> None:

@@ -80,17 +80,17 @@ class Vocabulary:
         # vocabulary beside its step loop, and a torch op there would start a second OpenMP team
         flags = bytearray(width)
         chars = array("i", bytes(4 * width))  # a plain token's characters (0 for the others)
-        for token_id in plain:
+        self._plain_texts = [(token_bytes[token_id].decode("utf-8"), token_id) for token_id in plain]
+        for text, token_id in self._plain_texts:
             flags[token_id] = 1
-            chars[token_id] = len(token_bytes[token_id].decode("utf-8"))
+            chars[token_id] = len(text)
         self.plain = torch.frombuffer(flags, dtype=torch.bool)
         self.plain_chars = torch.frombuffer(chars, dtype=torch.int32)
         self.longest_plain = max(chars, default=0)
-        self._plain_texts = [(token_bytes[token_id].decode("utf-8"), token_id) for token_id in plain]
         self._plain_characters = sorted({c for text, _ in self._plain_texts for c in text})
         # a pattern's cuts -> its plain tokens' class sequences, sorted, and each token's sequence
-        self._sequences: OrderedDict[int, tuple] = OrderedDict()
-        # (id(pattern), automaton state) -> (pattern, the (end state, characters) pairs, each token's pair)
+        self._sequences: OrderedDict[tuple, tuple] = OrderedDict()
+        # (id(pattern), automaton state) -> (pattern, the (end state, characters) pairs, each sequence's pair)
         self._ends: OrderedDict[tuple, tuple] = OrderedDict()
         self._ends_bytes = 0
         self._ends_lock = threading.Lock()
@@ -128,22 +128,22 @@ class Vocabulary:
     def _held_mask(self, pattern: Pattern, automaton: int, count: int) -> torch.Tensor:
         """The plain tokens a string held to `pattern` may take next: the state each ends in is live
         with its characters added to `count` (then every state on its way was too)."""
-        sequence_of = self._class_sequences(pattern)[1]
-        pairs, pair_of = self._plain_ends(pattern, automaton)
+        pairs, pair_of, sequence_of = self._plain_ends(pattern, automaton)
         flags = bytearray(pattern.live(end, count + chars) for end, chars in pairs) + b"\0"  # the last: refused
         allowed = torch.index_select(torch.frombuffer(flags, dtype=torch.bool), 0, pair_of)
         return torch.index_select(allowed, 0, sequence_of)
 
-    def _plain_ends(self, pattern: Pattern, automaton: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    def _plain_ends(self, pattern: Pattern, automaton: int) -> tuple[list[tuple[int, int]], torch.Tensor,
+                                                                       torch.Tensor]:
         """Where the plain tokens' class sequences lead from `automaton`: the distinct (end state,
-        characters) pairs, and per sequence the index of its pair (past them: refused; one more
-        entry, refused, for the tokens that are not plain)."""
+        characters) pairs, per sequence the index of its pair (past them: refused; one more entry,
+        refused, for the tokens that are not plain), and per token the index of its sequence."""
+        sequences, sequence_of = self._class_sequences(pattern)
         key = (id(pattern), automaton)
         with self._ends_lock:
             if key in self._ends:
                 self._ends.move_to_end(key)
-                return self._ends[key][1:]
-        sequences = self._class_sequences(pattern)[0]
+                return (*self._ends[key][1:], sequence_of)
         pairs: dict[tuple[int, int], int] = {}
         ends = array("i", [-1]) * (len(sequences.texts) + 1)
 
@@ -160,7 +160,7 @@ class Vocabulary:
             self._ends_bytes += 4 * len(ends)
             while self._ends_bytes > ENDS_BYTES and len(self._ends) > 1:
                 self._ends_bytes -= 4 * len(self._ends.popitem(last=False)[1][2])
-        return entry[1:]
+        return (*entry[1:], sequence_of)
 
     def _class_sequences(self, pattern: Pattern) -> tuple[_SortedTokens, torch.Tensor]:
         """The plain tokens as sequences of the pattern's character classes, sorted (each with its
