@@ -29,7 +29,7 @@ RUN pip install -e . \
 
 USER skipserve
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-  CMD python -c "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ['SKIPSERVE_PORT'], timeout=2).status != 200)"
+# the address comes from the server's own command line (PID 1), so `--port 9000` is probed on 9000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 CMD ["python", "-m", "server.healthcheck"]
 ENTRYPOINT ["skipserve"]
 CMD ["--model", "smollm2-135m-instruct"]

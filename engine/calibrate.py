@@ -89,12 +89,17 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(summary, indent=1))
-    plot(summary, cosines, out / "calibration.png", args.model or "smollm2-135m-instruct")
+    wrote = [out / "calibration.json"]
+    try:
+        plot(summary, cosines, out / "calibration.png", args.model or "smollm2-135m-instruct")
+        wrote.append(out / "calibration.png")
+    except ImportError:  # matplotlib is an extra: skipserve[plots]
+        print("no calibration.png: matplotlib is not installed (pip install 'skipserve[plots]')")
     s = summary["suggested"]
     print(f"{summary['tokens']} tokens, {cosines.shape[0]} layers")
     print("suggested preset values (server/presets/*.yaml, skip:):")
     print(f"  cold_start: {s['cold_start']}\n  cold_end: {s['cold_end']}\n  threshold: {s['threshold']}")
-    print(f"wrote {out / 'calibration.json'} and {out / 'calibration.png'}")
+    print("wrote " + " and ".join(map(str, wrote)))
 
 
 if __name__ == "__main__":

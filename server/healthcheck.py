@@ -1,0 +1,49 @@
+"""`python -m server.healthcheck [PID]`: exit 0 when the server running as PID (default 1, a
+container's entrypoint) answers GET /health with 200.
+
+The address comes from that process's own command line, read with the server's parser, so
+`docker run skipserve --port 9000` is probed on 9000 ($SKIPSERVE_HOST/PORT as the defaults, as
+the server reads them). A server that listens on every address is probed on loopback."""
+from __future__ import annotations
+
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+def server_argv(cmdline: list[str]) -> list[str]:
+    """The serve arguments within a process's argv: what follows `skipserve` (the console script)
+    or `-m server.cli`, without a leading `serve`."""
+    for i, arg in enumerate(cmdline):
+        if Path(arg).name == "skipserve" or (arg == "server.cli" and i and cmdline[i - 1] == "-m"):
+            rest = cmdline[i + 1:]
+            return rest[1:] if rest[:1] == ["serve"] else rest
+    raise ValueError(f"not a skipserve command line: {' '.join(cmdline)!r}")
+
+
+def health_url(argv: list[str]) -> str:
+    from server.cli import serve_parser
+
+    args, _ = serve_parser().parse_known_args(argv)
+    host = ANY_ADDRESS.get(args.host, args.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{args.port}/health"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    pid = argv[0] if argv else "1"
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        url = health_url(server_argv(cmdline))
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return 0 if reply.status == 200 else 1
+    except (OSError, ValueError, urllib.error.URLError) as exc:  # HTTPError (503 while draining) is one
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
