@@ -16,7 +16,7 @@ are shown to the model in that format, and tool results as user messages naming 
   is held to "a list of calls, or the format": calls come as a JSON list (`[`), the format's object
   (`{`) as content.
 - A tool without `strict: true` has the keywords the grammar cannot hold (`multipleOf`,
-  `prefixItems`, a `pattern` with lookahead, ...) read as annotations where its call is held to the
+  `patternProperties`, a `pattern` with lookahead, ...) read as annotations where its call is held to the
   schema, as OpenAI's non-strict tools take any schema; with `strict: true` they are refused by name.
 - "none": no tools are shown and none is called.
 """
@@ -121,7 +121,7 @@ def _parameters(tool: dict) -> dict:
 
 
 def _loosened(schema):
-    """`schema` with the keywords engine/structured refuses (`multipleOf`, `prefixItems`, ...)
+    """`schema` with the keywords engine/structured refuses (`multipleOf`, `patternProperties`, ...)
     dropped, at every level, and marked loose (a string's or number's keywords that do not compile
     are dropped where it is compiled, off the event loop): a wider schema, whose every document
     still has the shape asked."""
@@ -132,15 +132,13 @@ def _loosened(schema):
         out[LOOSE] = LOOSE_MARK
     if "patternProperties" in schema and out.get("additionalProperties") is False:
         del out["additionalProperties"]  # the keys the patterns allowed stay allowed
-    if "prefixItems" in schema:  # a tuple: any items (its own `items` may close it after the prefix)
-        out["items"] = True
     for key in ("properties", "$defs", "definitions"):
         if isinstance(out.get(key), dict):
             out[key] = {name: _loosened(sub) for name, sub in out[key].items()}
     for key in ("items", "additionalProperties"):
         if key in out:
             out[key] = _loosened(out[key])
-    for key in ("anyOf", "oneOf", "allOf"):
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
         if isinstance(out.get(key), list):
             out[key] = [_loosened(sub) for sub in out[key]]
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 from typing import Annotated, Literal, Optional, Union
 
@@ -33,12 +34,20 @@ def accepts(schema, text: str) -> bool:
     return grammar_accepts(compile_schema(schema), text)
 
 
+def _laid_out(text: str) -> bool:
+    """Each whitespace run outside strings is what json_machine takes: a space or tab, then at most
+    one line break and an indentation."""
+    outside = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+    run = re.compile(r"[ \t]?(?:(?:\r\n|\n|\r)[ \t]{0,%d})?" % json_machine.MAX_INDENT)
+    return all(run.fullmatch(ws) for ws in re.findall(r"[ \t\n\r]+", outside))
+
+
 def test_the_machine_accepts_exactly_the_documents_json_loads_accepts():
     """Random strings over JSON's alphabet: any-value schema vs json.loads (no trailing whitespace:
-    the machine ends a document at its last byte)."""
+    the machine ends a document at its last byte; whitespace runs as JSON writers lay them out)."""
     rng = random.Random(0)
-    alphabet = list('{}[]":,0123456789-.eE+ \nturefalsn\\ué🎉')
-    valid = 0
+    alphabet = list('{}[]":,0123456789-.eE+ \nturefalsn\\ué🎉\r\n')
+    valid = broken = 0
     for _ in range(60000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).rstrip()
         if not text:
@@ -49,8 +58,9 @@ def test_the_machine_accepts_exactly_the_documents_json_loads_accepts():
         except ValueError:
             ok = False
         valid += ok
-        assert accepts(True, text) == ok, text
-    assert valid > 1000  # the comparison saw many valid documents, not only refusals
+        broken += ok and not _laid_out(text)
+        assert accepts(True, text) == (ok and _laid_out(text)), text
+    assert valid > 1000 and broken >= 5  # it saw many valid documents, some of them laid out otherwise
 
 
 @pytest.mark.parametrize("data, whole", [
@@ -118,8 +128,13 @@ PERSON = {
     ('{"name": "x", "age": 3, "score": "1"}', False),
     ('{"name": "x", "age": 3,}', False),
     ('{"name": "x", "age": 3}' + " " * 1, False),  # nothing after the document
-    ('{"name": "x",' + " " * 40 + '"age": 3}', True),
-    ('{"name": "x",' + " " * 41 + '"age": 3}', False),  # a whitespace run past MAX_WS
+    ('{"name": "x",\t' + "\n" + " " * 20 + '"age": 3}', True),
+    ('{"name": "x",\n' + " " * 21 + '"age": 3}', False),  # an indentation past MAX_INDENT
+    ('{"name": "x",  "age": 3}', False),  # two spaces without a line break
+    ('{\n  "name": "x",\r\n  "age": 3\n}', True),  # a line break a run, then the indentation
+    ('{\r\t"name":\r"x", "age": 3}', True),
+    ('{"name": "x",\n\n"age": 3}', False),  # a blank line
+    ('{"name": "x", \r \n"age": 3}', False),  # a CR, then an LF: two breaks
 ])
 def test_schema_documents(text, ok):
     assert accepts(PERSON, text) == ok
@@ -347,7 +362,8 @@ def test_schemas_differing_only_in_property_order_keep_their_own_order(engine):
 @pytest.mark.parametrize("schema, words", [
     ({"type": "string", "pattern": "^(?=a)"}, "pattern"),
     ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 2}}}, "multipleOf"),
-    ({"type": "array", "prefixItems": [{"type": "string"}]}, "prefixItems"),
+    ({"type": "array", "prefixItems": {"type": "string"}}, "prefixItems"),
+    ({"type": "array", "prefixItems": [{"type": "string"}], "items": False, "minItems": 2}, "minItems 2"),
     ({"$ref": "#/$defs/Missing"}, "points to nothing"),
     ({"$ref": "https://example.com/schema.json"}, "local references"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),

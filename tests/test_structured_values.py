@@ -469,3 +469,62 @@ def test_a_loose_schema_and_a_clients_look_alike_have_their_own_grammars():
     compile_schema(loose)
     with pytest.raises(InvalidParamError, match="lookaround"):
         compile_schema(client)
+
+
+class Route(BaseModel):
+    start: tuple[float, float]
+    stops: tuple[str, ...]
+    leg: tuple[int, str, bool]
+
+
+def _tuple_reference(schema: dict, doc) -> bool:
+    """Whether `doc` (a list) is what a `prefixItems` array schema of scalar kinds takes."""
+    kinds = {"integer": lambda v: type(v) is int, "number": lambda v: type(v) in (int, float),
+             "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool)}
+    prefix, items = schema.get("prefixItems", []), schema.get("items", True)
+    if not schema.get("minItems", 0) <= len(doc) <= schema.get("maxItems", len(doc)):
+        return False
+    for i, value in enumerate(doc):
+        sub = prefix[i] if i < len(prefix) else items
+        if sub is False or (sub is not True and not kinds[sub["type"]](value)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2},
+    {"type": "array", "prefixItems": [{"type": "boolean"}, {"type": "number"}]},  # shorter ones, any items after
+    {"type": "array", "prefixItems": [{"type": "string"}], "items": {"type": "integer"}, "minItems": 3},
+    {"prefixItems": [{"type": "integer"}, {"type": "integer"}, {"type": "string"}], "items": False, "minItems": 1},
+    {"type": "array", "prefixItems": [], "items": False},
+])
+def test_tuples_hold_each_position_to_its_schema(schema):
+    """prefixItems: random walks through the machine give only arrays the schema takes (never a
+    dead end), and lists built position by position are taken exactly when the schema takes them."""
+    for doc in _random_documents(schema, 150, prefer=b"[],1\"tf"):
+        assert _tuple_reference(schema, doc), doc
+    grammar, rng = compile_schema(schema), random.Random(1)
+    values = [0, -3, 2.5, "a", True, False]
+    for _ in range(400):
+        doc = [rng.choice(values) for _ in range(rng.randint(0, 5))]
+        assert grammar_accepts(grammar, json.dumps(doc)) == _tuple_reference(schema, doc), doc
+
+
+def test_a_tuple_inside_a_union_and_as_a_recursive_item():
+    schema = {"$defs": {"Pair": {"type": "array", "prefixItems": [{"type": "string"}, {"$ref": "#/$defs/Tree"}],
+                                 "items": False},
+                        "Tree": {"anyOf": [{"type": "integer"}, {"$ref": "#/$defs/Pair"}]}},
+              "$ref": "#/$defs/Tree"}
+    grammar = compile_schema(schema)
+    for text, ok in (('["a", ["b", 2]]', True), ("7", True), ('["a", 1, 2]', False), ('[1, "a"]', False),
+                     ('["a"]', True)):  # no minItems: a shorter tuple is valid JSON Schema
+        assert grammar_accepts(grammar, text) == ok, text
+
+
+def test_the_openai_sdks_parse_takes_tuples(client):
+    r = client.chat.completions.parse(
+        model=MODEL, response_format=Route, temperature=0, max_tokens=150,
+        messages=[{"role": "user", "content": "Route: start at 1.0, 2.0; stops Lyon, Nice; leg 3, 'car', true. JSON."}])
+    route = r.choices[0].message.parsed
+    assert isinstance(route, Route) and r.choices[0].finish_reason == "stop"
+    assert len(route.start) == 2 and len(route.leg) == 3

@@ -6,9 +6,12 @@ a finished document, after which nothing may follow.
 
 Each JSON value's kind is known from its first byte (`{`, `[`, `"`, a digit or `-`, or a literal's
 first byte), so the machine is deterministic; the grammar merges a union's branches so that each
-first byte leads to one of them. Whitespace is allowed wherever JSON allows it, up to `MAX_WS` bytes
-in a run: enough to lay out nested JSON, and a model that keeps emitting newlines cannot pad its
-answer until `max_tokens`. Nesting is bounded too (`MAX_DEPTH`), and so is a number's length.
+first byte leads to one of them. Whitespace is allowed wherever JSON allows it, in runs of what
+JSON writers lay out: a space or tab, then at most one line break (`\n`, `\r\n` or `\r`) and an
+indentation of at most `MAX_INDENT` spaces and tabs (llama.cpp's JSON grammars take about as much). A
+small model that drifts into blank lines or tabs (they do, inside arrays) gets a short run and then
+the value, instead of padding its answer until `max_tokens`. Nesting is bounded too (`MAX_DEPTH`),
+and so is a number's length.
 
 A string held to a pattern or a length (a TEXT frame) runs its characters, decoded from UTF-8 or
 from an escape, through the pattern's automaton (engine/structured/regex.py); a byte is taken only
@@ -21,7 +24,11 @@ from __future__ import annotations
 
 from engine.structured.schema import NUMBER_BYTES, Grammar
 
-MAX_WS = 40
+MAX_INDENT = 20
+# a whitespace run's field: its indentation's bytes after the line break, plus flags: a space or tab
+# before the break, a CR, and the break done (an LF, or what follows a lone CR)
+RUN_PAD, RUN_CR, RUN_BROKEN = 1 << 8, 1 << 9, 1 << 10
+RUN_INDENT = RUN_PAD - 1
 MAX_NUMBER = NUMBER_BYTES  # bytes of one number
 MAX_DEPTH = 128  # frames: values nested about 64 deep (json.loads itself stops near 1,000)
 
@@ -143,10 +150,32 @@ def _resume(nodes, parent: tuple, result) -> tuple:
 
 
 def _whitespace(frame: tuple, byte: int):
-    """The frame with one more whitespace byte (its last field counts the run), or None."""
-    if byte in WHITESPACE and frame[-1] < MAX_WS:
-        return (frame[:-1] + (frame[-1] + 1,),), True, None
-    return None
+    """The frame with one more whitespace byte (its last field says where the run is), or None:
+    a run is `[ \t]? (\r\n | \n | \r) [ \t]{0,MAX_INDENT}` or a part of that."""
+    run = frame[-1]
+    if byte in (0x20, 0x09):
+        if run & RUN_BROKEN:
+            if run & RUN_INDENT >= MAX_INDENT:
+                return None
+            run += 1
+        elif run & RUN_CR:  # after a lone CR: the break is done, this is indentation
+            run |= RUN_BROKEN
+            run += 1
+        elif run & RUN_PAD:
+            return None
+        else:
+            run |= RUN_PAD
+    elif byte == 0x0A:
+        if run & RUN_BROKEN:
+            return None
+        run |= RUN_BROKEN  # after a CR: its LF, the same break
+    elif byte == 0x0D:
+        if run & (RUN_CR | RUN_BROKEN):
+            return None
+        run |= RUN_CR
+    else:
+        return None
+    return (frame[:-1] + (run,),), True, None
 
 
 def _value(grammar, frame, byte, depth: int):
@@ -229,7 +258,7 @@ def _array(nodes, frame, byte):
     if spec.max_items == 0:
         return None
     # an item begins with this byte: the item's value takes it
-    return ((ARRAY, n, A_NEXT, min(count + 1, spec.count_cap), 0), (VALUE, spec.items, 0)), False, None
+    return ((ARRAY, n, A_NEXT, min(count + 1, spec.count_cap), 0), (VALUE, spec.item(count), 0)), False, None
 
 
 def _utf8_lead(byte: int) -> tuple | None:

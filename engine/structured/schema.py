@@ -38,6 +38,7 @@ MAX_NODES = 2000
 # MAX_LITERALS values (at most 2,000 x 1,000 copies: 0.12 s measured, in a worker thread)
 MAX_BRANCHES = 2000
 NUMBER_BYTES = 24  # of one number
+MAX_PREFIX_ITEMS = 256  # a tuple's positions (each one is counted in the array's state)
 MAX_LITERALS = 1000  # enum and const values in one schema (OpenAI's strict mode allows 1,000 enum values)
 # set by server/tool_calls.py on a non-strict tool's schemas: string and number keywords that do
 # not compile are dropped there (in the thread that compiles), not refused. Its value is an object
@@ -65,7 +66,8 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
 # what strings and numbers are held to, beside their type
 VALUE_KEYWORDS = frozenset(("pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
                             "exclusiveMaximum"))
-KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+                      "maxItems",
                       "enum", "const", "anyOf", "oneOf", "allOf", "$ref")) | VALUE_KEYWORDS | ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
@@ -102,14 +104,19 @@ class ObjectSpec:
 
 @dataclass(frozen=True)
 class ArraySpec:
-    items: int
+    items: int | None  # node of the items after the prefix (None: there are none; max_items says so too)
     min_items: int = 0
     max_items: int | None = None
+    prefix: tuple[int, ...] = ()  # a tuple's (`prefixItems`) nodes of its first items, in order
+
+    def item(self, index: int) -> int:
+        """The node of the item at `index` (the array holds more than `index` items)."""
+        return self.prefix[index] if index < len(self.prefix) else self.items
 
     @property
     def count_cap(self) -> int:
-        """Items counted up to this: past both bounds the count changes nothing."""
-        return max(self.min_items, self.max_items or 0)
+        """Items counted up to this: past both bounds and the prefix the count changes nothing."""
+        return max(self.min_items, self.max_items or 0, len(self.prefix))
 
 
 @dataclass
@@ -152,7 +159,8 @@ NO_END = 1 << 30  # no finite document completes it
 def _heights(nodes: list[Node]) -> tuple[list[int], list[int], list[int]]:
     """Grammar.object_height, .array_height and .height, as a fixpoint: the cheapest completion of
     each node (a scalar: its one frame; an object: its key, and each required property's cheapest
-    value one frame down; an array: nothing with no minItems, else one item one frame down). A
+    value one frame down; an array: nothing with no minItems, else its first minItems items one frame
+    down). A
     tagged union's object counts its costliest variant: the tag, read after the object is begun,
     may pick any of them."""
     height = [NO_END] * len(nodes)
@@ -171,7 +179,9 @@ def _heights(nodes: list[Node]) -> tuple[list[int], list[int], list[int]]:
             if node.object is not None:
                 objects[n] = min(NO_END, object_height(node.object))
             if node.array is not None:
-                arrays[n] = 1 if node.array.min_items == 0 else min(NO_END, 1 + height[node.array.items])
+                spec = node.array
+                needed = {spec.item(i) for i in range(min(spec.min_items, len(spec.prefix) + 1))}
+                arrays[n] = min(NO_END, 1 + max(height[i] for i in needed)) if needed else 1
             best = min(objects[n], arrays[n], 1 if node.string or node.number or node.literals else NO_END)
             if best < height[n]:
                 height[n], changed = best, True
@@ -369,7 +379,7 @@ class _Compiler:
         types = schema.get("type")
         if types is None:  # no type: what the keywords imply, else any value
             types = ["object"] if "properties" in schema or "additionalProperties" in schema else \
-                ["array"] if "items" in schema else list(TYPES)
+                ["array"] if "items" in schema or "prefixItems" in schema else list(TYPES)
         types = list(dict.fromkeys(_hashable(t, "type") for t in types)) if isinstance(types, list) else \
             [_hashable(types, "type")]
         if not types or any(t not in TYPES for t in types):
@@ -476,7 +486,18 @@ class _Compiler:
         low, high = schema.get("minItems", 0), schema.get("maxItems")
         if type(low) is not int or low < 0 or (high is not None and (type(high) is not int or high < low)):
             _fail("minItems and maxItems must be integers with 0 <= minItems <= maxItems")
-        return ArraySpec(self.compile(schema.get("items", True)), low, high)
+        prefix = schema.get("prefixItems", [])
+        if not isinstance(prefix, list):
+            _fail("prefixItems must be a list of schemas")
+        if len(prefix) > MAX_PREFIX_ITEMS:
+            _fail(f"prefixItems may hold at most {MAX_PREFIX_ITEMS} schemas")
+        nodes = tuple(self.compile(sub) for sub in prefix)
+        items = schema.get("items", True)
+        if items is False:  # nothing after the prefix
+            high = len(nodes) if high is None else min(high, len(nodes))
+            if low > high:
+                _fail(f"minItems {low} asks more items than the {len(nodes)} that prefixItems allows (items is false)")
+        return ArraySpec(None if items is False else self.compile(items), low, high, nodes)
 
     def merge(self, parts: list[Node]) -> Node:
         """One node for a union: each JSON kind from at most one branch, so that a value's first
