@@ -82,8 +82,9 @@ class LLMEngine:
         if not ids:
             raise InvalidParamError(f"the {what} is empty", param)
         if len(ids) > self.max_model_len - reserve:
+            room = f", and {reserve} more must fit after it" if reserve else ""
             raise InvalidParamError(f"this model's maximum context length is {self.max_model_len} tokens, "
-                                    f"but the {what} has {len(ids)} tokens", param)
+                                    f"but the {what} has {len(ids)} tokens{room}", param)
         return len(ids)
 
     def prepare_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

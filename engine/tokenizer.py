@@ -154,12 +154,13 @@ class Tokenizer:
         # as the same text sent to /v1/completions does (Gemma 3 answers nonsense without BOS).
         return self.encode(self.render_chat(messages, options), add_special_tokens=not self.has_chat_template)
 
-    def decode(self, ids: list[int], clean: bool = True) -> str:
+    def decode(self, ids: list[int], clean: bool = True, special: bool = False) -> str:
         """`clean`: with the config's clean-up of spaces (as transformers' decode: /detokenize).
         Generated text goes without it, as vLLM streams it (the clean-up joins text across token
         boundaries, so text already streamed could not take it), and so do echoed prompts and
-        logprobs' tokens, which sum to that text."""
-        text = self._tok.decode(ids, skip_special_tokens=True)
+        logprobs' tokens, which sum to that text. `special`: special tokens' text kept (/detokenize,
+        as transformers' decode by default), else left out (generated and echoed text)."""
+        text = self._tok.decode(ids, skip_special_tokens=not special)
         return self._clean(text) if clean else text
 
     def token_text(self, token_id: int) -> str:

@@ -139,22 +139,25 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         chat_only = [f for f in CHAT_ONLY_FIELDS if getattr(body, f) is not None] if body.prompt is not None else []
         if chat_only:
             raise APIError(400, f"{chat_only[0]} applies to 'messages', not to 'prompt'", chat_only[0])
+        if body.messages is not None and body.add_special_tokens is not None:  # the template writes them
+            raise APIError(400, "add_special_tokens applies to 'prompt', not to 'messages'", "add_special_tokens")
         if body.model is not None:
             check_model(state, body.model)
         if body.messages is not None:
             ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use, body.chat_options)
         else:
-            ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
+            ids = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens is not False)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        """Token ids -> text, as vLLM's /detokenize (special tokens left out, as in completions)."""
+        """Token ids -> text, as vLLM's /detokenize: special tokens' text kept (`<|im_start|>`), so a
+        chat prompt from /tokenize reads back with its template's markup."""
         tokenizer = ready_tokenizer(state)
         if body.model is not None:
             check_model(state, body.model)
         check_token_ids(body.tokens, tokenizer, "tokens")
-        return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens, True, True)}
 
     app.add_middleware(errors.UnexpectedErrors)  # innermost of ours: its 500s pass through the others
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)

@@ -57,7 +57,7 @@ def validation_message(err: dict) -> tuple[str, str | None]:
     if kind == "json_invalid":
         return f"request body is not valid JSON: {err.get('msg')}", None
     if kind == "missing":
-        return f"'{param}' is required", param
+        return (f"'{param}' is required", param) if path else ("the request has no body: send a JSON object", None)
     return f"invalid value for '{param}': {err.get('msg')}", param
 
 
@@ -101,6 +101,11 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         message, param = validation_message(errors[0]) if errors else ("invalid request", None)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if param is None and kind and kind != "application/json" and not kind.endswith("+json"):
+            # FastAPI reads only JSON content types as JSON (curl's -d alone sends a form's type); not
+            # taking others keeps a web page from posting here cross-origin without a CORS preflight
+            message = f"the request body must be JSON, sent with Content-Type: application/json (got {kind})"
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)

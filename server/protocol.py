@@ -8,7 +8,8 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      field_validator, model_validator)
 
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from engine.tokenizer import ChatOptions
@@ -92,8 +93,8 @@ class RequestBody(Strict):
 
 
 class FFNSkip(Strict):
-    budget: Optional[float] = None
-    threshold: Optional[float] = None
+    budget: Optional[StrictFloat] = None
+    threshold: Optional[StrictFloat] = None
     warmup_tokens: Optional[StrictInt] = None
 
     def to_params(self) -> SkipParams:
@@ -102,6 +103,40 @@ class FFNSkip(Strict):
 
 class StreamOptions(Strict):
     include_usage: StrictBool = False
+    include_obfuscation: Optional[StrictBool] = None  # nothing is obfuscated: accepted, no effect
+
+
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
+
+
+class ClientHints(Strict):
+    """Fields of OpenAI's request bodies that SDKs and agent frameworks send and that change nothing
+    here: tags, one service tier, and identifiers for abuse detection and cache routing."""
+    metadata: Optional[dict[str, str]] = None
+    service_tier: Optional[Literal["auto", "default"]] = None  # one tier here
+    safety_identifier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value):
+        if value is not None and (len(value) > MAX_METADATA_KEYS or any(
+                len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE for k, v in value.items())):
+            raise InvalidParamError(f"metadata holds at most {MAX_METADATA_KEYS} pairs, keys of at most "
+                                    f"{MAX_METADATA_KEY} characters and values of at most {MAX_METADATA_VALUE}",
+                                    "metadata")
+        return value
+
+
+def null_only(reason: str):
+    """A field of OpenAI's that this model cannot honour: null (not set) is taken, anything else is a
+    400 giving `reason` (pydantic's own words would be "Input should be None")."""
+    def check(value):
+        if value is not None:
+            raise InvalidParamError(reason)
+        return value
+
+    return Annotated[Any, BeforeValidator(check)]
 
 
 class TextPart(Strict):
@@ -142,7 +177,10 @@ class ChatMessage(Strict):
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise InvalidParamError("tool messages, and only they, carry a tool_call_id")
         if self.content is None and not self.tool_calls:
-            raise InvalidParamError(f"a {self.role} message needs content")
+            wanted = "content or tool_calls" if self.role == "assistant" else "content"
+            old = " (the deprecated function_call is not read)" if self.function_call is not None else ""
+            raise InvalidParamError(f"{'an' if self.role[0] in 'aeiou' else 'a'} {self.role} message needs "
+                                    f"{wanted}{old}")
         return self
 
     @field_validator("content", mode="before")
@@ -154,6 +192,8 @@ class ChatMessage(Strict):
                 if kind is not None and kind != "text":
                     raise InvalidParamError(f"content parts of type '{kind}' are not supported: this model "
                                             "takes text only")
+                if kind == "text" and not isinstance(part.get("text"), str):
+                    raise InvalidParamError("a text content part needs its text, a string")
         return value
 
     def text(self) -> str | None:
@@ -199,17 +239,17 @@ class ResponseFormat(Strict):
 class SamplingRequest(RequestBody):
     """The sampling knobs every generating route takes (OpenAI's, and vLLM's extensions)."""
     model: str
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
+    temperature: Optional[StrictFloat] = None
+    top_p: Optional[StrictFloat] = None
     top_k: Optional[StrictInt] = None
-    min_p: Optional[float] = None
+    min_p: Optional[StrictFloat] = None
     stop: Union[str, list[str], None] = None
     seed: Optional[Seed] = None  # int64, as vLLM; the sampler's stream for it (choice i: seed + i)
     stream: StrictBool = False
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
+    presence_penalty: Optional[StrictFloat] = None
+    frequency_penalty: Optional[StrictFloat] = None
+    repetition_penalty: Optional[StrictFloat] = None
+    logit_bias: Optional[dict[str, StrictFloat]] = None
     user: Optional[str] = None
     ignore_eos: StrictBool = False
     # vLLM's: tokens made before the answer may end; token ids that end it; a stop string kept in the text
@@ -379,12 +419,34 @@ class ChatTemplating(Strict):
         return ChatOptions(add, continue_final, self.chat_template_kwargs or {})
 
 
+class Prediction(Strict):
+    """A predicted output: at OpenAI a hint that speeds up an answer without changing it."""
+    type: Literal["content"]
+    content: Union[str, list[TextPart]]
+
+
 # in this order of bases, `model` is the first field checked
-class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest):
+class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest, ClientHints):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = None
+    # accepted, no effect: completions are not kept for retrieval here; a prediction only hints
+    store: Optional[StrictBool] = None
+    prediction: Optional[Prediction] = None
+    modalities: Optional[list[Literal["text"]]] = None  # text is what this model writes
+    # refused unless null
+    reasoning_effort: null_only("'reasoning_effort' is not supported: this model does not reason") = None
+    verbosity: null_only("'verbosity' is not supported by this model") = None
+    audio: null_only("'audio' is not supported: this model writes text only") = None
+    web_search_options: null_only("'web_search_options' is not supported: this server has no web search") = None
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _modalities_text(cls, value):
+        if isinstance(value, list) and any(m != "text" for m in value):
+            raise InvalidParamError("modalities may hold only 'text': this model writes text only", "modalities")
+        return value
 
     def to_sampling(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -478,6 +540,7 @@ class TokenizeRequest(ChatTemplating, ChatTools, RequestBody):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: Optional[StrictBool] = None  # a prompt's BOS (and the like), as completions add them
 
 
 class DetokenizeRequest(RequestBody):

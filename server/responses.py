@@ -257,9 +257,10 @@ def _stored(request: Request, response_id: str):
 
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request, stream: bool = False):
+    entry = _stored(request, response_id)  # an unknown id is a 404 first
     if stream:
         raise APIError(400, "a stored response is returned whole: streaming it again is not supported", "stream")
-    return Response(_stored(request, response_id).body, media_type="application/json")
+    return Response(entry.body, media_type="application/json")
 
 
 @router.get("/v1/responses/{response_id}/input_items")

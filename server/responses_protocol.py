@@ -20,10 +20,9 @@ from pydantic import (BeforeValidator, Discriminator, Field, StrictBool, StrictI
 
 from engine.sampling_params import InvalidParamError, SamplingParams
 from server.errors import validation_message
-from server.protocol import SamplingRequest, Strict, ToolUse
+from server.protocol import ClientHints, SamplingRequest, StreamOptions, Strict, ToolUse
 
 LOGPROBS = "message.output_text.logprobs"  # the one `include` value this server produces
-MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
 
 
 class InputText(Strict):
@@ -183,10 +182,6 @@ class FunctionChoice(Strict):
     name: str
 
 
-class StreamOptions(Strict):
-    include_obfuscation: Optional[StrictBool] = None  # nothing is obfuscated: accepted, no effect
-
-
 def new_id(prefix: str) -> str:
     """An item's or a response's id: `prefix` and 32 hex digits, as OpenAI's look."""
     return prefix + uuid.uuid4().hex
@@ -196,7 +191,21 @@ def _message_item(item_id: str | None, role: str, parts: list[dict]) -> dict:
     return {"id": item_id or new_id("msg_"), "type": "message", "role": role, "status": "completed", "content": parts}
 
 
-class ResponsesRequest(SamplingRequest):
+class Reasoning(Strict):
+    effort: None = None
+    summary: None = None
+    generate_summary: None = None
+
+
+def _no_reasoning(value):
+    if isinstance(value, dict) and all(v is None for v in value.values()):
+        return value
+    if value is not None:
+        raise InvalidParamError("'reasoning' is not supported: this model does not reason")
+    return value
+
+
+class ResponsesRequest(SamplingRequest, ClientHints):
     input: Union[str, list[InputItem]]
     instructions: Optional[str] = None
     max_output_tokens: Optional[StrictInt] = None
@@ -208,15 +217,11 @@ class ResponsesRequest(SamplingRequest):
     parallel_tool_calls: Optional[StrictBool] = None
     previous_response_id: Optional[str] = None
     store: StrictBool = True
-    metadata: Optional[dict[str, str]] = None
     truncation: Literal["disabled", "auto"] = "disabled"  # auto: the oldest turns dropped to fit the context
     background: Optional[Literal[False]] = None
-    reasoning: None = None  # sent as null by some clients; this model does not reason apart
-    service_tier: Optional[Literal["auto", "default"]] = None  # one tier here
+    # sent as null, or as a response's own `{"effort": null, "summary": null}`, by some clients
+    reasoning: Annotated[Optional[Reasoning], BeforeValidator(_no_reasoning)] = None
     stream_options: Optional[StreamOptions] = None
-    # identifiers OpenAI takes for abuse detection and cache routing: accepted, no effect here
-    safety_identifier: Optional[str] = None
-    prompt_cache_key: Optional[str] = None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -245,16 +250,6 @@ class ResponsesRequest(SamplingRequest):
         for name in value or []:
             if name != LOGPROBS:
                 raise InvalidParamError(f"include: '{name}' is not supported (only '{LOGPROBS}')", "include")
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_limits(cls, value):
-        if value is not None and (len(value) > MAX_METADATA_KEYS or any(
-                len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE for k, v in value.items())):
-            raise InvalidParamError(f"metadata holds at most {MAX_METADATA_KEYS} pairs, keys of at most "
-                                    f"{MAX_METADATA_KEY} characters and values of at most {MAX_METADATA_VALUE}",
-                                    "metadata")
         return value
 
     @field_validator("tools", mode="before")

@@ -114,9 +114,14 @@ def calls_schema(tools: list[dict], parallel: bool, answer: dict | None = None) 
     return {**({"anyOf": [call, many]} if parallel else call), "$defs": defs}
 
 
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
 def _parameters(tool: dict) -> dict:
-    """A tool's parameters schema; without `strict: true`, what the grammar cannot hold left out."""
-    schema = tool.get("parameters") or {"type": "object"}
+    """A tool's parameters schema; without `strict: true`, what the grammar cannot hold left out.
+    A tool without one takes no arguments (OpenAI: "omitting parameters defines a function with an
+    empty parameter list"): its call's arguments are `{}`."""
+    schema = tool.get("parameters") or NO_PARAMETERS
     return schema if tool.get("strict") is True else _loosened(schema)
 
 

@@ -154,3 +154,85 @@ def test_stop_strings_are_bounded(server):
 
     assert_error(post(server, {**OK, "stop": ["x" * (MAX_STOP_CHARS + 1)]}), 400, "stop")
     assert post(server, {**OK, "stop": ["x" * MAX_STOP_CHARS]}).status_code == 200
+
+
+def test_openai_fields_that_change_nothing_here_are_taken(server):
+    """What SDKs and agent frameworks send beside a chat request (`store=False`, `metadata=...`,
+    `service_tier="auto"`, ...) is taken, null or set, as /v1/responses takes it."""
+    hints = {"metadata": {"user": "u1"}, "store": False, "service_tier": "auto", "prompt_cache_key": "k",
+             "safety_identifier": "s", "modalities": ["text"], "stream_options": {"include_obfuscation": False},
+             "prediction": {"type": "content", "content": "hello"}, "stream": True}
+    for field, value in hints.items():
+        body = {**OK, field: value, **({"stream": True} if field == "stream_options" else {})}
+        for sent in (value, None):
+            r = post(server, {**body, field: sent})
+            assert r.status_code == 200, (field, sent, r.text)
+    for field in ("reasoning_effort", "verbosity", "audio", "web_search_options"):
+        assert post(server, {**OK, field: None}).status_code == 200, field
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("reasoning_effort", "low", "does not reason"),
+    ("audio", {"voice": "alloy", "format": "wav"}, "text only"),
+    ("modalities", ["text", "audio"], "modalities"),
+    ("service_tier", "flex", "service_tier"),
+    ("metadata", {"k": "v" * 513}, "metadata"),
+    ("web_search_options", {}, "web search"),
+])
+def test_openai_fields_this_model_cannot_honour_say_why(server, field, value, words):
+    r = post(server, {**OK, field: value})
+    assert_error(r, 400, field)
+    assert words in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", "0.5"), ("top_p", "1"), ("n", "2"), ("seed", "7"), ("max_tokens", 5.0),
+    ("presence_penalty", True), ("logit_bias", {"1": "5"}),
+])
+def test_numbers_sent_as_strings_or_booleans_are_refused_alike(server, field, value):
+    """One rule for every numeric field, OpenAI's: a string is no number (temperature took "0.5")."""
+    assert_error(post(server, {**OK, field: value}), 400, field if field != "logit_bias" else "logit_bias.1")
+
+
+@pytest.mark.parametrize("message, words", [
+    ({"role": "assistant", "content": None}, "an assistant message needs content or tool_calls"),
+    ({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}, "function_call"),
+    ({"role": "user", "content": [{"type": "text"}]}, "needs its text"),
+])
+def test_messages_without_their_content_say_what_is_missing(server, message, words):
+    r = post(server, {**OK, "messages": [{"role": "user", "content": "hi"}, message]})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_a_body_missing_or_sent_as_a_form_says_what_to_send(server):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30)
+    assert_error(r, 400, None)
+    assert "no body" in r.json()["error"]["message"]
+    # curl -d without -H 'Content-Type: application/json' sends a form's type
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(OK).encode(), timeout=30,
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    assert_error(r, 400, None)
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+def test_an_unknown_stored_response_is_404_even_asked_as_a_stream(server):
+    r = httpx.get(server.url + "/v1/responses/resp_unknown", params={"stream": "true"}, timeout=30)
+    assert r.status_code == 404, r.text
+
+
+def test_a_prompt_that_fills_the_context_says_room_is_needed_after_it(server):
+    r = post(server, {"model": MODEL, "prompt": "hello " * 2047, "max_tokens": 1}, "/v1/completions")
+    assert_error(r, 400, "prompt")
+    assert "1 more must fit after it" in r.json()["error"]["message"]
+
+
+def test_tokenize_takes_add_special_tokens_and_detokenize_keeps_special_tokens(server):
+    tok = lambda body: post(server, body, "/tokenize")  # noqa: E731
+    plain = tok({"prompt": "hi"}).json()["tokens"]
+    assert tok({"prompt": "hi", "add_special_tokens": False}).json()["tokens"] == plain  # SmolLM2 adds no BOS
+    assert_error(tok({"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}), 400,
+                 "add_special_tokens")
+    chat = tok({"messages": [{"role": "user", "content": "hi"}]}).json()["tokens"]
+    text = post(server, {"tokens": chat}, "/detokenize").json()["prompt"]
+    assert "<|im_start|>user\nhi<|im_end|>" in text
+    assert tok({"prompt": text, "add_special_tokens": False}).json()["tokens"] == chat  # the round trip holds

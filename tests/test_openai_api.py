@@ -198,7 +198,8 @@ def test_continue_final_message_leaves_the_assistants_turn_open_for_the_model(se
     started = [*MSG, {"role": "assistant", "content": "The first color is "}]
     tokens = tokenize_chat(server, started, continue_final_message=True)
     text = httpx.post(server.url + "/detokenize", json={"tokens": tokens}, timeout=30).json()["prompt"]
-    assert text.endswith("Name three colors of the rainbow.\nassistant\nThe first color is")  # its trailing space cut
+    # its trailing space cut; /detokenize keeps the template's special tokens
+    assert text.endswith("Name three colors of the rainbow.<|im_end|>\n<|im_start|>assistant\nThe first color is")
     r = client.chat.completions.create(model=MODEL, messages=started, max_tokens=6, temperature=0,
                                        extra_body={"continue_final_message": True})
     assert r.usage.prompt_tokens == len(tokens) and r.choices[0].message.content

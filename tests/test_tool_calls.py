@@ -287,3 +287,17 @@ def test_a_call_whose_arguments_hold_a_lone_surrogate_keeps_it_escaped():
     assert json.loads(arguments) == {"a": "\ud800", "b": "é"}
     plain = parse_calls('{"name": "f", "arguments": {"b": "é"}}', [{"name": "f"}], False)
     assert plain[0]["function"]["arguments"] == '{"b": "é"}'  # text stays UTF-8 where it can
+
+
+@pytest.mark.parametrize("function", [
+    {"name": "ping"},  # OpenAI: omitting parameters defines a function with an empty parameter list
+    {"name": "ping", "parameters": {"type": "object", "properties": {}}},
+])
+def test_a_forced_call_of_a_tool_without_parameters_has_empty_arguments(client, function):
+    """Its arguments were any object, and the model wrote one until max_tokens."""
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Ping the server"}],
+                                       tools=[{"type": "function", "function": function}], tool_choice="required",
+                                       temperature=0, max_tokens=64)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls][0] == ("ping", {})

@@ -476,7 +476,8 @@ class _Compiler:
         missing = [r for r in required if r not in properties]
         if missing:
             _fail(f"required names properties the schema does not define: {', '.join(map(str, missing))}")
-        if properties:
+        if properties or ("properties" in schema and "additionalProperties" not in schema):
+            # an object with `properties` (even none) gets no other keys: `{}` for `properties: {}`
             return ObjectSpec(tuple(Property(json.dumps(name, ensure_ascii=False).encode(), self.compile(sub),
                                              name in required) for name, sub in properties.items()))
         additional = schema.get("additionalProperties", True)
