@@ -330,6 +330,10 @@ def test_fields_clients_send_with_their_defaults_are_taken(client):
     r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, reasoning=None, service_tier="auto",
                                 text={"verbosity": "medium"}, truncation="disabled")
     assert r.status in ("completed", "incomplete")
+    # a response's own reasoning object, sent back as it came
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, reasoning={"effort": None, "summary": None},
+                                metadata={"run": "1"}, prompt_cache_key="k")
+    assert r.status in ("completed", "incomplete")
 
 
 def test_references_that_repeat_a_stored_item_past_the_body_limit_are_a_400(client, server):
