@@ -143,9 +143,9 @@ class AsyncEngine:
         """A response schema's grammar, compiled in a worker thread into the cache that `add_request`
         reads, so that a large schema does not hold up the event loop (every stream) while it
         compiles. Raises InvalidParamError for a schema it cannot compile."""
-        if params.response_schema is not None:
+        if params.constrained:
             self._check_ready()
-            await asyncio.to_thread(self.engine.structured.grammar, params.response_schema, params.schema_param)
+            await asyncio.to_thread(self.engine.structured.for_params, params)
 
     def check_inputs(self, inputs: list[list[int]], param: str = "input") -> None:
         """Every input of a batch checked at once, before any is added (a batch goes in a window at a

@@ -99,8 +99,7 @@ class LLMEngine:
         plan = self.resolve_skip(skip)
         max_tokens = self.check_prompt(prompt_ids, params, prompt_param)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
-        grammar = None if params.response_schema is None else \
-            self.structured.grammar(params.response_schema, params.schema_param)
+        grammar = self.structured.for_params(params)
         ending = tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)))
         # choice i samples with seed + i, as an unsigned 64-bit value (what engine/seeded_uniform.py takes)
         return [

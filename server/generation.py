@@ -139,7 +139,7 @@ async def submit(state, request_id: str, prompts: list[list[int]], sampling, ski
     """One engine request per prompt, read as one stream, and the request's timer (for its metrics)."""
     timer = RequestTimer(state.metrics)  # from before the schema's grammar is compiled
     try:
-        if sampling.response_schema is not None:  # a full server refuses before compiling for nothing
+        if sampling.constrained:  # a full server refuses before compiling for nothing
             state.engine.check_room(len(prompts) * queued_choices(state, sampling.n))
         await state.engine.compile_grammar(sampling)
     except (EngineNotReadyError, QueueFullError) as exc:

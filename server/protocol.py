@@ -5,6 +5,7 @@ never silently ignored.
 """
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -13,6 +14,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
 
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from engine.tokenizer import ChatOptions
+from engine.structured.whole_text import choices_pattern, full_match
 from server.tool_calls import calls_schema, parse_calls
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -285,19 +287,79 @@ class SamplingRequest(RequestBody):
         return self.ffn_skip.to_params() if self.ffn_skip else None
 
 
+NO_GRAMMARS = "grammars (EBNF, GBNF, Lark) are not supported here: hold the answer with regex, choice or json"
+
+
+class GuidedOutput(Strict):
+    """vLLM's `structured_outputs`: the one thing the whole answer is held to."""
+    json_: Union[dict, str, None] = Field(None, alias="json")  # a JSON schema (or its text, as vLLM takes it)
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    json_object: Optional[StrictBool] = None
+    grammar: null_only(NO_GRAMMARS) = None
+    structural_tag: null_only("structural tags are not supported here") = None
+
+
 class CommonRequest(SamplingRequest):
     """What /v1/chat/completions and /v1/completions share beyond the sampling knobs."""
     max_tokens: Optional[StrictInt] = None
     n: StrictInt = 1
     stream_options: Optional[StreamOptions] = None
     response_format: Optional[ResponseFormat] = None  # chat and, as vLLM and llama.cpp take it, completions
+    # vLLM's: the answer held to a JSON schema, a regular expression or a list of strings
+    structured_outputs: Optional[GuidedOutput] = None
+    guided_json: Union[dict, str, None] = None  # vLLM's older names for the same
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: null_only(NO_GRAMMARS) = None
+    guided_decoding_backend: Optional[str] = None  # one backend here: accepted, no effect
 
     def choices_sampling(self, logprobs: int | None, max_tokens: int | None,
                          max_tokens_param: str = "max_tokens") -> SamplingParams:
         if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer it
             raise InvalidParamError("stream_options is only allowed when stream is true", "stream_options")
         schema = self.response_format.answer_schema() if self.response_format else None
-        return self.sampling(logprobs, max_tokens, schema, self.n, max_tokens_param)
+        guided = self.guided()
+        if guided is not None and schema is not None:
+            raise InvalidParamError(f"response_format and {guided[2]} both hold the answer: give one of them", guided[2])
+        params = self.sampling(logprobs, max_tokens, schema, self.n, max_tokens_param)
+        if guided is not None:
+            kind, value, params.schema_param = guided
+            if kind == "schema":
+                params.response_schema = value
+            else:
+                params.response_pattern = value
+        return params
+
+    def guided(self) -> tuple[str, Any, str] | None:
+        """What `structured_outputs` (or a `guided_*` field) holds the answer to: ("schema", a JSON
+        schema, its field) or ("pattern", a full-match pattern, its field); None where nothing is."""
+        given = {f"structured_outputs.{k}": v for k, v in (("json", self.structured_outputs.json_),
+                 ("regex", self.structured_outputs.regex), ("choice", self.structured_outputs.choice),
+                 ("json_object", self.structured_outputs.json_object or None))} if self.structured_outputs else {}
+        given |= {"guided_json": self.guided_json, "guided_regex": self.guided_regex, "guided_choice": self.guided_choice}
+        given = {k: v for k, v in given.items() if v is not None}
+        if len(given) > 1:
+            raise InvalidParamError(f"{' and '.join(given)} both hold the answer: give one of them", list(given)[1])
+        if not given:
+            if self.structured_outputs is not None:
+                raise InvalidParamError("structured_outputs needs one of json, regex, choice or json_object",
+                                        "structured_outputs")
+            return None
+        (param, value), = given.items()
+        kind = param.rsplit(".", 1)[-1].removeprefix("guided_")
+        if kind == "json_object":
+            return "schema", {"type": "object"}, param
+        if kind == "json":
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise InvalidParamError(f"{param} must be a JSON schema (an object, or its JSON text)", param) from None
+            return "schema", value, param
+        if kind == "regex":
+            return "pattern", full_match(value), param
+        return "pattern", choices_pattern(value, param), param
 
     @property
     def include_usage(self) -> bool:
@@ -372,6 +434,9 @@ class ToolUse:
         """A forced call holds the answer to the calls' JSON schema (a response format applies to an
         answer, and this one is a call: OpenAI too answers a forced call whatever the format); with
         a format in auto mode, to "a list of calls, or the format"."""
+        if self.mode != "none" and params.constrained and params.schema_param != format_param:
+            raise InvalidParamError(f"{params.schema_param} cannot hold an answer that may be a tool call: "
+                                    "use response_format beside tools", params.schema_param)
         if self.mode == "none" or self.mode == "auto" and not self.listed:
             return params
         try:

@@ -171,7 +171,7 @@ def grammar_accepts(grammar, text: str) -> bool:
         state = json_machine.advance(grammar, state, byte)
         if state is None:
             return False
-    return json_machine.can_end(state)
+    return json_machine.can_end(state, grammar)
 
 
 def brute_force_mask(engine, grammar, state):
@@ -186,6 +186,6 @@ def brute_force_mask(engine, grammar, state):
     for token_id, data in enumerate(engine.tokenizer.token_bytes()[:vocabulary.width]):
         if data and vocabulary.advance(grammar, state, token_id) is not None:
             expected[token_id] = True
-    if json_machine.can_end(state):
+    if json_machine.can_end(state, grammar):
         expected[vocabulary.eos_ids] = True
     return expected

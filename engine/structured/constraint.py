@@ -17,6 +17,7 @@ from engine.sampling_params import InvalidParamError
 from engine.structured import json_machine
 from engine.structured.schema import Grammar, compile_schema, schema_key
 from engine.structured.vocabulary import Vocabulary
+from engine.structured.whole_text import compile_text
 
 GRAMMARS = 64
 MASK_BYTES = 32 * 2**20
@@ -41,17 +42,27 @@ class StructuredOutputs:
                 self._vocabulary = Vocabulary(self._token_bytes(), self._width, self._eos_ids)
             return self._vocabulary
 
-    def grammar(self, schema, param: str) -> Grammar:
-        """The grammar of a JSON schema from the request's field `param` (each of the request's
-        sequences gets a `Constraint` on it); raises InvalidParamError naming the field."""
+    def for_params(self, params) -> Grammar | None:
+        """The grammar a request's SamplingParams hold its answer to: a JSON schema's, or a whole
+        text pattern's (None: free text)."""
+        if params.response_schema is not None:
+            return self.grammar(params.response_schema, params.schema_param)
+        if params.response_pattern is not None:
+            return self.grammar(None, params.schema_param, params.response_pattern)
+        return None
+
+    def grammar(self, schema, param: str, pattern: str | None = None) -> Grammar:
+        """The grammar of a JSON schema, or with `pattern` of raw text matching it whole, from the
+        request's field `param` (each of the request's sequences gets a `Constraint` on it); raises
+        InvalidParamError naming the field."""
         try:
-            key = schema_key(schema)
+            key = schema_key(schema) if pattern is None else "pattern:" + pattern  # schemas' keys are JSON texts
         except RecursionError:
             raise InvalidParamError(f"{param}: the schema is nested too deeply", param) from None
         with self._lock:
             grammar = self._grammars.pop(key, None)
         if grammar is None:
-            grammar = compile_schema(schema, param)
+            grammar = compile_schema(schema, param) if pattern is None else compile_text(pattern, param)
         with self._lock:
             self._grammars[key] = grammar
             while len(self._grammars) > GRAMMARS:
@@ -95,12 +106,12 @@ class Constraint:
     def advance(self, token_id: int) -> None:
         """Raises ValueError for a token the mask did not allow."""
         vocabulary = self._outputs.vocabulary
-        if token_id in vocabulary.eos_ids and json_machine.can_end(self.state):
+        if token_id in vocabulary.eos_ids and json_machine.can_end(self.state, self.grammar):
             self.ended = True
             return
         state = vocabulary.advance(self.grammar, self.state, token_id)
         if state is None:
-            raise ValueError(f"token {token_id} does not continue the response_format's JSON")
+            raise ValueError(f"token {token_id} does not continue the answer's grammar")
         self.state = state
 
     @property

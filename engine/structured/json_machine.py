@@ -19,9 +19,15 @@ where the string can still be completed, so a part of a character is refused whe
 can begin leads on. Such strings take the short escapes (`\\n`, `\\"`, ...), not `\\uXXXX`. A bounded
 number keeps its text so far and takes a byte only where a number in its bounds can still follow
 (engine/structured/number_range.py); it has no exponent.
+
+A grammar of raw text (`Grammar.raw`: a whole answer held to a regular expression, vLLM's
+`structured_outputs` regex or choice) is one RAW frame: a TEXT frame whose characters are the
+answer's own (no quotes, no escapes), ended by EOS where the pattern accepts, or at once where no
+character can follow.
 """
 from __future__ import annotations
 
+from engine.structured.regex import MAX_CODE_POINT
 from engine.structured.schema import NUMBER_BYTES, Grammar
 
 MAX_INDENT = 20
@@ -32,7 +38,7 @@ RUN_INDENT = RUN_PAD - 1
 MAX_NUMBER = NUMBER_BYTES  # bytes of one number
 MAX_DEPTH = 128  # frames: values nested about 64 deep (json.loads itself stops near 1,000)
 
-VALUE, OBJECT, ARRAY, STRING, NUMBER, LITERALS, TEXT = range(7)
+VALUE, OBJECT, ARRAY, STRING, NUMBER, LITERALS, TEXT, RAW = range(8)
 # object phases: after "{", after ",", after a key (":" next), after a value ("," or "}" next)
 O_FIRST, O_KEY, O_COLON, O_NEXT = range(4)
 # array phases: after "[", after ",", after an item
@@ -64,6 +70,8 @@ POP = None  # a handler's frames when its value is complete
 
 
 def start(grammar: Grammar) -> tuple:
+    if grammar.raw:
+        return ((RAW, grammar.root, grammar.nodes[grammar.root].text.start, 0, T_CHARS, 0, 0, 0, 0),)
     return ((VALUE, grammar.root, 0),)
 
 
@@ -76,7 +84,7 @@ def plain_room(grammar: Grammar, state: tuple) -> int | None:
     frame = state[-1]
     if frame == CHARS:
         return MAX_ROOM
-    if frame[0] != TEXT or frame[4] != T_CHARS:
+    if frame[0] not in (TEXT, RAW) or frame[4] != T_CHARS:
         return None
     pattern = grammar.nodes[frame[1]].text
     if not pattern.free:
@@ -91,18 +99,22 @@ def held_text(grammar: Grammar, state: tuple) -> tuple | None:
     """Between the characters of a string held to a pattern: (the pattern, its automaton's state,
     the characters so far); None elsewhere."""
     frame = state[-1] if state else None
-    if frame is None or frame[0] != TEXT or frame[4] != T_CHARS or grammar.nodes[frame[1]].text.free:
+    if frame is None or frame[0] not in (TEXT, RAW) or frame[4] != T_CHARS or grammar.nodes[frame[1]].text.free:
         return None
     return grammar.nodes[frame[1]].text, frame[2], frame[3]
 
 
-def can_end(state: tuple) -> bool:
-    """The bytes so far are a whole document (a number or literal at the top may still go on)."""
+def can_end(state: tuple, grammar: Grammar | None = None) -> bool:
+    """The bytes so far are a whole document (a number or literal at the top may still go on, and
+    raw text where its pattern accepts: `grammar` is needed for raw text)."""
     if not state:
         return True
     if len(state) > 1:
         return False
     frame = state[0]
+    if frame[0] == RAW:
+        pattern = grammar.nodes[frame[1]].text
+        return frame[4] == T_CHARS and frame[3] >= pattern.min_length and pattern.accepting(frame[2])
     if frame[0] == NUMBER:
         return frame[5]
     if frame[0] == LITERALS:
@@ -314,9 +326,13 @@ def _string(nodes, frame, byte):
 
 
 def _text(nodes, frame, byte):
-    _, n, automaton, count, phase, left, bits, low, high = frame
+    """A TEXT frame, or a RAW one: raw text takes quotes, backslashes and control characters as
+    the characters they are (its pattern says which), and is ended by EOS, not by a quote."""
+    kind, n, automaton, count, phase, left, bits, low, high = frame
     pattern = nodes[n].text
     if phase == T_CHARS:
+        if kind == RAW and byte < 0x80:
+            return _character(pattern, frame, byte)
         if byte == 0x22:
             return (POP, True, None) if count >= pattern.min_length and pattern.accepting(automaton) else None
         if byte == 0x5C:
@@ -344,15 +360,18 @@ def _text(nodes, frame, byte):
     last = bits << 6 * left | (high & 0x3F) << shift | (1 << shift) - 1
     if not pattern.any_live(automaton, count, first, last):
         return None
-    return ((TEXT, n, automaton, count, T_UTF8, left, bits, low, high),), True, None
+    return ((kind, n, automaton, count, T_UTF8, left, bits, low, high),), True, None
 
 
 def _character(pattern, frame, code_point: int):
-    _, n, automaton, count = frame[:4]
+    kind, n, automaton, count = frame[:4]
     automaton = pattern.step(automaton, code_point)
     if automaton < 0 or not pattern.live(automaton, count + 1):
         return None
-    return ((TEXT, n, automaton, pattern.after(count + 1), T_CHARS, 0, 0, 0, 0),), True, None
+    count = pattern.after(count + 1)
+    if kind == RAW and not pattern.any_live(automaton, count, 0, MAX_CODE_POINT):  # the answer is whole
+        return POP, True, None
+    return ((kind, n, automaton, count, T_CHARS, 0, 0, 0, 0),), True, None
 
 
 def _number_phase(phase: int, byte: int, integer: bool, exponent: bool = True) -> int | None:
@@ -410,4 +429,4 @@ def _literals(nodes, frame, byte):
 
 
 _DEEP_HANDLERS = {VALUE: _value, OBJECT: _object}  # these take the grammar and the state's depth
-_HANDLERS = {ARRAY: _array, STRING: _string, NUMBER: _number, LITERALS: _literals, TEXT: _text}
+_HANDLERS = {ARRAY: _array, STRING: _string, NUMBER: _number, LITERALS: _literals, TEXT: _text, RAW: _text}

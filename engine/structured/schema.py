@@ -151,6 +151,7 @@ class Grammar:
     object_height: list[int] = field(default_factory=list)
     array_height: list[int] = field(default_factory=list)
     height: list[int] = field(default_factory=list)
+    raw: bool = False  # the root is a string node whose pattern holds the whole answer (engine/structured/whole_text.py)
 
 
 NO_END = 1 << 30  # no finite document completes it
@@ -560,7 +561,7 @@ class _Compiler:
                 return None
             _fail("a union of a held string (with a length, or beside a constant with a control character) "
                   "and string constants it does not take is not supported")
-        alternatives = "|".join(f"^{_escaped(c)}$" for c in missing)
+        alternatives = "|".join(f"^{literal_pattern(c)}$" for c in missing)
         return self.given_way(loose, f"{text.source}|{alternatives}")
 
     def given_way(self, loose: bool, source: str) -> Pattern | None:
@@ -617,7 +618,7 @@ def _writable(text: str) -> bool:
     return all(ord(c) >= 0x20 or c in "\b\t\n\f\r" for c in text)
 
 
-def _escaped(text: str) -> str:
+def literal_pattern(text: str) -> str:
     """`text` as a pattern that matches it literally."""
     return "".join(c if c.isalnum() and c.isascii() else f"\\u{ord(c):04x}" if ord(c) < 0x20 else
                    "\\" + c if c.isascii() else c for c in text)

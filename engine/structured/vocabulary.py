@@ -115,7 +115,7 @@ class Vocabulary:
             mask = self.plain & (self.plain_chars <= room)
         if allowed:
             mask[torch.tensor(allowed)] = True
-        if json_machine.can_end(state) and self.eos_ids:
+        if json_machine.can_end(state, grammar) and self.eos_ids:
             mask[torch.tensor(self.eos_ids)] = True
         return mask
 
