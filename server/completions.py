@@ -246,9 +246,11 @@ class CompletionCall:
             logprobs = chat_logprobs(c.logprobs, self.tokenizer) if self.wants_logprobs and c.logprobs else None
             yield self._chunk(index, {"content": c.text[c.streamed:]}, logprobs, None, extra)
             c.streamed, c.logprobs = len(c.text), []
-        if calls:
-            yield self._chunk(index, {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}, None,
+        if calls:  # with the call's logprobs, as the unstreamed answer lists them
+            logprobs = chat_logprobs(c.logprobs, self.tokenizer) if self.wants_logprobs and c.logprobs else None
+            yield self._chunk(index, {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}, logprobs,
                               None, extra)
+            c.logprobs = []
         if c.finish_reason is not None:
             yield self._chunk(index, {}, None, "tool_calls" if calls else c.finish_reason, extra)
 

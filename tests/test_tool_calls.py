@@ -121,19 +121,24 @@ def test_sampled_forced_calls_stay_well_formed(client):
 
 
 def test_streamed_calls_are_the_unstreamed_ones(client):
-    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=150)
-    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls
-    deltas, reasons = [], []
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=150,
+              logprobs=True)
+    answer = client.chat.completions.create(**kw).choices[0]
+    whole = answer.message.tool_calls
+    deltas, reasons, logprobs = [], [], []
     for chunk in client.chat.completions.create(stream=True, **kw):
         if chunk.choices:
             assert not chunk.choices[0].delta.content  # a forced call never streams content
             deltas += chunk.choices[0].delta.tool_calls or []
             reasons.append(chunk.choices[0].finish_reason)
+            logprobs += chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else []
     assert reasons[-1] == "tool_calls"
     _check_calls(deltas)
+    assert logprobs  # the call's tokens' logprobs come with it
     if not cuda_available():  # the second request finds the prompt cached: the same bits only on the CPU path
         assert [(d.function.name, d.function.arguments) for d in deltas] == \
             [(c.function.name, c.function.arguments) for c in whole]
+        assert [e.token for e in logprobs] == [e.token for e in answer.logprobs.content]
 
 
 def test_an_auto_answer_that_is_no_call_streams_as_content(client):
