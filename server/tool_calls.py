@@ -15,7 +15,7 @@ are shown to the model in that format, and tool results as user messages naming 
   format too (an object schema: what agent frameworks send for a typed final answer), the answer
   is held to "a list of calls, or the format": calls come as a JSON list (`[`), the format's object
   (`{`) as content.
-- A tool without `strict: true` has the keywords the grammar cannot hold (`multipleOf`,
+- A tool without `strict: true` has the keywords the grammar cannot hold (`uniqueItems`,
   `patternProperties`, a `pattern` with lookahead, ...) read as annotations where its call is held to the
   schema, as OpenAI's non-strict tools take any schema; with `strict: true` they are refused by name.
 - "none": no tools are shown and none is called.
@@ -126,7 +126,7 @@ def _parameters(tool: dict) -> dict:
 
 
 def _loosened(schema):
-    """`schema` with the keywords engine/structured refuses (`multipleOf`, `patternProperties`, ...)
+    """`schema` with the keywords engine/structured refuses (`uniqueItems`, `patternProperties`, ...)
     dropped, at every level, and marked loose (a string's or number's keywords that do not compile
     are dropped where it is compiled, off the event loop): a wider schema, whose every document
     still has the shape asked."""

@@ -35,10 +35,21 @@ RANGES = {
     "large": Range(low=D("1e30")),
     "tiny": Range(D(0), True, D("1e-10"), False),
     "edge": Range(D("-9999"), False, D("99999"), True),
+    # multipleOf
+    "fives": Range(step=D(5)),
+    "tenths to 1": Range(D(0), False, D(1), False, step=D("0.1")),
+    "quarters": Range(D(-3), True, D(3), True, step=D("0.25")),
+    "threes above -10": Range(low=D(-10), step=D(3)),
+    "sevens": Range(step=D(7)),
+    "0.3s below 2": Range(high=D(2), high_open=True, step=D("0.3")),
+    "hundreds": Range(D(1), False, D(999), False, step=D("1E+2")),
+    "thousandths": Range(D("0.01"), True, D("0.02"), False, step=D("0.001")),
+    "no multiple": Range(D(1), False, D(4), False, step=D(5)),
 }
 SMALL = 4  # bytes of every text, for every range
 LARGE = 5  # for the ranges (and kinds: integer or not) in WIDE
-WIDE = (("halves", False), ("just above 0", False), ("edge", True))
+WIDE = (("halves", False), ("just above 0", False), ("edge", True), ("quarters", False), ("sevens", True),
+        ("0.3s below 2", False))
 
 
 @lru_cache(maxsize=None)
@@ -68,6 +79,8 @@ def universe(length: int, integer: bool):
 
 def inside(r: Range, value: Decimal) -> bool:
     if r.low is not None and (value <= r.low if r.low_open else value < r.low):
+        return False
+    if r.step is not None and value % r.step != 0:
         return False
     return r.high is None or (value < r.high if r.high_open else value <= r.high)
 
@@ -222,3 +235,15 @@ def test_from_schema():
 def test_from_schema_rejects(schema, message):
     with pytest.raises(ValueError, match=message):
         Range.from_schema(schema)
+
+
+def test_multiple_of_from_a_schema():
+    r = Range.from_schema({"multipleOf": 0.05, "minimum": 1})
+    assert r.step == D("0.05") and r.holds(b"1.15") and not r.holds(b"1.16") and not r.holds(b"0.95")
+    assert Range.from_schema({"multipleOf": 3}).holds(b"-9") and not Range.from_schema({"multipleOf": 3}).holds(b"10")
+    for bad in (0, -2, "5", True):
+        with pytest.raises(ValueError):
+            Range.from_schema({"multipleOf": bad})
+    assert Range(step=D("1e-30")).reachable(b"", False, 24)  # 0 is a multiple of anything
+    tiny = Range(D(0), True, D("1e-23"), False, step=D("1e-30"))  # above 0: 23 fraction digits at least
+    assert not tiny.reachable(b"", False, 24) and tiny.reachable(b"", False, 25)

@@ -174,6 +174,10 @@ def test_a_character_that_no_continuation_can_complete_is_refused_at_its_first_b
     {"type": "number", "minimum": 0, "maximum": 1},
     {"type": "number", "exclusiveMinimum": 0.5, "maximum": 2.25},
     {"type": "number", "minimum": -1e-3},
+    {"type": "integer", "multipleOf": 5, "minimum": -20, "maximum": 40},
+    {"type": "number", "multipleOf": 0.25, "exclusiveMinimum": 0, "maximum": 3},
+    {"type": "number", "multipleOf": 0.05},
+    {"type": "integer", "multipleOf": 7},
 ])
 def test_bounded_numbers_stay_within_their_bounds(schema):
     values = _random_documents(schema, 200, prefer=b"0123456789")
@@ -183,6 +187,7 @@ def test_bounded_numbers_stay_within_their_bounds(schema):
         assert low is None or (number > Decimal(str(low)) if "exclusiveMinimum" in schema else number >= Decimal(str(low)))
         assert high is None or (number < Decimal(str(high)) if "exclusiveMaximum" in schema else number <= Decimal(str(high)))
         assert schema["type"] == "number" or isinstance(value, int)
+        assert "multipleOf" not in schema or number % Decimal(str(schema["multipleOf"])) == 0, value
     assert len(set(values)) >= 5
 
 
@@ -201,7 +206,8 @@ def test_a_bounded_number_has_no_exponent_and_an_unbounded_one_does():
     ({"enum": ["a", "b"], "pattern": "^c$"}, "no enum or const value satisfies"),
     ({"anyOf": [{"type": "string", "maxLength": 2}, {"type": "string", "pattern": "a"}]}, "constrained string"),
     ({"anyOf": [{"type": "integer", "minimum": 2}, {"type": "number", "maximum": 1}]}, "bounded number"),
-    ({"type": "number", "multipleOf": 2}, "multipleOf"),
+    ({"type": "integer", "minimum": 1, "maximum": 4, "multipleOf": 5}, "multiple of its multipleOf"),
+    ({"type": "number", "multipleOf": 0}, "above 0"),
 ])
 def test_string_and_number_keywords_that_cannot_hold_are_refused_by_name(schema, words):
     with pytest.raises(InvalidParamError) as caught:

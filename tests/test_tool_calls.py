@@ -204,10 +204,11 @@ def test_bad_tool_requests_are_400_naming_their_field(server, body, param):
 
 
 class Bounded(Closed):
-    """Keywords the grammar cannot hold (`multipleOf`): a non-strict tool reads them as
-    annotations, as OpenAI's non-strict tools take any schema; the others still hold."""
+    """Keywords the grammar cannot hold (`uniqueItems`, what pydantic writes for a set): a non-strict
+    tool reads them as annotations, as OpenAI's non-strict tools take any schema; the others still hold."""
     query: str = Field(max_length=40, pattern=r"^[a-z ]+$")
     limit: int = Field(ge=1, le=50, multiple_of=5)
+    tags: set[str] = set()
 
 
 def test_a_forced_call_of_a_non_strict_tool_with_keywords_it_cannot_hold_is_made(client):
@@ -216,9 +217,10 @@ def test_a_forced_call_of_a_non_strict_tool_with_keywords_it_cannot_hold_is_made
                                        temperature=0, max_tokens=80)
     call = r.choices[0].message.tool_calls[0]
     arguments = json.loads(call.function.arguments)
-    assert call.function.name == "search" and set(arguments) == {"query", "limit"}  # the shape holds
+    assert call.function.name == "search" and {"query", "limit"} <= set(arguments) <= {"query", "limit", "tags"}
     assert isinstance(arguments["query"], str) and isinstance(arguments["limit"], int)
     assert len(arguments["query"]) <= 40 and re.fullmatch("[a-z ]+", arguments["query"]) and 1 <= arguments["limit"] <= 50
+    assert arguments["limit"] % 5 == 0
 
 
 def test_a_forced_call_is_made_whatever_the_response_format(client):

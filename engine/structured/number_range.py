@@ -1,11 +1,15 @@
-"""JSON Schema's numeric bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`) as a
-range of exact decimals, and what a number's text written so far can still reach within it.
+"""JSON Schema's numeric bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`) and
+`multipleOf` as a range of exact decimals, and what a number's text written so far can still reach
+within it.
 
 A number here has no exponent: -?(0|[1-9][0-9]*)(\\.[0-9]+)?. The values a prefix can still become,
 with `room` more bytes, are a few runs of evenly spaced decimals: for each count of integer digits
 still to come, a run from the prefix's value upward, spaced by the smallest fraction digit the bytes
 left over allow (1 where no fraction fits). Each run is checked against the range in whole units of
 its spacing, so the check is exact and its cost grows with the room, not with the values reachable.
+A `multipleOf` is a spacing too: in a run's units, the multiples are every s-th value (s from the
+step and the run's fraction digits), so the first multiple at or above the run's first value is
+checked against its last.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import math
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
+from math import gcd
 
 
 def _number(schema: dict, key: str) -> Decimal | None:
@@ -48,6 +53,21 @@ def _units(bound: Decimal, digits: int) -> tuple[int, bool]:
     return whole, rest == 0
 
 
+@lru_cache(maxsize=4096)
+def _step_units(step: Decimal, digits: int) -> int:
+    """The spacing, in units of 10**-digits, of the multiples of `step` among those units' values:
+    n * 10**-digits is a multiple of step = p * 10**-k when n is a multiple of this."""
+    _, coefficient, exponent = step.normalize().as_tuple()
+    p = int("".join(map(str, coefficient)))
+    if exponent >= 0:
+        p, k = p * 10 ** exponent, 0
+    else:
+        k = -exponent
+    if digits >= k:
+        return p * 10 ** (digits - k)
+    return p // gcd(p, 10 ** (k - digits))
+
+
 def _runs(body: bytes, integer: bool, room: int):
     """The values an unsigned number's text `body` (a valid prefix) can become with up to `room`
     more bytes, as runs (first, end, digits): the values n * 10**-digits for first <= n < end.
@@ -75,12 +95,14 @@ def _runs(body: bytes, integer: bool, room: int):
 
 @dataclass(frozen=True)
 class Range:
-    """The numbers from `low` to `high` (None: no bound), each end included unless it is open."""
+    """The numbers from `low` to `high` (None: no bound), each end included unless it is open, that
+    are multiples of `step` (None: any)."""
 
     low: Decimal | None = None
     low_open: bool = False  # exclusive bound
     high: Decimal | None = None
     high_open: bool = False
+    step: Decimal | None = None  # multipleOf, above 0
 
     @classmethod
     def from_schema(cls, schema: dict) -> "Range | None":
@@ -88,7 +110,9 @@ class Range:
         it has none. Numeric exclusive bounds (JSON Schema 2020-12) and draft 4's booleans, which make
         minimum / maximum exclusive, are both taken; where a bound is given both ways the tighter holds.
         Raises ValueError for a value of the wrong type."""
-        low, high = _number(schema, "minimum"), _number(schema, "maximum")
+        low, high, step = _number(schema, "minimum"), _number(schema, "maximum"), _number(schema, "multipleOf")
+        if step is not None and step <= 0:
+            raise ValueError("multipleOf must be a number above 0")
         low_open = high_open = False
         above, below = _exclusive(schema, "exclusiveMinimum"), _exclusive(schema, "exclusiveMaximum")
         if isinstance(above, bool):
@@ -103,16 +127,21 @@ class Range:
             high_open = below
         elif below is not None and (high is None or below <= high):
             high, high_open = below, True
-        if low is None and high is None:
+        if low is None and high is None and step is None:
             return None
-        return cls(low, low_open, high, high_open)
+        return cls(low, low_open, high, high_open, step)
 
     def holds(self, text: bytes) -> bool:
         """Whether the JSON number `text` (no exponent) lies in the range, compared exactly."""
         value = Decimal(text.decode())
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        if self.step is None:
+            return True
+        digits = len(text.partition(b".")[2])
+        return _units(value, digits)[0] % _step_units(self.step, digits) == 0
 
     def reachable(self, text: bytes, integer: bool, room: int) -> bool:
         """Whether `text`, a prefix of a number without an exponent (-?(0|[1-9][0-9]*)(\\.[0-9]+)?),
@@ -154,6 +183,9 @@ class Range:
                 if not exact or low_open:
                     bottom += 1
                 first = max(first, bottom)
+            if self.step is not None:  # the first multiple at or above it (magnitudes: multiples are symmetric)
+                spacing = _step_units(self.step, digits)
+                first = -(-first // spacing) * spacing
             if first <= last:
                 return True
         return False

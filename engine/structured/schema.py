@@ -11,11 +11,12 @@ both match one value.
 
 Strings may be held to a `pattern`, a known `format` (engine/structured/formats.py) and a length
 (`minLength`, `maxLength`), run as an automaton over their characters (engine/structured/regex.py);
-numbers to bounds (`minimum`, `maximum` and the exclusive ones, engine/structured/number_range.py).
+numbers to bounds (`minimum`, `maximum` and the exclusive ones) and `multipleOf`
+(engine/structured/number_range.py).
 
 Outputs always validate against the schema; some valid documents are never generated: properties
 come in the schema's order, and an object with `properties` gets no others. Keywords that constrain
-values in ways the grammar does not (`multipleOf`, `prefixItems`, `patternProperties`, ...) are
+values in ways the grammar does not (`uniqueItems`, `patternProperties`, ...) are
 refused with an error naming them, never ignored; a `format` not known here is an annotation, as
 JSON Schema (2019-09 on) defines it.
 """
@@ -65,7 +66,7 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
                          "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "discriminator", LOOSE))
 # what strings and numbers are held to, beside their type
 VALUE_KEYWORDS = frozenset(("pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
-                            "exclusiveMaximum"))
+                            "exclusiveMaximum", "multipleOf"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
                       "maxItems",
                       "enum", "const", "anyOf", "oneOf", "allOf", "$ref")) | VALUE_KEYWORDS | ANNOTATIONS
@@ -457,7 +458,7 @@ class _Compiler:
         return self.patterns[key]
 
     def bounds(self, schema: dict, kind: str) -> Range | None:
-        """What `minimum`, `maximum` and the exclusive ones hold a number to (None: nothing)."""
+        """What `minimum`, `maximum`, the exclusive ones and `multipleOf` hold a number to (None: nothing)."""
         try:
             bounds = Range.from_schema(schema)
         except (ValueError, OverflowError) as exc:
@@ -465,7 +466,8 @@ class _Compiler:
         if bounds is not None:  # integers too: JavaScript clients read them as doubles
             bounds = _as_read(bounds)
         if bounds is not None and bounds.empty(kind == "integer", NUMBER_BYTES):
-            _fail(f"no {kind} of at most {NUMBER_BYTES} characters lies within the schema's minimum and maximum")
+            _fail(f"no {kind} of at most {NUMBER_BYTES} characters lies within the schema's minimum and maximum"
+                  + (" and is a multiple of its multipleOf" if bounds.step is not None else ""))
         return bounds
 
     def object(self, schema: dict) -> ObjectSpec:
@@ -634,7 +636,8 @@ def _as_read(bounds: Range) -> Range:
         low = Decimal(repr(math.nextafter(float(low), math.inf)))
     if bounds.high_open and high is not None and abs(high) < Decimal("1e300"):
         high = Decimal(repr(math.nextafter(float(high), -math.inf)))
-    return Range(low, bounds.low_open and low == bounds.low, high, bounds.high_open and high == bounds.high)
+    return Range(low, bounds.low_open and low == bounds.low, high, bounds.high_open and high == bounds.high,
+                 bounds.step)
 
 
 def _exclusive(branches: list[Node]) -> None:
