@@ -42,7 +42,9 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     prompt_logprobs: int | None = None  # None = off; k >= 0 = each prompt token's logprob + k alternatives
     response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
-    response_pattern: str | None = None  # else a pattern the whole answer matches (engine/structured/whole_text.py)
+    # else a regex the whole answer matches, or strings it is one of (engine/structured/whole_text.py)
+    response_regex: str | None = None
+    response_choices: tuple[str, ...] | None = None
     schema_param: str = "response_format"  # the request field either came from, for its errors
     max_tokens_param: str = "max_tokens"  # the request field max_tokens came from, for its errors
     logprobs_param: str = "top_logprobs"  # the request field the logprobs counts came from
@@ -50,7 +52,8 @@ class SamplingParams:
     @property
     def constrained(self) -> bool:
         """The answer is held to a grammar (engine/structured)."""
-        return self.response_schema is not None or self.response_pattern is not None
+        return self.response_schema is not None or self.response_regex is not None or \
+            self.response_choices is not None
 
     @property
     def greedy(self) -> bool:

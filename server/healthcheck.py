@@ -1,11 +1,14 @@
 """`python -m server.healthcheck [PID]`: exit 0 when the server running as PID (default 1, a
 container's entrypoint) answers GET /health with 200.
 
-The address comes from that process's own command line, read with the server's parser, so
-`docker run skipserve --port 9000` is probed on 9000 ($SKIPSERVE_HOST/PORT as the defaults, as
-the server reads them). A server that listens on every address is probed on loopback."""
+The address comes from that process's own command line (its --host and --port, with
+$SKIPSERVE_HOST/PORT as the defaults, as the server reads them), so `docker run skipserve --port
+9000` is probed on 9000. A server that listens on every address is probed on loopback. Nothing
+heavier than argparse is imported: the probe runs every few seconds under a 3 s timeout."""
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -25,9 +28,10 @@ def server_argv(cmdline: list[str]) -> list[str]:
 
 
 def health_url(argv: list[str]) -> str:
-    from server.cli import serve_parser
-
-    args, _ = serve_parser().parse_known_args(argv)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--host", default=os.environ.get("SKIPSERVE_HOST", "127.0.0.1"))
+    parser.add_argument("--port", default=os.environ.get("SKIPSERVE_PORT", "8000"))
+    args, _ = parser.parse_known_args(argv)
     host = ANY_ADDRESS.get(args.host, args.host)
     return f"http://{f'[{host}]' if ':' in host else host}:{args.port}/health"
 
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if reply.status == 200 else 1
     except (OSError, ValueError, urllib.error.URLError) as exc:  # HTTPError (503 while draining) is one
         print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit:  # argparse on an argument it cannot read (the server itself would not have started)
         return 1
 
 

@@ -14,7 +14,6 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
 
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from engine.tokenizer import ChatOptions
-from engine.structured.whole_text import choices_pattern, full_match
 from server.tool_calls import calls_schema, parse_calls
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -325,15 +324,13 @@ class CommonRequest(SamplingRequest):
         params = self.sampling(logprobs, max_tokens, schema, self.n, max_tokens_param)
         if guided is not None:
             kind, value, params.schema_param = guided
-            if kind == "schema":
-                params.response_schema = value
-            else:
-                params.response_pattern = value
+            setattr(params, f"response_{kind}", value)
         return params
 
     def guided(self) -> tuple[str, Any, str] | None:
         """What `structured_outputs` (or a `guided_*` field) holds the answer to: ("schema", a JSON
-        schema, its field) or ("pattern", a full-match pattern, its field); None where nothing is."""
+        schema, its field), ("regex", a regex the whole answer matches, its field) or ("choices",
+        the strings, its field); None where nothing is."""
         given = {f"structured_outputs.{k}": v for k, v in (("json", self.structured_outputs.json_),
                  ("regex", self.structured_outputs.regex), ("choice", self.structured_outputs.choice),
                  ("json_object", self.structured_outputs.json_object or None))} if self.structured_outputs else {}
@@ -354,12 +351,14 @@ class CommonRequest(SamplingRequest):
             if isinstance(value, str):
                 try:
                     value = json.loads(value)
-                except ValueError:
-                    raise InvalidParamError(f"{param} must be a JSON schema (an object, or its JSON text)", param) from None
+                except (ValueError, RecursionError):
+                    value = None
+            if not isinstance(value, (dict, bool)):
+                raise InvalidParamError(f"{param} must be a JSON schema (an object, or its JSON text)", param)
             return "schema", value, param
         if kind == "regex":
-            return "pattern", full_match(value), param
-        return "pattern", choices_pattern(value, param), param
+            return "regex", value, param
+        return "choices", tuple(value), param
 
     @property
     def include_usage(self) -> bool:

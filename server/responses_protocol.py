@@ -20,7 +20,7 @@ from pydantic import (BeforeValidator, Discriminator, Field, StrictBool, StrictI
 
 from engine.sampling_params import InvalidParamError, SamplingParams
 from server.errors import validation_message
-from server.protocol import ClientHints, SamplingRequest, StreamOptions, Strict, ToolUse
+from server.protocol import ClientHints, SamplingRequest, Strict, ToolUse
 
 LOGPROBS = "message.output_text.logprobs"  # the one `include` value this server produces
 
@@ -189,6 +189,10 @@ def new_id(prefix: str) -> str:
 
 def _message_item(item_id: str | None, role: str, parts: list[dict]) -> dict:
     return {"id": item_id or new_id("msg_"), "type": "message", "role": role, "status": "completed", "content": parts}
+
+
+class StreamOptions(Strict):
+    include_obfuscation: Optional[StrictBool] = None  # nothing is obfuscated: accepted, no effect
 
 
 class Reasoning(Strict):

@@ -14,7 +14,7 @@ import torch
 
 from engine.sampling_params import InvalidParamError
 from engine.structured import json_machine
-from engine.structured.whole_text import choices_pattern, compile_text, full_match
+from engine.structured.whole_text import compile_choices, compile_regex
 from tests.helpers import brute_force_mask, grammar_accepts
 
 MODEL = "smollm2-135m-instruct"
@@ -29,7 +29,7 @@ ASK = [{"role": "user", "content": "Is this review positive or negative? 'I love
 def test_random_answers_of_a_regex_match_it_whole_and_never_dead_end(regex, prefer):
     """Walks of random bytes the machine allows: each state allows a byte or may end (by EOS), and
     every answer it may end with matches the regex whole (Python's re.fullmatch)."""
-    grammar, rng = compile_text(full_match(regex), "regex"), random.Random(0)
+    grammar, rng = compile_regex(regex, "regex"), random.Random(0)
     expected = re.compile(regex.removeprefix("^").removesuffix("$") if regex.endswith("$") and not regex.endswith(
         "\\$") else regex.removeprefix("^"))
     for _ in range(200):
@@ -47,16 +47,17 @@ def test_random_answers_of_a_regex_match_it_whole_and_never_dead_end(regex, pref
         assert expected.fullmatch(text.decode("utf-8")), (regex, text)
 
 
-def test_a_regex_is_matched_whole_and_its_own_anchors_are_taken_off():
+def test_a_regex_is_matched_whole_with_or_without_its_own_anchors():
     for regex, text, ok in ((r"\d+", "12", True), (r"\d+", "12a", False), (r"^\d+$", "12", True),
                             (r"a|b", "a", True), (r"^a|b$", "b", True), (r"a\$", "a$", True), (r"a\$", "a", False),
-                            ("x*", "", True)):
-        assert grammar_accepts(compile_text(full_match(regex), "regex"), text) == ok, (regex, text)
+                            ("x*", "", True), ("^a|^b", "b", True), ("^a$|^b$", "ab", False), ("", "", True),
+                            ("", "x", False)):
+        assert grammar_accepts(compile_regex(regex, "regex"), text) == ok, (regex, text)
 
 
 def test_choices_are_exactly_the_strings_given():
-    choices = ["yes", "yes please", 'a "quoted" \\ one', "naïve", "(a|b)*", ""]
-    grammar = compile_text(choices_pattern(choices, "choice"), "choice")
+    choices = ["yes", "yes please", 'a "quoted" \\ one', "naïve", "(a|b)*", "", "line\nbreak\x01"]
+    grammar = compile_choices(tuple(choices), "choice")
     for text in choices:
         assert grammar_accepts(grammar, text), text
     for text in ("ye", "yes pleas", "no", "a", "(a|b)", "yes please!"):
@@ -68,22 +69,32 @@ def test_choices_are_exactly_the_strings_given():
     assert state == ()
 
 
-@pytest.mark.parametrize("source, param, words", [
-    (lambda: full_match("(?=a)b"), "structured_outputs.regex", "lookaround"),
-    (lambda: full_match("a^b"), "guided_regex", "^ and $"),
-    (lambda: choices_pattern([], "guided_choice"), "guided_choice", "at least one"),
+@pytest.mark.parametrize("compile, param, words", [
+    (lambda p: compile_regex("(?=a)b", p), "structured_outputs.regex", "lookaround"),
+    (lambda p: compile_regex("a^b", p), "guided_regex", "^ and $"),
+    (lambda p: compile_regex("ab(?P<x>c)", p), "guided_regex", "offset 5"),  # the client's own offsets
+    (lambda p: compile_choices((), p), "guided_choice", "at least one"),
+    (lambda p: compile_choices(("\ud800",), p), "guided_choice", "surrogate"),
 ])
-def test_patterns_that_cannot_be_held_are_400s_naming_their_field(source, param, words):
+def test_patterns_that_cannot_be_held_are_400s_naming_their_field(compile, param, words):
     with pytest.raises(InvalidParamError) as exc:
-        compile_text(source(), param)
-    assert exc.value.param == param and words in str(exc.value)
+        compile(param)
+    assert exc.value.param == param and words in str(exc.value), str(exc.value)
+
+
+def test_a_thousand_choices_compile_and_read_as_an_enum_does():
+    rng = random.Random(0)
+    choices = tuple(dict.fromkeys("".join(rng.choice("abcdefgh") for _ in range(8)) for _ in range(1000)))
+    grammar = compile_choices(choices, "choice")
+    assert all(grammar_accepts(grammar, c) for c in choices[::50])
+    assert not grammar_accepts(grammar, choices[0][:5]) and not grammar_accepts(grammar, choices[0] + "a")
 
 
 def test_masks_of_raw_text_are_every_token_the_state_accepts(engine):
     """The class-sequence masks of plain tokens, and the walk of the others (quotes, backslashes,
     newlines are the answer's own characters here), against a brute force over the vocabulary."""
     vocabulary = engine.structured.vocabulary
-    grammar = compile_text(full_match(r'[A-Za-z ]{1,12}: "\d+"(\n[a-z]+\\)?'), "regex")
+    grammar = compile_regex(r'[A-Za-z ]{1,12}: "\d+"(\n[a-z]+\\)?', "regex")
     text = 'Total items: "42"\nend\\'
     state, states = json_machine.start(grammar), []
     for byte in text.encode():
@@ -134,6 +145,8 @@ def test_guided_json_holds_the_answer_as_response_format_does(client):
     ({"structured_outputs": {}}, "structured_outputs", "needs one of"),
     ({"structured_outputs": {"regex": "(a"}}, "structured_outputs.regex", "ends too early"),
     ({"guided_json": "{not json"}, "guided_json", "JSON schema"),
+    ({"guided_json": "null"}, "guided_json", "JSON schema"),  # it would have held nothing
+    ({"guided_json": "[" * 100000 + "]" * 100000}, "guided_json", "JSON schema"),  # too deep for json.loads
     ({"guided_choice": ["a"], "tools": [{"type": "function", "function": {"name": "f"}}]}, "guided_choice",
      "tool call"),
 ])

@@ -527,6 +527,18 @@ def test_a_tuple_inside_a_union_and_as_a_recursive_item():
         assert grammar_accepts(grammar, text) == ok, text
 
 
+def test_a_tuple_position_that_cannot_be_completed_is_never_begun():
+    """A `,` toward a position whose value has no finite end (or none within the depth) would leave
+    a row no byte to write: it is refused, and the array may close instead."""
+    endless = {"type": "object", "properties": {"x": {"$ref": "#/$defs/Endless"}}, "required": ["x"]}
+    grammar = compile_schema({"$defs": {"Endless": endless}, "type": "array",
+                              "prefixItems": [{"type": "integer"}, {"$ref": "#/$defs/Endless"}]})
+    assert grammar_accepts(grammar, "[1]") and not grammar_accepts(grammar, "[1,")
+    nested = {"type": "array", "prefixItems": [{"type": "integer"}, {"$ref": "#"}], "items": False, "minItems": 1}
+    for doc in _random_documents(nested, 40, prefer=b"[1,]"):
+        assert isinstance(doc, list)
+
+
 def test_the_openai_sdks_parse_takes_tuples(client):
     r = client.chat.completions.parse(
         model=MODEL, response_format=Route, temperature=0, max_tokens=150,

@@ -8,6 +8,7 @@ by their schema's text, so requests with one schema share their masks.
 """
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 
@@ -17,7 +18,7 @@ from engine.sampling_params import InvalidParamError
 from engine.structured import json_machine
 from engine.structured.schema import Grammar, compile_schema, schema_key
 from engine.structured.vocabulary import Vocabulary
-from engine.structured.whole_text import compile_text
+from engine.structured.whole_text import compile_choices, compile_regex
 
 GRAMMARS = 64
 MASK_BYTES = 32 * 2**20
@@ -43,26 +44,32 @@ class StructuredOutputs:
             return self._vocabulary
 
     def for_params(self, params) -> Grammar | None:
-        """The grammar a request's SamplingParams hold its answer to: a JSON schema's, or a whole
-        text pattern's (None: free text)."""
+        """The grammar a request's SamplingParams hold its answer to: a JSON schema's, a regex's or
+        a list of choices' (None: free text)."""
+        param = params.schema_param
         if params.response_schema is not None:
-            return self.grammar(params.response_schema, params.schema_param)
-        if params.response_pattern is not None:
-            return self.grammar(None, params.schema_param, params.response_pattern)
+            return self.grammar(params.response_schema, param)
+        if params.response_regex is not None:  # a schema's key is JSON text: never "regex:..."
+            return self._cached("regex:" + params.response_regex, lambda: compile_regex(params.response_regex, param))
+        if params.response_choices is not None:
+            return self._cached("choices:" + json.dumps(params.response_choices),
+                                lambda: compile_choices(params.response_choices, param))
         return None
 
-    def grammar(self, schema, param: str, pattern: str | None = None) -> Grammar:
-        """The grammar of a JSON schema, or with `pattern` of raw text matching it whole, from the
-        request's field `param` (each of the request's sequences gets a `Constraint` on it); raises
-        InvalidParamError naming the field."""
+    def grammar(self, schema, param: str) -> Grammar:
+        """The grammar of a JSON schema from the request's field `param` (each of the request's
+        sequences gets a `Constraint` on it); raises InvalidParamError naming the field."""
         try:
-            key = schema_key(schema) if pattern is None else "pattern:" + pattern  # schemas' keys are JSON texts
+            key = schema_key(schema)
         except RecursionError:
             raise InvalidParamError(f"{param}: the schema is nested too deeply", param) from None
+        return self._cached(key, lambda: compile_schema(schema, param))
+
+    def _cached(self, key: str, compile) -> Grammar:
         with self._lock:
             grammar = self._grammars.pop(key, None)
         if grammar is None:
-            grammar = compile_schema(schema, param) if pattern is None else compile_text(pattern, param)
+            grammar = compile()
         with self._lock:
             self._grammars[key] = grammar
             while len(self._grammars) > GRAMMARS:

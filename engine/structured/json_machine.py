@@ -20,10 +20,10 @@ can begin leads on. Such strings take the short escapes (`\\n`, `\\"`, ...), not
 number keeps its text so far and takes a byte only where a number in its bounds can still follow
 (engine/structured/number_range.py); it has no exponent.
 
-A grammar of raw text (`Grammar.raw`: a whole answer held to a regular expression, vLLM's
-`structured_outputs` regex or choice) is one RAW frame: a TEXT frame whose characters are the
-answer's own (no quotes, no escapes), ended by EOS where the pattern accepts, or at once where no
-character can follow.
+A grammar of raw text (`Grammar.raw`: a whole answer held to a regular expression or to one of a
+list of strings, vLLM's `structured_outputs` regex or choice) is one frame: a RAW frame, a TEXT
+frame whose characters are the answer's own (no quotes, no escapes), ended by EOS where the pattern
+accepts, or at once where no character can follow; or a LITERALS frame of the choices' bytes.
 """
 from __future__ import annotations
 
@@ -70,8 +70,11 @@ POP = None  # a handler's frames when its value is complete
 
 
 def start(grammar: Grammar) -> tuple:
-    if grammar.raw:
-        return ((RAW, grammar.root, grammar.nodes[grammar.root].text.start, 0, T_CHARS, 0, 0, 0, 0),)
+    if grammar.raw:  # a regex's pattern, or choices' literals
+        root = grammar.nodes[grammar.root]
+        if root.literals:
+            return ((LITERALS, root.literals, 0, tuple(range(len(root.literals)))),)
+        return ((RAW, grammar.root, root.text.start, 0, T_CHARS, 0, 0, 0, 0),)
     return ((VALUE, grammar.root, 0),)
 
 
@@ -254,13 +257,16 @@ def _object(grammar, frame, byte, depth: int):
     return None
 
 
-def _array(nodes, frame, byte):
+def _array(grammar, frame, byte, depth: int):
+    """`depth`: frames with this one. A `,` is taken only where the next item (a tuple's positions
+    each have their own schema) can be completed within MAX_DEPTH."""
     _, n, phase, count, _ = frame
-    spec = nodes[n].array
+    spec = grammar.nodes[n].array
     if byte in WHITESPACE:
         return _whitespace(frame, byte)
     if phase == A_NEXT:
-        if byte == 0x2C and (spec.max_items is None or count < spec.max_items):  # ,
+        if byte == 0x2C and (spec.max_items is None or count < spec.max_items) and \
+                depth + grammar.height[spec.item(count)] <= MAX_DEPTH:  # ,
             return ((ARRAY, n, A_ITEM, count, 0),), True, None
         if byte == 0x5D and count >= spec.min_items:  # ]
             return POP, True, None
@@ -428,5 +434,5 @@ def _literals(nodes, frame, byte):
     return (POP, False, whole[0]) if whole else None
 
 
-_DEEP_HANDLERS = {VALUE: _value, OBJECT: _object}  # these take the grammar and the state's depth
-_HANDLERS = {ARRAY: _array, STRING: _string, NUMBER: _number, LITERALS: _literals, TEXT: _text, RAW: _text}
+_DEEP_HANDLERS = {VALUE: _value, OBJECT: _object, ARRAY: _array}  # these take the grammar and the state's depth
+_HANDLERS = {STRING: _string, NUMBER: _number, LITERALS: _literals, TEXT: _text, RAW: _text}

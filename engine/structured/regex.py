@@ -366,8 +366,11 @@ class Pattern:
     """A pattern's automaton: `start`, `step(state, code_point)` (-1: no string with this prefix
     matches), `accepting(state)`, and `live(state, count)` under the string's length bounds."""
 
-    def __init__(self, source: str, min_length: int = 0, max_length: int | None = None):
-        self.source, self.min_length, self.max_length = source, min_length, max_length
+    def __init__(self, source: str, min_length: int = 0, max_length: int | None = None, whole: bool = False):
+        """`whole`: match whole strings only (each top-level alternative anchored, with or without
+        its own `^` and `$`), as a regex held over a whole answer is matched; else JSON Schema's
+        search, anchored only where `^` / `$` say so."""
+        self.source, self.min_length, self.max_length, self.whole = source, min_length, max_length, whole
         tree = _Parser(source).parse() if source else ("seq", [])
         nfa = _Nfa()
         entry, self._accept = nfa.state(), nfa.state()
@@ -375,6 +378,7 @@ class Pattern:
             if branch[0] != "seq":
                 branch = ("seq", [branch])
             start, end, body = _anchored(branch)
+            start, end = start or whole, end or whole
             first, last = nfa.build(body)
             head = entry
             if not start:  # any text before
@@ -545,7 +549,7 @@ class Pattern:
     @property
     def free(self) -> bool:
         """Any characters, only their number bounded."""
-        return not self.source
+        return not self.source and not self.whole
 
     def after(self, count: int) -> int:
         """The count to keep after `count` characters: counts past every bound behave alike."""
