@@ -200,7 +200,8 @@ class ChatMessage(Strict):
     def text(self) -> str | None:
         if self.content is None:
             return None
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        # text parts one per line, as vLLM joins them
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
     def as_dict(self) -> dict:
         """role and text, and the tool fields where given (what server/tool_calls.py renders)."""
@@ -553,6 +554,7 @@ class CompletionRequest(CommonRequest):
     logprobs: Optional[StrictInt] = None
     echo: Optional[StrictBool] = None
     best_of: Optional[Literal[1]] = None
+    suffix: null_only("'suffix' is not supported: this server does not fill in the middle") = None
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -59,7 +59,7 @@ TextContent = Annotated[Union[str, list[InputText]], BeforeValidator(text_parts)
 
 def joined(value) -> str:
     """A content field's text: the string, or its parts' texts joined."""
-    return value if isinstance(value, str) else "".join(p.text for p in value)
+    return value if isinstance(value, str) else "\n".join(p.text for p in value)  # one per line, as chat's
 
 
 class InputMessage(Strict):

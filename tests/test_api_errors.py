@@ -235,3 +235,18 @@ def test_tokenize_takes_add_special_tokens_and_detokenize_keeps_special_tokens(s
     text = post(server, {"tokens": chat}, "/detokenize").json()["prompt"]
     assert "<|im_start|>user\nhi<|im_end|>" in text
     assert tok({"prompt": text, "add_special_tokens": False}).json()["tokens"] == chat  # the round trip holds
+
+
+def test_suffix_is_taken_as_null_only(server):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+    assert post(server, {**body, "suffix": None}, "/v1/completions").status_code == 200
+    r = post(server, {**body, "suffix": " world"}, "/v1/completions")
+    assert_error(r, 400, "suffix")
+    assert "fill in the middle" in r.json()["error"]["message"]
+
+
+def test_text_parts_are_joined_one_per_line_as_vllm_joins_them(server):
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    as_parts = post(server, {"messages": [{"role": "user", "content": parts}]}, "/tokenize").json()["tokens"]
+    as_text = post(server, {"messages": [{"role": "user", "content": "Hi\nthere"}]}, "/tokenize").json()["tokens"]
+    assert as_parts == as_text

@@ -156,3 +156,9 @@ def test_guided_fields_that_cannot_hold_are_400s_naming_their_field(server, extr
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"], error
+
+
+def test_a_regex_nested_too_deeply_is_a_400():
+    with pytest.raises(InvalidParamError) as exc:
+        compile_regex("(" * 5000 + "a" + ")" * 5000, "guided_regex")
+    assert exc.value.param == "guided_regex"

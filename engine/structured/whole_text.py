@@ -25,6 +25,8 @@ def compile_regex(regex: str, param: str) -> Grammar:
         raise InvalidParamError(f"{param}: {exc}", param) from None
     except UnicodeEncodeError:
         raise InvalidParamError(f"{param}: the regex must be text (a lone surrogate is not)", param) from None
+    except RecursionError:
+        raise InvalidParamError(f"{param}: the regex is nested too deeply", param) from None
     return Grammar(nodes=[Node(string=True, text=pattern)], root=0, raw=True)
 
 
