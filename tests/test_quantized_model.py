@@ -200,3 +200,30 @@ def test_int8_option_serves_dense_weights_on_the_quantized_kernel(engine, chat_p
         text = prompt + engine.generate([prompt], GREEDY)[0][1]
         ours, dense = prefill_logits(int8, text), prefill_logits(engine, text)
         assert (ours.argmax(-1) == dense.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_a_whole_prefill_attends_over_its_keys_and_values_as_the_fp16_cache_holds_them():
+    """What a later chunk, a decode step or a request that finds the prefix cached reads back is the
+    fp16 cache's rounding of a prompt's K/V; the prefill that wrote them attends over the same
+    values (it used the unrounded ones: a cached prefix's logits differed from a whole prefill's by
+    up to 0.005 on SmolLM2, and a seeded sampled answer could change with the cache's state)."""
+    import torch.nn.functional as F
+
+    from engine.backends.torch_backend import prefill_attention, write_kv
+    from engine.kv.metadata import AttentionMetadata
+
+    torch.manual_seed(0)
+    tokens, heads, kv_heads, dim, block = 37, 6, 2, 16, 8
+    q, k, v = (torch.randn(tokens, h, dim) * 3 for h in (heads, kv_heads, kv_heads))
+    k_cache, v_cache = (torch.zeros(8, kv_heads, block, dim, dtype=torch.float16) for _ in range(2))
+    meta = AttentionMetadata.for_prefill([(list(range(8)), 0, tokens)], block, "cpu")
+    write_kv(k, v, k_cache, v_cache, meta)
+    out = prefill_attention(q, k, v, k_cache, v_cache, meta, dim ** -0.5, None)
+    rounded = [t.half().float().transpose(0, 1).unsqueeze(0) for t in (k, v)]
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), *rounded, is_causal=True,
+                                              scale=dim ** -0.5, enable_gqa=True)[0].transpose(0, 1).reshape(tokens, -1)
+    assert torch.allclose(out, expected, atol=1e-6)
+    unrounded = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                               v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=dim ** -0.5,
+                                               enable_gqa=True)[0].transpose(0, 1).reshape(tokens, -1)
+    assert (out - unrounded).abs().max() > 1e-4  # the rounding shows: the check above has teeth

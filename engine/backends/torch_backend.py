@@ -121,9 +121,13 @@ def write_kv(k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window):
-    """Attention per sequence: over its fresh K/V when it starts at 0, else over its blocks."""
+    """Attention per sequence: over its fresh K/V when it starts at 0, else over its blocks. Fresh
+    K/V are taken as the cache holds them (an fp16 cache rounds them), so a whole prefill attends
+    over the values a later chunk, or a request that finds this prefix cached, reads back."""
     sizes = [seg.num_tokens for seg in meta.segments]
     outs = []
+    if k_cache.dtype != k.dtype:
+        k, v = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype)
     for i, (seg, qs, ks, vs) in enumerate(zip(meta.segments, q.split(sizes), k.split(sizes), v.split(sizes))):
         if seg.start == 0:
             keys, values = ks.transpose(0, 1), vs.transpose(0, 1)
