@@ -87,7 +87,9 @@ def test_the_users_chat_template_renders_chat_prompts(srv):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     tokens = httpx.post(srv.url + "/tokenize", json={"messages": messages}, headers=auth).json()["tokens"]
     text = httpx.post(srv.url + "/detokenize", json={"tokens": tokens}, headers=auth).json()["prompt"]
-    assert text == "system\nBE BRIEF.\nuser\nNAME A COLOUR.\nassistant\n"  # markers are special: left out
+    # /detokenize keeps the special markers, as vLLM's does
+    assert text.startswith("<|im_start|>") and \
+        text.replace("<|im_start|>", "").replace("<|im_end|>", "") == "system\nBE BRIEF.\nuser\nNAME A COLOUR.\nassistant\n"
     prefaced = httpx.post(srv.url + "/tokenize", headers=auth, json={
         "messages": messages, "chat_template_kwargs": {"preface": "Logged chat."}}).json()["tokens"]
     assert httpx.post(srv.url + "/detokenize", json={"tokens": prefaced}, headers=auth).json()["prompt"] == \
