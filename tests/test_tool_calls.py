@@ -208,7 +208,7 @@ class Bounded(Closed):
     tool reads them as annotations, as OpenAI's non-strict tools take any schema; the others still hold."""
     query: str = Field(max_length=40, pattern=r"^[a-z ]+$")
     limit: int = Field(ge=1, le=50, multiple_of=5)
-    tags: set[str] = set()
+    tags: set[str] = Field(default=set(), max_length=2)  # maxItems holds, uniqueItems is read as an annotation
 
 
 def test_a_forced_call_of_a_non_strict_tool_with_keywords_it_cannot_hold_is_made(client):
