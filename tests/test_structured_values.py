@@ -269,13 +269,17 @@ class Booking(BaseModel):
     rating: float = Field(gt=0, le=5)
 
 
+def _parsed(client, answer_type, request: str, max_tokens: int):
+    """The SDK's `parse` of the greedy answer (pydantic validates it), which ended by itself."""
+    r = client.chat.completions.parse(model=MODEL, response_format=answer_type, temperature=0, max_tokens=max_tokens,
+                                      messages=[{"role": "user", "content": request}])
+    assert isinstance(r.choices[0].message.parsed, answer_type) and r.choices[0].finish_reason == "stop"
+    return r.choices[0].message.parsed
+
+
 def test_the_openai_sdks_parse_takes_patterns_formats_lengths_and_bounds(client):
     """pydantic's own validation of the answer: every field's keyword held."""
-    r = client.chat.completions.parse(
-        model=MODEL, response_format=Booking, temperature=0, max_tokens=200,
-        messages=[{"role": "user", "content": "Book a room for Ann for three nights from 5 May 2025. JSON."}])
-    booking = r.choices[0].message.parsed
-    assert isinstance(booking, Booking) and r.choices[0].finish_reason == "stop"
+    booking = _parsed(client, Booking, "Book a room for Ann for three nights from 5 May 2025. JSON.", 200)
     assert 1 <= booking.nights <= 14 and 2 <= len(booking.guest) <= 12
 
 
@@ -540,9 +544,5 @@ def test_a_tuple_position_that_cannot_be_completed_is_never_begun():
 
 
 def test_the_openai_sdks_parse_takes_tuples(client):
-    r = client.chat.completions.parse(
-        model=MODEL, response_format=Route, temperature=0, max_tokens=150,
-        messages=[{"role": "user", "content": "Route: start at 1.0, 2.0; stops Lyon, Nice; leg 3, 'car', true. JSON."}])
-    route = r.choices[0].message.parsed
-    assert isinstance(route, Route) and r.choices[0].finish_reason == "stop"
+    route = _parsed(client, Route, "Route: start at 1.0, 2.0; stops Lyon, Nice; leg 3, 'car', true. JSON.", 150)
     assert len(route.start) == 2 and len(route.leg) == 3
