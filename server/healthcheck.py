@@ -8,6 +8,7 @@ heavier than argparse is imported: the probe runs every few seconds under a 3 s 
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import sys
 import urllib.error
@@ -28,7 +29,7 @@ def server_argv(cmdline: list[str]) -> list[str]:
 
 
 def health_url(argv: list[str]) -> str:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(add_help=False)  # abbreviations too (`--por 9000`), as the server's parser
     parser.add_argument("--host", default=os.environ.get("SKIPSERVE_HOST", "127.0.0.1"))
     parser.add_argument("--port", default=os.environ.get("SKIPSERVE_PORT", "8000"))
     args, _ = parser.parse_known_args(argv)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         url = health_url(server_argv(cmdline))
         with urllib.request.urlopen(url, timeout=2) as reply:
             return 0 if reply.status == 200 else 1
-    except (OSError, ValueError, urllib.error.URLError) as exc:  # HTTPError (503 while draining) is one
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, HTTPError (503 while draining)
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
     except SystemExit:  # argparse on an argument it cannot read (the server itself would not have started)

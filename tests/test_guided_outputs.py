@@ -162,3 +162,10 @@ def test_a_regex_nested_too_deeply_is_a_400():
     with pytest.raises(InvalidParamError) as exc:
         compile_regex("(" * 5000 + "a" + ")" * 5000, "guided_regex")
     assert exc.value.param == "guided_regex"
+
+
+def test_choices_are_counted_once_and_capped_in_all():
+    assert grammar_accepts(compile_choices(("a",) * 1001, "choice"), "a")  # one distinct choice
+    with pytest.raises(InvalidParamError) as exc:
+        compile_choices(tuple(f"{i:04d}" + "x" * 100 for i in range(700)), "choice")  # 73 KB
+    assert "KiB in all" in str(exc.value)

@@ -14,6 +14,7 @@ from engine.structured.regex import Pattern, PatternError
 from engine.structured.schema import MAX_LITERALS, Grammar, Node
 
 MAX_CHOICE_CHARS = 1024
+MAX_CHOICES_BYTES = 64 * 1024  # in all: each byte position of a shared prefix is a state whose mask walks the vocabulary
 
 
 def compile_regex(regex: str, param: str) -> Grammar:
@@ -34,11 +35,12 @@ def compile_choices(choices: tuple[str, ...], param: str) -> Grammar:
     """The grammar of an answer that is exactly one of `choices`."""
     if not choices:
         raise InvalidParamError(f"{param} must hold at least one string", param)
-    if len(choices) > MAX_LITERALS or any(len(c) > MAX_CHOICE_CHARS for c in choices):
-        raise InvalidParamError(f"{param} holds at most {MAX_LITERALS} strings of at most {MAX_CHOICE_CHARS} "
-                                "characters", param)
     try:
         literals = tuple(dict.fromkeys(c.encode() for c in choices))
     except UnicodeEncodeError:
         raise InvalidParamError(f"{param}: choices must be text (a lone surrogate is not)", param) from None
+    if len(literals) > MAX_LITERALS or any(len(c) > MAX_CHOICE_CHARS for c in choices) or \
+            sum(map(len, literals)) > MAX_CHOICES_BYTES:
+        raise InvalidParamError(f"{param} holds at most {MAX_LITERALS} distinct strings of at most {MAX_CHOICE_CHARS} "
+                                f"characters, {MAX_CHOICES_BYTES // 1024} KiB in all", param)
     return Grammar(nodes=[Node(literals=literals)], root=0, raw=True)
