@@ -27,6 +27,12 @@ def allowed_origins(value: str) -> tuple[str, ...]:
     return origins
 
 
+def listen_defaults() -> tuple[str, str]:
+    """--host and --port when not given: $SKIPSERVE_HOST and $SKIPSERVE_PORT, else loopback:8000
+    (server/healthcheck.py reads a running server's address with them too)."""
+    return os.environ.get("SKIPSERVE_HOST", "127.0.0.1"), os.environ.get("SKIPSERVE_PORT", "8000")
+
+
 def port(value: str) -> int:
     """`--port` (and $SKIPSERVE_PORT, its default): a TCP port number."""
     if not value.strip().isdigit() or not 0 <= int(value) <= 65535:
@@ -128,10 +134,9 @@ def serve_parser() -> argparse.ArgumentParser:
     k.add_argument("--skip-max-budget", type=float, default=None,
                    help=f"largest budget a request may ask {shown(preset.skip.max_budget)}")
     h = p.add_argument_group("HTTP")
-    h.add_argument("--host", default=os.environ.get("SKIPSERVE_HOST", "127.0.0.1"),
-                   help="address to listen on (default: $SKIPSERVE_HOST or 127.0.0.1)")
-    h.add_argument("--port", type=port, default=os.environ.get("SKIPSERVE_PORT", "8000"),
-                   help="port (default: $SKIPSERVE_PORT or 8000)")
+    host, listen_port = listen_defaults()
+    h.add_argument("--host", default=host, help="address to listen on (default: $SKIPSERVE_HOST or 127.0.0.1)")
+    h.add_argument("--port", type=port, default=listen_port, help="port (default: $SKIPSERVE_PORT or 8000)")
     h.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and the API docs "
                         "(default: $SKIPSERVE_API_KEY if set; the key is never printed or logged)")

@@ -243,16 +243,19 @@ class CompletionCall:
         holding = self.tool_mode == "forced" or c.text.lstrip()[:1] in ("", "{", "[")
         calls = None if c.finish_reason is None else self._tool_calls(c)
         if (not holding or c.finish_reason is not None and not calls) and len(c.text) > c.streamed:
-            logprobs = chat_logprobs(c.logprobs, self.tokenizer) if self.wants_logprobs and c.logprobs else None
-            yield self._chunk(index, {"content": c.text[c.streamed:]}, logprobs, None, extra)
-            c.streamed, c.logprobs = len(c.text), []
+            yield self._chunk(index, {"content": c.text[c.streamed:]}, self._held_logprobs(c), None, extra)
+            c.streamed = len(c.text)
         if calls:  # with the call's logprobs, as the unstreamed answer lists them
-            logprobs = chat_logprobs(c.logprobs, self.tokenizer) if self.wants_logprobs and c.logprobs else None
-            yield self._chunk(index, {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}, logprobs,
-                              None, extra)
-            c.logprobs = []
+            yield self._chunk(index, {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]},
+                              self._held_logprobs(c), None, extra)
         if c.finish_reason is not None:
             yield self._chunk(index, {}, None, "tool_calls" if calls else c.finish_reason, extra)
+
+    def _held_logprobs(self, c: Choice) -> dict | None:
+        """The logprobs of the tokens held back so far, for the chunk that sends them (then none are held)."""
+        logprobs = chat_logprobs(c.logprobs, self.tokenizer) if self.wants_logprobs and c.logprobs else None
+        c.logprobs = []
+        return logprobs
 
     def _chunk(self, index, delta, logprobs, finish_reason, extra) -> str:
         if self.chat:

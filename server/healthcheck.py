@@ -4,12 +4,12 @@ container's entrypoint) answers GET /health with 200.
 The address comes from that process's own command line (its --host and --port, with
 $SKIPSERVE_HOST/PORT as the defaults, as the server reads them), so `docker run skipserve --port
 9000` is probed on 9000. A server that listens on every address is probed on loopback. Nothing
-heavier than argparse is imported: the probe runs every few seconds under a 3 s timeout."""
+heavier than argparse and the CLI module is imported (not FastAPI, not torch): the probe runs every
+few seconds under a 3 s timeout."""
 from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -29,9 +29,12 @@ def server_argv(cmdline: list[str]) -> list[str]:
 
 
 def health_url(argv: list[str]) -> str:
+    from server.cli import listen_defaults
+
+    host, port = listen_defaults()
     parser = argparse.ArgumentParser(add_help=False)  # abbreviations too (`--por 9000`), as the server's parser
-    parser.add_argument("--host", default=os.environ.get("SKIPSERVE_HOST", "127.0.0.1"))
-    parser.add_argument("--port", default=os.environ.get("SKIPSERVE_PORT", "8000"))
+    parser.add_argument("--host", default=host)
+    parser.add_argument("--port", default=port)
     args, _ = parser.parse_known_args(argv)
     host = ANY_ADDRESS.get(args.host, args.host)
     return f"http://{f'[{host}]' if ':' in host else host}:{args.port}/health"

@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
-from math import gcd
 
 
 def _number(schema: dict, key: str) -> Decimal | None:
@@ -65,7 +64,7 @@ def _step_units(step: Decimal, digits: int) -> int:
         k = -exponent
     if digits >= k:
         return p * 10 ** (digits - k)
-    return p // gcd(p, 10 ** (k - digits))
+    return p // math.gcd(p, 10 ** (k - digits))
 
 
 def _runs(body: bytes, integer: bool, room: int):
