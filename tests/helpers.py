@@ -99,8 +99,8 @@ async def stream_chat(aclient, **request) -> tuple[str, str | None]:
     stream = await aclient.chat.completions.create(stream=True, **request)
     chunks = [c async for c in stream if c.choices]
     return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
-def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]]):
-    """A dense decode step and steps whose gate skips FFNs (rows 0 and 2 skip 8 layers, row 1 none)
+def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]], skips: int = 8):
+    """A dense decode step and steps whose gate skips FFNs (rows 0 and 2 skip `skips` layers, row 1 none)
     through the native layer calls give the per-op path's logits, K/V and skip counts to the bit:
     FFN-SkipLLM's rule inside the one-call step, and the batch-aligned rule through the per-layer
     branch calls."""
@@ -124,8 +124,8 @@ def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]]):
                 model.fused_decode = fused
             return runner.logits(hidden), runner.kv.k.clone(), runner.kv.v.clone(), gate.skip_counts(len(prompts))
 
-        def skipping_gate(policy):  # rows 0 and 2 may skip 8 FFNs, firing at once; row 1 stays dense
-            return policy.make_gate([RowSkip(8, 0.0), RowSkip(0, 0.0), RowSkip(8, 0.0)], runner.device)
+        def skipping_gate(policy):  # rows 0 and 2 may skip `skips` FFNs, firing at once; row 1 stays dense
+            return policy.make_gate([RowSkip(skips, 0.0), RowSkip(0, 0.0), RowSkip(skips, 0.0)], runner.device)
 
         dense = [step(DenseGate(runner.num_layers), native) for native in (True, False)]
         skipped = [[step(skipping_gate(policy), native) for native in (True, False)] for policy in policies]
@@ -135,7 +135,7 @@ def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]]):
         assert counts1 == counts2
     assert not torch.equal(dense[0][1], k_before)  # the step did write its K/V
     for by_policy in skipped:
-        assert by_policy[0][3][0] == [8, 0, 8]  # and the skipping steps did skip
+        assert by_policy[0][3][0] == [skips, 0, skips]  # and the skipping steps did skip
         assert not torch.equal(by_policy[0][0], dense[0][0])
 
 

@@ -6,6 +6,7 @@ from engine.config import ModelConfig
 
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "smollm2"}
 GEMMA3 = {"gemma3_text", "gemma3"}
+QWEN3 = {"qwen3"}
 
 
 def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, ops):
@@ -13,9 +14,13 @@ def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, o
         from engine.models.llama import LlamaModel
 
         return LlamaModel(config, state, device, dtype, max_len, ops)
+    if config.model_type in QWEN3:
+        from engine.models.qwen3 import Qwen3Model
+
+        return Qwen3Model(config, state, device, dtype, max_len, ops)
     if config.model_type in GEMMA3:
         from engine.models.gemma3 import Gemma3Model
 
         return Gemma3Model(config, state, device, dtype, max_len, ops)
     raise ValueError(f"unsupported architecture {config.model_type!r} "
-                     f"(supported: {sorted(LLAMA_FAMILY | GEMMA3)})")
+                     f"(supported: {sorted(LLAMA_FAMILY | QWEN3 | GEMMA3)})")

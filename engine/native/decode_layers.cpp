@@ -39,13 +39,17 @@ using QuantKernel = int (*)(const float* x, const uint8_t* q, const void* scale,
                             int threads);
 
 // One projection, nine int64 columns of the layer table (engine/backends/cpu/fused_decode.py
-// `weight_ref` writes them): y [rows, out] = x [rows, in] W^T + bias.
+// `weight_ref` writes them): y [rows, out] = x [rows, in] W^T + bias. PARTS: row blocks of
+// different layouts (a GGUF's q and k in Q4_K beside v in Q6_K), each its own projection whose
+// output columns follow the previous one's.
 struct WeightRef {
-    enum Kind : int64_t { DENSE = 0, QUANTIZED = 1 };
+    enum Kind : int64_t { DENSE = 0, QUANTIZED = 1, PARTS = 2 };
     int64_t kind;
     int64_t kernel;         // DENSE: linear_f32 / linear_bf16; QUANTIZED: quant_linear_<isa>
-    int64_t weight;         // DENSE: the blocked matrix; QUANTIZED: the integers q
-    int64_t scale, offset;  // QUANTIZED: per-group scales and offsets (offset 0: none)
+    int64_t weight;         // DENSE: the blocked matrix; QUANTIZED: the integers q; PARTS: int64
+                            // [parts, 1 + 9], each part's output width, then its WeightRef
+    int64_t scale, offset;  // QUANTIZED: per-group scales and offsets (offset 0: none); PARTS: scale
+                            // is the number of parts
     int64_t bias;           // fp32 [out], or 0
     int64_t bits, group;    // QUANTIZED: the integers' width and the group size
     int64_t scale_bits;     // QUANTIZED: 16 (fp16 scales and offsets) or 32 (fp32)
@@ -77,7 +81,21 @@ const T* ptr(int64_t address) { return reinterpret_cast<const T*>(address); }
 
 void linear(const WeightRef& w, const float* x, float* y, int rows, int in, int out, int threads) {
     const float* bias = ptr<float>(w.bias);
-    if (w.kind == WeightRef::DENSE) {
+    if (w.kind == WeightRef::PARTS) {  // each part into its own buffer, then into its columns of y
+        const int64_t* parts = ptr<int64_t>(w.weight);
+        std::vector<float> part_out;
+        int64_t from = 0;
+        for (int64_t i = 0; i < w.scale; ++i) {
+            const int64_t* part = parts + i * (1 + sizeof(WeightRef) / sizeof(int64_t));
+            const int width = static_cast<int>(part[0]);
+            part_out.resize(static_cast<size_t>(rows) * width);
+            linear(*reinterpret_cast<const WeightRef*>(part + 1), x, part_out.data(), rows, in, width, threads);
+            for (int r = 0; r < rows; ++r)
+                std::memcpy(y + r * static_cast<int64_t>(out) + from, part_out.data() + static_cast<int64_t>(r) * width,
+                            sizeof(float) * width);
+            from += width;
+        }
+    } else if (w.kind == WeightRef::DENSE) {
         reinterpret_cast<DenseKernel>(w.kernel)(x, ptr<void>(w.weight), bias, y, rows, in, out, threads);
     } else {  // every QuantWeight layout (engine/quant/weight.py) is one the kernel takes
         reinterpret_cast<QuantKernel>(w.kernel)(x, ptr<uint8_t>(w.weight), ptr<void>(w.scale), ptr<void>(w.offset),

@@ -1,8 +1,9 @@
-"""Decode steps on native layer calls (engine/native/decode_layers.cpp), for Llama-family and
-Gemma 3 layers.
+"""Decode steps on native layer calls (engine/native/decode_layers.cpp), for Llama-family, Qwen3
+and Gemma 3 layers.
 
 For models whose layers are of a kind the native step knows (`LAYER_KINDS`) with every projection
-on a native kernel (the dense GEMMs or the quantized GEMM, one layer's projections may mix them): a dense decode step in
+on native kernels (the dense GEMMs or the quantized GEMM; one layer's projections may mix them, and
+one projection's row blocks too, as a GGUF's q and k in Q4_K beside v in Q6_K): a dense decode step in
 one call (`layers_step`), and a skipping step in one call too when the gate's rule is
 FFN-SkipLLM's per-row rule, given as data (engine/skip/base.py's RuleGate); otherwise per layer
 the attention branch (decode) and the FFN branch (any rows) for the skip gate to choose between.
@@ -17,18 +18,19 @@ import functools
 import torch
 
 from engine.backends.cpu.linear import Linear
-from engine.backends.cpu.quant_linear import QuantLinear
+from engine.backends.cpu.quant_linear import ConcatLinear, QuantLinear
 from engine.native import kernels
 from engine.native.ops import cache_bits, cache_dtypes, check_decode_lengths
 from engine.skip.base import RuleGate
 
-DENSE, QUANTIZED = 0, 1  # decode_layers.cpp's WeightRef kinds
+DENSE, QUANTIZED, PARTS = 0, 1, 2  # decode_layers.cpp's WeightRef kinds
 LAYER_COLUMNS = 11  # a LayerRow's columns before its WeightRefs
 SILU, GELU_TANH = 0, 1  # its LayerRow activations
 # per layer kind: the activation, and the layer's norms by their role in a LayerRow (attention
 # input, attention output, FFN input, FFN output, per-head q and k); None: the kind has no such norm
 LAYER_KINDS = {
     "llama": (SILU, ("input_norm", None, "post_attn_norm", None, None, None)),
+    "qwen3": (SILU, ("input_norm", None, "post_attn_norm", None, "q_norm", "k_norm")),
     "gemma3": (GELU_TANH, ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "q_norm", "k_norm")),
 }
 
@@ -37,20 +39,22 @@ def _address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def layer_row(layer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> list[int]:
+def layer_row(layer, k_cache: torch.Tensor, v_cache: torch.Tensor, keep: list) -> list[int]:
     """decode_layers.cpp's LayerRow of a layer: activation, window, rotary table, the six norms,
-    the caches, then the projections' WeightRefs."""
+    the caches, then the projections' WeightRefs (`keep` holds the tables they point to)."""
     activation, norms = LAYER_KINDS[layer.kind]
     head = ([activation, layer.window or 0, int(layer.rope_kind == "local")]
             + [_address(getattr(layer, name) if name else None) for name in norms]
             + [k_cache.data_ptr(), v_cache.data_ptr()])
     assert len(head) == LAYER_COLUMNS
-    return head + [v for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) for v in weight_ref(lin)]
+    return head + [v for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) for v in weight_ref(lin, keep)]
 
 
-def weight_ref(linear) -> list[int] | None:
+def weight_ref(linear, keep: list | None = None) -> list[int] | None:
     """decode_layers.cpp's WeightRef of a projection (kind, kernel, weight, scale, offset, bias,
-    bits, group, scale_bits), or None where its kernel has no native entry point (oneDNN, several parts)."""
+    bits, group, scale_bits), or None where its kernel has no native entry point (oneDNN). Row
+    blocks of several layouts (ConcatLinear) point to a table of their parts' widths and WeightRefs,
+    appended to `keep`, which must outlive the reference."""
     if isinstance(linear, Linear) and linear.backend == "native":
         return [DENSE, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(linear.weight), 0, 0,
                 _address(linear.bias), 0, 0, 0]
@@ -58,6 +62,14 @@ def weight_ref(linear) -> list[int] | None:
         w = linear.weight
         return [QUANTIZED, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(w.q), _address(w.scale),
                 _address(w.offset), _address(linear.bias), w.bits, w.group, w.scale_bits]
+    if isinstance(linear, ConcatLinear):
+        refs = [weight_ref(part, keep) for part in linear.parts]
+        if any(ref is None for ref in refs):
+            return None
+        table = torch.tensor([[part.out_features, *ref] for part, ref in zip(linear.parts, refs)], dtype=torch.int64)
+        if keep is not None:
+            keep.append(table)
+        return [PARTS, 0, table.data_ptr(), len(refs), 0, 0, 0, 0, 0]
     return None
 
 
@@ -67,8 +79,9 @@ class FusedDecode:
         self.ropes = [model.ropes["global"], model.ropes.get("local", model.ropes["global"])]
         layers = model.layers
         self.scale = layers[0].scale
-        self.table = torch.tensor([layer_row(layer, kv.k[i], kv.v[i]) for i, layer in enumerate(layers)],
-                                  dtype=torch.int64)
+        self.part_tables: list[torch.Tensor] = []  # the table points to these (projections in parts)
+        self.table = torch.tensor([layer_row(layer, kv.k[i], kv.v[i], self.part_tables)
+                                   for i, layer in enumerate(layers)], dtype=torch.int64)
         self.layers = layers  # the table points into their tensors
         self.ffns = [functools.partial(self.ffn_branch, i) for i in range(len(layers))]
 

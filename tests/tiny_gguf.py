@@ -1,0 +1,93 @@
+"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2), random weights, written as
+llama.cpp's converter lays them out (tensor names, metadata), quantized
+with gguf-py's own quantizers, the tokenizer copied from the embedded SmolLM2 GGUF. No model file
+of these architectures ships with the product; transformers reads these files as it reads real ones,
+so its model on the dequantized weights is the reference the engine is held to."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import quantize
+
+# per architecture: hidden, heads, kv heads, head_dim (Qwen3's is 128 whatever the hidden size: the
+# GGUF does not say, transformers takes Qwen3Config's default), q/k/v biases, per-head q/k norms,
+# a separate lm_head
+SHAPES = {
+    "qwen3": dict(hidden=128, heads=2, kv_heads=1, head_dim=128, bias=False, qk_norm=True, tied=True),
+    "qwen2": dict(hidden=128, heads=4, kv_heads=2, head_dim=32, bias=True, qk_norm=False, tied=False),
+}
+LAYERS, FFN = 4, 256
+Q4_1, Q8_0 = GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
+# Formats mixed within a projection as llama.cpp's Q4_K_M mixes them (q and k in 4 bits, v in 6 or
+# 8 on some layers): q|k|v and gate|up are row blocks of two layouts. By tensor, then by layer (even, odd).
+FORMATS = {"attn_q": (Q4_1, Q4_1), "attn_k": (Q4_1, Q4_1), "attn_v": (Q8_0, Q4_1), "attn_output": (Q8_0, Q4_1),
+           "ffn_gate": (Q4_1, Q8_0), "ffn_up": (Q4_1, Q4_1), "ffn_down": (Q8_0, Q4_1)}
+
+
+def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) -> Path:
+    shape = SHAPES[arch]
+    hidden, heads, kv_heads, head_dim = shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"]
+    rng = np.random.default_rng(seed)
+    source = GGUFReader(str(tokenizer_gguf))
+    vocab = len(source.fields["tokenizer.ggml.tokens"].data)
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(vocab)
+    _copy_tokenizer(source, writer)
+
+    def matrix(name: str, rows: int, cols: int, std: float, qtype=Q8_0) -> None:
+        data = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+        writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
+
+    def vector(name: str, size: int, mean: float, std: float) -> None:
+        writer.add_tensor(name, (mean + rng.standard_normal(size) * std).astype(np.float32))
+
+    matrix("token_embd.weight", vocab, hidden, 0.05 if shape["tied"] else 1.0)  # tied: the layers must outweigh it
+    vector("output_norm.weight", hidden, 1.0, 0.1)
+    if not shape["tied"]:
+        matrix("output.weight", vocab, hidden, hidden ** -0.5)
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    for i in range(LAYERS):
+        blk = f"blk.{i}."
+        vector(blk + "attn_norm.weight", hidden, 1.0, 0.1)
+        vector(blk + "ffn_norm.weight", hidden, 1.0, 0.1)
+        for name, rows in (("attn_q", q_size), ("attn_k", kv_size), ("attn_v", kv_size)):
+            matrix(blk + name + ".weight", rows, hidden, hidden ** -0.5, FORMATS[name][i % 2])
+            if shape["bias"]:
+                vector(blk + name + ".bias", rows, 0.0, 0.5)
+        matrix(blk + "attn_output.weight", hidden, q_size, q_size ** -0.5, FORMATS["attn_output"][i % 2])
+        if shape["qk_norm"]:
+            vector(blk + "attn_q_norm.weight", head_dim, 1.0, 0.2)
+            vector(blk + "attn_k_norm.weight", head_dim, 1.0, 0.2)
+        for name, rows, cols in (("ffn_gate", FFN, hidden), ("ffn_up", FFN, hidden), ("ffn_down", hidden, FFN)):
+            matrix(blk + name + ".weight", rows, cols, cols ** -0.5, FORMATS[name][i % 2])
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _copy_tokenizer(source: GGUFReader, writer: GGUFWriter) -> None:
+    for key, field in source.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        if kind == GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), kind)
