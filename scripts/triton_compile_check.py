@@ -45,6 +45,9 @@ SHAPES = {
     # write (the eager path Gemma 3 takes) at the widest head any served model has
     "gemma3-1b": dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
                       head_dim=256, vocab_size=1024),
+    # Qwen3 0.6B: per-head q/k norms in the step, heads wider than hidden / heads
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=1024),
 }
 
 
@@ -105,15 +108,16 @@ def resources(cubin: bytes) -> dict:
 
 
 def two_layer_model(shape: dict, max_len: int, dtype):
-    """A Llama of `shape` with two layers of zero weights and activations in `dtype`, on the CPU."""
+    """A Llama (or the shape's `model_type`) of `shape` with two layers of zero weights and
+    activations in `dtype`, on the CPU."""
     import torch
 
     from engine.backends.torch_backend import TorchBackend
     from engine.config import ModelConfig
     from engine.models import build_model
 
-    config = dict(model_type="llama", num_hidden_layers=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, eos_token_id=2, **shape)
+    config = dict(num_hidden_layers=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, eos_token_id=2, **{"model_type": "llama", **shape})
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config))
         cfg = ModelConfig.from_hf_dir(folder)
@@ -126,6 +130,8 @@ def two_layer_model(shape: dict, max_len: int, dtype):
                   p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h), p + "self_attn.o_proj.weight": (h, cfg.num_heads * d),
                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
                   p + "mlp.down_proj.weight": (h, inter)}
+        if cfg.model_type == "qwen3":
+            state |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
     state = {name: torch.zeros(size, dtype=dtype) for name, size in state.items()}
     # activations in the weights' dtype, as on a GPU (the CPU keeps them in fp32)
     with mock.patch("engine.models.llama.activation_dtype", lambda device, dtype: dtype):

@@ -13,7 +13,7 @@ from engine.backends.cuda import tile_tuning  # noqa: E402
 from engine.backends.cuda.decode_step import LlamaDecodeStep  # noqa: E402
 from engine.backends.cuda.masked_linear import tuning_key  # noqa: E402
 from engine.backends.torch_backend import TorchBackend  # noqa: E402
-from engine.config import SkipConfig  # noqa: E402
+from engine.config import ModelConfig, SkipConfig  # noqa: E402
 from engine.kv.cache import KVCache  # noqa: E402
 from engine.kv.metadata import AttentionMetadata  # noqa: E402
 from engine.loader import load_state_dict  # noqa: E402
@@ -141,3 +141,74 @@ def test_a_policy_that_never_skips_gets_no_gated_step(engine, torch_model, skip)
     assert list(step.graphs.forwards) == ["dense"]
     rule = build_policy(engine.config.skip, model.cfg.num_layers).make_gate([RowSkip(4, 0.9)], "cpu")
     assert step.takes(1, [[0]], DenseGate(model.cfg.num_layers)) and not step.takes(1, [[0]], rule)
+
+
+def random_qwen3(generator: torch.Generator):
+    """A small Qwen3 (per-head q/k norms, heads wider than hidden / heads) with random fp32 weights
+    on the torch backend, and a KV cache of its own."""
+    cfg = ModelConfig(model_type="qwen3", vocab_size=512, hidden_size=96, intermediate_size=160, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
+                      max_position_embeddings=MAX_LEN, tie_word_embeddings=True, eos_token_ids=[0])
+    h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+
+    def weight(*shape, mean=0.0):
+        return mean + torch.randn(*shape, generator=generator) * (shape[-1] ** -0.5 if len(shape) == 2 else 0.2)
+
+    state = {"model.embed_tokens.weight": weight(cfg.vocab_size, h), "model.norm.weight": weight(h, mean=1.0)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        state |= {p + "input_layernorm.weight": weight(h, mean=1.0), p + "post_attention_layernorm.weight": weight(h, mean=1.0),
+                  p + "self_attn.q_proj.weight": weight(cfg.num_heads * d, h),
+                  p + "self_attn.k_proj.weight": weight(cfg.num_kv_heads * d, h),
+                  p + "self_attn.v_proj.weight": weight(cfg.num_kv_heads * d, h),
+                  p + "self_attn.o_proj.weight": weight(h, cfg.num_heads * d),
+                  p + "self_attn.q_norm.weight": weight(d, mean=1.0), p + "self_attn.k_norm.weight": weight(d, mean=1.0),
+                  p + "mlp.gate_proj.weight": weight(inter, h), p + "mlp.up_proj.weight": weight(inter, h),
+                  p + "mlp.down_proj.weight": weight(h, inter)}
+    model = build_model(cfg, state, "cpu", torch.float32, MAX_LEN, TorchBackend())
+    kv = KVCache(cfg.num_layers, NUM_BLOCKS, cfg.num_kv_heads, BLOCK_SIZE, cfg.head_dim, "cpu", torch.float32)
+    return model, kv
+
+
+def test_qwen3_decode_step_norms_q_and_k_heads_as_the_torch_backend_does():
+    """Qwen3's layers in the step: q and k heads normed in the fused projection's output before
+    the rotation; hidden states, greedy tokens, K/V and skips as the torch backend's decode."""
+    generator = torch.Generator().manual_seed(0)
+    model, kv = random_qwen3(generator)
+    prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+    skip = SkipConfig(cold_start=1, cold_end=1)  # hot layers 1 and 2 of 4
+    policy = build_policy(skip, model.cfg.num_layers)
+    skipping = [RowSkip(0, -1.0), RowSkip(2, -1.0), RowSkip(0, -1.0)]
+    gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
+    assert LlamaDecodeStep.fits(model, kv) and model.layers[0].kind == "qwen3"
+    step = LlamaDecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
+    with torch.inference_mode():
+        kv.k.zero_()
+        kv.v.zero_()
+        meta = AttentionMetadata.for_prefill([(t, 0, len(p) - 1) for t, p in zip(TABLES, prompts)], BLOCK_SIZE, "cpu")
+        model.forward(torch.tensor([t for p in prompts for t in p[:-1]]), meta, kv, DenseGate(model.cfg.num_layers))
+        k_prefilled, v_prefilled = kv.k.clone(), kv.v.clone()
+
+        def torch_decode(tokens, positions, gate):
+            meta = AttentionMetadata.for_decode(TABLES, positions, BLOCK_SIZE, "cpu", torch.float32)
+            hidden = model.forward(torch.tensor(tokens), meta, kv, gate)
+            return hidden, model.logits(hidden)
+
+        def step_decode(tokens, positions, gate):
+            hidden = step(tokens, positions, TABLES, gate).clone()
+            return hidden, model.logits(hidden)
+
+        expected = decode_steps(torch_decode, prompts, gates)
+        k_expected, v_expected = kv.k.clone(), kv.v.clone()
+        kv.k.copy_(k_prefilled)
+        kv.v.copy_(v_prefilled)
+        got = decode_steps(step_decode, prompts, gates)
+
+    for (hidden, tokens, counts), (hidden_ref, tokens_ref, counts_ref) in zip(got, expected):
+        torch.testing.assert_close(hidden, hidden_ref, **TOLERANCE)
+        assert tokens == tokens_ref
+        assert counts == counts_ref
+    assert expected[1][2][0] == [0, 2, 0]
+    torch.testing.assert_close(kv.k, k_expected, **TOLERANCE)
+    torch.testing.assert_close(kv.v, v_expected, **TOLERANCE)
+    assert not torch.equal(kv.k, k_prefilled)

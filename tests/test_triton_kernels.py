@@ -16,7 +16,7 @@ from engine.backends.cuda.decode_attention import paged_decode_attention  # noqa
 from engine.backends.cuda.gated_activation import gelu_tanh_mul, silu_mul  # noqa: E402
 from engine.backends.cuda.masked_ffn import MaskedFFN  # noqa: E402
 from engine.backends.cuda.masked_linear import masked_linear  # noqa: E402
-from engine.backends.cuda.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from engine.backends.cuda.rms_norm import add_rms_norm, head_rms_norm, rms_norm  # noqa: E402
 from engine.backends.cuda.rotary_kv import rotary_and_write_kv  # noqa: E402
 from engine.backends.cuda.write_kv import write_kv  # noqa: E402
 
@@ -148,6 +148,24 @@ def test_add_rms_norm_returns_the_norm_of_the_sum_and_updates_the_residual_in_pl
     # to nearest: equal within one bf16 ulp
     torch.testing.assert_close(summed.float(), summed_expect.float(), atol=0, rtol=2 ** -7)
     torch.testing.assert_close(normed.float(), normed_expect, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads,dtype", [(128, 4, 2, torch.float32), (80, 3, 1, torch.bfloat16)])
+def test_head_rms_norm_norms_q_and_k_heads_in_place_inside_the_fused_projection(head_dim, heads, kv_heads, dtype):
+    """Qwen3's per-head norms on the q and k heads of a [rows, q|k|v heads, head_dim] projection
+    output, each with its weight, in place; v's heads untouched."""
+    rows = 3
+    qkv = randn(rows, heads + 2 * kv_heads, head_dim, dtype=dtype)
+    before = qkv.clone()
+    q_weight, k_weight = randn(head_dim, dtype=dtype), randn(head_dim, dtype=dtype)
+
+    head_rms_norm(qkv[:, :heads], q_weight, 1e-6)
+    head_rms_norm(qkv[:, heads:heads + kv_heads], k_weight, 1e-6)
+
+    for part, weight in ((slice(0, heads), q_weight), (slice(heads, heads + kv_heads), k_weight)):
+        expect = F.rms_norm(before[:, part].float(), (head_dim,), weight.float(), 1e-6)
+        torch.testing.assert_close(qkv[:, part].float(), expect, **TOLERANCE[dtype])
+    assert torch.equal(qkv[:, heads + kv_heads:], before[:, heads + kv_heads:])
 
 
 def reference_rotary(x, cos, sin):

@@ -1,10 +1,11 @@
-"""The Llama-family decode step of the CUDA backend: Triton kernels, the FFN skip decided on the
-device, replayed as a CUDA graph per batch bucket (graphs.py).
+"""The Llama-family (and Qwen3) decode step of the CUDA backend: Triton kernels, the FFN skip
+decided on the device, replayed as a CUDA graph per batch bucket (graphs.py).
 
 Per layer, reading only the static buffers of graphs.py (so the step can be captured) and never
 synchronizing with the host:
 
-    rmsnorm -> q|k|v projection (cuBLAS) -> rotary on q in place, on k as it goes into the cache
+    rmsnorm -> q|k|v projection (cuBLAS) -> Qwen3: each q and k head normed in place -> rotary
+    on q in place, on k as it goes into the cache
     with v (one kernel; padded rows write nothing) -> paged decode attention through the block tables -> o_proj
     (cuBLAS) -> residual add fused with the FFN's rmsnorm -> the FFN
 
@@ -35,7 +36,7 @@ from engine.backends.cuda.gated_activation import ACTIVATIONS
 from engine.backends.cuda.graphs import DecodeBatch, DecodeGraphs, DecodeInputs, StaticDecodeBuffers
 from engine.backends.cuda.masked_ffn import MaskedFFN
 from engine.backends.cuda.masked_linear import masked_linear
-from engine.backends.cuda.rms_norm import add_rms_norm, rms_norm
+from engine.backends.cuda.rms_norm import add_rms_norm, head_rms_norm, rms_norm
 from engine.backends.cuda.rotary_kv import rotary_and_write_kv
 from engine.backends.cuda.tile_tuning import MaskedProduct, prefer_masked, tune_masked_linear
 from engine.backends.torch_backend import PlainLinear
@@ -74,12 +75,12 @@ class LlamaDecodeStep:
 
     @staticmethod
     def fits(model, kv) -> bool:
-        """Plain Llama layers (full attention) with dense weights in the activations' dtype, and a
-        KV cache in that dtype too."""
+        """Llama or Qwen3 layers (full attention) with dense weights in the activations' dtype, and
+        a KV cache in that dtype too."""
         act = model.act_dtype
         linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         return (isinstance(model.embed, torch.Tensor) and kv.k.dtype == act and model.cfg.head_dim % 2 == 0
-                and all(layer.kind == "llama" and layer.window is None for layer in model.layers)
+                and all(layer.kind in ("llama", "qwen3") and layer.window is None for layer in model.layers)
                 and all(isinstance(lin, PlainLinear) and lin.dtype == act and lin.weight.is_contiguous()
                         for lin in linears))
 
@@ -121,6 +122,9 @@ class LlamaDecodeStep:
         for i, layer in enumerate(model.layers):
             qkv = F.linear(rms_norm(x, layer.input_norm, eps), layer.qkv.weight, layer.qkv.bias)
             qkv = qkv.view(rows, heads + 2 * kv_heads, head_dim)
+            if layer.kind == "qwen3":  # per-head norms before the rotation
+                head_rms_norm(qkv[:, :heads], layer.q_norm, eps)
+                head_rms_norm(qkv[:, heads:heads + kv_heads], layer.k_norm, eps)
             rotary_and_write_kv(qkv, cos, sin, kv.k[i], kv.v[i], batch.slots, heads, kv_heads)
             attn = paged_decode_attention(qkv[:, :heads], kv.k[i], kv.v[i], batch.block_tables, batch.context_lens,
                                           head_dim ** -0.5)
