@@ -24,7 +24,7 @@ COPY engine ./engine
 COPY server ./server
 RUN pip install -e . \
  && mkdir -p /models/cache \
- && python -c "from engine.loader import ensure_hf_dir; ensure_hf_dir('')" \
+ && python -c "from engine.loader import ensure_hf_dir; ensure_hf_dir('', dense=False)" \
  && chown -R skipserve:skipserve /models
 
 USER skipserve

@@ -203,7 +203,10 @@ def main():
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(str(engine.hf_dir), dtype=engine.runner.dtype).eval()
+        from engine.loader import ensure_hf_dir
+
+        dense_dir = ensure_hf_dir(engine.config.model, engine.config.cache_dir)  # HF reads dense weights
+        hf = AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=engine.runner.dtype).eval()
         hf_run(hf, prompt, 8)
         fns["hf_generate"] = lambda: hf_run(hf, prompt, n)
     res = alternate(fns, args.rounds)

@@ -1,10 +1,12 @@
-"""A GGUF model's weights with its matrices kept quantized, under the HF names the models use.
+"""A GGUF model's weights with its matrices kept quantized, under the HF names the models use, read
+from the file alone (no dense conversion: engine/loader.py writes one only for dense dtypes).
 
 Matrices in a format of `engine/quant/formats.py` become `QuantWeight`s read from the GGUF's own
-blocks; everything else (norms, biases, matrices in other formats) comes from the dense conversion
-`engine/loader.py` already made, so architecture fixes transformers applies there (Gemma's norms)
-stay in one place. llama.cpp stores Llama's q/k projections with the rows of each head reordered
-for its rotary layout; that is a permutation of whole rows, undone here on the quantized rows.
+blocks; everything else (norms, biases, matrices in other formats: F16, BF16, F32, or quantized
+ones the kernels do not take) is dequantized to fp32 by gguf-py, with the fixes transformers'
+GGUF loader applies (each is checked against its dense conversion in the tests): llama.cpp stores
+Llama's q/k projections with the rows of each head reordered for its rotary layout, undone here
+(on the quantized rows too, a permutation of whole rows), and Gemma's norms as 1 + w.
 """
 from __future__ import annotations
 
@@ -21,63 +23,75 @@ from engine.quant.formats import SUPPORTED, to_weight
 log = logging.getLogger("skipserve.loader")
 
 # GGUF tensor name -> HF name (blk.N.* -> model.layers.N.*)
-TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight"}
+TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+             "output_norm.weight": "model.norm.weight"}
 IN_LAYER = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
-ROTARY_PERMUTED = {"llama", "mistral"}  # architectures whose q/k rows llama.cpp's converter reorders
+# Gemma's four norms a layer: llama.cpp's names for the second and third differ in meaning
+GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"}
+GEMMA = {"gemma2", "gemma3"}
+ROTARY_PERMUTED = {"llama"}  # architectures whose q/k rows llama.cpp's converter reorders (Mistral's files say llama)
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in TOP_LEVEL:
         return TOP_LEVEL[gguf_name]
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-    if match and match.group(2) in IN_LAYER:
-        return f"model.layers.{match.group(1)}.{IN_LAYER[match.group(2)]}.weight"
-    return None
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if not match:
+        return None
+    layer, part, kind = match.groups()
+    name = (GEMMA_NORMS.get(part) if arch in GEMMA else None) or IN_LAYER.get(part)
+    return f"model.layers.{layer}.{name}.{kind}" if name else None
 
 
 def unpermute_rotary(weight: QuantWeight, heads: int) -> QuantWeight:
     """Undo llama.cpp's per-head row order (rows (half, 2) -> (2, half)) on q or k."""
-    rows = weight.shape[0]
+    return weight.permute_rows(rotary_order(weight.shape[0], heads))
+
+
+def rotary_order(rows: int, heads: int) -> torch.Tensor:
     half = rows // heads // 2
-    order = torch.arange(rows).view(heads, half, 2).transpose(1, 2).reshape(-1)
-    return weight.permute_rows(order)
+    return torch.arange(rows).view(heads, half, 2).transpose(1, 2).reshape(-1)
 
 
-def load_quantized(gguf_path: Path) -> dict[str, QuantWeight]:
-    """The GGUF's matrices in a supported format, as HF name -> QuantWeight."""
+def load_weights(gguf_path: Path) -> dict:
+    """HF name -> QuantWeight for the GGUF's matrices in a supported format, fp32 tensors for the
+    rest; tensors no model reads (llama.cpp's rope_freqs, say) are left out."""
     from gguf import GGUFReader
+    from gguf.quants import dequantize
 
     reader = GGUFReader(str(gguf_path))
     arch = _field(reader, "general.architecture")
     heads = {"q_proj": _field(reader, f"{arch}.attention.head_count"),
              "k_proj": _field(reader, f"{arch}.attention.head_count_kv")}
-    weights = {}
+    weights, skipped = {}, []
     for tensor in reader.tensors:
-        kind, name = tensor.tensor_type.name, hf_name(tensor.name)
-        if kind not in SUPPORTED or name is None:
+        kind, name = tensor.tensor_type.name, hf_name(tensor.name, arch)
+        if name is None:
+            skipped.append(tensor.name)
             continue
-        weight = to_weight(kind, np.asarray(tensor.data), int(tensor.shape[0]))
         projection = name.split(".")[-2]
-        if arch in ROTARY_PERMUTED and projection in heads:
-            weight = unpermute_rotary(weight, heads[projection])
-        weights[name] = weight
-    return weights
-
-
-def load_weights(gguf_path: Path, hf_dir: Path) -> dict:
-    """HF name -> QuantWeight for the quantized matrices, dense tensors (from `hf_dir`) for the rest."""
-    from safetensors import safe_open
-
-    weights: dict = load_quantized(gguf_path)
-    for file in sorted(Path(hf_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key not in weights:
-                    weights[key] = f.get_tensor(key)
+        permuted = arch in ROTARY_PERMUTED and projection in heads
+        if kind in SUPPORTED and name.endswith(".weight") and len(tensor.shape) == 2:
+            weight = to_weight(kind, np.asarray(tensor.data), int(tensor.shape[0]))
+            weights[name] = unpermute_rotary(weight, heads[projection]) if permuted else weight
+            continue
+        # GGUF lists dimensions innermost first; the numpy data is already [rows, columns]
+        shape = [int(d) for d in reversed(tensor.shape)]
+        dense = torch.from_numpy(np.array(dequantize(np.asarray(tensor.data), tensor.tensor_type),
+                                          dtype=np.float32)).reshape(shape)  # a copy: the file is mapped read-only
+        if permuted:
+            dense = dense[rotary_order(dense.shape[0], heads[projection])].contiguous()
+        if arch in GEMMA and name.endswith("norm.weight"):
+            dense = dense - 1.0
+        weights[name] = dense
+    if skipped:
+        log.info("GGUF tensors no model reads, left out: %s", ", ".join(skipped))
     return weights
 
 

@@ -34,12 +34,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         Pooling(config.pooling)  # a config file's unknown method stops the start before the load, as the CLI's would
-        self.hf_dir = ensure_hf_dir(config.model, config.cache_dir)
+        self.hf_dir = ensure_hf_dir(config.model, config.cache_dir, dense=False)  # the runner asks for dense weights
         self.tokenizer = Tokenizer(self.hf_dir, config.chat_template)
         self.model_config = ModelConfig.from_hf_dir(self.hf_dir)
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         config.max_model_len = self.max_model_len
-        self.runner = ModelRunner(config, self.model_config, self.hf_dir)
+        self.runner = ModelRunner(config, self.model_config)
         self.blocks = BlockManager(self.runner.capacity.num_blocks, config.block_size, config.prefix_caching)
         # speculative decoding where the backend checks drafts (engine/ngram_drafter.py)
         if not 0 <= config.speculative_tokens < Scheduler.MAX_ROWS_WITH_DRAFTS:

@@ -1,10 +1,14 @@
-"""Find model files and turn them into a local HF folder of dense safetensors.
+"""Find model files and turn them into a local HF folder.
 
-A GGUF file is dequantized once (through transformers) and cached as a HF folder keyed by
-the file's SHA-256, so later starts read plain safetensors. Nothing here touches the network.
+A GGUF file's metadata (config, generation config, tokenizer) is read once through transformers
+and cached as a HF folder keyed by the file's SHA-256; its weights join that folder as dense
+safetensors (dequantized through transformers) only when something asks for dense weights: the
+CPU's quantized kernels read the GGUF itself (engine/gguf_weights.py), so a 7B file served on
+them is never expanded to fp32 (28 GB) on disk or in memory. Nothing here touches the network.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -12,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 # Air-gapped by construction: transformers must never try a hub.
@@ -79,45 +84,90 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def ensure_hf_dir(model: str, cache_dir: str | None = None) -> Path:
-    """Return a HF folder (config.json, tokenizer, *.safetensors) for `model`."""
+def ensure_hf_dir(model: str, cache_dir: str | None = None, dense: bool = True) -> Path:
+    """Return a HF folder for `model`: config.json, generation config and tokenizer, and with
+    `dense` its weights as *.safetensors too."""
     path = resolve_model_path(model, cache_dir)
     if path.is_dir():
         return path
-    target = cache_root(cache_dir) / f"{path.stem}-{file_sha256(path)[:16]}"
-    if (target / "model.safetensors").exists():
-        return target
-    convert_gguf(path, target)
+    stat = path.stat()
+    target = cache_root(cache_dir) / f"{path.stem}-{_file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"
+    if not (target / "config.json").exists():
+        write_metadata(path, target)
+    if dense and not (target / DENSE_WEIGHTS).exists():
+        write_dense_weights(path, target)
     return target
 
 
-def convert_gguf(gguf_path: Path, target: Path) -> None:
+DENSE_WEIGHTS = "model.safetensors"
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """The first 16 hex digits of the file's SHA-256, once per process and version of the file (a
+    7B GGUF takes seconds to hash)."""
+    return file_sha256(Path(path))[:16]
+
+
+def _unique(path: Path) -> Path:
+    """A temporary name beside `path`: unique across processes and hosts sharing a cache volume
+    (containers all run as PID 1)."""
+    return path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+
+
+def write_metadata(gguf_path: Path, target: Path) -> None:
+    """The GGUF's config, generation config and tokenizer as a HF folder (no weights: seconds)."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    t0 = time.perf_counter()
+    tmp = _unique(target)
+    tmp.mkdir(parents=True)
+    try:
+        kw = dict(gguf_file=gguf_path.name)
+        config = AutoConfig.from_pretrained(str(gguf_path.parent), **kw)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        # transformers reads no head width for some architectures (Qwen3: its config's default, 128)
+        field = GGUFReader(str(gguf_path)).fields.get(f"{config.model_type}.attention.key_length")
+        if field is not None and getattr(config, "head_dim", None) not in (None, int(field.contents())):
+            config.head_dim = int(field.contents())
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw).save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process put it there first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.warning("read %s's config and tokenizer into %s (one time, %.1f s)", gguf_path.name, target,
+                time.perf_counter() - t0)
+
+
+def write_dense_weights(gguf_path: Path, target: Path) -> None:
+    """The GGUF's weights dequantized to fp32 safetensors in `target` (dense dtypes, CUDA, HF's
+    own model on the same weights)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    log.warning("converting %s to dense safetensors in %s (one time, ~30 s)", gguf_path.name, target)
+    log.warning("dequantizing %s to dense safetensors in %s (one time, ~30 s for a 135M model)", gguf_path.name,
+                target)
     t0 = time.perf_counter()
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    kw = dict(gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
-    log.warning("  tokenizer read (%.1f s); dequantizing weights", time.perf_counter() - t0)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32,
+                                                 gguf_file=gguf_path.name)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    log.warning("  converted in %.1f s", time.perf_counter() - t0)
+    tmp = _unique(target / DENSE_WEIGHTS)
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.rename(target / DENSE_WEIGHTS)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.warning("  dequantized in %.1f s", time.perf_counter() - t0)
 
 
 def load_state_dict(hf_dir: Path) -> dict:

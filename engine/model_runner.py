@@ -30,8 +30,8 @@ from engine.heap import drop_unwritten_file_pages, freeze_loaded_objects, releas
 from engine.kv.cache import KVCache
 from engine.kv.capacity import DeviceMemory, plan_capacity
 from engine.kv.metadata import AttentionMetadata
-from engine.loader import load_state_dict
-from engine.models import build_model
+from engine.loader import ensure_hf_dir, load_state_dict
+from engine.models import build_model, check_architecture
 from engine.quant.int8 import quantize_state
 from engine.sampler import SampleRow, Sampled, sample, token_logprobs
 from engine.scheduler import ScheduledBatch
@@ -114,7 +114,7 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, hf_dir):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig):
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
@@ -131,8 +131,9 @@ class ModelRunner:
         if config.quantize and self.device.type != "cpu":
             raise ValueError(f"--quantize {config.quantize} runs on the CPU's quantized kernels, not on {self.device}")
         # --quantize int8 rounds dense weights (a GGUF's dequantized ones too); else a GGUF may be served as it is
+        check_architecture(model_config)
         gguf = None if config.quantize else quantized_gguf(config.model, config.cache_dir, config.dtype, self.device)
-        state = load_weights(gguf, hf_dir) if gguf else load_state_dict(hf_dir)
+        state = load_weights(gguf) if gguf else load_state_dict(ensure_hf_dir(config.model, config.cache_dir))
         if config.quantize == "int8":
             state = quantize_state(state)
         self.backend = select_backend(self.device)

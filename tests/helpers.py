@@ -99,6 +99,22 @@ async def stream_chat(aclient, **request) -> tuple[str, str | None]:
     stream = await aclient.chat.completions.create(stream=True, **request)
     chunks = [c async for c in stream if c.choices]
     return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+def assert_gguf_weights_equal_the_dense_conversion(gguf_path, hf_dir) -> tuple[dict, dict]:
+    """What the quantized path reads from a GGUF (engine/gguf_weights.py: QuantWeights and fp32
+    tensors) holds the names and, dequantized, the values of transformers' dense conversion of the
+    same file, bit for bit -> (the GGUF's weights, the dense state)."""
+    from engine.gguf_weights import load_weights
+    from engine.loader import load_state_dict
+    from engine.quant import QuantWeight
+
+    weights, dense = load_weights(gguf_path), load_state_dict(hf_dir)
+    assert set(weights) == set(dense)
+    for name, weight in weights.items():
+        value = weight.dequantize() if isinstance(weight, QuantWeight) else weight
+        assert torch.equal(value, dense[name]), name
+    return weights, dense
+
+
 def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]], skips: int = 8):
     """A dense decode step and steps whose gate skips FFNs (rows 0 and 2 skip `skips` layers, row 1 none)
     through the native layer calls give the per-op path's logits, K/V and skip counts to the bit:

@@ -14,7 +14,8 @@ from engine.config import EngineConfig, SkipConfig
 from engine.native import quant_ops
 from engine.sampling_params import SamplingParams
 from tests.conftest import ServerProcess
-from tests.helpers import assert_layer_calls_equal_the_per_op_path, hf_greedy, run_staggered
+from tests.helpers import (assert_gguf_weights_equal_the_dense_conversion, assert_layer_calls_equal_the_per_op_path,
+                           hf_greedy, run_staggered)
 from tests.tiny_gguf import LAYERS, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
@@ -71,6 +72,24 @@ def prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
     runner = engine.runner
     with engine.kv_blocks([len(prompt)]) as (table,):
         return runner.logits(runner.prefill([(prompt, table, 0)]))
+
+
+def test_quantized_engine_reads_the_file_alone_and_its_weights_equal_the_dense_conversion(gguf, cache_dir, dense):
+    """Served on the quantized kernels, a GGUF is read as it is: the engine's cache folder gets its
+    config and tokenizer but no dense weights (a 7B file is not expanded to fp32); what it reads
+    equals transformers' dense conversion (biases and per-head norms included)."""
+    from engine.loader import ensure_hf_dir
+
+    fresh = cache_dir / f"fresh-{gguf.stem}"
+    engine = tiny_engine(gguf, fresh, "auto")
+    if not engine.runner.quantized:
+        pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
+    assert (engine.hf_dir / "config.json").exists() and (engine.hf_dir / "tokenizer.json").exists()
+    assert not list(fresh.rglob("*.safetensors"))
+    assert ensure_hf_dir(str(gguf), str(cache_dir)) == dense.hf_dir  # the fp32 engine's folder has them
+    weights, _ = assert_gguf_weights_equal_the_dense_conversion(gguf, dense.hf_dir)
+    extra = {"qwen3": "model.layers.0.self_attn.k_norm.weight", "qwen2": "model.layers.0.self_attn.v_proj.bias"}
+    assert extra[gguf.stem] in weights
 
 
 def test_fp32_logits_and_greedy_text_equal_hf(dense, hf_model, prompts, gguf):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import ServerProcess
-from tests.helpers import assert_layer_calls_equal_the_per_op_path, hf_greedy
+from tests.helpers import assert_gguf_weights_equal_the_dense_conversion, assert_layer_calls_equal_the_per_op_path, hf_greedy
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
@@ -23,7 +23,7 @@ def test_gemma3_preset_greedy_tokens_equal_hf(gemma_server):
 
     from engine.loader import ensure_hf_dir
 
-    hf_dir = ensure_hf_dir("gemma3-270m")  # the server converted it already: this is a cache hit
+    hf_dir = ensure_hf_dir("gemma3-270m")  # dense weights for HF (the server read the GGUF itself)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     client = openai.OpenAI(base_url=gemma_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -43,7 +43,7 @@ def test_gemma3_chat_without_a_template_keeps_bos(gemma_server):
 
     from engine.loader import ensure_hf_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ensure_hf_dir("gemma3-270m")))
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_hf_dir("gemma3-270m", dense=False)))
     messages = [{"role": "user", "content": "The capital of France is"}]
     tokens = httpx.post(gemma_server.url + "/tokenize", json={"messages": messages}, timeout=30).json()["tokens"]
     assert tokens[0] == tokenizer.bos_token_id
@@ -108,6 +108,16 @@ def gemma_engine():
     return LLMEngine(config)
 
 
+def test_gemma3_gguf_weights_equal_the_dense_conversion():
+    """Gemma's norms as the GGUF holds them (1 + w) undone, its four norms a layer and per-head
+    q/k norms named, its quantized matrices repacked: transformers' dense conversion, bit for bit."""
+    from engine.loader import embedded_gguf, ensure_hf_dir
+
+    weights, _ = assert_gguf_weights_equal_the_dense_conversion(embedded_gguf("gemma3-270m"),
+                                                                ensure_hf_dir("gemma3-270m"))
+    assert "model.layers.0.post_feedforward_layernorm.weight" in weights
+
+
 def test_gemma3_native_decode_step_is_the_per_op_path_to_the_bit(gemma_engine):
     """Gemma's layers in decode_layers.cpp (four norms, per-head q/k norms, GELU-tanh, two rotary
     tables): logits, K/V and skips equal the per-op path's, dense and skipping. Two rows' contexts
@@ -161,8 +171,8 @@ def test_a_config_with_only_sliding_window_pattern_gets_its_layer_types(tmp_path
     from engine.config import ModelConfig
     from engine.loader import ensure_hf_dir
 
-    raw = json.loads((ensure_hf_dir("gemma3-270m") / "config.json").read_text())
-    given = ModelConfig.from_hf_dir(ensure_hf_dir("gemma3-270m")).layer_types
+    raw = json.loads((ensure_hf_dir("gemma3-270m", dense=False) / "config.json").read_text())
+    given = ModelConfig.from_hf_dir(ensure_hf_dir("gemma3-270m", dense=False)).layer_types
     assert given.count("full_attention") == 3 and len(given) == 18
     older = {k: v for k, v in raw.items() if k != "layer_types"} | {"sliding_window_pattern": 6}
     (tmp_path / "config.json").write_text(json.dumps(older))

@@ -46,7 +46,7 @@ def test_metrics_report_the_process_memory_and_the_kv_cache(server):
     from server.config_file import load_config, preset_path
 
     kv = server.metric("kv_cache_bytes")
-    preset, model = load_config(preset_path(MODEL)), ModelConfig.from_hf_dir(ensure_hf_dir(MODEL))
+    preset, model = load_config(preset_path(MODEL)), ModelConfig.from_hf_dir(ensure_hf_dir(MODEL, dense=False))
     per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim  # K and V elements
     if cuda_available():  # the preset's device auto serves on the GPU
         block = preset.block_size * per_token * 2

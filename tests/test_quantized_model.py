@@ -14,7 +14,9 @@ import torch
 from engine.native import quant_ops
 from engine.sampling_params import SamplingParams
 from engine.skip import RowSkip, build_policy
-from tests.helpers import assert_layer_calls_equal_the_per_op_path, recording_down_kernels, run_staggered
+from engine.quant import QuantWeight
+from tests.helpers import (assert_gguf_weights_equal_the_dense_conversion, assert_layer_calls_equal_the_per_op_path,
+                           recording_down_kernels, run_staggered)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
@@ -39,22 +41,19 @@ def prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
 
 
 def test_gguf_matrices_stay_quantized_and_equal_the_dense_conversion(quantized):
-    """Every projection and the tied embedding hold the GGUF's blocks, repacked without loss: they
-    dequantize to the dense conversion's tensors bit for bit (which also checks the names and the
-    undone q/k row permutation)."""
-    from engine.gguf_weights import load_quantized
-    from engine.loader import load_state_dict, resolve_model_path
+    """Every projection and the tied embedding hold the GGUF's blocks, repacked without loss; what
+    the engine reads from the file equals transformers' dense conversion bit for bit (which also
+    checks the names and the undone q/k row permutation)."""
+    from engine.loader import resolve_model_path
 
     model = quantized.runner.model
     assert all(lin.backend.startswith("quant-") for layer in model.layers
                for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
     assert model.lm_head.weight is model.embed  # tied: the lm_head reads the quantized embedding
-    weights = load_quantized(resolve_model_path(quantized.config.model))
-    dense = load_state_dict(quantized.hf_dir)
-    assert {w.source for w in weights.values()} == {"Q4_1", "Q8_0"}
-    for name, weight in weights.items():
-        assert torch.equal(weight.dequantize(), dense[name]), name
-    fp32_bytes = sum(t.numel() * 4 for name, t in dense.items() if name in weights)
+    weights, dense = assert_gguf_weights_equal_the_dense_conversion(resolve_model_path(quantized.config.model),
+                                                                    quantized.hf_dir)
+    assert {w.source for w in weights.values() if isinstance(w, QuantWeight)} == {"Q4_1", "Q8_0"}
+    fp32_bytes = sum(t.numel() * 4 for name, t in dense.items() if isinstance(weights[name], QuantWeight))
     assert sum(model.weight_bytes().values()) < fp32_bytes / 4
 
 

@@ -441,7 +441,7 @@ def test_token_bytes_are_what_decoding_each_token_gives(model):
     from engine.loader import ensure_hf_dir
     from engine.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer(ensure_hf_dir(model))
+    tokenizer = Tokenizer(ensure_hf_dir(model, dense=False))
     token_bytes = tokenizer.token_bytes()
     checked = 0
     for token_id in range(0, len(token_bytes), 37):

@@ -18,7 +18,7 @@ CHATS = [[{"role": "user", "content": "Explain why the sky is blue."}],
 def folders(engine):
     from engine.loader import ensure_hf_dir
 
-    return {"smollm2": engine.hf_dir, "gemma3": ensure_hf_dir("gemma3-270m")}
+    return {"smollm2": engine.hf_dir, "gemma3": ensure_hf_dir("gemma3-270m", dense=False)}
 
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
@@ -85,7 +85,7 @@ def test_logprob_tokens_keep_their_leading_space_under_a_decoder_that_strips_one
 
     from engine.loader import ensure_hf_dir
 
-    source = ensure_hf_dir("gemma3-270m")
+    source = ensure_hf_dir("gemma3-270m", dense=False)
     spec = json.loads((source / "tokenizer.json").read_text())
     decoder = spec["decoder"]
     steps = decoder["decoders"] if decoder.get("type") == "Sequence" else [decoder]

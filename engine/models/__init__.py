@@ -9,6 +9,13 @@ GEMMA3 = {"gemma3_text", "gemma3"}
 QWEN3 = {"qwen3"}
 
 
+def check_architecture(config: ModelConfig) -> None:
+    """Raises for a model no implementation here runs: before its weights are read."""
+    if config.model_type not in LLAMA_FAMILY | QWEN3 | GEMMA3:
+        raise ValueError(f"unsupported architecture {config.model_type!r} "
+                         f"(supported: {sorted(LLAMA_FAMILY | QWEN3 | GEMMA3)})")
+
+
 def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, ops):
     if config.model_type in LLAMA_FAMILY:
         from engine.models.llama import LlamaModel
@@ -22,5 +29,4 @@ def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, o
         from engine.models.gemma3 import Gemma3Model
 
         return Gemma3Model(config, state, device, dtype, max_len, ops)
-    raise ValueError(f"unsupported architecture {config.model_type!r} "
-                     f"(supported: {sorted(LLAMA_FAMILY | QWEN3 | GEMMA3)})")
+    check_architecture(config)

@@ -30,6 +30,8 @@ class LlamaLayer:
             return ops.linear([to_device(weights[prefix + n], device, dtype) for n in names], bias)
 
         self.cfg, self.ops = cfg, ops
+        if cfg.model_type == "mistral" and cfg.sliding_window:  # Mistral 7B v0.1 (later ones: null)
+            self.window = cfg.sliding_window
         self.scale = cfg.head_dim ** -0.5  # attention's
         self.input_norm = w("input_layernorm.weight", act_dtype)
         self.post_attn_norm = w("post_attention_layernorm.weight", act_dtype)
