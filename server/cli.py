@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 
 from engine.config import KV_CACHE_DTYPES, EngineConfig
+from server.reasoning import PARSERS as REASONING_PARSERS
 
 DEFAULT_PRESET = "smollm2-135m-instruct"
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # what a browser sends as Origin: scheme://host[:port]
@@ -79,6 +80,10 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--chat-template", default=None,
                    help="a Jinja chat template, or a file holding one, to use instead of the model's own "
                         "(as transformers' apply_chat_template renders it) (default: the model's)")
+    m.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
+                   help="chat answers' thinking (<think>...</think>) as message.reasoning_content apart from the "
+                        "content, as vLLM's parsers of these names: qwen3 (an answer that opens with <think>), "
+                        "deepseek_r1 (the prompt opens it) (default: none, thinking stays in the content)")
     m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     m.add_argument("--enforce-eager", action="store_true", default=None,
                    help="CUDA: run decode steps eagerly, without capturing CUDA graphs")
@@ -213,7 +218,7 @@ def serve(argv: list[str]) -> None:
 
     names = (config.served_model_name, *(args.served_model_name or [])[1:])
     app = create_app(engine, names, api_key, args.max_request_bytes, engine_failed,
-                     args.allowed_origins)
+                     args.allowed_origins, args.reasoning_parser)
 
     grace = max(0.0, args.grace_period)
     # sse-starlette would cut every stream the moment SIGTERM arrives; we drain them ourselves:

@@ -17,6 +17,7 @@ from server.errors import error_body
 from server.generation import (Usage, check_model, consume, encode_chat, overall_finish, ready_tokenizer, stopped,
                                submit, tokenize_batch)
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.reasoning import ReasoningSplit
 
 router = APIRouter()
 
@@ -28,6 +29,7 @@ class Choice:
     finish_reason: str | None = None
     streamed: int = 0  # characters of text sent as content so far (streaming)
     offset: int = 0  # text_offset of the next token with logprobs (streaming)
+    split: ReasoningSplit | None = None  # --reasoning-parser, streaming: `text` is then the content
 
 
 def chat_logprobs(entries, tokenizer) -> dict:
@@ -77,6 +79,7 @@ class CompletionCall:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.tools = None  # a chat request's ToolUse (server/tool_calls.py)
+        self.reasoning = None  # the --reasoning-parser that splits this request's answers, if any
 
     @property
     def tool_mode(self) -> str:
@@ -94,7 +97,10 @@ class CompletionCall:
             prompts = await self._completion_prompts()
             param = "prompt"
         self.num_choices = len(prompts) * body.n
-        stream, self.timer = await submit(state, self.id, prompts, body.to_sampling(), body.skip(), param)
+        sampling = body.to_sampling()
+        if self.chat and not sampling.constrained:  # a grammar leaves no room to think
+            self.reasoning = state.reasoning_parser
+        stream, self.timer = await submit(state, self.id, prompts, sampling, body.skip(), param)
         return stream
 
     async def _completion_prompts(self) -> list[list[int]]:
@@ -153,18 +159,21 @@ class CompletionCall:
 
         return await asyncio.to_thread(answer)
 
-    def _tool_calls(self, c: Choice) -> list[dict] | None:
-        """A finished answer's tool calls, where the request allows them and the answer is one."""
+    def _tool_calls(self, c: Choice, content: str) -> list[dict] | None:
+        """A finished answer's tool calls, where the request allows them and its content is one."""
         if self.tool_mode == "none" or c.finish_reason != "stop":
             return None
-        return self.tools.parse(c.text)
+        return self.tools.parse(content)
 
     def _choice_body(self, index: int, c: Choice) -> dict:
         want = self.wants_logprobs
         if self.chat:
-            calls = self._tool_calls(c)
-            message = {"role": "assistant", "content": c.text} if calls is None else \
+            reasoning, content = ReasoningSplit.whole(self.reasoning, c.text) if self.reasoning else (None, c.text)
+            calls = self._tool_calls(c, content)
+            message = {"role": "assistant", "content": content} if calls is None else \
                 {"role": "assistant", "content": None, "tool_calls": calls}
+            if self.reasoning:
+                message["reasoning_content"] = reasoning
             return {"index": index, "message": message,
                     "logprobs": chat_logprobs(c.logprobs, self.tokenizer) if want else None,
                     "finish_reason": "tool_calls" if calls else c.finish_reason}
@@ -174,7 +183,8 @@ class CompletionCall:
 
     # ---- streaming ---------------------------------------------------------------------------
     async def events(self, stream):
-        choices = {i: Choice(self.echo(i)) for i in range(self.num_choices)}
+        choices = {i: Choice(self.echo(i), split=ReasoningSplit(self.reasoning) if self.reasoning else None)
+                   for i in range(self.num_choices)}
         usage = Usage()
         include_usage = self.body.include_usage
         extra = {"usage": None} if include_usage else {}
@@ -194,6 +204,13 @@ class CompletionCall:
                 if out.prompt_logprobs and self.wants_logprobs:
                     prompt_logprobs, c.offset = completion_logprobs(out.prompt_logprobs, 0, self.tokenizer)
                     yield self._chunk(out.index, self.echo(out.index), prompt_logprobs, None, extra)
+                if c.split is not None:  # thinking goes out as reasoning_content; the rest on, as content
+                    c.logprobs += out.logprobs or []  # held until a piece of text goes out
+                    reasoning, content = c.split.feed(out.text, out.finished)
+                    if reasoning:
+                        yield self._chunk(out.index, {"reasoning_content": reasoning}, self._held_logprobs(c), None,
+                                          extra)
+                    out = dataclasses.replace(out, text=content, logprobs=None)
                 if self.tool_mode != "none":  # an answer that may be a call is held until it shows it is not
                     c.text += out.text
                     c.logprobs += out.logprobs or []
@@ -202,7 +219,7 @@ class CompletionCall:
                     for chunk in self._tool_chunks(out.index, c, extra):
                         yield chunk
                     continue
-                logprobs = None
+                logprobs = self._held_logprobs(c) if out.text else None  # a reasoning split's
                 if out.logprobs and self.wants_logprobs:
                     if self.chat:
                         logprobs = chat_logprobs(out.logprobs, self.tokenizer)
@@ -213,7 +230,8 @@ class CompletionCall:
                 c.text += out.text
                 if out.finished:
                     c.finish_reason = out.finish_reason
-                    yield self._chunk(out.index, {} if self.chat else "", None, out.finish_reason, extra)
+                    yield self._chunk(out.index, {} if self.chat else "", self._held_logprobs(c), out.finish_reason,
+                                      extra)
             usage.finish_metrics(self.timer, overall_finish(c.finish_reason for c in choices.values()))
             if include_usage:
                 yield json.dumps(dict(self.header(), object=self.object + (".chunk" if self.chat else ""),
@@ -241,7 +259,7 @@ class CompletionCall:
         neither `{` nor `[`, unless a call is forced), else held to the end, then sent as tool_calls
         or as content."""
         holding = self.tool_mode == "forced" or c.text.lstrip()[:1] in ("", "{", "[")
-        calls = None if c.finish_reason is None else self._tool_calls(c)
+        calls = None if c.finish_reason is None else self._tool_calls(c, c.text)
         if (not holding or c.finish_reason is not None and not calls) and len(c.text) > c.streamed:
             yield self._chunk(index, {"content": c.text[c.streamed:]}, self._held_logprobs(c), None, extra)
             c.streamed = len(c.text)

@@ -1,0 +1,70 @@
+"""`--reasoning-parser`: a chat answer's thinking (`<think> ... </think>`) apart from its content,
+as vLLM's reasoning parsers and llama.cpp's `--reasoning-format deepseek` give it: the message's
+`reasoning_content`, and in a stream `delta.reasoning_content` before `delta.content`.
+
+- `qwen3`: an answer that opens with `<think>` thinks until `</think>`; one that does not (thinking
+  turned off, `chat_template_kwargs: {"enable_thinking": false}`) is all content.
+- `deepseek_r1`: the template opens the thinking in the prompt, so an answer thinks from its first
+  token (an opening `<think>` of its own is dropped) until `</think>`.
+
+Whitespace between `</think>` and the content is dropped. An answer cut off while thinking
+(`max_tokens`) has reasoning and no content, streamed or not. The split works on the text, so
+tokenizers that spell the tags over several tokens split the same way; text that may be the start
+of a tag is held back until it is known not to be. Answers under a grammar (response_format,
+structured outputs, a forced tool call) are not split: the grammar leaves no room to think.
+"""
+from __future__ import annotations
+
+OPEN, CLOSE = "<think>", "</think>"
+PARSERS = ("qwen3", "deepseek_r1")
+
+
+def _held(text: str, tag: str) -> int:
+    """Characters at the end of `text` that may begin `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ReasoningSplit:
+    """One answer's text, fed in order -> (reasoning, content) pieces as they become certain."""
+
+    def __init__(self, parser: str):
+        if parser not in PARSERS:
+            raise ValueError(f"reasoning parser {parser!r}: one of {', '.join(PARSERS)}")
+        self.parser = parser
+        self.state = "start"  # start -> thinking -> after (whitespace dropped) -> content; or start -> content
+        self.pending = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        reasoning = content = ""
+        self.pending += text
+        if self.state == "start":
+            lead = self.pending.lstrip()
+            if lead.startswith(OPEN):
+                self.state, self.pending = "thinking", lead[len(OPEN):]
+            elif OPEN.startswith(lead) and not final:
+                return "", ""  # may still open a tag
+            else:
+                self.state = "thinking" if self.parser == "deepseek_r1" else "content"
+        if self.state == "thinking":
+            end = self.pending.find(CLOSE)
+            if end < 0:
+                keep = 0 if final else _held(self.pending, CLOSE)
+                reasoning, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+                return reasoning, ""
+            reasoning, self.pending, self.state = self.pending[:end], self.pending[end + len(CLOSE):], "after"
+        if self.state == "after":
+            self.pending = self.pending.lstrip()
+            if not self.pending:
+                return reasoning, ""
+            self.state = "content"
+        content, self.pending = self.pending, ""
+        return reasoning, content
+
+    @classmethod
+    def whole(cls, parser: str, text: str) -> tuple[str | None, str]:
+        """A finished answer -> (its reasoning, None where it has none; its content)."""
+        reasoning, content = cls(parser).feed(text, final=True)
+        return reasoning if reasoning or text.lstrip().startswith(OPEN) else None, content

@@ -1,0 +1,110 @@
+"""`--reasoning-parser`: a chat answer's thinking as `reasoning_content`, apart from its content,
+streamed or not. The embedded model does not think on its own; an assistant message left open
+(`continue_final_message`) with a pattern of `<think>...</think>` lines makes it write the rest of
+a thinking block, a `</think>` and more, as the deepseek_r1 parser reads an answer whose thinking
+the prompt opened. The raw text comes from /v1/completions on the same prompt's token ids."""
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+
+from server.reasoning import ReasoningSplit
+from tests.conftest import MODEL, ServerProcess
+
+TEXTS = ["<think>\nHmm, let me see.\n</think>\n\nParis.", "Paris.", "  <think>a</think>b", "<think>unfinished",
+         "<thi", "<think></think>", "x</think>y", "<think>a</thi", "\n\n", "<think>a<think>b</think></think>c", ""]
+
+
+@pytest.mark.parametrize("parser", ["qwen3", "deepseek_r1"])
+def test_any_split_of_the_stream_gives_the_whole_answers_split(parser):
+    """Fed in random pieces (tags cut anywhere), the split is the finished answer's."""
+    for text in TEXTS:
+        whole = ReasoningSplit.whole(parser, text)
+        for seed in range(40):
+            rng, split, got = random.Random(seed), ReasoningSplit(parser), ["", ""]
+            at = 0
+            while at < len(text):
+                end = min(len(text), at + rng.randint(1, 4))
+                for i, piece in enumerate(split.feed(text[at:end])):
+                    got[i] += piece
+                at = end
+            for i, piece in enumerate(split.feed("", final=True)):
+                got[i] += piece
+            assert (got[0], got[1]) == (whole[0] or "", whole[1]), (text, seed)
+
+
+def test_the_parsers_rules():
+    q, d = "qwen3", "deepseek_r1"
+    assert ReasoningSplit.whole(q, "<think>\nplan\n</think>\n\nAnswer.") == ("\nplan\n", "Answer.")
+    assert ReasoningSplit.whole(q, "Answer.") == (None, "Answer.")  # thinking off: all content
+    assert ReasoningSplit.whole(q, "<think>cut off") == ("cut off", "")  # max_tokens while thinking
+    assert ReasoningSplit.whole(q, "a</think>b") == (None, "a</think>b")  # never opened
+    assert ReasoningSplit.whole(d, "plan</think>Answer.") == ("plan", "Answer.")  # the prompt opened it
+    assert ReasoningSplit.whole(d, "<think>plan</think>Answer.") == ("plan", "Answer.")
+    assert ReasoningSplit.whole(d, "still thinking") == ("still thinking", "")
+    with pytest.raises(ValueError):
+        ReasoningSplit("gpt")
+
+
+@pytest.fixture(scope="module")
+def thinking_server():
+    srv = ServerProcess("--reasoning-parser", "deepseek_r1", "--max-num-seqs", "4")
+    yield srv
+    srv.stop()
+
+
+PATTERN = [{"role": "user", "content": "Add the numbers, thinking first."},
+           {"role": "assistant", "content": "<think>2 + 2 = 4</think>4\n<think>3 + 3 = 6</think>6\n"
+                                            "<think>1 + 1 = 2</think>2\n<think>5 + 5 ="}]
+OPEN = {"continue_final_message": True, "add_generation_prompt": False}
+
+
+def post(server, path, body):
+    r = httpx.post(server.url + path, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_chat_answers_split_thinking_from_content_streamed_or_not(thinking_server):
+    body = {"model": MODEL, "messages": PATTERN, "max_tokens": 24, "temperature": 0, **OPEN}
+    tokens = post(thinking_server, "/tokenize", {"messages": PATTERN, **OPEN}).json()["tokens"]
+    raw = post(thinking_server, "/v1/completions", {"model": MODEL, "prompt": tokens, "max_tokens": 24,
+                                                    "temperature": 0}).json()["choices"][0]["text"]
+    assert "</think>" in raw and raw.split("</think>", 1)[1].strip()  # the model closed its thinking
+    reasoning, content = ReasoningSplit.whole("deepseek_r1", raw)
+
+    message = post(thinking_server, "/v1/chat/completions", body).json()["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == (reasoning, content)
+    assert "</think>" not in message["reasoning_content"] and not message["content"].startswith((" ", "\n"))
+
+    streamed = {"reasoning_content": "", "content": ""}
+    order, logprobs = [], 0
+    with httpx.stream("POST", thinking_server.url + "/v1/chat/completions",
+                      json={**body, "stream": True, "logprobs": True, "stream_options": {"include_usage": True}},
+                      timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = httpx.Response(200, content=line[6:]).json()
+            if chunk.get("usage"):
+                completion_tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk["choices"]:
+                for key in streamed:
+                    if choice["delta"].get(key):
+                        streamed[key] += choice["delta"][key]
+                        order.append(key)
+                logprobs += len((choice.get("logprobs") or {}).get("content") or [])
+    assert streamed == {"reasoning_content": reasoning, "content": content}
+    assert order == sorted(order, key=["reasoning_content", "content"].index)  # thinking first, then content
+    assert logprobs == completion_tokens  # every token's logprob went out, held ones too
+
+
+def test_an_answer_under_a_grammar_is_not_split(thinking_server):
+    """response_format holds the answer to JSON from its first token: nothing to split (it would
+    all be read as thinking, the prompt having opened it)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Give a JSON object with a name."}],
+            "max_tokens": 30, "temperature": 0, "response_format": {"type": "json_object"}}
+    message = post(thinking_server, "/v1/chat/completions", body).json()["choices"][0]["message"]
+    assert message["content"].lstrip().startswith("{") and "reasoning_content" not in message
