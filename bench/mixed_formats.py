@@ -2,7 +2,8 @@
 llama.cpp's Q4_K_M files do (q and k in Q4_K, v in Q6_K on some layers): the native decode step,
 which runs such a projection as parts, against the per-op path, which is where such a file ran
 before (any mixed projection took the whole model off the native step). Side by side in one
-process, alternating rounds, medians.
+process, alternating rounds, medians; aggregate tok/s of whole requests (bench/decode.py's
+`engine_run`: a chat prompt of ~30 tokens prefilled, then the new tokens).
 
 The file: the embedded SmolLM2 GGUF (Q4_1) with attn_v of every other layer requantized to Q8_0
 (dequantized, then gguf-py's Q8_0), everything else copied as it is.
@@ -15,7 +16,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import embedded_gguf  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from bench.decode import engine_run  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."
 
@@ -62,21 +62,6 @@ def write_mixed(source: Path, target: Path) -> int:
     return changed
 
 
-def decode_tok_s(engine, batch: int, new_tokens: int) -> float:
-    """Decode tok/s of `batch` rows from the step after the last row's first token (prefill excluded)."""
-    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"mixed-{time.monotonic_ns()}-{i}", prompt, params)
-    counts, start, base = {}, None, 0
-    while engine.has_work:
-        for out in engine.step()[0]:
-            counts[out.request_id] = counts.get(out.request_id, 0) + len(out.token_ids)
-        if start is None and len(counts) == batch:
-            start, base = time.perf_counter(), sum(counts.values())
-    return (sum(counts.values()) - base) / (time.perf_counter() - start)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--new-tokens", type=int, default=96)
@@ -88,6 +73,7 @@ def main():
         changed = write_mixed(embedded_gguf("smollm2-135m-instruct"), path)
         engine = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="auto", max_num_seqs=16,
                                         max_model_len=1024, prefix_caching=False, cache_dir=tmp))
+        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
         model = engine.runner.model
         native = model.fused_decode
         mixed = sum(hasattr(layer.qkv, "parts") for layer in model.layers)
@@ -102,12 +88,12 @@ def main():
             res = {"per-op": [], "native": []}
             for name, step in (("per-op", None), ("native", native)):  # warm-up
                 model.fused_decode = step
-                decode_tok_s(engine, batch, 8)
+                engine_run(engine, prompt, batch, 8)
             for r in range(args.rounds):
                 order = [("per-op", None), ("native", native)]
                 for name, step in order if r % 2 == 0 else order[::-1]:
                     model.fused_decode = step
-                    res[name].append(decode_tok_s(engine, batch, args.new_tokens))
+                    res[name].append(engine_run(engine, prompt, batch, args.new_tokens)[0])
             model.fused_decode = native
             ratio = statistics.median([a / b for a, b in zip(res["native"], res["per-op"])])
             print(f"| {batch} | {statistics.median(res['per-op']):.1f} | {statistics.median(res['native']):.1f} | "

@@ -61,27 +61,10 @@ def decode_steps(decode, prompts, gates):
     return steps
 
 
-@pytest.mark.parametrize("dense_products", ["cublas", "masked"])
-def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torch_model, dense_products,
-                                                      monkeypatch):
-    """Dense steps on torch's linear layers (cuBLAS on a GPU), or on the masked kernels as where
-    those ran the FFN's products faster at start."""
-    model, kv = torch_model
-    base = chat_prompts[0] * 3
-    prompts = [base[:n] for n in PROMPT_LENGTHS]
-    policy = build_policy(engine.config.skip, model.cfg.num_layers)
-    # row 0 is forced to skip 8 FFNs (it fires at the first hot layer); rows 1 and 2 have budget 0
-    skipping = [RowSkip(8, -1.0), RowSkip(0, -1.0), RowSkip(0, -1.0)]
-    gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
-    step = LlamaDecodeStep(model, kv, max_batch=4, max_blocks=4, skip=engine.config.skip, quorum=policy.quorum)
-    assert LlamaDecodeStep.fits(model, kv)
-    ffn = step.ffns[0]
-    if dense_products == "masked":
-        monkeypatch.setattr(tile_tuning, "_reports", {tuning_key(w, len(prompts), act): dict(ms=1.0, cublas_ms=2.0)
-                                                      for w, act in ((ffn.gate_up_weight, None),
-                                                                     (ffn.down_weight, ffn.activation))})
-    assert tile_tuning.prefer_masked(ffn.down_weight, len(prompts), ffn.activation) == (dense_products == "masked")
-
+def assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates):
+    """The prompts prefilled but for their last token on the torch backend, then one decode step
+    per gate through the torch backend and, from the same cache, through `step`: same hidden
+    states, greedy tokens, skip counts and K/V -> (the torch backend's steps, the prefilled K)."""
     with torch.inference_mode():
         kv.k.zero_()
         kv.v.zero_()
@@ -109,9 +92,34 @@ def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torc
         torch.testing.assert_close(hidden, hidden_ref, **TOLERANCE)
         assert tokens == tokens_ref
         assert counts == counts_ref
-    assert expected[1][2][0] == [8, 0, 0]  # the second step did skip, in row 0 only
     torch.testing.assert_close(kv.k, k_expected, **TOLERANCE)
     torch.testing.assert_close(kv.v, v_expected, **TOLERANCE)
+    return expected, k_prefilled
+
+
+@pytest.mark.parametrize("dense_products", ["cublas", "masked"])
+def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torch_model, dense_products,
+                                                      monkeypatch):
+    """Dense steps on torch's linear layers (cuBLAS on a GPU), or on the masked kernels as where
+    those ran the FFN's products faster at start."""
+    model, kv = torch_model
+    base = chat_prompts[0] * 3
+    prompts = [base[:n] for n in PROMPT_LENGTHS]
+    policy = build_policy(engine.config.skip, model.cfg.num_layers)
+    # row 0 is forced to skip 8 FFNs (it fires at the first hot layer); rows 1 and 2 have budget 0
+    skipping = [RowSkip(8, -1.0), RowSkip(0, -1.0), RowSkip(0, -1.0)]
+    gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
+    step = LlamaDecodeStep(model, kv, max_batch=4, max_blocks=4, skip=engine.config.skip, quorum=policy.quorum)
+    assert LlamaDecodeStep.fits(model, kv)
+    ffn = step.ffns[0]
+    if dense_products == "masked":
+        monkeypatch.setattr(tile_tuning, "_reports", {tuning_key(w, len(prompts), act): dict(ms=1.0, cublas_ms=2.0)
+                                                      for w, act in ((ffn.gate_up_weight, None),
+                                                                     (ffn.down_weight, ffn.activation))})
+    assert tile_tuning.prefer_masked(ffn.down_weight, len(prompts), ffn.activation) == (dense_products == "masked")
+
+    expected, k_prefilled = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
+    assert expected[1][2][0] == [8, 0, 0]  # the second step did skip, in row 0 only
     written = (kv.k != k_prefilled).flatten(2).any(-1).any(0)  # per block: did a step write into it
     assert written.tolist() == [False, False, True, False, False, True, True, True]  # blocks 2, 5, 6, 7
 
@@ -182,33 +190,6 @@ def test_qwen3_decode_step_norms_q_and_k_heads_as_the_torch_backend_does():
     gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
     assert LlamaDecodeStep.fits(model, kv) and model.layers[0].kind == "qwen3"
     step = LlamaDecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
-    with torch.inference_mode():
-        kv.k.zero_()
-        kv.v.zero_()
-        meta = AttentionMetadata.for_prefill([(t, 0, len(p) - 1) for t, p in zip(TABLES, prompts)], BLOCK_SIZE, "cpu")
-        model.forward(torch.tensor([t for p in prompts for t in p[:-1]]), meta, kv, DenseGate(model.cfg.num_layers))
-        k_prefilled, v_prefilled = kv.k.clone(), kv.v.clone()
-
-        def torch_decode(tokens, positions, gate):
-            meta = AttentionMetadata.for_decode(TABLES, positions, BLOCK_SIZE, "cpu", torch.float32)
-            hidden = model.forward(torch.tensor(tokens), meta, kv, gate)
-            return hidden, model.logits(hidden)
-
-        def step_decode(tokens, positions, gate):
-            hidden = step(tokens, positions, TABLES, gate).clone()
-            return hidden, model.logits(hidden)
-
-        expected = decode_steps(torch_decode, prompts, gates)
-        k_expected, v_expected = kv.k.clone(), kv.v.clone()
-        kv.k.copy_(k_prefilled)
-        kv.v.copy_(v_prefilled)
-        got = decode_steps(step_decode, prompts, gates)
-
-    for (hidden, tokens, counts), (hidden_ref, tokens_ref, counts_ref) in zip(got, expected):
-        torch.testing.assert_close(hidden, hidden_ref, **TOLERANCE)
-        assert tokens == tokens_ref
-        assert counts == counts_ref
+    expected, k_prefilled = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [0, 2, 0]
-    torch.testing.assert_close(kv.k, k_expected, **TOLERANCE)
-    torch.testing.assert_close(kv.v, v_expected, **TOLERANCE)
     assert not torch.equal(kv.k, k_prefilled)
