@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.gguf_file import GGUFFile
 from engine.quant import QuantWeight
 from engine.quant.formats import SUPPORTED, to_weight
 
@@ -62,15 +63,14 @@ def rotary_order(rows: int, heads: int) -> torch.Tensor:
 def load_weights(gguf_path: Path) -> dict:
     """HF name -> QuantWeight for the GGUF's matrices in a supported format, fp32 tensors for the
     rest; tensors no model reads (llama.cpp's rope_freqs, say) are left out."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(str(gguf_path))
-    arch = _field(reader, "general.architecture")
-    heads = {"q_proj": _field(reader, f"{arch}.attention.head_count"),
-             "k_proj": _field(reader, f"{arch}.attention.head_count_kv")}
+    gguf = GGUFFile(gguf_path)
+    arch = gguf.fields["general.architecture"]
+    heads = {"q_proj": gguf.fields[f"{arch}.attention.head_count"],
+             "k_proj": gguf.fields[f"{arch}.attention.head_count_kv"]}
     weights, skipped = {}, []
-    for tensor in reader.tensors:
+    for tensor in gguf.tensors:
         kind, name = tensor.tensor_type.name, hf_name(tensor.name, arch)
         if name is None:
             skipped.append(tensor.name)
@@ -93,12 +93,6 @@ def load_weights(gguf_path: Path) -> dict:
     if skipped:
         log.info("GGUF tensors no model reads, left out: %s", ", ".join(skipped))
     return weights
-
-
-def _field(reader, key: str):
-    field = reader.fields[key]
-    value = field.parts[field.data[0]]
-    return value.tobytes().decode() if value.dtype == np.uint8 else int(value[0])
 
 
 def quantized_gguf(model: str, cache_dir: str | None, dtype: str, device) -> Path | None:

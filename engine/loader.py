@@ -117,8 +117,9 @@ def _unique(path: Path) -> Path:
 
 def write_metadata(gguf_path: Path, target: Path) -> None:
     """The GGUF's config, generation config and tokenizer as a HF folder (no weights: seconds)."""
-    from gguf import GGUFReader
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from engine.gguf_file import GGUFFile
 
     t0 = time.perf_counter()
     tmp = _unique(target)
@@ -129,9 +130,9 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         # transformers reads no head width for some architectures (Qwen3: its config's default, 128)
-        field = GGUFReader(str(gguf_path)).fields.get(f"{config.model_type}.attention.key_length")
-        if field is not None and getattr(config, "head_dim", None) not in (None, int(field.contents())):
-            config.head_dim = int(field.contents())
+        key_length = GGUFFile(gguf_path).fields.get(f"{config.model_type}.attention.key_length")
+        if key_length is not None and getattr(config, "head_dim", None) not in (None, key_length):
+            config.head_dim = key_length
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw).save_pretrained(tmp)
