@@ -34,13 +34,28 @@ class GGUFTensor:
     data: np.ndarray  # a view of the file
 
 
+def is_gguf(path: Path) -> bool:
+    """A file that starts as GGUF files do, whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
 class GGUFFile:
     def __init__(self, path: str | Path):
         with open(path, "rb") as f:
+            if f.read(4) != MAGIC:
+                raise ValueError(f"{path} is not a GGUF file")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._at = 0
-        if self._bytes(4) != MAGIC:
-            raise ValueError(f"{path} is not a GGUF file")
+        try:
+            self._read(path)
+        except (struct.error, IndexError, UnicodeDecodeError, OverflowError) as exc:
+            raise ValueError(f"{path}: the GGUF header ends early or is damaged (a truncated file?): {exc}") from None
+
+    def _read(self, path) -> None:
+        self._at = 4
         version, tensor_count, kv_count = self._unpack("<I"), self._unpack("<Q"), self._unpack("<Q")
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} (2 or later are read)")
@@ -58,6 +73,11 @@ class GGUFFile:
         alignment = int(self.fields.get("general.alignment", 32))
         start = -(-self._at // alignment) * alignment
         whole = np.frombuffer(self._map, dtype=np.uint8)
+        for name, dims, kind, offset in infos:
+            end = start + offset + _nbytes(dims, kind)
+            if end > len(whole):
+                raise ValueError(f"{path}: tensor {name} ends at byte {end}, past the end of the file ({len(whole)} "
+                                 "bytes): the file is truncated")
         self.tensors = [GGUFTensor(name, kind, dims, _view(whole, start + offset, dims, kind))
                         for name, dims, kind, offset in infos]
 
@@ -88,6 +108,11 @@ class GGUFFile:
                     self._value(item)
             return None
         raise ValueError(f"unknown GGUF metadata type {kind}")
+
+
+def _nbytes(dims: tuple[int, ...], kind: GGMLQuantizationType) -> int:
+    block, size = GGML_QUANT_SIZES[kind]
+    return int(np.prod(dims, dtype=np.int64)) // block * size
 
 
 def _view(whole: np.ndarray, at: int, dims: tuple[int, ...], kind: GGMLQuantizationType) -> np.ndarray:

@@ -104,4 +104,4 @@ def quantized_gguf(model: str, cache_dir: str | None, dtype: str, device) -> Pat
     if dtype != "auto" or device.type != "cpu" or quant_ops.best_isa() is None:
         return None
     path = resolve_model_path(model, cache_dir)
-    return path if path.suffix == ".gguf" else None
+    return path if path.is_file() else None  # a GGUF (resolve_model_path takes no other file)

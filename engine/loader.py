@@ -68,12 +68,17 @@ def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
     """A preset name, a GGUF file or a HF folder -> an existing path."""
     if not model or model in EMBEDDED_MODELS:
         return embedded_gguf(model or DEFAULT_MODEL, cache_dir)
+    from engine.gguf_file import is_gguf
+
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):  # a GGUF by its name or its first bytes
         return path
     if path.is_dir() and (path / "config.json").exists():
         return path
-    raise ModelNotFoundError(f"{model!r} is neither a preset, a .gguf file nor a HF folder with config.json")
+    if not path.exists():
+        raise ModelNotFoundError(f"{model!r}: no such file or directory, nor a preset "
+                                 f"({', '.join(EMBEDDED_MODELS)})")
+    raise ModelNotFoundError(f"{model!r} is neither a GGUF file nor a HF folder with config.json")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -119,9 +124,13 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
     """The GGUF's config, generation config and tokenizer as a HF folder (no weights: seconds)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from engine.gguf_file import GGUFFile
+    from engine.gguf_file import GGUFFile, is_gguf
 
     t0 = time.perf_counter()
+    key_length = None
+    if is_gguf(gguf_path):  # a damaged file is named as such before transformers reads it
+        gguf = GGUFFile(gguf_path)
+        key_length = gguf.fields.get(f"{gguf.fields.get('general.architecture')}.attention.key_length")
     tmp = _unique(target)
     tmp.mkdir(parents=True)
     try:
@@ -130,7 +139,6 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         # transformers reads no head width for some architectures (Qwen3: its config's default, 128)
-        key_length = GGUFFile(gguf_path).fields.get(f"{config.model_type}.attention.key_length")
         if key_length is not None and getattr(config, "head_dim", None) not in (None, key_length):
             config.head_dim = key_length
         config.save_pretrained(tmp)
@@ -165,6 +173,7 @@ def write_dense_weights(gguf_path: Path, target: Path) -> None:
     tmp = _unique(target / DENSE_WEIGHTS)
     try:
         save_file(state, str(tmp), metadata={"format": "pt"})
+        shutil.copymode(target / "config.json", tmp)  # safetensors writes 0600: as readable as the rest
         tmp.rename(target / DENSE_WEIGHTS)
     finally:
         tmp.unlink(missing_ok=True)

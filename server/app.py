@@ -120,7 +120,9 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
                 "max_model_len": engine.config.max_model_len}
 
     @app.get("/v1/models")
-    async def models():
+    async def models():  # as /health while loading: a client that waits for the list may then send requests
+        if not engine.ready and engine.load_error is None and not state.draining:
+            return error_response(503, "the model is loading", code="loading")
         return {"object": "list", "data": [model_card(name) for name in state.served_names]}
 
     @app.get("/v1/models/{model:path}")  # a served name may hold a slash (org/model)

@@ -164,6 +164,10 @@ class ChatMessage(Strict):
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls
     tool_call_id: Optional[str] = None  # a tool result's call
+    # an assistant's thinking, as --reasoning-parser answers carry it (vLLM reads both names): to the
+    # template as `reasoning_content`, which thinking models' templates read (or leave out)
+    reasoning_content: Optional[str] = None
+    reasoning: Optional[str] = None
     # what the SDK's response message carries when it is appended to the history as it is: ignored
     refusal: Any = None
     annotations: Any = None
@@ -175,6 +179,8 @@ class ChatMessage(Strict):
     def _tool_fields_in_their_roles(self):
         if self.tool_calls is not None and self.role != "assistant":
             raise InvalidParamError("only assistant messages carry tool_calls")
+        if (self.reasoning_content or self.reasoning) and self.role != "assistant":
+            raise InvalidParamError("only assistant messages carry reasoning_content")
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise InvalidParamError("tool messages, and only they, carry a tool_call_id")
         if self.content is None and not self.tool_calls:
@@ -210,6 +216,8 @@ class ChatMessage(Strict):
             out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content or self.reasoning:
+            out["reasoning_content"] = self.reasoning_content or self.reasoning
         return out
 
 

@@ -2,8 +2,9 @@
 as vLLM's reasoning parsers and llama.cpp's `--reasoning-format deepseek` give it: the message's
 `reasoning_content`, and in a stream `delta.reasoning_content` before `delta.content`.
 
-- `qwen3`: an answer that opens with `<think>` thinks until `</think>`; one that does not (thinking
-  turned off, `chat_template_kwargs: {"enable_thinking": false}`) is all content.
+- `qwen3`: an answer that opens with `<think>`, or whose prompt ends inside an open `<think>` block
+  (the templates of Qwen3's thinking-only models open it), thinks until `</think>`; one that does
+  not (thinking turned off, `chat_template_kwargs: {"enable_thinking": false}`) is all content.
 - `deepseek_r1`: the template opens the thinking in the prompt, so an answer thinks from its first
   token (an opening `<think>` of its own is dropped) until `</think>`.
 
@@ -30,10 +31,11 @@ def _held(text: str, tag: str) -> int:
 class ReasoningSplit:
     """One answer's text, fed in order -> (reasoning, content) pieces as they become certain."""
 
-    def __init__(self, parser: str):
+    def __init__(self, parser: str, opened: bool = False):
+        """`opened`: the prompt ends inside a `<think>` block (`prompt_opens_thinking`)."""
         if parser not in PARSERS:
             raise ValueError(f"reasoning parser {parser!r}: one of {', '.join(PARSERS)}")
-        self.parser = parser
+        self.parser, self.opened = parser, opened
         self.state = "start"  # start -> thinking -> after (whitespace dropped) -> content; or start -> content
         self.pending = ""
 
@@ -47,7 +49,7 @@ class ReasoningSplit:
             elif OPEN.startswith(lead) and not final:
                 return "", ""  # may still open a tag
             else:
-                self.state = "thinking" if self.parser == "deepseek_r1" else "content"
+                self.state = "thinking" if self.parser == "deepseek_r1" or self.opened else "content"
         if self.state == "thinking":
             end = self.pending.find(CLOSE)
             if end < 0:
@@ -64,7 +66,13 @@ class ReasoningSplit:
         return reasoning, content
 
     @classmethod
-    def whole(cls, parser: str, text: str) -> tuple[str | None, str]:
+    def whole(cls, parser: str, text: str, opened: bool = False) -> tuple[str | None, str]:
         """A finished answer -> (its reasoning, None where it has none; its content)."""
-        reasoning, content = cls(parser).feed(text, final=True)
-        return reasoning if reasoning or text.lstrip().startswith(OPEN) else None, content
+        split = cls(parser, opened)
+        reasoning, content = split.feed(text, final=True)
+        return reasoning if reasoning or split.state != "content" or text.lstrip().startswith(OPEN) else None, content
+
+
+def prompt_opens_thinking(prompt_tail: str) -> bool:
+    """Whether a prompt (its last characters) ends inside a `<think>` block."""
+    return prompt_tail.rfind(OPEN) > prompt_tail.rfind(CLOSE)

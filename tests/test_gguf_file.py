@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType
 
-from engine.gguf_file import GGUFFile
+from engine.gguf_file import GGUFFile, is_gguf
 from engine.loader import embedded_gguf
 from tests.tiny_gguf import write_tiny_gguf
 
@@ -38,3 +38,27 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a GGUF file"):
         GGUFFile(path)
+
+
+def test_a_truncated_file_is_named_as_such(tmp_path):
+    whole = write_tiny_gguf(tmp_path / "qwen2.gguf", "qwen2", embedded_gguf("smollm2-135m-instruct")).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:1000])  # inside the metadata
+    with pytest.raises(ValueError, match="header ends early"):
+        GGUFFile(cut)
+    cut.write_bytes(whole[:len(whole) - 100])  # inside the last tensor's data
+    with pytest.raises(ValueError, match="past the end of the file"):
+        GGUFFile(cut)
+
+
+def test_a_gguf_is_known_by_its_first_bytes_whatever_its_name(tmp_path):
+    from engine.loader import ModelNotFoundError, resolve_model_path
+
+    renamed = tmp_path / "model.bin"
+    renamed.write_bytes(embedded_gguf("smollm2-135m-instruct").read_bytes()[:4096])
+    assert is_gguf(renamed) and resolve_model_path(str(renamed)) == renamed
+    with pytest.raises(ModelNotFoundError, match="no such file or directory"):
+        resolve_model_path(str(tmp_path / "missing.gguf"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelNotFoundError, match="neither a GGUF file"):
+        resolve_model_path(str(tmp_path / "notes.txt"))

@@ -1,8 +1,9 @@
 """`--reasoning-parser`: a chat answer's thinking as `reasoning_content`, apart from its content,
 streamed or not. The embedded model does not think on its own; an assistant message left open
 (`continue_final_message`) with a pattern of `<think>...</think>` lines makes it write the rest of
-a thinking block, a `</think>` and more, as the deepseek_r1 parser reads an answer whose thinking
-the prompt opened. The raw text comes from /v1/completions on the same prompt's token ids."""
+a thinking block, a `</think>` and more: an answer whose thinking the prompt opened, as Qwen3's
+thinking-only templates open it (the qwen3 parser reads the prompt's end for that). The raw text
+comes from /v1/completions on the same prompt's token ids."""
 from __future__ import annotations
 
 import random
@@ -10,20 +11,20 @@ import random
 import httpx
 import pytest
 
-from server.reasoning import ReasoningSplit
+from server.reasoning import ReasoningSplit, prompt_opens_thinking
 from tests.conftest import MODEL, ServerProcess
 
 TEXTS = ["<think>\nHmm, let me see.\n</think>\n\nParis.", "Paris.", "  <think>a</think>b", "<think>unfinished",
          "<thi", "<think></think>", "x</think>y", "<think>a</thi", "\n\n", "<think>a<think>b</think></think>c", ""]
 
 
-@pytest.mark.parametrize("parser", ["qwen3", "deepseek_r1"])
-def test_any_split_of_the_stream_gives_the_whole_answers_split(parser):
+@pytest.mark.parametrize("parser,opened", [("qwen3", False), ("qwen3", True), ("deepseek_r1", False)])
+def test_any_split_of_the_stream_gives_the_whole_answers_split(parser, opened):
     """Fed in random pieces (tags cut anywhere), the split is the finished answer's."""
     for text in TEXTS:
-        whole = ReasoningSplit.whole(parser, text)
+        whole = ReasoningSplit.whole(parser, text, opened)
         for seed in range(40):
-            rng, split, got = random.Random(seed), ReasoningSplit(parser), ["", ""]
+            rng, split, got = random.Random(seed), ReasoningSplit(parser, opened), ["", ""]
             at = 0
             while at < len(text):
                 end = min(len(text), at + rng.randint(1, 4))
@@ -44,13 +45,17 @@ def test_the_parsers_rules():
     assert ReasoningSplit.whole(d, "plan</think>Answer.") == ("plan", "Answer.")  # the prompt opened it
     assert ReasoningSplit.whole(d, "<think>plan</think>Answer.") == ("plan", "Answer.")
     assert ReasoningSplit.whole(d, "still thinking") == ("still thinking", "")
+    # a prompt that ends inside <think> (Qwen3's thinking-only templates): thinking from the first token
+    assert ReasoningSplit.whole(q, " 10</think>10", opened=True) == (" 10", "10")
+    assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_thinking("<think>\n\n</think>\n\n") and not prompt_opens_thinking("assistant\n")
     with pytest.raises(ValueError):
         ReasoningSplit("gpt")
 
 
 @pytest.fixture(scope="module")
 def thinking_server():
-    srv = ServerProcess("--reasoning-parser", "deepseek_r1", "--max-num-seqs", "4")
+    srv = ServerProcess("--reasoning-parser", "qwen3", "--max-num-seqs", "4")
     yield srv
     srv.stop()
 
@@ -73,7 +78,8 @@ def test_chat_answers_split_thinking_from_content_streamed_or_not(thinking_serve
     raw = post(thinking_server, "/v1/completions", {"model": MODEL, "prompt": tokens, "max_tokens": 24,
                                                     "temperature": 0}).json()["choices"][0]["text"]
     assert "</think>" in raw and raw.split("</think>", 1)[1].strip()  # the model closed its thinking
-    reasoning, content = ReasoningSplit.whole("deepseek_r1", raw)
+    reasoning, content = ReasoningSplit.whole("qwen3", raw, opened=True)  # the prompt ends inside <think>
+    assert reasoning and reasoning.strip() and "</think>" not in reasoning
 
     message = post(thinking_server, "/v1/chat/completions", body).json()["choices"][0]["message"]
     assert (message["reasoning_content"], message["content"]) == (reasoning, content)
@@ -101,9 +107,29 @@ def test_chat_answers_split_thinking_from_content_streamed_or_not(thinking_serve
     assert logprobs == completion_tokens  # every token's logprob went out, held ones too
 
 
+def test_an_answer_goes_back_into_the_history_with_its_reasoning(thinking_server):
+    """The SDK's way to go on with a conversation: the response's message appended as it is, its
+    reasoning_content included (and vLLM's `reasoning` name), then a new user turn."""
+    import openai
+
+    client = openai.OpenAI(base_url=thinking_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    first = client.chat.completions.create(model=MODEL, messages=PATTERN, max_tokens=12, temperature=0,
+                                           extra_body=OPEN)
+    message = first.choices[0].message
+    assert message.model_extra["reasoning_content"]
+    history = [PATTERN[0], message, {"role": "user", "content": "And 7 + 7?"}]
+    again = client.chat.completions.create(model=MODEL, messages=history, max_tokens=4, temperature=0)
+    assert again.choices[0].message.content is not None
+    renamed = [PATTERN[0], {"role": "assistant", "content": message.content, "reasoning": "5 + 5 = 10"},
+               {"role": "user", "content": "And 7 + 7?"}]
+    post(thinking_server, "/v1/chat/completions", {"model": MODEL, "messages": renamed, "max_tokens": 2})
+    r = httpx.post(thinking_server.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi", "reasoning_content": "no"}]})
+    assert r.status_code == 400 and "only assistant messages" in r.json()["error"]["message"]
+
+
 def test_an_answer_under_a_grammar_is_not_split(thinking_server):
-    """response_format holds the answer to JSON from its first token: nothing to split (it would
-    all be read as thinking, the prompt having opened it)."""
+    """response_format holds the answer to JSON from its first token: nothing to split."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Give a JSON object with a name."}],
             "max_tokens": 30, "temperature": 0, "response_format": {"type": "json_object"}}
     message = post(thinking_server, "/v1/chat/completions", body).json()["choices"][0]["message"]

@@ -202,3 +202,24 @@ def test_an_unexpected_error_is_a_500_envelope_that_carries_the_cors_header():
     assert r.status_code == 500 and r.json()["error"] == {"message": "internal server error",
                                                           "type": "internal_server_error", "param": None, "code": None}
     assert r.headers["access-control-allow-origin"] == UI
+
+
+def test_the_model_list_waits_for_the_model_as_health_does():
+    """Before the model has loaded, /v1/models answers 503 as /health does: a client that polls the
+    list before sending requests would otherwise meet 503s on them (vLLM lists only once loaded)."""
+    import asyncio
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+    from server.app import create_app
+
+    app = create_app(AsyncEngine(EngineConfig()), ("smollm2-135m-instruct",))  # not started: loading
+
+    async def get(path):
+        transport = httpx.ASGITransport(app=app)  # no lifespan: the engine never starts loading
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get(path)
+
+    for path in ("/health", "/v1/models"):
+        r = asyncio.run(get(path))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading", (path, r.text)
