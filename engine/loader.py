@@ -3,8 +3,8 @@
 A GGUF file's metadata (config, generation config, tokenizer) is read once through transformers
 and cached as a HF folder keyed by the file's SHA-256; its weights join that folder as dense
 safetensors (dequantized through transformers) only when something asks for dense weights: the
-CPU's quantized kernels read the GGUF itself (engine/gguf_weights.py), so a 7B file served on
-them is never expanded to fp32 (28 GB) on disk or in memory. Nothing here touches the network.
+CPU's quantized kernels read the GGUF itself (engine/gguf_weights.py), so a 7B Q4_K_M file
+served on them is not first written out as fp32 (28 GB). Nothing here touches the network.
 """
 from __future__ import annotations
 
