@@ -4,7 +4,9 @@ GET / DELETE /v1/responses/{id} for stored responses (server/response_store.py).
 A request is a chat under another shape: `instructions` and the input items (after the stored
 conversation a `previous_response_id` names) become chat messages, rendered and sampled as
 /v1/chat/completions does, with its tools (server/tool_calls.py) and structured outputs
-(`text.format`). The answer is one `message` output item, or one `function_call` item per call.
+(`text.format`). The answer is one `message` output item, or one `function_call` item per call;
+with `--reasoning-parser` (server/reasoning.py) a `reasoning` item holding its thinking comes first,
+streamed as `response.reasoning_text.delta` events.
 """
 from __future__ import annotations
 
@@ -22,19 +24,28 @@ from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
 from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, stopped, submit
+from server.reasoning import ReasoningSplit, prompt_opens_thinking
 from server.responses_protocol import ResponsesRequest, new_id
 
 router = APIRouter()
 
 
 class Answer:
-    """What the engine produced for a response so far."""
+    """What the engine produced for a response so far: its text, and that text as thinking and
+    content where a reasoning parser splits it (else all content)."""
 
-    def __init__(self):
+    def __init__(self, split: ReasoningSplit | None = None):
         self.text, self.logprobs, self.finish_reason, self.usage = "", [], None, Usage()
+        self.split, self.reasoning, self.content = split, "", ""
 
     def add(self, out) -> None:
         self.text += out.text
+        if self.split is None:
+            self.content += out.text
+        else:
+            reasoning, content = self.split.feed(out.text, out.finished)
+            self.reasoning += reasoning
+            self.content += content
         self.logprobs += out.logprobs or []
         self.usage.update(out)
         if out.finished:
@@ -49,6 +60,9 @@ class ResponseCall:
         self.state = request.app.state.skipserve
         self.id = new_id("resp_")
         self.message_id = new_id("msg_")
+        self.reasoning_id = new_id("rs_")
+        self.reasoning: str | None = None  # the --reasoning-parser that splits this answer, if any
+        self.opened = False  # the prompt ends inside a <think> block
         self.created_at = int(time.time())
         self.earlier: list[dict] = []  # the stored conversation `previous_response_id` continues
         self.given: list[dict] = []  # this request's input, as chat messages
@@ -72,8 +86,15 @@ class ResponseCall:
         limit = state.engine.config.max_model_len - (body.max_output_tokens or 1)
         if body.truncation == "auto" and len(prompt_ids) > limit:
             prompt_ids = await self.latest_turns(instructions, messages, limit)
+        if state.reasoning_parser and not sampling.constrained:  # a grammar leaves no room to think
+            self.reasoning = state.reasoning_parser
+            tail = await asyncio.to_thread(self.tokenizer.decode, prompt_ids[-32:], False, True)
+            self.opened = prompt_opens_thinking(tail)
         stream, self.timer = await submit(state, self.id, [prompt_ids], sampling, body.skip(), "input")
         return stream
+
+    def answer(self) -> Answer:
+        return Answer(ReasoningSplit(self.reasoning, self.opened) if self.reasoning else None)
 
     async def latest_turns(self, instructions: list[dict], messages: list[dict], limit: int) -> list[int]:
         """truncation "auto": the prompt of the most turns, latest first, that fits in `limit` tokens
@@ -99,7 +120,7 @@ class ResponseCall:
         use = self.body.tool_use
         if use.mode == "none" or answer.finish_reason != "stop":
             return None
-        return use.parse(answer.text)
+        return use.parse(answer.content)
 
     def status(self, answer: Answer) -> str:
         return "completed" if answer.finish_reason == "stop" else "incomplete"
@@ -107,6 +128,10 @@ class ResponseCall:
     def text_part(self, text: str, logprobs: list) -> dict:
         return {"type": "output_text", "text": text, "annotations": [],
                 "logprobs": chat_logprobs(logprobs, self.tokenizer)["content"] if self.body.wants_logprobs else []}
+
+    def reasoning_item(self, status: str, text: str) -> dict:
+        return {"id": self.reasoning_id, "type": "reasoning", "summary": [], "status": status,
+                "content": [{"type": "reasoning_text", "text": text}]}
 
     def message_item(self, status: str, content: list[dict]) -> dict:
         return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
@@ -118,9 +143,10 @@ class ResponseCall:
                 "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
 
     def output(self, answer: Answer, calls: list[dict] | None) -> list[dict]:
+        thought = [self.reasoning_item("completed", answer.reasoning)] if answer.reasoning else []
         if calls:
-            return [self.call_item(c) for c in calls]
-        return [self.message_item(self.status(answer), [self.text_part(answer.text, answer.logprobs)])]
+            return thought + [self.call_item(c) for c in calls]
+        return thought + [self.message_item(self.status(answer), [self.text_part(answer.content, answer.logprobs)])]
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, error: dict | None = None) -> dict:
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
@@ -146,14 +172,16 @@ class ResponseCall:
         calls, body, text = await asyncio.to_thread(self.render, answer)
         if self.body.store:
             said = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
-                {"role": "assistant", "content": answer.text}
+                {"role": "assistant", "content": answer.content}
+            if answer.reasoning:
+                said["reasoning_content"] = answer.reasoning
             self.state.responses.put(self.id, text, json.dumps(self.body.input_items()), self.earlier,
                                      self.given + [said])
         return body, text
 
     # ---- non-streaming -----------------------------------------------------------------------
     async def collect(self, stream) -> Response:
-        answer = Answer()
+        answer = self.answer()
 
         def on_output(out):
             self.timer.on_tokens(out.index)
@@ -166,7 +194,7 @@ class ResponseCall:
     def holding(self, answer: Answer) -> bool:
         """Whether an answer is held back: one that may still turn out to be a tool call."""
         mode = self.body.tool_use.mode
-        return mode == "forced" or mode == "auto" and answer.text.lstrip()[:1] in ("", "{", "[")
+        return mode == "forced" or mode == "auto" and answer.content.lstrip()[:1] in ("", "{", "[")
 
     async def events(self, stream):
         sequence = itertools.count()
@@ -174,17 +202,39 @@ class ResponseCall:
         def event(kind: str, **fields) -> dict:
             return {"event": kind, "data": json.dumps({"type": kind, "sequence_number": next(sequence), **fields})}
 
-        answer, opened, sent_text, sent_logprobs = Answer(), False, 0, 0
-        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        answer, opened, sent_text, sent_logprobs = self.answer(), False, 0, 0
+        thought = {"open": False, "sent": 0, "done": False}  # the reasoning item, at output index 0
+        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}  # the message's
+        thinking = {"item_id": self.reasoning_id, "output_index": 0, "content_index": 0}
+
+        def think():
+            if len(answer.reasoning) > thought["sent"]:
+                if not thought["open"]:
+                    thought["open"] = True
+                    yield event("response.output_item.added", output_index=0,
+                                item=self.reasoning_item("in_progress", ""))
+                yield event("response.reasoning_text.delta", **thinking, delta=answer.reasoning[thought["sent"]:])
+                thought["sent"] = len(answer.reasoning)
+
+        def end_thinking():
+            if thought["open"] and not thought["done"]:
+                thought["done"] = True
+                yield event("response.reasoning_text.done", **thinking, text=answer.reasoning)
+                yield event("response.output_item.done", output_index=0,
+                            item=self.reasoning_item("completed", answer.reasoning))
 
         def open_message():
-            yield event("response.output_item.added", output_index=0, item=self.message_item("in_progress", []))
+            for e in end_thinking():
+                yield e
+            where["output_index"] = 1 if thought["open"] else 0
+            yield event("response.output_item.added", output_index=where["output_index"],
+                        item=self.message_item("in_progress", []))
             yield event("response.content_part.added", **where, part=self.text_part("", []))
 
         def delta():
             nonlocal sent_text, sent_logprobs
-            text, logprobs = answer.text[sent_text:], answer.logprobs[sent_logprobs:]
-            sent_text, sent_logprobs = len(answer.text), len(answer.logprobs)
+            text, logprobs = answer.content[sent_text:], answer.logprobs[sent_logprobs:]
+            sent_text, sent_logprobs = len(answer.content), len(answer.logprobs)
             if text or logprobs and self.body.wants_logprobs:
                 yield event("response.output_text.delta", **where, delta=text,
                             logprobs=self.text_part("", logprobs)["logprobs"])
@@ -195,6 +245,8 @@ class ResponseCall:
             async for out in stream:
                 self.timer.on_tokens(out.index)
                 answer.add(out)
+                for e in think():
+                    yield e
                 if answer.finish_reason is None and not self.holding(answer):
                     if not opened:
                         opened = True
@@ -203,8 +255,12 @@ class ResponseCall:
                     for e in delta():
                         yield e
             final, _ = await self.finish(answer)
-            if final["output"][0]["type"] == "function_call":  # the calls, with the ids stored
-                for i, item in enumerate(final["output"]):
+            for e in end_thinking():
+                yield e
+            first = 1 if answer.reasoning else 0  # after the reasoning item, streamed above
+            items = final["output"][first:]
+            if items[0]["type"] == "function_call":  # the calls, with the ids stored
+                for i, item in enumerate(items, start=first):
                     yield event("response.output_item.added", output_index=i,
                                 item=dict(item, status="in_progress", arguments=""))
                     yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
@@ -218,11 +274,11 @@ class ResponseCall:
                         yield e
                 for e in delta():
                     yield e
-                item = final["output"][0]
+                item = items[0]
                 part = item["content"][0]
                 yield event("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
                 yield event("response.content_part.done", **where, part=part)
-                yield event("response.output_item.done", output_index=0, item=item)
+                yield event("response.output_item.done", output_index=where["output_index"], item=item)
             yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
                         response=final)
         except (EngineShutdownError, GenerationError) as exc:  # in-band, as OpenAI ends a failed stream

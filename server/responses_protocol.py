@@ -2,8 +2,9 @@
 chat messages and engine params.
 
 `input` is a string (one user message) or a list of items: messages (`role`, `content` as text or
-text parts), `function_call` items (the model's earlier calls: an output item sent back as it came)
-and `function_call_output` items (their results). Items become the chat messages
+text parts), `function_call` items (the model's earlier calls: an output item sent back as it came),
+`function_call_output` items (their results) and `reasoning` items (an answer's thinking, sent
+back: the next assistant message's reasoning_content). Items become the chat messages
 server/tool_calls.py renders: a call joins the assistant message before it, a result is a `tool`
 message. Images, files, audio and the hosted tools (web search, file search, ...) are 400s naming
 their field, as every field this server does not implement is.
@@ -94,6 +95,25 @@ class FunctionCallOutputItem(Strict):
         return joined(self.output)
 
 
+class ReasoningText(Strict):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningItem(Strict):
+    """A reasoning output item sent back (`input += response.output`): its text goes to the template
+    with the assistant message after it, as that message's reasoning_content."""
+    type: Literal["reasoning"]
+    content: Optional[list[ReasoningText]] = None
+    summary: list[Any] = Field(default_factory=list)
+    encrypted_content: Optional[str] = None
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+    def text(self) -> str:
+        return "".join(part.text for part in self.content or [])
+
+
 class ItemReference(Strict):
     """An earlier item named by id, as clients that store their responses send it (the Vercel AI SDK,
     Codex): replaced by the stored item (`ResponsesRequest.resolve_references`) before anything reads it."""
@@ -101,7 +121,7 @@ class ItemReference(Strict):
     id: str
 
 
-ITEM_KINDS = ("message", "function_call", "function_call_output", "item_reference")
+ITEM_KINDS = ("message", "function_call", "function_call_output", "reasoning", "item_reference")
 
 
 def _prompt_bytes(item: dict) -> int:
@@ -121,26 +141,33 @@ def _item_kind(value) -> str:
 InputItem = Annotated[Union[Annotated[InputMessage, Tag("message")],
                             Annotated[FunctionCallItem, Tag("function_call")],
                             Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+                            Annotated[ReasoningItem, Tag("reasoning")],
                             Annotated[ItemReference, Tag("item_reference")]],
                       Discriminator(_item_kind)]
 _ITEM = TypeAdapter(InputItem)
 
 
 def input_messages(items: list) -> list[dict]:
-    """Input items as chat messages (role, content, and tool_calls / tool_call_id where given)."""
-    messages = []
+    """Input items as chat messages (role, content, and tool_calls / tool_call_id / reasoning_content
+    where given)."""
+    messages, reasoning = [], ""
     for item in items:
+        if isinstance(item, ReasoningItem):  # for the assistant message that follows
+            reasoning += item.text()
+            continue
         if isinstance(item, InputMessage):
             messages.append({"role": item.role, "content": item.text()})
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant":  # calls join the answer they came with
+            if last is not None and last["role"] == "assistant" and not reasoning:  # calls join their answer
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         else:
             messages.append({"role": "tool", "content": item.text(), "tool_call_id": item.call_id})
+        if reasoning and messages[-1]["role"] == "assistant":
+            messages[-1]["reasoning_content"], reasoning = reasoning, ""
     return messages
 
 
@@ -310,6 +337,8 @@ class ResponsesRequest(SamplingRequest, ClientHints):
                 parts = [{"type": kind, "text": item.content}] if isinstance(item.content, str) else \
                     [p.model_dump(exclude_none=True) for p in item.content]
                 items.append(_message_item(item.id, item.role, parts))
+            elif isinstance(item, ReasoningItem):
+                items.append(dict(item.model_dump(exclude_none=True), id=item.id or new_id("rs_")))
             else:
                 prefix = "fc_" if isinstance(item, FunctionCallItem) else "fco_"
                 dumped = item.model_dump(exclude_none=True)

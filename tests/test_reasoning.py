@@ -53,9 +53,18 @@ def test_the_parsers_rules():
         ReasoningSplit("gpt")
 
 
+# SmolLM2's template without its default system prompt, whose generation prompt opens a thinking
+# block, as the templates of Qwen3's thinking-only models do
+TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+            "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}"
+            "{% endif %}")
+
+
 @pytest.fixture(scope="module")
-def thinking_server():
-    srv = ServerProcess("--reasoning-parser", "qwen3", "--max-num-seqs", "4")
+def thinking_server(tmp_path_factory):
+    template = tmp_path_factory.mktemp("template") / "thinking.jinja"
+    template.write_text(TEMPLATE)
+    srv = ServerProcess("--reasoning-parser", "qwen3", "--max-num-seqs", "4", "--chat-template", str(template))
     yield srv
     srv.stop()
 
@@ -134,3 +143,52 @@ def test_an_answer_under_a_grammar_is_not_split(thinking_server):
             "max_tokens": 30, "temperature": 0, "response_format": {"type": "json_object"}}
     message = post(thinking_server, "/v1/chat/completions", body).json()["choices"][0]["message"]
     assert message["content"].lstrip().startswith("{") and "reasoning_content" not in message
+
+
+TURNS = [{"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "<think>2 + 2 = 4</think>4"},
+         {"role": "user", "content": "Add 3 and 3."}, {"role": "assistant", "content": "<think>3 + 3 = 6</think>6"},
+         {"role": "user", "content": "Add 5 and 5."}]
+
+
+def test_responses_put_the_thinking_in_a_reasoning_item_streamed_or_not(thinking_server):
+    """/v1/responses: a `reasoning` output item (its text as reasoning_text) before the message,
+    streamed as response.reasoning_text.delta events at output index 0 and the message at 1; the
+    SDK's stream helper puts the same response together; its output items go back as input."""
+    import openai
+
+    tokens = post(thinking_server, "/tokenize", {"messages": TURNS}).json()["tokens"]
+    raw = post(thinking_server, "/v1/completions", {"model": MODEL, "prompt": tokens, "max_tokens": 16,
+                                                    "temperature": 0}).json()["choices"][0]["text"]
+    assert "</think>" in raw and raw.split("</think>", 1)[1].strip()  # the model closed its thinking
+    reasoning, content = ReasoningSplit.whole("qwen3", raw, opened=True)
+    body = {"model": MODEL, "input": TURNS, "max_output_tokens": 16, "temperature": 0}
+
+    response = post(thinking_server, "/v1/responses", body).json()
+    kinds = [item["type"] for item in response["output"]]
+    assert kinds == ["reasoning", "message"]
+    assert response["output"][0]["content"] == [{"type": "reasoning_text", "text": reasoning}]
+    assert response["output"][1]["content"][0]["text"] == content
+
+    deltas = {"response.reasoning_text.delta": "", "response.output_text.delta": ""}
+    indexes = {}
+    with httpx.stream("POST", thinking_server.url + "/v1/responses", json={**body, "stream": True}, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                event = httpx.Response(200, content=line[6:]).json()
+                if event["type"] in deltas:
+                    deltas[event["type"]] += event["delta"]
+                    indexes.setdefault(event["type"], set()).add(event["output_index"])
+                if event["type"] == "response.completed":
+                    streamed = event["response"]
+    assert deltas == {"response.reasoning_text.delta": reasoning, "response.output_text.delta": content}
+    assert indexes == {"response.reasoning_text.delta": {0}, "response.output_text.delta": {1}}
+    assert [item["type"] for item in streamed["output"]] == kinds
+
+    client = openai.OpenAI(base_url=thinking_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    with client.responses.stream(model=MODEL, input=TURNS, max_output_tokens=16, temperature=0) as stream:
+        final = stream.get_final_response()
+    assert final.output_text == content and final.output[0].type == "reasoning"
+    again = client.responses.create(model=MODEL, max_output_tokens=4, temperature=0,
+                                    input=TURNS + [item.model_dump(exclude_none=True) for item in final.output]
+                                    + [{"role": "user", "content": "Add 1 and 1."}])
+    assert again.status in ("completed", "incomplete")

@@ -223,7 +223,7 @@ def test_ffn_skip_budget_applies_and_is_reported(client):
 @pytest.mark.parametrize("body, param", [
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
      "input.0.content"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input.0"),
+    ({"input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}]}, "input.0"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input.0.call_id"),
     ({"input": []}, "input"),
     ({"input": [{"type": "item_reference", "id": "fc_nothing"}]}, "input.0"),  # nothing stored under it
