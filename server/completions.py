@@ -270,8 +270,8 @@ class CompletionCall:
         if calls:  # with the call's logprobs, as the unstreamed answer lists them
             yield self._chunk(index, {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]},
                               self._held_logprobs(c), None, extra)
-        if c.finish_reason is not None:
-            yield self._chunk(index, {}, None, "tool_calls" if calls else c.finish_reason, extra)
+        if c.finish_reason is not None:  # with logprobs still held (tokens whose text went nowhere: </think>)
+            yield self._chunk(index, {}, self._held_logprobs(c), "tool_calls" if calls else c.finish_reason, extra)
 
     def _held_logprobs(self, c: Choice) -> dict | None:
         """The logprobs of the tokens held back so far, for the chunk that sends them (then none are held)."""

@@ -38,7 +38,7 @@ class StoredResponse:
 def _text_size(messages: list[dict]) -> int:
     size = 0
     for m in messages:
-        size += len(m.get("content") or "")
+        size += len(m.get("content") or "") + len(m.get("reasoning_content") or "")
         for call in m.get("tool_calls") or ():
             size += len(call["function"]["name"]) + len(call["function"]["arguments"])
     return size

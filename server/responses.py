@@ -192,7 +192,10 @@ class ResponseCall:
 
     # ---- streaming ---------------------------------------------------------------------------
     def holding(self, answer: Answer) -> bool:
-        """Whether an answer is held back: one that may still turn out to be a tool call."""
+        """Whether an answer's message is held back: one that may still turn out to be a tool call,
+        or whose thinking goes on (the reasoning item, at output index 0, comes whole first)."""
+        if answer.split is not None and not answer.content:
+            return True
         mode = self.body.tool_use.mode
         return mode == "forced" or mode == "auto" and answer.content.lstrip()[:1] in ("", "{", "[")
 

@@ -157,6 +157,8 @@ def input_messages(items: list) -> list[dict]:
             continue
         if isinstance(item, InputMessage):
             messages.append({"role": item.role, "content": item.text()})
+            if item.role != "assistant":
+                reasoning = ""  # thinking belongs to the answer right after it
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             last = messages[-1] if messages else None
@@ -166,6 +168,7 @@ def input_messages(items: list) -> list[dict]:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         else:
             messages.append({"role": "tool", "content": item.text(), "tool_call_id": item.call_id})
+            reasoning = ""
         if reasoning and messages[-1]["role"] == "assistant":
             messages[-1]["reasoning_content"], reasoning = reasoning, ""
     return messages

@@ -51,10 +51,17 @@ def tools_message(tools: list[dict], parallel: bool, listed: bool = False) -> st
     return "\n".join(lines)
 
 
+def _with_reasoning(rendered: dict, message: dict) -> dict:
+    if message.get("reasoning_content"):
+        rendered["reasoning_content"] = message["reasoning_content"]
+    return rendered
+
+
 def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bool = True,
                     listed: bool = False) -> list[dict]:
     """Chat messages with tool calls and results, as plain roles and text any template takes.
-    `messages`: role, content (text or None), and tool_calls / tool_call_id where given; `tools`:
+    `messages`: role, content (text or None), and tool_calls / tool_call_id / an assistant's
+    reasoning_content (kept for the template: thinking models' templates read it) where given; `tools`:
     the functions shown to the model (`parallel`: whether it may call several at once; `listed`:
     calls come as a list, beside a response format). The results of one turn's calls make one user
     message (templates that insist on alternating roles refuse two user turns in a row)."""
@@ -67,7 +74,8 @@ def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bo
                      for c in m["tool_calls"]]
             names.update({c["id"]: c["function"]["name"] for c in m["tool_calls"]})
             text = json.dumps(calls[0] if len(calls) == 1 and not listed else calls, ensure_ascii=False)
-            out.append({"role": "assistant", "content": ((m["content"] or "") + "\n" + text).strip()})
+            out.append(_with_reasoning({"role": "assistant", "content": ((m["content"] or "") + "\n" + text).strip()},
+                                       m))
         elif m["role"] == "tool":
             name = names.get(m.get("tool_call_id"), "a tool")
             result = f"Result of {name} (call {m.get('tool_call_id')}):\n{m['content']}"
@@ -77,7 +85,7 @@ def render_messages(messages: list[dict], tools: list[dict] | None, parallel: bo
             results.append(result)
             out[results_at]["content"] = results
         else:
-            out.append({"role": m["role"], "content": m["content"] or ""})
+            out.append(_with_reasoning({"role": m["role"], "content": m["content"] or ""}, m))
     for m in out:
         if isinstance(m["content"], list):
             m["content"] = "\n\n".join(m["content"])

@@ -54,10 +54,12 @@ def test_the_parsers_rules():
 
 
 # SmolLM2's template without its default system prompt, whose generation prompt opens a thinking
-# block, as the templates of Qwen3's thinking-only models do
-TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-            "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}"
-            "{% endif %}")
+# block and which writes an assistant message's reasoning_content before its content, as the
+# templates of Qwen3's thinking models do
+TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+            "{% if message.reasoning_content %}{{ '<think>' + message.reasoning_content + '</think>' }}{% endif %}"
+            "{{ message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -170,11 +172,12 @@ def test_responses_put_the_thinking_in_a_reasoning_item_streamed_or_not(thinking
     assert response["output"][1]["content"][0]["text"] == content
 
     deltas = {"response.reasoning_text.delta": "", "response.output_text.delta": ""}
-    indexes = {}
+    indexes, events = {}, []
     with httpx.stream("POST", thinking_server.url + "/v1/responses", json={**body, "stream": True}, timeout=120) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 event = httpx.Response(200, content=line[6:]).json()
+                events.append(event)
                 if event["type"] in deltas:
                     deltas[event["type"]] += event["delta"]
                     indexes.setdefault(event["type"], set()).add(event["output_index"])
@@ -183,6 +186,12 @@ def test_responses_put_the_thinking_in_a_reasoning_item_streamed_or_not(thinking
     assert deltas == {"response.reasoning_text.delta": reasoning, "response.output_text.delta": content}
     assert indexes == {"response.reasoning_text.delta": {0}, "response.output_text.delta": {1}}
     assert [item["type"] for item in streamed["output"]] == kinds
+    added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
+    assert added == [0, 1]  # each item once, the reasoning first
+    done = [i for i, e in enumerate(events) if e["type"] == "response.output_item.done" and e["output_index"] == 0]
+    assert len(done) == 1 and events[done[0]]["item"]["content"][0]["text"] == reasoning  # whole when done
+    assert [e["text"] for e in events if e["type"] == "response.reasoning_text.done"] == [reasoning]
+    assert not [e for e in events[done[0]:] if e["type"].startswith("response.reasoning_text")]
 
     client = openai.OpenAI(base_url=thinking_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     with client.responses.stream(model=MODEL, input=TURNS, max_output_tokens=16, temperature=0) as stream:
@@ -192,3 +201,37 @@ def test_responses_put_the_thinking_in_a_reasoning_item_streamed_or_not(thinking
                                     input=TURNS + [item.model_dump(exclude_none=True) for item in final.output]
                                     + [{"role": "user", "content": "Add 1 and 1."}])
     assert again.status in ("completed", "incomplete")
+
+
+def test_an_assistant_messages_reasoning_reaches_the_template(thinking_server):
+    """reasoning_content (or reasoning) on an assistant message, with or without tool calls, and a
+    Responses reasoning item before an assistant message: rendered by a template that reads it."""
+    def prompt(messages, **extra):
+        tokens = post(thinking_server, "/tokenize", {"messages": messages, **extra}).json()["tokens"]
+        return post(thinking_server, "/detokenize", {"tokens": tokens}).json()["prompt"]
+
+    user = {"role": "user", "content": "Add 2 and 2."}
+    for key in ("reasoning_content", "reasoning"):
+        said = {"role": "assistant", "content": "4", key: "two plus two"}
+        assert "<think>two plus two</think>4" in prompt([user, said, {"role": "user", "content": "Thanks."}])
+    call = {"role": "assistant", "content": None, "reasoning_content": "look it up",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    assert "<think>look it up</think>" in prompt([user, call, {"role": "tool", "tool_call_id": "call_1",
+                                                              "content": "4"}], tools=tools)
+
+
+def test_responses_reasoning_items_go_with_the_assistant_message_after_them():
+    from server.responses_protocol import ResponsesRequest
+
+    def messages(items):
+        return ResponsesRequest(model=MODEL, input=items).messages()
+
+    thought = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "R"}]}
+    said = {"role": "assistant", "content": "A"}
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    user = {"role": "user", "content": "Q"}
+    assert messages([user, thought, said])[1] == {"role": "assistant", "content": "A", "reasoning_content": "R"}
+    with_call = messages([user, thought, call])[1]
+    assert with_call["reasoning_content"] == "R" and with_call["tool_calls"][0]["id"] == "c1"
+    assert all("reasoning_content" not in m for m in messages([thought, user, said]))  # not a later turn's
