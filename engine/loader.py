@@ -124,13 +124,11 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
     """The GGUF's config, generation config and tokenizer as a HF folder (no weights: seconds)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from engine.gguf_file import GGUFFile, is_gguf
+    from engine.gguf_file import GGUFFile
 
     t0 = time.perf_counter()
-    key_length = None
-    if is_gguf(gguf_path):  # a damaged file is named as such before transformers reads it
-        gguf = GGUFFile(gguf_path)
-        key_length = gguf.fields.get(f"{gguf.fields.get('general.architecture')}.attention.key_length")
+    fields = GGUFFile(gguf_path).fields  # a damaged file is named as such before transformers reads it
+    key_length = fields.get(f"{fields.get('general.architecture')}.attention.key_length")
     tmp = _unique(target)
     tmp.mkdir(parents=True)
     try:

@@ -17,7 +17,7 @@ from server.errors import error_body
 from server.generation import (Usage, check_model, consume, encode_chat, overall_finish, ready_tokenizer, stopped,
                                submit, tokenize_batch)
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.reasoning import ReasoningSplit, prompt_opens_thinking
+from server.reasoning import ReasoningSplit, request_reasoning
 
 router = APIRouter()
 
@@ -79,8 +79,7 @@ class CompletionCall:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.tools = None  # a chat request's ToolUse (server/tool_calls.py)
-        self.reasoning = None  # the --reasoning-parser that splits this request's answers, if any
-        self.opened = False  # the prompt ends inside a <think> block (server/reasoning.py)
+        self.reasoning = None  # how --reasoning-parser splits this request's answers, if it does
 
     @property
     def tool_mode(self) -> str:
@@ -99,10 +98,8 @@ class CompletionCall:
             param = "prompt"
         self.num_choices = len(prompts) * body.n
         sampling = body.to_sampling()
-        if self.chat and not sampling.constrained and state.reasoning_parser:  # a grammar leaves no room to think
-            self.reasoning = state.reasoning_parser
-            tail = await asyncio.to_thread(self.tokenizer.decode, prompts[0][-32:], False, True)
-            self.opened = prompt_opens_thinking(tail)
+        if self.chat:
+            self.reasoning = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompts[0])
         stream, self.timer = await submit(state, self.id, prompts, sampling, body.skip(), param)
         return stream
 
@@ -171,8 +168,7 @@ class CompletionCall:
     def _choice_body(self, index: int, c: Choice) -> dict:
         want = self.wants_logprobs
         if self.chat:
-            reasoning, content = ReasoningSplit.whole(self.reasoning, c.text, self.opened) if self.reasoning else \
-                (None, c.text)
+            reasoning, content = self.reasoning.whole(c.text) if self.reasoning else (None, c.text)
             calls = self._tool_calls(c, content)
             message = {"role": "assistant", "content": content} if calls is None else \
                 {"role": "assistant", "content": None, "tool_calls": calls}
@@ -187,7 +183,7 @@ class CompletionCall:
 
     # ---- streaming ---------------------------------------------------------------------------
     async def events(self, stream):
-        choices = {i: Choice(self.echo(i), split=ReasoningSplit(self.reasoning, self.opened) if self.reasoning else None)
+        choices = {i: Choice(self.echo(i), split=self.reasoning.split() if self.reasoning else None)
                    for i in range(self.num_choices)}
         usage = Usage()
         include_usage = self.body.include_usage

@@ -16,6 +16,9 @@ structured outputs, a forced tool call) are not split: the grammar leaves no roo
 """
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
+
 OPEN, CLOSE = "<think>", "</think>"
 PARSERS = ("qwen3", "deepseek_r1")
 
@@ -76,3 +79,25 @@ class ReasoningSplit:
 def prompt_opens_thinking(prompt_tail: str) -> bool:
     """Whether a prompt (its last characters) ends inside a `<think>` block."""
     return prompt_tail.rfind(OPEN) > prompt_tail.rfind(CLOSE)
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """How one request's answers are split: the parser, and whether its prompt opened the block."""
+    parser: str
+    opened: bool
+
+    def split(self) -> ReasoningSplit:
+        return ReasoningSplit(self.parser, self.opened)
+
+    def whole(self, text: str) -> tuple[str | None, str]:
+        return ReasoningSplit.whole(self.parser, text, self.opened)
+
+
+async def request_reasoning(parser: str | None, sampling, tokenizer, prompt: list[int]) -> Reasoning | None:
+    """The split of a chat request's answers, where the server has a parser and no grammar holds
+    the answer (it leaves no room to think); the prompt's last 32 tokens decoded off the event loop."""
+    if parser is None or sampling.constrained:
+        return None
+    tail = await asyncio.to_thread(tokenizer.decode, prompt[-32:], False, True)
+    return Reasoning(parser, prompt_opens_thinking(tail))

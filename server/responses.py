@@ -24,7 +24,7 @@ from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
 from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, stopped, submit
-from server.reasoning import ReasoningSplit, prompt_opens_thinking
+from server.reasoning import ReasoningSplit, request_reasoning
 from server.responses_protocol import ResponsesRequest, new_id
 
 router = APIRouter()
@@ -61,8 +61,7 @@ class ResponseCall:
         self.id = new_id("resp_")
         self.message_id = new_id("msg_")
         self.reasoning_id = new_id("rs_")
-        self.reasoning: str | None = None  # the --reasoning-parser that splits this answer, if any
-        self.opened = False  # the prompt ends inside a <think> block
+        self.reasoning = None  # how --reasoning-parser splits this answer, if it does
         self.created_at = int(time.time())
         self.earlier: list[dict] = []  # the stored conversation `previous_response_id` continues
         self.given: list[dict] = []  # this request's input, as chat messages
@@ -86,15 +85,12 @@ class ResponseCall:
         limit = state.engine.config.max_model_len - (body.max_output_tokens or 1)
         if body.truncation == "auto" and len(prompt_ids) > limit:
             prompt_ids = await self.latest_turns(instructions, messages, limit)
-        if state.reasoning_parser and not sampling.constrained:  # a grammar leaves no room to think
-            self.reasoning = state.reasoning_parser
-            tail = await asyncio.to_thread(self.tokenizer.decode, prompt_ids[-32:], False, True)
-            self.opened = prompt_opens_thinking(tail)
+        self.reasoning = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompt_ids)
         stream, self.timer = await submit(state, self.id, [prompt_ids], sampling, body.skip(), "input")
         return stream
 
     def answer(self) -> Answer:
-        return Answer(ReasoningSplit(self.reasoning, self.opened) if self.reasoning else None)
+        return Answer(self.reasoning.split() if self.reasoning else None)
 
     async def latest_turns(self, instructions: list[dict], messages: list[dict], limit: int) -> list[int]:
         """truncation "auto": the prompt of the most turns, latest first, that fits in `limit` tokens

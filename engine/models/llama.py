@@ -49,11 +49,17 @@ class LlamaLayer:
         qkv = self.qkv(ops.rms_norm(x, self.input_norm, cfg.rms_norm_eps))
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
-        qk = ops.rotary(qk.view(n, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), *rope)  # q and k at once
+        qk = self.head_norms(qk.view(n, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim))
+        qk = ops.rotary(qk, *rope)  # q and k at once
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
         out = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
         return self.o_proj(out)
+
+    def head_norms(self, qk: torch.Tensor) -> torch.Tensor:
+        """The q and k heads [N, q heads + k heads, D] before the rotation: as they are (Qwen3
+        norms each head)."""
+        return qk
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """The FFN residual branch FFN(norm2(h)); the gate adds it to h (or skips it)."""

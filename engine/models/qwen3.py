@@ -5,6 +5,8 @@ carries; it has no q/k/v biases (Qwen2, which has them, is a Llama-family model 
 """
 from __future__ import annotations
 
+import torch
+
 from engine.config import ModelConfig
 from engine.models.llama import LlamaLayer, LlamaModel
 
@@ -17,19 +19,10 @@ class Qwen3Layer(LlamaLayer):
         self.q_norm = weights[prefix + "self_attn.q_norm.weight"].to(device=device, dtype=act_dtype)
         self.k_norm = weights[prefix + "self_attn.k_norm.weight"].to(device=device, dtype=act_dtype)
 
-    def attention(self, x, rope, meta, k_cache, v_cache):
-        cfg, ops = self.cfg, self.ops
-        n = x.shape[0]
-        qkv = self.qkv(ops.rms_norm(x, self.input_norm, cfg.rms_norm_eps))
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        cos, sin = rope
-        q = ops.rotary(ops.rms_norm(q.reshape(n, cfg.num_heads, cfg.head_dim), self.q_norm, cfg.rms_norm_eps), cos, sin)
-        k = ops.rotary(ops.rms_norm(k.reshape(n, cfg.num_kv_heads, cfg.head_dim), self.k_norm, cfg.rms_norm_eps),
-                       cos, sin)
-        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
-        out = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
-        return self.o_proj(out)
+    def head_norms(self, qk: torch.Tensor) -> torch.Tensor:
+        heads, eps = self.cfg.num_heads, self.cfg.rms_norm_eps
+        return torch.cat([self.ops.rms_norm(qk[:, :heads], self.q_norm, eps),
+                          self.ops.rms_norm(qk[:, heads:], self.k_norm, eps)], dim=1)
 
 
 class Qwen3Model(LlamaModel):
