@@ -24,6 +24,7 @@ import torch
 
 from engine import native
 from engine.backends import select_backend
+from engine.backends.cpu.threads import configure_threads
 from engine.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
 from engine.gguf_weights import load_weights, quantized_gguf
 from engine.heap import drop_unwritten_file_pages, freeze_loaded_objects, release_free_memory
@@ -115,8 +116,8 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig):
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        threads, source = configure_threads(config.threads)
+        log.info("%d CPU threads (%s)", threads, source)
         self.device = resolve_device(config.device)
         if self.device.type == "cuda" and self.device.index is not None:
             # Triton launches and graph captures go to the thread's current device: this thread's,

@@ -84,7 +84,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="chat answers' thinking (<think>...</think>) as message.reasoning_content apart from the "
                         "content, as vLLM's parsers of these names: qwen3 (an answer that opens with <think>), "
                         "deepseek_r1 (the prompt opens it) (default: none, thinking stays in the content)")
-    m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    m.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels (default: the CPUs in the affinity mask, "
+                        "capped at a container's CPU quota; OMP_NUM_THREADS when set)")
     m.add_argument("--enforce-eager", action="store_true", default=None,
                    help="CUDA: run decode steps eagerly, without capturing CUDA graphs")
     s = p.add_argument_group("scheduler and KV cache")
