@@ -29,7 +29,8 @@ class Choice:
     finish_reason: str | None = None
     streamed: int = 0  # characters of text sent as content so far (streaming)
     offset: int = 0  # text_offset of the next token with logprobs (streaming)
-    split: ReasoningSplit | None = None  # --reasoning-parser, streaming: `text` is then the content
+    split: ReasoningSplit | None = None  # --reasoning-parser: `text` is then the content
+    reasoning: str = ""  # --reasoning-parser: the thinking, non-streaming
 
 
 def chat_logprobs(entries, tokenizer) -> dict:
@@ -133,15 +134,29 @@ class CompletionCall:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.body.model,
                 "system_fingerprint": self.state.fingerprint}
 
+    def choices(self) -> dict[int, Choice]:
+        return {i: Choice(self.echo(i), split=self.reasoning.split() if self.reasoning else None)
+                for i in range(self.num_choices)}
+
+    def usage(self) -> Usage:
+        """Counting thinking tokens apart where the request's answers are split."""
+        return Usage(reasoning={} if self.reasoning else None)
+
     # ---- non-streaming -----------------------------------------------------------------------
     async def collect(self, stream) -> JSONResponse:
-        choices = {i: Choice(self.echo(i)) for i in range(self.num_choices)}
-        usage = Usage()
+        choices = self.choices()
+        usage = self.usage()
 
         def on_output(out):
             out = self.shown(out)
             c = choices[out.index]
-            c.text += out.text
+            if c.split is None:
+                c.text += out.text
+            else:
+                reasoning, content = c.split.feed(out.text, out.finished, len(out.token_ids))
+                c.reasoning += reasoning
+                c.text += content
+                usage.reasoning[out.index] = c.split.reasoning_tokens
             c.logprobs += (out.prompt_logprobs or []) + (out.logprobs or [])  # prompt_logprobs: echo
             self.timer.on_tokens(out.index)
             usage.update(out)
@@ -168,12 +183,11 @@ class CompletionCall:
     def _choice_body(self, index: int, c: Choice) -> dict:
         want = self.wants_logprobs
         if self.chat:
-            reasoning, content = self.reasoning.whole(c.text) if self.reasoning else (None, c.text)
-            calls = self._tool_calls(c, content)
-            message = {"role": "assistant", "content": content} if calls is None else \
+            calls = self._tool_calls(c, c.text)
+            message = {"role": "assistant", "content": c.text} if calls is None else \
                 {"role": "assistant", "content": None, "tool_calls": calls}
-            if self.reasoning:
-                message["reasoning_content"] = reasoning
+            if c.split is not None:
+                message["reasoning_content"] = c.reasoning if c.split.thought else None
             return {"index": index, "message": message,
                     "logprobs": chat_logprobs(c.logprobs, self.tokenizer) if want else None,
                     "finish_reason": "tool_calls" if calls else c.finish_reason}
@@ -183,9 +197,8 @@ class CompletionCall:
 
     # ---- streaming ---------------------------------------------------------------------------
     async def events(self, stream):
-        choices = {i: Choice(self.echo(i), split=self.reasoning.split() if self.reasoning else None)
-                   for i in range(self.num_choices)}
-        usage = Usage()
+        choices = self.choices()
+        usage = self.usage()
         include_usage = self.body.include_usage
         extra = {"usage": None} if include_usage else {}
         try:
@@ -206,7 +219,8 @@ class CompletionCall:
                     yield self._chunk(out.index, self.echo(out.index), prompt_logprobs, None, extra)
                 if c.split is not None:  # thinking goes out as reasoning_content; the rest on, as content
                     c.logprobs += out.logprobs or []  # held until a piece of text goes out
-                    reasoning, content = c.split.feed(out.text, out.finished)
+                    reasoning, content = c.split.feed(out.text, out.finished, len(out.token_ids))
+                    usage.reasoning[out.index] = c.split.reasoning_tokens
                     if reasoning:
                         yield self._chunk(out.index, {"reasoning_content": reasoning}, self._held_logprobs(c), None,
                                           extra)

@@ -24,6 +24,7 @@ from server.tool_calls import render_messages
 class Usage:
     prompts: dict = field(default_factory=dict)  # engine request id -> (prompt tokens, cached prompt tokens)
     completion: dict = field(default_factory=dict)  # choice index -> (tokens, skipped, total)
+    reasoning: dict | None = None  # choice index -> thinking tokens, where a reasoning parser splits answers
 
     def update(self, out) -> None:
         # a prompt's later choices take it from the cache its first one filled (engine/scheduler.py):
@@ -52,15 +53,21 @@ class Usage:
     def body(self) -> dict:
         """As chat and completions report it."""
         tokens = self.totals()[0]
+        details = {} if self.reasoning is None else \
+            {"completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
                 "total_tokens": self.prompt_tokens + tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}, "ffn_skip": self.ffn_skip()}
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}, **details, "ffn_skip": self.ffn_skip()}
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum((self.reasoning or {}).values())
 
     def response_body(self) -> dict:
         """As the Responses API reports it."""
         tokens = self.totals()[0]
         return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
-                "output_tokens": tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens": tokens, "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                 "total_tokens": self.prompt_tokens + tokens, "ffn_skip": self.ffn_skip()}
 
     def finish_metrics(self, timer, reason: str) -> None:

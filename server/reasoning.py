@@ -41,10 +41,23 @@ class ReasoningSplit:
         self.parser, self.opened = parser, opened
         self.state = "start"  # start -> thinking -> after (whitespace dropped) -> content; or start -> content
         self.pending = ""
+        self.thought = False  # the answer has a thinking block (possibly empty, possibly cut off)
+        self.fed_tokens = 0
+        self.closed_at: int | None = None  # tokens fed when `</think>` was complete
 
-    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+    @property
+    def reasoning_tokens(self) -> int:
+        """Tokens of the thinking, its tags included (usage's `reasoning_tokens`): every token fed
+        up to the one that completed `</think>`, all of them if it never came."""
+        if not self.thought:
+            return 0
+        return self.fed_tokens if self.closed_at is None else self.closed_at
+
+    def feed(self, text: str, final: bool = False, tokens: int = 0) -> tuple[str, str]:
+        """The next piece of the answer (`tokens`: how many tokens it is, for `reasoning_tokens`)."""
         reasoning = content = ""
         self.pending += text
+        self.fed_tokens += tokens
         if self.state == "start":
             lead = self.pending.lstrip()
             if lead.startswith(OPEN):
@@ -53,6 +66,7 @@ class ReasoningSplit:
                 return "", ""  # may still open a tag
             else:
                 self.state = "thinking" if self.parser == "deepseek_r1" or self.opened else "content"
+            self.thought = self.state == "thinking"
         if self.state == "thinking":
             end = self.pending.find(CLOSE)
             if end < 0:
@@ -60,6 +74,7 @@ class ReasoningSplit:
                 reasoning, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
                 return reasoning, ""
             reasoning, self.pending, self.state = self.pending[:end], self.pending[end + len(CLOSE):], "after"
+            self.closed_at = self.fed_tokens
         if self.state == "after":
             self.pending = self.pending.lstrip()
             if not self.pending:
@@ -73,7 +88,7 @@ class ReasoningSplit:
         """A finished answer -> (its reasoning, None where it has none; its content)."""
         split = cls(parser, opened)
         reasoning, content = split.feed(text, final=True)
-        return reasoning if reasoning or split.state != "content" or text.lstrip().startswith(OPEN) else None, content
+        return reasoning if split.thought else None, content
 
 
 def prompt_opens_thinking(prompt_tail: str) -> bool:

@@ -35,7 +35,8 @@ class Answer:
     content where a reasoning parser splits it (else all content)."""
 
     def __init__(self, split: ReasoningSplit | None = None):
-        self.text, self.logprobs, self.finish_reason, self.usage = "", [], None, Usage()
+        self.text, self.logprobs, self.finish_reason = "", [], None
+        self.usage = Usage(reasoning=None if split is None else {})
         self.split, self.reasoning, self.content = split, "", ""
 
     def add(self, out) -> None:
@@ -43,13 +44,20 @@ class Answer:
         if self.split is None:
             self.content += out.text
         else:
-            reasoning, content = self.split.feed(out.text, out.finished)
+            reasoning, content = self.split.feed(out.text, out.finished, len(out.token_ids))
             self.reasoning += reasoning
             self.content += content
+            self.usage.reasoning[out.index] = self.split.reasoning_tokens
         self.logprobs += out.logprobs or []
         self.usage.update(out)
         if out.finished:
             self.finish_reason = out.finish_reason
+
+    @property
+    def thinking_status(self) -> str:
+        """The reasoning item's status: incomplete where the answer was cut off while thinking."""
+        cut = self.split is not None and self.split.closed_at is None and self.finish_reason not in (None, "stop")
+        return "incomplete" if cut else "completed"
 
 
 class ResponseCall:
@@ -139,9 +147,11 @@ class ResponseCall:
                 "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
 
     def output(self, answer: Answer, calls: list[dict] | None) -> list[dict]:
-        thought = [self.reasoning_item("completed", answer.reasoning)] if answer.reasoning else []
+        thought = [self.reasoning_item(answer.thinking_status, answer.reasoning)] if answer.reasoning else []
         if calls:
             return thought + [self.call_item(c) for c in calls]
+        if answer.thinking_status == "incomplete" and not answer.content:
+            return thought  # cut off while thinking: no message, as OpenAI's reasoning models end then
         return thought + [self.message_item(self.status(answer), [self.text_part(answer.content, answer.logprobs)])]
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, error: dict | None = None) -> dict:
@@ -220,7 +230,7 @@ class ResponseCall:
                 thought["done"] = True
                 yield event("response.reasoning_text.done", **thinking, text=answer.reasoning)
                 yield event("response.output_item.done", output_index=0,
-                            item=self.reasoning_item("completed", answer.reasoning))
+                            item=self.reasoning_item(answer.thinking_status, answer.reasoning))
 
         def open_message():
             for e in end_thinking():
@@ -258,7 +268,9 @@ class ResponseCall:
                 yield e
             first = 1 if answer.reasoning else 0  # after the reasoning item, streamed above
             items = final["output"][first:]
-            if items[0]["type"] == "function_call":  # the calls, with the ids stored
+            if not items:
+                pass  # cut off while thinking: the reasoning item is all
+            elif items[0]["type"] == "function_call":  # the calls, with the ids stored
                 for i, item in enumerate(items, start=first):
                     yield event("response.output_item.added", output_index=i,
                                 item=dict(item, status="in_progress", arguments=""))

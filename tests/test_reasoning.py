@@ -36,6 +36,34 @@ def test_any_split_of_the_stream_gives_the_whole_answers_split(parser, opened):
             assert (got[0], got[1]) == (whole[0] or "", whole[1]), (text, seed)
 
 
+def test_reasoning_tokens_run_to_the_token_that_closes_the_thinking():
+    pieces = ["<th", "ink>", "plan", " more", "</", "think", ">\n", "Answer", "."]
+    split = ReasoningSplit("qwen3")
+    counts = []
+    for piece in pieces:
+        split.feed(piece, tokens=1)
+        counts.append(split.reasoning_tokens)
+    assert counts == [0, 2, 3, 4, 5, 6, 7, 7, 7]  # the tag's tokens count; nothing after "</think>"
+    plain = ReasoningSplit("qwen3")
+    for piece in ["An", "swer", "."]:
+        plain.feed(piece, tokens=1)
+    assert plain.reasoning_tokens == 0 and not plain.thought
+    cut = ReasoningSplit("deepseek_r1")
+    cut.feed("still", tokens=1)
+    cut.feed(" thinking", final=True, tokens=1)
+    assert cut.reasoning_tokens == 2 and cut.closed_at is None
+
+
+def closing_token(tokens: list[str]) -> int:
+    """How many of an answer's tokens (their texts) it takes to write its first `</think>`."""
+    text = ""
+    for i, token in enumerate(tokens):
+        text += token
+        if "</think>" in text:
+            return i + 1
+    raise AssertionError(f"no </think> in {text!r}")
+
+
 def test_the_parsers_rules():
     q, d = "qwen3", "deepseek_r1"
     assert ReasoningSplit.whole(q, "<think>\nplan\n</think>\n\nAnswer.") == ("\nplan\n", "Answer.")
@@ -89,14 +117,19 @@ def post(server, path, body):
 def test_chat_answers_split_thinking_from_content_streamed_or_not(thinking_server):
     body = {"model": MODEL, "messages": PATTERN, "max_tokens": 24, "temperature": 0, **OPEN}
     tokens = post(thinking_server, "/tokenize", {"messages": PATTERN, **OPEN}).json()["tokens"]
-    raw = post(thinking_server, "/v1/completions", {"model": MODEL, "prompt": tokens, "max_tokens": 24,
-                                                    "temperature": 0}).json()["choices"][0]["text"]
+    completion = post(thinking_server, "/v1/completions", {"model": MODEL, "prompt": tokens, "max_tokens": 24,
+                                                           "temperature": 0, "logprobs": 0}).json()["choices"][0]
+    raw = completion["text"]
     assert "</think>" in raw and raw.split("</think>", 1)[1].strip()  # the model closed its thinking
     reasoning, content = ReasoningSplit.whole("qwen3", raw, opened=True)  # the prompt ends inside <think>
     assert reasoning and reasoning.strip() and "</think>" not in reasoning
+    thinking_tokens = closing_token(completion["logprobs"]["tokens"])
+    assert thinking_tokens < len(completion["logprobs"]["tokens"])
 
-    message = post(thinking_server, "/v1/chat/completions", body).json()["choices"][0]["message"]
+    answer = post(thinking_server, "/v1/chat/completions", body).json()
+    message = answer["choices"][0]["message"]
     assert (message["reasoning_content"], message["content"]) == (reasoning, content)
+    assert answer["usage"]["completion_tokens_details"] == {"reasoning_tokens": thinking_tokens}
     assert "</think>" not in message["reasoning_content"] and not message["content"].startswith((" ", "\n"))
 
     streamed = {"reasoning_content": "", "content": ""}
@@ -110,6 +143,7 @@ def test_chat_answers_split_thinking_from_content_streamed_or_not(thinking_serve
             chunk = httpx.Response(200, content=line[6:]).json()
             if chunk.get("usage"):
                 completion_tokens = chunk["usage"]["completion_tokens"]
+                assert chunk["usage"]["completion_tokens_details"] == {"reasoning_tokens": thinking_tokens}
             for choice in chunk["choices"]:
                 for key in streamed:
                     if choice["delta"].get(key):
@@ -162,15 +196,28 @@ def test_responses_put_the_thinking_in_a_reasoning_item_streamed_or_not(thinking
     import openai
 
     tokens = post(thinking_server, "/tokenize", {"messages": TURNS}).json()["tokens"]
-    raw = post(thinking_server, "/v1/completions", {"model": MODEL, "prompt": tokens, "max_tokens": 16,
-                                                    "temperature": 0}).json()["choices"][0]["text"]
+    completion = post(thinking_server, "/v1/completions", {"model": MODEL, "prompt": tokens, "max_tokens": 16,
+                                                           "temperature": 0, "logprobs": 0}).json()["choices"][0]
+    raw = completion["text"]
     assert "</think>" in raw and raw.split("</think>", 1)[1].strip()  # the model closed its thinking
     reasoning, content = ReasoningSplit.whole("qwen3", raw, opened=True)
+    thinking_tokens = closing_token(completion["logprobs"]["tokens"])
     body = {"model": MODEL, "input": TURNS, "max_output_tokens": 16, "temperature": 0}
 
     response = post(thinking_server, "/v1/responses", body).json()
     kinds = [item["type"] for item in response["output"]]
     assert kinds == ["reasoning", "message"]
+    assert response["output"][0]["status"] == "completed"
+    assert response["usage"]["output_tokens_details"] == {"reasoning_tokens": thinking_tokens}
+    cut = post(thinking_server, "/v1/responses", {**body, "max_output_tokens": thinking_tokens - 1}).json()
+    assert [(item["type"], item["status"]) for item in cut["output"]] == [("reasoning", "incomplete")]
+    assert cut["usage"]["output_tokens_details"]["reasoning_tokens"] == cut["usage"]["output_tokens"]
+    with httpx.stream("POST", thinking_server.url + "/v1/responses", timeout=120,
+                      json={**body, "max_output_tokens": thinking_tokens - 1, "stream": True}) as r:
+        kinds_streamed = [httpx.Response(200, content=line[6:]).json()["type"]
+                          for line in r.iter_lines() if line.startswith("data: ")]
+    assert kinds_streamed[-1] == "response.incomplete" and "response.content_part.added" not in kinds_streamed
+    assert kinds_streamed.count("response.output_item.done") == 1
     assert response["output"][0]["content"] == [{"type": "reasoning_text", "text": reasoning}]
     assert response["output"][1]["content"][0]["text"] == content
 
