@@ -25,6 +25,7 @@ from engine.sequence import Sequence
 from engine.skip.base import TokenSkipPlan
 from engine.skip.settings import resolve_skip
 from engine.structured.constraint import Constraint, StructuredOutputs
+from engine.structured.thinking import ThinkingConstraint
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("skipserve.engine")
@@ -52,7 +53,8 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.structured = StructuredOutputs(self.tokenizer.token_bytes, self.model_config.vocab_size, self.eos_ids)
+        self.structured = StructuredOutputs(self.tokenizer.token_bytes, self.model_config.vocab_size, self.eos_ids,
+                                            self.tokenizer.piece_bytes)
         self._sequences: dict[str, Sequence] = {}
         # engine-wide FFN accounting per layer, over generated tokens (read by /metrics)
         self.layer_ffn_total = [0] * self.model_config.num_layers
@@ -109,7 +111,7 @@ class LLMEngine:
                 detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop,
                                                    params.include_stop_str_in_output),
                 seed=(base_seed + i) % 2**64,
-                constraint=None if grammar is None else Constraint(self.structured, grammar),
+                constraint=self._constraint(grammar, params),
                 prompt_logprobs=None if params.prompt_logprobs is None else [],
                 ending_tokens=ending,
                 # drafts for dense answers free of a schema (a skipping row's gate or a grammar's
@@ -120,6 +122,13 @@ class LLMEngine:
             )
             for i in range(params.n)
         ]
+
+    def _constraint(self, grammar, params: SamplingParams) -> Constraint | ThinkingConstraint | None:
+        if grammar is None:
+            return None
+        if params.thinking is None:
+            return Constraint(self.structured, grammar)
+        return ThinkingConstraint(self.structured, grammar, opened=params.thinking == "open")
 
     def prepare_embeddings(self, request_id: str, inputs: list[list[int]], param: str = "input") -> list[Sequence]:
         """An embeddings request's sequences, one per input (input i is sequence i, named `param.i`

@@ -46,6 +46,9 @@ class SamplingParams:
     response_regex: str | None = None
     response_choices: tuple[str, ...] | None = None
     schema_param: str = "response_format"  # the request field either came from, for its errors
+    # the grammar holds the answer after its thinking (engine/structured/thinking.py): "open" (the
+    # prompt opened <think>), "may_open" (the answer may open it first); None: from the first token
+    thinking: str | None = None
     max_tokens_param: str = "max_tokens"  # the request field max_tokens came from, for its errors
     logprobs_param: str = "top_logprobs"  # the request field the logprobs counts came from
 

@@ -100,7 +100,7 @@ class CompletionCall:
         self.num_choices = len(prompts) * body.n
         sampling = body.to_sampling()
         if self.chat:
-            self.reasoning = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompts[0])
+            self.reasoning, sampling = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompts[0])
         stream, self.timer = await submit(state, self.id, prompts, sampling, body.skip(), param)
         return stream
 

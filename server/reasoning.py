@@ -11,12 +11,13 @@ as vLLM's reasoning parsers and llama.cpp's `--reasoning-format deepseek` give i
 Whitespace between `</think>` and the content is dropped. An answer cut off while thinking
 (`max_tokens`) has reasoning and no content, streamed or not. The split works on the text, so
 tokenizers that spell the tags over several tokens split the same way; text that may be the start
-of a tag is held back until it is known not to be. Answers under a grammar (response_format,
-structured outputs, a forced tool call) are not split: the grammar leaves no room to think.
+of a tag is held back until it is known not to be. A grammar (response_format, structured
+outputs, a forced tool call) holds the content, after the thinking (engine/structured/thinking.py).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 OPEN, CLOSE = "<think>", "</think>"
@@ -102,6 +103,11 @@ class Reasoning:
     parser: str
     opened: bool
 
+    @property
+    def thinks_first(self) -> bool:
+        """The answer thinks from its first token (else it may open a block first, or not)."""
+        return self.parser == "deepseek_r1" or self.opened
+
     def split(self) -> ReasoningSplit:
         return ReasoningSplit(self.parser, self.opened)
 
@@ -109,10 +115,14 @@ class Reasoning:
         return ReasoningSplit.whole(self.parser, text, self.opened)
 
 
-async def request_reasoning(parser: str | None, sampling, tokenizer, prompt: list[int]) -> Reasoning | None:
-    """The split of a chat request's answers, where the server has a parser and no grammar holds
-    the answer (it leaves no room to think); the prompt's last 32 tokens decoded off the event loop."""
-    if parser is None or sampling.constrained:
-        return None
+async def request_reasoning(parser: str | None, sampling, tokenizer, prompt: list[int]):
+    """-> (the split of a chat request's answers where the server has a parser, else None; its
+    SamplingParams, whose grammar, if any, then holds the answer after the thinking). The prompt's
+    last 32 tokens are decoded off the event loop."""
+    if parser is None:
+        return None, sampling
     tail = await asyncio.to_thread(tokenizer.decode, prompt[-32:], False, True)
-    return Reasoning(parser, prompt_opens_thinking(tail))
+    reasoning = Reasoning(parser, prompt_opens_thinking(tail))
+    if sampling.constrained:
+        sampling = dataclasses.replace(sampling, thinking="open" if reasoning.thinks_first else "may_open")
+    return reasoning, sampling

@@ -93,7 +93,7 @@ class ResponseCall:
         limit = state.engine.config.max_model_len - (body.max_output_tokens or 1)
         if body.truncation == "auto" and len(prompt_ids) > limit:
             prompt_ids = await self.latest_turns(instructions, messages, limit)
-        self.reasoning = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompt_ids)
+        self.reasoning, sampling = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompt_ids)
         stream, self.timer = await submit(state, self.id, [prompt_ids], sampling, body.skip(), "input")
         return stream
 

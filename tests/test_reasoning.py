@@ -6,6 +6,7 @@ thinking-only templates open it (the qwen3 parser reads the prompt's end for tha
 comes from /v1/completions on the same prompt's token ids."""
 from __future__ import annotations
 
+import json
 import random
 
 import httpx
@@ -176,12 +177,32 @@ def test_an_answer_goes_back_into_the_history_with_its_reasoning(thinking_server
     assert r.status_code == 400 and "only assistant messages" in r.json()["error"]["message"]
 
 
-def test_an_answer_under_a_grammar_is_not_split(thinking_server):
-    """response_format holds the answer to JSON from its first token: nothing to split."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Give a JSON object with a name."}],
-            "max_tokens": 30, "temperature": 0, "response_format": {"type": "json_object"}}
-    message = post(thinking_server, "/v1/chat/completions", body).json()["choices"][0]["message"]
-    assert message["content"].lstrip().startswith("{") and "reasoning_content" not in message
+def test_a_grammar_holds_the_content_after_the_thinking(thinking_server):
+    """response_format with a reasoning parser: the thinking is free (the same text as the raw
+    completion's up to </think>), the content after it is the grammar's JSON, streamed or not."""
+    tokens = post(thinking_server, "/tokenize", {"messages": PATTERN, **OPEN}).json()["tokens"]
+    raw = post(thinking_server, "/v1/completions", {"model": MODEL, "prompt": tokens, "max_tokens": 24,
+                                                    "temperature": 0}).json()["choices"][0]["text"]
+    reasoning, content = ReasoningSplit.whole("qwen3", raw, opened=True)
+    assert not content.startswith("{")  # unconstrained, the model does not answer in JSON
+    body = {"model": MODEL, "messages": PATTERN, "max_tokens": 40, "temperature": 0, **OPEN,
+            "response_format": {"type": "json_object"}}
+    answer = post(thinking_server, "/v1/chat/completions", body).json()
+    message = answer["choices"][0]["message"]
+    assert message["reasoning_content"] == reasoning
+    if answer["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(message["content"]), dict)
+    else:  # cut off inside the document
+        assert message["content"].startswith("{")
+    streamed = {"reasoning_content": "", "content": ""}
+    with httpx.stream("POST", thinking_server.url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in httpx.Response(200, content=line[6:]).json()["choices"]:
+                    for key in streamed:
+                        streamed[key] += choice["delta"].get(key) or ""
+    assert streamed == {"reasoning_content": message["reasoning_content"], "content": message["content"]}
 
 
 TURNS = [{"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "<think>2 + 2 = 4</think>4"},

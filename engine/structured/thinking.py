@@ -1,0 +1,95 @@
+"""A grammar that holds an answer after its thinking: `--reasoning-parser` with `response_format`,
+structured outputs or a forced tool call, as vLLM's structured outputs wait for the reasoning
+parser's end of thinking. The thinking (`<think> ... </think>`) is free text; the grammar takes
+over from the text after `</think>` (whitespace there is not the document's).
+
+Where the prompt opened the block (deepseek_r1's template, Qwen3's thinking-only ones) the answer
+thinks from its first token. Where the answer may open it itself (qwen3), its first tokens may
+write `<think>` or begin the document: the mask is the grammar's and the tokens that write the tag
+(which win where a grammar would take `<` too), and the first token decides which.
+
+The tags are matched on the tokens' bytes, so a tokenizer that spells them over several tokens
+works as one with a token for each. A token that completes `</think>` and goes on with text the
+grammar refuses is masked out. Same interface as `Constraint`; `mask()` is None while the
+answer's thinking is free.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.structured import json_machine
+from engine.structured.constraint import Constraint, StructuredOutputs
+from engine.structured.schema import Grammar
+
+OPEN, CLOSE = b"<think>", b"</think>"
+
+
+def _tag_prefix(text: bytes, tag: bytes) -> bytes:
+    """The longest end of `text` that begins `tag` (without all of it)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return text[-n:]
+    return b""
+
+
+class ThinkingConstraint:
+    def __init__(self, outputs: StructuredOutputs, grammar: Grammar, opened: bool):
+        self._outputs = outputs
+        self.inner = Constraint(outputs, grammar)
+        # undecided -> opening (part of <think> written) -> thinking -> held; or undecided -> held
+        self.phase = "thinking" if opened else "undecided"
+        self.written = b""  # opening: the tag so far; thinking: the text's end that may begin </think>
+
+    def mask(self) -> torch.Tensor | None:
+        if self.phase == "held":
+            return self.inner.mask()
+        if self.phase == "thinking":
+            refused = [i for i, rest in self._outputs.closing_rests(self.written, CLOSE) if not self._accepts(rest)]
+            if not refused:
+                return None
+            mask = torch.ones(len(self._outputs.pieces()), dtype=torch.bool)
+            mask[torch.tensor(refused)] = False
+            return mask
+        opening = self._outputs.opening_mask(self.written, OPEN)
+        return opening if self.phase == "opening" else opening | self.inner.mask()
+
+    def _accepts(self, text: bytes) -> bool:
+        state = self.inner.state
+        for byte in text:
+            state = json_machine.advance(self.inner.grammar, state, byte)
+            if state is None:
+                return False
+        return True
+
+    def advance(self, token_id: int) -> None:
+        """Raises ValueError for a token the mask did not allow."""
+        if self.phase == "held":
+            return self.inner.advance(token_id)
+        pieces = self._outputs.pieces()
+        piece = pieces[token_id] if token_id < len(pieces) else b""
+        if self.phase != "thinking":
+            text = self.written + piece
+            if piece and OPEN.startswith(text) and text != OPEN:
+                self.phase, self.written = "opening", text
+                return
+            if not (piece and text.startswith(OPEN)):
+                if self.phase == "opening":
+                    raise ValueError(f"token {token_id} does not go on writing {OPEN.decode()}")
+                self.phase = "held"  # the answer opened no thinking block: the grammar's from here
+                return self.inner.advance(token_id)
+            self.phase, self.written, piece = "thinking", b"", text[len(OPEN):]
+        text = self.written + piece
+        end = text.find(CLOSE)
+        if end < 0:
+            self.written = _tag_prefix(text, CLOSE)
+            return
+        self.phase, self.written = "held", b""
+        self.inner.advance_text(text[end + len(CLOSE):].lstrip())
+
+    @property
+    def ended(self) -> bool:
+        return self.phase == "held" and self.inner.ended
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "held" and self.inner.done
