@@ -32,6 +32,7 @@ class ModelConfig:
     sliding_window: int | None = None
     query_pre_attn_scalar: float | None = None
     rope_local_theta: float | None = None
+    partial_rotary_factor: float = 1.0  # the share of each head's dimensions rotated (Phi-4-mini's 0.75)
 
     def __post_init__(self):
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
@@ -47,6 +48,10 @@ class ModelConfig:
             local_theta = rope.get("sliding_attention", {}).get("rope_theta", local_theta)
             rope = rope["full_attention"]
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "longrope":  # Phi-3: the pretrained length decides the factors and the attention scale
+            rope = dict(rope, max_position_embeddings=raw.get("max_position_embeddings"),
+                        original_max_position_embeddings=rope.get("original_max_position_embeddings")
+                        or raw.get("original_max_position_embeddings") or raw.get("max_position_embeddings"))
         eos = raw.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         gen_cfg = Path(path) / "generation_config.json"
@@ -74,6 +79,7 @@ class ModelConfig:
             sliding_window=raw.get("sliding_window"),
             query_pre_attn_scalar=raw.get("query_pre_attn_scalar"),
             rope_local_theta=local_theta,
+            partial_rotary_factor=rope.get("partial_rotary_factor", raw.get("partial_rotary_factor")) or 1.0,
         )
 
 

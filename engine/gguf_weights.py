@@ -36,6 +36,8 @@ IN_LAYER = {
 GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                "post_ffw_norm": "post_feedforward_layernorm"}
 GEMMA = {"gemma2", "gemma3"}
+# Phi-3 stores q|k|v and gate|up fused, as its checkpoints do
+PHI3 = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 ROTARY_PERMUTED = {"llama"}  # architectures whose q/k rows llama.cpp's converter reorders (Mistral's files say llama)
 
 
@@ -46,7 +48,8 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if not match:
         return None
     layer, part, kind = match.groups()
-    name = (GEMMA_NORMS.get(part) if arch in GEMMA else None) or IN_LAYER.get(part)
+    name = (GEMMA_NORMS.get(part) if arch in GEMMA else PHI3.get(part) if arch == "phi3" else None) \
+        or IN_LAYER.get(part)
     return f"model.layers.{layer}.{name}.{kind}" if name else None
 
 

@@ -96,7 +96,8 @@ def ensure_hf_dir(model: str, cache_dir: str | None = None, dense: bool = True) 
     if path.is_dir():
         return path
     stat = path.stat()
-    target = cache_root(cache_dir) / f"{path.stem}-{_file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"
+    digest = _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    target = cache_root(cache_dir) / f"{path.stem}-{digest}-{METADATA_VERSION}"
     if not (target / "config.json").exists():
         write_metadata(path, target)
     if dense and not (target / DENSE_WEIGHTS).exists():
@@ -105,6 +106,7 @@ def ensure_hf_dir(model: str, cache_dir: str | None = None, dense: bool = True) 
 
 
 DENSE_WEIGHTS = "model.safetensors"
+METADATA_VERSION = "m2"  # bumped when write_metadata writes a folder differently: older ones are rewritten
 
 
 @functools.lru_cache(maxsize=16)
@@ -127,8 +129,7 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
     from engine.gguf_file import GGUFFile
 
     t0 = time.perf_counter()
-    fields = GGUFFile(gguf_path).fields  # a damaged file is named as such before transformers reads it
-    key_length = fields.get(f"{fields.get('general.architecture')}.attention.key_length")
+    gguf = GGUFFile(gguf_path)  # a damaged file is named as such before transformers reads it
     tmp = _unique(target)
     tmp.mkdir(parents=True)
     try:
@@ -136,12 +137,13 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
         config = AutoConfig.from_pretrained(str(gguf_path.parent), **kw)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        # transformers reads no head width for some architectures (Qwen3: its config's default, 128)
-        if key_length is not None and getattr(config, "head_dim", None) not in (None, key_length):
-            config.head_dim = key_length
+        complete_config(config, gguf)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+        generation = GenerationConfig.from_model_config(config)
+        generation.eos_token_id = end_of_generation_ids(gguf.fields, tokenizer, config.eos_token_id)
         config.save_pretrained(tmp)
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw).save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process put it there first
@@ -151,6 +153,48 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     log.warning("read %s's config and tokenizer into %s (one time, %.1f s)", gguf_path.name, target,
                 time.perf_counter() - t0)
+
+
+# chat models' end-of-turn tokens, which llama.cpp also ends a generation on where a GGUF lists one
+# as a special token, whatever its eos id says (Phi-3's eos is <|endoftext|>, its turns end <|end|>)
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>",
+               "<｜end▁of▁sentence｜>", "<|return|>")
+
+
+def complete_config(config, gguf) -> None:
+    """What transformers' GGUF reader leaves out of some architectures' configs, from the file."""
+    fields = gguf.fields
+    arch = fields.get("general.architecture")
+    # no head width for some (Qwen3: its config's default, 128)
+    key_length = fields.get(f"{arch}.attention.key_length")
+    if key_length is not None and getattr(config, "head_dim", None) not in (None, key_length):
+        config.head_dim = key_length
+    window = fields.get(f"{arch}.attention.sliding_window")  # Phi-3's
+    if window and getattr(config, "sliding_window", "absent") is None:
+        config.sliding_window = window
+    factors = {t.name: t for t in gguf.tensors if t.name in ("rope_factors_short.weight", "rope_factors_long.weight")}
+    if len(factors) == 2:  # longrope (Phi-3 128k, Phi-3.5): llama.cpp keeps the factors as tensors
+        original = fields.get(f"{arch}.rope.scaling.original_context_length") or config.max_position_embeddings
+        rope = {**(getattr(config, "rope_parameters", None) or {}), "rope_type": "longrope",
+                "rope_theta": fields.get(f"{arch}.rope.freq_base", 10000.0), "partial_rotary_factor": 1.0,
+                "short_factor": [float(x) for x in factors["rope_factors_short.weight"].data],
+                "long_factor": [float(x) for x in factors["rope_factors_long.weight"].data],
+                "original_max_position_embeddings": int(original),
+                "factor": config.max_position_embeddings / int(original)}
+        if fields.get(f"{arch}.rope.scaling.attn_factor") is not None:
+            rope["attention_factor"] = float(fields[f"{arch}.rope.scaling.attn_factor"])
+        config.rope_parameters = rope
+        config.original_max_position_embeddings = int(original)
+
+
+def end_of_generation_ids(fields: dict, tokenizer, eos) -> list[int]:
+    """The config's eos ids, the GGUF's end-of-turn ids (`tokenizer.ggml.eot_token_id`, `eom`)
+    and its special tokens spelled as chat models end a turn."""
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    ids += [fields[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in fields]
+    special = {token.content: i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    ids += [special[text] for text in END_OF_TURN if text in special]
+    return list(dict.fromkeys(ids))
 
 
 def write_dense_weights(gguf_path: Path, target: Path) -> None:

@@ -27,7 +27,7 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("architectures")
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen2"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen2", "phi3"])
 def gguf(request, cache_dir):
     from engine.loader import embedded_gguf
 
@@ -88,13 +88,18 @@ def test_quantized_engine_reads_the_file_alone_and_its_weights_equal_the_dense_c
     assert not list(fresh.rglob("*.safetensors"))
     assert ensure_hf_dir(str(gguf), str(cache_dir)) == dense.hf_dir  # the fp32 engine's folder has them
     weights, _ = assert_gguf_weights_equal_the_dense_conversion(gguf, dense.hf_dir)
-    extra = {"qwen3": "model.layers.0.self_attn.k_norm.weight", "qwen2": "model.layers.0.self_attn.v_proj.bias"}
+    extra = {"qwen3": "model.layers.0.self_attn.k_norm.weight", "qwen2": "model.layers.0.self_attn.v_proj.bias",
+             "phi3": "model.layers.0.mlp.gate_up_proj.weight"}
     assert extra[gguf.stem] in weights
 
 
 def test_fp32_logits_and_greedy_text_equal_hf(dense, hf_model, prompts, gguf):
-    expected = {"qwen3": "Qwen3Model", "qwen2": "LlamaModel"}[gguf.stem]
+    expected = {"qwen3": "Qwen3Model", "qwen2": "LlamaModel", "phi3": "Phi3Model"}[gguf.stem]
     assert type(dense.runner.model).__name__ == expected
+    if gguf.stem == "phi3":  # longrope's short factors and attention scale, in both models
+        assert dense.runner.model.cfg.rope_scaling["rope_type"] == "longrope"
+        assert hf_model.config.rope_parameters["rope_type"] == "longrope"
+        assert dense.runner.model.ropes["global"].cos[0, 0].item() > 1.1
     assert dense.runner.model.cfg.head_dim == (128 if gguf.stem == "qwen3" else 32)
     for prompt in prompts:
         with torch.inference_mode():
@@ -118,8 +123,9 @@ def test_quantized_weights_mixing_formats_in_a_projection_run_in_the_native_step
     assert model.fused_decode is not None
     assert {lin.backend.split("+")[0] for layer in model.layers
             for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)} == {f"quant-{quant_ops.best_isa()}"}
-    assert any(hasattr(layer.qkv, "parts") for layer in model.layers)
-    assert any(hasattr(layer.gate_up, "parts") for layer in model.layers)
+    fused = type(model).__name__ == "Phi3Model"  # q|k|v and gate|up are one tensor each in the file
+    assert any(hasattr(layer.qkv, "parts") for layer in model.layers) != fused
+    assert any(hasattr(layer.gate_up, "parts") for layer in model.layers) != fused
     tolerance = 0.01
     for prompt in prompts:
         text = prompt + dense.generate([prompt], GREEDY)[0][1]
@@ -153,3 +159,65 @@ def test_served_over_http_with_its_chat_template(dense, gguf, cache_dir):
         assert server.stop() == 0
     assert reply.choices[0].message.content == expected and expected
     assert reply.usage.prompt_tokens == len(prompt)
+
+
+def test_longrope_tables_equal_transformers_on_either_side_of_the_pretrained_length():
+    """Phi-3's longrope: the short factors while the server's longest sequence is within the
+    pretrained length, the long ones past it (as transformers picks for such a sequence), and
+    transformers' attention scale."""
+    import math
+
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from engine.models.rope import attention_factor, inverse_frequencies
+
+    short, long = [1.0 + i / 16 for i in range(16)], [2.0 + i for i in range(16)]
+    raw = dict(model_type="phi3", vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+               num_attention_heads=4, max_position_embeddings=131072, original_max_position_embeddings=4096,
+               rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
+    hf = Phi3Config(**{k: v for k, v in raw.items() if k != "model_type"})
+    ours = _read_config(raw)
+    for max_len, seq_len in ((4096, 4096), (8192, 4097)):
+        theirs, scale = ROPE_INIT_FUNCTIONS["longrope"](hf, "cpu", seq_len=seq_len)
+        mine = inverse_frequencies(32, ours.rope_theta, ours.rope_scaling, max_len).float()
+        assert torch.allclose(mine, theirs, rtol=1e-6), max_len
+        assert math.isclose(attention_factor(ours.rope_scaling), scale, rel_tol=1e-9)
+    assert attention_factor(ours.rope_scaling) > 1.1
+
+
+def _read_config(raw: dict):
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from engine.config import ModelConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(raw))
+        return ModelConfig.from_hf_dir(tmp)
+
+
+def test_a_model_that_rotates_part_of_each_head_is_refused_by_name():
+    from engine.models import check_architecture
+
+    config = _read_config(dict(model_type="phi3", vocab_size=100, hidden_size=128, intermediate_size=256,
+                               num_hidden_layers=1, num_attention_heads=4, partial_rotary_factor=0.75))
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.75"):
+        check_architecture(config)
+
+
+def test_end_of_turn_tokens_end_generations():
+    """The GGUF's eot id and its special tokens spelled as chat turns end (llama.cpp's end-of-
+    generation set) join the config's eos: Phi-3's files say <|endoftext|>, its turns end <|end|>."""
+    from engine.loader import end_of_generation_ids
+
+    class Token:
+        def __init__(self, content, special):
+            self.content, self.special = content, special
+
+    class Tok:
+        added_tokens_decoder = {5: Token("<|end|>", True), 6: Token("<|im_end|>", False), 7: Token("<|endoftext|>", True)}
+
+    assert end_of_generation_ids({"tokenizer.ggml.eot_token_id": 9}, Tok(), 7) == [7, 9, 5]
+    assert end_of_generation_ids({}, Tok(), [7, 5]) == [7, 5]

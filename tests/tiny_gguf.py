@@ -1,4 +1,4 @@
-"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2), random weights, written as
+"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2, Phi-3.5), random weights, written as
 llama.cpp's converter lays them out (tensor names, metadata), quantized
 with gguf-py's own quantizers, the tokenizer copied from the embedded SmolLM2 GGUF. No model file
 of these architectures ships with the product; transformers reads these files as it reads real ones,
@@ -13,11 +13,14 @@ from gguf.quants import quantize
 
 # per architecture: hidden, heads, kv heads, head_dim (Qwen3's is 128 whatever the hidden size: the
 # GGUF does not say, transformers takes Qwen3Config's default), q/k/v biases, per-head q/k norms,
-# a separate lm_head
+# a separate lm_head; Phi-3.5's fused q|k|v and gate|up and its longrope factors (as tensors)
 SHAPES = {
     "qwen3": dict(hidden=128, heads=2, kv_heads=1, head_dim=128, bias=False, qk_norm=True, tied=True),
     "qwen2": dict(hidden=128, heads=4, kv_heads=2, head_dim=32, bias=True, qk_norm=False, tied=False),
+    "phi3": dict(hidden=128, heads=4, kv_heads=4, head_dim=32, bias=False, qk_norm=False, tied=False, fused=True,
+                 longrope=True),
 }
+CONTEXT, ORIGINAL_CONTEXT = 131072, 4096  # Phi-3.5-mini's: longrope's factor 32
 LAYERS, FFN = 4, 256
 Q4_1, Q8_0 = GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
 # Formats mixed within a projection as llama.cpp's Q4_K_M mixes them (q and k in 4 bits, v in 6 or
@@ -35,7 +38,7 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
 
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
-    writer.add_context_length(4096)
+    writer.add_context_length(CONTEXT if shape.get("longrope") else 4096)
     writer.add_embedding_length(hidden)
     writer.add_feed_forward_length(FFN)
     writer.add_head_count(heads)
@@ -47,6 +50,10 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(vocab)
     _copy_tokenizer(source, writer)
+    if shape.get("longrope"):  # as llama.cpp's converter writes a long-context Phi-3
+        writer.add_rope_scaling_orig_ctx_len(ORIGINAL_CONTEXT)
+        writer.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(CONTEXT / ORIGINAL_CONTEXT) / np.log(ORIGINAL_CONTEXT))))
+        writer.add_sliding_window(CONTEXT * 2)
 
     def matrix(name: str, rows: int, cols: int, std: float, qtype=Q8_0) -> None:
         data = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
@@ -59,12 +66,17 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     vector("output_norm.weight", hidden, 1.0, 0.1)
     if not shape["tied"]:
         matrix("output.weight", vocab, hidden, hidden ** -0.5)
+    if shape.get("longrope"):
+        writer.add_tensor("rope_factors_short.weight", rng.uniform(1.0, 3.0, head_dim // 2).astype(np.float32))
+        writer.add_tensor("rope_factors_long.weight", rng.uniform(1.0, 40.0, head_dim // 2).astype(np.float32))
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     for i in range(LAYERS):
         blk = f"blk.{i}."
         vector(blk + "attn_norm.weight", hidden, 1.0, 0.1)
         vector(blk + "ffn_norm.weight", hidden, 1.0, 0.1)
-        for name, rows in (("attn_q", q_size), ("attn_k", kv_size), ("attn_v", kv_size)):
+        if shape.get("fused"):
+            matrix(blk + "attn_qkv.weight", q_size + 2 * kv_size, hidden, hidden ** -0.5, FORMATS["attn_v"][i % 2])
+        for name, rows in (("attn_q", q_size), ("attn_k", kv_size), ("attn_v", kv_size)) * (not shape.get("fused")):
             matrix(blk + name + ".weight", rows, hidden, hidden ** -0.5, FORMATS[name][i % 2])
             if shape["bias"]:
                 vector(blk + name + ".bias", rows, 0.0, 0.5)
@@ -72,7 +84,8 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
         if shape["qk_norm"]:
             vector(blk + "attn_q_norm.weight", head_dim, 1.0, 0.2)
             vector(blk + "attn_k_norm.weight", head_dim, 1.0, 0.2)
-        for name, rows, cols in (("ffn_gate", FFN, hidden), ("ffn_up", FFN, hidden), ("ffn_down", hidden, FFN)):
+        ffn = (("ffn_up", 2 * FFN, hidden),) if shape.get("fused") else (("ffn_gate", FFN, hidden), ("ffn_up", FFN, hidden))
+        for name, rows, cols in ffn + (("ffn_down", hidden, FFN),):
             matrix(blk + name + ".weight", rows, cols, cols ** -0.5, FORMATS[name][i % 2])
 
     writer.write_header_to_file()

@@ -7,13 +7,17 @@ from engine.config import ModelConfig
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "smollm2"}
 GEMMA3 = {"gemma3_text", "gemma3"}
 QWEN3 = {"qwen3"}
+PHI3 = {"phi3"}
+SUPPORTED = LLAMA_FAMILY | QWEN3 | GEMMA3 | PHI3
 
 
 def check_architecture(config: ModelConfig) -> None:
     """Raises for a model no implementation here runs: before its weights are read."""
-    if config.model_type not in LLAMA_FAMILY | QWEN3 | GEMMA3:
-        raise ValueError(f"unsupported architecture {config.model_type!r} "
-                         f"(supported: {sorted(LLAMA_FAMILY | QWEN3 | GEMMA3)})")
+    if config.model_type not in SUPPORTED:
+        raise ValueError(f"unsupported architecture {config.model_type!r} (supported: {sorted(SUPPORTED)})")
+    if config.partial_rotary_factor != 1.0:
+        raise ValueError(f"{config.model_type!r} with partial_rotary_factor {config.partial_rotary_factor}: "
+                         "rotary embeddings over part of each head are not supported")
 
 
 def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, ops):
@@ -25,6 +29,10 @@ def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, o
         from engine.models.qwen3 import Qwen3Model
 
         return Qwen3Model(config, state, device, dtype, max_len, ops)
+    if config.model_type in PHI3:
+        from engine.models.phi3 import Phi3Model
+
+        return Phi3Model(config, state, device, dtype, max_len, ops)
     if config.model_type in GEMMA3:
         from engine.models.gemma3 import Gemma3Model
 

@@ -18,6 +18,9 @@ class LlamaLayer:
     kind = "llama"  # what a backend's fused decode path must implement to run this layer
     rope_kind = "global"  # which of the model's rotary tables this layer uses
     window: int | None = None  # sliding-window attention span (None = full)
+    # the row blocks of the fused projections, as the checkpoint names them
+    qkv_names = tuple(f"self_attn.{p}_proj" for p in "qkv")
+    gate_up_names = ("mlp.gate_proj", "mlp.up_proj")
 
     def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int, ops):
         def w(name, dtype=dtype):
@@ -36,11 +39,11 @@ class LlamaLayer:
         self.input_norm = w("input_layernorm.weight", act_dtype)
         self.post_attn_norm = w("post_attention_layernorm.weight", act_dtype)
         # fused projections: one matmul for q|k|v and one for gate|up
-        biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
-        self.qkv = linear(*(f"self_attn.{p}_proj.weight" for p in "qkv"),
+        biases = [maybe(f"{name}.bias") for name in self.qkv_names]
+        self.qkv = linear(*(f"{name}.weight" for name in self.qkv_names),
                           bias=torch.cat(biases) if all(b is not None for b in biases) else None)
         self.o_proj = linear("self_attn.o_proj.weight")
-        self.gate_up = linear("mlp.gate_proj.weight", "mlp.up_proj.weight")
+        self.gate_up = linear(*(f"{name}.weight" for name in self.gate_up_names))
         self.down = linear("mlp.down_proj.weight")
 
     def attention(self, x, rope, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:

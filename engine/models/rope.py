@@ -1,4 +1,11 @@
-"""Rotary position embeddings (HF `rotate_half` layout) with default, linear and llama3 scaling."""
+"""Rotary position embeddings (HF `rotate_half` layout) with default, linear, llama3 and longrope
+(Phi-3) scaling.
+
+longrope: per-dimension factors, one set for sequences within the pretrained length and one for
+longer ones, and cos/sin scaled by sqrt(1 + ln(factor) / ln(pretrained length)). transformers
+switches sets by the current sequence's length; here, as llama.cpp decides it by its context
+size, the server's longest sequence (`max_len`) picks one set for every position: the short one
+while max_len is within the pretrained length (transformers' choice for every such sequence)."""
 from __future__ import annotations
 
 import math
@@ -6,11 +13,17 @@ import math
 import torch
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None, max_len: int = 0) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if not scaling:
         return inv_freq
     kind = scaling["rope_type"]
+    if kind == "longrope":
+        long = max_len > scaling["original_max_position_embeddings"]
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"longrope: {factors.numel()} factors for {inv_freq.numel()} rotary frequencies")
+        return inv_freq / factors
     if kind == "linear":
         return inv_freq / scaling["factor"]
     if kind == "llama3":
@@ -25,13 +38,25 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> to
     raise ValueError(f"unsupported rope scaling {kind!r}")
 
 
+def attention_factor(scaling: dict | None) -> float:
+    """What cos and sin are multiplied by (longrope's; 1 for the others)."""
+    if not scaling or scaling["rope_type"] != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or (scaling.get("max_position_embeddings") or original) / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 class RotaryEmbedding:
     def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_len: int, device, dtype):
-        inv_freq = inverse_frequencies(head_dim, theta, scaling).float()
+        inv_freq = inverse_frequencies(head_dim, theta, scaling, max_len).float()
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
-        self.cos = angles.cos().to(device=device, dtype=dtype)
-        self.sin = angles.sin().to(device=device, dtype=dtype)
+        scale = attention_factor(scaling)
+        self.cos = (angles.cos() * scale).to(device=device, dtype=dtype)
+        self.sin = (angles.sin() * scale).to(device=device, dtype=dtype)
 
     def __call__(self, positions: torch.Tensor):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [N, 1, D]
