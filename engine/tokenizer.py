@@ -116,6 +116,7 @@ class Tokenizer:
         self.eos_token_id = None if eos is None else self._tok.token_to_id(eos)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         template = read_chat_template(chat_template) if chat_template else _chat_template(folder, config)
+        self.chat_template = template or None  # its text
         self._template = _compile(template) if template else None
         self.has_chat_template = self._template is not None
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
@@ -125,9 +126,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def render_chat(self, messages: list[dict], options: ChatOptions = ChatOptions()) -> str:
+    def render_chat(self, messages: list[dict], options: ChatOptions = ChatOptions(),
+                    tools: list[dict] | None = None) -> str:
         """Raises InvalidParamError (param messages) where the model's template refuses the messages
-        (some raise on roles they do not know, or on turns that do not alternate)."""
+        (some raise on roles they do not know, or on turns that do not alternate). `tools`: for
+        templates that show them (server/hermes_tools.py)."""
         from jinja2 import TemplateError
 
         add = options.add_generation_prompt
@@ -140,7 +143,7 @@ class Tokenizer:
         else:
             try:
                 text = self._template.render(**options.variables, messages=messages, add_generation_prompt=add,
-                                             tools=None, documents=None, **self._special)
+                                             tools=tools, documents=None, **self._special)
             except TemplateError as exc:
                 raise InvalidParamError(f"the model's chat template refused these messages: {exc}",
                                         "messages") from None
@@ -149,10 +152,11 @@ class Tokenizer:
                                         "chat_template_kwargs" if options.variables else "messages") from None
         return _open_final_message(text, messages[-1]["content"]) if options.continue_final_message else text
 
-    def encode_chat(self, messages: list[dict], options: ChatOptions = ChatOptions()) -> list[int]:
+    def encode_chat(self, messages: list[dict], options: ChatOptions = ChatOptions(),
+                    tools: list[dict] | None = None) -> list[int]:
         # A template places the special tokens it wants; plain text gets the tokenizer's own (BOS),
         # as the same text sent to /v1/completions does (Gemma 3 answers nonsense without BOS).
-        return self.encode(self.render_chat(messages, options), add_special_tokens=not self.has_chat_template)
+        return self.encode(self.render_chat(messages, options, tools), add_special_tokens=not self.has_chat_template)
 
     def decode(self, ids: list[int], clean: bool = True, special: bool = False) -> str:
         """`clean`: with the config's clean-up of spaces (as transformers' decode: /detokenize).

@@ -43,6 +43,7 @@ class ServerState:
     responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a body's limit, and that of what its references bring
     reasoning_parser: str | None = None  # server/reasoning.py: chat answers' thinking as reasoning_content
+    tool_call_parser: str = "auto"  # hermes (server/hermes_tools.py), json (server/tool_calls.py) or auto
     draining: bool = False
     started: float = field(default_factory=time.time)
 
@@ -58,7 +59,8 @@ class ServerState:
 def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                on_engine_failed: Callable[[BaseException], None] | None = None,
-               allowed_origins: tuple[str, ...] = (), reasoning_parser: str | None = None) -> FastAPI:
+               allowed_origins: tuple[str, ...] = (), reasoning_parser: str | None = None,
+               tool_call_parser: str = "auto") -> FastAPI:
     """`on_engine_failed`: called when the model cannot load, or when the engine thread stops on an
     error (the CLI exits non-zero then).
     `allowed_origins`: web origins whose pages may call the API from a browser ("*": any); none by
@@ -67,7 +69,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     engine.on_step = metrics.on_step
     engine.on_dead = on_engine_failed
     state = ServerState(engine, metrics, tuple(dict.fromkeys(served_names)), api_key,
-                        max_request_bytes=max_request_bytes, reasoning_parser=reasoning_parser)
+                        max_request_bytes=max_request_bytes, reasoning_parser=reasoning_parser,
+                        tool_call_parser=tool_call_parser)
 
     def load_done(task: asyncio.Task) -> None:
         if task.cancelled():

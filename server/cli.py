@@ -84,6 +84,11 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="chat answers' thinking (<think>...</think>) as message.reasoning_content apart from the "
                         "content, as vLLM's parsers of these names: qwen3 (an answer that opens with <think>), "
                         "deepseek_r1 (the prompt opens it) (default: none, thinking stays in the content)")
+    m.add_argument("--tool-call-parser", choices=["auto", "hermes", "json"], default="auto",
+                   help="how the model is shown tools and writes calls: hermes (the chat template renders the tools, "
+                        "calls come in <tool_call> tags: Qwen2.5, Qwen3, Hermes), json (a system message lists the "
+                        "tools, a call is a JSON object), auto (hermes where the template asks for <tool_call>, "
+                        "else json) (default: auto)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels (default: the CPUs in the affinity mask, "
                         "capped at a container's CPU quota; OMP_NUM_THREADS when set)")
     m.add_argument("--enforce-eager", action="store_true", default=None,
@@ -219,7 +224,7 @@ def serve(argv: list[str]) -> None:
 
     names = (config.served_model_name, *(args.served_model_name or [])[1:])
     app = create_app(engine, names, api_key, args.max_request_bytes, engine_failed,
-                     args.allowed_origins, args.reasoning_parser)
+                     args.allowed_origins, args.reasoning_parser, args.tool_call_parser)
 
     grace = max(0.0, args.grace_period)
     # sse-starlette would cut every stream the moment SIGTERM arrives; we drain them ourselves:

@@ -174,18 +174,19 @@ class CompletionCall:
 
         return await asyncio.to_thread(answer)
 
-    def _tool_calls(self, c: Choice, content: str) -> list[dict] | None:
-        """A finished answer's tool calls, where the request allows them and its content is one."""
+    def _tool_calls(self, c: Choice) -> tuple[str | None, list[dict] | None]:
+        """A finished answer's content and tool calls, where the request allows calls and it makes some."""
         if self.tool_mode == "none" or c.finish_reason != "stop":
-            return None
-        return self.tools.parse(content)
+            return c.text, None
+        return self.tools.parse(c.text)
 
     def _choice_body(self, index: int, c: Choice) -> dict:
         want = self.wants_logprobs
         if self.chat:
-            calls = self._tool_calls(c, c.text)
-            message = {"role": "assistant", "content": c.text} if calls is None else \
-                {"role": "assistant", "content": None, "tool_calls": calls}
+            content, calls = self._tool_calls(c)
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
             if c.split is not None:
                 message["reasoning_content"] = c.reasoning if c.split.thought else None
             return {"index": index, "message": message,
@@ -269,14 +270,16 @@ class CompletionCall:
             stream.close()
 
     def _tool_chunks(self, index: int, c: Choice, extra: dict):
-        """Streaming with tools: content is sent once the answer cannot be a call (it starts with
-        neither `{` nor `[`, unless a call is forced), else held to the end, then sent as tool_calls
-        or as content."""
-        holding = self.tool_mode == "forced" or c.text.lstrip()[:1] in ("", "{", "[")
-        calls = None if c.finish_reason is None else self._tool_calls(c, c.text)
-        if (not holding or c.finish_reason is not None and not calls) and len(c.text) > c.streamed:
-            yield self._chunk(index, {"content": c.text[c.streamed:]}, self._held_logprobs(c), None, extra)
-            c.streamed = len(c.text)
+        """Streaming with tools: content is sent as far as it cannot be a call (ToolUse.sendable:
+        not at all while it may be a call's JSON, up to a `<tool_call>` tag in the template's
+        format); the rest is held to the end, then sent as tool_calls or as content."""
+        if c.finish_reason is None:
+            content, calls = c.text[:self.tools.sendable(c.text)], None
+        else:
+            content, calls = self._tool_calls(c)
+        if len(content or "") > c.streamed:
+            yield self._chunk(index, {"content": content[c.streamed:]}, self._held_logprobs(c), None, extra)
+            c.streamed = len(content)
         if calls:  # with the call's logprobs, as the unstreamed answer lists them
             yield self._chunk(index, {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]},
                               self._held_logprobs(c), None, extra)

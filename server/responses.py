@@ -119,11 +119,12 @@ class ResponseCall:
         return fitting
 
     # ---- the response object -----------------------------------------------------------------
-    def calls(self, answer: Answer) -> list[dict] | None:
-        """A finished answer's tool calls (chat-shaped), where the request allows them and it is one."""
+    def calls(self, answer: Answer) -> tuple[str | None, list[dict] | None]:
+        """A finished answer's content and tool calls (chat-shaped), where the request allows calls
+        and it makes some."""
         use = self.body.tool_use
         if use.mode == "none" or answer.finish_reason != "stop":
-            return None
+            return answer.content, None
         return use.parse(answer.content)
 
     def status(self, answer: Answer) -> str:
@@ -146,10 +147,11 @@ class ResponseCall:
         return {"id": "fc_" + call["id"].removeprefix("call_"), "type": "function_call", "status": "completed",
                 "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
 
-    def output(self, answer: Answer, calls: list[dict] | None) -> list[dict]:
+    def output(self, answer: Answer, content: str | None, calls: list[dict] | None) -> list[dict]:
         thought = [self.reasoning_item(answer.thinking_status, answer.reasoning)] if answer.reasoning else []
-        if calls:
-            return thought + [self.call_item(c) for c in calls]
+        if calls:  # what the model wrote before its calls (the template's format) as a message first
+            said = [self.message_item("completed", [self.text_part(content, [])])] if content else []
+            return thought + said + [self.call_item(c) for c in calls]
         if answer.thinking_status == "incomplete" and not answer.content:
             return thought  # cut off while thinking: no message, as OpenAI's reasoning models end then
         return thought + [self.message_item(self.status(answer), [self.text_part(answer.content, answer.logprobs)])]
@@ -161,11 +163,11 @@ class ResponseCall:
                 "error": error, "incomplete_details": incomplete, "model": self.body.model, "output": output,
                 "usage": usage, **self.body.echo()}
 
-    def render(self, answer: Answer) -> tuple[list[dict] | None, dict, str]:
-        """The answer's tool calls, the final response object and its JSON."""
-        calls = self.calls(answer)
-        body = self.response(self.status(answer), self.output(answer, calls), answer.usage.response_body())
-        return calls, body, json.dumps(body)
+    def render(self, answer: Answer) -> tuple[str | None, list[dict] | None, dict, str]:
+        """The answer's content and tool calls, the final response object and its JSON."""
+        content, calls = self.calls(answer)
+        body = self.response(self.status(answer), self.output(answer, content, calls), answer.usage.response_body())
+        return content, calls, body, json.dumps(body)
 
     async def finish(self, answer: Answer) -> tuple[dict, str]:
         """The request's metrics (its generation ended); the final response object and its JSON, made
@@ -175,9 +177,9 @@ class ResponseCall:
         return await asyncio.shield(asyncio.ensure_future(self._render_and_store(answer)))
 
     async def _render_and_store(self, answer: Answer) -> tuple[dict, str]:
-        calls, body, text = await asyncio.to_thread(self.render, answer)
+        content, calls, body, text = await asyncio.to_thread(self.render, answer)
         if self.body.store:
-            said = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
+            said = {"role": "assistant", "content": content, "tool_calls": calls} if calls else \
                 {"role": "assistant", "content": answer.content}
             if answer.reasoning:
                 said["reasoning_content"] = answer.reasoning
@@ -197,13 +199,14 @@ class ResponseCall:
         return left if left is not None else Response((await self.finish(answer))[1], media_type="application/json")
 
     # ---- streaming ---------------------------------------------------------------------------
-    def holding(self, answer: Answer) -> bool:
-        """Whether an answer's message is held back: one that may still turn out to be a tool call,
-        or whose thinking goes on (the reasoning item, at output index 0, comes whole first)."""
+    def sendable(self, answer: Answer) -> int:
+        """How much of an unfinished answer's content may be streamed: none while its thinking goes
+        on (the reasoning item, at output index 0, comes whole first), and none of what may still
+        turn out to be a tool call (ToolUse.sendable)."""
         if answer.split is not None and not answer.content:
-            return True
-        mode = self.body.tool_use.mode
-        return mode == "forced" or mode == "auto" and answer.content.lstrip()[:1] in ("", "{", "[")
+            return 0
+        use = self.body.tool_use
+        return len(answer.content) if use.mode == "none" else use.sendable(answer.content)
 
     async def events(self, stream):
         sequence = itertools.count()
@@ -240,10 +243,10 @@ class ResponseCall:
                         item=self.message_item("in_progress", []))
             yield event("response.content_part.added", **where, part=self.text_part("", []))
 
-        def delta():
+        def delta(content: str):
             nonlocal sent_text, sent_logprobs
-            text, logprobs = answer.content[sent_text:], answer.logprobs[sent_logprobs:]
-            sent_text, sent_logprobs = len(answer.content), len(answer.logprobs)
+            text, logprobs = content[sent_text:], answer.logprobs[sent_logprobs:]
+            sent_text, sent_logprobs = len(content), len(answer.logprobs)
             if text or logprobs and self.body.wants_logprobs:
                 yield event("response.output_text.delta", **where, delta=text,
                             logprobs=self.text_part("", logprobs)["logprobs"])
@@ -256,40 +259,38 @@ class ResponseCall:
                 answer.add(out)
                 for e in think():
                     yield e
-                if answer.finish_reason is None and not self.holding(answer):
+                ready = self.sendable(answer) if answer.finish_reason is None else 0
+                if ready:
                     if not opened:
                         opened = True
                         for e in open_message():
                             yield e
-                    for e in delta():
+                    for e in delta(answer.content[:ready]):
                         yield e
             final, _ = await self.finish(answer)
             for e in end_thinking():
                 yield e
             first = 1 if answer.reasoning else 0  # after the reasoning item, streamed above
-            items = final["output"][first:]
-            if not items:
-                pass  # cut off while thinking: the reasoning item is all
-            elif items[0]["type"] == "function_call":  # the calls, with the ids stored
-                for i, item in enumerate(items, start=first):
-                    yield event("response.output_item.added", output_index=i,
-                                item=dict(item, status="in_progress", arguments=""))
-                    yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
-                                delta=item["arguments"])
-                    yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
-                                name=item["name"], arguments=item["arguments"])
-                    yield event("response.output_item.done", output_index=i, item=item)
-            else:
-                if not opened:
-                    for e in open_message():
+            # then the message (none where the answer was cut off while thinking), then the calls
+            for i, item in enumerate(final["output"][first:], start=first):
+                if item["type"] == "message":
+                    part = item["content"][0]
+                    if not opened:
+                        for e in open_message():
+                            yield e
+                    for e in delta(part["text"]):
                         yield e
-                for e in delta():
-                    yield e
-                item = items[0]
-                part = item["content"][0]
-                yield event("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
-                yield event("response.content_part.done", **where, part=part)
-                yield event("response.output_item.done", output_index=where["output_index"], item=item)
+                    yield event("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
+                    yield event("response.content_part.done", **where, part=part)
+                    yield event("response.output_item.done", output_index=where["output_index"], item=item)
+                    continue
+                yield event("response.output_item.added", output_index=i,  # a call, with its id stored
+                            item=dict(item, status="in_progress", arguments=""))
+                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                            delta=item["arguments"])
+                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                            name=item["name"], arguments=item["arguments"])
+                yield event("response.output_item.done", output_index=i, item=item)
             yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
                         response=final)
         except (EngineShutdownError, GenerationError) as exc:  # in-band, as OpenAI ends a failed stream

@@ -187,6 +187,11 @@ def parse_calls(text: str, tools: list[dict], parallel: bool = True, listed: boo
             not all(isinstance(c, dict) and set(c) == {"name", "arguments"} and isinstance(c["name"], str)
                     and c["name"] in names and isinstance(c["arguments"], dict) for c in calls):
         return None
+    return call_bodies(calls)
+
+
+def call_bodies(calls: list[dict]) -> list[dict]:
+    """Calls ({"name", "arguments": an object}) in OpenAI's shape, each with a new id."""
     return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
              "function": {"name": c["name"], "arguments": _arguments_text(c["arguments"])}} for c in calls]
 

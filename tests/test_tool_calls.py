@@ -249,8 +249,9 @@ def test_tools_in_auto_mode_beside_a_response_format_answer_in_calls_or_in_the_f
     call = '{"name": "get_time", "arguments": {"timezone": "UTC"}}'
     assert accepts("[" + call + "]") and accepts('{"city": "Paris", "temp": 18.5}')
     assert not accepts(call) and not accepts('"text"')
-    assert use.parse("[" + call + "]")[0]["function"]["name"] == "get_time"
-    assert use.parse('{"city": "Paris", "temp": 18.5}') is None and use.parse(call) is None
+    assert use.parse("[" + call + "]")[1][0]["function"]["name"] == "get_time"
+    answer = '{"city": "Paris", "temp": 18.5}'
+    assert use.parse(answer) == (answer, None) and use.parse(call) == (call, None)
 
 
 def test_the_results_of_one_turns_calls_make_one_user_message():

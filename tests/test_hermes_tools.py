@@ -1,0 +1,138 @@
+"""Tool calls in the template's own format (server/hermes_tools.py): a Qwen2.5-style template
+(tests/data/hermes_template.jinja: tools listed in the system turn, calls in <tool_call> tags,
+results in <tool_response>) given with --chat-template is recognised (--tool-call-parser auto);
+the embedded model, shown a history of such calls rendered by that template, answers a new
+question with a call of its own, which comes back as tool_calls, streamed or not, through chat and
+the Responses API."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server import hermes_tools
+from tests.conftest import MODEL, ServerProcess
+
+TEMPLATE = Path(__file__).parent / "data" / "hermes_template.jinja"
+WEATHER = {"name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+TOOLS = [{"type": "function", "function": WEATHER}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+def test_blocks_are_calls_and_what_comes_before_them_content():
+    calls = hermes_tools.parse("Let me look.\n" + CALL + "\n" + CALL.replace("Oslo", "Rome"), [WEATHER], True)
+    assert calls[0] == "Let me look."
+    assert [json.loads(c["function"]["arguments"]) for c in calls[1]] == [{"city": "Oslo"}, {"city": "Rome"}]
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls[1])
+    assert hermes_tools.parse(CALL, [WEATHER], True)[0] is None
+    assert hermes_tools.parse(CALL.removesuffix("</tool_call>"), [WEATHER], True)[1]  # ended after the JSON
+    assert hermes_tools.parse("No call here.", [WEATHER], True) is None
+    assert hermes_tools.parse(CALL.replace("get_weather", "get_time"), [WEATHER], True) is None  # not a listed tool
+    assert hermes_tools.parse(CALL.replace("}}", "}"), [WEATHER], True) is None  # no JSON
+    assert hermes_tools.parse(CALL + CALL, [WEATHER], False) is None  # two calls, parallel_tool_calls false
+    assert hermes_tools.parse('<tool_call>{"name": "get_weather"}</tool_call>', [WEATHER], True)[1][0][
+        "function"]["arguments"] == "{}"
+
+
+def test_content_streams_up_to_a_tag():
+    assert hermes_tools.sendable("Hello there") == len("Hello there")
+    assert hermes_tools.sendable("Hello <tool") == len("Hello")  # may be the tag: held
+    assert hermes_tools.sendable("Hello\n<tool_call>\n{") == len("Hello")
+    assert hermes_tools.sendable("a < b") == len("a < b")
+    assert hermes_tools.sendable("text \n") == len("text")  # whitespace before a call is held
+
+
+def test_the_template_gets_the_calls_arguments_as_objects():
+    messages = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "2"}]
+    shown = hermes_tools.template_messages(messages)
+    assert shown[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1} and shown[0]["content"] == ""
+    assert shown[1] == messages[1] and messages[0]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'
+    assert hermes_tools.uses_hermes(TEMPLATE.read_text()) and not hermes_tools.uses_hermes("{{ messages }}")
+
+
+@pytest.fixture(scope="module")
+def hermes_server():
+    srv = ServerProcess("--chat-template", str(TEMPLATE), "--max-num-seqs", "4", "--device", "cpu")
+    yield srv
+    srv.stop()
+
+
+def history() -> list[dict]:
+    """Three questions answered by a call, its result and a sentence, then a fourth question."""
+    messages = []
+    for i, city in enumerate(["Paris", "Rome", "Oslo", "Madrid", "Vienna"]):
+        messages += [{"role": "user", "content": f"What is the weather in {city}?"},
+                     {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{i}", "type": "function",
+                      "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+                     {"role": "tool", "tool_call_id": f"call_{i}", "content": '{"temp": 20}'},
+                     {"role": "assistant", "content": "20 degrees."}]
+    return messages + [{"role": "user", "content": "What is the weather in Berlin?"}]
+
+
+def test_a_call_in_the_templates_format_comes_back_as_tool_calls(hermes_server):
+    import openai
+
+    url = hermes_server.url
+    prompt = httpx.post(url + "/tokenize", json={"messages": history(), "tools": TOOLS}, timeout=60).json()["tokens"]
+    text = httpx.post(url + "/detokenize", json={"tokens": prompt}, timeout=60).json()["prompt"]
+    # the template's own rendering: the tools in its system turn, earlier calls and results in its tags
+    assert "<tools>" in text and '"name": "get_weather", "arguments": {"city": "Vienna"}' in text
+    assert "<tool_response>\n{\"temp\": 20}\n</tool_response>" in text and "You can call these tools" not in text
+    raw = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 40,
+                                                    "temperature": 0}, timeout=60).json()["choices"][0]["text"]
+    assert raw.startswith("<tool_call>")  # the model answers in the template's format
+    expected = json.loads(hermes_tools.parse(raw, [WEATHER], True)[1][0]["function"]["arguments"])
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=40, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [json.loads(c.function.arguments) for c in choice.message.tool_calls] == [expected]
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=40,
+                                                 temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas)  # nothing of the block went out as content
+    streamed = [call for d in deltas for call in d.tool_calls or []]
+    assert [json.loads(c.function.arguments) for c in streamed] == [expected]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # the SDK's way on: the reply's message and the tool's result appended, rendered by the template
+    again = history() + [choice.message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": '{"temp": 9}'}]
+    follow = client.chat.completions.create(model=MODEL, messages=again, tools=TOOLS, max_tokens=8, temperature=0)
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+    forced = client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=40,
+                                            temperature=0, tool_choice="required")  # the grammar's JSON, no tags
+    assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_the_responses_api_returns_the_templates_calls_as_function_call_items(hermes_server):
+    import openai
+
+    client = openai.OpenAI(base_url=hermes_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    tools = [{"type": "function", **WEATHER}]
+    items = []  # the history as Responses input items
+    for m in history():
+        if m.get("tool_calls"):
+            items += [{"type": "function_call", "call_id": c["id"], "name": c["function"]["name"],
+                       "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
+        elif m["role"] == "tool":
+            items.append({"type": "function_call_output", "call_id": m["tool_call_id"], "output": m["content"]})
+        else:
+            items.append(m)
+    response = client.responses.create(model=MODEL, input=items, tools=tools, max_output_tokens=40, temperature=0)
+    assert [item.type for item in response.output] == ["function_call"]
+    assert json.loads(response.output[0].arguments) == {"city": "Berlin"}
+    with client.responses.stream(model=MODEL, input=items, tools=tools, max_output_tokens=40,
+                                 temperature=0) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.output_text.delta" not in kinds and "response.function_call_arguments.done" in kinds
+    assert [item.type for item in final.output] == ["function_call"] and final.output[0].name == "get_weather"
