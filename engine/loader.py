@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -96,7 +97,7 @@ def ensure_hf_dir(model: str, cache_dir: str | None = None, dense: bool = True) 
     if path.is_dir():
         return path
     stat = path.stat()
-    digest = _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    digest = _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, str(cache_root(cache_dir)))
     target = cache_root(cache_dir) / f"{path.stem}-{digest}-{METADATA_VERSION}"
     if not (target / "config.json").exists():
         write_metadata(path, target)
@@ -110,10 +111,27 @@ METADATA_VERSION = "m2"  # bumped when write_metadata writes a folder differentl
 
 
 @functools.lru_cache(maxsize=16)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """The first 16 hex digits of the file's SHA-256, once per process and version of the file (a
-    7B GGUF takes seconds to hash)."""
-    return file_sha256(Path(path))[:16]
+def _file_digest(path: str, size: int, mtime_ns: int, inode: int, root: str) -> str:
+    """The first 16 hex digits of the file's SHA-256, once per version of the file (its size,
+    modification time and inode): a 7B GGUF takes seconds to read and hash, so the digest is kept
+    in the cache (`digests/`, one small file per path) for the next start, and in the process."""
+    key = json.dumps([path, size, mtime_ns, inode])
+    record = Path(root) / "digests" / f"{hashlib.sha256(path.encode()).hexdigest()[:24]}.json"
+    try:
+        known = json.loads(record.read_text())
+        if known.get("key") == key and isinstance(known.get("digest"), str):
+            return known["digest"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = file_sha256(Path(path))[:16]
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _unique(record)
+        tmp.write_text(json.dumps({"key": key, "digest": digest}))
+        tmp.replace(record)
+    except OSError:  # a read-only cache: hashed again next time
+        pass
+    return digest
 
 
 def _unique(path: Path) -> Path:

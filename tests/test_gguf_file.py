@@ -62,3 +62,31 @@ def test_a_gguf_is_known_by_its_first_bytes_whatever_its_name(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ModelNotFoundError, match="neither a GGUF file"):
         resolve_model_path(str(tmp_path / "notes.txt"))
+
+
+def test_a_files_digest_is_kept_for_the_next_start(tmp_path, monkeypatch):
+    """A GGUF is hashed once per version (size, modification time, inode): a later start reads
+    the digest from the cache; a changed file is hashed again, and names another folder."""
+    import os
+
+    import engine.loader as loader
+
+    source = write_tiny_gguf(tmp_path / "qwen2.gguf", "qwen2", embedded_gguf("smollm2-135m-instruct"))
+    hashed = []
+    real = loader.file_sha256
+    monkeypatch.setattr(loader, "file_sha256", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setattr(loader, "write_metadata", lambda gguf, target: target.mkdir(parents=True) or
+                        (target / "config.json").write_text("{}"))
+    cache = str(tmp_path / "cache")
+    first = loader.ensure_hf_dir(str(source), cache, dense=False)
+    loader._file_digest.cache_clear()  # as a new process
+    assert loader.ensure_hf_dir(str(source), cache, dense=False) == first and len(hashed) == 1
+    assert first.name.startswith("qwen2-") and real(source)[:16] in first.name
+    with open(source, "r+b") as f:  # the same size, other bytes, a later time
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    os.utime(source, ns=(os.stat(source).st_atime_ns, os.stat(source).st_mtime_ns + 10**9))
+    loader._file_digest.cache_clear()
+    assert loader.ensure_hf_dir(str(source), cache, dense=False) != first and len(hashed) == 2
