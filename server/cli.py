@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from engine.config import KV_CACHE_DTYPES, EngineConfig
 from server.reasoning import PARSERS as REASONING_PARSERS
+from server.template_tools import PARSERS as TOOL_CALL_PARSERS
 
 DEFAULT_PRESET = "smollm2-135m-instruct"
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # what a browser sends as Origin: scheme://host[:port]
@@ -84,11 +85,12 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="chat answers' thinking (<think>...</think>) as message.reasoning_content apart from the "
                         "content, as vLLM's parsers of these names: qwen3 (an answer that opens with <think>), "
                         "deepseek_r1 (the prompt opens it) (default: none, thinking stays in the content)")
-    m.add_argument("--tool-call-parser", choices=["auto", "hermes", "json"], default="auto",
+    m.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default="auto",
                    help="how the model is shown tools and writes calls: hermes (the chat template renders the tools, "
-                        "calls come in <tool_call> tags: Qwen2.5, Qwen3, Hermes), json (a system message lists the "
-                        "tools, a call is a JSON object), auto (hermes where the template asks for <tool_call>, "
-                        "else json) (default: auto)")
+                        "calls come in <tool_call> tags: Qwen2.5, Qwen3, Hermes), llama3_json (the template renders "
+                        "them, a call is {\"name\", \"parameters\"} JSON: Llama 3.1-3.3), json (a system message lists "
+                        "the tools, a call is {\"name\", \"arguments\"} JSON), auto (the format the template asks "
+                        "for, else json) (default: auto)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels (default: the CPUs in the affinity mask, "
                         "capped at a container's CPU quota; OMP_NUM_THREADS when set)")
     m.add_argument("--enforce-eager", action="store_true", default=None,

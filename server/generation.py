@@ -17,7 +17,7 @@ from engine.tokenizer import ChatOptions
 from server.errors import APIError, error_body
 from server.metrics import RequestTimer
 from server.protocol import ToolUse
-from server import hermes_tools
+from server import template_tools
 from server.tool_calls import render_messages
 
 
@@ -101,11 +101,11 @@ async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOp
     the model's template as `options` ask. Templating and tokenizing a long prompt takes a while: off
     the event loop."""
     tokenizer = ready_tokenizer(state)
-    use.native = state.tool_call_parser == "hermes" or \
-        state.tool_call_parser == "auto" and hermes_tools.uses_hermes(tokenizer.chat_template)
+    use.format = template_tools.detect(tokenizer.chat_template) if state.tool_call_parser == "auto" \
+        else state.tool_call_parser
     if use.native:  # the template shows the tools and the history's calls and results itself
-        tools = hermes_tools.template_tools(use.tools) if use.tools else None
-        return await asyncio.to_thread(tokenizer.encode_chat, hermes_tools.template_messages(messages), options, tools)
+        tools = template_tools.template_tools(use.tools) if use.tools else None
+        return await asyncio.to_thread(tokenizer.encode_chat, template_tools.template_messages(messages), options, tools)
     rendered = render_messages(messages, use.tools, use.parallel, use.listed)
     return await asyncio.to_thread(tokenizer.encode_chat, rendered, options)
 

@@ -1,46 +1,20 @@
-"""Tool calls in the model's own chat template, for templates that render `tools` and ask for calls
-as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes format: Qwen2.5, Qwen3,
-QwQ, Hermes 2/3 and their fine-tunes). vLLM's `--tool-call-parser hermes`; llama.cpp's server
-picks the format from the template, as `--tool-call-parser auto` does here.
-
-- The template gets the tools (`{"type": "function", "function": ...}` each) and the history as
-  it is: assistant messages with their `tool_calls` (arguments as objects, as vLLM hands them to
-  templates) and `tool` messages, which the template wraps in its own tags.
-- "auto": an answer's `<tool_call>` blocks are its calls, and the text before the first one its
-  content; an answer with no block, or a block that is not a call of a listed tool, is all content.
-  Streamed, content goes out until a block begins (text that may be the start of the tag is held).
-- A forced call (`required`, a named function) and "auto" beside a response format keep the
-  grammar of server/tool_calls.py: the answer is the call's JSON, which the tags would not fit.
+"""Calls in `<tool_call>` tags, the Hermes format (Qwen2.5, Qwen3, QwQ, Hermes 2/3 and their
+fine-tunes; vLLM's `hermes` parser): an answer's `<tool_call>{"name": ..., "arguments": {...}}
+</tool_call>` blocks are its calls, and the text before the first one its content; an answer with
+no block, or a block that is not a call of a listed tool, is all content. Streamed, content goes
+out until a block begins (text that may be the start of the tag is held).
 """
 from __future__ import annotations
 
 import json
 
-from server.tool_calls import MAX_PARALLEL_CALLS, _arguments, call_bodies
+from server.tool_calls import MAX_PARALLEL_CALLS, call_bodies
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
-def uses_hermes(template: str | None) -> bool:
-    """A chat template that renders tools and asks for calls in `<tool_call>` tags."""
-    return bool(template) and OPEN in template and "tools" in template
-
-
-def template_tools(tools: list[dict]) -> list[dict]:
-    return [{"type": "function", "function": tool} for tool in tools]
-
-
-def template_messages(messages: list[dict]) -> list[dict]:
-    """A chat's messages as such templates read them: calls' arguments as objects (text that is no
-    JSON stays text), everything else as it came."""
-    out = []
-    for m in messages:
-        if m["role"] == "assistant" and m.get("tool_calls"):
-            calls = [{**c, "function": {**c["function"], "arguments": _arguments(c["function"]["arguments"])}}
-                     for c in m["tool_calls"]]
-            m = {**m, "tool_calls": calls}
-        out.append(m if m.get("content") is not None or m["role"] != "assistant" else {**m, "content": ""})
-    return out
+def asks_for_it(template: str) -> bool:
+    return OPEN in template
 
 
 def parse(text: str, tools: list[dict], parallel: bool) -> tuple[str | None, list[dict]] | None:

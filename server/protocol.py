@@ -14,7 +14,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
 
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from engine.tokenizer import ChatOptions
-from server import hermes_tools
+from server import template_tools
 from server.tool_calls import calls_schema, parse_calls
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -413,7 +413,7 @@ class ToolUse:
                  where: str = "tools.{}.function", answer: dict | None = None, format_param: str = "response_format",
                  empty_ok: bool = False):
         self.tools, self.mode, self.parallel, self.listed = [], "none", parallel is not False, False
-        self.native = False  # the template shows the tools (server/hermes_tools.py); set where the prompt is made
+        self.format = "json"  # how calls are shown and written (server/template_tools.py); set where the prompt is made
         if not functions:
             for name, value in (("tool_choice", named or choice), ("parallel_tool_calls", parallel)):
                 if value not in (None, "none") and not (empty_ok and value in ("auto", True, False)):
@@ -458,16 +458,21 @@ class ToolUse:
         return params
 
     @property
-    def hermes(self) -> bool:
-        """Calls come in the template's `<tool_call>` tags (server/hermes_tools.py), not as the JSON
-        a grammar holds."""
-        return self.native and self.mode == "auto" and not self.listed
+    def native(self) -> bool:
+        """The template shows the tools (server/template_tools.py)."""
+        return self.format != "json"
+
+    @property
+    def template_format(self):
+        """The module that reads calls in the template's format where the model writes them so (in
+        "auto"), None where they are the JSON a grammar holds."""
+        return template_tools.FORMATS.get(self.format) if self.mode == "auto" and not self.listed else None
 
     def parse(self, text: str) -> tuple[str | None, list[dict] | None]:
         """A finished answer -> (its content, its tool calls in OpenAI's shape): (text, None) where
         it is no call; with calls, the content is what the model wrote before them (or None)."""
-        if self.hermes:
-            found = hermes_tools.parse(text, self.tools, self.parallel)
+        if self.template_format is not None:
+            found = self.template_format.parse(text, self.tools, self.parallel)
             return (text, None) if found is None else found
         calls = parse_calls(text, self.tools, self.parallel, self.listed)
         return (text, None) if calls is None else (None, calls)
@@ -475,11 +480,11 @@ class ToolUse:
     def sendable(self, text: str) -> int:
         """How much of an unfinished answer may be streamed as content: none while it may still be
         a call's JSON (a forced call; "auto" answers that open with `{` or `[`), or up to a
-        `<tool_call>` tag."""
+        `<tool_call>` tag, say, in the template's format)."""
         if self.mode == "forced":
             return 0
-        if self.hermes:
-            return hermes_tools.sendable(text)
+        if self.template_format is not None:
+            return self.template_format.sendable(text)
         return 0 if self.mode == "auto" and text.lstrip()[:1] in ("", "{", "[") else len(text)
 
 

@@ -1,9 +1,11 @@
-"""Tool calls in the template's own format (server/hermes_tools.py): a Qwen2.5-style template
-(tests/data/hermes_template.jinja: tools listed in the system turn, calls in <tool_call> tags,
-results in <tool_response>) given with --chat-template is recognised (--tool-call-parser auto);
-the embedded model, shown a history of such calls rendered by that template, answers a new
-question with a call of its own, which comes back as tool_calls, streamed or not, through chat and
-the Responses API."""
+"""Tool calls in the template's own format (server/template_tools.py), for the two formats:
+hermes (tests/data/hermes_template.jinja, as Qwen2.5's: tools listed in the system turn, calls in
+<tool_call> tags, results in <tool_response>) and llama3_json (tests/data/llama3_template.jinja:
+Llama 3.1's instruction, tools in the first user turn and calls as {"name", "parameters"} JSON,
+in ChatML turns, which the embedded model follows better than Llama's header tokens, text to it).
+Given with --chat-template, each is recognised (--tool-call-parser auto); the embedded model,
+shown a history of such calls rendered by the template, answers a new question with a call of its
+own, which comes back as tool_calls, streamed or not, through chat and the Responses API."""
 from __future__ import annotations
 
 import json
@@ -12,10 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server import hermes_tools
+from server import hermes_tools, llama3_tools, template_tools
 from tests.conftest import MODEL, ServerProcess
 
-TEMPLATE = Path(__file__).parent / "data" / "hermes_template.jinja"
+DATA = Path(__file__).parent / "data"
+TEMPLATE = DATA / "hermes_template.jinja"
 WEATHER = {"name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 TOOLS = [{"type": "function", "function": WEATHER}]
@@ -45,19 +48,42 @@ def test_content_streams_up_to_a_tag():
     assert hermes_tools.sendable("text \n") == len("text")  # whitespace before a call is held
 
 
+def test_llama3_answers_that_are_a_calls_json_are_calls():
+    call = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    content, calls = llama3_tools.parse(call, [WEATHER], True)
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert len(llama3_tools.parse("<|python_tag|>" + call + "; " + call, [WEATHER], True)[1]) == 2
+    assert llama3_tools.parse(call.replace("parameters", "arguments"), [WEATHER], True)
+    assert llama3_tools.parse(call + " and more", [WEATHER], True) is None
+    assert llama3_tools.parse("It is sunny.", [WEATHER], True) is None
+    assert llama3_tools.parse(call + call, [WEATHER], False) is None
+    assert llama3_tools.parse(call.replace("get_weather", "get_time"), [WEATHER], True) is None
+    assert llama3_tools.sendable("It is") == 5 and llama3_tools.sendable(" {") == 0
+    assert llama3_tools.sendable("<|py") == 0 and llama3_tools.sendable("") == 0
+
+
 def test_the_template_gets_the_calls_arguments_as_objects():
     messages = [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "2"}]
-    shown = hermes_tools.template_messages(messages)
+    shown = template_tools.template_messages(messages)
     assert shown[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1} and shown[0]["content"] == ""
     assert shown[1] == messages[1] and messages[0]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'
-    assert hermes_tools.uses_hermes(TEMPLATE.read_text()) and not hermes_tools.uses_hermes("{{ messages }}")
+    assert template_tools.detect(TEMPLATE.read_text()) == "hermes" and template_tools.detect("{{ messages }}") == "json"
+    assert template_tools.detect((DATA / "llama3_template.jinja").read_text()) == "llama3_json"
 
 
-@pytest.fixture(scope="module")
-def hermes_server():
-    srv = ServerProcess("--chat-template", str(TEMPLATE), "--max-num-seqs", "4", "--device", "cpu")
+FORMATS = {  # template -> what the history's calls look like in the prompt, what the model's answer opens with
+    "hermes": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Vienna"}}\n</tool_call>', "<tool_call>"),
+    "llama3_json": ('{"name": "get_weather", "parameters": {"city": "Vienna"}}', '{"name": "get_weather"'),
+}
+
+
+@pytest.fixture(scope="module", params=list(FORMATS))
+def template_server(request):
+    srv = ServerProcess("--chat-template", str(DATA / f"{request.param.split('_')[0]}_template.jinja"),
+                        "--max-num-seqs", "4", "--device", "cpu")
+    srv.format = request.param
     yield srv
     srv.stop()
 
@@ -74,19 +100,21 @@ def history() -> list[dict]:
     return messages + [{"role": "user", "content": "What is the weather in Berlin?"}]
 
 
-def test_a_call_in_the_templates_format_comes_back_as_tool_calls(hermes_server):
+def test_a_call_in_the_templates_format_comes_back_as_tool_calls(template_server):
     import openai
 
-    url = hermes_server.url
+    url = template_server.url
+    shown, opening = FORMATS[template_server.format]
     prompt = httpx.post(url + "/tokenize", json={"messages": history(), "tools": TOOLS}, timeout=60).json()["tokens"]
     text = httpx.post(url + "/detokenize", json={"tokens": prompt}, timeout=60).json()["prompt"]
-    # the template's own rendering: the tools in its system turn, earlier calls and results in its tags
-    assert "<tools>" in text and '"name": "get_weather", "arguments": {"city": "Vienna"}' in text
-    assert "<tool_response>\n{\"temp\": 20}\n</tool_response>" in text and "You can call these tools" not in text
+    # the template's own rendering: the tools, earlier calls and results as it shows them
+    assert shown in text and '"description": "Current weather in a city"' in text
+    assert "You can call these tools" not in text  # not server/tool_calls.py's listing
     raw = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 40,
                                                     "temperature": 0}, timeout=60).json()["choices"][0]["text"]
-    assert raw.startswith("<tool_call>")  # the model answers in the template's format
-    expected = json.loads(hermes_tools.parse(raw, [WEATHER], True)[1][0]["function"]["arguments"])
+    assert raw.startswith(opening)  # the model answers in the template's format
+    parser = template_tools.FORMATS[template_server.format]
+    expected = json.loads(parser.parse(raw, [WEATHER], True)[1][0]["function"]["arguments"])
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
     reply = client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=40, temperature=0)
@@ -113,10 +141,10 @@ def test_a_call_in_the_templates_format_comes_back_as_tool_calls(hermes_server):
     assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
-def test_the_responses_api_returns_the_templates_calls_as_function_call_items(hermes_server):
+def test_the_responses_api_returns_the_templates_calls_as_function_call_items(template_server):
     import openai
 
-    client = openai.OpenAI(base_url=hermes_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=template_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     tools = [{"type": "function", **WEATHER}]
     items = []  # the history as Responses input items
     for m in history():
