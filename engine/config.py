@@ -33,6 +33,12 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     rope_local_theta: float | None = None
     partial_rotary_factor: float = 1.0  # the share of each head's dimensions rotated (Phi-4-mini's 0.75)
+    # mixture of experts (Qwen3-MoE): experts per layer, experts per token, an expert's FFN width,
+    # whether the chosen experts' weights are renormalized to sum to 1
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     def __post_init__(self):
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
@@ -48,6 +54,8 @@ class ModelConfig:
             local_theta = rope.get("sliding_attention", {}).get("rope_theta", local_theta)
             rope = rope["full_attention"]
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "su":  # longrope's first name (Phi-3's early configs)
+            rope_type = "longrope"
         if rope_type == "longrope":  # Phi-3: the pretrained length decides the factors and the attention scale
             rope = dict(rope, max_position_embeddings=raw.get("max_position_embeddings"),
                         original_max_position_embeddings=rope.get("original_max_position_embeddings")
@@ -80,6 +88,10 @@ class ModelConfig:
             query_pre_attn_scalar=raw.get("query_pre_attn_scalar"),
             rope_local_theta=local_theta,
             partial_rotary_factor=rope.get("partial_rotary_factor", raw.get("partial_rotary_factor")) or 1.0,
+            num_experts=raw.get("num_experts") or raw.get("num_local_experts") or 0,
+            num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
+            moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
         )
 
 

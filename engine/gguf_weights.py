@@ -31,6 +31,10 @@ IN_LAYER = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    # mixture of experts: the router, and each expert's matrices (one [experts, rows, columns] tensor
+    # each in the file, one matrix an expert here)
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.{}.gate_proj", "ffn_up_exps": "mlp.experts.{}.up_proj",
+    "ffn_down_exps": "mlp.experts.{}.down_proj",
 }
 # Gemma's four norms a layer: llama.cpp's names for the second and third differ in meaning
 GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
@@ -66,8 +70,6 @@ def rotary_order(rows: int, heads: int) -> torch.Tensor:
 def load_weights(gguf_path: Path) -> dict:
     """HF name -> QuantWeight for the GGUF's matrices in a supported format, fp32 tensors for the
     rest; tensors no model reads (llama.cpp's rope_freqs, say) are left out."""
-    from gguf.quants import dequantize
-
     gguf = GGUFFile(gguf_path)
     arch = gguf.fields["general.architecture"]
     heads = {"q_proj": gguf.fields[f"{arch}.attention.head_count"],
@@ -80,14 +82,16 @@ def load_weights(gguf_path: Path) -> dict:
             continue
         projection = name.split(".")[-2]
         permuted = arch in ROTARY_PERMUTED and projection in heads
+        if "{}" in name:  # an expert's matrix each
+            for expert, data in enumerate(np.asarray(tensor.data)):
+                weights[name.format(expert)] = to_weight(kind, data, int(tensor.shape[0])) if kind in SUPPORTED \
+                    else _dense(data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape[:2])])
+            continue
         if kind in SUPPORTED and name.endswith(".weight") and len(tensor.shape) == 2:
             weight = to_weight(kind, np.asarray(tensor.data), int(tensor.shape[0]))
             weights[name] = unpermute_rotary(weight, heads[projection]) if permuted else weight
             continue
-        # GGUF lists dimensions innermost first; the numpy data is already [rows, columns]
-        shape = [int(d) for d in reversed(tensor.shape)]
-        dense = torch.from_numpy(np.array(dequantize(np.asarray(tensor.data), tensor.tensor_type),
-                                          dtype=np.float32)).reshape(shape)  # a copy: the file is mapped read-only
+        dense = _dense(tensor.data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape)])
         if permuted:
             dense = dense[rotary_order(dense.shape[0], heads[projection])].contiguous()
         if arch in GEMMA and name.endswith("norm.weight"):
@@ -96,6 +100,14 @@ def load_weights(gguf_path: Path) -> dict:
     if skipped:
         log.info("GGUF tensors no model reads, left out: %s", ", ".join(skipped))
     return weights
+
+
+def _dense(data, tensor_type, shape: list[int]) -> torch.Tensor:
+    """A tensor's data (quantized or not) as fp32 of `shape` (GGUF lists dimensions innermost first:
+    reversed here); a copy, as the file is mapped read-only."""
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(np.array(dequantize(np.asarray(data), tensor_type), dtype=np.float32)).reshape(shape)
 
 
 def quantized_gguf(model: str, cache_dir: str | None, dtype: str, device) -> Path | None:

@@ -101,6 +101,7 @@ def ensure_hf_dir(model: str, cache_dir: str | None = None, dense: bool = True) 
     target = cache_root(cache_dir) / f"{path.stem}-{digest}-{METADATA_VERSION}"
     if not (target / "config.json").exists():
         write_metadata(path, target)
+        shutil.rmtree(target.with_name(f"{path.stem}-{digest}"), ignore_errors=True)  # before METADATA_VERSION
     if dense and not (target / DENSE_WEIGHTS).exists():
         write_dense_weights(path, target)
     return target
@@ -187,6 +188,13 @@ def complete_config(config, gguf) -> None:
     key_length = fields.get(f"{arch}.attention.key_length")
     if key_length is not None and getattr(config, "head_dim", None) not in (None, key_length):
         config.head_dim = key_length
+    expert_width = fields.get(f"{arch}.expert_feed_forward_length")  # Qwen3-MoE's: transformers reads none
+    if expert_width and hasattr(config, "moe_intermediate_size"):
+        config.moe_intermediate_size = expert_width
+    rotated, width = fields.get(f"{arch}.rope.dimension_count"), getattr(config, "head_dim", None) or \
+        config.hidden_size // config.num_attention_heads
+    if rotated and rotated != width:  # part of each head rotated (Phi-4-mini): named at start
+        config.partial_rotary_factor = rotated / width
     window = fields.get(f"{arch}.attention.sliding_window")  # Phi-3's
     if window and getattr(config, "sliding_window", "absent") is None:
         config.sliding_window = window
@@ -194,7 +202,8 @@ def complete_config(config, gguf) -> None:
     if len(factors) == 2:  # longrope (Phi-3 128k, Phi-3.5): llama.cpp keeps the factors as tensors
         original = fields.get(f"{arch}.rope.scaling.original_context_length") or config.max_position_embeddings
         rope = {**(getattr(config, "rope_parameters", None) or {}), "rope_type": "longrope",
-                "rope_theta": fields.get(f"{arch}.rope.freq_base", 10000.0), "partial_rotary_factor": 1.0,
+                "rope_theta": fields.get(f"{arch}.rope.freq_base", 10000.0),
+                "partial_rotary_factor": getattr(config, "partial_rotary_factor", None) or 1.0,
                 "short_factor": [float(x) for x in factors["rope_factors_short.weight"].data],
                 "long_factor": [float(x) for x in factors["rope_factors_long.weight"].data],
                 "original_max_position_embeddings": int(original),
@@ -220,13 +229,15 @@ def write_dense_weights(gguf_path: Path, target: Path) -> None:
     own model on the same weights)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     log.warning("dequantizing %s to dense safetensors in %s (one time, ~30 s for a 135M model)", gguf_path.name,
                 target)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32,
-                                                 gguf_file=gguf_path.name)
+    # the config as write_metadata completed it (transformers' own reading misses some shapes: an
+    # expert's width, Qwen3's head width)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, gguf_file=gguf_path.name,
+                                                 config=AutoConfig.from_pretrained(str(target)))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

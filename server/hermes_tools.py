@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from server.tool_calls import MAX_PARALLEL_CALLS, call_bodies
+from server.tool_calls import MAX_PARALLEL_CALLS, _no_constant, call_bodies
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -30,10 +30,11 @@ def parse(text: str, tools: list[dict], parallel: bool) -> tuple[str | None, lis
         end = text.find(CLOSE, at)
         body = text[at + len(OPEN):end if end >= 0 else len(text)]
         try:
-            call = json.loads(body)
+            call = json.loads(body, parse_constant=_no_constant)  # NaN and Infinity are no JSON
         except (ValueError, RecursionError):
             return None
-        if not (isinstance(call, dict) and call.get("name") in names and isinstance(call.get("arguments", {}), dict)):
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"] in names
+                and isinstance(call.get("arguments", {}), dict)):
             return None
         calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
         at = -1 if end < 0 else text.find(OPEN, end)

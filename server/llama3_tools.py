@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from server.tool_calls import MAX_PARALLEL_CALLS, call_bodies
+from server.tool_calls import MAX_PARALLEL_CALLS, _no_constant, call_bodies
 
 TAG = "<|python_tag|>"
 ASKS = '"parameters": dictionary of argument name'  # the official templates' instruction
@@ -22,14 +22,15 @@ def parse(text: str, tools: list[dict], parallel: bool) -> tuple[None, list[dict
     without `parallel`)."""
     body = text.strip().removeprefix(TAG).strip()
     names, calls, at = {t["name"] for t in tools}, [], 0
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_constant=_no_constant)  # NaN and Infinity are no JSON
     while at < len(body):
         try:
             call, at = decoder.raw_decode(body, at)
         except (ValueError, RecursionError):
             return None
         arguments = call.get("parameters", call.get("arguments", {})) if isinstance(call, dict) else None
-        if not (isinstance(call, dict) and call.get("name") in names and isinstance(arguments, dict)
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"] in names
+                and isinstance(arguments, dict)
                 and set(call) <= {"name", "parameters", "arguments"}):
             return None
         calls.append({"name": call["name"], "arguments": arguments})

@@ -56,7 +56,8 @@ class Answer:
     @property
     def thinking_status(self) -> str:
         """The reasoning item's status: incomplete where the answer was cut off while thinking."""
-        cut = self.split is not None and self.split.closed_at is None and self.finish_reason not in (None, "stop")
+        split = self.split
+        cut = split is not None and split.thought and split.closed_at is None and self.finish_reason not in (None, "stop")
         return "incomplete" if cut else "completed"
 
 

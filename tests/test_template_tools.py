@@ -36,6 +36,9 @@ def test_blocks_are_calls_and_what_comes_before_them_content():
     assert hermes_tools.parse(CALL.replace("get_weather", "get_time"), [WEATHER], True) is None  # not a listed tool
     assert hermes_tools.parse(CALL.replace("}}", "}"), [WEATHER], True) is None  # no JSON
     assert hermes_tools.parse(CALL + CALL, [WEATHER], False) is None  # two calls, parallel_tool_calls false
+    for odd in ('{"name": ["get_weather"], "arguments": {}}', '{"name": "get_weather", "arguments": {"t": NaN}}'):
+        assert hermes_tools.parse(f"<tool_call>{odd}</tool_call>", [WEATHER], True) is None  # no call, no error
+        assert llama3_tools.parse(odd, [WEATHER], True) is None
     assert hermes_tools.parse('<tool_call>{"name": "get_weather"}</tool_call>', [WEATHER], True)[1][0][
         "function"]["arguments"] == "{}"
 

@@ -19,7 +19,10 @@ SHAPES = {
     "qwen2": dict(hidden=128, heads=4, kv_heads=2, head_dim=32, bias=True, qk_norm=False, tied=False),
     "phi3": dict(hidden=128, heads=4, kv_heads=4, head_dim=32, bias=False, qk_norm=False, tied=False, fused=True,
                  longrope=True),
+    # Qwen3-MoE: Qwen3's attention, a router and EXPERTS SwiGLU experts of EXPERT_FFN a layer, USED a token
+    "qwen3moe": dict(hidden=128, heads=2, kv_heads=1, head_dim=128, bias=False, qk_norm=True, tied=True, moe=True),
 }
+EXPERTS, USED, EXPERT_FFN = 4, 2, 64
 CONTEXT, ORIGINAL_CONTEXT = 131072, 4096  # Phi-3.5-mini's: longrope's factor 32
 LAYERS, FFN = 4, 256
 Q4_1, Q8_0 = GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
@@ -50,13 +53,17 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(vocab)
     _copy_tokenizer(source, writer)
+    if shape.get("moe"):
+        writer.add_expert_count(EXPERTS)
+        writer.add_expert_used_count(USED)
+        writer.add_expert_feed_forward_length(EXPERT_FFN)
     if shape.get("longrope"):  # as llama.cpp's converter writes a long-context Phi-3
         writer.add_rope_scaling_orig_ctx_len(ORIGINAL_CONTEXT)
         writer.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(CONTEXT / ORIGINAL_CONTEXT) / np.log(ORIGINAL_CONTEXT))))
         writer.add_sliding_window(CONTEXT * 2)
 
-    def matrix(name: str, rows: int, cols: int, std: float, qtype=Q8_0) -> None:
-        data = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+    def matrix(name: str, rows: int, cols: int, std: float, qtype=Q8_0, experts: int = 0) -> None:
+        data = (rng.standard_normal((experts, rows, cols) if experts else (rows, cols)) * std).astype(np.float32)
         writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
 
     def vector(name: str, size: int, mean: float, std: float) -> None:
@@ -84,6 +91,12 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
         if shape["qk_norm"]:
             vector(blk + "attn_q_norm.weight", head_dim, 1.0, 0.2)
             vector(blk + "attn_k_norm.weight", head_dim, 1.0, 0.2)
+        if shape.get("moe"):  # the router in F32, as llama.cpp keeps it; each expert kind one 3-D tensor
+            writer.add_tensor(blk + "ffn_gate_inp.weight", (rng.standard_normal((EXPERTS, hidden)) * 0.15).astype(np.float32))
+            for name, rows, cols in (("ffn_gate", EXPERT_FFN, hidden), ("ffn_up", EXPERT_FFN, hidden),
+                                     ("ffn_down", hidden, EXPERT_FFN)):
+                matrix(blk + name + "_exps.weight", rows, cols, cols ** -0.5, FORMATS[name][i % 2], EXPERTS)
+            continue
         ffn = (("ffn_up", 2 * FFN, hidden),) if shape.get("fused") else (("ffn_gate", FFN, hidden), ("ffn_up", FFN, hidden))
         for name, rows, cols in ffn + (("ffn_down", hidden, FFN),):
             matrix(blk + name + ".weight", rows, cols, cols ** -0.5, FORMATS[name][i % 2])

@@ -8,7 +8,8 @@ LLAMA_FAMILY = {"llama", "mistral", "qwen2", "smollm2"}
 GEMMA3 = {"gemma3_text", "gemma3"}
 QWEN3 = {"qwen3"}
 PHI3 = {"phi3"}
-SUPPORTED = LLAMA_FAMILY | QWEN3 | GEMMA3 | PHI3
+QWEN3_MOE = {"qwen3_moe"}
+SUPPORTED = LLAMA_FAMILY | QWEN3 | GEMMA3 | PHI3 | QWEN3_MOE
 
 
 def check_architecture(config: ModelConfig) -> None:
@@ -29,6 +30,10 @@ def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, o
         from engine.models.qwen3 import Qwen3Model
 
         return Qwen3Model(config, state, device, dtype, max_len, ops)
+    if config.model_type in QWEN3_MOE:
+        from engine.models.qwen3_moe import Qwen3MoeModel
+
+        return Qwen3MoeModel(config, state, device, dtype, max_len, ops)
     if config.model_type in PHI3:
         from engine.models.phi3 import Phi3Model
 

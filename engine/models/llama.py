@@ -43,6 +43,10 @@ class LlamaLayer:
         self.qkv = linear(*(f"{name}.weight" for name in self.qkv_names),
                           bias=torch.cat(biases) if all(b is not None for b in biases) else None)
         self.o_proj = linear("self_attn.o_proj.weight")
+        self.build_ffn(weights, prefix, linear)
+
+    def build_ffn(self, weights: dict, prefix: str, linear) -> None:
+        """The FFN's projections (`linear(*names)`: one projection from the named row blocks)."""
         self.gate_up = linear(*(f"{name}.weight" for name in self.gate_up_names))
         self.down = linear("mlp.down_proj.weight")
 

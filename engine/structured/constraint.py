@@ -105,6 +105,15 @@ class StructuredOutputs:
             self._opening[key] = mask
         return mask
 
+    def thinking_mask(self) -> torch.Tensor:
+        """[width] bool: every token but the end-of-answer ones (a thinking block under a grammar)."""
+        with self._lock:
+            if "thinking" not in self._opening:
+                mask = torch.ones(self._width, dtype=torch.bool)
+                mask[torch.tensor(sorted(self._eos_ids), dtype=torch.long)] = False
+                self._opening["thinking"] = mask
+            return self._opening["thinking"]
+
     def closing_rests(self, written: bytes, tag: bytes) -> list[tuple[int, bytes]]:
         """(token id, its text after `tag`) for the tokens that complete `tag` after `written` (a
         prefix of it) with more than whitespace after it: what a grammar that starts after the tag

@@ -9,9 +9,9 @@ write `<think>` or begin the document: the mask is the grammar's and the tokens 
 (which win where a grammar would take `<` too), and the first token decides which.
 
 The tags are matched on the tokens' bytes, so a tokenizer that spells them over several tokens
-works as one with a token for each. A token that completes `</think>` and goes on with text the
-grammar refuses is masked out. Same interface as `Constraint`; `mask()` is None while the
-answer's thinking is free.
+works as one with a token for each. While thinking, the answer may not end (its document is owed:
+it ends at max_tokens if it never closes the block), and a token that completes `</think>` and
+goes on with text the grammar refuses is masked out. Same interface as `Constraint`.
 """
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ class ThinkingConstraint:
     def mask(self) -> torch.Tensor | None:
         if self.phase == "held":
             return self.inner.mask()
-        if self.phase == "thinking":
+        if self.phase == "thinking":  # free, but for the end of the answer (the document is owed)
             refused = [i for i, rest in self._outputs.closing_rests(self.written, CLOSE) if not self._accepts(rest)]
-            if not refused:
-                return None
-            mask = torch.ones(len(self._outputs.pieces()), dtype=torch.bool)
-            mask[torch.tensor(refused)] = False
+            mask = self._outputs.thinking_mask()
+            if refused:
+                mask = mask.clone()
+                mask[torch.tensor(refused)] = False
             return mask
         opening = self._outputs.opening_mask(self.written, OPEN)
         return opening if self.phase == "opening" else opening | self.inner.mask()

@@ -90,9 +90,10 @@ class FusedDecode:
         """Layers of the kinds the native step knows, one attention scale, fp32 activations, a cache
         the native attention reads (fp32, or fp16 where built), every projection on a native kernel."""
         layers = model.layers
+        if not all(layer.kind in LAYER_KINDS for layer in layers):  # (a mixture of experts has no gate_up)
+            return False
         linears = [lin for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         return (model.act_dtype == torch.float32 and kv.k.dtype in cache_dtypes()
-                and all(layer.kind in LAYER_KINDS for layer in layers)
                 and len({layer.scale for layer in layers}) == 1
                 and all(weight_ref(lin) is not None for lin in linears))
 
