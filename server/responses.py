@@ -54,6 +54,11 @@ class Answer:
             self.finish_reason = out.finish_reason
 
     @property
+    def content_logprobs(self) -> list:
+        """The logprobs of the message's tokens: those after the thinking's (usage's reasoning_tokens)."""
+        return self.logprobs if self.split is None else self.logprobs[self.split.reasoning_tokens:]
+
+    @property
     def thinking_status(self) -> str:
         """The reasoning item's status: incomplete where the answer was cut off while thinking."""
         split = self.split
@@ -155,7 +160,7 @@ class ResponseCall:
             return thought + said + [self.call_item(c) for c in calls]
         if answer.thinking_status == "incomplete" and not answer.content:
             return thought  # cut off while thinking: no message, as OpenAI's reasoning models end then
-        return thought + [self.message_item(self.status(answer), [self.text_part(answer.content, answer.logprobs)])]
+        return thought + [self.message_item(self.status(answer), [self.text_part(answer.content, answer.content_logprobs)])]
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, error: dict | None = None) -> dict:
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
@@ -246,8 +251,8 @@ class ResponseCall:
 
         def delta(content: str):
             nonlocal sent_text, sent_logprobs
-            text, logprobs = content[sent_text:], answer.logprobs[sent_logprobs:]
-            sent_text, sent_logprobs = len(content), len(answer.logprobs)
+            text, logprobs = content[sent_text:], answer.content_logprobs[sent_logprobs:]
+            sent_text, sent_logprobs = len(content), len(answer.content_logprobs)
             if text or logprobs and self.body.wants_logprobs:
                 yield event("response.output_text.delta", **where, delta=text,
                             logprobs=self.text_part("", logprobs)["logprobs"])

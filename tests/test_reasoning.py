@@ -230,6 +230,10 @@ def test_responses_put_the_thinking_in_a_reasoning_item_streamed_or_not(thinking
     assert kinds == ["reasoning", "message"]
     assert response["output"][0]["status"] == "completed"
     assert response["usage"]["output_tokens_details"] == {"reasoning_tokens": thinking_tokens}
+    scored = post(thinking_server, "/v1/responses", {**body, "include": ["message.output_text.logprobs"]}).json()
+    tokens = [entry["token"] for entry in scored["output"][1]["content"][0]["logprobs"]]
+    assert len(tokens) == scored["usage"]["output_tokens"] - thinking_tokens  # the message's tokens only
+    assert "".join(tokens).strip().startswith(content) and "think>" not in "".join(tokens)  # (and the EOS)
     cut = post(thinking_server, "/v1/responses", {**body, "max_output_tokens": thinking_tokens - 1}).json()
     assert [(item["type"], item["status"]) for item in cut["output"]] == [("reasoning", "incomplete")]
     assert cut["usage"]["output_tokens_details"]["reasoning_tokens"] == cut["usage"]["output_tokens"]
