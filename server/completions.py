@@ -17,7 +17,7 @@ from server.errors import error_body
 from server.generation import (Usage, check_model, consume, encode_chat, overall_finish, ready_tokenizer, stopped,
                                submit, tokenize_batch)
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.reasoning import ReasoningSplit, request_reasoning
+from server.reasoning import ReasoningSplit, request_reasoning, split_output
 
 router = APIRouter()
 
@@ -150,13 +150,9 @@ class CompletionCall:
         def on_output(out):
             out = self.shown(out)
             c = choices[out.index]
-            if c.split is None:
-                c.text += out.text
-            else:
-                reasoning, content = c.split.feed(out.text, out.finished, len(out.token_ids))
-                c.reasoning += reasoning
-                c.text += content
-                usage.reasoning[out.index] = c.split.reasoning_tokens
+            reasoning, content = split_output(c.split, out, usage)
+            c.reasoning += reasoning
+            c.text += content
             c.logprobs += (out.prompt_logprobs or []) + (out.logprobs or [])  # prompt_logprobs: echo
             self.timer.on_tokens(out.index)
             usage.update(out)
@@ -220,8 +216,7 @@ class CompletionCall:
                     yield self._chunk(out.index, self.echo(out.index), prompt_logprobs, None, extra)
                 if c.split is not None:  # thinking goes out as reasoning_content; the rest on, as content
                     c.logprobs += out.logprobs or []  # held until a piece of text goes out
-                    reasoning, content = c.split.feed(out.text, out.finished, len(out.token_ids))
-                    usage.reasoning[out.index] = c.split.reasoning_tokens
+                    reasoning, content = split_output(c.split, out, usage)
                     if reasoning:
                         yield self._chunk(out.index, {"reasoning_content": reasoning}, self._held_logprobs(c), None,
                                           extra)

@@ -126,3 +126,13 @@ async def request_reasoning(parser: str | None, sampling, tokenizer, prompt: lis
     if sampling.constrained:
         sampling = dataclasses.replace(sampling, thinking="open" if reasoning.thinks_first else "may_open")
     return reasoning, sampling
+
+
+def split_output(split: ReasoningSplit | None, out, usage) -> tuple[str, str]:
+    """An engine output's text -> (its thinking, its content) as far as they are certain, the
+    answer's thinking tokens counted in `usage` (all content where no parser splits it)."""
+    if split is None:
+        return "", out.text
+    pieces = split.feed(out.text, out.finished, len(out.token_ids))
+    usage.reasoning[out.index] = split.reasoning_tokens
+    return pieces

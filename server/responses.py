@@ -24,7 +24,7 @@ from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
 from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, stopped, submit
-from server.reasoning import ReasoningSplit, request_reasoning
+from server.reasoning import ReasoningSplit, request_reasoning, split_output
 from server.responses_protocol import ResponsesRequest, new_id
 
 router = APIRouter()
@@ -41,13 +41,9 @@ class Answer:
 
     def add(self, out) -> None:
         self.text += out.text
-        if self.split is None:
-            self.content += out.text
-        else:
-            reasoning, content = self.split.feed(out.text, out.finished, len(out.token_ids))
-            self.reasoning += reasoning
-            self.content += content
-            self.usage.reasoning[out.index] = self.split.reasoning_tokens
+        reasoning, content = split_output(self.split, out, self.usage)
+        self.reasoning += reasoning
+        self.content += content
         self.logprobs += out.logprobs or []
         self.usage.update(out)
         if out.finished:

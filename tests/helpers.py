@@ -205,3 +205,17 @@ def brute_force_mask(engine, grammar, state):
     if json_machine.can_end(state, grammar):
         expected[vocabulary.eos_ids] = True
     return expected
+
+
+def prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
+    """The engine's logits over a prompt, prefilled in blocks of its own (then freed)."""
+    runner = engine.runner
+    with engine.kv_blocks([len(prompt)]) as (table,):
+        return runner.logits(runner.prefill([(prompt, table, 0)]))
+
+
+def hf_model_of(engine):
+    """transformers' model on the engine's HF folder (its dense conversion), fp32, for reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(engine.hf_dir), dtype=torch.float32).eval()

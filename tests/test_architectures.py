@@ -10,13 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import EngineConfig, SkipConfig
 from engine.native import quant_ops
 from engine.sampling_params import SamplingParams
 from tests.conftest import ServerProcess
 from tests.helpers import (assert_gguf_weights_equal_the_dense_conversion, assert_layer_calls_equal_the_per_op_path,
-                           hf_greedy, run_staggered)
-from tests.tiny_gguf import LAYERS, write_tiny_gguf
+                           hf_greedy, hf_model_of, prefill_logits, run_staggered)
+from tests.tiny_gguf import LAYERS, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 4, "Once upon a time", "1, 2, 3, 4, 5,"]
@@ -34,15 +33,6 @@ def gguf(request, cache_dir):
     return write_tiny_gguf(cache_dir / f"{request.param}.gguf", request.param, embedded_gguf("smollm2-135m-instruct"))
 
 
-def tiny_engine(gguf, cache_dir, dtype: str):
-    from engine.llm_engine import LLMEngine
-
-    # hot layers 1 and 2 of 4, so that a skipping step has layers to skip
-    skip = SkipConfig(cold_start=1, cold_end=1)
-    return LLMEngine(EngineConfig(model=str(gguf), device="cpu", dtype=dtype, max_num_seqs=4, max_model_len=512,
-                                  cache_dir=str(cache_dir), skip=skip))
-
-
 @pytest.fixture(scope="module")
 def dense(gguf, cache_dir):
     return tiny_engine(gguf, cache_dir, "float32")
@@ -58,20 +48,12 @@ def quantized(gguf, cache_dir):
 
 @pytest.fixture(scope="module")
 def hf_model(dense):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(dense.hf_dir), dtype=torch.float32).eval()
+    return hf_model_of(dense)
 
 
 @pytest.fixture(scope="module")
 def prompts(dense):
     return [dense.tokenizer.encode(text) for text in TEXTS]
-
-
-def prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
-    runner = engine.runner
-    with engine.kv_blocks([len(prompt)]) as (table,):
-        return runner.logits(runner.prefill([(prompt, table, 0)]))
 
 
 def test_quantized_engine_reads_the_file_alone_and_its_weights_equal_the_dense_conversion(gguf, cache_dir, dense):

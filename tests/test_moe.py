@@ -8,11 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import EngineConfig, SkipConfig
 from engine.sampling_params import SamplingParams, SkipParams
 from tests.conftest import ServerProcess
-from tests.helpers import hf_greedy, run_staggered
-from tests.tiny_gguf import EXPERTS, LAYERS, USED, write_tiny_gguf
+from tests.helpers import hf_greedy, hf_model_of, prefill_logits, run_staggered
+from tests.tiny_gguf import EXPERTS, LAYERS, USED, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 4, "Once upon a time", "1, 2, 3, 4, 5,"]
@@ -30,37 +29,19 @@ def gguf(cache_dir):
     return write_tiny_gguf(cache_dir / "qwen3moe.gguf", "qwen3moe", embedded_gguf("smollm2-135m-instruct"))
 
 
-def engine(gguf, cache_dir, dtype: str):
-    from engine.llm_engine import LLMEngine
-
-    return LLMEngine(EngineConfig(model=str(gguf), device="cpu", dtype=dtype, max_num_seqs=4, max_model_len=512,
-                                  cache_dir=str(cache_dir), skip=SkipConfig(cold_start=1, cold_end=1)))
-
-
 @pytest.fixture(scope="module")
 def dense(gguf, cache_dir):
-    return engine(gguf, cache_dir, "float32")
+    return tiny_engine(gguf, cache_dir, "float32")
 
 
 @pytest.fixture(scope="module")
-def hf_model(dense):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(dense.hf_dir), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def prompts(dense):
-    return [dense.tokenizer.encode(text) for text in TEXTS]
+def reference(dense):
+    """transformers' model on the same file, and the prompts as token ids."""
+    return hf_model_of(dense), [dense.tokenizer.encode(text) for text in TEXTS]
 
 
-def prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
-    runner = engine.runner
-    with engine.kv_blocks([len(prompt)]) as (table,):
-        return runner.logits(runner.prefill([(prompt, table, 0)]))
-
-
-def test_fp32_logits_and_greedy_text_equal_hf(dense, hf_model, prompts):
+def test_fp32_logits_and_greedy_text_equal_hf(dense, reference):
+    hf_model, prompts = reference
     model = dense.runner.model
     assert type(model).__name__ == "Qwen3MoeModel" and model.fused_decode is None  # the per-op path
     assert (model.cfg.num_experts, model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob) == (EXPERTS, USED, True)
@@ -77,10 +58,10 @@ def test_fp32_logits_and_greedy_text_equal_hf(dense, hf_model, prompts):
     assert run_staggered(dense, prompts, GREEDY, join_every=2) == expected
 
 
-def test_every_expert_is_routed_to_and_the_router_picks_as_transformers(dense, hf_model, prompts):
-    """The prompts reach every expert of a layer (the test covers them all), and per token the
-    engine's chosen experts are transformers'."""
-    layer, hf_layer = dense.runner.model.layers[1], hf_model.model.layers[1]
+def test_every_expert_is_routed_to_and_the_router_picks_as_transformers(dense, reference):
+    """Per hidden state the engine's router chooses transformers' experts, and 64 random states
+    reach every expert of the layer (so the logits test above could route through any)."""
+    layer, hf_layer = dense.runner.model.layers[1], reference[0].model.layers[1]
     x = torch.randn(64, dense.runner.model.cfg.hidden_size)
     with torch.inference_mode():
         _, _, theirs = hf_layer.mlp.gate(x)
@@ -89,8 +70,9 @@ def test_every_expert_is_routed_to_and_the_router_picks_as_transformers(dense, h
     assert set(ours.flatten().tolist()) == set(range(EXPERTS))
 
 
-def test_quantized_experts_come_within_rounding_of_fp32(gguf, cache_dir, dense, prompts):
-    quantized = engine(gguf, cache_dir, "auto")
+def test_quantized_experts_come_within_rounding_of_fp32(gguf, cache_dir, dense, reference):
+    prompts = reference[1]
+    quantized = tiny_engine(gguf, cache_dir, "auto")
     if not quantized.runner.quantized:
         pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
     layer = quantized.runner.model.layers[0]

@@ -16,7 +16,7 @@ from engine.sampling_params import SamplingParams
 from engine.skip import RowSkip, build_policy
 from engine.quant import QuantWeight
 from tests.helpers import (assert_gguf_weights_equal_the_dense_conversion, assert_layer_calls_equal_the_per_op_path,
-                           recording_down_kernels, run_staggered)
+                           prefill_logits, recording_down_kernels, run_staggered)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
@@ -32,12 +32,6 @@ def quantized(engine):
     if not quantized.runner.quantized:
         pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
     return quantized
-
-
-def prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
-    runner = engine.runner
-    with engine.kv_blocks([len(prompt)]) as (table,):
-        return runner.logits(runner.prefill([(prompt, table, 0)]))
 
 
 def test_gguf_matrices_stay_quantized_and_equal_the_dense_conversion(quantized):
