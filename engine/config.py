@@ -39,6 +39,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
+    moe_dense_layers: bool = False  # some layers of a mixture of experts are dense (not supported)
 
     def __post_init__(self):
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
@@ -92,6 +93,7 @@ class ModelConfig:
             num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
             moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            moe_dense_layers=bool(raw.get("mlp_only_layers")) or raw.get("decoder_sparse_step", 1) not in (None, 1),
         )
 
 

@@ -101,14 +101,17 @@ def ensure_hf_dir(model: str, cache_dir: str | None = None, dense: bool = True) 
     target = cache_root(cache_dir) / f"{path.stem}-{digest}-{METADATA_VERSION}"
     if not (target / "config.json").exists():
         write_metadata(path, target)
-        shutil.rmtree(target.with_name(f"{path.stem}-{digest}"), ignore_errors=True)  # before METADATA_VERSION
+        base = f"{path.stem}-{digest}"
+        for older in target.parent.iterdir():  # the same file's folders of older versions
+            if older != target and (older.name == base or older.name.startswith(base + "-m")) and older.is_dir():
+                shutil.rmtree(older, ignore_errors=True)
     if dense and not (target / DENSE_WEIGHTS).exists():
         write_dense_weights(path, target)
     return target
 
 
 DENSE_WEIGHTS = "model.safetensors"
-METADATA_VERSION = "m2"  # bumped when write_metadata writes a folder differently: older ones are rewritten
+METADATA_VERSION = "m3"  # bumped when write_metadata writes a folder differently: older ones are rewritten
 
 
 @functools.lru_cache(maxsize=16)
@@ -195,6 +198,8 @@ def complete_config(config, gguf) -> None:
         config.hidden_size // config.num_attention_heads
     if rotated and rotated != width:  # part of each head rotated (Phi-4-mini): named at start
         config.partial_rotary_factor = rotated / width
+        if isinstance(getattr(config, "rope_parameters", None), dict):  # where transformers 5 reads it
+            config.rope_parameters["partial_rotary_factor"] = rotated / width
     window = fields.get(f"{arch}.attention.sliding_window")  # Phi-3's
     if window and getattr(config, "sliding_window", "absent") is None:
         config.sliding_window = window

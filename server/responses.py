@@ -24,7 +24,7 @@ from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
 from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, stopped, submit
-from server.reasoning import ReasoningSplit, request_reasoning, split_output
+from server.reasoning import CLOSE, ReasoningSplit, request_reasoning, split_output
 from server.responses_protocol import ResponsesRequest, new_id
 
 router = APIRouter()
@@ -38,6 +38,8 @@ class Answer:
         self.text, self.logprobs, self.finish_reason = "", [], None
         self.usage = Usage(reasoning=None if split is None else {})
         self.split, self.reasoning, self.content = split, "", ""
+        self._scanned, self._tail, self._content_from = 0, "", None  # where the content's logprobs start
+        self._leading = True  # still before the content's first non-blank token
 
     def add(self, out) -> None:
         self.text += out.text
@@ -51,8 +53,23 @@ class Answer:
 
     @property
     def content_logprobs(self) -> list:
-        """The logprobs of the message's tokens: those after the thinking's (usage's reasoning_tokens)."""
-        return self.logprobs if self.split is None else self.logprobs[self.split.reasoning_tokens:]
+        """The logprobs of the message's tokens: those after the token that completes `</think>`
+        (and the blank ones after it), found on the tokens' own texts; none while thinking."""
+        if self.split is None or not self.split.thought:
+            return self.logprobs
+        while self._content_from is None and self._scanned < len(self.logprobs):
+            self._tail = (self._tail + self.logprobs[self._scanned].token)[-64:]
+            self._scanned += 1
+            if CLOSE in self._tail:
+                self._content_from = self._scanned
+        if self._content_from is None:
+            return []
+        while self._leading and self._content_from < len(self.logprobs):  # blank tokens after the tag are
+            if self.logprobs[self._content_from].token.strip():                # the split's, not the message's
+                self._leading = False
+            else:
+                self._content_from += 1
+        return self.logprobs[self._content_from:]
 
     @property
     def thinking_status(self) -> str:

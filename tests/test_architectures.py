@@ -203,3 +203,31 @@ def test_end_of_turn_tokens_end_generations():
 
     assert end_of_generation_ids({"tokenizer.ggml.eot_token_id": 9}, Tok(), 7) == [7, 9, 5]
     assert end_of_generation_ids({}, Tok(), [7, 5]) == [7, 5]
+
+
+def test_a_gguf_that_rotates_part_of_each_head_or_mixes_dense_layers_into_experts_is_refused():
+    """Phi-4-mini's file says so by its rotary width (transformers' config does not): the config
+    written from it carries the share, and the check refuses it before any weight is read."""
+    import json
+    import tempfile
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from transformers import Phi3Config
+
+    from engine.loader import complete_config
+    from engine.models import check_architecture
+
+    config = Phi3Config(hidden_size=3072, num_attention_heads=24, num_hidden_layers=1, vocab_size=100)
+    complete_config(config, SimpleNamespace(fields={"general.architecture": "phi3", "phi3.rope.dimension_count": 96},
+                                            tensors=[]))
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        raw = json.loads((Path(tmp) / "config.json").read_text())
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.75"):
+        check_architecture(_read_config(raw))
+    moe = dict(model_type="qwen3_moe", vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+    check_architecture(_read_config(moe))
+    with pytest.raises(ValueError, match="dense layers"):
+        check_architecture(_read_config({**moe, "mlp_only_layers": [0]}))

@@ -16,6 +16,9 @@ def check_architecture(config: ModelConfig) -> None:
     """Raises for a model no implementation here runs: before its weights are read."""
     if config.model_type not in SUPPORTED:
         raise ValueError(f"unsupported architecture {config.model_type!r} (supported: {sorted(SUPPORTED)})")
+    if config.moe_dense_layers:
+        raise ValueError(f"{config.model_type!r} with dense layers among its experts' (mlp_only_layers, "
+                         "decoder_sparse_step) is not supported")
     if config.partial_rotary_factor != 1.0:
         raise ValueError(f"{config.model_type!r} with partial_rotary_factor {config.partial_rotary_factor}: "
                          "rotary embeddings over part of each head are not supported")

@@ -110,7 +110,7 @@ class StructuredOutputs:
         with self._lock:
             if "thinking" not in self._opening:
                 mask = torch.ones(self._width, dtype=torch.bool)
-                mask[torch.tensor(sorted(self._eos_ids), dtype=torch.long)] = False
+                mask[torch.tensor(sorted(i for i in self._eos_ids if i < self._width), dtype=torch.long)] = False
                 self._opening["thinking"] = mask
             return self._opening["thinking"]
 

@@ -9,8 +9,9 @@ write `<think>` or begin the document: the mask is the grammar's and the tokens 
 (which win where a grammar would take `<` too), and the first token decides which.
 
 The tags are matched on the tokens' bytes, so a tokenizer that spells them over several tokens
-works as one with a token for each. While thinking, the answer may not end (its document is owed:
-it ends at max_tokens if it never closes the block), and a token that completes `</think>` and
+works as one with a token for each. While thinking, the model may not end the answer with its
+end-of-turn (the document is owed: it ends at max_tokens if it never closes the block; stop
+tokens and strings the request names still end it), and a token that completes `</think>` and
 goes on with text the grammar refuses is masked out. Same interface as `Constraint`.
 """
 from __future__ import annotations
