@@ -79,7 +79,7 @@ def step_projections_ms(linears: list, rows: int, rounds: int) -> float:
 
 
 def projections(model) -> list:
-    return [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+    return [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, *model.ffn_linears(layer))]
 
 
 def main():

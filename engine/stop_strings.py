@@ -8,6 +8,15 @@ could still grow into a stop string and must be held back from the client.
 from __future__ import annotations
 
 
+def held_back(text, tag) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `tag` (str or bytes alike):
+    what must wait to be known not to begin it."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
 def _failure(pattern: str) -> list[int]:
     """failure[i]: length of the longest proper prefix of pattern[:i + 1] that is also its suffix."""
     failure = [0] * len(pattern)

@@ -14,10 +14,10 @@ from fastapi.responses import JSONResponse
 from engine.async_engine import (EngineDeadError, EngineNotReadyError, EngineShutdownError, GenerationError,
                                  QueueFullError)
 from engine.tokenizer import ChatOptions
+from server import template_tools
 from server.errors import APIError, error_body
 from server.metrics import RequestTimer
 from server.protocol import ToolUse
-from server import template_tools
 from server.tool_calls import render_messages
 
 

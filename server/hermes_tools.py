@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from engine.stop_strings import held_back
 from server.tool_calls import MAX_PARALLEL_CALLS, _no_constant, call_bodies
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -48,9 +49,5 @@ def sendable(text: str) -> int:
     one at the end), trailing whitespace held (it goes before a call)."""
     start = text.find(OPEN)
     if start < 0:
-        start = len(text)
-        for n in range(min(len(OPEN) - 1, len(text)), 0, -1):
-            if OPEN.startswith(text[-n:]):
-                start = len(text) - n
-                break
+        start = len(text) - held_back(text, OPEN)
     return len(text[:start].rstrip())

@@ -20,16 +20,10 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 
+from engine.stop_strings import held_back
+
 OPEN, CLOSE = "<think>", "</think>"
 PARSERS = ("qwen3", "deepseek_r1")
-
-
-def _held(text: str, tag: str) -> int:
-    """Characters at the end of `text` that may begin `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningSplit:
@@ -71,7 +65,7 @@ class ReasoningSplit:
         if self.state == "thinking":
             end = self.pending.find(CLOSE)
             if end < 0:
-                keep = 0 if final else _held(self.pending, CLOSE)
+                keep = 0 if final else held_back(self.pending, CLOSE)
                 reasoning, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
                 return reasoning, ""
             reasoning, self.pending, self.state = self.pending[:end], self.pending[end + len(CLOSE):], "after"
@@ -110,9 +104,6 @@ class Reasoning:
 
     def split(self) -> ReasoningSplit:
         return ReasoningSplit(self.parser, self.opened)
-
-    def whole(self, text: str) -> tuple[str | None, str]:
-        return ReasoningSplit.whole(self.parser, text, self.opened)
 
 
 async def request_reasoning(parser: str | None, sampling, tokenizer, prompt: list[int]):

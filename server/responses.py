@@ -30,6 +30,20 @@ from server.responses_protocol import ResponsesRequest, new_id
 router = APIRouter()
 
 
+def _after_thinking(entries: list) -> int | None:
+    """The index of the first logprob entry after the one whose text completes `</think>` and the
+    blank ones after it (whitespace the split drops), None before `</think>`."""
+    tail = ""
+    for i, entry in enumerate(entries):
+        tail = (tail + entry.token)[-len(CLOSE) - len(entry.token):]
+        if CLOSE in tail:
+            start = i + 1
+            while start < len(entries) and not entries[start].token.strip():
+                start += 1
+            return start
+    return None
+
+
 class Answer:
     """What the engine produced for a response so far: its text, and that text as thinking and
     content where a reasoning parser splits it (else all content)."""
@@ -38,8 +52,7 @@ class Answer:
         self.text, self.logprobs, self.finish_reason = "", [], None
         self.usage = Usage(reasoning=None if split is None else {})
         self.split, self.reasoning, self.content = split, "", ""
-        self._scanned, self._tail, self._content_from = 0, "", None  # where the content's logprobs start
-        self._leading = True  # still before the content's first non-blank token
+        self._content_from: int | None = None  # where the content's logprobs start, once it has begun
 
     def add(self, out) -> None:
         self.text += out.text
@@ -54,22 +67,17 @@ class Answer:
     @property
     def content_logprobs(self) -> list:
         """The logprobs of the message's tokens: those after the token that completes `</think>`
-        (and the blank ones after it), found on the tokens' own texts; none while thinking."""
+        (and the blank ones after it), found on the tokens' own texts; none while thinking. Found
+        once the content has begun or the answer ended (a token's logprob comes no later than its
+        text), then kept."""
         if self.split is None or not self.split.thought:
             return self.logprobs
-        while self._content_from is None and self._scanned < len(self.logprobs):
-            self._tail = (self._tail + self.logprobs[self._scanned].token)[-64:]
-            self._scanned += 1
-            if CLOSE in self._tail:
-                self._content_from = self._scanned
-        if self._content_from is None:
-            return []
-        while self._leading and self._content_from < len(self.logprobs):  # blank tokens after the tag are
-            if self.logprobs[self._content_from].token.strip():                # the split's, not the message's
-                self._leading = False
-            else:
-                self._content_from += 1
-        return self.logprobs[self._content_from:]
+        start = self._content_from
+        if start is None:
+            start = _after_thinking(self.logprobs)
+            if self.content or self.finish_reason is not None:
+                self._content_from = start
+        return [] if start is None else self.logprobs[start:]
 
     @property
     def thinking_status(self) -> str:

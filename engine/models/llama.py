@@ -29,8 +29,9 @@ class LlamaLayer:
         def maybe(name):
             return w(name) if prefix + name in weights else None
 
-        def linear(*names, bias=None):  # one fused projection from its row blocks, dense or quantized
-            return ops.linear([to_device(weights[prefix + n], device, dtype) for n in names], bias)
+        def linear(*parts, bias=None):  # one fused projection from its row blocks (named, or given), dense or quantized
+            return ops.linear([to_device(weights[prefix + p] if isinstance(p, str) else p, device, dtype)
+                               for p in parts], bias)
 
         self.cfg, self.ops = cfg, ops
         if cfg.model_type == "mistral" and cfg.sliding_window:  # Mistral 7B v0.1 (later ones: null)
@@ -46,7 +47,8 @@ class LlamaLayer:
         self.build_ffn(weights, prefix, linear)
 
     def build_ffn(self, weights: dict, prefix: str, linear) -> None:
-        """The FFN's projections (`linear(*names)`: one projection from the named row blocks)."""
+        """The FFN's projections (`linear(*parts)`: one projection from row blocks, each named in
+        the checkpoint or given as a tensor)."""
         self.gate_up = linear(*(f"{name}.weight" for name in self.gate_up_names))
         self.down = linear("mlp.down_proj.weight")
 
@@ -121,14 +123,22 @@ class LlamaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def ffn_linears(self, layer) -> list:
+        """A layer's FFN projections."""
+        return [layer.gate_up, layer.down]
+
+    def ffn_bytes(self, layer) -> float:
+        """Bytes of a layer's FFN weights one decoded token reads."""
+        return sum(lin.nbytes() for lin in self.ffn_linears(layer))
+
     def weight_bytes(self) -> dict:
         """Bytes of weights read per decoded token, split by part (for the bandwidth bound)."""
-        return {"ffn": sum(layer.gate_up.nbytes() + layer.down.nbytes() for layer in self.layers),
+        return {"ffn": int(sum(self.ffn_bytes(layer) for layer in self.layers)),
                 "attention": sum(layer.qkv.nbytes() + layer.o_proj.nbytes() for layer in self.layers),
                 "lm_head": self.lm_head.nbytes()}
 
     def weight_formats(self) -> dict[str, str]:
         """Weight format -> the kernel path that runs it (logged at load)."""
-        linears = [self.lm_head] + [lin for layer in self.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up,
-                                                                             layer.down)]
+        linears = [self.lm_head] + [lin for layer in self.layers
+                                    for lin in (layer.qkv, layer.o_proj, *self.ffn_linears(layer))]
         return {lin.format: lin.backend for lin in linears}

@@ -14,17 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
 from engine.models.qwen3 import Qwen3Layer, Qwen3Model
-from engine.quant import to_device
 
 
 class Qwen3MoeLayer(Qwen3Layer):
     kind = "qwen3_moe"
-
-    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int, ops):
-        self.device, self.dtype = device, dtype
-        super().__init__(cfg, weights, prefix, device, dtype, act_dtype, index, ops)
 
     def build_ffn(self, weights: dict, prefix: str, linear) -> None:
         self.router = linear("mlp.gate.weight")
@@ -33,12 +27,10 @@ class Qwen3MoeLayer(Qwen3Layer):
         self.experts = []
         for e in range(self.cfg.num_experts):
             if fused is not None:
-                gate_up, down_e = [fused[e]], [down[e]]
+                self.experts.append((linear(fused[e]), linear(down[e])))
             else:
-                gate_up = [weights[f"{prefix}mlp.experts.{e}.{p}_proj.weight"] for p in ("gate", "up")]
-                down_e = [weights[f"{prefix}mlp.experts.{e}.down_proj.weight"]]
-            self.experts.append((self.ops.linear([to_device(t, self.device, self.dtype) for t in gate_up]),
-                                 self.ops.linear([to_device(t, self.device, self.dtype) for t in down_e])))
+                self.experts.append((linear(*(f"mlp.experts.{e}.{p}_proj.weight" for p in ("gate", "up"))),
+                                     linear(f"mlp.experts.{e}.down_proj.weight")))
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         cfg, ops = self.cfg, self.ops
@@ -60,16 +52,10 @@ class Qwen3MoeLayer(Qwen3Layer):
 class Qwen3MoeModel(Qwen3Model):
     layer_class = Qwen3MoeLayer
 
-    def weight_bytes(self) -> dict:
-        """Per decoded token: the router's and, on average, `num_experts_per_tok` experts' bytes."""
-        share = self.cfg.num_experts_per_tok / self.cfg.num_experts
-        ffn = sum(layer.router.nbytes() + share * sum(g.nbytes() + d.nbytes() for g, d in layer.experts)
-                  for layer in self.layers)
-        return {"ffn": int(ffn),
-                "attention": sum(layer.qkv.nbytes() + layer.o_proj.nbytes() for layer in self.layers),
-                "lm_head": self.lm_head.nbytes()}
+    def ffn_linears(self, layer) -> list:
+        return [layer.router] + [lin for expert in layer.experts for lin in expert]
 
-    def weight_formats(self) -> dict[str, str]:
-        linears = [self.lm_head] + [lin for layer in self.layers
-                                    for lin in (layer.qkv, layer.o_proj, layer.router, *layer.experts[0])]
-        return {lin.format: lin.backend for lin in linears}
+    def ffn_bytes(self, layer) -> float:
+        """The router's and, on average, `num_experts_per_tok` experts' bytes."""
+        share = self.cfg.num_experts_per_tok / self.cfg.num_experts
+        return layer.router.nbytes() + share * sum(g.nbytes() + d.nbytes() for g, d in layer.experts)

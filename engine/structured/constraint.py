@@ -176,13 +176,20 @@ class Constraint:
             raise ValueError(f"token {token_id} does not continue the answer's grammar")
         self.state = state
 
-    def advance_text(self, text: bytes) -> None:
-        """Text the grammar reads that came in no token of its own (a token's rest after a tag)."""
+    def state_after(self, text: bytes) -> tuple | None:
+        """The state `text` leads to from here, None where the grammar refuses it."""
         state = self.state
         for byte in text:
             state = json_machine.advance(self.grammar, state, byte)
             if state is None:
-                raise ValueError(f"{text!r} does not begin the answer's grammar")
+                return None
+        return state
+
+    def advance_text(self, text: bytes) -> None:
+        """Text the grammar reads that came in no token of its own (a token's rest after a tag)."""
+        state = self.state_after(text)
+        if state is None:
+            raise ValueError(f"{text!r} does not begin the answer's grammar")
         self.state = state
 
     @property

@@ -18,19 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from engine.structured import json_machine
+from engine.stop_strings import held_back
 from engine.structured.constraint import Constraint, StructuredOutputs
 from engine.structured.schema import Grammar
 
 OPEN, CLOSE = b"<think>", b"</think>"
-
-
-def _tag_prefix(text: bytes, tag: bytes) -> bytes:
-    """The longest end of `text` that begins `tag` (without all of it)."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return text[-n:]
-    return b""
 
 
 class ThinkingConstraint:
@@ -45,7 +37,8 @@ class ThinkingConstraint:
         if self.phase == "held":
             return self.inner.mask()
         if self.phase == "thinking":  # free, but for the end of the answer (the document is owed)
-            refused = [i for i, rest in self._outputs.closing_rests(self.written, CLOSE) if not self._accepts(rest)]
+            refused = [i for i, rest in self._outputs.closing_rests(self.written, CLOSE)
+                       if self.inner.state_after(rest) is None]
             mask = self._outputs.thinking_mask()
             if refused:
                 mask = mask.clone()
@@ -53,14 +46,6 @@ class ThinkingConstraint:
             return mask
         opening = self._outputs.opening_mask(self.written, OPEN)
         return opening if self.phase == "opening" else opening | self.inner.mask()
-
-    def _accepts(self, text: bytes) -> bool:
-        state = self.inner.state
-        for byte in text:
-            state = json_machine.advance(self.inner.grammar, state, byte)
-            if state is None:
-                return False
-        return True
 
     def advance(self, token_id: int) -> None:
         """Raises ValueError for a token the mask did not allow."""
@@ -82,7 +67,7 @@ class ThinkingConstraint:
         text = self.written + piece
         end = text.find(CLOSE)
         if end < 0:
-            self.written = _tag_prefix(text, CLOSE)
+            self.written = text[len(text) - held_back(text, CLOSE):]
             return
         self.phase, self.written = "held", b""
         self.inner.advance_text(text[end + len(CLOSE):].lstrip())
