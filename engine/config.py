@@ -32,6 +32,9 @@ class ModelConfig:
     sliding_window: int | None = None
     query_pre_attn_scalar: float | None = None
     rope_local_theta: float | None = None
+    # Gemma 2: attention scores and logits soft-capped, s -> cap * tanh(s / cap) (None: not)
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     partial_rotary_factor: float = 1.0  # the share of each head's dimensions rotated (Phi-4-mini's 0.75)
     # mixture of experts (Qwen3-MoE): experts per layer, experts per token, an expert's FFN width,
     # whether the chosen experts' weights are renormalized to sum to 1
@@ -88,6 +91,8 @@ class ModelConfig:
             sliding_window=raw.get("sliding_window"),
             query_pre_attn_scalar=raw.get("query_pre_attn_scalar"),
             rope_local_theta=local_theta,
+            attn_logit_softcapping=raw.get("attn_logit_softcapping"),
+            final_logit_softcapping=raw.get("final_logit_softcapping"),
             partial_rotary_factor=rope.get("partial_rotary_factor", raw.get("partial_rotary_factor")) or 1.0,
             num_experts=raw.get("num_experts") or raw.get("num_local_experts") or 0,
             num_experts_per_tok=raw.get("num_experts_per_tok") or 0,

@@ -111,7 +111,7 @@ def ensure_hf_dir(model: str, cache_dir: str | None = None, dense: bool = True) 
 
 
 DENSE_WEIGHTS = "model.safetensors"
-METADATA_VERSION = "m3"  # bumped when write_metadata writes a folder differently: older ones are rewritten
+METADATA_VERSION = "m4"  # bumped when write_metadata writes a folder differently: older ones are rewritten
 
 
 @functools.lru_cache(maxsize=16)
@@ -200,6 +200,12 @@ def complete_config(config, gguf) -> None:
         config.partial_rotary_factor = rotated / width
         if isinstance(getattr(config, "rope_parameters", None), dict):  # where transformers 5 reads it
             config.rope_parameters["partial_rotary_factor"] = rotated / width
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2's (transformers keeps its defaults)
+        if fields.get(f"{arch}.{cap}") is not None:
+            setattr(config, cap, float(fields[f"{arch}.{cap}"]))
+    if arch == "gemma2":  # the file has no query scale: llama.cpp's rule, head_dim but 27B's hidden / heads
+        config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads
+                                        if config.num_hidden_layers == 46 else config.head_dim)
     window = fields.get(f"{arch}.attention.sliding_window")  # Phi-3's
     if window and getattr(config, "sliding_window", "absent") is None:
         config.sliding_window = window

@@ -1,5 +1,6 @@
 """GGUFs of other architectures than the embedded models', as llama.cpp users bring them: Qwen3
-(per-head q/k norms, 128-wide heads, a tied embedding) and Qwen2 (q/k/v biases, its own lm_head),
+(per-head q/k norms, 128-wide heads, a tied embedding), Qwen2 (q/k/v biases, its own lm_head),
+Phi-3.5 (fused projections, longrope) and Gemma 2 (soft-capped attention and logits, sliding windows),
 small files with random weights (tests/tiny_gguf.py) whose projections mix quantized formats
 within one matrix product, as llama.cpp's Q4_K_M does. transformers' model on the same file,
 dequantized, is the reference: the engine's fp32 logits and greedy text equal its, the quantized
@@ -15,7 +16,7 @@ from engine.sampling_params import SamplingParams
 from tests.conftest import ServerProcess
 from tests.helpers import (assert_gguf_weights_equal_the_dense_conversion, assert_layer_calls_equal_the_per_op_path,
                            hf_greedy, hf_model_of, prefill_logits, run_staggered)
-from tests.tiny_gguf import LAYERS, tiny_engine, write_tiny_gguf
+from tests.tiny_gguf import GEMMA2_CAPS, GEMMA2_WINDOW, LAYERS, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 4, "Once upon a time", "1, 2, 3, 4, 5,"]
@@ -26,7 +27,7 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("architectures")
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen2", "phi3"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen2", "phi3", "gemma2"])
 def gguf(request, cache_dir):
     from engine.loader import embedded_gguf
 
@@ -71,18 +72,25 @@ def test_quantized_engine_reads_the_file_alone_and_its_weights_equal_the_dense_c
     assert ensure_hf_dir(str(gguf), str(cache_dir)) == dense.hf_dir  # the fp32 engine's folder has them
     weights, _ = assert_gguf_weights_equal_the_dense_conversion(gguf, dense.hf_dir)
     extra = {"qwen3": "model.layers.0.self_attn.k_norm.weight", "qwen2": "model.layers.0.self_attn.v_proj.bias",
-             "phi3": "model.layers.0.mlp.gate_up_proj.weight"}
+             "phi3": "model.layers.0.mlp.gate_up_proj.weight",
+             "gemma2": "model.layers.0.post_feedforward_layernorm.weight"}
     assert extra[gguf.stem] in weights
 
 
 def test_fp32_logits_and_greedy_text_equal_hf(dense, hf_model, prompts, gguf):
-    expected = {"qwen3": "Qwen3Model", "qwen2": "LlamaModel", "phi3": "Phi3Model"}[gguf.stem]
+    expected = {"qwen3": "Qwen3Model", "qwen2": "LlamaModel", "phi3": "Phi3Model", "gemma2": "Gemma2Model"}[gguf.stem]
     assert type(dense.runner.model).__name__ == expected
     if gguf.stem == "phi3":  # longrope's short factors and attention scale, in both models
         assert dense.runner.model.cfg.rope_scaling["rope_type"] == "longrope"
         assert hf_model.config.rope_parameters["rope_type"] == "longrope"
         assert dense.runner.model.ropes["global"].cos[0, 0].item() > 1.1
-    assert dense.runner.model.cfg.head_dim == (128 if gguf.stem == "qwen3" else 32)
+    if gguf.stem == "gemma2":  # the file's caps and window, in both models (small enough here to bind)
+        cfg = dense.runner.model.cfg
+        assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping, cfg.sliding_window) == (*GEMMA2_CAPS, GEMMA2_WINDOW)
+        assert (hf_model.config.attn_logit_softcapping, hf_model.config.final_logit_softcapping) == GEMMA2_CAPS
+        assert [layer.window for layer in dense.runner.model.layers] == [GEMMA2_WINDOW, None] * (LAYERS // 2)
+        assert dense.runner.model.fused_decode is not None  # decode steps soft-cap in the native kernel
+    assert dense.runner.model.cfg.head_dim == {"qwen3": 128, "gemma2": 256}.get(gguf.stem, 32)
     for prompt in prompts:
         with torch.inference_mode():
             theirs = hf_model(torch.tensor([prompt])).logits[0].float()
@@ -231,3 +239,21 @@ def test_a_gguf_that_rotates_part_of_each_head_or_mixes_dense_layers_into_expert
     check_architecture(_read_config(moe))
     with pytest.raises(ValueError, match="dense layers"):
         check_architecture(_read_config({**moe, "mlp_only_layers": [0]}))
+
+
+@pytest.mark.parametrize("layers, hidden, heads, head_dim, scalar", [(26, 2304, 8, 256, 256), (46, 4608, 32, 128, 144)])
+def test_gemma2_query_scale_follows_llamacpp_as_the_file_has_none(layers, hidden, heads, head_dim, scalar):
+    """Gemma 2 2B/9B scale queries by head_dim, 27B (46 layers) by hidden / heads; the caps come from
+    the file, where transformers' reader keeps its defaults."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma2Config
+
+    from engine.loader import complete_config
+
+    config = Gemma2Config(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim)
+    fields = {"general.architecture": "gemma2", "gemma2.attn_logit_softcapping": 20.0,
+              "gemma2.final_logit_softcapping": 10.0, "gemma2.attention.key_length": head_dim}
+    complete_config(config, SimpleNamespace(fields=fields, tensors=[]))
+    assert config.query_pre_attn_scalar == scalar
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (20.0, 10.0)

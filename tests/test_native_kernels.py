@@ -18,23 +18,25 @@ def kernels(tmp_path_factory):
     return lib
 
 
-def reference_attention(q, k_cache, v_cache, table, length, scale, window):
-    """One row, written out: its keys and values read position by position through the table."""
+def reference_attention(q, k_cache, v_cache, table, length, scale, window, softcap=None):
+    """One row, written out: its keys and values read position by position through the table;
+    scores soft-capped as Gemma 2 writes it, cap * tanh(s / cap)."""
     block_size = k_cache.shape[2]
     start = max(0, length - window) if window else 0
     keys = torch.stack([k_cache[table[t // block_size], :, t % block_size] for t in range(start, length)], 1)
     values = torch.stack([v_cache[table[t // block_size], :, t % block_size] for t in range(start, length)], 1)
     group = q.shape[0] // keys.shape[0]
     keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)  # [H, span, D]
-    probs = (torch.einsum("hd,htd->ht", q, keys) * scale).softmax(-1)
+    scores = torch.einsum("hd,htd->ht", q, keys) * scale
+    probs = (softcap * torch.tanh(scores / softcap) if softcap else scores).softmax(-1)
     return torch.einsum("ht,htd->hd", probs, values).reshape(-1)
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256), (8, 8, 32), (6, 2, 40)])
 @pytest.mark.parametrize("block_size", [16, 5])
-@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("window, softcap", [(None, None), (7, None), (None, 1.5), (7, 1.5)])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, block_size, window, cache_dtype):
+def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, block_size, window, softcap, cache_dtype):
     """Rows whose blocks are scattered through the cache, out of order, of lengths that end anywhere
     in a block; the kernel writes each row's new K/V through its table, and so does the torch path
     (an fp16 cache: both round the new K/V to nearest even, and both attend over the same fp16
@@ -56,14 +58,40 @@ def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, blo
         assert ops.decode_attention_supported(q, k_cache)
         kc, vc = k_cache.clone(), v_cache.clone()
         ours = ops.decode_attention(q, k, v, kc, vc, meta.block_tables, meta.context_lens, meta.max_context_len,
-                                    dim ** -0.5, window)
+                                    dim ** -0.5, window, softcap)
         ref_kc, ref_vc = k_cache.clone(), v_cache.clone()
-        ref = TorchBackend().attention(q, k, v, ref_kc, ref_vc, meta, dim ** -0.5, window)
+        ref = TorchBackend().attention(q, k, v, ref_kc, ref_vc, meta, dim ** -0.5, window, softcap)
         assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)  # the kernel writes the new K/V itself
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
         for i, (table, pos) in enumerate(zip(row_tables, positions)):
-            expected = reference_attention(q[i], kc.float(), vc.float(), table, pos + 1, dim ** -0.5, window)
+            expected = reference_attention(q[i], kc.float(), vc.float(), table, pos + 1, dim ** -0.5, window, softcap)
             torch.testing.assert_close(ours[i], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_soft_capped_prefill_whole_and_in_chunks_matches_the_written_out_attention(window):
+    """Gemma 2's capped scores on the prefill path (SDPA takes no cap): a whole prompt, and the same
+    prompt in two chunks of which the second reads the first's K/V from its blocks, give every
+    token the attention the row-by-row reference gives it."""
+    gen = torch.Generator().manual_seed(3)
+    tokens, heads, kv_heads, dim, block, cap = 29, 6, 2, 32, 8, 1.5
+    q, k, v = (torch.randn(tokens, h, dim, generator=gen) * 2 for h in (heads, kv_heads, kv_heads))
+    table = [5, 2, 7, 0]
+    outs = []
+    for chunks in ([(0, tokens)], [(0, 11), (11, tokens - 11)]):
+        k_cache, v_cache = (torch.zeros(8, kv_heads, block, dim) for _ in range(2))
+        out = []
+        for start, n in chunks:
+            meta = AttentionMetadata.for_prefill([(table, start, n)], block, "cpu")
+            out.append(TorchBackend().attention(q[start:start + n], k[start:start + n], v[start:start + n], k_cache,
+                                                v_cache, meta, dim ** -0.5, window, cap))
+        outs.append(torch.cat(out))
+    for p in range(tokens):
+        expected = reference_attention(q[p], k_cache, v_cache, table, p + 1, dim ** -0.5, window, cap)
+        for out in outs:
+            torch.testing.assert_close(out[p], expected, rtol=1e-5, atol=1e-5)
+    uncapped = reference_attention(q[-1], k_cache, v_cache, table, tokens, dim ** -0.5, window)
+    assert (uncapped - outs[0][-1]).abs().max() > 1e-2  # the cap binds: the checks above have teeth
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2, Phi-3.5), random weights, written as
+"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2, Phi-3.5, Gemma 2), random weights, written as
 llama.cpp's converter lays them out (tensor names, metadata), quantized
 with gguf-py's own quantizers, the tokenizer copied from the embedded SmolLM2 GGUF. No model file
 of these architectures ships with the product; transformers reads these files as it reads real ones,
@@ -13,7 +13,8 @@ from gguf.quants import quantize
 
 # per architecture: hidden, heads, kv heads, head_dim (Qwen3's is 128 whatever the hidden size: the
 # GGUF does not say, transformers takes Qwen3Config's default), q/k/v biases, per-head q/k norms,
-# a separate lm_head; Phi-3.5's fused q|k|v and gate|up and its longrope factors (as tensors)
+# a separate lm_head; Phi-3.5's fused q|k|v and gate|up and its longrope factors (as tensors); Gemma 2's
+# four norms a layer, soft caps and sliding window (caps and window small enough to bind here)
 SHAPES = {
     "qwen3": dict(hidden=128, heads=2, kv_heads=1, head_dim=128, bias=False, qk_norm=True, tied=True),
     "qwen2": dict(hidden=128, heads=4, kv_heads=2, head_dim=32, bias=True, qk_norm=False, tied=False),
@@ -21,7 +22,11 @@ SHAPES = {
                  longrope=True),
     # Qwen3-MoE: Qwen3's attention, a router and EXPERTS SwiGLU experts of EXPERT_FFN a layer, USED a token
     "qwen3moe": dict(hidden=128, heads=2, kv_heads=1, head_dim=128, bias=False, qk_norm=True, tied=True, moe=True),
+    # (seed 1: seed 0's greedy text for the short prompt has few clear argmaxes for the quantized test)
+    "gemma2": dict(hidden=128, heads=2, kv_heads=1, head_dim=256, bias=False, qk_norm=False, tied=True, gemma=True,
+                   seed=1),
 }
+GEMMA2_CAPS, GEMMA2_WINDOW = (1.5, 8.0), 16  # attention's and the logits' soft caps; every other layer's window
 EXPERTS, USED, EXPERT_FFN = 4, 2, 64
 CONTEXT, ORIGINAL_CONTEXT = 131072, 4096  # Phi-3.5-mini's: longrope's factor 32
 LAYERS, FFN = 4, 256
@@ -35,7 +40,7 @@ FORMATS = {"attn_q": (Q4_1, Q4_1), "attn_k": (Q4_1, Q4_1), "attn_v": (Q8_0, Q4_1
 def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) -> Path:
     shape = SHAPES[arch]
     hidden, heads, kv_heads, head_dim = shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(shape.get("seed", seed))
     source = GGUFReader(str(tokenizer_gguf))
     vocab = len(source.fields["tokenizer.ggml.tokens"].data)
 
@@ -57,6 +62,10 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
         writer.add_expert_count(EXPERTS)
         writer.add_expert_used_count(USED)
         writer.add_expert_feed_forward_length(EXPERT_FFN)
+    if shape.get("gemma"):  # as llama.cpp's converter writes Gemma 2
+        writer.add_attn_logit_softcapping(GEMMA2_CAPS[0])
+        writer.add_final_logit_softcapping(GEMMA2_CAPS[1])
+        writer.add_sliding_window(GEMMA2_WINDOW)
     if shape.get("longrope"):  # as llama.cpp's converter writes a long-context Phi-3
         writer.add_rope_scaling_orig_ctx_len(ORIGINAL_CONTEXT)
         writer.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(CONTEXT / ORIGINAL_CONTEXT) / np.log(ORIGINAL_CONTEXT))))
@@ -81,6 +90,10 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
         blk = f"blk.{i}."
         vector(blk + "attn_norm.weight", hidden, 1.0, 0.1)
         vector(blk + "ffn_norm.weight", hidden, 1.0, 0.1)
+        if shape.get("gemma"):  # the attention's and the FFN's outputs normed too, at ~3x: the layers must
+            # outweigh the embedding Gemma scales by sqrt(hidden), else greedy text repeats its tokens (tied head)
+            vector(blk + "post_attention_norm.weight", hidden, 3.0, 0.3)
+            vector(blk + "post_ffw_norm.weight", hidden, 3.0, 0.3)
         if shape.get("fused"):
             matrix(blk + "attn_qkv.weight", q_size + 2 * kv_size, hidden, hidden ** -0.5, FORMATS["attn_v"][i % 2])
         for name, rows in (("attn_q", q_size), ("attn_k", kv_size), ("attn_v", kv_size)) * (not shape.get("fused")):

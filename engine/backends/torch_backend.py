@@ -95,21 +95,23 @@ class TorchBackend:
         `config` (EngineConfig) sizes it, `policy` names the skip rule it runs."""
         return None
 
-    def attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None):
+    def attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None,
+                  softcap: float | None = None):
         """q: [N, H, D]; k, v: [N, KV, D] (written into the cache first); caches: [blocks, KV, bs, D]
-        of one layer -> [N, H*D]."""
+        of one layer -> [N, H*D]. `softcap`: scores s become softcap * tanh(s / softcap) before the
+        mask and the softmax (Gemma 2)."""
         write_kv(k, v, k_cache, v_cache, meta)
         if meta.is_prefill:
-            return prefill_attention(q, k, v, k_cache, v_cache, meta, scale, window)
-        return self.decode_attention(q, k, v, k_cache, v_cache, meta, scale, window)
+            return prefill_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
+        return self.decode_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
 
-    def decode_attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window):
+    def decode_attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None):
         rows, num_heads, head_dim = q.shape
         num_kv = k.shape[1]
         keys = gather_blocks(k_cache, meta.block_tables).to(q.dtype)  # [B, KV, L, D]
         values = gather_blocks(v_cache, meta.block_tables).to(q.dtype)
         q = q.view(rows, num_kv, num_heads // num_kv, head_dim)
-        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(meta.decode_mask(window))
+        scores = soft_capped(torch.matmul(q, keys.transpose(-1, -2)).mul_(scale), softcap).add_(meta.decode_mask(window))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
         return torch.matmul(probs, values).reshape(rows, num_heads * head_dim)  # [B, KV, G, D] -> [B, H*D]
 
@@ -120,7 +122,22 @@ def write_kv(k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
     v_cache[meta.write_blocks, :, meta.write_offsets] = v.to(v_cache.dtype)
 
 
-def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window):
+def soft_capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """softcap * tanh(scores / softcap), in place; the scores as they are without a cap."""
+    return scores.div_(softcap).tanh_().mul_(softcap) if softcap else scores
+
+
+def capped_attention(q, keys, values, allowed, scale, softcap):
+    """SDPA's product, for soft-capped scores (which it does not take): q [H, n, D], keys and values
+    [KV, L, D], allowed [n, L] bool -> [H, n, D]."""
+    group = q.shape[0] // keys.shape[0]
+    keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    scores = soft_capped(torch.matmul(q, keys.transpose(-1, -2)).mul_(scale), softcap)
+    probs = scores.masked_fill_(~allowed, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values)
+
+
+def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None):
     """Attention per sequence: over its fresh K/V when it starts at 0, else over its blocks. Fresh
     K/V are taken as the cache holds them (an fp16 cache rounds them), so a whole prefill attends
     over the values a later chunk, or a request that finds this prefix cached, reads back."""
@@ -134,7 +151,11 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale,
         else:  # a cached prefix or an earlier chunk sits in the blocks
             keys = gather_blocks(k_cache, seg.block_table)[:, :seg.end].to(q.dtype)
             values = gather_blocks(v_cache, seg.block_table)[:, :seg.end].to(q.dtype)
-        out = F.scaled_dot_product_attention(qs.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-                                             attn_mask=meta.prefill_mask(i, window), scale=scale, enable_gqa=True)
-        outs.append(out[0].transpose(0, 1).reshape(seg.num_tokens, -1))  # [1, H, n, D] -> [n, H*D]
+        if softcap:
+            out = capped_attention(qs.transpose(0, 1), keys, values, meta.prefill_mask(i, window), scale, softcap)
+        else:
+            out = F.scaled_dot_product_attention(qs.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
+                                                 values.unsqueeze(0), attn_mask=meta.prefill_mask(i, window),
+                                                 scale=scale, enable_gqa=True)[0]
+        outs.append(out.transpose(0, 1).reshape(seg.num_tokens, -1))  # [H, n, D] -> [n, H*D]
     return torch.cat(outs) if len(outs) > 1 else outs[0]

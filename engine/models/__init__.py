@@ -6,10 +6,11 @@ from engine.config import ModelConfig
 
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "smollm2"}
 GEMMA3 = {"gemma3_text", "gemma3"}
+GEMMA2 = {"gemma2"}
 QWEN3 = {"qwen3"}
 PHI3 = {"phi3"}
 QWEN3_MOE = {"qwen3_moe"}
-SUPPORTED = LLAMA_FAMILY | QWEN3 | GEMMA3 | PHI3 | QWEN3_MOE
+SUPPORTED = LLAMA_FAMILY | QWEN3 | GEMMA2 | GEMMA3 | PHI3 | QWEN3_MOE
 
 
 def check_architecture(config: ModelConfig) -> None:
@@ -45,4 +46,8 @@ def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, o
         from engine.models.gemma3 import Gemma3Model
 
         return Gemma3Model(config, state, device, dtype, max_len, ops)
+    if config.model_type in GEMMA2:
+        from engine.models.gemma2 import Gemma2Model
+
+        return Gemma2Model(config, state, device, dtype, max_len, ops)
     check_architecture(config)

@@ -19,6 +19,9 @@ from engine.quant import to_device
 
 class Gemma3Layer:
     kind = "gemma3"
+    softcap: float | None = None  # attention scores soft-capped (Gemma 2's layer sets it)
+    head_norms = True  # per-head RMSNorm on q and k (Gemma 2 has none)
+    local_rope = True  # sliding-window layers rotate with a rope base of their own (Gemma 2: one for all)
 
     def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int, ops):
         def linear(*names):  # one fused projection from its row blocks, dense or quantized
@@ -29,11 +32,12 @@ class Gemma3Layer:
 
         self.cfg, self.ops = cfg, ops
         sliding = cfg.layer_types is not None and cfg.layer_types[index] == "sliding_attention"
-        self.rope_kind = "local" if sliding else "global"
+        self.rope_kind = "local" if sliding and self.local_rope else "global"
         self.window = cfg.sliding_window if sliding else None
         self.input_norm, self.post_attn_norm = norm("input_layernorm.weight"), norm("post_attention_layernorm.weight")
         self.pre_ffn_norm, self.post_ffn_norm = norm("pre_feedforward_layernorm.weight"), norm("post_feedforward_layernorm.weight")
-        self.q_norm, self.k_norm = norm("self_attn.q_norm.weight"), norm("self_attn.k_norm.weight")
+        self.q_norm, self.k_norm = (norm("self_attn.q_norm.weight"), norm("self_attn.k_norm.weight")) \
+            if self.head_norms else (None, None)
         self.qkv = linear(*(f"self_attn.{p}_proj.weight" for p in "qkv"))
         self.o_proj = linear("self_attn.o_proj.weight")
         self.gate_up = linear("mlp.gate_proj.weight", "mlp.up_proj.weight")
@@ -50,10 +54,12 @@ class Gemma3Layer:
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         cos, sin = rope
-        q = ops.rotary(self.norm(q.view(n, cfg.num_heads, cfg.head_dim), self.q_norm), cos, sin)
-        k = ops.rotary(self.norm(k.view(n, cfg.num_kv_heads, cfg.head_dim), self.k_norm), cos, sin)
+        q, k = q.view(n, cfg.num_heads, cfg.head_dim), k.view(n, cfg.num_kv_heads, cfg.head_dim)
+        if self.head_norms:
+            q, k = self.norm(q, self.q_norm), self.norm(k, self.k_norm)
+        q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
-        out = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
+        out = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, self.window, self.softcap)
         return self.norm(self.o_proj(out), self.post_attn_norm)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
@@ -68,8 +74,9 @@ class Gemma3Model(LlamaModel):
         super().__init__(cfg, weights, device, dtype, max_len, ops)
         self.norm = weights["model.norm.weight"].to(device=device, dtype=torch.float32) + 1.0
         self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=self.act_dtype)
-        self.ropes["local"] = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta or 10000.0, None, max_len, device,
-                                              self.act_dtype)
+        if self.layer_class.local_rope:
+            self.ropes["local"] = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta or 10000.0, None, max_len, device,
+                                                  self.act_dtype)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed[input_ids].to(self.act_dtype) * self.embed_scale

@@ -36,8 +36,8 @@ ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=g
 _int, _float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     # q, k_new, v_new, k_cache, v_cache, block_tables, lengths, out, rows, heads, kv_heads, dim, block_size,
-    # max_blocks, window, scale, cache_bits, threads
-    "decode_attention_f32": [_ptr] * 8 + [_int] * 7 + [_float, _int, _int],
+    # max_blocks, window, scale, softcap (0: none), cache_bits, threads
+    "decode_attention_f32": [_ptr] * 8 + [_int] * 7 + [_float, _float, _int, _int],
     "decode_attention_fp16_cache": [],
     # x, w, bias (or None), y, rows, in, out, threads
     "linear_f32": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
@@ -50,13 +50,13 @@ SIGNATURES = {
     # x, cos, sin, tokens, heads, dim, token_stride, head_stride, threads
     "rope_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _int, ctypes.c_int64, ctypes.c_int64, _int],
     # x, layer_rows, layers, cos, sin, cos_local, sin_local, block_tables, lengths, rows, hidden, heads,
-    # kv_heads, head_dim, inter, block_size, max_blocks, eps, scale, cache_bits, threads, then the skip rule
-    # (or None): max_skips, thresholds, first_hot, last_hot, skipped
-    "decode_layers": [_ptr, _ptr, _int] + [_ptr] * 6 + [_int] * 8 + [_float, _float, _int, _int]
+    # kv_heads, head_dim, inter, block_size, max_blocks, eps, scale, softcap, cache_bits, threads, then the skip
+    # rule (or None): max_skips, thresholds, first_hot, last_hot, skipped
+    "decode_layers": [_ptr, _ptr, _int] + [_ptr] * 6 + [_int] * 8 + [_float, _float, _float, _int, _int]
     + [_ptr, _ptr, _int, _int, _ptr],
     # x, layer_row, cos, sin, cos_local, sin_local, block_tables, lengths, out, rows, hidden, heads, kv_heads,
-    # head_dim, block_size, max_blocks, eps, scale, cache_bits, threads
-    "layer_attention_branch": [_ptr] * 9 + [_int] * 7 + [_float, _float, _int, _int],
+    # head_dim, block_size, max_blocks, eps, scale, softcap, cache_bits, threads
+    "layer_attention_branch": [_ptr] * 9 + [_int] * 7 + [_float, _float, _float, _int, _int],
     # h, layer_row, out, rows, hidden, inter, eps, threads
     "layer_ffn_branch": [_ptr, _ptr, _ptr, _int, _int, _int, _float, _int],
     "linear_f32_vectorized": [],

@@ -6,7 +6,8 @@
 // or fp16 in builds with F16C: half the bytes to stream, widened as they are loaded; contiguous);
 // block_tables [rows, max_blocks] int32: token t of row r sits in block
 // block_tables[r][t / block_size] at offset t % block_size. Row r attends to positions
-// [start, length[r]) with start = length - window for sliding-window layers. The G = heads /
+// [start, length[r]) with start = length - window for sliding-window layers; softcap > 0 maps each
+// score s to softcap * tanh(s / softcap) before the softmax (Gemma 2). The G = heads /
 // kv_heads query heads of a group share each key and value load. Work items are (row, kv head)
 // pairs, split over the caller's OpenMP team (torch's own libgomp, so no second thread pool).
 // Within a block a head's keys are one contiguous run, which the inner loops stream.
@@ -15,6 +16,7 @@
 // value (`half` below). A new key or value is rounded to fp16 to nearest even, as torch's
 // `.half()` rounds the keys a prefill writes.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -202,7 +204,7 @@ void weighted_sum(const float* p, const T* values, float* acc, int64_t span, int
 template <typename T>
 void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, T* v_cache,
             const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int heads, int kv_heads,
-            int dim, int block_size, int max_blocks, int window, float scale, int threads) {
+            int dim, int block_size, int max_blocks, int window, float scale, float softcap, int threads) {
     const int group = heads / kv_heads;
     const int items = rows * kv_heads;
     const int64_t block_stride = static_cast<int64_t>(kv_heads) * block_size * dim;  // elements per block
@@ -247,6 +249,8 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
         }
         for (int g = 0; g < group; ++g) {
             float* s = scores.data() + g * span;
+            if (softcap > 0.0f)  // Gemma 2: scores squashed into (-softcap, softcap) before the softmax
+                for (int64_t t = 0; t < span; ++t) s[t] = softcap * std::tanh(s[t] / softcap);
             const float inv = softmax_numerators(s, span);
             float* o = og + g * dim;
             std::memset(o, 0, sizeof(float) * dim);
@@ -276,14 +280,14 @@ extern "C" int decode_attention_fp16_cache() {
 extern "C" void decode_attention_f32(const float* q, const float* k_new, const float* v_new, void* k_cache,
                                      void* v_cache, const int32_t* block_tables, const int32_t* lengths, float* out,
                                      int rows, int heads, int kv_heads, int dim, int block_size, int max_blocks,
-                                     int window, float scale, int cache_bits, int threads) {
+                                     int window, float scale, float softcap, int cache_bits, int threads) {
 #if defined(ATTENTION_F16)
     if (cache_bits == 16) {
         attend(q, k_new, v_new, static_cast<half*>(k_cache), static_cast<half*>(v_cache), block_tables, lengths, out,
-               rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, threads);
+               rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, softcap, threads);
         return;
     }
 #endif
     attend(q, k_new, v_new, static_cast<float*>(k_cache), static_cast<float*>(v_cache), block_tables, lengths, out,
-           rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, threads);
+           rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, softcap, threads);
 }

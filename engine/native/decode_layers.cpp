@@ -1,4 +1,4 @@
-// A decode step of Llama-family and Gemma 3 layers in one native call (`decode_layers`): every
+// A decode step of Llama-family and Gemma layers in one native call (`decode_layers`): every
 // layer dense, or with FFN-SkipLLM's rule deciding per row and layer inside the call; or one call
 // per layer branch (attention, FFN) for gates whose rule lives in Python. The same kernels the
 // per-op path calls from Python, in the same order (so the same bits), minus ~25 Python and torch
@@ -8,7 +8,8 @@
 //   attn_branch(x) = out_norm(o_proj(attn(rope(qk_norm(qkv(rms_norm(x)))))))
 //   ffn_branch(h) = out_norm(down(act(gate) * up)(rms_norm(h)))
 // where Llama has no q/k or output norms and SiLU, and Gemma 3 has all four norms per layer,
-// per-head q/k norms, GELU-tanh, and sliding-window layers with their own rotary table.
+// per-head q/k norms, GELU-tanh, and sliding-window layers with their own rotary table (Gemma 2:
+// Gemma 3's layer without the q/k norms, with its attention scores soft-capped, `softcap`).
 //
 // Each projection comes as a `WeightRef` that names its kernel by address: the Python side picks
 // it (a dense GEMM, or the quantized GEMM's build for this CPU's instruction set, which this file
@@ -22,7 +23,7 @@ extern "C" {
 void decode_attention_f32(const float* q, const float* k_new, const float* v_new, void* k_cache, void* v_cache,
                           const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int heads,
                           int kv_heads, int dim, int block_size, int max_blocks, int window, float scale,
-                          int cache_bits, int threads);
+                          float softcap, int cache_bits, int threads);
 void rms_norm_f32(const float* x, const float* weight, float* out, int64_t rows, int dim, float eps, int threads);
 void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
 void gelu_tanh_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
@@ -139,7 +140,7 @@ void norm_in_place(float* x, int64_t weight, int64_t rows, int dim, float eps, i
 void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const Rope& rope,
                       const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int hidden,
                       int heads, int kv_heads, int head_dim, int block_size, int max_blocks, float eps, float scale,
-                      int cache_bits, int threads) {
+                      float softcap, int cache_bits, int threads) {
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
     const float* cos = rope.cos[p.rope];
     const float* sin = rope.sin[p.rope];
@@ -160,7 +161,7 @@ void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const
     copy_columns(s.qkv.data(), rows, qkv_width, q_width + kv_width, kv_width, s.v.data());
     decode_attention_f32(s.q.data(), s.k.data(), s.v.data(), reinterpret_cast<void*>(p.k_cache),
                          reinterpret_cast<void*>(p.v_cache), block_tables, lengths, s.attn.data(), rows, heads,
-                         kv_heads, head_dim, block_size, max_blocks, static_cast<int>(p.window), scale, cache_bits,
+                         kv_heads, head_dim, block_size, max_blocks, static_cast<int>(p.window), scale, softcap, cache_bits,
                          threads);
     linear(p.o_proj, s.attn.data(), out, rows, q_width, hidden, threads);
     norm_in_place(out, p.attn_out_norm, rows, hidden, eps, threads);
@@ -188,11 +189,11 @@ extern "C" void layer_attention_branch(const float* x, const int64_t* row, const
                                        const float* cos_local, const float* sin_local, const int32_t* block_tables,
                                        const int32_t* lengths, float* out, int rows, int hidden, int heads,
                                        int kv_heads, int head_dim, int block_size, int max_blocks, float eps,
-                                       float scale, int cache_bits, int threads) {
+                                       float scale, float softcap, int cache_bits, int threads) {
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, 0);
     const Rope rope{{cos, cos_local}, {sin, sin_local}};
     attention_branch(x, *reinterpret_cast<const LayerRow*>(row), s, rope, block_tables, lengths, out, rows, hidden,
-                     heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, cache_bits, threads);
+                     heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, softcap, cache_bits, threads);
 }
 
 extern "C" void layer_ffn_branch(const float* h, const int64_t* row, float* out, int rows, int hidden, int inter,
@@ -221,7 +222,7 @@ double residual_cosine(const float* h, const float* delta, int n) {
 // Every layer of a decode step. x [rows, hidden] fp32, the residual stream, updated in place;
 // layer_rows [layers, 47] (LayerRow); cos, sin [rows, head_dim] and the local table's (the global
 // one again where the model has one); block_tables [rows, max_blocks],
-// lengths [rows] and cache_bits as in decode_attention_f32.
+// lengths [rows], softcap (0: none) and cache_bits as in decode_attention_f32.
 // With max_skips null every FFN runs (skipped may be null too). Otherwise FFN-SkipLLM's rule
 // decides per row (engine/skip/ffn_skipllm.py states it): at hot layer l (first_hot <= l <=
 // last_hot) a row that may still fire (max_skips > 0, not yet fired) fires when cos(h, out) of
@@ -231,8 +232,8 @@ double residual_cosine(const float* h, const float* delta, int n) {
 extern "C" void decode_layers(float* x, const int64_t* layer_rows, int layers, const float* cos, const float* sin,
                               const float* cos_local, const float* sin_local, const int32_t* block_tables,
                               const int32_t* lengths, int rows, int hidden, int heads, int kv_heads, int head_dim,
-                              int inter, int block_size, int max_blocks, float eps, float scale, int cache_bits,
-                              int threads, const int32_t* max_skips, const float* thresholds, int first_hot,
+                              int inter, int block_size, int max_blocks, float eps, float scale, float softcap,
+                              int cache_bits, int threads, const int32_t* max_skips, const float* thresholds, int first_hot,
                               int last_hot, uint8_t* skipped) {
     const LayerRow* rows_of_layers = reinterpret_cast<const LayerRow*>(layer_rows);
     const Rope rope{{cos, cos_local}, {sin, sin_local}};
@@ -247,7 +248,7 @@ extern "C" void decode_layers(float* x, const int64_t* layer_rows, int layers, c
     for (int l = 0; l < layers; ++l) {
         const LayerRow& p = rows_of_layers[l];
         attention_branch(x, p, s, rope, block_tables, lengths, delta.data(), rows, hidden, heads,
-                         kv_heads, head_dim, block_size, max_blocks, eps, scale, cache_bits, threads);
+                         kv_heads, head_dim, block_size, max_blocks, eps, scale, softcap, cache_bits, threads);
         add_into(x, delta.data(), n);  // x is h from here
         const bool hot = l >= first_hot && l <= last_hot;
         run.clear();

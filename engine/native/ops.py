@@ -38,11 +38,11 @@ def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, lengths: torch.Tensor, longest: int, scale: float,
-                     window: int | None) -> torch.Tensor:
+                     window: int | None, softcap: float | None = None) -> torch.Tensor:
     """q: [B, H, D] fp32; k, v: [B, KV, D], the new token's, written at position lengths - 1 of each
     row; caches: [blocks, KV, block_size, D] of one layer (fp32 or fp16); block_tables: [B, max blocks] int32;
     lengths: [B] int32, every length >= 1 (position + 1); longest: max(lengths), checked against the
-    table -> [B, H*D]."""
+    table; softcap: scores squashed to softcap * tanh(s / softcap) (Gemma 2) -> [B, H*D]."""
     rows, heads, dim = q.shape
     block_size = k_cache.shape[2]
     check_decode_lengths(longest, block_tables, block_size)
@@ -57,7 +57,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     kernels().decode_attention_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         lengths.data_ptr(), out.data_ptr(), rows, heads, k_cache.shape[1], dim, block_size, block_tables.shape[1],
-        window or 0, scale, cache_bits(k_cache), torch.get_num_threads())
+        window or 0, scale, softcap or 0.0, cache_bits(k_cache), torch.get_num_threads())
     return out
 
 

@@ -1,5 +1,5 @@
-"""Decode steps on native layer calls (engine/native/decode_layers.cpp), for Llama-family, Qwen3
-and Gemma 3 layers.
+"""Decode steps on native layer calls (engine/native/decode_layers.cpp), for Llama-family, Qwen3,
+Gemma 2 and Gemma 3 layers.
 
 For models whose layers are of a kind the native step knows (`LAYER_KINDS`) with every projection
 on native kernels (the dense GEMMs or the quantized GEMM; one layer's projections may mix them, and
@@ -32,6 +32,7 @@ LAYER_KINDS = {
     "llama": (SILU, ("input_norm", None, "post_attn_norm", None, None, None)),
     "qwen3": (SILU, ("input_norm", None, "post_attn_norm", None, "q_norm", "k_norm")),
     "gemma3": (GELU_TANH, ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "q_norm", "k_norm")),
+    "gemma2": (GELU_TANH, ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", None, None)),
 }
 
 
@@ -78,7 +79,7 @@ class FusedDecode:
         self.cfg, self.kv = model.cfg, kv
         self.ropes = [model.ropes["global"], model.ropes.get("local", model.ropes["global"])]
         layers = model.layers
-        self.scale = layers[0].scale
+        self.scale, self.softcap = layers[0].scale, layers[0].softcap or 0.0
         self.part_tables: list[torch.Tensor] = []  # the table points to these (projections in parts)
         self.table = torch.tensor([layer_row(layer, kv.k[i], kv.v[i], self.part_tables)
                                    for i, layer in enumerate(layers)], dtype=torch.int64)
@@ -87,14 +88,14 @@ class FusedDecode:
 
     @staticmethod
     def fits(model, kv) -> bool:
-        """Layers of the kinds the native step knows, one attention scale, fp32 activations, a cache
+        """Layers of the kinds the native step knows, one attention scale and cap, fp32 activations, a cache
         the native attention reads (fp32, or fp16 where built), every projection on a native kernel."""
         layers = model.layers
         if not all(layer.kind in LAYER_KINDS for layer in layers):  # (a mixture of experts has no gate_up)
             return False
         linears = [lin for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         return (model.act_dtype == torch.float32 and kv.k.dtype in cache_dtypes()
-                and len({layer.scale for layer in layers}) == 1
+                and len({(layer.scale, layer.softcap) for layer in layers}) == 1
                 and all(weight_ref(lin) is not None for lin in linears))
 
     def __call__(self, x: torch.Tensor, meta, gate) -> torch.Tensor:
@@ -126,7 +127,7 @@ class FusedDecode:
             x.data_ptr(), self._row(layer), cos.data_ptr(), sin.data_ptr(), cos_local.data_ptr(), sin_local.data_ptr(),
             block_tables.data_ptr(), lengths.data_ptr(), out.data_ptr(), x.shape[0], cfg.hidden_size, cfg.num_heads,
             cfg.num_kv_heads, cfg.head_dim, self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, self.scale,
-            cache_bits(self.kv.k), torch.get_num_threads())
+            self.softcap, cache_bits(self.kv.k), torch.get_num_threads())
         return out
 
     def ffn_branch(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -160,8 +161,8 @@ class FusedDecode:
             x.data_ptr(), self.table.data_ptr(), len(self.layers), cos.data_ptr(), sin.data_ptr(),
             cos_local.data_ptr(), sin_local.data_ptr(), block_tables.data_ptr(), lengths.data_ptr(), rows,
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-            self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, self.scale, cache_bits(self.kv.k),
-            torch.get_num_threads(),
+            self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, self.scale, self.softcap,
+            cache_bits(self.kv.k), torch.get_num_threads(),
             _address(max_skips), _address(thresholds), first_hot, last_hot, _address(skipped))
         if gate is not None:
             gate.count_with(StepSkips(skipped.bool()))
