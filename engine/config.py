@@ -48,6 +48,15 @@ class ModelConfig:
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             raise ValueError(f"the model's {self.num_heads} attention heads are not a multiple of its "
                              f"{self.num_kv_heads} key/value heads")
+        if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} of {self.head_dim}-wide heads "
+                             "does not rotate an even number of dimensions")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dimensions of each q and k head that the rotary embedding turns (all of them
+        but for Phi-4-mini's 0.75); the rest pass through."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":

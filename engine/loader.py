@@ -196,7 +196,7 @@ def complete_config(config, gguf) -> None:
         config.moe_intermediate_size = expert_width
     rotated, width = fields.get(f"{arch}.rope.dimension_count"), getattr(config, "head_dim", None) or \
         config.hidden_size // config.num_attention_heads
-    if rotated and rotated != width:  # part of each head rotated (Phi-4-mini): named at start
+    if rotated and rotated != width:  # part of each head rotated (Phi-4-mini)
         config.partial_rotary_factor = rotated / width
         if isinstance(getattr(config, "rope_parameters", None), dict):  # where transformers 5 reads it
             config.rope_parameters["partial_rotary_factor"] = rotated / width

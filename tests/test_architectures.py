@@ -1,6 +1,7 @@
 """GGUFs of other architectures than the embedded models', as llama.cpp users bring them: Qwen3
 (per-head q/k norms, 128-wide heads, a tied embedding), Qwen2 (q/k/v biases, its own lm_head),
-Phi-3.5 (fused projections, longrope) and Gemma 2 (soft-capped attention and logits, sliding windows),
+Phi-3.5 (fused projections, longrope), Phi-4-mini (Phi-3.5's layout, grouped kv heads, the leading 3/4
+of each head rotated) and Gemma 2 (soft-capped attention and logits, sliding windows),
 small files with random weights (tests/tiny_gguf.py) whose projections mix quantized formats
 within one matrix product, as llama.cpp's Q4_K_M does. transformers' model on the same file,
 dequantized, is the reference: the engine's fp32 logits and greedy text equal its, the quantized
@@ -27,7 +28,7 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("architectures")
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen2", "phi3", "gemma2"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen2", "phi3", "phi4", "gemma2"])
 def gguf(request, cache_dir):
     from engine.loader import embedded_gguf
 
@@ -72,18 +73,22 @@ def test_quantized_engine_reads_the_file_alone_and_its_weights_equal_the_dense_c
     assert ensure_hf_dir(str(gguf), str(cache_dir)) == dense.hf_dir  # the fp32 engine's folder has them
     weights, _ = assert_gguf_weights_equal_the_dense_conversion(gguf, dense.hf_dir)
     extra = {"qwen3": "model.layers.0.self_attn.k_norm.weight", "qwen2": "model.layers.0.self_attn.v_proj.bias",
-             "phi3": "model.layers.0.mlp.gate_up_proj.weight",
+             "phi3": "model.layers.0.mlp.gate_up_proj.weight", "phi4": "model.layers.0.self_attn.qkv_proj.weight",
              "gemma2": "model.layers.0.post_feedforward_layernorm.weight"}
     assert extra[gguf.stem] in weights
 
 
 def test_fp32_logits_and_greedy_text_equal_hf(dense, hf_model, prompts, gguf):
-    expected = {"qwen3": "Qwen3Model", "qwen2": "LlamaModel", "phi3": "Phi3Model", "gemma2": "Gemma2Model"}[gguf.stem]
+    expected = {"qwen3": "Qwen3Model", "qwen2": "LlamaModel", "phi3": "Phi3Model", "phi4": "Phi3Model",
+                "gemma2": "Gemma2Model"}[gguf.stem]
     assert type(dense.runner.model).__name__ == expected
-    if gguf.stem == "phi3":  # longrope's short factors and attention scale, in both models
+    if gguf.stem in ("phi3", "phi4"):  # longrope's short factors and attention scale, in both models
         assert dense.runner.model.cfg.rope_scaling["rope_type"] == "longrope"
         assert hf_model.config.rope_parameters["rope_type"] == "longrope"
         assert dense.runner.model.ropes["global"].cos[0, 0].item() > 1.1
+    if gguf.stem == "phi4":  # the leading 24 of 32 dimensions rotated, in both models, in the native step
+        assert dense.runner.model.cfg.rotary_dim == 24 and hf_model.model.rotary_emb.inv_freq.numel() == 12
+        assert dense.runner.model.fused_decode is not None
     if gguf.stem == "gemma2":  # the file's caps and window, in both models (small enough here to bind)
         cfg = dense.runner.model.cfg
         assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping, cfg.sliding_window) == (*GEMMA2_CAPS, GEMMA2_WINDOW)
@@ -188,15 +193,6 @@ def _read_config(raw: dict):
         return ModelConfig.from_hf_dir(tmp)
 
 
-def test_a_model_that_rotates_part_of_each_head_is_refused_by_name():
-    from engine.models import check_architecture
-
-    config = _read_config(dict(model_type="phi3", vocab_size=100, hidden_size=128, intermediate_size=256,
-                               num_hidden_layers=1, num_attention_heads=4, partial_rotary_factor=0.75))
-    with pytest.raises(ValueError, match="partial_rotary_factor 0.75"):
-        check_architecture(config)
-
-
 def test_end_of_turn_tokens_end_generations():
     """The GGUF's eot id and its special tokens spelled as chat turns end (llama.cpp's end-of-
     generation set) join the config's eos: Phi-3's files say <|endoftext|>, its turns end <|end|>."""
@@ -213,9 +209,9 @@ def test_end_of_turn_tokens_end_generations():
     assert end_of_generation_ids({}, Tok(), [7, 5]) == [7, 5]
 
 
-def test_a_gguf_that_rotates_part_of_each_head_or_mixes_dense_layers_into_experts_is_refused():
+def test_a_gguf_that_rotates_part_of_each_head_says_so_by_its_rotary_width():
     """Phi-4-mini's file says so by its rotary width (transformers' config does not): the config
-    written from it carries the share, and the check refuses it before any weight is read."""
+    written from it carries the share, and the engine's config the rotated width."""
     import json
     import tempfile
     from pathlib import Path
@@ -232,8 +228,16 @@ def test_a_gguf_that_rotates_part_of_each_head_or_mixes_dense_layers_into_expert
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
         raw = json.loads((Path(tmp) / "config.json").read_text())
-    with pytest.raises(ValueError, match="partial_rotary_factor 0.75"):
-        check_architecture(_read_config(raw))
+    ours = _read_config(raw)
+    check_architecture(ours)
+    assert (ours.partial_rotary_factor, ours.rotary_dim, ours.head_dim) == (0.75, 96, 128)
+    with pytest.raises(ValueError, match="even number"):
+        _read_config({**raw, "partial_rotary_factor": 0.7, "rope_parameters": {}})
+
+
+def test_a_mixture_of_experts_with_dense_layers_is_refused():
+    from engine.models import check_architecture
+
     moe = dict(model_type="qwen3_moe", vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                num_attention_heads=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
     check_architecture(_read_config(moe))

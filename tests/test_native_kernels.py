@@ -205,19 +205,23 @@ def test_gelu_tanh_mul_matches_torch(cpu_ops, rows, inter):
     assert torch.isfinite(ours).all()
 
 
-@pytest.mark.parametrize("heads, dim", [(9 + 3, 64), (4, 256)])
-def test_rope_in_place_matches_torch(cpu_ops, heads, dim):
-    """On a q|k view of a wider qkv row, as the models call it; positions anywhere in the table."""
+@pytest.mark.parametrize("heads, dim, turned", [(9 + 3, 64, 64), (4, 256, 256), (6, 32, 24), (3, 128, 96)])
+def test_rope_in_place_matches_torch(cpu_ops, heads, dim, turned):
+    """On a q|k view of a wider qkv row, as the models call it; positions anywhere in the table;
+    tables narrower than a head (Phi-4-mini's) turn its leading dimensions, the torch path's too."""
+    from engine.backends.torch_backend import TorchBackend
     from engine.models.rope import RotaryEmbedding
 
     gen = torch.Generator().manual_seed(dim)
-    rope = RotaryEmbedding(dim, 10000.0, None, 512, "cpu", torch.float32)
+    rope = RotaryEmbedding(turned, 10000.0, None, 512, "cpu", torch.float32)
     cos, sin = rope(torch.tensor([0, 5, 511, 77]))
     qkv = torch.randn(4, (heads + 2) * dim, generator=gen)
     x = qkv[:, :heads * dim].view(4, heads, dim)
-    half = dim // 2
-    ref = x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin  # HF's rotate_half
+    half, lead = turned // 2, x[..., :turned]
+    ref = torch.cat([lead * cos + torch.cat([-lead[..., half:], lead[..., :half]], dim=-1) * sin,  # HF's rotate_half
+                     x[..., turned:]], dim=-1)
     tail = qkv[:, heads * dim:].clone()
+    torch.testing.assert_close(TorchBackend().rotary(x, cos, sin), ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cpu_ops.rotary(x, cos, sin), ref, rtol=1e-6, atol=1e-6)
     assert torch.equal(qkv[:, heads * dim:], tail)  # v untouched
 

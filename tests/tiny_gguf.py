@@ -1,5 +1,5 @@
-"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2, Phi-3.5, Gemma 2), random weights, written as
-llama.cpp's converter lays them out (tensor names, metadata), quantized
+"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2, Phi-3.5, Phi-4-mini, Gemma 2),
+random weights, written as llama.cpp's converter lays them out (tensor names, metadata), quantized
 with gguf-py's own quantizers, the tokenizer copied from the embedded SmolLM2 GGUF. No model file
 of these architectures ships with the product; transformers reads these files as it reads real ones,
 so its model on the dequantized weights is the reference the engine is held to."""
@@ -20,6 +20,9 @@ SHAPES = {
     "qwen2": dict(hidden=128, heads=4, kv_heads=2, head_dim=32, bias=True, qk_norm=False, tied=False),
     "phi3": dict(hidden=128, heads=4, kv_heads=4, head_dim=32, bias=False, qk_norm=False, tied=False, fused=True,
                  longrope=True),
+    # Phi-4-mini: Phi-3's layout with grouped kv heads, rotating the leading 3/4 of each head
+    "phi4": dict(arch="phi3", hidden=128, heads=4, kv_heads=2, head_dim=32, rotary=24, bias=False, qk_norm=False,
+                 tied=False, fused=True, longrope=True),
     # Qwen3-MoE: Qwen3's attention, a router and EXPERTS SwiGLU experts of EXPERT_FFN a layer, USED a token
     "qwen3moe": dict(hidden=128, heads=2, kv_heads=1, head_dim=128, bias=False, qk_norm=True, tied=True, moe=True),
     # (seed 1: seed 0's greedy text for the short prompt has few clear argmaxes for the quantized test)
@@ -44,7 +47,7 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     source = GGUFReader(str(tokenizer_gguf))
     vocab = len(source.fields["tokenizer.ggml.tokens"].data)
 
-    writer = GGUFWriter(str(path), arch)
+    writer = GGUFWriter(str(path), shape.get("arch", arch))
     writer.add_block_count(LAYERS)
     writer.add_context_length(CONTEXT if shape.get("longrope") else 4096)
     writer.add_embedding_length(hidden)
@@ -53,7 +56,8 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     writer.add_head_count_kv(kv_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    rotary = shape.get("rotary", head_dim)
+    writer.add_rope_dimension_count(rotary)
     writer.add_rope_freq_base(1_000_000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(vocab)
@@ -83,8 +87,8 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     if not shape["tied"]:
         matrix("output.weight", vocab, hidden, hidden ** -0.5)
     if shape.get("longrope"):
-        writer.add_tensor("rope_factors_short.weight", rng.uniform(1.0, 3.0, head_dim // 2).astype(np.float32))
-        writer.add_tensor("rope_factors_long.weight", rng.uniform(1.0, 40.0, head_dim // 2).astype(np.float32))
+        writer.add_tensor("rope_factors_short.weight", rng.uniform(1.0, 3.0, rotary // 2).astype(np.float32))
+        writer.add_tensor("rope_factors_long.weight", rng.uniform(1.0, 40.0, rotary // 2).astype(np.float32))
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     for i in range(LAYERS):
         blk = f"blk.{i}."

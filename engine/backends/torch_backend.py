@@ -72,7 +72,11 @@ class TorchBackend:
         return F.gelu(gate, approximate="tanh") * up
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [N, H, D]; cos, sin: [N, 1, D] (HF's rotate_half layout)."""
+        """x: [N, H, D]; cos, sin: [N, 1, R] (HF's rotate_half layout over each head's leading
+        R <= D dimensions; the others pass through: Phi-4-mini's partial rotary)."""
+        width = cos.shape[-1]
+        if width < x.shape[-1]:
+            return torch.cat([self.rotary(x[..., :width], cos, sin), x[..., width:]], dim=-1)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin

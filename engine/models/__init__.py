@@ -20,9 +20,6 @@ def check_architecture(config: ModelConfig) -> None:
     if config.moe_dense_layers:
         raise ValueError(f"{config.model_type!r} with dense layers among its experts' (mlp_only_layers, "
                          "decoder_sparse_step) is not supported")
-    if config.partial_rotary_factor != 1.0:
-        raise ValueError(f"{config.model_type!r} with partial_rotary_factor {config.partial_rotary_factor}: "
-                         "rotary embeddings over part of each head are not supported")
 
 
 def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, ops):

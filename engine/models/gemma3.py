@@ -75,7 +75,7 @@ class Gemma3Model(LlamaModel):
         self.norm = weights["model.norm.weight"].to(device=device, dtype=torch.float32) + 1.0
         self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=self.act_dtype)
         if self.layer_class.local_rope:
-            self.ropes["local"] = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta or 10000.0, None, max_len, device,
+            self.ropes["local"] = RotaryEmbedding(cfg.rotary_dim, cfg.rope_local_theta or 10000.0, None, max_len, device,
                                                   self.act_dtype)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

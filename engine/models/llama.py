@@ -99,7 +99,7 @@ class LlamaModel:
         self.norm = weights["model.norm.weight"].to(device=device, dtype=act)
         self.layers = [self.layer_class(cfg, weights, f"model.layers.{i}.", device, dtype, act, i, ops)
                        for i in range(cfg.num_layers)]
-        self.ropes = {"global": RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len, device, act)}
+        self.ropes = {"global": RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, max_len, device, act)}
         self.fused_decode = None  # the backend's whole-step decode path, set by the runner where it has one
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

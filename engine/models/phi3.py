@@ -1,8 +1,8 @@
-"""Phi-3 (Phi-3-mini, Phi-3.5-mini, Phi-3-medium): the Llama layout with q|k|v and gate|up stored
-fused (`qkv_proj`, `gate_up_proj`: the row blocks the Llama layer fuses anyway), a sliding window
-where the config sets one, and longrope scaling (engine/models/rope.py) in the long-context
-versions. Models that rotate part of each head (Phi-4-mini) are refused at load
-(`check_architecture`)."""
+"""Phi-3 (Phi-3-mini, Phi-3.5-mini, Phi-3-medium, Phi-4-mini): the Llama layout with q|k|v and
+gate|up stored fused (`qkv_proj`, `gate_up_proj`: the row blocks the Llama layer fuses anyway), a
+sliding window where the config sets one, and longrope scaling (engine/models/rope.py) in the
+long-context versions. Phi-4-mini rotates the leading 3/4 of each head (`partial_rotary_factor`:
+the model's rotary tables are that wide, and the backends' rotary turns that many dimensions)."""
 from __future__ import annotations
 
 from engine.config import ModelConfig

@@ -50,8 +50,10 @@ def attention_factor(scaling: dict | None) -> float:
 
 
 class RotaryEmbedding:
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_len: int, device, dtype):
-        inv_freq = inverse_frequencies(head_dim, theta, scaling, max_len).float()
+    """cos and sin tables [max_len, rotary_dim] (the rotated width: a head's, or its leading part)."""
+
+    def __init__(self, rotary_dim: int, theta: float, scaling: dict | None, max_len: int, device, dtype):
+        inv_freq = inverse_frequencies(rotary_dim, theta, scaling, max_len).float()
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         scale = attention_factor(scaling)

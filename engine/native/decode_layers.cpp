@@ -64,13 +64,14 @@ struct LayerRow {
     int64_t activation;
     int64_t window;  // sliding-window span; 0: full attention
     int64_t rope;    // which rotary table: 0 global, 1 local
+    int64_t rotary_dim;  // each q and k head's leading dimensions the tables turn (head_dim: all)
     int64_t attn_norm, attn_out_norm, ffn_norm, ffn_out_norm, q_norm, k_norm;  // fp32 [hidden] / [head_dim]
     int64_t k_cache, v_cache;
     WeightRef qkv, o_proj, gate_up, down;
 };
-static_assert(sizeof(LayerRow) == 47 * sizeof(int64_t), "fused_decode.py's table width");
+static_assert(sizeof(LayerRow) == 48 * sizeof(int64_t), "fused_decode.py's table width");
 
-// The step's rotary tables, [rows, head_dim] each: global, and local (sliding-window layers; the
+// The step's rotary tables, [rows, rotary_dim] each: global, and local (sliding-window layers; the
 // global one again for models with one table).
 struct Rope {
     const float* cos[2];
@@ -144,6 +145,7 @@ void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
     const float* cos = rope.cos[p.rope];
     const float* sin = rope.sin[p.rope];
+    const int turned = static_cast<int>(p.rotary_dim);
     rms_norm_f32(x, ptr<float>(p.attn_norm), s.normed.data(), rows, hidden, eps, threads);
     linear(p.qkv, s.normed.data(), s.qkv.data(), rows, hidden, qkv_width, threads);
     if (p.q_norm) {  // per-head norms before the rotation: q and k apart
@@ -151,10 +153,10 @@ void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const
         copy_columns(s.qkv.data(), rows, qkv_width, q_width, kv_width, s.k.data());
         norm_in_place(s.q.data(), p.q_norm, static_cast<int64_t>(rows) * heads, head_dim, eps, threads);
         norm_in_place(s.k.data(), p.k_norm, static_cast<int64_t>(rows) * kv_heads, head_dim, eps, threads);
-        rope_f32(s.q.data(), cos, sin, rows, heads, head_dim, q_width, head_dim, threads);
-        rope_f32(s.k.data(), cos, sin, rows, kv_heads, head_dim, kv_width, head_dim, threads);
+        rope_f32(s.q.data(), cos, sin, rows, heads, turned, q_width, head_dim, threads);
+        rope_f32(s.k.data(), cos, sin, rows, kv_heads, turned, kv_width, head_dim, threads);
     } else {  // q and k rotated in one pass over the qkv output
-        rope_f32(s.qkv.data(), cos, sin, rows, heads + kv_heads, head_dim, qkv_width, head_dim, threads);
+        rope_f32(s.qkv.data(), cos, sin, rows, heads + kv_heads, turned, qkv_width, head_dim, threads);
         copy_columns(s.qkv.data(), rows, qkv_width, 0, q_width, s.q.data());
         copy_columns(s.qkv.data(), rows, qkv_width, q_width, kv_width, s.k.data());
     }
@@ -220,7 +222,7 @@ double residual_cosine(const float* h, const float* delta, int n) {
 }  // namespace
 
 // Every layer of a decode step. x [rows, hidden] fp32, the residual stream, updated in place;
-// layer_rows [layers, 47] (LayerRow); cos, sin [rows, head_dim] and the local table's (the global
+// layer_rows [layers, 48] (LayerRow); cos, sin [rows, rotary_dim] and the local table's (the global
 // one again where the model has one); block_tables [rows, max_blocks],
 // lengths [rows], softcap (0: none) and cache_bits as in decode_attention_f32.
 // With max_skips null every FFN runs (skipped may be null too). Otherwise FFN-SkipLLM's rule

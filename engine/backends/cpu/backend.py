@@ -37,9 +37,11 @@ class CPUBackend(TorchBackend):
         return super().gelu_tanh_mul(gate_up)
 
     def rotary(self, x, cos, sin):
-        """In place on the native path: callers pass a fresh projection output and use the result."""
+        """In place on the native path: callers pass a fresh projection output and use the result.
+        Tables narrower than a head turn its leading dimensions only."""
         if self.native and x.dtype == torch.float32 and x.stride(-1) == 1:
-            return native_ops.rope_(x, cos[:, 0], sin[:, 0])
+            native_ops.rope_(x[..., :cos.shape[-1]], cos[:, 0], sin[:, 0])
+            return x
         return super().rotary(x, cos, sin)
 
     def fused_decode(self, model, kv):

@@ -24,7 +24,7 @@ from engine.native.ops import cache_bits, cache_dtypes, check_decode_lengths
 from engine.skip.base import RuleGate
 
 DENSE, QUANTIZED, PARTS = 0, 1, 2  # decode_layers.cpp's WeightRef kinds
-LAYER_COLUMNS = 11  # a LayerRow's columns before its WeightRefs
+LAYER_COLUMNS = 12  # a LayerRow's columns before its WeightRefs
 SILU, GELU_TANH = 0, 1  # its LayerRow activations
 # per layer kind: the activation, and the layer's norms by their role in a LayerRow (attention
 # input, attention output, FFN input, FFN output, per-head q and k); None: the kind has no such norm
@@ -41,10 +41,10 @@ def _address(t: torch.Tensor | None) -> int:
 
 
 def layer_row(layer, k_cache: torch.Tensor, v_cache: torch.Tensor, keep: list) -> list[int]:
-    """decode_layers.cpp's LayerRow of a layer: activation, window, rotary table, the six norms,
+    """decode_layers.cpp's LayerRow of a layer: activation, window, rotary table and width, the six norms,
     the caches, then the projections' WeightRefs (`keep` holds the tables they point to)."""
     activation, norms = LAYER_KINDS[layer.kind]
-    head = ([activation, layer.window or 0, int(layer.rope_kind == "local")]
+    head = ([activation, layer.window or 0, int(layer.rope_kind == "local"), layer.cfg.rotary_dim]
             + [_address(getattr(layer, name) if name else None) for name in norms]
             + [k_cache.data_ptr(), v_cache.data_ptr()])
     assert len(head) == LAYER_COLUMNS

@@ -75,13 +75,14 @@ class LlamaDecodeStep:
 
     @staticmethod
     def fits(model, kv) -> bool:
-        """Llama or Qwen3 layers (full attention) with dense weights in the activations' dtype, and
-        a KV cache in that dtype too."""
+        """Llama or Qwen3 layers (full attention, whole heads rotated) with dense weights in the
+        activations' dtype, and a KV cache in that dtype too."""
         act = model.act_dtype
         if not all(layer.kind in ("llama", "qwen3") and layer.window is None for layer in model.layers):
             return False
         linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         return (isinstance(model.embed, torch.Tensor) and kv.k.dtype == act and model.cfg.head_dim % 2 == 0
+                and model.cfg.rotary_dim == model.cfg.head_dim  # (its rotary kernel turns whole heads)
                 and all(isinstance(lin, PlainLinear) and lin.dtype == act and lin.weight.is_contiguous()
                         for lin in linears))
 
