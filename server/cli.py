@@ -88,9 +88,10 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default="auto",
                    help="how the model is shown tools and writes calls: hermes (the chat template renders the tools, "
                         "calls come in <tool_call> tags: Qwen2.5, Qwen3, Hermes), llama3_json (the template renders "
-                        "them, a call is {\"name\", \"parameters\"} JSON: Llama 3.1-3.3), json (a system message lists "
-                        "the tools, a call is {\"name\", \"arguments\"} JSON), auto (the format the template asks "
-                        "for, else json) (default: auto)")
+                        "them, a call is {\"name\", \"parameters\"} JSON: Llama 3.1-3.3), mistral (the template "
+                        "renders them, calls follow [TOOL_CALLS]: Mistral 7B v0.3, Nemo, Small), json (a system "
+                        "message lists the tools, a call is {\"name\", \"arguments\"} JSON), auto (the format the "
+                        "template asks for, else json) (default: auto)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels (default: the CPUs in the affinity mask, "
                         "capped at a container's CPU quota; OMP_NUM_THREADS when set)")
     m.add_argument("--enforce-eager", action="store_true", default=None,

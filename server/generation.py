@@ -105,7 +105,8 @@ async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOp
         else state.tool_call_parser
     if use.native:  # the template shows the tools and the history's calls and results itself
         tools = template_tools.template_tools(use.tools) if use.tools else None
-        return await asyncio.to_thread(tokenizer.encode_chat, template_tools.template_messages(messages), options, tools)
+        shown = template_tools.template_messages(messages, use.format)
+        return await asyncio.to_thread(tokenizer.encode_chat, shown, options, tools)
     rendered = render_messages(messages, use.tools, use.parallel, use.listed)
     return await asyncio.to_thread(tokenizer.encode_chat, rendered, options)
 

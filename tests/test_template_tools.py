@@ -1,8 +1,10 @@
-"""Tool calls in the template's own format (server/template_tools.py), for the two formats:
+"""Tool calls in the template's own format (server/template_tools.py), for the three formats:
 hermes (tests/data/hermes_template.jinja, as Qwen2.5's: tools listed in the system turn, calls in
-<tool_call> tags, results in <tool_response>) and llama3_json (tests/data/llama3_template.jinja:
-Llama 3.1's instruction, tools in the first user turn and calls as {"name", "parameters"} JSON,
-in ChatML turns, which the embedded model follows better than Llama's header tokens, text to it).
+<tool_call> tags, results in <tool_response>), llama3_json (tests/data/llama3_template.jinja:
+Llama 3.1's instruction, tools in the first user turn and calls as {"name", "parameters"} JSON)
+and mistral (tests/data/mistral_template.jinja: [AVAILABLE_TOOLS], [TOOL_CALLS] and a list, and
+9-character call ids or an error), in ChatML turns, which the embedded model follows better than
+the models' own header tokens, text to it.
 Given with --chat-template, each is recognised (--tool-call-parser auto); the embedded model,
 shown a history of such calls rendered by the template, answers a new question with a call of its
 own, which comes back as tool_calls, streamed or not, through chat and the Responses API."""
@@ -14,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server import hermes_tools, llama3_tools, template_tools
+from server import hermes_tools, llama3_tools, mistral_tools, template_tools
 from tests.conftest import MODEL, ServerProcess
 
 DATA = Path(__file__).parent / "data"
@@ -22,6 +24,7 @@ TEMPLATE = DATA / "hermes_template.jinja"
 WEATHER = {"name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 TOOLS = [{"type": "function", "function": WEATHER}]
+ANSWER = 64  # tokens a call may take (Mistral's writes an id of 9 characters too)
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
 
 
@@ -65,6 +68,30 @@ def test_llama3_answers_that_are_a_calls_json_are_calls():
     assert llama3_tools.sendable("<|py") == 0 and llama3_tools.sendable("") == 0
 
 
+def test_mistral_answers_after_the_tag_or_that_are_a_list_of_calls_are_calls():
+    """[TOOL_CALLS] is a control token the answer's text drops: a list of calls alone is calls; where
+    the tag shows, the text before it is content; the later `name[ARGS]{...}` form is taken too."""
+    listed = '[{"name": "get_weather", "arguments": {"city": "Oslo"}, "id": "a1b2c3d4e"}]'
+    for text in (listed, " [TOOL_CALLS] " + listed, '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}',
+                 '{"name": "get_weather", "arguments": {"city": "Oslo"}}'):
+        content, calls = mistral_tools.parse(text, [WEATHER], True)
+        assert content is None and [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Oslo"}]
+    content, calls = mistral_tools.parse("Let me look. [TOOL_CALLS]" + listed[:-1] + ", " + listed[1:], [WEATHER], True)
+    assert content == "Let me look." and len(calls) == 2
+    two = '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}'
+    assert len(mistral_tools.parse(two, [WEATHER], True)[1]) == 2 and mistral_tools.parse(two, [WEATHER], False) is None
+    for text in ("[1, 2]", "[see above]", listed.replace("get_weather", "get_time"), "It is sunny.", listed + " ok",
+                 '[{"name": ["get_weather"], "arguments": {}}]', '[TOOL_CALLS]get_weather[ARGS]{"city": NaN}'):
+        assert mistral_tools.parse(text, [WEATHER], True) is None, text
+    assert mistral_tools.sendable("It is") == 5 and mistral_tools.sendable(" [") == 0
+    assert mistral_tools.sendable("Sure. [TOOL") == 5 and mistral_tools.sendable("Sure.\n[TOOL_CALLS][") == 5
+    assert mistral_tools.sendable("") == 0 and mistral_tools.sendable("{") == 0
+    ids = {mistral_tools.call_id(i) for i in ("call_0", "call_1", "call_" + "f" * 24)}
+    assert len(ids) == 3 and all(len(i) == 9 and i.isalnum() for i in ids)
+    assert mistral_tools.call_id("call_0") == mistral_tools.call_id("call_0")
+    assert mistral_tools.call_id("a1b2c3d4e") == "a1b2c3d4e"
+
+
 def test_the_template_gets_the_calls_arguments_as_objects():
     messages = [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
@@ -74,11 +101,15 @@ def test_the_template_gets_the_calls_arguments_as_objects():
     assert shown[1] == messages[1] and messages[0]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'
     assert template_tools.detect(TEMPLATE.read_text()) == "hermes" and template_tools.detect("{{ messages }}") == "json"
     assert template_tools.detect((DATA / "llama3_template.jinja").read_text()) == "llama3_json"
+    assert template_tools.detect((DATA / "mistral_template.jinja").read_text()) == "mistral"
+    shown = template_tools.template_messages(messages, "mistral")  # ids as Mistral's templates take them
+    assert shown[0]["tool_calls"][0]["id"] == shown[1]["tool_call_id"] == mistral_tools.call_id("call_1")
 
 
 FORMATS = {  # template -> what the history's calls look like in the prompt, what the model's answer opens with
     "hermes": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Vienna"}}\n</tool_call>', "<tool_call>"),
     "llama3_json": ('{"name": "get_weather", "parameters": {"city": "Vienna"}}', '{"name": "get_weather"'),
+    "mistral": ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Vienna"}, "id": "', '[TOOL_CALLS] ['),
 }
 
 
@@ -113,19 +144,20 @@ def test_a_call_in_the_templates_format_comes_back_as_tool_calls(template_server
     # the template's own rendering: the tools, earlier calls and results as it shows them
     assert shown in text and '"description": "Current weather in a city"' in text
     assert "You can call these tools" not in text  # not server/tool_calls.py's listing
-    raw = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 40,
+    raw = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": ANSWER,
                                                     "temperature": 0}, timeout=60).json()["choices"][0]["text"]
     assert raw.startswith(opening)  # the model answers in the template's format
     parser = template_tools.FORMATS[template_server.format]
     expected = json.loads(parser.parse(raw, [WEATHER], True)[1][0]["function"]["arguments"])
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    reply = client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=40, temperature=0)
+    reply = client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=ANSWER,
+                                           temperature=0)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert [json.loads(c.function.arguments) for c in choice.message.tool_calls] == [expected]
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=40,
+    chunks = list(client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=ANSWER,
                                                  temperature=0, stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert not any(d.content for d in deltas)  # nothing of the block went out as content
@@ -139,7 +171,7 @@ def test_a_call_in_the_templates_format_comes_back_as_tool_calls(template_server
     follow = client.chat.completions.create(model=MODEL, messages=again, tools=TOOLS, max_tokens=8, temperature=0)
     assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
-    forced = client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=40,
+    forced = client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=ANSWER,
                                             temperature=0, tool_choice="required")  # the grammar's JSON, no tags
     assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
 
@@ -158,10 +190,10 @@ def test_the_responses_api_returns_the_templates_calls_as_function_call_items(te
             items.append({"type": "function_call_output", "call_id": m["tool_call_id"], "output": m["content"]})
         else:
             items.append(m)
-    response = client.responses.create(model=MODEL, input=items, tools=tools, max_output_tokens=40, temperature=0)
+    response = client.responses.create(model=MODEL, input=items, tools=tools, max_output_tokens=ANSWER, temperature=0)
     assert [item.type for item in response.output] == ["function_call"]
     assert json.loads(response.output[0].arguments) == {"city": "Berlin"}
-    with client.responses.stream(model=MODEL, input=items, tools=tools, max_output_tokens=40,
+    with client.responses.stream(model=MODEL, input=items, tools=tools, max_output_tokens=ANSWER,
                                  temperature=0) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_response()
