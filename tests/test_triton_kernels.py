@@ -47,11 +47,13 @@ def gathered(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return got.transpose(1, 2).reshape(rows, kv, m * bs, d)
 
 
-def reference_attention(q, k_cache, v_cache, tables, lens, scale, window):
+def reference_attention(q, k_cache, v_cache, tables, lens, scale, window, softcap=None):
     rows, heads, dim = q.shape
     num_kv = k_cache.shape[1]
     keys, values = gathered(k_cache, tables), gathered(v_cache, tables)
     scores = torch.matmul(q.float().view(rows, num_kv, heads // num_kv, dim), keys.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     pos = torch.arange(keys.shape[2], device=q.device)[None, :]
     lens = lens.long()[:, None]
     blocked = pos >= lens
@@ -62,13 +64,15 @@ def reference_attention(q, k_cache, v_cache, tables, lens, scale, window):
     return torch.where(lens > 0, out, 0.0)  # a row with no context (padding) gives zeros
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,lens,window,splits,dtype", [
-    (8, 8, 64, [1, 17, 40], None, None, torch.float32),  # group 1 (MHA), one split
-    (9, 3, 80, [33, 5, 0], 7, 3, torch.float32),  # group 3, head_dim 80, sliding window, padded row
-    (8, 2, 128, [70, 16], None, 4, torch.bfloat16),  # group 4, several splits and tiles per split
-    (8, 1, 64, [97, 50, 3], 40, 2, torch.bfloat16),  # group 8, window cutting through splits
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lens,window,splits,dtype,softcap", [
+    (8, 8, 64, [1, 17, 40], None, None, torch.float32, None),  # group 1 (MHA), one split
+    (9, 3, 80, [33, 5, 0], 7, 3, torch.float32, None),  # group 3, head_dim 80, sliding window, padded row
+    (8, 2, 128, [70, 16], None, 4, torch.bfloat16, None),  # group 4, several splits and tiles per split
+    (8, 1, 64, [97, 50, 3], 40, 2, torch.bfloat16, None),  # group 8, window cutting through splits
+    (8, 2, 256, [45, 9, 0], 16, 2, torch.float32, 0.5),  # Gemma 2: capped scores, 256-wide heads, window
 ])
-def test_paged_decode_attention_matches_gathered_softmax(heads, kv_heads, head_dim, lens, window, splits, dtype):
+def test_paged_decode_attention_matches_gathered_softmax(heads, kv_heads, head_dim, lens, window, splits, dtype,
+                                                         softcap):
     rows, num_blocks = len(lens), 32
     max_blocks = math.ceil(max(lens) / BLOCK_SIZE)
     k_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, dtype=dtype)
@@ -81,11 +85,15 @@ def test_paged_decode_attention_matches_gathered_softmax(heads, kv_heads, head_d
     out = poisoned(rows, heads * head_dim, dtype=dtype)
     scale = head_dim ** -0.5
 
-    got = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, window, splits, out=out)
+    got = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, window, splits, out=out,
+                                 softcap=softcap)
 
     assert got.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(got.float(), reference_attention(q, k_cache, v_cache, tables, context_lens, scale,
-                                                                window), **TOLERANCE[dtype])
+    expected = reference_attention(q, k_cache, v_cache, tables, context_lens, scale, window, softcap)
+    torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
+    if softcap:  # the cap binds here: without it the output differs
+        uncapped = reference_attention(q, k_cache, v_cache, tables, context_lens, scale, window)
+        assert (uncapped - expected).abs().max() > 0.05
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)  # it only reads the cache
 
 
@@ -304,9 +312,9 @@ def test_masked_ffn_is_the_llama_ffn_for_running_rows_and_identity_for_skipped_o
     assert torch.equal(got[~run.bool()], h[~run.bool()])
 
 
-@pytest.mark.parametrize("window", [None, 20])
-def test_cuda_backends_decode_attention_equals_the_torch_backend_on_the_engines_metadata(window):
-    """The decode attention of the CUDA backend's per-op path (Gemma 3 on CUDA): the Triton K/V
+@pytest.mark.parametrize("window, softcap", [(None, None), (20, None), (20, 0.5)])
+def test_cuda_backends_decode_attention_equals_the_torch_backend_on_the_engines_metadata(window, softcap):
+    """The decode attention of the CUDA backend's per-op path (Gemma 2 and 3 on CUDA): the Triton K/V
     write and paged attention give the same cache contents and output as
     engine/backends/torch_backend.py for metadata built by engine/kv/metadata.py."""
     from engine.backends.cuda import CUDABackend
@@ -320,9 +328,9 @@ def test_cuda_backends_decode_attention_equals_the_torch_backend_on_the_engines_
     v_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim)
     q, k, v = randn(3, heads, head_dim), randn(3, kv_heads, head_dim), randn(3, kv_heads, head_dim)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    expect = TorchBackend().attention(q, k, v, k_ref, v_ref, meta, 0.125, window)
+    expect = TorchBackend().attention(q, k, v, k_ref, v_ref, meta, 0.125, window, softcap)
 
-    got = CUDABackend().attention(q, k, v, k_cache, v_cache, meta, 0.125, window)
+    got = CUDABackend().attention(q, k, v, k_cache, v_cache, meta, 0.125, window, softcap)
 
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
     torch.testing.assert_close(got, expect, **TOLERANCE[torch.float32])

@@ -9,7 +9,8 @@ row's block table (never gathered into a copy), in two stages.
    tiles with an online softmax and stores its normalized partial output and log-sum-exp.
 2. `_reduce_kernel`, one program per (row, query head): merges the splits by their log-sum-exp.
 
-Rows with context_len 0 (padded rows of a graph bucket) produce zeros. Nothing is written to the
+With `softcap` (Gemma 2) each score s is softcap * tanh(s / softcap) before the softmax. Rows
+with context_len 0 (padded rows of a graph bucket) produce zeros. Nothing is written to the
 cache here: the new token's K/V go in first (write_kv.py).
 """
 from __future__ import annotations
@@ -28,10 +29,10 @@ TILE_TOKENS = 32
 @triton.jit
 def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
                   stride_qn, stride_qh, stride_cb, stride_ch, stride_co, stride_tn,
-                  scale, window, block_size, head_dim, num_heads,
+                  scale, window, softcap, block_size, head_dim, num_heads,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_PAD: tl.constexpr,
                   TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -65,6 +66,10 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, lens_ptr, part_ou
         if UPCAST:
             k = k.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, TILE], fp32
+        if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh from one exp (no overflow: |s| enters negated)
+            e = tl.exp(-2.0 * tl.abs(scores / softcap))
+            squashed = softcap * (1.0 - e) / (1.0 + e)
+            scores = tl.where(scores < 0, -squashed, squashed)
         scores = tl.where(pmask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
@@ -114,12 +119,13 @@ def default_num_splits(max_context_len: int) -> int:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            window: int | None = None, num_splits: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [N, H, D] (last dim contiguous; may be a view of a fused q|k|v projection);
     k_cache, v_cache: [blocks, KV, block_size, D] of one layer, contiguous; block_tables:
     [N, max_blocks] int32/int64 (entries past a row's length are never read); context_lens: [N]
     int (the new token included; 0 = padded row, output zeros); window: attend only to the last
-    `window` positions. -> out [N, H * D] in q's dtype."""
+    `window` positions; softcap: scores squashed to softcap * tanh(s / softcap) (Gemma 2). -> out
+    [N, H * D] in q's dtype."""
     rows, num_heads, head_dim = q.shape
     _, num_kv, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -136,9 +142,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _split_kernel[(rows, num_kv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        scale, window or 0, block_size, head_dim, num_heads,
+        scale, window or 0, softcap or 1.0, block_size, head_dim, num_heads,
         GROUP=group, GROUP_PAD=dot_size(group), HEAD_PAD=head_pad, TILE=TILE_TOKENS,
-        NUM_SPLITS=num_splits, HAS_WINDOW=bool(window), UPCAST=upcast_dots(q), PRECISION=dot_precision(q),
+        NUM_SPLITS=num_splits, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), UPCAST=upcast_dots(q),
+        PRECISION=dot_precision(q),
     )
     _reduce_kernel[(rows, num_heads)](
         part_out, part_lse, out3, out3.stride(0), out3.stride(1), head_dim,
