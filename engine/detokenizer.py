@@ -19,8 +19,11 @@ from engine.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], include_stop: bool = False):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], include_stop: bool = False,
+                 special: bool = False):
+        """`special`: special tokens' text kept (vLLM's `skip_special_tokens: false`)."""
         self.tokenizer = tokenizer
+        self.special = special
         self.stops = StopStringMatcher(stop)
         self.include_stop = include_stop
         # Decode with a few prompt tokens of context so leading spaces come out right.
@@ -37,8 +40,8 @@ class IncrementalDetokenizer:
         end = len(self.ids) - self._held_tokens()
         if end <= self.read_offset:
             return  # only the start of a character so far: wait for more tokens
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], clean=False)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:end], clean=False)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], clean=False, special=self.special)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:end], clean=False, special=self.special)
         if len(full) <= len(prefix):
             return  # nothing new yet
         new = full[len(prefix):]

@@ -37,6 +37,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it
+    skip_special_tokens: bool = True  # special tokens' text left out of the answer's (vLLM's default)
     ignore_eos: bool = False
     min_tokens: int = 0  # tokens made before EOS, a stop token or a stop string may end the answer
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives

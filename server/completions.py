@@ -100,6 +100,7 @@ class CompletionCall:
         self.num_choices = len(prompts) * body.n
         sampling = body.to_sampling()
         if self.chat:
+            sampling = self.tools.show_tags(sampling)
             self.reasoning, sampling = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompts[0])
         stream, self.timer = await submit(state, self.id, prompts, sampling, body.skip(), param)
         return stream

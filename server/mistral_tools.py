@@ -1,8 +1,9 @@
 """Calls as Mistral's instruct models write them (vLLM's `mistral` parser): `[TOOL_CALLS]` then a
 JSON list of `{"name": ..., "arguments": {...}}` (Mistral 7B v0.3, Nemo, Small; a lone object is
 taken too), or `[TOOL_CALLS]name[ARGS]{...}` per call (the later tokenizers). `[TOOL_CALLS]` and
-`[ARGS]` are control tokens that the answer's text drops, so an answer that is the list alone is
-calls too; where the tag shows, the text before it is content. Anything else is all content.
+`[ARGS]` are control tokens, which such answers' text keeps (`TAG_IS_SPECIAL`: vLLM's mistral parser
+asks the same); where the tag shows, the text before it is content, and an answer that is the list
+alone is calls too. Anything else is all content.
 Streamed, content goes out until the tag, or nothing while the answer may still be a list.
 
 Mistral's templates refuse a history whose call ids are not 9 letters or digits: `call_id` gives
@@ -18,6 +19,7 @@ from engine.stop_strings import held_back
 from server.tool_calls import MAX_PARALLEL_CALLS, _no_constant, call_bodies
 
 TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
+TAG_IS_SPECIAL = True  # the answer's text keeps special tokens where calls may come (ToolUse.show_tags)
 NAMED = re.compile(r"\s*([A-Za-z0-9_.\-]+)\s*(?:\[ARGS\])?\s*")  # the later form's `name[ARGS]`
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 

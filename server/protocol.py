@@ -263,10 +263,12 @@ class SamplingRequest(RequestBody):
     logit_bias: Optional[dict[str, StrictFloat]] = None
     user: Optional[str] = None
     ignore_eos: StrictBool = False
-    # vLLM's: tokens made before the answer may end; token ids that end it; a stop string kept in the text
+    # vLLM's: tokens made before the answer may end; token ids that end it; a stop string kept in the
+    # text; special tokens' text left out of it
     min_tokens: Optional[StrictInt] = None
     stop_token_ids: Optional[list[StrictInt]] = None
     include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
     ffn_skip: Optional[FFNSkip] = None
 
     def sampling(self, logprobs: int | None, max_tokens: int | None, schema: dict | None, n: int = 1,
@@ -290,6 +292,7 @@ class SamplingRequest(RequestBody):
             logit_bias=bias, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
             response_schema=schema, max_tokens_param=max_tokens_param, min_tokens=self.min_tokens or 0,
             stop_token_ids=list(self.stop_token_ids or []), include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
         )
 
     def skip(self) -> SkipParams | None:
@@ -467,6 +470,14 @@ class ToolUse:
         """The module that reads calls in the template's format where the model writes them so (in
         "auto"), None where they are the JSON a grammar holds."""
         return template_tools.FORMATS.get(self.format) if self.mode == "auto" and not self.listed else None
+
+    def show_tags(self, params: SamplingParams) -> SamplingParams:
+        """Where the template's format opens calls with a control token (Mistral's [TOOL_CALLS]),
+        the answer's text keeps special tokens, as vLLM's mistral parser asks: the call's tag shows,
+        so text before it is content. Called once the prompt has set the format."""
+        if getattr(self.template_format, "TAG_IS_SPECIAL", False):
+            params.skip_special_tokens = False
+        return params
 
     def parse(self, text: str) -> tuple[str | None, list[dict] | None]:
         """A finished answer -> (its content, its tool calls in OpenAI's shape): (text, None) where

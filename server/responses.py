@@ -117,6 +117,7 @@ class ResponseCall:
         self.given = body.messages()
         messages = self.earlier + self.given
         prompt_ids = await encode_chat(state, instructions + messages, body.tool_use)
+        sampling = body.tool_use.show_tags(sampling)
         limit = state.engine.config.max_model_len - (body.max_output_tokens or 1)
         if body.truncation == "auto" and len(prompt_ids) > limit:
             prompt_ids = await self.latest_turns(instructions, messages, limit)

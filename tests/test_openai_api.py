@@ -150,6 +150,22 @@ def count_on(client, **extra):
     return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
 
 
+def test_special_tokens_text_is_left_out_unless_skip_special_tokens_is_false(server, client):
+    """vLLM's `skip_special_tokens`: a special token the model writes (here forced by logit_bias:
+    SmolLM2's <|im_start|>, special, not an end) adds no text by default, its own with false."""
+    start = httpx.post(server.url + "/tokenize", json={"prompt": "<|im_start|>"}, timeout=30).json()["tokens"]
+    assert len(start) == 1
+    force = {"logit_bias": {str(start[0]): 100}}
+    plain = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=3, temperature=0, extra_body=force)
+    kept = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=3, temperature=0,
+                                     extra_body={**force, "skip_special_tokens": False})
+    assert plain.usage.completion_tokens == kept.usage.completion_tokens == 3
+    assert plain.choices[0].text == "" and kept.choices[0].text == "<|im_start|>" * 3
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          temperature=0, extra_body={**force, "skip_special_tokens": False})
+    assert chat.choices[0].message.content == "<|im_start|>" * 2
+
+
 def test_stop_token_ids_stop_strings_kept_and_min_tokens_as_vllm_takes_them(server, client):
     text, _, _ = count_on(client)
     assert text.startswith(" 5, 6, 7")

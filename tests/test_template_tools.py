@@ -89,6 +89,14 @@ def test_mistral_answers_after_the_tag_or_that_are_a_list_of_calls_are_calls():
     ids = {mistral_tools.call_id(i) for i in ("call_0", "call_1", "call_" + "f" * 24)}
     assert len(ids) == 3 and all(len(i) == 9 and i.isalnum() for i in ids)
     assert mistral_tools.call_id("call_0") == mistral_tools.call_id("call_0")
+    # a real Mistral tokenizer's [TOOL_CALLS] is a special token: its text is kept where calls may come
+    from engine.sampling_params import SamplingParams
+    from server.protocol import ToolUse
+
+    for format_, auto, skips in (("mistral", True, False), ("hermes", True, True), ("mistral", False, True)):
+        use = ToolUse([WEATHER], "auto" if auto else "required", None, None)
+        use.format = format_
+        assert use.show_tags(SamplingParams()).skip_special_tokens is skips
     assert mistral_tools.call_id("a1b2c3d4e") == "a1b2c3d4e"
 
 
