@@ -25,7 +25,7 @@ from engine.sequence import Sequence
 from engine.skip.base import TokenSkipPlan
 from engine.skip.settings import resolve_skip
 from engine.structured.constraint import Constraint, StructuredOutputs
-from engine.structured.thinking import ThinkingConstraint
+from engine.structured.thinking import ThinkingConstraint, ThinkingMasks
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("skipserve.engine")
@@ -53,8 +53,9 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.structured = StructuredOutputs(self.tokenizer.token_bytes, self.model_config.vocab_size, self.eos_ids,
-                                            self.tokenizer.piece_bytes)
+        self.structured = StructuredOutputs(self.tokenizer.token_bytes, self.model_config.vocab_size, self.eos_ids)
+        self.thinking_masks = ThinkingMasks(self.tokenizer.token_bytes, self.tokenizer.piece_bytes,
+                                            self.model_config.vocab_size, self.eos_ids)
         self._sequences: dict[str, Sequence] = {}
         # engine-wide FFN accounting per layer, over generated tokens (read by /metrics)
         self.layer_ffn_total = [0] * self.model_config.num_layers
@@ -129,7 +130,7 @@ class LLMEngine:
             return None
         if params.thinking is None:
             return Constraint(self.structured, grammar)
-        return ThinkingConstraint(self.structured, grammar, opened=params.thinking == "open")
+        return ThinkingConstraint(self.structured, self.thinking_masks, grammar, opened=params.thinking == "open")
 
     def prepare_embeddings(self, request_id: str, inputs: list[list[int]], param: str = "input") -> list[Sequence]:
         """An embeddings request's sequences, one per input (input i is sequence i, named `param.i`

@@ -7,18 +7,23 @@ import torch
 
 from engine.structured.constraint import StructuredOutputs
 from engine.structured.schema import compile_schema
-from engine.structured.thinking import ThinkingConstraint
+from engine.structured.thinking import ThinkingConstraint, ThinkingMasks
 
 TOKENS = ["<think>", "</think>", "<", "think", ">", "</", "{", "}", '"', "a", ":", "1", " ", "\n", "plan",
           ">{", ">x", "<th", "ink>", "</think>{", "<|im_end|>"]
 EOS = TOKENS.index("<|im_end|>")
 ID = {t: i for i, t in enumerate(TOKENS)}
+TABLE = [t.encode() for t in TOKENS[:-1]] + [None]  # grammar text; the end-of-turn is special: none
 
 
 @pytest.fixture
 def outputs():
-    table = [t.encode() for t in TOKENS[:-1]] + [None]  # the end-of-turn is special: no grammar text
-    return StructuredOutputs(lambda: table, len(TOKENS), {EOS}, piece_bytes=lambda i: TOKENS[i].encode())
+    return StructuredOutputs(lambda: TABLE, len(TOKENS), {EOS})
+
+
+@pytest.fixture
+def masks():
+    return ThinkingMasks(lambda: TABLE, lambda i: TOKENS[i].encode(), len(TOKENS), {EOS})
 
 
 def allowed(mask) -> set[str]:
@@ -37,8 +42,8 @@ def grammar():
     return compile_schema({"type": "object"})
 
 
-def test_an_opened_block_is_free_until_it_closes_then_the_grammar_holds(outputs):
-    c = ThinkingConstraint(outputs, grammar(), opened=True)
+def test_an_opened_block_is_free_until_it_closes_then_the_grammar_holds(outputs, masks):
+    c = ThinkingConstraint(outputs, masks, grammar(), opened=True)
     assert allowed(c.mask()) == set(TOKENS) - {"<|im_end|>"}  # anything goes while thinking, but the end
     assert write(c, ["plan", "<", "plan", "\n"]) == "thinking"
     assert write(c, ["</", "think"]) == "thinking"
@@ -50,17 +55,17 @@ def test_an_opened_block_is_free_until_it_closes_then_the_grammar_holds(outputs)
     write(c, ['"', "a", '"', ":", "1", "}"])
     assert c.done
     with pytest.raises(ValueError):
-        ThinkingConstraint(outputs, grammar(), opened=True).inner.advance_text(b"x")
+        ThinkingConstraint(outputs, masks, grammar(), opened=True).inner.advance_text(b"x")
 
 
-def test_whitespace_after_the_tag_is_not_the_documents(outputs):
-    c = ThinkingConstraint(outputs, grammar(), opened=True)
+def test_whitespace_after_the_tag_is_not_the_documents(outputs, masks):
+    c = ThinkingConstraint(outputs, masks, grammar(), opened=True)
     assert write(c, ["plan", "</think>", "\n", "{", "}"]) == "held"
     assert c.done and not c.ended
 
 
-def test_an_answer_that_may_open_the_block_chooses_with_its_first_token(outputs):
-    c = ThinkingConstraint(outputs, grammar(), opened=False)
+def test_an_answer_that_may_open_the_block_chooses_with_its_first_token(outputs, masks):
+    c = ThinkingConstraint(outputs, masks, grammar(), opened=False)
     first = allowed(c.mask())
     assert {"<think>", "<", "<th", "{"} <= first  # the tag (whole or begun) or the document
     assert not first & {"plan", "</think>", "think", ">"}
@@ -70,30 +75,30 @@ def test_an_answer_that_may_open_the_block_chooses_with_its_first_token(outputs)
     write(c, ["}"])
     assert c.done
 
-    plain = ThinkingConstraint(outputs, grammar(), opened=False)
+    plain = ThinkingConstraint(outputs, masks, grammar(), opened=False)
     assert write(plain, ["{"]) == "held"  # no thinking: the grammar from the first token
     assert "<think>" not in allowed(plain.mask())
     write(plain, ["}"])
     assert plain.done
 
 
-def test_the_answer_may_not_end_before_its_document(outputs):
-    c = ThinkingConstraint(outputs, grammar(), opened=True)
+def test_the_answer_may_not_end_before_its_document(outputs, masks):
+    c = ThinkingConstraint(outputs, masks, grammar(), opened=True)
     write(c, ["plan"])
     assert not c.mask()[EOS] and not c.done and not c.ended
-    held = ThinkingConstraint(outputs, grammar(), opened=True)
+    held = ThinkingConstraint(outputs, masks, grammar(), opened=True)
     write(held, ["</think>"])
     assert not held.mask()[EOS]  # the document has not begun: the end of turn may not come yet
     with pytest.raises(ValueError):
-        ThinkingConstraint(outputs, grammar(), opened=False).advance(ID["plan"])
-    opening = ThinkingConstraint(outputs, grammar(), opened=False)
+        ThinkingConstraint(outputs, masks, grammar(), opened=False).advance(ID["plan"])
+    opening = ThinkingConstraint(outputs, masks, grammar(), opened=False)
     write(opening, ["<"])
     with pytest.raises(ValueError):
         opening.advance(ID["{"])
 
 
-def test_the_document_after_the_thinking_parses(outputs):
-    c = ThinkingConstraint(outputs, grammar(), opened=True)
+def test_the_document_after_the_thinking_parses(outputs, masks):
+    c = ThinkingConstraint(outputs, masks, grammar(), opened=True)
     text = "plan</think>"
     write(c, ["plan", "</think>"])
     for _ in range(12):  # the first allowed token each step: the grammar leads to a whole object

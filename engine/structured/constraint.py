@@ -25,14 +25,10 @@ MASK_BYTES = 32 * 2**20
 
 
 class StructuredOutputs:
-    def __init__(self, token_bytes, width: int, eos_ids: set[int], piece_bytes=None):
+    def __init__(self, token_bytes, width: int, eos_ids: set[int]):
         """`token_bytes`: a callable returning each token's bytes (read when the vocabulary's index
-        is first asked for: the server builds it beside its step loop once loaded); `piece_bytes`:
-        token id -> the text it adds, special tokens' included (for a thinking block's tags)."""
+        is first asked for: the server builds it beside its step loop once loaded)."""
         self._token_bytes, self._width, self._eos_ids = token_bytes, width, eos_ids
-        self.piece_bytes = piece_bytes
-        self._opening: dict[bytes, object] = {}  # a thinking block's tags' masks and rests
-        self._pieces: list[bytes] | None = None
         self._vocabulary: Vocabulary | None = None
         self._grammars: OrderedDict[str, Grammar] = OrderedDict()
         # (id(grammar), state) -> (grammar, mask): the entry holds its grammar, so the id stays its own
@@ -79,57 +75,6 @@ class StructuredOutputs:
             while len(self._grammars) > GRAMMARS:
                 self._grammars.popitem(last=False)
         return grammar
-
-    def pieces(self) -> list[bytes]:
-        """Each token id's text as bytes, special tokens' included (b"" past the tokenizer's ids)."""
-        with self._building:
-            if self._pieces is None:
-                table = self._token_bytes()
-                self._pieces = [(table[i] if table[i] is not None else self.piece_bytes(i)) if i < len(table)
-                                else b"" for i in range(self._width)]
-            return self._pieces
-
-    def opening_mask(self, written: bytes, tag: bytes) -> torch.Tensor:
-        """[width] bool: the tokens that go on writing `tag` after `written` (a prefix of it): their
-        text continues it, or completes it and goes on."""
-        key = written + b"\0" + tag
-        with self._lock:
-            if key in self._opening:
-                return self._opening[key]
-        mask = torch.zeros(self._width, dtype=torch.bool)
-        allowed = [i for i, text in enumerate(self.pieces())
-                   if text and ((piece := written + text).startswith(tag) or tag.startswith(piece))]
-        if allowed:
-            mask[torch.tensor(allowed)] = True
-        with self._lock:
-            self._opening[key] = mask
-        return mask
-
-    def thinking_mask(self) -> torch.Tensor:
-        """[width] bool: every token but the end-of-answer ones (a thinking block under a grammar)."""
-        with self._lock:
-            if "thinking" not in self._opening:
-                mask = torch.ones(self._width, dtype=torch.bool)
-                mask[torch.tensor(sorted(i for i in self._eos_ids if i < self._width), dtype=torch.long)] = False
-                self._opening["thinking"] = mask
-            return self._opening["thinking"]
-
-    def closing_rests(self, written: bytes, tag: bytes) -> list[tuple[int, bytes]]:
-        """(token id, its text after `tag`) for the tokens that complete `tag` after `written` (a
-        prefix of it) with more than whitespace after it: what a grammar that starts after the tag
-        must accept (as a rule none: tags are tokens of their own, or end one)."""
-        key = written + b"\1" + tag
-        with self._lock:
-            if key in self._opening:
-                return self._opening[key]
-        rests = []
-        for i, text in enumerate(self.pieces()):
-            at = (written + text).find(tag) if text else -1
-            if at >= 0 and (rest := (written + text)[at + len(tag):].lstrip()):
-                rests.append((i, rest))
-        with self._lock:
-            self._opening[key] = rests
-        return rests
 
     def clear_masks(self) -> None:
         """Forget every mask (and each pattern state's walk of the vocabulary)."""

@@ -12,11 +12,15 @@ The tags are matched on the tokens' bytes, so a tokenizer that spells them over 
 works as one with a token for each. While thinking, the model may not end the answer with its
 end-of-turn (the document is owed: it ends at max_tokens if it never closes the block; stop
 tokens and strings the request names still end it), and a token that completes `</think>` and
-goes on with text the grammar refuses is masked out. Same interface as `Constraint`.
+goes on with text the grammar refuses is masked out. Same interface as `Constraint`. The
+tags' masks come from the engine's `ThinkingMasks`, built from the vocabulary the first time each
+is asked for and kept.
 """
 from __future__ import annotations
 
 import torch
+
+import threading
 
 from engine.stop_strings import held_back
 from engine.structured.constraint import Constraint, StructuredOutputs
@@ -25,9 +29,72 @@ from engine.structured.schema import Grammar
 OPEN, CLOSE = b"<think>", b"</think>"
 
 
+class ThinkingMasks:
+    """An engine's masks of a thinking block's tags over its vocabulary, cached (requests build
+    them on the engine's thread, so a lock guards the cache). `token_bytes`: a callable returning
+    each token's grammar bytes (None for special tokens); `piece_bytes`: token id -> the text it
+    adds, special tokens' included."""
+
+    def __init__(self, token_bytes, piece_bytes, width: int, eos_ids: set[int]):
+        self._token_bytes, self._piece_bytes, self._width, self._eos_ids = token_bytes, piece_bytes, width, eos_ids
+        self._pieces: list[bytes] | None = None
+        self._cache: dict = {}
+        self._lock = threading.Lock()
+
+    def pieces(self) -> list[bytes]:
+        """Each token id's text as bytes, special tokens' included (b"" past the tokenizer's ids)."""
+        with self._lock:
+            if self._pieces is None:
+                table = self._token_bytes()
+                self._pieces = [(table[i] if table[i] is not None else self._piece_bytes(i)) if i < len(table)
+                                else b"" for i in range(self._width)]
+            return self._pieces
+
+    def _cached(self, key, build):
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        value = build()
+        with self._lock:
+            return self._cache.setdefault(key, value)
+
+    def opening(self, written: bytes, tag: bytes) -> torch.Tensor:
+        """[width] bool: the tokens that go on writing `tag` after `written` (a prefix of it): their
+        text continues it, or completes it and goes on."""
+        def build():
+            mask = torch.zeros(self._width, dtype=torch.bool)
+            allowed = [i for i, text in enumerate(self.pieces())
+                       if text and ((piece := written + text).startswith(tag) or tag.startswith(piece))]
+            if allowed:
+                mask[torch.tensor(allowed)] = True
+            return mask
+        return self._cached(("opening", written, tag), build)
+
+    def thinking(self) -> torch.Tensor:
+        """[width] bool: every token but the end-of-answer ones (a thinking block under a grammar)."""
+        def build():
+            mask = torch.ones(self._width, dtype=torch.bool)
+            mask[torch.tensor(sorted(i for i in self._eos_ids if i < self._width), dtype=torch.long)] = False
+            return mask
+        return self._cached("thinking", build)
+
+    def closing_rests(self, written: bytes, tag: bytes) -> list[tuple[int, bytes]]:
+        """(token id, its text after `tag`) for the tokens that complete `tag` after `written` (a
+        prefix of it) with more than whitespace after it: what a grammar that starts after the tag
+        must accept (as a rule none: tags are tokens of their own, or end one)."""
+        def build():
+            rests = []
+            for i, text in enumerate(self.pieces()):
+                at = (written + text).find(tag) if text else -1
+                if at >= 0 and (rest := (written + text)[at + len(tag):].lstrip()):
+                    rests.append((i, rest))
+            return rests
+        return self._cached(("closing", written, tag), build)
+
+
 class ThinkingConstraint:
-    def __init__(self, outputs: StructuredOutputs, grammar: Grammar, opened: bool):
-        self._outputs = outputs
+    def __init__(self, outputs: StructuredOutputs, masks: ThinkingMasks, grammar: Grammar, opened: bool):
+        self._masks = masks
         self.inner = Constraint(outputs, grammar)
         # undecided -> opening (part of <think> written) -> thinking -> held; or undecided -> held
         self.phase = "thinking" if opened else "undecided"
@@ -37,21 +104,21 @@ class ThinkingConstraint:
         if self.phase == "held":
             return self.inner.mask()
         if self.phase == "thinking":  # free, but for the end of the answer (the document is owed)
-            refused = [i for i, rest in self._outputs.closing_rests(self.written, CLOSE)
+            refused = [i for i, rest in self._masks.closing_rests(self.written, CLOSE)
                        if self.inner.state_after(rest) is None]
-            mask = self._outputs.thinking_mask()
+            mask = self._masks.thinking()
             if refused:
                 mask = mask.clone()
                 mask[torch.tensor(refused)] = False
             return mask
-        opening = self._outputs.opening_mask(self.written, OPEN)
+        opening = self._masks.opening(self.written, OPEN)
         return opening if self.phase == "opening" else opening | self.inner.mask()
 
     def advance(self, token_id: int) -> None:
         """Raises ValueError for a token the mask did not allow."""
         if self.phase == "held":
             return self.inner.advance(token_id)
-        pieces = self._outputs.pieces()
+        pieces = self._masks.pieces()
         piece = pieces[token_id] if token_id < len(pieces) else b""
         if self.phase != "thinking":
             text = self.written + piece
