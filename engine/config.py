@@ -56,7 +56,7 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """The leading dimensions of each q and k head that the rotary embedding turns (all of them
         but for Phi-4-mini's 0.75); the rest pass through."""
-        return int(self.head_dim * self.partial_rotary_factor)
+        return int(self.head_dim * self.partial_rotary_factor + 1e-6)  # transformers' int(), less float error
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
@@ -113,8 +113,9 @@ class ModelConfig:
 
 def _pattern_layer_types(raw: dict) -> list[str] | None:
     """Layer types from `sliding_window_pattern` (configs written before `layer_types`, as
-    transformers reads them): every pattern-th layer full attention, the others sliding."""
-    pattern = raw.get("sliding_window_pattern")
+    transformers reads them): every pattern-th layer full attention, the others sliding. Gemma 2's
+    configs name no pattern: transformers alternates them (every 2nd layer full)."""
+    pattern = raw.get("sliding_window_pattern") or (2 if raw.get("model_type") == "gemma2" else None)
     if not pattern or not raw.get("sliding_window"):
         return None
     return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(raw["num_hidden_layers"])]

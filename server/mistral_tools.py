@@ -53,9 +53,17 @@ def _listed(body: str, names: set[str]) -> list[dict] | None:
     calls = []
     for call in value if isinstance(value, list) else [value]:
         if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"] in names
-                and isinstance(call.get("arguments", {}), dict) and set(call) <= {"name", "arguments", "id"}):
+                and set(call) <= {"name", "arguments", "id"}):
             return None
-        calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):  # arguments as JSON text, as some fine-tunes write them
+            try:
+                arguments = json.loads(arguments, parse_constant=_no_constant)
+            except (ValueError, RecursionError):
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append({"name": call["name"], "arguments": arguments})
     return calls
 
 
@@ -63,6 +71,8 @@ def _named(body: str, names: set[str]) -> list[dict] | None:
     """Calls of the form `name[ARGS]{...}`, each after its own tag."""
     decoder, calls = json.JSONDecoder(parse_constant=_no_constant), []
     for part in body.split(TAG):
+        if not part.strip():  # a stray tag
+            continue
         head = NAMED.match(part)
         if not head or head.group(1) not in names:
             return None

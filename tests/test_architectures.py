@@ -261,3 +261,12 @@ def test_gemma2_query_scale_follows_llamacpp_as_the_file_has_none(layers, hidden
     complete_config(config, SimpleNamespace(fields=fields, tensors=[]))
     assert config.query_pre_attn_scalar == scalar
     assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (20.0, 10.0)
+
+
+def test_a_gemma2_config_without_layer_types_alternates_sliding_and_full_layers():
+    """Google's Gemma 2 config.json files name neither layer_types nor a pattern: transformers
+    alternates them, sliding first."""
+    raw = dict(model_type="gemma2", vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=4096)
+    assert _read_config(raw).layer_types == ["sliding_attention", "full_attention"] * 2
+    assert _read_config({**raw, "model_type": "llama"}).layer_types is None

@@ -79,6 +79,9 @@ def test_mistral_answers_after_the_tag_or_that_are_a_list_of_calls_are_calls():
     content, calls = mistral_tools.parse("Let me look. [TOOL_CALLS]" + listed[:-1] + ", " + listed[1:], [WEATHER], True)
     assert content == "Let me look." and len(calls) == 2
     two = '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}'
+    assert len(mistral_tools.parse(two + "[TOOL_CALLS]", [WEATHER], True)[1]) == 2  # a stray tag
+    texts = mistral_tools.parse('[{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}]', [WEATHER], True)
+    assert json.loads(texts[1][0]["function"]["arguments"]) == {"city": "Oslo"}  # arguments as JSON text
     assert len(mistral_tools.parse(two, [WEATHER], True)[1]) == 2 and mistral_tools.parse(two, [WEATHER], False) is None
     for text in ("[1, 2]", "[see above]", listed.replace("get_weather", "get_time"), "It is sunny.", listed + " ok",
                  '[{"name": ["get_weather"], "arguments": {}}]', '[TOOL_CALLS]get_weather[ARGS]{"city": NaN}'):
