@@ -109,13 +109,16 @@ def test_fp32_logits_and_greedy_text_equal_hf(dense, hf_model, prompts, gguf):
     assert run_staggered(dense, prompts, GREEDY, join_every=2) == expected_text
 
 
-def test_quantized_weights_mixing_formats_in_a_projection_run_in_the_native_step(quantized, dense, prompts):
+def test_quantized_weights_mixing_formats_in_a_projection_run_in_the_native_step(quantized, dense, prompts, gguf):
     """q|k|v and gate|up hold row blocks of two layouts (4-bit with offsets, 8-bit without): each
     block on its own kernel, inside the one-call decode step; logits within the int16 rounding of
     the activations (see tests/test_quantized_model.py) of the fp32 model on the same file: these
-    logits are of O(1), and this host measures ~0.002."""
+    logits are of O(1), and this host measures ~0.002. Qwen2's and Phi-4-mini's files hold Q2_K,
+    Q3_K, IQ4_NL and IQ4_XS matrices too, on the quantized kernels like the rest."""
     model = quantized.runner.model
     assert model.fused_decode is not None
+    low_bits = {"qwen2": {"Q2_K", "Q3_K", "IQ4_NL"}, "phi4": {"IQ4_XS"}}.get(gguf.stem, set())
+    assert low_bits <= {part for name in model.weight_formats() for part in name.split("+")}
     assert {lin.backend.split("+")[0] for layer in model.layers
             for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)} == {f"quant-{quant_ops.best_isa()}"}
     fused = type(model).__name__ == "Phi3Model"  # q|k|v and gate|up are one tensor each in the file

@@ -15,14 +15,10 @@ import torch
 from engine import native
 from engine.native import quant_ops
 from engine.quant import QuantWeight
-from engine.quant.formats import BLOCK_BYTES, SUPPORTED, to_weight
+from engine.quant.formats import BLOCK_WEIGHTS, SUPPORTED, to_weight
 from engine.quant.tiled import TiledWeight
+from tests import quant_blocks
 
-BLOCK_WEIGHTS = {kind: 256 if kind.endswith("_K") else 32 for kind in SUPPORTED}
-FP16_FIELDS = {  # byte offsets of each block's fp16 scale / min fields
-    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2],
-    "Q6_K": [208],
-}
 ROW_COUNTS = (1, 2, 3, 4, 5, 6, 7, 9, 16)  # 1-row GEMV, every partial tile of 8 rows (both builds), 16 rows
 INT16_MAX = 32767  # the kernel's activations: int16 per group, s = max|x| / 32767
 
@@ -35,12 +31,7 @@ def kernels(tmp_path_factory):
 
 
 def random_blocks(kind: str, rows: int, blocks: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(rows, blocks, BLOCK_BYTES[kind]), dtype=np.uint8)
-    for at in FP16_FIELDS[kind]:  # fp16 fields from random bytes could be inf/nan: set them
-        scale = (rng.random((rows, blocks)) * 0.02 + 0.001).astype(np.float16)
-        raw[..., at:at + 2] = scale[..., None].view(np.uint8)
-    return raw.reshape(rows, -1)
+    return quant_blocks.random_blocks(kind, rows, blocks, np.random.default_rng(seed))
 
 
 def reference(kind: str, raw: np.ndarray) -> torch.Tensor:

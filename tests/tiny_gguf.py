@@ -11,18 +11,28 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
 
+from tests.quant_blocks import random_blocks
+
+Q4_1, Q8_0 = GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
+Q2_K, Q3_K, IQ4_NL, IQ4_XS = (GGMLQuantizationType[k] for k in ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"))
+# formats gguf-py cannot quantize to: random blocks (tests/quant_blocks.py), their fp16 fields sized
+# so that the weights' spread is about the one asked for (a weight is field x ~this much at most)
+RANDOM_BLOCKS = {Q2_K: 24.0, Q3_K: 100.0, IQ4_NL: 100.0, IQ4_XS: 2000.0}
+
 # per architecture: hidden, heads, kv heads, head_dim (Qwen3's is 128 whatever the hidden size: the
 # GGUF does not say, transformers takes Qwen3Config's default), q/k/v biases, per-head q/k norms,
 # a separate lm_head; Phi-3.5's fused q|k|v and gate|up and its longrope factors (as tensors); Gemma 2's
 # four norms a layer, soft caps and sliding window (caps and window small enough to bind here)
 SHAPES = {
     "qwen3": dict(hidden=128, heads=2, kv_heads=1, head_dim=128, bias=False, qk_norm=True, tied=True),
-    "qwen2": dict(hidden=128, heads=4, kv_heads=2, head_dim=32, bias=True, qk_norm=False, tied=False),
+    # (Qwen2's and Phi-4-mini's files carry the formats gguf-py cannot write too: their own blocks)
+    "qwen2": dict(hidden=128, heads=4, kv_heads=2, head_dim=32, bias=True, qk_norm=False, tied=False,
+                  formats={"ffn_down": (Q3_K, Q2_K), "attn_output": (IQ4_NL, Q8_0)}),
     "phi3": dict(hidden=128, heads=4, kv_heads=4, head_dim=32, bias=False, qk_norm=False, tied=False, fused=True,
                  longrope=True),
     # Phi-4-mini: Phi-3's layout with grouped kv heads, rotating the leading 3/4 of each head
     "phi4": dict(arch="phi3", hidden=128, heads=4, kv_heads=2, head_dim=32, rotary=24, bias=False, qk_norm=False,
-                 tied=False, fused=True, longrope=True),
+                 tied=False, fused=True, longrope=True, formats={"ffn_down": (IQ4_XS, Q4_1)}),
     # Qwen3-MoE: Qwen3's attention, a router and EXPERTS SwiGLU experts of EXPERT_FFN a layer, USED a token
     "qwen3moe": dict(hidden=128, heads=2, kv_heads=1, head_dim=128, bias=False, qk_norm=True, tied=True, moe=True),
     # (seed 1: seed 0's greedy text for the short prompt has few clear argmaxes for the quantized test)
@@ -33,7 +43,6 @@ GEMMA2_CAPS, GEMMA2_WINDOW = (1.5, 8.0), 16  # attention's and the logits' soft 
 EXPERTS, USED, EXPERT_FFN = 4, 2, 64
 CONTEXT, ORIGINAL_CONTEXT = 131072, 4096  # Phi-3.5-mini's: longrope's factor 32
 LAYERS, FFN = 4, 256
-Q4_1, Q8_0 = GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
 # Formats mixed within a projection as llama.cpp's Q4_K_M mixes them (q and k in 4 bits, v in 6 or
 # 8 on some layers): q|k|v and gate|up are row blocks of two layouts. By tensor, then by layer (even, odd).
 FORMATS = {"attn_q": (Q4_1, Q4_1), "attn_k": (Q4_1, Q4_1), "attn_v": (Q8_0, Q4_1), "attn_output": (Q8_0, Q4_1),
@@ -44,6 +53,7 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     shape = SHAPES[arch]
     hidden, heads, kv_heads, head_dim = shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"]
     rng = np.random.default_rng(shape.get("seed", seed))
+    formats = {**FORMATS, **shape.get("formats", {})}
     source = GGUFReader(str(tokenizer_gguf))
     vocab = len(source.fields["tokenizer.ggml.tokens"].data)
 
@@ -76,6 +86,11 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
         writer.add_sliding_window(CONTEXT * 2)
 
     def matrix(name: str, rows: int, cols: int, std: float, qtype=Q8_0, experts: int = 0) -> None:
+        if qtype in RANDOM_BLOCKS:
+            blocks = cols // (256 if qtype != IQ4_NL else 32)
+            writer.add_tensor(name, random_blocks(qtype.name, rows, blocks, rng, 2 * std / RANDOM_BLOCKS[qtype]),
+                              raw_dtype=qtype)
+            return
         data = (rng.standard_normal((experts, rows, cols) if experts else (rows, cols)) * std).astype(np.float32)
         writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
 
@@ -99,12 +114,12 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
             vector(blk + "post_attention_norm.weight", hidden, 3.0, 0.3)
             vector(blk + "post_ffw_norm.weight", hidden, 3.0, 0.3)
         if shape.get("fused"):
-            matrix(blk + "attn_qkv.weight", q_size + 2 * kv_size, hidden, hidden ** -0.5, FORMATS["attn_v"][i % 2])
+            matrix(blk + "attn_qkv.weight", q_size + 2 * kv_size, hidden, hidden ** -0.5, formats["attn_v"][i % 2])
         for name, rows in (("attn_q", q_size), ("attn_k", kv_size), ("attn_v", kv_size)) * (not shape.get("fused")):
-            matrix(blk + name + ".weight", rows, hidden, hidden ** -0.5, FORMATS[name][i % 2])
+            matrix(blk + name + ".weight", rows, hidden, hidden ** -0.5, formats[name][i % 2])
             if shape["bias"]:
                 vector(blk + name + ".bias", rows, 0.0, 0.5)
-        matrix(blk + "attn_output.weight", hidden, q_size, q_size ** -0.5, FORMATS["attn_output"][i % 2])
+        matrix(blk + "attn_output.weight", hidden, q_size, q_size ** -0.5, formats["attn_output"][i % 2])
         if shape["qk_norm"]:
             vector(blk + "attn_q_norm.weight", head_dim, 1.0, 0.2)
             vector(blk + "attn_k_norm.weight", head_dim, 1.0, 0.2)
@@ -112,11 +127,11 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
             writer.add_tensor(blk + "ffn_gate_inp.weight", (rng.standard_normal((EXPERTS, hidden)) * 0.15).astype(np.float32))
             for name, rows, cols in (("ffn_gate", EXPERT_FFN, hidden), ("ffn_up", EXPERT_FFN, hidden),
                                      ("ffn_down", hidden, EXPERT_FFN)):
-                matrix(blk + name + "_exps.weight", rows, cols, cols ** -0.5, FORMATS[name][i % 2], EXPERTS)
+                matrix(blk + name + "_exps.weight", rows, cols, cols ** -0.5, formats[name][i % 2], EXPERTS)
             continue
         ffn = (("ffn_up", 2 * FFN, hidden),) if shape.get("fused") else (("ffn_gate", FFN, hidden), ("ffn_up", FFN, hidden))
         for name, rows, cols in ffn + (("ffn_down", hidden, FFN),):
-            matrix(blk + name + ".weight", rows, cols, cols ** -0.5, FORMATS[name][i % 2])
+            matrix(blk + name + ".weight", rows, cols, cols ** -0.5, formats[name][i % 2])
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

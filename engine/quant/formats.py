@@ -14,8 +14,18 @@ packs them into the kernels' layout. The block layouts:
 - Q5_K (256, 176): as Q4_K plus 32 bytes of high bits (bit i of byte l: weight l of sub-block i)
 - Q6_K (256, 210): 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 signed 8-bit scales,
   fp16 d; w = d * scale * (q - 32) per group of 16
+- Q2_K (256, 84): 16 bytes of (4-bit scale, 4-bit min), 64 bytes of 2-bit q, fp16 d, fp16 dmin;
+  w = d * scale * q - dmin * min per group of 16
+- Q3_K (256, 110): 32 bytes of high bits, 64 bytes of 2-bit lows, 16 6-bit scales in 12 bytes,
+  fp16 d; w = d * (scale - 32) * (q - 4) per group of 16, q = low | high << 2
+- IQ4_NL (32, 18): fp16 d, 16 bytes of nibbles indexing a 16-entry int8 table; w = d * table[q]
+- IQ4_XS (256, 136): fp16 d, 8 6-bit scales (16 bits of highs, 4 bytes of low nibbles), 128 bytes
+  of nibbles as IQ4_NL's; w = d * (scale - 32) * table[q] per group of 32
 In every case the nibbles of a 32-weight group put weight j in the low and j + 16 in the high
 nibble of byte j (Q4_0/Q4_1 as stored; the K-quants after regrouping), the 4-bit layout's order.
+The last four go to the 8-bit layout (their integers, or a table's entries, are signed bytes:
+Q3_K's q - 4 in -4..3, IQ4's table in -127..113), so they take 8 bits a weight in memory, more than
+their files' 2.6-4.25, still a quarter of the fp32 they were expanded to before.
 """
 from __future__ import annotations
 
@@ -24,8 +34,12 @@ import torch
 
 from engine.quant.weight import QuantWeight
 
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
+               "Q2_K": 84, "Q3_K": 110, "IQ4_NL": 18, "IQ4_XS": 136}
 SUPPORTED = tuple(BLOCK_BYTES)
+BLOCK_WEIGHTS = {kind: 256 if kind.endswith(("_K", "_XS")) else 32 for kind in SUPPORTED}
+IQ4_TABLE = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+TWO_BIT_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -92,6 +106,29 @@ def _decode(kind: str, b: np.ndarray):
         q = low.reshape(rows, -1, 2, 4, 32) | (high << 4)  # halves of 128: 4 runs of 32
         scale = _f16(b, 208)[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
         return q.astype(np.int8).reshape(rows, -1, 16) - 32, scale.reshape(rows, -1), None, 8
+    if kind == "Q2_K":  # per 128 weights, 32 bytes: group 2s + h is bits 2s..2s+1 of bytes 16h..16h+15
+        q = b[..., 16:80].reshape(rows, -1, 2, 1, 32) >> TWO_BIT_SHIFTS & 3
+        d, dmin = _f16(b, 80)[..., None], _f16(b, 82)[..., None]
+        scale, offset = d * (b[..., 0:16] & 0x0F), -(dmin * (b[..., 0:16] >> 4))
+        return q.reshape(rows, -1, 16), scale.reshape(rows, -1), offset.reshape(rows, -1), 8
+    if kind == "Q3_K":  # the lows as Q2_K's; group g's high bit is bit g // 2 of the 32 bytes
+        low = (b[..., 32:96].reshape(rows, -1, 2, 1, 32) >> TWO_BIT_SHIFTS & 3).reshape(rows, -1, 8, 32)
+        high = b[..., 0:32].reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1) & 1
+        q = low.astype(np.int8) + (high.astype(np.int8) << 2) - 4
+        packed = b[..., 96:108]
+        six = np.concatenate([packed[..., 0:8] & 0x0F, packed[..., 0:8] >> 4], axis=-1) | \
+            ((packed[..., 8:12].reshape(rows, -1, 1, 4) >> TWO_BIT_SHIFTS & 3).reshape(rows, -1, 16) << 4)
+        scale = _f16(b, 108)[..., None] * (six.astype(np.float32) - 32)
+        return q.reshape(rows, -1, 16), scale.reshape(rows, -1), None, 8
+    if kind == "IQ4_NL":
+        return IQ4_TABLE[_nibbles(b[..., 2:18])], _f16(b, 0), None, 8
+    if kind == "IQ4_XS":
+        highs = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)  # [rows, blocks, 1]
+        six = ((b[..., 4:8, None] >> np.array([0, 4], dtype=np.uint8) & 0x0F).reshape(rows, -1, 8)
+               | (highs >> (2 * np.arange(8, dtype=np.uint16)) & 3).astype(np.uint8) << 4)
+        scale = _f16(b, 0)[..., None] * (six.astype(np.float32) - 32)
+        q = IQ4_TABLE[_nibbles(b[..., 8:136].reshape(rows, -1, 8, 16))]
+        return q.reshape(rows, -1, 32), scale.reshape(rows, -1), None, 8
     raise ValueError(f"unsupported GGUF format {kind}")
 
 
