@@ -24,8 +24,9 @@ packs them into the kernels' layout. The block layouts:
 In every case the nibbles of a 32-weight group put weight j in the low and j + 16 in the high
 nibble of byte j (Q4_0/Q4_1 as stored; the K-quants after regrouping), the 4-bit layout's order.
 The last four go to the 8-bit layout (their integers, or a table's entries, are signed bytes:
-Q3_K's q - 4 in -4..3, IQ4's table in -127..113), so they take 8 bits a weight in memory, more than
-their files' 2.6-4.25, still a quarter of the fp32 they were expanded to before.
+Q3_K's q - 4 in -4..3, IQ4's table in -127..113), so they take 8 bits a weight in memory plus the
+scales (8.5-12 in all), more than their files' 2.6-4.5, and 3/8 or less of the fp32 they were
+expanded to before.
 """
 from __future__ import annotations
 
