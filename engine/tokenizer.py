@@ -126,6 +126,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the token spelled `text` (a special one's too), or None where there is none."""
+        return self._tok.token_to_id(text)
+
     def render_chat(self, messages: list[dict], options: ChatOptions = ChatOptions(),
                     tools: list[dict] | None = None) -> str:
         """Raises InvalidParamError (param messages) where the model's template refuses the messages

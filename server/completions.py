@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
-from server.errors import error_body
+from server.errors import APIError, error_body
+from server.fill_in_middle import fim_prompt, fim_tokens
 from server.generation import (Usage, check_model, consume, encode_chat, overall_finish, ready_tokenizer, stopped,
                                submit, tokenize_batch)
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -108,12 +109,24 @@ class CompletionCall:
     async def _completion_prompts(self) -> list[list[int]]:
         """The batch's prompts as token ids (and as text, for `echo`)."""
         state, given = self.state, self.body.prompts()
+        if self.body.suffix is not None:
+            return await self._infill_prompts(given)
         prompts = await tokenize_batch(state, given, "prompt", choices=self.body.n)
         if self.body.echo:
             tokenizer = ready_tokenizer(state)
             self.echoed = [p if isinstance(p, str) else await asyncio.to_thread(tokenizer.decode, p, False)
                            for p in given]  # raw, as the generated text goes on from it
         return prompts
+
+    async def _infill_prompts(self, given: list) -> list[list[int]]:
+        """Each prompt as the prefix of a fill-in-the-middle prompt with the request's suffix."""
+        tokenizer = ready_tokenizer(self.state)
+        tokens = fim_tokens(tokenizer)
+        if tokens is None:
+            raise APIError(400, "suffix: this model has no fill-in-the-middle tokens (<|fim_prefix|>, "
+                                "<fim_prefix>, ...)", "suffix")
+        prefixes = await tokenize_batch(self.state, given, "prompt", choices=self.body.n, special=False)
+        return [fim_prompt(tokenizer, tokens, prefix, self.body.suffix) for prefix in prefixes]
 
     def shown(self, out):
         """An output as the answer shows it: with `echo` and `max_tokens: 0` the one token the engine

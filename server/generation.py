@@ -111,11 +111,13 @@ async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOp
     return await asyncio.to_thread(tokenizer.encode_chat, rendered, options)
 
 
-async def tokenize_batch(state, given: list, param: str, limit: int | None = None, choices: int = 1) -> list[list[int]]:
+async def tokenize_batch(state, given: list, param: str, limit: int | None = None, choices: int = 1,
+                         special: bool = True) -> list[list[int]]:
     """A batch's texts (or token ids) as token ids, each checked against the vocabulary (item i named
     `param.i` where there are several). At most `limit` items; by default as many as the queue holds
     (`--max-num-seqs` + `--max-waiting` sequences), `choices` sequences each, since a batch taken
-    whole takes a queue place per sequence."""
+    whole takes a queue place per sequence. `special`: texts get the tokenizer's special tokens
+    (BOS)."""
     tokenizer = ready_tokenizer(state)
     choices = queued_choices(state, choices)
     if limit is None and len(given) * choices > state.engine.capacity:
@@ -126,7 +128,7 @@ async def tokenize_batch(state, given: list, param: str, limit: int | None = Non
         raise APIError(400, f"at most {limit} {param}s a request", param)
     batch = []
     for i, item in enumerate(given):  # tokenizing long texts takes a while: off the event loop
-        ids = list(item) if isinstance(item, list) else await asyncio.to_thread(tokenizer.encode, item)
+        ids = list(item) if isinstance(item, list) else await asyncio.to_thread(tokenizer.encode, item, special)
         check_token_ids(ids, tokenizer, item_param(param, i, len(given)))
         batch.append(ids)
     return batch

@@ -601,7 +601,7 @@ class CompletionRequest(CommonRequest):
     logprobs: Optional[StrictInt] = None
     echo: Optional[StrictBool] = None
     best_of: Optional[Literal[1]] = None
-    suffix: null_only("'suffix' is not supported: this server does not fill in the middle") = None
+    suffix: Optional[str] = None  # fill in the middle (server/fill_in_middle.py): the text after the answer
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -610,6 +610,8 @@ class CompletionRequest(CommonRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: each prompt as text or token ids."""
+        if self.suffix is not None and self.echo:
+            raise InvalidParamError("suffix cannot be combined with echo: the answer is the middle alone", "suffix")
         return as_batch(self.prompt)
 
     @property

@@ -237,12 +237,15 @@ def test_tokenize_takes_add_special_tokens_and_detokenize_keeps_special_tokens(s
     assert tok({"prompt": text, "add_special_tokens": False}).json()["tokens"] == chat  # the round trip holds
 
 
-def test_suffix_is_taken_as_null_only(server):
+def test_a_suffix_needs_a_model_with_fill_in_the_middle_tokens(server):
+    """The embedded SmolLM2 has no FIM tokens: a suffix is refused by name (null is no suffix), and
+    so is a suffix beside echo (the answer would be the middle alone)."""
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
     assert post(server, {**body, "suffix": None}, "/v1/completions").status_code == 200
     r = post(server, {**body, "suffix": " world"}, "/v1/completions")
     assert_error(r, 400, "suffix")
-    assert "fill in the middle" in r.json()["error"]["message"]
+    assert "fill-in-the-middle tokens" in r.json()["error"]["message"]
+    assert_error(post(server, {**body, "suffix": " world", "echo": True}, "/v1/completions"), 400, "suffix")
 
 
 def test_text_parts_are_joined_one_per_line_as_vllm_joins_them(server):

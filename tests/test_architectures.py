@@ -141,22 +141,35 @@ def test_native_layer_calls_equal_the_per_op_path(quantized, prompts):
 
 def test_served_over_http_with_its_chat_template(dense, gguf, cache_dir):
     """`skipserve --model FILE.gguf` serves it under the file's name: a greedy chat answer is the
-    in-process engine's text for the templated prompt."""
+    in-process engine's text for the templated prompt; a completion with a `suffix` fills in the
+    middle through the file's FIM tokens (prefix, suffix, middle order), as the engine does for
+    that prompt."""
     import openai
 
+    from server.fill_in_middle import fim_prompt, fim_tokens
+
+    tok = dense.tokenizer
     messages = [{"role": "user", "content": "Name a colour."}]
-    prompt = dense.tokenizer.encode_chat(messages)
-    expected = dense.tokenizer.decode(dense.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))[0][1])
+    prompt = tok.encode_chat(messages)
+    expected = tok.decode(dense.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))[0][1])
+    before, after = "def add(a, b):\n    return", "\n\nprint(add(1, 2))\n"
+    pre, suf, mid = fim_tokens(tok)
+    assert [tok.token_text(i) for i in (pre, suf, mid)] == ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    infill = fim_prompt(tok, (pre, suf, mid), tok.encode(before, False), after)
+    assert infill == [pre, *tok.encode(before, False), suf, *tok.encode(after, False), mid]  # no BOS here
+    middle = tok.decode(dense.generate([infill], SamplingParams(temperature=0.0, max_tokens=8))[0][1])
     server = ServerProcess("--model", str(gguf), "--cache-dir", str(cache_dir), "--device", "cpu",
                            "--dtype", "float32", "--max-num-seqs", "2", "--max-model-len", "512")
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == [gguf.name]
         reply = client.chat.completions.create(model=gguf.name, messages=messages, max_tokens=12, temperature=0)
+        filled = client.completions.create(model=gguf.name, prompt=before, suffix=after, max_tokens=8, temperature=0)
     finally:
         assert server.stop() == 0
     assert reply.choices[0].message.content == expected and expected
     assert reply.usage.prompt_tokens == len(prompt)
+    assert filled.choices[0].text == middle and middle and filled.usage.prompt_tokens == len(infill)
 
 
 def test_longrope_tables_equal_transformers_on_either_side_of_the_pretrained_length():

@@ -1,6 +1,7 @@
 """Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2, Phi-3.5, Phi-4-mini, Gemma 2),
 random weights, written as llama.cpp's converter lays them out (tensor names, metadata), quantized
-with gguf-py's own quantizers, the tokenizer copied from the embedded SmolLM2 GGUF. No model file
+with gguf-py's own quantizers, the tokenizer copied from the embedded SmolLM2 GGUF (three control
+tokens respelled as fill-in-the-middle tokens). No model file
 of these architectures ships with the product; transformers reads these files as it reads real ones,
 so its model on the dequantized weights is the reference the engine is held to."""
 from __future__ import annotations
@@ -140,12 +141,19 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     return path
 
 
+# three of SmolLM2's control tokens respelled as a code model's fill-in-the-middle tokens
+FIM_RESPELLED = {"<jupyter_start>": "<|fim_prefix|>", "<jupyter_text>": "<|fim_suffix|>",
+                 "<jupyter_code>": "<|fim_middle|>"}
+
+
 def _copy_tokenizer(source: GGUFReader, writer: GGUFWriter) -> None:
     for key, field in source.fields.items():
         if not key.startswith("tokenizer."):
             continue
         kind = field.types[0]
-        if kind == GGUFValueType.ARRAY:
+        if key == "tokenizer.ggml.tokens":
+            writer.add_array(key, [FIM_RESPELLED.get(t, t) for t in field.contents()])
+        elif kind == GGUFValueType.ARRAY:
             writer.add_array(key, field.contents())
         else:
             writer.add_key_value(key, field.contents(), kind)
