@@ -14,7 +14,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.errors import APIError, error_body
-from server.fill_in_middle import fim_prompt, fim_tokens
+from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
 from server.generation import (Usage, check_model, consume, encode_chat, overall_finish, ready_tokenizer, stopped,
                                submit, tokenize_batch)
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -81,6 +81,7 @@ class CompletionCall:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.tools = None  # a chat request's ToolUse (server/tool_calls.py)
+        self.infill_ends: list[int] = []  # tokens that end a fill-in-the-middle answer (server/fill_in_middle.py)
         self.reasoning = None  # how --reasoning-parser splits this request's answers, if it does
 
     @property
@@ -100,6 +101,7 @@ class CompletionCall:
             param = "prompt"
         self.num_choices = len(prompts) * body.n
         sampling = body.to_sampling()
+        sampling.stop_token_ids = list(dict.fromkeys(sampling.stop_token_ids + self.infill_ends))
         if self.chat:
             sampling = self.tools.show_tags(sampling)
             self.reasoning, sampling = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompts[0])
@@ -126,7 +128,9 @@ class CompletionCall:
             raise APIError(400, "suffix: this model has no fill-in-the-middle tokens (<|fim_prefix|>, "
                                 "<fim_prefix>, ...)", "suffix")
         prefixes = await tokenize_batch(self.state, given, "prompt", choices=self.body.n, special=False)
-        return [fim_prompt(tokenizer, tokens, prefix, self.body.suffix) for prefix in prefixes]
+        suffix = await asyncio.to_thread(tokenizer.encode, self.body.suffix, False)
+        self.infill_ends = fim_ends(tokenizer)
+        return [fim_prompt(leading_specials(tokenizer), tokens, prefix, suffix) for prefix in prefixes]
 
     def shown(self, out):
         """An output as the answer shows it: with `echo` and `max_tokens: 0` the one token the engine

@@ -146,7 +146,7 @@ def test_served_over_http_with_its_chat_template(dense, gguf, cache_dir):
     that prompt."""
     import openai
 
-    from server.fill_in_middle import fim_prompt, fim_tokens
+    from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
 
     tok = dense.tokenizer
     messages = [{"role": "user", "content": "Name a colour."}]
@@ -155,9 +155,13 @@ def test_served_over_http_with_its_chat_template(dense, gguf, cache_dir):
     before, after = "def add(a, b):\n    return", "\n\nprint(add(1, 2))\n"
     pre, suf, mid = fim_tokens(tok)
     assert [tok.token_text(i) for i in (pre, suf, mid)] == ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
-    infill = fim_prompt(tok, (pre, suf, mid), tok.encode(before, False), after)
-    assert infill == [pre, *tok.encode(before, False), suf, *tok.encode(after, False), mid]  # no BOS here
-    middle = tok.decode(dense.generate([infill], SamplingParams(temperature=0.0, max_tokens=8))[0][1])
+    assert leading_specials(tok) == []  # SmolLM2's tokenizer adds no BOS
+    infill = fim_prompt([], (pre, suf, mid), tok.encode(before, False), tok.encode(after, False))
+    assert infill == [pre, *tok.encode(before, False), suf, *tok.encode(after, False), mid]
+    ends = fim_ends(tok)
+    assert ends == [tok.token_id("<|endoftext|>")]
+    middle = tok.decode(dense.generate([infill], SamplingParams(temperature=0.0, max_tokens=8,
+                                                                stop_token_ids=ends))[0][1])
     server = ServerProcess("--model", str(gguf), "--cache-dir", str(cache_dir), "--device", "cpu",
                            "--dtype", "float32", "--max-num-seqs", "2", "--max-model-len", "512")
     try:

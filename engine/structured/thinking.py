@@ -18,9 +18,9 @@ is asked for and kept.
 """
 from __future__ import annotations
 
-import torch
-
 import threading
+
+import torch
 
 from engine.stop_strings import held_back
 from engine.structured.constraint import Constraint, StructuredOutputs
@@ -30,8 +30,8 @@ OPEN, CLOSE = b"<think>", b"</think>"
 
 
 class ThinkingMasks:
-    """An engine's masks of a thinking block's tags over its vocabulary, cached (requests build
-    them on the engine's thread, so a lock guards the cache). `token_bytes`: a callable returning
+    """An engine's masks of a thinking block's tags over its vocabulary, cached (each built once,
+    where a constrained sequence first asks for it; a lock keeps the cache whole). `token_bytes`: a callable returning
     each token's grammar bytes (None for special tokens); `piece_bytes`: token id -> the text it
     adds, special tokens' included."""
 
