@@ -28,7 +28,8 @@ def test_only_the_specials_before_a_text_lead_the_prompt():
 
 def test_each_spelling_is_found_and_the_first_the_vocabulary_has_whole_wins():
     for i, spelling in enumerate(SPELLINGS):
-        assert fim_tokens(Tok({text: 10 * i + j for j, text in enumerate(spelling)})) == (10 * i, 10 * i + 1, 10 * i + 2)
+        vocab = {text: 10 * i + j for j, text in enumerate(spelling)}
+        assert fim_tokens(Tok(vocab)) == (10 * i, 10 * i + 1, 10 * i + 2)
     partial = {"<|fim_prefix|>": 1, "<|fim_suffix|>": 2, "<fim_prefix>": 3, "<fim_suffix>": 4, "<fim_middle>": 5}
     assert fim_tokens(Tok(partial)) == (3, 4, 5) and fim_tokens(Tok({})) is None
     assert fim_ends(Tok({"<EOT>": 9, "<|fim_pad|>": 8})) == [9, 8]
