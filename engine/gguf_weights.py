@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,37 +70,44 @@ def rotary_order(rows: int, heads: int) -> torch.Tensor:
 
 def load_weights(gguf_path: Path) -> dict:
     """HF name -> QuantWeight for the GGUF's matrices in a supported format, fp32 tensors for the
-    rest; tensors no model reads (llama.cpp's rope_freqs, say) are left out."""
+    rest; tensors no model reads (llama.cpp's rope_freqs, say) are left out. The tensors' blocks are
+    decoded on the CPU threads at once (numpy, which lets go of the GIL: a 7B file's ~300 matrices
+    would take tens of seconds one after another); the reorderings follow on this thread."""
     gguf = GGUFFile(gguf_path)
     arch = gguf.fields["general.architecture"]
     heads = {"q_proj": gguf.fields[f"{arch}.attention.head_count"],
              "k_proj": gguf.fields[f"{arch}.attention.head_count_kv"]}
-    weights, skipped = {}, []
-    for tensor in gguf.tensors:
-        kind, name = tensor.tensor_type.name, hf_name(tensor.name, arch)
-        if name is None:
-            skipped.append(tensor.name)
-            continue
+    named = [(tensor, hf_name(tensor.name, arch)) for tensor in gguf.tensors]
+    skipped = [tensor.name for tensor, name in named if name is None]
+    named = [(tensor, name) for tensor, name in named if name is not None]
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        decoded = list(pool.map(lambda item: _decoded(*item), named))
+    weights = {}
+    for (tensor, name), values in zip(named, decoded):
         projection = name.split(".")[-2]
-        permuted = arch in ROTARY_PERMUTED and projection in heads
-        if "{}" in name:  # an expert's matrix each
-            for expert, data in enumerate(np.asarray(tensor.data)):
-                weights[name.format(expert)] = to_weight(kind, data, int(tensor.shape[0])) if kind in SUPPORTED \
-                    else _dense(data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape[:2])])
-            continue
-        if kind in SUPPORTED and name.endswith(".weight") and len(tensor.shape) == 2:
-            weight = to_weight(kind, np.asarray(tensor.data), int(tensor.shape[0]))
-            weights[name] = unpermute_rotary(weight, heads[projection]) if permuted else weight
-            continue
-        dense = _dense(tensor.data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape)])
-        if permuted:
-            dense = dense[rotary_order(dense.shape[0], heads[projection])].contiguous()
-        if arch in GEMMA and name.endswith("norm.weight"):
-            dense = dense - 1.0
-        weights[name] = dense
+        for key, value in values:
+            if arch in ROTARY_PERMUTED and projection in heads and "{}" not in name:
+                value = unpermute_rotary(value, heads[projection]) if isinstance(value, QuantWeight) \
+                    else value[rotary_order(value.shape[0], heads[projection])].contiguous()
+            if arch in GEMMA and name.endswith("norm.weight"):
+                value = value - 1.0
+            weights[key] = value
     if skipped:
         log.info("GGUF tensors no model reads, left out: %s", ", ".join(skipped))
     return weights
+
+
+def _decoded(tensor, name: str) -> list[tuple[str, QuantWeight | torch.Tensor]]:
+    """One tensor's (HF name, value) pairs as the file holds them (several for a stack of experts):
+    QuantWeights for matrices in a supported format, fp32 tensors otherwise. numpy work only."""
+    kind = tensor.tensor_type.name
+    if "{}" in name:  # an expert's matrix each
+        return [(name.format(expert), to_weight(kind, data, int(tensor.shape[0])) if kind in SUPPORTED
+                 else _dense(data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape[:2])]))
+                for expert, data in enumerate(np.asarray(tensor.data))]
+    if kind in SUPPORTED and name.endswith(".weight") and len(tensor.shape) == 2:
+        return [(name, to_weight(kind, np.asarray(tensor.data), int(tensor.shape[0])))]
+    return [(name, _dense(tensor.data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape)]))]
 
 
 def _dense(data, tensor_type, shape: list[int]) -> torch.Tensor:
