@@ -13,6 +13,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
                       field_validator, model_validator)
 
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
+from engine.structured.gbnf import GrammarError, gbnf_regex
 from engine.tokenizer import ChatOptions
 from server import template_tools
 from server.tool_calls import calls_schema, parse_calls
@@ -299,16 +300,13 @@ class SamplingRequest(RequestBody):
         return self.ffn_skip.to_params() if self.ffn_skip else None
 
 
-NO_GRAMMARS = "grammars (EBNF, GBNF, Lark) are not supported here: hold the answer with regex, choice or json"
-
-
 class GuidedOutput(Strict):
     """vLLM's `structured_outputs`: the one thing the whole answer is held to."""
     json_: Union[dict, str, None] = Field(None, alias="json")  # a JSON schema (or its text, as vLLM takes it)
     regex: Optional[str] = None
     choice: Optional[list[str]] = None
     json_object: Optional[StrictBool] = None
-    grammar: null_only(NO_GRAMMARS) = None
+    grammar: Optional[str] = None  # GBNF (engine/structured/gbnf.py)
     structural_tag: null_only("structural tags are not supported here") = None
 
 
@@ -323,8 +321,9 @@ class CommonRequest(SamplingRequest):
     guided_json: Union[dict, str, None] = None  # vLLM's older names for the same
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
-    guided_grammar: null_only(NO_GRAMMARS) = None
+    guided_grammar: Optional[str] = None
     guided_decoding_backend: Optional[str] = None  # one backend here: accepted, no effect
+    grammar: Optional[str] = None  # llama.cpp's: a GBNF grammar the answer follows
 
     def choices_sampling(self, logprobs: int | None, max_tokens: int | None,
                          max_tokens_param: str = "max_tokens") -> SamplingParams:
@@ -341,20 +340,23 @@ class CommonRequest(SamplingRequest):
         return params
 
     def guided(self) -> tuple[str, Any, str] | None:
-        """What `structured_outputs` (or a `guided_*` field) holds the answer to: ("schema", a JSON
-        schema, its field), ("regex", a regex the whole answer matches, its field) or ("choices",
-        the strings, its field); None where nothing is."""
-        given = {f"structured_outputs.{k}": v for k, v in (("json", self.structured_outputs.json_),
-                 ("regex", self.structured_outputs.regex), ("choice", self.structured_outputs.choice),
-                 ("json_object", self.structured_outputs.json_object or None))} if self.structured_outputs else {}
-        given |= {"guided_json": self.guided_json, "guided_regex": self.guided_regex, "guided_choice": self.guided_choice}
+        """What `structured_outputs` (or a `guided_*` field, or llama.cpp's `grammar`) holds the answer
+        to: ("schema", a JSON schema, its field), ("regex", a regex the whole answer matches, its
+        field: a GBNF grammar's too, engine/structured/gbnf.py) or ("choices", the strings, its
+        field); None where nothing is."""
+        outputs = self.structured_outputs
+        given = {f"structured_outputs.{k}": v for k, v in (("json", outputs.json_), ("regex", outputs.regex),
+                 ("choice", outputs.choice), ("json_object", outputs.json_object or None),
+                 ("grammar", outputs.grammar))} if outputs else {}
+        given |= {"guided_json": self.guided_json, "guided_regex": self.guided_regex, "guided_choice": self.guided_choice,
+                  "guided_grammar": self.guided_grammar, "grammar": self.grammar}
         given = {k: v for k, v in given.items() if v is not None}
         if len(given) > 1:
             raise InvalidParamError(f"{' and '.join(given)} both hold the answer: give one of them", list(given)[1])
         if not given:
             if self.structured_outputs is not None:
-                raise InvalidParamError("structured_outputs needs one of json, regex, choice or json_object",
-                                        "structured_outputs")
+                raise InvalidParamError("structured_outputs needs one of json, regex, choice, json_object or "
+                                        "grammar", "structured_outputs")
             return None
         (param, value), = given.items()
         kind = param.rsplit(".", 1)[-1].removeprefix("guided_")
@@ -371,6 +373,13 @@ class CommonRequest(SamplingRequest):
             return "schema", value, param
         if kind == "regex":
             return "regex", value, param
+        if kind == "grammar":
+            try:
+                return "regex", gbnf_regex(value), param
+            except GrammarError as exc:
+                raise InvalidParamError(f"{param}: {exc}", param) from None
+            except RecursionError:
+                raise InvalidParamError(f"{param}: the grammar is nested too deeply", param) from None
         return "choices", tuple(value), param
 
     @property

@@ -123,6 +123,21 @@ def test_a_regex_on_completions_streams_what_it_answers_whole(client):
     assert streamed == whole.text
 
 
+def test_a_gbnf_grammar_holds_the_answer_in_each_field_that_takes_one(client):
+    """llama.cpp's `grammar`, vLLM's `structured_outputs.grammar` and `guided_grammar`: the answer is
+    one the grammar derives (rules inlined, a class, a bounded repetition), streamed as it is whole."""
+    grammar = 'root ::= verdict " (" score "/10)"\nverdict ::= "good" | "bad" # two words\nscore ::= [1-9] | "10"'
+    derived = re.compile(r"(good|bad) \(([1-9]|10)/10\)")
+    for extra in ({"grammar": grammar}, {"structured_outputs": {"grammar": grammar}}, {"guided_grammar": grammar}):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=20, temperature=0, extra_body=extra)
+        assert derived.fullmatch(r.choices[0].message.content) and r.choices[0].finish_reason == "stop", r
+    kwargs = dict(model=MODEL, prompt="The review says the film is", max_tokens=20, temperature=0,
+                  extra_body={"grammar": grammar})
+    whole = client.completions.create(**kwargs).choices[0].text
+    assert derived.fullmatch(whole)
+    assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices) == whole
+
+
 def test_guided_json_holds_the_answer_as_response_format_does(client):
     schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
               "required": ["answer"], "additionalProperties": False}
@@ -140,8 +155,11 @@ def test_guided_json_holds_the_answer_as_response_format_does(client):
     ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
      "structured_outputs.choice", "give one"),
     ({"structured_outputs": {"regex": "a"}, "guided_choice": ["a"]}, "guided_choice", "give one"),
-    ({"structured_outputs": {"grammar": "root ::= \"a\""}}, "structured_outputs.grammar", "not supported"),
-    ({"guided_grammar": "root ::= \"a\""}, "guided_grammar", "not supported"),
+    ({"structured_outputs": {"grammar": "root ::= \"a\" root | \"b\""}}, "structured_outputs.grammar",
+     "refers to itself"),
+    ({"guided_grammar": "answer ::= \"a\""}, "guided_grammar", "no `root`"),
+    ({"grammar": "root ::= \"a\" (", "guided_regex": "a"}, "grammar", "give one"),
+    ({"grammar": "root ::= [a-z", "max_tokens": 2}, "grammar", "closing bracket"),
     ({"structured_outputs": {}}, "structured_outputs", "needs one of"),
     ({"structured_outputs": {"regex": "(a"}}, "structured_outputs.regex", "ends too early"),
     ({"guided_json": "{not json"}, "guided_json", "JSON schema"),
