@@ -17,6 +17,8 @@ CASES = [  # grammar, answers it derives, answers it does not
     ('root ::= ( "a" | "b" )+ "!"?', ["ab", "ba!", "a"], ["", "!", "ab!!"]),
     ('root ::= "(" . ")"', ["(\n)", "(x)", "(é)"], ["()", "(xy)"]),
     ('root ::= ""', [""], ["a"]),
+    ('root ::= item "," root | item\nitem ::= [a-z]+', ["a", "ab,c,d"], ["", "a,", ",a"]),  # tail recursion
+    ('root ::= "[" list "]"\nlist ::= "x" | "x" list | "y" list', ["[x]", "[yyx]", "[xyx]"], ["[]", "[y]"]),
 ]
 
 
@@ -30,7 +32,8 @@ def test_each_construct_derives_what_it_says(grammar, derived, underived):
 
 
 @pytest.mark.parametrize("grammar, words", [
-    ('root ::= "a" root | "b"', "refers to itself (root -> root)"),
+    ('root ::= "a" root "b" | "c"', "refers to itself (root -> root)"),
+    ('root ::= "a" root', "never ends"),
     ('root ::= x\nx ::= y\ny ::= "(" x ")" | "z"', "refers to itself (x -> y -> x)"),
     ('answer ::= "a"', "no `root`"),
     ('root ::= missing', "named but not defined"),

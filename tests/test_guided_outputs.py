@@ -155,7 +155,7 @@ def test_guided_json_holds_the_answer_as_response_format_does(client):
     ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
      "structured_outputs.choice", "give one"),
     ({"structured_outputs": {"regex": "a"}, "guided_choice": ["a"]}, "guided_choice", "give one"),
-    ({"structured_outputs": {"grammar": "root ::= \"a\" root | \"b\""}}, "structured_outputs.grammar",
+    ({"structured_outputs": {"grammar": "root ::= \"(\" root \")\" | \"b\""}}, "structured_outputs.grammar",
      "refers to itself"),
     ({"guided_grammar": "answer ::= \"a\""}, "guided_grammar", "no `root`"),
     ({"grammar": "root ::= \"a\" (", "guided_regex": "a"}, "grammar", "give one"),

@@ -6,9 +6,11 @@ The notation: rules `name ::= body`, `root` the answer's; in a body, "literals" 
 (`[^...]` negated, ranges `a-z`) with the escapes \\n \\r \\t \\\\ \\" \\[ \\] \\xHH \\uHHHH
 \\UHHHHHHHH, `.` (any character), rule names, ( groups ), alternatives `|`, and the repetitions
 `* + ?`, `{m}`, `{m,}`, `{m,n}`, `{,n}`; `#` comments to the end of a line. Rules are inlined
-where they are named, so a rule that refers to itself, directly or through others (JSON's nesting,
-balanced brackets), makes a language no regular expression holds: such grammars are refused, by
-the rule's name. So are grammars too large for the automaton (whole_text.py's limits).
+where they are named. A rule whose alternatives end in the rule itself (`list ::= item "," list |
+item`) is a repetition: those alternatives' heads any number of times, then one of the others.
+Any other reference of a rule to itself, directly or through others (JSON's nesting, balanced
+brackets), makes a language no regular expression holds: such grammars are refused, by the rule's
+name. So are grammars too large for the automaton (whole_text.py's limits).
 """
 from __future__ import annotations
 
@@ -56,8 +58,8 @@ class _Parser:
         self.at = at
         return found
 
-    def rules(self) -> dict[str, str]:
-        """Each rule's body as an expression, rule names left as `\\0name\\0` marks."""
+    def rules(self) -> dict[str, list[str]]:
+        """Each rule's alternatives as expressions, rule names left as `\\0name\\0` marks."""
         rules = {}
         self.skip()
         while self.at < len(self.text):
@@ -68,16 +70,19 @@ class _Parser:
             if name in rules:
                 self.fail(f"rule {name!r} is defined twice")
             self.at += 3
-            rules[name] = self.alternatives()
+            rules[name] = self.options()
             self.skip()
         return rules
 
-    def alternatives(self) -> str:
+    def options(self) -> list[str]:
         options = [self.sequence()]
         while self.at < len(self.text) and self.text[self.at] == "|":
             self.at += 1
             options.append(self.sequence())
-        return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
+        return options
+
+    def alternatives(self) -> str:
+        return _either(self.options())
 
     def sequence(self) -> str:
         parts = []
@@ -180,6 +185,10 @@ class _Parser:
         return atom + "{" + (low or "0") + comma + high + "}"
 
 
+def _either(options: list[str]) -> str:
+    return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
+
+
 def _escaped(char: str) -> str:
     """A character as the expression writes it (in or out of a class)."""
     if char in SPECIAL or char == "-":
@@ -207,9 +216,19 @@ def gbnf_regex(grammar: str) -> str:
                                "language; hold JSON with response_format or structured_outputs.json")
         if name not in rules:
             raise GrammarError(f"rule {name!r} is named but not defined")
-        pieces = rules[name].split("\0")  # odd pieces are rule names
-        out = "".join(piece if i % 2 == 0 else "(?:" + expand(piece, path + (name,)) + ")"
-                      for i, piece in enumerate(pieces))
+        mark = "\0" + name + "\0"
+        heads = [option[:-len(mark)] for option in rules[name] if option.endswith(mark)]  # name ::= head name
+        ends = [option for option in rules[name] if not option.endswith(mark)]
+        if heads and not ends:
+            raise GrammarError(f"rule {name!r} never ends: each of its alternatives ends in itself")
+
+        def written(expression: str) -> str:  # odd pieces are rule names
+            return "".join(piece if i % 2 == 0 else "(?:" + expand(piece, path + (name,)) + ")"
+                           for i, piece in enumerate(expression.split("\0")))
+
+        out = written(_either(ends))
+        if heads:
+            out = "(?:" + written(_either(heads)) + ")*" + "(?:" + out + ")"
         if len(out) > MAX_REGEX:
             raise GrammarError(f"the grammar is too large once its rules are written out (over {MAX_REGEX} "
                                "characters)")
