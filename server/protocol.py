@@ -324,6 +324,7 @@ class CommonRequest(SamplingRequest):
     guided_grammar: Optional[str] = None
     guided_decoding_backend: Optional[str] = None  # one backend here: accepted, no effect
     grammar: Optional[str] = None  # llama.cpp's: a GBNF grammar the answer follows
+    json_schema: Union[dict, None] = None  # llama.cpp's: a JSON schema the answer follows
 
     def choices_sampling(self, logprobs: int | None, max_tokens: int | None,
                          max_tokens_param: str = "max_tokens") -> SamplingParams:
@@ -349,7 +350,7 @@ class CommonRequest(SamplingRequest):
                  ("choice", outputs.choice), ("json_object", outputs.json_object or None),
                  ("grammar", outputs.grammar))} if outputs else {}
         given |= {"guided_json": self.guided_json, "guided_regex": self.guided_regex, "guided_choice": self.guided_choice,
-                  "guided_grammar": self.guided_grammar, "grammar": self.grammar}
+                  "guided_grammar": self.guided_grammar, "grammar": self.grammar, "json_schema": self.json_schema}
         given = {k: v for k, v in given.items() if v is not None}
         if len(given) > 1:
             raise InvalidParamError(f"{' and '.join(given)} both hold the answer: give one of them", list(given)[1])
@@ -359,7 +360,7 @@ class CommonRequest(SamplingRequest):
                                         "grammar", "structured_outputs")
             return None
         (param, value), = given.items()
-        kind = param.rsplit(".", 1)[-1].removeprefix("guided_")
+        kind = {"json_schema": "json"}.get(param) or param.rsplit(".", 1)[-1].removeprefix("guided_")
         if kind == "json_object":
             return "schema", {"type": "object"}, param
         if kind == "json":

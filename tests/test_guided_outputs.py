@@ -141,7 +141,7 @@ def test_a_gbnf_grammar_holds_the_answer_in_each_field_that_takes_one(client):
 def test_guided_json_holds_the_answer_as_response_format_does(client):
     schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
               "required": ["answer"], "additionalProperties": False}
-    for extra in ({"structured_outputs": {"json": schema}}, {"guided_json": json.dumps(schema)}):
+    for extra in ({"structured_outputs": {"json": schema}}, {"guided_json": json.dumps(schema)}, {"json_schema": schema}):
         r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=0, extra_body=extra)
         assert json.loads(r.choices[0].message.content) in ({"answer": "yes"}, {"answer": "no"}), r
     r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=0,
