@@ -40,7 +40,8 @@ BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K
 SUPPORTED = tuple(BLOCK_BYTES)
 BLOCK_WEIGHTS = {kind: 256 if kind.endswith(("_K", "_XS")) else 32 for kind in SUPPORTED}
 IQ4_TABLE = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
-TWO_BIT_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8)
+TWO_BIT_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -51,6 +52,18 @@ def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
 def _nibbles(packed: np.ndarray) -> np.ndarray:
     """[..., 16] bytes -> [..., 32] values: low nibbles, then high nibbles."""
     return np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
+
+
+def _bit_planes(packed: np.ndarray) -> np.ndarray:
+    """[..., 32] bytes -> [..., 8, 32] of 0/1: plane i holds bit i of each byte."""
+    return packed[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None] & 1
+
+
+def _crumbs(packed: np.ndarray) -> np.ndarray:
+    """[..., 64] bytes of 2-bit values -> [..., 8, 32]: the first 32 bytes' bits 0-1, 2-3, 4-5, 6-7,
+    then the next 32 bytes' (Q2_K's and Q3_K's low bits, Q6_K's high bits)."""
+    runs = packed.reshape(*packed.shape[:-1], 2, 1, 32) >> TWO_BIT_SHIFTS[:, None] & 3
+    return runs.reshape(*packed.shape[:-1], 8, 32)
 
 
 def _high_bits(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -73,7 +86,7 @@ def _k_sub_blocks(packed: np.ndarray) -> np.ndarray:
     """K-quants' 128 bytes of nibbles -> [rows, blocks, 8, 32]: chunk c's low nibbles are sub-block
     2c, its high nibbles sub-block 2c + 1."""
     chunks = packed.reshape(*packed.shape[:-1], 4, 1, 32)
-    return (chunks >> np.array([0, 4], dtype=np.uint8).reshape(2, 1) & 0x0F).reshape(*packed.shape[:-1], 8, 32)
+    return (chunks >> NIBBLE_SHIFTS[:, None] & 0x0F).reshape(*packed.shape[:-1], 8, 32)
 
 
 def _decode(kind: str, b: np.ndarray):
@@ -98,34 +111,30 @@ def _decode(kind: str, b: np.ndarray):
         scale, offset = (d * scales).reshape(rows, -1), (-(dmin * mins)).reshape(rows, -1)
         if kind == "Q4_K":
             return _k_sub_blocks(b[..., 16:144]).reshape(rows, -1, 32), scale, offset, 4
-        high = (b[..., 16:48, None] >> np.arange(8, dtype=np.uint8) & 1).swapaxes(-1, -2)  # [rows, blocks, 8, 32]
-        q = _k_sub_blocks(b[..., 48:176]) | (high << 4)
+        q = _k_sub_blocks(b[..., 48:176]) | (_bit_planes(b[..., 16:48]) << 4)
         return q.reshape(rows, -1, 32), scale, offset, 8
     if kind == "Q6_K":
-        low = b[..., 0:128].reshape(rows, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1) & 0x0F
-        high = b[..., 128:192].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1) & 3
-        q = low.reshape(rows, -1, 2, 4, 32) | (high << 4)  # halves of 128: 4 runs of 32
+        low = b[..., 0:128].reshape(rows, -1, 2, 1, 64) >> NIBBLE_SHIFTS[:, None] & 0x0F
+        q = low.reshape(rows, -1, 8, 32) | (_crumbs(b[..., 128:192]) << 4)  # halves of 128: 4 runs of 32
         scale = _f16(b, 208)[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
         return q.astype(np.int8).reshape(rows, -1, 16) - 32, scale.reshape(rows, -1), None, 8
     if kind == "Q2_K":  # per 128 weights, 32 bytes: group 2s + h is bits 2s..2s+1 of bytes 16h..16h+15
-        q = b[..., 16:80].reshape(rows, -1, 2, 1, 32) >> TWO_BIT_SHIFTS & 3
+        q = _crumbs(b[..., 16:80])
         d, dmin = _f16(b, 80)[..., None], _f16(b, 82)[..., None]
         scale, offset = d * (b[..., 0:16] & 0x0F), -(dmin * (b[..., 0:16] >> 4))
         return q.reshape(rows, -1, 16), scale.reshape(rows, -1), offset.reshape(rows, -1), 8
     if kind == "Q3_K":  # the lows as Q2_K's; group g's high bit is bit g // 2 of the 32 bytes
-        low = (b[..., 32:96].reshape(rows, -1, 2, 1, 32) >> TWO_BIT_SHIFTS & 3).reshape(rows, -1, 8, 32)
-        high = b[..., 0:32].reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1) & 1
-        q = low.astype(np.int8) + (high.astype(np.int8) << 2) - 4
+        q = _crumbs(b[..., 32:96]).astype(np.int8) + (_bit_planes(b[..., 0:32]).astype(np.int8) << 2) - 4
         packed = b[..., 96:108]
-        six = np.concatenate([packed[..., 0:8] & 0x0F, packed[..., 0:8] >> 4], axis=-1) | \
-            ((packed[..., 8:12].reshape(rows, -1, 1, 4) >> TWO_BIT_SHIFTS & 3).reshape(rows, -1, 16) << 4)
+        six = _nibbles(packed[..., 0:8]) | \
+            ((packed[..., 8:12].reshape(rows, -1, 1, 4) >> TWO_BIT_SHIFTS[:, None] & 3).reshape(rows, -1, 16) << 4)
         scale = _f16(b, 108)[..., None] * (six.astype(np.float32) - 32)
         return q.reshape(rows, -1, 16), scale.reshape(rows, -1), None, 8
     if kind == "IQ4_NL":
         return IQ4_TABLE[_nibbles(b[..., 2:18])], _f16(b, 0), None, 8
     if kind == "IQ4_XS":
         highs = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)  # [rows, blocks, 1]
-        six = ((b[..., 4:8, None] >> np.array([0, 4], dtype=np.uint8) & 0x0F).reshape(rows, -1, 8)
+        six = ((b[..., 4:8, None] >> NIBBLE_SHIFTS & 0x0F).reshape(rows, -1, 8)
                | (highs >> (2 * np.arange(8, dtype=np.uint16)) & 3).astype(np.uint8) << 4)
         scale = _f16(b, 0)[..., None] * (six.astype(np.float32) - 32)
         q = IQ4_TABLE[_nibbles(b[..., 8:136].reshape(rows, -1, 8, 16))]
