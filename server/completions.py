@@ -130,7 +130,8 @@ class CompletionCall:
         prefixes = await tokenize_batch(self.state, given, "prompt", choices=self.body.n, special=False)
         suffix = await asyncio.to_thread(tokenizer.encode, self.body.suffix, False)
         self.infill_ends = fim_ends(tokenizer)
-        return [fim_prompt(leading_specials(tokenizer), tokens, prefix, suffix) for prefix in prefixes]
+        lead = leading_specials(tokenizer)
+        return [fim_prompt(lead, tokens, prefix, suffix) for prefix in prefixes]
 
     def shown(self, out):
         """An output as the answer shows it: with `echo` and `max_tokens: 0` the one token the engine

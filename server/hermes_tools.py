@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from engine.stop_strings import held_back
-from server.tool_calls import MAX_PARALLEL_CALLS, _no_constant, call_bodies
+from server.tool_calls import MAX_PARALLEL_CALLS, _no_constant, call_bodies, names_a_tool
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -34,8 +34,7 @@ def parse(text: str, tools: list[dict], parallel: bool) -> tuple[str | None, lis
             call = json.loads(body, parse_constant=_no_constant)  # NaN and Infinity are no JSON
         except (ValueError, RecursionError):
             return None
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"] in names
-                and isinstance(call.get("arguments", {}), dict)):
+        if not (names_a_tool(call, names) and isinstance(call.get("arguments", {}), dict)):
             return None
         calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
         at = -1 if end < 0 else text.find(OPEN, end)

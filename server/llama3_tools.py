@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from server.tool_calls import MAX_PARALLEL_CALLS, _no_constant, call_bodies
+from server.tool_calls import MAX_PARALLEL_CALLS, _no_constant, call_bodies, names_a_tool
 
 TAG = "<|python_tag|>"
 ASKS = '"parameters": dictionary of argument name'  # the official templates' instruction
@@ -29,8 +29,7 @@ def parse(text: str, tools: list[dict], parallel: bool) -> tuple[None, list[dict
         except (ValueError, RecursionError):
             return None
         arguments = call.get("parameters", call.get("arguments", {})) if isinstance(call, dict) else None
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"] in names
-                and isinstance(arguments, dict)
+        if not (names_a_tool(call, names) and isinstance(arguments, dict)
                 and set(call) <= {"name", "parameters", "arguments"}):
             return None
         calls.append({"name": call["name"], "arguments": arguments})

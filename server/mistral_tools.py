@@ -16,11 +16,11 @@ import json
 import re
 
 from engine.stop_strings import held_back
-from server.tool_calls import MAX_PARALLEL_CALLS, _no_constant, call_bodies
+from server.tool_calls import MAX_PARALLEL_CALLS, _no_constant, call_bodies, names_a_tool
 
 TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
 TAG_IS_SPECIAL = True  # the answer's text keeps special tokens where calls may come (ToolUse.show_tags)
-NAMED = re.compile(r"\s*([A-Za-z0-9_.\-]+)\s*(?:\[ARGS\])?\s*")  # the later form's `name[ARGS]`
+NAMED = re.compile(r"\s*([A-Za-z0-9_.\-]+)\s*(?:" + re.escape(ARGS) + r")?\s*")  # the later form's `name[ARGS]`
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -52,8 +52,7 @@ def _listed(body: str, names: set[str]) -> list[dict] | None:
         return None
     calls = []
     for call in value if isinstance(value, list) else [value]:
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"] in names
-                and set(call) <= {"name", "arguments", "id"}):
+        if not (names_a_tool(call, names) and set(call) <= {"name", "arguments", "id"}):
             return None
         arguments = call.get("arguments", {})
         if isinstance(arguments, str):  # arguments as JSON text, as some fine-tunes write them

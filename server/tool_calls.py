@@ -171,6 +171,12 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def names_a_tool(call, names: set[str]) -> bool:
+    """Whether a value the model wrote is an object naming one of the listed tools (a name that is
+    no string, a list say, is none of them: no unhashable lookup)."""
+    return isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"] in names
+
+
 def parse_calls(text: str, tools: list[dict], parallel: bool = True, listed: bool = False) -> list[dict] | None:
     """The answer's tool calls in OpenAI's shape, or None when it is not a call in the format above
     (a list only with `parallel` or `listed`, of at most MAX_PARALLEL_CALLS, one without `parallel`;
@@ -184,8 +190,8 @@ def parse_calls(text: str, tools: list[dict], parallel: bool = True, listed: boo
     calls = value if isinstance(value, list) else [value]
     names = {t["name"] for t in tools}
     if not calls or len(calls) > (MAX_PARALLEL_CALLS if parallel else 1) or \
-            not all(isinstance(c, dict) and set(c) == {"name", "arguments"} and isinstance(c["name"], str)
-                    and c["name"] in names and isinstance(c["arguments"], dict) for c in calls):
+            not all(names_a_tool(c, names) and set(c) == {"name", "arguments"} and isinstance(c["arguments"], dict)
+                    for c in calls):
         return None
     return call_bodies(calls)
 

@@ -31,9 +31,9 @@ OPEN, CLOSE = b"<think>", b"</think>"
 
 class ThinkingMasks:
     """An engine's masks of a thinking block's tags over its vocabulary, cached (each built once,
-    where a constrained sequence first asks for it; a lock keeps the cache whole). `token_bytes`: a callable returning
-    each token's grammar bytes (None for special tokens); `piece_bytes`: token id -> the text it
-    adds, special tokens' included."""
+    where a constrained sequence first asks for it; a lock keeps the cache whole). `token_bytes`: a
+    callable returning each token's grammar bytes (None for special tokens); `piece_bytes`: token
+    id -> the text it adds, special tokens' included."""
 
     def __init__(self, token_bytes, piece_bytes, width: int, eos_ids: set[int]):
         self._token_bytes, self._piece_bytes, self._width, self._eos_ids = token_bytes, piece_bytes, width, eos_ids
