@@ -15,7 +15,7 @@ name. So are grammars too large for the automaton (whole_text.py's limits).
 from __future__ import annotations
 
 MAX_REGEX = 64 * 1024  # characters of the expression a grammar becomes
-SPECIAL = set("\\^$.|?*+()[]{}/")  # written escaped in the expression
+SPECIAL = set("\\^$.|?*+()[]{}/-")  # written escaped in the expression (`-` for classes)
 NAMED_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "[": "[", "]": "]", "-": "-", "/": "/"}
 
 
@@ -191,7 +191,7 @@ def _either(options: list[str]) -> str:
 
 def _escaped(char: str) -> str:
     """A character as the expression writes it (in or out of a class)."""
-    if char in SPECIAL or char == "-":
+    if char in SPECIAL:
         return "\\" + char
     if char in "\n\r\t":
         return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}[char]
