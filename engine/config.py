@@ -36,13 +36,17 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     partial_rotary_factor: float = 1.0  # the share of each head's dimensions rotated (Phi-4-mini's 0.75)
-    # mixture of experts (Qwen3-MoE): experts per layer, experts per token, an expert's FFN width,
-    # whether the chosen experts' weights are renormalized to sum to 1
+    # mixture of experts (Qwen3-MoE, gpt-oss): experts per layer, experts per token, an expert's FFN
+    # width, whether the chosen experts' weights are renormalized to sum to 1
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     moe_dense_layers: bool = False  # some layers of a mixture of experts are dense (not supported)
+    # gpt-oss's clamped SwiGLU: gate <= limit, up within +-limit, gate * sigmoid(alpha * gate) * (up + 1)
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    quantization: str | None = None  # a HF checkpoint's quantization_config method (gpt-oss's mxfp4, AWQ, GPTQ, ...)
 
     def __post_init__(self):
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
@@ -108,6 +112,10 @@ class ModelConfig:
             moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
             moe_dense_layers=bool(raw.get("mlp_only_layers")) or raw.get("decoder_sparse_step", 1) not in (None, 1),
+            swiglu_limit=raw.get("swiglu_limit", 7.0),
+            swiglu_alpha=raw.get("swiglu_alpha", 1.702),
+            quantization=(raw.get("quantization_config") or {}).get("quant_method", "unnamed") \
+            if raw.get("quantization_config") else None,
         )
 
 

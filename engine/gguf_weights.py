@@ -43,6 +43,9 @@ GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "p
 GEMMA = {"gemma2", "gemma3"}
 # Phi-3 stores q|k|v and gate|up fused, as its checkpoints do
 PHI3 = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+# gpt-oss: its FFN's input norm, its router (with a bias) under transformers' names; the per-head
+# attention sinks (a parameter of the attention, no `.weight` in transformers)
+GPT_OSS = {"post_attention_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.router"}
 ROTARY_PERMUTED = {"llama"}  # architectures whose q/k rows llama.cpp's converter reorders (Mistral's files say llama)
 
 
@@ -53,8 +56,10 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if not match:
         return None
     layer, part, kind = match.groups()
-    name = (GEMMA_NORMS.get(part) if arch in GEMMA else PHI3.get(part) if arch == "phi3" else None) \
-        or IN_LAYER.get(part)
+    if part == "attn_sinks":
+        return f"model.layers.{layer}.self_attn.sinks"
+    own = GEMMA_NORMS if arch in GEMMA else PHI3 if arch == "phi3" else GPT_OSS if arch == "gpt-oss" else {}
+    name = own.get(part) or IN_LAYER.get(part)
     return f"model.layers.{layer}.{name}.{kind}" if name else None
 
 
@@ -101,9 +106,10 @@ def _decoded(tensor, name: str) -> list[tuple[str, QuantWeight | torch.Tensor]]:
     """One tensor's (HF name, value) pairs as the file holds them (several for a stack of experts):
     QuantWeights for matrices in a supported format, fp32 tensors otherwise. numpy work only."""
     kind = tensor.tensor_type.name
-    if "{}" in name:  # an expert's matrix each
-        return [(name.format(expert), to_weight(kind, data, int(tensor.shape[0])) if kind in SUPPORTED
-                 else _dense(data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape[:2])]))
+    if "{}" in name:  # an expert's matrix (or bias) each
+        return [(name.format(expert), to_weight(kind, data, int(tensor.shape[0]))
+                 if kind in SUPPORTED and name.endswith(".weight")
+                 else _dense(data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape[:-1])]))
                 for expert, data in enumerate(np.asarray(tensor.data))]
     if kind in SUPPORTED and name.endswith(".weight") and len(tensor.shape) == 2:
         return [(name, to_weight(kind, np.asarray(tensor.data), int(tensor.shape[0])))]

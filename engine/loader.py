@@ -155,12 +155,18 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
     tmp = _unique(target)
     tmp.mkdir(parents=True)
     try:
-        kw = dict(gguf_file=gguf_path.name)
-        config = AutoConfig.from_pretrained(str(gguf_path.parent), **kw)
+        source = gguf_path
+        misread = MISREAD_KEYS.get(gguf.fields.get("general.architecture"))
+        if misread:  # transformers reads a copy of the metadata without them; complete_config reads them
+            source = metadata_copy(gguf_path, _unique(tmp / "metadata.gguf"), misread)
+        kw = dict(gguf_file=source.name)
+        config = AutoConfig.from_pretrained(str(source.parent), **kw)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         complete_config(config, gguf)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), **kw)
+        if source != gguf_path:
+            source.unlink()
         generation = GenerationConfig.from_model_config(config)
         generation.eos_token_id = end_of_generation_ids(gguf.fields, tokenizer, config.eos_token_id)
         config.save_pretrained(tmp)
@@ -177,16 +183,45 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
                 time.perf_counter() - t0)
 
 
+# per architecture, metadata keys transformers' GGUF reader fails on (gpt-oss's rope scaling: it takes
+# each key's length for its value and raises)
+MISREAD_KEYS = {"gpt-oss": ("gpt-oss.rope.scaling.",)}
+
+
+def metadata_copy(gguf_path: Path, target: Path, drop: tuple[str, ...]) -> Path:
+    """A GGUF of `gguf_path`'s metadata (no tensors) less the keys that start with one of `drop`."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(str(gguf_path))
+    writer = GGUFWriter(str(target), str(reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "general.architecture")) or key.startswith(drop):
+            continue
+        if field.types[0] == GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), field.types[0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return target
+
+
 # chat models' end-of-turn tokens, which llama.cpp also ends a generation on where a GGUF lists one
 # as a special token, whatever its eos id says (Phi-3's eos is <|endoftext|>, its turns end <|end|>)
 END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>",
-               "<｜end▁of▁sentence｜>", "<|return|>")
+               "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>")
+# harmony's (gpt-oss): `<|end|>` closes a message within an answer (the thinking, before the final
+# one), so it ends no generation where `<|return|>` (the answer's end) is a token; llama.cpp's rule
+HARMONY_END, HARMONY_RETURN = "<|end|>", "<|return|>"
 
 
 def complete_config(config, gguf) -> None:
     """What transformers' GGUF reader leaves out of some architectures' configs, from the file."""
     fields = gguf.fields
     arch = fields.get("general.architecture")
+    # llama.cpp's rule (transformers' too, but its reader of a metadata copy sees no tensors)
+    config.tie_word_embeddings = not any(t.name == "output.weight" for t in gguf.tensors)
     # no head width for some (Qwen3: its config's default, 128)
     key_length = fields.get(f"{arch}.attention.key_length")
     if key_length is not None and getattr(config, "head_dim", None) not in (None, key_length):
@@ -194,6 +229,8 @@ def complete_config(config, gguf) -> None:
     expert_width = fields.get(f"{arch}.expert_feed_forward_length")  # Qwen3-MoE's: transformers reads none
     if expert_width and hasattr(config, "moe_intermediate_size"):
         config.moe_intermediate_size = expert_width
+    elif expert_width and arch == "gpt-oss":  # its intermediate_size is its experts' width
+        config.intermediate_size = expert_width
     rotated, width = fields.get(f"{arch}.rope.dimension_count"), getattr(config, "head_dim", None) or \
         config.hidden_size // config.num_attention_heads
     if rotated and rotated != width:  # part of each head rotated (Phi-4-mini)
@@ -206,9 +243,19 @@ def complete_config(config, gguf) -> None:
     if arch == "gemma2":  # the file has no query scale: llama.cpp's rule, head_dim but 27B's hidden / heads
         config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads
                                         if config.num_hidden_layers == 46 else config.head_dim)
-    window = fields.get(f"{arch}.attention.sliding_window")  # Phi-3's
-    if window and getattr(config, "sliding_window", "absent") is None:
+    window = fields.get(f"{arch}.attention.sliding_window")  # Phi-3's; gpt-oss's (transformers keeps its default)
+    if window and (getattr(config, "sliding_window", "absent") is None or arch == "gpt-oss"):
         config.sliding_window = window
+    if fields.get(f"{arch}.rope.scaling.type") == "yarn":  # gpt-oss's (transformers misreads it: MISREAD_KEYS)
+        scaling = f"{arch}.rope.scaling."
+        config.rope_parameters = {
+            "rope_type": "yarn", "rope_theta": fields.get(f"{arch}.rope.freq_base", 10000.0),
+            "factor": float(fields[scaling + "factor"]),
+            "original_max_position_embeddings": int(fields[scaling + "original_context_length"]),
+            "beta_fast": float(fields.get(scaling + "yarn_beta_fast", 32.0)),
+            "beta_slow": float(fields.get(scaling + "yarn_beta_slow", 1.0)),
+            # gpt-oss's own config does not round the ramp's ends (the file cannot say; llama.cpp rounds them)
+            "truncate": arch != "gpt-oss"}
     factors = {t.name: t for t in gguf.tensors if t.name in ("rope_factors_short.weight", "rope_factors_long.weight")}
     if len(factors) == 2:  # longrope (Phi-3 128k, Phi-3.5): llama.cpp keeps the factors as tensors
         original = fields.get(f"{arch}.rope.scaling.original_context_length") or config.max_position_embeddings
@@ -232,7 +279,14 @@ def end_of_generation_ids(fields: dict, tokenizer, eos) -> list[int]:
     ids += [fields[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in fields]
     special = {token.content: i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     ids += [special[text] for text in END_OF_TURN if text in special]
+    if HARMONY_RETURN in special and HARMONY_END in special:
+        ids = [i for i in ids if i != special[HARMONY_END]]
     return list(dict.fromkeys(ids))
+
+
+# architectures whose GGUF weights transformers' reader loads wrongly (gpt-oss: its experts and sinks
+# not at all): dequantized from the file by engine/gguf_weights.py instead, under the names it gives
+OWN_DENSE = {"gpt_oss"}
 
 
 def write_dense_weights(gguf_path: Path, target: Path) -> None:
@@ -245,12 +299,20 @@ def write_dense_weights(gguf_path: Path, target: Path) -> None:
     log.warning("dequantizing %s to dense safetensors in %s (one time, ~30 s for a 135M model)", gguf_path.name,
                 target)
     t0 = time.perf_counter()
-    # the config as write_metadata completed it (transformers' own reading misses some shapes: an
-    # expert's width, Qwen3's head width)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, gguf_file=gguf_path.name,
-                                                 config=AutoConfig.from_pretrained(str(target)))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
+    config = AutoConfig.from_pretrained(str(target))
+    if config.model_type in OWN_DENSE:
+        from engine.gguf_weights import load_weights
+        from engine.quant import QuantWeight
+
+        state = {k: (v.dequantize() if isinstance(v, QuantWeight) else v).contiguous()
+                 for k, v in load_weights(gguf_path).items()}
+    else:
+        # the config as write_metadata completed it (transformers' own reading misses some shapes: an
+        # expert's width, Qwen3's head width)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32,
+                                                     gguf_file=gguf_path.name, config=config)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     tmp = _unique(target / DENSE_WEIGHTS)
     try:

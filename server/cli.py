@@ -84,12 +84,15 @@ def serve_parser() -> argparse.ArgumentParser:
     m.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                    help="chat answers' thinking (<think>...</think>) as message.reasoning_content apart from the "
                         "content, as vLLM's parsers of these names: qwen3 (an answer that opens with <think>), "
-                        "deepseek_r1 (the prompt opens it) (default: none, thinking stays in the content)")
+                        "deepseek_r1 (the prompt opens it), gpt_oss or openai_gptoss (harmony's analysis channel) "
+                        "(default: gpt_oss for a template that writes harmony, else none: thinking stays in the "
+                        "content)")
     m.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default="auto",
                    help="how the model is shown tools and writes calls: hermes (the chat template renders the tools, "
                         "calls come in <tool_call> tags: Qwen2.5, Qwen3, Hermes), llama3_json (the template renders "
                         "them, a call is {\"name\", \"parameters\"} JSON: Llama 3.1-3.3), mistral (the template "
-                        "renders them, calls follow [TOOL_CALLS]: Mistral 7B v0.3, Nemo, Small), json (a system "
+                        "renders them, calls follow [TOOL_CALLS]: Mistral 7B v0.3, Nemo, Small), openai (harmony's "
+                        "messages to functions.NAME: gpt-oss), json (a system "
                         "message lists the tools, a call is {\"name\", \"arguments\"} JSON), auto (the format the "
                         "template asks for, else json) (default: auto)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels (default: the CPUs in the affinity mask, "

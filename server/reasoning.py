@@ -7,6 +7,8 @@ as vLLM's reasoning parsers and llama.cpp's `--reasoning-format deepseek` give i
   not (thinking turned off, `chat_template_kwargs: {"enable_thinking": false}`) is all content.
 - `deepseek_r1`: the template opens the thinking in the prompt, so an answer thinks from its first
   token (an opening `<think>` of its own is dropped) until `</think>`.
+- `gpt_oss` (or vLLM's name, `openai_gptoss`): harmony's channels (server/harmony.py), the analysis
+  channel as the reasoning; chosen by itself where the chat template writes harmony.
 
 Whitespace between `</think>` and the content is dropped. An answer cut off while thinking
 (`max_tokens`) has reasoning and no content, streamed or not. The split works on the text, so
@@ -21,9 +23,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from engine.stop_strings import held_back
+from server.harmony import HarmonySplit, writes_harmony
 
 OPEN, CLOSE = "<think>", "</think>"
-PARSERS = ("qwen3", "deepseek_r1")
+HARMONY = ("gpt_oss", "openai_gptoss")
+PARSERS = ("qwen3", "deepseek_r1", *HARMONY)
 
 
 class ReasoningSplit:
@@ -102,16 +106,20 @@ class Reasoning:
         """The answer thinks from its first token (else it may open a block first, or not)."""
         return self.parser == "deepseek_r1" or self.opened
 
-    def split(self) -> ReasoningSplit:
-        return ReasoningSplit(self.parser, self.opened)
+    def split(self) -> ReasoningSplit | HarmonySplit:
+        return HarmonySplit() if self.parser in HARMONY else ReasoningSplit(self.parser, self.opened)
 
 
 async def request_reasoning(parser: str | None, sampling, tokenizer, prompt: list[int]):
     """-> (the split of a chat request's answers where the server has a parser, else None; its
     SamplingParams, whose grammar, if any, then holds the answer after the thinking). The prompt's
     last 32 tokens are decoded off the event loop."""
+    if parser is None and writes_harmony(getattr(tokenizer, "chat_template", None)):
+        parser = "gpt_oss"  # harmony's headers are no text to show: split whether asked or not, as vLLM does
     if parser is None:
         return None, sampling
+    if parser in HARMONY:  # its headers are special tokens; a grammar holds the whole answer (no header)
+        return Reasoning(parser, False), dataclasses.replace(sampling, skip_special_tokens=False)
     tail = await asyncio.to_thread(tokenizer.decode, prompt[-32:], False, True)
     reasoning = Reasoning(parser, prompt_opens_thinking(tail))
     if sampling.constrained:

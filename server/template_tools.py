@@ -6,7 +6,8 @@ template, as `--tool-call-parser auto` does here):
 - `llama3_json` (server/llama3_tools.py): an answer that is a call's JSON with `parameters`
   (Llama 3.1, 3.2 and 3.3);
 - `mistral` (server/mistral_tools.py): `[TOOL_CALLS]` and a list of calls (Mistral 7B v0.3, Nemo,
-  Small).
+  Small);
+- `openai` (server/harmony_tools.py): harmony's messages to `functions.NAME` (gpt-oss).
 
 The template gets the tools (`{"type": "function", "function": ...}` each) and the history as it
 is: assistant messages with their `tool_calls` (arguments as objects, as vLLM hands them to
@@ -19,10 +20,10 @@ call's JSON in that module's shape, whatever the template asks.
 """
 from __future__ import annotations
 
-from server import hermes_tools, llama3_tools, mistral_tools
+from server import harmony_tools, hermes_tools, llama3_tools, mistral_tools
 from server.tool_calls import _arguments
 
-FORMATS = {"hermes": hermes_tools, "llama3_json": llama3_tools, "mistral": mistral_tools}
+FORMATS = {"hermes": hermes_tools, "llama3_json": llama3_tools, "mistral": mistral_tools, "openai": harmony_tools}
 PARSERS = ("auto", "json", *FORMATS)
 
 

@@ -202,6 +202,34 @@ def test_longrope_tables_equal_transformers_on_either_side_of_the_pretrained_len
     assert attention_factor(ours.rope_scaling) > 1.1
 
 
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+     "original_max_position_embeddings": 4096},  # gpt-oss's
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},  # Qwen3's long-context advice
+    {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 16.0,
+     "original_max_position_embeddings": 4096},
+])
+def test_yarn_tables_equal_transformers(scaling):
+    """YaRN's frequencies (ramp ends rounded or not) and cos/sin scale, as transformers computes them."""
+    import math
+
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from engine.models.rope import attention_factor, inverse_frequencies
+
+    raw = dict(model_type="gpt_oss", vocab_size=100, hidden_size=256, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
+               max_position_embeddings=int(scaling["factor"] * scaling["original_max_position_embeddings"]),
+               rope_parameters={**scaling, "rope_theta": 150000.0})
+    hf = GptOssConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    theirs, scale = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    ours = _read_config(raw)
+    mine = inverse_frequencies(64, ours.rope_theta, ours.rope_scaling).float()
+    assert torch.allclose(mine, theirs, rtol=1e-6) and not torch.allclose(mine, inverse_frequencies(64, 150000.0, None).float())
+    assert math.isclose(attention_factor(ours.rope_scaling), scale, rel_tol=1e-9)
+
+
 def _read_config(raw: dict):
     import json
     import tempfile

@@ -18,9 +18,10 @@ def kernels(tmp_path_factory):
     return lib
 
 
-def reference_attention(q, k_cache, v_cache, table, length, scale, window, softcap=None):
+def reference_attention(q, k_cache, v_cache, table, length, scale, window, softcap=None, sinks=None):
     """One row, written out: its keys and values read position by position through the table;
-    scores soft-capped as Gemma 2 writes it, cap * tanh(s / cap)."""
+    scores soft-capped as Gemma 2 writes it, cap * tanh(s / cap); each head's sink a logit of the
+    softmax whose probability is dropped, as gpt-oss's reference writes it."""
     block_size = k_cache.shape[2]
     start = max(0, length - window) if window else 0
     keys = torch.stack([k_cache[table[t // block_size], :, t % block_size] for t in range(start, length)], 1)
@@ -28,19 +29,24 @@ def reference_attention(q, k_cache, v_cache, table, length, scale, window, softc
     group = q.shape[0] // keys.shape[0]
     keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)  # [H, span, D]
     scores = torch.einsum("hd,htd->ht", q, keys) * scale
-    probs = (softcap * torch.tanh(scores / softcap) if softcap else scores).softmax(-1)
+    scores = softcap * torch.tanh(scores / softcap) if softcap else scores
+    if sinks is not None:
+        scores = torch.cat([scores, sinks[:, None]], dim=-1)
+    probs = scores.softmax(-1)[:, :values.shape[1]]
     return torch.einsum("ht,htd->hd", probs, values).reshape(-1)
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256), (8, 8, 32), (6, 2, 40)])
 @pytest.mark.parametrize("block_size", [16, 5])
-@pytest.mark.parametrize("window, softcap", [(None, None), (7, None), (None, 1.5), (7, 1.5)])
+@pytest.mark.parametrize("window, softcap, with_sinks", [(None, None, False), (7, None, False), (None, 1.5, False),
+                                                        (7, 1.5, False), (None, None, True), (7, None, True)])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, block_size, window, softcap, cache_dtype):
+def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, block_size, window, softcap, with_sinks,
+                                              cache_dtype):
     """Rows whose blocks are scattered through the cache, out of order, of lengths that end anywhere
     in a block; the kernel writes each row's new K/V through its table, and so does the torch path
     (an fp16 cache: both round the new K/V to nearest even, and both attend over the same fp16
-    values, widened exactly to fp32)."""
+    values, widened exactly to fp32). Sinks (gpt-oss) about as large as the scores."""
     if cache_dtype not in ops.cache_dtypes():
         pytest.skip("this build reads fp16 caches only with F16C")
     gen = torch.Generator().manual_seed(heads * dim + block_size)
@@ -49,6 +55,7 @@ def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, blo
     v_cache = torch.randn(num_blocks, kv_heads, block_size, dim, generator=gen).to(cache_dtype)
     order = torch.randperm(num_blocks, generator=gen).tolist()
     tables = [order[0:1], order[1:9], order[9:12], order[12:20]]
+    sinks = torch.randn(heads, generator=gen) * 2 if with_sinks else None
     for rows, positions in [([0], [0]), ([1], [33]), ([2, 0, 3, 1], [12, 0, 8 * block_size - 1, 7])]:
         row_tables = [tables[r] for r in rows]
         q = torch.randn(len(rows), heads, dim, generator=gen)
@@ -58,23 +65,29 @@ def test_paged_decode_attention_matches_torch(kernels, heads, kv_heads, dim, blo
         assert ops.decode_attention_supported(q, k_cache)
         kc, vc = k_cache.clone(), v_cache.clone()
         ours = ops.decode_attention(q, k, v, kc, vc, meta.block_tables, meta.context_lens, meta.max_context_len,
-                                    dim ** -0.5, window, softcap)
+                                    dim ** -0.5, window, softcap, sinks)
         ref_kc, ref_vc = k_cache.clone(), v_cache.clone()
-        ref = TorchBackend().attention(q, k, v, ref_kc, ref_vc, meta, dim ** -0.5, window, softcap)
+        ref = TorchBackend().attention(q, k, v, ref_kc, ref_vc, meta, dim ** -0.5, window, softcap, sinks)
         assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)  # the kernel writes the new K/V itself
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
         for i, (table, pos) in enumerate(zip(row_tables, positions)):
-            expected = reference_attention(q[i], kc.float(), vc.float(), table, pos + 1, dim ** -0.5, window, softcap)
+            expected = reference_attention(q[i], kc.float(), vc.float(), table, pos + 1, dim ** -0.5, window, softcap,
+                                           sinks)
             torch.testing.assert_close(ours[i], expected, rtol=1e-5, atol=1e-5)
+        if sinks is not None:  # the sinks bind: without them the output differs
+            assert (ours - ops.decode_attention(q, k, v, kc.clone(), vc.clone(), meta.block_tables, meta.context_lens,
+                                                meta.max_context_len, dim ** -0.5, window, softcap)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("window", [None, 7])
-def test_soft_capped_prefill_whole_and_in_chunks_matches_the_written_out_attention(window):
-    """Gemma 2's capped scores on the prefill path (SDPA takes no cap): a whole prompt, and the same
-    prompt in two chunks of which the second reads the first's K/V from its blocks, give every
-    token the attention the row-by-row reference gives it."""
+@pytest.mark.parametrize("cap, with_sinks", [(1.5, False), (None, True), (1.5, True)])
+def test_capped_or_sunk_prefill_whole_and_in_chunks_matches_the_written_out_attention(window, cap, with_sinks):
+    """Gemma 2's capped scores and gpt-oss's sinks on the prefill path (SDPA takes neither): a whole
+    prompt, and the same prompt in two chunks of which the second reads the first's K/V from its
+    blocks, give every token the attention the row-by-row reference gives it."""
     gen = torch.Generator().manual_seed(3)
-    tokens, heads, kv_heads, dim, block, cap = 29, 6, 2, 32, 8, 1.5
+    tokens, heads, kv_heads, dim, block = 29, 6, 2, 32, 8
+    sinks = torch.randn(heads, generator=gen) * 2 if with_sinks else None
     q, k, v = (torch.randn(tokens, h, dim, generator=gen) * 2 for h in (heads, kv_heads, kv_heads))
     table = [5, 2, 7, 0]
     outs = []
@@ -84,14 +97,14 @@ def test_soft_capped_prefill_whole_and_in_chunks_matches_the_written_out_attenti
         for start, n in chunks:
             meta = AttentionMetadata.for_prefill([(table, start, n)], block, "cpu")
             out.append(TorchBackend().attention(q[start:start + n], k[start:start + n], v[start:start + n], k_cache,
-                                                v_cache, meta, dim ** -0.5, window, cap))
+                                                v_cache, meta, dim ** -0.5, window, cap, sinks))
         outs.append(torch.cat(out))
     for p in range(tokens):
-        expected = reference_attention(q[p], k_cache, v_cache, table, p + 1, dim ** -0.5, window, cap)
+        expected = reference_attention(q[p], k_cache, v_cache, table, p + 1, dim ** -0.5, window, cap, sinks)
         for out in outs:
             torch.testing.assert_close(out[p], expected, rtol=1e-5, atol=1e-5)
-    uncapped = reference_attention(q[-1], k_cache, v_cache, table, tokens, dim ** -0.5, window)
-    assert (uncapped - outs[0][-1]).abs().max() > 1e-2  # the cap binds: the checks above have teeth
+    plain = reference_attention(q[-1], k_cache, v_cache, table, tokens, dim ** -0.5, window)
+    assert (plain - outs[0][-1]).abs().max() > 1e-2  # the cap and sinks bind: the checks above have teeth
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2, Phi-3.5, Phi-4-mini, Gemma 2),
+"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2, Phi-3.5, Phi-4-mini, Gemma 2, gpt-oss),
 random weights, written as llama.cpp's converter lays them out (tensor names, metadata), quantized
 with gguf-py's own quantizers, the tokenizer copied from the embedded SmolLM2 GGUF (three control
 tokens respelled as fill-in-the-middle tokens). No model file
@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, RopeScalingType
 from gguf.quants import quantize
 
 from tests.quant_blocks import random_blocks
 
 Q4_1, Q8_0 = GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
-Q2_K, Q3_K, IQ4_NL, IQ4_XS = (GGMLQuantizationType[k] for k in ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"))
+Q2_K, Q3_K, IQ4_NL, IQ4_XS, MXFP4 = (GGMLQuantizationType[k] for k in ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4"))
 # formats gguf-py cannot quantize to: random blocks (tests/quant_blocks.py), their fp16 fields sized
 # so that the weights' spread is about the one asked for (a weight is field x ~this much at most)
 RANDOM_BLOCKS = {Q2_K: 24.0, Q3_K: 100.0, IQ4_NL: 100.0, IQ4_XS: 2000.0}
@@ -39,7 +39,12 @@ SHAPES = {
     # (seed 1: seed 0's greedy text for the short prompt has few clear argmaxes for the quantized test)
     "gemma2": dict(hidden=128, heads=2, kv_heads=1, head_dim=256, bias=False, qk_norm=False, tied=True, gemma=True,
                    seed=1),
+    # gpt-oss: biases on q, k, v and o, per-head sinks, sliding even layers, YaRN; a router with a bias
+    # and MXFP4 experts with biases (heads narrower than hidden / heads, as gpt-oss's 64 of 2880 / 64)
+    "gpt-oss": dict(hidden=128, heads=4, kv_heads=2, head_dim=48, bias=True, qk_norm=False, tied=False, moe=True,
+                    gpt_oss=True, formats={name: (MXFP4, MXFP4) for name in ("ffn_gate", "ffn_up", "ffn_down")}),
 }
+GPT_OSS_WINDOW, GPT_OSS_YARN = 16, (32.0, 256)  # even layers' window; YaRN's factor and pretrained length
 GEMMA2_CAPS, GEMMA2_WINDOW = (1.5, 8.0), 16  # attention's and the logits' soft caps; every other layer's window
 EXPERTS, USED, EXPERT_FFN = 4, 2, 64
 CONTEXT, ORIGINAL_CONTEXT = 131072, 4096  # Phi-3.5-mini's: longrope's factor 32
@@ -60,7 +65,8 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
 
     writer = GGUFWriter(str(path), shape.get("arch", arch))
     writer.add_block_count(LAYERS)
-    writer.add_context_length(CONTEXT if shape.get("longrope") else 4096)
+    writer.add_context_length(CONTEXT if shape.get("longrope") else
+                              int(GPT_OSS_YARN[0] * GPT_OSS_YARN[1]) if shape.get("gpt_oss") else 4096)
     writer.add_embedding_length(hidden)
     writer.add_feed_forward_length(FFN)
     writer.add_head_count(heads)
@@ -81,6 +87,11 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
         writer.add_attn_logit_softcapping(GEMMA2_CAPS[0])
         writer.add_final_logit_softcapping(GEMMA2_CAPS[1])
         writer.add_sliding_window(GEMMA2_WINDOW)
+    if shape.get("gpt_oss"):  # as llama.cpp's converter writes gpt-oss
+        writer.add_sliding_window(GPT_OSS_WINDOW)
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(GPT_OSS_YARN[0])
+        writer.add_rope_scaling_orig_ctx_len(GPT_OSS_YARN[1])
     if shape.get("longrope"):  # as llama.cpp's converter writes a long-context Phi-3
         writer.add_rope_scaling_orig_ctx_len(ORIGINAL_CONTEXT)
         writer.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(CONTEXT / ORIGINAL_CONTEXT) / np.log(ORIGINAL_CONTEXT))))
@@ -109,7 +120,7 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     for i in range(LAYERS):
         blk = f"blk.{i}."
         vector(blk + "attn_norm.weight", hidden, 1.0, 0.1)
-        vector(blk + "ffn_norm.weight", hidden, 1.0, 0.1)
+        vector(blk + ("post_attention_norm" if shape.get("gpt_oss") else "ffn_norm") + ".weight", hidden, 1.0, 0.1)
         if shape.get("gemma"):  # the attention's and the FFN's outputs normed too, at ~3x: the layers must
             # outweigh the embedding Gemma scales by sqrt(hidden), else greedy text repeats its tokens (tied head)
             vector(blk + "post_attention_norm.weight", hidden, 3.0, 0.3)
@@ -121,14 +132,22 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
             if shape["bias"]:
                 vector(blk + name + ".bias", rows, 0.0, 0.5)
         matrix(blk + "attn_output.weight", hidden, q_size, q_size ** -0.5, formats["attn_output"][i % 2])
+        if shape.get("gpt_oss"):
+            vector(blk + "attn_output.bias", hidden, 0.0, 0.2)
+            vector(blk + "attn_sinks.weight", heads, 1.0, 1.0)
         if shape["qk_norm"]:
             vector(blk + "attn_q_norm.weight", head_dim, 1.0, 0.2)
             vector(blk + "attn_k_norm.weight", head_dim, 1.0, 0.2)
         if shape.get("moe"):  # the router in F32, as llama.cpp keeps it; each expert kind one 3-D tensor
             writer.add_tensor(blk + "ffn_gate_inp.weight", (rng.standard_normal((EXPERTS, hidden)) * 0.15).astype(np.float32))
+            if shape.get("gpt_oss"):
+                vector(blk + "ffn_gate_inp.bias", EXPERTS, 0.0, 0.3)
             for name, rows, cols in (("ffn_gate", EXPERT_FFN, hidden), ("ffn_up", EXPERT_FFN, hidden),
                                      ("ffn_down", hidden, EXPERT_FFN)):
                 matrix(blk + name + "_exps.weight", rows, cols, cols ** -0.5, formats[name][i % 2], EXPERTS)
+                if shape.get("gpt_oss"):  # [experts, rows], as the converter writes the biases
+                    writer.add_tensor(blk + name + "_exps.bias",
+                                      (rng.standard_normal((EXPERTS, rows)) * 0.3).astype(np.float32))
             continue
         ffn = (("ffn_up", 2 * FFN, hidden),) if shape.get("fused") else (("ffn_gate", FFN, hidden), ("ffn_up", FFN, hidden))
         for name, rows, cols in ffn + (("ffn_down", hidden, FFN),):

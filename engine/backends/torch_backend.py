@@ -100,23 +100,25 @@ class TorchBackend:
         return None
 
     def attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None,
-                  softcap: float | None = None):
+                  softcap: float | None = None, sinks: torch.Tensor | None = None):
         """q: [N, H, D]; k, v: [N, KV, D] (written into the cache first); caches: [blocks, KV, bs, D]
         of one layer -> [N, H*D]. `softcap`: scores s become softcap * tanh(s / softcap) before the
-        mask and the softmax (Gemma 2)."""
+        mask and the softmax (Gemma 2). `sinks` [H] (gpt-oss): a logit per head that joins each
+        softmax's normalizer with no value."""
         write_kv(k, v, k_cache, v_cache, meta)
         if meta.is_prefill:
-            return prefill_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
-        return self.decode_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
+            return prefill_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap, sinks)
+        return self.decode_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap, sinks)
 
-    def decode_attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None):
+    def decode_attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None,
+                         sinks=None):
         rows, num_heads, head_dim = q.shape
         num_kv = k.shape[1]
         keys = gather_blocks(k_cache, meta.block_tables).to(q.dtype)  # [B, KV, L, D]
         values = gather_blocks(v_cache, meta.block_tables).to(q.dtype)
         q = q.view(rows, num_kv, num_heads // num_kv, head_dim)
         scores = soft_capped(torch.matmul(q, keys.transpose(-1, -2)).mul_(scale), softcap).add_(meta.decode_mask(window))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
+        probs = softmax_with_sinks(scores, None if sinks is None else sinks.view(num_kv, -1, 1)).to(values.dtype)
         return torch.matmul(probs, values).reshape(rows, num_heads * head_dim)  # [B, KV, G, D] -> [B, H*D]
 
 
@@ -131,17 +133,26 @@ def soft_capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores.div_(softcap).tanh_().mul_(softcap) if softcap else scores
 
 
-def capped_attention(q, keys, values, allowed, scale, softcap):
-    """SDPA's product, for soft-capped scores (which it does not take): q [H, n, D], keys and values
-    [KV, L, D], allowed [n, L] bool -> [H, n, D]."""
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dimension in fp32; with `sinks` (broadcast against scores[..., :1]) one
+    more logit joins each normalizer, its own probability dropped."""
+    if sinks is None:
+        return scores.softmax(dim=-1, dtype=torch.float32)
+    with_sink = torch.cat([scores.float(), sinks.float().expand(*scores.shape[:-1], 1)], dim=-1)
+    return with_sink.softmax(dim=-1)[..., :-1]
+
+
+def written_out_attention(q, keys, values, allowed, scale, softcap, sinks):
+    """SDPA's product, for what it does not take (soft-capped scores, sinks): q [H, n, D], keys and
+    values [KV, L, D], allowed [n, L] bool -> [H, n, D]."""
     group = q.shape[0] // keys.shape[0]
     keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
     scores = soft_capped(torch.matmul(q, keys.transpose(-1, -2)).mul_(scale), softcap)
-    probs = scores.masked_fill_(~allowed, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(values.dtype)
-    return torch.matmul(probs, values)
+    probs = softmax_with_sinks(scores.masked_fill_(~allowed, float("-inf")), None if sinks is None else sinks.view(-1, 1, 1))
+    return torch.matmul(probs.to(values.dtype), values)
 
 
-def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None):
+def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None, sinks=None):
     """Attention per sequence: over its fresh K/V when it starts at 0, else over its blocks. Fresh
     K/V are taken as the cache holds them (an fp16 cache rounds them), so a whole prefill attends
     over the values a later chunk, or a request that finds this prefix cached, reads back."""
@@ -155,8 +166,9 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale,
         else:  # a cached prefix or an earlier chunk sits in the blocks
             keys = gather_blocks(k_cache, seg.block_table)[:, :seg.end].to(q.dtype)
             values = gather_blocks(v_cache, seg.block_table)[:, :seg.end].to(q.dtype)
-        if softcap:
-            out = capped_attention(qs.transpose(0, 1), keys, values, meta.prefill_mask(i, window), scale, softcap)
+        if softcap or sinks is not None:
+            out = written_out_attention(qs.transpose(0, 1), keys, values, meta.prefill_mask(i, window), scale, softcap,
+                                        sinks)
         else:
             out = F.scaled_dot_product_attention(qs.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
                                                  values.unsqueeze(0), attn_mask=meta.prefill_mask(i, window),

@@ -10,13 +10,18 @@ GEMMA2 = {"gemma2"}
 QWEN3 = {"qwen3"}
 PHI3 = {"phi3"}
 QWEN3_MOE = {"qwen3_moe"}
-SUPPORTED = LLAMA_FAMILY | QWEN3 | GEMMA2 | GEMMA3 | PHI3 | QWEN3_MOE
+GPT_OSS = {"gpt_oss"}
+SUPPORTED = LLAMA_FAMILY | QWEN3 | GEMMA2 | GEMMA3 | PHI3 | QWEN3_MOE | GPT_OSS
 
 
 def check_architecture(config: ModelConfig) -> None:
     """Raises for a model no implementation here runs: before its weights are read."""
     if config.model_type not in SUPPORTED:
         raise ValueError(f"unsupported architecture {config.model_type!r} (supported: {sorted(SUPPORTED)})")
+    if config.quantization:
+        raise ValueError(f"a checkpoint quantized by {config.quantization!r} (its config's quantization_config) is "
+                         "not read here: serve a GGUF of the model (its quantized blocks run on the CPU's kernels), or "
+                         "its unquantized weights")
     if config.moe_dense_layers:
         raise ValueError(f"{config.model_type!r} with dense layers among its experts' (mlp_only_layers, "
                          "decoder_sparse_step) is not supported")
@@ -35,6 +40,10 @@ def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, o
         from engine.models.qwen3_moe import Qwen3MoeModel
 
         return Qwen3MoeModel(config, state, device, dtype, max_len, ops)
+    if config.model_type in GPT_OSS:
+        from engine.models.gpt_oss import GptOssModel
+
+        return GptOssModel(config, state, device, dtype, max_len, ops)
     if config.model_type in PHI3:
         from engine.models.phi3 import Phi3Model
 

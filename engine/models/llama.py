@@ -44,7 +44,7 @@ class LlamaLayer:
         biases = [maybe(f"{name}.bias") for name in self.qkv_names]
         self.qkv = linear(*(f"{name}.weight" for name in self.qkv_names),
                           bias=torch.cat(biases) if all(b is not None for b in biases) else None)
-        self.o_proj = linear("self_attn.o_proj.weight")
+        self.o_proj = linear("self_attn.o_proj.weight", bias=maybe("self_attn.o_proj.bias"))  # gpt-oss's
         self.build_ffn(weights, prefix, linear)
 
     def build_ffn(self, weights: dict, prefix: str, linear) -> None:
@@ -63,8 +63,11 @@ class LlamaLayer:
         qk = ops.rotary(qk, *rope)  # q and k at once
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
-        out = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
-        return self.o_proj(out)
+        return self.o_proj(self.attend(q, k, v, k_cache, v_cache, meta))
+
+    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """q [N, H, D], the new k and v [N, KV, D] -> the attention's output [N, H*D]."""
+        return self.ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
 
     def head_norms(self, qk: torch.Tensor) -> torch.Tensor:
         """The q and k heads [N, q heads + k heads, D] before the rotation: as they are (Qwen3

@@ -36,8 +36,8 @@ ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=g
 _int, _float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     # q, k_new, v_new, k_cache, v_cache, block_tables, lengths, out, rows, heads, kv_heads, dim, block_size,
-    # max_blocks, window, scale, softcap (0: none), cache_bits, threads
-    "decode_attention_f32": [_ptr] * 8 + [_int] * 7 + [_float, _float, _int, _int],
+    # max_blocks, window, scale, softcap (0: none), sinks (fp32 [heads], or None), cache_bits, threads
+    "decode_attention_f32": [_ptr] * 8 + [_int] * 7 + [_float, _float, _ptr, _int, _int],
     "decode_attention_fp16_cache": [],
     # x, w, bias (or None), y, rows, in, out, threads
     "linear_f32": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],

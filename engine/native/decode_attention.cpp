@@ -7,7 +7,8 @@
 // block_tables [rows, max_blocks] int32: token t of row r sits in block
 // block_tables[r][t / block_size] at offset t % block_size. Row r attends to positions
 // [start, length[r]) with start = length - window for sliding-window layers; softcap > 0 maps each
-// score s to softcap * tanh(s / softcap) before the softmax (Gemma 2). The G = heads /
+// score s to softcap * tanh(s / softcap) before the softmax (Gemma 2); sinks (gpt-oss; null: none)
+// hold one logit per query head that joins its softmax's normalizer with no value. The G = heads /
 // kv_heads query heads of a group share each key and value load. Work items are (row, kv head)
 // pairs, split over the caller's OpenMP team (torch's own libgomp, so no second thread pool).
 // Within a block a head's keys are one contiguous run, which the inner loops stream.
@@ -149,12 +150,13 @@ void dot_scores(const float* q, const T* keys, const T* values, float* scores, i
     }
 }
 
-// s <- exp(s - max s) in place; returns 1 / sum (the softmax's normalizer).
-float softmax_numerators(float* s, int64_t span) {
-    float peak = s[0];
+// s <- exp(s - max s) in place; returns 1 / sum (the softmax's normalizer). A sink (non-null) is
+// one more logit in the max and the sum, with no numerator of its own.
+float softmax_numerators(float* s, int64_t span, const float* sink) {
+    float peak = sink ? std::max(s[0], *sink) : s[0];
 #pragma omp simd reduction(max : peak)
     for (int64_t t = 0; t < span; ++t) peak = s[t] > peak ? s[t] : peak;
-    float total = 0.0f;
+    float total = sink ? fast_exp(*sink - peak) : 0.0f;
 #pragma omp simd reduction(+ : total)
     for (int64_t t = 0; t < span; ++t) {
         s[t] = fast_exp(s[t] - peak);
@@ -204,7 +206,8 @@ void weighted_sum(const float* p, const T* values, float* acc, int64_t span, int
 template <typename T>
 void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, T* v_cache,
             const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int heads, int kv_heads,
-            int dim, int block_size, int max_blocks, int window, float scale, float softcap, int threads) {
+            int dim, int block_size, int max_blocks, int window, float scale, float softcap, const float* sinks,
+            int threads) {
     const int group = heads / kv_heads;
     const int items = rows * kv_heads;
     const int64_t block_stride = static_cast<int64_t>(kv_heads) * block_size * dim;  // elements per block
@@ -251,7 +254,7 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
             float* s = scores.data() + g * span;
             if (softcap > 0.0f)  // Gemma 2: scores squashed into (-softcap, softcap) before the softmax
                 for (int64_t t = 0; t < span; ++t) s[t] = softcap * std::tanh(s[t] / softcap);
-            const float inv = softmax_numerators(s, span);
+            const float inv = softmax_numerators(s, span, sinks ? sinks + kv * group + g : nullptr);
             float* o = og + g * dim;
             std::memset(o, 0, sizeof(float) * dim);
             for (int64_t t = start; t < length;) {
@@ -280,14 +283,15 @@ extern "C" int decode_attention_fp16_cache() {
 extern "C" void decode_attention_f32(const float* q, const float* k_new, const float* v_new, void* k_cache,
                                      void* v_cache, const int32_t* block_tables, const int32_t* lengths, float* out,
                                      int rows, int heads, int kv_heads, int dim, int block_size, int max_blocks,
-                                     int window, float scale, float softcap, int cache_bits, int threads) {
+                                     int window, float scale, float softcap, const float* sinks, int cache_bits,
+                                     int threads) {
 #if defined(ATTENTION_F16)
     if (cache_bits == 16) {
         attend(q, k_new, v_new, static_cast<half*>(k_cache), static_cast<half*>(v_cache), block_tables, lengths, out,
-               rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, softcap, threads);
+               rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, softcap, sinks, threads);
         return;
     }
 #endif
     attend(q, k_new, v_new, static_cast<float*>(k_cache), static_cast<float*>(v_cache), block_tables, lengths, out,
-           rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, softcap, threads);
+           rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, softcap, sinks, threads);
 }

@@ -23,7 +23,7 @@ extern "C" {
 void decode_attention_f32(const float* q, const float* k_new, const float* v_new, void* k_cache, void* v_cache,
                           const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int heads,
                           int kv_heads, int dim, int block_size, int max_blocks, int window, float scale,
-                          float softcap, int cache_bits, int threads);
+                          float softcap, const float* sinks, int cache_bits, int threads);
 void rms_norm_f32(const float* x, const float* weight, float* out, int64_t rows, int dim, float eps, int threads);
 void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
 void gelu_tanh_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
@@ -163,8 +163,8 @@ void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const
     copy_columns(s.qkv.data(), rows, qkv_width, q_width + kv_width, kv_width, s.v.data());
     decode_attention_f32(s.q.data(), s.k.data(), s.v.data(), reinterpret_cast<void*>(p.k_cache),
                          reinterpret_cast<void*>(p.v_cache), block_tables, lengths, s.attn.data(), rows, heads,
-                         kv_heads, head_dim, block_size, max_blocks, static_cast<int>(p.window), scale, softcap, cache_bits,
-                         threads);
+                         kv_heads, head_dim, block_size, max_blocks, static_cast<int>(p.window), scale, softcap, nullptr,
+                         cache_bits, threads);
     linear(p.o_proj, s.attn.data(), out, rows, q_width, hidden, threads);
     norm_in_place(out, p.attn_out_norm, rows, hidden, eps, threads);
 }

@@ -38,26 +38,30 @@ def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, lengths: torch.Tensor, longest: int, scale: float,
-                     window: int | None, softcap: float | None = None) -> torch.Tensor:
+                     window: int | None, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, H, D] fp32; k, v: [B, KV, D], the new token's, written at position lengths - 1 of each
     row; caches: [blocks, KV, block_size, D] of one layer (fp32 or fp16); block_tables: [B, max blocks] int32;
     lengths: [B] int32, every length >= 1 (position + 1); longest: max(lengths), checked against the
-    table; softcap: scores squashed to softcap * tanh(s / softcap) (Gemma 2) -> [B, H*D]."""
+    table; softcap: scores squashed to softcap * tanh(s / softcap) (Gemma 2); sinks: fp32 [H], a logit per
+    head in each softmax's normalizer (gpt-oss) -> [B, H*D]."""
     rows, heads, dim = q.shape
     block_size = k_cache.shape[2]
     check_decode_lengths(longest, block_tables, block_size)
     # the kernel reads and writes through raw pointers: what it takes, checked, not assumed
     if not (block_tables.dtype == lengths.dtype == torch.int32 and block_tables.is_contiguous()
             and lengths.is_contiguous() and v_cache.dtype == k_cache.dtype and v_cache.is_contiguous()
-            and k.dtype == v.dtype == torch.float32 and heads % k_cache.shape[1] == 0):
+            and k.dtype == v.dtype == torch.float32 and heads % k_cache.shape[1] == 0
+            and (sinks is None or (sinks.dtype == torch.float32 and sinks.is_contiguous() and sinks.shape == (heads,)))):
         raise ValueError("decode attention takes contiguous int32 block tables and lengths, caches of one dtype, "
-                         "fp32 keys and values, and query heads a multiple of the KV heads")
+                         "fp32 keys and values, query heads a multiple of the KV heads, and fp32 sinks a head")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(rows, heads * dim, dtype=q.dtype)
     kernels().decode_attention_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         lengths.data_ptr(), out.data_ptr(), rows, heads, k_cache.shape[1], dim, block_size, block_tables.shape[1],
-        window or 0, scale, softcap or 0.0, cache_bits(k_cache), torch.get_num_threads())
+        window or 0, scale, softcap or 0.0, None if sinks is None else sinks.data_ptr(), cache_bits(k_cache),
+        torch.get_num_threads())
     return out
 
 

@@ -21,12 +21,15 @@ packs them into the kernels' layout. The block layouts:
 - IQ4_NL (32, 18): fp16 d, 16 bytes of nibbles indexing a 16-entry int8 table; w = d * table[q]
 - IQ4_XS (256, 136): fp16 d, 8 6-bit scales (16 bits of highs, 4 bytes of low nibbles), 128 bytes
   of nibbles as IQ4_NL's; w = d * (scale - 32) * table[q] per group of 32
+- MXFP4 (32, 17): an E8M0 exponent e, 16 bytes of nibbles indexing the doubled E2M1 values
+  (0, 1, 2, 3, 4, 6, 8, 12 and their negatives); w = 2^(e - 128) * table[q] (gpt-oss's experts)
 In every case the nibbles of a 32-weight group put weight j in the low and j + 16 in the high
 nibble of byte j (Q4_0/Q4_1 as stored; the K-quants after regrouping), the 4-bit layout's order.
-The last four go to the 8-bit layout (their integers, or a table's entries, are signed bytes:
-Q3_K's q - 4 in -4..3, IQ4's table in -127..113), so they take 8 bits a weight in memory plus the
-scales (8.5-12 in all), more than their files' 2.6-4.5, and 3/8 or less of the fp32 they were
-expanded to before.
+The last five go to the 8-bit layout (their integers, or a table's entries, are signed bytes:
+Q3_K's q - 4 in -4..3, IQ4's table in -127..113, MXFP4's in -12..12), so they take 8 bits a weight
+in memory plus the scales (8.5-12 in all), more than their files' 2.6-4.5, and 3/8 or less of the
+fp32 they were expanded to before. MXFP4's power-of-two scales are exact in fp32 (fp16 for the
+exponents of real weights).
 """
 from __future__ import annotations
 
@@ -36,10 +39,11 @@ import torch
 from engine.quant.weight import QuantWeight
 
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
-               "Q2_K": 84, "Q3_K": 110, "IQ4_NL": 18, "IQ4_XS": 136}
+               "Q2_K": 84, "Q3_K": 110, "IQ4_NL": 18, "IQ4_XS": 136, "MXFP4": 17}
 SUPPORTED = tuple(BLOCK_BYTES)
 BLOCK_WEIGHTS = {kind: 256 if kind.endswith(("_K", "_XS")) else 32 for kind in SUPPORTED}
 IQ4_TABLE = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+MXFP4_TABLE = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
 NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8)
 TWO_BIT_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
 
@@ -139,6 +143,10 @@ def _decode(kind: str, b: np.ndarray):
         scale = _f16(b, 0)[..., None] * (six.astype(np.float32) - 32)
         q = IQ4_TABLE[_nibbles(b[..., 8:136].reshape(rows, -1, 8, 16))]
         return q.reshape(rows, -1, 32), scale.reshape(rows, -1), None, 8
+    if kind == "MXFP4":  # 2^(e - 128): ggml's e8m0 "half" (e < 2 are fp32 subnormals, written as bits)
+        e = b[..., 0].astype(np.uint32)
+        half = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23)).astype(np.uint32).view(np.float32)
+        return MXFP4_TABLE[_nibbles(b[..., 1:17])], half, None, 8
     raise ValueError(f"unsupported GGUF format {kind}")
 
 

@@ -56,9 +56,9 @@ class CPUBackend(TorchBackend):
         (0.98-1.01x at 448 + 64, 960 + 32, 1,920 + 16), and lost beyond (0.75-0.93x)."""
         return 64, 32768
 
-    def attention(self, q, k, v, k_cache, v_cache, meta, scale, window, softcap=None):
+    def attention(self, q, k, v, k_cache, v_cache, meta, scale, window, softcap=None, sinks=None):
         if meta.is_prefill or not (self.native and native_ops.decode_attention_supported(q, k_cache)):
-            return super().attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
+            return super().attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap, sinks)
         # the kernel writes the new K/V itself and reads every row's blocks in place
         return native_ops.decode_attention(q, k, v, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                           meta.max_context_len, scale, window, softcap)
+                                           meta.max_context_len, scale, window, softcap, sinks)

@@ -45,9 +45,9 @@ class CUDABackend(TorchBackend):
                 step.graphs.capture()  # logs time and memory; on failure a warning, and eager steps
         return step
 
-    def attention(self, q, k, v, k_cache, v_cache, meta, scale, window, softcap=None):
-        if meta.is_prefill or not self.triton:
-            return super().attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
+    def attention(self, q, k, v, k_cache, v_cache, meta, scale, window, softcap=None, sinks=None):
+        if meta.is_prefill or not self.triton or sinks is not None:  # (the Triton kernel takes no sinks)
+            return super().attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap, sinks)
         from engine.backends.cuda.decode_attention import paged_decode_attention
         from engine.backends.cuda.write_kv import write_kv
 

@@ -1,0 +1,111 @@
+"""gpt-oss's answers, in OpenAI's harmony format (`--reasoning-parser gpt_oss`, vLLM's `openai_gptoss`;
+chosen by itself for a chat template that writes harmony, as vLLM and llama.cpp do). An answer is a
+run of messages, each a header and a body; the prompt ends with `<|start|>assistant`:
+
+    <|channel|>analysis<|message|>...the thinking...<|end|>
+    <|start|>assistant<|channel|>final<|message|>...the answer...              (then <|return|>)
+    <|start|>assistant<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}  (<|call|>)
+
+(a call's recipient may also stand before its channel: ` to=functions.NAME<|channel|>commentary json`).
+The analysis channel is the reasoning (several analysis messages joined by a newline), the final
+channel and commentary to no one (a preamble) the content. A message to a recipient is a call: it
+goes on in the content as `CALL` + recipient + `<|message|>` + its body, for server/harmony_tools.py
+to read. Text that opens with no header (an answer held to a grammar) is all content. The headers
+are special tokens, so the answer's text keeps them (`skip_special_tokens` off); `<|return|>` and
+`<|call|>` end a generation, `<|end|>` does not (engine/loader.py).
+"""
+from __future__ import annotations
+
+import re
+
+from engine.stop_strings import held_back
+
+START, CHANNEL, MESSAGE, END = "<|start|>", "<|channel|>", "<|message|>", "<|end|>"
+CALL = " to="  # a call, as the content carries it: CALL + recipient + MESSAGE + arguments
+OPENERS = (START, CHANNEL, CALL, CALL.lstrip())
+RECIPIENT = re.compile(r"\bto=([^\s<]+)")
+CHANNEL_NAME = re.compile(re.escape(CHANNEL) + r"\s*([A-Za-z_]+)")
+
+
+class HarmonySplit:
+    """One answer's text, fed in order -> (reasoning, content) pieces as they become certain; the
+    interface of server/reasoning.py's ReasoningSplit."""
+
+    def __init__(self):
+        self.state = "start"  # start -> header <-> body; or start -> plain (no header: all content)
+        self.pending = ""
+        self.kind = ""  # the current body's: "reasoning", "content" or "call"
+        self.thought = False  # an analysis message came
+        self.fed_tokens = 0
+        self.closed_at: int | None = None  # tokens fed when the latest analysis message ended
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Tokens up to the end of the last analysis message (all of them while one is open)."""
+        if not self.thought:
+            return 0
+        return self.fed_tokens if self.kind == "reasoning" or self.closed_at is None else self.closed_at
+
+    def feed(self, text: str, final: bool = False, tokens: int = 0) -> tuple[str, str]:
+        self.pending += text
+        self.fed_tokens += tokens
+        reasoning, content = [], []
+        while True:
+            if self.state == "start":
+                lead = self.pending
+                if lead.startswith(OPENERS):
+                    self.state = "header"
+                elif any(opener.startswith(lead) for opener in OPENERS) and not final:
+                    break  # may still open a header
+                else:
+                    self.state = "plain"
+            if self.state == "plain":
+                content.append(self.pending)
+                self.pending = ""
+                break
+            if self.state == "header":
+                at = self.pending.find(MESSAGE)
+                if at < 0:
+                    if final:  # cut off within a header: nothing of it is either
+                        self.pending = ""
+                    break
+                self._open(self.pending[:at], reasoning, content)
+                self.pending, self.state = self.pending[at + len(MESSAGE):], "body"
+            at = self.pending.find(END)
+            if at < 0:
+                keep = 0 if final else held_back(self.pending, END)
+                self._body(self.pending[:len(self.pending) - keep], reasoning, content)
+                self.pending = self.pending[len(self.pending) - keep:]
+                break
+            self._body(self.pending[:at], reasoning, content)
+            if self.kind == "reasoning":
+                self.closed_at = self.fed_tokens
+            self.pending, self.state, self.kind = self.pending[at + len(END):], "header", ""
+        return "".join(reasoning), "".join(content)
+
+    def _open(self, header: str, reasoning: list, content: list) -> None:
+        recipient, channel = RECIPIENT.search(header), CHANNEL_NAME.search(header)
+        if recipient:
+            self.kind = "call"
+            content.append(CALL + recipient.group(1) + MESSAGE)
+        elif channel and channel.group(1) == "analysis":
+            if self.thought:
+                reasoning.append("\n")  # between two analysis messages
+            self.kind, self.thought = "reasoning", True
+        else:
+            self.kind = "content"
+
+    def _body(self, text: str, reasoning: list, content: list) -> None:
+        (reasoning if self.kind == "reasoning" else content).append(text)
+
+    @classmethod
+    def whole(cls, text: str) -> tuple[str | None, str]:
+        """A finished answer -> (its reasoning, None where it has none; its content)."""
+        split = cls()
+        reasoning, content = split.feed(text, final=True)
+        return reasoning if split.thought else None, content
+
+
+def writes_harmony(template: str | None) -> bool:
+    """Whether a chat template renders its messages in harmony (gpt-oss's)."""
+    return bool(template) and CHANNEL in template and MESSAGE in template and START in template
