@@ -23,7 +23,7 @@ DOWN_REF = LAYER_COLUMNS + 3 * 9
 _ptr, _int = ctypes.c_void_p, ctypes.c_int
 KERNEL_TYPES = {  # by WeightRef kind: the C signatures decode_layers.cpp calls (and where `rows` is)
     0: (ctypes.CFUNCTYPE(None, *[_ptr] * 4, *[_int] * 4), 4),  # dense: x, w, bias, y, rows, in, out, threads
-    1: (ctypes.CFUNCTYPE(_int, *[_ptr] * 6, *[_int] * 7), 6),  # quantized: x, q, scale, offset, bias, y, rows, ...
+    1: (ctypes.CFUNCTYPE(_int, *[_ptr] * 7, *[_int] * 7), 7),  # quantized: x, q, scale, offset, table, bias, y, rows, ...
 }
 
 

@@ -123,6 +123,7 @@ def test_mxfp4_experts_on_the_quantized_kernels_come_within_rounding_of_fp32(ggu
         pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
     gate_up = quantized.runner.model.layers[0].experts[0][0]
     assert gate_up.backend.startswith("quant-") and gate_up.format == "MXFP4"
+    assert gate_up.weight.bits == 4 and gate_up.weight.table is not None  # its nibbles kept: 4 bits a weight
     for prompt in prompts:
         ours, reference_logits = prefill_logits(quantized, prompt), prefill_logits(dense, prompt)
         assert (ours - reference_logits).abs().max().item() < 0.02

@@ -64,8 +64,8 @@ SIGNATURES = {
     "quant_cpu_isa": [],
 }
 # per built instruction set (ISA_VARIANTS), with the suffix `_<isa>`:
-# x, q, scale, offset (or None), bias (or None), y, rows, in, out, bits, group, scale_bits, threads
-VARIANT_SIGNATURES = {"quant_linear": [_ptr] * 6 + [_int] * 7}
+# x, q, scale, offset (or None), table (or None), bias (or None), y, rows, in, out, bits, group, scale_bits, threads
+VARIANT_SIGNATURES = {"quant_linear": [_ptr] * 7 + [_int] * 7}
 RESTYPES = {"linear_f32_vectorized": ctypes.c_int, "linear_bf16_vectorized": ctypes.c_int, "quant_cpu_isa": ctypes.c_int,
             "quant_linear": ctypes.c_int, "decode_attention_fp16_cache": ctypes.c_int}
 

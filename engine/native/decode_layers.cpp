@@ -36,8 +36,8 @@ namespace {
 using DenseKernel = void (*)(const float* x, const void* w, const float* bias, float* y, int rows, int in, int out,
                              int threads);
 using QuantKernel = int (*)(const float* x, const uint8_t* q, const void* scale, const void* offset,
-                            const float* bias, float* y, int rows, int in, int out, int bits, int group, int scale_bits,
-                            int threads);
+                            const int8_t* table, const float* bias, float* y, int rows, int in, int out, int bits,
+                            int group, int scale_bits, int threads);
 
 // One projection, nine int64 columns of the layer table (engine/backends/cpu/fused_decode.py
 // `weight_ref` writes them): y [rows, out] = x [rows, in] W^T + bias. PARTS: row blocks of
@@ -101,7 +101,7 @@ void linear(const WeightRef& w, const float* x, float* y, int rows, int in, int 
         reinterpret_cast<DenseKernel>(w.kernel)(x, ptr<void>(w.weight), bias, y, rows, in, out, threads);
     } else {  // every QuantWeight layout (engine/quant/weight.py) is one the kernel takes
         reinterpret_cast<QuantKernel>(w.kernel)(x, ptr<uint8_t>(w.weight), ptr<void>(w.scale), ptr<void>(w.offset),
-                                                bias, y, rows, in, out, static_cast<int>(w.bits),
+                                                nullptr, bias, y, rows, in, out, static_cast<int>(w.bits),
                                                 static_cast<int>(w.group), static_cast<int>(w.scale_bits), threads);
     }
 }

@@ -6,6 +6,8 @@
 //   BITS 4, G 32: 8 chunks of 32 bytes; byte 2j + e of chunk c holds weight 4c + e of output j
 //                 in its low nibble and weight 4c + 2 + e in its high nibble (q in 0..15);
 //   BITS 8, G 32 or 16: G / 2 chunks of 32 signed bytes; byte 2j + e of chunk c is weight 2c + e.
+// With a table (16 signed bytes: MXFP4's values), 4-bit q index it: w = d * table[q], the entries
+// looked up 32 at a time (a byte shuffle) before they widen.
 // Every tile has 16 scales d and, for formats with one, 16 offsets m: w = d * q + m; fp16 where
 // the format's own are (Q4_0, Q4_1, Q8_0: 2 bytes a group fewer to read), fp32 otherwise.
 //
@@ -65,6 +67,16 @@ struct Isa {
     static I widen_s8(const uint8_t* p) { return _mm512_cvtepi8_epi16(bytes(p)); }
     static I low_nibbles(I w) { return _mm512_and_si512(w, _mm512_set1_epi16(0x0f)); }
     static I high_nibbles(I w) { return _mm512_srli_epi16(w, 4); }
+    using Lut = __m256i;  // a table of 16 signed bytes, in both 128-bit halves
+    static Lut lut(const int8_t* t) {
+        return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+    }
+    // the table's entries at the low (or high) nibbles of 32 bytes, as int16 words
+    static I looked_up(const uint8_t* p, Lut lut, bool high) {
+        const __m256i b = bytes(p);
+        const __m256i idx = _mm256_and_si256(high ? _mm256_srli_epi16(b, 4) : b, _mm256_set1_epi8(0x0f));
+        return _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(lut, idx));
+    }
     // acc + per lane: w.lo * a.lo + w.hi * a.hi (int16 pairs; a: one pair broadcast)
     static I dot(I acc, I w, int32_t a) { return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(a)); }
     static float max_abs(F v) { return _mm512_reduce_max_ps(v); }  // v: magnitudes
@@ -102,6 +114,13 @@ struct Isa {
     static I widen_s8(const uint8_t* p) { return _mm256_cvtepi8_epi16(bytes(p)); }
     static I low_nibbles(I w) { return _mm256_and_si256(w, _mm256_set1_epi16(0x0f)); }
     static I high_nibbles(I w) { return _mm256_srli_epi16(w, 4); }
+    using Lut = __m128i;
+    static Lut lut(const int8_t* t) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(t)); }
+    static I looked_up(const uint8_t* p, Lut lut, bool high) {
+        const __m128i b = bytes(p);
+        const __m128i idx = _mm_and_si128(high ? _mm_srli_epi16(b, 4) : b, _mm_set1_epi8(0x0f));
+        return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(lut, idx));
+    }
     // |q| <= 128 and |a| <= 32767: a pair sums to < 2^23, a group of 32 to < 2^27: no overflow.
     // The empty asm keeps the sum in a register as written: without it GCC reassociates a group's
     // unrolled integer adds into a tree of all products first, which spills (1.25x slower at 16 rows).
@@ -164,11 +183,14 @@ void quantize_row(const float* x, int in, int16_t* a, float* s, float* sums) {
     }
 }
 
-// Weight vector v (of G / 2) of half `half` of a tile, as int16 pairs per lane.
-template <int BITS>
-I weights(const uint8_t* tile, int v, int half) {
+// Weight vector v (of G / 2) of half `half` of a tile, as int16 pairs per lane (TABLE: 4-bit q
+// looked up in `lut`).
+template <int BITS, bool TABLE>
+I weights(const uint8_t* tile, int v, int half, Isa::Lut lut) {
     const uint8_t* lanes = tile + half * 2 * Isa::LANES;
-    if constexpr (BITS == 4) {
+    if constexpr (TABLE) {
+        return Isa::looked_up(lanes + (v / 2) * 32, lut, v % 2);
+    } else if constexpr (BITS == 4) {
         const I w = Isa::widen_u8(lanes + (v / 2) * 32);
         return v % 2 ? Isa::high_nibbles(w) : Isa::low_nibbles(w);
     } else {
@@ -194,9 +216,11 @@ inline void prefetch_ahead(const uint8_t* tile, const S* scale, const S* offset,
 
 // Outputs [lanes of one half] of a tile column for R rows, over all groups; S: the scales' type
 // (float, or uint16_t holding fp16).
-template <int BITS, int G, bool OFFSET, int R, typename S>
-void tile_rows(const QuantRow* rows, const uint8_t* q, const S* scale, const S* offset, int groups, int half, F* acc) {
+template <int BITS, int G, bool OFFSET, int R, typename S, bool TABLE>
+void tile_rows(const QuantRow* rows, const uint8_t* q, const S* scale, const S* offset, const int8_t* table, int groups,
+               int half, F* acc) {
     constexpr int VECTORS = G / 2;
+    const Isa::Lut lut = TABLE ? Isa::lut(table) : Isa::Lut{};
     constexpr int TILE_BYTES = TILE_OUT * G * BITS / 8;
     constexpr int CHAINS = R >= 4 ? 1 : 4 / R;  // independent integer sums per row: hide the dot latency
     for (int r = 0; r < R; ++r) acc[r] = Isa::zero();
@@ -208,7 +232,7 @@ void tile_rows(const QuantRow* rows, const uint8_t* q, const S* scale, const S* 
             for (int c = 0; c < CHAINS; ++c) dot[r][c] = Isa::izero();
 #pragma GCC unroll 16  // a group's vectors in straight code: no index arithmetic, no low/high nibble select
         for (int v = 0; v < VECTORS; ++v) {
-            const I w = weights<BITS>(tile, v, half);
+            const I w = weights<BITS, TABLE>(tile, v, half, lut);
             for (int r = 0; r < R; ++r)
                 dot[r][v % CHAINS] = Isa::dot(dot[r][v % CHAINS], w, rows[r].pairs[g * VECTORS + v]);
         }
@@ -225,9 +249,9 @@ void tile_rows(const QuantRow* rows, const uint8_t* q, const S* scale, const S* 
 }
 
 // One tile of 16 outputs (outputs o0 .. o0 + count) for all rows, in row tiles of at most ROW_TILE.
-template <int BITS, int G, bool OFFSET, typename S>
-void output_tile(const QuantRow* rows, int nrows, const uint8_t* q, const S* scale, const S* offset, int groups,
-                 const float* bias, float* y, int out, int o0, int count) {
+template <int BITS, int G, bool OFFSET, typename S, bool TABLE>
+void output_tile(const QuantRow* rows, int nrows, const uint8_t* q, const S* scale, const S* offset,
+                 const int8_t* table, int groups, const float* bias, float* y, int out, int o0, int count) {
     F acc[Isa::ROW_TILE];
     alignas(64) float lanes[Isa::LANES];
     for (int r0 = 0; r0 < nrows; r0 += Isa::ROW_TILE) {
@@ -235,7 +259,8 @@ void output_tile(const QuantRow* rows, int nrows, const uint8_t* q, const S* sca
         for (int half = 0; half < HALVES; ++half) {
             switch (n) {
 #define QUANT_ROWS(k) \
-    case k: if constexpr (k <= Isa::ROW_TILE) tile_rows<BITS, G, OFFSET, k, S>(rows + r0, q, scale, offset, groups, half, acc); break;
+    case k: if constexpr (k <= Isa::ROW_TILE) \
+        tile_rows<BITS, G, OFFSET, k, S, TABLE>(rows + r0, q, scale, offset, table, groups, half, acc); break;
                 QUANT_ROWS(1) QUANT_ROWS(2) QUANT_ROWS(3) QUANT_ROWS(4)
                 QUANT_ROWS(5) QUANT_ROWS(6) QUANT_ROWS(7) QUANT_ROWS(8)
 #undef QUANT_ROWS
@@ -251,9 +276,9 @@ void output_tile(const QuantRow* rows, int nrows, const uint8_t* q, const S* sca
     }
 }
 
-template <int BITS, int G, bool OFFSET, typename S>
-void linear(const float* x, const uint8_t* q, const S* scale, const S* offset, const float* bias, float* y, int nrows,
-            int in, int out, int threads) {
+template <int BITS, int G, bool OFFSET, typename S, bool TABLE>
+void linear(const float* x, const uint8_t* q, const S* scale, const S* offset, const int8_t* table, const float* bias,
+            float* y, int nrows, int in, int out, int threads) {
     const int groups = in / G;
     thread_local std::vector<int16_t> a;
     thread_local std::vector<float> s, sums;
@@ -279,49 +304,58 @@ void linear(const float* x, const uint8_t* q, const S* scale, const S* offset, c
 #pragma omp for schedule(dynamic, chunk)
         for (int t = 0; t < tiles; ++t) {
             const int o0 = t * TILE_OUT;
-            output_tile<BITS, G, OFFSET, S>(rows.data(), nrows, q + t * tile_bytes, scale + t * tile_scales,
-                                            OFFSET ? offset + t * tile_scales : nullptr, groups, bias, y, out, o0,
-                                            out - o0 < TILE_OUT ? out - o0 : TILE_OUT);
+            output_tile<BITS, G, OFFSET, S, TABLE>(rows.data(), nrows, q + t * tile_bytes, scale + t * tile_scales,
+                                                   OFFSET ? offset + t * tile_scales : nullptr, table, groups, bias, y,
+                                                   out, o0, out - o0 < TILE_OUT ? out - o0 : TILE_OUT);
         }
     }
 }
 
 template <int BITS, int G, typename S>
-int dispatch_offset(const float* x, const uint8_t* q, const void* scale, const void* offset, const float* bias,
-                    float* y, int rows, int in, int out, int threads) {
+int dispatch_offset(const float* x, const uint8_t* q, const void* scale, const void* offset, const int8_t* table,
+                    const float* bias, float* y, int rows, int in, int out, int threads) {
     const S* d = static_cast<const S*>(scale);
     const S* m = static_cast<const S*>(offset);
+    if constexpr (BITS == 4) {
+        if (table) {  // (tabled formats have no offsets)
+            if (m) return 0;
+            linear<BITS, G, false, S, true>(x, q, d, m, table, bias, y, rows, in, out, threads);
+            return 1;
+        }
+    }
     if (m)
-        linear<BITS, G, true, S>(x, q, d, m, bias, y, rows, in, out, threads);
+        linear<BITS, G, true, S, false>(x, q, d, m, nullptr, bias, y, rows, in, out, threads);
     else
-        linear<BITS, G, false, S>(x, q, d, m, bias, y, rows, in, out, threads);
+        linear<BITS, G, false, S, false>(x, q, d, m, nullptr, bias, y, rows, in, out, threads);
     return 1;
 }
 
 template <int BITS, int G>
-int dispatch_scales(const float* x, const uint8_t* q, const void* scale, const void* offset, const float* bias,
-                    float* y, int rows, int in, int out, int scale_bits, int threads) {
+int dispatch_scales(const float* x, const uint8_t* q, const void* scale, const void* offset, const int8_t* table,
+                    const float* bias, float* y, int rows, int in, int out, int scale_bits, int threads) {
+    if (BITS != 4 && table) return 0;
     if (scale_bits == 16)
-        return dispatch_offset<BITS, G, uint16_t>(x, q, scale, offset, bias, y, rows, in, out, threads);
+        return dispatch_offset<BITS, G, uint16_t>(x, q, scale, offset, table, bias, y, rows, in, out, threads);
     if (scale_bits == 32)
-        return dispatch_offset<BITS, G, float>(x, q, scale, offset, bias, y, rows, in, out, threads);
+        return dispatch_offset<BITS, G, float>(x, q, scale, offset, table, bias, y, rows, in, out, threads);
     return 0;
 }
 
 }  // namespace
 
 // x [rows, in] fp32; q, scale, offset (or null): the tiles of engine/quant/tiled.py for `out`
-// outputs, scales and offsets of `scale_bits` 16 (fp16) or 32 (fp32); bias [out] fp32 or null;
-// y [rows, out] fp32. Returns 0 for a (bits, group, scale_bits) this kernel does not take.
+// outputs, scales and offsets of `scale_bits` 16 (fp16) or 32 (fp32); table: 16 int8 that 4-bit q
+// index, or null; bias [out] fp32 or null; y [rows, out] fp32. Returns 0 for a (bits, group,
+// scale_bits, table) this kernel does not take.
 extern "C" int QUANT_JOIN(quant_linear, QUANT_ISA)(const float* x, const uint8_t* q, const void* scale,
-                                                   const void* offset, const float* bias, float* y, int rows,
-                                                   int in, int out, int bits, int group, int scale_bits,
-                                                   int threads) {
+                                                   const void* offset, const int8_t* table, const float* bias,
+                                                   float* y, int rows, int in, int out, int bits, int group,
+                                                   int scale_bits, int threads) {
     if (bits == 4 && group == 32)
-        return dispatch_scales<4, 32>(x, q, scale, offset, bias, y, rows, in, out, scale_bits, threads);
+        return dispatch_scales<4, 32>(x, q, scale, offset, table, bias, y, rows, in, out, scale_bits, threads);
     if (bits == 8 && group == 32)
-        return dispatch_scales<8, 32>(x, q, scale, offset, bias, y, rows, in, out, scale_bits, threads);
+        return dispatch_scales<8, 32>(x, q, scale, offset, table, bias, y, rows, in, out, scale_bits, threads);
     if (bits == 8 && group == 16)
-        return dispatch_scales<8, 16>(x, q, scale, offset, bias, y, rows, in, out, scale_bits, threads);
+        return dispatch_scales<8, 16>(x, q, scale, offset, table, bias, y, rows, in, out, scale_bits, threads);
     return 0;
 }

@@ -40,9 +40,10 @@ def linear(x: torch.Tensor, weight: TiledWeight, bias: torch.Tensor | None, kern
     out = weight.shape[0]
     assert inp == weight.shape[1], (inp, weight.shape)
     y = torch.empty(rows, out, dtype=torch.float32)
-    offset = weight.offset
+    offset, table = weight.offset, weight.table
     done = kernel(x.data_ptr(), weight.q.data_ptr(), weight.scale.data_ptr(),
-                  None if offset is None else offset.data_ptr(), None if bias is None else bias.data_ptr(),
+                  None if offset is None else offset.data_ptr(), None if table is None else table.data_ptr(),
+                  None if bias is None else bias.data_ptr(),
                   y.data_ptr(), rows, inp, out, weight.bits, weight.group, weight.scale_bits, torch.get_num_threads())
     if not done:
         raise ValueError(f"no quantized kernel for {weight.bits}-bit groups of {weight.group} "

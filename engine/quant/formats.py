@@ -25,11 +25,11 @@ packs them into the kernels' layout. The block layouts:
   (0, 1, 2, 3, 4, 6, 8, 12 and their negatives); w = 2^(e - 128) * table[q] (gpt-oss's experts)
 In every case the nibbles of a 32-weight group put weight j in the low and j + 16 in the high
 nibble of byte j (Q4_0/Q4_1 as stored; the K-quants after regrouping), the 4-bit layout's order.
-The last five go to the 8-bit layout (their integers, or a table's entries, are signed bytes:
-Q3_K's q - 4 in -4..3, IQ4's table in -127..113, MXFP4's in -12..12), so they take 8 bits a weight
-in memory plus the scales (8.5-12 in all), more than their files' 2.6-4.5, and 3/8 or less of the
-fp32 they were expanded to before. MXFP4's power-of-two scales are exact in fp32 (fp16 for the
-exponents of real weights).
+Q2_K, Q3_K and the IQ4s go to the 8-bit layout (their integers, or a table's entries, are signed
+bytes: Q3_K's q - 4 in -4..3, IQ4's table in -127..113), so they take 8 bits a weight in memory plus
+the scales (8.5-12 in all), more than their files' 2.6-4.5, and 3/8 or less of the fp32 they were
+expanded to before. MXFP4 keeps its nibbles, with its table (`TABLES`): 4 bits a weight plus a
+power-of-two scale, exact in fp32 (fp16 for the exponents of real weights).
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ SUPPORTED = tuple(BLOCK_BYTES)
 BLOCK_WEIGHTS = {kind: 256 if kind.endswith(("_K", "_XS")) else 32 for kind in SUPPORTED}
 IQ4_TABLE = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 MXFP4_TABLE = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
+TABLES = {"MXFP4": MXFP4_TABLE}  # formats whose 4-bit q index a table of values (QuantWeight.table)
 NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8)
 TWO_BIT_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
 
@@ -146,7 +147,7 @@ def _decode(kind: str, b: np.ndarray):
     if kind == "MXFP4":  # 2^(e - 128): ggml's e8m0 "half" (e < 2 are fp32 subnormals, written as bits)
         e = b[..., 0].astype(np.uint32)
         half = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23)).astype(np.uint32).view(np.float32)
-        return MXFP4_TABLE[_nibbles(b[..., 1:17])], half, None, 8
+        return _nibbles(b[..., 1:17]), half, None, 4
     raise ValueError(f"unsupported GGUF format {kind}")
 
 
@@ -165,6 +166,7 @@ def to_weight(kind: str, raw: np.ndarray, in_features: int) -> QuantWeight:
                          scale=torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, -1)),
                          offset=None if offset is None else torch.from_numpy(
                              np.ascontiguousarray(offset, dtype=np.float32).reshape(rows, -1)),
-                         bits=bits, group=group, source=kind)
+                         bits=bits, group=group, source=kind,
+                         table=torch.from_numpy(TABLES[kind].copy()) if kind in TABLES else None)
     assert weight.shape == (rows, in_features), (weight.shape, rows, in_features)
     return weight

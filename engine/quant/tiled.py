@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.quant.weight import QuantWeight, scaled
+from engine.quant.weight import QuantWeight, looked_up, scaled
 
 TILE = 16  # outputs a tile
 
@@ -31,6 +31,7 @@ class TiledWeight:
     bits: int
     group: int
     source: str
+    table: torch.Tensor | None = None  # int8 [16] that 4-bit q index (QuantWeight.table)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -61,7 +62,8 @@ class TiledWeight:
         return TiledWeight(q=packed.reshape(tiles, groups, -1).contiguous(),
                            scale=_tile_groups(scale, pad, tiles),
                            offset=None if offset is None else _tile_groups(offset, pad, tiles),
-                           out_features=out, bits=weight.bits, group=weight.group, source=weight.source)
+                           out_features=out, bits=weight.bits, group=weight.group, source=weight.source,
+                           table=None if weight.table is None else weight.table.to(torch.int8).contiguous())
 
     def integers(self, rows: torch.Tensor) -> torch.Tensor:
         """q of the selected rows as int32 [rows, groups, group] (the tiling undone)."""
@@ -70,7 +72,7 @@ class TiledWeight:
         n, groups, g = q.shape[0], q.shape[1], self.group
         if self.bits == 4:
             q = q.view(n, groups, g // 4, TILE, 2)[torch.arange(n), :, :, lanes].to(torch.int32)  # [n, groups, c, e]
-            return torch.stack([q & 0x0F, q >> 4], dim=-2).reshape(n, groups, g)  # weight 4c + 2h + e
+            return looked_up(torch.stack([q & 0x0F, q >> 4], dim=-2).reshape(n, groups, g), self.table)  # 4c + 2h + e
         q = q.view(torch.int8).view(n, groups, g // 2, TILE, 2)[torch.arange(n), :, :, lanes]
         return q.reshape(n, groups, g).to(torch.int32)
 

@@ -4,7 +4,8 @@ Row-major over outputs; each row is `in / group` groups of `group` inputs held a
 integers q with one fp32 scale d and, for formats with one, one fp32 offset m per group:
 w = d * q + m.
 - 4 bits, groups of 32: 16 bytes a group, byte j = q_j | q_{j+16} << 4 (q in 0..15), the order of
-  GGUF's Q4_0 / Q4_1 blocks;
+  GGUF's Q4_0 / Q4_1 blocks; with a `table` (16 signed bytes, MXFP4's values) q indexes it, and
+  the weight is w = d * table[q] (such formats have no offset);
 - 8 bits, groups of 32 or 16: one signed byte a weight.
 Every GGUF format in `engine/quant/formats.py` maps onto one of these without loss: its integers
 fit the width and its scales and offsets are exact in fp32 (fp16 values, or an fp16 value times a
@@ -25,6 +26,11 @@ def scaled(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) ->
     return w.flatten(1)
 
 
+def looked_up(q: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+    """4-bit q as int32 integers: themselves, or the table's entries they index."""
+    return q.to(torch.int32) if table is None else table.to(torch.int32)[q.long()]
+
+
 @dataclass(frozen=True)
 class QuantWeight:
     q: torch.Tensor  # uint8 [out, in * bits / 8]
@@ -33,15 +39,16 @@ class QuantWeight:
     bits: int  # 4 or 8
     group: int  # 32 (or 16 with 8 bits)
     source: str  # the format it came from, e.g. "Q4_1" (for logs)
+    table: torch.Tensor | None = None  # int8 [16] that 4-bit q index (MXFP4), or None: q is the integer
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.q.shape[0], self.scale.shape[1] * self.group
 
     @property
-    def layout(self) -> tuple[int, int, bool]:
+    def layout(self) -> tuple:
         """Weights with the same layout can share one kernel call (rows concatenated)."""
-        return self.bits, self.group, self.offset is not None
+        return self.bits, self.group, self.offset is not None, None if self.table is None else tuple(self.table.tolist())
 
     @property
     def nbytes(self) -> int:
@@ -52,7 +59,7 @@ class QuantWeight:
         q = self.q[rows]
         if self.bits == 4:
             q = q.view(q.shape[0], -1, 16)
-            return torch.cat([q & 0x0F, q >> 4], dim=-1).to(torch.int32)
+            return looked_up(torch.cat([q & 0x0F, q >> 4], dim=-1), self.table)
         return q.view(torch.int8).view(q.shape[0], -1, self.group).to(torch.int32)
 
     def dequantize(self, rows=slice(None)) -> torch.Tensor:

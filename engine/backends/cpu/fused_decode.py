@@ -59,7 +59,7 @@ def weight_ref(linear, keep: list | None = None) -> list[int] | None:
     if isinstance(linear, Linear) and linear.backend == "native":
         return [DENSE, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(linear.weight), 0, 0,
                 _address(linear.bias), 0, 0, 0]
-    if isinstance(linear, QuantLinear):
+    if isinstance(linear, QuantLinear) and linear.weight.table is None:  # (the native step passes no table)
         w = linear.weight
         return [QUANTIZED, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(w.q), _address(w.scale),
                 _address(w.offset), _address(linear.bias), w.bits, w.group, w.scale_bits]
