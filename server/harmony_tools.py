@@ -7,6 +7,7 @@ call at most. Streamed, content goes out until the call.
 from __future__ import annotations
 
 import json
+import re
 
 from engine.stop_strings import held_back
 from server.harmony import CALL, MESSAGE, writes_harmony
@@ -14,6 +15,7 @@ from server.tool_calls import _no_constant, call_bodies
 
 TAG_IS_SPECIAL = True  # the answer's text keeps special tokens (harmony's headers are made of them)
 PREFIX = "functions."  # the recipient of a client's tool
+NAME = re.compile(re.escape(PREFIX) + r"([^\s<]+)")  # (in a raw header a content type may follow the name)
 
 
 def asks_for_it(template: str) -> bool:
@@ -26,10 +28,11 @@ def parse(text: str, tools: list[dict], parallel: bool) -> tuple[str | None, lis
     start = text.find(CALL + PREFIX)
     if start < 0:
         return None
-    recipient, sep, arguments = text[start + len(CALL):].partition(MESSAGE)
-    name = recipient.removeprefix(PREFIX)
-    if not sep or name not in {t["name"] for t in tools}:
+    header, sep, arguments = text[start + len(CALL):].partition(MESSAGE)
+    name = NAME.match(header)
+    if not sep or not name or name.group(1) not in {t["name"] for t in tools}:
         return None
+    name = name.group(1)
     try:
         value = json.loads(arguments, parse_constant=_no_constant)
     except (ValueError, RecursionError):

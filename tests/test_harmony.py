@@ -83,6 +83,7 @@ def test_a_message_to_a_function_is_a_tool_call(text, reasoning, preamble):
     CALL_IN_ROLE.replace("get_weather", "get_time"),  # a tool not listed
     CALL_IN_ROLE.replace('{"city": "Paris"}', '["Paris"]'),  # arguments that are no object
     CALL_IN_ROLE.replace('{"city": "Paris"}', '{"city": '),  # cut off
+    " to=functions.<|message|>{}",  # no name
 ])
 def test_anything_else_is_no_call(text):
     assert harmony_tools.parse(HarmonySplit.whole(text)[1], TOOLS, parallel=True) is None

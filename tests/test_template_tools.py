@@ -1,9 +1,10 @@
-"""Tool calls in the template's own format (server/template_tools.py), for the three formats:
+"""Tool calls in the template's own format (server/template_tools.py), for the four formats:
 hermes (tests/data/hermes_template.jinja, as Qwen2.5's: tools listed in the system turn, calls in
 <tool_call> tags, results in <tool_response>), llama3_json (tests/data/llama3_template.jinja:
 Llama 3.1's instruction, tools in the first user turn and calls as {"name", "parameters"} JSON)
-and mistral (tests/data/mistral_template.jinja: [AVAILABLE_TOOLS], [TOOL_CALLS] and a list, and
-9-character call ids or an error), in ChatML turns, which the embedded model follows better than
+mistral (tests/data/mistral_template.jinja: [AVAILABLE_TOOLS], [TOOL_CALLS] and a list, and
+9-character call ids or an error) and openai (tests/data/openai_template.jinja: gpt-oss's harmony,
+calls as messages to functions.NAME, which the harmony split reads), in ChatML turns, which the embedded model follows better than
 the models' own header tokens, text to it.
 Given with --chat-template, each is recognised (--tool-call-parser auto); the embedded model,
 shown a history of such calls rendered by the template, answers a new question with a call of its
@@ -121,6 +122,8 @@ FORMATS = {  # template -> what the history's calls look like in the prompt, wha
     "hermes": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Vienna"}}\n</tool_call>', "<tool_call>"),
     "llama3_json": ('{"name": "get_weather", "parameters": {"city": "Vienna"}}', '{"name": "get_weather"'),
     "mistral": ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Vienna"}, "id": "', '[TOOL_CALLS] ['),
+    "openai": ('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Vienna"}',
+               "<|channel|>commentary to=functions.get_weather"),
 }
 
 
