@@ -20,6 +20,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The C++ kernels are built once for the whole session (a minute on a slow 2-core host), whatever
+# model cache a test's engine or server uses: they are kept where the default cache keeps them.
+os.environ.setdefault("SKIPSERVE_NATIVE_CACHE", str(Path(os.environ.get("SKIPSERVE_CACHE")
+                                                         or Path.home() / ".cache" / "skipserve") / "native"))
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 STARTUP_TIMEOUT_S = 300  # the very first start converts the GGUF (~30 s); later ones take seconds

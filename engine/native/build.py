@@ -124,7 +124,7 @@ def open_library(isa: str, cache_dir: str | None = None) -> ctypes.CDLL:
     """The kernels built for `isa` (see ISA_FLAGS), compiled on first use; raises when they cannot be.
     `load` opens the one a process runs on; tests open "avx2" beside it to check that path too."""
     if isa not in _libraries:
-        path = _build(Path(cache_root(cache_dir)) / "native", ISA_FLAGS[isa])
+        path = _build(native_root(cache_dir), ISA_FLAGS[isa])
         lib = ctypes.CDLL(str(path))
         for name, args in SIGNATURES.items():
             fn = getattr(lib, name)
@@ -136,6 +136,13 @@ def open_library(isa: str, cache_dir: str | None = None) -> ctypes.CDLL:
         _libraries[isa] = lib
         log.info("native CPU kernels (%s): %s", isa, path)
     return _libraries[isa]
+
+
+def native_root(cache_dir: str | None = None) -> Path:
+    """Where built libraries are kept: $SKIPSERVE_NATIVE_CACHE, else the model cache's `native/`. Each
+    is named by a digest of its sources, flags, compiler and CPU, so one folder serves any number of
+    model caches (the tests' servers, each with a cache of its own, build once a session)."""
+    return Path(os.environ.get("SKIPSERVE_NATIVE_CACHE") or Path(cache_root(cache_dir)) / "native")
 
 
 def _compiler() -> str:
