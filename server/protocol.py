@@ -5,6 +5,8 @@ never silently ignored.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
@@ -557,11 +559,20 @@ class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest, ClientHint
     store: Optional[StrictBool] = None
     prediction: Optional[Prediction] = None
     modalities: Optional[list[Literal["text"]]] = None  # text is what this model writes
+    # OpenAI's reasoning models' knob: handed to the chat template as `reasoning_effort` (gpt-oss's
+    # template reads it, as vLLM hands it); a 400 for a template that reads none (server/generation.py)
+    reasoning_effort: Optional[Literal["minimal", "low", "medium", "high"]] = None
     # refused unless null
-    reasoning_effort: null_only("'reasoning_effort' is not supported: this model does not reason") = None
     verbosity: null_only("'verbosity' is not supported by this model") = None
     audio: null_only("'audio' is not supported: this model writes text only") = None
     web_search_options: null_only("'web_search_options' is not supported: this server has no web search") = None
+
+    @cached_property
+    def chat_options(self) -> ChatOptions:
+        options = ChatTemplating.chat_options.func(self)
+        if self.reasoning_effort is None or "reasoning_effort" in options.variables:  # (the kwargs' own wins)
+            return options
+        return dataclasses.replace(options, variables={**options.variables, "reasoning_effort": self.reasoning_effort})
 
     @field_validator("modalities", mode="before")
     @classmethod

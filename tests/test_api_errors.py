@@ -172,7 +172,8 @@ def test_openai_fields_that_change_nothing_here_are_taken(server):
 
 
 @pytest.mark.parametrize("field, value, words", [
-    ("reasoning_effort", "low", "does not reason"),
+    ("reasoning_effort", "low", "reads no reasoning effort"),  # (the embedded model's template)
+    ("reasoning_effort", "extreme", "reasoning_effort"),
     ("audio", {"voice": "alloy", "format": "wav"}, "text only"),
     ("modalities", ["text", "audio"], "modalities"),
     ("service_tier", "flex", "service_tier"),

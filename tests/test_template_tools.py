@@ -213,3 +213,16 @@ def test_the_responses_api_returns_the_templates_calls_as_function_call_items(te
         final = stream.get_final_response()
     assert "response.output_text.delta" not in kinds and "response.function_call_arguments.done" in kinds
     assert [item.type for item in final.output] == ["function_call"] and final.output[0].name == "get_weather"
+
+
+def test_reasoning_effort_reaches_a_template_that_reads_it(template_server):
+    """gpt-oss's template reads `reasoning_effort` (as vLLM hands it over); templates that read none
+    refuse it (tests/test_api_errors.py)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    r = httpx.post(template_server.url + "/v1/chat/completions", json={**body, "reasoning_effort": "high"}, timeout=60)
+    if template_server.format != "openai":
+        assert r.status_code == 400 and "reasoning_effort" in r.json()["error"]["message"]
+        return
+    plain = httpx.post(template_server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    assert r.status_code == 200
+    assert r.json()["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]  # "Reasoning: high" in the prompt
