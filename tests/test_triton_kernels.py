@@ -47,7 +47,7 @@ def gathered(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return got.transpose(1, 2).reshape(rows, kv, m * bs, d)
 
 
-def reference_attention(q, k_cache, v_cache, tables, lens, scale, window, softcap=None):
+def reference_attention(q, k_cache, v_cache, tables, lens, scale, window, softcap=None, sinks=None):
     rows, heads, dim = q.shape
     num_kv = k_cache.shape[1]
     keys, values = gathered(k_cache, tables), gathered(v_cache, tables)
@@ -59,20 +59,27 @@ def reference_attention(q, k_cache, v_cache, tables, lens, scale, window, softca
     blocked = pos >= lens
     if window:
         blocked |= pos < lens - window
-    probs = scores.masked_fill(blocked[:, None, None, :], float("-inf")).softmax(-1)
+    scores = scores.masked_fill(blocked[:, None, None, :], float("-inf"))
+    if sinks is not None:  # one more logit per head, its probability dropped (gpt-oss)
+        sunk = sinks.view(1, num_kv, heads // num_kv, 1).expand(rows, -1, -1, 1)
+        probs = torch.cat([scores, sunk], dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
     out = torch.matmul(probs, values).reshape(rows, heads * dim)
     return torch.where(lens > 0, out, 0.0)  # a row with no context (padding) gives zeros
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,lens,window,splits,dtype,softcap", [
-    (8, 8, 64, [1, 17, 40], None, None, torch.float32, None),  # group 1 (MHA), one split
-    (9, 3, 80, [33, 5, 0], 7, 3, torch.float32, None),  # group 3, head_dim 80, sliding window, padded row
-    (8, 2, 128, [70, 16], None, 4, torch.bfloat16, None),  # group 4, several splits and tiles per split
-    (8, 1, 64, [97, 50, 3], 40, 2, torch.bfloat16, None),  # group 8, window cutting through splits
-    (8, 2, 256, [45, 9, 0], 16, 2, torch.float32, 0.5),  # Gemma 2: capped scores, 256-wide heads, window
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lens,window,splits,dtype,softcap,sinks", [
+    (8, 8, 64, [1, 17, 40], None, None, torch.float32, None, False),  # group 1 (MHA), one split
+    (9, 3, 80, [33, 5, 0], 7, 3, torch.float32, None, False),  # group 3, head_dim 80, sliding window, padded row
+    (8, 2, 128, [70, 16], None, 4, torch.bfloat16, None, False),  # group 4, several splits and tiles per split
+    (8, 1, 64, [97, 50, 3], 40, 2, torch.bfloat16, None, False),  # group 8, window cutting through splits
+    (8, 2, 256, [45, 9, 0], 16, 2, torch.float32, 0.5, False),  # Gemma 2: capped scores, 256-wide heads, window
+    (8, 2, 64, [45, 9, 0, 100], 16, 4, torch.float32, None, True),  # gpt-oss: sinks, a window, a padded row
+    (8, 2, 64, [97, 1], None, 2, torch.bfloat16, None, True),  # sinks merged across splits
 ])
 def test_paged_decode_attention_matches_gathered_softmax(heads, kv_heads, head_dim, lens, window, splits, dtype,
-                                                         softcap):
+                                                         softcap, sinks):
     rows, num_blocks = len(lens), 32
     max_blocks = math.ceil(max(lens) / BLOCK_SIZE)
     k_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, dtype=dtype)
@@ -85,12 +92,16 @@ def test_paged_decode_attention_matches_gathered_softmax(heads, kv_heads, head_d
     out = poisoned(rows, heads * head_dim, dtype=dtype)
     scale = head_dim ** -0.5
 
+    sinks = randn(heads, dtype=torch.float32) * 2 if sinks else None
+
     got = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, window, splits, out=out,
-                                 softcap=softcap)
+                                 softcap=softcap, sinks=sinks)
 
     assert got.data_ptr() == out.data_ptr()
-    expected = reference_attention(q, k_cache, v_cache, tables, context_lens, scale, window, softcap)
+    expected = reference_attention(q, k_cache, v_cache, tables, context_lens, scale, window, softcap, sinks)
     torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
+    if sinks is not None:  # the sinks bind: without them the output differs
+        assert (reference_attention(q, k_cache, v_cache, tables, context_lens, scale, window) - expected).abs().max() > 0.05
     if softcap:  # the cap binds here: without it the output differs
         uncapped = reference_attention(q, k_cache, v_cache, tables, context_lens, scale, window)
         assert (uncapped - expected).abs().max() > 0.05

@@ -46,14 +46,14 @@ class CUDABackend(TorchBackend):
         return step
 
     def attention(self, q, k, v, k_cache, v_cache, meta, scale, window, softcap=None, sinks=None):
-        if meta.is_prefill or not self.triton or sinks is not None:  # (the Triton kernel takes no sinks)
+        if meta.is_prefill or not self.triton:
             return super().attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap, sinks)
         from engine.backends.cuda.decode_attention import paged_decode_attention
         from engine.backends.cuda.write_kv import write_kv
 
         write_kv(k, v, k_cache, v_cache, meta.write_blocks * meta.block_size + meta.write_offsets)
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window,
-                                      softcap=softcap)
+                                      softcap=softcap, sinks=sinks)
 
 
 def _triton_launches() -> bool:

@@ -9,7 +9,9 @@ row's block table (never gathered into a copy), in two stages.
    tiles with an online softmax and stores its normalized partial output and log-sum-exp.
 2. `_reduce_kernel`, one program per (row, query head): merges the splits by their log-sum-exp.
 
-With `softcap` (Gemma 2) each score s is softcap * tanh(s / softcap) before the softmax. Rows
+With `softcap` (Gemma 2) each score s is softcap * tanh(s / softcap) before the softmax. With
+`sinks` (gpt-oss: a logit per head that joins the softmax's normalizer with no value) the merge
+adds exp(sink) to the splits' summed exp(lse), which is where the whole normalizer is known. Rows
 with context_len 0 (padded rows of a graph bucket) produce zeros. Nothing is written to the
 cache here: the new token's K/V go in first (write_kv.py).
 """
@@ -89,8 +91,9 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, lens_ptr, part_ou
 
 
 @triton.jit
-def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_on, stride_oh, head_dim,
-                   NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr):
+def _reduce_kernel(part_out_ptr, part_lse_ptr, sinks_ptr, out_ptr, stride_on, stride_oh, head_dim,
+                   NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr,
+                   HAS_SINKS: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -100,8 +103,13 @@ def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_on, stride_oh, he
     part = (row * tl.num_programs(1) + head) * NUM_SPLITS + s
     lse = tl.load(part_lse_ptr + part, mask=smask, other=float("-inf"))
     top = tl.max(lse, axis=0)
+    if HAS_SINKS:  # the sink is one more logit of the normalizer: in the max too (a padded row: its alone)
+        sink = tl.load(sinks_ptr + head).to(tl.float32)
+        top = tl.maximum(top, sink)
     weight = tl.exp(lse - tl.where(top > float("-inf"), top, 0.0))  # 0 for empty splits
     total = tl.sum(weight, axis=0)
+    if HAS_SINKS:
+        total += tl.exp(sink - top)
     parts = tl.load(part_out_ptr + part[:, None] * HEAD_PAD + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
     out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
@@ -119,13 +127,14 @@ def default_num_splits(max_context_len: int) -> int:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            window: int | None = None, num_splits: int | None = None,
-                           out: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, softcap: float | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q: [N, H, D] (last dim contiguous; may be a view of a fused q|k|v projection);
     k_cache, v_cache: [blocks, KV, block_size, D] of one layer, contiguous; block_tables:
     [N, max_blocks] int32/int64 (entries past a row's length are never read); context_lens: [N]
     int (the new token included; 0 = padded row, output zeros); window: attend only to the last
-    `window` positions; softcap: scores squashed to softcap * tanh(s / softcap) (Gemma 2). -> out
-    [N, H * D] in q's dtype."""
+    `window` positions; softcap: scores squashed to softcap * tanh(s / softcap) (Gemma 2); sinks:
+    fp32 [H], a logit per head in each softmax's normalizer (gpt-oss). -> out [N, H * D] in q's dtype."""
     rows, num_heads, head_dim = q.shape
     _, num_kv, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -147,8 +156,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         NUM_SPLITS=num_splits, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), UPCAST=upcast_dots(q),
         PRECISION=dot_precision(q),
     )
+    assert sinks is None or (sinks.dtype == torch.float32 and sinks.is_contiguous() and sinks.shape == (num_heads,))
     _reduce_kernel[(rows, num_heads)](
-        part_out, part_lse, out3, out3.stride(0), out3.stride(1), head_dim,
+        part_out, part_lse, part_lse if sinks is None else sinks, out3, out3.stride(0), out3.stride(1), head_dim,
         NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_PAD=head_pad,
+        HAS_SINKS=sinks is not None,
     )
     return out.view(rows, num_heads * head_dim)
