@@ -1,6 +1,6 @@
-"""GGUF formats the quantized kernels took in this round (Q2_K, Q3_K, IQ4_NL, IQ4_XS: repacked into
-the 8-bit layout without loss) against where such matrices ran before: dequantized to fp32 at load
-and multiplied by the native fp32 GEMM. Per format, 7B-shaped projections (4096 x 4096, random
+"""GGUF formats the quantized kernels took late (Q2_K, Q3_K: repacked into the 8-bit layout without
+loss; IQ4_NL, IQ4_XS, MXFP4: their nibbles kept as indices into their table of values) against
+where such matrices ran before: dequantized to fp32 at load and multiplied by the native fp32 GEMM. Per format, 7B-shaped projections (4096 x 4096, random
 valid blocks: the speed of these kernels does not depend on the values) at 1 and 16 rows, `--layers`
 of them run in turn so that the weights stream from memory as a model's do (not from the cache):
 bytes held per projection, and the time of one product, the two alternating, medians of the rounds.
@@ -28,7 +28,7 @@ from engine.native import quant_ops  # noqa: E402
 from engine.quant.formats import BLOCK_BYTES, BLOCK_WEIGHTS, to_weight  # noqa: E402
 from tests.quant_blocks import random_blocks  # noqa: E402
 
-FORMATS = ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")
+FORMATS = ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4")
 
 
 def timed(layers: list, x: torch.Tensor, repeats: int) -> float:
@@ -60,7 +60,7 @@ def main() -> None:
     n = args.size
     lines = [f"# Low-bit GGUF formats: quantized kernel ({quant_ops.best_isa()}) vs fp32 dense, {n} x {n}, "
              f"{args.layers} in turn, {torch.get_num_threads()} threads", "",
-             "| format | file bytes | held now (8-bit layout) | held before (fp32) | rows | fp32 ms | quantized ms | "
+             "| format | file bytes | held now | held before (fp32) | rows | fp32 ms | quantized ms | "
              "speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     data = {}
     for kind in FORMATS:

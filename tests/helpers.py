@@ -17,9 +17,9 @@ from engine.sampling_params import SamplingParams
 from engine.skip import DenseGate, RowSkip, build_policy
 
 
-# decode_layers.cpp's LayerRow: the layer's columns, then a WeightRef of 9 columns per projection (qkv,
-# o_proj, gate_up, down), each (kind, kernel, weight, scale, offset, bias, bits, group, scale_bits)
-DOWN_REF = LAYER_COLUMNS + 3 * 9
+# decode_layers.cpp's LayerRow: the layer's columns, then a WeightRef of 10 columns per projection (qkv,
+# o_proj, gate_up, down), each (kind, kernel, weight, scale, offset, bias, bits, group, scale_bits, table)
+DOWN_REF = LAYER_COLUMNS + 3 * 10
 _ptr, _int = ctypes.c_void_p, ctypes.c_int
 KERNEL_TYPES = {  # by WeightRef kind: the C signatures decode_layers.cpp calls (and where `rows` is)
     0: (ctypes.CFUNCTYPE(None, *[_ptr] * 4, *[_int] * 4), 4),  # dense: x, w, bias, y, rows, in, out, threads

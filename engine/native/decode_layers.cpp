@@ -39,7 +39,7 @@ using QuantKernel = int (*)(const float* x, const uint8_t* q, const void* scale,
                             const int8_t* table, const float* bias, float* y, int rows, int in, int out, int bits,
                             int group, int scale_bits, int threads);
 
-// One projection, nine int64 columns of the layer table (engine/backends/cpu/fused_decode.py
+// One projection, ten int64 columns of the layer table (engine/backends/cpu/fused_decode.py
 // `weight_ref` writes them): y [rows, out] = x [rows, in] W^T + bias. PARTS: row blocks of
 // different layouts (a GGUF's q and k in Q4_K beside v in Q6_K), each its own projection whose
 // output columns follow the previous one's.
@@ -48,14 +48,15 @@ struct WeightRef {
     int64_t kind;
     int64_t kernel;         // DENSE: linear_f32 / linear_bf16; QUANTIZED: quant_linear_<isa>
     int64_t weight;         // DENSE: the blocked matrix; QUANTIZED: the integers q; PARTS: int64
-                            // [parts, 1 + 9], each part's output width, then its WeightRef
+                            // [parts, 1 + 10], each part's output width, then its WeightRef
     int64_t scale, offset;  // QUANTIZED: per-group scales and offsets (offset 0: none); PARTS: scale
                             // is the number of parts
     int64_t bias;           // fp32 [out], or 0
     int64_t bits, group;    // QUANTIZED: the integers' width and the group size
     int64_t scale_bits;     // QUANTIZED: 16 (fp16 scales and offsets) or 32 (fp32)
+    int64_t table;          // QUANTIZED: int8 [16] that 4-bit integers index (MXFP4, IQ4), or 0
 };
-static_assert(sizeof(WeightRef) == 9 * sizeof(int64_t), "WeightRef is nine table columns");
+static_assert(sizeof(WeightRef) == 10 * sizeof(int64_t), "WeightRef is ten table columns");
 
 // A row of the per-layer table: the layer's shape, pointers (0: the layer has none), then one
 // WeightRef per projection.
@@ -69,7 +70,7 @@ struct LayerRow {
     int64_t k_cache, v_cache;
     WeightRef qkv, o_proj, gate_up, down;
 };
-static_assert(sizeof(LayerRow) == 48 * sizeof(int64_t), "fused_decode.py's table width");
+static_assert(sizeof(LayerRow) == 52 * sizeof(int64_t), "fused_decode.py's table width");
 
 // The step's rotary tables, [rows, rotary_dim] each: global, and local (sliding-window layers; the
 // global one again for models with one table).
@@ -101,7 +102,7 @@ void linear(const WeightRef& w, const float* x, float* y, int rows, int in, int 
         reinterpret_cast<DenseKernel>(w.kernel)(x, ptr<void>(w.weight), bias, y, rows, in, out, threads);
     } else {  // every QuantWeight layout (engine/quant/weight.py) is one the kernel takes
         reinterpret_cast<QuantKernel>(w.kernel)(x, ptr<uint8_t>(w.weight), ptr<void>(w.scale), ptr<void>(w.offset),
-                                                nullptr, bias, y, rows, in, out, static_cast<int>(w.bits),
+                                                ptr<int8_t>(w.table), bias, y, rows, in, out, static_cast<int>(w.bits),
                                                 static_cast<int>(w.group), static_cast<int>(w.scale_bits), threads);
     }
 }
@@ -222,7 +223,7 @@ double residual_cosine(const float* h, const float* delta, int n) {
 }  // namespace
 
 // Every layer of a decode step. x [rows, hidden] fp32, the residual stream, updated in place;
-// layer_rows [layers, 48] (LayerRow); cos, sin [rows, rotary_dim] and the local table's (the global
+// layer_rows [layers, 52] (LayerRow); cos, sin [rows, rotary_dim] and the local table's (the global
 // one again where the model has one); block_tables [rows, max_blocks],
 // lengths [rows], softcap (0: none) and cache_bits as in decode_attention_f32.
 // With max_skips null every FFN runs (skipped may be null too). Otherwise FFN-SkipLLM's rule

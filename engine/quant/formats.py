@@ -25,11 +25,12 @@ packs them into the kernels' layout. The block layouts:
   (0, 1, 2, 3, 4, 6, 8, 12 and their negatives); w = 2^(e - 128) * table[q] (gpt-oss's experts)
 In every case the nibbles of a 32-weight group put weight j in the low and j + 16 in the high
 nibble of byte j (Q4_0/Q4_1 as stored; the K-quants after regrouping), the 4-bit layout's order.
-Q2_K, Q3_K and the IQ4s go to the 8-bit layout (their integers, or a table's entries, are signed
-bytes: Q3_K's q - 4 in -4..3, IQ4's table in -127..113), so they take 8 bits a weight in memory plus
-the scales (8.5-12 in all), more than their files' 2.6-4.5, and 3/8 or less of the fp32 they were
-expanded to before. MXFP4 keeps its nibbles, with its table (`TABLES`): 4 bits a weight plus a
-power-of-two scale, exact in fp32 (fp16 for the exponents of real weights).
+Q2_K and Q3_K go to the 8-bit layout (Q3_K's q - 4 in -4..3 are signed bytes), so they take 8 bits
+a weight in memory plus the scales (8.5-9 in all), more than their files' 2.6-3.4, and 3/8 or less
+of the fp32 they were expanded to before. IQ4_NL, IQ4_XS and MXFP4 keep their nibbles with their
+table of values (`TABLES`: IQ4's -127..113, MXFP4's -12..12): 4 bits a weight plus the scales, as
+in their files. MXFP4's power-of-two scales are exact in fp32 (fp16 for the exponents of real
+weights).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ SUPPORTED = tuple(BLOCK_BYTES)
 BLOCK_WEIGHTS = {kind: 256 if kind.endswith(("_K", "_XS")) else 32 for kind in SUPPORTED}
 IQ4_TABLE = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 MXFP4_TABLE = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
-TABLES = {"MXFP4": MXFP4_TABLE}  # formats whose 4-bit q index a table of values (QuantWeight.table)
+# formats whose 4-bit q index a table of values (QuantWeight.table)
+TABLES = {"IQ4_NL": IQ4_TABLE, "IQ4_XS": IQ4_TABLE, "MXFP4": MXFP4_TABLE}
 NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8)
 TWO_BIT_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
 
@@ -136,14 +138,14 @@ def _decode(kind: str, b: np.ndarray):
         scale = _f16(b, 108)[..., None] * (six.astype(np.float32) - 32)
         return q.reshape(rows, -1, 16), scale.reshape(rows, -1), None, 8
     if kind == "IQ4_NL":
-        return IQ4_TABLE[_nibbles(b[..., 2:18])], _f16(b, 0), None, 8
+        return _nibbles(b[..., 2:18]), _f16(b, 0), None, 4
     if kind == "IQ4_XS":
         highs = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)  # [rows, blocks, 1]
         six = ((b[..., 4:8, None] >> NIBBLE_SHIFTS & 0x0F).reshape(rows, -1, 8)
                | (highs >> (2 * np.arange(8, dtype=np.uint16)) & 3).astype(np.uint8) << 4)
         scale = _f16(b, 0)[..., None] * (six.astype(np.float32) - 32)
-        q = IQ4_TABLE[_nibbles(b[..., 8:136].reshape(rows, -1, 8, 16))]
-        return q.reshape(rows, -1, 32), scale.reshape(rows, -1), None, 8
+        q = _nibbles(b[..., 8:136].reshape(rows, -1, 8, 16))
+        return q.reshape(rows, -1, 32), scale.reshape(rows, -1), None, 4
     if kind == "MXFP4":  # 2^(e - 128): ggml's e8m0 "half" (e < 2 are fp32 subnormals, written as bits)
         e = b[..., 0].astype(np.uint32)
         half = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23)).astype(np.uint32).view(np.float32)

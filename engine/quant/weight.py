@@ -4,7 +4,7 @@ Row-major over outputs; each row is `in / group` groups of `group` inputs held a
 integers q with one fp32 scale d and, for formats with one, one fp32 offset m per group:
 w = d * q + m.
 - 4 bits, groups of 32: 16 bytes a group, byte j = q_j | q_{j+16} << 4 (q in 0..15), the order of
-  GGUF's Q4_0 / Q4_1 blocks; with a `table` (16 signed bytes, MXFP4's values) q indexes it, and
+  GGUF's Q4_0 / Q4_1 blocks; with a `table` (16 signed bytes: IQ4's or MXFP4's values) q indexes it, and
   the weight is w = d * table[q] (such formats have no offset);
 - 8 bits, groups of 32 or 16: one signed byte a weight.
 Every GGUF format in `engine/quant/formats.py` maps onto one of these without loss: its integers

@@ -53,16 +53,16 @@ def layer_row(layer, k_cache: torch.Tensor, v_cache: torch.Tensor, keep: list) -
 
 def weight_ref(linear, keep: list | None = None) -> list[int] | None:
     """decode_layers.cpp's WeightRef of a projection (kind, kernel, weight, scale, offset, bias,
-    bits, group, scale_bits), or None where its kernel has no native entry point (oneDNN). Row
+    bits, group, scale_bits, table), or None where its kernel has no native entry point (oneDNN). Row
     blocks of several layouts (ConcatLinear) point to a table of their parts' widths and WeightRefs,
     appended to `keep`, which must outlive the reference."""
     if isinstance(linear, Linear) and linear.backend == "native":
         return [DENSE, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(linear.weight), 0, 0,
-                _address(linear.bias), 0, 0, 0]
-    if isinstance(linear, QuantLinear) and linear.weight.table is None:  # (the native step passes no table)
+                _address(linear.bias), 0, 0, 0, 0]
+    if isinstance(linear, QuantLinear):
         w = linear.weight
         return [QUANTIZED, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(w.q), _address(w.scale),
-                _address(w.offset), _address(linear.bias), w.bits, w.group, w.scale_bits]
+                _address(w.offset), _address(linear.bias), w.bits, w.group, w.scale_bits, _address(w.table)]
     if isinstance(linear, ConcatLinear):
         refs = [weight_ref(part, keep) for part in linear.parts]
         if any(ref is None for ref in refs):
@@ -70,7 +70,7 @@ def weight_ref(linear, keep: list | None = None) -> list[int] | None:
         table = torch.tensor([[part.out_features, *ref] for part, ref in zip(linear.parts, refs)], dtype=torch.int64)
         if keep is not None:
             keep.append(table)
-        return [PARTS, 0, table.data_ptr(), len(refs), 0, 0, 0, 0, 0]
+        return [PARTS, 0, table.data_ptr(), len(refs), 0, 0, 0, 0, 0, 0]
     return None
 
 
