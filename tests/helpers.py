@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from engine.backends.cpu.fused_decode import LAYER_COLUMNS
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, SkipParams
 from engine.skip import DenseGate, RowSkip, build_policy
 
 
@@ -219,3 +219,33 @@ def hf_model_of(engine):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(engine.hf_dir), dtype=torch.float32).eval()
+
+
+def assert_quantized_close_and_skipping(quantized, dense, prompts: list[list[int]], params: SamplingParams,
+                                        layers: int) -> None:
+    """A tiny file's quantized engine: logits within its activations' rounding (0.02) of the fp32
+    engine's on every prompt, and a threshold every token meets after a short warm-up makes the
+    rule skip the budget's k of the hot layers."""
+    for prompt in prompts:
+        assert (prefill_logits(quantized, prompt) - prefill_logits(dense, prompt)).abs().max().item() < 0.02
+    skipped = quantized.generate([prompts[0]], params, SkipParams(budget=0.5, threshold=-1.0, warmup_tokens=2))[0][2]
+    assert 0 < skipped.ffn_skipped <= skipped.ffn_total == params.max_tokens * layers
+
+
+def assert_served_chat_is_the_engines(dense, gguf, cache_dir) -> None:
+    """`skipserve --model FILE.gguf`: a greedy chat answer over HTTP is the in-process engine's text."""
+    import openai
+
+    from tests.conftest import ServerProcess
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    expected = dense.tokenizer.decode(dense.generate([dense.tokenizer.encode_chat(messages)], greedy)[0][1])
+    server = ServerProcess("--model", str(gguf), "--cache-dir", str(cache_dir), "--device", "cpu",
+                           "--dtype", "float32", "--max-num-seqs", "2", "--max-model-len", "512")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model=gguf.name, messages=messages, max_tokens=16, temperature=0)
+    finally:
+        assert server.stop() == 0
+    assert reply.choices[0].message.content == expected and expected

@@ -3,8 +3,6 @@ as the kernel lays them out), never raised above the affinity mask's count."""
 import subprocess
 import sys
 
-import pytest
-
 from engine.backends.cpu.threads import cgroup_cpu_limit, default_threads
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.sampling_params import SamplingParams, SkipParams
-from tests.conftest import ServerProcess
-from tests.helpers import hf_greedy, prefill_logits, run_staggered
+from engine.sampling_params import SamplingParams
+from tests.helpers import (assert_quantized_close_and_skipping, assert_served_chat_is_the_engines, hf_greedy,
+                           prefill_logits, run_staggered)
 from tests.tiny_gguf import EXPERTS, GPT_OSS_WINDOW, LAYERS, USED, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -124,27 +124,11 @@ def test_mxfp4_experts_on_the_quantized_kernels_come_within_rounding_of_fp32(ggu
     gate_up = quantized.runner.model.layers[0].experts[0][0]
     assert gate_up.backend.startswith("quant-") and gate_up.format == "MXFP4"
     assert gate_up.weight.bits == 4 and gate_up.weight.table is not None  # its nibbles kept: 4 bits a weight
-    for prompt in prompts:
-        ours, reference_logits = prefill_logits(quantized, prompt), prefill_logits(dense, prompt)
-        assert (ours - reference_logits).abs().max().item() < 0.02
-    # a threshold every token meets after a short warm-up: the rule skips the budget's k of the hot layers
-    skipped = quantized.generate([prompts[0]], GREEDY, SkipParams(budget=0.5, threshold=-1.0, warmup_tokens=2))[0][2]
-    assert 0 < skipped.ffn_skipped <= skipped.ffn_total == GREEDY.max_tokens * LAYERS
+    assert_quantized_close_and_skipping(quantized, dense, prompts, GREEDY, LAYERS)
 
 
 def test_served_over_http(dense, gguf, cache_dir):
-    import openai
-
-    messages = [{"role": "user", "content": "Name a colour."}]
-    expected = dense.tokenizer.decode(dense.generate([dense.tokenizer.encode_chat(messages)], GREEDY)[0][1])
-    server = ServerProcess("--model", str(gguf), "--cache-dir", str(cache_dir), "--device", "cpu",
-                           "--dtype", "float32", "--max-num-seqs", "2", "--max-model-len", "512")
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model=gguf.name, messages=messages, max_tokens=16, temperature=0)
-    finally:
-        assert server.stop() == 0
-    assert reply.choices[0].message.content == expected and expected
+    assert_served_chat_is_the_engines(dense, gguf, cache_dir)
 
 
 def test_a_transformers_checkpoint_serves_the_same_model(dense, reference, tmp_path):

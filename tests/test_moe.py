@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling_params import SamplingParams, SkipParams
-from tests.conftest import ServerProcess
-from tests.helpers import hf_greedy, hf_model_of, prefill_logits, run_staggered
+from engine.sampling_params import SamplingParams
+from tests.helpers import (assert_quantized_close_and_skipping, assert_served_chat_is_the_engines, hf_greedy,
+                           hf_model_of, prefill_logits, run_staggered)
 from tests.tiny_gguf import EXPERTS, LAYERS, USED, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -77,24 +77,8 @@ def test_quantized_experts_come_within_rounding_of_fp32(gguf, cache_dir, dense, 
         pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
     layer = quantized.runner.model.layers[0]
     assert layer.experts[0][0].backend.startswith("quant-")
-    for prompt in prompts:
-        ours, reference = prefill_logits(quantized, prompt), prefill_logits(dense, prompt)
-        assert (ours - reference).abs().max().item() < 0.02
-    # a threshold every token meets after a short warm-up: the rule skips the budget's k of the hot layers
-    skipped = quantized.generate([prompts[0]], GREEDY, SkipParams(budget=0.5, threshold=-1.0, warmup_tokens=2))[0][2]
-    assert 0 < skipped.ffn_skipped <= skipped.ffn_total == GREEDY.max_tokens * LAYERS
+    assert_quantized_close_and_skipping(quantized, dense, prompts, GREEDY, LAYERS)
 
 
 def test_served_over_http(dense, gguf, cache_dir):
-    import openai
-
-    messages = [{"role": "user", "content": "Name a colour."}]
-    expected = dense.tokenizer.decode(dense.generate([dense.tokenizer.encode_chat(messages)], GREEDY)[0][1])
-    server = ServerProcess("--model", str(gguf), "--cache-dir", str(cache_dir), "--device", "cpu",
-                           "--dtype", "float32", "--max-num-seqs", "2", "--max-model-len", "512")
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model=gguf.name, messages=messages, max_tokens=16, temperature=0)
-    finally:
-        assert server.stop() == 0
-    assert reply.choices[0].message.content == expected and expected
+    assert_served_chat_is_the_engines(dense, gguf, cache_dir)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from engine.sampling_params import InvalidParamError
 from engine.structured import json_machine
-from engine.structured.regex import Pattern, PatternError
+from engine.structured.regex import Pattern
 from engine.structured.schema import compile_schema
 from tests.helpers import brute_force_mask, grammar_accepts
 
