@@ -122,8 +122,8 @@ class ModelConfig:
 def _pattern_layer_types(raw: dict) -> list[str] | None:
     """Layer types from `sliding_window_pattern` (configs written before `layer_types`, as
     transformers reads them): every pattern-th layer full attention, the others sliding. Gemma 2's
-    configs name no pattern: transformers alternates them (every 2nd layer full)."""
-    pattern = raw.get("sliding_window_pattern") or (2 if raw.get("model_type") == "gemma2" else None)
+    and gpt-oss's configs may name no pattern: transformers alternates them (every 2nd layer full)."""
+    pattern = raw.get("sliding_window_pattern") or (2 if raw.get("model_type") in ("gemma2", "gpt_oss") else None)
     if not pattern or not raw.get("sliding_window"):
         return None
     return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(raw["num_hidden_layers"])]

@@ -111,7 +111,7 @@ def ensure_hf_dir(model: str, cache_dir: str | None = None, dense: bool = True) 
 
 
 DENSE_WEIGHTS = "model.safetensors"
-METADATA_VERSION = "m4"  # bumped when write_metadata writes a folder differently: older ones are rewritten
+METADATA_VERSION = "m5"  # bumped when write_metadata writes a folder differently: older ones are rewritten
 
 
 @functools.lru_cache(maxsize=16)
@@ -246,8 +246,9 @@ def complete_config(config, gguf) -> None:
     window = fields.get(f"{arch}.attention.sliding_window")  # Phi-3's; gpt-oss's (transformers keeps its default)
     if window and (getattr(config, "sliding_window", "absent") is None or arch == "gpt-oss"):
         config.sliding_window = window
-    if fields.get(f"{arch}.rope.scaling.type") == "yarn":  # gpt-oss's (transformers misreads it: MISREAD_KEYS)
-        scaling = f"{arch}.rope.scaling."
+    scaling = f"{arch}.rope.scaling."  # YaRN: gpt-oss's, Qwen's 128k files' (read as llama.cpp reads them)
+    if fields.get(scaling + "type") == "yarn" and fields.get(scaling + "factor") \
+            and fields.get(scaling + "original_context_length"):
         config.rope_parameters = {
             "rope_type": "yarn", "rope_theta": fields.get(f"{arch}.rope.freq_base", 10000.0),
             "factor": float(fields[scaling + "factor"]),

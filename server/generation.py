@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse
 
 from engine.async_engine import (EngineDeadError, EngineNotReadyError, EngineShutdownError, GenerationError,
                                  QueueFullError)
-from engine.sampling_params import InvalidParamError
 from engine.tokenizer import ChatOptions
 from server import template_tools
 from server.errors import APIError, error_body
@@ -102,9 +101,6 @@ async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOp
     the model's template as `options` ask. Templating and tokenizing a long prompt takes a while: off
     the event loop."""
     tokenizer = ready_tokenizer(state)
-    if "reasoning_effort" in options.variables and "reasoning_effort" not in (tokenizer.chat_template or ""):
-        raise InvalidParamError("'reasoning_effort' is not supported: this model's chat template reads no reasoning "
-                                "effort", "reasoning_effort")
     use.format = template_tools.detect(tokenizer.chat_template) if state.tool_call_parser == "auto" \
         else state.tool_call_parser
     if use.native:  # the template shows the tools and the history's calls and results itself

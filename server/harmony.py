@@ -7,10 +7,12 @@ run of messages, each a header and a body; the prompt ends with `<|start|>assist
     <|start|>assistant<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}  (<|call|>)
 
 (a call's recipient may also stand before its channel: ` to=functions.NAME<|channel|>commentary json`).
-The analysis channel is the reasoning (several analysis messages joined by a newline), the final
-channel and commentary to no one (a preamble) the content. A message to a recipient is a call: it
+The analysis channel is the reasoning, the final channel and commentary to no one (a preamble) the
+content (several messages of either joined by a newline). A message to a function is a call: it
 goes on in the content as `CALL` + recipient + `<|message|>` + its body, for server/harmony_tools.py
-to read. Text that opens with no header (an answer held to a grammar) is all content. The headers
+to read; a message to another recipient (the built-in browser or python tools, which this server
+does not run) is content, its header dropped. Text that opens with no header (an answer held to a
+grammar) is all content; whitespace before a first header is dropped. The headers
 are special tokens, so the answer's text keeps them (`skip_special_tokens` off); `<|return|>` and
 `<|call|>` end a generation, `<|end|>` does not (engine/loader.py).
 """
@@ -22,7 +24,8 @@ from engine.stop_strings import held_back
 
 START, CHANNEL, MESSAGE, END = "<|start|>", "<|channel|>", "<|message|>", "<|end|>"
 CALL = " to="  # a call, as the content carries it: CALL + recipient + MESSAGE + arguments
-OPENERS = (START, CHANNEL, CALL, CALL.lstrip())
+FUNCTIONS = "functions."  # a client's tools' recipients
+OPENERS = (START, CHANNEL, CALL.lstrip())  # (a recipient first: the template's form of a call)
 RECIPIENT = re.compile(r"\bto=([^\s<]+)")
 CHANNEL_NAME = re.compile(re.escape(CHANNEL) + r"\s*([A-Za-z_]+)")
 
@@ -36,6 +39,7 @@ class HarmonySplit:
         self.pending = ""
         self.kind = ""  # the current body's: "reasoning", "content" or "call"
         self.thought = False  # an analysis message came
+        self.said = False  # a content message came (the next one starts on a new line)
         self.fed_tokens = 0
         self.closed_at: int | None = None  # tokens fed when the latest analysis message ended
 
@@ -52,9 +56,9 @@ class HarmonySplit:
         reasoning, content = [], []
         while True:
             if self.state == "start":
-                lead = self.pending
+                lead = self.pending.lstrip()
                 if lead.startswith(OPENERS):
-                    self.state = "header"
+                    self.state, self.pending = "header", lead
                 elif any(opener.startswith(lead) for opener in OPENERS) and not final:
                     break  # may still open a header
                 else:
@@ -66,7 +70,8 @@ class HarmonySplit:
             if self.state == "header":
                 at = self.pending.find(MESSAGE)
                 if at < 0:
-                    if final:  # cut off within a header: nothing of it is either
+                    if final:  # cut off within a header: nothing of it is either (text with no tag: content)
+                        content.append(self.pending if "<|" not in self.pending and not self.thought else "")
                         self.pending = ""
                     break
                 self._open(self.pending[:at], reasoning, content)
@@ -85,13 +90,17 @@ class HarmonySplit:
 
     def _open(self, header: str, reasoning: list, content: list) -> None:
         recipient, channel = RECIPIENT.search(header), CHANNEL_NAME.search(header)
-        if recipient:
-            self.kind = "call"
-            content.append(CALL + recipient.group(1) + MESSAGE)
-        elif channel and channel.group(1) == "analysis":
+        if channel and channel.group(1) == "analysis" and not recipient:
             if self.thought:
                 reasoning.append("\n")  # between two analysis messages
             self.kind, self.thought = "reasoning", True
+            return
+        if self.said:
+            content.append("\n")  # between two messages of the content
+        self.said = True
+        if recipient and recipient.group(1).startswith(FUNCTIONS):
+            self.kind = "call"
+            content.append(CALL + recipient.group(1) + MESSAGE)
         else:
             self.kind = "content"
 

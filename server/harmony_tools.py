@@ -10,11 +10,11 @@ import json
 import re
 
 from engine.stop_strings import held_back
-from server.harmony import CALL, MESSAGE, writes_harmony
+from server.harmony import CALL, FUNCTIONS, MESSAGE, writes_harmony
 from server.tool_calls import _no_constant, call_bodies
 
 TAG_IS_SPECIAL = True  # the answer's text keeps special tokens (harmony's headers are made of them)
-PREFIX = "functions."  # the recipient of a client's tool
+PREFIX = FUNCTIONS  # the recipient of a client's tool
 NAME = re.compile(re.escape(PREFIX) + r"([^\s<]+)")  # (in a raw header a content type may follow the name)
 
 

@@ -43,7 +43,8 @@ def template_tools(tools: list[dict]) -> list[dict]:
 def template_messages(messages: list[dict], format_: str | None = None) -> list[dict]:
     """A chat's messages as such templates read them: calls' arguments as objects (text that is no
     JSON stays text), ids as the format shows them, an assistant's reasoning_content also as
-    `thinking` (gpt-oss's name), everything else as it came."""
+    `thinking` (gpt-oss's name; not beside a call's content, which its template refuses),
+    everything else as it came."""
     shown = getattr(FORMATS.get(format_), "call_id", lambda id_: id_)
     out = []
     for m in messages:
@@ -54,7 +55,7 @@ def template_messages(messages: list[dict], format_: str | None = None) -> list[
             m = {**m, "tool_calls": calls}
         if m.get("tool_call_id") is not None:
             m = {**m, "tool_call_id": shown(m["tool_call_id"])}
-        if m.get("reasoning_content") and "thinking" not in m:  # gpt-oss's template reads it as `thinking`
-            m = {**m, "thinking": m["reasoning_content"]}
+        if m.get("reasoning_content") and "thinking" not in m and not (m.get("tool_calls") and m.get("content")):
+            m = {**m, "thinking": m["reasoning_content"]}  # gpt-oss's name (which refuses it beside a call's content)
         out.append(m if m.get("content") is not None or m["role"] != "assistant" else {**m, "content": ""})
     return out

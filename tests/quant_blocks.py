@@ -1,7 +1,7 @@
 """Random GGUF blocks of a quantized format: random integers and scale bits, the fp16 scale and min
 fields set to small sane values (random bytes there could be inf or nan), MXFP4's exponent byte to
-powers of two about as large. Valid blocks of formats gguf-py cannot quantize to (Q2_K, Q3_K,
-IQ4_NL, IQ4_XS), for the kernels' tests and test files."""
+powers of two about as large. Valid blocks of any format, those gguf-py cannot quantize to (Q2_K,
+Q3_K, IQ4_NL, IQ4_XS) among them, for the kernels' tests and test files."""
 from __future__ import annotations
 
 import numpy as np

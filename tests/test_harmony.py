@@ -39,6 +39,12 @@ def streamed(text: str) -> tuple[str, str, HarmonySplit]:
     ("<|channel|>final<|message|>Just the answer.", None, "Just the answer."),
     ('{"answer": 42}', None, '{"answer": 42}'),  # no header (an answer held to a grammar): all content
     ("<|channel|>analysis<|message|>Cut off while thin", "Cut off while thin", ""),  # max_tokens
+    ("\n<|channel|>final<|message|>Hi.", None, "Hi."),  # whitespace before the first header
+    ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>final<|message|>Blue.", None,
+     "Checking.\nBlue."),  # a preamble, then the answer
+    ('<|channel|>commentary to=browser.search <|constrain|>json<|message|>{"q": "x"}', None,
+     '{"q": "x"}'),  # a built-in tool this server does not run: its body, no markup
+    ("to=be or not", None, "to=be or not"),  # looks like a recipient, is text
 ])
 def test_channels_split_whole_and_streamed_alike(text, reasoning, content):
     assert HarmonySplit.whole(text) == (reasoning, content)

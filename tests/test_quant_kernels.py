@@ -90,7 +90,7 @@ def test_kernel_matches_gguf_dequantization(kernels, isa, kind, out_features):
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K", "MXFP4"])
 def test_kernel_is_batch_invariant(kernels, isa, kind):
     """A row's outputs are the same bits whatever else is in the call (one row, or inside 16)."""
     if isa not in quant_ops.isas():
@@ -104,7 +104,7 @@ def test_kernel_is_batch_invariant(kernels, isa, kind):
         assert torch.equal(quant_ops.linear(x[r:r + 1], weight, None, kernel), together[r:r + 1])
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q6_K", "IQ4_XS", "MXFP4"])
 def test_both_builds_give_the_same_bits(kernels, kind):
     """The AVX2 and AVX-512 builds quantize activations alike, sum integers exactly and apply the
     same fp32 operations per output, so an AVX2 host serves what an AVX-512 host does."""

@@ -142,14 +142,22 @@ def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torc
     return with_sink.softmax(dim=-1)[..., :-1]
 
 
+SCORES_BYTES = 256 * 2**20  # fp32 scores the written-out attention holds at once (64 heads x a long prompt)
+
+
 def written_out_attention(q, keys, values, allowed, scale, softcap, sinks):
     """SDPA's product, for what it does not take (soft-capped scores, sinks): q [H, n, D], keys and
-    values [KV, L, D], allowed [n, L] bool -> [H, n, D]."""
+    values [KV, L, D], allowed [n, L] bool -> [H, n, D]; queries in runs whose scores fit SCORES_BYTES."""
     group = q.shape[0] // keys.shape[0]
     keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
-    scores = soft_capped(torch.matmul(q, keys.transpose(-1, -2)).mul_(scale), softcap)
-    probs = softmax_with_sinks(scores.masked_fill_(~allowed, float("-inf")), None if sinks is None else sinks.view(-1, 1, 1))
-    return torch.matmul(probs.to(values.dtype), values)
+    sinks = None if sinks is None else sinks.view(-1, 1, 1)
+    run = max(1, SCORES_BYTES // (4 * q.shape[0] * keys.shape[1]))
+    outs = []
+    for at in range(0, q.shape[1], run):
+        scores = soft_capped(torch.matmul(q[:, at:at + run], keys.transpose(-1, -2)).mul_(scale), softcap)
+        probs = softmax_with_sinks(scores.masked_fill_(~allowed[at:at + run], float("-inf")), sinks)
+        outs.append(torch.matmul(probs.to(values.dtype), values))
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None, sinks=None):

@@ -8,8 +8,8 @@
   gate g <= limit, up u in [-limit, limit], out = down((u + 1) * g * sigmoid(alpha * g)).
 
 The FFN branch the skip gate sees is that whole mixture, as for Qwen3-MoE. Experts come from one
-matrix per expert (a GGUF's stacks, split by engine/gguf_weights.py; MXFP4 on the CPU's 8-bit
-kernels) or from transformers' [experts, in, out] tensors with gate and up interleaved.
+matrix per expert (a GGUF's stacks, split by engine/gguf_weights.py; MXFP4 on the CPU's 4-bit
+table kernels) or from transformers' [experts, in, out] tensors with gate and up interleaved.
 """
 from __future__ import annotations
 

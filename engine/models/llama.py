@@ -32,7 +32,7 @@ class LlamaLayer:
 
         def linear(*parts, bias=None):  # one fused projection from its row blocks (named, or given), dense or quantized
             return ops.linear([to_device(weights[prefix + p] if isinstance(p, str) else p, device, dtype)
-                               for p in parts], bias)
+                               for p in parts], None if bias is None else bias.to(device))
 
         self.cfg, self.ops = cfg, ops
         if cfg.model_type == "mistral" and cfg.sliding_window:  # Mistral 7B v0.1 (later ones: null)

@@ -130,7 +130,7 @@ class LlamaDecodeStep:
             rotary_and_write_kv(qkv, cos, sin, kv.k[i], kv.v[i], batch.slots, heads, kv_heads)
             attn = paged_decode_attention(qkv[:, :heads], kv.k[i], kv.v[i], batch.block_tables, batch.context_lens,
                                           head_dim ** -0.5)
-            normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight), x, layer.post_attn_norm, eps)
+            normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight, layer.o_proj.bias), x, layer.post_attn_norm, eps)
             x = self.gate(i, h, functools.partial(self.ffns[i], normed=normed)) if gated else \
                 self.dense_ffn(self.ffns[i], h, normed, *masked)
         return rms_norm(x, model.norm, eps)
