@@ -56,6 +56,10 @@ class ModelConfig:
             raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} of {self.head_dim}-wide heads "
                              "does not rotate an even number of dimensions")
 
+    def is_sliding(self, layer: int) -> bool:
+        """Whether a layer attends over the sliding window (its `layer_types` entry says so)."""
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+
     @property
     def rotary_dim(self) -> int:
         """The leading dimensions of each q and k head that the rotary embedding turns (all of them
@@ -65,6 +69,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
         raw = json.loads((Path(path) / "config.json").read_text())
+        quantized = raw.get("quantization_config")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         local_theta = raw.get("rope_local_base_freq")
         if "full_attention" in rope:  # per layer type (Gemma 3 in transformers 5)
@@ -114,8 +119,7 @@ class ModelConfig:
             moe_dense_layers=bool(raw.get("mlp_only_layers")) or raw.get("decoder_sparse_step", 1) not in (None, 1),
             swiglu_limit=raw.get("swiglu_limit", 7.0),
             swiglu_alpha=raw.get("swiglu_alpha", 1.702),
-            quantization=(raw.get("quantization_config") or {}).get("quant_method", "unnamed") \
-            if raw.get("quantization_config") else None,
+            quantization=quantized.get("quant_method", "unnamed") if quantized else None,
         )
 
 

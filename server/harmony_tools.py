@@ -14,8 +14,8 @@ from server.harmony import CALL, FUNCTIONS, MESSAGE, writes_harmony
 from server.tool_calls import _no_constant, call_bodies
 
 TAG_IS_SPECIAL = True  # the answer's text keeps special tokens (harmony's headers are made of them)
-PREFIX = FUNCTIONS  # the recipient of a client's tool
-NAME = re.compile(re.escape(PREFIX) + r"([^\s<]+)")  # (in a raw header a content type may follow the name)
+OPENS = CALL + FUNCTIONS  # where a call to a client's tool starts in the content
+NAME = re.compile(re.escape(FUNCTIONS) + r"([^\s<]+)")  # (in a raw header a content type may follow the name)
 
 
 def asks_for_it(template: str) -> bool:
@@ -25,7 +25,7 @@ def asks_for_it(template: str) -> bool:
 def parse(text: str, tools: list[dict], parallel: bool) -> tuple[str | None, list[dict]] | None:
     """(the content before the call, None where blank; the call), or None where the answer calls no
     listed tool with an object of arguments."""
-    start = text.find(CALL + PREFIX)
+    start = text.find(OPENS)
     if start < 0:
         return None
     header, sep, arguments = text[start + len(CALL):].partition(MESSAGE)
@@ -44,5 +44,5 @@ def parse(text: str, tools: list[dict], parallel: bool) -> tuple[str | None, lis
 
 def sendable(text: str) -> int:
     """Up to the call (less a tail that may begin one), trailing whitespace held."""
-    start = text.find(CALL + PREFIX)
-    return len(text[:start if start >= 0 else len(text) - held_back(text, CALL + PREFIX)].rstrip())
+    start = text.find(OPENS)
+    return len(text[:start if start >= 0 else len(text) - held_back(text, OPENS)].rstrip())

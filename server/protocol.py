@@ -6,7 +6,6 @@ never silently ignored.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
@@ -560,7 +559,7 @@ class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest, ClientHint
     prediction: Optional[Prediction] = None
     modalities: Optional[list[Literal["text"]]] = None  # text is what this model writes
     # OpenAI's reasoning models' knob: handed to the chat template as `reasoning_effort` (gpt-oss's
-    # template reads it, as vLLM hands it); a 400 for a template that reads none (server/generation.py)
+    # template reads it, as vLLM hands it); a 400 for a template that reads none (server/completions.py)
     reasoning_effort: Optional[Literal["minimal", "low", "medium", "high"]] = None
     # refused unless null
     verbosity: null_only("'verbosity' is not supported by this model") = None

@@ -31,7 +31,7 @@ class Gemma3Layer:
             return weights[prefix + name].to(device=device, dtype=torch.float32) + 1.0
 
         self.cfg, self.ops = cfg, ops
-        sliding = cfg.layer_types is not None and cfg.layer_types[index] == "sliding_attention"
+        sliding = cfg.is_sliding(index)
         self.rope_kind = "local" if sliding and self.local_rope else "global"
         self.window = cfg.sliding_window if sliding else None
         self.input_norm, self.post_attn_norm = norm("input_layernorm.weight"), norm("post_attention_layernorm.weight")

@@ -25,7 +25,7 @@ class GptOssLayer(LlamaLayer):
 
     def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int, ops):
         super().__init__(cfg, weights, prefix, device, dtype, act_dtype, index, ops)
-        if cfg.layer_types is not None and cfg.layer_types[index] == "sliding_attention":
+        if cfg.is_sliding(index):
             self.window = cfg.sliding_window
         self.sinks = weights[prefix + "self_attn.sinks"].to(device=device, dtype=torch.float32)
 
@@ -33,8 +33,7 @@ class GptOssLayer(LlamaLayer):
         self.router = linear("mlp.router.weight", bias=weights[prefix + "mlp.router.bias"])
         fused = weights.get(prefix + "mlp.experts.gate_up_proj")  # transformers' [experts, in, 2 * out] layout
         if fused is None:
-            self.experts = expert_linears(weights, prefix, linear, self.cfg.num_experts,
-                                          {"gate_up": ("gate", "up"), "down": ("down",)})
+            self.experts = expert_linears(weights, prefix, linear, self.cfg.num_experts)
             return
         gate_up_bias = weights[prefix + "mlp.experts.gate_up_proj_bias"]
         down, down_bias = weights[prefix + "mlp.experts.down_proj"], weights[prefix + "mlp.experts.down_proj_bias"]

@@ -22,17 +22,17 @@ def mix_experts(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
     return out
 
 
-def expert_linears(weights: dict, prefix: str, linear, count: int, names: dict[str, tuple[str, ...]]) -> list[tuple]:
-    """Each expert's projections, from one matrix per expert (`mlp.experts.{e}.{part}_proj.weight`,
-    as engine/gguf_weights.py splits a GGUF's stacks; biases beside them where the file has them).
-    `names`: projection -> the parts it fuses, e.g. {"gate_up": ("gate", "up"), "down": ("down",)}."""
+def expert_linears(weights: dict, prefix: str, linear, count: int) -> list[tuple]:
+    """Each expert's (gate|up, down) projections, from one matrix per expert
+    (`mlp.experts.{e}.{part}_proj.weight`, as engine/gguf_weights.py splits a GGUF's stacks; biases
+    beside them where the file has them)."""
     def one(e: int, parts: tuple[str, ...]):
         stem = [f"mlp.experts.{e}.{part}_proj" for part in parts]
         biases = [weights.get(f"{prefix}{s}.bias") for s in stem]
         return linear(*(f"{s}.weight" for s in stem),
                       bias=torch.cat(biases) if all(b is not None for b in biases) else None)
 
-    return [tuple(one(e, parts) for parts in names.values()) for e in range(count)]
+    return [(one(e, ("gate", "up")), one(e, ("down",))) for e in range(count)]
 
 
 class MixtureModel:

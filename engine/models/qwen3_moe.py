@@ -25,8 +25,7 @@ class Qwen3MoeLayer(Qwen3Layer):
         self.router = linear("mlp.gate.weight")
         fused = weights.get(prefix + "mlp.experts.gate_up_proj")  # transformers' layout
         if fused is None:
-            self.experts = expert_linears(weights, prefix, linear, self.cfg.num_experts,
-                                          {"gate_up": ("gate", "up"), "down": ("down",)})
+            self.experts = expert_linears(weights, prefix, linear, self.cfg.num_experts)
             return
         down = weights[prefix + "mlp.experts.down_proj"]
         self.experts = [(linear(fused[e]), linear(down[e])) for e in range(self.cfg.num_experts)]

@@ -6,7 +6,7 @@
 //   BITS 4, G 32: 8 chunks of 32 bytes; byte 2j + e of chunk c holds weight 4c + e of output j
 //                 in its low nibble and weight 4c + 2 + e in its high nibble (q in 0..15);
 //   BITS 8, G 32 or 16: G / 2 chunks of 32 signed bytes; byte 2j + e of chunk c is weight 2c + e.
-// With a table (16 signed bytes: MXFP4's values), 4-bit q index it: w = d * table[q], the entries
+// With a table (16 signed bytes: IQ4's or MXFP4's values), 4-bit q index it: w = d * table[q], the entries
 // looked up 32 at a time (a byte shuffle) before they widen.
 // Every tile has 16 scales d and, for formats with one, 16 offsets m: w = d * q + m; fp16 where
 // the format's own are (Q4_0, Q4_1, Q8_0: 2 bytes a group fewer to read), fp32 otherwise.

@@ -39,7 +39,7 @@ class QuantWeight:
     bits: int  # 4 or 8
     group: int  # 32 (or 16 with 8 bits)
     source: str  # the format it came from, e.g. "Q4_1" (for logs)
-    table: torch.Tensor | None = None  # int8 [16] that 4-bit q index (MXFP4), or None: q is the integer
+    table: torch.Tensor | None = None  # int8 [16] that 4-bit q index (IQ4, MXFP4), or None: q is the integer
 
     @property
     def shape(self) -> tuple[int, int]:
