@@ -24,23 +24,19 @@ from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
 from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, stopped, submit
-from server.reasoning import CLOSE, ReasoningSplit, request_reasoning, split_output
+from server.reasoning import Reasoning, request_reasoning, split_output
 from server.responses_protocol import ResponsesRequest, new_id
 
 router = APIRouter()
 
 
-def _after_thinking(entries: list) -> int | None:
-    """The index of the first logprob entry after the one whose text completes `</think>` and the
-    blank ones after it (whitespace the split drops), None before `</think>`."""
-    tail = ""
+def _content_start(split, entries: list) -> int | None:
+    """The index of the first logprob entry whose token begins the content: the entries' texts fed
+    a token at a time through `split`, a fresh one (`</think>` and the blank tokens after it, or
+    harmony's headers, are no content); None before the content has begun."""
     for i, entry in enumerate(entries):
-        tail = (tail + entry.token)[-len(CLOSE) - len(entry.token):]
-        if CLOSE in tail:
-            start = i + 1
-            while start < len(entries) and not entries[start].token.strip():
-                start += 1
-            return start
+        if split.feed(entry.token)[1]:
+            return i
     return None
 
 
@@ -48,10 +44,12 @@ class Answer:
     """What the engine produced for a response so far: its text, and that text as thinking and
     content where a reasoning parser splits it (else all content)."""
 
-    def __init__(self, split: ReasoningSplit | None = None):
+    def __init__(self, reasoning: Reasoning | None = None):
         self.text, self.logprobs, self.finish_reason = "", [], None
-        self.usage = Usage(reasoning=None if split is None else {})
-        self.split, self.reasoning, self.content = split, "", ""
+        self.usage = Usage(reasoning=None if reasoning is None else {})
+        self.split = None if reasoning is None else reasoning.split()
+        self.splits = reasoning  # where content_logprobs gets a fresh split
+        self.reasoning, self.content = "", ""
         self._content_from: int | None = None  # where the content's logprobs start, once it has begun
 
     def add(self, out) -> None:
@@ -66,15 +64,14 @@ class Answer:
 
     @property
     def content_logprobs(self) -> list:
-        """The logprobs of the message's tokens: those after the token that completes `</think>`
-        (and the blank ones after it), found on the tokens' own texts; none while thinking. Found
-        once the content has begun or the answer ended (a token's logprob comes no later than its
-        text), then kept."""
+        """The logprobs of the message's tokens: from the first whose text is content, found on the
+        tokens' own texts; none while thinking. Found once the content has begun or the answer
+        ended (a token's logprob comes no later than its text), then kept."""
         if self.split is None or not self.split.thought:
             return self.logprobs
         start = self._content_from
         if start is None:
-            start = _after_thinking(self.logprobs)
+            start = _content_start(self.splits.split(), self.logprobs)
             if self.content or self.finish_reason is not None:
                 self._content_from = start
         return [] if start is None else self.logprobs[start:]
@@ -126,7 +123,7 @@ class ResponseCall:
         return stream
 
     def answer(self) -> Answer:
-        return Answer(self.reasoning.split() if self.reasoning else None)
+        return Answer(self.reasoning)
 
     async def latest_turns(self, instructions: list[dict], messages: list[dict], limit: int) -> list[int]:
         """truncation "auto": the prompt of the most turns, latest first, that fits in `limit` tokens

@@ -118,3 +118,26 @@ def test_a_harmony_vocabulary_ends_generations_at_return_and_call_but_not_at_end
     assert sorted(end_of_generation_ids({}, gpt_oss, [200002, 199999])) == [199999, 200002, 200012]
     phi3 = tokenizer({32000: "<|endoftext|>", 32007: "<|end|>"})
     assert sorted(end_of_generation_ids({}, phi3, 32000)) == [32000, 32007]
+
+
+@pytest.mark.parametrize("parser, tokens, content", [
+    ("gpt_oss", ["<|channel|>", "analysis", "<|message|>", "Think", "ing", ".", "<|end|>", "<|start|>", "assistant",
+                 "<|channel|>", "final", "<|message|>", "Bl", "ue", "."], ["Bl", "ue", "."]),
+    ("qwen3", ["<think>", "Hm", "</think>", "\n\n", "Bl", "ue"], ["Bl", "ue"]),
+])
+@pytest.mark.parametrize("per_output", [1, 4])  # a token per output, or several (speculative decoding's steps)
+def test_the_responses_messages_logprobs_are_its_contents_tokens(parser, tokens, content, per_output):
+    """server/responses.py: the message's logprobs start at its content's first token, past the
+    thinking and (harmony) the final message's header, whichever parser split the answer."""
+    from engine.outputs import SequenceOutput, TokenLogprob
+    from server.responses import Answer
+
+    answer = Answer(Reasoning(parser, False))
+    for at in range(0, len(tokens), per_output):
+        run = tokens[at:at + per_output]
+        end = at + per_output >= len(tokens)
+        answer.add(SequenceOutput("r", 0, "".join(run), list(range(at, at + len(run))),
+                                  [TokenLogprob(t, 0, -1.0, []) for t in run], end, "stop" if end else None,
+                                  4, 0, at + len(run), 0, 0))
+    assert answer.content == "".join(content) and answer.reasoning.startswith(("Think", "Hm"))
+    assert [entry.token for entry in answer.content_logprobs] == content
