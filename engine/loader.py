@@ -149,6 +149,7 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from engine.gguf_file import GGUFFile
+    from engine.plain_gguf_reader import plain_readers
 
     t0 = time.perf_counter()
     gguf = GGUFFile(gguf_path)  # a damaged file is named as such before transformers reads it
@@ -160,11 +161,12 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
         if misread:  # transformers reads a copy of the metadata without them; complete_config reads them
             source = metadata_copy(gguf_path, _unique(tmp / "metadata.gguf"), misread)
         kw = dict(gguf_file=source.name)
-        config = AutoConfig.from_pretrained(str(source.parent), **kw)
+        with plain_readers():
+            config = AutoConfig.from_pretrained(str(source.parent), **kw)
+            tokenizer = AutoTokenizer.from_pretrained(str(source.parent), **kw)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         complete_config(config, gguf)
-        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), **kw)
         if source != gguf_path:
             source.unlink()
         generation = GenerationConfig.from_model_config(config)
@@ -190,9 +192,11 @@ MISREAD_KEYS = {"gpt-oss": ("gpt-oss.rope.scaling.",)}
 
 def metadata_copy(gguf_path: Path, target: Path, drop: tuple[str, ...]) -> Path:
     """A GGUF of `gguf_path`'s metadata (no tensors) less the keys that start with one of `drop`."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFValueType, GGUFWriter
 
-    reader = GGUFReader(str(gguf_path))
+    from engine.plain_gguf_reader import PlainReader
+
+    reader = PlainReader(str(gguf_path))
     writer = GGUFWriter(str(target), str(reader.fields["general.architecture"].contents()))
     for key, field in reader.fields.items():
         if key.startswith(("GGUF.", "general.architecture")) or key.startswith(drop):
@@ -297,6 +301,8 @@ def write_dense_weights(gguf_path: Path, target: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from engine.plain_gguf_reader import plain_readers
+
     log.warning("dequantizing %s to dense safetensors in %s (one time, ~30 s for a 135M model)", gguf_path.name,
                 target)
     t0 = time.perf_counter()
@@ -310,8 +316,9 @@ def write_dense_weights(gguf_path: Path, target: Path) -> None:
     else:
         # the config as write_metadata completed it (transformers' own reading misses some shapes: an
         # expert's width, Qwen3's head width)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32,
-                                                     gguf_file=gguf_path.name, config=config)
+        with plain_readers():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32,
+                                                         gguf_file=gguf_path.name, config=config)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, RopeScalingType
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType
 from gguf.quants import quantize
 
+from engine.plain_gguf_reader import PlainReader
 from tests.quant_blocks import random_blocks
 
 Q4_1, Q8_0 = GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
@@ -60,7 +61,7 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     hidden, heads, kv_heads, head_dim = shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"]
     rng = np.random.default_rng(shape.get("seed", seed))
     formats = {**FORMATS, **shape.get("formats", {})}
-    source = GGUFReader(str(tokenizer_gguf))
+    source = PlainReader(str(tokenizer_gguf))
     vocab = len(source.fields["tokenizer.ggml.tokens"].data)
 
     writer = GGUFWriter(str(path), shape.get("arch", arch))
@@ -165,7 +166,7 @@ FIM_RESPELLED = {"<jupyter_start>": "<|fim_prefix|>", "<jupyter_text>": "<|fim_s
                  "<jupyter_code>": "<|fim_middle|>"}
 
 
-def _copy_tokenizer(source: GGUFReader, writer: GGUFWriter) -> None:
+def _copy_tokenizer(source: PlainReader, writer: GGUFWriter) -> None:
     for key, field in source.fields.items():
         if not key.startswith("tokenizer."):
             continue
