@@ -156,12 +156,13 @@ def test_a_policy_that_never_skips_gets_no_gated_step(engine, torch_model, skip)
     assert step.takes(1, [[0]], DenseGate(model.cfg.num_layers)) and not step.takes(1, [[0]], rule)
 
 
-def random_qwen3(generator: torch.Generator):
-    """A small Qwen3 (per-head q/k norms, heads wider than hidden / heads) with random fp32 weights
-    on the torch backend, and a KV cache of its own."""
-    cfg = ModelConfig(model_type="qwen3", vocab_size=512, hidden_size=96, intermediate_size=160, num_layers=4,
+def random_model(generator: torch.Generator, model_type: str, sliding_window: int | None = None):
+    """A small model of `model_type` (heads wider than hidden / heads; Qwen3's per-head q/k norms)
+    with random fp32 weights on the torch backend, and a KV cache of its own."""
+    cfg = ModelConfig(model_type=model_type, vocab_size=512, hidden_size=96, intermediate_size=160, num_layers=4,
                       num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
-                      max_position_embeddings=MAX_LEN, tie_word_embeddings=True, eos_token_ids=[0])
+                      max_position_embeddings=MAX_LEN, tie_word_embeddings=True, eos_token_ids=[0],
+                      sliding_window=sliding_window)
     h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
 
     def weight(*shape, mean=0.0):
@@ -175,25 +176,30 @@ def random_qwen3(generator: torch.Generator):
                   p + "self_attn.k_proj.weight": weight(cfg.num_kv_heads * d, h),
                   p + "self_attn.v_proj.weight": weight(cfg.num_kv_heads * d, h),
                   p + "self_attn.o_proj.weight": weight(h, cfg.num_heads * d),
-                  p + "self_attn.q_norm.weight": weight(d, mean=1.0), p + "self_attn.k_norm.weight": weight(d, mean=1.0),
                   p + "mlp.gate_proj.weight": weight(inter, h), p + "mlp.up_proj.weight": weight(inter, h),
                   p + "mlp.down_proj.weight": weight(h, inter)}
+        if model_type == "qwen3":
+            state |= {p + "self_attn.q_norm.weight": weight(d, mean=1.0), p + "self_attn.k_norm.weight": weight(d, mean=1.0)}
     model = build_model(cfg, state, "cpu", torch.float32, MAX_LEN, TorchBackend())
     kv = KVCache(cfg.num_layers, NUM_BLOCKS, cfg.num_kv_heads, BLOCK_SIZE, cfg.head_dim, "cpu", torch.float32)
     return model, kv
 
 
-def test_qwen3_decode_step_norms_q_and_k_heads_as_the_torch_backend_does():
-    """Qwen3's layers in the step: q and k heads normed in the fused projection's output before
-    the rotation; hidden states, greedy tokens, K/V and skips as the torch backend's decode."""
+@pytest.mark.parametrize("model_type, window", [("qwen3", None), ("mistral", 20)])
+def test_random_models_decode_step_is_the_torch_backends(model_type, window):
+    """Qwen3: each q and k head normed before the rotation; Mistral 7B v0.1's sliding window (20
+    here: the 38-token row attends to its last 20 positions, the others to all of theirs). Hidden
+    states, greedy tokens, K/V and skips as the torch backend's decode."""
     generator = torch.Generator().manual_seed(0)
-    model, kv = random_qwen3(generator)
+    model, kv = random_model(generator, model_type, window)
     prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
     skip = SkipConfig(cold_start=1, cold_end=1)  # hot layers 1 and 2 of 4
     policy = build_policy(skip, model.cfg.num_layers)
     skipping = [RowSkip(0, -1.0), RowSkip(2, -1.0), RowSkip(0, -1.0)]
     gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
-    assert LlamaDecodeStep.fits(model, kv) and model.layers[0].kind == "qwen3"
+    layer = model.layers[0]
+    assert LlamaDecodeStep.fits(model, kv) and layer.kind == {"qwen3": "qwen3", "mistral": "llama"}[model_type]
+    assert layer.window == window
     step = LlamaDecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
     expected, k_prefilled = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [0, 2, 0]

@@ -6,7 +6,8 @@ synchronizing with the host:
 
     rmsnorm -> q|k|v projection (cuBLAS) -> Qwen3: each q and k head normed in place -> rotary
     on q in place, on k as it goes into the cache
-    with v (one kernel; padded rows write nothing) -> paged decode attention through the block tables -> o_proj
+    with v (one kernel; padded rows write nothing) -> paged decode attention through the block tables
+    (over the layer's window where it has one) -> o_proj
     (cuBLAS) -> residual add fused with the FFN's rmsnorm -> the FFN
 
 The embedding lookup, the rotary rows and the final norm are in the step as well, so a replay is
@@ -75,10 +76,10 @@ class LlamaDecodeStep:
 
     @staticmethod
     def fits(model, kv) -> bool:
-        """Llama or Qwen3 layers (full attention, whole heads rotated) with dense weights in the
-        activations' dtype, and a KV cache in that dtype too."""
+        """Llama or Qwen3 layers (whole heads rotated; Mistral 7B v0.1's sliding window too) with
+        dense weights in the activations' dtype, and a KV cache in that dtype too."""
         act = model.act_dtype
-        if not all(layer.kind in ("llama", "qwen3") and layer.window is None for layer in model.layers):
+        if not all(layer.kind in ("llama", "qwen3") for layer in model.layers):
             return False
         linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         return (isinstance(model.embed, torch.Tensor) and kv.k.dtype == act and model.cfg.head_dim % 2 == 0
@@ -129,7 +130,7 @@ class LlamaDecodeStep:
                 head_rms_norm(qkv[:, heads:heads + kv_heads], layer.k_norm, eps)
             rotary_and_write_kv(qkv, cos, sin, kv.k[i], kv.v[i], batch.slots, heads, kv_heads)
             attn = paged_decode_attention(qkv[:, :heads], kv.k[i], kv.v[i], batch.block_tables, batch.context_lens,
-                                          head_dim ** -0.5)
+                                          layer.scale, layer.window)
             normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight, layer.o_proj.bias), x, layer.post_attn_norm, eps)
             x = self.gate(i, h, functools.partial(self.ffns[i], normed=normed)) if gated else \
                 self.dense_ffn(self.ffns[i], h, normed, *masked)
