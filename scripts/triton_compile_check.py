@@ -48,6 +48,9 @@ SHAPES = {
     # Qwen3 0.6B: per-head q/k norms in the step, heads wider than hidden / heads
     "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, vocab_size=1024),
+    # Phi-4-mini: the leading 96 of each head's 128 dimensions rotated (the rotary kernel's partial branch)
+    "phi4-mini": dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
+                      head_dim=128, partial_rotary_factor=0.75, vocab_size=1024),
 }
 
 

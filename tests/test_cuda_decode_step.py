@@ -156,13 +156,13 @@ def test_a_policy_that_never_skips_gets_no_gated_step(engine, torch_model, skip)
     assert step.takes(1, [[0]], DenseGate(model.cfg.num_layers)) and not step.takes(1, [[0]], rule)
 
 
-def random_model(generator: torch.Generator, model_type: str, sliding_window: int | None = None):
-    """A small model of `model_type` (heads wider than hidden / heads; Qwen3's per-head q/k norms)
-    with random fp32 weights on the torch backend, and a KV cache of its own."""
+def random_model(generator: torch.Generator, model_type: str, **config):
+    """A small model of `model_type` (heads wider than hidden / heads; Qwen3's per-head q/k norms;
+    `config`: more ModelConfig fields) with random fp32 weights on the torch backend, and a KV
+    cache of its own."""
     cfg = ModelConfig(model_type=model_type, vocab_size=512, hidden_size=96, intermediate_size=160, num_layers=4,
                       num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
-                      max_position_embeddings=MAX_LEN, tie_word_embeddings=True, eos_token_ids=[0],
-                      sliding_window=sliding_window)
+                      max_position_embeddings=MAX_LEN, tie_word_embeddings=True, eos_token_ids=[0], **config)
     h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
 
     def weight(*shape, mean=0.0):
@@ -185,21 +185,23 @@ def random_model(generator: torch.Generator, model_type: str, sliding_window: in
     return model, kv
 
 
-@pytest.mark.parametrize("model_type, window", [("qwen3", None), ("mistral", 20)])
-def test_random_models_decode_step_is_the_torch_backends(model_type, window):
+@pytest.mark.parametrize("model_type, config", [("qwen3", {}), ("mistral", {"sliding_window": 20}),
+                                                ("llama", {"partial_rotary_factor": 0.75})])
+def test_random_models_decode_step_is_the_torch_backends(model_type, config):
     """Qwen3: each q and k head normed before the rotation; Mistral 7B v0.1's sliding window (20
-    here: the 38-token row attends to its last 20 positions, the others to all of theirs). Hidden
-    states, greedy tokens, K/V and skips as the torch backend's decode."""
+    here: the 38-token row attends to its last 20 positions, the others to all of theirs);
+    Phi-4-mini's partial rotary (the leading 48 of 64 dimensions). Hidden states, greedy tokens,
+    K/V and skips as the torch backend's decode."""
     generator = torch.Generator().manual_seed(0)
-    model, kv = random_model(generator, model_type, window)
+    model, kv = random_model(generator, model_type, **config)
     prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
     skip = SkipConfig(cold_start=1, cold_end=1)  # hot layers 1 and 2 of 4
     policy = build_policy(skip, model.cfg.num_layers)
     skipping = [RowSkip(0, -1.0), RowSkip(2, -1.0), RowSkip(0, -1.0)]
     gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
     layer = model.layers[0]
-    assert LlamaDecodeStep.fits(model, kv) and layer.kind == {"qwen3": "qwen3", "mistral": "llama"}[model_type]
-    assert layer.window == window
+    assert LlamaDecodeStep.fits(model, kv) and layer.kind == ("qwen3" if model_type == "qwen3" else "llama")
+    assert layer.window == config.get("sliding_window") and model.cfg.rotary_dim == (48 if config.get("partial_rotary_factor") else 64)
     step = LlamaDecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
     expected, k_prefilled = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [0, 2, 0]

@@ -1,9 +1,11 @@
-"""The CUDA decode step's Triton kernels compile for real GPUs (sm_90: H100/H200; sm_80: A100;
-sm_89: L4, RTX 4090) on this host, in bf16 and fp32, with each kernel's shared memory within the
+"""The CUDA decode step's Triton kernels compile for real GPUs (sm_90: H100/H200; sm_89: L4,
+RTX 4090) on this host, in bf16 and fp32, with each kernel's shared memory within the
 architecture's per-block limit, at SmolLM2's and a 7B Llama's shapes, Gemma 3's 256-wide heads
-(its decode attention: 42 KB of shared memory in bf16, 84 KB in fp32) and Qwen3 0.6B's (per-head
-q/k norms in the step), one row and 64
-(scripts/triton_compile_check.py). The
+(its decode attention: 42 KB of shared memory in bf16, 84 KB in fp32), Qwen3 0.6B's (per-head
+q/k norms in the step) and Phi-4-mini's (partial rotary), one row and 64
+(scripts/triton_compile_check.py). sm_80 (A100) is left to the script: the code Triton emits
+for it is sm_89's, less nothing these kernels use, and its per-block shared memory is larger
+(163 KB against 99 KB), so what compiles and fits on sm_89 does there. The
 interpreted kernel tests check values; this checks what the interpreter never runs: Triton's
 compiler and ptxas (both in triton's pip wheel). On a CUDA host the kernels compile for the card
 itself in the CUDA tests instead."""
@@ -32,8 +34,8 @@ def compile_check(*args: str) -> list[str]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA host the CUDA tests compile for the card itself")
-def test_decode_step_kernels_compile_for_h100_a100_and_l4_within_shared_memory():
-    rows = compile_check("--shape", "smollm2-135m,llama-7b,gemma3-1b,qwen3-0.6b", "--arch", "90,80,89", "--rows", "1,64",
+def test_decode_step_kernels_compile_for_h100_and_l4_within_shared_memory():
+    rows = compile_check("--shape", "smollm2-135m,llama-7b,gemma3-1b,qwen3-0.6b,phi4-mini", "--arch", "90,89", "--rows", "1,64",
                          "--no-tuning-candidates")
     kernels = {line.split("|")[3].strip() for line in rows}  # | shape | dtype | kernel | ...
     assert {line.split("|")[2].strip() for line in rows} == {"bfloat16", "float32"}

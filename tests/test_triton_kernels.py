@@ -188,24 +188,32 @@ def test_head_rms_norm_norms_q_and_k_heads_in_place_inside_the_fused_projection(
 
 
 def reference_rotary(x, cos, sin):
-    half = x.shape[-1] // 2
+    """The leading cos.shape[-1] dimensions of each head rotated (all of them, or Phi-4-mini's
+    part), the rest as they are."""
+    rotary = cos.shape[-1]
     x = x.float()
-    return x * cos[:, None].float() + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None].float()
+    r, rest = x[..., :rotary], x[..., rotary:]
+    half = rotary // 2
+    turned = r * cos[:, None].float() + torch.cat([-r[..., half:], r[..., :half]], dim=-1) * sin[:, None].float()
+    return torch.cat([turned, rest], dim=-1)
 
 
-@pytest.mark.parametrize("head_dim,heads,kv_heads,dtype", [(64, 9, 3, torch.bfloat16), (80, 4, 4, torch.float32),
-                                                          (128, 32, 8, torch.bfloat16)])
-def test_rotary_and_kv_write_rotate_q_in_place_and_put_rotated_k_and_v_in_their_slots(head_dim, heads, kv_heads, dtype):
+@pytest.mark.parametrize("head_dim,rotary_dim,heads,kv_heads,dtype", [
+    (64, 64, 9, 3, torch.bfloat16), (80, 80, 4, 4, torch.float32), (128, 128, 32, 8, torch.bfloat16),
+    (128, 96, 6, 2, torch.bfloat16), (80, 24, 3, 1, torch.float32)])  # partial: Phi-4-mini's 3/4; an odd share
+def test_rotary_and_kv_write_rotate_q_in_place_and_put_rotated_k_and_v_in_their_slots(head_dim, rotary_dim, heads,
+                                                                                     kv_heads, dtype):
     """One kernel: q rotated in the fused projection, k rotated and v copied into the paged cache
     at each row's slot, nothing written for a padded row (slot -1), nothing else touched. More
-    q|k heads than one program's block (32 + 8 > 16) in the last case."""
+    q|k heads than one program's block (32 + 8 > 16) in the third case; only each head's leading
+    dimensions rotated in the last two (k's others written as projected)."""
     tokens, num_blocks = 4, 5
     qkv = randn(tokens, heads + 2 * kv_heads, head_dim, dtype=dtype)
     before = qkv.clone()
     k_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, dtype=dtype)
     v_cache = randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, dtype=dtype)
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    angles = torch.rand(tokens, head_dim // 2, device=DEVICE) * 6
+    angles = torch.rand(tokens, rotary_dim // 2, device=DEVICE) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
     slots = [3 * BLOCK_SIZE + 5, 0, -1, 4 * BLOCK_SIZE + BLOCK_SIZE - 1]
 

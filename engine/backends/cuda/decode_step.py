@@ -76,14 +76,14 @@ class LlamaDecodeStep:
 
     @staticmethod
     def fits(model, kv) -> bool:
-        """Llama or Qwen3 layers (whole heads rotated; Mistral 7B v0.1's sliding window too) with
-        dense weights in the activations' dtype, and a KV cache in that dtype too."""
+        """Llama or Qwen3 layers (Mistral 7B v0.1's and Phi-3's sliding windows and Phi-4-mini's
+        partial rotary too) with dense weights in the activations' dtype, and a KV cache in that
+        dtype too."""
         act = model.act_dtype
         if not all(layer.kind in ("llama", "qwen3") for layer in model.layers):
             return False
         linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
-        return (isinstance(model.embed, torch.Tensor) and kv.k.dtype == act and model.cfg.head_dim % 2 == 0
-                and model.cfg.rotary_dim == model.cfg.head_dim  # (its rotary kernel turns whole heads)
+        return (isinstance(model.embed, torch.Tensor) and kv.k.dtype == act
                 and all(isinstance(lin, PlainLinear) and lin.dtype == act and lin.weight.is_contiguous()
                         for lin in linears))
 
