@@ -28,11 +28,14 @@ class PlainReader(gguf.GGUFReader):
         self._plain = mapped.view(np.ndarray)  # read-only as the map is, which it keeps open (its base)
 
 
+GGUF_READER = gguf.GGUFReader  # gguf-py's own, put back after every block (even overlapping ones)
+
+
 @contextmanager
 def plain_readers():
     """`gguf.GGUFReader` is PlainReader within the block (for transformers' GGUF loading)."""
-    saved, gguf.GGUFReader = gguf.GGUFReader, PlainReader
+    gguf.GGUFReader = PlainReader
     try:
         yield
     finally:
-        gguf.GGUFReader = saved
+        gguf.GGUFReader = GGUF_READER

@@ -42,6 +42,7 @@ class HarmonySplit:
         self.said = False  # a content message came (the next one starts on a new line)
         self.fed_tokens = 0
         self.closed_at: int | None = None  # tokens fed when the latest analysis message ended
+        self.content_from: int | None = None  # tokens before the content's first (exact when fed one at a time)
 
     @property
     def reasoning_tokens(self) -> int:
@@ -62,7 +63,7 @@ class HarmonySplit:
                 elif any(opener.startswith(lead) for opener in OPENERS) and not final:
                     break  # may still open a header
                 else:
-                    self.state = "plain"
+                    self.state, self.content_from = "plain", 0
             if self.state == "plain":
                 content.append(self.pending)
                 self.pending = ""
@@ -98,6 +99,8 @@ class HarmonySplit:
         if self.said:
             content.append("\n")  # between two messages of the content
         self.said = True
+        if self.content_from is None:  # its body starts after the header's last token
+            self.content_from = self.fed_tokens
         if recipient and recipient.group(1).startswith(FUNCTIONS):
             self.kind = "call"
             content.append(CALL + recipient.group(1) + MESSAGE)

@@ -43,6 +43,7 @@ class ReasoningSplit:
         self.thought = False  # the answer has a thinking block (possibly empty, possibly cut off)
         self.fed_tokens = 0
         self.closed_at: int | None = None  # tokens fed when `</think>` was complete
+        self.content_from: int | None = None  # tokens before the content's first (exact when fed one at a time)
 
     @property
     def reasoning_tokens(self) -> int:
@@ -66,6 +67,8 @@ class ReasoningSplit:
             else:
                 self.state = "thinking" if self.parser == "deepseek_r1" or self.opened else "content"
             self.thought = self.state == "thinking"
+            if not self.thought:
+                self.content_from = 0
         if self.state == "thinking":
             end = self.pending.find(CLOSE)
             if end < 0:
@@ -78,7 +81,7 @@ class ReasoningSplit:
             self.pending = self.pending.lstrip()
             if not self.pending:
                 return reasoning, ""
-            self.state = "content"
+            self.state, self.content_from = "content", self.fed_tokens - tokens  # this piece begins it
         content, self.pending = self.pending, ""
         return reasoning, content
 

@@ -31,12 +31,14 @@ router = APIRouter()
 
 
 def _content_start(split, entries: list) -> int | None:
-    """The index of the first logprob entry whose token begins the content: the entries' texts fed
-    a token at a time through `split`, a fresh one (`</think>` and the blank tokens after it, or
-    harmony's headers, are no content); None before the content has begun."""
-    for i, entry in enumerate(entries):
-        if split.feed(entry.token)[1]:
-            return i
+    """The index of the first logprob entry whose token is the content's: the entries' texts fed a
+    token at a time through `split`, a fresh one, which counts where its content began (past
+    `</think>` and the blank tokens after it, or harmony's headers; text it holds back included);
+    None before the content has begun."""
+    for entry in entries:
+        split.feed(entry.token, tokens=1)
+        if split.content_from is not None:
+            return split.content_from
     return None
 
 
@@ -67,7 +69,7 @@ class Answer:
         """The logprobs of the message's tokens: from the first whose text is content, found on the
         tokens' own texts; none while thinking. Found once the content has begun or the answer
         ended (a token's logprob comes no later than its text), then kept."""
-        if self.split is None or not self.split.thought:
+        if self.split is None:
             return self.logprobs
         start = self._content_from
         if start is None:

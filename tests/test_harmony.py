@@ -120,13 +120,19 @@ def test_a_harmony_vocabulary_ends_generations_at_return_and_call_but_not_at_end
     assert sorted(end_of_generation_ids({}, phi3, 32000)) == [32000, 32007]
 
 
-@pytest.mark.parametrize("parser, tokens, content", [
+@pytest.mark.parametrize("parser, tokens, reasoning, content", [
     ("gpt_oss", ["<|channel|>", "analysis", "<|message|>", "Think", "ing", ".", "<|end|>", "<|start|>", "assistant",
-                 "<|channel|>", "final", "<|message|>", "Bl", "ue", "."], ["Bl", "ue", "."]),
-    ("qwen3", ["<think>", "Hm", "</think>", "\n\n", "Bl", "ue"], ["Bl", "ue"]),
+                 "<|channel|>", "final", "<|message|>", "Bl", "ue", "."], "Thinking.", ["Bl", "ue", "."]),
+    ("qwen3", ["<think>", "Hm", "</think>", "\n\n", "Bl", "ue"], "Hm", ["Bl", "ue"]),
+    # content that opens with what may be `<|end|>` (held back a token); a final message alone; the
+    # held text all there is when the answer ends; no parser's tags at all
+    ("gpt_oss", ["<|channel|>", "final", "<|message|>", "<", "b", ">"], "", ["<", "b", ">"]),
+    ("gpt_oss", ["<|channel|>", "final", "<|message|>", "Bl", "ue"], "", ["Bl", "ue"]),
+    ("gpt_oss", ["<|channel|>", "final", "<|message|>", "<"], "", ["<"]),
+    ("qwen3", ["Bl", "ue"], "", ["Bl", "ue"]),
 ])
 @pytest.mark.parametrize("per_output", [1, 4])  # a token per output, or several (speculative decoding's steps)
-def test_the_responses_messages_logprobs_are_its_contents_tokens(parser, tokens, content, per_output):
+def test_the_responses_messages_logprobs_are_its_contents_tokens(parser, tokens, reasoning, content, per_output):
     """server/responses.py: the message's logprobs start at its content's first token, past the
     thinking and (harmony) the final message's header, whichever parser split the answer."""
     from engine.outputs import SequenceOutput, TokenLogprob
@@ -139,5 +145,5 @@ def test_the_responses_messages_logprobs_are_its_contents_tokens(parser, tokens,
         answer.add(SequenceOutput("r", 0, "".join(run), list(range(at, at + len(run))),
                                   [TokenLogprob(t, 0, -1.0, []) for t in run], end, "stop" if end else None,
                                   4, 0, at + len(run), 0, 0))
-    assert answer.content == "".join(content) and answer.reasoning.startswith(("Think", "Hm"))
+    assert (answer.reasoning, answer.content) == (reasoning, "".join(content))
     assert [entry.token for entry in answer.content_logprobs] == content

@@ -32,7 +32,7 @@ class CUDABackend(TorchBackend):
 
         if not LlamaDecodeStep.fits(model, kv):
             log.info("decode steps run on the torch path: the Triton decode step takes Llama and Qwen3 layers "
-                     "(full attention) with dense weights (this model: %s layers)", model.layers[0].kind)
+                     "with dense weights (this model: %s layers)", model.layers[0].kind)
             return None
         step = LlamaDecodeStep(model, kv, config.max_num_seqs, blocks_for(config.max_model_len, kv.block_size),
                                config.skip, policy.quorum, policy.may_skip)

@@ -80,7 +80,8 @@ class LlamaDecodeStep:
         partial rotary too) with dense weights in the activations' dtype, and a KV cache in that
         dtype too."""
         act = model.act_dtype
-        if not all(layer.kind in ("llama", "qwen3") for layer in model.layers):
+        if not all(layer.kind in ("llama", "qwen3") and layer.rope_kind == "global" and layer.softcap is None
+                   for layer in model.layers):  # (one rotary table, no soft cap: what the step runs)
             return False
         linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         return (isinstance(model.embed, torch.Tensor) and kv.k.dtype == act
@@ -120,7 +121,7 @@ class LlamaDecodeStep:
             ffn = self.ffns[0]
             masked = (prefer_masked(ffn.gate_up_weight, rows, None),
                       prefer_masked(ffn.down_weight, rows, ffn.activation))
-        cos, sin = self.rope.cos[batch.positions], self.rope.sin[batch.positions]  # [rows, head_dim]
+        cos, sin = self.rope.cos[batch.positions], self.rope.sin[batch.positions]  # [rows, rotary_dim]
         x = model.embed_tokens(batch.token_ids)
         for i, layer in enumerate(model.layers):
             qkv = F.linear(rms_norm(x, layer.input_norm, eps), layer.qkv.weight, layer.qkv.bias)
