@@ -72,7 +72,10 @@ class HarmonySplit:
                 at = self.pending.find(MESSAGE)
                 if at < 0:
                     if final:  # cut off within a header: nothing of it is either (text with no tag: content)
-                        content.append(self.pending if "<|" not in self.pending and not self.thought else "")
+                        if "<|" not in self.pending and not self.thought and self.pending:
+                            content.append(self.pending)
+                            if self.content_from is None:
+                                self.content_from = 0
                         self.pending = ""
                     break
                 self._open(self.pending[:at], reasoning, content)

@@ -30,16 +30,19 @@ from server.responses_protocol import ResponsesRequest, new_id
 router = APIRouter()
 
 
-def _content_start(split, entries: list) -> int | None:
+def _content_start(split, entries: list, final: bool) -> int | None:
     """The index of the first logprob entry whose token is the content's: the entries' texts fed a
     token at a time through `split`, a fresh one, which counts where its content began (past
-    `</think>` and the blank tokens after it, or harmony's headers; text it holds back included);
-    None before the content has begun."""
+    `</think>` and the blank tokens after it, or harmony's headers; text it holds back included;
+    `final`: the answer has ended, so what the split still holds is decided); None before the
+    content has begun."""
     for entry in entries:
         split.feed(entry.token, tokens=1)
         if split.content_from is not None:
             return split.content_from
-    return None
+    if final:
+        split.feed("", final=True)
+    return split.content_from
 
 
 class Answer:
@@ -49,8 +52,8 @@ class Answer:
     def __init__(self, reasoning: Reasoning | None = None):
         self.text, self.logprobs, self.finish_reason = "", [], None
         self.usage = Usage(reasoning=None if reasoning is None else {})
-        self.split = None if reasoning is None else reasoning.split()
-        self.splits = reasoning  # where content_logprobs gets a fresh split
+        self.new_split = None if reasoning is None else reasoning.split  # (content_logprobs replays through one)
+        self.split = None if reasoning is None else self.new_split()
         self.reasoning, self.content = "", ""
         self._content_from: int | None = None  # where the content's logprobs start, once it has begun
 
@@ -73,7 +76,7 @@ class Answer:
             return self.logprobs
         start = self._content_from
         if start is None:
-            start = _content_start(self.splits.split(), self.logprobs)
+            start = _content_start(self.new_split(), self.logprobs, self.finish_reason is not None)
             if self.content or self.finish_reason is not None:
                 self._content_from = start
         return [] if start is None else self.logprobs[start:]

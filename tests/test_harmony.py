@@ -125,11 +125,14 @@ def test_a_harmony_vocabulary_ends_generations_at_return_and_call_but_not_at_end
                  "<|channel|>", "final", "<|message|>", "Bl", "ue", "."], "Thinking.", ["Bl", "ue", "."]),
     ("qwen3", ["<think>", "Hm", "</think>", "\n\n", "Bl", "ue"], "Hm", ["Bl", "ue"]),
     # content that opens with what may be `<|end|>` (held back a token); a final message alone; the
-    # held text all there is when the answer ends; no parser's tags at all
+    # held text all there is when the answer ends; no parser's tags at all;
     ("gpt_oss", ["<|channel|>", "final", "<|message|>", "<", "b", ">"], "", ["<", "b", ">"]),
     ("gpt_oss", ["<|channel|>", "final", "<|message|>", "Bl", "ue"], "", ["Bl", "ue"]),
     ("gpt_oss", ["<|channel|>", "final", "<|message|>", "<"], "", ["<"]),
     ("qwen3", ["Bl", "ue"], "", ["Bl", "ue"]),
+    # text that is decided only when the answer ends: a recipient-like opening, a possible `<think>`
+    ("gpt_oss", ["to=", "be"], "", ["to=", "be"]),
+    ("qwen3", ["<"], "", ["<"]),
 ])
 @pytest.mark.parametrize("per_output", [1, 4])  # a token per output, or several (speculative decoding's steps)
 def test_the_responses_messages_logprobs_are_its_contents_tokens(parser, tokens, reasoning, content, per_output):
