@@ -30,21 +30,6 @@ from server.responses_protocol import ResponsesRequest, new_id
 router = APIRouter()
 
 
-def _content_start(split, entries: list, final: bool) -> int | None:
-    """The index of the first logprob entry whose token is the content's: the entries' texts fed a
-    token at a time through `split`, a fresh one, which counts where its content began (past
-    `</think>` and the blank tokens after it, or harmony's headers; text it holds back included;
-    `final`: the answer has ended, so what the split still holds is decided); None before the
-    content has begun."""
-    for entry in entries:
-        split.feed(entry.token, tokens=1)
-        if split.content_from is not None:
-            return split.content_from
-    if final:
-        split.feed("", final=True)
-    return split.content_from
-
-
 class Answer:
     """What the engine produced for a response so far: its text, and that text as thinking and
     content where a reasoning parser splits it (else all content)."""
@@ -52,10 +37,11 @@ class Answer:
     def __init__(self, reasoning: Reasoning | None = None):
         self.text, self.logprobs, self.finish_reason = "", [], None
         self.usage = Usage(reasoning=None if reasoning is None else {})
-        self.new_split = None if reasoning is None else reasoning.split  # (content_logprobs replays through one)
-        self.split = None if reasoning is None else self.new_split()
+        self.split = None if reasoning is None else reasoning.split()
+        # the logprobs' token texts replayed a token at a time through a split of their own, so that
+        # it counts where the content began (`content_from`, in tokens): `_replayed` fed so far
+        self._replay, self._replayed = (None if reasoning is None else reasoning.split()), 0
         self.reasoning, self.content = "", ""
-        self._content_from: int | None = None  # where the content's logprobs start, once it has begun
 
     def add(self, out) -> None:
         self.text += out.text
@@ -69,16 +55,18 @@ class Answer:
 
     @property
     def content_logprobs(self) -> list:
-        """The logprobs of the message's tokens: from the first whose text is content, found on the
-        tokens' own texts; none while thinking. Found once the content has begun or the answer
-        ended (a token's logprob comes no later than its text), then kept."""
+        """The logprobs of the message's tokens: from the first whose token's text is content (past
+        `</think>` and the blank tokens after it, or harmony's headers; text the split holds back
+        included); none while thinking. Each logprob is replayed once."""
         if self.split is None:
             return self.logprobs
-        start = self._content_from
-        if start is None:
-            start = _content_start(self.new_split(), self.logprobs, self.finish_reason is not None)
-            if self.content or self.finish_reason is not None:
-                self._content_from = start
+        replay = self._replay
+        while replay.content_from is None and self._replayed < len(self.logprobs):
+            replay.feed(self.logprobs[self._replayed].token, tokens=1)
+            self._replayed += 1
+        if replay.content_from is None and self.finish_reason is not None:
+            replay.feed("", final=True)  # the answer has ended: what the split still holds is decided
+        start = replay.content_from
         return [] if start is None else self.logprobs[start:]
 
     @property

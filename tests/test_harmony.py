@@ -148,5 +148,7 @@ def test_the_responses_messages_logprobs_are_its_contents_tokens(parser, tokens,
         answer.add(SequenceOutput("r", 0, "".join(run), list(range(at, at + len(run))),
                                   [TokenLogprob(t, 0, -1.0, []) for t in run], end, "stop" if end else None,
                                   4, 0, at + len(run), 0, 0))
+        so_far = [entry.token for entry in answer.content_logprobs]  # as a stream reads them, output by output
+        assert so_far == content[:len(so_far)]
     assert (answer.reasoning, answer.content) == (reasoning, "".join(content))
     assert [entry.token for entry in answer.content_logprobs] == content
