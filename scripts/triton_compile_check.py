@@ -41,10 +41,17 @@ SHAPES = {
                      head_dim=128, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                       head_dim=128, vocab_size=1024),  # the vocabulary only sizes the embedding: kept small
-    # Gemma 3 1B's attention shape (head_dim 256) on Llama layers: its decode attention and K/V
-    # write (the eager path Gemma 3 takes) at the widest head any served model has
-    "gemma3-1b": dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
-                      head_dim=256, vocab_size=1024),
+    # Gemma 3 1B: the widest head any served model has (256), per-head q/k norms, a sliding
+    # layer on its own rotary table then a global one, the attention's and FFN's outputs normed,
+    # GELU-tanh
+    "gemma3-1b": dict(model_type="gemma3_text", hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=256, vocab_size=1024, sliding_window=512,
+                      layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=256,
+                      rope_local_base_freq=10000.0),
+    # Gemma 2 2B: scores soft-capped (the attention's HAS_SOFTCAP branch), no head norms
+    "gemma2-2b": dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+                      num_key_value_heads=4, head_dim=256, vocab_size=1024, sliding_window=4096,
+                      query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     # Qwen3 0.6B: per-head q/k norms in the step, heads wider than hidden / heads
     "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, vocab_size=1024),
@@ -111,8 +118,8 @@ def resources(cubin: bytes) -> dict:
 
 
 def two_layer_model(shape: dict, max_len: int, dtype):
-    """A Llama (or the shape's `model_type`) of `shape` with two layers of zero weights and
-    activations in `dtype`, on the CPU."""
+    """A Llama (or the shape's `model_type`: Qwen3, Gemma 2 or 3) of `shape` with two layers of
+    zero weights and activations in `dtype`, on the CPU."""
     import torch
 
     from engine.backends.torch_backend import TorchBackend
@@ -133,8 +140,10 @@ def two_layer_model(shape: dict, max_len: int, dtype):
                   p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h), p + "self_attn.o_proj.weight": (h, cfg.num_heads * d),
                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
                   p + "mlp.down_proj.weight": (h, inter)}
-        if cfg.model_type == "qwen3":
+        if cfg.model_type in ("qwen3", "gemma3_text"):
             state |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        if cfg.model_type in ("gemma2", "gemma3_text"):
+            state |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
     state = {name: torch.zeros(size, dtype=dtype) for name, size in state.items()}
     # activations in the weights' dtype, as on a GPU (the CPU keeps them in fp32)
     with mock.patch("engine.models.llama.activation_dtype", lambda device, dtype: dtype):
@@ -145,12 +154,13 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
                         block_size: int = 16, candidates: bool = True) -> list[dict]:
     """The kernels one decode step of `shape` in `dtype` compiles to on sm_`arch`, for each batch in
     `rows` at `context` tokens (long enough for the attention's splits), and the attention with a
-    sliding window and the K/V write of the eager path (Gemma 3's decode); with `candidates`, every masked linear tiling the
-    GPU may tune to -> one dict per specialisation."""
+    sliding window and the K/V write of the eager path (the decode of models the step does not
+    take); with `candidates`, every masked linear tiling the GPU may tune to -> one dict per
+    specialisation."""
     import torch
 
     from engine.backends.cuda.decode_attention import paged_decode_attention
-    from engine.backends.cuda.decode_step import LlamaDecodeStep
+    from engine.backends.cuda.decode_step import DecodeStep
     from engine.backends.cuda.graphs import DecodeInputs
     from engine.backends.cuda.masked_linear import CANDIDATES, masked_linear
     from engine.backends.cuda.write_kv import write_kv
@@ -163,7 +173,7 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
     kv = KVCache(cfg.num_layers, blocks_per_row, cfg.num_kv_heads, block_size, cfg.head_dim, "cpu", dtype)
     # cold layers 0 and 0: both layers run the gate, and a rule that may skip them: per row, and
     # batch-aligned (quorum 0.5)
-    steps = [LlamaDecodeStep(model, kv, max(rows), blocks_per_row, SkipConfig(cold_start=0, cold_end=0), quorum)
+    steps = [DecodeStep(model, kv, max(rows), blocks_per_row, SkipConfig(cold_start=0, cold_end=0), quorum)
              for quorum in (None, 0.5)]
     step, table, seen = steps[0], list(range(blocks_per_row)), {}
     with compiling_for(arch) as compiled, torch.inference_mode():
@@ -176,7 +186,7 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
             q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype)
             paged_decode_attention(q, kv.k[0], kv.v[0], batch.block_tables, batch.context_lens, 0.1, window=512)
             k = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
-            write_kv(k, k, kv.k[0], kv.v[0], batch.slots)  # the eager path's K/V write (Gemma 3)
+            write_kv(k, k, kv.k[0], kv.v[0], batch.slots)  # the eager path's K/V write (gpt-oss, MoE)
         labels = [name for name, _ in compiled]
         ffn = step.ffns[0]
         for n in rows if candidates else []:  # the tiles a GPU tunes among at start (tile_tuning.py), on the FFN's shapes
@@ -184,7 +194,8 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
             gate_up = torch.zeros(n, 2 * cfg.intermediate_size, dtype=dtype)
             for t in CANDIDATES:
                 masked_linear(x, ffn.gate_up_weight, run, tiles=t)
-                masked_linear(gate_up, ffn.down_weight, run, residual=x, tiles=t, activation=ffn.activation)
+                masked_linear(gate_up, ffn.down_weight, run, residual=None if ffn.out_norm_weight is not None else x,
+                              tiles=t, activation=ffn.activation)
                 labels += [f"{name} (tuning candidate {t.block_n}x{t.block_k})" for name, _ in compiled[len(labels):]]
     if not compiled:
         raise RuntimeError("no kernel compiled: were they defined under TRITON_INTERPRET=1?")

@@ -12,7 +12,7 @@ import torch
 from kernel_device import INTERPRETED
 
 from engine.backends.cuda import tile_tuning  # noqa: E402
-from engine.backends.cuda.decode_step import LlamaDecodeStep  # noqa: E402
+from engine.backends.cuda.decode_step import DecodeStep  # noqa: E402
 from engine.backends.cuda.masked_linear import tuning_key  # noqa: E402
 from engine.backends.torch_backend import TorchBackend  # noqa: E402
 from engine.config import ModelConfig, SkipConfig  # noqa: E402
@@ -114,8 +114,8 @@ def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torc
     # row 0 is forced to skip its 4 hot layers' FFNs (it fires at the first); rows 1 and 2 have budget 0
     skipping = [RowSkip(4, -1.0), RowSkip(0, -1.0), RowSkip(0, -1.0)]
     gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
-    step = LlamaDecodeStep(model, kv, max_batch=4, max_blocks=4, skip=engine.config.skip, quorum=policy.quorum)
-    assert LlamaDecodeStep.fits(model, kv)
+    step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=engine.config.skip, quorum=policy.quorum)
+    assert DecodeStep.fits(model, kv)
     ffn = step.ffns[0]
     if dense_products == "masked":
         monkeypatch.setattr(tile_tuning, "_reports", {tuning_key(w, len(prompts), act): dict(ms=1.0, cublas_ms=2.0)
@@ -132,7 +132,7 @@ def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torc
 def test_the_step_takes_only_rows_its_buffers_hold_and_rules_its_gate_runs(engine, torch_model):
     model, kv = torch_model
     policy = build_policy(engine.config.skip, model.cfg.num_layers)
-    step = LlamaDecodeStep(model, kv, max_batch=2, max_blocks=4, skip=engine.config.skip, quorum=policy.quorum)
+    step = DecodeStep(model, kv, max_batch=2, max_blocks=4, skip=engine.config.skip, quorum=policy.quorum)
     rule = policy.make_gate([RowSkip(4, 0.9)], "cpu")
     assert step.takes(1, [[0, 1]], rule) and step.takes(2, [[0], [1]], DenseGate(model.cfg.num_layers))
     assert not step.takes(3, [[0]] * 3, rule)  # more rows than its buffers hold
@@ -149,37 +149,47 @@ def test_a_policy_that_never_skips_gets_no_gated_step(engine, torch_model, skip)
     model, kv = torch_model
     policy = build_policy(skip, model.cfg.num_layers)
     assert not policy.may_skip and build_policy(engine.config.skip, model.cfg.num_layers).may_skip
-    step = LlamaDecodeStep(model, kv, max_batch=2, max_blocks=4, skip=skip, quorum=policy.quorum,
+    step = DecodeStep(model, kv, max_batch=2, max_blocks=4, skip=skip, quorum=policy.quorum,
                            may_skip=policy.may_skip)
     assert list(step.graphs.forwards) == ["dense"]
     rule = build_policy(engine.config.skip, model.cfg.num_layers).make_gate([RowSkip(4, 0.9)], "cpu")
     assert step.takes(1, [[0]], DenseGate(model.cfg.num_layers)) and not step.takes(1, [[0]], rule)
 
 
+GEMMA_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
 def random_model(generator: torch.Generator, model_type: str, **config):
-    """A small model of `model_type` (heads wider than hidden / heads; Qwen3's per-head q/k norms;
-    `config`: more ModelConfig fields) with random fp32 weights on the torch backend, and a KV
-    cache of its own."""
+    """A small model of `model_type` (heads wider than hidden / heads; Qwen3's and Gemma 3's
+    per-head q/k norms, Gemma's four norms a layer; `config`: more ModelConfig fields) with random
+    fp32 weights on the torch backend, and a KV cache of its own."""
     cfg = ModelConfig(model_type=model_type, vocab_size=512, hidden_size=96, intermediate_size=160, num_layers=4,
                       num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
                       max_position_embeddings=MAX_LEN, tie_word_embeddings=True, eos_token_ids=[0], **config)
     h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
 
+    gemma = model_type.startswith("gemma")
+    norm_mean = 0.0 if gemma else 1.0  # Gemma scales by (1 + w)
+
     def weight(*shape, mean=0.0):
         return mean + torch.randn(*shape, generator=generator) * (shape[-1] ** -0.5 if len(shape) == 2 else 0.2)
 
-    state = {"model.embed_tokens.weight": weight(cfg.vocab_size, h), "model.norm.weight": weight(h, mean=1.0)}
+    state = {"model.embed_tokens.weight": weight(cfg.vocab_size, h), "model.norm.weight": weight(h, mean=norm_mean)}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        state |= {p + "input_layernorm.weight": weight(h, mean=1.0), p + "post_attention_layernorm.weight": weight(h, mean=1.0),
+        state |= {p + "input_layernorm.weight": weight(h, mean=norm_mean),
+                  p + "post_attention_layernorm.weight": weight(h, mean=norm_mean),
                   p + "self_attn.q_proj.weight": weight(cfg.num_heads * d, h),
                   p + "self_attn.k_proj.weight": weight(cfg.num_kv_heads * d, h),
                   p + "self_attn.v_proj.weight": weight(cfg.num_kv_heads * d, h),
                   p + "self_attn.o_proj.weight": weight(h, cfg.num_heads * d),
                   p + "mlp.gate_proj.weight": weight(inter, h), p + "mlp.up_proj.weight": weight(inter, h),
                   p + "mlp.down_proj.weight": weight(h, inter)}
-        if model_type == "qwen3":
-            state |= {p + "self_attn.q_norm.weight": weight(d, mean=1.0), p + "self_attn.k_norm.weight": weight(d, mean=1.0)}
+        if model_type in ("qwen3", "gemma3_text"):
+            state |= {p + "self_attn.q_norm.weight": weight(d, mean=norm_mean),
+                      p + "self_attn.k_norm.weight": weight(d, mean=norm_mean)}
+        if gemma:
+            state |= {p + f"{name}.weight": weight(h) for name in GEMMA_NORMS}
     model = build_model(cfg, state, "cpu", torch.float32, MAX_LEN, TorchBackend())
     kv = KVCache(cfg.num_layers, NUM_BLOCKS, cfg.num_kv_heads, BLOCK_SIZE, cfg.head_dim, "cpu", torch.float32)
     return model, kv
@@ -200,9 +210,44 @@ def test_random_models_decode_step_is_the_torch_backends(model_type, config):
     skipping = [RowSkip(0, -1.0), RowSkip(2, -1.0), RowSkip(0, -1.0)]
     gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
     layer = model.layers[0]
-    assert LlamaDecodeStep.fits(model, kv) and layer.kind == ("qwen3" if model_type == "qwen3" else "llama")
+    assert DecodeStep.fits(model, kv) and layer.kind == ("qwen3" if model_type == "qwen3" else "llama")
     assert layer.window == config.get("sliding_window") and model.cfg.rotary_dim == (48 if config.get("partial_rotary_factor") else 64)
-    step = LlamaDecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
+    step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
     expected, k_prefilled = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [0, 2, 0]
     assert not torch.equal(kv.k, k_prefilled)
+
+
+# Gemma 3: layers 0-2 sliding (window 20) on the local rotary table, 3 global; Gemma 2: sliding
+# and global layers alternating on one table, scores soft-capped (at 2 here, so the cap bends them)
+SLIDING = ["sliding_attention"] * 3 + ["full_attention"]
+GEMMA_CONFIGS = {
+    "gemma3_text": dict(layer_types=SLIDING, sliding_window=20, query_pre_attn_scalar=48, rope_local_theta=1e4),
+    "gemma2": dict(layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=20,
+                   query_pre_attn_scalar=48, attn_logit_softcapping=2.0, final_logit_softcapping=30.0),
+}
+
+
+@pytest.mark.parametrize("model_type", list(GEMMA_CONFIGS))
+def test_gemma_decode_step_is_the_torch_backends(model_type):
+    """Gemma's layer: the attention's output normed before the residual add, the FFN's input on a
+    norm of its own and its output normed too (a skipped FFN leaves h as it is), GELU-tanh, scaled
+    embeddings, queries scaled by query_pre_attn_scalar; Gemma 3's per-head q/k norms and local
+    rotary table, Gemma 2's capped scores. Hidden states, greedy tokens, K/V and skips as the
+    torch backend's decode, dense and with rows skipping."""
+    generator = torch.Generator().manual_seed(1)
+    model, kv = random_model(generator, model_type, **GEMMA_CONFIGS[model_type])
+    assert [layer.kind for layer in model.layers] == [model_type.removesuffix("_text")] * 4
+    assert DecodeStep.fits(model, kv)
+    if model_type == "gemma3_text":
+        assert [layer.rope_kind for layer in model.layers] == ["local"] * 3 + ["global"]
+    else:
+        assert {layer.softcap for layer in model.layers} == {2.0}
+    prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+    skip = SkipConfig(cold_start=1, cold_end=1)  # hot layers 1 and 2 of 4
+    policy = build_policy(skip, model.cfg.num_layers)
+    skipping = [RowSkip(2, -1.0), RowSkip(0, -1.0), RowSkip(1, -1.0)]
+    gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
+    step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
+    expected, _ = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
+    assert expected[1][2][0] == [2, 0, 1]

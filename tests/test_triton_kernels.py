@@ -16,7 +16,7 @@ from engine.backends.cuda.decode_attention import paged_decode_attention  # noqa
 from engine.backends.cuda.gated_activation import gelu_tanh_mul, silu_mul  # noqa: E402
 from engine.backends.cuda.masked_ffn import MaskedFFN  # noqa: E402
 from engine.backends.cuda.masked_linear import masked_linear  # noqa: E402
-from engine.backends.cuda.rms_norm import add_rms_norm, head_rms_norm, rms_norm  # noqa: E402
+from engine.backends.cuda.rms_norm import add_rms_norm, head_rms_norm, norm_add, rms_norm  # noqa: E402
 from engine.backends.cuda.rotary_kv import rotary_and_write_kv  # noqa: E402
 from engine.backends.cuda.write_kv import write_kv  # noqa: E402
 
@@ -169,6 +169,31 @@ def test_add_rms_norm_returns_the_norm_of_the_sum_and_updates_the_residual_in_pl
     torch.testing.assert_close(normed.float(), normed_expect, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_norms_norm_the_branch_before_it_joins_the_residual(dtype):
+    """Gemma's post-attention norm (the branch normed, added, and the sum normed for the FFN) and
+    post-FFN norm (normed and added, nothing more), with fp32 (1 + w) weights as Gemma holds them;
+    a row of zeros (an FFN that did not run) leaves the residual as it was, bit for bit."""
+    rows, hidden = 5, 200
+    x, residual = randn(rows, hidden, dtype=dtype), randn(rows, hidden, dtype=dtype)
+    x[3] = 0
+    x_weight, weight = 1 + randn(hidden), 1 + randn(hidden)
+    branch = F.rms_norm(x.float(), (hidden,), x_weight, 1e-6).to(dtype)  # rounded as the unfused model's
+    summed_expect = residual + branch
+    normed_expect = F.rms_norm(summed_expect.float(), (hidden,), weight, 1e-6)
+
+    normed, summed = add_rms_norm(x, residual, weight, 1e-6, out=poisoned(rows, hidden, dtype=dtype),
+                                  summed=poisoned(rows, hidden, dtype=dtype), x_weight=x_weight)
+    torch.testing.assert_close(summed.float(), summed_expect.float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(normed.float(), normed_expect, **TOLERANCE[dtype])
+
+    before = residual.clone()
+    added = norm_add(x, x_weight, residual, 1e-6, summed=residual)
+    assert added.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(added.float(), summed_expect.float(), **TOLERANCE[dtype])
+    assert torch.equal(added[3], before[3])
+
+
 @pytest.mark.parametrize("head_dim,heads,kv_heads,dtype", [(128, 4, 2, torch.float32), (80, 3, 1, torch.bfloat16)])
 def test_head_rms_norm_norms_q_and_k_heads_in_place_inside_the_fused_projection(head_dim, heads, kv_heads, dtype):
     """Qwen3's per-head norms on the q and k heads of a [rows, q|k|v heads, head_dim] projection
@@ -316,17 +341,23 @@ def test_masked_linear_reads_no_weight_when_no_row_runs(monkeypatch):
     assert weight_reads() == weight.numel()  # one running row: every weight read once
 
 
-def test_masked_ffn_is_the_llama_ffn_for_running_rows_and_identity_for_skipped_ones():
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_masked_ffn_is_the_ffn_for_running_rows_and_identity_for_skipped_ones(gemma):
+    """Llama's FFN (SiLU), and Gemma's (GELU-tanh, its output normed before it joins h)."""
     rows, hidden, inter = 4, 64, 96
     h = randn(rows, hidden, dtype=torch.bfloat16)
     norm = randn(hidden, dtype=torch.bfloat16)
     gate_up, down = randn(2 * inter, hidden, dtype=torch.bfloat16) / 8, randn(hidden, inter, dtype=torch.bfloat16) / 8
+    out_norm = 1 + randn(hidden) if gemma else None
     run = torch.tensor([1, 0, 1, 0], dtype=torch.int32, device=DEVICE)
 
-    got = MaskedFFN(norm, 1e-5, gate_up, down)(h, run)
+    got = MaskedFFN(norm, 1e-5, gate_up, down, "gelu_tanh" if gemma else "silu", out_norm)(h, run)
 
     gate, up = (F.rms_norm(h.float(), (hidden,), norm.float(), 1e-5) @ gate_up.float().T).chunk(2, -1)
-    dense = h.float() + (F.silu(gate) * up) @ down.float().T
+    branch = ((F.gelu(gate, approximate="tanh") if gemma else F.silu(gate)) * up) @ down.float().T
+    if gemma:
+        branch = F.rms_norm(branch, (hidden,), out_norm, 1e-5)
+    dense = h.float() + branch
     torch.testing.assert_close(got[run.bool()].float(), dense[run.bool()], **TOLERANCE[torch.bfloat16])
     assert torch.equal(got[~run.bool()], h[~run.bool()])
 

@@ -22,6 +22,7 @@ class Gemma3Layer:
     softcap: float | None = None  # attention scores soft-capped (Gemma 2's layer sets it)
     head_norms = True  # per-head RMSNorm on q and k (Gemma 2 has none)
     local_rope = True  # sliding-window layers rotate with a rope base of their own (Gemma 2: one for all)
+    activation = "gelu_tanh"
 
     def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int, ops):
         def linear(*names):  # one fused projection from its row blocks, dense or quantized

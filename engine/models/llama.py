@@ -19,6 +19,7 @@ class LlamaLayer:
     rope_kind = "global"  # which of the model's rotary tables this layer uses
     window: int | None = None  # sliding-window attention span (None = full)
     softcap: float | None = None  # attention scores soft-capped at this value (Gemma 2; None = not)
+    activation = "silu"  # the FFN's gated activation, act(gate) * up
     # the row blocks of the fused projections, as the checkpoint names them
     qkv_names = tuple(f"self_attn.{p}_proj" for p in "qkv")
     gate_up_names = ("mlp.gate_proj", "mlp.up_proj")

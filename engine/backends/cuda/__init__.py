@@ -1,7 +1,8 @@
-"""The CUDA backend. Llama-family models decode through a step on Triton kernels with the FFN
-skip decided on the device, captured as CUDA graphs per batch bucket (decode_step.py, graphs.py).
-Prefill, and the decode of models that step does not take (Gemma 3), run the torch backend's ops
-(cuBLAS GEMMs, SDPA prefill) with the Triton paged decode attention, which reads K/V in place."""
+"""The CUDA backend. Llama-family, Qwen3 and Gemma 2/3 models decode through a step on Triton
+kernels with the FFN skip decided on the device, captured as CUDA graphs per batch bucket
+(decode_step.py, graphs.py). Prefill, and the decode of models that step does not take (gpt-oss,
+the mixtures of experts), run the torch backend's ops (cuBLAS GEMMs, SDPA prefill) with the Triton
+paged decode attention, which reads K/V in place."""
 from __future__ import annotations
 
 import importlib.util
@@ -28,13 +29,13 @@ class CUDABackend(TorchBackend):
         if not self.triton:
             log.warning("triton is not installed: decode steps run on the torch path")
             return None
-        from engine.backends.cuda.decode_step import LlamaDecodeStep
+        from engine.backends.cuda.decode_step import DecodeStep
 
-        if not LlamaDecodeStep.fits(model, kv):
-            log.info("decode steps run on the torch path: the Triton decode step takes Llama and Qwen3 layers "
-                     "with dense weights (this model: %s layers)", model.layers[0].kind)
+        if not DecodeStep.fits(model, kv):
+            log.info("decode steps run on the torch path: the Triton decode step takes Llama, Qwen3 and Gemma "
+                     "layers with dense weights (this model: %s layers)", model.layers[0].kind)
             return None
-        step = LlamaDecodeStep(model, kv, config.max_num_seqs, blocks_for(config.max_model_len, kv.block_size),
+        step = DecodeStep(model, kv, config.max_num_seqs, blocks_for(config.max_model_len, kv.block_size),
                                config.skip, policy.quorum, policy.may_skip)
         with torch.inference_mode():
             step.tune()  # the masked FFN kernels' tiles for this card, logged beside cuBLAS

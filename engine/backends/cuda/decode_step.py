@@ -1,14 +1,16 @@
-"""The Llama-family (and Qwen3) decode step of the CUDA backend: Triton kernels, the FFN skip
-decided on the device, replayed as a CUDA graph per batch bucket (graphs.py).
+"""The decode step of the CUDA backend for Llama-family, Qwen3 and Gemma 2/3 layers: Triton
+kernels, the FFN skip decided on the device, replayed as a CUDA graph per batch bucket (graphs.py).
 
 Per layer, reading only the static buffers of graphs.py (so the step can be captured) and never
 synchronizing with the host:
 
-    rmsnorm -> q|k|v projection (cuBLAS) -> Qwen3: each q and k head normed in place -> rotary
-    on q in place, on k as it goes into the cache
-    with v (one kernel; padded rows write nothing) -> paged decode attention through the block tables
-    (over the layer's window where it has one) -> o_proj
-    (cuBLAS) -> residual add fused with the FFN's rmsnorm -> the FFN
+    rmsnorm -> q|k|v projection (cuBLAS) -> Qwen3, Gemma 3: each q and k head normed in place ->
+    rotary (the layer's table: Gemma 3's sliding layers have their own) on q in place, on k as it
+    goes into the cache with v (one kernel; padded rows write nothing) -> paged decode attention
+    through the block tables (over the layer's window where it has one; Gemma 2's capped scores)
+    -> o_proj (cuBLAS) -> residual add fused with the FFN's rmsnorm (Gemma: the attention's
+    output normed first, in the same kernel) -> the FFN (Gemma: its output normed before it joins
+    the residual)
 
 The embedding lookup, the rotary rows and the final norm are in the step as well, so a replay is
 the whole decode forward. The FFN comes in two variants, each with its own graphs:
@@ -17,9 +19,9 @@ the whole decode forward. The FFN comes in two variants, each with its own graph
   each row's RowSkip, and the quorum of the policy this step was built for). The exact skips are
   read once, after the step, when the runner asks the gate for its counts.
 - "dense", for steps where no row may (a `DenseGate`; what every request without a skip budget
-  gets): none of the gate's kernels, and each FFN product on cuBLAS (the down projection adding
-  into the residual, beta = 1) or on the masked kernel with every row running, whichever ran it
-  faster on this card at start (tile_tuning.py; cuBLAS until measured).
+  gets): none of the gate's kernels, and each FFN product on cuBLAS (Llama's down projection
+  adding into the residual, beta = 1) or on the masked kernel with every row running, whichever
+  ran it faster on this card at start (tile_tuning.py; cuBLAS until measured).
 
 Prefill, and decode steps this one does not take (more rows than the buffers hold, a gate that
 decides in Python, e.g. calibration's recorder), run the model's torch path.
@@ -37,24 +39,30 @@ from engine.backends.cuda.gated_activation import ACTIVATIONS
 from engine.backends.cuda.graphs import DecodeBatch, DecodeGraphs, DecodeInputs, StaticDecodeBuffers
 from engine.backends.cuda.masked_ffn import MaskedFFN
 from engine.backends.cuda.masked_linear import masked_linear
-from engine.backends.cuda.rms_norm import add_rms_norm, head_rms_norm, rms_norm
+from engine.backends.cuda.rms_norm import add_rms_norm, head_rms_norm, norm_add, rms_norm
 from engine.backends.cuda.rotary_kv import rotary_and_write_kv
 from engine.backends.cuda.tile_tuning import MaskedProduct, prefer_masked, tune_masked_linear
 from engine.backends.torch_backend import PlainLinear
 from engine.config import SkipConfig
 from engine.skip.base import RuleGate
 
+GEMMA = ("gemma2", "gemma3")  # four norms a layer: the attention's and the FFN's outputs normed too
+KINDS = ("llama", "qwen3", *GEMMA)
 
-class LlamaDecodeStep:
+
+class DecodeStep:
     def __init__(self, model, kv, max_batch: int, max_blocks: int, skip: SkipConfig, quorum: float | None,
                  may_skip: bool = True):
-        """model: a LlamaModel that `fits`; kv: its KV cache; max_batch rows and max_blocks blocks a
+        """model: a model that `fits`; kv: its KV cache; max_batch rows and max_blocks blocks a
         row at most (the static buffers' size); skip: cold layers; quorum: the policy's rule;
         may_skip: whether any row may ever skip (where not, no gated variant is built or captured)."""
         cfg = model.cfg
         self.model, self.kv, self.cfg = model, kv, cfg
-        self.rope = model.ropes["global"]
-        self.ffns = [MaskedFFN(layer.post_attn_norm, cfg.rms_norm_eps, layer.gate_up.weight, layer.down.weight)
+        # Llama's post-attention norm is its FFN's input norm; Gemma's norms the attention's output
+        self.attn_out_norms = [layer.post_attn_norm if layer.kind in GEMMA else None for layer in model.layers]
+        self.ffns = [MaskedFFN(layer.pre_ffn_norm if layer.kind in GEMMA else layer.post_attn_norm, cfg.rms_norm_eps,
+                               layer.gate_up.weight, layer.down.weight, layer.activation,
+                               layer.post_ffn_norm if layer.kind in GEMMA else None)
                      for layer in model.layers]
         self.buffers = StaticDecodeBuffers(max_batch, max_blocks, kv.block_size, kv.k.device)
         self.gate = DeviceSkipGate(self.buffers.max_skips, self.buffers.thresholds, cfg.num_layers,
@@ -70,18 +78,18 @@ class LlamaDecodeStep:
         """Measures the masked FFN kernels' tiles for this GPU and these weights at every bucket's
         row count (tile_tuning.py): before any capture, as timing waits for the device."""
         ffn = self.ffns[0]  # every layer's weights have the same shapes
-        products = [MaskedProduct(ffn.gate_up_weight), MaskedProduct(ffn.down_weight, ffn.activation, residual=True)]
+        products = [MaskedProduct(ffn.gate_up_weight),
+                    MaskedProduct(ffn.down_weight, ffn.activation, residual=ffn.out_norm_weight is None)]
         self.tuning = tune_masked_linear(products, self.graphs.buckets)
         return self.tuning
 
     @staticmethod
     def fits(model, kv) -> bool:
-        """Llama or Qwen3 layers (Mistral 7B v0.1's and Phi-3's sliding windows and Phi-4-mini's
-        partial rotary too) with dense weights in the activations' dtype, and a KV cache in that
-        dtype too."""
+        """Llama (Mistral 7B v0.1's and Phi-3's sliding windows and Phi-4-mini's partial rotary
+        too), Qwen3 or Gemma 2/3 layers with dense weights in the activations' dtype, and a KV
+        cache in that dtype too."""
         act = model.act_dtype
-        if not all(layer.kind in ("llama", "qwen3") and layer.rope_kind == "global" and layer.softcap is None
-                   for layer in model.layers):  # (one rotary table, no soft cap: what the step runs)
+        if not all(layer.kind in KINDS for layer in model.layers):
             return False
         linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         return (isinstance(model.embed, torch.Tensor) and kv.k.dtype == act
@@ -121,31 +129,37 @@ class LlamaDecodeStep:
             ffn = self.ffns[0]
             masked = (prefer_masked(ffn.gate_up_weight, rows, None),
                       prefer_masked(ffn.down_weight, rows, ffn.activation))
-        cos, sin = self.rope.cos[batch.positions], self.rope.sin[batch.positions]  # [rows, rotary_dim]
+        rotary = {kind: (rope.cos[batch.positions], rope.sin[batch.positions])  # [rows, rotary_dim] each
+                  for kind, rope in model.ropes.items()}
         x = model.embed_tokens(batch.token_ids)
         for i, layer in enumerate(model.layers):
+            ffn = self.ffns[i]
             qkv = F.linear(rms_norm(x, layer.input_norm, eps), layer.qkv.weight, layer.qkv.bias)
             qkv = qkv.view(rows, heads + 2 * kv_heads, head_dim)
-            if layer.kind == "qwen3":  # per-head norms before the rotation
+            if getattr(layer, "q_norm", None) is not None:  # per-head norms before the rotation
                 head_rms_norm(qkv[:, :heads], layer.q_norm, eps)
                 head_rms_norm(qkv[:, heads:heads + kv_heads], layer.k_norm, eps)
-            rotary_and_write_kv(qkv, cos, sin, kv.k[i], kv.v[i], batch.slots, heads, kv_heads)
+            rotary_and_write_kv(qkv, *rotary[layer.rope_kind], kv.k[i], kv.v[i], batch.slots, heads, kv_heads)
             attn = paged_decode_attention(qkv[:, :heads], kv.k[i], kv.v[i], batch.block_tables, batch.context_lens,
-                                          layer.scale, layer.window)
-            normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight, layer.o_proj.bias), x, layer.post_attn_norm, eps)
-            x = self.gate(i, h, functools.partial(self.ffns[i], normed=normed)) if gated else \
-                self.dense_ffn(self.ffns[i], h, normed, *masked)
+                                          layer.scale, layer.window, softcap=layer.softcap)
+            normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight, layer.o_proj.bias), x, ffn.norm_weight, eps,
+                                     x_weight=self.attn_out_norms[i])
+            x = self.gate(i, h, functools.partial(ffn, normed=normed)) if gated else self.dense_ffn(ffn, h, normed, *masked)
         return rms_norm(x, model.norm, eps)
 
     @staticmethod
     def dense_ffn(ffn: MaskedFFN, h: torch.Tensor, normed: torch.Tensor, masked_gate_up: bool, masked_down: bool
                   ) -> torch.Tensor:
-        """h + down(act(gate_up(normed))) with every row running, in place in h (this layer's own):
-        each product on the masked kernel where it ran faster than cuBLAS on this card at start
-        (tile_tuning.prefer_masked: the activation fused into its loads), else on cuBLAS (the sum in
-        its epilogue)."""
+        """h + FFN(normed) with every row running, in place in h (this layer's own): each product
+        on the masked kernel where it ran faster than cuBLAS on this card at start
+        (tile_tuning.prefer_masked: the activation fused into its loads), else on cuBLAS (Llama's
+        sum in its epilogue; Gemma's in its post-FFN norm's kernel)."""
         w_gu, w_down, act = ffn.gate_up_weight, ffn.down_weight, ffn.activation
         gate_up = masked_linear(normed, w_gu) if masked_gate_up else F.linear(normed, w_gu)
+        if ffn.out_norm_weight is not None:
+            down = masked_linear(gate_up, w_down, activation=act) if masked_down else \
+                F.linear(ACTIVATIONS[act](gate_up), w_down)
+            return norm_add(down, ffn.out_norm_weight, h, ffn.eps, summed=h)
         if masked_down:
             return masked_linear(gate_up, w_down, residual=h, out=h, activation=act)
         return h.addmm_(ACTIVATIONS[act](gate_up), w_down.t())
