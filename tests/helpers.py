@@ -6,6 +6,7 @@ import copy
 import ctypes
 import dataclasses
 import time
+import weakref
 from typing import Literal
 
 import pytest
@@ -50,8 +51,21 @@ def recording_down_kernels(fused, record):
         table[:, DOWN_REF + 1] = saved
 
 
+_hf_greedy_tokens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(prompt, n): tokens}
+
+
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """HF transformers' greedy tokens, cut after the first EOS (as the engine stops there)."""
+    """HF transformers' greedy tokens, cut after the first EOS (as the engine stops there); each
+    model generates from a prompt once in the session (several tests hold the engine to the same
+    prompts)."""
+    known = _hf_greedy_tokens.setdefault(hf_model, {})
+    key = (tuple(prompt_ids), max_new_tokens)
+    if key not in known:
+        known[key] = _generate_greedy(hf_model, prompt_ids, max_new_tokens)
+    return list(known[key])
+
+
+def _generate_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     out = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
     ids = out[0, len(prompt_ids):].tolist()

@@ -127,17 +127,18 @@ def test_api_key_and_queue_full(tmp_path):
         async def chat_beside_a_long_embeddings_batch():
             """The queue holds 2; an embeddings batch goes in windows of half of it, so a chat finds room."""
             headers = {"Authorization": "Bearer s3cret"}
-            texts = [f"Passage {i}: " + "words to embed, " * 40 for i in range(60)]
+            texts = [f"Passage {i}: " + "words to embed, " * 20 for i in range(24)]
             async with httpx.AsyncClient(timeout=120, headers=headers) as c:
                 batch = asyncio.create_task(c.post(srv.url + "/v1/embeddings", json={"model": MODEL, "input": texts}))
                 while not await asyncio.to_thread(srv.metric, "num_requests_running"):
                     await asyncio.sleep(0.02)
                 chat = await c.post(srv.url + "/v1/chat/completions", json=body)
+                assert not batch.done()  # the chat did not wait for the whole batch
                 return chat, await batch
 
         chat, batch = asyncio.run(chat_beside_a_long_embeddings_batch())
         assert chat.status_code == 200, chat.text
-        assert batch.status_code == 200 and len(batch.json()["data"]) == 60
+        assert batch.status_code == 200 and len(batch.json()["data"]) == 24
     finally:
         assert srv.stop() == 0
     log = srv.log_path.read_text() if srv.log_path else ""

@@ -102,11 +102,21 @@ def assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates):
     return expected, k_prefilled
 
 
-@pytest.mark.parametrize("dense_products", ["cublas", "masked"])
-def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torch_model, dense_products,
-                                                      monkeypatch):
-    """Dense steps on torch's linear layers (cuBLAS on a GPU), or on the masked kernels as where
-    those ran the FFN's products faster at start."""
+def dense_products_on(step, rows: int, masked: bool, monkeypatch) -> None:
+    """Dense steps of `rows` rows run the FFN's products on the masked kernels, as where those ran
+    faster than cuBLAS at start (tile_tuning's reports), or on torch's linear (cuBLAS on a GPU:
+    until something is measured)."""
+    ffn = step.ffns[0]
+    if masked:
+        monkeypatch.setattr(tile_tuning, "_reports", {tuning_key(w, rows, act): dict(ms=1.0, cublas_ms=2.0)
+                                                      for w, act in ((ffn.gate_up_weight, None),
+                                                                     (ffn.down_weight, ffn.activation))})
+    assert tile_tuning.prefer_masked(ffn.down_weight, rows, ffn.activation) == masked
+
+
+def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torch_model, monkeypatch):
+    """Dense steps on torch's linear layers (cuBLAS on a GPU; on the masked kernels, as where those
+    ran the FFN's products faster at start: the random Qwen3 and Gemma 3 below)."""
     model, kv = torch_model
     base = chat_prompts[0] * 3
     prompts = [base[:n] for n in PROMPT_LENGTHS]
@@ -116,12 +126,7 @@ def test_decode_step_equals_the_torch_backends_decode(engine, chat_prompts, torc
     gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
     step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=engine.config.skip, quorum=policy.quorum)
     assert DecodeStep.fits(model, kv)
-    ffn = step.ffns[0]
-    if dense_products == "masked":
-        monkeypatch.setattr(tile_tuning, "_reports", {tuning_key(w, len(prompts), act): dict(ms=1.0, cublas_ms=2.0)
-                                                      for w, act in ((ffn.gate_up_weight, None),
-                                                                     (ffn.down_weight, ffn.activation))})
-    assert tile_tuning.prefer_masked(ffn.down_weight, len(prompts), ffn.activation) == (dense_products == "masked")
+    dense_products_on(step, len(prompts), False, monkeypatch)
 
     expected, k_prefilled = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [4, 0, 0]  # the second step did skip, in row 0 only
@@ -197,11 +202,11 @@ def random_model(generator: torch.Generator, model_type: str, **config):
 
 @pytest.mark.parametrize("model_type, config", [("qwen3", {}), ("mistral", {"sliding_window": 20}),
                                                 ("llama", {"partial_rotary_factor": 0.75})])
-def test_random_models_decode_step_is_the_torch_backends(model_type, config):
+def test_random_models_decode_step_is_the_torch_backends(model_type, config, monkeypatch):
     """Qwen3: each q and k head normed before the rotation; Mistral 7B v0.1's sliding window (20
     here: the 38-token row attends to its last 20 positions, the others to all of theirs);
     Phi-4-mini's partial rotary (the leading 48 of 64 dimensions). Hidden states, greedy tokens,
-    K/V and skips as the torch backend's decode."""
+    K/V and skips as the torch backend's decode (Qwen3's dense products on the masked kernels)."""
     generator = torch.Generator().manual_seed(0)
     model, kv = random_model(generator, model_type, **config)
     prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
@@ -213,6 +218,7 @@ def test_random_models_decode_step_is_the_torch_backends(model_type, config):
     assert DecodeStep.fits(model, kv) and layer.kind == ("qwen3" if model_type == "qwen3" else "llama")
     assert layer.window == config.get("sliding_window") and model.cfg.rotary_dim == (48 if config.get("partial_rotary_factor") else 64)
     step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
+    dense_products_on(step, len(prompts), model_type == "qwen3", monkeypatch)
     expected, k_prefilled = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [0, 2, 0]
     assert not torch.equal(kv.k, k_prefilled)
@@ -229,12 +235,13 @@ GEMMA_CONFIGS = {
 
 
 @pytest.mark.parametrize("model_type", list(GEMMA_CONFIGS))
-def test_gemma_decode_step_is_the_torch_backends(model_type):
+def test_gemma_decode_step_is_the_torch_backends(model_type, monkeypatch):
     """Gemma's layer: the attention's output normed before the residual add, the FFN's input on a
     norm of its own and its output normed too (a skipped FFN leaves h as it is), GELU-tanh, scaled
     embeddings, queries scaled by query_pre_attn_scalar; Gemma 3's per-head q/k norms and local
     rotary table, Gemma 2's capped scores. Hidden states, greedy tokens, K/V and skips as the
-    torch backend's decode, dense and with rows skipping."""
+    torch backend's decode, dense (Gemma 3's products on the masked kernels, Gemma 2's on torch's
+    linear) and with rows skipping."""
     generator = torch.Generator().manual_seed(1)
     model, kv = random_model(generator, model_type, **GEMMA_CONFIGS[model_type])
     assert [layer.kind for layer in model.layers] == [model_type.removesuffix("_text")] * 4
@@ -249,5 +256,6 @@ def test_gemma_decode_step_is_the_torch_backends(model_type):
     skipping = [RowSkip(2, -1.0), RowSkip(0, -1.0), RowSkip(1, -1.0)]
     gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
     step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
+    dense_products_on(step, len(prompts), model_type == "gemma3_text", monkeypatch)
     expected, _ = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [2, 0, 1]
