@@ -184,13 +184,22 @@ def test_gemma_norms_norm_the_branch_before_it_joins_the_residual(dtype):
 
     normed, summed = add_rms_norm(x, residual, weight, 1e-6, out=poisoned(rows, hidden, dtype=dtype),
                                   summed=poisoned(rows, hidden, dtype=dtype), x_weight=x_weight)
-    torch.testing.assert_close(summed.float(), summed_expect.float(), **TOLERANCE[dtype])
+    # the branch rounded to the activations' dtype, then the sum: within an ulp of each (the
+    # interpreter rounds bf16 toward zero, torch and a GPU to nearest), not the fixed tolerance
+    # of whole bf16 kernels (which a sum near zero would pass whatever it held)
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -22
+    bound = ulp * (branch.float().abs() + summed_expect.float().abs())
+
+    def assert_sum(got):
+        assert ((got.float() - summed_expect.float()).abs() <= bound).all()
+
+    assert_sum(summed)
     torch.testing.assert_close(normed.float(), normed_expect, **TOLERANCE[dtype])
 
     before = residual.clone()
     added = norm_add(x, x_weight, residual, 1e-6, summed=residual)
     assert added.data_ptr() == residual.data_ptr()
-    torch.testing.assert_close(added.float(), summed_expect.float(), **TOLERANCE[dtype])
+    assert_sum(added)
     assert torch.equal(added[3], before[3])
 
 
