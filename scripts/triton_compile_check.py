@@ -156,16 +156,16 @@ def two_layer_model(shape: dict, max_len: int, dtype):
         return build_model(cfg, state, "cpu", dtype, max_len, TorchBackend())
 
 
-_last_model: list = [None, None]  # [(shape, context, dtype), the model compile_decode_step built for them]
+CONTEXT = 4096  # tokens a row holds: long enough for the attention's splits
 
 
-def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "bfloat16", context: int = 4096,
-                        block_size: int = 16, candidates: bool = True) -> list[dict]:
-    """The kernels one decode step of `shape` in `dtype` compiles to on sm_`arch`, for each batch in
-    `rows` at `context` tokens (long enough for the attention's splits), and the attention with a
-    sliding window and the K/V write of the eager path (the decode of models the step does not
-    take); with `candidates`, every masked linear tiling the GPU may tune to -> one dict per
-    specialisation."""
+def compile_decode_step(model, arch: int, rows: list[int], context: int = CONTEXT, block_size: int = 16,
+                        candidates: bool = True) -> list[dict]:
+    """The kernels one decode step of `model` (two_layer_model's, for at least `context`
+    positions) compiles to on sm_`arch`, for each batch in `rows` at `context` tokens, and the
+    attention with a sliding window and the K/V write of the eager path (the decode of models the
+    step does not take); with `candidates`, every masked linear tiling the GPU may tune to -> one
+    dict per specialisation."""
     import torch
 
     from engine.backends.cuda.decode_attention import paged_decode_attention
@@ -176,11 +176,7 @@ def compile_decode_step(shape: dict, arch: int, rows: list[int], dtype: str = "b
     from engine.config import SkipConfig
     from engine.kv.cache import KVCache
 
-    dtype = getattr(torch, dtype)
-    key = (json.dumps(shape, sort_keys=True), context, dtype)
-    if _last_model[0] != key:  # the same model for each architecture (the caller's innermost loop)
-        _last_model[:] = [key, two_layer_model(shape, context, dtype)]
-    model = _last_model[1]
+    dtype = model.act_dtype
     cfg, blocks_per_row = model.cfg, -(-context // block_size)
     kv = KVCache(cfg.num_layers, blocks_per_row, cfg.num_kv_heads, block_size, cfg.head_dim, "cpu", dtype)
     # cold layers 0 and 0: both layers run the gate, and a rule that may skip them: per row, and
@@ -237,10 +233,13 @@ def main():
     failed = 0
     print("| shape | dtype | kernel | sm | shared bytes | limit | warps | stages | registers | spilled bytes |\n"
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    import torch
+
     for shape in args.shape.split(","):
         for dtype in args.dtype.split(","):
+            model = two_layer_model(SHAPES[shape], CONTEXT, getattr(torch, dtype))  # the same for each architecture
             for arch in map(int, args.arch.split(",")):
-                for r in compile_decode_step(SHAPES[shape], arch, [int(x) for x in args.rows.split(",")], dtype,
+                for r in compile_decode_step(model, arch, [int(x) for x in args.rows.split(",")],
                                              candidates=args.tuning_candidates):
                     failed += not r["fits"] and not r["candidate"]
                     verdict = ("" if r["fits"] else " over the limit: passed over when tuning" if r["candidate"]
