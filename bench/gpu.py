@@ -5,10 +5,13 @@ forced FFN skip against the skipped-bytes ceiling; the CUDA backend's Triton ker
     python bench/gpu.py                                  # 7B-shaped Llama, random bf16 weights
     python bench/gpu.py --model smollm2-135m-instruct    # the embedded model (or a HF folder)
     python bench/gpu.py --batches 1,16 --no-compile --out bench/out
+    python bench/gpu.py --shape qwen3-30b-a3b --no-hf    # a mixture of experts, random bf16 weights
 
 Speed does not depend on weight values, so without --model a Llama-2-7B-shaped model (32 layers,
 hidden 4096, FFN 11008, 32 heads) gets random bf16 weights and the embedded model's tokenizer
-and vocabulary (49,152 tokens). Bound = measured copy bandwidth (bytes read + written by a large
+and vocabulary (49,152 tokens); `--shape qwen3-30b-a3b` makes a Qwen3-30B-A3B-shaped mixture of
+experts instead (128 experts of 768, 8 a token; 12 of its 48 layers, 15 GB: a step's time per
+layer is what it measures, and the bound is computed on the same layers). Bound = measured copy bandwidth (bytes read + written by a large
 device copy, as PERF.md) / bytes of weights read per token. Times come from CUDA events or a
 synchronize before the clock; medians over alternating rounds.
 """
@@ -37,6 +40,11 @@ from engine.sampling_params import SamplingParams, SkipParams  # noqa: E402
 
 LLAMA_7B_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+QWEN3_30B_A3B_SHAPE = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                           num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=12, num_attention_heads=32,
+                           num_key_value_heads=4, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-6)
+RANDOM_SHAPES = {"llama-7b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_7B_SHAPE),
+                 "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", QWEN3_30B_A3B_SHAPE)}
 BENCH_SKIP = SkipConfig(cold_start=4, cold_end=4, max_budget=1.0)  # the engine's skip settings here
 FORCED_SKIP = dict(budget=0.25, threshold=-1.0, warmup_tokens=0)  # fires at the first hot layer, every token
 NEVER_FIRES = dict(budget=0.25, threshold=1.0, warmup_tokens=0)  # the gated step; no cosine exceeds 1: nothing skipped
@@ -75,22 +83,24 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * src.numel() * src.element_size() / (median_ms(lambda: dst.copy_(src), repeats=10) / 1e3)
 
 
-def random_llama_dir(tokenizer_dir: Path, vocab_size: int) -> Path:
-    """A HF folder with a Llama-2-7B-shaped model of random bf16 weights and `tokenizer_dir`'s
-    tokenizer: made once per machine (13.5 GB written, about a minute) under the cache folder, and
-    found there by a later run on the same machine (a warm lent GPU keeps its files a while)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_model_dir(tokenizer_dir: Path, vocab_size: int, shape: str = "llama-7b") -> Path:
+    """A HF folder with a model of `shape` (RANDOM_SHAPES) of random bf16 weights and
+    `tokenizer_dir`'s tokenizer: made once per machine (13.5 GB written for the 7B, about a minute)
+    under the cache folder, and found there by a later run on the same machine (a warm lent GPU
+    keeps its files a while)."""
+    import transformers
 
-    target = cache_root() / f"random-llama-7b-vocab{vocab_size}"
+    config_class, model_class, fields = RANDOM_SHAPES[shape]
+    target = cache_root() / f"random-{shape}-vocab{vocab_size}"
     if (target / "complete").exists():
         return target
     shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix="skipserve-7b-", dir=target.parent))
     try:
-        config = LlamaConfig(vocab_size=vocab_size, **LLAMA_7B_SHAPE)
+        config = getattr(transformers, config_class)(vocab_size=vocab_size, **fields)
         with torch.device("cuda"):
-            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+            model = getattr(transformers, model_class)._from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(partial, safe_serialization=True)
         del model
         torch.cuda.empty_cache()
@@ -134,7 +144,8 @@ def kernel_table(model_config, batches: list[int], context: int = 1024) -> list[
     from engine.backends.cuda.masked_linear import masked_linear
 
     cfg, rows_out = model_config, []
-    gate_up = torch.randn(2 * cfg.intermediate_size, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    width = cfg.moe_intermediate_size or cfg.intermediate_size  # a mixture's: one expert's
+    gate_up = torch.randn(2 * width, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
     block_size = 16
     blocks_per_row = context // block_size
     for batch in batches:
@@ -166,7 +177,8 @@ def kernel_table(model_config, batches: list[int], context: int = 1024) -> list[
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="preset name, GGUF or HF folder (default: 7B-shaped, random)")
+    p.add_argument("--model", default=None, help="preset name, GGUF or HF folder (default: --shape, random)")
+    p.add_argument("--shape", default="llama-7b", choices=list(RANDOM_SHAPES), help="of the random model")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--hf-batches", default="1,16", help="batches HF runs at (compiling is slow)")
     p.add_argument("--skip-batches", default="1,16")
@@ -188,7 +200,7 @@ def main():
     else:
         from transformers import AutoTokenizer
 
-        hf_dir = random_llama_dir(embedded, len(AutoTokenizer.from_pretrained(str(embedded))))
+        hf_dir = random_model_dir(embedded, len(AutoTokenizer.from_pretrained(str(embedded))), args.shape)
     run(args, hf_dir, batches)
 
 

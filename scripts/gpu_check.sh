@@ -3,7 +3,8 @@
 # first, each step under its own time limit: the Triton kernels and graph buffers against torch,
 # the engine on CUDA against HF and graphs against eager, then bench/gpu.py on the embedded model,
 # the served model on CUDA with and without a skip budget at 1-64 clients (bench/serve.py), and
-# bench/gpu.py on a 7B Llama shape (random weights), dense and with a forced skip. Run it from the
+# bench/gpu.py on a 7B Llama shape (random weights), dense and with a forced skip (bench-moe, not
+# in the default steps: the same on a Qwen3-30B-A3B-shaped mixture of experts). Run it from the
 # repository root with the server's dependencies installed: bash scripts/gpu_check.sh
 # Each step's whole log goes to $OUT (default /tmp/gpu_check); the last lines of each are printed.
 # A failed step does not stop the later ones. STEPS="kernels bench-7b" runs a subset; LIMIT_<step>
@@ -64,3 +65,5 @@ else: raise SystemExit(\"the server did not become ready\")" "$server" &&
         --out "$1/serve"' "$PY" "$OUT"
 step bench-7b 300 $PY bench/gpu.py --batches 1,16 --hf-batches 1 --skip-batches 1,16 --no-compile --rounds 1 \
     --out "$OUT/7b"
+step bench-moe 300 $PY bench/gpu.py --shape qwen3-30b-a3b --no-hf --batches 1,16 --skip-batches 1,16 --rounds 1 \
+    --out "$OUT/moe"

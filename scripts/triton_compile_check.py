@@ -59,6 +59,16 @@ SHAPES = {
     # Phi-4-mini: the leading 96 of each head's 128 dimensions rotated (the rotary kernel's partial branch)
     "phi4-mini": dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
                       head_dim=128, partial_rotary_factor=0.75, vocab_size=1024),
+    # mixtures of experts: the routed expert kernels. As many experts as a token chooses (the
+    # kernels' code does not depend on the count; the real 128 and 32 would only take memory here)
+    # Qwen3-30B-A3B: 8 of 128 experts a token, 768 wide
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_experts=8, num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=1024),
+    # gpt-oss-20b: 4 of 32 experts, the clamped SwiGLU, biases, sinks, 128-token windows on every other layer
+    "gpt-oss-20b": dict(model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_local_experts=4,
+                        num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        sliding_window=128, vocab_size=1024),
 }
 
 
@@ -124,8 +134,8 @@ def resources(cubin: bytes) -> dict:
 
 
 def two_layer_model(shape: dict, max_len: int, dtype):
-    """A Llama (or the shape's `model_type`: Qwen3, Gemma 2 or 3) of `shape` with two layers of
-    zero weights and activations in `dtype`, on the CPU."""
+    """A Llama (or the shape's `model_type`: Qwen3, Gemma 2 or 3, Qwen3-MoE, gpt-oss) of `shape`
+    with two layers of zero weights and activations in `dtype`, on the CPU."""
     import torch
 
     from engine.backends.torch_backend import TorchBackend
@@ -143,10 +153,25 @@ def two_layer_model(shape: dict, max_len: int, dtype):
         p = f"model.layers.{i}."
         state |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
                   p + "self_attn.q_proj.weight": (cfg.num_heads * d, h), p + "self_attn.k_proj.weight": (cfg.num_kv_heads * d, h),
-                  p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h), p + "self_attn.o_proj.weight": (h, cfg.num_heads * d),
-                  p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                  p + "mlp.down_proj.weight": (h, inter)}
-        if cfg.model_type in ("qwen3", "gemma3_text"):
+                  p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h), p + "self_attn.o_proj.weight": (h, cfg.num_heads * d)}
+        if cfg.num_experts:
+            width, gpt_oss = cfg.moe_intermediate_size or inter, cfg.model_type == "gpt_oss"
+            router = "mlp.router" if gpt_oss else "mlp.gate"
+            state[f"{p}{router}.weight"] = (cfg.num_experts, h)
+            for e in range(cfg.num_experts):
+                state |= {f"{p}mlp.experts.{e}.{part}_proj.weight": size
+                          for part, size in (("gate", (width, h)), ("up", (width, h)), ("down", (h, width)))}
+            if gpt_oss:  # biases everywhere, a sink per head
+                state |= {f"{p}{router}.bias": (cfg.num_experts,), p + "self_attn.sinks": (cfg.num_heads,)}
+                state |= {f"{p}self_attn.{part}_proj.bias": (size,) for part, size in
+                          (("q", cfg.num_heads * d), ("k", cfg.num_kv_heads * d), ("v", cfg.num_kv_heads * d), ("o", h))}
+                for e in range(cfg.num_experts):
+                    state |= {f"{p}mlp.experts.{e}.{part}_proj.bias": (size,)
+                              for part, size in (("gate", width), ("up", width), ("down", h))}
+        else:
+            state |= {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                      p + "mlp.down_proj.weight": (h, inter)}
+        if cfg.model_type in ("qwen3", "gemma3_text", "qwen3_moe"):
             state |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
         if cfg.model_type in ("gemma2", "gemma3_text"):
             state |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
@@ -171,6 +196,7 @@ def compile_decode_step(model, arch: int, rows: list[int], context: int = CONTEX
     from engine.backends.cuda.decode_attention import paged_decode_attention
     from engine.backends.cuda.decode_step import DecodeStep
     from engine.backends.cuda.graphs import DecodeInputs
+    from engine.backends.cuda.masked_ffn import MaskedFFN
     from engine.backends.cuda.masked_linear import CANDIDATES, masked_linear
     from engine.backends.cuda.write_kv import write_kv
     from engine.config import SkipConfig
@@ -196,10 +222,10 @@ def compile_decode_step(model, arch: int, rows: list[int], context: int = CONTEX
             q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype)
             paged_decode_attention(q, kv.k[0], kv.v[0], batch.block_tables, batch.context_lens, 0.1, window=512)
             k = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
-            write_kv(k, k, kv.k[0], kv.v[0], batch.slots)  # the eager path's K/V write (gpt-oss, MoE)
+            write_kv(k, k, kv.k[0], kv.v[0], batch.slots)  # the eager path's K/V write
         labels = [name for name, _ in compiled]
         ffn = step.ffns[0]
-        for n in rows if candidates else []:  # the tiles a GPU tunes among at start (tile_tuning.py), on the FFN's shapes
+        for n in rows if candidates and isinstance(ffn, MaskedFFN) else []:  # the tiles a GPU tunes among at start (tile_tuning.py), on the FFN's shapes
             x, run = torch.zeros(n, cfg.hidden_size, dtype=dtype), torch.ones(n, dtype=torch.int32)
             gate_up = torch.zeros(n, 2 * cfg.intermediate_size, dtype=dtype)
             for t in CANDIDATES:

@@ -23,6 +23,20 @@ def test_the_7b_shape_is_llama_2_7b():
     assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
 
 
+def test_the_moe_shape_is_qwen3_30b_a3b_per_layer():
+    """A quarter of Qwen3-30B-A3B's 48 layers: 30.5 B parameters in all (its model card), of which
+    these 12 layers hold a quarter of what its layers hold."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from bench.gpu import QWEN3_30B_A3B_SHAPE
+
+    config = Qwen3MoeConfig(vocab_size=151936, **{**QWEN3_30B_A3B_SHAPE, "num_hidden_layers": 48})
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    assert 30.4e9 < total < 30.6e9, total
+
+
 def test_skip_ceiling_is_bytes_over_bytes_left():
     # PERF.md: SmolLM2's FFNs are 79.6 M of 134.5 M parameters; skipping 25% of them -> ~1.17x
     assert skip_ceiling(134.5, 79.6, 0.25) == pytest.approx(134.5 / (134.5 - 19.9))

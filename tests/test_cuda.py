@@ -100,3 +100,24 @@ def test_graphs_and_enforce_eager_give_the_same_greedy_text_and_skips(cuda_engin
         assert [ids for _, ids, _ in graphed] == [ids for _, ids, _ in eager]
         assert [out.ffn_skipped for _, _, out in graphed] == [out.ffn_skipped for _, _, out in eager]
     assert all(out.ffn_skipped > 0 for _, _, out in graphed)  # the forced run did skip
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+def test_mixtures_decode_on_the_triton_step_as_on_the_cpu(arch, tmp_path):
+    """Qwen3-MoE's and gpt-oss's tiny files (tests/tiny_gguf.py) in fp32: the CUDA engine decodes
+    on the Triton step (the routed expert kernels, in CUDA graphs) and gives the CPU engine's greedy
+    tokens and skip counts, dense and with a forced skip, four rows at once."""
+    from engine.loader import embedded_gguf
+    from tests.tiny_gguf import tiny_engine, write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, embedded_gguf(MODEL))
+    cpu, cuda = tiny_engine(gguf, tmp_path, "float32"), tiny_engine(gguf, tmp_path, "float32", device="cuda")
+    step = cuda.runner.decode_step
+    assert step is not None and step.graphs.captured("dense") and step.graphs.captured("gated")
+    prompts = [cpu.tokenizer.encode(text) for text in ("The quick brown fox", "Once upon a time", "1, 2, 3,", "Hello")]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    for skip in (None, SkipParams(budget=0.5, threshold=-1.0, warmup_tokens=0)):
+        on_cpu, on_cuda = cpu.generate(prompts, params, skip), cuda.generate(prompts, params, skip)
+        assert [ids for _, ids, _ in on_cuda] == [ids for _, ids, _ in on_cpu]
+        assert [out.ffn_skipped for _, _, out in on_cuda] == [out.ffn_skipped for _, _, out in on_cpu]
+    assert all(out.ffn_skipped > 0 for _, _, out in on_cuda)  # the forced run did skip

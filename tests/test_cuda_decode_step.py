@@ -169,8 +169,9 @@ def random_model(generator: torch.Generator, model_type: str, **config):
     per-head q/k norms, Gemma's four norms a layer; `config`: more ModelConfig fields) with random
     fp32 weights on the torch backend, and a KV cache of its own."""
     cfg = ModelConfig(model_type=model_type, vocab_size=512, hidden_size=96, intermediate_size=160, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
-                      max_position_embeddings=MAX_LEN, tie_word_embeddings=True, eos_token_ids=[0], **config)
+                      num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6,
+                      max_position_embeddings=MAX_LEN, tie_word_embeddings=True, eos_token_ids=[0],
+                      **{"rope_scaling": None, **config})
     h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
 
     gemma = model_type.startswith("gemma")
@@ -187,10 +188,25 @@ def random_model(generator: torch.Generator, model_type: str, **config):
                   p + "self_attn.q_proj.weight": weight(cfg.num_heads * d, h),
                   p + "self_attn.k_proj.weight": weight(cfg.num_kv_heads * d, h),
                   p + "self_attn.v_proj.weight": weight(cfg.num_kv_heads * d, h),
-                  p + "self_attn.o_proj.weight": weight(h, cfg.num_heads * d),
-                  p + "mlp.gate_proj.weight": weight(inter, h), p + "mlp.up_proj.weight": weight(inter, h),
-                  p + "mlp.down_proj.weight": weight(h, inter)}
-        if model_type in ("qwen3", "gemma3_text"):
+                  p + "self_attn.o_proj.weight": weight(h, cfg.num_heads * d)}
+        if cfg.num_experts:  # a router and experts, one matrix each (as engine/gguf_weights.py splits a GGUF's)
+            width = cfg.moe_intermediate_size
+            for e in range(cfg.num_experts):
+                state |= {f"{p}mlp.experts.{e}.{part}_proj.weight": weight(*shape)
+                          for part, shape in (("gate", (width, h)), ("up", (width, h)), ("down", (h, width)))}
+            state[p + ("mlp.router.weight" if model_type == "gpt_oss" else "mlp.gate.weight")] = \
+                weight(cfg.num_experts, h) * 4  # routing weights well apart
+        else:
+            state |= {p + "mlp.gate_proj.weight": weight(inter, h), p + "mlp.up_proj.weight": weight(inter, h),
+                      p + "mlp.down_proj.weight": weight(h, inter)}
+        if model_type == "gpt_oss":  # biases on every projection, the router's, the experts'; a sink per head
+            state |= {f"{p}self_attn.{name}_proj.bias": weight(size) for name, size in
+                      (("q", cfg.num_heads * d), ("k", cfg.num_kv_heads * d), ("v", cfg.num_kv_heads * d), ("o", h))}
+            state |= {p + "mlp.router.bias": weight(cfg.num_experts), p + "self_attn.sinks": weight(cfg.num_heads)}
+            for e in range(cfg.num_experts):
+                state |= {f"{p}mlp.experts.{e}.{part}_proj.bias": weight(size) for part, size in
+                          (("gate", cfg.moe_intermediate_size), ("up", cfg.moe_intermediate_size), ("down", h))}
+        if model_type in ("qwen3", "gemma3_text", "qwen3_moe"):
             state |= {p + "self_attn.q_norm.weight": weight(d, mean=norm_mean),
                       p + "self_attn.k_norm.weight": weight(d, mean=norm_mean)}
         if gemma:
@@ -259,3 +275,35 @@ def test_gemma_decode_step_is_the_torch_backends(model_type, monkeypatch):
     dense_products_on(step, len(prompts), model_type == "gemma3_text", monkeypatch)
     expected, _ = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [2, 0, 1]
+
+
+# Qwen3-MoE: 8 experts, 3 a token, renormalized; gpt-oss: 8 experts, 2 a token, sliding and full
+# layers alternating (window 20), YaRN rope, clamped SwiGLU at a limit of 1.5 (so the clamp bends
+# the random activations), biases and sinks
+MIXTURE_CONFIGS = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=True),
+    "gpt_oss": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, swiglu_limit=1.5,
+                    layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=20,
+                    rope_scaling=dict(rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                                      original_max_position_embeddings=32, truncate=False)),
+}
+
+
+@pytest.mark.parametrize("model_type", list(MIXTURE_CONFIGS))
+def test_mixture_decode_step_is_the_torch_backends(model_type):
+    """A router and experts in place of the FFN, on the routed expert kernels: each row's chosen
+    experts, their routing weights, a skipped row routed to none. Hidden states, greedy tokens, K/V
+    and skips as the torch backend's decode (its experts one after another over their rows),
+    dense and with rows skipping; gpt-oss's biases, sinks, windows and YaRN rope too."""
+    generator = torch.Generator().manual_seed(2)
+    model, kv = random_model(generator, model_type, **MIXTURE_CONFIGS[model_type])
+    assert [layer.kind for layer in model.layers] == [model_type] * 4 and DecodeStep.fits(model, kv)
+    prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+    skip = SkipConfig(cold_start=1, cold_end=1)  # hot layers 1 and 2 of 4
+    policy = build_policy(skip, model.cfg.num_layers)
+    skipping = [RowSkip(1, -1.0), RowSkip(2, -1.0), RowSkip(0, -1.0)]
+    gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
+    step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
+    assert step.tune() == []  # the routed experts' kernels run on their default tiles
+    expected, _ = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
+    assert expected[1][2][0] == [1, 2, 0]

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from kernel_device import DEVICE, INTERPRETED, poisoned
 
 from engine.backends.cuda.decode_attention import paged_decode_attention  # noqa: E402
+from engine.backends.cuda.expert_linear import expert_linear  # noqa: E402
 from engine.backends.cuda.gated_activation import gelu_tanh_mul, silu_mul  # noqa: E402
 from engine.backends.cuda.masked_ffn import MaskedFFN  # noqa: E402
 from engine.backends.cuda.masked_linear import masked_linear  # noqa: E402
+from engine.backends.cuda.masked_moe import MaskedMoE  # noqa: E402
 from engine.backends.cuda.rms_norm import add_rms_norm, head_rms_norm, norm_add, rms_norm  # noqa: E402
 from engine.backends.cuda.rotary_kv import rotary_and_write_kv  # noqa: E402
 from engine.backends.cuda.write_kv import write_kv  # noqa: E402
@@ -325,6 +327,17 @@ def test_masked_linear_without_mask_is_a_linear_layer():
 def test_masked_linear_reads_no_weight_when_no_row_runs(monkeypatch):
     """The point of the kernel: a skipped FFN reads none of its weights. Every load the
     interpreter performs is recorded; none may touch the weight when no row runs."""
+    addresses = record_loads(monkeypatch)
+    x, weight, residual = randn(3, 64), randn(200, 64), randn(3, 200)
+
+    out = masked_linear(x, weight, torch.zeros(3, dtype=torch.int32), residual)
+    assert reads_of(weight, addresses).sum() == 0 and torch.equal(out, residual)
+    masked_linear(x, weight, torch.tensor([0, 1, 0], dtype=torch.int32), residual)
+    assert reads_of(weight, addresses).tolist() == [1] * weight.numel()  # one running row: every weight read once
+
+
+def record_loads(monkeypatch) -> list:
+    """Every address Triton's interpreter loads from, from now on (numpy arrays, one a load)."""
     from triton.runtime import interpreter
 
     builder = interpreter.interpreter_builder
@@ -336,18 +349,127 @@ def test_masked_linear_reads_no_weight_when_no_row_runs(monkeypatch):
         return original(ptrs, mask, *rest)
 
     monkeypatch.setattr(builder, "create_masked_load", recording_load)
-    x, weight, residual = randn(3, 64), randn(200, 64), randn(3, 200)
-    start, end = weight.data_ptr(), weight.data_ptr() + weight.numel() * weight.element_size()
+    return addresses
 
-    def weight_reads():
-        reads = sum(int(((a >= start) & (a < end)).sum()) for a in addresses)
-        addresses.clear()
-        return reads
 
-    out = masked_linear(x, weight, torch.zeros(3, dtype=torch.int32), residual)
-    assert weight_reads() == 0 and torch.equal(out, residual)
-    masked_linear(x, weight, torch.tensor([0, 1, 0], dtype=torch.int32), residual)
-    assert weight_reads() == weight.numel()  # one running row: every weight read once
+def reads_of(tensor: torch.Tensor, addresses: list) -> torch.Tensor:
+    """How many times each element of `tensor` was loaded (flat, in element order), then forget the loads."""
+    start, size = tensor.data_ptr(), tensor.element_size()
+    counts = torch.zeros(tensor.numel(), dtype=torch.long)
+    for a in addresses:
+        inside = a[(a >= start) & (a < start + tensor.numel() * size)]
+        counts += torch.bincount(torch.from_numpy((inside - start) // size).long(), minlength=tensor.numel())
+    addresses.clear()
+    return counts
+
+
+def gpt_oss_glu(gate, up, limit=1.5, alpha=1.702):
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+GLU = {"silu": lambda g, u: F.silu(g) * u, "gelu_tanh": lambda g, u: F.gelu(g, approximate="tanh") * u,
+       "swiglu_clamped": gpt_oss_glu}
+
+
+@pytest.mark.parametrize("rows,top_k,activation,bias,scale,dtype", [
+    (1, 2, None, False, False, torch.bfloat16),  # one row, every slot's input shared
+    (5, 3, None, True, True, torch.bfloat16),  # biases and routing weights, one row skipping
+    (70, 4, None, False, True, torch.float32),  # two row tiles, fp32
+    (5, 3, "silu", True, True, torch.bfloat16),  # a gate|up input per slot, the activation fused
+    (3, 2, "gelu_tanh", False, False, torch.float32),
+    (5, 4, "swiglu_clamped", True, True, torch.float32),  # gpt-oss's, clamped at 1.5
+])
+def test_expert_linear_applies_each_rows_chosen_experts(rows, top_k, activation, bias, scale, dtype):
+    """out[r, j] = scale[r, j] * (W[chosen[r, j]] x + b[chosen[r, j]]) for running rows, the slots
+    of the others left as they were (poisoned); 6 experts of odd sizes."""
+    experts, n_out, k_in = 6, 100, 70
+    generator = torch.Generator().manual_seed(rows)
+    chosen = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(rows)]).to(DEVICE)
+    run = (torch.arange(rows, device=DEVICE) % 5 != 1).int()  # row 1 (and every fifth after it) skips
+    width = 2 * k_in if activation else k_in
+    x = randn(rows, top_k, width, dtype=dtype) * 2 if activation else randn(rows, k_in, dtype=dtype)
+    weight = randn(experts, n_out, k_in, dtype=dtype) / 8  # outputs of about 1
+    b = randn(experts, n_out, dtype=dtype) if bias else None
+    weights = torch.rand(rows, top_k, device=DEVICE) if scale else None
+    out = poisoned(rows, top_k, n_out, dtype=torch.float32)
+
+    expert_linear(x, weight, chosen, run, b, weights, activation, limit=1.5, alpha=1.702, out=out)
+
+    for r in range(rows):
+        if not run[r]:
+            assert out[r].isnan().all()  # not written
+            continue
+        for j, e in enumerate(chosen[r].tolist()):
+            inputs = x[r, j].float() if activation else x[r].float()
+            if activation:  # the activation's output rounded to the input's dtype, as it is stored
+                inputs = GLU[activation](*inputs.chunk(2)).to(dtype).float()
+            expect = weight[e].float() @ inputs + (b[e].float() if bias else 0)
+            expect = expect * (weights[r, j] if scale else 1)
+            torch.testing.assert_close(out[r, j], expect, **TOLERANCE[dtype])
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="counting memory reads needs Triton's interpreter")
+def test_expert_linear_reads_only_the_experts_that_running_rows_chose(monkeypatch):
+    """The point of the kernel: the weights of experts that no running row chose are never read,
+    and a skipped row chooses none; each chosen expert's weights are read once for all its rows."""
+    addresses = record_loads(monkeypatch)
+    experts, n_out, k_in = 5, 40, 64
+    x, weight = randn(3, k_in), randn(experts, n_out, k_in)
+    chosen = torch.tensor([[0, 2], [2, 4], [3, 0]])
+    run = torch.tensor([1, 1, 0], dtype=torch.int32)  # the third row, which alone chose expert 3, skips
+
+    expert_linear(x, weight, chosen, run)
+    per_expert = reads_of(weight, addresses).view(experts, -1)
+    assert per_expert.amax(1).tolist() == [1, 0, 1, 0, 1] and per_expert.amin(1).tolist() == [1, 0, 1, 0, 1]
+    expert_linear(x, weight, chosen, torch.zeros(3, dtype=torch.int32))
+    assert reads_of(weight, addresses).sum() == 0  # every row skips: no weight byte read
+
+
+@pytest.mark.parametrize("activation", ["silu", "swiglu_clamped"])
+def test_masked_moe_is_the_mixture_for_running_rows_and_identity_for_skipped_ones(activation):
+    """Qwen3-MoE's softmax-then-top-k routing with SiLU experts, gpt-oss's top-k-then-softmax with
+    biases and the clamped SwiGLU: h + sum of each row's chosen experts, weighed; h bit for bit for
+    a row that skips."""
+    from types import SimpleNamespace
+
+    from engine.backends.torch_backend import PlainLinear
+
+    rows, hidden, inter, experts, top_k = 4, 64, 48, 6, 2
+    gpt_oss = activation == "swiglu_clamped"
+    h = randn(rows, hidden, dtype=torch.bfloat16)
+    norm = 1 + randn(hidden, dtype=torch.bfloat16) / 4
+    router = PlainLinear(randn(experts, hidden, dtype=torch.bfloat16) / 2,
+                         randn(experts, dtype=torch.bfloat16) if gpt_oss else None)
+    linears = [(PlainLinear(randn(2 * inter, hidden, dtype=torch.bfloat16) / 8,
+                            randn(2 * inter, dtype=torch.bfloat16) if gpt_oss else None),
+                PlainLinear(randn(hidden, inter, dtype=torch.bfloat16) / 8,
+                            randn(hidden, dtype=torch.bfloat16) if gpt_oss else None)) for _ in range(experts)]
+
+    def route(logits):
+        top, chosen = logits.float().topk(top_k, dim=-1)
+        return top.softmax(-1), chosen
+
+    layer = SimpleNamespace(router=router, experts=linears, route=route, activation=activation,
+                            cfg=SimpleNamespace(swiglu_limit=1.5, swiglu_alpha=1.702))
+    run = torch.tensor([1, 0, 1, 1], dtype=torch.int32, device=DEVICE)
+    dense = h.float().clone()
+    x = F.rms_norm(h.float(), (hidden,), norm.float(), 1e-5)
+    weights, chosen = route(x @ router.weight.float().T + (router.bias.float() if gpt_oss else 0))
+    for r in range(rows):
+        for j, e in enumerate(chosen[r].tolist()):
+            gate_up, down = linears[e]
+            y = x[r] @ gate_up.weight.float().T + (gate_up.bias.float() if gpt_oss else 0)
+            y = GLU[activation](*y.chunk(2)) @ down.weight.float().T + (down.bias.float() if gpt_oss else 0)
+            dense[r] += weights[r, j] * y
+
+    moe = MaskedMoE(layer, norm, 1e-5)
+    assert linears[3][0].weight.data_ptr() == moe.gate_up_weight[3].data_ptr()  # the experts now view the stack
+    got = moe(h, run)
+
+    torch.testing.assert_close(got[run.bool()].float(), dense[run.bool()], **TOLERANCE[torch.bfloat16])
+    assert torch.equal(got[~run.bool()], h[~run.bool()])
+    torch.testing.assert_close(moe(h).float(), dense, **TOLERANCE[torch.bfloat16])  # no mask: every row runs
 
 
 @pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])

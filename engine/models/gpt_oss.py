@@ -22,6 +22,7 @@ from engine.models.moe import MixtureModel, expert_linears, mix_experts
 
 class GptOssLayer(LlamaLayer):
     kind = "gpt_oss"
+    activation = "swiglu_clamped"  # the experts' (`expert` below), as the CUDA decode step's kernels name it
 
     def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int, ops):
         super().__init__(cfg, weights, prefix, device, dtype, act_dtype, index, ops)
@@ -45,8 +46,14 @@ class GptOssLayer(LlamaLayer):
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         x = self.ops.rms_norm(h, self.post_attn_norm, cfg.rms_norm_eps)
-        top, chosen = self.router(x).float().topk(cfg.num_experts_per_tok, dim=-1)
-        return mix_experts(x, chosen, torch.softmax(top, dim=-1).to(x.dtype), self.expert)
+        weights, chosen = self.route(self.router(x))
+        return mix_experts(x, chosen, weights.to(x.dtype), self.expert)
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's logits [N, experts] -> (weights [N, k] fp32, chosen [N, k]): the k highest
+        logits, weighed by a softmax over those k alone."""
+        top, chosen = logits.float().topk(self.cfg.num_experts_per_tok, dim=-1)
+        return torch.softmax(top, dim=-1), chosen
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.experts[index]

@@ -7,8 +7,9 @@ The FFN branch the skip gate sees is that whole sum: a skipped FFN skips the rou
 expert of that token. An expert's projections are built as any projection (dense, or the GGUF's
 own blocks on the CPU's quantized kernels), from one matrix per expert (the GGUF's, split by
 engine/gguf_weights.py) or from transformers' [experts, rows, columns] tensors. Experts run one
-after another over the rows routed to them (engine/models/moe.py), on the per-op path (neither
-backend's whole-step decode takes these layers).
+after another over the rows routed to them (engine/models/moe.py), on the per-op path; the CUDA
+decode step runs the same routing (`route`) with every chosen expert in one launch a projection
+(engine/backends/cuda/masked_moe.py).
 """
 from __future__ import annotations
 
@@ -33,11 +34,17 @@ class Qwen3MoeLayer(Qwen3Layer):
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         x = self.ops.rms_norm(h, self.post_attn_norm, cfg.rms_norm_eps)
-        probs = torch.softmax(self.router(x).float(), dim=-1)
-        weights, chosen = probs.topk(cfg.num_experts_per_tok, dim=-1)
+        weights, chosen = self.route(self.router(x))
+        return mix_experts(x, chosen, weights.to(x.dtype), self.expert)
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's logits [N, experts] -> (weights [N, k] fp32, chosen [N, k] expert indices):
+        the k most probable experts by a softmax over all, renormalized where `norm_topk_prob`."""
+        cfg = self.cfg
+        weights, chosen = torch.softmax(logits.float(), dim=-1).topk(cfg.num_experts_per_tok, dim=-1)
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return mix_experts(x, chosen, weights.to(x.dtype), self.expert)
+        return weights, chosen
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.experts[index]

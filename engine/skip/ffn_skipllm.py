@@ -10,8 +10,9 @@ Two executions of the same rule:
   layers run the same rule inside one call instead (engine/backends/cpu/fused_decode.py).
 - `FFNSkipLLMGate` (CUDA, per-op path): decisions stay tensors on the device, no host sync per
   layer; every row is computed and skipped rows keep `h` (`masked`), which keeps the semantics, not
-  the time. The CUDA Llama decode step runs the rule itself instead, in Triton kernels whose FFNs
-  read no weight for a layer no row runs (engine/backends/cuda/device_gate.py).
+  the time. The CUDA decode step runs the rule itself instead, in Triton kernels whose FFNs
+  read no weight for a layer no row runs, and whose mixtures route a skipping row to no expert
+  (engine/backends/cuda/device_gate.py).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The CUDA backend. Llama-family, Qwen3 and Gemma 2/3 models decode through a step on Triton
-kernels with the FFN skip decided on the device, captured as CUDA graphs per batch bucket
-(decode_step.py, graphs.py). Prefill, and the decode of models that step does not take (gpt-oss,
-the mixtures of experts), run the torch backend's ops (cuBLAS GEMMs, SDPA prefill) with the Triton
-paged decode attention, which reads K/V in place."""
+"""The CUDA backend. Llama-family, Qwen3, Gemma 2/3 and the mixtures of experts (Qwen3-MoE,
+gpt-oss) with dense weights decode through a step on Triton kernels with the FFN skip decided on
+the device, captured as CUDA graphs per batch bucket (decode_step.py, graphs.py). Prefill, and the
+decode steps that step does not take, run the torch backend's ops (cuBLAS GEMMs, SDPA prefill)
+with the Triton paged decode attention, which reads K/V in place."""
 from __future__ import annotations
 
 import importlib.util
@@ -32,8 +32,9 @@ class CUDABackend(TorchBackend):
         from engine.backends.cuda.decode_step import DecodeStep
 
         if not DecodeStep.fits(model, kv):
-            log.info("decode steps run on the torch path: the Triton decode step takes Llama, Qwen3 and Gemma "
-                     "layers with dense weights (this model: %s layers)", model.layers[0].kind)
+            log.info("decode steps run on the torch path: the Triton decode step takes Llama, Qwen3, Gemma, "
+                     "Qwen3-MoE and gpt-oss layers with dense weights in the activations' dtype "
+                     "(this model: %s layers)", model.layers[0].kind)
             return None
         step = DecodeStep(model, kv, config.max_num_seqs, blocks_for(config.max_model_len, kv.block_size),
                                config.skip, policy.quorum, policy.may_skip)

@@ -1,5 +1,6 @@
-"""The decode step of the CUDA backend for Llama-family, Qwen3 and Gemma 2/3 layers: Triton
-kernels, the FFN skip decided on the device, replayed as a CUDA graph per batch bucket (graphs.py).
+"""The decode step of the CUDA backend for Llama-family, Qwen3, Gemma 2/3 and mixture-of-experts
+(Qwen3-MoE, gpt-oss) layers: Triton kernels, the FFN skip decided on the device, replayed as a CUDA
+graph per batch bucket (graphs.py).
 
 Per layer, reading only the static buffers of graphs.py (so the step can be captured) and never
 synchronizing with the host:
@@ -10,7 +11,8 @@ synchronizing with the host:
     through the block tables (over the layer's window where it has one; Gemma 2's capped scores)
     -> o_proj (cuBLAS) -> residual add fused with the FFN's rmsnorm (Gemma: the attention's
     output normed first, in the same kernel) -> the FFN (Gemma: its output normed before it joins
-    the residual)
+    the residual; a mixture of experts: the router, then the chosen experts on routed kernels,
+    masked_moe.py)
 
 The embedding lookup, the rotary rows and the final norm are in the step as well, so a replay is
 the whole decode forward. The FFN comes in two variants, each with its own graphs:
@@ -39,6 +41,7 @@ from engine.backends.cuda.gated_activation import ACTIVATIONS
 from engine.backends.cuda.graphs import DecodeBatch, DecodeGraphs, DecodeInputs, StaticDecodeBuffers
 from engine.backends.cuda.masked_ffn import MaskedFFN
 from engine.backends.cuda.masked_linear import masked_linear
+from engine.backends.cuda.masked_moe import MaskedMoE
 from engine.backends.cuda.rms_norm import add_rms_norm, head_rms_norm, norm_add, rms_norm
 from engine.backends.cuda.rotary_kv import rotary_and_write_kv
 from engine.backends.cuda.tile_tuning import MaskedProduct, prefer_masked, tune_masked_linear
@@ -47,7 +50,18 @@ from engine.config import SkipConfig
 from engine.skip.base import RuleGate
 
 GEMMA = ("gemma2", "gemma3")  # four norms a layer: the attention's and the FFN's outputs normed too
-KINDS = ("llama", "qwen3", *GEMMA)
+MIXTURES = ("qwen3_moe", "gpt_oss")  # a router and experts in place of the FFN
+KINDS = ("llama", "qwen3", *GEMMA, *MIXTURES)
+
+
+def layer_ffn(layer, eps: float) -> MaskedFFN | MaskedMoE:
+    """A layer's FFN on the masked kernels, with its input norm (Llama's post-attention norm;
+    Gemma's pre-FFN norm, and its post-FFN norm on the output)."""
+    if layer.kind in MIXTURES:
+        return MaskedMoE(layer, layer.post_attn_norm, eps)
+    gemma = layer.kind in GEMMA
+    return MaskedFFN(layer.pre_ffn_norm if gemma else layer.post_attn_norm, eps, layer.gate_up.weight,
+                     layer.down.weight, layer.activation, layer.post_ffn_norm if gemma else None)
 
 
 class DecodeStep:
@@ -60,10 +74,7 @@ class DecodeStep:
         self.model, self.kv, self.cfg = model, kv, cfg
         # Llama's post-attention norm is its FFN's input norm; Gemma's norms the attention's output
         self.attn_out_norms = [layer.post_attn_norm if layer.kind in GEMMA else None for layer in model.layers]
-        self.ffns = [MaskedFFN(layer.pre_ffn_norm if layer.kind in GEMMA else layer.post_attn_norm, cfg.rms_norm_eps,
-                               layer.gate_up.weight, layer.down.weight, layer.activation,
-                               layer.post_ffn_norm if layer.kind in GEMMA else None)
-                     for layer in model.layers]
+        self.ffns = [layer_ffn(layer, cfg.rms_norm_eps) for layer in model.layers]
         self.buffers = StaticDecodeBuffers(max_batch, max_blocks, kv.block_size, kv.k.device)
         self.gate = DeviceSkipGate(self.buffers.max_skips, self.buffers.thresholds, cfg.num_layers,
                                    skip.cold_start, skip.cold_end, quorum)
@@ -76,8 +87,11 @@ class DecodeStep:
 
     def tune(self) -> list[dict]:
         """Measures the masked FFN kernels' tiles for this GPU and these weights at every bucket's
-        row count (tile_tuning.py): before any capture, as timing waits for the device."""
+        row count (tile_tuning.py): before any capture, as timing waits for the device. The
+        routed experts' kernels run on their default tiles."""
         ffn = self.ffns[0]  # every layer's weights have the same shapes
+        if not isinstance(ffn, MaskedFFN):
+            return self.tuning
         products = [MaskedProduct(ffn.gate_up_weight),
                     MaskedProduct(ffn.down_weight, ffn.activation, residual=ffn.out_norm_weight is None)]
         self.tuning = tune_masked_linear(products, self.graphs.buckets)
@@ -86,12 +100,12 @@ class DecodeStep:
     @staticmethod
     def fits(model, kv) -> bool:
         """Llama (Mistral 7B v0.1's and Phi-3's sliding windows and Phi-4-mini's partial rotary
-        too), Qwen3 or Gemma 2/3 layers with dense weights in the activations' dtype, and a KV
-        cache in that dtype too."""
+        too), Qwen3, Gemma 2/3, Qwen3-MoE or gpt-oss layers with dense weights in the activations'
+        dtype, and a KV cache in that dtype too."""
         act = model.act_dtype
         if not all(layer.kind in KINDS for layer in model.layers):
             return False
-        linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, *model.ffn_linears(layer))]
         return (isinstance(model.embed, torch.Tensor) and kv.k.dtype == act
                 and all(isinstance(lin, PlainLinear) and lin.dtype == act and lin.weight.is_contiguous()
                         for lin in linears))
@@ -125,8 +139,7 @@ class DecodeStep:
         rows = batch.token_ids.shape[0]
         if gated:
             self.gate.reset()
-        else:  # every layer's FFN has the same shapes: one choice for the whole step
-            ffn = self.ffns[0]
+        elif isinstance(ffn := self.ffns[0], MaskedFFN):  # every layer's FFN has the same shapes: one choice
             masked = (prefer_masked(ffn.gate_up_weight, rows, None),
                       prefer_masked(ffn.down_weight, rows, ffn.activation))
         rotary = {kind: (rope.cos[batch.positions], rope.sin[batch.positions])  # [rows, rotary_dim] each
@@ -141,10 +154,16 @@ class DecodeStep:
                 head_rms_norm(qkv[:, heads:heads + kv_heads], layer.k_norm, eps)
             rotary_and_write_kv(qkv, *rotary[layer.rope_kind], kv.k[i], kv.v[i], batch.slots, heads, kv_heads)
             attn = paged_decode_attention(qkv[:, :heads], kv.k[i], kv.v[i], batch.block_tables, batch.context_lens,
-                                          layer.scale, layer.window, softcap=layer.softcap)
+                                          layer.scale, layer.window, softcap=layer.softcap,
+                                          sinks=getattr(layer, "sinks", None))
             normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight, layer.o_proj.bias), x, ffn.norm_weight, eps,
                                      x_weight=self.attn_out_norms[i])
-            x = self.gate(i, h, functools.partial(ffn, normed=normed)) if gated else self.dense_ffn(ffn, h, normed, *masked)
+            if gated:
+                x = self.gate(i, h, functools.partial(ffn, normed=normed))
+            elif isinstance(ffn, MaskedMoE):
+                x = ffn(h, None, normed)
+            else:
+                x = self.dense_ffn(ffn, h, normed, *masked)
         return rms_norm(x, model.norm, eps)
 
     @staticmethod

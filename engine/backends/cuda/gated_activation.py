@@ -1,5 +1,6 @@
 """act(gate) * up over a fused [rows, 2 * inter] gate|up projection: SiLU (Llama family) or
-GELU-tanh (Gemma). Math in fp32, output in the input's dtype."""
+GELU-tanh (Gemma). Math in fp32, output in the input's dtype. `clamped_swiglu` is gpt-oss's
+experts' form, fused into the routed experts' loads (expert_linear.py)."""
 from __future__ import annotations
 
 import torch
@@ -23,6 +24,14 @@ def gated(gate, up, GELU_TANH: tl.constexpr):
     else:
         act = gate * _sigmoid(gate)
     return act * up
+
+
+@triton.jit
+def clamped_swiglu(gate, up, limit, alpha):
+    """gpt-oss: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit), on fp32 tiles."""
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    return (up + 1.0) * gate * _sigmoid(alpha * gate)
 
 
 @triton.jit
