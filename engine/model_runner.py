@@ -140,6 +140,7 @@ class ModelRunner:
         self.backend = select_backend(self.device)
         self.model = build_model(model_config, state, self.device, self.dtype, config.max_model_len, self.backend)
         del state
+        self.backend.prepare(self.model)
         release_free_memory()  # the load's temporaries (repacking, tiling) back to the OS
         freeze_loaded_objects()
         self.quantized = gguf is not None or config.quantize == "int8"  # else dense `self.dtype` weights

@@ -426,6 +426,26 @@ def test_expert_linear_reads_only_the_experts_that_running_rows_chose(monkeypatc
     assert reads_of(weight, addresses).sum() == 0  # every row skips: no weight byte read
 
 
+def test_a_mixtures_experts_are_restacked_once_and_viewed():
+    """The CUDA backend restacks a mixture's dense experts right after load (before the KV cache is
+    sized); the decode step's MaskedMoE then finds the stack and copies nothing."""
+    from types import SimpleNamespace
+
+    from engine.backends.cuda.masked_moe import stack_experts, stack_model_experts
+    from engine.backends.torch_backend import PlainLinear
+
+    experts = [(PlainLinear(randn(6, 4)), PlainLinear(randn(4, 3), randn(4))) for _ in range(5)]
+    before = [(g.weight.clone(), d.weight.clone(), d.bias.clone()) for g, d in experts]
+    stack_model_experts(SimpleNamespace(layers=[SimpleNamespace(experts=experts), SimpleNamespace()]))
+    gate_up, no_bias = stack_experts([g for g, _ in experts])
+    down, down_bias = stack_experts([d for _, d in experts])
+    assert gate_up.shape == (5, 6, 4) and no_bias is None and down.shape == (5, 4, 3) and down_bias.shape == (5, 4)
+    for e, ((g, d), (g0, d0, b0)) in enumerate(zip(experts, before)):
+        assert g.weight.data_ptr() == gate_up[e].data_ptr() and d.bias.data_ptr() == down_bias[e].data_ptr()
+        assert torch.equal(g.weight, g0) and torch.equal(d.weight, d0) and torch.equal(d.bias, b0)
+    assert stack_experts([d for _, d in experts])[0] is down  # found, not copied again
+
+
 @pytest.mark.parametrize("activation", ["silu", "swiglu_clamped"])
 def test_masked_moe_is_the_mixture_for_running_rows_and_identity_for_skipped_ones(activation):
     """Qwen3-MoE's softmax-then-top-k routing with SiLU experts, gpt-oss's top-k-then-softmax with

@@ -81,6 +81,10 @@ class TorchBackend:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
+    def prepare(self, model) -> None:
+        """Lays the loaded model's weights out for this backend's kernels, before the KV cache is
+        sized from the memory left (nothing to do here)."""
+
     def fused_decode(self, model, kv):
         """A whole-model decode step in fewer calls, where the backend has one (None: per op). The
         model calls it with the step's embeddings, metadata and gate."""

@@ -25,6 +25,17 @@ class CUDABackend(TorchBackend):
         self.triton = importlib.util.find_spec("triton") is not None and _triton_launches()
         self.decode_reads_kv_in_place = self.triton  # the Triton paged decode attention, every model
 
+    def prepare(self, model) -> None:
+        """A mixture's dense experts into one tensor per projection, as the decode step's routed
+        expert kernels read them (masked_moe.py); the copies they leave go back to the driver, so
+        that the KV cache is sized from what is really free."""
+        if not self.triton or not any(getattr(layer, "experts", None) for layer in model.layers):
+            return
+        from engine.backends.cuda.masked_moe import stack_model_experts
+
+        stack_model_experts(model)
+        torch.cuda.empty_cache()
+
     def decode_step(self, model, kv, config, policy):
         if not self.triton:
             log.warning("triton is not installed: decode steps run on the torch path")

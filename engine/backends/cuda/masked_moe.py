@@ -6,9 +6,11 @@ row chose (expert_linear.py): a skipped row routes to nothing.
 The router (cuBLAS) and the routing rule (the layer's own `route`: softmax and top-k in torch) run
 for every row; then two launches: every chosen expert's gate|up projection, and its down
 projection with the activation computed as it loads its input and the routing weight applied as
-it stores (fp32); the k slots are summed onto h in fp32. The experts' matrices are restacked at
-construction into one [experts, N, K] tensor per projection, and each expert's own linear layer
-made a view of it (no second copy; the per-op path, prefill, reads the same memory).
+it stores (fp32); the k slots are summed onto h in fp32. The experts' matrices are restacked into
+one [experts, N, K] tensor per projection, and each expert's own linear layer made a view of it (no
+second copy; the per-op path, prefill, reads the same memory): by the CUDA backend right after the
+model loads (`stack_model_experts`), before the KV cache takes the card's free memory, as the
+restacking holds a layer's experts twice for a moment.
 """
 from __future__ import annotations
 
@@ -17,18 +19,41 @@ import torch.nn.functional as F
 
 from engine.backends.cuda.expert_linear import expert_linear
 from engine.backends.cuda.rms_norm import rms_norm
+from engine.backends.torch_backend import PlainLinear
+
+
+def _stacked(parts: list) -> torch.Tensor | None:
+    """The one contiguous tensor [experts, ...] whose rows `parts` are, in order, or None."""
+    base = None if parts[0] is None else parts[0]._base
+    if base is None or base.shape[0] != len(parts) or not base.is_contiguous():
+        return None
+    return base if all(p is not None and p._base is base and p.data_ptr() == base[e].data_ptr()
+                       for e, p in enumerate(parts)) else None
 
 
 def stack_experts(linears: list) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The experts' projections (PlainLinear, one shape) -> (weights [experts, N, K], biases
-    [experts, N] or None), each linear's weight and bias rebound to a view of them."""
-    weight = torch.stack([lin.weight for lin in linears])
-    bias = torch.stack([lin.bias for lin in linears]) if all(lin.bias is not None for lin in linears) else None
-    for e, lin in enumerate(linears):
-        lin.weight = weight[e]
-        if bias is not None:
+    [experts, N] or None), each linear's weight and bias rebound to a view of them; where they are
+    views of such tensors already, those tensors."""
+    weight, bias = _stacked([lin.weight for lin in linears]), _stacked([lin.bias for lin in linears])
+    if weight is None:
+        weight = torch.stack([lin.weight for lin in linears])
+        for e, lin in enumerate(linears):
+            lin.weight = weight[e]
+    if bias is None and all(lin.bias is not None for lin in linears):
+        bias = torch.stack([lin.bias for lin in linears])
+        for e, lin in enumerate(linears):
             lin.bias = bias[e]
     return weight, bias
+
+
+def stack_model_experts(model) -> None:
+    """Every mixture layer's dense experts restacked (stack_experts), a layer at a time."""
+    for layer in model.layers:
+        experts = getattr(layer, "experts", None)
+        if experts and all(isinstance(lin, PlainLinear) for pair in experts for lin in pair):
+            for part in range(2):
+                stack_experts([pair[part] for pair in experts])
 
 
 class MaskedMoE:
