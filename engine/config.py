@@ -114,8 +114,10 @@ class ModelConfig:
             partial_rotary_factor=rope.get("partial_rotary_factor", raw.get("partial_rotary_factor")) or 1.0,
             num_experts=raw.get("num_experts") or raw.get("num_local_experts") or 0,
             num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
-            moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
-            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            # Mixtral's experts are its FFN's width, and it always renormalizes the chosen weights
+            moe_intermediate_size=raw.get("moe_intermediate_size") or
+            (raw["intermediate_size"] if raw["model_type"] == "mixtral" else 0),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", raw["model_type"] == "mixtral")),
             moe_dense_layers=bool(raw.get("mlp_only_layers")) or raw.get("decoder_sparse_step", 1) not in (None, 1),
             swiglu_limit=raw.get("swiglu_limit", 7.0),
             swiglu_alpha=raw.get("swiglu_alpha", 1.702),

@@ -54,7 +54,9 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
         return TOP_LEVEL[gguf_name]
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
     if not match:
-        return None
+        # one tensor an expert (`blk.N.ffn_gate.E.weight`): llama.cpp's Mixtral files before it stacked them
+        split = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight", gguf_name)
+        return f"model.layers.{split[1]}.mlp.experts.{split[3]}.{split[2]}_proj.weight" if split else None
     layer, part, kind = match.groups()
     if part == "attn_sinks":
         return f"model.layers.{layer}.self_attn.sinks"

@@ -167,6 +167,7 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         complete_config(config, gguf)
+        config = mixtral_config(config, gguf.fields)
         if source != gguf_path:
             source.unlink()
         generation = GenerationConfig.from_model_config(config)
@@ -277,6 +278,20 @@ def complete_config(config, gguf) -> None:
         config.original_max_position_embeddings = int(original)
 
 
+def mixtral_config(config, fields: dict):
+    """llama.cpp writes Mixtral as `llama` with an expert count, and transformers reads a Llama
+    config from it (its reader knows no experts there) -> the same fields as a Mixtral config,
+    with the experts (any other config as it is)."""
+    count = fields.get("llama.expert_count")
+    if fields.get("general.architecture") != "llama" or not count:
+        return config
+    from transformers import MixtralConfig
+
+    own = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    return MixtralConfig(**own, num_local_experts=int(count), num_experts_per_tok=int(fields["llama.expert_used_count"]),
+                         architectures=["MixtralForCausalLM"])
+
+
 def end_of_generation_ids(fields: dict, tokenizer, eos) -> list[int]:
     """The config's eos ids, the GGUF's end-of-turn ids (`tokenizer.ggml.eot_token_id`, `eom`)
     and its special tokens spelled as chat models end a turn."""
@@ -290,8 +305,18 @@ def end_of_generation_ids(fields: dict, tokenizer, eos) -> list[int]:
 
 
 # architectures whose GGUF weights transformers' reader loads wrongly (gpt-oss: its experts and sinks
-# not at all): dequantized from the file by engine/gguf_weights.py instead, under the names it gives
-OWN_DENSE = {"gpt_oss"}
+# not at all; Mixtral's file says llama): dequantized from the file by engine/gguf_weights.py
+# instead, under the names it gives (HUB_NAMES: renamed as the model's own checkpoints name them,
+# which transformers' loader reads)
+OWN_DENSE = {"gpt_oss", "mixtral"}
+HUB_NAMES = {"mixtral": ((".mlp.gate.", ".block_sparse_moe.gate."), (".mlp.experts.", ".block_sparse_moe.experts."),
+                         (".gate_proj.", ".w1."), (".up_proj.", ".w3."), (".down_proj.", ".w2."))}
+
+
+def hub_name(name: str, model_type: str) -> str:
+    for old, new in HUB_NAMES.get(model_type, ()):
+        name = name.replace(old, new)
+    return name
 
 
 def write_dense_weights(gguf_path: Path, target: Path) -> None:
@@ -311,7 +336,7 @@ def write_dense_weights(gguf_path: Path, target: Path) -> None:
         from engine.gguf_weights import load_weights
         from engine.quant import QuantWeight
 
-        state = {k: (v.dequantize() if isinstance(v, QuantWeight) else v).contiguous()
+        state = {hub_name(k, config.model_type): (v.dequantize() if isinstance(v, QuantWeight) else v).contiguous()
                  for k, v in load_weights(gguf_path).items()}
     else:
         # the config as write_metadata completed it (transformers' own reading misses some shapes: an

@@ -102,9 +102,9 @@ def test_graphs_and_enforce_eager_give_the_same_greedy_text_and_skips(cuda_engin
     assert all(out.ffn_skipped > 0 for _, _, out in graphed)  # the forced run did skip
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "mixtral", "gpt-oss"])
 def test_mixtures_decode_on_the_triton_step_as_on_the_cpu(arch, tmp_path):
-    """Qwen3-MoE's and gpt-oss's tiny files (tests/tiny_gguf.py) in fp32: the CUDA engine decodes
+    """Qwen3-MoE's, Mixtral's and gpt-oss's tiny files (tests/tiny_gguf.py) in fp32: the CUDA engine decodes
     on the Triton step (the routed expert kernels, in CUDA graphs) and gives the CPU engine's greedy
     tokens and skip counts, dense and with a forced skip, four rows at once."""
     from engine.loader import embedded_gguf

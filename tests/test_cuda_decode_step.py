@@ -277,11 +277,14 @@ def test_gemma_decode_step_is_the_torch_backends(model_type, monkeypatch):
     assert expected[1][2][0] == [2, 0, 1]
 
 
-# Qwen3-MoE: 8 experts, 3 a token, renormalized; gpt-oss: 8 experts, 2 a token, sliding and full
+# Qwen3-MoE: 8 experts, 3 a token, renormalized; Mixtral: 2 a token, renormalized, with Mistral
+# 7B v0.1's sliding window (20 here); gpt-oss: 8 experts, 2 a token, sliding and full
 # layers alternating (window 20), YaRN rope, clamped SwiGLU at a limit of 1.5 (so the clamp bends
 # the random activations), biases and sinks
 MIXTURE_CONFIGS = {
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=True),
+    "mixtral": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                    sliding_window=20),
     "gpt_oss": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, swiglu_limit=1.5,
                     layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=20,
                     rope_scaling=dict(rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0,
@@ -307,3 +310,29 @@ def test_mixture_decode_step_is_the_torch_backends(model_type):
     assert step.tune() == []  # the routed experts' kernels run on their default tiles
     expected, _ = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [1, 2, 0]
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["dense", "gated"])
+def test_a_buckets_padded_rows_choose_no_expert(gated, monkeypatch):
+    """A graph replays a bucket's rows (4 for 3 real ones): the padded row is routed to no expert
+    in any layer (cold, hot or dense), so it reads no expert's weight that the real rows did not
+    choose, and the real rows come out as an unpadded step gives them."""
+    from engine.backends.cuda.graphs import DecodeInputs
+    from engine.backends.cuda.masked_moe import MaskedMoE
+
+    model, kv = random_model(torch.Generator().manual_seed(3), "qwen3_moe", **MIXTURE_CONFIGS["qwen3_moe"])
+    step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=SkipConfig(cold_start=1, cold_end=1), quorum=None)
+    runs, original = [], MaskedMoE.__call__
+
+    def recording(self, h, run=None, normed=None):
+        runs.append(None if run is None else run.tolist())
+        return original(self, h, run, normed)
+
+    monkeypatch.setattr(MaskedMoE, "__call__", recording)
+    inputs = DecodeInputs([5, 6, 7], [15, 16, 37], TABLES, [0] * 3, [0.5] * 3)  # budget 0: no row skips
+    with torch.inference_mode():
+        alone = step.forward(step.buffers.fill(inputs, 3), gated).clone()
+        runs.clear()
+        padded = step.forward(step.buffers.fill(inputs, 4), gated)
+    assert runs == [[1, 1, 1, 0]] * model.cfg.num_layers
+    torch.testing.assert_close(padded[:3], alone, **TOLERANCE)

@@ -1,8 +1,10 @@
-"""A mixture-of-experts GGUF (Qwen3-MoE's layout: Qwen3's attention, a router and SwiGLU experts,
-each expert kind one [experts, rows, columns] tensor in the file), small with random weights
-(tests/tiny_gguf.py: 4 experts, 2 a token). transformers' model on the same file, dequantized, is
-the reference: fp32 logits and greedy text alone and in a staggered batch; the quantized experts
-within their activations' rounding; FFN skips over the whole mixture; a served chat answer."""
+"""Mixture-of-experts GGUFs with softmax-routed SwiGLU experts, each expert kind one [experts,
+rows, columns] tensor in the file, small with random weights (tests/tiny_gguf.py: 4 experts, 2 a
+token): Qwen3-MoE's layout (Qwen3's attention), and Mixtral's (Mistral's attention; llama.cpp
+writes it as a `llama` file with an expert count). transformers' model on the same file,
+dequantized, is the reference: fp32 logits and greedy text alone and in a staggered batch; the
+quantized experts within their activations' rounding; FFN skips over the whole mixture; a served
+chat answer (Qwen3-MoE's; Mixtral's file takes the same path once its config is read, above)."""
 from __future__ import annotations
 
 import pytest
@@ -11,22 +13,31 @@ import torch
 from engine.sampling_params import SamplingParams
 from tests.helpers import (assert_quantized_close_and_skipping, assert_served_chat_is_the_engines, hf_greedy,
                            hf_model_of, prefill_logits, run_staggered)
-from tests.tiny_gguf import EXPERTS, LAYERS, USED, tiny_engine, write_tiny_gguf
+from tests.tiny_gguf import EXPERT_FFN, EXPERTS, LAYERS, USED, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 4, "Once upon a time", "1, 2, 3, 4, 5,"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("moe")
+# the file's layout -> the model transformers and the engine read it as
+LAYOUTS = {"qwen3moe": ("Qwen3MoeModel", "Qwen3MoeForCausalLM"), "mixtral": ("MixtralModel", "MixtralForCausalLM")}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def gguf(cache_dir):
+def cache_dir(tmp_path_factory, layout):
+    return tmp_path_factory.mktemp(layout)
+
+
+@pytest.fixture(scope="module")
+def gguf(cache_dir, layout):
     from engine.loader import embedded_gguf
 
-    return write_tiny_gguf(cache_dir / "qwen3moe.gguf", "qwen3moe", embedded_gguf("smollm2-135m-instruct"))
+    return write_tiny_gguf(cache_dir / f"{layout}.gguf", layout, embedded_gguf("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +51,13 @@ def reference(dense):
     return hf_model_of(dense), [dense.tokenizer.encode(text) for text in TEXTS]
 
 
-def test_fp32_logits_and_greedy_text_equal_hf(dense, reference):
+def test_fp32_logits_and_greedy_text_equal_hf(dense, reference, layout):
     hf_model, prompts = reference
     model = dense.runner.model
-    assert type(model).__name__ == "Qwen3MoeModel" and model.fused_decode is None  # the per-op path
+    assert type(model).__name__ == LAYOUTS[layout][0] and model.fused_decode is None  # the per-op path
     assert (model.cfg.num_experts, model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob) == (EXPERTS, USED, True)
-    assert type(hf_model).__name__ == "Qwen3MoeForCausalLM"
+    assert model.cfg.moe_intermediate_size == EXPERT_FFN
+    assert type(hf_model).__name__ == LAYOUTS[layout][1]
     for prompt in prompts:
         with torch.inference_mode():
             theirs = hf_model(torch.tensor([prompt])).logits[0].float()
@@ -59,14 +71,18 @@ def test_fp32_logits_and_greedy_text_equal_hf(dense, reference):
 
 
 def test_every_expert_is_routed_to_and_the_router_picks_as_transformers(dense, reference):
-    """Per hidden state the engine's router chooses transformers' experts, and 64 random states
-    reach every expert of the layer (so the logits test above could route through any)."""
+    """Per hidden state the engine's routing (`route`, which the CUDA decode step runs too) chooses
+    transformers' experts with its weights, and 64 random states reach every expert of the layer
+    (so the logits test above could route through any)."""
     layer, hf_layer = dense.runner.model.layers[1], reference[0].model.layers[1]
     x = torch.randn(64, dense.runner.model.cfg.hidden_size)
     with torch.inference_mode():
-        _, _, theirs = hf_layer.mlp.gate(x)
-        ours = torch.softmax(layer.router(x).float(), dim=-1).topk(USED, dim=-1).indices
-    assert torch.equal(ours.sort(-1).values, theirs.sort(-1).values)
+        _, their_weights, theirs = hf_layer.mlp.gate(x)
+        weights, ours = layer.route(layer.router(x))
+    ours_sorted, theirs_sorted = ours.sort(-1), theirs.sort(-1)
+    assert torch.equal(ours_sorted.values, theirs_sorted.values)
+    torch.testing.assert_close(weights.gather(-1, ours_sorted.indices),
+                               their_weights.float().gather(-1, theirs_sorted.indices))
     assert set(ours.flatten().tolist()) == set(range(EXPERTS))
 
 
@@ -80,5 +96,44 @@ def test_quantized_experts_come_within_rounding_of_fp32(gguf, cache_dir, dense, 
     assert_quantized_close_and_skipping(quantized, dense, prompts, GREEDY, LAYERS)
 
 
-def test_served_over_http(dense, gguf, cache_dir):
+def test_served_over_http(dense, gguf, cache_dir, layout):
+    if layout != "qwen3moe":
+        pytest.skip("one layout served is enough: the server reads a file as the engine above does")
     assert_served_chat_is_the_engines(dense, gguf, cache_dir)
+
+
+def test_a_transformers_checkpoint_serves_the_same_model(dense, reference, tmp_path):
+    """A folder as transformers saves the model (the hub checkpoints' names: Mixtral's
+    `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen3-MoE's one matrix per expert) serves the file's
+    logits."""
+    import shutil
+
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    hf_model, prompts = reference
+    folder = tmp_path / "checkpoint"
+    hf_model.save_pretrained(folder)
+    for path in dense.hf_dir.iterdir():
+        if path.suffix != ".safetensors" and not (folder / path.name).exists():
+            shutil.copy(path, folder / path.name)
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cpu", dtype="float32", max_num_seqs=2, max_model_len=512))
+    for prompt in prompts:
+        assert (prefill_logits(engine, prompt) - prefill_logits(dense, prompt)).abs().max().item() < 1e-4
+
+
+def test_a_file_with_a_tensor_per_expert_reads_as_the_stacked_one(gguf, cache_dir, layout):
+    """llama.cpp wrote Mixtral's experts one tensor each (`blk.N.ffn_gate.E.weight`) before it
+    stacked them; such a file gives the same weights under the same names."""
+    from engine.gguf_weights import load_weights
+    from engine.loader import embedded_gguf
+
+    if layout != "mixtral":
+        pytest.skip("Mixtral's older files only")
+    split = write_tiny_gguf(cache_dir / "split.gguf", layout, embedded_gguf("smollm2-135m-instruct"), split_experts=True)
+    stacked, own = load_weights(gguf), load_weights(split)
+    assert sorted(own) == sorted(stacked) and "model.layers.3.mlp.experts.3.down_proj.weight" in own
+    for name, weight in stacked.items():
+        mine = own[name]
+        assert torch.equal(mine.dequantize() if hasattr(mine, "dequantize") else mine,
+                           weight.dequantize() if hasattr(weight, "dequantize") else weight), name

@@ -16,7 +16,7 @@ from engine.backends.cuda.decode_attention import paged_decode_attention  # noqa
 from engine.backends.cuda.expert_linear import expert_linear  # noqa: E402
 from engine.backends.cuda.gated_activation import gelu_tanh_mul, silu_mul  # noqa: E402
 from engine.backends.cuda.masked_ffn import MaskedFFN  # noqa: E402
-from engine.backends.cuda.masked_linear import masked_linear  # noqa: E402
+from engine.backends.cuda.masked_linear import Tiles, masked_linear  # noqa: E402
 from engine.backends.cuda.masked_moe import MaskedMoE  # noqa: E402
 from engine.backends.cuda.rms_norm import add_rms_norm, head_rms_norm, norm_add, rms_norm  # noqa: E402
 from engine.backends.cuda.rotary_kv import rotary_and_write_kv  # noqa: E402
@@ -372,15 +372,18 @@ GLU = {"silu": lambda g, u: F.silu(g) * u, "gelu_tanh": lambda g, u: F.gelu(g, a
        "swiglu_clamped": gpt_oss_glu}
 
 
-@pytest.mark.parametrize("rows,top_k,activation,bias,scale,dtype", [
-    (1, 2, None, False, False, torch.bfloat16),  # one row, every slot's input shared
-    (5, 3, None, True, True, torch.bfloat16),  # biases and routing weights, one row skipping
-    (70, 4, None, False, True, torch.float32),  # two row tiles, fp32
-    (5, 3, "silu", True, True, torch.bfloat16),  # a gate|up input per slot, the activation fused
-    (3, 2, "gelu_tanh", False, False, torch.float32),
-    (5, 4, "swiglu_clamped", True, True, torch.float32),  # gpt-oss's, clamped at 1.5
+@pytest.mark.parametrize("rows,top_k,activation,bias,scale,dtype,tiles", [
+    (1, 2, None, False, False, torch.bfloat16, None),  # one row, every slot's input shared
+    (5, 3, None, True, True, torch.bfloat16, None),  # biases and routing weights, one row skipping
+    (70, 4, None, False, True, torch.float32, None),  # two row tiles, fp32
+    (5, 3, "silu", True, True, torch.bfloat16, None),  # a gate|up input per slot, the activation fused
+    (3, 2, "gelu_tanh", False, False, torch.float32, None),
+    (5, 4, "swiglu_clamped", True, True, torch.float32, None),  # gpt-oss's, clamped at 1.5
+    # tiles as a GPU's: several output tiles and steps over K (the interpreter's default is one of each)
+    (5, 3, None, True, True, torch.bfloat16, Tiles(32, 32)),
+    (5, 3, "swiglu_clamped", True, True, torch.float32, Tiles(16, 16)),
 ])
-def test_expert_linear_applies_each_rows_chosen_experts(rows, top_k, activation, bias, scale, dtype):
+def test_expert_linear_applies_each_rows_chosen_experts(rows, top_k, activation, bias, scale, dtype, tiles):
     """out[r, j] = scale[r, j] * (W[chosen[r, j]] x + b[chosen[r, j]]) for running rows, the slots
     of the others left as they were (poisoned); 6 experts of odd sizes."""
     experts, n_out, k_in = 6, 100, 70
@@ -394,7 +397,7 @@ def test_expert_linear_applies_each_rows_chosen_experts(rows, top_k, activation,
     weights = torch.rand(rows, top_k, device=DEVICE) if scale else None
     out = poisoned(rows, top_k, n_out, dtype=torch.float32)
 
-    expert_linear(x, weight, chosen, run, b, weights, activation, limit=1.5, alpha=1.702, out=out)
+    expert_linear(x, weight, chosen, run, b, weights, activation, limit=1.5, alpha=1.702, out=out, tiles=tiles)
 
     for r in range(rows):
         if not run[r]:
@@ -444,6 +447,10 @@ def test_a_mixtures_experts_are_restacked_once_and_viewed():
         assert g.weight.data_ptr() == gate_up[e].data_ptr() and d.bias.data_ptr() == down_bias[e].data_ptr()
         assert torch.equal(g.weight, g0) and torch.equal(d.weight, d0) and torch.equal(d.bias, b0)
     assert stack_experts([d for _, d in experts])[0] is down  # found, not copied again
+    square = randn(3, 4, 4)  # views of a stack's rows laid out otherwise (transposed) are restacked
+    transposed = [PlainLinear(square[e].t()) for e in range(3)]
+    restacked, _ = stack_experts(transposed)
+    assert restacked is not square and torch.equal(restacked[1], square[1].t()) and restacked.is_contiguous()
 
 
 @pytest.mark.parametrize("activation", ["silu", "swiglu_clamped"])

@@ -1,4 +1,5 @@
-"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2, Phi-3.5, Phi-4-mini, Gemma 2, gpt-oss),
+"""Small GGUF files of architectures llama.cpp users load (Qwen3, Qwen2, Phi-3.5, Phi-4-mini, Gemma 2,
+Qwen3-MoE, Mixtral, gpt-oss),
 random weights, written as llama.cpp's converter lays them out (tensor names, metadata), quantized
 with gguf-py's own quantizers, the tokenizer copied from the embedded SmolLM2 GGUF (three control
 tokens respelled as fill-in-the-middle tokens). No model file
@@ -37,6 +38,10 @@ SHAPES = {
                  tied=False, fused=True, longrope=True, formats={"ffn_down": (IQ4_XS, Q4_1)}),
     # Qwen3-MoE: Qwen3's attention, a router and EXPERTS SwiGLU experts of EXPERT_FFN a layer, USED a token
     "qwen3moe": dict(hidden=128, heads=2, kv_heads=1, head_dim=128, bias=False, qk_norm=True, tied=True, moe=True),
+    # Mixtral: as llama.cpp's converter writes it, a `llama` file with an expert count, the experts'
+    # width its feed-forward length
+    "mixtral": dict(arch="llama", hidden=128, heads=4, kv_heads=2, head_dim=32, bias=False, qk_norm=False, tied=False,
+                    moe=True, mixtral=True),
     # (seed 1: seed 0's greedy text for the short prompt has few clear argmaxes for the quantized test)
     "gemma2": dict(hidden=128, heads=2, kv_heads=1, head_dim=256, bias=False, qk_norm=False, tied=True, gemma=True,
                    seed=1),
@@ -56,7 +61,9 @@ FORMATS = {"attn_q": (Q4_1, Q4_1), "attn_k": (Q4_1, Q4_1), "attn_v": (Q8_0, Q4_1
            "ffn_gate": (Q4_1, Q8_0), "ffn_up": (Q4_1, Q4_1), "ffn_down": (Q8_0, Q4_1)}
 
 
-def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0, split_experts: bool = False) -> Path:
+    """split_experts: each expert's matrix a tensor of its own (`blk.N.ffn_gate.E.weight`), as
+    llama.cpp's converter wrote Mixtral before it stacked them; the same values as stacked."""
     shape = SHAPES[arch]
     hidden, heads, kv_heads, head_dim = shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"]
     rng = np.random.default_rng(shape.get("seed", seed))
@@ -69,7 +76,7 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     writer.add_context_length(CONTEXT if shape.get("longrope") else
                               int(GPT_OSS_YARN[0] * GPT_OSS_YARN[1]) if shape.get("gpt_oss") else 4096)
     writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(FFN)
+    writer.add_feed_forward_length(EXPERT_FFN if shape.get("mixtral") else FFN)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_key_length(head_dim)
@@ -83,7 +90,8 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
     if shape.get("moe"):
         writer.add_expert_count(EXPERTS)
         writer.add_expert_used_count(USED)
-        writer.add_expert_feed_forward_length(EXPERT_FFN)
+        if not shape.get("mixtral"):
+            writer.add_expert_feed_forward_length(EXPERT_FFN)
     if shape.get("gemma"):  # as llama.cpp's converter writes Gemma 2
         writer.add_attn_logit_softcapping(GEMMA2_CAPS[0])
         writer.add_final_logit_softcapping(GEMMA2_CAPS[1])
@@ -105,6 +113,10 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0) 
                               raw_dtype=qtype)
             return
         data = (rng.standard_normal((experts, rows, cols) if experts else (rows, cols)) * std).astype(np.float32)
+        if experts and split_experts:
+            for e in range(experts):
+                writer.add_tensor(name.replace("_exps.", f".{e}."), quantize(data[e], qtype), raw_dtype=qtype)
+            return
         writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
 
     def vector(name: str, size: int, mean: float, std: float) -> None:

@@ -36,7 +36,7 @@ class LlamaLayer:
                                for p in parts], None if bias is None else bias.to(device))
 
         self.cfg, self.ops = cfg, ops
-        if cfg.model_type == "mistral" and cfg.sliding_window:  # Mistral 7B v0.1 (later ones: null)
+        if cfg.model_type in ("mistral", "mixtral") and cfg.sliding_window:  # Mistral 7B v0.1 (later ones: null)
             self.window = cfg.sliding_window
         self.scale = cfg.head_dim ** -0.5  # attention's
         self.input_norm = w("input_layernorm.weight", act_dtype)

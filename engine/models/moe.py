@@ -35,6 +35,47 @@ def expert_linears(weights: dict, prefix: str, linear, count: int) -> list[tuple
     return [(one(e, ("gate", "up")), one(e, ("down",))) for e in range(count)]
 
 
+class SoftmaxRoutedExperts:
+    """A layer mixin (before the attention's layer class): in place of the FFN a router and SwiGLU
+    experts, each token sent to the `num_experts_per_tok` experts its router ranks highest by a
+    softmax over all of them, the chosen weights renormalized where `norm_topk_prob` (always, for
+    Mixtral). Qwen3-MoE's and Mixtral's. Read from transformers' [experts, rows, columns] tensors,
+    Mixtral's Hub checkpoints (`block_sparse_moe`, w1 / w3 / w2), or one matrix per expert (a GGUF's
+    stacks, as engine/gguf_weights.py splits them)."""
+
+    def build_ffn(self, weights: dict, prefix: str, linear) -> None:
+        count = self.cfg.num_experts
+        if prefix + "block_sparse_moe.gate.weight" in weights:  # Mixtral's own checkpoints
+            stem = "block_sparse_moe.experts"
+            self.router = linear("block_sparse_moe.gate.weight")
+            self.experts = [(linear(f"{stem}.{e}.w1.weight", f"{stem}.{e}.w3.weight"), linear(f"{stem}.{e}.w2.weight"))
+                            for e in range(count)]
+            return
+        self.router = linear("mlp.gate.weight")
+        fused = weights.get(prefix + "mlp.experts.gate_up_proj")  # transformers' layout
+        if fused is None:
+            self.experts = expert_linears(weights, prefix, linear, count)
+            return
+        down = weights[prefix + "mlp.experts.down_proj"]
+        self.experts = [(linear(fused[e]), linear(down[e])) for e in range(count)]
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.ops.rms_norm(h, self.post_attn_norm, self.cfg.rms_norm_eps)
+        weights, chosen = self.route(self.router(x))
+        return mix_experts(x, chosen, weights.to(x.dtype), self.expert)
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's logits [N, experts] -> (weights [N, k] fp32, chosen [N, k] expert indices)."""
+        weights, chosen = torch.softmax(logits.float(), dim=-1).topk(self.cfg.num_experts_per_tok, dim=-1)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, chosen
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.experts[index]
+        return down(self.ops.silu_mul(gate_up(x)))
+
+
 class MixtureModel:
     """A model mixin for layers with a `router` and `experts` [(gate_up, down)] in place of an FFN."""
 

@@ -1,5 +1,5 @@
 """The CUDA backend. Llama-family, Qwen3, Gemma 2/3 and the mixtures of experts (Qwen3-MoE,
-gpt-oss) with dense weights decode through a step on Triton kernels with the FFN skip decided on
+Mixtral, gpt-oss) with dense weights decode through a step on Triton kernels with the FFN skip decided on
 the device, captured as CUDA graphs per batch bucket (decode_step.py, graphs.py). Prefill, and the
 decode steps that step does not take, run the torch backend's ops (cuBLAS GEMMs, SDPA prefill)
 with the Triton paged decode attention, which reads K/V in place."""
@@ -44,7 +44,7 @@ class CUDABackend(TorchBackend):
 
         if not DecodeStep.fits(model, kv):
             log.info("decode steps run on the torch path: the Triton decode step takes Llama, Qwen3, Gemma, "
-                     "Qwen3-MoE and gpt-oss layers with dense weights in the activations' dtype "
+                     "Qwen3-MoE, Mixtral and gpt-oss layers with dense weights in the activations' dtype "
                      "(this model: %s layers)", model.layers[0].kind)
             return None
         step = DecodeStep(model, kv, config.max_num_seqs, blocks_for(config.max_model_len, kv.block_size),

@@ -1,5 +1,5 @@
 """The decode step of the CUDA backend for Llama-family, Qwen3, Gemma 2/3 and mixture-of-experts
-(Qwen3-MoE, gpt-oss) layers: Triton kernels, the FFN skip decided on the device, replayed as a CUDA
+(Qwen3-MoE, Mixtral, gpt-oss) layers: Triton kernels, the FFN skip decided on the device, replayed as a CUDA
 graph per batch bucket (graphs.py).
 
 Per layer, reading only the static buffers of graphs.py (so the step can be captured) and never
@@ -50,7 +50,7 @@ from engine.config import SkipConfig
 from engine.skip.base import RuleGate
 
 GEMMA = ("gemma2", "gemma3")  # four norms a layer: the attention's and the FFN's outputs normed too
-MIXTURES = ("qwen3_moe", "gpt_oss")  # a router and experts in place of the FFN
+MIXTURES = ("qwen3_moe", "mixtral", "gpt_oss")  # a router and experts in place of the FFN
 KINDS = ("llama", "qwen3", *GEMMA, *MIXTURES)
 
 
@@ -100,7 +100,7 @@ class DecodeStep:
     @staticmethod
     def fits(model, kv) -> bool:
         """Llama (Mistral 7B v0.1's and Phi-3's sliding windows and Phi-4-mini's partial rotary
-        too), Qwen3, Gemma 2/3, Qwen3-MoE or gpt-oss layers with dense weights in the activations'
+        too), Qwen3, Gemma 2/3, Qwen3-MoE, Mixtral or gpt-oss layers with dense weights in the activations'
         dtype, and a KV cache in that dtype too."""
         act = model.act_dtype
         if not all(layer.kind in KINDS for layer in model.layers):
@@ -144,6 +144,9 @@ class DecodeStep:
                       prefer_masked(ffn.down_weight, rows, ffn.activation))
         rotary = {kind: (rope.cos[batch.positions], rope.sin[batch.positions])  # [rows, rotary_dim] each
                   for kind, rope in model.ropes.items()}
+        # a mixture's rows where every row runs (dense steps, cold layers): a bucket's padded rows
+        # (context 0) choose no expert, so they read no expert's weight the real rows did not choose
+        live = (batch.context_lens > 0).to(torch.int32) if isinstance(self.ffns[0], MaskedMoE) else None
         x = model.embed_tokens(batch.token_ids)
         for i, layer in enumerate(model.layers):
             ffn = self.ffns[i]
@@ -158,10 +161,13 @@ class DecodeStep:
                                           sinks=getattr(layer, "sinks", None))
             normed, h = add_rms_norm(F.linear(attn, layer.o_proj.weight, layer.o_proj.bias), x, ffn.norm_weight, eps,
                                      x_weight=self.attn_out_norms[i])
-            if gated:
+            if isinstance(ffn, MaskedMoE):
+                def branch(h, run, ffn=ffn, normed=normed):
+                    return ffn(h, live if run is None else run, normed)
+
+                x = self.gate(i, h, branch) if gated else branch(h, None)
+            elif gated:
                 x = self.gate(i, h, functools.partial(ffn, normed=normed))
-            elif isinstance(ffn, MaskedMoE):
-                x = ffn(h, None, normed)
             else:
                 x = self.dense_ffn(ffn, h, normed, *masked)
         return rms_norm(x, model.norm, eps)

@@ -1,4 +1,4 @@
-"""The mixture-of-experts FFN of a decode step whose rows may skip it (Qwen3-MoE, gpt-oss): out =
+"""The mixture-of-experts FFN of a decode step whose rows may skip it (Qwen3-MoE, Mixtral, gpt-oss): out =
 h + sum over the row's k experts of weight * expert(rmsnorm(h)) for rows that run, h for rows that
 skip; no host sync, so it runs inside a CUDA graph, and no expert's weight read that no running
 row chose (expert_linear.py): a skipped row routes to nothing.
@@ -23,11 +23,13 @@ from engine.backends.torch_backend import PlainLinear
 
 
 def _stacked(parts: list) -> torch.Tensor | None:
-    """The one contiguous tensor [experts, ...] whose rows `parts` are, in order, or None."""
+    """The one contiguous tensor [experts, ...] whose rows `parts` are, in order and as laid out
+    there (not, say, their transposes), or None."""
     base = None if parts[0] is None else parts[0]._base
     if base is None or base.shape[0] != len(parts) or not base.is_contiguous():
         return None
     return base if all(p is not None and p._base is base and p.data_ptr() == base[e].data_ptr()
+                       and p.shape == base.shape[1:] and p.stride() == base.stride()[1:]
                        for e, p in enumerate(parts)) else None
 
 
