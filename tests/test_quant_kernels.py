@@ -53,6 +53,19 @@ def test_repacked_weights_dequantize_as_gguf_does(kind):
     assert torch.equal(tiled[ids], weight.dequantize()[ids])
 
 
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_native_tiling_is_the_torch_tiling_byte_for_byte(kernels, kind):
+    """The integers tiled in one pass of the native library (load time: a 30B mixture's 12,288
+    expert matrices) are the torch path's bytes, padding rows included (9 and 37 outputs)."""
+    for rows in (9, 37):
+        weight = to_weight(kind, random_blocks(kind, rows, 3, seed=rows), 3 * BLOCK_WEIGHTS[kind])
+        tiled = TiledWeight.from_weight(weight)
+        with native.disabled():
+            in_torch = TiledWeight.from_weight(weight)
+        assert tiled.q.shape == in_torch.q.shape and torch.equal(tiled.q, in_torch.q)
+        assert torch.equal(tiled.dequantize(), weight.dequantize())
+
+
 def activation_rounding_bound(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
     """|y - x W^T| from rounding x to int16 steps of s = max|x| / 32767 per group: at most s / 2
     per input (plus 1e-3 of it for s and 1 / s being fp32), times the weights it multiplies."""

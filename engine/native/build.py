@@ -62,6 +62,8 @@ SIGNATURES = {
     "linear_f32_vectorized": [],
     "linear_bf16_vectorized": [],
     "quant_cpu_isa": [],
+    # q, dst, out, groups, group, bits, threads
+    "quant_tile_integers": [_ptr, _ptr, _int, _int, _int, _int, _int],
 }
 # per built instruction set (ISA_VARIANTS), with the suffix `_<isa>`:
 # x, q, scale, offset (or None), table (or None), bias (or None), y, rows, in, out, bits, group, scale_bits, threads

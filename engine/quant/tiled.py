@@ -50,16 +50,8 @@ class TiledWeight:
         out, _ = weight.shape
         tiles = -(-out // TILE)
         pad = tiles * TILE - out
-        q = _pad_rows(_weight_bytes(weight), pad)  # uint8 [out, groups, G], a byte a weight
-        groups, g = q.shape[1], q.shape[2]
-        q = q.view(tiles, TILE, groups, g).transpose(1, 2)  # [tiles, groups, TILE, G]
-        if weight.bits == 4:  # weight 4c + 2h + e -> chunk c, nibble h, byte 2j + e
-            q = q.reshape(tiles, groups, TILE, g // 4, 2, 2)
-            packed = (q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 1, 3, 2, 4)  # [tiles, groups, c, TILE, e]
-        else:  # weight 2c + e -> chunk c, byte 2j + e
-            packed = q.reshape(tiles, groups, TILE, g // 2, 2).permute(0, 1, 3, 2, 4)
         scale, offset = _narrowest([weight.scale, weight.offset])
-        return TiledWeight(q=packed.reshape(tiles, groups, -1).contiguous(),
+        return TiledWeight(q=_tiled_integers(weight, tiles),
                            scale=_tile_groups(scale, pad, tiles),
                            offset=None if offset is None else _tile_groups(offset, pad, tiles),
                            out_features=out, bits=weight.bits, group=weight.group, source=weight.source,
@@ -86,6 +78,31 @@ class TiledWeight:
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: the dequantized fp32 rows `ids` (as `tensor[ids]` on a dense matrix)."""
         return self.dequantize(ids.reshape(-1)).view(*ids.shape, self.shape[1])
+
+
+def _tiled_integers(weight: QuantWeight, tiles: int) -> torch.Tensor:
+    """The integers of `weight` tiled: uint8 [tiles, groups, TILE * G * bits / 8] (the module's
+    layout), in one pass of the native library's where it is loaded, else in torch."""
+    from engine.native.build import kernels
+
+    lib, out = kernels(), weight.shape[0]
+    group = 32 if weight.bits == 4 else weight.group  # 4-bit integers come in groups of 32, 16 bytes each
+    if lib is not None:
+        src = weight.q.contiguous()
+        groups = src.numel() * 8 // weight.bits // out // group
+        dst = torch.empty(tiles, groups, TILE * group * weight.bits // 8, dtype=torch.uint8)
+        lib.quant_tile_integers(src.data_ptr(), dst.data_ptr(), out, groups, group, weight.bits,
+                                torch.get_num_threads())
+        return dst
+    q = _pad_rows(_weight_bytes(weight), tiles * TILE - out)  # uint8 [out, groups, G], a byte a weight
+    groups, g = q.shape[1], q.shape[2]
+    q = q.view(tiles, TILE, groups, g).transpose(1, 2)  # [tiles, groups, TILE, G]
+    if weight.bits == 4:  # weight 4c + 2h + e -> chunk c, nibble h, byte 2j + e
+        q = q.reshape(tiles, groups, TILE, g // 4, 2, 2)
+        packed = (q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 1, 3, 2, 4)  # [tiles, groups, c, TILE, e]
+    else:  # weight 2c + e -> chunk c, byte 2j + e
+        packed = q.reshape(tiles, groups, TILE, g // 2, 2).permute(0, 1, 3, 2, 4)
+    return packed.reshape(tiles, groups, -1).contiguous()
 
 
 def _narrowest(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
