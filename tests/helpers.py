@@ -235,6 +235,22 @@ def hf_model_of(engine):
     return AutoModelForCausalLM.from_pretrained(str(engine.hf_dir), dtype=torch.float32).eval()
 
 
+def saved_checkpoint_engine(hf_model, dense, folder):
+    """transformers' `hf_model` saved into `folder` as its own checkpoint (the tokenizer and other
+    files copied from `dense`'s folder) -> (an fp32 CPU engine serving that folder, its config)."""
+    import shutil
+
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    hf_model.save_pretrained(folder)
+    for path in dense.hf_dir.iterdir():
+        if path.suffix != ".safetensors" and not (folder / path.name).exists():
+            shutil.copy(path, folder / path.name)
+    config = EngineConfig(model=str(folder), device="cpu", dtype="float32", max_num_seqs=2, max_model_len=512)
+    return LLMEngine(config), config
+
+
 def assert_quantized_close_and_skipping(quantized, dense, prompts: list[list[int]], params: SamplingParams,
                                         layers: int) -> None:
     """A tiny file's quantized engine: logits within its activations' rounding (0.02) of the fp32

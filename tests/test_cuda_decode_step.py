@@ -216,6 +216,18 @@ def random_model(generator: torch.Generator, model_type: str, **config):
     return model, kv
 
 
+def hot_layer_step(model, kv, generator: torch.Generator, forced: list[int]):
+    """A step of `model` whose hot layers are 1 and 2 of 4, three prompts of PROMPT_LENGTHS random
+    tokens, and its gates: a dense one, then the per-row rule forcing `forced[i]` skips on row i
+    (it fires at the first hot layer) -> (step, prompts, gates)."""
+    prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+    skip = SkipConfig(cold_start=1, cold_end=1)
+    policy = build_policy(skip, model.cfg.num_layers)
+    skipping = [RowSkip(n, -1.0) for n in forced]
+    gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
+    return DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum), prompts, gates
+
+
 @pytest.mark.parametrize("model_type, config", [("qwen3", {}), ("mistral", {"sliding_window": 20}),
                                                 ("llama", {"partial_rotary_factor": 0.75})])
 def test_random_models_decode_step_is_the_torch_backends(model_type, config, monkeypatch):
@@ -225,15 +237,10 @@ def test_random_models_decode_step_is_the_torch_backends(model_type, config, mon
     K/V and skips as the torch backend's decode (Qwen3's dense products on the masked kernels)."""
     generator = torch.Generator().manual_seed(0)
     model, kv = random_model(generator, model_type, **config)
-    prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
-    skip = SkipConfig(cold_start=1, cold_end=1)  # hot layers 1 and 2 of 4
-    policy = build_policy(skip, model.cfg.num_layers)
-    skipping = [RowSkip(0, -1.0), RowSkip(2, -1.0), RowSkip(0, -1.0)]
-    gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
+    step, prompts, gates = hot_layer_step(model, kv, generator, [0, 2, 0])
     layer = model.layers[0]
     assert DecodeStep.fits(model, kv) and layer.kind == ("qwen3" if model_type == "qwen3" else "llama")
     assert layer.window == config.get("sliding_window") and model.cfg.rotary_dim == (48 if config.get("partial_rotary_factor") else 64)
-    step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
     dense_products_on(step, len(prompts), model_type == "qwen3", monkeypatch)
     expected, k_prefilled = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [0, 2, 0]
@@ -266,12 +273,7 @@ def test_gemma_decode_step_is_the_torch_backends(model_type, monkeypatch):
         assert [layer.rope_kind for layer in model.layers] == ["local"] * 3 + ["global"]
     else:
         assert {layer.softcap for layer in model.layers} == {2.0}
-    prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
-    skip = SkipConfig(cold_start=1, cold_end=1)  # hot layers 1 and 2 of 4
-    policy = build_policy(skip, model.cfg.num_layers)
-    skipping = [RowSkip(2, -1.0), RowSkip(0, -1.0), RowSkip(1, -1.0)]
-    gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
-    step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
+    step, prompts, gates = hot_layer_step(model, kv, generator, [2, 0, 1])
     dense_products_on(step, len(prompts), model_type == "gemma3_text", monkeypatch)
     expected, _ = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [2, 0, 1]
@@ -301,12 +303,7 @@ def test_mixture_decode_step_is_the_torch_backends(model_type):
     generator = torch.Generator().manual_seed(2)
     model, kv = random_model(generator, model_type, **MIXTURE_CONFIGS[model_type])
     assert [layer.kind for layer in model.layers] == [model_type] * 4 and DecodeStep.fits(model, kv)
-    prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
-    skip = SkipConfig(cold_start=1, cold_end=1)  # hot layers 1 and 2 of 4
-    policy = build_policy(skip, model.cfg.num_layers)
-    skipping = [RowSkip(1, -1.0), RowSkip(2, -1.0), RowSkip(0, -1.0)]
-    gates = [lambda: DenseGate(model.cfg.num_layers), lambda: policy.make_gate(skipping, "cpu")]
-    step = DecodeStep(model, kv, max_batch=4, max_blocks=4, skip=skip, quorum=policy.quorum)
+    step, prompts, gates = hot_layer_step(model, kv, generator, [1, 2, 0])
     assert step.tune() == []  # the routed experts' kernels run on their default tiles
     expected, _ = assert_step_decodes_as_the_torch_backend(model, kv, step, prompts, gates)
     assert expected[1][2][0] == [1, 2, 0]

@@ -12,7 +12,7 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from tests.helpers import (assert_quantized_close_and_skipping, assert_served_chat_is_the_engines, hf_greedy,
-                           prefill_logits, run_staggered)
+                           prefill_logits, run_staggered, saved_checkpoint_engine)
 from tests.tiny_gguf import EXPERTS, GPT_OSS_WINDOW, LAYERS, USED, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -136,19 +136,12 @@ def test_a_transformers_checkpoint_serves_the_same_model(dense, reference, tmp_p
     gate and up interleaved) serves the GGUF's logits; one whose config names a quantization (the
     hub's gpt-oss is MXFP4 safetensors) is refused by name at start."""
     import json
-    import shutil
 
-    from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
     hf_model, prompts = reference
     folder = tmp_path / "checkpoint"
-    hf_model.save_pretrained(folder)
-    for path in dense.hf_dir.iterdir():
-        if path.suffix != ".safetensors" and not (folder / path.name).exists():
-            shutil.copy(path, folder / path.name)
-    config = EngineConfig(model=str(folder), device="cpu", dtype="float32", max_num_seqs=2, max_model_len=512)
-    engine = LLMEngine(config)
+    engine, config = saved_checkpoint_engine(hf_model, dense, folder)
     assert engine.runner.model.layers[0].experts[0][0].out_features == 2 * engine.runner.model.cfg.intermediate_size
     for prompt in prompts:
         assert (prefill_logits(engine, prompt) - prefill_logits(dense, prompt)).abs().max().item() < 1e-4

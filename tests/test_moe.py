@@ -12,7 +12,7 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from tests.helpers import (assert_quantized_close_and_skipping, assert_served_chat_is_the_engines, hf_greedy,
-                           hf_model_of, prefill_logits, run_staggered)
+                           hf_model_of, prefill_logits, run_staggered, saved_checkpoint_engine)
 from tests.tiny_gguf import EXPERT_FFN, EXPERTS, LAYERS, USED, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -106,18 +106,8 @@ def test_a_transformers_checkpoint_serves_the_same_model(dense, reference, tmp_p
     """A folder as transformers saves the model (the hub checkpoints' names: Mixtral's
     `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen3-MoE's one matrix per expert) serves the file's
     logits."""
-    import shutil
-
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-
     hf_model, prompts = reference
-    folder = tmp_path / "checkpoint"
-    hf_model.save_pretrained(folder)
-    for path in dense.hf_dir.iterdir():
-        if path.suffix != ".safetensors" and not (folder / path.name).exists():
-            shutil.copy(path, folder / path.name)
-    engine = LLMEngine(EngineConfig(model=str(folder), device="cpu", dtype="float32", max_num_seqs=2, max_model_len=512))
+    engine, _ = saved_checkpoint_engine(hf_model, dense, tmp_path / "checkpoint")
     for prompt in prompts:
         assert (prefill_logits(engine, prompt) - prefill_logits(dense, prompt)).abs().max().item() < 1e-4
 

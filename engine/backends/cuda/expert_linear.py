@@ -22,7 +22,7 @@ import triton.language as tl
 from engine.backends.cuda import kernel_support
 from engine.backends.cuda.gated_activation import clamped_swiglu, gated
 from engine.backends.cuda.kernel_support import dot_precision, upcast_dots
-from engine.backends.cuda.masked_linear import INTERPRETED, Tiles, block_rows, default_tiles
+from engine.backends.cuda.masked_linear import INTERPRETED, Tiles, block_rows, default_tiles, tile_dot
 
 ACTIVATION_CODES = {None: 0, "silu": 1, "gelu_tanh": 2, "swiglu_clamped": 3}
 
@@ -65,12 +65,7 @@ def _expert_linear_kernel(x_ptr, w_ptr, bias_ptr, chosen_ptr, scale_ptr, run_ptr
             else:
                 x = gated(x.to(tl.float32), up, ACTIVATION == 2).to(x_ptr.dtype.element_ty)
         w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        else:
-            x = x.to(w.dtype)
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        acc = tile_dot(acc, x, w, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_be + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:

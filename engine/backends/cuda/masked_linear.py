@@ -25,6 +25,18 @@ from engine.backends.cuda.kernel_support import dot_precision, dot_size, upcast_
 
 
 @triton.jit
+def tile_dot(acc, x, w, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x w^T for an input tile x [M, K] and a weight tile w [N, K]: operands as fp32 where
+    the interpreter needs them (kernel_support.upcast_dots), else x in the weight's dtype."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    else:
+        x = x.to(w.dtype)
+    return acc + tl.dot(x, tl.trans(w), input_precision=PRECISION)
+
+
+@triton.jit
 def _masked_linear_kernel(x_ptr, w_ptr, run_ptr, residual_ptr, out_ptr, rows, n_out, k_in,
                           stride_x, stride_w, stride_r, stride_o,
                           HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED_INPUT: tl.constexpr,
@@ -54,12 +66,7 @@ def _masked_linear_kernel(x_ptr, w_ptr, run_ptr, residual_ptr, out_ptr, rows, n_
             up = tl.load(x_ptr + m[:, None] * stride_x + k_in + k[None, :], mask=xmask, other=0.0)
             x = gated(x.to(tl.float32), up.to(tl.float32), GELU_TANH).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=(n < n_out)[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        else:
-            x = x.to(w.dtype)
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        acc = tile_dot(acc, x, w, UPCAST, PRECISION)
     if HAS_RESIDUAL:
         acc += skipped
     tl.store(out_ptrs, tl.where(run[:, None], acc, skipped).to(out_ptr.dtype.element_ty), mask=out_mask)
