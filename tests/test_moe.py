@@ -127,3 +127,29 @@ def test_a_file_with_a_tensor_per_expert_reads_as_the_stacked_one(gguf, cache_di
         mine = own[name]
         assert torch.equal(mine.dequantize() if hasattr(mine, "dequantize") else mine,
                            weight.dequantize() if hasattr(weight, "dequantize") else weight), name
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_mix_experts_sums_each_rows_experts_as_a_gather_and_scatter_would(rows):
+    """engine/models/moe.py's mix_experts (in place where every row chose an expert, at the same
+    slot or not; gathered and scattered where some did) gives the bits of the plain formulation:
+    per expert in ascending order, its rows gathered, weighed and added back."""
+    from engine.models.moe import mix_experts
+
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 24, generator=generator)
+    chosen = torch.stack([torch.randperm(6, generator=generator)[:3] for _ in range(rows)])
+    if rows > 1:
+        chosen[:, 2] = 5  # an expert every row chose at the same slot
+        chosen[0, :2], chosen[1:, :2] = torch.tensor([4, 0]), torch.tensor([0, 1])  # and one at different slots
+    weights = torch.rand(rows, 3, generator=generator)
+    mats = torch.randn(6, 24, 24, generator=generator)
+
+    def expert(index, part):
+        return torch.tanh(part @ mats[index])
+
+    expected = torch.zeros_like(x)
+    for index in chosen.unique().tolist():
+        at, slot = (chosen == index).nonzero(as_tuple=True)
+        expected.index_add_(0, at, expert(index, x[at]) * weights[at, slot, None])
+    assert torch.equal(mix_experts(x, chosen, weights, expert), expected)

@@ -14,11 +14,28 @@ import torch
 def mix_experts(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
                 expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """x [N, hidden]; chosen [N, k] expert indices and weights [N, k] (x's dtype) -> [N, hidden]:
-    sum over each row's k experts of weight * expert(index, x of the rows routed to it)."""
+    sum over each row's k experts of weight * expert(index, x of the rows routed to it).
+
+    The routing is read to the host once; an expert every row chose (at batch 1, each of them)
+    takes x as it is and adds to `out` in place, with no gather or scatter (the same arithmetic:
+    each row's sum gets one product an expert)."""
     out = torch.zeros_like(x)
-    for index in chosen.unique().tolist():
-        rows, slot = (chosen == index).nonzero(as_tuple=True)
-        out.index_add_(0, rows, expert(index, x[rows]) * weights[rows, slot, None])
+    routed: dict[int, tuple[list[int], list[int]]] = {}  # expert -> (rows, slots), rows ascending
+    for row, picks in enumerate(chosen.tolist()):
+        for slot, index in enumerate(picks):
+            rows, slots = routed.setdefault(index, ([], []))
+            rows.append(row)
+            slots.append(slot)
+    everyone = list(range(x.shape[0]))
+    for index in sorted(routed):
+        rows, slots = routed[index]
+        if rows == everyone:
+            scale = weights[:, slots[0], None] if len(set(slots)) == 1 else \
+                weights.gather(1, torch.tensor(slots, device=x.device)[:, None])
+            out += expert(index, x) * scale
+        else:
+            at = torch.tensor(rows, device=x.device)
+            out.index_add_(0, at, expert(index, x[at]) * weights[at, torch.tensor(slots, device=x.device), None])
     return out
 
 
