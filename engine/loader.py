@@ -231,6 +231,9 @@ def complete_config(config, gguf) -> None:
     key_length = fields.get(f"{arch}.attention.key_length")
     if key_length is not None and getattr(config, "head_dim", None) not in (None, key_length):
         config.head_dim = key_length
+    shared_width = fields.get(f"{arch}.expert_shared_feed_forward_length")  # Qwen2-MoE's shared expert
+    if shared_width and hasattr(config, "shared_expert_intermediate_size"):
+        config.shared_expert_intermediate_size = shared_width
     expert_width = fields.get(f"{arch}.expert_feed_forward_length")  # Qwen3-MoE's: transformers reads none
     if expert_width and hasattr(config, "moe_intermediate_size"):
         config.moe_intermediate_size = expert_width

@@ -1,7 +1,8 @@
 """Mixture-of-experts GGUFs with softmax-routed SwiGLU experts, each expert kind one [experts,
 rows, columns] tensor in the file, small with random weights (tests/tiny_gguf.py: 4 experts, 2 a
-token): Qwen3-MoE's layout (Qwen3's attention), and Mixtral's (Mistral's attention; llama.cpp
-writes it as a `llama` file with an expert count). transformers' model on the same file,
+token): Qwen3-MoE's layout (Qwen3's attention), Mixtral's (Mistral's attention; llama.cpp
+writes it as a `llama` file with an expert count) and Qwen2-MoE's (Qwen2's attention, a shared
+expert beside the routed ones). transformers' model on the same file,
 dequantized, is the reference: fp32 logits and greedy text alone and in a staggered batch; the
 quantized experts within their activations' rounding; FFN skips over the whole mixture; a served
 chat answer (Qwen3-MoE's; Mixtral's file takes the same path once its config is read, above)."""
@@ -20,7 +21,8 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 4, "Once upon a time"
 
 
 # the file's layout -> the model transformers and the engine read it as
-LAYOUTS = {"qwen3moe": ("Qwen3MoeModel", "Qwen3MoeForCausalLM"), "mixtral": ("MixtralModel", "MixtralForCausalLM")}
+LAYOUTS = {"qwen3moe": ("Qwen3MoeModel", "Qwen3MoeForCausalLM"), "mixtral": ("MixtralModel", "MixtralForCausalLM"),
+           "qwen2moe": ("Qwen2MoeModel", "Qwen2MoeForCausalLM")}
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -55,7 +57,8 @@ def test_fp32_logits_and_greedy_text_equal_hf(dense, reference, layout):
     hf_model, prompts = reference
     model = dense.runner.model
     assert type(model).__name__ == LAYOUTS[layout][0] and model.fused_decode is None  # the per-op path
-    assert (model.cfg.num_experts, model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob) == (EXPERTS, USED, True)
+    renormalized = layout != "qwen2moe"  # Qwen2-MoE's weights are the softmax's, as chosen
+    assert (model.cfg.num_experts, model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob) == (EXPERTS, USED, renormalized)
     assert model.cfg.moe_intermediate_size == EXPERT_FFN
     assert type(hf_model).__name__ == LAYOUTS[layout][1]
     for prompt in prompts:

@@ -38,6 +38,9 @@ SHAPES = {
                  tied=False, fused=True, longrope=True, formats={"ffn_down": (IQ4_XS, Q4_1)}),
     # Qwen3-MoE: Qwen3's attention, a router and EXPERTS SwiGLU experts of EXPERT_FFN a layer, USED a token
     "qwen3moe": dict(hidden=128, heads=2, kv_heads=1, head_dim=128, bias=False, qk_norm=True, tied=True, moe=True),
+    # Qwen2-MoE: Qwen2's attention (q/k/v biases), the experts, and a shared expert of SHARED_FFN with a gate
+    "qwen2moe": dict(hidden=128, heads=4, kv_heads=2, head_dim=32, bias=True, qk_norm=False, tied=False, moe=True,
+                     shared=True),
     # Mixtral: as llama.cpp's converter writes it, a `llama` file with an expert count, the experts'
     # width its feed-forward length
     "mixtral": dict(arch="llama", hidden=128, heads=4, kv_heads=2, head_dim=32, bias=False, qk_norm=False, tied=False,
@@ -52,7 +55,7 @@ SHAPES = {
 }
 GPT_OSS_WINDOW, GPT_OSS_YARN = 16, (32.0, 256)  # even layers' window; YaRN's factor and pretrained length
 GEMMA2_CAPS, GEMMA2_WINDOW = (1.5, 8.0), 16  # attention's and the logits' soft caps; every other layer's window
-EXPERTS, USED, EXPERT_FFN = 4, 2, 64
+EXPERTS, USED, EXPERT_FFN, SHARED_FFN = 4, 2, 64, 96
 CONTEXT, ORIGINAL_CONTEXT = 131072, 4096  # Phi-3.5-mini's: longrope's factor 32
 LAYERS, FFN = 4, 256
 # Formats mixed within a projection as llama.cpp's Q4_K_M mixes them (q and k in 4 bits, v in 6 or
@@ -92,6 +95,8 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0, 
         writer.add_expert_used_count(USED)
         if not shape.get("mixtral"):
             writer.add_expert_feed_forward_length(EXPERT_FFN)
+        if shape.get("shared"):
+            writer.add_expert_shared_feed_forward_length(SHARED_FFN)
     if shape.get("gemma"):  # as llama.cpp's converter writes Gemma 2
         writer.add_attn_logit_softcapping(GEMMA2_CAPS[0])
         writer.add_final_logit_softcapping(GEMMA2_CAPS[1])
@@ -161,6 +166,11 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0, 
                 if shape.get("gpt_oss"):  # [experts, rows], as the converter writes the biases
                     writer.add_tensor(blk + name + "_exps.bias",
                                       (rng.standard_normal((EXPERTS, rows)) * 0.3).astype(np.float32))
+            if shape.get("shared"):  # the shared expert's gate in F32 as llama.cpp keeps it ([hidden])
+                vector(blk + "ffn_gate_inp_shexp.weight", hidden, 0.0, 0.3)
+                for name, rows, cols in (("ffn_gate", SHARED_FFN, hidden), ("ffn_up", SHARED_FFN, hidden),
+                                         ("ffn_down", hidden, SHARED_FFN)):
+                    matrix(blk + name + "_shexp.weight", rows, cols, cols ** -0.5, formats[name][i % 2])
             continue
         ffn = (("ffn_up", 2 * FFN, hidden),) if shape.get("fused") else (("ffn_gate", FFN, hidden), ("ffn_up", FFN, hidden))
         for name, rows, cols in ffn + (("ffn_down", hidden, FFN),):

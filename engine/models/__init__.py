@@ -10,9 +10,10 @@ GEMMA2 = {"gemma2"}
 QWEN3 = {"qwen3"}
 PHI3 = {"phi3"}
 QWEN3_MOE = {"qwen3_moe"}
+QWEN2_MOE = {"qwen2_moe"}
 MIXTRAL = {"mixtral"}
 GPT_OSS = {"gpt_oss"}
-SUPPORTED = LLAMA_FAMILY | QWEN3 | GEMMA2 | GEMMA3 | PHI3 | QWEN3_MOE | MIXTRAL | GPT_OSS
+SUPPORTED = LLAMA_FAMILY | QWEN3 | GEMMA2 | GEMMA3 | PHI3 | QWEN3_MOE | QWEN2_MOE | MIXTRAL | GPT_OSS
 
 
 def check_architecture(config: ModelConfig) -> None:
@@ -41,6 +42,10 @@ def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, o
         from engine.models.qwen3_moe import Qwen3MoeModel
 
         return Qwen3MoeModel(config, state, device, dtype, max_len, ops)
+    if config.model_type in QWEN2_MOE:
+        from engine.models.qwen2_moe import Qwen2MoeModel
+
+        return Qwen2MoeModel(config, state, device, dtype, max_len, ops)
     if config.model_type in MIXTRAL:
         from engine.models.mixtral import MixtralModel
 

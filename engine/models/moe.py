@@ -77,7 +77,10 @@ class SoftmaxRoutedExperts:
         self.experts = [(linear(fused[e]), linear(down[e])) for e in range(count)]
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.ops.rms_norm(h, self.post_attn_norm, self.cfg.rms_norm_eps)
+        return self.routed(self.ops.rms_norm(h, self.post_attn_norm, self.cfg.rms_norm_eps))
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum for the FFN's input x (normed)."""
         weights, chosen = self.route(self.router(x))
         return mix_experts(x, chosen, weights.to(x.dtype), self.expert)
 
