@@ -56,7 +56,7 @@ class SoftmaxRoutedExperts:
     """A layer mixin (before the attention's layer class): in place of the FFN a router and SwiGLU
     experts, each token sent to the `num_experts_per_tok` experts its router ranks highest by a
     softmax over all of them, the chosen weights renormalized where `norm_topk_prob` (always, for
-    Mixtral). Qwen3-MoE's and Mixtral's. Read from transformers' [experts, rows, columns] tensors,
+    Mixtral). Qwen3-MoE's, Mixtral's and Qwen2-MoE's (beside its shared expert). Read from transformers' [experts, rows, columns] tensors,
     Mixtral's Hub checkpoints (`block_sparse_moe`, w1 / w3 / w2), or one matrix per expert (a GGUF's
     stacks, as engine/gguf_weights.py splits them)."""
 
