@@ -96,7 +96,7 @@ def random_model_dir(tokenizer_dir: Path, vocab_size: int, shape: str = "llama-7
         return target
     shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix="skipserve-7b-", dir=target.parent))
+    partial = Path(tempfile.mkdtemp(prefix=f"skipserve-{shape}-", dir=target.parent))
     try:
         config = getattr(transformers, config_class)(vocab_size=vocab_size, **fields)
         with torch.device("cuda"):

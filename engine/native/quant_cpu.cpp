@@ -22,7 +22,8 @@ extern "C" int quant_cpu_isa() {
 }
 
 // engine/quant/tiled.py's layout of a quantized matrix, written in one pass (the torch version takes
-// several over a byte a weight: about 13 ms a 768 x 2048 expert, minutes for a 30B mixture's 12,288).
+// several over a byte a weight: 3-4 ms a 768 x 2048 Q4_0 expert on 2 threads, against about 1 ms here,
+// for each of a 30B mixture's 12,288 expert matrices).
 // q: the file's integers, [out, groups, group / 2] bytes for 4 bits (weight w of a group in byte w % 16,
 // low nibble for w < 16, high for the others: groups of 32), [out, groups, group] for 8 bits.
 // dst: [tiles, groups, TILE x group (/ 2)] with tiles = ceil(out / 16); rows past `out` are zeros.

@@ -137,16 +137,17 @@ class DecodeStep:
         model, cfg, kv = self.model, self.cfg, self.kv
         eps, heads, kv_heads, head_dim = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         rows = batch.token_ids.shape[0]
+        first = self.ffns[0]  # every layer's FFN is of one kind and has the same shapes: one choice a step
         if gated:
             self.gate.reset()
-        elif isinstance(ffn := self.ffns[0], MaskedFFN):  # every layer's FFN has the same shapes: one choice
-            masked = (prefer_masked(ffn.gate_up_weight, rows, None),
-                      prefer_masked(ffn.down_weight, rows, ffn.activation))
+        elif isinstance(first, MaskedFFN):
+            masked = (prefer_masked(first.gate_up_weight, rows, None),
+                      prefer_masked(first.down_weight, rows, first.activation))
         rotary = {kind: (rope.cos[batch.positions], rope.sin[batch.positions])  # [rows, rotary_dim] each
                   for kind, rope in model.ropes.items()}
         # a mixture's rows where every row runs (dense steps, cold layers): a bucket's padded rows
         # (context 0) choose no expert, so they read no expert's weight the real rows did not choose
-        live = (batch.context_lens > 0).to(torch.int32) if isinstance(self.ffns[0], MaskedMoE) else None
+        live = (batch.context_lens > 0).to(torch.int32) if isinstance(first, MaskedMoE) else None
         x = model.embed_tokens(batch.token_ids)
         for i, layer in enumerate(model.layers):
             ffn = self.ffns[i]
