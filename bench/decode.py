@@ -45,6 +45,24 @@ def engine_run(engine, prompt, batch, new_tokens, skip=None) -> tuple[float, flo
     return tokens / dt, skipped / total
 
 
+def decode_run(engine, prompt, batch, new_tokens, skip=None) -> tuple[float, float]:
+    """-> (aggregate decode tok/s, realized skip ratio), timed from the step in which the last row
+    got its first token: the prompts' prefill is left out (what a read-bandwidth bound bounds)."""
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    ids = [f"decode-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, prompt, params, skip)
+    counts, last, start, base = {}, {}, None, 0
+    while engine.has_work:
+        for out in engine.step()[0]:
+            counts[out.request_id] = counts.get(out.request_id, 0) + len(out.token_ids)
+            last[out.request_id] = out
+        if start is None and len(counts) == batch:
+            start, base = time.perf_counter(), sum(counts.values())
+    tok_s = (sum(counts.values()) - base) / (time.perf_counter() - start)
+    return tok_s, sum(o.ffn_skipped for o in last.values()) / sum(o.ffn_total for o in last.values())
+
+
 def hf_run(hf, prompt, new_tokens) -> float:
     ids = torch.tensor([prompt])
     t = time.perf_counter()

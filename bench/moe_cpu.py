@@ -9,7 +9,10 @@ per shape by gguf-py and copied to each expert and layer: speed does not depend 
 every copy is its own memory, so a token streams its experts from RAM), the router F32 as llama.cpp
 keeps it, the embedded SmolLM2's tokenizer. Written once into the cache folder (about 3 GB for 8
 layers). The bound counts the router and, on average, the chosen share of the experts
-(`weight_bytes`), read at the bandwidth sampled in the same run (bench/bandwidth.py).
+(`weight_bytes`), read at the bandwidth sampled in the same run (bench/bandwidth.py). Decode
+only: timed from the step in which every row has its first token (bench/decode.py's
+`decode_run`; a prompt's prefill sends its tokens to most of the 128 experts, and counted in, it
+was a third of a 32-token run's time at batch 4).
 
     .venv/bin/python bench/moe_cpu.py --layers 8 --batches 1,4
 """
@@ -28,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
-from bench.decode import engine_run  # noqa: E402
+from bench.decode import decode_run  # noqa: E402
 from engine.config import EngineConfig, SkipConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import cache_root, embedded_gguf  # noqa: E402
@@ -130,7 +133,7 @@ def main():
     print(f"command: {' '.join(sys.argv)}")
     print(f"Qwen3-30B-A3B shapes, {args.layers} of 48 layers, Q4_0; formats {model.weight_formats()}; engine "
           f"loaded in {load_s:.1f} s; threads {torch.get_num_threads()}; prompt {len(prompt)} tokens, "
-          f"{args.new_tokens} new tokens, {args.rounds} rounds alternating, medians; forced skip: budget "
+          f"{args.new_tokens} new tokens (decode tok/s: prefill excluded), {args.rounds} rounds alternating, medians; forced skip: budget "
           f"{args.skip_budget} with {args.cold} cold layers at each end")
     print(f"weights read per token {total / 1e6:.0f} MB (FFN: router + {USED} of {EXPERTS} experts "
           f"{per_token['ffn'] / 1e6:.0f}, attention {per_token['attention'] / 1e6:.0f}, lm_head "
@@ -138,12 +141,12 @@ def main():
     print("| batch | dense tok/s | of bound (x batch) | forced skip tok/s | realized skip | skip / dense |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in map(int, args.batches.split(",")):
-        engine_run(engine, prompt, batch, 4)  # warm-up
-        engine_run(engine, prompt, batch, 4, skip)
+        decode_run(engine, prompt, batch, 4)  # warm-up
+        decode_run(engine, prompt, batch, 4, skip)
         dense, skipped, realized = [], [], []
         for r in range(args.rounds):
             for name in ("dense", "skip") if r % 2 == 0 else ("skip", "dense"):
-                tok_s, ratio = engine_run(engine, prompt, batch, args.new_tokens, skip if name == "skip" else None)
+                tok_s, ratio = decode_run(engine, prompt, batch, args.new_tokens, skip if name == "skip" else None)
                 (skipped if name == "skip" else dense).append(tok_s)
                 if name == "skip":
                     realized.append(ratio)
