@@ -138,22 +138,29 @@ def main():
     print(f"weights read per token {total / 1e6:.0f} MB (FFN: router + {USED} of {EXPERTS} experts "
           f"{per_token['ffn'] / 1e6:.0f}, attention {per_token['attention'] / 1e6:.0f}, lm_head "
           f"{per_token['lm_head'] / 1e6:.0f}); read bandwidth {bandwidth:.1f} GB/s -> batch-1 bound {bound:.1f} tok/s")
-    print("| batch | dense tok/s | of bound (x batch) | forced skip tok/s | realized skip | skip / dense |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    # the same engine with its decode steps on the per-op path (the model's Python forward: the experts
+    # one call each), where the native layer calls (engine/native/routed_experts.cpp) would take them
+    native = model.fused_decode
+    print("| batch | dense tok/s | of bound (x batch) | forced skip tok/s | realized skip | skip / dense "
+          "| per-op path, dense tok/s | native / per-op |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    runs = {"dense": (None, native), "skip": (skip, native), "per-op": (None, None)}
     for batch in map(int, args.batches.split(",")):
-        decode_run(engine, prompt, batch, 4)  # warm-up
-        decode_run(engine, prompt, batch, 4, skip)
-        dense, skipped, realized = [], [], []
+        for params, path in runs.values():  # warm-up
+            model.fused_decode = path
+            decode_run(engine, prompt, batch, 4, params)
+        tok_s, realized = {name: [] for name in runs}, []
         for r in range(args.rounds):
-            for name in ("dense", "skip") if r % 2 == 0 else ("skip", "dense"):
-                tok_s, ratio = decode_run(engine, prompt, batch, args.new_tokens, skip if name == "skip" else None)
-                (skipped if name == "skip" else dense).append(tok_s)
+            for name in list(runs)[r % 3:] + list(runs)[:r % 3]:  # each run first in turn
+                params, model.fused_decode = runs[name]
+                speed, ratio = decode_run(engine, prompt, batch, args.new_tokens, params)
+                tok_s[name].append(speed)
                 if name == "skip":
                     realized.append(ratio)
-        d, s = statistics.median(dense), statistics.median(skipped)
+        model.fused_decode = native
+        d, s, p = (statistics.median(tok_s[name]) for name in runs)
         print(f"| {batch} | {d:.1f} | {d / (bound * batch):.0%} | {s:.1f} | {statistics.median(realized):.3f} | "
-              f"{s / d:.2f}x |", flush=True)
-
+              f"{s / d:.2f}x | {p:.1f} | {d / p:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

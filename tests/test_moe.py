@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from tests.helpers import (assert_quantized_close_and_skipping, assert_served_chat_is_the_engines, hf_greedy,
+from tests.helpers import (assert_layer_calls_equal_the_per_op_path, assert_quantized_close_and_skipping,
+                           assert_served_chat_is_the_engines, hf_greedy,
                            hf_model_of, prefill_logits, run_staggered, saved_checkpoint_engine)
 from tests.tiny_gguf import EXPERT_FFN, EXPERTS, LAYERS, USED, tiny_engine, write_tiny_gguf
 
@@ -48,6 +49,14 @@ def dense(gguf, cache_dir):
 
 
 @pytest.fixture(scope="module")
+def quantized(gguf, cache_dir):
+    engine = tiny_engine(gguf, cache_dir, "auto")
+    if not engine.runner.quantized:
+        pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
+    return engine
+
+
+@pytest.fixture(scope="module")
 def reference(dense):
     """transformers' model on the same file, and the prompts as token ids."""
     return hf_model_of(dense), [dense.tokenizer.encode(text) for text in TEXTS]
@@ -56,7 +65,8 @@ def reference(dense):
 def test_fp32_logits_and_greedy_text_equal_hf(dense, reference, layout):
     hf_model, prompts = reference
     model = dense.runner.model
-    assert type(model).__name__ == LAYOUTS[layout][0] and model.fused_decode is None  # the per-op path
+    assert type(model).__name__ == LAYOUTS[layout][0]
+    assert (model.fused_decode is not None) == (layout != "qwen2moe")  # decode steps in native layer calls
     renormalized = layout != "qwen2moe"  # Qwen2-MoE's weights are the softmax's, as chosen
     assert (model.cfg.num_experts, model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob) == (EXPERTS, USED, renormalized)
     assert model.cfg.moe_intermediate_size == EXPERT_FFN
@@ -89,14 +99,67 @@ def test_every_expert_is_routed_to_and_the_router_picks_as_transformers(dense, r
     assert set(ours.flatten().tolist()) == set(range(EXPERTS))
 
 
-def test_quantized_experts_come_within_rounding_of_fp32(gguf, cache_dir, dense, reference):
+def test_quantized_experts_come_within_rounding_of_fp32(quantized, dense, reference):
     prompts = reference[1]
-    quantized = tiny_engine(gguf, cache_dir, "auto")
-    if not quantized.runner.quantized:
-        pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
     layer = quantized.runner.model.layers[0]
     assert layer.experts[0][0].backend.startswith("quant-")
     assert_quantized_close_and_skipping(quantized, dense, prompts, GREEDY, LAYERS)
+
+
+@pytest.mark.parametrize("weights", ["float32", "quantized"])
+def test_native_layer_calls_equal_the_per_op_path(request, reference, layout, weights):
+    """Qwen3-MoE's and Mixtral's decode steps in native layer calls (decode_layers.cpp, the FFN
+    in routed_experts.cpp) against the per-op path (mix_experts): dense and skipping steps, on fp32
+    and on quantized weights. Not to the bit: the native code computes the routing's softmax itself,
+    and a layer's FFN differs from the per-op path's by an ulp or two (1.2e-7 and 2.4e-7 on outputs
+    of 1.5, measured), which these random layers grow to ~1.5e-4 in the logits."""
+    if layout == "qwen2moe":
+        pytest.skip("Qwen2-MoE's shared expert runs on the per-op path only")
+    engine = request.getfixturevalue("dense" if weights == "float32" else "quantized")
+    assert engine.runner.model.fused_decode is not None
+    assert_layer_calls_equal_the_per_op_path(engine, reference[1], skips=LAYERS - 2, tolerance=1e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_native_step_runs_only_the_chosen_experts_once_each(dense, reference, layout, rows):
+    """Every expert's down projection in the native step's expert tables swapped for one that records
+    its rows: per layer each row reaches its `USED` experts, each chosen expert runs once over all
+    its rows, and no other runs (at one row, USED of the EXPERTS a layer)."""
+    import ctypes
+
+    if layout == "qwen2moe":
+        pytest.skip("Qwen2-MoE's shared expert runs on the per-op path only")
+    runner, fused = dense.runner, dense.runner.model.fused_decode
+    tables = {t.data_ptr(): t for t in fused.part_tables}
+    experts = [tables[int(fused.table[i, -5])] for i in range(LAYERS)]  # each layer's [EXPERTS, 2 x 10]
+    signature = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 4, *[ctypes.c_int] * 4)  # the dense kernel's
+    calls, callbacks, saved = [], [], [t[:, 11].clone() for t in experts]
+    for layer, table in enumerate(experts):
+        assert table.shape == (EXPERTS, 20) and set(table[:, 10].tolist()) == {0}  # dense WeightRefs
+        for e in range(EXPERTS):
+            real = signature(int(table[e, 11]))
+
+            def call(*args, layer=layer, e=e, real=real):
+                calls.append((layer, e, args[4]))
+                return real(*args)
+
+            callbacks.append(signature(call))
+            table[e, 11] = ctypes.cast(callbacks[-1], ctypes.c_void_p).value
+    prompts = (reference[1] * rows)[:rows]
+    try:
+        with dense.kv_blocks([len(p) + 1 for p in prompts]) as block_tables:
+            runner.prefill([(p, table, 0) for p, table in zip(prompts, block_tables)])
+            calls.clear()  # the prefill's experts ran on the per-op path: none recorded
+            runner.decode([p[-1] for p in prompts], [len(p) for p in prompts], block_tables)
+    finally:
+        for table, kernels in zip(experts, saved):
+            table[:, 11] = kernels
+    for layer in range(LAYERS):
+        ran = [(e, n) for at, e, n in calls if at == layer]
+        assert len({e for e, _ in ran}) == len(ran)  # each chosen expert once
+        assert all(n > 0 for _, n in ran) and sum(n for _, n in ran) == rows * USED
+    if rows == 1:
+        assert len(calls) == LAYERS * USED < LAYERS * EXPERTS
 
 
 def test_served_over_http(dense, gguf, cache_dir, layout):

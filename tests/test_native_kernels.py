@@ -108,12 +108,13 @@ def test_capped_or_sunk_prefill_whole_and_in_chunks_matches_the_written_out_atte
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("out_features, in_features", [(48, 64), (16, 576), (960, 576), (32, 34), (48, 35)])
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (16, 576), (960, 576), (32, 34), (48, 35), (8, 64), (60, 96)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("backend", ["native", "onednn"])
 def test_linear_matches_torch(kernels, dtype, out_features, in_features, with_bias, backend):
     """Every row count the kernels tile differently (1-2 rows: single blocks; more: pairs of blocks
-    in tiles of 6 rows), an odd number of blocks, with and without bias; and the oneDNN backend
+    in tiles of 6 rows), an odd number of blocks, outputs that end inside a block (a router of 8 or 60
+    experts: zero rows pad the block), with and without bias; and the oneDNN backend
     used where the kernels are not available. fp32 against F.linear;
     bf16 against F.linear on the input rounded to bf16, summed in fp32."""
     from engine.backends.cpu.linear import Linear, onednn_packs

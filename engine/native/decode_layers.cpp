@@ -1,23 +1,26 @@
-// A decode step of Llama-family and Gemma layers in one native call (`decode_layers`): every
+// A decode step of Llama-family, Gemma, Qwen3-MoE and Mixtral layers in one native call (`decode_layers`): every
 // layer dense, or with FFN-SkipLLM's rule deciding per row and layer inside the call; or one call
 // per layer branch (attention, FFN) for gates whose rule lives in Python. The same kernels the
-// per-op path calls from Python, in the same order (so the same bits), minus ~25 Python and torch
-// dispatches per layer.
+// per-op path calls from Python, in the same order (so the same bits; a mixture's routing weights
+// excepted, see routed_experts.cpp), minus ~25 Python and torch dispatches per layer (a mixture's:
+// ~50 at batch 1).
 //
 // Per layer: h = x + attn_branch(x); x = h + ffn_branch(h), with
 //   attn_branch(x) = out_norm(o_proj(attn(rope(qk_norm(qkv(rms_norm(x)))))))
 //   ffn_branch(h) = out_norm(down(act(gate) * up)(rms_norm(h)))
 // where Llama has no q/k or output norms and SiLU, and Gemma 3 has all four norms per layer,
 // per-head q/k norms, GELU-tanh, and sliding-window layers with their own rotary table (Gemma 2:
-// Gemma 3's layer without the q/k norms, with its attention scores soft-capped, `softcap`).
+// Gemma 3's layer without the q/k norms, with its attention scores soft-capped, `softcap`). A
+// mixture's FFN branch is its routed experts' weighted sum (routed_experts.cpp) in place of
+// down(act(gate) * up).
 //
-// Each projection comes as a `WeightRef` that names its kernel by address: the Python side picks
-// it (a dense GEMM, or the quantized GEMM's build for this CPU's instruction set, which this file
-// cannot name: engine/native/build.py compiles that source once per instruction set).
+// Each projection comes as a `WeightRef` that names its kernel by address (weight_ref.h).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "weight_ref.h"
 
 extern "C" {
 void decode_attention_f32(const float* q, const float* k_new, const float* v_new, void* k_cache, void* v_cache,
@@ -29,37 +32,15 @@ void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int
 void gelu_tanh_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
 void rope_f32(float* x, const float* cos, const float* sin, int64_t tokens, int heads, int dim, int64_t token_stride,
               int64_t head_stride, int threads);
+void routed_experts_f32(const float* x, const int64_t* router, const int64_t* experts, int num_experts, int used,
+                        int renormalize, float* out, int rows, int hidden, int inter, int threads);
 }
 
 namespace {
 
-using DenseKernel = void (*)(const float* x, const void* w, const float* bias, float* y, int rows, int in, int out,
-                             int threads);
-using QuantKernel = int (*)(const float* x, const uint8_t* q, const void* scale, const void* offset,
-                            const int8_t* table, const float* bias, float* y, int rows, int in, int out, int bits,
-                            int group, int scale_bits, int threads);
-
-// One projection, ten int64 columns of the layer table (engine/backends/cpu/fused_decode.py
-// `weight_ref` writes them): y [rows, out] = x [rows, in] W^T + bias. PARTS: row blocks of
-// different layouts (a GGUF's q and k in Q4_K beside v in Q6_K), each its own projection whose
-// output columns follow the previous one's.
-struct WeightRef {
-    enum Kind : int64_t { DENSE = 0, QUANTIZED = 1, PARTS = 2 };
-    int64_t kind;
-    int64_t kernel;         // DENSE: linear_f32 / linear_bf16; QUANTIZED: quant_linear_<isa>
-    int64_t weight;         // DENSE: the blocked matrix; QUANTIZED: the integers q; PARTS: int64
-                            // [parts, 1 + 10], each part's output width, then its WeightRef
-    int64_t scale, offset;  // QUANTIZED: per-group scales and offsets (offset 0: none); PARTS: scale
-                            // is the number of parts
-    int64_t bias;           // fp32 [out], or 0
-    int64_t bits, group;    // QUANTIZED: the integers' width and the group size
-    int64_t scale_bits;     // QUANTIZED: 16 (fp16 scales and offsets) or 32 (fp32)
-    int64_t table;          // QUANTIZED: int8 [16] that 4-bit integers index (MXFP4, IQ4), or 0
-};
-static_assert(sizeof(WeightRef) == 10 * sizeof(int64_t), "WeightRef is ten table columns");
-
-// A row of the per-layer table: the layer's shape, pointers (0: the layer has none), then one
-// WeightRef per projection.
+// A row of the per-layer table: the layer's shape, pointers (0: the layer has none), one WeightRef
+// per projection, then a mixture's experts (num_experts 0: a dense FFN; else gate_up is the router
+// and down is unused).
 struct LayerRow {
     enum Activation : int64_t { SILU = 0, GELU_TANH = 1 };
     int64_t activation;
@@ -69,8 +50,10 @@ struct LayerRow {
     int64_t attn_norm, attn_out_norm, ffn_norm, ffn_out_norm, q_norm, k_norm;  // fp32 [hidden] / [head_dim]
     int64_t k_cache, v_cache;
     WeightRef qkv, o_proj, gate_up, down;
+    int64_t experts;  // int64 [num_experts, 2 x 10]: each expert's gate|up and down WeightRefs
+    int64_t num_experts, experts_per_token, renormalize, expert_inter;
 };
-static_assert(sizeof(LayerRow) == 52 * sizeof(int64_t), "fused_decode.py's table width");
+static_assert(sizeof(LayerRow) == 57 * sizeof(int64_t), "fused_decode.py's table width");
 
 // The step's rotary tables, [rows, rotary_dim] each: global, and local (sliding-window layers; the
 // global one again for models with one table).
@@ -78,34 +61,6 @@ struct Rope {
     const float* cos[2];
     const float* sin[2];
 };
-
-template <typename T>
-const T* ptr(int64_t address) { return reinterpret_cast<const T*>(address); }
-
-void linear(const WeightRef& w, const float* x, float* y, int rows, int in, int out, int threads) {
-    const float* bias = ptr<float>(w.bias);
-    if (w.kind == WeightRef::PARTS) {  // each part into its own buffer, then into its columns of y
-        const int64_t* parts = ptr<int64_t>(w.weight);
-        std::vector<float> part_out;
-        int64_t from = 0;
-        for (int64_t i = 0; i < w.scale; ++i) {
-            const int64_t* part = parts + i * (1 + sizeof(WeightRef) / sizeof(int64_t));
-            const int width = static_cast<int>(part[0]);
-            part_out.resize(static_cast<size_t>(rows) * width);
-            linear(*reinterpret_cast<const WeightRef*>(part + 1), x, part_out.data(), rows, in, width, threads);
-            for (int r = 0; r < rows; ++r)
-                std::memcpy(y + r * static_cast<int64_t>(out) + from, part_out.data() + static_cast<int64_t>(r) * width,
-                            sizeof(float) * width);
-            from += width;
-        }
-    } else if (w.kind == WeightRef::DENSE) {
-        reinterpret_cast<DenseKernel>(w.kernel)(x, ptr<void>(w.weight), bias, y, rows, in, out, threads);
-    } else {  // every QuantWeight layout (engine/quant/weight.py) is one the kernel takes
-        reinterpret_cast<QuantKernel>(w.kernel)(x, ptr<uint8_t>(w.weight), ptr<void>(w.scale), ptr<void>(w.offset),
-                                                ptr<int8_t>(w.table), bias, y, rows, in, out, static_cast<int>(w.bits),
-                                                static_cast<int>(w.group), static_cast<int>(w.scale_bits), threads);
-    }
-}
 
 // Rows of `width` columns starting at column `from` of a [rows, stride] matrix -> contiguous dst.
 void copy_columns(const float* src, int rows, int64_t stride, int from, int width, float* dst) {
@@ -174,6 +129,14 @@ void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const
 void ffn_branch(const float* h, const LayerRow& p, DecodeScratch& s, float* out, int rows, int hidden, int inter,
                 float eps, int threads) {
     rms_norm_f32(h, ptr<float>(p.ffn_norm), s.normed.data(), rows, hidden, eps, threads);
+    if (p.num_experts > 0) {
+        routed_experts_f32(s.normed.data(), reinterpret_cast<const int64_t*>(&p.gate_up), ptr<int64_t>(p.experts),
+                           static_cast<int>(p.num_experts), static_cast<int>(p.experts_per_token),
+                           static_cast<int>(p.renormalize), out, rows, hidden, static_cast<int>(p.expert_inter),
+                           threads);
+        norm_in_place(out, p.ffn_out_norm, rows, hidden, eps, threads);
+        return;
+    }
     linear(p.gate_up, s.normed.data(), s.gate_up.data(), rows, hidden, 2 * inter, threads);
     if (p.activation == LayerRow::GELU_TANH) {
         gelu_tanh_mul_f32(s.gate_up.data(), s.act.data(), rows, inter, threads);
@@ -223,7 +186,7 @@ double residual_cosine(const float* h, const float* delta, int n) {
 }  // namespace
 
 // Every layer of a decode step. x [rows, hidden] fp32, the residual stream, updated in place;
-// layer_rows [layers, 52] (LayerRow); cos, sin [rows, rotary_dim] and the local table's (the global
+// layer_rows [layers, 57] (LayerRow); cos, sin [rows, rotary_dim] and the local table's (the global
 // one again where the model has one); block_tables [rows, max_blocks],
 // lengths [rows], softcap (0: none) and cache_bits as in decode_attention_f32.
 // With max_skips null every FFN runs (skipped may be null too). Otherwise FFN-SkipLLM's rule

@@ -71,22 +71,31 @@ _LINEAR = {torch.float32: "linear_f32", torch.bfloat16: "linear_bf16"}
 
 def linear_supported(weight: torch.Tensor) -> bool:
     """Only where the kernels are vectorized for this CPU (AVX-512 or AVX2 + FMA): elsewhere
-    oneDNN is the faster choice."""
+    oneDNN is the faster choice. Any number of outputs (`block_weight` pads them to whole blocks)."""
     lib = kernels()
-    if lib is None or weight.device.type != "cpu" or weight.shape[0] % BLOCK:
+    if lib is None or weight.device.type != "cpu":
         return False
     if weight.dtype == torch.float32:
         return bool(lib.linear_f32_vectorized())
     return weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and bool(lib.linear_bf16_vectorized())
 
 
+def padded_outputs(out: int) -> int:
+    """Outputs rounded up to whole blocks: the width the kernels compute and a blocked weight holds."""
+    return -(-out // BLOCK) * BLOCK
+
+
 def block_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> fp32: [out / 16, in, 16]; bf16: [out / 16, in / 2, 16, 2] (the layouts the kernels
-    stream, see engine/native/linear*.cpp)."""
+    """[out, in] -> fp32: [blocks, in, 16]; bf16: [blocks, in / 2, 16, 2] (the layouts the kernels
+    stream, see engine/native/linear*.cpp); outputs past `out` in the last block are zero rows (a
+    mixture's router of 8 or 60 experts)."""
     out, inp = weight.shape
+    if padded_outputs(out) != out:
+        weight = torch.cat([weight, weight.new_zeros(padded_outputs(out) - out, inp)])
+    blocks = weight.shape[0] // BLOCK
     if weight.dtype == torch.bfloat16:
-        return weight.view(out // BLOCK, BLOCK, inp // 2, 2).transpose(1, 2).contiguous()
-    return weight.view(out // BLOCK, BLOCK, inp).transpose(1, 2).contiguous()
+        return weight.view(blocks, BLOCK, inp // 2, 2).transpose(1, 2).contiguous()
+    return weight.view(blocks, BLOCK, inp).transpose(1, 2).contiguous()
 
 
 def linear_kernel(dtype: torch.dtype):
@@ -94,19 +103,20 @@ def linear_kernel(dtype: torch.dtype):
     return getattr(kernels(), _LINEAR[dtype])
 
 
-def linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, kernel) -> torch.Tensor:
-    """x: [rows, in] fp32; blocked: from `block_weight`; bias: [out] fp32 or None; kernel: from
-    `linear_kernel` -> [rows, out] fp32."""
+def linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, kernel, out: int | None = None) -> torch.Tensor:
+    """x: [rows, in] fp32; blocked: from `block_weight`; bias: fp32 [the blocks' outputs] or None;
+    kernel: from `linear_kernel`; out: the outputs wanted, the first of the blocks' (default: all)
+    -> [rows, out] fp32."""
     x = x.contiguous()
     rows, inp = x.shape
-    out = blocked.shape[0] * BLOCK
-    if inp != blocked.shape[1] * (2 if blocked.dim() == 4 else 1) or bias is not None and bias.numel() != out:
+    width = blocked.shape[0] * BLOCK
+    if inp != blocked.shape[1] * (2 if blocked.dim() == 4 else 1) or bias is not None and bias.numel() != width:
         raise ValueError(f"linear: input of width {inp} or bias of {bias.numel() if bias is not None else 0} "
                          f"for a weight of shape {tuple(blocked.shape)}")
-    y = torch.empty(rows, out, dtype=torch.float32)
+    y = torch.empty(rows, width, dtype=torch.float32)
     kernel(x.data_ptr(), blocked.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-           rows, inp, out, torch.get_num_threads())
-    return y
+           rows, inp, width, torch.get_num_threads())
+    return y if out in (None, width) else y[:, :out].contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """Decode steps on native layer calls (engine/native/decode_layers.cpp), for Llama-family, Qwen3,
-Gemma 2 and Gemma 3 layers.
+Gemma 2, Gemma 3, Qwen3-MoE and Mixtral layers (a mixture's FFN: engine/native/routed_experts.cpp).
 
 For models whose layers are of a kind the native step knows (`LAYER_KINDS`) with every projection
 on native kernels (the dense GEMMs or the quantized GEMM; one layer's projections may mix them, and
-one projection's row blocks too, as a GGUF's q and k in Q4_K beside v in Q6_K): a dense decode step in
+one projection's row blocks too, as a GGUF's q and k in Q4_K beside v in Q6_K; a mixture's router and
+every expert): a dense decode step in
 one call (`layers_step`), and a skipping step in one call too when the gate's rule is
 FFN-SkipLLM's per-row rule, given as data (engine/skip/base.py's RuleGate); otherwise per layer
 the attention branch (decode) and the FFN branch (any rows) for the skip gate to choose between.
-Same kernels as the per-op path, so the same bits. Built once per model and KV cache (the layer
-table holds their addresses).
+Same kernels as the per-op path, so the same bits (a mixture's routing weights excepted: the
+softmax is the native code's own, see routed_experts.cpp). Built once per model and KV cache (the
+layer table holds their addresses).
 """
 from __future__ import annotations
 
@@ -25,12 +27,20 @@ from engine.skip.base import RuleGate
 
 DENSE, QUANTIZED, PARTS = 0, 1, 2  # decode_layers.cpp's WeightRef kinds
 LAYER_COLUMNS = 12  # a LayerRow's columns before its WeightRefs
+REF_COLUMNS = 10  # a WeightRef's
+ROUTED_COLUMNS = 5  # a LayerRow's after its WeightRefs: experts, num_experts, experts_per_token, renormalize, expert_inter
 SILU, GELU_TANH = 0, 1  # its LayerRow activations
+LLAMA_NORMS = ("input_norm", None, "post_attn_norm", None, None, None)
+QWEN3_NORMS = ("input_norm", None, "post_attn_norm", None, "q_norm", "k_norm")
 # per layer kind: the activation, and the layer's norms by their role in a LayerRow (attention
-# input, attention output, FFN input, FFN output, per-head q and k); None: the kind has no such norm
+# input, attention output, FFN input, FFN output, per-head q and k); None: the kind has no such norm.
+# Mixtral's and Qwen3-MoE's are softmax-routed SwiGLU experts (engine/models/moe.py) after Mistral's
+# and Qwen3's attention.
 LAYER_KINDS = {
-    "llama": (SILU, ("input_norm", None, "post_attn_norm", None, None, None)),
-    "qwen3": (SILU, ("input_norm", None, "post_attn_norm", None, "q_norm", "k_norm")),
+    "llama": (SILU, LLAMA_NORMS),
+    "qwen3": (SILU, QWEN3_NORMS),
+    "mixtral": (SILU, LLAMA_NORMS),
+    "qwen3_moe": (SILU, QWEN3_NORMS),
     "gemma3": (GELU_TANH, ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "q_norm", "k_norm")),
     "gemma2": (GELU_TANH, ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", None, None)),
 }
@@ -42,13 +52,22 @@ def _address(t: torch.Tensor | None) -> int:
 
 def layer_row(layer, k_cache: torch.Tensor, v_cache: torch.Tensor, keep: list) -> list[int]:
     """decode_layers.cpp's LayerRow of a layer: activation, window, rotary table and width, the six norms,
-    the caches, then the projections' WeightRefs (`keep` holds the tables they point to)."""
+    the caches, then the projections' WeightRefs and a mixture's experts (`keep` holds the tables they
+    point to)."""
     activation, norms = LAYER_KINDS[layer.kind]
     head = ([activation, layer.window or 0, int(layer.rope_kind == "local"), layer.cfg.rotary_dim]
             + [_address(getattr(layer, name) if name else None) for name in norms]
             + [k_cache.data_ptr(), v_cache.data_ptr()])
     assert len(head) == LAYER_COLUMNS
-    return head + [v for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) for v in weight_ref(lin, keep)]
+    attention = [v for lin in (layer.qkv, layer.o_proj) for v in weight_ref(lin, keep)]
+    if not hasattr(layer, "experts"):
+        return head + attention + weight_ref(layer.gate_up, keep) + weight_ref(layer.down, keep) + [0] * ROUTED_COLUMNS
+    experts = torch.tensor([weight_ref(gate_up, keep) + weight_ref(down, keep) for gate_up, down in layer.experts],
+                           dtype=torch.int64)
+    keep.append(experts)
+    routed = [experts.data_ptr(), len(layer.experts), layer.cfg.num_experts_per_tok, int(layer.cfg.norm_topk_prob),
+              layer.experts[0][1].in_features]
+    return head + attention + weight_ref(layer.router, keep) + [0] * REF_COLUMNS + routed
 
 
 def weight_ref(linear, keep: list | None = None) -> list[int] | None:
@@ -91,9 +110,9 @@ class FusedDecode:
         """Layers of the kinds the native step knows, one attention scale and cap, fp32 activations, a cache
         the native attention reads (fp32, or fp16 where built), every projection on a native kernel."""
         layers = model.layers
-        if not all(layer.kind in LAYER_KINDS for layer in layers):  # (a mixture of experts has no gate_up)
+        if not all(layer.kind in LAYER_KINDS for layer in layers):
             return False
-        linears = [lin for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        linears = [lin for layer in layers for lin in (layer.qkv, layer.o_proj, *model.ffn_linears(layer))]
         return (model.act_dtype == torch.float32 and kv.k.dtype in cache_dtypes()
                 and len({(layer.scale, layer.softcap) for layer in layers}) == 1
                 and all(weight_ref(lin) is not None for lin in linears))

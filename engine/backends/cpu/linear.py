@@ -46,8 +46,10 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.backend = backend or pick_backend(weight)
-        if self.backend == "native":
-            self.bias = None if bias is None else bias.float().contiguous()
+        if self.backend == "native":  # outputs padded to whole blocks, the padding's bias 0
+            width = native_ops.padded_outputs(self.out_features)
+            self.bias = None if bias is None else torch.cat([bias.float(), bias.new_zeros(width - self.out_features,
+                                                                                          dtype=torch.float32)])
             self.weight = native_ops.block_weight(weight)
             self.kernel = native_ops.linear_kernel(weight.dtype)
         elif self.backend == "onednn":
@@ -60,7 +62,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
-            return native_ops.linear(x.float(), self.weight, self.bias, self.kernel).to(x.dtype)
+            return native_ops.linear(x.float(), self.weight, self.bias, self.kernel, self.out_features).to(x.dtype)
         if x.dtype != self.dtype:
             return self._matmul(x.to(self.dtype)).to(x.dtype)
         return self._matmul(x)

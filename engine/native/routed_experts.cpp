@@ -1,0 +1,114 @@
+// A mixture-of-experts layer's FFN over a decode step's rows, in one native call (decode_layers.cpp
+// runs it as such a layer's FFN branch): the router, each row's `used` experts ranked highest by
+// the softmax of its logits (weights renormalized over them where `renormalize`: Qwen3-MoE's
+// norm_topk_prob, Mixtral), then the experts one after another in ascending order, each over the
+// rows routed to it: out[row] += weight * down(silu(gate) * up)(x[row]).
+//
+// What engine/models/moe.py's SoftmaxRoutedExperts and mix_experts do on the per-op path, with the
+// same kernels on the same rows in the same order, so a row's sum gets the same products in the
+// same order. One thing differs: the softmax is computed here (in double, rounded to fp32), and
+// torch's rounds otherwise, so a routing weight can differ from the per-op path's in its last bits,
+// and the layer's output by the rounding that follows. The experts chosen are the same: ranked on
+// the logits (the softmax keeps their order), ties to the lower index.
+//
+// A row's result does not depend on the other rows: its experts' kernels are batch invariant
+// (quant_linear.cpp, linear.cpp), and a row routed alone to an expert gets the products it gets
+// among others.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "weight_ref.h"
+
+extern "C" void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int inter, int threads);
+
+namespace {
+
+struct Route {
+    int row;
+    float weight;
+};
+
+// A logit as the ranking sees it: NaN (a model that overflowed) below every number, so that the
+// order is strict; the NaN still reaches the row's output through the softmax, and its request
+// fails where its logits are sampled.
+inline float rank_key(float v) { return std::isnan(v) ? -INFINITY : v; }
+
+// Each row's choices, filed by expert: by_expert[e] holds the rows routed to e (ascending) and
+// their weights.
+void route(const float* logits, int rows, int num_experts, int used, bool renormalize,
+           std::vector<std::vector<Route>>& by_expert) {
+    std::vector<int> order(num_experts);
+    std::vector<double> weights(used);
+    for (int r = 0; r < rows; ++r) {
+        const float* l = logits + static_cast<int64_t>(r) * num_experts;
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + used, order.end(), [l](int a, int b) {
+            const float ka = rank_key(l[a]), kb = rank_key(l[b]);
+            return ka > kb || (ka == kb && a < b);
+        });
+        const double top = l[order[0]];
+        double total = 0.0;
+        for (int e = 0; e < num_experts; ++e) total += std::exp(static_cast<double>(l[e]) - top);
+        double chosen = 0.0;
+        for (int i = 0; i < used; ++i) chosen += weights[i] = std::exp(static_cast<double>(l[order[i]]) - top) / total;
+        for (int i = 0; i < used; ++i)
+            by_expert[order[i]].push_back({r, static_cast<float>(renormalize ? weights[i] / chosen : weights[i])});
+    }
+}
+
+}  // namespace
+
+// x [rows, hidden] fp32 (the FFN's normed input); router: a WeightRef (weight_ref.h) for
+// [num_experts, hidden]; experts: int64 [num_experts, 2 x 10], each expert's gate|up ([2 x inter,
+// hidden]) and down ([hidden, inter]) WeightRefs; out [rows, hidden] is overwritten.
+extern "C" void routed_experts_f32(const float* x, const int64_t* router, const int64_t* experts, int num_experts,
+                                   int used, int renormalize, float* out, int rows, int hidden, int inter,
+                                   int threads) {
+    thread_local std::vector<float> logits, gathered, gate_up, act, y;
+    thread_local std::vector<std::vector<Route>> by_expert;
+    logits.resize(static_cast<size_t>(rows) * num_experts);
+    linear(*reinterpret_cast<const WeightRef*>(router), x, logits.data(), rows, hidden, num_experts, threads);
+    by_expert.resize(num_experts);
+    for (auto& routes : by_expert) routes.clear();
+    route(logits.data(), rows, num_experts, used, renormalize != 0, by_expert);
+
+    const int64_t width = hidden;
+    gathered.resize(static_cast<size_t>(rows) * width);
+    gate_up.resize(static_cast<size_t>(rows) * 2 * inter);
+    act.resize(static_cast<size_t>(rows) * inter);
+    y.resize(static_cast<size_t>(rows) * width);
+    std::memset(out, 0, sizeof(float) * rows * width);
+    const WeightRef* refs = reinterpret_cast<const WeightRef*>(experts);
+    for (int e = 0; e < num_experts; ++e) {
+        const std::vector<Route>& routes = by_expert[e];
+        const int n = static_cast<int>(routes.size());
+        if (n == 0) continue;  // no row chose it: none of its weights is read
+        const float* in = x;
+        if (n < rows) {  // (n == rows: every row, in order, as each row picks an expert once)
+            for (int i = 0; i < n; ++i)
+                std::memcpy(gathered.data() + i * width, x + routes[i].row * width, sizeof(float) * width);
+            in = gathered.data();
+        }
+        linear(refs[2 * e], in, gate_up.data(), n, hidden, 2 * inter, threads);
+        silu_mul_f32(gate_up.data(), act.data(), n, inter, threads);
+        linear(refs[2 * e + 1], act.data(), y.data(), n, inter, hidden, threads);
+        // weighed, then added: two roundings, as the per-op path's `out += expert(x) * weight` (in
+        // two loops, so that the compiler cannot fuse them into one multiply-add)
+        for (int i = 0; i < n; ++i) {
+            float* yi = y.data() + i * width;
+            const float w = routes[i].weight;
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) yi[j] *= w;
+        }
+        for (int i = 0; i < n; ++i) {
+            float* o = out + routes[i].row * width;
+            const float* yi = y.data() + i * width;
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) o[j] += yi[j];
+        }
+    }
+}
