@@ -133,7 +133,8 @@ def main():
     print(f"command: {' '.join(sys.argv)}")
     print(f"Qwen3-30B-A3B shapes, {args.layers} of 48 layers, Q4_0; formats {model.weight_formats()}; engine "
           f"loaded in {load_s:.1f} s; threads {torch.get_num_threads()}; prompt {len(prompt)} tokens, "
-          f"{args.new_tokens} new tokens (decode tok/s: prefill excluded), {args.rounds} rounds alternating, medians; forced skip: budget "
+          f"{args.new_tokens} new tokens (decode tok/s: prefill excluded), {args.rounds} rounds alternating, "
+          f"medians; forced skip: budget "
           f"{args.skip_budget} with {args.cold} cold layers at each end")
     print(f"weights read per token {total / 1e6:.0f} MB (FFN: router + {USED} of {EXPERTS} experts "
           f"{per_token['ffn'] / 1e6:.0f}, attention {per_token['attention'] / 1e6:.0f}, lm_head "

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from tests.helpers import (assert_quantized_close_and_skipping, assert_served_chat_is_the_engines, hf_greedy,
-                           prefill_logits, run_staggered, saved_checkpoint_engine)
+from tests.helpers import (assert_layer_calls_equal_the_per_op_path, assert_quantized_close_and_skipping,
+                           assert_served_chat_is_the_engines, hf_greedy, prefill_logits, run_staggered,
+                           saved_checkpoint_engine)
 from tests.tiny_gguf import EXPERTS, GPT_OSS_WINDOW, LAYERS, USED, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -35,6 +36,14 @@ def gguf(cache_dir):
 @pytest.fixture(scope="module")
 def dense(gguf, cache_dir):
     return tiny_engine(gguf, cache_dir, "float32")
+
+
+@pytest.fixture(scope="module")
+def quantized(gguf, cache_dir):
+    engine = tiny_engine(gguf, cache_dir, "auto")
+    if not engine.runner.quantized:
+        pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
+    return engine
 
 
 def transformers_state(gguf) -> dict:
@@ -88,7 +97,7 @@ def test_the_config_reads_what_transformers_misreads(dense):
 
 def test_fp32_logits_and_greedy_text_equal_hf(dense, reference):
     hf_model, prompts = reference
-    assert dense.runner.model.fused_decode is None  # the per-op path
+    assert dense.runner.model.fused_decode is not None  # decode steps in native layer calls
     assert len(prompts[0]) > 2 * GPT_OSS_WINDOW
     for prompt in prompts:
         with torch.inference_mode():
@@ -116,15 +125,54 @@ def test_sinks_take_their_share_of_each_softmax(dense, reference):
     assert (without - prefill_logits(dense, prompts[1])).abs().max().item() > 0.1
 
 
-def test_mxfp4_experts_on_the_quantized_kernels_come_within_rounding_of_fp32(gguf, cache_dir, dense, reference):
+def test_mxfp4_experts_on_the_quantized_kernels_come_within_rounding_of_fp32(quantized, dense, reference):
     prompts = reference[1]
-    quantized = tiny_engine(gguf, cache_dir, "auto")
-    if not quantized.runner.quantized:
-        pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
     gate_up = quantized.runner.model.layers[0].experts[0][0]
     assert gate_up.backend.startswith("quant-") and gate_up.format == "MXFP4"
     assert gate_up.weight.bits == 4 and gate_up.weight.table is not None  # its nibbles kept: 4 bits a weight
     assert_quantized_close_and_skipping(quantized, dense, prompts, GREEDY, LAYERS)
+
+
+@pytest.mark.parametrize("weights", ["float32", "quantized"])
+def test_native_layer_calls_equal_the_per_op_path(request, reference, weights):
+    """gpt-oss's decode steps in native layer calls (decode_layers.cpp: the biases in the projections'
+    descriptors, the sinks passed to the native decode attention, the windowed even layers; the FFN in
+    routed_experts.cpp: softmax over the chosen logits, the experts' biases, the clamped SwiGLU)
+    against the per-op path, dense and skipping, on fp32 and MXFP4 weights. Within rounding (the
+    native code computes the routing softmax and the SwiGLU's sigmoid itself)."""
+    engine = request.getfixturevalue("dense" if weights == "float32" else "quantized")
+    prompts = reference[1]
+    assert engine.runner.model.fused_decode is not None and len(prompts[0]) > 2 * GPT_OSS_WINDOW
+    assert_layer_calls_equal_the_per_op_path(engine, prompts, skips=LAYERS - 2, tolerance=1e-3)
+
+
+def test_the_native_ffn_clamps_as_the_per_op_path(dense):
+    """With a SwiGLU limit low enough to bind (the file's 7 does not on these random weights), each
+    layer's FFN branch in native code (routed_experts.cpp) gives the per-op path's `ffn`, and
+    differs from the unclamped one's: the clamp is applied, on gate and on up."""
+    from engine.backends.cpu.fused_decode import LAYER_COLUMNS, REF_COLUMNS, TAIL_COLUMNS
+
+    model = dense.runner.model
+    fused, cfg = model.fused_decode, model.cfg
+    tables = {t.data_ptr(): t for t in fused.part_tables}
+    at = LAYER_COLUMNS + 4 * REF_COLUMNS + TAIL_COLUMNS.index("swiglu")
+    params = {tables[int(fused.table[i, at])].data_ptr(): tables[int(fused.table[i, at])] for i in range(LAYERS)}
+    h = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    unclamped = [layer.ffn(h) for layer in model.layers]
+    saved = cfg.swiglu_limit
+    try:
+        for limit in (0.05, 0.2):
+            cfg.swiglu_limit = limit  # the per-op path reads it at each call, the native table holds a copy
+            for p in params.values():
+                p[0] = limit
+            for i, layer in enumerate(model.layers):
+                ours, theirs = fused.ffn_branch(i, h), layer.ffn(h)
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+                assert (theirs - unclamped[i]).abs().max().item() > 1e-3
+    finally:
+        cfg.swiglu_limit = saved
+        for p in params.values():
+            p[0] = saved
 
 
 def test_served_over_http(dense, gguf, cache_dir):

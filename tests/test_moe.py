@@ -127,11 +127,13 @@ def test_a_native_step_runs_only_the_chosen_experts_once_each(dense, reference, 
     its rows, and no other runs (at one row, USED of the EXPERTS a layer)."""
     import ctypes
 
+    from engine.backends.cpu.fused_decode import EXPERTS_COLUMN
+
     if layout == "qwen2moe":
         pytest.skip("Qwen2-MoE's shared expert runs on the per-op path only")
     runner, fused = dense.runner, dense.runner.model.fused_decode
     tables = {t.data_ptr(): t for t in fused.part_tables}
-    experts = [tables[int(fused.table[i, -5])] for i in range(LAYERS)]  # each layer's [EXPERTS, 2 x 10]
+    experts = [tables[int(fused.table[i, EXPERTS_COLUMN])] for i in range(LAYERS)]  # each layer's [EXPERTS, 2 x 10]
     signature = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 4, *[ctypes.c_int] * 4)  # the dense kernel's
     calls, callbacks, saved = [], [], [t[:, 11].clone() for t in experts]
     for layer, table in enumerate(experts):

@@ -23,6 +23,7 @@ from engine.models.moe import MixtureModel, expert_linears, mix_experts
 class GptOssLayer(LlamaLayer):
     kind = "gpt_oss"
     activation = "swiglu_clamped"  # the experts' (`expert` below), as the CUDA decode step's kernels name it
+    renormalized = True  # `route`'s softmax over the chosen logits: their shares of one over all, renormalized
 
     def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, device, dtype, act_dtype, index: int, ops):
         super().__init__(cfg, weights, prefix, device, dtype, act_dtype, index, ops)

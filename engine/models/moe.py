@@ -84,6 +84,11 @@ class SoftmaxRoutedExperts:
         weights, chosen = self.route(self.router(x))
         return mix_experts(x, chosen, weights.to(x.dtype), self.expert)
 
+    @property
+    def renormalized(self) -> bool:
+        """Whether the chosen experts' weights are renormalized to sum to 1 (`route`)."""
+        return self.cfg.norm_topk_prob
+
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's logits [N, experts] -> (weights [N, k] fp32, chosen [N, k] expert indices)."""
         weights, chosen = torch.softmax(logits.float(), dim=-1).topk(self.cfg.num_experts_per_tok, dim=-1)

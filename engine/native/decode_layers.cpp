@@ -1,9 +1,9 @@
-// A decode step of Llama-family, Gemma, Qwen3-MoE and Mixtral layers in one native call (`decode_layers`): every
-// layer dense, or with FFN-SkipLLM's rule deciding per row and layer inside the call; or one call
-// per layer branch (attention, FFN) for gates whose rule lives in Python. The same kernels the
-// per-op path calls from Python, in the same order (so the same bits; a mixture's routing weights
-// excepted, see routed_experts.cpp), minus ~25 Python and torch dispatches per layer (a mixture's:
-// ~50 at batch 1).
+// A decode step of Llama-family, Gemma, Qwen3-MoE, Mixtral and gpt-oss layers in one native call
+// (`decode_layers`): every layer dense, or with FFN-SkipLLM's rule deciding per row and layer
+// inside the call; or one call per layer branch (attention, FFN) for gates whose rule lives in
+// Python. The same kernels the per-op path calls from Python, in the same order (so the same bits;
+// a mixture's routing weights and gpt-oss's clamped SwiGLU excepted, see routed_experts.cpp),
+// minus ~25 Python and torch dispatches per layer (a mixture's: ~50 at batch 1).
 //
 // Per layer: h = x + attn_branch(x); x = h + ffn_branch(h), with
 //   attn_branch(x) = out_norm(o_proj(attn(rope(qk_norm(qkv(rms_norm(x)))))))
@@ -12,7 +12,8 @@
 // per-head q/k norms, GELU-tanh, and sliding-window layers with their own rotary table (Gemma 2:
 // Gemma 3's layer without the q/k norms, with its attention scores soft-capped, `softcap`). A
 // mixture's FFN branch is its routed experts' weighted sum (routed_experts.cpp) in place of
-// down(act(gate) * up).
+// down(act(gate) * up); gpt-oss's attention has biases (in its projections' WeightRefs) and a sink
+// per head.
 //
 // Each projection comes as a `WeightRef` that names its kernel by address (weight_ref.h).
 #include <cmath>
@@ -33,14 +34,14 @@ void gelu_tanh_mul_f32(const float* gate_up, float* out, int64_t rows, int inter
 void rope_f32(float* x, const float* cos, const float* sin, int64_t tokens, int heads, int dim, int64_t token_stride,
               int64_t head_stride, int threads);
 void routed_experts_f32(const float* x, const int64_t* router, const int64_t* experts, int num_experts, int used,
-                        int renormalize, float* out, int rows, int hidden, int inter, int threads);
+                        int renormalize, const float* swiglu, float* out, int rows, int hidden, int inter, int threads);
 }
 
 namespace {
 
 // A row of the per-layer table: the layer's shape, pointers (0: the layer has none), one WeightRef
-// per projection, then a mixture's experts (num_experts 0: a dense FFN; else gate_up is the router
-// and down is unused).
+// per projection, then the attention's sinks and a mixture's experts (num_experts 0: a dense FFN;
+// else gate_up is the router and down is unused; renormalize and swiglu as routed_experts_f32 takes them).
 struct LayerRow {
     enum Activation : int64_t { SILU = 0, GELU_TANH = 1 };
     int64_t activation;
@@ -50,10 +51,12 @@ struct LayerRow {
     int64_t attn_norm, attn_out_norm, ffn_norm, ffn_out_norm, q_norm, k_norm;  // fp32 [hidden] / [head_dim]
     int64_t k_cache, v_cache;
     WeightRef qkv, o_proj, gate_up, down;
+    int64_t sinks;    // fp32 [heads]: a logit per head in each query's softmax, with no value (gpt-oss)
     int64_t experts;  // int64 [num_experts, 2 x 10]: each expert's gate|up and down WeightRefs
     int64_t num_experts, experts_per_token, renormalize, expert_inter;
+    int64_t swiglu;   // fp32 [2]: the experts' clamped SwiGLU's limit and alpha (gpt-oss); 0: SiLU
 };
-static_assert(sizeof(LayerRow) == 57 * sizeof(int64_t), "fused_decode.py's table width");
+static_assert(sizeof(LayerRow) == 59 * sizeof(int64_t), "fused_decode.py's table width");
 
 // The step's rotary tables, [rows, rotary_dim] each: global, and local (sliding-window layers; the
 // global one again for models with one table).
@@ -119,8 +122,8 @@ void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const
     copy_columns(s.qkv.data(), rows, qkv_width, q_width + kv_width, kv_width, s.v.data());
     decode_attention_f32(s.q.data(), s.k.data(), s.v.data(), reinterpret_cast<void*>(p.k_cache),
                          reinterpret_cast<void*>(p.v_cache), block_tables, lengths, s.attn.data(), rows, heads,
-                         kv_heads, head_dim, block_size, max_blocks, static_cast<int>(p.window), scale, softcap, nullptr,
-                         cache_bits, threads);
+                         kv_heads, head_dim, block_size, max_blocks, static_cast<int>(p.window), scale, softcap,
+                         ptr<float>(p.sinks), cache_bits, threads);
     linear(p.o_proj, s.attn.data(), out, rows, q_width, hidden, threads);
     norm_in_place(out, p.attn_out_norm, rows, hidden, eps, threads);
 }
@@ -132,8 +135,8 @@ void ffn_branch(const float* h, const LayerRow& p, DecodeScratch& s, float* out,
     if (p.num_experts > 0) {
         routed_experts_f32(s.normed.data(), reinterpret_cast<const int64_t*>(&p.gate_up), ptr<int64_t>(p.experts),
                            static_cast<int>(p.num_experts), static_cast<int>(p.experts_per_token),
-                           static_cast<int>(p.renormalize), out, rows, hidden, static_cast<int>(p.expert_inter),
-                           threads);
+                           static_cast<int>(p.renormalize), ptr<float>(p.swiglu), out, rows, hidden,
+                           static_cast<int>(p.expert_inter), threads);
         norm_in_place(out, p.ffn_out_norm, rows, hidden, eps, threads);
         return;
     }
@@ -186,7 +189,7 @@ double residual_cosine(const float* h, const float* delta, int n) {
 }  // namespace
 
 // Every layer of a decode step. x [rows, hidden] fp32, the residual stream, updated in place;
-// layer_rows [layers, 57] (LayerRow); cos, sin [rows, rotary_dim] and the local table's (the global
+// layer_rows [layers, 59] (LayerRow); cos, sin [rows, rotary_dim] and the local table's (the global
 // one again where the model has one); block_tables [rows, max_blocks],
 // lengths [rows], softcap (0: none) and cache_bits as in decode_attention_f32.
 // With max_skips null every FFN runs (skipped may be null too). Otherwise FFN-SkipLLM's rule

@@ -103,7 +103,8 @@ def linear_kernel(dtype: torch.dtype):
     return getattr(kernels(), _LINEAR[dtype])
 
 
-def linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, kernel, out: int | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, kernel,
+           out: int | None = None) -> torch.Tensor:
     """x: [rows, in] fp32; blocked: from `block_weight`; bias: fp32 [the blocks' outputs] or None;
     kernel: from `linear_kernel`; out: the outputs wanted, the first of the blocks' (default: all)
     -> [rows, out] fp32."""

@@ -1,15 +1,22 @@
 // A mixture-of-experts layer's FFN over a decode step's rows, in one native call (decode_layers.cpp
-// runs it as such a layer's FFN branch): the router, each row's `used` experts ranked highest by
-// the softmax of its logits (weights renormalized over them where `renormalize`: Qwen3-MoE's
-// norm_topk_prob, Mixtral), then the experts one after another in ascending order, each over the
-// rows routed to it: out[row] += weight * down(silu(gate) * up)(x[row]).
+// runs it as such a layer's FFN branch): the router, each row's `used` experts with the highest
+// logits, weighed by one of the routing rules below, then the experts one after another in
+// ascending order, each over the rows routed to it: out[row] += weight * down(act(gate, up))(x[row]).
 //
-// What engine/models/moe.py's SoftmaxRoutedExperts and mix_experts do on the per-op path, with the
-// same kernels on the same rows in the same order, so a row's sum gets the same products in the
-// same order. One thing differs: the softmax is computed here (in double, rounded to fp32), and
-// torch's rounds otherwise, so a routing weight can differ from the per-op path's in its last bits,
-// and the layer's output by the rounding that follows. The experts chosen are the same: ranked on
-// the logits (the softmax keeps their order), ties to the lower index.
+// The weights (`renormalize` 0): the chosen experts' shares of the softmax over all logits; or (1)
+// the softmax over the chosen logits alone, which is those shares divided by their sum: what
+// Qwen3-MoE (norm_topk_prob) and Mixtral compute, and what gpt-oss computes as a softmax of the
+// chosen.
+// Activations: SiLU(gate) * up (swiglu null), or gpt-oss's clamped SwiGLU (swiglu: limit, alpha):
+//   g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha * g).
+//
+// What engine/models/moe.py's SoftmaxRoutedExperts (and gpt_oss.py's layer) with mix_experts do on
+// the per-op path, with the same kernels on the same rows in the same order, so a row's sum gets
+// its products in the same order. Two things are computed here rather than by torch: the softmax
+// (in double, rounded to fp32) and the clamped SwiGLU's sigmoid, so a routing weight or an
+// activation can differ from the per-op path's in its last bits, and the layer's output by the
+// rounding that follows. The experts chosen are the same: ranked on the logits (the softmax keeps
+// their order), ties to the lower index.
 //
 // A row's result does not depend on the other rows: its experts' kernels are batch invariant
 // (quant_linear.cpp, linear.cpp), and a row routed alone to an expert gets the products it gets
@@ -51,12 +58,29 @@ void route(const float* logits, int rows, int num_experts, int used, bool renorm
             return ka > kb || (ka == kb && a < b);
         });
         const double top = l[order[0]];
-        double total = 0.0;
-        for (int e = 0; e < num_experts; ++e) total += std::exp(static_cast<double>(l[e]) - top);
         double chosen = 0.0;
-        for (int i = 0; i < used; ++i) chosen += weights[i] = std::exp(static_cast<double>(l[order[i]]) - top) / total;
-        for (int i = 0; i < used; ++i)
-            by_expert[order[i]].push_back({r, static_cast<float>(renormalize ? weights[i] / chosen : weights[i])});
+        for (int i = 0; i < used; ++i) chosen += weights[i] = std::exp(static_cast<double>(l[order[i]]) - top);
+        double total = chosen;  // the softmax's denominator: the chosen logits' (renormalized), or all
+        if (!renormalize) {
+            total = 0.0;
+            for (int e = 0; e < num_experts; ++e) total += std::exp(static_cast<double>(l[e]) - top);
+        }
+        const double scale = 1.0 / total;
+        for (int i = 0; i < used; ++i) by_expert[order[i]].push_back({r, static_cast<float>(weights[i] * scale)});
+    }
+}
+
+// gpt-oss's clamped SwiGLU over gate|up rows: limit and alpha as its config names them.
+void clamped_swiglu(const float* gate_up, float* out, int rows, int inter, float limit, float alpha) {
+    for (int r = 0; r < rows; ++r) {
+        const float* gate = gate_up + static_cast<int64_t>(r) * 2 * inter;
+        const float* up = gate + inter;
+        float* o = out + static_cast<int64_t>(r) * inter;
+        for (int j = 0; j < inter; ++j) {
+            const float g = gate[j] > limit ? limit : gate[j];  // (NaN stays NaN, as in torch's clamp)
+            const float u = up[j] > limit ? limit : (up[j] < -limit ? -limit : up[j]);
+            o[j] = (u + 1.0f) * g * (1.0f / (1.0f + std::exp(-(g * alpha))));  // torch's order of products
+        }
     }
 }
 
@@ -64,10 +88,11 @@ void route(const float* logits, int rows, int num_experts, int used, bool renorm
 
 // x [rows, hidden] fp32 (the FFN's normed input); router: a WeightRef (weight_ref.h) for
 // [num_experts, hidden]; experts: int64 [num_experts, 2 x 10], each expert's gate|up ([2 x inter,
-// hidden]) and down ([hidden, inter]) WeightRefs; out [rows, hidden] is overwritten.
+// hidden]) and down ([hidden, inter]) WeightRefs; renormalize: the weights' rule (above); swiglu:
+// fp32 [2] (limit, alpha) for the clamped SwiGLU, or null for SiLU; out [rows, hidden] is overwritten.
 extern "C" void routed_experts_f32(const float* x, const int64_t* router, const int64_t* experts, int num_experts,
-                                   int used, int renormalize, float* out, int rows, int hidden, int inter,
-                                   int threads) {
+                                   int used, int renormalize, const float* swiglu, float* out, int rows, int hidden,
+                                   int inter, int threads) {
     thread_local std::vector<float> logits, gathered, gate_up, act, y;
     thread_local std::vector<std::vector<Route>> by_expert;
     logits.resize(static_cast<size_t>(rows) * num_experts);
@@ -94,7 +119,10 @@ extern "C" void routed_experts_f32(const float* x, const int64_t* router, const 
             in = gathered.data();
         }
         linear(refs[2 * e], in, gate_up.data(), n, hidden, 2 * inter, threads);
-        silu_mul_f32(gate_up.data(), act.data(), n, inter, threads);
+        if (swiglu)
+            clamped_swiglu(gate_up.data(), act.data(), n, inter, swiglu[0], swiglu[1]);
+        else
+            silu_mul_f32(gate_up.data(), act.data(), n, inter, threads);
         linear(refs[2 * e + 1], act.data(), y.data(), n, inter, hidden, threads);
         // weighed, then added: two roundings, as the per-op path's `out += expert(x) * weight` (in
         // two loops, so that the compiler cannot fuse them into one multiply-add)

@@ -1,5 +1,5 @@
 """Decode steps on native layer calls (engine/native/decode_layers.cpp), for Llama-family, Qwen3,
-Gemma 2, Gemma 3, Qwen3-MoE and Mixtral layers (a mixture's FFN: engine/native/routed_experts.cpp).
+Gemma 2, Gemma 3, Qwen3-MoE, Mixtral and gpt-oss layers (a mixture's FFN: engine/native/routed_experts.cpp).
 
 For models whose layers are of a kind the native step knows (`LAYER_KINDS`) with every projection
 on native kernels (the dense GEMMs or the quantized GEMM; one layer's projections may mix them, and
@@ -8,8 +8,8 @@ every expert): a dense decode step in
 one call (`layers_step`), and a skipping step in one call too when the gate's rule is
 FFN-SkipLLM's per-row rule, given as data (engine/skip/base.py's RuleGate); otherwise per layer
 the attention branch (decode) and the FFN branch (any rows) for the skip gate to choose between.
-Same kernels as the per-op path, so the same bits (a mixture's routing weights excepted: the
-softmax is the native code's own, see routed_experts.cpp). Built once per model and KV cache (the
+Same kernels as the per-op path, so the same bits (a mixture's routing weights and gpt-oss's clamped
+SwiGLU excepted: the native code computes them itself, see routed_experts.cpp). Built once per model and KV cache (the
 layer table holds their addresses).
 """
 from __future__ import annotations
@@ -28,19 +28,23 @@ from engine.skip.base import RuleGate
 DENSE, QUANTIZED, PARTS = 0, 1, 2  # decode_layers.cpp's WeightRef kinds
 LAYER_COLUMNS = 12  # a LayerRow's columns before its WeightRefs
 REF_COLUMNS = 10  # a WeightRef's
-ROUTED_COLUMNS = 5  # a LayerRow's after its WeightRefs: experts, num_experts, experts_per_token, renormalize, expert_inter
+# a LayerRow's columns after its WeightRefs: the attention's sinks, then a mixture's experts
+TAIL_COLUMNS = ("sinks", "experts", "num_experts", "experts_per_token", "renormalize", "expert_inter", "swiglu")
+EXPERTS_COLUMN = LAYER_COLUMNS + 4 * REF_COLUMNS + TAIL_COLUMNS.index("experts")
 SILU, GELU_TANH = 0, 1  # its LayerRow activations
 LLAMA_NORMS = ("input_norm", None, "post_attn_norm", None, None, None)
 QWEN3_NORMS = ("input_norm", None, "post_attn_norm", None, "q_norm", "k_norm")
 # per layer kind: the activation, and the layer's norms by their role in a LayerRow (attention
 # input, attention output, FFN input, FFN output, per-head q and k); None: the kind has no such norm.
 # Mixtral's and Qwen3-MoE's are softmax-routed SwiGLU experts (engine/models/moe.py) after Mistral's
-# and Qwen3's attention.
+# and Qwen3's attention; gpt-oss's attention is Llama's with biases and sinks, its experts clamped
+# SwiGLUs with biases.
 LAYER_KINDS = {
     "llama": (SILU, LLAMA_NORMS),
     "qwen3": (SILU, QWEN3_NORMS),
     "mixtral": (SILU, LLAMA_NORMS),
     "qwen3_moe": (SILU, QWEN3_NORMS),
+    "gpt_oss": (SILU, LLAMA_NORMS),
     "gemma3": (GELU_TANH, ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "q_norm", "k_norm")),
     "gemma2": (GELU_TANH, ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", None, None)),
 }
@@ -60,14 +64,23 @@ def layer_row(layer, k_cache: torch.Tensor, v_cache: torch.Tensor, keep: list) -
             + [k_cache.data_ptr(), v_cache.data_ptr()])
     assert len(head) == LAYER_COLUMNS
     attention = [v for lin in (layer.qkv, layer.o_proj) for v in weight_ref(lin, keep)]
+    sinks = _address(getattr(layer, "sinks", None))
     if not hasattr(layer, "experts"):
-        return head + attention + weight_ref(layer.gate_up, keep) + weight_ref(layer.down, keep) + [0] * ROUTED_COLUMNS
+        ffn = weight_ref(layer.gate_up, keep) + weight_ref(layer.down, keep)
+        return head + attention + ffn + [sinks] + [0] * (len(TAIL_COLUMNS) - 1)
     experts = torch.tensor([weight_ref(gate_up, keep) + weight_ref(down, keep) for gate_up, down in layer.experts],
                            dtype=torch.int64)
     keep.append(experts)
-    routed = [experts.data_ptr(), len(layer.experts), layer.cfg.num_experts_per_tok, int(layer.cfg.norm_topk_prob),
-              layer.experts[0][1].in_features]
-    return head + attention + weight_ref(layer.router, keep) + [0] * REF_COLUMNS + routed
+    cfg = layer.cfg
+    swiglu = 0
+    if layer.activation == "swiglu_clamped":  # gpt-oss's experts
+        params = torch.tensor([cfg.swiglu_limit, cfg.swiglu_alpha], dtype=torch.float32)
+        keep.append(params)
+        swiglu = params.data_ptr()
+    tail = [sinks, experts.data_ptr(), len(layer.experts), cfg.num_experts_per_tok, int(layer.renormalized),
+            layer.experts[0][1].in_features, swiglu]
+    assert len(tail) == len(TAIL_COLUMNS)
+    return head + attention + weight_ref(layer.router, keep) + [0] * REF_COLUMNS + tail
 
 
 def weight_ref(linear, keep: list | None = None) -> list[int] | None:
