@@ -97,13 +97,16 @@ def _k_sub_blocks(packed: np.ndarray) -> np.ndarray:
 
 
 def _decode(kind: str, b: np.ndarray):
-    """-> (integers [rows, groups, group], scale [rows, groups], offset or None, bits)."""
+    """-> (integers [rows, groups, group], scale [rows, groups], offset or None, bits). 4-bit integers
+    come one a byte ([..., 32]), or as the file packs them ([..., 16]: byte j holds weight j in its
+    low nibble and j + 16 in its high one, the kernels' layout: Q4_0, Q4_1, IQ4_NL, MXFP4), which
+    spares unpacking and packing them again at load."""
     rows = b.shape[0]
     if kind == "Q4_0":
         d = _f16(b, 0)
-        return _nibbles(b[..., 2:18]), d, -8.0 * d, 4
+        return b[..., 2:18], d, -8.0 * d, 4
     if kind == "Q4_1":
-        return _nibbles(b[..., 4:20]), _f16(b, 0), _f16(b, 2), 4
+        return b[..., 4:20], _f16(b, 0), _f16(b, 2), 4
     if kind in ("Q5_0", "Q5_1"):
         start = 2 if kind == "Q5_0" else 4
         q = _nibbles(b[..., start + 4:start + 20]) | (_high_bits(b, start) << 4)
@@ -138,7 +141,7 @@ def _decode(kind: str, b: np.ndarray):
         scale = _f16(b, 108)[..., None] * (six.astype(np.float32) - 32)
         return q.reshape(rows, -1, 16), scale.reshape(rows, -1), None, 8
     if kind == "IQ4_NL":
-        return _nibbles(b[..., 2:18]), _f16(b, 0), None, 4
+        return b[..., 2:18], _f16(b, 0), None, 4
     if kind == "IQ4_XS":
         highs = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)  # [rows, blocks, 1]
         six = ((b[..., 4:8, None] >> NIBBLE_SHIFTS & 0x0F).reshape(rows, -1, 8)
@@ -149,7 +152,7 @@ def _decode(kind: str, b: np.ndarray):
     if kind == "MXFP4":  # 2^(e - 128): ggml's e8m0 "half" (e < 2 are fp32 subnormals, written as bits)
         e = b[..., 0].astype(np.uint32)
         half = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23)).astype(np.uint32).view(np.float32)
-        return _nibbles(b[..., 1:17]), half, None, 4
+        return b[..., 1:17], half, None, 4
     raise ValueError(f"unsupported GGUF format {kind}")
 
 
@@ -157,12 +160,14 @@ def to_weight(kind: str, raw: np.ndarray, in_features: int) -> QuantWeight:
     """raw: uint8 [rows, bytes] of one tensor in GGUF format `kind` -> QuantWeight [rows, in_features]."""
     blocks = np.asarray(raw, dtype=np.uint8).reshape(raw.shape[0], -1, BLOCK_BYTES[kind])
     q, scale, offset, bits = _decode(kind, blocks)
-    rows, group = q.shape[0], q.shape[-1]
-    q = q.reshape(rows, -1, group)
-    if bits == 4:
-        q = q.astype(np.uint8)
+    rows, group = q.shape[0], 32 if bits == 4 else q.shape[-1]
+    if bits == 4 and q.shape[-1] == 16:  # packed as the kernels take them
+        packed = q
+    elif bits == 4:
+        q = q.reshape(rows, -1, group).astype(np.uint8)
         packed = q[..., :16] | (q[..., 16:] << 4)
     else:
+        q = q.reshape(rows, -1, group)
         packed = q.astype(np.int8).view(np.uint8)
     weight = QuantWeight(q=torch.from_numpy(np.ascontiguousarray(packed).reshape(rows, -1)),
                          scale=torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, -1)),
