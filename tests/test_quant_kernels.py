@@ -6,6 +6,7 @@ multiplied by both builds of the kernel (AVX-512 and AVX2, each where this CPU r
 host runs both), with odd row and output counts that exercise every tile shape, against
 `gguf.quants.dequantize` in fp64.
 """
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -64,6 +65,22 @@ def test_native_tiling_is_the_torch_tiling_byte_for_byte(kernels, kind):
             in_torch = TiledWeight.from_weight(weight)
         assert tiled.q.shape == in_torch.q.shape and torch.equal(tiled.q, in_torch.q)
         assert torch.equal(tiled.dequantize(), weight.dequantize())
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "MXFP4"])
+@pytest.mark.parametrize("rows", [(32, 16, 9), (9, 32)])
+def test_row_blocks_tile_as_their_stack(kernels, kind, rows):
+    """A fused projection's row blocks (a gate|up) tiled each into its place give the bytes of their
+    stack tiled, natively and in torch; blocks that end inside a tile (9 rows) are stacked first."""
+    n = 2 * BLOCK_WEIGHTS[kind]
+    parts = [to_weight(kind, random_blocks(kind, r, 2, seed=r), n) for r in rows]
+    stacked = TiledWeight.from_weight(QuantWeight.cat(parts))
+    for native_on in (True, False):
+        with contextlib.nullcontext() if native_on else native.disabled():
+            tiled = TiledWeight.from_weight(parts)
+        for a, b in ((tiled.q, stacked.q), (tiled.scale, stacked.scale), (tiled.offset, stacked.offset)):
+            assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
+        assert tiled.shape == stacked.shape and tiled.source == stacked.source
 
 
 def activation_rounding_bound(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:

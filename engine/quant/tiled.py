@@ -46,16 +46,26 @@ class TiledWeight:
         return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.offset) if t is not None)
 
     @staticmethod
-    def from_weight(weight: QuantWeight) -> "TiledWeight":
-        out, _ = weight.shape
-        tiles = -(-out // TILE)
-        pad = tiles * TILE - out
-        scale, offset = _narrowest([weight.scale, weight.offset])
-        return TiledWeight(q=_tiled_integers(weight, tiles),
-                           scale=_tile_groups(scale, pad, tiles),
-                           offset=None if offset is None else _tile_groups(offset, pad, tiles),
-                           out_features=out, bits=weight.bits, group=weight.group, source=weight.source,
-                           table=None if weight.table is None else weight.table.to(torch.int8).contiguous())
+    def from_weight(weight: QuantWeight | list[QuantWeight]) -> "TiledWeight":
+        """One QuantWeight, or the row blocks of one fused projection (one layout and width: a gate|up)
+        tiled each into its place, with no stacked copy first where every block but the last fills
+        whole tiles (else the rows are stacked first)."""
+        parts = weight if isinstance(weight, list) else [weight]
+        if any(p.shape[0] % TILE for p in parts[:-1]):
+            parts = [QuantWeight.cat(parts)]
+        first = parts[0]
+        assert all(p.layout == first.layout and p.shape[1] == first.shape[1] for p in parts)
+        tiles = [-(-p.shape[0] // TILE) for p in parts]
+        narrowed = _narrowest([p.scale for p in parts] + [p.offset for p in parts])  # fp16 for all or none
+        scales, offsets = narrowed[:len(parts)], narrowed[len(parts):]
+        q = _tiled_integers(parts, sum(tiles))
+        return TiledWeight(q=q, scale=torch.cat([_tile_groups(s, n * TILE - p.shape[0], n)
+                                                 for s, p, n in zip(scales, parts, tiles)]),
+                           offset=None if first.offset is None else torch.cat(
+                               [_tile_groups(o, n * TILE - p.shape[0], n) for o, p, n in zip(offsets, parts, tiles)]),
+                           out_features=sum(p.shape[0] for p in parts), bits=first.bits, group=first.group,
+                           source="+".join(sorted({p.source for p in parts})),
+                           table=None if first.table is None else first.table.to(torch.int8).contiguous())
 
     def integers(self, rows: torch.Tensor) -> torch.Tensor:
         """q of the selected rows as int32 [rows, groups, group] (the tiling undone)."""
@@ -80,20 +90,32 @@ class TiledWeight:
         return self.dequantize(ids.reshape(-1)).view(*ids.shape, self.shape[1])
 
 
-def _tiled_integers(weight: QuantWeight, tiles: int) -> torch.Tensor:
-    """The integers of `weight` tiled: uint8 [tiles, groups, TILE * G * bits / 8] (the module's
-    layout), in one pass of the native library's where it is loaded, else in torch."""
+def _tiled_integers(parts: list[QuantWeight], tiles: int) -> torch.Tensor:
+    """The integers of row blocks `parts` tiled, each block from a whole tile on: uint8 [tiles, groups,
+    TILE * G * bits / 8] (the module's layout), in one pass a block of the native library's where it
+    is loaded, else in torch."""
     from engine.native.build import kernels
 
-    lib, out = kernels(), weight.shape[0]
-    group = 32 if weight.bits == 4 else weight.group  # 4-bit integers come in groups of 32, 16 bytes each
-    if lib is not None:
-        src = weight.q.contiguous()
-        groups = src.numel() * 8 // weight.bits // out // group
-        dst = torch.empty(tiles, groups, TILE * group * weight.bits // 8, dtype=torch.uint8)
-        lib.quant_tile_integers(src.data_ptr(), dst.data_ptr(), out, groups, group, weight.bits,
-                                torch.get_num_threads())
-        return dst
+    lib, first = kernels(), parts[0]
+    group = 32 if first.bits == 4 else first.group  # 4-bit integers come in groups of 32, 16 bytes each
+    groups = first.shape[1] // group
+    dst = torch.empty(tiles, groups, TILE * group * first.bits // 8, dtype=torch.uint8)
+    at = 0
+    for weight in parts:
+        out = weight.shape[0]
+        n = -(-out // TILE)
+        if lib is not None:
+            src = weight.q.contiguous()
+            lib.quant_tile_integers(src.data_ptr(), dst[at].data_ptr(), out, groups, group, weight.bits,
+                                    torch.get_num_threads())
+        else:
+            dst[at:at + n] = _torch_tiled_integers(weight, n)
+        at += n
+    return dst
+
+
+def _torch_tiled_integers(weight: QuantWeight, tiles: int) -> torch.Tensor:
+    out = weight.shape[0]
     q = _pad_rows(_weight_bytes(weight), tiles * TILE - out)  # uint8 [out, groups, G], a byte a weight
     groups, g = q.shape[1], q.shape[2]
     q = q.view(tiles, TILE, groups, g).transpose(1, 2)  # [tiles, groups, TILE, G]
@@ -102,7 +124,7 @@ def _tiled_integers(weight: QuantWeight, tiles: int) -> torch.Tensor:
         packed = (q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 1, 3, 2, 4)  # [tiles, groups, c, TILE, e]
     else:  # weight 2c + e -> chunk c, byte 2j + e
         packed = q.reshape(tiles, groups, TILE, g // 2, 2).permute(0, 1, 3, 2, 4)
-    return packed.reshape(tiles, groups, -1).contiguous()
+    return packed.reshape(tiles, groups, -1)
 
 
 def _narrowest(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:

@@ -72,6 +72,6 @@ def make_linear(parts: list, bias: torch.Tensor | None = None):
     if not any(isinstance(p, QuantWeight) for p in parts):
         return Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias)  # one part: no copy (tied lm_head)
     if all(isinstance(p, QuantWeight) for p in parts) and len({p.layout for p in parts}) == 1:
-        return QuantLinear(parts[0] if len(parts) == 1 else QuantWeight.cat(parts), bias)
+        return QuantLinear(TiledWeight.from_weight(parts), bias)  # (each part tiled into its place)
     biases = [None] * len(parts) if bias is None else bias.split([p.shape[0] for p in parts])
     return ConcatLinear([make_linear([p], b) for p, b in zip(parts, biases)])
