@@ -164,6 +164,20 @@ def test_a_native_step_runs_only_the_chosen_experts_once_each(dense, reference, 
         assert len(calls) == LAYERS * USED < LAYERS * EXPERTS
 
 
+def test_drafts_checked_in_the_native_step_keep_the_text(gguf, cache_dir, dense, reference, layout):
+    """On the native step a mixture takes speculative decoding too (drafts checked as decode rows of
+    their sequence, each row routed alone): greedy text as without drafts, and drafts were taken."""
+    if layout != "qwen3moe":
+        pytest.skip("one layout is enough: the drafts' rows run the layer the other layouts run")
+    speculative = tiny_engine(gguf, cache_dir, "float32", speculative_tokens=3)
+    assert speculative.speculative_tokens == 3
+    params = SamplingParams(temperature=0.0, max_tokens=48)
+    for prompt in reference[1]:
+        plain = dense.generate([prompt], params)[0][1]
+        assert speculative.generate([prompt], params)[0][1] == plain
+    assert speculative.accepted_draft_tokens_total > 0
+
+
 def test_served_over_http(dense, gguf, cache_dir, layout):
     if layout != "qwen3moe":
         pytest.skip("one layout served is enough: the server reads a file as the engine above does")

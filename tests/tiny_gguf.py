@@ -201,12 +201,12 @@ def _copy_tokenizer(source: PlainReader, writer: GGUFWriter) -> None:
             writer.add_key_value(key, field.contents(), kind)
 
 
-def tiny_engine(gguf: Path, cache_dir: Path, dtype: str, device: str = "cpu"):
+def tiny_engine(gguf: Path, cache_dir: Path, dtype: str, device: str = "cpu", **config):
     """An engine on the CPU (or `device`) serving a tiny file: hot layers 1 and 2 of 4, so that a
-    skipping step has layers to skip."""
+    skipping step has layers to skip (`config`: more EngineConfig fields)."""
     from engine.config import EngineConfig, SkipConfig
     from engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(model=str(gguf), device=device, dtype=dtype, max_num_seqs=4, max_model_len=512,
                                   cache_dir=str(cache_dir), skip=SkipConfig(cold_start=1, cold_end=1),
-                                  kv_capacity_tokens=None if device == "cpu" else 4 * 512))
+                                  kv_capacity_tokens=None if device == "cpu" else 4 * 512, **config))
