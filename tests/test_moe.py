@@ -66,7 +66,7 @@ def test_fp32_logits_and_greedy_text_equal_hf(dense, reference, layout):
     hf_model, prompts = reference
     model = dense.runner.model
     assert type(model).__name__ == LAYOUTS[layout][0]
-    assert (model.fused_decode is not None) == (layout != "qwen2moe")  # decode steps in native layer calls
+    assert model.fused_decode is not None  # decode steps in native layer calls
     renormalized = layout != "qwen2moe"  # Qwen2-MoE's weights are the softmax's, as chosen
     assert (model.cfg.num_experts, model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob) == (EXPERTS, USED, renormalized)
     assert model.cfg.moe_intermediate_size == EXPERT_FFN
@@ -108,13 +108,11 @@ def test_quantized_experts_come_within_rounding_of_fp32(quantized, dense, refere
 
 @pytest.mark.parametrize("weights", ["float32", "quantized"])
 def test_native_layer_calls_equal_the_per_op_path(request, reference, layout, weights):
-    """Qwen3-MoE's and Mixtral's decode steps in native layer calls (decode_layers.cpp, the FFN
-    in routed_experts.cpp) against the per-op path (mix_experts): dense and skipping steps, on fp32
-    and on quantized weights. Not to the bit: the native code computes the routing's softmax itself,
+    """The decode steps in native layer calls (decode_layers.cpp, the FFN in routed_experts.cpp, with
+    Qwen2-MoE's shared expert) against the per-op path (mix_experts): dense and skipping steps, on
+    fp32 and on quantized weights. Not to the bit: the native code computes the routing's softmax itself,
     and a layer's FFN differs from the per-op path's by an ulp or two (1.2e-7 and 2.4e-7 on outputs
     of 1.5, measured), which these random layers grow to ~1.5e-4 in the logits."""
-    if layout == "qwen2moe":
-        pytest.skip("Qwen2-MoE's shared expert runs on the per-op path only")
     engine = request.getfixturevalue("dense" if weights == "float32" else "quantized")
     assert engine.runner.model.fused_decode is not None
     assert_layer_calls_equal_the_per_op_path(engine, reference[1], skips=LAYERS - 2, tolerance=1e-3)
@@ -129,8 +127,6 @@ def test_a_native_step_runs_only_the_chosen_experts_once_each(dense, reference, 
 
     from engine.backends.cpu.fused_decode import EXPERTS_COLUMN
 
-    if layout == "qwen2moe":
-        pytest.skip("Qwen2-MoE's shared expert runs on the per-op path only")
     runner, fused = dense.runner, dense.runner.model.fused_decode
     tables = {t.data_ptr(): t for t in fused.part_tables}
     experts = [tables[int(fused.table[i, EXPERTS_COLUMN])] for i in range(LAYERS)]  # each layer's [EXPERTS, 2 x 10]

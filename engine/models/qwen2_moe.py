@@ -3,7 +3,8 @@ the FFN the softmax-routed experts Qwen3-MoE has (engine/models/moe.py's Softmax
 chosen weights not renormalized unless `norm_topk_prob`) plus a shared expert every token runs, a
 SwiGLU FFN of `shared_expert_intermediate_size` scaled by sigmoid(shared_expert_gate(x)) before
 it joins the experts' sum. The FFN branch the skip gate sees is that whole sum. It decodes on the
-per-op path on either device (the CUDA decode step's kernels have no shared expert).
+per-op path on CUDA (the CUDA decode step's kernels have no shared expert); on the CPU it decodes in
+the native step (engine/native/routed_experts.cpp runs the shared expert too).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-// A decode step of Llama-family, Gemma, Qwen3-MoE, Mixtral and gpt-oss layers in one native call
-// (`decode_layers`): every layer dense, or with FFN-SkipLLM's rule deciding per row and layer
-// inside the call; or one call per layer branch (attention, FFN) for gates whose rule lives in
-// Python. The same kernels the per-op path calls from Python, in the same order (so the same bits;
-// a mixture's routing weights and gpt-oss's clamped SwiGLU excepted, see routed_experts.cpp),
+// A decode step of Llama-family, Gemma, Qwen3-MoE, Mixtral, Qwen2-MoE and gpt-oss layers in one
+// native call (`decode_layers`): every layer dense, or with FFN-SkipLLM's rule deciding per row and
+// layer inside the call; or one call per layer branch (attention, FFN) for gates whose rule lives
+// in Python. The same kernels the per-op path calls from Python, in the same order (so the same bits;
+// a mixture's routing weights and its SwiGLU's or shared gate's sigmoid excepted, see routed_experts.cpp),
 // minus ~25 Python and torch dispatches per layer (a mixture's: ~50 at batch 1).
 //
 // Per layer: h = x + attn_branch(x); x = h + ffn_branch(h), with
@@ -34,14 +34,16 @@ void gelu_tanh_mul_f32(const float* gate_up, float* out, int64_t rows, int inter
 void rope_f32(float* x, const float* cos, const float* sin, int64_t tokens, int heads, int dim, int64_t token_stride,
               int64_t head_stride, int threads);
 void routed_experts_f32(const float* x, const int64_t* router, const int64_t* experts, int num_experts, int used,
-                        int renormalize, const float* swiglu, float* out, int rows, int hidden, int inter, int threads);
+                        int renormalize, const float* swiglu, const int64_t* shared, int shared_inter, float* out,
+                        int rows, int hidden, int inter, int threads);
 }
 
 namespace {
 
 // A row of the per-layer table: the layer's shape, pointers (0: the layer has none), one WeightRef
 // per projection, then the attention's sinks and a mixture's experts (num_experts 0: a dense FFN;
-// else gate_up is the router and down is unused; renormalize and swiglu as routed_experts_f32 takes them).
+// else gate_up is the router and down is unused; renormalize, swiglu and the shared expert as
+// routed_experts_f32 takes them).
 struct LayerRow {
     enum Activation : int64_t { SILU = 0, GELU_TANH = 1 };
     int64_t activation;
@@ -55,8 +57,10 @@ struct LayerRow {
     int64_t experts;  // int64 [num_experts, 2 x 10]: each expert's gate|up and down WeightRefs
     int64_t num_experts, experts_per_token, renormalize, expert_inter;
     int64_t swiglu;   // fp32 [2]: the experts' clamped SwiGLU's limit and alpha (gpt-oss); 0: SiLU
+    int64_t shared;   // int64 [3 x 10]: a shared expert's gate|up, down and gate WeightRefs (Qwen2-MoE); 0: none
+    int64_t shared_inter;
 };
-static_assert(sizeof(LayerRow) == 59 * sizeof(int64_t), "fused_decode.py's table width");
+static_assert(sizeof(LayerRow) == 61 * sizeof(int64_t), "fused_decode.py's table width");
 
 // The step's rotary tables, [rows, rotary_dim] each: global, and local (sliding-window layers; the
 // global one again for models with one table).
@@ -135,8 +139,9 @@ void ffn_branch(const float* h, const LayerRow& p, DecodeScratch& s, float* out,
     if (p.num_experts > 0) {
         routed_experts_f32(s.normed.data(), reinterpret_cast<const int64_t*>(&p.gate_up), ptr<int64_t>(p.experts),
                            static_cast<int>(p.num_experts), static_cast<int>(p.experts_per_token),
-                           static_cast<int>(p.renormalize), ptr<float>(p.swiglu), out, rows, hidden,
-                           static_cast<int>(p.expert_inter), threads);
+                           static_cast<int>(p.renormalize), ptr<float>(p.swiglu), ptr<int64_t>(p.shared),
+                           static_cast<int>(p.shared_inter), out, rows, hidden, static_cast<int>(p.expert_inter),
+                           threads);
         norm_in_place(out, p.ffn_out_norm, rows, hidden, eps, threads);
         return;
     }
@@ -189,7 +194,7 @@ double residual_cosine(const float* h, const float* delta, int n) {
 }  // namespace
 
 // Every layer of a decode step. x [rows, hidden] fp32, the residual stream, updated in place;
-// layer_rows [layers, 59] (LayerRow); cos, sin [rows, rotary_dim] and the local table's (the global
+// layer_rows [layers, 61] (LayerRow); cos, sin [rows, rotary_dim] and the local table's (the global
 // one again where the model has one); block_tables [rows, max_blocks],
 // lengths [rows], softcap (0: none) and cache_bits as in decode_attention_f32.
 // With max_skips null every FFN runs (skipped may be null too). Otherwise FFN-SkipLLM's rule

@@ -9,11 +9,13 @@
 // chosen.
 // Activations: SiLU(gate) * up (swiglu null), or gpt-oss's clamped SwiGLU (swiglu: limit, alpha):
 //   g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha * g).
+// Qwen2-MoE adds a shared expert every row runs, scaled by the sigmoid of its own gate:
+//   out[row] = routed sum + sigmoid(shared_gate(x)) * down(silu(gate) * up)(x).
 //
 // What engine/models/moe.py's SoftmaxRoutedExperts (and gpt_oss.py's layer) with mix_experts do on
 // the per-op path, with the same kernels on the same rows in the same order, so a row's sum gets
-// its products in the same order. Two things are computed here rather than by torch: the softmax
-// (in double, rounded to fp32) and the clamped SwiGLU's sigmoid, so a routing weight or an
+// its products in the same order. Three things are computed here rather than by torch: the softmax
+// (in double, rounded to fp32), the clamped SwiGLU's sigmoid and the shared gate's, so a routing weight or an
 // activation can differ from the per-op path's in its last bits, and the layer's output by the
 // rounding that follows. The experts chosen are the same: ranked on the logits (the softmax keeps
 // their order), ties to the lower index.
@@ -84,15 +86,40 @@ void clamped_swiglu(const float* gate_up, float* out, int rows, int inter, float
     }
 }
 
+// out += sigmoid(gate(x)) * down(silu(gate) * up)(x), per row: Qwen2-MoE's shared expert (refs:
+// gate|up, down, gate), in the per-op path's order (the scaled product rounded, then added).
+void shared_expert(const float* x, const WeightRef* refs, int inter, float* out, int rows, int hidden, int threads) {
+    thread_local std::vector<float> gate_up, act, y, gate;
+    gate_up.resize(static_cast<size_t>(rows) * 2 * inter);
+    act.resize(static_cast<size_t>(rows) * inter);
+    y.resize(static_cast<size_t>(rows) * hidden);
+    gate.resize(rows);
+    linear(refs[0], x, gate_up.data(), rows, hidden, 2 * inter, threads);
+    silu_mul_f32(gate_up.data(), act.data(), rows, inter, threads);
+    linear(refs[1], act.data(), y.data(), rows, inter, hidden, threads);
+    linear(refs[2], x, gate.data(), rows, hidden, 1, threads);
+    for (int r = 0; r < rows; ++r) {
+        const float scale = 1.0f / (1.0f + std::exp(-gate[r]));
+        float* yr = y.data() + static_cast<int64_t>(r) * hidden;
+        float* o = out + static_cast<int64_t>(r) * hidden;
+#pragma omp simd
+        for (int j = 0; j < hidden; ++j) yr[j] *= scale;
+#pragma omp simd
+        for (int j = 0; j < hidden; ++j) o[j] += yr[j];
+    }
+}
+
 }  // namespace
 
 // x [rows, hidden] fp32 (the FFN's normed input); router: a WeightRef (weight_ref.h) for
 // [num_experts, hidden]; experts: int64 [num_experts, 2 x 10], each expert's gate|up ([2 x inter,
 // hidden]) and down ([hidden, inter]) WeightRefs; renormalize: the weights' rule (above); swiglu:
-// fp32 [2] (limit, alpha) for the clamped SwiGLU, or null for SiLU; out [rows, hidden] is overwritten.
+// fp32 [2] (limit, alpha) for the clamped SwiGLU, or null for SiLU; shared: int64 [3 x 10], the
+// shared expert's gate|up ([2 x shared_inter, hidden]), down and gate ([1, hidden]) WeightRefs, or
+// null; out [rows, hidden] is overwritten.
 extern "C" void routed_experts_f32(const float* x, const int64_t* router, const int64_t* experts, int num_experts,
-                                   int used, int renormalize, const float* swiglu, float* out, int rows, int hidden,
-                                   int inter, int threads) {
+                                   int used, int renormalize, const float* swiglu, const int64_t* shared,
+                                   int shared_inter, float* out, int rows, int hidden, int inter, int threads) {
     thread_local std::vector<float> logits, gathered, gate_up, act, y;
     thread_local std::vector<std::vector<Route>> by_expert;
     logits.resize(static_cast<size_t>(rows) * num_experts);
@@ -139,4 +166,5 @@ extern "C" void routed_experts_f32(const float* x, const int64_t* router, const 
             for (int64_t j = 0; j < width; ++j) o[j] += yi[j];
         }
     }
+    if (shared) shared_expert(x, reinterpret_cast<const WeightRef*>(shared), shared_inter, out, rows, hidden, threads);
 }

@@ -1,5 +1,6 @@
 """Decode steps on native layer calls (engine/native/decode_layers.cpp), for Llama-family, Qwen3,
-Gemma 2, Gemma 3, Qwen3-MoE, Mixtral and gpt-oss layers (a mixture's FFN: engine/native/routed_experts.cpp).
+Gemma 2, Gemma 3, Qwen3-MoE, Mixtral, Qwen2-MoE and gpt-oss layers (a mixture's FFN:
+engine/native/routed_experts.cpp).
 
 For models whose layers are of a kind the native step knows (`LAYER_KINDS`) with every projection
 on native kernels (the dense GEMMs or the quantized GEMM; one layer's projections may mix them, and
@@ -8,8 +9,9 @@ every expert): a dense decode step in
 one call (`layers_step`), and a skipping step in one call too when the gate's rule is
 FFN-SkipLLM's per-row rule, given as data (engine/skip/base.py's RuleGate); otherwise per layer
 the attention branch (decode) and the FFN branch (any rows) for the skip gate to choose between.
-Same kernels as the per-op path, so the same bits (a mixture's routing weights and gpt-oss's clamped
-SwiGLU excepted: the native code computes them itself, see routed_experts.cpp). Built once per model and KV cache (the
+Same kernels as the per-op path, so the same bits (a mixture's routing weights, gpt-oss's clamped
+SwiGLU and Qwen2-MoE's shared gate excepted: the native code computes them itself, see
+routed_experts.cpp). Built once per model and KV cache (the
 layer table holds their addresses).
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ DENSE, QUANTIZED, PARTS = 0, 1, 2  # decode_layers.cpp's WeightRef kinds
 LAYER_COLUMNS = 12  # a LayerRow's columns before its WeightRefs
 REF_COLUMNS = 10  # a WeightRef's
 # a LayerRow's columns after its WeightRefs: the attention's sinks, then a mixture's experts
-TAIL_COLUMNS = ("sinks", "experts", "num_experts", "experts_per_token", "renormalize", "expert_inter", "swiglu")
+TAIL_COLUMNS = ("sinks", "experts", "num_experts", "experts_per_token", "renormalize", "expert_inter", "swiglu",
+                "shared", "shared_inter")
 EXPERTS_COLUMN = LAYER_COLUMNS + 4 * REF_COLUMNS + TAIL_COLUMNS.index("experts")
 SILU, GELU_TANH = 0, 1  # its LayerRow activations
 LLAMA_NORMS = ("input_norm", None, "post_attn_norm", None, None, None)
@@ -37,13 +40,14 @@ QWEN3_NORMS = ("input_norm", None, "post_attn_norm", None, "q_norm", "k_norm")
 # per layer kind: the activation, and the layer's norms by their role in a LayerRow (attention
 # input, attention output, FFN input, FFN output, per-head q and k); None: the kind has no such norm.
 # Mixtral's and Qwen3-MoE's are softmax-routed SwiGLU experts (engine/models/moe.py) after Mistral's
-# and Qwen3's attention; gpt-oss's attention is Llama's with biases and sinks, its experts clamped
-# SwiGLUs with biases.
+# and Qwen3's attention (Qwen2-MoE's: after Qwen2's, with a shared expert); gpt-oss's attention is
+# Llama's with biases and sinks, its experts clamped SwiGLUs with biases.
 LAYER_KINDS = {
     "llama": (SILU, LLAMA_NORMS),
     "qwen3": (SILU, QWEN3_NORMS),
     "mixtral": (SILU, LLAMA_NORMS),
     "qwen3_moe": (SILU, QWEN3_NORMS),
+    "qwen2_moe": (SILU, LLAMA_NORMS),
     "gpt_oss": (SILU, LLAMA_NORMS),
     "gemma3": (GELU_TANH, ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "q_norm", "k_norm")),
     "gemma2": (GELU_TANH, ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", None, None)),
@@ -77,8 +81,13 @@ def layer_row(layer, k_cache: torch.Tensor, v_cache: torch.Tensor, keep: list) -
         params = torch.tensor([cfg.swiglu_limit, cfg.swiglu_alpha], dtype=torch.float32)
         keep.append(params)
         swiglu = params.data_ptr()
+    shared, shared_inter = 0, 0
+    if hasattr(layer, "shared"):  # Qwen2-MoE's shared expert: gate|up, down, and its gate
+        table = torch.tensor([weight_ref(lin, keep) for lin in (*layer.shared, layer.shared_gate)], dtype=torch.int64)
+        keep.append(table)
+        shared, shared_inter = table.data_ptr(), layer.shared[1].in_features
     tail = [sinks, experts.data_ptr(), len(layer.experts), cfg.num_experts_per_tok, int(layer.renormalized),
-            layer.experts[0][1].in_features, swiglu]
+            layer.experts[0][1].in_features, swiglu, shared, shared_inter]
     assert len(tail) == len(TAIL_COLUMNS)
     return head + attention + weight_ref(layer.router, keep) + [0] * REF_COLUMNS + tail
 
