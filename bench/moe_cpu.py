@@ -14,7 +14,13 @@ only: timed from the step in which every row has its first token (bench/decode.p
 `decode_run`; a prompt's prefill sends its tokens to most of the 128 experts, and counted in, it
 was a third of a 32-token run's time at batch 4).
 
+`--shape gpt-oss-20b`: gpt-oss-20b's shapes (hidden 2880, 64 query heads and 8 KV heads of 64, 32
+experts of 2880, 4 a token; sinks, biases, a 128-token window on the even layers, YaRN) with
+`--layers` of its 24, as llama.cpp's converter writes it (`gpt-oss`), the experts MXFP4 (random
+blocks of sane exponents: gguf-py writes no MXFP4), the other matrices Q8_0, about 0.43 GB a layer.
+
     .venv/bin/python bench/moe_cpu.py --layers 8 --batches 1,4
+    .venv/bin/python bench/moe_cpu.py --shape gpt-oss-20b --layers 4 --batches 1,4
 """
 from __future__ import annotations
 
@@ -37,29 +43,60 @@ from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import cache_root, embedded_gguf  # noqa: E402
 from engine.sampling_params import SkipParams  # noqa: E402
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, USED, EXPERT_FFN = 2048, 32, 4, 128, 128, 8, 768
+# the shapes of the files written (of the real models' layers, `--layers` of them), and how
+# llama.cpp's converter writes them: their architecture, experts' format, router bias, sinks
+SHAPES = {
+    "qwen3-30b-a3b": dict(arch="qwen3moe", name="Qwen3-30B-A3B", of_layers=48, hidden=2048, heads=32, kv_heads=4,
+                          head_dim=128, experts=128, used=8, expert_ffn=768, matrices="Q4_0", experts_format="Q4_0",
+                          rope_base=1_000_000.0, context=4096),
+    "gpt-oss-20b": dict(arch="gpt-oss", name="gpt-oss-20b", of_layers=24, hidden=2880, heads=64, kv_heads=8,
+                        head_dim=64, experts=32, used=4, expert_ffn=2880, matrices="Q8_0", experts_format="MXFP4",
+                        rope_base=150_000.0, context=131072, window=128, yarn=(32.0, 4096)),
+}
 PROMPT = "Write a long story about a dragon who learns to bake bread."
 
 
-def write_moe_gguf(path: Path, layers: int) -> Path:
-    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+def mxfp4_blocks(rng, rows: int, cols: int, std: float) -> np.ndarray:
+    """Random MXFP4 blocks (an exponent byte, 16 bytes of nibbles a 32 weights) of about `std`: gguf-py
+    writes no MXFP4. The largest value, 12 x 2^(e - 128), near 3 std."""
+    blocks = rng.integers(0, 256, size=(rows, cols // 32, 17), dtype=np.uint8)
+    blocks[..., 0] = 128 + int(np.floor(np.log2(3 * std / 12)))
+    return blocks.reshape(rows, -1)
+
+
+def write_moe_gguf(path: Path, shape: dict, layers: int) -> Path:
+    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType
     from gguf.quants import quantize
 
     from engine.plain_gguf_reader import PlainReader
 
-    q4, rng = GGMLQuantizationType.Q4_0, np.random.default_rng(0)
+    hidden, heads, kv_heads, head_dim = shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"]
+    experts, expert_ffn, gpt_oss = shape["experts"], shape["expert_ffn"], shape["arch"] == "gpt-oss"
+    fmt, expert_fmt = (GGMLQuantizationType[shape[k]] for k in ("matrices", "experts_format"))
+    rng = np.random.default_rng(0)
     source = PlainReader(str(embedded_gguf("smollm2-135m-instruct")))
     vocab = len(source.fields["tokenizer.ggml.tokens"].data)
-    writer = GGUFWriter(str(path), "qwen3moe")
-    for key, value in (("block_count", layers), ("context_length", 4096), ("embedding_length", HIDDEN),
-                       ("feed_forward_length", 6144), ("attention.head_count", HEADS),
-                       ("attention.head_count_kv", KV_HEADS), ("attention.key_length", HEAD_DIM),
-                       ("attention.value_length", HEAD_DIM), ("rope.dimension_count", HEAD_DIM),
-                       ("expert_count", EXPERTS), ("expert_used_count", USED),
-                       ("expert_feed_forward_length", EXPERT_FFN), ("vocab_size", vocab)):
-        writer.add_uint32(f"qwen3moe.{key}", value)
-    writer.add_float32("qwen3moe.rope.freq_base", 1_000_000.0)
-    writer.add_float32("qwen3moe.attention.layer_norm_rms_epsilon", 1e-6)
+    writer = GGUFWriter(str(path), shape["arch"])
+    writer.add_block_count(layers)
+    writer.add_context_length(shape["context"])
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(expert_ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(shape["rope_base"])
+    writer.add_layer_norm_rms_eps(1e-6 if not gpt_oss else 1e-5)
+    writer.add_expert_count(experts)
+    writer.add_expert_used_count(shape["used"])
+    writer.add_expert_feed_forward_length(expert_ffn)
+    writer.add_vocab_size(vocab)
+    if gpt_oss:
+        writer.add_sliding_window(shape["window"])
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(shape["yarn"][0])
+        writer.add_rope_scaling_orig_ctx_len(shape["yarn"][1])
     for key, field in source.fields.items():
         if key.startswith("tokenizer."):
             if field.types[0] == GGUFValueType.ARRAY:
@@ -67,32 +104,47 @@ def write_moe_gguf(path: Path, layers: int) -> Path:
             else:
                 writer.add_key_value(key, field.contents(), field.types[0])
 
-    quantized: dict[tuple[int, int], np.ndarray] = {}
+    quantized: dict[tuple, np.ndarray] = {}
 
-    def q4_0(rows: int, cols: int, copies: int = 0) -> np.ndarray:
-        if (rows, cols) not in quantized:
-            quantized[rows, cols] = quantize((rng.standard_normal((rows, cols)) * cols ** -0.5).astype(np.float32), q4)
-        one = quantized[rows, cols]
+    def matrix(rows: int, cols: int, kind=fmt, copies: int = 0) -> np.ndarray:
+        """One random matrix quantized per shape and format (`copies` of it stacked: an expert kind)."""
+        if (rows, cols, kind) not in quantized:
+            std = cols ** -0.5
+            quantized[rows, cols, kind] = mxfp4_blocks(rng, rows, cols, std) if kind.name == "MXFP4" else \
+                quantize((rng.standard_normal((rows, cols)) * std).astype(np.float32), kind)
+        one = quantized[rows, cols, kind]
         return np.ascontiguousarray(np.broadcast_to(one, (copies, *one.shape))) if copies else one.copy()
 
-    def norm(size: int) -> np.ndarray:
-        return (1.0 + 0.1 * rng.standard_normal(size)).astype(np.float32)
+    def vector(size: int, mean: float = 1.0, std: float = 0.1) -> np.ndarray:
+        return (mean + std * rng.standard_normal(size)).astype(np.float32)
 
-    writer.add_tensor("token_embd.weight", q4_0(vocab, HIDDEN), raw_dtype=q4)
-    writer.add_tensor("output_norm.weight", norm(HIDDEN))
-    writer.add_tensor("output.weight", q4_0(vocab, HIDDEN), raw_dtype=q4)
+    writer.add_tensor("token_embd.weight", matrix(vocab, hidden), raw_dtype=fmt)
+    writer.add_tensor("output_norm.weight", vector(hidden))
+    writer.add_tensor("output.weight", matrix(vocab, hidden), raw_dtype=fmt)
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
     for i in range(layers):
         blk = f"blk.{i}."
-        for name, size in (("attn_norm", HIDDEN), ("ffn_norm", HIDDEN), ("attn_q_norm", HEAD_DIM),
-                           ("attn_k_norm", HEAD_DIM)):
-            writer.add_tensor(blk + name + ".weight", norm(size))
-        for name, rows, cols in (("attn_q", HEADS * HEAD_DIM, HIDDEN), ("attn_k", KV_HEADS * HEAD_DIM, HIDDEN),
-                                 ("attn_v", KV_HEADS * HEAD_DIM, HIDDEN), ("attn_output", HIDDEN, HEADS * HEAD_DIM)):
-            writer.add_tensor(blk + name + ".weight", q4_0(rows, cols), raw_dtype=q4)
-        writer.add_tensor(blk + "ffn_gate_inp.weight", (rng.standard_normal((EXPERTS, HIDDEN)) * 0.15).astype(np.float32))
-        for name, rows, cols in (("ffn_gate", EXPERT_FFN, HIDDEN), ("ffn_up", EXPERT_FFN, HIDDEN),
-                                 ("ffn_down", HIDDEN, EXPERT_FFN)):
-            writer.add_tensor(blk + name + "_exps.weight", q4_0(rows, cols, EXPERTS), raw_dtype=q4)
+        writer.add_tensor(blk + "attn_norm.weight", vector(hidden))
+        writer.add_tensor(blk + ("post_attention_norm" if gpt_oss else "ffn_norm") + ".weight", vector(hidden))
+        if not gpt_oss:
+            writer.add_tensor(blk + "attn_q_norm.weight", vector(head_dim))
+            writer.add_tensor(blk + "attn_k_norm.weight", vector(head_dim))
+        for name, rows, cols in (("attn_q", q_size, hidden), ("attn_k", kv_size, hidden),
+                                 ("attn_v", kv_size, hidden), ("attn_output", hidden, q_size)):
+            writer.add_tensor(blk + name + ".weight", matrix(rows, cols), raw_dtype=fmt)
+            if gpt_oss:
+                writer.add_tensor(blk + name + ".bias", vector(rows, 0.0, 0.1))
+        if gpt_oss:
+            writer.add_tensor(blk + "attn_sinks.weight", vector(heads, 0.0, 1.0))
+        # the router F32 as llama.cpp keeps it; each expert kind one [experts, rows, columns] tensor
+        writer.add_tensor(blk + "ffn_gate_inp.weight", (rng.standard_normal((experts, hidden)) * 0.15).astype(np.float32))
+        if gpt_oss:
+            writer.add_tensor(blk + "ffn_gate_inp.bias", vector(experts, 0.0, 0.1))
+        for name, rows, cols in (("ffn_gate", expert_ffn, hidden), ("ffn_up", expert_ffn, hidden),
+                                 ("ffn_down", hidden, expert_ffn)):
+            writer.add_tensor(blk + name + "_exps.weight", matrix(rows, cols, expert_fmt, experts), raw_dtype=expert_fmt)
+            if gpt_oss:
+                writer.add_tensor(blk + name + "_exps.bias", (rng.standard_normal((experts, rows)) * 0.1).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -102,7 +154,8 @@ def write_moe_gguf(path: Path, layers: int) -> Path:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=8, help="of Qwen3-30B-A3B's 48")
+    p.add_argument("--shape", choices=list(SHAPES), default="qwen3-30b-a3b")
+    p.add_argument("--layers", type=int, default=8, help="of the model's (Qwen3-30B-A3B: 48, gpt-oss-20b: 24)")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
@@ -112,10 +165,13 @@ def main():
 
     folder = cache_root() / "bench-moe"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"qwen3-30b-a3b-shaped-{args.layers}-layers-q4_0.gguf"
+    shape = SHAPES[args.shape]
+    path = folder / f"{args.shape}-shaped-{args.layers}-layers-{shape['experts_format'].lower()}.gguf"
+    if args.shape == "qwen3-30b-a3b":  # the name it was first written under
+        path = folder / f"qwen3-30b-a3b-shaped-{args.layers}-layers-q4_0.gguf"
     if not path.exists():
         t = time.perf_counter()
-        partial = write_moe_gguf(folder / (path.name + ".partial"), args.layers)
+        partial = write_moe_gguf(folder / (path.name + ".partial"), shape, args.layers)
         partial.rename(path)
         print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
     t = time.perf_counter()
@@ -131,12 +187,13 @@ def main():
     bound = bandwidth * 1e9 / total
     skip = SkipParams(budget=args.skip_budget, threshold=-1.0, warmup_tokens=0)
     print(f"command: {' '.join(sys.argv)}")
-    print(f"Qwen3-30B-A3B shapes, {args.layers} of 48 layers, Q4_0; formats {model.weight_formats()}; engine "
+    print(f"{shape['name']} shapes, {args.layers} of {shape['of_layers']} layers, experts {shape['experts_format']}, "
+          f"other matrices {shape['matrices']}; formats {model.weight_formats()}; engine "
           f"loaded in {load_s:.1f} s; threads {torch.get_num_threads()}; prompt {len(prompt)} tokens, "
           f"{args.new_tokens} new tokens (decode tok/s: prefill excluded), {args.rounds} rounds alternating, "
           f"medians; forced skip: budget "
           f"{args.skip_budget} with {args.cold} cold layers at each end")
-    print(f"weights read per token {total / 1e6:.0f} MB (FFN: router + {USED} of {EXPERTS} experts "
+    print(f"weights read per token {total / 1e6:.0f} MB (FFN: router + {shape['used']} of {shape['experts']} experts "
           f"{per_token['ffn'] / 1e6:.0f}, attention {per_token['attention'] / 1e6:.0f}, lm_head "
           f"{per_token['lm_head'] / 1e6:.0f}); read bandwidth {bandwidth:.1f} GB/s -> batch-1 bound {bound:.1f} tok/s")
     # the same engine with its decode steps on the per-op path (the model's Python forward: the experts

@@ -17,7 +17,7 @@ from engine.sampling_params import SamplingParams
 from tests.conftest import ServerProcess
 from tests.helpers import (assert_gguf_weights_equal_the_dense_conversion, assert_layer_calls_equal_the_per_op_path,
                            hf_greedy, hf_model_of, prefill_logits, run_staggered)
-from tests.tiny_gguf import GEMMA2_CAPS, GEMMA2_WINDOW, LAYERS, tiny_engine, write_tiny_gguf
+from tests.tiny_gguf import GEMMA2_CAPS, GEMMA2_WINDOW, LAYERS, quantized_tiny_engine, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 4, "Once upon a time", "1, 2, 3, 4, 5,"]
@@ -42,10 +42,7 @@ def dense(gguf, cache_dir):
 
 @pytest.fixture(scope="module")
 def quantized(gguf, cache_dir):
-    engine = tiny_engine(gguf, cache_dir, "auto")
-    if not engine.runner.quantized:
-        pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
-    return engine
+    return quantized_tiny_engine(gguf, cache_dir)
 
 
 @pytest.fixture(scope="module")

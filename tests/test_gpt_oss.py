@@ -14,7 +14,7 @@ from engine.sampling_params import SamplingParams
 from tests.helpers import (assert_layer_calls_equal_the_per_op_path, assert_quantized_close_and_skipping,
                            assert_served_chat_is_the_engines, hf_greedy, prefill_logits, run_staggered,
                            saved_checkpoint_engine)
-from tests.tiny_gguf import EXPERTS, GPT_OSS_WINDOW, LAYERS, USED, tiny_engine, write_tiny_gguf
+from tests.tiny_gguf import EXPERTS, GPT_OSS_WINDOW, LAYERS, USED, quantized_tiny_engine, tiny_engine, write_tiny_gguf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 # the first longer than the window (16) and than the prompts' positions YaRN leaves unscaled
@@ -40,10 +40,7 @@ def dense(gguf, cache_dir):
 
 @pytest.fixture(scope="module")
 def quantized(gguf, cache_dir):
-    engine = tiny_engine(gguf, cache_dir, "auto")
-    if not engine.runner.quantized:
-        pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
-    return engine
+    return quantized_tiny_engine(gguf, cache_dir)
 
 
 def transformers_state(gguf) -> dict:

@@ -201,6 +201,17 @@ def _copy_tokenizer(source: PlainReader, writer: GGUFWriter) -> None:
             writer.add_key_value(key, field.contents(), kind)
 
 
+def quantized_tiny_engine(gguf: Path, cache_dir: Path):
+    """`tiny_engine` on the file's own quantization (the CPU's quantized kernels); the test skips on a
+    CPU they do not run on."""
+    import pytest
+
+    engine = tiny_engine(gguf, cache_dir, "auto")
+    if not engine.runner.quantized:
+        pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
+    return engine
+
+
 def tiny_engine(gguf: Path, cache_dir: Path, dtype: str, device: str = "cpu", **config):
     """An engine on the CPU (or `device`) serving a tiny file: hot layers 1 and 2 of 4, so that a
     skipping step has layers to skip (`config`: more EngineConfig fields)."""
