@@ -5,14 +5,13 @@ engine/native/routed_experts.cpp).
 For models whose layers are of a kind the native step knows (`LAYER_KINDS`) with every projection
 on native kernels (the dense GEMMs or the quantized GEMM; one layer's projections may mix them, and
 one projection's row blocks too, as a GGUF's q and k in Q4_K beside v in Q6_K; a mixture's router and
-every expert): a dense decode step in
-one call (`layers_step`), and a skipping step in one call too when the gate's rule is
-FFN-SkipLLM's per-row rule, given as data (engine/skip/base.py's RuleGate); otherwise per layer
-the attention branch (decode) and the FFN branch (any rows) for the skip gate to choose between.
+every expert): a dense decode step in one call (`layers_step`), and a skipping step in one call
+too when the gate's rule is FFN-SkipLLM's per-row rule, given as data (engine/skip/base.py's
+RuleGate); otherwise per layer the attention branch (decode) and the FFN branch (any rows) for the
+skip gate to choose between.
 Same kernels as the per-op path, so the same bits (a mixture's routing weights, gpt-oss's clamped
 SwiGLU and Qwen2-MoE's shared gate excepted: the native code computes them itself, see
-routed_experts.cpp). Built once per model and KV cache (the
-layer table holds their addresses).
+routed_experts.cpp). Built once per model and KV cache (the layer table holds their addresses).
 """
 from __future__ import annotations
 
