@@ -124,6 +124,8 @@ class FusedDecode:
         self.table = torch.tensor([layer_row(layer, kv.k[i], kv.v[i], self.part_tables)
                                    for i, layer in enumerate(layers)], dtype=torch.int64)
         self.layers = layers  # the table points into their tensors
+        # the dense FFN's width, for the step's scratch buffers (a mixture's experts keep their own)
+        self.inter = 0 if all(hasattr(layer, "experts") for layer in layers) else model.cfg.intermediate_size
         self.ffns = [functools.partial(self.ffn_branch, i) for i in range(len(layers))]
 
     @staticmethod
@@ -176,7 +178,7 @@ class FusedDecode:
         h = h.contiguous()
         out = torch.empty_like(h)
         kernels().layer_ffn_branch(h.data_ptr(), self._row(layer), out.data_ptr(), h.shape[0], cfg.hidden_size,
-                                   cfg.intermediate_size, cfg.rms_norm_eps, torch.get_num_threads())
+                                   self.inter, cfg.rms_norm_eps, torch.get_num_threads())
         return out
 
     def layers_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cos_local: torch.Tensor,
@@ -200,7 +202,7 @@ class FusedDecode:
         kernels().decode_layers(
             x.data_ptr(), self.table.data_ptr(), len(self.layers), cos.data_ptr(), sin.data_ptr(),
             cos_local.data_ptr(), sin_local.data_ptr(), block_tables.data_ptr(), lengths.data_ptr(), rows,
-            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.inter,
             self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, self.scale, self.softcap,
             cache_bits(self.kv.k), torch.get_num_threads(),
             _address(max_skips), _address(thresholds), first_hot, last_hot, _address(skipped))
