@@ -281,7 +281,7 @@ def test_a_gguf_that_rotates_part_of_each_head_says_so_by_its_rotary_width():
         _read_config({**raw, "partial_rotary_factor": 0.7, "rope_parameters": {}})
 
 
-def test_a_mixture_of_experts_with_dense_layers_is_refused():
+def test_a_mixture_of_experts_with_dense_layers_or_impossible_expert_counts_is_refused():
     from engine.models import check_architecture
 
     moe = dict(model_type="qwen3_moe", vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -289,6 +289,9 @@ def test_a_mixture_of_experts_with_dense_layers_is_refused():
     check_architecture(_read_config(moe))
     with pytest.raises(ValueError, match="dense layers"):
         check_architecture(_read_config({**moe, "mlp_only_layers": [0]}))
+    for used, experts in ((5, 4), (0, 4)):  # a file's counts the routing cannot take: refused at start
+        with pytest.raises(ValueError, match="used <= experts"):
+            check_architecture(_read_config({**moe, "num_experts_per_tok": used, "num_experts": experts}))
 
 
 @pytest.mark.parametrize("layers, hidden, heads, head_dim, scalar", [(26, 2304, 8, 256, 256), (46, 4608, 32, 128, 144)])

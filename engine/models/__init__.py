@@ -27,6 +27,10 @@ def check_architecture(config: ModelConfig) -> None:
     if config.moe_dense_layers:
         raise ValueError(f"{config.model_type!r} with dense layers among its experts' (mlp_only_layers, "
                          "decoder_sparse_step) is not supported")
+    mixture = config.model_type in QWEN3_MOE | QWEN2_MOE | MIXTRAL | GPT_OSS
+    if mixture and not 1 <= config.num_experts_per_tok <= config.num_experts:
+        raise ValueError(f"{config.model_type!r} routes each token to {config.num_experts_per_tok} of "
+                         f"{config.num_experts} experts: a file's expert counts must be 1 <= used <= experts")
 
 
 def build_model(config: ModelConfig, state: dict, device, dtype, max_len: int, ops):
