@@ -119,9 +119,12 @@ class LlamaModel:
         if self.fused_decode is not None and not meta.is_prefill:
             return self.final_norm(self.fused_decode(x, meta, gate))
         ropes = {kind: rope(meta.positions) for kind, rope in self.ropes.items()}
+        # the FFN branches: the backend's where it has its own for a forward (a mixture's experts in
+        # one native call), else (None) the layers' own
+        ffns = self.fused_decode.forward_ffns if self.fused_decode is not None else [None] * len(self.layers)
         for i, layer in enumerate(self.layers):
             h = x + layer.attention(x, ropes[layer.rope_kind], meta, kv.k[i], kv.v[i])
-            x = gate(i, h, layer.ffn)
+            x = gate(i, h, ffns[i] or layer.ffn)
         return self.final_norm(x)
 
     @torch.inference_mode()
