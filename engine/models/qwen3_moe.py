@@ -7,8 +7,9 @@ a SwiGLU FFN of `moe_intermediate_size`, and their outputs are summed with those
 The FFN branch the skip gate sees is that whole sum: a skipped FFN skips the router and every
 expert of that token. An expert's projections are built as any projection (dense, or the GGUF's
 own blocks on the CPU's quantized kernels). Experts run one after another over the rows routed to
-them on the per-op path; the CUDA decode step runs the same routing (`route`) with every chosen
-expert in one launch a projection (engine/backends/cuda/masked_moe.py).
+them on the per-op path, and so does the CPU's native step, in one call a layer
+(engine/native/routed_experts.cpp); the CUDA decode step runs the same routing (`route`) with
+every chosen expert in one launch a projection (engine/backends/cuda/masked_moe.py).
 """
 from __future__ import annotations
 
