@@ -45,13 +45,14 @@ def engine_run(engine, prompt, batch, new_tokens, skip=None) -> tuple[float, flo
     return tokens / dt, skipped / total
 
 
-def decode_run(engine, prompt, batch, new_tokens, skip=None) -> tuple[float, float]:
-    """-> (aggregate decode tok/s, realized skip ratio), timed from the step in which the last row
-    got its first token: the prompts' prefill is left out (what a read-bandwidth bound bounds)."""
+def decode_run(engine, prompts: list[list[int]], new_tokens, skip=None) -> tuple[float, float]:
+    """A row a prompt -> (aggregate decode tok/s, realized skip ratio), timed from the step in which
+    the last row got its first token: the prompts' prefill is left out (what a read-bandwidth bound
+    bounds)."""
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    ids = [f"decode-{i}" for i in range(batch)]
-    for rid in ids:
-        engine.add_request(rid, prompt, params, skip)
+    batch = len(prompts)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"decode-{i}", prompt, params, skip)
     counts, last, start, base = {}, {}, None, 0
     while engine.has_work:
         for out in engine.step()[0]:

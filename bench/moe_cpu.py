@@ -9,7 +9,9 @@ per shape by gguf-py and copied to each expert and layer: speed does not depend 
 every copy is its own memory, so a token streams its experts from RAM), the router F32 as llama.cpp
 keeps it, the embedded SmolLM2's tokenizer. Written once into the cache folder (about 3 GB for 8
 layers). The bound counts the router and, on average, the chosen share of the experts
-(`weight_bytes`), read at the bandwidth sampled in the same run (bench/bandwidth.py). Decode
+(`weight_bytes`), read at the bandwidth sampled in the same run (bench/bandwidth.py); at b rows a
+step reads each expert any row chose once, under even routing (this file's random router) a share
+1 - (1 - used / experts)^b of them (so b rows' bound is not b times one row's). Decode
 only: timed from the step in which every row has its first token (bench/decode.py's
 `decode_run`; a prompt's prefill sends its tokens to most of the 128 experts, and counted in, it
 was a third of a 32-token run's time at batch 4).
@@ -53,7 +55,11 @@ SHAPES = {
                         head_dim=64, experts=32, used=4, expert_ffn=2880, matrices="Q8_0", experts_format="MXFP4",
                         rope_base=150_000.0, context=131072, window=128, yarn=(32.0, 4096)),
 }
-PROMPT = "Write a long story about a dragon who learns to bake bread."
+# a batch's rows get different prompts: rows decoding the same text would choose the same experts
+PROMPTS = [f"Write a long story about {who} who learns to {what}." for who, what in (
+    ("a dragon", "bake bread"), ("an old sailor", "paint"), ("a robot", "dance the tango"), ("two foxes", "play chess"),
+    ("a lighthouse keeper", "grow tomatoes"), ("a young witch", "fix bicycles"), ("a snail", "win a race"),
+    ("a librarian", "climb mountains"))]
 
 
 def mxfp4_blocks(rng, rows: int, cols: int, std: float) -> np.ndarray:
@@ -162,6 +168,8 @@ def main():
     p.add_argument("--skip-budget", type=float, default=0.25, help="forced: fires at the first hot layer")
     p.add_argument("--cold", type=int, default=1, help="cold layers at each end (never skipped)")
     args = p.parse_args()
+    if max(map(int, args.batches.split(","))) > len(PROMPTS):
+        p.error(f"--batches: at most {len(PROMPTS)} rows (a prompt of its own each)")
 
     folder = cache_root() / "bench-moe"
     folder.mkdir(parents=True, exist_ok=True)
@@ -180,7 +188,7 @@ def main():
         skip=SkipConfig(cold_start=args.cold, cold_end=args.cold)))
     load_s = time.perf_counter() - t
     model = engine.runner.model
-    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": text}]) for text in PROMPTS]
     per_token = model.weight_bytes()
     total = sum(per_token.values())
     bandwidth = read_bandwidth_gbs()
@@ -189,35 +197,46 @@ def main():
     print(f"command: {' '.join(sys.argv)}")
     print(f"{shape['name']} shapes, {args.layers} of {shape['of_layers']} layers, experts {shape['experts_format']}, "
           f"other matrices {shape['matrices']}; formats {model.weight_formats()}; engine "
-          f"loaded in {load_s:.1f} s; threads {torch.get_num_threads()}; prompt {len(prompt)} tokens, "
+          f"loaded in {load_s:.1f} s; threads {torch.get_num_threads()}; a prompt a row, {min(map(len, prompts))}-"
+          f"{max(map(len, prompts))} tokens, "
           f"{args.new_tokens} new tokens (decode tok/s: prefill excluded), {args.rounds} rounds alternating, "
           f"medians; forced skip: budget "
           f"{args.skip_budget} with {args.cold} cold layers at each end")
+    # a step of `b` rows reads each expert that any row chose: with routing spread evenly (this file's random
+    # router), a share 1 - (1 - used / experts)^b of each layer's experts, rather than b times a row's
+    routers = sum(layer.router.nbytes() for layer in model.layers)
+    all_experts = (per_token["ffn"] - routers) * shape["experts"] / shape["used"]
+
+    def step_bound(b: int) -> float:
+        """tok/s at b rows that the bandwidth allows, the experts read once a step each."""
+        share = 1 - (1 - shape["used"] / shape["experts"]) ** b
+        return b * bandwidth * 1e9 / (total - per_token["ffn"] + routers + share * all_experts)
+
     print(f"weights read per token {total / 1e6:.0f} MB (FFN: router + {shape['used']} of {shape['experts']} experts "
           f"{per_token['ffn'] / 1e6:.0f}, attention {per_token['attention'] / 1e6:.0f}, lm_head "
           f"{per_token['lm_head'] / 1e6:.0f}); read bandwidth {bandwidth:.1f} GB/s -> batch-1 bound {bound:.1f} tok/s")
     # the same engine with its decode steps on the per-op path (the model's Python forward: the experts
     # one call each), where the native layer calls (engine/native/routed_experts.cpp) would take them
     native = model.fused_decode
-    print("| batch | dense tok/s | of bound (x batch) | forced skip tok/s | realized skip | skip / dense "
+    print("| batch | dense tok/s | of bound (experts shared) | forced skip tok/s | realized skip | skip / dense "
           "| per-op path, dense tok/s | native / per-op |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     runs = {"dense": (None, native), "skip": (skip, native), "per-op": (None, None)}
     for batch in map(int, args.batches.split(",")):
         for params, path in runs.values():  # warm-up
             model.fused_decode = path
-            decode_run(engine, prompt, batch, 4, params)
+            decode_run(engine, prompts[:batch], 4, params)
         tok_s, realized = {name: [] for name in runs}, []
         for r in range(args.rounds):
             for name in list(runs)[r % 3:] + list(runs)[:r % 3]:  # each run first in turn
                 params, model.fused_decode = runs[name]
-                speed, ratio = decode_run(engine, prompt, batch, args.new_tokens, params)
+                speed, ratio = decode_run(engine, prompts[:batch], args.new_tokens, params)
                 tok_s[name].append(speed)
                 if name == "skip":
                     realized.append(ratio)
         model.fused_decode = native
         d, s, p = (statistics.median(tok_s[name]) for name in runs)
-        print(f"| {batch} | {d:.1f} | {d / (bound * batch):.0%} | {s:.1f} | {statistics.median(realized):.3f} | "
+        print(f"| {batch} | {d:.1f} | {d / step_bound(batch):.0%} | {s:.1f} | {statistics.median(realized):.3f} | "
               f"{s / d:.2f}x | {p:.1f} | {d / p:.2f}x |", flush=True)
 
 if __name__ == "__main__":
