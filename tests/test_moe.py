@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from tests.helpers import (assert_layer_calls_equal_the_per_op_path, assert_quantized_close_and_skipping,
+from tests.helpers import (KERNEL_TYPES, assert_layer_calls_equal_the_per_op_path, assert_quantized_close_and_skipping,
                            assert_served_chat_is_the_engines, hf_greedy,
                            hf_model_of, prefill_logits, run_staggered, saved_checkpoint_engine)
 from tests.tiny_gguf import EXPERT_FFN, EXPERTS, LAYERS, USED, quantized_tiny_engine, tiny_engine, write_tiny_gguf
@@ -127,7 +127,7 @@ def test_a_native_step_runs_only_the_chosen_experts_once_each(dense, reference, 
     runner, fused = dense.runner, dense.runner.model.fused_decode
     tables = {t.data_ptr(): t for t in fused.part_tables}
     experts = [tables[int(fused.table[i, EXPERTS_COLUMN])] for i in range(LAYERS)]  # each layer's [EXPERTS, 2 x 10]
-    signature = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 4, *[ctypes.c_int] * 4)  # the dense kernel's
+    signature, rows_at = KERNEL_TYPES[0]  # the dense kernel's
     calls, callbacks, saved = [], [], [t[:, 11].clone() for t in experts]
     for layer, table in enumerate(experts):
         assert table.shape == (EXPERTS, 20) and set(table[:, 10].tolist()) == {0}  # dense WeightRefs
@@ -135,7 +135,7 @@ def test_a_native_step_runs_only_the_chosen_experts_once_each(dense, reference, 
             real = signature(int(table[e, 11]))
 
             def call(*args, layer=layer, e=e, real=real):
-                calls.append((layer, e, args[4]))
+                calls.append((layer, e, args[rows_at]))
                 return real(*args)
 
             callbacks.append(signature(call))
@@ -144,7 +144,7 @@ def test_a_native_step_runs_only_the_chosen_experts_once_each(dense, reference, 
     try:
         with dense.kv_blocks([len(p) + 1 for p in prompts]) as block_tables:
             runner.prefill([(p, table, 0) for p, table in zip(prompts, block_tables)])
-            calls.clear()  # the prefill's experts ran on the per-op path: none recorded
+            calls.clear()  # the prefill ran experts too: only the decode step's are counted
             runner.decode([p[-1] for p in prompts], [len(p) for p in prompts], block_tables)
     finally:
         for table, kernels in zip(experts, saved):

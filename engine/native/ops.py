@@ -98,6 +98,13 @@ def block_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(blocks, BLOCK, inp).transpose(1, 2).contiguous()
 
 
+def block_bias(bias: torch.Tensor | None, out: int) -> torch.Tensor | None:
+    """A bias for `block_weight`'s layout: fp32, zeros past `out` in the last block."""
+    if bias is None:
+        return None
+    return torch.cat([bias.float(), bias.new_zeros(padded_outputs(out) - out, dtype=torch.float32)])
+
+
 def linear_kernel(dtype: torch.dtype):
     """The kernel for weights of `dtype`, bound once: a layer built on it keeps it (see `disabled()`)."""
     return getattr(kernels(), _LINEAR[dtype])

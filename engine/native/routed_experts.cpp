@@ -86,27 +86,42 @@ void clamped_swiglu(const float* gate_up, float* out, int rows, int inter, float
     }
 }
 
+// y [rows, hidden] = one expert's down(act(gate, up))(x) (refs: its gate|up and down WeightRefs;
+// swiglu: the clamped SwiGLU's limit and alpha, or null for SiLU).
+void expert_ffn(const WeightRef* refs, const float* x, const float* swiglu, float* y, int rows, int hidden, int inter,
+                int threads) {
+    thread_local std::vector<float> gate_up, act;
+    gate_up.resize(static_cast<size_t>(rows) * 2 * inter);
+    act.resize(static_cast<size_t>(rows) * inter);
+    linear(refs[0], x, gate_up.data(), rows, hidden, 2 * inter, threads);
+    if (swiglu)
+        clamped_swiglu(gate_up.data(), act.data(), rows, inter, swiglu[0], swiglu[1]);
+    else
+        silu_mul_f32(gate_up.data(), act.data(), rows, inter, threads);
+    linear(refs[1], act.data(), y, rows, inter, hidden, threads);
+}
+
+// out += y * w over n values: weighed, then added, two roundings as the per-op path's
+// `out += expert(x) * weight` (in two loops, so that the compiler cannot fuse them into one
+// multiply-add). y is scaled in place.
+void add_weighed(float* out, float* y, float w, int64_t n) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] *= w;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] += y[j];
+}
+
 // out += sigmoid(gate(x)) * down(silu(gate) * up)(x), per row: Qwen2-MoE's shared expert (refs:
 // gate|up, down, gate), in the per-op path's order (the scaled product rounded, then added).
 void shared_expert(const float* x, const WeightRef* refs, int inter, float* out, int rows, int hidden, int threads) {
-    thread_local std::vector<float> gate_up, act, y, gate;
-    gate_up.resize(static_cast<size_t>(rows) * 2 * inter);
-    act.resize(static_cast<size_t>(rows) * inter);
+    thread_local std::vector<float> y, gate;
     y.resize(static_cast<size_t>(rows) * hidden);
     gate.resize(rows);
-    linear(refs[0], x, gate_up.data(), rows, hidden, 2 * inter, threads);
-    silu_mul_f32(gate_up.data(), act.data(), rows, inter, threads);
-    linear(refs[1], act.data(), y.data(), rows, inter, hidden, threads);
+    expert_ffn(refs, x, nullptr, y.data(), rows, hidden, inter, threads);
     linear(refs[2], x, gate.data(), rows, hidden, 1, threads);
-    for (int r = 0; r < rows; ++r) {
-        const float scale = 1.0f / (1.0f + std::exp(-gate[r]));
-        float* yr = y.data() + static_cast<int64_t>(r) * hidden;
-        float* o = out + static_cast<int64_t>(r) * hidden;
-#pragma omp simd
-        for (int j = 0; j < hidden; ++j) yr[j] *= scale;
-#pragma omp simd
-        for (int j = 0; j < hidden; ++j) o[j] += yr[j];
-    }
+    for (int r = 0; r < rows; ++r)
+        add_weighed(out + static_cast<int64_t>(r) * hidden, y.data() + static_cast<int64_t>(r) * hidden,
+                    1.0f / (1.0f + std::exp(-gate[r])), hidden);
 }
 
 }  // namespace
@@ -120,7 +135,7 @@ void shared_expert(const float* x, const WeightRef* refs, int inter, float* out,
 extern "C" void routed_experts_f32(const float* x, const int64_t* router, const int64_t* experts, int num_experts,
                                    int used, int renormalize, const float* swiglu, const int64_t* shared,
                                    int shared_inter, float* out, int rows, int hidden, int inter, int threads) {
-    thread_local std::vector<float> logits, gathered, gate_up, act, y;
+    thread_local std::vector<float> logits, gathered, y;
     thread_local std::vector<std::vector<Route>> by_expert;
     logits.resize(static_cast<size_t>(rows) * num_experts);
     linear(*reinterpret_cast<const WeightRef*>(router), x, logits.data(), rows, hidden, num_experts, threads);
@@ -130,8 +145,6 @@ extern "C" void routed_experts_f32(const float* x, const int64_t* router, const 
 
     const int64_t width = hidden;
     gathered.resize(static_cast<size_t>(rows) * width);
-    gate_up.resize(static_cast<size_t>(rows) * 2 * inter);
-    act.resize(static_cast<size_t>(rows) * inter);
     y.resize(static_cast<size_t>(rows) * width);
     std::memset(out, 0, sizeof(float) * rows * width);
     const WeightRef* refs = reinterpret_cast<const WeightRef*>(experts);
@@ -145,26 +158,9 @@ extern "C" void routed_experts_f32(const float* x, const int64_t* router, const 
                 std::memcpy(gathered.data() + i * width, x + routes[i].row * width, sizeof(float) * width);
             in = gathered.data();
         }
-        linear(refs[2 * e], in, gate_up.data(), n, hidden, 2 * inter, threads);
-        if (swiglu)
-            clamped_swiglu(gate_up.data(), act.data(), n, inter, swiglu[0], swiglu[1]);
-        else
-            silu_mul_f32(gate_up.data(), act.data(), n, inter, threads);
-        linear(refs[2 * e + 1], act.data(), y.data(), n, inter, hidden, threads);
-        // weighed, then added: two roundings, as the per-op path's `out += expert(x) * weight` (in
-        // two loops, so that the compiler cannot fuse them into one multiply-add)
-        for (int i = 0; i < n; ++i) {
-            float* yi = y.data() + i * width;
-            const float w = routes[i].weight;
-#pragma omp simd
-            for (int64_t j = 0; j < width; ++j) yi[j] *= w;
-        }
-        for (int i = 0; i < n; ++i) {
-            float* o = out + routes[i].row * width;
-            const float* yi = y.data() + i * width;
-#pragma omp simd
-            for (int64_t j = 0; j < width; ++j) o[j] += yi[j];
-        }
+        expert_ffn(refs + 2 * e, in, swiglu, y.data(), n, hidden, inter, threads);
+        for (int i = 0; i < n; ++i)
+            add_weighed(out + routes[i].row * width, y.data() + i * width, routes[i].weight, width);
     }
     if (shared) shared_expert(x, reinterpret_cast<const WeightRef*>(shared), shared_inter, out, rows, hidden, threads);
 }

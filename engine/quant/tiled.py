@@ -58,7 +58,7 @@ class TiledWeight:
         tiles = [-(-p.shape[0] // TILE) for p in parts]
         narrowed = _narrowest([p.scale for p in parts] + [p.offset for p in parts])  # fp16 for all or none
         scales, offsets = narrowed[:len(parts)], narrowed[len(parts):]
-        q = _tiled_integers(parts, sum(tiles))
+        q = _tiled_integers(parts, tiles)
         return TiledWeight(q=q, scale=torch.cat([_tile_groups(s, n * TILE - p.shape[0], n)
                                                  for s, p, n in zip(scales, parts, tiles)]),
                            offset=None if first.offset is None else torch.cat(
@@ -90,20 +90,19 @@ class TiledWeight:
         return self.dequantize(ids.reshape(-1)).view(*ids.shape, self.shape[1])
 
 
-def _tiled_integers(parts: list[QuantWeight], tiles: int) -> torch.Tensor:
-    """The integers of row blocks `parts` tiled, each block from a whole tile on: uint8 [tiles, groups,
-    TILE * G * bits / 8] (the module's layout), in one pass a block of the native library's where it
-    is loaded, else in torch."""
+def _tiled_integers(parts: list[QuantWeight], tiles: list[int]) -> torch.Tensor:
+    """The integers of row blocks `parts` tiled, each block (of `tiles[i]` tiles) from a whole tile on:
+    uint8 [sum(tiles), groups, TILE * G * bits / 8] (the module's layout), in one pass a block of the
+    native library's where it is loaded, else in torch."""
     from engine.native.build import kernels
 
     lib, first = kernels(), parts[0]
     group = 32 if first.bits == 4 else first.group  # 4-bit integers come in groups of 32, 16 bytes each
     groups = first.shape[1] // group
-    dst = torch.empty(tiles, groups, TILE * group * first.bits // 8, dtype=torch.uint8)
+    dst = torch.empty(sum(tiles), groups, TILE * group * first.bits // 8, dtype=torch.uint8)
     at = 0
-    for weight in parts:
+    for weight, n in zip(parts, tiles):
         out = weight.shape[0]
-        n = -(-out // TILE)
         if lib is not None:
             src = weight.q.contiguous()
             lib.quant_tile_integers(src.data_ptr(), dst[at].data_ptr(), out, groups, group, weight.bits,

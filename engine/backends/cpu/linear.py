@@ -46,10 +46,8 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.backend = backend or pick_backend(weight)
-        if self.backend == "native":  # outputs padded to whole blocks, the padding's bias 0
-            width = native_ops.padded_outputs(self.out_features)
-            self.bias = None if bias is None else torch.cat([bias.float(), bias.new_zeros(width - self.out_features,
-                                                                                          dtype=torch.float32)])
+        if self.backend == "native":  # outputs padded to whole blocks
+            self.bias = native_ops.block_bias(bias, self.out_features)
             self.weight = native_ops.block_weight(weight)
             self.kernel = native_ops.linear_kernel(weight.dtype)
         elif self.backend == "onednn":
