@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from engine import native
 from engine.backends.torch_backend import TorchBackend
+from engine.kv import int8_rows
 from engine.kv.metadata import AttentionMetadata
 from engine.native import ops
 
@@ -24,8 +25,10 @@ def reference_attention(q, k_cache, v_cache, table, length, scale, window, softc
     softmax whose probability is dropped, as gpt-oss's reference writes it."""
     block_size = k_cache.shape[2]
     start = max(0, length - window) if window else 0
-    keys = torch.stack([k_cache[table[t // block_size], :, t % block_size] for t in range(start, length)], 1)
-    values = torch.stack([v_cache[table[t // block_size], :, t % block_size] for t in range(start, length)], 1)
+    positions = torch.arange(start, length)
+    blocks = torch.as_tensor(table)[positions // block_size]
+    keys = k_cache[blocks, :, positions % block_size].transpose(0, 1)  # [KV, span, D]
+    values = v_cache[blocks, :, positions % block_size].transpose(0, 1)
     group = q.shape[0] // keys.shape[0]
     keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)  # [H, span, D]
     scores = torch.einsum("hd,htd->ht", q, keys) * scale
@@ -34,6 +37,16 @@ def reference_attention(q, k_cache, v_cache, table, length, scale, window, softc
         scores = torch.cat([scores, sinks[:, None]], dim=-1)
     probs = scores.softmax(-1)[:, :values.shape[1]]
     return torch.einsum("ht,htd->hd", probs, values).reshape(-1)
+
+
+def cache_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 values as a cache of `dtype` holds them (int8: rows with their scales)."""
+    return int8_rows.quantize(x) if dtype == torch.int8 else x.to(dtype)
+
+
+def cache_values(rows: torch.Tensor) -> torch.Tensor:
+    """What a cache's rows hold, in fp32."""
+    return int8_rows.dequantize(rows) if rows.dtype == torch.int8 else rows.float()
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256), (8, 8, 32), (6, 2, 40)])
@@ -257,6 +270,73 @@ def test_linear_is_batch_invariant(kernels, dtype):
         assert torch.equal(layer(x[:rows]), full[:rows])
     for i in range(16):
         assert torch.equal(layer(x[i:i + 1]), full[i:i + 1])
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 1, 256), (8, 2, 128), (6, 2, 32)])
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("window, softcap, with_sinks", [(None, None, False), (300, None, True), (None, 1.5, False)])
+def test_long_rows_are_attended_in_parts_and_merged(request, isa, cache_dtype, heads, kv_heads, dim, block_size, window,
+                                                    softcap, with_sinks):
+    """Rows longer than a work item's part (256 positions) are attended in parts, on whichever thread
+    is free, and the parts merged: each row against the written-out reference (int8 rows: over the
+    values they hold), each row alone bit for bit as in the batch, and one thread bit for bit as
+    two. The new K/V go into the cache as the torch path writes them (int8: int8_rows.quantize)."""
+    lib = request.getfixturevalue("kernels" if isa == "native" else "avx2_kernels")
+    if cache_dtype == torch.float16 and not lib.decode_attention_fp16_cache():
+        pytest.skip("this build reads fp16 caches only with F16C")
+    gen = torch.Generator().manual_seed(dim * block_size + heads)
+    lengths = [700, 257, 1, 515]  # 3, 2, 1 and 3 parts (a window of 300: 2 parts)
+    counts = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(counts) + 3
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [order[sum(counts[:i]):sum(counts[:i + 1])] for i in range(len(lengths))]
+    k_cache = cache_rows(torch.randn(num_blocks, kv_heads, block_size, dim, generator=gen), cache_dtype)
+    v_cache = cache_rows(torch.randn(num_blocks, kv_heads, block_size, dim, generator=gen), cache_dtype)
+    q = torch.randn(len(lengths), heads, dim, generator=gen) * 2  # peaked softmaxes: parts differ in their max
+    k = torch.randn(len(lengths), kv_heads, dim, generator=gen)
+    v = torch.randn(len(lengths), kv_heads, dim, generator=gen)
+    sinks = torch.randn(heads, generator=gen) * 2 if with_sinks else None
+    scale = dim ** -0.5
+
+    def attend(rows, threads=None):
+        meta = AttentionMetadata.for_decode([tables[r] for r in rows], [lengths[r] - 1 for r in rows], block_size,
+                                            "cpu", torch.float32)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            out = ops.decode_attention(q[rows], k[rows], v[rows], kc, vc, meta.block_tables, meta.context_lens,
+                                       meta.max_context_len, scale, window, softcap, sinks, lib=lib)
+        finally:
+            torch.set_num_threads(before)
+        return out, kc, vc
+
+    rows = list(range(len(lengths)))
+    ours, kc, vc = attend(rows)
+    for i, (table, length) in enumerate(zip(tables, lengths)):
+        at = table[(length - 1) // block_size], (length - 1) % block_size
+        assert torch.equal(kc[at[0], :, at[1]], cache_rows(k[i], cache_dtype))
+        assert torch.equal(vc[at[0], :, at[1]], cache_rows(v[i], cache_dtype))
+        expected = reference_attention(q[i], cache_values(kc), cache_values(vc), table, length, scale, window, softcap,
+                                       sinks)
+        torch.testing.assert_close(ours[i], expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(attend([i])[0][0], ours[i])
+    assert torch.equal(attend(rows, threads=1)[0], ours)
+
+
+def test_int8_rows_hold_each_group_to_half_a_step(kernels):
+    """A row's values come back within half a quantization step of their group (absmax / 127 / 2);
+    an all-zero group holds zeros."""
+    x = torch.randn(5, 3, 128) * torch.logspace(-3, 3, 128)  # groups of very different sizes
+    x[0, 0, 32:64] = 0
+    rows = int8_rows.quantize(x)
+    assert rows.shape == (5, 3, int8_rows.row_bytes(128)) and rows.dtype == torch.int8
+    back = int8_rows.dequantize(rows)
+    step = x.view(5, 3, 4, 32).abs().amax(-1, keepdim=True) / 127
+    assert ((back - x).view(5, 3, 4, 32).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert torch.equal(back[0, 0, 32:64], torch.zeros(32))
 
 
 def test_decode_attention_refuses_a_length_past_the_block_table(kernels):

@@ -2,20 +2,25 @@
 // cache, read in place through the row's block table (no gather, no copy). Each row first writes
 // its new key and value at position length - 1.
 //
-// q [rows, heads, dim] fp32; caches of one layer [num_blocks, kv_heads, block_size, dim] (fp32,
-// or fp16 in builds with F16C: half the bytes to stream, widened as they are loaded; contiguous);
+// q [rows, heads, dim] fp32; caches of one layer [num_blocks, kv_heads, block_size, row] (fp32 or
+// fp16 rows of dim values, fp16 in builds with F16C: half the bytes to stream, widened as they are
+// loaded; or int8 rows with their scales, `q8` below; contiguous);
 // block_tables [rows, max_blocks] int32: token t of row r sits in block
 // block_tables[r][t / block_size] at offset t % block_size. Row r attends to positions
 // [start, length[r]) with start = length - window for sliding-window layers; softcap > 0 maps each
 // score s to softcap * tanh(s / softcap) before the softmax (Gemma 2); sinks (gpt-oss; null: none)
 // hold one logit per query head that joins its softmax's normalizer with no value. The G = heads /
-// kv_heads query heads of a group share each key and value load. Work items are (row, kv head)
-// pairs, split over the caller's OpenMP team (torch's own libgomp, so no second thread pool).
-// Within a block a head's keys are one contiguous run, which the inner loops stream.
+// kv_heads query heads of a group share each key and value load (widened from fp16 once). Work
+// items are (row, kv head, part) triples, a part being up to PART positions of the row's span,
+// split over the caller's OpenMP team (torch's own libgomp, so no second thread pool): a long row
+// keeps every thread busy even at batch 1 with few KV heads. Each part keeps its softmax's max and
+// sum beside its unnormalized output, and a split row's parts are merged in order after (as
+// flash-decoding does on GPUs). Within a block a head's keys are one contiguous run, which the
+// inner loops stream.
 //
-// The loops are templates over the cache's element type T: float, or uint16_t holding an fp16
-// value (`half` below). A new key or value is rounded to fp16 to nearest even, as torch's
-// `.half()` rounds the keys a prefill writes.
+// The loops are templates over the cache's element type T: float, uint16_t holding an fp16 value
+// (`half` below), or `q8`. A new key or value is rounded to fp16 to nearest even, as torch's
+// `.half()` rounds the keys a prefill writes (int8: as engine/kv/int8_rows.py quantizes them).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -30,9 +35,30 @@
 
 namespace {
 
-constexpr int PREFETCH_AHEAD = 8;  // keys
+// positions of a row's span a work item takes: a longer row is attended in parts, on any thread,
+// and the parts merged in order (so a row's result depends on its length alone)
+constexpr int64_t PART = 256;
 
 using half = uint16_t;  // an fp16 value's bits
+
+// An int8 cache row (--kv-cache-dtype int8, as llama.cpp's q8_0 cache): a head's `dim` values as
+// int8, then one fp32 scale per group of Q8_GROUP values (absmax / 127); value d = int8[d] *
+// scale[d / Q8_GROUP]. A row is dim + 4 * dim / Q8_GROUP bytes: 0.56x an fp16 row.
+struct q8 {
+    int8_t v;
+};
+constexpr int Q8_GROUP = 32;
+
+// A cache row's length in elements of its type: its values, and an int8 row's scales.
+template <typename T>
+constexpr int64_t row_length(int dim) {
+    return dim;
+}
+template <>
+constexpr int64_t row_length<q8>(int dim) {
+    return dim + 4 * (dim / Q8_GROUP);
+}
+inline const float* q8_scales(const q8* row, int dim) { return reinterpret_cast<const float*>(row + dim); }
 
 #if defined(__F16C__)
 #define ATTENTION_F16 1
@@ -41,12 +67,20 @@ inline half to_half(float v) { return static_cast<half>(_cvtss_sh(v, _MM_FROUND_
 #endif
 inline float to_float(float v) { return v; }
 
-// Software prefetch of one key or value row (the hardware prefetcher ramps up too slowly on
-// these short streams: a row's history is tens of KB, read once per step from DRAM).
+// Value d of a cache row of `dim` values.
 template <typename T>
-inline void prefetch_row(const T* row, int dim) {
-    const char* bytes = reinterpret_cast<const char*>(row);
-    for (int b = 0; b < dim * static_cast<int>(sizeof(T)); b += 64) __builtin_prefetch(bytes + b);
+inline float element(const T* row, int, int d) {
+    return to_float(row[d]);
+}
+inline float element(const q8* row, int dim, int d) { return row[d].v * q8_scales(row, dim)[d / Q8_GROUP]; }
+
+// Software prefetch of a run of `rows` key or value rows (the hardware prefetcher ramps up too
+// slowly on these short streams: a row's history is tens of KB, read once per step from DRAM).
+template <typename T>
+inline void prefetch_rows(const T* first, int64_t rows, int dim) {
+    const char* bytes = reinterpret_cast<const char*>(first);
+    const int64_t size = rows * row_length<T>(dim) * static_cast<int64_t>(sizeof(T));
+    for (int64_t b = 0; b < size; b += 64) __builtin_prefetch(bytes + b);
 }
 
 // A new key or value into its cache row.
@@ -56,6 +90,22 @@ inline void store_row(half* dst, const float* src, int dim) {
     for (int d = 0; d < dim; ++d) dst[d] = to_half(src[d]);
 }
 #endif
+// As engine/kv/int8_rows.py quantizes a prefill's rows, bit for bit: scale = absmax / 127, value =
+// x / scale rounded to nearest even (0 for an all-zero group).
+inline void store_row(q8* dst, const float* src, int dim) {
+    float* scales = reinterpret_cast<float*>(dst + dim);
+    for (int g = 0; g < dim / Q8_GROUP; ++g) {
+        const float* x = src + g * Q8_GROUP;
+        float top = 0.0f;
+        for (int i = 0; i < Q8_GROUP; ++i) top = std::max(top, std::fabs(x[i]));
+        const float scale = top / 127.0f;
+        for (int i = 0; i < Q8_GROUP; ++i) {
+            const float r = scale > 0.0f ? std::nearbyint(x[i] / scale) : 0.0f;
+            dst[g * Q8_GROUP + i].v = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+        }
+        std::memcpy(scales + g, &scale, sizeof(float));
+    }
+}
 
 // The vector unit of this build for the loops below: AVX-512 (16 lanes) or AVX2 + FMA (8 lanes);
 // other builds take the scalar loops.
@@ -64,17 +114,37 @@ inline void store_row(half* dst, const float* src, int dim) {
 struct Vec {
     using F = __m512;
     static constexpr int LANES = 16;
-    static constexpr int ACCUMULATORS = 16;  // registers weighted_sum holds at once (of 32)
+    static constexpr int ACCUMULATORS = 16;  // sums weighted_sums_of holds in registers (of 32)
     static F load(const float* p) { return _mm512_loadu_ps(p); }
 #if defined(ATTENTION_F16)
     static F load(const half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 #endif
+    static F load_q8(const q8* p, float scale) {
+        const F v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+        return _mm512_mul_ps(v, _mm512_set1_ps(scale));
+    }
     static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
     static F set1(float v) { return _mm512_set1_ps(v); }
     static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
     static F add(F a, F b) { return _mm512_add_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-    static float sum(F v) { return _mm512_reduce_add_ps(v); }
+    // lane j = the sum of v[j]'s lanes: pairs of vectors interleaved and added, then quads, then
+    // the four 128-bit quarters
+    static F sums(const F* v) {
+        F w[8], x[4];
+        for (int i = 0; i < 8; ++i)
+            w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+        for (int i = 0; i < 4; ++i)
+            x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        const F s01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 2, 3, 2)));
+        const F s23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 2, 3, 2)));
+        return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+    static void store_first(float* p, F v, int n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 #define ATTENTION_SIMD 1
@@ -86,122 +156,240 @@ struct Vec {
 #if defined(ATTENTION_F16)
     static F load(const half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 #endif
+    static F load_q8(const q8* p, float scale) {
+        const F v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+        return _mm256_mul_ps(v, _mm256_set1_ps(scale));
+    }
     static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
     static F set1(float v) { return _mm256_set1_ps(v); }
     static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
     static F add(F a, F b) { return _mm256_add_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-    static float sum(F v) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        return _mm_cvtss_f32(s);
+    // lane j = the sum of v[j]'s lanes: horizontal adds of pairs, then of quads, then the halves
+    static F sums(const F* v) {
+        const F a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+        const F b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+        return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    }
+    static void store_first(float* p, F v, int n) {
+        if (n == LANES) return _mm256_storeu_ps(p, v);
+        alignas(32) float lanes[LANES];
+        _mm256_store_ps(lanes, v);
+        std::memcpy(p, lanes, sizeof(float) * n);
     }
 };
 #endif
 
+#if defined(ATTENTION_SIMD)
+// Values i .. i + LANES of a cache row of DIM values (a chunk never straddles an int8 row's groups).
+template <int DIM, typename T>
+inline Vec::F load_values(const T* row, int i) {
+    return Vec::load(row + i);
+}
+template <int DIM>
+inline Vec::F load_values(const q8* row, int i) {
+    return Vec::load_q8(row + i, q8_scales(row, DIM)[i / Q8_GROUP]);
+}
+
+// A run of n keys widened to fp32 for the dot products (fp16 and int8 caches: converted once for
+// all the group's query heads; fp32 caches: read in place).
+template <int DIM>
+inline const float* widen(const float* keys, int, float*) {
+    return keys;
+}
+template <int DIM, typename T>
+inline const float* widen(const T* keys, int n, float* scratch) {
+    for (int j = 0; j < n; ++j)
+        for (int i = 0; i < DIM; i += Vec::LANES)
+            Vec::store(scratch + j * DIM + i, load_values<DIM>(keys + j * row_length<T>(DIM), i));
+    return scratch;
+}
+#endif
+
 // scores[g * stride + t] = scale * <q[g], keys[t]> for the group's query heads and a run of `span`
-// keys; also prefetches the value rows the weighted sum reads next.
+// keys; meanwhile each key's value row and the next run's key row (`next_span` of them from
+// `next_keys`) are fetched, one of each a key, so that the requests spread over the work. Keys go
+// LANES at a time: each key's products are summed lane-wise into one vector, and Vec::sums turns
+// the LANES vectors into the LANES scores at once (one horizontal sum a key cost more than its
+// products).
 #if defined(ATTENTION_SIMD)
 template <int CHUNKS, typename T>  // vectors a head, cache element
-void dot_scores_simd(const float* q, const T* keys, const T* values, float* scores, int group, int64_t span,
-                     int64_t stride, float scale) {
+void dot_scores_simd(const float* q, const T* keys, const T* next_keys, int64_t next_span, const T* values,
+                     float* scores, int group, int64_t span, int64_t stride, float scale, float* scratch) {
     static_assert(CHUNKS % 2 == 0, "two chains of products");
     constexpr int L = Vec::LANES, dim = CHUNKS * L;
-    for (int64_t t = 0; t < span; ++t) {
-        const T* k = keys + t * dim;
-        if (t + PREFETCH_AHEAD < span) prefetch_row(keys + (t + PREFETCH_AHEAD) * dim, dim);
-        prefetch_row(values + t * dim, dim);
+    const Vec::F scaled = Vec::set1(scale);
+    for (int64_t t0 = 0; t0 < span; t0 += L) {
+        const int n = static_cast<int>(std::min<int64_t>(L, span - t0));
+        const float* k = widen<dim>(keys + t0 * row_length<T>(dim), n, scratch);
         for (int g = 0; g < group; ++g) {
             const float* qh = q + g * dim;
-            Vec::F a0 = Vec::mul(Vec::load(qh), Vec::load(k));
-            Vec::F a1 = Vec::mul(Vec::load(qh + L), Vec::load(k + L));
-            for (int c = 2; c < CHUNKS; c += 2) {
-                a0 = Vec::fma(Vec::load(qh + L * c), Vec::load(k + L * c), a0);
-                a1 = Vec::fma(Vec::load(qh + L * c + L), Vec::load(k + L * c + L), a1);
+            Vec::F lanes[L];
+#pragma GCC unroll 16
+            for (int j = 0; j < L; ++j) {
+                if (j >= n) {
+                    lanes[j] = Vec::set1(0.0f);
+                    continue;
+                }
+                if (g == 0) {  // this key's value row and the next run's key row, one of each a key
+                    prefetch_rows(values + (t0 + j) * row_length<T>(dim), 1, dim);
+                    if (t0 + j < next_span) prefetch_rows(next_keys + (t0 + j) * row_length<T>(dim), 1, dim);
+                }
+                const float* kj = k + j * dim;
+                Vec::F a0 = Vec::mul(Vec::load(qh), Vec::load(kj));
+                Vec::F a1 = Vec::mul(Vec::load(qh + L), Vec::load(kj + L));
+                for (int c = 2; c < CHUNKS; c += 2) {
+                    a0 = Vec::fma(Vec::load(qh + L * c), Vec::load(kj + L * c), a0);
+                    a1 = Vec::fma(Vec::load(qh + L * c + L), Vec::load(kj + L * c + L), a1);
+                }
+                lanes[j] = Vec::add(a0, a1);
             }
-            scores[g * stride + t] = scale * Vec::sum(Vec::add(a0, a1));
+            Vec::store_first(scores + g * stride + t0, Vec::mul(Vec::sums(lanes), scaled), n);
         }
     }
 }
 #endif
 
 template <typename T>
-void dot_scores(const float* q, const T* keys, const T* values, float* scores, int group, int64_t span,
-                int64_t stride, int dim, float scale) {
+void dot_scores(const float* q, const T* keys, const T* next_keys, int64_t next_span, const T* values, float* scores,
+                int group, int64_t span, int64_t stride, int dim, float scale, float* scratch) {
 #if defined(ATTENTION_SIMD)
     switch (dim) {
-        case 64: return dot_scores_simd<64 / Vec::LANES>(q, keys, values, scores, group, span, stride, scale);
-        case 128: return dot_scores_simd<128 / Vec::LANES>(q, keys, values, scores, group, span, stride, scale);
-        case 256: return dot_scores_simd<256 / Vec::LANES>(q, keys, values, scores, group, span, stride, scale);
+        case 64:
+            return dot_scores_simd<64 / Vec::LANES>(q, keys, next_keys, next_span, values, scores, group, span, stride,
+                                                    scale, scratch);
+        case 128:
+            return dot_scores_simd<128 / Vec::LANES>(q, keys, next_keys, next_span, values, scores, group, span, stride,
+                                                    scale, scratch);
+        case 256:
+            return dot_scores_simd<256 / Vec::LANES>(q, keys, next_keys, next_span, values, scores, group, span, stride,
+                                                    scale, scratch);
     }
 #endif
+    (void)scratch;
     for (int64_t t = 0; t < span; ++t) {
-        const T* k = keys + t * dim;
-        if (t + PREFETCH_AHEAD < span) prefetch_row(keys + (t + PREFETCH_AHEAD) * dim, dim);
-        prefetch_row(values + t * dim, dim);
+        const T* k = keys + t * row_length<T>(dim);
+        prefetch_rows(values + t * row_length<T>(dim), 1, dim);
+        if (t < next_span) prefetch_rows(next_keys + t * row_length<T>(dim), 1, dim);
         for (int g = 0; g < group; ++g) {
             const float* qh = q + g * dim;
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-            for (int d = 0; d < dim; ++d) acc += qh[d] * to_float(k[d]);
+            for (int d = 0; d < dim; ++d) acc += qh[d] * element(k, dim, d);
             scores[g * stride + t] = acc * scale;
         }
     }
 }
 
-// s <- exp(s - max s) in place; returns 1 / sum (the softmax's normalizer). A sink (non-null) is
-// one more logit in the max and the sum, with no numerator of its own.
-float softmax_numerators(float* s, int64_t span, const float* sink) {
-    float peak = sink ? std::max(s[0], *sink) : s[0];
+// s <- exp(s - max s) in place; returns {max s, sum of the exps}.
+struct Softmax {
+    float peak, total;
+};
+Softmax softmax_numerators(float* s, int64_t span) {
+    float peak = s[0];
 #pragma omp simd reduction(max : peak)
     for (int64_t t = 0; t < span; ++t) peak = s[t] > peak ? s[t] : peak;
-    float total = sink ? fast_exp(*sink - peak) : 0.0f;
+    float total = 0.0f;
 #pragma omp simd reduction(+ : total)
     for (int64_t t = 0; t < span; ++t) {
         s[t] = fast_exp(s[t] - peak);
         total += s[t];
     }
-    return 1.0f / total;
+    return {peak, total};
 }
 
-// acc += sum_t p[t] * values[t] over one block's run of values: accumulators stay in registers
-// across its keys, Vec::ACCUMULATORS of them a pass.
+// acc[g * acc_stride + d] += sum_t p[g * stride + t] * values[t][d] over one run of values, for
+// the group's query heads: each value row is loaded (and widened) once for all of them. G heads
+// at a time, COLS vectors of each head's sum held in registers across the run's keys.
 #if defined(ATTENTION_SIMD)
-template <int CHUNKS, typename T>  // vectors a head, cache element
-void weighted_sum_simd(const float* p, const T* values, float* acc, int64_t span) {
+constexpr int floor_pow2(int x) { return x >= 16 ? 16 : x >= 8 ? 8 : x >= 4 ? 4 : x >= 2 ? 2 : 1; }
+
+template <int CHUNKS, int G, typename T>  // vectors a head, heads at once, cache element
+void weighted_sums_of(const float* p, int64_t stride, const T* values, float* acc, int64_t acc_stride, int64_t span) {
     constexpr int L = Vec::LANES, dim = CHUNKS * L;
-    constexpr int COLUMNS = CHUNKS < Vec::ACCUMULATORS ? CHUNKS : Vec::ACCUMULATORS;
-    static_assert(CHUNKS % COLUMNS == 0, "whole passes");
-    for (int c0 = 0; c0 < CHUNKS; c0 += COLUMNS) {
-        Vec::F a[COLUMNS];
-        for (int c = 0; c < COLUMNS; ++c) a[c] = Vec::load(acc + L * (c0 + c));
+    constexpr int COLS = floor_pow2(std::min(CHUNKS, Vec::ACCUMULATORS / G));
+    static_assert(CHUNKS % COLS == 0, "whole passes");
+    for (int c0 = 0; c0 < CHUNKS; c0 += COLS) {
+        Vec::F a[G][COLS];
+        for (int g = 0; g < G; ++g)
+            for (int c = 0; c < COLS; ++c) a[g][c] = Vec::load(acc + g * acc_stride + L * (c0 + c));
         for (int64_t t = 0; t < span; ++t) {
-            const Vec::F w = Vec::set1(p[t]);
-            const T* v = values + t * dim + L * c0;
-            for (int c = 0; c < COLUMNS; ++c) a[c] = Vec::fma(w, Vec::load(v + L * c), a[c]);
+            const T* v = values + t * row_length<T>(dim);
+            Vec::F x[COLS];
+            for (int c = 0; c < COLS; ++c) x[c] = load_values<dim>(v, L * (c0 + c));
+            for (int g = 0; g < G; ++g) {
+                const Vec::F w = Vec::set1(p[g * stride + t]);
+                for (int c = 0; c < COLS; ++c) a[g][c] = Vec::fma(w, x[c], a[g][c]);
+            }
         }
-        for (int c = 0; c < COLUMNS; ++c) Vec::store(acc + L * (c0 + c), a[c]);
+        for (int g = 0; g < G; ++g)
+            for (int c = 0; c < COLS; ++c) Vec::store(acc + g * acc_stride + L * (c0 + c), a[g][c]);
+    }
+}
+
+template <int CHUNKS, typename T>
+void weighted_sums_simd(const float* p, int64_t stride, const T* values, float* acc, int64_t acc_stride, int group,
+                        int64_t span) {
+    constexpr int MOST = 4;  // heads a pass
+    for (int g0 = 0; g0 < group; g0 += MOST) {
+        const float* pg = p + g0 * stride;
+        float* ag = acc + g0 * acc_stride;
+        switch (std::min(MOST, group - g0)) {
+            case 1: weighted_sums_of<CHUNKS, 1>(pg, stride, values, ag, acc_stride, span); break;
+            case 2: weighted_sums_of<CHUNKS, 2>(pg, stride, values, ag, acc_stride, span); break;
+            case 3: weighted_sums_of<CHUNKS, 3>(pg, stride, values, ag, acc_stride, span); break;
+            default: weighted_sums_of<CHUNKS, 4>(pg, stride, values, ag, acc_stride, span); break;
+        }
     }
 }
 #endif
 
 template <typename T>
-void weighted_sum(const float* p, const T* values, float* acc, int64_t span, int dim) {
+void weighted_sums(const float* p, int64_t stride, const T* values, float* acc, int64_t acc_stride, int group,
+                   int64_t span, int dim) {
 #if defined(ATTENTION_SIMD)
     switch (dim) {
-        case 64: return weighted_sum_simd<64 / Vec::LANES>(p, values, acc, span);
-        case 128: return weighted_sum_simd<128 / Vec::LANES>(p, values, acc, span);
-        case 256: return weighted_sum_simd<256 / Vec::LANES>(p, values, acc, span);
+        case 64: return weighted_sums_simd<64 / Vec::LANES>(p, stride, values, acc, acc_stride, group, span);
+        case 128: return weighted_sums_simd<128 / Vec::LANES>(p, stride, values, acc, acc_stride, group, span);
+        case 256: return weighted_sums_simd<256 / Vec::LANES>(p, stride, values, acc, acc_stride, group, span);
     }
 #endif
-    for (int64_t t = 0; t < span; ++t) {
-        const float w = p[t];
-        const T* v = values + t * dim;
+    for (int g = 0; g < group; ++g)
+        for (int64_t t = 0; t < span; ++t) {
+            const float w = p[g * stride + t];
+            const T* v = values + t * row_length<T>(dim);
+            float* a = acc + g * acc_stride;
 #pragma omp simd
-        for (int d = 0; d < dim; ++d) acc[d] += w * to_float(v[d]);
+            for (int d = 0; d < dim; ++d) a[d] += w * element(v, dim, d);
+        }
+}
+
+// One query head's output from its parts' (max, sum of exps, unnormalized weighted sum of values),
+// and its sink (gpt-oss; null: none): each part's numbers rescaled to the largest max.
+void merge_parts(const float* peaks, const float* totals, const float* const* sums, int parts, const float* sink,
+                 float* out, int dim) {
+    float top = sink ? *sink : peaks[0];
+    for (int i = 0; i < parts; ++i) top = std::max(top, peaks[i]);
+    float normalizer = sink ? std::exp(*sink - top) : 0.0f;
+    thread_local std::vector<float> weights;
+    weights.resize(parts);
+    for (int i = 0; i < parts; ++i) {
+        weights[i] = std::exp(peaks[i] - top);
+        normalizer += totals[i] * weights[i];
+    }
+    const float inv = 1.0f / normalizer;
+    for (int i = 0; i < parts; ++i) weights[i] *= inv;
+    for (int d = 0; d < dim; ++d) {
+        float o = 0.0f;
+        for (int i = 0; i < parts; ++i) o += weights[i] * sums[i][d];
+        out[d] = o;
     }
 }
+
+// The work of a step: (row, KV head, part) items; a part is up to PART positions of the row's span.
+struct Item {
+    int row, kv, part;
+};
 
 template <typename T>
 void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, T* v_cache,
@@ -209,60 +397,122 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
             int dim, int block_size, int max_blocks, int window, float scale, float softcap, const float* sinks,
             int threads) {
     const int group = heads / kv_heads;
-    const int items = rows * kv_heads;
-    const int64_t block_stride = static_cast<int64_t>(kv_heads) * block_size * dim;  // elements per block
+    const int64_t len = row_length<T>(dim);
+    const int64_t block_stride = static_cast<int64_t>(kv_heads) * block_size * len;  // elements per block
     // token t of (row, KV head kv): its block's run for the head, then the offset within it
     auto slot = [&](T* cache, int row, int kv, int64_t t) {
         const int32_t* table = block_tables + static_cast<int64_t>(row) * max_blocks;
-        return cache + table[t / block_size] * block_stride + static_cast<int64_t>(kv) * block_size * dim +
-               (t % block_size) * dim;
+        return cache + table[t / block_size] * block_stride + static_cast<int64_t>(kv) * block_size * len +
+               (t % block_size) * len;
+    };
+    auto first_position = [&](int row) {
+        const int64_t length = lengths[row];
+        return (window > 0 && length > window) ? length - window : int64_t{0};
     };
     // every row's new K/V first (a few KB: one thread): rows of one sequence at consecutive
     // positions (speculative drafts checked in one step) then each see the ones before them, as
     // token-by-token decoding would
-    for (int item = 0; item < items; ++item) {
-        const int row = item / kv_heads, kv = item % kv_heads;
-        const int64_t fresh = (static_cast<int64_t>(row) * kv_heads + kv) * dim;
-        store_row(slot(k_cache, row, kv, lengths[row] - 1), k_new + fresh, dim);
-        store_row(slot(v_cache, row, kv, lengths[row] - 1), v_new + fresh, dim);
+    for (int row = 0; row < rows; ++row)
+        for (int kv = 0; kv < kv_heads; ++kv) {
+            const int64_t fresh = (static_cast<int64_t>(row) * kv_heads + kv) * dim;
+            store_row(slot(k_cache, row, kv, lengths[row] - 1), k_new + fresh, dim);
+            store_row(slot(v_cache, row, kv, lengths[row] - 1), v_new + fresh, dim);
+        }
+    std::vector<Item> items;
+    items.reserve(static_cast<size_t>(rows) * kv_heads);
+    std::vector<int64_t> partial_at(static_cast<size_t>(rows) * kv_heads, -1);  // a split (row, kv)'s first part
+    int64_t split_parts = 0;
+    for (int row = 0; row < rows; ++row) {
+        const int parts = static_cast<int>((lengths[row] - first_position(row) + PART - 1) / PART);
+        for (int kv = 0; kv < kv_heads; ++kv) {
+            if (parts > 1) {
+                partial_at[static_cast<size_t>(row) * kv_heads + kv] = split_parts;
+                split_parts += parts;
+            }
+            for (int part = 0; part < parts; ++part) items.push_back({row, kv, part});
+        }
     }
-    // rows of a step differ in length: items go to whichever thread is free (each is a whole
-    // (row, KV head) attention, so the order does not change any result)
+    // a split row's parts: per query head its max, its sum of exps and its unnormalized output
+    const int64_t record = dim + 2;
+    std::vector<float> partials(static_cast<size_t>(split_parts) * group * record);
+    // rows of a step differ in length: items go to whichever thread is free (each computes its own
+    // numbers, and the parts are merged in order after, so the order does not change any result)
+    const int64_t count = static_cast<int64_t>(items.size());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int item = 0; item < items; ++item) {
-        const int row = item / kv_heads, kv = item % kv_heads;
-        const int64_t length = lengths[row];
-        const int64_t start = (window > 0 && length > window) ? length - window : 0;
-        const int64_t span = length - start;
+    for (int64_t i = 0; i < count; ++i) {
+        const Item item = items[i];
+        const int row = item.row, kv = item.kv;
+        const int64_t from = first_position(row) + static_cast<int64_t>(item.part) * PART;
+        const int64_t to = std::min<int64_t>(from + PART, lengths[row]);
+        const int64_t span = to - from;
         auto at = [&](T* cache, int64_t t) { return slot(cache, row, kv, t); };
         const float* qg = q + (static_cast<int64_t>(row) * heads + kv * group) * dim;
-        float* og = out + (static_cast<int64_t>(row) * heads + kv * group) * dim;
+        thread_local std::vector<float> scores, widened;
+        scores.resize(static_cast<size_t>(group) * PART);
+        widened.resize(static_cast<size_t>(16) * dim);  // a run of LANES keys
 
-        // scores of every key, one block's run at a time (the next block's first keys are fetched
-        // meanwhile); then per query head the softmax and the weighted sum of the values, again
-        // block by block
-        std::vector<float> scores(static_cast<size_t>(group) * span);
-        for (int64_t t = start; t < length;) {
-            const int64_t run = std::min<int64_t>(block_size - t % block_size, length - t);
-            if (t + run < length)
-                for (int64_t a = 0; a < std::min<int64_t>(PREFETCH_AHEAD, length - t - run); ++a)
-                    prefetch_row(at(k_cache, t + run + a), dim);
-            dot_scores(qg, at(k_cache, t), at(v_cache, t), scores.data() + (t - start), group, run, span, dim, scale);
+        // scores of every key, one block's run at a time (the run's values and the next run's keys
+        // fetched meanwhile); then per query head the softmax's numerators, and the weighted sums of
+        // the values for all the group's heads at once, again block by block
+        for (int64_t t = from; t < to;) {
+            const int64_t run = std::min<int64_t>(block_size - t % block_size, to - t);
+            const int64_t next = t + run < to ? std::min<int64_t>(block_size, to - t - run) : 0;
+            dot_scores(qg, at(k_cache, t), next ? at(k_cache, t + run) : nullptr, next, at(v_cache, t),
+                       scores.data() + (t - from), group, run, PART, dim, scale, widened.data());
+            t += run;
+        }
+        thread_local std::vector<float> peaks, totals;
+        peaks.resize(group);
+        totals.resize(group);
+        for (int g = 0; g < group; ++g) {
+            float* s = scores.data() + g * PART;
+            if (softcap > 0.0f)  // Gemma 2: scores squashed into (-softcap, softcap) before the softmax
+                for (int64_t t = 0; t < span; ++t) s[t] = softcap * std::tanh(s[t] / softcap);
+            const Softmax sm = softmax_numerators(s, span);
+            peaks[g] = sm.peak;
+            totals[g] = sm.total;
+        }
+        // the unnormalized sums: in the output itself for a row of one part, else in its record
+        float* og = out + (static_cast<int64_t>(row) * heads + kv * group) * dim;
+        const int64_t split = partial_at[static_cast<size_t>(row) * kv_heads + kv];
+        float* acc = split < 0 ? og : partials.data() + (split + item.part) * group * record;
+        const int64_t acc_stride = split < 0 ? dim : record;
+        for (int g = 0; g < group; ++g) std::memset(acc + g * acc_stride, 0, sizeof(float) * dim);
+        for (int64_t t = from; t < to;) {
+            const int64_t run = std::min<int64_t>(block_size - t % block_size, to - t);
+            weighted_sums(scores.data() + (t - from), PART, at(v_cache, t), acc, acc_stride, group, run, dim);
             t += run;
         }
         for (int g = 0; g < group; ++g) {
-            float* s = scores.data() + g * span;
-            if (softcap > 0.0f)  // Gemma 2: scores squashed into (-softcap, softcap) before the softmax
-                for (int64_t t = 0; t < span; ++t) s[t] = softcap * std::tanh(s[t] / softcap);
-            const float inv = softmax_numerators(s, span, sinks ? sinks + kv * group + g : nullptr);
-            float* o = og + g * dim;
-            std::memset(o, 0, sizeof(float) * dim);
-            for (int64_t t = start; t < length;) {
-                const int64_t run = std::min<int64_t>(block_size - t % block_size, length - t);
-                weighted_sum(s + (t - start), at(v_cache, t), o, run, dim);
-                t += run;
+            const float* sink = sinks ? sinks + kv * group + g : nullptr;
+            if (split < 0) {
+                const float* sum = og + g * dim;
+                merge_parts(&peaks[g], &totals[g], &sum, 1, sink, og + g * dim, dim);
+            } else {
+                acc[g * record + dim] = peaks[g];
+                acc[g * record + dim + 1] = totals[g];
             }
-            for (int d = 0; d < dim; ++d) o[d] *= inv;
+        }
+    }
+    if (split_parts == 0) return;
+    // the split rows' parts merged, per (row, KV head)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t pair = 0; pair < static_cast<int64_t>(rows) * kv_heads; ++pair) {
+        const int64_t split = partial_at[pair];
+        if (split < 0) continue;
+        const int row = static_cast<int>(pair / kv_heads), kv = static_cast<int>(pair % kv_heads);
+        const int parts = static_cast<int>((lengths[row] - first_position(row) + PART - 1) / PART);
+        std::vector<float> peaks(parts), totals(parts);
+        std::vector<const float*> sums(parts);
+        for (int g = 0; g < group; ++g) {
+            for (int i = 0; i < parts; ++i) {
+                const float* r = partials.data() + ((split + i) * group + g) * record;
+                sums[i] = r;
+                peaks[i] = r[dim];
+                totals[i] = r[dim + 1];
+            }
+            merge_parts(peaks.data(), totals.data(), sums.data(), parts, sinks ? sinks + kv * group + g : nullptr,
+                        out + (static_cast<int64_t>(row) * heads + kv * group + g) * dim, dim);
         }
     }
 }
@@ -278,8 +528,9 @@ extern "C" int decode_attention_fp16_cache() {
 #endif
 }
 
-// cache_bits: 32 (fp32 caches) or 16 (fp16; callers ask decode_attention_fp16_cache() first:
-// engine/native/ops.py `cache_dtypes`).
+// cache_bits: 32 (fp32 caches), 16 (fp16; callers ask decode_attention_fp16_cache() first:
+// engine/native/ops.py `cache_dtypes`) or 8 (int8 rows with their scales, `q8` above; dim a
+// multiple of Q8_GROUP).
 extern "C" void decode_attention_f32(const float* q, const float* k_new, const float* v_new, void* k_cache,
                                      void* v_cache, const int32_t* block_tables, const int32_t* lengths, float* out,
                                      int rows, int heads, int kv_heads, int dim, int block_size, int max_blocks,
@@ -292,6 +543,11 @@ extern "C" void decode_attention_f32(const float* q, const float* k_new, const f
         return;
     }
 #endif
+    if (cache_bits == 8) {
+        attend(q, k_new, v_new, static_cast<q8*>(k_cache), static_cast<q8*>(v_cache), block_tables, lengths, out, rows,
+               heads, kv_heads, dim, block_size, max_blocks, window, scale, softcap, sinks, threads);
+        return;
+    }
     attend(q, k_new, v_new, static_cast<float*>(k_cache), static_cast<float*>(v_cache), block_tables, lengths, out,
            rows, heads, kv_heads, dim, block_size, max_blocks, window, scale, softcap, sinks, threads);
 }

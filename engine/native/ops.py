@@ -5,6 +5,7 @@ import functools
 
 import torch
 
+from engine.kv import int8_rows
 from engine.native.build import kernels
 
 
@@ -17,14 +18,15 @@ def check_decode_lengths(longest: int, block_tables: torch.Tensor, block_size: i
 
 
 def cache_dtypes() -> tuple[torch.dtype, ...]:
-    """KV cache dtypes the native decode attention reads: fp32, and fp16 where the build has F16C."""
+    """KV cache dtypes the native decode attention reads: fp32, int8 rows (engine/kv/int8_rows.py),
+    and fp16 where the build has F16C."""
     lib = kernels()
     return () if lib is None else _cache_dtypes_of(lib)
 
 
 @functools.cache
 def _cache_dtypes_of(lib) -> tuple[torch.dtype, ...]:  # asked once per library, not per layer and step
-    return (torch.float32, torch.float16) if lib.decode_attention_fp16_cache() else (torch.float32,)
+    return (torch.float32, torch.int8, torch.float16) if lib.decode_attention_fp16_cache() else (torch.float32, torch.int8)
 
 
 def cache_bits(cache: torch.Tensor) -> int:
@@ -38,13 +40,14 @@ def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, lengths: torch.Tensor, longest: int, scale: float,
-                     window: int | None, softcap: float | None = None,
-                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+                     window: int | None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                     lib=None) -> torch.Tensor:
     """q: [B, H, D] fp32; k, v: [B, KV, D], the new token's, written at position lengths - 1 of each
-    row; caches: [blocks, KV, block_size, D] of one layer (fp32 or fp16); block_tables: [B, max blocks] int32;
+    row; caches: [blocks, KV, block_size, D] of one layer (fp32, fp16, or int8 rows); block_tables: [B, max blocks] int32;
     lengths: [B] int32, every length >= 1 (position + 1); longest: max(lengths), checked against the
     table; softcap: scores squashed to softcap * tanh(s / softcap) (Gemma 2); sinks: fp32 [H], a logit per
-    head in each softmax's normalizer (gpt-oss) -> [B, H*D]."""
+    head in each softmax's normalizer (gpt-oss); lib: another build of the kernels than the process's
+    (tests: the AVX2 one) -> [B, H*D]. An int8 cache holds rows of int8_rows.row_bytes(D)."""
     rows, heads, dim = q.shape
     block_size = k_cache.shape[2]
     check_decode_lengths(longest, block_tables, block_size)
@@ -52,12 +55,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if not (block_tables.dtype == lengths.dtype == torch.int32 and block_tables.is_contiguous()
             and lengths.is_contiguous() and v_cache.dtype == k_cache.dtype and v_cache.is_contiguous()
             and k.dtype == v.dtype == torch.float32 and heads % k_cache.shape[1] == 0
-            and (sinks is None or (sinks.dtype == torch.float32 and sinks.is_contiguous() and sinks.shape == (heads,)))):
-        raise ValueError("decode attention takes contiguous int32 block tables and lengths, caches of one dtype, "
-                         "fp32 keys and values, query heads a multiple of the KV heads, and fp32 sinks a head")
+            and (sinks is None or (sinks.dtype == torch.float32 and sinks.is_contiguous() and sinks.shape == (heads,)))
+            and k_cache.shape[-1] == (int8_rows.row_bytes(dim) if k_cache.dtype == torch.int8 else dim)
+            and (k_cache.dtype != torch.int8 or int8_rows.supported(dim))):
+        raise ValueError("decode attention takes contiguous int32 block tables and lengths, caches of one dtype "
+                         "(int8: rows of a head dim that is a multiple of 32, with their scales), fp32 keys and "
+                         "values, query heads a multiple of the KV heads, and fp32 sinks a head")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(rows, heads * dim, dtype=q.dtype)
-    kernels().decode_attention_f32(
+    (lib or kernels()).decode_attention_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         lengths.data_ptr(), out.data_ptr(), rows, heads, k_cache.shape[1], dim, block_size, block_tables.shape[1],
         window or 0, scale, softcap or 0.0, None if sinks is None else sinks.data_ptr(), cache_bits(k_cache),
