@@ -93,7 +93,7 @@ from server.config_file import load_config, preset_path
 config = load_config(preset_path(sys.argv[1]))
 config.max_num_seqs, config.max_model_len, config.prefix_caching = 16, 2048, False
 engine = LLMEngine(config)
-text = open(sys.argv[2]).read() * 4  # long enough for the long-context cases
+text = open(sys.argv[2]).read() * 8  # long enough for the long-context cases (~4,000 tokens)
 print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
 for n, line in enumerate(sys.stdin):
     batch, prompt_tokens, new_tokens = map(int, line.split())

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-KV_CACHE_DTYPES = ("auto", "float32", "float16")  # EngineConfig.kv_cache_dtype
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "int8")  # EngineConfig.kv_cache_dtype
 
 
 @dataclass
@@ -185,7 +185,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_capacity_tokens: int | None = None  # KV cache size in tokens (overrides the two below)
     kv_cache_memory: float | None = None  # KV cache size in GiB
-    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: auto (CPU: fp16 for quantized weights, else fp32; CUDA: bf16)
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: auto (CPU: fp16 for quantized weights, else fp32; CUDA: bf16); int8: CPU
     gpu_memory_utilization: float = 0.9  # CUDA: share of the card for weights, workspace and KV cache
     max_prefill_tokens: int = 512  # prefill chunk per engine step
     prefix_caching: bool = True  # full blocks of dense K/V are kept, by hash, for prompts sharing them

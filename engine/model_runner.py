@@ -28,7 +28,8 @@ from engine.backends.cpu.threads import configure_threads
 from engine.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
 from engine.gguf_weights import load_weights, quantized_gguf
 from engine.heap import drop_unwritten_file_pages, freeze_loaded_objects, release_free_memory
-from engine.kv.cache import KVCache
+from engine.kv import int8_rows
+from engine.kv.cache import KVCache, element_bytes
 from engine.kv.capacity import DeviceMemory, plan_capacity
 from engine.kv.metadata import AttentionMetadata
 from engine.loader import ensure_hf_dir, load_state_dict
@@ -77,10 +78,11 @@ def resolve_kv_dtype(kv_cache_dtype: str, act_dtype: torch.dtype, device: torch.
     a GGUF's cache: half the memory and half the bytes decode attention reads; the native decode
     attention widens as it loads, prefill attention reads fp32 copies) and the activations' fp32
     for dense weights (the reference precision); on CUDA the activations' dtype (the only choice
-    there: `check_kv_dtype`)."""
+    there: `check_kv_dtype`). int8: rows of int8 values with a scale per 32 (engine/kv/int8_rows.py),
+    as llama.cpp's q8_0 cache: 0.56x fp16's bytes."""
     if kv_cache_dtype == "auto":
         return torch.float16 if device.type == "cpu" and quantized else act_dtype
-    return DTYPES[kv_cache_dtype]
+    return torch.int8 if kv_cache_dtype == "int8" else DTYPES[kv_cache_dtype]
 
 
 def check_kv_dtype(kv_cache_dtype: str, device: torch.device) -> None:
@@ -149,7 +151,10 @@ class ModelRunner:
                  "GGUF-quantized" if gguf else "int8" if config.quantize else str(self.dtype).removeprefix("torch."),
                  str(self.act_dtype).removeprefix("torch."), time.perf_counter() - t0)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.act_dtype, self.device, self.quantized)
-        element_size = torch.empty(0, dtype=self.kv_dtype).element_size()
+        if self.kv_dtype == torch.int8 and not int8_rows.supported(model_config.head_dim):
+            raise ValueError(f"--kv-cache-dtype int8 takes heads of a multiple of {int8_rows.GROUP} values; this "
+                             f"model's have {model_config.head_dim}")
+        element_size = element_bytes(self.kv_dtype, model_config.head_dim)
         self.capacity = plan_capacity(config, model_config, element_size, self._device_memory(),
                                       self.backend.decode_reads_kv_in_place)
         log.info("%s (%s)", self.capacity.describe(config.max_model_len), str(self.kv_dtype).removeprefix("torch."))

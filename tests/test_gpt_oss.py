@@ -172,6 +172,12 @@ def test_the_native_ffn_clamps_as_the_per_op_path(dense):
             p[0] = saved
 
 
+def test_an_int8_cache_is_refused_for_heads_of_48(gguf, cache_dir):
+    """int8 rows take a scale per 32 values: a head of 48 has none that fit, refused at start."""
+    with pytest.raises(ValueError, match="multiple of 32 values; this model's have 48"):
+        tiny_engine(gguf, cache_dir, "float32", kv_cache_dtype="int8")
+
+
 def test_served_over_http(dense, gguf, cache_dir):
     assert_served_chat_is_the_engines(dense, gguf, cache_dir)
 

@@ -83,10 +83,57 @@ def test_kv_cache_dtype_follows_the_weights(quantized, engine):
     assert resolve_kv_dtype("float32", torch.float32, cpu, quantized=True) == torch.float32
     assert resolve_kv_dtype("float16", torch.float32, cpu, quantized=False) == torch.float16
     assert resolve_kv_dtype("auto", torch.bfloat16, cuda, quantized=False) == torch.bfloat16
+    assert resolve_kv_dtype("int8", torch.float32, cpu, quantized=True) == torch.int8
     with pytest.raises(ValueError, match="CPU option"):
         check_kv_dtype("float16", cuda)
-    with pytest.raises(ValueError, match="one of auto, float32, float16"):
+    with pytest.raises(ValueError, match="CPU option"):
+        check_kv_dtype("int8", cuda)
+    with pytest.raises(ValueError, match="one of auto, float32, float16, int8"):
         check_kv_dtype("bf16", cpu)  # a config file's typo: named, not a KeyError
+
+
+@pytest.fixture(scope="module")
+def int8_cache(quantized):
+    """The default preset with `--kv-cache-dtype int8`."""
+    from engine.llm_engine import LLMEngine
+
+    config = copy.deepcopy(quantized.config)
+    config.kv_cache_dtype = "int8"
+    return LLMEngine(config)
+
+
+def test_an_int8_cache_holds_rows_of_int8_with_their_scales(quantized, int8_cache):
+    """0.5625x the fp16 cache's bytes a token (64 int8 values and two fp32 scales a head, against 64
+    fp16 values), so the same memory holds 1.78x the tokens."""
+    from engine.kv import int8_rows
+
+    kv = int8_cache.runner.kv
+    head_dim = quantized.runner.kv.k.shape[-1]
+    assert kv.k.dtype == kv.v.dtype == torch.int8 and kv.k.shape[-1] == int8_rows.row_bytes(head_dim)
+    assert kv.nbytes / kv.k.shape[1] == quantized.runner.kv.nbytes / quantized.runner.kv.k.shape[1] * 0.5625
+    assert int8_cache.runner.capacity.bytes_per_block == quantized.runner.capacity.bytes_per_block * 0.5625
+    assert int8_cache.runner.model.fused_decode is not None  # the native step reads it
+
+
+def test_the_int8_cache_keeps_the_fp16_caches_clear_choices(quantized, int8_cache, chat_prompts):
+    """Over prompts and the answers fp16 gives them, the int8 cache's logits make fp16's choice
+    wherever fp16's top two are clearly apart (most positions); and its own greedy answers are what
+    a prefill over the int8 cache picks again at each clear position: decode steps read the rows
+    that prefill writes (the native kernel's own rows bit for bit as the torch path's:
+    tests/test_native_kernels.py)."""
+    for prompt in chat_prompts[:3]:
+        text = prompt + quantized.generate([prompt], GREEDY)[0][1]
+        ours, fp16 = prefill_logits(int8_cache, text), prefill_logits(quantized, text)
+        top2 = fp16.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.5
+        assert clear.float().mean() > 0.6  # most positions are clear: the check below has teeth
+        assert torch.equal(ours.argmax(-1)[clear], fp16.argmax(-1)[clear])
+        answer = int8_cache.generate([prompt], GREEDY)[0][1]
+        again = prefill_logits(int8_cache, prompt + answer)[len(prompt) - 1:-1]
+        top2 = again.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.5
+        assert clear.float().mean() > 0.6  # most positions are clear: the check below has teeth
+        assert torch.equal(again.argmax(-1)[clear], torch.tensor(answer)[clear])
 
 
 def test_greedy_text_equals_fp32_alone_and_in_a_staggered_batch(quantized, engine, chat_prompts):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.kv.cache import loaded, stored
 from engine.kv.metadata import AttentionMetadata
 
 
@@ -118,8 +119,8 @@ class TorchBackend:
                          sinks=None):
         rows, num_heads, head_dim = q.shape
         num_kv = k.shape[1]
-        keys = gather_blocks(k_cache, meta.block_tables).to(q.dtype)  # [B, KV, L, D]
-        values = gather_blocks(v_cache, meta.block_tables).to(q.dtype)
+        keys = loaded(gather_blocks(k_cache, meta.block_tables), q.dtype)  # [B, KV, L, D]
+        values = loaded(gather_blocks(v_cache, meta.block_tables), q.dtype)
         q = q.view(rows, num_kv, num_heads // num_kv, head_dim)
         scores = soft_capped(torch.matmul(q, keys.transpose(-1, -2)).mul_(scale), softcap).add_(meta.decode_mask(window))
         probs = softmax_with_sinks(scores, None if sinks is None else sinks.view(num_kv, -1, 1)).to(values.dtype)
@@ -127,9 +128,9 @@ class TorchBackend:
 
 
 def write_kv(k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
-    """The new keys and values into their blocks, in the cache's dtype (fp16: rounded to nearest even)."""
-    k_cache[meta.write_blocks, :, meta.write_offsets] = k.to(k_cache.dtype)
-    v_cache[meta.write_blocks, :, meta.write_offsets] = v.to(v_cache.dtype)
+    """The new keys and values into their blocks, as the cache holds them (`stored`)."""
+    k_cache[meta.write_blocks, :, meta.write_offsets] = stored(k, k_cache.dtype)
+    v_cache[meta.write_blocks, :, meta.write_offsets] = stored(v, v_cache.dtype)
 
 
 def soft_capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -166,18 +167,19 @@ def written_out_attention(q, keys, values, allowed, scale, softcap, sinks):
 
 def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None, sinks=None):
     """Attention per sequence: over its fresh K/V when it starts at 0, else over its blocks. Fresh
-    K/V are taken as the cache holds them (an fp16 cache rounds them), so a whole prefill attends
-    over the values a later chunk, or a request that finds this prefix cached, reads back."""
+    K/V are taken as the cache holds them (an fp16 cache rounds them, an int8 one quantizes them), so
+    a whole prefill attends over the values a later chunk, or a request that finds this prefix
+    cached, reads back."""
     sizes = [seg.num_tokens for seg in meta.segments]
     outs = []
     if k_cache.dtype != k.dtype:
-        k, v = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype)
+        k, v = loaded(stored(k, k_cache.dtype), q.dtype), loaded(stored(v, v_cache.dtype), q.dtype)
     for i, (seg, qs, ks, vs) in enumerate(zip(meta.segments, q.split(sizes), k.split(sizes), v.split(sizes))):
         if seg.start == 0:
             keys, values = ks.transpose(0, 1), vs.transpose(0, 1)
         else:  # a cached prefix or an earlier chunk sits in the blocks
-            keys = gather_blocks(k_cache, seg.block_table)[:, :seg.end].to(q.dtype)
-            values = gather_blocks(v_cache, seg.block_table)[:, :seg.end].to(q.dtype)
+            keys = loaded(gather_blocks(k_cache, seg.block_table)[:, :seg.end], q.dtype)
+            values = loaded(gather_blocks(v_cache, seg.block_table)[:, :seg.end], q.dtype)
         if softcap or sinks is not None:
             out = written_out_attention(qs.transpose(0, 1), keys, values, meta.prefill_mask(i, window), scale, softcap,
                                         sinks)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import torch
 
+from engine.kv import int8_rows
+
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
                  device, dtype):
-        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        """dtype torch.int8: each head's row is int8_rows.row_bytes(head_dim) bytes (values, then scales)."""
+        row = int8_rows.row_bytes(head_dim) if dtype == torch.int8 else head_dim
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, row)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
@@ -20,3 +24,20 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+
+def element_bytes(dtype: torch.dtype, head_dim: int) -> float:
+    """A cache of `dtype`'s bytes per K or V value (int8: with its row's scales)."""
+    if dtype == torch.int8:
+        return int8_rows.row_bytes(head_dim) / head_dim
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K or V rows [..., head_dim] as a cache of `dtype` holds them (fp16: rounded to nearest even)."""
+    return int8_rows.quantize(x) if dtype == torch.int8 else x.to(dtype)
+
+
+def loaded(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A cache's rows back as values of `dtype`."""
+    return int8_rows.dequantize(rows, dtype) if rows.dtype == torch.int8 else rows.to(dtype)

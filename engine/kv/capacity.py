@@ -17,9 +17,9 @@ from engine.config import EngineConfig, ModelConfig
 GiB = 2 ** 30
 
 
-def bytes_per_token(model: ModelConfig, element_size: int) -> int:
-    """K and V of one token across every layer."""
-    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * element_size
+def bytes_per_token(model: ModelConfig, element_size: float) -> int:
+    """K and V of one token across every layer (element_size: an int8 cache's counts its rows' scales)."""
+    return int(2 * model.num_layers * model.num_kv_heads * model.head_dim * element_size)
 
 
 def workspace_bytes(model: ModelConfig, config: EngineConfig, element_size: int,
@@ -73,7 +73,7 @@ class DeviceMemory:
     in_use: int
 
 
-def plan_capacity(config: EngineConfig, model: ModelConfig, element_size: int,
+def plan_capacity(config: EngineConfig, model: ModelConfig, element_size: float,
                   device_memory: DeviceMemory | None = None, decode_reads_kv_in_place: bool = False) -> KVCapacity:
     """`device_memory`: given on CUDA; `decode_reads_kv_in_place`: the backend's (workspace_bytes).
     Raises ValueError when not even one max_model_len sequence fits."""

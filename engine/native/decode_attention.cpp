@@ -128,21 +128,24 @@ struct Vec {
     static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
     static F add(F a, F b) { return _mm512_add_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-    // lane j = the sum of v[j]'s lanes: pairs of vectors interleaved and added, then quads, then
-    // the four 128-bit quarters
+    // lane j = the sum of v[j]'s lanes, added in the order _mm512_reduce_add_ps adds one vector's
+    // (lanes i and i + 8, then i + 4, i + 2, i + 1), so each score has the bits a horizontal sum
+    // of its own would give. The network leaves key 4m + l in lane 4l + m: the vectors go in
+    // in that transposed order.
     static F sums(const F* v) {
-        F w[8], x[4];
-        for (int i = 0; i < 8; ++i)
-            w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-        for (int i = 0; i < 4; ++i)
-            x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                                 _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-        const F s01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 2, 3, 2)));
-        const F s23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 2, 3, 2)));
-        return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+        auto in = [&](int i) { return v[4 * (i % 4) + i / 4]; };
+        F w[8], x[4], z[2];
+        for (int i = 0; i < 8; ++i)  // + 8: quarters 0, 1 with 2, 3 of two vectors
+            w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(in(2 * i), in(2 * i + 1), _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_f32x4(in(2 * i), in(2 * i + 1), _MM_SHUFFLE(3, 2, 3, 2)));
+        for (int i = 0; i < 4; ++i)  // + 4: quarters 0, 2 with 1, 3
+            x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+        for (int i = 0; i < 2; ++i)  // + 2 within each quarter
+            z[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),  // + 1
+                             _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
     }
     static void store_first(float* p, F v, int n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }
 };
@@ -165,11 +168,20 @@ struct Vec {
     static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
     static F add(F a, F b) { return _mm256_add_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-    // lane j = the sum of v[j]'s lanes: horizontal adds of pairs, then of quads, then the halves
+    // lane j = the sum of v[j]'s lanes, added in the order of one vector's horizontal sum (lanes
+    // i and i + 4, then i + 2, i + 1), so each score has the bits it had summed alone. The network
+    // leaves key 2m + l in lane 4l + m: the vectors go in in that order.
     static F sums(const F* v) {
-        const F a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-        const F b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-        return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+        auto in = [&](int i) { return v[4 * (i % 2) + i / 2]; };
+        F w[4], x[2];
+        for (int i = 0; i < 4; ++i)  // + 4: halves
+            w[i] = _mm256_add_ps(_mm256_permute2f128_ps(in(2 * i), in(2 * i + 1), 0x20),
+                                 _mm256_permute2f128_ps(in(2 * i), in(2 * i + 1), 0x31));
+        for (int i = 0; i < 2; ++i)  // + 2 within each half
+            x[i] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm256_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        return _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),  // + 1
+                             _mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
     }
     static void store_first(float* p, F v, int n) {
         if (n == LANES) return _mm256_storeu_ps(p, v);
