@@ -18,10 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.decode import PROMPT, engine_run  # noqa: E402
-from bench.quality import DATA, greedy, teacher_forced  # noqa: E402
+from bench.quality import DATA, side_by_side  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.sampling_params import SkipParams  # noqa: E402
 from server.config_file import load_config, preset_path  # noqa: E402
 
 
@@ -44,17 +43,7 @@ def main():
     tok = engines["float32"].tokenizer
     texts = [tok.encode(t) for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in json.loads((DATA / "prompts.json").read_text())]
-    dense = SkipParams(budget=0.0)
-
-    tf = {d: teacher_forced(e, texts, dense) for d, e in engines.items()}
-    gen = {d: greedy(e, prompts, dense, args.gen_tokens)[0] for d, e in engines.items()}
-    a, b = gen["float32"], gen["bfloat16"]
-    prefix = sum(next((i for i, (x, y) in enumerate(zip(g, h)) if x != y), min(len(g), len(h))) for g, h in zip(a, b))
-    quality = {
-        "top1_agreement": float((tf["float32"][0] == tf["bfloat16"][0]).float().mean()),
-        "nll_fp32": float(tf["float32"][1].mean()), "nll_bf16": float(tf["bfloat16"][1].mean()),
-        "greedy_prefix_agreement": prefix / sum(min(len(g), len(h)) for g, h in zip(a, b)),
-    }
+    quality = side_by_side(engines["float32"], engines["bfloat16"], texts, prompts, args.gen_tokens)
 
     prompt = tok.encode_chat([{"role": "user", "content": PROMPT}])
     speed = {}
@@ -68,7 +57,8 @@ def main():
     lines = [f"command: {' '.join(sys.argv)}", f"model {args.preset}, threads {torch.get_num_threads()}, "
              f"{len(texts)} held-out texts teacher-forced, {len(prompts)} prompts x {args.gen_tokens} greedy tokens", "",
              f"bf16 vs fp32 weights: teacher-forced top-1 agreement {quality['top1_agreement']:.3f}, NLL "
-             f"{quality['nll_fp32']:.3f} -> {quality['nll_bf16']:.3f} ({quality['nll_bf16'] - quality['nll_fp32']:+.3f}), "
+             f"{quality['nll_reference']:.3f} -> {quality['nll_other']:.3f} "
+             f"({quality['nll_other'] - quality['nll_reference']:+.3f}), "
              f"greedy tokens before divergence {quality['greedy_prefix_agreement']:.3f}", "",
              "| batch | fp32 tok/s | bf16 tok/s | bf16 / fp32 |", "|---:|---:|---:|---:|"]
     for batch, s in speed.items():

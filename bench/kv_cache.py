@@ -20,10 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.decode import decode_run  # noqa: E402
-from bench.quality import DATA, greedy, teacher_forced  # noqa: E402
+from bench.quality import DATA, side_by_side  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.sampling_params import SkipParams  # noqa: E402
 from server.config_file import load_config, preset_path  # noqa: E402
 
 DTYPES = ("float16", "int8")
@@ -56,17 +55,7 @@ def main():
     lines_of_text = [t for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
     texts = [tok.encode(t) for t in lines_of_text]
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in json.loads((DATA / "prompts.json").read_text())]
-    dense = SkipParams(budget=0.0)
-
-    tf = {d: teacher_forced(e, texts, dense) for d, e in engines.items()}
-    gen = {d: greedy(e, prompts, dense, args.gen_tokens)[0] for d, e in engines.items()}
-    a, b = gen["float16"], gen["int8"]
-    prefix = sum(next((i for i, (x, y) in enumerate(zip(g, h)) if x != y), min(len(g), len(h))) for g, h in zip(a, b))
-    quality = {
-        "top1_agreement": float((tf["float16"][0] == tf["int8"][0]).float().mean()),
-        "nll_float16": float(tf["float16"][1].mean()), "nll_int8": float(tf["int8"][1].mean()),
-        "greedy_prefix_agreement": prefix / sum(min(len(g), len(h)) for g, h in zip(a, b)),
-    }
+    quality = side_by_side(engines["float16"], engines["int8"], texts, prompts, args.gen_tokens)
     memory = {d: e.runner.kv.nbytes / e.runner.capacity.tokens for d, e in engines.items()}
 
     # long prompts: the held-out texts end to end, repeated, each row starting at another place
@@ -90,8 +79,8 @@ def main():
              f"KV bytes a token: float16 {memory['float16']:.0f}, int8 {memory['int8']:.0f} "
              f"({memory['int8'] / memory['float16']:.4f}x)",
              f"int8 vs float16 cache: teacher-forced top-1 agreement {quality['top1_agreement']:.3f}, NLL "
-             f"{quality['nll_float16']:.4f} -> {quality['nll_int8']:.4f} "
-             f"({quality['nll_int8'] - quality['nll_float16']:+.4f}), greedy tokens before divergence "
+             f"{quality['nll_reference']:.4f} -> {quality['nll_other']:.4f} "
+             f"({quality['nll_other'] - quality['nll_reference']:+.4f}), greedy tokens before divergence "
              f"{quality['greedy_prefix_agreement']:.3f}", "",
              "| context | batch | float16 tok/s | int8 tok/s | int8 / float16 |", "|---:|---:|---:|---:|---:|"]
     for key, s in speed.items():

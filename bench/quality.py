@@ -63,6 +63,20 @@ def greedy(engine, prompts, skip, max_tokens):
     return [ids for _, ids, _ in outs], [text for text, _, _ in outs], outs
 
 
+def side_by_side(reference: LLMEngine, other: LLMEngine, texts: list[list[int]], prompts: list[list[int]],
+                 gen_tokens: int) -> dict:
+    """Two builds of one model, dense: `other`'s teacher-forced top-1 agreement with `reference` and
+    both NLLs on `texts`, and the share of greedy tokens before their answers to `prompts` part."""
+    dense = SkipParams(budget=0.0)
+    ref_top1, ref_nll, *_ = teacher_forced(reference, texts, dense)
+    top1, nll, *_ = teacher_forced(other, texts, dense)
+    a, b = greedy(reference, prompts, dense, gen_tokens)[0], greedy(other, prompts, dense, gen_tokens)[0]
+    prefix = sum(next((i for i, (x, y) in enumerate(zip(g, h)) if x != y), min(len(g), len(h))) for g, h in zip(a, b))
+    return {"top1_agreement": float((ref_top1 == top1).float().mean()), "nll_reference": float(ref_nll.mean()),
+            "nll_other": float(nll.mean()),
+            "greedy_prefix_agreement": prefix / sum(min(len(g), len(h)) for g, h in zip(a, b))}
+
+
 def evaluate(engine: LLMEngine, budgets: list[float], gen_tokens: int) -> list[dict]:
     tok = engine.tokenizer
     texts = [tok.encode(t) for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
