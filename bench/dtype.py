@@ -7,7 +7,6 @@ side by side in one run (speed alternating A B A B, medians).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.decode import PROMPT, engine_run  # noqa: E402
-from bench.quality import DATA, side_by_side  # noqa: E402
+from bench.quality import held_out, side_by_side  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from server.config_file import load_config, preset_path  # noqa: E402
@@ -41,8 +40,7 @@ def main():
     args = p.parse_args()
     engines = {dtype: build(args.preset, dtype) for dtype in ("float32", "bfloat16")}
     tok = engines["float32"].tokenizer
-    texts = [tok.encode(t) for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
-    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in json.loads((DATA / "prompts.json").read_text())]
+    texts, prompts = held_out(tok)
     quality = side_by_side(engines["float32"], engines["bfloat16"], texts, prompts, args.gen_tokens)
 
     prompt = tok.encode_chat([{"role": "user", "content": PROMPT}])

@@ -9,7 +9,6 @@ every row's whole history each step. One run, speed alternating A B / B A, media
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.decode import decode_run  # noqa: E402
-from bench.quality import DATA, side_by_side  # noqa: E402
+from bench.quality import held_out, side_by_side  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from server.config_file import load_config, preset_path  # noqa: E402
@@ -51,10 +50,7 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     engines = {d: build(args.preset, d, max(8, *batches), max(contexts) + args.new_tokens + 16) for d in DTYPES}
     first = engines[DTYPES[0]]
-    tok = first.tokenizer
-    lines_of_text = [t for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
-    texts = [tok.encode(t) for t in lines_of_text]
-    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in json.loads((DATA / "prompts.json").read_text())]
+    texts, prompts = held_out(first.tokenizer)
     quality = side_by_side(engines["float16"], engines["int8"], texts, prompts, args.gen_tokens)
     memory = {d: e.runner.kv.nbytes / e.runner.capacity.tokens for d, e in engines.items()}
 

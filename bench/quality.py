@@ -30,6 +30,13 @@ from server.config_file import load_config, preset_path  # noqa: E402
 DATA = ROOT / "bench" / "data"
 
 
+def held_out(tok) -> tuple[list[list[int]], list[list[int]]]:
+    """The held-out texts (teacher-forced) and chat prompts (greedy) as token ids."""
+    texts = [tok.encode(t) for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in json.loads((DATA / "prompts.json").read_text())]
+    return texts, prompts
+
+
 @torch.inference_mode()
 def teacher_forced(engine: LLMEngine, texts: list[list[int]], skip: SkipParams, prefix: int = 8):
     """Feed each text token by token as decode steps (all texts in one batch) through the skip gate.
@@ -79,8 +86,7 @@ def side_by_side(reference: LLMEngine, other: LLMEngine, texts: list[list[int]],
 
 def evaluate(engine: LLMEngine, budgets: list[float], gen_tokens: int) -> list[dict]:
     tok = engine.tokenizer
-    texts = [tok.encode(t) for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
-    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in json.loads((DATA / "prompts.json").read_text())]
+    texts, prompts = held_out(tok)
     qa = json.loads((DATA / "factoid_qa.json").read_text())
     qa_prompts = [tok.encode_chat([{"role": "user", "content": f"Answer in one or two words. {x['q']}"}]) for x in qa]
 
@@ -118,8 +124,7 @@ def quantization_vs_fp32(served: LLMEngine, fp32: LLMEngine, gen_tokens: int) ->
     """The served quantized weights (and their KV cache dtype) against the same file dequantized to
     fp32, both dense."""
     tok = served.tokenizer
-    texts = [tok.encode(t) for t in (DATA / "heldout.txt").read_text().splitlines() if t.strip()]
-    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in json.loads((DATA / "prompts.json").read_text())]
+    texts, prompts = held_out(tok)
     dense = SkipParams(budget=0.0)
     (arg_q, nll_q, _, _), (arg_f, nll_f, _, _) = (teacher_forced(e, texts, dense) for e in (served, fp32))
     gen_q, gen_f = (greedy(e, prompts, dense, gen_tokens)[0] for e in (served, fp32))
