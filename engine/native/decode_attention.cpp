@@ -421,6 +421,7 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
         const int64_t length = lengths[row];
         return (window > 0 && length > window) ? length - window : int64_t{0};
     };
+    auto parts_of = [&](int row) { return static_cast<int>((lengths[row] - first_position(row) + PART - 1) / PART); };
     // every row's new K/V first (a few KB: one thread): rows of one sequence at consecutive
     // positions (speculative drafts checked in one step) then each see the ones before them, as
     // token-by-token decoding would
@@ -435,7 +436,7 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
     std::vector<int64_t> partial_at(static_cast<size_t>(rows) * kv_heads, -1);  // a split (row, kv)'s first part
     int64_t split_parts = 0;
     for (int row = 0; row < rows; ++row) {
-        const int parts = static_cast<int>((lengths[row] - first_position(row) + PART - 1) / PART);
+        const int parts = parts_of(row);
         for (int kv = 0; kv < kv_heads; ++kv) {
             if (parts > 1) {
                 partial_at[static_cast<size_t>(row) * kv_heads + kv] = split_parts;
@@ -458,6 +459,8 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
         const int64_t to = std::min<int64_t>(from + PART, lengths[row]);
         const int64_t span = to - from;
         auto at = [&](T* cache, int64_t t) { return slot(cache, row, kv, t); };
+        // positions from t to the end of t's block, or of the part
+        auto run_at = [&](int64_t t) { return std::min<int64_t>(block_size - t % block_size, to - t); };
         const float* qg = q + (static_cast<int64_t>(row) * heads + kv * group) * dim;
         thread_local std::vector<float> scores, widened;
         scores.resize(static_cast<size_t>(group) * PART);
@@ -467,8 +470,8 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
         // fetched meanwhile); then per query head the softmax's numerators, and the weighted sums of
         // the values for all the group's heads at once, again block by block
         for (int64_t t = from; t < to;) {
-            const int64_t run = std::min<int64_t>(block_size - t % block_size, to - t);
-            const int64_t next = t + run < to ? std::min<int64_t>(block_size, to - t - run) : 0;
+            const int64_t run = run_at(t);
+            const int64_t next = t + run < to ? run_at(t + run) : 0;
             dot_scores(qg, at(k_cache, t), next ? at(k_cache, t + run) : nullptr, next, at(v_cache, t),
                        scores.data() + (t - from), group, run, PART, dim, scale, widened.data());
             t += run;
@@ -491,7 +494,7 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
         const int64_t acc_stride = split < 0 ? dim : record;
         for (int g = 0; g < group; ++g) std::memset(acc + g * acc_stride, 0, sizeof(float) * dim);
         for (int64_t t = from; t < to;) {
-            const int64_t run = std::min<int64_t>(block_size - t % block_size, to - t);
+            const int64_t run = run_at(t);
             weighted_sums(scores.data() + (t - from), PART, at(v_cache, t), acc, acc_stride, group, run, dim);
             t += run;
         }
@@ -513,7 +516,7 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
         const int64_t split = partial_at[pair];
         if (split < 0) continue;
         const int row = static_cast<int>(pair / kv_heads), kv = static_cast<int>(pair % kv_heads);
-        const int parts = static_cast<int>((lengths[row] - first_position(row) + PART - 1) / PART);
+        const int parts = parts_of(row);
         std::vector<float> peaks(parts), totals(parts);
         std::vector<const float*> sums(parts);
         for (int g = 0; g < group; ++g) {
