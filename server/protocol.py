@@ -189,7 +189,7 @@ class ChatMessage(Strict):
         if self.content is None and not self.tool_calls:
             wanted = "content or tool_calls" if self.role == "assistant" else "content"
             old = " (the deprecated function_call is not read)" if self.function_call is not None else ""
-            raise InvalidParamError(f"{'an' if self.role[0] in 'aeiou' else 'a'} {self.role} message needs "
+            raise InvalidParamError(f"{'an' if self.role == 'assistant' else 'a'} {self.role} message needs "
                                     f"{wanted}{old}")
         return self
 

@@ -199,6 +199,7 @@ def test_numbers_sent_as_strings_or_booleans_are_refused_alike(server, field, va
     ({"role": "assistant", "content": None}, "an assistant message needs content or tool_calls"),
     ({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}, "function_call"),
     ({"role": "user", "content": [{"type": "text"}]}, "needs its text"),
+    ({"role": "user", "content": None}, "a user message needs content"),
 ])
 def test_messages_without_their_content_say_what_is_missing(server, message, words):
     r = post(server, {**OK, "messages": [{"role": "user", "content": "hi"}, message]})

@@ -57,8 +57,20 @@ class CPUBackend(TorchBackend):
         return 64, 32768
 
     def attention(self, q, k, v, k_cache, v_cache, meta, scale, window, softcap=None, sinks=None):
-        if meta.is_prefill or not (self.native and native_ops.decode_attention_supported(q, k_cache)):
+        """The native decode kernel where it loaded (it writes the new K/V itself and reads every
+        row's blocks in place), for prefill tokens too, each token a row attending to its own
+        positions: a token's result then depends on its position and the cache alone, the same
+        bits whether its prompt came whole, in chunks, after a cached prefix or as decode rows
+        (SDPA's depend on the chunk's length), and the kernel read a prompt's keys faster than
+        SDPA (README: "Prefill attention as decode rows")."""
+        if not (self.native and native_ops.decode_attention_supported(q, k_cache)):
             return super().attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap, sinks)
-        # the kernel writes the new K/V itself and reads every row's blocks in place
-        return native_ops.decode_attention(q, k, v, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                           meta.max_context_len, scale, window, softcap, sinks)
+        if not meta.is_prefill:
+            return native_ops.decode_attention(q, k, v, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                               meta.max_context_len, scale, window, softcap, sinks)
+        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype)
+        for first, last in native_ops.row_slices(meta.positions, q.shape[1], q.shape[2]):
+            tables, lengths, longest = meta.prefill_rows(first, last)  # rows in order: earlier ones' K/V written first
+            native_ops.decode_attention(q[first:last], k[first:last], v[first:last], k_cache, v_cache, tables, lengths,
+                                        longest, scale, window, softcap, sinks, out=out[first:last])
+        return out
