@@ -13,6 +13,7 @@ from engine.native import ops as native_ops
 
 class CPUBackend(TorchBackend):
     name = "cpu"
+    prefill_as_rows = True  # False: prefill attention on SDPA, as before (bench/prefill.py compares them)
 
     def __init__(self):
         self.native = kernels() is not None
@@ -63,7 +64,8 @@ class CPUBackend(TorchBackend):
         bits whether its prompt came whole, in chunks, after a cached prefix or as decode rows
         (SDPA's depend on the chunk's length), and the kernel read a prompt's keys faster than
         SDPA (README: "Prefill attention as decode rows")."""
-        if not (self.native and native_ops.decode_attention_supported(q, k_cache)):
+        if not (self.native and native_ops.decode_attention_supported(q, k_cache)) or \
+                (meta.is_prefill and not self.prefill_as_rows):
             return super().attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap, sinks)
         if not meta.is_prefill:
             return native_ops.decode_attention(q, k, v, k_cache, v_cache, meta.block_tables, meta.context_lens,
