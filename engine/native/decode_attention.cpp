@@ -391,11 +391,16 @@ void merge_parts(const float* peaks, const float* totals, const float* const* su
     }
     const float inv = 1.0f / normalizer;
     for (int i = 0; i < parts; ++i) weights[i] *= inv;
-    for (int d = 0; d < dim; ++d) {
-        float o = 0.0f;
-        for (int i = 0; i < parts; ++i) o += weights[i] * sums[i][d];
-        out[d] = o;
+    // part by part over the whole row (vectorized over d); each out[d] sums its parts in order
+    thread_local std::vector<float> o;
+    o.assign(static_cast<size_t>(dim), 0.0f);
+    for (int i = 0; i < parts; ++i) {
+        const float w = weights[i], *si = sums[i];
+        float* od = o.data();
+#pragma omp simd
+        for (int d = 0; d < dim; ++d) od[d] += w * si[d];
     }
+    std::memcpy(out, o.data(), sizeof(float) * dim);
 }
 
 // The work of a step: (row, KV head, part) items; a part is up to PART positions of the row's span.
