@@ -404,9 +404,12 @@ void merge_parts(const float* peaks, const float* totals, const float* const* su
 }
 
 // The work of a step: (row, KV head, part) items; a part is up to PART positions of the row's span.
+// `rows` consecutive rows from `row` on whose part is the same whole PART keys (a prompt's tokens
+// prefilled as rows: their earlier parts) share an item, their query heads taken as one group.
 struct Item {
-    int row, kv, part;
+    int row, kv, part, rows;
 };
+constexpr int TILE_ROWS = 8;  // rows an item shares at the most
 
 template <typename T>
 void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, T* v_cache,
@@ -436,20 +439,41 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
             store_row(slot(k_cache, row, kv, lengths[row] - 1), k_new + fresh, dim);
             store_row(slot(v_cache, row, kv, lengths[row] - 1), v_new + fresh, dim);
         }
-    std::vector<Item> items;
-    items.reserve(static_cast<size_t>(rows) * kv_heads);
     std::vector<int64_t> partial_at(static_cast<size_t>(rows) * kv_heads, -1);  // a split (row, kv)'s first part
     int64_t split_parts = 0;
+    int most_parts = 0;
     for (int row = 0; row < rows; ++row) {
         const int parts = parts_of(row);
-        for (int kv = 0; kv < kv_heads; ++kv) {
+        most_parts = std::max(most_parts, parts);
+        for (int kv = 0; kv < kv_heads; ++kv)
             if (parts > 1) {
                 partial_at[static_cast<size_t>(row) * kv_heads + kv] = split_parts;
                 split_parts += parts;
             }
-            for (int part = 0; part < parts; ++part) items.push_back({row, kv, part});
-        }
     }
+    // part `part` of rows a and b is the same PART keys: both attend from 0 (no window cut), it is
+    // whole for both (not their last), and their tables name the same blocks for it
+    auto same_part = [&](int a, int b, int part) {
+        if (part >= parts_of(a) - 1 || part >= parts_of(b) - 1 || first_position(a) || first_position(b)) return false;
+        const int64_t first = part * PART / block_size, last = ((part + 1) * PART - 1) / block_size;
+        return std::memcmp(block_tables + static_cast<int64_t>(a) * max_blocks + first,
+                           block_tables + static_cast<int64_t>(b) * max_blocks + first,
+                           sizeof(int32_t) * (last - first + 1)) == 0;
+    };
+    std::vector<Item> items;
+    items.reserve(static_cast<size_t>(rows) * kv_heads);
+    for (int kv = 0; kv < kv_heads; ++kv)
+        for (int part = 0; part < most_parts; ++part)
+            for (int row = 0; row < rows;) {
+                if (part >= parts_of(row)) {
+                    ++row;
+                    continue;
+                }
+                int shared = 1;
+                while (shared < TILE_ROWS && row + shared < rows && same_part(row, row + shared, part)) ++shared;
+                items.push_back({row, kv, part, shared});
+                row += shared;
+            }
     // a split row's parts: per query head its max, its sum of exps and its unnormalized output
     const int64_t record = dim + 2;
     std::vector<float> partials(static_cast<size_t>(split_parts) * group * record);
@@ -459,7 +483,8 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t i = 0; i < count; ++i) {
         const Item item = items[i];
-        const int row = item.row, kv = item.kv;
+        const int row = item.row, kv = item.kv, tile = item.rows;
+        const int group_here = tile * group;  // the query heads of the item's rows, as one group
         const int64_t from = first_position(row) + static_cast<int64_t>(item.part) * PART;
         const int64_t to = std::min<int64_t>(from + PART, lengths[row]);
         const int64_t span = to - from;
@@ -467,8 +492,15 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
         // positions from t to the end of t's block, or of the part
         auto run_at = [&](int64_t t) { return std::min<int64_t>(block_size - t % block_size, to - t); };
         const float* qg = q + (static_cast<int64_t>(row) * heads + kv * group) * dim;
-        thread_local std::vector<float> scores, widened;
-        scores.resize(static_cast<size_t>(group) * PART);
+        thread_local std::vector<float> scores, widened, tile_q, tile_acc;
+        if (tile > 1) {  // the rows' query heads side by side
+            tile_q.resize(static_cast<size_t>(group_here) * dim);
+            for (int r = 0; r < tile; ++r)
+                std::memcpy(tile_q.data() + static_cast<int64_t>(r) * group * dim,
+                            q + (static_cast<int64_t>(row + r) * heads + kv * group) * dim, sizeof(float) * group * dim);
+            qg = tile_q.data();
+        }
+        scores.resize(static_cast<size_t>(group_here) * PART);
         widened.resize(static_cast<size_t>(16) * dim);  // a run of LANES keys
 
         // scores of every key, one block's run at a time (the run's values and the next run's keys
@@ -478,13 +510,13 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
             const int64_t run = run_at(t);
             const int64_t next = t + run < to ? run_at(t + run) : 0;
             dot_scores(qg, at(k_cache, t), next ? at(k_cache, t + run) : nullptr, next, at(v_cache, t),
-                       scores.data() + (t - from), group, run, PART, dim, scale, widened.data());
+                       scores.data() + (t - from), group_here, run, PART, dim, scale, widened.data());
             t += run;
         }
         thread_local std::vector<float> peaks, totals;
-        peaks.resize(group);
-        totals.resize(group);
-        for (int g = 0; g < group; ++g) {
+        peaks.resize(group_here);
+        totals.resize(group_here);
+        for (int g = 0; g < group_here; ++g) {
             float* s = scores.data() + g * PART;
             if (softcap > 0.0f)  // Gemma 2: scores squashed into (-softcap, softcap) before the softmax
                 for (int64_t t = 0; t < span; ++t) s[t] = softcap * std::tanh(s[t] / softcap);
@@ -493,15 +525,28 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
             totals[g] = sm.total;
         }
         // the unnormalized sums: in the output itself for a row of one part, else in its record
+        // (an item of several rows: side by side, then each row's copied to its record)
         float* og = out + (static_cast<int64_t>(row) * heads + kv * group) * dim;
         const int64_t split = partial_at[static_cast<size_t>(row) * kv_heads + kv];
-        float* acc = split < 0 ? og : partials.data() + (split + item.part) * group * record;
-        const int64_t acc_stride = split < 0 ? dim : record;
-        for (int g = 0; g < group; ++g) std::memset(acc + g * acc_stride, 0, sizeof(float) * dim);
+        if (tile > 1) tile_acc.resize(static_cast<size_t>(group_here) * dim);
+        float* acc = tile > 1 ? tile_acc.data() : split < 0 ? og : partials.data() + (split + item.part) * group * record;
+        const int64_t acc_stride = split < 0 || tile > 1 ? dim : record;
+        for (int g = 0; g < group_here; ++g) std::memset(acc + g * acc_stride, 0, sizeof(float) * dim);
         for (int64_t t = from; t < to;) {
             const int64_t run = run_at(t);
-            weighted_sums(scores.data() + (t - from), PART, at(v_cache, t), acc, acc_stride, group, run, dim);
+            weighted_sums(scores.data() + (t - from), PART, at(v_cache, t), acc, acc_stride, group_here, run, dim);
             t += run;
+        }
+        if (tile > 1) {  // whole parts of split rows: records only
+            for (int g = 0; g < group_here; ++g) {
+                const int r = g / group;
+                float* record_at = partials.data() +
+                    ((partial_at[static_cast<size_t>(row + r) * kv_heads + kv] + item.part) * group + g % group) * record;
+                std::memcpy(record_at, acc + g * dim, sizeof(float) * dim);
+                record_at[dim] = peaks[g];
+                record_at[dim + 1] = totals[g];
+            }
+            continue;
         }
         for (int g = 0; g < group; ++g) {
             const float* sink = sinks ? sinks + kv * group + g : nullptr;
