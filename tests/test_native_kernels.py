@@ -326,6 +326,44 @@ def test_long_rows_are_attended_in_parts_and_merged(request, isa, cache_dtype, h
     assert torch.equal(attend(rows, threads=1)[0], ours)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+@pytest.mark.parametrize("heads, kv_heads, dim, block_size, window",
+                         [(9, 3, 64, 16, None), (4, 1, 256, 5, None), (8, 2, 128, 16, 530)])
+def test_a_prompts_rows_share_their_whole_parts_and_keep_their_bits(request, isa, cache_dtype, heads, kv_heads, dim,
+                                                                    block_size, window):
+    """Rows of one sequence at consecutive positions (a prompt prefilled as rows) share the work
+    items of their whole parts, up to 8 rows an item; rows of another sequence of the same lengths
+    right after them do not (their blocks differ), nor do rows a window cuts (530: the last rows).
+    Each row against the written-out reference, and bit for bit as alone."""
+    lib = request.getfixturevalue("kernels" if isa == "native" else "avx2_kernels")
+    if cache_dtype == torch.float16 and not lib.decode_attention_fp16_cache():
+        pytest.skip("this build reads fp16 caches only with F16C")
+    gen = torch.Generator().manual_seed(dim + block_size)
+    lengths = list(range(521, 541)) * 2  # 3 parts each: two whole ones to share, then its own
+    per_sequence = -(-540 // block_size)
+    order = torch.randperm(2 * per_sequence + 3, generator=gen).tolist()
+    tables = [order[:per_sequence]] * 20 + [order[per_sequence:2 * per_sequence]] * 20
+    k_cache = cache_rows(torch.randn(len(order), kv_heads, block_size, dim, generator=gen), cache_dtype)
+    v_cache = cache_rows(torch.randn(len(order), kv_heads, block_size, dim, generator=gen), cache_dtype)
+    q = torch.randn(40, heads, dim, generator=gen) * 2
+    k, v = torch.randn(40, kv_heads, dim, generator=gen), torch.randn(40, kv_heads, dim, generator=gen)
+    scale = dim ** -0.5
+
+    def attend(rows):
+        meta = AttentionMetadata.for_decode([tables[r] for r in rows], [lengths[r] - 1 for r in rows], block_size,
+                                            "cpu", torch.float32)
+        return ops.decode_attention(q[rows], k[rows], v[rows], k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                    meta.max_context_len, scale, window, None, None, lib=lib)
+
+    ours = attend(list(range(40)))  # the caches now hold every row's K/V, which a row alone writes again
+    for i in range(40):
+        expected = reference_attention(q[i], cache_values(k_cache), cache_values(v_cache), tables[i], lengths[i], scale,
+                                       window, None, None)
+        torch.testing.assert_close(ours[i], expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(attend([i])[0], ours[i])
+
+
 def test_int8_rows_hold_each_group_to_half_a_step(kernels):
     """A row's values come back within half a quantization step of their group (absmax / 127 / 2);
     an all-zero group holds zeros."""
