@@ -168,8 +168,7 @@ class ModelRunner:
         # before them in the same step: the native CPU step writes every row's K/V before attending
         self.checks_drafts = self.model.fused_decode is not None
         # for the same reason, short prefill chunks may go as decode rows of their sequence
-        self.short_chunk_rows, self.short_chunk_keys = self.backend.short_chunk_limits() if self.checks_drafts \
-            else (0, 0)
+        self.short_chunk_rows = self.backend.short_chunk_rows() if self.checks_drafts else 0
         self.num_layers = model_config.num_layers
         per_token = self.model.weight_bytes()
         log.info("weights read per decoded token: %.1f MB (FFN %.1f, attention %.1f, lm_head %.1f); kernels: %s",
@@ -291,9 +290,8 @@ class ModelRunner:
     PREFILL_ROW = RowSkip(max_skips=0, threshold=1.0)  # prefill never skips
 
     def _computes_as_rows(self, chunk) -> bool:
-        """Whether a prefill chunk goes as decode rows (`short_chunk_limits`)."""
-        n = chunk.end - chunk.start
-        return n <= self.short_chunk_rows and n * chunk.end <= self.short_chunk_keys
+        """Whether a prefill chunk goes as decode rows (the backend's `short_chunk_rows`)."""
+        return chunk.end - chunk.start <= self.short_chunk_rows
 
     def _decode_rows(self, as_rows: list, decoding: list):
         """Short prefill chunks' tokens (dense rows at their positions), then the decoding rows with

@@ -86,7 +86,8 @@ def test_a_long_prompts_rows_go_in_runs_that_bound_the_partials_and_change_no_bi
     assert torch.equal(prefilled(engine, [prompt]), by_runs)
 
 
-def test_a_prompt_chunked_otherwise_beside_another_one_samples_the_same_numbers(any_engine, monkeypatch):
+@pytest.mark.parametrize("rows", [0, 512])  # the chunks as prefill forwards, or as decode rows
+def test_a_prompt_chunked_otherwise_beside_another_one_samples_the_same_numbers(any_engine, rows, monkeypatch):
     """Prompts share a step's prefill budget (512 tokens), so how a prompt is chunked depends on
     what else is in flight: alone, 600 tokens go as 512 + 88; behind a 300-token prompt, as 212 +
     388. Its logprobs, greedy or seeded, have the same bits either way (nothing cached)."""
@@ -94,9 +95,10 @@ def test_a_prompt_chunked_otherwise_beside_another_one_samples_the_same_numbers(
 
     monkeypatch.setattr(any_engine.blocks, "prefix_caching", False)
     runner, chunks = any_engine.runner, []
-    prefill = runner.prefill
-    monkeypatch.setattr(runner, "prefill", lambda c, gate=None: chunks.append([(s, len(ids)) for ids, _, s in c])
-                        or prefill(c, gate))
+    monkeypatch.setattr(runner, "short_chunk_rows", rows)
+    run = runner.run
+    monkeypatch.setattr(runner, "run", lambda batch: chunks.append([(c.start, c.end - c.start) for c in batch.prefills])
+                        or run(batch))
     text = any_engine.tokenizer.encode(TEXT * 8)
     prompt, other = text[:600], text[50:350]
     assert len(prompt) == 600 and any_engine.scheduler.max_prefill_tokens == 512
@@ -104,10 +106,10 @@ def test_a_prompt_chunked_otherwise_beside_another_one_samples_the_same_numbers(
                    SamplingParams(temperature=0.9, seed=11, max_tokens=6, logprobs=2)):
         chunks.clear()
         (_, alone, out_alone), = any_engine.generate([prompt], params)
-        assert chunks == [[(0, 512)], [(512, 88)]]
+        assert [c for c in chunks if c] == [[(0, 512)], [(512, 88)]]
         chunks.clear()
         (_, _, _), (_, beside, out_beside) = any_engine.generate([other, prompt], params)
-        assert chunks == [[(0, 300), (0, 212)], [(212, 388)]]
+        assert [c for c in chunks if c] == [[(0, 300), (0, 212)], [(212, 388)]]
         assert beside == alone
         assert [(t.logprob, [a[2] for a in t.top]) for t in out_beside.logprobs] == \
             [(t.logprob, [a[2] for a in t.top]) for t in out_alone.logprobs]

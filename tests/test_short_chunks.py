@@ -1,8 +1,7 @@
-"""Short prefill chunks (`ModelRunner.short_chunk_rows` tokens or fewer, 64, while their rows attend
-to at most `short_chunk_keys` keys in all) are computed as decode rows of their sequence where
-the decode step writes every row's K/V before any row attends (the
-native CPU step): a short prompt, the new tokens after a cached prefix, a long prompt's short last
-chunk. They make the tokens the prefill forward makes (and HF's), with the same logprobs bit for
+"""Prefill chunks of `ModelRunner.short_chunk_rows` tokens or fewer (512 on the CPU: a default
+step's whole prefill budget) are computed as decode rows of their sequence where the decode step
+writes every row's K/V before any row attends (the native CPU step): a short prompt, the new
+tokens after a cached prefix, a long prompt's chunks, however long their history. They make the tokens the prefill forward makes (and HF's), with the same logprobs bit for
 bit (the forward's attention runs on the same kernel, each token a row); beside rows that skip FFNs
 their rows never skip."""
 from __future__ import annotations
@@ -33,7 +32,7 @@ def forwards(engine, monkeypatch):
 def rows_limit(engine, monkeypatch):
     def set_limit(limit: int):
         monkeypatch.setattr(engine.runner, "short_chunk_rows", limit)
-    assert engine.runner.short_chunk_rows == 64
+    assert engine.runner.short_chunk_rows == 512
     return set_limit
 
 
@@ -79,12 +78,13 @@ def test_new_tokens_after_a_cached_prefix_and_a_long_prompts_last_chunk(engine, 
     ids, out = _run(engine, long, SamplingParams(temperature=0.0, max_tokens=8))
     assert len(long) == 532 and len(forwards) == 1 and out.cached_tokens == 0
     assert ids == hf_greedy(hf_model, long, 8)
-    # rows attend to their whole history one by one: past short_chunk_keys keys in all, the forward
-    history = other[:496]
-    for new, by_rows in ((text[:48], True), (text[60:124], False)):  # 48 x 544 keys in all; 64 x 560 > 32,768
-        forwards.clear()
-        _, out = _run(engine, history + new, SamplingParams(temperature=0.0, max_tokens=1))
-        assert out.cached_tokens == 496 and (not forwards) == by_rows
+    # at the CPU's limit a chunk of a step's whole budget goes as rows, however long its history
+    rows_limit(512)
+    history, new = other[:496], (text * 3)[:300]  # the history cached by the prompt above
+    forwards.clear()
+    ids, out = _run(engine, history + new, SamplingParams(temperature=0.0, max_tokens=8))
+    assert out.cached_tokens == 496 and not forwards
+    assert ids == hf_greedy(hf_model, history + new, 8)
 
 
 def test_short_prompts_beside_skipping_rows_never_skip_and_change_nothing(engine, chat_prompts, rows_limit):

@@ -91,12 +91,11 @@ class TorchBackend:
         model calls it with the step's embeddings, metadata and gate."""
         return None
 
-    def short_chunk_limits(self) -> tuple[int, int]:
-        """(rows, keys): a prefill chunk of n tokens ending at position `end` is computed as n decode
-        rows of its sequence where n <= rows and n * end <= keys (the keys its rows attend to), if
-        the backend's fused decode step writes every row's K/V before any row attends; (0, 0): every
+    def short_chunk_rows(self) -> int:
+        """A prefill chunk of n tokens is computed as n decode rows of its sequence where n <= this,
+        if the backend's fused decode step writes every row's K/V before any row attends; 0: every
         chunk takes the prefill forward."""
-        return 0, 0
+        return 0
 
     def decode_step(self, model, kv, config, policy):
         """A whole decode step from the host's inputs (token ids, positions, block tables, gate),

@@ -48,14 +48,14 @@ class CPUBackend(TorchBackend):
     def fused_decode(self, model, kv):
         return FusedDecode(model, kv) if self.native and FusedDecode.fits(model, kv) else None
 
-    def short_chunk_limits(self) -> tuple[int, int]:
-        """A prefill forward's fixed cost is ~10-20 ms more than a decode step's, and a row costs
-        about what a prefilled token does, but each row attends to its whole history on its own
-        where the forward does one product per sequence. `bench/short_chunks.py` (README: "Short
-        prompt chunks as decode rows"), AVX-512 and AVX2 alike: rows came first up to 64 tokens
-        while n x (cached + n) stayed under ~32k keys (1.03-4.1x), and broke even around it
-        (0.98-1.01x at 448 + 64, 960 + 32, 1,920 + 16), and lost beyond (0.75-0.93x)."""
-        return 64, 32768
+    def short_chunk_rows(self) -> int:
+        """The decode step runs the forward's kernels in one native call, and since prefill attention
+        runs on the decode kernel too (`attention`), a chunk's rows attend as the forward does.
+        `bench/short_chunks.py` (README: "Short prompt chunks as decode rows"): rows came first or
+        level at every size measured, 1 to 512 new tokens after 0 to 1,920 cached, AVX-512 and AVX2
+        (1.01-1.86x; AVX2 0.99x at 1,024 + 256). 512: the default step's prefill budget, the most
+        measured."""
+        return 512
 
     def attention(self, q, k, v, k_cache, v_cache, meta, scale, window, softcap=None, sinks=None):
         """The native decode kernel where it loaded (it writes the new K/V itself and reads every
