@@ -51,7 +51,7 @@ class CPUBackend(TorchBackend):
     def short_chunk_rows(self) -> int:
         """The decode step runs the forward's kernels in one native call, and since prefill attention
         runs on the decode kernel too (`attention`), a chunk's rows attend as the forward does.
-        `bench/short_chunks.py` (README: "Short prompt chunks as decode rows"): rows came first or
+        `bench/short_chunks.py` (README: "Prompt chunks as decode rows"): rows came first or
         level at every size measured, 1 to 512 new tokens after 0 to 1,920 cached, AVX-512 and AVX2
         (1.01-1.86x; AVX2 0.99x at 1,024 + 256). 512: the default step's prefill budget, the most
         measured."""
