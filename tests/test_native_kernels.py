@@ -364,6 +364,38 @@ def test_a_prompts_rows_share_their_whole_parts_and_keep_their_bits(request, isa
         assert torch.equal(attend([i])[0], ours[i])
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_rows_whose_parts_outgrow_a_run_go_in_runs_and_keep_their_bits(request, isa):
+    """A call's rows go in runs whose split parts' records stay within the kernel's bound (8 MB):
+    64 rows of a 4,100-token prompt with 32 heads of 128 (17 parts each) span several runs, and
+    each row has the bits it has alone, against the written-out reference."""
+    lib = request.getfixturevalue("kernels" if isa == "native" else "avx2_kernels")
+    heads, kv_heads, dim, block_size = 32, 4, 128, 16
+    lengths = list(range(4037, 4101))
+    per_row = lambda n: -(-n // 256)  # noqa: E731  parts: the kernel's PART
+    run_parts = lib.decode_attention_partials_bytes() // (4 * heads * (dim + 2))
+    assert sum(per_row(n) for n in lengths) > 2 * run_parts  # three runs at least
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randperm(-(-4100 // block_size) + 2, generator=gen).tolist()
+    k_cache = torch.randn(len(table), kv_heads, block_size, dim, generator=gen)
+    v_cache = torch.randn(len(table), kv_heads, block_size, dim, generator=gen)
+    q = torch.randn(len(lengths), heads, dim, generator=gen) * 2
+    k, v = (torch.randn(len(lengths), kv_heads, dim, generator=gen) for _ in range(2))
+    scale = dim ** -0.5
+
+    def attend(rows):
+        meta = AttentionMetadata.for_decode([table] * len(rows), [lengths[r] - 1 for r in rows], block_size, "cpu",
+                                            torch.float32)
+        return ops.decode_attention(q[rows], k[rows], v[rows], k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                    meta.max_context_len, scale, None, None, None, lib=lib)
+
+    ours = attend(list(range(len(lengths))))
+    for i in (0, 17, 30, 31, 45, 63):
+        expected = reference_attention(q[i], k_cache, v_cache, table, lengths[i], scale, None, None, None)
+        torch.testing.assert_close(ours[i], expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(attend([i])[0], ours[i])
+
+
 def test_int8_rows_hold_each_group_to_half_a_step(kernels):
     """A row's values come back within half a quantization step of their group (absmax / 127 / 2);
     an all-zero group holds zeros."""

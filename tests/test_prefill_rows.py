@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.native import ops as native_ops
 from tests.helpers import engine_like
 
 TEXT = ("The history of the bicycle begins in the early nineteenth century, when inventors built machines that "
@@ -66,24 +65,19 @@ def test_sequences_in_one_forward_have_their_own_bits(any_engine):
     assert torch.equal(together, torch.cat(alone))
 
 
-def test_a_long_prompts_rows_go_in_runs_that_bound_the_partials_and_change_no_bit(any_engine, monkeypatch):
-    """Rows past 256 positions are attended in parts whose partial results the kernel holds per
-    call: a long prompt's rows go in runs of at most PARTIALS_BYTES of them (at least a row each)."""
-    engine = any_engine
-    positions = torch.arange(600)
-    heads, dim = 9, 64
-    cost = ((positions + native_ops.DECODE_PART) // native_ops.DECODE_PART) * heads * (dim + 2) * 4
-    monkeypatch.setattr(native_ops, "PARTIALS_BYTES", 200_000)
-    runs = native_ops.row_slices(positions, heads, dim)
-    assert runs[0][0] == 0 and runs[-1][1] == 600 and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
-    assert len(runs) > 5 and all(int(cost[a:b].sum()) <= 200_000 for a, b in runs)
-    monkeypatch.setattr(native_ops, "PARTIALS_BYTES", 1)  # one row a run
-    assert native_ops.row_slices(positions[:7], heads, dim) == [(i, i + 1) for i in range(7)]
-    prompt = (engine.tokenizer.encode(TEXT) * 8)[:700]
+def test_a_long_prompts_rows_share_work_and_keep_their_bits(any_engine):
+    """Rows past 256 positions are attended in parts, and consecutive rows of a prompt share the
+    items of their whole parts: a 700-token prompt has the same bits in one forward, in forwards
+    of 650 and 50, and decoding its last tokens."""
+    runner = any_engine.runner
+    prompt = (any_engine.tokenizer.encode(TEXT) * 8)[:700]
     assert len(prompt) == 700
-    by_runs = prefilled(engine, [prompt[:650], prompt[650:]])
-    monkeypatch.setattr(native_ops, "PARTIALS_BYTES", 1 << 40)  # every row in one call
-    assert torch.equal(prefilled(engine, [prompt]), by_runs)
+    whole = prefilled(any_engine, [prompt])
+    assert torch.equal(prefilled(any_engine, [prompt[:650], prompt[650:]]), whole)
+    with any_engine.kv_blocks([len(prompt)]) as (table,):
+        runner.prefill([(prompt[:690], table, 0)])
+        decoded = [runner.logits(runner.decode([t], [p], [table]))[0] for p, t in enumerate(prompt[690:], 690)]
+    assert torch.equal(torch.stack(decoded), whole[690:])
 
 
 @pytest.mark.parametrize("rows", [0, 512])  # the chunks as prefill forwards, or as decode rows

@@ -39,7 +39,7 @@ class AttentionMetadata:
     max_context_len: int = 0
     dtype: torch.dtype = torch.float32
     _masks: dict = field(default_factory=dict)  # (segment, window) -> mask, built once per step
-    _rows: dict = field(default_factory=dict)  # prefill as rows: (first, last) -> tables and lengths, once per step
+    _rows: tuple | None = None  # prefill as rows: tables, lengths and the longest, built once per step
 
     @classmethod
     def for_prefill(cls, chunks: list[tuple[list[int], int, int]], block_size: int,
@@ -76,29 +76,21 @@ class AttentionMetadata:
             dtype=dtype,
         )
 
-    def prefill_rows(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Prefill tokens first..last - 1 (of all segments, in order) as decode rows: [n, max blocks]
-        int32 block tables (each token's sequence's, padded with block 0), [n] int32 context
-        lengths (position + 1) and the longest, built once per step; a backend whose decode
-        attention takes the rows computes a prompt's attention as token-by-token decoding would."""
-        key = (first, last)
-        if key not in self._rows:
-            tables, lengths, at = [], [], 0
-            for seg in self.segments:
-                lo, hi = max(first, at), min(last, at + seg.num_tokens)
-                if lo < hi:
-                    tables.append(seg.block_table.to(torch.int32)[None, :].expand(hi - lo, -1))
-                    lengths.append(seg.positions[lo - at:hi - at].to(torch.int32) + 1)
-                at += seg.num_tokens
-            width = max(t.shape[1] for t in tables)
-            padded = torch.zeros(last - first, width, dtype=torch.int32, device=self.positions.device)
+    def prefill_rows(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The prefill tokens (of all segments, in order) as decode rows: [N, max blocks] int32 block
+        tables (each token's sequence's, padded with block 0), [N] int32 context lengths
+        (position + 1) and the longest, built once per step; a backend whose decode attention takes
+        the rows computes a prompt's attention as token-by-token decoding would."""
+        if self._rows is None:
+            width = max(len(seg.block_table) for seg in self.segments)
+            tables = torch.zeros(len(self.positions), width, dtype=torch.int32, device=self.positions.device)
             row = 0
-            for table in tables:
-                padded[row:row + table.shape[0], :table.shape[1]] = table
-                row += table.shape[0]
-            lengths = torch.cat(lengths)
-            self._rows[key] = padded, lengths, int(lengths.max())
-        return self._rows[key]
+            for seg in self.segments:
+                tables[row:row + seg.num_tokens, :len(seg.block_table)] = seg.block_table.to(torch.int32)
+                row += seg.num_tokens
+            lengths = self.positions.to(torch.int32) + 1
+            self._rows = tables, lengths, int(lengths.max())
+        return self._rows
 
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor:
         """[N, end] bool (True = attend) for segment `index`; `window`: only the last `window`

@@ -39,6 +39,7 @@ SIGNATURES = {
     # max_blocks, window, scale, softcap (0: none), sinks (fp32 [heads], or None), cache_bits, threads
     "decode_attention_f32": [_ptr] * 8 + [_int] * 7 + [_float, _float, _ptr, _int, _int],
     "decode_attention_fp16_cache": [],
+    "decode_attention_partials_bytes": [],
     # x, w, bias (or None), y, rows, in, out, threads
     "linear_f32": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
     "linear_bf16": [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int],
@@ -69,7 +70,8 @@ SIGNATURES = {
 # x, q, scale, offset (or None), table (or None), bias (or None), y, rows, in, out, bits, group, scale_bits, threads
 VARIANT_SIGNATURES = {"quant_linear": [_ptr] * 7 + [_int] * 7}
 RESTYPES = {"linear_f32_vectorized": ctypes.c_int, "linear_bf16_vectorized": ctypes.c_int, "quant_cpu_isa": ctypes.c_int,
-            "quant_linear": ctypes.c_int, "decode_attention_fp16_cache": ctypes.c_int}
+            "quant_linear": ctypes.c_int, "decode_attention_fp16_cache": ctypes.c_int,
+            "decode_attention_partials_bytes": ctypes.c_int64}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

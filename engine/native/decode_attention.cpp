@@ -410,6 +410,10 @@ struct Item {
     int row, kv, part, rows;
 };
 constexpr int TILE_ROWS = 8;  // rows an item shares at the most
+// A call's rows go in runs whose split parts' records (dim + 2 floats a query head and part) take
+// at most this many bytes: a long prompt's rows in one call (prefill as rows) would hold
+// O(tokens^2 / PART) of them. A row's numbers do not depend on its run.
+constexpr int64_t PARTIALS_BYTES = int64_t{8} << 20;
 
 template <typename T>
 void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, T* v_cache,
@@ -439,10 +443,13 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
             store_row(slot(k_cache, row, kv, lengths[row] - 1), k_new + fresh, dim);
             store_row(slot(v_cache, row, kv, lengths[row] - 1), v_new + fresh, dim);
         }
+    const int64_t record = dim + 2;
+    // rows r0 .. r1 - 1 (their K/V all written above)
+    auto attend_run = [&](int r0, int r1) {
     std::vector<int64_t> partial_at(static_cast<size_t>(rows) * kv_heads, -1);  // a split (row, kv)'s first part
     int64_t split_parts = 0;
     int most_parts = 0;
-    for (int row = 0; row < rows; ++row) {
+    for (int row = r0; row < r1; ++row) {
         const int parts = parts_of(row);
         most_parts = std::max(most_parts, parts);
         for (int kv = 0; kv < kv_heads; ++kv)
@@ -464,18 +471,17 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
     items.reserve(static_cast<size_t>(rows) * kv_heads);
     for (int kv = 0; kv < kv_heads; ++kv)
         for (int part = 0; part < most_parts; ++part)
-            for (int row = 0; row < rows;) {
+            for (int row = r0; row < r1;) {
                 if (part >= parts_of(row)) {
                     ++row;
                     continue;
                 }
                 int shared = 1;
-                while (shared < TILE_ROWS && row + shared < rows && same_part(row, row + shared, part)) ++shared;
+                while (shared < TILE_ROWS && row + shared < r1 && same_part(row, row + shared, part)) ++shared;
                 items.push_back({row, kv, part, shared});
                 row += shared;
             }
     // a split row's parts: per query head its max, its sum of exps and its unnormalized output
-    const int64_t record = dim + 2;
     std::vector<float> partials(static_cast<size_t>(split_parts) * group * record);
     // rows of a step differ in length: items go to whichever thread is free (each computes its own
     // numbers, and the parts are merged in order after, so the order does not change any result)
@@ -562,7 +568,7 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
     if (split_parts == 0) return;
     // the split rows' parts merged, per (row, KV head)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t pair = 0; pair < static_cast<int64_t>(rows) * kv_heads; ++pair) {
+    for (int64_t pair = static_cast<int64_t>(r0) * kv_heads; pair < static_cast<int64_t>(r1) * kv_heads; ++pair) {
         const int64_t split = partial_at[pair];
         if (split < 0) continue;
         const int row = static_cast<int>(pair / kv_heads), kv = static_cast<int>(pair % kv_heads);
@@ -580,9 +586,19 @@ void attend(const float* q, const float* k_new, const float* v_new, T* k_cache, 
                         out + (static_cast<int64_t>(row) * heads + kv * group + g) * dim, dim);
         }
     }
+    };
+    const int64_t run_parts = std::max<int64_t>(1, PARTIALS_BYTES / (static_cast<int64_t>(sizeof(float)) * heads * record));
+    for (int r0 = 0, r1; r0 < rows; r0 = r1) {
+        int64_t parts = parts_of(r0);
+        for (r1 = r0 + 1; r1 < rows && parts + parts_of(r1) <= run_parts; ++r1) parts += parts_of(r1);
+        attend_run(r0, r1);
+    }
 }
 
 }  // namespace
+
+// The bytes of split parts' records a run of rows holds at the most (PARTIALS_BYTES; tests).
+extern "C" int64_t decode_attention_partials_bytes() { return PARTIALS_BYTES; }
 
 // 1 where this build reads fp16 caches (cache_bits 16 below), else 0.
 extern "C" int decode_attention_fp16_cache() {

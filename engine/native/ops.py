@@ -41,14 +41,13 @@ def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, lengths: torch.Tensor, longest: int, scale: float,
                      window: int | None, softcap: float | None = None, sinks: torch.Tensor | None = None,
-                     lib=None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     lib=None) -> torch.Tensor:
     """q: [B, H, D] fp32; k, v: [B, KV, D], the new token's, written at position lengths - 1 of each
     row; caches: [blocks, KV, block_size, D] of one layer (fp32, fp16, or int8 rows); block_tables: [B, max blocks] int32;
     lengths: [B] int32, every length >= 1 (position + 1); longest: max(lengths), checked against the
     table; softcap: scores squashed to softcap * tanh(s / softcap) (Gemma 2); sinks: fp32 [H], a logit per
     head in each softmax's normalizer (gpt-oss); lib: another build of the kernels than the process's
-    (tests: the AVX2 one); out: a contiguous [B, H*D] fp32 tensor to write (else a new one) -> [B, H*D].
-    An int8 cache holds rows of int8_rows.row_bytes(D)."""
+    (tests: the AVX2 one) -> [B, H*D]. An int8 cache holds rows of int8_rows.row_bytes(D)."""
     rows, heads, dim = q.shape
     block_size = k_cache.shape[2]
     check_decode_lengths(longest, block_tables, block_size)
@@ -63,33 +62,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                          "(int8: rows of a head dim that is a multiple of 32, with their scales), fp32 keys and "
                          "values, query heads a multiple of the KV heads, and fp32 sinks a head")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if out is None:
-        out = torch.empty(rows, heads * dim, dtype=q.dtype)
-    elif not (out.dtype == torch.float32 and out.shape == (rows, heads * dim) and out.is_contiguous()):
-        raise ValueError("decode attention writes a contiguous fp32 [rows, heads * dim] output")
+    out = torch.empty(rows, heads * dim, dtype=q.dtype)
     (lib or kernels()).decode_attention_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         lengths.data_ptr(), out.data_ptr(), rows, heads, k_cache.shape[1], dim, block_size, block_tables.shape[1],
         window or 0, scale, softcap or 0.0, None if sinks is None else sinks.data_ptr(), cache_bits(k_cache),
         torch.get_num_threads())
     return out
-
-
-DECODE_PART = 256  # positions a work item of decode_attention.cpp covers (its PART)
-PARTIALS_BYTES = 8 << 20  # at most this much of a call's split rows' partial results at once
-
-
-def row_slices(positions: torch.Tensor, heads: int, dim: int) -> list[tuple[int, int]]:
-    """Rows (one a position) in runs whose parts' partial results (`dim + 2` floats a query head and
-    part) stay within PARTIALS_BYTES, at least one row a run: a long prompt's rows, attended in
-    one call, would hold O(tokens^2 / DECODE_PART) of them."""
-    cost = torch.cumsum((positions.long() + DECODE_PART) // DECODE_PART * (heads * (dim + 2) * 4), 0)
-    runs, first, spent = [], 0, 0
-    while first < len(cost):
-        last = max(int(torch.searchsorted(cost, spent + PARTIALS_BYTES, right=True)), first + 1)
-        runs.append((first, last))
-        first, spent = last, int(cost[last - 1])
-    return runs
 
 
 BLOCK = 16  # outputs per weight block (engine/native/tiling.h)

@@ -70,9 +70,6 @@ class CPUBackend(TorchBackend):
         if not meta.is_prefill:
             return native_ops.decode_attention(q, k, v, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                                meta.max_context_len, scale, window, softcap, sinks)
-        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype)
-        for first, last in native_ops.row_slices(meta.positions, q.shape[1], q.shape[2]):
-            tables, lengths, longest = meta.prefill_rows(first, last)  # rows in order: earlier ones' K/V written first
-            native_ops.decode_attention(q[first:last], k[first:last], v[first:last], k_cache, v_cache, tables, lengths,
-                                        longest, scale, window, softcap, sinks, out=out[first:last])
-        return out
+        tables, lengths, longest = meta.prefill_rows()
+        return native_ops.decode_attention(q, k, v, k_cache, v_cache, tables, lengths, longest, scale, window, softcap,
+                                           sinks)
