@@ -294,7 +294,7 @@ void linear(const float* x, const uint8_t* q, const S* scale, const S* offset, c
     const int64_t tile_scales = static_cast<int64_t>(groups) * TILE_OUT;
     int16_t* a_rows = a.data();  // thread_local: the team reaches the caller's buffers through these
     float *s_rows = s.data(), *sum_rows = sums.data();
-    const int chunk = work_chunk(tiles, threads);
+    const int chunk = work_chunk(tiles, threads, nrows <= STREAM_ROWS ? STREAM_CHUNKS : CHUNKS_PER_THREAD);
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(dynamic, 1)
