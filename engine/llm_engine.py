@@ -216,21 +216,30 @@ class LLMEngine:
             return self._fail({stuck.seq_id: MemoryError("the sequence needs more KV cache than the server has")},
                               {stuck.seq_id: stuck}), stats
         result = self._run(batch)
+        outputs = []  # what the step made: kept if a later part of the step fails
+        try:
+            self._collect(batch, result, outputs, stats)
+        except Exception as exc:  # outside every sequence's own work: the step's unfinished sequences fail
+            log.exception("collecting the step's results failed")
+            seqs = {s.seq_id: s for s in [*(c.seq for c in batch.prefills), *batch.decodes] if not s.is_finished}
+            outputs += self._fail({seq_id: exc for seq_id in seqs}, seqs)
+        return outputs, stats
+
+    def _collect(self, batch: ScheduledBatch, result: StepResult, outputs: list[SequenceOutput],
+                 stats: StepStats) -> None:
+        """The step's results into its sequences (tokens, stops, KV bookkeeping) and `outputs`."""
         failed = result.failed
-        text = self.tokenizer.token_text
-        outputs = []
         for chunk in batch.prefills:
             if chunk.seq.seq_id not in failed:
                 self.prompt_tokens_total += self.scheduler.on_computed(chunk.seq, chunk.end)
-                for t, lp, top in result.prompt_scores.get(chunk.seq.seq_id, ()):  # it asked for them
-                    chunk.seq.prompt_logprobs.append(TokenLogprob(text(t), t, lp, [(text(a), a, alp) for a, alp in top]))
-                if chunk.seq.pooling is not None:
-                    try:  # a vector that cannot be made (non-finite states) fails its request alone
+                try:  # a prompt's logprobs and its vector are its own: a failure there is its alone
+                    self._prompt_scores(chunk.seq, result.prompt_scores.get(chunk.seq.seq_id, ()))
+                    if chunk.seq.pooling is not None:  # (a vector of non-finite states cannot be made)
                         chunk.seq.pooling.add(*result.pooled[chunk.seq.seq_id])
                         if chunk.ends_input:
                             outputs.append(self._embedding_output(chunk.seq))
-                    except Exception as exc:
-                        failed[chunk.seq.seq_id] = exc
+                except Exception as exc:
+                    failed[chunk.seq.seq_id] = exc
         for seq in batch.decodes:
             if seq.seq_id not in failed:
                 self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
@@ -238,9 +247,9 @@ class LLMEngine:
         for seq_id, sampled in result.samples.items():
             seq = self._sequences[seq_id]
             accepted = result.accepted.get(seq_id, [])
-            if seq_id in batch.drafts:
-                seq.drafter.taken(len(batch.drafts[seq_id]), len(accepted))
             try:  # detokenizing and stop checks are the sequence's own: a failure there is its alone
+                if seq_id in batch.drafts:
+                    seq.drafter.taken(len(batch.drafts[seq_id]), len(accepted))
                 seq.ffn_skipped += result.ffn_skipped.get(seq_id, 0)  # (a sequence with drafts runs every FFN)
                 kept = []  # this step's tokens, up to the one that ends the sequence
                 for made in [*accepted, sampled]:
@@ -268,7 +277,12 @@ class LLMEngine:
         self.generation_tokens_total += stats.generated_tokens
         self.draft_tokens_total += stats.draft_tokens
         self.accepted_draft_tokens_total += stats.accepted_draft_tokens
-        return outputs, stats
+
+    def _prompt_scores(self, seq: Sequence, scores) -> None:
+        """A prompt's logprobs (token, logprob, top alternatives), for a sequence that asked for them."""
+        text = self.tokenizer.token_text
+        for t, lp, top in scores:
+            seq.prompt_logprobs.append(TokenLogprob(text(t), t, lp, [(text(a), a, alp) for a, alp in top]))
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
         """The runner's step. When a batched forward fails, each sequence is run alone in the same

@@ -51,6 +51,41 @@ def test_a_failing_request_fails_alone(engine, chat_prompts, poison):
     assert again == alone  # and the engine serves on unchanged
 
 
+class _FailingCount(list):
+    """A step's per-layer skip counts that cannot be read: a failure after the step's outputs were made."""
+
+    def __iter__(self):
+        raise RuntimeError("the step's counts could not be read")
+
+
+def test_an_answer_finished_in_a_failing_step_still_comes(engine, chat_prompts, monkeypatch):
+    """A request that finished in a step whose bookkeeping then failed, outside any one sequence's
+    work, gets its answer; the step's unfinished requests get an error, with their KV freed. The
+    step's outputs were dropped with the exception: the finished request got neither its answer nor
+    an error, and its stream waited forever."""
+    short = SamplingParams(temperature=0.0, max_tokens=1)
+    long = SamplingParams(temperature=0.0, max_tokens=24)
+    alone, alone_last = run_to_completion(engine, {"short": (chat_prompts[0], short)})
+    run = engine._run
+    calls = []
+
+    def failing_once(batch):
+        result = run(batch)
+        if not calls:
+            calls.append(batch)
+            result.layer_ffn_skipped = _FailingCount(result.layer_ffn_skipped)
+        return result
+
+    monkeypatch.setattr(engine, "_run", failing_once)
+    text, last = run_to_completion(engine, {"short": (chat_prompts[0], short), "long": (chat_prompts[1], long)})
+    monkeypatch.undo()
+    assert len(calls[0].prefills) == 2  # both in the failing step
+    assert text["short"] == alone["short"] and last["short"].finish_reason == alone_last["short"].finish_reason == "length"
+    assert last["long"].finish_reason == "error" and "could not be read" in last["long"].error
+    assert not engine.has_work and engine.kv_usage() == 0
+    assert run_to_completion(engine, {"short": (chat_prompts[0], short)})[0] == alone
+
+
 @cpu_path_only  # compares batched text with solo text bit for bit
 def test_hostile_requests_beside_streams_leave_them_unharmed(server, client):
     """Streams in flight while hostile requests arrive (out-of-range seeds, lone surrogates, bodies
