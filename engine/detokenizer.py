@@ -17,6 +17,8 @@ import codecs
 from engine.stop_strings import StopStringMatcher
 from engine.tokenizer import Tokenizer
 
+CONTEXT = 5  # tokens decoded before the new ones, so that a leading space comes out right
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], include_stop: bool = False,
@@ -26,8 +28,7 @@ class IncrementalDetokenizer:
         self.special = special
         self.stops = StopStringMatcher(stop)
         self.include_stop = include_stop
-        # Decode with a few prompt tokens of context so leading spaces come out right.
-        self.ids = list(prompt_ids[-5:])
+        self.ids = list(prompt_ids[-CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""  # all final text of the output so far
@@ -42,7 +43,11 @@ class IncrementalDetokenizer:
             return  # only the start of a character so far: wait for more tokens
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], clean=False, special=self.special)
         full = self.tokenizer.decode(self.ids[self.prefix_offset:end], clean=False, special=self.special)
-        if len(full) <= len(prefix):
+        if full == prefix:  # these tokens' text is whole and empty (special tokens left out): read past
+            self.read_offset = end  # them, so that a run of them is not decoded again at every token
+            self.prefix_offset = max(self.prefix_offset, end - CONTEXT)
+            return
+        if len(full) < len(prefix):
             return  # nothing new yet
         new = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, end

@@ -50,6 +50,27 @@ def test_lone_character_starts_go_out_as_replacement_characters(engine):
     assert detok.take(final=True) == "\u00e9"
 
 
+def test_a_run_of_special_tokens_is_read_past_not_decoded_again_at_every_token(engine):
+    """Special tokens left out of the text (`skip_special_tokens`, the default) decode to nothing:
+    they were kept unread, so every token after them decoded the whole run again (a request that
+    biased EOS up with `ignore_eos` made each step's detokenizing grow with its output, on the
+    engine thread). The text is the same; each token decodes a few ids."""
+    tokenizer = copy.copy(engine.tokenizer)
+    decoded = []
+    plain = tokenizer.decode
+    tokenizer.decode = lambda ids, **kw: decoded.append(len(ids)) or plain(ids, **kw)
+    eos = sorted(engine.eos_ids)[0]
+    words = engine.tokenizer.encode(" one two", add_special_tokens=False)
+    ids = [*words[:1], *[eos] * 300, *words[1:]]
+    detok = IncrementalDetokenizer(tokenizer, [], stop=[])
+    out = ""
+    for t in ids:
+        detok.add_token(t)
+        out += detok.take(final=False)
+    assert out + detok.take(final=True) == plain(ids, clean=False) == " one two"
+    assert max(decoded) <= 8  # at most the context and the token (300 and more before)
+
+
 def test_streamed_text_is_the_raw_decode_where_the_config_cleans_up_spaces(engine):
     """With `clean_up_tokenization_spaces` (GPT-2-style configs) the clean-up joins text across
     tokens (" 's" -> "'s"): streamed text is the raw decode, as vLLM streams it. It was the cleaned
