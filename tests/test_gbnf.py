@@ -58,3 +58,12 @@ def test_a_grammar_too_large_written_out_is_refused():
     rules = "\n".join(f'r{i} ::= r{i + 1} r{i + 1}' for i in range(20)) + '\nr20 ::= "abcdefgh"'
     with pytest.raises(GrammarError, match="too large"):
         gbnf_regex("root ::= r0\n" + rules)
+
+
+def test_a_grammar_of_many_references_is_refused_before_it_is_written_out():
+    """Each reference to a large rule was written out in full, and the size checked after: a
+    request body of a few MB could ask for tens of GB (and minutes on the event loop). The size is
+    checked as the expression grows."""
+    rules = 'b0 ::= "xxxxxxx"\n' + "".join(f"b{i} ::= b{i - 1} b{i - 1}\n" for i in range(1, 11))
+    with pytest.raises(GrammarError, match="too large"):
+        gbnf_regex(rules + "root ::= " + " ".join(["b10"] * 200_000))

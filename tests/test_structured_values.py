@@ -444,6 +444,61 @@ def test_patterns_too_costly_to_build_are_refused_at_once(source):
         compile_schema({"type": "string", "pattern": source})
 
 
+def test_a_schemas_patterns_share_one_work_budget():
+    """Each of these compiles alone; a schema of all of them is refused as one costly pattern is
+    (each pattern had a budget of its own: a schema could hold thousands of costly ones)."""
+    sources = [rf"^\W{{{n}}}$" for n in range(100, 104)]
+    for source in sources:
+        compile_schema({"type": "string", "pattern": source})
+    properties = {f"p{i}": {"type": "string", "pattern": source} for i, source in enumerate(sources)}
+    with pytest.raises(InvalidParamError, match="too costly"):
+        compile_schema({"type": "object", "properties": properties, "required": list(properties)})
+
+
+def _lengths_one_by_one(pattern: Pattern) -> list[int]:
+    """`_remaining_lengths` as it was written before it stopped at a repeating layer: every
+    length's layer of states computed."""
+    states = range(len(pattern._sets))
+    before = {s: set() for s in states}
+    for state in states:
+        for _, _, target in pattern.successors(state):
+            before[target].add(state)
+    cap = pattern.max_length if pattern.max_length is not None else pattern.min_length
+    bits = [0] * len(states)
+    layer = {s for s in states if pattern.accepting(s)}
+    for k in range(cap + (pattern.max_length is not None)):
+        for state in layer:
+            bits[state] |= 1 << k
+        layer = {s for t in layer for s in before[t]}
+    if pattern.max_length is None:
+        layer = set(states)
+        for _ in range(cap):
+            layer = {s for t in layer for s in before[t]}
+        for state in layer:
+            bits[state] |= 1 << cap
+    return bits
+
+
+@pytest.mark.parametrize("source", ["^(ab|cde)*$", "^.*(x.x|yy)$", "(a{7}|b{11}|c{13})+", "^[0-9]{2,5}(-[a-z]{3})*$",
+                                    "x", "^(?:a|bc){3,}$"])
+@pytest.mark.parametrize("low, high", [(0, 40), (5, None), (37, None), (200, 1000), (1000, None), (9, 9)])
+def test_length_bounds_read_from_repeating_layers_are_the_same(source, low, high):
+    """The states that reach the end in k characters repeat once a layer repeats: the bits are
+    taken from the period, not computed for every length up to 1,024 (one pattern with a
+    minLength near that took seconds), and equal those computed one by one."""
+    pattern = Pattern(source, low, high)
+    assert pattern._lengths == _lengths_one_by_one(pattern)
+
+
+def test_a_pattern_of_literal_braces_is_read_as_literals_and_a_long_one_is_refused():
+    """A `{` that begins no quantifier is a literal (ECMA-262); finding out no longer looks for a
+    `}` further on (quadratic in a pattern of braces: a 4 MB pattern took minutes)."""
+    assert _full(Pattern("a{,3}{x}{", whole=True), "a{,3}{x}{")
+    assert _full(Pattern("a{2}b{1,}c{0,2}", whole=True), "aabbb")
+    with pytest.raises(InvalidParamError, match="too long"):
+        compile_schema({"type": "string", "pattern": "{" * 70_000})
+
+
 def test_a_long_counted_repetition_compiles():
     assert grammar_accepts(compile_schema({"type": "string", "pattern": "^.{1,1000}$"}), '"' + "a" * 1000 + '"')
 

@@ -222,9 +222,15 @@ def gbnf_regex(grammar: str) -> str:
         if heads and not ends:
             raise GrammarError(f"rule {name!r} never ends: each of its alternatives ends in itself")
 
-        def written(expression: str) -> str:  # odd pieces are rule names
-            return "".join(piece if i % 2 == 0 else "(?:" + expand(piece, path + (name,)) + ")"
-                           for i, piece in enumerate(expression.split("\0")))
+        def written(expression: str) -> str:  # odd pieces are rule names; the size checked as it grows
+            out, size = [], 0
+            for i, piece in enumerate(expression.split("\0")):
+                out.append(piece if i % 2 == 0 else "(?:" + expand(piece, path + (name,)) + ")")
+                size += len(out[-1])
+                if size > MAX_REGEX:
+                    raise GrammarError(f"the grammar is too large once its rules are written out (over "
+                                       f"{MAX_REGEX} characters)")
+            return "".join(out)
 
         out = written(_either(ends))
         if heads:

@@ -29,22 +29,41 @@ its end (up to the bounds).
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass, field
 
 MAX_CODE_POINT = 0x10FFFF
 SURROGATES = (0xD800, 0xDFFF)
 MAX_STATES = 5000  # of the NFA: counted repetitions are unrolled
 MAX_REPEAT = 1000
+MAX_SOURCE = 64 * 1024  # characters of a pattern (parsed before its states are counted)
 MAX_DFA_STATES = 2048  # explored when the pattern is compiled
-# runs of code points looked at while the automaton is built (about 2 us each): a state's cost
-# grows with its classes' ranges (\W has about 800), so `\W{1000}` is refused early, not built
+# runs of code points looked at while the automaton is built (2-20 us each): a state's cost grows
+# with its classes' ranges (\W has about 800), so `\W{1000}` is refused early, not built. One
+# budget for a compile (`Work`): a schema's patterns share it, so many costly patterns are refused
+# as one is (each took up to seconds alone; a schema could hold thousands of them)
 MAX_WORK = 300_000
+LENGTH_STEPS = 64  # steps back through the automaton for the length bounds: one unit of work
 MAX_LENGTH = 1024  # minLength and maxLength beside a pattern
+_COUNTED = re.compile(r"\{([0-9]+)(?:(,)([0-9]*))?\}")  # a counted repetition's braces (ECMA-262: else literal)
 # what a held string can write: no lone surrogates, and of the control characters only those with
 # a short escape (\b \t \n \f \r)
 WRITABLE = ((0x08, 0x0A), (0x0C, 0x0D), (0x20, SURROGATES[0] - 1), (SURROGATES[1] + 1, MAX_CODE_POINT))
 
 Ranges = tuple  # of (low, high) code point pairs, inclusive, sorted, disjoint, surrogates left out
+
+
+class Work:
+    """What one compile may spend building automata: MAX_WORK units, shared by all its patterns."""
+
+    def __init__(self, limit: int = MAX_WORK):
+        self.left = limit
+
+    def spend(self, units: int) -> None:
+        self.left -= units
+        if self.left < 0:
+            raise PatternError("the pattern is too costly to build (too many states of large classes, or long "
+                               "length bounds; a schema's patterns share one budget)")
 
 
 def _merged(ranges) -> list[tuple[int, int]]:
@@ -197,11 +216,11 @@ class _Parser:
     def counted(self, look: bool = False):
         """`{n}`, `{n,}` or `{n,m}` at the position (None where the brace is a literal, as ECMA-262
         reads a `{` that begins no quantifier)."""
-        end = self.text.find("}", self.pos)
-        body = self.text[self.pos + 1:end] if end > 0 else ""
-        low, comma, high = body.partition(",")
-        if not low.isdigit() or (high and not high.isdigit()) or not (low.isascii() and high.isascii()):
+        found = _COUNTED.match(self.text, self.pos)  # (the digits only: a `}` looked for further was
+        if found is None:                               # quadratic in a pattern of literal braces)
             return None
+        low, comma, high = found.group(1), found.group(2) or "", found.group(3) or ""
+        end = found.end() - 1
         if look:
             return True
         if max(len(low), len(high)) > len(str(MAX_REPEAT)):
@@ -362,15 +381,31 @@ def _anchored(branch) -> tuple[bool, bool, tuple]:
     return start, end, ("seq", items)
 
 
+def _repeat(bits: list[int], start: int, period: int, end: int) -> None:
+    """Each bit set's bits start .. start + period - 1 repeated up to bit end - 1."""
+    for i, value in enumerate(bits):
+        block = value >> start & (1 << period) - 1
+        if block:
+            width = period
+            while width < end - start:
+                block |= block << width
+                width *= 2
+            bits[i] = value & (1 << start) - 1 | (block & (1 << end - start) - 1) << start
+
+
 class Pattern:
     """A pattern's automaton: `start`, `step(state, code_point)` (-1: no string with this prefix
     matches), `accepting(state)`, and `live(state, count)` under the string's length bounds."""
 
-    def __init__(self, source: str, min_length: int = 0, max_length: int | None = None, whole: bool = False):
+    def __init__(self, source: str, min_length: int = 0, max_length: int | None = None, whole: bool = False,
+                 work: Work | None = None):
         """`whole`: match whole strings only (each top-level alternative anchored, with or without
         its own `^` and `$`), as a regex held over a whole answer is matched; else JSON Schema's
-        search, anchored only where `^` / `$` say so."""
+        search, anchored only where `^` / `$` say so. `work`: the compile's budget (a schema's
+        patterns share one); a pattern alone has its own."""
         self.source, self.min_length, self.max_length, self.whole = source, min_length, max_length, whole
+        if len(source) > MAX_SOURCE:
+            raise PatternError(f"the pattern is too long (over {MAX_SOURCE} characters)")
         tree = _Parser(source).parse() if source else ("seq", [])
         nfa = _Nfa()
         entry, self._accept = nfa.state(), nfa.state()
@@ -408,7 +443,7 @@ class Pattern:
                 numbered.append((numbers[id(ranges)], target))
             self._edges.append(numbered)
         self._partitions: dict[frozenset[int], list[tuple[int, int, frozenset[int]]]] = {}
-        self._work = 0
+        self._work = work if work is not None else Work()
         # code points between two of these are one class: every NFA state treats them alike
         self.cuts = tuple(sorted({b for ranges in self._classes for low, high in ranges for b in (low, high + 1)}))
         self._useful = self._coreachable()
@@ -484,9 +519,7 @@ class Pattern:
             for number, target in self._edges[member]:
                 targets.setdefault(number, set()).add(target)
         segments = self._partition(frozenset(targets))
-        self._work += len(segments)
-        if self._work > MAX_WORK:
-            raise PatternError("the pattern is too costly to build (too many states of large classes)")
+        self._work.spend(len(segments))
         reached: dict[frozenset[int], int] = {}
         runs: list[tuple[int, int, int]] = []
         for low, high, active in segments:
@@ -565,19 +598,32 @@ class Pattern:
                 before[target].add(state)
 
         def back(layer: set[int]) -> set[int]:  # the states one character before `layer`
+            self._work.spend(1 + sum(len(before[t]) for t in layer) // LENGTH_STEPS)
             return {s for t in layer for s in before[t]}
 
         cap = self.max_length if self.max_length is not None else self.min_length
+        lengths = cap + (self.max_length is not None)  # bits 0 .. lengths - 1 from the layers
         bits = [0] * len(self._sets)
         layer = {s for s in states if self.accepting(s)}  # the states k characters from the end
-        for k in range(cap + (self.max_length is not None)):
+        seen: dict[int, list[int]] = {}  # a layer's hash -> the k it was seen at
+        for k in range(lengths):
+            key = hash(frozenset(layer))
+            # each layer follows from the one before: once one repeats, the rest repeat with it
+            again = next((j for j in seen.get(key, ()) if all((bits[s] >> j & 1) == (s in layer) for s in states)),
+                         None)
+            if again is not None:
+                _repeat(bits, again, k - again, lengths)
+                break
+            seen.setdefault(key, []).append(k)
             for state in layer:
                 bits[state] |= 1 << k
             layer = back(layer)
         if self.max_length is None:  # bit cap: some string of cap characters or more leads to the end
             layer = set(states)
-            for _ in range(cap):
-                layer = back(layer)
+            for _ in range(cap):  # each layer within the one before: done when one is the same
+                before_layer, layer = layer, back(layer)
+                if len(layer) == len(before_layer):
+                    break
             for state in layer:
                 bits[state] |= 1 << cap
         return bits

@@ -31,7 +31,7 @@ from decimal import Decimal
 from engine.sampling_params import InvalidParamError
 from engine.structured.formats import PATTERNS
 from engine.structured.number_range import Range
-from engine.structured.regex import Pattern, PatternError
+from engine.structured.regex import Pattern, PatternError, Work
 
 PARAM = "response_format"
 MAX_NODES = 2000
@@ -251,8 +251,9 @@ def _of_types(literal: bytes, types: list[str]) -> bool:
 
 
 class _Compiler:
-    def __init__(self, schema, patterns: dict | None = None):
-        """`patterns`: compiled patterns to share (a loose schema's keywords are tried apart first)."""
+    def __init__(self, schema, patterns: dict | None = None, work: Work | None = None):
+        """`patterns`, `work`: compiled patterns and the budget to build them to share (a loose
+        schema's keywords are tried apart first)."""
         self.root_schema = schema
         self.grammar = Grammar()
         self.refs: dict[str, int] = {}
@@ -263,6 +264,7 @@ class _Compiler:
         self.merging: set[int] = set()
         # by (source, minLength, maxLength): equal ones are one
         self.patterns: dict[tuple, Pattern] = {} if patterns is None else patterns
+        self.work = Work() if work is None else work  # one budget for all of the schema's patterns
         self.grammar.root = self.compile(schema)
         self.merge_unions()
         self.grammar.object_height, self.grammar.array_height, self.grammar.height = _heights(self.grammar.nodes)
@@ -452,7 +454,7 @@ class _Compiler:
         key = (source, low, high)
         if key not in self.patterns:
             try:
-                self.patterns[key] = Pattern(source, low, high)
+                self.patterns[key] = Pattern(source, low, high, work=self.work)
             except PatternError as exc:
                 _fail(f"{what or 'pattern ' + repr(source[:80])}: {exc}")
         return self.patterns[key]
@@ -584,7 +586,7 @@ class _Compiler:
             return schema
         if not {"$ref", "anyOf", "oneOf", "allOf"} & set(schema):
             try:
-                _Compiler({k: v for k, v in schema.items() if k in values | {"type", "enum", "const"}}, self.patterns)
+                _Compiler({k: v for k, v in schema.items() if k in values | {"type", "enum", "const"}}, self.patterns, self.work)
                 return schema
             except (SchemaError, RecursionError, ValueError):
                 pass
