@@ -15,6 +15,7 @@ from the thread that owns the only team).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -65,6 +66,9 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # response schemas compile here, one at a time, apart from the default executor that
+        # tokenizes every request: costly schemas queue behind each other, not the plain requests
+        self._grammars = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="skipserve-grammar")
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @property
@@ -112,6 +116,7 @@ class AsyncEngine:
 
     def stop(self) -> None:
         self._stopping = True
+        self._grammars.shutdown(wait=False, cancel_futures=True)
         self._commands.put(("stop", None))
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -145,7 +150,7 @@ class AsyncEngine:
         compiles. Raises InvalidParamError for a schema it cannot compile."""
         if params.constrained:
             self._check_ready()
-            await asyncio.to_thread(self.engine.structured.for_params, params)
+            await asyncio.get_running_loop().run_in_executor(self._grammars, self.engine.structured.for_params, params)
 
     def check_inputs(self, inputs: list[list[int]], param: str = "input") -> None:
         """Every input of a batch checked at once, before any is added (a batch goes in a window at a
