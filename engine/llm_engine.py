@@ -84,6 +84,9 @@ class LLMEngine:
         """A prompt or input of 1 to max_model_len - `reserve` tokens (room for as many more) -> its length."""
         if not ids:
             raise InvalidParamError(f"the {what} is empty", param)
+        if min(ids) < 0 or max(ids) >= self.model_config.vocab_size:  # the embedding's rows (on a GPU an
+            raise InvalidParamError(f"token ids must be in the model's vocabulary (0 to "  # index past
+                                    f"{self.model_config.vocab_size - 1})", param)  # them breaks the device)
         if len(ids) > self.max_model_len - reserve:
             room = f", and {reserve} more must fit after it" if reserve else ""
             raise InvalidParamError(f"this model's maximum context length is {self.max_model_len} tokens, "

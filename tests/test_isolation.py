@@ -51,6 +51,22 @@ def test_a_failing_request_fails_alone(engine, chat_prompts, poison):
     assert again == alone  # and the engine serves on unchanged
 
 
+@pytest.mark.parametrize("bad", [-1, "vocab"])
+def test_token_ids_past_the_models_vocabulary_are_refused_before_the_step(engine, bad):
+    """The server checks ids against the tokenizer's vocabulary; a model whose embedding has fewer
+    rows than its tokenizer has tokens would index past them (on a GPU, a device-side assert ends
+    every request): the engine refuses them itself, for prompts and embeddings inputs."""
+    from engine.sampling_params import InvalidParamError
+
+    token = engine.model_config.vocab_size if bad == "vocab" else bad
+    with pytest.raises(InvalidParamError, match="vocabulary") as caught:
+        engine.prepare_request("bad", [1, 2, token], SamplingParams(max_tokens=2))
+    assert caught.value.param == "prompt"
+    with pytest.raises(InvalidParamError, match="vocabulary"):
+        engine.check_inputs([[1, 2], [token]])
+    assert not engine.has_work
+
+
 class _FailingCount(list):
     """A step's per-layer skip counts that cannot be read: a failure after the step's outputs were made."""
 
