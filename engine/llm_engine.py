@@ -29,6 +29,7 @@ from engine.structured.thinking import ThinkingConstraint, ThinkingMasks
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("skipserve.engine")
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code for a prompt past the context
 
 
 class LLMEngine:
@@ -75,9 +76,11 @@ class LLMEngine:
         if params.max_tokens is None:
             return room
         if params.max_tokens > room:
-            raise InvalidParamError(
-                f"{params.max_tokens_param} ({params.max_tokens}) plus the prompt ({len(prompt_ids)} tokens) "
-                f"exceeds this model's maximum context length of {self.max_model_len} tokens", params.max_tokens_param)
+            raise InvalidParamError(  # OpenAI's words and code: clients key on them to trim a conversation
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{len(prompt_ids) + params.max_tokens} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} "
+                f"in {params.max_tokens_param}). Please reduce the length of the prompt or {params.max_tokens_param}.",
+                params.max_tokens_param, CONTEXT_LENGTH_EXCEEDED)
         return params.max_tokens
 
     def _check_length(self, ids: list[int], param: str, what: str, reserve: int) -> int:
@@ -89,8 +92,8 @@ class LLMEngine:
                                     f"{self.model_config.vocab_size - 1})", param)  # them breaks the device)
         if len(ids) > self.max_model_len - reserve:
             room = f", and {reserve} more must fit after it" if reserve else ""
-            raise InvalidParamError(f"this model's maximum context length is {self.max_model_len} tokens, "
-                                    f"but the {what} has {len(ids)} tokens{room}", param)
+            raise InvalidParamError(f"This model's maximum context length is {self.max_model_len} tokens. "
+                                    f"However, the {what} has {len(ids)} tokens{room}.", param, CONTEXT_LENGTH_EXCEEDED)
         return len(ids)
 
     def prepare_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

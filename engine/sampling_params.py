@@ -10,9 +10,10 @@ MAX_STOP_TOKEN_IDS = 64  # looked up per generated token, and masked per step be
 
 
 class InvalidParamError(ValueError):
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        """`code`: the error's OpenAI code where it has one (`context_length_exceeded`)."""
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 SAMPLING_EPS = 1e-5  # a temperature below it samples greedily

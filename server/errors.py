@@ -95,7 +95,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidParamError)
     async def _invalid_param(request: Request, exc: InvalidParamError):
-        return error_response(400, str(exc), exc.param)
+        return error_response(400, str(exc), exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

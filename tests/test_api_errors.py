@@ -63,15 +63,25 @@ def test_a_batch_of_prompts_counts_each_choice_against_the_queue(server):
     assert "at most 5 prompts a request with n = 16" in r.json()["error"]["message"]
 
 
+def assert_context_exceeded(r, param):
+    """OpenAI's code and words, which clients (LiteLLM, agents that trim a conversation) key on."""
+    assert_error(r, 400, param)
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded", err
+    assert err["message"].startswith("This model's maximum context length is 2048 tokens. However, "), err
+
+
 def test_prompt_longer_than_context_is_400(server):
     long = "word " * 5000
-    assert_error(post(server, {**OK, "messages": [{"role": "user", "content": long}]}), 400, "messages")
-    assert_error(post(server, {"model": MODEL, "prompt": long, "max_tokens": 2}, "/v1/completions"), 400, "prompt")
+    assert_context_exceeded(post(server, {**OK, "messages": [{"role": "user", "content": long}]}), "messages")
+    assert_context_exceeded(post(server, {"model": MODEL, "prompt": long, "max_tokens": 2}, "/v1/completions"), "prompt")
 
 
 def test_max_tokens_past_the_context_window_is_400_naming_the_field_given(server):
-    assert_error(post(server, {**OK, "max_tokens": 10**6}), 400, "max_tokens")
-    assert_error(post(server, {**OK, "max_completion_tokens": 10**6}), 400, "max_completion_tokens")
+    assert_context_exceeded(post(server, {**OK, "max_tokens": 10**6}), "max_tokens")
+    r = post(server, {**OK, "max_completion_tokens": 10**6})
+    assert_context_exceeded(r, "max_completion_tokens")
+    assert "in max_completion_tokens)" in r.json()["error"]["message"]
 
 
 def test_invalid_json_is_400(server):
