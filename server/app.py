@@ -23,6 +23,7 @@ from server.errors import APIError, error_response
 from server.generation import check_model, check_token_ids, encode_chat, ready_tokenizer
 from server.metrics import Metrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
+from server.request_id import RequestIdHeader
 from server.response_store import ResponseStore
 from server.responses import router as responses_router
 
@@ -169,8 +170,9 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     app.add_middleware(errors.UnexpectedErrors)  # innermost of ours: its 500s pass through the others
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     app.add_middleware(AccessGate, state=state)  # before the body is read: no key (or draining), no body taken
+    app.add_middleware(RequestIdHeader)  # on every answer, refusals too
     if allowed_origins:  # outermost: preflights need no key, and refusals (401, 413, 429, 500) carry the headers too
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=CORS_METHODS,
-                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
+                           allow_headers=["*"], expose_headers=["Retry-After", "x-request-id"], max_age=600)
     return app
 

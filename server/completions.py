@@ -203,7 +203,7 @@ class CompletionCall:
         want = self.wants_logprobs
         if self.chat:
             content, calls = self._tool_calls(c)
-            message = {"role": "assistant", "content": content}
+            message = {"role": "assistant", "content": content, "refusal": None, "annotations": []}  # (as OpenAI's)
             if calls:
                 message["tool_calls"] = calls
             if c.split is not None:
@@ -225,7 +225,7 @@ class CompletionCall:
             if self.chat:  # an answer that must be a call has no content (as OpenAI streams calls)
                 content = None if self.tool_mode == "forced" else ""
                 for i in choices:
-                    yield self._chunk(i, {"role": "assistant", "content": content}, None, None, extra)
+                    yield self._chunk(i, {"role": "assistant", "content": content, "refusal": None}, None, None, extra)
             elif self.body.echo and not self.wants_logprobs:  # with logprobs: once the prompt's have come
                 for i, c in choices.items():
                     yield self._chunk(i, c.text, None, None, extra)

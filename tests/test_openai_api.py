@@ -33,6 +33,27 @@ def test_chat_completion_shape_and_usage(client):
     assert skip["total"] == 30 * u.completion_tokens and skip["skipped"] == 0
 
 
+def test_every_answer_carries_a_request_id_as_openais_do(client, server):
+    """`x-request-id`: the SDK's `_request_id` and its errors' `request_id`; a client's own usable id
+    comes back, an unusable one is replaced; the message's optional fields are there, as OpenAI's."""
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MSG, max_tokens=2)
+    r = raw.parse()
+    assert r._request_id.startswith("req_") and len(r._request_id) == 36
+    assert r.choices[0].message.refusal is None and r.choices[0].message.annotations == []
+    other = chat(client, max_tokens=2)
+    assert other._request_id.startswith("req_") and other._request_id != r._request_id
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="no-such-model", messages=MSG, max_tokens=2)
+    assert caught.value.request_id.startswith("req_")
+    mine = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 1},
+                      headers={"x-request-id": "trace-42:a.b"})
+    assert mine.status_code == 200 and mine.headers["x-request-id"] == "trace-42:a.b"
+    odd = httpx.get(server.url + "/v1/models", headers={"x-request-id": "x" * 200})
+    assert odd.headers["x-request-id"].startswith("req_")
+    first = next(iter(chat(client, max_tokens=2, stream=True)))
+    assert first.choices[0].delta.refusal is None and "refusal" in first.choices[0].delta.model_fields_set
+
+
 def test_streamed_text_equals_non_streamed_text(client):
     full = chat(client, max_tokens=40, temperature=0).choices[0].message.content
     chunks = list(chat(client, max_tokens=40, temperature=0, stream=True))

@@ -1,0 +1,28 @@
+"""`x-request-id` on every answer, as OpenAI sends it (the `openai` SDK shows it as a response's
+`_request_id` and an error's `request_id`): the client's own where it sent a usable one (as vLLM's
+`--enable-request-id-headers` echoes it), else a fresh `req_...`. A plain ASGI middleware."""
+from __future__ import annotations
+
+import re
+import uuid
+
+HEADER = b"x-request-id"
+_USABLE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")  # what goes back into a header and a log as it is
+
+
+class RequestIdHeader:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(HEADER)
+        request_id = given if given is not None and _USABLE.fullmatch(given) else b"req_" + uuid.uuid4().hex.encode()
+
+        async def stamped(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (HEADER, request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, stamped)
