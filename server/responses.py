@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
+from engine.sampling_params import InvalidParamError
 from server.completions import chat_logprobs
 from server.errors import APIError
 from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, stopped, submit
@@ -95,6 +96,9 @@ class ResponseCall:
         state, body = self.state, self.body
         check_model(state, body.model)
         self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
+        if body.effort is not None and "reasoning_effort" not in (self.tokenizer.chat_template or ""):
+            raise InvalidParamError("'reasoning.effort' is not supported: this model's chat template reads no "
+                                    "reasoning effort", "reasoning.effort")
         if body.previous_response_id is not None:
             entry = state.responses.get(body.previous_response_id)
             if entry is None:
@@ -106,7 +110,7 @@ class ResponseCall:
         instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
         self.given = body.messages()
         messages = self.earlier + self.given
-        prompt_ids = await encode_chat(state, instructions + messages, body.tool_use)
+        prompt_ids = await encode_chat(state, instructions + messages, body.tool_use, body.chat_options)
         sampling = body.tool_use.show_tags(sampling)
         limit = state.engine.config.max_model_len - (body.max_output_tokens or 1)
         if body.truncation == "auto" and len(prompt_ids) > limit:
@@ -126,14 +130,15 @@ class ResponseCall:
         low, high, fitting = 0, len(starts) - 1, None
         while low <= high:
             mid = (low + high) // 2
-            ids = await encode_chat(self.state, instructions + messages[starts[mid]:], self.body.tool_use)
+            ids = await encode_chat(self.state, instructions + messages[starts[mid]:], self.body.tool_use,
+                                    self.body.chat_options)
             if len(ids) <= limit:
                 fitting, high = ids, mid - 1
             else:
                 low = mid + 1
         if fitting is None:  # the last turn alone (the whole, with one turn): refused as too long
             fitting = await encode_chat(self.state, instructions + messages[starts[-1] if starts else 0:],
-                                        self.body.tool_use)
+                                        self.body.tool_use, self.body.chat_options)
         return fitting
 
     # ---- the response object -----------------------------------------------------------------

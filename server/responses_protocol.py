@@ -20,6 +20,7 @@ from pydantic import (BeforeValidator, Discriminator, Field, StrictBool, StrictI
                       field_validator)
 
 from engine.sampling_params import InvalidParamError, SamplingParams
+from engine.tokenizer import ChatOptions
 from server.errors import validation_message
 from server.protocol import ClientHints, SamplingRequest, Strict, ToolUse
 
@@ -226,16 +227,17 @@ class StreamOptions(Strict):
 
 
 class Reasoning(Strict):
-    effort: None = None
+    # to the chat template as `reasoning_effort`, as chat completions' field goes (server/responses.py)
+    effort: Optional[Literal["minimal", "low", "medium", "high"]] = None
     summary: None = None
     generate_summary: None = None
 
 
-def _no_reasoning(value):
-    if isinstance(value, dict) and all(v is None for v in value.values()):
+def _no_summaries(value):
+    if isinstance(value, dict) and all(v is None for k, v in value.items() if k != "effort"):
         return value
     if value is not None:
-        raise InvalidParamError("'reasoning' is not supported: this model does not reason")
+        raise InvalidParamError("'reasoning' takes only 'effort' here: no reasoning summaries are written", "reasoning")
     return value
 
 
@@ -253,8 +255,8 @@ class ResponsesRequest(SamplingRequest, ClientHints):
     store: StrictBool = True
     truncation: Literal["disabled", "auto"] = "disabled"  # auto: the oldest turns dropped to fit the context
     background: Optional[Literal[False]] = None
-    # sent as null, or as a response's own `{"effort": null, "summary": null}`, by some clients
-    reasoning: Annotated[Optional[Reasoning], BeforeValidator(_no_reasoning)] = None
+    # sent as null, or as a response's own `{"effort": ..., "summary": null}`, by some clients
+    reasoning: Annotated[Optional[Reasoning], BeforeValidator(_no_summaries)] = None
     stream_options: Optional[StreamOptions] = None
 
     @field_validator("input", mode="before")
@@ -360,6 +362,15 @@ class ResponsesRequest(SamplingRequest, ClientHints):
     def wants_logprobs(self) -> bool:
         return LOGPROBS in (self.include or [])
 
+    @property
+    def effort(self) -> str | None:
+        return self.reasoning.effort if self.reasoning is not None else None
+
+    @property
+    def chat_options(self) -> ChatOptions:
+        """The template's options: `reasoning.effort` as `reasoning_effort` (as vLLM hands it over)."""
+        return ChatOptions(variables={"reasoning_effort": self.effort}) if self.effort else ChatOptions()
+
     def to_sampling(self) -> SamplingParams:
         schema = self.text.format.answer_schema() if self.text and self.text.format else None
         logprobs = (self.top_logprobs or 0) if self.wants_logprobs else None
@@ -381,6 +392,6 @@ class ResponsesRequest(SamplingRequest, ClientHints):
             else self.tool_choice or "auto",  # OpenAI's default, tools or not
             "tools": [t.model_dump(exclude_none=True) for t in self.tools or []],
             "truncation": self.truncation, "user": self.user, "background": False,
-            "reasoning": {"effort": None, "summary": None}, "safety_identifier": self.safety_identifier,
+            "reasoning": {"effort": self.effort, "summary": None}, "safety_identifier": self.safety_identifier,
             "prompt_cache_key": self.prompt_cache_key, "service_tier": "default",
         }

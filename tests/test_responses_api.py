@@ -245,7 +245,9 @@ def test_ffn_skip_budget_applies_and_is_reported(client):
      "text.format"),
     ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input.0.content"),
     ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity"),
-    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
+    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning.effort"),  # (the embedded model's template)
+    ({"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+    ({"input": "x", "reasoning": {"summary": "auto"}}, "reasoning"),
     ({"input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
 ])
 def test_requests_this_server_cannot_honour_are_400s_naming_their_field(server, body, param):

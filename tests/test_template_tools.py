@@ -226,3 +226,9 @@ def test_reasoning_effort_reaches_a_template_that_reads_it(template_server):
     plain = httpx.post(template_server.url + "/v1/chat/completions", json=body, timeout=60).json()
     assert r.status_code == 200
     assert r.json()["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]  # "Reasoning: high" in the prompt
+    # the Responses API's `reasoning.effort` goes the same way
+    asked = {"model": MODEL, "input": "Hi", "max_output_tokens": 1}
+    high = httpx.post(template_server.url + "/v1/responses", json={**asked, "reasoning": {"effort": "high"}}, timeout=60)
+    assert high.status_code == 200 and high.json()["reasoning"] == {"effort": "high", "summary": None}
+    low = httpx.post(template_server.url + "/v1/responses", json=asked, timeout=60).json()
+    assert high.json()["usage"]["input_tokens"] > low["usage"]["input_tokens"] and low["reasoning"]["effort"] is None
