@@ -5,19 +5,22 @@ block when its last one is full). When no block is free the newest running seque
 preempted: its blocks go back and it returns to the head of the queue, keeping what it has
 generated; readmitted, it prefills its prompt and generated tokens again (the prefix cache
 usually still holds most of them) and continues with the same tokens. Then waiting sequences
-are admitted in arrival order while the batch has rows (`max_num_seqs`) and blocks for their
-prefill plus one more. Prefill runs in chunks under a token budget per step; finished or
-aborted sequences give their blocks back at once. With speculative decoding on, decoding
+are admitted in arrival order while the batch has rows (`max_num_seqs`), blocks for their
+prefill plus their first decode step's (set aside for them until they decode), and prefill
+budget left. Prefill runs in chunks under a token budget per step, running sequences first;
+finished or aborted sequences give their blocks back at once. A request is admitted only when
+the step can start its prompt, as vLLM admits: admitted earlier, requests that arrive together
+with a common prefix (a long system prompt) would each compute it, none finding it cached yet. With speculative decoding on, decoding
 sequences that take drafts get them (engine/ngram_drafter.py) while the step has decode rows to
 spare, with KV blocks for the draft's positions (free ones only: a draft never preempts).
 An embeddings request's inputs are sequences that prefill and end (no block for a next token),
 admitted and chunked like any prompt.
 
-The choices of one request (`n` > 1) share their prompt: with the prefix cache on, the first is
-admitted alone and the others wait (letting later requests by) while it computes the prompt's
-whole blocks, then are admitted together, take those blocks from the cache and compute only the
-prompt's last, partial block, as vLLM forks a request's sequences after its prefill. Without
-that, each choice would compute the prompt again.
+With the prefix cache on, a prompt whose next whole block a running sequence is computing waits
+for it (letting later requests by), then takes it from the cache: the choices of one request
+(`n` > 1), which share their prompt, and requests with a common prefix (a system prompt) compute
+it once; the first computes it, the others only what follows, as vLLM forks a request's
+sequences after its prefill. Without that, each would compute the prefix again.
 """
 from __future__ import annotations
 
@@ -88,19 +91,21 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         preempted = self._grow_decodes()
-        held = self._prompts_in_progress()
+        prefilling = [s for s in self.running if s.is_prefilling]
+        budget = self.max_prefill_tokens - sum(s.prefill_len - s.num_computed for s in prefilling)
+        promised = sum(map(self._first_decode_blocks, prefilling))  # blocks their first decode takes
         position = 0
-        while not preempted and position < len(self.waiting) and len(self.running) < self.max_num_seqs:
+        while not preempted and budget > 0 and position < len(self.waiting) and len(self.running) < self.max_num_seqs:
             seq = self.waiting[position]
-            if seq.request_id in held and not seq.output_ids and not seq.computes_whole_prompt:
-                position += 1  # its prompt is being computed by a sibling: it takes that from the cache
+            if self._awaits_prefix(seq):
+                position += 1  # its prompt's next block is being computed: it takes that from the cache
                 continue
-            if not self._fits(seq):
+            if not self._fits(seq, promised):
                 break  # first come, first served: no overtaking
             del self.waiting[position]
             self._admit(seq)
-            if self._computing_shared_prompt(seq):
-                held.add(seq.request_id)
+            budget -= seq.prefill_len - seq.num_computed
+            promised += self._first_decode_blocks(seq)
         batch = ScheduledBatch()
         budget = self.max_prefill_tokens
         for seq in self.running:
@@ -122,9 +127,11 @@ class Scheduler:
             return None
         return None if self._fits(self.waiting[0]) else self.waiting[0]
 
-    def _fits(self, seq: Sequence) -> bool:
-        """Room now for a waiting sequence's prefill and its first decode step."""
-        return self.blocks.can_allocate(seq.token_ids(), seq.prefill_len, spare=self._first_decode_blocks(seq),
+    def _fits(self, seq: Sequence, promised: int = 0) -> bool:
+        """Room now for a waiting sequence's prefill and its first decode step, beside the `promised`
+        blocks of the first decode steps of those admitted before it and still prefilling."""
+        return self.blocks.can_allocate(seq.token_ids(), seq.prefill_len,
+                                        spare=self._first_decode_blocks(seq) + promised,
                                         reuse=not seq.computes_whole_prompt)
 
     def _first_decode_blocks(self, seq: Sequence) -> int:
@@ -157,18 +164,19 @@ class Scheduler:
                 room -= len(draft)
         return drafts
 
-    def _prompts_in_progress(self) -> set[str]:
-        """Requests a running sequence is computing shareable prompt blocks of."""
-        return {s.request_id for s in self.running if self._computing_shared_prompt(s)}
-
-    def _computing_shared_prompt(self, seq: Sequence) -> bool:
-        """Whether `seq` has yet to compute whole blocks of its prompt that its siblings could take
-        from the prefix cache (the prompt's last token is always computed again). The inputs of an
-        embeddings request are different texts: nothing to share."""
-        if not seq.makes_tokens:
+    def _awaits_prefix(self, seq: Sequence) -> bool:
+        """Whether a running sequence is computing the next whole block of `seq`'s prompt past its
+        cached prefix, which `seq` could then take from the cache (the prompt's last token is always
+        computed again). Not a preempted sequence's replay, nor a prompt that must be computed whole."""
+        prefilling = [s for s in self.running if s.is_prefilling]
+        if not prefilling or not self.blocks.prefix_caching or seq.output_ids or seq.computes_whole_prompt:
             return False
-        shareable = (len(seq.prompt_ids) - 1) // self.blocks.block_size * self.blocks.block_size
-        return self.blocks.prefix_caching and not seq.output_ids and seq.num_computed < shareable
+        size = self.blocks.block_size
+        end = (len(self.blocks.cached_prefix(seq.prompt_ids, len(seq.prompt_ids) - 1)) + 1) * size
+        if end > len(seq.prompt_ids) - 1:
+            return False
+        head = seq.prompt_ids[:end]
+        return any(s.num_computed < end <= s.prefill_len and s.prompt_ids[:end] == head for s in prefilling)
 
     def _grow_decodes(self) -> bool:
         """A block for each decoding sequence's next token, preempting the newest when none is

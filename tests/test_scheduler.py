@@ -1,0 +1,81 @@
+"""The scheduler alone (integers and lists: no model): when it admits, what a step computes, and
+what it sets aside."""
+from __future__ import annotations
+
+from engine.kv.block_manager import BlockManager
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+
+def seq(name: str, prompt: list[int]) -> Sequence:
+    return Sequence(seq_id=name, request_id=name, index=0, prompt_ids=list(prompt), params=None, skip_plan=None,
+                    max_tokens=8, detokenizer=None, seed=0)
+
+
+def run_prefills(scheduler: Scheduler, finish_on_first_token: bool = True, steps: int = 100) -> list[tuple]:
+    """Steps until nothing is left, as the engine takes them: each chunk computed (its blocks
+    published), the prompt's last one making a token; each sequence finished then, or decoding one
+    token a step up to its max_tokens. -> (step, seq_id, start, end)."""
+    chunks = []
+    for step in range(steps):
+        if not scheduler.has_work:
+            return chunks
+        batch = scheduler.schedule()
+        for chunk in batch.prefills:
+            chunks.append((step, chunk.seq.seq_id, chunk.start, chunk.end))
+            scheduler.on_computed(chunk.seq, chunk.end)
+            if chunk.produces_token:  # the prompt's last chunk samples the first token
+                chunk.seq.output_ids.append(7)
+                if finish_on_first_token:
+                    scheduler.finish(chunk.seq, "stop")
+        for s in batch.decodes:
+            s.output_ids.append(7)
+            scheduler.on_computed(s, s.num_tokens - 1)
+            if len(s.output_ids) >= s.max_tokens:
+                scheduler.finish(s, "length")
+    raise AssertionError("the scheduler did not finish")
+
+
+def test_requests_that_arrive_together_with_a_common_prefix_compute_it_once():
+    """A long shared system prompt, four requests in one step, a prefill budget of 256: the first
+    computes the prefix, the others are admitted once it is cached (all four were admitted at once
+    and each computed the whole prompt: 4 x 620 tokens)."""
+    shared = list(range(1000, 1600))
+    blocks = BlockManager(num_blocks=400, block_size=16)
+    scheduler = Scheduler(blocks, max_num_seqs=8, max_prefill_tokens=256)
+    seqs = [seq(f"r{i}", shared + [i] * 20) for i in range(4)]
+    for s in seqs:
+        scheduler.add(s)
+    chunks = run_prefills(scheduler)
+    cached = 600 // 16 * 16  # the shared prompt's whole blocks
+    assert [s.cached_tokens for s in seqs] == [0, cached, cached, cached]
+    assert sum(end - start for _, _, start, end in chunks) == 620 + 3 * (620 - cached)
+    assert all(end - start <= 256 for _, _, start, end in chunks)
+
+
+def test_short_prompts_still_share_a_step():
+    """Admission stops when the budget is spent, not after one prompt."""
+    blocks = BlockManager(num_blocks=64, block_size=16)
+    scheduler = Scheduler(blocks, max_num_seqs=8, max_prefill_tokens=100)
+    for i in range(5):
+        scheduler.add(seq(f"s{i}", [i * 100 + t for t in range(30)]))
+    batch = scheduler.schedule()
+    assert [(c.seq.seq_id, c.start, c.end) for c in batch.prefills] == \
+        [("s0", 0, 30), ("s1", 0, 30), ("s2", 0, 30), ("s3", 0, 10)]
+    assert len(scheduler.waiting) == 1
+
+
+def test_a_prompts_first_decode_block_is_set_aside_from_later_admissions():
+    """Three free blocks: a 32-token prompt takes two and needs a third for its first decoded
+    token. A 10-token prompt behind it waits: admitted beside it (it once was, into that third
+    block), it was preempted at the first decode step and its prefill thrown away."""
+    blocks = BlockManager(num_blocks=3, block_size=16)
+    scheduler = Scheduler(blocks, max_num_seqs=4, max_prefill_tokens=512)
+    x, y = seq("x", list(range(100, 132))), seq("y", list(range(200, 210)))
+    x.max_tokens = y.max_tokens = 2
+    scheduler.add(x)
+    scheduler.add(y)
+    chunks = run_prefills(scheduler, finish_on_first_token=False, steps=20)
+    assert chunks[0] == (0, "x", 0, 32) and chunks[1][:2] == (2, "y")  # y once x was done
+    assert x.finish_reason == y.finish_reason == "length"
+    assert scheduler.num_preemptions_total == 0 and blocks.num_free_blocks == 3
