@@ -3,7 +3,7 @@ VENV ?= .venv
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup setup-test serve test bench
+.PHONY: setup setup-test serve test
 
 setup:
 	@bash scripts/setup.sh

@@ -68,7 +68,11 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
+        from engine.models import SUPPORTED  # (it imports this module)
+
         raw = json.loads((Path(path) / "config.json").read_text())
+        if raw.get("model_type") not in SUPPORTED:  # before its keys are read: theirs differ (GPT-2's n_embd)
+            raise ValueError(f"unsupported architecture {raw.get('model_type')!r} (supported: {sorted(SUPPORTED)})")
         quantized = raw.get("quantization_config")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         local_theta = raw.get("rope_local_base_freq")

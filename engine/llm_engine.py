@@ -40,6 +40,9 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.hf_dir, config.chat_template)
         self.model_config = ModelConfig.from_hf_dir(self.hf_dir)
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        if self.max_model_len < config.max_model_len:
+            log.warning("max_model_len %d is past the model's context of %d tokens: serving %d",
+                        config.max_model_len, self.max_model_len, self.max_model_len)
         config.max_model_len = self.max_model_len
         self.runner = ModelRunner(config, self.model_config)
         self.blocks = BlockManager(self.runner.capacity.num_blocks, config.block_size, config.prefix_caching)

@@ -42,6 +42,20 @@ def port(value: str) -> int:
     return int(value)
 
 
+def at_least(low, kind=int):
+    """An argparse type: a number of `kind` no smaller than `low` (a negative queue or timeout
+    would refuse every request)."""
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not number >= low:
+            raise argparse.ArgumentTypeError(f"{value!r}: at least {low}")
+        return number
+    return parse
+
+
 def serve_parser() -> argparse.ArgumentParser:
     """Flags left unset (None) take the preset's or config file's value; the help shows the
     embedded preset's values, so `--help` tells what a plain `skipserve` runs with."""
@@ -132,7 +146,7 @@ def serve_parser() -> argparse.ArgumentParser:
                         "(default: mean)")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="always prefill whole prompts (default: a prompt reuses cached KV blocks of its prefix)")
-    s.add_argument("--max-waiting", type=int, default=64, help="sequences queued beyond the batch before 429 "
+    s.add_argument("--max-waiting", type=at_least(0), default=64, help="sequences queued beyond the batch before 429 "
                    "(each choice of `n` and each embeddings input counts; default: 64)")
     k = p.add_argument_group("FFN skipping")
     k.add_argument("--skip-policy", choices=["ffn_skipllm", "batch_aligned", "none"], default=None,
@@ -163,13 +177,13 @@ def serve_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("SKIPSERVE_ALLOWED_ORIGINS", ""),
                    help="web origins whose pages may call the API from a browser (CORS), comma-separated, or * "
                         "for any (default: $SKIPSERVE_ALLOWED_ORIGINS, else none)")
-    h.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+    h.add_argument("--max-request-bytes", type=at_least(1), default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"larger request bodies get 413 before they are parsed (default: {DEFAULT_MAX_REQUEST_BYTES})")
-    h.add_argument("--header-timeout", type=float, default=10.0,
+    h.add_argument("--header-timeout", type=at_least(0.0, float), default=10.0,
                    help="seconds a connection may take to send a request's headers (default: 10)")
-    h.add_argument("--keep-alive-timeout", type=float, default=5.0,
+    h.add_argument("--keep-alive-timeout", type=at_least(0.0, float), default=5.0,
                    help="seconds an idle keep-alive connection stays open (default: 5)")
-    h.add_argument("--grace-period", type=float, default=30.0,
+    h.add_argument("--grace-period", type=at_least(0.0, float), default=30.0,
                    help="seconds to finish in-flight requests after SIGTERM (default: 30)")
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="(default: info)")
@@ -177,14 +191,14 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def build_config(args) -> EngineConfig:
-    from server.config_file import load_config, preset_path
+    from server.config_file import load_config, preset_path, served_name
 
     if args.config:
         config = load_config(args.config)
     elif preset_path(args.model or DEFAULT_PRESET):
         config = load_config(preset_path(args.model or DEFAULT_PRESET))
     else:
-        config = EngineConfig(model=args.model, served_model_name=os.path.basename(args.model.rstrip("/")))
+        config = EngineConfig(model=args.model, served_model_name=served_name(args.model))
     if args.model and args.config and preset_path(args.model):  # a preset named beside a file: its model
         config.model = load_config(preset_path(args.model)).model
     elif args.model and not preset_path(args.model):  # flags override a config file's model too
@@ -199,6 +213,8 @@ def build_config(args) -> EngineConfig:
     if args.served_model_name:
         overrides["served_model_name"] = args.served_model_name[0]
     config = replace(config, **overrides)
+    if not config.served_model_name:  # a config file that names none: its model's name, as a plain --model
+        config.served_model_name = served_name(config.model)
     skip = {k.removeprefix("skip_"): v for k, v in vars(args).items() if k.startswith("skip_") and v is not None}
     config.skip = replace(config.skip, **skip)
     config.check()

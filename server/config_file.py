@@ -14,8 +14,22 @@ PRESETS = Path(__file__).resolve().parent / "presets"  # package data: installed
 
 
 def preset_path(name: str) -> Path | None:
+    """The preset of this name (a bare name: a path such as `/data/x` or `./gemma3-270m` is none)."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        return None
     path = PRESETS / f"{name}.yaml"
     return path if path.exists() else None
+
+
+def served_name(model: str) -> str:
+    """The name a model is served under when nothing names it: a preset's own, else the file's or
+    folder's name (the embedded default's for none)."""
+    if not model:
+        return EngineConfig.served_model_name
+    preset = preset_path(model)
+    if preset is not None:
+        return load_config(preset).served_model_name
+    return Path(model.rstrip("/")).name
 
 
 def load_config(path: str | Path) -> EngineConfig:
@@ -30,6 +44,7 @@ def load_config(path: str | Path) -> EngineConfig:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     for cls, values, prefix in ((EngineConfig, raw, ""), (SkipConfig, skip_raw, "skip.")):
         _check_types(cls, values, f"{path}: {prefix}")
+    raw.setdefault("served_model_name", "")  # none in the file: named after its model (server/cli.py)
     template = raw.get("chat_template")
     if isinstance(template, str) and not is_inline_template(template):
         # a template file named in a config file is found beside it, as the file's other paths would be

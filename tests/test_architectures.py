@@ -294,6 +294,12 @@ def test_a_mixture_of_experts_with_dense_layers_or_impossible_expert_counts_is_r
             check_architecture(_read_config({**moe, "num_experts_per_tok": used, "num_experts": experts}))
 
 
+def test_an_unsupported_architecture_is_named_not_a_missing_key():
+    """GPT-2's config has `n_embd`, not `hidden_size`: reading it failed with KeyError: 'hidden_size'."""
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        _read_config(dict(model_type="gpt2", vocab_size=100, n_embd=64, n_layer=2, n_head=4))
+
+
 @pytest.mark.parametrize("layers, hidden, heads, head_dim, scalar", [(26, 2304, 8, 256, 256), (46, 4608, 32, 128, 144)])
 def test_gemma2_query_scale_follows_llamacpp_as_the_file_has_none(layers, hidden, heads, head_dim, scalar):
     """Gemma 2 2B/9B scale queries by head_dim, 27B (46 layers) by hidden / heads; the caps come from

@@ -151,6 +151,34 @@ def test_the_model_flag_overrides_a_config_files_model_even_with_a_preset_name(t
     assert build_config(args).model == "/models/user/llama-2-7b-chat"  # the preset's model, not its name
 
 
+def test_a_config_file_that_names_no_model_name_serves_its_model_under_its_own(tmp_path):
+    """A file with a model and no `served_model_name` served it as smollm2-135m-instruct (the
+    default's name), and requests under the model's own name were 404s."""
+    from server.cli import build_config, serve_parser
+
+    (tmp_path / "mine.yaml").write_text("model: /models/mistral-7b.Q4_K_M.gguf\nmax_num_seqs: 4\n")
+    (tmp_path / "named.yaml").write_text("model: /models/x.gguf\nserved_model_name: chat\n")
+    (tmp_path / "none.yaml").write_text("max_num_seqs: 4\n")
+    build = lambda *argv: build_config(serve_parser().parse_args(list(argv)))  # noqa: E731
+    assert build("--config", str(tmp_path / "mine.yaml")).served_model_name == "mistral-7b.Q4_K_M.gguf"
+    assert build("--config", str(tmp_path / "named.yaml")).served_model_name == "chat"
+    assert build("--config", str(tmp_path / "none.yaml")).served_model_name == "smollm2-135m-instruct"
+    assert build("--config", str(tmp_path / "mine.yaml"), "--model", "/m/other").served_model_name == "other"
+    assert build("--config", str(tmp_path / "mine.yaml"), "--model", "gemma3-270m").served_model_name == "gemma3-270m"
+    assert build("--config", str(tmp_path / "mine.yaml"), "--served-model-name", "a").served_model_name == "a"
+
+
+def test_only_a_bare_name_is_a_preset(tmp_path, monkeypatch):
+    """`--model ./gemma3-270m` is a folder there, not the preset; a path's own .yaml is no preset."""
+    from server.config_file import preset_path
+
+    assert preset_path("gemma3-270m") is not None
+    (tmp_path / "mine.yaml").write_text("model: x\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("./gemma3-270m", str(tmp_path / "mine"), "../presets/gemma3-270m", "", ".", "a/b"):
+        assert preset_path(name) is None, name
+
+
 @pytest.mark.parametrize("text, message", [
     ("served_model_name: [a, b]\n", "served_model_name must be a string, got ['a', 'b']"),
     ("max_num_seqs: 4.5\n", "max_num_seqs must be an integer"),
@@ -174,6 +202,10 @@ def test_a_config_file_with_a_wrong_value_is_a_usage_error_naming_it(tmp_path, t
     (["--block-size", "0"], {}, "block_size must be >= 1"),
     (["--port", "70000"], {}, "'70000' is not a port"),
     ([], {"SKIPSERVE_PORT": "abc"}, "'abc' is not a port"),
+    (["--max-waiting", "-100"], {}, "'-100': at least 0"),  # every request a 429
+    (["--max-request-bytes", "0"], {}, "'0': at least 1"),  # every request a 413
+    (["--keep-alive-timeout", "-1"], {}, "'-1': at least 0.0"),
+    (["--header-timeout", "soon"], {}, "'soon' is not a number"),
 ])
 def test_server_settings_out_of_range_are_usage_errors_before_the_model_loads(flags, env, message):
     """A default budget over the largest one would have failed every request that asks none, with a
