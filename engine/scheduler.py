@@ -16,11 +16,11 @@ spare, with KV blocks for the draft's positions (free ones only: a draft never p
 An embeddings request's inputs are sequences that prefill and end (no block for a next token),
 admitted and chunked like any prompt.
 
-With the prefix cache on, a prompt whose next whole block a running sequence is computing waits
-for it (letting later requests by), then takes it from the cache: the choices of one request
-(`n` > 1), which share their prompt, and requests with a common prefix (a system prompt) compute
-it once; the first computes it, the others only what follows, as vLLM forks a request's
-sequences after its prefill. Without that, each would compute the prefix again.
+With the prefix cache on, a prompt at least half of whose uncached part a running sequence is
+computing waits for it (letting later requests by), then takes it from the cache: the choices of
+one request (`n` > 1), which share their prompt, and requests with a long common prefix (a system
+prompt) compute it once; the first computes it, the others only what follows, as vLLM forks a
+request's sequences after its prefill. Without that, each would compute the prefix again.
 """
 from __future__ import annotations
 
@@ -165,18 +165,27 @@ class Scheduler:
         return drafts
 
     def _awaits_prefix(self, seq: Sequence) -> bool:
-        """Whether a running sequence is computing the next whole block of `seq`'s prompt past its
-        cached prefix, which `seq` could then take from the cache (the prompt's last token is always
-        computed again). Not a preempted sequence's replay, nor a prompt that must be computed whole."""
+        """Whether a running sequence is computing whole blocks of `seq`'s prompt past its cached
+        prefix, at least half of what is left of it, which `seq` could then take from the cache (a
+        step's wait for a few shared blocks, a chat template's opening, would cost more than it
+        saves; the prompt's last token is always computed again). Not a preempted sequence's
+        replay, nor a prompt that must be computed whole."""
         prefilling = [s for s in self.running if s.is_prefilling]
         if not prefilling or not self.blocks.prefix_caching or seq.output_ids or seq.computes_whole_prompt:
             return False
-        size = self.blocks.block_size
-        end = (len(self.blocks.cached_prefix(seq.prompt_ids, len(seq.prompt_ids) - 1)) + 1) * size
-        if end > len(seq.prompt_ids) - 1:
-            return False
-        head = seq.prompt_ids[:end]
-        return any(s.num_computed < end <= s.prefill_len and s.prompt_ids[:end] == head for s in prefilling)
+        size, prompt = self.blocks.block_size, seq.prompt_ids
+        hits = len(self.blocks.cached_prefix(prompt, len(prompt) - 1)) * size
+        limit = (len(prompt) - 1) // size * size  # the whole blocks it could take from the cache
+        for other in prefilling:
+            if other.prompt_ids[hits:hits + size] != prompt[hits:hits + size] or other.prompt_ids[:hits] != prompt[:hits]:
+                continue
+            end = hits + size  # the blocks both prompts hold: compared a block at a time
+            while end < limit and other.prompt_ids[end:end + size] == prompt[end:end + size]:
+                end += size
+            end = min(end, limit, other.prefill_len // size * size)
+            if other.num_computed < end and 2 * (end - hits) >= len(prompt) - hits:
+                return True
+        return False
 
     def _grow_decodes(self) -> bool:
         """A block for each decoding sequence's next token, preempting the newest when none is

@@ -79,3 +79,19 @@ def test_a_prompts_first_decode_block_is_set_aside_from_later_admissions():
     assert chunks[0] == (0, "x", 0, 32) and chunks[1][:2] == (2, "y")  # y once x was done
     assert x.finish_reason == y.finish_reason == "length"
     assert scheduler.num_preemptions_total == 0 and blocks.num_free_blocks == 3
+
+
+def test_a_few_shared_blocks_do_not_hold_a_prompt_back():
+    """Prompts that share only a chat template's opening (one block of 60 tokens) are admitted
+    together: a step's wait would cost more than the block saves. The choices of one request
+    (the whole prompt shared) wait a step and take it from the cache."""
+    opening = list(range(500, 516))
+    blocks = BlockManager(num_blocks=64, block_size=16)
+    scheduler = Scheduler(blocks, max_num_seqs=8, max_prefill_tokens=512)
+    a, b = seq("a", opening + [1] * 44), seq("b", opening + [2] * 44)
+    c = seq("c", opening + [1] * 44)  # a's prompt again, as a second choice's
+    for s in (a, b, c):
+        scheduler.add(s)
+    chunks = run_prefills(scheduler)
+    assert [(step, name) for step, name, _, _ in chunks] == [(0, "a"), (0, "b"), (1, "c")]
+    assert (a.cached_tokens, b.cached_tokens, c.cached_tokens) == (0, 0, 48)
