@@ -6,6 +6,11 @@ aggregate output tok/s and requests/s.
 
     .venv/bin/python bench/serve.py --url http://127.0.0.1:8000 --peer http://127.0.0.1:8081 \\
         --concurrency 1,16 --budgets 0,0.25 --out bench/out
+
+`--system-prompt-words N`: every request of a level carries the same system prompt of N words
+before its question, as the clients of one application share theirs; a fresh one for each target
+and level (nothing cached from before), so the level measures requests that arrive together with
+a long common prefix.
 """
 from __future__ import annotations
 
@@ -52,7 +57,14 @@ class Target:
     extra: dict
 
 
-async def one_request(client: httpx.AsyncClient, target: Target, prompt: str, max_tokens: int) -> Result:
+def system_prompt(words: int, tag: str) -> str:
+    """`words` words of rules, opened by `tag` (which makes it new to the server's prefix cache)."""
+    rules = " ".join(f"Rule {i}: answer politely, cite section {i} of the handbook, keep it short."
+                     for i in range(words // 12 + 1))
+    return " ".join([*f"Session {tag}.".split(), *rules.split()][:words])
+
+
+async def one_request(client: httpx.AsyncClient, target: Target, prompt: list[dict], max_tokens: int) -> Result:
     """One streamed request. A pooled keep-alive connection the server closed just before it was
     reused (llama-server does, now and then, after a stream) is retried once on a new one, as
     the `openai` client retries it; the retry's clock starts afresh."""
@@ -62,8 +74,8 @@ async def one_request(client: httpx.AsyncClient, target: Target, prompt: str, ma
     return result
 
 
-async def _stream_request(client: httpx.AsyncClient, target: Target, prompt: str, max_tokens: int) -> Result:
-    payload = {"model": target.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+async def _stream_request(client: httpx.AsyncClient, target: Target, prompt: list[dict], max_tokens: int) -> Result:
+    payload = {"model": target.model, "messages": prompt, "max_tokens": max_tokens,
                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
                **target.extra}
     start = time.perf_counter()
@@ -100,11 +112,13 @@ async def _stream_request(client: httpx.AsyncClient, target: Target, prompt: str
                   ffn_skipped=skip.get("skipped", 0), ffn_total=skip.get("total", 0))
 
 
-async def run_level(target: Target, concurrency: int, num_requests: int, max_tokens: int, timeout: float) -> dict:
+async def run_level(target: Target, concurrency: int, num_requests: int, max_tokens: int, timeout: float,
+                    system_words: int = 0) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     queue: asyncio.Queue = asyncio.Queue()
+    system = [{"role": "system", "content": system_prompt(system_words, f"{time.time_ns()}")}] if system_words else []
     for i in range(num_requests):
-        queue.put_nowait(PROMPTS[i % len(PROMPTS)])
+        queue.put_nowait([*system, {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
     results: list[Result] = []
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         async def worker():
@@ -183,6 +197,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--sampling", type=json.loads, default={},
                    help='sampling fields every request carries, as JSON (default greedy), e.g. \'{"temperature": 0.8, "top_p": 0.95}\'')
+    p.add_argument("--system-prompt-words", type=int, default=0,
+                   help="a system prompt of this many words, common to a level's requests (default: none)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default="bench/out")
     args = p.parse_args()
@@ -199,11 +215,12 @@ def main():
     for c in [int(x) for x in args.concurrency.split(",")]:
         n = args.requests or max(8, 2 * c)
         for target in targets:  # alternate targets at each level: same load conditions
-            row = asyncio.run(run_level(target, c, n, args.max_tokens, args.timeout))
+            row = asyncio.run(run_level(target, c, n, args.max_tokens, args.timeout, args.system_prompt_words))
             rows.append(row)
             print(json.dumps(row), flush=True)
     header = (f"`{' '.join(sys.argv)}` — streaming chat, {args.max_tokens} output tokens (ignore_eos), "
-              f"{json.dumps(args.sampling) if args.sampling else 'greedy'}, prompts from bench/serve.py")
+              f"{json.dumps(args.sampling) if args.sampling else 'greedy'}, prompts from bench/serve.py"
+              + (f" after a common system prompt of {args.system_prompt_words} words" if args.system_prompt_words else ""))
     served = {label or url: memory(url) for label, url in urls}  # and after every level's requests
     md = markdown(rows, header) + "\n" + "\n".join(
         [memory_line(k, m, "before the run") for k, m in loaded.items()]
