@@ -10,8 +10,8 @@ prefill plus their first decode step's (set aside for them until they decode), a
 budget left. Prefill runs in chunks under a token budget per step, running sequences first;
 finished or aborted sequences give their blocks back at once. A request is admitted only when
 the step can start its prompt, as vLLM admits: admitted earlier, requests that arrive together
-with a common prefix (a long system prompt) would each compute it, none finding it cached yet. With speculative decoding on, decoding
-sequences that take drafts get them (engine/ngram_drafter.py) while the step has decode rows to
+with a common prefix (a long system prompt) would each compute it, none finding it cached yet.
+With speculative decoding on, decoding sequences that take drafts get them (engine/ngram_drafter.py) while the step has decode rows to
 spare, with KV blocks for the draft's positions (free ones only: a draft never preempts).
 An embeddings request's inputs are sequences that prefill and end (no block for a next token),
 admitted and chunked like any prompt.
@@ -97,8 +97,8 @@ class Scheduler:
         position = 0
         while not preempted and budget > 0 and position < len(self.waiting) and len(self.running) < self.max_num_seqs:
             seq = self.waiting[position]
-            if self._awaits_prefix(seq):
-                position += 1  # its prompt's next block is being computed: it takes that from the cache
+            if self._awaits_prefix(seq, prefilling):
+                position += 1  # its prefix is being computed: it takes that from the cache
                 continue
             if not self._fits(seq, promised):
                 break  # first come, first served: no overtaking
@@ -106,6 +106,7 @@ class Scheduler:
             self._admit(seq)
             budget -= seq.prefill_len - seq.num_computed
             promised += self._first_decode_blocks(seq)
+            prefilling.append(seq)
         batch = ScheduledBatch()
         budget = self.max_prefill_tokens
         for seq in self.running:
@@ -164,13 +165,12 @@ class Scheduler:
                 room -= len(draft)
         return drafts
 
-    def _awaits_prefix(self, seq: Sequence) -> bool:
-        """Whether a running sequence is computing whole blocks of `seq`'s prompt past its cached
-        prefix, at least half of what is left of it, which `seq` could then take from the cache (a
-        step's wait for a few shared blocks, a chat template's opening, would cost more than it
-        saves; the prompt's last token is always computed again). Not a preempted sequence's
-        replay, nor a prompt that must be computed whole."""
-        prefilling = [s for s in self.running if s.is_prefilling]
+    def _awaits_prefix(self, seq: Sequence, prefilling: list[Sequence]) -> bool:
+        """Whether one of the running sequences `prefilling` is computing whole blocks of `seq`'s
+        prompt past its cached prefix, at least half of what is left of it, which `seq` could then
+        take from the cache (a step's wait for a few shared blocks, a chat template's opening, would
+        cost more than it saves; the prompt's last token is always computed again). Not a preempted
+        sequence's replay, nor a prompt that must be computed whole."""
         if not prefilling or not self.blocks.prefix_caching or seq.output_ids or seq.computes_whole_prompt:
             return False
         size, prompt = self.blocks.block_size, seq.prompt_ids

@@ -250,7 +250,7 @@ def serve(argv: list[str]) -> None:
     app = create_app(engine, names, api_key, args.max_request_bytes, engine_failed,
                      args.allowed_origins, args.reasoning_parser, args.tool_call_parser)
 
-    grace = max(0.0, args.grace_period)
+    grace = args.grace_period  # (at least 0: a usage error otherwise)
     # sse-starlette would cut every stream the moment SIGTERM arrives; we drain them ourselves:
     # streams finish within the grace period or end with an error event (fail_in_flight below).
     from sse_starlette.sse import AppStatus

@@ -13,11 +13,10 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
-from engine.sampling_params import InvalidParamError
 from server.errors import APIError, error_body
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
-from server.generation import (Usage, check_model, consume, encode_chat, overall_finish, ready_tokenizer, stopped,
-                               submit, tokenize_batch)
+from server.generation import (Usage, check_model, check_reasoning_effort, consume, encode_chat, overall_finish,
+                               ready_tokenizer, stopped, submit, tokenize_batch)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.reasoning import ReasoningSplit, request_reasoning, split_output
 
@@ -95,9 +94,7 @@ class CompletionCall:
         self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
         if self.chat:
             self.tools = body.tool_use
-            if body.reasoning_effort is not None and "reasoning_effort" not in (self.tokenizer.chat_template or ""):
-                raise InvalidParamError("'reasoning_effort' is not supported: this model's chat template reads no "
-                                        "reasoning effort", "reasoning_effort")
+            check_reasoning_effort(self.tokenizer, body.reasoning_effort, "reasoning_effort")
             prompts = [await encode_chat(state, [m.as_dict() for m in body.messages], self.tools, body.chat_options)]
             param = "messages"
         else:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from engine.async_engine import (EngineDeadError, EngineNotReadyError, EngineShutdownError, GenerationError,
                                  QueueFullError)
+from engine.sampling_params import InvalidParamError
 from engine.tokenizer import ChatOptions
 from server import template_tools
 from server.errors import APIError, error_body
@@ -87,6 +88,14 @@ def check_token_ids(ids: list[int], tokenizer, param: str) -> None:
     """400 on `param` for a token id outside the model's vocabulary."""
     if any(not 0 <= t < tokenizer.vocab_size for t in ids):
         raise APIError(400, f"token ids must be in the vocabulary (0 to {tokenizer.vocab_size - 1})", param)
+
+
+def check_reasoning_effort(tokenizer, effort: str | None, param: str) -> None:
+    """A reasoning effort goes to a chat template that reads `reasoning_effort` (gpt-oss's); 400 on
+    `param` for one that reads none."""
+    if effort is not None and "reasoning_effort" not in (tokenizer.chat_template or ""):
+        raise InvalidParamError(f"'{param}' is not supported: this model's chat template reads no reasoning effort",
+                                param)
 
 
 def ready_tokenizer(state):

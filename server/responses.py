@@ -21,10 +21,10 @@ from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
-from engine.sampling_params import InvalidParamError
 from server.completions import chat_logprobs
 from server.errors import APIError
-from server.generation import Usage, check_model, consume, encode_chat, ready_tokenizer, stopped, submit
+from server.generation import (Usage, check_model, check_reasoning_effort, consume, encode_chat, ready_tokenizer,
+                               stopped, submit)
 from server.reasoning import Reasoning, request_reasoning, split_output
 from server.responses_protocol import ResponsesRequest, new_id
 
@@ -96,9 +96,7 @@ class ResponseCall:
         state, body = self.state, self.body
         check_model(state, body.model)
         self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
-        if body.effort is not None and "reasoning_effort" not in (self.tokenizer.chat_template or ""):
-            raise InvalidParamError("'reasoning.effort' is not supported: this model's chat template reads no "
-                                    "reasoning effort", "reasoning.effort")
+        check_reasoning_effort(self.tokenizer, body.effort, "reasoning.effort")
         if body.previous_response_id is not None:
             entry = state.responses.get(body.previous_response_id)
             if entry is None:
