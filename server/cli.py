@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from dataclasses import replace
 
@@ -221,6 +222,30 @@ def build_config(args) -> EngineConfig:
     return config
 
 
+def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound sockets for every address `host` names, as asyncio's create_server binds them (uvicorn's
+    own way), but taken before the server starts: uvicorn binds after its lifespan startup, which
+    begins the model load, so a port in use was reported at once and the process then waited out
+    the whole load (minutes for a 7B model) before it exited."""
+    socks = []
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    shown = f"[{host}]" if ":" in host else host
+    logging.getLogger("skipserve.server").info("listening on http://%s:%d", shown, socks[0].getsockname()[1])
+    return socks
+
+
 def serve(argv: list[str]) -> None:
     import uvicorn
     import yaml
@@ -273,7 +298,11 @@ def serve(argv: list[str]) -> None:
                                    timeout_graceful_shutdown=grace, http=with_header_timeout(args.header_timeout),
                                    timeout_keep_alive=args.keep_alive_timeout))
     try:
-        server.run()
+        sockets = listen_sockets(args.host, args.port)
+    except OSError as exc:
+        sys.exit(f"skipserve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    try:
+        server.run(sockets=sockets)
     except KeyboardInterrupt:  # uvicorn re-raises a Ctrl-C once it has shut down: a stop, not a crash
         pass
     if engine.load_error is not None:

@@ -4,6 +4,7 @@ chat template of the user's own (`--chat-template`) and more names for the model
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -213,6 +214,19 @@ def test_server_settings_out_of_range_are_usage_errors_before_the_model_loads(fl
     out = subprocess.run([sys.executable, "-m", "server.cli", *flags], cwd=ROOT, capture_output=True, text=True,
                          timeout=STARTUP_TIMEOUT_S, env={**os.environ, **env})
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_port_in_use_ends_the_start_before_the_model_loads_with_the_address():
+    """uvicorn binds after its lifespan startup, which begins the load: a taken port was reported
+    at once, but the process then waited out the whole load (minutes for a 7B model) to exit."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "server.cli", "--port", str(port)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S)
+    assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
+    assert "skipserve.runner" not in out.stderr  # the runner logs its threads first thing in the load
 
 
 def test_an_unexpected_error_is_a_500_envelope_that_carries_the_cors_header():
