@@ -29,7 +29,8 @@ RUN pip install -e . \
 
 USER skipserve
 EXPOSE 8000
+# start period: a fresh cache volume compiles the CPU kernels first (~46 s on 2 vCPUs)
 # the address comes from the server's own command line (PID 1), so `--port 9000` is probed on 9000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 CMD ["python", "-m", "server.healthcheck"]
+HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 CMD ["python", "-m", "server.healthcheck"]
 ENTRYPOINT ["skipserve"]
 CMD ["--model", "smollm2-135m-instruct"]

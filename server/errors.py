@@ -15,7 +15,7 @@ log = logging.getLogger("skipserve.server")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-               429: "rate_limit_exceeded", 503: "service_unavailable", 500: "internal_server_error"}
+               429: "rate_limit_exceeded", 503: "server_error", 500: "server_error"}  # 5xx: OpenAI's own type
 
 
 class APIError(Exception):

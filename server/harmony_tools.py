@@ -39,7 +39,7 @@ def parse(text: str, tools: list[dict], parallel: bool) -> tuple[str | None, lis
         return None
     if not isinstance(value, dict):
         return None
-    return text[:start].strip() or None, call_bodies([{"name": name, "arguments": value}])
+    return text[:start].rstrip() or None, call_bodies([{"name": name, "arguments": value}])  # as sendable holds it
 
 
 def sendable(text: str) -> int:

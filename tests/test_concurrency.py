@@ -143,6 +143,9 @@ def test_api_key_and_queue_full(tmp_path):
         assert srv.stop() == 0
     log = srv.log_path.read_text() if srv.log_path else ""
     assert "s3cret" not in log  # the key is compared in constant time and never logged
+    if srv.log_path:  # the access log: the query string left out, answered probes too
+        assert '"GET /v1/models?<redacted> HTTP/1.1" 401' in log
+        assert '"GET /health HTTP/1.1" 200' not in log and '"GET /metrics HTTP/1.1" 200' not in log
 
 
 def test_preempted_streams_finish_with_their_unpressed_text_and_are_counted(client):

@@ -129,7 +129,7 @@ def test_sigterm_past_the_grace_period_ends_streams_with_an_error_event():
     for events in results:
         assert events[-1] == "[DONE]"  # after the error event, as vLLM ends a failed stream
         last = json.loads(events[-2])
-        assert last["error"]["code"] == "shutting_down" and last["error"]["type"] == "service_unavailable"
+        assert last["error"]["code"] == "shutting_down" and last["error"]["type"] == "server_error"
     assert srv.proc.wait(30) == 0
 
 

@@ -246,7 +246,7 @@ def test_an_unexpected_error_is_a_500_envelope_that_carries_the_cors_header():
     app.add_api_route("/v1/fails", fails, methods=["POST"])
     r = TestClient(app, raise_server_exceptions=False).post("/v1/fails", headers={"Origin": UI})
     assert r.status_code == 500 and r.json()["error"] == {"message": "internal server error",
-                                                          "type": "internal_server_error", "param": None, "code": None}
+                                                          "type": "server_error", "param": None, "code": None}
     assert r.headers["access-control-allow-origin"] == UI
 
 

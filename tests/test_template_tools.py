@@ -55,6 +55,23 @@ def test_content_streams_up_to_a_tag():
     assert hermes_tools.sendable("text \n") == len("text")  # whitespace before a call is held
 
 
+@pytest.mark.parametrize("fmt, answer", [
+    ("hermes", " Let me check the weather.\n" + CALL),
+    ("mistral", " Let me check the weather.[TOOL_CALLS]" + json.dumps([{"name": "get_weather",
+                                                                          "arguments": {"city": "Oslo"}}])),
+    ("openai", " Let me check the weather.\n to=functions.get_weather<|message|>{\"city\": \"Oslo\"}"),
+])
+def test_what_streams_before_a_call_is_where_the_calls_content_begins(fmt, answer):
+    """Streaming sends `sendable` characters of each unfinished answer, then the rest of the parsed
+    content by that count: harmony's parse stripped the preamble's leading space that sendable
+    counted, so a stream cut there lost a character (' Let me checkthe weather.')."""
+    module = template_tools.FORMATS[fmt]
+    content = module.parse(answer, [WEATHER], parallel=True)[0] or ""
+    for cut in range(len(answer) + 1):
+        sent = answer[:module.sendable(answer[:cut])]
+        assert content.startswith(sent), (cut, sent, content)
+
+
 def test_llama3_answers_that_are_a_calls_json_are_calls():
     call = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
     content, calls = llama3_tools.parse(call, [WEATHER], True)
