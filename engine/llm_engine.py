@@ -254,6 +254,8 @@ class LLMEngine:
                 self.scheduler.on_computed(seq, seq.num_tokens, dense=result.ffn_skipped.get(seq.seq_id, 0) == 0)
         stats.draft_tokens = sum(map(len, batch.drafts.values()))
         for seq_id, sampled in result.samples.items():
+            if seq_id in failed:  # (its prompt's own work failed above: no token, its error only)
+                continue
             seq = self._sequences[seq_id]
             accepted = result.accepted.get(seq_id, [])
             try:  # detokenizing and stop checks are the sequence's own: a failure there is its alone

@@ -102,6 +102,33 @@ def test_an_answer_finished_in_a_failing_step_still_comes(engine, chat_prompts, 
     assert run_to_completion(engine, {"short": (chat_prompts[0], short)})[0] == alone
 
 
+def test_a_prompt_whose_logprobs_fail_gets_its_error_and_no_token(engine, chat_prompts, monkeypatch):
+    """A failure in a prompt's own bookkeeping (its logprobs) fails it alone; the token sampled for
+    it in the same step was still taken: it got a token output, then an error."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    scores = engine._prompt_scores
+
+    def failing(seq, got):
+        if seq.request_id == "sick":
+            raise RuntimeError("the prompt's logprobs could not be made")
+        return scores(seq, got)
+
+    monkeypatch.setattr(engine, "_prompt_scores", failing)
+    for rid, prompt in (("sick", chat_prompts[0]), ("well", chat_prompts[1])):
+        engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=1))
+    outputs = {"sick": [], "well": []}
+    while engine.has_work:
+        for out in engine.step()[0]:
+            outputs[out.request_id].append(out)
+    monkeypatch.undo()
+    assert [(o.finish_reason, o.token_ids) for o in outputs["sick"]] == [("error", [])]
+    assert "could not be made" in outputs["sick"][0].error
+    alone, _ = run_to_completion(engine, {"well": (chat_prompts[1], greedy)})
+    assert "".join(o.text for o in outputs["well"]) == alone["well"]
+    assert outputs["well"][-1].finish_reason == "length"
+    assert not engine.has_work and engine.kv_usage() == 0
+
+
 @cpu_path_only  # compares batched text with solo text bit for bit
 def test_hostile_requests_beside_streams_leave_them_unharmed(server, client):
     """Streams in flight while hostile requests arrive (out-of-range seeds, lone surrogates, bodies
