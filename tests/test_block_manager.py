@@ -94,3 +94,28 @@ def test_a_block_is_due_for_publishing_once_it_is_full_and_dense():
     blocks.publish("a", table, tokens, 8)
     assert not blocks.publishes("a", 9)
     assert not BlockManager(num_blocks=8, block_size=BS, prefix_caching=False).publishes("a", 8)
+
+
+def test_a_prefix_computed_twice_at_once_outlives_the_copy_evicted_first():
+    """Two sequences that compute one prefix at once (prompt logprobs, mean embeddings: no reuse)
+    each hold a copy; the index named the first only, so once that copy was evicted the prefix was
+    lost though the second still held it."""
+    blocks = BlockManager(num_blocks=6, block_size=BS)
+    prompt = list(range(8)) + [1]
+    a, _ = blocks.allocate("a", prompt, 9, reuse=False)
+    b, _ = blocks.allocate("b", prompt, 9, reuse=False)
+    blocks.publish("a", a, prompt, 9)
+    blocks.publish("b", b, prompt, 9)
+    copy = list(b)
+    blocks.free("a", a)
+    assert len(blocks.allocate_blocks(3)) == 3  # the free list's last blocks: a's copy is evicted
+    assert blocks.cached_prefix(prompt, 8) == []
+    blocks.free("b", b)
+    assert blocks.cached_prefix(prompt, 8) == copy[:2]
+    # and a copy published once the first is free takes the prefix over at once
+    c, _ = blocks.allocate("c", prompt, 9, reuse=False)
+    blocks.publish("c", c, prompt, 9)
+    assert blocks.cached_prefix(prompt, 8) == c[:2] and blocks.num_free_blocks == 6 - 3 - 3
+    held = list(c)
+    blocks.free("c", c)
+    assert blocks.cached_prefix(prompt, 8) == held[:2] and blocks.num_free_blocks == 3

@@ -108,7 +108,10 @@ class BlockManager:
 
     def publish(self, seq_id: str, table: list[int], token_ids: list[int], num_dense: int) -> None:
         """Offer for reuse the full blocks among the first `num_dense` tokens (K/V computed with
-        every FFN). A prefix another block already holds stays with that block."""
+        every FFN). A prefix another block in use already holds stays with that block (two sequences
+        that computed it at once: this copy keeps the key, and takes the prefix over when freed if the
+        holder was evicted meanwhile, else it is dropped); one that only a free block holds moves
+        here."""
         if not self.prefix_caching:
             return
         done, parent = self._chains.get(seq_id, (0, None))
@@ -116,9 +119,14 @@ class BlockManager:
         while (done + 1) * size <= num_dense:
             block, tokens = table[done], tuple(token_ids[done * size:(done + 1) * size])
             key = chain_hash(parent, tokens)
-            if self._hash_of[block] is NO_HASH and key not in self._by_hash:
-                self._hash_of[block], self._tokens_of[block] = key, tokens
-                self._by_hash[key] = block
+            holder = self._by_hash.get(key)
+            if holder is not None and holder != block and self.ref_counts[holder] == 0:
+                self._forget(holder)  # a free copy gives the prefix to this live one
+                holder = None
+            if self._hash_of[block] is NO_HASH:  # a copy beside a live holder keeps its key too:
+                self._hash_of[block], self._tokens_of[block] = key, tokens  # (see free_blocks)
+                if holder is None:
+                    self._by_hash[key] = block
             done, parent = done + 1, key
         self._chains[seq_id] = (done, parent)
 
@@ -144,8 +152,7 @@ class BlockManager:
                 block = self._empty.pop()
             else:  # evict the least recently freed cached block
                 block, _ = self._evictable.popitem(last=False)
-                del self._by_hash[self._hash_of[block]]
-                self._hash_of[block], self._tokens_of[block] = NO_HASH, ()
+                self._unhash(block)
             self._ref(block)
             blocks.append(block)
         return blocks
@@ -156,10 +163,24 @@ class BlockManager:
             assert self.ref_counts[block] >= 0, block
             if self.ref_counts[block] == 0:
                 self._used -= 1
-                if self._hash_of[block] is NO_HASH:
+                key = self._hash_of[block]
+                if key is not NO_HASH and self._by_hash.setdefault(key, block) != block:
+                    key = self._hash_of[block] = NO_HASH  # a copy of a prefix another block holds
+                    self._tokens_of[block] = ()
+                if key is NO_HASH:
                     self._empty.append(block)
-                else:
+                else:  # (a copy whose holder was evicted while it lived holds the prefix now)
                     self._evictable[block] = None
+
+    def _unhash(self, block: int) -> None:
+        del self._by_hash[self._hash_of[block]]
+        self._hash_of[block], self._tokens_of[block] = NO_HASH, ()
+
+    def _forget(self, block: int) -> None:
+        """A free cached block's prefix dropped: it becomes an empty block."""
+        del self._evictable[block]
+        self._unhash(block)
+        self._empty.append(block)
 
     def _ref(self, block: int) -> None:
         if self.ref_counts[block] == 0:
