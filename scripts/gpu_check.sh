@@ -6,7 +6,10 @@
 # bench/gpu.py on a 7B Llama shape (random weights), dense and with a forced skip (bench-moe, not
 # in the default steps: the same on a Qwen3-30B-A3B-shaped mixture of experts). Run it from the
 # repository root with the server's dependencies installed: bash scripts/gpu_check.sh
-# Each step's whole log goes to $OUT (default /tmp/gpu_check); the last lines of each are printed.
+# Each step's whole log goes to $WORK (default /tmp/gpu_check); the last lines of each are printed.
+# With $OUT set (the device tool's folder of what comes back, 8 files at most), the logs, the
+# benchmarks' files and the test servers' logs (.pytest_cache/server-*.log) end as one archive,
+# $OUT/gpu_check.tgz.
 # A failed step does not stop the later ones. STEPS="kernels bench-7b" runs a subset; LIMIT_<step>
 # (dashes as underscores: LIMIT_bench_7b=400) changes a step's time limit.
 #
@@ -15,10 +18,10 @@
 # STEPS="bench-7b bench-smollm2" (about 6 min; the 7B folder is made once and kept under the cache
 # folder for a later call on the same warm machine), and serve-smollm2 where time is left.
 set -u
-OUT=${OUT:-/tmp/gpu_check}
+WORK=${WORK:-/tmp/gpu_check}
 PY=${PY:-python3}
 STEPS=${STEPS:-"kernels cuda bench-smollm2 serve-smollm2 bench-7b"}
-mkdir -p "$OUT"
+mkdir -p "$WORK"
 
 step() {  # name, seconds, command...
     local name=$1 limit=$2 rc var
@@ -28,9 +31,9 @@ step() {  # name, seconds, command...
     limit=${!var:-$limit}
     echo "== $name (at most ${limit} s): $*"
     # SIGINT first: pytest prints its summary, bench/gpu.py cleans up; then KILL 15 s later
-    timeout -s INT -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -s INT -k 15 "$limit" "$@" > "$WORK/$name.log" 2>&1
     rc=$?
-    tail -n "${TAIL:-12}" "$OUT/$name.log"
+    tail -n "${TAIL:-12}" "$WORK/$name.log"
     echo "== $name: exit $rc$([ $rc = 124 ] && echo ' (time limit)')"
 }
 
@@ -44,7 +47,7 @@ step kernels 200 $PY -m pytest -q --maxfail=5 --durations=10 tests/test_triton_k
 step cuda 300 $PY -m pytest -q --durations=10 tests/test_cuda.py tests/test_sampler.py tests/test_structured_output.py \
     --deselect "tests/test_structured_output.py::test_token_bytes_are_what_decoding_each_token_gives[gemma3-270m]"
 step bench-smollm2 150 $PY bench/gpu.py --model smollm2-135m-instruct --batches 1,16 --hf-batches 1,16 --no-compile \
-    --rounds 1 --out "$OUT/smollm2"
+    --rounds 1 --out "$WORK/smollm2"
 # the served goal: budget 0.25 (the preset's threshold) never slower than dense at any concurrency
 step serve-smollm2 420 bash -c '
     "$0" -m server.cli --device cuda --max-num-seqs 64 --kv-cache-memory 8 --port 8765 > "$1/server.log" 2>&1 &
@@ -62,8 +65,12 @@ for _ in range(600):  # a fresh card compiles, tunes and captures first
 else: raise SystemExit(\"the server did not become ready\")" "$server" &&
     { grep -i "capture failed" "$1/server.log" || true; } &&
     "$0" bench/serve.py --url http://127.0.0.1:8765 --concurrency 1,4,16,64 --budgets 0,0.25 --max-tokens 64 \
-        --out "$1/serve"' "$PY" "$OUT"
+        --out "$1/serve"' "$PY" "$WORK"
 step bench-7b 300 $PY bench/gpu.py --batches 1,16 --hf-batches 1 --skip-batches 1,16 --no-compile --rounds 1 \
-    --out "$OUT/7b"
+    --out "$WORK/7b"
 step bench-moe 300 $PY bench/gpu.py --shape qwen3-30b-a3b --no-hf --batches 1,16 --skip-batches 1,16 --rounds 1 \
-    --out "$OUT/moe"
+    --out "$WORK/moe"
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$WORK/test-servers" && cp .pytest_cache/server-*.log "$WORK/test-servers/" 2>/dev/null
+    tar czf "$OUT/gpu_check.tgz" -C "$WORK" . && echo "== all logs and results: gpu_check.tgz"
+fi

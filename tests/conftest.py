@@ -59,14 +59,20 @@ class ServerProcess:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}{self.log_tail()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise TimeoutError("server did not become healthy")
+        raise TimeoutError(f"server did not become healthy{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The end of the server's log, for a failure's message (a CUDA host's logs stay there)."""
+        self.log.flush()
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "; its log ends:\n" + "\n".join(tail) if tail else ""
 
     def metric(self, name: str, labels: str = "") -> float:
         text = httpx.get(self.url + "/metrics", timeout=5).text
