@@ -118,3 +118,25 @@ def test_kv_blocks_that_cannot_all_be_had_give_back_those_taken(engine):
         with engine.kv_blocks([32, too_many]):
             pass
     assert_all_blocks_back(engine)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_a_first_chunk_as_sdpas_causal_flag_is_the_masked_prefill(window):
+    """CUDA takes a prompt's first chunk as SDPA's `is_causal` (its flash kernel takes grouped KV
+    heads but no mask); that is the mask's attention, for first chunks and later ones side by side."""
+    import torch
+
+    from engine.backends.torch_backend import prefill_attention, write_kv
+    from engine.kv.metadata import AttentionMetadata
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block = 6, 2, 16, 8
+    chunks = [(list(range(0, 5)), 0, 37), (list(range(5, 10)), 16, 19)]  # a whole prompt, a later chunk
+    tokens = sum(n for _, _, n in chunks)
+    q, k, v = (torch.randn(tokens, h, dim) for h in (heads, kv_heads, kv_heads))
+    k_cache, v_cache = (torch.randn(10, kv_heads, block, dim) for _ in range(2))
+    meta = AttentionMetadata.for_prefill(chunks, block, "cpu")
+    write_kv(k, v, k_cache, v_cache, meta)
+    masked = prefill_attention(q, k, v, k_cache, v_cache, meta, dim ** -0.5, window)
+    causal = prefill_attention(q, k, v, k_cache, v_cache, meta, dim ** -0.5, window, causal=True)
+    assert torch.allclose(masked, causal, atol=1e-5)

@@ -53,6 +53,10 @@ class TorchBackend:
     # whether decode attention reads K/V through the block tables in place (else each decode row's
     # blocks are gathered into a copy: KV capacity planning reserves room for a full batch of them)
     decode_reads_kv_in_place = False
+    # whether a prompt's first chunk (no window) is SDPA's `is_causal` rather than a mask: CUDA's flash
+    # kernel takes grouped KV heads but no mask, and with one SDPA falls back to its math path (the
+    # whole fp32 score matrix); the CPU keeps the mask's bits
+    causal_prefill = False
 
     def linear(self, parts: list, bias: torch.Tensor | None = None):
         """One projection from its row blocks (q|k|v, gate|up, or one matrix), dense tensors (only the
@@ -111,7 +115,8 @@ class TorchBackend:
         softmax's normalizer with no value."""
         write_kv(k, v, k_cache, v_cache, meta)
         if meta.is_prefill:
-            return prefill_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap, sinks)
+            return prefill_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap, sinks,
+                                     self.causal_prefill)
         return self.decode_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap, sinks)
 
     def decode_attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None,
@@ -164,11 +169,12 @@ def written_out_attention(q, keys, values, allowed, scale, softcap, sinks):
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
-def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None, sinks=None):
+def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap=None, sinks=None,
+                      causal: bool = False):
     """Attention per sequence: over its fresh K/V when it starts at 0, else over its blocks. Fresh
     K/V are taken as the cache holds them (an fp16 cache rounds them, an int8 one quantizes them), so
     a whole prefill attends over the values a later chunk, or a request that finds this prefix
-    cached, reads back."""
+    cached, reads back. `causal`: a sequence's first chunk without a window as SDPA's `is_causal`."""
     sizes = [seg.num_tokens for seg in meta.segments]
     outs = []
     if k_cache.dtype != k.dtype:
@@ -183,8 +189,10 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale,
             out = written_out_attention(qs.transpose(0, 1), keys, values, meta.prefill_mask(i, window), scale, softcap,
                                         sinks)
         else:
+            plain = causal and seg.start == 0 and not window  # (queries = keys: top-left causal is the mask)
             out = F.scaled_dot_product_attention(qs.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
-                                                 values.unsqueeze(0), attn_mask=meta.prefill_mask(i, window),
-                                                 scale=scale, enable_gqa=True)[0]
+                                                 values.unsqueeze(0),
+                                                 attn_mask=None if plain else meta.prefill_mask(i, window),
+                                                 is_causal=plain, scale=scale, enable_gqa=True)[0]
         outs.append(out.transpose(0, 1).reshape(seg.num_tokens, -1))  # [H, n, D] -> [n, H*D]
     return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -18,6 +18,7 @@ log = logging.getLogger("skipserve.cuda")
 
 class CUDABackend(TorchBackend):
     name = "cuda"
+    causal_prefill = True
 
     def __init__(self):
         # torch's CUDA wheels bring triton; without it, or where its kernels cannot launch, every op
