@@ -70,9 +70,27 @@ class ModelConfig:
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
         from engine.models import SUPPORTED  # (it imports this module)
 
-        raw = json.loads((Path(path) / "config.json").read_text())
-        if raw.get("model_type") not in SUPPORTED:  # before its keys are read: theirs differ (GPT-2's n_embd)
-            raise ValueError(f"unsupported architecture {raw.get('model_type')!r} (supported: {sorted(SUPPORTED)})")
+        try:
+            raw = json.loads((Path(path) / "config.json").read_text())
+        except ValueError as exc:
+            raise ValueError(f"{Path(path) / 'config.json'} is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict) or raw.get("model_type") not in SUPPORTED:  # before its keys are read: theirs
+            kind = raw.get("model_type") if isinstance(raw, dict) else None  # differ (GPT-2's n_embd)
+            raise ValueError(f"unsupported architecture {kind!r} (supported: {sorted(SUPPORTED)})")
+        try:
+            config = cls._from_raw(path, raw)
+        except (KeyError, ZeroDivisionError, TypeError) as exc:
+            raise ValueError(f"{Path(path) / 'config.json'}: " + (f"no {exc.args[0]!r}" if isinstance(exc, KeyError)
+                                                                else f"a value it cannot have ({exc})")) from None
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            value = getattr(config, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{Path(path) / 'config.json'}: {name} is {value!r}, not a positive integer")
+        return config
+
+    @classmethod
+    def _from_raw(cls, path: str | Path, raw: dict) -> "ModelConfig":
         quantized = raw.get("quantization_config")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         local_theta = raw.get("rope_local_base_freq")

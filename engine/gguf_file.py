@@ -9,6 +9,7 @@ opening either file takes a fraction of a second.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 MAGIC = b"GGUF"
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+KNOWN_TYPES = {t.value for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
 DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
           GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
           GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
@@ -57,20 +60,35 @@ class GGUFFile:
     def _read(self, path) -> None:
         self._at = 4
         version, tensor_count, kv_count = self._unpack("<I"), self._unpack("<Q"), self._unpack("<Q")
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} (2 or later are read)")
+        if version not in (2, 3):
+            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+            raise ValueError(f"{path}: " + ("a big-endian GGUF (this reader takes little-endian files)" if swapped in (2, 3)
+                                            else f"GGUF version {version} (versions 2 and 3 are read)"))
         self.fields: dict[str, object] = {}  # scalar and string metadata (arrays are stepped over)
         for _ in range(kv_count):
             key = self._string()
             value = self._value(self._unpack("<I"))
             if value is not None:
                 self.fields[key] = value
+        if int(self.fields.get("split.count", 1)) > 1:
+            raise ValueError(f"{path} is part {int(self.fields.get('split.no', 0)) + 1} of a model split into "
+                             f"{self.fields['split.count']} files: merge them into one first "
+                             "(llama.cpp's `llama-gguf-split --merge FIRST-PART OUT.gguf`)")
         infos = []
         for _ in range(tensor_count):
             name = self._string()
-            dims = tuple(self._unpack("<Q") for _ in range(self._unpack("<I")))
-            infos.append((name, dims, GGMLQuantizationType(self._unpack("<I")), self._unpack("<Q")))
-        alignment = int(self.fields.get("general.alignment", 32))
+            n_dims = self._unpack("<I")
+            if n_dims > MAX_DIMS:
+                raise ValueError(f"{path}: tensor {name} has {n_dims} dimensions (at most {MAX_DIMS}): the file is damaged")
+            dims = tuple(self._unpack("<Q") for _ in range(n_dims))
+            kind = self._unpack("<I")
+            if kind not in KNOWN_TYPES:
+                raise ValueError(f"{path}: tensor {name} has type {kind}, which this reader does not know "
+                                 "(a newer or removed llama.cpp format, or a damaged file)")
+            infos.append((name, dims, GGMLQuantizationType(kind), self._unpack("<Q")))
+        alignment = self.fields.get("general.alignment", 32)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+            raise ValueError(f"{path}: general.alignment is {alignment!r}, not a positive integer")
         start = -(-self._at // alignment) * alignment
         whole = np.frombuffer(self._map, dtype=np.uint8)
         for name, dims, kind, offset in infos:
@@ -82,9 +100,15 @@ class GGUFFile:
                         for name, dims, kind, offset in infos]
 
     def _bytes(self, n: int) -> bytes:
-        out = self._map[self._at:self._at + n]
+        self._skip(n)
+        return self._map[self._at - n:self._at]
+
+    def _skip(self, n: int) -> None:
+        """Past `n` bytes, which must be in the file (a damaged length would have a slice copy the
+        rest of a many-GB file, or a loop step through it)."""
+        if n > len(self._map) - self._at:
+            raise IndexError(f"a length of {n} bytes at byte {self._at}, past the end of the file")
         self._at += n
-        return out
 
     def _unpack(self, fmt: str):
         value, = struct.unpack_from(fmt, self._map, self._at)
@@ -102,8 +126,10 @@ class GGUFFile:
         if kind == ARRAY:
             item, count = self._unpack("<I"), self._unpack("<Q")
             if item in SCALARS:
-                self._at += count * struct.calcsize(SCALARS[item])
+                self._skip(count * struct.calcsize(SCALARS[item]))
             else:
+                if count * 8 > len(self._map) - self._at:  # each item at least a length or a count
+                    raise IndexError(f"an array of {count} items at byte {self._at}, past the end of the file")
                 for _ in range(count):
                     self._value(item)
             return None
@@ -112,7 +138,7 @@ class GGUFFile:
 
 def _nbytes(dims: tuple[int, ...], kind: GGMLQuantizationType) -> int:
     block, size = GGML_QUANT_SIZES[kind]
-    return int(np.prod(dims, dtype=np.int64)) // block * size
+    return math.prod(dims) // block * size  # Python ints: int64's product of huge dims wraps past the check
 
 
 def _view(whole: np.ndarray, at: int, dims: tuple[int, ...], kind: GGMLQuantizationType) -> np.ndarray:

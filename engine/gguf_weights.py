@@ -91,20 +91,34 @@ def load_weights(gguf_path: Path) -> dict:
     skipped = [tensor.name for tensor, name in named if name is None]
     named = [(tensor, name) for tensor, name in named if name is not None]
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        decoded = list(pool.map(lambda item: _decoded(*item), named))
+        decoded = list(pool.map(lambda item: _readable(gguf_path, item[0], _decoded, *item), named))
     weights = {}
     for (tensor, name), values in zip(named, decoded):
-        projection = name.split(".")[-2]
         for key, value in values:
-            if arch in ROTARY_PERMUTED and projection in heads and "{}" not in name:
-                value = unpermute_rotary(value, heads[projection]) if isinstance(value, QuantWeight) \
-                    else value[rotary_order(value.shape[0], heads[projection])].contiguous()
-            if arch in GEMMA and name.endswith("norm.weight"):
-                value = value - 1.0
-            weights[key] = value
+            weights[key] = _readable(gguf_path, tensor, _reordered, value, name, arch, heads)
     if skipped:
         log.info("GGUF tensors no model reads, left out: %s", ", ".join(skipped))
     return weights
+
+
+def _readable(path, tensor, read, *args):
+    """`read(*args)` for one tensor; what fails there (a shape the file got wrong) names the tensor."""
+    try:
+        return read(*args)
+    except (ValueError, RuntimeError, IndexError) as exc:
+        raise ValueError(f"{path}: tensor {tensor.name} ({tensor.tensor_type.name}, dimensions "
+                         f"{list(map(int, tensor.shape))}) cannot be read: {exc}") from None
+
+
+def _reordered(value, name: str, arch: str, heads: dict):
+    """A tensor as the models take it: llama.cpp's rotary row order undone, Gemma's 1 + w norms."""
+    projection = name.split(".")[-2]
+    if arch in ROTARY_PERMUTED and projection in heads and "{}" not in name:
+        value = unpermute_rotary(value, heads[projection]) if isinstance(value, QuantWeight) \
+            else value[rotary_order(value.shape[0], heads[projection])].contiguous()
+    if arch in GEMMA and name.endswith("norm.weight"):
+        value = value - 1.0
+    return value
 
 
 def _decoded(tensor, name: str) -> list[tuple[str, QuantWeight | torch.Tensor]]:

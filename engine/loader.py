@@ -127,6 +127,9 @@ def _file_digest(path: str, size: int, mtime_ns: int, inode: int, root: str) -> 
             return known["digest"]
     except (OSError, ValueError, AttributeError):
         pass
+    from engine.gguf_file import GGUFFile
+
+    GGUFFile(path)  # a damaged or truncated file is named before the whole of it is read for its hash
     digest = file_sha256(Path(path))[:16]
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +156,7 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
 
     t0 = time.perf_counter()
     gguf = GGUFFile(gguf_path)  # a damaged file is named as such before transformers reads it
+    check_sizes(gguf.fields, gguf_path)
     tmp = _unique(target)
     tmp.mkdir(parents=True)
     try:
@@ -189,6 +193,29 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
 # per architecture, metadata keys transformers' GGUF reader fails on (gpt-oss's rope scaling: it takes
 # each key's length for its value and raises)
 MISREAD_KEYS = {"gpt-oss": ("gpt-oss.rope.scaling.",)}
+
+
+SIZES = ("block_count", "embedding_length", "feed_forward_length", "context_length", "attention.head_count",
+         "attention.head_count_kv")
+
+
+def check_sizes(fields: dict, gguf_path: Path) -> None:
+    """The model's sizes in the GGUF's metadata, where it names them, as positive integers: else
+    transformers' conversion fails far from the cause (a division by zero for 0 heads) or builds
+    10^9 layers for an absurd block count."""
+    arch = fields.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ValueError(f"{gguf_path}: no general.architecture: not a model's GGUF, or a damaged one")
+    for key in SIZES:
+        value = fields.get(f"{arch}.{key}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{gguf_path}: {arch}.{key} is {value!r}, not a positive integer")
+    layers = fields.get(f"{arch}.block_count")
+    if isinstance(layers, int) and layers > MAX_LAYERS:
+        raise ValueError(f"{gguf_path}: {arch}.block_count is {layers} (at most {MAX_LAYERS} are read)")
+
+
+MAX_LAYERS = 1024
 
 
 def metadata_copy(gguf_path: Path, target: Path, drop: tuple[str, ...]) -> Path:
@@ -345,8 +372,15 @@ def write_dense_weights(gguf_path: Path, target: Path) -> None:
         # the config as write_metadata completed it (transformers' own reading misses some shapes: an
         # expert's width, Qwen3's head width)
         with plain_readers():
-            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32,
-                                                         gguf_file=gguf_path.name, config=config)
+            model, info = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32,
+                                                               gguf_file=gguf_path.name, config=config,
+                                                               output_loading_info=True)
+        # transformers fills what the file lacks with random values and only prints a table
+        missing = sorted(set(info.get("missing_keys", ())) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+        if missing:
+            raise ValueError(f"{gguf_path}: no tensors for {len(missing)} of the model's weights (" + ", ".join(missing[:4])
+                             + (", ..." if len(missing) > 4 else "") + "): the file is incomplete or does not match "
+                             "its metadata")
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -39,6 +39,7 @@ from engine.sampler import SampleRow, Sampled, sample, token_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.seeded_uniform import seeded_uniform
 from engine.skip import DenseGate, RowSkip, build_policy
+from engine.weight_check import check_weights
 
 log = logging.getLogger("skipserve.runner")
 
@@ -136,7 +137,9 @@ class ModelRunner:
         # --quantize int8 rounds dense weights (a GGUF's dequantized ones too); else a GGUF may be served as it is
         check_architecture(model_config)
         gguf = None if config.quantize else quantized_gguf(config.model, config.cache_dir, config.dtype, self.device)
-        state = load_weights(gguf) if gguf else load_state_dict(ensure_hf_dir(config.model, config.cache_dir))
+        source = gguf or ensure_hf_dir(config.model, config.cache_dir)
+        state = load_weights(gguf) if gguf else load_state_dict(source)
+        check_weights(model_config, state, gguf or config.model or source)  # before a kernel trusts a shape
         if config.quantize == "int8":
             state = quantize_state(state)
         self.backend = select_backend(self.device)

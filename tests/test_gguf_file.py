@@ -113,3 +113,82 @@ def test_a_files_digest_is_kept_for_the_next_start(tmp_path, monkeypatch):
     os.utime(source, ns=(os.stat(source).st_atime_ns, os.stat(source).st_mtime_ns + 10**9))
     loader._file_digest.cache_clear()
     assert loader.ensure_hf_dir(str(source), cache, dense=False) != first and len(hashed) == 2
+
+
+def _patched(tmp_path, at: int, value: bytes) -> object:
+    """The embedded GGUF's first 64 KiB (header and metadata) with `value` written at byte `at`."""
+    head = bytearray(embedded_gguf("smollm2-135m-instruct").read_bytes()[:1 << 16])
+    head[at:at + len(value)] = value
+    path = tmp_path / "patched.gguf"
+    path.write_bytes(bytes(head))
+    return path
+
+
+@pytest.mark.parametrize("at, value, message", [
+    (24, (1 << 62).to_bytes(8, "little"), "a length of 4611686018427387904 bytes at byte 32, past the end"),
+    (4, (4).to_bytes(4, "little"), "GGUF version 4 "),
+    (4, (3).to_bytes(4, "big"), "a big-endian GGUF"),
+])
+def test_a_damaged_header_is_named_without_reading_the_rest_of_the_file(tmp_path, at, value, message):
+    """A damaged length sliced the map to the file's end (a copy of a 30 GB model) before it failed."""
+    with pytest.raises(ValueError, match=message):
+        GGUFFile(_patched(tmp_path, at, value))
+
+
+def test_a_part_of_a_split_model_is_named_as_such(tmp_path):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(tmp_path / "m-00001-of-00002.gguf"), "llama")
+    writer.add_uint16("split.no", 0)
+    writer.add_uint16("split.count", 2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="part 1 of a model split into 2 files: merge them"):
+        GGUFFile(tmp_path / "m-00001-of-00002.gguf")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("llama.attention.head_count", 0, "head_count is 0, not a positive integer"),
+    ("llama.block_count", "thirty", "block_count is 'thirty'"),
+    ("llama.block_count", 10**9, "block_count is 1000000000 .at most"),
+    ("general.architecture", None, "no general.architecture"),
+])
+def test_sizes_a_model_cannot_have_are_named_before_transformers_reads_them(key, value, message):
+    from engine.loader import check_sizes
+
+    fields = {"general.architecture": "llama", "llama.block_count": 30, "llama.attention.head_count": 9,
+              "llama.context_length": 8192, key: value}
+    with pytest.raises(ValueError, match=message):
+        check_sizes(fields, "m.gguf")
+
+
+def test_a_tensor_whose_shape_is_not_its_configs_is_refused_before_a_kernel_reads_it():
+    """A narrow embedding or final norm was served until the first request: a segfault, a double
+    free, or garbage read past the norm's end; a block count short of the file's layers dropped them."""
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.gguf_weights import load_weights
+    from engine.loader import ensure_hf_dir
+    from engine.weight_check import check_weights
+
+    path = embedded_gguf("smollm2-135m-instruct")
+    cfg = ModelConfig.from_hf_dir(ensure_hf_dir(str(path), dense=False))
+    weights = load_weights(path)
+    check_weights(cfg, weights, path)  # the file as it is
+    damaged = [
+        ({"model.norm.weight": torch.ones(288)}, "model.norm.weight is .288., its config needs .576."),
+        ({"model.embed_tokens.weight": torch.ones(49152, 288)}, "model.embed_tokens.weight is .49152, 288."),
+        ({"model.layers.3.self_attn.k_proj.weight": torch.ones(64, 576)}, "k_proj.weight is .64, 576., its config needs .192, 576."),
+        ({"model.layers.30.input_layernorm.weight": torch.ones(576)}, "counts 30 layers, but the file has tensors for layer.s. 30"),
+    ]
+    for change, message in damaged:
+        with pytest.raises(ValueError, match=message):
+            check_weights(cfg, {**weights, **change}, path)
+    without = {k: v for k, v in weights.items() if not k.startswith("model.layers.29.")}
+    with pytest.raises(ValueError, match=r"no tensors for layer\(s\) 29"):
+        check_weights(cfg, without, path)
+    without = {k: v for k, v in weights.items() if k != "model.layers.7.mlp.down_proj.weight"}
+    with pytest.raises(ValueError, match="no tensor model.layers.7.mlp.down_proj.weight"):
+        check_weights(cfg, without, path)
