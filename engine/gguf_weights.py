@@ -11,6 +11,7 @@ Llama's q/k projections with the rows of each head reordered for its rotary layo
 from __future__ import annotations
 
 import logging
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,6 +91,7 @@ def load_weights(gguf_path: Path) -> dict:
     named = [(tensor, hf_name(tensor.name, arch)) for tensor in gguf.tensors]
     skipped = [tensor.name for tensor, name in named if name is None]
     named = [(tensor, name) for tensor, name in named if name is not None]
+    check_expansion(gguf_path, [tensor for tensor, name in named if not _kept_quantized(tensor, name)])
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         decoded = list(pool.map(lambda item: _readable(gguf_path, item[0], _decoded, *item), named))
     weights = {}
@@ -99,6 +101,46 @@ def load_weights(gguf_path: Path) -> dict:
     if skipped:
         log.info("GGUF tensors no model reads, left out: %s", ", ".join(skipped))
     return weights
+
+
+PLAIN = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}  # formats that are not llama.cpp's blocks
+
+
+def _kept_quantized(tensor, name: str) -> bool:
+    """Whether `_decoded` keeps the tensor in its blocks (else it becomes fp32)."""
+    return tensor.tensor_type.name in SUPPORTED and name.endswith(".weight") and (len(tensor.shape) == 2
+                                                                                  or "{}" in name)
+
+
+def check_expansion(path, expanded: list) -> None:
+    """The tensors that become fp32: a warning naming the block formats among them that the kernels
+    do not read (an IQ2_XXS matrix takes 15.5x its size as fp32, a 2 GB 7B file ~28 GB), and a
+    ValueError when all of them would not fit in the memory available now (else the kernel's OOM
+    killer ends the load with no message)."""
+    need = sum(4 * math.prod(map(int, t.shape)) for t in expanded)
+    blocks = sorted({t.tensor_type.name for t in expanded} - PLAIN)
+    free = available_memory()
+    if free is not None and need > free:
+        raise ValueError(f"{path}: its tensors in formats the quantized kernels do not read ("
+                         + ", ".join(sorted({t.tensor_type.name for t in expanded})) + f") take {need / 2**30:.2f} GiB "
+                         f"as fp32, more than the {free / 2**30:.2f} GiB available: use a file in "
+                         + ", ".join(SUPPORTED))
+    if blocks:
+        log.warning("%s: matrices in %s are not read by the quantized kernels: they are expanded to fp32 "
+                    "(%.2f GiB in all; formats the kernels read: %s)", Path(path).name, ", ".join(blocks),
+                    need / 2**30, ", ".join(SUPPORTED))
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _readable(path, tensor, read, *args):
@@ -124,13 +166,12 @@ def _reordered(value, name: str, arch: str, heads: dict):
 def _decoded(tensor, name: str) -> list[tuple[str, QuantWeight | torch.Tensor]]:
     """One tensor's (HF name, value) pairs as the file holds them (several for a stack of experts):
     QuantWeights for matrices in a supported format, fp32 tensors otherwise. numpy work only."""
-    kind = tensor.tensor_type.name
+    kind, quantized = tensor.tensor_type.name, _kept_quantized(tensor, name)
     if "{}" in name:  # an expert's matrix (or bias) each
-        return [(name.format(expert), to_weight(kind, data, int(tensor.shape[0]))
-                 if kind in SUPPORTED and name.endswith(".weight")
+        return [(name.format(expert), to_weight(kind, data, int(tensor.shape[0])) if quantized
                  else _dense(data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape[:-1])]))
                 for expert, data in enumerate(np.asarray(tensor.data))]
-    if kind in SUPPORTED and name.endswith(".weight") and len(tensor.shape) == 2:
+    if quantized:
         return [(name, to_weight(kind, np.asarray(tensor.data), int(tensor.shape[0])))]
     return [(name, _dense(tensor.data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape)]))]
 

@@ -192,3 +192,27 @@ def test_a_tensor_whose_shape_is_not_its_configs_is_refused_before_a_kernel_read
     without = {k: v for k, v in weights.items() if k != "model.layers.7.mlp.down_proj.weight"}
     with pytest.raises(ValueError, match="no tensor model.layers.7.mlp.down_proj.weight"):
         check_weights(cfg, without, path)
+
+
+def test_matrices_the_kernels_do_not_read_are_named_and_refused_past_the_memory_there_is(monkeypatch, caplog):
+    """An IQ2_XXS matrix takes 15.5x its file size as fp32: a 2 GB 7B file ~28 GB, which the OOM
+    killer ended with no message."""
+    from gguf import GGMLQuantizationType
+
+    from engine import gguf_weights
+    from engine.gguf_file import GGUFTensor
+
+    def tensor(kind, shape):
+        return GGUFTensor("blk.0.ffn_down.weight", GGMLQuantizationType[kind], shape, np.zeros(0, np.uint8))
+
+    iq2, f16 = tensor("IQ2_XXS", (4096, 4096)), tensor("F16", (4096, 1024))
+    monkeypatch.setattr(gguf_weights, "available_memory", lambda: 2**30)
+    with caplog.at_level("WARNING", logger="skipserve.loader"):
+        gguf_weights.check_expansion("m.gguf", [iq2])
+    assert "matrices in IQ2_XXS are not read by the quantized kernels" in caplog.text
+    caplog.clear()
+    gguf_weights.check_expansion("m.gguf", [f16])  # plain formats are no surprise: no warning
+    assert "not read" not in caplog.text
+    monkeypatch.setattr(gguf_weights, "available_memory", lambda: 2**26)
+    with pytest.raises(ValueError, match=r"\(F16, IQ2_XXS\) take 0.08 GiB as fp32, more than the 0.06 GiB available"):
+        gguf_weights.check_expansion("m.gguf", [iq2, f16])
