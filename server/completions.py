@@ -78,6 +78,7 @@ class CompletionCall:
         self.request, self.body, self.chat = request, body, chat
         self.state = request.app.state.skipserve
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.arrival = time.monotonic()  # (its latency metrics count from here)
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.tools = None  # a chat request's ToolUse (server/tool_calls.py)
@@ -106,7 +107,7 @@ class CompletionCall:
         if self.chat:
             sampling = self.tools.show_tags(sampling)
             self.reasoning, sampling = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompts[0])
-        stream, self.timer = await submit(state, self.id, prompts, sampling, body.skip(), param)
+        stream, self.timer = await submit(state, self.id, prompts, sampling, body.skip(), param, self.arrival)
         return stream
 
     async def _completion_prompts(self) -> list[list[int]]:

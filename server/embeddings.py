@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import struct
+import time
 import uuid
 
 from fastapi import APIRouter, Request
@@ -39,13 +40,14 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = request.app.state.skipserve
+    arrival = time.monotonic()  # (its latency metrics count from here)
     check_model(state, body.model)
     inputs = await tokenize_batch(state, body.inputs(), "input", MAX_INPUTS)
     size = state.engine.engine.model_config.hidden_size  # loaded: tokenize_batch found its tokenizer
     if body.dimensions is not None and body.dimensions != size:
         raise APIError(400, f"this model's embeddings have {size} dimensions; they cannot be shortened (the "
                        "model was not trained for it)", "dimensions")
-    timer = RequestTimer(state.metrics)
+    timer = RequestTimer(state.metrics, arrival)
     try:
         state.engine.check_inputs(inputs)
     except EngineNotReadyError as exc:

@@ -161,9 +161,10 @@ def take_whole(request_id: str, count: int, add, choices: int = 1, window: int |
     return MergedStream(request_id, count, add, choices, count if window is None else window)
 
 
-async def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, param: str):
-    """One engine request per prompt, read as one stream, and the request's timer (for its metrics)."""
-    timer = RequestTimer(state.metrics)  # from before the schema's grammar is compiled
+async def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, param: str, arrival: float):
+    """One engine request per prompt, read as one stream, and the request's timer (for its metrics,
+    from its `arrival`: time.monotonic at its route)."""
+    timer = RequestTimer(state.metrics, arrival)
     try:
         if sampling.constrained:  # a full server refuses before compiling for nothing
             state.engine.check_room(len(prompts) * queued_choices(state, sampling.n))

@@ -107,11 +107,13 @@ class Metrics:
 
 
 class RequestTimer:
-    """Latency bookkeeping of one request, observed into the histograms as tokens arrive."""
+    """Latency bookkeeping of one request, observed into the histograms as tokens arrive; `start`
+    (time.monotonic) the request's arrival at its route, before its prompt is rendered and tokenized
+    (on a thread pool, where requests may queue under load), else now."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, start: float | None = None):
         self.metrics = metrics
-        self.start = time.monotonic()
+        self.start = time.monotonic() if start is None else start
         self.first: float | None = None
         self.last: dict[int, float] = {}
         self.done = False

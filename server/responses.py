@@ -85,6 +85,7 @@ class ResponseCall:
         self.request, self.body = request, body
         self.state = request.app.state.skipserve
         self.id = new_id("resp_")
+        self.arrival = time.monotonic()  # (its latency metrics count from here)
         self.message_id = new_id("msg_")
         self.reasoning_id = new_id("rs_")
         self.reasoning = None  # how --reasoning-parser splits this answer, if it does
@@ -114,7 +115,7 @@ class ResponseCall:
         if body.truncation == "auto" and len(prompt_ids) > limit:
             prompt_ids = await self.latest_turns(instructions, messages, limit)
         self.reasoning, sampling = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompt_ids)
-        stream, self.timer = await submit(state, self.id, [prompt_ids], sampling, body.skip(), "input")
+        stream, self.timer = await submit(state, self.id, [prompt_ids], sampling, body.skip(), "input", self.arrival)
         return stream
 
     def answer(self) -> Answer:
