@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.rows import device_values
+
 
 @dataclass
 class PrefillSegment:
@@ -46,32 +48,34 @@ class AttentionMetadata:
                     device) -> "AttentionMetadata":
         """Prefill chunks (block table, start, num_tokens) of several sequences in one forward: the
         projections and FFNs run on all their tokens at once, attention per sequence."""
+        device = torch.device(device)
         segments, blocks, offsets = [], [], []
         for table, start, n in chunks:
             positions = list(range(start, start + n))
             used = -(-(start + n) // block_size)
-            segments.append(PrefillSegment(start, n, torch.tensor(table[:used], device=device),
-                                           torch.tensor(positions, device=device)))
+            segments.append(PrefillSegment(start, n, device_values(table[:used], device),
+                                           device_values(positions, device)))
             blocks += [table[p // block_size] for p in positions]
             offsets += [p % block_size for p in positions]
         return cls(positions=torch.cat([s.positions for s in segments]), is_prefill=True, block_size=block_size,
-                   write_blocks=torch.tensor(blocks, device=device),
-                   write_offsets=torch.tensor(offsets, device=device), segments=segments)
+                   write_blocks=device_values(blocks, device), write_offsets=device_values(offsets, device),
+                   segments=segments)
 
     @classmethod
     def for_decode(cls, block_tables: list[list[int]], positions: list[int], block_size: int, device,
                    dtype) -> "AttentionMetadata":
         """One new token per row at `positions` (its K/V goes there), attending to 0..position."""
+        device = torch.device(device)  # (each list to a GPU through pinned memory, without waiting)
         width = max(-(-(p + 1) // block_size) for p in positions)
         padded = [table[:width] + [0] * (width - min(len(table), width)) for table in block_tables]
         return cls(
-            positions=torch.tensor(positions, device=device),
+            positions=device_values(positions, device),
             is_prefill=False,
             block_size=block_size,
-            write_blocks=torch.tensor([t[p // block_size] for t, p in zip(block_tables, positions)], device=device),
-            write_offsets=torch.tensor([p % block_size for p in positions], device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-            context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device),
+            write_blocks=device_values([t[p // block_size] for t, p in zip(block_tables, positions)], device),
+            write_offsets=device_values([p % block_size for p in positions], device),
+            block_tables=device_values(padded, device, torch.int32),
+            context_lens=device_values([p + 1 for p in positions], device, torch.int32),
             max_context_len=max(positions) + 1,
             dtype=dtype,
         )
