@@ -103,7 +103,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     app.include_router(responses_router)
     app.include_router(embeddings_router)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: probes that read only the status)
     async def health():
         if state.draining:
             return error_response(503, "shutting down", code="shutting_down")

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from engine.sampling_params import InvalidParamError
 
@@ -28,6 +30,18 @@ class APIError(Exception):
 def _printable(text: str | None) -> str | None:
     """Text that survives UTF-8 encoding: a message may quote client input, lone surrogates included."""
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _prefix_hint(request: Request) -> str:
+    """For a path the API serves under /v1 (a client's base URL without it: the commonest setup
+    mistake) or with its slashes doubled: the route meant."""
+    path = request.url.path
+    clean = re.sub("/+", "/", path)
+    meant = clean if clean.startswith("/v1/") else "/v1" + clean
+    scope = {**request.scope, "path": meant, "raw_path": meant.encode()}
+    if meant != path and any(route.matches(scope)[0] is not Match.NONE for route in request.app.router.routes):
+        return f"; did you mean {meant}? (an OpenAI client's base URL ends in /v1: http://HOST:PORT/v1)"
+    return ""
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -112,7 +126,7 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
-            message = f"route {request.method} {request.url.path} not found"
+            message = f"route {request.method} {request.url.path} not found" + _prefix_hint(request)
         return error_response(exc.status_code, message)
 
     @app.exception_handler(Exception)

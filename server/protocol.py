@@ -146,6 +146,7 @@ def null_only(reason: str):
 class TextPart(Strict):
     type: Literal["text"]
     text: str
+    cache_control: Any = None  # Anthropic's prompt-caching mark, which LiteLLM and agents pass on: ignored
 
 
 class CalledFunction(Strict):
@@ -177,6 +178,7 @@ class ChatMessage(Strict):
     audio: Any = None
     function_call: Any = None
     parsed: Any = None
+    cache_control: Any = None  # (as on a text part; prefixes are cached here whatever it says)
 
     @model_validator(mode="after")
     def _tool_fields_in_their_roles(self):

@@ -93,6 +93,19 @@ def test_invalid_json_is_400(server):
 def test_unknown_route_is_404_envelope(server):
     r = httpx.get(server.url + "/v1/nothing-here")
     assert_error(r, 404, None)
+    assert "did you mean" not in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1//chat/completions", "//v1/chat/completions"])
+def test_a_route_asked_without_v1_or_with_slashes_doubled_names_the_one_meant(server, path):
+    """A client's base URL without /v1 is the commonest setup mistake: a bare 404 did not say so."""
+    r = post(server, OK, path)
+    assert_error(r, 404, None)
+    assert "did you mean /v1/chat/completions?" in r.json()["error"]["message"]
+
+
+def test_health_answers_head_for_probes_that_read_only_the_status(server):
+    assert httpx.head(server.url + "/health").status_code == 200
 
 
 def test_unknown_model_is_404_model_not_found(server):
@@ -117,6 +130,16 @@ def test_a_body_that_is_not_a_json_object_says_so(server, body):
                    headers={"content-type": "application/json"}, timeout=30)
     assert_error(r, 400, None)
     assert "JSON object" in r.json()["error"]["message"]
+
+
+def test_a_prompt_caching_mark_on_a_part_or_message_is_taken_and_ignored(server):
+    """Anthropic's cache_control, which LiteLLM and coding agents pass on to OpenAI-compatible
+    servers, was a 400 blaming the content ("Input should be a valid string")."""
+    mark = {"type": "ephemeral"}
+    message = {"role": "user", "content": [{"type": "text", "text": "Say hi", "cache_control": mark}],
+               "cache_control": mark}
+    r = post(server, {**OK, "messages": [message]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
 
 
 def test_non_text_content_parts_say_the_model_takes_text_only(server):
