@@ -40,21 +40,45 @@ def draw(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p
     return tokens
 
 
+def _candidates(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each row's `width` most likely tokens (values, ids), most likely first and equal logits in
+    the order of their ids (topk's own order among them changes with its k, which a batch's widest
+    row sets), and the next value past them (None when they are the whole vocabulary)."""
+    vocab = logits.shape[1]
+    if width >= vocab:  # one stable sort: equal logits stay in the order of their ids
+        values, ids = logits.sort(dim=-1, descending=True, stable=True)
+        return values, ids, None
+    values, ids = logits.topk(width + 1, dim=-1)
+    following = values[:, width]
+    values, ids = values[:, :width], ids[:, :width]
+    new_run = values[:, 1:] != values[:, :-1]
+    tied = (~new_run).any(-1).nonzero().flatten()  # rows with equal logits among their candidates
+    if tied.numel():  # one sort of those rows by (run of equal values, id)
+        runs = torch.cat([torch.zeros_like(tied)[:, None], new_run[tied].cumsum(-1)], dim=1)
+        order = (runs * vocab + ids[tied]).argsort(dim=-1)
+        values[tied], ids[tied] = values[tied].gather(1, order), ids[tied].gather(1, order)
+    return values, ids, following
+
+
 def _draw_ordered(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
-                  min_p: list[float], uniform: list[float], ladder: tuple[int, ...]) -> torch.Tensor:
+                  min_p: list[float], uniform: list[float], ladder: tuple[int, ...], floor: int = 0) -> torch.Tensor:
+    """`ladder`: the candidates' counts to try for rows without top-k, in turn; `floor`: at least as
+    many (a redraw's next rung)."""
     rows, vocab = logits.shape
     dev = logits.device
-    width = min(vocab, max(ladder[0] if k == 0 else k for k in top_k))
-    values, ids = logits.topk(width, dim=-1)  # descending; dividing by a temperature keeps the order
-    kept = device_values([k or width for k in top_k], dev)
-    beyond_k = torch.arange(width, device=dev)[None, :] >= kept[:, None]
-    weights = _min_p(_exp_scaled(values.masked_fill(beyond_k, float("-inf")), temperature), min_p)
+    width = min(vocab, max([floor] + [ladder[0] if k == 0 else k for k in top_k]))
+    values, ids, following = _candidates(logits, width)  # dividing by a temperature keeps the order
+    # top-k keeps every token as likely as the k-th too (HF's and vLLM's ties): a row without top-k, all
+    kth = values.gather(1, (device_values([k or width for k in top_k], dev) - 1)[:, None])
+    kth = kth.masked_fill(device_values([k == 0 for k in top_k], dev)[:, None], float("-inf"))
+    weights = _min_p(_exp_scaled(values.masked_fill(values < kth, float("-inf")), temperature), min_p)
+    last_kept = weights[:, -1] > 0  # by top-k and min-p: if its equals run on past the candidates, so do they
     # top-p's mass is that of the tokens top-k and min-p kept: top-k renormalises over its k tokens
     # (those min-p kept), a row without top-k over the whole vocabulary's tokens min-p kept
     scale = weights.sum(-1)
     unbounded = [i for i, k in enumerate(top_k) if k == 0]
     may_reach_past = bool(unbounded) and width < vocab  # a row without top-k, candidates short of the vocabulary
-    if may_reach_past:
+    if may_reach_past:  # (its scale from the whole vocabulary; a tied run past the candidates: redrawn below)
         part_temperature, part_min_p = _pick(unbounded, temperature, min_p)
         part = take_rows(logits, unbounded)  # a copy, or the logits themselves, which a redraw still needs
         put_rows(scale, unbounded,
@@ -66,12 +90,21 @@ def _draw_ordered(logits: torch.Tensor, temperature: list[float], top_k: list[in
         limit = column([p if p < 1.0 else float("inf") for p in top_p], weights)
         weights = weights.masked_fill(before >= limit, 0.0)
     tokens = ids.gather(1, _inverse_cdf(weights, uniform)[:, None]).squeeze(1)
-    if may_reach_past:  # a row whose last candidate is still kept goes on past it
-        go_on = (weights[device_values(unbounded, dev), -1] > 0).tolist()
-        again = [i for i, flag in zip(unbounded, go_on) if flag]
+    if following is not None:
+        # a row goes on past its candidates where it may keep a token past them: one without top-k
+        # whose last candidate is still kept, or one whose last run of equal logits goes on past them
+        # while top-k and min-p keep it (top-k's and top-p's mass would miss the rest of it) or top-p
+        # keeps any of it (which of the run are candidates is topk's choice, not the ids' order)
+        last = values[:, -1:]
+        tied = (following == last[:, 0]) & (last_kept | ((weights > 0) & (values == last)).any(-1))
+        reaches = torch.zeros_like(tied)
+        if unbounded:
+            reaches[device_values(unbounded, dev)] = weights[device_values(unbounded, dev), -1] > 0
+        again = [i for i, flag in enumerate((tied | reaches).tolist()) if flag]
         if again:
+            rest = tuple(w for w in ladder[1:] if w > width) or (vocab,)
             put_rows(tokens, again, _draw_ordered(take_rows(logits, again), *_pick(again, temperature, top_k, top_p,
-                                                                                   min_p, uniform), ladder[1:] or (vocab,)))
+                                                                                   min_p, uniform), rest, rest[0]))
     return tokens
 
 

@@ -293,6 +293,8 @@ class LLMEngine:
         """A prompt's logprobs (token, logprob, top alternatives), for a sequence that asked for them."""
         text = self.tokenizer.token_text
         for t, lp, top in scores:
+            if lp != lp:  # NaN: log-softmax of logits that are not finite (no JSON number either)
+                raise ValueError("the model's logits for this prompt are not finite (NaN or infinity)")
             seq.prompt_logprobs.append(TokenLogprob(text(t), t, lp, [(text(a), a, alp) for a, alp in top]))
 
     def _run(self, batch: ScheduledBatch) -> StepResult:

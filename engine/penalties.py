@@ -1,10 +1,11 @@
 """Repetition, frequency and presence penalties and logit bias, for the rows of a step at once,
 in place, touching only the logits of the tokens concerned.
 
-Semantics as HF transformers and vLLM: the repetition penalty divides the positive logits and
-multiplies the negative ones of every token seen in the prompt or the output; the frequency
-penalty subtracts penalty x count of each output token, the presence penalty subtracts its value
-once per output token seen; the bias is added last.
+Semantics as HF transformers and vLLM: the bias is added first (vLLM's logit-bias processor runs
+before its penalties, as HF's and llama.cpp's do); the repetition penalty divides the positive
+logits and multiplies the negative ones of every token seen in the prompt or the output; the
+frequency penalty subtracts penalty x count of each output token, the presence penalty subtracts
+its value once per output token seen.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from engine.sampling_params import SamplingParams
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
                     outputs: list[list[int]]) -> None:
     """logits [B, V], one row per entry of `params`; changed in place."""
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids, values = bias_tensors(p, logits)
+            logits[i, ids] += values
     repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if repeated:
         # every token the row has seen, once; a row's list is padded with its own first token
@@ -35,10 +40,6 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
                   for i, c in zip(counted, counts)]
         logits.index_put_((device_values(counted, logits.device)[:, None], padded(ids, logits, pad=0)),
                           -padded(values, logits, pad=0.0, dtype=logits.dtype), accumulate=True)
-    for i, p in enumerate(params):
-        if p.logit_bias:
-            ids, values = bias_tensors(p, logits)
-            logits[i, ids] += values
 
 
 def bias_tensors(params: SamplingParams, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,9 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
         put_rows(tokens, drawn, draw(take_rows(logits, drawn), [params[i].temperature for i in drawn],
                                      [params[i].top_k for i in drawn], [params[i].top_p for i in drawn],
                                      [params[i].min_p for i in drawn], [rows[i].uniform for i in drawn]))
+    if raw is not None:  # a row's logprobs come from its raw logits: a NaN there (one its mask hid) fails it too
+        asking = device_values([p.logprobs is not None for p in params], logits.device)
+        finite &= ~asking | torch.isfinite(raw.amax(dim=-1))
     token_ids, usable = torch.stack([tokens, finite.long()]).tolist()  # one transfer back
     out = [Sampled(token) for token in token_ids]
     if raw is not None:
@@ -67,10 +70,13 @@ def _mask(logits: torch.Tensor, rows: list[SampleRow]) -> None:
                padded([list(rows[i].refused) for i in refusing], logits)] = float("-inf")
 
 
+LOWEST_LOGPROB = -9999.0  # vLLM's floor: -inf (a token the model rules out) is no JSON number
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, width: int):
     """Each row's logprob of its token and its `width` most likely alternatives, as host lists:
     (chosen [rows], top ids [rows][width], top logprobs [rows][width])."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp_(min=LOWEST_LOGPROB)
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
     if not width:
         return chosen, [[]] * len(chosen), [[]] * len(chosen)
