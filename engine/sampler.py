@@ -49,12 +49,18 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     if raw is not None:  # a row's logprobs come from its raw logits: a NaN there (one its mask hid) fails it too
         asking = device_values([p.logprobs is not None for p in params], logits.device)
         finite &= ~asking | torch.isfinite(raw.amax(dim=-1))
-    token_ids, usable = torch.stack([tokens, finite.long()]).tolist()  # one transfer back
+    # 1: a token; 0: logits that are no numbers; -1: every token masked (a constraint with no way on)
+    usable = torch.where(finite, 1, torch.where(best.values == float("-inf"), -1, 0))
+    token_ids, usable = torch.stack([tokens, usable]).tolist()  # one transfer back
     out = [Sampled(token) for token in token_ids]
     if raw is not None:
         _add_logprobs(raw, tokens, params, out)
-    return [sampled if ok else ValueError("the model's logits for this sequence are not finite (NaN or infinity)")
-            for sampled, ok in zip(out, usable)]
+    return [sampled if ok == 1 else ValueError(FAILURES[ok]) for sampled, ok in zip(out, usable)]
+
+
+FAILURES = {0: "the model's logits for this sequence are not finite (NaN or infinity)",
+            -1: "no token may follow here: the request's constraints (its grammar, schema or refused tokens) "
+                "allow none of the vocabulary"}
 
 
 def _mask(logits: torch.Tensor, rows: list[SampleRow]) -> None:

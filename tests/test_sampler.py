@@ -255,3 +255,12 @@ def test_logprobs_are_json_numbers_or_the_row_fails():
     assert out[2].token_id == int(logits[2].argmax())  # the same NaN-free row without logprobs: a token
     assert min(v for _, v in out[1].top_logprobs) == -9999.0
     json.dumps(out[1].top_logprobs, allow_nan=False)
+
+
+def test_a_row_its_constraints_leave_no_token_is_told_so():
+    """Its logits were reported as not finite, which blamed the model."""
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(7))
+    none = torch.zeros(VOCAB, dtype=torch.bool)
+    out = sample(logits, [SampleRow(SamplingParams(temperature=0.0), [1], [], None, allowed=none),
+                          SampleRow(SamplingParams(temperature=0.0), [1], [], None)])
+    assert isinstance(out[0], ValueError) and "constraints" in str(out[0]) and out[1].token_id >= 0
