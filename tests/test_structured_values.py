@@ -613,3 +613,34 @@ def test_a_tuple_position_that_cannot_be_completed_is_never_begun():
 def test_the_openai_sdks_parse_takes_tuples(client):
     route = _parsed(client, Route, "Route: start at 1.0, 2.0; stops Lyon, Nice; leg 3, 'car', true. JSON.", 150)
     assert len(route.start) == 2 and len(route.leg) == 3
+
+
+def _nested(levels: int, kind: str) -> tuple[dict, str]:
+    schema, document = {"type": "integer"}, "1"
+    for _ in range(levels):
+        if kind == "object":
+            schema, document = {"type": "object", "properties": {"a": schema}, "required": ["a"]}, f'{{"a":{document}}}'
+        else:
+            schema, document = {"type": "array", "items": schema, "minItems": 1}, f"[{document}]"
+    return schema, document
+
+
+@pytest.mark.parametrize("kind", ["object", "array"])
+def test_a_schema_nested_deeper_than_answers_may_is_refused_at_once(kind):
+    """128 required levels compiled, but the machine opens no value it cannot close within its depth:
+    no answer could begin (after 20 spaces of indent the row failed, blaming the model's logits)."""
+    schema, document = _nested(json_machine.MAX_DEPTH - 1, kind)
+    assert grammar_accepts(compile_schema(schema), document)
+    with pytest.raises(InvalidParamError, match="nests objects and arrays deeper than answers may"):
+        compile_schema(_nested(json_machine.MAX_DEPTH, kind)[0])
+
+
+def test_a_reference_inside_a_subschema_with_its_own_id_is_refused():
+    """A bundled resource's $ref resolves against its $id: `#/$defs/x` inside it named the root's x
+    (a string) where the resource's own x (an integer) was meant: {"v": "s"} passed, {"v": 1} did not."""
+    inner = {"$id": "https://example.com/inner", "$defs": {"x": {"type": "integer"}}, "type": "object",
+             "properties": {"v": {"$ref": "#/$defs/x"}}, "required": ["v"]}
+    with pytest.raises(InvalidParamError, match=r"inside a subschema with its own \$id"):
+        compile_schema({"$defs": {"inner": inner, "x": {"type": "string"}}, "$ref": "#/$defs/inner"})
+    plain = {"$id": "https://example.com/point", "type": "object", "properties": {"v": {"type": "integer"}}}
+    assert grammar_accepts(compile_schema({"type": "object", "properties": {"p": plain}}), '{"p":{"v":1}}')

@@ -255,6 +255,7 @@ class _Compiler:
         """`patterns`, `work`: compiled patterns and the budget to build them to share (a loose
         schema's keywords are tried apart first)."""
         self.root_schema = schema
+        self.resources = 0  # subschemas with their own $id that the compile is inside
         self.grammar = Grammar()
         self.refs: dict[str, int] = {}
         self.any: int | None = None
@@ -270,10 +271,15 @@ class _Compiler:
         self.grammar.object_height, self.grammar.array_height, self.grammar.height = _heights(self.grammar.nodes)
         root = self.grammar.nodes[self.grammar.root]
         scalar = root.string or root.number or root.literals
-        if not scalar and min(self.grammar.object_height[self.grammar.root],
-                              self.grammar.array_height[self.grammar.root]) >= NO_END:
+        height = min(self.grammar.object_height[self.grammar.root], self.grammar.array_height[self.grammar.root])
+        if not scalar and height >= NO_END:
             _fail("no finite JSON document satisfies the schema (a required property or item leads back to "
                   "itself without end)")
+        from engine.structured.json_machine import MAX_DEPTH  # (it imports this module)
+
+        if not scalar and height > MAX_DEPTH:  # the machine opens no value it cannot close within MAX_DEPTH
+            _fail(f"the schema's smallest document nests objects and arrays deeper than answers may (at most "
+                  f"{MAX_DEPTH - 1} levels)")
 
     def new(self, node: Node | None = None) -> int:
         if len(self.grammar.nodes) >= MAX_NODES:
@@ -291,6 +297,14 @@ class _Compiler:
         return self.any
 
     def compile(self, schema) -> int:
+        inner = isinstance(schema, dict) and "$id" in schema and schema is not self.root_schema
+        self.resources += inner  # a subschema with its own $id: references inside it resolve against it
+        try:
+            return self._compile(schema)
+        finally:
+            self.resources -= inner
+
+    def _compile(self, schema) -> int:
         if schema is True or schema == {}:
             return self.any_value()
         if not isinstance(schema, dict):
@@ -316,6 +330,9 @@ class _Compiler:
     def ref(self, schema: dict) -> int:
         if self.constraints(schema) != {"$ref"}:
             _fail("$ref beside other constraints is not supported")
+        if self.resources:
+            _fail("a $ref inside a subschema with its own $id (a bundled resource, which its references "
+                  "resolve against) is not supported")
         ref = _hashable(schema["$ref"], "$ref")
         if ref not in self.refs:
             target = self.resolve(ref)
