@@ -70,23 +70,24 @@ class ModelConfig:
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
         from engine.models import SUPPORTED  # (it imports this module)
 
+        file = Path(path) / "config.json"
         try:
-            raw = json.loads((Path(path) / "config.json").read_text())
+            raw = json.loads(file.read_text())
         except ValueError as exc:
-            raise ValueError(f"{Path(path) / 'config.json'} is not valid JSON: {exc}") from None
+            raise ValueError(f"{file} is not valid JSON: {exc}") from None
         if not isinstance(raw, dict) or raw.get("model_type") not in SUPPORTED:  # before its keys are read: theirs
             kind = raw.get("model_type") if isinstance(raw, dict) else None  # differ (GPT-2's n_embd)
             raise ValueError(f"unsupported architecture {kind!r} (supported: {sorted(SUPPORTED)})")
         try:
             config = cls._from_raw(path, raw)
         except (KeyError, ZeroDivisionError, TypeError) as exc:
-            raise ValueError(f"{Path(path) / 'config.json'}: " + (f"no {exc.args[0]!r}" if isinstance(exc, KeyError)
-                                                                else f"a value it cannot have ({exc})")) from None
+            raise ValueError(f"{file}: " + (f"no {exc.args[0]!r}" if isinstance(exc, KeyError)
+                                            else f"a value it cannot have ({exc})")) from None
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "max_position_embeddings"):
             value = getattr(config, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{Path(path) / 'config.json'}: {name} is {value!r}, not a positive integer")
+            if not positive_int(value):
+                raise ValueError(f"{file}: {name} is {value!r}, not a positive integer")
         return config
 
     @classmethod
@@ -160,6 +161,11 @@ def _pattern_layer_types(raw: dict) -> list[str] | None:
 SKIP_POLICIES = ("none", "ffn_skipllm", "batch_aligned")  # engine/skip's POLICIES
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 POOLINGS = ("mean", "last")
+
+
+def positive_int(value) -> bool:
+    """An int above 0 (not a bool: JSON's true is no size)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _require(ok: bool, message: str) -> None:

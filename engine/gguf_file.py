@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from engine.config import positive_int
+
 MAGIC = b"GGUF"
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
@@ -87,7 +89,7 @@ class GGUFFile:
                                  "(a newer or removed llama.cpp format, or a damaged file)")
             infos.append((name, dims, GGMLQuantizationType(kind), self._unpack("<Q")))
         alignment = self.fields.get("general.alignment", 32)
-        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+        if not positive_int(alignment):
             raise ValueError(f"{path}: general.alignment is {alignment!r}, not a positive integer")
         start = -(-self._at // alignment) * alignment
         whole = np.frombuffer(self._map, dtype=np.uint8)
@@ -104,11 +106,14 @@ class GGUFFile:
         return self._map[self._at - n:self._at]
 
     def _skip(self, n: int) -> None:
-        """Past `n` bytes, which must be in the file (a damaged length would have a slice copy the
-        rest of a many-GB file, or a loop step through it)."""
-        if n > len(self._map) - self._at:
-            raise IndexError(f"a length of {n} bytes at byte {self._at}, past the end of the file")
+        self._room(n, f"a length of {n} bytes")
         self._at += n
+
+    def _room(self, n: int, what: str) -> None:
+        """`n` more bytes must be in the file (a damaged length would have a slice copy the rest of a
+        many-GB file, or a loop step through it)."""
+        if n > len(self._map) - self._at:
+            raise IndexError(f"{what} at byte {self._at}, past the end of the file")
 
     def _unpack(self, fmt: str):
         value, = struct.unpack_from(fmt, self._map, self._at)
@@ -128,8 +133,7 @@ class GGUFFile:
             if item in SCALARS:
                 self._skip(count * struct.calcsize(SCALARS[item]))
             else:
-                if count * 8 > len(self._map) - self._at:  # each item at least a length or a count
-                    raise IndexError(f"an array of {count} items at byte {self._at}, past the end of the file")
+                self._room(count * 8, f"an array of {count} items")  # each item at least a length or a count
                 for _ in range(count):
                     self._value(item)
             return None

@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from engine.config import positive_int
+
 # Air-gapped by construction: transformers must never try a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -208,10 +210,10 @@ def check_sizes(fields: dict, gguf_path: Path) -> None:
         raise ValueError(f"{gguf_path}: no general.architecture: not a model's GGUF, or a damaged one")
     for key in SIZES:
         value = fields.get(f"{arch}.{key}")
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        if value is not None and not positive_int(value):
             raise ValueError(f"{gguf_path}: {arch}.{key} is {value!r}, not a positive integer")
-    layers = fields.get(f"{arch}.block_count")
-    if isinstance(layers, int) and layers > MAX_LAYERS:
+    layers = fields.get(f"{arch}.block_count", 0)
+    if layers > MAX_LAYERS:
         raise ValueError(f"{gguf_path}: {arch}.block_count is {layers} (at most {MAX_LAYERS} are read)")
 
 

@@ -139,7 +139,7 @@ class ModelRunner:
         gguf = None if config.quantize else quantized_gguf(config.model, config.cache_dir, config.dtype, self.device)
         source = gguf or ensure_hf_dir(config.model, config.cache_dir)
         state = load_weights(gguf) if gguf else load_state_dict(source)
-        check_weights(model_config, state, gguf or config.model or source)  # before a kernel trusts a shape
+        check_weights(model_config, state, config.model or source)  # before a kernel trusts a shape
         if config.quantize == "int8":
             state = quantize_state(state)
         self.backend = select_backend(self.device)

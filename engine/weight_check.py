@@ -71,11 +71,9 @@ def check_weights(cfg: ModelConfig, weights: dict, source) -> None:
                          + (f"no tensors for layer(s) {_listed(missing)}" if missing else "")
                          + (" and " if missing and extra else "")
                          + (f"tensors for layer(s) {_listed(extra)}" if extra else ""))
+    needed = ["input_layernorm.weight", "self_attn.o_proj.weight"] + ([] if cfg.num_experts else ["mlp.down_proj.weight"])
     for index in range(cfg.num_layers):
         prefix = f"model.layers.{index}."
-        needed = ["input_layernorm.weight", "self_attn.o_proj.weight"]
-        if not cfg.num_experts:
-            needed.append("mlp.down_proj.weight")
         for part in needed:
             if prefix + part not in weights:
                 raise ValueError(f"{source}: no tensor {prefix + part}: the file is incomplete")

@@ -7,11 +7,18 @@ from __future__ import annotations
 import logging
 
 
+def request_line(record: logging.LogRecord) -> tuple | None:
+    """uvicorn.access's arguments (client address, method, path with query, HTTP version, status),
+    or None for a record of another shape."""
+    args = record.args
+    ok = isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and isinstance(args[4], int)
+    return args if ok else None
+
+
 class DropQueryStrings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        # uvicorn.access: (client address, method, path with query, HTTP version, status)
-        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+        args = request_line(record)
+        if args is not None and "?" in args[2]:
             record.args = (args[0], args[1], args[2].split("?", 1)[0] + "?<redacted>", args[3], args[4])
         return True
 
@@ -21,10 +28,8 @@ PROBES = frozenset({"/health", "/metrics"})
 
 class DropAnsweredProbes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and isinstance(args[4], int):
-            return not (args[2].split("?", 1)[0] in PROBES and args[4] < 400)
-        return True
+        args = request_line(record)
+        return args is None or not (args[2].split("?", 1)[0] in PROBES and args[4] < 400)
 
 
 def install() -> None:

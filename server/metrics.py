@@ -109,11 +109,11 @@ class Metrics:
 class RequestTimer:
     """Latency bookkeeping of one request, observed into the histograms as tokens arrive; `start`
     (time.monotonic) the request's arrival at its route, before its prompt is rendered and tokenized
-    (on a thread pool, where requests may queue under load), else now."""
+    (on a thread pool, where requests may queue under load)."""
 
-    def __init__(self, metrics: Metrics, start: float | None = None):
+    def __init__(self, metrics: Metrics, start: float):
         self.metrics = metrics
-        self.start = time.monotonic() if start is None else start
+        self.start = start
         self.first: float | None = None
         self.last: dict[int, float] = {}
         self.done = False
