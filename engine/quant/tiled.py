@@ -8,10 +8,10 @@ lane j holding two consecutive weights of output j as the kernel widens them to 
 - 8 bits, groups of 32 or 16: G / 2 chunks of 32 bytes; byte 2j + e of chunk c is weight 2c + e.
 Scales and offsets follow as [output tile][group][16], in fp16 where every one of them is an fp16
 value (Q4_0, Q4_1 and Q8_0 store fp16 scales: 2 bytes a group less to read per token), as their
-two levels where the format has them (`Levels`: K-quants and IQ4_XS multiply an fp16 value a 256
-inputs by a small integer a group), fp32 otherwise. Two levels are one buffer a tile: the int8
-[group][16], then the fp16 [256 inputs][16] (`scale_bits` 8): a Q4_K weight reads 4.6 bits, a Q6_K
-one 8.6, where fp32 scales made them 6 and 10. The same integers, scales and offsets as the
+two levels where the format has them over groups of 32 (`Levels`: Q4_K, Q5_K and IQ4_XS multiply
+an fp16 value a 256 inputs by a small integer a group; `LEVELS_GROUP`), fp32 otherwise. Two levels
+are one buffer a tile: the int8 [group][16], then the fp16 [256 inputs][16] (`scale_bits` 8): a
+Q4_K weight reads 4.625 bits where fp32 scales made it 6. The same integers, scales and offsets as the
 `QuantWeight`: moved, not rounded (`integers` undoes the tiling, tests check both ways).
 """
 from __future__ import annotations
@@ -23,6 +23,12 @@ import torch
 from engine.quant.weight import Levels, QuantWeight, looked_up, scaled
 
 TILE = 16  # outputs a tile
+# Two levels cost a group an int8 widening and a multiply more: over groups of 32 (Q4_K, Q5_K, IQ4_XS)
+# that is free, over groups of 16 (Q6_K, Q2_K, Q3_K) it is not. On 2 threads of a Zen 4 EPYC (a
+# 14336 x 4096 matrix, ad hoc) Q4_K read 0.86x the fp32 scales' time at 1 row and 1.01-1.03x at 4-16;
+# Q6_K 1.01x at 1 row and 1.04-1.14x at 4-16, and a 4-row decode step of Llama-3-8B's shapes in
+# Q4_K_M's formats was 0.95x as fast with them. So groups of 16 keep fp32 scales.
+LEVELS_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ class TiledWeight:
         common = dict(q=q, out_features=sum(p.shape[0] for p in parts), bits=first.bits, group=first.group,
                       source="+".join(sorted({p.source for p in parts})),
                       table=None if first.table is None else first.table.to(torch.int8).contiguous())
-        if all(p.two_level for p in parts):
+        if all(p.two_level for p in parts) and first.group == LEVELS_GROUP:
             scale, scale_super = _tile_levels([p.scale_levels for p in parts], parts, tiles)
             offset, offset_super = (None, None) if first.offset is None else \
                 _tile_levels([p.offset_levels for p in parts], parts, tiles)
