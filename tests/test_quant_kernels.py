@@ -8,7 +8,6 @@ host runs both), with odd row and output counts that exercise every tile shape, 
 """
 import contextlib
 import dataclasses
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -149,46 +148,22 @@ def test_both_builds_give_the_same_bits(kernels, kind):
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_scales_as_narrow_as_the_format_has_them(kernels, isa):
-    """Q4_0, Q4_1 and Q8_0 (fp16 scales in the file) tile with fp16 scales and offsets; Q4_K, Q5_K
-    and IQ4_XS (an fp16 a 256 inputs times an integer a group of 32) with their two levels (int8 a
-    group, fp16 a 256 inputs); the same weight read with fp32 scales gives the same bits, from more
-    bytes. Groups of 16 keep fp32 (engine/quant/tiled.py's LEVELS_GROUP), and the kernel takes their
-    two levels too."""
+def test_fp16_scales_where_the_format_has_them(kernels, isa):
+    """Q4_0, Q4_1 and Q8_0 (fp16 scales in the file) tile with fp16 scales and offsets, K-quants
+    (an fp16 scale times an integer) keep fp32; the same weight read either way gives the same bits."""
     if isa not in quant_ops.isas():
         pytest.skip(f"this CPU does not run the {isa} build")
     n = 2 * 256
     x = torch.randn(9, n, generator=torch.Generator().manual_seed(7))
     kernel = quant_ops.kernel(isa)
-    kinds = [("Q4_0", 16), ("Q4_1", 16), ("Q8_0", 16), ("Q4_K", 8), ("Q5_K", 8), ("IQ4_XS", 8), ("Q5_0", 16),
-             ("IQ4_NL", 16), ("Q6_K", 32), ("Q2_K", 32), ("Q3_K", 32)]
-    for kind, bits in kinds:
-        weight = to_weight(kind, random_blocks(kind, 21, n // BLOCK_WEIGHTS[kind], seed=8), n)
-        tiled = TiledWeight.from_weight(weight)
-        assert tiled.scale_bits == bits, kind
-        if bits == 32:  # groups of 16: the kernel reads their two levels alike
-            with mock.patch("engine.quant.tiled.LEVELS_GROUP", weight.group):
-                tiled, wide = TiledWeight.from_weight(weight), tiled
-            assert tiled.scale_bits == 8 and tiled.nbytes < wide.nbytes
-            assert torch.equal(quant_ops.linear(x, tiled, None, kernel), quant_ops.linear(x, wide, None, kernel)), kind
-            continue
+    for kind, bits in [("Q4_0", 16), ("Q4_1", 16), ("Q8_0", 16), ("Q4_K", 32), ("Q6_K", 32)]:
+        weight = TiledWeight.from_weight(to_weight(kind, random_blocks(kind, 21, n // BLOCK_WEIGHTS[kind], seed=8), n))
+        assert weight.scale_bits == bits, kind
         if bits == 16:
-            wide = dataclasses.replace(tiled, scale=tiled.scale.float(),
-                                       offset=None if tiled.offset is None else tiled.offset.float())
-        else:
-            wide = TiledWeight.from_weight(dataclasses.replace(weight, scale_levels=None, offset_levels=None))
-        assert wide.scale_bits == 32 and wide.nbytes > tiled.nbytes
-        assert torch.equal(wide.dequantize(), tiled.dequantize()), kind
-        assert torch.equal(quant_ops.linear(x, tiled, None, kernel), quant_ops.linear(x, wide, None, kernel)), kind
-
-
-def test_two_level_scales_take_their_bytes():
-    """Q4_K reads 4.625 bits a weight (4 + an int8 scale and offset a 32 + their fp16s a 256), where
-    fp32 scales and offsets made it 6: most of what the decode step of a Q4_K_M 7B model streams."""
-    n = 4 * 256
-    for kind, bits in (("Q4_K", 4.625), ("Q6_K", 10)):
-        tiled = TiledWeight.from_weight(to_weight(kind, random_blocks(kind, 32, 4, seed=9), n))
-        assert tiled.nbytes * 8 == bits * 32 * n, kind
+            wide = dataclasses.replace(weight, scale=weight.scale.float(),
+                                       offset=None if weight.offset is None else weight.offset.float())
+            assert wide.scale_bits == 32
+            assert torch.equal(quant_ops.linear(x, weight, None, kernel), quant_ops.linear(x, wide, None, kernel)), kind
 
 
 def test_stacked_weights_run_as_their_parts(kernels):

@@ -9,9 +9,7 @@
 // With a table (16 signed bytes: IQ4's or MXFP4's values), 4-bit q index it: w = d * table[q], the entries
 // looked up 32 at a time (a byte shuffle) before they widen.
 // Every tile has 16 scales d and, for formats with one, 16 offsets m: w = d * q + m; fp16 where
-// the format's own are (Q4_0, Q4_1, Q8_0: 2 bytes a group fewer to read), in two levels where the
-// format has them (K-quants, IQ4_XS: an int8 per group and output, then after the tile's int8s an
-// fp16 per SUPER inputs and output, whose product is exactly the fp32 d or m), fp32 otherwise.
+// the format's own are (Q4_0, Q4_1, Q8_0: 2 bytes a group fewer to read), fp32 otherwise.
 //
 // Activations are quantized per row and group to int16 (s = max|x| / 32767, a = round(x / s)),
 // so a group's sum of q * a is exact in int32 (AVX-512 VNNI's vpdpwssd, or AVX2's vpmaddwd):
@@ -28,7 +26,6 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "work_chunks.h"
@@ -56,9 +53,6 @@ struct Isa {
     static F load(const float* p) { return _mm512_loadu_ps(p); }
     static F load(const uint16_t* p) {
         return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    }
-    static F load(const int8_t* p) {
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     }
     static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
     static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -108,9 +102,6 @@ struct Isa {
     static F set1(float v) { return _mm256_set1_ps(v); }
     static F load(const float* p) { return _mm256_loadu_ps(p); }
     static F load(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-    static F load(const int8_t* p) {
-        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-    }
     static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
     static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
     static F max(F a, F b) { return _mm256_max_ps(a, b); }
@@ -214,50 +205,13 @@ I weights(const uint8_t* tile, int v, int half, Isa::Lut lut) {
 // the end of the weights are only prefetches: they never fault.
 constexpr int PREFETCH_BYTES = 2048;
 
-// A tile's scales (or offsets): an S a group and output (float, or uint16_t holding fp16), [group]
-// [TILE_OUT]; with S = int8_t, two levels: those int8s, then an fp16 a SUPER inputs and output,
-// [SUPER inputs][TILE_OUT], whose product (exact in fp32) is the scale.
-constexpr int SUPER = 256;
-
-template <int G, typename S>
-struct TileScales {
-    static constexpr bool LEVELS = std::is_same_v<S, int8_t>;
-    static constexpr int PER_SUPER = SUPER / G;  // groups an fp16 of the second level covers
-    // elements of S a tile's take
-    static int64_t size(int groups) {
-        const int64_t firsts = static_cast<int64_t>(groups) * TILE_OUT;
-        return LEVELS ? firsts + firsts / PER_SUPER * 2 : firsts;  // (an fp16 is two int8s)
-    }
-    static const uint16_t* supers(const S* tile, int groups) {
-        return reinterpret_cast<const uint16_t*>(tile + static_cast<int64_t>(groups) * TILE_OUT);
-    }
-    // the second level for group g, lanes [half * LANES, + LANES) (read once per SUPER inputs)
-    static F top(const S* tile, int groups, int g, int half) {
-        if constexpr (LEVELS)
-            return Isa::load(supers(tile, groups) + static_cast<int64_t>(g / PER_SUPER) * TILE_OUT + half * Isa::LANES);
-        return Isa::zero();
-    }
-    // group g's, lanes [half * LANES, + LANES); top: `top(..., g, half)`
-    static F load(const S* tile, int g, int half, F top) {
-        const F first = Isa::load(tile + static_cast<int64_t>(g) * TILE_OUT + half * Isa::LANES);
-        if constexpr (LEVELS) return Isa::mul(first, top);
-        return first;
-    }
-    // 16 of them: within one line. The second level's line once per SUPER inputs: asked for again
-    // at every group, a 4-row product on Q4_K ran 1.3x slower.
-    static void prefetch(const S* tile, int groups, int g) {
-        __builtin_prefetch(tile + static_cast<int64_t>(g) * TILE_OUT);
-        if constexpr (LEVELS)
-            if (g % PER_SUPER == 0) __builtin_prefetch(supers(tile, groups) + static_cast<int64_t>(g / PER_SUPER) * TILE_OUT);
-    }
-};
-
-template <int TILE_BYTES, int G, typename S>
-inline void prefetch_ahead(const uint8_t* tile, const S* scale, const S* offset, int groups, int g) {
+template <int TILE_BYTES, typename S>
+inline void prefetch_ahead(const uint8_t* tile, const S* scale, const S* offset, int g) {
     for (int b = 0; b < TILE_BYTES; b += 64) __builtin_prefetch(tile + PREFETCH_BYTES + b);
     constexpr int AHEAD_GROUPS = PREFETCH_BYTES / TILE_BYTES > 0 ? PREFETCH_BYTES / TILE_BYTES : 1;
-    TileScales<G, S>::prefetch(scale, groups, g + AHEAD_GROUPS);
-    if (offset) TileScales<G, S>::prefetch(offset, groups, g + AHEAD_GROUPS);
+    const int64_t at = static_cast<int64_t>(g + AHEAD_GROUPS) * TILE_OUT;  // 16 scales: within one line
+    __builtin_prefetch(scale + at);
+    if (offset) __builtin_prefetch(offset + at);
 }
 
 // Outputs [lanes of one half] of a tile column for R rows, over all groups; S: the scales' type
@@ -270,10 +224,9 @@ void tile_rows(const QuantRow* rows, const uint8_t* q, const S* scale, const S* 
     constexpr int TILE_BYTES = TILE_OUT * G * BITS / 8;
     constexpr int CHAINS = R >= 4 ? 1 : 4 / R;  // independent integer sums per row: hide the dot latency
     for (int r = 0; r < R; ++r) acc[r] = Isa::zero();
-    F d_top = Isa::zero(), m_top = Isa::zero();  // two levels: the current SUPER inputs' second level
     for (int g = 0; g < groups; ++g) {
         const uint8_t* tile = q + static_cast<int64_t>(g) * TILE_BYTES;
-        prefetch_ahead<TILE_BYTES, G>(tile, scale, offset, groups, g);
+        prefetch_ahead<TILE_BYTES>(tile, scale, offset, g);
         I dot[R][CHAINS];
         for (int r = 0; r < R; ++r)
             for (int c = 0; c < CHAINS; ++c) dot[r][c] = Isa::izero();
@@ -283,12 +236,9 @@ void tile_rows(const QuantRow* rows, const uint8_t* q, const S* scale, const S* 
             for (int r = 0; r < R; ++r)
                 dot[r][v % CHAINS] = Isa::dot(dot[r][v % CHAINS], w, rows[r].pairs[g * VECTORS + v]);
         }
-        if (TileScales<G, S>::LEVELS && g % TileScales<G, S>::PER_SUPER == 0) {
-            d_top = TileScales<G, S>::top(scale, groups, g, half);
-            if (OFFSET) m_top = TileScales<G, S>::top(offset, groups, g, half);
-        }
-        const F d = TileScales<G, S>::load(scale, g, half, d_top);
-        const F m = OFFSET ? TileScales<G, S>::load(offset, g, half, m_top) : Isa::zero();
+        const int64_t at = static_cast<int64_t>(g) * TILE_OUT + half * Isa::LANES;
+        const F d = Isa::load(scale + at);
+        const F m = OFFSET ? Isa::load(offset + at) : Isa::zero();
         for (int r = 0; r < R; ++r) {
             I total = dot[r][0];
             for (int c = 1; c < CHAINS; ++c) total = Isa::add(total, dot[r][c]);
@@ -341,7 +291,7 @@ void linear(const float* x, const uint8_t* q, const S* scale, const S* offset, c
                    sums.data() + r * groups};
     const int tiles = (out + TILE_OUT - 1) / TILE_OUT;
     const int64_t tile_bytes = static_cast<int64_t>(groups) * TILE_OUT * G * BITS / 8;
-    const int64_t tile_scales = TileScales<G, S>::size(groups);
+    const int64_t tile_scales = static_cast<int64_t>(groups) * TILE_OUT;
     int16_t* a_rows = a.data();  // thread_local: the team reaches the caller's buffers through these
     float *s_rows = s.data(), *sum_rows = sums.data();
     const int chunk = work_chunk(tiles, threads, nrows <= STREAM_ROWS ? STREAM_CHUNKS : CHUNKS_PER_THREAD);
@@ -384,10 +334,6 @@ template <int BITS, int G>
 int dispatch_scales(const float* x, const uint8_t* q, const void* scale, const void* offset, const int8_t* table,
                     const float* bias, float* y, int rows, int in, int out, int scale_bits, int threads) {
     if (BITS != 4 && table) return 0;
-    if (scale_bits == 8) {  // two levels: whole SUPER blocks of inputs
-        if (in % SUPER) return 0;
-        return dispatch_offset<BITS, G, int8_t>(x, q, scale, offset, table, bias, y, rows, in, out, threads);
-    }
     if (scale_bits == 16)
         return dispatch_offset<BITS, G, uint16_t>(x, q, scale, offset, table, bias, y, rows, in, out, threads);
     if (scale_bits == 32)
@@ -398,7 +344,7 @@ int dispatch_scales(const float* x, const uint8_t* q, const void* scale, const v
 }  // namespace
 
 // x [rows, in] fp32; q, scale, offset (or null): the tiles of engine/quant/tiled.py for `out`
-// outputs, scales and offsets of `scale_bits` 16 (fp16), 32 (fp32) or 8 (two levels: TileScales); table: 16 int8 that 4-bit q
+// outputs, scales and offsets of `scale_bits` 16 (fp16) or 32 (fp32); table: 16 int8 that 4-bit q
 // index, or null; bias [out] fp32 or null; y [rows, out] fp32. Returns 0 for a (bits, group,
 // scale_bits, table) this kernel does not take.
 extern "C" int QUANT_JOIN(quant_linear, QUANT_ISA)(const float* x, const uint8_t* q, const void* scale,

@@ -29,7 +29,7 @@ struct WeightRef {
                             // is the number of parts
     int64_t bias;           // fp32 [out], or 0
     int64_t bits, group;    // QUANTIZED: the integers' width and the group size
-    int64_t scale_bits;     // QUANTIZED: 16 (fp16 scales and offsets), 32 (fp32) or 8 (two levels)
+    int64_t scale_bits;     // QUANTIZED: 16 (fp16 scales and offsets) or 32 (fp32)
     int64_t table;          // QUANTIZED: int8 [16] that 4-bit integers index (MXFP4, IQ4), or 0
 };
 static_assert(sizeof(WeightRef) == 10 * sizeof(int64_t), "WeightRef is ten table columns");

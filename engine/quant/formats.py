@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.quant.weight import Levels, QuantWeight
+from engine.quant.weight import QuantWeight
 
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
                "Q2_K": 84, "Q3_K": 110, "IQ4_NL": 18, "IQ4_XS": 136, "MXFP4": 17}
@@ -54,11 +54,6 @@ TWO_BIT_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
     """The fp16 at byte `at` of every block, as fp32 [rows, blocks]."""
     return np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0].astype(np.float32)
-
-
-def _half(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The fp16 at byte `at` of every block [rows, blocks], kept fp16 (a two-level format's super-scale)."""
-    return np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0]
 
 
 def _nibbles(packed: np.ndarray) -> np.ndarray:
@@ -91,7 +86,7 @@ def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
     scales = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
     mins = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=-1)
-    return scales, mins
+    return scales.astype(np.float32), mins.astype(np.float32)
 
 
 def _k_sub_blocks(packed: np.ndarray) -> np.ndarray:
@@ -102,8 +97,7 @@ def _k_sub_blocks(packed: np.ndarray) -> np.ndarray:
 
 
 def _decode(kind: str, b: np.ndarray):
-    """-> (integers [rows, groups, group], scale [rows, groups], offset or None, bits); a two-level
-    format's scale and offset as (integers [rows, blocks, groups a block], fp16 [rows, blocks]). 4-bit integers
+    """-> (integers [rows, groups, group], scale [rows, groups], offset or None, bits). 4-bit integers
     come one a byte ([..., 32]), or as the file packs them ([..., 16]: byte j holds weight j in its
     low nibble and j + 16 in its high one, the kernels' layout: Q4_0, Q4_1, IQ4_NL, MXFP4), which
     spares unpacking and packing them again at load."""
@@ -122,8 +116,9 @@ def _decode(kind: str, b: np.ndarray):
     if kind == "Q8_0":
         return b[..., 2:34].view(np.int8), _f16(b, 0), None, 8
     if kind in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b, 0)[..., None], _f16(b, 2)[..., None]
         scales, mins = _k_scales(b[..., 4:16])
-        scale, offset = (scales, _half(b, 0)), (mins, -_half(b, 2))
+        scale, offset = (d * scales).reshape(rows, -1), (-(dmin * mins)).reshape(rows, -1)
         if kind == "Q4_K":
             return _k_sub_blocks(b[..., 16:144]).reshape(rows, -1, 32), scale, offset, 4
         q = _k_sub_blocks(b[..., 48:176]) | (_bit_planes(b[..., 16:48]) << 4)
@@ -131,25 +126,29 @@ def _decode(kind: str, b: np.ndarray):
     if kind == "Q6_K":
         low = b[..., 0:128].reshape(rows, -1, 2, 1, 64) >> NIBBLE_SHIFTS[:, None] & 0x0F
         q = low.reshape(rows, -1, 8, 32) | (_crumbs(b[..., 128:192]) << 4)  # halves of 128: 4 runs of 32
-        return q.astype(np.int8).reshape(rows, -1, 16) - 32, (b[..., 192:208].view(np.int8), _half(b, 208)), None, 8
+        scale = _f16(b, 208)[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
+        return q.astype(np.int8).reshape(rows, -1, 16) - 32, scale.reshape(rows, -1), None, 8
     if kind == "Q2_K":  # per 128 weights, 32 bytes: group 2s + h is bits 2s..2s+1 of bytes 16h..16h+15
         q = _crumbs(b[..., 16:80])
-        scale, offset = (b[..., 0:16] & 0x0F, _half(b, 80)), (b[..., 0:16] >> 4, -_half(b, 82))
-        return q.reshape(rows, -1, 16), scale, offset, 8
+        d, dmin = _f16(b, 80)[..., None], _f16(b, 82)[..., None]
+        scale, offset = d * (b[..., 0:16] & 0x0F), -(dmin * (b[..., 0:16] >> 4))
+        return q.reshape(rows, -1, 16), scale.reshape(rows, -1), offset.reshape(rows, -1), 8
     if kind == "Q3_K":  # the lows as Q2_K's; group g's high bit is bit g // 2 of the 32 bytes
         q = _crumbs(b[..., 32:96]).astype(np.int8) + (_bit_planes(b[..., 0:32]).astype(np.int8) << 2) - 4
         packed = b[..., 96:108]
         six = _nibbles(packed[..., 0:8]) | \
             ((packed[..., 8:12].reshape(rows, -1, 1, 4) >> TWO_BIT_SHIFTS[:, None] & 3).reshape(rows, -1, 16) << 4)
-        return q.reshape(rows, -1, 16), (six.astype(np.int8) - 32, _half(b, 108)), None, 8
+        scale = _f16(b, 108)[..., None] * (six.astype(np.float32) - 32)
+        return q.reshape(rows, -1, 16), scale.reshape(rows, -1), None, 8
     if kind == "IQ4_NL":
         return b[..., 2:18], _f16(b, 0), None, 4
     if kind == "IQ4_XS":
         highs = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)  # [rows, blocks, 1]
         six = ((b[..., 4:8, None] >> NIBBLE_SHIFTS & 0x0F).reshape(rows, -1, 8)
                | (highs >> (2 * np.arange(8, dtype=np.uint16)) & 3).astype(np.uint8) << 4)
+        scale = _f16(b, 0)[..., None] * (six.astype(np.float32) - 32)
         q = _nibbles(b[..., 8:136].reshape(rows, -1, 8, 16))
-        return q.reshape(rows, -1, 32), (six.astype(np.int8) - 32, _half(b, 0)), None, 4
+        return q.reshape(rows, -1, 32), scale.reshape(rows, -1), None, 4
     if kind == "MXFP4":  # 2^(e - 128): ggml's e8m0 "half" (e < 2 are fp32 subnormals, written as bits)
         e = b[..., 0].astype(np.uint32)
         half = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23)).astype(np.uint32).view(np.float32)
@@ -157,22 +156,10 @@ def _decode(kind: str, b: np.ndarray):
     raise ValueError(f"unsupported GGUF format {kind}")
 
 
-def _levels(value, rows: int) -> tuple[np.ndarray | None, Levels | None]:
-    """A decoded scale or offset -> (fp32 [rows, groups], its Levels where it has two)."""
-    if not isinstance(value, tuple):
-        return value, None
-    ints, top = value
-    ints = ints.astype(np.int8).reshape(rows, top.shape[1], -1)
-    expanded = ints.astype(np.float32) * top.astype(np.float32)[..., None]  # exact: see Levels
-    return expanded.reshape(rows, -1), Levels(torch.from_numpy(np.ascontiguousarray(ints.reshape(rows, -1))),
-                                              torch.from_numpy(np.ascontiguousarray(top)))
-
-
 def to_weight(kind: str, raw: np.ndarray, in_features: int) -> QuantWeight:
     """raw: uint8 [rows, bytes] of one tensor in GGUF format `kind` -> QuantWeight [rows, in_features]."""
     blocks = np.asarray(raw, dtype=np.uint8).reshape(raw.shape[0], -1, BLOCK_BYTES[kind])
     q, scale, offset, bits = _decode(kind, blocks)
-    (scale, scale_levels), (offset, offset_levels) = _levels(scale, raw.shape[0]), _levels(offset, raw.shape[0])
     rows, group = q.shape[0], 32 if bits == 4 else q.shape[-1]
     if bits == 4 and q.shape[-1] == 16:  # packed as the kernels take them
         packed = q
@@ -187,7 +174,6 @@ def to_weight(kind: str, raw: np.ndarray, in_features: int) -> QuantWeight:
                          offset=None if offset is None else torch.from_numpy(
                              np.ascontiguousarray(offset, dtype=np.float32).reshape(rows, -1)),
                          bits=bits, group=group, source=kind,
-                         table=torch.from_numpy(TABLES[kind].copy()) if kind in TABLES else None,
-                         scale_levels=scale_levels, offset_levels=offset_levels)
+                         table=torch.from_numpy(TABLES[kind].copy()) if kind in TABLES else None)
     assert weight.shape == (rows, in_features), (weight.shape, rows, in_features)
     return weight

@@ -7,12 +7,9 @@ lane j holding two consecutive weights of output j as the kernel widens them to 
   nibble) and weight 4c + 2 + e (high nibble) of output j;
 - 8 bits, groups of 32 or 16: G / 2 chunks of 32 bytes; byte 2j + e of chunk c is weight 2c + e.
 Scales and offsets follow as [output tile][group][16], in fp16 where every one of them is an fp16
-value (Q4_0, Q4_1 and Q8_0 store fp16 scales: 2 bytes a group less to read per token), as their
-two levels where the format has them over groups of 32 (`Levels`: Q4_K, Q5_K and IQ4_XS multiply
-an fp16 value a 256 inputs by a small integer a group; `LEVELS_GROUP`), fp32 otherwise. Two levels
-are one buffer a tile: the int8 [group][16], then the fp16 [256 inputs][16] (`scale_bits` 8): a
-Q4_K weight reads 4.625 bits where fp32 scales made it 6. The same integers, scales and offsets as the
-`QuantWeight`: moved, not rounded (`integers` undoes the tiling, tests check both ways).
+value (Q4_0, Q4_1 and Q8_0 store fp16 scales: 2 bytes a group less to read per token), fp32
+otherwise (K-quants multiply an fp16 scale by an integer). The same integers, scales and offsets
+as the `QuantWeight`: moved, not rounded (`integers` undoes the tiling, tests check both ways).
 """
 from __future__ import annotations
 
@@ -20,29 +17,21 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.quant.weight import Levels, QuantWeight, looked_up, scaled
+from engine.quant.weight import QuantWeight, looked_up, scaled
 
 TILE = 16  # outputs a tile
-# Two levels cost a group an int8 widening and a multiply more: over groups of 32 (Q4_K, Q5_K, IQ4_XS)
-# that is free, over groups of 16 (Q6_K, Q2_K, Q3_K) it is not. On 2 threads of a Zen 4 EPYC (a
-# 14336 x 4096 matrix, ad hoc) Q4_K read 0.86x the fp32 scales' time at 1 row and 1.01-1.03x at 4-16;
-# Q6_K 1.01x at 1 row and 1.04-1.14x at 4-16, and a 4-row decode step of Llama-3-8B's shapes in
-# Q4_K_M's formats was 0.95x as fast with them. So groups of 16 keep fp32 scales.
-LEVELS_GROUP = 32
 
 
 @dataclass(frozen=True)
 class TiledWeight:
     q: torch.Tensor  # uint8 [tiles, groups, TILE * group * bits / 8]
-    scale: torch.Tensor  # fp16 or fp32 [tiles, groups, TILE]; int8 with scale_super (a view of its buffer)
+    scale: torch.Tensor  # fp16 or fp32 [tiles, groups, TILE]
     offset: torch.Tensor | None  # as scale, or None
     out_features: int
     bits: int
     group: int
     source: str
     table: torch.Tensor | None = None  # int8 [16] that 4-bit q index (QuantWeight.table)
-    scale_super: torch.Tensor | None = None  # fp16 [tiles, in / SUPER, TILE]: int8 scale's second level
-    offset_super: torch.Tensor | None = None  # likewise for an int8 offset
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,12 +43,7 @@ class TiledWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.offset, self.scale_super,
-                                                              self.offset_super) if t is not None)
-
-    def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each group's fp32 scale and offset (or None), [tiles, groups, TILE]."""
-        return _expanded(self.scale, self.scale_super), _expanded(self.offset, self.offset_super)
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.offset) if t is not None)
 
     @staticmethod
     def from_weight(weight: QuantWeight | list[QuantWeight]) -> "TiledWeight":
@@ -72,22 +56,16 @@ class TiledWeight:
         first = parts[0]
         assert all(p.layout == first.layout and p.shape[1] == first.shape[1] for p in parts)
         tiles = [-(-p.shape[0] // TILE) for p in parts]
-        q = _tiled_integers(parts, tiles)
-        common = dict(q=q, out_features=sum(p.shape[0] for p in parts), bits=first.bits, group=first.group,
-                      source="+".join(sorted({p.source for p in parts})),
-                      table=None if first.table is None else first.table.to(torch.int8).contiguous())
-        if all(p.two_level for p in parts) and first.group == LEVELS_GROUP:
-            scale, scale_super = _tile_levels([p.scale_levels for p in parts], parts, tiles)
-            offset, offset_super = (None, None) if first.offset is None else \
-                _tile_levels([p.offset_levels for p in parts], parts, tiles)
-            return TiledWeight(scale=scale, offset=offset, scale_super=scale_super, offset_super=offset_super, **common)
         narrowed = _narrowest([p.scale for p in parts] + [p.offset for p in parts])  # fp16 for all or none
         scales, offsets = narrowed[:len(parts)], narrowed[len(parts):]
-        return TiledWeight(scale=torch.cat([_tile_groups(s, n * TILE - p.shape[0], n)
-                                            for s, p, n in zip(scales, parts, tiles)]),
+        q = _tiled_integers(parts, tiles)
+        return TiledWeight(q=q, scale=torch.cat([_tile_groups(s, n * TILE - p.shape[0], n)
+                                                 for s, p, n in zip(scales, parts, tiles)]),
                            offset=None if first.offset is None else torch.cat(
                                [_tile_groups(o, n * TILE - p.shape[0], n) for o, p, n in zip(offsets, parts, tiles)]),
-                           **common)
+                           out_features=sum(p.shape[0] for p in parts), bits=first.bits, group=first.group,
+                           source="+".join(sorted({p.source for p in parts})),
+                           table=None if first.table is None else first.table.to(torch.int8).contiguous())
 
     def integers(self, rows: torch.Tensor) -> torch.Tensor:
         """q of the selected rows as int32 [rows, groups, group] (the tiling undone)."""
@@ -104,8 +82,8 @@ class TiledWeight:
         """fp32 [rows, in] of the selected rows (all by default)."""
         rows = torch.arange(self.out_features) if rows is None else rows
         tiles, lanes = rows // TILE, rows % TILE
-        scale, offset = self.scales()
-        return scaled(self.integers(rows), scale[tiles, :, lanes], None if offset is None else offset[tiles, :, lanes])
+        return scaled(self.integers(rows), self.scale[tiles, :, lanes].float(),
+                      None if self.offset is None else self.offset[tiles, :, lanes].float())
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: the dequantized fp32 rows `ids` (as `tensor[ids]` on a dense matrix)."""
@@ -169,25 +147,6 @@ def _weight_bytes(weight: QuantWeight) -> torch.Tensor:
 
 def _pad_rows(t: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
-
-
-def _tile_levels(levels: list[Levels], parts: list[QuantWeight], tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row blocks' two-level scales (or offsets) -> one buffer a tile, the int8 [groups][TILE] then the
-    fp16 [in / SUPER][TILE] (the kernel's layout for `scale_bits` 8), as views (ints, supers) of it."""
-    pads = [n * TILE - p.shape[0] for p, n in zip(parts, tiles)]
-    ints = torch.cat([_tile_groups(lv.ints, pad, n) for lv, pad, n in zip(levels, pads, tiles)])
-    tops = torch.cat([_tile_groups(lv.super, pad, n) for lv, pad, n in zip(levels, pads, tiles)])
-    count, groups, supers = ints.shape[0], ints.shape[1], tops.shape[1]
-    buffer = torch.cat([ints.view(torch.uint8).reshape(count, -1), tops.view(torch.uint8).reshape(count, -1)], dim=1)
-    return (buffer[:, :groups * TILE].view(torch.int8).view(count, groups, TILE),
-            buffer[:, groups * TILE:].view(torch.float16).view(count, supers, TILE))
-
-
-def _expanded(t: torch.Tensor | None, top: torch.Tensor | None) -> torch.Tensor | None:
-    """Tiled scales or offsets as fp32 [tiles, groups, TILE], two levels multiplied out."""
-    if t is None or top is None:
-        return None if t is None else t.float()
-    return t.float() * top.float().repeat_interleave(t.shape[1] // top.shape[1], dim=1)
 
 
 def _tile_groups(t: torch.Tensor, pad: int, tiles: int) -> torch.Tensor:

@@ -9,8 +9,7 @@ w = d * q + m.
 - 8 bits, groups of 32 or 16: one signed byte a weight.
 Every GGUF format in `engine/quant/formats.py` maps onto one of these without loss: its integers
 fit the width and its scales and offsets are exact in fp32 (fp16 values, or an fp16 value times a
-6- or 8-bit integer). The kernel's tiles (engine/quant/tiled.py) keep them in fp16 where all are,
-and as their two levels (`Levels`) where the format has them (K-quants, IQ4_XS).
+6- or 8-bit integer). The kernel's tiles (engine/quant/tiled.py) keep them in fp16 where all are.
 """
 from __future__ import annotations
 
@@ -32,32 +31,6 @@ def looked_up(q: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
     return q.to(torch.int32) if table is None else table.to(torch.int32)[q.long()]
 
 
-SUPER = 256  # inputs a two-level format's fp16 super-scale covers (a K-quant's block)
-
-
-@dataclass(frozen=True)
-class Levels:
-    """A K-quant's scales (or offsets) as the file holds them: a small integer per group times one
-    fp16 value per `SUPER` inputs. Their product, each group's fp32 scale, is exact (an 11-bit
-    significand times at most 8 bits), so the kernel may read these 1.06 bytes a group instead of 4."""
-    ints: torch.Tensor  # int8 [out, in / group]
-    super: torch.Tensor  # fp16 [out, in / SUPER]
-
-    def expanded(self) -> torch.Tensor:
-        """Each group's fp32 value [out, in / group]."""
-        per_super = self.ints.shape[1] // self.super.shape[1]
-        return self.ints.float() * self.super.float().repeat_interleave(per_super, dim=1)
-
-    def select(self, rows) -> "Levels":
-        return Levels(self.ints[rows].contiguous(), self.super[rows].contiguous())
-
-    @staticmethod
-    def cat(parts: list["Levels | None"]) -> "Levels | None":
-        if any(p is None for p in parts):
-            return None
-        return Levels(torch.cat([p.ints for p in parts]), torch.cat([p.super for p in parts]))
-
-
 @dataclass(frozen=True)
 class QuantWeight:
     q: torch.Tensor  # uint8 [out, in * bits / 8]
@@ -67,8 +40,6 @@ class QuantWeight:
     group: int  # 32 (or 16 with 8 bits)
     source: str  # the format it came from, e.g. "Q4_1" (for logs)
     table: torch.Tensor | None = None  # int8 [16] that 4-bit q index (IQ4, MXFP4), or None: q is the integer
-    scale_levels: Levels | None = None  # scale as its format's two levels, where it has them
-    offset_levels: Levels | None = None  # offset likewise (with scale_levels, for formats with offsets)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -82,11 +53,6 @@ class QuantWeight:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.offset) if t is not None)
-
-    @property
-    def two_level(self) -> bool:
-        """Whether its scales, and offsets if it has any, come in two levels (`Levels`)."""
-        return self.scale_levels is not None and (self.offset is None or self.offset_levels is not None)
 
     def integers(self, rows=slice(None)) -> torch.Tensor:
         """q of the selected rows as int32 [rows, groups, group]."""
@@ -108,9 +74,7 @@ class QuantWeight:
     def permute_rows(self, order: torch.Tensor) -> "QuantWeight":
         """Row i of the result is row order[i] of this one (rows are independent: no loss)."""
         return replace(self, q=self.q[order].contiguous(), scale=self.scale[order].contiguous(),
-                       offset=None if self.offset is None else self.offset[order].contiguous(),
-                       scale_levels=None if self.scale_levels is None else self.scale_levels.select(order),
-                       offset_levels=None if self.offset_levels is None else self.offset_levels.select(order))
+                       offset=None if self.offset is None else self.offset[order].contiguous())
 
     @staticmethod
     def cat(parts: list["QuantWeight"]) -> "QuantWeight":
@@ -120,5 +84,4 @@ class QuantWeight:
         offset = None if first.offset is None else torch.cat([p.offset for p in parts])
         sources = "+".join(sorted({p.source for p in parts}))
         return replace(first, q=torch.cat([p.q for p in parts]), scale=torch.cat([p.scale for p in parts]),
-                       offset=offset, source=sources, scale_levels=Levels.cat([p.scale_levels for p in parts]),
-                       offset_levels=None if offset is None else Levels.cat([p.offset_levels for p in parts]))
+                       offset=offset, source=sources)
