@@ -5,9 +5,11 @@
 // of inputs (2k, 2k+1) the 16 outputs' two weights side by side, which is the operand
 // AVX512-BF16's dot-product instruction takes: one 64-byte load and one instruction give 16
 // outputs x 2 inputs of one row. Each thread streams its own run of blocks. Without AVX512-BF16,
-// an AVX2 + FMA path widens each weight pair in registers (a 16-bit shift and a mask) and runs
-// fp32 FMAs: the same products of bf16 values, summed in fp32; only the rounding of the pair's
-// sum may differ from the dot-product instruction's.
+// the weight pairs are widened in registers (a 16-bit shift and a mask) and run through fp32 FMAs:
+// the same products of bf16 values, summed in fp32; only the rounding of the pair's sum may differ
+// from the dot-product instruction's. AVX-512 CPUs without AVX512-BF16 (Skylake-SP to Ice Lake
+// servers) widen 16 outputs a register, AVX2 + FMA ones 8: per output the same operations in the
+// same order, so those two agree bit for bit.
 //
 // Batch invariant, as linear.cpp: two accumulator chains per output vector (even / odd input
 // pairs) for any number of rows, so a row's result does not depend on the rest of the batch.
@@ -17,7 +19,7 @@
 
 #include "tiling.h"
 
-#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512BF16__) || defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -87,6 +89,54 @@ void tile_rows(const uint32_t* xp, int rows, int pairs, const uint16_t* w, const
                                                y + static_cast<int64_t>(r) * out, out);
     });
 }
+#elif defined(__AVX512F__)
+// R rows against NB neighbouring blocks; xr holds the rows' inputs rounded to bf16, as fp32. Each
+// 32-bit word of a block holds one output's weights for inputs 2k (low half) and 2k + 1 (high).
+template <int R, int NB>
+void widened_rows(const float* xr, int64_t x_stride, const uint16_t* w, int pairs, const float* bias, float* y,
+                  int64_t y_stride) {
+    constexpr int CHAINS = 2;
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    __m512 acc[CHAINS][NB][R];
+    for (int c = 0; c < CHAINS; ++c)
+        for (int n = 0; n < NB; ++n)
+            for (int r = 0; r < R; ++r) acc[c][n][r] = _mm512_setzero_ps();
+    const int64_t block_stride = static_cast<int64_t>(pairs) * 2 * BLOCK;
+    auto pair = [&](int c, int k) {
+        __m512 even[NB], odd[NB];
+        for (int n = 0; n < NB; ++n) {
+            const __m512i words = _mm512_loadu_si512(w + n * block_stride + static_cast<int64_t>(k) * 2 * BLOCK);
+            even[n] = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+            odd[n] = _mm512_castsi512_ps(_mm512_and_si512(words, high));
+        }
+        for (int r = 0; r < R; ++r) {
+            const __m512 x0 = _mm512_set1_ps(xr[r * x_stride + 2 * k]);
+            const __m512 x1 = _mm512_set1_ps(xr[r * x_stride + 2 * k + 1]);
+            for (int n = 0; n < NB; ++n)
+                acc[c][n][r] = _mm512_fmadd_ps(x1, odd[n], _mm512_fmadd_ps(x0, even[n], acc[c][n][r]));
+        }
+    };
+    int k = 0;
+    for (; k + CHAINS <= pairs; k += CHAINS)
+        for (int c = 0; c < CHAINS; ++c) pair(c, k + c);
+    for (; k < pairs; ++k) pair(0, k);
+    for (int n = 0; n < NB; ++n) {
+        const __m512 b = bias ? _mm512_loadu_ps(bias + n * BLOCK) : _mm512_setzero_ps();
+        for (int r = 0; r < R; ++r) {
+            __m512 sum = acc[0][n][r];
+            for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, acc[c][n][r]);
+            _mm512_storeu_ps(y + r * y_stride + n * BLOCK, _mm512_add_ps(sum, b));
+        }
+    }
+}
+
+template <int NB>
+void widened_tile_rows(const float* xr, int rows, int pairs, const uint16_t* w, const float* bias, float* y, int out) {
+    for_row_tiles(rows, [&](int r, auto tile) {
+        widened_rows<decltype(tile)::value, NB>(xr + static_cast<int64_t>(r) * 2 * pairs, 2 * pairs, w, pairs, bias,
+                                                y + static_cast<int64_t>(r) * out, out);
+    });
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int AVX2_ROW_TILE = 3;  // 2 chains x 2 halves x 3 rows = 12 accumulators of 16 registers
 
@@ -148,6 +198,17 @@ extern "C" void linear_bf16(const float* x, const uint16_t* w, const float* bias
         else
             tile_rows<1>(xp, rows, pairs, wb, bb, y + b * BLOCK, out);
     });
+#elif defined(__AVX512F__)
+    std::vector<float> xr(xh.size());
+    for (size_t i = 0; i < xh.size(); ++i) xr[i] = from_bf16(xh[i]);
+    for_block_tasks(blocks, rows, threads, [&](int b, bool pair) {
+        const uint16_t* wb = w + static_cast<int64_t>(b) * in * BLOCK;
+        const float* bb = bias ? bias + b * BLOCK : nullptr;
+        if (pair)
+            widened_tile_rows<2>(xr.data(), rows, pairs, wb, bb, y + b * BLOCK, out);
+        else
+            widened_tile_rows<1>(xr.data(), rows, pairs, wb, bb, y + b * BLOCK, out);
+    });
 #elif defined(__AVX2__) && defined(__FMA__)
     for_block_tasks(blocks, rows, threads, [&](int first, bool pair) {
         for (int b = first; b < first + (pair ? 2 : 1); ++b) {
@@ -178,10 +239,10 @@ extern "C" void linear_bf16(const float* x, const uint16_t* w, const float* bias
 #endif
 }
 
-// 1 when this build has vector kernels, AVX512-BF16 or AVX2 + FMA (else the scalar loops: callers
-// prefer oneDNN then).
+// 1 when this build has vector kernels, AVX512-BF16, AVX-512 or AVX2 + FMA (else the scalar loops:
+// callers prefer oneDNN then).
 extern "C" int linear_bf16_vectorized() {
-#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512BF16__) || defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     return 1;
 #else
     return 0;

@@ -3,7 +3,7 @@
 On CPU, in order of preference:
 - `native`: skipserve's own C++ kernels (`engine/native/linear*.cpp`) on a 16-output blocked
   layout, when they are built and vectorized for this CPU (AVX-512 or AVX2 + FMA; bf16 with
-  AVX512-BF16's dot products or widened in AVX2 registers). fp32 activations in and out, no casts;
+  AVX512-BF16's dot products, else widened in AVX-512 or AVX2 registers). fp32 activations in and out, no casts;
   bf16 weights round the input to bf16 and sum in fp32, as oneDNN does.
 - `onednn`: the weight reordered once into oneDNN's blocked layout and its matmul primitive
   called directly (the pre-packing torch's inductor does when it freezes a model). oneDNN's bf16
