@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
+from bench.gguf_tokenizer import copy_tokenizer  # noqa: E402
 from bench.decode import decode_run  # noqa: E402
 from engine.config import EngineConfig, SkipConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
@@ -68,7 +69,7 @@ def k_quant_blocks(rng, kind: str, rows: int, cols: int, std: float) -> np.ndarr
 
 
 def write_dense_gguf(path: Path, shape: dict) -> Path:
-    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+    from gguf import GGMLQuantizationType, GGUFWriter
 
     from engine.plain_gguf_reader import PlainReader
 
@@ -88,12 +89,7 @@ def write_dense_gguf(path: Path, shape: dict) -> Path:
     writer.add_rope_freq_base(shape["rope_base"])
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(vocab)
-    for key, field in source.fields.items():
-        if key.startswith("tokenizer."):
-            if field.types[0] == GGUFValueType.ARRAY:
-                writer.add_array(key, field.contents())
-            else:
-                writer.add_key_value(key, field.contents(), field.types[0])
+    copy_tokenizer(source, writer)
 
     made: dict[tuple, np.ndarray] = {}
 

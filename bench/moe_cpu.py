@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
+from bench.gguf_tokenizer import copy_tokenizer  # noqa: E402
 from bench.decode import decode_run  # noqa: E402
 from engine.config import EngineConfig, SkipConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
@@ -71,7 +72,7 @@ def mxfp4_blocks(rng, rows: int, cols: int, std: float) -> np.ndarray:
 
 
 def write_moe_gguf(path: Path, shape: dict, layers: int) -> Path:
-    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType
+    from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType
     from gguf.quants import quantize
 
     from engine.plain_gguf_reader import PlainReader
@@ -103,12 +104,7 @@ def write_moe_gguf(path: Path, shape: dict, layers: int) -> Path:
         writer.add_rope_scaling_type(RopeScalingType.YARN)
         writer.add_rope_scaling_factor(shape["yarn"][0])
         writer.add_rope_scaling_orig_ctx_len(shape["yarn"][1])
-    for key, field in source.fields.items():
-        if key.startswith("tokenizer."):
-            if field.types[0] == GGUFValueType.ARRAY:
-                writer.add_array(key, field.contents())
-            else:
-                writer.add_key_value(key, field.contents(), field.types[0])
+    copy_tokenizer(source, writer)
 
     quantized: dict[tuple, np.ndarray] = {}
 
