@@ -40,6 +40,21 @@ inline float from_bf16(uint16_t h) {
     return f;
 }
 
+#if defined(__AVX512F__)
+// R rows of NB blocks out: each output's chains summed in order, then its bias added.
+template <int CHAINS, int NB, int R>
+inline void store_rows(const __m512 (&acc)[CHAINS][NB][R], const float* bias, float* y, int64_t y_stride) {
+    for (int n = 0; n < NB; ++n) {
+        const __m512 b = bias ? _mm512_loadu_ps(bias + n * BLOCK) : _mm512_setzero_ps();
+        for (int r = 0; r < R; ++r) {
+            __m512 sum = acc[0][n][r];
+            for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, acc[c][n][r]);
+            _mm512_storeu_ps(y + r * y_stride + n * BLOCK, _mm512_add_ps(sum, b));
+        }
+    }
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // R rows against NB neighbouring blocks; xp holds each row's inputs as bf16 pairs (one 32-bit
 // word per pair).
@@ -71,14 +86,7 @@ void blocks_rows(const uint32_t* xp, int64_t x_stride, const uint16_t* w, int pa
                 acc[0][n][r] = _mm512_dpbf16_ps(acc[0][n][r], wv, (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[r * x_stride + k])));
         }
     }
-    for (int n = 0; n < NB; ++n) {
-        const __m512 b = bias ? _mm512_loadu_ps(bias + n * BLOCK) : _mm512_setzero_ps();
-        for (int r = 0; r < R; ++r) {
-            __m512 sum = acc[0][n][r];
-            for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, acc[c][n][r]);
-            _mm512_storeu_ps(y + r * y_stride + n * BLOCK, _mm512_add_ps(sum, b));
-        }
-    }
+    store_rows<CHAINS, NB, R>(acc, bias, y, y_stride);
 }
 
 // All rows against NB blocks, in row tiles (engine/native/tiling.h).
@@ -120,14 +128,7 @@ void widened_rows(const float* xr, int64_t x_stride, const uint16_t* w, int pair
     for (; k + CHAINS <= pairs; k += CHAINS)
         for (int c = 0; c < CHAINS; ++c) pair(c, k + c);
     for (; k < pairs; ++k) pair(0, k);
-    for (int n = 0; n < NB; ++n) {
-        const __m512 b = bias ? _mm512_loadu_ps(bias + n * BLOCK) : _mm512_setzero_ps();
-        for (int r = 0; r < R; ++r) {
-            __m512 sum = acc[0][n][r];
-            for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, acc[c][n][r]);
-            _mm512_storeu_ps(y + r * y_stride + n * BLOCK, _mm512_add_ps(sum, b));
-        }
-    }
+    store_rows<CHAINS, NB, R>(acc, bias, y, y_stride);
 }
 
 template <int NB>
