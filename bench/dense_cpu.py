@@ -31,13 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
-from bench.gguf_tokenizer import copy_tokenizer  # noqa: E402
 from bench.decode import decode_run  # noqa: E402
+from bench.random_model import PROMPTS, copy_tokenizer, forced_skip, load  # noqa: E402
 from engine.config import EngineConfig, SkipConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import cache_root, embedded_gguf  # noqa: E402
-from engine.sampling_params import SamplingParams, SkipParams  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
 
 SHAPES = {
     "llama-3-8b": dict(name="Llama-3-8B", layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,
@@ -45,12 +43,6 @@ SHAPES = {
     "llama-3.2-3b": dict(name="Llama-3.2-3B", layers=28, hidden=3072, heads=24, kv_heads=8, head_dim=128, ffn=8192,
                          rope_base=500_000.0, context=8192),
 }
-PROMPTS = [f"Write a long story about {who} who learns to {what}." for who, what in (
-    ("a dragon", "bake bread"), ("an old sailor", "paint"), ("a robot", "dance the tango"), ("two foxes", "play chess"),
-    ("a lighthouse keeper", "grow tomatoes"), ("a young witch", "fix bicycles"), ("a snail", "win a race"),
-    ("a librarian", "climb mountains"))]
-
-
 def more_bits(layer: int, layers: int) -> bool:
     """llama.cpp's `use_more_bits`: the layers whose attn_v and ffn_down Q4_K_M gives Q6_K."""
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
@@ -164,27 +156,21 @@ def main():
         print(path)
         return
     shape = SHAPES[args.shape]
-    t = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="auto", max_num_seqs=max(batches),
-                                    max_model_len=max(1024, args.prefill + 64), prefix_caching=False,
-                                    cache_dir=str(path.parent), skip=SkipConfig(cold_start=1, cold_end=1)))
-    load_s = time.perf_counter() - t
-    model = engine.runner.model
-    prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": text}]) for text in PROMPTS]
-    per_token = model.weight_bytes()
-    total = sum(per_token.values())
-    bandwidth = read_bandwidth_gbs()
-    bound = bandwidth * 1e9 / total
-    skip = SkipParams(budget=args.skip_budget, threshold=-1.0, warmup_tokens=0)
+    loaded = load(EngineConfig(model=str(path), device="cpu", dtype="auto", max_num_seqs=max(batches),
+                               max_model_len=max(1024, args.prefill + 64), prefix_caching=False,
+                               cache_dir=str(path.parent), skip=SkipConfig(cold_start=1, cold_end=1)))
+    engine, prompts, per_token = loaded.engine, loaded.prompts, loaded.per_token
+    model, total, bound = engine.runner.model, loaded.total, loaded.bound
+    skip = forced_skip(args.skip_budget)
     ceiling = total / (total - args.skip_budget * per_token["ffn"])
     print(f"command: {' '.join(sys.argv)}")
     print(f"{shape['name']} shapes (vocabulary 49,152), formats {model.weight_formats()}; engine loaded in "
-          f"{load_s:.1f} s; threads {torch.get_num_threads()}; {args.new_tokens} new tokens (decode tok/s: prefill "
+          f"{loaded.load_s:.1f} s; threads {torch.get_num_threads()}; {args.new_tokens} new tokens (decode tok/s: prefill "
           f"excluded), {args.rounds} rounds alternating, medians; forced skip: budget {args.skip_budget}, 1 cold "
           f"layer at each end")
     print(f"weights read per token {total / 1e6:.0f} MB (FFN {per_token['ffn'] / 1e6:.0f}, attention "
           f"{per_token['attention'] / 1e6:.0f}, lm_head {per_token['lm_head'] / 1e6:.0f}); read bandwidth "
-          f"{bandwidth:.1f} GB/s -> batch-1 bound {bound:.2f} tok/s; skipped-bytes ceiling of the skip ~{ceiling:.2f}x")
+          f"{loaded.bandwidth:.1f} GB/s -> batch-1 bound {bound:.2f} tok/s; skipped-bytes ceiling of the skip ~{ceiling:.2f}x")
     print("| batch | dense tok/s | of bound (batch 1) | forced skip tok/s | realized skip | skip / dense |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in batches:

@@ -38,13 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bandwidth import read_bandwidth_gbs  # noqa: E402
-from bench.gguf_tokenizer import copy_tokenizer  # noqa: E402
 from bench.decode import decode_run  # noqa: E402
+from bench.random_model import PROMPTS, copy_tokenizer, forced_skip, load  # noqa: E402
 from engine.config import EngineConfig, SkipConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import cache_root, embedded_gguf  # noqa: E402
-from engine.sampling_params import SkipParams  # noqa: E402
 
 # the shapes of the files written (of the real models' layers, `--layers` of them), and how
 # llama.cpp's converter writes them: their architecture, experts' format, router bias, sinks
@@ -56,11 +53,6 @@ SHAPES = {
                         head_dim=64, experts=32, used=4, expert_ffn=2880, matrices="Q8_0", experts_format="MXFP4",
                         rope_base=150_000.0, context=131072, window=128, yarn=(32.0, 4096)),
 }
-# a batch's rows get different prompts: rows decoding the same text would choose the same experts
-PROMPTS = [f"Write a long story about {who} who learns to {what}." for who, what in (
-    ("a dragon", "bake bread"), ("an old sailor", "paint"), ("a robot", "dance the tango"), ("two foxes", "play chess"),
-    ("a lighthouse keeper", "grow tomatoes"), ("a young witch", "fix bicycles"), ("a snail", "win a race"),
-    ("a librarian", "climb mountains"))]
 
 
 def mxfp4_blocks(rng, rows: int, cols: int, std: float) -> np.ndarray:
@@ -178,22 +170,16 @@ def main():
         partial = write_moe_gguf(folder / (path.name + ".partial"), shape, args.layers)
         partial.rename(path)
         print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
-    t = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="auto", max_num_seqs=max(
+    loaded = load(EngineConfig(model=str(path), device="cpu", dtype="auto", max_num_seqs=max(
         map(int, args.batches.split(","))), max_model_len=512, prefix_caching=False, cache_dir=str(folder),
         skip=SkipConfig(cold_start=args.cold, cold_end=args.cold)))
-    load_s = time.perf_counter() - t
-    model = engine.runner.model
-    prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": text}]) for text in PROMPTS]
-    per_token = model.weight_bytes()
-    total = sum(per_token.values())
-    bandwidth = read_bandwidth_gbs()
-    bound = bandwidth * 1e9 / total
-    skip = SkipParams(budget=args.skip_budget, threshold=-1.0, warmup_tokens=0)
+    engine, prompts, per_token = loaded.engine, loaded.prompts, loaded.per_token
+    model, total, bound, bandwidth = engine.runner.model, loaded.total, loaded.bound, loaded.bandwidth
+    skip = forced_skip(args.skip_budget)
     print(f"command: {' '.join(sys.argv)}")
     print(f"{shape['name']} shapes, {args.layers} of {shape['of_layers']} layers, experts {shape['experts_format']}, "
           f"other matrices {shape['matrices']}; formats {model.weight_formats()}; engine "
-          f"loaded in {load_s:.1f} s; threads {torch.get_num_threads()}; a prompt a row, {min(map(len, prompts))}-"
+          f"loaded in {loaded.load_s:.1f} s; threads {torch.get_num_threads()}; a prompt a row, {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens, "
           f"{args.new_tokens} new tokens (decode tok/s: prefill excluded), {args.rounds} rounds alternating, "
           f"medians; forced skip: budget "
