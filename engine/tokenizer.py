@@ -62,6 +62,16 @@ def _chat_template(folder: Path, config: dict) -> str | None:
     return template
 
 
+def _known_roles(messages: list[dict], template: str | None) -> list[dict]:
+    """OpenAI's `developer` messages (its newer name for the system prompt) as `system` ones, for a
+    template that names no developer role (as llama.cpp's server maps them): such a template prints
+    the role as an unknown turn and adds its own default system prompt before it (SmolLM2's), or
+    refuses it. gpt-oss's (Harmony) has a developer role of its own: there they stay."""
+    if "developer" in (template or "") or not any(m["role"] == "developer" for m in messages):
+        return messages
+    return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+
+
 def is_inline_template(value: str) -> bool:
     """Whether a `--chat-template` value is the template itself (it holds Jinja tags), not a file name."""
     return "{{" in value or "{%" in value
@@ -138,6 +148,7 @@ class Tokenizer:
         from jinja2 import TemplateError
 
         add = options.add_generation_prompt
+        messages = _known_roles(messages, self.chat_template)
         if not self.has_chat_template:
             if options.variables:
                 raise InvalidParamError("this model has no chat template to pass chat_template_kwargs to",

@@ -11,7 +11,7 @@ from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
-                      field_validator, model_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from engine.structured.gbnf import GrammarError, gbnf_regex
@@ -197,10 +197,16 @@ class ChatMessage(Strict):
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_parts_only(cls, value):
+    def _text_parts_only(cls, value, info: ValidationInfo):
         if isinstance(value, list):
+            if info.data.get("role") == "assistant":  # an earlier answer's refusal (OpenAI takes it there): its text
+                value = [{"type": "text", "text": part["refusal"]} if isinstance(part, dict) and
+                         part.get("type") == "refusal" and isinstance(part.get("refusal"), str) else part
+                         for part in value]
             for part in value:
                 kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "refusal":
+                    raise InvalidParamError("refusal parts belong to assistant messages")
                 if kind is not None and kind != "text":
                     raise InvalidParamError(f"content parts of type '{kind}' are not supported: this model "
                                             "takes text only")
@@ -282,10 +288,9 @@ class SamplingRequest(RequestBody):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            try:
-                bias[int(key)] = value
-            except ValueError:
+            if not (key.isascii() and key.isdigit()):  # int() would take " 5", "5_0" and other scripts' digits
                 raise InvalidParamError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            bias[int(key)] = value
         return SamplingParams(
             n=n, max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -305,7 +310,7 @@ class SamplingRequest(RequestBody):
 
 class GuidedOutput(Strict):
     """vLLM's `structured_outputs`: the one thing the whole answer is held to."""
-    json_: Union[dict, str, None] = Field(None, alias="json")  # a JSON schema (or its text, as vLLM takes it)
+    json_: Union[dict, StrictBool, str, None] = Field(None, alias="json")  # a JSON schema (or its text, as vLLM takes it)
     regex: Optional[str] = None
     choice: Optional[list[str]] = None
     json_object: Optional[StrictBool] = None
@@ -321,13 +326,13 @@ class CommonRequest(SamplingRequest):
     response_format: Optional[ResponseFormat] = None  # chat and, as vLLM and llama.cpp take it, completions
     # vLLM's: the answer held to a JSON schema, a regular expression or a list of strings
     structured_outputs: Optional[GuidedOutput] = None
-    guided_json: Union[dict, str, None] = None  # vLLM's older names for the same
+    guided_json: Union[dict, StrictBool, str, None] = None  # vLLM's older names for the same
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
     guided_decoding_backend: Optional[str] = None  # one backend here: accepted, no effect
     grammar: Optional[str] = None  # llama.cpp's: a GBNF grammar the answer follows
-    json_schema: Union[dict, None] = None  # llama.cpp's: a JSON schema the answer follows
+    json_schema: Union[dict, StrictBool, None] = None  # llama.cpp's: a JSON schema the answer follows
 
     def choices_sampling(self, logprobs: int | None, max_tokens: int | None,
                          max_tokens_param: str = "max_tokens") -> SamplingParams:
@@ -676,7 +681,7 @@ class EmbeddingRequest(RequestBody):
 class TokenizeRequest(ChatTemplating, ChatTools, RequestBody):
     model: Optional[str] = None
     prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)  # as chat asks
     add_special_tokens: Optional[StrictBool] = None  # a prompt's BOS (and the like), as completions add them
 
 

@@ -32,6 +32,9 @@ def assert_error(r, status, param):
     ("response_format", {"type": "xml"}, "response_format.type"),
     ("ffn_skip", {"budget": 0.99}, "ffn_skip.budget"),
     ("logit_bias", {"999999": 1}, "logit_bias"),
+    ("logit_bias", {" 5": 1}, "logit_bias"),  # int() took these three as 5, 50 and 3
+    ("logit_bias", {"5_0": 1}, "logit_bias"),
+    ("logit_bias", {"\u0663": 1}, "logit_bias"),
     ("repetition_penalty", 1e-46, "repetition_penalty"),  # 0 in float32: logits divided by it were inf, a 500
     ("stream_options", {"include_usage": True}, "stream_options"),  # without stream: true (as OpenAI, vLLM)
 ])
@@ -147,6 +150,29 @@ def test_non_text_content_parts_say_the_model_takes_text_only(server):
     r = post(server, {**OK, "messages": [{"role": "user", "content": [part]}]})
     assert_error(r, 400, "messages.0.content")
     assert "text only" in r.json()["error"]["message"]
+
+
+def test_an_earlier_answers_refusal_part_is_history_and_only_an_assistants(server):
+    """The SDK's assistant content may hold a refusal part (OpenAI takes it back in the history):
+    it was a 400 ("content parts of type 'refusal' are not supported"). It reads as that turn's text."""
+    ask = {"role": "user", "content": "Say hi"}
+    refused = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]}
+    said = {"role": "assistant", "content": "I can't."}
+    tokens = [post(server, {"messages": [ask, said, ask]}, "/tokenize").json()["tokens"],
+              post(server, {"messages": [ask, refused, ask]}, "/tokenize").json()["tokens"]]
+    assert tokens[0] == tokens[1]
+    assert post(server, {**OK, "messages": [ask, refused, ask]}).status_code == 200
+    r = post(server, {**OK, "messages": [{"role": "user", "content": refused["content"]}]})
+    assert_error(r, 400, "messages.0.content")
+
+
+def test_a_developer_message_is_the_system_prompt_and_tokenize_takes_no_empty_chat(server):
+    """SmolLM2's template has no developer role: such a message was printed as a turn of its own,
+    after the template's default system prompt. /tokenize took `messages: []`, which chat refuses."""
+    chat = lambda role: [{"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}]  # noqa: E731
+    tokens = [post(server, {"messages": chat(role)}, "/tokenize").json()["tokens"] for role in ("developer", "system")]
+    assert tokens[0] == tokens[1]
+    assert_error(post(server, {"messages": []}, "/tokenize"), 400, "messages")
 
 
 SURROGATE = "\\ud800"  # JSON text of a lone UTF-16 surrogate: valid JSON, not valid Unicode text

@@ -151,6 +151,19 @@ def test_guided_json_holds_the_answer_as_response_format_does(client):
                                                        isinstance(json.loads(choice.message.content), dict))
 
 
+def test_the_schema_true_is_taken_as_a_value_as_it_is_as_text(server):
+    """`true` (any JSON value) as a schema: its text was taken and the value itself a 400 ("Input
+    should be a valid dictionary") in each field."""
+    answers = []
+    for extra in ({"guided_json": "true"}, {"guided_json": True}, {"structured_outputs": {"json": True}},
+                  {"json_schema": True}):
+        body = {"model": MODEL, "messages": ASK, "max_tokens": 8, "temperature": 0, **extra}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, (extra, r.text)
+        answers.append(r.json()["choices"][0]["message"]["content"])
+    assert len(set(answers)) == 1, answers
+
+
 @pytest.mark.parametrize("extra, param, words", [
     ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
      "structured_outputs.choice", "give one"),

@@ -62,6 +62,25 @@ def test_a_template_that_refuses_the_messages_is_a_bad_request_not_a_failure(eng
     assert caught.value.param == "messages" and "only user and assistant turns" in str(caught.value)
 
 
+def test_developer_messages_are_system_ones_where_the_template_has_no_developer_role(engine, tmp_path):
+    """OpenAI's `developer` role is its system prompt: SmolLM2's template, which names no such role,
+    printed it as a turn of its own after its default system prompt. A template that has the role
+    (gpt-oss's) gets it as sent."""
+    import json
+    import shutil
+
+    smollm2 = Tokenizer(engine.hf_dir)
+    chat = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    as_system = [{**chat[0], "role": "system"}, chat[1]]
+    assert smollm2.render_chat(chat) == smollm2.render_chat(as_system)
+    assert "developer" not in smollm2.render_chat(chat) and "Be brief." in smollm2.render_chat(chat)
+    assert chat[0]["role"] == "developer"  # the caller's messages are left as they were
+    shutil.copy(engine.hf_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    template = "{% for m in messages %}[{{ 'dev' if m['role'] == 'developer' else m['role'] }}]{{ m['content'] }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    assert Tokenizer(tmp_path).render_chat(chat) == "[dev]Be brief.[user]hi"
+
+
 def test_without_a_template_chats_render_plain_and_template_variables_are_refused(engine):
     from engine.sampling_params import InvalidParamError
     from engine.tokenizer import ChatOptions
