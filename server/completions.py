@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.errors import APIError, error_body
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
-from server.generation import (Usage, check_model, check_reasoning_effort, consume, encode_chat, overall_finish,
-                               ready_tokenizer, stopped, submit, tokenize_batch)
+from server.generation import (EventStream, Usage, check_model, check_reasoning_effort, consume, encode_chat,
+                               overall_finish, ready_tokenizer, stopped, submit, tokenize_batch)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.reasoning import ReasoningSplit, request_reasoning, split_output
 
@@ -281,9 +280,6 @@ class CompletionCall:
             self.timer.end("error")
             yield json.dumps(error_body(500, f"generation failed: {exc}", code="generation_failed"))
             yield "[DONE]"
-        finally:
-            self.timer.end("abort")  # the client left mid-stream (nothing if it ended above)
-            stream.close()
 
     def _tool_chunks(self, index: int, c: Choice, extra: dict):
         """Streaming with tools: content is sent as far as it cannot be a call (ToolUse.sendable:
@@ -322,7 +318,7 @@ async def _serve(request: Request, body, chat: bool):
     call = CompletionCall(request, body, chat)
     stream = await call.submit()
     if body.stream:
-        return EventSourceResponse(call.events(stream), ping=15, sep="\n")
+        return EventStream(call.events(stream), stream, call.timer)
     return await call.collect(stream)
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import (EngineDeadError, EngineNotReadyError, EngineShutdownError, GenerationError,
                                  QueueFullError)
@@ -288,6 +289,25 @@ async def consume(request: Request, stream, on_output: Callable[[object], None],
             t.cancel()
         stream.close()
     return None
+
+
+class EventStream(EventSourceResponse):
+    """The SSE answer of `events`, which relay the engine's `stream`: the stream is closed (its request
+    aborted, its queue place given back) and the request counted as aborted however the answer ends
+    (nothing where the events' own `finally` did it). A client that leaves while the headers go out
+    cancels the answer before its first event: a generator never started never runs its `finally`,
+    and its request would have decoded on to max_tokens and held its queue place for good."""
+
+    def __init__(self, events, stream, timer: RequestTimer):
+        super().__init__(events, ping=15, sep="\n")
+        self._stream, self._timer = stream, timer
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._timer.end("abort")
+            self._stream.close()
 
 
 def stopped(exc: EngineShutdownError) -> tuple[str, str]:

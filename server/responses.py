@@ -18,13 +18,12 @@ from typing import Literal, Optional
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
-from server.generation import (Usage, check_model, check_reasoning_effort, consume, encode_chat, ready_tokenizer,
-                               stopped, submit)
+from server.generation import (EventStream, Usage, check_model, check_reasoning_effort, consume, encode_chat,
+                               ready_tokenizer, stopped, submit)
 from server.reasoning import Reasoning, request_reasoning, split_output
 from server.responses_protocol import ResponsesRequest, new_id
 
@@ -323,9 +322,6 @@ class ResponseCall:
             self.timer.end("error")
             yield event("response.failed", response=self.response("failed", [], error={
                 "code": "server_error", "message": f"generation failed: {exc}"}))
-        finally:
-            self.timer.end("abort")  # the client left mid-stream (nothing if it ended above)
-            stream.close()
 
 
 @router.post("/v1/responses")
@@ -333,7 +329,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     call = ResponseCall(request, body)
     stream = await call.submit()
     if body.stream:
-        return EventSourceResponse(call.events(stream), ping=15, sep="\n")
+        return EventStream(call.events(stream), stream, call.timer)
     return await call.collect(stream)
 
 

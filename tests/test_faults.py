@@ -96,6 +96,53 @@ def run_streams(srv, payload, n, then):
     return results
 
 
+@pytest.mark.parametrize("stall", [True, False])
+def test_a_stream_answer_ends_its_request_even_if_no_event_went_out(stall):
+    """A client that leaves while the headers are written cancels the SSE answer before its first
+    event: a generator that never started never runs its `finally`, so its engine request went on
+    decoding to max_tokens and held its queue place for good. Here the headers' write stalls and
+    the client is gone (`stall`), or the answer runs whole; either way the stream is closed once and
+    the request counted once."""
+    from server.generation import EventStream
+
+    class Stream:  # what the answer does to the engine's stream: close it
+        def __init__(self):
+            self.closes = 0
+
+        def close(self):
+            self.closes += 1
+
+    class Timer:
+        def __init__(self):
+            self.ends = []
+
+        def end(self, reason):
+            self.ends.append(reason)
+
+    started, sent = [], []
+
+    async def events():
+        started.append(True)
+        yield "one"
+
+    async def receive():
+        if stall:
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(3600)  # the client stays
+
+    async def send(message):
+        if stall and message["type"] == "http.response.start":
+            await asyncio.sleep(3600)  # a write that does not finish before the client is gone
+        sent.append(message["type"])
+
+    stream, timer = Stream(), Timer()
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    asyncio.run(asyncio.wait_for(EventStream(events(), stream, timer)(scope, receive, send), 30))
+    assert started == ([] if stall else [True])
+    assert sent == ([] if stall else ["http.response.start", "http.response.body", "http.response.body"])
+    assert stream.closes >= 1 and timer.ends[:1] == ["abort"]
+
+
 def test_sigterm_lets_in_flight_streams_finish_then_exits_0():
     srv = ServerProcess("--grace-period", "60", "--max-model-len", "512")
     payload = body("Count to twenty.", max_tokens=30, ignore_eos=True, stream=True)
