@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "int8")  # EngineConfig.kv_cache_dtype
+MAX_BLOCK_SIZE = 1024  # tokens a KV block at most (each sequence takes whole blocks)
 
 
 @dataclass
@@ -237,11 +239,13 @@ class EngineConfig:
         _require(self.pooling in POOLINGS, f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
         for name in ("max_num_seqs", "max_model_len", "block_size", "max_prefill_tokens"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        # every sequence holds whole blocks: 16 sequences of 100,000-token blocks asked for 34 GiB
+        _require(self.block_size <= MAX_BLOCK_SIZE, f"block_size must be <= {MAX_BLOCK_SIZE}, got {self.block_size}")
         _require(self.speculative_tokens >= 0, f"speculative_tokens must be >= 0, got {self.speculative_tokens}")
         _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         _require(0.0 < self.gpu_memory_utilization <= 1.0,
                  f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("kv_capacity_tokens", "kv_cache_memory"):
-            _require(getattr(self, name) is None or getattr(self, name) > 0, f"{name} must be > 0, got "
-                     f"{getattr(self, name)}")
+            _require(getattr(self, name) is None or 0 < getattr(self, name) < math.inf, f"{name} must be > 0 "
+                     f"and finite, got {getattr(self, name)}")
         self.skip.check()

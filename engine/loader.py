@@ -404,5 +404,8 @@ def load_state_dict(hf_dir: Path) -> dict:
         raise ModelNotFoundError(f"no *.safetensors in {hf_dir}")
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as exc:  # safetensors' own message names no file ("header too large")
+            raise ValueError(f"{f}: not a safetensors file this reads ({type(exc).__name__}: {exc})") from None
     return state

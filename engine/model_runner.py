@@ -26,7 +26,7 @@ from engine import native
 from engine.backends import select_backend
 from engine.backends.cpu.threads import configure_threads
 from engine.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
-from engine.gguf_weights import load_weights, quantized_gguf
+from engine.gguf_weights import available_memory, load_weights, quantized_gguf
 from engine.heap import drop_unwritten_file_pages, freeze_loaded_objects, release_free_memory
 from engine.kv import int8_rows
 from engine.kv.cache import KVCache, element_bytes
@@ -63,9 +63,20 @@ def _to_host(pooled: dict) -> dict[str, tuple[range, list[float]]]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """Raises ValueError, first thing in the load, for a CUDA device this host has not (it failed
+    deep in the model's build, after the dense weights were written)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "no CUDA device is visible" if torch.backends.cuda.is_built() else \
+                f"this torch ({torch.__version__}) is built without CUDA"
+            raise ValueError(f"--device {device}: {why}; --device cpu (or auto) serves on the CPU")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"--device {device}: this host has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -159,7 +170,8 @@ class ModelRunner:
                              f"model's have {model_config.head_dim}")
         element_size = element_bytes(self.kv_dtype, model_config.head_dim)
         self.capacity = plan_capacity(config, model_config, element_size, self._device_memory(),
-                                      self.backend.decode_reads_kv_in_place)
+                                      self.backend.decode_reads_kv_in_place,
+                                      available_memory() if self.device.type == "cpu" else None)
         log.info("%s (%s)", self.capacity.describe(config.max_model_len), str(self.kv_dtype).removeprefix("torch."))
         self.block_size = config.block_size
         self.kv = KVCache(model_config.num_layers, self.capacity.num_blocks, model_config.num_kv_heads,

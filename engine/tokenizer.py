@@ -84,7 +84,13 @@ def read_chat_template(value: str) -> str:
     path = Path(value).expanduser()
     if not path.is_file():
         raise ValueError(f"chat template {value!r}: no such file, and not a Jinja template")
-    return path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"chat template {value!r}: not a text file (UTF-8)") from None
+    if not text.strip():  # (it stood for no template: chats were rendered as plain "role: content" lines)
+        raise ValueError(f"chat template {value!r}: the file is empty")
+    return text
 
 
 def _compile(template: str):
@@ -114,7 +120,10 @@ class Tokenizer:
 
         folder = Path(hf_dir)
         if (folder / "tokenizer.json").exists():
-            self._tok = Backend.from_file(str(folder / "tokenizer.json"))
+            try:
+                self._tok = Backend.from_file(str(folder / "tokenizer.json"))
+            except Exception as exc:  # the library's own message names no file ("Model missing. at line 1 ...")
+                raise ValueError(f"{folder / 'tokenizer.json'}: not a tokenizer this reads ({exc})") from None
         else:  # only a slow tokenizer's files: transformers converts them (the one case that imports it)
             from transformers import AutoTokenizer
 

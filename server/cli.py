@@ -31,9 +31,17 @@ def allowed_origins(value: str) -> tuple[str, ...]:
 
 
 def listen_defaults() -> tuple[str, str]:
-    """--host and --port when not given: $SKIPSERVE_HOST and $SKIPSERVE_PORT, else loopback:8000
-    (server/healthcheck.py reads a running server's address with them too)."""
-    return os.environ.get("SKIPSERVE_HOST", "127.0.0.1"), os.environ.get("SKIPSERVE_PORT", "8000")
+    """--host and --port when not given: $SKIPSERVE_HOST and $SKIPSERVE_PORT, else loopback:8000; a
+    variable set empty (a compose file's `${HOST}` of an unset one) counts as unset: an empty host
+    listened on every interface (server/healthcheck.py reads a running server's address with them too)."""
+    return os.environ.get("SKIPSERVE_HOST") or "127.0.0.1", os.environ.get("SKIPSERVE_PORT") or "8000"
+
+
+def host(value: str) -> str:
+    """`--host`: an address or name; empty would listen on every interface, which is `0.0.0.0`'s to say."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty (0.0.0.0 listens on every interface)")
+    return value.strip()
 
 
 def port(value: str) -> int:
@@ -41,6 +49,19 @@ def port(value: str) -> int:
     if not value.strip().isdigit() or not 0 <= int(value) <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port (0 to 65535)")
     return int(value)
+
+
+def api_key(value: str) -> str:
+    """`--api-key` (and $SKIPSERVE_API_KEY): what a client sends after `Bearer `, so visible ASCII
+    with no spaces. Empty (`--api-key "$KEY"` of an unset KEY) served with no key at all; a space or
+    newline around it, or a letter outside ASCII, made a key no client could send (the key itself
+    is never printed)."""
+    if not value:
+        raise argparse.ArgumentTypeError("empty: leave it out to serve without a key")
+    if not all("!" <= c <= "~" for c in value):
+        raise argparse.ArgumentTypeError("a key is visible ASCII characters with no spaces or line ends (the key "
+                                         "is not shown)")
+    return value
 
 
 def at_least(low, kind=int):
@@ -168,10 +189,11 @@ def serve_parser() -> argparse.ArgumentParser:
     k.add_argument("--skip-max-budget", type=float, default=None,
                    help=f"largest budget a request may ask {shown(preset.skip.max_budget)}")
     h = p.add_argument_group("HTTP")
-    host, listen_port = listen_defaults()
-    h.add_argument("--host", default=host, help="address to listen on (default: $SKIPSERVE_HOST or 127.0.0.1)")
-    h.add_argument("--port", type=port, default=listen_port, help="port (default: $SKIPSERVE_PORT or 8000)")
-    h.add_argument("--api-key", default=None,
+    listen_host, _ = listen_defaults()
+    h.add_argument("--host", type=host, default=listen_host,
+                   help="address to listen on (default: $SKIPSERVE_HOST or 127.0.0.1)")
+    h.add_argument("--port", type=port, default=None, help="port (default: $SKIPSERVE_PORT or 8000)")
+    h.add_argument("--api-key", type=api_key, default=None,
                    help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and the API docs "
                         "(default: $SKIPSERVE_API_KEY if set; the key is never printed or logged)")
     h.add_argument("--allowed-origins", type=allowed_origins,
@@ -257,7 +279,17 @@ def serve(argv: list[str]) -> None:
 
     parser = serve_parser()
     args = parser.parse_args(argv)
-    api_key = args.api_key or os.environ.get("SKIPSERVE_API_KEY") or None
+    if args.port is None:  # $SKIPSERVE_PORT's errors name it (argparse's would name --port, not given)
+        try:
+            args.port = port(listen_defaults()[1])
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"$SKIPSERVE_PORT: {exc}")
+    key = args.api_key
+    if key is None and os.environ.get("SKIPSERVE_API_KEY"):
+        try:
+            key = api_key(os.environ["SKIPSERVE_API_KEY"])
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"$SKIPSERVE_API_KEY: {exc}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     access_log.install()
     try:
@@ -272,7 +304,7 @@ def serve(argv: list[str]) -> None:
             server.should_exit = True
 
     names = (config.served_model_name, *(args.served_model_name or [])[1:])
-    app = create_app(engine, names, api_key, args.max_request_bytes, engine_failed,
+    app = create_app(engine, names, key, args.max_request_bytes, engine_failed,
                      args.allowed_origins, args.reasoning_parser, args.tool_call_parser)
 
     grace = args.grace_period  # (at least 0: a usage error otherwise)

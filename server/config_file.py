@@ -33,7 +33,12 @@ def served_name(model: str) -> str:
 
 
 def load_config(path: str | Path) -> EngineConfig:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (UTF-8)") from None
+    except yaml.YAMLError as exc:  # its place reads "<unicode string>": the file's name goes in front
+        raise ValueError(f"{path}: not YAML: {exc}".replace('"<unicode string>", ', "")) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("skip") or {}, dict):
         raise ValueError(f"{path}: a config file is a mapping of settings (key: value), skip: one too")
     skip_raw = raw.pop("skip", {}) or {}

@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.conftest import ROOT, STARTUP_TIMEOUT_S, free_port
 
@@ -90,3 +91,17 @@ def test_a_model_that_cannot_load_exits_nonzero_with_the_reason(tmp_path):
                           "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True,
                          timeout=STARTUP_TIMEOUT_S)
     assert out.returncode == 1 and "the model failed to load" in out.stdout + out.stderr
+
+
+def test_broken_files_of_a_model_folder_are_named(tmp_path):
+    """The libraries' own messages name no file: "Model missing. at line 1 column 2" for a tokenizer,
+    "header too large" for safetensors weights."""
+    from engine.loader import load_state_dict
+    from engine.tokenizer import Tokenizer
+
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0"}')
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer this reads"):
+        Tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="model.safetensors: not a safetensors file this reads"):
+        load_state_dict(tmp_path)

@@ -113,11 +113,36 @@ def test_a_template_variable_the_template_cannot_use_is_a_400(srv):
 @pytest.mark.parametrize("value, message", [
     ("/no/such/template.jinja", "no such file, and not a Jinja template"),
     ("{% for m in messages %}{{ m['content'] }}", "the chat template does not parse: line 1"),
+    ("EMPTY", "the file is empty"),  # it was no template at all: chats went out as plain "role: content" lines
+    ("BINARY", "not a text file"),
 ])
-def test_a_chat_template_that_cannot_be_used_stops_the_server_with_the_reason(value, message):
+def test_a_chat_template_that_cannot_be_used_stops_the_server_with_the_reason(value, message, tmp_path):
+    if value in ("EMPTY", "BINARY"):
+        (tmp_path / "t.jinja").write_bytes(b"\n" if value == "EMPTY" else b"\xfa\xfb{{ x }}")
+        value = str(tmp_path / "t.jinja")
     out = subprocess.run([sys.executable, "-m", "server.cli", "--port", str(free_port()), "--chat-template", value],
                          cwd=ROOT, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S)
     assert out.returncode == 1 and message in out.stdout + out.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a host without CUDA")
+def test_a_cuda_device_on_a_host_without_one_is_refused_first_thing_in_the_load(tmp_path):
+    """It failed deep in the model's build ("AssertionError: Torch not compiled with CUDA enabled"),
+    after the dense weights had been written into the cache (23 s and 538 MB for SmolLM2)."""
+    out = subprocess.run([sys.executable, "-m", "server.cli", "--port", str(free_port()), "--device", "cuda",
+                          "--cache-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=STARTUP_TIMEOUT_S)
+    assert out.returncode == 1 and "--device cuda: " in out.stderr and "--device cpu" in out.stderr, out.stderr
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_kv_cache_larger_than_the_memory_is_refused_before_it_is_allocated():
+    """`--kv-capacity-tokens 10**12` (or 16 sequences of huge blocks) was allocated and filled until
+    the machine ran out, or ended in the allocator's own message naming no flag."""
+    out = subprocess.run([sys.executable, "-m", "server.cli", "--port", str(free_port()),
+                          "--kv-capacity-tokens", str(10 ** 12)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=STARTUP_TIMEOUT_S)
+    assert out.returncode == 1 and "GiB of memory available" in out.stderr and "--kv-capacity-tokens" in out.stderr
 
 
 def test_every_served_name_is_listed_and_answers_as_itself(srv):
@@ -189,6 +214,8 @@ def test_only_a_bare_name_is_a_preset(tmp_path, monkeypatch):
     ("- a list\n", "a config file is a mapping of settings"),
     ("device: gpu\n", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ("skip:\n  policy: foo\n", "skip.policy must be one of"),
+    ("max_num_seqs: [1,\n", "bad.yaml: not YAML"),  # its place read "<unicode string>", no file
+    ("block_size: 100000\n", "block_size must be <= 1024"),
 ])
 def test_a_config_file_with_a_wrong_value_is_a_usage_error_naming_it(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
@@ -202,7 +229,14 @@ def test_a_config_file_with_a_wrong_value_is_a_usage_error_naming_it(tmp_path, t
     (["--skip-threshold", "1.5"], {}, "skip.threshold is a cosine, in [-1, 1], got 1.5"),
     (["--block-size", "0"], {}, "block_size must be >= 1"),
     (["--port", "70000"], {}, "'70000' is not a port"),
-    ([], {"SKIPSERVE_PORT": "abc"}, "'abc' is not a port"),
+    ([], {"SKIPSERVE_PORT": "abc"}, "$SKIPSERVE_PORT: 'abc' is not a port"),  # (it blamed --port, not given)
+    (["--host", ""], {}, "argument --host: empty (0.0.0.0 listens on every interface)"),
+    (["--block-size", "100000"], {}, "block_size must be <= 1024"),  # 16 sequences of it: 34 GiB
+    (["--kv-cache-memory", "inf"], {}, "kv_cache_memory must be > 0 and finite"),
+    (["--api-key", ""], {}, "argument --api-key: empty: leave it out"),  # it served with no key
+    (["--api-key", " s3cret "], {}, "argument --api-key: a key is visible ASCII"),  # no client could send it
+    (["--api-key", "p\u00e4ssw\u00f6rd"], {}, "argument --api-key: a key is visible ASCII"),
+    ([], {"SKIPSERVE_API_KEY": "s3cret\n"}, "$SKIPSERVE_API_KEY: a key is visible ASCII"),
     (["--max-waiting", "-100"], {}, "'-100': at least 0"),  # every request a 429
     (["--max-request-bytes", "0"], {}, "'0': at least 1"),  # every request a 413
     (["--keep-alive-timeout", "-1"], {}, "'-1': at least 0.0"),
@@ -214,6 +248,17 @@ def test_server_settings_out_of_range_are_usage_errors_before_the_model_loads(fl
     out = subprocess.run([sys.executable, "-m", "server.cli", *flags], cwd=ROOT, capture_output=True, text=True,
                          timeout=STARTUP_TIMEOUT_S, env={**os.environ, **env})
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert "s3cret" not in out.stderr and "ssw" not in out.stderr  # a key is never shown
+
+
+def test_host_and_port_variables_set_empty_count_as_unset(monkeypatch):
+    """A compose file's `SKIPSERVE_HOST: ${HOST}` of an unset HOST: an empty host listened on every
+    interface."""
+    from server.cli import listen_defaults
+
+    monkeypatch.setenv("SKIPSERVE_HOST", "")
+    monkeypatch.setenv("SKIPSERVE_PORT", "")
+    assert listen_defaults() == ("127.0.0.1", "8000")
 
 
 def test_a_port_in_use_ends_the_start_before_the_model_loads_with_the_address():

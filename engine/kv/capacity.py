@@ -74,9 +74,12 @@ class DeviceMemory:
 
 
 def plan_capacity(config: EngineConfig, model: ModelConfig, element_size: float,
-                  device_memory: DeviceMemory | None = None, decode_reads_kv_in_place: bool = False) -> KVCapacity:
-    """`device_memory`: given on CUDA; `decode_reads_kv_in_place`: the backend's (workspace_bytes).
-    Raises ValueError when not even one max_model_len sequence fits."""
+                  device_memory: DeviceMemory | None = None, decode_reads_kv_in_place: bool = False,
+                  host_available: int | None = None) -> KVCapacity:
+    """`device_memory`: given on CUDA; `decode_reads_kv_in_place`: the backend's (workspace_bytes);
+    `host_available`: on the CPU, the memory the machine has free for it (bytes, once the weights
+    are loaded). Raises ValueError when not even one max_model_len sequence fits, or when the cache
+    asked for is larger than that memory (it was allocated and filled until the machine ran out)."""
     size = config.block_size
     per_block = size * bytes_per_token(model, element_size)
     if config.kv_capacity_tokens is not None:
@@ -92,6 +95,10 @@ def plan_capacity(config: EngineConfig, model: ModelConfig, element_size: float,
     else:
         blocks, source = config.max_num_seqs * -(-config.max_model_len // size), "max_num_seqs x max_model_len"
     capacity = KVCapacity(blocks, size, per_block, source)
+    if host_available is not None and capacity.nbytes > host_available:
+        raise ValueError(f"the KV cache ({source}) would take {capacity.nbytes / GiB:.1f} GiB, more than the "
+                         f"{host_available / GiB:.1f} GiB of memory available: lower --max-num-seqs or "
+                         "--max-model-len, or size it with --kv-capacity-tokens / --kv-cache-memory")
     if capacity.tokens < config.max_model_len:
         raise ValueError(f"the KV cache holds {capacity.tokens} tokens ({source}), fewer than one sequence of "
                          f"max_model_len {config.max_model_len}: give it more memory or lower --max-model-len")
