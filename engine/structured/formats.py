@@ -25,14 +25,16 @@ _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _HEX = "[0-9a-fA-F]"
 _N = "[0-9]{1,4}"  # a duration's parts: within what parsers hold (pydantic's timedelta: 999,999,999 days)
-_DURATION_DATE = rf"({_N}Y({_N}M)?({_N}D)?|{_N}M({_N}D)?|{_N}D|{_N}W)"
-_DURATION_TIME = rf"T({_N}H({_N}M)?({_N}S)?|{_N}M({_N}S)?|{_N}S)"
+# RFC 3339's appendix A: a part is followed only by the next smaller one (P1Y2D and PT1H2S skip one),
+# and weeks stand alone (no P1WT1H)
+_DURATION_DATE = rf"({_N}Y({_N}M({_N}D)?)?|{_N}M({_N}D)?|{_N}D)"
+_DURATION_TIME = rf"T({_N}H({_N}M({_N}S)?)?|{_N}M({_N}S)?|{_N}S)"
 
 PATTERNS = {
     "date": rf"^{_DATE}$",
     "time": rf"^{_TIME}$",
     "date-time": rf"^{_DATE}T{_TIME}$",
-    "duration": rf"^P({_DURATION_DATE}({_DURATION_TIME})?|{_DURATION_TIME})$",
+    "duration": rf"^P({_DURATION_DATE}({_DURATION_TIME})?|{_DURATION_TIME}|{_N}W)$",
     "uuid": rf"^{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}$",
     "ipv4": rf"^({_OCTET}\.){{3}}{_OCTET}$",
     "hostname": rf"^{_LABEL}(\.{_LABEL})*$",

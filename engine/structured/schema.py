@@ -610,12 +610,15 @@ class _Compiler:
         return {k: v for k, v in schema.items() if k not in values}
 
     def tagged(self, objects: list[ObjectSpec]) -> ObjectSpec:
-        """A union of object schemas told apart by their first property: the same required key in
-        each, whose values are constants no two of them share (what pydantic writes for a union of
-        models with a Literal tag). The document's tag picks the branch the rest follows."""
+        """A union of object schemas told apart by a tag: the same required key in each, whose values
+        are constants no two of them share (what pydantic writes for a union of models with a Literal
+        tag, wherever the models declare it). The tag is written first, and the document's tag picks
+        the branch the rest follows."""
+        key = self.tag_key(objects)
+        objects = [_tag_first(o, key) for o in objects]
         first = [o.properties[0] if o.properties else None for o in objects]
         if any(p is None or not p.required or p.key != first[0].key for p in first):
-            _fail("a union of object schemas needs the same required first property in each, with a constant "
+            _fail("a union of object schemas needs the same required property in each, with a constant "
                   "value (a tag) that tells them apart")
         tags: dict[bytes, int] = {}
         values: set = set()
@@ -632,6 +635,32 @@ class _Compiler:
                 tags[literal] = variant
         tag = self.new(Node(literals=tuple(tags)))
         return ObjectSpec((Property(first[0].key, tag, True),), variants=tuple(tags.values()))
+
+    def tag_key(self, objects: list[ObjectSpec]) -> bytes | None:
+        """The key that tells a union's objects apart: the first (in the first object's order) that
+        each requires with constant values, no value in two of them; else the first object's first."""
+        def constants(spec: ObjectSpec, key: bytes) -> set | None:
+            prop = next((p for p in spec.properties if p.key == key and p.required), None)
+            if prop is None:
+                return None
+            literals = self.resolved(prop.node)
+            return None if not literals.literals or literals.kinds() else {_value(v) for v in literals.literals}
+
+        for prop in objects[0].properties if objects[0].properties else ():
+            values = [constants(o, prop.key) for o in objects]
+            if all(v is not None for v in values) and sum(map(len, values)) == len(set().union(*values)):
+                return prop.key
+        return objects[0].properties[0].key if objects[0].properties else None
+
+
+def _tag_first(spec: ObjectSpec, key: bytes | None) -> ObjectSpec:
+    """The object with its property `key` moved first (keys are written in the schema's order; a
+    client reads them in any)."""
+    at = next((i for i, p in enumerate(spec.properties) if p.key == key), 0)
+    if not at:
+        return spec
+    props = spec.properties
+    return ObjectSpec((props[at],) + props[:at] + props[at + 1:], spec.additional, spec.variants)
 
 
 def _writable(text: str) -> bool:
