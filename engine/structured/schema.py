@@ -4,8 +4,8 @@ The grammar is a table of nodes, each the set of values allowed at one place: an
 properties in the schema's order, required ones mandatory, or free keys whose values follow
 `additionalProperties`), an array, a string, a number or integer, and literal JSON texts (true,
 false, null, enum and const values). A union (`anyOf`, `oneOf`, a list of types) merges its branches
-into one node. Object branches are told apart by a tag: the same required first property in each,
-with constant values (a pydantic union of models with a Literal field); other unions the machine
+into one node. Object branches are told apart by a tag: the same required property in each, with
+constant values (a pydantic union of models with a Literal field), written first; other unions the machine
 could not tell apart by a value's first byte are refused, and so is a `oneOf` whose branches could
 both match one value.
 
