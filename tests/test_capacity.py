@@ -63,6 +63,19 @@ def test_kv_cache_memory_and_token_count_size_the_cache():
     assert cpu_default.num_blocks == 4 * -(-1000 // cpu_default.block_size)
 
 
+def test_a_cache_asked_for_beyond_the_free_memory_is_refused():
+    """--kv-capacity-tokens or --kv-cache-memory past what is free: on a card the allocation failed
+    with the allocator's own message, on the CPU it filled the host until it ran out."""
+    config = EngineConfig(max_model_len=4096, kv_cache_memory=30.0)
+    with pytest.raises(ValueError, match="30.0 GiB, more than the 20.0 GiB of device memory available"):
+        plan_capacity(config, LLAMA_2_7B, BF16, DeviceMemory(total=80 * GiB, in_use=60 * GiB))
+    config = EngineConfig(max_model_len=4096, kv_capacity_tokens=10 ** 9)
+    with pytest.raises(ValueError, match="of host memory available"):
+        plan_capacity(config, LLAMA_2_7B, BF16, host_available=24 * GiB)
+    fits = plan_capacity(EngineConfig(max_num_seqs=4, max_model_len=4096), LLAMA_2_7B, BF16, host_available=24 * GiB)
+    assert fits.nbytes == 8 * GiB  # 4 x 4,096 tokens x 512 KiB
+
+
 def test_a_cache_smaller_than_one_sequence_is_refused():
     with pytest.raises(ValueError, match="fewer than one sequence"):
         plan_capacity(EngineConfig(max_model_len=4096, kv_capacity_tokens=4000), LLAMA_2_7B, BF16)

@@ -139,10 +139,10 @@ def test_a_cuda_device_on_a_host_without_one_is_refused_first_thing_in_the_load(
 def test_a_kv_cache_larger_than_the_memory_is_refused_before_it_is_allocated():
     """`--kv-capacity-tokens 10**12` (or 16 sequences of huge blocks) was allocated and filled until
     the machine ran out, or ended in the allocator's own message naming no flag."""
-    out = subprocess.run([sys.executable, "-m", "server.cli", "--port", str(free_port()),
+    out = subprocess.run([sys.executable, "-m", "server.cli", "--port", str(free_port()), "--device", "cpu",
                           "--kv-capacity-tokens", str(10 ** 12)], cwd=ROOT, capture_output=True, text=True,
                          timeout=STARTUP_TIMEOUT_S)
-    assert out.returncode == 1 and "GiB of memory available" in out.stderr and "--kv-capacity-tokens" in out.stderr
+    assert out.returncode == 1 and "GiB of host memory available" in out.stderr and "--kv-capacity-tokens" in out.stderr
 
 
 def test_every_served_name_is_listed_and_answers_as_itself(srv):

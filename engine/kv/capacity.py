@@ -79,7 +79,8 @@ def plan_capacity(config: EngineConfig, model: ModelConfig, element_size: float,
     """`device_memory`: given on CUDA; `decode_reads_kv_in_place`: the backend's (workspace_bytes);
     `host_available`: on the CPU, the memory the machine has free for it (bytes, once the weights
     are loaded). Raises ValueError when not even one max_model_len sequence fits, or when the cache
-    asked for is larger than that memory (it was allocated and filled until the machine ran out)."""
+    asked for is larger than the memory free for it, the card's or the host's (on the CPU it was
+    allocated and filled until the machine ran out)."""
     size = config.block_size
     per_block = size * bytes_per_token(model, element_size)
     if config.kv_capacity_tokens is not None:
@@ -95,9 +96,11 @@ def plan_capacity(config: EngineConfig, model: ModelConfig, element_size: float,
     else:
         blocks, source = config.max_num_seqs * -(-config.max_model_len // size), "max_num_seqs x max_model_len"
     capacity = KVCapacity(blocks, size, per_block, source)
-    if host_available is not None and capacity.nbytes > host_available:
+    free, where = ((device_memory.total - device_memory.in_use, "device") if device_memory is not None
+                   else (host_available, "host"))
+    if free is not None and capacity.nbytes > free:
         raise ValueError(f"the KV cache ({source}) would take {capacity.nbytes / GiB:.1f} GiB, more than the "
-                         f"{host_available / GiB:.1f} GiB of memory available: lower --max-num-seqs or "
+                         f"{free / GiB:.1f} GiB of {where} memory available: lower --max-num-seqs or "
                          "--max-model-len, or size it with --kv-capacity-tokens / --kv-cache-memory")
     if capacity.tokens < config.max_model_len:
         raise ValueError(f"the KV cache holds {capacity.tokens} tokens ({source}), fewer than one sequence of "
