@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from engine.gguf_file import GGUFFile
+from engine.host_resources import available_memory
 from engine.quant import QuantWeight
 from engine.quant.formats import SUPPORTED, to_weight
 
@@ -129,18 +130,6 @@ def check_expansion(path, expanded: list) -> None:
         log.warning("%s: matrices in %s are not read by the quantized kernels: they are expanded to fp32 "
                     "(%.2f GiB in all; formats the kernels read: %s)", Path(path).name, ", ".join(blocks),
                     need / 2**30, ", ".join(SUPPORTED))
-
-
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _readable(path, tensor, read, *args):

@@ -26,8 +26,9 @@ from engine import native
 from engine.backends import select_backend
 from engine.backends.cpu.threads import configure_threads
 from engine.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
-from engine.gguf_weights import available_memory, load_weights, quantized_gguf
+from engine.gguf_weights import load_weights, quantized_gguf
 from engine.heap import drop_unwritten_file_pages, freeze_loaded_objects, release_free_memory
+from engine.host_resources import available_memory
 from engine.kv import int8_rows
 from engine.kv.cache import KVCache, element_bytes
 from engine.kv.capacity import DeviceMemory, plan_capacity

@@ -3,7 +3,8 @@ as the kernel lays them out), never raised above the affinity mask's count."""
 import subprocess
 import sys
 
-from engine.backends.cpu.threads import cgroup_cpu_limit, default_threads
+from engine.backends.cpu.threads import default_threads
+from engine.host_resources import cgroup_cpu_limit
 
 
 def _tree(tmp_path, files: dict[str, str], proc: str):

@@ -77,8 +77,8 @@ def plan_capacity(config: EngineConfig, model: ModelConfig, element_size: float,
                   device_memory: DeviceMemory | None = None, decode_reads_kv_in_place: bool = False,
                   host_available: int | None = None) -> KVCapacity:
     """`device_memory`: given on CUDA; `decode_reads_kv_in_place`: the backend's (workspace_bytes);
-    `host_available`: on the CPU, the memory the machine has free for it (bytes, once the weights
-    are loaded). Raises ValueError when not even one max_model_len sequence fits, or when the cache
+    `host_available`: on the CPU, the memory the process may still take (bytes, once the weights
+    are loaded: MemAvailable, capped by its cgroups' memory limits). Raises ValueError when not even one max_model_len sequence fits, or when the cache
     asked for is larger than the memory free for it, the card's or the host's (on the CPU it was
     allocated and filled until the machine ran out)."""
     size = config.block_size
