@@ -15,7 +15,7 @@ from engine.async_engine import EngineShutdownError, GenerationError
 from server.errors import APIError, error_body
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
 from server.generation import (EventStream, Usage, check_model, check_reasoning_effort, consume, encode_chat,
-                               overall_finish, ready_tokenizer, stopped, submit, tokenize_batch)
+                               overall_finish, ready_tokenizer, stopped, submit, tokenize_batch, truncated)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.reasoning import ReasoningSplit, request_reasoning, split_output
 
@@ -102,6 +102,7 @@ class CompletionCall:
             param = "prompt"
         self.num_choices = len(prompts) * body.n
         sampling = body.to_sampling()
+        prompts = await self._truncated(prompts, sampling.max_tokens or 1)
         sampling.stop_token_ids = list(dict.fromkeys(sampling.stop_token_ids + self.infill_ends))
         if self.chat:
             sampling = self.tools.show_tags(sampling)
@@ -120,6 +121,17 @@ class CompletionCall:
             self.echoed = [p if isinstance(p, str) else await asyncio.to_thread(tokenizer.decode, p, False)
                            for p in given]  # raw, as the generated text goes on from it
         return prompts
+
+    async def _truncated(self, prompts: list[list[int]], reserve: int) -> list[list[int]]:
+        """`truncate_prompt_tokens` applied; an echoed prompt that was cut is echoed as it was given to
+        the model (its logprobs are the kept tokens')."""
+        cut = truncated(prompts, self.body.truncate_prompt_tokens, self.state.engine.config.max_model_len, reserve)
+        if not self.chat and self.body.echo:
+            tokenizer = ready_tokenizer(self.state)
+            for i, (before, after) in enumerate(zip(prompts, cut)):
+                if len(after) < len(before):
+                    self.echoed[i] = await asyncio.to_thread(tokenizer.decode, after, False)
+        return cut
 
     async def _infill_prompts(self, given: list) -> list[list[int]]:
         """Each prompt as the prefix of a fill-in-the-middle prompt with the request's suffix."""

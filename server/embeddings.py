@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from engine.async_engine import EngineNotReadyError
 from server.errors import APIError
-from server.generation import check_model, consume, item_param, refusal, take_whole, tokenize_batch
+from server.generation import check_model, consume, item_param, refusal, take_whole, tokenize_batch, truncated
 from server.metrics import RequestTimer
 from server.protocol import EmbeddingRequest
 
@@ -42,7 +42,8 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     state = request.app.state.skipserve
     arrival = time.monotonic()  # (its latency metrics count from here)
     check_model(state, body.model)
-    inputs = await tokenize_batch(state, body.inputs(), "input", MAX_INPUTS)
+    inputs = truncated(await tokenize_batch(state, body.inputs(), "input", MAX_INPUTS), body.truncate_prompt_tokens,
+                       state.engine.config.max_model_len, 0)
     size = state.engine.engine.model_config.hidden_size  # loaded: tokenize_batch found its tokenizer
     if body.dimensions is not None and body.dimensions != size:
         raise APIError(400, f"this model's embeddings have {size} dimensions; they cannot be shortened (the "

@@ -144,6 +144,23 @@ async def tokenize_batch(state, given: list, param: str, limit: int | None = Non
     return batch
 
 
+def truncated(prompts: list[list[int]], keep: int | None, max_model_len: int, reserve: int) -> list[list[int]]:
+    """vLLM's `truncate_prompt_tokens`: each prompt's last `keep` tokens (its start is cut, as vLLM cuts
+    it); -1 keeps as many as leave room for `reserve` more in the context (the answer's max_tokens,
+    or 1 where none is given; 0 for embeddings). None: the prompts as they are."""
+    if keep is None:
+        return prompts
+    if keep == -1:
+        keep = max(1, max_model_len - reserve)
+    elif keep < 1:
+        raise APIError(400, f"truncate_prompt_tokens must be at least 1, or -1 for the context's length; got {keep}",
+                       "truncate_prompt_tokens")
+    elif keep > max_model_len:
+        raise APIError(400, f"truncate_prompt_tokens ({keep}) must be at most this model's maximum context length "
+                       f"({max_model_len})", "truncate_prompt_tokens")
+    return [p[-keep:] for p in prompts]
+
+
 def queued_choices(state, n: int) -> int:
     """The queue places a prompt with `n` choices takes: `n`, or 1 for a bad `n` (the engine names it)."""
     return n if 1 <= n <= state.engine.config.max_num_seqs else 1

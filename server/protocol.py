@@ -333,6 +333,8 @@ class CommonRequest(SamplingRequest):
     guided_decoding_backend: Optional[str] = None  # one backend here: accepted, no effect
     grammar: Optional[str] = None  # llama.cpp's: a GBNF grammar the answer follows
     json_schema: Union[dict, StrictBool, None] = None  # llama.cpp's: a JSON schema the answer follows
+    # vLLM's: each prompt's last k tokens (-1: as many as fit beside the answer; server/generation.py)
+    truncate_prompt_tokens: Optional[StrictInt] = None
 
     def choices_sampling(self, logprobs: int | None, max_tokens: int | None,
                          max_tokens_param: str = "max_tokens") -> SamplingParams:
@@ -639,6 +641,8 @@ class CompletionRequest(CommonRequest):
         """The batch: each prompt as text or token ids."""
         if self.suffix is not None and self.echo:
             raise InvalidParamError("suffix cannot be combined with echo: the answer is the middle alone", "suffix")
+        if self.suffix is not None and self.truncate_prompt_tokens is not None:  # it would cut the infill tokens
+            raise InvalidParamError("suffix cannot be combined with truncate_prompt_tokens", "truncate_prompt_tokens")
         return as_batch(self.prompt)
 
     @property
@@ -662,6 +666,7 @@ class EmbeddingRequest(RequestBody):
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32s
     dimensions: Optional[StrictInt] = None  # only the model's own: its vectors are not made to be cut
     user: Optional[str] = None  # accepted and ignored, as in chat and completions
+    truncate_prompt_tokens: Optional[StrictInt] = None  # vLLM's: each input's last k tokens (-1: the context's)
 
     @field_validator("input", mode="before")
     @classmethod
