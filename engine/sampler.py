@@ -18,7 +18,7 @@ class SampleRow:
     prompt_ids: list[int]
     output_ids: list[int]
     uniform: float | None  # the row's random draw in [0, 1) (None for greedy rows)
-    allowed: torch.Tensor | None = None  # [V] bool on the CPU: the only tokens it may take (structured outputs)
+    allowed: torch.Tensor | None = None  # [V] bool on the CPU: the only tokens it may take (row_allowed)
     refused: tuple[int, ...] | None = None  # tokens it may not take (the ending ones before min_tokens)
 
 
@@ -62,6 +62,18 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
 FAILURES = {0: "the model's logits for this sequence are not finite (NaN or infinity)",
             -1: "no token may follow here: the request's constraints (its grammar, schema or refused tokens) "
                 "allow none of the vocabulary"}
+
+
+def row_allowed(params: SamplingParams, grammar: torch.Tensor | None, vocab_size: int) -> torch.Tensor | None:
+    """The tokens a row may take ([V] bool on the CPU, None: any): its grammar's `mask` (structured
+    outputs) and its `allowed_token_ids`, the tokens both allow where both are given."""
+    if params.allowed_token_ids is None:
+        return grammar
+    if params.allowed_mask is None:  # once per request (its choices share the params)
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[list(params.allowed_token_ids)] = True
+        params.allowed_mask = mask
+    return params.allowed_mask if grammar is None else grammar & params.allowed_mask
 
 
 def _mask_allowed(logits: torch.Tensor, rows: list[SampleRow]) -> None:

@@ -41,6 +41,9 @@ class SamplingParams:
     skip_special_tokens: bool = True  # special tokens' text left out of the answer's (vLLM's default)
     ignore_eos: bool = False
     min_tokens: int = 0  # tokens made before EOS, a stop token or a stop string may end the answer
+    # vLLM's: the only tokens the answer may take (beside a grammar's: the tokens both allow)
+    allowed_token_ids: list[int] | None = None
+    allowed_mask: object = field(default=None, repr=False, compare=False)  # as a [V] tensor, built once (sampler.py)
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     prompt_logprobs: int | None = None  # None = off; k >= 0 = each prompt token's logprob + k alternatives
     response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
@@ -95,6 +98,10 @@ class SamplingParams:
               f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
         for count in (self.logprobs, self.prompt_logprobs):
             check(count is None or 0 <= count <= 20, self.logprobs_param, f"{self.logprobs_param} must be in [0, 20]")
+        if self.allowed_token_ids is not None:
+            check(len(self.allowed_token_ids) > 0, "allowed_token_ids", "allowed_token_ids must not be empty")
+            check(all(0 <= t < vocab_size for t in self.allowed_token_ids), "allowed_token_ids",
+                  "allowed_token_ids must be token ids of the vocabulary")
         for token, bias in self.logit_bias.items():
             check(0 <= token < vocab_size, "logit_bias", f"logit_bias token id {token} is outside the vocabulary")
             check(-100.0 <= bias <= 100.0, "logit_bias", "logit_bias values must be in [-100, 100]")

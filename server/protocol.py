@@ -279,6 +279,7 @@ class SamplingRequest(RequestBody):
     stop_token_ids: Optional[list[StrictInt]] = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    allowed_token_ids: Optional[list[StrictInt]] = None  # vLLM's: the only tokens the answer may take
     ffn_skip: Optional[FFNSkip] = None
 
     def sampling(self, logprobs: int | None, max_tokens: int | None, schema: dict | None, n: int = 1,
@@ -302,6 +303,7 @@ class SamplingRequest(RequestBody):
             response_schema=schema, max_tokens_param=max_tokens_param, min_tokens=self.min_tokens or 0,
             stop_token_ids=list(self.stop_token_ids or []), include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            allowed_token_ids=None if self.allowed_token_ids is None else list(self.allowed_token_ids),
         )
 
     def skip(self) -> SkipParams | None:

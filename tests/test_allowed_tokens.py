@@ -1,0 +1,84 @@
+"""vLLM's `allowed_token_ids`: the only tokens an answer may take, sampled or greedy, streamed or
+whole, alone or beside a grammar (the tokens both allow); logprobs are over the allowed tokens."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import httpx
+import pytest
+import torch
+
+from engine.sampler import row_allowed
+from engine.sampling_params import SamplingParams
+
+MODEL = "smollm2-135m-instruct"
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=120)
+
+
+def token_ids(server, text: str) -> list[int]:
+    r = httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=30)
+    return r.json()["tokens"]
+
+
+@pytest.fixture(scope="module")
+def yes_no(server):
+    ids = token_ids(server, " yes") + token_ids(server, " no")
+    assert len(ids) == 2  # one token each in SmolLM2's vocabulary
+    return ids
+
+
+def test_sampled_choices_take_only_the_allowed_tokens(server, yes_no):
+    body = {"prompt": "Is the sky green?", "max_tokens": 12, "temperature": 1.5, "n": 3, "seed": 7,
+            "allowed_token_ids": yes_no, "logprobs": 2}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    for choice in r.json()["choices"]:
+        # no end-of-text token is allowed: each runs to max_tokens
+        assert re.fullmatch(r"( yes| no){12}", choice["text"]) and choice["finish_reason"] == "length"
+        for top in choice["logprobs"]["top_logprobs"]:  # over the allowed tokens: the two sum to 1
+            assert set(top) <= {" yes", " no"}
+            assert math.isclose(sum(math.exp(v) for v in top.values()), 1.0, abs_tol=1e-3)
+
+
+def test_greedy_chat_streamed_and_whole_agree(server, yes_no):
+    body = {"messages": [{"role": "user", "content": "Answer yes or no: is water wet?"}], "max_tokens": 3,
+            "temperature": 0, "allowed_token_ids": yes_no[1:]}
+    whole = post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+    assert whole == " no no no"
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={"model": MODEL, **body, "stream": True},
+                      timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in lines)
+    assert streamed == whole
+
+
+def test_beside_a_grammar_the_tokens_both_allow(server, yes_no):
+    body = {"prompt": "Is the sky green? Answer:", "max_tokens": 5, "temperature": 0,
+            "structured_outputs": {"choice": [" yes", " no", " maybe"]}, "allowed_token_ids": yes_no[:1]
+            + token_ids(server, " maybe")}
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    assert choice["text"] in (" yes", " maybe")
+
+
+@pytest.mark.parametrize("value", [[], [10**9], [-1], ["5"]])
+def test_bad_values_are_400s(server, value):
+    r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "allowed_token_ids": value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith("allowed_token_ids")
+
+
+def test_row_mask_is_built_once_and_intersects_a_grammar():
+    params = SamplingParams(allowed_token_ids=[1, 3, 3])
+    params.validate(6)
+    mask = row_allowed(params, None, 6)
+    assert mask.tolist() == [False, True, False, True, False, False]
+    assert row_allowed(params, None, 6) is mask  # cached on the request's params
+    grammar = torch.tensor([True, True, True, False, False, False])
+    assert row_allowed(params, grammar, 6).tolist() == [False, True, False, False, False, False]
+    assert grammar.tolist() == [True, True, True, False, False, False]  # the grammar's own mask untouched
+    assert row_allowed(SamplingParams(), grammar, 6) is grammar
