@@ -36,7 +36,7 @@ from engine.kv.metadata import AttentionMetadata
 from engine.loader import ensure_hf_dir, load_state_dict
 from engine.models import build_model, check_architecture
 from engine.quant.int8 import quantize_state
-from engine.sampler import SampleRow, Sampled, row_allowed, sample, token_logprobs
+from engine.sampler import SampleRow, Sampled, listed_tokens, sample, token_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.seeded_uniform import seeded_uniform
 from engine.skip import DenseGate, RowSkip, build_policy
@@ -266,10 +266,9 @@ class ModelRunner:
             try:
                 made = len(seq.output_ids) + len(before)
                 uniform = None if seq.params.greedy else seeded_uniform(seq.seed, made)
-                allowed = row_allowed(seq.params, None if seq.constraint is None else seq.constraint.mask(),
-                                      logits.shape[-1])  # (rows with a grammar have no drafts)
+                allowed = None if seq.constraint is None else seq.constraint.mask()  # (such rows have no drafts)
                 rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids + before, uniform, allowed,
-                                      seq.refused_tokens(made)))
+                                      seq.refused_tokens(made), listed_tokens(seq.params, logits.shape[-1])))
                 live.append(i)
             except Exception as exc:
                 failed[seq.seq_id] = exc

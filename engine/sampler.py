@@ -18,8 +18,9 @@ class SampleRow:
     prompt_ids: list[int]
     output_ids: list[int]
     uniform: float | None  # the row's random draw in [0, 1) (None for greedy rows)
-    allowed: torch.Tensor | None = None  # [V] bool on the CPU: the only tokens it may take (row_allowed)
+    allowed: torch.Tensor | None = None  # [V] bool on the CPU: the only tokens its grammar lets it take
     refused: tuple[int, ...] | None = None  # tokens it may not take (the ending ones before min_tokens)
+    listed: torch.Tensor | None = None  # [V] bool on the CPU: its allowed_token_ids (listed_tokens)
 
 
 @dataclass
@@ -36,9 +37,10 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     params = [r.params for r in rows]
     # logprobs: the model's own, over the tokens a constrained row's grammar lets it take (vLLM applies its
     # grammar's bitmask before its raw logprobs; OpenAI's tokens a schema forces read 0), before penalties,
-    # temperature and min_tokens' refusals (as vLLM's)
-    _mask_allowed(logits, rows)
+    # temperature, allowed_token_ids and min_tokens' refusals (as vLLM's)
+    _mask_outside(logits, rows, "allowed")
     raw = logits.clone() if any(p.logprobs is not None for p in params) else None
+    _mask_outside(logits, rows, "listed")
     apply_penalties(logits, params, [r.prompt_ids for r in rows], [r.output_ids for r in rows])
     _mask_refused(logits, rows)
     best = logits.max(dim=-1)  # argmax's result (first maximum; NaN wins), 2-3x faster on the CPU
@@ -64,24 +66,24 @@ FAILURES = {0: "the model's logits for this sequence are not finite (NaN or infi
                 "allow none of the vocabulary"}
 
 
-def row_allowed(params: SamplingParams, grammar: torch.Tensor | None, vocab_size: int) -> torch.Tensor | None:
-    """The tokens a row may take ([V] bool on the CPU, None: any): its grammar's `mask` (structured
-    outputs) and its `allowed_token_ids`, the tokens both allow where both are given."""
+def listed_tokens(params: SamplingParams, vocab_size: int) -> torch.Tensor | None:
+    """A request's `allowed_token_ids` as a [V] bool mask on the CPU (None: any token), built once
+    (its choices share the params)."""
     if params.allowed_token_ids is None:
-        return grammar
-    if params.allowed_mask is None:  # once per request (its choices share the params)
+        return None
+    if params.allowed_mask is None:
         mask = torch.zeros(vocab_size, dtype=torch.bool)
         mask[list(params.allowed_token_ids)] = True
         params.allowed_mask = mask
-    return params.allowed_mask if grammar is None else grammar & params.allowed_mask
+    return params.allowed_mask
 
 
-def _mask_allowed(logits: torch.Tensor, rows: list[SampleRow]) -> None:
-    """-inf outside a constrained row's allowed set (a NaN there too: no token could take it)."""
-    masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+def _mask_outside(logits: torch.Tensor, rows: list[SampleRow], field: str) -> None:
+    """-inf outside each row's mask `field` where it has one (a NaN there too: no token could take it)."""
+    masked = [i for i, r in enumerate(rows) if getattr(r, field) is not None]
     if masked:
-        allowed = to_device(torch.stack([rows[i].allowed for i in masked]), logits.device)
-        put_rows(logits, masked, take_rows(logits, masked).masked_fill_(~allowed, float("-inf")))
+        keep = to_device(torch.stack([getattr(rows[i], field) for i in masked]), logits.device)
+        put_rows(logits, masked, take_rows(logits, masked).masked_fill_(~keep, float("-inf")))
 
 
 def _mask_refused(logits: torch.Tensor, rows: list[SampleRow]) -> None:

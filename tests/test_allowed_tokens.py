@@ -1,5 +1,6 @@
 """vLLM's `allowed_token_ids`: the only tokens an answer may take, sampled or greedy, streamed or
-whole, alone or beside a grammar (the tokens both allow); logprobs are over the allowed tokens."""
+whole, alone or beside a grammar (the tokens both allow); logprobs are the model's own, as vLLM's
+(computed before the list applies)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import httpx
 import pytest
 import torch
 
-from engine.sampler import row_allowed
 from engine.sampling_params import SamplingParams
 
 MODEL = "smollm2-135m-instruct"
@@ -34,15 +34,20 @@ def yes_no(server):
 
 def test_sampled_choices_take_only_the_allowed_tokens(server, yes_no):
     body = {"prompt": "Is the sky green?", "max_tokens": 12, "temperature": 1.5, "n": 3, "seed": 7,
-            "allowed_token_ids": yes_no, "logprobs": 2}
+            "allowed_token_ids": yes_no, "logprobs": 3}
     r = post(server, "/v1/completions", body)
     assert r.status_code == 200, r.text
+    plain = post(server, "/v1/completions", {**body, "n": 1, "max_tokens": 1, "allowed_token_ids": None}).json()
     for choice in r.json()["choices"]:
         # no end-of-text token is allowed: each runs to max_tokens
         assert re.fullmatch(r"( yes| no){12}", choice["text"]) and choice["finish_reason"] == "length"
-        for top in choice["logprobs"]["top_logprobs"]:  # over the allowed tokens: the two sum to 1
-            assert set(top) <= {" yes", " no"}
-            assert math.isclose(sum(math.exp(v) for v in top.values()), 1.0, abs_tol=1e-3)
+        # the model's own logprobs: the first token's alternatives are the unrestricted answer's
+        # (each answer's entry also holds the token it drew, where that is not among them)
+        first, model = (sorted(c["logprobs"]["top_logprobs"][0].items(), key=lambda kv: -kv[1])[:3]
+                        for c in (choice, plain["choices"][0]))
+        assert [t for t, _ in first] == [t for t, _ in model]
+        assert all(math.isclose(a, b, abs_tol=0.02) for (_, a), (_, b) in zip(first, model))
+        assert all(lp < 0 for lp in choice["logprobs"]["token_logprobs"])
 
 
 def test_greedy_chat_streamed_and_whole_agree(server, yes_no):
@@ -72,13 +77,19 @@ def test_bad_values_are_400s(server, value):
     assert r.json()["error"]["param"].startswith("allowed_token_ids")
 
 
-def test_row_mask_is_built_once_and_intersects_a_grammar():
-    params = SamplingParams(allowed_token_ids=[1, 3, 3])
+def test_the_mask_is_built_once_and_applied_after_the_logprobs():
+    from engine.sampler import SampleRow, listed_tokens, sample
+
+    params = SamplingParams(allowed_token_ids=[1, 3, 3], temperature=0, logprobs=2)
     params.validate(6)
-    mask = row_allowed(params, None, 6)
+    mask = listed_tokens(params, 6)
     assert mask.tolist() == [False, True, False, True, False, False]
-    assert row_allowed(params, None, 6) is mask  # cached on the request's params
+    assert listed_tokens(params, 6) is mask and listed_tokens(SamplingParams(), 6) is None
+    logits = torch.tensor([[5.0, 1.0, 4.0, 2.0, 0.0, 0.0]])
     grammar = torch.tensor([True, True, True, False, False, False])
-    assert row_allowed(params, grammar, 6).tolist() == [False, True, False, False, False, False]
-    assert grammar.tolist() == [True, True, True, False, False, False]  # the grammar's own mask untouched
-    assert row_allowed(SamplingParams(), grammar, 6) is grammar
+    alone, = sample(logits.clone(), [SampleRow(params, [0], [], None, None, None, mask)])
+    assert alone.token_id == 3 and [t for t, _ in alone.top_logprobs] == [0, 2]  # the model's own top two
+    both, = sample(logits.clone(), [SampleRow(params, [0], [], None, grammar, None, mask)])
+    assert both.token_id == 1  # the only token both allow
+    none, = sample(logits.clone(), [SampleRow(params, [0], [], None, ~grammar & ~mask, None, mask)])
+    assert isinstance(none, ValueError)  # nothing both allow: the row fails alone
