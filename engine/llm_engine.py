@@ -11,6 +11,7 @@ import contextlib
 import logging
 import random
 
+from engine.bad_words import bad_word_ids
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv.block_manager import BlockManager, blocks_for
@@ -106,6 +107,8 @@ class LLMEngine:
         Raises InvalidParamError. Reads only immutable state, so any thread may call it.
         """
         params.validate(self.model_config.vocab_size)
+        if params.bad_words:
+            params.bad_words_ids = bad_word_ids(lambda text: self.tokenizer.encode(text, False), params.bad_words)
         if params.n > self.config.max_num_seqs:
             raise InvalidParamError(f"n must be at most {self.config.max_num_seqs} (the server's max batch)", "n")
         plan = self.resolve_skip(skip)

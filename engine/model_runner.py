@@ -264,11 +264,11 @@ class ModelRunner:
         failed, live, rows = {}, [], []
         for i, (seq, before) in enumerate(producers):  # a row's own settings may fail it alone (its seed, its schema)
             try:
-                made = len(seq.output_ids) + len(before)
-                uniform = None if seq.params.greedy else seeded_uniform(seq.seed, made)
+                output = seq.output_ids + before
+                uniform = None if seq.params.greedy else seeded_uniform(seq.seed, len(output))
                 allowed = None if seq.constraint is None else seq.constraint.mask()  # (such rows have no drafts)
-                rows.append(SampleRow(seq.params, seq.prompt_ids, seq.output_ids + before, uniform, allowed,
-                                      seq.refused_tokens(made), listed_tokens(seq.params, logits.shape[-1])))
+                rows.append(SampleRow(seq.params, seq.prompt_ids, output, uniform, allowed,
+                                      seq.refused_tokens(output), listed_tokens(seq.params, logits.shape[-1])))
                 live.append(i)
             except Exception as exc:
                 failed[seq.seq_id] = exc

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.bad_words import MAX_BAD_WORD_CHARS, MAX_BAD_WORDS
+
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 512  # per stop string: matching is linear in it, and the held-back tail is at most this
@@ -44,6 +46,8 @@ class SamplingParams:
     # vLLM's: the only tokens the answer may take (beside a grammar's: the tokens both allow)
     allowed_token_ids: list[int] | None = None
     allowed_mask: object = field(default=None, repr=False, compare=False)  # as a [V] tensor, built once (sampler.py)
+    bad_words: list[str] = field(default_factory=list)  # vLLM's: words the answer never writes (bad_words.py)
+    bad_words_ids: tuple = field(default=(), repr=False, compare=False)  # their token sequences (the engine's)
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     prompt_logprobs: int | None = None  # None = off; k >= 0 = each prompt token's logprob + k alternatives
     response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
@@ -102,6 +106,9 @@ class SamplingParams:
             check(len(self.allowed_token_ids) > 0, "allowed_token_ids", "allowed_token_ids must not be empty")
             check(all(0 <= t < vocab_size for t in self.allowed_token_ids), "allowed_token_ids",
                   "allowed_token_ids must be token ids of the vocabulary")
+        check(len(self.bad_words) <= MAX_BAD_WORDS, "bad_words", f"at most {MAX_BAD_WORDS} bad_words")
+        check(all(isinstance(w, str) and w.strip() and len(w) <= MAX_BAD_WORD_CHARS for w in self.bad_words),
+              "bad_words", f"bad_words must be words of 1 to {MAX_BAD_WORD_CHARS} characters")
         for token, bias in self.logit_bias.items():
             check(0 <= token < vocab_size, "logit_bias", f"logit_bias token id {token} is outside the vocabulary")
             check(-100.0 <= bias <= 100.0, "logit_bias", "logit_bias values must be in [-100, 100]")

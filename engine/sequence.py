@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from engine.bad_words import banned_next
 from engine.detokenizer import IncrementalDetokenizer
 from engine.ngram_drafter import NgramDrafter
 from engine.pooling import Pooling
@@ -68,11 +69,16 @@ class Sequence:
         """False for an embeddings request's input, which ends with its prefill."""
         return self.pooling is None
 
-    def refused_tokens(self, made: int) -> tuple[int, ...] | None:
-        """What the sampler may not pick once the sequence has made `made` tokens: the ending tokens
-        before min_tokens (not for a schema-held answer, which ends where its document does)."""
-        early = made < self.params.min_tokens and self.constraint is None
-        return self.ending_tokens if early and self.ending_tokens else None
+    def refused_tokens(self, output: list[int]) -> tuple[int, ...] | None:
+        """What the sampler may not pick after the answer's tokens `output`: the ending tokens before
+        min_tokens (not for a schema-held answer, which ends where its document does), and the tokens
+        that would finish one of its bad_words."""
+        early = len(output) < self.params.min_tokens and self.constraint is None
+        ending = self.ending_tokens if early and self.ending_tokens else None
+        if not self.params.bad_words_ids:
+            return ending
+        refused = banned_next(self.params.bad_words_ids, output).union(ending or ())
+        return tuple(sorted(refused)) or None
 
     @property
     def num_tokens(self) -> int:

@@ -280,6 +280,7 @@ class SamplingRequest(RequestBody):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     allowed_token_ids: Optional[list[StrictInt]] = None  # vLLM's: the only tokens the answer may take
+    bad_words: Optional[list[str]] = None  # vLLM's: words the answer never writes (engine/bad_words.py)
     ffn_skip: Optional[FFNSkip] = None
 
     def sampling(self, logprobs: int | None, max_tokens: int | None, schema: dict | None, n: int = 1,
@@ -304,6 +305,7 @@ class SamplingRequest(RequestBody):
             stop_token_ids=list(self.stop_token_ids or []), include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             allowed_token_ids=None if self.allowed_token_ids is None else list(self.allowed_token_ids),
+            bad_words=list(self.bad_words or []),
         )
 
     def skip(self) -> SkipParams | None:
