@@ -47,7 +47,16 @@ class EngineDeadError(EngineShutdownError):
 
 
 class GenerationError(RuntimeError):
-    """Generation failed for this request alone (the others in the batch go on)."""
+    """Generation failed for this request alone (the others in the batch go on); `invalid_request`:
+    its own settings failed it (contradicting constraints), not the server."""
+
+    def __init__(self, message: str, invalid_request: bool = False):
+        super().__init__(message)
+        self.invalid_request = invalid_request
+
+    @property
+    def status(self) -> int:
+        return 400 if self.invalid_request else 500
 
 
 class AsyncEngine:
@@ -244,7 +253,8 @@ class AsyncEngine:
         for out in outputs:
             q = self._queues.get(out.request_id)
             if q is not None:
-                q.put_nowait(GenerationError(f"generation failed: {out.error}") if out.error else out)
+                q.put_nowait(GenerationError(f"generation failed: {out.error}", out.invalid_request)
+                             if out.error else out)
         if self.on_step is not None:
             self.on_step(stats, outputs)
 

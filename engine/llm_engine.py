@@ -331,7 +331,8 @@ class LLMEngine:
                 request_id=seq.request_id, index=seq.index, text="", token_ids=[], logprobs=None, finished=True,
                 finish_reason="error", prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.cached_tokens,
                 completion_tokens=len(seq.output_ids), ffn_skipped=seq.ffn_skipped, ffn_total=seq.ffn_total,
-                error=f"{type(exc).__name__}: {exc}"))
+                error=str(exc) if isinstance(exc, InvalidParamError) else f"{type(exc).__name__}: {exc}",
+                invalid_request=isinstance(exc, InvalidParamError)))
         return outputs
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:

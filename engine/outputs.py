@@ -27,6 +27,7 @@ class SequenceOutput:
     ffn_skipped: int
     ffn_total: int
     error: str | None = None  # set (with finished) when generation failed for this request alone
+    invalid_request: bool = False  # with error: the request's own settings failed it (a 400, not a 500)
     # with SamplingParams.prompt_logprobs, on a sequence's first output: one entry per prompt token
     prompt_logprobs: list[TokenLogprob] | None = None
     embedding: list[float] | None = None  # an embeddings request's input: its vector, with its one output

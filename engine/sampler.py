@@ -9,7 +9,7 @@ import torch
 from engine.categorical import draw
 from engine.penalties import apply_penalties
 from engine.rows import device_values, padded, put_rows, take_rows, to_device
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidParamError, SamplingParams
 
 
 @dataclass
@@ -58,12 +58,14 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     out = [Sampled(token) for token in token_ids]
     if raw is not None:
         _add_logprobs(raw, tokens, params, out)
-    return [sampled if ok == 1 else ValueError(FAILURES[ok]) for sampled, ok in zip(out, usable)]
+    return [sampled if ok == 1 else ValueError(NOT_FINITE) if ok == 0 else InvalidParamError(NO_TOKEN_LEFT)
+            for sampled, ok in zip(out, usable)]
 
 
-FAILURES = {0: "the model's logits for this sequence are not finite (NaN or infinity)",
-            -1: "no token may follow here: the request's constraints (its grammar, schema or refused tokens) "
-                "allow none of the vocabulary"}
+NOT_FINITE = "the model's logits for this sequence are not finite (NaN or infinity)"
+# the request's own settings contradict each other (a 400 for it alone)
+NO_TOKEN_LEFT = ("no token may follow here: the request's constraints (its schema or grammar, allowed_token_ids, "
+                 "bad_words, min_tokens) allow none of the vocabulary")
 
 
 def listed_tokens(params: SamplingParams, vocab_size: int) -> torch.Tensor | None:

@@ -286,7 +286,7 @@ class CompletionCall:
             yield "[DONE]"  # after the error, as vLLM ends a failed stream: clients that wait for it stop
         except GenerationError as exc:  # this request's generation failed: in-band, then end
             self.timer.end("error")
-            yield json.dumps(error_body(500, str(exc), code="generation_failed"))
+            yield json.dumps(error_body(exc.status, str(exc), code="generation_failed"))
             yield "[DONE]"
         except Exception as exc:  # any other mid-stream failure: in-band too
             self.timer.end("error")

@@ -297,7 +297,7 @@ async def consume(request: Request, stream, on_output: Callable[[object], None],
             raise APIError(503, str(exc), code=code)
         except GenerationError as exc:
             timer.end("error")
-            raise APIError(500, str(exc), code="generation_failed")
+            raise APIError(exc.status, str(exc), code="generation_failed")
         except BaseException:
             timer.end("error")
             raise

@@ -93,3 +93,20 @@ def test_the_mask_is_built_once_and_applied_after_the_logprobs():
     assert both.token_id == 1  # the only token both allow
     none, = sample(logits.clone(), [SampleRow(params, [0], [], None, ~grammar & ~mask, None, mask)])
     assert isinstance(none, ValueError)  # nothing both allow: the row fails alone
+
+
+def test_constraints_that_allow_nothing_fail_that_request_alone_with_a_400(server, yes_no):
+    """A schema and allowed_token_ids with no token in common: the request's own contradiction, a
+    400 (whole or in the stream), and the server answers the next request."""
+    body = {"prompt": "Is the sky green? Answer:", "max_tokens": 4, "temperature": 0,
+            "structured_outputs": {"choice": [" maybe"]}, "allowed_token_ids": yes_no}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "allow none of the vocabulary" in error["message"]
+    with httpx.stream("POST", server.url + "/v1/completions", json={"model": MODEL, **body, "stream": True},
+                      timeout=120) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["error"]["type"] == "invalid_request_error"
+    fine = post(server, "/v1/completions", {"prompt": "Is the sky green? Answer:", "max_tokens": 4})
+    assert fine.status_code == 200 and fine.json()["choices"][0]["finish_reason"] in ("length", "stop")
