@@ -280,3 +280,15 @@ def assert_served_chat_is_the_engines(dense, gguf, cache_dir) -> None:
     finally:
         assert server.stop() == 0
     assert reply.choices[0].message.content == expected and expected
+
+
+def cgroup_tree(base, files: dict[str, str], proc: str):
+    """A cgroup hierarchy under `base`/cg as the kernel lays it out (`files`: path -> text) and a
+    /proc/self/cgroup text -> (root, proc file)."""
+    for name, text in files.items():
+        path = base / "cg" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (base / "cg").mkdir(parents=True, exist_ok=True)
+    (base / "proc_cgroup").write_text(proc)
+    return base / "cg", base / "proc_cgroup"

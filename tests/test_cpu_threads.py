@@ -5,28 +5,19 @@ import sys
 
 from engine.backends.cpu.threads import default_threads
 from engine.host_resources import cgroup_cpu_limit
-
-
-def _tree(tmp_path, files: dict[str, str], proc: str):
-    for name, text in files.items():
-        path = tmp_path / "cg" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    (tmp_path / "cg").mkdir(exist_ok=True)
-    (tmp_path / "proc_cgroup").write_text(proc)
-    return tmp_path / "cg", tmp_path / "proc_cgroup"
+from tests.helpers import cgroup_tree
 
 
 def test_v2_container_root(tmp_path):
     # inside a container the namespace's root is the container's cgroup: `docker run --cpus 2.5`
-    root, proc = _tree(tmp_path, {"cpu.max": "250000 100000\n"}, "0::/\n")
+    root, proc = cgroup_tree(tmp_path, {"cpu.max": "250000 100000\n"}, "0::/\n")
     assert cgroup_cpu_limit(root, proc) == 2.5
     assert default_threads(64, 2.5) == 2
     assert default_threads(1, 2.5) == 1  # never above the affinity mask's count
 
 
 def test_v2_nested_smallest_wins(tmp_path):
-    root, proc = _tree(tmp_path, {
+    root, proc = cgroup_tree(tmp_path, {
         "cpu.max": "max 100000\n",
         "system.slice/cpu.max": "400000 100000\n",
         "system.slice/skipserve.service/cpu.max": "max 100000\n",
@@ -35,13 +26,13 @@ def test_v2_nested_smallest_wins(tmp_path):
 
 
 def test_v2_no_quota(tmp_path):
-    root, proc = _tree(tmp_path, {"cpu.max": "max 100000\n"}, "0::/\n")
+    root, proc = cgroup_tree(tmp_path, {"cpu.max": "max 100000\n"}, "0::/\n")
     assert cgroup_cpu_limit(root, proc) is None
     assert default_threads(16, None) == 16
 
 
 def test_v1_cfs_quota(tmp_path):
-    root, proc = _tree(tmp_path, {
+    root, proc = cgroup_tree(tmp_path, {
         "cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
         "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000\n",
         "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
@@ -52,7 +43,7 @@ def test_v1_cfs_quota(tmp_path):
 
 
 def test_missing_files_mean_no_limit(tmp_path):
-    root, proc = _tree(tmp_path, {"cpu.max": "garbage"}, "not a cgroup line\n")
+    root, proc = cgroup_tree(tmp_path, {"cpu.max": "garbage"}, "not a cgroup line\n")
     assert cgroup_cpu_limit(root, proc) is None
     assert cgroup_cpu_limit(tmp_path / "absent", tmp_path / "absent") is None
     assert default_threads(4, 0.2) == 1  # a fraction of a CPU still gets one thread

@@ -2,20 +2,16 @@
 its use (cgroup v1 and v2 trees written here as the kernel lays them out); page cache that nothing
 maps counts as free, as the kernel reclaims it before the OOM killer acts."""
 from engine.host_resources import available_memory, cgroup_memory_headroom
+from tests.helpers import cgroup_tree
 
 GiB = 2**30
 HOST = f"MemTotal:       263000000 kB\nMemFree:        1000 kB\nMemAvailable:   {200 * GiB // 1024} kB\n"
 
 
-def _tree(tmp_path, files: dict[str, str], proc: str, meminfo: str = HOST):
-    for name, text in files.items():
-        path = tmp_path / "cg" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    (tmp_path / "cg").mkdir(exist_ok=True)
-    (tmp_path / "proc_cgroup").write_text(proc)
-    (tmp_path / "meminfo").write_text(meminfo)
-    return tmp_path / "cg", tmp_path / "proc_cgroup", tmp_path / "meminfo"
+def _tree(base, files: dict[str, str], proc: str, meminfo: str = HOST):
+    root, proc_file = cgroup_tree(base, files, proc)
+    (base / "meminfo").write_text(meminfo)
+    return root, proc_file, base / "meminfo"
 
 
 def test_v2_container_limit_caps_the_hosts_memavailable(tmp_path):
