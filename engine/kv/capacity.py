@@ -78,9 +78,9 @@ def plan_capacity(config: EngineConfig, model: ModelConfig, element_size: float,
                   host_available: int | None = None) -> KVCapacity:
     """`device_memory`: given on CUDA; `decode_reads_kv_in_place`: the backend's (workspace_bytes);
     `host_available`: on the CPU, the memory the process may still take (bytes, once the weights
-    are loaded: MemAvailable, capped by its cgroups' memory limits). Raises ValueError when not even one max_model_len sequence fits, or when the cache
-    asked for is larger than the memory free for it, the card's or the host's (on the CPU it was
-    allocated and filled until the machine ran out)."""
+    are loaded: MemAvailable, capped by its cgroups' memory limits). Raises ValueError when not even
+    one max_model_len sequence fits, or when the cache asked for is larger than the memory free for
+    it, the card's or the host's (on the CPU it was allocated and filled until the machine ran out)."""
     size = config.block_size
     per_block = size * bytes_per_token(model, element_size)
     if config.kv_capacity_tokens is not None:
