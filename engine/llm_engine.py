@@ -293,12 +293,12 @@ class LLMEngine:
         self.accepted_draft_tokens_total += stats.accepted_draft_tokens
 
     def _prompt_scores(self, seq: Sequence, scores) -> None:
-        """A prompt's logprobs (token, logprob, top alternatives), for a sequence that asked for them."""
+        """A prompt's logprobs (token, logprob, rank, top alternatives), for a sequence that asked for them."""
         text = self.tokenizer.token_text
-        for t, lp, top in scores:
+        for t, lp, rank, top in scores:
             if lp != lp:  # NaN: log-softmax of logits that are not finite (no JSON number either)
                 raise ValueError("the model's logits for this prompt are not finite (NaN or infinity)")
-            seq.prompt_logprobs.append(TokenLogprob(text(t), t, lp, [(text(a), a, alp) for a, alp in top]))
+            seq.prompt_logprobs.append(TokenLogprob(text(t), t, lp, [(text(a), a, alp) for a, alp in top], rank))
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
         """The runner's step. When a batched forward fails, each sequence is run alone in the same

@@ -328,7 +328,7 @@ class ModelRunner:
     def _score_prompt(self, seq, hidden: torch.Tensor, start: int) -> list:
         """The logprob of each prompt token after position `start`.. of this chunk's `hidden` rows
         (the ones not scored before: a preempted sequence computes its prompt again), with its
-        `prompt_logprobs` most likely alternatives: [(token id, logprob, [(id, logprob)])]."""
+        rank and `prompt_logprobs` most likely alternatives: [(token id, logprob, rank, [(id, logprob)])]."""
         prompt = seq.prompt_ids
         first = max(start, len(seq.prompt_logprobs))  # position p scores token p + 1
         last = min(start + hidden.shape[0], len(prompt) - 1)
@@ -336,8 +336,8 @@ class ModelRunner:
         for p in range(first, last, self.SCORE_ROWS):
             q = min(p + self.SCORE_ROWS, last)
             targets = torch.tensor(prompt[p + 1:q + 1], device=hidden.device)
-            chosen, top_ids, top_values = token_logprobs(self.logits(hidden[p - start:q - start]), targets,
-                                                         seq.params.prompt_logprobs)
-            scores += [(t, lp, list(zip(ids, values)))
-                       for t, lp, ids, values in zip(prompt[p + 1:q + 1], chosen, top_ids, top_values)]
+            chosen, ranks, top_ids, top_values = token_logprobs(self.logits(hidden[p - start:q - start]), targets,
+                                                                seq.params.prompt_logprobs)
+            scores += [(t, lp, rank, list(zip(ids, values)))
+                       for t, lp, rank, ids, values in zip(prompt[p + 1:q + 1], chosen, ranks, top_ids, top_values)]
         return scores

@@ -10,6 +10,7 @@ class TokenLogprob:
     token_id: int
     logprob: float | None  # None for a prompt's first token, which nothing predicts
     top: list[tuple[str, int, float]]  # (text, id, logprob) alternatives, best first
+    rank: int | None = None  # a prompt token's: how many tokens are at least as likely (1: the likeliest)
 
 
 @dataclass

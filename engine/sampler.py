@@ -100,14 +100,17 @@ LOWEST_LOGPROB = -9999.0  # vLLM's floor: -inf (a token the model rules out) is 
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, width: int):
-    """Each row's logprob of its token and its `width` most likely alternatives, as host lists:
-    (chosen [rows], top ids [rows][width], top logprobs [rows][width])."""
+    """Each row's logprob of its token, its rank (how many tokens are at least as likely: 1 for the
+    likeliest, as vLLM counts it) and its `width` most likely alternatives, as host lists:
+    (chosen [rows], ranks [rows], top ids [rows][width], top logprobs [rows][width])."""
     logprobs = torch.log_softmax(logits.float(), dim=-1).clamp_(min=LOWEST_LOGPROB)
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    chosen = logprobs.gather(1, tokens[:, None])
+    ranks = (logprobs >= chosen).sum(dim=-1).tolist()
+    chosen = chosen.squeeze(1).tolist()
     if not width:
-        return chosen, [[]] * len(chosen), [[]] * len(chosen)
+        return chosen, ranks, [[]] * len(chosen), [[]] * len(chosen)
     top = logprobs.topk(width, dim=-1)
-    return chosen, top.indices.tolist(), top.values.tolist()
+    return chosen, ranks, top.indices.tolist(), top.values.tolist()
 
 
 def _add_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], out: list[Sampled]) -> None:
@@ -116,7 +119,7 @@ def _add_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[Sampl
     asking = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not asking:
         return
-    chosen, top_ids, top_values = token_logprobs(take_rows(logits, asking), take_rows(tokens, asking),
+    chosen, _, top_ids, top_values = token_logprobs(take_rows(logits, asking), take_rows(tokens, asking),
                                                  max(params[i].logprobs for i in asking))
     for row, i in enumerate(asking):
         k = params[i].logprobs

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from engine.bad_words import MAX_BAD_WORD_CHARS, MAX_BAD_WORDS
 
 
+MAX_LOGPROBS = 20  # alternatives a token's logprobs may list (vLLM's default max_logprobs)
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 512  # per stop string: matching is linear in it, and the held-back tail is at most this
 MAX_STOP_TOKEN_IDS = 64  # looked up per generated token, and masked per step before min_tokens
@@ -101,7 +102,8 @@ class SamplingParams:
         check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
               f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
         for count in (self.logprobs, self.prompt_logprobs):
-            check(count is None or 0 <= count <= 20, self.logprobs_param, f"{self.logprobs_param} must be in [0, 20]")
+            check(count is None or 0 <= count <= MAX_LOGPROBS, self.logprobs_param,
+                  f"{self.logprobs_param} must be in [0, {MAX_LOGPROBS}]")
         if self.allowed_token_ids is not None:
             check(len(self.allowed_token_ids) > 0, "allowed_token_ids", "allowed_token_ids must not be empty")
             check(all(0 <= t < vocab_size for t in self.allowed_token_ids), "allowed_token_ids",

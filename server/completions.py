@@ -31,6 +31,7 @@ class Choice:
     offset: int = 0  # text_offset of the next token with logprobs (streaming)
     split: ReasoningSplit | None = None  # --reasoning-parser: `text` is then the content
     reasoning: str = ""  # --reasoning-parser: the thinking, non-streaming
+    prompt_logprobs: list | None = None  # vLLM's `prompt_logprobs`: the prompt's entries, non-streaming
 
 
 def chat_logprobs(entries, tokenizer) -> dict:
@@ -57,6 +58,25 @@ def completion_logprobs(entries, offset: int, tokenizer) -> tuple[dict, int]:
             # a prompt's first token (echo) has no logprob, and no alternatives either
             "top_logprobs": [None if e.logprob is None else top_with_chosen(e) for e in entries],
             "text_offset": text_offset}, offset
+
+
+def vllm_prompt_logprobs(entries, alternatives: int) -> list:
+    """vLLM's `prompt_logprobs`: for each prompt token, null for the first (nothing predicts it), else
+    {token id: {logprob, rank, decoded_token}} for the token (its rank: how many tokens are at least
+    as likely) and its `alternatives` likeliest tokens (ranked 1, 2, ...)."""
+    def item(logprob, rank, text):
+        return {"logprob": logprob, "rank": rank, "decoded_token": text}
+
+    scores = []
+    for e in entries:
+        if e.logprob is None:
+            scores.append(None)
+            continue
+        scored = {str(e.token_id): item(e.logprob, e.rank, e.token)}
+        for rank, (text, token_id, logprob) in enumerate(e.top[:alternatives], 1):
+            scored.setdefault(str(token_id), item(logprob, rank, text))
+        scores.append(scored)
+    return scores
 
 
 def top_with_chosen(entry) -> dict[str, float]:
@@ -185,7 +205,9 @@ class CompletionCall:
             reasoning, content = split_output(c.split, out, usage)
             c.reasoning += reasoning
             c.text += content
-            c.logprobs += (out.prompt_logprobs or []) + (out.logprobs or [])  # prompt_logprobs: echo
+            if out.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
+                c.prompt_logprobs = out.prompt_logprobs
+            c.logprobs += self._echoed_logprobs(out) + (out.logprobs or [])
             self.timer.on_tokens(out.index)
             usage.update(out)
             if out.finished:
@@ -197,10 +219,20 @@ class CompletionCall:
         usage.finish_metrics(self.timer, overall_finish(c.finish_reason for c in choices.values()))
 
         def answer() -> JSONResponse:  # on a worker thread: n choices of thousands of tokens with logprobs
-            return JSONResponse(dict(self.header(), choices=[self._choice_body(i, c) for i, c in choices.items()],
-                                     usage=usage.body()))  # take the event loop for seconds to build and encode
+            body = dict(self.header(), choices=[self._choice_body(i, c) for i, c in choices.items()],
+                        usage=usage.body())  # take the event loop for seconds to build and encode
+            if self.chat and self.body.prompt_logprobs is not None:  # one prompt: vLLM puts its scores beside the choices
+                body["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, self.body.prompt_logprobs)
+            return JSONResponse(body)
 
         return await asyncio.to_thread(answer)
+
+    def _echoed_logprobs(self, out) -> list:
+        """The echoed prompt's logprob entries (`echo` with `logprobs` on completions), each with the
+        request's `logprobs` alternatives (`prompt_logprobs` may have asked the engine for more)."""
+        if self.chat or not self.body.echo or not out.prompt_logprobs:
+            return []
+        return [dataclasses.replace(e, top=e.top[:self.body.logprobs]) for e in out.prompt_logprobs]
 
     def _tool_calls(self, c: Choice) -> tuple[str | None, list[dict] | None]:
         """A finished answer's content and tool calls, where the request allows calls and it makes some."""
@@ -220,9 +252,12 @@ class CompletionCall:
             return {"index": index, "message": message,
                     "logprobs": chat_logprobs(c.logprobs, self.tokenizer) if want else None,
                     "finish_reason": "tool_calls" if calls else c.finish_reason}
-        return {"index": index, "text": c.text,
+        body = {"index": index, "text": c.text,
                 "logprobs": completion_logprobs(c.logprobs, 0, self.tokenizer)[0] if want else None,
                 "finish_reason": c.finish_reason}
+        if self.body.prompt_logprobs is not None:  # each choice's prompt, as vLLM answers completions
+            body["prompt_logprobs"] = vllm_prompt_logprobs(c.prompt_logprobs, self.body.prompt_logprobs)
+        return body
 
     # ---- streaming ---------------------------------------------------------------------------
     async def events(self, stream):
@@ -243,8 +278,8 @@ class CompletionCall:
                 c = choices[out.index]
                 self.timer.on_tokens(out.index)
                 usage.update(out)
-                if out.prompt_logprobs and self.wants_logprobs:
-                    prompt_logprobs, c.offset = completion_logprobs(out.prompt_logprobs, 0, self.tokenizer)
+                if out.prompt_logprobs and self.wants_logprobs and not self.chat:  # echo's (prompt_logprobs: not streamed)
+                    prompt_logprobs, c.offset = completion_logprobs(self._echoed_logprobs(out), 0, self.tokenizer)
                     yield self._chunk(out.index, self.echo(out.index), prompt_logprobs, None, extra)
                 if c.split is not None:  # thinking goes out as reasoning_content; the rest on, as content
                     c.logprobs += out.logprobs or []  # held until a piece of text goes out

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
                       ValidationInfo, field_validator, model_validator)
 
-from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
+from engine.sampling_params import MAX_LOGPROBS, InvalidParamError, SamplingParams, SkipParams
 from engine.structured.gbnf import GrammarError, gbnf_regex
 from engine.tokenizer import ChatOptions
 from server import template_tools
@@ -312,6 +312,12 @@ class SamplingRequest(RequestBody):
         return self.ffn_skip.to_params() if self.ffn_skip else None
 
 
+def score_prompt(params: SamplingParams, alternatives: int) -> None:
+    """The prompt's tokens scored with at least `alternatives` likeliest tokens each (echo's logprobs
+    and `prompt_logprobs` may both ask: each answer takes its own count of them)."""
+    params.prompt_logprobs = max(params.prompt_logprobs or 0, alternatives)
+
+
 class GuidedOutput(Strict):
     """vLLM's `structured_outputs`: the one thing the whole answer is held to."""
     json_: Union[dict, StrictBool, str, None] = Field(None, alias="json")  # a JSON schema (or its text, as vLLM takes it)
@@ -339,6 +345,8 @@ class CommonRequest(SamplingRequest):
     json_schema: Union[dict, StrictBool, None] = None  # llama.cpp's: a JSON schema the answer follows
     # vLLM's: each prompt's last k tokens (-1: as many as fit beside the answer; server/generation.py)
     truncate_prompt_tokens: Optional[StrictInt] = None
+    # vLLM's: each prompt token's logprob, rank and k likeliest alternatives (server/completions.py)
+    prompt_logprobs: Optional[StrictInt] = None
 
     def choices_sampling(self, logprobs: int | None, max_tokens: int | None,
                          max_tokens_param: str = "max_tokens") -> SamplingParams:
@@ -352,6 +360,13 @@ class CommonRequest(SamplingRequest):
         if guided is not None:
             kind, value, params.schema_param = guided
             setattr(params, f"response_{kind}", value)
+        if self.prompt_logprobs is not None:  # as vLLM's default max_logprobs allows them, and not streamed
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise InvalidParamError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]", "prompt_logprobs")
+            if self.stream and self.prompt_logprobs > 0:  # (0 is taken and shows nothing, as vLLM streams it)
+                raise InvalidParamError("prompt_logprobs are not available when stream is true", "prompt_logprobs")
+            if not self.stream:
+                score_prompt(params, self.prompt_logprobs)
         return params
 
     def guided(self) -> tuple[str, Any, str] | None:
@@ -659,8 +674,8 @@ class CompletionRequest(CommonRequest):
         max_tokens = 16 if self.max_tokens is None else 1 if self.prompt_only else self.max_tokens
         params = self.choices_sampling(self.logprobs, max_tokens)
         params.logprobs_param = "logprobs"
-        if self.echo:  # the echoed prompt's tokens come with their logprobs too
-            params.prompt_logprobs = self.logprobs
+        if self.echo and self.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
+            score_prompt(params, self.logprobs)
         return params
 
 

@@ -2,7 +2,8 @@
 lm-evaluation-harness scores a continuation): each prompt token's logprob given the tokens before
 it equals HF transformers' on the same fp32 weights, whether the prompt is computed in one chunk
 or several, alone or beside other rows, and when the prefix cache holds it (it is computed again:
-a cached block keeps K/V, not the hidden states a score needs)."""
+a cached block keeps K/V, not the hidden states a score needs). vLLM's `prompt_logprobs` field on
+completions and chat gives the same scores in vLLM's shape, with each token's rank."""
 from __future__ import annotations
 
 import math
@@ -44,6 +45,8 @@ def _check(entries, prompt, logprobs, k):
     assert entries[0].logprob is None and entries[0].top == []  # nothing predicts the first token
     for p, e in enumerate(entries[1:]):
         assert math.isclose(e.logprob, logprobs[p, prompt[p + 1]].item(), abs_tol=1e-4)
+        # its rank: how many tokens HF finds at least as likely (within the tolerance either way)
+        assert max(1, (logprobs[p] >= e.logprob + 1e-4).sum()) <= e.rank <= (logprobs[p] >= e.logprob - 1e-4).sum()
         top = logprobs[p].topk(k)
         assert [t for _, t, _ in e.top] == top.indices.tolist()
         assert all(math.isclose(lp, ref, abs_tol=1e-4) for (_, _, lp), ref in zip(e.top, top.values.tolist()))
@@ -132,3 +135,94 @@ def test_completions_top_logprobs_keep_the_likeliest_of_tokens_with_one_text_and
     assert top_with_chosen(chosen) == {"\ufffd": -0.1, "a": -1.0}
     unlisted = TokenLogprob("\ufffd", 9, -3.0, [("\ufffd", 7, -0.1), ("a", 8, -1.0)])
     assert top_with_chosen(unlisted)["\ufffd"] == -3.0  # the chosen token's own, as token_logprobs says
+
+
+def _scores(server, path, body) -> dict:
+    r = httpx.post(server.url + path, json=dict(body, model=MODEL), timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _check_vllm_scores(scores, prompt, k):
+    """vLLM's `prompt_logprobs`: null for the first token, then the prompt token (first) and its k
+    likeliest alternatives (ranked 1..k) by id."""
+    assert len(scores) == len(prompt) and scores[0] is None
+    for token, scored in zip(prompt[1:], scores[1:]):
+        ids = list(scored)
+        assert ids[0] == str(token)
+        own = scored[str(token)]
+        assert own["logprob"] <= 0 and own["rank"] >= 1 and isinstance(own["decoded_token"], str)
+        alternatives = [v for i, v in scored.items() if i != str(token)]
+        assert len(scored) in (k, k + 1) and len(alternatives) >= k - 1
+        ranks = [v["rank"] for v in alternatives]
+        assert ranks == sorted(set(ranks)) and set(ranks) <= set(range(1, k + 1))
+        if len(scored) == k + 1:  # not among the k likeliest: all k are listed beside it, at least as likely
+            assert ranks == list(range(1, k + 1)) and own["rank"] >= k
+            assert all(v["logprob"] >= own["logprob"] for v in alternatives)
+        values = [v["logprob"] for v in alternatives]
+        assert values == sorted(values, reverse=True)
+
+
+def test_vllm_prompt_logprobs_on_completions_score_each_choices_prompt(server, engine, reference):
+    prompt, logprobs = reference
+    short = prompt[:7]
+    body = _scores(server, "/v1/completions", {"prompt": [prompt, short], "n": 2, "max_tokens": 2,
+                                               "temperature": 0, "prompt_logprobs": 3})
+    assert len(body["choices"]) == 4
+    for c in body["choices"]:  # each choice scores its own prompt (choice i: prompt i // n)
+        assert c["logprobs"] is None  # not asked for
+        _check_vllm_scores(c["prompt_logprobs"], [prompt, short][c["index"] // 2], 3)
+    scored = body["choices"][0]["prompt_logprobs"]
+    if not cuda_available():  # the served model's quantized weights: its own scores, close to fp32's
+        own = [scored[p + 1][str(prompt[p + 1])]["logprob"] for p in range(len(prompt) - 1)]
+        reference_scores = [logprobs[p, prompt[p + 1]].item() for p in range(len(prompt) - 1)]
+        assert sum(abs(a - b) for a, b in zip(own, reference_scores)) / len(own) < 0.05
+        # the top alternative is HF's likeliest token wherever HF's lead over the second is clear
+        for p in range(len(prompt) - 1):
+            top2 = logprobs[p].topk(2)
+            if top2.values[0] - top2.values[1] > 0.5:
+                best = [i for i, v in scored[p + 1].items() if v["rank"] == 1]
+                assert best == [str(top2.indices[0].item())]
+    plain = _scores(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0})
+    assert "prompt_logprobs" not in plain["choices"][0]
+
+
+def test_vllm_prompt_logprobs_beside_echo_each_keep_their_own_count(server):
+    prompt = [504, 3458, 282, 4649, 314, 2752, 28]
+    body = _scores(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True,
+                                               "logprobs": 1, "prompt_logprobs": 4})
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(prompt) + 1
+    assert all(top is None or len(top) in (1, 2) for top in lp["top_logprobs"])  # echo's 1 (and the token)
+    _check_vllm_scores(choice["prompt_logprobs"], prompt, 4)
+    for p in range(1, len(prompt)):  # the same scores either way
+        assert lp["token_logprobs"][p] == choice["prompt_logprobs"][p][str(prompt[p])]["logprob"]
+
+
+def test_vllm_prompt_logprobs_on_chat_score_the_rendered_prompt(server):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    rendered = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": messages},
+                          timeout=30).json()["tokens"]
+    body = _scores(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "temperature": 0,
+                                                    "n": 2, "prompt_logprobs": 0})
+    assert body["usage"]["prompt_tokens"] == len(rendered)
+    _check_vllm_scores(body["prompt_logprobs"], rendered, 0)  # the prompt token alone
+    assert all(c["logprobs"] is None for c in body["choices"])  # chat's answer logprobs were not asked for
+    # 0 beside stream is taken and shows nothing, as vLLM streams it
+    streamed = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": messages, "max_tokens": 3, "stream": True, "prompt_logprobs": 0})
+    assert streamed.status_code == 200 and "prompt_logprobs" not in streamed.text and "[DONE]" in streamed.text
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 1, "stream": True}, "stream"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "prompt_logprobs": 1,
+                              "stream": True}, "stream"),
+    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": -1}, "[0, 20]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "prompt_logprobs": 21}, "[0, 20]"),
+])
+def test_vllm_prompt_logprobs_bad_values_are_400s_naming_the_field(server, path, body, message):
+    r = httpx.post(server.url + path, json=dict(body, model=MODEL), timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt_logprobs" and message in r.json()["error"]["message"]
