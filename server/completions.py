@@ -34,29 +34,40 @@ class Choice:
     prompt_logprobs: list | None = None  # vLLM's `prompt_logprobs`: the prompt's entries, non-streaming
 
 
-def chat_logprobs(entries, tokenizer) -> dict:
+def token_label(text: str, token_id: int, as_ids: bool) -> str:
+    """A logprob entry's token as shown: its text, or with vLLM's `return_tokens_as_token_ids`
+    "token_id:<id>" (tokens whose texts cannot be told apart, as byte pieces, stay apart)."""
+    return f"token_id:{token_id}" if as_ids else text
+
+
+def chat_logprobs(entries, tokenizer, as_ids: bool = False) -> dict:
     """Chat's logprobs; each token's `bytes` are its own (`tokenizer.piece_bytes`), so a character
-    split over tokens can be put back together from them (its text alone shows U+FFFD)."""
+    split over tokens can be put back together from them (its text alone shows U+FFFD); `as_ids`:
+    tokens as their ids (their bytes then the label's, as vLLM gives them)."""
     def item(text, token_id, lp):
-        return {"token": text, "logprob": lp, "bytes": list(tokenizer.piece_bytes(token_id))}
+        label = token_label(text, token_id, as_ids)
+        shown = label.encode() if as_ids else tokenizer.piece_bytes(token_id)
+        return {"token": label, "logprob": lp, "bytes": list(shown)}
 
     return {"content": [dict(item(e.token, e.token_id, e.logprob), top_logprobs=[item(*t) for t in e.top])
                         for e in entries]}
 
 
-def completion_logprobs(entries, offset: int, tokenizer) -> tuple[dict, int]:
+def completion_logprobs(entries, offset: int, tokenizer, as_ids: bool = False) -> tuple[dict, int]:
     """Completions' logprobs, each token's `text_offset` counted from `offset` (where the text they
     follow ends) over the tokens' texts; a special token (an echoed prompt's BOS) adds nothing to
-    the text, so nothing to the offset. -> (logprobs, the offset after them)."""
+    the text, so nothing to the offset; `as_ids`: tokens as their ids (offsets still over the
+    text). -> (logprobs, the offset after them)."""
     text_offset = []
     special = tokenizer.token_bytes()
     for e in entries:
         text_offset.append(offset)
         if e.token_id < len(special) and special[e.token_id] is not None:
             offset += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+    return {"tokens": [token_label(e.token, e.token_id, as_ids) for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
             # a prompt's first token (echo) has no logprob, and no alternatives either
-            "top_logprobs": [None if e.logprob is None else top_with_chosen(e) for e in entries],
+            "top_logprobs": [None if e.logprob is None else top_with_chosen(e, as_ids) for e in entries],
             "text_offset": text_offset}, offset
 
 
@@ -79,14 +90,14 @@ def vllm_prompt_logprobs(entries, alternatives: int) -> list:
     return scores
 
 
-def top_with_chosen(entry) -> dict[str, float]:
+def top_with_chosen(entry, as_ids: bool = False) -> dict[str, float]:
     """The likeliest tokens and the chosen one besides where it is not among them: up to
     `logprobs` + 1 entries, as OpenAI's completions give them (tokens of one text, as byte pieces
     of a character, keep the likeliest's logprob; the chosen token's own is its)."""
     top = {}
-    for text, _, lp in entry.top:
-        top.setdefault(text, lp)
-    top[entry.token] = entry.logprob
+    for text, token_id, lp in entry.top:
+        top.setdefault(token_label(text, token_id, as_ids), lp)
+    top[token_label(entry.token, entry.token_id, as_ids)] = entry.logprob
     return top
 
 
@@ -182,6 +193,12 @@ class CompletionCall:
     def wants_logprobs(self) -> bool:
         return self.body.logprobs if self.chat else self.body.logprobs is not None
 
+    def _chat_logprobs(self, entries) -> dict:
+        return chat_logprobs(entries, self.tokenizer, bool(self.body.return_tokens_as_token_ids))
+
+    def _completion_logprobs(self, entries, offset: int) -> tuple[dict, int]:
+        return completion_logprobs(entries, offset, self.tokenizer, bool(self.body.return_tokens_as_token_ids))
+
     def header(self) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.body.model,
                 "system_fingerprint": self.state.fingerprint}
@@ -250,10 +267,10 @@ class CompletionCall:
             if c.split is not None:
                 message["reasoning_content"] = c.reasoning if c.split.thought else None
             return {"index": index, "message": message,
-                    "logprobs": chat_logprobs(c.logprobs, self.tokenizer) if want else None,
+                    "logprobs": self._chat_logprobs(c.logprobs) if want else None,
                     "finish_reason": "tool_calls" if calls else c.finish_reason}
         body = {"index": index, "text": c.text,
-                "logprobs": completion_logprobs(c.logprobs, 0, self.tokenizer)[0] if want else None,
+                "logprobs": self._completion_logprobs(c.logprobs, 0)[0] if want else None,
                 "finish_reason": c.finish_reason}
         if self.body.prompt_logprobs is not None:  # each choice's prompt, as vLLM answers completions
             body["prompt_logprobs"] = vllm_prompt_logprobs(c.prompt_logprobs, self.body.prompt_logprobs)
@@ -279,7 +296,7 @@ class CompletionCall:
                 self.timer.on_tokens(out.index)
                 usage.update(out)
                 if out.prompt_logprobs and self.wants_logprobs and not self.chat:  # echo's (prompt_logprobs: not streamed)
-                    prompt_logprobs, c.offset = completion_logprobs(self._echoed_logprobs(out), 0, self.tokenizer)
+                    prompt_logprobs, c.offset = self._completion_logprobs(self._echoed_logprobs(out), 0)
                     yield self._chunk(out.index, self.echo(out.index), prompt_logprobs, None, extra)
                 if c.split is not None:  # thinking goes out as reasoning_content; the rest on, as content
                     c.logprobs += out.logprobs or []  # held until a piece of text goes out
@@ -299,9 +316,9 @@ class CompletionCall:
                 logprobs = self._held_logprobs(c) if out.text else None  # a reasoning split's
                 if out.logprobs and self.wants_logprobs:
                     if self.chat:
-                        logprobs = chat_logprobs(out.logprobs, self.tokenizer)
+                        logprobs = self._chat_logprobs(out.logprobs)
                     else:  # offsets over the tokens' texts: text held back for a stop string is counted
-                        logprobs, c.offset = completion_logprobs(out.logprobs, c.offset, self.tokenizer)
+                        logprobs, c.offset = self._completion_logprobs(out.logprobs, c.offset)
                 if out.text or logprobs:
                     yield self._chunk(out.index, {"content": out.text} if self.chat else out.text, logprobs, None, extra)
                 c.text += out.text
@@ -347,7 +364,7 @@ class CompletionCall:
 
     def _held_logprobs(self, c: Choice) -> dict | None:
         """The logprobs of the tokens held back so far, for the chunk that sends them (then none are held)."""
-        logprobs = chat_logprobs(c.logprobs, self.tokenizer) if self.wants_logprobs and c.logprobs else None
+        logprobs = self._chat_logprobs(c.logprobs) if self.wants_logprobs and c.logprobs else None
         c.logprobs = []
         return logprobs
 

@@ -347,6 +347,8 @@ class CommonRequest(SamplingRequest):
     truncate_prompt_tokens: Optional[StrictInt] = None
     # vLLM's: each prompt token's logprob, rank and k likeliest alternatives (server/completions.py)
     prompt_logprobs: Optional[StrictInt] = None
+    # vLLM's: logprobs' tokens as "token_id:<id>" (server/completions.py)
+    return_tokens_as_token_ids: Optional[StrictBool] = None
 
     def choices_sampling(self, logprobs: int | None, max_tokens: int | None,
                          max_tokens_param: str = "max_tokens") -> SamplingParams:

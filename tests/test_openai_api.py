@@ -145,6 +145,31 @@ def test_completions_top_logprobs_hold_the_chosen_token_besides_the_likeliest(cl
     assert any(len(top) == 2 for top in lp.top_logprobs)  # at temperature 2 some token is not the likeliest
 
 
+def test_return_tokens_as_token_ids_labels_logprobs_with_the_answers_token_ids(server, client):
+    """vLLM's `return_tokens_as_token_ids`: each logprob entry's token is "token_id:<id>", streamed
+    or not, on chat and completions; the ids are the answer's tokens (re-decoded to its text)."""
+    ids = {"return_tokens_as_token_ids": True}
+    r = chat(client, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, extra_body=ids)
+    content = r.choices[0].logprobs.content
+    tokens = [int(e.token.removeprefix("token_id:")) for e in content]
+    assert all(e.token.startswith("token_id:") and bytes(e.bytes).decode() == e.token for e in content)
+    assert all(t.token.startswith("token_id:") for e in content for t in e.top_logprobs)
+    text = httpx.post(server.url + "/detokenize", json={"model": MODEL, "tokens": tokens}, timeout=30).json()
+    assert text["prompt"] == r.choices[0].message.content
+    streamed = [c.choices[0].logprobs for c in chat(client, max_tokens=6, temperature=0, logprobs=True, stream=True,
+                                                    extra_body=ids) if c.choices and c.choices[0].logprobs]
+    assert [e.token for lp in streamed for e in lp.content] == [e.token for e in content]
+    c = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=3, temperature=0, logprobs=2,
+                                  extra_body=ids)
+    lp = c.choices[0].logprobs
+    assert all(t.startswith("token_id:") for t in lp.tokens)
+    assert all(top[t] == p for t, p, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs for k in top)
+    assert lp.text_offset[-1] < len(c.choices[0].text)  # offsets still count the text
+    plain = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=3, temperature=0, logprobs=2)
+    assert plain.choices[0].text == c.choices[0].text and not plain.choices[0].logprobs.tokens[0].startswith("token_id")
+
+
 def test_async_client_concurrent_requests(server):
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
