@@ -252,10 +252,16 @@ class CompletionCall:
         return [dataclasses.replace(e, top=e.top[:self.body.logprobs]) for e in out.prompt_logprobs]
 
     def _tool_calls(self, c: Choice) -> tuple[str | None, list[dict] | None]:
-        """A finished answer's content and tool calls, where the request allows calls and it makes some."""
-        if self.tool_mode == "none" or c.finish_reason != "stop":
+        """A finished answer's content and tool calls, where the request allows calls and it makes some
+        (a forced call that `max_tokens` cut off: the calls as far as they were written)."""
+        if self.tool_mode == "none":
             return c.text, None
-        return self.tools.parse(c.text)
+        return self.tools.finished(c.text, c.finish_reason)
+
+    @staticmethod
+    def _finish_reason(c: Choice, calls) -> str | None:
+        """`tool_calls` for an answer that made its calls; one cut off keeps `length`, as OpenAI's."""
+        return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
 
     def _choice_body(self, index: int, c: Choice) -> dict:
         want = self.wants_logprobs
@@ -268,7 +274,7 @@ class CompletionCall:
                 message["reasoning_content"] = c.reasoning if c.split.thought else None
             return {"index": index, "message": message,
                     "logprobs": self._chat_logprobs(c.logprobs) if want else None,
-                    "finish_reason": "tool_calls" if calls else c.finish_reason}
+                    "finish_reason": self._finish_reason(c, calls)}
         body = {"index": index, "text": c.text,
                 "logprobs": self._completion_logprobs(c.logprobs, 0)[0] if want else None,
                 "finish_reason": c.finish_reason}
@@ -360,7 +366,7 @@ class CompletionCall:
             yield self._chunk(index, {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]},
                               self._held_logprobs(c), None, extra)
         if c.finish_reason is not None:  # with logprobs still held (tokens whose text went nowhere: </think>)
-            yield self._chunk(index, {}, self._held_logprobs(c), "tool_calls" if calls else c.finish_reason, extra)
+            yield self._chunk(index, {}, self._held_logprobs(c), self._finish_reason(c, calls), extra)
 
     def _held_logprobs(self, c: Choice) -> dict | None:
         """The logprobs of the tokens held back so far, for the chunk that sends them (then none are held)."""

@@ -17,7 +17,7 @@ from engine.sampling_params import MAX_LOGPROBS, InvalidParamError, SamplingPara
 from engine.structured.gbnf import GrammarError, gbnf_regex
 from engine.tokenizer import ChatOptions
 from server import template_tools
-from server.tool_calls import calls_schema, parse_calls
+from server.tool_calls import call_body, calls_schema, cut_calls, parse_calls
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Seed = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
@@ -457,6 +457,7 @@ class ToolUse:
                  where: str = "tools.{}.function", answer: dict | None = None, format_param: str = "response_format",
                  empty_ok: bool = False):
         self.tools, self.mode, self.parallel, self.listed = [], "none", parallel is not False, False
+        self.named = None  # the function a named tool_choice calls
         self.format = "json"  # how calls are shown and written (server/template_tools.py); set where the prompt is made
         if not functions:
             for name, value in (("tool_choice", named or choice), ("parallel_tool_calls", parallel)):
@@ -478,6 +479,7 @@ class ToolUse:
                 raise InvalidParamError(f"tool_choice names {named!r}, which is not among the tools", "tool_choice")
             # a named function is called once
             self.tools, self.mode, self.parallel = [f for f in functions if f["name"] == named], "forced", False
+            self.named = named
         if self.mode == "auto" and answer is not None:
             if answer.get("type", "object" if "properties" in answer or "$ref" in answer else None) != "object":
                 raise InvalidParamError(f"{format_param} beside tools the model may call must be an object schema "
@@ -528,6 +530,21 @@ class ToolUse:
             return (text, None) if found is None else found
         calls = parse_calls(text, self.tools, self.parallel, self.listed)
         return (text, None) if calls is None else (None, calls)
+
+    def finished(self, text: str, finish_reason: str | None) -> tuple[str | None, list[dict] | None]:
+        """A finished answer -> (its content, its tool calls in OpenAI's shape), as `parse` reads an
+        answer that ended itself; a forced call that `max_tokens` cut off comes back as calls with
+        their arguments as far as they were written, as OpenAI returns them (a named function's
+        even before the model wrote its name; an answer cut before any name is content), as do
+        answers in other modes and those that failed."""
+        if self.mode == "none" or finish_reason not in ("stop", "length"):
+            return text, None
+        if finish_reason == "stop":
+            return self.parse(text)
+        calls = cut_calls(text, self.tools) if self.mode == "forced" else []
+        if not calls and self.mode == "forced" and self.named:
+            calls = [call_body(self.named, "")]
+        return (None, calls) if calls else (text, None)
 
     def sendable(self, text: str) -> int:
         """How much of an unfinished answer may be streamed as content: none while it may still be

@@ -142,11 +142,8 @@ class ResponseCall:
     # ---- the response object -----------------------------------------------------------------
     def calls(self, answer: Answer) -> tuple[str | None, list[dict] | None]:
         """A finished answer's content and tool calls (chat-shaped), where the request allows calls
-        and it makes some."""
-        use = self.body.tool_use
-        if use.mode == "none" or answer.finish_reason != "stop":
-            return answer.content, None
-        return use.parse(answer.content)
+        and it makes some (a forced call cut off: as far as it was written)."""
+        return self.body.tool_use.finished(answer.content, answer.finish_reason)
 
     def status(self, answer: Answer) -> str:
         return "completed" if answer.finish_reason == "stop" else "incomplete"
@@ -163,16 +160,18 @@ class ResponseCall:
         return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     @staticmethod
-    def call_item(call: dict) -> dict:
+    def call_item(call: dict, status: str = "completed") -> dict:
         """A chat-shaped tool call as a function_call output item."""
-        return {"id": "fc_" + call["id"].removeprefix("call_"), "type": "function_call", "status": "completed",
+        return {"id": "fc_" + call["id"].removeprefix("call_"), "type": "function_call", "status": status,
                 "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
 
     def output(self, answer: Answer, content: str | None, calls: list[dict] | None) -> list[dict]:
         thought = [self.reasoning_item(answer.thinking_status, answer.reasoning)] if answer.reasoning else []
         if calls:  # what the model wrote before its calls (the template's format) as a message first
             said = [self.message_item("completed", [self.text_part(content, [])])] if content else []
-            return thought + said + [self.call_item(c) for c in calls]
+            last = self.status(answer)  # a forced call that max_output_tokens cut off: the last, incomplete
+            return thought + said + [self.call_item(c, last if i == len(calls) - 1 else "completed")
+                                     for i, c in enumerate(calls)]
         if answer.thinking_status == "incomplete" and not answer.content:
             return thought  # cut off while thinking: no message, as OpenAI's reasoning models end then
         return thought + [self.message_item(self.status(answer), [self.text_part(answer.content, answer.content_logprobs)])]

@@ -23,6 +23,7 @@ are shown to the model in that format, and tool results as user messages naming 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 from engine.structured.schema import KEYWORDS as SCHEMA_KEYWORDS
@@ -196,10 +197,36 @@ def parse_calls(text: str, tools: list[dict], parallel: bool = True, listed: boo
     return call_bodies(calls)
 
 
+# where a call's arguments begin in the JSON a forced call's grammar writes (`name` first, as the
+# schema lists it; names are [a-zA-Z0-9_-]: no escapes)
+CALL_OPENING = re.compile(r'"name"\s*:\s*"([a-zA-Z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
+
+
+def cut_calls(text: str, tools: list[dict]) -> list[dict]:
+    """The calls of a forced answer that `max_tokens` cut off, as OpenAI returns such an answer:
+    each call whose name the model finished, in OpenAI's shape, the last one with its arguments as
+    far as they were written (a JSON prefix, maybe empty); none where no name was finished."""
+    names, decoder = {t["name"] for t in tools}, json.JSONDecoder(parse_constant=_no_constant)
+    calls, at = [], 0
+    while (opening := CALL_OPENING.search(text, at)) is not None:
+        try:
+            arguments, at = decoder.raw_decode(text, opening.end())
+            arguments = _arguments_text(arguments)
+        except (ValueError, RecursionError):  # the call the cut went through
+            arguments, at = text[opening.end():], len(text)
+        if opening.group(1) in names:
+            calls.append(call_body(opening.group(1), arguments))
+    return calls
+
+
 def call_bodies(calls: list[dict]) -> list[dict]:
     """Calls ({"name", "arguments": an object}) in OpenAI's shape, each with a new id."""
-    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-             "function": {"name": c["name"], "arguments": _arguments_text(c["arguments"])}} for c in calls]
+    return [call_body(c["name"], _arguments_text(c["arguments"])) for c in calls]
+
+
+def call_body(name: str, arguments: str) -> dict:
+    """A call of `name` with `arguments` (JSON text) in OpenAI's shape, with a new id."""
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _arguments_text(arguments: dict) -> str:

@@ -147,6 +147,25 @@ def test_tool_settings_without_tools_are_taken_and_tool_choice_reads_auto(client
     assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=4).tool_choice == "auto"
 
 
+def test_a_forced_call_cut_off_is_an_incomplete_function_call_item(client):
+    """As chat answers it: the call with its arguments as far as they were written, the item and the
+    response incomplete (streamed: the same item, then response.incomplete)."""
+    kw = dict(model=MODEL, input="What's the weather in Paris?", tools=TOOLS, temperature=0,
+              tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=20)
+    r = client.responses.create(**kw)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    (item,) = r.output
+    assert item.type == "function_call" and item.name == "get_weather" and item.status == "incomplete"
+    assert item.arguments.lstrip().startswith("{") and not item.arguments.rstrip().endswith("}")
+    events = list(client.responses.create(stream=True, **kw))  # (the stream helper waits for response.completed)
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "response.incomplete" and "response.function_call_arguments.done" in kinds
+    streamed = events[-1].response
+    assert [(o.type, o.status, o.name) for o in streamed.output] == [("function_call", "incomplete", "get_weather")]
+    if not cuda_available():
+        assert streamed.output[0].arguments == item.arguments
+
+
 def test_forced_tool_calls_are_function_call_items_and_their_results_render_as_chat_does(client, server):
     r = client.responses.create(model=MODEL, input="What's the weather in Paris?", tools=TOOLS,
                                 tool_choice="required", max_output_tokens=80, temperature=0)

@@ -1,6 +1,6 @@
 """Tool calls (server/tool_calls.py) through the real server and the `openai` SDK: forced calls are
 well-formed calls of a listed tool whose arguments follow its parameters (pydantic checks them),
-streamed as the SDK accumulates them; "auto" answers that are not calls stream as content; earlier
+streamed as the SDK accumulates them, and cut off by max_tokens still calls; "auto" answers that are not calls stream as content; earlier
 calls and their results reach the prompt; bad tool requests are 400s naming their field."""
 from __future__ import annotations
 
@@ -118,6 +118,57 @@ def test_sampled_forced_calls_stay_well_formed(client):
         if choice.finish_reason != "length":
             assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
             _check_calls(choice.message.tool_calls)
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_cut_off_by_max_tokens_comes_as_a_call_with_the_arguments_written(client, tool_choice):
+    """As OpenAI answers it: `length`, no content, the call with its arguments as far as they were
+    written (the same streamed); a named function's call even before its name was written; with
+    "required", an answer cut before any name is finished stays content."""
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice, temperature=0)
+    whole = client.chat.completions.create(max_tokens=150, **kw).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    name, arguments = whole.message.tool_calls[0].function.name, json.loads(whole.message.tool_calls[0].function.arguments)
+    cut_calls = 0
+    for max_tokens in (2, 8, 16, 20, 24):
+        choice = client.chat.completions.create(max_tokens=max_tokens, **kw).choices[0]
+        assert choice.finish_reason == "length"
+        if choice.message.tool_calls is None:
+            assert tool_choice == "required" and choice.message.content.lstrip().startswith("{")
+            continue
+        cut_calls += 1
+        assert choice.message.content is None and len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0]
+        assert call.id.startswith("call_") and call.function.name == name
+        if not cuda_available():  # greedy, the prompt cached or not: a prefix of the whole call's arguments
+            written = re.sub(r"\s", "", call.function.arguments)
+            assert re.sub(r"\s", "", json.dumps(arguments)).startswith(written)
+        streamed = [c.choices[0] for c in client.chat.completions.create(max_tokens=max_tokens, stream=True, **kw)
+                    if c.choices]
+        assert streamed[-1].finish_reason == "length" and not any(c.delta.content for c in streamed)
+        deltas = [d for c in streamed for d in c.delta.tool_calls or []]
+        assert [d.function.name for d in deltas] == [name]
+        if not cuda_available():
+            assert deltas[0].function.arguments == call.function.arguments
+    assert cut_calls >= 3  # the calls cut inside their arguments at least
+    if isinstance(tool_choice, dict):
+        assert cut_calls == 5  # (at 2 tokens nothing of it was written)
+
+
+def test_a_cut_list_of_calls_keeps_the_whole_ones_and_the_cut_ones_written_arguments():
+    from server.tool_calls import cut_calls
+
+    tools = [t["function"] for t in TOOLS]
+    text = ('[{"name": "get_weather", "arguments": {"city": "name", "note": {"name": "get_time", "arguments": 1}}},'
+            ' {"name": "get_time", "arguments": {"timezone": "Europe/Par')
+    calls = cut_calls(text, tools)
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]  # not the one inside the arguments
+    assert json.loads(calls[0]["function"]["arguments"])["note"] == {"name": "get_time", "arguments": 1}
+    assert calls[1]["function"]["arguments"] == '{"timezone": "Europe/Par'
+    assert cut_calls('[{"name": "get_weather", "arguments": {"city": "x"}}, {"name": "get_ti', tools)[0][
+        "function"]["arguments"] == '{"city": "x"}'
+    assert cut_calls('{"name": "no_such_tool", "arguments": {"a": ', tools) == []
+    assert cut_calls('{"name": "get_wea', tools) == []
 
 
 def test_streamed_calls_are_the_unstreamed_ones(client):
