@@ -49,6 +49,8 @@ class SamplingParams:
     allowed_mask: object = field(default=None, repr=False, compare=False)  # as a [V] tensor, built once (sampler.py)
     bad_words: list[str] = field(default_factory=list)  # vLLM's: words the answer never writes (bad_words.py)
     bad_words_ids: tuple = field(default=(), repr=False, compare=False)  # their token sequences (the engine's)
+    # vLLM's: the prefix cache shares blocks only between requests with the same salt (kv/block_manager.py)
+    cache_salt: str | None = None
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     prompt_logprobs: int | None = None  # None = off; k >= 0 = each prompt token's logprob + k alternatives
     response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
@@ -101,6 +103,8 @@ class SamplingParams:
               "stop_token_ids must be token ids of the vocabulary")
         check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
               f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
+        check(self.cache_salt is None or isinstance(self.cache_salt, str) and self.cache_salt, "cache_salt",
+              "cache_salt must be a non-empty string")
         for count in (self.logprobs, self.prompt_logprobs):
             check(count is None or 0 <= count <= MAX_LOGPROBS, self.logprobs_param,
                   f"{self.logprobs_param} must be in [0, {MAX_LOGPROBS}]")

@@ -119,3 +119,20 @@ def test_a_prefix_computed_twice_at_once_outlives_the_copy_evicted_first():
     held = list(c)
     blocks.free("c", c)
     assert blocks.cached_prefix(prompt, 8) == held[:2] and blocks.num_free_blocks == 3
+
+
+def test_a_salted_prefix_is_found_only_under_its_own_salt():
+    blocks = BlockManager(num_blocks=32, block_size=BS)
+    prompt = list(range(200, 213))  # three full blocks and one token
+    plain = run_and_free(blocks, "plain", prompt)
+    salted = blocks.allocate("s1", prompt, len(prompt), salt="tenant-a")[0]
+    assert not set(salted) & set(plain[:3])  # the unsalted prefix is not its
+    blocks.publish("s1", salted, prompt, len(prompt))
+    blocks.free("s1", list(salted))
+    assert blocks.cached_prefix(prompt, 12, salt="tenant-a") == salted[:3]
+    assert blocks.cached_prefix(prompt, 12, salt="tenant-b") == []
+    assert blocks.cached_prefix(prompt, 12) == plain[:3]
+    assert blocks.can_allocate(prompt, len(prompt), spare=32 - 4 - 3, salt="tenant-a")  # its 3 hits are free blocks
+    again, cached = blocks.allocate("s2", prompt, len(prompt), salt="tenant-a")
+    assert cached == 12 and again[:3] == salted[:3]
+    blocks.free("s2", list(again))

@@ -15,6 +15,10 @@ again: the reusing sequence always computes at least its last prompt token itsel
 owns. A block nobody references keeps its hash and K/V and waits in least-recently-freed order;
 it is evicted (its hash forgotten) only when a fresh block is needed and no never-hashed block is
 free.
+
+A request's `cache_salt` (vLLM's) starts its chain from a root hashed from the salt instead of
+from nothing, so its blocks are found only by prompts with the same salt: tenants who keep their
+salts apart cannot learn from another's hits whether a prompt was seen (a timing side channel).
 """
 from __future__ import annotations
 
@@ -28,6 +32,11 @@ NO_HASH = None
 def chain_hash(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
     """The hash of a block holding `tokens` after the prefix whose last block's hash is `parent`."""
     return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
+
+
+def salt_root(salt: str | None) -> bytes | None:
+    """The parent hash a prompt's first block chains from: none without a salt."""
+    return None if salt is None else hashlib.sha256(b"cache_salt\0" + salt.encode("utf-8", "surrogatepass")).digest()
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -56,11 +65,12 @@ class BlockManager:
         return self._used / self.num_blocks
 
     # ---- prefix lookup ---------------------------------------------------------------------------
-    def cached_prefix(self, token_ids: list[int], limit: int) -> list[int]:
-        """Blocks holding the K/V of `token_ids`' leading full blocks, covering at most `limit` tokens."""
+    def cached_prefix(self, token_ids: list[int], limit: int, salt: str | None = None) -> list[int]:
+        """Blocks holding the K/V of `token_ids`' leading full blocks, covering at most `limit` tokens,
+        published under the same `salt`."""
         if not self.prefix_caching:
             return []
-        hits, parent, size = [], None, self.block_size
+        hits, parent, size = [], salt_root(salt), self.block_size
         for start in range(0, limit - size + 1, size):
             tokens = tuple(token_ids[start:start + size])
             block = self._by_hash.get(chain_hash(parent, tokens))
@@ -71,25 +81,28 @@ class BlockManager:
         return hits
 
     # ---- sequences ---------------------------------------------------------------------------------
-    def can_allocate(self, token_ids: list[int], num_tokens: int, spare: int = 0, reuse: bool = True) -> bool:
+    def can_allocate(self, token_ids: list[int], num_tokens: int, spare: int = 0, reuse: bool = True,
+                     salt: str | None = None) -> bool:
         """Room for a sequence whose first `num_tokens` of `token_ids` are to be computed, plus
-        `spare` more blocks (`reuse`: whether it may take its cached prefix)."""
-        hits = self.cached_prefix(token_ids, num_tokens - 1 if reuse else 0)
+        `spare` more blocks (`reuse`: whether it may take its cached prefix, under its `salt`)."""
+        hits = self.cached_prefix(token_ids, num_tokens - 1 if reuse else 0, salt)
         waking = sum(1 for b in hits if self.ref_counts[b] == 0)  # free now, taken by the hits
         fresh = blocks_for(num_tokens, self.block_size) - len(hits)
         return self.num_free_blocks - waking >= fresh + spare
 
-    def allocate(self, seq_id: str, token_ids: list[int], num_tokens: int, reuse: bool = True) -> tuple[list[int], int]:
+    def allocate(self, seq_id: str, token_ids: list[int], num_tokens: int, reuse: bool = True,
+                 salt: str | None = None) -> tuple[list[int], int]:
         """Blocks for the first `num_tokens` of `token_ids`, reusing its cached prefix (unless not
-        `reuse`: every token computed again, its blocks its own).
+        `reuse`: every token computed again, its blocks its own); its blocks are published under
+        `salt` (found only by prompts with the same salt).
 
         -> (block table, tokens whose K/V the table already holds). At least the last of the
         `num_tokens` is left to compute, so no shared block is ever written."""
-        hits = self.cached_prefix(token_ids, num_tokens - 1 if reuse else 0)
+        hits = self.cached_prefix(token_ids, num_tokens - 1 if reuse else 0, salt)
         for block in hits:
             self._ref(block)
         table = hits + self.allocate_blocks(blocks_for(num_tokens, self.block_size) - len(hits))
-        self._chains[seq_id] = (len(hits), self._hash_of[hits[-1]] if hits else None)
+        self._chains[seq_id] = (len(hits), self._hash_of[hits[-1]] if hits else salt_root(salt))
         return table, len(hits) * self.block_size
 
     def can_append(self, table: list[int], num_tokens: int) -> bool:
