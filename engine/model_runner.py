@@ -337,7 +337,7 @@ class ModelRunner:
             q = min(p + self.SCORE_ROWS, last)
             targets = torch.tensor(prompt[p + 1:q + 1], device=hidden.device)
             chosen, ranks, top_ids, top_values = token_logprobs(self.logits(hidden[p - start:q - start]), targets,
-                                                                seq.params.prompt_logprobs)
+                                                                seq.params.prompt_logprobs, ranked=True)
             scores += [(t, lp, rank, list(zip(ids, values)))
                        for t, lp, rank, ids, values in zip(prompt[p + 1:q + 1], chosen, ranks, top_ids, top_values)]
         return scores

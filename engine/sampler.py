@@ -99,13 +99,14 @@ def _mask_refused(logits: torch.Tensor, rows: list[SampleRow]) -> None:
 LOWEST_LOGPROB = -9999.0  # vLLM's floor: -inf (a token the model rules out) is no JSON number
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, width: int):
-    """Each row's logprob of its token, its rank (how many tokens are at least as likely: 1 for the
-    likeliest, as vLLM counts it) and its `width` most likely alternatives, as host lists:
-    (chosen [rows], ranks [rows], top ids [rows][width], top logprobs [rows][width])."""
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, width: int, ranked: bool = False):
+    """Each row's logprob of its token, with `ranked` its rank (how many tokens are at least as
+    likely: 1 for the likeliest, as vLLM counts it; else None) and its `width` most likely
+    alternatives, as host lists: (chosen [rows], ranks [rows], top ids [rows][width], top logprobs
+    [rows][width])."""
     logprobs = torch.log_softmax(logits.float(), dim=-1).clamp_(min=LOWEST_LOGPROB)
     chosen = logprobs.gather(1, tokens[:, None])
-    ranks = (logprobs >= chosen).sum(dim=-1).tolist()
+    ranks = (logprobs >= chosen).sum(dim=-1).tolist() if ranked else [None] * len(chosen)
     chosen = chosen.squeeze(1).tolist()
     if not width:
         return chosen, ranks, [[]] * len(chosen), [[]] * len(chosen)

@@ -536,14 +536,15 @@ class ToolUse:
         """A finished answer -> (its content, its tool calls in OpenAI's shape), as `parse` reads an
         answer that ended itself; a forced call that `max_tokens` cut off comes back as calls with
         their arguments as far as they were written, as OpenAI returns them (a named function's
-        even before the model wrote its name; an answer cut before any name is content), as do
-        answers in other modes and those that failed."""
+        once its JSON has begun, before the model wrote the name; an answer cut before any name is
+        content, as is one cut while thinking, with no JSON yet), as do answers in other modes and
+        those that failed."""
         if self.mode == "none" or finish_reason not in ("stop", "length"):
             return text, None
         if finish_reason == "stop":
             return self.parse(text)
         calls = cut_calls(text, self.tools) if self.mode == "forced" else []
-        if not calls and self.mode == "forced" and self.named:
+        if not calls and self.mode == "forced" and self.named and text.strip():
             calls = [call_body(self.named, "")]
         return (None, calls) if calls else (text, None)
 

@@ -26,6 +26,7 @@ from server.generation import (EventStream, Usage, check_model, check_reasoning_
                                ready_tokenizer, stopped, submit)
 from server.reasoning import Reasoning, request_reasoning, split_output
 from server.responses_protocol import ResponsesRequest, new_id
+from server.tool_calls import whole_arguments
 
 router = APIRouter()
 
@@ -160,7 +161,7 @@ class ResponseCall:
         return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     @staticmethod
-    def call_item(call: dict, status: str = "completed") -> dict:
+    def call_item(call: dict, status: str) -> dict:
         """A chat-shaped tool call as a function_call output item."""
         return {"id": "fc_" + call["id"].removeprefix("call_"), "type": "function_call", "status": status,
                 "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
@@ -169,9 +170,8 @@ class ResponseCall:
         thought = [self.reasoning_item(answer.thinking_status, answer.reasoning)] if answer.reasoning else []
         if calls:  # what the model wrote before its calls (the template's format) as a message first
             said = [self.message_item("completed", [self.text_part(content, [])])] if content else []
-            last = self.status(answer)  # a forced call that max_output_tokens cut off: the last, incomplete
-            return thought + said + [self.call_item(c, last if i == len(calls) - 1 else "completed")
-                                     for i, c in enumerate(calls)]
+            return thought + said + [self.call_item(c, "completed" if i < len(calls) - 1 or whole_arguments(c)
+                                                    else "incomplete") for i, c in enumerate(calls)]
         if answer.thinking_status == "incomplete" and not answer.content:
             return thought  # cut off while thinking: no message, as OpenAI's reasoning models end then
         return thought + [self.message_item(self.status(answer), [self.text_part(answer.content, answer.content_logprobs)])]

@@ -219,6 +219,15 @@ def cut_calls(text: str, tools: list[dict]) -> list[dict]:
     return calls
 
 
+def whole_arguments(call: dict) -> bool:
+    """Whether a call's arguments are whole JSON (those of a call `max_tokens` cut through are not)."""
+    try:
+        json.loads(call["function"]["arguments"], parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def call_bodies(calls: list[dict]) -> list[dict]:
     """Calls ({"name", "arguments": an object}) in OpenAI's shape, each with a new id."""
     return [call_body(c["name"], _arguments_text(c["arguments"])) for c in calls]

@@ -157,7 +157,7 @@ def _check_vllm_scores(scores, prompt, k):
         ranks = [v["rank"] for v in alternatives]
         assert ranks == sorted(set(ranks)) and set(ranks) <= set(range(1, k + 1))
         if len(scored) == k + 1:  # not among the k likeliest: all k are listed beside it, at least as likely
-            assert ranks == list(range(1, k + 1)) and own["rank"] >= k
+            assert ranks == list(range(1, k + 1)) and own["rank"] > k
             assert all(v["logprob"] >= own["logprob"] for v in alternatives)
         values = [v["logprob"] for v in alternatives]
         assert values == sorted(values, reverse=True)

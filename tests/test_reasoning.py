@@ -205,6 +205,30 @@ def test_a_grammar_holds_the_content_after_the_thinking(thinking_server):
     assert streamed == {"reasoning_content": message["reasoning_content"], "content": message["content"]}
 
 
+def test_a_named_call_cut_off_while_thinking_is_no_call(thinking_server):
+    """A forced call that max_tokens cuts off comes back as a call once its JSON has begun; cut off
+    while the answer still thinks, there is no call to return, only the thinking."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]
+    body = {"model": MODEL, "messages": PATTERN, "max_tokens": 2, "temperature": 0, **OPEN, "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "add"}}}
+    for stream in (False, True):
+        if not stream:
+            choice = post(thinking_server, "/v1/chat/completions", body).json()["choices"][0]
+            message, reason = choice["message"], choice["finish_reason"]
+        else:
+            message, reason = {"reasoning_content": "", "tool_calls": []}, None
+            with httpx.stream("POST", thinking_server.url + "/v1/chat/completions", json={**body, "stream": True},
+                              timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        for c in httpx.Response(200, content=line[6:]).json()["choices"]:
+                            message["reasoning_content"] += c["delta"].get("reasoning_content") or ""
+                            message["tool_calls"] += c["delta"].get("tool_calls") or []
+                            reason = c["finish_reason"] or reason
+        assert reason == "length" and message["reasoning_content"] and not message.get("tool_calls")
+
+
 TURNS = [{"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "<think>2 + 2 = 4</think>4"},
          {"role": "user", "content": "Add 3 and 3."}, {"role": "assistant", "content": "<think>3 + 3 = 6</think>6"},
          {"role": "user", "content": "Add 5 and 5."}]
