@@ -271,7 +271,7 @@ class CompletionCall:
             if calls:
                 message["tool_calls"] = calls
             if c.split is not None:
-                message["reasoning_content"] = c.reasoning if c.split.thought else None
+                message["reasoning_content"] = c.reasoning if c.split.thought and self.body.include_reasoning else None
             return {"index": index, "message": message,
                     "logprobs": self._chat_logprobs(c.logprobs) if want else None,
                     "finish_reason": self._finish_reason(c, calls)}
@@ -307,7 +307,7 @@ class CompletionCall:
                 if c.split is not None:  # thinking goes out as reasoning_content; the rest on, as content
                     c.logprobs += out.logprobs or []  # held until a piece of text goes out
                     reasoning, content = split_output(c.split, out, usage)
-                    if reasoning:
+                    if reasoning and self.body.include_reasoning:  # (else its logprobs go with the content)
                         yield self._chunk(out.index, {"reasoning_content": reasoning}, self._held_logprobs(c), None,
                                           extra)
                     out = dataclasses.replace(out, text=content, logprobs=None)

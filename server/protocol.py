@@ -279,6 +279,8 @@ class SamplingRequest(RequestBody):
     stop_token_ids: Optional[list[StrictInt]] = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    # vLLM's: taken, no effect (special tokens' texts are joined as they are, as vLLM's fast tokenizers join them)
+    spaces_between_special_tokens: StrictBool = True
     allowed_token_ids: Optional[list[StrictInt]] = None  # vLLM's: the only tokens the answer may take
     bad_words: Optional[list[str]] = None  # vLLM's: words the answer never writes (engine/bad_words.py)
     cache_salt: Optional[str] = None  # vLLM's: cached prefixes shared only with the same salt (engine/kv)
@@ -610,6 +612,8 @@ class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest, ClientHint
     # OpenAI's reasoning models' knob: handed to the chat template as `reasoning_effort` (gpt-oss's
     # template reads it, as vLLM hands it); a 400 for a template that reads none (server/completions.py)
     reasoning_effort: Optional[Literal["minimal", "low", "medium", "high"]] = None
+    # vLLM's: false leaves the thinking --reasoning-parser splits off out of the answer
+    include_reasoning: StrictBool = True
     # refused unless null
     verbosity: null_only("'verbosity' is not supported by this model") = None
     audio: null_only("'audio' is not supported: this model writes text only") = None

@@ -220,7 +220,8 @@ def test_openai_fields_that_change_nothing_here_are_taken(server):
     `service_tier="auto"`, ...) is taken, null or set, as /v1/responses takes it."""
     hints = {"metadata": {"user": "u1"}, "store": False, "service_tier": "auto", "prompt_cache_key": "k",
              "safety_identifier": "s", "modalities": ["text"], "stream_options": {"include_obfuscation": False},
-             "prediction": {"type": "content", "content": "hello"}, "stream": True}
+             "prediction": {"type": "content", "content": "hello"}, "stream": True,
+             "spaces_between_special_tokens": False}
     for field, value in hints.items():
         body = {**OK, field: value, **({"stream": True} if field == "stream_options" else {})}
         for sent in (value, None):

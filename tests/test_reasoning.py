@@ -156,6 +156,29 @@ def test_chat_answers_split_thinking_from_content_streamed_or_not(thinking_serve
     assert logprobs == completion_tokens  # every token's logprob went out, held ones too
 
 
+def test_include_reasoning_false_leaves_the_thinking_out(thinking_server):
+    """vLLM's `include_reasoning: false`: the content alone, streamed or not; the thinking's tokens
+    still counted, and their logprobs go out with the content's."""
+    body = {"model": MODEL, "messages": PATTERN, "max_tokens": 24, "temperature": 0, **OPEN}
+    shown = post(thinking_server, "/v1/chat/completions", body).json()
+    hidden = post(thinking_server, "/v1/chat/completions", {**body, "include_reasoning": False}).json()
+    assert shown["choices"][0]["message"]["reasoning_content"]  # (the model thinks here)
+    assert hidden["choices"][0]["message"]["reasoning_content"] is None
+    assert hidden["choices"][0]["message"]["content"] == shown["choices"][0]["message"]["content"]
+    assert hidden["usage"] == shown["usage"]
+    content, logprobs = "", 0
+    with httpx.stream("POST", thinking_server.url + "/v1/chat/completions", timeout=120,
+                      json={**body, "include_reasoning": False, "stream": True, "logprobs": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in httpx.Response(200, content=line[6:]).json()["choices"]:
+                    assert "reasoning_content" not in choice["delta"]
+                    content += choice["delta"].get("content") or ""
+                    logprobs += len((choice.get("logprobs") or {}).get("content") or [])
+    assert content == shown["choices"][0]["message"]["content"]
+    assert logprobs == shown["usage"]["completion_tokens"]
+
+
 def test_an_answer_goes_back_into_the_history_with_its_reasoning(thinking_server):
     """The SDK's way to go on with a conversation: the response's message appended as it is, its
     reasoning_content included (and vLLM's `reasoning` name), then a new user turn."""
