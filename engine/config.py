@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "int8")  # EngineConfig.kv_cache_dtype
+SCHEDULING_POLICIES = ("fcfs", "priority")  # EngineConfig.scheduling_policy (engine/scheduler.py)
 MAX_BLOCK_SIZE = 1024  # tokens a KV block at most (each sequence takes whole blocks)
 
 
@@ -223,6 +224,7 @@ class EngineConfig:
     threads: int | None = None
     chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the model's
     speculative_tokens: int = 0  # draft tokens (n-gram lookup) checked per sequence and step; 0 = off
+    scheduling_policy: str = "fcfs"  # fcfs | priority: the queue in requests' `priority` order (engine/scheduler.py)
     pooling: str = "mean"  # engine/pooling.py: how /v1/embeddings pools an input's hidden states (mean | last)
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs (Triton kernels, run eagerly)
     skip: SkipConfig = field(default_factory=SkipConfig)
@@ -237,6 +239,8 @@ class EngineConfig:
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
                  f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         _require(self.pooling in POOLINGS, f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        _require(self.scheduling_policy in SCHEDULING_POLICIES,
+                 f"scheduling_policy must be one of {list(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
         for name in ("max_num_seqs", "max_model_len", "block_size", "max_prefill_tokens"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         # every sequence holds whole blocks: 16 sequences of 100,000-token blocks asked for 34 GiB

@@ -54,7 +54,8 @@ class LLMEngine:
         self.speculative_tokens = config.speculative_tokens if self.runner.checks_drafts else 0
         if config.speculative_tokens and not self.speculative_tokens:
             log.warning("--speculative-tokens: this model and device have no decode step that checks drafts; off")
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, self.speculative_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, self.speculative_tokens,
+                                   config.scheduling_policy)
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -107,6 +108,9 @@ class LLMEngine:
         Raises InvalidParamError. Reads only immutable state, so any thread may call it.
         """
         params.validate(self.model_config.vocab_size)
+        if params.priority and not self.scheduler.by_priority:  # as vLLM refuses it
+            raise InvalidParamError(f"priority {params.priority} needs the server's --scheduling-policy priority "
+                                    "(it runs fcfs: every request's priority is 0)", "priority")
         if params.bad_words:
             params.bad_words_ids = bad_word_ids(lambda text: self.tokenizer.encode(text, False), params.bad_words)
         if params.n > self.config.max_num_seqs:

@@ -51,6 +51,7 @@ class SamplingParams:
     bad_words_ids: tuple = field(default=(), repr=False, compare=False)  # their token sequences (the engine's)
     # vLLM's: the prefix cache shares blocks only between requests with the same salt (kv/block_manager.py)
     cache_salt: str | None = None
+    priority: int = 0  # vLLM's: lower is scheduled first, under --scheduling-policy priority (scheduler.py)
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     prompt_logprobs: int | None = None  # None = off; k >= 0 = each prompt token's logprob + k alternatives
     response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
@@ -103,6 +104,7 @@ class SamplingParams:
               "stop_token_ids must be token ids of the vocabulary")
         check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
               f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
+        check(-2**63 <= self.priority < 2**63, "priority", "priority must be a 64-bit integer")
         check(self.cache_salt is None or isinstance(self.cache_salt, str) and self.cache_salt, "cache_salt",
               "cache_salt must be a non-empty string")
         for count in (self.logprobs, self.prompt_logprobs):

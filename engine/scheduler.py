@@ -16,6 +16,11 @@ spare, with KV blocks for the draft's positions (free ones only: a draft never p
 An embeddings request's inputs are sequences that prefill and end (no block for a next token),
 admitted and chunked like any prompt.
 
+With `scheduling_policy` "priority" (vLLM's `--scheduling-policy priority`) the queue is kept in
+order of each request's `priority` (lower first), then arrival, and the sequence preempted for a
+decode's block is the running one latest in that order, not the newest; with "fcfs" (the default)
+priorities are all 0 and both orders are arrival.
+
 With the prefix cache on, a prompt at least half of whose uncached part a running sequence is
 computing waits for it (letting later requests by), then takes it from the cache: the choices of
 one request (`n` > 1), which share their prompt, and requests with a long common prefix (a system
@@ -27,6 +32,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.config import SCHEDULING_POLICIES
 from engine.kv.block_manager import BlockManager, blocks_for
 from engine.sequence import Sequence, SequenceStatus
 
@@ -72,8 +78,12 @@ class Scheduler:
     STEP_TO_ROW_COST = 3.0
 
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
-                 speculative_tokens: int = 0):
+                 speculative_tokens: int = 0, policy: str = "fcfs"):
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {list(SCHEDULING_POLICIES)}, got {policy!r}")
         self.blocks = blocks
+        self.by_priority = policy == "priority"
+        self._arrivals = 0  # sequences added so far: each one's place in arrival order
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.speculative_tokens = speculative_tokens  # most draft tokens per sequence and step
@@ -87,7 +97,25 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        seq.arrival = self._arrivals
+        self._arrivals += 1
+        self._enqueue(seq, at_head=False)
+
+    @staticmethod
+    def _rank(seq: Sequence) -> tuple[int, int]:
+        """Its place under the priority policy: lower priority values first, then earlier arrivals."""
+        return seq.params.priority, seq.arrival
+
+    def _enqueue(self, seq: Sequence, at_head: bool) -> None:
+        """Into the queue: by priority and arrival under the priority policy; else at the tail (a new
+        sequence) or the head (a preempted one, first to come back)."""
+        if not self.by_priority:
+            self.waiting.appendleft(seq) if at_head else self.waiting.append(seq)
+            return
+        position = len(self.waiting)
+        while position and self._rank(self.waiting[position - 1]) > self._rank(seq):
+            position -= 1
+        self.waiting.insert(position, seq)
 
     def schedule(self) -> ScheduledBatch:
         preempted = self._grow_decodes()
@@ -196,7 +224,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or seq.is_prefilling:
                 continue
             while not self.blocks.can_append(seq.block_table, seq.num_tokens):
-                victim = self.running[-1]
+                victim = max(self.running, key=self._rank) if self.by_priority else self.running[-1]
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -229,7 +257,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, at_head=True)
 
     def on_computed(self, seq: Sequence, num_computed: int, dense: bool = True) -> int:
         """`dense`: every FFN ran for these tokens, so their K/V may be reused by a later prompt.

@@ -37,6 +37,7 @@ class Sequence:
     prompt_computed: int = 0  # leading prompt tokens computed (or cached) at least once
     block_table: list[int] = field(default_factory=list)  # KV blocks holding its tokens, in order
     num_preemptions: int = 0
+    arrival: int = 0  # its place in the scheduler's arrival order
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     ffn_skipped: int = 0

@@ -11,7 +11,7 @@ import socket
 import sys
 from dataclasses import replace
 
-from engine.config import KV_CACHE_DTYPES, EngineConfig
+from engine.config import KV_CACHE_DTYPES, SCHEDULING_POLICIES, EngineConfig
 from server.reasoning import PARSERS as REASONING_PARSERS
 from server.template_tools import PARSERS as TOOL_CALL_PARSERS
 
@@ -166,6 +166,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="/v1/embeddings: an input's vector is the mean of the model's final hidden states over "
                         "its tokens, or the state at its last token (for models trained as embedders that way) "
                         "(default: mean)")
+    s.add_argument("--scheduling-policy", choices=list(SCHEDULING_POLICIES), default=None,
+                   help="fcfs: requests in arrival order; priority: in order of their `priority` (lower first), "
+                        f"then arrival, preempting the last in that order first {shown(preset.scheduling_policy)}")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="always prefill whole prompts (default: a prompt reuses cached KV blocks of its prefix)")
     s.add_argument("--max-waiting", type=at_least(0), default=64, help="sequences queued beyond the batch before 429 "
@@ -231,7 +234,7 @@ def build_config(args) -> EngineConfig:
                                                  "kv_capacity_tokens", "kv_cache_memory", "kv_cache_dtype",
                                                  "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching", "enforce_eager",
-                                                 "speculative_tokens", "pooling")
+                                                 "speculative_tokens", "pooling", "scheduling_policy")
                  if getattr(args, k) is not None}
     if args.served_model_name:
         overrides["served_model_name"] = args.served_model_name[0]

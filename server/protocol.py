@@ -284,6 +284,7 @@ class SamplingRequest(RequestBody):
     allowed_token_ids: Optional[list[StrictInt]] = None  # vLLM's: the only tokens the answer may take
     bad_words: Optional[list[str]] = None  # vLLM's: words the answer never writes (engine/bad_words.py)
     cache_salt: Optional[str] = None  # vLLM's: cached prefixes shared only with the same salt (engine/kv)
+    priority: Optional[StrictInt] = None  # vLLM's: lower first, under --scheduling-policy priority
     ffn_skip: Optional[FFNSkip] = None
 
     def sampling(self, logprobs: int | None, max_tokens: int | None, schema: dict | None, n: int = 1,
@@ -308,7 +309,7 @@ class SamplingRequest(RequestBody):
             stop_token_ids=list(self.stop_token_ids or []), include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             allowed_token_ids=None if self.allowed_token_ids is None else list(self.allowed_token_ids),
-            bad_words=list(self.bad_words or []), cache_salt=self.cache_salt,
+            bad_words=list(self.bad_words or []), cache_salt=self.cache_salt, priority=self.priority or 0,
         )
 
     def skip(self) -> SkipParams | None:

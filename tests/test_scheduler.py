@@ -2,14 +2,18 @@
 what it sets aside."""
 from __future__ import annotations
 
+import pytest
+
 from engine.kv.block_manager import BlockManager
+from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 
 
-def seq(name: str, prompt: list[int]) -> Sequence:
-    return Sequence(seq_id=name, request_id=name, index=0, prompt_ids=list(prompt), params=None, skip_plan=None,
-                    max_tokens=8, detokenizer=None, seed=0)
+def seq(name: str, prompt: list[int], priority: int = 0, max_tokens: int = 8) -> Sequence:
+    return Sequence(seq_id=name, request_id=name, index=0, prompt_ids=list(prompt),
+                    params=SamplingParams(priority=priority), skip_plan=None, max_tokens=max_tokens,
+                    detokenizer=None, seed=0)
 
 
 def run_prefills(scheduler: Scheduler, finish_on_first_token: bool = True, steps: int = 100) -> list[tuple]:
@@ -95,3 +99,46 @@ def test_a_few_shared_blocks_do_not_hold_a_prompt_back():
     chunks = run_prefills(scheduler)
     assert [(step, name) for step, name, _, _ in chunks] == [(0, "a"), (0, "b"), (1, "c")]
     assert (a.cached_tokens, b.cached_tokens, c.cached_tokens) == (0, 0, 48)
+
+
+def test_the_priority_policy_admits_by_priority_then_arrival_and_preempts_the_last_of_that_order():
+    blocks = BlockManager(num_blocks=64, block_size=16)
+    scheduler = Scheduler(blocks, max_num_seqs=1, max_prefill_tokens=512, policy="priority")
+    order = [("low", 5), ("high", -1), ("mid", 0), ("high2", -1)]
+    for name, priority in order:
+        scheduler.add(seq(name, [1, 2, 3], priority))
+    assert [s.seq_id for s in scheduler.waiting] == ["high", "high2", "mid", "low"]
+    admitted = [chunk[1] for chunk in run_prefills(scheduler)]
+    assert admitted == ["high", "high2", "mid", "low"]
+    fcfs = Scheduler(BlockManager(num_blocks=64, block_size=16), max_num_seqs=1, max_prefill_tokens=512)
+    for name, _ in order:
+        fcfs.add(seq(name, [1, 2, 3]))
+    assert [chunk[1] for chunk in run_prefills(fcfs)] == [name for name, _ in order]
+
+    # 4 blocks of 4 tokens, three 3-token prompts in one each: at their fifth token each needs a
+    # second block, and there is one: the first in running order takes it, the next preempts the
+    # latest in priority order ("urgent" arrived last but goes first), which is the newest by fcfs
+    for policy, victim in (("priority", "relaxed"), ("fcfs", "urgent")):
+        scheduler = Scheduler(BlockManager(num_blocks=4, block_size=4), max_num_seqs=4, max_prefill_tokens=512,
+                              policy=policy)
+        ranked = policy == "priority"
+        for name, priority in (("relaxed", 3), ("plain", 0), ("urgent", -3)):
+            scheduler.add(seq(name, [9, 9, 9], priority if ranked else 0, max_tokens=6))
+        batch = scheduler.schedule()
+        assert [c.seq.seq_id for c in batch.prefills] == (["urgent", "plain", "relaxed"] if ranked
+                                                           else ["relaxed", "plain", "urgent"])
+        for chunk in batch.prefills:
+            scheduler.on_computed(chunk.seq, chunk.end)
+            chunk.seq.output_ids.append(7)
+        for s in scheduler.schedule().decodes:  # the fourth token's K/V: still in the first block
+            s.output_ids.append(7)
+            scheduler.on_computed(s, s.num_tokens - 1)
+        assert scheduler.num_preemptions_total == 0
+        scheduler.schedule()
+        assert scheduler.num_preemptions_total == 1 and [s.seq_id for s in scheduler.waiting] == [victim]
+
+
+def test_a_priority_needs_the_priority_policy(engine):
+    params = SamplingParams(max_tokens=2, priority=1)
+    with pytest.raises(Exception, match="scheduling-policy priority"):
+        engine.prepare_request("p", [1, 2, 3], params)

@@ -314,3 +314,43 @@ def test_the_model_list_waits_for_the_model_as_health_does():
     for path in ("/health", "/v1/models"):
         r = asyncio.run(get(path))
         assert r.status_code == 503 and r.json()["error"]["code"] == "loading", (path, r.text)
+
+
+def test_the_priority_policy_serves_a_waiting_request_by_its_priority(server):
+    """`--scheduling-policy priority` with one row: while a long answer runs, two requests of
+    priority 5 and then one of -1 queue; the -1 is served first, then the others in arrival order.
+    Under the default fcfs policy a priority is a 400 naming it, as vLLM answers it."""
+    import threading
+    import time
+
+    def body(priority, max_tokens, stream=False):
+        return {"model": MODEL, "prompt": "Count slowly:", "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "priority": priority, "stream": stream}
+
+    refused = httpx.post(server.url + "/v1/completions", json=body(1, 2), timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority"
+    assert httpx.post(server.url + "/v1/completions", json=body(0, 2), timeout=30).status_code == 200
+    srv = ServerProcess("--scheduling-policy", "priority", "--max-batch", "1", "--max-model-len", "512")
+    try:
+        done, threads = [], []
+
+        def send(name, priority):
+            r = httpx.post(srv.url + "/v1/completions", json=body(priority, 2), timeout=120)
+            assert r.status_code == 200, r.text
+            done.append(name)
+
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body(0, 400, stream=True), timeout=120) as long:
+            lines = long.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # it runs: the one row is taken
+            for name, priority in (("later", 5), ("later2", 5), ("urgent", -1)):
+                threads.append(threading.Thread(target=send, args=(name, priority)))
+                threads[-1].start()
+                time.sleep(0.2)  # (in this order)
+            assert srv.metric("num_requests_waiting") == 3  # all queued behind the long answer
+            for _ in lines:  # the long answer to its end
+                pass
+        for t in threads:
+            t.join(timeout=120)
+        assert done == ["urgent", "later", "later2"]
+    finally:
+        srv.stop()
