@@ -31,11 +31,16 @@ class ChatOptions:
     """How a chat's messages become a prompt: open a new assistant turn after them
     (`add_generation_prompt`), or leave the final message open for the model to continue it
     (`continue_final_message`: its text ends the prompt, no end-of-turn after it); `variables`:
-    more names the template may read (e.g. a flag some templates take)."""
+    more names the template may read (e.g. a flag some templates take); `documents`: what RAG
+    templates list (vLLM's; a template that reads none leaves them out); `add_special_tokens`:
+    the tokenizer's own special tokens (BOS) added to the rendered text (None: only where the
+    model has no template, which places its own)."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     variables: dict = field(default_factory=dict)
+    documents: list | None = None
+    add_special_tokens: bool | None = None
 
     def __post_init__(self):
         if self.add_generation_prompt and self.continue_final_message:
@@ -167,7 +172,7 @@ class Tokenizer:
         else:
             try:
                 text = self._template.render(**options.variables, messages=messages, add_generation_prompt=add,
-                                             tools=tools, documents=None, **self._special)
+                                             tools=tools, documents=options.documents, **self._special)
             except TemplateError as exc:
                 raise InvalidParamError(f"the model's chat template refused these messages: {exc}",
                                         "messages") from None
@@ -180,7 +185,8 @@ class Tokenizer:
                     tools: list[dict] | None = None) -> list[int]:
         # A template places the special tokens it wants; plain text gets the tokenizer's own (BOS),
         # as the same text sent to /v1/completions does (Gemma 3 answers nonsense without BOS).
-        return self.encode(self.render_chat(messages, options, tools), add_special_tokens=not self.has_chat_template)
+        special = not self.has_chat_template if options.add_special_tokens is None else options.add_special_tokens
+        return self.encode(self.render_chat(messages, options, tools), add_special_tokens=special)
 
     def decode(self, ids: list[int], clean: bool = True, special: bool = False) -> str:
         """`clean`: with the config's clean-up of spaces (as transformers' decode: /detokenize).

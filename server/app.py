@@ -32,7 +32,7 @@ log = logging.getLogger("skipserve.server")
 CORS_METHODS = ["GET", "POST", "DELETE"]
 # /tokenize fields that shape a chat prompt: refused beside a plain `prompt`, never silently ignored
 CHAT_ONLY_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "add_generation_prompt", "continue_final_message",
-                    "chat_template_kwargs")
+                    "chat_template_kwargs", "documents")
 
 
 @dataclass
@@ -146,9 +146,6 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         chat_only = [f for f in CHAT_ONLY_FIELDS if getattr(body, f) is not None] if body.prompt is not None else []
         if chat_only:
             raise APIError(400, f"{chat_only[0]} applies to 'messages', not to 'prompt'", chat_only[0])
-        if body.messages is not None and body.add_special_tokens:  # the template writes them (vLLM's default: false)
-            raise APIError(400, "add_special_tokens applies to 'prompt': a chat prompt's special tokens are "
-                                "its template's", "add_special_tokens")
         if body.model is not None:
             check_model(state, body.model)
         if body.messages is not None:

@@ -267,6 +267,8 @@ class CompletionCall:
         want = self.wants_logprobs
         if self.chat:
             content, calls = self._tool_calls(c)
+            if self.body.continued_text:  # vLLM's echo: the continued message's text first
+                content = self.body.continued_text + (content or "")
             message = {"role": "assistant", "content": content, "refusal": None, "annotations": []}  # (as OpenAI's)
             if calls:
                 message["tool_calls"] = calls
@@ -293,6 +295,8 @@ class CompletionCall:
                 content = None if self.tool_mode == "forced" else ""
                 for i in choices:
                     yield self._chunk(i, {"role": "assistant", "content": content, "refusal": None}, None, None, extra)
+                    if self.body.continued_text:  # vLLM's echo: the continued message's text, then the answer's
+                        yield self._chunk(i, {"content": self.body.continued_text}, None, None, extra)
             elif self.body.echo and not self.wants_logprobs:  # with logprobs: once the prompt's have come
                 for i, c in choices.items():
                     yield self._chunk(i, c.text, None, None, extra)

@@ -582,16 +582,21 @@ class ChatTemplating(Strict):
     """How a chat request's messages become its prompt, as vLLM takes it: `add_generation_prompt`
     (default true: a new assistant turn), `continue_final_message` (default false: true leaves the
     final message open and the model continues it; add_generation_prompt then defaults to false),
-    `chat_template_kwargs` (more variables for the template)."""
+    `chat_template_kwargs` (more variables for the template), `documents` (for RAG templates) and
+    `add_special_tokens` (BOS and the like on top of the template's)."""
     add_generation_prompt: Optional[StrictBool] = None
     continue_final_message: Optional[StrictBool] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    documents: Optional[list[dict[str, str]]] = None  # for RAG templates (vLLM's)
+    # the tokenizer's special tokens (BOS) on top of the template's (vLLM's; null: only without a template)
+    add_special_tokens: Optional[StrictBool] = None
 
     @cached_property
     def chat_options(self) -> ChatOptions:
         continue_final = bool(self.continue_final_message)
         add = not continue_final if self.add_generation_prompt is None else self.add_generation_prompt
-        return ChatOptions(add, continue_final, self.chat_template_kwargs or {})
+        return ChatOptions(add, continue_final, self.chat_template_kwargs or {}, self.documents,
+                           self.add_special_tokens)
 
 
 class Prediction(Strict):
@@ -615,6 +620,8 @@ class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest, ClientHint
     reasoning_effort: Optional[Literal["minimal", "low", "medium", "high"]] = None
     # vLLM's: false leaves the thinking --reasoning-parser splits off out of the answer
     include_reasoning: StrictBool = True
+    # vLLM's: the final message's text before the answer's where it is the assistant's (continue_final_message)
+    echo: Optional[StrictBool] = None
     # refused unless null
     verbosity: null_only("'verbosity' is not supported by this model") = None
     audio: null_only("'audio' is not supported: this model writes text only") = None
@@ -633,6 +640,13 @@ class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest, ClientHint
         if isinstance(value, list) and any(m != "text" for m in value):
             raise InvalidParamError("modalities may hold only 'text': this model writes text only", "modalities")
         return value
+
+    @property
+    def continued_text(self) -> str:
+        """With `echo`, the final message's text where it is the assistant's (the answer goes on from
+        it, as vLLM's echo gives it back), else ""."""
+        final = self.messages[-1]
+        return (final.text() or "") if self.echo and final.role == "assistant" else ""
 
     def to_sampling(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -732,7 +746,8 @@ class TokenizeRequest(ChatTemplating, ChatTools, RequestBody):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1)  # as chat asks
-    add_special_tokens: Optional[StrictBool] = None  # a prompt's BOS (and the like), as completions add them
+    # add_special_tokens (ChatTemplating's): a prompt's BOS (and the like) unless false, as completions add
+    # them; with messages, as chat takes it
 
 
 class DetokenizeRequest(RequestBody):

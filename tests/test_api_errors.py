@@ -291,8 +291,9 @@ def test_a_prompt_that_fills_the_context_says_room_is_needed_after_it(server):
 def test_tokenize_takes_add_special_tokens_and_detokenize_keeps_special_tokens(server):
     tok = lambda body: post(server, body, "/tokenize")  # noqa: E731
     assert tok({"prompt": "hi", "add_special_tokens": False}).status_code == 200  # SmolLM2 adds no BOS either way
-    assert_error(tok({"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}), 400,
-                 "add_special_tokens")
+    # with messages as chat takes it (vLLM's: the tokenizer's special tokens on top of the template's;
+    # SmolLM2's adds none: tests/test_gemma3.py sees Gemma's BOS twice)
+    assert tok({"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}).status_code == 200
     chat = tok({"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": False}).json()["tokens"]
     text = post(server, {"tokens": chat}, "/detokenize").json()["prompt"]
     assert "<|im_start|>user\nhi<|im_end|>" in text

@@ -132,7 +132,11 @@ def test_a_salted_prefix_is_found_only_under_its_own_salt():
     assert blocks.cached_prefix(prompt, 12, salt="tenant-a") == salted[:3]
     assert blocks.cached_prefix(prompt, 12, salt="tenant-b") == []
     assert blocks.cached_prefix(prompt, 12) == plain[:3]
-    assert blocks.can_allocate(prompt, len(prompt), spare=32 - 4 - 3, salt="tenant-a")  # its 3 hits are free blocks
     again, cached = blocks.allocate("s2", prompt, len(prompt), salt="tenant-a")
     assert cached == 12 and again[:3] == salted[:3]
+    # with "s2" holding them, 28 blocks are free: a third such prompt with 27 more fits only by its 3 hits
+    assert blocks.num_free_blocks == 28
+    assert blocks.can_allocate(prompt, len(prompt), spare=27, salt="tenant-a")
+    assert not blocks.can_allocate(prompt, len(prompt), spare=27, salt="tenant-b")
+    assert not blocks.can_allocate(prompt, len(prompt), spare=27)  # (the unsalted hits are free blocks)
     blocks.free("s2", list(again))

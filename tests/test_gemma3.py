@@ -204,3 +204,25 @@ def test_gemma3_echo_text_offsets_index_the_text_streamed_or_not(gemma_server):
                 for choice in chunk["choices"]:
                     streamed += (choice.get("logprobs") or {}).get("text_offset", [])
     assert streamed == logprobs["text_offset"]
+
+
+def test_add_special_tokens_decides_the_bos_of_a_chat_prompt(gemma_server):
+    """vLLM's `add_special_tokens` on chat (and /tokenize with messages): the embedded Gemma 3 GGUF
+    has no chat template, so its chat prompt is plain lines that get the tokenizer's BOS by default
+    (as a completion prompt does); false leaves it out, true keeps it."""
+    import httpx
+
+    messages = [{"role": "user", "content": "hi"}]
+
+    def tokens(**extra):
+        r = httpx.post(gemma_server.url + "/tokenize", json={"messages": messages, **extra}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    plain = tokens()
+    bos = httpx.post(gemma_server.url + "/tokenize", json={"prompt": ""}, timeout=30).json()["tokens"]
+    assert bos and plain[:len(bos)] == bos
+    assert tokens(add_special_tokens=True) == plain and tokens(add_special_tokens=False) == plain[len(bos):]
+    r = httpx.post(gemma_server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "gemma3-270m", "messages": messages, "max_tokens": 1, "add_special_tokens": False})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(plain) - len(bos)

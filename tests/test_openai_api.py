@@ -170,6 +170,24 @@ def test_return_tokens_as_token_ids_labels_logprobs_with_the_answers_token_ids(s
     assert plain.choices[0].text == c.choices[0].text and not plain.choices[0].logprobs.tokens[0].startswith("token_id")
 
 
+def test_chat_echo_gives_back_the_continued_messages_text_first(client):
+    """vLLM's `echo` on chat: with continue_final_message the answer starts with the assistant text it
+    continues, streamed or not; after a user message there is nothing to echo."""
+    messages = [{"role": "user", "content": "Count to ten."}, {"role": "assistant", "content": "1, 2, 3,"}]
+    kw = dict(messages=messages, max_tokens=6, temperature=0,
+              extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    plain = chat(client, **kw).choices[0].message.content
+    echoed = chat(client, **dict(kw, extra_body={**kw["extra_body"], "echo": True})).choices[0].message.content
+    assert echoed.startswith("1, 2, 3,") and len(echoed) > len("1, 2, 3,")
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(
+        client, stream=True, **dict(kw, extra_body={**kw["extra_body"], "echo": True})) if c.choices)
+    assert streamed.startswith("1, 2, 3,")
+    if not cuda_available():  # the same answer each time on the CPU path (cached prompt or not)
+        assert echoed == "1, 2, 3," + plain == streamed
+    after_user = chat(client, max_tokens=3, temperature=0, extra_body={"echo": True}).choices[0].message.content
+    assert after_user == chat(client, max_tokens=3, temperature=0).choices[0].message.content or cuda_available()
+
+
 def test_async_client_concurrent_requests(server):
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)

@@ -133,11 +133,15 @@ def test_the_choices_of_a_request_compute_its_prompt_once(engine):
 def test_cache_salt_keeps_prefixes_apart_over_http(server):
     """vLLM's `cache_salt`: a prompt finds the cached blocks of an earlier one only under the same
     salt (and an unsalted prompt only unsalted ones); an empty salt is a 400 naming it."""
+    import uuid
+
     import httpx
 
-    words = "salted prefix caching keeps each tenant's prompts to itself " * 6
+    # a prompt no other test sends (its first block holds the id), so only this test's requests cache it
+    words = f"{uuid.uuid4().hex} salted prefix caching keeps each tenant's prompts to itself " * 4
+    salt = uuid.uuid4().hex
 
-    def cached(salt, path="/v1/chat/completions"):
+    def cached(salt, path="/v1/completions"):
         body = {"model": "smollm2-135m-instruct", "max_tokens": 1, "temperature": 0}
         body |= {"messages": [{"role": "user", "content": words}]} if "chat" in path else {"prompt": words}
         if salt is not None:
@@ -146,10 +150,12 @@ def test_cache_salt_keeps_prefixes_apart_over_http(server):
         assert r.status_code == 200, r.text
         return (r.json()["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 
-    assert cached("a") == 0  # first seen under this salt
-    assert cached("b") == 0 and cached(None) == 0  # another salt, and none, find nothing of it
-    assert cached("a") > 0 and cached("b") > 0 and cached(None) > 0  # each finds its own
-    assert cached("c", "/v1/completions") == 0 and cached("c", "/v1/completions") > 0
+    assert cached(salt + "a") == 0  # first seen under this salt
+    assert cached(salt + "b") == 0 and cached(None) == 0  # another salt, and none, find nothing of it
+    assert cached(salt + "a") > 0 and cached(salt + "b") > 0 and cached(None) > 0  # each finds its own
+    # on chat too; the chat template's opening, which other tests' unsalted chats have cached, is not
+    # found under a new salt either
+    assert cached(salt + "c", "/v1/chat/completions") == 0 and cached(salt + "c", "/v1/chat/completions") > 0
     r = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
         "model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], "cache_salt": ""})
     assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"

@@ -10,9 +10,9 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 
 
-def seq(name: str, prompt: list[int], priority: int = 0, max_tokens: int = 8) -> Sequence:
+def seq(name: str, prompt: list[int], priority: int = 0, max_tokens: int = 8, salt: str | None = None) -> Sequence:
     return Sequence(seq_id=name, request_id=name, index=0, prompt_ids=list(prompt),
-                    params=SamplingParams(priority=priority), skip_plan=None, max_tokens=max_tokens,
+                    params=SamplingParams(priority=priority, cache_salt=salt), skip_plan=None, max_tokens=max_tokens,
                     detokenizer=None, seed=0)
 
 
@@ -115,27 +115,48 @@ def test_the_priority_policy_admits_by_priority_then_arrival_and_preempts_the_la
         fcfs.add(seq(name, [1, 2, 3]))
     assert [chunk[1] for chunk in run_prefills(fcfs)] == [name for name, _ in order]
 
-    # 4 blocks of 4 tokens, three 3-token prompts in one each: at their fifth token each needs a
-    # second block, and there is one: the first in running order takes it, the next preempts the
-    # latest in priority order ("urgent" arrived last but goes first), which is the newest by fcfs
+    # 3 blocks of 4 tokens: "relaxed" runs first, "urgent" is admitted beside it; at their fifth and
+    # sixth tokens each needs a second block and there is one: "relaxed" takes it first, then
+    # "urgent" needs one and the victim is the running sequence latest in priority order, "relaxed"
+    # (under fcfs the newest, "urgent" itself)
     for policy, victim in (("priority", "relaxed"), ("fcfs", "urgent")):
-        scheduler = Scheduler(BlockManager(num_blocks=4, block_size=4), max_num_seqs=4, max_prefill_tokens=512,
-                              policy=policy)
         ranked = policy == "priority"
-        for name, priority in (("relaxed", 3), ("plain", 0), ("urgent", -3)):
-            scheduler.add(seq(name, [9, 9, 9], priority if ranked else 0, max_tokens=6))
-        batch = scheduler.schedule()
-        assert [c.seq.seq_id for c in batch.prefills] == (["urgent", "plain", "relaxed"] if ranked
-                                                           else ["relaxed", "plain", "urgent"])
-        for chunk in batch.prefills:
-            scheduler.on_computed(chunk.seq, chunk.end)
-            chunk.seq.output_ids.append(7)
-        for s in scheduler.schedule().decodes:  # the fourth token's K/V: still in the first block
-            s.output_ids.append(7)
-            scheduler.on_computed(s, s.num_tokens - 1)
-        assert scheduler.num_preemptions_total == 0
-        scheduler.schedule()
+        scheduler = Scheduler(BlockManager(num_blocks=3, block_size=4), max_num_seqs=4, max_prefill_tokens=512,
+                              policy=policy)
+        arrivals = [seq("relaxed", [9, 9, 9], 3 if ranked else 0, max_tokens=8),
+                    seq("urgent", [8, 8, 8], -3 if ranked else 0, max_tokens=8)]
+        for step in range(6):
+            if arrivals:
+                scheduler.add(arrivals.pop(0))
+            batch = scheduler.schedule()
+            if scheduler.num_preemptions_total:
+                break
+            for chunk in batch.prefills:
+                scheduler.on_computed(chunk.seq, chunk.end)
+                chunk.seq.output_ids.append(7)
+            for s in batch.decodes:
+                s.output_ids.append(7)
+                scheduler.on_computed(s, s.num_tokens - 1)
         assert scheduler.num_preemptions_total == 1 and [s.seq_id for s in scheduler.waiting] == [victim]
+        assert [s.seq_id for s in scheduler.running] == [n for n in ("relaxed", "urgent") if n != victim]
+
+
+def test_a_salted_prompt_neither_takes_nor_waits_for_another_salts_prefix():
+    """The choices of a prompt computed once (the later ones wait for the first's prefix, then take
+    it from the cache) only among prompts with the same cache_salt: another salt computes its own."""
+    shared = list(range(1000, 1600))
+    scheduler = Scheduler(BlockManager(num_blocks=400, block_size=16), max_num_seqs=8, max_prefill_tokens=256)
+    seqs = [seq("a0", shared + [1] * 20, salt="a"), seq("b0", shared + [2] * 20, salt="b"),
+            seq("a1", shared + [3] * 20, salt="a"), seq("none", shared + [4] * 20)]
+    for s in seqs:
+        scheduler.add(s)
+    steps = {}
+    for step, name, _, _ in run_prefills(scheduler):
+        steps.setdefault(name, []).append(step)
+    cached = 600 // 16 * 16
+    assert [s.cached_tokens for s in seqs] == [0, 0, cached, 0]
+    assert set(steps["b0"]) & set(steps["a0"])  # it did not wait for "a0"'s prefix: computed beside it
+    assert min(steps["a1"]) > max(steps["a0"])  # it did, and took it from the cache
 
 
 def test_a_priority_needs_the_priority_policy(engine):

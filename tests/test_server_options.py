@@ -22,6 +22,7 @@ UI = "http://ui.example:3000"
 # request gives one: a prompt its own template (tokenizer_config.json) never renders, so the
 # rendered text tells whose template ran.
 SHOUTING = ("{% if preface %}{{ preface + '\n' }}{% endif %}"
+            "{% for d in documents or [] %}[{{ d['title'] }}: {{ d['text'] }}]\n{% endfor %}"
             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PREFLIGHT = {"Origin": UI, "Access-Control-Request-Method": "POST",
@@ -98,6 +99,16 @@ def test_the_users_chat_template_renders_chat_prompts(srv):
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
     assert r.usage.prompt_tokens == len(tokens) and r.choices[0].message.content
+    # vLLM's documents reach a template that reads them (RAG templates), on /tokenize as on chat
+    documents = [{"title": "Colours", "text": "Red is a colour."}]
+    with_documents = httpx.post(srv.url + "/tokenize", headers=auth, json={
+        "messages": messages, "documents": documents}).json()["tokens"]
+    assert httpx.post(srv.url + "/detokenize", json={"tokens": with_documents}, headers=auth).json()["prompt"] == \
+        "[Colours: Red is a colour.]\n" + text
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body={"documents": documents})
+    assert r.usage.prompt_tokens == len(with_documents)
+    r = httpx.post(srv.url + "/tokenize", headers=auth, json={"prompt": "hi", "documents": documents})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "documents"
 
 
 def test_a_template_variable_the_template_cannot_use_is_a_400(srv):
@@ -335,7 +346,8 @@ def test_the_priority_policy_serves_a_waiting_request_by_its_priority(server):
         done, threads = [], []
 
         def send(name, priority):
-            r = httpx.post(srv.url + "/v1/completions", json=body(priority, 2), timeout=120)
+            # 16 tokens each: one answer runs a good many milliseconds after another's has come back
+            r = httpx.post(srv.url + "/v1/completions", json=body(priority, 16), timeout=120)
             assert r.status_code == 200, r.text
             done.append(name)
 
