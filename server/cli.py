@@ -211,8 +211,26 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="seconds an idle keep-alive connection stays open (default: 5)")
     h.add_argument("--grace-period", type=at_least(0.0, float), default=30.0,
                    help="seconds to finish in-flight requests after SIGTERM (default: 30)")
-    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+    h.add_argument("--log-level", "--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="(default: info)")
+    v = p.add_argument_group("vLLM's spellings", "what a command written for `vllm serve` passes, taken as this "
+                             "server means it")
+    v.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as `vllm serve MODEL` names it (the same as --model)")
+    v.add_argument("--max-num-batched-tokens", dest="max_prefill_tokens", type=int, default=None,
+                   help="the same as --max-prefill-tokens (vLLM's budget counts a step's decode rows too)")
+    v.add_argument("--enable-prefix-caching", dest="prefix_caching", action="store_true", default=None,
+                   help="prefix caching, on by default here")
+    v.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="the same as --no-prefix-caching")
+    v.add_argument("--tensor-parallel-size", "-tp", type=int, choices=[1], default=None,
+                   help="1 only: a model runs on one device here")
+    v.add_argument("--enable-chunked-prefill", action="store_true", default=None,
+                   help="taken: prompts are always prefilled in chunks here")
+    v.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                   help="taken: tool_choice auto is always served here")
+    v.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="taken: no model code is ever run here (GGUF files and configs only)")
     return p
 
 
@@ -282,6 +300,10 @@ def serve(argv: list[str]) -> None:
 
     parser = serve_parser()
     args = parser.parse_args(argv)
+    if args.model_tag is not None:  # `vllm serve MODEL`'s place for it
+        if args.model is not None and args.model != args.model_tag:
+            parser.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
     if args.port is None:  # $SKIPSERVE_PORT's errors name it (argparse's would name --port, not given)
         try:
             args.port = port(listen_defaults()[1])

@@ -252,6 +252,8 @@ def test_a_config_file_with_a_wrong_value_is_a_usage_error_naming_it(tmp_path, t
     (["--max-request-bytes", "0"], {}, "'0': at least 1"),  # every request a 413
     (["--keep-alive-timeout", "-1"], {}, "'-1': at least 0.0"),
     (["--header-timeout", "soon"], {}, "'soon' is not a number"),
+    (["--tensor-parallel-size", "2"], {}, "argument --tensor-parallel-size/-tp: invalid choice: 2"),
+    (["smollm2-135m-instruct", "--model", "gemma3-270m"], {}, "the model is given twice"),
 ])
 def test_server_settings_out_of_range_are_usage_errors_before_the_model_loads(flags, env, message):
     """A default budget over the largest one would have failed every request that asks none, with a
@@ -341,7 +343,11 @@ def test_the_priority_policy_serves_a_waiting_request_by_its_priority(server):
     refused = httpx.post(server.url + "/v1/completions", json=body(1, 2), timeout=30)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority"
     assert httpx.post(server.url + "/v1/completions", json=body(0, 2), timeout=30).status_code == 200
-    srv = ServerProcess("--scheduling-policy", "priority", "--max-batch", "1", "--max-model-len", "512")
+    # started with the spellings of a command written for `vllm serve` too (the model as its positional
+    # argument, flags this server takes as it means them)
+    srv = ServerProcess(MODEL, "--scheduling-policy", "priority", "--max-num-seqs", "1", "--max-model-len", "512",
+                        "--enable-prefix-caching", "--max-num-batched-tokens", "256", "--trust-remote-code", "-tp", "1",
+                        "--enable-chunked-prefill", "--enable-auto-tool-choice", "--uvicorn-log-level", "info")
     try:
         done, threads = [], []
 
