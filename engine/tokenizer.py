@@ -150,6 +150,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def token_string(self, token_id: int) -> str | None:
+        """The vocabulary's own spelling of a token (SentencePiece's "▁word", byte-level BPE's
+        "Ġword"), as transformers' convert_ids_to_tokens gives it; None past the vocabulary."""
+        return self._tok.id_to_token(token_id)
+
     def token_id(self, text: str) -> int | None:
         """The id of the token spelled `text` (a special one's too), or None where there is none."""
         return self._tok.token_to_id(text)

@@ -152,7 +152,10 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
             ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use, body.chat_options)
         else:
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens is not False)
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
+        answer = {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
+        if body.return_token_strs:  # vLLM's: the vocabulary's spellings, as convert_ids_to_tokens gives them
+            answer["token_strs"] = [tokenizer.token_string(t) for t in ids]
+        return answer
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):

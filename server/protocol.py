@@ -748,6 +748,7 @@ class TokenizeRequest(ChatTemplating, ChatTools, RequestBody):
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1)  # as chat asks
     # add_special_tokens (ChatTemplating's): a prompt's BOS (and the like) unless false, as completions add
     # them; with messages, as chat takes it
+    return_token_strs: Optional[StrictBool] = None  # vLLM's: the tokens' vocabulary spellings beside their ids
 
 
 class DetokenizeRequest(RequestBody):

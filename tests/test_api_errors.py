@@ -298,6 +298,10 @@ def test_tokenize_takes_add_special_tokens_and_detokenize_keeps_special_tokens(s
     text = post(server, {"tokens": chat}, "/detokenize").json()["prompt"]
     assert "<|im_start|>user\nhi<|im_end|>" in text
     assert tok({"prompt": text, "add_special_tokens": False}).json()["tokens"] == chat  # the round trip holds
+    spelled = tok({"prompt": "hello world", "return_token_strs": True}).json()  # vLLM's: the vocabulary's spellings
+    assert len(spelled["token_strs"]) == len(spelled["tokens"]) >= 2
+    assert "".join(spelled["token_strs"]).replace("\u0120", " ") == "hello world"  # byte-level BPE's space
+    assert "token_strs" not in tok({"prompt": "hello world"}).json()
 
 
 def test_a_suffix_needs_a_model_with_fill_in_the_middle_tokens(server):
