@@ -134,6 +134,7 @@ class CompletionCall:
         self.num_choices = len(prompts) * body.n
         sampling = body.to_sampling()
         prompts = await self._truncated(prompts, sampling.max_tokens or 1)
+        self.prompt_tokens = sum(map(len, prompts))  # (usage counts each prompt once, whatever its choices)
         sampling.stop_token_ids = list(dict.fromkeys(sampling.stop_token_ids + self.infill_ends))
         if self.chat:
             sampling = self.tools.show_tags(sampling)
@@ -289,7 +290,12 @@ class CompletionCall:
         choices = self.choices()
         usage = self.usage()
         include_usage = self.body.include_usage
-        extra = {"usage": None} if include_usage else {}
+        if self.body.continuous_usage:  # vLLM's continuous_usage_stats: each chunk with the usage so far
+            def extra():
+                return {"usage": self._usage_so_far(usage)}
+        else:  # the usage chunk alone carries it (null elsewhere, as OpenAI's)
+            def extra():
+                return {"usage": None} if include_usage else {}
         try:
             if self.chat:  # an answer that must be a call has no content (as OpenAI streams calls)
                 content = None if self.tool_mode == "forced" else ""
@@ -355,7 +361,7 @@ class CompletionCall:
             yield json.dumps(error_body(500, f"generation failed: {exc}", code="generation_failed"))
             yield "[DONE]"
 
-    def _tool_chunks(self, index: int, c: Choice, extra: dict):
+    def _tool_chunks(self, index: int, c: Choice, extra):
         """Streaming with tools: content is sent as far as it cannot be a call (ToolUse.sendable:
         not at all while it may be a call's JSON, up to a `<tool_call>` tag in the template's
         format); the rest is held to the end, then sent as tool_calls or as content."""
@@ -378,14 +384,23 @@ class CompletionCall:
         c.logprobs = []
         return logprobs
 
+    def _usage_so_far(self, usage: Usage) -> dict:
+        """The usage a chunk carries under continuous_usage_stats: before the engine's first output
+        the prompts' own sizes (nothing made, nothing known cached yet)."""
+        body = usage.body()
+        if not usage.prompts:
+            body.update(prompt_tokens=self.prompt_tokens, total_tokens=self.prompt_tokens)
+        return body
+
     def _chunk(self, index, delta, logprobs, finish_reason, extra) -> str:
+        """One SSE chunk; `extra()`: the fields beside the choices (the usage)."""
         if self.chat:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         else:
             choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "text_completion"
-        return json.dumps(dict(self.header(), object=obj, choices=[choice], **extra))
+        return json.dumps(dict(self.header(), object=obj, choices=[choice], **extra()))
 
 
 async def _serve(request: Request, body, chat: bool):

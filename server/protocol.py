@@ -108,6 +108,7 @@ class FFNSkip(Strict):
 class StreamOptions(Strict):
     include_usage: StrictBool = False
     include_obfuscation: Optional[StrictBool] = None  # nothing is obfuscated: accepted, no effect
+    continuous_usage_stats: Optional[StrictBool] = None  # vLLM's: with include_usage, the usage so far on every chunk
 
 
 MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
@@ -421,6 +422,10 @@ class CommonRequest(SamplingRequest):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
 
 class Function(Strict):

@@ -71,6 +71,28 @@ def test_stream_include_usage_sends_a_final_usage_chunk(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, route):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far (the
+    prompt's tokens from the first, completion tokens counting up to the final usage chunk's)."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    if route == "chat":
+        chunks = list(chat(client, max_tokens=8, temperature=0, stream=True, stream_options=options, n=2))
+    else:
+        chunks = list(client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=8, temperature=0,
+                                                stream=True, stream_options=options, n=2))
+    final = chunks[-1].usage
+    assert chunks[-1].choices == [] and final.completion_tokens > 0
+    made = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert all(c.usage.prompt_tokens == final.prompt_tokens > 0 for c in chunks)
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    assert made == sorted(made) and made[-1] == final.completion_tokens
+    assert made[0] == (0 if route == "chat" else 1)  # chat's first chunks (the roles) come before any token
+    without = list(client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=2, stream=True,
+                                             stream_options={"include_usage": True, "continuous_usage_stats": False}))
+    assert all(c.usage is None for c in without[:-1]) and without[-1].usage.completion_tokens == 2
+
+
 def test_max_tokens_gives_finish_reason_length(client):
     r = chat(client, max_tokens=3, temperature=0)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
