@@ -211,7 +211,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="seconds an idle keep-alive connection stays open (default: 5)")
     h.add_argument("--grace-period", type=at_least(0.0, float), default=30.0,
                    help="seconds to finish in-flight requests after SIGTERM (default: 30)")
-    h.add_argument("--log-level", "--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"],
+    h.add_argument("--log-level", "--uvicorn-log-level", default="info",
+                   choices=["debug", "info", "warning", "error", "critical"],
                    help="(default: info)")
     v = p.add_argument_group("vLLM's spellings", "what a command written for `vllm serve` passes, taken as this "
                              "server means it")
@@ -237,6 +238,10 @@ def serve_parser() -> argparse.ArgumentParser:
 def build_config(args) -> EngineConfig:
     from server.config_file import load_config, preset_path, served_name
 
+    if getattr(args, "model_tag", None) is not None:  # `vllm serve MODEL`'s place for it
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
     if args.config:
         config = load_config(args.config)
     elif preset_path(args.model or DEFAULT_PRESET):
@@ -300,10 +305,6 @@ def serve(argv: list[str]) -> None:
 
     parser = serve_parser()
     args = parser.parse_args(argv)
-    if args.model_tag is not None:  # `vllm serve MODEL`'s place for it
-        if args.model is not None and args.model != args.model_tag:
-            parser.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
-        args.model = args.model_tag
     if args.port is None:  # $SKIPSERVE_PORT's errors name it (argparse's would name --port, not given)
         try:
             args.port = port(listen_defaults()[1])

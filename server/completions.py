@@ -134,7 +134,7 @@ class CompletionCall:
         self.num_choices = len(prompts) * body.n
         sampling = body.to_sampling()
         prompts = await self._truncated(prompts, sampling.max_tokens or 1)
-        self.prompt_tokens = sum(map(len, prompts))  # (usage counts each prompt once, whatever its choices)
+        self.prompt_sizes = [len(p) for p in prompts]  # prompt i's choices are i * n .. i * n + n - 1
         sampling.stop_token_ids = list(dict.fromkeys(sampling.stop_token_ids + self.infill_ends))
         if self.chat:
             sampling = self.tools.show_tags(sampling)
@@ -290,11 +290,11 @@ class CompletionCall:
         choices = self.choices()
         usage = self.usage()
         include_usage = self.body.include_usage
-        if self.body.continuous_usage:  # vLLM's continuous_usage_stats: each chunk with the usage so far
-            def extra():
-                return {"usage": self._usage_so_far(usage)}
+        if self.body.continuous_usage:  # vLLM's continuous_usage_stats: each chunk with its choice's usage so far
+            def extra(index):
+                return {"usage": self._usage_so_far(usage, index)}
         else:  # the usage chunk alone carries it (null elsewhere, as OpenAI's)
-            def extra():
+            def extra(index):
                 return {"usage": None} if include_usage else {}
         try:
             if self.chat:  # an answer that must be a call has no content (as OpenAI streams calls)
@@ -384,23 +384,21 @@ class CompletionCall:
         c.logprobs = []
         return logprobs
 
-    def _usage_so_far(self, usage: Usage) -> dict:
-        """The usage a chunk carries under continuous_usage_stats: before the engine's first output
-        the prompts' own sizes (nothing made, nothing known cached yet)."""
-        body = usage.body()
-        if not usage.prompts:
-            body.update(prompt_tokens=self.prompt_tokens, total_tokens=self.prompt_tokens)
-        return body
+    def _usage_so_far(self, usage: Usage, index: int) -> dict:
+        """The usage a chunk of choice `index` carries under continuous_usage_stats, as vLLM counts
+        it: its prompt's tokens and the tokens that choice has made so far."""
+        prompt, made = self.prompt_sizes[index // self.body.n], usage.completion.get(index, (0,))[0]
+        return {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
 
     def _chunk(self, index, delta, logprobs, finish_reason, extra) -> str:
-        """One SSE chunk; `extra()`: the fields beside the choices (the usage)."""
+        """One SSE chunk of choice `index`; `extra(index)`: the fields beside the choices (the usage)."""
         if self.chat:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         else:
             choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "text_completion"
-        return json.dumps(dict(self.header(), object=obj, choices=[choice], **extra()))
+        return json.dumps(dict(self.header(), object=obj, choices=[choice], **extra(index)))
 
 
 async def _serve(request: Request, body, chat: bool):

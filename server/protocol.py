@@ -648,10 +648,12 @@ class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest, ClientHint
 
     @property
     def continued_text(self) -> str:
-        """With `echo`, the final message's text where it is the assistant's (the answer goes on from
-        it, as vLLM's echo gives it back), else ""."""
+        """With `echo`, the final message's text where the answer goes on in its role (the
+        assistant's, or any where no new assistant turn is opened), as vLLM's echo gives it back;
+        else ""."""
         final = self.messages[-1]
-        return (final.text() or "") if self.echo and final.role == "assistant" else ""
+        same_turn = final.role == "assistant" or not self.chat_options.add_generation_prompt
+        return (final.text() or "") if self.echo and same_turn else ""
 
     def to_sampling(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

@@ -72,22 +72,29 @@ def test_stream_include_usage_sends_a_final_usage_chunk(client):
 
 
 @pytest.mark.parametrize("route", ["chat", "completions"])
-def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, route):
-    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far (the
-    prompt's tokens from the first, completion tokens counting up to the final usage chunk's)."""
+def test_continuous_usage_stats_put_each_choices_usage_so_far_on_its_chunks(client, route):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage so far
+    (its prompt's tokens, the tokens that choice has made), as vLLM counts it; the final chunk the
+    request's whole usage."""
     options = {"include_usage": True, "continuous_usage_stats": True}
     if route == "chat":
         chunks = list(chat(client, max_tokens=8, temperature=0, stream=True, stream_options=options, n=2))
+        sizes = [chunks[-1].usage.prompt_tokens]
     else:
-        chunks = list(client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=8, temperature=0,
+        prompts = [[504, 3458, 282], [504, 3458, 282, 4649, 314, 2752]]  # two prompts of their own sizes
+        chunks = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, temperature=0,
                                                 stream=True, stream_options=options, n=2))
+        sizes = [len(p) for p in prompts]
     final = chunks[-1].usage
-    assert chunks[-1].choices == [] and final.completion_tokens > 0
-    made = [c.usage.completion_tokens for c in chunks[:-1]]
-    assert all(c.usage.prompt_tokens == final.prompt_tokens > 0 for c in chunks)
-    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
-    assert made == sorted(made) and made[-1] == final.completion_tokens
-    assert made[0] == (0 if route == "chat" else 1)  # chat's first chunks (the roles) come before any token
+    assert chunks[-1].choices == [] and final.prompt_tokens == sum(sizes)
+    made = {}
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        assert c.usage.prompt_tokens == sizes[choice.index // 2]
+        assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+        assert c.usage.completion_tokens >= made.get(choice.index, 0)  # counting up, choice by choice
+        made[choice.index] = c.usage.completion_tokens
+    assert sorted(made) == list(range(2 * len(sizes))) and sum(made.values()) == final.completion_tokens
     without = list(client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=2, stream=True,
                                              stream_options={"include_usage": True, "continuous_usage_stats": False}))
     assert all(c.usage is None for c in without[:-1]) and without[-1].usage.completion_tokens == 2
@@ -208,6 +215,9 @@ def test_chat_echo_gives_back_the_continued_messages_text_first(client):
         assert echoed == "1, 2, 3," + plain == streamed
     after_user = chat(client, max_tokens=3, temperature=0, extra_body={"echo": True}).choices[0].message.content
     assert after_user == chat(client, max_tokens=3, temperature=0).choices[0].message.content or cuda_available()
+    # no new assistant turn opened: the answer goes on in the final message's role, whose text it echoes
+    user_turn = chat(client, max_tokens=3, temperature=0, extra_body={"echo": True, "add_generation_prompt": False})
+    assert user_turn.choices[0].message.content.startswith(MSG[-1]["content"])
 
 
 def test_async_client_concurrent_requests(server):

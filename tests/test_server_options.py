@@ -205,6 +205,22 @@ def test_a_config_file_that_names_no_model_name_serves_its_model_under_its_own(t
     assert build("--config", str(tmp_path / "mine.yaml"), "--served-model-name", "a").served_model_name == "a"
 
 
+def test_a_command_written_for_vllm_serve_is_read_as_vllm_means_it():
+    """The model as the first argument (a preset by name, or a path), and vLLM's spellings of the
+    prefix cache and prefill budget flags."""
+    from server.cli import build_config, serve_parser
+
+    build = lambda *argv: build_config(serve_parser().parse_args(list(argv)))  # noqa: E731
+    gemma = build("gemma3-270m")
+    assert gemma.served_model_name == "gemma3-270m" and gemma.model == build("--model", "gemma3-270m").model
+    assert build("/models/x.gguf", "--max-num-seqs", "4").model == "/models/x.gguf"
+    assert build("--no-enable-prefix-caching").prefix_caching is False
+    assert build("--no-prefix-caching", "--enable-prefix-caching").prefix_caching is True
+    assert build("--max-num-batched-tokens", "256").max_prefill_tokens == 256
+    with pytest.raises(ValueError, match="the model is given twice"):
+        build("gemma3-270m", "--model", "/models/x.gguf")
+
+
 def test_only_a_bare_name_is_a_preset(tmp_path, monkeypatch):
     """`--model ./gemma3-270m` is a folder there, not the preset; a path's own .yaml is no preset."""
     from server.config_file import preset_path
