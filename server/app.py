@@ -153,8 +153,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         else:
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens is not False)
         answer = {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
-        if body.return_token_strs:  # vLLM's: the vocabulary's spellings, as convert_ids_to_tokens gives them
-            answer["token_strs"] = [tokenizer.token_string(t) for t in ids]
+        if body.return_token_strs:  # vLLM's: the vocabulary's spellings (a long prompt's: off the event loop)
+            answer["token_strs"] = await asyncio.to_thread(lambda: [tokenizer.token_string(t) for t in ids])
         return answer
 
     @app.post("/detokenize")
