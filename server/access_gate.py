@@ -38,7 +38,8 @@ class AccessGate:
 
 def _gated(path: str) -> bool:
     # with a key, the API's description is behind it too
-    return path.startswith("/v1") or path in ("/tokenize", "/detokenize") or path in DOCS_PATHS
+    return path.startswith(("/v1", "/v2")) or path in ("/tokenize", "/detokenize", "/score", "/rerank") \
+        or path in DOCS_PATHS
 
 
 def _authorized(scope, api_key: str) -> bool:

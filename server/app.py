@@ -26,6 +26,7 @@ from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.request_id import RequestIdHeader
 from server.response_store import ResponseStore
 from server.responses import router as responses_router
+from server.scoring import router as scoring_router
 
 log = logging.getLogger("skipserve.server")
 
@@ -102,6 +103,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     app.include_router(completions_router)
     app.include_router(responses_router)
     app.include_router(embeddings_router)
+    app.include_router(scoring_router)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: probes that read only the status)
     async def health():

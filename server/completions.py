@@ -18,6 +18,7 @@ from server.generation import (EventStream, Usage, check_model, check_reasoning_
                                overall_finish, ready_tokenizer, stopped, submit, tokenize_batch, truncated)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.reasoning import ReasoningSplit, request_reasoning, split_output
+from server.request_id import client_request_id
 
 router = APIRouter()
 
@@ -32,6 +33,9 @@ class Choice:
     split: ReasoningSplit | None = None  # --reasoning-parser: `text` is then the content
     reasoning: str = ""  # --reasoning-parser: the thinking, non-streaming
     prompt_logprobs: list | None = None  # vLLM's `prompt_logprobs`: the prompt's entries, non-streaming
+    # vLLM's `return_token_ids`: the answer's tokens (streaming: those no chunk has carried yet)
+    token_ids: list = field(default_factory=list)
+    begun: bool = False  # streaming: a chunk of this choice went out (the first carries the prompt's ids)
 
 
 def token_label(text: str, token_id: int, as_ids: bool) -> str:
@@ -107,13 +111,17 @@ class CompletionCall:
     def __init__(self, request: Request, body, chat: bool):
         self.request, self.body, self.chat = request, body, chat
         self.state = request.app.state.skipserve
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        kind = "chatcmpl-" if chat else "cmpl-"
+        self.engine_id = kind + uuid.uuid4().hex  # the engine's: unique whatever the client names
+        given = client_request_id(request.headers) or body.request_id  # as vLLM names an answer: the header first
+        self.id = kind + given if given else self.engine_id
         self.arrival = time.monotonic()  # (its latency metrics count from here)
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.tools = None  # a chat request's ToolUse (server/tool_calls.py)
         self.infill_ends: list[int] = []  # tokens that end a fill-in-the-middle answer (server/fill_in_middle.py)
         self.reasoning = None  # how --reasoning-parser splits this request's answers, if it does
+        self.streaming: dict[int, Choice] = {}  # a streamed request's choices
 
     @property
     def tool_mode(self) -> str:
@@ -134,12 +142,13 @@ class CompletionCall:
         self.num_choices = len(prompts) * body.n
         sampling = body.to_sampling()
         prompts = await self._truncated(prompts, sampling.max_tokens or 1)
-        self.prompt_sizes = [len(p) for p in prompts]  # prompt i's choices are i * n .. i * n + n - 1
+        self.prompts = prompts  # prompt i's choices are i * n .. i * n + n - 1
+        self.prompt_sizes = [len(p) for p in prompts]
         sampling.stop_token_ids = list(dict.fromkeys(sampling.stop_token_ids + self.infill_ends))
         if self.chat:
             sampling = self.tools.show_tags(sampling)
             self.reasoning, sampling = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompts[0])
-        stream, self.timer = await submit(state, self.id, prompts, sampling, body.skip(), param, self.arrival)
+        stream, self.timer = await submit(state, self.engine_id, prompts, sampling, body.skip(), param, self.arrival)
         return stream
 
     async def _completion_prompts(self) -> list[list[int]]:
@@ -157,7 +166,8 @@ class CompletionCall:
     async def _truncated(self, prompts: list[list[int]], reserve: int) -> list[list[int]]:
         """`truncate_prompt_tokens` applied; an echoed prompt that was cut is echoed as it was given to
         the model (its logprobs are the kept tokens')."""
-        cut = truncated(prompts, self.body.truncate_prompt_tokens, self.state.engine.config.max_model_len, reserve)
+        cut = truncated(prompts, self.body.truncate_prompt_tokens, self.state.engine.config.max_model_len, reserve,
+                        self.body.truncation_side)
         if not self.chat and self.body.echo:
             tokenizer = ready_tokenizer(self.state)
             for i, (before, after) in enumerate(zip(prompts, cut)):
@@ -226,6 +236,7 @@ class CompletionCall:
             if out.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
                 c.prompt_logprobs = out.prompt_logprobs
             c.logprobs += self._echoed_logprobs(out) + (out.logprobs or [])
+            c.token_ids += out.token_ids
             self.timer.on_tokens(out.index)
             usage.update(out)
             if out.finished:
@@ -241,6 +252,8 @@ class CompletionCall:
                         usage=usage.body())  # take the event loop for seconds to build and encode
             if self.chat and self.body.prompt_logprobs is not None:  # one prompt: vLLM puts its scores beside the choices
                 body["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, self.body.prompt_logprobs)
+            if self.chat and self.body.return_token_ids:  # and its tokens, as rendered by the template
+                body["prompt_token_ids"] = self.prompts[0]
             return JSONResponse(body)
 
         return await asyncio.to_thread(answer)
@@ -275,19 +288,33 @@ class CompletionCall:
                 message["tool_calls"] = calls
             if c.split is not None:
                 message["reasoning_content"] = c.reasoning if c.split.thought and self.body.include_reasoning else None
-            return {"index": index, "message": message,
+            body = {"index": index, "message": message,
                     "logprobs": self._chat_logprobs(c.logprobs) if want else None,
                     "finish_reason": self._finish_reason(c, calls)}
+            return body | self._token_ids(index, c)
         body = {"index": index, "text": c.text,
                 "logprobs": self._completion_logprobs(c.logprobs, 0)[0] if want else None,
                 "finish_reason": c.finish_reason}
         if self.body.prompt_logprobs is not None:  # each choice's prompt, as vLLM answers completions
             body["prompt_logprobs"] = vllm_prompt_logprobs(c.prompt_logprobs, self.body.prompt_logprobs)
-        return body
+        return body | self._token_ids(index, c)
+
+    def _token_ids(self, index: int, c: Choice) -> dict:
+        """vLLM's `return_token_ids` fields of choice `index`: the tokens it made that no answer has
+        carried yet (all of them unstreamed; then none are held), and on completions its prompt's
+        (the first chunk's, streaming). Every token made is there, the answer's end too (EOS, a stop
+        token, the tokens of a stop string cut from the text), as `usage` counts them."""
+        if not self.body.return_token_ids:
+            return {}
+        fields = {}
+        if not self.chat and not c.begun:
+            fields["prompt_token_ids"] = self.prompts[index // self.body.n]
+        fields["token_ids"], c.token_ids = c.token_ids, []
+        return fields
 
     # ---- streaming ---------------------------------------------------------------------------
     async def events(self, stream):
-        choices = self.choices()
+        choices = self.streaming = self.choices()
         usage = self.usage()
         include_usage = self.body.include_usage
         if self.body.continuous_usage:  # vLLM's continuous_usage_stats: each chunk with its choice's usage so far
@@ -314,6 +341,7 @@ class CompletionCall:
                 if out.prompt_logprobs and self.wants_logprobs and not self.chat:  # echo's (prompt_logprobs: not streamed)
                     prompt_logprobs, c.offset = self._completion_logprobs(self._echoed_logprobs(out), 0)
                     yield self._chunk(out.index, self.echo(out.index), prompt_logprobs, None, extra)
+                c.token_ids += out.token_ids  # to the next chunk of this choice that goes out
                 if c.split is not None:  # thinking goes out as reasoning_content; the rest on, as content
                     c.logprobs += out.logprobs or []  # held until a piece of text goes out
                     reasoning, content = split_output(c.split, out, usage)
@@ -391,14 +419,23 @@ class CompletionCall:
         return {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
 
     def _chunk(self, index, delta, logprobs, finish_reason, extra) -> str:
-        """One SSE chunk of choice `index`; `extra(index)`: the fields beside the choices (the usage)."""
+        """One SSE chunk of choice `index`; `extra(index)`: the fields beside the choices (the usage);
+        with `return_token_ids` the tokens made since its last chunk, and the prompt's on its first
+        (chat: beside the choices, as vLLM streams them)."""
+        c = self.streaming[index]
         if self.chat:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         else:
             choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "text_completion"
-        return json.dumps(dict(self.header(), object=obj, choices=[choice], **extra(index)))
+        first = not c.begun
+        choice |= self._token_ids(index, c)
+        c.begun = True
+        chunk = dict(self.header(), object=obj, choices=[choice], **extra(index))
+        if self.chat and first and self.body.return_token_ids:
+            chunk["prompt_token_ids"] = self.prompts[0]
+        return json.dumps(chunk)
 
 
 async def _serve(request: Request, body, chat: bool):

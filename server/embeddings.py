@@ -15,7 +15,7 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from engine.async_engine import EngineNotReadyError
 from server.errors import APIError
@@ -43,21 +43,36 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     arrival = time.monotonic()  # (its latency metrics count from here)
     check_model(state, body.model)
     inputs = truncated(await tokenize_batch(state, body.inputs(), "input", MAX_INPUTS), body.truncate_prompt_tokens,
-                       state.engine.config.max_model_len, 0)
+                       state.engine.config.max_model_len, 0, body.truncation_side)
     size = state.engine.engine.model_config.hidden_size  # loaded: tokenize_batch found its tokenizer
     if body.dimensions is not None and body.dimensions != size:
         raise APIError(400, f"this model's embeddings have {size} dimensions; they cannot be shortened (the "
                        "model was not trained for it)", "dimensions")
+    embedded = await embed_inputs(request, inputs, arrival, "input")
+    if isinstance(embedded, Response):
+        return embedded
+    vectors, prompt_tokens = embedded
+    return StreamingResponse(json_pieces(body.model, vectors, body.encoding_format,
+                                         {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}),
+                             media_type="application/json")
+
+
+async def embed_inputs(request: Request, inputs: list[list[int]], arrival: float,
+                       param: str) -> tuple[list[list[float]], int] | Response:
+    """Each input's vector, computed in the running batch a window at a time (above), and the inputs'
+    tokens -> (vectors in order, prompt tokens); a 499 response where the client left first. Errors
+    name input i as `param.i` (`param` alone for one input)."""
+    state = request.app.state.skipserve
     timer = RequestTimer(state.metrics, arrival)
     try:
-        state.engine.check_inputs(inputs)
+        state.engine.check_inputs(inputs, param)
     except EngineNotReadyError as exc:
         raise refusal(exc)
     # two batches' worth, so the engine always holds a next batch while finished inputs' places refill;
     # at most half the queue, so that other requests find room while a long batch runs
     window = max(1, min(2 * state.engine.config.max_num_seqs, state.engine.capacity // 2))
     stream = take_whole("embd-" + uuid.uuid4().hex, len(inputs), lambda rid, i: state.engine.add_embeddings(
-        rid, [inputs[i]], item_param("input", i, len(inputs))), window=window)
+        rid, [inputs[i]], item_param(param, i, len(inputs))), window=window)
     vectors, prompt_tokens = {}, 0
 
     def on_output(out) -> None:
@@ -69,9 +84,7 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     if gone is not None:
         return gone
     timer.finish_embeddings(len(inputs), prompt_tokens)
-    return StreamingResponse(json_pieces(body.model, [vectors[i] for i in range(len(inputs))], body.encoding_format,
-                                         {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}),
-                             media_type="application/json")
+    return [vectors[i] for i in range(len(inputs))], prompt_tokens
 
 
 def _json(value) -> bytes:

@@ -144,10 +144,12 @@ async def tokenize_batch(state, given: list, param: str, limit: int | None = Non
     return batch
 
 
-def truncated(prompts: list[list[int]], keep: int | None, max_model_len: int, reserve: int) -> list[list[int]]:
+def truncated(prompts: list[list[int]], keep: int | None, max_model_len: int, reserve: int,
+              side: str | None = None) -> list[list[int]]:
     """vLLM's `truncate_prompt_tokens`: each prompt's last `keep` tokens (its start is cut, as vLLM cuts
-    it); -1 keeps as many as leave room for `reserve` more in the context (the answer's max_tokens,
-    or 1 where none is given; 0 for embeddings). None: the prompts as they are."""
+    it), or with `side` "right" (vLLM's `truncation_side`) its first `keep`; -1 keeps as many as leave
+    room for `reserve` more in the context (the answer's max_tokens, or 1 where none is given; 0 for
+    embeddings). None: the prompts as they are."""
     if keep is None:
         return prompts
     if keep == -1:
@@ -158,7 +160,7 @@ def truncated(prompts: list[list[int]], keep: int | None, max_model_len: int, re
     elif keep > max_model_len:
         raise APIError(400, f"truncate_prompt_tokens ({keep}) must be at most this model's maximum context length "
                        f"({max_model_len})", "truncate_prompt_tokens")
-    return [p[-keep:] for p in prompts]
+    return [p[:keep] for p in prompts] if side == "right" else [p[-keep:] for p in prompts]
 
 
 def queued_choices(state, n: int) -> int:

@@ -121,6 +121,8 @@ class ClientHints(Strict):
     service_tier: Optional[Literal["auto", "default"]] = None  # one tier here
     safety_identifier: Optional[str] = None
     prompt_cache_key: Optional[str] = None
+    # the prefix cache keeps what it can ("in-memory": the spelling of older SDKs and OpenAI's spec)
+    prompt_cache_retention: Optional[Literal["in_memory", "in-memory", "24h"]] = None
 
     @field_validator("metadata")
     @classmethod
@@ -348,12 +350,29 @@ class CommonRequest(SamplingRequest):
     guided_decoding_backend: Optional[str] = None  # one backend here: accepted, no effect
     grammar: Optional[str] = None  # llama.cpp's: a GBNF grammar the answer follows
     json_schema: Union[dict, StrictBool, None] = None  # llama.cpp's: a JSON schema the answer follows
-    # vLLM's: each prompt's last k tokens (-1: as many as fit beside the answer; server/generation.py)
+    # vLLM's: each prompt's last k tokens (-1: as many as fit beside the answer; server/generation.py),
+    # or with truncation_side "right" its first k
     truncate_prompt_tokens: Optional[StrictInt] = None
+    truncation_side: Optional[Literal["left", "right"]] = None
     # vLLM's: each prompt token's logprob, rank and k likeliest alternatives (server/completions.py)
     prompt_logprobs: Optional[StrictInt] = None
     # vLLM's: logprobs' tokens as "token_id:<id>" (server/completions.py)
     return_tokens_as_token_ids: Optional[StrictBool] = None
+    # vLLM's: the prompt's token ids and each choice's (streamed: each chunk's new ones; server/completions.py)
+    return_token_ids: Optional[StrictBool] = None
+    # vLLM's: the answer's id is "chatcmpl-<request_id>" ("cmpl-" on completions); an x-request-id header wins
+    request_id: Optional[str] = Field(None, min_length=1, max_length=256)
+    # vLLM's beam search: not here (false taken); its length_penalty, which nothing else reads, taken
+    use_beam_search: Optional[StrictBool] = None
+    length_penalty: Optional[StrictFloat] = None
+
+    @field_validator("use_beam_search")
+    @classmethod
+    def _no_beam_search(cls, value):
+        if value:
+            raise InvalidParamError("beam search is not supported here: use n for several sampled answers",
+                                    "use_beam_search")
+        return value
 
     def choices_sampling(self, logprobs: int | None, max_tokens: int | None,
                          max_tokens_param: str = "max_tokens") -> SamplingParams:
@@ -733,6 +752,7 @@ class EmbeddingRequest(RequestBody):
     dimensions: Optional[StrictInt] = None  # only the model's own: its vectors are not made to be cut
     user: Optional[str] = None  # accepted and ignored, as in chat and completions
     truncate_prompt_tokens: Optional[StrictInt] = None  # vLLM's: each input's last k tokens (-1: the context's)
+    truncation_side: Optional[Literal["left", "right"]] = None  # vLLM's: "right" keeps the first k instead
 
     @field_validator("input", mode="before")
     @classmethod
@@ -747,6 +767,70 @@ class EmbeddingRequest(RequestBody):
 
     def inputs(self) -> list[str | list[int]]:
         return as_batch(self.input)
+
+
+class Scoring(RequestBody):
+    """What /v1/score and /v1/rerank share (server/scoring.py): vLLM's optional model, each text's
+    last k tokens kept (`truncate_prompt_tokens`, -1: the context's; `truncation_side` "right": the first k)."""
+    model: Optional[str] = None
+    truncate_prompt_tokens: Optional[StrictInt] = None
+    truncation_side: Optional[Literal["left", "right"]] = None
+
+    @staticmethod
+    def _texts(value, param: str, many: bool = True):
+        """A text, or (`many`) a non-empty list of them; none empty."""
+        items = value if many and isinstance(value, list) else [value]
+        if not items:
+            raise InvalidParamError(f"{param} must not be empty", param)
+        for i, item in enumerate(items):
+            where = f"{param}.{i}" if isinstance(value, list) and len(items) > 1 else param
+            if not isinstance(item, str):
+                raise InvalidParamError(f"{param} must be a string{' or a list of strings' if many else ''}", where)
+            if item == "":
+                raise InvalidParamError("a text to score must not be empty", where)
+        return value
+
+
+class ScoreRequest(Scoring):
+    """vLLM's /score: `text_1` against `text_2`, one with many or item by item."""
+    text_1: Union[str, list[str]]
+    text_2: Union[str, list[str]]
+
+    @field_validator("text_1", "text_2", mode="before")
+    @classmethod
+    def _text_or_texts(cls, value, info: ValidationInfo):
+        return cls._texts(value, info.field_name)
+
+    def texts(self, field: str) -> list[str]:
+        value = getattr(self, field)
+        return [value] if isinstance(value, str) else list(value)
+
+
+class RerankRequest(Scoring):
+    """vLLM's (and Jina's, Cohere's) /rerank: `documents` ranked against `query`."""
+    query: str
+    documents: list[str]
+    top_n: Optional[StrictInt] = None  # the best n (0 or none: all)
+    return_documents: Optional[StrictBool] = None  # each result's text beside its index (default: yes)
+
+    @field_validator("query", mode="before")
+    @classmethod
+    def _one_text(cls, value):
+        return cls._texts(value, "query", many=False)
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _documents(cls, value):
+        if not isinstance(value, list):
+            raise InvalidParamError("documents must be a list of strings", "documents")
+        return cls._texts(value, "documents")
+
+    @field_validator("top_n")
+    @classmethod
+    def _top_n(cls, value):
+        if value is not None and value < 0:
+            raise InvalidParamError("top_n must be at least 0 (0: every document)", "top_n")
+        return value
 
 
 class TokenizeRequest(ChatTemplating, ChatTools, RequestBody):

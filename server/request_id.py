@@ -10,6 +10,12 @@ HEADER = b"x-request-id"
 _USABLE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")  # what goes back into a header and a log as it is
 
 
+def client_request_id(headers) -> str | None:
+    """The x-request-id the client sent, where it is usable (what the middleware echoes), else None."""
+    given = (headers.getlist("x-request-id") or [None])[-1]  # the last of several, as the middleware takes it
+    return given if given is not None and _USABLE.fullmatch(given.encode("latin-1")) else None
+
+
 class RequestIdHeader:
     def __init__(self, app):
         self.app = app

@@ -393,5 +393,6 @@ class ResponsesRequest(SamplingRequest, ClientHints):
             "tools": [t.model_dump(exclude_none=True) for t in self.tools or []],
             "truncation": self.truncation, "user": self.user, "background": False,
             "reasoning": {"effort": self.effort, "summary": None}, "safety_identifier": self.safety_identifier,
-            "prompt_cache_key": self.prompt_cache_key, "service_tier": "default",
+            "prompt_cache_key": self.prompt_cache_key, "prompt_cache_retention": self.prompt_cache_retention,
+            "service_tier": "default",
         }

@@ -219,7 +219,7 @@ def test_openai_fields_that_change_nothing_here_are_taken(server):
     """What SDKs and agent frameworks send beside a chat request (`store=False`, `metadata=...`,
     `service_tier="auto"`, ...) is taken, null or set, as /v1/responses takes it."""
     hints = {"metadata": {"user": "u1"}, "store": False, "service_tier": "auto", "prompt_cache_key": "k",
-             "safety_identifier": "s", "modalities": ["text"], "stream_options": {"include_obfuscation": False},
+             "prompt_cache_retention": "24h", "safety_identifier": "s", "modalities": ["text"], "stream_options": {"include_obfuscation": False},
              "prediction": {"type": "content", "content": "hello"}, "stream": True,
              "spaces_between_special_tokens": False}
     for field, value in hints.items():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -52,6 +53,37 @@ def test_every_answer_carries_a_request_id_as_openais_do(client, server):
     assert odd.headers["x-request-id"].startswith("req_")
     first = next(iter(chat(client, max_tokens=2, stream=True)))
     assert first.choices[0].delta.refusal is None and "refusal" in first.choices[0].delta.model_fields_set
+
+
+def test_vllms_request_id_names_the_answer_and_an_x_request_id_header_wins(server):
+    """vLLM's `request_id` field: the answer's id is chatcmpl-<it> (cmpl-<it> on completions, in every
+    streamed chunk too); a usable x-request-id header names it first, as vLLM reads it; two requests
+    under one name are still two requests."""
+    body = {"model": MODEL, "messages": MSG, "max_tokens": 2, "request_id": "rollout-7"}
+    named = [httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60) for _ in range(2)]
+    assert [r.json()["id"] for r in named] == ["chatcmpl-rollout-7"] * 2
+    assert all(r.json()["usage"]["completion_tokens"] == 2 for r in named)
+    header = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"x-request-id": "trace-9"}, timeout=60)
+    assert header.json()["id"] == "chatcmpl-trace-9"
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True, "request_id": "c1"}) as r:
+        ids = {json.loads(line[6:])["id"] for line in r.iter_lines() if line.startswith("data: {")}
+    assert ids == {"cmpl-c1"}
+    plain = httpx.post(server.url + "/v1/chat/completions", json=dict(body, request_id=None), timeout=60).json()
+    assert plain["id"].startswith("chatcmpl-") and len(plain["id"]) == 41
+    for bad in ("", "x" * 257, 5):
+        r = httpx.post(server.url + "/v1/chat/completions", json=dict(body, request_id=bad), timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "request_id"
+
+
+def test_beam_search_is_refused_by_name_and_its_off_switch_taken(server):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+    on = httpx.post(server.url + "/v1/completions", json=dict(body, use_beam_search=True), timeout=60)
+    assert on.status_code == 400 and on.json()["error"]["param"] == "use_beam_search"
+    assert "beam search is not supported" in on.json()["error"]["message"]
+    off = httpx.post(server.url + "/v1/completions", json=dict(body, use_beam_search=False, length_penalty=1.0),
+                     timeout=60)
+    assert off.status_code == 200, off.text
 
 
 def test_streamed_text_equals_non_streamed_text(client):

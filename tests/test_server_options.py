@@ -78,8 +78,11 @@ def test_without_the_flag_a_server_sends_no_cors_headers(server):
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
-def test_tokenize_and_detokenize_are_behind_the_key(srv):
-    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]})):
+def test_tokenize_detokenize_and_the_scoring_paths_are_behind_the_key(srv):
+    scored = {"query": "hi", "documents": ["a"]}
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]}),
+                       ("/score", {"text_1": "hi", "text_2": "a"}), ("/v1/score", {"text_1": "hi", "text_2": "a"}),
+                       ("/rerank", scored), ("/v1/rerank", scored), ("/v2/rerank", scored)):
         assert httpx.post(srv.url + path, json=body).status_code == 401
         assert httpx.post(srv.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 

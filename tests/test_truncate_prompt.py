@@ -1,5 +1,6 @@
 """vLLM's `truncate_prompt_tokens` on chat, completions and embeddings: a prompt longer than the
-context is cut to its last k tokens (-1: as many as leave room for the answer) instead of refused."""
+context is cut to its last k tokens (-1: as many as leave room for the answer) instead of refused;
+with `truncation_side: "right"` to its first k."""
 from __future__ import annotations
 
 import httpx
@@ -63,6 +64,40 @@ def test_embeddings_of_the_last_tokens(server, client):
     tail = client.embeddings.create(model=MODEL, input=[LONG[280:300]])
     assert cut.usage.prompt_tokens == 20
     assert max(abs(a - b) for a, b in zip(cut.data[0].embedding, tail.data[0].embedding)) < 1e-3
+
+
+def test_truncation_side_right_keeps_the_first_tokens(server, client):
+    body = {"prompt": LONG[:50], "max_tokens": 0, "echo": True, "truncate_prompt_tokens": 7,
+            "truncation_side": "right", "return_token_ids": True}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["prompt_token_ids"] == LONG[:7]
+    assert choice["text"] == httpx.post(server.url + "/detokenize", json={"tokens": LONG[:7]}, timeout=30).json()["prompt"]
+    left = post(server, "/v1/completions", dict(body, truncation_side="left")).json()["choices"][0]
+    assert left["prompt_token_ids"] == LONG[43:50]
+    untouched = post(server, "/v1/completions", {"prompt": LONG[:50], "max_tokens": 1, "truncation_side": "right",
+                                                 "return_token_ids": True}).json()["choices"][0]
+    assert untouched["prompt_token_ids"] == LONG[:50]  # a side alone cuts nothing, as vLLM's
+    cut = client.embeddings.create(model=MODEL, input=[LONG[:300]],
+                                   extra_body={"truncate_prompt_tokens": 20, "truncation_side": "right"})
+    head = client.embeddings.create(model=MODEL, input=[LONG[:20]])
+    assert cut.usage.prompt_tokens == 20
+    assert max(abs(a - b) for a, b in zip(cut.data[0].embedding, head.data[0].embedding)) < 1e-3
+    words = " ".join(f"word{i}" for i in range(1500))
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": words}], max_tokens=2,
+                                       extra_body={"truncate_prompt_tokens": 64, "truncation_side": "right"})
+    assert r.usage.prompt_tokens == 64
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": 5, "truncation_side": "middle"}),
+    ("/v1/embeddings", {"input": "hi", "truncate_prompt_tokens": 5, "truncation_side": 1}),
+])
+def test_a_bad_truncation_side_is_a_400_naming_it(server, path, body):
+    r = post(server, path, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "truncation_side"
 
 
 @pytest.mark.parametrize("path, body", [
