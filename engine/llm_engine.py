@@ -345,12 +345,17 @@ class LLMEngine:
             constraint.advance(token)  # raises for a token its mask refused: the sequence fails alone
         eos = token in self.eos_ids and (not params.ignore_eos or (constraint is not None and constraint.ended))
         if eos or token in params.stop_token_ids:
-            if not eos and params.include_stop_str_in_output:  # a stop token's text stays, as vLLM keeps it
-                seq.detokenizer.add_token(token, may_stop=False)
+            if not eos:
+                seq.stop_reason = token
+                if params.include_stop_str_in_output:  # a stop token's text stays, as vLLM keeps it
+                    seq.detokenizer.add_token(token, may_stop=False)
             return "stop"
         # as EOS (refused before it), a stop string ends the answer from the token after the min_tokens-th on
         seq.detokenizer.add_token(token, may_stop=len(seq.output_ids) > params.min_tokens)
-        if seq.detokenizer.stopped or (constraint is not None and constraint.done):  # nothing may follow the JSON
+        if seq.detokenizer.stopped:
+            seq.stop_reason = seq.detokenizer.stops.matched
+            return "stop"
+        if constraint is not None and constraint.done:  # nothing may follow the JSON
             return "stop"
         if len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
@@ -371,6 +376,7 @@ class LLMEngine:
             token_ids=[s.token_id for s in made], logprobs=logprobs, prompt_logprobs=prompt_logprobs, finished=seq.is_finished,
             finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.cached_tokens,
             completion_tokens=len(seq.output_ids), ffn_skipped=seq.ffn_skipped, ffn_total=seq.ffn_total,
+            stop_reason=seq.stop_reason if seq.is_finished else None,
         )
 
     def _embedding_output(self, seq: Sequence) -> SequenceOutput:

@@ -32,6 +32,7 @@ class SequenceOutput:
     # with SamplingParams.prompt_logprobs, on a sequence's first output: one entry per prompt token
     prompt_logprobs: list[TokenLogprob] | None = None
     embedding: list[float] | None = None  # an embeddings request's input: its vector, with its one output
+    stop_reason: int | str | None = None  # finished by a stop string (it) or a stop token (its id); else None
 
 
 @dataclass

@@ -40,6 +40,7 @@ class Sequence:
     arrival: int = 0  # its place in the scheduler's arrival order
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it (not EOS)
     ffn_skipped: int = 0
     ffn_total: int = 0
     constraint: Constraint | None = None  # where its answer is in its response_format's JSON

@@ -36,6 +36,7 @@ class StopStringMatcher:
         self._failures = [_failure(s) for s in self.stops]
         self._states = [0] * len(self.stops)
         self.consumed = 0  # characters fed so far
+        self.matched: str | None = None  # the stop string of the last hit
 
     def feed(self, text: str) -> int | None:
         """Feed new text; -> index (in all text fed) where the first completed stop string starts,
@@ -50,7 +51,8 @@ class StopStringMatcher:
                 if stop[k] == ch:
                     k += 1
                 if k == len(stop):
-                    longest_hit = max(longest_hit, k)
+                    if k > longest_hit:
+                        longest_hit, self.matched = k, stop
                     k = failure[k - 1]
                 self._states[i] = k
             if longest_hit:

@@ -43,7 +43,10 @@ def _gated(path: str) -> bool:
 
 
 def _authorized(scope, api_key: str) -> bool:
-    header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
-    scheme, _, token = header.partition(" ")
-    # constant-time comparison; the key itself is never logged
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+    """`Authorization: Bearer <key>` (OpenAI's clients), or `x-api-key: <key>` (Anthropic's, as
+    llama.cpp's server takes it too)."""
+    headers = dict(scope["headers"])
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    # constant-time comparisons; the key itself is never logged
+    bearer = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+    return bearer or hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), api_key.encode())

@@ -25,6 +25,7 @@ from server.metrics import Metrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.request_id import RequestIdHeader
 from server.response_store import ResponseStore
+from server.messages import router as messages_router
 from server.responses import router as responses_router
 from server.scoring import router as scoring_router
 
@@ -102,6 +103,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     errors.install(app)
     app.include_router(completions_router)
     app.include_router(responses_router)
+    app.include_router(messages_router)
     app.include_router(embeddings_router)
     app.include_router(scoring_router)
 

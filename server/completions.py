@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.errors import APIError, error_body
@@ -28,6 +28,7 @@ class Choice:
     text: str = ""
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it
     streamed: int = 0  # characters of text sent as content so far (streaming)
     offset: int = 0  # text_offset of the next token with logprobs (streaming)
     split: ReasoningSplit | None = None  # --reasoning-parser: `text` is then the content
@@ -194,7 +195,7 @@ class CompletionCall:
         if self.chat or not self.body.prompt_only:
             return out
         return dataclasses.replace(out, text="", token_ids=[], logprobs=None, completion_tokens=0, ffn_skipped=0,
-                                   ffn_total=0, finish_reason="length" if out.finished else None)
+                                   ffn_total=0, finish_reason="length" if out.finished else None, stop_reason=None)
 
     def echo(self, index: int) -> str:
         """The prompt text choice `index` starts with (`echo`), else ""."""
@@ -223,7 +224,9 @@ class CompletionCall:
         return Usage(reasoning={} if self.reasoning else None)
 
     # ---- non-streaming -----------------------------------------------------------------------
-    async def collect(self, stream) -> JSONResponse:
+    async def collect(self, stream, render=JSONResponse) -> Response:
+        """The whole answer, as `render(the answer's body)` makes it (on a worker thread): by default
+        chat's or completions' JSON; a 499 where the client left first."""
         choices = self.choices()
         usage = self.usage()
 
@@ -240,21 +243,21 @@ class CompletionCall:
             self.timer.on_tokens(out.index)
             usage.update(out)
             if out.finished:
-                c.finish_reason = out.finish_reason
+                c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
 
         left = await consume(self.request, stream, on_output, self.timer)
         if left is not None:
             return left
         usage.finish_metrics(self.timer, overall_finish(c.finish_reason for c in choices.values()))
 
-        def answer() -> JSONResponse:  # on a worker thread: n choices of thousands of tokens with logprobs
+        def answer() -> Response:  # on a worker thread: n choices of thousands of tokens with logprobs
             body = dict(self.header(), choices=[self._choice_body(i, c) for i, c in choices.items()],
                         usage=usage.body())  # take the event loop for seconds to build and encode
             if self.chat and self.body.prompt_logprobs is not None:  # one prompt: vLLM puts its scores beside the choices
                 body["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, self.body.prompt_logprobs)
             if self.chat and self.body.return_token_ids:  # and its tokens, as rendered by the template
                 body["prompt_token_ids"] = self.prompts[0]
-            return JSONResponse(body)
+            return render(body)
 
         return await asyncio.to_thread(answer)
 
@@ -290,11 +293,11 @@ class CompletionCall:
                 message["reasoning_content"] = c.reasoning if c.split.thought and self.body.include_reasoning else None
             body = {"index": index, "message": message,
                     "logprobs": self._chat_logprobs(c.logprobs) if want else None,
-                    "finish_reason": self._finish_reason(c, calls)}
+                    "finish_reason": self._finish_reason(c, calls), "stop_reason": c.stop_reason}
             return body | self._token_ids(index, c)
         body = {"index": index, "text": c.text,
                 "logprobs": self._completion_logprobs(c.logprobs, 0)[0] if want else None,
-                "finish_reason": c.finish_reason}
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
         if self.body.prompt_logprobs is not None:  # each choice's prompt, as vLLM answers completions
             body["prompt_logprobs"] = vllm_prompt_logprobs(c.prompt_logprobs, self.body.prompt_logprobs)
         return body | self._token_ids(index, c)
@@ -353,7 +356,7 @@ class CompletionCall:
                     c.text += out.text
                     c.logprobs += out.logprobs or []
                     if out.finished:
-                        c.finish_reason = out.finish_reason
+                        c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
                     for chunk in self._tool_chunks(out.index, c, extra):
                         yield chunk
                     continue
@@ -367,7 +370,7 @@ class CompletionCall:
                     yield self._chunk(out.index, {"content": out.text} if self.chat else out.text, logprobs, None, extra)
                 c.text += out.text
                 if out.finished:
-                    c.finish_reason = out.finish_reason
+                    c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
                     yield self._chunk(out.index, {} if self.chat else "", self._held_logprobs(c), out.finish_reason,
                                       extra)
             usage.finish_metrics(self.timer, overall_finish(c.finish_reason for c in choices.values()))
@@ -429,6 +432,8 @@ class CompletionCall:
         else:
             choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "text_completion"
+        if finish_reason is not None:  # vLLM's, with the finish
+            choice["stop_reason"] = c.stop_reason
         first = not c.begun
         choice |= self._token_ids(index, c)
         c.begun = True

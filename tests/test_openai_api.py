@@ -312,6 +312,28 @@ def test_stop_token_ids_stop_strings_kept_and_min_tokens_as_vllm_takes_them(serv
     assert r.choices[0].text == " 5, 6"  # " ", "5", "," (3 tokens: passed over), " ", "6", ","
 
 
+def test_stop_reason_names_the_stop_string_or_token_that_ended_the_answer(server, client):
+    """vLLM's `stop_reason` beside finish_reason: the stop string that matched (of several, the one that
+    completed first), the stop token's id, null for an end of turn or a cut at max_tokens; streamed,
+    on the chunk that finishes."""
+    comma = httpx.post(server.url + "/tokenize", json={"prompt": ","}, timeout=30).json()["tokens"]
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=12, temperature=0, stop=["9", ", 6"])
+    assert r.choices[0].text == " 5" and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].model_extra["stop_reason"] == ", 6"
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=12, temperature=0,
+                                  extra_body={"stop_token_ids": comma})
+    assert r.choices[0].model_extra["stop_reason"] == comma[0]
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].model_extra["stop_reason"] is None
+    ended = chat(client, max_tokens=200, temperature=0)
+    assert ended.choices[0].finish_reason == "stop" and ended.choices[0].model_extra["stop_reason"] is None
+    chunks = list(client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=12, temperature=0,
+                                            stop=[", 7"], stream=True))
+    last = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    assert last.choices[0].model_extra["stop_reason"] == ", 7"
+    assert all("stop_reason" not in c.choices[0].model_extra for c in chunks if c.choices and not c.choices[0].finish_reason)
+
+
 def test_min_tokens_holds_off_the_end_of_turn(client):
     question = [{"role": "user", "content": "Answer with one word: is the sky blue?"}]
     short = chat(client, messages=question, max_tokens=64, temperature=0)

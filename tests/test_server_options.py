@@ -78,6 +78,15 @@ def test_without_the_flag_a_server_sends_no_cors_headers(server):
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
+def test_anthropics_x_api_key_header_is_taken_as_the_key(srv):
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    assert httpx.post(srv.url + "/v1/messages", json=body, timeout=60).status_code == 401
+    assert httpx.post(srv.url + "/v1/messages", json=body, headers={"x-api-key": "wrong"}, timeout=60).status_code == 401
+    r = httpx.post(srv.url + "/v1/messages", json=body, headers={"x-api-key": KEY}, timeout=60)
+    assert r.status_code == 200 and r.json()["type"] == "message"
+    assert httpx.get(srv.url + "/v1/models", headers={"x-api-key": KEY}).status_code == 200
+
+
 def test_tokenize_detokenize_and_the_scoring_paths_are_behind_the_key(srv):
     scored = {"query": "hi", "documents": ["a"]}
     for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]}),

@@ -22,6 +22,10 @@ def test_stop_strings_match_a_brute_force_reference():
             if hit is None:
                 held = max((n for s in stops for n in range(1, len(s)) if text[:fed].endswith(s[:n])), default=0)
                 assert matcher.held_back == held, (text, stops, fed)
-        found = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
+        found = [(text.find(s) + len(s), text.find(s), s) for s in stops if s in text]
         expected = min(found)[1] if found else None  # earliest end; on a tie, the earliest start
         assert hit == expected, (text, stops)
+        if found:  # which stop it was: the one that starts there (vLLM's stop_reason)
+            assert matcher.matched == text[expected:min(found)[0]], (text, stops)
+        else:
+            assert matcher.matched is None

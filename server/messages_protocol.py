@@ -1,0 +1,244 @@
+"""Anthropic's Messages API request (POST /v1/messages, /v1/messages/count_tokens), and its
+translation into the chat request it is served as (server/messages.py): the system prompt, text,
+tool_use / tool_result and thinking blocks become chat messages, tools and tool_choice chat's, a
+final assistant message a prefill the answer continues."""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+
+from engine.sampling_params import InvalidParamError
+from server.errors import validation_message
+from server.protocol import ChatCompletionRequest, FFNSkip, RequestBody, Strict, null_only
+
+READ_ONLY_TEXT = ("image", "document", "search_result", "container_upload")  # blocks a text model cannot read
+
+
+class TextBlock(Strict):
+    type: Literal["text"]
+    text: str
+    cache_control: Any = None  # prefixes are cached here whatever it says
+    citations: Any = None  # (a response's text block sent back as it came)
+
+
+class ToolUseBlock(Strict):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+    cache_control: Any = None
+    caller: Any = None  # (a response's block sent back as it came)
+    toolset_name: Optional[str] = None
+
+
+class ToolResultBlock(Strict):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: Union[str, list[TextBlock], None] = None
+    is_error: Optional[StrictBool] = None
+    cache_control: Any = None
+    toolset_name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "\n".join(block.text for block in self.content)
+
+
+class ThinkingBlock(Strict):
+    type: Literal["thinking"]
+    thinking: str
+    signature: Optional[str] = None
+
+
+class RedactedThinkingBlock(Strict):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+Block = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock],
+                  Field(discriminator="type")]
+
+
+class Message(Strict):
+    role: Literal["user", "assistant"]
+    content: Union[str, list[Block]]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value):
+        for i, block in enumerate(value if isinstance(value, list) else []):
+            if isinstance(block, dict) and block.get("type") in READ_ONLY_TEXT:
+                raise InvalidParamError(f"content.{i}: {block['type']} blocks are not supported: this model reads "
+                                        "text only")
+        return value
+
+    def chat_messages(self) -> list[dict]:
+        """This message as chat messages: a user turn's tool results first, each a tool message, then
+        its text; an assistant turn's text, tool calls and thinking as one assistant message."""
+        if isinstance(self.content, str):
+            return [{"role": self.role, "content": self.content}]
+        texts = [b.text for b in self.content if isinstance(b, TextBlock)]
+        if self.role == "user":
+            results = [{"role": "tool", "tool_call_id": b.tool_use_id,
+                        "content": ("Error: " if b.is_error else "") + b.text()}
+                       for b in self.content if isinstance(b, ToolResultBlock)]
+            return results + ([{"role": "user", "content": "".join(texts)}] if texts or not results else [])
+        said: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+        calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
+                 for b in self.content if isinstance(b, ToolUseBlock)]
+        if calls:
+            said["tool_calls"] = calls
+        thought = "".join(b.thinking for b in self.content if isinstance(b, ThinkingBlock))
+        if thought:
+            said["reasoning_content"] = thought
+        if said["content"] is None and not calls:
+            said["content"] = ""
+        return [said]
+
+
+class ToolDef(Strict):
+    name: str
+    description: Optional[str] = None
+    input_schema: dict[str, Any]
+    type: Optional[Literal["custom"]] = None
+    cache_control: Any = None
+    # taken, no effect: who may call it, loading hints, examples; `strict`: the chat tool's own schema rules
+    allowed_callers: Any = None
+    defer_loading: Optional[StrictBool] = None
+    eager_input_streaming: Optional[StrictBool] = None
+    input_examples: Optional[list[dict[str, Any]]] = None
+    strict: Optional[StrictBool] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _custom_only(cls, value):
+        if isinstance(value, dict) and value.get("type") not in (None, "custom"):
+            raise InvalidParamError(f"{value.get('type')!r}: Anthropic's server tools (web search, code execution, "
+                                    "...) are not served here; give tools with a name and an input_schema")
+        return value
+
+
+class ToolChoice(Strict):
+    type: Literal["auto", "any", "tool", "none"]
+    name: Optional[str] = None
+    disable_parallel_tool_use: Optional[StrictBool] = None
+
+
+class Thinking(Strict):
+    type: Literal["enabled", "disabled", "adaptive", "between_tools"]
+    budget_tokens: Optional[StrictInt] = None  # taken, not enforced
+    display: Optional[Literal["summarized", "omitted"]] = None  # the thinking is shown whole (or not split)
+
+
+class OutputFormat(Strict):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(Strict):
+    """`format`: the answer's text held to a JSON schema, as chat's response_format holds it;
+    `effort`: to a chat template that reads a reasoning effort (gpt-oss's), else no effect."""
+    effort: Optional[Literal["low", "medium", "high", "xhigh", "max"]] = None
+    format: Optional[OutputFormat] = None
+
+
+class MessagesMetadata(Strict):
+    user_id: Optional[str] = None
+
+
+class CountTokensRequest(RequestBody):
+    """POST /v1/messages/count_tokens: what a Messages request's prompt would hold."""
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    system: Union[str, list[TextBlock], None] = None
+    tools: Optional[list[ToolDef]] = None
+    tool_choice: Optional[ToolChoice] = None
+    thinking: Optional[Thinking] = None
+    cache_control: Any = None  # the prefix cache keeps what it can, marked or not
+    output_config: Optional[OutputConfig] = None
+
+    def chat_body(self, effort_read: bool = False) -> dict:
+        """The chat request's fields this request makes (`effort_read`: the chat template reads a
+        reasoning effort)."""
+        messages = []
+        if self.system:
+            text = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)
+            messages.append({"role": "system", "content": text})
+        for message in self.messages:
+            messages += message.chat_messages()
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        if self.messages[-1].role == "assistant":  # a prefill: the answer continues it, as Claude's does
+            body["continue_final_message"] = True
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": {
+                "name": t.name, "parameters": t.input_schema, **({"description": t.description} if t.description else {})}}
+                for t in self.tools]
+        choice = self.tool_choice
+        if choice is not None:
+            if choice.type == "tool":
+                if not choice.name:
+                    raise InvalidParamError("tool_choice of type tool needs the tool's name", "tool_choice.name")
+                body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+            else:
+                body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+            if choice.disable_parallel_tool_use:
+                body["parallel_tool_calls"] = False
+        config = self.output_config
+        if config is not None and config.format is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output",
+                                                                             "schema": config.format.schema_}}
+        if config is not None and config.effort is not None and effort_read:
+            body["reasoning_effort"] = {"xhigh": "high", "max": "high"}.get(config.effort, config.effort)
+        return body
+
+    def chat_request(self, effort_read: bool = False, **more) -> ChatCompletionRequest:
+        """The chat request this is served as (its checks name the chat's fields only where a Messages
+        field maps to several: messages are checked here first)."""
+        try:
+            return ChatCompletionRequest.model_validate(self.chat_body(effort_read) | more)
+        except ValidationError as exc:  # (a 400 naming the chat field, never a 500)
+            message, param = validation_message(exc.errors()[0])
+            raise InvalidParamError(message, param) from None
+
+
+class MessagesRequest(CountTokensRequest):
+    """POST /v1/messages."""
+    max_tokens: StrictInt
+    stop_sequences: Optional[list[str]] = None
+    temperature: Optional[StrictFloat] = None
+    top_p: Optional[StrictFloat] = None
+    top_k: Optional[StrictInt] = None
+    stream: StrictBool = False
+    metadata: Optional[MessagesMetadata] = None
+    service_tier: Optional[Literal["auto", "standard_only"]] = None  # one tier here
+    ffn_skip: Optional[FFNSkip] = None
+    # taken, no effect: one speed, one place, no workspaces; no cache diagnostics are reported
+    speed: Optional[Literal["standard", "fast"]] = None
+    inference_geo: Optional[str] = None
+    workspace_id: Optional[str] = None
+    user_profile_id: Optional[str] = None
+    diagnostics: Optional[dict[str, Any]] = None
+    container: null_only("'container' is not supported: this server runs no code execution") = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _positive(cls, value):
+        if value < 1:
+            raise InvalidParamError("max_tokens must be at least 1", "max_tokens")
+        return value
+
+    def chat(self, effort_read: bool = False) -> ChatCompletionRequest:
+        more: dict[str, Any] = {"max_tokens": self.max_tokens, "stream": self.stream}
+        for field in ("temperature", "top_p", "top_k"):
+            if getattr(self, field) is not None:
+                more[field] = getattr(self, field)
+        if self.stop_sequences:
+            more["stop"] = self.stop_sequences
+        if self.stream:  # the usage comes last, for message_delta
+            more["stream_options"] = {"include_usage": True}
+        if self.ffn_skip is not None:
+            more["ffn_skip"] = self.ffn_skip.model_dump(exclude_none=True)
+        return self.chat_request(effort_read, **more)

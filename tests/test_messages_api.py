@@ -1,0 +1,142 @@
+"""Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens) through the official
+`anthropic` SDK against the real server: a message is the chat answer to the translated request
+(same prompt tokens, same greedy text), streamed as Anthropic's events, with tool_use blocks,
+tool results, prefills, stop sequences and Anthropic's usage."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+anthropic = pytest.importorskip("anthropic")  # a test extra (pyproject.toml)
+
+from tests.conftest import cuda_available  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+GREEDY = {"temperature": 0}  # (today's SDK has no sampling arguments; the API still takes them)
+QUESTION = [{"role": "user", "content": "Name three colours."}]
+PAINT = {"name": "paint", "description": "Paint a wall in a colour.",
+         "input_schema": {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}}
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(server, **body) -> dict:
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_message_is_the_chat_answer_to_the_same_prompt(server, claude):
+    m = claude.messages.create(model=MODEL, max_tokens=24, system="Be brief.", messages=QUESTION, extra_body=GREEDY)
+    assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_") and m.model == MODEL
+    assert [b.type for b in m.content] == ["text"]
+    chat = _chat(server, messages=[{"role": "system", "content": "Be brief."}] + QUESTION, max_tokens=24,
+                 temperature=0)
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == chat["usage"]["prompt_tokens"]
+    assert m.usage.output_tokens == chat["usage"]["completion_tokens"]
+    assert m.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[chat["choices"][0]["finish_reason"]]
+    if not cuda_available():  # greedy text equal across requests: the CPU path's promise
+        assert m.content[0].text == chat["choices"][0]["message"]["content"]
+    counted = claude.messages.count_tokens(model=MODEL, system="Be brief.", messages=QUESTION)
+    assert counted.input_tokens == chat["usage"]["prompt_tokens"]
+
+
+def test_the_prefix_cache_shows_as_cache_read_tokens(claude):
+    system = "You answer questions about colours. " * 20  # a long shared prefix: whole blocks cached
+    first = claude.messages.create(model=MODEL, max_tokens=2, system=system, messages=QUESTION)
+    again = claude.messages.create(model=MODEL, max_tokens=2, system=system,
+                                   messages=[{"role": "user", "content": "Name two colours."}])
+    total = again.usage.input_tokens + again.usage.cache_read_input_tokens
+    assert again.usage.cache_read_input_tokens > 0 and again.usage.input_tokens < total
+    assert first.usage.input_tokens + first.usage.cache_read_input_tokens > 100
+
+
+def test_streamed_events_build_the_same_message(claude):
+    with claude.messages.stream(model=MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY) as stream:
+        kinds = [e.type for e in stream]
+        streamed = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 1
+    assert "message_delta" in kinds and "text" in kinds
+    whole = claude.messages.create(model=MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY)
+    assert streamed.usage.output_tokens == whole.usage.output_tokens and streamed.stop_reason == whole.stop_reason
+    assert streamed.content[0].text.strip()
+    if not cuda_available():
+        assert streamed.content[0].text == whole.content[0].text
+
+
+def test_a_stop_sequence_is_named(claude):
+    m = claude.messages.create(model=MODEL, max_tokens=100, messages=QUESTION, extra_body=GREEDY, stop_sequences=[" "])
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == " " and " " not in m.content[0].text
+    with claude.messages.stream(model=MODEL, max_tokens=100, messages=QUESTION, extra_body=GREEDY,
+                                stop_sequences=[" "]) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "stop_sequence" and streamed.stop_sequence == " "
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_tool_call_is_a_tool_use_block_and_its_result_goes_back(claude, stream):
+    ask = [{"role": "user", "content": "Paint the kitchen wall blue."}]
+    kwargs = dict(model=MODEL, max_tokens=60, tools=[PAINT], tool_choice={"type": "tool", "name": "paint"},
+                  messages=ask, extra_body=GREEDY)
+    if stream:
+        with claude.messages.stream(**kwargs) as s:
+            m = s.get_final_message()
+    else:
+        m = claude.messages.create(**kwargs)
+    assert m.stop_reason == "tool_use"
+    (use,) = [b for b in m.content if b.type == "tool_use"]
+    assert use.name == "paint" and isinstance(use.input.get("colour"), str)
+    follow = claude.messages.create(model=MODEL, max_tokens=20, tools=[PAINT], extra_body=GREEDY, messages=ask + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "done"}]}])
+    assert follow.usage.input_tokens + follow.usage.cache_read_input_tokens > m.usage.input_tokens
+
+
+def test_a_final_assistant_message_is_continued(server, claude):
+    prefill = [*QUESTION, {"role": "assistant", "content": "1. Red\n2."}]
+    m = claude.messages.create(model=MODEL, max_tokens=8, messages=prefill, extra_body=GREEDY)
+    chat = _chat(server, messages=prefill, max_tokens=8, temperature=0, continue_final_message=True)
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == chat["usage"]["prompt_tokens"]
+    if not cuda_available():
+        assert m.content[0].text == chat["choices"][0]["message"]["content"]
+
+
+def test_an_output_format_holds_the_text_to_its_schema_and_taken_hints_change_nothing(claude):
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "blue"]}},
+              "required": ["colour"], "additionalProperties": False}
+    m = claude.messages.create(model=MODEL, max_tokens=40, messages=QUESTION, extra_body=GREEDY,
+                               output_config={"format": {"type": "json_schema", "schema": schema}, "effort": "low"},
+                               cache_control={"type": "ephemeral"}, speed="standard", metadata={"user_id": "u1"},
+                               thinking={"type": "enabled", "budget_tokens": 1024}, service_tier="auto")
+    assert json.loads(m.content[0].text)["colour"] in ("red", "blue")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": QUESTION}, "max_tokens"),
+    ({"max_tokens": 0, "messages": QUESTION}, "max_tokens"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]},
+     "messages.0.content"),
+    ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+    ({"max_tokens": 5, "messages": QUESTION, "tool_choice": {"type": "tool"}, "tools": [PAINT]}, "tool_choice.name"),
+    ({"max_tokens": 5, "messages": QUESTION, "tools": [{"name": "web_search", "type": "web_search_20250305"}]},
+     "tools.0"),
+    ({"max_tokens": 5, "messages": QUESTION, "temperature": "hot"}, "temperature"),
+    ({"max_tokens": 5, "messages": QUESTION, "container": "c1"}, "container"),
+    ({"max_tokens": 5, "messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_requests_are_400s_naming_the_field(server, body, param):
+    r = httpx.post(server.url + "/v1/messages", json={"model": MODEL, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_an_unknown_model_is_a_404_the_sdk_raises(claude):
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(model="no-such-model", max_tokens=5, messages=QUESTION)
