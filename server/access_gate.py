@@ -29,17 +29,19 @@ class AccessGate:
     def _refusal(self, scope):
         state = self.state
         if state.api_key is not None and not _authorized(scope, state.api_key):
-            return error_response(401, "missing or invalid API key (Authorization: Bearer <key>)",
+            return error_response(401, "missing or invalid API key (Authorization: Bearer <key>, or x-api-key: <key>)",
                                   code="invalid_api_key")
         if state.draining:
             return error_response(503, "the server is shutting down", code="shutting_down")
         return None
 
 
+API_PATHS = ("/tokenize", "/detokenize", "/score", "/rerank", "/invocations", "/completion", "/apply-template")
+
+
 def _gated(path: str) -> bool:
     # with a key, the API's description is behind it too
-    return path.startswith(("/v1", "/v2")) or path in ("/tokenize", "/detokenize", "/score", "/rerank") \
-        or path in DOCS_PATHS
+    return path.startswith(("/v1", "/v2")) or path in API_PATHS or path in DOCS_PATHS
 
 
 def _authorized(scope, api_key: str) -> bool:
@@ -49,4 +51,4 @@ def _authorized(scope, api_key: str) -> bool:
     scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
     # constant-time comparisons; the key itself is never logged
     bearer = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
-    return bearer or hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), api_key.encode())
+    return bearer or bool(api_key) and hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), api_key.encode())

@@ -23,7 +23,7 @@ class DropQueryStrings(logging.Filter):
         return True
 
 
-PROBES = frozenset({"/health", "/metrics"})
+PROBES = frozenset({"/health", "/ping", "/metrics"})
 
 
 class DropAnsweredProbes(logging.Filter):

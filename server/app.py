@@ -25,6 +25,8 @@ from server.metrics import Metrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.request_id import RequestIdHeader
 from server.response_store import ResponseStore
+from server.invocations import router as invocations_router
+from server.llama_cpp_api import router as llama_cpp_router
 from server.messages import router as messages_router
 from server.responses import router as responses_router
 from server.scoring import router as scoring_router
@@ -104,10 +106,13 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     app.include_router(completions_router)
     app.include_router(responses_router)
     app.include_router(messages_router)
+    app.include_router(invocations_router)
+    app.include_router(llama_cpp_router)
     app.include_router(embeddings_router)
     app.include_router(scoring_router)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: probes that read only the status)
+    @app.api_route("/ping", methods=["GET", "POST"])  # Amazon SageMaker's (as vLLM serves it)
     async def health():
         if state.draining:
             return error_response(503, "shutting down", code="shutting_down")

@@ -38,7 +38,7 @@ def tool_input(arguments: str) -> dict:
     not parse, as {})."""
     try:
         value = json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -85,8 +85,8 @@ class Message(Strict):
             results = [{"role": "tool", "tool_call_id": b.tool_use_id,
                         "content": ("Error: " if b.is_error else "") + b.text()}
                        for b in self.content if isinstance(b, ToolResultBlock)]
-            return results + ([{"role": "user", "content": "".join(texts)}] if texts or not results else [])
-        said: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+            return results + ([{"role": "user", "content": "\n".join(texts)}] if texts or not results else [])
+        said: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) if texts else None}
         calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
                  for b in self.content if isinstance(b, ToolUseBlock)]
         if calls:
@@ -159,6 +159,11 @@ class CountTokensRequest(RequestBody):
     thinking: Optional[Thinking] = None
     cache_control: Any = None  # the prefix cache keeps what it can, marked or not
     output_config: Optional[OutputConfig] = None
+    # taken, no effect: one speed, one place, no workspaces
+    speed: Optional[Literal["standard", "fast"]] = None
+    inference_geo: Optional[str] = None
+    workspace_id: Optional[str] = None
+    user_profile_id: Optional[str] = None
 
     def chat_body(self, effort_read: bool = False) -> dict:
         """The chat request's fields this request makes (`effort_read`: the chat template reads a
@@ -190,6 +195,8 @@ class CountTokensRequest(RequestBody):
         if config is not None and config.format is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output",
                                                                              "schema": config.format.schema_}}
+        if self.thinking is not None and self.thinking.type == "disabled":  # no thinking blocks in the answer
+            body["include_reasoning"] = False
         if config is not None and config.effort is not None and effort_read:
             body["reasoning_effort"] = {"xhigh": "high", "max": "high"}.get(config.effort, config.effort)
         return body
@@ -215,12 +222,7 @@ class MessagesRequest(CountTokensRequest):
     metadata: Optional[MessagesMetadata] = None
     service_tier: Optional[Literal["auto", "standard_only"]] = None  # one tier here
     ffn_skip: Optional[FFNSkip] = None
-    # taken, no effect: one speed, one place, no workspaces; no cache diagnostics are reported
-    speed: Optional[Literal["standard", "fast"]] = None
-    inference_geo: Optional[str] = None
-    workspace_id: Optional[str] = None
-    user_profile_id: Optional[str] = None
-    diagnostics: Optional[dict[str, Any]] = None
+    diagnostics: Optional[dict[str, Any]] = None  # taken: no cache diagnostics are reported
     container: null_only("'container' is not supported: this server runs no code execution") = None
 
     @field_validator("max_tokens")

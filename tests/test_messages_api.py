@@ -38,10 +38,10 @@ def test_a_message_is_the_chat_answer_to_the_same_prompt(server, claude):
     chat = _chat(server, messages=[{"role": "system", "content": "Be brief."}] + QUESTION, max_tokens=24,
                  temperature=0)
     assert m.usage.input_tokens + m.usage.cache_read_input_tokens == chat["usage"]["prompt_tokens"]
-    assert m.usage.output_tokens == chat["usage"]["completion_tokens"]
-    assert m.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[chat["choices"][0]["finish_reason"]]
-    if not cuda_available():  # greedy text equal across requests: the CPU path's promise
+    if not cuda_available():  # greedy answers equal across requests: the CPU path's promise
         assert m.content[0].text == chat["choices"][0]["message"]["content"]
+        assert m.usage.output_tokens == chat["usage"]["completion_tokens"]
+        assert m.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[chat["choices"][0]["finish_reason"]]
     counted = claude.messages.count_tokens(model=MODEL, system="Be brief.", messages=QUESTION)
     assert counted.input_tokens == chat["usage"]["prompt_tokens"]
 
@@ -64,10 +64,10 @@ def test_streamed_events_build_the_same_message(claude):
     assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 1
     assert "message_delta" in kinds and "text" in kinds
     whole = claude.messages.create(model=MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY)
-    assert streamed.usage.output_tokens == whole.usage.output_tokens and streamed.stop_reason == whole.stop_reason
-    assert streamed.content[0].text.strip()
+    assert streamed.content[0].text.strip() and streamed.stop_reason in ("end_turn", "max_tokens")
     if not cuda_available():
         assert streamed.content[0].text == whole.content[0].text
+        assert streamed.usage.output_tokens == whole.usage.output_tokens and streamed.stop_reason == whole.stop_reason
 
 
 def test_a_stop_sequence_is_named(claude):
@@ -92,10 +92,15 @@ def test_a_forced_tool_call_is_a_tool_use_block_and_its_result_goes_back(claude,
     assert m.stop_reason == "tool_use"
     (use,) = [b for b in m.content if b.type == "tool_use"]
     assert use.name == "paint" and isinstance(use.input.get("colour"), str)
-    follow = claude.messages.create(model=MODEL, max_tokens=20, tools=[PAINT], extra_body=GREEDY, messages=ask + [
-        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "done"}]}])
-    assert follow.usage.input_tokens + follow.usage.cache_read_input_tokens > m.usage.input_tokens
+    history = ask + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]}]
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "done"}]}
+    follow = claude.messages.create(model=MODEL, max_tokens=20, tools=[PAINT], extra_body=GREEDY,
+                                    messages=history + [result])
+    assert follow.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    other = dict(result, content=[dict(result["content"][0], content="done, and the ceiling too")])
+    counted = [claude.messages.count_tokens(model=MODEL, tools=[PAINT], messages=history + [r]).input_tokens
+               for r in (result, other)]
+    assert counted[1] > counted[0]  # the tool's result is in the prompt
 
 
 def test_a_final_assistant_message_is_continued(server, claude):

@@ -76,6 +76,28 @@ def test_vllms_request_id_names_the_answer_and_an_x_request_id_header_wins(serve
         assert r.status_code == 400 and r.json()["error"]["param"] == "request_id"
 
 
+def test_sagemakers_ping_and_invocations_route_by_the_body(server):
+    """Amazon SageMaker's routes, as vLLM serves them: /ping is /health; /invocations answers a body
+    with `messages` as chat, with `prompt` as completions, with `input` as embeddings."""
+    assert httpx.get(server.url + "/ping").json() == {"status": "ok"}
+    assert httpx.post(server.url + "/ping").status_code == 200
+    post = lambda body: httpx.post(server.url + "/invocations", json=dict(body, model=MODEL), timeout=60)  # noqa: E731
+    chat_answer = post({"messages": MSG, "max_tokens": 2}).json()
+    assert chat_answer["object"] == "chat.completion" and chat_answer["usage"]["completion_tokens"] == 2
+    assert post({"prompt": "Hi", "max_tokens": 2}).json()["object"] == "text_completion"
+    vectors = post({"input": ["a", "b"]}).json()
+    assert vectors["object"] == "list" and len(vectors["data"]) == 2
+    with httpx.stream("POST", server.url + "/invocations", timeout=60, json={
+            "model": MODEL, "messages": MSG, "max_tokens": 2, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
+    bad = post({"messages": MSG, "max_tokens": "2"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+    neither = post({"text": "Hi"})
+    assert neither.status_code == 400 and "messages" in neither.json()["error"]["message"]
+    assert httpx.post(server.url + "/invocations", content=b"[1]", timeout=30).status_code == 400
+
+
 def test_beam_search_is_refused_by_name_and_its_off_switch_taken(server):
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
     on = httpx.post(server.url + "/v1/completions", json=dict(body, use_beam_search=True), timeout=60)

@@ -91,7 +91,8 @@ def test_tokenize_detokenize_and_the_scoring_paths_are_behind_the_key(srv):
     scored = {"query": "hi", "documents": ["a"]}
     for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]}),
                        ("/score", {"text_1": "hi", "text_2": "a"}), ("/v1/score", {"text_1": "hi", "text_2": "a"}),
-                       ("/rerank", scored), ("/v1/rerank", scored), ("/v2/rerank", scored)):
+                       ("/rerank", scored), ("/v1/rerank", scored), ("/v2/rerank", scored),
+                       ("/invocations", {"model": MODEL, "prompt": "hi", "max_tokens": 1})):
         assert httpx.post(srv.url + path, json=body).status_code == 401
         assert httpx.post(srv.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 

@@ -1,0 +1,38 @@
+"""POST /invocations (and GET/POST /ping in server/app.py): the routes Amazon SageMaker calls, as
+vLLM serves them. A body is routed by its shape: `messages` to /v1/chat/completions, `prompt` to
+/v1/completions, `input` to /v1/embeddings; each then answers as that route does."""
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from server.completions import chat_completions, completions
+from server.embeddings import embeddings
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+router = APIRouter()
+
+ROUTES = (("messages", ChatCompletionRequest, chat_completions), ("prompt", CompletionRequest, completions),
+          ("input", EmbeddingRequest, embeddings))
+
+
+@router.post("/invocations")
+async def invocations(request: Request):
+    try:
+        data = json.loads(await request.body())
+    except ValueError:
+        raise APIError(400, "the request body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    for key, model, route in ROUTES:
+        if key in data:
+            try:
+                body = model.model_validate(data)
+            except ValidationError as exc:  # answered as the route's own checks answer
+                raise RequestValidationError(exc.errors()) from None
+            return await route(body, request)
+    raise APIError(400, "an invocation needs 'messages' (chat), 'prompt' (completions) or 'input' (embeddings)")

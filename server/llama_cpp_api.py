@@ -1,0 +1,156 @@
+"""llama.cpp's native server API, for the scripts and front ends written against llama-server:
+POST /completion (JSON, or SSE chunks of {"content", "tokens", "stop"} with no
+[DONE]) and POST /apply-template.
+
+A /completion request is tokenized here (llama.cpp's prompt: a string, BOS as the model adds it, or
+token ids) and served as the /v1/completions request it translates to (server/llama_cpp_protocol.py),
+by that route's code (server/completions.py); its answer is written in llama.cpp's shape: `content`,
+`tokens`, `stop_type` (eos, limit, word) and `stopping_word`, `tokens_evaluated` / `tokens_cached`,
+`timings`, and with `n_probs` each token's `completion_probabilities`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from server.completions import CompletionCall
+from server.errors import validation_message
+from server.generation import EventStream, check_model, check_token_ids, encode_chat, ready_tokenizer
+from server.llama_cpp_protocol import LlamaCompletionRequest
+from engine.sampling_params import InvalidParamError
+from server.protocol import CompletionRequest, TokenizeRequest
+
+router = APIRouter()
+
+
+def stop_type(finish_reason: str | None, stop_reason) -> tuple[str, str]:
+    """llama.cpp's (stop_type, stopping_word) for a finish reason and vLLM-style stop reason."""
+    if finish_reason == "length":
+        return "limit", ""
+    if isinstance(stop_reason, str):
+        return "word", stop_reason
+    return ("eos", "") if finish_reason else ("none", "")
+
+
+class LlamaCall(CompletionCall):
+    """A /completion request's life: a completions call whose logprobs are llama.cpp's
+    `completion_probabilities` (each token's id, text, bytes and its `n_probs` likeliest)."""
+
+    def __init__(self, request: Request, body: LlamaCompletionRequest, completion: CompletionRequest, prompt: list[int]):
+        super().__init__(request, completion, chat=False)
+        self.native, self.prompt_ids = body, prompt
+        self.prompt_text = ""  # the prompt's tokens as text, special tokens' too (llama.cpp's `prompt`)
+
+    def _completion_logprobs(self, entries, offset: int) -> tuple[list, int]:
+        def item(text, token_id, logprob):
+            return {"id": token_id, "token": text, "bytes": list(self.tokenizer.piece_bytes(token_id)),
+                    "logprob": logprob}
+
+        return [dict(item(e.token, e.token_id, e.logprob), top_logprobs=[item(*t) for t in e.top])
+                for e in entries], offset
+
+    def settings(self) -> dict:
+        b = self.native
+        return {"n_predict": -1 if b.n_predict is None else b.n_predict, "n_ctx": self.state.engine.config.max_model_len,
+                "temperature": self.body.temperature, "top_k": self.body.top_k, "top_p": self.body.top_p,
+                "min_p": self.body.min_p, "seed": -1 if b.seed is None else b.seed,
+                "stop": [b.stop] if isinstance(b.stop, str) else b.stop or [],
+                "n_probs": b.n_probs or 0, "ignore_eos": b.ignore_eos, "stream": b.stream,
+                "repeat_penalty": 1.0 if b.repeat_penalty is None else b.repeat_penalty,
+                "presence_penalty": b.presence_penalty or 0.0, "frequency_penalty": b.frequency_penalty or 0.0,
+                "model": self.body.model}
+
+    def final(self, content: str, tokens: list[int], finish, usage: dict) -> dict:
+        """The answer's whole object (non-streaming), or the stream's last chunk (`content` "")."""
+        now = time.monotonic()
+        first = self.timer.first or now
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        computed, made = len(self.prompt_ids) - cached, usage["completion_tokens"]
+        prompt_ms, predicted_ms = (first - self.timer.start) * 1000, (now - first) * 1000
+        kind, word = stop_type(*finish)
+        return {"index": 0, "content": content, "tokens": tokens, "id_slot": 0, "stop": True, "model": self.body.model,
+                "tokens_predicted": made, "tokens_evaluated": len(self.prompt_ids), "tokens_cached": cached,
+                "generation_settings": self.settings(), "prompt": self.prompt_text, "has_new_line": "\n" in content,
+                "truncated": False, "stop_type": kind, "stopping_word": word,
+                "timings": {"prompt_n": computed, "prompt_ms": prompt_ms,
+                            "prompt_per_token_ms": prompt_ms / computed if computed else 0.0,
+                            "prompt_per_second": computed * 1000 / prompt_ms if prompt_ms and computed else 0.0,
+                            "predicted_n": made, "predicted_ms": predicted_ms,
+                            "predicted_per_token_ms": predicted_ms / made if made else 0.0,
+                            "predicted_per_second": made * 1000 / predicted_ms if predicted_ms and made else 0.0},
+                "ffn_skip": usage.get("ffn_skip")}
+
+    def native_answer(self, completion: dict) -> dict:
+        choice = completion["choices"][0]
+        content = "" if self.native.n_predict == 0 else choice["text"]  # (the prompt alone: nothing made)
+        answer = self.final(content, choice["token_ids"] if self.native.return_tokens else [],
+                            (choice["finish_reason"], choice["stop_reason"]), completion["usage"])
+        if self.native.n_probs:
+            answer["completion_probabilities"] = choice["logprobs"]
+        return answer
+
+    async def native_events(self, stream):
+        """The completions chunks as llama.cpp's: {"content", "tokens", "stop": false, ...} as text comes,
+        then one {"stop": true, ...} with the whole answer's fields (when the usage has come)."""
+        finish = (None, None)
+        async for chunk in self.events(stream):
+            if chunk == "[DONE]":
+                break
+            data = json.loads(chunk)
+            if "error" in data:  # in-band, then the stream ends
+                yield chunk
+                return
+            if not data["choices"]:
+                yield json.dumps(self.final("", [], finish, data["usage"]))
+                continue
+            choice = data["choices"][0]
+            if choice["finish_reason"] is not None:
+                finish = (choice["finish_reason"], choice.get("stop_reason"))
+            content = "" if self.native.n_predict == 0 else choice["text"]
+            tokens = choice.get("token_ids") or []
+            if content or tokens or choice["logprobs"]:
+                piece = {"index": 0, "content": content, "tokens": tokens, "stop": False, "id_slot": 0}
+                if self.native.n_probs:
+                    piece["completion_probabilities"] = choice["logprobs"] or []
+                yield json.dumps(piece)
+
+
+@router.post("/completion")  # (not /completions: an OpenAI client missing /v1 gets the 404 that says so)
+async def completion(body: LlamaCompletionRequest, request: Request):
+    state = request.app.state.skipserve
+    if body.model is not None:
+        check_model(state, body.model)
+    tokenizer = ready_tokenizer(state)
+    if isinstance(body.prompt, str):
+        prompt = await asyncio.to_thread(tokenizer.encode, body.prompt, True)  # BOS where the model adds one
+    else:
+        prompt = list(body.prompt)
+        check_token_ids(prompt, tokenizer, "prompt")
+    try:
+        completion_request = CompletionRequest.model_validate(
+            body.completion_body(prompt, state.engine.config.max_model_len) | {"model": body.model or state.served_names[0]})
+    except ValidationError as exc:  # (a 400 naming the field, never a 500)
+        message, param = validation_message(exc.errors()[0])
+        raise InvalidParamError(message, param) from None
+    call = LlamaCall(request, body, completion_request, prompt)
+    call.prompt_text = await asyncio.to_thread(tokenizer.decode, prompt, True, True)
+    stream = await call.submit()
+    if body.stream:
+        return EventStream(call.native_events(stream), stream, call.timer)
+    return await call.collect(stream, lambda answer: JSONResponse(call.native_answer(answer)))
+
+
+@router.post("/apply-template")
+async def apply_template(body: TokenizeRequest, request: Request):
+    """llama.cpp's: `messages` through the chat template, as the prompt text a chat request gets."""
+    state = request.app.state.skipserve
+    if body.messages is None or body.prompt is not None:
+        raise InvalidParamError("give 'messages'", "messages")
+    if body.model is not None:
+        check_model(state, body.model)
+    ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use, body.chat_options)
+    return {"prompt": await asyncio.to_thread(ready_tokenizer(state).decode, ids, True, True)}

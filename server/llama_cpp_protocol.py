@@ -1,0 +1,111 @@
+"""llama.cpp's native completion request (its server's POST /completion), and the /v1/completions
+request it is served as (server/llama_cpp_api.py). llama.cpp's defaults hold where a field is not
+sent (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05; n_predict -1: until the context is full).
+Its samplers this engine does not have (mirostat, DRY, XTC, typical, dynamic temperature, ...) are
+taken at the values that turn them off, and any other value is a 400 naming the field."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import StrictBool, StrictFloat, StrictInt, model_validator
+
+from engine.sampling_params import InvalidParamError
+from server.protocol import FFNSkip, RequestBody
+
+# llama.cpp's fields whose only value here is the one that does nothing (its default), with that value
+OFF_ONLY = {"typical_p": 1.0, "mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
+            "n_keep": 0, "n_discard": 0, "n_indent": 0, "t_max_predict_ms": 0, "min_keep": 0, "n_cmpl": 1,
+            "post_sampling_probs": False, "return_progress": False}
+# taken, no effect: the prefix cache is always on; slots, pings and timings' detail are llama.cpp's own
+TAKEN = ("cache_prompt", "id_slot", "n_cache_reuse", "timings_per_token", "samplers", "repeat_last_n",
+         "dynatemp_exponent", "mirostat_tau", "mirostat_eta", "xtc_threshold", "dry_base", "dry_allowed_length",
+         "dry_penalty_last_n", "dry_sequence_breakers", "sse_ping_interval")
+
+
+class LlamaCompletionRequest(RequestBody):
+    prompt: Union[str, list[StrictInt]]
+    model: Optional[str] = None
+    n_predict: Optional[StrictInt] = None
+    temperature: Optional[StrictFloat] = None
+    top_k: Optional[StrictInt] = None
+    top_p: Optional[StrictFloat] = None
+    min_p: Optional[StrictFloat] = None
+    stop: Union[str, list[str], None] = None
+    stream: StrictBool = False
+    seed: Optional[StrictInt] = None
+    ignore_eos: StrictBool = False
+    n_probs: Optional[StrictInt] = None
+    repeat_penalty: Optional[StrictFloat] = None
+    presence_penalty: Optional[StrictFloat] = None
+    frequency_penalty: Optional[StrictFloat] = None
+    grammar: Optional[str] = None
+    json_schema: Union[dict, StrictBool, None] = None
+    logit_bias: Union[list[list[Any]], dict[str, Union[StrictFloat, StrictBool]], None] = None
+    return_tokens: StrictBool = False
+    ffn_skip: Optional[FFNSkip] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _llama_cpp_fields(cls, data):
+        """llama.cpp's fields with no counterpart here: taken where they change nothing, else a 400."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, off in OFF_ONLY.items():
+            if name in data and data.pop(name) != off:
+                raise InvalidParamError(f"'{name}' is not supported here: only {off!r} (off) is taken", name)
+        for name in TAKEN:
+            data.pop(name, None)
+        return data
+
+    def bias(self) -> dict[str, float] | None:
+        """llama.cpp's logit_bias ([[token id, bias or false], ...] or {id: bias}) as OpenAI's
+        {"id": bias}; false bans the token (-100). Tokens given as strings are not taken."""
+        if self.logit_bias is None:
+            return None
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        bias = {}
+        for pair in pairs:
+            pair = list(pair)
+            if len(pair) != 2 or isinstance(pair[0], bool) or not isinstance(pair[0], (int, str)) or \
+                    not isinstance(pair[1], (int, float, bool)) or pair[1] is True:
+                raise InvalidParamError("logit_bias holds [token id, bias or false] pairs", "logit_bias")
+            key = str(pair[0])
+            if not key.isascii() or not key.isdigit():
+                raise InvalidParamError("logit_bias: tokens as strings are not supported here; give token ids",
+                                        "logit_bias")
+            bias[key] = -100.0 if pair[1] is False else float(pair[1])
+        return bias
+
+    def completion_body(self, prompt_ids: list[int], max_model_len: int) -> dict:
+        """The /v1/completions request's fields: the prompt as the ids given (tokenized here), the
+        answer up to `n_predict` tokens (-1 or none: as many as the context leaves; 0: none, the
+        prompt only computed, as llama.cpp warms its cache)."""
+        room = max(1, max_model_len - len(prompt_ids))
+        wanted = room if self.n_predict is None or self.n_predict < 0 else min(self.n_predict, room)
+        body: dict[str, Any] = {
+            "model": self.model, "prompt": prompt_ids, "stream": self.stream, "return_token_ids": True,
+            "temperature": 0.8 if self.temperature is None else max(self.temperature, 0.0),
+            "top_k": 40 if self.top_k is None else max(self.top_k, 0),
+            "top_p": 0.95 if self.top_p is None else self.top_p, "min_p": 0.05 if self.min_p is None else self.min_p,
+            "ignore_eos": self.ignore_eos}
+        if wanted == 0:
+            body |= {"max_tokens": 0, "echo": True}  # the prompt alone (its text left out of the answer)
+        else:
+            body["max_tokens"] = wanted
+        for ours, theirs in (("stop", "stop"), ("grammar", "grammar"), ("json_schema", "json_schema"),
+                             ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
+                             ("repetition_penalty", "repeat_penalty")):
+            if getattr(self, theirs) is not None:
+                body[ours] = getattr(self, theirs)
+        if self.seed is not None and self.seed >= 0:  # -1: a random seed, as llama.cpp takes it
+            body["seed"] = self.seed
+        if self.n_probs and wanted > 0:
+            body["logprobs"] = self.n_probs
+        if self.bias():
+            body["logit_bias"] = self.bias()
+        if self.ffn_skip is not None:
+            body["ffn_skip"] = self.ffn_skip.model_dump(exclude_none=True)
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        return body

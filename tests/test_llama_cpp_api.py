@@ -1,0 +1,118 @@
+"""llama.cpp's native API (/completion, /apply-template) over HTTP with the real model: a /completion
+answer is the /v1/completions answer to the same prompt, written as llama-server writes it
+(content, tokens, stop_type, stopping_word, timings, completion_probabilities), streamed as
+{"content", "stop"} chunks with no [DONE]; llama.cpp's defaults apply, and samplers this engine does
+not have are taken only switched off."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import cuda_available
+
+PROMPT = "1, 2, 3, 4,"  # greedy goes on " 5, 6, 7, ..."
+
+
+def _post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=120)
+
+
+def _tokens(server, text: str) -> list[int]:
+    return _post(server, "/tokenize", {"prompt": text}).json()["tokens"]
+
+
+def _text(server, ids: list[int]) -> str:
+    return _post(server, "/detokenize", {"tokens": ids}).json()["prompt"]
+
+
+def _stream(server, body: dict) -> list[str]:
+    with httpx.stream("POST", server.url + "/completion", json=dict(body, stream=True), timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_completion_is_the_v1_answer_in_llama_cpps_shape(server):
+    r = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 8, "temperature": 0, "return_tokens": True})
+    assert r.status_code == 200, r.text
+    a = r.json()
+    prompt = _tokens(server, PROMPT)
+    assert a["stop"] is True and a["stop_type"] == "limit" and a["stopping_word"] == ""
+    assert a["tokens_predicted"] == len(a["tokens"]) == 8 and a["tokens_evaluated"] == len(prompt)
+    assert _text(server, a["tokens"]) == a["content"]
+    assert a["timings"]["predicted_n"] == 8 and a["timings"]["predicted_ms"] > 0
+    assert a["generation_settings"]["n_predict"] == 8 and a["generation_settings"]["temperature"] == 0.0
+    v1 = _post(server, "/v1/completions", {"model": "smollm2-135m-instruct", "prompt": PROMPT, "max_tokens": 8,
+                                           "temperature": 0}).json()
+    if not cuda_available():  # greedy text equal across requests: the CPU path's promise
+        assert a["content"] == v1["choices"][0]["text"]
+    plain = _post(server, "/completion", {"prompt": prompt, "n_predict": 2}).json()  # token ids in; llama.cpp's defaults
+    assert plain["tokens"] == [] and plain["tokens_evaluated"] == len(prompt)
+    settings = plain["generation_settings"]
+    assert (settings["temperature"], settings["top_k"], settings["top_p"], settings["min_p"]) == (0.8, 40, 0.95, 0.05)
+
+
+def test_stop_types_name_the_word_or_the_end_of_text(server):
+    word = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 16, "temperature": 0, "stop": [", 7"]}).json()
+    assert word["stop_type"] == "word" and word["stopping_word"] == ", 7" and ", 7" not in word["content"]
+    (end,) = _tokens(server, "<|im_end|>")  # the model's end of text, forced first
+    eos = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 16, "logit_bias": [[end, 100]]}).json()
+    assert eos["stop_type"] == "eos" and eos["content"] == "" and eos["tokens_predicted"] == 1
+    banned = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 4, "temperature": 0, "return_tokens": True,
+                                           "logit_bias": [[_tokens(server, " 5")[0], False]]}).json()
+    assert _tokens(server, " 5")[0] not in banned["tokens"]
+
+
+def test_streamed_chunks_carry_the_text_then_one_final_object(server):
+    lines = _stream(server, {"prompt": PROMPT, "n_predict": 8, "temperature": 0})
+    assert "[DONE]" not in lines
+    chunks = [json.loads(line) for line in lines]
+    *pieces, last = chunks
+    assert all(p["stop"] is False for p in pieces) and last["stop"] is True and last["stop_type"] == "limit"
+    assert last["tokens_predicted"] == 8 and last["content"] == ""
+    ids = [t for p in pieces for t in p["tokens"]]
+    assert len(ids) == 8 and _text(server, ids) == "".join(p["content"] for p in pieces)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_probs_gives_each_tokens_likeliest(server, stream):
+    body = {"prompt": PROMPT, "n_predict": 4, "temperature": 0, "n_probs": 3, "return_tokens": True}
+    if stream:
+        pieces = [json.loads(line) for line in _stream(server, body)][:-1]
+        probs = [p for piece in pieces for p in piece["completion_probabilities"]]
+        tokens = [t for piece in pieces for t in piece["tokens"]]
+    else:
+        a = _post(server, "/completion", body).json()
+        probs, tokens = a["completion_probabilities"], a["tokens"]
+    assert [p["id"] for p in probs] == tokens and len(tokens) == 4
+    for p in probs:
+        assert len(p["top_logprobs"]) == 3 and p["top_logprobs"][0]["id"] == p["id"]  # greedy: the likeliest
+        assert bytes(p["bytes"]).decode() == p["token"] and p["logprob"] <= 0
+
+
+def test_n_predict_0_computes_the_prompt_alone(server):
+    a = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 0}).json()
+    assert a["content"] == "" and a["tokens_predicted"] == 0 and a["tokens_evaluated"] == len(_tokens(server, PROMPT))
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"mirostat": 2}, 400, "mirostat"),
+    ({"typical_p": 0.5}, 400, "typical_p"),
+    ({"logit_bias": [["Hello", 1.0]]}, 400, "logit_bias"),
+    ({"max_tokens": 4}, 400, "max_tokens"),
+    ({"mirostat": 0, "typical_p": 1.0, "cache_prompt": True, "id_slot": -1, "samplers": ["top_k"]}, 200, None),
+])
+def test_llama_cpp_fields_are_taken_switched_off_or_refused_by_name(server, body, status, param):
+    r = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 1, **body})
+    assert r.status_code == status, r.text
+    if param:
+        assert r.json()["error"]["param"] == param
+
+
+def test_apply_template_gives_the_chat_prompts_text(server):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    r = _post(server, "/apply-template", {"messages": messages})
+    assert r.status_code == 200, r.text
+    ids = _post(server, "/tokenize", {"messages": messages}).json()["tokens"]
+    assert r.json()["prompt"] == _text(server, ids) and r.json()["prompt"].startswith("<|im_start|>")
