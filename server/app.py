@@ -21,6 +21,7 @@ from server.completions import router as completions_router
 from server.embeddings import router as embeddings_router
 from server.errors import APIError, error_response
 from server.generation import check_model, check_token_ids, encode_chat, ready_tokenizer
+from server.llama_cpp_api import LLAMA_CPP_TOKENIZE, llama_tokenize
 from server.metrics import Metrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.request_id import RequestIdHeader
@@ -150,6 +151,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         tokenizer = ready_tokenizer(state)
+        if body.content is not None or any(getattr(body, f) is not None for f in LLAMA_CPP_TOKENIZE):
+            return await llama_tokenize(state, body)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
         chat_only = [f for f in CHAT_ONLY_FIELDS if getattr(body, f) is not None] if body.prompt is not None else []
@@ -174,7 +177,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         if body.model is not None:
             check_model(state, body.model)
         check_token_ids(body.tokens, tokenizer, "tokens")
-        return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens, True, True)}
+        text = await asyncio.to_thread(tokenizer.decode, body.tokens, True, True)
+        return {"prompt": text, "content": text}  # (`content`: llama.cpp's name for it)
 
     app.add_middleware(errors.UnexpectedErrors)  # innermost of ours: its 500s pass through the others
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)

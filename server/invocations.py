@@ -22,12 +22,20 @@ ROUTES = (("messages", ChatCompletionRequest, chat_completions), ("prompt", Comp
 
 @router.post("/invocations")
 async def invocations(request: Request):
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):  # as every route refuses it (server/errors.py)
+        raise APIError(400, f"the request body must be JSON, sent with Content-Type: application/json (got "
+                            f"{kind or 'none'})")
     try:
         data = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):
         raise APIError(400, "the request body must be a JSON object") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    given = [key for key, _, _ in ROUTES if key in data]
+    if len(given) > 1:
+        raise APIError(400, f"give one of 'messages', 'prompt' or 'input', not {' and '.join(given)}", given[1])
+    data.setdefault("model", request.app.state.skipserve.served_names[0])  # (SageMaker serves one model)
     for key, model, route in ROUTES:
         if key in data:
             try:

@@ -18,13 +18,18 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from server.completions import CompletionCall
-from server.errors import validation_message
+from server.errors import APIError, validation_message
 from server.generation import EventStream, check_model, check_token_ids, encode_chat, ready_tokenizer
 from server.llama_cpp_protocol import LlamaCompletionRequest
 from engine.sampling_params import InvalidParamError
+from server import __version__
 from server.protocol import CompletionRequest, TokenizeRequest
 
 router = APIRouter()
+
+
+# the /v1/completions fields a /completion field becomes, by the name the client sent
+NATIVE_NAMES = {"max_tokens": "n_predict", "logprobs": "n_probs", "repetition_penalty": "repeat_penalty"}
 
 
 def stop_type(finish_reason: str | None, stop_reason) -> tuple[str, str]:
@@ -89,7 +94,7 @@ class LlamaCall(CompletionCall):
         content = "" if self.native.n_predict == 0 else choice["text"]  # (the prompt alone: nothing made)
         answer = self.final(content, choice["token_ids"] if self.native.return_tokens else [],
                             (choice["finish_reason"], choice["stop_reason"]), completion["usage"])
-        if self.native.n_probs:
+        if self.native.n_probs and self.native.n_predict != 0:
             answer["completion_probabilities"] = choice["logprobs"]
         return answer
 
@@ -133,15 +138,63 @@ async def completion(body: LlamaCompletionRequest, request: Request):
     try:
         completion_request = CompletionRequest.model_validate(
             body.completion_body(prompt, state.engine.config.max_model_len) | {"model": body.model or state.served_names[0]})
+        call = LlamaCall(request, body, completion_request, prompt)
+        call.prompt_text = await asyncio.to_thread(tokenizer.decode, prompt, True, True)
+        stream = await call.submit()
     except ValidationError as exc:  # (a 400 naming the field, never a 500)
         message, param = validation_message(exc.errors()[0])
-        raise InvalidParamError(message, param) from None
-    call = LlamaCall(request, body, completion_request, prompt)
-    call.prompt_text = await asyncio.to_thread(tokenizer.decode, prompt, True, True)
-    stream = await call.submit()
+        raise InvalidParamError(message, NATIVE_NAMES.get(param, param)) from None
+    except (InvalidParamError, APIError) as exc:  # named as the client sent it
+        exc.param = NATIVE_NAMES.get(exc.param, exc.param)
+        raise
     if body.stream:
         return EventStream(call.native_events(stream), stream, call.timer)
     return await call.collect(stream, lambda answer: JSONResponse(call.native_answer(answer)))
+
+
+LLAMA_CPP_TOKENIZE = ("add_special", "parse_special", "with_pieces")  # /tokenize's fields in llama.cpp's spelling
+
+
+async def llama_tokenize(state, body: TokenizeRequest) -> dict:
+    """/tokenize as llama.cpp takes it: `content` (BOS only with `add_special`), `with_pieces`: each
+    token as {id, piece}, the piece its text, or its bytes where they are not whole UTF-8."""
+    if body.content is None or body.prompt is not None or body.messages is not None:
+        raise InvalidParamError("give 'content' alone (llama.cpp's /tokenize), or vLLM's 'prompt' or 'messages'",
+                                "content")
+    if body.parse_special is False:
+        raise InvalidParamError("parse_special false is not supported: special tokens' text is read as them",
+                                "parse_special")
+    if body.model is not None:
+        check_model(state, body.model)
+    tokenizer = ready_tokenizer(state)
+    ids = await asyncio.to_thread(tokenizer.encode, body.content, bool(body.add_special))
+
+    def piece(token_id: int):
+        raw = tokenizer.piece_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return list(raw)
+
+    tokens = await asyncio.to_thread(lambda: [{"id": t, "piece": piece(t)} for t in ids]) if body.with_pieces else ids
+    return {"tokens": tokens, "count": len(ids), "max_model_len": state.engine.config.max_model_len}
+
+
+@router.get("/props")
+async def props(request: Request):
+    """llama.cpp's server properties, as far as they hold here: the context, the defaults /completion
+    applies, the batch's rows as its slots, the model and its chat template."""
+    state = request.app.state.skipserve
+    tokenizer = ready_tokenizer(state)
+    config = state.engine.config
+    defaults = {"n_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": -1,
+                "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop": [],
+                "n_probs": 0, "ignore_eos": False, "stream": False}
+    return {"default_generation_settings": {"n_ctx": config.max_model_len, "params": defaults},
+            "total_slots": config.max_num_seqs, "model_alias": state.served_names[0],
+            "model_path": config.model or state.served_names[0], "chat_template": tokenizer.chat_template or "",
+            "modalities": {"vision": False, "audio": False}, "build_info": f"skipserve {__version__}",
+            "is_sleeping": False}
 
 
 @router.post("/apply-template")
@@ -153,4 +206,8 @@ async def apply_template(body: TokenizeRequest, request: Request):
     if body.model is not None:
         check_model(state, body.model)
     ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use, body.chat_options)
-    return {"prompt": await asyncio.to_thread(ready_tokenizer(state).decode, ids, True, True)}
+    tokenizer = ready_tokenizer(state)
+    bos = await asyncio.to_thread(tokenizer.encode, "", True)  # what /completion adds to a text prompt itself
+    if bos and ids[:len(bos)] == bos:  # (so the text sent back to /completion gets one BOS, as llama.cpp strips it)
+        ids = ids[len(bos):]
+    return {"prompt": await asyncio.to_thread(tokenizer.decode, ids, False, True)}

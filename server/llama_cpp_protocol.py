@@ -14,12 +14,15 @@ from server.protocol import FFNSkip, RequestBody
 
 # llama.cpp's fields whose only value here is the one that does nothing (its default), with that value
 OFF_ONLY = {"typical_p": 1.0, "mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
-            "n_keep": 0, "n_discard": 0, "n_indent": 0, "t_max_predict_ms": 0, "min_keep": 0, "n_cmpl": 1,
+            "top_n_sigma": -1.0, "n_indent": 0, "t_max_predict_ms": 0, "min_keep": 0, "n_cmpl": 1,
             "post_sampling_probs": False, "return_progress": False}
-# taken, no effect: the prefix cache is always on; slots, pings and timings' detail are llama.cpp's own
+# taken, no effect: the prefix cache is always on, and no context is shifted (n_keep, n_discard); slots,
+# pings and timings' detail are llama.cpp's own
 TAKEN = ("cache_prompt", "id_slot", "n_cache_reuse", "timings_per_token", "samplers", "repeat_last_n",
          "dynatemp_exponent", "mirostat_tau", "mirostat_eta", "xtc_threshold", "dry_base", "dry_allowed_length",
-         "dry_penalty_last_n", "dry_sequence_breakers", "sse_ping_interval")
+         "dry_penalty_last_n", "dry_sequence_breakers", "sse_ping_interval", "n_keep", "n_discard")
+# llama.cpp's other names for its fields
+ALIASES = {"max_tokens": "n_predict", "max_completion_tokens": "n_predict", "logprobs": "n_probs", "n": "n_cmpl"}
 
 
 class LlamaCompletionRequest(RequestBody):
@@ -51,11 +54,20 @@ class LlamaCompletionRequest(RequestBody):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        for alias, name in ALIASES.items():
+            if alias in data:
+                value = data.pop(alias)
+                if name not in data:
+                    data[name] = value
         for name, off in OFF_ONLY.items():
-            if name in data and data.pop(name) != off:
+            if name in data and data.pop(name) not in (None, off):
                 raise InvalidParamError(f"'{name}' is not supported here: only {off!r} (off) is taken", name)
         for name in TAKEN:
             data.pop(name, None)
+        if data.get("grammar") == "":  # llama.cpp's "no grammar"
+            data.pop("grammar")
+        if data.get("grammar") is not None:  # where both are sent, the grammar holds the answer, as in llama.cpp
+            data.pop("json_schema", None)
         return data
 
     def bias(self) -> dict[str, float] | None:
@@ -70,8 +82,9 @@ class LlamaCompletionRequest(RequestBody):
             if len(pair) != 2 or isinstance(pair[0], bool) or not isinstance(pair[0], (int, str)) or \
                     not isinstance(pair[1], (int, float, bool)) or pair[1] is True:
                 raise InvalidParamError("logit_bias holds [token id, bias or false] pairs", "logit_bias")
-            key = str(pair[0])
-            if not key.isascii() or not key.isdigit():
+            key = str(pair[0])  # (the object form's keys are ids; the array form's strings are texts)
+            in_pairs = not isinstance(self.logit_bias, dict)
+            if in_pairs and isinstance(pair[0], str) or not key.isascii() or not key.isdigit():
                 raise InvalidParamError("logit_bias: tokens as strings are not supported here; give token ids",
                                         "logit_bias")
             bias[key] = -100.0 if pair[1] is False else float(pair[1])

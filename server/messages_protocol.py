@@ -170,7 +170,7 @@ class CountTokensRequest(RequestBody):
         reasoning effort)."""
         messages = []
         if self.system:
-            text = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)
+            text = self.system if isinstance(self.system, str) else "\n".join(b.text for b in self.system)
             messages.append({"role": "system", "content": text})
         for message in self.messages:
             messages += message.chat_messages()

@@ -840,6 +840,12 @@ class TokenizeRequest(ChatTemplating, ChatTools, RequestBody):
     # add_special_tokens (ChatTemplating's): a prompt's BOS (and the like) unless false, as completions add
     # them; with messages, as chat takes it
     return_token_strs: Optional[StrictBool] = None  # vLLM's: the tokens' vocabulary spellings beside their ids
+    # llama.cpp's spelling (server/llama_cpp_api.py): `content` the text, BOS only with `add_special`,
+    # special tokens' text read as them (`parse_special` true only), `with_pieces` each token's text
+    content: Optional[str] = None
+    add_special: Optional[StrictBool] = None
+    parse_special: Optional[StrictBool] = None
+    with_pieces: Optional[StrictBool] = None
 
 
 class DetokenizeRequest(RequestBody):

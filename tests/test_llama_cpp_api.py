@@ -59,9 +59,10 @@ def test_stop_types_name_the_word_or_the_end_of_text(server):
     (end,) = _tokens(server, "<|im_end|>")  # the model's end of text, forced first
     eos = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 16, "logit_bias": [[end, 100]]}).json()
     assert eos["stop_type"] == "eos" and eos["content"] == "" and eos["tokens_predicted"] == 1
+    (five,) = _tokens(server, "5")  # greedy's next digit, banned
     banned = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 4, "temperature": 0, "return_tokens": True,
-                                           "logit_bias": [[_tokens(server, " 5")[0], False]]}).json()
-    assert _tokens(server, " 5")[0] not in banned["tokens"]
+                                           "logit_bias": [[five, False]]}).json()
+    assert five not in banned["tokens"] and banned["tokens_predicted"] == 4
 
 
 def test_streamed_chunks_carry_the_text_then_one_final_object(server):
@@ -91,6 +92,15 @@ def test_n_probs_gives_each_tokens_likeliest(server, stream):
         assert bytes(p["bytes"]).decode() == p["token"] and p["logprob"] <= 0
 
 
+def test_llama_cpps_other_names_are_taken(server):
+    a = _post(server, "/completion", {"prompt": PROMPT, "max_tokens": 3, "logprobs": 2, "temperature": 0}).json()
+    assert a["tokens_predicted"] == 3 and len(a["completion_probabilities"]) == 3
+    assert len(a["completion_probabilities"][0]["top_logprobs"]) == 2
+    held = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 6, "grammar": 'root ::= " 9" [0-9]*',
+                                         "json_schema": {"type": "object"}}).json()
+    assert held["content"].startswith(" 9")  # the grammar, not the schema, holds it (llama.cpp's rule)
+
+
 def test_n_predict_0_computes_the_prompt_alone(server):
     a = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 0}).json()
     assert a["content"] == "" and a["tokens_predicted"] == 0 and a["tokens_evaluated"] == len(_tokens(server, PROMPT))
@@ -100,8 +110,11 @@ def test_n_predict_0_computes_the_prompt_alone(server):
     ({"mirostat": 2}, 400, "mirostat"),
     ({"typical_p": 0.5}, 400, "typical_p"),
     ({"logit_bias": [["Hello", 1.0]]}, 400, "logit_bias"),
-    ({"max_tokens": 4}, 400, "max_tokens"),
-    ({"mirostat": 0, "typical_p": 1.0, "cache_prompt": True, "id_slot": -1, "samplers": ["top_k"]}, 200, None),
+    ({"n_probs": 25}, 400, "n_probs"),
+    ({"repeat_penalty": 3.0}, 400, "repeat_penalty"),
+    ({"n_predict": 4, "frobnicate": 1}, 400, "frobnicate"),
+    ({"mirostat": 0, "typical_p": 1.0, "cache_prompt": True, "id_slot": -1, "samplers": ["top_k"], "n_keep": -1,
+      "top_n_sigma": -1, "grammar": "", "xtc_probability": None}, 200, None),
 ])
 def test_llama_cpp_fields_are_taken_switched_off_or_refused_by_name(server, body, status, param):
     r = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 1, **body})
@@ -116,3 +129,31 @@ def test_apply_template_gives_the_chat_prompts_text(server):
     assert r.status_code == 200, r.text
     ids = _post(server, "/tokenize", {"messages": messages}).json()["tokens"]
     assert r.json()["prompt"] == _text(server, ids) and r.json()["prompt"].startswith("<|im_start|>")
+    # llama.cpp's workflow: the text, edited or not, sent to /completion is the chat prompt again
+    again = _post(server, "/completion", {"prompt": r.json()["prompt"], "n_predict": 1, "return_tokens": True}).json()
+    assert again["tokens_evaluated"] == len(ids)
+
+
+def test_tokenize_and_detokenize_in_llama_cpps_spelling(server):
+    r = _post(server, "/tokenize", {"content": "Hello wörld", "with_pieces": True})
+    assert r.status_code == 200, r.text
+    pieces = r.json()["tokens"]
+    assert [p["id"] for p in pieces] == _post(server, "/tokenize", {"prompt": "Hello wörld",
+                                                                   "add_special_tokens": False}).json()["tokens"]
+    raw = b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"]) for p in pieces)
+    assert raw.decode() == "Hello wörld"  # (a piece that is no whole UTF-8 comes as its bytes)
+    ids = _post(server, "/tokenize", {"content": "Hello", "add_special": True}).json()["tokens"]
+    assert ids and all(isinstance(t, int) for t in ids)
+    back = _post(server, "/detokenize", {"tokens": ids}).json()
+    assert back["content"] == back["prompt"] and back["content"].endswith("Hello")
+    for bad, param in (({"content": "x", "parse_special": False}, "parse_special"),
+                       ({"content": "x", "prompt": "y"}, "content")):
+        r = _post(server, "/tokenize", bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_props_describe_the_context_defaults_and_template(server):
+    p = httpx.get(server.url + "/props", timeout=30).json()
+    assert p["default_generation_settings"]["n_ctx"] == 2048 and p["total_slots"] >= 1
+    assert p["default_generation_settings"]["params"]["temperature"] == 0.8
+    assert "<|im_start|>" in p["chat_template"] and p["model_alias"] == "smollm2-135m-instruct"

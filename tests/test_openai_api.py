@@ -82,7 +82,7 @@ def test_sagemakers_ping_and_invocations_route_by_the_body(server):
     assert httpx.get(server.url + "/ping").json() == {"status": "ok"}
     assert httpx.post(server.url + "/ping").status_code == 200
     post = lambda body: httpx.post(server.url + "/invocations", json=dict(body, model=MODEL), timeout=60)  # noqa: E731
-    chat_answer = post({"messages": MSG, "max_tokens": 2}).json()
+    chat_answer = post({"messages": MSG, "max_tokens": 2, "ignore_eos": True}).json()
     assert chat_answer["object"] == "chat.completion" and chat_answer["usage"]["completion_tokens"] == 2
     assert post({"prompt": "Hi", "max_tokens": 2}).json()["object"] == "text_completion"
     vectors = post({"input": ["a", "b"]}).json()
@@ -95,7 +95,17 @@ def test_sagemakers_ping_and_invocations_route_by_the_body(server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
     neither = post({"text": "Hi"})
     assert neither.status_code == 400 and "messages" in neither.json()["error"]["message"]
-    assert httpx.post(server.url + "/invocations", content=b"[1]", timeout=30).status_code == 400
+    json_type = {"content-type": "application/json"}
+    for body in (b"[1]", b"[" * 100000, b"{"):  # not an object, nested past the parser, not JSON
+        r = httpx.post(server.url + "/invocations", content=body, headers=json_type, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    form = httpx.post(server.url + "/invocations", content=b'{"prompt": "Hi"}', timeout=30,
+                      headers={"content-type": "text/plain"})  # (as a web page may post it cross-origin)
+    assert form.status_code == 400 and "Content-Type" in form.json()["error"]["message"]
+    both = post({"messages": MSG, "prompt": "Hi"})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "prompt"
+    unnamed = httpx.post(server.url + "/invocations", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
+    assert unnamed.status_code == 200 and unnamed.json()["model"] == MODEL  # SageMaker's bodies name no model
 
 
 def test_beam_search_is_refused_by_name_and_its_off_switch_taken(server):
@@ -439,7 +449,7 @@ def test_models_health_version_tokenize(server):
     tok = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}).json()
     assert tok["count"] == len(tok["tokens"]) == 2
     back = httpx.post(server.url + "/detokenize", json={"tokens": tok["tokens"], "model": MODEL})
-    assert back.status_code == 200 and back.json() == {"prompt": "hello world"}
+    assert back.status_code == 200 and back.json() == {"prompt": "hello world", "content": "hello world"}
 
 
 def test_the_sdk_retrieves_the_served_model_and_not_another(client):
