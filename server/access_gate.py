@@ -36,8 +36,8 @@ class AccessGate:
         return None
 
 
-API_PATHS = ("/tokenize", "/detokenize", "/score", "/rerank", "/invocations", "/completion", "/apply-template",
-             "/props")
+API_PATHS = ("/tokenize", "/detokenize", "/score", "/rerank", "/invocations", "/completion", "/infill",
+             "/apply-template", "/props")
 
 
 def _gated(path: str) -> bool:

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from server.completions import CompletionCall
 from server.errors import APIError, validation_message
 from server.generation import EventStream, check_model, check_token_ids, encode_chat, ready_tokenizer
-from server.llama_cpp_protocol import LlamaCompletionRequest
+from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
+from server.llama_cpp_protocol import InfillRequest, LlamaCompletionRequest
 from engine.sampling_params import InvalidParamError
 from server import __version__
 from server.protocol import CompletionRequest, TokenizeRequest
@@ -135,9 +136,54 @@ async def completion(body: LlamaCompletionRequest, request: Request):
     else:
         prompt = list(body.prompt)
         check_token_ids(prompt, tokenizer, "prompt")
+    return await _serve(request, body, prompt)
+
+
+@router.post("/infill")
+async def infill(body: InfillRequest, request: Request):
+    """llama.cpp's code infill: [BOS] [input_extra] FIM_PRE input_prefix FIM_SUF input_suffix FIM_MID
+    prompt, answered as /completion answers (server/fill_in_middle.py finds the model's FIM tokens)."""
+    state = request.app.state.skipserve
+    if body.model is not None:
+        check_model(state, body.model)
+    tokenizer = ready_tokenizer(state)
+    tokens = fim_tokens(tokenizer)
+    if tokens is None:
+        raise APIError(400, "this model has no fill-in-the-middle tokens (<|fim_prefix|>, <fim_prefix>, ...)",
+                       "input_prefix")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, False)
+
+    def build() -> list[int]:
+        extra = []
+        repo, sep = tokenizer.token_id("<|repo_name|>"), tokenizer.token_id("<|file_sep|>")
+        if body.input_extra and repo is not None and sep is not None:  # the repo-level layout (Qwen2.5-Coder's)
+            extra = [repo, *encode("myproject\n")]
+            for chunk in body.input_extra:
+                extra += [sep, *encode(chunk.filename + "\n"), *encode(chunk.text)]
+            extra += [sep, *encode("filename\n")]
+        else:  # the extra context before the prefix, as it is
+            for chunk in body.input_extra or []:
+                extra += encode(chunk.text)
+        middle = encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        return [*leading_specials(tokenizer), *extra,
+                *fim_prompt([], tokens, encode(body.input_prefix), encode(body.input_suffix)), *middle]
+
+    prompt = await asyncio.to_thread(build)
+    check_token_ids(prompt, tokenizer, "prompt")
+    return await _serve(request, body, prompt, fim_ends(tokenizer))
+
+
+async def _serve(request: Request, body: LlamaCompletionRequest, prompt: list[int], ends: list[int] = ()):
+    """A /completion (or /infill) request's prompt ids served as /v1/completions, answered in llama.cpp's
+    shape; `ends`: tokens that end the answer besides EOS (an infill's)."""
+    state = request.app.state.skipserve
+    tokenizer = ready_tokenizer(state)
     try:
         completion_request = CompletionRequest.model_validate(
-            body.completion_body(prompt, state.engine.config.max_model_len) | {"model": body.model or state.served_names[0]})
+            body.completion_body(prompt, state.engine.config.max_model_len, list(ends)) |
+            {"model": body.model or state.served_names[0]})
         call = LlamaCall(request, body, completion_request, prompt)
         call.prompt_text = await asyncio.to_thread(tokenizer.decode, prompt, True, True)
         stream = await call.submit()

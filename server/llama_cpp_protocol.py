@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 from pydantic import StrictBool, StrictFloat, StrictInt, model_validator
 
 from engine.sampling_params import InvalidParamError
-from server.protocol import FFNSkip, RequestBody
+from server.protocol import FFNSkip, RequestBody, Strict
 
 # llama.cpp's fields whose only value here is the one that does nothing (its default), with that value
 OFF_ONLY = {"typical_p": 1.0, "mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
@@ -90,7 +90,7 @@ class LlamaCompletionRequest(RequestBody):
             bias[key] = -100.0 if pair[1] is False else float(pair[1])
         return bias
 
-    def completion_body(self, prompt_ids: list[int], max_model_len: int) -> dict:
+    def completion_body(self, prompt_ids: list[int], max_model_len: int, ends: list[int] = ()) -> dict:
         """The /v1/completions request's fields: the prompt as the ids given (tokenized here), the
         answer up to `n_predict` tokens (-1 or none: as many as the context leaves; 0: none, the
         prompt only computed, as llama.cpp warms its cache)."""
@@ -121,4 +121,20 @@ class LlamaCompletionRequest(RequestBody):
             body["ffn_skip"] = self.ffn_skip.model_dump(exclude_none=True)
         if self.stream:
             body["stream_options"] = {"include_usage": True}
+        if ends:
+            body["stop_token_ids"] = list(ends)
         return body
+
+
+class ExtraChunk(Strict):
+    filename: str = ""
+    text: str
+
+
+class InfillRequest(LlamaCompletionRequest):
+    """llama.cpp's /infill: the code before and after the gap, files for context, and `prompt` the
+    start of the middle."""
+    prompt: Union[str, list[StrictInt]] = ""
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: Optional[list[ExtraChunk]] = None

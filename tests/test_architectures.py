@@ -142,6 +142,7 @@ def test_served_over_http_with_its_chat_template(dense, gguf, cache_dir):
     in-process engine's text for the templated prompt; a completion with a `suffix` fills in the
     middle through the file's FIM tokens (prefix, suffix, middle order), as the engine does for
     that prompt."""
+    import httpx
     import openai
 
     from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
@@ -167,11 +168,20 @@ def test_served_over_http_with_its_chat_template(dense, gguf, cache_dir):
         assert [m.id for m in client.models.list().data] == [gguf.name]
         reply = client.chat.completions.create(model=gguf.name, messages=messages, max_tokens=12, temperature=0)
         filled = client.completions.create(model=gguf.name, prompt=before, suffix=after, max_tokens=8, temperature=0)
+        # llama.cpp's /infill: the same prompt, the same middle; a start of the middle goes after FIM_MID
+        native = httpx.post(server.url + "/infill", timeout=120, json={
+            "input_prefix": before, "input_suffix": after, "n_predict": 8, "temperature": 0}).json()
+        started = httpx.post(server.url + "/infill", timeout=120, json={
+            "input_prefix": before, "input_suffix": after, "prompt": " a", "n_predict": 2, "temperature": 0,
+            "input_extra": [{"filename": "util.py", "text": "X = 1\n"}]}).json()
     finally:
         assert server.stop() == 0
     assert reply.choices[0].message.content == expected and expected
     assert reply.usage.prompt_tokens == len(prompt)
     assert filled.choices[0].text == middle and middle and filled.usage.prompt_tokens == len(infill)
+    assert native["content"] == middle and native["tokens_evaluated"] == len(infill)
+    extra = tok.encode("X = 1\n", False)  # (no repo-level tokens in this vocabulary: the text goes first)
+    assert started["tokens_evaluated"] == len(extra) + len(infill) + len(tok.encode(" a", False))
 
 
 def test_longrope_tables_equal_transformers_on_either_side_of_the_pretrained_length():

@@ -157,3 +157,10 @@ def test_props_describe_the_context_defaults_and_template(server):
     assert p["default_generation_settings"]["n_ctx"] == 2048 and p["total_slots"] >= 1
     assert p["default_generation_settings"]["params"]["temperature"] == 0.8
     assert "<|im_start|>" in p["chat_template"] and p["model_alias"] == "smollm2-135m-instruct"
+
+
+def test_infill_needs_a_model_with_fim_tokens(server):
+    """The embedded model has none: a 400 naming the field (tests/test_architectures.py fills a gap
+    through a file's FIM tokens)."""
+    r = _post(server, "/infill", {"input_prefix": "def f():", "input_suffix": "\n", "n_predict": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input_prefix"
