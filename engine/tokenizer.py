@@ -150,6 +150,12 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_spans(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
+        """Each token of `text` as (id, start, stop): the characters of `text` it came from (an added
+        special token, as BOS: an empty span)."""
+        encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return [(t, start, stop) for t, (start, stop) in zip(encoding.ids, encoding.offsets)]
+
     def token_string(self, token_id: int) -> str | None:
         """The vocabulary's own spelling of a token (SentencePiece's "▁word", byte-level BPE's
         "Ġword"), as transformers' convert_ids_to_tokens gives it; None past the vocabulary."""

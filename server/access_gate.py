@@ -37,7 +37,7 @@ class AccessGate:
 
 
 API_PATHS = ("/tokenize", "/detokenize", "/score", "/rerank", "/invocations", "/completion", "/infill",
-             "/apply-template", "/props")
+             "/apply-template", "/props", "/", "/generate", "/generate_stream", "/info")
 
 
 def _gated(path: str) -> bool:

@@ -31,6 +31,7 @@ from server.llama_cpp_api import router as llama_cpp_router
 from server.messages import router as messages_router
 from server.responses import router as responses_router
 from server.scoring import router as scoring_router
+from server.tgi_api import router as tgi_router, tgi_tokenize
 
 log = logging.getLogger("skipserve.server")
 
@@ -111,6 +112,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     app.include_router(llama_cpp_router)
     app.include_router(embeddings_router)
     app.include_router(scoring_router)
+    app.include_router(tgi_router)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: probes that read only the status)
     @app.api_route("/ping", methods=["GET", "POST"])  # Amazon SageMaker's (as vLLM serves it)
@@ -153,6 +155,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         tokenizer = ready_tokenizer(state)
         if body.content is not None or any(getattr(body, f) is not None for f in LLAMA_CPP_TOKENIZE):
             return await llama_tokenize(state, body)
+        if body.inputs is not None:
+            return await tgi_tokenize(state, body)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
         chat_only = [f for f in CHAT_ONLY_FIELDS if getattr(body, f) is not None] if body.prompt is not None else []

@@ -1,6 +1,7 @@
 """POST /invocations (and GET/POST /ping in server/app.py): the routes Amazon SageMaker calls, as
 vLLM serves them. A body is routed by its shape: `messages` to /v1/chat/completions, `prompt` to
-/v1/completions, `input` to /v1/embeddings; each then answers as that route does."""
+/v1/completions, `input` to /v1/embeddings, and TGI's `inputs` (as TGI's SageMaker container takes it)
+to its POST / (server/tgi_api.py); each then answers as that route does."""
 from __future__ import annotations
 
 import json
@@ -13,11 +14,13 @@ from server.completions import chat_completions, completions
 from server.embeddings import embeddings
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from server.tgi_api import compat_generate
+from server.tgi_protocol import GenerateRequest
 
 router = APIRouter()
 
 ROUTES = (("messages", ChatCompletionRequest, chat_completions), ("prompt", CompletionRequest, completions),
-          ("input", EmbeddingRequest, embeddings))
+          ("input", EmbeddingRequest, embeddings), ("inputs", GenerateRequest, compat_generate))
 
 
 @router.post("/invocations")
@@ -34,8 +37,10 @@ async def invocations(request: Request):
         raise APIError(400, "the request body must be a JSON object")
     given = [key for key, _, _ in ROUTES if key in data]
     if len(given) > 1:
-        raise APIError(400, f"give one of 'messages', 'prompt' or 'input', not {' and '.join(given)}", given[1])
-    data.setdefault("model", request.app.state.skipserve.served_names[0])  # (SageMaker serves one model)
+        raise APIError(400, f"give one of 'messages', 'prompt', 'input' or 'inputs', not {' and '.join(given)}",
+                       given[1])
+    if "inputs" not in data:  # (TGI's request names no model)
+        data.setdefault("model", request.app.state.skipserve.served_names[0])  # (SageMaker serves one model)
     for key, model, route in ROUTES:
         if key in data:
             try:
@@ -43,4 +48,5 @@ async def invocations(request: Request):
             except ValidationError as exc:  # answered as the route's own checks answer
                 raise RequestValidationError(exc.errors()) from None
             return await route(body, request)
-    raise APIError(400, "an invocation needs 'messages' (chat), 'prompt' (completions) or 'input' (embeddings)")
+    raise APIError(400, "an invocation needs 'messages' (chat), 'prompt' (completions), 'input' (embeddings) or "
+                        "'inputs' (TGI's generate)")

@@ -846,6 +846,8 @@ class TokenizeRequest(ChatTemplating, ChatTools, RequestBody):
     add_special: Optional[StrictBool] = None
     parse_special: Optional[StrictBool] = None
     with_pieces: Optional[StrictBool] = None
+    # TGI's spelling (server/tgi_api.py): `inputs` the text, each token with its span of it
+    inputs: Optional[str] = None
 
 
 class DetokenizeRequest(RequestBody):

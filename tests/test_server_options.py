@@ -87,14 +87,18 @@ def test_anthropics_x_api_key_header_is_taken_as_the_key(srv):
     assert httpx.get(srv.url + "/v1/models", headers={"x-api-key": KEY}).status_code == 200
 
 
-def test_tokenize_detokenize_and_the_scoring_paths_are_behind_the_key(srv):
+def test_tokenize_detokenize_scoring_and_tgi_paths_are_behind_the_key(srv):
     scored = {"query": "hi", "documents": ["a"]}
     for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]}),
                        ("/score", {"text_1": "hi", "text_2": "a"}), ("/v1/score", {"text_1": "hi", "text_2": "a"}),
                        ("/rerank", scored), ("/v1/rerank", scored), ("/v2/rerank", scored),
-                       ("/invocations", {"model": MODEL, "prompt": "hi", "max_tokens": 1})):
+                       ("/invocations", {"model": MODEL, "prompt": "hi", "max_tokens": 1}),
+                       *((tgi, {"inputs": "hi", "parameters": {"max_new_tokens": 1}})
+                         for tgi in ("/generate", "/generate_stream", "/"))):
         assert httpx.post(srv.url + path, json=body).status_code == 401
         assert httpx.post(srv.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert httpx.get(srv.url + "/info").status_code == 401
+    assert httpx.get(srv.url + "/info", headers={"Authorization": f"Bearer {KEY}"}).json()["model_id"] == MODEL
 
 
 def test_the_users_chat_template_renders_chat_prompts(srv):

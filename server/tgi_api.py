@@ -1,0 +1,266 @@
+"""Hugging Face text-generation-inference's native API, for the clients written against TGI
+(huggingface_hub's `InferenceClient.text_generation`, LangChain's and LlamaIndex's TGI classes, TGI's
+own Python client): POST /generate (JSON), /generate_stream (SSE, one event per token, no [DONE]),
+POST / (either, by `stream`; its JSON answer a one-item list, as TGI's compat route answers), GET /info.
+
+A request is tokenized here (BOS as the model adds it) and served as the /v1/completions request it
+translates to (server/tgi_protocol.py), by that route's code (server/completions.py), always with each
+token's logprob; its answer is written in TGI's shape: `generated_text` and, with `details`, each
+token as {id, text, logprob, special}, the finish reason (length, eos_token, stop_sequence), the seed a
+sampled request drew, the prompt's tokens scored (`decoder_input_details`), `top_n_tokens` likeliest
+tokens, and `best_of` sequences. Errors keep this server's OpenAI envelope, with a 4xx status."""
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import re
+import secrets
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from engine.sampling_params import InvalidParamError
+from server import __version__
+from server.completions import CompletionCall
+from server.errors import APIError, validation_message
+from server.generation import EventStream, check_model, ready_tokenizer
+from server.protocol import CompletionRequest, TokenizeRequest
+from server.tgi_protocol import MAX_BEST_OF, MAX_STOP_SEQUENCES, TGI_NAMES, GenerateRequest, finish_reason
+
+router = APIRouter()
+
+
+def tgi_param(param: str | None) -> str | None:
+    """A /v1/completions field, named as the TGI request sent it."""
+    if param is None or param.startswith(("parameters.", "inputs")):
+        return param
+    if param == "prompt" or param.startswith("prompt."):
+        return "inputs"
+    return "parameters." + TGI_NAMES.get(param, param)
+
+
+def named(message: str, param: str | None, theirs: str | None) -> str:
+    """An error's message with the /v1/completions field it names (`param`) named as TGI's (`theirs`)."""
+    if param is None or theirs is None or theirs == param:
+        return message
+    return re.sub(rf"\b{re.escape(param)}\b", theirs.removeprefix("parameters."), message)
+
+
+class TokenTexts:
+    """Each generated token's text as TGI streams it: the text it completes (a character split over
+    tokens comes whole with its last token, "" before it), a special token's own text; so the texts
+    of a stream's ordinary tokens add up to its generated text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.table = tokenizer, tokenizer.token_bytes()
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def special(self, token_id: int) -> bool:
+        return token_id >= len(self.table) or self.table[token_id] is None
+
+    def text(self, token_id: int) -> str:
+        if self.special(token_id):
+            return self.tokenizer.token_text(token_id)
+        return self.decoder.decode(self.table[token_id])
+
+    def token(self, entry: dict) -> dict:
+        return {"id": entry["id"], "text": self.text(entry["id"]), "logprob": entry["logprob"],
+                "special": self.special(entry["id"])}
+
+    def alternatives(self, entry: dict) -> list[dict]:
+        """A token's top_n_tokens likeliest, each decoded alone."""
+        return [{"id": t, "text": text, "logprob": lp, "special": self.special(t)} for text, t, lp in entry["top"]]
+
+
+class TGICall(CompletionCall):
+    """A TGI request's life: a completions call whose logprobs are kept as the tokens' ids,
+    logprobs and alternatives, from which TGI's tokens are written."""
+
+    def __init__(self, request: Request, body: GenerateRequest, completion: CompletionRequest, stream: bool,
+                 full_text: bool, seed: int | None):
+        super().__init__(request, completion, chat=False)
+        self.native, self.stream_answer = body, stream
+        self.prefix = body.inputs if full_text else ""  # return_full_text: the prompt before the answer
+        self.seed = seed  # the sampler's seed of a sampled request (sequence i's: seed + i), else None
+
+    def _completion_logprobs(self, entries, offset: int) -> tuple[list, int]:
+        return [{"id": e.token_id, "logprob": e.logprob, "top": e.top} for e in entries], offset
+
+    @property
+    def top_n(self) -> bool:
+        return bool(self.native.parameters.top_n_tokens)
+
+    def sequence(self, index: int, choice: dict) -> dict:
+        """Choice `index` of the completions answer as TGI's details of one sequence."""
+        texts = TokenTexts(self.tokenizer)
+        entries = choice["logprobs"] or []
+        tokens = [texts.token(e) for e in entries]
+        sequence = {"generated_text": self.prefix + choice["text"],
+                    "finish_reason": finish_reason(choice["finish_reason"], choice["stop_reason"]),
+                    "generated_tokens": len(tokens), "seed": None if self.seed is None else self.seed + index,
+                    "prefill": self.prefill(choice.get("prompt_logprobs")), "tokens": tokens}
+        if self.top_n:
+            sequence["top_tokens"] = [texts.alternatives(e) for e in entries]
+        return sequence
+
+    def prefill(self, scores: list | None) -> list[dict]:
+        """`decoder_input_details`: each prompt token with its logprob (null for the first)."""
+        if scores is None:
+            return []
+        prompt = self.prompts[0]
+        return [{"id": t, "text": self.tokenizer.token_text(t),
+                 "logprob": None if s is None else s[str(t)]["logprob"]} for t, s in zip(prompt, scores)]
+
+    def answer(self, completion: dict) -> dict:
+        """The whole answer: the best of the sequences by mean token logprob (TGI's rule for best_of),
+        the others beside it in its details."""
+        sequences = [self.sequence(i, c) for i, c in enumerate(completion["choices"])]
+
+        def mean_logprob(s):
+            return sum(t["logprob"] for t in s["tokens"]) / max(1, len(s["tokens"]))
+
+        best = max(range(len(sequences)), key=lambda i: mean_logprob(sequences[i]))
+        chosen = sequences.pop(best)
+        answer = {"generated_text": chosen.pop("generated_text")}
+        if self.native.parameters.details or self.native.parameters.decoder_input_details:
+            details = chosen
+            if sequences:
+                details["best_of_sequences"] = sequences
+            details["ffn_skip"] = completion["usage"].get("ffn_skip")
+            answer["details"] = details
+        return answer
+
+    async def tgi_events(self, stream):
+        """The completions chunks as TGI's events: one per token ({index, token, generated_text: null,
+        details: null}), the last with the whole generated text and, with `details`, the finish."""
+        texts = TokenTexts(self.tokenizer)
+        held = None  # the newest token's event: the last one goes out with the end
+        count, text, finish, usage = 0, "", (None, None), {}
+        async for chunk in self.events(stream):
+            if chunk == "[DONE]":
+                break
+            data = json.loads(chunk)
+            if "error" in data:  # in-band, then the stream ends
+                yield chunk
+                return
+            if not data["choices"]:
+                usage = data["usage"]
+                continue
+            choice = data["choices"][0]
+            text += choice["text"]
+            for entry in choice["logprobs"] or []:
+                if held is not None:
+                    yield json.dumps(held)
+                count += 1
+                held = {"index": count, "token": texts.token(entry), "generated_text": None, "details": None}
+                if self.top_n:
+                    held["top_tokens"] = texts.alternatives(entry)
+            if choice["finish_reason"] is not None:
+                finish = (choice["finish_reason"], choice.get("stop_reason"))
+        if held is None:
+            return
+        held["generated_text"] = self.prefix + text
+        if self.native.parameters.details:
+            held["details"] = {"finish_reason": finish_reason(*finish), "generated_tokens": count,
+                               "seed": self.seed, "input_length": self.prompt_sizes[0],
+                               "ffn_skip": usage.get("ffn_skip")}
+        yield json.dumps(held)
+
+
+async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: bool = False):
+    """`compat`: POST /'s answer (the prompt before the text by default, the JSON a one-item list)."""
+    state = request.app.state.skipserve
+    tokenizer = ready_tokenizer(state)
+    try:
+        body.check(stream)
+        p = body.parameters
+        if p.adapter_id not in (None, "") and p.adapter_id not in state.model_names:
+            raise InvalidParamError(f"adapter_id '{p.adapter_id}' is not served here (no LoRA adapters; this server "
+                                    f"serves {sorted(state.model_names)})", "parameters.adapter_id")
+        prompt = await asyncio.to_thread(tokenizer.encode, body.inputs, True)  # BOS where the model adds one
+        seed = (secrets.randbelow(2**62) if p.seed is None else p.seed) if p.sampling else None
+        model = state.served_names[0]
+        completion = CompletionRequest.model_validate(
+            body.completion_body(model, prompt, state.engine.config.max_model_len, seed, stream))
+        full_text = compat if p.return_full_text is None else p.return_full_text
+        call = TGICall(request, body, completion, stream, full_text, seed)
+        events = await call.submit()
+    except ValidationError as exc:  # (a 400 naming the parameter, never a 500)
+        message, param = validation_message(exc.errors()[0])
+        raise InvalidParamError(named(message, param, tgi_param(param)), tgi_param(param)) from None
+    except InvalidParamError as exc:  # named as the client sent it
+        theirs = tgi_param(exc.param)
+        raise InvalidParamError(named(str(exc), exc.param, theirs), theirs, exc.code) from None
+    except APIError as exc:
+        theirs = tgi_param(exc.param)
+        exc.message, exc.param = named(exc.message, exc.param, theirs), theirs
+        raise
+    if stream:
+        return EventStream(call.tgi_events(events), events, call.timer)
+
+    def render(completion: dict) -> JSONResponse:
+        answer = call.answer(completion)
+        made = answer["details"]["generated_tokens"] if "details" in answer else \
+            completion["usage"]["completion_tokens"]
+        headers = {"x-prompt-tokens": str(call.prompt_sizes[0]), "x-generated-tokens": str(made)}
+        return JSONResponse([answer] if compat else answer, headers=headers)
+
+    return await call.collect(events, render)
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request):
+    return await _serve(request, body, stream=False)
+
+
+@router.post("/generate_stream")
+async def generate_stream(body: GenerateRequest, request: Request):
+    return await _serve(request, body, stream=True)
+
+
+@router.post("/")
+async def compat_generate(body: GenerateRequest, request: Request):
+    """TGI's compat route (what huggingface_hub posts to a TGI base URL): /generate_stream with
+    `stream`, else /generate's answer in a one-item list; the prompt before the answer unless
+    `return_full_text` is false (TGI's default for a text-generation model)."""
+    return await _serve(request, body, stream=body.stream, compat=True)
+
+
+@router.get("/info")
+async def info(request: Request):
+    """TGI's served-model info, as far as it holds here."""
+    state = request.app.state.skipserve
+    config = state.engine.config
+    return {"model_id": state.served_names[0], "model_sha": None, "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": state.engine.capacity, "max_best_of": MAX_BEST_OF,
+            "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": config.max_model_len - 1,
+            "max_total_tokens": config.max_model_len, "validation_workers": 1, "max_client_batch_size": 1,
+            "router": "skipserve", "version": __version__, "sha": None, "docker_label": None}
+
+
+async def tgi_tokenize(state, body: TokenizeRequest) -> list[dict]:
+    """/tokenize as TGI takes it: `inputs` (BOS where the model adds one, unless add_special_tokens
+    is false), each token as {id, text, start, stop}, its span of the input in bytes (an added BOS:
+    an empty one), as TGI's Rust tokenizer counts them."""
+    if body.prompt is not None or body.messages is not None:
+        raise InvalidParamError("give 'inputs' alone (TGI's /tokenize), or vLLM's 'prompt' or 'messages'", "inputs")
+    if body.model is not None:
+        check_model(state, body.model)
+    tokenizer = ready_tokenizer(state)
+
+    def tokens() -> list[dict]:
+        spans = tokenizer.encode_spans(body.inputs, body.add_special_tokens is not False)
+        raw = body.inputs.encode()
+        at = [0]  # each character's byte offset, and the end's
+        for char in body.inputs:
+            at.append(at[-1] + len(char.encode()))
+        out = []
+        for token_id, start, stop in spans:
+            start, stop = at[start], at[stop]
+            out.append({"id": token_id, "text": raw[start:stop].decode("utf-8", "replace"), "start": start,
+                        "stop": stop})
+        return out
+
+    return await asyncio.to_thread(tokens)

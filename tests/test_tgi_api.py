@@ -1,0 +1,234 @@
+"""Hugging Face TGI's native API (/generate, /generate_stream, POST /, /info, /tokenize's `inputs`)
+over HTTP with the real model and the real `huggingface_hub` client: an answer is the /v1/completions
+answer to the same prompt written in TGI's shape (generated_text; details with each token's id, text,
+logprob and `special`, the finish reason, the seed a sampled request drew, the prompt scored, top
+tokens, best_of sequences), streamed one event per token with the whole text on the last."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import httpx
+import pytest
+from huggingface_hub import InferenceClient
+
+from tests.conftest import cuda_available
+
+PROMPT = "1, 2, 3, 4,"  # greedy goes on " 5, 6, 7, ..."
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return InferenceClient(base_url=server.url, timeout=120)
+
+
+def _post(server, path: str, body) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=120)
+
+
+def _v1(server, **body) -> dict:
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def _events(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", server.url + path, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert lines and "[DONE]" not in lines[-1]  # TGI's stream ends with its last token's event
+    return [json.loads(line[5:]) for line in lines]
+
+
+def test_the_hub_client_gets_the_completions_answer_with_the_prompt_before_it(server, client):
+    v1 = _v1(server, max_tokens=8, logprobs=0, return_token_ids=True)
+    whole = client.text_generation(PROMPT, max_new_tokens=8)  # POST / : the prompt first, as TGI's compat route
+    alone = client.text_generation(PROMPT, max_new_tokens=8, return_full_text=False)
+    assert whole == PROMPT + alone
+    out = client.text_generation(PROMPT, max_new_tokens=8, details=True, return_full_text=False)
+    d = out.details
+    assert out.generated_text == alone and d.finish_reason == "length" and d.generated_tokens == len(d.tokens) == 8
+    assert d.seed is None and d.prefill == []  # greedy; no decoder_input_details
+    assert "".join(t.text for t in d.tokens) == out.generated_text and not any(t.special for t in d.tokens)
+    assert all(t.logprob <= 0 for t in d.tokens)
+    if not cuda_available():  # greedy answers equal across requests: the CPU path's promise
+        assert alone == v1["text"] and [t.id for t in d.tokens] == v1["token_ids"]
+        assert [t.logprob for t in d.tokens] == pytest.approx(v1["logprobs"]["token_logprobs"], abs=1e-4)
+    r = _post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 8}})
+    assert r.status_code == 200 and set(r.json()) == {"generated_text"}  # no details unless asked
+    if not cuda_available():
+        assert r.json()["generated_text"] == alone
+    assert r.headers["x-prompt-tokens"] == str(len(_post(server, "/tokenize", {"prompt": PROMPT}).json()["tokens"]))
+    assert r.headers["x-generated-tokens"] == "8"
+    compat = _post(server, "/", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}).json()
+    assert isinstance(compat, list) and len(compat) == 1 and compat[0]["generated_text"].startswith(PROMPT)
+
+
+def test_a_stream_is_one_event_per_token_and_the_last_carries_the_text(server, client):
+    events = _events(server, "/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 6,
+                                                                                   "details": True}})
+    assert [e["index"] for e in events] == list(range(1, 7))
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    last = events[-1]
+    assert last["generated_text"] == "".join(e["token"]["text"] for e in events)
+    prompt_ids = _post(server, "/tokenize", {"prompt": PROMPT}).json()["tokens"]
+    assert last["details"]["finish_reason"] == "length" and last["details"]["generated_tokens"] == 6
+    assert last["details"]["input_length"] == len(prompt_ids) and last["details"]["seed"] is None
+    assert set(last["token"]) == {"id", "text", "logprob", "special"} and "top_tokens" not in last
+    texts = list(client.text_generation(PROMPT, max_new_tokens=6, stream=True))  # the hub client's token texts
+    streamed = list(client.text_generation(PROMPT, max_new_tokens=6, stream=True, details=True))
+    assert len(texts) == len(streamed) == 6 and streamed[-1].details.finish_reason == "length"
+    assert streamed[-1].generated_text.startswith(PROMPT)  # POST /: the prompt first unless told otherwise
+    if not cuda_available():
+        assert "".join(texts) == last["generated_text"] == _v1(server, max_tokens=6)["text"]
+
+
+def test_stop_sequences_stay_in_the_text_and_a_grammar_ends_it(server):
+    r = _post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 24, "stop": [", 7"],
+                                                                      "details": True}}).json()
+    if not cuda_available():
+        assert r["generated_text"] == " 5, 6, 7"
+    assert r["generated_text"].endswith(", 7") and r["details"]["finish_reason"] == "stop_sequence"
+    events = _events(server, "/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 24,
+                                                                                   "stop": [", 7"], "details": True}})
+    assert events[-1]["generated_text"].endswith(", 7") and events[-1]["details"]["finish_reason"] == "stop_sequence"
+    regex = _post(server, "/generate", {"inputs": "My PIN is", "parameters": {
+        "max_new_tokens": 10, "details": True, "grammar": {"type": "regex", "value": "[0-9]{4}"}}}).json()
+    assert re.fullmatch("[0-9]{4}", regex["generated_text"]) and regex["details"]["finish_reason"] == "eos_token"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    for grammar in ({"type": "json", "value": schema}, {"type": "json_schema", "value": {"name": "ok", "schema": schema}}):
+        answer = _post(server, "/generate", {"inputs": "Is the sky blue? Answer in JSON:", "parameters": {
+            "max_new_tokens": 40, "grammar": grammar}}).json()["generated_text"]
+        assert isinstance(json.loads(answer)["ok"], bool)
+
+
+def test_the_end_of_text_is_a_special_token_left_out_of_the_text(server):
+    (end,) = _post(server, "/tokenize", {"prompt": "<|im_end|>"}).json()["tokens"]
+    chat = "<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\n"
+    events = _events(server, "/generate_stream", {"inputs": chat, "parameters": {"max_new_tokens": 64, "details": True}})
+    last = events[-1]
+    assert last["details"]["finish_reason"] == "eos_token" and last["token"] == dict(last["token"], id=end, special=True)
+    assert last["token"]["text"] == "<|im_end|>" and "<|im_end|>" not in last["generated_text"]
+    assert last["generated_text"] == "".join(e["token"]["text"] for e in events if not e["token"]["special"])
+
+
+def test_a_sampled_request_reports_its_seed_and_the_seed_replays_it(server, client):
+    first = client.text_generation(PROMPT, max_new_tokens=8, do_sample=True, details=True, return_full_text=False)
+    seed = first.details.seed
+    assert isinstance(seed, int) and seed >= 0
+    again = client.text_generation(PROMPT, max_new_tokens=8, do_sample=True, seed=seed, details=True,
+                                   return_full_text=False)
+    assert again.details.seed == seed
+    if not cuda_available():
+        assert again.generated_text == first.generated_text
+    # a temperature alone samples, as TGI's: its seed is reported too
+    assert _post(server, "/generate", {"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 2, "temperature": 0.7, "details": True}}).json()["details"]["seed"] is not None
+
+
+def test_best_of_keeps_the_likeliest_sequence_and_lists_the_other(server):
+    r = _post(server, "/generate", {"inputs": "Once upon a time", "parameters": {
+        "max_new_tokens": 8, "best_of": 2, "do_sample": True, "temperature": 1.5, "details": True}})
+    assert r.status_code == 200, r.text
+    d = r.json()["details"]
+    (other,) = d["best_of_sequences"]
+
+    def mean(tokens):
+        return sum(t["logprob"] for t in tokens) / len(tokens)
+
+    assert mean(d["tokens"]) >= mean(other["tokens"])
+    assert {d["seed"], other["seed"]} == {min(d["seed"], other["seed"]), min(d["seed"], other["seed"]) + 1}
+    assert r.json()["generated_text"] == "".join(t["text"] for t in d["tokens"] if not t["special"])
+    assert other["generated_text"] == "".join(t["text"] for t in other["tokens"] if not t["special"])
+
+
+def test_decoder_input_details_score_the_prompt_and_top_n_tokens_rank_each_step(server, client):
+    out = client.text_generation(PROMPT, max_new_tokens=4, details=True, decoder_input_details=True, top_n_tokens=3)
+    prompt_ids = _post(server, "/tokenize", {"prompt": PROMPT}).json()["tokens"]
+    prefill = out.details.prefill
+    assert [t.id for t in prefill] == prompt_ids and prefill[0].logprob is None
+    assert "".join(t.text for t in prefill) == PROMPT and all(t.logprob <= 0 for t in prefill[1:])
+    assert len(out.details.top_tokens) == 4
+    for token, top in zip(out.details.tokens, out.details.top_tokens):
+        assert len(top) == 3 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert top[0]["id"] == token.id and top[0]["logprob"] == pytest.approx(token.logprob, abs=1e-5)  # greedy
+    truncated = _post(server, "/generate", {"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 1, "truncate": 3, "decoder_input_details": True}}).json()
+    assert [t["id"] for t in truncated["details"]["prefill"]] == prompt_ids[-3:]  # the prompt's last tokens
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"inputs": ""}, "inputs"),
+    ({"inputs": 5}, "inputs"),
+    ({"inputs": "hi", "parameters": {"max_new_tokens": 0}}, "parameters.max_new_tokens"),
+    ({"inputs": "hi", "parameters": {"max_new_tokens": 100000}}, "parameters.max_new_tokens"),
+    ({"inputs": "hi", "parameters": {"temperature": 0}}, "parameters.temperature"),
+    ({"inputs": "hi", "parameters": {"top_p": 1.5}}, "parameters.top_p"),
+    ({"inputs": "hi", "parameters": {"top_k": 0}}, "parameters.top_k"),
+    ({"inputs": "hi", "parameters": {"typical_p": 0.5}}, "parameters.typical_p"),
+    ({"inputs": "hi", "parameters": {"watermark": True}}, "parameters.watermark"),
+    ({"inputs": "hi", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, "parameters.stop"),
+    ({"inputs": "hi", "parameters": {"top_n_tokens": 21}}, "parameters.top_n_tokens"),
+    ({"inputs": "hi", "parameters": {"truncate": 0}}, "parameters.truncate"),
+    ({"inputs": "hi", "parameters": {"best_of": 2}}, "parameters.best_of"),  # greedy: nothing to choose from
+    ({"inputs": "hi", "parameters": {"best_of": 3, "do_sample": True}}, "parameters.best_of"),
+    ({"inputs": "hi", "parameters": {"best_of": 2, "do_sample": True, "seed": 1}}, "parameters.seed"),
+    ({"inputs": "hi", "parameters": {"seed": 2**64}}, "parameters.seed"),
+    ({"inputs": "hi", "parameters": {"adapter_id": "some-lora"}}, "parameters.adapter_id"),
+    ({"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": 5}}}, "parameters.grammar"),
+    ({"inputs": "hi", "parameters": {"grammar": {"type": "ebnf", "value": "x"}}}, "parameters.grammar.type"),
+    ({"inputs": "hi", "parameters": {"frequency_penalty": 3.0}}, "parameters.frequency_penalty"),
+    ({"inputs": "hi", "parameters": {"no_such": 1}}, "parameters.no_such"),
+])
+def test_bad_parameters_are_400s_naming_them(server, body, param):
+    r = _post(server, "/generate", body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and set(error) == {"message", "type", "param", "code"}
+    name = param.rsplit(".", 1)[-1]
+    if name not in ("inputs", "type", "grammar") and "not supported by this server" not in error["message"]:
+        assert name in error["message"]  # named as TGI names it, not as /v1/completions would
+
+
+def test_what_a_stream_cannot_carry_is_refused_before_it_starts(server, client):
+    for parameters, param in (({"best_of": 2, "do_sample": True}, "best_of"),
+                              ({"decoder_input_details": True}, "decoder_input_details")):
+        r = _post(server, "/generate_stream", {"inputs": "hi", "parameters": parameters})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "parameters." + param
+        r = _post(server, "/", {"inputs": "hi", "stream": True, "parameters": parameters})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "parameters." + param
+    with pytest.raises(Exception, match="not streamed"):  # the hub client raises it
+        list(client.text_generation("hi", stream=True, best_of=2, do_sample=True))
+
+
+def test_info_invocations_and_tokenize_in_tgis_spelling(server):
+    info = httpx.get(server.url + "/info", timeout=30).json()
+    assert info["model_id"] == MODEL and info["max_total_tokens"] == info["max_input_tokens"] + 1
+    assert info["max_best_of"] == 2 and info["max_stop_sequences"] == 4 and info["max_concurrent_requests"] > 0
+    # SageMaker's /invocations takes TGI's body, as TGI's container does: POST /'s answer
+    r = _post(server, "/invocations", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2,
+                                                                         "return_full_text": False}})
+    assert r.status_code == 200 and isinstance(r.json(), list) and r.json()[0]["generated_text"]
+    text = "Héllo wörld 🙂!"
+    tokens = _post(server, "/tokenize", {"inputs": text}).json()
+    assert [t["id"] for t in tokens] == _post(server, "/tokenize", {"prompt": text}).json()["tokens"]
+    raw = text.encode()
+    for t in tokens:  # spans in bytes, as TGI's Rust tokenizer counts them
+        assert t["text"] == raw[t["start"]:t["stop"]].decode()
+    assert tokens[0]["start"] == 0 and tokens[-1]["stop"] == len(raw)
+    assert "".join(t["text"] for t in tokens) == text
+    assert _post(server, "/tokenize", {"inputs": "hi", "prompt": "hi"}).status_code == 400
+
+
+def test_the_ffn_skip_budget_rides_in_the_parameters(server):
+    d = _post(server, "/generate", {"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 8, "details": True, "ffn_skip": {"budget": 0.3, "threshold": 0.9, "warmup_tokens": 0}}})
+    skip = d.json()["details"]["ffn_skip"]
+    assert skip["total"] == 30 * d.json()["details"]["generated_tokens"] and 0 < skip["skipped"] and 0 < skip["ratio"] <= 0.3
+    assert math.isclose(skip["ratio"], skip["skipped"] / skip["total"])
+    dense = _post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "details": True}})
+    assert dense.json()["details"]["ffn_skip"]["skipped"] == 0
