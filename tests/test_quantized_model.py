@@ -137,11 +137,25 @@ def test_the_int8_cache_keeps_the_fp16_caches_clear_choices(quantized, int8_cach
 
 
 def test_greedy_text_equals_fp32_alone_and_in_a_staggered_batch(quantized, engine, chat_prompts):
-    """No near-tie on these prompts: the text is fp32's (both builds give the same bits, and the
-    fp32 kernels agree across hosts too, so this holds on AVX2 and AVX-512 hosts alike)."""
+    """The text is fp32's up to a near-tie: where the two part, fp32's two likeliest tokens are the
+    two models' choices, closer than the logits' tolerance above lets them swap. (Hosts differ:
+    on one with AVX512-FP16 and AMX, "List three prime numbers." parts where fp32's top two are
+    0.003 apart, on others it does not part.) In a staggered batch the text is the same as alone."""
+    tolerance = 0.1
     assert quantized.runner.kv_dtype == torch.float16  # the cache as served
     alone = [quantized.generate([p], GREEDY)[0][1] for p in chat_prompts]
-    assert alone == [engine.generate([p], GREEDY)[0][1] for p in chat_prompts]
+    dense = [engine.generate([p], GREEDY)[0][1] for p in chat_prompts]
+    same = 0
+    for prompt, ours, theirs in zip(chat_prompts, alone, dense):
+        parted = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        if parted is None:
+            assert ours == theirs
+            same += 1
+            continue
+        top2 = prefill_logits(engine, prompt + theirs[:parted])[-1].topk(2)
+        assert set(top2.indices.tolist()) == {ours[parted], theirs[parted]}
+        assert top2.values[0] - top2.values[1] < 2 * tolerance
+    assert same >= len(chat_prompts) - 1  # a near-tie is rare: the check has teeth
     assert run_staggered(quantized, chat_prompts, GREEDY, join_every=3) == alone
 
 

@@ -10,6 +10,7 @@ import math
 import re
 
 import httpx
+import huggingface_hub
 import pytest
 from huggingface_hub import InferenceClient
 
@@ -21,7 +22,11 @@ MODEL = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def client(server):
-    return InferenceClient(base_url=server.url, timeout=120)
+    """The hub's client, for a loopback server: the engine's loader turns on huggingface_hub's
+    offline mode (model files only from disk), which would refuse this client's every request."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        yield InferenceClient(base_url=server.url, timeout=120)
 
 
 def _post(server, path: str, body) -> httpx.Response:
