@@ -1,4 +1,5 @@
-"""Turns a step's logits into tokens: penalties, logit bias, greedy or seeded sampling, logprobs,
+"""Turns a step's logits into tokens: penalties, logit bias, greedy or seeded sampling (typical
+sampling's filter first where a row asks for it), logprobs,
 for all rows at once; the host reads the step's tokens (and logprobs) back in one transfer each."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from engine.categorical import draw
 from engine.penalties import apply_penalties
 from engine.rows import device_values, padded, put_rows, take_rows, to_device
 from engine.sampling_params import InvalidParamError, SamplingParams
+from engine.typical import mask_atypical
 
 
 @dataclass
@@ -48,6 +50,10 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     finite = torch.isfinite(best.values)
     tokens = best.indices  # the greedy rows' tokens
     drawn = [i for i, p in enumerate(params) if not p.greedy]
+    typical = [i for i in drawn if params[i].typical_p < 1.0]
+    if typical:  # after the temperature, before top-k, top-p and min-p (transformers' and TGI's order)
+        put_rows(logits, typical, mask_atypical(take_rows(logits, typical), [params[i].temperature for i in typical],
+                                                [params[i].typical_p for i in typical]))
     if drawn:
         put_rows(tokens, drawn, draw(take_rows(logits, drawn), [params[i].temperature for i in drawn],
                                      [params[i].top_k for i in drawn], [params[i].top_p for i in drawn],

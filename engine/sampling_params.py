@@ -31,6 +31,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
+    typical_p: float = 1.0  # 1 = off; else typical sampling's mass (engine/typical.py)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -92,6 +93,7 @@ class SamplingParams:
         check(0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
         check(self.top_k >= 0 or self.top_k == -1, "top_k", "top_k must be -1, 0 or positive")
         check(0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]")
+        check(0.0 < self.typical_p <= 1.0, "typical_p", "typical_p must be in (0, 1]")
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]")
         # from 0.01 up: a smaller one divides logits past float32's range (1e-46 is 0 in float32)

@@ -1,4 +1,5 @@
-"""OpenAI error envelope: {"error": {"message", "type", "param", "code"}} for every failure."""
+"""OpenAI error envelope: {"error": {"message", "type", "param", "code"}} for every failure (on TGI's
+routes with its `error_type` beside it)."""
 from __future__ import annotations
 
 import json
@@ -54,6 +55,24 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+# TGI's native routes (server/tgi_api.py): its clients (huggingface_hub) raise their typed errors
+# (ValidationError, OverloadedError, ...) by a top-level `error_type` beside the error
+TGI_PATHS = frozenset({"/generate", "/generate_stream", "/"})
+
+
+def tgi_error_type(status: int) -> str:
+    return "overloaded" if status in (429, 503) else "validation" if status < 500 else "generation"
+
+
+def _answer(request: Request, status: int, message: str, param: str | None = None, code: str | None = None,
+            headers: dict | None = None) -> JSONResponse:
+    """The envelope, with TGI's `error_type` on TGI's routes."""
+    body = error_body(status, message, param, code)
+    if request.url.path in TGI_PATHS:
+        body["error_type"] = tgi_error_type(status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def validation_message(err: dict) -> tuple[str, str | None]:
     loc = [str(p) for p in err.get("loc", ())]
     loc = loc[1:] if loc[:1] in (["body"], ["query"], ["path"]) else loc  # where the field was sent
@@ -105,11 +124,11 @@ class UnexpectedErrors:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return _answer(request, exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(InvalidParamError)
     async def _invalid_param(request: Request, exc: InvalidParamError):
-        return error_response(400, str(exc), exc.param, exc.code)
+        return _answer(request, 400, str(exc), exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -120,7 +139,7 @@ def install(app: FastAPI) -> None:
             # FastAPI reads only JSON content types as JSON (curl's -d alone sends a form's type); not
             # taking others keeps a web page from posting here cross-origin without a CORS preflight
             message = f"the request body must be JSON, sent with Content-Type: application/json (got {kind})"
-        return error_response(400, message, param)
+        return _answer(request, 400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

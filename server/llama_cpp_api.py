@@ -63,7 +63,7 @@ class LlamaCall(CompletionCall):
         b = self.native
         return {"n_predict": -1 if b.n_predict is None else b.n_predict, "n_ctx": self.state.engine.config.max_model_len,
                 "temperature": self.body.temperature, "top_k": self.body.top_k, "top_p": self.body.top_p,
-                "min_p": self.body.min_p, "seed": -1 if b.seed is None else b.seed,
+                "min_p": self.body.min_p, "typical_p": self.body.typical_p or 1.0, "seed": -1 if b.seed is None else b.seed,
                 "stop": [b.stop] if isinstance(b.stop, str) else b.stop or [],
                 "n_probs": b.n_probs or 0, "ignore_eos": b.ignore_eos, "stream": b.stream,
                 "repeat_penalty": 1.0 if b.repeat_penalty is None else b.repeat_penalty,

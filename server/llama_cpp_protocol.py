@@ -1,7 +1,7 @@
 """llama.cpp's native completion request (its server's POST /completion), and the /v1/completions
 request it is served as (server/llama_cpp_api.py). llama.cpp's defaults hold where a field is not
 sent (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05; n_predict -1: until the context is full).
-Its samplers this engine does not have (mirostat, DRY, XTC, typical, dynamic temperature, ...) are
+Its samplers this engine does not have (mirostat, DRY, XTC, dynamic temperature, ...) are
 taken at the values that turn them off, and any other value is a 400 naming the field."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from engine.sampling_params import InvalidParamError
 from server.protocol import FFNSkip, RequestBody, Strict
 
 # llama.cpp's fields whose only value here is the one that does nothing (its default), with that value
-OFF_ONLY = {"typical_p": 1.0, "mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
+OFF_ONLY = {"mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
             "top_n_sigma": -1.0, "n_indent": 0, "t_max_predict_ms": 0, "min_keep": 0, "n_cmpl": 1,
             "post_sampling_probs": False, "return_progress": False}
 # taken, no effect: the prefix cache is always on, and no context is shifted (n_keep, n_discard); slots,
@@ -33,6 +33,7 @@ class LlamaCompletionRequest(RequestBody):
     top_k: Optional[StrictInt] = None
     top_p: Optional[StrictFloat] = None
     min_p: Optional[StrictFloat] = None
+    typical_p: Optional[StrictFloat] = None
     stop: Union[str, list[str], None] = None
     stream: StrictBool = False
     seed: Optional[StrictInt] = None
@@ -106,6 +107,8 @@ class LlamaCompletionRequest(RequestBody):
             body |= {"max_tokens": 0, "echo": True}  # the prompt alone (its text left out of the answer)
         else:
             body["max_tokens"] = wanted
+        if self.typical_p is not None:  # (llama.cpp's typical sampler is off from 1 up)
+            body["typical_p"] = min(self.typical_p, 1.0)
         for ours, theirs in (("stop", "stop"), ("grammar", "grammar"), ("json_schema", "json_schema"),
                              ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
                              ("repetition_penalty", "repeat_penalty")):

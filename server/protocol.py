@@ -267,6 +267,7 @@ class SamplingRequest(RequestBody):
     top_p: Optional[StrictFloat] = None
     top_k: Optional[StrictInt] = None
     min_p: Optional[StrictFloat] = None
+    typical_p: Optional[StrictFloat] = None  # typical sampling's mass (engine/typical.py), as TGI and llama.cpp take it
     stop: Union[str, list[str], None] = None
     seed: Optional[Seed] = None  # int64, as vLLM; the sampler's stream for it (choice i: seed + i)
     stream: StrictBool = False
@@ -304,7 +305,7 @@ class SamplingRequest(RequestBody):
             n=n, max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0, min_p=self.min_p or 0.0,
+            top_k=self.top_k or 0, min_p=self.min_p or 0.0, typical_p=1.0 if self.typical_p is None else self.typical_p,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=bias, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,

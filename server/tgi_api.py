@@ -1,14 +1,15 @@
 """Hugging Face text-generation-inference's native API, for the clients written against TGI
-(huggingface_hub's `InferenceClient.text_generation`, LangChain's and LlamaIndex's TGI classes, TGI's
-own Python client): POST /generate (JSON), /generate_stream (SSE, one event per token, no [DONE]),
-POST / (either, by `stream`; its JSON answer a one-item list, as TGI's compat route answers), GET /info.
+(huggingface_hub's `InferenceClient.text_generation` and what is built on it): POST /generate
+(JSON), /generate_stream (SSE, one event per token, no [DONE]), POST / (either, by `stream`; its
+JSON answer a one-item list, as TGI's compat route answers), GET /info.
 
 A request is tokenized here (BOS as the model adds it) and served as the /v1/completions request it
 translates to (server/tgi_protocol.py), by that route's code (server/completions.py), always with each
 token's logprob; its answer is written in TGI's shape: `generated_text` and, with `details`, each
 token as {id, text, logprob, special}, the finish reason (length, eos_token, stop_sequence), the seed a
 sampled request drew, the prompt's tokens scored (`decoder_input_details`), `top_n_tokens` likeliest
-tokens, and `best_of` sequences. Errors keep this server's OpenAI envelope, with a 4xx status."""
+tokens, and `best_of` sequences. Errors keep this server's OpenAI envelope, with a 4xx status and
+TGI's `error_type` beside it (server/errors.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -24,17 +25,17 @@ from pydantic import ValidationError
 from engine.sampling_params import InvalidParamError
 from server import __version__
 from server.completions import CompletionCall
-from server.errors import APIError, validation_message
+from server.errors import APIError, error_body, validation_message
 from server.generation import EventStream, check_model, ready_tokenizer
 from server.protocol import CompletionRequest, TokenizeRequest
-from server.tgi_protocol import MAX_BEST_OF, MAX_STOP_SEQUENCES, TGI_NAMES, GenerateRequest, finish_reason
+from server.tgi_protocol import MAX_BEST_OF, MAX_STOP_SEQUENCES, SEEDS, TGI_NAMES, GenerateRequest, finish_reason
 
 router = APIRouter()
 
 
 def tgi_param(param: str | None) -> str | None:
     """A /v1/completions field, named as the TGI request sent it."""
-    if param is None or param.startswith(("parameters.", "inputs")):
+    if param is None or param.startswith("parameters.") or param.split(".")[0] in GenerateRequest.model_fields:
         return param
     if param == "prompt" or param.startswith("prompt."):
         return "inputs"
@@ -99,7 +100,7 @@ class TGICall(CompletionCall):
         tokens = [texts.token(e) for e in entries]
         sequence = {"generated_text": self.prefix + choice["text"],
                     "finish_reason": finish_reason(choice["finish_reason"], choice["stop_reason"]),
-                    "generated_tokens": len(tokens), "seed": None if self.seed is None else self.seed + index,
+                    "generated_tokens": len(tokens), "seed": None if self.seed is None else (self.seed + index) % SEEDS,
                     "prefill": self.prefill(choice.get("prompt_logprobs")), "tokens": tokens}
         if self.top_n:
             sequence["top_tokens"] = [texts.alternatives(e) for e in entries]
@@ -113,9 +114,9 @@ class TGICall(CompletionCall):
         return [{"id": t, "text": self.tokenizer.token_text(t),
                  "logprob": None if s is None else s[str(t)]["logprob"]} for t, s in zip(prompt, scores)]
 
-    def answer(self, completion: dict) -> dict:
-        """The whole answer: the best of the sequences by mean token logprob (TGI's rule for best_of),
-        the others beside it in its details."""
+    def answer(self, completion: dict) -> tuple[dict, int]:
+        """The whole answer, and the tokens of the sequence it gives: the best of the sequences by
+        mean token logprob (TGI's rule for best_of), the others beside it in its details."""
         sequences = [self.sequence(i, c) for i, c in enumerate(completion["choices"])]
 
         def mean_logprob(s):
@@ -130,36 +131,54 @@ class TGICall(CompletionCall):
                 details["best_of_sequences"] = sequences
             details["ffn_skip"] = completion["usage"].get("ffn_skip")
             answer["details"] = details
-        return answer
+        return answer, chosen["generated_tokens"]
 
     async def tgi_events(self, stream):
-        """The completions chunks as TGI's events: one per token ({index, token, generated_text: null,
-        details: null}), the last with the whole generated text and, with `details`, the finish."""
+        """The engine's outputs as TGI's events: one per token ({index, token, generated_text: null,
+        details: null}) as it is made, the answer's last with the whole generated text and, with
+        `details`, the finish. Written from the completions chunks `events` makes of each output
+        (its logprobs, then at the end its finish and usage); that the output is the last is read
+        off the output itself, so no token waits for the next step to go out."""
+        last = False
+
+        async def outputs():
+            nonlocal last
+            async for out in stream:
+                last = out.finished
+                yield out
+
         texts = TokenTexts(self.tokenizer)
-        held = None  # the newest token's event: the last one goes out with the end
+        held = None  # the answer's last token's event, sent with its end
         count, text, finish, usage = 0, "", (None, None), {}
-        async for chunk in self.events(stream):
+        async for chunk in self.events(outputs()):
             if chunk == "[DONE]":
                 break
             data = json.loads(chunk)
-            if "error" in data:  # in-band, then the stream ends
-                yield chunk
+            if "error" in data:  # in-band, after the tokens made before it, then the stream ends
+                if held is not None:
+                    yield json.dumps(held)
+                yield json.dumps(dict(data, error_type="generation"))
                 return
             if not data["choices"]:
                 usage = data["usage"]
                 continue
             choice = data["choices"][0]
             text += choice["text"]
-            for entry in choice["logprobs"] or []:
-                if held is not None:
-                    yield json.dumps(held)
+            entries = choice["logprobs"] or []
+            for i, entry in enumerate(entries):
                 count += 1
-                held = {"index": count, "token": texts.token(entry), "generated_text": None, "details": None}
+                event = {"index": count, "token": texts.token(entry), "generated_text": None, "details": None}
                 if self.top_n:
-                    held["top_tokens"] = texts.alternatives(entry)
+                    event["top_tokens"] = texts.alternatives(entry)
+                if last and i == len(entries) - 1:
+                    held = event
+                else:
+                    yield json.dumps(event)
             if choice["finish_reason"] is not None:
                 finish = (choice["finish_reason"], choice.get("stop_reason"))
-        if held is None:
+        if held is None:  # an answer that ended with no token of its own to carry its end
+            yield json.dumps(error_body(500, "the generation ended without a final token", code="incomplete_generation")
+                             | {"error_type": "incomplete_generation"})
             return
         held["generated_text"] = self.prefix + text
         if self.native.parameters.details:
@@ -176,11 +195,13 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
     try:
         body.check(stream)
         p = body.parameters
+        if body.model is not None:
+            check_model(state, body.model)
         if p.adapter_id not in (None, "") and p.adapter_id not in state.model_names:
             raise InvalidParamError(f"adapter_id '{p.adapter_id}' is not served here (no LoRA adapters; this server "
                                     f"serves {sorted(state.model_names)})", "parameters.adapter_id")
-        prompt = await asyncio.to_thread(tokenizer.encode, body.inputs, True)  # BOS where the model adds one
-        seed = (secrets.randbelow(2**62) if p.seed is None else p.seed) if p.sampling else None
+        prompt = await asyncio.to_thread(tokenizer.encode, body.inputs, body.add_special_tokens)
+        seed = (secrets.randbelow(SEEDS) if p.seed is None else p.seed) if p.sampling else None
         model = state.served_names[0]
         completion = CompletionRequest.model_validate(
             body.completion_body(model, prompt, state.engine.config.max_model_len, seed, stream))
@@ -201,9 +222,7 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
         return EventStream(call.tgi_events(events), events, call.timer)
 
     def render(completion: dict) -> JSONResponse:
-        answer = call.answer(completion)
-        made = answer["details"]["generated_tokens"] if "details" in answer else \
-            completion["usage"]["completion_tokens"]
+        answer, made = call.answer(completion)
         headers = {"x-prompt-tokens": str(call.prompt_sizes[0]), "x-generated-tokens": str(made)}
         return JSONResponse([answer] if compat else answer, headers=headers)
 

@@ -5,15 +5,17 @@ sampling setting asks otherwise, `max_new_tokens` as many as the context leaves,
 kept in the text, `truncate` keeping the prompt's last tokens."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import StrictBool, StrictFloat, StrictInt
+from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
 from engine.sampling_params import InvalidParamError
-from server.protocol import FFNSkip, RequestBody, Seed, Strict
+from server.protocol import FFNSkip, RequestBody, Strict
 
 MAX_BEST_OF = 2  # TGI's default --max-best-of
 MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
+SEEDS = 2**64  # TGI's seeds are unsigned 64-bit numbers (the engine's streams too: engine/seeded_uniform.py)
+U64 = Annotated[StrictInt, Field(ge=0, lt=SEEDS)]
 # the /v1/completions fields a TGI parameter becomes, by its own name (for errors)
 TGI_NAMES = {"max_tokens": "max_new_tokens", "logprobs": "top_n_tokens", "truncate_prompt_tokens": "truncate",
              "prompt_logprobs": "decoder_input_details", "n": "best_of", "structured_outputs": "grammar",
@@ -52,7 +54,7 @@ class Parameters(Strict):
     max_new_tokens: Optional[StrictInt] = None
     repetition_penalty: Optional[StrictFloat] = None
     return_full_text: Optional[StrictBool] = None
-    seed: Optional[Seed] = None
+    seed: Optional[U64] = None
     stop: list[str] = []
     temperature: Optional[StrictFloat] = None
     top_k: Optional[StrictInt] = None
@@ -67,9 +69,10 @@ class Parameters(Strict):
     @property
     def sampling(self) -> bool:
         """TGI samples where `do_sample` asks, or where a setting changes the distribution (a
-        temperature other than 1, top_k, top_p below 1); else it is greedy."""
+        temperature other than 1, top_k, top_p or typical_p below 1); else it is greedy."""
         return self.do_sample or (self.temperature is not None and self.temperature != 1.0) or \
-            bool(self.top_k) or (self.top_p is not None and self.top_p < 1.0)
+            bool(self.top_k) or (self.top_p is not None and self.top_p < 1.0) or \
+            (self.typical_p is not None and self.typical_p < 1.0)
 
     @property
     def best_of_n(self) -> int:
@@ -78,8 +81,12 @@ class Parameters(Strict):
 
 class GenerateRequest(RequestBody):
     inputs: str
-    parameters: Parameters = Parameters()
+    # a request without parameters samples, as TGI fills them in (do_sample true); sent ones default to greedy
+    parameters: Parameters = Field(default_factory=lambda: Parameters(do_sample=True))
     stream: StrictBool = False  # the compat route's (POST /): /generate and /generate_stream are one each
+    add_special_tokens: StrictBool = True  # the tokenizer's BOS (where the model adds one) before the inputs
+    model: Optional[str] = None  # (TGI serves one model and reads none: a name given must be this server's)
+    options: Optional[dict[str, Any]] = None  # the HF Inference API's (wait_for_model, use_cache): taken, no effect
 
     def check(self, stream: bool) -> None:
         """TGI's rules for its parameters (its 422s, here 400s naming the parameter); `stream`: whether
@@ -99,8 +106,8 @@ class GenerateRequest(RequestBody):
             refuse("top_p must be in (0, 1]", "top_p")
         if p.top_k is not None and p.top_k <= 0:
             refuse("top_k must be strictly positive", "top_k")
-        if p.typical_p not in (None, 1.0):
-            refuse("typical_p is not supported here: only 1.0 (off) is taken", "typical_p")
+        if p.typical_p is not None and not 0 < p.typical_p <= 1:
+            refuse("typical_p must be in (0, 1]", "typical_p")
         if p.watermark:
             refuse("watermark is not supported here", "watermark")
         if p.max_new_tokens is not None and p.max_new_tokens <= 0:
@@ -128,7 +135,8 @@ class GenerateRequest(RequestBody):
     def completion_body(self, model: str, prompt_ids: list[int], max_model_len: int, seed: int | None,
                         stream: bool) -> dict:
         """The /v1/completions request's fields: the prompt as its ids (with `truncate` applied),
-        `seed` the one drawn for a sampled request that gave none (reported back, as TGI does)."""
+        `seed` the request's, or the one drawn for a sampled request that gave none (reported back,
+        as TGI does)."""
         p = self.parameters
         kept = len(prompt_ids) if p.truncate is None else min(p.truncate, len(prompt_ids))
         room = max(1, max_model_len - kept)
@@ -138,14 +146,15 @@ class GenerateRequest(RequestBody):
             "temperature": (1.0 if p.temperature is None else p.temperature) if p.sampling else 0.0,
             "logprobs": p.top_n_tokens or 0,  # each token's logprob (and its top_n_tokens likeliest)
             "include_stop_str_in_output": True}  # TGI's text ends with the stop sequence that ended it
-        for ours, theirs in (("top_p", "top_p"), ("top_k", "top_k"), ("repetition_penalty", "repetition_penalty"),
+        for ours, theirs in (("top_p", "top_p"), ("top_k", "top_k"), ("typical_p", "typical_p"),
+                             ("repetition_penalty", "repetition_penalty"),
                              ("frequency_penalty", "frequency_penalty"), ("truncate_prompt_tokens", "truncate")):
             if getattr(p, theirs) is not None:
                 body[ours] = getattr(p, theirs)
         if p.stop:
             body["stop"] = p.stop
-        if seed is not None:
-            body["seed"] = seed
+        if seed is not None:  # (as the engine's signed 64-bit seed of the same stream)
+            body["seed"] = seed - SEEDS if seed >= SEEDS // 2 else seed
         if p.decoder_input_details:
             body["prompt_logprobs"] = 0
         if p.grammar is not None:

@@ -108,7 +108,8 @@ def test_n_predict_0_computes_the_prompt_alone(server):
 
 @pytest.mark.parametrize("body, status, param", [
     ({"mirostat": 2}, 400, "mirostat"),
-    ({"typical_p": 0.5}, 400, "typical_p"),
+    ({"typical_p": 0.5}, 200, None),  # typical sampling (engine/typical.py)
+    ({"typical_p": 0.0}, 400, "typical_p"),
     ({"logit_bias": [["Hello", 1.0]]}, 400, "logit_bias"),
     ({"n_probs": 25}, 400, "n_probs"),
     ({"repeat_penalty": 3.0}, 400, "repeat_penalty"),

@@ -286,3 +286,43 @@ def test_a_row_its_constraints_leave_no_token_is_told_so():
     out = sample(logits, [SampleRow(SamplingParams(temperature=0.0), [1], [], None, allowed=none),
                           SampleRow(SamplingParams(temperature=0.0), [1], [], None)])
     assert isinstance(out[0], ValueError) and "constraints" in str(out[0]) and out[1].token_id >= 0
+
+
+@pytest.mark.parametrize("temperature, typical_p, scale", [(1.0, 0.95, 3.0), (0.7, 0.5, 3.0), (1.3, 0.2, 1.0),
+                                                            (1.0, 0.999, 0.3), (0.5, 0.01, 5.0)])
+def test_typical_sampling_keeps_transformers_typical_set(temperature, typical_p, scale, device):
+    """engine/typical.py against transformers' TypicalLogitsWarper on the temperature's logits: the
+    same tokens kept, rows of odd widths, a masked token (a grammar's -inf) never kept."""
+    from transformers import TypicalLogitsWarper
+
+    from engine.typical import mask_atypical
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, VOCAB + 13, generator=gen) * scale
+    logits[1, :40] = float("-inf")
+    ours = mask_atypical(logits.to(device, copy=True), [temperature] * 3, [typical_p] * 3).cpu()
+    theirs = TypicalLogitsWarper(typical_p)(None, logits / temperature)
+    assert torch.equal(ours.isfinite(), theirs.isfinite())
+    assert torch.equal(ours[ours.isfinite()], logits[ours.isfinite()])  # the kept tokens' logits untouched
+    assert not ours[1, :40].isfinite().any() and ours.isfinite().sum(-1).min() >= 1
+
+
+def test_a_typical_row_draws_only_from_its_typical_set_and_its_neighbours_keep_theirs(device):
+    from engine.typical import mask_atypical
+
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, VOCAB, generator=gen) * 3
+    kept = mask_atypical(logits[:1].clone(), [0.8], [0.3])[0].isfinite()
+    assert 1 < int(kept.sum()) < VOCAB // 2  # a real filter: some tokens kept, most dropped
+    drawn = set()
+    for u in torch.linspace(0.001, 0.999, 60).tolist():
+        rows = [SampleRow(SamplingParams(temperature=0.8, typical_p=0.3), [1], [], u),
+                SampleRow(SamplingParams(temperature=0.0), [1], [], None),
+                SampleRow(SamplingParams(temperature=0.8), [1], [], u)]
+        out = sample(logits.to(device, copy=True), rows)
+        assert kept[out[0].token_id]
+        drawn.add(out[0].token_id)
+        assert out[1].token_id == int(logits[1].argmax())
+        plain = sample(logits[2:].to(device, copy=True), [SampleRow(SamplingParams(temperature=0.8), [1], [], u)])
+        assert out[2].token_id == plain[0].token_id  # the row beside it draws as it would alone
+    assert len(drawn) > 1

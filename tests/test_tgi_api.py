@@ -88,7 +88,10 @@ def test_a_stream_is_one_event_per_token_and_the_last_carries_the_text(server, c
     assert len(texts) == len(streamed) == 6 and streamed[-1].details.finish_reason == "length"
     assert streamed[-1].generated_text.startswith(PROMPT)  # POST /: the prompt first unless told otherwise
     if not cuda_available():
-        assert "".join(texts) == last["generated_text"] == _v1(server, max_tokens=6)["text"]
+        v1 = _v1(server, max_tokens=6, logprobs=0, return_token_ids=True)
+        assert "".join(texts) == last["generated_text"] == v1["text"]
+        assert [e["token"]["id"] for e in events] == v1["token_ids"]
+        assert [e["token"]["logprob"] for e in events] == pytest.approx(v1["logprobs"]["token_logprobs"], abs=1e-4)
 
 
 def test_stop_sequences_stay_in_the_text_and_a_grammar_ends_it(server):
@@ -174,7 +177,7 @@ def test_decoder_input_details_score_the_prompt_and_top_n_tokens_rank_each_step(
     ({"inputs": "hi", "parameters": {"temperature": 0}}, "parameters.temperature"),
     ({"inputs": "hi", "parameters": {"top_p": 1.5}}, "parameters.top_p"),
     ({"inputs": "hi", "parameters": {"top_k": 0}}, "parameters.top_k"),
-    ({"inputs": "hi", "parameters": {"typical_p": 0.5}}, "parameters.typical_p"),
+    ({"inputs": "hi", "parameters": {"typical_p": 1.5}}, "parameters.typical_p"),
     ({"inputs": "hi", "parameters": {"watermark": True}}, "parameters.watermark"),
     ({"inputs": "hi", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, "parameters.stop"),
     ({"inputs": "hi", "parameters": {"top_n_tokens": 21}}, "parameters.top_n_tokens"),
@@ -183,6 +186,7 @@ def test_decoder_input_details_score_the_prompt_and_top_n_tokens_rank_each_step(
     ({"inputs": "hi", "parameters": {"best_of": 3, "do_sample": True}}, "parameters.best_of"),
     ({"inputs": "hi", "parameters": {"best_of": 2, "do_sample": True, "seed": 1}}, "parameters.seed"),
     ({"inputs": "hi", "parameters": {"seed": 2**64}}, "parameters.seed"),
+    ({"inputs": "hi", "parameters": {"seed": -1}}, "parameters.seed"),
     ({"inputs": "hi", "parameters": {"adapter_id": "some-lora"}}, "parameters.adapter_id"),
     ({"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": 5}}}, "parameters.grammar"),
     ({"inputs": "hi", "parameters": {"grammar": {"type": "ebnf", "value": "x"}}}, "parameters.grammar.type"),
@@ -194,9 +198,18 @@ def test_bad_parameters_are_400s_naming_them(server, body, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and set(error) == {"message", "type", "param", "code"}
+    assert r.json()["error_type"] == "validation"  # TGI's, by which huggingface_hub raises its ValidationError
     name = param.rsplit(".", 1)[-1]
     if name not in ("inputs", "type", "grammar") and "not supported by this server" not in error["message"]:
         assert name in error["message"]  # named as TGI names it, not as /v1/completions would
+
+
+def test_a_model_named_must_be_this_servers(server):
+    r = _post(server, "/generate", {"inputs": PROMPT, "model": "another-model", "parameters": {"max_new_tokens": 1}})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    ok = _post(server, "/generate", {"inputs": PROMPT, "model": MODEL, "options": {"wait_for_model": True},
+                                     "parameters": {"max_new_tokens": 1}})
+    assert ok.status_code == 200, ok.text  # (the HF Inference API's `options` taken)
 
 
 def test_what_a_stream_cannot_carry_is_refused_before_it_starts(server, client):
@@ -206,8 +219,10 @@ def test_what_a_stream_cannot_carry_is_refused_before_it_starts(server, client):
         assert r.status_code == 400 and r.json()["error"]["param"] == "parameters." + param
         r = _post(server, "/", {"inputs": "hi", "stream": True, "parameters": parameters})
         assert r.status_code == 400 and r.json()["error"]["param"] == "parameters." + param
-    with pytest.raises(Exception, match="not streamed"):  # the hub client raises it
+    with pytest.raises(huggingface_hub.errors.ValidationError, match="not streamed"):  # by TGI's error_type
         list(client.text_generation("hi", stream=True, best_of=2, do_sample=True))
+    with pytest.raises(huggingface_hub.errors.ValidationError, match="max_new_tokens"):
+        client.text_generation("hi", max_new_tokens=0)
 
 
 def test_info_invocations_and_tokenize_in_tgis_spelling(server):
@@ -218,13 +233,16 @@ def test_info_invocations_and_tokenize_in_tgis_spelling(server):
     r = _post(server, "/invocations", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2,
                                                                          "return_full_text": False}})
     assert r.status_code == 200 and isinstance(r.json(), list) and r.json()[0]["generated_text"]
+    events = _events(server, "/invocations", {"inputs": PROMPT, "stream": True, "parameters": {"max_new_tokens": 3}})
+    assert [e["index"] for e in events] == [1, 2, 3] and events[-1]["generated_text"].startswith(PROMPT)
     text = "Héllo wörld 🙂!"
     tokens = _post(server, "/tokenize", {"inputs": text}).json()
     assert [t["id"] for t in tokens] == _post(server, "/tokenize", {"prompt": text}).json()["tokens"]
     raw = text.encode()
-    for t in tokens:  # spans in bytes, as TGI's Rust tokenizer counts them
-        assert t["text"] == raw[t["start"]:t["stop"]].decode()
-    assert tokens[0]["start"] == 0 and tokens[-1]["stop"] == len(raw)
+    assert tokens[0]["start"] == 0 and tokens[-1]["stop"] == len(raw) > len(text)  # spans in bytes, as TGI's
+    assert all(a["stop"] == b["start"] for a, b in zip(tokens, tokens[1:]))  # (this text: no token overlaps)
+    (accented,) = [t for t in tokens if "é" in t["text"]]
+    assert accented["stop"] - accented["start"] == len(accented["text"].encode())
     assert "".join(t["text"] for t in tokens) == text
     assert _post(server, "/tokenize", {"inputs": "hi", "prompt": "hi"}).status_code == 400
 
@@ -237,3 +255,38 @@ def test_the_ffn_skip_budget_rides_in_the_parameters(server):
     assert math.isclose(skip["ratio"], skip["skipped"] / skip["total"])
     dense = _post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "details": True}})
     assert dense.json()["details"]["ffn_skip"]["skipped"] == 0
+
+
+def test_what_langchains_tgi_example_sends_is_served(client):
+    """Its settings: typical_p 0.95 beside top_p 0.95, top_k 10, a low temperature (typical sampling,
+    engine/typical.py), a repetition penalty; sampled, so a seed comes back and replays it."""
+    settings = dict(max_new_tokens=8, top_k=10, top_p=0.95, typical_p=0.95, temperature=0.01, repetition_penalty=1.03,
+                    return_full_text=False)
+    out = client.text_generation(PROMPT, details=True, **settings)
+    assert out.details.generated_tokens > 0 and out.details.seed is not None
+    again = client.text_generation(PROMPT, seed=out.details.seed, **settings)
+    if not cuda_available():
+        assert again == out.generated_text
+
+
+def test_seeds_are_unsigned_64_bit_and_best_of_headers_count_the_answer(server):
+    def sampled(seed):
+        return _post(server, "/generate", {"inputs": PROMPT, "parameters": {
+            "max_new_tokens": 6, "do_sample": True, "temperature": 1.5, "seed": seed, "details": True}}).json()
+
+    top = sampled(2**64 - 1)
+    assert top["details"]["seed"] == 2**64 - 1
+    if not cuda_available():
+        assert sampled(2**64 - 1)["generated_text"] == top["generated_text"]
+    r = _post(server, "/generate", {"inputs": "Once upon a time", "parameters": {
+        "max_new_tokens": 4, "best_of": 2, "do_sample": True, "stop": ["\u00a7"]}})
+    assert r.status_code == 200 and r.headers["x-generated-tokens"] == "4"  # the answer's, not both sequences'
+
+
+def test_a_request_without_parameters_samples_as_tgi_fills_them_in():
+    from server.tgi_protocol import GenerateRequest
+
+    assert GenerateRequest.model_validate({"inputs": "x"}).parameters.sampling  # TGI's default: do_sample true
+    assert not GenerateRequest.model_validate({"inputs": "x", "parameters": {}}).parameters.sampling
+    assert not GenerateRequest.model_validate({"inputs": "x", "parameters": {"temperature": 1.0}}).parameters.sampling
+    assert GenerateRequest.model_validate({"inputs": "x", "parameters": {"typical_p": 0.9}}).parameters.sampling
