@@ -1,5 +1,5 @@
-"""Turns a step's logits into tokens: penalties, logit bias, greedy or seeded sampling (typical
-sampling's filter first where a row asks for it), logprobs,
+"""Turns a step's logits into tokens: penalties, logit bias, greedy or seeded sampling (with
+typical sampling where a row asks for it: engine/typical.py), logprobs,
 for all rows at once; the host reads the step's tokens (and logprobs) back in one transfer each."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from engine.categorical import draw
 from engine.penalties import apply_penalties
 from engine.rows import device_values, padded, put_rows, take_rows, to_device
 from engine.sampling_params import InvalidParamError, SamplingParams
-from engine.typical import mask_atypical
+from engine.typical import mask_filtered
 
 
 @dataclass
@@ -51,13 +51,15 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     tokens = best.indices  # the greedy rows' tokens
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     typical = [i for i in drawn if params[i].typical_p < 1.0]
-    if typical:  # after the temperature, before top-k, top-p and min-p (transformers' and TGI's order)
-        put_rows(logits, typical, mask_atypical(take_rows(logits, typical), [params[i].temperature for i in typical],
-                                                [params[i].typical_p for i in typical]))
+    if typical:  # every filter, typical sampling's last, over the whole vocabulary; then drawn unfiltered
+        put_rows(logits, typical, mask_filtered(take_rows(logits, typical), *_settings(params, typical)))
     if drawn:
+        plain = set(typical)
         put_rows(tokens, drawn, draw(take_rows(logits, drawn), [params[i].temperature for i in drawn],
-                                     [params[i].top_k for i in drawn], [params[i].top_p for i in drawn],
-                                     [params[i].min_p for i in drawn], [rows[i].uniform for i in drawn]))
+                                     [0 if i in plain else params[i].top_k for i in drawn],
+                                     [1.0 if i in plain else params[i].top_p for i in drawn],
+                                     [0.0 if i in plain else params[i].min_p for i in drawn],
+                                     [rows[i].uniform for i in drawn]))
     # 1: a token; 0: logits that are no numbers; -1: every token masked (a constraint with no way on)
     usable = torch.where(finite, 1, torch.where(best.values == float("-inf"), -1, 0))
     token_ids, usable = torch.stack([tokens, usable]).tolist()  # one transfer back
@@ -66,6 +68,12 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
         _add_logprobs(raw, tokens, params, out)
     return [sampled if ok == 1 else ValueError(NOT_FINITE) if ok == 0 else InvalidParamError(NO_TOKEN_LEFT)
             for sampled, ok in zip(out, usable)]
+
+
+def _settings(params: list[SamplingParams], rows: list[int]) -> tuple[list, ...]:
+    """The filters' settings of `rows`: temperature, top_k, top_p, min_p, typical_p."""
+    names = ("temperature", "top_k", "top_p", "min_p", "typical_p")
+    return tuple([getattr(params[i], name) for i in rows] for name in names)
 
 
 NOT_FINITE = "the model's logits for this sequence are not finite (NaN or infinity)"

@@ -30,9 +30,9 @@ class AccessGate:
         state = self.state
         if state.api_key is not None and not _authorized(scope, state.api_key):
             return error_response(401, "missing or invalid API key (Authorization: Bearer <key>, or x-api-key: <key>)",
-                                  code="invalid_api_key")
+                                  code="invalid_api_key", scope=scope)
         if state.draining:
-            return error_response(503, "the server is shutting down", code="shutting_down")
+            return error_response(503, "the server is shutting down", code="shutting_down", scope=scope)
         return None
 
 

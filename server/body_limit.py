@@ -45,5 +45,5 @@ class BodySizeLimit:
     async def _refuse(self, scope, receive, send):
         response = error_response(413, f"the request body is larger than this server's limit of "
                                        f"{self.max_bytes} bytes (--max-request-bytes)", code="request_too_large",
-                                  headers={"connection": "close"})
+                                  headers={"connection": "close"}, scope=scope)
         await response(scope, receive, send)

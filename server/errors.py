@@ -51,26 +51,34 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+                   headers: dict | None = None, scope: dict | None = None) -> JSONResponse:
+    """The envelope as a response; `scope`: the request's (TGI's routes get its `error_type` too)."""
+    body = error_body(status, message, param, code)
+    if scope is not None and is_tgi(scope) and tgi_error_type(status):
+        body["error_type"] = tgi_error_type(status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-# TGI's native routes (server/tgi_api.py): its clients (huggingface_hub) raise their typed errors
-# (ValidationError, OverloadedError, ...) by a top-level `error_type` beside the error
+# TGI's native routes (server/tgi_api.py; /invocations with TGI's body marks its scope): its clients
+# (huggingface_hub) raise their typed errors (ValidationError, OverloadedError, ...) by a top-level
+# `error_type` beside the error
 TGI_PATHS = frozenset({"/generate", "/generate_stream", "/"})
 
 
-def tgi_error_type(status: int) -> str:
+def is_tgi(scope: dict) -> bool:
+    return scope.get("path") in TGI_PATHS or bool(scope.get("tgi"))
+
+
+def tgi_error_type(status: int) -> str | None:
+    """None for a refused key (the client's own HTTP error says it better than a validation error)."""
+    if status in (401, 403):
+        return None
     return "overloaded" if status in (429, 503) else "validation" if status < 500 else "generation"
 
 
 def _answer(request: Request, status: int, message: str, param: str | None = None, code: str | None = None,
             headers: dict | None = None) -> JSONResponse:
-    """The envelope, with TGI's `error_type` on TGI's routes."""
-    body = error_body(status, message, param, code)
-    if request.url.path in TGI_PATHS:
-        body["error_type"] = tgi_error_type(status)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return error_response(status, message, param, code, headers, request.scope)
 
 
 def validation_message(err: dict) -> tuple[str, str | None]:
@@ -118,7 +126,7 @@ class UnexpectedErrors:
             if started:  # too late for an answer of its own: the connection ends, as it would have
                 raise
             log.exception("unhandled error on %s", scope.get("path"))
-            await error_response(500, "internal server error")(scope, receive, send)
+            await error_response(500, "internal server error", scope=scope)(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:
@@ -146,9 +154,9 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"route {request.method} {request.url.path} not found" + _prefix_hint(request)
-        return error_response(exc.status_code, message)
+        return _answer(request, exc.status_code, message)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal server error")
+        return _answer(request, 500, "internal server error")

@@ -39,7 +39,9 @@ async def invocations(request: Request):
     if len(given) > 1:
         raise APIError(400, f"give one of 'messages', 'prompt', 'input' or 'inputs', not {' and '.join(given)}",
                        given[1])
-    if "inputs" not in data:  # (TGI's request names no model)
+    if "inputs" in data:  # TGI's body: its errors carry TGI's error_type (server/errors.py)
+        request.scope["tgi"] = True
+    else:  # (TGI's request names no model)
         data.setdefault("model", request.app.state.skipserve.served_names[0])  # (SageMaker serves one model)
     for key, model, route in ROUTES:
         if key in data:

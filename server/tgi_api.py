@@ -49,6 +49,14 @@ def named(message: str, param: str | None, theirs: str | None) -> str:
     return re.sub(rf"\b{re.escape(param)}\b", theirs.removeprefix("parameters."), message)
 
 
+def stream_error_type(error: dict) -> str:
+    """TGI's error_type of an in-band error: the server shutting down is `overloaded` (try again),
+    a request's own settings `validation`, anything else `generation`."""
+    if error.get("code") == "shutting_down":
+        return "overloaded"
+    return "validation" if error.get("type") == "invalid_request_error" else "generation"
+
+
 class TokenTexts:
     """Each generated token's text as TGI streams it: the text it completes (a character split over
     tokens comes whole with its last token, "" before it), a special token's own text; so the texts
@@ -157,7 +165,7 @@ class TGICall(CompletionCall):
             if "error" in data:  # in-band, after the tokens made before it, then the stream ends
                 if held is not None:
                     yield json.dumps(held)
-                yield json.dumps(dict(data, error_type="generation"))
+                yield json.dumps(dict(data, error_type=stream_error_type(data["error"])))
                 return
             if not data["choices"]:
                 usage = data["usage"]

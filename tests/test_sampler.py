@@ -290,7 +290,7 @@ def test_a_row_its_constraints_leave_no_token_is_told_so():
 
 @pytest.mark.parametrize("temperature, typical_p, scale", [(1.0, 0.95, 3.0), (0.7, 0.5, 3.0), (1.3, 0.2, 1.0),
                                                             (1.0, 0.999, 0.3), (0.5, 0.01, 5.0)])
-def test_typical_sampling_keeps_transformers_typical_set(temperature, typical_p, scale, device):
+def test_typical_sampling_keeps_transformers_typical_set(temperature, typical_p, scale):
     """engine/typical.py against transformers' TypicalLogitsWarper on the temperature's logits: the
     same tokens kept, rows of odd widths, a masked token (a grammar's -inf) never kept."""
     from transformers import TypicalLogitsWarper
@@ -300,29 +300,59 @@ def test_typical_sampling_keeps_transformers_typical_set(temperature, typical_p,
     gen = torch.Generator().manual_seed(7)
     logits = torch.randn(3, VOCAB + 13, generator=gen) * scale
     logits[1, :40] = float("-inf")
-    ours = mask_atypical(logits.to(device, copy=True), [temperature] * 3, [typical_p] * 3).cpu()
+    ours = mask_atypical(logits.clone(), [temperature] * 3, [typical_p] * 3)
     theirs = TypicalLogitsWarper(typical_p)(None, logits / temperature)
     assert torch.equal(ours.isfinite(), theirs.isfinite())
     assert torch.equal(ours[ours.isfinite()], logits[ours.isfinite()])  # the kept tokens' logits untouched
     assert not ours[1, :40].isfinite().any() and ours.isfinite().sum(-1).min() >= 1
 
 
-def test_a_typical_row_draws_only_from_its_typical_set_and_its_neighbours_keep_theirs(device):
-    from engine.typical import mask_atypical
+TYPICAL = [  # temperature, top_k, top_p, min_p, typical_p
+    (1.0, 10, 1.0, 0.0, 0.5),
+    (0.7, 0, 0.9, 0.05, 0.8),
+    (1.3, 40, 0.95, 0.0, 0.95),
+    (1.0, 0, 1.0, 0.0, 0.3),
+    (0.5, 3, 0.99, 0.0, 0.2),
+    (0.01, 10, 0.95, 0.0, 0.95),  # LangChain's TGI example's settings
+]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p, typical_p", TYPICAL)
+def test_typical_sampling_comes_last_after_the_other_filters(temperature, top_k, top_p, min_p, typical_p):
+    """The typical set of what temperature, top-k, min-p and top-p kept (the engine's filters, the
+    reference above), as transformers and TGI apply it last: never a token top-k dropped."""
+    from transformers import TypicalLogitsWarper
+
+    from engine.typical import mask_filtered
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, VOCAB, generator=gen) * 3
+    ours = mask_filtered(logits.clone(), [temperature] * 4, [top_k] * 4, [top_p] * 4, [min_p] * 4, [typical_p] * 4)
+    for row in range(4):
+        kept_before = reference_probs(logits[row], temperature, top_k, top_p, min_p)
+        theirs = TypicalLogitsWarper(typical_p)(None, kept_before.log()[None].float())[0]
+        assert torch.equal(ours[row].isfinite(), theirs.isfinite())
+        assert ours[row].isfinite().sum() >= 1 and not ours[row][kept_before == 0].isfinite().any()
+
+
+def test_a_typical_row_draws_only_from_its_filtered_set_and_its_neighbours_keep_theirs(device):
+    from engine.typical import mask_filtered
 
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(3, VOCAB, generator=gen) * 3
-    kept = mask_atypical(logits[:1].clone(), [0.8], [0.3])[0].isfinite()
-    assert 1 < int(kept.sum()) < VOCAB // 2  # a real filter: some tokens kept, most dropped
+    kept = mask_filtered(logits[:1].to(device, copy=True), [0.8], [10], [0.95], [0.0], [0.5])[0].isfinite().cpu()
+    assert 1 < int(kept.sum()) < 10  # a real filter: inside the top 10, not all of them
+    assert set(kept.nonzero().flatten().tolist()) <= set(logits[0].topk(10).indices.tolist())
     drawn = set()
     for u in torch.linspace(0.001, 0.999, 60).tolist():
-        rows = [SampleRow(SamplingParams(temperature=0.8, typical_p=0.3), [1], [], u),
+        rows = [SampleRow(SamplingParams(temperature=0.8, top_k=10, top_p=0.95, typical_p=0.5), [1], [], u),
                 SampleRow(SamplingParams(temperature=0.0), [1], [], None),
-                SampleRow(SamplingParams(temperature=0.8), [1], [], u)]
+                SampleRow(SamplingParams(temperature=0.8, top_k=10), [1], [], u)]
         out = sample(logits.to(device, copy=True), rows)
         assert kept[out[0].token_id]
         drawn.add(out[0].token_id)
         assert out[1].token_id == int(logits[1].argmax())
-        plain = sample(logits[2:].to(device, copy=True), [SampleRow(SamplingParams(temperature=0.8), [1], [], u)])
-        assert out[2].token_id == plain[0].token_id  # the row beside it draws as it would alone
+        alone = sample(logits[2:].to(device, copy=True), [SampleRow(SamplingParams(temperature=0.8, top_k=10),
+                                                                    [1], [], u)])
+        assert out[2].token_id == alone[0].token_id  # the row beside it draws as it would alone
     assert len(drawn) > 1

@@ -97,6 +97,8 @@ def test_tokenize_detokenize_scoring_and_tgi_paths_are_behind_the_key(srv):
                          for tgi in ("/generate", "/generate_stream", "/"))):
         assert httpx.post(srv.url + path, json=body).status_code == 401
         assert httpx.post(srv.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    refused = httpx.post(srv.url + "/generate", json={"inputs": "hi"})
+    assert refused.status_code == 401 and "error_type" not in refused.json()  # (the hub's own HTTP error says it)
     assert httpx.get(srv.url + "/info").status_code == 401
     assert httpx.get(srv.url + "/info", headers={"Authorization": f"Bearer {KEY}"}).json()["model_id"] == MODEL
 

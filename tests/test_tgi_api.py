@@ -233,6 +233,10 @@ def test_info_invocations_and_tokenize_in_tgis_spelling(server):
     r = _post(server, "/invocations", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2,
                                                                          "return_full_text": False}})
     assert r.status_code == 200 and isinstance(r.json(), list) and r.json()[0]["generated_text"]
+    bad = _post(server, "/invocations", {"inputs": PROMPT, "parameters": {"max_new_tokens": 0}})
+    assert bad.status_code == 400 and bad.json()["error_type"] == "validation"  # TGI's, as on its own routes
+    plain = _post(server, "/invocations", {"prompt": PROMPT, "max_tokens": -1})
+    assert plain.status_code == 400 and "error_type" not in plain.json()  # (an OpenAI body's errors: OpenAI's)
     events = _events(server, "/invocations", {"inputs": PROMPT, "stream": True, "parameters": {"max_new_tokens": 3}})
     assert [e["index"] for e in events] == [1, 2, 3] and events[-1]["generated_text"].startswith(PROMPT)
     text = "Héllo wörld 🙂!"
