@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse, Response
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.errors import APIError, error_body
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
-from server.generation import (EventStream, Usage, check_model, check_reasoning_effort, consume, encode_chat,
-                               overall_finish, ready_tokenizer, stopped, submit, tokenize_batch, truncated)
+from server.generation import (HUB_PLACEHOLDERS, EventStream, Usage, check_model, check_reasoning_effort, consume,
+                               encode_chat, overall_finish, ready_tokenizer, stopped, submit, tokenize_batch,
+                               truncated)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.reasoning import ReasoningSplit, request_reasoning, split_output
 from server.request_id import client_request_id
@@ -131,6 +132,8 @@ class CompletionCall:
     async def submit(self):
         state, body = self.state, self.body
         check_model(state, body.model)
+        if body.model in HUB_PLACEHOLDERS and body.model not in state.model_names:  # answered under the model's name
+            body.model = state.served_names[0]
         self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
         if self.chat:
             self.tools = body.tool_use

@@ -243,11 +243,18 @@ class JSONSchemaFormat(Strict):
 
 
 class ResponseFormat(Strict):
-    type: Literal["text", "json_object", "json_schema"]
+    """OpenAI's, and TGI's chat grammar: {"type": "json" | "json_object", "value": a schema (or its
+    text)}, {"type": "regex", "value": an expression}, {"type": "json_schema", "value": {"name",
+    "schema"}} (what huggingface_hub's chat_completion sends in place of OpenAI's json_schema)."""
+    type: Literal["text", "json_object", "json_schema", "json", "regex"]
     json_schema: Optional[JSONSchemaFormat] = None
+    value: Any = None  # TGI's
 
     def answer_schema(self) -> dict | None:
-        """The JSON schema the answer must follow (None: free text); json_object is any object."""
+        """The JSON schema the answer must follow (None: free text, or a regex); json_object without
+        a schema is any object."""
+        if self.value is not None or self.type in ("json", "regex"):
+            return self._tgi_schema()
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise InvalidParamError("response_format: json_schema is required with type json_schema, and only there",
                                     "response_format")
@@ -258,6 +265,33 @@ class ResponseFormat(Strict):
         if self.json_schema.schema_ is None:
             raise InvalidParamError("response_format: json_schema.schema is required", "response_format")
         return self.json_schema.schema_
+
+    def answer_regex(self) -> str | None:
+        """TGI's regex grammar: the expression the whole answer matches."""
+        if self.type != "regex":
+            return None
+        if not isinstance(self.value, str):
+            raise InvalidParamError("response_format: a regex's value is the expression, a string", "response_format")
+        return self.value
+
+    def _tgi_schema(self) -> dict | None:
+        if self.json_schema is not None or self.type == "text" or self.value is None and self.type != "regex":
+            raise InvalidParamError("response_format: TGI's form is {\"type\": \"json\", \"json_object\", \"regex\" "
+                                    "or \"json_schema\", \"value\": ...}", "response_format")
+        if self.type == "regex":
+            return None
+        schema = self.value
+        if self.type == "json_schema":
+            schema = schema.get("schema") if isinstance(schema, dict) else None
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                schema = None
+        if not isinstance(schema, dict):
+            raise InvalidParamError("response_format: value is a JSON schema (json_schema's: {\"name\", \"schema\"})",
+                                    "response_format")
+        return schema
 
 
 class SamplingRequest(RequestBody):
@@ -380,13 +414,16 @@ class CommonRequest(SamplingRequest):
         if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer it
             raise InvalidParamError("stream_options is only allowed when stream is true", "stream_options")
         schema = self.response_format.answer_schema() if self.response_format else None
+        regex = self.response_format.answer_regex() if self.response_format else None
         guided = self.guided()
-        if guided is not None and schema is not None:
+        if guided is not None and (schema is not None or regex is not None):
             raise InvalidParamError(f"response_format and {guided[2]} both hold the answer: give one of them", guided[2])
         params = self.sampling(logprobs, max_tokens, schema, self.n, max_tokens_param)
         if guided is not None:
             kind, value, params.schema_param = guided
             setattr(params, f"response_{kind}", value)
+        if regex is not None:
+            params.response_regex = regex
         if self.prompt_logprobs is not None:  # as vLLM's default max_logprobs allows them, and not streamed
             if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
                 raise InvalidParamError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]", "prompt_logprobs")
@@ -598,6 +635,8 @@ class ChatTools(Strict):
         """Checked once, read by the prompt's rendering and by the sampling params."""
         named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
         answer_format = getattr(self, "response_format", None)  # chat's (/tokenize has none)
+        if self.tools and answer_format is not None and answer_format.answer_regex() is not None:
+            raise InvalidParamError("a regex response_format cannot be combined with tools", "response_format")
         return ToolUse([t.function.model_dump(exclude_none=True) for t in self.tools or []],
                        None if named else self.tool_choice, named, self.parallel_tool_calls,
                        answer=answer_format.answer_schema() if answer_format else None)

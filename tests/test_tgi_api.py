@@ -294,3 +294,28 @@ def test_a_request_without_parameters_samples_as_tgi_fills_them_in():
     assert not GenerateRequest.model_validate({"inputs": "x", "parameters": {}}).parameters.sampling
     assert not GenerateRequest.model_validate({"inputs": "x", "parameters": {"temperature": 1.0}}).parameters.sampling
     assert GenerateRequest.model_validate({"inputs": "x", "parameters": {"typical_p": 0.9}}).parameters.sampling
+
+
+def test_the_hub_clients_chat_is_served_by_v1_chat_completions(server, client):
+    """huggingface_hub's chat_completion against a server URL: it names the model "dummy" (TGI reads
+    no name) and sends a JSON schema in TGI's form ({"type": "json_object", "value": schema})."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    out = client.chat_completion(messages, max_tokens=8, temperature=0)
+    assert out.model == MODEL and out.choices[0].message.content and out.choices[0].finish_reason
+    chunks = list(client.chat_completion(messages, max_tokens=8, temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    if not cuda_available():
+        assert streamed == out.choices[0].message.content
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    held = client.chat_completion([{"role": "user", "content": "Is the sky blue? Answer in JSON."}], max_tokens=40,
+                                  response_format={"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}})
+    assert isinstance(json.loads(held.choices[0].message.content)["ok"], bool)
+    regex = _post(server, "/v1/chat/completions", {"model": "tgi", "messages": messages, "max_tokens": 10,
+                                                   "response_format": {"type": "regex", "value": "[0-9]{3}"}})
+    assert regex.status_code == 200 and re.fullmatch("[0-9]{3}", regex.json()["choices"][0]["message"]["content"])
+    for bad in ({"type": "json", "value": 5}, {"type": "regex", "value": {"a": 1}}, {"type": "regex"},
+                {"type": "json_schema", "value": {"name": "x"}}):
+        r = _post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "response_format": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", (bad, r.text)
+    assert _post(server, "/v1/chat/completions", {"model": "no-such-model", "messages": messages}).status_code == 404
