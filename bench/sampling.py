@@ -8,6 +8,7 @@ rounds alternating between the trees, and the table shows both and their ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -26,6 +27,9 @@ SETTINGS = {
     "temperature 1, top_k 40": dict(temperature=1.0, top_k=40),
     "temperature 0.8, repetition 1.1": dict(temperature=0.8, repetition_penalty=1.1),
     "temperature 1, frequency + presence 0.5": dict(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.5),
+    "temperature 1, typical_p 0.95": dict(temperature=1.0, typical_p=0.95),  # over the whole vocabulary
+    "temperature 0.8, top_p + typical_p 0.95": dict(temperature=0.8, top_p=0.95, typical_p=0.95),
+    "LangChain's TGI example": dict(temperature=0.01, top_k=10, top_p=0.95, typical_p=0.95, repetition_penalty=1.03),
 }
 
 
@@ -65,10 +69,14 @@ def measure(tree: Path, batches: list[int], new_tokens: int) -> dict:
             engine.step()
         return sum(spent) / len(spent) * 1e3, (time.perf_counter() - t) / len(spent) * 1e3
 
+    taken = {f.name for f in dataclasses.fields(SamplingParams)}
     results = {}
     for batch in batches:
         results[batch] = {}
         for name, kw in SETTINGS.items():
+            if not set(kw) <= taken:  # a setting an older tree's engine does not have
+                results[batch][name] = (float("nan"), float("nan"))
+                continue
             run(batch, kw, 2)  # warm
             results[batch][name] = run(batch, kw, new_tokens)
     return results

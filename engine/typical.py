@@ -2,13 +2,19 @@
 TypicalLogitsWarper and TGI apply it: last of the filters, after the temperature, top-k, min-p and
 top-p, keep the tokens whose surprisal (-log p) is closest to the entropy of what those left,
 fewest first, until their mass reaches `typical_p` (the one that crosses it kept too, and always at
-least one). Rows that ask for it are filtered here over their whole sorted vocabulary (a full sort
-per row: only they pay it), then drawn by engine/categorical.py with no filter of its own."""
+least one). Rows that ask for it are filtered here, then drawn by engine/categorical.py with no
+filter of its own.
+
+A row with top-k, top-p or min-p keeps a run of its most likely tokens: it is filtered over its
+`CANDIDATES` most likely (a top-k and a short sort), and again over more where what it keeps may
+run past them; a row with none of them, over its whole vocabulary (a full sort)."""
 from __future__ import annotations
 
 import torch
 
-from engine.rows import column, device_values
+from engine.rows import column, device_values, put_rows, take_rows
+
+CANDIDATES = (128, 4096)
 
 
 def mask_filtered(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
@@ -18,21 +24,55 @@ def mask_filtered(logits: torch.Tensor, temperature: list[float], top_k: list[in
     order and with its rules (top-k keeps the tokens as likely as the k-th; min-p against the most
     likely token; top-p's mass over what top-k and min-p kept), then the typical set."""
     vocab = logits.shape[1]
+    top_k = [k if 0 < k < vocab else 0 for k in top_k]
+    settings = (temperature, top_k, top_p, min_p, typical_p)
+    bounded = [i for i in range(len(top_k)) if top_k[i] or top_p[i] < 1.0 or min_p[i] > 0.0]
+    whole = [i for i in range(len(top_k)) if i not in set(bounded)]
+    if whole:
+        put_rows(logits, whole, mask_atypical(take_rows(logits, whole), *_pick(whole, temperature, typical_p)))
+    if bounded:
+        put_rows(logits, bounded, _mask_run(take_rows(logits, bounded), *_pick(bounded, *settings), CANDIDATES))
+    return logits
+
+
+def _mask_run(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
+              min_p: list[float], typical_p: list[float], ladder: tuple[int, ...]) -> torch.Tensor:
+    """Rows whose filters keep a run of their most likely tokens: filtered over the first rung of
+    `ladder` (or top_k + 1, when larger); rows whose run may go on past it, again on the next."""
+    rows, vocab = logits.shape
+    width = min(vocab, max([ladder[0] if ladder else vocab] + [k + 1 for k in top_k]))
     scaled = logits / column(temperature, logits)
-    values, order = scaled.sort(dim=-1, descending=True, stable=True)
-    k = device_values([k if 0 < k < vocab else vocab for k in top_k], logits.device)
-    keep = values >= values.gather(1, (k - 1)[:, None])
-    probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
+    if width >= vocab:
+        values, order = scaled.sort(dim=-1, descending=True, stable=True)
+    else:
+        values, order = scaled.topk(width, dim=-1)
+    dev = logits.device
+    has_k = device_values([k > 0 for k in top_k], dev)[:, None]
+    kth = values.gather(1, (device_values([k or width for k in top_k], dev) - 1)[:, None])
+    keep = values >= torch.where(has_k, kth, torch.full_like(kth, float("-inf")))
+    # probabilities: top-k's over its kept tokens, the others' over the whole vocabulary
+    whole = (values - scaled.logsumexp(-1, keepdim=True)).exp()
+    probs = torch.where(has_k, torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1), whole)
     if any(min_p):
         keep &= probs >= column(min_p, probs) * probs[:, :1]
         probs = probs.masked_fill(~keep, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
+    # top-k's or min-p's tokens up to the last candidate: more may follow, and top-p's mass would miss them
+    short = keep[:, -1] & (has_k[:, 0] | device_values([m > 0.0 for m in min_p], dev))
     if any(p < 1.0 for p in top_p):
         limit = column([p if p < 1.0 else float("inf") for p in top_p], probs)
         keep &= probs.cumsum(-1) - probs < limit
-    dropped = ~keep
-    logits.masked_fill_(dropped.scatter(1, order, dropped), float("-inf"))
-    return mask_atypical(logits, temperature, typical_p)
+    kept = values.masked_fill(~keep, float("-inf"))
+    kept = mask_atypical(kept, [1.0] * rows, typical_p)  # (over the run: what the filters left, renormalised)
+    out = torch.full_like(logits, float("-inf")).scatter_(1, order, torch.where(kept.isfinite(), logits.gather(
+        1, order), float("-inf")))
+    if width < vocab:  # a run that reaches the last candidate may go on past it
+        again = (short | keep[:, -1]).nonzero().flatten().tolist()
+        if again:
+            rest = tuple(w for w in ladder[1:] if w > width)
+            put_rows(out, again, _mask_run(take_rows(logits, again), *_pick(again, temperature, top_k, top_p, min_p,
+                                                                                typical_p), rest))
+    return logits.copy_(out)
 
 
 def mask_atypical(logits: torch.Tensor, temperature: list[float], typical_p: list[float]) -> torch.Tensor:
@@ -49,3 +89,7 @@ def mask_atypical(logits: torch.Tensor, temperature: list[float], typical_p: lis
     dropped = distance > distance.gather(1, last)
     dropped[:, 0] = False
     return logits.masked_fill_(dropped.scatter(1, order, dropped), float("-inf"))
+
+
+def _pick(rows: list[int], *settings: list) -> list[list]:
+    return [[values[i] for i in rows] for values in settings]

@@ -314,19 +314,25 @@ TYPICAL = [  # temperature, top_k, top_p, min_p, typical_p
     (1.0, 0, 1.0, 0.0, 0.3),
     (0.5, 3, 0.99, 0.0, 0.2),
     (0.01, 10, 0.95, 0.0, 0.95),  # LangChain's TGI example's settings
+    (1.0, 0, 1.0, 0.1, 0.9),  # min-p alone
 ]
 
 
+@pytest.mark.parametrize("ladder", [(128, 4096), (8, 32)])  # (8, 32): runs past both rungs, then the whole row
 @pytest.mark.parametrize("temperature, top_k, top_p, min_p, typical_p", TYPICAL)
-def test_typical_sampling_comes_last_after_the_other_filters(temperature, top_k, top_p, min_p, typical_p):
+def test_typical_sampling_comes_last_after_the_other_filters(temperature, top_k, top_p, min_p, typical_p, ladder,
+                                                              monkeypatch):
     """The typical set of what temperature, top-k, min-p and top-p kept (the engine's filters, the
-    reference above), as transformers and TGI apply it last: never a token top-k dropped."""
+    reference above), as transformers and TGI apply it last: never a token top-k dropped. Rows of
+    mixed settings in one call, and flat rows whose nucleus runs past the candidates."""
     from transformers import TypicalLogitsWarper
 
+    from engine import typical
     from engine.typical import mask_filtered
 
+    monkeypatch.setattr(typical, "CANDIDATES", ladder)
     gen = torch.Generator().manual_seed(5)
-    logits = torch.randn(4, VOCAB, generator=gen) * 3
+    logits = torch.randn(4, VOCAB, generator=gen) * torch.tensor([[3.0], [3.0], [0.3], [1.0]])
     ours = mask_filtered(logits.clone(), [temperature] * 4, [top_k] * 4, [top_p] * 4, [min_p] * 4, [typical_p] * 4)
     for row in range(4):
         kept_before = reference_probs(logits[row], temperature, top_k, top_p, min_p)
