@@ -40,7 +40,7 @@ def draw(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p
     return tokens
 
 
-def _candidates(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def candidates(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Each row's `width` most likely tokens (values, ids), most likely first and equal logits in
     the order of their ids (topk's own order among them changes with its k, which a batch's widest
     row sets), and the next value past them (None when they are the whole vocabulary)."""
@@ -67,7 +67,7 @@ def _draw_ordered(logits: torch.Tensor, temperature: list[float], top_k: list[in
     rows, vocab = logits.shape
     dev = logits.device
     width = min(vocab, max([floor] + [ladder[0] if k == 0 else k for k in top_k]))
-    values, ids, following = _candidates(logits, width)  # dividing by a temperature keeps the order
+    values, ids, following = candidates(logits, width)  # dividing by a temperature keeps the order
     # top-k keeps every token as likely as the k-th too (HF's and vLLM's ties): a row without top-k, all
     kth = values.gather(1, (device_values([k or width for k in top_k], dev) - 1)[:, None])
     kth = kth.masked_fill(device_values([k == 0 for k in top_k], dev)[:, None], float("-inf"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.categorical import candidates
 from engine.rows import column, device_values, put_rows, take_rows
 
 CANDIDATES = (128, 4096)
@@ -38,27 +39,27 @@ def mask_filtered(logits: torch.Tensor, temperature: list[float], top_k: list[in
 def _mask_run(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
               min_p: list[float], typical_p: list[float], ladder: tuple[int, ...]) -> torch.Tensor:
     """Rows whose filters keep a run of their most likely tokens: filtered over the first rung of
-    `ladder` (or top_k + 1, when larger); rows whose run may go on past it, again on the next."""
+    `ladder` (or top_k + 1, when larger), equal logits in the order of their ids (as categorical.py
+    takes them, whatever the batch beside); rows whose run may go on past it, again on the next."""
     rows, vocab = logits.shape
     width = min(vocab, max([ladder[0] if ladder else vocab] + [k + 1 for k in top_k]))
     scaled = logits / column(temperature, logits)
-    if width >= vocab:
-        values, order = scaled.sort(dim=-1, descending=True, stable=True)
-    else:
-        values, order = scaled.topk(width, dim=-1)
+    values, order, following = candidates(scaled, width)
     dev = logits.device
     has_k = device_values([k > 0 for k in top_k], dev)[:, None]
+    has_m = device_values([m > 0.0 for m in min_p], dev)[:, None]
     kth = values.gather(1, (device_values([k or width for k in top_k], dev) - 1)[:, None])
     keep = values >= torch.where(has_k, kth, torch.full_like(kth, float("-inf")))
     # probabilities: top-k's over its kept tokens, the others' over the whole vocabulary
     whole = (values - scaled.logsumexp(-1, keepdim=True)).exp()
     probs = torch.where(has_k, torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1), whole)
     if any(min_p):
-        keep &= probs >= column(min_p, probs) * probs[:, :1]
+        keep &= ~has_m | (probs >= column(min_p, probs) * probs[:, :1])
         probs = probs.masked_fill(~keep, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+        probs = torch.where(has_m, probs / probs.sum(-1, keepdim=True), probs)  # (min-p's rows only)
     # top-k's or min-p's tokens up to the last candidate: more may follow, and top-p's mass would miss them
-    short = keep[:, -1] & (has_k[:, 0] | device_values([m > 0.0 for m in min_p], dev))
+    last = values[:, -1].isfinite()  # (a row with fewer tokens than candidates has them all)
+    short = keep[:, -1] & last & (has_k | has_m)[:, 0]
     if any(p < 1.0 for p in top_p):
         limit = column([p if p < 1.0 else float("inf") for p in top_p], probs)
         keep &= probs.cumsum(-1) - probs < limit
@@ -66,8 +67,9 @@ def _mask_run(logits: torch.Tensor, temperature: list[float], top_k: list[int], 
     kept = mask_atypical(kept, [1.0] * rows, typical_p)  # (over the run: what the filters left, renormalised)
     out = torch.full_like(logits, float("-inf")).scatter_(1, order, torch.where(kept.isfinite(), logits.gather(
         1, order), float("-inf")))
-    if width < vocab:  # a run that reaches the last candidate may go on past it
-        again = (short | keep[:, -1]).nonzero().flatten().tolist()
+    if following is not None:  # a run that reaches the last candidate, or a run of its equals kept, may go on
+        tied = last & (following == values[:, -1]) & (keep & (values == values[:, -1:])).any(-1)
+        again = (short | (keep[:, -1] & last) | tied).nonzero().flatten().tolist()
         if again:
             rest = tuple(w for w in ladder[1:] if w > width)
             put_rows(out, again, _mask_run(take_rows(logits, again), *_pick(again, temperature, top_k, top_p, min_p,

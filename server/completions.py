@@ -14,14 +14,17 @@ from fastapi.responses import JSONResponse, Response
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.errors import APIError, error_body
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
-from server.generation import (HUB_PLACEHOLDERS, EventStream, Usage, check_model, check_reasoning_effort, consume,
-                               encode_chat, overall_finish, ready_tokenizer, stopped, submit, tokenize_batch,
-                               truncated)
+from server.generation import (EventStream, Usage, check_model, check_reasoning_effort, consume, encode_chat,
+                               overall_finish, ready_tokenizer, stopped, submit, tokenize_batch, truncated)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.reasoning import ReasoningSplit, request_reasoning, split_output
 from server.request_id import client_request_id
 
 router = APIRouter()
+
+# the model names huggingface_hub's InferenceClient sends to a server it knows only by its URL (as TGI,
+# which serves one model and reads no name): on chat and completions they name the model served here
+HUB_PLACEHOLDERS = frozenset({"dummy", "tgi"})
 
 
 @dataclass
@@ -131,9 +134,9 @@ class CompletionCall:
 
     async def submit(self):
         state, body = self.state, self.body
-        check_model(state, body.model)
         if body.model in HUB_PLACEHOLDERS and body.model not in state.model_names:  # answered under the model's name
             body.model = state.served_names[0]
+        check_model(state, body.model)
         self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
         if self.chat:
             self.tools = body.tool_use

@@ -78,15 +78,9 @@ class Usage:
         timer.finish(reason, self.prompt_tokens, tokens, skipped, total)
 
 
-# the model names huggingface_hub's InferenceClient sends to a server it knows only by its URL (as TGI,
-# which serves one model and reads no name); they name the model served here
-HUB_PLACEHOLDERS = frozenset({"dummy", "tgi"})
-
-
 def check_model(state, model: str) -> None:
-    """404 `model_not_found` for a model this server does not serve, as OpenAI and vLLM answer (the
-    hub client's placeholders excepted)."""
-    if model not in state.model_names and model not in HUB_PLACEHOLDERS:
+    """404 `model_not_found` for a model this server does not serve, as OpenAI and vLLM answer."""
+    if model not in state.model_names:
         raise APIError(404, f"the model '{model}' does not exist; this server serves {sorted(state.model_names)}",
                        "model", "model_not_found")
 

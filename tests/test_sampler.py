@@ -315,6 +315,7 @@ TYPICAL = [  # temperature, top_k, top_p, min_p, typical_p
     (0.5, 3, 0.99, 0.0, 0.2),
     (0.01, 10, 0.95, 0.0, 0.95),  # LangChain's TGI example's settings
     (1.0, 0, 1.0, 0.1, 0.9),  # min-p alone
+    (1.0, 0, 0.9, 0.0, 0.95),  # top-p alone: its mass over the whole vocabulary, whatever rows are beside it
 ]
 
 
@@ -339,6 +340,39 @@ def test_typical_sampling_comes_last_after_the_other_filters(temperature, top_k,
         theirs = TypicalLogitsWarper(typical_p)(None, kept_before.log()[None].float())[0]
         assert torch.equal(ours[row].isfinite(), theirs.isfinite())
         assert ours[row].isfinite().sum() >= 1 and not ours[row][kept_before == 0].isfinite().any()
+
+
+@pytest.mark.parametrize("ladder", [(128, 4096), (8, 32)])
+def test_typical_rows_of_different_settings_in_one_call_keep_what_each_keeps_alone(ladder, monkeypatch):
+    """A row's filters are its own: a min-p row beside a top-p row renormalises only itself (its
+    neighbour's nucleus measured over the whole vocabulary still), a top-k beside them."""
+    from engine import typical
+    from engine.typical import mask_filtered
+
+    monkeypatch.setattr(typical, "CANDIDATES", ladder)
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(len(TYPICAL), VOCAB, generator=gen) * 2.5
+    settings = [list(column) for column in zip(*TYPICAL)]
+    together = mask_filtered(logits.clone(), *settings)
+    for row, one in enumerate(TYPICAL):
+        alone = mask_filtered(logits[row:row + 1].clone(), *[[value] for value in one])
+        assert torch.equal(together[row].isfinite(), alone[0].isfinite()), one
+
+
+def test_typical_rows_take_equal_logits_in_the_order_of_their_ids_whatever_the_batch():
+    """Tied logits (bf16 logits tie often): a cut through them keeps the lowest ids, as
+    engine/categorical.py takes them, alone and beside a row whose top-k widens the candidates."""
+    from engine.typical import mask_filtered
+
+    logits = torch.full((2, 1000), -5.0)
+    tied = torch.tensor([37, 44, 209, 264, 500, 561, 675, 719, 775, 947])
+    logits[0, tied] = 5.0
+    logits[1] = torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    row = ([1.0], [0], [0.3], [0.0], [0.999])
+    alone = mask_filtered(logits[:1].clone(), *row)[0].isfinite().nonzero().flatten().tolist()
+    beside = mask_filtered(logits.clone(), [1.0, 1.0], [0, 300], [0.3, 1.0], [0.0, 0.0], [0.999, 0.9])
+    assert alone == beside[0].isfinite().nonzero().flatten().tolist() == tied[:len(alone)].tolist()
+    assert 1 < len(alone) < len(tied)
 
 
 def test_a_typical_row_draws_only_from_its_filtered_set_and_its_neighbours_keep_theirs(device):

@@ -319,3 +319,4 @@ def test_the_hub_clients_chat_is_served_by_v1_chat_completions(server, client):
         r = _post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "response_format": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", (bad, r.text)
     assert _post(server, "/v1/chat/completions", {"model": "no-such-model", "messages": messages}).status_code == 404
+    assert httpx.get(server.url + "/v1/models/dummy").status_code == 404  # a placeholder on chat only, not a model
