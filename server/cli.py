@@ -232,12 +232,37 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="taken: tool_choice auto is always served here")
     v.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="taken: no model code is ever run here (GGUF files and configs only)")
+    t = p.add_argument_group("TGI's spellings", "what a command written for text-generation-launcher passes, taken "
+                             "as this server means it")
+    t.add_argument("--model-id", dest="model", default=None, help="the same as --model")
+    t.add_argument("--hostname", dest="host", type=host, default=None, help="the same as --host")
+    t.add_argument("--max-total-tokens", dest="max_model_len", type=int, default=None,
+                   help="the same as --max-model-len (a prompt and its answer together)")
+    t.add_argument("--max-batch-size", dest="max_num_seqs", type=int, default=None, help="the same as --max-batch")
+    t.add_argument("--max-batch-prefill-tokens", dest="max_prefill_tokens", type=int, default=None,
+                   help="the same as --max-prefill-tokens")
+    t.add_argument("--payload-limit", dest="max_request_bytes", type=at_least(1), default=None,
+                   help="the same as --max-request-bytes")
+    t.add_argument("--num-shard", type=int, choices=[1], default=None, help="1 only: a model runs on one device here")
+    t.add_argument("--cuda-graphs", type=cuda_graphs, default=None, metavar="SIZES",
+                   help="0: the same as --enforce-eager; other batch sizes are taken, the captured sizes are this "
+                        "server's (1, 2, 4, 8, then steps of 16)")
     return p
+
+
+def cuda_graphs(value: str) -> bool:
+    """TGI's --cuda-graphs: "0" turns graphs off (True: eager); a list of sizes is taken."""
+    sizes = [part.strip() for part in value.split(",")]
+    if not all(part.isdigit() for part in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes separated by commas, or 0, got {value!r}")
+    return sizes == ["0"]
 
 
 def build_config(args) -> EngineConfig:
     from server.config_file import load_config, preset_path, served_name
 
+    if getattr(args, "cuda_graphs", None):  # TGI's --cuda-graphs 0
+        args.enforce_eager = True
     if getattr(args, "model_tag", None) is not None:  # `vllm serve MODEL`'s place for it
         if args.model is not None and args.model != args.model_tag:
             raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")

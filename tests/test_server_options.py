@@ -240,6 +240,26 @@ def test_a_command_written_for_vllm_serve_is_read_as_vllm_means_it():
         build("gemma3-270m", "--model", "/models/x.gguf")
 
 
+def test_a_command_written_for_tgis_launcher_is_read_as_tgi_means_it():
+    """text-generation-launcher's spellings of the model, the context, the batch, the prefill
+    budget, the host, the body limit, one shard and CUDA graphs off."""
+    from server.cli import build_config, serve_parser
+
+    args = serve_parser().parse_args(["--model-id", "gemma3-270m", "--max-total-tokens", "512", "--max-batch-size",
+                                      "4", "--max-batch-prefill-tokens", "128", "--hostname", "0.0.0.0",
+                                      "--payload-limit", "4096", "--num-shard", "1", "--cuda-graphs", "0"])
+    config = build_config(args)
+    assert (config.served_model_name, config.max_model_len, config.max_num_seqs, config.max_prefill_tokens) == \
+        ("gemma3-270m", 512, 4, 128)
+    assert config.enforce_eager is True and args.host == "0.0.0.0" and args.max_request_bytes == 4096
+    plain = serve_parser().parse_args([])
+    assert build_config(serve_parser().parse_args(["--cuda-graphs", "1,2,4"])).enforce_eager is not True
+    assert plain.host == serve_parser().parse_args(["--port", "9"]).host and plain.max_request_bytes > 4096
+    for bad in (["--num-shard", "2"], ["--cuda-graphs", "all"]):
+        with pytest.raises(SystemExit):
+            serve_parser().parse_args(bad)
+
+
 def test_only_a_bare_name_is_a_preset(tmp_path, monkeypatch):
     """`--model ./gemma3-270m` is a folder there, not the preset; a path's own .yaml is no preset."""
     from server.config_file import preset_path
