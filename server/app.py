@@ -153,6 +153,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         tokenizer = ready_tokenizer(state)
+        if body.parameters is not None and body.inputs is None:
+            raise APIError(400, "parameters go with TGI's spelling: give 'inputs'", "parameters")
         if body.content is not None or any(getattr(body, f) is not None for f in LLAMA_CPP_TOKENIZE):
             return await llama_tokenize(state, body)
         if body.inputs is not None:

@@ -886,8 +886,10 @@ class TokenizeRequest(ChatTemplating, ChatTools, RequestBody):
     add_special: Optional[StrictBool] = None
     parse_special: Optional[StrictBool] = None
     with_pieces: Optional[StrictBool] = None
-    # TGI's spelling (server/tgi_api.py): `inputs` the text, each token with its span of it
+    # TGI's spelling (server/tgi_api.py): `inputs` the text, each token with its span of it; TGI's
+    # generate `parameters` beside it (their `truncate` read)
     inputs: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
 
 
 class DetokenizeRequest(RequestBody):

@@ -28,7 +28,8 @@ from server.completions import CompletionCall
 from server.errors import APIError, error_body, validation_message
 from server.generation import EventStream, check_model, ready_tokenizer
 from server.protocol import CompletionRequest, TokenizeRequest
-from server.tgi_protocol import MAX_BEST_OF, MAX_STOP_SEQUENCES, SEEDS, TGI_NAMES, GenerateRequest, finish_reason
+from server.tgi_protocol import (MAX_BEST_OF, MAX_STOP_SEQUENCES, SEEDS, TGI_NAMES, GenerateRequest, Parameters,
+                                finish_reason)
 
 router = APIRouter()
 
@@ -87,10 +88,10 @@ class TGICall(CompletionCall):
     """A TGI request's life: a completions call whose logprobs are kept as the tokens' ids,
     logprobs and alternatives, from which TGI's tokens are written."""
 
-    def __init__(self, request: Request, body: GenerateRequest, completion: CompletionRequest, stream: bool,
-                 full_text: bool, seed: int | None):
+    def __init__(self, request: Request, body: GenerateRequest, completion: CompletionRequest, full_text: bool,
+                 seed: int | None):
         super().__init__(request, completion, chat=False)
-        self.native, self.stream_answer = body, stream
+        self.native = body
         self.prefix = body.inputs if full_text else ""  # return_full_text: the prompt before the answer
         self.seed = seed  # the sampler's seed of a sampled request (sequence i's: seed + i), else None
 
@@ -214,7 +215,7 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
         completion = CompletionRequest.model_validate(
             body.completion_body(model, prompt, state.engine.config.max_model_len, seed, stream))
         full_text = compat if p.return_full_text is None else p.return_full_text
-        call = TGICall(request, body, completion, stream, full_text, seed)
+        call = TGICall(request, body, completion, full_text, seed)
         events = await call.submit()
     except ValidationError as exc:  # (a 400 naming the parameter, never a 500)
         message, param = validation_message(exc.errors()[0])
@@ -270,11 +271,18 @@ async def info(request: Request):
 async def tgi_tokenize(state, body: TokenizeRequest) -> list[dict]:
     """/tokenize as TGI takes it: `inputs` (BOS where the model adds one, unless add_special_tokens
     is false), each token as {id, text, start, stop}, its span of the input in bytes (an added BOS:
-    an empty one), as TGI's Rust tokenizer counts them."""
+    an empty one), as TGI's Rust tokenizer counts them; `parameters.truncate`: the last tokens only."""
     if body.prompt is not None or body.messages is not None:
         raise InvalidParamError("give 'inputs' alone (TGI's /tokenize), or vLLM's 'prompt' or 'messages'", "inputs")
     if body.model is not None:
         check_model(state, body.model)
+    try:
+        truncate = Parameters.model_validate(body.parameters or {}).truncate
+    except ValidationError as exc:
+        message, param = validation_message(exc.errors()[0])
+        raise InvalidParamError(message, f"parameters.{param}" if param else "parameters") from None
+    if truncate is not None and truncate <= 0:
+        raise InvalidParamError("truncate must be strictly positive", "parameters.truncate")
     tokenizer = ready_tokenizer(state)
 
     def tokens() -> list[dict]:
@@ -284,7 +292,7 @@ async def tgi_tokenize(state, body: TokenizeRequest) -> list[dict]:
         for char in body.inputs:
             at.append(at[-1] + len(char.encode()))
         out = []
-        for token_id, start, stop in spans:
+        for token_id, start, stop in spans[-truncate:] if truncate else spans:
             start, stop = at[start], at[stop]
             out.append({"id": token_id, "text": raw[start:stop].decode("utf-8", "replace"), "start": start,
                         "stop": stop})

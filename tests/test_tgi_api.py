@@ -249,6 +249,12 @@ def test_info_invocations_and_tokenize_in_tgis_spelling(server):
     assert accented["stop"] - accented["start"] == len(accented["text"].encode())
     assert "".join(t["text"] for t in tokens) == text
     assert _post(server, "/tokenize", {"inputs": "hi", "prompt": "hi"}).status_code == 400
+    last = _post(server, "/tokenize", {"inputs": text, "parameters": {"truncate": 3, "max_new_tokens": 5}}).json()
+    assert last == tokens[-3:]  # TGI's truncate: the last tokens, their spans as they were
+    for parameters, param in (({"truncate": 0}, "parameters.truncate"), ({"bogus": 1}, "parameters.bogus")):
+        r = _post(server, "/tokenize", {"inputs": text, "parameters": parameters})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    assert _post(server, "/tokenize", {"prompt": text, "parameters": {}}).status_code == 400  # TGI's, with inputs
 
 
 def test_the_ffn_skip_budget_rides_in_the_parameters(server):
