@@ -51,6 +51,7 @@ class ServerState:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a body's limit, and that of what its references bring
     reasoning_parser: str | None = None  # server/reasoning.py: chat answers' thinking as reasoning_content
     tool_call_parser: str = "auto"  # hermes (server/hermes_tools.py), json (server/tool_calls.py) or auto
+    max_input_tokens: int | None = None  # TGI's --max-input-tokens: a generating request's prompt at most
     draining: bool = False
     started: float = field(default_factory=time.time)
 
@@ -67,7 +68,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                on_engine_failed: Callable[[BaseException], None] | None = None,
                allowed_origins: tuple[str, ...] = (), reasoning_parser: str | None = None,
-               tool_call_parser: str = "auto") -> FastAPI:
+               tool_call_parser: str = "auto", max_input_tokens: int | None = None) -> FastAPI:
     """`on_engine_failed`: called when the model cannot load, or when the engine thread stops on an
     error (the CLI exits non-zero then).
     `allowed_origins`: web origins whose pages may call the API from a browser ("*": any); none by
@@ -77,7 +78,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     engine.on_dead = on_engine_failed
     state = ServerState(engine, metrics, tuple(dict.fromkeys(served_names)), api_key,
                         max_request_bytes=max_request_bytes, reasoning_parser=reasoning_parser,
-                        tool_call_parser=tool_call_parser)
+                        tool_call_parser=tool_call_parser, max_input_tokens=max_input_tokens)
 
     def load_done(task: asyncio.Task) -> None:
         if task.cancelled():

@@ -238,6 +238,9 @@ def serve_parser() -> argparse.ArgumentParser:
     t.add_argument("--hostname", dest="host", type=host, default=None, help="the same as --host")
     t.add_argument("--max-total-tokens", dest="max_model_len", type=int, default=None,
                    help="the same as --max-model-len (a prompt and its answer together)")
+    t.add_argument("--max-input-tokens", "--max-input-length", dest="max_input_tokens", type=at_least(1), default=None,
+                   help="the longest prompt a generating request may have, in tokens (below --max-total-tokens; "
+                        "default: the context's)")
     t.add_argument("--max-batch-size", dest="max_num_seqs", type=int, default=None, help="the same as --max-batch")
     t.add_argument("--max-batch-prefill-tokens", dest="max_prefill_tokens", type=int, default=None,
                    help="the same as --max-prefill-tokens")
@@ -347,6 +350,9 @@ def serve(argv: list[str]) -> None:
         config = build_config(args)
     except (OSError, ValueError, yaml.YAMLError) as exc:  # a config file missing or wrong: a usage error, no traceback
         parser.error(str(exc))
+    if args.max_input_tokens is not None and args.max_input_tokens >= config.max_model_len:
+        parser.error(f"--max-input-tokens {args.max_input_tokens} must be below the context, --max-total-tokens / "
+                     f"--max-model-len {config.max_model_len} (an answer needs a token)")
     engine = AsyncEngine(config, max_waiting=args.max_waiting)
     server: uvicorn.Server | None = None
 
@@ -356,7 +362,7 @@ def serve(argv: list[str]) -> None:
 
     names = (config.served_model_name, *(args.served_model_name or [])[1:])
     app = create_app(engine, names, key, args.max_request_bytes, engine_failed,
-                     args.allowed_origins, args.reasoning_parser, args.tool_call_parser)
+                     args.allowed_origins, args.reasoning_parser, args.tool_call_parser, args.max_input_tokens)
 
     grace = args.grace_period  # (at least 0: a usage error otherwise)
     # sse-starlette would cut every stream the moment SIGTERM arrives; we drain them ourselves:

@@ -184,6 +184,12 @@ def take_whole(request_id: str, count: int, add, choices: int = 1, window: int |
 async def submit(state, request_id: str, prompts: list[list[int]], sampling, skip, param: str, arrival: float):
     """One engine request per prompt, read as one stream, and the request's timer (for its metrics,
     from its `arrival`: time.monotonic at its route)."""
+    cap = state.max_input_tokens
+    for i, prompt in enumerate(prompts):
+        if cap is not None and len(prompt) > cap:  # TGI's --max-input-tokens
+            raise APIError(400, f"the prompt is {len(prompt)} tokens, more than this server takes "
+                                f"(--max-input-tokens {cap})", item_param(param, i, len(prompts)),
+                           "context_length_exceeded")
     timer = RequestTimer(state.metrics, arrival)
     try:
         if sampling.constrained:  # a full server refuses before compiling for nothing

@@ -263,7 +263,8 @@ async def info(request: Request):
     config = state.engine.config
     return {"model_id": state.served_names[0], "model_sha": None, "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": state.engine.capacity, "max_best_of": MAX_BEST_OF,
-            "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": config.max_model_len - 1,
+            "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_input_tokens": state.max_input_tokens or config.max_model_len - 1,
             "max_total_tokens": config.max_model_len, "validation_workers": 1, "max_client_batch_size": 1,
             "router": "skipserve", "version": __version__, "sha": None, "docker_label": None}
 

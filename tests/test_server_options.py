@@ -293,6 +293,7 @@ def test_a_config_file_with_a_wrong_value_is_a_usage_error_naming_it(tmp_path, t
 @pytest.mark.parametrize("flags, env, message", [
     (["--skip-default-budget", "0.6"], {}, "0 <= default_budget <= max_budget <= 1, got 0.6 and 0.5"),
     (["--skip-threshold", "1.5"], {}, "skip.threshold is a cosine, in [-1, 1], got 1.5"),
+    (["--max-input-tokens", "2048"], {}, "--max-input-tokens 2048 must be below the context"),
     (["--block-size", "0"], {}, "block_size must be >= 1"),
     (["--port", "70000"], {}, "'70000' is not a port"),
     ([], {"SKIPSERVE_PORT": "abc"}, "$SKIPSERVE_PORT: 'abc' is not a port"),  # (it blamed --port, not given)

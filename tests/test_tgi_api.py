@@ -14,7 +14,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub import InferenceClient
 
-from tests.conftest import cuda_available
+from tests.conftest import ServerProcess, cuda_available
 
 PROMPT = "1, 2, 3, 4,"  # greedy goes on " 5, 6, 7, ..."
 MODEL = "smollm2-135m-instruct"
@@ -326,3 +326,25 @@ def test_the_hub_clients_chat_is_served_by_v1_chat_completions(server, client):
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", (bad, r.text)
     assert _post(server, "/v1/chat/completions", {"model": "no-such-model", "messages": messages}).status_code == 404
     assert httpx.get(server.url + "/v1/models/dummy").status_code == 404  # a placeholder on chat only, not a model
+
+
+def test_max_input_tokens_caps_a_generating_requests_prompt():
+    """TGI's --max-input-tokens (and its older --max-input-length): a longer prompt is a 400 naming
+    it on every generating route, /info reports the cap, a prompt within it is served."""
+    srv = ServerProcess("--max-input-length", "12", "--max-total-tokens", "256", "--max-batch-size", "2")
+    try:
+        long = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+        r = _post(srv, "/generate", {"inputs": long, "parameters": {"max_new_tokens": 2}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "inputs"
+        assert r.json()["error"]["code"] == "context_length_exceeded" and "--max-input-tokens 12" in r.text
+        chat = _post(srv, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
+                                                   "messages": [{"role": "user", "content": "Hi"}]})
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"  # the template's tokens count
+        ok = _post(srv, "/v1/completions", {"model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+        cut = _post(srv, "/generate", {"inputs": long, "parameters": {"max_new_tokens": 2, "truncate": 12}})
+        assert cut.status_code == 200, cut.text  # truncated to the cap first, as TGI's truncate serves it
+        info = httpx.get(srv.url + "/info", timeout=30).json()
+        assert (info["max_input_tokens"], info["max_total_tokens"]) == (12, 256)
+    finally:
+        srv.stop()
