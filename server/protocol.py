@@ -281,8 +281,9 @@ class ResponseFormat(Strict):
         if self.type == "regex":
             return None
         schema = self.value
-        if self.type == "json_schema":
-            schema = schema.get("schema") if isinstance(schema, dict) else None
+        if self.type == "json_schema":  # (its schema an object, as TGI's JsonSchemaConfig holds it)
+            schema = schema.get("schema") if isinstance(schema, dict) and isinstance(schema.get("schema"), dict) \
+                else None
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)

@@ -18,30 +18,21 @@ SEEDS = 2**64  # TGI's seeds are unsigned 64-bit numbers (the engine's streams t
 U64 = Annotated[StrictInt, Field(ge=0, lt=SEEDS)]
 # the /v1/completions fields a TGI parameter becomes, by its own name (for errors)
 TGI_NAMES = {"max_tokens": "max_new_tokens", "logprobs": "top_n_tokens", "truncate_prompt_tokens": "truncate",
-             "prompt_logprobs": "decoder_input_details", "n": "best_of", "structured_outputs": "grammar",
-             "structured_outputs.json": "grammar", "structured_outputs.regex": "grammar"}
+             "prompt_logprobs": "decoder_input_details", "n": "best_of", "response_format": "grammar"}
 
 
 class Grammar(Strict):
     """TGI's grammar: {"type": "json" (or "json_object"), "value": a JSON schema (or its text)},
     {"type": "regex", "value": a regular expression}, {"type": "json_schema", "value": {"name",
-    "schema", "strict"}}."""
+    "schema", "strict"}}: the forms chat's and completions' `response_format` take (server/protocol.py
+    ResponseFormat reads them), here always with a value."""
     type: Literal["json", "json_object", "regex", "json_schema"]
     value: Any
 
-    def structured_outputs(self) -> dict:
-        if self.type == "regex":
-            if not isinstance(self.value, str):
-                raise InvalidParamError("grammar: a regex grammar's value is the expression, a string", "grammar")
-            return {"regex": self.value}
-        schema = self.value
-        if self.type == "json_schema":
-            if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
-                raise InvalidParamError("grammar: a json_schema grammar's value is {\"name\", \"schema\"}", "grammar")
-            schema = schema["schema"]
-        if not isinstance(schema, (dict, str)):
-            raise InvalidParamError("grammar: a json grammar's value is a JSON schema", "grammar")
-        return {"json": schema}
+    def response_format(self) -> dict:
+        if self.value is None:  # (OpenAI's json_object has none: any object; TGI's grammar names one)
+            raise InvalidParamError("grammar: a grammar's value is its schema or expression", "grammar")
+        return {"type": self.type, "value": self.value}
 
 
 class Parameters(Strict):
@@ -158,7 +149,7 @@ class GenerateRequest(RequestBody):
         if p.decoder_input_details:
             body["prompt_logprobs"] = 0
         if p.grammar is not None:
-            body["structured_outputs"] = p.grammar.structured_outputs()
+            body["response_format"] = p.grammar.response_format()
         if p.ffn_skip is not None:
             body["ffn_skip"] = p.ffn_skip.model_dump(exclude_none=True)
         if stream:

@@ -189,6 +189,8 @@ def test_decoder_input_details_score_the_prompt_and_top_n_tokens_rank_each_step(
     ({"inputs": "hi", "parameters": {"seed": -1}}, "parameters.seed"),
     ({"inputs": "hi", "parameters": {"adapter_id": "some-lora"}}, "parameters.adapter_id"),
     ({"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": 5}}}, "parameters.grammar"),
+    ({"inputs": "hi", "parameters": {"grammar": {"type": "json_object", "value": None}}}, "parameters.grammar"),
+    ({"inputs": "hi", "parameters": {"grammar": {"type": "json", "value": [1]}}}, "parameters.grammar"),
     ({"inputs": "hi", "parameters": {"grammar": {"type": "ebnf", "value": "x"}}}, "parameters.grammar.type"),
     ({"inputs": "hi", "parameters": {"frequency_penalty": 3.0}}, "parameters.frequency_penalty"),
     ({"inputs": "hi", "parameters": {"no_such": 1}}, "parameters.no_such"),
