@@ -5,29 +5,19 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import signal
 import socket
 import sys
 from dataclasses import replace
 
 from engine.config import KV_CACHE_DTYPES, SCHEDULING_POLICIES, EngineConfig
+from server import launcher_flags
+from server.cli_types import allowed_origins, api_key, at_least, host, port
 from server.reasoning import PARSERS as REASONING_PARSERS
 from server.template_tools import PARSERS as TOOL_CALL_PARSERS
 
 DEFAULT_PRESET = "smollm2-135m-instruct"
-ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # what a browser sends as Origin: scheme://host[:port]
-
-
-def allowed_origins(value: str) -> tuple[str, ...]:
-    """`--allowed-origins`: comma-separated origins, or `*` for any."""
-    # as browsers send them: scheme and host in lower case, no trailing slash
-    origins = tuple(o.strip().rstrip("/").lower() for o in value.split(",") if o.strip())
-    for origin in origins:
-        if origin != "*" and not ORIGIN.fullmatch(origin):
-            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin (scheme://host[:port], e.g. "
-                                             "http://localhost:3000) or *")
-    return origins
+DEFAULT_MAX_WAITING = 64  # sequences queued beyond the batch
 
 
 def listen_defaults() -> tuple[str, str]:
@@ -35,47 +25,6 @@ def listen_defaults() -> tuple[str, str]:
     variable set empty (a compose file's `${HOST}` of an unset one) counts as unset: an empty host
     listened on every interface (server/healthcheck.py reads a running server's address with them too)."""
     return os.environ.get("SKIPSERVE_HOST") or "127.0.0.1", os.environ.get("SKIPSERVE_PORT") or "8000"
-
-
-def host(value: str) -> str:
-    """`--host`: an address or name; empty would listen on every interface, which is `0.0.0.0`'s to say."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError("empty (0.0.0.0 listens on every interface)")
-    return value.strip()
-
-
-def port(value: str) -> int:
-    """`--port` (and $SKIPSERVE_PORT, its default): a TCP port number."""
-    if not value.strip().isdigit() or not 0 <= int(value) <= 65535:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0 to 65535)")
-    return int(value)
-
-
-def api_key(value: str) -> str:
-    """`--api-key` (and $SKIPSERVE_API_KEY): what a client sends after `Bearer `, so visible ASCII
-    with no spaces. Empty (`--api-key "$KEY"` of an unset KEY) served with no key at all; a space or
-    newline around it, or a letter outside ASCII, made a key no client could send (the key itself
-    is never printed)."""
-    if not value:
-        raise argparse.ArgumentTypeError("empty: leave it out to serve without a key")
-    if not all("!" <= c <= "~" for c in value):
-        raise argparse.ArgumentTypeError("a key is visible ASCII characters with no spaces or line ends (the key "
-                                         "is not shown)")
-    return value
-
-
-def at_least(low, kind=int):
-    """An argparse type: a number of `kind` no smaller than `low` (a negative queue or timeout
-    would refuse every request)."""
-    def parse(value: str):
-        try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not number >= low:
-            raise argparse.ArgumentTypeError(f"{value!r}: at least {low}")
-        return number
-    return parse
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -171,8 +120,8 @@ def serve_parser() -> argparse.ArgumentParser:
                         f"then arrival, preempting the last in that order first {shown(preset.scheduling_policy)}")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="always prefill whole prompts (default: a prompt reuses cached KV blocks of its prefix)")
-    s.add_argument("--max-waiting", type=at_least(0), default=64, help="sequences queued beyond the batch before 429 "
-                   "(each choice of `n` and each embeddings input counts; default: 64)")
+    s.add_argument("--max-waiting", type=at_least(0), default=None, help="sequences queued beyond the batch before "
+                   f"429 (each choice of `n` and each embeddings input counts; default: {DEFAULT_MAX_WAITING})")
     k = p.add_argument_group("FFN skipping")
     k.add_argument("--skip-policy", choices=["ffn_skipllm", "batch_aligned", "none"], default=None,
                    help="ffn_skipllm: each row decides per layer; batch_aligned: the budgeted rows of a step "
@@ -214,62 +163,14 @@ def serve_parser() -> argparse.ArgumentParser:
     h.add_argument("--log-level", "--uvicorn-log-level", default="info",
                    choices=["debug", "info", "warning", "error", "critical"],
                    help="(default: info)")
-    v = p.add_argument_group("vLLM's spellings", "what a command written for `vllm serve` passes, taken as this "
-                             "server means it")
-    v.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                   help="the model, as `vllm serve MODEL` names it (the same as --model)")
-    v.add_argument("--max-num-batched-tokens", dest="max_prefill_tokens", type=int, default=None,
-                   help="the same as --max-prefill-tokens (vLLM's budget counts a step's decode rows too)")
-    v.add_argument("--enable-prefix-caching", dest="prefix_caching", action="store_true", default=None,
-                   help="prefix caching, on by default here")
-    v.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false", default=None,
-                   help="the same as --no-prefix-caching")
-    v.add_argument("--tensor-parallel-size", "-tp", type=int, choices=[1], default=None,
-                   help="1 only: a model runs on one device here")
-    v.add_argument("--enable-chunked-prefill", action="store_true", default=None,
-                   help="taken: prompts are always prefilled in chunks here")
-    v.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
-                   help="taken: tool_choice auto is always served here")
-    v.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="taken: no model code is ever run here (GGUF files and configs only)")
-    t = p.add_argument_group("TGI's spellings", "what a command written for text-generation-launcher passes, taken "
-                             "as this server means it")
-    t.add_argument("--model-id", dest="model", default=None, help="the same as --model")
-    t.add_argument("--hostname", dest="host", type=host, default=None, help="the same as --host")
-    t.add_argument("--max-total-tokens", dest="max_model_len", type=int, default=None,
-                   help="the same as --max-model-len (a prompt and its answer together)")
-    t.add_argument("--max-input-tokens", "--max-input-length", dest="max_input_tokens", type=at_least(1), default=None,
-                   help="the longest prompt a generating request may have, in tokens (below --max-total-tokens; "
-                        "default: the context's)")
-    t.add_argument("--max-batch-size", dest="max_num_seqs", type=int, default=None, help="the same as --max-batch")
-    t.add_argument("--max-batch-prefill-tokens", dest="max_prefill_tokens", type=int, default=None,
-                   help="the same as --max-prefill-tokens")
-    t.add_argument("--payload-limit", dest="max_request_bytes", type=at_least(1), default=None,
-                   help="the same as --max-request-bytes")
-    t.add_argument("--num-shard", type=int, choices=[1], default=None, help="1 only: a model runs on one device here")
-    t.add_argument("--cuda-graphs", type=cuda_graphs, default=None, metavar="SIZES",
-                   help="0: the same as --enforce-eager; other batch sizes are taken, the captured sizes are this "
-                        "server's (1, 2, 4, 8, then steps of 16)")
+    launcher_flags.add_groups(p)
     return p
-
-
-def cuda_graphs(value: str) -> bool:
-    """TGI's --cuda-graphs: "0" turns graphs off (True: eager); a list of sizes is taken."""
-    sizes = [part.strip() for part in value.split(",")]
-    if not all(part.isdigit() for part in sizes):
-        raise argparse.ArgumentTypeError(f"batch sizes separated by commas, or 0, got {value!r}")
-    return sizes == ["0"]
 
 
 def build_config(args) -> EngineConfig:
     from server.config_file import load_config, preset_path, served_name
 
-    if getattr(args, "cuda_graphs", None):  # TGI's --cuda-graphs 0
-        args.enforce_eager = True
-    if getattr(args, "model_tag", None) is not None:  # `vllm serve MODEL`'s place for it
-        if args.model is not None and args.model != args.model_tag:
-            raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
-        args.model = args.model_tag
+    launcher_flags.resolve(args)  # vLLM's, TGI's and llama-server's flags as ours
     if args.config:
         config = load_config(args.config)
     elif preset_path(args.model or DEFAULT_PRESET):
@@ -353,7 +254,11 @@ def serve(argv: list[str]) -> None:
     if args.max_input_tokens is not None and args.max_input_tokens >= config.max_model_len:
         parser.error(f"--max-input-tokens {args.max_input_tokens} must be below the context, --max-total-tokens / "
                      f"--max-model-len {config.max_model_len} (an answer needs a token)")
-    engine = AsyncEngine(config, max_waiting=args.max_waiting)
+    try:
+        max_waiting = launcher_flags.max_waiting(args, config, DEFAULT_MAX_WAITING)
+    except ValueError as exc:
+        parser.error(str(exc))
+    engine = AsyncEngine(config, max_waiting=max_waiting)
     server: uvicorn.Server | None = None
 
     def engine_failed(exc: BaseException) -> None:  # exit non-zero, as vLLM does, instead of serving 503s

@@ -33,7 +33,7 @@ def health_url(argv: list[str]) -> str:
 
     host, port = listen_defaults()
     parser = argparse.ArgumentParser(add_help=False)  # abbreviations too (`--por 9000`), as the server's parser
-    parser.add_argument("--host", default=host)
+    parser.add_argument("--host", "--hostname", default=host)  # (--hostname: TGI's spelling)
     parser.add_argument("--port", default=port)
     args, _ = parser.parse_known_args(argv)
     host = ANY_ADDRESS.get(args.host, args.host)

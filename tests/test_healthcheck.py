@@ -34,3 +34,4 @@ def test_the_address_comes_from_the_command_line(monkeypatch):
     assert health_url(server_argv([*script, "serve", "--port", "9000"])) == "http://127.0.0.1:9000/health"
     assert health_url(server_argv(["python", "-m", "server.cli", "--host=::", "--port=9001"])) == "http://[::1]:9001/health"
     assert health_url(server_argv([*script, "--host", "10.1.2.3"])) == "http://10.1.2.3:8100/health"
+    assert health_url(server_argv([*script, "--hostname", "10.1.2.4"])) == "http://10.1.2.4:8100/health"  # TGI's

@@ -224,42 +224,6 @@ def test_a_config_file_that_names_no_model_name_serves_its_model_under_its_own(t
     assert build("--config", str(tmp_path / "mine.yaml"), "--served-model-name", "a").served_model_name == "a"
 
 
-def test_a_command_written_for_vllm_serve_is_read_as_vllm_means_it():
-    """The model as the first argument (a preset by name, or a path), and vLLM's spellings of the
-    prefix cache and prefill budget flags."""
-    from server.cli import build_config, serve_parser
-
-    build = lambda *argv: build_config(serve_parser().parse_args(list(argv)))  # noqa: E731
-    gemma = build("gemma3-270m")
-    assert gemma.served_model_name == "gemma3-270m" and gemma.model == build("--model", "gemma3-270m").model
-    assert build("/models/x.gguf", "--max-num-seqs", "4").model == "/models/x.gguf"
-    assert build("--no-enable-prefix-caching").prefix_caching is False
-    assert build("--no-prefix-caching", "--enable-prefix-caching").prefix_caching is True
-    assert build("--max-num-batched-tokens", "256").max_prefill_tokens == 256
-    with pytest.raises(ValueError, match="the model is given twice"):
-        build("gemma3-270m", "--model", "/models/x.gguf")
-
-
-def test_a_command_written_for_tgis_launcher_is_read_as_tgi_means_it():
-    """text-generation-launcher's spellings of the model, the context, the batch, the prefill
-    budget, the host, the body limit, one shard and CUDA graphs off."""
-    from server.cli import build_config, serve_parser
-
-    args = serve_parser().parse_args(["--model-id", "gemma3-270m", "--max-total-tokens", "512", "--max-batch-size",
-                                      "4", "--max-batch-prefill-tokens", "128", "--hostname", "0.0.0.0",
-                                      "--payload-limit", "4096", "--num-shard", "1", "--cuda-graphs", "0"])
-    config = build_config(args)
-    assert (config.served_model_name, config.max_model_len, config.max_num_seqs, config.max_prefill_tokens) == \
-        ("gemma3-270m", 512, 4, 128)
-    assert config.enforce_eager is True and args.host == "0.0.0.0" and args.max_request_bytes == 4096
-    plain = serve_parser().parse_args([])
-    assert build_config(serve_parser().parse_args(["--cuda-graphs", "1,2,4"])).enforce_eager is not True
-    assert plain.host == serve_parser().parse_args(["--port", "9"]).host and plain.max_request_bytes > 4096
-    for bad in (["--num-shard", "2"], ["--cuda-graphs", "all"]):
-        with pytest.raises(SystemExit):
-            serve_parser().parse_args(bad)
-
-
 def test_only_a_bare_name_is_a_preset(tmp_path, monkeypatch):
     """`--model ./gemma3-270m` is a folder there, not the preset; a path's own .yaml is no preset."""
     from server.config_file import preset_path

@@ -1,0 +1,201 @@
+"""Other servers' command lines, read as they mean them: the flags a command written for `vllm
+serve`, Hugging Face's `text-generation-launcher` or llama.cpp's `llama-server` passes, each taken
+into this server's own settings (`add_groups` adds them to the parser; `resolve` turns the parsed
+values into ours before the config is built). A flag whose meaning this server cannot keep is not
+taken: argparse refuses it, or `resolve` says why."""
+from __future__ import annotations
+
+import argparse
+
+from server.cli_types import at_least, host
+
+# llama.cpp's KV cache types this server keeps (-ctk / -ctv), as its --kv-cache-dtype names them
+LLAMA_CPP_CACHE_TYPES = {"f32": "float32", "f16": "float16", "q8_0": "int8"}
+
+
+def add_groups(p: argparse.ArgumentParser) -> None:
+    add_vllm(p)
+    add_tgi(p)
+    add_llama_cpp(p)
+
+
+def add_vllm(p: argparse.ArgumentParser) -> None:
+    v = p.add_argument_group("vLLM's spellings", "what a command written for `vllm serve` passes, taken as this "
+                             "server means it")
+    v.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as `vllm serve MODEL` names it (the same as --model)")
+    v.add_argument("--max-num-batched-tokens", dest="max_prefill_tokens", type=int, default=None,
+                   help="the same as --max-prefill-tokens (vLLM's budget counts a step's decode rows too)")
+    v.add_argument("--enable-prefix-caching", dest="prefix_caching", action="store_true", default=None,
+                   help="prefix caching, on by default here")
+    v.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="the same as --no-prefix-caching")
+    v.add_argument("--tensor-parallel-size", "-tp", type=int, choices=[1], default=None,
+                   help="1 only: a model runs on one device here")
+    v.add_argument("--enable-chunked-prefill", action="store_true", default=None,
+                   help="taken: prompts are always prefilled in chunks here")
+    v.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                   help="taken: tool_choice auto is always served here")
+    v.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="taken: no model code is ever run here (GGUF files and configs only)")
+
+
+def add_tgi(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("TGI's spellings", "what a command written for text-generation-launcher passes, taken "
+                             "as this server means it")
+    t.add_argument("--model-id", dest="model", default=None, help="the same as --model")
+    t.add_argument("--hostname", dest="host", type=host, default=None, help="the same as --host")
+    t.add_argument("--max-total-tokens", dest="max_model_len", type=int, default=None,
+                   help="the same as --max-model-len (a prompt and its answer together)")
+    t.add_argument("--max-input-tokens", "--max-input-length", dest="max_input_tokens", type=at_least(1), default=None,
+                   help="the longest prompt a generating request may have, in tokens (below --max-total-tokens; "
+                        "default: the context's)")
+    t.add_argument("--max-batch-size", dest="max_num_seqs", type=int, default=None, help="the same as --max-batch")
+    t.add_argument("--max-batch-prefill-tokens", dest="max_prefill_tokens", type=int, default=None,
+                   help="the same as --max-prefill-tokens")
+    t.add_argument("--max-concurrent-requests", type=at_least(1), default=None, metavar="N",
+                   help="at most N sequences in the server, running and queued, before 429 (each choice of `n` and "
+                        "each embeddings input counts): a batch of at most N, and --max-waiting the rest")
+    t.add_argument("--payload-limit", dest="max_request_bytes", type=at_least(1), default=None,
+                   help="the same as --max-request-bytes")
+    t.add_argument("--num-shard", type=int, choices=[1], default=None, help="1 only: a model runs on one device here")
+    t.add_argument("--cuda-graphs", type=cuda_graphs, default=None, metavar="SIZES",
+                   help="0: the same as --enforce-eager; other batch sizes are taken, the captured sizes are this "
+                        "server's (1, 2, 4, 8, then steps of 16)")
+
+
+def add_llama_cpp(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("llama.cpp's spellings", "what a command written for llama-server passes, taken as "
+                             "this server means it")
+    c.add_argument("-m", dest="model", default=None, help="the same as --model")
+    c.add_argument("-a", "--alias", type=aliases, default=None, metavar="NAMES",
+                   help="the model's names in the API, comma-separated (the same as --served-model-name)")
+    c.add_argument("-t", dest="threads", type=int, default=None, help="the same as --threads")
+    c.add_argument("-np", "--parallel", type=slots, default=None, metavar="N",
+                   help="the same as --max-batch; -1 (auto): the preset's")
+    c.add_argument("-c", "--ctx-size", type=at_least(0), default=None, metavar="N",
+                   help="the KV cache holds N tokens (--kv-capacity-tokens), and each sequence at most N / "
+                        "--parallel where --parallel is given without --kv-unified, as llama-server's slots split "
+                        "it, else N (--max-model-len); 0: the model's")
+    c.add_argument("-kvu", "--kv-unified", dest="kv_unified", action="store_true", default=None,
+                   help="every sequence may take the whole --ctx-size (the KV cache is one pool here either way)")
+    c.add_argument("-no-kvu", "--no-kv-unified", dest="kv_unified", action="store_false", default=None,
+                   help="each sequence at most --ctx-size / --parallel (llama-server's default with --parallel)")
+    c.add_argument("-b", "--batch-size", dest="max_prefill_tokens", type=int, default=None,
+                   help="the same as --max-prefill-tokens")
+    c.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=gpu_layers, default=None,
+                   metavar="N", help="0: the CPU (--device cpu); auto: --device auto; all or any other number: "
+                                     "CUDA, every layer (a model runs on one device here)")
+    c.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", choices=list(LLAMA_CPP_CACHE_TYPES), default=None,
+                   help="K's cache type: f32, f16 or q8_0 (--kv-cache-dtype float32, float16, int8); one type for K "
+                        "and V here, so -ctv must be the same (llama-server's default for either: f16)")
+    c.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", choices=list(LLAMA_CPP_CACHE_TYPES), default=None,
+                   help="V's cache type, the same as -ctk's")
+    c.add_argument("--cache-prompt", dest="prefix_caching", action="store_true", default=None,
+                   help="prefix caching, on by default here")
+    c.add_argument("--no-cache-prompt", dest="prefix_caching", action="store_false", default=None,
+                   help="the same as --no-prefix-caching")
+    c.add_argument("--chat-template-file", dest="chat_template", default=None, metavar="FILE",
+                   help="the same as --chat-template FILE (llama-server's built-in template names are not taken: "
+                        "give the template itself)")
+    c.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"], default=None,
+                   help="taken: decode attention here is always the fused paged kernel")
+    for flags, what in ((("--jinja",), "chat templates are always rendered with Jinja here"),
+                        (("-cb", "--cont-batching"), "batching is always continuous here"),
+                        (("--metrics",), "/metrics is always served"),
+                        (("--embedding", "--embeddings"), "/v1/embeddings is always served, beside generation"),
+                        (("--rerank", "--reranking"), "/v1/rerank is always served"),
+                        (("--no-webui",), "no web page is served")):
+        c.add_argument(*flags, action="store_true", default=None, help=f"taken: {what}")
+
+
+def cuda_graphs(value: str) -> bool:
+    """TGI's --cuda-graphs: "0" turns graphs off (True: eager); a list of sizes is taken."""
+    sizes = [part.strip() for part in value.split(",")]
+    if not all(part.isdigit() for part in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes separated by commas, or 0, got {value!r}")
+    return sizes == ["0"]
+
+
+def aliases(value: str) -> list[str]:
+    """llama-server's --alias: one name, or several separated by commas."""
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"names separated by commas, none empty, got {value!r}")
+    return names
+
+
+def slots(value: str) -> int | None:
+    """llama-server's --parallel: a number of slots, or -1 for its automatic choice (None: ours)."""
+    number = at_least(-1)(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError("0 slots would serve nothing: at least 1, or -1 (auto)")
+    return None if number == -1 else number
+
+
+def gpu_layers(value: str) -> str:
+    """llama-server's --n-gpu-layers as a device: 0 the CPU, auto ours, any other count CUDA."""
+    if value in ("auto", "all"):
+        return "auto" if value == "auto" else "cuda"
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"a number of layers, auto or all, got {value!r}")
+    return "cpu" if int(value) == 0 else "cuda"
+
+
+def resolve(args: argparse.Namespace) -> None:
+    """The other servers' values as this server's own settings, in place: raises ValueError where two
+    flags say different things."""
+    if getattr(args, "model_tag", None) is not None:  # `vllm serve MODEL`'s place for it
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    if getattr(args, "cuda_graphs", None):  # TGI's --cuda-graphs 0
+        args.enforce_eager = True
+    if getattr(args, "alias", None):
+        if args.served_model_name:
+            raise ValueError("the model's names are given twice: --alias and --served-model-name")
+        args.served_model_name = args.alias
+    if getattr(args, "gpu_layers", None) is not None:
+        if args.device is not None and args.device != args.gpu_layers:
+            raise ValueError(f"--n-gpu-layers asks for the device {args.gpu_layers}, --device for {args.device}")
+        args.device = args.gpu_layers
+    resolve_llama_cpp_cache(args)
+
+
+def resolve_llama_cpp_cache(args: argparse.Namespace) -> None:
+    """llama-server's --parallel, --ctx-size and cache types as the batch, the KV cache and the context."""
+    if getattr(args, "parallel", None) is not None:
+        if args.max_num_seqs is not None and args.max_num_seqs != args.parallel:
+            raise ValueError(f"the batch is given twice: --parallel {args.parallel} and --max-batch "
+                             f"{args.max_num_seqs}")
+        args.max_num_seqs = args.parallel
+    if getattr(args, "ctx_size", None):  # (0: the model's, as llama-server reads it)
+        if args.kv_capacity_tokens is None:
+            args.kv_capacity_tokens = args.ctx_size
+        split = args.parallel is not None and not args.kv_unified  # llama-server's slots each take a share
+        per_sequence = args.ctx_size // args.parallel if split else args.ctx_size
+        if per_sequence < 1:
+            raise ValueError(f"--ctx-size {args.ctx_size} over {args.parallel} slots leaves none to a slot")
+        if args.max_model_len is None:
+            args.max_model_len = per_sequence
+    k, v = getattr(args, "cache_type_k", None), getattr(args, "cache_type_v", None)
+    if k is not None or v is not None:
+        k, v = k or "f16", v or "f16"  # llama-server's default for the one not given
+        if k != v:
+            raise ValueError(f"one cache type for K and V here: -ctk {k} and -ctv {v} differ (llama-server's "
+                             "default for either is f16)")
+        if args.kv_cache_dtype is not None and args.kv_cache_dtype != LLAMA_CPP_CACHE_TYPES[k]:
+            raise ValueError(f"-ctk/-ctv {k} and --kv-cache-dtype {args.kv_cache_dtype} differ")
+        args.kv_cache_dtype = LLAMA_CPP_CACHE_TYPES[k]
+
+
+def max_waiting(args: argparse.Namespace, config, default: int) -> int:
+    """The queue beyond the batch (--max-waiting, else `default`); TGI's --max-concurrent-requests N
+    instead caps the batch at N (`config`'s, in place) and queues the rest of N."""
+    limit = getattr(args, "max_concurrent_requests", None)
+    if limit is None:
+        return default if args.max_waiting is None else args.max_waiting
+    if args.max_waiting is not None:
+        raise ValueError("--max-concurrent-requests sets the queue: leave --max-waiting out")
+    config.max_num_seqs = min(config.max_num_seqs, limit)
+    return limit - config.max_num_seqs

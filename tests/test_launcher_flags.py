@@ -1,0 +1,113 @@
+"""Commands written for other servers (`vllm serve`, Hugging Face's text-generation-launcher,
+llama.cpp's llama-server), read as those servers mean them (server/launcher_flags.py): parsed
+into this server's settings, and one llama-server command line serving for real."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from server.cli import build_config, serve_parser
+from server.launcher_flags import max_waiting
+from tests.conftest import ServerProcess
+
+
+def build(*argv):
+    return build_config(serve_parser().parse_args(list(argv)))
+
+
+def test_a_command_written_for_vllm_serve_is_read_as_vllm_means_it():
+    """The model as the first argument (a preset by name, or a path), and vLLM's spellings of the
+    prefix cache and prefill budget flags."""
+
+    gemma = build("gemma3-270m")
+    assert gemma.served_model_name == "gemma3-270m" and gemma.model == build("--model", "gemma3-270m").model
+    assert build("/models/x.gguf", "--max-num-seqs", "4").model == "/models/x.gguf"
+    assert build("--no-enable-prefix-caching").prefix_caching is False
+    assert build("--no-prefix-caching", "--enable-prefix-caching").prefix_caching is True
+    assert build("--max-num-batched-tokens", "256").max_prefill_tokens == 256
+    with pytest.raises(ValueError, match="the model is given twice"):
+        build("gemma3-270m", "--model", "/models/x.gguf")
+
+
+def test_a_command_written_for_tgis_launcher_is_read_as_tgi_means_it():
+    """text-generation-launcher's spellings of the model, the context, the batch, the prefill
+    budget, the host, the body limit, one shard and CUDA graphs off."""
+
+    args = serve_parser().parse_args(["--model-id", "gemma3-270m", "--max-total-tokens", "512", "--max-batch-size",
+                                      "4", "--max-batch-prefill-tokens", "128", "--hostname", "0.0.0.0",
+                                      "--payload-limit", "4096", "--num-shard", "1", "--cuda-graphs", "0"])
+    config = build_config(args)
+    assert (config.served_model_name, config.max_model_len, config.max_num_seqs, config.max_prefill_tokens) == \
+        ("gemma3-270m", 512, 4, 128)
+    assert config.enforce_eager is True and args.host == "0.0.0.0" and args.max_request_bytes == 4096
+    plain = serve_parser().parse_args([])
+    assert build_config(serve_parser().parse_args(["--cuda-graphs", "1,2,4"])).enforce_eager is not True
+    assert plain.host == serve_parser().parse_args(["--port", "9"]).host and plain.max_request_bytes > 4096
+    for bad in (["--num-shard", "2"], ["--cuda-graphs", "all"]):
+        with pytest.raises(SystemExit):
+            serve_parser().parse_args(bad)
+
+
+def test_tgis_concurrent_request_limit_is_the_batch_and_queue_together():
+    """--max-concurrent-requests N: at most N sequences in the server, a batch of at most N and the
+    rest queued; beside --max-waiting it would be said twice."""
+    for limit, batch, queue in ((8, 8, 0), (100, 16, 84)):
+        args = serve_parser().parse_args(["--max-concurrent-requests", str(limit)])
+        config = build_config(args)
+        queue_left = max_waiting(args, config, 64)  # (the batch capped in `config`)
+        assert (config.max_num_seqs, queue_left) == (batch, queue)
+    plain = serve_parser().parse_args(["--max-waiting", "3"])
+    assert max_waiting(plain, build_config(plain), 64) == 3
+    both = serve_parser().parse_args(["--max-concurrent-requests", "8", "--max-waiting", "3"])
+    with pytest.raises(ValueError, match="leave --max-waiting out"):
+        max_waiting(both, build_config(both), 64)
+
+
+def test_llama_servers_slots_context_and_cache_types_are_read_as_it_means_them():
+    """-c is the KV cache's tokens, split over -np slots unless -kvu; -ngl picks the device; one
+    cache type for K and V, f16 where one is not given (llama-server's default)."""
+    split = build("-m", "/models/x.gguf", "-c", "8192", "-np", "4", "-t", "3", "-b", "256")
+    assert (split.model, split.kv_capacity_tokens, split.max_model_len, split.max_num_seqs, split.threads,
+            split.max_prefill_tokens) == ("/models/x.gguf", 8192, 2048, 4, 3, 256)
+    assert build("-c", "8192", "-np", "4", "-kvu").max_model_len == 8192
+    assert build("-c", "8192").max_model_len == 8192  # no slots given: llama-server's one pool (auto)
+    assert build("-c", "0").max_model_len == build().max_model_len and build("-c", "0").kv_capacity_tokens is None
+    assert build("-np", "-1").max_num_seqs == build().max_num_seqs
+    assert [build("-ngl", n).device for n in ("0", "99", "all", "auto")] == ["cpu", "cuda", "cuda", "auto"]
+    assert build("-ctk", "q8_0", "-ctv", "q8_0").kv_cache_dtype == "int8"
+    assert build("-ctk", "f16").kv_cache_dtype == "float16" and build("-ctv", "f32", "-ctk", "f32").kv_cache_dtype \
+        == "float32"
+    assert build("--no-cache-prompt").prefix_caching is False
+    assert build("-a", "local,smol").served_model_name == "local"
+    for bad, message in ((["-ctk", "q8_0"], "-ctk q8_0 and -ctv f16 differ"),
+                         (["-np", "4", "--max-batch", "8"], "the batch is given twice"),
+                         (["-ngl", "0", "--device", "cuda"], "asks for the device cpu"),
+                         (["-a", "x", "--served-model-name", "y"], "names are given twice"),
+                         (["-c", "3", "-np", "4"], "leaves none to a slot")):
+        with pytest.raises(ValueError, match=message):
+            build(*bad)
+    for bad in (["-np", "0"], ["-ctk", "q4_0"], ["-ngl", "half"], ["-a", "x,,y"], ["-fa", "maybe"]):
+        with pytest.raises(SystemExit):
+            serve_parser().parse_args(bad)
+
+
+def test_a_llama_server_command_line_serves_as_llama_server_would():
+    """The command the README runs llama-server with, pointed at this server: two slots of half the
+    4,096-token context each, a q8_0 cache, the model under both aliases."""
+    from engine.loader import embedded_gguf
+
+    srv = ServerProcess("-m", str(embedded_gguf("smollm2-135m-instruct")), "-c", "4096", "-np", "2", "-t", "1",
+                        "-a", "local,smol", "-ctk", "q8_0", "-ctv", "q8_0", "--jinja", "-fa", "on", "-cb",
+                        "--metrics", "--no-webui")
+    try:
+        props = httpx.get(srv.url + "/props", timeout=30).json()
+        assert (props["default_generation_settings"]["n_ctx"], props["total_slots"], props["model_alias"]) == \
+            (2048, 2, "local")
+        assert [m["id"] for m in httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]] == ["local", "smol"]
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "model": "smol", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+        log = srv.log_path.read_text()
+        assert "= 4096 tokens" in log and "(int8)" in log, srv.log_tail()
+    finally:
+        srv.stop()
