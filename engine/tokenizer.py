@@ -194,10 +194,18 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], options: ChatOptions = ChatOptions(),
                     tools: list[dict] | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, options, tools), self._chat_special(options))
+
+    def chat_spans(self, messages: list[dict], options: ChatOptions = ChatOptions(),
+                   tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int, int]]]:
+        """The chat's text, and the tokens `encode_chat` gives as `encode_spans` gives them."""
+        text = self.render_chat(messages, options, tools)
+        return text, self.encode_spans(text, self._chat_special(options))
+
+    def _chat_special(self, options: ChatOptions) -> bool:
         # A template places the special tokens it wants; plain text gets the tokenizer's own (BOS),
         # as the same text sent to /v1/completions does (Gemma 3 answers nonsense without BOS).
-        special = not self.has_chat_template if options.add_special_tokens is None else options.add_special_tokens
-        return self.encode(self.render_chat(messages, options, tools), add_special_tokens=special)
+        return not self.has_chat_template if options.add_special_tokens is None else options.add_special_tokens
 
     def decode(self, ids: list[int], clean: bool = True, special: bool = False) -> str:
         """`clean`: with the config's clean-up of spaces (as transformers' decode: /detokenize).

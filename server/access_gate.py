@@ -37,7 +37,7 @@ class AccessGate:
 
 
 API_PATHS = ("/tokenize", "/detokenize", "/score", "/rerank", "/invocations", "/completion", "/infill",
-             "/apply-template", "/props", "/", "/generate", "/generate_stream", "/info")
+             "/apply-template", "/props", "/", "/generate", "/generate_stream", "/info", "/chat_tokenize")
 
 
 def _gated(path: str) -> bool:

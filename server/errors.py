@@ -62,7 +62,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 # TGI's native routes (server/tgi_api.py; /invocations with TGI's body marks its scope): its clients
 # (huggingface_hub) raise their typed errors (ValidationError, OverloadedError, ...) by a top-level
 # `error_type` beside the error
-TGI_PATHS = frozenset({"/generate", "/generate_stream", "/"})
+TGI_PATHS = frozenset({"/generate", "/generate_stream", "/", "/chat_tokenize"})
 
 
 def is_tgi(scope: dict) -> bool:

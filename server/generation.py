@@ -110,15 +110,29 @@ async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOp
     """A chat's prompt ids: its messages (role, content, tool fields) with the tools `use` shows, through
     the model's template as `options` ask. Templating and tokenizing a long prompt takes a while: off
     the event loop."""
+    tokenizer, shown, tools = template_input(state, messages, use)
+    return await asyncio.to_thread(tokenizer.encode_chat, shown, options, tools)
+
+
+async def templated_chat(state, messages: list[dict], use: ToolUse,
+                         options: ChatOptions = ChatOptions()) -> tuple[str, list[tuple[int, int, int]]]:
+    """The text `encode_chat` tokenizes, and its tokens as (id, start, stop) over that text's
+    characters (TGI's /chat_tokenize)."""
+    tokenizer, shown, tools = template_input(state, messages, use)
+    return await asyncio.to_thread(tokenizer.chat_spans, shown, options, tools)
+
+
+def template_input(state, messages: list[dict], use: ToolUse) -> tuple:
+    """(tokenizer, the messages the template is given, the tools it is given): a template that shows
+    tools and the history's calls itself gets them as it reads them; any other gets them written
+    into the messages (server/tool_calls.py)."""
     tokenizer = ready_tokenizer(state)
     use.format = template_tools.detect(tokenizer.chat_template) if state.tool_call_parser == "auto" \
         else state.tool_call_parser
-    if use.native:  # the template shows the tools and the history's calls and results itself
+    if use.native:
         tools = template_tools.template_tools(use.tools) if use.tools else None
-        shown = template_tools.template_messages(messages, use.format)
-        return await asyncio.to_thread(tokenizer.encode_chat, shown, options, tools)
-    rendered = render_messages(messages, use.tools, use.parallel, use.listed)
-    return await asyncio.to_thread(tokenizer.encode_chat, rendered, options)
+        return tokenizer, template_tools.template_messages(messages, use.format), tools
+    return tokenizer, render_messages(messages, use.tools, use.parallel, use.listed), None
 
 
 async def tokenize_batch(state, given: list, param: str, limit: int | None = None, choices: int = 1,

@@ -1,7 +1,7 @@
 """Hugging Face text-generation-inference's native API, for the clients written against TGI
 (huggingface_hub's `InferenceClient.text_generation` and what is built on it): POST /generate
 (JSON), /generate_stream (SSE, one event per token, no [DONE]), POST / (either, by `stream`; its
-JSON answer a one-item list, as TGI's compat route answers), GET /info.
+JSON answer a one-item list, as TGI's compat route answers), GET /info, POST /chat_tokenize.
 
 A request is tokenized here (BOS as the model adds it) and served as the /v1/completions request it
 translates to (server/tgi_protocol.py), by that route's code (server/completions.py), always with each
@@ -24,12 +24,12 @@ from pydantic import ValidationError
 
 from engine.sampling_params import InvalidParamError
 from server import __version__
-from server.completions import CompletionCall
+from server.completions import HUB_PLACEHOLDERS, CompletionCall
 from server.errors import APIError, error_body, validation_message
-from server.generation import EventStream, check_model, ready_tokenizer
+from server.generation import EventStream, check_model, ready_tokenizer, templated_chat
 from server.protocol import CompletionRequest, TokenizeRequest
-from server.tgi_protocol import (MAX_BEST_OF, MAX_STOP_SEQUENCES, SEEDS, TGI_NAMES, GenerateRequest, Parameters,
-                                finish_reason)
+from server.tgi_protocol import (MAX_BEST_OF, MAX_STOP_SEQUENCES, SEEDS, TGI_NAMES, ChatTokenizeRequest,
+                                GenerateRequest, Parameters, finish_reason)
 
 router = APIRouter()
 
@@ -288,15 +288,30 @@ async def tgi_tokenize(state, body: TokenizeRequest) -> list[dict]:
 
     def tokens() -> list[dict]:
         spans = tokenizer.encode_spans(body.inputs, body.add_special_tokens is not False)
-        raw = body.inputs.encode()
-        at = [0]  # each character's byte offset, and the end's
-        for char in body.inputs:
-            at.append(at[-1] + len(char.encode()))
-        out = []
-        for token_id, start, stop in spans[-truncate:] if truncate else spans:
-            start, stop = at[start], at[stop]
-            out.append({"id": token_id, "text": raw[start:stop].decode("utf-8", "replace"), "start": start,
-                        "stop": stop})
-        return out
+        return tgi_tokens(body.inputs, spans[-truncate:] if truncate else spans)
 
     return await asyncio.to_thread(tokens)
+
+
+@router.post("/chat_tokenize")
+async def chat_tokenize(body: ChatTokenizeRequest, request: Request):
+    """TGI's: a chat request's prompt as its template renders it (`templated_text`) and its tokens as
+    /tokenize gives them (`tokenize_response`), the prompt the same request to /v1/chat/completions
+    would be given."""
+    state = request.app.state.skipserve
+    if body.model is not None and body.model not in HUB_PLACEHOLDERS:
+        check_model(state, body.model)
+    text, spans = await templated_chat(state, [m.as_dict() for m in body.messages], body.tool_use,
+                                       body.chat_options)
+    return {"tokenize_response": await asyncio.to_thread(tgi_tokens, text, spans), "templated_text": text}
+
+
+def tgi_tokens(text: str, spans: list[tuple[int, int, int]]) -> list[dict]:
+    """Tokens (id, start, stop over `text`'s characters) as TGI gives them: {id, text, start, stop},
+    their spans in bytes, as TGI's Rust tokenizer counts them (an added BOS: an empty span)."""
+    raw = text.encode()
+    at = [0]  # each character's byte offset, and the end's
+    for char in text:
+        at.append(at[-1] + len(char.encode()))
+    return [{"id": token_id, "text": raw[at[start]:at[stop]].decode("utf-8", "replace"), "start": at[start],
+             "stop": at[stop]} for token_id, start, stop in spans]

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
 from engine.sampling_params import InvalidParamError
-from server.protocol import FFNSkip, RequestBody, Strict
+from server.protocol import ChatCompletionRequest, FFNSkip, RequestBody, Strict
 
 MAX_BEST_OF = 2  # TGI's default --max-best-of
 MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
@@ -163,3 +163,9 @@ def finish_reason(finish: str | None, stop_reason: Union[int, str, None]) -> str
     if finish == "length":
         return "length"
     return "stop_sequence" if isinstance(stop_reason, str) else "eos_token"
+
+
+class ChatTokenizeRequest(ChatCompletionRequest):
+    """TGI's /chat_tokenize body: a chat request, whose model may be left out (TGI reads none)."""
+    model: Optional[str] = None
+

@@ -94,7 +94,8 @@ def test_tokenize_detokenize_scoring_and_tgi_paths_are_behind_the_key(srv):
                        ("/rerank", scored), ("/v1/rerank", scored), ("/v2/rerank", scored),
                        ("/invocations", {"model": MODEL, "prompt": "hi", "max_tokens": 1}),
                        *((tgi, {"inputs": "hi", "parameters": {"max_new_tokens": 1}})
-                         for tgi in ("/generate", "/generate_stream", "/"))):
+                         for tgi in ("/generate", "/generate_stream", "/")),
+                       ("/chat_tokenize", {"messages": [{"role": "user", "content": "hi"}]})):
         assert httpx.post(srv.url + path, json=body).status_code == 401
         assert httpx.post(srv.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     refused = httpx.post(srv.url + "/generate", json={"inputs": "hi"})

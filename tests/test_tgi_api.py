@@ -259,6 +259,33 @@ def test_info_invocations_and_tokenize_in_tgis_spelling(server):
     assert _post(server, "/tokenize", {"prompt": text, "parameters": {}}).status_code == 400  # TGI's, with inputs
 
 
+def test_chat_tokenize_gives_the_prompt_a_chat_request_is_given(server):
+    """TGI's /chat_tokenize: the chat's text as the template renders it, and its tokens in
+    /tokenize's TGI shape: the ids /tokenize gives for the same messages (the prompt
+    /v1/chat/completions counts), each span in bytes of that text; tools shown as a chat shows them."""
+    messages = [{"role": "system", "content": "Réponds en français."}, {"role": "user", "content": "Hi 🙂"}]
+    r = _post(server, "/chat_tokenize", {"messages": messages})
+    assert r.status_code == 200, r.text
+    text, tokens = r.json()["templated_text"], r.json()["tokenize_response"]
+    assert "Réponds en français." in text and text.rstrip().endswith("assistant")
+    ids = _post(server, "/tokenize", {"messages": messages}).json()["tokens"]
+    assert [t["id"] for t in tokens] == ids
+    chat = _post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 1})
+    assert chat.json()["usage"]["prompt_tokens"] == len(ids)
+    raw = text.encode()
+    assert all(raw[t["start"]:t["stop"]].decode() == t["text"] for t in tokens)
+    assert "".join(t["text"] for t in tokens) == text and tokens[-1]["stop"] == len(raw)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    shown = _post(server, "/chat_tokenize", {"model": "tgi", "messages": messages, "tools": [tool]}).json()
+    assert "get_weather" in shown["templated_text"]
+    assert [t["id"] for t in shown["tokenize_response"]] == \
+        _post(server, "/tokenize", {"messages": messages, "tools": [tool]}).json()["tokens"]
+    assert _post(server, "/chat_tokenize", {"model": "no-such-model", "messages": messages}).status_code == 404
+    bad = _post(server, "/chat_tokenize", {"messages": []})
+    assert bad.status_code == 400 and bad.json()["error_type"] == "validation"
+    assert bad.json()["error"]["param"] == "messages"
+
+
 def test_the_ffn_skip_budget_rides_in_the_parameters(server):
     d = _post(server, "/generate", {"inputs": PROMPT, "parameters": {
         "max_new_tokens": 8, "details": True, "ffn_skip": {"budget": 0.3, "threshold": 0.9, "warmup_tokens": 0}}})
