@@ -7,7 +7,9 @@ filter of its own.
 
 A row with top-k, top-p or min-p keeps a run of its most likely tokens: it is filtered over its
 `CANDIDATES` most likely (a top-k and a short sort), and again over more where what it keeps may
-run past them; a row with none of them, over its whole vocabulary (a full sort)."""
+run past them; a row with none of them, over its whole vocabulary, cut among the tokens nearest
+its entropy (`ATYPICAL_CANDIDATES`: a top-k of the distances, where a sort of the vocabulary took
+~1.9 ms a row on a 2-core host)."""
 from __future__ import annotations
 
 import torch
@@ -16,6 +18,7 @@ from engine.categorical import candidates
 from engine.rows import column, device_values, put_rows, take_rows
 
 CANDIDATES = (128, 4096)
+ATYPICAL_CANDIDATES = (256, 4096)  # tokens nearest the entropy a row is first cut among, then more
 
 
 def mask_filtered(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
@@ -77,20 +80,39 @@ def _mask_run(logits: torch.Tensor, temperature: list[float], top_k: list[int], 
     return logits.copy_(out)
 
 
-def mask_atypical(logits: torch.Tensor, temperature: list[float], typical_p: list[float]) -> torch.Tensor:
+def mask_atypical(logits: torch.Tensor, temperature: list[float], typical_p: list[float],
+                  ladder: tuple[int, ...] | None = None) -> torch.Tensor:
     """logits [R, V] float32 (each row's temperature > 0, typical_p in (0, 1]) -> the same logits
     with -inf where a token is outside its row's typical set, in place (a -inf token is outside,
-    and the rest's distribution is renormalised over what is left)."""
+    and the rest's distribution is renormalised over what is left).
+
+    The set is the tokens nearest the entropy, by mass: a row is cut among its `ladder[0]` nearest
+    (a top-k, not a sort of the vocabulary) where their mass reaches typical_p, else again among
+    the next rung's, else over the whole row. Which of equally near tokens comes first does not
+    matter: the cut keeps every token as near as the last one kept."""
+    rows, vocab = logits.shape
+    ladder = ATYPICAL_CANDIDATES if ladder is None else ladder
     log_p = torch.log_softmax(logits / column(temperature, logits), dim=-1)
     p = log_p.exp()
     entropy = -(log_p * p).nansum(-1, keepdim=True)  # (0 x -inf, a masked token's, is NaN: left out)
     distance = (-log_p - entropy).abs()
-    distance, order = distance.sort(dim=-1, stable=True)
+    width = ladder[0] if ladder and ladder[0] < vocab else vocab
+    if width < vocab:
+        near, order = distance.neg().topk(width, dim=-1)
+        near = near.neg()
+    else:
+        near, order = distance.sort(dim=-1, stable=True)
     mass = p.gather(1, order).cumsum(-1)
-    last = (mass < column(typical_p, mass)).sum(-1, keepdim=True).clamp_(max=logits.shape[1] - 1)
-    dropped = distance > distance.gather(1, last)
-    dropped[:, 0] = False
-    return logits.masked_fill_(dropped.scatter(1, order, dropped), float("-inf"))
+    before = (mass < column(typical_p, mass)).sum(-1, keepdim=True)  # tokens before the one that crosses
+    cut = near.gather(1, before.clamp(max=width - 1))
+    dropped = (distance > cut).scatter_(1, order[:, :1], False)  # (the nearest always kept)
+    short = before[:, 0] >= width  # rows whose nearest tokens' mass is short of typical_p: cut further on
+    logits.masked_fill_(dropped & ~short[:, None], float("-inf"))
+    again = short.nonzero().flatten().tolist() if width < vocab else []
+    if again:
+        put_rows(logits, again, mask_atypical(take_rows(logits, again), *_pick(again, temperature, typical_p),
+                                              ladder[1:]))
+    return logits
 
 
 def _pick(rows: list[int], *settings: list) -> list[list]:

@@ -288,11 +288,13 @@ def test_a_row_its_constraints_leave_no_token_is_told_so():
     assert isinstance(out[0], ValueError) and "constraints" in str(out[0]) and out[1].token_id >= 0
 
 
+@pytest.mark.parametrize("ladder", [None, (8, 32), ()])  # (8, 32): cut past both rungs; (): one sort of the row
 @pytest.mark.parametrize("temperature, typical_p, scale", [(1.0, 0.95, 3.0), (0.7, 0.5, 3.0), (1.3, 0.2, 1.0),
                                                             (1.0, 0.999, 0.3), (0.5, 0.01, 5.0)])
-def test_typical_sampling_keeps_transformers_typical_set(temperature, typical_p, scale):
+def test_typical_sampling_keeps_transformers_typical_set(temperature, typical_p, scale, ladder):
     """engine/typical.py against transformers' TypicalLogitsWarper on the temperature's logits: the
-    same tokens kept, rows of odd widths, a masked token (a grammar's -inf) never kept."""
+    same tokens kept, rows of odd widths, a masked token (a grammar's -inf) never kept; whether a
+    row is cut among its nearest tokens or over all of them."""
     from transformers import TypicalLogitsWarper
 
     from engine.typical import mask_atypical
@@ -300,7 +302,7 @@ def test_typical_sampling_keeps_transformers_typical_set(temperature, typical_p,
     gen = torch.Generator().manual_seed(7)
     logits = torch.randn(3, VOCAB + 13, generator=gen) * scale
     logits[1, :40] = float("-inf")
-    ours = mask_atypical(logits.clone(), [temperature] * 3, [typical_p] * 3)
+    ours = mask_atypical(logits.clone(), [temperature] * 3, [typical_p] * 3, ladder)
     theirs = TypicalLogitsWarper(typical_p)(None, logits / temperature)
     assert torch.equal(ours.isfinite(), theirs.isfinite())
     assert torch.equal(ours[ours.isfinite()], logits[ours.isfinite()])  # the kept tokens' logits untouched
