@@ -135,6 +135,11 @@ class AsyncEngine:
         self._check_ready()
         return self.engine.tokenizer
 
+    def sampling_defaults(self) -> dict:
+        """What requests that leave a sampling setting out take for it (engine/generation_defaults.py)."""
+        self._check_ready()
+        return self.engine.sampling_defaults
+
     def _check_ready(self):
         if self.dead is not None:
             raise EngineNotReadyError(f"the engine stopped: {type(self.dead).__name__}: {self.dead}")

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.generation_defaults import SETTINGS as GENERATION_SETTINGS, check_override
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "int8")  # EngineConfig.kv_cache_dtype
 SCHEDULING_POLICIES = ("fcfs", "priority")  # EngineConfig.scheduling_policy (engine/scheduler.py)
@@ -227,6 +228,10 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # fcfs | priority: the queue in requests' `priority` order (engine/scheduler.py)
     pooling: str = "mean"  # engine/pooling.py: how /v1/embeddings pools an input's hidden states (mean | last)
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs (Triton kernels, run eagerly)
+    # requests' sampling defaults (engine/generation_defaults.py): auto = the model's generation config,
+    # vllm = none (OpenAI's), or a folder holding one; the override's values over it
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None
     skip: SkipConfig = field(default_factory=SkipConfig)
 
     def check(self) -> None:
@@ -252,4 +257,8 @@ class EngineConfig:
         for name in ("kv_capacity_tokens", "kv_cache_memory"):
             _require(getattr(self, name) is None or 0 < getattr(self, name) < math.inf, f"{name} must be > 0 "
                      f"and finite, got {getattr(self, name)}")
+        _require(self.generation_config in GENERATION_SETTINGS or Path(self.generation_config).expanduser().is_dir(),
+                 f"generation_config must be auto, vllm or a folder holding generation_config.json, got "
+                 f"{self.generation_config!r}")
+        check_override(self.override_generation_config)
         self.skip.check()

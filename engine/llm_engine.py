@@ -14,6 +14,7 @@ import random
 from engine.bad_words import bad_word_ids
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.generation_defaults import sampling_defaults
 from engine.kv.block_manager import BlockManager, blocks_for
 from engine.loader import ensure_hf_dir
 from engine.model_runner import ModelRunner, StepResult
@@ -40,6 +41,11 @@ class LLMEngine:
         self.hf_dir = ensure_hf_dir(config.model, config.cache_dir, dense=False)  # the runner asks for dense weights
         self.tokenizer = Tokenizer(self.hf_dir, config.chat_template)
         self.model_config = ModelConfig.from_hf_dir(self.hf_dir)
+        self.sampling_defaults = sampling_defaults(self.hf_dir, config.generation_config,
+                                                   config.override_generation_config)
+        if self.sampling_defaults:
+            log.info("requests that leave them out sample with the model's generation config: %s "
+                     "(--generation-config vllm: OpenAI's defaults)", self.sampling_defaults)
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         if self.max_model_len < config.max_model_len:
             log.warning("max_model_len %d is past the model's context of %d tokens: serving %d",

@@ -113,7 +113,7 @@ def ensure_hf_dir(model: str, cache_dir: str | None = None, dense: bool = True) 
 
 
 DENSE_WEIGHTS = "model.safetensors"
-METADATA_VERSION = "m5"  # bumped when write_metadata writes a folder differently: older ones are rewritten
+METADATA_VERSION = "m6"  # bumped when write_metadata writes a folder differently: older ones are rewritten
 
 
 @functools.lru_cache(maxsize=16)
@@ -153,6 +153,7 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
     """The GGUF's config, generation config and tokenizer as a HF folder (no weights: seconds)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    from engine.generation_defaults import gguf_sampling
     from engine.gguf_file import GGUFFile
     from engine.plain_gguf_reader import plain_readers
 
@@ -178,6 +179,9 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
             source.unlink()
         generation = GenerationConfig.from_model_config(config)
         generation.eos_token_id = end_of_generation_ids(gguf.fields, tokenizer, config.eos_token_id)
+        sampling = gguf_sampling(gguf.fields)  # its makers' sampling: requests' defaults (engine/generation_defaults.py)
+        if sampling:
+            generation.update(do_sample=True, **sampling)
         config.save_pretrained(tmp)
         generation.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from engine.config import KV_CACHE_DTYPES, SCHEDULING_POLICIES, EngineConfig
 from server import launcher_flags
-from server.cli_types import allowed_origins, api_key, at_least, host, port
+from server.cli_types import allowed_origins, api_key, at_least, host, json_object, port
 from server.reasoning import PARSERS as REASONING_PARSERS
 from server.template_tools import PARSERS as TOOL_CALL_PARSERS
 
@@ -80,6 +80,14 @@ def serve_parser() -> argparse.ArgumentParser:
                         "messages to functions.NAME: gpt-oss), json (a system "
                         "message lists the tools, a call is {\"name\", \"arguments\"} JSON), auto (the format the "
                         "template asks for, else json) (default: auto)")
+    m.add_argument("--generation-config", default=None, metavar="auto|vllm|FOLDER",
+                   help="the sampling requests take where they leave it out (temperature, top_p, top_k, min_p, "
+                        "repetition_penalty, max_new_tokens as max_tokens), as vLLM: auto = the model's "
+                        "generation_config.json (a GGUF's general.sampling keys); vllm = none, OpenAI's defaults; "
+                        "or a folder holding a generation_config.json. On the OpenAI and Anthropic routes; "
+                        "llama.cpp's and TGI's keep their own defaults (default: auto)")
+    m.add_argument("--override-generation-config", type=json_object, default=None, metavar="JSON",
+                   help="defaults over the generation config's, e.g. '{\"temperature\": 0.5}' (with vllm: these only)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels (default: the CPUs in the affinity mask, "
                         "capped at a container's CPU quota; OMP_NUM_THREADS when set)")
     m.add_argument("--enforce-eager", action="store_true", default=None,
@@ -186,7 +194,8 @@ def build_config(args) -> EngineConfig:
                                                  "kv_capacity_tokens", "kv_cache_memory", "kv_cache_dtype",
                                                  "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching", "enforce_eager",
-                                                 "speculative_tokens", "pooling", "scheduling_policy")
+                                                 "speculative_tokens", "pooling", "scheduling_policy",
+                                                 "generation_config", "override_generation_config")
                  if getattr(args, k) is not None}
     if args.served_model_name:
         overrides["served_model_name"] = args.served_model_name[0]

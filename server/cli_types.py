@@ -3,6 +3,7 @@ server/launcher_flags.py): each refuses a value that would start a server no cli
 from __future__ import annotations
 
 import argparse
+import json
 import re
 
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # what a browser sends as Origin: scheme://host[:port]
@@ -58,3 +59,14 @@ def at_least(low, kind=int):
             raise argparse.ArgumentTypeError(f"{value!r}: at least {low}")
         return number
     return parse
+
+
+def json_object(value: str) -> dict:
+    """A JSON object given on the command line (vLLM's --override-generation-config)."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object ({{...}}), got {value!r}")
+    return parsed

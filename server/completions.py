@@ -113,6 +113,8 @@ def top_with_chosen(entry, as_ids: bool = False) -> dict[str, float]:
 class CompletionCall:
     """One request's life: validate, submit, then stream or collect the choices."""
 
+    model_defaults = True  # settings left out take the model's generation config (OpenAI's routes, as vLLM)
+
     def __init__(self, request: Request, body, chat: bool):
         self.request, self.body, self.chat = request, body, chat
         self.state = request.app.state.skipserve
@@ -147,6 +149,8 @@ class CompletionCall:
             prompts = await self._completion_prompts()
             param = "prompt"
         self.num_choices = len(prompts) * body.n
+        if self.model_defaults:
+            body.take_defaults(state.engine.sampling_defaults())
         sampling = body.to_sampling()
         prompts = await self._truncated(prompts, sampling.max_tokens or 1)
         self.prompts = prompts  # prompt i's choices are i * n .. i * n + n - 1

@@ -46,6 +46,8 @@ class LlamaCall(CompletionCall):
     """A /completion request's life: a completions call whose logprobs are llama.cpp's
     `completion_probabilities` (each token's id, text, bytes and its `n_probs` likeliest)."""
 
+    model_defaults = False  # llama.cpp's own defaults (server/llama_cpp_protocol.py)
+
     def __init__(self, request: Request, body: LlamaCompletionRequest, completion: CompletionRequest, prompt: list[int]):
         super().__init__(request, completion, chat=False)
         self.native, self.prompt_ids = body, prompt

@@ -88,6 +88,8 @@ class TGICall(CompletionCall):
     """A TGI request's life: a completions call whose logprobs are kept as the tokens' ids,
     logprobs and alternatives, from which TGI's tokens are written."""
 
+    model_defaults = False  # TGI's own defaults (server/tgi_protocol.py), not the generation config's
+
     def __init__(self, request: Request, body: GenerateRequest, completion: CompletionRequest, full_text: bool,
                  seed: int | None):
         super().__init__(request, completion, chat=False)

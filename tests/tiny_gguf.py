@@ -64,9 +64,11 @@ FORMATS = {"attn_q": (Q4_1, Q4_1), "attn_k": (Q4_1, Q4_1), "attn_v": (Q8_0, Q4_1
            "ffn_gate": (Q4_1, Q8_0), "ffn_up": (Q4_1, Q4_1), "ffn_down": (Q8_0, Q4_1)}
 
 
-def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0, split_experts: bool = False) -> Path:
+def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0, split_experts: bool = False,
+                    sampling: dict | None = None) -> Path:
     """split_experts: each expert's matrix a tensor of its own (`blk.N.ffn_gate.E.weight`), as
-    llama.cpp's converter wrote Mixtral before it stacked them; the same values as stacked."""
+    llama.cpp's converter wrote Mixtral before it stacked them; the same values as stacked.
+    sampling: `general.sampling.*` keys (llama.cpp's: its makers' sampling), by their last part."""
     shape = SHAPES[arch]
     hidden, heads, kv_heads, head_dim = shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"]
     rng = np.random.default_rng(shape.get("seed", seed))
@@ -90,6 +92,8 @@ def write_tiny_gguf(path: Path, arch: str, tokenizer_gguf: Path, seed: int = 0, 
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(vocab)
     _copy_tokenizer(source, writer)
+    for key, value in (sampling or {}).items():
+        (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(f"general.sampling.{key}", value)
     if shape.get("moe"):
         writer.add_expert_count(EXPERTS)
         writer.add_expert_used_count(USED)

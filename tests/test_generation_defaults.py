@@ -1,0 +1,122 @@
+"""The sampling a model's makers recommend as the defaults of requests that leave it out
+(engine/generation_defaults.py, vLLM's --generation-config and --override-generation-config): read
+from a folder's generation_config.json or a GGUF's general.sampling keys, checked at start, and
+applied by the OpenAI routes only, on a real server."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from engine.generation_defaults import sampling_defaults
+from engine.loader import embedded_gguf, ensure_hf_dir
+from tests.conftest import ServerProcess, cpu_path_only
+from tests.tiny_gguf import write_tiny_gguf
+
+MODEL = "smollm2-135m-instruct"
+QWEN3_STYLE = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "eos_token_id": [1, 2],
+               "transformers_version": "4.51.0"}
+
+
+def folder(tmp_path, config: dict, name: str = "model"):
+    path = tmp_path / name
+    path.mkdir()
+    (path / "generation_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_folders_generation_config_gives_the_sampling_keys_vllm_takes(tmp_path):
+    model = folder(tmp_path, QWEN3_STYLE | {"max_new_tokens": 512, "num_beams": 1})
+    assert sampling_defaults(model) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 512}
+    assert sampling_defaults(model, "vllm") == {}  # OpenAI's defaults
+    other = folder(tmp_path, {"temperature": 0.2}, "other")
+    assert sampling_defaults(model, str(other)) == {"temperature": 0.2}
+    assert sampling_defaults(model, "auto", {"temperature": 0.9, "min_p": 0.05}) == \
+        {"temperature": 0.9, "top_p": 0.95, "top_k": 20, "min_p": 0.05, "max_tokens": 512}
+    assert sampling_defaults(model, "vllm", {"repetition_penalty": 1.1}) == {"repetition_penalty": 1.1}
+    assert sampling_defaults(tmp_path) == {}  # a folder without one
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"temperature": 3.0}, "temperature must be in [0, 2]"),  # every request left without one would be a 400
+    ({"top_p": 0}, "top_p must be in (0, 1]"),
+    ({"top_k": 2.5}, "a whole number"),
+    ({"temperature": "0.7"}, "a number"),
+    ({"max_new_tokens": 0}, "max_tokens must be at least 1"),
+])
+def test_a_default_no_request_could_take_is_refused_at_start(tmp_path, given, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        sampling_defaults(folder(tmp_path, given))
+    with pytest.raises(ValueError, match="the keys taken are"):
+        sampling_defaults(tmp_path, "auto", {"typical": 0.9})
+    with pytest.raises(ValueError, match="a folder holding generation_config.json"):
+        sampling_defaults(tmp_path, str(tmp_path / "none"))
+
+
+def test_a_ggufs_sampling_keys_become_its_folders_generation_config(tmp_path):
+    """llama.cpp's general.sampling keys (temp, top_k, top_p, min_p, penalty_repeat), as a GGUF
+    carries its makers' sampling, read into the folder the engine loads from."""
+    keys = {"temp": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.0, "penalty_repeat": 1.05, "mirostat": 0}
+    path = write_tiny_gguf(tmp_path / "qwen2.gguf", "qwen2", embedded_gguf(MODEL), sampling=keys)
+    defaults = sampling_defaults(ensure_hf_dir(str(path), str(tmp_path / "cache"), dense=False))
+    assert defaults == pytest.approx({"temperature": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.0,
+                                      "repetition_penalty": 1.05})
+    plain = write_tiny_gguf(tmp_path / "plain.gguf", "qwen2", embedded_gguf(MODEL))
+    assert sampling_defaults(ensure_hf_dir(str(plain), str(tmp_path / "cache"), dense=False)) == {}
+
+
+@pytest.fixture(scope="module")
+def srv():
+    """Defaults the embedded model's own file does not carry: greedy, five tokens, a repetition
+    penalty no request here asks for."""
+    s = ServerProcess("--override-generation-config",
+                      '{"temperature": 0, "max_new_tokens": 5, "repetition_penalty": 2.0}', "--max-model-len", "160")
+    yield s
+    s.stop()
+
+
+def post(srv, path: str, body: dict) -> dict:
+    r = httpx.post(srv.url + path, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_openai_routes_take_the_defaults_where_a_request_leaves_them_out(srv):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Count from one to twenty."}]}
+    left_out = post(srv, "/v1/chat/completions", chat)
+    assert left_out["usage"]["completion_tokens"] == 5 and left_out["choices"][0]["finish_reason"] == "length"
+    assert post(srv, "/v1/chat/completions", chat | {"max_tokens": 3})["usage"]["completion_tokens"] == 3
+    assert post(srv, "/v1/chat/completions", chat | {"max_completion_tokens": 7})["usage"]["completion_tokens"] == 7
+    completion = post(srv, "/v1/completions", {"model": MODEL, "prompt": "1, 2, 3,"})
+    assert completion["usage"]["completion_tokens"] == 5  # (OpenAI's default would be 16)
+    response = post(srv, "/v1/responses", {"model": MODEL, "input": "Count from one to twenty."})
+    assert response["usage"]["output_tokens"] == 5 and response["temperature"] == 0.0
+
+
+@cpu_path_only
+def test_a_default_temperature_samples_as_the_same_temperature_given(srv):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "seed": 3}
+    given = post(srv, "/v1/chat/completions", chat | {"temperature": 0.0, "max_tokens": 5})
+    assert post(srv, "/v1/chat/completions", chat)["choices"][0]["message"] == given["choices"][0]["message"]
+
+
+def test_llama_cpp_and_tgi_routes_keep_their_own_defaults(srv):
+    """Their clients were written for those servers' defaults: no cap of five tokens there (each
+    answers as many as the context leaves, as its server does), and no repetition penalty where
+    the request names none (the same answer as one that asks for none)."""
+    prompt = "1, 1, 1, 1, 1, 1, 1, 1, 1, 1,"
+    tgi = post(srv, "/generate", {"inputs": prompt, "parameters": {"details": True}})
+    assert tgi["details"]["generated_tokens"] > 5
+    unpenalized = post(srv, "/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 8}})["generated_text"]
+    assert post(srv, "/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 8, "repetition_penalty": 1.0}}
+                )["generated_text"] == unpenalized
+    llama = post(srv, "/completion", {"prompt": prompt, "temperature": 0})
+    assert llama["tokens_predicted"] > 5
+    unpenalized = post(srv, "/completion", {"prompt": prompt, "temperature": 0, "n_predict": 8})["content"]
+    assert post(srv, "/completion", {"prompt": prompt, "temperature": 0, "n_predict": 8, "repeat_penalty": 1.0}
+                )["content"] == unpenalized
+    # (the OpenAI routes take the server's penalty: their answer differs from one that asks for none)
+    penalized = post(srv, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8})["choices"][0]["text"]
+    assert penalized != post(srv, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8,
+                                                      "repetition_penalty": 1.0})["choices"][0]["text"]
