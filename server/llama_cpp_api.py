@@ -21,7 +21,7 @@ from server.completions import CompletionCall
 from server.errors import APIError, validation_message
 from server.generation import EventStream, check_model, check_token_ids, encode_chat, ready_tokenizer
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
-from server.llama_cpp_protocol import InfillRequest, LlamaCompletionRequest
+from server.llama_cpp_protocol import InfillRequest, LlamaCompletionRequest, sampling_defaults
 from engine.sampling_params import InvalidParamError
 from server import __version__
 from server.protocol import CompletionRequest, TokenizeRequest
@@ -46,7 +46,7 @@ class LlamaCall(CompletionCall):
     """A /completion request's life: a completions call whose logprobs are llama.cpp's
     `completion_probabilities` (each token's id, text, bytes and its `n_probs` likeliest)."""
 
-    model_defaults = False  # llama.cpp's own defaults (server/llama_cpp_protocol.py)
+    model_defaults = False  # llama-server's defaults, the model's in them (server/llama_cpp_protocol.py)
 
     def __init__(self, request: Request, body: LlamaCompletionRequest, completion: CompletionRequest, prompt: list[int]):
         super().__init__(request, completion, chat=False)
@@ -184,7 +184,7 @@ async def _serve(request: Request, body: LlamaCompletionRequest, prompt: list[in
     tokenizer = ready_tokenizer(state)
     try:
         completion_request = CompletionRequest.model_validate(
-            body.completion_body(prompt, state.engine.config.max_model_len, list(ends)) |
+            body.completion_body(prompt, state.engine.config.max_model_len, list(ends), state.engine.sampling_defaults()) |
             {"model": body.model or state.served_names[0]})
         call = LlamaCall(request, body, completion_request, prompt)
         call.prompt_text = await asyncio.to_thread(tokenizer.decode, prompt, True, True)
@@ -235,9 +235,11 @@ async def props(request: Request):
     state = request.app.state.skipserve
     tokenizer = ready_tokenizer(state)
     config = state.engine.config
-    defaults = {"n_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": -1,
-                "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop": [],
-                "n_probs": 0, "ignore_eos": False, "stream": False}
+    sampling = sampling_defaults(state.engine.sampling_defaults())
+    defaults = {"n_predict": -1, "temperature": sampling["temperature"], "top_k": sampling["top_k"],
+                "top_p": sampling["top_p"], "min_p": sampling["min_p"], "seed": -1,
+                "repeat_penalty": sampling["repetition_penalty"], "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "stop": [], "n_probs": 0, "ignore_eos": False, "stream": False}
     return {"default_generation_settings": {"n_ctx": config.max_model_len, "params": defaults},
             "total_slots": config.max_num_seqs, "model_alias": state.served_names[0],
             "model_path": config.model or state.served_names[0], "chat_template": tokenizer.chat_template or "",

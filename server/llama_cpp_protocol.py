@@ -22,6 +22,18 @@ TAKEN = ("cache_prompt", "id_slot", "n_cache_reuse", "timings_per_token", "sampl
          "dynatemp_exponent", "mirostat_tau", "mirostat_eta", "xtc_threshold", "dry_base", "dry_allowed_length",
          "dry_penalty_last_n", "dry_sequence_breakers", "sse_ping_interval", "n_keep", "n_discard")
 # llama.cpp's other names for its fields
+# llama-server's sampling where a request and the model's file say nothing
+LLAMA_SERVER_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.0}
+
+
+def sampling_defaults(model_defaults: dict | None) -> dict:
+    """What a /completion request leaves out samples with: llama-server's defaults, where the model
+    recommends its own (a GGUF's general.sampling keys, which llama-server takes; or the server's
+    generation config, engine/generation_defaults.py) those instead; never its token cap
+    (n_predict stays llama.cpp's)."""
+    return LLAMA_SERVER_SAMPLING | {k: v for k, v in (model_defaults or {}).items() if k in LLAMA_SERVER_SAMPLING}
+
+
 ALIASES = {"max_tokens": "n_predict", "max_completion_tokens": "n_predict", "logprobs": "n_probs", "n": "n_cmpl"}
 
 
@@ -91,18 +103,22 @@ class LlamaCompletionRequest(RequestBody):
             bias[key] = -100.0 if pair[1] is False else float(pair[1])
         return bias
 
-    def completion_body(self, prompt_ids: list[int], max_model_len: int, ends: list[int] = ()) -> dict:
+    def completion_body(self, prompt_ids: list[int], max_model_len: int, ends: list[int] = (),
+                        model_defaults: dict | None = None) -> dict:
         """The /v1/completions request's fields: the prompt as the ids given (tokenized here), the
         answer up to `n_predict` tokens (-1 or none: as many as the context leaves; 0: none, the
-        prompt only computed, as llama.cpp warms its cache)."""
+        prompt only computed, as llama.cpp warms its cache); sampling left out as llama-server
+        samples (`sampling_defaults`)."""
         room = max(1, max_model_len - len(prompt_ids))
         wanted = room if self.n_predict is None or self.n_predict < 0 else min(self.n_predict, room)
+        defaults = sampling_defaults(model_defaults)
         body: dict[str, Any] = {
             "model": self.model, "prompt": prompt_ids, "stream": self.stream, "return_token_ids": True,
-            "temperature": 0.8 if self.temperature is None else max(self.temperature, 0.0),
-            "top_k": 40 if self.top_k is None else max(self.top_k, 0),
-            "top_p": 0.95 if self.top_p is None else self.top_p, "min_p": 0.05 if self.min_p is None else self.min_p,
-            "ignore_eos": self.ignore_eos}
+            "temperature": defaults["temperature"] if self.temperature is None else max(self.temperature, 0.0),
+            "top_k": defaults["top_k"] if self.top_k is None else max(self.top_k, 0),
+            "top_p": defaults["top_p"] if self.top_p is None else self.top_p,
+            "min_p": defaults["min_p"] if self.min_p is None else self.min_p,
+            "repetition_penalty": defaults["repetition_penalty"], "ignore_eos": self.ignore_eos}
         if wanted == 0:
             body |= {"max_tokens": 0, "echo": True}  # the prompt alone (its text left out of the answer)
         else:

@@ -101,21 +101,26 @@ def test_a_default_temperature_samples_as_the_same_temperature_given(srv):
     assert post(srv, "/v1/chat/completions", chat)["choices"][0]["message"] == given["choices"][0]["message"]
 
 
-def test_llama_cpp_and_tgi_routes_keep_their_own_defaults(srv):
-    """Their clients were written for those servers' defaults: no cap of five tokens there (each
-    answers as many as the context leaves, as its server does), and no repetition penalty where
-    the request names none (the same answer as one that asks for none)."""
+def test_tgi_routes_keep_tgis_defaults_and_llama_cpps_take_the_sampling_not_the_cap(srv):
+    """TGI's clients were written for its defaults: no cap of five tokens (as many as the context
+    leaves, as TGI answers), no repetition penalty where the request names none (the same answer as
+    one that asks for none). llama.cpp's /completion samples with the model's settings where it has
+    them, as llama-server takes a GGUF's (here the server's: its penalty), but keeps n_predict's cap."""
     prompt = "1, 1, 1, 1, 1, 1, 1, 1, 1, 1,"
     tgi = post(srv, "/generate", {"inputs": prompt, "parameters": {"details": True}})
     assert tgi["details"]["generated_tokens"] > 5
     unpenalized = post(srv, "/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 8}})["generated_text"]
     assert post(srv, "/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 8, "repetition_penalty": 1.0}}
                 )["generated_text"] == unpenalized
-    llama = post(srv, "/completion", {"prompt": prompt, "temperature": 0})
+    llama = post(srv, "/completion", {"prompt": prompt})
     assert llama["tokens_predicted"] > 5
-    unpenalized = post(srv, "/completion", {"prompt": prompt, "temperature": 0, "n_predict": 8})["content"]
-    assert post(srv, "/completion", {"prompt": prompt, "temperature": 0, "n_predict": 8, "repeat_penalty": 1.0}
-                )["content"] == unpenalized
+    taken = post(srv, "/completion", {"prompt": prompt, "n_predict": 8})["content"]  # (temperature 0: the server's)
+    assert taken == post(srv, "/completion", {"prompt": prompt, "n_predict": 8, "temperature": 0,
+                                              "repeat_penalty": 2.0})["content"]
+    assert taken != post(srv, "/completion", {"prompt": prompt, "n_predict": 8, "temperature": 0,
+                                              "repeat_penalty": 1.0})["content"]
+    props = httpx.get(srv.url + "/props", timeout=30).json()["default_generation_settings"]["params"]
+    assert (props["temperature"], props["repeat_penalty"], props["top_k"], props["n_predict"]) == (0.0, 2.0, 40, -1)
     # (the OpenAI routes take the server's penalty: their answer differs from one that asks for none)
     penalized = post(srv, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8})["choices"][0]["text"]
     assert penalized != post(srv, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8,
