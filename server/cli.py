@@ -85,7 +85,7 @@ def serve_parser() -> argparse.ArgumentParser:
                         "repetition_penalty, max_new_tokens as max_tokens), as vLLM: auto = the model's "
                         "generation_config.json (a GGUF's general.sampling keys); vllm = none, OpenAI's defaults; "
                         "or a folder holding a generation_config.json. On the OpenAI and Anthropic routes; "
-                        "llama.cpp's and TGI's keep their own defaults (default: auto)")
+                        "llama.cpp's take the sampling, not the cap; TGI's keep TGI's defaults (default: auto)")
     m.add_argument("--override-generation-config", type=json_object, default=None, metavar="JSON",
                    help="defaults over the generation config's, e.g. '{\"temperature\": 0.5}' (with vllm: these only)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels (default: the CPUs in the affinity mask, "
