@@ -98,6 +98,10 @@ def add_llama_cpp(p: argparse.ArgumentParser) -> None:
     c.add_argument("--chat-template-file", dest="chat_template", default=None, metavar="FILE",
                    help="the same as --chat-template FILE (llama-server's built-in template names are not taken: "
                         "give the template itself)")
+    for flags, key in ((("--temp",), "temperature"), (("--top-k",), "top_k"), (("--top-p",), "top_p"),
+                       (("--min-p",), "min_p"), (("--repeat-penalty",), "repetition_penalty")):
+        c.add_argument(*flags, dest=f"llama_{key}", type=int if key == "top_k" else float, default=None,
+                       metavar="N", help=f"requests' default {key} (--override-generation-config's {key})")
     c.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"], default=None,
                    help="taken: decode attention here is always the fused paged kernel")
     for flags, what in ((("--jinja",), "chat templates are always rendered with Jinja here"),
@@ -160,6 +164,13 @@ def resolve(args: argparse.Namespace) -> None:
             raise ValueError(f"--n-gpu-layers asks for the device {args.gpu_layers}, --device for {args.device}")
         args.device = args.gpu_layers
     resolve_llama_cpp_cache(args)
+    sampling = {k.removeprefix("llama_"): v for k, v in vars(args).items() if k.startswith("llama_") and v is not None}
+    if sampling:  # llama-server's sampling flags: the server's defaults for requests
+        given = getattr(args, "override_generation_config", None) or {}
+        for key in sampling.keys() & given.keys():
+            if given[key] != sampling[key]:
+                raise ValueError(f"{key} is given twice: {sampling[key]} and --override-generation-config's {given[key]}")
+        args.override_generation_config = given | sampling
 
 
 def resolve_llama_cpp_cache(args: argparse.Namespace) -> None:

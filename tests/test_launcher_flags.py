@@ -65,7 +65,8 @@ def test_tgis_concurrent_request_limit_is_the_batch_and_queue_together():
 
 def test_llama_servers_slots_context_and_cache_types_are_read_as_it_means_them():
     """-c is the KV cache's tokens, split over -np slots unless -kvu; -ngl picks the device; one
-    cache type for K and V, f16 where one is not given (llama-server's default)."""
+    cache type for K and V, f16 where one is not given (llama-server's default); the sampling flags
+    are requests' defaults (the generation config's override)."""
     split = build("-m", "/models/x.gguf", "-c", "8192", "-np", "4", "-t", "3", "-b", "256")
     assert (split.model, split.kv_capacity_tokens, split.max_model_len, split.max_num_seqs, split.threads,
             split.max_prefill_tokens) == ("/models/x.gguf", 8192, 2048, 4, 3, 256)
@@ -86,6 +87,14 @@ def test_llama_servers_slots_context_and_cache_types_are_read_as_it_means_them()
                          (["-c", "3", "-np", "4"], "leaves none to a slot")):
         with pytest.raises(ValueError, match=message):
             build(*bad)
+    sampling = build("--temp", "0.7", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--repeat-penalty", "1.1",
+                     "--override-generation-config", '{"max_new_tokens": 64}')
+    assert sampling.override_generation_config == {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.01,
+                                                   "repetition_penalty": 1.1, "max_new_tokens": 64}
+    with pytest.raises(ValueError, match="temperature is given twice"):
+        build("--temp", "0.3", "--override-generation-config", '{"temperature": 0.5}')
+    with pytest.raises(ValueError, match="temperature must be in"):
+        build("--temp", "3")
     for bad in (["-np", "0"], ["-ctk", "q4_0"], ["-ngl", "half"], ["-a", "x,,y"], ["-fa", "maybe"]):
         with pytest.raises(SystemExit):
             serve_parser().parse_args(bad)
