@@ -68,11 +68,12 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                on_engine_failed: Callable[[BaseException], None] | None = None,
                allowed_origins: tuple[str, ...] = (), reasoning_parser: str | None = None,
-               tool_call_parser: str = "auto", max_input_tokens: int | None = None) -> FastAPI:
+               tool_call_parser: str = "auto", max_input_tokens: int | None = None, docs: bool = True) -> FastAPI:
     """`on_engine_failed`: called when the model cannot load, or when the engine thread stops on an
     error (the CLI exits non-zero then).
     `allowed_origins`: web origins whose pages may call the API from a browser ("*": any); none by
-    default, so a page on another origin can send nothing the browser would not send anyway."""
+    default, so a page on another origin can send nothing the browser would not send anyway.
+    `docs`: the API's description at /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs: off)."""
     metrics = Metrics(engine)
     engine.on_step = metrics.on_step
     engine.on_dead = on_engine_failed
@@ -102,8 +103,9 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
                 load.cancel()
             await asyncio.to_thread(engine.stop)
 
+    hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="skipserve", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible inference with adaptive FFN skipping (FFN-SkipLLM).")
+                  description="OpenAI-compatible inference with adaptive FFN skipping (FFN-SkipLLM).", **hidden)
     app.state.skipserve = state
     errors.install(app)
     app.include_router(completions_router)

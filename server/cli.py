@@ -276,7 +276,8 @@ def serve(argv: list[str]) -> None:
 
     names = (config.served_model_name, *(args.served_model_name or [])[1:])
     app = create_app(engine, names, key, args.max_request_bytes, engine_failed,
-                     args.allowed_origins, args.reasoning_parser, args.tool_call_parser, args.max_input_tokens)
+                     args.allowed_origins, args.reasoning_parser, args.tool_call_parser, args.max_input_tokens,
+                     docs=not args.disable_fastapi_docs)
 
     grace = args.grace_period  # (at least 0: a usage error otherwise)
     # sse-starlette would cut every stream the moment SIGTERM arrives; we drain them ourselves:
@@ -299,7 +300,8 @@ def serve(argv: list[str]) -> None:
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                    timeout_graceful_shutdown=grace, http=with_header_timeout(args.header_timeout),
-                                   timeout_keep_alive=args.keep_alive_timeout))
+                                   timeout_keep_alive=args.keep_alive_timeout,
+                                   access_log=not args.disable_uvicorn_access_log))
     try:
         sockets = listen_sockets(args.host, args.port)
     except OSError as exc:

@@ -38,6 +38,17 @@ def add_vllm(p: argparse.ArgumentParser) -> None:
                    help="taken: tool_choice auto is always served here")
     v.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="taken: no model code is ever run here (GGUF files and configs only)")
+    v.add_argument("--disable-uvicorn-access-log", action="store_true", default=False,
+                   help="no line per HTTP request in the log")
+    v.add_argument("--disable-fastapi-docs", action="store_true", default=False,
+                   help="no /docs, /redoc or /openapi.json")
+    for flags, what in ((("--disable-log-requests", "--no-enable-log-requests"),
+                         "requests' prompts and settings are never logged here"),
+                        (("--disable-log-stats",), "no periodic stats lines are logged here (/metrics has them)")):
+        v.add_argument(*flags, action="store_true", default=None, help=f"taken: {what}")
+    v.add_argument("--download-dir", default=None, metavar="DIR", help="taken: nothing is downloaded here")
+    v.add_argument("--swap-space", type=float, default=None, metavar="GIB",
+                   help="taken: a preempted sequence is recomputed here, not swapped out")
 
 
 def add_tgi(p: argparse.ArgumentParser) -> None:

@@ -120,3 +120,24 @@ def test_a_llama_server_command_line_serves_as_llama_server_would():
         assert "= 4096 tokens" in log and "(int8)" in log, srv.log_tail()
     finally:
         srv.stop()
+
+
+def test_vllms_logging_and_docs_flags():
+    """--disable-fastapi-docs hides the API's description; --disable-uvicorn-access-log writes no
+    line per request; the request and stats logging flags are taken (nothing of the kind is logged)."""
+    srv = ServerProcess("--disable-fastapi-docs", "--disable-uvicorn-access-log", "--disable-log-requests",
+                        "--disable-log-stats", "--download-dir", "/nowhere", "--swap-space", "4")
+    try:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(srv.url + path, timeout=30).status_code == 404, path
+        assert httpx.post(srv.url + "/tokenize", json={"prompt": "hi"}, timeout=30).status_code == 200
+        assert '"POST /tokenize HTTP/1.1" 200' not in srv.log_path.read_text()
+    finally:
+        srv.stop()
+    plain = ServerProcess()
+    try:
+        assert httpx.get(plain.url + "/openapi.json", timeout=30).status_code == 200
+        assert httpx.post(plain.url + "/tokenize", json={"prompt": "hi"}, timeout=30).status_code == 200
+        assert '"POST /tokenize HTTP/1.1" 200' in plain.log_path.read_text()  # (what the flag leaves out)
+    finally:
+        plain.stop()
