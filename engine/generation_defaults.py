@@ -4,11 +4,14 @@ defaults; or a folder holding one) and `--override-generation-config` (values of
 over the file's). A GGUF's folder (engine/loader.py) carries what the file's `general.sampling.*`
 keys say, as llama.cpp takes them for its defaults.
 
-The keys taken are vLLM's: temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens
-(a request's max_tokens where it gives none); the result is in requests' names."""
+The keys taken are vLLM's: temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens;
+the result is in requests' names. As in vLLM, max_new_tokens is a cap ("max_tokens" here): an
+answer is at most that long, whatever the request asks, and the room its prompt leaves in the
+context, its own max_tokens or completions' 16 may make it shorter; it never refuses a request."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from engine.sampling_params import InvalidParamError, SamplingParams
 KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
         "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 SETTINGS = ("auto", "vllm")  # besides a folder
+log = logging.getLogger("skipserve.engine")
 # a GGUF's sampling keys (llama.cpp's) -> the generation config's
 GGUF_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
              "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
@@ -25,33 +29,51 @@ GGUF_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "
 
 
 def sampling_defaults(hf_dir: Path, setting: str = "auto", override: dict | None = None) -> dict:
-    """Request field -> default value: the generation config `setting` names, then `override` over it.
-    Raises ValueError for a key or value that cannot be a default (named)."""
+    """Request field -> default value: the generation config `setting` names, then `override` over it
+    (its keys that are no sampling default here, and its nulls, are left out with a warning, as vLLM
+    reads only these). A value of the model's own that no request could take is left out with a
+    warning (the model still serves); one the server is given (a folder's, the override's) raises
+    ValueError, named."""
     if setting == "vllm":
-        given = {}
+        given, source = {}, None
     else:
         folder = hf_dir if setting == "auto" else Path(setting).expanduser()
         if setting != "auto" and not (folder / "generation_config.json").is_file():
             raise ValueError(f"--generation-config {setting!r}: auto, vllm, or a folder holding "
                              "generation_config.json")
-        given = _read(folder / "generation_config.json")
-    taken = {k: v for k, v in given.items() if k in KEYS and v is not None}
+        given, source = _read(folder / "generation_config.json"), folder / "generation_config.json"
+    taken = {}
+    for key, value in given.items():
+        if key not in KEYS or value is None:
+            continue
+        try:
+            taken[key] = _checked(key, value)
+        except ValueError as exc:
+            if setting != "auto":
+                raise
+            log.warning("%s: %s; requests that leave it out take their own default", source, exc)
     taken |= check_override(override)
-    return {KEYS[k]: _checked(k, v) for k, v in taken.items()}
+    return {KEYS[k]: v for k, v in taken.items()}
 
 
 def check_override(override: dict | None) -> dict:
-    """--override-generation-config's keys and values (checked at start, before the model loads)."""
-    unknown = sorted(set(override or {}) - set(KEYS))
-    if unknown:
-        raise ValueError(f"override_generation_config: {', '.join(unknown)} cannot be a default here; "
-                         f"the keys taken are {', '.join(KEYS)}")
-    return {k: _checked(k, v) for k, v in (override or {}).items()}
+    """--override-generation-config's sampling keys, checked (at start, before the model loads)."""
+    if override is not None and not isinstance(override, dict):
+        raise ValueError(f"override_generation_config: a mapping of keys to values, got {override!r}")
+    ignored = sorted(str(k) for k, v in (override or {}).items() if k not in KEYS or v is None)
+    if ignored:
+        log.warning("override_generation_config: %s left out: the defaults taken are %s (not null)",
+                    ", ".join(ignored), ", ".join(KEYS))
+    return {k: _checked(k, v) for k, v in (override or {}).items() if k in KEYS and v is not None}
 
 
 def gguf_sampling(fields: dict) -> dict:
-    """A GGUF's sampling keys as generation config keys (engine/loader.py writes them into its folder)."""
-    return {name: fields[key] for key, name in GGUF_KEYS.items() if isinstance(fields.get(key), (int, float))}
+    """A GGUF's sampling keys as generation config keys (engine/loader.py writes them into its
+    folder); float32 values as the decimals they were written from (0.6, not 0.6000000238)."""
+    def decimal(value):
+        return value if isinstance(value, int) else float(f"{value:.7g}")
+    return {name: decimal(fields[key]) for key, name in GGUF_KEYS.items()
+            if isinstance(fields.get(key), (int, float)) and not isinstance(fields.get(key), bool)}
 
 
 def _read(path: Path) -> dict:

@@ -82,8 +82,13 @@ class LLMEngine:
         return resolve_skip(self.config.skip, skip)
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> int:
-        """Validate lengths; return the effective max_tokens."""
+        """Validate lengths; return the effective max_tokens: the request's (refused where it would
+        not fit), else the room left, within the server's cap (which refuses nothing)."""
         room = self.max_model_len - self._check_length(prompt_ids, param, "prompt", reserve=1)
+        asked = self._asked_tokens(prompt_ids, params, room)
+        return asked if params.max_tokens_cap is None else min(asked, params.max_tokens_cap)
+
+    def _asked_tokens(self, prompt_ids: list[int], params: SamplingParams, room: int) -> int:
         if params.max_tokens is None:
             return room
         if params.max_tokens > room:

@@ -179,11 +179,12 @@ def write_metadata(gguf_path: Path, target: Path) -> None:
             source.unlink()
         generation = GenerationConfig.from_model_config(config)
         generation.eos_token_id = end_of_generation_ids(gguf.fields, tokenizer, config.eos_token_id)
-        sampling = gguf_sampling(gguf.fields)  # its makers' sampling: requests' defaults (engine/generation_defaults.py)
-        if sampling:
-            generation.update(do_sample=True, **sampling)
         config.save_pretrained(tmp)
         generation.save_pretrained(tmp)
+        sampling = gguf_sampling(gguf.fields)  # its makers' sampling: requests' defaults (engine/generation_defaults.py)
+        if sampling:  # (written as given: save_pretrained leaves out what equals transformers' own defaults)
+            written = json.loads((tmp / "generation_config.json").read_text())
+            (tmp / "generation_config.json").write_text(json.dumps(written | sampling | {"do_sample": True}, indent=2))
         tokenizer.save_pretrained(tmp)
         try:
             tmp.rename(target)

@@ -27,6 +27,7 @@ MIN_REPETITION_PENALTY = 0.01
 class SamplingParams:
     n: int = 1
     max_tokens: int | None = None  # None = up to the context window
+    max_tokens_cap: int | None = None  # the server's cap (a generation config's max_new_tokens), whatever is asked
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off

@@ -38,7 +38,7 @@ def serve_parser() -> argparse.ArgumentParser:
     def shown(value) -> str:
         return f"(preset default: {value})"
 
-    p = argparse.ArgumentParser(
+    p = launcher_flags.Parser(
         prog="skipserve",
         description="Serve a model with an OpenAI-compatible API and adaptive FFN skipping. "
                     "`skipserve calibrate --help` for the calibration tool.",
@@ -82,7 +82,7 @@ def serve_parser() -> argparse.ArgumentParser:
                         "template asks for, else json) (default: auto)")
     m.add_argument("--generation-config", default=None, metavar="auto|vllm|FOLDER",
                    help="the sampling requests take where they leave it out (temperature, top_p, top_k, min_p, "
-                        "repetition_penalty, max_new_tokens as max_tokens), as vLLM: auto = the model's "
+                        "repetition_penalty; max_new_tokens caps every answer), as vLLM: auto = the model's "
                         "generation_config.json (a GGUF's general.sampling keys); vllm = none, OpenAI's defaults; "
                         "or a folder holding a generation_config.json. On the OpenAI and Anthropic routes; "
                         "llama.cpp's take the sampling, not the cap; TGI's keep TGI's defaults (default: auto)")
@@ -199,6 +199,9 @@ def build_config(args) -> EngineConfig:
                  if getattr(args, k) is not None}
     if args.served_model_name:
         overrides["served_model_name"] = args.served_model_name[0]
+    if args.override_generation_config is not None:  # over a config file's, key by key
+        overrides["override_generation_config"] = (config.override_generation_config or {}) | \
+            args.override_generation_config
     config = replace(config, **overrides)
     if not config.served_model_name:  # a config file that names none: its model's name, as a plain --model
         config.served_model_name = served_name(config.model)

@@ -6,11 +6,26 @@ taken: argparse refuses it, or `resolve` says why."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from server.cli_types import at_least, host
 
 # llama.cpp's KV cache types this server keeps (-ctk / -ctv), as its --kv-cache-dtype names them
 LLAMA_CPP_CACHE_TYPES = {"f32": "float32", "f16": "float16", "q8_0": "int8"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, refusing single-dash flags it does not know by their own name: it would read an
+    unknown one that starts with a known letter as that letter and a value (llama-server's `-tb 4`
+    as `-t b`, its `-md FILE` as `-m d`), and name the wrong flag, or none."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        for token in argv:
+            flag = token.split("=", 1)[0]
+            if token[:1] == "-" and token[1:2].isalpha() and len(flag) > 2 and flag not in self._option_string_actions:
+                self.error(f"unrecognized argument: {flag}")
+        return super().parse_known_args(argv, namespace)
 
 
 def add_groups(p: argparse.ArgumentParser) -> None:
@@ -81,13 +96,14 @@ def add_llama_cpp(p: argparse.ArgumentParser) -> None:
     c.add_argument("-m", dest="model", default=None, help="the same as --model")
     c.add_argument("-a", "--alias", type=aliases, default=None, metavar="NAMES",
                    help="the model's names in the API, comma-separated (the same as --served-model-name)")
-    c.add_argument("-t", dest="threads", type=int, default=None, help="the same as --threads")
+    c.add_argument("-t", dest="threads", type=threads, default=None,
+                   help="the same as --threads (0 or below: the CPUs this process may use)")
     c.add_argument("-np", "--parallel", type=slots, default=None, metavar="N",
                    help="the same as --max-batch; -1 (auto): the preset's")
     c.add_argument("-c", "--ctx-size", type=at_least(0), default=None, metavar="N",
                    help="the KV cache holds N tokens (--kv-capacity-tokens), and each sequence at most N / "
                         "--parallel where --parallel is given without --kv-unified, as llama-server's slots split "
-                        "it, else N (--max-model-len); 0: the model's")
+                        "it, else N (--max-model-len); 0: as if not given (the preset's context)")
     c.add_argument("-kvu", "--kv-unified", dest="kv_unified", action="store_true", default=None,
                    help="every sequence may take the whole --ctx-size (the KV cache is one pool here either way)")
     c.add_argument("-no-kvu", "--no-kv-unified", dest="kv_unified", action="store_false", default=None,
@@ -95,8 +111,8 @@ def add_llama_cpp(p: argparse.ArgumentParser) -> None:
     c.add_argument("-b", "--batch-size", dest="max_prefill_tokens", type=int, default=None,
                    help="the same as --max-prefill-tokens")
     c.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=gpu_layers, default=None,
-                   metavar="N", help="0: the CPU (--device cpu); auto: --device auto; all or any other number: "
-                                     "CUDA, every layer (a model runs on one device here)")
+                   metavar="N", help="0: the CPU (--device cpu); any other count, all, auto or -1: --device auto "
+                                     "(the GPU where there is one, every layer: a model runs on one device here)")
     c.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", choices=list(LLAMA_CPP_CACHE_TYPES), default=None,
                    help="K's cache type: f32, f16 or q8_0 (--kv-cache-dtype float32, float16, int8); one type for K "
                         "and V here, so -ctv must be the same (llama-server's default for either: f16)")
@@ -149,12 +165,19 @@ def slots(value: str) -> int | None:
 
 
 def gpu_layers(value: str) -> str:
-    """llama-server's --n-gpu-layers as a device: 0 the CPU, auto ours, any other count CUDA."""
-    if value in ("auto", "all"):
-        return "auto" if value == "auto" else "cuda"
+    """llama-server's --n-gpu-layers as a device: 0 the CPU; any other count, all or auto (-1): the
+    GPU where there is one, else the CPU (as llama-server runs without a GPU backend), every layer."""
+    if value in ("auto", "all") or value.lstrip("-").isdigit() and int(value) == -1:
+        return "auto"
     if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"a number of layers, auto or all, got {value!r}")
-    return "cpu" if int(value) == 0 else "cuda"
+        raise argparse.ArgumentTypeError(f"a number of layers, -1, auto or all, got {value!r}")
+    return "cpu" if int(value) == 0 else "auto"
+
+
+def threads(value: str) -> int | None:
+    """llama-server's -t: a number of threads; 0 or below, all of them (None: this server's count)."""
+    number = at_least(-(1 << 31))(value)
+    return number if number > 0 else None
 
 
 def resolve(args: argparse.Namespace) -> None:
@@ -170,10 +193,12 @@ def resolve(args: argparse.Namespace) -> None:
         if args.served_model_name:
             raise ValueError("the model's names are given twice: --alias and --served-model-name")
         args.served_model_name = args.alias
-    if getattr(args, "gpu_layers", None) is not None:
-        if args.device is not None and args.device != args.gpu_layers:
-            raise ValueError(f"--n-gpu-layers asks for the device {args.gpu_layers}, --device for {args.device}")
-        args.device = args.gpu_layers
+    layers = getattr(args, "gpu_layers", None)
+    if layers is not None:  # (cpu for 0, auto for any other count)
+        if args.device is not None and (layers == "cpu") != (args.device == "cpu"):
+            raise ValueError(f"--n-gpu-layers {'0 runs on the CPU' if layers == 'cpu' else 'puts layers on a GPU'}, "
+                             f"--device {args.device} says otherwise")
+        args.device = args.device or layers
     resolve_llama_cpp_cache(args)
     sampling = {k.removeprefix("llama_"): v for k, v in vars(args).items() if k.startswith("llama_") and v is not None}
     if sampling:  # llama-server's sampling flags: the server's defaults for requests
@@ -208,6 +233,11 @@ def resolve_llama_cpp_cache(args: argparse.Namespace) -> None:
                              "default for either is f16)")
         if args.kv_cache_dtype is not None and args.kv_cache_dtype != LLAMA_CPP_CACHE_TYPES[k]:
             raise ValueError(f"-ctk/-ctv {k} and --kv-cache-dtype {args.kv_cache_dtype} differ")
+        if args.device is not None and args.device.startswith("cuda"):  # the cache holds the activations' dtype
+            if k != "f16":
+                raise ValueError(f"-ctk/-ctv {k}: a CPU cache type; on CUDA the cache holds the activations' "
+                                 "16-bit dtype (-ctk f16, or leave them out)")
+            return
         args.kv_cache_dtype = LLAMA_CPP_CACHE_TYPES[k]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from functools import cached_property
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
                       ValidationInfo, field_validator, model_validator)
@@ -326,18 +326,12 @@ class SamplingRequest(RequestBody):
     priority: Optional[StrictInt] = None  # vLLM's: lower first, under --scheduling-policy priority
     ffn_skip: Optional[FFNSkip] = None
 
-    # the fields a request caps its answer with; the generation config's max_new_tokens fills the first
-    MAX_TOKENS_FIELDS: ClassVar[tuple[str, ...]] = ("max_tokens", "max_completion_tokens")
-
     def take_defaults(self, defaults: dict) -> None:
         """The server's sampling defaults (engine/generation_defaults.py: the model's generation
-        config) in the settings this request leaves out, as vLLM applies them."""
+        config) in the settings this request leaves out (or sends as null), as vLLM applies them;
+        its token cap is not one of them (`SamplingParams.max_tokens_cap`)."""
         for name, value in defaults.items():
-            if name == "max_tokens":
-                fields = [f for f in self.MAX_TOKENS_FIELDS if f in type(self).model_fields]
-                if all(getattr(self, f) is None for f in fields):
-                    setattr(self, fields[0], value)
-            elif getattr(self, name) is None:
+            if name != "max_tokens" and getattr(self, name) is None:
                 setattr(self, name, value)
 
     def sampling(self, logprobs: int | None, max_tokens: int | None, schema: dict | None, n: int = 1,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from functools import cached_property
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (BeforeValidator, Discriminator, Field, StrictBool, StrictInt, Tag, TypeAdapter, ValidationError,
                       field_validator)
@@ -245,7 +245,6 @@ class ResponsesRequest(SamplingRequest, ClientHints):
     input: Union[str, list[InputItem]]
     instructions: Optional[str] = None
     max_output_tokens: Optional[StrictInt] = None
-    MAX_TOKENS_FIELDS: ClassVar[tuple[str, ...]] = ("max_output_tokens",)
     top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
     include: Optional[list[str]] = None
     text: Optional[TextConfig] = None

@@ -26,7 +26,8 @@ from engine.sampling_params import InvalidParamError
 from server import __version__
 from server.completions import HUB_PLACEHOLDERS, CompletionCall
 from server.errors import APIError, error_body, validation_message
-from server.generation import EventStream, check_model, ready_tokenizer, templated_chat
+from server.generation import (EventStream, check_model, check_reasoning_effort, ready_tokenizer, templated_chat,
+                               truncated)
 from server.protocol import CompletionRequest, TokenizeRequest
 from server.tgi_protocol import (MAX_BEST_OF, MAX_STOP_SEQUENCES, SEEDS, TGI_NAMES, ChatTokenizeRequest,
                                 GenerateRequest, Parameters, finish_reason)
@@ -303,8 +304,12 @@ async def chat_tokenize(body: ChatTokenizeRequest, request: Request):
     state = request.app.state.skipserve
     if body.model is not None and body.model not in HUB_PLACEHOLDERS:
         check_model(state, body.model)
+    check_reasoning_effort(ready_tokenizer(state), body.reasoning_effort, "reasoning_effort")
     text, spans = await templated_chat(state, [m.as_dict() for m in body.messages], body.tool_use,
                                        body.chat_options)
+    reserve = body.max_completion_tokens or body.max_tokens or 1  # (as the chat route cuts its prompt)
+    (spans,) = truncated([spans], body.truncate_prompt_tokens, state.engine.config.max_model_len, reserve,
+                         body.truncation_side)  # the tokens kept, their spans still in the whole text
     return {"tokenize_response": await asyncio.to_thread(tgi_tokens, text, spans), "templated_text": text}
 
 

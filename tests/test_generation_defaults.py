@@ -45,13 +45,27 @@ def test_a_folders_generation_config_gives_the_sampling_keys_vllm_takes(tmp_path
     ({"temperature": "0.7"}, "a number"),
     ({"max_new_tokens": 0}, "max_tokens must be at least 1"),
 ])
-def test_a_default_no_request_could_take_is_refused_at_start(tmp_path, given, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        sampling_defaults(folder(tmp_path, given))
-    with pytest.raises(ValueError, match="the keys taken are"):
-        sampling_defaults(tmp_path, "auto", {"typical": 0.9})
+def test_a_default_no_request_could_take(tmp_path, given, message, caplog):
+    """The model's own is left out with a warning (the model still serves, as vLLM and llama-server
+    start); one the server is given (another folder's, the override's) stops the start, named."""
+    model = folder(tmp_path, given | {"min_p": 0.1})
+    assert sampling_defaults(model) == {"min_p": 0.1} and message in caplog.text
+    pattern = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    with pytest.raises(ValueError, match=pattern):
+        sampling_defaults(tmp_path, str(model))
+    with pytest.raises(ValueError, match=pattern):
+        sampling_defaults(tmp_path, "vllm", given)
+
+
+def test_overrides_vllm_would_read_past_are_left_out_with_a_warning(tmp_path, caplog):
+    """vLLM reads only its sampling keys out of an override: the others (and nulls) are left out."""
+    assert sampling_defaults(tmp_path, "auto", {"do_sample": True, "temperature": 0.5, "top_p": None}) == \
+        {"temperature": 0.5}
+    assert "do_sample, top_p left out" in caplog.text
     with pytest.raises(ValueError, match="a folder holding generation_config.json"):
         sampling_defaults(tmp_path, str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="a mapping"):
+        sampling_defaults(tmp_path, "auto", ["temperature"])
 
 
 def test_a_ggufs_sampling_keys_become_its_folders_generation_config(tmp_path):
@@ -60,8 +74,12 @@ def test_a_ggufs_sampling_keys_become_its_folders_generation_config(tmp_path):
     keys = {"temp": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.0, "penalty_repeat": 1.05, "mirostat": 0}
     path = write_tiny_gguf(tmp_path / "qwen2.gguf", "qwen2", embedded_gguf(MODEL), sampling=keys)
     defaults = sampling_defaults(ensure_hf_dir(str(path), str(tmp_path / "cache"), dense=False))
-    assert defaults == pytest.approx({"temperature": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.0,
-                                      "repetition_penalty": 1.05})
+    assert defaults == {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.0, "repetition_penalty": 1.05}
+    # values that are transformers' own defaults too (its save leaves those out): kept all the same
+    usual = {"temp": 1.0, "top_k": 50, "top_p": 1.0, "penalty_repeat": 1.0}
+    path = write_tiny_gguf(tmp_path / "usual.gguf", "qwen2", embedded_gguf(MODEL), sampling=usual)
+    assert sampling_defaults(ensure_hf_dir(str(path), str(tmp_path / "cache"), dense=False)) == \
+        {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
     plain = write_tiny_gguf(tmp_path / "plain.gguf", "qwen2", embedded_gguf(MODEL))
     assert sampling_defaults(ensure_hf_dir(str(plain), str(tmp_path / "cache"), dense=False)) == {}
 
@@ -82,16 +100,41 @@ def post(srv, path: str, body: dict) -> dict:
     return r.json()
 
 
-def test_openai_routes_take_the_defaults_where_a_request_leaves_them_out(srv):
+def test_openai_routes_take_the_defaults_and_the_cap(srv):
+    """The sampling a request leaves out (or sends as null) is the server's; the generation config's
+    max_new_tokens caps every answer, whatever the request asks (vLLM's rule): a chat's own 3 stays
+    3, its 7 becomes 5, completions' default 16 becomes 5."""
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Count from one to twenty."}]}
     left_out = post(srv, "/v1/chat/completions", chat)
     assert left_out["usage"]["completion_tokens"] == 5 and left_out["choices"][0]["finish_reason"] == "length"
     assert post(srv, "/v1/chat/completions", chat | {"max_tokens": 3})["usage"]["completion_tokens"] == 3
-    assert post(srv, "/v1/chat/completions", chat | {"max_completion_tokens": 7})["usage"]["completion_tokens"] == 7
+    assert post(srv, "/v1/chat/completions", chat | {"max_completion_tokens": 7})["usage"]["completion_tokens"] == 5
+    nulls = post(srv, "/v1/chat/completions", chat | {"max_tokens": None, "temperature": None})
+    assert nulls["usage"]["completion_tokens"] == 5
     completion = post(srv, "/v1/completions", {"model": MODEL, "prompt": "1, 2, 3,"})
     assert completion["usage"]["completion_tokens"] == 5  # (OpenAI's default would be 16)
     response = post(srv, "/v1/responses", {"model": MODEL, "input": "Count from one to twenty."})
     assert response["usage"]["output_tokens"] == 5 and response["temperature"] == 0.0
+    message = post(srv, "/v1/messages", {"model": MODEL, "max_tokens": 40,
+                                         "messages": [{"role": "user", "content": "Count from one to twenty."}]})
+    assert message["usage"]["output_tokens"] == 5 and message["stop_reason"] == "max_tokens"
+    invoked = post(srv, "/invocations", chat)
+    assert invoked["usage"]["completion_tokens"] == 5
+
+
+def test_the_cap_never_refuses_a_long_prompt(srv):
+    """A chat whose prompt leaves less room than the cap is answered within the room (its own
+    max_tokens past it is refused, as before): the cap is not a max_tokens the client sent."""
+    def chat(words: int) -> dict:
+        return {"model": MODEL, "messages": [{"role": "user", "content": "one" + " one" * words}]}
+
+    size = lambda body: httpx.post(srv.url + "/tokenize", json=body, timeout=30).json()["count"]  # noqa: E731
+    long_chat = chat(157 - size(chat(0)))
+    assert size(long_chat) == 157  # 3 tokens of room in the 160-token context
+    answer = post(srv, "/v1/chat/completions", long_chat)
+    assert answer["usage"]["completion_tokens"] <= 3
+    asked = httpx.post(srv.url + "/v1/chat/completions", json=long_chat | {"max_tokens": 4}, timeout=60)
+    assert asked.status_code == 400 and asked.json()["error"]["param"] == "max_tokens"
 
 
 @cpu_path_only

@@ -74,15 +74,21 @@ def test_llama_servers_slots_context_and_cache_types_are_read_as_it_means_them()
     assert build("-c", "8192").max_model_len == 8192  # no slots given: llama-server's one pool (auto)
     assert build("-c", "0").max_model_len == build().max_model_len and build("-c", "0").kv_capacity_tokens is None
     assert build("-np", "-1").max_num_seqs == build().max_num_seqs
-    assert [build("-ngl", n).device for n in ("0", "99", "all", "auto")] == ["cpu", "cuda", "cuda", "auto"]
+    # (a GPU layer count: the GPU where there is one, as llama-server without a GPU backend runs on the CPU)
+    assert [build("-ngl", n).device for n in ("0", "99", "all", "auto", "-1")] == ["cpu"] + ["auto"] * 4
+    assert build("-ngl", "99", "--device", "cuda").device == "cuda"
+    assert build("-t", "0").threads is None and build("-t", "-1").threads is None
     assert build("-ctk", "q8_0", "-ctv", "q8_0").kv_cache_dtype == "int8"
+    assert build("--device", "cuda", "-ctk", "f16", "-ctv", "f16").kv_cache_dtype == "auto"  # (16-bit there)
     assert build("-ctk", "f16").kv_cache_dtype == "float16" and build("-ctv", "f32", "-ctk", "f32").kv_cache_dtype \
         == "float32"
     assert build("--no-cache-prompt").prefix_caching is False
     assert build("-a", "local,smol").served_model_name == "local"
     for bad, message in ((["-ctk", "q8_0"], "-ctk q8_0 and -ctv f16 differ"),
                          (["-np", "4", "--max-batch", "8"], "the batch is given twice"),
-                         (["-ngl", "0", "--device", "cuda"], "asks for the device cpu"),
+                         (["-ngl", "0", "--device", "cuda"], "0 runs on the CPU"),
+                         (["-ngl", "99", "--device", "cpu"], "puts layers on a GPU"),
+                         (["--device", "cuda", "-ctk", "q8_0", "-ctv", "q8_0"], "a CPU cache type"),
                          (["-a", "x", "--served-model-name", "y"], "names are given twice"),
                          (["-c", "3", "-np", "4"], "leaves none to a slot")):
         with pytest.raises(ValueError, match=message):
@@ -95,7 +101,8 @@ def test_llama_servers_slots_context_and_cache_types_are_read_as_it_means_them()
         build("--temp", "0.3", "--override-generation-config", '{"temperature": 0.5}')
     with pytest.raises(ValueError, match="temperature must be in"):
         build("--temp", "3")
-    for bad in (["-np", "0"], ["-ctk", "q4_0"], ["-ngl", "half"], ["-a", "x,,y"], ["-fa", "maybe"]):
+    for bad in (["-np", "0"], ["-ctk", "q4_0"], ["-ngl", "half"], ["-a", "x,,y"], ["-fa", "maybe"],
+                ["-tb", "4"], ["-md", "draft.gguf"], ["-cram", "0"]):  # (not -t b, -m d, -c ram)
         with pytest.raises(SystemExit):
             serve_parser().parse_args(bad)
 

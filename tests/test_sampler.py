@@ -309,6 +309,24 @@ def test_typical_sampling_keeps_transformers_typical_set(temperature, typical_p,
     assert not ours[1, :40].isfinite().any() and ours.isfinite().sum(-1).min() >= 1
 
 
+@pytest.mark.parametrize("ladder", [None, (8, 32), ()])
+def test_typical_sets_of_tied_tokens_and_rows_cut_at_different_rungs(ladder):
+    """Logits of few distinct values (many tokens equally near the entropy, ties across the rungs)
+    and rows whose typical_p differ, so that some are cut among their nearest tokens and others go
+    on to the next rung in the same call: each row keeps what transformers' warper keeps for it."""
+    from transformers import TypicalLogitsWarper
+
+    from engine.typical import mask_atypical
+
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randint(0, 4, (4, VOCAB), generator=gen).float() * 0.5
+    typical_p = [0.05, 0.5, 0.9, 0.999]
+    ours = mask_atypical(logits.clone(), [1.0] * 4, typical_p, ladder)
+    for row, p in enumerate(typical_p):
+        theirs = TypicalLogitsWarper(p)(None, logits[row:row + 1].clone())[0]
+        assert torch.equal(ours[row].isfinite(), theirs.isfinite()), p
+
+
 TYPICAL = [  # temperature, top_k, top_p, min_p, typical_p
     (1.0, 10, 1.0, 0.0, 0.5),
     (0.7, 0, 0.9, 0.05, 0.8),

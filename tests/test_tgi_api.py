@@ -280,6 +280,8 @@ def test_chat_tokenize_gives_the_prompt_a_chat_request_is_given(server):
     assert "get_weather" in shown["templated_text"]
     assert [t["id"] for t in shown["tokenize_response"]] == \
         _post(server, "/tokenize", {"messages": messages, "tools": [tool]}).json()["tokens"]
+    cut = _post(server, "/chat_tokenize", {"messages": messages, "truncate_prompt_tokens": 5}).json()
+    assert cut["tokenize_response"] == tokens[-5:] and cut["templated_text"] == text  # (as chat cuts its prompt)
     assert _post(server, "/chat_tokenize", {"model": "no-such-model", "messages": messages}).status_code == 404
     bad = _post(server, "/chat_tokenize", {"messages": []})
     assert bad.status_code == 400 and bad.json()["error_type"] == "validation"
