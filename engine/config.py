@@ -260,5 +260,6 @@ class EngineConfig:
         _require(self.generation_config in GENERATION_SETTINGS or Path(self.generation_config).expanduser().is_dir(),
                  f"generation_config must be auto, vllm or a folder holding generation_config.json, got "
                  f"{self.generation_config!r}")
-        check_override(self.override_generation_config)
+        # (kept as checked: keys vLLM reads past are warned of here, once, and dropped)
+        self.override_generation_config = check_override(self.override_generation_config) or None
         self.skip.check()

@@ -149,10 +149,7 @@ class CompletionCall:
             prompts = await self._completion_prompts()
             param = "prompt"
         self.num_choices = len(prompts) * body.n
-        defaults = state.engine.sampling_defaults() if self.model_defaults else {}
-        body.take_defaults(defaults)
-        sampling = body.to_sampling()
-        sampling.max_tokens_cap = defaults.get("max_tokens")
+        sampling = body.to_sampling_with(state.engine.sampling_defaults() if self.model_defaults else {})
         prompts = await self._truncated(prompts, sampling.max_tokens or 1)
         self.prompts = prompts  # prompt i's choices are i * n .. i * n + n - 1
         self.prompt_sizes = [len(p) for p in prompts]

@@ -326,13 +326,16 @@ class SamplingRequest(RequestBody):
     priority: Optional[StrictInt] = None  # vLLM's: lower first, under --scheduling-policy priority
     ffn_skip: Optional[FFNSkip] = None
 
-    def take_defaults(self, defaults: dict) -> None:
-        """The server's sampling defaults (engine/generation_defaults.py: the model's generation
-        config) in the settings this request leaves out (or sends as null), as vLLM applies them;
-        its token cap is not one of them (`SamplingParams.max_tokens_cap`)."""
+    def to_sampling_with(self, defaults: dict) -> SamplingParams:
+        """`to_sampling()` under the server's defaults (engine/generation_defaults.py: the model's
+        generation config), as vLLM applies them: each in the settings this request leaves out (or
+        sends as null), and its token cap ("max_tokens") as the answer's cap, whatever is asked."""
         for name, value in defaults.items():
             if name != "max_tokens" and getattr(self, name) is None:
                 setattr(self, name, value)
+        params = self.to_sampling()
+        params.max_tokens_cap = defaults.get("max_tokens")
+        return params
 
     def sampling(self, logprobs: int | None, max_tokens: int | None, schema: dict | None, n: int = 1,
                  max_tokens_param: str = "max_tokens") -> SamplingParams:

@@ -104,10 +104,7 @@ class ResponseCall:
                 raise APIError(400, f"previous response with id '{body.previous_response_id}' not found",
                                "previous_response_id", "previous_response_not_found")
             self.earlier = entry.messages
-        defaults = state.engine.sampling_defaults()
-        body.take_defaults(defaults)
-        sampling = body.to_sampling()
-        sampling.max_tokens_cap = defaults.get("max_tokens")
+        sampling = body.to_sampling_with(state.engine.sampling_defaults())
         body.resolve_references(state.responses.finder(), state.max_request_bytes)
         instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
         self.given = body.messages()
