@@ -205,7 +205,8 @@ def resolve(args: argparse.Namespace) -> None:
         given = getattr(args, "override_generation_config", None) or {}
         for key in sampling.keys() & given.keys():
             if given[key] != sampling[key]:
-                raise ValueError(f"{key} is given twice: {sampling[key]} and --override-generation-config's {given[key]}")
+                raise ValueError(f"{key} is given twice: {sampling[key]} and --override-generation-config's "
+                                 f"{given[key]}")
         args.override_generation_config = given | sampling
 
 

@@ -109,11 +109,12 @@ def test_llama_servers_slots_context_and_cache_types_are_read_as_it_means_them()
 
 def test_a_llama_server_command_line_serves_as_llama_server_would():
     """The command the README runs llama-server with, pointed at this server: two slots of half the
-    4,096-token context each, a q8_0 cache, the model under both aliases."""
+    4,096-token context each, a q8_0 cache (a CPU one: -ngl 0 keeps a CUDA host's server on its CPU),
+    the model under both aliases."""
     from engine.loader import embedded_gguf
 
     srv = ServerProcess("-m", str(embedded_gguf("smollm2-135m-instruct")), "-c", "4096", "-np", "2", "-t", "1",
-                        "-a", "local,smol", "-ctk", "q8_0", "-ctv", "q8_0", "--jinja", "-fa", "on", "-cb",
+                        "-ngl", "0", "-a", "local,smol", "-ctk", "q8_0", "-ctv", "q8_0", "--jinja", "-fa", "on", "-cb",
                         "--metrics", "--no-webui")
     try:
         props = httpx.get(srv.url + "/props", timeout=30).json()
