@@ -232,6 +232,10 @@ class EngineConfig:
     # vllm = none (OpenAI's), or a folder holding one; the override's values over it
     generation_config: str = "auto"
     override_generation_config: dict | None = None
+    # LoRA adapters served beside the model (engine/lora): name -> a PEFT adapter folder; a request
+    # names one as its model. max_lora_rank: adapters of a higher rank are refused at start (None: any)
+    lora_modules: dict = field(default_factory=dict)  # (str -> str; a plain dict for config files' type check)
+    max_lora_rank: int | None = None
     skip: SkipConfig = field(default_factory=SkipConfig)
 
     def check(self) -> None:
@@ -262,4 +266,11 @@ class EngineConfig:
                  f"{self.generation_config!r}")
         # (kept as checked: keys vLLM reads past are warned of here, once, and dropped)
         self.override_generation_config = check_override(self.override_generation_config) or None
+        _require(self.max_lora_rank is None or self.max_lora_rank >= 1,
+                 f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        _require(isinstance(self.lora_modules, dict), f"lora_modules maps names to adapter folders (name: path), "
+                 f"got {self.lora_modules!r}")
+        for name, path in self.lora_modules.items():
+            _require(isinstance(name, str) and name and isinstance(path, str) and path,
+                     f"lora_modules maps names to adapter folders, got {name!r}: {path!r}")
         self.skip.check()

@@ -62,6 +62,9 @@ class LLMEngine:
             log.warning("--speculative-tokens: this model and device have no decode step that checks drafts; off")
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, self.speculative_tokens,
                                    config.scheduling_policy)
+        # LoRA adapters served, by name -> their folder (engine/lora)
+        self.adapters = {} if self.runner.lora is None else \
+            {name: adapter.path for name, adapter in self.runner.lora.adapters.items()}
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -119,6 +122,9 @@ class LLMEngine:
         Raises InvalidParamError. Reads only immutable state, so any thread may call it.
         """
         params.validate(self.model_config.vocab_size)
+        if params.adapter is not None and params.adapter not in self.adapters:
+            raise InvalidParamError(f"no LoRA adapter named {params.adapter!r} is served "
+                                    f"({', '.join(self.adapters) or 'none: --lora-modules'})", "model", "model_not_found")
         if params.priority and not self.scheduler.by_priority:  # as vLLM refuses it
             raise InvalidParamError(f"priority {params.priority} needs the server's --scheduling-policy priority "
                                     "(it runs fcfs: every request's priority is 0)", "priority")

@@ -34,6 +34,7 @@ from engine.kv.cache import KVCache, element_bytes
 from engine.kv.capacity import DeviceMemory, plan_capacity
 from engine.kv.metadata import AttentionMetadata
 from engine.loader import ensure_hf_dir, load_state_dict
+from engine.lora import LoRARegistry
 from engine.models import build_model, check_architecture
 from engine.quant.int8 import quantize_state
 from engine.sampler import SampleRow, Sampled, listed_tokens, sample, token_logprobs
@@ -186,6 +187,12 @@ class ModelRunner:
         # for the same reason, short prefill chunks may go as decode rows of their sequence
         self.short_chunk_rows = self.backend.short_chunk_rows() if self.checks_drafts else 0
         self.num_layers = model_config.num_layers
+        # LoRA adapters (after the fused paths took the base projections: rows of no adapter keep them)
+        self.lora = None
+        if config.lora_modules:
+            self.lora = LoRARegistry(self.model, model_config, self.device, self.act_dtype)
+            for name, path in config.lora_modules.items():
+                self.lora.load(name, path, config.max_lora_rank)
         per_token = self.model.weight_bytes()
         log.info("weights read per decoded token: %.1f MB (FFN %.1f, attention %.1f, lm_head %.1f); kernels: %s",
                  sum(per_token.values()) / 1e6, per_token["ffn"] / 1e6, per_token["attention"] / 1e6,
@@ -203,24 +210,40 @@ class ModelRunner:
 
     # ---- forwards -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, chunks: list[tuple[list[int], list[int], int]], gate=None) -> torch.Tensor:
+    def prefill(self, chunks: list[tuple[list[int], list[int], int]], gate=None,
+                adapters: list[str | None] | None = None) -> torch.Tensor:
         """Chunks (token ids, block table, start position) of several sequences in one forward, dense
-        unless `gate` says otherwise -> hidden states [tokens, hidden] (normed)."""
+        unless `gate` says otherwise, each through its LoRA adapter in `adapters` where given ->
+        hidden states [tokens, hidden] (normed)."""
         meta = AttentionMetadata.for_prefill([(table, start, len(ids)) for ids, table, start in chunks],
                                              self.block_size, self.device)
         ids = torch.tensor([t for ids, _, _ in chunks for t in ids], device=self.device)
-        return self.model.forward(ids, meta, self.kv, gate or DenseGate(self.num_layers))
+        rows = None if adapters is None else [a for (ids, _, _), a in zip(chunks, adapters) for _ in ids]
+        return self._forward(ids, meta, gate or DenseGate(self.num_layers), rows)
 
     @torch.inference_mode()
-    def decode(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], gate=None):
-        """One token per row at `positions` -> hidden states [rows, hidden] (normed), through the
-        backend's decode step where it takes this one (valid until the next step), else the model."""
+    def decode(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], gate=None,
+               adapters: list[str | None] | None = None):
+        """One token per row at `positions` (through its LoRA adapter in `adapters` where given) ->
+        hidden states [rows, hidden] (normed), through the backend's decode step where it takes this
+        one (valid until the next step), else the model."""
         gate = gate or DenseGate(self.num_layers)
-        if self.decode_step is not None and self.decode_step.takes(len(token_ids), block_tables, gate):
+        if self.decode_step is not None and not any(adapters or ()) and \
+                self.decode_step.takes(len(token_ids), block_tables, gate):
             return self.decode_step(token_ids, positions, block_tables, gate)
         meta = AttentionMetadata.for_decode(block_tables, positions, self.block_size, self.device, self.act_dtype)
         ids = torch.tensor(token_ids, device=self.device)
-        return self.model.forward(ids, meta, self.kv, gate)
+        return self._forward(ids, meta, gate, adapters)
+
+    def _forward(self, ids: torch.Tensor, meta: AttentionMetadata, gate, adapters: list[str | None] | None):
+        """The model's forward; with a row of a LoRA adapter, on its per-op path (the backend's
+        fused step runs the base projections) with each row's adapter applied."""
+        if not any(adapters or ()):
+            return self.model.forward(ids, meta, self.kv, gate)
+        if self.lora is None:
+            raise ValueError("no LoRA adapter is served (--lora-modules)")
+        with self.lora.applied(adapters):
+            return self.model.forward(ids, meta, self.kv, gate, per_op=True)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -234,7 +257,8 @@ class ModelRunner:
         chunks = [c for c in batch.prefills if not self._computes_as_rows(c)]
         chunk_hidden = {}  # id(chunk) -> its rows' hidden states
         if chunks:
-            hidden = self.prefill([(c.seq.token_ids()[c.start:c.end], c.seq.block_table, c.start) for c in chunks])
+            hidden = self.prefill([(c.seq.token_ids()[c.start:c.end], c.seq.block_table, c.start) for c in chunks],
+                                  adapters=[c.seq.params.adapter for c in chunks])
             chunk_hidden.update(zip(map(id, chunks), hidden.split([c.end - c.start for c in chunks])))
         # a sequence's row, then one row per draft token: the draft's token at its position
         decoding = [(s, batch.drafts.get(s.seq_id, [])[:j]) for s in batch.decodes
@@ -320,7 +344,9 @@ class ModelRunner:
                              [p for c in as_rows for p in range(c.start, c.end)] +
                              [s.num_tokens - 1 + len(before) for s, before in decoding],
                              [c.seq.block_table for c in as_rows for _ in range(c.start, c.end)] +
-                             [s.block_table for s, _ in decoding], gate)
+                             [s.block_table for s, _ in decoding], gate,
+                             [c.seq.params.adapter for c in as_rows for _ in range(c.start, c.end)] +
+                             [s.params.adapter for s, _ in decoding])
         return gate, hidden[:len(tokens)].split([c.end - c.start for c in as_rows]), hidden[len(tokens):]
 
     SCORE_ROWS = 64  # prompt positions scored per lm_head call: [64, vocab] fp32 logits at a time (67 MB for Gemma 3)

@@ -53,6 +53,7 @@ class SamplingParams:
     bad_words_ids: tuple = field(default=(), repr=False, compare=False)  # their token sequences (the engine's)
     # vLLM's: the prefix cache shares blocks only between requests with the same salt (kv/block_manager.py)
     cache_salt: str | None = None
+    adapter: str | None = None  # the LoRA adapter (engine/lora) the request is computed through; None: the base model
     priority: int = 0  # vLLM's: lower is scheduled first, under --scheduling-policy priority (scheduler.py)
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     prompt_logprobs: int | None = None  # None = off; k >= 0 = each prompt token's logprob + k alternatives

@@ -161,7 +161,7 @@ class Scheduler:
         blocks of the first decode steps of those admitted before it and still prefilling."""
         return self.blocks.can_allocate(seq.token_ids(), seq.prefill_len,
                                         spare=self._first_decode_blocks(seq) + promised,
-                                        reuse=not seq.computes_whole_prompt, salt=seq.params.cache_salt)
+                                        reuse=not seq.computes_whole_prompt, salt=seq.prefix_salt)
 
     def _first_decode_blocks(self, seq: Sequence) -> int:
         """Blocks its first decode step adds after its prefill (its K/V at position `prefill_len`): one
@@ -202,10 +202,10 @@ class Scheduler:
         if not prefilling or not self.blocks.prefix_caching or seq.output_ids or seq.computes_whole_prompt:
             return False
         size, prompt = self.blocks.block_size, seq.prompt_ids
-        hits = len(self.blocks.cached_prefix(prompt, len(prompt) - 1, seq.params.cache_salt)) * size
+        hits = len(self.blocks.cached_prefix(prompt, len(prompt) - 1, seq.prefix_salt)) * size
         limit = (len(prompt) - 1) // size * size  # the whole blocks it could take from the cache
         for other in prefilling:
-            if other.params.cache_salt != seq.params.cache_salt or other.prompt_ids[hits:hits + size] != \
+            if other.prefix_salt != seq.prefix_salt or other.prompt_ids[hits:hits + size] != \
                     prompt[hits:hits + size] or other.prompt_ids[:hits] != prompt[:hits]:
                 continue
             end = hits + size  # the blocks both prompts hold: compared a block at a time
@@ -242,7 +242,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> None:
         seq.block_table, cached = self.blocks.allocate(seq.seq_id, seq.token_ids(), seq.prefill_len,
-                                                       reuse=not seq.computes_whole_prompt, salt=seq.params.cache_salt)
+                                                       reuse=not seq.computes_whole_prompt, salt=seq.prefix_salt)
         seq.num_computed = seq.dense_kv = cached
         if not seq.output_ids and not seq.num_preemptions:  # a request's first admission
             seq.cached_tokens = seq.prompt_computed = cached

@@ -83,6 +83,14 @@ class Sequence:
         return tuple(sorted(refused)) or None
 
     @property
+    def prefix_salt(self) -> str | tuple | None:
+        """What its cached prefix blocks are published and found under: its cache_salt, and its LoRA
+        adapter where it has one (an adapter's K/V are not the base model's)."""
+        if self.params.adapter is None:
+            return self.params.cache_salt
+        return (self.params.cache_salt, self.params.adapter)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

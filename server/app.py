@@ -56,8 +56,17 @@ class ServerState:
     started: float = field(default_factory=time.time)
 
     @property
+    def adapters(self) -> dict[str, str]:
+        """The LoRA adapters served beside the model: name -> folder (--lora-modules)."""
+        return self.engine.config.lora_modules
+
+    @property
     def model_names(self) -> set[str]:
-        return set(self.served_names)
+        return set(self.served_names) | set(self.adapters)
+
+    def adapter_of(self, model: str) -> str | None:
+        """The LoRA adapter a request's `model` names; None for the model itself."""
+        return model if model in self.adapters and model not in self.served_names else None
 
     @property
     def fingerprint(self) -> str:
@@ -135,14 +144,18 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         return {"version": __version__}
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": int(state.started), "owned_by": "skipserve",
+        card = {"id": name, "object": "model", "created": int(state.started), "owned_by": "skipserve",
                 "max_model_len": engine.config.max_model_len}
+        if state.adapter_of(name) is not None:  # as vLLM lists an adapter: its folder, and the model under it
+            card |= {"root": state.adapters[name], "parent": state.served_names[0]}
+        return card
 
     @app.get("/v1/models")
     async def models():  # as /health while loading: a client that waits for the list may then send requests
         if not engine.ready and engine.load_error is None and not state.draining:
             return error_response(503, "the model is loading", code="loading")
-        return {"object": "list", "data": [model_card(name) for name in state.served_names]}
+        names = [*state.served_names, *(name for name in state.adapters if name not in state.served_names)]
+        return {"object": "list", "data": [model_card(name) for name in names]}
 
     @app.get("/v1/models/{model:path}")  # a served name may hold a slash (org/model)
     async def model(model: str):

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from engine.config import KV_CACHE_DTYPES, SCHEDULING_POLICIES, EngineConfig
 from server import launcher_flags
-from server.cli_types import allowed_origins, api_key, at_least, host, json_object, port
+from server.cli_types import allowed_origins, api_key, at_least, host, json_object, lora_module, port
 from server.reasoning import PARSERS as REASONING_PARSERS
 from server.template_tools import PARSERS as TOOL_CALL_PARSERS
 
@@ -92,6 +92,15 @@ def serve_parser() -> argparse.ArgumentParser:
                         "capped at a container's CPU quota; OMP_NUM_THREADS when set)")
     m.add_argument("--enforce-eager", action="store_true", default=None,
                    help="CUDA: run decode steps eagerly, without capturing CUDA graphs")
+    m.add_argument("--lora-modules", type=lora_module, nargs="+", action="extend", default=None,
+                   metavar="NAME=PATH",
+                   help="LoRA adapters served beside the model, each a PEFT adapter folder (adapter_config.json "
+                        "and adapter_model.safetensors) under a name a request gives as its model; as vLLM, NAME=PATH "
+                        "or JSON '{\"name\": ..., \"path\": ...}'; repeatable")
+    m.add_argument("--enable-lora", action="store_true", default=None,
+                   help="taken: the adapters of --lora-modules are served whenever it names some")
+    m.add_argument("--max-lora-rank", type=at_least(1), default=None,
+                   help="refuse, at start, an adapter of a higher rank (default: any rank)")
     s = p.add_argument_group("scheduler and KV cache")
     s.add_argument("--max-batch", "--max-num-seqs", dest="max_num_seqs", type=int, default=None,
                    help=f"maximum sequences in a decode batch {shown(preset.max_num_seqs)}")
@@ -197,6 +206,10 @@ def build_config(args) -> EngineConfig:
                                                  "speculative_tokens", "pooling", "scheduling_policy",
                                                  "generation_config", "override_generation_config")
                  if getattr(args, k) is not None}
+    if args.lora_modules:
+        overrides["lora_modules"] = config.lora_modules | dict(args.lora_modules)
+    if args.max_lora_rank is not None:
+        overrides["max_lora_rank"] = args.max_lora_rank
     if args.served_model_name:
         overrides["served_model_name"] = args.served_model_name[0]
     if args.override_generation_config is not None:  # over a config file's, key by key

@@ -70,3 +70,21 @@ def json_object(value: str) -> dict:
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError(f"a JSON object ({{...}}), got {value!r}")
     return parsed
+
+
+def lora_module(value: str) -> tuple[str, str]:
+    """`--lora-modules` (vLLM's): NAME=PATH, or a JSON object with "name" and "path" (vLLM's
+    "base_model_name" is taken: an adapter here is always of the served model)."""
+    if value.lstrip().startswith("{"):
+        try:
+            item = json.loads(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+        name, path = item.get("name"), item.get("path")
+        if not isinstance(name, str) or not isinstance(path, str) or set(item) - {"name", "path", "base_model_name"}:
+            raise argparse.ArgumentTypeError('a JSON adapter is {"name": ..., "path": ...} (and "base_model_name")')
+    else:
+        name, _, path = value.partition("=")
+    if not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{value!r}: give NAME=PATH (an adapter's name in the API, its folder)")
+    return name.strip(), path.strip()

@@ -150,6 +150,7 @@ class CompletionCall:
             param = "prompt"
         self.num_choices = len(prompts) * body.n
         sampling = body.to_sampling_with(state.engine.sampling_defaults() if self.model_defaults else {})
+        sampling.adapter = state.adapter_of(body.model)
         prompts = await self._truncated(prompts, sampling.max_tokens or 1)
         self.prompts = prompts  # prompt i's choices are i * n .. i * n + n - 1
         self.prompt_sizes = [len(p) for p in prompts]

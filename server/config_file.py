@@ -54,6 +54,9 @@ def load_config(path: str | Path) -> EngineConfig:
     if isinstance(template, str) and not is_inline_template(template):
         # a template file named in a config file is found beside it, as the file's other paths would be
         raw["chat_template"] = str(Path(path).resolve().parent / Path(template).expanduser())
+    if isinstance(raw.get("lora_modules"), dict):  # adapter folders named in a file are found beside it, too
+        raw["lora_modules"] = {name: str(Path(path).resolve().parent / Path(folder).expanduser())
+                               if isinstance(folder, str) else folder for name, folder in raw["lora_modules"].items()}
     return EngineConfig(**raw, skip=SkipConfig(**skip_raw))
 
 

@@ -85,6 +85,15 @@ def check_model(state, model: str) -> None:
                        "model", "model_not_found")
 
 
+def check_base_model(state, model: str, route: str) -> None:
+    """check_model, for a route that reads the model's own hidden states (embeddings, scores): a
+    LoRA adapter's name is a 400 there (adapters serve the generating routes)."""
+    check_model(state, model)
+    if state.adapter_of(model) is not None:
+        raise APIError(400, f"'{model}' is a LoRA adapter, which serves the generating routes; {route} is computed "
+                            f"by the model itself: ask for '{state.served_names[0]}'", "model")
+
+
 def check_token_ids(ids: list[int], tokenizer, param: str) -> None:
     """400 on `param` for a token id outside the model's vocabulary."""
     if any(not 0 <= t < tokenizer.vocab_size for t in ids):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from server.cli_types import at_least, host
+from server.cli_types import at_least, host, lora_module
 
 # llama.cpp's KV cache types this server keeps (-ctk / -ctv), as its --kv-cache-dtype names them
 LLAMA_CPP_CACHE_TYPES = {"f32": "float32", "f16": "float16", "q8_0": "int8"}
@@ -64,6 +64,8 @@ def add_vllm(p: argparse.ArgumentParser) -> None:
     v.add_argument("--download-dir", default=None, metavar="DIR", help="taken: nothing is downloaded here")
     v.add_argument("--swap-space", type=float, default=None, metavar="GIB",
                    help="taken: a preempted sequence is recomputed here, not swapped out")
+    v.add_argument("--max-loras", "--max-cpu-loras", type=at_least(1), default=None, metavar="N",
+                   help="taken: every adapter of --lora-modules stays loaded, and a batch mixes any of them")
 
 
 def add_tgi(p: argparse.ArgumentParser) -> None:
@@ -84,10 +86,19 @@ def add_tgi(p: argparse.ArgumentParser) -> None:
                         "each embeddings input counts): a batch of at most N, and --max-waiting the rest")
     t.add_argument("--payload-limit", dest="max_request_bytes", type=at_least(1), default=None,
                    help="the same as --max-request-bytes")
+    t.add_argument("--lora-adapters", dest="lora_modules", type=lora_adapters, action="extend", default=None,
+                   metavar="NAME=PATH,...", help="the same as --lora-modules, comma-separated (a request's "
+                                                 "parameters.adapter_id, or its model, names one)")
     t.add_argument("--num-shard", type=int, choices=[1], default=None, help="1 only: a model runs on one device here")
     t.add_argument("--cuda-graphs", type=cuda_graphs, default=None, metavar="SIZES",
                    help="0: the same as --enforce-eager; other batch sizes are taken, the captured sizes are this "
                         "server's (1, 2, 4, 8, then steps of 16)")
+
+
+def lora_adapters(value: str) -> list[tuple[str, str]]:
+    """TGI's `--lora-adapters`: NAME=PATH items, comma-separated (a hub id alone would be downloaded
+    there: here an adapter is a folder on disk)."""
+    return [lora_module(item) for item in value.split(",") if item.strip()]
 
 
 def add_llama_cpp(p: argparse.ArgumentParser) -> None:

@@ -105,6 +105,7 @@ class ResponseCall:
                                "previous_response_id", "previous_response_not_found")
             self.earlier = entry.messages
         sampling = body.to_sampling_with(state.engine.sampling_defaults())
+        sampling.adapter = state.adapter_of(body.model)
         body.resolve_references(state.responses.finder(), state.max_request_bytes)
         instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
         self.given = body.messages()

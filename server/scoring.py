@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from engine.async_engine import EngineNotReadyError
 from server.embeddings import MAX_INPUTS, embed_inputs
 from server.errors import APIError
-from server.generation import check_model, refusal, tokenize_batch, truncated
+from server.generation import check_base_model, refusal, tokenize_batch, truncated
 from server.protocol import RerankRequest, ScoreRequest
 
 router = APIRouter()
@@ -43,7 +43,7 @@ async def _embed_texts(request: Request, body, sides: dict[str, list[str]], arri
     vectors}, prompt tokens) or the 499 response of a client that left."""
     state = request.app.state.skipserve
     if body.model is not None:
-        check_model(state, body.model)
+        check_base_model(state, body.model, "scoring")
     if sum(len(texts) for texts in sides.values()) > MAX_INPUTS:  # (named: the longer list)
         raise APIError(400, f"at most {MAX_INPUTS} texts a request", max(sides, key=lambda side: len(sides[side])))
     keep, limit = body.truncate_prompt_tokens, state.engine.config.max_model_len

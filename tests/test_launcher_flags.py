@@ -149,3 +149,21 @@ def test_vllms_logging_and_docs_flags():
         assert '"POST /tokenize HTTP/1.1" 200' in plain.log_path.read_text()  # (what the flag leaves out)
     finally:
         plain.stop()
+
+
+def test_lora_adapters_as_vllm_and_tgi_name_them(tmp_path):
+    """vLLM's --lora-modules (NAME=PATH or JSON, repeatable, beside --enable-lora, --max-lora-rank and
+    --max-loras) and TGI's comma-separated --lora-adapters add up; a config file's folders are found
+    beside it."""
+    config = build("--enable-lora", "--lora-modules", "a=/x", '{"name": "b", "path": "/y", "base_model_name": "m"}',
+                   "--lora-modules", "c=/z", "--lora-adapters", "d=/v,e=/w", "--max-lora-rank", "64",
+                   "--max-loras", "4")
+    assert config.lora_modules == {"a": "/x", "b": "/y", "c": "/z", "d": "/v", "e": "/w"}
+    assert config.max_lora_rank == 64
+    (tmp_path / "c.yaml").write_text("lora_modules:\n  sql: adapters/sql\n")
+    config = build("--config", str(tmp_path / "c.yaml"), "--lora-modules", "chat=/c")
+    assert config.lora_modules == {"sql": str(tmp_path / "adapters/sql"), "chat": "/c"}
+    assert build().lora_modules == {} and build().max_lora_rank is None
+    for bad in (["--lora-adapters", "predibase/customer_support"], ["--max-loras", "0"]):
+        with pytest.raises(SystemExit):
+            serve_parser().parse_args(bad)

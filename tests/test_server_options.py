@@ -247,6 +247,7 @@ def test_only_a_bare_name_is_a_preset(tmp_path, monkeypatch):
     ("skip:\n  policy: foo\n", "skip.policy must be one of"),
     ("max_num_seqs: [1,\n", "bad.yaml: not YAML"),  # its place read "<unicode string>", no file
     ("block_size: 100000\n", "block_size must be <= 1024"),
+    ("lora_modules: [a]\n", "lora_modules maps names to adapter folders (name: path), got ['a']"),
 ])
 def test_a_config_file_with_a_wrong_value_is_a_usage_error_naming_it(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
@@ -275,6 +276,9 @@ def test_a_config_file_with_a_wrong_value_is_a_usage_error_naming_it(tmp_path, t
     (["--header-timeout", "soon"], {}, "'soon' is not a number"),
     (["--tensor-parallel-size", "2"], {}, "argument --tensor-parallel-size/-tp: invalid choice: 2"),
     (["smollm2-135m-instruct", "--model", "gemma3-270m"], {}, "the model is given twice"),
+    (["--lora-modules", "sql"], {}, "'sql': give NAME=PATH"),
+    (["--lora-modules", '{"name": "sql"}'], {}, 'a JSON adapter is {"name": ..., "path": ...}'),
+    (["--max-lora-rank", "0"], {}, "'0': at least 1"),
 ])
 def test_server_settings_out_of_range_are_usage_errors_before_the_model_loads(flags, env, message):
     """A default budget over the largest one would have failed every request that asks none, with a

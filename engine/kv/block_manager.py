@@ -19,10 +19,12 @@ free.
 A request's `cache_salt` (vLLM's) starts its chain from a root hashed from the salt instead of
 from nothing, so its blocks are found only by prompts with the same salt: tenants who keep their
 salts apart cannot learn from another's hits whether a prompt was seen (a timing side channel).
+A LoRA adapter's requests chain from a root of their own in the same way (their K/V differ).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from array import array
 from collections import OrderedDict
 
@@ -34,9 +36,14 @@ def chain_hash(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
     return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
 
 
-def salt_root(salt: str | None) -> bytes | None:
-    """The parent hash a prompt's first block chains from: none without a salt."""
-    return None if salt is None else hashlib.sha256(b"cache_salt\0" + salt.encode("utf-8", "surrogatepass")).digest()
+def salt_root(salt: str | tuple | None) -> bytes | None:
+    """The parent hash a prompt's first block chains from: none without a salt. A tuple (a cache
+    salt and a LoRA adapter's name: engine/sequence.py) hashes apart from any salt string."""
+    if salt is None:
+        return None
+    if isinstance(salt, tuple):
+        return hashlib.sha256(b"prefix_key\0" + json.dumps(salt).encode("utf-8", "surrogatepass")).digest()
+    return hashlib.sha256(b"cache_salt\0" + salt.encode("utf-8", "surrogatepass")).digest()
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -65,7 +72,7 @@ class BlockManager:
         return self._used / self.num_blocks
 
     # ---- prefix lookup ---------------------------------------------------------------------------
-    def cached_prefix(self, token_ids: list[int], limit: int, salt: str | None = None) -> list[int]:
+    def cached_prefix(self, token_ids: list[int], limit: int, salt: str | tuple | None = None) -> list[int]:
         """Blocks holding the K/V of `token_ids`' leading full blocks, covering at most `limit` tokens,
         published under the same `salt`."""
         if not self.prefix_caching:
@@ -82,7 +89,7 @@ class BlockManager:
 
     # ---- sequences ---------------------------------------------------------------------------------
     def can_allocate(self, token_ids: list[int], num_tokens: int, spare: int = 0, reuse: bool = True,
-                     salt: str | None = None) -> bool:
+                     salt: str | tuple | None = None) -> bool:
         """Room for a sequence whose first `num_tokens` of `token_ids` are to be computed, plus
         `spare` more blocks (`reuse`: whether it may take its cached prefix, under its `salt`)."""
         hits = self.cached_prefix(token_ids, num_tokens - 1 if reuse else 0, salt)
@@ -91,7 +98,7 @@ class BlockManager:
         return self.num_free_blocks - waking >= fresh + spare
 
     def allocate(self, seq_id: str, token_ids: list[int], num_tokens: int, reuse: bool = True,
-                 salt: str | None = None) -> tuple[list[int], int]:
+                 salt: str | tuple | None = None) -> tuple[list[int], int]:
         """Blocks for the first `num_tokens` of `token_ids`, reusing its cached prefix (unless not
         `reuse`: every token computed again, its blocks its own); its blocks are published under
         `salt` (found only by prompts with the same salt).

@@ -113,14 +113,18 @@ class LlamaModel:
         return self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache, gate) -> torch.Tensor:
-        """input_ids: [N] -> final hidden states [N, hidden] (normed); `gate` runs or skips each FFN."""
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache, gate,
+                per_op: bool = False) -> torch.Tensor:
+        """input_ids: [N] -> final hidden states [N, hidden] (normed); `gate` runs or skips each FFN.
+        `per_op`: every projection through the layers' own objects, never the backend's fused calls
+        (which hold the base weights: a LoRA adapter's rows)."""
         x = self.embed_tokens(input_ids)
-        if self.fused_decode is not None and not meta.is_prefill:
-            return self.final_norm(self.fused_decode(x, meta, gate))
+        fused = None if per_op else self.fused_decode
+        if fused is not None and not meta.is_prefill:
+            return self.final_norm(fused(x, meta, gate))
         ropes = {kind: rope(meta.positions) for kind, rope in self.ropes.items()}
         # the FFN branches: the backend's where it has its own for a forward (a mixture's experts in
-        # one native call), else (None) the layers' own
+        # one native call; adapters leave experts alone), else (None) the layers' own
         ffns = self.fused_decode.forward_ffns if self.fused_decode is not None else [None] * len(self.layers)
         for i, layer in enumerate(self.layers):
             h = x + layer.attention(x, ropes[layer.rope_kind], meta, kv.k[i], kv.v[i])

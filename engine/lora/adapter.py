@@ -1,0 +1,108 @@
+"""A LoRA adapter as PEFT saves it: a folder with `adapter_config.json` and `adapter_model.safetensors`
+(or `adapter_model.bin`), read into per-projection (A, B) pairs on this engine's module names.
+
+A projection's output gains `scale * B (A x)`, with `scale = lora_alpha / r` (`/ sqrt(r)` under
+rsLoRA). Only the decoder layers' seven projections are taken (q, k, v, o, gate, up, down, or
+Phi-3's fused qkv and gate_up); anything else an adapter changes (embeddings, lm_head, DoRA's
+magnitudes, `modules_to_save`) is refused by name rather than served half applied.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
+# peft's key: base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (older saves: .lora_A.default.weight)
+KEY = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\.((?:self_attn|mlp)\.(\w+)))"
+                 r"\.lora_([AB])(?:\.default)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served on this model, with the reason."""
+
+
+@dataclass
+class LoRAAdapter:
+    name: str
+    path: str
+    rank: int
+    # "model.layers.{i}.{module}" (a checkpoint's module name) -> (A [r, in], B [out, r] with the scale in it)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def read_adapter(name: str, path: str, max_rank: int | None = None) -> LoRAAdapter:
+    """The PEFT adapter in folder `path`, in fp32 on the CPU; AdapterError for one this engine would
+    not apply whole."""
+    folder = Path(path).expanduser()
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError(f"LoRA adapter {name!r}: {folder} holds no adapter_config.json (a PEFT adapter folder)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"LoRA adapter {name!r}: {config_file} is not JSON: {exc}") from None
+    _check_config(name, config)
+    rank, alpha = int(config["r"]), float(config.get("lora_alpha") or config["r"])
+    if rank < 1:
+        raise AdapterError(f"LoRA adapter {name!r}: r must be >= 1, got {rank}")
+    if max_rank is not None and rank > max_rank:
+        raise AdapterError(f"LoRA adapter {name!r} has rank {rank}, more than --max-lora-rank {max_rank}")
+    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in _tensors(name, folder).items():
+        match = KEY.match(key)
+        if match is None:
+            raise AdapterError(f"LoRA adapter {name!r} changes {key}: only the decoder layers' projections "
+                               f"({', '.join(PROJECTIONS)}) are served")
+        module, projection, side = match.group(1), match.group(4), match.group(5)
+        if projection not in PROJECTIONS:
+            raise AdapterError(f"LoRA adapter {name!r} changes {module}: only {', '.join(PROJECTIONS)} are served")
+        pairs.setdefault(module, {})[side] = tensor.float()
+    weights = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"LoRA adapter {name!r}: {module} has lora_{''.join(pair)} without its other half")
+        a, b = pair["A"], pair["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"LoRA adapter {name!r}: {module}'s lora_A {tuple(a.shape)} and lora_B "
+                               f"{tuple(b.shape)} are not a rank-r pair")
+        weights[module] = (a.contiguous(), (b * scale).contiguous())
+    if not weights:
+        raise AdapterError(f"LoRA adapter {name!r}: {folder} holds no LoRA weights")
+    return LoRAAdapter(name, str(folder), max(a.shape[0] for a, _ in weights.values()), weights)
+
+
+def _check_config(name: str, config: dict) -> None:
+    """What of PEFT's LoRA config this engine does not apply: refused, named."""
+    kind = config.get("peft_type", "LORA")
+    if str(kind).upper() != "LORA":
+        raise AdapterError(f"LoRA adapter {name!r} is a {kind} adapter; only LoRA is served")
+    if "r" not in config:
+        raise AdapterError(f"LoRA adapter {name!r}: adapter_config.json gives no rank (r)")
+    for key, what in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save (whole modules trained beside it)"),
+                      ("rank_pattern", "rank_pattern"), ("alpha_pattern", "alpha_pattern"),
+                      ("layers_pattern", "layers_pattern"), ("megatron_config", "megatron_config")):
+        if config.get(key):
+            raise AdapterError(f"LoRA adapter {name!r} uses {what}, which this server does not apply")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"LoRA adapter {name!r} trains biases (bias={config['bias']!r}), which this server "
+                           "does not apply")
+
+
+def _tensors(name: str, folder: Path) -> dict[str, torch.Tensor]:
+    safetensors_file, bin_file = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    try:
+        if safetensors_file.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(safetensors_file))
+        if bin_file.is_file():
+            return torch.load(bin_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: named, not a traceback
+        raise AdapterError(f"LoRA adapter {name!r}: cannot read its weights: {type(exc).__name__}: {exc}") from None
+    raise AdapterError(f"LoRA adapter {name!r}: {folder} holds no adapter_model.safetensors or adapter_model.bin")

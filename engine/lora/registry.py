@@ -1,0 +1,116 @@
+"""The served LoRA adapters (vLLM's `--lora-modules name=path`): each read once at start into a
+slot, its per-module pairs fused onto this engine's projections (q|k|v and gate|up are one
+projection each here: an adapter's A matrices stacked, its B matrices placed block-diagonally at
+their rows, zeros where it leaves a module alone), and the rows of a forward assigned to slots
+(`applied`). Adapters stay resident: a batch mixes any of them and the base model, each row its own.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+
+from engine.config import ModelConfig
+from engine.lora.adapter import AdapterError, LoRAAdapter, read_adapter
+from engine.lora.linear import LoRALinear, StepRows
+
+log = logging.getLogger("skipserve.lora")
+
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+
+def projection_parts(layer, cfg: ModelConfig) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """A layer's projections an adapter may change: attribute -> ([(module, its output rows)], input
+    features). A mixture's experts are not among them (its attention is)."""
+    q, kv, hidden = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
+    names = getattr(layer, "qkv_names", QKV)
+    parts = {"qkv": (list(zip(names, [q, kv, kv] if len(names) == 3 else [q + 2 * kv])), hidden),
+             "o_proj": ([("self_attn.o_proj", hidden)], q)}
+    if hasattr(layer, "gate_up") and hasattr(layer, "down"):
+        inter = cfg.intermediate_size
+        names = getattr(layer, "gate_up_names", GATE_UP)
+        parts["gate_up"] = (list(zip(names, [inter, inter] if len(names) == 2 else [2 * inter])), hidden)
+        parts["down"] = ([("mlp.down_proj", hidden)], inter)
+    return parts
+
+
+def fused_pair(adapter: LoRAAdapter, prefix: str, parts: list[tuple[str, int]], in_features: int):
+    """One projection's (A [sum r, in], B [out, sum r]) from the adapter's pairs of its row blocks, or
+    None where the adapter changes none of them."""
+    present = [(module, rows, adapter.weights[prefix + module]) for module, rows in parts
+               if prefix + module in adapter.weights]
+    if not present:
+        return None
+    for module, rows, (a, b) in present:
+        if a.shape[1] != in_features or b.shape[0] != rows:
+            raise AdapterError(f"LoRA adapter {adapter.name!r}: {prefix}{module} is [{rows}, {in_features}] in this "
+                               f"model, the adapter's pair makes [{b.shape[0]}, {a.shape[1]}] (an adapter for "
+                               "another model?)")
+    stacked_a = torch.cat([a for _, _, (a, _) in present])
+    placed_b = torch.zeros(sum(rows for _, rows in parts), stacked_a.shape[0])
+    offsets = dict(zip((m for m, _ in parts), [sum(r for _, r in parts[:i]) for i in range(len(parts))]))
+    column = 0
+    for module, rows, (a, b) in present:
+        placed_b[offsets[module]:offsets[module] + rows, column:column + a.shape[0]] = b
+        column += a.shape[0]
+    return stacked_a, placed_b
+
+
+class LoRARegistry:
+    """The adapters of a model whose projections it wrapped (`LoRALinear`), by name."""
+
+    def __init__(self, model, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.rows = StepRows()
+        self.slots: dict[str, int] = {}
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self._layers = []  # per layer: attribute -> (its LoRALinear, parts, input features)
+        for layer in model.layers:
+            wrapped = {}
+            for attr, (parts, in_features) in projection_parts(layer, cfg).items():
+                linear = LoRALinear(getattr(layer, attr), self.rows)
+                setattr(layer, attr, linear)
+                wrapped[attr] = (linear, parts, in_features)
+            self._layers.append(wrapped)
+
+    def load(self, name: str, path: str, max_rank: int | None = None) -> LoRAAdapter:
+        """Reads the adapter into a new slot; AdapterError (nothing changed) where it does not fit the model."""
+        if name in self.slots:
+            raise AdapterError(f"LoRA adapter {name!r} is already loaded")
+        adapter = read_adapter(name, path, max_rank)
+        known = {f"model.layers.{i}.{module}" for i, wrapped in enumerate(self._layers)
+                 for _, parts, _ in wrapped.values() for module, _ in parts}
+        unknown = sorted(set(adapter.weights) - known)
+        if unknown:
+            raise AdapterError(f"LoRA adapter {name!r} changes {unknown[0]}"
+                               f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}, which this model "
+                               "has not as a dense projection (its layers, a mixture's experts)")
+        pairs = []
+        for i, wrapped in enumerate(self._layers):
+            for linear, parts, in_features in wrapped.values():
+                pair = fused_pair(adapter, f"model.layers.{i}.", parts, in_features)
+                if pair is not None:
+                    pairs.append((linear, tuple(t.to(self.device, self.dtype) for t in pair)))
+        slot = max(self.slots.values(), default=0) + 1
+        for linear, pair in pairs:
+            linear.pairs[slot] = pair
+        self.slots[name], self.adapters[name] = slot, adapter
+        log.info("LoRA adapter %r from %s: rank %d, %d projections changed", name, path, adapter.rank, len(pairs))
+        return adapter
+
+    @contextmanager
+    def applied(self, names: list[str | None]):
+        """Rows i of the forward inside use adapter `names[i]` (None: the base model's)."""
+        slots = [self.slots[name] if name is not None else 0 for name in names]
+        used = sorted(set(slots) - {0})
+        if len(used) == 1 and 0 not in slots:
+            self.rows.groups = [(used[0], None)]
+        else:
+            self.rows.groups = [(slot, torch.tensor([i for i, s in enumerate(slots) if s == slot], device=self.device))
+                                for slot in used]
+        try:
+            yield
+        finally:
+            self.rows.groups = []

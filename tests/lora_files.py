@@ -1,0 +1,62 @@
+"""PEFT LoRA adapters written for tests (random pairs, PEFT's file layout and key names), and the
+reference they are checked against: transformers' model with each pair merged into its weights."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """A Llama-family layer's projections: module -> (out, in)."""
+    q, kv, hidden, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, \
+        cfg.intermediate_size
+    return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+
+
+def write_adapter(folder: Path, cfg, modules=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                  layers=None, rank: int = 8, alpha: float = 16.0, std: float = 0.05, seed: int = 0,
+                  **config) -> Path:
+    """A PEFT adapter folder for a model of config `cfg` (engine.config.ModelConfig): random A and B
+    for `modules` of `layers` (default: every layer); `config`: more adapter_config.json keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = projection_shapes(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(cfg.num_layers) if layers is None else layers:
+        for module in modules:
+            out, inp = shapes[module]
+            where = "self_attn" if module in ATTENTION else "mlp"
+            key = f"base_model.model.model.layers.{i}.{where}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, inp, generator=generator) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * std
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(modules), "bias": "none",
+         "lora_dropout": 0.0, "task_type": "CAUSAL_LM", **config}))
+    return folder
+
+
+def merged_model(hf_model, folder: Path):
+    """A copy of transformers' model with the adapter in `folder` merged: W + (alpha / r) B A."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    merged = copy.deepcopy(hf_model)
+    params = dict(merged.named_parameters())
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if ".lora_A." in key:
+                module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+                b = tensors[key.replace(".lora_A.", ".lora_B.")]
+                params[module + ".weight"] += scale * (b @ a)
+    return merged

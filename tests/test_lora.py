@@ -1,0 +1,208 @@
+"""LoRA adapters (engine/lora): a request naming an adapter is computed through it, as transformers'
+model with the adapter merged computes it; a batch mixes adapters and the base model row by row;
+cached prefixes are never shared across them; an adapter that would be applied only in part is
+refused by name. Then the server: --lora-modules, /v1/models, the routes that take an adapter and
+those that refuse one."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import httpx
+import pytest
+import torch
+
+from engine.lora import AdapterError
+from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
+from tests.conftest import ServerProcess
+from tests.helpers import engine_like, hf_model_of
+from tests.lora_files import merged_model, write_adapter
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def adapters(engine, tmp_path_factory):
+    """Two adapters for the embedded model: one on every projection but k, one on q, k and v of
+    some layers (k's rows placed between q's and v's in the fused projection)."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {"ada": write_adapter(root / "ada", engine.model_config),
+            "qkv": write_adapter(root / "qkv", engine.model_config, modules=("q_proj", "k_proj", "v_proj"),
+                                 layers=[0, 5, 29], rank=4, alpha=4.0, std=0.15, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def lora_engine(engine, adapters):
+    return engine_like(engine, lora_modules={name: str(path) for name, path in adapters.items()})
+
+
+@pytest.fixture(scope="module")
+def references(lora_engine, adapters):
+    hf = hf_model_of(lora_engine)
+    return {None: hf, **{name: merged_model(hf, path) for name, path in adapters.items()}}
+
+
+def greedy(engine, prompt: list[int], adapter: str | None, max_tokens: int = 24, skip=None):
+    out = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0, adapter=adapter), skip)
+    return out[0][1], out[0][2]
+
+
+@pytest.mark.parametrize("adapter", ["ada", "qkv", None])
+def test_an_adapters_answer_is_the_merged_models(lora_engine, references, adapter):
+    """Prefill and decode (teacher-forced over the engine's own greedy answer) within fp32 rounding of
+    transformers' model with the adapter merged into its weights, and far from the base model's."""
+    prompt = lora_engine.tokenizer.encode_chat(QUESTION)
+    tokens, _ = greedy(lora_engine, prompt, adapter)
+    with torch.no_grad():
+        reference = references[adapter](torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+        base = references[None](torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+    chosen = reference.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    assert (reference.max(dim=1).values - chosen).max() < 1e-3  # each token the reference's greedy choice
+    if adapter is not None:
+        assert (reference - base).abs().max() > 1.0  # (an adapter left out would fail the line above)
+    runner = lora_engine.runner
+    with lora_engine.kv_blocks([len(prompt)]) as (table,):
+        ours = runner.logits(runner.prefill([(prompt, table, 0)], adapters=[adapter]))
+    with torch.no_grad():
+        expected = references[adapter](torch.tensor([prompt])).logits[0]
+    assert (ours - expected).abs().max() < 1e-3
+
+
+def test_a_batch_mixes_adapters_and_the_model_row_by_row(lora_engine, chat_prompts):
+    """Rows of two adapters and of the model in the same steps, joining at different steps: each
+    answer is the one it gets alone (the CPU path's kernels are batch-invariant)."""
+    asks = [(chat_prompts[i % len(chat_prompts)], adapter) for i, adapter in enumerate(["ada", None, "qkv", "ada", None])]
+    alone = [greedy(lora_engine, prompt, adapter, 16)[0] for prompt, adapter in asks]
+    made = {i: [] for i in range(len(asks))}
+    step = 0
+    while step < 2 * len(asks) or lora_engine.has_work:
+        if step % 2 == 0 and step // 2 < len(asks):
+            prompt, adapter = asks[step // 2]
+            lora_engine.add_request(f"mix-{step // 2}", prompt,
+                                    SamplingParams(max_tokens=16, temperature=0.0, adapter=adapter))
+        for out in lora_engine.step()[0]:
+            made[int(out.request_id.split("-")[1])] += out.token_ids
+        step += 1
+    assert [made[i] for i in range(len(asks))] == alone
+    assert alone[0] != greedy(lora_engine, asks[0][0], None, 16)[0]  # (the adapter matters here)
+
+
+def test_cached_prefixes_are_never_shared_across_adapters(lora_engine, chat_prompts):
+    """The same long prompt through an adapter, the model, the adapter again and another adapter:
+    only the adapter's second request finds its K/V cached."""
+    prompt = sum(chat_prompts, [])[::-1][:120]  # (no other test's prompt: nothing of it cached yet)
+    cached = [greedy(lora_engine, prompt, adapter, 2)[1].cached_tokens for adapter in ("ada", None, "ada", "qkv", None)]
+    assert cached[:2] == [0, 0] and cached[2] >= 96 and cached[3] == 0 and cached[4] >= 96
+
+
+def test_an_adapter_answers_the_same_with_drafts_and_with_skips(lora_engine, chat_prompts):
+    """Speculative decoding checks an adapter's drafts as rows of the same step (the per-op path);
+    a skip budget skips FFNs of an adapter's rows."""
+    prompt = chat_prompts[2]
+    plain, _ = greedy(lora_engine, prompt, "ada", 32)
+    speculative = engine_like(lora_engine, speculative_tokens=4)
+    assert greedy(speculative, prompt, "ada", 32)[0] == plain
+    assert speculative.draft_tokens_total > 0
+    tokens, out = greedy(lora_engine, prompt, "ada", 32, SkipParams(budget=0.5))
+    assert out.ffn_skipped > 0 and tokens
+
+
+def test_an_unknown_adapter_is_refused(lora_engine, engine, chat_prompts):
+    for eng, message in ((lora_engine, "no LoRA adapter named 'nope' is served (ada, qkv)"),
+                         (engine, "none: --lora-modules")):
+        with pytest.raises(InvalidParamError, match=re.escape(message)) as exc:
+            eng.add_request("unknown", chat_prompts[0], SamplingParams(max_tokens=2, adapter="nope"))
+        assert exc.value.param == "model"
+
+
+def cases(cfg):
+    other = copy.copy(cfg)
+    other.hidden_size = cfg.hidden_size * 2
+    return [
+        ("dora", dict(use_dora=True), cfg, "uses DoRA"),
+        ("saved", dict(modules_to_save=["lm_head"]), cfg, "uses modules_to_save"),
+        ("bias", dict(bias="all"), cfg, "trains biases"),
+        ("prefix", dict(peft_type="PREFIX_TUNING"), cfg, "is a PREFIX_TUNING adapter"),
+        ("other", {}, other, "(an adapter for another model?)"),
+        ("rank", dict(rank=8), cfg, "has rank 8, more than --max-lora-rank 4"),
+    ]
+
+
+def test_adapters_that_cannot_be_served_whole_are_refused_by_name(lora_engine, tmp_path):
+    registry = lora_engine.runner.lora
+    before = dict(registry.slots)
+    for name, config, cfg, message in cases(lora_engine.model_config):
+        folder = write_adapter(tmp_path / name, cfg, layers=[0], **{"rank": 4, **config})
+        with pytest.raises(AdapterError, match=f"LoRA adapter '{name}'.*{re.escape(message)}"):
+            registry.load(name, str(folder), max_rank=4)
+    folder = write_adapter(tmp_path / "embed", lora_engine.model_config, layers=[0])
+    weights = folder / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    save_file(tensors | {"base_model.model.model.embed_tokens.lora_A.weight": torch.zeros(8, 10)}, str(weights))
+    with pytest.raises(AdapterError, match="changes base_model.model.model.embed_tokens.lora_A.weight: only"):
+        registry.load("embed", str(folder))
+    save_file({k: v for k, v in tensors.items() if "lora_B" not in k}, str(weights))
+    with pytest.raises(AdapterError, match="has lora_A without its other half"):
+        registry.load("half", str(folder))
+    with pytest.raises(AdapterError, match="holds no adapter_config.json"):
+        registry.load("none", str(tmp_path))
+    assert registry.slots == before  # nothing half loaded
+
+
+# ---- the server ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_server(adapters):
+    srv = ServerProcess("--lora-modules", f"ada={adapters['ada']}",
+                        json.dumps({"name": "qkv", "path": str(adapters["qkv"]), "base_model_name": "x"}),
+                        "--enable-lora", "--max-lora-rank", "8")
+    yield srv
+    srv.stop()
+
+
+def test_served_adapters_are_listed_and_answer_as_their_model(lora_server):
+    import openai
+
+    client = openai.OpenAI(base_url=lora_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    cards = {m.id: m for m in client.models.list().data}
+    assert list(cards) == ["smollm2-135m-instruct", "ada", "qkv"]
+    assert cards["ada"].parent == "smollm2-135m-instruct" and cards["ada"].root.endswith("/ada")
+    assert client.models.retrieve("qkv").parent == "smollm2-135m-instruct"
+    answers, logprobs = {}, {}
+    for model in ("smollm2-135m-instruct", "ada", "qkv"):
+        r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=16, temperature=0, logprobs=True)
+        assert r.model == model and r.usage.completion_tokens > 0
+        answers[model] = r.choices[0].message.content
+        logprobs[model] = tuple(round(t.logprob, 3) for t in r.choices[0].logprobs.content)
+    assert len(set(logprobs.values())) == 3 and answers["ada"] != answers["smollm2-135m-instruct"]
+    stream = client.chat.completions.create(model="ada", messages=QUESTION, max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == answers["ada"]
+    # the Responses API and TGI's adapter_id take the same adapter
+    assert client.responses.create(model="ada", input=QUESTION, max_output_tokens=16,
+                                   temperature=0).output_text == answers["ada"]
+    completion = client.completions.create(model="qkv", prompt="The capital of France is", max_tokens=12, temperature=0)
+    tgi = httpx.post(lora_server.url + "/generate", json={"inputs": "The capital of France is", "parameters": {
+        "adapter_id": "qkv", "max_new_tokens": 12}}, timeout=60)
+    assert tgi.status_code == 200 and tgi.json()["generated_text"] == completion.choices[0].text
+    base = httpx.post(lora_server.url + "/generate", json={"inputs": "The capital of France is", "parameters": {
+        "max_new_tokens": 12}}, timeout=60)
+    assert base.json()["generated_text"] != completion.choices[0].text
+
+
+@pytest.mark.parametrize("route, body, status, param", [
+    ("/v1/chat/completions", {"model": "nope", "messages": QUESTION}, 404, "model"),
+    ("/v1/embeddings", {"model": "ada", "input": "hi"}, 400, "model"),
+    ("/generate", {"inputs": "hi", "parameters": {"adapter_id": "nope"}}, 400, "parameters.adapter_id"),
+])
+def test_adapters_are_refused_where_they_do_not_apply(lora_server, route, body, status, param):
+    r = httpx.post(lora_server.url + route, json=body, timeout=60)
+    assert r.status_code == status and r.json()["error"]["param"] == param
+
+
+def test_a_server_whose_adapter_cannot_be_served_exits_saying_why(engine, tmp_path):
+    folder = write_adapter(tmp_path / "big", engine.model_config, layers=[0], rank=16)
+    with pytest.raises(RuntimeError, match="LoRA adapter 'big' has rank 16, more than --max-lora-rank 8"):
+        ServerProcess("--lora-modules", f"big={folder}", "--max-lora-rank", "8")
