@@ -130,6 +130,36 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    # ---- LoRA adapters --------------------------------------------------------------------------
+    @property
+    def adapters(self) -> dict[str, str]:
+        """The LoRA adapters served: name -> folder (until the model is loaded, the config's)."""
+        return dict(self.config.lora_modules) if self.engine is None else self.engine.adapters
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serves a PEFT adapter folder under `name` from now on; read off the event loop and the
+        engine thread (the step loop runs on). Raises AdapterError (the name taken, the folder not an
+        adapter this model takes) or EngineNotReadyError; ValueError where LoRA is not enabled."""
+        self._check_ready()
+        lora = self.engine.lora
+        if lora is None:
+            raise ValueError("LoRA adapters are not enabled: start the server with --enable-lora")
+        slot = lora.reserve(name)
+        try:
+            adapter, pairs = await asyncio.to_thread(lora.read, name, path, self.config.max_lora_rank)
+        except BaseException:
+            lora.release(name)
+            raise
+        lora.install(slot, name, adapter, pairs)
+
+    def unload_adapter(self, name: str) -> None:
+        """`name` is served no more: new requests naming it are refused at once, those running finish
+        with it (its weights go once the last one ends). KeyError where no adapter is so named."""
+        self._check_ready()
+        if self.engine.lora is None or name not in self.engine.lora.slots:
+            raise KeyError(name)
+        self._commands.put(("retire", self.engine.lora.withdraw(name)))
+
     # ---- requests ----------------------------------------------------------------------------
     def tokenizer(self):
         self._check_ready()
@@ -233,6 +263,8 @@ class AsyncEngine:
                     engine.add_sequences(arg)
                 elif kind == "abort":
                     engine.abort(arg)
+                elif kind == "retire":
+                    engine.retire_adapter(arg)
                 try:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:

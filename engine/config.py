@@ -234,6 +234,7 @@ class EngineConfig:
     override_generation_config: dict | None = None
     # LoRA adapters served beside the model (engine/lora): name -> a PEFT adapter folder; a request
     # names one as its model. max_lora_rank: adapters of a higher rank are refused at start (None: any)
+    enable_lora: bool = False  # projections ready for adapters loaded at run time (implied by lora_modules)
     lora_modules: dict = field(default_factory=dict)  # (str -> str; a plain dict for config files' type check)
     max_lora_rank: int | None = None
     skip: SkipConfig = field(default_factory=SkipConfig)

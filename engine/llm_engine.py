@@ -62,9 +62,8 @@ class LLMEngine:
             log.warning("--speculative-tokens: this model and device have no decode step that checks drafts; off")
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, self.speculative_tokens,
                                    config.scheduling_policy)
-        # LoRA adapters served, by name -> their folder (engine/lora)
-        self.adapters = {} if self.runner.lora is None else \
-            {name: adapter.path for name, adapter in self.runner.lora.adapters.items()}
+        self.lora = self.runner.lora  # LoRA adapters (engine/lora), where enabled
+        self._retiring: set[int] = set()  # withdrawn adapters' slots, removed once no sequence holds them
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -122,9 +121,7 @@ class LLMEngine:
         Raises InvalidParamError. Reads only immutable state, so any thread may call it.
         """
         params.validate(self.model_config.vocab_size)
-        if params.adapter is not None and params.adapter not in self.adapters:
-            raise InvalidParamError(f"no LoRA adapter named {params.adapter!r} is served "
-                                    f"({', '.join(self.adapters) or 'none: --lora-modules'})", "model", "model_not_found")
+        slot = self._lora_slot(params.adapter)
         if params.priority and not self.scheduler.by_priority:  # as vLLM refuses it
             raise InvalidParamError(f"priority {params.priority} needs the server's --scheduling-policy priority "
                                     "(it runs fcfs: every request's priority is 0)", "priority")
@@ -146,6 +143,7 @@ class LLMEngine:
                                                    params.include_stop_str_in_output,
                                                    special=not params.skip_special_tokens),
                 seed=(base_seed + i) % 2**64,
+                lora_slot=slot,
                 constraint=self._constraint(grammar, params),
                 prompt_logprobs=None if params.prompt_logprobs is None else [],
                 ending_tokens=ending,
@@ -157,6 +155,31 @@ class LLMEngine:
             )
             for i in range(params.n)
         ]
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """The LoRA adapters served: name -> folder."""
+        return {} if self.lora is None else {name: a.path for name, a in self.lora.adapters.items()}
+
+    def _lora_slot(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        slot = None if self.lora is None else self.lora.slots.get(name)
+        if slot is None:
+            served = ", ".join(self.adapters) or "none: --lora-modules"
+            raise InvalidParamError(f"no LoRA adapter named {name!r} is served ({served})", "model", "model_not_found")
+        return slot
+
+    def retire_adapter(self, slot: int) -> None:
+        """A withdrawn adapter's slot (LoRARegistry.withdraw), its pairs removed once no sequence holds it."""
+        self._retiring.add(slot)
+        self._remove_retired()
+
+    def _remove_retired(self) -> None:
+        held = {seq.lora_slot for seq in self._sequences.values()}
+        for slot in self._retiring - held:
+            self.lora.remove(slot)
+        self._retiring &= held
 
     def _constraint(self, grammar, params: SamplingParams) -> Constraint | ThinkingConstraint | None:
         if grammar is None:
@@ -199,6 +222,8 @@ class LLMEngine:
 
     def _release(self, seq: Sequence) -> None:
         self._sequences.pop(seq.seq_id, None)
+        if seq.lora_slot in self._retiring:
+            self._remove_retired()
 
     @property
     def has_work(self) -> bool:

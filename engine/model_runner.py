@@ -189,8 +189,8 @@ class ModelRunner:
         self.num_layers = model_config.num_layers
         # LoRA adapters (after the fused paths took the base projections: rows of no adapter keep them)
         self.lora = None
-        if config.lora_modules:
-            self.lora = LoRARegistry(self.model, model_config, self.device, self.act_dtype)
+        if config.enable_lora or config.lora_modules:
+            self.lora = LoRARegistry(self.model, model_config, self.device, self.act_dtype, self.backend)
             for name, path in config.lora_modules.items():
                 self.lora.load(name, path, config.max_lora_rank)
         per_token = self.model.weight_bytes()
@@ -211,9 +211,9 @@ class ModelRunner:
     # ---- forwards -------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[list[int], list[int], int]], gate=None,
-                adapters: list[str | None] | None = None) -> torch.Tensor:
+                adapters: list[int] | None = None) -> torch.Tensor:
         """Chunks (token ids, block table, start position) of several sequences in one forward, dense
-        unless `gate` says otherwise, each through its LoRA adapter in `adapters` where given ->
+        unless `gate` says otherwise, each through its LoRA adapter slot in `adapters` where given ->
         hidden states [tokens, hidden] (normed)."""
         meta = AttentionMetadata.for_prefill([(table, start, len(ids)) for ids, table, start in chunks],
                                              self.block_size, self.device)
@@ -223,8 +223,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], gate=None,
-               adapters: list[str | None] | None = None):
-        """One token per row at `positions` (through its LoRA adapter in `adapters` where given) ->
+               adapters: list[int] | None = None):
+        """One token per row at `positions` (through its LoRA adapter slot in `adapters` where given) ->
         hidden states [rows, hidden] (normed), through the backend's decode step where it takes this
         one (valid until the next step), else the model."""
         gate = gate or DenseGate(self.num_layers)
@@ -235,7 +235,7 @@ class ModelRunner:
         ids = torch.tensor(token_ids, device=self.device)
         return self._forward(ids, meta, gate, adapters)
 
-    def _forward(self, ids: torch.Tensor, meta: AttentionMetadata, gate, adapters: list[str | None] | None):
+    def _forward(self, ids: torch.Tensor, meta: AttentionMetadata, gate, adapters: list[int] | None):
         """The model's forward; with a row of a LoRA adapter, on its per-op path (the backend's
         fused step runs the base projections) with each row's adapter applied."""
         if not any(adapters or ()):
@@ -258,7 +258,7 @@ class ModelRunner:
         chunk_hidden = {}  # id(chunk) -> its rows' hidden states
         if chunks:
             hidden = self.prefill([(c.seq.token_ids()[c.start:c.end], c.seq.block_table, c.start) for c in chunks],
-                                  adapters=[c.seq.params.adapter for c in chunks])
+                                  adapters=[c.seq.lora_slot for c in chunks])
             chunk_hidden.update(zip(map(id, chunks), hidden.split([c.end - c.start for c in chunks])))
         # a sequence's row, then one row per draft token: the draft's token at its position
         decoding = [(s, batch.drafts.get(s.seq_id, [])[:j]) for s in batch.decodes
@@ -345,8 +345,8 @@ class ModelRunner:
                              [s.num_tokens - 1 + len(before) for s, before in decoding],
                              [c.seq.block_table for c in as_rows for _ in range(c.start, c.end)] +
                              [s.block_table for s, _ in decoding], gate,
-                             [c.seq.params.adapter for c in as_rows for _ in range(c.start, c.end)] +
-                             [s.params.adapter for s, _ in decoding])
+                             [c.seq.lora_slot for c in as_rows for _ in range(c.start, c.end)] +
+                             [s.lora_slot for s, _ in decoding])
         return gate, hidden[:len(tokens)].split([c.end - c.start for c in as_rows]), hidden[len(tokens):]
 
     SCORE_ROWS = 64  # prompt positions scored per lm_head call: [64, vocab] fp32 logits at a time (67 MB for Gemma 3)

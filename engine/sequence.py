@@ -53,6 +53,7 @@ class Sequence:
     prompt_logprobs: list | None = None
     # an embeddings request's input: pooled as it is computed, and done then (it makes no tokens)
     pooling: Pooling | None = None
+    lora_slot: int = 0  # the LoRA adapter's slot it is computed through (engine/lora); 0: the base model
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -86,9 +87,9 @@ class Sequence:
     def prefix_salt(self) -> str | tuple | None:
         """What its cached prefix blocks are published and found under: its cache_salt, and its LoRA
         adapter where it has one (an adapter's K/V are not the base model's)."""
-        if self.params.adapter is None:
+        if not self.lora_slot:
             return self.params.cache_salt
-        return (self.params.cache_salt, self.params.adapter)
+        return (self.params.cache_salt, self.lora_slot)  # (a slot is never reused: nor its blocks)
 
     @property
     def num_tokens(self) -> int:

@@ -28,6 +28,7 @@ from server.request_id import RequestIdHeader
 from server.response_store import ResponseStore
 from server.invocations import router as invocations_router
 from server.llama_cpp_api import router as llama_cpp_router
+from server.lora_api import router as lora_router
 from server.messages import router as messages_router
 from server.responses import router as responses_router
 from server.scoring import router as scoring_router
@@ -57,8 +58,8 @@ class ServerState:
 
     @property
     def adapters(self) -> dict[str, str]:
-        """The LoRA adapters served beside the model: name -> folder (--lora-modules)."""
-        return self.engine.config.lora_modules
+        """The LoRA adapters served beside the model: name -> folder (--lora-modules, and those loaded since)."""
+        return self.engine.adapters
 
     @property
     def model_names(self) -> set[str]:
@@ -77,12 +78,14 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                on_engine_failed: Callable[[BaseException], None] | None = None,
                allowed_origins: tuple[str, ...] = (), reasoning_parser: str | None = None,
-               tool_call_parser: str = "auto", max_input_tokens: int | None = None, docs: bool = True) -> FastAPI:
+               tool_call_parser: str = "auto", max_input_tokens: int | None = None, docs: bool = True,
+               runtime_lora: bool = False) -> FastAPI:
     """`on_engine_failed`: called when the model cannot load, or when the engine thread stops on an
     error (the CLI exits non-zero then).
     `allowed_origins`: web origins whose pages may call the API from a browser ("*": any); none by
     default, so a page on another origin can send nothing the browser would not send anyway.
-    `docs`: the API's description at /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs: off)."""
+    `docs`: the API's description at /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs: off).
+    `runtime_lora`: vLLM's routes that load and unload LoRA adapters while serving (server/lora_api.py)."""
     metrics = Metrics(engine)
     engine.on_step = metrics.on_step
     engine.on_dead = on_engine_failed
@@ -125,6 +128,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     app.include_router(embeddings_router)
     app.include_router(scoring_router)
     app.include_router(tgi_router)
+    if runtime_lora:
+        app.include_router(lora_router)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: probes that read only the status)
     @app.api_route("/ping", methods=["GET", "POST"])  # Amazon SageMaker's (as vLLM serves it)

@@ -98,7 +98,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         "and adapter_model.safetensors) under a name a request gives as its model; as vLLM, NAME=PATH "
                         "or JSON '{\"name\": ..., \"path\": ...}'; repeatable")
     m.add_argument("--enable-lora", action="store_true", default=None,
-                   help="taken: the adapters of --lora-modules are served whenever it names some")
+                   help="projections ready for LoRA adapters (implied by --lora-modules); with "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true in the environment, adapters are loaded and unloaded "
+                        "while serving (POST /v1/load_lora_adapter, /v1/unload_lora_adapter)")
     m.add_argument("--max-lora-rank", type=at_least(1), default=None,
                    help="refuse, at start, an adapter of a higher rank (default: any rank)")
     s = p.add_argument_group("scheduler and KV cache")
@@ -204,7 +206,7 @@ def build_config(args) -> EngineConfig:
                                                  "gpu_memory_utilization",
                                                  "max_prefill_tokens", "prefix_caching", "enforce_eager",
                                                  "speculative_tokens", "pooling", "scheduling_policy",
-                                                 "generation_config", "override_generation_config")
+                                                 "generation_config", "override_generation_config", "enable_lora")
                  if getattr(args, k) is not None}
     if args.lora_modules:
         overrides["lora_modules"] = config.lora_modules | dict(args.lora_modules)
@@ -222,6 +224,11 @@ def build_config(args) -> EngineConfig:
     config.skip = replace(config.skip, **skip)
     config.check()
     return config
+
+
+def runtime_lora_updating() -> bool:
+    """vLLM's switch for its run-time LoRA routes, read as vLLM reads it."""
+    return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true")
 
 
 def listen_sockets(host: str, port: int) -> list[socket.socket]:
@@ -293,7 +300,7 @@ def serve(argv: list[str]) -> None:
     names = (config.served_model_name, *(args.served_model_name or [])[1:])
     app = create_app(engine, names, key, args.max_request_bytes, engine_failed,
                      args.allowed_origins, args.reasoning_parser, args.tool_call_parser, args.max_input_tokens,
-                     docs=not args.disable_fastapi_docs)
+                     docs=not args.disable_fastapi_docs, runtime_lora=runtime_lora_updating())
 
     grace = args.grace_period  # (at least 0: a usage error otherwise)
     # sse-starlette would cut every stream the moment SIGTERM arrives; we drain them ourselves:

@@ -15,7 +15,7 @@ import torch
 
 from engine.lora import AdapterError
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, cpu_path_only
 from tests.helpers import engine_like, hf_model_of
 from tests.lora_files import merged_model, write_adapter
 
@@ -63,7 +63,7 @@ def test_an_adapters_answer_is_the_merged_models(lora_engine, references, adapte
         assert (reference - base).abs().max() > 1.0  # (an adapter left out would fail the line above)
     runner = lora_engine.runner
     with lora_engine.kv_blocks([len(prompt)]) as (table,):
-        ours = runner.logits(runner.prefill([(prompt, table, 0)], adapters=[adapter]))
+        ours = runner.logits(runner.prefill([(prompt, table, 0)], adapters=[lora_engine.lora.slots.get(adapter, 0)]))
     with torch.no_grad():
         expected = references[adapter](torch.tensor([prompt])).logits[0]
     assert (ours - expected).abs().max() < 1e-3
@@ -158,7 +158,7 @@ def test_adapters_that_cannot_be_served_whole_are_refused_by_name(lora_engine, t
 def lora_server(adapters):
     srv = ServerProcess("--lora-modules", f"ada={adapters['ada']}",
                         json.dumps({"name": "qkv", "path": str(adapters["qkv"]), "base_model_name": "x"}),
-                        "--enable-lora", "--max-lora-rank", "8")
+                        "--enable-lora", "--max-lora-rank", "8", env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
     yield srv
     srv.stop()
 
@@ -206,3 +206,65 @@ def test_a_server_whose_adapter_cannot_be_served_exits_saying_why(engine, tmp_pa
     folder = write_adapter(tmp_path / "big", engine.model_config, layers=[0], rank=16)
     with pytest.raises(RuntimeError, match="LoRA adapter 'big' has rank 16, more than --max-lora-rank 8"):
         ServerProcess("--lora-modules", f"big={folder}", "--max-lora-rank", "8")
+
+
+def chat(url: str, model: str, **extra) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": QUESTION, "max_tokens": 24,
+                                                          "temperature": 0, "logprobs": True, **extra}, timeout=60)
+
+
+def answer(response: httpx.Response) -> tuple:
+    choice = response.json()["choices"][0]
+    return choice["message"]["content"], [round(t["logprob"], 4) for t in choice["logprobs"]["content"]]
+
+
+@cpu_path_only
+def test_adapters_load_and_unload_while_serving(lora_server, adapters, tmp_path):
+    """vLLM's run-time routes: an adapter loaded under a new name answers as the same folder under
+    its start-up name; unloaded, it is refused, and a name loaded again from another folder answers
+    as that folder (no weights or cached prefix of the first left behind)."""
+    url = lora_server.url
+    load = lambda name, path: httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+    unload = lambda name: httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": name})
+    r = load("late", str(adapters["ada"]))
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'late' added successfully."
+    assert "late" in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    assert answer(chat(url, "late")) == answer(chat(url, "ada"))
+    for name, path, param, message in (("late", str(adapters["qkv"]), "lora_name", "has already been loaded"),
+                                       ("ada", str(adapters["qkv"]), "lora_name", "has already been loaded"),
+                                       ("smollm2-135m-instruct", str(adapters["qkv"]), "lora_name", "model's own name"),
+                                       ("new", str(tmp_path), "lora_path", "holds no adapter_config.json")):
+        r = load(name, path)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and message in r.json()["error"]["message"]
+    r = unload("late")
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'late' removed successfully."
+    assert chat(url, "late").status_code == 404 and unload("late").status_code == 404
+    assert "late" not in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    assert load("late", str(adapters["qkv"])).status_code == 200
+    assert answer(chat(url, "late")) == answer(chat(url, "qkv")) != answer(chat(url, "ada"))
+    assert unload("late").status_code == 200
+
+
+@cpu_path_only
+def test_an_adapter_unloaded_mid_answer_finishes_that_answer(lora_server, adapters):
+    url = lora_server.url
+    assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "brief",
+                                                           "lora_path": str(adapters["ada"])}).status_code == 200
+    expected = chat(url, "ada", max_tokens=48, ignore_eos=True, logprobs=False).json()["choices"][0]["message"]["content"]
+    body = {"model": "brief", "messages": QUESTION, "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    text = ""
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+            if text and "unloaded" not in body:
+                body["unloaded"] = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "brief"}).status_code
+    assert body["unloaded"] == 200 and text == expected
+    assert chat(url, "brief").status_code == 404
+
+
+def test_the_run_time_routes_are_off_unless_asked_for(server):
+    assert httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x"}).status_code == 404

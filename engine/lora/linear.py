@@ -1,7 +1,9 @@
 """A projection with LoRA deltas: `y = base(x)`, plus `B_s (A_s x)` for the rows of the step that use
 adapter slot s. The rows are the step's (`StepRows`, set by the runner around a forward); a step
 with no adapter row never reaches this code's deltas (the backend's fused paths run the base
-projections themselves)."""
+projections themselves). A and B are the backend's own linear layers: on the CPU its kernels sum
+each output in one order whatever the rows, so a row's bits do not depend on its batch (torch's
+matmul takes another path for one row than for several)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,7 +19,8 @@ class StepRows:
 
 class LoRALinear:
     """Wraps a backend's projection (any format: dense, quantized, fused row blocks); its attributes
-    are the base's. `pairs[slot]` = (A [r, in], B [out, r]) in the activations' dtype, the scale in B."""
+    are the base's. `pairs[slot]` = the backend's linear layers of A [r, in] and B [out, r] (the scale
+    in B), in the activations' dtype."""
 
     def __init__(self, base, rows: StepRows):
         self.base, self.rows = base, rows
@@ -27,14 +30,14 @@ class LoRALinear:
         return getattr(self.base, name)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.base(x)  # (a new tensor in x's dtype, the activations', as the pairs are)
         for slot, index in self.rows.groups:
             pair = self.pairs.get(slot)
             if pair is None:
                 continue
             a, b = pair
             if index is None:
-                y = y + ((x.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype)
+                y.add_(b(a(x)))
             else:
-                y = y.index_add(0, index, ((x[index].to(a.dtype) @ a.t()) @ b.t()).to(y.dtype))
+                y.index_add_(0, index, b(a(x[index])))
         return y

@@ -59,13 +59,22 @@ def fused_pair(adapter: LoRAAdapter, prefix: str, parts: list[tuple[str, int]], 
 
 
 class LoRARegistry:
-    """The adapters of a model whose projections it wrapped (`LoRALinear`), by name."""
+    """The adapters of a model whose projections it wrapped (`LoRALinear`), by name.
 
-    def __init__(self, model, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
+    At run time (vLLM's /v1/load_lora_adapter) an adapter is read off the engine thread and its
+    pairs installed under a new slot before its name is published; a name withdrawn is gone for
+    new requests at once, and its slot's pairs are removed on the engine thread once no sequence
+    holds the slot. Slots are never reused (a cached prefix is keyed by its slot), and `slots` and
+    `adapters` are replaced whole on each change, so another thread reads either one consistent
+    mapping or the next."""
+
+    def __init__(self, model, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ops):
+        self.device, self.dtype, self.ops = device, dtype, ops  # ops: the backend, whose linear layers run the pairs
         self.rows = StepRows()
         self.slots: dict[str, int] = {}
         self.adapters: dict[str, LoRAAdapter] = {}
+        self._reserved: set[str] = set()  # names being loaded
+        self._next_slot = 1
         self._layers = []  # per layer: attribute -> (its LoRALinear, parts, input features)
         for layer in model.layers:
             wrapped = {}
@@ -76,9 +85,31 @@ class LoRARegistry:
             self._layers.append(wrapped)
 
     def load(self, name: str, path: str, max_rank: int | None = None) -> LoRAAdapter:
-        """Reads the adapter into a new slot; AdapterError (nothing changed) where it does not fit the model."""
-        if name in self.slots:
-            raise AdapterError(f"LoRA adapter {name!r} is already loaded")
+        """Reads the adapter into a new slot and serves it; AdapterError (nothing changed) where it
+        does not fit the model."""
+        slot = self.reserve(name)
+        try:
+            adapter, pairs = self.read(name, path, max_rank)
+        finally:
+            self._reserved.discard(name)
+        self.install(slot, name, adapter, pairs)
+        return adapter
+
+    def reserve(self, name: str) -> int:
+        """A new slot for an adapter `name` about to be read (`install` serves it; on failure,
+        `release`)."""
+        if name in self.slots or name in self._reserved:
+            raise AdapterError(f"The lora adapter '{name}' has already been loaded.")
+        self._reserved.add(name)
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def release(self, name: str) -> None:
+        self._reserved.discard(name)
+
+    def read(self, name: str, path: str, max_rank: int | None = None) -> tuple[LoRAAdapter, list]:
+        """The adapter and its fused pairs on the device, per wrapped projection (no state changed:
+        any thread)."""
         adapter = read_adapter(name, path, max_rank)
         known = {f"model.layers.{i}.{module}" for i, wrapped in enumerate(self._layers)
                  for _, parts, _ in wrapped.values() for module, _ in parts}
@@ -92,18 +123,37 @@ class LoRARegistry:
             for linear, parts, in_features in wrapped.values():
                 pair = fused_pair(adapter, f"model.layers.{i}.", parts, in_features)
                 if pair is not None:
-                    pairs.append((linear, tuple(t.to(self.device, self.dtype) for t in pair)))
-        slot = max(self.slots.values(), default=0) + 1
+                    pairs.append((linear, tuple(self.ops.linear([t.to(self.device, self.dtype).contiguous()])
+                                                for t in pair)))
+        return adapter, pairs
+
+    def install(self, slot: int, name: str, adapter: LoRAAdapter, pairs: list) -> None:
+        """The pairs under `slot`, then the name published (no forward has a row of the slot before)."""
         for linear, pair in pairs:
             linear.pairs[slot] = pair
-        self.slots[name], self.adapters[name] = slot, adapter
-        log.info("LoRA adapter %r from %s: rank %d, %d projections changed", name, path, adapter.rank, len(pairs))
-        return adapter
+        self._reserved.discard(name)
+        self.slots = {**self.slots, name: slot}
+        self.adapters = {**self.adapters, name: adapter}
+        log.info("LoRA adapter %r from %s: rank %d, %d projections changed", name, adapter.path, adapter.rank,
+                 len(pairs))
+
+    def withdraw(self, name: str) -> int:
+        """The name unpublished (KeyError if not served) -> its slot, for `remove` once no sequence holds it."""
+        slot = self.slots[name]
+        self.slots = {n: s for n, s in self.slots.items() if n != name}
+        self.adapters = {n: a for n, a in self.adapters.items() if n != name}
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """A withdrawn slot's pairs dropped (the engine thread, with no sequence of the slot left)."""
+        for wrapped in self._layers:
+            for linear, _, _ in wrapped.values():
+                linear.pairs.pop(slot, None)
+        log.info("LoRA adapter slot %d removed", slot)
 
     @contextmanager
-    def applied(self, names: list[str | None]):
-        """Rows i of the forward inside use adapter `names[i]` (None: the base model's)."""
-        slots = [self.slots[name] if name is not None else 0 for name in names]
+    def applied(self, slots: list[int]):
+        """Rows i of the forward inside use adapter slot `slots[i]` (0: the base model)."""
         used = sorted(set(slots) - {0})
         if len(used) == 1 and 0 not in slots:
             self.rows.groups = [(used[0], None)]
