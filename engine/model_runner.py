@@ -41,6 +41,7 @@ from engine.sampler import SampleRow, Sampled, listed_tokens, sample, token_logp
 from engine.scheduler import ScheduledBatch
 from engine.seeded_uniform import seeded_uniform
 from engine.skip import DenseGate, RowSkip, build_policy
+from engine.skip.base import RuleGate
 from engine.weight_check import check_weights
 
 log = logging.getLogger("skipserve.runner")
@@ -166,6 +167,13 @@ class ModelRunner:
         log.info("model on %s (%s backend), %s weights, %s activations, in %.1f s", self.device, self.backend.name,
                  "GGUF-quantized" if gguf else "int8" if config.quantize else str(self.dtype).removeprefix("torch."),
                  str(self.act_dtype).removeprefix("torch."), time.perf_counter() - t0)
+        # LoRA adapters named at start: read before the KV cache takes the memory left
+        self.lora = None
+        adapters = []
+        if config.enable_lora or config.lora_modules:
+            self.lora = LoRARegistry(self.model, model_config, self.device, self.act_dtype, self.backend)
+            adapters = [(name, self.lora.reserve(name), *self.lora.read(name, path, config.max_lora_rank))
+                        for name, path in config.lora_modules.items()]
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.act_dtype, self.device, self.quantized)
         if self.kv_dtype == torch.int8 and not int8_rows.supported(model_config.head_dim):
             raise ValueError(f"--kv-cache-dtype int8 takes heads of a multiple of {int8_rows.GROUP} values; this "
@@ -187,12 +195,11 @@ class ModelRunner:
         # for the same reason, short prefill chunks may go as decode rows of their sequence
         self.short_chunk_rows = self.backend.short_chunk_rows() if self.checks_drafts else 0
         self.num_layers = model_config.num_layers
-        # LoRA adapters (after the fused paths took the base projections: rows of no adapter keep them)
-        self.lora = None
-        if config.enable_lora or config.lora_modules:
-            self.lora = LoRARegistry(self.model, model_config, self.device, self.act_dtype, self.backend)
-            for name, path in config.lora_modules.items():
-                self.lora.load(name, path, config.max_lora_rank)
+        # LoRA adapters: installed once the fused paths took the base projections (rows of no adapter keep them)
+        if self.lora is not None:
+            self.lora.wrap(self.model)
+            for name, slot, adapter, pairs in adapters:
+                self.lora.install(slot, name, adapter, pairs)
         per_token = self.model.weight_bytes()
         log.info("weights read per decoded token: %.1f MB (FFN %.1f, attention %.1f, lm_head %.1f); kernels: %s",
                  sum(per_token.values()) / 1e6, per_token["ffn"] / 1e6, per_token["attention"] / 1e6,
@@ -242,6 +249,8 @@ class ModelRunner:
             return self.model.forward(ids, meta, self.kv, gate)
         if self.lora is None:
             raise ValueError("no LoRA adapter is served (--lora-modules)")
+        if isinstance(gate, RuleGate):  # its FFNs on the running rows only: the row map follows them
+            gate.row_state = self.lora.rows
         with self.lora.applied(adapters):
             return self.model.forward(ids, meta, self.kv, gate, per_op=True)
 

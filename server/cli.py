@@ -102,7 +102,7 @@ def serve_parser() -> argparse.ArgumentParser:
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true in the environment, adapters are loaded and unloaded "
                         "while serving (POST /v1/load_lora_adapter, /v1/unload_lora_adapter)")
     m.add_argument("--max-lora-rank", type=at_least(1), default=None,
-                   help="refuse, at start, an adapter of a higher rank (default: any rank)")
+                   help="refuse an adapter of a higher rank, at start or loaded later (default: any rank)")
     s = p.add_argument_group("scheduler and KV cache")
     s.add_argument("--max-batch", "--max-num-seqs", dest="max_num_seqs", type=int, default=None,
                    help=f"maximum sequences in a decode batch {shown(preset.max_num_seqs)}")
@@ -298,6 +298,9 @@ def serve(argv: list[str]) -> None:
             server.should_exit = True
 
     names = (config.served_model_name, *(args.served_model_name or [])[1:])
+    if set(names) & set(config.lora_modules):
+        parser.error(f"LoRA adapter {sorted(set(names) & set(config.lora_modules))[0]!r} has the model's own name; "
+                     "an adapter needs another")
     app = create_app(engine, names, key, args.max_request_bytes, engine_failed,
                      args.allowed_origins, args.reasoning_parser, args.tool_call_parser, args.max_input_tokens,
                      docs=not args.disable_fastapi_docs, runtime_lora=runtime_lora_updating())

@@ -139,6 +139,7 @@ class CompletionCall:
         if body.model in HUB_PLACEHOLDERS and body.model not in state.model_names:  # answered under the model's name
             body.model = state.served_names[0]
         check_model(state, body.model)
+        adapter = state.adapter_of(body.model)  # (before any wait: an adapter unloaded meanwhile is refused, not dropped)
         self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
         if self.chat:
             self.tools = body.tool_use
@@ -150,7 +151,7 @@ class CompletionCall:
             param = "prompt"
         self.num_choices = len(prompts) * body.n
         sampling = body.to_sampling_with(state.engine.sampling_defaults() if self.model_defaults else {})
-        sampling.adapter = state.adapter_of(body.model)
+        sampling.adapter = adapter
         prompts = await self._truncated(prompts, sampling.max_tokens or 1)
         self.prompts = prompts  # prompt i's choices are i * n .. i * n + n - 1
         self.prompt_sizes = [len(p) for p in prompts]

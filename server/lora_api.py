@@ -49,10 +49,11 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request):
     state = request.app.state.skipserve
+    name = body.lora_name.strip()
     try:
-        state.engine.unload_adapter(body.lora_name)
+        state.engine.unload_adapter(name)
     except EngineNotReadyError as exc:
         raise APIError(503, str(exc), code="not_ready")
     except KeyError:
-        raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.", "lora_name", "model_not_found")
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+        raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", "model_not_found")
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

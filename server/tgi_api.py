@@ -212,10 +212,10 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
         if p.adapter_id not in (None, "") and p.adapter_id not in state.model_names:
             raise InvalidParamError(f"adapter_id '{p.adapter_id}' is not served here (this server serves "
                                     f"{sorted(state.model_names)}; adapters: --lora-modules)", "parameters.adapter_id")
-        prompt = await asyncio.to_thread(tokenizer.encode, body.inputs, body.add_special_tokens)
-        seed = (secrets.randbelow(SEEDS) if p.seed is None else p.seed) if p.sampling else None
         # TGI's adapter_id (or a model naming an adapter): the LoRA adapter the answer is computed through
         model = next((m for m in (p.adapter_id, body.model) if m and state.adapter_of(m)), state.served_names[0])
+        prompt = await asyncio.to_thread(tokenizer.encode, body.inputs, body.add_special_tokens)
+        seed = (secrets.randbelow(SEEDS) if p.seed is None else p.seed) if p.sampling else None
         completion = CompletionRequest.model_validate(
             body.completion_body(model, prompt, state.engine.config.max_model_len, seed, stream))
         full_text = compat if p.return_full_text is None else p.return_full_text

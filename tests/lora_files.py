@@ -11,14 +11,16 @@ from safetensors.torch import save_file
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint names
 
 
 def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """A Llama-family layer's projections: module -> (out, in)."""
+    """A Llama-family layer's projections: module -> (out, in) (Phi-3's fused ones too)."""
     q, kv, hidden, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, \
         cfg.intermediate_size
     return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
-            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+            "qkv_proj": (q + 2 * kv, hidden), "gate_up_proj": (2 * inter, hidden)}
 
 
 def write_adapter(folder: Path, cfg, modules=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -33,7 +35,7 @@ def write_adapter(folder: Path, cfg, modules=("q_proj", "v_proj", "o_proj", "gat
     for i in range(cfg.num_layers) if layers is None else layers:
         for module in modules:
             out, inp = shapes[module]
-            where = "self_attn" if module in ATTENTION else "mlp"
+            where = "self_attn" if module in ATTENTION + ("qkv_proj",) else "mlp"
             key = f"base_model.model.model.layers.{i}.{where}.{module}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, inp, generator=generator) * std
             tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * std

@@ -107,6 +107,30 @@ def test_fp32_logits_and_greedy_text_equal_hf(dense, hf_model, prompts, gguf):
     assert run_staggered(dense, prompts, GREEDY, join_every=2) == expected_text
 
 
+def test_a_lora_adapter_on_each_layout_answers_as_the_merged_model(gguf, cache_dir, hf_model, prompts, tmp_path):
+    """A PEFT adapter on every projection, by the checkpoint's own module names (Phi-3's fused qkv_proj
+    and gate_up_proj; Gemma 2's layers, which are not Llama's), served through engine/lora: within
+    fp32 rounding of transformers' model with it merged, in prefill and over a decoded answer."""
+    from tests.lora_files import ATTENTION, FUSED, MLP, merged_model, write_adapter
+
+    engine = tiny_engine(gguf, cache_dir, "float32", enable_lora=True)
+    modules = FUSED if gguf.stem in ("phi3", "phi4") else ATTENTION + MLP
+    folder = write_adapter(tmp_path / "adapter", engine.model_config, modules=modules, rank=4, std=0.2)
+    engine.lora.load("t", str(folder))
+    merged = merged_model(hf_model, folder)
+    for prompt in prompts[1:]:
+        tokens = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, adapter="t"))[0][1]
+        with torch.inference_mode():
+            theirs = merged(torch.tensor([prompt + tokens])).logits[0].float()
+            base = hf_model(torch.tensor([prompt + tokens])).logits[0].float()
+        assert (theirs - base).abs().max().item() > 0.5  # the adapter matters
+        with engine.kv_blocks([len(prompt)]) as (table,):
+            ours = engine.runner.logits(engine.runner.prefill([(prompt, table, 0)], adapters=[engine.lora.slots["t"]]))
+        assert (ours - theirs[:len(prompt)]).abs().max().item() < 1e-3
+        decoded = theirs[len(prompt) - 1:-1]
+        assert (decoded.max(-1).values - decoded.gather(1, torch.tensor(tokens)[:, None])[:, 0]).max() < 1e-3
+
+
 def test_quantized_weights_mixing_formats_in_a_projection_run_in_the_native_step(quantized, dense, prompts, gguf):
     """q|k|v and gate|up hold row blocks of two layouts (4-bit with offsets, 8-bit without): each
     block on its own kernel, inside the one-call decode step; logits within the int16 rounding of

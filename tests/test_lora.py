@@ -6,7 +6,9 @@ those that refuse one."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import logging
 import re
 
 import httpx
@@ -69,23 +71,35 @@ def test_an_adapters_answer_is_the_merged_models(lora_engine, references, adapte
     assert (ours - expected).abs().max() < 1e-3
 
 
-def test_a_batch_mixes_adapters_and_the_model_row_by_row(lora_engine, chat_prompts):
-    """Rows of two adapters and of the model in the same steps, joining at different steps: each
-    answer is the one it gets alone (the CPU path's kernels are batch-invariant)."""
-    asks = [(chat_prompts[i % len(chat_prompts)], adapter) for i, adapter in enumerate(["ada", None, "qkv", "ada", None])]
-    alone = [greedy(lora_engine, prompt, adapter, 16)[0] for prompt, adapter in asks]
-    made = {i: [] for i in range(len(asks))}
+@pytest.mark.parametrize("policy", ["ffn_skipllm", "batch_aligned"])
+def test_a_batch_mixes_adapters_and_the_model_row_by_row(lora_engine, chat_prompts, policy, caplog):
+    """Rows of two adapters and of the model in the same steps, joining at different steps, some
+    skipping FFNs (a skip gate runs an FFN on the rows that do not skip it: each row's adapter
+    follows it there): each answer is the one it gets alone (the CPU path's kernels are
+    batch-invariant)."""
+    engine = lora_engine if policy == "ffn_skipllm" else engine_like(lora_engine, skip=dataclasses.replace(
+        lora_engine.config.skip, policy=policy))
+    skip = SkipParams(budget=0.5, threshold=0.5, warmup_tokens=4)  # (skips from the fifth token on)
+    asks = [(chat_prompts[i % len(chat_prompts)], adapter, budget) for i, (adapter, budget) in
+            enumerate([("ada", skip), (None, None), ("qkv", skip), ("ada", None), (None, skip), ("qkv", None)])]
+    alone = [greedy(engine, prompt, adapter, 40, budget) for prompt, adapter, budget in asks]
+    made, skipped = {i: [] for i in range(len(asks))}, {}
     step = 0
-    while step < 2 * len(asks) or lora_engine.has_work:
+    caplog.set_level(logging.WARNING, logger="skipserve.engine")
+    while step < 2 * len(asks) or engine.has_work:
         if step % 2 == 0 and step // 2 < len(asks):
-            prompt, adapter = asks[step // 2]
-            lora_engine.add_request(f"mix-{step // 2}", prompt,
-                                    SamplingParams(max_tokens=16, temperature=0.0, adapter=adapter))
-        for out in lora_engine.step()[0]:
+            prompt, adapter, budget = asks[step // 2]
+            engine.add_request(f"mix-{step // 2}", prompt, SamplingParams(max_tokens=40, temperature=0.0,
+                                                                          adapter=adapter), budget)
+        for out in engine.step()[0]:
             made[int(out.request_id.split("-")[1])] += out.token_ids
+            skipped[int(out.request_id.split("-")[1])] = out.ffn_skipped
         step += 1
-    assert [made[i] for i in range(len(asks))] == alone
-    assert alone[0] != greedy(lora_engine, asks[0][0], None, 16)[0]  # (the adapter matters here)
+    assert "batched step failed" not in caplog.text  # (each row run alone after a failure would pass below)
+    assert [made[i] for i in range(len(asks))] == [tokens for tokens, _ in alone]
+    assert [skipped[i] for i in range(len(asks))] == [out.ffn_skipped for _, out in alone]
+    assert skipped[0] > 0 and skipped[2] > 0 and skipped[1] == 0  # (skips among adapter rows: the case above)
+    assert alone[0][0] != greedy(engine, asks[0][0], None, 40, skip)[0]  # (the adapter matters here)
 
 
 def test_cached_prefixes_are_never_shared_across_adapters(lora_engine, chat_prompts):
@@ -126,6 +140,7 @@ def cases(cfg):
         ("prefix", dict(peft_type="PREFIX_TUNING"), cfg, "is a PREFIX_TUNING adapter"),
         ("other", {}, other, "(an adapter for another model?)"),
         ("rank", dict(rank=8), cfg, "has rank 8, more than --max-lora-rank 4"),
+        ("null", dict(r=None), cfg, "r must be an integer >= 1, got None"),
     ]
 
 
@@ -149,6 +164,9 @@ def test_adapters_that_cannot_be_served_whole_are_refused_by_name(lora_engine, t
         registry.load("half", str(folder))
     with pytest.raises(AdapterError, match="holds no adapter_config.json"):
         registry.load("none", str(tmp_path))
+    (folder / "adapter_config.json").write_text("[1]")
+    with pytest.raises(AdapterError, match="adapter_config.json is not a JSON object"):
+        registry.load("list", str(folder))
     assert registry.slots == before  # nothing half loaded
 
 
@@ -250,8 +268,8 @@ def test_an_adapter_unloaded_mid_answer_finishes_that_answer(lora_server, adapte
     url = lora_server.url
     assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "brief",
                                                            "lora_path": str(adapters["ada"])}).status_code == 200
-    expected = chat(url, "ada", max_tokens=48, ignore_eos=True, logprobs=False).json()["choices"][0]["message"]["content"]
-    body = {"model": "brief", "messages": QUESTION, "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+    expected = chat(url, "ada", max_tokens=96, ignore_eos=True, logprobs=False).json()["choices"][0]["message"]
+    body = {"model": "brief", "messages": QUESTION, "max_tokens": 96, "temperature": 0, "ignore_eos": True,
             "stream": True}
     text = ""
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -262,9 +280,29 @@ def test_an_adapter_unloaded_mid_answer_finishes_that_answer(lora_server, adapte
             text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
             if text and "unloaded" not in body:
                 body["unloaded"] = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "brief"}).status_code
-    assert body["unloaded"] == 200 and text == expected
+    assert body["unloaded"] == 200 and text == expected["content"]
     assert chat(url, "brief").status_code == 404
 
 
 def test_the_run_time_routes_are_off_unless_asked_for(server):
-    assert httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x"}).status_code == 404
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x"})
+    assert r.status_code == 404
+
+
+def test_an_unloaded_adapters_weights_go_once_its_last_sequence_ends(lora_engine, adapters, chat_prompts):
+    """Withdrawn while a request runs with it: the request finishes as it would have (its weights
+    stay), and they go with its last sequence; the name is refused from the withdrawal on."""
+    registry = lora_engine.lora
+    expected, _ = greedy(lora_engine, chat_prompts[1], "ada", 12)
+    registry.load("going", str(adapters["ada"]))
+    lora_engine.add_request("going-1", chat_prompts[1], SamplingParams(max_tokens=12, temperature=0.0,
+                                                                       adapter="going"))
+    made = [t for out in lora_engine.step()[0] for t in out.token_ids]
+    slot = registry.withdraw("going")
+    lora_engine.retire_adapter(slot)
+    with pytest.raises(InvalidParamError, match="no LoRA adapter named 'going'"):
+        lora_engine.add_request("going-2", chat_prompts[1], SamplingParams(max_tokens=2, adapter="going"))
+    assert registry.holds(slot)
+    while lora_engine.has_work:
+        made += [t for out in lora_engine.step()[0] for t in out.token_ids]
+    assert made == expected and not registry.holds(slot)

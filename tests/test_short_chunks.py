@@ -24,7 +24,8 @@ def forwards(engine, monkeypatch):
     """Counts the prefill forwards the runner makes (one per step that has a chunk to prefill)."""
     calls = []
     prefill = engine.runner.prefill
-    monkeypatch.setattr(engine.runner, "prefill", lambda chunks, gate=None: calls.append(chunks) or prefill(chunks, gate))
+    monkeypatch.setattr(engine.runner, "prefill",
+                        lambda chunks, gate=None, **kw: calls.append(chunks) or prefill(chunks, gate, **kw))
     return calls
 
 

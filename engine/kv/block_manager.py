@@ -19,7 +19,8 @@ free.
 A request's `cache_salt` (vLLM's) starts its chain from a root hashed from the salt instead of
 from nothing, so its blocks are found only by prompts with the same salt: tenants who keep their
 salts apart cannot learn from another's hits whether a prompt was seen (a timing side channel).
-A LoRA adapter's requests chain from a root of their own in the same way (their K/V differ).
+A LoRA adapter's requests chain from a root of their own in the same way (their K/V differ), keyed by
+the adapter's slot, which a later adapter of the same name does not get.
 """
 from __future__ import annotations
 

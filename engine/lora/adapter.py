@@ -18,6 +18,7 @@ import torch
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 # peft's key: base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (older saves: .lora_A.default.weight)
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha where a config leaves it out
 KEY = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\.((?:self_attn|mlp)\.(\w+)))"
                  r"\.lora_([AB])(?:\.default)?\.weight$")
 
@@ -47,9 +48,11 @@ def read_adapter(name: str, path: str, max_rank: int | None = None) -> LoRAAdapt
     except (OSError, ValueError) as exc:
         raise AdapterError(f"LoRA adapter {name!r}: {config_file} is not JSON: {exc}") from None
     _check_config(name, config)
-    rank, alpha = int(config["r"]), float(config.get("lora_alpha") or config["r"])
-    if rank < 1:
-        raise AdapterError(f"LoRA adapter {name!r}: r must be >= 1, got {rank}")
+    rank, alpha = config["r"], config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise AdapterError(f"LoRA adapter {name!r}: r must be an integer >= 1, got {rank!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise AdapterError(f"LoRA adapter {name!r}: lora_alpha must be a number, got {alpha!r}")
     if max_rank is not None and rank > max_rank:
         raise AdapterError(f"LoRA adapter {name!r} has rank {rank}, more than --max-lora-rank {max_rank}")
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
@@ -62,6 +65,8 @@ def read_adapter(name: str, path: str, max_rank: int | None = None) -> LoRAAdapt
         module, projection, side = match.group(1), match.group(4), match.group(5)
         if projection not in PROJECTIONS:
             raise AdapterError(f"LoRA adapter {name!r} changes {module}: only {', '.join(PROJECTIONS)} are served")
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise AdapterError(f"LoRA adapter {name!r}: {key} is not a floating-point tensor")
         pairs.setdefault(module, {})[side] = tensor.float()
     weights = {}
     for module, pair in pairs.items():
@@ -79,6 +84,8 @@ def read_adapter(name: str, path: str, max_rank: int | None = None) -> LoRAAdapt
 
 def _check_config(name: str, config: dict) -> None:
     """What of PEFT's LoRA config this engine does not apply: refused, named."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"LoRA adapter {name!r}: adapter_config.json is not a JSON object")
     kind = config.get("peft_type", "LORA")
     if str(kind).upper() != "LORA":
         raise AdapterError(f"LoRA adapter {name!r} is a {kind} adapter; only LoRA is served")
@@ -102,7 +109,12 @@ def _tensors(name: str, folder: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(safetensors_file))
         if bin_file.is_file():
-            return torch.load(bin_file, map_location="cpu", weights_only=True)
+            tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
+            if not isinstance(tensors, dict) or not all(isinstance(key, str) for key in tensors):
+                raise AdapterError(f"LoRA adapter {name!r}: {bin_file} is not a state dict (names to tensors)")
+            return tensors
+    except AdapterError:
+        raise
     except Exception as exc:  # a truncated or foreign file: named, not a traceback
         raise AdapterError(f"LoRA adapter {name!r}: cannot read its weights: {type(exc).__name__}: {exc}") from None
     raise AdapterError(f"LoRA adapter {name!r}: {folder} holds no adapter_model.safetensors or adapter_model.bin")

@@ -6,15 +6,39 @@ each output in one order whatever the rows, so a row's bits do not depend on its
 matmul takes another path for one row than for several)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 
 import torch
 
 
-@dataclass
 class StepRows:
-    """The current forward's rows per adapter slot: (slot, row indices, or None for every row)."""
-    groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    """The current forward's rows per adapter slot: `groups` = [(slot, row indices, or None for
+    every row)], from each row's slot (0: the model's own)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.slots: list[int] = []
+        self.groups: list[tuple[int, torch.Tensor | None]] = []
+
+    def assign(self, slots: list[int]) -> None:
+        self.slots, self.groups = slots, self._groups(slots)
+
+    @contextmanager
+    def narrowed(self, rows: list[int]):
+        """While an FFN runs on some of the rows only (a skip gate's running rows, in order)."""
+        outer = self.groups
+        self.groups = self._groups([self.slots[r] for r in rows])
+        try:
+            yield
+        finally:
+            self.groups = outer
+
+    def _groups(self, slots: list[int]) -> list[tuple[int, torch.Tensor | None]]:
+        used = sorted(set(slots) - {0})
+        if len(used) == 1 and 0 not in slots:
+            return [(used[0], None)]
+        return [(slot, torch.tensor([i for i, s in enumerate(slots) if s == slot], device=self.device))
+                for slot in used]
 
 
 class LoRALinear:

@@ -59,30 +59,34 @@ def fused_pair(adapter: LoRAAdapter, prefix: str, parts: list[tuple[str, int]], 
 
 
 class LoRARegistry:
-    """The adapters of a model whose projections it wrapped (`LoRALinear`), by name.
+    """The adapters of a model, by name, on its projections once `wrap` put a `LoRALinear` around each.
 
-    At run time (vLLM's /v1/load_lora_adapter) an adapter is read off the engine thread and its
-    pairs installed under a new slot before its name is published; a name withdrawn is gone for
-    new requests at once, and its slot's pairs are removed on the engine thread once no sequence
-    holds the slot. Slots are never reused (a cached prefix is keyed by its slot), and `slots` and
-    `adapters` are replaced whole on each change, so another thread reads either one consistent
-    mapping or the next."""
+    Adapters are read into pairs before they are installed: those named at start before the KV
+    cache is sized from the memory left (the runner), those loaded at run time (vLLM's
+    /v1/load_lora_adapter) off the engine thread, their pairs installed under a new slot before
+    the name is published. A name withdrawn is gone for new requests at once, and its slot's pairs
+    are removed on the engine thread once no sequence holds the slot. Slots are never reused (a
+    cached prefix is keyed by its slot), and `slots` and `adapters` are replaced whole on each
+    change, so another thread reads either one consistent mapping or the next."""
 
     def __init__(self, model, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ops):
         self.device, self.dtype, self.ops = device, dtype, ops  # ops: the backend, whose linear layers run the pairs
-        self.rows = StepRows()
+        self.rows = StepRows(device)
         self.slots: dict[str, int] = {}
         self.adapters: dict[str, LoRAAdapter] = {}
         self._reserved: set[str] = set()  # names being loaded
         self._next_slot = 1
-        self._layers = []  # per layer: attribute -> (its LoRALinear, parts, input features)
-        for layer in model.layers:
-            wrapped = {}
-            for attr, (parts, in_features) in projection_parts(layer, cfg).items():
-                linear = LoRALinear(getattr(layer, attr), self.rows)
+        self._parts = [projection_parts(layer, cfg) for layer in model.layers]  # per layer: attr -> (parts, in)
+        self._linears: list[dict[str, LoRALinear]] = []  # per layer: attr -> its LoRALinear (`wrap`)
+
+    def wrap(self, model) -> None:
+        """A LoRALinear around each projection an adapter may change (after the backend's fused
+        paths took the base projections: rows of no adapter keep them)."""
+        for layer, parts in zip(model.layers, self._parts):
+            linears = {attr: LoRALinear(getattr(layer, attr), self.rows) for attr in parts}
+            for attr, linear in linears.items():
                 setattr(layer, attr, linear)
-                wrapped[attr] = (linear, parts, in_features)
-            self._layers.append(wrapped)
+            self._linears.append(linears)
 
     def load(self, name: str, path: str, max_rank: int | None = None) -> LoRAAdapter:
         """Reads the adapter into a new slot and serves it; AdapterError (nothing changed) where it
@@ -91,13 +95,12 @@ class LoRARegistry:
         try:
             adapter, pairs = self.read(name, path, max_rank)
         finally:
-            self._reserved.discard(name)
+            self.release(name)
         self.install(slot, name, adapter, pairs)
         return adapter
 
     def reserve(self, name: str) -> int:
-        """A new slot for an adapter `name` about to be read (`install` serves it; on failure,
-        `release`)."""
+        """A new slot for an adapter `name` about to be read (`install` serves it; on failure, `release`)."""
         if name in self.slots or name in self._reserved:
             raise AdapterError(f"The lora adapter '{name}' has already been loaded.")
         self._reserved.add(name)
@@ -107,31 +110,35 @@ class LoRARegistry:
     def release(self, name: str) -> None:
         self._reserved.discard(name)
 
-    def read(self, name: str, path: str, max_rank: int | None = None) -> tuple[LoRAAdapter, list]:
-        """The adapter and its fused pairs on the device, per wrapped projection (no state changed:
-        any thread)."""
+    def read(self, name: str, path: str, max_rank: int | None = None) -> tuple[LoRAAdapter, dict]:
+        """The adapter and its fused pairs on the device, as the backend's linear layers, by (layer,
+        projection) (no state changed: any thread)."""
         adapter = read_adapter(name, path, max_rank)
-        known = {f"model.layers.{i}.{module}" for i, wrapped in enumerate(self._layers)
-                 for _, parts, _ in wrapped.values() for module, _ in parts}
+        known = {f"model.layers.{i}.{module}" for i, parts in enumerate(self._parts)
+                 for modules, _ in parts.values() for module, _ in modules}
         unknown = sorted(set(adapter.weights) - known)
         if unknown:
             raise AdapterError(f"LoRA adapter {name!r} changes {unknown[0]}"
                                f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}, which this model "
                                "has not as a dense projection (its layers, a mixture's experts)")
-        pairs = []
-        for i, wrapped in enumerate(self._layers):
-            for linear, parts, in_features in wrapped.values():
-                pair = fused_pair(adapter, f"model.layers.{i}.", parts, in_features)
-                if pair is not None:
-                    pairs.append((linear, tuple(self.ops.linear([t.to(self.device, self.dtype).contiguous()])
-                                                for t in pair)))
+        pairs = {}
+        try:
+            for i, parts in enumerate(self._parts):
+                for attr, (modules, in_features) in parts.items():
+                    pair = fused_pair(adapter, f"model.layers.{i}.", modules, in_features)
+                    if pair is not None:
+                        pairs[i, attr] = tuple(self.ops.linear([t.to(self.device, self.dtype).contiguous()])
+                                               for t in pair)
+        except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
+            raise AdapterError(f"LoRA adapter {name!r} does not fit in the {self.device.type} memory left: "
+                               f"{exc}") from None
         return adapter, pairs
 
-    def install(self, slot: int, name: str, adapter: LoRAAdapter, pairs: list) -> None:
+    def install(self, slot: int, name: str, adapter: LoRAAdapter, pairs: dict) -> None:
         """The pairs under `slot`, then the name published (no forward has a row of the slot before)."""
-        for linear, pair in pairs:
-            linear.pairs[slot] = pair
-        self._reserved.discard(name)
+        for (i, attr), pair in pairs.items():
+            self._linears[i][attr].pairs[slot] = pair
+        self.release(name)
         self.slots = {**self.slots, name: slot}
         self.adapters = {**self.adapters, name: adapter}
         log.info("LoRA adapter %r from %s: rank %d, %d projections changed", name, adapter.path, adapter.rank,
@@ -146,21 +153,20 @@ class LoRARegistry:
 
     def remove(self, slot: int) -> None:
         """A withdrawn slot's pairs dropped (the engine thread, with no sequence of the slot left)."""
-        for wrapped in self._layers:
-            for linear, _, _ in wrapped.values():
+        for linears in self._linears:
+            for linear in linears.values():
                 linear.pairs.pop(slot, None)
         log.info("LoRA adapter slot %d removed", slot)
+
+    def holds(self, slot: int) -> bool:
+        """Whether any projection still has pairs of `slot`."""
+        return any(slot in linear.pairs for linears in self._linears for linear in linears.values())
 
     @contextmanager
     def applied(self, slots: list[int]):
         """Rows i of the forward inside use adapter slot `slots[i]` (0: the base model)."""
-        used = sorted(set(slots) - {0})
-        if len(used) == 1 and 0 not in slots:
-            self.rows.groups = [(used[0], None)]
-        else:
-            self.rows.groups = [(slot, torch.tensor([i for i, s in enumerate(slots) if s == slot], device=self.device))
-                                for slot in used]
+        self.rows.assign(slots)
         try:
             yield
         finally:
-            self.rows.groups = []
+            self.rows.assign([])

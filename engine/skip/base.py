@@ -7,6 +7,7 @@ A backend whose decode step decides on the device runs a `RuleGate`'s rule itsel
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,6 +65,9 @@ class RuleGate:
 
     acts_per_layer = True
     quorum: float | None = None
+    # per-row state of the forward that an FFN run on some of its rows must follow (a LoRA step's
+    # row -> adapter map, engine/lora/linear.py): `row_state.narrowed(rows)` while it runs; None: none
+    row_state = None
 
     def __init__(self, rows: list[RowSkip]):
         self.rows = rows
@@ -113,12 +117,17 @@ class SkipPolicy:
         raise NotImplementedError
 
 
-def ffn_except(h: torch.Tensor, ffn: Callable[[torch.Tensor], torch.Tensor], skip: list[int]) -> torch.Tensor:
+def ffn_except(h: torch.Tensor, ffn: Callable[[torch.Tensor], torch.Tensor], skip: list[int],
+               row_state=None) -> torch.Tensor:
     """h + ffn(h) for the rows not in `skip` (a proper subset), h for those in it: only the running
-    rows are gathered and computed (host gates, where knowing the rows costs no sync)."""
+    rows are gathered and computed (host gates, where knowing the rows costs no sync), with
+    `row_state` (RuleGate's) narrowed to them."""
     if not skip:
         return h + ffn(h)
     skipping = set(skip)
-    run = torch.tensor([r for r in range(h.shape[0]) if r not in skipping], device=h.device)
+    running = [r for r in range(h.shape[0]) if r not in skipping]
+    run = torch.tensor(running, device=h.device)
     rows = h.index_select(0, run)
-    return h.index_copy(0, run, rows + ffn(rows))
+    with nullcontext() if row_state is None else row_state.narrowed(running):
+        out = rows + ffn(rows)
+    return h.index_copy(0, run, out)

@@ -93,7 +93,7 @@ class HostFFNSkipLLMGate(RuleGate):
         self.layer_skipped[layer] = len(skip)
         if len(skip) == h.shape[0]:
             return h  # no row needs this FFN: its weights are not even read
-        out = ffn_except(h, ffn, skip)
+        out = ffn_except(h, ffn, skip, self.row_state)
         if layer < self.last_hot:
             self._record_cos(h, out)
         return out
