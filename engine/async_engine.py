@@ -136,6 +136,11 @@ class AsyncEngine:
         """The LoRA adapters served: name -> folder (until the model is loaded, the config's)."""
         return dict(self.config.lora_modules) if self.engine is None else self.engine.adapters
 
+    @property
+    def default_adapter(self) -> str | None:
+        """The adapter requests naming the model itself go through (llama-server's --lora), if any."""
+        return None if self.engine is None else self.engine.default_adapter
+
     async def load_adapter(self, name: str, path: str) -> None:
         """Serves a PEFT adapter folder under `name` from now on; read off the event loop and the
         engine thread (the step loop runs on). Raises AdapterError (the name taken, the folder not an
@@ -156,7 +161,7 @@ class AsyncEngine:
         """`name` is served no more: new requests naming it are refused at once, those running finish
         with it (its weights go once the last one ends). KeyError where no adapter is so named."""
         self._check_ready()
-        if self.engine.lora is None or name not in self.engine.lora.slots:
+        if self.engine.lora is None or name not in self.engine.adapters:  # (not llama-server's --lora ones)
             raise KeyError(name)
         self._commands.put(("retire", self.engine.lora.withdraw(name)))
 

@@ -233,9 +233,12 @@ class EngineConfig:
     generation_config: str = "auto"
     override_generation_config: dict | None = None
     # LoRA adapters served beside the model (engine/lora): name -> a PEFT adapter folder; a request
-    # names one as its model. max_lora_rank: adapters of a higher rank are refused at start (None: any)
+    # names one as its model. max_lora_rank: adapters of a higher rank are refused (None: any)
     enable_lora: bool = False  # projections ready for adapters loaded at run time (implied by lora_modules)
     lora_modules: dict = field(default_factory=dict)  # (str -> str; a plain dict for config files' type check)
+    # llama-server's --lora / --lora-scaled: [adapter, scale] pairs applied together to every request
+    # that names the model itself
+    default_loras: list = field(default_factory=list)
     max_lora_rank: int | None = None
     skip: SkipConfig = field(default_factory=SkipConfig)
 
@@ -271,6 +274,10 @@ class EngineConfig:
                  f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         _require(isinstance(self.lora_modules, dict), f"lora_modules maps names to adapter folders (name: path), "
                  f"got {self.lora_modules!r}")
+        _require(isinstance(self.default_loras, list) and all(
+            isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and item[0]
+            and isinstance(item[1], (int, float)) and not isinstance(item[1], bool) for item in self.default_loras),
+            f"default_loras is a list of [adapter, scale] pairs, got {self.default_loras!r}")
         for name, path in self.lora_modules.items():
             _require(isinstance(name, str) and name and isinstance(path, str) and path,
                      f"lora_modules maps names to adapter folders, got {name!r}: {path!r}")

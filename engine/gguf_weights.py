@@ -158,14 +158,14 @@ def _decoded(tensor, name: str) -> list[tuple[str, QuantWeight | torch.Tensor]]:
     kind, quantized = tensor.tensor_type.name, _kept_quantized(tensor, name)
     if "{}" in name:  # an expert's matrix (or bias) each
         return [(name.format(expert), to_weight(kind, data, int(tensor.shape[0])) if quantized
-                 else _dense(data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape[:-1])]))
+                 else dense_tensor(data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape[:-1])]))
                 for expert, data in enumerate(np.asarray(tensor.data))]
     if quantized:
         return [(name, to_weight(kind, np.asarray(tensor.data), int(tensor.shape[0])))]
-    return [(name, _dense(tensor.data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape)]))]
+    return [(name, dense_tensor(tensor.data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape)]))]
 
 
-def _dense(data, tensor_type, shape: list[int]) -> torch.Tensor:
+def dense_tensor(data, tensor_type, shape: list[int]) -> torch.Tensor:
     """A tensor's data (quantized or not) as fp32 of `shape` (GGUF lists dimensions innermost first:
     reversed here); a copy, as the file is mapped read-only."""
     from gguf.quants import dequantize

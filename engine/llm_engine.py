@@ -17,6 +17,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.generation_defaults import sampling_defaults
 from engine.kv.block_manager import BlockManager, blocks_for
 from engine.loader import ensure_hf_dir
+from engine.lora import DEFAULT_ADAPTER
 from engine.model_runner import ModelRunner, StepResult
 from engine.ngram_drafter import NgramDrafter
 from engine.pooling import Pooling
@@ -158,8 +159,15 @@ class LLMEngine:
 
     @property
     def adapters(self) -> dict[str, str]:
-        """The LoRA adapters served: name -> folder."""
-        return {} if self.lora is None else {name: a.path for name, a in self.lora.adapters.items()}
+        """The LoRA adapters served by name: name -> folder (not llama-server's --lora ones: `default_adapter`)."""
+        return {} if self.lora is None else {name: a.path for name, a in self.lora.adapters.items()
+                                             if name != DEFAULT_ADAPTER}
+
+    @property
+    def default_adapter(self) -> str | None:
+        """The adapter requests that name the model itself are computed through (llama-server's --lora
+        files together), if any."""
+        return DEFAULT_ADAPTER if self.lora is not None and DEFAULT_ADAPTER in self.lora.slots else None
 
     def _lora_slot(self, name: str | None) -> int:
         if name is None:

@@ -66,8 +66,11 @@ class ServerState:
         return set(self.served_names) | set(self.adapters)
 
     def adapter_of(self, model: str) -> str | None:
-        """The LoRA adapter a request's `model` names; None for the model itself."""
-        return model if model in self.adapters and model not in self.served_names else None
+        """The LoRA adapter a request's `model` is computed through: the one it names, or for the
+        model itself llama-server's --lora adapters (None: the model alone)."""
+        if model in self.served_names:
+            return self.engine.default_adapter
+        return model if model in self.adapters else None
 
     @property
     def fingerprint(self) -> str:
@@ -151,7 +154,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     def model_card(name: str) -> dict:
         card = {"id": name, "object": "model", "created": int(state.started), "owned_by": "skipserve",
                 "max_model_len": engine.config.max_model_len}
-        if state.adapter_of(name) is not None:  # as vLLM lists an adapter: its folder, and the model under it
+        if name not in state.served_names:  # as vLLM lists an adapter: its folder, and the model under it
             card |= {"root": state.adapters[name], "parent": state.served_names[0]}
         return card
 

@@ -210,6 +210,8 @@ def build_config(args) -> EngineConfig:
                  if getattr(args, k) is not None}
     if args.lora_modules:
         overrides["lora_modules"] = config.lora_modules | dict(args.lora_modules)
+    if args.default_loras:
+        overrides["default_loras"] = config.default_loras + args.default_loras
     if args.max_lora_rank is not None:
         overrides["max_lora_rank"] = args.max_lora_rank
     if args.served_model_name:

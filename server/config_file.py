@@ -54,9 +54,14 @@ def load_config(path: str | Path) -> EngineConfig:
     if isinstance(template, str) and not is_inline_template(template):
         # a template file named in a config file is found beside it, as the file's other paths would be
         raw["chat_template"] = str(Path(path).resolve().parent / Path(template).expanduser())
-    if isinstance(raw.get("lora_modules"), dict):  # adapter folders named in a file are found beside it, too
-        raw["lora_modules"] = {name: str(Path(path).resolve().parent / Path(folder).expanduser())
-                               if isinstance(folder, str) else folder for name, folder in raw["lora_modules"].items()}
+    def beside(name):  # an adapter named in a file is found beside it, as its chat template is
+        return str(Path(path).resolve().parent / Path(name).expanduser()) if isinstance(name, str) else name
+
+    if isinstance(raw.get("lora_modules"), dict):
+        raw["lora_modules"] = {name: beside(folder) for name, folder in raw["lora_modules"].items()}
+    if isinstance(raw.get("default_loras"), list):
+        raw["default_loras"] = [[beside(item[0]), *item[1:]] if isinstance(item, list) and item else item
+                                for item in raw["default_loras"]]
     return EngineConfig(**raw, skip=SkipConfig(**skip_raw))
 
 

@@ -89,7 +89,7 @@ def check_base_model(state, model: str, route: str) -> None:
     """check_model, for a route that reads the model's own hidden states (embeddings, scores): a
     LoRA adapter's name is a 400 there (adapters serve the generating routes)."""
     check_model(state, model)
-    if state.adapter_of(model) is not None:
+    if model not in state.served_names:  # (a LoRA adapter's name; llama-server's --lora ones are left out here)
         raise APIError(400, f"'{model}' is a LoRA adapter, which serves the generating routes; {route} is computed "
                             f"by the model itself: ask for '{state.served_names[0]}'", "model")
 

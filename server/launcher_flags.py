@@ -101,6 +101,20 @@ def lora_adapters(value: str) -> list[tuple[str, str]]:
     return [lora_module(item) for item in value.split(",") if item.strip()]
 
 
+class ScaledLora(argparse.Action):
+    """llama-server's `--lora-scaled FNAME SCALE`: [FNAME, SCALE] beside --lora's [FNAME, 1.0]."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        path, scale = values
+        try:
+            number = float(scale)
+        except ValueError:
+            raise argparse.ArgumentError(self, f"{scale!r} is not a number") from None
+        if number != number or abs(number) == float("inf"):
+            raise argparse.ArgumentError(self, f"{scale!r} is not a finite number")
+        setattr(namespace, self.dest, (getattr(namespace, self.dest) or []) + [[path, number]])
+
+
 def add_llama_cpp(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("llama.cpp's spellings", "what a command written for llama-server passes, taken as "
                              "this server means it")
@@ -124,6 +138,11 @@ def add_llama_cpp(p: argparse.ArgumentParser) -> None:
     c.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=gpu_layers, default=None,
                    metavar="N", help="0: the CPU (--device cpu); any other count, all, auto or -1: --device auto "
                                      "(the GPU where there is one, every layer: a model runs on one device here)")
+    c.add_argument("--lora", dest="default_loras", type=lambda path: [path, 1.0], action="append", default=None,
+                   metavar="FNAME", help="a LoRA adapter (llama.cpp's GGUF, or a PEFT folder) applied to every request "
+                                         "that names the model itself; repeatable (the same as --lora-scaled FNAME 1)")
+    c.add_argument("--lora-scaled", dest="default_loras", nargs=2, action=ScaledLora, default=None,
+                   metavar=("FNAME", "SCALE"), help="the same as --lora, its product times SCALE")
     c.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", choices=list(LLAMA_CPP_CACHE_TYPES), default=None,
                    help="K's cache type: f32, f16 or q8_0 (--kv-cache-dtype float32, float16, int8); one type for K "
                         "and V here, so -ctv must be the same (llama-server's default for either: f16)")

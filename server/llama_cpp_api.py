@@ -247,6 +247,21 @@ async def props(request: Request):
             "is_sleeping": False}
 
 
+@router.get("/lora-adapters")
+async def lora_adapters(request: Request):
+    """llama-server's list of its --lora / --lora-scaled adapters, each with its scale (applied to
+    every request that names the model itself)."""
+    config = request.app.state.skipserve.engine.config
+    return [{"id": i, "path": path, "scale": scale} for i, (path, scale) in enumerate(config.default_loras)]
+
+
+@router.post("/lora-adapters")
+async def set_lora_adapters(request: Request):
+    """llama-server's change of its adapters' scales: not here (they are set at start, --lora-scaled)."""
+    raise APIError(400, "the --lora adapters' scales are set at start here (--lora-scaled FNAME SCALE); "
+                        "adapters loaded while serving: vLLM's /v1/load_lora_adapter")
+
+
 @router.post("/apply-template")
 async def apply_template(body: TokenizeRequest, request: Request):
     """llama.cpp's: `messages` through the chat template, as the prompt text a chat request gets."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -46,12 +48,12 @@ def write_adapter(folder: Path, cfg, modules=("q_proj", "v_proj", "o_proj", "gat
     return folder
 
 
-def merged_model(hf_model, folder: Path):
-    """A copy of transformers' model with the adapter in `folder` merged: W + (alpha / r) B A."""
+def merged_model(hf_model, folder: Path, times: float = 1.0):
+    """A copy of transformers' model with the adapter in `folder` merged: W + times (alpha / r) B A."""
     from safetensors.torch import load_file
 
     config = json.loads((folder / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / config["r"]
+    scale = times * config["lora_alpha"] / config["r"]
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     merged = copy.deepcopy(hf_model)
     params = dict(merged.named_parameters())
@@ -62,3 +64,36 @@ def merged_model(hf_model, folder: Path):
                 b = tensors[key.replace(".lora_A.", ".lora_B.")]
                 params[module + ".weight"] += scale * (b @ a)
     return merged
+
+
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def write_gguf_adapter(path: Path, folder: Path, cfg, dtype=np.float32) -> Path:
+    """The PEFT adapter in `folder` as llama.cpp's convert_lora_to_gguf.py writes it for a Llama
+    model: `blk.N.<name>.weight.lora_a` / `.lora_b` in `dtype`, B's rows of q and k in llama.cpp's
+    rotary order, `adapter.lora.alpha`."""
+    from gguf import GGUFWriter
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(config["lora_alpha"]))
+    for key, value in sorted(tensors.items()):
+        layer, module, side = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])"
+                                           r"\.weight", key).groups()
+        if side == "B" and module in ("q_proj", "k_proj"):
+            heads = cfg.num_heads if module == "q_proj" else cfg.num_kv_heads
+            value = value.reshape(heads, 2, value.shape[0] // heads // 2, value.shape[1]).swapaxes(1, 2) \
+                .reshape(value.shape)
+        writer.add_tensor(f"blk.{layer}.{GGUF_NAMES[module]}.weight.lora_{side.lower()}",
+                          value.numpy().astype(dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

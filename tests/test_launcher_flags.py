@@ -167,3 +167,17 @@ def test_lora_adapters_as_vllm_and_tgi_name_them(tmp_path):
     for bad in (["--lora-adapters", "predibase/customer_support"], ["--max-loras", "0"]):
         with pytest.raises(SystemExit):
             serve_parser().parse_args(bad)
+
+
+def test_llama_servers_lora_flags(tmp_path):
+    """--lora FNAME and --lora-scaled FNAME SCALE, in order, each [file, scale], after a config file's
+    (found beside it)."""
+    config = build("--lora", "a.gguf", "--lora-scaled", "b.gguf", "0.5", "--lora", "c")
+    assert config.default_loras == [["a.gguf", 1.0], ["b.gguf", 0.5], ["c", 1.0]]
+    assert build().default_loras == []
+    (tmp_path / "c.yaml").write_text("default_loras: [[x.gguf, 0.25]]\n")
+    assert build("--config", str(tmp_path / "c.yaml"), "--lora", "/y.gguf").default_loras == \
+        [[str(tmp_path / "x.gguf"), 0.25], ["/y.gguf", 1.0]]
+    for bad in (["--lora-scaled", "b.gguf", "half"], ["--lora-scaled", "b.gguf", "nan"], ["--lora-scaled", "b"]):
+        with pytest.raises(SystemExit):
+            serve_parser().parse_args(bad)

@@ -12,14 +12,15 @@ import logging
 import re
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
-from engine.lora import AdapterError
+from engine.lora import DEFAULT_ADAPTER, AdapterError
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from tests.conftest import ServerProcess, cpu_path_only, cuda_available
 from tests.helpers import engine_like, hf_model_of
-from tests.lora_files import merged_model, write_adapter
+from tests.lora_files import merged_model, write_adapter, write_gguf_adapter
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -309,3 +310,62 @@ def test_an_unloaded_adapters_weights_go_once_its_last_sequence_ends(lora_engine
     while lora_engine.has_work:
         made += [t for out in lora_engine.step()[0] for t in out.token_ids]
     assert made == expected and not registry.holds(slot)
+
+
+# ---- llama.cpp's adapters ---------------------------------------------------------------------------------
+
+def test_llama_cpps_gguf_adapter_is_the_same_adapter(lora_engine, adapters, chat_prompts, tmp_path):
+    """The first adapter as llama.cpp's convert_lora_to_gguf.py writes it (llama.cpp's names, q's and
+    k's B rows in its rotary order): in fp32 the same logits, bit for bit; in fp16 within its
+    rounding. A GGUF that is a model, not an adapter, is refused."""
+    from engine.loader import embedded_gguf
+
+    registry, cfg = lora_engine.lora, lora_engine.model_config
+    registry.load("gguf32", str(write_gguf_adapter(tmp_path / "ada-f32.gguf", adapters["ada"], cfg)))
+    registry.load("gguf16", str(write_gguf_adapter(tmp_path / "ada-f16.gguf", adapters["ada"], cfg, np.float16)))
+    try:
+        logits = {}
+        for name in ("ada", "gguf32", "gguf16"):
+            with lora_engine.kv_blocks([len(chat_prompts[3])]) as (table,):
+                hidden = lora_engine.runner.prefill([(chat_prompts[3], table, 0)], adapters=[registry.slots[name]])
+                logits[name] = lora_engine.runner.logits(hidden)
+        assert torch.equal(logits["gguf32"], logits["ada"])
+        assert 0 < (logits["gguf16"] - logits["ada"]).abs().max() < 0.05
+        with pytest.raises(AdapterError, match="is not a LoRA adapter GGUF"):
+            registry.load("model", str(embedded_gguf("smollm2-135m-instruct")))
+    finally:
+        for name in ("gguf32", "gguf16"):
+            registry.remove(registry.withdraw(name))
+
+
+def test_llama_servers_lora_files_apply_together_to_the_model(lora_engine, adapters, references, chat_prompts,
+                                                              tmp_path):
+    """llama-server's --lora-scaled FILE SCALE (twice: a GGUF at 0.5, a PEFT folder at 2): every request
+    that names the model goes through both, as transformers' model with both merged at those scales."""
+    gguf = write_gguf_adapter(tmp_path / "ada.gguf", adapters["ada"], lora_engine.model_config)
+    engine = engine_like(lora_engine, lora_modules={}, default_loras=[[str(gguf), 0.5], [str(adapters["qkv"]), 2.0]])
+    assert engine.default_adapter == DEFAULT_ADAPTER and engine.adapters == {}
+    merged = merged_model(merged_model(references[None], adapters["ada"], 0.5), adapters["qkv"], 2.0)
+    prompt = chat_prompts[0]
+    with engine.kv_blocks([len(prompt)]) as (table,):
+        ours = engine.runner.logits(engine.runner.prefill([(prompt, table, 0)],
+                                                          adapters=[engine.lora.slots[DEFAULT_ADAPTER]]))
+    with torch.no_grad():
+        assert (ours - merged(torch.tensor([prompt])).logits[0]).abs().max() < 1e-3
+
+
+@cpu_path_only
+def test_a_llama_server_lora_command_serves_the_adapter_as_the_model(lora_server, engine, adapters, tmp_path):
+    """`--lora FILE.gguf`: the model's own name answers through the adapter (as the same adapter named
+    under --lora-modules answers), /lora-adapters lists it, embeddings stay the model's."""
+    gguf = write_gguf_adapter(tmp_path / "ada.gguf", adapters["ada"], engine.model_config)
+    srv = ServerProcess("--lora", str(gguf))
+    try:
+        assert answer(chat(srv.url, "smollm2-135m-instruct")) == answer(chat(lora_server.url, "ada"))
+        assert httpx.get(srv.url + "/lora-adapters").json() == [{"id": 0, "path": str(gguf), "scale": 1.0}]
+        assert [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]] == ["smollm2-135m-instruct"]
+        assert httpx.post(srv.url + "/v1/embeddings", json={"model": "smollm2-135m-instruct",
+                                                            "input": "hi"}).status_code == 200
+        assert httpx.post(srv.url + "/lora-adapters", json=[{"id": 0, "scale": 0.5}]).status_code == 400
+    finally:
+        srv.stop()

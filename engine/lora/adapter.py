@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from engine.gguf_file import is_gguf
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 # peft's key: base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (older saves: .lora_A.default.weight)
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha where a config leaves it out
@@ -36,10 +38,29 @@ class LoRAAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def read_adapter(name: str, path: str, max_rank: int | None = None) -> LoRAAdapter:
-    """The PEFT adapter in folder `path`, in fp32 on the CPU; AdapterError for one this engine would
-    not apply whole."""
+def combined(name: str, parts: list[tuple[LoRAAdapter, float]]) -> LoRAAdapter:
+    """Adapters applied together, each at its scale, as one: per module their A matrices stacked and
+    their scaled B matrices side by side (the sum of their products, of the sum of their ranks)."""
+    modules = dict.fromkeys(m for adapter, _ in parts for m in adapter.weights)
+    weights = {m: (torch.cat([a.weights[m][0] for a, _ in parts if m in a.weights]),
+                   torch.cat([a.weights[m][1] * s for a, s in parts if m in a.weights], dim=1)) for m in modules}
+    return LoRAAdapter(name, ", ".join(a.path for a, _ in parts), max(a.shape[0] for a, _ in weights.values()), weights)
+
+
+def read_adapter(name: str, path: str, max_rank: int | None = None, cfg=None) -> LoRAAdapter:
+    """The PEFT adapter in folder `path` (or llama.cpp's GGUF adapter file there, read against the
+    model's config `cfg`: engine/lora/gguf_adapter.py), in fp32 on the CPU; AdapterError for one this
+    engine would not apply whole."""
     folder = Path(path).expanduser()
+    if not folder.exists():
+        raise AdapterError(f"LoRA adapter {name!r}: {folder} does not exist (a PEFT adapter folder, or llama.cpp's "
+                           "GGUF adapter file)")
+    if folder.is_file() and is_gguf(folder):  # llama.cpp's form of an adapter
+        from engine.lora.gguf_adapter import read_gguf_adapter
+
+        if cfg is None:
+            raise AdapterError(f"LoRA adapter {name!r}: a GGUF adapter is read against the model's shapes")
+        return read_gguf_adapter(name, folder, cfg, max_rank)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         raise AdapterError(f"LoRA adapter {name!r}: {folder} holds no adapter_config.json (a PEFT adapter folder)")

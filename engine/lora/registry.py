@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from engine.config import ModelConfig
-from engine.lora.adapter import AdapterError, LoRAAdapter, read_adapter
+from engine.lora.adapter import AdapterError, LoRAAdapter, combined, read_adapter
 from engine.lora.linear import LoRALinear, StepRows
 
 log = logging.getLogger("skipserve.lora")
 
+# the name of llama-server's --lora adapters, applied together to requests that name the model itself
+# (no name a request or --lora-modules can give: those are never empty)
+DEFAULT_ADAPTER = ""
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
@@ -71,6 +75,7 @@ class LoRARegistry:
 
     def __init__(self, model, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ops):
         self.device, self.dtype, self.ops = device, dtype, ops  # ops: the backend, whose linear layers run the pairs
+        self.cfg = cfg
         self.rows = StepRows(device)
         self.slots: dict[str, int] = {}
         self.adapters: dict[str, LoRAAdapter] = {}
@@ -99,6 +104,12 @@ class LoRARegistry:
         self.install(slot, name, adapter, pairs)
         return adapter
 
+    def read_default(self, files: list[tuple[str, float]], max_rank: int | None = None) -> tuple[LoRAAdapter, dict]:
+        """llama-server's --lora / --lora-scaled adapters (files, scales) read and combined into one,
+        and its pairs (as `read`)."""
+        parts = [(read_adapter(Path(path).name, path, max_rank, self.cfg), scale) for path, scale in files]
+        return self.pairs_of(combined(DEFAULT_ADAPTER, parts))
+
     def reserve(self, name: str) -> int:
         """A new slot for an adapter `name` about to be read (`install` serves it; on failure, `release`)."""
         if name in self.slots or name in self._reserved:
@@ -113,7 +124,10 @@ class LoRARegistry:
     def read(self, name: str, path: str, max_rank: int | None = None) -> tuple[LoRAAdapter, dict]:
         """The adapter and its fused pairs on the device, as the backend's linear layers, by (layer,
         projection) (no state changed: any thread)."""
-        adapter = read_adapter(name, path, max_rank)
+        return self.pairs_of(read_adapter(name, path, max_rank, self.cfg))
+
+    def pairs_of(self, adapter: LoRAAdapter) -> tuple[LoRAAdapter, dict]:
+        name = adapter.name
         known = {f"model.layers.{i}.{module}" for i, parts in enumerate(self._parts)
                  for modules, _ in parts.values() for module, _ in modules}
         unknown = sorted(set(adapter.weights) - known)
