@@ -139,7 +139,8 @@ class CompletionCall:
         if body.model in HUB_PLACEHOLDERS and body.model not in state.model_names:  # answered under the model's name
             body.model = state.served_names[0]
         check_model(state, body.model)
-        adapter = state.adapter_of(body.model)  # (before any wait: an adapter unloaded meanwhile is refused, not dropped)
+        # (before any wait: an adapter unloaded meanwhile is then refused by the engine, not dropped)
+        adapter = state.adapter_of(body.model)
         self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
         if self.chat:
             self.tools = body.tool_use
