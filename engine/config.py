@@ -276,8 +276,12 @@ class EngineConfig:
                  f"got {self.lora_modules!r}")
         _require(isinstance(self.default_loras, list) and all(
             isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and item[0]
-            and isinstance(item[1], (int, float)) and not isinstance(item[1], bool) for item in self.default_loras),
-            f"default_loras is a list of [adapter, scale] pairs, got {self.default_loras!r}")
+            and isinstance(item[1], (int, float)) and not isinstance(item[1], bool) and math.isfinite(item[1])
+            for item in self.default_loras),
+            f"default_loras is a list of [adapter, scale] pairs (a finite scale), got {self.default_loras!r}")
+        for path in [*self.lora_modules.values(), *(item[0] for item in self.default_loras)]:
+            _require(not isinstance(path, str) or Path(path).expanduser().exists(),
+                     f"LoRA adapter {path}: no such file or folder")
         for name, path in self.lora_modules.items():
             _require(isinstance(name, str) and name and isinstance(path, str) and path,
                      f"lora_modules maps names to adapter folders, got {name!r}: {path!r}")

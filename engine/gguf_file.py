@@ -67,11 +67,14 @@ class GGUFFile:
             raise ValueError(f"{path}: " + ("a big-endian GGUF (this reader takes little-endian files)" if swapped in (2, 3)
                                             else f"GGUF version {version} (versions 2 and 3 are read)"))
         self.fields: dict[str, object] = {}  # scalar and string metadata (arrays are stepped over)
+        self.array_keys: set[str] = set()  # the keys of those arrays
         for _ in range(kv_count):
             key = self._string()
             value = self._value(self._unpack("<I"))
             if value is not None:
                 self.fields[key] = value
+            else:
+                self.array_keys.add(key)
         if int(self.fields.get("split.count", 1)) > 1:
             raise ValueError(f"{path} is part {int(self.fields.get('split.no', 0)) + 1} of a model split into "
                              f"{self.fields['split.count']} files: merge them into one first "

@@ -101,18 +101,32 @@ def lora_adapters(value: str) -> list[tuple[str, str]]:
     return [lora_module(item) for item in value.split(",") if item.strip()]
 
 
+def lora_files(value: str) -> list[list]:
+    """llama-server's `--lora FNAME[,FNAME...]`: each [FNAME, 1.0]."""
+    return [[path, 1.0] for path in value.split(",") if path]
+
+
 class ScaledLora(argparse.Action):
-    """llama-server's `--lora-scaled FNAME SCALE`: [FNAME, SCALE] beside --lora's [FNAME, 1.0]."""
+    """llama-server's `--lora-scaled`: `FNAME:SCALE[,FNAME:SCALE...]`, or its older `FNAME SCALE`;
+    each [FNAME, SCALE] beside --lora's [FNAME, 1.0]."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        path, scale = values
-        try:
-            number = float(scale)
-        except ValueError:
-            raise argparse.ArgumentError(self, f"{scale!r} is not a number") from None
-        if number != number or abs(number) == float("inf"):
-            raise argparse.ArgumentError(self, f"{scale!r} is not a finite number")
-        setattr(namespace, self.dest, (getattr(namespace, self.dest) or []) + [[path, number]])
+        if len(values) == 2 and ":" not in values[1]:  # the older form, two words
+            pairs = [values]
+        elif len(values) == 1:
+            pairs = [item.rpartition(":")[::2] for item in values[0].split(",") if item]
+        else:
+            raise argparse.ArgumentError(self, "give FNAME:SCALE[,FNAME:SCALE...] (or FNAME SCALE)")
+        taken = []
+        for path, scale in pairs:
+            try:
+                number = float(scale)
+            except ValueError:
+                raise argparse.ArgumentError(self, f"{path!r}: {scale!r} is not a scale (FNAME:SCALE)") from None
+            if not path or number != number or abs(number) == float("inf"):
+                raise argparse.ArgumentError(self, f"{path!r}: {scale!r} is not a finite scale (FNAME:SCALE)")
+            taken.append([path, number])
+        setattr(namespace, self.dest, (getattr(namespace, self.dest) or []) + taken)
 
 
 def add_llama_cpp(p: argparse.ArgumentParser) -> None:
@@ -138,11 +152,13 @@ def add_llama_cpp(p: argparse.ArgumentParser) -> None:
     c.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=gpu_layers, default=None,
                    metavar="N", help="0: the CPU (--device cpu); any other count, all, auto or -1: --device auto "
                                      "(the GPU where there is one, every layer: a model runs on one device here)")
-    c.add_argument("--lora", dest="default_loras", type=lambda path: [path, 1.0], action="append", default=None,
-                   metavar="FNAME", help="a LoRA adapter (llama.cpp's GGUF, or a PEFT folder) applied to every request "
-                                         "that names the model itself; repeatable (the same as --lora-scaled FNAME 1)")
-    c.add_argument("--lora-scaled", dest="default_loras", nargs=2, action=ScaledLora, default=None,
-                   metavar=("FNAME", "SCALE"), help="the same as --lora, its product times SCALE")
+    c.add_argument("--lora", dest="default_loras", type=lora_files, action="extend", default=None,
+                   metavar="FNAME[,FNAME...]", help="LoRA adapters (llama.cpp's GGUF, or PEFT folders) applied "
+                                                    "together to every request that names the model itself; "
+                                                    "repeatable (each as --lora-scaled FNAME:1)")
+    c.add_argument("--lora-scaled", dest="default_loras", nargs="+", action=ScaledLora, default=None,
+                   metavar="FNAME:SCALE", help="the same as --lora, each adapter's product times its SCALE "
+                                               "(FNAME:SCALE[,...], or the older FNAME SCALE)")
     c.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", choices=list(LLAMA_CPP_CACHE_TYPES), default=None,
                    help="K's cache type: f32, f16 or q8_0 (--kv-cache-dtype float32, float16, int8); one type for K "
                         "and V here, so -ctv must be the same (llama-server's default for either: f16)")

@@ -70,10 +70,10 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
-def write_gguf_adapter(path: Path, folder: Path, cfg, dtype=np.float32) -> Path:
+def write_gguf_adapter(path: Path, folder: Path, cfg, dtype=np.float32, alpha: float | None = None) -> Path:
     """The PEFT adapter in `folder` as llama.cpp's convert_lora_to_gguf.py writes it for a Llama
     model: `blk.N.<name>.weight.lora_a` / `.lora_b` in `dtype`, B's rows of q and k in llama.cpp's
-    rotary order, `adapter.lora.alpha`."""
+    rotary order, `adapter.lora.alpha` (the adapter's, or `alpha`)."""
     from gguf import GGUFWriter
     from safetensors.torch import load_file
 
@@ -82,7 +82,7 @@ def write_gguf_adapter(path: Path, folder: Path, cfg, dtype=np.float32) -> Path:
     writer = GGUFWriter(str(path), "llama")
     writer.add_type("adapter")
     writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(config["lora_alpha"]))
+    writer.add_float32("adapter.lora.alpha", float(config["lora_alpha"] if alpha is None else alpha))
     for key, value in sorted(tensors.items()):
         layer, module, side = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])"
                                            r"\.weight", key).groups()

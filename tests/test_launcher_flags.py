@@ -3,6 +3,8 @@ llama.cpp's llama-server), read as those servers mean them (server/launcher_flag
 into this server's settings, and one llama-server command line serving for real."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -154,30 +156,45 @@ def test_vllms_logging_and_docs_flags():
 def test_lora_adapters_as_vllm_and_tgi_name_them(tmp_path):
     """vLLM's --lora-modules (NAME=PATH or JSON, repeatable, beside --enable-lora, --max-lora-rank and
     --max-loras) and TGI's comma-separated --lora-adapters add up; a config file's folders are found
-    beside it."""
-    config = build("--enable-lora", "--lora-modules", "a=/x", '{"name": "b", "path": "/y", "base_model_name": "m"}',
-                   "--lora-modules", "c=/z", "--lora-adapters", "d=/v,e=/w", "--max-lora-rank", "64",
+    beside it; a folder that does not exist stops the start."""
+    x, y, z, v, w, c, sql = (tmp_path / name for name in ("x", "y", "z", "v", "w", "c", "adapters/sql"))
+    for folder in (x, y, z, v, w, c, sql):
+        folder.mkdir(parents=True)
+    config = build("--enable-lora", "--lora-modules", f"a={x}", json.dumps({"name": "b", "path": str(y),
+                                                                            "base_model_name": "m"}),
+                   "--lora-modules", f"c={z}", "--lora-adapters", f"d={v},e={w}", "--max-lora-rank", "64",
                    "--max-loras", "4")
-    assert config.lora_modules == {"a": "/x", "b": "/y", "c": "/z", "d": "/v", "e": "/w"}
+    assert config.lora_modules == {"a": str(x), "b": str(y), "c": str(z), "d": str(v), "e": str(w)}
     assert config.max_lora_rank == 64
     (tmp_path / "c.yaml").write_text("lora_modules:\n  sql: adapters/sql\n")
-    config = build("--config", str(tmp_path / "c.yaml"), "--lora-modules", "chat=/c")
-    assert config.lora_modules == {"sql": str(tmp_path / "adapters/sql"), "chat": "/c"}
+    config = build("--config", str(tmp_path / "c.yaml"), "--lora-modules", f"chat={c}")
+    assert config.lora_modules == {"sql": str(sql), "chat": str(c)}
     assert build().lora_modules == {} and build().max_lora_rank is None
+    with pytest.raises(ValueError, match="LoRA adapter /nowhere: no such file or folder"):
+        build("--lora-modules", "a=/nowhere")
     for bad in (["--lora-adapters", "predibase/customer_support"], ["--max-loras", "0"]):
         with pytest.raises(SystemExit):
             serve_parser().parse_args(bad)
 
 
 def test_llama_servers_lora_flags(tmp_path):
-    """--lora FNAME and --lora-scaled FNAME SCALE, in order, each [file, scale], after a config file's
-    (found beside it)."""
-    config = build("--lora", "a.gguf", "--lora-scaled", "b.gguf", "0.5", "--lora", "c")
-    assert config.default_loras == [["a.gguf", 1.0], ["b.gguf", 0.5], ["c", 1.0]]
+    """--lora FNAME[,FNAME] and --lora-scaled FNAME:SCALE[,...] (or the older FNAME SCALE), in order,
+    each [file, scale], after a config file's (found beside it)."""
+    a, b, c, d, x = (tmp_path / f"{name}.gguf" for name in "abcdx")
+    for path in (a, b, c, d, x):
+        path.write_bytes(b"GGUF")
+    config = build("--lora", str(a), "--lora-scaled", str(b), "0.5", "--lora", f"{c},{d}",
+                   "--lora-scaled", f"{a}:0.25,{d}:-1")
+    assert config.default_loras == [[str(a), 1.0], [str(b), 0.5], [str(c), 1.0], [str(d), 1.0], [str(a), 0.25],
+                                    [str(d), -1.0]]
     assert build().default_loras == []
     (tmp_path / "c.yaml").write_text("default_loras: [[x.gguf, 0.25]]\n")
-    assert build("--config", str(tmp_path / "c.yaml"), "--lora", "/y.gguf").default_loras == \
-        [[str(tmp_path / "x.gguf"), 0.25], ["/y.gguf", 1.0]]
-    for bad in (["--lora-scaled", "b.gguf", "half"], ["--lora-scaled", "b.gguf", "nan"], ["--lora-scaled", "b"]):
+    assert build("--config", str(tmp_path / "c.yaml"), "--lora", str(a)).default_loras == \
+        [[str(x), 0.25], [str(a), 1.0]]
+    (tmp_path / "nan.yaml").write_text("default_loras: [[x.gguf, .nan]]\n")
+    with pytest.raises(ValueError, match="a finite scale"):
+        build("--config", str(tmp_path / "nan.yaml"))
+    for bad in (["--lora-scaled", "b.gguf", "half"], ["--lora-scaled", "b.gguf", "nan"], ["--lora-scaled", "b.gguf"],
+                ["--lora-scaled", "b.gguf:x"], ["--lora-scaled", "a:1", "b:2", "c:3"]):
         with pytest.raises(SystemExit):
             serve_parser().parse_args(bad)

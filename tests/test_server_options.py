@@ -279,7 +279,7 @@ def test_a_config_file_with_a_wrong_value_is_a_usage_error_naming_it(tmp_path, t
     (["--lora-modules", "sql"], {}, "'sql': give NAME=PATH"),
     (["--lora-modules", '{"name": "sql"}'], {}, 'a JSON adapter is {"name": ..., "path": ...}'),
     (["--max-lora-rank", "0"], {}, "'0': at least 1"),
-    (["--lora-modules", "smollm2-135m-instruct=/x"], {}, "LoRA adapter 'smollm2-135m-instruct' has the model's own name"),
+    (["--lora-modules", "smollm2-135m-instruct=/"], {}, "LoRA adapter 'smollm2-135m-instruct' has the model's own name"),
 ])
 def test_server_settings_out_of_range_are_usage_errors_before_the_model_loads(flags, env, message):
     """A default budget over the largest one would have failed every request that asks none, with a

@@ -27,19 +27,27 @@ def read_gguf_adapter(name: str, path: Path, cfg: ModelConfig, max_rank: int | N
     if kind != ("adapter", "lora"):
         raise AdapterError(f"LoRA adapter {name!r}: {path} is not a LoRA adapter GGUF (general.type "
                            f"{kind[0]!r}, adapter.type {kind[1]!r}; llama.cpp's convert_lora_to_gguf.py writes one)")
+    if "adapter.alora.invocation_tokens" in gguf.array_keys | set(gguf.fields):
+        raise AdapterError(f"LoRA adapter {name!r} is an activated LoRA (applied after its invocation tokens only), "
+                           "which this server does not apply")
     arch = gguf.fields.get("general.architecture", "llama")
-    alpha = float(gguf.fields.get("adapter.lora.alpha", 0.0))
+    alpha = gguf.fields.get("adapter.lora.alpha", 0.0)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise AdapterError(f"LoRA adapter {name!r}: adapter.lora.alpha is not a number: {alpha!r}")
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
     pairs: dict[str, dict[str, object]] = {}
     for tensor in gguf.tensors:
         match = TENSOR.fullmatch(tensor.name)
         hf = hf_name(match[1], arch) if match else None
+        if hf is not None and "{}" in hf:
+            raise AdapterError(f"LoRA adapter {name!r} changes {tensor.name}, a mixture's experts, which this "
+                               "server does not apply adapters to")
         if hf is None or hf.split(".")[-2] not in PROJECTIONS:
             raise AdapterError(f"LoRA adapter {name!r} changes {tensor.name}: only the decoder layers' projections "
                                "are served")
         try:
             value = dense_tensor(tensor.data, tensor.tensor_type, [int(d) for d in reversed(tensor.shape)])
-        except (ValueError, NotImplementedError) as exc:
+        except (ValueError, RuntimeError, NotImplementedError) as exc:
             raise AdapterError(f"LoRA adapter {name!r}: {tensor.name} ({tensor.tensor_type.name}) cannot be read: "
                                f"{exc}") from None
         pairs.setdefault(hf.removesuffix(".weight"), {})[match[2]] = value
@@ -48,7 +56,7 @@ def read_gguf_adapter(name: str, path: Path, cfg: ModelConfig, max_rank: int | N
         if set(pair) != {"a", "b"}:
             raise AdapterError(f"LoRA adapter {name!r}: {module} has lora_{''.join(pair)} without its other half")
         a, b = pair["a"], pair["b"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
             raise AdapterError(f"LoRA adapter {name!r}: {module}'s lora_a {tuple(a.shape)} and lora_b "
                                f"{tuple(b.shape)} are not a rank-r pair")
         projection = module.split(".")[-1]
