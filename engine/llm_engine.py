@@ -17,7 +17,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.generation_defaults import sampling_defaults
 from engine.kv.block_manager import BlockManager, blocks_for
 from engine.loader import ensure_hf_dir
-from engine.lora import DEFAULT_ADAPTER
+from engine.lora.registry import DEFAULT_ADAPTER
 from engine.model_runner import ModelRunner, StepResult
 from engine.ngram_drafter import NgramDrafter
 from engine.pooling import Pooling

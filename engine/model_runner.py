@@ -34,7 +34,7 @@ from engine.kv.cache import KVCache, element_bytes
 from engine.kv.capacity import DeviceMemory, plan_capacity
 from engine.kv.metadata import AttentionMetadata
 from engine.loader import ensure_hf_dir, load_state_dict
-from engine.lora import DEFAULT_ADAPTER, LoRARegistry
+from engine.lora.registry import DEFAULT_ADAPTER, LoRARegistry
 from engine.models import build_model, check_architecture
 from engine.quant.int8 import quantize_state
 from engine.sampler import SampleRow, Sampled, listed_tokens, sample, token_logprobs

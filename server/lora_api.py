@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import StrictStr
 
 from engine.async_engine import EngineNotReadyError
-from engine.lora import AdapterError
+from engine.lora.errors import AdapterError
 from server.errors import APIError
 from server.protocol import RequestBody
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.lora import DEFAULT_ADAPTER, AdapterError
+from engine.lora.errors import AdapterError
+from engine.lora.registry import DEFAULT_ADAPTER
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from tests.conftest import ServerProcess, cpu_path_only, cuda_available
 from tests.helpers import engine_like, hf_model_of

@@ -39,7 +39,7 @@ def chain_hash(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
 
 def salt_root(salt: str | tuple | None) -> bytes | None:
     """The parent hash a prompt's first block chains from: none without a salt. A tuple (a cache
-    salt and a LoRA adapter's name: engine/sequence.py) hashes apart from any salt string."""
+    salt and a LoRA adapter's slot: engine/sequence.py) hashes apart from any salt string."""
     if salt is None:
         return None
     if isinstance(salt, tuple):

@@ -1,5 +1,3 @@
-"""LoRA adapters served beside the base model (engine/lora/registry.py)."""
-from engine.lora.adapter import AdapterError, LoRAAdapter, read_adapter
-from engine.lora.registry import DEFAULT_ADAPTER, LoRARegistry
-
-__all__ = ["AdapterError", "DEFAULT_ADAPTER", "LoRAAdapter", "LoRARegistry", "read_adapter"]
+"""LoRA adapters served beside the base model: adapter.py and gguf_adapter.py read them, registry.py
+serves them, linear.py applies them; errors.py (torch-free) names what cannot be served. Nothing is
+imported here, so that server/ may import errors.py without torch."""

@@ -17,16 +17,13 @@ from pathlib import Path
 import torch
 
 from engine.gguf_file import is_gguf
+from engine.lora.errors import AdapterError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 # peft's key: base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (older saves: .lora_A.default.weight)
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha where a config leaves it out
 KEY = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\.((?:self_attn|mlp)\.(\w+)))"
                  r"\.lora_([AB])(?:\.default)?\.weight$")
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be served on this model, with the reason."""
 
 
 @dataclass
@@ -74,8 +71,7 @@ def read_adapter(name: str, path: str, max_rank: int | None = None, cfg=None) ->
         raise AdapterError(f"LoRA adapter {name!r}: r must be an integer >= 1, got {rank!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise AdapterError(f"LoRA adapter {name!r}: lora_alpha must be a number, got {alpha!r}")
-    if max_rank is not None and rank > max_rank:
-        raise AdapterError(f"LoRA adapter {name!r} has rank {rank}, more than --max-lora-rank {max_rank}")
+    check_rank(name, rank, max_rank)
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in _tensors(name, folder).items():
@@ -91,16 +87,33 @@ def read_adapter(name: str, path: str, max_rank: int | None = None, cfg=None) ->
         pairs.setdefault(module, {})[side] = tensor.float()
     weights = {}
     for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"LoRA adapter {name!r}: {module} has lora_{''.join(pair)} without its other half")
-        a, b = pair["A"], pair["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterError(f"LoRA adapter {name!r}: {module}'s lora_A {tuple(a.shape)} and lora_B "
-                               f"{tuple(b.shape)} are not a rank-r pair")
+        a, b = checked_pair(name, module, pair, ("A", "B"))
         weights[module] = (a.contiguous(), (b * scale).contiguous())
+    return adapter_of(name, folder, weights)
+
+
+def check_rank(name: str, rank: int, max_rank: int | None) -> None:
+    if max_rank is not None and rank > max_rank:
+        raise AdapterError(f"LoRA adapter {name!r} has rank {rank}, more than --max-lora-rank {max_rank}")
+
+
+def checked_pair(name: str, module: str, pair: dict, sides: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's (A, B) from its tensors by side (PEFT's A and B, llama.cpp's a and b); AdapterError
+    for half a pair, or shapes no rank-r pair has."""
+    if set(pair) != set(sides):
+        raise AdapterError(f"LoRA adapter {name!r}: {module} has lora_{''.join(pair)} without its other half")
+    a, b = pair[sides[0]], pair[sides[1]]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise AdapterError(f"LoRA adapter {name!r}: {module}'s lora_{sides[0]} {tuple(a.shape)} and lora_{sides[1]} "
+                           f"{tuple(b.shape)} are not a rank-r pair")
+    return a, b
+
+
+def adapter_of(name: str, path: Path, weights: dict) -> LoRAAdapter:
+    """The adapter of these per-module (A, B) pairs, its rank their largest; AdapterError for none."""
     if not weights:
-        raise AdapterError(f"LoRA adapter {name!r}: {folder} holds no LoRA weights")
-    return LoRAAdapter(name, str(folder), max(a.shape[0] for a, _ in weights.values()), weights)
+        raise AdapterError(f"LoRA adapter {name!r}: {path} holds no LoRA weights")
+    return LoRAAdapter(name, str(path), max(a.shape[0] for a, _ in weights.values()), weights)
 
 
 def _check_config(name: str, config: dict) -> None:

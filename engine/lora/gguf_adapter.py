@@ -13,7 +13,8 @@ from pathlib import Path
 from engine.config import ModelConfig
 from engine.gguf_file import GGUFFile
 from engine.gguf_weights import ROTARY_PERMUTED, dense_tensor, hf_name, rotary_order
-from engine.lora.adapter import PROJECTIONS, AdapterError, LoRAAdapter
+from engine.lora.adapter import PROJECTIONS, LoRAAdapter, adapter_of, check_rank, checked_pair
+from engine.lora.errors import AdapterError
 
 TENSOR = re.compile(r"(blk\.\d+\.\w+\.weight)\.lora_([ab])")
 
@@ -53,12 +54,9 @@ def read_gguf_adapter(name: str, path: Path, cfg: ModelConfig, max_rank: int | N
         pairs.setdefault(hf.removesuffix(".weight"), {})[match[2]] = value
     weights = {}
     for module, pair in pairs.items():
-        if set(pair) != {"a", "b"}:
-            raise AdapterError(f"LoRA adapter {name!r}: {module} has lora_{''.join(pair)} without its other half")
-        a, b = pair["a"], pair["b"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
-            raise AdapterError(f"LoRA adapter {name!r}: {module}'s lora_a {tuple(a.shape)} and lora_b "
-                               f"{tuple(b.shape)} are not a rank-r pair")
+        a, b = checked_pair(name, module, pair, ("a", "b"))
+        if a.shape[0] < 1:  # (its scale divides by it)
+            raise AdapterError(f"LoRA adapter {name!r}: {module}'s lora_a and lora_b are of rank 0")
         projection = module.split(".")[-1]
         if arch in ROTARY_PERMUTED and projection in heads:
             if b.shape[0] % (2 * heads[projection]):
@@ -66,9 +64,6 @@ def read_gguf_adapter(name: str, path: Path, cfg: ModelConfig, max_rank: int | N
                                    f"model's {heads[projection]} heads (an adapter for another model?)")
             b = b[rotary_order(b.shape[0], heads[projection])]
         rank = a.shape[0]
-        if max_rank is not None and rank > max_rank:
-            raise AdapterError(f"LoRA adapter {name!r} has rank {rank}, more than --max-lora-rank {max_rank}")
+        check_rank(name, rank, max_rank)
         weights[module] = (a.contiguous(), (b * (alpha / rank if alpha else 1.0)).contiguous())
-    if not weights:
-        raise AdapterError(f"LoRA adapter {name!r}: {path} holds no LoRA tensors")
-    return LoRAAdapter(name, str(path), max(a.shape[0] for a, _ in weights.values()), weights)
+    return adapter_of(name, path, weights)

@@ -48,7 +48,7 @@ class LoRALinear:
 
     def __init__(self, base, rows: StepRows):
         self.base, self.rows = base, rows
-        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pairs: dict[int, tuple] = {}  # slot -> (A's linear layer, B's)
 
     def __getattr__(self, name):
         return getattr(self.base, name)

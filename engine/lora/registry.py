@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
-from engine.lora.adapter import AdapterError, LoRAAdapter, combined, read_adapter
+from engine.lora.adapter import LoRAAdapter, combined, read_adapter
+from engine.lora.errors import AdapterError
 from engine.lora.linear import LoRALinear, StepRows
 
 log = logging.getLogger("skipserve.lora")
