@@ -1,8 +1,9 @@
 """What a LoRA adapter's rows cost: decode tok/s of the served model (the preset as `make serve` runs
 it) with every row on the model, every row on one adapter, and half and half, at batch 1 and 16,
-measured side by side in one run (modes alternated each round, medians). A step with an adapter's
-row runs the per-op path (engine/lora), so the ratios are that path's cost plus the adapters' own
-products; the adapter is random, on every layer (by default rank 16 on all seven projections).
+measured side by side in one run (modes alternated each round, medians). On the CPU a decode step
+with an adapter's rows runs in the native decode step with the adapters' pairs in it, so the ratios
+are the adapters' own products (prefill is left out); the adapter is random, on every layer (by
+default rank 16 on all seven projections).
 
     .venv/bin/python bench/lora.py --out bench/out
 """

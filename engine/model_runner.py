@@ -201,6 +201,8 @@ class ModelRunner:
         # LoRA adapters: installed once the fused paths took the base projections (rows of no adapter keep them)
         if self.lora is not None:
             self.lora.wrap(self.model)
+            if self.model.fused_decode is not None:
+                self.model.fused_decode.serve_adapters(self.lora)
             for name, slot, adapter, pairs in adapters:
                 self.lora.install(slot, name, adapter, pairs)
         per_token = self.model.weight_bytes()
@@ -246,12 +248,16 @@ class ModelRunner:
         return self._forward(ids, meta, gate, adapters)
 
     def _forward(self, ids: torch.Tensor, meta: AttentionMetadata, gate, adapters: list[int] | None):
-        """The model's forward; with a row of a LoRA adapter, on its per-op path (the backend's
-        fused step runs the base projections) with each row's adapter applied."""
+        """The model's forward; with a row of a LoRA adapter, each row's adapter applied: a decode step
+        in the backend's fused step where it takes the adapters with this gate, else on the model's
+        per-op path (the backend's fused calls hold the base projections)."""
         if not any(adapters or ()):
             return self.model.forward(ids, meta, self.kv, gate)
         if self.lora is None:
             raise ValueError("no LoRA adapter is served (--lora-modules)")
+        fused = self.model.fused_decode
+        if not meta.is_prefill and fused is not None and fused.takes_adapters(gate):
+            return self.model.forward(ids, meta, self.kv, gate, adapters=adapters)
         if isinstance(gate, RuleGate):  # its FFNs on the running rows only: the row map follows them
             gate.row_state = self.lora.rows
         with self.lora.applied(adapters):

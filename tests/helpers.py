@@ -129,12 +129,13 @@ def assert_gguf_weights_equal_the_dense_conversion(gguf_path, hf_dir) -> tuple[d
     return weights, dense
 
 
-def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]], skips: int = 8, tolerance: float = 0.0):
-    """A dense decode step and steps whose gate skips FFNs (rows 0 and 2 skip `skips` layers, row 1 none)
+def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]], skips: int = 8, tolerance: float = 0.0,
+                                             adapters: list[int] | None = None):
+    """A dense decode step and steps whose gate skips FFNs (even rows skip `skips` layers, odd ones none)
     through the native layer calls give the per-op path's logits, K/V and skip counts to the bit (or,
     with a `tolerance`, logits and K/V within it: a mixture's routing weights, whose softmax the
     native code computes itself): FFN-SkipLLM's rule inside the one-call step, and the batch-aligned
-    rule through the per-layer branch calls."""
+    rule through the per-layer branch calls. `adapters`: each row's LoRA adapter slot."""
     runner, model = engine.runner, engine.runner.model
     fused = model.fused_decode
     if fused is None:
@@ -150,13 +151,14 @@ def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]], s
             runner.kv.v.copy_(v_before)
             model.fused_decode = fused if native else None  # None: the per-op path
             try:
-                hidden = runner.decode([p[-1] for p in prompts], [len(p) for p in prompts], tables, gate)
+                hidden = runner.decode([p[-1] for p in prompts], [len(p) for p in prompts], tables, gate, adapters)
             finally:
                 model.fused_decode = fused
             return runner.logits(hidden), runner.kv.k.clone(), runner.kv.v.clone(), gate.skip_counts(len(prompts))
 
-        def skipping_gate(policy):  # rows 0 and 2 may skip `skips` FFNs, firing at once; row 1 stays dense
-            return policy.make_gate([RowSkip(skips, 0.0), RowSkip(0, 0.0), RowSkip(skips, 0.0)], runner.device)
+        def skipping_gate(policy):  # even rows may skip `skips` FFNs, firing at once; odd ones stay dense
+            return policy.make_gate([RowSkip(skips if i % 2 == 0 else 0, 0.0) for i in range(len(prompts))],
+                                    runner.device)
 
         dense = [step(DenseGate(runner.num_layers), native) for native in (True, False)]
         skipped = [[step(skipping_gate(policy), native) for native in (True, False)] for policy in policies]
@@ -166,7 +168,7 @@ def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]], s
         assert counts1 == counts2
     assert not torch.equal(dense[0][1], k_before)  # the step did write its K/V
     for by_policy in skipped:
-        assert by_policy[0][3][0] == [skips, 0, skips]  # and the skipping steps did skip
+        assert by_policy[0][3][0] == [skips if i % 2 == 0 else 0 for i in range(len(prompts))]  # they did skip
         assert not torch.equal(by_policy[0][0], dense[0][0])
 
 

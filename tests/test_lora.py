@@ -19,7 +19,7 @@ from engine.lora.errors import AdapterError
 from engine.lora.registry import DEFAULT_ADAPTER
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from tests.conftest import ServerProcess, cpu_path_only, cuda_available
-from tests.helpers import engine_like, hf_model_of
+from tests.helpers import assert_layer_calls_equal_the_per_op_path, engine_like, hf_model_of
 from tests.lora_files import merged_model, write_adapter, write_gguf_adapter
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -101,6 +101,28 @@ def test_a_batch_mixes_adapters_and_the_model_row_by_row(lora_engine, chat_promp
     assert alone[0][0] != greedy(engine, asks[0][0], None, 32, skip)[0]  # (the adapter matters here)
 
 
+def test_adapter_rows_decode_in_the_native_step_with_the_per_op_paths_bits(lora_engine, chat_prompts, monkeypatch):
+    """Decode steps mixing rows of both adapters and of the model run in the native step, the adapters'
+    pairs inside its calls (decode_layers.cpp's LORA projections), and give the per-op path's logits,
+    K/V and skip counts to the bit: dense, and with FFN-SkipLLM's rule skipping inside the call (an
+    FFN's running rows gathered with their slots). Two rows of one adapter, apart."""
+    fused = lora_engine.runner.model.fused_decode
+    if fused is None:
+        pytest.skip("no native decode step here (no native GEMMs for these weights on this CPU)")
+    slots = lora_engine.lora.slots
+    native = []
+    real = fused.layers_step
+
+    def layers_step(*args):
+        native.append(args[-1] is not None and len(args) == 11)  # (x, 7 of the step, rule, table, slots)
+        return real(*args)
+
+    monkeypatch.setattr(fused, "layers_step", layers_step)
+    assert_layer_calls_equal_the_per_op_path(lora_engine, chat_prompts[:4],
+                                             adapters=[slots["ada"], 0, slots["qkv"], slots["ada"]])
+    assert native.count(True) == 2  # the dense step and the per-row rule's in the native call, with the adapters
+
+
 def test_cached_prefixes_are_never_shared_across_adapters(lora_engine, chat_prompts):
     """The same long prompt through an adapter, the model, the adapter again and another adapter:
     only the adapter's second request finds its K/V cached."""
@@ -110,7 +132,7 @@ def test_cached_prefixes_are_never_shared_across_adapters(lora_engine, chat_prom
 
 
 def test_an_adapter_answers_the_same_with_drafts_and_with_skips(lora_engine, chat_prompts):
-    """Speculative decoding checks an adapter's drafts as rows of the same step (the per-op path);
+    """Speculative decoding checks an adapter's drafts as rows of the same decode step;
     a skip budget skips FFNs of an adapter's rows."""
     prompt = chat_prompts[2]
     plain, _ = greedy(lora_engine, prompt, "ada", 32)

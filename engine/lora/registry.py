@@ -82,6 +82,7 @@ class LoRARegistry:
         self.adapters: dict[str, LoRAAdapter] = {}
         self._reserved: set[str] = set()  # names being loaded
         self._next_slot = 1
+        self.version = 0  # counts the changes to the installed pairs (a backend's tables built from them follow)
         self._parts = [projection_parts(layer, cfg) for layer in model.layers]  # per layer: attr -> (parts, in)
         self._linears: list[dict[str, LoRALinear]] = []  # per layer: attr -> its LoRALinear (`wrap`)
 
@@ -153,6 +154,7 @@ class LoRARegistry:
         """The pairs under `slot`, then the name published (no forward has a row of the slot before)."""
         for (i, attr), pair in pairs.items():
             self._linears[i][attr].pairs[slot] = pair
+        self.version += 1
         self.release(name)
         self.slots = {**self.slots, name: slot}
         self.adapters = {**self.adapters, name: adapter}
@@ -171,6 +173,7 @@ class LoRARegistry:
         for linears in self._linears:
             for linear in linears.values():
                 linear.pairs.pop(slot, None)
+        self.version += 1
         log.info("LoRA adapter slot %d removed", slot)
 
     def holds(self, slot: int) -> bool:

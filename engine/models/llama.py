@@ -114,14 +114,15 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache, gate,
-                per_op: bool = False) -> torch.Tensor:
+                per_op: bool = False, adapters: list[int] | None = None) -> torch.Tensor:
         """input_ids: [N] -> final hidden states [N, hidden] (normed); `gate` runs or skips each FFN.
         `per_op`: every projection through the layers' own objects, never the backend's fused calls
-        (which hold the base weights: a LoRA adapter's rows)."""
+        (LoRA adapters' rows where the fused decode step does not take them). `adapters`: each row's
+        LoRA adapter slot, for the fused decode step (which takes them: the runner asked)."""
         x = self.embed_tokens(input_ids)
         fused = None if per_op else self.fused_decode
         if fused is not None and not meta.is_prefill:
-            return self.final_norm(fused(x, meta, gate))
+            return self.final_norm(fused(x, meta, gate, adapters))
         ropes = {kind: rope(meta.positions) for kind, rope in self.ropes.items()}
         # the FFN branches: the backend's where it has its own for a forward (a mixture's experts in
         # one native call; adapters leave experts alone), else (None) the layers' own

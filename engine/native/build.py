@@ -55,9 +55,9 @@ SIGNATURES = {
     "rope_f32": [_ptr, _ptr, _ptr, ctypes.c_int64, _int, _int, ctypes.c_int64, ctypes.c_int64, _int],
     # x, layer_rows, layers, cos, sin, cos_local, sin_local, block_tables, lengths, rows, hidden, heads,
     # kv_heads, head_dim, inter, block_size, max_blocks, eps, scale, softcap, cache_bits, threads, then the skip
-    # rule (or None): max_skips, thresholds, first_hot, last_hot, skipped
+    # rule (or None): max_skips, thresholds, first_hot, last_hot, skipped; then the rows' LoRA slots (or None)
     "decode_layers": [_ptr, _ptr, _int] + [_ptr] * 6 + [_int] * 8 + [_float, _float, _float, _int, _int]
-    + [_ptr, _ptr, _int, _int, _ptr],
+    + [_ptr, _ptr, _int, _int, _ptr, _ptr],
     # x, layer_row, cos, sin, cos_local, sin_local, block_tables, lengths, out, rows, hidden, heads, kv_heads,
     # head_dim, block_size, max_blocks, eps, scale, softcap, cache_bits, threads
     "layer_attention_branch": [_ptr] * 9 + [_int] * 7 + [_float, _float, _float, _int, _int],

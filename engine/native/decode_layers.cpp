@@ -104,13 +104,13 @@ void norm_in_place(float* x, int64_t weight, int64_t rows, int dim, float eps, i
 void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const Rope& rope,
                       const int32_t* block_tables, const int32_t* lengths, float* out, int rows, int hidden,
                       int heads, int kv_heads, int head_dim, int block_size, int max_blocks, float eps, float scale,
-                      float softcap, int cache_bits, int threads) {
+                      float softcap, int cache_bits, int threads, const int32_t* slots) {
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
     const float* cos = rope.cos[p.rope];
     const float* sin = rope.sin[p.rope];
     const int turned = static_cast<int>(p.rotary_dim);
     rms_norm_f32(x, ptr<float>(p.attn_norm), s.normed.data(), rows, hidden, eps, threads);
-    linear(p.qkv, s.normed.data(), s.qkv.data(), rows, hidden, qkv_width, threads);
+    linear(p.qkv, s.normed.data(), s.qkv.data(), rows, hidden, qkv_width, threads, slots);
     if (p.q_norm) {  // per-head norms before the rotation: q and k apart
         copy_columns(s.qkv.data(), rows, qkv_width, 0, q_width, s.q.data());
         copy_columns(s.qkv.data(), rows, qkv_width, q_width, kv_width, s.k.data());
@@ -128,13 +128,13 @@ void attention_branch(const float* x, const LayerRow& p, DecodeScratch& s, const
                          reinterpret_cast<void*>(p.v_cache), block_tables, lengths, s.attn.data(), rows, heads,
                          kv_heads, head_dim, block_size, max_blocks, static_cast<int>(p.window), scale, softcap,
                          ptr<float>(p.sinks), cache_bits, threads);
-    linear(p.o_proj, s.attn.data(), out, rows, q_width, hidden, threads);
+    linear(p.o_proj, s.attn.data(), out, rows, q_width, hidden, threads, slots);
     norm_in_place(out, p.attn_out_norm, rows, hidden, eps, threads);
 }
 
 // out [rows, hidden] = the FFN branch of one layer: the branch the skip gate runs or skips.
 void ffn_branch(const float* h, const LayerRow& p, DecodeScratch& s, float* out, int rows, int hidden, int inter,
-                float eps, int threads) {
+                float eps, int threads, const int32_t* slots) {
     rms_norm_f32(h, ptr<float>(p.ffn_norm), s.normed.data(), rows, hidden, eps, threads);
     if (p.num_experts > 0) {
         routed_experts_f32(s.normed.data(), reinterpret_cast<const int64_t*>(&p.gate_up), ptr<int64_t>(p.experts),
@@ -145,13 +145,13 @@ void ffn_branch(const float* h, const LayerRow& p, DecodeScratch& s, float* out,
         norm_in_place(out, p.ffn_out_norm, rows, hidden, eps, threads);
         return;
     }
-    linear(p.gate_up, s.normed.data(), s.gate_up.data(), rows, hidden, 2 * inter, threads);
+    linear(p.gate_up, s.normed.data(), s.gate_up.data(), rows, hidden, 2 * inter, threads, slots);
     if (p.activation == LayerRow::GELU_TANH) {
         gelu_tanh_mul_f32(s.gate_up.data(), s.act.data(), rows, inter, threads);
     } else {
         silu_mul_f32(s.gate_up.data(), s.act.data(), rows, inter, threads);
     }
-    linear(p.down, s.act.data(), out, rows, inter, hidden, threads);
+    linear(p.down, s.act.data(), out, rows, inter, hidden, threads, slots);
     norm_in_place(out, p.ffn_out_norm, rows, hidden, eps, threads);
 }
 
@@ -167,13 +167,14 @@ extern "C" void layer_attention_branch(const float* x, const int64_t* row, const
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, 0);
     const Rope rope{{cos, cos_local}, {sin, sin_local}};
     attention_branch(x, *reinterpret_cast<const LayerRow*>(row), s, rope, block_tables, lengths, out, rows, hidden,
-                     heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, softcap, cache_bits, threads);
+                     heads, kv_heads, head_dim, block_size, max_blocks, eps, scale, softcap, cache_bits, threads,
+                     nullptr);
 }
 
 extern "C" void layer_ffn_branch(const float* h, const int64_t* row, float* out, int rows, int hidden, int inter,
                                  float eps, int threads) {
     DecodeScratch s(rows, hidden, 0, 0, inter);
-    ffn_branch(h, *reinterpret_cast<const LayerRow*>(row), s, out, rows, hidden, inter, eps, threads);
+    ffn_branch(h, *reinterpret_cast<const LayerRow*>(row), s, out, rows, hidden, inter, eps, threads, nullptr);
 }
 
 namespace {
@@ -202,19 +203,21 @@ double residual_cosine(const float* h, const float* delta, int n) {
 // last_hot) a row that may still fire (max_skips > 0, not yet fired) fires when cos(h, out) of
 // layer l - 1 exceeds its threshold, then skips its next max_skips FFNs. Only the rows that run an
 // FFN are gathered and computed; a layer no row needs reads none of its FFN weights. skipped
-// [layers, rows] is set to 1 where a row skipped.
+// [layers, rows] is set to 1 where a row skipped. slots [rows]: each row's LoRA adapter slot, for
+// the projections the table gives as LORA WeightRefs (null: no row has an adapter).
 extern "C" void decode_layers(float* x, const int64_t* layer_rows, int layers, const float* cos, const float* sin,
                               const float* cos_local, const float* sin_local, const int32_t* block_tables,
                               const int32_t* lengths, int rows, int hidden, int heads, int kv_heads, int head_dim,
                               int inter, int block_size, int max_blocks, float eps, float scale, float softcap,
                               int cache_bits, int threads, const int32_t* max_skips, const float* thresholds, int first_hot,
-                              int last_hot, uint8_t* skipped) {
+                              int last_hot, uint8_t* skipped, const int32_t* slots) {
     const LayerRow* rows_of_layers = reinterpret_cast<const LayerRow*>(layer_rows);
     const Rope rope{{cos, cos_local}, {sin, sin_local}};
     const int64_t n = static_cast<int64_t>(rows) * hidden;
     DecodeScratch s(rows, hidden, heads * head_dim, kv_heads * head_dim, inter);
     std::vector<float> delta(n), gathered(n);
     std::vector<int> armed(rows), remaining(rows, 0), run;
+    std::vector<int32_t> run_slots(slots ? rows : 0);
     std::vector<double> prev_cos(rows, -2.0);
     int still_armed = 0;
     for (int r = 0; r < rows; ++r) still_armed += armed[r] = max_skips != nullptr && max_skips[r] > 0;
@@ -222,7 +225,7 @@ extern "C" void decode_layers(float* x, const int64_t* layer_rows, int layers, c
     for (int l = 0; l < layers; ++l) {
         const LayerRow& p = rows_of_layers[l];
         attention_branch(x, p, s, rope, block_tables, lengths, delta.data(), rows, hidden, heads,
-                         kv_heads, head_dim, block_size, max_blocks, eps, scale, softcap, cache_bits, threads);
+                         kv_heads, head_dim, block_size, max_blocks, eps, scale, softcap, cache_bits, threads, slots);
         add_into(x, delta.data(), n);  // x is h from here
         const bool hot = l >= first_hot && l <= last_hot;
         run.clear();
@@ -242,13 +245,17 @@ extern "C" void decode_layers(float* x, const int64_t* layer_rows, int layers, c
         if (run.empty()) continue;  // no row needs this FFN
         const int m = static_cast<int>(run.size());
         const float* h = x;
-        if (m < rows) {  // the running rows, gathered
-            for (int i = 0; i < m; ++i)
-                std::memcpy(gathered.data() + static_cast<int64_t>(i) * hidden, x + static_cast<int64_t>(run[i]) * hidden,
-                            sizeof(float) * hidden);
+        const int32_t* h_slots = slots;
+        if (m < rows) {  // the running rows, gathered (with their adapter slots)
+            for (int i = 0; i < m; ++i) {
+                std::memcpy(gathered.data() + static_cast<int64_t>(i) * hidden,
+                            x + static_cast<int64_t>(run[i]) * hidden, sizeof(float) * hidden);
+                if (slots) run_slots[i] = slots[run[i]];
+            }
             h = gathered.data();
+            if (slots) h_slots = run_slots.data();
         }
-        ffn_branch(h, p, s, delta.data(), m, hidden, inter, eps, threads);
+        ffn_branch(h, p, s, delta.data(), m, hidden, inter, eps, threads, h_slots);
         const bool record = still_armed > 0 && (hot ? l < last_hot : l == first_hot - 1);
         for (int i = 0; i < m; ++i) {
             float* xr = x + static_cast<int64_t>(run[i]) * hidden;

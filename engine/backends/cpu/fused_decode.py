@@ -12,6 +12,8 @@ skip gate to choose between.
 Same kernels as the per-op path, so the same bits (a mixture's routing weights, gpt-oss's clamped
 SwiGLU and Qwen2-MoE's shared gate excepted: the native code computes them itself, see
 routed_experts.cpp). Built once per model and KV cache (the layer table holds their addresses).
+Rows of LoRA adapters run in the same calls: a second table gives each projection an adapter
+changes with its adapters' pairs (weight_ref.h's LORA kind), each row's slot passed with the step.
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ import torch
 
 from engine.backends.cpu.linear import Linear
 from engine.backends.cpu.quant_linear import ConcatLinear, QuantLinear
+from engine.lora.linear import LoRALinear
 from engine.native import kernels
 from engine.native.ops import cache_bits, cache_dtypes, check_decode_lengths
 from engine.skip.base import RuleGate
 
-DENSE, QUANTIZED, PARTS = 0, 1, 2  # decode_layers.cpp's WeightRef kinds
+DENSE, QUANTIZED, PARTS, LORA = 0, 1, 2, 3  # decode_layers.cpp's WeightRef kinds
 LAYER_COLUMNS = 12  # a LayerRow's columns before its WeightRefs
 REF_COLUMNS = 10  # a WeightRef's
 # a LayerRow's columns after its WeightRefs: the attention's sinks, then a mixture's experts
@@ -95,7 +98,20 @@ def weight_ref(linear, keep: list | None = None) -> list[int] | None:
     """decode_layers.cpp's WeightRef of a projection (kind, kernel, weight, scale, offset, bias,
     bits, group, scale_bits, table), or None where its kernel has no native entry point (oneDNN). Row
     blocks of several layouts (ConcatLinear) point to a table of their parts' widths and WeightRefs,
-    appended to `keep`, which must outlive the reference."""
+    appended to `keep`, which must outlive the reference; so does a projection with LoRA adapters
+    (the base's WeightRef, and each adapter's slot, rank and pairs' WeightRefs, the pairs kept too)."""
+    if isinstance(linear, LoRALinear):
+        base, adapters = weight_ref(linear.base, keep), list(linear.pairs.items())
+        if not adapters or base is None:
+            return base
+        refs = [(slot, a.out_features, weight_ref(a), weight_ref(b)) for slot, (a, b) in adapters]
+        if any(a is None or b is None for _, _, a, b in refs):
+            return None
+        base_ref = torch.tensor(base, dtype=torch.int64)
+        table = torch.tensor([[slot, rank, *a, *b] for slot, rank, a, b in refs], dtype=torch.int64)
+        if keep is not None:
+            keep += [base_ref, table, adapters]
+        return [LORA, 0, base_ref.data_ptr(), len(refs), table.data_ptr(), 0, 0, 0, 0, 0]
     if isinstance(linear, Linear) and linear.backend == "native":
         return [DENSE, ctypes.cast(linear.kernel, ctypes.c_void_p).value, _address(linear.weight), 0, 0,
                 _address(linear.bias), 0, 0, 0, 0]
@@ -124,6 +140,8 @@ class FusedDecode:
         self.table = torch.tensor([layer_row(layer, kv.k[i], kv.v[i], self.part_tables)
                                    for i, layer in enumerate(layers)], dtype=torch.int64)
         self.layers = layers  # the table points into their tensors
+        self.lora = None  # the served adapters (LoRARegistry), once `serve_adapters` named them
+        self._adapter_table: tuple[int, torch.Tensor | None, list] | None = None  # (their version, table, kept)
         # the dense FFN's width, for the step's scratch buffers (a mixture's experts keep their own)
         self.inter = 0 if all(hasattr(layer, "experts") for layer in layers) else model.cfg.intermediate_size
         self.ffns = [functools.partial(self.ffn_branch, i) for i in range(len(layers))]
@@ -144,10 +162,44 @@ class FusedDecode:
                 and len({(layer.scale, layer.softcap) for layer in layers}) == 1
                 and all(weight_ref(lin) is not None for lin in linears))
 
-    def __call__(self, x: torch.Tensor, meta, gate) -> torch.Tensor:
-        """x: [rows, hidden] embeddings of a decode step -> the last layer's output (not normed)."""
+    def serve_adapters(self, registry) -> None:
+        """Rows of the registry's adapters may come (the projections are its LoRALinears from now on)."""
+        self.lora = registry
+
+    def takes_adapters(self, gate) -> bool:
+        """Whether a step with rows of adapters runs here with this gate: in one call (no gate acting per
+        layer, or FFN-SkipLLM's rule), every adapter's pairs on native kernels."""
+        one_call = not gate.acts_per_layer or (isinstance(gate, RuleGate) and gate.quorum is None)
+        return one_call and self.lora is not None and self._adapters()[1] is not None
+
+    def _adapters(self) -> tuple[int, torch.Tensor | None, list]:
+        """The layer table with the adapters' pairs (None where a pair has no native kernel), rebuilt
+        when the served adapters changed (their pairs kept alive while it points to them)."""
+        version = self.lora.version
+        if self._adapter_table is None or self._adapter_table[0] != version:
+            self._adapter_table = None  # the previous pairs go before the new table is built
+            keep: list = []
+            pairs = [m for layer in self.layers for lin in (layer.qkv, layer.o_proj, getattr(layer, "gate_up", None),
+                                                            getattr(layer, "down", None))
+                     if isinstance(lin, LoRALinear) for pair in list(lin.pairs.values()) for m in pair]
+            table = None
+            if all(weight_ref(m) is not None for m in pairs):
+                table = torch.tensor([layer_row(layer, self.kv.k[i], self.kv.v[i], keep)
+                                      for i, layer in enumerate(self.layers)], dtype=torch.int64)
+            self._adapter_table = (version, table, keep)
+        return self._adapter_table
+
+    def __call__(self, x: torch.Tensor, meta, gate, adapters: list[int] | None = None) -> torch.Tensor:
+        """x: [rows, hidden] embeddings of a decode step -> the last layer's output (not normed);
+        `adapters`: each row's LoRA adapter slot (0: none), where a row has one (`takes_adapters`)."""
         tables = [t[:, 0].contiguous() for rope in self.ropes for t in rope(meta.positions)]  # cos, sin of each
         step = (*tables, meta.block_tables, meta.context_lens, meta.max_context_len)
+        if self._adapter_table is not None and self._adapter_table[0] != self.lora.version:
+            self._adapter_table = None  # an adapter removed: its weights go now, not at the next adapter's row
+        if adapters is not None:
+            assert self.takes_adapters(gate)
+            rule = gate if gate.acts_per_layer else None
+            return self.layers_step(x, *step, rule, self._adapters()[1], torch.tensor(adapters, dtype=torch.int32))
         if not gate.acts_per_layer:
             return self.layers_step(x, *step)
         if isinstance(gate, RuleGate) and gate.quorum is None:  # FFN-SkipLLM's rule, run inside the native step
@@ -187,10 +239,12 @@ class FusedDecode:
 
     def layers_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cos_local: torch.Tensor,
                     sin_local: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor, longest: int,
-                    gate: RuleGate | None = None) -> torch.Tensor:
+                    gate: RuleGate | None = None, table: torch.Tensor | None = None,
+                    slots: torch.Tensor | None = None) -> torch.Tensor:
         """Every layer in one call: every FFN (no gate), or FFN-SkipLLM's rule (the gate's rows, first
         and last hot layer) deciding per row and layer inside it, the gate then reporting what it
-        skipped. x: [rows, hidden] fp32, updated in place and returned."""
+        skipped. x: [rows, hidden] fp32, updated in place and returned. `table`, `slots`: the layer
+        table with the adapters' pairs and each row's slot (int32), for a step with adapter rows."""
         cfg = self.cfg
         check_decode_lengths(longest, block_tables, self.kv.block_size)
         rows = x.shape[0]
@@ -203,13 +257,14 @@ class FusedDecode:
             thresholds = torch.tensor([r.threshold for r in gate.rows], dtype=torch.float32)
             skipped = torch.empty(len(self.layers), rows, dtype=torch.uint8)
             first_hot, last_hot = gate.first_hot, gate.last_hot
+        table = self.table if table is None else table
         kernels().decode_layers(
-            x.data_ptr(), self.table.data_ptr(), len(self.layers), cos.data_ptr(), sin.data_ptr(),
-            cos_local.data_ptr(), sin_local.data_ptr(), block_tables.data_ptr(), lengths.data_ptr(), rows,
+            x.data_ptr(), table.data_ptr(), len(self.layers), cos.data_ptr(), sin.data_ptr(), cos_local.data_ptr(),
+            sin_local.data_ptr(), block_tables.data_ptr(), lengths.data_ptr(), rows,
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.inter,
             self.kv.block_size, block_tables.shape[1], cfg.rms_norm_eps, self.scale, self.softcap,
             cache_bits(self.kv.k), torch.get_num_threads(),
-            _address(max_skips), _address(thresholds), first_hot, last_hot, _address(skipped))
+            _address(max_skips), _address(thresholds), first_hot, last_hot, _address(skipped), _address(slots))
         if gate is not None:
             gate.count_with(StepSkips(skipped.bool()))
         return x
