@@ -311,8 +311,11 @@ class AsyncEngine:
         engine = self.engine
         if engine is None:
             return {"running": 0, "waiting": 0, "kv_usage": 0.0, "kv_cache_bytes": 0, "time": time.time()}
-        return {"running": engine.num_running, "waiting": engine.num_waiting, "kv_usage": engine.kv_usage(),
+        snap = {"running": engine.num_running, "waiting": engine.num_waiting, "kv_usage": engine.kv_usage(),
                 "kv_cache_bytes": engine.runner.kv.nbytes, "time": time.time()}
+        if engine.lora is not None:  # the adapters in flight, and how many are served (all may share a batch)
+            snap["lora"] = (*engine.adapters_in_flight(), len(engine.adapters))
+        return snap
 
 
 class RequestStream:

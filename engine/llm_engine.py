@@ -169,6 +169,17 @@ class LLMEngine:
         files together), if any."""
         return DEFAULT_ADAPTER if self.lora is not None and DEFAULT_ADAPTER in self.lora.slots else None
 
+    def adapters_in_flight(self) -> tuple[list[str], list[str]]:
+        """The adapters of the running sequences and of the waiting ones, by name (one unloaded while its
+        sequences run keeps its name here; llama-server's --lora ones are the model's). Any thread."""
+        names = {} if self.lora is None else self.lora.names
+
+        def of(sequences) -> list[str]:
+            return sorted({names.get(s.lora_slot, DEFAULT_ADAPTER) for s in sequences if s.lora_slot}
+                          - {DEFAULT_ADAPTER})
+
+        return of(list(self.scheduler.running)), of(list(self.scheduler.waiting))
+
     def _lora_slot(self, name: str | None) -> int:
         if name is None:
             return 0

@@ -52,6 +52,14 @@ class EngineCollector:
                                 f"Decode throughput over the last {THROUGHPUT_WINDOW_S:.0f} s.", self.throughput())
         yield GaugeMetricFamily(P + "kv_cache_bytes", "KV cache memory, allocated at load (bytes; 0 before).",
                                 snap["kv_cache_bytes"])
+        if "lora" in snap:  # vLLM's LoRA info gauge: the adapters in its labels, the time as its value
+            running, waiting, served = snap["lora"]
+            info = GaugeMetricFamily(P + "lora_requests_info", "LoRA adapters of the running and waiting requests "
+                                     "(comma-separated names); max_lora: the adapters served, any of which may share "
+                                     "a batch. The value is the scrape's Unix time.",
+                                     labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            info.add_metric([str(served), ",".join(running), ",".join(waiting)], snap["time"])
+            yield info
         prompt = CounterMetricFamily(P + "prompt_tokens", "Prefilled prompt tokens.")
         cached = CounterMetricFamily(P + "prefix_cache_hit_tokens",
                                      "Prompt tokens not prefilled: their K/V came from the prefix cache.")

@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import re
+import time
 
 import httpx
 import numpy as np
@@ -287,15 +288,26 @@ def test_adapters_load_and_unload_while_serving(lora_server, adapters, tmp_path)
     assert unload("late").status_code == 200
 
 
+def lora_info(url: str) -> tuple[dict[str, str], float]:
+    """The labels and value of the server's `lora_requests_info` gauge (vLLM's)."""
+    lines = [line for line in httpx.get(url + "/metrics", timeout=5).text.splitlines()
+             if line.startswith("skipserve:lora_requests_info{")]
+    assert len(lines) == 1, lines
+    return dict(re.findall(r'(\w+)="([^"]*)"', lines[0])), float(lines[0].split()[-1])
+
+
 @cpu_path_only
 def test_an_adapter_unloaded_mid_answer_finishes_that_answer(lora_server, adapters):
+    """The answer streams on to its end with the adapter it began with; the LoRA info gauge names the
+    adapter while its request runs, unloaded or not, and counts the adapters served."""
     url = lora_server.url
     assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "brief",
                                                            "lora_path": str(adapters["ada"])}).status_code == 200
+    served = len(httpx.get(url + "/v1/models").json()["data"]) - 1  # (the model's card, then each adapter's)
     expected = chat(url, "ada", max_tokens=64, ignore_eos=True, logprobs=False).json()["choices"][0]["message"]
     body = {"model": "brief", "messages": QUESTION, "max_tokens": 64, "temperature": 0, "ignore_eos": True,
             "stream": True}
-    text = ""
+    text, info = "", []
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if not line.startswith("data: {"):
@@ -303,9 +315,17 @@ def test_an_adapter_unloaded_mid_answer_finishes_that_answer(lora_server, adapte
             chunk = json.loads(line[6:])
             text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
             if text and "unloaded" not in body:
+                info.append(lora_info(url))
                 body["unloaded"] = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "brief"}).status_code
+                info.append(lora_info(url))
     assert body["unloaded"] == 200 and text == expected["content"]
     assert chat(url, "brief").status_code == 404
+    info.append(lora_info(url))
+    assert [labels for labels, _ in info] == [
+        {"max_lora": str(served), "running_lora_adapters": "brief", "waiting_lora_adapters": ""},
+        {"max_lora": str(served - 1), "running_lora_adapters": "brief", "waiting_lora_adapters": ""},
+        {"max_lora": str(served - 1), "running_lora_adapters": "", "waiting_lora_adapters": ""}]
+    assert all(abs(value - time.time()) < 120 for _, value in info)  # (vLLM's value: the time)
 
 
 def test_the_run_time_routes_are_off_unless_asked_for(server):

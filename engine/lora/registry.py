@@ -79,6 +79,7 @@ class LoRARegistry:
         self.cfg = cfg
         self.rows = StepRows(device)
         self.slots: dict[str, int] = {}
+        self.names: dict[int, str] = {}  # slot -> the name it was served under, until its pairs are removed
         self.adapters: dict[str, LoRAAdapter] = {}
         self._reserved: set[str] = set()  # names being loaded
         self._next_slot = 1
@@ -155,6 +156,7 @@ class LoRARegistry:
         for (i, attr), pair in pairs.items():
             self._linears[i][attr].pairs[slot] = pair
         self.version += 1
+        self.names = {**self.names, slot: name}
         self.release(name)
         self.slots = {**self.slots, name: slot}
         self.adapters = {**self.adapters, name: adapter}
@@ -174,6 +176,7 @@ class LoRARegistry:
             for linear in linears.values():
                 linear.pairs.pop(slot, None)
         self.version += 1
+        self.names = {s: n for s, n in self.names.items() if s != slot}
         log.info("LoRA adapter slot %d removed", slot)
 
     def holds(self, slot: int) -> bool:
