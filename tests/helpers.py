@@ -135,7 +135,8 @@ def assert_layer_calls_equal_the_per_op_path(engine, prompts: list[list[int]], s
     through the native layer calls give the per-op path's logits, K/V and skip counts to the bit (or,
     with a `tolerance`, logits and K/V within it: a mixture's routing weights, whose softmax the
     native code computes itself): FFN-SkipLLM's rule inside the one-call step, and the batch-aligned
-    rule through the per-layer branch calls. `adapters`: each row's LoRA adapter slot."""
+    rule through the per-layer branch calls. `adapters`: each row's LoRA adapter slot (the batch-aligned
+    rule's steps with adapters run the per-op path both ways: it is compared with itself there)."""
     runner, model = engine.runner, engine.runner.model
     fused = model.fused_decode
     if fused is None:

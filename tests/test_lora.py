@@ -6,10 +6,12 @@ those that refuse one."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import re
 import time
+import weakref
 
 import httpx
 import numpy as np
@@ -342,6 +344,9 @@ def test_an_unloaded_adapters_weights_go_once_its_last_sequence_ends(lora_engine
     lora_engine.add_request("going-1", chat_prompts[1], SamplingParams(max_tokens=12, temperature=0.0,
                                                                        adapter="going"))
     made = [t for out in lora_engine.step()[0] for t in out.token_ids]
+    slot = registry.slots["going"]
+    weights = [weakref.ref(m.weight) for linears in registry._linears for linear in linears.values()
+               for m in linear.pairs.get(slot, ())]
     slot = registry.withdraw("going")
     lora_engine.retire_adapter(slot)
     with pytest.raises(InvalidParamError, match="no LoRA adapter named 'going'"):
@@ -350,6 +355,8 @@ def test_an_unloaded_adapters_weights_go_once_its_last_sequence_ends(lora_engine
     while lora_engine.has_work:
         made += [t for out in lora_engine.step()[0] for t in out.token_ids]
     assert made == expected and not registry.holds(slot)
+    gc.collect()
+    assert weights and not [w for w in weights if w() is not None]  # (nor does a table of the native step hold them)
 
 
 # ---- llama.cpp's adapters ---------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ their rows, zeros where it leaves a module alone), and the rows of a forward ass
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,7 +85,10 @@ class LoRARegistry:
         self.adapters: dict[str, LoRAAdapter] = {}
         self._reserved: set[str] = set()  # names being loaded
         self._next_slot = 1
-        self.version = 0  # counts the changes to the installed pairs (a backend's tables built from them follow)
+        # counts the loads (a backend's tables built from the pairs follow; `install` runs on any thread)
+        self.version = 0
+        self._version_lock = threading.Lock()
+        self.on_remove: list[Callable[[], None]] = []  # called once a slot's pairs are gone (engine thread)
         self._parts = [projection_parts(layer, cfg) for layer in model.layers]  # per layer: attr -> (parts, in)
         self._linears: list[dict[str, LoRALinear]] = []  # per layer: attr -> its LoRALinear (`wrap`)
 
@@ -155,7 +160,8 @@ class LoRARegistry:
         """The pairs under `slot`, then the name published (no forward has a row of the slot before)."""
         for (i, attr), pair in pairs.items():
             self._linears[i][attr].pairs[slot] = pair
-        self.version += 1
+        with self._version_lock:
+            self.version += 1
         self.names = {**self.names, slot: name}
         self.release(name)
         self.slots = {**self.slots, name: slot}
@@ -175,7 +181,8 @@ class LoRARegistry:
         for linears in self._linears:
             for linear in linears.values():
                 linear.pairs.pop(slot, None)
-        self.version += 1
+        for forget in self.on_remove:
+            forget()
         self.names = {s: n for s, n in self.names.items() if s != slot}
         log.info("LoRA adapter slot %d removed", slot)
 

@@ -123,6 +123,7 @@ class LlamaModel:
         fused = None if per_op else self.fused_decode
         if fused is not None and not meta.is_prefill:
             return self.final_norm(fused(x, meta, gate, adapters))
+        assert adapters is None, "adapters go to the fused decode step (else: per_op, in LoRARegistry.applied)"
         ropes = {kind: rope(meta.positions) for kind, rope in self.ropes.items()}
         # the FFN branches: the backend's where it has its own for a forward (a mixture's experts in
         # one native call; adapters leave experts alone), else (None) the layers' own

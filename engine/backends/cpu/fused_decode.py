@@ -60,20 +60,24 @@ def _address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def layer_row(layer, k_cache: torch.Tensor, v_cache: torch.Tensor, keep: list) -> list[int]:
+def layer_row(layer, k_cache: torch.Tensor, v_cache: torch.Tensor, keep: list) -> list[int] | None:
     """decode_layers.cpp's LayerRow of a layer: activation, window, rotary table and width, the six norms,
     the caches, then the projections' WeightRefs and a mixture's experts (`keep` holds the tables they
-    point to)."""
+    point to); None where a projection has no native entry point (`weight_ref`)."""
     activation, norms = LAYER_KINDS[layer.kind]
     head = ([activation, layer.window or 0, int(layer.rope_kind == "local"), layer.cfg.rotary_dim]
             + [_address(getattr(layer, name) if name else None) for name in norms]
             + [k_cache.data_ptr(), v_cache.data_ptr()])
     assert len(head) == LAYER_COLUMNS
-    attention = [v for lin in (layer.qkv, layer.o_proj) for v in weight_ref(lin, keep)]
+    refs = [weight_ref(lin, keep) for lin in (layer.qkv, layer.o_proj)]
+    if not hasattr(layer, "experts"):
+        refs += [weight_ref(layer.gate_up, keep), weight_ref(layer.down, keep)]
+    if None in refs:
+        return None
+    attention = refs[0] + refs[1]
     sinks = _address(getattr(layer, "sinks", None))
     if not hasattr(layer, "experts"):
-        ffn = weight_ref(layer.gate_up, keep) + weight_ref(layer.down, keep)
-        return head + attention + ffn + [sinks] + [0] * (len(TAIL_COLUMNS) - 1)
+        return head + attention + refs[2] + refs[3] + [sinks] + [0] * (len(TAIL_COLUMNS) - 1)
     experts = torch.tensor([weight_ref(gate_up, keep) + weight_ref(down, keep) for gate_up, down in layer.experts],
                            dtype=torch.int64)
     keep.append(experts)
@@ -141,7 +145,8 @@ class FusedDecode:
                                    for i, layer in enumerate(layers)], dtype=torch.int64)
         self.layers = layers  # the table points into their tensors
         self.lora = None  # the served adapters (LoRARegistry), once `serve_adapters` named them
-        self._adapter_table: tuple[int, torch.Tensor | None, list] | None = None  # (their version, table, kept)
+        # the layer table with their pairs: (their version, the table or None, what it points to)
+        self._adapter_table: tuple[int, torch.Tensor | None, list] | None = None
         # the dense FFN's width, for the step's scratch buffers (a mixture's experts keep their own)
         self.inter = 0 if all(hasattr(layer, "experts") for layer in layers) else model.cfg.intermediate_size
         self.ffns = [functools.partial(self.ffn_branch, i) for i in range(len(layers))]
@@ -165,6 +170,12 @@ class FusedDecode:
     def serve_adapters(self, registry) -> None:
         """Rows of the registry's adapters may come (the projections are its LoRALinears from now on)."""
         self.lora = registry
+        registry.on_remove.append(self.forget_adapters)
+
+    def forget_adapters(self) -> None:
+        """An adapter's pairs were removed: the table that points to them goes now, and its weights with
+        it (the next step with an adapter's row builds the table again). The engine thread, between steps."""
+        self._adapter_table = None
 
     def takes_adapters(self, gate) -> bool:
         """Whether a step with rows of adapters runs here with this gate: in one call (no gate acting per
@@ -173,19 +184,14 @@ class FusedDecode:
         return one_call and self.lora is not None and self._adapters()[1] is not None
 
     def _adapters(self) -> tuple[int, torch.Tensor | None, list]:
-        """The layer table with the adapters' pairs (None where a pair has no native kernel), rebuilt
-        when the served adapters changed (their pairs kept alive while it points to them)."""
+        """The layer table with the adapters' pairs (None where a pair has no native kernel), built
+        again when one was loaded since (their pairs kept alive while it points to them)."""
         version = self.lora.version
         if self._adapter_table is None or self._adapter_table[0] != version:
             self._adapter_table = None  # the previous pairs go before the new table is built
             keep: list = []
-            pairs = [m for layer in self.layers for lin in (layer.qkv, layer.o_proj, getattr(layer, "gate_up", None),
-                                                            getattr(layer, "down", None))
-                     if isinstance(lin, LoRALinear) for pair in list(lin.pairs.values()) for m in pair]
-            table = None
-            if all(weight_ref(m) is not None for m in pairs):
-                table = torch.tensor([layer_row(layer, self.kv.k[i], self.kv.v[i], keep)
-                                      for i, layer in enumerate(self.layers)], dtype=torch.int64)
+            rows = [layer_row(layer, self.kv.k[i], self.kv.v[i], keep) for i, layer in enumerate(self.layers)]
+            table = None if None in rows else torch.tensor(rows, dtype=torch.int64)
             self._adapter_table = (version, table, keep)
         return self._adapter_table
 
@@ -194,8 +200,6 @@ class FusedDecode:
         `adapters`: each row's LoRA adapter slot (0: none), where a row has one (`takes_adapters`)."""
         tables = [t[:, 0].contiguous() for rope in self.ropes for t in rope(meta.positions)]  # cos, sin of each
         step = (*tables, meta.block_tables, meta.context_lens, meta.max_context_len)
-        if self._adapter_table is not None and self._adapter_table[0] != self.lora.version:
-            self._adapter_table = None  # an adapter removed: its weights go now, not at the next adapter's row
         if adapters is not None:
             assert self.takes_adapters(gate)
             rule = gate if gate.acts_per_layer else None
