@@ -104,15 +104,21 @@ def test_a_batch_mixes_adapters_and_the_model_row_by_row(lora_engine, chat_promp
     assert alone[0][0] != greedy(engine, asks[0][0], None, 32, skip)[0]  # (the adapter matters here)
 
 
-def test_adapter_rows_decode_in_the_native_step_with_the_per_op_paths_bits(lora_engine, chat_prompts, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_adapter_rows_decode_in_the_native_step_with_the_per_op_paths_bits(lora_engine, chat_prompts, monkeypatch,
+                                                                            dtype):
     """Decode steps mixing rows of both adapters and of the model run in the native step, the adapters'
     pairs inside its calls (decode_layers.cpp's LORA projections), and give the per-op path's logits,
     K/V and skip counts to the bit: dense, and with FFN-SkipLLM's rule skipping inside the call (an
-    FFN's running rows gathered with their slots). Two rows of one adapter, apart."""
-    fused = lora_engine.runner.model.fused_decode
+    FFN's running rows gathered with their slots). Two rows of one adapter, apart. fp32 weights, and
+    the GGUF's quantized ones as served (dtype auto)."""
+    engine = lora_engine if dtype == "float32" else engine_like(lora_engine, dtype=dtype)
+    if dtype == "auto" and not engine.runner.quantized:
+        pytest.skip("no quantized kernel for this CPU (x86-64-v3 or newer) or no native library")
+    fused = engine.runner.model.fused_decode
     if fused is None:
         pytest.skip("no native decode step here (no native GEMMs for these weights on this CPU)")
-    slots = lora_engine.lora.slots
+    slots = engine.lora.slots
     native = []
     real = fused.layers_step
 
@@ -121,7 +127,7 @@ def test_adapter_rows_decode_in_the_native_step_with_the_per_op_paths_bits(lora_
         return real(*args)
 
     monkeypatch.setattr(fused, "layers_step", layers_step)
-    assert_layer_calls_equal_the_per_op_path(lora_engine, chat_prompts[:4],
+    assert_layer_calls_equal_the_per_op_path(engine, chat_prompts[:4],
                                              adapters=[slots["ada"], 0, slots["qkv"], slots["ada"]])
     assert native.count(True) == 2  # the dense step and the per-row rule's in the native call, with the adapters
 
