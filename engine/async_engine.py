@@ -78,6 +78,7 @@ class AsyncEngine:
         # response schemas compile here, one at a time, apart from the default executor that
         # tokenizes every request: costly schemas queue behind each other, not the plain requests
         self._grammars = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="skipserve-grammar")
+        self._scaling = asyncio.Lock()  # llama-server's adapters change scales one request at a time
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @property
@@ -156,6 +157,27 @@ class AsyncEngine:
             lora.release(name)
             raise
         lora.install(slot, name, adapter, pairs)
+
+    @property
+    def default_adapter_files(self) -> list[tuple[str, float]]:
+        """llama-server's --lora adapters: (file, the scale requests naming the model take it at)."""
+        if self.engine is None or self.engine.lora is None:
+            return [(path, scale) for path, scale in self.config.default_loras]
+        lora = self.engine.lora
+        return [(adapter.path, scale) for adapter, scale in zip(lora.default_files, lora.default_scales)]
+
+    async def scale_default_adapters(self, scales: list[float]) -> None:
+        """llama-server's POST /lora-adapters: requests naming the model take its --lora adapters at
+        `scales` (one a file, 0: left out) from now on, those running keep the scales they began with.
+        The pairs combined off the event loop and the engine thread; the slot of the scales before
+        removed once its last sequence ends."""
+        self._check_ready()
+        lora = self.engine.lora
+        async with self._scaling:
+            adapter, pairs = await asyncio.to_thread(lora.read_scaled, scales)
+            before = lora.scale_default(scales, adapter, pairs)
+        if before:
+            self._commands.put(("retire", before))
 
     def unload_adapter(self, name: str) -> None:
         """`name` is served no more: new requests naming it are refused at once, those running finish

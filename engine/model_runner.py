@@ -34,7 +34,7 @@ from engine.kv.cache import KVCache, element_bytes
 from engine.kv.capacity import DeviceMemory, plan_capacity
 from engine.kv.metadata import AttentionMetadata
 from engine.loader import ensure_hf_dir, load_state_dict
-from engine.lora.registry import DEFAULT_ADAPTER, LoRARegistry
+from engine.lora.registry import LoRARegistry
 from engine.models import build_model, check_architecture
 from engine.quant.int8 import quantize_state
 from engine.sampler import SampleRow, Sampled, listed_tokens, sample, token_logprobs
@@ -169,14 +169,13 @@ class ModelRunner:
                  str(self.act_dtype).removeprefix("torch."), time.perf_counter() - t0)
         # LoRA adapters named at start: read before the KV cache takes the memory left
         self.lora = None
-        adapters = []
+        adapters, default = [], None
         if config.enable_lora or config.lora_modules or config.default_loras:
             self.lora = LoRARegistry(self.model, model_config, self.device, self.act_dtype, self.backend)
             adapters = [(name, self.lora.reserve(name), *self.lora.read(name, path, config.max_lora_rank))
                         for name, path in config.lora_modules.items()]
             if config.default_loras:
-                adapters.append((DEFAULT_ADAPTER, self.lora.reserve(DEFAULT_ADAPTER),
-                                 *self.lora.read_default(config.default_loras, config.max_lora_rank)))
+                default = self.lora.read_default(config.default_loras, config.max_lora_rank)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.act_dtype, self.device, self.quantized)
         if self.kv_dtype == torch.int8 and not int8_rows.supported(model_config.head_dim):
             raise ValueError(f"--kv-cache-dtype int8 takes heads of a multiple of {int8_rows.GROUP} values; this "
@@ -205,6 +204,8 @@ class ModelRunner:
                 self.model.fused_decode.serve_adapters(self.lora)
             for name, slot, adapter, pairs in adapters:
                 self.lora.install(slot, name, adapter, pairs)
+            if default is not None:
+                self.lora.scale_default([scale for _, scale in config.default_loras], *default)
         per_token = self.model.weight_bytes()
         log.info("weights read per decoded token: %.1f MB (FFN %.1f, attention %.1f, lm_head %.1f); kernels: %s",
                  sum(per_token.values()) / 1e6, per_token["ffn"] / 1e6, per_token["attention"] / 1e6,

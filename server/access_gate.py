@@ -37,7 +37,9 @@ class AccessGate:
 
 
 API_PATHS = ("/tokenize", "/detokenize", "/score", "/rerank", "/invocations", "/completion", "/infill",
-             "/apply-template", "/props", "/", "/generate", "/generate_stream", "/info", "/chat_tokenize")
+             "/apply-template", "/props", "/", "/generate", "/generate_stream", "/info", "/chat_tokenize",
+             "/lora-adapters")
+OPEN_PATHS = ("/health", "/ping", "/metrics", "/version")  # probes, scrapes and the version: never behind the key
 
 
 def _gated(path: str) -> bool:

@@ -209,9 +209,15 @@ def build_config(args) -> EngineConfig:
                                                  "generation_config", "override_generation_config", "enable_lora")
                  if getattr(args, k) is not None}
     if args.lora_modules:
+        names = [name for name, _ in args.lora_modules]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # (as loading a second adapter under a name is refused while serving)
+            raise ValueError(f"--lora-modules: the adapter name {twice[0]!r} is given twice (a name serves one adapter)")
         overrides["lora_modules"] = config.lora_modules | dict(args.lora_modules)
     if args.default_loras:
         overrides["default_loras"] = config.default_loras + args.default_loras
+    if args.lora_init_without_apply:  # llama-server's: every --lora adapter at 0 until POST /lora-adapters
+        overrides["default_loras"] = [[path, 0.0] for path, _ in overrides.get("default_loras", config.default_loras)]
     if args.max_lora_rank is not None:
         overrides["max_lora_rank"] = args.max_lora_rank
     if args.served_model_name:

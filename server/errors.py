@@ -99,6 +99,8 @@ def validation_message(err: dict) -> tuple[str, str | None]:
         return f"request body is not valid JSON: {err.get('msg')}", None
     if kind == "missing":
         return (f"'{param}' is required", param) if path else ("the request has no body: send a JSON object", None)
+    if not path:  # the body as a whole (a route that takes a list)
+        return f"invalid request body: {err.get('msg')}", None
     return f"invalid value for '{param}': {err.get('msg')}", param
 
 

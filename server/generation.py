@@ -18,6 +18,7 @@ from engine.sampling_params import InvalidParamError
 from engine.tokenizer import ChatOptions
 from server import template_tools
 from server.errors import APIError, error_body
+from server.llama_cpp_protocol import lora_scales
 from server.metrics import RequestTimer
 from server.protocol import ToolUse
 from server.tool_calls import render_messages
@@ -83,6 +84,21 @@ def check_model(state, model: str) -> None:
     if model not in state.model_names:
         raise APIError(404, f"the model '{model}' does not exist; this server serves {sorted(state.model_names)}",
                        "model", "model_not_found")
+
+
+def check_lora_scales(state, body) -> None:
+    """llama-server's per-request `lora` ({"id", "scale"} of its --lora adapters): taken where it asks
+    for the scales the server applies to requests naming the model (GET /lora-adapters); others
+    are a 400 (one set of scales at a time here: POST /lora-adapters changes them for every request)."""
+    if body.model not in state.served_names:
+        raise APIError(400, f"'lora' scales llama-server's --lora adapters of the model itself; '{body.model}' is "
+                            "a LoRA adapter of its own", "lora")
+    files = state.engine.default_adapter_files
+    current = [scale for _, scale in files]
+    if lora_scales(body.lora, len(files), "lora") != current:
+        raise APIError(400, f"per-request LoRA scales are not served here: every request naming the model takes "
+                            f"the --lora adapters at the server's scales {current} (GET /lora-adapters), which "
+                            "POST /lora-adapters changes", "lora")
 
 
 def check_base_model(state, model: str, route: str) -> None:

@@ -159,6 +159,8 @@ def add_llama_cpp(p: argparse.ArgumentParser) -> None:
     c.add_argument("--lora-scaled", dest="default_loras", nargs="+", action=ScaledLora, default=None,
                    metavar="FNAME:SCALE", help="the same as --lora, each adapter's product times its SCALE "
                                                "(FNAME:SCALE[,...], or the older FNAME SCALE)")
+    c.add_argument("--lora-init-without-apply", action="store_true",
+                   help="the --lora adapters read at scale 0 (the model alone) until POST /lora-adapters scales them")
     c.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", choices=list(LLAMA_CPP_CACHE_TYPES), default=None,
                    help="K's cache type: f32, f16 or q8_0 (--kv-cache-dtype float32, float16, int8); one type for K "
                         "and V here, so -ctv must be the same (llama-server's default for either: f16)")

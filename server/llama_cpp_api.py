@@ -21,10 +21,10 @@ from server.completions import CompletionCall
 from server.errors import APIError, validation_message
 from server.generation import EventStream, check_model, check_token_ids, encode_chat, ready_tokenizer
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
-from server.llama_cpp_protocol import InfillRequest, LlamaCompletionRequest, sampling_defaults
+from server.llama_cpp_protocol import InfillRequest, LlamaCompletionRequest, lora_scales, sampling_defaults
 from engine.sampling_params import InvalidParamError
 from server import __version__
-from server.protocol import CompletionRequest, TokenizeRequest
+from server.protocol import CompletionRequest, LoraScale, TokenizeRequest
 
 router = APIRouter()
 
@@ -251,15 +251,20 @@ async def props(request: Request):
 async def lora_adapters(request: Request):
     """llama-server's list of its --lora / --lora-scaled adapters, each with its scale (applied to
     every request that names the model itself)."""
-    config = request.app.state.skipserve.engine.config
-    return [{"id": i, "path": path, "scale": scale} for i, (path, scale) in enumerate(config.default_loras)]
+    files = request.app.state.skipserve.engine.default_adapter_files
+    return [{"id": i, "path": path, "scale": scale} for i, (path, scale) in enumerate(files)]
 
 
 @router.post("/lora-adapters")
-async def set_lora_adapters(request: Request):
-    """llama-server's change of its adapters' scales: not here (they are set at start, --lora-scaled)."""
-    raise APIError(400, "the --lora adapters' scales are set at start here (--lora-scaled FNAME SCALE); "
-                        "adapters loaded while serving: vLLM's /v1/load_lora_adapter")
+async def set_lora_adapters(body: list[LoraScale], request: Request):
+    """llama-server's change of its adapters' scales: a list of {"id", "scale"} (an adapter left out:
+    0, off), for every request that names the model from now on (those running keep theirs)."""
+    engine = request.app.state.skipserve.engine
+    files = engine.default_adapter_files
+    scales = lora_scales(body, len(files), "body")
+    if files:
+        await engine.scale_default_adapters(scales)
+    return {"success": True}
 
 
 @router.post("/apply-template")

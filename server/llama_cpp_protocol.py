@@ -5,12 +5,13 @@ Its samplers this engine does not have (mirostat, DRY, XTC, dynamic temperature,
 taken at the values that turn them off, and any other value is a 400 naming the field."""
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 from pydantic import StrictBool, StrictFloat, StrictInt, model_validator
 
 from engine.sampling_params import InvalidParamError
-from server.protocol import FFNSkip, RequestBody, Strict
+from server.protocol import FFNSkip, LoraScale, RequestBody, Strict
 
 # llama.cpp's fields whose only value here is the one that does nothing (its default), with that value
 OFF_ONLY = {"mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
@@ -59,6 +60,7 @@ class LlamaCompletionRequest(RequestBody):
     logit_bias: Union[list[list[Any]], dict[str, Union[StrictFloat, StrictBool]], None] = None
     return_tokens: StrictBool = False
     ffn_skip: Optional[FFNSkip] = None
+    lora: Optional[list[LoraScale]] = None  # its --lora adapters' scales (`lora_scales`)
 
     @model_validator(mode="before")
     @classmethod
@@ -138,11 +140,32 @@ class LlamaCompletionRequest(RequestBody):
             body["logit_bias"] = self.bias()
         if self.ffn_skip is not None:
             body["ffn_skip"] = self.ffn_skip.model_dump(exclude_none=True)
+        if self.lora is not None:
+            body["lora"] = [item.model_dump() for item in self.lora]
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         if ends:
             body["stop_token_ids"] = list(ends)
         return body
+
+
+def lora_scales(items: list[LoraScale], files: int, param: str) -> list[float]:
+    """llama-server's list of {"id", "scale"} as the scale of each of its `files` --lora adapters (one
+    left out: 0, as llama-server takes it); InvalidParamError naming `param` for an id it has not, one
+    given twice, or a scale that is not a finite number."""
+    scales = [0.0] * files
+    seen = set()
+    for i, item in enumerate(items):
+        if not 0 <= item.id < files:
+            served = f"ids 0 to {files - 1}: GET /lora-adapters" if files else "none: the server has no --lora adapter"
+            raise InvalidParamError(f"{param}[{i}].id: no LoRA adapter {item.id} ({served})", param)
+        if item.id in seen:
+            raise InvalidParamError(f"{param}[{i}].id: LoRA adapter {item.id} is given twice", param)
+        if not math.isfinite(item.scale):
+            raise InvalidParamError(f"{param}[{i}].scale must be a finite number, got {item.scale}", param)
+        seen.add(item.id)
+        scales[item.id] = item.scale
+    return scales
 
 
 class ExtraChunk(Strict):

@@ -96,6 +96,13 @@ class RequestBody(Strict):
         return data
 
 
+class LoraScale(Strict):
+    """llama-server's {"id": i, "scale": s}: its i-th --lora adapter at scale s (server/llama_cpp_protocol.py
+    `lora_scales`)."""
+    id: StrictInt
+    scale: StrictFloat
+
+
 class FFNSkip(Strict):
     budget: Optional[StrictFloat] = None
     threshold: Optional[StrictFloat] = None
@@ -297,7 +304,7 @@ class ResponseFormat(Strict):
 
 class SamplingRequest(RequestBody):
     """The sampling knobs every generating route takes (OpenAI's, and vLLM's extensions)."""
-    model: str
+    model: Optional[str] = None  # required by OpenAI; vLLM and llama-server answer with the served model without it
     temperature: Optional[StrictFloat] = None
     top_p: Optional[StrictFloat] = None
     top_k: Optional[StrictInt] = None
@@ -385,6 +392,7 @@ class GuidedOutput(Strict):
 class CommonRequest(SamplingRequest):
     """What /v1/chat/completions and /v1/completions share beyond the sampling knobs."""
     max_tokens: Optional[StrictInt] = None
+    lora: Optional[list[LoraScale]] = None  # llama-server's: its --lora adapters' scales (the server's only)
     n: StrictInt = 1
     stream_options: Optional[StreamOptions] = None
     response_format: Optional[ResponseFormat] = None  # chat and, as vLLM and llama.cpp take it, completions
@@ -798,7 +806,7 @@ class CompletionRequest(CommonRequest):
 
 
 class EmbeddingRequest(RequestBody):
-    model: str
+    model: Optional[str] = None  # (as SamplingRequest's)
     input: Texts  # one text (or token ids) or a batch of them, each embedded alone
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32s
     dimensions: Optional[StrictInt] = None  # only the model's own: its vectors are not made to be cut

@@ -67,6 +67,28 @@ def test_client_disconnect_non_streaming_aborts(server):
     assert ended(server, "abort") == before + 1
 
 
+def test_every_route_but_the_probes_is_behind_the_api_key():
+    """Each route the app serves (every router's, the run-time LoRA routes too) is gated, but the
+    probes, the metrics scrape and the version."""
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+    from server.access_gate import OPEN_PATHS, _gated
+    from server.app import create_app
+
+    def paths(routes):
+        for route in routes:
+            if hasattr(route, "original_router"):  # (an included router)
+                yield from paths(route.original_router.routes)
+            elif hasattr(route, "routes"):
+                yield from paths(route.routes)
+            else:
+                yield route.path
+
+    served = set(paths(create_app(AsyncEngine(EngineConfig()), ("m",), runtime_lora=True).routes))
+    assert {"/v1/chat/completions", "/completion", "/lora-adapters", "/v1/load_lora_adapter", "/health"} <= served
+    assert sorted(p for p in served if not _gated(p)) == sorted(OPEN_PATHS)
+
+
 def test_api_key_and_queue_full(tmp_path):
     srv = ServerProcess("--api-key", "s3cret", "--max-batch", "1", "--max-waiting", "1", "--max-model-len", "512")
     try:

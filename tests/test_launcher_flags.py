@@ -172,6 +172,8 @@ def test_lora_adapters_as_vllm_and_tgi_name_them(tmp_path):
     assert build().lora_modules == {} and build().max_lora_rank is None
     with pytest.raises(ValueError, match="LoRA adapter /nowhere: no such file or folder"):
         build("--lora-modules", "a=/nowhere")
+    with pytest.raises(ValueError, match="the adapter name 'a' is given twice"):
+        build("--lora-modules", f"a={x}", f"a={y}")
     for bad in (["--lora-adapters", "predibase/customer_support"], ["--max-loras", "0"]):
         with pytest.raises(SystemExit):
             serve_parser().parse_args(bad)
@@ -188,6 +190,7 @@ def test_llama_servers_lora_flags(tmp_path):
     assert config.default_loras == [[str(a), 1.0], [str(b), 0.5], [str(c), 1.0], [str(d), 1.0], [str(a), 0.25],
                                     [str(d), -1.0]]
     assert build().default_loras == []
+    assert build("--lora", f"{a},{b}", "--lora-init-without-apply").default_loras == [[str(a), 0.0], [str(b), 0.0]]
     (tmp_path / "c.yaml").write_text("default_loras: [[x.gguf, 0.25]]\n")
     assert build("--config", str(tmp_path / "c.yaml"), "--lora", str(a)).default_loras == \
         [[str(x), 0.25], [str(a), 1.0]]

@@ -402,11 +402,27 @@ def test_llama_servers_lora_files_apply_together_to_the_model(lora_engine, adapt
     assert engine.default_adapter == DEFAULT_ADAPTER and engine.adapters == {}
     merged = merged_model(merged_model(references[None], adapters["ada"], 0.5), adapters["qkv"], 2.0)
     prompt = chat_prompts[0]
-    with engine.kv_blocks([len(prompt)]) as (table,):
-        ours = engine.runner.logits(engine.runner.prefill([(prompt, table, 0)],
-                                                          adapters=[engine.lora.slots[DEFAULT_ADAPTER]]))
+
+    def logits():
+        with engine.kv_blocks([len(prompt)]) as (table,):
+            return engine.runner.logits(engine.runner.prefill([(prompt, table, 0)],
+                                                              adapters=[engine.lora.slots[DEFAULT_ADAPTER]]))
+
     with torch.no_grad():
-        assert (ours - merged(torch.tensor([prompt])).logits[0]).abs().max() < 1e-3
+        assert (logits() - merged(torch.tensor([prompt])).logits[0]).abs().max() < 1e-3
+    # POST /lora-adapters' change of scales: the first file left out (0), then both: the model alone
+    registry = engine.lora
+    first = registry.slots[DEFAULT_ADAPTER]
+    engine.retire_adapter(registry.scale_default([0.0, 2.0], *registry.read_scaled([0.0, 2.0])))
+    assert not registry.holds(first) and registry.default_scales == [0.0, 2.0]
+    with torch.no_grad():
+        only_qkv = merged_model(references[None], adapters["qkv"], 2.0)
+        assert (logits() - only_qkv(torch.tensor([prompt])).logits[0]).abs().max() < 1e-3
+    second = registry.slots[DEFAULT_ADAPTER]
+    engine.retire_adapter(registry.scale_default([0.0, 0.0], *registry.read_scaled([0.0, 0.0])))
+    assert registry.slots[DEFAULT_ADAPTER] == 0 and not registry.holds(second)
+    with torch.no_grad():
+        assert (logits() - references[None](torch.tensor([prompt])).logits[0]).abs().max() < 1e-3
 
 
 @cpu_path_only
@@ -422,6 +438,28 @@ def test_a_llama_server_lora_command_serves_the_adapter_as_the_model(lora_server
         embedded = [httpx.post(s.url + "/v1/embeddings", json={"model": "smollm2-135m-instruct", "input": "hi"})
                     for s in (srv, lora_server)]
         assert embedded[0].json()["data"] == embedded[1].json()["data"]  # the model's own
-        assert httpx.post(srv.url + "/lora-adapters", json=[{"id": 0, "scale": 0.5}]).status_code == 400
+        # per request: the server's scales only (here 1; an adapter left out is at 0)
+        assert answer(chat(srv.url, "smollm2-135m-instruct", lora=[{"id": 0, "scale": 1}])) == \
+            answer(chat(lora_server.url, "ada"))
+        for lora, message in (([{"id": 0, "scale": 0.5}], "per-request LoRA scales are not served here"),
+                              ([], "per-request LoRA scales are not served here"),
+                              ([{"id": 1, "scale": 1.0}], "no LoRA adapter 1 (ids 0 to 0"),
+                              ([{"id": 0, "scale": 1.0}, {"id": 0, "scale": 1.0}], "given twice")):
+            r = chat(srv.url, "smollm2-135m-instruct", lora=lora)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "lora", r.text
+            assert message in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/completion", json={"prompt": "Hi", "n_predict": 2, "lora": [{"id": 0, "scale": 2}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora"
+        # POST /lora-adapters: scale 0 (left out) answers as the model alone, then back at 1
+        for body, message in (([{"id": 0, "scale": "x"}], "invalid value for '0.scale'"),
+                              ({"id": 0, "scale": 1}, "invalid request body: Input should be a valid list"),
+                              ([{"id": 3, "scale": 1}], "body[0].id: no LoRA adapter 3")):
+            r = httpx.post(srv.url + "/lora-adapters", json=body)
+            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        assert httpx.post(srv.url + "/lora-adapters", json=[]).json() == {"success": True}
+        assert httpx.get(srv.url + "/lora-adapters").json() == [{"id": 0, "path": str(gguf), "scale": 0.0}]
+        assert answer(chat(srv.url, "smollm2-135m-instruct")) == answer(chat(lora_server.url, "smollm2-135m-instruct"))
+        assert httpx.post(srv.url + "/lora-adapters", json=[{"id": 0, "scale": 1.0}]).status_code == 200
+        assert answer(chat(srv.url, "smollm2-135m-instruct")) == answer(chat(lora_server.url, "ada"))
     finally:
         srv.stop()

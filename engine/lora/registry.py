@@ -91,6 +91,9 @@ class LoRARegistry:
         self.on_remove: list[Callable[[], None]] = []  # called once a slot's pairs are gone (engine thread)
         self._parts = [projection_parts(layer, cfg) for layer in model.layers]  # per layer: attr -> (parts, in)
         self._linears: list[dict[str, LoRALinear]] = []  # per layer: attr -> its LoRALinear (`wrap`)
+        # llama-server's --lora adapters (`read_default`), and the scales requests naming the model take them at
+        self.default_files: list[LoRAAdapter] = []
+        self.default_scales: list[float] = []
 
     def wrap(self, model) -> None:
         """A LoRALinear around each projection an adapter may change (after the backend's fused
@@ -113,10 +116,39 @@ class LoRARegistry:
         return adapter
 
     def read_default(self, files: list[tuple[str, float]], max_rank: int | None = None) -> tuple[LoRAAdapter, dict]:
-        """llama-server's --lora / --lora-scaled adapters (files, scales) read and combined into one,
-        and its pairs (as `read`)."""
-        parts = [(read_adapter(Path(path).name, path, max_rank, self.cfg), scale) for path, scale in files]
+        """llama-server's --lora / --lora-scaled adapters (files, scales) read, kept, and combined at
+        their scales into one, with its pairs (`read_scaled`)."""
+        self.default_files = [read_adapter(Path(path).name, path, max_rank, self.cfg) for path, _ in files]
+        return self.read_scaled([scale for _, scale in files])
+
+    def read_scaled(self, scales: list[float]) -> tuple[LoRAAdapter, dict]:
+        """llama-server's adapters combined at `scales` (one a file; those at 0 left out) and its pairs
+        (as `read`; none where every scale is 0). No state changed: any thread."""
+        parts = [(adapter, scale) for adapter, scale in zip(self.default_files, scales) if scale != 0]
+        if not parts:
+            return LoRAAdapter(DEFAULT_ADAPTER, ", ".join(a.path for a in self.default_files), 0, {}), {}
         return self.pairs_of(combined(DEFAULT_ADAPTER, parts))
+
+    def scale_default(self, scales: list[float], adapter: LoRAAdapter, pairs: dict) -> int:
+        """Requests naming the model go through llama-server's adapters at `scales` from now on
+        (`read_scaled`'s adapter and pairs, in a new slot; slot 0, the model alone, where there are no
+        pairs) -> the slot they went through before (0: none), to remove once no sequence holds it.
+        A request that named the model before takes the new slot: the name is looked up when it is added."""
+        before = self.slots.get(DEFAULT_ADAPTER, 0)
+        slot = 0
+        if pairs:
+            self._next_slot += 1
+            slot = self._next_slot - 1
+            for (i, attr), pair in pairs.items():
+                self._linears[i][attr].pairs[slot] = pair
+            with self._version_lock:
+                self.version += 1
+            self.names = {**self.names, slot: DEFAULT_ADAPTER}
+        self.default_scales = [float(s) for s in scales]
+        self.slots = {**self.slots, DEFAULT_ADAPTER: slot}
+        self.adapters = {**self.adapters, DEFAULT_ADAPTER: adapter}
+        log.info("llama-server's LoRA adapters at scales %s: %d projections changed", self.default_scales, len(pairs))
+        return before
 
     def reserve(self, name: str) -> int:
         """A new slot for an adapter `name` about to be read (`install` serves it; on failure, `release`)."""
