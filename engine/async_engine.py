@@ -23,6 +23,7 @@ import time
 from typing import Callable
 
 from engine.config import EngineConfig
+from engine.lora.names import scaled_name
 from engine.outputs import SequenceOutput, StepStats
 from engine.sampling_params import SamplingParams, SkipParams
 
@@ -79,6 +80,11 @@ class AsyncEngine:
         # tokenizes every request: costly schemas queue behind each other, not the plain requests
         self._grammars = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="skipserve-grammar")
         self._scaling = asyncio.Lock()  # llama-server's adapters change scales one request at a time
+        # llama-server's adapters at requests' own scales: name -> requests between pinning it and adding
+        # (`pin_scaled_adapter`), and those kept ready, least recently asked for first
+        self._pins: dict[str, int] = {}
+        self._scaled: dict[str, None] = {}
+        self._calls: set[concurrent.futures.Future] = set()  # work waiting for the engine thread (`_on_engine_thread`)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @property
@@ -118,6 +124,10 @@ class AsyncEngine:
             log.exception("the engine thread stopped")
             self.dead = exc
             self._loop.call_soon_threadsafe(self._fail_dead, exc)
+        finally:  # work handed to the engine thread that it will not do now
+            for done in list(self._calls):
+                if not done.done() and done.set_running_or_notify_cancel():
+                    done.set_exception(EngineNotReadyError("the engine stopped"))
 
     def _fail_dead(self, exc: BaseException) -> None:
         self._dispatch_error(list(self._queues), EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
@@ -169,15 +179,76 @@ class AsyncEngine:
     async def scale_default_adapters(self, scales: list[float]) -> None:
         """llama-server's POST /lora-adapters: requests naming the model take its --lora adapters at
         `scales` (one a file, 0: left out) from now on, those running keep the scales they began with.
-        The pairs combined off the event loop and the engine thread; the slot of the scales before
-        removed once its last sequence ends."""
+        The combination of the scales before stays ready for requests asking for them (`pin_scaled_adapter`)."""
         self._check_ready()
         lora = self.engine.lora
         async with self._scaling:
-            adapter, pairs = await asyncio.to_thread(lora.read_scaled, scales)
-            before = lora.scale_default(scales, adapter, pairs)
-        if before:
-            self._commands.put(("retire", before))
+            name = await self._scaled_adapter(scales)
+            before = lora.set_default(name, scales)
+            if before is not None:
+                self._scaled.setdefault(before, None)
+            self._evict_scaled()
+
+    async def pin_scaled_adapter(self, scales: list[float]) -> str | None:
+        """The adapter a request with llama-server's per-request `lora` scales (one a --lora file) goes
+        through: None where every scale is 0 (the model alone), else the files combined at `scales`
+        (the server's own scales' combination among them), made on first use and kept while
+        `SCALED_KEPT` others are less recently asked for. Pinned (never removed) until the caller's
+        `unpin_scaled_adapter`, which must follow once the request is added (or was not).
+        AdapterError where the combination does not fit in the memory left."""
+        if not any(scales):
+            return None
+        self._check_ready()
+        async with self._scaling:
+            name = await self._scaled_adapter(scales)
+            self._pins[name] = self._pins.get(name, 0) + 1
+            self._evict_scaled()
+        return name
+
+    async def _scaled_adapter(self, scales: list[float]) -> str | None:
+        """The name llama-server's adapters at `scales` are served under (None: all at 0), combined on
+        the engine thread on first use; marked as the most recently asked for (under `_scaling`)."""
+        if not any(scales):
+            return None
+        lora = self.engine.lora
+        name = scaled_name(scales)
+        if name not in lora.slots:
+            read = await self._on_engine_thread(lora.read_scaled, scales)
+            name = lora.install_scaled(scales, *read)
+        self._scaled.pop(name, None)
+        self._scaled[name] = None
+        return name
+
+    def unpin_scaled_adapter(self, name: str | None) -> None:
+        if name in self._pins:
+            self._pins[name] -= 1
+            if not self._pins[name]:
+                del self._pins[name]
+            self._evict_scaled()
+
+    SCALED_KEPT = 4  # combinations of llama-server's adapters kept ready beyond those pinned and the server's
+
+    def _evict_scaled(self) -> None:
+        """The least recently asked-for combinations beyond SCALED_KEPT, neither pinned nor the server's,
+        withdrawn (their slots removed once their last sequences end)."""
+        lora = self.engine.lora
+        default = scaled_name(lora.default_scales)
+        idle = [name for name in self._scaled if name not in self._pins and name != default]
+        for name in idle[:max(0, len(idle) - self.SCALED_KEPT)]:
+            del self._scaled[name]
+            self._commands.put(("retire", lora.withdraw(name)))
+
+    async def _on_engine_thread(self, fn, *args):
+        """fn(*args) run on the engine thread between steps -> its result: torch work there runs on the
+        one OpenMP team (a worker thread's would start a second, which slows every step after)."""
+        self._check_ready()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.add(done)
+        self._commands.put(("call", (done, fn, args)))
+        try:
+            return await asyncio.wrap_future(done)
+        finally:
+            self._calls.discard(done)
 
     def unload_adapter(self, name: str) -> None:
         """`name` is served no more: new requests naming it are refused at once, those running finish
@@ -292,6 +363,13 @@ class AsyncEngine:
                     engine.abort(arg)
                 elif kind == "retire":
                     engine.retire_adapter(arg)
+                elif kind == "call":
+                    done, fn, args = arg
+                    if done.set_running_or_notify_cancel():
+                        try:
+                            done.set_result(fn(*args))
+                        except BaseException as exc:  # (the caller's to raise)
+                            done.set_exception(exc)
                 try:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:

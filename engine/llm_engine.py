@@ -17,7 +17,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.generation_defaults import sampling_defaults
 from engine.kv.block_manager import BlockManager, blocks_for
 from engine.loader import ensure_hf_dir
-from engine.lora.registry import DEFAULT_ADAPTER
+from engine.lora.names import DEFAULT_ADAPTER, listed
 from engine.model_runner import ModelRunner, StepResult
 from engine.ngram_drafter import NgramDrafter
 from engine.pooling import Pooling
@@ -160,8 +160,7 @@ class LLMEngine:
     @property
     def adapters(self) -> dict[str, str]:
         """The LoRA adapters served by name: name -> folder (not llama-server's --lora ones: `default_adapter`)."""
-        return {} if self.lora is None else {name: a.path for name, a in self.lora.adapters.items()
-                                             if name != DEFAULT_ADAPTER}
+        return {} if self.lora is None else {name: a.path for name, a in self.lora.adapters.items() if listed(name)}
 
     @property
     def default_adapter(self) -> str | None:
@@ -175,8 +174,8 @@ class LLMEngine:
         names = {} if self.lora is None else self.lora.names
 
         def of(sequences) -> list[str]:
-            return sorted({names.get(s.lora_slot, DEFAULT_ADAPTER) for s in sequences if s.lora_slot}
-                          - {DEFAULT_ADAPTER})
+            return sorted(n for n in {names.get(s.lora_slot, DEFAULT_ADAPTER) for s in sequences if s.lora_slot}
+                          if listed(n))
 
         return of(list(self.scheduler.running)), of(list(self.scheduler.waiting))
 

@@ -204,8 +204,9 @@ class ModelRunner:
                 self.model.fused_decode.serve_adapters(self.lora)
             for name, slot, adapter, pairs in adapters:
                 self.lora.install(slot, name, adapter, pairs)
-            if default is not None:
-                self.lora.scale_default([scale for _, scale in config.default_loras], *default)
+            if default is not None:  # llama-server's --lora files, combined at their scales
+                scales = [scale for _, scale in config.default_loras]
+                self.lora.set_default(self.lora.install_scaled(scales, *default) if default[1] else None, scales)
         per_token = self.model.weight_bytes()
         log.info("weights read per decoded token: %.1f MB (FFN %.1f, attention %.1f, lm_head %.1f); kernels: %s",
                  sum(per_token.values()) / 1e6, per_token["ffn"] / 1e6, per_token["attention"] / 1e6,

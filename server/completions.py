@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse, Response
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.errors import APIError, error_body
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
-from server.generation import (EventStream, Usage, check_lora_scales, check_model, check_reasoning_effort, consume,
-                               encode_chat, overall_finish, ready_tokenizer, stopped, submit, tokenize_batch, truncated)
+from server.generation import (EventStream, Usage, check_model, check_reasoning_effort, consume, encode_chat,
+                               overall_finish, pin_lora_scales, ready_tokenizer, stopped, submit, tokenize_batch,
+                               truncated)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.reasoning import ReasoningSplit, request_reasoning, split_output
 from server.request_id import client_request_id
@@ -136,13 +137,20 @@ class CompletionCall:
 
     async def submit(self):
         state, body = self.state, self.body
-        if body.model is None or body.model in HUB_PLACEHOLDERS and body.model not in state.model_names:
+        if not body.model or body.model in HUB_PLACEHOLDERS and body.model not in state.model_names:
             body.model = state.served_names[0]  # answered under the model's name
         check_model(state, body.model)
-        # (before any wait: an adapter unloaded meanwhile is then refused by the engine, not dropped)
-        adapter = state.adapter_of(body.model)
-        if body.lora is not None:
-            check_lora_scales(state, body)
+        if body.lora is None:
+            # (before any wait: an adapter unloaded meanwhile is then refused by the engine, not dropped)
+            return await self._submit(state.adapter_of(body.model))
+        adapter = await pin_lora_scales(state, body)  # (llama-server's scales of this request: kept till it is added)
+        try:
+            return await self._submit(adapter)
+        finally:
+            state.engine.unpin_scaled_adapter(adapter)
+
+    async def _submit(self, adapter: str | None):
+        state, body = self.state, self.body
         self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
         if self.chat:
             self.tools = body.tool_use

@@ -14,6 +14,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import (EngineDeadError, EngineNotReadyError, EngineShutdownError, GenerationError,
                                  QueueFullError)
+from engine.lora.errors import AdapterError
 from engine.sampling_params import InvalidParamError
 from engine.tokenizer import ChatOptions
 from server import template_tools
@@ -86,19 +87,21 @@ def check_model(state, model: str) -> None:
                        "model", "model_not_found")
 
 
-def check_lora_scales(state, body) -> None:
-    """llama-server's per-request `lora` ({"id", "scale"} of its --lora adapters): taken where it asks
-    for the scales the server applies to requests naming the model (GET /lora-adapters); others
-    are a 400 (one set of scales at a time here: POST /lora-adapters changes them for every request)."""
+async def pin_lora_scales(state, body) -> str | None:
+    """llama-server's per-request `lora` ({"id", "scale"} of its --lora adapters; one left out: 0) ->
+    the adapter the request goes through at those scales, pinned until `state.engine.unpin_scaled_adapter`
+    (AsyncEngine.pin_scaled_adapter); a 400 naming `lora` for ids the server has not, or a model that
+    is an adapter of its own."""
     if body.model not in state.served_names:
         raise APIError(400, f"'lora' scales llama-server's --lora adapters of the model itself; '{body.model}' is "
                             "a LoRA adapter of its own", "lora")
-    files = state.engine.default_adapter_files
-    current = [scale for _, scale in files]
-    if lora_scales(body.lora, len(files), "lora") != current:
-        raise APIError(400, f"per-request LoRA scales are not served here: every request naming the model takes "
-                            f"the --lora adapters at the server's scales {current} (GET /lora-adapters), which "
-                            "POST /lora-adapters changes", "lora")
+    scales = lora_scales(body.lora, len(state.engine.default_adapter_files), "lora")
+    try:
+        return await state.engine.pin_scaled_adapter(scales)
+    except EngineNotReadyError as exc:
+        raise APIError(503, str(exc), code="not_ready")
+    except AdapterError as exc:  # (the combination does not fit in the memory left)
+        raise APIError(400, str(exc), "lora")
 
 
 def check_base_model(state, model: str, route: str) -> None:

@@ -17,6 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from engine.async_engine import EngineNotReadyError
+from engine.lora.errors import AdapterError
 from server.completions import CompletionCall
 from server.errors import APIError, validation_message
 from server.generation import EventStream, check_model, check_token_ids, encode_chat, ready_tokenizer
@@ -263,7 +265,12 @@ async def set_lora_adapters(body: list[LoraScale], request: Request):
     files = engine.default_adapter_files
     scales = lora_scales(body, len(files), "body")
     if files:
-        await engine.scale_default_adapters(scales)
+        try:
+            await engine.scale_default_adapters(scales)
+        except EngineNotReadyError as exc:
+            raise APIError(503, str(exc), code="not_ready")
+        except AdapterError as exc:  # (the combination does not fit in the memory left)
+            raise APIError(400, str(exc), "body")
     return {"success": True}
 
 

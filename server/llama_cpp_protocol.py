@@ -149,21 +149,21 @@ class LlamaCompletionRequest(RequestBody):
         return body
 
 
+MAX_LORA_SCALE = 100.0  # a guard: an adapter's product scaled far beyond this swamps the model's activations
+
+
 def lora_scales(items: list[LoraScale], files: int, param: str) -> list[float]:
-    """llama-server's list of {"id", "scale"} as the scale of each of its `files` --lora adapters (one
-    left out: 0, as llama-server takes it); InvalidParamError naming `param` for an id it has not, one
-    given twice, or a scale that is not a finite number."""
+    """llama-server's list of {"id", "scale"} as the scale of each of its `files` --lora adapters (as
+    llama-server takes it: one left out at 0, one given twice at its last scale); InvalidParamError
+    naming `param` for an id it has not, or a scale that is not a number within MAX_LORA_SCALE."""
     scales = [0.0] * files
-    seen = set()
     for i, item in enumerate(items):
         if not 0 <= item.id < files:
             served = f"ids 0 to {files - 1}: GET /lora-adapters" if files else "none: the server has no --lora adapter"
             raise InvalidParamError(f"{param}[{i}].id: no LoRA adapter {item.id} ({served})", param)
-        if item.id in seen:
-            raise InvalidParamError(f"{param}[{i}].id: LoRA adapter {item.id} is given twice", param)
-        if not math.isfinite(item.scale):
-            raise InvalidParamError(f"{param}[{i}].scale must be a finite number, got {item.scale}", param)
-        seen.add(item.id)
+        if not math.isfinite(item.scale) or abs(item.scale) > MAX_LORA_SCALE:
+            raise InvalidParamError(f"{param}[{i}].scale must be a number from -{MAX_LORA_SCALE:g} to "
+                                    f"{MAX_LORA_SCALE:g}, got {item.scale}", param)
         scales[item.id] = item.scale
     return scales
 

@@ -100,7 +100,7 @@ class LoraScale(Strict):
     """llama-server's {"id": i, "scale": s}: its i-th --lora adapter at scale s (server/llama_cpp_protocol.py
     `lora_scales`)."""
     id: StrictInt
-    scale: StrictFloat
+    scale: StrictFloat = 0.0  # (llama-server's where it is left out)
 
 
 class FFNSkip(Strict):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from engine.lora.errors import AdapterError
+from engine.lora.names import scaled_name
 from engine.lora.registry import DEFAULT_ADAPTER
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from tests.conftest import ServerProcess, cpu_path_only, cuda_available
@@ -312,8 +313,8 @@ def test_an_adapter_unloaded_mid_answer_finishes_that_answer(lora_server, adapte
     assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "brief",
                                                            "lora_path": str(adapters["ada"])}).status_code == 200
     served = len(httpx.get(url + "/v1/models").json()["data"]) - 1  # (the model's card, then each adapter's)
-    expected = chat(url, "ada", max_tokens=64, ignore_eos=True, logprobs=False).json()["choices"][0]["message"]
-    body = {"model": "brief", "messages": QUESTION, "max_tokens": 64, "temperature": 0, "ignore_eos": True,
+    expected = chat(url, "ada", max_tokens=128, ignore_eos=True, logprobs=False).json()["choices"][0]["message"]
+    body = {"model": "brief", "messages": QUESTION, "max_tokens": 128, "temperature": 0, "ignore_eos": True,
             "stream": True}
     text, info = "", []
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -410,25 +411,29 @@ def test_llama_servers_lora_files_apply_together_to_the_model(lora_engine, adapt
 
     with torch.no_grad():
         assert (logits() - merged(torch.tensor([prompt])).logits[0]).abs().max() < 1e-3
-    # POST /lora-adapters' change of scales: the first file left out (0), then both: the model alone
+    # POST /lora-adapters' change of scales: the first file left out (0), then both: the model alone; the
+    # combination before served on under its scales' name (for requests asking for them) until withdrawn
     registry = engine.lora
     first = registry.slots[DEFAULT_ADAPTER]
-    engine.retire_adapter(registry.scale_default([0.0, 2.0], *registry.read_scaled([0.0, 2.0])))
+    before = registry.set_default(registry.install_scaled([0.0, 2.0], *registry.read_scaled([0.0, 2.0])), [0.0, 2.0])
+    assert before == scaled_name([0.5, 2.0]) and registry.slots[before] == first
+    engine.retire_adapter(registry.withdraw(before))
     assert not registry.holds(first) and registry.default_scales == [0.0, 2.0]
     with torch.no_grad():
         only_qkv = merged_model(references[None], adapters["qkv"], 2.0)
         assert (logits() - only_qkv(torch.tensor([prompt])).logits[0]).abs().max() < 1e-3
     second = registry.slots[DEFAULT_ADAPTER]
-    engine.retire_adapter(registry.scale_default([0.0, 0.0], *registry.read_scaled([0.0, 0.0])))
+    engine.retire_adapter(registry.withdraw(registry.set_default(None, [0.0, 0.0])))
     assert registry.slots[DEFAULT_ADAPTER] == 0 and not registry.holds(second)
-    with torch.no_grad():
-        assert (logits() - references[None](torch.tensor([prompt])).logits[0]).abs().max() < 1e-3
+    with pytest.raises(AdapterError, match="overflow float32"):
+        registry.read_scaled([float("inf"), 0.0])  # (the server refuses such scales before: `lora_scales`)
 
 
 @cpu_path_only
 def test_a_llama_server_lora_command_serves_the_adapter_as_the_model(lora_server, engine, adapters, tmp_path):
     """`--lora FILE.gguf`: the model's own name answers through the adapter (as the same adapter named
-    under --lora-modules answers), /lora-adapters lists it, embeddings stay the model's."""
+    under --lora-modules answers), /lora-adapters lists it, embeddings stay the model's; a request's
+    own `lora` scales, and POST /lora-adapters' for every request."""
     gguf = write_gguf_adapter(tmp_path / "ada.gguf", adapters["ada"], engine.model_config)
     srv = ServerProcess("--lora", str(gguf))
     try:
@@ -438,19 +443,26 @@ def test_a_llama_server_lora_command_serves_the_adapter_as_the_model(lora_server
         embedded = [httpx.post(s.url + "/v1/embeddings", json={"model": "smollm2-135m-instruct", "input": "hi"})
                     for s in (srv, lora_server)]
         assert embedded[0].json()["data"] == embedded[1].json()["data"]  # the model's own
-        # per request: the server's scales only (here 1; an adapter left out is at 0)
-        assert answer(chat(srv.url, "smollm2-135m-instruct", lora=[{"id": 0, "scale": 1}])) == \
-            answer(chat(lora_server.url, "ada"))
-        for lora, message in (([{"id": 0, "scale": 0.5}], "per-request LoRA scales are not served here"),
-                              ([], "per-request LoRA scales are not served here"),
-                              ([{"id": 1, "scale": 1.0}], "no LoRA adapter 1 (ids 0 to 0"),
-                              ([{"id": 0, "scale": 1.0}, {"id": 0, "scale": 1.0}], "given twice")):
-            r = chat(srv.url, "smollm2-135m-instruct", lora=lora)
+        base, ada = answer(chat(lora_server.url, "smollm2-135m-instruct")), answer(chat(lora_server.url, "ada"))
+        # a request's own scales (llama-server's `lora`; an adapter left out: 0): the server's, none, its own
+        scaled = lambda lora, **more: chat(srv.url, "smollm2-135m-instruct", lora=lora, **more)
+        # (as llama-server reads them: an id given twice at its last scale, one with no scale at 0)
+        assert answer(scaled([{"id": 0, "scale": 1}])) == answer(scaled([{"id": 0}, {"id": 0, "scale": 1}])) == ada
+        assert answer(scaled([])) == answer(scaled([{"id": 0}])) == base
+        half = answer(scaled([{"id": 0, "scale": 0.5}]))
+        assert half[1] != base[1] and half[1] != ada[1]
+        assert answer(scaled([{"id": 0, "scale": 0.5}])) == half  # (the combination kept, or read again: the same)
+        for lora, message in (([{"id": 1, "scale": 1.0}], "no LoRA adapter 1 (ids 0 to 0"),
+                              ([{"id": 0, "scale": 1e3}], "lora[0].scale must be a number from -100 to 100")):
+            r = scaled(lora)
             assert r.status_code == 400 and r.json()["error"]["param"] == "lora", r.text
             assert message in r.json()["error"]["message"]
-        r = httpx.post(srv.url + "/completion", json={"prompt": "Hi", "n_predict": 2, "lora": [{"id": 0, "scale": 2}]})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "lora"
-        # POST /lora-adapters: scale 0 (left out) answers as the model alone, then back at 1
+        assert chat(srv.url, "ada-nope", lora=[{"id": 0, "scale": 1}]).status_code == 404
+        llama = httpx.post(srv.url + "/completion", json={"prompt": "The capital of France is", "n_predict": 8,
+                                                           "temperature": 0, "lora": [{"id": 0, "scale": 0.5}]})
+        assert llama.status_code == 200 and llama.json()["content"], llama.text
+        # POST /lora-adapters: scale 0 (left out) answers as the model alone, a request's scale 1 still as the
+        # adapter (the file combined for it), then back at 1
         for body, message in (([{"id": 0, "scale": "x"}], "invalid value for '0.scale'"),
                               ({"id": 0, "scale": 1}, "invalid request body: Input should be a valid list"),
                               ([{"id": 3, "scale": 1}], "body[0].id: no LoRA adapter 3")):
@@ -458,8 +470,26 @@ def test_a_llama_server_lora_command_serves_the_adapter_as_the_model(lora_server
             assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
         assert httpx.post(srv.url + "/lora-adapters", json=[]).json() == {"success": True}
         assert httpx.get(srv.url + "/lora-adapters").json() == [{"id": 0, "path": str(gguf), "scale": 0.0}]
-        assert answer(chat(srv.url, "smollm2-135m-instruct")) == answer(chat(lora_server.url, "smollm2-135m-instruct"))
+        assert answer(chat(srv.url, "smollm2-135m-instruct")) == base
+        assert answer(scaled([{"id": 0, "scale": 1}])) == ada
         assert httpx.post(srv.url + "/lora-adapters", json=[{"id": 0, "scale": 1.0}]).status_code == 200
-        assert answer(chat(srv.url, "smollm2-135m-instruct")) == answer(chat(lora_server.url, "ada"))
+        assert answer(chat(srv.url, "smollm2-135m-instruct")) == ada
+        # an answer streaming while the scales change keeps those it began with
+        expected = chat(lora_server.url, "ada", max_tokens=128, ignore_eos=True, logprobs=False).json()
+        body = {"model": "smollm2-135m-instruct", "messages": QUESTION, "max_tokens": 128, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        text, changed = "", None
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text += "".join(c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"])
+                    if text and changed is None:
+                        changed = httpx.post(srv.url + "/lora-adapters", json=[]).status_code
+        assert changed == 200 and text == expected["choices"][0]["message"]["content"]
+        assert answer(chat(srv.url, "smollm2-135m-instruct")) == base
+        # combinations beyond the few kept ready go (their slots removed once no request holds them)
+        for scale in (0.1, 0.2, 0.3, 0.4, 0.6, 0.7):
+            assert scaled([{"id": 0, "scale": scale}], max_tokens=2).status_code == 200
+        assert srv.log_tail(400).count("LoRA adapter slot") >= 2
     finally:
         srv.stop()

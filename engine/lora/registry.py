@@ -17,13 +17,11 @@ import torch
 from engine.config import ModelConfig
 from engine.lora.adapter import LoRAAdapter, combined, read_adapter
 from engine.lora.errors import AdapterError
+from engine.lora.names import DEFAULT_ADAPTER, scaled_name
 from engine.lora.linear import LoRALinear, StepRows
 
 log = logging.getLogger("skipserve.lora")
 
-# the name of llama-server's --lora adapters, applied together to requests that name the model itself
-# (no name a request or --lora-modules can give: those are never empty)
-DEFAULT_ADAPTER = ""
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
@@ -85,9 +83,8 @@ class LoRARegistry:
         self.adapters: dict[str, LoRAAdapter] = {}
         self._reserved: set[str] = set()  # names being loaded
         self._next_slot = 1
-        # counts the loads (a backend's tables built from the pairs follow; `install` runs on any thread)
-        self.version = 0
-        self._version_lock = threading.Lock()
+        self.version = 0  # counts the loads (a backend's tables built from the pairs follow)
+        self._lock = threading.Lock()  # `version` and `names`: changed on the event loop and the engine thread
         self.on_remove: list[Callable[[], None]] = []  # called once a slot's pairs are gone (engine thread)
         self._parts = [projection_parts(layer, cfg) for layer in model.layers]  # per layer: attr -> (parts, in)
         self._linears: list[dict[str, LoRALinear]] = []  # per layer: attr -> its LoRALinear (`wrap`)
@@ -116,39 +113,39 @@ class LoRARegistry:
         return adapter
 
     def read_default(self, files: list[tuple[str, float]], max_rank: int | None = None) -> tuple[LoRAAdapter, dict]:
-        """llama-server's --lora / --lora-scaled adapters (files, scales) read, kept, and combined at
-        their scales into one, with its pairs (`read_scaled`)."""
+        """llama-server's --lora / --lora-scaled adapters (files, scales) read and kept (each checked
+        against the model whatever its scale: a file at 0 is scaled while serving), and combined at
+        their scales, with its pairs (`read_scaled`)."""
         self.default_files = [read_adapter(Path(path).name, path, max_rank, self.cfg) for path, _ in files]
+        self.fused_pairs(combined(DEFAULT_ADAPTER, [(adapter, 1.0) for adapter in self.default_files]))
         return self.read_scaled([scale for _, scale in files])
 
     def read_scaled(self, scales: list[float]) -> tuple[LoRAAdapter, dict]:
         """llama-server's adapters combined at `scales` (one a file; those at 0 left out) and its pairs
-        (as `read`; none where every scale is 0). No state changed: any thread."""
+        (as `read`; none where every scale is 0). No state changed."""
         parts = [(adapter, scale) for adapter, scale in zip(self.default_files, scales) if scale != 0]
         if not parts:
             return LoRAAdapter(DEFAULT_ADAPTER, ", ".join(a.path for a in self.default_files), 0, {}), {}
-        return self.pairs_of(combined(DEFAULT_ADAPTER, parts))
+        return self.pairs_of(combined(scaled_name(scales), parts))
 
-    def scale_default(self, scales: list[float], adapter: LoRAAdapter, pairs: dict) -> int:
-        """Requests naming the model go through llama-server's adapters at `scales` from now on
-        (`read_scaled`'s adapter and pairs, in a new slot; slot 0, the model alone, where there are no
-        pairs) -> the slot they went through before (0: none), to remove once no sequence holds it.
-        A request that named the model before takes the new slot: the name is looked up when it is added."""
-        before = self.slots.get(DEFAULT_ADAPTER, 0)
-        slot = 0
-        if pairs:
-            self._next_slot += 1
-            slot = self._next_slot - 1
-            for (i, attr), pair in pairs.items():
-                self._linears[i][attr].pairs[slot] = pair
-            with self._version_lock:
-                self.version += 1
-            self.names = {**self.names, slot: DEFAULT_ADAPTER}
+    def install_scaled(self, scales: list[float], adapter: LoRAAdapter, pairs: dict) -> str:
+        """`read_scaled`'s adapter served under its scales' name (`scaled_name`) -> that name."""
+        name = scaled_name(scales)
+        self.install(self.reserve(name), name, adapter, pairs)
+        return name
+
+    def set_default(self, name: str | None, scales: list[float]) -> str | None:
+        """Requests naming the model go through the combination served as `name` (llama-server's
+        adapters at `scales`; None: the model alone) from now on -> the combination they went through
+        before, if any, which stays served under its own name (for requests asking for its scales)
+        until withdrawn. A request that named the model takes the slot the name has when it is added."""
+        before = scaled_name(self.default_scales) if any(self.default_scales) else None
         self.default_scales = [float(s) for s in scales]
-        self.slots = {**self.slots, DEFAULT_ADAPTER: slot}
-        self.adapters = {**self.adapters, DEFAULT_ADAPTER: adapter}
-        log.info("llama-server's LoRA adapters at scales %s: %d projections changed", self.default_scales, len(pairs))
-        return before
+        self.slots = {**self.slots, DEFAULT_ADAPTER: self.slots[name] if name is not None else 0}
+        if name is not None:
+            self.adapters = {**self.adapters, DEFAULT_ADAPTER: self.adapters[name]}
+        log.info("llama-server's LoRA adapters at scales %s for requests naming the model", self.default_scales)
+        return before if before in self.slots and before != name else None
 
     def reserve(self, name: str) -> int:
         """A new slot for an adapter `name` about to be read (`install` serves it; on failure, `release`)."""
@@ -166,7 +163,9 @@ class LoRARegistry:
         projection) (no state changed: any thread)."""
         return self.pairs_of(read_adapter(name, path, max_rank, self.cfg))
 
-    def pairs_of(self, adapter: LoRAAdapter) -> tuple[LoRAAdapter, dict]:
+    def fused_pairs(self, adapter: LoRAAdapter) -> dict:
+        """The adapter's pairs fused onto this model's projections: (layer, projection) -> (A, B) in
+        fp32 on the CPU; AdapterError where it changes what this model has not, or another shape."""
         name = adapter.name
         known = {f"model.layers.{i}.{module}" for i, parts in enumerate(self._parts)
                  for modules, _ in parts.values() for module, _ in modules}
@@ -176,13 +175,25 @@ class LoRARegistry:
                                f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}, which this model "
                                "has not as a dense projection (its layers, a mixture's experts)")
         pairs = {}
+        for i, parts in enumerate(self._parts):
+            for attr, (modules, in_features) in parts.items():
+                pair = fused_pair(adapter, f"model.layers.{i}.", modules, in_features)
+                if pair is not None:
+                    pairs[i, attr] = pair
+        return pairs
+
+    def pairs_of(self, adapter: LoRAAdapter) -> tuple[LoRAAdapter, dict]:
+        """The adapter and its fused pairs as the backend's linear layers in the activations' dtype on
+        the device; AdapterError where they do not fit there, or a scale made them overflow it."""
+        name = adapter.name
+        pairs = {}
         try:
-            for i, parts in enumerate(self._parts):
-                for attr, (modules, in_features) in parts.items():
-                    pair = fused_pair(adapter, f"model.layers.{i}.", modules, in_features)
-                    if pair is not None:
-                        pairs[i, attr] = tuple(self.ops.linear([t.to(self.device, self.dtype).contiguous()])
-                                               for t in pair)
+            for key, pair in self.fused_pairs(adapter).items():
+                tensors = [t.to(self.device, self.dtype).contiguous() for t in pair]
+                if not all(torch.isfinite(t).all() for t in tensors):
+                    raise AdapterError(f"LoRA adapter {name!r}: its weights at this scale overflow "
+                                       f"{str(self.dtype).removeprefix('torch.')} (a smaller scale?)")
+                pairs[key] = tuple(self.ops.linear([t]) for t in tensors)
         except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
             raise AdapterError(f"LoRA adapter {name!r} does not fit in the {self.device.type} memory left: "
                                f"{exc}") from None
@@ -192,9 +203,9 @@ class LoRARegistry:
         """The pairs under `slot`, then the name published (no forward has a row of the slot before)."""
         for (i, attr), pair in pairs.items():
             self._linears[i][attr].pairs[slot] = pair
-        with self._version_lock:
+        with self._lock:
             self.version += 1
-        self.names = {**self.names, slot: name}
+            self.names = {**self.names, slot: name}
         self.release(name)
         self.slots = {**self.slots, name: slot}
         self.adapters = {**self.adapters, name: adapter}
@@ -215,7 +226,8 @@ class LoRARegistry:
                 linear.pairs.pop(slot, None)
         for forget in self.on_remove:
             forget()
-        self.names = {s: n for s, n in self.names.items() if s != slot}
+        with self._lock:
+            self.names = {s: n for s, n in self.names.items() if s != slot}
         log.info("LoRA adapter slot %d removed", slot)
 
     def holds(self, slot: int) -> bool:
