@@ -85,6 +85,8 @@ class AsyncEngine:
         self._pins: dict[str, int] = {}
         self._scaled: dict[str, None] = {}
         self._calls: set[concurrent.futures.Future] = set()  # work waiting for the engine thread (`_on_engine_thread`)
+        self._calls_lock = threading.Lock()
+        self._calls_closed = False  # the engine thread has left its loop: no more work for it
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @property
@@ -125,9 +127,11 @@ class AsyncEngine:
             self.dead = exc
             self._loop.call_soon_threadsafe(self._fail_dead, exc)
         finally:  # work handed to the engine thread that it will not do now
-            for done in list(self._calls):
-                if not done.done() and done.set_running_or_notify_cancel():
-                    done.set_exception(EngineNotReadyError("the engine stopped"))
+            with self._calls_lock:
+                self._calls_closed = True
+                for done in list(self._calls):
+                    if not done.done() and done.set_running_or_notify_cancel():
+                        done.set_exception(EngineNotReadyError("the engine stopped"))
 
     def _fail_dead(self, exc: BaseException) -> None:
         self._dispatch_error(list(self._queues), EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
@@ -213,6 +217,10 @@ class AsyncEngine:
         lora = self.engine.lora
         name = scaled_name(scales)
         if name not in lora.slots:
+            self._evict_scaled()
+            if len(self._scaled) >= self.SCALED_MAX:
+                raise QueueFullError(f"{len(self._scaled)} sets of the --lora adapters' scales are in use, the most "
+                                     "served at once; retry later")
             read = await self._on_engine_thread(lora.read_scaled, scales)
             name = lora.install_scaled(scales, *read)
         self._scaled.pop(name, None)
@@ -226,14 +234,18 @@ class AsyncEngine:
                 del self._pins[name]
             self._evict_scaled()
 
-    SCALED_KEPT = 4  # combinations of llama-server's adapters kept ready beyond those pinned and the server's
+    SCALED_KEPT = 4  # combinations of llama-server's adapters kept ready beyond those in use and the server's
+    SCALED_MAX = 16  # combinations served at once, at most (each holds the adapters' pairs)
 
     def _evict_scaled(self) -> None:
-        """The least recently asked-for combinations beyond SCALED_KEPT, neither pinned nor the server's,
-        withdrawn (their slots removed once their last sequences end)."""
+        """The least recently asked-for combinations beyond SCALED_KEPT that are not in use (pinned by a
+        request being added, or held by a running or waiting one) nor the server's, withdrawn (their
+        slots removed once their last sequences end)."""
         lora = self.engine.lora
         default = scaled_name(lora.default_scales)
-        idle = [name for name in self._scaled if name not in self._pins and name != default]
+        held = self.engine.held_slots()
+        idle = [name for name in self._scaled if name not in self._pins and name != default
+                and lora.slots.get(name) not in held]
         for name in idle[:max(0, len(idle) - self.SCALED_KEPT)]:
             del self._scaled[name]
             self._commands.put(("retire", lora.withdraw(name)))
@@ -241,10 +253,13 @@ class AsyncEngine:
     async def _on_engine_thread(self, fn, *args):
         """fn(*args) run on the engine thread between steps -> its result: torch work there runs on the
         one OpenMP team (a worker thread's would start a second, which slows every step after)."""
-        self._check_ready()
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.add(done)
-        self._commands.put(("call", (done, fn, args)))
+        with self._calls_lock:  # (against the engine thread's exit, which fails what it holds then)
+            self._check_ready()
+            if self._calls_closed:
+                raise EngineNotReadyError("the engine stopped")
+            self._calls.add(done)
+            self._commands.put(("call", (done, fn, args)))
         try:
             return await asyncio.wrap_future(done)
         finally:

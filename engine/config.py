@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.generation_defaults import SETTINGS as GENERATION_SETTINGS, check_override
+from engine.lora.names import MAX_LORA_SCALE, listed
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "int8")  # EngineConfig.kv_cache_dtype
 SCHEDULING_POLICIES = ("fcfs", "priority")  # EngineConfig.scheduling_policy (engine/scheduler.py)
@@ -277,12 +278,13 @@ class EngineConfig:
         _require(isinstance(self.default_loras, list) and all(
             isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and item[0]
             and isinstance(item[1], (int, float)) and not isinstance(item[1], bool) and math.isfinite(item[1])
-            for item in self.default_loras),
-            f"default_loras is a list of [adapter, scale] pairs (a finite scale), got {self.default_loras!r}")
+            and abs(item[1]) <= MAX_LORA_SCALE for item in self.default_loras),
+            f"default_loras is a list of [adapter, scale] pairs (a scale from -{MAX_LORA_SCALE:g} to "
+            f"{MAX_LORA_SCALE:g}), got {self.default_loras!r}")
         for path in [*self.lora_modules.values(), *(item[0] for item in self.default_loras)]:
             _require(not isinstance(path, str) or Path(path).expanduser().exists(),
                      f"LoRA adapter {path}: no such file or folder")
         for name, path in self.lora_modules.items():
-            _require(isinstance(name, str) and name and isinstance(path, str) and path,
+            _require(isinstance(name, str) and listed(name) and isinstance(path, str) and path,
                      f"lora_modules maps names to adapter folders, got {name!r}: {path!r}")
         self.skip.check()

@@ -179,6 +179,10 @@ class LLMEngine:
 
         return of(list(self.scheduler.running)), of(list(self.scheduler.waiting))
 
+    def held_slots(self) -> set[int]:
+        """The adapter slots of the running and waiting sequences. Any thread."""
+        return {s.lora_slot for s in [*list(self.scheduler.running), *list(self.scheduler.waiting)]}
+
     def _lora_slot(self, name: str | None) -> int:
         if name is None:
             return 0

@@ -98,8 +98,8 @@ async def pin_lora_scales(state, body) -> str | None:
     scales = lora_scales(body.lora, len(state.engine.default_adapter_files), "lora")
     try:
         return await state.engine.pin_scaled_adapter(scales)
-    except EngineNotReadyError as exc:
-        raise APIError(503, str(exc), code="not_ready")
+    except (EngineNotReadyError, QueueFullError) as exc:
+        raise refusal(exc)
     except AdapterError as exc:  # (the combination does not fit in the memory left)
         raise APIError(400, str(exc), "lora")
 

@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 
 from pydantic import StrictBool, StrictFloat, StrictInt, model_validator
 
+from engine.lora.names import MAX_LORA_SCALE
 from engine.sampling_params import InvalidParamError
 from server.protocol import FFNSkip, LoraScale, RequestBody, Strict
 
@@ -147,9 +148,6 @@ class LlamaCompletionRequest(RequestBody):
         if ends:
             body["stop_token_ids"] = list(ends)
         return body
-
-
-MAX_LORA_SCALE = 100.0  # a guard: an adapter's product scaled far beyond this swamps the model's activations
 
 
 def lora_scales(items: list[LoraScale], files: int, param: str) -> list[float]:

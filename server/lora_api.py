@@ -11,6 +11,7 @@ from pydantic import StrictStr
 
 from engine.async_engine import EngineNotReadyError
 from engine.lora.errors import AdapterError
+from engine.lora.names import listed
 from server.errors import APIError
 from server.protocol import RequestBody
 
@@ -35,6 +36,8 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
         raise APIError(400, "both 'lora_name' and 'lora_path' must be given", "lora_name" if not name else "lora_path")
     if name in state.served_names:
         raise APIError(400, f"'{name}' is the model's own name; an adapter needs another", "lora_name")
+    if not listed(name):  # (llama-server's --lora combinations are served under such names)
+        raise APIError(400, "an adapter's name may not begin with a NUL character", "lora_name")
     try:
         await state.engine.load_adapter(name, body.lora_path)
     except EngineNotReadyError as exc:

@@ -392,7 +392,7 @@ class GuidedOutput(Strict):
 class CommonRequest(SamplingRequest):
     """What /v1/chat/completions and /v1/completions share beyond the sampling knobs."""
     max_tokens: Optional[StrictInt] = None
-    lora: Optional[list[LoraScale]] = None  # llama-server's: its --lora adapters' scales (the server's only)
+    lora: Optional[list[LoraScale]] = None  # llama-server's: its --lora adapters' scales for this request
     n: StrictInt = 1
     stream_options: Optional[StreamOptions] = None
     response_format: Optional[ResponseFormat] = None  # chat and, as vLLM and llama.cpp take it, completions

@@ -195,8 +195,10 @@ def test_llama_servers_lora_flags(tmp_path):
     assert build("--config", str(tmp_path / "c.yaml"), "--lora", str(a)).default_loras == \
         [[str(x), 0.25], [str(a), 1.0]]
     (tmp_path / "nan.yaml").write_text("default_loras: [[x.gguf, .nan]]\n")
-    with pytest.raises(ValueError, match="a finite scale"):
+    with pytest.raises(ValueError, match="a scale from -100 to 100"):
         build("--config", str(tmp_path / "nan.yaml"))
+    with pytest.raises(ValueError, match="a scale from -100 to 100"):
+        build("--lora-scaled", f"{a}:150")
     for bad in (["--lora-scaled", "b.gguf", "half"], ["--lora-scaled", "b.gguf", "nan"], ["--lora-scaled", "b.gguf"],
                 ["--lora-scaled", "b.gguf:x"], ["--lora-scaled", "a:1", "b:2", "c:3"]):
         with pytest.raises(SystemExit):

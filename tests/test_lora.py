@@ -460,7 +460,9 @@ def test_a_llama_server_lora_command_serves_the_adapter_as_the_model(lora_server
         assert chat(srv.url, "ada-nope", lora=[{"id": 0, "scale": 1}]).status_code == 404
         llama = httpx.post(srv.url + "/completion", json={"prompt": "The capital of France is", "n_predict": 8,
                                                            "temperature": 0, "lora": [{"id": 0, "scale": 0.5}]})
-        assert llama.status_code == 200 and llama.json()["content"], llama.text
+        v1 = httpx.post(srv.url + "/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 8,
+                                                           "temperature": 0, "lora": [{"id": 0, "scale": 0.5}]})
+        assert llama.status_code == 200 and llama.json()["content"] == v1.json()["choices"][0]["text"], llama.text
         # POST /lora-adapters: scale 0 (left out) answers as the model alone, a request's scale 1 still as the
         # adapter (the file combined for it), then back at 1
         for body, message in (([{"id": 0, "scale": "x"}], "invalid value for '0.scale'"),
@@ -474,22 +476,36 @@ def test_a_llama_server_lora_command_serves_the_adapter_as_the_model(lora_server
         assert answer(scaled([{"id": 0, "scale": 1}])) == ada
         assert httpx.post(srv.url + "/lora-adapters", json=[{"id": 0, "scale": 1.0}]).status_code == 200
         assert answer(chat(srv.url, "smollm2-135m-instruct")) == ada
-        # an answer streaming while the scales change keeps those it began with
-        expected = chat(lora_server.url, "ada", max_tokens=128, ignore_eos=True, logprobs=False).json()
-        body = {"model": "smollm2-135m-instruct", "messages": QUESTION, "max_tokens": 128, "temperature": 0,
+        # an answer streaming while the scales change keeps those it began with, and its combination is kept
+        # while it runs (newer ones asked for meanwhile push idle ones out, not it)
+        expected = chat(lora_server.url, "ada", max_tokens=256, ignore_eos=True, logprobs=False).json()
+        body = {"model": "smollm2-135m-instruct", "messages": QUESTION, "max_tokens": 256, "temperature": 0,
                 "ignore_eos": True, "stream": True}
-        text, changed = "", None
-        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        text, after = "", None
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     text += "".join(c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"])
-                    if text and changed is None:
-                        changed = httpx.post(srv.url + "/lora-adapters", json=[]).status_code
-        assert changed == 200 and text == expected["choices"][0]["message"]["content"]
+                    if text and after is None:
+                        assert httpx.post(srv.url + "/lora-adapters", json=[]).status_code == 200
+                        for scale in (0.11, 0.12, 0.13, 0.14, 0.15):
+                            assert scaled([{"id": 0, "scale": scale}], max_tokens=1).status_code == 200
+                        after = 0
+                    elif after is not None:
+                        after += 1
+        assert after and text == expected["choices"][0]["message"]["content"]  # (chunks came after the change)
         assert answer(chat(srv.url, "smollm2-135m-instruct")) == base
-        # combinations beyond the few kept ready go (their slots removed once no request holds them)
+        assert answer(scaled([{"id": 0, "scale": 1}])) == ada
+
+        def made(scale: float) -> int:  # combinations made at this scale so far
+            return srv.log_tail(10_000).count(f"lora:{scale}'")
+
+        assert made(1.0) == 1  # (at start only: kept while the stream ran, though older than five others)
+        # combinations beyond the four kept ready go (their slots removed, none in use), those kept are not made again
+        removed = srv.log_tail(10_000).count("LoRA adapter slot")
         for scale in (0.1, 0.2, 0.3, 0.4, 0.6, 0.7):
             assert scaled([{"id": 0, "scale": scale}], max_tokens=2).status_code == 200
-        assert srv.log_tail(400).count("LoRA adapter slot") >= 2
+        assert srv.log_tail(10_000).count("LoRA adapter slot") - removed == 6
+        assert scaled([{"id": 0, "scale": 0.7}], max_tokens=2).status_code == 200 and made(0.7) == 1
     finally:
         srv.stop()

@@ -124,9 +124,10 @@ class LoRARegistry:
         """llama-server's adapters combined at `scales` (one a file; those at 0 left out) and its pairs
         (as `read`; none where every scale is 0). No state changed."""
         parts = [(adapter, scale) for adapter, scale in zip(self.default_files, scales) if scale != 0]
+        name = f"--lora at scales {[float(s) for s in scales]}"  # (what messages call it)
         if not parts:
-            return LoRAAdapter(DEFAULT_ADAPTER, ", ".join(a.path for a in self.default_files), 0, {}), {}
-        return self.pairs_of(combined(scaled_name(scales), parts))
+            return LoRAAdapter(name, ", ".join(a.path for a in self.default_files), 0, {}), {}
+        return self.pairs_of(combined(name, parts))
 
     def install_scaled(self, scales: list[float], adapter: LoRAAdapter, pairs: dict) -> str:
         """`read_scaled`'s adapter served under its scales' name (`scaled_name`) -> that name."""
@@ -142,8 +143,8 @@ class LoRARegistry:
         before = scaled_name(self.default_scales) if any(self.default_scales) else None
         self.default_scales = [float(s) for s in scales]
         self.slots = {**self.slots, DEFAULT_ADAPTER: self.slots[name] if name is not None else 0}
-        if name is not None:
-            self.adapters = {**self.adapters, DEFAULT_ADAPTER: self.adapters[name]}
+        self.adapters = ({**self.adapters, DEFAULT_ADAPTER: self.adapters[name]} if name is not None else
+                         {n: a for n, a in self.adapters.items() if n != DEFAULT_ADAPTER})
         log.info("llama-server's LoRA adapters at scales %s for requests naming the model", self.default_scales)
         return before if before in self.slots and before != name else None
 
