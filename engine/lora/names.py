@@ -5,7 +5,7 @@ from __future__ import annotations
 # (no name a request or --lora-modules can give: those are never empty)
 DEFAULT_ADAPTER = ""
 SCALED_PREFIX = "\x00lora:"  # names of those adapters combined at a request's own scales (`scaled_name`)
-MAX_LORA_SCALE = 100.0  # their scales' bound: an adapter's product scaled far beyond it swamps the activations
+MAX_LORA_SCALE = 100.0  # their scales' bound (a guard against scales that swamp the activations)
 
 
 def scaled_name(scales: list[float]) -> str:
