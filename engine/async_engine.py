@@ -157,16 +157,17 @@ class AsyncEngine:
         return None if self.engine is None else self.engine.default_adapter
 
     async def load_adapter(self, name: str, path: str) -> None:
-        """Serves a PEFT adapter folder under `name` from now on; read off the event loop and the
-        engine thread (the step loop runs on). Raises AdapterError (the name taken, the folder not an
+        """Serves a PEFT adapter folder under `name` from now on: read off the event loop and the
+        engine thread, its pairs made on the engine thread between steps. Raises AdapterError (the name taken, the folder not an
         adapter this model takes) or EngineNotReadyError; ValueError where LoRA is not enabled."""
         self._check_ready()
         lora = self.engine.lora
         if lora is None:
             raise ValueError("LoRA adapters are not enabled: start the server with --enable-lora")
         slot = lora.reserve(name)
-        try:
-            adapter, pairs = await asyncio.to_thread(lora.read, name, path, self.config.max_lora_rank)
+        try:  # the file read on a worker thread, fused on the engine thread (its OpenMP team: `_on_engine_thread`)
+            adapter = await asyncio.to_thread(lora.read_file, name, path, self.config.max_lora_rank)
+            adapter, pairs = await self._on_engine_thread(lora.pairs_of, adapter)
         except BaseException:
             lora.release(name)
             raise

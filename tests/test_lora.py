@@ -352,6 +352,7 @@ def test_an_unloaded_adapters_weights_go_once_its_last_sequence_ends(lora_engine
                                                                        adapter="going"))
     made = [t for out in lora_engine.step()[0] for t in out.token_ids]
     slot = registry.slots["going"]
+    assert registry.adapters["going"].weights == {}  # (the pairs serve it: its fp32 copy went at install)
     weights = [weakref.ref(m.weight) for linears in registry._linears for linear in linears.values()
                for m in linear.pairs.get(slot, ())]
     slot = registry.withdraw("going")

@@ -6,6 +6,7 @@ their rows, zeros where it leaves a module alone), and the rows of a forward ass
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -161,8 +162,12 @@ class LoRARegistry:
 
     def read(self, name: str, path: str, max_rank: int | None = None) -> tuple[LoRAAdapter, dict]:
         """The adapter and its fused pairs on the device, as the backend's linear layers, by (layer,
-        projection) (no state changed: any thread)."""
-        return self.pairs_of(read_adapter(name, path, max_rank, self.cfg))
+        projection) (no state changed)."""
+        return self.pairs_of(self.read_file(name, path, max_rank))
+
+    def read_file(self, name: str, path: str, max_rank: int | None = None) -> LoRAAdapter:
+        """The adapter's file or folder read (checked against this model's config; no state changed)."""
+        return read_adapter(name, path, max_rank, self.cfg)
 
     def fused_pairs(self, adapter: LoRAAdapter) -> dict:
         """The adapter's pairs fused onto this model's projections: (layer, projection) -> (A, B) in
@@ -209,7 +214,7 @@ class LoRARegistry:
             self.names = {**self.names, slot: name}
         self.release(name)
         self.slots = {**self.slots, name: slot}
-        self.adapters = {**self.adapters, name: adapter}
+        self.adapters = {**self.adapters, name: dataclasses.replace(adapter, weights={})}  # (the pairs serve it)
         log.info("LoRA adapter %r from %s: rank %d, %d projections changed", name, adapter.path, adapter.rank,
                  len(pairs))
 
