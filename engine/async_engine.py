@@ -158,8 +158,9 @@ class AsyncEngine:
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Serves a PEFT adapter folder under `name` from now on: read off the event loop and the
-        engine thread, its pairs made on the engine thread between steps. Raises AdapterError (the name taken, the folder not an
-        adapter this model takes) or EngineNotReadyError; ValueError where LoRA is not enabled."""
+        engine thread, its pairs made on the engine thread between steps. Raises AdapterError (the
+        name taken, the folder not an adapter this model takes) or EngineNotReadyError; ValueError
+        where LoRA is not enabled."""
         self._check_ready()
         lora = self.engine.lora
         if lora is None:

@@ -212,7 +212,8 @@ def build_config(args) -> EngineConfig:
         names = [name for name, _ in args.lora_modules]
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:  # (as loading a second adapter under a name is refused while serving)
-            raise ValueError(f"--lora-modules: the adapter name {twice[0]!r} is given twice (a name serves one adapter)")
+            raise ValueError(f"--lora-modules: the adapter name {twice[0]!r} is given twice "
+                             "(a name serves one adapter)")
         overrides["lora_modules"] = config.lora_modules | dict(args.lora_modules)
     if args.default_loras:
         overrides["default_loras"] = config.default_loras + args.default_loras

@@ -96,12 +96,19 @@ async def pin_lora_scales(state, body) -> str | None:
         raise APIError(400, f"'lora' scales llama-server's --lora adapters of the model itself; '{body.model}' is "
                             "a LoRA adapter of its own", "lora")
     scales = lora_scales(body.lora, len(state.engine.default_adapter_files), "lora")
+    return await scaled_adapters(state.engine.pin_scaled_adapter(scales), "lora")
+
+
+async def scaled_adapters(call, param: str):
+    """Awaits `call`, an AsyncEngine call that combines llama-server's adapters at some scales: 503 while
+    the model loads or after it stopped, 429 with too many combinations in use, 400 on `param` where a
+    combination does not fit in the memory left."""
     try:
-        return await state.engine.pin_scaled_adapter(scales)
+        return await call
     except (EngineNotReadyError, QueueFullError) as exc:
         raise refusal(exc)
-    except AdapterError as exc:  # (the combination does not fit in the memory left)
-        raise APIError(400, str(exc), "lora")
+    except AdapterError as exc:
+        raise APIError(400, str(exc), param)
 
 
 def check_base_model(state, model: str, route: str) -> None:

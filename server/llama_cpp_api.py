@@ -17,11 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from engine.async_engine import EngineNotReadyError, QueueFullError
-from engine.lora.errors import AdapterError
 from server.completions import CompletionCall
 from server.errors import APIError, validation_message
-from server.generation import EventStream, check_model, check_token_ids, encode_chat, ready_tokenizer, refusal
+from server.generation import (EventStream, check_model, check_token_ids, encode_chat, ready_tokenizer,
+                               scaled_adapters)
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
 from server.llama_cpp_protocol import InfillRequest, LlamaCompletionRequest, lora_scales, sampling_defaults
 from engine.sampling_params import InvalidParamError
@@ -265,12 +264,7 @@ async def set_lora_adapters(body: list[LoraScale], request: Request):
     files = engine.default_adapter_files
     scales = lora_scales(body, len(files), "body")
     if files:
-        try:
-            await engine.scale_default_adapters(scales)
-        except (EngineNotReadyError, QueueFullError) as exc:
-            raise refusal(exc)
-        except AdapterError as exc:  # (the combination does not fit in the memory left)
-            raise APIError(400, str(exc), "body")
+        await scaled_adapters(engine.scale_default_adapters(scales), "body")
     return {"success": True}
 
 

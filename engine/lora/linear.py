@@ -2,9 +2,10 @@
 adapter slot s, on the model's per-op path. The rows are the step's (`StepRows`, set by the runner
 around a forward); a step with no adapter row never reaches this code's deltas (the backend's fused
 paths run the base projections themselves), nor does a CPU decode step the native step takes (it
-runs the same pairs itself: engine/backends/cpu/fused_decode.py's LoRA table). A and B are the backend's own linear layers: on the CPU its kernels sum
-each output in one order whatever the rows, so a row's bits do not depend on its batch (torch's
-matmul takes another path for one row than for several)."""
+runs the same pairs itself: engine/backends/cpu/fused_decode.py's LoRA table). A and B are the
+backend's own linear layers: on the CPU its kernels sum each output in one order whatever the rows,
+so a row's bits do not depend on its batch (torch's matmul takes another path for one row than for
+several)."""
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -118,7 +118,9 @@ class LoRARegistry:
         against the model whatever its scale: a file at 0 is scaled while serving), and combined at
         their scales, with its pairs (`read_scaled`)."""
         self.default_files = [read_adapter(Path(path).name, path, max_rank, self.cfg) for path, _ in files]
-        self.fused_pairs(combined(DEFAULT_ADAPTER, [(adapter, 1.0) for adapter in self.default_files]))
+        for adapter, (_, scale) in zip(self.default_files, files):
+            if scale == 0:  # (left out of the combination below, which checks the others)
+                self.fused_pairs(adapter)
         return self.read_scaled([scale for _, scale in files])
 
     def read_scaled(self, scales: list[float]) -> tuple[LoRAAdapter, dict]:
