@@ -24,6 +24,7 @@ from typing import Callable
 
 from engine.config import EngineConfig
 from engine.lora.names import scaled_name
+from engine.lora.scaled_set import ScaledSet
 from engine.outputs import SequenceOutput, StepStats
 from engine.sampling_params import SamplingParams, SkipParams
 
@@ -80,10 +81,7 @@ class AsyncEngine:
         # tokenizes every request: costly schemas queue behind each other, not the plain requests
         self._grammars = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="skipserve-grammar")
         self._scaling = asyncio.Lock()  # llama-server's adapters change scales one request at a time
-        # llama-server's adapters at requests' own scales: name -> requests between pinning it and adding
-        # (`pin_scaled_adapter`), and those kept ready, least recently asked for first
-        self._pins: dict[str, int] = {}
-        self._scaled: dict[str, None] = {}
+        self._scaled = ScaledSet()  # their combinations at requests' own scales (`pin_scaled_adapter`)
         self._calls: set[concurrent.futures.Future] = set()  # work waiting for the engine thread (`_on_engine_thread`)
         self._calls_lock = threading.Lock()
         self._calls_closed = False  # the engine thread has left its loop: no more work for it
@@ -192,14 +190,14 @@ class AsyncEngine:
             name = await self._scaled_adapter(scales)
             before = lora.set_default(name, scales)
             if before is not None:
-                self._scaled.setdefault(before, None)
+                self._scaled.kept(before)
             self._evict_scaled()
 
     async def pin_scaled_adapter(self, scales: list[float]) -> str | None:
         """The adapter a request with llama-server's per-request `lora` scales (one a --lora file) goes
         through: None where every scale is 0 (the model alone), else the files combined at `scales`
         (the server's own scales' combination among them), made on first use and kept while
-        `SCALED_KEPT` others are less recently asked for. Pinned (never removed) until the caller's
+        `ScaledSet.KEPT` others are less recently asked for. Pinned (never removed) until the caller's
         `unpin_scaled_adapter`, which must follow once the request is added (or was not).
         AdapterError where the combination does not fit in the memory left."""
         if not any(scales):
@@ -207,7 +205,7 @@ class AsyncEngine:
         self._check_ready()
         async with self._scaling:
             name = await self._scaled_adapter(scales)
-            self._pins[name] = self._pins.get(name, 0) + 1
+            self._scaled.pin(name)
             self._evict_scaled()
         return name
 
@@ -220,36 +218,25 @@ class AsyncEngine:
         name = scaled_name(scales)
         if name not in lora.slots:
             self._evict_scaled()
-            if len(self._scaled) >= self.SCALED_MAX:
+            if self._scaled.full:
                 raise QueueFullError(f"{len(self._scaled)} sets of the --lora adapters' scales are in use, the most "
                                      "served at once; retry later")
             read = await self._on_engine_thread(lora.read_scaled, scales)
             name = lora.install_scaled(scales, *read)
-        self._scaled.pop(name, None)
-        self._scaled[name] = None
+        self._scaled.asked(name)
         return name
 
     def unpin_scaled_adapter(self, name: str | None) -> None:
-        if name in self._pins:
-            self._pins[name] -= 1
-            if not self._pins[name]:
-                del self._pins[name]
+        if self._scaled.unpin(name):
             self._evict_scaled()
 
-    SCALED_KEPT = 4  # combinations of llama-server's adapters kept ready beyond those in use and the server's
-    SCALED_MAX = 16  # combinations served at once, at most (each holds the adapters' pairs)
-
     def _evict_scaled(self) -> None:
-        """The least recently asked-for combinations beyond SCALED_KEPT that are not in use (pinned by a
-        request being added, or held by a running or waiting one) nor the server's, withdrawn (their
-        slots removed once their last sequences end)."""
+        """Withdraws the combinations `ScaledSet.idle` lets go: not pinned, not held by a running or
+        waiting sequence, not the server's (their slots are removed once their last sequences end)."""
         lora = self.engine.lora
         default = scaled_name(lora.default_scales)
         held = self.engine.held_slots()
-        idle = [name for name in self._scaled if name not in self._pins and name != default
-                and lora.slots.get(name) not in held]
-        for name in idle[:max(0, len(idle) - self.SCALED_KEPT)]:
-            del self._scaled[name]
+        for name in self._scaled.idle(lambda name: name == default or lora.slots.get(name) in held):
             self._commands.put(("retire", lora.withdraw(name)))
 
     async def _on_engine_thread(self, fn, *args):

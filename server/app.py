@@ -65,6 +65,11 @@ class ServerState:
     def model_names(self) -> set[str]:
         return set(self.served_names) | set(self.adapters)
 
+    def named(self, model: str | None) -> str:
+        """The model a request names, where it names none (left out or empty): the model served, under its
+        first name (as vLLM and llama-server answer a request without `model`)."""
+        return model or self.served_names[0]
+
     def adapter_of(self, model: str) -> str | None:
         """The LoRA adapter a request's `model` is computed through: the one it names, or for the
         model itself llama-server's --lora adapters (None: the model alone)."""

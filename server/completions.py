@@ -137,8 +137,9 @@ class CompletionCall:
 
     async def submit(self):
         state, body = self.state, self.body
-        if not body.model or body.model in HUB_PLACEHOLDERS and body.model not in state.model_names:
-            body.model = state.served_names[0]  # answered under the model's name
+        if body.model in HUB_PLACEHOLDERS and body.model not in state.model_names:
+            body.model = None  # answered under the model's name
+        body.model = state.named(body.model)
         check_model(state, body.model)
         if body.lora is None:
             # (before any wait: an adapter unloaded meanwhile is then refused by the engine, not dropped)

@@ -41,7 +41,7 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = request.app.state.skipserve
     arrival = time.monotonic()  # (its latency metrics count from here)
-    body.model = body.model or state.served_names[0]  # (vLLM's: the served model where the request names none)
+    body.model = state.named(body.model)
     check_base_model(state, body.model, "/v1/embeddings")
     inputs = truncated(await tokenize_batch(state, body.inputs(), "input", MAX_INPUTS), body.truncate_prompt_tokens,
                        state.engine.config.max_model_len, 0, body.truncation_side)

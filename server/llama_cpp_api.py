@@ -186,7 +186,7 @@ async def _serve(request: Request, body: LlamaCompletionRequest, prompt: list[in
     try:
         completion_request = CompletionRequest.model_validate(
             body.completion_body(prompt, state.engine.config.max_model_len, list(ends), state.engine.sampling_defaults()) |
-            {"model": body.model or state.served_names[0]})
+            {"model": state.named(body.model)})
         call = LlamaCall(request, body, completion_request, prompt)
         call.prompt_text = await asyncio.to_thread(tokenizer.decode, prompt, True, True)
         stream = await call.submit()

@@ -95,7 +95,7 @@ class ResponseCall:
 
     async def submit(self):
         state, body = self.state, self.body
-        body.model = body.model or state.served_names[0]  # (vLLM's: the served model where the request names none)
+        body.model = state.named(body.model)
         check_model(state, body.model)
         self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
         check_reasoning_effort(self.tokenizer, body.effort, "reasoning.effort")

@@ -42,8 +42,8 @@ async def _embed_texts(request: Request, body, sides: dict[str, list[str]], arri
     """Each side's texts embedded (each distinct text once; errors name `side.i`) -> ({side: its
     vectors}, prompt tokens) or the 499 response of a client that left."""
     state = request.app.state.skipserve
-    if body.model is not None:
-        check_base_model(state, body.model, "scoring")
+    body.model = state.named(body.model)  # (vLLM's `model` is optional here)
+    check_base_model(state, body.model, "scoring")
     if sum(len(texts) for texts in sides.values()) > MAX_INPUTS:  # (named: the longer list)
         raise APIError(400, f"at most {MAX_INPUTS} texts a request", max(sides, key=lambda side: len(sides[side])))
     keep, limit = body.truncate_prompt_tokens, state.engine.config.max_model_len
@@ -65,11 +65,6 @@ async def _embed_texts(request: Request, body, sides: dict[str, list[str]], arri
     return {side: [vectors[where[side, i]] for i in range(len(texts))] for side, texts in sides.items()}, prompt_tokens
 
 
-def _model(request: Request, body) -> str:
-    """The model an answer names: the request's, else the first served name (vLLM's `model` is optional here)."""
-    return body.model or request.app.state.skipserve.served_names[0]
-
-
 @router.post("/score")
 @router.post("/v1/score")
 async def score(body: ScoreRequest, request: Request):
@@ -81,7 +76,7 @@ async def score(body: ScoreRequest, request: Request):
         return embedded
     vectors, tokens = embedded
     scores = await asyncio.to_thread(lambda: [cosine(vectors["text_1"][i], vectors["text_2"][j]) for i, j in paired])
-    return {"id": "score-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()), "model": _model(request, body),
+    return {"id": "score-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()), "model": body.model,
             "data": [{"index": k, "object": "score", "score": s} for k, s in enumerate(scores)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
@@ -104,5 +99,5 @@ async def rerank(body: RerankRequest, request: Request):
         if body.return_documents is not False:
             result["document"] = {"text": body.documents[i]}
         results.append(result)
-    return {"id": "rerank-" + uuid.uuid4().hex, "model": _model(request, body), "results": results,
+    return {"id": "rerank-" + uuid.uuid4().hex, "model": body.model, "results": results,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

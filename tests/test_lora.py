@@ -21,6 +21,7 @@ import torch
 from engine.lora.errors import AdapterError
 from engine.lora.names import scaled_name
 from engine.lora.registry import DEFAULT_ADAPTER
+from engine.lora.scaled_set import ScaledSet
 from engine.sampling_params import InvalidParamError, SamplingParams, SkipParams
 from tests.conftest import ServerProcess, cpu_path_only, cuda_available
 from tests.helpers import assert_layer_calls_equal_the_per_op_path, engine_like, hf_model_of
@@ -510,3 +511,24 @@ def test_a_llama_server_lora_command_serves_the_adapter_as_the_model(lora_server
         assert scaled([{"id": 0, "scale": 0.7}], max_tokens=2).status_code == 200 and made(0.7) == 1
     finally:
         srv.stop()
+
+
+def test_scale_combinations_kept_are_the_most_recently_asked_for_and_none_in_use():
+    """engine/lora/scaled_set.py: beyond KEPT idle combinations the least recently asked for go; one
+    pinned (a request being added) or in use (a running sequence's, the server's own) never goes."""
+    kept = ScaledSet()
+    names = [f"c{i}" for i in range(kept.KEPT + 3)]
+    for name in names:
+        kept.asked(name)
+    kept.pin("c0")
+    kept.asked("c1")  # asked for again: now the most recent
+    assert kept.idle(lambda name: name == "c2") == ["c3"]  # (c4, c5, c6, c1 kept)
+    assert len(kept) == kept.KEPT + 2 and kept.idle(lambda name: False) == ["c2"]  # (no longer in use)
+    assert kept.unpin("c0") and not kept.unpin("c0") and not kept.unpin(None)
+    assert kept.idle(lambda name: False) == ["c0"]  # unpinned: the least recently asked for
+    kept.kept("c1")  # (the server's scales before a change: kept where it stands in the order)
+    assert kept.idle(lambda name: False) == [] and len(kept) == kept.KEPT and not kept.full
+    for i in range(kept.MOST - kept.KEPT):
+        kept.pin(f"p{i}")
+        kept.asked(f"p{i}")
+    assert kept.full and kept.idle(lambda name: False) == []

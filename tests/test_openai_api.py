@@ -122,11 +122,13 @@ def test_a_request_naming_no_model_is_answered_by_the_served_model(server):
     """As vLLM and llama-server answer it (OpenAI's clients always send a model)."""
     for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
                         ("/v1/completions", {"prompt": "Hi", "max_tokens": 4}),
-                        ("/v1/responses", {"input": "Hi", "max_output_tokens": 16})):
-        r = httpx.post(server.url + route, json=body, timeout=60)
-        assert r.status_code == 200 and r.json()["model"] == MODEL, (route, r.text)
-    r = httpx.post(server.url + "/v1/embeddings", json={"input": "Hi"}, timeout=60)
-    assert r.status_code == 200 and r.json()["model"] == MODEL and r.json()["data"][0]["embedding"]
+                        ("/v1/responses", {"input": "Hi", "max_output_tokens": 16}),
+                        ("/v1/embeddings", {"input": "Hi"}),
+                        ("/v1/score", {"text_1": "Hi", "text_2": "Hello"}),
+                        ("/v1/rerank", {"query": "Hi", "documents": ["Hello"]})):
+        for named in ({}, {"model": ""}):  # (left out, or empty)
+            r = httpx.post(server.url + route, json=body | named, timeout=60)
+            assert r.status_code == 200 and r.json()["model"] == MODEL, (route, named, r.text)
 
 
 def test_streamed_text_equals_non_streamed_text(client):
