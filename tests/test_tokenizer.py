@@ -118,3 +118,39 @@ def test_logprob_tokens_keep_their_leading_space_under_a_decoder_that_strips_one
     texts = [tokenizer.token_text(i) for i in ids]
     assert texts[1] == " world"
     assert "".join(texts) == tokenizer.decode(ids, clean=False) == "Hello world, naïve 🙂"
+
+
+def test_tokenizing_and_decoding_let_other_threads_run(engine):
+    """The server tokenizes in worker threads so that the event loop goes on meanwhile: that needs the
+    library to let Python's GIL go while it works (its batch calls do, its single-text calls do not).
+    With a switch interval far longer than the work, a thread holding the GIL throughout would let the
+    main thread run no line until it returned."""
+    import sys
+    import threading
+    import time
+
+    tokenizer = Tokenizer(engine.hf_dir)
+    text = "hello world " * 40_000
+    ids = tokenizer.encode(text)
+    ticks: list[int] = []
+    for work in (lambda: tokenizer.encode(text, False), lambda: tokenizer.encode_spans(text),
+                 lambda: tokenizer.decode(ids)):
+        meanwhile: list[int] = []
+
+        def worker():
+            before = len(ticks)
+            work()
+            meanwhile.append(len(ticks) - before)
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(5.0)  # (no forced hand-over within the work)
+        try:
+            thread = threading.Thread(target=worker)
+            thread.start()
+            while thread.is_alive():
+                ticks.append(0)
+                time.sleep(0.001)  # (lets the GIL go)
+            thread.join()
+        finally:
+            sys.setswitchinterval(interval)
+        assert meanwhile[0] > 0
