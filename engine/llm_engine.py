@@ -334,7 +334,10 @@ class LLMEngine:
                     seq.drafter.taken(len(batch.drafts[seq_id]), len(accepted))
                 seq.ffn_skipped += result.ffn_skipped.get(seq_id, 0)  # (a sequence with drafts runs every FFN)
                 kept = []  # this step's tokens, up to the one that ends the sequence
-                for made in [*accepted, sampled]:
+                if seq.params.prompt_only:  # its prompt computed: the token sampled after it is not its
+                    self.scheduler.finish(seq, "length")
+                    self._release(seq)
+                for made in [] if seq.params.prompt_only else [*accepted, sampled]:
                     seq.ffn_total += self.model_config.num_layers
                     seq.output_ids.append(made.token_id)
                     kept.append(made)

@@ -28,6 +28,9 @@ class SamplingParams:
     n: int = 1
     max_tokens: int | None = None  # None = up to the context window
     max_tokens_cap: int | None = None  # the server's cap (a generation config's max_new_tokens), whatever is asked
+    # the prompt computed (its logprobs, the cache filled) and no token made: `echo` with `max_tokens` 0,
+    # llama.cpp's `n_predict` 0 (a prompt's length is checked as for one token)
+    prompt_only: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off

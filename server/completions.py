@@ -211,14 +211,6 @@ class CompletionCall:
         lead = leading_specials(tokenizer)
         return [fim_prompt(lead, tokens, prefix, suffix) for prefix in prefixes]
 
-    def shown(self, out):
-        """An output as the answer shows it: with `echo` and `max_tokens: 0` the one token the engine
-        made is left out (text, logprobs and counts), and the answer ends at its length."""
-        if self.chat or not self.body.prompt_only:
-            return out
-        return dataclasses.replace(out, text="", token_ids=[], logprobs=None, completion_tokens=0, ffn_skipped=0,
-                                   ffn_total=0, finish_reason="length" if out.finished else None, stop_reason=None)
-
     def echo(self, index: int) -> str:
         """The prompt text choice `index` starts with (`echo`), else ""."""
         return self.echoed[index // self.body.n] if not self.chat and self.body.echo else ""
@@ -253,7 +245,6 @@ class CompletionCall:
         usage = self.usage()
 
         def on_output(out):
-            out = self.shown(out)
             c = choices[out.index]
             reasoning, content = split_output(c.split, out, usage)
             c.reasoning += reasoning
@@ -359,7 +350,6 @@ class CompletionCall:
                 for i, c in choices.items():
                     yield self._chunk(i, c.text, None, None, extra)
             async for out in stream:
-                out = self.shown(out)
                 c = choices[out.index]
                 self.timer.on_tokens(out.index)
                 usage.update(out)

@@ -792,13 +792,13 @@ class CompletionRequest(CommonRequest):
 
     @property
     def prompt_only(self) -> bool:
-        """`echo` with `max_tokens: 0`: the prompt (and its logprobs) alone, as scorers ask for it. The
-        engine makes one token anyway, which the answer leaves out."""
+        """`echo` with `max_tokens: 0`: the prompt (and its logprobs) alone, as scorers ask for it."""
         return bool(self.echo) and self.max_tokens == 0
 
     def to_sampling(self) -> SamplingParams:
         max_tokens = 16 if self.max_tokens is None else 1 if self.prompt_only else self.max_tokens
         params = self.choices_sampling(self.logprobs, max_tokens)
+        params.prompt_only = self.prompt_only
         params.logprobs_param = "logprobs"
         if self.echo and self.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
             score_prompt(params, self.logprobs)

@@ -96,8 +96,9 @@ def test_echo_with_logprobs_scores_the_prompt_and_the_answer_over_http(server, c
     assert first.logprobs.tokens == lp.tokens[:len(prompt)] and first.text == r.choices[0].text[:len(first.text)]
 
 
-def test_echo_with_max_tokens_0_gives_the_prompt_and_its_scores_alone(client):
+def test_echo_with_max_tokens_0_gives_the_prompt_and_its_scores_alone(client, server):
     prompt = [504, 3458, 282, 4649, 314]
+    made = server.metric("generation_tokens_total")
     r = client.completions.create(model=MODEL, prompt=[prompt, prompt[:3]], max_tokens=0, echo=True, logprobs=1)
     for c in r.choices:
         ids = [prompt, prompt[:3]][c.index]
@@ -108,6 +109,7 @@ def test_echo_with_max_tokens_0_gives_the_prompt_and_its_scores_alone(client):
                                             stream=True))
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
+    assert server.metric("generation_tokens_total") == made  # (no token made, none counted)
 
 
 def test_a_sequence_preempted_while_scoring_its_prompt_scores_each_token_once(engine, reference):
