@@ -200,6 +200,8 @@ def parse_calls(text: str, tools: list[dict], parallel: bool = True, listed: boo
 # where a call's arguments begin in the JSON a forced call's grammar writes (`name` first, as the
 # schema lists it; names are [a-zA-Z0-9_-]: no escapes)
 CALL_OPENING = re.compile(r'"name"\s*:\s*"([a-zA-Z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
+# a call whose name was finished and the cut came before its arguments began (`"name": "f", "argu`)
+NAME_ONLY = re.compile(r'"name"\s*:\s*"([a-zA-Z0-9_-]{1,64})"\s*(?:,\s*(?:"(?:a(?:r(?:g(?:u(?:m(?:e(?:n(?:t(?:s(?:"\s*(?::\s*)?)?)?)?)?)?)?)?)?)?)?)?)?\Z')
 
 
 def cut_calls(text: str, tools: list[dict]) -> list[dict]:
@@ -216,6 +218,8 @@ def cut_calls(text: str, tools: list[dict]) -> list[dict]:
             arguments, at = text[opening.end():], len(text)
         if opening.group(1) in names:
             calls.append(call_body(opening.group(1), arguments))
+    if at < len(text) and (named := NAME_ONLY.search(text, at)) is not None and named.group(1) in names:
+        calls.append(call_body(named.group(1), ""))
     return calls
 
 

@@ -134,7 +134,8 @@ def test_a_forced_call_cut_off_by_max_tokens_comes_as_a_call_with_the_arguments_
         choice = client.chat.completions.create(max_tokens=max_tokens, **kw).choices[0]
         assert choice.finish_reason == "length"
         if choice.message.tool_calls is None:
-            assert tool_choice == "required" and choice.message.content.lstrip().startswith("{")
+            assert tool_choice == "required" and choice.message.content.lstrip()[:1] in "{["
+            assert not re.search(r'"name"\s*:\s*"[^"]*"', choice.message.content)  # (no name finished)
             continue
         cut_calls += 1
         assert choice.message.content is None and len(choice.message.tool_calls) == 1
@@ -169,6 +170,14 @@ def test_a_cut_list_of_calls_keeps_the_whole_ones_and_the_cut_ones_written_argum
         "function"]["arguments"] == '{"city": "x"}'
     assert cut_calls('{"name": "no_such_tool", "arguments": {"a": ', tools) == []
     assert cut_calls('{"name": "get_wea', tools) == []
+    # the name finished, the cut before the arguments began: the call with none written
+    for text in ('{"name": "get_time"', '[{"name": "get_time",', '{"name":"get_time" , "argu', '{"name": "get_time", "arguments"',
+                 '{"name": "get_time", "arguments": ', '[{"name": "get_weather", "arguments": {"city": "x"}}, {"name": "get_time"'):
+        calls = cut_calls(text, tools)
+        assert calls[-1]["function"] == {"name": "get_time", "arguments": ""}, text
+    assert cut_calls('{"name": "get_time", "argue', tools) == []
+    assert cut_calls('{"name": "get_time", "arguments": {"timezone": "x"}} {"name": "get', tools)[-1][
+        "function"]["arguments"] == '{"timezone": "x"}'
 
 
 def test_streamed_calls_are_the_unstreamed_ones(client):
