@@ -15,6 +15,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from engine.sampling_params import InvalidParamError
 from server.completions import CompletionCall
 from server.generation import EventStream, check_model, encode_chat, ready_tokenizer
 from server.messages_protocol import CountTokensRequest, MessagesRequest
@@ -150,10 +151,19 @@ class MessageCall:
         yield event("message_stop")
 
 
+# the Messages fields sent under another name in the chat request it is served as: its errors name them as sent
+SENT_AS = {"stop": "stop_sequences"}
+
+
 @router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request):
-    call = MessageCall(request, body)
-    stream = await call.chat.submit()
+    try:
+        call = MessageCall(request, body)
+        stream = await call.chat.submit()
+    except InvalidParamError as exc:
+        if exc.param not in SENT_AS:
+            raise
+        raise InvalidParamError(str(exc), SENT_AS[exc.param], exc.code) from None
     if body.stream:
         return EventStream(call.events(stream), stream, call.chat.timer)
     return await call.collect(stream)

@@ -135,6 +135,8 @@ def test_an_output_format_holds_the_text_to_its_schema_and_taken_hints_change_no
     ({"max_tokens": 5, "messages": QUESTION, "temperature": "hot"}, "temperature"),
     ({"max_tokens": 5, "messages": QUESTION, "container": "c1"}, "container"),
     ({"max_tokens": 5, "messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
+    ({"max_tokens": 5, "messages": QUESTION, "stop_sequences": ["a", "b", "c", "d", "e"]}, "stop_sequences"),
+    ({"max_tokens": 5, "messages": QUESTION, "stop_sequences": ["x" * 600]}, "stop_sequences"),
 ])
 def test_bad_requests_are_400s_naming_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/messages", json={"model": MODEL, **body}, timeout=60)
