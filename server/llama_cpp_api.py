@@ -22,7 +22,8 @@ from server.errors import APIError, validation_message
 from server.generation import (EventStream, check_model, check_token_ids, encode_chat, ready_tokenizer,
                                scaled_adapters)
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
-from server.llama_cpp_protocol import InfillRequest, LlamaCompletionRequest, lora_scales, sampling_defaults
+from server.llama_cpp_protocol import (RANDOM_SEED, InfillRequest, LlamaCompletionRequest, lora_scales,
+                                       sampling_defaults)
 from engine.sampling_params import InvalidParamError
 from server import __version__
 from server.protocol import CompletionRequest, LoraScale, TokenizeRequest
@@ -66,7 +67,7 @@ class LlamaCall(CompletionCall):
         b = self.native
         return {"n_predict": -1 if b.n_predict is None else b.n_predict, "n_ctx": self.state.engine.config.max_model_len,
                 "temperature": self.body.temperature, "top_k": self.body.top_k, "top_p": self.body.top_p,
-                "min_p": self.body.min_p, "typical_p": self.body.typical_p or 1.0, "seed": -1 if b.seed is None else b.seed,
+                "min_p": self.body.min_p, "typical_p": self.body.typical_p or 1.0, "seed": b.seed_taken,
                 "stop": [b.stop] if isinstance(b.stop, str) else b.stop or [],
                 "n_probs": b.n_probs or 0, "ignore_eos": b.ignore_eos, "stream": b.stream,
                 "repeat_penalty": 1.0 if b.repeat_penalty is None else b.repeat_penalty,
@@ -238,7 +239,7 @@ async def props(request: Request):
     config = state.engine.config
     sampling = sampling_defaults(state.engine.sampling_defaults())
     defaults = {"n_predict": -1, "temperature": sampling["temperature"], "top_k": sampling["top_k"],
-                "top_p": sampling["top_p"], "min_p": sampling["min_p"], "seed": -1,
+                "top_p": sampling["top_p"], "min_p": sampling["min_p"], "seed": RANDOM_SEED,
                 "repeat_penalty": sampling["repetition_penalty"], "presence_penalty": 0.0, "frequency_penalty": 0.0,
                 "stop": [], "n_probs": 0, "ignore_eos": False, "stream": False}
     return {"default_generation_settings": {"n_ctx": config.max_model_len, "params": defaults},

@@ -24,6 +24,7 @@ TAKEN = ("cache_prompt", "id_slot", "n_cache_reuse", "timings_per_token", "sampl
          "dynatemp_exponent", "mirostat_tau", "mirostat_eta", "xtc_threshold", "dry_base", "dry_allowed_length",
          "dry_penalty_last_n", "dry_sequence_breakers", "sse_ping_interval", "n_keep", "n_discard")
 # llama-server's sampling where a request and the model's file say nothing
+RANDOM_SEED = 2**32 - 1  # llama.cpp's LLAMA_DEFAULT_SEED (-1 as it reads it): a new seed each request
 LLAMA_SERVER_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.0}
 
 
@@ -106,6 +107,12 @@ class LlamaCompletionRequest(RequestBody):
             bias[key] = -100.0 if pair[1] is False else float(pair[1])
         return bias
 
+    @property
+    def seed_taken(self) -> int:
+        """The seed as llama.cpp reads it, a 32-bit unsigned value (-2: 4294967294); RANDOM_SEED (-1,
+        or none given): a new one each request."""
+        return RANDOM_SEED if self.seed is None else self.seed % 2**32
+
     def completion_body(self, prompt_ids: list[int], max_model_len: int, ends: list[int] = (),
                         model_defaults: dict | None = None) -> dict:
         """The /v1/completions request's fields: the prompt as the ids given (tokenized here), the
@@ -133,8 +140,8 @@ class LlamaCompletionRequest(RequestBody):
                              ("repetition_penalty", "repeat_penalty")):
             if getattr(self, theirs) is not None:
                 body[ours] = getattr(self, theirs)
-        if self.seed is not None and self.seed >= 0:  # -1: a random seed, as llama.cpp takes it
-            body["seed"] = self.seed
+        if self.seed_taken != RANDOM_SEED:
+            body["seed"] = self.seed_taken
         if self.n_probs and wanted > 0:
             body["logprobs"] = self.n_probs
         if self.bias():

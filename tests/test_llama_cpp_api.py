@@ -53,6 +53,15 @@ def test_a_completion_is_the_v1_answer_in_llama_cpps_shape(server):
     assert (settings["temperature"], settings["top_k"], settings["top_p"], settings["min_p"]) == (0.8, 40, 0.95, 0.05)
 
 
+def test_seeds_are_read_as_llama_cpp_reads_them(server):
+    """A 32-bit unsigned value (-2 is 4294967294, a fixed seed), -1 (4294967295) and none: a new one each time."""
+    answers = [_post(server, "/completion", {"prompt": PROMPT, "n_predict": 12, "temperature": 1.0, **seed}).json()
+               for seed in ({"seed": -2}, {"seed": 2**32 - 2}, {"seed": -1}, {})]
+    assert [a["generation_settings"]["seed"] for a in answers] == [2**32 - 2, 2**32 - 2, 2**32 - 1, 2**32 - 1]
+    if not cuda_available():  # sampled text equal across requests: the CPU path's promise
+        assert answers[0]["content"] == answers[1]["content"]
+
+
 def test_stop_types_name_the_word_or_the_end_of_text(server):
     word = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 16, "temperature": 0, "stop": [", 7"]}).json()
     assert word["stop_type"] == "word" and word["stopping_word"] == ", 7" and ", 7" not in word["content"]
