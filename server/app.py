@@ -17,6 +17,7 @@ from engine.async_engine import AsyncEngine
 from server import __version__, errors
 from server.access_gate import AccessGate
 from server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
+from server.json_body import json_response
 from server.completions import router as completions_router
 from server.embeddings import router as embeddings_router
 from server.errors import APIError, error_response
@@ -181,13 +182,14 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
+        # (a long prompt's tokens: encoded in pieces off the event loop, server/json_body.py)
         tokenizer = ready_tokenizer(state)
         if body.parameters is not None and body.inputs is None:
             raise APIError(400, "parameters go with TGI's spelling: give 'inputs'", "parameters")
         if body.content is not None or any(getattr(body, f) is not None for f in LLAMA_CPP_TOKENIZE):
-            return await llama_tokenize(state, body)
+            return await json_response(await llama_tokenize(state, body))
         if body.inputs is not None:
-            return await tgi_tokenize(state, body)
+            return await json_response(await tgi_tokenize(state, body))
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
         chat_only = [f for f in CHAT_ONLY_FIELDS if getattr(body, f) is not None] if body.prompt is not None else []
@@ -202,7 +204,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         answer = {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
         if body.return_token_strs:  # vLLM's: the vocabulary's spellings (a long prompt's: off the event loop)
             answer["token_strs"] = await asyncio.to_thread(lambda: [tokenizer.token_string(t) for t in ids])
-        return answer
+        return await json_response(answer)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import struct
 import time
 import uuid
@@ -20,6 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from engine.async_engine import EngineNotReadyError
 from server.errors import APIError
 from server.generation import check_base_model, consume, item_param, refusal, take_whole, tokenize_batch, truncated
+from server.json_body import json_bytes
 from server.metrics import RequestTimer
 from server.protocol import EmbeddingRequest
 
@@ -88,18 +88,14 @@ async def embed_inputs(request: Request, inputs: list[list[int]], arrival: float
     return [vectors[i] for i in range(len(inputs))], prompt_tokens
 
 
-def _json(value) -> bytes:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-
-
 async def json_pieces(model: str, vectors: list[list[float]], encoding_format: str, usage: dict):
     """The response's JSON, PIECE vectors at a time, the event loop free between pieces: a batch of
     2,048 vectors as floats is 24 MB of JSON, and encoding it whole held every other stream up for
     1.7 s (FastAPI's encoder walks each float, then `json.dumps`)."""
-    yield b'{"object":"list","model":' + _json(model) + b',"data":['
+    yield b'{"object":"list","model":' + json_bytes(model) + b',"data":['
     for start in range(0, len(vectors), PIECE):
-        items = [_json({"object": "embedding", "index": i, "embedding": encode_vector(vectors[i], encoding_format)})
+        items = [json_bytes({"object": "embedding", "index": i, "embedding": encode_vector(vectors[i], encoding_format)})
                  for i in range(start, min(start + PIECE, len(vectors)))]
         yield (b"," if start else b"") + b",".join(items)
         await asyncio.sleep(0)  # a send that does not wait would not let the others run
-    yield b'],"usage":' + _json(usage) + b"}"
+    yield b'],"usage":' + json_bytes(usage) + b"}"

@@ -6,6 +6,7 @@ never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
@@ -33,6 +34,7 @@ def is_text(value: str) -> bool:
         return False
 
 
+NUMBERS = {int, float, bool, type(None)}  # the JSON values that hold no text
 MAX_DEPTH = 100  # of a request body's nesting (a JSON schema written out in full is far shallower)
 
 
@@ -44,9 +46,11 @@ def find_non_text(value, path: str = "") -> str | None:
     """Dotted path of the first string in a parsed JSON value that is not text (for a key: the path of
     its object, "" at the top); None if all are text. Walked with a stack of its own, not Python's, and
     raises TooDeep for a value nested more than MAX_DEPTH deep (later checks recurse into it)."""
-    stack = [(value, path, 0)]
+    stack = [(value, path, None, 0)]  # (value, its parent's path, its key there, depth): paths made as needed
     while stack:
-        value, path, depth = stack.pop()
+        value, path, key, depth = stack.pop()
+        if key is not None:
+            path = f"{path}.{key}" if path else str(key)
         if isinstance(value, str):
             if not is_text(value):
                 return path
@@ -54,11 +58,14 @@ def find_non_text(value, path: str = "") -> str | None:
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         if items and depth >= MAX_DEPTH:
             raise TooDeep(f"the request body is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, list) and set(map(type, value)) <= NUMBERS:  # token ids, say (walked in C)
+            continue
         children = []
         for key, item in items:
             if isinstance(key, str) and not is_text(key):
                 return path
-            children.append((item, f"{path}.{key}" if path else str(key), depth + 1))
+            if isinstance(item, (str, dict, list)):  # (numbers, booleans, nulls: no text)
+                children.append((item, path, key, depth + 1))
         stack.extend(reversed(children))  # depth first, in document order
     return None
 
@@ -751,11 +758,12 @@ Texts = Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
 
 def check_texts_shape(value, param: str):
     """An empty or mixed batch is a 400 saying so (not a union's "should be a valid string")."""
-    if isinstance(value, list):
-        if not value or any(isinstance(p, list) and not p for p in value):
+    if isinstance(value, list):  # (the types gathered in C: a prompt may be a million token ids)
+        kinds = set(map(type, value))
+        lists = [p for p in value if type(p) is list] if list in kinds else []
+        if not value or not all(lists):
             raise InvalidParamError(f"{param} must not be empty", param)
-        kinds = {type(p) for p in value}
-        inner = {type(t) for p in value if isinstance(p, list) for t in p}
+        inner = set(itertools.chain.from_iterable(map(type, p) for p in lists))
         if len(kinds) > 1 or kinds - {int, str, list} or inner - {int}:
             raise InvalidParamError(f"{param} must be a string, a list of token ids, a list of strings or a "
                                     "list of token id lists", param)

@@ -105,3 +105,16 @@ def test_broken_files_of_a_model_folder_are_named(tmp_path):
         Tokenizer(tmp_path)
     with pytest.raises(ValueError, match="model.safetensors: not a safetensors file this reads"):
         load_state_dict(tmp_path)
+
+
+def test_long_answers_encoded_in_pieces_are_the_json_of_the_whole():
+    """server/json_body.py: a long list (alone or a dict's value) written a piece at a time reads back
+    as the same JSON, at piece boundaries and across them."""
+    import json
+
+    from server.json_body import PIECE, _in_pieces
+
+    for n in (0, 1, PIECE - 1, PIECE, PIECE + 1, 3 * PIECE + 7):
+        tokens = [{"id": i, "piece": "é\"\\" if i % 3 else [0, 255]} for i in range(n)]
+        for value in (tokens, list(range(n)), {"tokens": tokens, "count": n, "nested": {"ids": list(range(n))}}):
+            assert json.loads(_in_pieces(value)) == value
