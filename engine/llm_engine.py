@@ -334,7 +334,7 @@ class LLMEngine:
                     seq.drafter.taken(len(batch.drafts[seq_id]), len(accepted))
                 seq.ffn_skipped += result.ffn_skipped.get(seq_id, 0)  # (a sequence with drafts runs every FFN)
                 kept = []  # this step's tokens, up to the one that ends the sequence
-                if seq.params.prompt_only:  # its prompt computed: the token sampled after it is not its
+                if seq.params.prompt_only:  # its prompt computed, it ends: the token sampled after it is dropped
                     self.scheduler.finish(seq, "length")
                     self._release(seq)
                 for made in [] if seq.params.prompt_only else [*accepted, sampled]:
