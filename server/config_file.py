@@ -54,9 +54,17 @@ def load_config(path: str | Path) -> EngineConfig:
     if isinstance(template, str) and not is_inline_template(template):
         # a template file named in a config file is found beside it, as the file's other paths would be
         raw["chat_template"] = str(Path(path).resolve().parent / Path(template).expanduser())
-    def beside(name):  # an adapter named in a file is found beside it, as its chat template is
-        return str(Path(path).resolve().parent / Path(name).expanduser()) if isinstance(name, str) else name
+    folder = Path(path).resolve().parent
 
+    def beside(name):  # an adapter named in a file is found beside it, as its chat template is
+        return str(folder / Path(name).expanduser()) if isinstance(name, str) else name
+
+    # the model and a generation config's folder: a relative path is found beside the file too (a bare
+    # name only where the file's folder holds it: else an embedded model's, or `auto`, say); the cache too
+    for key in ("model", "generation_config", "cache_dir"):
+        name = raw.get(key)
+        if isinstance(name, str) and name and (key == "cache_dir" or Path(name).name != name or (folder / name).exists()):
+            raw[key] = beside(name)
     if isinstance(raw.get("lora_modules"), dict):
         raw["lora_modules"] = {name: beside(folder) for name, folder in raw["lora_modules"].items()}
     if isinstance(raw.get("default_loras"), list):

@@ -197,6 +197,24 @@ def test_a_config_files_chat_template_path_is_read_beside_it(tmp_path, monkeypat
     assert load_config(tmp_path / "inline.yaml").chat_template == "{{ messages }}"  # a template stays itself
 
 
+def test_a_config_files_model_generation_config_and_cache_paths_are_read_beside_it(tmp_path, monkeypatch):
+    """As its chat template and adapters are; a bare name the file's folder does not hold stays itself (an
+    embedded model's name, generation_config's `auto`)."""
+    from server.config_file import load_config
+
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "my.gguf").write_bytes(b"")
+    (tmp_path / "paths.yaml").write_text("model: ./models/my.gguf\ngeneration_config: gen\ncache_dir: cache\n")
+    (tmp_path / "names.yaml").write_text("model: my.gguf\ngeneration_config: auto\ncache_dir: /var/cache/x\n")
+    (tmp_path / "embedded.yaml").write_text("model: gemma3-270m\n")
+    monkeypatch.chdir("/")  # not the config file's folder
+    paths, names = load_config(tmp_path / "paths.yaml"), load_config(tmp_path / "names.yaml")
+    assert (paths.model, paths.generation_config, paths.cache_dir) == (
+        str(tmp_path / "models/my.gguf"), str(tmp_path / "gen"), str(tmp_path / "cache"))
+    assert (names.model, names.generation_config, names.cache_dir) == (str(tmp_path / "my.gguf"), "auto", "/var/cache/x")
+    assert load_config(tmp_path / "embedded.yaml").model == "gemma3-270m"
+
+
 def test_the_model_flag_overrides_a_config_files_model_even_with_a_preset_name(tmp_path):
     from server.cli import build_config, serve_parser
 
