@@ -25,8 +25,11 @@ def exported_names(server) -> set[str]:
 
 
 def dashboard_exprs() -> list[str]:
-    """The panels' queries as Grafana sends them at the datasource's 5 s scrape interval."""
+    """The panels' queries as Grafana sends them at the datasource's 5 s scrape interval (a range over
+    `$__interval`, one scrape wide at the default time range, would hold too few samples for `rate`
+    or `increase`: `$__rate_interval` is at least four)."""
     exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    assert not [e for e in exprs if "[$__interval]" in e]
     return [e.replace("$__rate_interval", "20s").replace("$__interval", "15s") for e in exprs]
 
 
