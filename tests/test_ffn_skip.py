@@ -104,6 +104,19 @@ def test_cold_layers_are_never_skipped(engine, chat_prompts):
     assert sum(delta) > 0
 
 
+def test_cold_layers_covering_the_model_are_said_at_start(caplog):
+    """--skip-cold-start 100 on a 30-layer model: every FFN runs whatever the budget, and the start says so."""
+    from engine.config import SkipConfig
+    from engine.skip import build_policy
+
+    for policy, cold_start, said in (("ffn_skipllm", 100, True), ("batch_aligned", 26, True),
+                                     ("ffn_skipllm", 25, False), ("none", 100, False)):
+        caplog.clear()
+        built = build_policy(SkipConfig(policy=policy, cold_start=cold_start, cold_end=4), 30)
+        assert ("no FFN is ever skipped" in caplog.text) == said, (policy, cold_start)
+        assert built.max_skippable == max(0, 30 - cold_start - 4) or policy == "none"
+
+
 def test_warmup_tokens_are_never_skipped(engine, chat_prompts):
     _, last, per_step = run_one(engine, chat_prompts[1], SkipParams(budget=0.4, threshold=0.0, warmup_tokens=10),
                                 max_tokens=20)

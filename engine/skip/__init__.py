@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import logging
+
 from engine.config import SkipConfig
 from engine.skip.base import DenseGate, RowSkip, SkipPolicy, TokenSkipPlan
 from engine.skip.batch_aligned import BatchAlignedPolicy
@@ -27,7 +29,12 @@ POLICIES = {"none": NoSkipPolicy, "ffn_skipllm": FFNSkipLLMPolicy, "batch_aligne
 def build_policy(config: SkipConfig, num_layers: int) -> SkipPolicy:
     if config.policy not in POLICIES:
         raise ValueError(f"unknown skip policy {config.policy!r} (known: {sorted(POLICIES)})")
-    return POLICIES[config.policy](config, num_layers)
+    policy = POLICIES[config.policy](config, num_layers)
+    if config.policy != "none" and not policy.max_skippable:  # (said at start, not found in every usage)
+        logging.getLogger("skipserve.skip").warning(
+            "skip cold_start %d + cold_end %d cover all %d of the model's layers: no FFN is ever skipped, "
+            "whatever a request's budget", config.cold_start, config.cold_end, num_layers)
+    return policy
 
 
 __all__ = ["build_policy", "SkipPolicy", "RowSkip", "TokenSkipPlan", "DenseGate", "POLICIES"]
