@@ -160,8 +160,7 @@ def serve_parser() -> argparse.ArgumentParser:
     k.add_argument("--skip-max-budget", type=float, default=None,
                    help=f"largest budget a request may ask {shown(preset.skip.max_budget)}")
     h = p.add_argument_group("HTTP")
-    listen_host, _ = listen_defaults()
-    h.add_argument("--host", type=host, default=listen_host,
+    h.add_argument("--host", type=host, default=None,
                    help="address to listen on (default: $SKIPSERVE_HOST or 127.0.0.1)")
     h.add_argument("--port", type=port, default=None, help="port (default: $SKIPSERVE_PORT or 8000)")
     h.add_argument("--api-key", type=api_key, default=None,
@@ -292,6 +291,11 @@ def serve(argv: list[str]) -> None:
         config = build_config(args)
     except (OSError, ValueError, yaml.YAMLError) as exc:  # a config file missing or wrong: a usage error, no traceback
         parser.error(str(exc))
+    if args.host is None:  # (after build_config: TGI's --hostname may have set it)
+        try:
+            args.host = host(listen_defaults()[0])
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"$SKIPSERVE_HOST: {exc}")
     if args.max_input_tokens is not None and args.max_input_tokens >= config.max_model_len:
         parser.error(f"--max-input-tokens {args.max_input_tokens} must be below the context, --max-total-tokens / "
                      f"--max-model-len {config.max_model_len} (an answer needs a token)")

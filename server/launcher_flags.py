@@ -71,8 +71,8 @@ def add_vllm(p: argparse.ArgumentParser) -> None:
 def add_tgi(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("TGI's spellings", "what a command written for text-generation-launcher passes, taken "
                              "as this server means it")
-    t.add_argument("--model-id", dest="model", default=None, help="the same as --model")
-    t.add_argument("--hostname", dest="host", type=host, default=None, help="the same as --host")
+    t.add_argument("--model-id", default=None, help="the same as --model")
+    t.add_argument("--hostname", type=host, default=None, help="the same as --host")
     t.add_argument("--max-total-tokens", dest="max_model_len", type=int, default=None,
                    help="the same as --max-model-len (a prompt and its answer together)")
     t.add_argument("--max-input-tokens", "--max-input-length", dest="max_input_tokens", type=at_least(1), default=None,
@@ -132,7 +132,7 @@ class ScaledLora(argparse.Action):
 def add_llama_cpp(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("llama.cpp's spellings", "what a command written for llama-server passes, taken as "
                              "this server means it")
-    c.add_argument("-m", dest="model", default=None, help="the same as --model")
+    c.add_argument("-m", dest="model_m", default=None, help="the same as --model")
     c.add_argument("-a", "--alias", type=aliases, default=None, metavar="NAMES",
                    help="the model's names in the API, comma-separated (the same as --served-model-name)")
     c.add_argument("-t", dest="threads", type=threads, default=None,
@@ -231,10 +231,16 @@ def threads(value: str) -> int | None:
 def resolve(args: argparse.Namespace) -> None:
     """The other servers' values as this server's own settings, in place: raises ValueError where two
     flags say different things."""
-    if getattr(args, "model_tag", None) is not None:  # `vllm serve MODEL`'s place for it
-        if args.model is not None and args.model != args.model_tag:
-            raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
-        args.model = args.model_tag
+    # the same setting under another server's spelling: taken where ours is not given, refused where it says otherwise
+    for ours, theirs, spelling in (("model", "model_tag", "MODEL"), ("model", "model_id", "--model-id"),
+                                   ("model", "model_m", "-m"), ("host", "hostname", "--hostname")):
+        value = getattr(args, theirs, None)
+        if value is None:
+            continue
+        if getattr(args, ours) is not None and getattr(args, ours) != value:
+            what = "the model" if ours == "model" else "the host"
+            raise ValueError(f"{what} is given twice: {spelling} {value!r} and {getattr(args, ours)!r}")
+        setattr(args, ours, value)
     if getattr(args, "cuda_graphs", None):  # TGI's --cuda-graphs 0
         args.enforce_eager = True
     if getattr(args, "alias", None):

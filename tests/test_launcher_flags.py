@@ -48,6 +48,17 @@ def test_a_command_written_for_tgis_launcher_is_read_as_tgi_means_it():
     for bad in (["--num-shard", "2"], ["--cuda-graphs", "all"]):
         with pytest.raises(SystemExit):
             serve_parser().parse_args(bad)
+    # one setting in two servers' spellings: the same value taken, two values refused (not the last one silently)
+    assert build("--model-id", "gemma3-270m", "--model", "gemma3-270m").served_model_name == "gemma3-270m"
+    assert build("-m", "/models/x.gguf", "/models/x.gguf").model == "/models/x.gguf"
+    for twice, what in ((["--model", "gemma3-270m", "--model-id", "/models/b.gguf"], "the model"),
+                        (["-m", "/models/a.gguf", "--model", "/models/b.gguf"], "the model"),
+                        (["--host", "0.0.0.0", "--hostname", "1.2.3.4"], "the host")):
+        with pytest.raises(ValueError, match=f"{what} is given twice"):
+            build(*twice)
+    both = serve_parser().parse_args(["--host", "::", "--hostname", "::"])
+    build_config(both)
+    assert both.host == "::"
 
 
 def test_tgis_concurrent_request_limit_is_the_batch_and_queue_together():
