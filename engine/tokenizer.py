@@ -10,6 +10,7 @@ a slow tokenizer's files): loading its tokenizer classes holds ~90 MB more in a 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,10 @@ from pathlib import Path
 from jinja2.defaults import DEFAULT_NAMESPACE
 
 from engine.sampling_params import InvalidParamError
+
+# the library's batch calls (`Tokenizer.encode`) would hand each text to its own thread pool, beside
+# the decode loop's OpenMP team: one text at a time runs on the calling thread (a user's setting stands)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 # what the renderer passes to a template itself; a request's own variables may not replace them

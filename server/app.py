@@ -195,7 +195,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         chat_only = [f for f in CHAT_ONLY_FIELDS if getattr(body, f) is not None] if body.prompt is not None else []
         if chat_only:
             raise APIError(400, f"{chat_only[0]} applies to 'messages', not to 'prompt'", chat_only[0])
-        if body.model is not None:
+        if body.model:  # (none, or empty: the model served)
             check_model(state, body.model)
         if body.messages is not None:
             ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use, body.chat_options)
@@ -211,7 +211,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         """Token ids -> text, as vLLM's /detokenize: special tokens' text kept (`<|im_start|>`), so a
         chat prompt from /tokenize reads back with its template's markup."""
         tokenizer = ready_tokenizer(state)
-        if body.model is not None:
+        if body.model:  # (none, or empty: the model served)
             check_model(state, body.model)
         check_token_ids(body.tokens, tokenizer, "tokens")
         text = await asyncio.to_thread(tokenizer.decode, body.tokens, True, True)

@@ -50,14 +50,14 @@ def load_config(path: str | Path) -> EngineConfig:
     for cls, values, prefix in ((EngineConfig, raw, ""), (SkipConfig, skip_raw, "skip.")):
         _check_types(cls, values, f"{path}: {prefix}")
     raw.setdefault("served_model_name", "")  # none in the file: named after its model (server/cli.py)
-    template = raw.get("chat_template")
-    if isinstance(template, str) and not is_inline_template(template):
-        # a template file named in a config file is found beside it, as the file's other paths would be
-        raw["chat_template"] = str(Path(path).resolve().parent / Path(template).expanduser())
     folder = Path(path).resolve().parent
 
-    def beside(name):  # an adapter named in a file is found beside it, as its chat template is
+    def beside(name):  # a file named in a config file is found beside it
         return str(folder / Path(name).expanduser()) if isinstance(name, str) else name
+
+    template = raw.get("chat_template")
+    if isinstance(template, str) and not is_inline_template(template):
+        raw["chat_template"] = beside(template)
 
     # the model and a generation config's folder: a relative path is found beside the file too (a bare
     # name only where the file's folder holds it: else an embedded model's, or `auto`, say); the cache too
@@ -66,7 +66,7 @@ def load_config(path: str | Path) -> EngineConfig:
         if isinstance(name, str) and name and (key == "cache_dir" or Path(name).name != name or (folder / name).exists()):
             raw[key] = beside(name)
     if isinstance(raw.get("lora_modules"), dict):
-        raw["lora_modules"] = {name: beside(folder) for name, folder in raw["lora_modules"].items()}
+        raw["lora_modules"] = {name: beside(adapter) for name, adapter in raw["lora_modules"].items()}
     if isinstance(raw.get("default_loras"), list):
         raw["default_loras"] = [[beside(item[0]), *item[1:]] if isinstance(item, list) and item else item
                                 for item in raw["default_loras"]]

@@ -23,7 +23,7 @@ def _in_pieces(value) -> bytes:
     if isinstance(value, list) and len(value) > PIECE:
         return b"[" + b",".join(json_bytes(value[i:i + PIECE])[1:-1] for i in range(0, len(value), PIECE)) + b"]"
     if isinstance(value, dict):
-        return b"{" + b",".join(json_bytes(str(k)) + b":" + _in_pieces(v) for k, v in value.items()) + b"}"
+        return b"{" + b",".join(json_bytes(k) + b":" + _in_pieces(v) for k, v in value.items()) + b"}"  # (str keys)
     return json_bytes(value)
 
 

@@ -232,6 +232,7 @@ def resolve(args: argparse.Namespace) -> None:
     """The other servers' values as this server's own settings, in place: raises ValueError where two
     flags say different things."""
     # the same setting under another server's spelling: taken where ours is not given, refused where it says otherwise
+    given_as = {"model": "--model", "host": "--host"}  # the spelling each value came from, for the error
     for ours, theirs, spelling in (("model", "model_tag", "MODEL"), ("model", "model_id", "--model-id"),
                                    ("model", "model_m", "-m"), ("host", "hostname", "--hostname")):
         value = getattr(args, theirs, None)
@@ -239,8 +240,9 @@ def resolve(args: argparse.Namespace) -> None:
             continue
         if getattr(args, ours) is not None and getattr(args, ours) != value:
             what = "the model" if ours == "model" else "the host"
-            raise ValueError(f"{what} is given twice: {spelling} {value!r} and {getattr(args, ours)!r}")
+            raise ValueError(f"{what} is given twice: {given_as[ours]} {getattr(args, ours)!r} and {spelling} {value!r}")
         setattr(args, ours, value)
+        given_as[ours] = spelling
     if getattr(args, "cuda_graphs", None):  # TGI's --cuda-graphs 0
         args.enforce_eager = True
     if getattr(args, "alias", None):

@@ -207,7 +207,7 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
     try:
         body.check(stream)
         p = body.parameters
-        if body.model is not None:
+        if body.model:  # (none, or empty: the model served)
             check_model(state, body.model)
         if p.adapter_id not in (None, "") and p.adapter_id not in state.model_names:
             raise InvalidParamError(f"adapter_id '{p.adapter_id}' is not served here (this server serves "
@@ -279,7 +279,7 @@ async def tgi_tokenize(state, body: TokenizeRequest) -> list[dict]:
     an empty one), as TGI's Rust tokenizer counts them; `parameters.truncate`: the last tokens only."""
     if body.prompt is not None or body.messages is not None:
         raise InvalidParamError("give 'inputs' alone (TGI's /tokenize), or vLLM's 'prompt' or 'messages'", "inputs")
-    if body.model is not None:
+    if body.model:  # (none, or empty: the model served)
         check_model(state, body.model)
     try:
         truncate = Parameters.model_validate(body.parameters or {}).truncate
@@ -303,7 +303,7 @@ async def chat_tokenize(body: ChatTokenizeRequest, request: Request):
     /tokenize gives them (`tokenize_response`), the prompt the same request to /v1/chat/completions
     would be given."""
     state = request.app.state.skipserve
-    if body.model is not None and body.model not in HUB_PLACEHOLDERS:
+    if body.model and body.model not in HUB_PLACEHOLDERS:  # (none, or empty: the model served)
         check_model(state, body.model)
     check_reasoning_effort(ready_tokenizer(state), body.reasoning_effort, "reasoning_effort")
     text, spans = await templated_chat(state, [m.as_dict() for m in body.messages], body.tool_use,

@@ -131,15 +131,19 @@ def test_tokenizing_and_decoding_let_other_threads_run(engine):
 
     tokenizer = Tokenizer(engine.hf_dir)
     text = "hello world " * 40_000
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text) * 10  # (decoding is ~10x faster than encoding: as long a call)
     ticks: list[int] = []
     for work in (lambda: tokenizer.encode(text, False), lambda: tokenizer.encode_spans(text),
                  lambda: tokenizer.decode(ids)):
-        meanwhile: list[int] = []
+        meanwhile: list[int | BaseException] = []
 
         def worker():
             before = len(ticks)
-            work()
+            try:
+                work()
+            except BaseException as exc:  # (failed here, said by the test's thread)
+                meanwhile.append(exc)
+                return
             meanwhile.append(len(ticks) - before)
 
         interval = sys.getswitchinterval()
@@ -153,4 +157,6 @@ def test_tokenizing_and_decoding_let_other_threads_run(engine):
             thread.join()
         finally:
             sys.setswitchinterval(interval)
+        if isinstance(meanwhile[0], BaseException):
+            raise meanwhile[0]
         assert meanwhile[0] > 0

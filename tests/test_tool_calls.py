@@ -134,7 +134,7 @@ def test_a_forced_call_cut_off_by_max_tokens_comes_as_a_call_with_the_arguments_
         choice = client.chat.completions.create(max_tokens=max_tokens, **kw).choices[0]
         assert choice.finish_reason == "length"
         if choice.message.tool_calls is None:
-            assert tool_choice == "required" and choice.message.content.lstrip()[:1] in "{["
+            assert tool_choice == "required" and choice.message.content.lstrip()[:1] in ("{", "[")
             assert not re.search(r'"name"\s*:\s*"[^"]*"', choice.message.content)  # (no name finished)
             continue
         cut_calls += 1
