@@ -129,7 +129,7 @@ def test_a_request_naming_no_model_is_answered_by_the_served_model(server):
         for named in ({}, {"model": ""}):  # (left out, or empty)
             r = httpx.post(server.url + route, json=body | named, timeout=60)
             assert r.status_code == 200 and r.json()["model"] == MODEL, (route, named, r.text)
-    for route, body in (("/completion", {"prompt": "Hi", "n_predict": 2}), ("/apply-template", {"messages": []}),
+    for route, body in (("/completion", {"prompt": "Hi", "n_predict": 2}), ("/apply-template", {"messages": [{"role": "user", "content": "Hi"}]}),
                         ("/tokenize", {"content": "Hi"}), ("/detokenize", {"tokens": [28]}),
                         ("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}),
                         ("/tokenize", {"inputs": "Hi"})):  # llama.cpp's and TGI's routes, which name no model
