@@ -23,8 +23,8 @@ OFF_ONLY = {"mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_m
 TAKEN = ("cache_prompt", "id_slot", "n_cache_reuse", "timings_per_token", "samplers", "repeat_last_n",
          "dynatemp_exponent", "mirostat_tau", "mirostat_eta", "xtc_threshold", "dry_base", "dry_allowed_length",
          "dry_penalty_last_n", "dry_sequence_breakers", "sse_ping_interval", "n_keep", "n_discard")
-# llama-server's sampling where a request and the model's file say nothing
 RANDOM_SEED = 2**32 - 1  # llama.cpp's LLAMA_DEFAULT_SEED (-1 as it reads it): a new seed each request
+# llama-server's sampling where a request and the model's file say nothing
 LLAMA_SERVER_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.0}
 
 

@@ -207,8 +207,7 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
     try:
         body.check(stream)
         p = body.parameters
-        if body.model:  # (none, or empty: the model served)
-            check_model(state, body.model)
+        check_model(state, state.named(body.model))  # (none, or empty: the model served)
         if p.adapter_id not in (None, "") and p.adapter_id not in state.model_names:
             raise InvalidParamError(f"adapter_id '{p.adapter_id}' is not served here (this server serves "
                                     f"{sorted(state.model_names)}; adapters: --lora-modules)", "parameters.adapter_id")
@@ -279,8 +278,7 @@ async def tgi_tokenize(state, body: TokenizeRequest) -> list[dict]:
     an empty one), as TGI's Rust tokenizer counts them; `parameters.truncate`: the last tokens only."""
     if body.prompt is not None or body.messages is not None:
         raise InvalidParamError("give 'inputs' alone (TGI's /tokenize), or vLLM's 'prompt' or 'messages'", "inputs")
-    if body.model:  # (none, or empty: the model served)
-        check_model(state, body.model)
+    check_model(state, state.named(body.model))  # (none, or empty: the model served)
     try:
         truncate = Parameters.model_validate(body.parameters or {}).truncate
     except ValidationError as exc:
@@ -303,8 +301,8 @@ async def chat_tokenize(body: ChatTokenizeRequest, request: Request):
     /tokenize gives them (`tokenize_response`), the prompt the same request to /v1/chat/completions
     would be given."""
     state = request.app.state.skipserve
-    if body.model and body.model not in HUB_PLACEHOLDERS:  # (none, or empty: the model served)
-        check_model(state, body.model)
+    if body.model not in HUB_PLACEHOLDERS:
+        check_model(state, state.named(body.model))  # (none, or empty: the model served)
     check_reasoning_effort(ready_tokenizer(state), body.reasoning_effort, "reasoning_effort")
     text, spans = await templated_chat(state, [m.as_dict() for m in body.messages], body.tool_use,
                                        body.chat_options)

@@ -117,7 +117,7 @@ class LoRARegistry:
         """llama-server's --lora / --lora-scaled adapters (files, scales) read and kept (each checked
         against the model whatever its scale: a file at 0 is scaled while serving), and combined at
         their scales, with its pairs (`read_scaled`)."""
-        self.default_files = [read_adapter(Path(path).name, path, max_rank, self.cfg) for path, _ in files]
+        self.default_files = [self.read_file(Path(path).name, path, max_rank) for path, _ in files]
         for adapter, (_, scale) in zip(self.default_files, files):
             if scale == 0:  # (left out of the combination below, which checks the others)
                 self.fused_pairs(adapter)
