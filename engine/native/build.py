@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from engine.loader import cache_root
@@ -184,16 +185,27 @@ def _build(root: Path, isa_flags: list[str]) -> Path:
         return target
     root.mkdir(parents=True, exist_ok=True)
     log.info("compiling native CPU kernels -> %s", target)
+    compile_flags = [f for f in FLAGS if f != "-shared"]
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         out = Path(tmp) / target.name
-        objects = []
-        for source, isa, flags in variants:
-            objects.append(str(Path(tmp) / f"{source.stem}_{isa}.o"))
-            compile_flags = [f for f in FLAGS if f != "-shared"]
-            _run([cxx, *compile_flags, *flags, f"-DQUANT_ISA={isa}", "-c", str(source), "-o", objects[-1]])
-        _run([cxx, *FLAGS, *isa_flags, *map(str, SOURCES), *objects, "-o", str(out)])
+        # one object a source (an ISA variant's with its own flags), compiled side by side: the
+        # translation units are independent. The variants (the slowest) start first.
+        jobs = [([*compile_flags, *flags, f"-DQUANT_ISA={isa}"], source, Path(tmp) / f"{source.stem}_{isa}.o")
+                for source, isa, flags in variants]
+        jobs += [([*compile_flags, *isa_flags], source, Path(tmp) / f"{source.stem}.o") for source in SOURCES]
+        with ThreadPoolExecutor(max_workers=_build_workers()) as pool:
+            list(pool.map(lambda job: _run([cxx, *job[0], "-c", str(job[1]), "-o", str(job[2])]), jobs))
+        _run([cxx, *FLAGS, *isa_flags, *(str(obj) for _, _, obj in jobs), "-o", str(out)])
         os.replace(out, target)  # atomic: a concurrent start sees all of it or none
     return target
+
+
+def _build_workers() -> int:
+    """Compilers run at once: one a CPU this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity call on this platform
+        return os.cpu_count() or 1
 
 
 def _isa_variants() -> dict:
