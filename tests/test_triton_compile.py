@@ -26,28 +26,38 @@ pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def compile_check(*args: str) -> list[str]:
-    """scripts/triton_compile_check.py's table rows (it must succeed)."""
+def compile_check(*runs: tuple[str, ...]) -> list[str]:
+    """scripts/triton_compile_check.py's table rows, one run a tuple of its arguments, the runs side
+    by side (each is one compiler at a time; each must succeed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script compiles: no interpreter
-    out = subprocess.run([sys.executable, "scripts/triton_compile_check.py", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    return [line for line in out.stdout.splitlines() if line.startswith("| ") and "| kernel |" not in line]
+    procs = [subprocess.Popen([sys.executable, "scripts/triton_compile_check.py", *args], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in runs]
+    rows = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=900)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
+        rows += [line for line in stdout.splitlines() if line.startswith("| ") and "| kernel |" not in line]
+    return rows
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA host the CUDA tests compile for the card itself")
 def test_decode_step_kernels_compile_for_h100_and_l4_within_shared_memory():
-    rows = compile_check("--shape", "smollm2-135m,llama-7b,gemma3-1b,gemma2-2b,qwen3-0.6b,phi4-mini", "--arch", "90,89",
-                         "--rows", "1,64", "--dtype", "bfloat16", "--no-tuning-candidates")
-    # the mixtures' routed experts on the H100/H200 (sm_89 and sm_80, fp32 too, were compiled by
-    # hand: within their limits; each architecture costs about 20 s more here)
-    rows += compile_check("--shape", "qwen3-30b-a3b,gpt-oss-20b", "--arch", "90", "--rows", "1,64", "--dtype", "bfloat16",
-                          "--no-tuning-candidates")
-    # fp32 doubles every tile's shared memory: checked where it is tightest (sm_89's 99 KB) on the
-    # narrowest and widest heads; the step's code is the same for every shape (a cold compile of
-    # every shape in fp32 on both architectures took two more minutes on a 2-core host)
-    rows += compile_check("--shape", "smollm2-135m,gemma3-1b", "--arch", "89", "--rows", "1,64", "--dtype", "float32",
-                          "--no-tuning-candidates")
+    dense = "smollm2-135m,llama-7b,gemma3-1b,gemma2-2b,qwen3-0.6b,phi4-mini"
+    rows = compile_check(
+        *(("--shape", dense, "--arch", arch, "--rows", "1,64", "--dtype", "bfloat16", "--no-tuning-candidates")
+          for arch in ("90", "89")),
+        # the mixtures' routed experts on the H100/H200 (sm_89 and sm_80, fp32 too, were compiled by
+        # hand: within their limits; each architecture costs about 20 s more here)
+        ("--shape", "qwen3-30b-a3b,gpt-oss-20b", "--arch", "90", "--rows", "1,64", "--dtype", "bfloat16",
+         "--no-tuning-candidates"),
+        # fp32 doubles every tile's shared memory: checked where it is tightest (sm_89's 99 KB) on the
+        # narrowest and widest heads; the step's code is the same for every shape (a cold compile of
+        # every shape in fp32 on both architectures took two more minutes on a 2-core host)
+        ("--shape", "smollm2-135m,gemma3-1b", "--arch", "89", "--rows", "1,64", "--dtype", "float32",
+         "--no-tuning-candidates"))
     kernels = {line.split("|")[3].strip() for line in rows}  # | shape | dtype | kernel | ...
     assert {line.split("|")[2].strip() for line in rows} == {"bfloat16", "float32"}
     # every kernel the step launches compiled: attention (split + merge), rotary with the K/V write, norms,
@@ -65,7 +75,7 @@ def test_every_masked_linear_tiling_an_h100_may_tune_to_compiles_and_fits():
     on an H100 all of them should launch)."""
     from engine.backends.cuda.masked_linear import CANDIDATES
 
-    rows = compile_check("--shape", "llama-7b", "--arch", "90", "--rows", "1", "--dtype", "bfloat16")
+    rows = compile_check(("--shape", "llama-7b", "--arch", "90", "--rows", "1", "--dtype", "bfloat16"))
     candidates = {line.split("|")[3].strip() for line in rows if "candidate" in line}
     # the step's own tiles (the defaults) are listed as the step's; every other candidate as one
     assert len(candidates) >= len({(t.block_n, t.block_k) for t in CANDIDATES}) - 1, candidates
