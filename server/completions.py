@@ -396,7 +396,7 @@ class CompletionCall:
             yield json.dumps(error_body(503, str(exc), code=code))
             yield "[DONE]"  # after the error, as vLLM ends a failed stream: clients that wait for it stop
         except GenerationError as exc:  # this request's generation failed: in-band, then end
-            self.timer.end("error")
+            self.timer.fail(exc.status)
             yield json.dumps(error_body(exc.status, str(exc), code="generation_failed"))
             yield "[DONE]"
         except Exception as exc:  # any other mid-stream failure: in-band too

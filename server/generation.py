@@ -353,7 +353,7 @@ async def consume(request: Request, stream, on_output: Callable[[object], None],
             timer.end(reason)
             raise APIError(503, str(exc), code=code)
         except GenerationError as exc:
-            timer.end("error")
+            timer.fail(exc.status)
             raise APIError(exc.status, str(exc), code="generation_failed")
         except BaseException:
             timer.end("error")

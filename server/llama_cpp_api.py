@@ -74,18 +74,24 @@ class LlamaCall(CompletionCall):
                 "presence_penalty": b.presence_penalty or 0.0, "frequency_penalty": b.frequency_penalty or 0.0,
                 "model": self.body.model}
 
-    def final(self, content: str, tokens: list[int], finish, usage: dict) -> dict:
-        """The answer's whole object (non-streaming), or the stream's last chunk (`content` "")."""
+    def final(self, content: str, tokens: list[int], finish, usage: dict, new_line: bool) -> dict:
+        """The answer's whole object (non-streaming), or the stream's last chunk (`content` "");
+        `new_line`: whether the answer's text held a newline (llama.cpp's `has_new_line`)."""
         now = time.monotonic()
         first = self.timer.first or now
         cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
         computed, made = len(self.prompt_ids) - cached, usage["completion_tokens"]
         prompt_ms, predicted_ms = (first - self.timer.start) * 1000, (now - first) * 1000
         kind, word = stop_type(*finish)
+        # llama.cpp's `truncated`: the answer ended because the context was full (its n_predict,
+        # checked first there, had not ended it)
+        n_predict = self.native.n_predict
+        truncated = (finish[0] == "length" and len(self.prompt_ids) + made >= self.state.engine.config.max_model_len
+                     and (n_predict is None or n_predict < 0 or made < n_predict))
         return {"index": 0, "content": content, "tokens": tokens, "id_slot": 0, "stop": True, "model": self.body.model,
                 "tokens_predicted": made, "tokens_evaluated": len(self.prompt_ids), "tokens_cached": cached,
-                "generation_settings": self.settings(), "prompt": self.prompt_text, "has_new_line": "\n" in content,
-                "truncated": False, "stop_type": kind, "stopping_word": word,
+                "generation_settings": self.settings(), "prompt": self.prompt_text, "has_new_line": new_line,
+                "truncated": truncated, "stop_type": kind, "stopping_word": word,
                 "timings": {"prompt_n": computed, "prompt_ms": prompt_ms,
                             "prompt_per_token_ms": prompt_ms / computed if computed else 0.0,
                             "prompt_per_second": computed * 1000 / prompt_ms if prompt_ms and computed else 0.0,
@@ -98,7 +104,7 @@ class LlamaCall(CompletionCall):
         choice = completion["choices"][0]
         content = "" if self.native.n_predict == 0 else choice["text"]  # (the prompt alone: nothing made)
         answer = self.final(content, choice["token_ids"] if self.native.return_tokens else [],
-                            (choice["finish_reason"], choice["stop_reason"]), completion["usage"])
+                            (choice["finish_reason"], choice["stop_reason"]), completion["usage"], "\n" in content)
         if self.native.n_probs and self.native.n_predict != 0:
             answer["completion_probabilities"] = choice["logprobs"]
         return answer
@@ -106,7 +112,7 @@ class LlamaCall(CompletionCall):
     async def native_events(self, stream):
         """The completions chunks as llama.cpp's: {"content", "tokens", "stop": false, ...} as text comes,
         then one {"stop": true, ...} with the whole answer's fields (when the usage has come)."""
-        finish = (None, None)
+        finish, new_line = (None, None), False
         async for chunk in self.events(stream):
             if chunk == "[DONE]":
                 break
@@ -115,12 +121,13 @@ class LlamaCall(CompletionCall):
                 yield chunk
                 return
             if not data["choices"]:
-                yield json.dumps(self.final("", [], finish, data["usage"]))
+                yield json.dumps(self.final("", [], finish, data["usage"], new_line))
                 continue
             choice = data["choices"][0]
             if choice["finish_reason"] is not None:
                 finish = (choice["finish_reason"], choice.get("stop_reason"))
             content = "" if self.native.n_predict == 0 else choice["text"]
+            new_line = new_line or "\n" in content
             tokens = choice.get("token_ids") or []
             if content or tokens or choice["logprobs"]:
                 piece = {"index": 0, "content": content, "tokens": tokens, "stop": False, "id_slot": 0}

@@ -152,6 +152,15 @@ class RequestTimer:
             self.done = True
             self.metrics.request_success.labels(finished_reason=reason).inc()
 
+    def fail(self, status: int) -> None:
+        """A request whose generation failed after it was taken, answered with `status`: counted as
+        "error" where the server failed it (5xx); one that its own settings failed (a 400: say, a
+        grammar and an allowed-token list that leave no token) counts nowhere, as refusals do."""
+        if status >= 500:
+            self.end("error")
+        else:
+            self.done = True
+
     def finish_embeddings(self, inputs: int, prompt_tokens: int) -> None:
         """An embeddings request, done: counted and timed as a request, but not in the per-request
         generation and skip histograms (it generates nothing, and prefill skips no FFN)."""

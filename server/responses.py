@@ -316,7 +316,10 @@ class ResponseCall:
             yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
                         response=final)
         except (EngineShutdownError, GenerationError) as exc:  # in-band, as OpenAI ends a failed stream
-            self.timer.end(stopped(exc)[1] if isinstance(exc, EngineShutdownError) else "error")
+            if isinstance(exc, EngineShutdownError):
+                self.timer.end(stopped(exc)[1])
+            else:
+                self.timer.fail(exc.status)
             yield event("response.failed", response=self.response("failed", [], error={
                 "code": "server_error", "message": str(exc)}))
         except Exception as exc:

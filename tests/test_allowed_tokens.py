@@ -25,6 +25,13 @@ def token_ids(server, text: str) -> list[int]:
     return r.json()["tokens"]
 
 
+def request_counts(server) -> dict[str, float]:
+    """request_success_total by finished_reason, as /metrics says."""
+    lines = httpx.get(server.url + "/metrics", timeout=10).text.splitlines()
+    found = (re.fullmatch(r'skipserve:request_success_total\{finished_reason="(\w+)"\} (\S+)', line) for line in lines)
+    return {m[1]: float(m[2]) for m in found if m}
+
+
 @pytest.fixture(scope="module")
 def yes_no(server):
     ids = token_ids(server, " yes") + token_ids(server, " no")
@@ -104,6 +111,7 @@ def test_constraints_that_allow_nothing_fail_that_request_alone_with_a_400(serve
     400 (whole or in the stream), and the server answers the next request."""
     body = {"prompt": "Is the sky green? Answer:", "max_tokens": 4, "temperature": 0,
             "structured_outputs": {"choice": [" maybe"]}, "allowed_token_ids": yes_no}
+    counted = request_counts(server)
     r = post(server, "/v1/completions", body)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -112,5 +120,7 @@ def test_constraints_that_allow_nothing_fail_that_request_alone_with_a_400(serve
                       timeout=120) as s:
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     assert events[-1]["error"]["type"] == "invalid_request_error"
+    # a 400, counted nowhere (as refusals are); not an "error", which is the server's failure
+    assert request_counts(server) == counted
     fine = post(server, "/v1/completions", {"prompt": "Is the sky green? Answer:", "max_tokens": 4})
     assert fine.status_code == 200 and fine.json()["choices"][0]["finish_reason"] in ("length", "stop")

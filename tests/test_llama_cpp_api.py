@@ -86,6 +86,34 @@ def test_streamed_chunks_carry_the_text_then_one_final_object(server):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_has_new_line_says_whether_the_answer_held_one(server, stream):
+    for prompt, new_line in (("Shopping list:\n- milk\n- eggs\n-", True), (PROMPT, False)):  # greedy: " cheese\n- ..."
+        body = {"prompt": prompt, "n_predict": 12, "temperature": 0}
+        if stream:
+            *pieces, last = map(json.loads, _stream(server, body))
+            content = "".join(p["content"] for p in pieces)
+        else:
+            last = _post(server, "/completion", body).json()
+            content = last["content"]
+        assert last["has_new_line"] == ("\n" in content), (content, last["has_new_line"])
+        if not cuda_available():  # the CPU path's greedy text
+            assert last["has_new_line"] is new_line, content
+
+
+def test_truncated_says_the_context_ended_the_answer(server):
+    """llama.cpp's `truncated`: the answer stopped because the context was full; an n_predict that
+    ended it first (even at the context's end) is not that."""
+    n_ctx = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 1}).json()["generation_settings"]["n_ctx"]
+    prompt = _tokens(server, PROMPT * 2)
+    prompt = (prompt * (n_ctx // len(prompt) + 1))[:n_ctx - 5]  # room for 5 tokens
+    answers = [_post(server, "/completion", {"prompt": prompt, "ignore_eos": True, "temperature": 0, **n}).json()
+               for n in ({}, {"n_predict": -1}, {"n_predict": 3}, {"n_predict": 5})]
+    assert [(a["tokens_predicted"], a["stop_type"], a["truncated"]) for a in answers] == [
+        (5, "limit", True), (5, "limit", True), (3, "limit", False), (5, "limit", False)]
+    assert answers[0]["tokens_evaluated"] + answers[0]["tokens_predicted"] == n_ctx
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_n_probs_gives_each_tokens_likeliest(server, stream):
     body = {"prompt": PROMPT, "n_predict": 4, "temperature": 0, "n_probs": 3, "return_tokens": True}
     if stream:
