@@ -174,6 +174,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"larger request bodies get 413 before they are parsed (default: {DEFAULT_MAX_REQUEST_BYTES})")
     h.add_argument("--header-timeout", type=at_least(0.0, float), default=10.0,
                    help="seconds a connection may take to send a request's headers (default: 10)")
+    h.add_argument("--body-timeout", type=at_least(0.0, float), default=10.0,
+                   help="seconds a request's body may stop coming, between two reads, before it is answered 408 "
+                        "(default: 10)")
     h.add_argument("--keep-alive-timeout", type=at_least(0.0, float), default=5.0,
                    help="seconds an idle keep-alive connection stays open (default: 5)")
     h.add_argument("--grace-period", type=at_least(0.0, float), default=30.0,
@@ -270,7 +273,7 @@ def serve(argv: list[str]) -> None:
     from engine.async_engine import AsyncEngine
     from server import access_log
     from server.app import create_app
-    from server.http_protocol import with_header_timeout
+    from server.http_protocol import with_timeouts
 
     parser = serve_parser()
     args = parser.parse_args(argv)
@@ -338,7 +341,8 @@ def serve(argv: list[str]) -> None:
                 self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=grace, http=with_header_timeout(args.header_timeout),
+                                   timeout_graceful_shutdown=grace,
+                                   http=with_timeouts(args.header_timeout, args.body_timeout),
                                    timeout_keep_alive=args.keep_alive_timeout,
                                    access_log=not args.disable_uvicorn_access_log))
     try:

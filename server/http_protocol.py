@@ -1,24 +1,32 @@
-"""uvicorn's h11 protocol with a deadline for each request's headers.
+"""uvicorn's h11 protocol with deadlines for each request's headers and body.
 
 uvicorn closes idle keep-alive connections (`timeout_keep_alive`) but has no limit on how long a
-client may take to send a request's headers, so a client that trickles them in keeps a
-connection (and a file descriptor) forever. Here a connection whose next request's headers are
-not complete within `header_timeout` seconds of the connection opening, or of the previous
-response ending, is closed. Header size stays bounded by h11 (`h11_max_incomplete_event_size`).
+client may take to send a request, so a client that trickles its headers in, or sends its headers
+and then part of its body, keeps a connection (and a file descriptor) forever. Here a connection
+whose next request's headers are not complete within `header_timeout` seconds of the connection
+opening, or of the previous response ending, is closed; and a request whose body stops coming for
+`body_timeout` seconds (between two reads, as nginx's `client_body_timeout`) is answered 408 and
+its connection closed. Header size stays bounded by h11 (`h11_max_incomplete_event_size`); body
+size by `server/body_limit.py`.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from server.errors import error_body
 
-def with_header_timeout(header_timeout: float) -> type[H11Protocol]:
-    class HeaderTimeoutH11Protocol(H11Protocol):
+
+def with_timeouts(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
+    class TimeoutH11Protocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self._timed_cycle = None  # the request whose headers have arrived last
             self._header_deadline: asyncio.TimerHandle | None = None
+            self._body_deadline: asyncio.TimerHandle | None = None
             self._arm_header_deadline()
 
         def _arm_header_deadline(self) -> None:
@@ -35,14 +43,47 @@ def with_header_timeout(header_timeout: float) -> type[H11Protocol]:
             if self.cycle is cycle_at_arming and not self.transport.is_closing():
                 self.transport.close()  # no new request's headers in time
 
+        def _time_body(self) -> None:
+            """From the request's headers to its body's end, a deadline `body_timeout` after its
+            last bytes (each arrival moves it)."""
+            self._disarm_body_deadline()
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body and not cycle.response_complete:
+                self._body_deadline = self.loop.call_later(body_timeout, self._body_deadline_passed, cycle)
+
+        def _disarm_body_deadline(self) -> None:
+            if self._body_deadline is not None:
+                self._body_deadline.cancel()
+                self._body_deadline = None
+
+        def _body_deadline_passed(self, cycle) -> None:
+            self._body_deadline = None
+            if self.cycle is not cycle or not cycle.more_body or self.transport.is_closing():
+                return
+            if self.flow.read_paused:  # the app has not read what came (uvicorn stopped reading): not the client's wait
+                self._time_body()
+                return
+            if not cycle.response_started:
+                message = f"the request's body stopped coming for {body_timeout:g} s (--body-timeout)"
+                body = json.dumps(error_body(408, message, code="request_timeout")).encode()
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           (b"connection", b"close")]
+                cycle.response_started = True  # (the app, which waits for the body, learns that the client left)
+                for event in (h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
+                              h11.Data(data=body), h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event))
+            self.transport.close()
+
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
             if self.cycle is not None and self.cycle is not self._timed_cycle:  # a request's headers are in
                 self._timed_cycle = self.cycle
                 self._disarm_header_deadline()
+            self._time_body()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()  # may already start a pipelined request
+            self._time_body()
             if self.cycle is not self._timed_cycle:
                 self._timed_cycle = self.cycle
             elif not self.transport.is_closing():
@@ -50,6 +91,7 @@ def with_header_timeout(header_timeout: float) -> type[H11Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_header_deadline()
+            self._disarm_body_deadline()
             super().connection_lost(exc)
 
-    return HeaderTimeoutH11Protocol
+    return TimeoutH11Protocol

@@ -109,7 +109,7 @@ cpu_path_only = pytest.mark.skipif(cuda_available(), reason="the server runs on 
 
 @pytest.fixture(scope="session")
 def server():
-    srv = ServerProcess("--skip-max-budget", "0.5", "--header-timeout", "3")
+    srv = ServerProcess("--skip-max-budget", "0.5", "--header-timeout", "3", "--body-timeout", "3")
     yield srv
     srv.stop()
 

@@ -3,6 +3,7 @@ parsing, slow headers are cut, nothing prints a secret, and a model that cannot 
 process with the reason."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -74,6 +75,31 @@ def test_connections_that_never_finish_their_headers_are_closed(server):
     with httpx.Client() as c:
         assert c.get(server.url + "/health").status_code == 200
         assert c.get(server.url + "/v1/models").status_code == 200
+
+
+def test_a_body_that_stops_coming_is_answered_408_and_closed(server):
+    """The session server runs with --body-timeout 3: the deadline is between two reads, so a body
+    that keeps coming, however slowly, is read whole."""
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 2}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(head + body[:5])  # and never the rest
+        t = time.monotonic()
+        answer = b""
+        while chunk := s.recv(65536):  # until the server closes it
+            answer += chunk
+        assert 2 < time.monotonic() - t < 20
+    status, _, payload = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408"), answer
+    assert json.loads(payload)["error"]["code"] == "request_timeout"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(head)
+        for i in range(0, len(body), len(body) // 4 + 1):  # 4 s in all, 1 s between reads
+            time.sleep(1)
+            s.sendall(body[i:i + len(body) // 4 + 1])
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
 
 
 def test_help_never_prints_the_api_key_and_shows_real_defaults():
