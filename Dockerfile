@@ -9,6 +9,7 @@ ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
 # replaces CMD, and would leave the server listening on the container's loopback only.
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SKIPSERVE_CACHE=/models/cache \
+    TRITON_CACHE_DIR=/models/cache/triton \
     SKIPSERVE_HOST=0.0.0.0 SKIPSERVE_PORT=8000
 
 # g++ builds skipserve's CPU kernels (engine/native) on first start, for the CPU it runs on;

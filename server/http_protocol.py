@@ -60,19 +60,30 @@ def with_timeouts(header_timeout: float, body_timeout: float) -> type[H11Protoco
             self._body_deadline = None
             if self.cycle is not cycle or not cycle.more_body or self.transport.is_closing():
                 return
-            if self.flow.read_paused:  # the app has not read what came (uvicorn stopped reading): not the client's wait
-                self._time_body()
+            if self.flow.read_paused or cycle.waiting_for_100_continue:  # the app has not read what came, or
+                self._time_body()  # not yet asked for the body (Expect: 100-continue): not the client's wait
                 return
-            if not cycle.response_started:
-                message = f"the request's body stopped coming for {body_timeout:g} s (--body-timeout)"
-                body = json.dumps(error_body(408, message, code="request_timeout")).encode()
-                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                           (b"connection", b"close")]
-                cycle.response_started = True  # (the app, which waits for the body, learns that the client left)
+            try:
+                if not cycle.response_started:
+                    self._write_408(cycle)
+            finally:
+                cycle.disconnected = True  # the app, which waits for the body, learns that the client left,
+                cycle.message_event.set()  # and anything it sends now is dropped
+                self.transport.close()
+
+        def _write_408(self, cycle) -> None:
+            message = f"the request's body stopped coming for {body_timeout:g} s (--body-timeout)"
+            body = b"" if cycle.scope["method"] == "HEAD" else \
+                json.dumps(error_body(408, message, code="request_timeout")).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            cycle.response_started = True
+            try:
                 for event in (h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
                               h11.Data(data=body), h11.EndOfMessage()):
                     self.transport.write(self.conn.send(event))
-            self.transport.close()
+            except h11.LocalProtocolError:  # a state h11 cannot answer from: the close alone
+                pass
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)

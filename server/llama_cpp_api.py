@@ -83,11 +83,9 @@ class LlamaCall(CompletionCall):
         computed, made = len(self.prompt_ids) - cached, usage["completion_tokens"]
         prompt_ms, predicted_ms = (first - self.timer.start) * 1000, (now - first) * 1000
         kind, word = stop_type(*finish)
-        # llama.cpp's `truncated`: the answer ended because the context was full (its n_predict,
-        # checked first there, had not ended it)
-        n_predict = self.native.n_predict
-        truncated = (finish[0] == "length" and len(self.prompt_ids) + made >= self.state.engine.config.max_model_len
-                     and (n_predict is None or n_predict < 0 or made < n_predict))
+        # llama.cpp's `truncated`: the answer reached the context's end (whatever else ended it there:
+        # llama.cpp tests the context first, and an n_predict or an end of text at that token leaves it set)
+        truncated = len(self.prompt_ids) + made >= self.state.engine.config.max_model_len
         return {"index": 0, "content": content, "tokens": tokens, "id_slot": 0, "stop": True, "model": self.body.model,
                 "tokens_predicted": made, "tokens_evaluated": len(self.prompt_ids), "tokens_cached": cached,
                 "generation_settings": self.settings(), "prompt": self.prompt_text, "has_new_line": new_line,

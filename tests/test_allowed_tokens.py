@@ -124,3 +124,4 @@ def test_constraints_that_allow_nothing_fail_that_request_alone_with_a_400(serve
     assert request_counts(server) == counted
     fine = post(server, "/v1/completions", {"prompt": "Is the sky green? Answer:", "max_tokens": 4})
     assert fine.status_code == 200 and fine.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert request_counts(server) != counted  # (the counts are read: this one is in them)

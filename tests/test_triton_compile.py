@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,16 +31,17 @@ def compile_check(*runs: tuple[str, ...]) -> list[str]:
     """scripts/triton_compile_check.py's table rows, one run a tuple of its arguments, the runs side
     by side (each is one compiler at a time; each must succeed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script compiles: no interpreter
-    procs = [subprocess.Popen([sys.executable, "scripts/triton_compile_check.py", *args], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in runs]
+
+    def run(args: tuple[str, ...]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/triton_compile_check.py", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        outs = list(pool.map(run, runs))
     rows = []
-    for proc in procs:
-        try:
-            stdout, stderr = proc.communicate(timeout=900)
-        finally:
-            proc.kill()
-        assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
-        rows += [line for line in stdout.splitlines() if line.startswith("| ") and "| kernel |" not in line]
+    for out in outs:
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+        rows += [line for line in out.stdout.splitlines() if line.startswith("| ") and "| kernel |" not in line]
     return rows
 
 
