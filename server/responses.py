@@ -125,9 +125,16 @@ class ResponseCall:
 
     async def latest_turns(self, instructions: list[dict], messages: list[dict], limit: int) -> list[int]:
         """truncation "auto": the prompt of the most turns, latest first, that fits in `limit` tokens
-        (the oldest turns dropped; each turn starts at a user message), found by bisection over the
-        turns' starts; the last turn alone where none fits (too long: refused as such)."""
-        starts = [i for i, m in enumerate(messages) if i > 0 and m["role"] == "user"]
+        (the oldest turns dropped; each turn starts at a user message, or at the system and developer
+        messages right before it), found by bisection over the turns' starts; the last turn alone
+        where none fits (too long: refused as such)."""
+        starts = []
+        for i, m in enumerate(messages):
+            if m["role"] == "user":
+                while i > 0 and messages[i - 1]["role"] in ("system", "developer"):
+                    i -= 1
+                if i > 0:
+                    starts.append(i)
         low, high, fitting = 0, len(starts) - 1, None
         while low <= high:
             mid = (low + high) // 2

@@ -349,6 +349,11 @@ def test_truncation_auto_drops_the_oldest_turns_to_fit_the_context(client, serve
     kept = next(k for k in range(2, len(turns), 2)
                 if _count(server, [{"role": "system", "content": "Be brief."}] + turns[k:]) <= 2048 - 8)
     assert r.usage.input_tokens == _count(server, [{"role": "system", "content": "Be brief."}] + turns[kept:])
+    # a system message that opens the turn kept is kept with it (the turn before it fits with nothing)
+    latest = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi."}]
+    history = [{"role": "user", "content": "word " * 2100}, {"role": "assistant", "content": "Yes."}]
+    r = client.responses.create(model=MODEL, input=history + latest, max_output_tokens=3, truncation="auto")
+    assert r.usage.input_tokens == _count(server, latest) != _count(server, latest[1:])
 
 
 def test_fields_clients_send_with_their_defaults_are_taken(client):
