@@ -20,7 +20,7 @@ from server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from server.completions import router as completions_router
 from server.embeddings import router as embeddings_router
 from server.errors import APIError, error_response
-from server.generation import check_model, check_token_ids, encode_chat, ready_tokenizer
+from server.generation import check_model, check_token_ids, encode_chat, ready_tokenizer, served_model
 from server.json_body import json_response
 from server.llama_cpp_api import LLAMA_CPP_TOKENIZE, llama_tokenize
 from server.metrics import Metrics
@@ -195,7 +195,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         chat_only = [f for f in CHAT_ONLY_FIELDS if getattr(body, f) is not None] if body.prompt is not None else []
         if chat_only:
             raise APIError(400, f"{chat_only[0]} applies to 'messages', not to 'prompt'", chat_only[0])
-        check_model(state, state.named(body.model))  # (none, or empty: the model served)
+        served_model(state, body.model)
         if body.messages is not None:
             ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use, body.chat_options)
         else:
@@ -210,7 +210,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         """Token ids -> text, as vLLM's /detokenize: special tokens' text kept (`<|im_start|>`), so a
         chat prompt from /tokenize reads back with its template's markup."""
         tokenizer = ready_tokenizer(state)
-        check_model(state, state.named(body.model))  # (none, or empty: the model served)
+        served_model(state, body.model)
         check_token_ids(body.tokens, tokenizer, "tokens")
         text = await asyncio.to_thread(tokenizer.decode, body.tokens, True, True)
         return {"prompt": text, "content": text}  # (`content`: llama.cpp's name for it)

@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.errors import APIError, error_body
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
-from server.generation import (EventStream, Usage, check_model, check_reasoning_effort, consume, encode_chat,
-                               overall_finish, pin_lora_scales, ready_tokenizer, stopped, submit, tokenize_batch,
+from server.generation import (EventStream, Usage, check_reasoning_effort, consume, encode_chat, overall_finish,
+                               pin_lora_scales, ready_tokenizer, served_model, stopped, submit, tokenize_batch,
                                truncated)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.reasoning import ReasoningSplit, request_reasoning, split_output
@@ -139,8 +139,7 @@ class CompletionCall:
         state, body = self.state, self.body
         if body.model in HUB_PLACEHOLDERS and body.model not in state.model_names:
             body.model = None  # answered under the model's name
-        body.model = state.named(body.model)
-        check_model(state, body.model)
+        body.model = served_model(state, body.model)
         if body.lora is None:
             # (before any wait: an adapter unloaded meanwhile is then refused by the engine, not dropped)
             return await self._submit(state.adapter_of(body.model))

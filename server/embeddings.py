@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from engine.async_engine import EngineNotReadyError
 from server.errors import APIError
-from server.generation import check_base_model, consume, item_param, refusal, take_whole, tokenize_batch, truncated
+from server.generation import consume, item_param, refusal, served_base_model, take_whole, tokenize_batch, truncated
 from server.json_body import json_bytes
 from server.metrics import RequestTimer
 from server.protocol import EmbeddingRequest
@@ -41,8 +41,7 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = request.app.state.skipserve
     arrival = time.monotonic()  # (its latency metrics count from here)
-    body.model = state.named(body.model)
-    check_base_model(state, body.model, "/v1/embeddings")
+    body.model = served_base_model(state, body.model, "/v1/embeddings")
     inputs = truncated(await tokenize_batch(state, body.inputs(), "input", MAX_INPUTS), body.truncate_prompt_tokens,
                        state.engine.config.max_model_len, 0, body.truncation_side)
     size = state.engine.engine.model_config.hidden_size  # loaded: tokenize_batch found its tokenizer

@@ -87,6 +87,13 @@ def check_model(state, model: str) -> None:
                        "model", "model_not_found")
 
 
+def served_model(state, model: str | None) -> str:
+    """The model a request names, checked (`check_model`); left out or empty: the model served."""
+    model = state.named(model)
+    check_model(state, model)
+    return model
+
+
 async def pin_lora_scales(state, body) -> str | None:
     """llama-server's per-request `lora` ({"id", "scale"} of its --lora adapters; one left out: 0) ->
     the adapter the request goes through at those scales, pinned until `state.engine.unpin_scaled_adapter`
@@ -111,13 +118,14 @@ async def scaled_adapters(call, param: str):
         raise APIError(400, str(exc), param)
 
 
-def check_base_model(state, model: str, route: str) -> None:
-    """check_model, for a route that reads the model's own hidden states (embeddings, scores): a
+def served_base_model(state, model: str | None, route: str) -> str:
+    """served_model, for a route that reads the model's own hidden states (embeddings, scores): a
     LoRA adapter's name is a 400 there (adapters serve the generating routes)."""
-    check_model(state, model)
+    model = served_model(state, model)
     if model not in state.served_names:  # (a LoRA adapter's name; llama-server's --lora ones are left out here)
         raise APIError(400, f"'{model}' is a LoRA adapter, which serves the generating routes; {route} is computed "
                             f"by the model itself: ask for '{state.served_names[0]}'", "model")
+    return model
 
 
 def check_token_ids(ids: list[int], tokenizer, param: str) -> None:

@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from server.completions import CompletionCall
 from server.errors import APIError, validation_message
-from server.generation import (EventStream, check_model, check_token_ids, encode_chat, ready_tokenizer,
-                               scaled_adapters)
+from server.generation import (EventStream, check_token_ids, encode_chat, ready_tokenizer, scaled_adapters,
+                               served_model)
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
 from server.llama_cpp_protocol import (RANDOM_SEED, InfillRequest, LlamaCompletionRequest, lora_scales,
                                        sampling_defaults)
@@ -137,7 +137,7 @@ class LlamaCall(CompletionCall):
 @router.post("/completion")  # (not /completions: an OpenAI client missing /v1 gets the 404 that says so)
 async def completion(body: LlamaCompletionRequest, request: Request):
     state = request.app.state.skipserve
-    check_model(state, state.named(body.model))  # (none, or empty: the model served)
+    served_model(state, body.model)
     tokenizer = ready_tokenizer(state)
     if isinstance(body.prompt, str):
         prompt = await asyncio.to_thread(tokenizer.encode, body.prompt, True)  # BOS where the model adds one
@@ -152,7 +152,7 @@ async def infill(body: InfillRequest, request: Request):
     """llama.cpp's code infill: [BOS] [input_extra] FIM_PRE input_prefix FIM_SUF input_suffix FIM_MID
     prompt, answered as /completion answers (server/fill_in_middle.py finds the model's FIM tokens)."""
     state = request.app.state.skipserve
-    check_model(state, state.named(body.model))  # (none, or empty: the model served)
+    served_model(state, body.model)
     tokenizer = ready_tokenizer(state)
     tokens = fim_tokens(tokenizer)
     if tokens is None:
@@ -217,7 +217,7 @@ async def llama_tokenize(state, body: TokenizeRequest) -> dict:
     if body.parse_special is False:
         raise InvalidParamError("parse_special false is not supported: special tokens' text is read as them",
                                 "parse_special")
-    check_model(state, state.named(body.model))  # (none, or empty: the model served)
+    served_model(state, body.model)
     tokenizer = ready_tokenizer(state)
     ids = await asyncio.to_thread(tokenizer.encode, body.content, bool(body.add_special))
 
@@ -277,7 +277,7 @@ async def apply_template(body: TokenizeRequest, request: Request):
     state = request.app.state.skipserve
     if body.messages is None or body.prompt is not None:
         raise InvalidParamError("give 'messages'", "messages")
-    check_model(state, state.named(body.model))  # (none, or empty: the model served)
+    served_model(state, body.model)
     ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use, body.chat_options)
     tokenizer = ready_tokenizer(state)
     bos = await asyncio.to_thread(tokenizer.encode, "", True)  # what /completion adds to a text prompt itself

@@ -22,8 +22,8 @@ from fastapi.responses import Response
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
-from server.generation import (EventStream, Usage, check_model, check_reasoning_effort, consume, encode_chat,
-                               ready_tokenizer, stopped, submit)
+from server.generation import (EventStream, Usage, check_reasoning_effort, consume, encode_chat, ready_tokenizer,
+                               served_model, stopped, submit)
 from server.reasoning import Reasoning, request_reasoning, split_output
 from server.responses_protocol import ResponsesRequest, new_id
 from server.tool_calls import whole_arguments
@@ -95,8 +95,7 @@ class ResponseCall:
 
     async def submit(self):
         state, body = self.state, self.body
-        body.model = state.named(body.model)
-        check_model(state, body.model)
+        body.model = served_model(state, body.model)
         self.tokenizer = ready_tokenizer(state)  # for logprobs' bytes
         check_reasoning_effort(self.tokenizer, body.effort, "reasoning.effort")
         if body.previous_response_id is not None:

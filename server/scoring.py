@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from engine.async_engine import EngineNotReadyError
 from server.embeddings import MAX_INPUTS, embed_inputs
 from server.errors import APIError
-from server.generation import check_base_model, refusal, tokenize_batch, truncated
+from server.generation import refusal, served_base_model, tokenize_batch, truncated
 from server.protocol import RerankRequest, ScoreRequest
 
 router = APIRouter()
@@ -42,8 +42,7 @@ async def _embed_texts(request: Request, body, sides: dict[str, list[str]], arri
     """Each side's texts embedded (each distinct text once; errors name `side.i`) -> ({side: its
     vectors}, prompt tokens) or the 499 response of a client that left."""
     state = request.app.state.skipserve
-    body.model = state.named(body.model)  # (vLLM's `model` is optional here)
-    check_base_model(state, body.model, "scoring")
+    body.model = served_base_model(state, body.model, "scoring")  # (vLLM's `model` is optional here)
     if sum(len(texts) for texts in sides.values()) > MAX_INPUTS:  # (named: the longer list)
         raise APIError(400, f"at most {MAX_INPUTS} texts a request", max(sides, key=lambda side: len(sides[side])))
     keep, limit = body.truncate_prompt_tokens, state.engine.config.max_model_len

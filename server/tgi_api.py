@@ -26,7 +26,7 @@ from engine.sampling_params import InvalidParamError
 from server import __version__
 from server.completions import HUB_PLACEHOLDERS, CompletionCall
 from server.errors import APIError, error_body, validation_message
-from server.generation import (EventStream, check_model, check_reasoning_effort, ready_tokenizer, templated_chat,
+from server.generation import (EventStream, check_reasoning_effort, ready_tokenizer, served_model, templated_chat,
                                truncated)
 from server.protocol import CompletionRequest, TokenizeRequest
 from server.tgi_protocol import (MAX_BEST_OF, MAX_STOP_SEQUENCES, SEEDS, TGI_NAMES, ChatTokenizeRequest,
@@ -207,7 +207,7 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
     try:
         body.check(stream)
         p = body.parameters
-        check_model(state, state.named(body.model))  # (none, or empty: the model served)
+        served_model(state, body.model)
         if p.adapter_id not in (None, "") and p.adapter_id not in state.model_names:
             raise InvalidParamError(f"adapter_id '{p.adapter_id}' is not served here (this server serves "
                                     f"{sorted(state.model_names)}; adapters: --lora-modules)", "parameters.adapter_id")
@@ -278,7 +278,7 @@ async def tgi_tokenize(state, body: TokenizeRequest) -> list[dict]:
     an empty one), as TGI's Rust tokenizer counts them; `parameters.truncate`: the last tokens only."""
     if body.prompt is not None or body.messages is not None:
         raise InvalidParamError("give 'inputs' alone (TGI's /tokenize), or vLLM's 'prompt' or 'messages'", "inputs")
-    check_model(state, state.named(body.model))  # (none, or empty: the model served)
+    served_model(state, body.model)
     try:
         truncate = Parameters.model_validate(body.parameters or {}).truncate
     except ValidationError as exc:
@@ -302,7 +302,7 @@ async def chat_tokenize(body: ChatTokenizeRequest, request: Request):
     would be given."""
     state = request.app.state.skipserve
     if body.model not in HUB_PLACEHOLDERS:
-        check_model(state, state.named(body.model))  # (none, or empty: the model served)
+        served_model(state, body.model)
     check_reasoning_effort(ready_tokenizer(state), body.reasoning_effort, "reasoning_effort")
     text, spans = await templated_chat(state, [m.as_dict() for m in body.messages], body.tool_use,
                                        body.chat_options)
