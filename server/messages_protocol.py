@@ -227,13 +227,27 @@ class MessagesRequest(CountTokensRequest):
 
     @field_validator("max_tokens")
     @classmethod
-    def _positive(cls, value):
-        if value < 1:
-            raise InvalidParamError("max_tokens must be at least 1", "max_tokens")
+    def _not_negative(cls, value):
+        if value < 0:
+            raise InvalidParamError("max_tokens must be at least 0", "max_tokens")
         return value
 
+    @model_validator(mode="after")
+    def _warm_only_alone(self):
+        """`max_tokens: 0` computes the prompt into the prefix cache and makes no token (Anthropic's
+        cache pre-warming): as Anthropic's, not with streaming, thinking or a structured output."""
+        if self.max_tokens == 0:
+            for given, name in ((self.stream, "stream"),
+                                (self.thinking is not None and self.thinking.type != "disabled", "thinking"),
+                                (self.output_config is not None and self.output_config.format is not None,
+                                 "output_config.format")):
+                if given:
+                    raise InvalidParamError(f"max_tokens: 0 (the prompt cached, no answer) cannot be used with "
+                                            f"{name}", name)
+        return self
+
     def chat(self, effort_read: bool = False) -> ChatCompletionRequest:
-        more: dict[str, Any] = {"max_tokens": self.max_tokens, "stream": self.stream}
+        more: dict[str, Any] = {"max_tokens": self.max_tokens or 1, "stream": self.stream}
         for field in ("temperature", "top_p", "top_k"):
             if getattr(self, field) is not None:
                 more[field] = getattr(self, field)
@@ -243,4 +257,6 @@ class MessagesRequest(CountTokensRequest):
             more["stream_options"] = {"include_usage": True}
         if self.ffn_skip is not None:
             more["ffn_skip"] = self.ffn_skip.model_dump(exclude_none=True)
-        return self.chat_request(effort_read, **more)
+        chat = self.chat_request(effort_read, **more)
+        chat._prompt_only = self.max_tokens == 0
+        return chat

@@ -11,8 +11,8 @@ import json
 from functools import cached_property
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
-                      ValidationInfo, field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat,
+                      StrictInt, ValidationInfo, field_validator, model_validator)
 
 from engine.sampling_params import MAX_LOGPROBS, InvalidParamError, SamplingParams, SkipParams
 from engine.structured.gbnf import GrammarError, gbnf_regex
@@ -717,6 +717,9 @@ class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest, ClientHint
     verbosity: null_only("'verbosity' is not supported by this model") = None
     audio: null_only("'audio' is not supported: this model writes text only") = None
     web_search_options: null_only("'web_search_options' is not supported: this server has no web search") = None
+    # set by Anthropic's `max_tokens: 0` (server/messages_protocol.py): the prompt computed into the
+    # prefix cache, no token made
+    _prompt_only: bool = PrivateAttr(False)
 
     @cached_property
     def chat_options(self) -> ChatOptions:
@@ -749,6 +752,7 @@ class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest, ClientHint
             params = self.choices_sampling(logprobs, self.max_completion_tokens, "max_completion_tokens")
         else:
             params = self.choices_sampling(logprobs, self.max_tokens)
+        params.prompt_only = self._prompt_only
         return self.tool_use.constrain(params, "response_format")
 
 

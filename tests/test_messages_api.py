@@ -56,6 +56,19 @@ def test_the_prefix_cache_shows_as_cache_read_tokens(claude):
     assert first.usage.input_tokens + first.usage.cache_read_input_tokens > 100
 
 
+def test_max_tokens_0_fills_the_prefix_cache_and_answers_nothing(claude):
+    system = "You answer questions about warm caches and nothing else. " * 12  # (no other test's prefix)
+    warm = claude.messages.create(model=MODEL, max_tokens=0, system=system, messages=QUESTION)
+    assert warm.content == [] and warm.stop_reason == "max_tokens" and warm.usage.output_tokens == 0
+    assert warm.usage.cache_read_input_tokens == 0 and warm.usage.input_tokens > 100
+    forced = claude.messages.create(model=MODEL, max_tokens=0, system=system, messages=QUESTION, tools=[PAINT],
+                                    tool_choice={"type": "any"})
+    assert forced.content == [] and forced.stop_reason == "max_tokens"
+    m = claude.messages.create(model=MODEL, max_tokens=2, system=system, messages=QUESTION)
+    assert m.usage.cache_read_input_tokens >= warm.usage.input_tokens // 16 * 16 - 16  # its whole blocks
+    assert m.usage.output_tokens > 0 and m.content
+
+
 def test_streamed_events_build_the_same_message(claude):
     with claude.messages.stream(model=MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY) as stream:
         kinds = [e.type for e in stream]
@@ -124,7 +137,11 @@ def test_an_output_format_holds_the_text_to_its_schema_and_taken_hints_change_no
 
 @pytest.mark.parametrize("body, param", [
     ({"messages": QUESTION}, "max_tokens"),
-    ({"max_tokens": 0, "messages": QUESTION}, "max_tokens"),
+    ({"max_tokens": -1, "messages": QUESTION}, "max_tokens"),
+    ({"max_tokens": 0, "messages": QUESTION, "stream": True}, "stream"),
+    ({"max_tokens": 0, "messages": QUESTION, "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+    ({"max_tokens": 0, "messages": QUESTION, "output_config": {"format": {"type": "json_schema", "schema": {
+        "type": "object"}}}}, "output_config.format"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]},
      "messages.0.content"),
