@@ -9,8 +9,8 @@ import torch
 
 from engine.categorical import draw
 from engine.penalties import apply_penalties
-from engine.rows import device_values, padded, put_rows, take_rows, to_device
-from engine.sampling_params import InvalidParamError, SamplingParams
+from engine.rows import column, device_values, padded, put_rows, take_rows, to_device
+from engine.sampling_params import SAMPLING_EPS, InvalidParamError, SamplingParams
 from engine.typical import mask_filtered
 
 
@@ -45,6 +45,8 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     _mask_outside(logits, rows, "listed")
     apply_penalties(logits, params, [r.prompt_ids for r in rows], [r.output_ids for r in rows])
     _mask_refused(logits, rows)
+    if raw is not None:
+        _process_logprob_rows(raw, logits, params)
     best = logits.max(dim=-1)  # argmax's result (first maximum; NaN wins), 2-3x faster on the CPU
     # a row's maximum is NaN where any logit is and +inf where one is (penalties and bias keep both)
     finite = torch.isfinite(best.values)
@@ -113,6 +115,24 @@ def _mask_refused(logits: torch.Tensor, rows: list[SampleRow]) -> None:
 LOWEST_LOGPROB = -9999.0  # vLLM's floor: -inf (a token the model rules out) is no JSON number
 
 
+def _process_logprob_rows(raw: torch.Tensor, logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """`raw`'s rows that ask for processed logprobs replaced by the logits their token is drawn from:
+    penalized, and for a sampled row scaled by its temperature, with -inf outside what its filters
+    keep (a greedy row's are its penalized logits, as TGI's with no warper)."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None and p.logprobs_processed]
+    if not rows:
+        return
+    processed = take_rows(logits, rows).clone()
+    drawn = [params[i].temperature >= SAMPLING_EPS for i in rows]
+    filtered = [j for j, i in enumerate(rows) if drawn[j] and (
+        params[i].top_k or params[i].top_p < 1.0 or params[i].min_p > 0.0 or params[i].typical_p < 1.0)]
+    if filtered:
+        put_rows(processed, filtered, mask_filtered(take_rows(processed, filtered),
+                                                    *_settings(params, [rows[j] for j in filtered])))
+    processed /= column([params[i].temperature if d else 1.0 for i, d in zip(rows, drawn)], processed)
+    put_rows(raw, rows, processed)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, width: int, ranked: bool = False):
     """Each row's logprob of its token, with `ranked` its rank (how many tokens are at least as
     likely: 1 for the likeliest, as vLLM counts it; else None) and its `width` most likely
@@ -130,7 +150,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, width: int, ranke
 
 def _add_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], out: list[Sampled]) -> None:
     """The model's own logprobs (over the tokens a constrained row may take; before penalties and
-    temperature) of each asking row's token and of its `logprobs` most likely alternatives."""
+    temperature), or a row's processed ones (`_process_logprob_rows`), of each asking row's token and
+    of its `logprobs` most likely alternatives."""
     asking = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not asking:
         return

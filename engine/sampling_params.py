@@ -59,6 +59,9 @@ class SamplingParams:
     adapter: str | None = None  # the LoRA adapter (engine/lora) the request is computed through; None: the base model
     priority: int = 0  # vLLM's: lower is scheduled first, under --scheduling-policy priority (scheduler.py)
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
+    # the logprobs of the distribution drawn from (after penalties, temperature and the filters), as
+    # TGI reports them; else the model's own (vLLM's and OpenAI's)
+    logprobs_processed: bool = False
     prompt_logprobs: int | None = None  # None = off; k >= 0 = each prompt token's logprob + k alternatives
     response_schema: dict | None = None  # the JSON schema the answer follows (engine/structured)
     # else a regex the whole answer matches, or strings it is one of (engine/structured/whole_text.py)

@@ -197,6 +197,33 @@ def test_sample_greedy_and_drawn_rows_with_logprobs(device):
     assert allowed[out[1].token_id]
 
 
+def test_processed_logprobs_are_of_the_distribution_drawn_from_and_other_rows_keep_the_models(device):
+    """TGI's logprobs (`logprobs_processed`): after the penalties, the temperature and the filters,
+    a filtered-out token at the floor; a greedy row's are its penalized logits'; a row beside them
+    that asks for the model's own keeps them."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(5, VOCAB, generator=gen) * 3
+    settings = [(0.7, 5, 1.0, 0.0), (1.0, 0, 0.8, 0.0), (1.3, 40, 0.9, 0.05)]
+    rows = [SampleRow(SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=1.5, logprobs=8,
+                                     logprobs_processed=True), [2, 3], [7], 0.4) for t, k, p, m in settings]
+    rows.append(SampleRow(SamplingParams(temperature=0.0, repetition_penalty=1.5, logprobs=3, logprobs_processed=True),
+                          [int(logits[3].argmax())], [], None))
+    rows.append(SampleRow(SamplingParams(temperature=0.8, top_k=5, logprobs=3), [1], [], 0.4))
+    out = sample(logits.to(device, copy=True), rows)
+    for i, row in enumerate(rows[:4]):
+        penalized = reference_penalties(logits[i], row.params, row.prompt_ids, row.output_ids)
+        if i < 3:
+            expected = reference_probs(penalized, *settings[i]).log().clamp(min=-9999.0)
+        else:
+            expected = torch.log_softmax(penalized.double(), dim=-1)
+        assert out[i].logprob == pytest.approx(expected[out[i].token_id].item(), abs=1e-4)
+        assert [v for _, v in out[i].top_logprobs] == pytest.approx(expected.topk(len(out[i].top_logprobs)).values
+                                                                     .tolist(), abs=1e-4)
+    assert sum(v > -9999.0 for _, v in out[0].top_logprobs) == 5  # top_k 5 keeps five
+    model = torch.log_softmax(logits[4], dim=-1)
+    assert [v for _, v in out[4].top_logprobs] == pytest.approx(model.topk(3).values.tolist(), abs=1e-5)
+
+
 def test_refused_tokens_are_never_picked_and_other_rows_keep_theirs(device):
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(3, VOCAB, generator=gen) * 3

@@ -169,6 +169,26 @@ def test_decoder_input_details_score_the_prompt_and_top_n_tokens_rank_each_step(
     assert [t["id"] for t in truncated["details"]["prefill"]] == prompt_ids[-3:]  # the prompt's last tokens
 
 
+def test_a_sampled_answers_logprobs_are_of_the_distribution_it_was_drawn_from(server):
+    """As TGI's, after its warpers: at temperature 0.7 with top_k 5 the first token's top tokens are
+    the model's five likeliest, renormalized at that temperature, and the rest are ruled out."""
+    raw = _v1(server, max_tokens=1, logprobs=5, return_tokens_as_token_ids=True)["logprobs"]["top_logprobs"][0]
+    likeliest = sorted(raw.items(), key=lambda item: -item[1])
+    r = _post(server, "/generate", {"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 1, "do_sample": True, "temperature": 0.7, "top_k": 5, "top_n_tokens": 7, "seed": 3,
+        "details": True}})
+    assert r.status_code == 200, r.text
+    d = r.json()["details"]
+    top = d["top_tokens"][0]
+    scaled = [value / 0.7 for _, value in likeliest]
+    norm = math.log(sum(math.exp(v) for v in scaled))
+    assert [f"token_id:{t['id']}" for t in top[:5]] == [name for name, _ in likeliest]
+    assert [t["logprob"] for t in top[:5]] == pytest.approx([v - norm for v in scaled], abs=1e-2)
+    assert len(top) == 7 and all(t["logprob"] < -1000 for t in top[5:])
+    chosen = d["tokens"][0]
+    assert chosen["logprob"] == pytest.approx(next(t["logprob"] for t in top if t["id"] == chosen["id"]), abs=1e-5)
+
+
 @pytest.mark.parametrize("body, param", [
     ({"inputs": ""}, "inputs"),
     ({"inputs": 5}, "inputs"),
