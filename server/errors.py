@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -26,6 +29,32 @@ class APIError(Exception):
                  headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def named_in(message: str, param: str | None, theirs: str | None) -> str:
+    """An error's message with the field it names (`param`) written as the client sent it (`theirs`:
+    a native API's spelling; TGI's `parameters.` prefix left out of the words)."""
+    if param is None or theirs is None or theirs == param:
+        return message
+    return re.sub(rf"\b{re.escape(param)}\b", theirs.removeprefix("parameters."), message)
+
+
+@contextmanager
+def named_as_sent(rename: Callable[[str | None], str | None]):
+    """Errors raised inside (a request served as another route's, and that route's validation) with
+    the field they name renamed as the client sent it, in `param` and in the message."""
+    try:
+        yield
+    except ValidationError as exc:  # (a 400 naming the field, never a 500)
+        message, param = validation_message(telling_error(exc.errors()))
+        raise InvalidParamError(named_in(message, param, rename(param)), rename(param)) from None
+    except InvalidParamError as exc:
+        theirs = rename(exc.param)
+        raise InvalidParamError(named_in(str(exc), exc.param, theirs), theirs, exc.code) from None
+    except APIError as exc:
+        theirs = rename(exc.param)
+        exc.message, exc.param = named_in(exc.message, exc.param, theirs), theirs
+        raise
 
 
 def _printable(text: str | None) -> str | None:
@@ -79,6 +108,14 @@ def tgi_error_type(status: int) -> str | None:
 def _answer(request: Request, status: int, message: str, param: str | None = None, code: str | None = None,
             headers: dict | None = None) -> JSONResponse:
     return error_response(status, message, param, code, headers, request.scope)
+
+
+def telling_error(errors: list[dict]) -> dict:
+    """The validation error to answer with: the first, except that a field this server does not take
+    comes before a required one missing (a field sent under another API's name: that name is the news)."""
+    if errors[0].get("type") == "missing":
+        return next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
+    return errors[0]
 
 
 def validation_message(err: dict) -> tuple[str, str | None]:
@@ -143,7 +180,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        message, param = validation_message(errors[0]) if errors else ("invalid request", None)
+        message, param = validation_message(telling_error(errors)) if errors else ("invalid request", None)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if param is None and kind and kind != "application/json" and not kind.endswith("+json"):
             # FastAPI reads only JSON content types as JSON (curl's -d alone sends a form's type); not
@@ -156,7 +193,7 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"route {request.method} {request.url.path} not found" + _prefix_hint(request)
-        return _answer(request, exc.status_code, message)
+        return _answer(request, exc.status_code, message, headers=exc.headers)  # (a 405's Allow)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -15,10 +15,9 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from server.completions import CompletionCall
-from server.errors import APIError, validation_message
+from server.errors import APIError, named_as_sent
 from server.generation import (EventStream, check_token_ids, encode_chat, ready_tokenizer, scaled_adapters,
                                served_model)
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
@@ -187,19 +186,13 @@ async def _serve(request: Request, body: LlamaCompletionRequest, prompt: list[in
     shape; `ends`: tokens that end the answer besides EOS (an infill's)."""
     state = request.app.state.skipserve
     tokenizer = ready_tokenizer(state)
-    try:
+    with named_as_sent(lambda param: NATIVE_NAMES.get(param, param)):  # errors name the field as sent
         completion_request = CompletionRequest.model_validate(
             body.completion_body(prompt, state.engine.config.max_model_len, list(ends), state.engine.sampling_defaults()) |
             {"model": state.named(body.model)})
         call = LlamaCall(request, body, completion_request, prompt)
         call.prompt_text = await asyncio.to_thread(tokenizer.decode, prompt, True, True)
         stream = await call.submit()
-    except ValidationError as exc:  # (a 400 naming the field, never a 500)
-        message, param = validation_message(exc.errors()[0])
-        raise InvalidParamError(message, NATIVE_NAMES.get(param, param)) from None
-    except (InvalidParamError, APIError) as exc:  # named as the client sent it
-        exc.param = NATIVE_NAMES.get(exc.param, exc.param)
-        raise
     if body.stream:
         return EventStream(call.native_events(stream), stream, call.timer)
     return await call.collect(stream, lambda answer: JSONResponse(call.native_answer(answer)))

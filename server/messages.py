@@ -15,8 +15,8 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from engine.sampling_params import InvalidParamError
 from server.completions import CompletionCall
+from server.errors import named_as_sent
 from server.generation import EventStream, check_model, encode_chat, ready_tokenizer
 from server.messages_protocol import CountTokensRequest, MessagesRequest
 
@@ -157,13 +157,9 @@ SENT_AS = {"stop": "stop_sequences"}
 
 @router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request):
-    try:
+    with named_as_sent(lambda param: SENT_AS.get(param, param)):
         call = MessageCall(request, body)
         stream = await call.chat.submit()
-    except InvalidParamError as exc:
-        if exc.param not in SENT_AS:
-            raise
-        raise InvalidParamError(str(exc), SENT_AS[exc.param], exc.code) from None
     if body.stream:
         return EventStream(call.events(stream), stream, call.chat.timer)
     return await call.collect(stream)

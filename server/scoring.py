@@ -23,8 +23,9 @@ router = APIRouter()
 
 
 def cosine(a: list[float], b: list[float]) -> float:
-    """Of two embeddings, which are at unit length (a zero one scores 0)."""
-    return sum(map(operator.mul, a, b))
+    """Of two embeddings, which are at unit length (a zero one scores 0); held to [-1, 1] (a text with
+    itself may sum to a rounding over 1)."""
+    return max(-1.0, min(1.0, sum(map(operator.mul, a, b))))
 
 
 def pairs(firsts: int, seconds: int) -> list[tuple[int, int]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
-import re
 import secrets
 
 from fastapi import APIRouter, Request
@@ -25,7 +24,7 @@ from pydantic import ValidationError
 from engine.sampling_params import InvalidParamError
 from server import __version__
 from server.completions import HUB_PLACEHOLDERS, CompletionCall
-from server.errors import APIError, error_body, validation_message
+from server.errors import error_body, named_as_sent, validation_message
 from server.generation import (EventStream, check_reasoning_effort, ready_tokenizer, served_model, templated_chat,
                                truncated)
 from server.protocol import CompletionRequest, TokenizeRequest
@@ -42,13 +41,6 @@ def tgi_param(param: str | None) -> str | None:
     if param == "prompt" or param.startswith("prompt."):
         return "inputs"
     return "parameters." + TGI_NAMES.get(param, param)
-
-
-def named(message: str, param: str | None, theirs: str | None) -> str:
-    """An error's message with the /v1/completions field it names (`param`) named as TGI's (`theirs`)."""
-    if param is None or theirs is None or theirs == param:
-        return message
-    return re.sub(rf"\b{re.escape(param)}\b", theirs.removeprefix("parameters."), message)
 
 
 def stream_error_type(error: dict) -> str:
@@ -204,7 +196,7 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
     """`compat`: POST /'s answer (the prompt before the text by default, the JSON a one-item list)."""
     state = request.app.state.skipserve
     tokenizer = ready_tokenizer(state)
-    try:
+    with named_as_sent(tgi_param):  # errors name the field as the client sent it
         body.check(stream)
         p = body.parameters
         served_model(state, body.model)
@@ -221,16 +213,6 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
         full_text = compat if p.return_full_text is None else p.return_full_text
         call = TGICall(request, body, completion, full_text, seed)
         events = await call.submit()
-    except ValidationError as exc:  # (a 400 naming the parameter, never a 500)
-        message, param = validation_message(exc.errors()[0])
-        raise InvalidParamError(named(message, param, tgi_param(param)), tgi_param(param)) from None
-    except InvalidParamError as exc:  # named as the client sent it
-        theirs = tgi_param(exc.param)
-        raise InvalidParamError(named(str(exc), exc.param, theirs), theirs, exc.code) from None
-    except APIError as exc:
-        theirs = tgi_param(exc.param)
-        exc.message, exc.param = named(exc.message, exc.param, theirs), theirs
-        raise
     if stream:
         return EventStream(call.tgi_events(events), events, call.timer)
 

@@ -99,6 +99,12 @@ def test_unknown_route_is_404_envelope(server):
     assert "did you mean" not in r.json()["error"]["message"]
 
 
+def test_a_method_the_route_does_not_take_is_405_with_allow(server):
+    r = httpx.get(server.url + "/v1/chat/completions")
+    assert_error(r, 405, None)
+    assert r.headers["allow"] == "POST"  # (RFC 9110: a 405 lists the methods the route takes)
+
+
 @pytest.mark.parametrize("path", ["/chat/completions", "/v1//chat/completions", "//v1/chat/completions"])
 def test_a_route_asked_without_v1_or_with_slashes_doubled_names_the_one_meant(server, path):
     """A client's base URL without /v1 is the commonest setup mistake: a bare 404 did not say so."""

@@ -159,6 +159,7 @@ def test_llama_cpp_fields_are_taken_switched_off_or_refused_by_name(server, body
     assert r.status_code == status, r.text
     if param:
         assert r.json()["error"]["param"] == param
+        assert param in r.json()["error"]["message"]  # (not the /v1/completions field it is served as)
 
 
 def test_apply_template_gives_the_chat_prompts_text(server):
