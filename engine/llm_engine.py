@@ -140,7 +140,7 @@ class LLMEngine:
             Sequence(
                 seq_id=f"{request_id}#{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids),
                 params=params, skip_plan=plan, max_tokens=max_tokens,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, [*params.stop, *params.turn_stops],
                                                    params.include_stop_str_in_output,
                                                    special=not params.skip_special_tokens),
                 seed=(base_seed + i) % 2**64,
@@ -412,10 +412,12 @@ class LLMEngine:
             constraint.advance(token)  # raises for a token its mask refused: the sequence fails alone
         eos = token in self.eos_ids and (not params.ignore_eos or (constraint is not None and constraint.ended))
         if eos or token in params.stop_token_ids:
-            if not eos:
+            # a stop token, or an end of text besides the tokenizer's own (a generation config's other
+            # eos ids, as Gemma's <end_of_turn>: vLLM makes them stop tokens), is the stop reason
+            if not eos or token != self.tokenizer.eos_token_id:
                 seq.stop_reason = token
-                if params.include_stop_str_in_output:  # a stop token's text stays, as vLLM keeps it
-                    seq.detokenizer.add_token(token, may_stop=False)
+            if not eos and params.include_stop_str_in_output:  # a stop token's text stays, as vLLM keeps it
+                seq.detokenizer.add_token(token, may_stop=False)
             return "stop"
         # as EOS (refused before it), a stop string ends the answer from the token after the min_tokens-th on
         seq.detokenizer.add_token(token, may_stop=len(seq.output_ids) > params.min_tokens)

@@ -44,6 +44,9 @@ class SamplingParams:
     logit_bias_tensors: object = field(default=None, repr=False, compare=False)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # the server's own stop strings beside `stop` (not counted in its limit): a chat turn's end where
+    # the model has no template to end it (engine/tokenizer.py PLAIN_CHAT_TURNS)
+    turn_stops: tuple[str, ...] = ()
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it
     skip_special_tokens: bool = True  # special tokens' text left out of the answer's (vLLM's default)

@@ -24,6 +24,9 @@ from engine.sampling_params import InvalidParamError
 # the decode loop's OpenMP team: one text at a time runs on the calling thread (a user's setting stands)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# a chat rendered as plain "role: content" lines (a model with no template) ends where the model
+# goes on to write the next turn's line: a base model goes on with the transcript
+PLAIN_CHAT_TURNS = ("\nuser:", "\nassistant:", "\nsystem:")
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 # what the renderer passes to a template itself; a request's own variables may not replace them
 # (and jinja's own globals: range, namespace, ...)
@@ -148,6 +151,8 @@ class Tokenizer:
         self.chat_template = template or None  # its text
         self._template = _compile(template) if template else None
         self.has_chat_template = self._template is not None
+        # the stop strings that end a chat's answer: none where a template's tokens end a turn
+        self.chat_stops = () if self.has_chat_template else PLAIN_CHAT_TURNS
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self._bytes: list[bytes | None] | None = None
         self._bytes_lock = threading.Lock()

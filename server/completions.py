@@ -168,6 +168,7 @@ class CompletionCall:
         self.prompt_sizes = [len(p) for p in prompts]
         sampling.stop_token_ids = list(dict.fromkeys(sampling.stop_token_ids + self.infill_ends))
         if self.chat:
+            sampling.turn_stops = self.tokenizer.chat_stops
             sampling = self.tools.show_tags(sampling)
             self.reasoning, sampling = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompts[0])
         stream, self.timer = await submit(state, self.engine_id, prompts, sampling, body.skip(), param, self.arrival)

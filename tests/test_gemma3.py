@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.tokenizer import PLAIN_CHAT_TURNS
 from tests.conftest import ServerProcess
 from tests.helpers import assert_gguf_weights_equal_the_dense_conversion, assert_layer_calls_equal_the_per_op_path, hf_greedy
 
@@ -50,8 +51,45 @@ def test_gemma3_chat_without_a_template_keeps_bos(gemma_server):
     client = openai.OpenAI(base_url=gemma_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
     chat = client.chat.completions.create(model="gemma3-270m", messages=messages, max_tokens=12, temperature=0)
     text = client.completions.create(model="gemma3-270m", prompt="user: The capital of France is\nassistant:",
-                                     max_tokens=12, temperature=0)
-    assert chat.choices[0].message.content == text.choices[0].text
+                                     max_tokens=12, temperature=0).choices[0].text
+    turn = min((text.index(t) for t in PLAIN_CHAT_TURNS if t in text), default=len(text))  # (where a chat stops)
+    assert chat.choices[0].message.content == text[:turn]
+
+
+def test_gemma3_chat_answers_end_where_the_model_writes_the_next_turn(gemma_server):
+    """A base model goes on with the transcript ("system: ..."): the plain lines' chat stops there, as
+    a template's end-of-turn token would; its stop reason says where."""
+    import httpx
+
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    body = {"model": "gemma3-270m", "messages": messages, "max_tokens": 16, "temperature": 0}
+    choice = httpx.post(gemma_server.url + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
+    prompt = "system: You are terse.\nuser: What is the capital of France?\nassistant:"
+    text = httpx.post(gemma_server.url + "/v1/completions", json={
+        "model": "gemma3-270m", "prompt": prompt, "max_tokens": 16, "temperature": 0}, timeout=120).json()
+    whole = text["choices"][0]["text"]
+    ends = [(whole.index(t), t) for t in PLAIN_CHAT_TURNS if t in whole]
+    assert ends, whole  # (this greedy answer goes on to a next turn: what the test is about)
+    at, turn = min(ends)
+    assert choice["message"]["content"] == whole[:at]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == turn
+
+
+def test_gemma3_end_of_turn_is_a_stop_token_named_as_the_stop_reason(gemma_server):
+    """<end_of_turn> (106), an eos id of the generation config beside the tokenizer's <eos>, ends the
+    answer with itself as the stop reason, as vLLM makes such ids stop tokens; <eos> ends it with none."""
+    import httpx
+
+    def answer(bias: dict) -> dict:
+        return httpx.post(gemma_server.url + "/v1/completions", json={
+            "model": "gemma3-270m", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "logit_bias": bias},
+            timeout=120).json()["choices"][0]
+
+    ended = answer({"106": 100})
+    assert ended["finish_reason"] == "stop" and ended["stop_reason"] == 106 and ended["text"] == ""
+    eos = answer({"1": 100})
+    assert eos["finish_reason"] == "stop" and eos["stop_reason"] is None
 
 
 def test_gemma3_answers_hold_to_a_json_schema(gemma_server):
