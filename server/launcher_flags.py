@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from server.cli_types import at_least, host, lora_module
+from server.cli_types import at_least, host, json_object, lora_module
 
 # llama.cpp's KV cache types this server keeps (-ctk / -ctv), as its --kv-cache-dtype names them
 LLAMA_CPP_CACHE_TYPES = {"f32": "float32", "f16": "float16", "q8_0": "int8"}
@@ -66,6 +66,10 @@ def add_vllm(p: argparse.ArgumentParser) -> None:
                    help="taken: a preempted sequence is recomputed here, not swapped out")
     v.add_argument("--max-loras", "--max-cpu-loras", type=at_least(1), default=None, metavar="N",
                    help="taken: every adapter of --lora-modules stays loaded, and a batch mixes any of them")
+    v.add_argument("--speculative-config", type=ngram_speculation, default=None, metavar="JSON",
+                   help='n-gram speculation, {"method": "ngram", "num_speculative_tokens": K}: the same as '
+                        "--speculative-tokens K (prompt_lookup_max / _min taken: the drafter looks up 2- to "
+                        "4-grams); draft models (eagle, medusa, a model) are not served")
 
 
 def add_tgi(p: argparse.ArgumentParser) -> None:
@@ -188,6 +192,28 @@ def add_llama_cpp(p: argparse.ArgumentParser) -> None:
         c.add_argument(*flags, action="store_true", default=None, help=f"taken: {what}")
 
 
+# vLLM's --speculative-config keys an n-gram config may hold (the lookup's bounds are the drafter's own)
+NGRAM_KEYS = frozenset({"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"})
+
+
+def ngram_speculation(value: str) -> int:
+    """vLLM's --speculative-config, for its n-gram method ("[ngram]" as its older `model`): the draft
+    tokens a step. Any other method needs a draft model, which this server does not run."""
+    config = json_object(value)
+    method = config.get("method", config.get("model"))
+    if method not in ("ngram", "[ngram]"):
+        raise argparse.ArgumentTypeError(f"only n-gram speculation is served here (method 'ngram'), got "
+                                         f"{method!r}: draft models are not run")
+    unknown = sorted(config.keys() - NGRAM_KEYS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown[0]!r} is not taken here (an n-gram config takes "
+                                         f"{', '.join(sorted(NGRAM_KEYS))})")
+    tokens = config.get("num_speculative_tokens")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise argparse.ArgumentTypeError(f"num_speculative_tokens must be a positive integer, got {tokens!r}")
+    return tokens
+
+
 def cuda_graphs(value: str) -> bool:
     """TGI's --cuda-graphs: "0" turns graphs off (True: eager); a list of sizes is taken."""
     sizes = [part.strip() for part in value.split(",")]
@@ -245,6 +271,12 @@ def resolve(args: argparse.Namespace) -> None:
         given_as[ours] = spelling
     if getattr(args, "cuda_graphs", None):  # TGI's --cuda-graphs 0
         args.enforce_eager = True
+    drafts = getattr(args, "speculative_config", None)
+    if drafts is not None:  # vLLM's --speculative-config
+        if args.speculative_tokens is not None and args.speculative_tokens != drafts:
+            raise ValueError(f"the draft tokens are given twice: --speculative-tokens {args.speculative_tokens} and "
+                             f"--speculative-config's num_speculative_tokens {drafts}")
+        args.speculative_tokens = drafts
     if getattr(args, "alias", None):
         if args.served_model_name:
             raise ValueError("the model's names are given twice: --alias and --served-model-name")

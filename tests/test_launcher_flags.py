@@ -31,6 +31,23 @@ def test_a_command_written_for_vllm_serve_is_read_as_vllm_means_it():
         build("gemma3-270m", "--model", "/models/x.gguf")
 
 
+def test_vllms_speculative_config_is_n_gram_speculation(capsys):
+    ngram = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'
+    assert build("--speculative-config", ngram).speculative_tokens == 4
+    assert build("--speculative-config", '{"model": "[ngram]", "num_speculative_tokens": 3}').speculative_tokens == 3
+    assert build("--speculative-config", ngram, "--speculative-tokens", "4").speculative_tokens == 4
+    with pytest.raises(ValueError, match="the draft tokens are given twice"):
+        build("--speculative-config", ngram, "--speculative-tokens", "2")
+    for bad, words in (('{"method": "eagle", "model": "x", "num_speculative_tokens": 2}', "only n-gram"),
+                       ('{"method": "ngram"}', "num_speculative_tokens"),
+                       ('{"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}',
+                        "draft_tensor_parallel_size"),
+                       ("ngram", "not JSON")):
+        with pytest.raises(SystemExit):
+            serve_parser().parse_args(["--speculative-config", bad])
+        assert words in capsys.readouterr().err
+
+
 def test_a_command_written_for_tgis_launcher_is_read_as_tgi_means_it():
     """text-generation-launcher's spellings of the model, the context, the batch, the prefill
     budget, the host, the body limit, one shard and CUDA graphs off."""
