@@ -94,6 +94,10 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 TGI_PATHS = frozenset({"/generate", "/generate_stream", "/", "/chat_tokenize"})
 
 
+# vLLM's run-time LoRA routes (server/lora_api.py), served only where switched on
+RUNTIME_LORA_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+
+
 def is_tgi(scope: dict) -> bool:
     return scope.get("path") in TGI_PATHS or bool(scope.get("tgi"))
 
@@ -193,6 +197,9 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"route {request.method} {request.url.path} not found" + _prefix_hint(request)
+            if request.url.path in RUNTIME_LORA_PATHS:
+                message += ("; loading adapters while serving is off: start the server with "
+                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true (as vLLM's)")
         return _answer(request, exc.status_code, message, headers=exc.headers)  # (a 405's Allow)
 
     @app.exception_handler(Exception)

@@ -45,7 +45,9 @@ async def _embed_texts(request: Request, body, sides: dict[str, list[str]], arri
     state = request.app.state.skipserve
     body.model = served_base_model(state, body.model, "scoring")  # (vLLM's `model` is optional here)
     if sum(len(texts) for texts in sides.values()) > MAX_INPUTS:  # (named: the longer list)
-        raise APIError(400, f"at most {MAX_INPUTS} texts a request", max(sides, key=lambda side: len(sides[side])))
+        counts = " + ".join(f"{len(texts)} ({side})" for side, texts in sides.items())
+        raise APIError(400, f"at most {MAX_INPUTS} texts a request, all of its texts together: {counts}",
+                       max(sides, key=lambda side: len(sides[side])))
     keep, limit = body.truncate_prompt_tokens, state.engine.config.max_model_len
     inputs, seen, where = [], {}, {}  # the distinct inputs; their index by tokens; (side, i) -> index
     for side, texts in sides.items():

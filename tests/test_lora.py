@@ -196,6 +196,8 @@ def test_adapters_that_cannot_be_served_whole_are_refused_by_name(lora_engine, t
         registry.load("half", str(folder))
     with pytest.raises(AdapterError, match="holds no adapter_config.json"):
         registry.load("none", str(tmp_path))
+    with pytest.raises(AdapterError, match="is a file, neither a PEFT adapter folder"):
+        registry.load("file", str(folder / "adapter_config.json"))
     (folder / "adapter_config.json").write_text("[1]")
     with pytest.raises(AdapterError, match="adapter_config.json is not a JSON object"):
         registry.load("list", str(folder))
@@ -340,7 +342,7 @@ def test_an_adapter_unloaded_mid_answer_finishes_that_answer(lora_server, adapte
 
 def test_the_run_time_routes_are_off_unless_asked_for(server):
     r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x"})
-    assert r.status_code == 404
+    assert r.status_code == 404 and "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true" in r.json()["error"]["message"]
 
 
 def test_an_unloaded_adapters_weights_go_once_its_last_sequence_ends(lora_engine, adapters, chat_prompts):
@@ -427,7 +429,7 @@ def test_llama_servers_lora_files_apply_together_to_the_model(lora_engine, adapt
     second = registry.slots[DEFAULT_ADAPTER]
     engine.retire_adapter(registry.withdraw(registry.set_default(None, [0.0, 0.0])))
     assert registry.slots[DEFAULT_ADAPTER] == 0 and not registry.holds(second)
-    with pytest.raises(AdapterError, match="overflow float32"):
+    with pytest.raises(AdapterError, match="not finite in float32"):
         registry.read_scaled([float("inf"), 0.0])  # (the server refuses such scales before: `lora_scales`)
 
 

@@ -95,6 +95,12 @@ def test_bad_requests_are_openai_style_errors_naming_the_field(server, path, bod
     assert r.json()["error"]["param"] == param
 
 
+def test_the_text_limit_counts_the_query_with_the_documents(server):
+    r = _post(server, "/v1/rerank", {"query": "q", "documents": [f"d{i}" for i in range(2048)]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "documents"
+    assert "1 (query) + 2048 (documents)" in r.json()["error"]["message"]
+
+
 def test_a_long_document_is_cut_when_asked(server):
     long = " ".join(["word"] * 3000)
     r = _post(server, "/v1/rerank", {"query": "q", "documents": ["a", long], "truncate_prompt_tokens": 50})

@@ -58,6 +58,9 @@ def read_adapter(name: str, path: str, max_rank: int | None = None, cfg=None) ->
         if cfg is None:
             raise AdapterError(f"LoRA adapter {name!r}: a GGUF adapter is read against the model's shapes")
         return read_gguf_adapter(name, folder, cfg, max_rank)
+    if folder.is_file():
+        raise AdapterError(f"LoRA adapter {name!r}: {folder} is a file, neither a PEFT adapter folder (give the "
+                           "folder that holds adapter_config.json) nor llama.cpp's GGUF adapter")
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         raise AdapterError(f"LoRA adapter {name!r}: {folder} holds no adapter_config.json (a PEFT adapter folder)")

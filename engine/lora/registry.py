@@ -199,8 +199,9 @@ class LoRARegistry:
             for key, pair in self.fused_pairs(adapter).items():
                 tensors = [t.to(self.device, self.dtype).contiguous() for t in pair]
                 if not all(torch.isfinite(t).all() for t in tensors):
-                    raise AdapterError(f"LoRA adapter {name!r}: its weights at this scale overflow "
-                                       f"{str(self.dtype).removeprefix('torch.')} (a smaller scale?)")
+                    raise AdapterError(f"LoRA adapter {name!r}: its weights at this scale are not finite in "
+                                       f"{str(self.dtype).removeprefix('torch.')} (NaN or infinity: a damaged "
+                                       "file, or a scale too large?)")
                 pairs[key] = tuple(self.ops.linear([t]) for t in tensors)
         except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
             raise AdapterError(f"LoRA adapter {name!r} does not fit in the {self.device.type} memory left: "
