@@ -28,7 +28,9 @@ class SampleRow:
 @dataclass
 class Sampled:
     token_id: int
-    logprob: float | None = None  # the model's logprob of token_id over the tokens it may take (when asked)
+    # the model's logprob of token_id over the tokens it may take (when asked; a `logprobs_processed`
+    # row's: of the distribution it was drawn from)
+    logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
 
 
@@ -39,7 +41,8 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     params = [r.params for r in rows]
     # logprobs: the model's own, over the tokens a constrained row's grammar lets it take (vLLM applies its
     # grammar's bitmask before its raw logprobs; OpenAI's tokens a schema forces read 0), before penalties,
-    # temperature, allowed_token_ids and min_tokens' refusals (as vLLM's)
+    # temperature, allowed_token_ids and min_tokens' refusals (as vLLM's); a row that asks for processed
+    # logprobs (TGI's) gets them after all of these and its filters (_process_logprob_rows)
     _mask_outside(logits, rows, "allowed")
     raw = logits.clone() if any(p.logprobs is not None for p in params) else None
     _mask_outside(logits, rows, "listed")

@@ -133,10 +133,11 @@ class SamplingParams:
         for token, bias in self.logit_bias.items():
             check(0 <= token < vocab_size, "logit_bias", f"logit_bias token id {token} is outside the vocabulary")
             check(-100.0 <= bias <= 100.0, "logit_bias", "logit_bias values must be in [-100, 100]")
-        check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
-        check(len(self.stop) <= MAX_STOP_SEQUENCES, "stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        # (worded to name the field once: a route that serves another API's field renames it, server/errors.py)
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop must hold non-empty strings")
+        check(len(self.stop) <= MAX_STOP_SEQUENCES, "stop", f"stop must hold at most {MAX_STOP_SEQUENCES} strings")
         check(all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
-              f"stop strings must be at most {MAX_STOP_CHARS} characters")
+              f"stop must hold strings of at most {MAX_STOP_CHARS} characters")
         if self.top_k == -1:
             self.top_k = 0
 

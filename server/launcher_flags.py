@@ -200,10 +200,10 @@ def ngram_speculation(value: str) -> int:
     """vLLM's --speculative-config, for its n-gram method ("[ngram]" as its older `model`): the draft
     tokens a step. Any other method needs a draft model, which this server does not run."""
     config = json_object(value)
-    method = config.get("method", config.get("model"))
-    if method not in ("ngram", "[ngram]"):
-        raise argparse.ArgumentTypeError(f"only n-gram speculation is served here (method 'ngram'), got "
-                                         f"{method!r}: draft models are not run")
+    method, model = config.get("method", config.get("model")), config.get("model", "[ngram]")
+    if method not in ("ngram", "[ngram]") or model != "[ngram]":
+        raise argparse.ArgumentTypeError(f"only n-gram speculation is served here (method 'ngram'), got method "
+                                         f"{method!r} and model {model!r}: draft models are not run")
     unknown = sorted(config.keys() - NGRAM_KEYS)
     if unknown:
         raise argparse.ArgumentTypeError(f"{unknown[0]!r} is not taken here (an n-gram config takes "

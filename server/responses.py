@@ -106,6 +106,7 @@ class ResponseCall:
             self.earlier = entry.messages
         sampling = body.to_sampling_with(state.engine.sampling_defaults())
         sampling.adapter = state.adapter_of(body.model)
+        sampling.turn_stops = self.tokenizer.chat_stops
         body.resolve_references(state.responses.finder(), state.max_request_bytes)
         instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
         self.given = body.messages()

@@ -76,6 +76,21 @@ def test_gemma3_chat_answers_end_where_the_model_writes_the_next_turn(gemma_serv
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] == turn
 
 
+def test_gemma3_responses_end_where_the_model_writes_the_next_turn(gemma_server):
+    """The Responses API renders the same plain lines: its answer stops at the same place."""
+    import httpx
+
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    chat = httpx.post(gemma_server.url + "/v1/chat/completions", json={
+        "model": "gemma3-270m", "messages": messages, "max_tokens": 16, "temperature": 0}, timeout=120).json()
+    r = httpx.post(gemma_server.url + "/v1/responses", json={
+        "model": "gemma3-270m", "instructions": "You are terse.", "input": "What is the capital of France?",
+        "max_output_tokens": 16, "temperature": 0}, timeout=120).json()
+    assert chat["choices"][0]["finish_reason"] == "stop"  # (it stopped at a turn line: the previous test)
+    assert r["status"] == "completed" and r["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+
+
 def test_gemma3_end_of_turn_is_a_stop_token_named_as_the_stop_reason(gemma_server):
     """<end_of_turn> (106), an eos id of the generation config beside the tokenizer's <eos>, ends the
     answer with itself as the stop reason, as vLLM makes such ids stop tokens; <eos> ends it with none."""

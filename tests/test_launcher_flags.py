@@ -40,6 +40,7 @@ def test_vllms_speculative_config_is_n_gram_speculation(capsys):
         build("--speculative-config", ngram, "--speculative-tokens", "2")
     for bad, words in (('{"method": "eagle", "model": "x", "num_speculative_tokens": 2}', "only n-gram"),
                        ('{"method": "ngram"}', "num_speculative_tokens"),
+                       ('{"method": "ngram", "model": "org/draft", "num_speculative_tokens": 2}', "only n-gram"),
                        ('{"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}',
                         "draft_tensor_parallel_size"),
                        ("ngram", "not JSON")):

@@ -161,6 +161,14 @@ def test_bad_requests_are_400s_naming_the_field(server, body, param):
     assert r.json()["error"]["param"] == param
 
 
+def test_stop_sequences_errors_name_the_field_as_sent(server):
+    for stops, words in ((["a", "b", "c", "d", "e"], "stop_sequences must hold at most 4 strings"),
+                         (["x" * 600], "stop_sequences must hold strings of at most 512 characters")):
+        r = httpx.post(server.url + "/v1/messages", json={"model": MODEL, "max_tokens": 5, "messages": QUESTION,
+                                                          "stop_sequences": stops}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["message"] == words
+
+
 def test_an_unknown_model_is_a_404_the_sdk_raises(claude):
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(model="no-such-model", max_tokens=5, messages=QUESTION)
