@@ -4,8 +4,9 @@ in place, touching only the logits of the tokens concerned.
 Semantics as HF transformers and vLLM: the bias is added first (vLLM's logit-bias processor runs
 before its penalties, as HF's and llama.cpp's do); the repetition penalty divides the positive
 logits and multiplies the negative ones of every token seen in the prompt or the output; the
-frequency penalty subtracts penalty x count of each output token, the presence penalty subtracts
-its value once per output token seen.
+frequency penalty subtracts penalty x count of each output token (TGI's, `frequency_over_text`:
+penalty x the token's count in the prompt and output over their length), the presence penalty
+subtracts its value once per output token seen.
 """
 from __future__ import annotations
 
@@ -33,13 +34,22 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
         penalty = column([params[i].repetition_penalty for i in repeated], logits)
         logits[index] = torch.where(seen > 0, seen / penalty, seen * penalty)
     counted = [i for i, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
-    counts = [Counter(outputs[i]) for i in counted]
+    counts = [_frequencies(params[i], prompts[i], outputs[i]) for i in counted]
     if any(counts):
         ids = [list(c) for c in counts]
         values = [[params[i].frequency_penalty * n + params[i].presence_penalty for n in c.values()]
                   for i, c in zip(counted, counts)]
         logits.index_put_((device_values(counted, logits.device)[:, None], padded(ids, logits, pad=0)),
                           -padded(values, logits, pad=0.0, dtype=logits.dtype), accumulate=True)
+
+
+def _frequencies(params: SamplingParams, prompt: list[int], output: list[int]) -> dict:
+    """Each token's count in the output; TGI's (`frequency_over_text`, which takes no presence
+    penalty): its share of the prompt and output together."""
+    if not params.frequency_over_text:
+        return Counter(output)
+    text = len(prompt) + len(output)
+    return {token: n / text for token, n in Counter(prompt + output).items()}
 
 
 def bias_tensors(params: SamplingParams, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,9 @@ class SamplingParams:
     typical_p: float = 1.0  # 1 = off; else typical sampling's mass (engine/typical.py)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # TGI's frequency penalty: each token's share of the whole text so far (prompt and answer: its count
+    # over the text's length) times the penalty; else OpenAI's, its count in the answer
+    frequency_over_text: bool = False
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     # the bias as tensors, built once by the sampler (engine/penalties.py), not per step

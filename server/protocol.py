@@ -788,8 +788,9 @@ class CompletionRequest(CommonRequest):
     echo: Optional[StrictBool] = None
     best_of: Optional[Literal[1]] = None
     suffix: Optional[str] = None  # fill in the middle (server/fill_in_middle.py): the text after the answer
-    # set by TGI's routes (server/tgi_api.py): logprobs of the distribution drawn from, as TGI's
-    _logprobs_processed: bool = PrivateAttr(False)
+    # set by TGI's routes (server/tgi_api.py): sampled as TGI samples, its logprobs of the distribution
+    # drawn from and its frequency penalty over the whole text
+    _as_tgi: bool = PrivateAttr(False)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -813,7 +814,7 @@ class CompletionRequest(CommonRequest):
         max_tokens = 16 if self.max_tokens is None else 1 if self.prompt_only else self.max_tokens
         params = self.choices_sampling(self.logprobs, max_tokens)
         params.prompt_only = self.prompt_only
-        params.logprobs_processed = self._logprobs_processed
+        params.logprobs_processed = params.frequency_over_text = self._as_tgi
         params.logprobs_param = "logprobs"
         if self.echo and self.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
             score_prompt(params, self.logprobs)

@@ -209,7 +209,7 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
         seed = (secrets.randbelow(SEEDS) if p.seed is None else p.seed) if p.sampling else None
         completion = CompletionRequest.model_validate(
             body.completion_body(model, prompt, state.engine.config.max_model_len, seed, stream))
-        completion._logprobs_processed = True  # TGI's tokens' logprobs: after its processors and warpers
+        completion._as_tgi = True  # TGI's logprobs (after its processors and warpers) and frequency penalty
         full_text = compat if p.return_full_text is None else p.return_full_text
         call = TGICall(request, body, completion, full_text, seed)
         events = await call.submit()

@@ -153,6 +153,10 @@ def reference_penalties(row, params, prompt, output):
     if params.repetition_penalty != 1.0:
         r = params.repetition_penalty
         row = torch.where(seen, torch.where(row > 0, row / r, row * r), row)
+    if params.frequency_over_text:  # TGI's: the token's share of the prompt and output together
+        text = torch.tensor(prompt + output, dtype=torch.long)
+        row -= params.frequency_penalty * torch.bincount(text, minlength=row.numel()).to(row.dtype) / len(text)
+        return row
     row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
     return row
 
@@ -162,9 +166,11 @@ def test_penalties_match_a_per_row_reference(device):
     params = [SamplingParams(), SamplingParams(repetition_penalty=1.3),
               SamplingParams(frequency_penalty=0.5, presence_penalty=-0.7),
               SamplingParams(repetition_penalty=0.8, frequency_penalty=-1.0, logit_bias={3: 5.0, 499: -100.0}),
-              SamplingParams(presence_penalty=2.0), SamplingParams(logit_bias={0: 1.5})]
-    prompts = [[1, 2, 2, 3], [4, 4, 9, 300], [7], [3, 5, 8, 13, 3], [11, 12], [0]]
-    outputs = [[5, 6], [9, 9, 9, 17, 450], [7, 7, 8, 8, 8, 200], [], [21, 21, 22], []]
+              SamplingParams(presence_penalty=2.0), SamplingParams(logit_bias={0: 1.5}),
+              SamplingParams(frequency_penalty=1.5, frequency_over_text=True),
+              SamplingParams(frequency_penalty=-0.5, repetition_penalty=1.2, frequency_over_text=True)]
+    prompts = [[1, 2, 2, 3], [4, 4, 9, 300], [7], [3, 5, 8, 13, 3], [11, 12], [0], [7, 7, 30, 2], [9, 9]]
+    outputs = [[5, 6], [9, 9, 9, 17, 450], [7, 7, 8, 8, 8, 200], [], [21, 21, 22], [], [7, 31, 31], []]
     logits = torch.randn(len(params), VOCAB, generator=gen) * 4
     adjusted = logits.to(device, copy=True)
     apply_penalties(adjusted, params, prompts, outputs)

@@ -189,6 +189,29 @@ def test_a_sampled_answers_logprobs_are_of_the_distribution_it_was_drawn_from(se
     assert chosen["logprob"] == pytest.approx(next(t["logprob"] for t in top if t["id"] == chosen["id"]), abs=1e-5)
 
 
+def test_the_frequency_penalty_is_tgis_a_tokens_share_of_the_whole_text(server):
+    """TGI's frequency penalty subtracts penalty x (a token's count in prompt and answer / their
+    length), prompt included: the first token's logprobs move apart by exactly that."""
+    text = "red red red blue red red green red"
+    raw = _post(server, "/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 1, "temperature": 0,
+                                            "logprobs": 8, "return_tokens_as_token_ids": True}).json()
+    raw = {int(name.removeprefix("token_id:")): value
+           for name, value in raw["choices"][0]["logprobs"]["top_logprobs"][0].items()}
+    r = _post(server, "/generate", {"inputs": text, "parameters": {
+        "max_new_tokens": 1, "frequency_penalty": 1.5, "top_n_tokens": 8, "details": True,
+        "decoder_input_details": True}})
+    assert r.status_code == 200, r.text
+    d = r.json()["details"]
+    prompt = [t["id"] for t in d["prefill"]]
+    share = {t: prompt.count(t) / len(prompt) for t in raw}
+    penalized = {t["id"]: t["logprob"] for t in d["top_tokens"][0] if t["id"] in raw}
+    assert any(share[t] > 0 for t in penalized) and len({share[t] for t in penalized}) > 1, (share, penalized)
+    first = next(iter(penalized))
+    for token, value in penalized.items():
+        expected = (raw[token] - 1.5 * share[token]) - (raw[first] - 1.5 * share[first])
+        assert value - penalized[first] == pytest.approx(expected, abs=2e-3)
+
+
 @pytest.mark.parametrize("body, param", [
     ({"inputs": ""}, "inputs"),
     ({"inputs": 5}, "inputs"),
