@@ -16,8 +16,10 @@ import json
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from server.errors import error_body
+from server.request_id import HEADER, request_id
 
 
 def with_timeouts(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
@@ -76,7 +78,11 @@ def with_timeouts(header_timeout: float, body_timeout: float) -> type[H11Protoco
             body = b"" if cycle.scope["method"] == "HEAD" else \
                 json.dumps(error_body(408, message, code="request_timeout")).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"connection", b"close")]
+                       (b"connection", b"close"), (HEADER, request_id(cycle.scope["headers"]))]
+            if self.access_log:  # (the line uvicorn writes for an answer, through the same filters)
+                self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(cycle.scope),
+                                        cycle.scope["method"], get_path_with_query_string(cycle.scope),
+                                        cycle.scope["http_version"], 408)
             cycle.response_started = True
             try:
                 for event in (h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),

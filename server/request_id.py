@@ -16,6 +16,13 @@ def client_request_id(headers) -> str | None:
     return given if given is not None and _USABLE.fullmatch(given.encode("latin-1")) else None
 
 
+def request_id(headers) -> bytes:
+    """The id an answer carries: the client's x-request-id where usable, else a fresh one (ASGI's
+    header pairs)."""
+    given = dict(headers).get(HEADER)
+    return given if given is not None and _USABLE.fullmatch(given) else b"req_" + uuid.uuid4().hex.encode()
+
+
 class RequestIdHeader:
     def __init__(self, app):
         self.app = app
@@ -23,12 +30,11 @@ class RequestIdHeader:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(HEADER)
-        request_id = given if given is not None and _USABLE.fullmatch(given) else b"req_" + uuid.uuid4().hex.encode()
+        stamp = request_id(scope["headers"])
 
         async def stamped(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), (HEADER, request_id)]}
+                message = {**message, "headers": [*message.get("headers", ()), (HEADER, stamp)]}
             await send(message)
 
         await self.app(scope, receive, stamped)

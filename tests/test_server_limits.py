@@ -84,7 +84,7 @@ def test_a_body_that_stops_coming_is_answered_408_and_closed(server):
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        s.sendall(head + body[:5])  # and never the rest
+        s.sendall(head.replace(b"Host: x", b"Host: x\r\nx-request-id: stalled-408") + body[:5])  # never the rest
         t = time.monotonic()
         answer = b""
         while chunk := s.recv(65536):  # until the server closes it
@@ -93,6 +93,8 @@ def test_a_body_that_stops_coming_is_answered_408_and_closed(server):
     status, _, payload = answer.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 408"), answer
     assert json.loads(payload)["error"]["code"] == "request_timeout"
+    assert b"\r\nx-request-id: stalled-408" in status  # (the client's id, as every answer carries it)
+    assert '"POST /v1/completions HTTP/1.1" 408' in server.log_tail(200)  # its access-log line
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
         s.sendall(head)
         for i in range(0, len(body), len(body) // 4 + 1):  # 4 s in all, 1 s between reads
