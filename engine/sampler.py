@@ -48,8 +48,6 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     _mask_outside(logits, rows, "listed")
     apply_penalties(logits, params, [r.prompt_ids for r in rows], [r.output_ids for r in rows])
     _mask_refused(logits, rows)
-    if raw is not None:
-        _process_logprob_rows(raw, logits, params)
     best = logits.max(dim=-1)  # argmax's result (first maximum; NaN wins), 2-3x faster on the CPU
     # a row's maximum is NaN where any logit is and +inf where one is (penalties and bias keep both)
     finite = torch.isfinite(best.values)
@@ -58,6 +56,8 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     typical = [i for i in drawn if params[i].typical_p < 1.0]
     if typical:  # every filter, typical sampling's last, over the whole vocabulary; then drawn unfiltered
         put_rows(logits, typical, mask_filtered(take_rows(logits, typical), *_settings(params, typical)))
+    if raw is not None:  # (the typical rows' logits are filtered by now)
+        _process_logprob_rows(raw, logits, params, set(typical))
     if drawn:
         plain = set(typical)
         put_rows(tokens, drawn, draw(take_rows(logits, drawn), [params[i].temperature for i in drawn],
@@ -118,16 +118,18 @@ def _mask_refused(logits: torch.Tensor, rows: list[SampleRow]) -> None:
 LOWEST_LOGPROB = -9999.0  # vLLM's floor: -inf (a token the model rules out) is no JSON number
 
 
-def _process_logprob_rows(raw: torch.Tensor, logits: torch.Tensor, params: list[SamplingParams]) -> None:
+def _process_logprob_rows(raw: torch.Tensor, logits: torch.Tensor, params: list[SamplingParams],
+                          filtered_already: set[int]) -> None:
     """`raw`'s rows that ask for processed logprobs replaced by the logits their token is drawn from:
     penalized, and for a sampled row scaled by its temperature, with -inf outside what its filters
-    keep (a greedy row's are its penalized logits, as TGI's with no warper)."""
+    keep (a greedy row's are its penalized logits, as TGI's with no warper). `filtered_already`: rows
+    whose `logits` the filters have masked (the typical ones)."""
     rows = [i for i, p in enumerate(params) if p.logprobs is not None and p.logprobs_processed]
     if not rows:
         return
     processed = take_rows(logits, rows).clone()
     drawn = [params[i].temperature >= SAMPLING_EPS for i in rows]
-    filtered = [j for j, i in enumerate(rows) if drawn[j] and (
+    filtered = [j for j, i in enumerate(rows) if drawn[j] and i not in filtered_already and (
         params[i].top_k or params[i].top_p < 1.0 or params[i].min_p > 0.0 or params[i].typical_p < 1.0)]
     if filtered:
         put_rows(processed, filtered, mask_filtered(take_rows(processed, filtered),

@@ -230,6 +230,27 @@ def test_processed_logprobs_are_of_the_distribution_drawn_from_and_other_rows_ke
     assert [v for _, v in out[4].top_logprobs] == pytest.approx(model.topk(3).values.tolist(), abs=1e-5)
 
 
+def test_a_typical_rows_processed_logprobs_are_of_its_typical_set(device):
+    """Typical sampling's rows are filtered once, for the draw: their processed logprobs are of that
+    set (the tokens nearest the entropy whose mass reaches typical_p), renormalized at the temperature."""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, VOCAB, generator=gen) * 3
+    rows = [SampleRow(SamplingParams(temperature=t, typical_p=0.6, logprobs=VOCAB // 2, logprobs_processed=True),
+                      [1], [], 0.4) for t in (0.8, 1.2)]
+    out = sample(logits.to(device, copy=True), rows)
+    for i, t in enumerate((0.8, 1.2)):
+        log_p = torch.log_softmax(logits[i].double() / t, dim=-1)
+        nearness = (-log_p - -(log_p.exp() * log_p).sum()).abs()
+        order = nearness.argsort()
+        mass = log_p.exp()[order].cumsum(0)
+        kept = order[:int((mass < 0.6).sum()) + 1]
+        expected = torch.full_like(log_p, -9999.0)
+        expected[kept] = log_p[kept] - torch.logsumexp(log_p[kept], 0)
+        assert out[i].logprob == pytest.approx(expected[out[i].token_id].item(), abs=1e-4)
+        assert [v for _, v in out[i].top_logprobs] == pytest.approx(
+            expected.topk(len(out[i].top_logprobs)).values.tolist(), abs=1e-4)
+
+
 def test_refused_tokens_are_never_picked_and_other_rows_keep_theirs(device):
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(3, VOCAB, generator=gen) * 3
