@@ -20,6 +20,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15
 RATIO_BUCKETS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 THROUGHPUT_WINDOW_S = 10.0
+FINISHED_REASONS = ("stop", "length", "abort", "error")
 
 
 class EngineCollector:
@@ -93,6 +94,8 @@ class Metrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes & co. (Linux /proc)
         self.request_success = Counter(P + "request_success", "Finished requests by finish reason.",
                                        ["finished_reason"], registry=r)
+        for reason in FINISHED_REASONS:  # exported at 0 from the start: `increase` sees the first of each
+            self.request_success.labels(finished_reason=reason)
         self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token.",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(P + "inter_token_latency_seconds", "Time between tokens of one choice.",

@@ -54,3 +54,18 @@ def test_prometheus_scrapes_the_port_the_image_listens_on():
     (job,) = prometheus["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == [f"skipserve:{env['SKIPSERVE_PORT']}"]
+
+
+def test_compose_mounts_the_alert_rules_beside_the_prometheus_config_and_pins_its_images():
+    """prometheus.yml names its rule files relative to itself (/etc/prometheus in the container),
+    so each must be mounted there; the images are pinned to a version, not `latest`."""
+    services = compose("docker-compose.yml")["services"]
+    mounts = dict(v.removesuffix(":ro").split(":") for v in services["prometheus"]["volumes"])
+    config = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"]
+    for name in config["rule_files"]:
+        assert mounts[f"./prometheus/{name}"] == f"/etc/prometheus/{name}"
+        assert (ROOT / "docker" / "prometheus" / name).is_file()
+    for service in ("prometheus", "grafana"):
+        image, _, tag = services[service]["image"].partition(":")
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), services[service]["image"]

@@ -2,6 +2,7 @@
 queries checked against what the server really exports."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -12,11 +13,13 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, cuda_available, free_port
+from tests.conftest import ROOT, ServerProcess, cuda_available, free_port
 
 MODEL = "smollm2-135m-instruct"
 DASHBOARD = ROOT / "docker/grafana/dashboards/skipserve.json"
 DATASOURCE = ROOT / "docker/grafana/provisioning/datasources/prometheus.yml"
+ALERTS = ROOT / "docker/prometheus/alerts.yml"
+ALERT_TESTS = ROOT / "docker/prometheus/alerts_test.yml"
 
 
 def exported_names(server) -> set[str]:
@@ -93,18 +96,15 @@ def test_promtool_accepts_the_compose_prometheus_config():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.fixture
-def prometheus(server, tmp_path):
+@contextlib.contextmanager
+def running_prometheus(config: dict, tmp_path):
+    """Debian's real Prometheus on a free port, with `config`; -> its URL once it is ready."""
     promtool()
-    binary = shutil.which("prometheus")
     port = free_port()
-    host_port = server.url.removeprefix("http://")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "skipserve", "static_configs": [{"targets": [host_port]}]}]}))
-    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([shutil.which("prometheus"), f"--config.file={path}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -114,9 +114,20 @@ def prometheus(server, tmp_path):
                 break
         except httpx.HTTPError:
             time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def prometheus(server, tmp_path):
+    host_port = server.url.removeprefix("http://")
+    with running_prometheus({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "skipserve", "static_configs": [{"targets": [host_port]}]}]}, tmp_path) as url:
+        yield url
 
 
 def query(prom: str, expr: str) -> float:
@@ -158,3 +169,59 @@ def test_prometheus_reads_zero_skip_for_dense_and_nonzero_for_skipping(prometheu
     skip_rate = (after_skip[0] - after_dense[0]) / (after_skip[1] - after_dense[1])
     assert dense_rate == 0.0
     assert 0.0 < skip_rate <= 0.3
+
+
+def test_a_fresh_server_exports_every_finish_reason_at_zero():
+    """Each `request_success_total{finished_reason}` is there at 0 before the first request ends so:
+    `increase` (the dashboard, SkipserveServerErrors) sees the first error, which a series born at 1
+    would hide."""
+    srv = ServerProcess("--max-model-len", "256")
+    try:
+        assert {r: srv.metric("request_success_total", f'{{finished_reason="{r}"}}')
+                for r in ("stop", "length", "abort", "error")} == dict.fromkeys(("stop", "length", "abort", "error"), 0.0)
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2,
+                                                          "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert srv.metric("request_success_total", '{finished_reason="length"}') == 1.0
+    finally:
+        srv.stop()
+
+
+def alert_names() -> list[str]:
+    return [rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+
+
+def test_promtool_passes_the_alert_rules_and_their_unit_tests():
+    """`promtool test rules` on docker/prometheus/alerts_test.yml, which holds, for every alert, a
+    made-up series it fires on and a time or series it stays quiet at."""
+    r = subprocess.run([promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cases = [case for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for case in test["alert_rule_test"]]
+    fired = {c["alertname"] for c in cases if c["exp_alerts"]}
+    quiet = {c["alertname"] for c in cases if not c["exp_alerts"]}
+    assert sorted(fired) == sorted(quiet) == sorted(alert_names())
+    r = subprocess.run([promtool(), "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_alert_rules_run_on_prometheus_and_a_dead_target_goes_pending(server, tmp_path):
+    """The compose file's rules on the real Prometheus, scraping the real server and a port nothing
+    listens on: every rule evaluates without error, and SkipserveDown is pending (its `for` is a
+    minute) for the dead target alone."""
+    dead = f"127.0.0.1:{free_port()}"
+    live = server.url.removeprefix("http://")
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(ALERTS)],
+              "scrape_configs": [{"job_name": "skipserve", "static_configs": [{"targets": [live, dead]}]}]}
+    with running_prometheus(config, tmp_path) as prom:
+        deadline = time.monotonic() + 30
+        while True:
+            groups = httpx.get(prom + "/api/v1/rules").json()["data"]["groups"]
+            rules = [rule for group in groups for rule in group["rules"]]
+            alerts = httpx.get(prom + "/api/v1/alerts").json()["data"]["alerts"]
+            if alerts or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert sorted(rule["name"] for rule in rules) == sorted(alert_names())
+        assert [(rule["name"], rule["lastError"]) for rule in rules if rule["health"] != "ok"] == []
+        assert [(a["labels"]["alertname"], a["labels"]["instance"], a["state"]) for a in alerts] == \
+            [("SkipserveDown", dead, "pending")]
