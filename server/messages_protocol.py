@@ -165,6 +165,16 @@ class CountTokensRequest(RequestBody):
     workspace_id: Optional[str] = None
     user_profile_id: Optional[str] = None
 
+    @model_validator(mode="after")
+    def _contents_given(self):
+        """Every message says something but a final assistant one (an empty prefill), as Anthropic's
+        API requires: an empty user turn or `content: []` is a 400 there, and one here."""
+        for i, message in enumerate(self.messages):
+            if not message.content and not (0 < i == len(self.messages) - 1 and message.role == "assistant"):
+                raise InvalidParamError(f"messages.{i}: all messages must have non-empty content except for the "
+                                        "optional final assistant message", f"messages.{i}.content")
+        return self
+
     def chat_body(self, effort_read: bool = False) -> dict:
         """The chat request's fields this request makes (`effort_read`: the chat template reads a
         reasoning effort)."""
@@ -172,10 +182,13 @@ class CountTokensRequest(RequestBody):
         if self.system:
             text = self.system if isinstance(self.system, str) else "\n".join(b.text for b in self.system)
             messages.append({"role": "system", "content": text})
-        for message in self.messages:
+        given = self.messages
+        if given[-1].role == "assistant" and not given[-1].content:  # an empty prefill: a plain answer
+            given = given[:-1]
+        for message in given:
             messages += message.chat_messages()
         body: dict[str, Any] = {"model": self.model, "messages": messages}
-        if self.messages[-1].role == "assistant":  # a prefill: the answer continues it, as Claude's does
+        if given[-1].role == "assistant":  # a prefill: the answer continues it, as Claude's does
             body["continue_final_message"] = True
         if self.tools:
             body["tools"] = [{"type": "function", "function": {

@@ -146,6 +146,10 @@ def test_an_output_format_holds_the_text_to_its_schema_and_taken_hints_change_no
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]},
      "messages.0.content"),
     ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": []}]}, "messages.0.content"),
+    ({"max_tokens": 5, "messages": [{"role": "assistant", "content": ""}]}, "messages.0.content"),
+    ({"max_tokens": 5, "messages": [*QUESTION, {"role": "assistant", "content": ""},
+                                    {"role": "user", "content": "And?"}]}, "messages.1.content"),
     ({"max_tokens": 5, "messages": QUESTION, "tool_choice": {"type": "tool"}, "tools": [PAINT]}, "tool_choice.name"),
     ({"max_tokens": 5, "messages": QUESTION, "tools": [{"name": "web_search", "type": "web_search_20250305"}]},
      "tools.0"),
@@ -159,6 +163,18 @@ def test_bad_requests_are_400s_naming_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/messages", json={"model": MODEL, **body}, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_only_a_final_assistant_message_may_be_empty(server):
+    """As Anthropic's API: an empty prefill is taken (on count_tokens too), an empty turn elsewhere is not."""
+    for path, more in (("/v1/messages", {"max_tokens": 2}), ("/v1/messages/count_tokens", {})):
+        empty_prefill = {"model": MODEL, **more, "messages": [*QUESTION, {"role": "assistant", "content": []}]}
+        r = httpx.post(server.url + path, json=empty_prefill, timeout=60)
+        assert r.status_code == 200, r.text
+        r = httpx.post(server.url + path, json={"model": MODEL, **more, "messages": [
+            {"role": "user", "content": ""}, {"role": "assistant", "content": "Hi"}]}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["message"] == \
+            "messages.0: all messages must have non-empty content except for the optional final assistant message"
 
 
 def test_stop_sequences_errors_name_the_field_as_sent(server):
