@@ -760,8 +760,14 @@ class ChatCompletionRequest(ChatTemplating, ChatTools, CommonRequest, ClientHint
 Texts = Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
 
 
+TEXTS_TAKEN = "{} must be a string, a list of token ids, a list of strings or a list of token id lists"
+
+
 def check_texts_shape(value, param: str):
-    """An empty or mixed batch is a 400 saying so (not a union's "should be a valid string")."""
+    """An empty or mixed batch, or a value of no shape taken (an object, a number), is a 400 saying
+    what is taken (not a union's "should be a valid string")."""
+    if not isinstance(value, (str, list)):
+        raise InvalidParamError(TEXTS_TAKEN.format(param), param)
     if isinstance(value, list):  # (the types gathered in C: a prompt may be a million token ids)
         kinds = set(map(type, value))
         lists = [p for p in value if type(p) is list] if list in kinds else []
@@ -769,8 +775,7 @@ def check_texts_shape(value, param: str):
             raise InvalidParamError(f"{param} must not be empty", param)
         inner = set(itertools.chain.from_iterable(map(type, p) for p in lists))
         if len(kinds) > 1 or kinds - {int, str, list} or inner - {int}:
-            raise InvalidParamError(f"{param} must be a string, a list of token ids, a list of strings or a "
-                                    "list of token id lists", param)
+            raise InvalidParamError(TEXTS_TAKEN.format(param), param)
     return value
 
 

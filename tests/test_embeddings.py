@@ -184,6 +184,16 @@ def test_bad_input_is_an_openai_error(server, body, status, param):
     assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("path, field", [("/v1/embeddings", "input"), ("/v1/completions", "prompt")])
+@pytest.mark.parametrize("value", [{"a": 1}, 7, None])
+def test_an_input_of_no_shape_taken_says_what_is_taken(server, path, field, value):
+    r = httpx.post(server.url + path, json={"model": MODEL, field: value}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": f"{field} must be a string, a list of token ids, a list of strings or a "
+                                 "list of token id lists", "type": "invalid_request_error", "param": field,
+                                 "code": None}
+
+
 def test_the_sdk_raises_a_bad_request_for_an_empty_input(client):
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=MODEL, input="")
