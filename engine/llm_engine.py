@@ -86,10 +86,20 @@ class LLMEngine:
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> int:
         """Validate lengths; return the effective max_tokens: the request's (refused where it would
-        not fit), else the room left, within the server's cap (which refuses nothing)."""
+        not fit), else the room left, within the server's cap (which refuses nothing). A prompt-only
+        request makes no token: its prompt may fill the context."""
+        if params.prompt_only:
+            self._check_length(prompt_ids, param, "prompt", reserve=0)
+            return 1
         room = self.max_model_len - self._check_length(prompt_ids, param, "prompt", reserve=1)
         asked = self._asked_tokens(prompt_ids, params, room)
-        return asked if params.max_tokens_cap is None else min(asked, params.max_tokens_cap)
+        most = asked if params.max_tokens_cap is None else min(asked, params.max_tokens_cap)
+        if params.min_tokens > most:  # (one above a given max_tokens is refused by params.validate)
+            where = (f"the room after the prompt's {len(prompt_ids)} tokens in this model's {self.max_model_len}-token "
+                     "context" if most == room else "the server's cap on an answer (its generation config)")
+            raise InvalidParamError(f"min_tokens ({params.min_tokens}) must be at most {most}, {where}", "min_tokens",
+                                    CONTEXT_LENGTH_EXCEEDED if most == room else None)
+        return most
 
     def _asked_tokens(self, prompt_ids: list[int], params: SamplingParams, room: int) -> int:
         if params.max_tokens is None:

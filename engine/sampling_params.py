@@ -115,7 +115,7 @@ class SamplingParams:
               f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 2]")
         check(self.min_tokens >= 0, "min_tokens", "min_tokens must be at least 0")
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-              f"min_tokens must be at most {self.max_tokens_param}")
+              f"min_tokens ({self.min_tokens}) must be at most {self.max_tokens_param} ({self.max_tokens})")
         check(all(0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
               "stop_token_ids must be token ids of the vocabulary")
         check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",

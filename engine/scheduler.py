@@ -168,7 +168,7 @@ class Scheduler:
         where the prefill ends a block, else none. Admitted with them, it is not preempted at once;
         asking one more than that, a prompt that fits the context but ends within the cache's last
         block could never be admitted, and would hold up every request behind it."""
-        if not seq.makes_tokens:
+        if not seq.makes_tokens or seq.params.prompt_only:  # (a prompt-only one ends with its prefill)
             return 0
         size = self.blocks.block_size
         return blocks_for(seq.prefill_len + 1, size) - blocks_for(seq.prefill_len, size)

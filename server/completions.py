@@ -190,7 +190,7 @@ class CompletionCall:
         """`truncate_prompt_tokens` applied; an echoed prompt that was cut is echoed as it was given to
         the model (its logprobs are the kept tokens')."""
         cut = truncated(prompts, self.body.truncate_prompt_tokens, self.state.engine.config.max_model_len, reserve,
-                        self.body.truncation_side)
+                        self.body.truncation_side, self.state.max_input_tokens)
         if not self.chat and self.body.echo:
             tokenizer = ready_tokenizer(self.state)
             for i, (before, after) in enumerate(zip(prompts, cut)):

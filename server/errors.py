@@ -36,7 +36,9 @@ def named_in(message: str, param: str | None, theirs: str | None) -> str:
     a native API's spelling; TGI's `parameters.` prefix left out of the words)."""
     if param is None or theirs is None or theirs == param:
         return message
-    return re.sub(rf"\b{re.escape(param)}\b", theirs.removeprefix("parameters."), message)
+    name = theirs.removeprefix("parameters.")
+    message = re.sub(rf"\bthe {re.escape(param)} (?:has|is)\b", f"`{name}` holds", message)  # ("the inputs has")
+    return re.sub(rf"\b{re.escape(param)}\b", name, message)
 
 
 @contextmanager

@@ -22,8 +22,8 @@ from fastapi.responses import Response
 from engine.async_engine import EngineShutdownError, GenerationError
 from server.completions import chat_logprobs
 from server.errors import APIError
-from server.generation import (EventStream, Usage, check_reasoning_effort, consume, encode_chat, ready_tokenizer,
-                               served_model, stopped, submit)
+from server.generation import (EventStream, Usage, check_reasoning_effort, consume, encode_chat, prompt_limit,
+                               ready_tokenizer, served_model, stopped, submit)
 from server.reasoning import Reasoning, request_reasoning, split_output
 from server.responses_protocol import ResponsesRequest, new_id
 from server.tool_calls import whole_arguments
@@ -113,7 +113,7 @@ class ResponseCall:
         messages = self.earlier + self.given
         prompt_ids = await encode_chat(state, instructions + messages, body.tool_use, body.chat_options)
         sampling = body.tool_use.show_tags(sampling)
-        limit = state.engine.config.max_model_len - (body.max_output_tokens or 1)
+        limit = prompt_limit(state, body.max_output_tokens or 1)
         if body.truncation == "auto" and len(prompt_ids) > limit:
             prompt_ids = await self.latest_turns(instructions, messages, limit)
         self.reasoning, sampling = await request_reasoning(state.reasoning_parser, sampling, self.tokenizer, prompt_ids)

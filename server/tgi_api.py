@@ -199,6 +199,10 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
     with named_as_sent(tgi_param):  # errors name the field as the client sent it
         body.check(stream)
         p = body.parameters
+        most = max_input_tokens(state)
+        if p.truncate is not None and p.truncate > most:  # (as TGI's validation refuses it)
+            raise InvalidParamError(f"truncate must be at most {most}, the server's max_input_tokens; got "
+                                    f"{p.truncate}", "parameters.truncate")
         served_model(state, body.model)
         if p.adapter_id not in (None, "") and p.adapter_id not in state.model_names:
             raise InvalidParamError(f"adapter_id '{p.adapter_id}' is not served here (this server serves "
@@ -242,6 +246,11 @@ async def compat_generate(body: GenerateRequest, request: Request):
     return await _serve(request, body, stream=body.stream, compat=True)
 
 
+def max_input_tokens(state) -> int:
+    """The longest prompt a generating request may have, as TGI's /info reports it."""
+    return state.max_input_tokens or state.engine.config.max_model_len - 1
+
+
 @router.get("/info")
 async def info(request: Request):
     """TGI's served-model info, as far as it holds here."""
@@ -250,7 +259,7 @@ async def info(request: Request):
     return {"model_id": state.served_names[0], "model_sha": None, "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": state.engine.capacity, "max_best_of": MAX_BEST_OF,
             "max_stop_sequences": MAX_STOP_SEQUENCES,
-            "max_input_tokens": state.max_input_tokens or config.max_model_len - 1,
+            "max_input_tokens": max_input_tokens(state),
             "max_total_tokens": config.max_model_len, "validation_workers": 1, "max_client_batch_size": 1,
             "router": "skipserve", "version": __version__, "sha": None, "docker_label": None}
 
@@ -291,7 +300,7 @@ async def chat_tokenize(body: ChatTokenizeRequest, request: Request):
                                        body.chat_options)
     reserve = body.max_completion_tokens or body.max_tokens or 1  # (as the chat route cuts its prompt)
     (spans,) = truncated([spans], body.truncate_prompt_tokens, state.engine.config.max_model_len, reserve,
-                         body.truncation_side)  # the tokens kept, their spans still in the whole text
+                         body.truncation_side, state.max_input_tokens)  # the tokens kept, their spans still in the whole text
     return {"tokenize_response": await asyncio.to_thread(tgi_tokens, text, spans), "templated_text": text}
 
 

@@ -411,6 +411,7 @@ def test_max_input_tokens_caps_a_generating_requests_prompt():
         r = _post(srv, "/generate", {"inputs": long, "parameters": {"max_new_tokens": 2}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "inputs"
         assert r.json()["error"]["code"] == "context_length_exceeded" and "--max-input-tokens 12" in r.text
+        assert r.json()["error"]["message"].startswith("`inputs` holds 14 tokens")  # (it read "the inputs is")
         chat = _post(srv, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
                                                    "messages": [{"role": "user", "content": "Hi"}]})
         assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"  # the template's tokens count
@@ -418,6 +419,8 @@ def test_max_input_tokens_caps_a_generating_requests_prompt():
         assert ok.status_code == 200, ok.text
         cut = _post(srv, "/generate", {"inputs": long, "parameters": {"max_new_tokens": 2, "truncate": 12}})
         assert cut.status_code == 200, cut.text  # truncated to the cap first, as TGI's truncate serves it
+        over = _post(srv, "/generate", {"inputs": long, "parameters": {"max_new_tokens": 2, "truncate": 13}})
+        assert over.status_code == 400 and over.json()["error"]["param"] == "parameters.truncate", over.text
         info = httpx.get(srv.url + "/info", timeout=30).json()
         assert (info["max_input_tokens"], info["max_total_tokens"]) == (12, 256)
     finally:
