@@ -83,11 +83,21 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None, scope: dict | None = None) -> JSONResponse:
-    """The envelope as a response; `scope`: the request's (TGI's routes get its `error_type` too)."""
+    """The envelope as a response; `scope`: the request's (TGI's routes get its `error_type` too;
+    Anthropic's Messages routes its top-level `"type": "error"` and its error types)."""
     body = error_body(status, message, param, code)
     if scope is not None and is_tgi(scope) and tgi_error_type(status):
         body["error_type"] = tgi_error_type(status)
+    if scope is not None and scope.get("path", "").startswith("/v1/messages"):
+        body = {"type": "error", "error": {**body["error"], "type": ANTHROPIC_ERROR_TYPES.get(status, "api_error")}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+# the `anthropic` SDK's error types (an error's `.type`) by status
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                         413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                         503: "overloaded_error", 504: "timeout_error"}
 
 
 # TGI's native routes (server/tgi_api.py; /invocations with TGI's body marks its scope): its clients
@@ -116,19 +126,58 @@ def _answer(request: Request, status: int, message: str, param: str | None = Non
     return error_response(status, message, param, code, headers, request.scope)
 
 
-def telling_error(errors: list[dict]) -> dict:
-    """The validation error to answer with: the first, except that a field this server does not take
-    comes before a required one missing (a field sent under another API's name: that name is the news)."""
-    if errors[0].get("type") == "missing":
+NO_BODY = object()  # (a location read without the request's JSON: its union markers dropped by their look)
+
+
+def _union_marker(part, last: bool) -> bool:
+    """A part of a location that names a union's branch, not a field: 'str', 'list[int]', a validator's
+    'function-...', or (not last) a model's class name ('NamedToolChoice')."""
+    text = str(part)
+    return (text in {"str", "int", "float", "bool"} or "[" in text or text.startswith("function-")
+            or (not last and isinstance(part, str) and text[:1].isupper() and text.isidentifier()))
+
+
+def field_path(err: dict, body=NO_BODY) -> list[str]:
+    """The fields and indices an error's location names, as the client sent them: read against the
+    request's JSON `body` where given (a union's branch names and a tagged union's tags, which are no
+    keys of what was sent, left out; a missing field's name kept), else by their look."""
+    loc = list(err.get("loc", ()))
+    if loc[:1] in (["query"], ["path"]):
+        body = NO_BODY
+    loc = loc[1:] if loc[:1] in (["body"], ["query"], ["path"]) else loc
+    if body is NO_BODY:
+        return [str(p) for i, p in enumerate(loc) if not _union_marker(p, i == len(loc) - 1)]
+    node, path = body, []
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and -len(node) <= part < len(node):
+            node = node[part]
+        elif not (i == len(loc) - 1 and err.get("type") == "missing"):
+            continue  # a branch or a tag
+        path.append(str(part))
+    return path
+
+
+def telling_error(errors: list[dict], body=NO_BODY) -> dict:
+    """The validation error to answer with: the first, except that
+    - where a value matched none of a union's shapes, the error from inside the shape that went
+      deepest into it ("messages.1.content.0.input should be a valid dictionary", not "content should
+      be a valid string" of the string shape, when a list of blocks was sent);
+    - a field this server does not take comes before a required one missing (a field sent under
+      another API's name: that name is the news)."""
+    paths = [field_path(e, body) for e in errors]
+    within = [(len(p), i) for i, p in enumerate(paths) if p[:len(paths[0])] == paths[0]]
+    deepest = max(within)[0]
+    if deepest > len(paths[0]):
+        errors = [errors[i] for depth, i in within if depth == deepest]
+    if errors[0].get("type") == "missing" or deepest > len(paths[0]):
         return next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
     return errors[0]
 
 
-def validation_message(err: dict) -> tuple[str, str | None]:
-    loc = [str(p) for p in err.get("loc", ())]
-    loc = loc[1:] if loc[:1] in (["body"], ["query"], ["path"]) else loc  # where the field was sent
-    # drop pydantic's union-branch markers such as 'str' or 'list[int]'
-    path = [p for p in loc if not (p in {"str", "int", "float"} or "[" in p or p.startswith("function-"))]
+def validation_message(err: dict, body=NO_BODY) -> tuple[str, str | None]:
+    path = field_path(err, body)
     param = ".".join(path) or None
     kind = err.get("type", "")
     cause = (err.get("ctx") or {}).get("error")
@@ -186,7 +235,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        message, param = validation_message(telling_error(errors)) if errors else ("invalid request", None)
+        body = exc.body if isinstance(exc.body, (dict, list)) else NO_BODY
+        message, param = validation_message(telling_error(errors, body), body) if errors else ("invalid request", None)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if param is None and kind and kind != "application/json" and not kind.endswith("+json"):
             # FastAPI reads only JSON content types as JSON (curl's -d alone sends a form's type); not

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
 from engine.sampling_params import InvalidParamError
-from server.errors import validation_message
+from server.errors import telling_error, validation_message
 from server.protocol import ChatCompletionRequest, FFNSkip, RequestBody, Strict, null_only
 
 READ_ONLY_TEXT = ("image", "document", "search_result", "container_upload")  # blocks a text model cannot read
@@ -33,11 +33,22 @@ class ToolUseBlock(Strict):
     toolset_name: Optional[str] = None
 
 
+def refuse_unread_blocks(value):
+    """A list of content blocks with one this text model cannot read (an image, a document, ...): a
+    400 saying so, naming the block (its index; the field's path is the caller's)."""
+    for i, block in enumerate(value if isinstance(value, list) else []):
+        if isinstance(block, dict) and block.get("type") in READ_ONLY_TEXT:
+            raise InvalidParamError(f"content.{i}: {block['type']} blocks are not supported: this model reads text only")
+    return value
+
+
 class ToolResultBlock(Strict):
     type: Literal["tool_result"]
     tool_use_id: str
     content: Union[str, list[TextBlock], None] = None
     is_error: Optional[StrictBool] = None
+
+    _text_only = field_validator("content", mode="before")(refuse_unread_blocks)
     cache_control: Any = None
     toolset_name: Optional[str] = None
 
@@ -66,14 +77,7 @@ class Message(Strict):
     role: Literal["user", "assistant"]
     content: Union[str, list[Block]]
 
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_only(cls, value):
-        for i, block in enumerate(value if isinstance(value, list) else []):
-            if isinstance(block, dict) and block.get("type") in READ_ONLY_TEXT:
-                raise InvalidParamError(f"content.{i}: {block['type']} blocks are not supported: this model reads "
-                                        "text only")
-        return value
+    _text_only = field_validator("content", mode="before")(refuse_unread_blocks)
 
     def chat_messages(self) -> list[dict]:
         """This message as chat messages: a user turn's tool results first, each a tool message, then
@@ -220,7 +224,7 @@ class CountTokensRequest(RequestBody):
         try:
             return ChatCompletionRequest.model_validate(self.chat_body(effort_read) | more)
         except ValidationError as exc:  # (a 400 naming the chat field, never a 500)
-            message, param = validation_message(exc.errors()[0])
+            message, param = validation_message(telling_error(exc.errors()))
             raise InvalidParamError(message, param) from None
 
 

@@ -1,12 +1,15 @@
 """`x-request-id` on every answer, as OpenAI sends it (the `openai` SDK shows it as a response's
 `_request_id` and an error's `request_id`): the client's own where it sent a usable one (as vLLM's
-`--enable-request-id-headers` echoes it), else a fresh `req_...`. A plain ASGI middleware."""
+`--enable-request-id-headers` echoes it), else a fresh `req_...`; on Anthropic's Messages routes
+also as `request-id`, the header the `anthropic` SDK reads (its `_request_id`, an error's
+`request_id`). A plain ASGI middleware."""
 from __future__ import annotations
 
 import re
 import uuid
 
 HEADER = b"x-request-id"
+ANTHROPIC_HEADER = b"request-id"
 _USABLE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")  # what goes back into a header and a log as it is
 
 
@@ -31,10 +34,13 @@ class RequestIdHeader:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         stamp = request_id(scope["headers"])
+        added = [(HEADER, stamp)]
+        if scope.get("path", "").startswith("/v1/messages"):
+            added.append((ANTHROPIC_HEADER, stamp))
 
         async def stamped(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), (HEADER, stamp)]}
+                message = {**message, "headers": [*message.get("headers", ()), *added]}
             await send(message)
 
         await self.app(scope, receive, stamped)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from engine.sampling_params import InvalidParamError
 from server import __version__
 from server.completions import HUB_PLACEHOLDERS, CompletionCall
-from server.errors import error_body, named_as_sent, validation_message
+from server.errors import error_body, named_as_sent, telling_error, validation_message
 from server.generation import (EventStream, check_reasoning_effort, ready_tokenizer, served_model, templated_chat,
                                truncated)
 from server.protocol import CompletionRequest, TokenizeRequest
@@ -274,7 +274,7 @@ async def tgi_tokenize(state, body: TokenizeRequest) -> list[dict]:
     try:
         truncate = Parameters.model_validate(body.parameters or {}).truncate
     except ValidationError as exc:
-        message, param = validation_message(exc.errors()[0])
+        message, param = validation_message(telling_error(exc.errors()))
         raise InvalidParamError(message, f"parameters.{param}" if param else "parameters") from None
     if truncate is not None and truncate <= 0:
         raise InvalidParamError("truncate must be strictly positive", "parameters.truncate")

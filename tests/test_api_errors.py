@@ -37,6 +37,9 @@ def assert_error(r, status, param):
     ("logit_bias", {"\u0663": 1}, "logit_bias"),
     ("repetition_penalty", 1e-46, "repetition_penalty"),  # 0 in float32: logits divided by it were inf, a 500
     ("stream_options", {"include_usage": True}, "stream_options"),  # without stream: true (as OpenAI, vLLM)
+    # a value that matched none of a union's shapes: named from inside the shape it was sent in
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "a", "lang": "en"}]}], "messages.0.content.0.lang"),
+    ("tool_choice", {"type": "function", "name": "f"}, "tool_choice.name"),  # the Responses API's shape
 ])
 def test_bad_values_are_400_with_param(server, field, value, param):
     assert_error(post(server, {**OK, field: value}), 400, param)

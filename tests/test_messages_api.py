@@ -146,6 +146,13 @@ def test_an_output_format_holds_the_text_to_its_schema_and_taken_hints_change_no
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]},
      "messages.0.content"),
     ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+    ({"max_tokens": 5, "messages": [*QUESTION, {"role": "assistant", "content": [  # OpenAI's arguments, a string
+        {"type": "tool_use", "id": "t1", "name": "paint", "input": '{"colour": "red"}'}]}]}, "messages.1.content.0.input"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "txt", "text": "a"}]}]}, "messages.0.content.0"),
+    ({"max_tokens": 5, "system": [{"type": "text"}], "messages": QUESTION}, "system.0.text"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}]},
+     "messages.0.content.0.content"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": []}]}, "messages.0.content"),
     ({"max_tokens": 5, "messages": [{"role": "assistant", "content": ""}]}, "messages.0.content"),
     ({"max_tokens": 5, "messages": [*QUESTION, {"role": "assistant", "content": ""},
@@ -186,5 +193,16 @@ def test_stop_sequences_errors_name_the_field_as_sent(server):
 
 
 def test_an_unknown_model_is_a_404_the_sdk_raises(claude):
-    with pytest.raises(anthropic.NotFoundError):
+    with pytest.raises(anthropic.NotFoundError) as raised:
         claude.messages.create(model="no-such-model", max_tokens=5, messages=QUESTION)
+    assert raised.value.type == "not_found_error"  # Anthropic's error type (OpenAI's would be invalid_request_error)
+    assert raised.value.request_id and raised.value.request_id == raised.value.response.headers["x-request-id"]
+    assert raised.value.body["type"] == "error" and raised.value.body["error"]["param"] == "model"
+
+
+def test_the_sdk_reads_each_answers_request_id(claude):
+    """Anthropic's `request-id` header (the SDK's `_request_id`), beside OpenAI's `x-request-id`."""
+    raw = claude.messages.with_raw_response.create(model=MODEL, max_tokens=2, messages=QUESTION, extra_body=GREEDY)
+    assert raw.request_id and raw.request_id == raw.headers["x-request-id"] and raw.parse()._request_id == raw.request_id
+    other = claude.messages.with_raw_response.count_tokens(model=MODEL, messages=QUESTION)
+    assert other.request_id and other.request_id != raw.request_id
