@@ -816,6 +816,8 @@ class CompletionRequest(CommonRequest):
         return bool(self.echo) and self.max_tokens == 0
 
     def to_sampling(self) -> SamplingParams:
+        if self.best_of is not None and self.n > self.best_of:  # (as OpenAI and vLLM refuse it)
+            raise InvalidParamError(f"best_of ({self.best_of}) must be at least n ({self.n})", "best_of")
         max_tokens = 16 if self.max_tokens is None else 1 if self.prompt_only else self.max_tokens
         params = self.choices_sampling(self.logprobs, max_tokens)
         params.prompt_only = self.prompt_only

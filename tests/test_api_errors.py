@@ -329,3 +329,11 @@ def test_text_parts_are_joined_one_per_line_as_vllm_joins_them(server):
     as_parts = post(server, {"messages": [{"role": "user", "content": parts}]}, "/tokenize").json()["tokens"]
     as_text = post(server, {"messages": [{"role": "user", "content": "Hi\nthere"}]}, "/tokenize").json()["tokens"]
     assert as_parts == as_text
+
+
+def test_completions_best_of_below_n_is_a_400(server):
+    """As OpenAI and vLLM refuse it: best_of is how many are made, n how many of them are answered."""
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "best_of": 1}
+    r = httpx.post(server.url + "/v1/completions", json={**body, "n": 2}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of", r.text
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
