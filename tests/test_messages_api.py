@@ -150,6 +150,8 @@ def test_an_output_format_holds_the_text_to_its_schema_and_taken_hints_change_no
         {"type": "tool_use", "id": "t1", "name": "paint", "input": '{"colour": "red"}'}]}]}, "messages.1.content.0.input"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "txt", "text": "a"}]}]}, "messages.0.content.0"),
     ({"max_tokens": 5, "system": [{"type": "text"}], "messages": QUESTION}, "system.0.text"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages.0.content.0.text"),  # (the block's tag is "text", as is the field)
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}]},
      "messages.0.content.0.content"),
