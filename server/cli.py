@@ -173,10 +173,10 @@ def serve_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-request-bytes", type=at_least(1), default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"larger request bodies get 413 before they are parsed (default: {DEFAULT_MAX_REQUEST_BYTES})")
     h.add_argument("--header-timeout", type=at_least(0.0, float), default=10.0,
-                   help="seconds a connection may take to send a request's headers (default: 10)")
+                   help="seconds a connection may take to send a request's headers; 0: no limit (default: 10)")
     h.add_argument("--body-timeout", type=at_least(0.0, float), default=10.0,
-                   help="seconds a request's body may stop coming, between two reads, before it is answered 408 "
-                        "(default: 10)")
+                   help="seconds a request's body may stop coming, between two reads, before it is answered 408; "
+                        "0: no limit (default: 10)")
     h.add_argument("--keep-alive-timeout", type=at_least(0.0, float), default=5.0,
                    help="seconds an idle keep-alive connection stays open (default: 5)")
     h.add_argument("--grace-period", type=at_least(0.0, float), default=30.0,

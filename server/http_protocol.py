@@ -6,7 +6,7 @@ and then part of its body, keeps a connection (and a file descriptor) forever. H
 whose next request's headers are not complete within `header_timeout` seconds of the connection
 opening, or of the previous response ending, is closed; and a request whose body stops coming for
 `body_timeout` seconds (between two reads, as nginx's `client_body_timeout`) is answered 408 and
-its connection closed. Header size stays bounded by h11 (`h11_max_incomplete_event_size`); body
+its connection closed. A timeout of 0 is none (as gunicorn's `--timeout 0`). Header size stays bounded by h11 (`h11_max_incomplete_event_size`); body
 size by `server/body_limit.py`.
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ def with_timeouts(header_timeout: float, body_timeout: float) -> type[H11Protoco
 
         def _arm_header_deadline(self) -> None:
             self._disarm_header_deadline()
-            self._header_deadline = self.loop.call_later(header_timeout, self._header_deadline_passed,
-                                                         self._timed_cycle)
+            if header_timeout > 0:  # (0: none)
+                self._header_deadline = self.loop.call_later(header_timeout, self._header_deadline_passed,
+                                                             self._timed_cycle)
 
         def _disarm_header_deadline(self) -> None:
             if self._header_deadline is not None:
@@ -50,7 +51,7 @@ def with_timeouts(header_timeout: float, body_timeout: float) -> type[H11Protoco
             last bytes (each arrival moves it)."""
             self._disarm_body_deadline()
             cycle = self.cycle
-            if cycle is not None and cycle.more_body and not cycle.response_complete:
+            if body_timeout > 0 and cycle is not None and cycle.more_body and not cycle.response_complete:
                 self._body_deadline = self.loop.call_later(body_timeout, self._body_deadline_passed, cycle)
 
         def _disarm_body_deadline(self) -> None:

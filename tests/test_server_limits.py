@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ROOT, STARTUP_TIMEOUT_S, free_port
+from tests.conftest import ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port
 
 MODEL = "smollm2-135m-instruct"
 
@@ -102,6 +102,24 @@ def test_a_body_that_stops_coming_is_answered_408_and_closed(server):
             s.sendall(body[i:i + len(body) // 4 + 1])
         answer = s.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
+def test_timeouts_of_0_are_none():
+    """--header-timeout 0 and --body-timeout 0 switch the deadlines off (as gunicorn's --timeout 0);
+    taken as deadlines they closed every connection at once."""
+    srv = ServerProcess("--header-timeout", "0", "--body-timeout", "0", "--max-model-len", "256")
+    try:
+        body = json.dumps({"prompt": "Hello"}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(1.5)  # the headers' end late
+            s.sendall(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:4])
+            time.sleep(1.5)  # and the body's
+            s.sendall(body[4:])
+            answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    finally:
+        srv.stop()
 
 
 def test_help_never_prints_the_api_key_and_shows_real_defaults():
