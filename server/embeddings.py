@@ -52,6 +52,7 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     if isinstance(embedded, Response):
         return embedded
     vectors, prompt_tokens = embedded
+    state.metrics.embedding_inputs.inc(len(inputs))  # (scoring's texts, embedded the same way, are not counted)
     return StreamingResponse(json_pieces(body.model, vectors, body.encoding_format,
                                          {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}),
                              media_type="application/json")
@@ -83,7 +84,7 @@ async def embed_inputs(request: Request, inputs: list[list[int]], arrival: float
     gone = await consume(request, stream, on_output, timer)
     if gone is not None:
         return gone
-    timer.finish_embeddings(len(inputs), prompt_tokens)
+    timer.finish_embeddings(prompt_tokens)
     return [vectors[i] for i in range(len(inputs))], prompt_tokens
 
 

@@ -164,7 +164,7 @@ class RequestTimer:
         else:
             self.done = True
 
-    def finish_embeddings(self, inputs: int, prompt_tokens: int) -> None:
+    def finish_embeddings(self, prompt_tokens: int) -> None:
         """An embeddings request, done: counted and timed as a request, but not in the per-request
         generation and skip histograms (it generates nothing, and prefill skips no FFN)."""
         self.done = True
@@ -172,4 +172,3 @@ class RequestTimer:
         m.request_success.labels(finished_reason="stop").inc()
         m.e2e.observe(time.monotonic() - self.start)
         m.prompt_tokens.observe(prompt_tokens)
-        m.embedding_inputs.inc(inputs)

@@ -52,8 +52,10 @@ def test_rerank_lists_the_documents_best_first(server):
     vectors = _embeddings(server, [QUERY] + DOCS)
     expected = [_cosine(vectors[0], d) for d in vectors[1:]]
     order = sorted(range(len(DOCS)), key=lambda i: -expected[i])
+    embedded = server.metric("embedding_inputs_total")
     r = _post(server, "/v1/rerank", {"model": MODEL, "query": QUERY, "documents": DOCS})
     assert r.status_code == 200, r.text
+    assert server.metric("embedding_inputs_total") == embedded  # (its texts are no /v1/embeddings inputs)
     body = r.json()
     assert body["id"].startswith("rerank-") and body["model"] == MODEL
     results = body["results"]
