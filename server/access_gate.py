@@ -17,7 +17,7 @@ DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 class AccessGate:
     def __init__(self, app, state):
-        self.app, self.state = app, state  # state: server.app.ServerState (api_key, draining)
+        self.app, self.state = app, state  # state: server.app.ServerState (api_keys, draining)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and _gated(scope["path"]):
@@ -28,7 +28,7 @@ class AccessGate:
 
     def _refusal(self, scope):
         state = self.state
-        if state.api_key is not None and not _authorized(scope, state.api_key):
+        if state.api_keys is not None and not _authorized(scope, state.api_keys):
             return error_response(401, "missing or invalid API key (Authorization: Bearer <key>, or x-api-key: <key>)",
                                   code="invalid_api_key", scope=scope)
         if state.draining:
@@ -47,11 +47,12 @@ def _gated(path: str) -> bool:
     return path.startswith(("/v1", "/v2")) or path in API_PATHS or path in DOCS_PATHS
 
 
-def _authorized(scope, api_key: str) -> bool:
+def _authorized(scope, api_keys: tuple[str, ...]) -> bool:
     """`Authorization: Bearer <key>` (OpenAI's clients), or `x-api-key: <key>` (Anthropic's, as
-    llama.cpp's server takes it too)."""
+    llama.cpp's server takes it too), of any of the keys."""
     headers = dict(scope["headers"])
     scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-    # constant-time comparisons; the key itself is never logged
-    bearer = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
-    return bearer or bool(api_key) and hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), api_key.encode())
+    sent = [token.strip().encode()] if scheme.lower() == "bearer" else []
+    sent.append(headers.get(b"x-api-key", b"").strip())
+    # constant-time comparisons, each key against each credential sent; a key itself is never logged
+    return any([hmac.compare_digest(given, key.encode()) for key in api_keys for given in sent if given])

@@ -48,7 +48,7 @@ class ServerState:
     engine: AsyncEngine
     metrics: Metrics
     served_names: tuple[str, ...]  # the model's names in the API, the first its own
-    api_key: str | None = None
+    api_keys: tuple[str, ...] | None = None  # any of them is taken
     responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a body's limit, and that of what its references bring
     reasoning_parser: str | None = None  # server/reasoning.py: chat answers' thinking as reasoning_content
@@ -83,7 +83,7 @@ class ServerState:
         return f"skipserve-{__version__}-{self.engine.config.skip.policy}"
 
 
-def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str | None = None,
+def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_keys: tuple[str, ...] | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                on_engine_failed: Callable[[BaseException], None] | None = None,
                allowed_origins: tuple[str, ...] = (), reasoning_parser: str | None = None,
@@ -98,7 +98,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
     metrics = Metrics(engine)
     engine.on_step = metrics.on_step
     engine.on_dead = on_engine_failed
-    state = ServerState(engine, metrics, tuple(dict.fromkeys(served_names)), api_key,
+    state = ServerState(engine, metrics, tuple(dict.fromkeys(served_names)), api_keys,
                         max_request_bytes=max_request_bytes, reasoning_parser=reasoning_parser,
                         tool_call_parser=tool_call_parser, max_input_tokens=max_input_tokens)
 
@@ -112,9 +112,17 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_key: str 
         if on_engine_failed is not None:
             on_engine_failed(task.exception())
 
+    async def load_model() -> None:
+        await engine.start()
+        most, context = state.max_input_tokens, engine.config.max_model_len  # (the model's length caps the latter)
+        if most is not None and most >= context:
+            engine.load_error = ValueError(f"--max-input-tokens {most} must be below the context, {context} tokens "
+                                           "(--max-model-len, as the model's own length caps it): an answer needs a token")
+            raise engine.load_error
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        load = asyncio.create_task(engine.start())
+        load = asyncio.create_task(load_model())
         load.add_done_callback(load_done)
         try:
             yield

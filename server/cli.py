@@ -12,12 +12,14 @@ from dataclasses import replace
 
 from engine.config import KV_CACHE_DTYPES, SCHEDULING_POLICIES, EngineConfig
 from server import launcher_flags
-from server.cli_types import allowed_origins, api_key, at_least, host, json_object, lora_module, port
+from server.cli_types import allowed_origins, api_keys, at_least, host, json_object, lora_module, port
 from server.reasoning import PARSERS as REASONING_PARSERS
 from server.template_tools import PARSERS as TOOL_CALL_PARSERS
 
 DEFAULT_PRESET = "smollm2-135m-instruct"
 DEFAULT_MAX_WAITING = 64  # sequences queued beyond the batch
+# where the API key comes from without --api-key, the first set: ours, vLLM's, llama-server's
+API_KEY_VARIABLES = ("SKIPSERVE_API_KEY", "VLLM_API_KEY", "LLAMA_API_KEY")
 
 
 def listen_defaults() -> tuple[str, str]:
@@ -25,6 +27,21 @@ def listen_defaults() -> tuple[str, str]:
     variable set empty (a compose file's `${HOST}` of an unset one) counts as unset: an empty host
     listened on every interface (server/healthcheck.py reads a running server's address with them too)."""
     return os.environ.get("SKIPSERVE_HOST") or "127.0.0.1", os.environ.get("SKIPSERVE_PORT") or "8000"
+
+
+def api_keys_given(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[tuple[str, ...] | None, str | None]:
+    """The API keys (None: no key) and the variable they came from (None: --api-key, or none): each
+    --api-key's keys, else the first of API_KEY_VARIABLES set (vLLM's and llama-server's, as they
+    read them: a server started for them with a key must not serve without one)."""
+    if args.api_key:
+        return tuple(key for given in args.api_key for key in given), None
+    variable = next((name for name in API_KEY_VARIABLES if os.environ.get(name)), None)
+    if variable is None:
+        return None, None
+    try:
+        return api_keys(os.environ[variable]), variable
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"${variable}: {exc}")
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -163,9 +180,10 @@ def serve_parser() -> argparse.ArgumentParser:
     h.add_argument("--host", type=host, default=None,
                    help="address to listen on (default: $SKIPSERVE_HOST or 127.0.0.1)")
     h.add_argument("--port", type=port, default=None, help="port (default: $SKIPSERVE_PORT or 8000)")
-    h.add_argument("--api-key", type=api_key, default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and the API docs "
-                        "(default: $SKIPSERVE_API_KEY if set; the key is never printed or logged)")
+    h.add_argument("--api-key", type=api_keys, nargs="+", action="extend", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and the API docs; "
+                        "several keys (given one after another or separated by commas): any of them "
+                        f"(default: ${', $'.join(API_KEY_VARIABLES)}, the first set; a key is never printed or logged)")
     h.add_argument("--allowed-origins", type=allowed_origins,
                    default=os.environ.get("SKIPSERVE_ALLOWED_ORIGINS", ""),
                    help="web origins whose pages may call the API from a browser (CORS), comma-separated, or * "
@@ -182,8 +200,8 @@ def serve_parser() -> argparse.ArgumentParser:
     h.add_argument("--grace-period", type=at_least(0.0, float), default=30.0,
                    help="seconds to finish in-flight requests after SIGTERM (default: 30)")
     h.add_argument("--log-level", "--uvicorn-log-level", default="info",
-                   choices=["debug", "info", "warning", "error", "critical"],
-                   help="(default: info)")
+                   choices=["trace", "debug", "info", "warning", "error", "critical"],
+                   help="(default: info; trace: uvicorn's, and this server's debug lines)")
     launcher_flags.add_groups(p)
     return p
 
@@ -282,13 +300,9 @@ def serve(argv: list[str]) -> None:
             args.port = port(listen_defaults()[1])
         except argparse.ArgumentTypeError as exc:
             parser.error(f"$SKIPSERVE_PORT: {exc}")
-    key = args.api_key
-    if key is None and os.environ.get("SKIPSERVE_API_KEY"):
-        try:
-            key = api_key(os.environ["SKIPSERVE_API_KEY"])
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"$SKIPSERVE_API_KEY: {exc}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys, variable = api_keys_given(args, parser)
+    logging.basicConfig(level="DEBUG" if args.log_level == "trace" else args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     access_log.install()
     try:
         config = build_config(args)
@@ -317,7 +331,9 @@ def serve(argv: list[str]) -> None:
     if set(names) & set(config.lora_modules):
         parser.error(f"LoRA adapter {sorted(set(names) & set(config.lora_modules))[0]!r} has the model's own name; "
                      "an adapter needs another")
-    app = create_app(engine, names, key, args.max_request_bytes, engine_failed,
+    if variable is not None:
+        logging.getLogger("skipserve").info("API key%s from $%s", "s" if len(keys) > 1 else "", variable)
+    app = create_app(engine, names, keys, args.max_request_bytes, engine_failed,
                      args.allowed_origins, args.reasoning_parser, args.tool_call_parser, args.max_input_tokens,
                      docs=not args.disable_fastapi_docs, runtime_lora=runtime_lora_updating())
 

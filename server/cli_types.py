@@ -34,17 +34,20 @@ def port(value: str) -> int:
     return int(value)
 
 
-def api_key(value: str) -> str:
-    """`--api-key` (and $SKIPSERVE_API_KEY): what a client sends after `Bearer `, so visible ASCII
-    with no spaces. Empty (`--api-key "$KEY"` of an unset KEY) served with no key at all; a space or
-    newline around it, or a letter outside ASCII, made a key no client could send (the key itself
-    is never printed)."""
-    if not value:
-        raise argparse.ArgumentTypeError("empty: leave it out to serve without a key")
-    if not all("!" <= c <= "~" for c in value):
+def api_keys(value: str) -> tuple[str, ...]:
+    """`--api-key` (and $SKIPSERVE_API_KEY): one key, or several separated by commas (llama-server's
+    list; any of them is taken), each what a client sends after `Bearer `, so visible ASCII with no
+    spaces. Empty (`--api-key "$KEY"` of an unset KEY) served with no key at all; a space or newline
+    around it, or a letter outside ASCII, made a key no client could send (a key itself is never
+    printed)."""
+    keys = tuple(value.split(","))
+    if not all(keys):
+        raise argparse.ArgumentTypeError("empty: leave it out to serve without a key (several keys: separated "
+                                         "by commas, none empty)")
+    if not all("!" <= c <= "~" for key in keys for c in key):
         raise argparse.ArgumentTypeError("a key is visible ASCII characters with no spaces or line ends (the key "
                                          "is not shown)")
-    return value
+    return keys
 
 
 def at_least(low, kind=int):

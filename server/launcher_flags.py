@@ -10,14 +10,23 @@ import sys
 
 from server.cli_types import at_least, host, json_object, lora_module
 
+# llama-server's --reasoning-format values, as this server's --reasoning-parser (None: no parser)
+REASONING_FORMATS = {"none": None, "deepseek": "qwen3", "deepseek-legacy": "qwen3", "auto": "qwen3"}
 # llama.cpp's KV cache types this server keeps (-ctk / -ctv), as its --kv-cache-dtype names them
 LLAMA_CPP_CACHE_TYPES = {"f32": "float32", "f16": "float16", "q8_0": "int8"}
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, refusing single-dash flags it does not know by their own name: it would read an
-    unknown one that starts with a known letter as that letter and a value (llama-server's `-tb 4`
-    as `-t b`, its `-md FILE` as `-m d`), and name the wrong flag, or none."""
+    """argparse, as another server's flags need it read:
+    - a flag is known by its whole name only: argparse would take a prefix of a long one
+      (llama-server's `--keep 32` as `--keep-alive-timeout 32`), and read an unknown single-dash one
+      that starts with a known letter as that letter and a value (`-tb 4` as `-t b`, `-md FILE` as
+      `-m d`), naming the wrong flag, or none;
+    - one setting given in two spellings with two values (`--max-model-len 512 --max-total-tokens
+      1024`) is a usage error naming both, not the last one taken."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
@@ -25,7 +34,35 @@ class Parser(argparse.ArgumentParser):
             flag = token.split("=", 1)[0]
             if token[:1] == "-" and token[1:2].isalpha() and len(flag) > 2 and flag not in self._option_string_actions:
                 self.error(f"unrecognized argument: {flag}")
-        return super().parse_known_args(argv, namespace)
+        for action in self._actions:
+            if type(action) in SETTINGS and not isinstance(action, Spelled):
+                action.__class__ = type(f"Spelled{type(action).__name__}", (Spelled, type(action)), {})
+        parsed, extras = super().parse_known_args(argv, namespace)
+        given = parsed.__dict__.pop(Spelled.GIVEN, {})
+        for dest, spellings in given.items():
+            said = {}  # each flag's value, the last of its own
+            for action, flag, value in spellings:
+                said[action] = (flag, value)
+            if len({repr(value) for _, value in said.values()}) > 1:
+                first, second = [flag if action.nargs == 0 else f"{flag} {value!r}"
+                                 for action, (flag, value) in list(said.items())[:2]]
+                self.error(f"one setting given twice with two values: {first} and {second}")
+        return parsed, extras
+
+
+# the actions that set one value (a list that each flag adds to, --lora-modules', is no conflict)
+SETTINGS = (argparse._StoreAction, argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)
+
+
+class Spelled(argparse.Action):
+    """A setting's action that notes under which flag it set what (Parser's check of two spellings)."""
+    GIVEN = "_spellings_given"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        if option_string is not None:
+            namespace.__dict__.setdefault(self.GIVEN, {}).setdefault(self.dest, []).append(
+                (self, option_string, getattr(namespace, self.dest)))
 
 
 def add_groups(p: argparse.ArgumentParser) -> None:
@@ -181,6 +218,10 @@ def add_llama_cpp(p: argparse.ArgumentParser) -> None:
                        (("--min-p",), "min_p"), (("--repeat-penalty",), "repetition_penalty")):
         c.add_argument(*flags, dest=f"llama_{key}", type=int if key == "top_k" else float, default=None,
                        metavar="N", help=f"requests' default {key} (--override-generation-config's {key})")
+    c.add_argument("--reasoning-format", choices=list(REASONING_FORMATS), default=None,
+                   help="deepseek (or deepseek-legacy, auto): a chat answer's <think>...</think> as "
+                        "message.reasoning_content, the same as --reasoning-parser qwen3 (an answer that opens "
+                        "<think>, or a prompt that leaves it open); none: the thinking stays in the content")
     c.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"], default=None,
                    help="taken: decode attention here is always the fused paged kernel")
     for flags, what in ((("--jinja",), "chat templates are always rendered with Jinja here"),
@@ -288,6 +329,11 @@ def resolve(args: argparse.Namespace) -> None:
                              f"--device {args.device} says otherwise")
         args.device = args.device or layers
     resolve_llama_cpp_cache(args)
+    form = getattr(args, "reasoning_format", None)
+    if form is not None:  # llama-server's --reasoning-format
+        if args.reasoning_parser is not None and args.reasoning_parser != REASONING_FORMATS[form]:
+            raise ValueError(f"--reasoning-format {form} and --reasoning-parser {args.reasoning_parser} say otherwise")
+        args.reasoning_parser = REASONING_FORMATS[form]
     sampling = {k.removeprefix("llama_"): v for k, v in vars(args).items() if k.startswith("llama_") and v is not None}
     if sampling:  # llama-server's sampling flags: the server's defaults for requests
         given = getattr(args, "override_generation_config", None) or {}

@@ -69,7 +69,7 @@ class LlamaCall(CompletionCall):
                 "min_p": self.body.min_p, "typical_p": self.body.typical_p or 1.0, "seed": b.seed_taken,
                 "stop": [b.stop] if isinstance(b.stop, str) else b.stop or [],
                 "n_probs": b.n_probs or 0, "ignore_eos": b.ignore_eos, "stream": b.stream,
-                "repeat_penalty": 1.0 if b.repeat_penalty is None else b.repeat_penalty,
+                "repeat_penalty": 1.0 if self.body.repetition_penalty is None else self.body.repetition_penalty,
                 "presence_penalty": b.presence_penalty or 0.0, "frequency_penalty": b.frequency_penalty or 0.0,
                 "model": self.body.model}
 

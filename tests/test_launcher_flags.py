@@ -25,7 +25,9 @@ def test_a_command_written_for_vllm_serve_is_read_as_vllm_means_it():
     assert gemma.served_model_name == "gemma3-270m" and gemma.model == build("--model", "gemma3-270m").model
     assert build("/models/x.gguf", "--max-num-seqs", "4").model == "/models/x.gguf"
     assert build("--no-enable-prefix-caching").prefix_caching is False
-    assert build("--no-prefix-caching", "--enable-prefix-caching").prefix_caching is True
+    assert build("--no-prefix-caching", "--no-enable-prefix-caching").prefix_caching is False
+    with pytest.raises(SystemExit):  # two spellings saying otherwise: a usage error, not the last one taken
+        build("--no-prefix-caching", "--enable-prefix-caching")
     assert build("--max-num-batched-tokens", "256").max_prefill_tokens == 256
     with pytest.raises(ValueError, match="the model is given twice"):
         build("gemma3-270m", "--model", "/models/x.gguf")
@@ -146,15 +148,21 @@ def test_a_llama_server_command_line_serves_as_llama_server_would():
 
     srv = ServerProcess("-m", str(embedded_gguf("smollm2-135m-instruct")), "-c", "4096", "-np", "2", "-t", "1",
                         "-ngl", "0", "-a", "local,smol", "-ctk", "q8_0", "-ctv", "q8_0", "--jinja", "-fa", "on", "-cb",
-                        "--metrics", "--no-webui")
+                        "--metrics", "--no-webui", "--repeat-penalty", "1.3", "--reasoning-format", "deepseek",
+                        env={"LLAMA_API_KEY": "k1,k2"})  # llama-server's variable, its keys separated by commas
     try:
-        props = httpx.get(srv.url + "/props", timeout=30).json()
+        assert httpx.get(srv.url + "/props", timeout=30).status_code == 401
+        key = {"Authorization": "Bearer k2"}
+        props = httpx.get(srv.url + "/props", timeout=30, headers=key).json()
         assert (props["default_generation_settings"]["n_ctx"], props["total_slots"], props["model_alias"]) == \
             (2048, 2, "local")
-        assert [m["id"] for m in httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]] == ["local", "smol"]
-        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+        models = httpx.get(srv.url + "/v1/models", timeout=30, headers={"x-api-key": "k1"}).json()["data"]
+        assert [m["id"] for m in models] == ["local", "smol"]
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, headers=key, json={
             "model": "smol", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+        r = httpx.post(srv.url + "/completion", timeout=60, headers=key, json={"prompt": "a b c", "n_predict": 1})
+        assert r.json()["generation_settings"]["repeat_penalty"] == 1.3  # the server's, as applied (it read 1.0)
         log = srv.log_path.read_text()
         assert "= 4096 tokens" in log and "(int8)" in log, srv.log_tail()
     finally:
@@ -232,3 +240,59 @@ def test_llama_servers_lora_flags(tmp_path):
                 ["--lora-scaled", "b.gguf:x"], ["--lora-scaled", "a:1", "b:2", "c:3"]):
         with pytest.raises(SystemExit):
             serve_parser().parse_args(bad)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max-model-len", "512", "--max-total-tokens", "1024"], "--max-model-len 512 and --max-total-tokens 1024"),
+    (["--threads", "1", "-t", "2"], "--threads 1 and -t 2"),
+    (["--no-enable-prefix-caching", "--cache-prompt"], "--no-enable-prefix-caching and --cache-prompt"),
+    (["--chat-template", "a.jinja", "--chat-template-file", "b.jinja"], "--chat-template 'a.jinja' and"),
+    (["--max-request-bytes", "100", "--payload-limit", "1000"], "--max-request-bytes 100 and --payload-limit 1000"),
+])
+def test_one_setting_in_two_spellings_with_two_values_is_a_usage_error(argv, words, capsys):
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args(argv)
+    assert f"one setting given twice with two values: {words}" in capsys.readouterr().err
+
+
+def test_one_setting_in_two_spellings_with_one_value_is_taken():
+    args = serve_parser().parse_args(["--max-model-len", "512", "--max-total-tokens", "512", "-np", "2", "--parallel",
+                                      "2", "--no-prefix-caching", "--no-cache-prompt"])
+    assert (args.max_model_len, args.parallel, args.prefix_caching) == (512, 2, False)
+
+
+@pytest.mark.parametrize("flag", ["--keep", "--max-model", "--served"])
+def test_a_long_flag_is_known_by_its_whole_name(flag, capsys):
+    """argparse took a prefix: llama-server's `--keep 32` was --keep-alive-timeout 32."""
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args([flag, "32"])
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_api_keys_come_from_the_flag_several_at_once_or_from_vllms_and_llama_servers_variables(monkeypatch):
+    from server.cli import api_keys_given
+
+    parser = serve_parser()
+    for name in ("SKIPSERVE_API_KEY", "VLLM_API_KEY", "LLAMA_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert api_keys_given(parser.parse_args([]), parser) == (None, None)
+    assert api_keys_given(parser.parse_args(["--api-key", "k1", "k2,k3"]), parser) == (("k1", "k2", "k3"), None)
+    monkeypatch.setenv("LLAMA_API_KEY", "l1,l2")
+    assert api_keys_given(parser.parse_args([]), parser) == (("l1", "l2"), "LLAMA_API_KEY")
+    monkeypatch.setenv("VLLM_API_KEY", "v1")
+    assert api_keys_given(parser.parse_args([]), parser) == (("v1",), "VLLM_API_KEY")
+    monkeypatch.setenv("SKIPSERVE_API_KEY", "s1")
+    assert api_keys_given(parser.parse_args([]), parser) == (("s1",), "SKIPSERVE_API_KEY")
+    assert api_keys_given(parser.parse_args(["--api-key", "f1"]), parser) == (("f1",), None)
+    monkeypatch.setenv("SKIPSERVE_API_KEY", "a,,b")
+    with pytest.raises(SystemExit):
+        api_keys_given(parser.parse_args([]), parser)
+
+
+def test_llama_servers_reasoning_format_and_uvicorns_trace_level():
+    assert serve_parser().parse_args(["--uvicorn-log-level", "trace"]).log_level == "trace"
+    args = serve_parser().parse_args(["--reasoning-format", "deepseek"])
+    build_config(args)
+    assert args.reasoning_parser == "qwen3"
+    with pytest.raises(ValueError, match="say otherwise"):
+        build_config(serve_parser().parse_args(["--reasoning-format", "none", "--reasoning-parser", "deepseek_r1"]))
