@@ -139,6 +139,17 @@ def test_a_model_that_cannot_load_exits_nonzero_with_the_reason(tmp_path):
     assert out.returncode == 1 and "the model failed to load" in out.stdout + out.stderr
 
 
+def test_max_input_tokens_over_the_context_the_model_caps_stops_the_start():
+    """--max-model-len 100000 is capped to the model's 8,192 tokens as it loads: a --max-input-tokens
+    of 50,000, below the flag's context but not the model's, stops the start (it served, /info
+    reporting more input than the context)."""
+    out = subprocess.run([sys.executable, "-m", "server.cli", "--port", str(free_port()), "--max-model-len", "100000",
+                          "--max-input-tokens", "50000", "--max-batch", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=STARTUP_TIMEOUT_S)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "--max-input-tokens 50000 must be below the context, 8192 tokens" in out.stdout + out.stderr
+
+
 def test_broken_files_of_a_model_folder_are_named(tmp_path):
     """The libraries' own messages name no file: "Model missing. at line 1 column 2" for a tokenizer,
     "header too large" for safetensors weights."""
