@@ -152,7 +152,7 @@ class MessageCall:
 
 
 # the Messages fields sent under another name in the chat request it is served as: its errors name them as sent
-SENT_AS = {"stop": "stop_sequences"}
+SENT_AS = {"stop": "stop_sequences", "response_format": "output_config.format"}
 
 
 @router.post("/v1/messages")

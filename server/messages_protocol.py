@@ -109,12 +109,12 @@ class ToolDef(Strict):
     input_schema: dict[str, Any]
     type: Optional[Literal["custom"]] = None
     cache_control: Any = None
-    # taken, no effect: who may call it, loading hints, examples; `strict`: the chat tool's own schema rules
+    # taken, no effect: who may call it, loading hints, examples
     allowed_callers: Any = None
     defer_loading: Optional[StrictBool] = None
     eager_input_streaming: Optional[StrictBool] = None
     input_examples: Optional[list[dict[str, Any]]] = None
-    strict: Optional[StrictBool] = None
+    strict: Optional[StrictBool] = None  # the chat tool's `strict`: a keyword its schema cannot hold is a 400
 
     @model_validator(mode="before")
     @classmethod
@@ -196,7 +196,8 @@ class CountTokensRequest(RequestBody):
             body["continue_final_message"] = True
         if self.tools:
             body["tools"] = [{"type": "function", "function": {
-                "name": t.name, "parameters": t.input_schema, **({"description": t.description} if t.description else {})}}
+                "name": t.name, "parameters": t.input_schema, **({"description": t.description} if t.description else {}),
+                **({"strict": t.strict} if t.strict is not None else {})}}  # (strict: its schema held as chat's)
                 for t in self.tools]
         choice = self.tool_choice
         if choice is not None:

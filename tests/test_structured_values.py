@@ -655,3 +655,25 @@ def test_a_reference_inside_a_subschema_with_its_own_id_is_refused():
         compile_schema({"$defs": {"inner": inner, "x": {"type": "string"}}, "$ref": "#/$defs/inner"})
     plain = {"$id": "https://example.com/point", "type": "object", "properties": {"v": {"type": "integer"}}}
     assert grammar_accepts(compile_schema({"type": "object", "properties": {"p": plain}}), '{"p":{"v":1}}')
+
+
+def test_a_number_with_no_fraction_is_an_integer_in_an_enum_or_const():
+    """JSON Schema's `integer` is any number whose fraction is zero: `2.0` and `1e2` beside
+    `type: integer` are values it takes (they were left out, or the schema refused as empty)."""
+    grammar = compile_schema({"type": "integer", "enum": [7.0, 9, 1.5, "3", 1e2]})
+    assert [t for t in ("7.0", "9", "100.0", "1.5", '"3"') if grammar_accepts(grammar, t)] == ["7.0", "9", "100.0"]
+    assert grammar_accepts(compile_schema({"type": "integer", "const": 2.0}), "2.0")
+
+
+def test_a_reference_is_a_uri_fragment_of_json_pointer_steps():
+    """Percent-escapes decoded (RFC 6901's URI form: `#/$defs/e%20f`, `#/%24defs/x`), and an array's
+    item as a step (`#/prefixItems/0`)."""
+    defs = {"e f": {"const": "spaced"}, "x": {"const": "escaped"}}
+    assert grammar_accepts(compile_schema({"$defs": defs, "$ref": "#/$defs/e%20f"}), '"spaced"')
+    assert grammar_accepts(compile_schema({"$defs": defs, "$ref": "#/%24defs/x"}), '"escaped"')
+    pair = {"type": "array", "prefixItems": [{"const": 1}, {"$ref": "#/prefixItems/0"}], "items": False}
+    assert grammar_accepts(compile_schema(pair), "[1,1]") and not grammar_accepts(compile_schema(pair), "[1,2]")
+    for missing in ("#/prefixItems/2", "#/prefixItems/01", "#/$defs/e%2"):
+        with pytest.raises(InvalidParamError, match="points to nothing"):
+            compile_schema({**pair, "prefixItems": [{"const": 1}, {"$ref": missing}]} if "prefix" in missing else
+                           {"$defs": defs, "$ref": missing})

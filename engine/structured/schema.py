@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import urllib.parse
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -246,7 +247,11 @@ def _plain_number(literal: bytes) -> bytes:
 
 
 def _of_types(literal: bytes, types: list[str]) -> bool:
+    """Whether a literal is of one of `types`: an integer is a number, and a number with no fraction
+    (2.0, 1e2) an integer, as JSON Schema reads them."""
     kind = _kind(literal)
+    if kind == "number" and "integer" in types and _value(literal) == _value(literal).to_integral_value():
+        return True
     return kind in types or kind == "integer" and "number" in types
 
 
@@ -344,11 +349,14 @@ class _Compiler:
         if not isinstance(ref, str) or not ref.startswith("#"):
             _fail(f"only local references (#/...) are supported, got {ref!r}")
         target = self.root_schema
-        for part in [p for p in ref[1:].split("/") if p]:
-            part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(target, dict) or part not in target:
+        for part in [p for p in ref[1:].split("/") if p]:  # a URI fragment: percent-escapes, then JSON Pointer's
+            part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target) and part == str(int(part)):
+                target = target[int(part)]  # (an array's item: #/prefixItems/0)
+            elif isinstance(target, dict) and part in target:
+                target = target[part]
+            else:
                 _fail(f"the reference {ref} points to nothing")
-            target = target[part]
         return target
 
     def all_of(self, schema: dict) -> int:
