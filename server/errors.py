@@ -149,8 +149,9 @@ def field_path(err: dict, body=NO_BODY) -> list[str]:
         return [str(p) for i, p in enumerate(loc) if not _union_marker(p, i == len(loc) - 1)]
     node, path = body, []
     for i, part in enumerate(loc):
-        if isinstance(node, dict) and node.get("type") == part and i < len(loc) - 1:
-            continue  # a tagged union's tag (a block's "type"), even where a key has its name
+        if isinstance(node, dict) and node.get("type") == part and i < len(loc) - 1 and (
+                part not in node or loc[i + 1] in node):
+            continue  # a tagged union's tag (a block's "type"), even where a key has its name ({"type": "text", "text": 5})
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and -len(node) <= part < len(node):
