@@ -15,8 +15,8 @@ from engine.async_engine import EngineShutdownError, GenerationError
 from server.errors import APIError, error_body
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
 from server.generation import (EventStream, Usage, check_reasoning_effort, consume, encode_chat, overall_finish,
-                               pin_lora_scales, ready_tokenizer, served_model, stopped, submit, tokenize_batch,
-                               truncated)
+                               pin_lora_scales, prompt_limit, ready_tokenizer, served_model, stopped, submit,
+                               tokenize_batch, truncated)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.reasoning import ReasoningSplit, request_reasoning, split_output
 from server.request_id import client_request_id
@@ -189,8 +189,8 @@ class CompletionCall:
     async def _truncated(self, prompts: list[list[int]], reserve: int) -> list[list[int]]:
         """`truncate_prompt_tokens` applied; an echoed prompt that was cut is echoed as it was given to
         the model (its logprobs are the kept tokens')."""
-        cut = truncated(prompts, self.body.truncate_prompt_tokens, self.state.engine.config.max_model_len, reserve,
-                        self.body.truncation_side, self.state.max_input_tokens)
+        cut = truncated(prompts, self.body.truncate_prompt_tokens, self.state.engine.config.max_model_len,
+                        self.body.truncation_side, prompt_limit(self.state, reserve))
         if not self.chat and self.body.echo:
             tokenizer = ready_tokenizer(self.state)
             for i, (before, after) in enumerate(zip(prompts, cut)):

@@ -43,7 +43,7 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     arrival = time.monotonic()  # (its latency metrics count from here)
     body.model = served_base_model(state, body.model, "/v1/embeddings")
     inputs = truncated(await tokenize_batch(state, body.inputs(), "input", MAX_INPUTS), body.truncate_prompt_tokens,
-                       state.engine.config.max_model_len, 0, body.truncation_side)
+                       state.engine.config.max_model_len, body.truncation_side)
     size = state.engine.engine.model_config.hidden_size  # loaded: tokenize_batch found its tokenizer
     if body.dimensions is not None and body.dimensions != size:
         raise APIError(400, f"this model's embeddings have {size} dimensions; they cannot be shortened (the "

@@ -88,7 +88,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     body = error_body(status, message, param, code)
     if scope is not None and is_tgi(scope) and tgi_error_type(status):
         body["error_type"] = tgi_error_type(status)
-    if scope is not None and scope.get("path", "").startswith("/v1/messages"):
+    if scope is not None and is_anthropic(scope):
         body = {"type": "error", "error": {**body["error"], "type": ANTHROPIC_ERROR_TYPES.get(status, "api_error")}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -112,6 +112,11 @@ RUNTIME_LORA_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapte
 
 def is_tgi(scope: dict) -> bool:
     return scope.get("path") in TGI_PATHS or bool(scope.get("tgi"))
+
+
+def is_anthropic(scope: dict) -> bool:
+    """Anthropic's Messages routes (/v1/messages, /v1/messages/count_tokens)."""
+    return scope.get("path", "").startswith("/v1/messages")
 
 
 def tgi_error_type(status: int) -> str | None:

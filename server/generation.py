@@ -208,17 +208,16 @@ def prompt_limit(state, reserve: int) -> int:
     return room if state.max_input_tokens is None else min(room, state.max_input_tokens)
 
 
-def truncated(prompts: list[list[int]], keep: int | None, max_model_len: int, reserve: int,
-              side: str | None = None, most: int | None = None) -> list[list[int]]:
+def truncated(prompts: list[list[int]], keep: int | None, max_model_len: int, side: str | None = None,
+              fill: int | None = None) -> list[list[int]]:
     """vLLM's `truncate_prompt_tokens`: each prompt's last `keep` tokens (its start is cut, as vLLM cuts
-    it), or with `side` "right" (vLLM's `truncation_side`) its first `keep`; -1 keeps as many as leave
-    room for `reserve` more in the context (the answer's max_tokens, or 1 where none is given; 0 for
-    embeddings), and at most `most` (a generating request's: --max-input-tokens). None: the prompts as
-    they are."""
+    it), or with `side` "right" (vLLM's `truncation_side`) its first `keep`; -1 keeps `fill` (a
+    generating request's `prompt_limit`: room for its answer, within --max-input-tokens), else the
+    whole context (embeddings, scores). None: the prompts as they are."""
     if keep is None:
         return prompts
     if keep == -1:
-        keep = max(1, max_model_len - reserve if most is None else min(most, max_model_len - reserve))
+        keep = max(1, max_model_len if fill is None else fill)
     elif keep < 1:
         raise APIError(400, f"truncate_prompt_tokens must be at least 1, or -1 for the context's length; got {keep}",
                        "truncate_prompt_tokens")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 import uuid
 
+from server.errors import is_anthropic
+
 HEADER = b"x-request-id"
 ANTHROPIC_HEADER = b"request-id"
 _USABLE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")  # what goes back into a header and a log as it is
@@ -35,7 +37,7 @@ class RequestIdHeader:
             return await self.app(scope, receive, send)
         stamp = request_id(scope["headers"])
         added = [(HEADER, stamp)]
-        if scope.get("path", "").startswith("/v1/messages"):
+        if is_anthropic(scope):
             added.append((ANTHROPIC_HEADER, stamp))
 
         async def stamped(message):

@@ -51,7 +51,7 @@ async def _embed_texts(request: Request, body, sides: dict[str, list[str]], arri
     keep, limit = body.truncate_prompt_tokens, state.engine.config.max_model_len
     inputs, seen, where = [], {}, {}  # the distinct inputs; their index by tokens; (side, i) -> index
     for side, texts in sides.items():
-        tokens = truncated(await tokenize_batch(state, texts, side, MAX_INPUTS), keep, limit, 0, body.truncation_side)
+        tokens = truncated(await tokenize_batch(state, texts, side, MAX_INPUTS), keep, limit, body.truncation_side)
         try:
             state.engine.check_inputs(tokens, side)  # each side's lengths, its items named as given
         except EngineNotReadyError as exc:

@@ -25,8 +25,8 @@ from engine.sampling_params import InvalidParamError
 from server import __version__
 from server.completions import HUB_PLACEHOLDERS, CompletionCall
 from server.errors import error_body, named_as_sent, telling_error, validation_message
-from server.generation import (EventStream, check_reasoning_effort, ready_tokenizer, served_model, templated_chat,
-                               truncated)
+from server.generation import (EventStream, check_reasoning_effort, prompt_limit, ready_tokenizer, served_model,
+                               templated_chat, truncated)
 from server.protocol import CompletionRequest, TokenizeRequest
 from server.tgi_protocol import (MAX_BEST_OF, MAX_STOP_SEQUENCES, SEEDS, TGI_NAMES, ChatTokenizeRequest,
                                 GenerateRequest, Parameters, finish_reason)
@@ -299,8 +299,8 @@ async def chat_tokenize(body: ChatTokenizeRequest, request: Request):
     text, spans = await templated_chat(state, [m.as_dict() for m in body.messages], body.tool_use,
                                        body.chat_options)
     reserve = body.max_completion_tokens or body.max_tokens or 1  # (as the chat route cuts its prompt)
-    (spans,) = truncated([spans], body.truncate_prompt_tokens, state.engine.config.max_model_len, reserve,
-                         body.truncation_side, state.max_input_tokens)  # the tokens kept, their spans still in the whole text
+    (spans,) = truncated([spans], body.truncate_prompt_tokens, state.engine.config.max_model_len,
+                         body.truncation_side, prompt_limit(state, reserve))  # the tokens kept, spans in the whole text
     return {"tokenize_response": await asyncio.to_thread(tgi_tokens, text, spans), "templated_text": text}
 
 
