@@ -1,5 +1,6 @@
 """Turns a step's logits into tokens: penalties, logit bias, greedy or seeded sampling (with
-typical sampling where a row asks for it: engine/typical.py), logprobs,
+typical sampling where a row asks for it, and llama.cpp's chain, the filters before the temperature,
+where a row takes it: engine/typical.py), logprobs,
 for all rows at once; the host reads the step's tokens (and logprobs) back in one transfer each."""
 from __future__ import annotations
 
@@ -53,13 +54,18 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     finite = torch.isfinite(best.values)
     tokens = best.indices  # the greedy rows' tokens
     drawn = [i for i, p in enumerate(params) if not p.greedy]
-    typical = [i for i in drawn if params[i].typical_p < 1.0]
+    cut_first = [i for i in drawn if params[i].temperature_last and _filtered(params[i])]
+    typical = [i for i in drawn if params[i].typical_p < 1.0 and i not in set(cut_first)]
     if typical:  # every filter, typical sampling's last, over the whole vocabulary; then drawn unfiltered
         put_rows(logits, typical, mask_filtered(take_rows(logits, typical), *_settings(params, typical)))
-    if raw is not None:  # (the typical rows' logits are filtered by now)
-        _process_logprob_rows(raw, logits, params, set(typical))
+    if cut_first:  # llama.cpp's chain: the filters on the unscaled logits; then drawn at the temperature, unfiltered
+        _, *cuts = _settings(params, cut_first)
+        put_rows(logits, cut_first, mask_filtered(take_rows(logits, cut_first), [1.0] * len(cut_first), *cuts,
+                                                  min_p_last=True))
+    if raw is not None:  # (the typical and cut-first rows' logits are filtered by now)
+        _process_logprob_rows(raw, logits, params, set(typical) | set(cut_first))
     if drawn:
-        plain = set(typical)
+        plain = set(typical) | set(cut_first)
         put_rows(tokens, drawn, draw(take_rows(logits, drawn), [params[i].temperature for i in drawn],
                                      [0 if i in plain else params[i].top_k for i in drawn],
                                      [1.0 if i in plain else params[i].top_p for i in drawn],
@@ -73,6 +79,11 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
         _add_logprobs(raw, tokens, params, out)
     return [sampled if ok == 1 else ValueError(NOT_FINITE) if ok == 0 else InvalidParamError(NO_TOKEN_LEFT)
             for sampled, ok in zip(out, usable)]
+
+
+def _filtered(p: SamplingParams) -> bool:
+    """Whether a sampled row's settings cut its distribution (top-k, top-p, min-p, typical)."""
+    return bool(p.top_k) or p.top_p < 1.0 or p.min_p > 0.0 or p.typical_p < 1.0
 
 
 def _settings(params: list[SamplingParams], rows: list[int]) -> tuple[list, ...]:
@@ -129,8 +140,7 @@ def _process_logprob_rows(raw: torch.Tensor, logits: torch.Tensor, params: list[
         return
     processed = take_rows(logits, rows).clone()
     drawn = [params[i].temperature >= SAMPLING_EPS for i in rows]
-    filtered = [j for j, i in enumerate(rows) if drawn[j] and i not in filtered_already and (
-        params[i].top_k or params[i].top_p < 1.0 or params[i].min_p > 0.0 or params[i].typical_p < 1.0)]
+    filtered = [j for j, i in enumerate(rows) if drawn[j] and i not in filtered_already and _filtered(params[i])]
     if filtered:
         put_rows(processed, filtered, mask_filtered(take_rows(processed, filtered),
                                                     *_settings(params, [rows[j] for j in filtered])))

@@ -36,6 +36,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
     typical_p: float = 1.0  # 1 = off; else typical sampling's mass (engine/typical.py)
+    # llama.cpp's chain: top-k, top-p and min-p (in that order) cut the distribution before the temperature
+    # scales what they keep (engine/typical.py); else vLLM's: the temperature first (engine/categorical.py)
+    temperature_last: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # TGI's frequency penalty: each token's share of the whole text so far (prompt and answer: its count

@@ -22,11 +22,12 @@ ATYPICAL_CANDIDATES = (256, 4096)  # tokens nearest the entropy a row is first c
 
 
 def mask_filtered(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
-                  min_p: list[float], typical_p: list[float]) -> torch.Tensor:
+                  min_p: list[float], typical_p: list[float], min_p_last: bool = False) -> torch.Tensor:
     """logits [R, V] float32 and each row's settings (temperature > 0; top_k 0 = off) -> the same
     logits with -inf where a token is outside what the filters keep, in place, in engine/categorical.py's
     order and with its rules (top-k keeps the tokens as likely as the k-th; min-p against the most
-    likely token; top-p's mass over what top-k and min-p kept), then the typical set."""
+    likely token; top-p's mass over what top-k and min-p kept), then the typical set. `min_p_last`:
+    llama.cpp's order instead, min-p after top-p (top-p's mass over what top-k kept)."""
     vocab = logits.shape[1]
     top_k = [k if 0 < k < vocab else 0 for k in top_k]
     settings = (temperature, top_k, top_p, min_p, typical_p)
@@ -35,12 +36,14 @@ def mask_filtered(logits: torch.Tensor, temperature: list[float], top_k: list[in
     if whole:
         put_rows(logits, whole, mask_atypical(take_rows(logits, whole), *_pick(whole, temperature, typical_p)))
     if bounded:
-        put_rows(logits, bounded, _mask_run(take_rows(logits, bounded), *_pick(bounded, *settings), CANDIDATES))
+        put_rows(logits, bounded, _mask_run(take_rows(logits, bounded), *_pick(bounded, *settings), CANDIDATES,
+                                            min_p_last))
     return logits
 
 
 def _mask_run(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
-              min_p: list[float], typical_p: list[float], ladder: tuple[int, ...]) -> torch.Tensor:
+              min_p: list[float], typical_p: list[float], ladder: tuple[int, ...],
+              min_p_last: bool = False) -> torch.Tensor:
     """Rows whose filters keep a run of their most likely tokens: filtered over the first rung of
     `ladder` (or top_k + 1, when larger), equal logits in the order of their ids (as categorical.py
     takes them, whatever the batch beside); rows whose run may go on past it, again on the next."""
@@ -58,8 +61,9 @@ def _mask_run(logits: torch.Tensor, temperature: list[float], top_k: list[int], 
     probs = torch.where(has_k, torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1), whole)
     if any(min_p):
         keep &= ~has_m | (probs >= column(min_p, probs) * probs[:, :1])
-        probs = probs.masked_fill(~keep, 0.0)
-        probs = torch.where(has_m, probs / probs.sum(-1, keepdim=True), probs)  # (min-p's rows only)
+        if not min_p_last:  # (min-p cuts a run's tail: after top-p, it changes nothing top-p keeps before it)
+            probs = probs.masked_fill(~keep, 0.0)
+            probs = torch.where(has_m, probs / probs.sum(-1, keepdim=True), probs)  # (min-p's rows only)
     # top-k's or min-p's tokens up to the last candidate: more may follow, and top-p's mass would miss them
     last = values[:, -1].isfinite()  # (a row with fewer tokens than candidates has them all)
     short = keep[:, -1] & last & (has_k | has_m)[:, 0]
@@ -76,7 +80,7 @@ def _mask_run(logits: torch.Tensor, temperature: list[float], top_k: list[int], 
         if again:
             rest = tuple(w for w in ladder[1:] if w > width)
             put_rows(out, again, _mask_run(take_rows(logits, again), *_pick(again, temperature, top_k, top_p, min_p,
-                                                                                typical_p), rest))
+                                                                                typical_p), rest, min_p_last))
     return logits.copy_(out)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime, timezone
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.middleware.cors import CORSMiddleware
 
@@ -19,7 +20,7 @@ from server.access_gate import AccessGate
 from server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from server.completions import router as completions_router
 from server.embeddings import router as embeddings_router
-from server.errors import APIError, error_response
+from server.errors import APIError, error_response, is_anthropic
 from server.generation import check_model, check_token_ids, encode_chat, ready_tokenizer, served_model
 from server.json_body import json_response
 from server.llama_cpp_api import LLAMA_CPP_TOKENIZE, llama_tokenize
@@ -172,17 +173,25 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_keys: tup
             card |= {"root": state.adapters[name], "parent": state.served_names[0]}
         return card
 
+    def anthropic_card(name: str) -> dict:
+        """A model card with the fields Anthropic's models API gives beside OpenAI's."""
+        created = datetime.fromtimestamp(int(state.started), timezone.utc).isoformat().replace("+00:00", "Z")
+        return model_card(name) | {"type": "model", "display_name": name, "created_at": created}
+
     @app.get("/v1/models")
-    async def models():  # as /health while loading: a client that waits for the list may then send requests
+    async def models(request: Request):  # as /health while loading: a client that waits may then send requests
         if not engine.ready and engine.load_error is None and not state.draining:
-            return error_response(503, "the model is loading", code="loading")
+            return error_response(503, "the model is loading", code="loading", scope=request.scope)
         names = [*state.served_names, *(name for name in state.adapters if name not in state.served_names)]
+        if is_anthropic(request.scope):  # (the `anthropic` SDK's models.list(): one page)
+            return {"object": "list", "data": [anthropic_card(name) for name in names], "has_more": False,
+                    "first_id": names[0], "last_id": names[-1]}
         return {"object": "list", "data": [model_card(name) for name in names]}
 
     @app.get("/v1/models/{model:path}")  # a served name may hold a slash (org/model)
-    async def model(model: str):
+    async def model(model: str, request: Request):
         check_model(state, model)
-        return model_card(model)
+        return anthropic_card(model) if is_anthropic(request.scope) else model_card(model)
 
     @app.get("/metrics")
     async def metrics_route():

@@ -81,15 +81,23 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "param": _printable(param), "code": code}}
 
 
+def route_error_body(scope: dict, status: int, message: str, param: str | None = None,
+                     code: str | None = None) -> dict:
+    """The envelope as the request's route answers it (`scope`: the request's): TGI's routes with its
+    `error_type` too, Anthropic's Messages routes with its top-level `"type": "error"` and its error types."""
+    body = error_body(status, message, param, code)
+    if is_tgi(scope) and tgi_error_type(status):
+        body["error_type"] = tgi_error_type(status)
+    if is_anthropic(scope):
+        body = {"type": "error", "error": {**body["error"], "type": ANTHROPIC_ERROR_TYPES.get(status, "api_error")}}
+    return body
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None, scope: dict | None = None) -> JSONResponse:
-    """The envelope as a response; `scope`: the request's (TGI's routes get its `error_type` too;
-    Anthropic's Messages routes its top-level `"type": "error"` and its error types)."""
-    body = error_body(status, message, param, code)
-    if scope is not None and is_tgi(scope) and tgi_error_type(status):
-        body["error_type"] = tgi_error_type(status)
-    if scope is not None and is_anthropic(scope):
-        body = {"type": "error", "error": {**body["error"], "type": ANTHROPIC_ERROR_TYPES.get(status, "api_error")}}
+    """The envelope as a response; with the request's `scope`, as its route answers it (route_error_body)."""
+    body = error_body(status, message, param, code) if scope is None else \
+        route_error_body(scope, status, message, param, code)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -115,8 +123,11 @@ def is_tgi(scope: dict) -> bool:
 
 
 def is_anthropic(scope: dict) -> bool:
-    """Anthropic's Messages routes (/v1/messages, /v1/messages/count_tokens)."""
-    return scope.get("path", "").startswith("/v1/messages")
+    """Anthropic's Messages routes (/v1/messages, /v1/messages/count_tokens), and the models routes
+    as the `anthropic` SDK asks them (with its `anthropic-version` header)."""
+    path = scope.get("path", "")
+    return path.startswith("/v1/messages") or path.startswith("/v1/models") and any(
+        name == b"anthropic-version" for name, _ in scope.get("headers", ()))
 
 
 def tgi_error_type(status: int) -> str | None:

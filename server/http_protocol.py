@@ -18,8 +18,8 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-from server.errors import error_body
-from server.request_id import HEADER, request_id
+from server.errors import is_anthropic, route_error_body
+from server.request_id import ANTHROPIC_HEADER, HEADER, request_id
 
 
 def with_timeouts(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
@@ -77,9 +77,12 @@ def with_timeouts(header_timeout: float, body_timeout: float) -> type[H11Protoco
         def _write_408(self, cycle) -> None:
             message = f"the request's body stopped coming for {body_timeout:g} s (--body-timeout)"
             body = b"" if cycle.scope["method"] == "HEAD" else \
-                json.dumps(error_body(408, message, code="request_timeout")).encode()
+                json.dumps(route_error_body(cycle.scope, 408, message, code="request_timeout")).encode()
+            stamp = request_id(cycle.scope["headers"])  # (the ids every answer carries: server/request_id.py)
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"connection", b"close"), (HEADER, request_id(cycle.scope["headers"]))]
+                       (b"connection", b"close"), (HEADER, stamp)]
+            if is_anthropic(cycle.scope):
+                headers.append((ANTHROPIC_HEADER, stamp))
             if self.access_log:  # (the line uvicorn writes for an answer, through the same filters)
                 self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(cycle.scope),
                                         cycle.scope["method"], get_path_with_query_string(cycle.scope),

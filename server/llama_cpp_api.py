@@ -190,6 +190,7 @@ async def _serve(request: Request, body: LlamaCompletionRequest, prompt: list[in
         completion_request = CompletionRequest.model_validate(
             body.completion_body(prompt, state.engine.config.max_model_len, list(ends), state.engine.sampling_defaults()) |
             {"model": state.named(body.model)})
+        completion_request._temperature_last = body.temperature_last()  # (llama.cpp's chain)
         call = LlamaCall(request, body, completion_request, prompt)
         call.prompt_text = await asyncio.to_thread(tokenizer.decode, prompt, True, True)
         stream = await call.submit()

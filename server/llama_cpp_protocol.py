@@ -20,7 +20,7 @@ OFF_ONLY = {"mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_m
             "post_sampling_probs": False, "return_progress": False}
 # taken, no effect: the prefix cache is always on, and no context is shifted (n_keep, n_discard); slots,
 # pings and timings' detail are llama.cpp's own
-TAKEN = ("cache_prompt", "id_slot", "n_cache_reuse", "timings_per_token", "samplers", "repeat_last_n",
+TAKEN = ("cache_prompt", "id_slot", "n_cache_reuse", "timings_per_token", "repeat_last_n",
          "dynatemp_exponent", "mirostat_tau", "mirostat_eta", "xtc_threshold", "dry_base", "dry_allowed_length",
          "dry_penalty_last_n", "dry_sequence_breakers", "sse_ping_interval", "n_keep", "n_discard")
 RANDOM_SEED = 2**32 - 1  # llama.cpp's LLAMA_DEFAULT_SEED (-1 as it reads it): a new seed each request
@@ -34,6 +34,13 @@ def sampling_defaults(model_defaults: dict | None) -> dict:
     generation config, engine/generation_defaults.py) those instead; never its token cap
     (n_predict stays llama.cpp's)."""
     return LLAMA_SERVER_SAMPLING | {k: v for k, v in (model_defaults or {}).items() if k in LLAMA_SERVER_SAMPLING}
+
+
+# in `samplers` (names, or a string of their letters): those whose cut a temperature before them changes
+# (top-k keeps the same tokens at any temperature)
+SCALE_DEPENDENT = {"top_p", "top-p", "nucleus", "p", "min_p", "min-p", "m",
+                   "typ_p", "typ-p", "typical_p", "typical-p", "typical", "typ", "y"}
+TEMPERATURE = {"temperature", "temp", "t"}
 
 
 # llama.cpp's other names for its fields
@@ -61,6 +68,7 @@ class LlamaCompletionRequest(RequestBody):
     json_schema: Union[dict, StrictBool, None] = None
     logit_bias: Union[list[list[Any]], dict[str, Union[StrictFloat, StrictBool]], None] = None
     return_tokens: StrictBool = False
+    samplers: Union[list[str], str, None] = None  # read for where the temperature stands (temperature_last)
     ffn_skip: Optional[FFNSkip] = None
     lora: Optional[list[LoraScale]] = None  # its --lora adapters' scales (`lora_scales`)
 
@@ -106,6 +114,15 @@ class LlamaCompletionRequest(RequestBody):
                                         "logit_bias")
             bias[key] = -100.0 if pair[1] is False else float(pair[1])
         return bias
+
+    def temperature_last(self) -> bool:
+        """Whether the temperature scales the distribution after top-p, min-p and typical sampling cut
+        it: llama.cpp's default chain (top-k, typical, top-p, min-p, then the temperature), and a
+        `samplers` order that puts it after them or leaves it out; one that puts it before any of
+        them, first (vLLM's order, this engine's elsewhere)."""
+        names = list(self.samplers) if isinstance(self.samplers, str) else [n.lower() for n in self.samplers or ()]
+        at = next((i for i, name in enumerate(names) if name in TEMPERATURE), len(names))
+        return not any(name in SCALE_DEPENDENT for name in names[at + 1:])
 
     @property
     def seed_taken(self) -> int:

@@ -44,6 +44,11 @@ def tool_input(arguments: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def tool_use_id(call: dict) -> str:
+    """A chat tool call's id as Anthropic spells a tool_use block's (`toolu_...`; chat's are `call_...`)."""
+    return "toolu_" + call["id"].removeprefix("call_")
+
+
 class MessageCall:
     """One Messages request: its chat request's life (CompletionCall), written as a message."""
 
@@ -72,7 +77,7 @@ class MessageCall:
         if said.get("content"):
             content.append({"type": "text", "text": said["content"]})
         for call in said.get("tool_calls") or []:
-            content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+            content.append({"type": "tool_use", "id": tool_use_id(call), "name": call["function"]["name"],
                             "input": tool_input(call["function"]["arguments"])})
         return self.envelope(content, self.stop(choice["finish_reason"], choice.get("stop_reason")),
                              usage(chat["usage"]))
@@ -140,7 +145,8 @@ class MessageCall:
                         yield e
                 yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": delta["content"]})
             for call in delta.get("tool_calls") or []:  # each whole: one block, its input in one delta
-                for e in start({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": {}}):
+                for e in start({"type": "tool_use", "id": tool_use_id(call), "name": call["function"]["name"],
+                                "input": {}}):
                     yield e
                 yield event("content_block_delta", index=index,
                             delta={"type": "input_json_delta", "partial_json": call["function"]["arguments"]})

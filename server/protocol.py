@@ -796,6 +796,8 @@ class CompletionRequest(CommonRequest):
     # set by TGI's routes (server/tgi_api.py): sampled as TGI samples, its logprobs of the distribution
     # drawn from and its frequency penalty over the whole text
     _as_tgi: bool = PrivateAttr(False)
+    # set by llama.cpp's routes (server/llama_cpp_api.py): the temperature after the filters, as its chain
+    _temperature_last: bool = PrivateAttr(False)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -822,6 +824,7 @@ class CompletionRequest(CommonRequest):
         params = self.choices_sampling(self.logprobs, max_tokens)
         params.prompt_only = self.prompt_only
         params.logprobs_processed = params.frequency_over_text = self._as_tgi
+        params.temperature_last = self._temperature_last
         params.logprobs_param = "logprobs"
         if self.echo and self.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
             score_prompt(params, self.logprobs)

@@ -53,6 +53,26 @@ def test_a_completion_is_the_v1_answer_in_llama_cpps_shape(server):
     assert (settings["temperature"], settings["top_k"], settings["top_p"], settings["min_p"]) == (0.8, 40, 0.95, 0.05)
 
 
+def test_the_temperature_scales_what_the_filters_kept_as_in_llama_cpps_chain(server):
+    """llama.cpp's chain cuts, then scales: top_p 0.5 keeps the likeliest token alone where it holds
+    half the mass at temperature 1 (each of the counting's next tokens does) and a temperature of 2
+    after it changes nothing: every seed writes the greedy text. A `samplers` order with the
+    temperature before top_p (a list of names, or llama.cpp's letters) scales first, as vLLM: flattened,
+    the nucleus holds many tokens."""
+    greedy = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 10, "temperature": 0}).json()["content"]
+    hot = {"prompt": PROMPT, "n_predict": 10, "temperature": 2.0, "top_k": 0, "top_p": 0.5, "min_p": 0.0}
+    last = [_post(server, "/completion", dict(hot, seed=seed, **order)).json()["content"]
+            for seed, order in ((1, {}), (2, {"samplers": ["top_k", "top_p", "min_p", "temperature"]}),
+                                (3, {"samplers": "kpmt"}))]
+    first = [_post(server, "/completion", dict(hot, seed=seed, samplers=order)).json()["content"]
+             for seed, order in ((1, ["top_k", "temperature", "top_p", "min_p"]), (2, "ktpm"))]
+    if not cuda_available():  # the CPU path's greedy text
+        assert last == [greedy] * 3
+    assert greedy not in first and first[0] != first[1]
+    r = _post(server, "/completion", dict(hot, samplers=[1]))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "samplers.0"
+
+
 def test_seeds_are_read_as_llama_cpp_reads_them(server):
     """A 32-bit unsigned value (-2 is 4294967294, a fixed seed), -1 (4294967295) and none: a new one each time."""
     answers = [_post(server, "/completion", {"prompt": PROMPT, "n_predict": 12, "temperature": 1.0, **seed}).json()

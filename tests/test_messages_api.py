@@ -104,7 +104,7 @@ def test_a_forced_tool_call_is_a_tool_use_block_and_its_result_goes_back(claude,
         m = claude.messages.create(**kwargs)
     assert m.stop_reason == "tool_use"
     (use,) = [b for b in m.content if b.type == "tool_use"]
-    assert use.name == "paint" and isinstance(use.input.get("colour"), str)
+    assert use.name == "paint" and isinstance(use.input.get("colour"), str) and use.id.startswith("toolu_")
     history = ask + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]}]
     result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "done"}]}
     follow = claude.messages.create(model=MODEL, max_tokens=20, tools=[PAINT], extra_body=GREEDY,
@@ -213,3 +213,19 @@ def test_the_sdk_reads_each_answers_request_id(claude):
     assert raw.request_id and raw.request_id == raw.headers["x-request-id"] and raw.parse()._request_id == raw.request_id
     other = claude.messages.with_raw_response.count_tokens(model=MODEL, messages=QUESTION)
     assert other.request_id and other.request_id != raw.request_id
+
+
+def test_the_sdk_lists_and_retrieves_the_models_in_anthropics_shape(server, claude):
+    """`models.list()` / `models.retrieve()` (GET /v1/models with the SDK's `anthropic-version`
+    header): Anthropic's fields beside OpenAI's, its page fields, its 404; an OpenAI client's list
+    stays OpenAI's."""
+    page = claude.models.list()
+    assert [m.id for m in page.data] == [MODEL] and page.has_more is False and page.first_id == page.last_id == MODEL
+    (card,) = page.data
+    assert card.type == "model" and card.display_name == MODEL and card.created_at.tzinfo is not None
+    assert claude.models.retrieve(MODEL).display_name == MODEL
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        claude.models.retrieve("no-such-model")
+    assert raised.value.type == "not_found_error" and raised.value.request_id
+    plain = httpx.get(server.url + "/v1/models", timeout=30).json()
+    assert "has_more" not in plain and "display_name" not in plain["data"][0]

@@ -78,6 +78,57 @@ def test_every_row_draws_from_its_filtered_distribution(few_candidates, device):
 
 
 @pytest.mark.parametrize("poison", [0.0, float("nan")])
+def llama_chain_probs(logits, temperature, top_k, top_p, min_p):
+    """One row's distribution as llama.cpp's default chain makes it, step by step with a full sort
+    (float64): top-k, top-p (over what top-k kept), min-p, then the temperature over what they kept."""
+    x = logits.double()
+    if top_k:
+        x = x.masked_fill(x < x.topk(min(top_k, x.numel())).values[-1], float("-inf"))
+    probs = x.softmax(-1)
+    if top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, ordered)
+    if min_p:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+    return (x / temperature).masked_fill(probs == 0, float("-inf")).softmax(-1)
+
+
+LLAMA_CHAIN = [  # temperature, top_k, top_p, min_p, logit scale
+    (0.8, 40, 0.95, 0.05, 1.0),  # llama-server's defaults
+    (0.5, 0, 0.9, 0.0, 3.0),  # a nucleus cut at temperature 1 and sharpened after
+    (1.5, 0, 0.8, 0.05, 3.0),  # min-p after top-p: top-p's mass over the whole vocabulary
+    (0.7, 0, 1.0, 0.1, 3.0),
+    (1.0, 0, 0.95, 0.0, 0.3),  # past both rungs of candidates
+    (2.0, 3, 1.0, 0.0, 2.0),
+]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p, scale", LLAMA_CHAIN)
+def test_a_temperature_last_row_draws_from_llama_cpps_chain(temperature, top_k, top_p, min_p, scale, monkeypatch):
+    """`temperature_last` (llama.cpp's /completion): the filters cut the unscaled distribution in
+    llama.cpp's order and the temperature scales what they keep; its rows beside rows in vLLM's order
+    in one call each draw from their own."""
+    from engine import typical
+
+    monkeypatch.setattr(typical, "CANDIDATES", (16, 64))  # the redraws at a small vocabulary
+    row = torch.randn(VOCAB, generator=torch.Generator().manual_seed(3)) * scale
+    expected = llama_chain_probs(row, temperature, top_k, top_p, min_p)
+    if temperature != 1.0 and top_p < 1.0 or min_p and top_p < 1.0:  # where the orders differ, they do here
+        assert not torch.allclose(expected, reference_probs(row, temperature, top_k, top_p, min_p), atol=1e-3)
+    uniform = [(j + 0.5) / GRID for j in range(GRID)]
+    llama = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, temperature_last=True)
+    vllm = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    rows = [SampleRow(llama if j % 2 == 0 else vllm, [1], [], u) for j, u in enumerate(uniform)]
+    out = sample(row[None].expand(GRID, -1).clone(), rows)
+    for offset, want in ((0, expected), (1, reference_probs(row, temperature, top_k, top_p, min_p))):
+        tokens = torch.tensor([o.token_id for o in out[offset::2]])
+        drawn = torch.bincount(tokens, minlength=VOCAB).double() / (GRID // 2)
+        assert (drawn[want == 0] == 0).all()
+        assert (drawn - want).abs().max() <= 2 / GRID + 1e-6
+
+
+@pytest.mark.parametrize("poison", [0.0, float("nan")])
 def test_draw_writes_every_row_with_a_token_of_the_vocabulary(poison):
     """Every row gets a token id, also a row whose logits are not numbers (a model that overflowed):
     an id past the vocabulary would fail the step, or on CUDA the device."""

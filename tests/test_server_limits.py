@@ -81,22 +81,37 @@ def test_a_body_that_stops_coming_is_answered_408_and_closed(server):
     """The session server runs with --body-timeout 3: the deadline is between two reads, so a body
     that keeps coming, however slowly, is read whole."""
     body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 2}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    def head(path: str) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    # two stalled at once: the 408 in each route's own shape (Anthropic's on its Messages route)
+    paths = ("/v1/completions", "/v1/messages")
+    stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in paths]
+    answers = []
+    for s, path in zip(stalled, paths):
+        s.sendall(head(path).replace(b"Host: x", b"Host: x\r\nx-request-id: stalled-408") + body[:5])  # never the rest
+    t = time.monotonic()
+    for s in stalled:
+        with s:
+            answer = b""
+            while chunk := s.recv(65536):  # until the server closes it
+                answer += chunk
+            answers.append(answer.partition(b"\r\n\r\n"))
+    assert 2 < time.monotonic() - t < 20
+    for (status, _, payload), path in zip(answers, paths):
+        assert status.startswith(b"HTTP/1.1 408"), status
+        assert json.loads(payload)["error"]["code"] == "request_timeout"
+        assert b"\r\nx-request-id: stalled-408" in status  # (the client's id, as every answer carries it)
+        assert f'"POST {path} HTTP/1.1" 408' in server.log_tail(200)  # its access-log line
+    (_, _, openai_shaped), (anthropic_status, _, anthropic_shaped) = answers
+    assert json.loads(openai_shaped)["error"]["type"] == "invalid_request_error"
+    assert json.loads(anthropic_shaped)["type"] == "error"
+    assert json.loads(anthropic_shaped)["error"]["type"] == "timeout_error"
+    assert b"\r\nrequest-id: stalled-408" in anthropic_status  # (the header the anthropic SDK reads)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        s.sendall(head.replace(b"Host: x", b"Host: x\r\nx-request-id: stalled-408") + body[:5])  # never the rest
-        t = time.monotonic()
-        answer = b""
-        while chunk := s.recv(65536):  # until the server closes it
-            answer += chunk
-        assert 2 < time.monotonic() - t < 20
-    status, _, payload = answer.partition(b"\r\n\r\n")
-    assert status.startswith(b"HTTP/1.1 408"), answer
-    assert json.loads(payload)["error"]["code"] == "request_timeout"
-    assert b"\r\nx-request-id: stalled-408" in status  # (the client's id, as every answer carries it)
-    assert '"POST /v1/completions HTTP/1.1" 408' in server.log_tail(200)  # its access-log line
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        s.sendall(head)
+        s.sendall(head("/v1/completions"))
         for i in range(0, len(body), len(body) // 4 + 1):  # 4 s in all, 1 s between reads
             time.sleep(1)
             s.sendall(body[i:i + len(body) // 4 + 1])
