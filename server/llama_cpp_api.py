@@ -21,7 +21,7 @@ from server.errors import APIError, named_as_sent
 from server.generation import (EventStream, check_token_ids, encode_chat, ready_tokenizer, scaled_adapters,
                                served_model)
 from server.fill_in_middle import fim_ends, fim_prompt, fim_tokens, leading_specials
-from server.llama_cpp_protocol import (RANDOM_SEED, InfillRequest, LlamaCompletionRequest, lora_scales,
+from server.llama_cpp_protocol import (CHAIN, RANDOM_SEED, InfillRequest, LlamaCompletionRequest, lora_scales,
                                        sampling_defaults)
 from engine.sampling_params import InvalidParamError
 from server import __version__
@@ -71,7 +71,7 @@ class LlamaCall(CompletionCall):
                 "n_probs": b.n_probs or 0, "ignore_eos": b.ignore_eos, "stream": b.stream,
                 "repeat_penalty": 1.0 if self.body.repetition_penalty is None else self.body.repetition_penalty,
                 "presence_penalty": b.presence_penalty or 0.0, "frequency_penalty": b.frequency_penalty or 0.0,
-                "model": self.body.model}
+                "samplers": CHAIN[b.temperature_last()], "model": self.body.model}
 
     def final(self, content: str, tokens: list[int], finish, usage: dict, new_line: bool) -> dict:
         """The answer's whole object (non-streaming), or the stream's last chunk (`content` "");
@@ -237,7 +237,7 @@ async def props(request: Request):
     defaults = {"n_predict": -1, "temperature": sampling["temperature"], "top_k": sampling["top_k"],
                 "top_p": sampling["top_p"], "min_p": sampling["min_p"], "seed": RANDOM_SEED,
                 "repeat_penalty": sampling["repetition_penalty"], "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                "stop": [], "n_probs": 0, "ignore_eos": False, "stream": False}
+                "stop": [], "n_probs": 0, "ignore_eos": False, "stream": False, "samplers": CHAIN[True]}
     return {"default_generation_settings": {"n_ctx": config.max_model_len, "params": defaults},
             "total_slots": config.max_num_seqs, "model_alias": state.served_names[0],
             "model_path": config.model or state.served_names[0], "chat_template": tokenizer.chat_template or "",

@@ -43,6 +43,12 @@ SCALE_DEPENDENT = {"top_p", "top-p", "nucleus", "p", "min_p", "min-p", "m",
 TEMPERATURE = {"temperature", "temp", "t"}
 
 
+# the order this engine applies a /completion request's samplers in, as llama.cpp's `generation_settings`
+# name them (typical sampling cuts last of the filters here; llama.cpp's chain has it after top-k)
+CHAIN = {True: ["penalties", "top_k", "top_p", "min_p", "typ_p", "temperature"],  # temperature_last
+         False: ["penalties", "temperature", "top_k", "min_p", "top_p", "typ_p"]}  # vLLM's order
+
+
 # llama.cpp's other names for its fields
 ALIASES = {"max_tokens": "n_predict", "max_completion_tokens": "n_predict", "logprobs": "n_probs", "n": "n_cmpl"}
 

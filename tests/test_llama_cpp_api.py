@@ -69,6 +69,9 @@ def test_the_temperature_scales_what_the_filters_kept_as_in_llama_cpps_chain(ser
     if not cuda_available():  # the CPU path's greedy text
         assert last == [greedy] * 3
     assert greedy not in first and first[0] != first[1]
+    settings = [_post(server, "/completion", dict(hot, n_predict=1, **order)).json()["generation_settings"]["samplers"]
+                for order in ({}, {"samplers": "ktpm"})]  # the order applied, named as llama.cpp names it
+    assert settings[0][-1] == "temperature" and settings[1].index("temperature") < settings[1].index("top_p")
     r = _post(server, "/completion", dict(hot, samplers=[1]))
     assert r.status_code == 400 and r.json()["error"]["param"] == "samplers.0"
 
