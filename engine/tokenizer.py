@@ -75,6 +75,13 @@ def _chat_template(folder: Path, config: dict) -> str | None:
     return template
 
 
+def _spaced(content: str) -> str:
+    """A plain line's content after its role's colon: one space before it, none where it opens with
+    whitespace of its own."""
+    content = content or ""
+    return content if content[:1].isspace() else " " + content
+
+
 def _known_roles(messages: list[dict], template: str | None) -> list[dict]:
     """OpenAI's `developer` messages (its newer name for the system prompt) as `system` ones, for a
     template that names no developer role (as llama.cpp's server maps them): such a template prints
@@ -191,8 +198,9 @@ class Tokenizer:
             if options.variables:
                 raise InvalidParamError("this model has no chat template to pass chat_template_kwargs to",
                                         "chat_template_kwargs")
-            # No template: plain "role: content" lines, then the assistant's turn.
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add else "")
+            # No template: plain "role: content" lines, then the assistant's turn ("assistant:", whose
+            # answer opens with the space the model writes after it: no second one where it comes back)
+            text = "".join(f"{m['role']}:{_spaced(m['content'])}\n" for m in messages) + ("assistant:" if add else "")
         else:
             try:
                 text = self._template.render(**options.variables, messages=messages, add_generation_prompt=add,

@@ -93,6 +93,14 @@ def test_without_a_template_chats_render_plain_and_template_variables_are_refuse
     with pytest.raises(InvalidParamError) as caught:
         gemma.render_chat(chat, ChatOptions(variables={"enable_thinking": False}))
     assert caught.value.param == "chat_template_kwargs"
+    # an answer comes back as the model wrote it after "assistant:", its space first: sent back in the
+    # history, the prompt holds the text (and tokens) the model made, not a second space before it
+    question = [{"role": "user", "content": "Capital of France?"}]
+    answer = " The capital of France is Paris."
+    history = gemma.render_chat([*question, {"role": "assistant", "content": answer}, {"role": "user", "content": "Why?"}])
+    assert history.startswith(gemma.render_chat(question) + answer + "\n")
+    assert history == gemma.render_chat([*question, {"role": "assistant", "content": answer.lstrip()},
+                                         {"role": "user", "content": "Why?"}])
 
 
 def test_logprob_tokens_keep_their_leading_space_under_a_decoder_that_strips_one(tmp_path):
