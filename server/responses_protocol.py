@@ -34,7 +34,17 @@ class InputText(Strict):
     logprobs: Optional[list] = None
 
 
-_PART = TypeAdapter(InputText)
+class RefusalPart(Strict):
+    """An assistant output message's refusal, sent back: its text is what the assistant said."""
+    type: Literal["refusal"]
+    refusal: str
+
+    @property
+    def text(self) -> str:
+        return self.refusal
+
+
+_PART, _REFUSAL = TypeAdapter(InputText), TypeAdapter(RefusalPart)
 
 
 def text_parts(value):
@@ -45,10 +55,10 @@ def text_parts(value):
     parts = []
     for j, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in (None, "input_text", "output_text"):
+        if kind not in (None, "input_text", "output_text", "refusal"):
             raise InvalidParamError(f"content parts of type '{kind}' are not supported: this model takes text only")
         try:
-            parts.append(_PART.validate_python(part))
+            parts.append((_REFUSAL if kind == "refusal" else _PART).validate_python(part))
         except ValidationError as exc:
             message, _ = validation_message(dict(exc.errors()[0], loc=("content", j, *exc.errors()[0]["loc"])))
             raise InvalidParamError(message) from None
@@ -56,7 +66,7 @@ def text_parts(value):
 
 
 # a message's content or a call result's output: text, or text parts (each checked by text_parts)
-TextContent = Annotated[Union[str, list[InputText]], BeforeValidator(text_parts)]
+TextContent = Annotated[Union[str, list[Union[InputText, RefusalPart]]], BeforeValidator(text_parts)]
 
 
 def joined(value) -> str:
@@ -83,6 +93,11 @@ class FunctionCallItem(Strict):
     arguments: str  # JSON text
     id: Optional[str] = None
     status: Optional[str] = None
+    # the openai SDK's fields of a call, in an output item dumped with its nulls and sent back: no call
+    # is made by a program or in a namespace here (`async` changes nothing for a call the client makes)
+    async_: Optional[StrictBool] = Field(None, alias="async")
+    caller: None = None
+    namespace: None = None
 
 
 class FunctionCallOutputItem(Strict):
@@ -91,6 +106,9 @@ class FunctionCallOutputItem(Strict):
     output: TextContent
     id: Optional[str] = None
     status: Optional[str] = None
+    name: Optional[str] = None  # the function's (its call_id names the call)
+    caller: None = None  # (as FunctionCallItem's)
+    namespace: None = None
 
     def text(self) -> str:
         return joined(self.output)
@@ -346,7 +364,7 @@ class ResponsesRequest(SamplingRequest, ClientHints):
                 items.append(dict(item.model_dump(exclude_none=True), id=item.id or new_id("rs_")))
             else:
                 prefix = "fc_" if isinstance(item, FunctionCallItem) else "fco_"
-                dumped = item.model_dump(exclude_none=True)
+                dumped = item.model_dump(by_alias=True, exclude_none=True)
                 items.append(dict(dumped, id=item.id or new_id(prefix), status="completed"))
         return items
 

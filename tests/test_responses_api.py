@@ -205,6 +205,13 @@ def test_forced_tool_calls_are_function_call_items_and_their_results_render_as_c
             {"role": "tool", "tool_call_id": call.call_id, "content": "22 C, sunny"}]
     chat_tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in TOOLS]
     assert after.usage.input_tokens == _count(server, chat, tools=chat_tools)
+    # the same with the items dumped as JSON, the SDK's fields of a call held at null (async, caller,
+    # namespace) and a result naming its function
+    dumped = [given[0], *[c.model_dump(mode="json", by_alias=True) for c in r.output],
+              dict(given[-1], name="get_weather", caller=None, namespace=None)]
+    assert {"async", "caller", "namespace"} <= set(dumped[1])
+    as_json = client.responses.create(model=MODEL, input=dumped, tools=TOOLS, max_output_tokens=20, temperature=0)
+    assert as_json.usage.input_tokens == after.usage.input_tokens
     # the same through previous_response_id: only the result is new input
     chained = client.responses.create(model=MODEL, previous_response_id=r.id, tools=TOOLS, max_output_tokens=20,
                                       input=[{"type": "function_call_output", "call_id": call.call_id,
@@ -365,6 +372,14 @@ def test_fields_clients_send_with_their_defaults_are_taken(client):
                                 metadata={"run": "1"}, prompt_cache_key="k",
                                 extra_body={"prompt_cache_retention": "in_memory"})  # (older SDKs lack the argument)
     assert r.status in ("completed", "incomplete") and r.to_dict()["prompt_cache_retention"] == "in_memory"
+    # an output message's refusal part, sent back: what the assistant said, as its text
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [
+        {"type": "refusal", "refusal": "I cannot help with that."}]}, {"role": "user", "content": "Why?"}]
+    refused = client.responses.create(model=MODEL, input=history, max_output_tokens=1)
+    said = client.responses.create(model=MODEL, max_output_tokens=1, input=[
+        history[0], {"role": "assistant", "content": "I cannot help with that."}, history[2]])
+    assert refused.usage.input_tokens == said.usage.input_tokens
+    assert client.responses.input_items.list(refused.id, order="asc").data[1].content[0].type == "refusal"
 
 
 def test_references_that_repeat_a_stored_item_past_the_body_limit_are_a_400(client, server):
