@@ -167,9 +167,11 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_keys: tup
         return {"version": __version__}
 
     def model_card(name: str) -> dict:
+        # as vLLM lists them: the model's root its path (no parent); an adapter's its folder, and the model under it
         card = {"id": name, "object": "model", "created": int(state.started), "owned_by": "skipserve",
+                "root": engine.config.model or state.served_names[0], "parent": None,
                 "max_model_len": engine.config.max_model_len}
-        if name not in state.served_names:  # as vLLM lists an adapter: its folder, and the model under it
+        if name not in state.served_names:
             card |= {"root": state.adapters[name], "parent": state.served_names[0]}
         return card
 

@@ -222,6 +222,7 @@ def test_served_adapters_are_listed_and_answer_as_their_model(lora_server):
     cards = {m.id: m for m in client.models.list().data}
     assert list(cards) == ["smollm2-135m-instruct", "ada", "qkv"]
     assert cards["ada"].parent == "smollm2-135m-instruct" and cards["ada"].root.endswith("/ada")
+    assert cards["smollm2-135m-instruct"].parent is None and cards["smollm2-135m-instruct"].root  # (vLLM's too)
     assert client.models.retrieve("qkv").parent == "smollm2-135m-instruct"
     answers, logprobs = {}, {}
     for model in ("smollm2-135m-instruct", "ada", "qkv"):
