@@ -55,7 +55,8 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
     tokens = best.indices  # the greedy rows' tokens
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     cut_first = [i for i in drawn if params[i].temperature_last and _filtered(params[i])]
-    typical = [i for i in drawn if params[i].typical_p < 1.0 and i not in set(cut_first)]
+    typical = [i for i in drawn if params[i].typical_p < 1.0 and not params[i].temperature_last]
+    plain = set(typical) | set(cut_first)  # rows whose logits the filters below mask: drawn unfiltered
     if typical:  # every filter, typical sampling's last, over the whole vocabulary; then drawn unfiltered
         put_rows(logits, typical, mask_filtered(take_rows(logits, typical), *_settings(params, typical)))
     if cut_first:  # llama.cpp's chain: the filters on the unscaled logits; then drawn at the temperature, unfiltered
@@ -63,9 +64,8 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | ValueE
         put_rows(logits, cut_first, mask_filtered(take_rows(logits, cut_first), [1.0] * len(cut_first), *cuts,
                                                   min_p_last=True))
     if raw is not None:  # (the typical and cut-first rows' logits are filtered by now)
-        _process_logprob_rows(raw, logits, params, set(typical) | set(cut_first))
+        _process_logprob_rows(raw, logits, params, plain)
     if drawn:
-        plain = set(typical) | set(cut_first)
         put_rows(tokens, drawn, draw(take_rows(logits, drawn), [params[i].temperature for i in drawn],
                                      [0 if i in plain else params[i].top_k for i in drawn],
                                      [1.0 if i in plain else params[i].top_p for i in drawn],
