@@ -25,7 +25,7 @@ from server.errors import APIError
 from server.generation import (EventStream, Usage, check_reasoning_effort, consume, encode_chat, prompt_limit,
                                ready_tokenizer, served_model, stopped, submit)
 from server.reasoning import Reasoning, request_reasoning, split_output
-from server.responses_protocol import ResponsesRequest, new_id
+from server.responses_protocol import ResponsesRequest, check_calls_answered, new_id
 from server.tool_calls import whole_arguments
 
 router = APIRouter()
@@ -111,6 +111,7 @@ class ResponseCall:
         instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
         self.given = body.messages()
         messages = self.earlier + self.given
+        check_calls_answered(messages)
         prompt_ids = await encode_chat(state, instructions + messages, body.tool_use, body.chat_options)
         sampling = body.tool_use.show_tags(sampling)
         limit = prompt_limit(state, body.max_output_tokens or 1)

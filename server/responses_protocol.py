@@ -193,6 +193,22 @@ def input_messages(items: list) -> list[dict]:
     return messages
 
 
+def check_calls_answered(messages: list[dict]) -> None:
+    """As OpenAI's Responses API: each function call in the conversation (this input's and the stored
+    turns' it continues) has its output in it, and each output answers a call; a 400 naming the first
+    that does not (the model would answer from a history in which a call got no result, or a result
+    came from no call)."""
+    calls = [call["id"] for m in messages for call in m.get("tool_calls") or ()]
+    answered = {m["tool_call_id"] for m in messages if m["role"] == "tool"}
+    for m in messages:
+        if m["role"] == "tool" and m["tool_call_id"] not in calls:
+            raise InvalidParamError(f"No tool call found for function call output with call_id {m['tool_call_id']}.",
+                                    "input")
+    for call_id in calls:
+        if call_id not in answered:
+            raise InvalidParamError(f"No tool output found for function call {call_id}.", "input")
+
+
 class TextFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     name: Optional[str] = Field(None, pattern=r"^[a-zA-Z0-9_-]{1,64}$")
@@ -296,6 +312,13 @@ class ResponsesRequest(SamplingRequest, ClientHints):
             except ValidationError as exc:
                 error = exc.errors()[0]
                 raise InvalidParamError(*validation_message(dict(error, loc=("input", i, *error["loc"][1:])))) from None
+        seen = set()  # the client's own item ids, each once (as OpenAI: stored and listed by them)
+        for i, item in enumerate(items):
+            if item.id is not None and not isinstance(item, ItemReference):
+                if item.id in seen:
+                    raise InvalidParamError(f"Duplicate item found with id {item.id}. Remove the duplicate item "
+                                            "from your input and try again.", f"input.{i}")
+                seen.add(item.id)
         return items
 
     @field_validator("include")

@@ -194,35 +194,37 @@ def test_forced_tool_calls_are_function_call_items_and_their_results_render_as_c
     if not cuda_available():
         assert streamed.output[0].arguments == r.output[0].arguments
     # the output items go back as input with the call's result: the prompt chat would render for it
-    call = r.output[0]
-    given = [{"role": "user", "content": "What's the weather in Paris?"}, *r.output,
-             {"type": "function_call_output", "call_id": call.call_id, "output": "22 C, sunny"}]
+    results = [{"type": "function_call_output", "call_id": c.call_id, "output": "22 C, sunny"} for c in r.output]
+    given = [{"role": "user", "content": "What's the weather in Paris?"}, *r.output, *results]
     after = client.responses.create(model=MODEL, input=given, tools=TOOLS, max_output_tokens=20, temperature=0)
     chat = [{"role": "user", "content": "What's the weather in Paris?"},
             {"role": "assistant", "content": None, "tool_calls": [
                 {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                 for c in r.output]},
-            {"role": "tool", "tool_call_id": call.call_id, "content": "22 C, sunny"}]
+            *[{"role": "tool", "tool_call_id": c.call_id, "content": "22 C, sunny"} for c in r.output]]
     chat_tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in TOOLS]
     assert after.usage.input_tokens == _count(server, chat, tools=chat_tools)
     # the same with the items dumped as JSON, the SDK's fields of a call held at null (async, caller,
     # namespace) and a result naming its function
     dumped = [given[0], *[c.model_dump(mode="json", by_alias=True) for c in r.output],
-              dict(given[-1], name="get_weather", caller=None, namespace=None)]
+              *[dict(result, name="get_weather", caller=None, namespace=None) for result in results]]
     assert {"async", "caller", "namespace"} <= set(dumped[1])
     as_json = client.responses.create(model=MODEL, input=dumped, tools=TOOLS, max_output_tokens=20, temperature=0)
     assert as_json.usage.input_tokens == after.usage.input_tokens
     # the same through previous_response_id: only the result is new input
     chained = client.responses.create(model=MODEL, previous_response_id=r.id, tools=TOOLS, max_output_tokens=20,
-                                      input=[{"type": "function_call_output", "call_id": call.call_id,
-                                              "output": "22 C, sunny"}], temperature=0)
-    if len(r.output) == 1:
-        assert chained.usage.input_tokens == after.usage.input_tokens
+                                      input=results, temperature=0)
+    assert chained.usage.input_tokens == after.usage.input_tokens
+    # a call left without its result is a 400, as OpenAI answers it (the model would read a history
+    # in which the call got no answer)
+    with pytest.raises(openai.BadRequestError) as unanswered:
+        client.responses.create(model=MODEL, previous_response_id=r.id, input="Never mind.", max_output_tokens=4)
+    assert unanswered.value.body["param"] == "input" and r.output[0].call_id in unanswered.value.body["message"]
     # the same with the stored call items named by id, as clients that store responses send them
     referenced = client.responses.create(model=MODEL, tools=TOOLS, max_output_tokens=20, temperature=0, input=[
         {"role": "user", "content": "What's the weather in Paris?"},
         *[{"type": "item_reference", "id": c.id} for c in r.output],
-        {"type": "function_call_output", "call_id": call.call_id, "output": "22 C, sunny"}])
+        *results])
     assert referenced.usage.input_tokens == after.usage.input_tokens
     listed = client.responses.input_items.list(referenced.id, order="asc").data
     assert [i.type for i in listed][1:1 + len(r.output)] == ["function_call"] * len(r.output)
@@ -256,6 +258,11 @@ def test_ffn_skip_budget_applies_and_is_reported(client):
     ({"input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}]}, "input.0"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input.0.call_id"),
     ({"input": []}, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]}, "input"),  # no output
+    ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c9", "output": "1"}]},
+     "input"),  # the output of no call
+    ({"input": [{"role": "user", "content": "a", "id": "msg_1"}, {"role": "user", "content": "b", "id": "msg_1"}]},
+     "input.1"),
     ({"input": [{"type": "item_reference", "id": "fc_nothing"}]}, "input.0"),  # nothing stored under it
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0"),
     ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
