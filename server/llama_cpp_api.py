@@ -71,7 +71,7 @@ class LlamaCall(CompletionCall):
                 "n_probs": b.n_probs or 0, "ignore_eos": b.ignore_eos, "stream": b.stream,
                 "repeat_penalty": 1.0 if self.body.repetition_penalty is None else self.body.repetition_penalty,
                 "presence_penalty": b.presence_penalty or 0.0, "frequency_penalty": b.frequency_penalty or 0.0,
-                "samplers": CHAIN[self.body._temperature_last], "model": self.body.model}
+                "samplers": b.applied(), "model": self.body.model}
 
     def final(self, content: str, tokens: list[int], finish, usage: dict, new_line: bool) -> dict:
         """The answer's whole object (non-streaming), or the stream's last chunk (`content` "");

@@ -36,11 +36,16 @@ def sampling_defaults(model_defaults: dict | None) -> dict:
     return LLAMA_SERVER_SAMPLING | {k: v for k, v in (model_defaults or {}).items() if k in LLAMA_SERVER_SAMPLING}
 
 
-# in `samplers` (names, or a string of their letters): those whose cut a temperature before them changes
-# (top-k keeps the same tokens at any temperature)
-SCALE_DEPENDENT = {"top_p", "top-p", "nucleus", "p", "min_p", "min-p", "m",
-                   "typ_p", "typ-p", "typical_p", "typical-p", "typical", "typ", "y"}
-TEMPERATURE = {"temperature", "temp", "t"}
+# `samplers`' names (llama.cpp's, and the other spellings its command line takes) and letters, as the
+# names this engine's samplers go by; names of samplers this engine has not (dry, xtc, ...: taken
+# switched off, OFF_ONLY) and unknown names are left out of the chain, as llama.cpp leaves them
+SAMPLER_NAMES = {"penalties": "penalties", "top_k": "top_k", "top-k": "top_k", "top_p": "top_p", "top-p": "top_p",
+                 "nucleus": "top_p", "min_p": "min_p", "min-p": "min_p", "typ_p": "typ_p", "typ-p": "typ_p",
+                 "typical_p": "typ_p", "typical-p": "typ_p", "typical": "typ_p", "typ": "typ_p",
+                 "temperature": "temperature", "temp": "temperature"}
+SAMPLER_LETTERS = {"e": "penalties", "k": "top_k", "p": "top_p", "m": "min_p", "y": "typ_p", "t": "temperature"}
+# the samplers whose cut a temperature before them changes (top-k keeps the same tokens at any temperature)
+SCALE_DEPENDENT = {"top_p", "min_p", "typ_p"}
 
 
 # the order this engine applies a /completion request's samplers in, as llama.cpp's `generation_settings`
@@ -48,6 +53,12 @@ TEMPERATURE = {"temperature", "temp", "t"}
 CHAIN = {True: ["penalties", "top_k", "top_p", "min_p", "typ_p", "temperature"],  # temperature_last
          False: ["penalties", "temperature", "top_k", "min_p", "top_p", "typ_p"]}  # vLLM's order
 
+
+# the fields of each sampler a `samplers` chain leaves out, at the values that switch it off (the
+# temperature's at 1: the draw from the model's own distribution, as llama.cpp's chain ends)
+OFF_WHERE_LEFT_OUT = {"penalties": {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0},
+                      "top_k": {"top_k": 0}, "top_p": {"top_p": 1.0}, "min_p": {"min_p": 0.0}, "typ_p": {"typical_p": 1.0},
+                      "temperature": {"temperature": 1.0}}
 
 # llama.cpp's other names for its fields
 ALIASES = {"max_tokens": "n_predict", "max_completion_tokens": "n_predict", "logprobs": "n_probs", "n": "n_cmpl"}
@@ -74,7 +85,7 @@ class LlamaCompletionRequest(RequestBody):
     json_schema: Union[dict, StrictBool, None] = None
     logit_bias: Union[list[list[Any]], dict[str, Union[StrictFloat, StrictBool]], None] = None
     return_tokens: StrictBool = False
-    samplers: Union[list[str], str, None] = None  # read for where the temperature stands (temperature_last)
+    samplers: Union[list[str], str, None] = None  # the chain: which samplers apply, and the temperature's place
     ffn_skip: Optional[FFNSkip] = None
     lora: Optional[list[LoraScale]] = None  # its --lora adapters' scales (`lora_scales`)
 
@@ -121,14 +132,30 @@ class LlamaCompletionRequest(RequestBody):
             bias[key] = -100.0 if pair[1] is False else float(pair[1])
         return bias
 
+    def chain(self) -> list[str] | None:
+        """The samplers `samplers` names (a list of names, or a string of llama.cpp's letters), in
+        its order, by this engine's names; None where it is not sent (llama.cpp's default chain:
+        all of them)."""
+        if self.samplers is None:
+            return None
+        if isinstance(self.samplers, str):
+            return [SAMPLER_LETTERS[c] for c in self.samplers if c in SAMPLER_LETTERS]
+        return [SAMPLER_NAMES[n.lower()] for n in self.samplers if n.lower() in SAMPLER_NAMES]
+
     def temperature_last(self) -> bool:
         """Whether the temperature scales the distribution after top-p, min-p and typical sampling cut
         it: llama.cpp's default chain (top-k, typical, top-p, min-p, then the temperature), and a
         `samplers` order that puts it after them or leaves it out; one that puts it before any of
         them, first (vLLM's order, this engine's elsewhere)."""
-        names = list(self.samplers) if isinstance(self.samplers, str) else [n.lower() for n in self.samplers or ()]
-        at = next((i for i, name in enumerate(names) if name in TEMPERATURE), len(names))
+        names = self.chain() or []
+        at = names.index("temperature") if "temperature" in names else len(names)
         return not any(name in SCALE_DEPENDENT for name in names[at + 1:])
+
+    def applied(self) -> list[str]:
+        """The samplers applied, in the order this engine applies them, as llama.cpp names them
+        (its `generation_settings.samplers`)."""
+        given = self.chain()
+        return [name for name in CHAIN[self.temperature_last()] if given is None or name in given]
 
     @property
     def seed_taken(self) -> int:
@@ -163,6 +190,10 @@ class LlamaCompletionRequest(RequestBody):
                              ("repetition_penalty", "repeat_penalty")):
             if getattr(self, theirs) is not None:
                 body[ours] = getattr(self, theirs)
+        given = self.chain()
+        for name, off in OFF_WHERE_LEFT_OUT.items():  # a sampler `samplers` leaves out does not apply
+            if given is not None and name not in given:
+                body.update(off)
         if self.seed_taken != RANDOM_SEED:
             body["seed"] = self.seed_taken
         if self.n_probs and wanted > 0:

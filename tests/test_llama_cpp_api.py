@@ -76,6 +76,25 @@ def test_the_temperature_scales_what_the_filters_kept_as_in_llama_cpps_chain(ser
     assert r.status_code == 400 and r.json()["error"]["param"] == "samplers.0"
 
 
+def test_samplers_the_chain_leaves_out_do_not_apply(server):
+    """As llama-server builds its chain from `samplers`: top_k 1 keeps the likeliest token alone where
+    the chain holds top_k (every seed writes the greedy text, at any temperature, or with none in the
+    chain: the draw at temperature 1 from one token), and nothing where it is left out."""
+    greedy = _post(server, "/completion", {"prompt": PROMPT, "n_predict": 10, "temperature": 0}).json()["content"]
+    hot = {"prompt": PROMPT, "n_predict": 10, "temperature": 2.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0}
+    kept = [_post(server, "/completion", dict(hot, seed=seed, samplers=order)).json()["content"]
+            for seed, order in ((1, ["top_k", "temperature"]), (2, "kt"), (3, ["top_k"]))]
+    dropped = [_post(server, "/completion", dict(hot, seed=seed, samplers=order)).json()["content"]
+               for seed, order in ((1, ["temperature", "top_p"]), (2, "tpm"))]
+    if not cuda_available():
+        assert kept == [greedy] * 3
+    assert greedy not in dropped and dropped[0] != dropped[1]
+    settings = [_post(server, "/completion", dict(hot, n_predict=1, samplers=order)).json()["generation_settings"]
+                for order in (["top_k"], "ekt", ["dry", "temp", "min-p"])]
+    assert [s["samplers"] for s in settings] == [["top_k"], ["penalties", "top_k", "temperature"],
+                                                 ["temperature", "min_p"]]
+
+
 def test_seeds_are_read_as_llama_cpp_reads_them(server):
     """A 32-bit unsigned value (-2 is 4294967294, a fixed seed), -1 (4294967295) and none: a new one each time."""
     answers = [_post(server, "/completion", {"prompt": PROMPT, "n_predict": 12, "temperature": 1.0, **seed}).json()
