@@ -18,10 +18,11 @@ from fastapi.responses import Response, StreamingResponse
 
 from engine.async_engine import EngineNotReadyError
 from server.errors import APIError
-from server.generation import consume, item_param, refusal, served_base_model, take_whole, tokenize_batch, truncated
+from server.generation import (consume, encode_chat, item_param, refusal, served_base_model, take_whole,
+                               tokenize_batch, truncated)
 from server.json_body import json_bytes
 from server.metrics import RequestTimer
-from server.protocol import EmbeddingRequest
+from server.protocol import EmbeddingRequest, ToolUse
 
 router = APIRouter()
 
@@ -42,13 +43,20 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     state = request.app.state.skipserve
     arrival = time.monotonic()  # (its latency metrics count from here)
     body.model = served_base_model(state, body.model, "/v1/embeddings")
-    inputs = truncated(await tokenize_batch(state, body.inputs(), "input", MAX_INPUTS), body.truncate_prompt_tokens,
-                       state.engine.config.max_model_len, body.truncation_side)
-    size = state.engine.engine.model_config.hidden_size  # loaded: tokenize_batch found its tokenizer
+    if body.messages is not None:  # vLLM's chat form: the rendered conversation, one input
+        param = "messages"
+        messages = [m.as_dict() for m in body.messages]
+        given = [await encode_chat(state, messages, ToolUse([], None, None, None), body.embedding_chat_options)]
+    else:
+        param = "input"
+        given = await tokenize_batch(state, body.inputs(), "input", MAX_INPUTS,
+                                     special=body.add_special_tokens is not False)
+    inputs = truncated(given, body.truncate_prompt_tokens, state.engine.config.max_model_len, body.truncation_side)
+    size = state.engine.engine.model_config.hidden_size  # loaded: tokenizing found its tokenizer
     if body.dimensions is not None and body.dimensions != size:
         raise APIError(400, f"this model's embeddings have {size} dimensions; they cannot be shortened (the "
                        "model was not trained for it)", "dimensions")
-    embedded = await embed_inputs(request, inputs, arrival, "input")
+    embedded = await embed_inputs(request, inputs, arrival, param)
     if isinstance(embedded, Response):
         return embedded
     vectors, prompt_tokens = embedded
@@ -92,7 +100,8 @@ async def json_pieces(model: str, vectors: list[list[float]], encoding_format: s
     """The response's JSON, PIECE vectors at a time, the event loop free between pieces: a batch of
     2,048 vectors as floats is 24 MB of JSON, and encoding it whole held every other stream up for
     1.7 s (FastAPI's encoder walks each float, then `json.dumps`)."""
-    yield b'{"object":"list","model":' + json_bytes(model) + b',"data":['
+    head = {"id": "embd-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()), "model": model}
+    yield json_bytes(head)[:-1] + b',"data":['  # (vLLM's id and created beside OpenAI's fields)
     for start in range(0, len(vectors), PIECE):
         items = [json_bytes({"object": "embedding", "index": i, "embedding": encode_vector(vectors[i], encoding_format)})
                  for i in range(start, min(start + PIECE, len(vectors)))]

@@ -831,14 +831,33 @@ class CompletionRequest(CommonRequest):
         return params
 
 
-class EmbeddingRequest(RequestBody):
+class EmbeddingRequest(RequestBody, ChatTemplating):
+    """OpenAI's embeddings request, or vLLM's chat form of it: `messages` (rendered by the model's
+    template as chat renders them, without the assistant's turn unless `add_generation_prompt`,
+    one vector for the whole conversation) in place of `input`."""
     model: Optional[str] = None  # (as SamplingRequest's)
-    input: Texts  # one text (or token ids) or a batch of them, each embedded alone
+    input: Optional[Texts] = None  # one text (or token ids) or a batch of them, each embedded alone
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32s
     dimensions: Optional[StrictInt] = None  # only the model's own: its vectors are not made to be cut
     user: Optional[str] = None  # accepted and ignored, as in chat and completions
     truncate_prompt_tokens: Optional[StrictInt] = None  # vLLM's: each input's last k tokens (-1: the context's)
     truncation_side: Optional[Literal["left", "right"]] = None  # vLLM's: "right" keeps the first k instead
+
+    @model_validator(mode="after")
+    def _input_or_messages(self):
+        if (self.input is None) == (self.messages is None):
+            raise InvalidParamError("give exactly one of 'input' or 'messages'", "input")
+        if self.input is not None:
+            for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents"):
+                if getattr(self, name) is not None:
+                    raise InvalidParamError(f"{name} applies to 'messages', not to 'input'", name)
+        return self
+
+    @property
+    def embedding_chat_options(self) -> ChatOptions:
+        """As vLLM renders an embeddings conversation: no new assistant turn unless asked for."""
+        return dataclasses.replace(self.chat_options, add_generation_prompt=bool(self.add_generation_prompt))
 
     @field_validator("input", mode="before")
     @classmethod

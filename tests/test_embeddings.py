@@ -160,8 +160,31 @@ def test_one_text_token_ids_and_raw_base64_agree(server, client):
         list(struct.unpack("<576f", struct.pack("<576f", *one)))
 
 
+def test_a_conversation_is_embedded_as_its_rendered_prompt(server, client):
+    """vLLM's chat form: `messages` rendered by the template (no assistant turn opened unless
+    `add_generation_prompt`), one vector, the same as the rendered prompt's ids give."""
+    messages = [{"role": "system", "content": "You sort mail."}, {"role": "user", "content": "Invoice for May"}]
+    for opened in (False, True):
+        ids = httpx.post(server.url + "/tokenize", json={"messages": messages, "add_generation_prompt": opened},
+                         timeout=30).json()["tokens"]
+        body = {"model": MODEL, "messages": messages} | ({"add_generation_prompt": True} if opened else {})
+        r = httpx.post(server.url + "/v1/embeddings", json=body, timeout=60).json()
+        by_ids = client.embeddings.create(model=MODEL, input=[ids], encoding_format="float")
+        assert len(r["data"]) == 1 and r["usage"]["prompt_tokens"] == len(ids) == by_ids.usage.prompt_tokens
+        assert r["id"].startswith("embd-") and isinstance(r["created"], int)  # (vLLM's fields beside OpenAI's)
+        assert max(abs(a - b) for a, b in zip(r["data"][0]["embedding"], by_ids.data[0].embedding)) < 1e-6
+    text = "no special tokens"
+    plain = client.embeddings.create(model=MODEL, input=text, extra_body={"add_special_tokens": False})
+    count = httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=30)
+    assert plain.usage.prompt_tokens == count.json()["count"]
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"input": ""}, 400, "input"),
+    ({"input": "x", "messages": [{"role": "user", "content": "x"}]}, 400, "input"),  # one or the other
+    ({"input": "x", "add_generation_prompt": True}, 400, "add_generation_prompt"),  # (messages' setting)
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 9000}]}, 400, "messages"),  # longer than the context
     ({"input": []}, 400, "input"),
     ({"input": ["fine", ""]}, 400, "input.1"),
     ({"input": [[1, 2], []]}, 400, "input"),
