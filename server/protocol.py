@@ -626,17 +626,20 @@ class ToolUse:
 
     def finished(self, text: str, finish_reason: str | None) -> tuple[str | None, list[dict] | None]:
         """A finished answer -> (its content, its tool calls in OpenAI's shape), as `parse` reads an
-        answer that ended itself; a forced call that `max_tokens` cut off comes back as calls with
-        their arguments as far as they were written, as OpenAI returns them (a named function's
-        once its JSON has begun, before the model wrote the name; an answer cut before any name is
-        content, as is one cut while thinking, with no JSON yet), as do answers in other modes and
-        those that failed."""
+        answer that ended itself. A forced call cut off (by `max_tokens`, or by a stop string
+        before its JSON closed) comes back as calls with their arguments as far as they were
+        written, as OpenAI returns them (a named function's once its JSON has begun, before the
+        model wrote the name; an answer cut before any name is content, as is one cut while
+        thinking, with no JSON yet). An "auto" answer that `max_tokens` cut after its calls were
+        whole (a template's closing tag left unwritten) comes back as them, as vLLM's parsers read
+        it; any other is content, as are answers in other modes and those that failed."""
         if self.mode == "none" or finish_reason not in ("stop", "length"):
             return text, None
-        if finish_reason == "stop":
-            return self.parse(text)
-        calls = cut_calls(text, self.tools) if self.mode == "forced" else []
-        if not calls and self.mode == "forced" and self.named and text.strip():
+        content, calls = self.parse(text)
+        if calls is not None or self.mode != "forced":
+            return content, calls
+        calls = cut_calls(text, self.tools)
+        if not calls and self.named and text.strip():
             calls = [call_body(self.named, "")]
         return (None, calls) if calls else (text, None)
 

@@ -192,9 +192,23 @@ def test_a_call_in_the_templates_format_comes_back_as_tool_calls(template_server
                                                  temperature=0, stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert not any(d.content for d in deltas)  # nothing of the block went out as content
+    assert deltas[0].role == "assistant" and deltas[0].content is None  # as OpenAI streams calls: content null
     streamed = [call for d in deltas for call in d.tool_calls or []]
     assert [json.loads(c.function.arguments) for c in streamed] == [expected]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # cut by max_tokens once the call is whole, its closing tag unwritten: the call (as vLLM's parsers read it)
+    tokens = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": ANSWER,
+                                                       "temperature": 0, "logprobs": 0},
+                        timeout=60).json()["choices"][0]["logprobs"]["tokens"]
+    assert "".join(tokens).startswith(raw)  # (and the turn's end token, whose text the answer leaves out)
+    whole_at = next(k for k in range(1, len(tokens) + 1) if parser.parse("".join(tokens[:k]), [WEATHER], True))
+    assert whole_at < len(tokens) or template_server.format != "hermes"  # (hermes: </tool_call> follows)
+    if whole_at < len(tokens):
+        cut = client.chat.completions.create(model=MODEL, messages=history(), tools=TOOLS, max_tokens=whole_at,
+                                             temperature=0).choices[0]
+        assert cut.finish_reason == "length" and cut.message.content is None
+        assert [json.loads(c.function.arguments) for c in cut.message.tool_calls] == [expected]
 
     # the SDK's way on: the reply's message and the tool's result appended, rendered by the template
     again = history() + [choice.message.model_dump(exclude_none=True),

@@ -156,6 +156,24 @@ def test_a_forced_call_cut_off_by_max_tokens_comes_as_a_call_with_the_arguments_
         assert cut_calls == 5  # (at 2 tokens nothing of it was written)
 
 
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_a_stop_string_cuts_comes_as_a_call_with_the_arguments_written(client, tool_choice):
+    """A stop string inside the call's JSON ends the answer there: the call as far as it was written
+    (as a cut by max_tokens), not its JSON as content; `stop`, not `tool_calls` (it is not whole)."""
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice, temperature=0, max_tokens=150)
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    city = json.loads(whole.function.arguments)["city"]
+    choice = client.chat.completions.create(stop=[city], **kw).choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and city not in call.function.arguments
+    assert re.sub(r"\s", "", whole.function.arguments).startswith(re.sub(r"\s", "", call.function.arguments))
+    streamed = [c.choices[0] for c in client.chat.completions.create(stop=[city], stream=True, **kw) if c.choices]
+    assert streamed[-1].finish_reason == "stop" and not any(c.delta.content for c in streamed)
+    deltas = [d for c in streamed for d in c.delta.tool_calls or []]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [("get_weather", call.function.arguments)]
+
+
 def test_a_cut_list_of_calls_keeps_the_whole_ones_and_the_cut_ones_written_arguments():
     from server.tool_calls import cut_calls
 
