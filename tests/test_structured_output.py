@@ -151,6 +151,13 @@ def test_recursive_schemas_and_free_objects_compile():
     assert not accepts({"type": "object", "additionalProperties": {"type": "integer"}}, '{"a": "1"}')
 
 
+def test_a_property_whose_schema_is_false_is_never_written():
+    """`"b": false` forbids the key (JSON Schema's boolean schema): the documents made leave it out."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": False}, "required": ["a"]}
+    assert accepts(schema, '{"a": 1}') and not accepts(schema, '{"a": 1, "b": 2}')
+    assert accepts({"type": "object", "properties": {"b": False}}, "{}")
+
+
 def test_recursion_through_an_optional_reference_compiles():
     """What pydantic writes for a linked list (`next: Optional[Node]`): the union refers to the schema
     it is part of, which is still being compiled when the union is met."""
@@ -397,6 +404,7 @@ def test_schemas_differing_only_in_property_order_keep_their_own_order(engine):
     ({"type": "strings"}, "type must be"),
     ({"enum": [{"a": 1}]}, "enum and const"),
     ({"type": "object", "properties": {"a": 5}}, "must be an object"),
+    ({"type": "object", "properties": {"a": False}, "required": ["a"]}, "schema is false"),
     ({"oneOf": [{"type": "number"}, {"type": "integer"}]}, "oneOf"),
     ({"oneOf": [{"type": "string"}, {"enum": ["a"]}]}, "oneOf"),
     ({"const": 5, "type": "string"}, "of the schema's type"),

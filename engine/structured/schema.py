@@ -506,10 +506,14 @@ class _Compiler:
         missing = [r for r in required if r not in properties]
         if missing:
             _fail(f"required names properties the schema does not define: {', '.join(map(str, missing))}")
+        banned = [r for r in required if properties[r] is False]
+        if banned:
+            _fail(f"required properties whose schema is false (no value is valid): {', '.join(banned)}")
         if properties or ("properties" in schema and "additionalProperties" not in schema):
-            # an object with `properties` (even none) gets no other keys: `{}` for `properties: {}`
+            # an object with `properties` (even none) gets no other keys: `{}` for `properties: {}`; a
+            # property whose schema is false (a key the schema forbids) is never written
             return ObjectSpec(tuple(Property(json.dumps(name, ensure_ascii=False).encode(), self.compile(sub),
-                                             name in required) for name, sub in properties.items()))
+                                             name in required) for name, sub in properties.items() if sub is not False))
         additional = schema.get("additionalProperties", True)
         return ObjectSpec(additional=None if additional is False else self.compile(additional))
 
