@@ -322,8 +322,9 @@ class AsyncEngine:
         work it would do for nothing, such as compiling its schema; `add_request` checks again)."""
         held = sum(self._places.values())
         if held + places > self.capacity:
+            needs = f"; this request needs {places}" if places > 1 else ""
             raise QueueFullError(f"the server is at capacity ({held} of {self.capacity} sequences running or "
-                                 "waiting); retry later")
+                                 f"waiting{needs}); retry later")
 
     def _check_room(self, request_id: str, places: int) -> None:
         self.check_room(places)

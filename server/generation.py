@@ -255,9 +255,8 @@ async def submit(state, request_id: str, prompts: list[list[int]], sampling, ski
                                 f"(--max-input-tokens {cap})", item_param(param, i, len(prompts)),
                            "context_length_exceeded")
     timer = RequestTimer(state.metrics, arrival)
-    try:
-        if sampling.constrained:  # a full server refuses before compiling for nothing
-            state.engine.check_room(len(prompts) * queued_choices(state, sampling.n))
+    try:  # a full server refuses before compiling for nothing, and a request that cannot fit before taking part
+        state.engine.check_room(len(prompts) * queued_choices(state, sampling.n))
         await state.engine.compile_grammar(sampling)
     except (EngineNotReadyError, QueueFullError) as exc:
         raise refusal(exc)

@@ -143,6 +143,7 @@ def test_api_key_and_queue_full(tmp_path):
 
         refused, taken = asyncio.run(batch_beside_a_stream())
         assert refused.status_code == 429 and refused.headers["retry-after"], refused.text
+        assert "(1 of 2 sequences running or waiting; this request needs 2)" in refused.json()["error"]["message"]
         assert taken.status_code == 200 and len(taken.json()["choices"]) == 2  # the refused batch left nothing queued
         assert srv.metric("num_requests_waiting") == srv.metric("num_requests_running") == 0
 
