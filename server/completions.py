@@ -341,10 +341,10 @@ class CompletionCall:
             def extra(index):
                 return {"usage": None} if include_usage else {}
         try:
-            if self.chat:
+            if self.chat:  # an answer that is (forced) or may be (auto) calls: content null, as OpenAI streams calls
+                content = "" if self.tool_mode == "none" else None
                 for i in choices:
-                    if self.tool_mode != "auto":  # (auto: the role goes with the first delta, `_chunk`)
-                        yield self._chunk(i, self._role(calls=self.tool_mode == "forced"), None, None, extra)
+                    yield self._chunk(i, {"role": "assistant", "content": content, "refusal": None}, None, None, extra)
                     if self.body.continued_text:  # vLLM's echo: the continued message's text, then the answer's
                         yield self._chunk(i, {"content": self.body.continued_text}, None, None, extra)
             elif self.body.echo and not self.wants_logprobs:  # with logprobs: once the prompt's have come
@@ -422,12 +422,6 @@ class CompletionCall:
         if c.finish_reason is not None:  # with logprobs still held (tokens whose text went nowhere: </think>)
             yield self._chunk(index, {}, self._held_logprobs(c), self._finish_reason(c, calls), extra)
 
-    @staticmethod
-    def _role(calls: bool) -> dict:
-        """A chat stream's first delta: the role, and content "" (null for an answer that is calls,
-        as OpenAI streams them: a client that gathers the deltas gets the null the JSON answer has)."""
-        return {"role": "assistant", "content": None if calls else "", "refusal": None}
-
     def _held_logprobs(self, c: Choice) -> dict | None:
         """The logprobs of the tokens held back so far, for the chunk that sends them (then none are held)."""
         logprobs = self._chat_logprobs(c.logprobs) if self.wants_logprobs and c.logprobs else None
@@ -454,8 +448,6 @@ class CompletionCall:
         if finish_reason is not None:  # vLLM's, with the finish
             choice["stop_reason"] = c.stop_reason
         first = not c.begun
-        if self.chat and first and "role" not in delta:  # an "auto" answer's: its content null if it is calls
-            choice["delta"] = self._role(calls="tool_calls" in delta) | delta
         choice |= self._token_ids(index, c)
         c.begun = True
         chunk = dict(self.header(), object=obj, choices=[choice], **extra(index))

@@ -69,14 +69,15 @@ def test_max_tokens_0_fills_the_prefix_cache_and_answers_nothing(claude):
     assert m.usage.output_tokens > 0 and m.content
 
 
-def test_streamed_events_build_the_same_message(claude):
-    with claude.messages.stream(model=MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY) as stream:
+@pytest.mark.parametrize("tools", [{}, {"tools": [PAINT]}])  # (with tools the answer may be calls: held, then sent)
+def test_streamed_events_build_the_same_message(claude, tools):
+    with claude.messages.stream(model=MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY, **tools) as stream:
         kinds = [e.type for e in stream]
         streamed = stream.get_final_message()
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 1
     assert "message_delta" in kinds and "text" in kinds
-    whole = claude.messages.create(model=MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY)
+    whole = claude.messages.create(model=MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY, **tools)
     assert streamed.content[0].text.strip() and streamed.stop_reason in ("end_turn", "max_tokens")
     if not cuda_available():
         assert streamed.content[0].text == whole.content[0].text
