@@ -203,7 +203,8 @@ async def _serve(request: Request, body: GenerateRequest, stream: bool, compat: 
         if p.truncate is not None and p.truncate > most:  # (as TGI's validation refuses it)
             raise InvalidParamError(f"truncate must be at most {most}, the server's max_input_tokens; got "
                                     f"{p.truncate}", "parameters.truncate")
-        served_model(state, body.model)
+        if body.model not in HUB_PLACEHOLDERS:  # (huggingface_hub's "tgi": TGI reads no name)
+            served_model(state, body.model)
         if p.adapter_id not in (None, "") and p.adapter_id not in state.model_names:
             raise InvalidParamError(f"adapter_id '{p.adapter_id}' is not served here (this server serves "
                                     f"{sorted(state.model_names)}; adapters: --lora-modules)", "parameters.adapter_id")

@@ -255,6 +255,8 @@ def test_a_model_named_must_be_this_servers(server):
     ok = _post(server, "/generate", {"inputs": PROMPT, "model": MODEL, "options": {"wait_for_model": True},
                                      "parameters": {"max_new_tokens": 1}})
     assert ok.status_code == 200, ok.text  # (the HF Inference API's `options` taken)
+    hub = _post(server, "/generate", {"inputs": PROMPT, "model": "tgi", "parameters": {"max_new_tokens": 1}})
+    assert hub.status_code == 200, hub.text  # huggingface_hub's placeholder, as chat takes it
 
 
 def test_what_a_stream_cannot_carry_is_refused_before_it_starts(server, client):
