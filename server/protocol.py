@@ -628,9 +628,9 @@ class ToolUse:
         """A finished answer -> (its content, its tool calls in OpenAI's shape), as `parse` reads an
         answer that ended itself. A forced call cut off (by `max_tokens`, or by a stop string
         before its JSON closed) comes back as calls with their arguments as far as they were
-        written, as OpenAI returns them (a named function's once its JSON has begun, before the
-        model wrote the name; an answer cut before any name is content, as is one cut while
-        thinking, with no JSON yet). An "auto" answer that `max_tokens` cut after its calls were
+        written, as OpenAI returns them (a named function's, or the one tool's, once its JSON has
+        begun, before the model wrote the name; an answer cut before any name is content, as is one
+        cut while thinking, with no JSON yet). An "auto" answer that `max_tokens` cut after its calls were
         whole (a template's closing tag left unwritten) comes back as them, as vLLM's parsers read
         it; any other is content, as are answers in other modes and those that failed."""
         if self.mode == "none" or finish_reason not in ("stop", "length"):
@@ -639,8 +639,8 @@ class ToolUse:
         if calls is not None or self.mode != "forced":
             return content, calls
         calls = cut_calls(text, self.tools)
-        if not calls and self.named and text.strip():
-            calls = [call_body(self.named, "")]
+        if not calls and len(self.tools) == 1 and text.strip():  # (named, or the one tool: its name is known)
+            calls = [call_body(self.tools[0]["name"], "")]
         return (None, calls) if calls else (text, None)
 
     def sendable(self, text: str) -> int:

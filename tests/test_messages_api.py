@@ -117,6 +117,14 @@ def test_a_forced_tool_call_is_a_tool_use_block_and_its_result_goes_back(claude,
     assert counted[1] > counted[0]  # the tool's result is in the prompt
 
 
+def test_any_tool_cut_before_its_name_is_the_one_tools_use_block(claude):
+    """`any` with one tool: an answer max_tokens cuts before the name is written is still a call of
+    that tool (its input as far as written: none), not its JSON as text."""
+    m = claude.messages.create(model=MODEL, max_tokens=3, tools=[PAINT], tool_choice={"type": "any"},
+                               messages=[{"role": "user", "content": "Paint the kitchen wall blue."}], extra_body=GREEDY)
+    assert m.stop_reason == "max_tokens" and [(b.type, b.name) for b in m.content] == [("tool_use", "paint")]
+
+
 def test_a_final_assistant_message_is_continued(server, claude):
     prefill = [*QUESTION, {"role": "assistant", "content": "1. Red\n2."}]
     m = claude.messages.create(model=MODEL, max_tokens=8, messages=prefill, extra_body=GREEDY)
