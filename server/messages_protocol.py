@@ -250,6 +250,14 @@ class MessagesRequest(CountTokensRequest):
             raise InvalidParamError("max_tokens must be at least 0", "max_tokens")
         return value
 
+    @field_validator("temperature")
+    @classmethod
+    def _anthropics_range(cls, value):
+        """Anthropic's temperatures run from 0 to 1 (chat's to 2): an app tried here fails there otherwise."""
+        if value is not None and not 0 <= value <= 1:
+            raise InvalidParamError(f"temperature: range: 0 <= temperature <= 1, got {value}", "temperature")
+        return value
+
     @model_validator(mode="after")
     def _warm_only_alone(self):
         """`max_tokens: 0` computes the prompt into the prefix cache and makes no token (Anthropic's
