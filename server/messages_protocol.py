@@ -179,6 +179,29 @@ class CountTokensRequest(RequestBody):
                                         "optional final assistant message", f"messages.{i}.content")
         return self
 
+    @model_validator(mode="after")
+    def _results_answer_uses(self):
+        """As Anthropic's API: each tool_use block is answered by a tool_result in the next message,
+        and each tool_result answers a tool_use of the message before it (a 400 there, and here: the
+        model would read a history in which a call got no result, or a result came from no call)."""
+        def ids(message: Message, kind) -> list[str]:
+            blocks = message.content if isinstance(message.content, list) else []
+            return [b.id if kind is ToolUseBlock else b.tool_use_id for b in blocks if isinstance(b, kind)]
+
+        for i, message in enumerate(self.messages):
+            uses = ids(self.messages[i - 1], ToolUseBlock) if i else []
+            missing = [u for u in uses if u not in ids(message, ToolResultBlock)]
+            if missing:
+                raise InvalidParamError(f"messages.{i}: `tool_use` ids were found without `tool_result` blocks "
+                                        f"immediately after: {', '.join(missing)}. Each `tool_use` block must have a "
+                                        "corresponding `tool_result` block in the next message.", f"messages.{i}")
+            stray = [r for r in ids(message, ToolResultBlock) if r not in uses]
+            if stray:
+                raise InvalidParamError(f"messages.{i}.content: unexpected `tool_use_id` found in `tool_result` "
+                                        f"blocks: {stray[0]}. Each `tool_result` block must have a corresponding "
+                                        "`tool_use` block in the previous message.", f"messages.{i}.content")
+        return self
+
     def chat_body(self, effort_read: bool = False) -> dict:
         """The chat request's fields this request makes (`effort_read`: the chat template reads a
         reasoning effort)."""

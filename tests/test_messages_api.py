@@ -165,6 +165,11 @@ def test_an_output_format_holds_the_text_to_its_schema_and_taken_hints_change_no
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}]},
      "messages.0.content.0.content"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": []}]}, "messages.0.content"),
+    ({"max_tokens": 5, "messages": [*QUESTION, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "paint", "input": {}}]},
+        {"role": "user", "content": "Go on."}], "tools": [PAINT]}, "messages.2"),  # the use got no result
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_9", "content": "done"}]}]}, "messages.0.content"),  # of no use
     ({"max_tokens": 5, "messages": [{"role": "assistant", "content": ""}]}, "messages.0.content"),
     ({"max_tokens": 5, "messages": [*QUESTION, {"role": "assistant", "content": ""},
                                     {"role": "user", "content": "And?"}]}, "messages.1.content"),
