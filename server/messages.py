@@ -10,6 +10,7 @@ message_delta and message_stop events."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 from fastapi import APIRouter, Request
@@ -159,11 +160,21 @@ class MessageCall:
 
 # the Messages fields sent under another name in the chat request it is served as: its errors name them as sent
 SENT_AS = {"stop": "stop_sequences", "response_format": "output_config.format"}
+TOOL_FIELD = re.compile(r"tools\.(\d+)\.function\.(name|parameters)\b")  # chat's tool i's name and schema
+
+
+def sent_as(param: str | None) -> str | None:
+    """A chat field an error names, as the Messages request sent it (`tools.0.function.parameters`:
+    `tools.0.input_schema`)."""
+    if param is None:
+        return None
+    param = SENT_AS.get(param, param)
+    return TOOL_FIELD.sub(lambda m: f"tools.{m[1]}." + ("name" if m[2] == "name" else "input_schema"), param)
 
 
 @router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request):
-    with named_as_sent(lambda param: SENT_AS.get(param, param)):
+    with named_as_sent(sent_as):
         call = MessageCall(request, body)
         stream = await call.chat.submit()
     if body.stream:
@@ -175,6 +186,7 @@ async def messages(body: MessagesRequest, request: Request):
 async def count_tokens(body: CountTokensRequest, request: Request):
     state = request.app.state.skipserve
     check_model(state, body.model)
-    chat = body.chat_request(effort_read="reasoning_effort" in (ready_tokenizer(state).chat_template or ""))
-    ids = await encode_chat(state, [m.as_dict() for m in chat.messages], chat.tool_use, chat.chat_options)
+    with named_as_sent(sent_as):
+        chat = body.chat_request(effort_read="reasoning_effort" in (ready_tokenizer(state).chat_template or ""))
+        ids = await encode_chat(state, [m.as_dict() for m in chat.messages], chat.tool_use, chat.chat_options)
     return {"input_tokens": len(ids)}

@@ -178,6 +178,9 @@ def test_an_output_format_holds_the_text_to_its_schema_and_taken_hints_change_no
      "tools.0"),
     ({"max_tokens": 5, "messages": QUESTION, "temperature": "hot"}, "temperature"),
     ({"max_tokens": 5, "messages": QUESTION, "temperature": 1.5}, "temperature"),  # (Anthropic's run to 1)
+    ({"max_tokens": 5, "messages": QUESTION, "tools": [dict(PAINT, name="a b")]}, "tools.0.name"),  # (as sent)
+    ({"max_tokens": 5, "messages": QUESTION, "tools": [dict(PAINT, input_schema={"type": "array"})]},
+     "tools.0.input_schema"),
     ({"max_tokens": 5, "messages": QUESTION, "tool_choice": {"type": "any"}, "tools": [  # strict: held as chat holds it
         {"name": "w", "strict": True, "input_schema": {"type": "object", "properties": {"a": {
             "type": "array", "items": {"enum": ["x", "y"]}, "uniqueItems": True}}, "required": ["a"]}}]}, "tools"),
