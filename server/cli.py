@@ -345,7 +345,16 @@ def serve(argv: list[str]) -> None:
     AppStatus.disable_automatic_graceful_drain()
 
     class Server(uvicorn.Server):
+        forced = False  # a second Ctrl-C stopped it at once
+
         def handle_exit(self, sig, frame):
+            if app.state.skipserve.draining and sig == signal.SIGINT and not self.forced:
+                # a second Ctrl-C: quit now, as uvicorn does, but each request ends with an error event
+                # (a 503) first, not a cut stream or a plain 500; its exit status is Ctrl-C's (130)
+                self.forced = True
+                engine.fail_in_flight("the server was stopped (a second Ctrl-C)")
+                asyncio.get_event_loop().call_later(0.3, super().handle_exit, sig, frame)
+                return
             if not app.state.skipserve.draining:
                 app.state.skipserve.draining = True  # /health and new requests answer 503 from now on
                 # Shortly before uvicorn would cut connections, end what still runs with an error event.
@@ -369,6 +378,8 @@ def serve(argv: list[str]) -> None:
         server.run(sockets=sockets)
     except KeyboardInterrupt:  # uvicorn re-raises a Ctrl-C once it has shut down: a stop, not a crash
         pass
+    if server.forced:
+        sys.exit(130)
     if engine.load_error is not None:
         sys.exit(f"skipserve: the model failed to load: {type(engine.load_error).__name__}: {engine.load_error}")
     if engine.dead is not None:

@@ -180,6 +180,26 @@ def test_sigterm_past_the_grace_period_ends_streams_with_an_error_event():
     assert srv.proc.wait(30) == 0
 
 
+def test_a_second_ctrl_c_ends_streams_at_once_with_an_error_event():
+    """The first Ctrl-C drains as SIGTERM does (the grace period here outlasts the streams' wait); a
+    second quits at once, as uvicorn's does, each stream ended with its error event first (not cut)."""
+    srv = ServerProcess("--grace-period", "300", "--max-model-len", "2048")
+    payload = body("Write a very long story.", max_tokens=1900, ignore_eos=True, stream=True)
+
+    def twice():
+        srv.proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        srv.proc.send_signal(signal.SIGINT)
+
+    results = run_streams(srv, payload, 2, twice)
+    assert len(results) == 2
+    for events in results:
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert last["error"]["code"] == "shutting_down" and "second Ctrl-C" in last["error"]["message"]
+    assert srv.proc.wait(30) == 130  # (a process stopped by Ctrl-C)
+
+
 def test_an_engine_thread_that_stops_fails_every_open_request_and_refuses_new_ones():
     """A bug outside any one request's work (here: taking a new request in raises) stops the engine
     thread. Nothing would step again, so every open request ends with EngineDeadError at once (a 503
