@@ -32,7 +32,10 @@ log = logging.getLogger("skipserve.async_engine")
 
 
 class EngineNotReadyError(RuntimeError):
-    pass
+    def __init__(self, message: str, code: str = "not_ready"):
+        """`code`: why, as the API's 503 names it (loading, shutting_down, engine_dead, not_ready)."""
+        super().__init__(message)
+        self.code = code
 
 
 class QueueFullError(RuntimeError):
@@ -274,9 +277,11 @@ class AsyncEngine:
 
     def _check_ready(self):
         if self.dead is not None:
-            raise EngineNotReadyError(f"the engine stopped: {type(self.dead).__name__}: {self.dead}")
-        if self.engine is None or self._stopping:
-            raise EngineNotReadyError("the model is loading" if self.engine is None else "the server is shutting down")
+            raise EngineNotReadyError(f"the engine stopped: {type(self.dead).__name__}: {self.dead}", "engine_dead")
+        if self.engine is None:
+            raise EngineNotReadyError("the model is loading", "loading")  # (as /health names it)
+        if self._stopping:
+            raise EngineNotReadyError("the server is shutting down", "shutting_down")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     skip: SkipParams | None = None, prompt_param: str = "prompt") -> "RequestStream":

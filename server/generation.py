@@ -146,7 +146,7 @@ def ready_tokenizer(state):
     try:
         return state.engine.tokenizer()
     except EngineNotReadyError as exc:
-        raise APIError(503, str(exc), code="not_ready")
+        raise refusal(exc)
 
 
 async def encode_chat(state, messages: list[dict], use: ToolUse, options: ChatOptions = ChatOptions()) -> list[int]:
@@ -269,7 +269,7 @@ def refusal(exc: BaseException) -> APIError | None:
     """The answer to an engine that could not take a request: loading or shutting down (503), or
     full (429, retry in a second); None for anything else."""
     if isinstance(exc, EngineNotReadyError):
-        return APIError(503, str(exc), code="not_ready")
+        return APIError(503, str(exc), code=exc.code)
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
     return None

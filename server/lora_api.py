@@ -13,6 +13,7 @@ from engine.async_engine import EngineNotReadyError
 from engine.lora.errors import AdapterError
 from engine.lora.names import listed
 from server.errors import APIError
+from server.generation import refusal
 from server.protocol import RequestBody
 
 router = APIRouter()
@@ -41,7 +42,7 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
     try:
         await state.engine.load_adapter(name, body.lora_path)
     except EngineNotReadyError as exc:
-        raise APIError(503, str(exc), code="not_ready")
+        raise refusal(exc)
     except AdapterError as exc:
         raise APIError(400, str(exc), "lora_path" if "already been loaded" not in str(exc) else "lora_name")
     except ValueError as exc:  # LoRA not enabled
@@ -56,7 +57,7 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request):
     try:
         state.engine.unload_adapter(name)
     except EngineNotReadyError as exc:
-        raise APIError(503, str(exc), code="not_ready")
+        raise refusal(exc)
     except KeyError:
         raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", "model_not_found")
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

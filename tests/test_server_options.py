@@ -363,13 +363,15 @@ def test_the_model_list_waits_for_the_model_as_health_does():
 
     app = create_app(AsyncEngine(EngineConfig()), ("smollm2-135m-instruct",))  # not started: loading
 
-    async def get(path):
+    async def get(path, body=None):
         transport = httpx.ASGITransport(app=app)  # no lifespan: the engine never starts loading
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.get(path)
+            return await (client.get(path) if body is None else client.post(path, json=body))
 
-    for path in ("/health", "/v1/models"):
-        r = asyncio.run(get(path))
+    chat = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}
+    for path, body in (("/health", None), ("/v1/models", None), ("/v1/chat/completions", chat),
+                       ("/tokenize", {"prompt": "Hi"})):  # (every route names the wait alike)
+        r = asyncio.run(get(path, body))
         assert r.status_code == 503 and r.json()["error"]["code"] == "loading", (path, r.text)
 
 
