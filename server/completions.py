@@ -341,8 +341,10 @@ class CompletionCall:
             def extra(index):
                 return {"usage": None} if include_usage else {}
         try:
-            if self.chat:  # an answer that is (forced) or may be (auto) calls: content null, as OpenAI streams calls
-                content = "" if self.tool_mode == "none" else None
+            if self.chat:  # an answer that must be a call has no content (as OpenAI streams calls); one that
+                # may be (auto) has "", as OpenAI's text and vLLM's every answer: a client adding up the
+                # deltas' content meets no null before the text
+                content = None if self.tool_mode == "forced" else ""
                 for i in choices:
                     yield self._chunk(i, {"role": "assistant", "content": content, "refusal": None}, None, None, extra)
                     if self.body.continued_text:  # vLLM's echo: the continued message's text, then the answer's

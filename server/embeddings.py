@@ -16,7 +16,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from engine.async_engine import EngineNotReadyError
+from engine.async_engine import EngineNotReadyError, QueueFullError
 from server.errors import APIError
 from server.generation import (consume, encode_chat, item_param, refusal, served_base_model, take_whole,
                                tokenize_batch, truncated)
@@ -73,13 +73,14 @@ async def embed_inputs(request: Request, inputs: list[list[int]], arrival: float
     name input i as `param.i` (`param` alone for one input)."""
     state = request.app.state.skipserve
     timer = RequestTimer(state.metrics, arrival)
-    try:
-        state.engine.check_inputs(inputs, param)
-    except EngineNotReadyError as exc:
-        raise refusal(exc)
     # two batches' worth, so the engine always holds a next batch while finished inputs' places refill;
     # at most half the queue, so that other requests find room while a long batch runs
     window = max(1, min(2 * state.engine.config.max_num_seqs, state.engine.capacity // 2))
+    try:
+        state.engine.check_inputs(inputs, param)
+        state.engine.check_room(min(window, len(inputs)))  # (its first window, whole: the 429 says so)
+    except (EngineNotReadyError, QueueFullError) as exc:
+        raise refusal(exc)
     stream = take_whole("embd-" + uuid.uuid4().hex, len(inputs), lambda rid, i: state.engine.add_embeddings(
         rid, [inputs[i]], item_param(param, i, len(inputs))), window=window)
     vectors, prompt_tokens = {}, 0

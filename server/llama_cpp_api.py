@@ -70,7 +70,8 @@ class LlamaCall(CompletionCall):
                 "stop": [b.stop] if isinstance(b.stop, str) else b.stop or [],
                 "n_probs": b.n_probs or 0, "ignore_eos": b.ignore_eos, "stream": b.stream,
                 "repeat_penalty": 1.0 if self.body.repetition_penalty is None else self.body.repetition_penalty,
-                "presence_penalty": b.presence_penalty or 0.0, "frequency_penalty": b.frequency_penalty or 0.0,
+                "presence_penalty": self.body.presence_penalty or 0.0,
+                "frequency_penalty": self.body.frequency_penalty or 0.0,
                 "samplers": b.applied(), "model": self.body.model}
 
     def final(self, content: str, tokens: list[int], finish, usage: dict, new_line: bool) -> dict:

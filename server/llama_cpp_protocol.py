@@ -39,10 +39,11 @@ def sampling_defaults(model_defaults: dict | None) -> dict:
 # `samplers`' names (llama.cpp's, and the other spellings its command line takes) and letters, as the
 # names this engine's samplers go by; names of samplers this engine has not (dry, xtc, ...: taken
 # switched off, OFF_ONLY) and unknown names are left out of the chain, as llama.cpp leaves them
-SAMPLER_NAMES = {"penalties": "penalties", "top_k": "top_k", "top-k": "top_k", "top_p": "top_p", "top-p": "top_p",
-                 "nucleus": "top_p", "min_p": "min_p", "min-p": "min_p", "typ_p": "typ_p", "typ-p": "typ_p",
-                 "typical_p": "typ_p", "typical-p": "typ_p", "typical": "typ_p", "typ": "typ_p",
-                 "temperature": "temperature", "temp": "temperature"}
+SAMPLER_NAMES = {"penalties": "penalties", "top_k": "top_k", "top-k": "top_k", "topk": "top_k", "top_p": "top_p",
+                 "top-p": "top_p", "topp": "top_p", "nucleus": "top_p", "min_p": "min_p", "min-p": "min_p",
+                 "minp": "min_p", "typ_p": "typ_p", "typ-p": "typ_p", "typp": "typ_p", "typical_p": "typ_p",
+                 "typical-p": "typ_p", "typical": "typ_p", "typ": "typ_p", "temperature": "temperature",
+                 "temp": "temperature"}
 SAMPLER_LETTERS = {"e": "penalties", "k": "top_k", "p": "top_p", "m": "min_p", "y": "typ_p", "t": "temperature"}
 # the samplers whose cut a temperature before them changes (top-k keeps the same tokens at any temperature)
 SCALE_DEPENDENT = {"top_p", "min_p", "typ_p"}

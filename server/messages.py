@@ -160,7 +160,7 @@ class MessageCall:
 
 # the Messages fields sent under another name in the chat request it is served as: its errors name them as sent
 SENT_AS = {"stop": "stop_sequences", "response_format": "output_config.format"}
-TOOL_FIELD = re.compile(r"tools\.(\d+)\.function\.(name|parameters)\b")  # chat's tool i's name and schema
+TOOL_FIELD = re.compile(r"tools\.(\d+)\.function\.(\w+)")  # chat's tool i's fields
 
 
 def sent_as(param: str | None) -> str | None:
@@ -169,7 +169,7 @@ def sent_as(param: str | None) -> str | None:
     if param is None:
         return None
     param = SENT_AS.get(param, param)
-    return TOOL_FIELD.sub(lambda m: f"tools.{m[1]}." + ("name" if m[2] == "name" else "input_schema"), param)
+    return TOOL_FIELD.sub(lambda m: f"tools.{m[1]}." + {"parameters": "input_schema"}.get(m[2], m[2]), param)
 
 
 @router.post("/v1/messages")

@@ -198,12 +198,14 @@ def check_calls_answered(messages: list[dict]) -> None:
     turns' it continues) has its output in it, and each output answers a call; a 400 naming the first
     that does not (the model would answer from a history in which a call got no result, or a result
     came from no call)."""
-    calls = [call["id"] for m in messages for call in m.get("tool_calls") or ()]
-    answered = {m["tool_call_id"] for m in messages if m["role"] == "tool"}
-    for m in messages:
-        if m["role"] == "tool" and m["tool_call_id"] not in calls:
-            raise InvalidParamError(f"No tool call found for function call output with call_id {m['tool_call_id']}.",
-                                    "input")
+    calls, answered = [], set()
+    for m in messages:  # (in order: an output answers a call made before it)
+        calls += [call["id"] for call in m.get("tool_calls") or ()]
+        if m["role"] == "tool":
+            if m["tool_call_id"] not in calls:
+                raise InvalidParamError(f"No tool call found for function call output with call_id "
+                                        f"{m['tool_call_id']}.", "input")
+            answered.add(m["tool_call_id"])
     for call_id in calls:
         if call_id not in answered:
             raise InvalidParamError(f"No tool output found for function call {call_id}.", "input")

@@ -89,10 +89,14 @@ def test_samplers_the_chain_leaves_out_do_not_apply(server):
     if not cuda_available():
         assert kept == [greedy] * 3
     assert greedy not in dropped and dropped[0] != dropped[1]
-    settings = [_post(server, "/completion", dict(hot, n_predict=1, samplers=order)).json()["generation_settings"]
-                for order in (["top_k"], "ekt", ["dry", "temp", "min-p"])]
+    orders = (["top_k"], "ekt", ["dry", "temp", "min-p"], ["topk", "minp"])
+    settings = [_post(server, "/completion", dict(hot, n_predict=1, samplers=order, presence_penalty=0.5))
+                .json()["generation_settings"] for order in orders]
     assert [s["samplers"] for s in settings] == [["top_k"], ["penalties", "top_k", "temperature"],
-                                                 ["temperature", "min_p"]]
+                                                 ["temperature", "min_p"], ["top_k", "min_p"]]
+    # the settings applied: a sampler left out reads as its off value (the temperature's 1)
+    assert [(s["presence_penalty"], s["temperature"]) for s in settings] == [(0.0, 1.0), (0.5, 2.0), (0.0, 2.0),
+                                                                             (0.0, 1.0)]
 
 
 def test_seeds_are_read_as_llama_cpp_reads_them(server):

@@ -261,6 +261,8 @@ def test_ffn_skip_budget_applies_and_is_reported(client):
     ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]}, "input"),  # no output
     ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c9", "output": "1"}]},
      "input"),  # the output of no call
+    ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c1", "output": "1"},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]}, "input"),  # before it
     ({"input": [{"role": "user", "content": "a", "id": "msg_1"}, {"role": "user", "content": "b", "id": "msg_1"}]},
      "input.1"),
     ({"input": [{"type": "item_reference", "id": "fc_nothing"}]}, "input.0"),  # nothing stored under it
