@@ -58,7 +58,8 @@ CHAIN = {True: ["penalties", "top_k", "top_p", "min_p", "typ_p", "temperature"],
 # the fields of each sampler a `samplers` chain leaves out, at the values that switch it off (the
 # temperature's at 1: the draw from the model's own distribution, as llama.cpp's chain ends)
 OFF_WHERE_LEFT_OUT = {"penalties": {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0},
-                      "top_k": {"top_k": 0}, "top_p": {"top_p": 1.0}, "min_p": {"min_p": 0.0}, "typ_p": {"typical_p": 1.0},
+                      "top_k": {"top_k": 0}, "top_p": {"top_p": 1.0}, "min_p": {"min_p": 0.0},
+                      "typ_p": {"typical_p": 1.0},
                       "temperature": {"temperature": 1.0}}
 
 # llama.cpp's other names for its fields

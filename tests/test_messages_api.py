@@ -120,8 +120,9 @@ def test_a_forced_tool_call_is_a_tool_use_block_and_its_result_goes_back(claude,
 def test_any_tool_cut_before_its_name_is_the_one_tools_use_block(claude):
     """`any` with one tool: an answer max_tokens cuts before the name is written is still a call of
     that tool (its input as far as written: none), not its JSON as text."""
-    m = claude.messages.create(model=MODEL, max_tokens=3, tools=[PAINT], tool_choice={"type": "any"},
-                               messages=[{"role": "user", "content": "Paint the kitchen wall blue."}], extra_body=GREEDY)
+    ask = [{"role": "user", "content": "Paint the kitchen wall blue."}]
+    m = claude.messages.create(model=MODEL, max_tokens=3, tools=[PAINT], tool_choice={"type": "any"}, messages=ask,
+                               extra_body=GREEDY)
     assert m.stop_reason == "max_tokens" and [(b.type, b.name) for b in m.content] == [("tool_use", "paint")]
 
 
