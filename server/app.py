@@ -200,7 +200,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_keys: tup
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    async def tokenize(body: TokenizeRequest, request: Request):
         # (a long prompt's tokens: encoded in pieces off the event loop, server/json_body.py)
         tokenizer = ready_tokenizer(state)
         if body.parameters is not None and body.inputs is None:
@@ -208,6 +208,7 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_keys: tup
         if body.content is not None or any(getattr(body, f) is not None for f in LLAMA_CPP_TOKENIZE):
             return await json_response(await llama_tokenize(state, body))
         if body.inputs is not None:
+            request.scope["tgi"] = True  # (its errors carry TGI's error_type, as on TGI's routes)
             return await json_response(await tgi_tokenize(state, body))
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")

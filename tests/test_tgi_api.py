@@ -301,6 +301,7 @@ def test_info_invocations_and_tokenize_in_tgis_spelling(server):
     for parameters, param in (({"truncate": 0}, "parameters.truncate"), ({"bogus": 1}, "parameters.bogus")):
         r = _post(server, "/tokenize", {"inputs": text, "parameters": parameters})
         assert r.status_code == 400 and r.json()["error"]["param"] == param
+        assert r.json()["error_type"] == "validation"  # (TGI's body: TGI's error_type, as on its routes)
     assert _post(server, "/tokenize", {"prompt": text, "parameters": {}}).status_code == 400  # TGI's, with inputs
 
 
