@@ -177,6 +177,12 @@ class CountTokensRequest(RequestBody):
             if not message.content and not (0 < i == len(self.messages) - 1 and message.role == "assistant"):
                 raise InvalidParamError(f"messages.{i}: all messages must have non-empty content except for the "
                                         "optional final assistant message", f"messages.{i}.content")
+        last = self.messages[-1]
+        texts = [last.content] if isinstance(last.content, str) else \
+            [b.text for b in last.content if isinstance(b, TextBlock)]
+        if last.role == "assistant" and texts and texts[-1] != texts[-1].rstrip():  # (a prefill: as Anthropic's)
+            raise InvalidParamError("messages: final assistant content cannot end with trailing whitespace",
+                                    f"messages.{len(self.messages) - 1}.content")
         return self
 
     @model_validator(mode="after")

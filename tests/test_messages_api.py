@@ -166,6 +166,8 @@ def test_an_output_format_holds_the_text_to_its_schema_and_taken_hints_change_no
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}]},
      "messages.0.content.0.content"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": []}]}, "messages.0.content"),
+    ({"max_tokens": 5, "messages": [*QUESTION, {"role": "assistant", "content": "Red, "}]},
+     "messages.1.content"),  # a prefill ending in whitespace, as Anthropic refuses it
     ({"max_tokens": 5, "messages": [*QUESTION, {"role": "assistant", "content": [
         {"type": "tool_use", "id": "toolu_1", "name": "paint", "input": {}}]},
         {"role": "user", "content": "Go on."}], "tools": [PAINT]}, "messages.2"),  # the use got no result
