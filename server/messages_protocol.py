@@ -131,6 +131,9 @@ class ToolChoice(Strict):
     disable_parallel_tool_use: Optional[StrictBool] = None
 
 
+MIN_THINKING_BUDGET = 1024  # Anthropic's least thinking budget
+
+
 class Thinking(Strict):
     type: Literal["enabled", "disabled", "adaptive", "between_tools"]
     budget_tokens: Optional[StrictInt] = None  # taken, not enforced
@@ -278,6 +281,20 @@ class MessagesRequest(CountTokensRequest):
         if value < 0:
             raise InvalidParamError("max_tokens must be at least 0", "max_tokens")
         return value
+
+    @model_validator(mode="after")
+    def _thinking_budget(self):
+        """As Anthropic's API: thinking `enabled` names a budget of at least 1,024 tokens, below
+        `max_tokens` (the budget itself is not enforced here: the thinking is what the model writes)."""
+        thinking = self.thinking
+        if thinking is None or thinking.type != "enabled" or self.max_tokens == 0:  # (0: refused by its own check)
+            return self
+        if thinking.budget_tokens is None or thinking.budget_tokens < MIN_THINKING_BUDGET:
+            raise InvalidParamError(f"thinking.budget_tokens: thinking enabled needs a budget of at least "
+                                    f"{MIN_THINKING_BUDGET} tokens", "thinking.budget_tokens")
+        if thinking.budget_tokens >= self.max_tokens:
+            raise InvalidParamError("`max_tokens` must be greater than `thinking.budget_tokens`", "max_tokens")
+        return self
 
     @field_validator("temperature")
     @classmethod
