@@ -284,16 +284,15 @@ class MessagesRequest(CountTokensRequest):
 
     @model_validator(mode="after")
     def _thinking_budget(self):
-        """As Anthropic's API: thinking `enabled` names a budget of at least 1,024 tokens, below
-        `max_tokens` (the budget itself is not enforced here: the thinking is what the model writes)."""
+        """As Anthropic's API: thinking `enabled` names a budget of at least 1,024 tokens (not held
+        below `max_tokens`: with interleaved thinking, Anthropic's beta that agents send, it may be
+        above; the budget itself is not enforced here: the thinking is what the model writes)."""
         thinking = self.thinking
         if thinking is None or thinking.type != "enabled" or self.max_tokens == 0:  # (0: refused by its own check)
             return self
         if thinking.budget_tokens is None or thinking.budget_tokens < MIN_THINKING_BUDGET:
             raise InvalidParamError(f"thinking.budget_tokens: thinking enabled needs a budget of at least "
                                     f"{MIN_THINKING_BUDGET} tokens", "thinking.budget_tokens")
-        if thinking.budget_tokens >= self.max_tokens:
-            raise InvalidParamError("`max_tokens` must be greater than `thinking.budget_tokens`", "max_tokens")
         return self
 
     @field_validator("temperature")
