@@ -25,7 +25,7 @@ from server.generation import check_model, check_token_ids, encode_chat, ready_t
 from server.json_body import json_response
 from server.llama_cpp_api import LLAMA_CPP_TOKENIZE, llama_tokenize
 from server.metrics import Metrics
-from server.protocol import DetokenizeRequest, TokenizeRequest
+from server.protocol import TEMPLATING_FIELDS, DetokenizeRequest, TokenizeRequest, refuse_chat_fields
 from server.request_id import RequestIdHeader
 from server.response_store import ResponseStore
 from server.invocations import router as invocations_router
@@ -40,8 +40,7 @@ log = logging.getLogger("skipserve.server")
 
 CORS_METHODS = ["GET", "POST", "DELETE"]
 # /tokenize fields that shape a chat prompt: refused beside a plain `prompt`, never silently ignored
-CHAT_ONLY_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "add_generation_prompt", "continue_final_message",
-                    "chat_template_kwargs", "documents")
+CHAT_ONLY_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", *TEMPLATING_FIELDS)
 
 
 @dataclass
@@ -212,9 +211,8 @@ def create_app(engine: AsyncEngine, served_names: tuple[str, ...], api_keys: tup
             return await json_response(await tgi_tokenize(state, body))
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
-        chat_only = [f for f in CHAT_ONLY_FIELDS if getattr(body, f) is not None] if body.prompt is not None else []
-        if chat_only:
-            raise APIError(400, f"{chat_only[0]} applies to 'messages', not to 'prompt'", chat_only[0])
+        if body.prompt is not None:
+            refuse_chat_fields(body, CHAT_ONLY_FIELDS, "prompt")
         served_model(state, body.model)
         if body.messages is not None:
             ids = await encode_chat(state, [m.as_dict() for m in body.messages], body.tool_use, body.chat_options)

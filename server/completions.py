@@ -281,23 +281,20 @@ class CompletionCall:
             return []
         return [dataclasses.replace(e, top=e.top[:self.body.logprobs]) for e in out.prompt_logprobs]
 
-    def _tool_calls(self, c: Choice) -> tuple[str | None, list[dict] | None]:
-        """A finished answer's content and tool calls, where the request allows calls and it makes some
-        (a forced call that `max_tokens` cut off: the calls as far as they were written)."""
+    def _tool_calls(self, c: Choice) -> tuple[str | None, list[dict] | None, str | None]:
+        """A finished answer's content, its tool calls where the request allows calls and it makes some
+        (a forced call cut off: the calls as far as they were written), and its finish reason:
+        `tool_calls` for an answer that made its calls whole; one cut off keeps its own, as OpenAI's
+        (`length`; `stop` where a stop string cut a forced call)."""
         if self.tool_mode == "none":
-            return c.text, None
-        return self.tools.finished(c.text, c.finish_reason)
-
-    def _finish_reason(self, c: Choice, calls) -> str | None:
-        """`tool_calls` for an answer that made its calls whole; one cut off keeps its reason, as
-        OpenAI's (`length`; `stop` where a stop string cut a forced call)."""
-        whole = calls and c.finish_reason == "stop" and self.tools.parse(c.text)[1] is not None
-        return "tool_calls" if whole else c.finish_reason
+            return c.text, None, c.finish_reason
+        content, calls, whole = self.tools.finished(c.text, c.finish_reason)
+        return content, calls, "tool_calls" if whole and c.finish_reason == "stop" else c.finish_reason
 
     def _choice_body(self, index: int, c: Choice) -> dict:
         want = self.wants_logprobs
         if self.chat:
-            content, calls = self._tool_calls(c)
+            content, calls, finish_reason = self._tool_calls(c)
             if self.body.continued_text:  # vLLM's echo: the continued message's text first
                 content = self.body.continued_text + (content or "")
             message = {"role": "assistant", "content": content, "refusal": None, "annotations": []}  # (as OpenAI's)
@@ -307,7 +304,7 @@ class CompletionCall:
                 message["reasoning_content"] = c.reasoning if c.split.thought and self.body.include_reasoning else None
             body = {"index": index, "message": message,
                     "logprobs": self._chat_logprobs(c.logprobs) if want else None,
-                    "finish_reason": self._finish_reason(c, calls), "stop_reason": c.stop_reason}
+                    "finish_reason": finish_reason, "stop_reason": c.stop_reason}
             return body | self._token_ids(index, c)
         body = {"index": index, "text": c.text,
                 "logprobs": self._completion_logprobs(c.logprobs, 0)[0] if want else None,
@@ -412,9 +409,9 @@ class CompletionCall:
         not at all while it may be a call's JSON, up to a `<tool_call>` tag in the template's
         format); the rest is held to the end, then sent as tool_calls or as content."""
         if c.finish_reason is None:
-            content, calls = c.text[:self.tools.sendable(c.text)], None
+            content, calls, finish_reason = c.text[:self.tools.sendable(c.text)], None, None
         else:
-            content, calls = self._tool_calls(c)
+            content, calls, finish_reason = self._tool_calls(c)
         if len(content or "") > c.streamed:
             yield self._chunk(index, {"content": content[c.streamed:]}, self._held_logprobs(c), None, extra)
             c.streamed = len(content)
@@ -422,7 +419,7 @@ class CompletionCall:
             yield self._chunk(index, {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]},
                               self._held_logprobs(c), None, extra)
         if c.finish_reason is not None:  # with logprobs still held (tokens whose text went nowhere: </think>)
-            yield self._chunk(index, {}, self._held_logprobs(c), self._finish_reason(c, calls), extra)
+            yield self._chunk(index, {}, self._held_logprobs(c), finish_reason, extra)
 
     def _held_logprobs(self, c: Choice) -> dict | None:
         """The logprobs of the tokens held back so far, for the chunk that sends them (then none are held)."""

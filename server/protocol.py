@@ -624,9 +624,9 @@ class ToolUse:
         calls = parse_calls(text, self.tools, self.parallel, self.listed)
         return (text, None) if calls is None else (None, calls)
 
-    def finished(self, text: str, finish_reason: str | None) -> tuple[str | None, list[dict] | None]:
-        """A finished answer -> (its content, its tool calls in OpenAI's shape), as `parse` reads an
-        answer that ended itself. A forced call cut off (by `max_tokens`, or by a stop string
+    def finished(self, text: str, finish_reason: str | None) -> tuple[str | None, list[dict] | None, bool]:
+        """A finished answer -> (its content, its tool calls in OpenAI's shape, whether they are whole),
+        as `parse` reads an answer that ended itself. A forced call cut off (by `max_tokens`, or by a stop string
         before its JSON closed) comes back as calls with their arguments as far as they were
         written, as OpenAI returns them (a named function's, or the one tool's, once its JSON has
         begun, before the model wrote the name; an answer cut before any name is content, as is one
@@ -634,14 +634,14 @@ class ToolUse:
         whole (a template's closing tag left unwritten) comes back as them, as vLLM's parsers read
         it; any other is content, as are answers in other modes and those that failed."""
         if self.mode == "none" or finish_reason not in ("stop", "length"):
-            return text, None
+            return text, None, False
         content, calls = self.parse(text)
         if calls is not None or self.mode != "forced":
-            return content, calls
+            return content, calls, calls is not None
         calls = cut_calls(text, self.tools)
         if not calls and len(self.tools) == 1 and text.strip():  # (named, or the one tool: its name is known)
             calls = [call_body(self.tools[0]["name"], "")]
-        return (None, calls) if calls else (text, None)
+        return (None, calls, False) if calls else (text, None, False)
 
     def sendable(self, text: str) -> int:
         """How much of an unfinished answer may be streamed as content: none while it may still be
@@ -670,6 +670,18 @@ class ChatTools(Strict):
         return ToolUse([t.function.model_dump(exclude_none=True) for t in self.tools or []],
                        None if named else self.tool_choice, named, self.parallel_tool_calls,
                        answer=answer_format.answer_schema() if answer_format else None)
+
+
+# the fields that shape a chat's prompt from its messages (ChatTemplating's but add_special_tokens)
+TEMPLATING_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents")
+
+
+def refuse_chat_fields(body, fields: tuple[str, ...], given: str) -> None:
+    """A request that gives `given` (a prompt, an input) in place of messages: a 400 naming the
+    first of `fields` (fields a chat's prompt is made with) that it sets."""
+    for name in fields:
+        if getattr(body, name) is not None:
+            raise InvalidParamError(f"{name} applies to 'messages', not to '{given}'", name)
 
 
 class ChatTemplating(Strict):
@@ -852,9 +864,7 @@ class EmbeddingRequest(RequestBody, ChatTemplating):
         if (self.input is None) == (self.messages is None):
             raise InvalidParamError("give exactly one of 'input' or 'messages'", "input")
         if self.input is not None:
-            for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents"):
-                if getattr(self, name) is not None:
-                    raise InvalidParamError(f"{name} applies to 'messages', not to 'input'", name)
+            refuse_chat_fields(self, TEMPLATING_FIELDS, "input")
         return self
 
     @property

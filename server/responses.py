@@ -154,7 +154,7 @@ class ResponseCall:
     def calls(self, answer: Answer) -> tuple[str | None, list[dict] | None]:
         """A finished answer's content and tool calls (chat-shaped), where the request allows calls
         and it makes some (a forced call cut off: as far as it was written)."""
-        return self.body.tool_use.finished(answer.content, answer.finish_reason)
+        return self.body.tool_use.finished(answer.content, answer.finish_reason)[:2]
 
     def status(self, answer: Answer) -> str:
         return "completed" if answer.finish_reason == "stop" else "incomplete"
